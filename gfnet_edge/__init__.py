@@ -1,0 +1,31 @@
+"""gfnet-edge: deploy Glance-and-Focus Networks on small GPUs and CPUs.
+
+The public API is imported lazily so that the device side (``Runtime``) never pulls in torch:
+
+* :func:`load_checkpoint`, :func:`save_checkpoint` (build side, need torch)
+* :class:`Runtime` (device side: numpy + ONNX Runtime / TensorRT)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load_checkpoint": ("gfnet_edge.models.checkpoint", "load_checkpoint"),
+    "save_checkpoint": ("gfnet_edge.models.checkpoint", "save_checkpoint"),
+    "CheckpointError": ("gfnet_edge.models.checkpoint", "CheckpointError"),
+    "GFNet": ("gfnet_edge.models.gfnet", "GFNet"),
+    "Runtime": ("gfnet_edge.runtime", "Runtime"),
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        mod, attr = _LAZY[name]
+        return getattr(importlib.import_module(mod), attr)
+    raise AttributeError(f"module 'gfnet_edge' has no attribute {name!r}")

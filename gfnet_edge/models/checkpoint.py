@@ -1,0 +1,272 @@
+"""Reading and writing GFNet checkpoints (``.pth.tar``).
+
+Two formats are read (see ``shared/spec/GFNET.md``):
+
+* released: encoders wrapped in DataParallel (``module.`` prefixes) plus metadata
+  (``model_name``, ``patch_size``, ``flops``, ``dynamic_threshold`` ...);
+* training-script: no prefixes, metadata possibly missing (pass ``model_name`` /
+  ``patch_size`` or let them be inferred from the weights).
+
+Files are always read with ``torch.load(weights_only=True)``. :func:`save_checkpoint` writes the
+released format, atomically, with a ``gfnet_edge_config`` entry that describes custom models.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+
+from ..variants import VARIANTS, GFNetSpec, fmap_size, released_spec
+from .gfnet import GFNet
+from .keymap import add_prefix, is_pycls, pycls_to_timm, strip_prefix, timm_to_pycls
+
+PathLike = Union[str, os.PathLike]
+
+STATE_KEYS = ("model_prime_state_dict", "model_state_dict", "fc", "policy")
+METADATA_KEYS = (
+    "model_name", "patch_size", "model_flops", "policy_flops", "fc_flops", "flops",
+    "anytime_classification", "dynamic_threshold", "budgeted_batch_classification",
+)
+CONFIG_KEY = "gfnet_edge_config"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, with the reason in the message."""
+
+
+def read_checkpoint_dict(path: PathLike) -> Dict[str, Any]:
+    """Loads a checkpoint file as a dict (``weights_only=True``) with clear errors."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: checkpoint file not found")
+    if not p.is_file():
+        raise CheckpointError(f"{p}: not a file")
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"{p}: checkpoint file is empty")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for bad files
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise CheckpointError(
+                f"{p}: refuses to unpickle objects other than tensors and plain containers ({msg})"
+            ) from exc
+        raise CheckpointError(f"{p}: not a readable torch checkpoint (truncated or corrupt?): {msg}") from exc
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{p}: expected a dict checkpoint, found {type(obj).__name__}")
+    missing = [k for k in STATE_KEYS if k not in obj]
+    if missing:
+        raise CheckpointError(
+            f"{p}: not a GFNet checkpoint: missing {', '.join(missing)} (found keys: {', '.join(map(str, list(obj)[:12]))})"
+        )
+    for k in STATE_KEYS:
+        if not isinstance(obj[k], Mapping) or not all(isinstance(v, torch.Tensor) for v in obj[k].values()):
+            raise CheckpointError(f"{p}: '{k}' is not a state dict of tensors")
+    return obj
+
+
+def _to_float32(sd: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+
+
+def infer_model_name(sd: Mapping[str, torch.Tensor]) -> str:
+    """Guesses the released variant from encoder weights (no prefixes).
+
+    Raises:
+        CheckpointError: the weights match no released variant.
+    """
+    keys = set(sd)
+    if "layer4.2.conv3.weight" in keys and "conv1.weight" in keys:
+        return "resnet50"
+    if any(k.startswith("features.denseblock3.") for k in keys):
+        n = len({k.split(".")[2] for k in keys if k.startswith("features.denseblock3.")})
+        return {24: "densenet121", 32: "densenet169", 48: "densenet201"}.get(n, f"densenet?({n} layers)")
+    if any(k.startswith("s4.") for k in keys):
+        w = None
+        for k in ("fc.weight", "head.fc.weight"):
+            if k in sd:
+                w = sd[k].shape[1]
+        return {608: "regnety_600m", 768: "regnety_800m", 888: "regnety_1.6g"}.get(w, f"regnet?(width {w})")
+    if "conv_head.weight" in keys:
+        cin = sd["conv_head.weight"].shape[1]
+        cout = sd["conv_head.weight"].shape[0]
+        if "bn2.weight" in keys:
+            return {1408: "efficientnet_b2", 1536: "efficientnet_b3"}.get(cout, f"efficientnet?({cout})")
+        return {960: "mobilenetv3_large_100", 1200: "mobilenetv3_large_125"}.get(cin, f"mobilenetv3?({cin})")
+    raise CheckpointError("cannot tell the model variant from the weights; pass model_name")
+
+
+def infer_patch_size(policy_sd: Mapping[str, torch.Tensor], fmap_channels: int, candidates: Tuple[int, ...]) -> int:
+    """Patch size from the policy's state-encoder input size (C*h*h or 32*h*h)."""
+    w = policy_sd.get("state_encoder.0.weight")
+    if w is None:
+        raise CheckpointError("policy has no state_encoder.0.weight; cannot infer patch size")
+    if w.dim() == 4:  # conv encoder: the Linear after it takes 32*h*h
+        lin = policy_sd.get("state_encoder.3.weight")
+        if lin is None:
+            raise CheckpointError("policy has a conv encoder but no state_encoder.3.weight")
+        hw = math.isqrt(lin.shape[1] // 32)
+    else:
+        hw = math.isqrt(w.shape[1] // max(fmap_channels, 1))
+    matches = [p for p in candidates if fmap_size(p) == hw]
+    if len(matches) != 1:
+        raise CheckpointError(f"cannot infer the patch size (policy sees a {hw}x{hw} map); pass patch_size")
+    return matches[0]
+
+
+def _load_into(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str, model_name: str) -> None:
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shape = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shape:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:6])}{' ...' if len(unexpected) > 6 else ''}")
+        if shape:
+            parts.append(f"shape mismatches ({len(shape)}): {'; '.join(shape[:4])}")
+        raise CheckpointError(f"{what} does not fit {model_name}: " + "; ".join(parts))
+    module.load_state_dict(sd, strict=True)
+
+
+def load_checkpoint(
+    path: PathLike,
+    model_name: Optional[str] = None,
+    patch_size: Optional[int] = None,
+) -> GFNet:
+    """Reads a GFNet checkpoint (released or training-script format).
+
+    Args:
+        path: ``.pth.tar`` file.
+        model_name: variant name, required only when the file lacks it and it cannot be inferred;
+            if the file names another variant, that is an error.
+        patch_size: P, likewise.
+
+    Returns:
+        The model in eval mode; ``model.meta`` holds the checkpoint's metadata and
+        ``model.meta["missing_metadata"]`` lists the metadata keys the file lacks.
+
+    Raises:
+        CheckpointError: unreadable file, missing/unexpected keys, wrong variant.
+    """
+    ck = read_checkpoint_dict(path)
+    enc_prime = _to_float32(strip_prefix(ck["model_prime_state_dict"]))
+    enc_local = _to_float32(strip_prefix(ck["model_state_dict"]))
+    fc_sd = _to_float32(strip_prefix(ck["fc"]))
+    policy_sd = _to_float32(strip_prefix(ck["policy"]))
+
+    if CONFIG_KEY in ck:
+        try:
+            spec = GFNetSpec.from_dict(dict(ck[CONFIG_KEY]))
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: bad {CONFIG_KEY}: {exc}") from exc
+        if model_name and model_name != spec.model_name:
+            raise CheckpointError(f"{path}: checkpoint is {spec.model_name!r}, not {model_name!r}")
+    else:
+        file_name = ck.get("model_name")
+        if file_name is not None and model_name is not None and file_name != model_name:
+            raise CheckpointError(f"{path}: checkpoint is {file_name!r}, not {model_name!r}")
+        name = file_name or model_name or infer_model_name(enc_local)
+        if name not in VARIANTS:
+            raise CheckpointError(f"{path}: unknown model_name {name!r}; released variants: {', '.join(VARIANTS)}")
+        v = VARIANTS[name]
+        P = ck.get("patch_size") or patch_size
+        if P is None:
+            P = infer_patch_size(policy_sd, v.fmap_channels, v.patch_sizes + tuple(p for p in (96, 128, 144) if p not in v.patch_sizes))
+        if patch_size is not None and int(P) != int(patch_size):
+            raise CheckpointError(f"{path}: checkpoint patch size is {P}, not {patch_size}")
+        clf_w = fc_sd.get("fc.weight", fc_sd.get("fc_2.weight"))
+        if clf_w is None:
+            raise CheckpointError(f"{path}: classifier 'fc' has neither fc.weight nor fc_2.weight")
+        spec = released_spec(name, int(P), num_classes=int(clf_w.shape[0]))
+    if spec.family == "regnet":
+        if is_pycls(enc_prime):
+            enc_prime = pycls_to_timm(enc_prime)
+        if is_pycls(enc_local):
+            enc_local = pycls_to_timm(enc_local)
+    try:
+        model = GFNet(spec)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+    _load_into(model.model_prime.net, enc_prime, "model_prime_state_dict (global encoder)", spec.model_name)
+    _load_into(model.model.net, enc_local, "model_state_dict (local encoder)", spec.model_name)
+    _load_into(model.fc, fc_sd, "fc (classifier)", spec.model_name)
+    _load_into(model.policy, policy_sd, "policy", spec.model_name)
+    meta = {k: ck[k] for k in METADATA_KEYS if k in ck}
+    meta["missing_metadata"] = [k for k in METADATA_KEYS if k not in ck]
+    meta["source"] = str(path)
+    model.meta = meta
+    model.eval()
+    return model
+
+
+def save_checkpoint(
+    path: PathLike,
+    model: GFNet,
+    metadata: Optional[Dict[str, Any]] = None,
+    half: bool = False,
+    pycls_names: bool = True,
+) -> Path:
+    """Writes ``model`` in the released format (atomically).
+
+    Args:
+        path: output file.
+        model: the GFNet.
+        metadata: extra entries (``anytime_classification``, ``dynamic_threshold``,
+            ``budgeted_batch_classification`` ...). ``flops`` and the per-part costs are computed
+            from the model when not given.
+        half: store floating tensors as float16 (loading restores float32).
+        pycls_names: write RegNet encoders with pycls names, as the reference does.
+
+    Returns:
+        The path written.
+    """
+    from .macs import count_step_macs
+
+    spec = model.spec
+    costs = count_step_macs(model)
+
+    def enc(sd: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        sd = {k: v.detach().cpu() for k, v in sd.items()}
+        if spec.family == "regnet" and pycls_names:
+            sd = timm_to_pycls(sd)
+        return add_prefix(sd)
+
+    def cast(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        if not half:
+            return sd
+        return {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}
+
+    ck: Dict[str, Any] = {
+        "model_name": spec.model_name,
+        "patch_size": spec.patch_size,
+        "model_prime_state_dict": cast(enc(model.model_prime.net.state_dict())),
+        "model_state_dict": cast(enc(model.model.net.state_dict())),
+        "fc": cast({k: v.detach().cpu() for k, v in model.fc.state_dict().items()}),
+        "policy": cast({k: v.detach().cpu() for k, v in model.policy.state_dict().items()}),
+        "model_flops": costs.backbone,
+        "policy_flops": costs.policy,
+        "fc_flops": costs.classifier,
+        "flops": list(costs.cumulative),
+        CONFIG_KEY: spec.to_dict(),
+    }
+    for k, v in (metadata or {}).items():
+        ck[k] = v
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
+    os.close(fd)
+    try:
+        torch.save(ck, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

@@ -1,0 +1,160 @@
+"""Checkpoint I/O: both formats, RegNet pycls names, fp16 storage, and clear errors."""
+from __future__ import annotations
+
+import pickle
+import zipfile
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from gfnet_edge.models import CheckpointError, GFNet, load_checkpoint, save_checkpoint
+from gfnet_edge.models.keymap import timm_to_pycls
+from gfnet_edge.variants import released_spec
+
+
+@pytest.fixture(scope="module")
+def mnv3():
+    torch.manual_seed(1)
+    m = GFNet(released_spec("mobilenetv3_large_100", 96))
+    with torch.no_grad():
+        m.policy.actor[0].weight.mul_(50)
+    return m
+
+
+@pytest.fixture(scope="module")
+def images():
+    torch.manual_seed(2)
+    return torch.randn(2, 3, 224, 224)
+
+
+def _same(a, b, x):
+    ta, tb = a.trace(x), b.trace(x)
+    torch.testing.assert_close(ta.probs, tb.probs, rtol=0, atol=1e-6)
+    assert torch.equal(ta.coords, tb.coords)
+
+
+def test_released_format_round_trip(tmp_path, mnv3, images):
+    path = save_checkpoint(tmp_path / "m.pth.tar", mnv3, metadata={"anytime_classification": [1.0, 2.0, 3.0]})
+    raw = torch.load(path, weights_only=True)
+    assert all(k.startswith("module.") for k in raw["model_state_dict"])
+    assert raw["model_name"] == "mobilenetv3_large_100" and raw["patch_size"] == 96
+    assert len(raw["flops"]) == 3 and raw["flops"][0] < raw["flops"][1] < raw["flops"][2]
+    back = load_checkpoint(path)
+    assert back.meta["anytime_classification"] == [1.0, 2.0, 3.0]
+    assert "dynamic_threshold" in back.meta["missing_metadata"]
+    _same(mnv3, back, images)
+
+
+def test_training_script_format_without_metadata(tmp_path, mnv3, images):
+    ck = {
+        "model_prime_state_dict": mnv3.model_prime.net.state_dict(),
+        "model_state_dict": mnv3.model.net.state_dict(),
+        "fc": mnv3.fc.state_dict(),
+        "policy": mnv3.policy.state_dict(),
+    }
+    torch.save(ck, tmp_path / "train.pth.tar")
+    back = load_checkpoint(tmp_path / "train.pth.tar")  # name and P inferred from the weights
+    assert back.spec.model_name == "mobilenetv3_large_100" and back.spec.patch_size == 96
+    assert {"model_name", "patch_size", "flops", "dynamic_threshold"} <= set(back.meta["missing_metadata"])
+    _same(mnv3, back, images)
+
+
+def test_fp16_storage_restores_float32(tmp_path, mnv3):
+    path = save_checkpoint(tmp_path / "h.pth.tar", mnv3, half=True)
+    raw = torch.load(path, weights_only=True)
+    assert raw["fc"]["fc_2.weight"].dtype == torch.float16
+    back = load_checkpoint(path)
+    assert back.fc.fc_2.weight.dtype == torch.float32
+    torch.testing.assert_close(back.fc.fc_2.weight, mnv3.fc.fc_2.weight.half().float())
+
+
+def test_regnet_pycls_names(tmp_path, images):
+    torch.manual_seed(3)
+    m = GFNet(released_spec("regnety_600m", 96))
+    path = save_checkpoint(tmp_path / "r.pth.tar", m)
+    raw = torch.load(path, weights_only=True)
+    keys = set(raw["model_state_dict"])
+    assert "module.s1.b1.f.a.weight" in keys and "module.s1.b1.proj.weight" in keys
+    assert "module.s1.b1.f.se.f_ex.0.weight" in keys and "module.fc.weight" in keys
+    back = load_checkpoint(path)
+    _same(m, back, images)
+    # the mapping is a bijection on every key
+    sd = m.model.net.state_dict()
+    assert len(timm_to_pycls(sd)) == len(sd)
+
+
+def _write_ckpt(path, mnv3, **override):
+    ck = {
+        "model_name": "mobilenetv3_large_100", "patch_size": 96,
+        "model_prime_state_dict": mnv3.model_prime.net.state_dict(),
+        "model_state_dict": mnv3.model.net.state_dict(),
+        "fc": mnv3.fc.state_dict(), "policy": mnv3.policy.state_dict(),
+    }
+    for k, v in override.items():
+        if v is None:
+            ck.pop(k)
+        else:
+            ck[k] = v
+    torch.save(ck, path)
+    return path
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("missing_file", "not found"),
+        ("empty", "empty"),
+        ("garbage", "not a readable torch checkpoint"),
+        ("truncated", "not a readable torch checkpoint"),
+        ("pickle_object", "refuses to unpickle|not a readable"),
+        ("not_dict", "expected a dict"),
+        ("missing_policy", "missing policy"),
+        ("wrong_name", "not 'resnet50'"),
+        ("unknown_name", "unknown model_name"),
+        ("bad_shapes", "does not fit"),
+        ("extra_keys", "unexpected keys"),
+        ("missing_keys", "missing keys"),
+    ],
+)
+def test_bad_checkpoints(tmp_path, mnv3, case, match):
+    p = tmp_path / "bad.pth.tar"
+    kw = {}
+    if case == "missing_file":
+        p = tmp_path / "nope.pth.tar"
+    elif case == "empty":
+        p.write_bytes(b"")
+    elif case == "garbage":
+        p.write_bytes(b"this is not a checkpoint at all" * 10)
+    elif case == "truncated":
+        _write_ckpt(p, mnv3)
+        data = p.read_bytes()
+        p.write_bytes(data[: len(data) // 2])
+    elif case == "pickle_object":
+        torch.save({"x": Evil()}, p, _use_new_zipfile_serialization=True, pickle_protocol=2)
+    elif case == "not_dict":
+        torch.save([1, 2, 3], p)
+    elif case == "missing_policy":
+        _write_ckpt(p, mnv3, policy=None)
+    elif case == "wrong_name":
+        _write_ckpt(p, mnv3)
+        kw = {"model_name": "resnet50"}
+    elif case == "unknown_name":
+        _write_ckpt(p, mnv3, model_name="resnet9000")
+    elif case == "bad_shapes":
+        _write_ckpt(p, mnv3, model_name="efficientnet_b2", patch_size=128)
+    elif case == "extra_keys":
+        fc = dict(mnv3.fc.state_dict())
+        fc["bogus.weight"] = torch.zeros(1)
+        _write_ckpt(p, mnv3, fc=fc)
+    elif case == "missing_keys":
+        pol = dict(mnv3.policy.state_dict())
+        pol.pop("actor.0.weight")
+        _write_ckpt(p, mnv3, policy=pol)
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(p, **kw)

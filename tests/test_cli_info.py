@@ -1,0 +1,49 @@
+"""``gfnet-edge info`` end to end through the console entry point's main()."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from gfnet_edge.cli import main
+from gfnet_edge.models import GFNet, save_checkpoint
+from gfnet_edge.variants import released_spec
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ck") / "m.pth.tar"
+    save_checkpoint(path, GFNet(released_spec("mobilenetv3_large_100", 96)))
+    return path
+
+
+def test_info_table(ckpt, capsys):
+    assert main(["info", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert "mobilenetv3_large_100" in out and "S=224 P=96 T=3 classes=1000" in out
+    assert "41.8M" in out  # backbone multiply-adds at P=96 (spec table)
+    assert "dynamic_threshold" in out  # listed as missing metadata
+
+
+def test_info_json(ckpt, capsys):
+    assert main(["info", str(ckpt), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["steps"] == 3 and len(info["macs"]["cumulative"]) == 3
+    assert "anytime_classification" in info["missing_metadata"]
+
+
+def test_info_bad_file_exits_2(tmp_path, capsys):
+    bad = tmp_path / "bad.pth.tar"
+    bad.write_bytes(b"garbage")
+    assert main(["info", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "gfnet-edge: error:" in err and "bad.pth.tar" in err
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    assert "info" in capsys.readouterr().out
