@@ -1,0 +1,222 @@
+"""``gfnet-edge build-engine``: checkpoint -> ONNX -> (INT8 Q/DQ) -> engines, in one bundle.
+
+Two phases are first class:
+
+1. on a workstation (no GPU needed): :func:`build_bundle` exports the graphs, quantizes them and
+   writes a portable bundle (ONNX Runtime runs it as is);
+2. on the device: :func:`build_engines` adds TensorRT engines for that GPU and TensorRT version
+   to an existing bundle.
+
+Bundles are built in a temporary sibling directory and renamed into place, so a failed build
+leaves nothing half-written.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .bundle import Bundle, BundleError, new_manifest, record_artifacts, staging_dir, write_json_atomic
+from .errors import InputError, UnavailableError
+from .log import logger
+from .runtime.backends.tensorrt import BuildOptions
+
+#: Named budgets written from the checkpoint's multiply-add thresholds (p of the reference sweep).
+MACS_BUDGETS = {"macs-low": 0.25, "macs-mid": 1.0, "macs-high": 1.5}
+DEFAULT_MACS_BUDGET = "macs-mid"
+
+
+@dataclass
+class BuildConfig:
+    """Options of one build (the CLI's flags).
+
+    Attributes:
+        precision: ``fp32``, ``fp16`` or ``int8``.
+        backend: ``auto`` / ``onnxruntime`` (portable bundle) / ``tensorrt`` (plus engines).
+        calib_data: folder / .npz / ``demo`` for INT8 calibration.
+        num_calib: calibration images.
+        calib_method: ``entropy``, ``max`` or ``percentile``.
+        int8_profiles: which INT8 graph sets to write (``cpu``, ``tensorrt``).
+        max_accuracy_drop: accuracy-driven mixed precision limit (points, final step).
+        eval_data: held-out images for the accuracy check (default: from ``calib_data``).
+        include_checkpoint: copy the checkpoint into the bundle (enables the torch backend).
+        force: replace an existing bundle.
+        trt: TensorRT builder options.
+    """
+
+    precision: str = "int8"
+    backend: str = "auto"
+    calib_data: Optional[str] = None
+    num_calib: int = 256
+    calib_method: str = "entropy"
+    int8_profiles: Sequence[str] = ("cpu", "tensorrt")
+    max_accuracy_drop: float = 0.5
+    num_eval: int = 256
+    include_checkpoint: bool = False
+    force: bool = False
+    trt: BuildOptions = field(default_factory=BuildOptions)
+    threads: Optional[int] = None
+
+
+def resolve_backend(backend: str) -> str:
+    if backend != "auto":
+        return backend
+    from .runtime.api import _tensorrt_usable
+
+    return "tensorrt" if _tensorrt_usable() else "onnxruntime"
+
+
+def _budgets_from_checkpoint(meta: Dict[str, Any], steps: int) -> Dict[str, Dict[str, Any]]:
+    thr = meta.get("dynamic_threshold")
+    if thr is None:
+        return {}
+    arr = np.asarray(thr.numpy() if hasattr(thr, "numpy") else thr, dtype=np.float32)
+    if arr.ndim != 2 or arr.shape[1] != steps or arr.shape[0] != 39:
+        logger.warning("checkpoint dynamic_threshold has shape %s, expected (39, %d); ignored", arr.shape, steps)
+        return {}
+    out = {}
+    for name, p in MACS_BUDGETS.items():
+        i = int(round(p * 20)) - 1
+        out[name] = {"thresholds": [float(x) for x in arr[i]], "source": f"checkpoint dynamic_threshold p={p}",
+                     "unit": "macs"}
+    return out
+
+
+def build_bundle(checkpoint: Path, out: Path, cfg: BuildConfig, progress: bool = True) -> Bundle:
+    """Phase 1 (and 2 when TensorRT is here): checkpoint -> bundle.
+
+    Raises:
+        InputError: bad checkpoint, calibration data or options.
+        UnavailableError: TensorRT asked for but absent.
+    """
+    from .export import export_model, manifest_model
+    from .models.checkpoint import CheckpointError, load_checkpoint
+    from .models.macs import count_step_macs
+
+    if cfg.precision not in ("fp32", "fp16", "int8"):
+        raise InputError(f"precision must be fp32, fp16 or int8, got {cfg.precision!r}")
+    backend = resolve_backend(cfg.backend)
+    if backend == "tensorrt":
+        from .runtime.backends.tensorrt import gpu_info, import_tensorrt
+
+        import_tensorrt()
+        gpu_info()
+    if cfg.precision == "fp16" and backend != "tensorrt":
+        raise InputError("fp16 needs the TensorRT backend (ONNX Runtime on the CPU runs fp32 or int8)")
+    try:
+        model = load_checkpoint(checkpoint)
+    except CheckpointError as exc:
+        raise InputError(str(exc)) from exc
+    calib = None
+    if cfg.precision == "int8":
+        calib = _calibration_images(model, cfg)  # fail early, before anything is written
+    with staging_dir(Path(out), force=cfg.force) as tmp:
+        logger.info("exporting ONNX graphs of %s", model.spec.model_name)
+        paths = export_model(model, tmp / "graphs")
+        shutil.move(str(paths["heads"]), tmp / "heads.npz")
+        for g in ("glance", "focus"):
+            paths[g].rename(tmp / "graphs" / f"{g}.fp32.onnx")
+        costs = count_step_macs(model)
+        manifest = new_manifest(manifest_model(model), {"macs": costs.as_dict()})
+        manifest["graphs"]["fp32"] = {g: f"graphs/{g}.fp32.onnx" for g in ("glance", "focus")}
+        manifest["budgets"] = _budgets_from_checkpoint(model.meta, model.spec.steps)
+        manifest["default_budget"] = DEFAULT_MACS_BUDGET if manifest["budgets"] else None
+        manifest["source_checkpoint"] = {"name": Path(checkpoint).name, "missing_metadata": model.meta["missing_metadata"]}
+        if cfg.include_checkpoint:
+            shutil.copyfile(checkpoint, tmp / "checkpoint.pth.tar")
+            manifest["checkpoint"] = "checkpoint.pth.tar"
+        if cfg.precision == "int8":
+            manifest["quantization"] = _quantize(model, tmp, manifest, calib, cfg, backend, progress)
+        record_artifacts(tmp, manifest)
+        write_json_atomic(tmp / "manifest.json", manifest)
+        if backend == "tensorrt":
+            _add_engines(Bundle(tmp, manifest), cfg)
+    return Bundle.load(out)
+
+
+def _calibration_images(model, cfg: BuildConfig):
+    from .quantize import load_calibration_images
+
+    source = cfg.calib_data
+    if source is None:
+        if model.spec.model_name.startswith("demo"):
+            source = "demo"
+        else:
+            raise InputError("--precision int8 needs calibration images: pass --calib-data FOLDER|FILE.npz")
+    try:
+        return load_calibration_images(source, model.spec, cfg.num_calib + cfg.num_eval)
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
+
+
+def _quantize(model, tmp: Path, manifest: Dict[str, Any], images, cfg: BuildConfig, backend: str,
+              progress: bool) -> Dict[str, Any]:
+    from .quantize import CalibrationData, QuantizeOptions, quantize_model
+
+    profiles = ["tensorrt"] if backend == "tensorrt" else list(cfg.int8_profiles)
+    if isinstance(images, tuple):
+        images, labels = images
+    else:
+        labels = None
+    n_cal = min(cfg.num_calib, max(len(images) - 16, len(images) // 2))
+    calib_x, eval_x = images[:n_cal], images[n_cal:]
+    eval_y = labels[n_cal:] if labels is not None else None
+    calib = CalibrationData.from_model(model, calib_x)
+    fp32 = {g: tmp / "graphs" / f"{g}.fp32.onnx" for g in ("glance", "focus")}
+    reports = {}
+    for prof in profiles:
+        opts = QuantizeOptions(profile=prof, method=cfg.calib_method, max_accuracy_drop=cfg.max_accuracy_drop)
+        res = quantize_model(model, fp32, tmp / "heads.npz", calib, tmp / "graphs" / f"int8-{prof}", opts,
+                             eval_images=eval_x if len(eval_x) else None, eval_labels=eval_y, progress=progress)
+        rel = {}
+        for g, p in res.graphs.items():
+            dst = tmp / "graphs" / f"{g}.int8-{prof}.onnx"
+            Path(p).replace(dst)
+            rel[g] = dst.relative_to(tmp).as_posix()
+        shutil.rmtree(tmp / "graphs" / f"int8-{prof}", ignore_errors=True)
+        manifest["graphs"][f"int8-{prof}"] = rel
+        reports[prof] = res.report
+    return reports
+
+
+def _add_engines(bundle: Bundle, cfg: BuildConfig) -> None:
+    """Builds the engines of ``cfg.trt.precision`` into ``bundle`` (updates its manifest)."""
+    from .runtime.backends.tensorrt import build_engine, engine_dir_name, gpu_info, import_tensorrt, plan_build
+
+    trt = import_tensorrt()
+    opts = BuildOptions(**{**asdict(cfg.trt), "precision": cfg.precision}).validate()
+    plan = plan_build(trt.__version__, opts)
+    graphs = bundle.graph_paths(plan.graph_set)
+    sub = f"engines/{engine_dir_name(gpu_info(), trt.__version__, opts.dla_core)}"
+    entry: Dict[str, Any] = {}
+    for g in ("glance", "focus"):
+        rel = f"{sub}/{g}.{opts.precision}.engine"
+        dst = bundle.root / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmpf = dst.with_suffix(".engine.tmp")
+        info = build_engine(graphs[g], tmpf, opts)
+        tmpf.replace(dst)
+        entry.update(info)
+        entry[g] = rel
+
+    def upd(m: Dict[str, Any]) -> None:
+        m["engines"] = [e for e in m.get("engines", []) if not (e.get(  "precision") == entry["precision"]
+                        and e.get("compute_capability") == entry["compute_capability"]
+                        and e.get("tensorrt_version") == entry["tensorrt_version"]
+                        and e.get("build_options", {}).get("dla_core") == opts.dla_core)]
+        m["engines"].append(entry)
+        for g in ("glance", "focus"):
+            bundle.add_artifact(m, entry[g])
+
+    bundle.update_manifest(upd)
+
+
+def build_engines(bundle_dir: Path, cfg: BuildConfig) -> Bundle:
+    """Phase 2: adds TensorRT engines to an existing bundle (on the target device)."""
+    bundle = Bundle.load(bundle_dir)
+    _add_engines(bundle, cfg)
+    return Bundle.load(bundle_dir)

@@ -1,0 +1,122 @@
+"""Subcommands beyond ``info``: build-engine, predict (registered into ``gfnet-edge``)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List
+
+from .errors import InputError
+
+
+def cmd_build_engine(args: argparse.Namespace) -> int:
+    from .build import BuildConfig, build_bundle, build_engines
+    from .runtime.backends.tensorrt import BuildOptions
+
+    trt = BuildOptions(precision=args.precision, workspace_mb=args.workspace, opt_level=args.opt_level,
+                       timing_cache=args.timing_cache, dla_core=args.dla_core, gpu_fallback=not args.no_gpu_fallback,
+                       max_batch=args.max_batch, opt_batch=args.opt_batch).validate()
+    cfg = BuildConfig(precision=args.precision, backend=args.backend, calib_data=args.calib_data,
+                      num_calib=args.num_calib, calib_method=args.calib_method,
+                      int8_profiles=tuple(p for p in args.int8_profiles.split(",") if p),
+                      max_accuracy_drop=args.max_accuracy_drop, include_checkpoint=args.include_checkpoint,
+                      force=args.force, trt=trt, threads=args.threads)
+    src = Path(args.source)
+    if src.is_dir():
+        if args.backend not in ("tensorrt", "auto"):
+            raise InputError(f"{src} is a bundle: only `--backend tensorrt` adds engines to an existing bundle")
+        cfg.backend = "tensorrt"
+        bundle = build_engines(src, cfg)
+    else:
+        if not args.output:
+            raise InputError("building from a checkpoint needs -o BUNDLE")
+        bundle = build_bundle(src, Path(args.output), cfg, progress=not args.quiet)
+    m = bundle.manifest
+    print(f"bundle: {bundle.root}")
+    print(f"  model: {m['model']['model_name']} S={m['model']['image_size']} P={m['model']['patch_size']} T={m['model']['steps']}")
+    print(f"  graphs: {', '.join(m['graphs'])}")
+    print(f"  engines: {', '.join(e['precision'] + '@' + e['gpu_name'] for e in m['engines']) or 'none (ONNX Runtime runs the graphs)'}")
+    print(f"  budgets: {', '.join(m['budgets']) or 'none'} (default: {m.get('default_budget')})")
+    return 0
+
+
+def _add_build(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "build-engine", help="checkpoint -> ONNX -> INT8 -> engines, in one bundle",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Build a deployment bundle from a GFNet checkpoint, or add TensorRT engines to a bundle.\n\n"
+            "  workstation:  gfnet-edge build-engine CKPT.pth.tar -o BUNDLE --precision int8 --calib-data DIR\n"
+            "  device:       gfnet-edge build-engine BUNDLE --backend tensorrt\n\n"
+            "The bundle holds the FP32 and quantized ONNX graphs, the head weights, budgets and (with TensorRT)\n"
+            "engines for this GPU. A failed build leaves no half-written bundle."
+        ),
+    )
+    p.add_argument("source", help="GFNet checkpoint (.pth.tar), or an existing bundle directory to add engines to")
+    p.add_argument("-o", "--output", help="bundle directory to create")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="int8", help="graph/engine precision (default int8)")
+    p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime"], default="auto",
+                   help="auto: TensorRT when it and a GPU are here, else a portable ONNX Runtime bundle")
+    p.add_argument("--calib-data", help="INT8 calibration images: folder, .npz, or 'demo' (default for the demo model)")
+    p.add_argument("--num-calib", type=int, default=256, help="calibration images (default 256)")
+    p.add_argument("--calib-method", choices=["entropy", "max", "percentile"], default="entropy")
+    p.add_argument("--int8-profiles", default="cpu,tensorrt",
+                   help="INT8 graph sets for a portable bundle: cpu (ONNX Runtime x86), tensorrt (Q/DQ for TensorRT)")
+    p.add_argument("--max-accuracy-drop", type=float, default=0.5,
+                   help="keep the most sensitive layers in float until the final-step accuracy drop is within this many points")
+    p.add_argument("--include-checkpoint", action="store_true", help="copy the checkpoint into the bundle (torch backend)")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle")
+    g = p.add_argument_group("TensorRT")
+    g.add_argument("--workspace", type=int, default=1024, help="workspace limit in MiB (default 1024)")
+    g.add_argument("--opt-level", type=int, help="builder optimisation level 0-5 (TensorRT default 3)")
+    g.add_argument("--timing-cache", help="timing cache file (read and updated)")
+    g.add_argument("--dla-core", type=int, help="build for this DLA core (Jetson), with GPU fallback")
+    g.add_argument("--no-gpu-fallback", action="store_true", help="with --dla-core: fail on layers DLA cannot run")
+    g.add_argument("--max-batch", type=int, default=32, help="largest batch of the optimisation profile (default 32)")
+    g.add_argument("--opt-batch", type=int, default=1, help="batch the profile is tuned for (default 1)")
+    p.add_argument("--threads", type=int, help="CPU threads for export/quantization")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_build_engine)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .data.images import load_images
+    from .runtime import Runtime
+
+    rt = Runtime(args.bundle, backend=args.backend, precision=args.precision, budget=args.budget, threads=args.threads)
+    m = rt.model
+    paths: List[Path] = [Path(p) for p in args.images]
+    frames = []
+    names = []
+    for p in paths:
+        try:
+            f, _ = load_images(p, int(m["image_size"]), float(m["crop_pct"]), m["dataset_interpolation"])
+        except ValueError as exc:
+            raise InputError(str(exc)) from exc
+        frames.extend(list(f))
+        names.extend([str(p)] * len(f) if len(f) > 1 else [str(p)])
+    preds = rt.predict(frames)
+    rows = [{"image": n, **preds[i]} for i, n in enumerate(names)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['image']}: class {r['class']} ({r['confidence']:.3f}) exit at step {r['exit_step']}")
+    return 0
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="classify images with a bundle (early exit)",
+                       description="Classify image files (or folders, or .npz) with a bundle, with early exit.")
+    p.add_argument("bundle", help="bundle directory")
+    p.add_argument("images", nargs="+", help="image files, folders or .npz")
+    p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime", "torch"], default="auto")
+    p.add_argument("--precision", default="auto", help="graph set: auto, fp32, int8-cpu, int8-tensorrt")
+    p.add_argument("--budget", help="named budget (default: the bundle's default)")
+    p.add_argument("--threads", type=int, help="CPU threads")
+    p.add_argument("--json", action="store_true", help="JSON output")
+    p.set_defaults(func=cmd_predict)
+
+
+PARSERS = [_add_build, _add_predict]

@@ -1,0 +1,174 @@
+"""ONNX export of the two backbone graphs and of the head weights (build side, needs torch).
+
+Per model two graphs, each with a dynamic batch axis:
+
+* ``glance.onnx``: ``image`` (N, 3, P, P) -> ``feature`` (N, F), ``policy_state`` (N, Hp)
+  [, ``logits`` (N, classes) for families whose step-0 logits come from the backbone];
+* ``focus.onnx``: ``image`` (N, 3, P, P) -> ``feature``, ``policy_state``.
+
+``policy_state`` is the policy's state encoder applied to the feature map inside the graph, so
+the feature map never leaves the engine (for ResNet/DenseNet this is the large Linear that must
+run in INT8). The GRU and Linear heads go to ``heads.npz`` for the extension.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .log import logger
+from .models.gfnet import GFNet
+
+#: Opset that TensorRT 10.3 (JetPack 6) parses and ONNX Runtime runs.
+DEFAULT_OPSET = 17
+INPUT = "image"
+FEATURE, POLICY_STATE, LOGITS = "feature", "policy_state", "logits"
+
+
+class BackboneGraph(nn.Module):
+    """Encoder + policy state encoder (+ backbone classifier) as one exportable module."""
+
+    def __init__(self, model: GFNet, which: str) -> None:
+        super().__init__()
+        if which not in ("glance", "focus"):
+            raise ValueError(f"graph must be 'glance' or 'focus', got {which!r}")
+        self.encoder = model.model_prime if which == "glance" else model.model
+        self.policy = model.policy
+        self.with_logits = which == "glance" and model.spec.step0 == "backbone"
+
+    def forward(self, image: torch.Tensor):
+        pooled, fmap = self.encoder(image)
+        state = self.policy.encode(fmap)
+        if self.with_logits:
+            return pooled, state, self.encoder.logits(pooled)
+        return pooled, state
+
+    @property
+    def output_names(self) -> List[str]:
+        return [FEATURE, POLICY_STATE] + ([LOGITS] if self.with_logits else [])
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def export_graph(
+    model: GFNet, which: str, path: Path, opset: int = DEFAULT_OPSET, simplify: bool = True
+) -> Path:
+    """Exports one backbone graph to ``path`` (checked with onnx.checker, simplified with onnxsim).
+
+    Returns:
+        ``path``.
+    """
+    import io
+
+    import onnx
+
+    graph = BackboneGraph(model, which).eval()
+    P = model.spec.patch_size
+    names = graph.output_names
+    buf = io.BytesIO()
+    with torch.no_grad():
+        torch.onnx.export(
+            graph, (torch.zeros(1, 3, P, P),), buf,
+            input_names=[INPUT], output_names=names,
+            dynamic_axes={n: {0: "batch"} for n in [INPUT] + names},
+            opset_version=opset, do_constant_folding=True, dynamo=False,
+        )
+    proto = onnx.load_from_string(buf.getvalue())
+    if simplify:
+        import onnxsim
+
+        simplified, ok = onnxsim.simplify(proto)
+        if ok:
+            proto = simplified
+        else:  # pragma: no cover - onnxsim reports its own check failure
+            logger.warning("onnxsim could not validate the simplified %s graph; keeping the original", which)
+    proto.doc_string = f"gfnet-edge {which} graph of {model.spec.model_name} (P={P})"
+    onnx.checker.check_model(proto)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_bytes(path, proto.SerializeToString())
+    return path
+
+
+def head_arrays(model: GFNet) -> Dict[str, np.ndarray]:
+    """The GRU / Linear head weights the runtime's extension needs, as float32 arrays.
+
+    Keys: ``cls.*`` (GRU: ``w_ih, w_hh, b_ih, b_hh, fc.w, fc.b``; cascaded: ``fc_K.w, fc_K.b``
+    for K = 2..T) and ``pol.*`` (``w_ih, w_hh, b_ih, b_hh, actor.w, actor.b``).
+    """
+    def a(t: torch.Tensor) -> np.ndarray:
+        return np.ascontiguousarray(t.detach().cpu().float().numpy())
+
+    out: Dict[str, np.ndarray] = {}
+    fc = model.fc
+    if fc.kind == "gru":
+        out.update({
+            "cls.w_ih": a(fc.rnn.weight_ih_l0), "cls.w_hh": a(fc.rnn.weight_hh_l0),
+            "cls.b_ih": a(fc.rnn.bias_ih_l0), "cls.b_hh": a(fc.rnn.bias_hh_l0),
+            "cls.fc.w": a(fc.fc.weight), "cls.fc.b": a(fc.fc.bias),
+        })
+    else:
+        for k in range(2, model.spec.steps + 1):
+            out[f"cls.fc_{k}.w"] = a(fc.head(k).weight)
+            out[f"cls.fc_{k}.b"] = a(fc.head(k).bias)
+    pol = model.policy
+    out.update({
+        "pol.w_ih": a(pol.gru.weight_ih_l0), "pol.w_hh": a(pol.gru.weight_hh_l0),
+        "pol.b_ih": a(pol.gru.bias_ih_l0), "pol.b_hh": a(pol.gru.bias_hh_l0),
+        "pol.actor.w": a(pol.actor[0].weight), "pol.actor.b": a(pol.actor[0].bias),
+    })
+    return out
+
+
+def export_heads(model: GFNet, path: Path) -> Path:
+    """Writes :func:`head_arrays` to an ``.npz`` (no pickled objects)."""
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **head_arrays(model))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_bytes(path, buf.getvalue())
+    return path
+
+
+def export_model(
+    model: GFNet, out_dir: Path, opset: int = DEFAULT_OPSET, simplify: bool = True
+) -> Dict[str, Path]:
+    """Exports ``glance.onnx``, ``focus.onnx`` and ``heads.npz`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    return {
+        "glance": export_graph(model, "glance", out_dir / "glance.onnx", opset, simplify),
+        "focus": export_graph(model, "focus", out_dir / "focus.onnx", opset, simplify),
+        "heads": export_heads(model, out_dir / "heads.npz"),
+    }
+
+
+def manifest_model(model: GFNet) -> Dict[str, object]:
+    """The ``model`` entry of a bundle manifest: everything the device side needs to know."""
+    s = model.spec
+    return {
+        "model_name": s.model_name, "family": s.family, "backbone": s.backbone,
+        "image_size": s.image_size, "patch_size": s.patch_size, "steps": s.steps,
+        "num_classes": s.num_classes, "crop_pct": s.crop_pct,
+        "dataset_interpolation": s.dataset_interpolation, "glance_interpolation": s.glance_interpolation,
+        "mean": list(s.mean), "std": list(s.std), "classifier": s.classifier, "step0": s.step0,
+        "feature_dim": s.feature_dim, "fmap_channels": s.fmap_channels,
+        "policy_conv": s.policy_conv, "policy_hidden": s.policy_hidden, "fc_hidden": s.fc_hidden,
+        "spec": s.to_dict(),
+    }

@@ -1,0 +1,246 @@
+"""``gfnet_edge.Runtime``: classify images with a bundle, with early exit (never imports torch
+unless the ``torch`` backend is asked for)."""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from ..bundle import Bundle, BundleError
+from ..errors import InputError, UnavailableError
+from ..log import logger
+from .driver import Driver, StepOutputs
+from .heads import HeadSet, load_head_arrays
+from .profile import Profiler
+
+BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
+
+
+@dataclass
+class Predictions:
+    """Per-image results of :meth:`Runtime.predict`.
+
+    Attributes:
+        classes: predicted class (N,).
+        confidence: max softmax probability at the exit step (N,).
+        exit_step: exit step (N,), 0 = glance.
+        coords: patch top-left (row, col) per focus step (T-1, N, 2), -1 after exit.
+        patch_size: P (boxes are P x P at ``coords``, in the S x S input).
+    """
+
+    classes: np.ndarray
+    confidence: np.ndarray
+    exit_step: np.ndarray
+    coords: np.ndarray
+    patch_size: int
+
+    def __len__(self) -> int:
+        return int(self.classes.shape[0])
+
+    def boxes(self, i: int) -> List[tuple]:
+        """Patch boxes ``(top, left, bottom, right)`` of image ``i`` for the focus steps it ran."""
+        P = self.patch_size
+        out = []
+        for t in range(int(self.exit_step[i])):
+            r, c = (int(v) for v in self.coords[t, i])
+            out.append((r, c, r + P, c + P))
+        return out
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        return {"class": int(self.classes[i]), "confidence": float(self.confidence[i]),
+                "exit_step": int(self.exit_step[i]), "boxes": self.boxes(i)}
+
+    def to_list(self) -> List[Dict[str, Any]]:
+        return [self[i] for i in range(len(self))]
+
+
+@dataclass
+class RuntimeTrace:
+    """All steps on a batch: same fields as the reference ``GFNet.trace``.
+
+    Attributes:
+        probs: (T, N, classes) float32.
+        coords: (T-1, N, 2) int32.
+    """
+
+    probs: np.ndarray
+    coords: np.ndarray
+
+
+def _tensorrt_usable() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except Exception:
+        return False
+    from .. import ops
+
+    return ops.cuda_device_count() > 0
+
+
+class Runtime:
+    """Runs a bundle.
+
+    Args:
+        bundle: bundle directory (or a loaded :class:`~gfnet_edge.bundle.Bundle`).
+        backend: ``auto`` (TensorRT when it and a GPU are here, else ONNX Runtime),
+            ``tensorrt``, ``onnxruntime`` or ``torch`` (the bundled checkpoint in PyTorch).
+        precision: graph set (``fp32``, ``int8-cpu``, ``int8-tensorrt`` ...; ``auto`` picks the
+            fastest this backend has: int8-cpu on ONNX Runtime, int8 engines on TensorRT).
+        budget: named budget whose thresholds decide exits (``None``: the bundle's default; a
+            bundle without budgets runs every step).
+        threads: CPU threads for ONNX Runtime and the extension (``None``: their defaults).
+        profile: collect per-stage timings (see :attr:`profiler`).
+        verify: check artifact hashes on load.
+
+    Calls are serialised with a lock, so one Runtime may be shared by threads.
+    """
+
+    def __init__(self, bundle: Union[str, Path, Bundle], backend: str = "auto", precision: str = "auto",
+                 budget: Optional[str] = None, threads: Optional[int] = None, profile: bool = False,
+                 verify: bool = True) -> None:
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle, verify=verify)
+        if backend not in BACKENDS:
+            raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        self.model = self.bundle.model
+        self.threads = threads
+        self.profiler = Profiler(profile)
+        self._lock = threading.Lock()
+        if backend == "auto":
+            backend = "tensorrt" if _tensorrt_usable() and self.bundle.manifest.get("engines") else "onnxruntime"
+        self.backend = backend
+        self.runner = self._make_runner(backend, precision)
+        self.precision = self.runner.precision
+        from .. import ops
+
+        if threads:
+            ops.set_num_threads(int(threads))
+        self.heads = HeadSet(load_head_arrays(self.bundle.heads_path), self.model)
+        self.runner.activate()
+        self.driver = Driver(self.model, self.runner, self.heads, self.profiler)
+        self.set_budget(budget)
+        logger.info("runtime: %s backend, %s graphs, budget %s", self.backend, self.precision, self.budget)
+
+    # ------------------------------------------------------------------ setup
+    def _make_runner(self, backend: str, precision: str):
+        graphs = self.bundle.manifest["graphs"]
+        if backend == "onnxruntime":
+            from .backends.onnxruntime import OnnxRuntimeRunner
+
+            if precision == "auto":
+                precision = "int8-cpu" if "int8-cpu" in graphs else "fp32"
+            return OnnxRuntimeRunner(self.bundle.graph_paths(precision), precision, self.threads)
+        if backend == "tensorrt":
+            from .backends.tensorrt import TensorRTRunner, select_engine
+
+            entry = select_engine(self.bundle, precision)
+            return TensorRTRunner(self.bundle, entry)
+        if backend == "torch":
+            from .backends.torch import TorchRunner
+
+            return TorchRunner(self.bundle, self.threads)
+        raise InputError(f"unknown backend {backend!r}")
+
+    def set_budget(self, budget: Optional[str]) -> None:
+        """Selects the named budget whose thresholds decide the exits."""
+        self.thresholds = self.bundle.thresholds(budget)
+        self.budget = budget if budget is not None else self.bundle.manifest.get("default_budget")
+
+    def close(self) -> None:
+        self.runner.deactivate()
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- inputs
+    def _prepare(self, inputs) -> tuple:
+        from .. import ops
+
+        m = self.model
+        S, P = int(m["image_size"]), int(m["patch_size"])
+        if isinstance(inputs, np.ndarray) and inputs.dtype == np.float32:
+            if inputs.ndim != 4 or inputs.shape[1:] != (3, S, S):
+                raise InputError(f"normalised images must be float32 (N, 3, {S}, {S}), got {inputs.shape}")
+            if not np.isfinite(inputs).all():
+                raise InputError("images contain NaN or Inf")
+            images = np.ascontiguousarray(inputs)
+            with self.profiler.stage("preprocess"):
+                glance = ops.glance(images, P, m["glance_interpolation"])
+            return images, glance
+        frames = list(inputs) if not isinstance(inputs, np.ndarray) or inputs.ndim == 4 else [inputs]
+        if not frames:
+            raise InputError("no images given")
+        for i, f in enumerate(frames):
+            if not isinstance(f, np.ndarray) or f.dtype != np.uint8 or f.ndim != 3 or f.shape[2] != 3:
+                desc = f"{f.dtype} {f.shape}" if isinstance(f, np.ndarray) else type(f).__name__
+                raise InputError(f"image {i}: expected a uint8 HWC RGB frame or float32 NCHW images, got {desc}")
+        with self.profiler.stage("preprocess"):
+            images, glance = ops.preprocess(
+                [np.ascontiguousarray(f) for f in frames], S, crop_pct=float(m["crop_pct"]),
+                interpolation=m["dataset_interpolation"], mean=tuple(m["mean"]), std=tuple(m["std"]),
+                glance_size=P, glance_interpolation=m["glance_interpolation"],
+            )
+        return images, glance
+
+    # ------------------------------------------------------------------- run
+    def predict(self, inputs, budget: Optional[str] = None) -> Predictions:
+        """Classifies images with early exit.
+
+        Args:
+            inputs: uint8 HWC frames (one array, a list, or (N, H, W, 3)), pre-processed by the
+                extension; or normalised float32 (N, 3, S, S).
+            budget: a named budget for this call only (default: the runtime's).
+        """
+        with self._lock:
+            t0 = time.perf_counter()
+            thr = self.thresholds if budget is None else self.bundle.thresholds(budget)
+            images, glance = self._prepare(inputs)
+            if thr is None:
+                thr = [2.0] * (int(self.model["steps"]) - 1) + [-1e8]  # no budget: run every step
+            out = self.driver.run(images, glance, thr)
+            self.profiler.add_call(time.perf_counter() - t0, images.shape[0])
+        return Predictions(out.prediction, out.confidence, out.exit_step, out.coords, int(self.model["patch_size"]))
+
+    def trace(self, inputs) -> RuntimeTrace:
+        """Runs every step on every image; same fields as the reference model's trace."""
+        with self._lock:
+            images, glance = self._prepare(inputs)
+            out = self.driver.run(images, glance, None)
+        return RuntimeTrace(out.probs, out.coords)
+
+
+def trace_graphs(model: Dict[str, Any], graphs: Dict[str, Path], heads: Union[Path, Dict[str, np.ndarray]],
+                 images: np.ndarray, threads: Optional[int] = None, batch_size: int = 64) -> RuntimeTrace:
+    """Traces ONNX graphs + heads outside a bundle (used by quantization to score graphs).
+
+    Args:
+        model: a manifest ``model`` entry (:func:`gfnet_edge.export.manifest_model`).
+        graphs: ``{"glance": path, "focus": path}``.
+        heads: ``heads.npz`` path or its arrays.
+        images: normalised float32 (N, 3, S, S).
+        threads: ONNX Runtime threads.
+        batch_size: images per call.
+    """
+    from .. import ops
+    from .backends.onnxruntime import OnnxRuntimeRunner
+
+    arrays = heads if isinstance(heads, dict) else load_head_arrays(Path(heads))
+    runner = OnnxRuntimeRunner(graphs, "custom", threads).activate()
+    try:
+        driver = Driver(model, runner, HeadSet(arrays, model), Profiler(False))
+        probs, coords = [], []
+        P = int(model["patch_size"])
+        for i in range(0, images.shape[0], batch_size):
+            x = np.ascontiguousarray(images[i:i + batch_size], dtype=np.float32)
+            out = driver.run(x, ops.glance(x, P, model["glance_interpolation"]), None)
+            probs.append(out.probs)
+            coords.append(out.coords)
+    finally:
+        runner.deactivate()
+    return RuntimeTrace(np.concatenate(probs, axis=1), np.concatenate(coords, axis=1))

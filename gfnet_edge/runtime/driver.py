@@ -1,0 +1,148 @@
+"""The glance/focus loop with early exit, written once for every backend.
+
+A backend only runs a backbone graph (:class:`~gfnet_edge.runtime.backends.base.Runner`); the
+extension does the glance resize, the patch crop and the GRU/Linear heads
+(:class:`~gfnet_edge.runtime.heads.HeadSet`). Samples that exit are compacted away between
+steps, so no backbone work is spent on them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Sequence
+
+import numpy as np
+
+from .backends.base import Runner
+from .heads import HeadSet
+from .profile import Profiler
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _max_argmax(logits: np.ndarray):
+    p = softmax(logits)
+    return p.max(axis=1).astype(np.float32), p.argmax(axis=1).astype(np.int64)
+
+
+@dataclass
+class StepOutputs:
+    """What the loop produced for a batch of N images.
+
+    Attributes:
+        prediction: class at the exit step (N,).
+        confidence: max softmax probability at the exit step (N,).
+        exit_step: step at which each image exited (N,).
+        coords: patch top-left (row, col) per focus step (T-1, N, 2); -1 after exit.
+        probs: softmax per step (T, N, classes), only when every step ran (trace).
+    """
+
+    prediction: np.ndarray
+    confidence: np.ndarray
+    exit_step: np.ndarray
+    coords: np.ndarray
+    probs: Optional[np.ndarray] = None
+
+
+class Driver:
+    """Runs GFNet steps with a backend runner and the extension's heads.
+
+    Args:
+        model: the manifest's ``model`` entry.
+        runner: an active backend runner.
+        heads: the bound heads.
+        profiler: per-stage timer.
+    """
+
+    def __init__(self, model: Dict[str, Any], runner: Runner, heads: HeadSet, profiler: Profiler) -> None:
+        self.model = model
+        self.runner = runner
+        self.heads = heads
+        self.prof = profiler
+        self.T = int(model["steps"])
+        self.S = int(model["image_size"])
+        self.P = int(model["patch_size"])
+        self.step0_backbone = model["step0"] == "backbone"
+
+    def run(self, images: np.ndarray, glance: np.ndarray, thresholds: Optional[Sequence[float]]) -> StepOutputs:
+        """Runs the loop.
+
+        Args:
+            images: normalised float32 (N, 3, S, S), C-contiguous.
+            glance: their glance (N, 3, P, P).
+            thresholds: exit threshold per step; ``None`` runs every step for every image and
+                returns the full probabilities (trace).
+        """
+        from .. import ops
+
+        T, S, P, prof, heads = self.T, self.S, self.P, self.prof, self.heads
+        n = images.shape[0]
+        trace = thresholds is None
+        thr = None if trace else np.asarray(thresholds, dtype=np.float32)
+        prediction = np.zeros(n, np.int64)
+        confidence = np.zeros(n, np.float32)
+        exit_step = np.full(n, T - 1, np.int64)
+        coords_all = np.full((max(T - 1, 0), n, 2), -1, np.int32)
+        probs_all = None
+
+        with prof.stage("glance"):
+            g = self.runner.run("glance", glance)
+        feature, state = g["feature"], g["policy_state"]
+        with prof.stage("heads"):
+            h_cls = None
+            if heads.kind == "gru":
+                h_cls = np.zeros((n, heads.cls_hidden), np.float32)
+                h_cls, logits, mp, am = heads.classify_gru(feature, h_cls)
+            else:
+                feats = np.zeros((n, T, feature.shape[1]), np.float32)
+                feats[:, 0] = feature
+            if self.step0_backbone:
+                logits = g["logits"]
+                mp, am = _max_argmax(logits)
+        if trace:
+            probs_all = np.zeros((T, n, logits.shape[1]), np.float32)
+            probs_all[0] = softmax(logits)
+
+        active = np.arange(n)
+        h_pol = np.zeros((n, heads.pol_hidden), np.float32)
+        for t in range(T):
+            if t > 0:
+                with prof.stage("policy"):
+                    h_pol, _action, coords = heads.act(state, h_pol)
+                coords_all[t - 1, active] = coords
+                with prof.stage("crop"):
+                    patches = ops.crop_patches(images, coords, P)
+                with prof.stage("focus"):
+                    f = self.runner.run("focus", patches)
+                state = f["policy_state"]
+                with prof.stage("heads"):
+                    if heads.kind == "gru":
+                        h_cls, logits, mp, am = heads.classify_gru(f["feature"], h_cls)
+                    else:
+                        feats[:, t] = f["feature"]
+                        logits, mp, am = heads.classify_cascaded(feats, t + 1)
+                if trace:
+                    probs_all[t, active] = softmax(logits)
+            with prof.stage("exit"):
+                prediction[active] = am
+                confidence[active] = mp
+                if trace or t == T - 1:
+                    continue
+                done = mp >= thr[t]
+                if done.any():
+                    exit_step[active[done]] = t
+                    keep = ~done
+                    active = active[keep]
+                    if active.size == 0:
+                        break
+                    images = np.ascontiguousarray(images[keep])
+                    state = np.ascontiguousarray(state[keep])
+                    h_pol = np.ascontiguousarray(h_pol[keep])
+                    if h_cls is not None:
+                        h_cls = np.ascontiguousarray(h_cls[keep])
+                    else:
+                        feats = np.ascontiguousarray(feats[keep])
+        return StepOutputs(prediction, confidence, exit_step, coords_all, probs_all)

@@ -1,0 +1,63 @@
+"""The GRU / Linear heads of a bundle (``heads.npz``), bound to the extension's kernels."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Tuple
+
+import numpy as np
+
+from ..errors import InputError
+
+
+def load_head_arrays(path: Path) -> Dict[str, np.ndarray]:
+    """Reads ``heads.npz`` without allowing pickled objects."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: np.ascontiguousarray(z[k], dtype=np.float32) for k in z.files}
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read head weights ({exc})") from exc
+
+
+class HeadSet:
+    """Classifier and policy heads for one model.
+
+    Args:
+        arrays: from :func:`load_head_arrays`.
+        model: the manifest's ``model`` entry (classifier kind, sizes).
+    """
+
+    def __init__(self, arrays: Dict[str, np.ndarray], model: Dict[str, Any]) -> None:
+        from .. import ops
+
+        self.kind = model["classifier"]
+        self.steps = int(model["steps"])
+        self.image_size = int(model["image_size"])
+        self.patch_size = int(model["patch_size"])
+
+        def need(k: str) -> np.ndarray:
+            if k not in arrays:
+                raise InputError(f"head weights lack {k!r}")
+            return arrays[k]
+
+        if self.kind == "gru":
+            self.cls = ops.GRUHead(need("cls.w_ih"), need("cls.w_hh"), need("cls.b_ih"), need("cls.b_hh"),
+                                   need("cls.fc.w"), need("cls.fc.b"))
+            self.cls_hidden = int(arrays["cls.w_hh"].shape[1])
+        else:
+            self.cls = ops.CascadedHead([(need(f"cls.fc_{k}.w"), need(f"cls.fc_{k}.b")) for k in range(2, self.steps + 1)])
+            self.cls_hidden = 0
+        self.actor = ops.ActorHead(need("pol.w_ih"), need("pol.w_hh"), need("pol.b_ih"), need("pol.b_hh"),
+                                   need("pol.actor.w"), need("pol.actor.b"))
+        self.pol_hidden = int(arrays["pol.w_hh"].shape[1])
+
+    def classify_gru(self, feature: np.ndarray, hidden: np.ndarray) -> Tuple[np.ndarray, ...]:
+        """``(new_hidden, logits, maxprob, argmax)``."""
+        return self.cls.step(feature, hidden)
+
+    def classify_cascaded(self, feats: np.ndarray, k: int) -> Tuple[np.ndarray, ...]:
+        """``(logits, maxprob, argmax)`` over the first ``k`` step features of ``feats`` (N, T, F)."""
+        return self.cls.step(feats, k)
+
+    def act(self, state: np.ndarray, hidden: np.ndarray) -> Tuple[np.ndarray, ...]:
+        """``(new_hidden, action, coords int32)``."""
+        return self.actor.step(state, hidden, self.image_size, self.patch_size)

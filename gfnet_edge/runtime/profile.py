@@ -1,0 +1,67 @@
+"""Per-stage timing of the runtime (pre-process, glance, policy, crop, focus, heads, exit)."""
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Dict, Iterator, List
+
+import numpy as np
+
+STAGES = ("preprocess", "glance", "policy", "crop", "focus", "heads", "exit")
+
+
+class Profiler:
+    """Collects wall-clock durations (seconds) per stage; thread-safe; off by default."""
+
+    def __init__(self, enabled: bool = False) -> None:
+        self.enabled = enabled
+        self._lock = threading.Lock()
+        self._samples: Dict[str, List[float]] = defaultdict(list)
+        self._calls: List[float] = []
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t0
+            with self._lock:
+                self._samples[name].append(dt)
+
+    def add_call(self, seconds: float, images: int) -> None:
+        if self.enabled:
+            with self._lock:
+                self._calls.append(seconds / max(images, 1))
+
+    def reset(self) -> None:
+        with self._lock:
+            self._samples.clear()
+            self._calls.clear()
+
+    def summary(self) -> Dict[str, Dict[str, float]]:
+        """``{stage: {count, total_ms, mean_ms, p50_ms, p95_ms, p99_ms}}`` plus ``per_image``."""
+        out: Dict[str, Dict[str, float]] = {}
+        with self._lock:
+            items = {k: list(v) for k, v in self._samples.items()}
+            calls = list(self._calls)
+        for name in list(STAGES) + sorted(set(items) - set(STAGES)):
+            if name in items and items[name]:
+                out[name] = _stats(items[name])
+        if calls:
+            out["per_image"] = _stats(calls)
+        return out
+
+
+def _stats(xs: List[float]) -> Dict[str, float]:
+    a = np.asarray(xs) * 1e3
+    return {
+        "count": int(a.size), "total_ms": float(a.sum()), "mean_ms": float(a.mean()),
+        "p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)),
+        "p99_ms": float(np.percentile(a, 99)),
+    }

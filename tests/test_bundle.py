@@ -1,0 +1,113 @@
+"""Bundle format: atomic writes, hashes, tampering, unsafe paths, versions (numpy only)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gfnet_edge.bundle import (FORMAT_VERSION, Bundle, BundleError, new_manifest, record_artifacts, safe_join,
+                               staging_dir, write_json_atomic)
+
+
+def _make(root, model=None):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "graphs").mkdir(exist_ok=True)
+    (root / "graphs" / "glance.fp32.onnx").write_bytes(b"g" * 100)
+    (root / "graphs" / "focus.fp32.onnx").write_bytes(b"f" * 100)
+    (root / "heads.npz").write_bytes(b"h" * 10)
+    m = new_manifest(model or {"model_name": "x", "steps": 3}, {"macs": {}})
+    m["graphs"]["fp32"] = {"glance": "graphs/glance.fp32.onnx", "focus": "graphs/focus.fp32.onnx"}
+    m["budgets"] = {"mid": {"thresholds": [0.9, 0.8, -1e8]}}
+    m["default_budget"] = "mid"
+    record_artifacts(root, m)
+    write_json_atomic(root / "manifest.json", m)
+    return m
+
+
+def test_round_trip_and_accessors(tmp_path):
+    _make(tmp_path / "b")
+    b = Bundle.load(tmp_path / "b")
+    assert set(b.graph_paths("fp32")) == {"glance", "focus"}
+    assert b.thresholds(None) == [pytest.approx(0.9), pytest.approx(0.8), -1e8]
+    with pytest.raises(BundleError, match="no budget named 'fast'"):
+        b.thresholds("fast")
+    with pytest.raises(BundleError, match="no 'int8-cpu' graphs"):
+        b.graph_paths("int8-cpu")
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda r: (r / "graphs" / "focus.fp32.onnx").write_bytes(b"evil"), "modified or corrupted"),
+        (lambda r: (r / "heads.npz").unlink(), "missing"),
+        (lambda r: (r / "manifest.json").write_text("{not json"), "corrupt manifest"),
+        (lambda r: (r / "manifest.json").unlink(), "no manifest.json"),
+        (lambda r: _edit(r, format_version=FORMAT_VERSION + 1), "format version"),
+        (lambda r: _edit(r, format="something-else"), "not a gfnet-edge manifest"),
+        (lambda r: _edit_art(r, "../../etc/passwd"), "escapes the bundle"),
+        (lambda r: _edit_art(r, "/etc/passwd"), "unsafe artifact path"),
+    ],
+)
+def test_bad_bundles(tmp_path, mutate, match):
+    root = tmp_path / "b"
+    _make(root)
+    mutate(root)
+    with pytest.raises(BundleError, match=match):
+        Bundle.load(root)
+
+
+def _edit(root, **kw):
+    m = json.loads((root / "manifest.json").read_text())
+    m.update(kw)
+    (root / "manifest.json").write_text(json.dumps(m))
+
+
+def _edit_art(root, rel):
+    m = json.loads((root / "manifest.json").read_text())
+    m["artifacts"][rel] = {"sha256": "0" * 64, "bytes": 1}
+    (root / "manifest.json").write_text(json.dumps(m))
+
+
+def test_not_a_bundle(tmp_path):
+    with pytest.raises(BundleError, match="not found"):
+        Bundle.load(tmp_path / "nope")
+    f = tmp_path / "file.pth.tar"
+    f.write_bytes(b"x")
+    with pytest.raises(BundleError, match="is a directory"):
+        Bundle.load(f)
+
+
+def test_safe_join(tmp_path):
+    assert safe_join(tmp_path, "a/b.onnx") == (tmp_path / "a" / "b.onnx").resolve()
+    for bad in ("", "/abs", "../x", "a/../../x", "C:/x"):
+        with pytest.raises(BundleError):
+            safe_join(tmp_path, bad)
+
+
+def test_staging_leaves_nothing_on_failure(tmp_path):
+    out = tmp_path / "bundle"
+    with pytest.raises(RuntimeError):
+        with staging_dir(out) as tmp:
+            (tmp / "partial.onnx").write_bytes(b"x")
+            raise RuntimeError("boom")
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_staging_refuses_existing_without_force(tmp_path):
+    out = tmp_path / "bundle"
+    _make(out)
+    with pytest.raises(BundleError, match="already exists"):
+        with staging_dir(out):
+            pass
+    with staging_dir(out, force=True) as tmp:
+        _make(tmp, {"model_name": "new", "steps": 3})
+    assert Bundle.load(out).model["model_name"] == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_update_manifest_atomic(tmp_path):
+    _make(tmp_path / "b")
+    b = Bundle.load(tmp_path / "b")
+    b.update_manifest(lambda m: m["budgets"].update({"fast": {"thresholds": [0.5, 0.5, -1e8]}}))
+    assert "fast" in Bundle.load(tmp_path / "b").budgets()

@@ -1,0 +1,94 @@
+"""TensorRT backend logic up to the TensorRT call; TensorRT itself is skipped when absent."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from gfnet_edge.errors import InputError, UnavailableError
+from gfnet_edge.runtime.backends import tensorrt as trtb
+
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+
+
+@pytest.mark.parametrize(
+    "version,precision,typed,flags,convert,graphs",
+    [
+        ("10.3.0", "int8", True, [], False, "int8-tensorrt"),
+        ("10.3.0", "fp16", False, ["FP16"], False, "fp32"),
+        ("10.3.0", "fp32", False, [], False, "fp32"),
+        ("11.0.0", "int8", True, [], False, "int8-tensorrt"),
+        ("11.0.0", "fp16", True, [], True, "fp32"),  # 11.x: no FP16 flag, convert the graph
+        ("11.2.1", "fp32", True, [], False, "fp32"),
+    ],
+)
+def test_plan_build(version, precision, typed, flags, convert, graphs):
+    plan = trtb.plan_build(version, trtb.BuildOptions(precision=precision))
+    assert (plan.strongly_typed, plan.builder_flags, plan.convert_fp16, plan.graph_set) == (typed, flags, convert, graphs)
+    assert "INT8" not in plan.builder_flags  # INT8 only from Q/DQ nodes, never a calibrator/flag
+
+
+def test_plan_build_dla_and_old_versions():
+    plan = trtb.plan_build("10.3.0", trtb.BuildOptions(precision="int8", dla_core=0))
+    assert "GPU_FALLBACK" in plan.builder_flags
+    with pytest.raises(UnavailableError, match="too old"):
+        trtb.plan_build("8.6.1", trtb.BuildOptions())
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"precision": "int4"}, "precision"), ({"max_batch": 0}, "batch"), ({"opt_batch": 64, "max_batch": 32}, "batch"),
+    ({"workspace_mb": 1}, "workspace"), ({"opt_level": 9}, "optimisation level"), ({"dla_core": -1}, "DLA"),
+])
+def test_build_options_validation(kw, match):
+    with pytest.raises(InputError, match=match):
+        trtb.BuildOptions(**kw).validate()
+
+
+class _FakeBundle:
+    def __init__(self, engines, root="B"):
+        self.manifest = {"engines": engines}
+        self.root = root
+
+
+ENTRY = {"backend": "tensorrt", "precision": "int8", "gpu_name": "Orin", "compute_capability": "8.7",
+         "tensorrt_version": "10.3.0", "glance": "engines/x/glance.int8.engine", "focus": "engines/x/focus.int8.engine"}
+
+
+def test_select_engine_matches_device():
+    here = {"gpu_name": "Orin", "compute_capability": "8.7"}
+    assert trtb.select_engine(_FakeBundle([ENTRY]), "auto", here, "10.3.0") is ENTRY
+
+
+@pytest.mark.parametrize("here,ver,match", [
+    ({"gpu_name": "H100", "compute_capability": "9.0"}, "10.3.0", "compute capability 8.7"),
+    ({"gpu_name": "Orin", "compute_capability": "8.7"}, "10.7.0", "TensorRT 10.3.0 vs this TensorRT 10.7.0"),
+])
+def test_select_engine_refuses_other_device_with_rebuild_hint(here, ver, match):
+    with pytest.raises(InputError, match=match) as e:
+        trtb.select_engine(_FakeBundle([ENTRY]), "auto", here, ver)
+    assert "gfnet-edge build-engine B --backend tensorrt" in str(e.value)
+
+
+def test_select_engine_none_or_wrong_precision():
+    with pytest.raises(InputError, match="no TensorRT engines"):
+        trtb.select_engine(_FakeBundle([]), "auto", {"gpu_name": "x", "compute_capability": "8.7"}, "10.3.0")
+    with pytest.raises(InputError, match="no fp16 TensorRT engine"):
+        trtb.select_engine(_FakeBundle([ENTRY]), "fp16", {"gpu_name": "x", "compute_capability": "8.7"}, "10.3.0")
+
+
+def test_engine_dir_name():
+    assert trtb.engine_dir_name({"gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}, "10.3.0") == \
+        "nvidia-h100-80gb-hbm3-sm90-trt10.3.0"
+
+
+@pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed here")
+def test_without_tensorrt_says_how_to_proceed():
+    with pytest.raises(UnavailableError, match="JetPack") as e:
+        trtb.import_tensorrt()
+    assert "--backend tensorrt" in str(e.value)
+
+
+@pytest.mark.skipif(not HAS_TRT, reason="TensorRT is not installed (it cannot be on CPU-only CI machines)")
+def test_tensorrt_version_supported():  # pragma: no cover - runs only where TensorRT exists
+    trt = trtb.import_tensorrt()
+    trtb.plan_build(trt.__version__, trtb.BuildOptions())
