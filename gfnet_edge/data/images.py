@@ -1,0 +1,232 @@
+"""Torch-free loading of calibration / evaluation images.
+
+:func:`load_images` reads a folder of images (ImageFolder-style class subfolders give labels,
+a flat folder gives none), a single image file, or an ``.npz`` archive, and returns uint8
+``(N, S, S, 3)`` frames prepared like the spec's validation pre-processing: resize the shorter
+side to ``int(S / crop_pct)``, then centre-crop ``S x S``. Every problem is reported as a
+``ValueError`` naming the path and the reason.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+from gfnet_edge.variants import IMAGENET_MEAN, IMAGENET_STD
+
+#: File name suffixes treated as images (case-insensitive).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+_INTERPOLATIONS = {
+    "nearest": Image.NEAREST,
+    "bilinear": Image.BILINEAR,
+    "bicubic": Image.BICUBIC,
+    "lanczos": Image.LANCZOS,
+    "box": Image.BOX,
+    "hamming": Image.HAMMING,
+}
+
+
+def load_images(path: os.PathLike | str, image_size: int = 224, crop_pct: float = 0.875,
+                interpolation: str = "bilinear") -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """Loads images for calibration or evaluation.
+
+    Accepted inputs:
+
+    * a folder with one subfolder per class (ImageFolder layout; classes sorted by name give
+      labels 0..K-1);
+    * a flat folder of images (no labels);
+    * a single image file (no label);
+    * an ``.npz`` with ``images`` (uint8 ``(N, H, W, 3|1)`` or float ``(N, 3|1, H, W)``) and
+      optional integer ``labels`` ``(N,)``. Float images in [0, 1] are taken as is; any other
+      float range is taken as ImageNet-normalised and de-normalised (an optional boolean
+      ``normalized`` entry states it explicitly).
+
+    Images whose size differs from ``image_size`` get the validation pre-processing (shorter
+    side to ``int(image_size / crop_pct)``, centre crop); ``.npz`` images already
+    ``image_size x image_size`` are kept as they are.
+
+    Args:
+        path: folder, image file or ``.npz`` file.
+        image_size: output side S.
+        crop_pct: centre-crop ratio of the validation pre-processing (0 < crop_pct <= 1).
+        interpolation: Pillow resize filter: nearest, bilinear, bicubic, lanczos, box, hamming.
+
+    Returns:
+        ``(frames, labels)``: uint8 ``(N, S, S, 3)`` and int64 ``(N,)`` or ``None``.
+
+    Raises:
+        ValueError: missing path, empty folder, unreadable image, bad ``.npz`` keys / shapes /
+            dtypes, NaN or infinite values, bad arguments.
+    """
+    path = Path(path)
+    _check_arguments(path, image_size, crop_pct, interpolation)
+    if not path.exists():
+        raise ValueError(f"{path}: no such file or directory")
+    if path.is_dir():
+        files, labels = _list_folder(path)
+        return _load_files(files, image_size, crop_pct, interpolation), labels
+    if path.suffix.lower() == ".npz":
+        return _load_npz(path, image_size, crop_pct, interpolation)
+    return _load_files([path], image_size, crop_pct, interpolation), None
+
+
+def preprocess(image: Image.Image, image_size: int = 224, crop_pct: float = 0.875,
+               interpolation: str = "bilinear") -> np.ndarray:
+    """Validation pre-processing of one PIL image: resize shorter side, centre crop.
+
+    Args:
+        image: any PIL image (converted to RGB).
+        image_size: output side S.
+        crop_pct: the shorter side is resized to ``int(S / crop_pct)``.
+        interpolation: Pillow resize filter name.
+
+    Returns:
+        uint8 ``(S, S, 3)``.
+    """
+    image = image.convert("RGB")
+    short = int(image_size / crop_pct)
+    w, h = image.size
+    if w <= h:
+        new_w, new_h = short, max(short, int(round(h * short / w)))
+    else:
+        new_w, new_h = max(short, int(round(w * short / h))), short
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), _INTERPOLATIONS[interpolation])
+    left = int(round((new_w - image_size) / 2.0))
+    top = int(round((new_h - image_size) / 2.0))
+    image = image.crop((left, top, left + image_size, top + image_size))
+    return np.asarray(image, dtype=np.uint8)
+
+
+def _check_arguments(path: Path, image_size: int, crop_pct: float, interpolation: str) -> None:
+    if int(image_size) != image_size or image_size < 1:
+        raise ValueError(f"{path}: image_size must be a positive integer, got {image_size!r}")
+    if not 0.0 < crop_pct <= 1.0:
+        raise ValueError(f"{path}: crop_pct must be in (0, 1], got {crop_pct!r}")
+    if interpolation not in _INTERPOLATIONS:
+        raise ValueError(f"{path}: unknown interpolation {interpolation!r}; "
+                         f"expected one of {sorted(_INTERPOLATIONS)}")
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _list_folder(folder: Path) -> Tuple[List[Path], Optional[np.ndarray]]:
+    """Image files of a folder and their labels (``None`` for a flat folder)."""
+    entries = sorted(folder.iterdir())
+    top_files = [p for p in entries if _is_image(p)]
+    class_dirs = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
+    class_files = [sorted(p for p in d.rglob("*") if _is_image(p)) for d in class_dirs]
+    if any(class_files) and top_files:
+        raise ValueError(f"{folder}: mixes images at the top level ({top_files[0].name}, ...) with "
+                         "class subfolders; use either a flat folder or one subfolder per class")
+    if top_files:
+        return top_files, None
+    if not any(class_files):
+        raise ValueError(f"{folder}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} "
+                         "files at the top level and in class subfolders)")
+    files: List[Path] = []
+    labels: List[int] = []
+    for label, members in enumerate(class_files):
+        files.extend(members)
+        labels.extend([label] * len(members))
+    return files, np.asarray(labels, dtype=np.int64)
+
+
+def _load_files(files: Sequence[Path], image_size: int, crop_pct: float, interpolation: str) -> np.ndarray:
+    frames = np.empty((len(files), image_size, image_size, 3), dtype=np.uint8)
+    for k, file in enumerate(files):
+        try:
+            with Image.open(file) as image:
+                image.load()
+                frames[k] = preprocess(image, image_size, crop_pct, interpolation)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise ValueError(f"{file}: cannot read image ({exc})") from exc
+    return frames
+
+
+def _load_npz(path: Path, image_size: int, crop_pct: float,
+              interpolation: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except Exception as exc:  # zipfile / pickle / format errors all mean the same here
+        raise ValueError(f"{path}: cannot read .npz archive ({exc})") from exc
+    if "images" not in arrays:
+        raise ValueError(f"{path}: .npz has no 'images' array (keys: {sorted(arrays) or 'none'})")
+    normalized = _flag(path, arrays.get("normalized"))
+    frames = _npz_frames(path, arrays["images"], normalized)
+    labels = _npz_labels(path, arrays.get("labels"), len(frames))
+    if frames.shape[1:3] != (image_size, image_size):
+        frames = np.stack([preprocess(Image.fromarray(f), image_size, crop_pct, interpolation) for f in frames]) \
+            if len(frames) else np.zeros((0, image_size, image_size, 3), np.uint8)
+    return np.ascontiguousarray(frames), labels
+
+
+def _flag(path: Path, value: Optional[np.ndarray]) -> Optional[bool]:
+    if value is None:
+        return None
+    if np.asarray(value).size != 1:
+        raise ValueError(f"{path}: 'normalized' must be a single boolean")
+    return bool(np.asarray(value).reshape(()))
+
+
+def _npz_frames(path: Path, images: np.ndarray, normalized: Optional[bool]) -> np.ndarray:
+    """Converts the ``images`` array of an archive to uint8 NHWC RGB."""
+    if images.ndim >= 1 and images.shape[0] == 0:
+        raise ValueError(f"{path}: 'images' is empty")
+    if images.dtype == np.uint8:
+        if images.ndim != 4 or images.shape[-1] not in (1, 3):
+            raise ValueError(f"{path}: uint8 'images' must be (N, H, W, 3) or (N, H, W, 1), got {images.shape}")
+        frames = images
+    elif np.issubdtype(images.dtype, np.floating):
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"{path}: float 'images' must be (N, 3, H, W) or (N, 1, H, W), got {images.shape}")
+        frames = _float_to_uint8(path, images.astype(np.float32), normalized)
+    else:
+        raise ValueError(f"{path}: 'images' must be uint8 NHWC or float NCHW, got dtype {images.dtype}")
+    if frames.shape[1] < 1 or frames.shape[2] < 1:
+        raise ValueError(f"{path}: 'images' has an empty spatial size {frames.shape[1:3]}")
+    if frames.shape[-1] == 1:
+        frames = np.repeat(frames, 3, axis=-1)
+    return frames
+
+
+def _float_to_uint8(path: Path, images: np.ndarray, normalized: Optional[bool]) -> np.ndarray:
+    if not np.isfinite(images).all():
+        bad = int((~np.isfinite(images)).any(axis=(1, 2, 3)).sum())
+        raise ValueError(f"{path}: 'images' contains NaN or infinite values (in {bad} image(s))")
+    if normalized is None:
+        normalized = bool(images.min() < -1e-3 or images.max() > 1.0 + 1e-3)
+    if normalized:
+        channels = images.shape[1]
+        mean = np.asarray(IMAGENET_MEAN, np.float32)[:channels].reshape(1, channels, 1, 1)
+        std = np.asarray(IMAGENET_STD, np.float32)[:channels].reshape(1, channels, 1, 1)
+        images = images * std + mean
+        if images.min() < -0.05 or images.max() > 1.05:
+            raise ValueError(f"{path}: float 'images' are neither in [0, 1] nor ImageNet-normalised "
+                             f"(range after de-normalising: [{images.min():.3g}, {images.max():.3g}])")
+    uint8 = np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(np.moveaxis(uint8, 1, -1))
+
+
+def _npz_labels(path: Path, labels: Optional[np.ndarray], n: int) -> Optional[np.ndarray]:
+    if labels is None:
+        return None
+    labels = np.asarray(labels)
+    if labels.shape != (n,):
+        raise ValueError(f"{path}: 'labels' must have shape ({n},) to match 'images', got {labels.shape}")
+    if np.issubdtype(labels.dtype, np.floating):
+        if not np.isfinite(labels).all():
+            raise ValueError(f"{path}: 'labels' contains NaN or infinite values")
+        if (labels != np.round(labels)).any():
+            raise ValueError(f"{path}: 'labels' must be integers")
+    elif not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{path}: 'labels' must be integers, got dtype {labels.dtype}")
+    if (labels < 0).any():
+        raise ValueError(f"{path}: 'labels' must be >= 0")
+    return labels.astype(np.int64)
