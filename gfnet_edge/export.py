@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -81,7 +82,10 @@ def export_graph(
     P = model.spec.patch_size
     names = graph.output_names
     buf = io.BytesIO()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # the TorchScript exporter is deprecated in favour of dynamo (which needs onnxscript);
+        # it still produces the plain opset-17 graphs TensorRT 10.3 parses
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
             graph, (torch.zeros(1, 3, P, P),), buf,
             input_names=[INPUT], output_names=names,

@@ -1,0 +1,162 @@
+"""Runtime: parity with the reference trace for every family, early exit, compaction, inputs."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from gfnet_edge import evaluate as ev
+from gfnet_edge.build import BuildConfig, build_bundle
+from gfnet_edge.bundle import Bundle
+from gfnet_edge.errors import InputError, UnavailableError
+from gfnet_edge.models import GFNet, save_checkpoint
+from gfnet_edge.runtime import Runtime
+from gfnet_edge.variants import released_spec
+
+FAMILIES = ["mobilenetv3_large_100", "regnety_600m", "densenet121", "efficientnet_b2", "resnet50"]
+
+
+def _bundle(tmp_path_factory, name, P=None, budgets=None):
+    torch.manual_seed(0)
+    model = GFNet(released_spec(name, P))
+    with torch.no_grad():
+        model.policy.actor[0].weight.mul_(50)  # spread the patches of a random policy
+    d = tmp_path_factory.mktemp(name)
+    ck = save_checkpoint(d / "m.pth.tar", model)
+    b = build_bundle(ck, d / "bundle", BuildConfig(precision="fp32", backend="onnxruntime", include_checkpoint=True),
+                     progress=False)
+    if budgets:
+        b.update_manifest(lambda m: m["budgets"].update(budgets))
+    return model, b
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_fp32_trace_equals_reference(tmp_path_factory, name):
+    model, bundle = _bundle(tmp_path_factory, name)
+    S = model.spec.image_size
+    x = torch.randn(3, 3, S, S)
+    ref = model.trace(x)
+    with Runtime(bundle, backend="onnxruntime", precision="fp32") as rt:
+        tr = rt.trace(x.numpy())
+    assert tr.probs.shape == tuple(ref.probs.shape)
+    np.testing.assert_allclose(tr.probs, ref.probs.numpy(), rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(tr.coords, ref.coords.numpy())
+
+
+@pytest.fixture(scope="module")
+def mnv3(tmp_path_factory):
+    return _bundle(tmp_path_factory, "mobilenetv3_large_100")
+
+
+def _thresholds_for(probs, p):
+    return [float(t) for t in ev.fit_thresholds(probs, ev.exit_fractions(p, probs.shape[0]))]
+
+
+def test_early_exit_matches_reference_evaluation(mnv3):
+    model, bundle = mnv3
+    torch.manual_seed(1)
+    x = torch.randn(24, 3, 224, 224)
+    ref = model.trace(x)
+    probs = ref.probs.numpy()
+    thr = _thresholds_for(probs, 1.0)
+    assert thr[0] < 1e7  # some images exit early
+    bundle.update_manifest(lambda m: m["budgets"].update({"mid": {"thresholds": thr}}))
+    expected = ev.dynamic_evaluate(probs, np.zeros(24, int), [1, 2, 3], thr)
+    with Runtime(bundle.root, backend="onnxruntime", precision="fp32", budget="mid") as rt:
+        calls = []
+        run = rt.runner.run
+
+        def counting(graph, image):
+            calls.append((graph, image.shape[0]))
+            return run(graph, image)
+
+        rt.runner.run = counting
+        pred = rt.predict(x.numpy())
+    np.testing.assert_array_equal(pred.exit_step, expected.exit_step)
+    np.testing.assert_array_equal(pred.classes, expected.prediction)
+    # compaction: focus step t only sees images that had not exited before it
+    focus = [n for g, n in calls if g == "focus"]
+    assert focus == [int((expected.exit_step >= t).sum()) for t in (1, 2) if (expected.exit_step >= t).any()]
+    # boxes: one P x P box per focus step actually run, at the reference coordinates
+    for i in range(24):
+        boxes = pred.boxes(i)
+        assert len(boxes) == expected.exit_step[i]
+        for t, (r, c, r2, c2) in enumerate(boxes):
+            assert (r, c) == tuple(ref.coords[t, i].tolist()) and (r2 - r, c2 - c) == (96, 96)
+
+
+def test_uint8_frames_and_float_inputs_agree(mnv3):
+    _, bundle = mnv3
+    from gfnet_edge import ops
+
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (240, 320, 3), dtype=np.uint8) for _ in range(3)]
+    with Runtime(bundle, backend="onnxruntime", precision="fp32") as rt:
+        a = rt.predict(frames)
+        images = ops.preprocess(frames, 224, crop_pct=0.875, interpolation="bilinear")
+        b = rt.predict(images)
+        single = rt.predict(frames[0])
+    np.testing.assert_array_equal(a.classes, b.classes)
+    np.testing.assert_allclose(a.confidence, b.confidence, rtol=1e-6)
+    assert len(single) == 1 and single.classes[0] == a.classes[0]
+
+
+def test_deterministic_and_thread_safe(mnv3):
+    _, bundle = mnv3
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 3, 224, 224)).astype(np.float32)
+    with Runtime(bundle, backend="onnxruntime", precision="fp32") as rt:
+        first = rt.trace(x)
+        again = rt.trace(x)
+        assert np.array_equal(first.probs, again.probs) and np.array_equal(first.coords, again.coords)
+        results = [None] * 4
+
+        def work(i):
+            results[i] = rt.predict(x)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        single = rt.predict(x)
+    for r in results:
+        assert np.array_equal(r.classes, single.classes) and np.array_equal(r.confidence, single.confidence)
+
+
+def test_torch_backend_matches_onnxruntime(mnv3):
+    _, bundle = mnv3
+    x = np.random.default_rng(4).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    with Runtime(bundle, backend="torch") as a, Runtime(bundle, backend="onnxruntime", precision="fp32") as b:
+        ta, tb = a.trace(x), b.trace(x)
+    np.testing.assert_allclose(ta.probs, tb.probs, atol=1e-4)
+    np.testing.assert_array_equal(ta.coords, tb.coords)
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (np.zeros((2, 3, 100, 100), np.float32), InputError, r"\(N, 3, 224, 224\)"),
+    (np.full((1, 3, 224, 224), np.nan, np.float32), InputError, "NaN"),
+    ([np.zeros((10, 10), np.uint8)], InputError, "uint8 HWC"),
+    ([np.zeros((10, 10, 3), np.float64)], InputError, "uint8 HWC"),
+    ([], InputError, "no images"),
+])
+def test_bad_inputs(mnv3, bad, exc, match):
+    _, bundle = mnv3
+    with Runtime(bundle, backend="onnxruntime", precision="fp32") as rt:
+        with pytest.raises(exc, match=match):
+            rt.predict(bad)
+
+
+def test_bad_runtime_options(mnv3, tmp_path):
+    _, bundle = mnv3
+    with pytest.raises(InputError, match="unknown backend"):
+        Runtime(bundle, backend="tflite")
+    with pytest.raises(InputError, match="no budget named"):
+        Runtime(bundle, backend="onnxruntime", budget="nope")
+    with pytest.raises(InputError, match="no 'int8-cpu' graphs"):
+        Runtime(bundle, backend="onnxruntime", precision="int8-cpu")
+    with pytest.raises((UnavailableError, InputError)):
+        Runtime(bundle, backend="tensorrt")  # no TensorRT engines / no TensorRT here
