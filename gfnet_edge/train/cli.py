@@ -1,0 +1,201 @@
+"""``python -m gfnet_edge.train.cli``: trains the demo GFNet and its static baseline.
+
+Example::
+
+    python -m gfnet_edge.train.cli --out runs/demo                 # every stage, then export
+    python -m gfnet_edge.train.cli --out runs/demo --resume        # continue an interrupted run
+    python -m gfnet_edge.train.cli --out runs/demo --stage 2       # one stage (earlier ones must be done)
+
+The run folder holds ``config.json``, one ``<stage>.pt`` per stage (rewritten after every epoch),
+``epochs.jsonl`` (one record per epoch), ``timings.json`` and, after ``export``, the checkpoints
+``demo_gfnet.pth.tar`` / ``demo_static.pth.tar`` and ``demo_results.json`` (copied to
+``--assets`` when given).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+#: ``--stage`` choices -> internal stages, in order.
+STAGE_GROUPS = {
+    "pretrain": ("pre_local", "pre_glance"),
+    "1": ("stage1",),
+    "2": ("bc", "ppo"),
+    "3": ("stage3",),
+    "static": ("static",),
+    "export": (),
+}
+ORDER = ("pre_local", "pre_glance", "stage1", "bc", "ppo", "stage3", "static")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/demo", help="run folder (checkpoints, logs)")
+    p.add_argument("--stage", default="all", choices=["all", *STAGE_GROUPS],
+                   help="stage to run: all, pretrain, 1, 2, 3, static, export (default: all)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoints")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--backbone", default=None, help="demo backbone: r16, r24, r32 (default: the config's)")
+    p.add_argument("--seed", type=int, default=None, help="master seed (default 0)")
+    p.add_argument("--tiny", action="store_true", help="a few iterations on a handful of images (smoke test)")
+    p.add_argument("--assets", default=None, help="copy the exported checkpoints and results here (e.g. gfnet_edge/assets)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                   help="override a config field, e.g. --set stage1.epochs=2 --set dsn_ratio=0.5")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Registers ``gfnet-edge train`` (the lead wires it into the CLI's PARSERS list)."""
+    p = subparsers.add_parser(
+        "train", help="train the demo GFNet (cluttered digits, CPU)",
+        description="Train the demo GFNet on the cluttered-digits task: pretrain, stages 1-3, static baseline, export.",
+    )
+    add_arguments(p)
+    p.set_defaults(func=lambda args: run(args))
+    return p
+
+
+def _apply_overrides(cfg, items: List[str]):
+    for item in items:
+        key, _, val = item.partition("=")
+        if not _:
+            raise SystemExit(f"--set needs KEY=VALUE, got {item!r}")
+        obj, *rest = key.split(".")
+        value = json.loads(val)
+        if rest:
+            setattr(getattr(cfg, obj), rest[0], value)
+        else:
+            if not hasattr(cfg, obj):
+                raise SystemExit(f"unknown config field {obj!r}")
+            setattr(cfg, obj, value)
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .config import TrainConfig, tiny_config
+    from .data import load_split
+    from .stages import Run
+
+    torch.set_num_threads(max(1, args.threads))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "config.json"
+    if args.resume and cfg_path.exists():
+        cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
+    else:
+        cfg = tiny_config() if args.tiny else TrainConfig()
+        if args.backbone:
+            cfg.backbone = args.backbone
+        if args.seed is not None:
+            cfg.seed = args.seed
+        cfg = _apply_overrides(cfg, args.set)
+    cfg.threads = args.threads
+    cfg_path.write_text(cfg.dumps())
+    progress = not args.no_progress
+    log_file = open(out / "train.txt", "a")
+
+    def log(msg: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {msg}"
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    t0 = time.time()
+    dcfg = cfg.data()
+    cfg_path.write_text(cfg.dumps())
+    train = load_split("train", cfg.train_size, config=dcfg, progress=progress)
+    val = load_split("val", cfg.val_size, config=dcfg, progress=progress)
+    test = load_split("test", cfg.test_size, config=dcfg, progress=progress) if args.stage in ("all", "export") else None
+    log(f"data config key {dcfg.key()}")
+    log(f"data: train {len(train)}, val {len(val)} ({time.time() - t0:.0f} s)")
+    runner = Run(out, cfg, train, val, progress=progress, log=log)
+    stages = ORDER if args.stage == "all" else STAGE_GROUPS[args.stage]
+    # Load the weights of the last finished stage before the requested ones.
+    first = ORDER.index(stages[0]) if stages else len(ORDER)
+    for name in reversed(ORDER[:first]):
+        if runner.load_stage(name):
+            log(f"loaded weights after stage {name}")
+            break
+    else:
+        if first > 0 and args.stage != "all":
+            log(f"warning: no earlier stage finished in {out}; stage {args.stage} starts from random weights")
+    resume = args.resume or args.stage != "all"
+    for name in stages:
+        t = time.time()
+        if name in ("stage1", "bc", "ppo", "stage3"):
+            runner.build_glance_cache()
+        {"pre_local": runner.pre_local, "pre_glance": runner.pre_glance, "stage1": runner.stage1, "bc": runner.bc,
+         "ppo": runner.ppo, "stage3": runner.stage3, "static": runner.static_stage}[name](resume=resume)
+        log(f"stage {name} finished in {(time.time() - t) / 60:.1f} min (this process)")
+    timings = {k: round(v / 60, 2) for k, v in runner.timings.items()}
+    (out / "timings.json").write_text(json.dumps(timings, indent=1))
+    log(f"training minutes per stage: {timings}")
+    if args.stage in ("all", "export"):
+        export(runner, cfg, test, out, Path(args.assets) if args.assets else None, log, progress)
+    log(f"total {(time.time() - t0) / 60:.1f} min")
+    log_file.close()
+    return 0
+
+
+def export(runner, cfg, test, out: Path, assets: Optional[Path], log, progress: bool) -> None:
+    """Measures the trained models and writes the shipped checkpoints (+ results JSON)."""
+    import torch
+
+    from ..models.checkpoint import load_checkpoint, save_checkpoint
+    from ..models.macs import count_static_macs
+    from .config import BACKBONES
+    from .data import load_split
+    from .evaluate_demo import measure, table
+    from .static import load_static, save_static
+
+    t = time.time()
+    model = runner.model.eval()
+    name, kw = BACKBONES[cfg.backbone]
+    data_info = {"task": "cluttered_digits", "config_key": cfg.data().key(), "config": cfg.data_config, "train_size": cfg.train_size,
+                 "val_size": cfg.val_size, "test_size": cfg.test_size}
+    # Measure on the fp16-rounded weights the files hold: write, reload, measure, rewrite with metadata.
+    gpath, spath = out / "demo_gfnet.pth.tar", out / "demo_static.pth.tar"
+    save_checkpoint(gpath, model, metadata={}, half=True)
+    save_static(spath, runner.static, name, kw, model.spec.num_classes, model.spec.image_size, half=True)
+    gm = load_checkpoint(gpath)
+    sm, smeta = load_static(spath)
+    res = measure(gm, sm, smeta["macs"], runner.val, test, seed=cfg.seed, progress=progress, log=log)
+    res["gfnet_checkpoint"], res["static_checkpoint"] = gpath.name, spath.name
+    res["training_minutes"] = {k: round(v / 60, 2) for k, v in runner.timings.items()}
+    meta = {
+        "anytime_classification": res["anytime_accuracy"],
+        "dynamic_threshold": res["dynamic_threshold"],
+        "budgeted_batch_classification": res["budgeted_batch_classification"],
+        "demo_data": data_info,
+        "demo_results": {k: v for k, v in res.items() if k not in ("dynamic_threshold", "budgeted_batch_classification")},
+        "train_config": json.loads(cfg.dumps()),
+    }
+    save_checkpoint(gpath, gm, metadata=meta, half=True)
+    save_static(spath, sm, name, kw, model.spec.num_classes, model.spec.image_size, half=True,
+                metadata={"test_accuracy": res["static_accuracy"], "demo_data": data_info,
+                          "macs": int(count_static_macs(sm, model.spec.image_size))})
+    (out / "demo_results.json").write_text(json.dumps(res, indent=1) + "\n")
+    log("results:\n" + table(res))
+    log(f"export + evaluation {(time.time() - t) / 60:.1f} min")
+    if assets:
+        assets.mkdir(parents=True, exist_ok=True)
+        for f in (gpath, spath, out / "demo_results.json"):
+            shutil.copy2(f, assets / f.name)
+        log(f"copied checkpoints and results to {assets}")
+    del torch
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m gfnet_edge.train.cli", description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

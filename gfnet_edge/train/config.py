@@ -1,0 +1,135 @@
+"""Settings of the demo GFNet training (cluttered digits, 2 CPU cores).
+
+Every stage has an iteration budget (``epochs x iters``) and a wall-clock cap in minutes; a
+stage stops at whichever comes first and records which (the cap only matters on a machine much
+slower than the one the defaults were tuned on).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+from ..variants import GFNetSpec
+
+#: Backbones the demo knows (timm name, kwargs). ``r16``/``r32`` are ResNet-18 layouts at 1/4
+#: and 1/2 width: plain 3x3 convs train fastest per multiply-add on a CPU.
+BACKBONES: Dict[str, Tuple[str, Dict[str, Any]]] = {
+    "r16": ("resnet18", {"channels": [16, 32, 64, 128], "stem_width": 16}),
+    "r24": ("resnet18", {"channels": [24, 48, 96, 192], "stem_width": 24}),
+    "r32": ("resnet18", {"channels": [32, 64, 128, 256], "stem_width": 32}),
+}
+
+
+def demo_spec(backbone: str = "r16", num_classes: int = 10) -> GFNetSpec:
+    """The GFNet spec of the shipped demo model (custom family, cascaded classifier)."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown demo backbone {backbone!r}; choose one of {sorted(BACKBONES)}")
+    name, kw = BACKBONES[backbone]
+    return GFNetSpec(
+        model_name=f"demo_{name}_{backbone}",
+        family="custom",
+        backbone=name,
+        backbone_kwargs=dict(kw),
+        image_size=224,
+        patch_size=96,
+        steps=3,
+        num_classes=num_classes,
+        glance_interpolation="bicubic",
+        policy_conv=True,
+        policy_hidden=256,
+        classifier="cascaded",
+        fc_hidden=None,
+        step0="backbone",
+    ).validate()
+
+
+@dataclass
+class StageBudget:
+    """Iterations of one stage: ``epochs`` checkpoints of ``iters`` batches each, and a cap."""
+
+    epochs: int
+    iters: int
+    batch: int
+    lr: float
+    minutes: float
+
+
+@dataclass
+class TrainConfig:
+    """All settings of one training run (saved as ``config.json`` in the run folder)."""
+
+    backbone: str = "r16"
+    seed: int = 0
+    threads: int = 1
+    train_size: int = 4000
+    val_size: int = 500
+    test_size: int = 1000
+    # stage 0: local encoder on digit-centred crops, then glance encoder on glances
+    pre_local: StageBudget = field(default_factory=lambda: StageBudget(18, 50, 64, 2e-3, 10.0))
+    pre_glance: StageBudget = field(default_factory=lambda: StageBudget(2, 30, 64, 1e-3, 3.0))
+    crop_jitter: int = 28  # max offset (px) of the crop centre from the digit centre (last epochs)
+    #: Curriculum of the local pre-training, one entry per epoch: [crop side, jitter, batch].
+    #: Small digit-centred crops first (cheap, little clutter: learns in minutes where 96 px
+    #: crops stay at chance), then the patch size. ``None``: P-sized crops, ``crop_jitter``.
+    pre_local_schedule: Optional[list] = field(default_factory=lambda: [
+        [48, 4, 64]] * 10 + [[64, 10, 64]] * 4 + [[96, 24, 64]] * 4)
+    glance_bc_weight: float = 5.0  # weight of the policy warm-start loss during glance training
+    # stage 1: random patches; stage 3: patches from the sampled policy
+    stage1: StageBudget = field(default_factory=lambda: StageBudget(3, 25, 32, 1e-3, 4.0))
+    stage3: StageBudget = field(default_factory=lambda: StageBudget(3, 20, 32, 5e-4, 4.0))
+    dsn_ratio: float = 1.0
+    # stage 2: policy warm start (behaviour cloning on digit boxes) then PPO
+    bc: StageBudget = field(default_factory=lambda: StageBudget(1, 25, 64, 1e-3, 1.5))
+    ppo: StageBudget = field(default_factory=lambda: StageBudget(3, 15, 64, 3e-4, 2.5))
+    gamma: float = 0.7
+    clip: float = 0.2
+    action_std: float = 0.1
+    # static baseline: the same backbone on full S x S images
+    static: StageBudget = field(default_factory=lambda: StageBudget(3, 30, 16, 1e-3, 6.0))
+    weight_decay: float = 0.05
+    #: The cluttered-digits generator config, pinned when the run starts (``None``: current defaults).
+    data_config: Optional[Dict[str, Any]] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+        d = dict(d)
+        for k, v in list(d.items()):
+            if isinstance(v, dict) and k in cls.__dataclass_fields__ and k != "data_config":
+                d[k] = StageBudget(**v)
+        return cls(**d)
+
+    def data(self):
+        """The pinned :class:`ClutteredDigitsConfig` (pins the current defaults on first use)."""
+        from dataclasses import asdict as _asdict
+
+        from ..data.cluttered_digits import ClutteredDigitsConfig
+
+        if self.data_config is None:
+            self.data_config = json.loads(json.dumps(_asdict(ClutteredDigitsConfig())))
+        return data_config_from_dict(self.data_config)
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def tiny_config(**kw: Any) -> TrainConfig:
+    """A few iterations of every stage on a handful of images (tests)."""
+    b = lambda lr=1e-3: StageBudget(2, 2, 4, lr, 5.0)  # noqa: E731
+    cfg = TrainConfig(
+        backbone="r16", train_size=24, val_size=16, test_size=16,
+        pre_local=b(3e-3), pre_local_schedule=None, pre_glance=b(), stage1=b(), stage3=b(), bc=b(), ppo=b(3e-4), static=StageBudget(2, 2, 2, 1e-3, 5.0),
+    )
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def data_config_from_dict(d: Dict[str, Any]):
+    """A :class:`ClutteredDigitsConfig` from its JSON form (lists back to tuples)."""
+    from ..data.cluttered_digits import ClutteredDigitsConfig
+
+    return ClutteredDigitsConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})

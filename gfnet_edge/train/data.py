@@ -1,0 +1,121 @@
+"""Demo data in memory: uint8 frames of the cluttered-digits splits, normalised per batch."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..data.cluttered_digits import ClutteredDigits, ClutteredDigitsConfig, normalize
+
+
+@dataclass
+class Split:
+    """One split held in memory.
+
+    Attributes:
+        frames: uint8 (N, S, S, 3).
+        labels: int64 (N,).
+        boxes: int32 (N, 4) digit ink box (row, col, h, w).
+        large: bool (N,) size class.
+    """
+
+    frames: np.ndarray
+    labels: np.ndarray
+    boxes: np.ndarray
+    large: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def centres(self, idx: np.ndarray) -> np.ndarray:
+        """Digit centres (row, col) as float (n, 2)."""
+        b = self.boxes[idx].astype(np.float32)
+        return np.stack([b[:, 0] + b[:, 2] / 2, b[:, 1] + b[:, 3] / 2], 1)
+
+
+def load_split(split: str, n: int, config: Optional[ClutteredDigitsConfig] = None, workers: int = 2,
+               progress: bool = True) -> Split:
+    """The first ``n`` samples of ``split`` (generated once, then read from the ``.npz`` cache)."""
+    ds = ClutteredDigits(split, size=n, config=config)
+    # Samples are pure functions of their index: a cached larger set holds the first n exactly.
+    bigger = _larger_cache(ds, n)
+    if bigger is not None:
+        with np.load(bigger) as d:
+            return Split(d["images"][:n], d["labels"][:n], d["boxes"][:n], d["large"][:n])
+    frames, labels = ds.arrays(workers=workers, progress=progress)
+    boxes, large = ds.boxes(workers=workers, progress=progress)
+    return Split(frames, labels, boxes, large)
+
+
+def _larger_cache(ds: ClutteredDigits, n: int):
+    """The smallest cached ``.npz`` of the same split and config with at least ``n`` samples."""
+    if ds.cache_path(n).is_file():
+        return None
+    best = None
+    for p in ds.cache_dir.glob(f"cluttered_digits_{ds.split}_*_{ds.config.key()}.npz"):
+        try:
+            m = int(p.name.split("_")[3])
+        except (IndexError, ValueError):
+            continue
+        if m >= n and (best is None or m < best[0]):
+            best = (m, p)
+    return best[1] if best else None
+
+
+def to_tensor(frames: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> normalised float32 (N, 3, H, W) (the dataset's ``normalize``)."""
+    return torch.from_numpy(normalize(frames))
+
+
+def crop_uint8(frames: np.ndarray, coords: np.ndarray, patch: int) -> np.ndarray:
+    """P x P windows of uint8 frames at integer top-left ``coords`` (n, 2) (row, col)."""
+    out = np.empty((len(frames), patch, patch, 3), dtype=np.uint8)
+    for k, (r, c) in enumerate(coords):
+        out[k] = frames[k, r:r + patch, c:c + patch]
+    return out
+
+
+def centred_coords(centres: np.ndarray, image_size: int, patch: int, jitter: int,
+                   rng: Optional[np.random.Generator]) -> np.ndarray:
+    """Top-left of P x P windows around ``centres`` with a uniform offset in [-jitter, jitter]."""
+    c = centres - patch / 2
+    if rng is not None and jitter > 0:
+        c = c + rng.integers(-jitter, jitter + 1, size=c.shape)
+    return np.clip(np.rint(c), 0, image_size - patch).astype(np.int64)
+
+
+def target_actions(centres: np.ndarray, image_size: int, patch: int) -> np.ndarray:
+    """The action (fractions of S - P) whose patch is centred on the digit, clipped to [0, 1]."""
+    return np.clip((centres - patch / 2) / (image_size - patch), 0.0, 1.0).astype(np.float32)
+
+
+class Batches:
+    """An endless, seeded stream of index batches (a fresh permutation per pass).
+
+    The generator state is part of the training checkpoint, so a resumed run draws the same
+    batches as an uninterrupted one.
+    """
+
+    def __init__(self, n: int, batch: int, seed: int) -> None:
+        self.n, self.batch = n, batch
+        self.rng = np.random.default_rng(seed)
+        self.perm = self.rng.permutation(n)
+        self.pos = 0
+
+    def next(self) -> np.ndarray:
+        if self.pos + self.batch > self.n:
+            self.perm = self.rng.permutation(self.n)
+            self.pos = 0
+        b = self.perm[self.pos:self.pos + self.batch]
+        self.pos += self.batch
+        return np.sort(b)
+
+    def state(self) -> dict:
+        return {"rng": self.rng.bit_generator.state, "perm": self.perm.tolist(), "pos": self.pos}
+
+    def load(self, s: dict) -> None:
+        self.rng.bit_generator.state = s["rng"]
+        self.perm = np.asarray(s["perm"], dtype=np.int64)
+        self.pos = int(s["pos"])

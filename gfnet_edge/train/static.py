@@ -1,0 +1,77 @@
+"""The static baseline checkpoint: one timm backbone on full S x S images.
+
+Format (a plain dict of tensors and built-in values, readable with ``weights_only=True``)::
+
+    {"format": "gfnet_edge_static_v1", "model_name", "backbone", "backbone_kwargs",
+     "num_classes", "image_size", "mean", "std", "state_dict" (fp16 or fp32 tensors),
+     "macs" (multiply-adds per image), "test_accuracy", ...}
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..models.backbones import _create_timm
+from ..models.checkpoint import CheckpointError, read_checkpoint_dict  # noqa: F401  (re-exported errors)
+from ..models.macs import count_static_macs
+from ..variants import IMAGENET_MEAN, IMAGENET_STD
+
+FORMAT = "gfnet_edge_static_v1"
+
+
+def save_static(path: os.PathLike, net: nn.Module, backbone: str, backbone_kwargs: Dict[str, Any], num_classes: int,
+                image_size: int = 224, metadata: Optional[Dict[str, Any]] = None, half: bool = True) -> Path:
+    """Writes the static baseline (atomically); ``macs`` is counted unless given in ``metadata``."""
+    sd = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    if half:
+        sd = {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}
+    was = net.training
+    net.eval()
+    macs = count_static_macs(net, image_size)
+    net.train(was)
+    ck: Dict[str, Any] = {
+        "format": FORMAT, "model_name": f"static_{backbone}", "backbone": backbone,
+        "backbone_kwargs": {k: (list(v) if isinstance(v, tuple) else v) for k, v in backbone_kwargs.items()},
+        "num_classes": int(num_classes), "image_size": int(image_size),
+        "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "state_dict": sd, "macs": int(macs),
+    }
+    ck.update(metadata or {})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
+    os.close(fd)
+    try:
+        torch.save(ck, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_static(path: os.PathLike) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Reads a static baseline: ``(model in eval mode, float32; metadata without the weights)``.
+
+    Raises:
+        CheckpointError: unreadable file or not a static-baseline checkpoint.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: static checkpoint not found")
+    try:
+        ck = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{p}: not a readable torch checkpoint: {exc}") from exc
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        raise CheckpointError(f"{p}: not a gfnet-edge static baseline (format {FORMAT!r})")
+    net = _create_timm(ck["backbone"], ck["num_classes"], **ck["backbone_kwargs"])
+    net.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in ck["state_dict"].items()})
+    net.eval()
+    meta = {k: v for k, v in ck.items() if k != "state_dict"}
+    return net, meta

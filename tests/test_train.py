@@ -1,0 +1,152 @@
+"""Smoke tests of the demo training (tiny sizes, a few iterations of every stage; < 60 s)."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("timm")
+pytest.importorskip("sklearn")
+
+from gfnet_edge.models.checkpoint import load_checkpoint, read_checkpoint_dict  # noqa: E402
+from gfnet_edge.train import cli  # noqa: E402
+from gfnet_edge.train.config import StageBudget, demo_spec, tiny_config  # noqa: E402
+from gfnet_edge.train.data import Batches, centred_coords, load_split, target_actions  # noqa: E402
+from gfnet_edge.train.stages import Run  # noqa: E402
+from gfnet_edge.train.static import load_static  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One generated-data cache for the module (the tiny splits are rendered once)."""
+    d = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("GFNET_EDGE_CACHE")
+    os.environ["GFNET_EDGE_CACHE"] = str(d)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is fastest, and the test may share the CPU
+    cfg = tiny_config()
+    for split, n in (("train", cfg.train_size), ("val", cfg.val_size), ("test", cfg.test_size)):
+        load_split(split, n, config=cfg.data(), progress=False)
+    yield d
+    torch.set_num_threads(threads)
+    if old is None:
+        os.environ.pop("GFNET_EDGE_CACHE", None)
+    else:
+        os.environ["GFNET_EDGE_CACHE"] = old
+
+
+def _tiny_run(tmp_path, n_train=8, **kw):
+    cfg = tiny_config(train_size=n_train, **kw)
+    dcfg = cfg.data()
+    train = load_split("train", cfg.train_size, config=dcfg, progress=False)
+    val = load_split("val", cfg.val_size, config=dcfg, progress=False)
+    return Run(tmp_path / "run", cfg, train, val, progress=False, log=lambda s: None)
+
+
+def _history(run, stage):
+    return torch.load(run.stage_path(stage), map_location="cpu", weights_only=False)["history"]
+
+
+def test_demo_spec_is_valid():
+    spec = demo_spec("r16")
+    assert (spec.image_size, spec.patch_size, spec.steps, spec.num_classes) == (224, 96, 3, 10)
+    assert spec.classifier == "cascaded" and spec.step0 == "backbone" and spec.family == "custom"
+    with pytest.raises(ValueError):
+        demo_spec("nope")
+
+
+def test_helpers():
+    c = np.array([[10.0, 200.0], [112.0, 112.0]])
+    xy = centred_coords(c, 224, 96, 0, None)
+    assert xy.tolist() == [[0, 128], [64, 64]]
+    a = target_actions(c, 224, 96)
+    assert a.min() >= 0 and a.max() <= 1 and np.allclose(a[1], 0.5)
+    b = Batches(10, 4, 0)
+    first = [b.next() for _ in range(3)]
+    state = b.state()
+    more = [b.next() for _ in range(3)]
+    b2 = Batches(10, 4, 0)
+    b2.load(state)
+    assert all((x == y).all() for x, y in zip(more, [b2.next() for _ in range(3)]))
+    assert all(len(x) == 4 for x in first)
+
+
+def test_losses_decrease(tmp_path, cache):
+    # One fixed batch (8 images, batch 8), no crop jitter: the loss must go down.
+    run = _tiny_run(tmp_path, crop_jitter=0, pre_local=StageBudget(1, 12, 8, 3e-3, 5.0),
+                    static=StageBudget(1, 2, 4, 2e-3, 5.0))
+    run.pre_local(resume=False)
+    h = _history(run, "pre_local")
+    first_loss = h[0]["loss"]
+    # compare the first and last iterations through a second short run from the trained weights
+    run.cfg.pre_local = StageBudget(1, 3, 8, 1e-4, 5.0)
+    run.pre_local(resume=False)
+    assert _history(run, "pre_local")[0]["loss"] < first_loss
+    run.static_stage(resume=False)
+    assert np.isfinite(_history(run, "static")[0]["loss"])
+
+
+def test_resume_matches_uninterrupted(tmp_path, cache, monkeypatch):
+    budget = StageBudget(2, 3, 4, 2e-3, 5.0)
+    a = _tiny_run(tmp_path / "a", pre_local=budget)
+    a.pre_local(resume=False)
+    want = {k: v.clone() for k, v in a.model.model.state_dict().items()}
+
+    b = _tiny_run(tmp_path / "b", pre_local=budget)
+    calls = {"n": 0}
+    real = torch.optim.AdamW.step
+
+    def flaky(self, *args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 5:  # dies in the second epoch, after the first checkpoint
+            raise KeyboardInterrupt
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        b.pre_local(resume=False)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real)
+    ck = torch.load(b.stage_path("pre_local"), map_location="cpu", weights_only=False)
+    assert ck["epoch"] == 1 and not ck["done"]
+    c = _tiny_run(tmp_path / "b", pre_local=budget)  # a fresh process
+    c.pre_local(resume=True)
+    got = c.model.model.state_dict()
+    for k, v in want.items():
+        assert torch.allclose(v.float(), got[k].float(), atol=1e-6), k
+
+
+def test_every_stage_and_export(tmp_path, cache):
+    out = tmp_path / "demo"
+    assets = tmp_path / "assets"
+    rc = cli.main(["--out", str(out), "--tiny", "--no-progress", "--threads", "1", "--assets", str(assets)])
+    assert rc == 0
+    for stage in ("pre_local", "pre_glance", "stage1", "bc", "ppo", "stage3", "static"):
+        ck = torch.load(out / f"{stage}.pt", map_location="cpu", weights_only=False)
+        assert ck["done"], stage
+        assert all(np.isfinite(v) for r in ck["history"] for v in r.values() if isinstance(v, float)), stage
+    records = [json.loads(line) for line in (out / "epochs.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in records} >= {"pre_local", "stage1", "ppo", "stage3", "static"}
+
+    # released-format checkpoint round trip with the metadata the toolkit reads
+    model = load_checkpoint(assets / "demo_gfnet.pth.tar")
+    T = model.spec.steps
+    raw = read_checkpoint_dict(assets / "demo_gfnet.pth.tar")
+    assert all(v.dtype == torch.float16 for v in raw["model_state_dict"].values() if v.is_floating_point())
+    assert len(model.meta["anytime_classification"]) == T
+    assert np.asarray(model.meta["dynamic_threshold"]).shape == (39, T)
+    assert len(model.meta["budgeted_batch_classification"]) == 2
+    assert model.meta["missing_metadata"] == []
+    assert raw["demo_data"]["config"] is not None
+
+    net, meta = load_static(assets / "demo_static.pth.tar")
+    assert meta["macs"] > model.meta["flops"][0] and "test_accuracy" in meta
+    assert net(torch.zeros(1, 3, 224, 224)).shape == (1, 10)
+    res = json.loads((assets / "demo_results.json").read_text())
+    assert len(res["anytime_accuracy"]) == T and "targets" in res
+
+    # a finished run resumes as a no-op and re-exports the same weights
+    rc = cli.main(["--out", str(out), "--resume", "--stage", "3", "--no-progress"])
+    assert rc == 0
