@@ -19,7 +19,11 @@ _COMMANDS: Dict[str, Handler] = {}
 
 
 def _fmt_macs(x: float) -> str:
-    return f"{x / 1e6:,.1f}M"
+    if x >= 1e9:
+        return f"{x / 1e9:,.2f}G"
+    if x >= 1e5:
+        return f"{x / 1e6:,.1f}M"
+    return f"{x / 1e3:,.1f}K"
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -105,6 +109,7 @@ _EXTRA_PARSERS: List[Callable[[argparse._SubParsersAction], None]] = []
 def _load_extra_commands() -> None:
     import importlib
 
+    _EXTRA_PARSERS.clear()
     for mod in ("gfnet_edge.commands",):
         try:
             m = importlib.import_module(mod)

@@ -119,4 +119,10 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_predict)
 
 
-PARSERS = [_add_build, _add_predict]
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from .train.cli import add_parser
+
+    add_parser(sub)
+
+
+PARSERS = [_add_build, _add_predict, _add_train]

@@ -175,4 +175,5 @@ def manifest_model(model: GFNet) -> Dict[str, object]:
         "feature_dim": s.feature_dim, "fmap_channels": s.fmap_channels,
         "policy_conv": s.policy_conv, "policy_hidden": s.policy_hidden, "fc_hidden": s.fc_hidden,
         "spec": s.to_dict(),
+        "demo_data_config": (getattr(model, "meta", {}).get("demo_data") or {}).get("config"),
     }

@@ -2,6 +2,8 @@
 from gfnet_edge.data.cluttered_digits import (
     ClutteredDigits,
     ClutteredDigitsConfig,
+    config_from_dict,
+    demo_config,
     digit_crops,
     load_digit_source,
     normalize,
@@ -13,6 +15,8 @@ from gfnet_edge.data.images import load_images
 __all__ = [
     "ClutteredDigits",
     "ClutteredDigitsConfig",
+    "config_from_dict",
+    "demo_config",
     "digit_crops",
     "load_digit_source",
     "load_images",

@@ -776,3 +776,28 @@ def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="img")
+
+
+def config_from_dict(d: Dict[str, Any]) -> ClutteredDigitsConfig:
+    """A :class:`ClutteredDigitsConfig` from its JSON form (lists back to tuples)."""
+    return ClutteredDigitsConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+
+
+def demo_config(source: Any) -> Optional[ClutteredDigitsConfig]:
+    """The generator config a demo model was trained on, if ``source`` records one.
+
+    Args:
+        source: a loaded GFNet (``meta["demo_data"]``), a checkpoint dict (``demo_data``), or a
+            bundle manifest / its ``model`` entry (``demo_data_config``).
+
+    Returns:
+        The config, or ``None`` (then the generator's defaults apply).
+    """
+    d = None
+    meta = getattr(source, "meta", None)
+    if isinstance(meta, dict):
+        d = (meta.get("demo_data") or {}).get("config")
+    elif isinstance(source, dict):
+        d = (source.get("demo_data") or {}).get("config") if isinstance(source.get("demo_data"), dict) else None
+        d = d or source.get("demo_data_config") or (source.get("model") or {}).get("demo_data_config")
+    return config_from_dict(d) if d else None

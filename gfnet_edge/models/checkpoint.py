@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -47,15 +48,23 @@ def read_checkpoint_dict(path: PathLike) -> Dict[str, Any]:
         raise CheckpointError(f"{p}: not a file")
     if p.stat().st_size == 0:
         raise CheckpointError(f"{p}: checkpoint file is empty")
+    if not zipfile.is_zipfile(p):
+        with open(p, "rb") as f:
+            head = f.read(2)
+        if not head.startswith(b"\x80"):  # neither torch's zip format nor a legacy pickle
+            raise CheckpointError(f"{p}: not a readable torch checkpoint (truncated or corrupt?): unknown file format")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for bad files
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        text = str(exc)
+        if "Unsupported global" in text or "GLOBAL" in text:
+            what = next((ln.strip() for ln in text.splitlines() if "Unsupported global" in ln), "a non-tensor object")
             raise CheckpointError(
-                f"{p}: refuses to unpickle objects other than tensors and plain containers ({msg})"
+                f"{p}: refuses to unpickle objects other than tensors and plain containers ({what})"
             ) from exc
-        raise CheckpointError(f"{p}: not a readable torch checkpoint (truncated or corrupt?): {msg}") from exc
+        msg = next((ln.strip() for ln in text.splitlines() if ln.strip() and "Weights only load failed" not in ln
+                    and "weights_only" not in ln), type(exc).__name__)
+        raise CheckpointError(f"{p}: not a readable torch checkpoint (truncated or corrupt?): {msg[:200]}") from exc
     if not isinstance(obj, dict):
         raise CheckpointError(f"{p}: expected a dict checkpoint, found {type(obj).__name__}")
     missing = [k for k in STATE_KEYS if k not in obj]
@@ -200,6 +209,8 @@ def load_checkpoint(
     _load_into(model.policy, policy_sd, "policy", spec.model_name)
     meta = {k: ck[k] for k in METADATA_KEYS if k in ck}
     meta["missing_metadata"] = [k for k in METADATA_KEYS if k not in ck]
+    if isinstance(ck.get("demo_data"), dict):  # demo models record their data generator's config
+        meta["demo_data"] = ck["demo_data"]
     meta["source"] = str(path)
     model.meta = meta
     model.eval()

@@ -1,0 +1,123 @@
+"""Bad input through the CLI: a clear one-line error, a non-zero exit, nothing half-written."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from gfnet_edge.cli import main
+
+DEMO = Path(__file__).resolve().parents[1] / "gfnet_edge" / "assets" / "demo_gfnet.pth.tar"
+
+
+def run(argv, capsys):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "bundle"
+    assert main(["build-engine", str(DEMO), "-o", str(out), "--precision", "fp32", "--backend", "onnxruntime", "-q"]) == 0
+    return out
+
+
+@pytest.fixture()
+def image_dir(tmp_path):
+    from PIL import Image
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (240, 260, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return d
+
+
+def test_predict_happy_path(bundle, image_dir, capsys):
+    code, out, err = run(["predict", bundle, image_dir, "--json"], capsys)
+    assert code == 0, err
+    rows = json.loads(out)
+    assert len(rows) == 2 and all(0 <= r["class"] < 10 and 0 <= r["exit_step"] <= 2 for r in rows)
+
+
+def _garbage(p: Path, data: bytes = b"\x00garbage" * 50) -> Path:
+    p.write_bytes(data)
+    return p
+
+
+def _truncated_demo(tmp: Path) -> Path:
+    data = DEMO.read_bytes()
+    return _garbage(tmp / "trunc.pth.tar", data[: len(data) // 3])
+
+
+CASES = {
+    # name: (argv builder, expected exit code, message fragment)
+    "info_missing": (lambda t, b: ["info", t / "none.pth.tar"], 2, "not found"),
+    "info_garbage": (lambda t, b: ["info", _garbage(t / "g.pth.tar")], 2, "not a readable torch checkpoint"),
+    "info_truncated": (lambda t, b: ["info", _truncated_demo(t)], 2, "truncated or corrupt"),
+    "info_wrong_name": (lambda t, b: ["info", DEMO, "--model-name", "resnet50"], 2, "not 'resnet50'"),
+    "build_missing_ckpt": (lambda t, b: ["build-engine", t / "none.pth.tar", "-o", t / "out", "--precision", "fp32", "--backend", "onnxruntime"], 2, "not found"),
+    "build_corrupt_ckpt": (lambda t, b: ["build-engine", _garbage(t / "g.pth.tar"), "-o", t / "out", "--precision", "fp32", "--backend", "onnxruntime"], 2, "not a readable"),
+    "build_no_output": (lambda t, b: ["build-engine", DEMO, "--precision", "fp32", "--backend", "onnxruntime"], 2, "needs -o"),
+    "build_exists": (lambda t, b: ["build-engine", DEMO, "-o", b, "--precision", "fp32", "--backend", "onnxruntime"], 2, "already exists"),
+    "build_fp16_cpu": (lambda t, b: ["build-engine", DEMO, "-o", t / "out", "--precision", "fp16", "--backend", "onnxruntime"], 2, "fp16 needs the TensorRT backend"),
+    "build_trt_absent": (lambda t, b: ["build-engine", DEMO, "-o", t / "out", "--backend", "tensorrt"], 3, "TensorRT is not available"),
+    "build_bad_opt_level": (lambda t, b: ["build-engine", DEMO, "-o", t / "out", "--opt-level", "9"], 2, "optimisation level"),
+    "build_bad_batch": (lambda t, b: ["build-engine", DEMO, "-o", t / "out", "--max-batch", "0"], 2, "batch"),
+    "build_bundle_wrong_backend": (lambda t, b: ["build-engine", b, "--backend", "onnxruntime"], 2, "only `--backend tensorrt`"),
+    "build_bundle_trt_absent": (lambda t, b: ["build-engine", b, "--backend", "tensorrt"], 3, "TensorRT is not available"),
+    "predict_missing_bundle": (lambda t, b: ["predict", t / "nobundle", t], 2, "bundle not found"),
+    "predict_file_as_bundle": (lambda t, b: ["predict", DEMO, t], 2, "is a directory"),
+    "predict_not_an_image": (lambda t, b: ["predict", b, _garbage(t / "x.png")], 2, "x.png"),
+    "predict_missing_image": (lambda t, b: ["predict", b, t / "nothing.png"], 2, "nothing.png"),
+    "predict_unknown_budget": (lambda t, b: ["predict", b, t, "--budget", "nope"], 2, "no budget named 'nope'"),
+    "predict_missing_graphs": (lambda t, b: ["predict", b, t, "--precision", "int8-tensorrt", "--backend", "onnxruntime"], 2, "no 'int8-tensorrt' graphs"),
+    "predict_torch_no_ckpt": (lambda t, b: ["predict", b, t, "--backend", "torch"], 2, "--include-checkpoint"),
+    "predict_trt_no_engines": (lambda t, b: ["predict", b, t, "--backend", "tensorrt"], 2, "no TensorRT engines"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cli_bad_input(case, bundle, tmp_path, capsys):
+    build, code, frag = CASES[case]
+    (tmp_path / "one.png").write_bytes(b"")  # predict cases need an image argument (unused)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    rc, out, err = run(build(tmp_path, bundle), capsys)
+    assert rc == code, (rc, err)
+    assert err.startswith("gfnet-edge: error:") and frag in err, err
+    assert len(err.strip().splitlines()) == 1, err  # one clear line, no traceback
+    after = sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith((".pth.tar", ".png")))
+    assert [p for p in after if p not in before] == []  # nothing half-written
+    assert not any(p.name.startswith(".") and "partial" in p.name for p in tmp_path.iterdir())
+
+
+def test_tampered_bundle(bundle, tmp_path, capsys, image_dir):
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    onnx = copy / "graphs" / "focus.fp32.onnx"
+    data = bytearray(onnx.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    onnx.write_bytes(bytes(data))
+    rc, _, err = run(["predict", copy, image_dir], capsys)
+    assert rc == 2 and "modified or corrupted" in err
+
+
+def test_truncated_graph_in_bundle(bundle, tmp_path, capsys, image_dir):
+    """A truncated graph whose manifest hash was updated to match still fails with a clear error."""
+    from gfnet_edge.bundle import Bundle
+
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    g = copy / "graphs" / "glance.fp32.onnx"
+    g.write_bytes(g.read_bytes()[:1000])
+    b = Bundle.load(copy, verify=False)
+    b.update_manifest(lambda m: b.add_artifact(m, "graphs/glance.fp32.onnx"))
+    rc, _, err = run(["predict", copy, image_dir], capsys)
+    assert rc == 2 and "ONNX Runtime cannot load this graph" in err
