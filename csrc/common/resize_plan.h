@@ -1,0 +1,126 @@
+// Host-side planning of the antialiased resize + centre crop (shared by CPU and CUDA).
+//
+// Reproduces torchvision's `resize(img_uint8, size, antialias=True)` on CPU, which runs
+// PyTorch's uint8 kernel (the same algorithm as PIL's ImagingResample): per dimension,
+// filter weights in double precision, normalised, then scaled to int16 with a common
+// precision; a horizontal pass rounds to uint8, then a vertical pass rounds again.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "interp.h"
+
+namespace gfn {
+
+/// Int16 filter taps of one resized dimension (all output positions).
+struct AxisWeights {
+  int64_t in_size = 0;
+  int64_t out_size = 0;
+  int max_taps = 0;    ///< taps stored per output position (zero padded)
+  int precision = 0;   ///< weights are scaled by 2^precision
+  std::vector<int32_t> start;   ///< first source index per output position
+  std::vector<int32_t> count;   ///< number of valid taps per output position
+  std::vector<int16_t> weight;  ///< out_size * max_taps
+};
+
+/// Computes the antialiased taps for resizing one dimension in_size -> out_size.
+inline AxisWeights compute_axis_weights(int64_t in_size, int64_t out_size, Interp mode) {
+  if (in_size <= 0 || out_size <= 0) throw std::invalid_argument("resize sizes must be positive");
+  AxisWeights aw;
+  aw.in_size = in_size;
+  aw.out_size = out_size;
+  const double interp_size = mode == Interp::kBilinear ? 2.0 : 4.0;
+  const double scale = static_cast<double>(in_size) / static_cast<double>(out_size);
+  const double support = scale >= 1.0 ? (interp_size * 0.5) * scale : interp_size * 0.5;
+  const int max_taps = static_cast<int>(std::ceil(support)) * 2 + 1;
+  const double invscale = scale >= 1.0 ? 1.0 / scale : 1.0;
+  aw.max_taps = max_taps;
+  aw.start.resize(out_size);
+  aw.count.resize(out_size);
+  std::vector<double> w(static_cast<size_t>(out_size) * max_taps, 0.0);
+  double wt_max = 0.0;
+  for (int64_t i = 0; i < out_size; ++i) {
+    const double center = scale * (static_cast<double>(i) + 0.5);
+    const int64_t xmin = std::max(static_cast<int64_t>(center - support + 0.5), int64_t{0});
+    int64_t xsize = std::min(static_cast<int64_t>(center + support + 0.5), in_size) - xmin;
+    xsize = std::clamp(xsize, int64_t{0}, static_cast<int64_t>(max_taps));
+    double* wi = &w[static_cast<size_t>(i) * max_taps];
+    double total = 0.0;
+    for (int64_t j = 0; j < xsize; ++j) {
+      const double x = (static_cast<double>(j + xmin) - center + 0.5) * invscale;
+      const double v = mode == Interp::kBilinear ? aa_filter_bilinear(x) : aa_filter_bicubic(x);
+      wi[j] = v;
+      total += v;
+    }
+    if (total != 0.0) {
+      for (int64_t j = 0; j < xsize; ++j) {
+        wi[j] /= total;
+        wt_max = std::max(wt_max, wi[j]);
+      }
+    }
+    aw.start[i] = static_cast<int32_t>(xmin);
+    aw.count[i] = static_cast<int32_t>(xsize);
+  }
+  int precision = 0;
+  for (precision = 0; precision < 22; ++precision) {
+    const int next = static_cast<int>(0.5 + wt_max * (1 << (precision + 1)));
+    if (next >= (1 << 15)) break;
+  }
+  aw.precision = precision;
+  aw.weight.resize(w.size());
+  for (size_t k = 0; k < w.size(); ++k) {
+    const double v = w[k] * (1 << precision);
+    aw.weight[k] = static_cast<int16_t>(v < 0 ? static_cast<int>(-0.5 + v) : static_cast<int>(0.5 + v));
+  }
+  return aw;
+}
+
+/// Geometry of "resize shorter side to `resize_short`, then centre crop `crop` x `crop`".
+struct ResizeCropGeometry {
+  int64_t in_h = 0, in_w = 0;    ///< frame size
+  int64_t out_h = 0, out_w = 0;  ///< resized size
+  int64_t top = 0, left = 0;     ///< crop offset inside the resized image
+  int64_t crop = 0;
+};
+
+/// Python's round() for x / 2 (half to even), as torchvision's centre crop uses.
+inline int64_t half_round_even(int64_t d) {
+  if (d % 2 == 0) return d / 2;
+  const int64_t k = (d - 1) / 2;  // d = 2k + 1 > 0
+  return (k % 2 == 0) ? k : k + 1;
+}
+
+/// torchvision Resize(int) output size then CenterCrop anchor.
+inline ResizeCropGeometry plan_geometry(int64_t h, int64_t w, int64_t resize_short, int64_t crop) {
+  if (h <= 0 || w <= 0) throw std::invalid_argument("frame height and width must be positive");
+  if (resize_short <= 0 || crop <= 0) throw std::invalid_argument("sizes must be positive");
+  if (resize_short < crop) {
+    throw std::invalid_argument("resize size " + std::to_string(resize_short) +
+                                " is smaller than the crop size " + std::to_string(crop));
+  }
+  ResizeCropGeometry g;
+  g.in_h = h;
+  g.in_w = w;
+  g.crop = crop;
+  const int64_t shortest = std::min(h, w), longest = std::max(h, w);
+  // Python: int(size * long / short) with a true (double) division.
+  const int64_t new_long = static_cast<int64_t>(static_cast<double>(resize_short * longest) /
+                                                static_cast<double>(shortest));
+  if (w <= h) {
+    g.out_w = resize_short;
+    g.out_h = new_long;
+  } else {
+    g.out_h = resize_short;
+    g.out_w = new_long;
+  }
+  g.top = half_round_even(g.out_h - crop);
+  g.left = half_round_even(g.out_w - crop);
+  return g;
+}
+
+}  // namespace gfn

@@ -1,0 +1,261 @@
+#include "preprocess.h"
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <stdexcept>
+#include <tuple>
+
+#include "simd.h"
+#include "threadpool.h"
+
+namespace gfn::cpu {
+namespace {
+
+using PlanKey = std::tuple<int64_t, int64_t, int64_t, int64_t, int>;
+
+std::shared_ptr<ResizePlan> build_plan(int64_t h, int64_t w, int64_t resize_short, int64_t crop,
+                                       Interp interp) {
+  auto plan = std::make_shared<ResizePlan>();
+  plan->geo = plan_geometry(h, w, resize_short, crop);
+  const auto& g = plan->geo;
+  plan->horiz = compute_axis_weights(w, g.out_w, interp);
+  plan->vert = compute_axis_weights(h, g.out_h, interp);
+  const auto& hz = plan->horiz;
+  const int groups = (hz.max_taps + 3) / 4;
+  plan->groups = groups;
+  plan->col_start.resize(crop);
+  plan->col_wq.assign(static_cast<size_t>(crop) * groups * 16, 0);
+  int64_t max_start = 0;
+  for (int64_t j = 0; j < crop; ++j) {
+    const int64_t src = g.left + j;
+    const int32_t start = hz.start[src];
+    plan->col_start[j] = start;
+    max_start = std::max<int64_t>(max_start, start);
+    const int16_t* wt = &hz.weight[static_cast<size_t>(src) * hz.max_taps];
+    int16_t* dst = &plan->col_wq[static_cast<size_t>(j) * groups * 16];
+    for (int k = 0; k < hz.count[src]; ++k) {
+      // Group k/4, 128-bit lane (k%4)/2, element k%2 of each (R, G, B) pair.
+      const int base = (k / 4) * 16 + ((k % 4) / 2) * 8 + (k % 2);
+      dst[base + 0] = wt[k];
+      dst[base + 2] = wt[k];
+      dst[base + 4] = wt[k];
+    }
+  }
+  // The AVX2 pass loads 16 bytes at 3 * (start + 4 * group) for every group.
+  plan->max_read = 3 * (max_start + 4 * (groups - 1)) + 16;
+  const auto& vt = plan->vert;
+  int64_t lo = h, hi = 0;
+  for (int64_t i = 0; i < crop; ++i) {
+    const int64_t src = g.top + i;
+    lo = std::min<int64_t>(lo, vt.start[src]);
+    hi = std::max<int64_t>(hi, vt.start[src] + vt.count[src]);
+  }
+  plan->row_lo = std::min(lo, hi);
+  plan->row_hi = hi;
+  return plan;
+}
+
+// Portable horizontal pass (same arithmetic as the AVX2 one).
+void hpass_row_generic(const uint8_t* row, const AxisWeights& hz, const ResizeCropGeometry& g,
+                       uint8_t* out) {
+  const int32_t half = hz.precision > 0 ? 1 << (hz.precision - 1) : 0;
+  for (int64_t j = 0; j < g.crop; ++j) {
+    const int64_t src = g.left + j;
+    const int16_t* wt = &hz.weight[static_cast<size_t>(src) * hz.max_taps];
+    const uint8_t* px = row + 3 * static_cast<int64_t>(hz.start[src]);
+    int32_t a0 = half, a1 = half, a2 = half;
+    for (int k = 0; k < hz.count[src]; ++k) {
+      a0 += wt[k] * px[3 * k + 0];
+      a1 += wt[k] * px[3 * k + 1];
+      a2 += wt[k] * px[3 * k + 2];
+    }
+    out[3 * j + 0] = static_cast<uint8_t>(fixed_to_u8(a0, hz.precision));
+    out[3 * j + 1] = static_cast<uint8_t>(fixed_to_u8(a1, hz.precision));
+    out[3 * j + 2] = static_cast<uint8_t>(fixed_to_u8(a2, hz.precision));
+  }
+}
+
+void vpass_row_generic(const uint8_t* const* rows, const int16_t* w, int count, int precision,
+                       int64_t n, int32_t* acc, uint8_t* out) {
+  const int32_t half = precision > 0 ? 1 << (precision - 1) : 0;
+  for (int64_t v = 0; v < n; ++v) acc[v] = half;
+  for (int k = 0; k < count; ++k) {
+    const int32_t wk = w[k];
+    const uint8_t* src = rows[k];
+    for (int64_t v = 0; v < n; ++v) acc[v] += wk * static_cast<int32_t>(src[v]);
+  }
+  for (int64_t v = 0; v < n; ++v) out[v] = static_cast<uint8_t>(fixed_to_u8(acc[v], precision));
+}
+
+}  // namespace
+
+std::shared_ptr<const ResizePlan> get_resize_plan(int64_t h, int64_t w, int64_t resize_short,
+                                                  int64_t crop, Interp interp) {
+  static std::mutex mu;
+  static std::map<PlanKey, std::shared_ptr<ResizePlan>> cache;
+  const PlanKey key{h, w, resize_short, crop, static_cast<int>(interp)};
+  {
+    std::lock_guard<std::mutex> lk(mu);
+    auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
+  auto plan = build_plan(h, w, resize_short, crop, interp);
+  std::lock_guard<std::mutex> lk(mu);
+  if (cache.size() >= 16) cache.clear();
+  cache.emplace(key, plan);
+  return plan;
+}
+
+void preprocess_frame(const uint8_t* frame, int64_t h, int64_t w, int64_t resize_short,
+                      int64_t image_size, Interp interp, const NormalizeParams& norm, float* out,
+                      float* glance_out, int64_t glance_size, Interp glance_interp) {
+  const auto plan_ptr = get_resize_plan(h, w, resize_short, image_size, interp);
+  const ResizePlan& plan = *plan_ptr;
+  const auto& g = plan.geo;
+  const int64_t S = image_size;
+  const int64_t row_bytes = 3 * w;
+  const int64_t hstride = 3 * S + 16;  // one row of the horizontal result, padded
+  const int64_t nrows = plan.row_hi - plan.row_lo;
+  // Grow-only per-thread scratch: no allocation, page faults or zero-fill per frame (every
+  // byte the vertical pass reads is written by the horizontal pass first).
+  // (Workers see the caller's buffer through `hb`: a thread_local is per executing thread.)
+  static thread_local std::vector<uint8_t> hbuf_cache;
+  const size_t hbytes = static_cast<size_t>(std::max<int64_t>(nrows, 1) * hstride);
+  if (hbuf_cache.size() < hbytes) hbuf_cache.resize(hbytes);
+  uint8_t* const hb = hbuf_cache.data();
+  const bool avx2 = use_avx2();
+
+  // Pass 1: horizontal filter of the source rows the crop needs (crop columns only).
+  parallel_for(nrows, 16, [&](int64_t b, int64_t e) {
+    std::vector<uint8_t> padded;
+    const int64_t seg_lo = 3 * static_cast<int64_t>(plan.col_start.empty() ? 0 : plan.col_start.front());
+    const int64_t seg_hi = std::min<int64_t>(row_bytes, plan.max_read);
+    for (int64_t r = b; r < e; ++r) {
+      const int64_t y = plan.row_lo + r;
+      const uint8_t* row = frame + y * row_bytes;
+      if (r + 2 < e) {
+        // Prefetch the crop's byte range of a row ahead (rows are 3 * w bytes apart).
+        const uint8_t* ahead = row + 2 * row_bytes;
+        for (int64_t off = seg_lo; off < seg_hi; off += 64) __builtin_prefetch(ahead + off, 0, 0);
+      }
+      uint8_t* dst = hb + r * hstride;
+      if (!avx2) {
+        hpass_row_generic(row, plan.horiz, g, dst);
+        continue;
+      }
+      if (y * row_bytes + plan.max_read > h * row_bytes) {
+        // Near the end of the frame: copy the row so the 16-byte loads stay in bounds.
+        padded.assign(static_cast<size_t>(std::max(row_bytes, plan.max_read)), 0);
+        std::memcpy(padded.data(), row, static_cast<size_t>(row_bytes));
+        row = padded.data();
+      }
+      hpass_row_avx2(row, plan.col_start.data(), plan.col_wq.data(), plan.groups, S,
+                     plan.horiz.precision, dst);
+    }
+  });
+
+  // Pass 2: vertical filter, then scale + normalise into planar float output.
+  float lut[3][256];
+  for (int c = 0; c < 3; ++c) {
+    for (int v = 0; v < 256; ++v) {
+      // Same float32 operations as torch: x / 255, then (x - mean) / std.
+      const float x = static_cast<float>(v) / 255.0f;
+      lut[c][v] = (x - norm.mean[c]) / norm.std[c];
+    }
+  }
+  const int64_t plane = S * S;
+  const auto& vt = plan.vert;
+  parallel_for(S, 8, [&](int64_t b, int64_t e) {
+    std::vector<int32_t> acc(static_cast<size_t>(3 * S));
+    std::vector<uint8_t> line(static_cast<size_t>(3 * S));
+    std::vector<const uint8_t*> rows(static_cast<size_t>(vt.max_taps));
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t src = g.top + i;
+      const int count = vt.count[src];
+      for (int k = 0; k < count; ++k) {
+        rows[k] = hb + (vt.start[src] + k - plan.row_lo) * hstride;
+      }
+      const int16_t* wt = &vt.weight[static_cast<size_t>(src) * vt.max_taps];
+      if (avx2) {
+        vpass_row_avx2(rows.data(), wt, count, vt.precision, 3 * S, acc.data(), line.data());
+      } else {
+        vpass_row_generic(rows.data(), wt, count, vt.precision, 3 * S, acc.data(), line.data());
+      }
+      for (int c = 0; c < 3; ++c) {
+        const int cin = norm.bgr ? 2 - c : c;
+        const float* lc = lut[c];
+        float* dst = out + c * plane + i * S;
+        for (int64_t j = 0; j < S; ++j) dst[j] = lc[line[3 * j + cin]];
+      }
+    }
+  });
+
+  if (glance_out != nullptr) glance(out, 1, 3, S, glance_out, glance_size, glance_interp);
+}
+
+void glance(const float* in, int64_t n, int64_t channels, int64_t in_size, float* out,
+            int64_t out_size, Interp mode) {
+  const int64_t P = out_size;
+  std::vector<int> ix(static_cast<size_t>(P) * 4);
+  std::vector<float> wx(static_cast<size_t>(P) * 4);
+  int ntaps = 0;
+  for (int64_t i = 0; i < P; ++i) {
+    ntaps = glance_taps(mode, static_cast<int>(i), static_cast<int>(in_size), static_cast<int>(P),
+                        &ix[i * 4], &wx[i * 4]);
+  }
+  // Separable: each task filters the source rows its block of output rows needs
+  // (glance_row), then combines them per column. The operations and their order are those
+  // of glance_sample, so the result is identical to the per-pixel form the GPU uses.
+  const int64_t block = 16;
+  const int64_t blocks_per_plane = (P + block - 1) / block;
+  const int64_t in_plane = in_size * in_size;
+  parallel_tasks(n * channels * blocks_per_plane, [&](int64_t task) {
+    const int64_t plane_index = task / blocks_per_plane;
+    const int64_t y0 = (task % blocks_per_plane) * block;
+    const int64_t y1 = std::min(P, y0 + block);
+    int64_t lo = in_size, hi = -1;
+    for (int64_t y = y0; y < y1; ++y) {
+      for (int a = 0; a < ntaps; ++a) {
+        lo = std::min<int64_t>(lo, ix[y * 4 + a]);
+        hi = std::max<int64_t>(hi, ix[y * 4 + a]);
+      }
+    }
+    const float* src = in + plane_index * in_plane;
+    std::vector<float> tmp(static_cast<size_t>((hi - lo + 1) * P));
+    for (int64_t r = lo; r <= hi; ++r) {
+      const float* row = src + r * in_size;
+      float* t = tmp.data() + (r - lo) * P;
+      for (int64_t x = 0; x < P; ++x) t[x] = glance_row(row, ntaps, &ix[x * 4], &wx[x * 4]);
+    }
+    for (int64_t y = y0; y < y1; ++y) {
+      float* dst = out + plane_index * P * P + y * P;
+      const float* t0 = tmp.data() + (ix[y * 4] - lo) * P;
+      const float w0 = wx[y * 4];
+      for (int64_t x = 0; x < P; ++x) dst[x] = t0[x] * w0;
+      for (int a = 1; a < ntaps; ++a) {
+        const float* ta = tmp.data() + (ix[y * 4 + a] - lo) * P;
+        const float wa = wx[y * 4 + a];
+        for (int64_t x = 0; x < P; ++x) dst[x] += ta[x] * wa;
+      }
+    }
+  });
+}
+
+void crop_patches(const float* images, int64_t n, int64_t channels, int64_t size,
+                  const int32_t* coords, float* out, int64_t patch) {
+  const int64_t rows = n * channels * patch;
+  parallel_for(rows, 64, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const int64_t i = r / (channels * patch);
+      const int64_t c = (r / patch) % channels;
+      const int64_t y = r % patch;
+      const int64_t row0 = coords[2 * i], col0 = coords[2 * i + 1];
+      const float* src = images + ((i * channels + c) * size + row0 + y) * size + col0;
+      std::memcpy(out + r * patch, src, static_cast<size_t>(patch) * sizeof(float));
+    }
+  });
+}
+
+}  // namespace gfn::cpu

@@ -1,0 +1,51 @@
+// CPU pre-processing: uint8 HWC frame -> resize (antialiased) + centre crop + normalise,
+// optionally followed by the glance resize, plus the glance and patch-crop kernels.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "../common/interp.h"
+#include "../common/resize_plan.h"
+
+namespace gfn::cpu {
+
+/// Everything about a resize + crop that depends only on the sizes (cached).
+struct ResizePlan {
+  ResizeCropGeometry geo;
+  AxisWeights horiz;  ///< width in_w -> out_w
+  AxisWeights vert;   ///< height in_h -> out_h
+  int groups = 0;                  ///< 4-tap groups per output column (AVX2 layout)
+  std::vector<int32_t> col_start;  ///< per crop column: first source column
+  std::vector<int16_t> col_wq;     ///< per crop column: groups * 16 int16 (AVX2 layout)
+  int64_t row_lo = 0, row_hi = 0;  ///< source rows the crop needs: [row_lo, row_hi)
+  int64_t max_read = 0;            ///< bytes the AVX2 pass may read from a row start
+};
+
+/// Returns the (cached) plan for a frame of h x w resized to `resize_short` and cropped.
+std::shared_ptr<const ResizePlan> get_resize_plan(int64_t h, int64_t w, int64_t resize_short,
+                                                  int64_t crop, Interp interp);
+
+struct NormalizeParams {
+  float mean[3];
+  float std[3];
+  bool bgr;  ///< input channel order is B, G, R
+};
+
+/// Pre-processes one frame into `out` (3 x S x S float32) and, when `glance` is not
+/// null, also writes the glance (3 x P x P, align_corners=True resize of `out`).
+void preprocess_frame(const uint8_t* frame, int64_t h, int64_t w, int64_t resize_short,
+                      int64_t image_size, Interp interp, const NormalizeParams& norm, float* out,
+                      float* glance, int64_t glance_size, Interp glance_interp);
+
+/// Glance: (n, c, S, S) -> (n, c, P, P), align_corners=True bilinear or bicubic.
+void glance(const float* in, int64_t n, int64_t channels, int64_t in_size, float* out,
+            int64_t out_size, Interp mode);
+
+/// Patch crop: out[i] = images[i, :, r:r+P, c:c+P] with (r, c) = coords[i].
+/// Coordinates must already be validated (0 <= r, c <= S - P).
+void crop_patches(const float* images, int64_t n, int64_t channels, int64_t size,
+                  const int32_t* coords, float* out, int64_t patch);
+
+}  // namespace gfn::cpu

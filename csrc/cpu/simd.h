@@ -1,0 +1,36 @@
+// Runtime SIMD dispatch for the CPU kernels.
+//
+// The module is compiled for the baseline ISA (portable); kernels that benefit from
+// AVX2/FMA/F16C are compiled with per-function target attributes (x86-64 only) and
+// chosen at run time. GFNET_EDGE_SIMD=0 in the environment, or set_simd_enabled(false),
+// forces the portable loops (the tests check both paths give identical results).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace gfn::cpu {
+
+/// True when the AVX2 kernels are compiled in, supported by this CPU and enabled.
+bool use_avx2();
+
+/// Enables or disables the SIMD kernels (for testing the portable fallback).
+void set_simd_enabled(bool enabled);
+
+/// "avx2" or "generic": what the kernels will use now.
+std::string simd_level();
+
+// ---- Kernels with an AVX2 implementation (defined in x86_kernels.cpp) ----
+
+/// Horizontal antialiased pass of one RGB row (see preprocess.cpp for the layout).
+void hpass_row_avx2(const uint8_t* row, const int32_t* starts, const int16_t* wq, int groups,
+                    int64_t ncols, int precision, uint8_t* out);
+
+/// Vertical antialiased pass producing one row of `n` interleaved uint8 values.
+void vpass_row_avx2(const uint8_t* const* rows, const int16_t* w, int count, int precision,
+                    int64_t n, int32_t* acc, uint8_t* out);
+
+/// Sum of n floats (x86_kernels.cpp; used by the bandwidth probe).
+float sum_avx2(const float* p, int64_t n);
+
+}  // namespace gfn::cpu

@@ -1,0 +1,213 @@
+// CUDA entry points of the extension, declared without any CUDA header so that
+// bindings.cpp compiles with the host compiler alone.
+//
+// Every pointer is a device address passed as an integer (from DeviceBuffer.ptr,
+// cuda-python, pycuda, CuPy or torch's data_ptr()); every entry point takes a stream
+// handle (0 = the legacy default stream) and only enqueues work, unless documented.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "../common/interp.h"
+
+namespace gfn::cuda {
+
+enum class DType : int { kF32 = 0, kF16 = 1 };
+
+/// Number of CUDA devices; 0 when there is no driver or no device (never throws).
+int device_count();
+
+/// Why device_count() is 0 ("" when it is not).
+std::string device_error();
+
+/// Name and compute capability of device `index`, e.g. "NVIDIA H100 (sm_90)".
+std::string device_name(int index);
+
+/// Properties of device `index`: name, compute capability, memory, SM count.
+struct DeviceProperties {
+  std::string name;
+  int major = 0, minor = 0;
+  size_t total_memory = 0;
+  int multiprocessors = 0;
+  bool integrated = false;
+};
+DeviceProperties device_properties(int index);
+
+/// Blocks until all work on the current device is done.
+void device_synchronize();
+
+/// Throws std::runtime_error with a clear message when no device is usable.
+void require_device();
+
+/// Owning device allocation (cudaMalloc / cudaFree).
+class DeviceBuffer {
+ public:
+  explicit DeviceBuffer(size_t nbytes);
+  ~DeviceBuffer();
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+
+  uintptr_t ptr() const { return reinterpret_cast<uintptr_t>(ptr_); }
+  size_t nbytes() const { return nbytes_; }
+  /// Copies host memory in (asynchronous on `stream`; the host buffer may be reused at once).
+  void copy_from_host(const void* src, size_t nbytes, size_t offset, uintptr_t stream);
+  /// Copies to host memory and synchronizes `stream` before returning.
+  void copy_to_host(void* dst, size_t nbytes, size_t offset, uintptr_t stream) const;
+  void zero(uintptr_t stream);
+
+ private:
+  void* ptr_ = nullptr;
+  size_t nbytes_ = 0;
+};
+
+/// Owning non-blocking CUDA stream.
+class Stream {
+ public:
+  Stream();
+  ~Stream();
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+  uintptr_t handle() const { return reinterpret_cast<uintptr_t>(stream_); }
+  void synchronize() const;
+
+ private:
+  void* stream_ = nullptr;
+};
+
+void stream_synchronize(uintptr_t stream);
+/// Host -> device copy (asynchronous; pageable sources are staged before returning).
+void memcpy_htod(uintptr_t dst, const void* src, size_t nbytes, uintptr_t stream);
+/// Device -> host copy; synchronizes `stream`.
+void memcpy_dtoh(void* dst, uintptr_t src, size_t nbytes, uintptr_t stream);
+
+/// Throws std::invalid_argument when `ptr` is null or plain (unregistered) host memory.
+void check_device_pointer(uintptr_t ptr, const char* name);
+
+/// Pre-process one uint8 HWC frame on the device into out (3, S, S) and, when
+/// glance != 0, the glance (3, P, P) computed from the float32 values.
+void preprocess(uintptr_t frame, int64_t h, int64_t w, bool bgr, int64_t resize_short,
+                int64_t image_size, Interp interp, const float mean[3], const float std[3],
+                uintptr_t out, DType out_dtype, uintptr_t glance, int64_t glance_size,
+                Interp glance_interp, DType glance_dtype, uintptr_t stream);
+
+/// (n, 3, S, S) -> (n, 3, P, P), align_corners=True.
+void glance(uintptr_t in, DType in_dtype, int64_t n, int64_t channels, int64_t in_size,
+            uintptr_t out, DType out_dtype, int64_t out_size, Interp mode, uintptr_t stream);
+
+/// Gathers (n, C, P, P) patches at device int32 coords (n, 2). Out-of-range coordinates
+/// never cause an out-of-bounds read: that sample's patch is zero-filled and *error_flag
+/// (a device int32 the caller zeroed) is set to 1. With error_flag == 0 the call uses an
+/// internal flag, synchronizes `stream` and throws std::invalid_argument on a bad coordinate.
+void crop_patches(uintptr_t images, DType dtype, int64_t n, int64_t channels, int64_t size,
+                  uintptr_t coords, uintptr_t out, int64_t patch, uintptr_t error_flag,
+                  uintptr_t stream);
+
+/// Weights of a linear layer on the device (float32 or float16 storage, float32 bias).
+class LinearWeights {
+ public:
+  LinearWeights(const float* w, const float* b, int64_t out_features, int64_t in_features,
+                DType dtype);
+  int64_t out_features() const { return out_; }
+  int64_t in_features() const { return in_; }
+  DType dtype() const { return dtype_; }
+  uintptr_t weight_ptr() const { return w_.ptr(); }
+  uintptr_t bias_ptr() const { return b_.ptr(); }
+
+  /// out (nb, out_features) = x (nb, in_features) W^T + b (optionally ReLU).
+  void forward(uintptr_t x, DType x_dtype, int64_t nb, uintptr_t out, DType out_dtype, bool relu,
+               uintptr_t stream) const;
+
+  /// Cascaded head: logits = W [f_0, ..., f_{k-1}] + b with the features in a (T, N, F)
+  /// (tnf) or (N, T, F) buffer; k * F must equal in_features.
+  void forward_segments(uintptr_t features, DType x_dtype, bool tnf, int64_t steps, int64_t nb,
+                        int64_t feature_dim, int64_t k, uintptr_t out, DType out_dtype,
+                        uintptr_t stream) const;
+
+ private:
+  int64_t out_ = 0, in_ = 0;
+  DType dtype_ = DType::kF32;
+  DeviceBuffer w_, b_;
+};
+
+/// PyTorch GRU cell weights on the device (gate order r, z, n).
+class GruWeights {
+ public:
+  GruWeights(const float* w_ih, const float* w_hh, const float* b_ih, const float* b_hh,
+             int64_t input, int64_t hidden, DType dtype);
+  int64_t input_size() const { return input_; }
+  int64_t hidden_size() const { return hidden_; }
+  DType dtype() const { return dtype_; }
+
+  /// h_out (nb, H) float32 = GRUCell(x (nb, I), h (nb, H) float32 or 0 for zeros).
+  /// h_out must not alias h.
+  void step(uintptr_t x, DType x_dtype, uintptr_t h, int64_t nb, uintptr_t h_out,
+            uintptr_t stream) const;
+
+ private:
+  int64_t input_ = 0, hidden_ = 0;
+  DType dtype_ = DType::kF32;
+  DeviceBuffer w_ih_, w_hh_, b_ih_, b_hh_;
+};
+
+/// Softmax max probability (float32) and argmax (int32) per row of float32 logits; when
+/// logits_out != 0 the logits are also written there in `out_dtype`.
+void softmax_stats(uintptr_t logits_f32, int64_t nb, int64_t classes, uintptr_t maxprob,
+                   uintptr_t argmax, uintptr_t logits_out, DType out_dtype, uintptr_t stream);
+
+/// Actor epilogue: action = sigmoid(raw) (nb, 2) float32 and coords = floor(action * (S-P))
+/// (nb, 2) int32.
+void actor_epilogue(uintptr_t raw_f32, int64_t nb, int64_t range, uintptr_t action,
+                    uintptr_t coords, uintptr_t stream);
+
+/// Stream-ordered scratch allocation (cudaMallocAsync where supported).
+class Scratch {
+ public:
+  Scratch(size_t nbytes, uintptr_t stream);
+  ~Scratch();
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  uintptr_t ptr() const { return reinterpret_cast<uintptr_t>(ptr_); }
+
+ private:
+  void* ptr_ = nullptr;
+  uintptr_t stream_ = 0;
+  bool async_ = false;
+};
+
+/// A GRU cell fused with its Linear head (classifier or actor) on the device.
+class GruHead {
+ public:
+  GruHead(const float* w_ih, const float* w_hh, const float* b_ih, const float* b_hh,
+          int64_t input, int64_t hidden, const float* w_out, const float* b_out,
+          int64_t out_features, DType dtype);
+  int64_t input_size() const { return gru_.input_size(); }
+  int64_t hidden_size() const { return gru_.hidden_size(); }
+  int64_t out_features() const { return head_.out_features(); }
+
+  /// h_out = GRU(x, h); logits = W h_out + b (float32 or float16), maxprob float32 and
+  /// argmax int32 per row (maxprob / argmax may be 0 to skip them).
+  void step_classifier(uintptr_t x, DType x_dtype, uintptr_t h, int64_t nb, uintptr_t h_out,
+                       uintptr_t logits, DType logits_dtype, uintptr_t maxprob,
+                       uintptr_t argmax, uintptr_t stream) const;
+
+  /// h_out = GRU(x, h); action = sigmoid(W h_out + b) (nb, 2) float32;
+  /// coords = floor(action * (image_size - patch_size)) (nb, 2) int32.
+  void step_actor(uintptr_t x, DType x_dtype, uintptr_t h, int64_t nb, uintptr_t h_out,
+                  uintptr_t action, uintptr_t coords, int64_t image_size, int64_t patch_size,
+                  uintptr_t stream) const;
+
+ private:
+  GruWeights gru_;
+  LinearWeights head_;
+};
+
+/// Cascaded classifier step: logits = layer([f_0, ..., f_{k-1}]) plus max prob / argmax.
+void cascaded_step(const LinearWeights& layer, uintptr_t features, DType x_dtype, bool tnf,
+                   int64_t steps, int64_t nb, int64_t feature_dim, int64_t k, uintptr_t logits,
+                   DType logits_dtype, uintptr_t maxprob, uintptr_t argmax, uintptr_t stream);
+
+}  // namespace gfn::cuda

@@ -1,0 +1,483 @@
+// CUDA GRU cell, linear / cascaded heads and their epilogues (softmax stats, actor).
+//
+// Matrix-vector products are memory-bound: one warp owns one output row (or one GRU
+// hidden unit, i.e. six rows) for a tile of batch items, lanes stride over the inputs
+// so weight loads are coalesced, and the partial sums are combined with warp shuffles.
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "../common/gates.h"
+#include "../common/half.h"
+#include "../common/interp.h"
+#include "api.h"
+#include "check.h"
+
+namespace gfn::cuda {
+namespace {
+
+constexpr int kWarps = 8;          // warps per block
+constexpr int kBatchTile = 4;      // batch items per warp
+constexpr int kBlock = 32 * kWarps;
+
+__device__ inline float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+__device__ inline float load_f(const float* p, int64_t i) { return p[i]; }
+__device__ inline float load_f(const uint16_t* p, int64_t i) { return half_to_float(p[i]); }
+
+template <typename WT, typename XT>
+__global__ void gru_kernel(const WT* __restrict__ w_ih, const WT* __restrict__ w_hh,
+                           const float* __restrict__ b_ih, const float* __restrict__ b_hh,
+                           const XT* __restrict__ x, const float* __restrict__ h, int64_t nb,
+                           int64_t input, int64_t hidden, float* __restrict__ h_out) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  const int64_t b0 = static_cast<int64_t>(blockIdx.y) * kBatchTile;
+  if (j >= hidden) return;  // the whole warp leaves together
+  float ai[3][kBatchTile], ah[3][kBatchTile];
+#pragma unroll
+  for (int g = 0; g < 3; ++g) {
+#pragma unroll
+    for (int b = 0; b < kBatchTile; ++b) ai[g][b] = ah[g][b] = 0.0f;
+  }
+  for (int64_t c = lane; c < input; c += 32) {
+    float xv[kBatchTile];
+#pragma unroll
+    for (int b = 0; b < kBatchTile; ++b) xv[b] = (b0 + b < nb) ? load_f(x, (b0 + b) * input + c) : 0.0f;
+#pragma unroll
+    for (int g = 0; g < 3; ++g) {
+      const float wv = load_f(w_ih, (g * hidden + j) * input + c);
+#pragma unroll
+      for (int b = 0; b < kBatchTile; ++b) ai[g][b] += wv * xv[b];
+    }
+  }
+  if (h != nullptr) {
+    for (int64_t c = lane; c < hidden; c += 32) {
+      float hv[kBatchTile];
+#pragma unroll
+      for (int b = 0; b < kBatchTile; ++b) hv[b] = (b0 + b < nb) ? h[(b0 + b) * hidden + c] : 0.0f;
+#pragma unroll
+      for (int g = 0; g < 3; ++g) {
+        const float wv = load_f(w_hh, (g * hidden + j) * hidden + c);
+#pragma unroll
+        for (int b = 0; b < kBatchTile; ++b) ah[g][b] += wv * hv[b];
+      }
+    }
+  }
+#pragma unroll
+  for (int g = 0; g < 3; ++g) {
+#pragma unroll
+    for (int b = 0; b < kBatchTile; ++b) {
+      ai[g][b] = warp_sum(ai[g][b]);
+      ah[g][b] = warp_sum(ah[g][b]);
+    }
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int b = 0; b < kBatchTile; ++b) {
+      const int64_t bi = b0 + b;
+      if (bi >= nb) continue;
+      const float hprev = h != nullptr ? h[bi * hidden + j] : 0.0f;
+      h_out[bi * hidden + j] =
+          gru_unit(ai[0][b] + b_ih[j], ai[1][b] + b_ih[hidden + j], ai[2][b] + b_ih[2 * hidden + j],
+                   ah[0][b] + b_hh[j], ah[1][b] + b_hh[hidden + j], ah[2][b] + b_hh[2 * hidden + j],
+                   hprev);
+    }
+  }
+}
+
+// out[b, o] = sum_t sum_f W[o, t * F + f] * x_t[b, f] + bias[o]; x_t at
+// (tnf ? (t * nb + b) : (b * steps + t)) * F. A plain linear layer is nseg = 1, F = K.
+template <typename WT, typename XT>
+__global__ void linear_kernel(const WT* __restrict__ w, const float* __restrict__ bias,
+                              const XT* __restrict__ x, int64_t nb, int64_t rows, int64_t nseg,
+                              int64_t feature_dim, int tnf, int64_t steps, int relu,
+                              float* __restrict__ out) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t o = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  const int64_t b0 = static_cast<int64_t>(blockIdx.y) * kBatchTile;
+  if (o >= rows) return;
+  const int64_t k_total = nseg * feature_dim;
+  float acc[kBatchTile];
+#pragma unroll
+  for (int b = 0; b < kBatchTile; ++b) acc[b] = 0.0f;
+  for (int64_t t = 0; t < nseg; ++t) {
+    const WT* wr = w + o * k_total + t * feature_dim;
+    int64_t xoff[kBatchTile];
+#pragma unroll
+    for (int b = 0; b < kBatchTile; ++b) {
+      const int64_t bi = b0 + b < nb ? b0 + b : nb - 1;
+      xoff[b] = (tnf ? (t * nb + bi) : (bi * steps + t)) * feature_dim;
+    }
+    for (int64_t f = lane; f < feature_dim; f += 32) {
+      const float wv = load_f(wr, f);
+#pragma unroll
+      for (int b = 0; b < kBatchTile; ++b) acc[b] += wv * load_f(x, xoff[b] + f);
+    }
+  }
+#pragma unroll
+  for (int b = 0; b < kBatchTile; ++b) acc[b] = warp_sum(acc[b]);
+  if (lane == 0) {
+#pragma unroll
+    for (int b = 0; b < kBatchTile; ++b) {
+      if (b0 + b >= nb) continue;
+      const float v = acc[b] + bias[o];
+      out[(b0 + b) * rows + o] = relu ? gfn::relu(v) : v;
+    }
+  }
+}
+
+// One block per row: max / first argmax, then sum of exp; optional logits copy.
+__global__ void softmax_stats_kernel(const float* __restrict__ logits, int64_t classes,
+                                     float* __restrict__ maxprob, int32_t* __restrict__ argmax,
+                                     float* __restrict__ out_f32, uint16_t* __restrict__ out_f16) {
+  __shared__ float s_val[kBlock];
+  __shared__ int64_t s_idx[kBlock];
+  const int64_t row = blockIdx.x;
+  const float* l = logits + row * classes;
+  float best = -INFINITY;
+  int64_t best_i = classes;  // "none yet"
+  for (int64_t c = threadIdx.x; c < classes; c += blockDim.x) {
+    const float v = l[c];
+    if (out_f32) out_f32[row * classes + c] = v;
+    if (out_f16) out_f16[row * classes + c] = float_to_half(v);
+    if (best_i == classes || v > best || (isnan(v) && !isnan(best))) {
+      best = v;
+      best_i = c;
+    }
+  }
+  s_val[threadIdx.x] = best;
+  s_idx[threadIdx.x] = best_i;
+  __syncthreads();
+  for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) {
+      const float ov = s_val[threadIdx.x + stride];
+      const int64_t oi = s_idx[threadIdx.x + stride];
+      const float mv = s_val[threadIdx.x];
+      const int64_t mi = s_idx[threadIdx.x];
+      bool take;
+      if (oi == classes) {
+        take = false;
+      } else if (mi == classes) {
+        take = true;
+      } else if (isnan(ov) || isnan(mv)) {
+        take = isnan(ov) && (!isnan(mv) || oi < mi);
+      } else {
+        take = ov > mv || (ov == mv && oi < mi);
+      }
+      if (take) {
+        s_val[threadIdx.x] = ov;
+        s_idx[threadIdx.x] = oi;
+      }
+    }
+    __syncthreads();
+  }
+  const float m = s_val[0];
+  const int64_t am = s_idx[0];
+  __syncthreads();
+  float sum = 0.0f;
+  for (int64_t c = threadIdx.x; c < classes; c += blockDim.x) sum += expf(l[c] - m);
+  s_val[threadIdx.x] = sum;
+  __syncthreads();
+  for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) s_val[threadIdx.x] += s_val[threadIdx.x + stride];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    if (maxprob) maxprob[row] = 1.0f / s_val[0];
+    if (argmax) argmax[row] = static_cast<int32_t>(am);
+  }
+}
+
+__global__ void actor_kernel(const float* __restrict__ raw, int64_t n, int range,
+                             float* __restrict__ action, int32_t* __restrict__ coords) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const float a = sigmoid(raw[i]);
+  if (action) action[i] = a;
+  if (coords) coords[i] = patch_coord(a, range);
+}
+
+__global__ void to_half_kernel(const float* __restrict__ in, int64_t n, uint16_t* __restrict__ out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = float_to_half(in[i]);
+}
+
+std::vector<uint16_t> to_half(const float* src, size_t n) {
+  std::vector<uint16_t> out(n);
+  for (size_t i = 0; i < n; ++i) out[i] = float_to_half(src[i]);
+  return out;
+}
+
+size_t elem_size(DType t) { return t == DType::kF32 ? 4 : 2; }
+
+// Uploads float32 weights as float32 or float16 (synchronously; done once).
+void upload_weights(DeviceBuffer& buf, const float* src, size_t n, DType dtype) {
+  if (n == 0) return;
+  if (dtype == DType::kF32) {
+    GFN_CUDA_CHECK(cudaMemcpy(reinterpret_cast<void*>(buf.ptr()), src, n * sizeof(float),
+                              cudaMemcpyHostToDevice));
+  } else {
+    const auto h = to_half(src, n);
+    GFN_CUDA_CHECK(cudaMemcpy(reinterpret_cast<void*>(buf.ptr()), h.data(), n * sizeof(uint16_t),
+                              cudaMemcpyHostToDevice));
+  }
+}
+
+void upload_bias(DeviceBuffer& buf, const float* src, size_t n) {
+  if (n == 0) return;
+  if (src == nullptr) {
+    GFN_CUDA_CHECK(cudaMemset(reinterpret_cast<void*>(buf.ptr()), 0, n * sizeof(float)));
+  } else {
+    GFN_CUDA_CHECK(cudaMemcpy(reinterpret_cast<void*>(buf.ptr()), src, n * sizeof(float),
+                              cudaMemcpyHostToDevice));
+  }
+}
+
+template <typename WT, typename XT>
+void launch_linear(uintptr_t w, uintptr_t bias, uintptr_t x, int64_t nb, int64_t rows, int64_t nseg,
+                   int64_t feature_dim, bool tnf, int64_t steps, bool relu, float* out,
+                   cudaStream_t s) {
+  const dim3 grid(static_cast<unsigned>((rows + kWarps - 1) / kWarps),
+                  static_cast<unsigned>((nb + kBatchTile - 1) / kBatchTile));
+  linear_kernel<WT, XT><<<grid, kBlock, 0, s>>>(
+      reinterpret_cast<const WT*>(w), reinterpret_cast<const float*>(bias),
+      reinterpret_cast<const XT*>(x), nb, rows, nseg, feature_dim, tnf ? 1 : 0, steps,
+      relu ? 1 : 0, out);
+  GFN_CUDA_CHECK_LAUNCH();
+}
+
+void linear_dispatch(DType wt, DType xt, uintptr_t w, uintptr_t bias, uintptr_t x, int64_t nb,
+                     int64_t rows, int64_t nseg, int64_t feature_dim, bool tnf, int64_t steps,
+                     bool relu, float* out, cudaStream_t s) {
+  if (nb <= 0 || rows <= 0) return;
+  if (wt == DType::kF32 && xt == DType::kF32) {
+    launch_linear<float, float>(w, bias, x, nb, rows, nseg, feature_dim, tnf, steps, relu, out, s);
+  } else if (wt == DType::kF32) {
+    launch_linear<float, uint16_t>(w, bias, x, nb, rows, nseg, feature_dim, tnf, steps, relu, out, s);
+  } else if (xt == DType::kF32) {
+    launch_linear<uint16_t, float>(w, bias, x, nb, rows, nseg, feature_dim, tnf, steps, relu, out, s);
+  } else {
+    launch_linear<uint16_t, uint16_t>(w, bias, x, nb, rows, nseg, feature_dim, tnf, steps, relu, out, s);
+  }
+}
+
+// Writes a float32 result to `out` in `dtype` (a copy or a conversion).
+void store_result(const float* src, int64_t n, uintptr_t out, DType dtype, cudaStream_t s) {
+  if (n <= 0) return;
+  if (dtype == DType::kF32) {
+    GFN_CUDA_CHECK(cudaMemcpyAsync(reinterpret_cast<void*>(out), src, n * sizeof(float),
+                                   cudaMemcpyDeviceToDevice, s));
+  } else {
+    to_half_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, s>>>(
+        src, n, reinterpret_cast<uint16_t*>(out));
+    GFN_CUDA_CHECK_LAUNCH();
+  }
+}
+
+void check_batch(int64_t nb) {
+  if (nb < 1) throw std::invalid_argument("batch size must be >= 1, got " + std::to_string(nb));
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------ LinearWeights ----
+
+LinearWeights::LinearWeights(const float* w, const float* b, int64_t out_features,
+                             int64_t in_features, DType dtype)
+    : out_(out_features),
+      in_(in_features),
+      dtype_(dtype),
+      w_(static_cast<size_t>(out_features * in_features) * elem_size(dtype)),
+      b_(static_cast<size_t>(out_features) * sizeof(float)) {
+  upload_weights(w_, w, static_cast<size_t>(out_features * in_features), dtype);
+  upload_bias(b_, b, static_cast<size_t>(out_features));
+}
+
+void LinearWeights::forward(uintptr_t x, DType x_dtype, int64_t nb, uintptr_t out,
+                            DType out_dtype, bool relu, uintptr_t stream) const {
+  require_device();
+  check_batch(nb);
+  check_device_pointer(x, "x");
+  check_device_pointer(out, "out");
+  const cudaStream_t s = as_stream(stream);
+  if (out_dtype == DType::kF32) {
+    linear_dispatch(dtype_, x_dtype, w_.ptr(), b_.ptr(), x, nb, out_, 1, in_, true, 1, relu,
+                    reinterpret_cast<float*>(out), s);
+    return;
+  }
+  Scratch tmp(static_cast<size_t>(nb * out_) * sizeof(float), stream);
+  float* t = reinterpret_cast<float*>(tmp.ptr());
+  linear_dispatch(dtype_, x_dtype, w_.ptr(), b_.ptr(), x, nb, out_, 1, in_, true, 1, relu, t, s);
+  store_result(t, nb * out_, out, out_dtype, s);
+}
+
+void LinearWeights::forward_segments(uintptr_t features, DType x_dtype, bool tnf, int64_t steps,
+                                     int64_t nb, int64_t feature_dim, int64_t k, uintptr_t out,
+                                     DType out_dtype, uintptr_t stream) const {
+  require_device();
+  check_batch(nb);
+  if (k < 1 || k > steps || k * feature_dim != in_) {
+    throw std::invalid_argument("cascaded layer expects " + std::to_string(in_) +
+                                " inputs, got k=" + std::to_string(k) + " features of " +
+                                std::to_string(feature_dim) + " (buffer holds " +
+                                std::to_string(steps) + " steps)");
+  }
+  check_device_pointer(features, "features");
+  check_device_pointer(out, "out");
+  const cudaStream_t s = as_stream(stream);
+  if (out_dtype == DType::kF32) {
+    linear_dispatch(dtype_, x_dtype, w_.ptr(), b_.ptr(), features, nb, out_, k, feature_dim, tnf,
+                    steps, false, reinterpret_cast<float*>(out), s);
+    return;
+  }
+  Scratch tmp(static_cast<size_t>(nb * out_) * sizeof(float), stream);
+  float* t = reinterpret_cast<float*>(tmp.ptr());
+  linear_dispatch(dtype_, x_dtype, w_.ptr(), b_.ptr(), features, nb, out_, k, feature_dim, tnf,
+                  steps, false, t, s);
+  store_result(t, nb * out_, out, out_dtype, s);
+}
+
+// --------------------------------------------------------------------- GruWeights ----
+
+GruWeights::GruWeights(const float* w_ih, const float* w_hh, const float* b_ih,
+                       const float* b_hh, int64_t input, int64_t hidden, DType dtype)
+    : input_(input),
+      hidden_(hidden),
+      dtype_(dtype),
+      w_ih_(static_cast<size_t>(3 * hidden * input) * elem_size(dtype)),
+      w_hh_(static_cast<size_t>(3 * hidden * hidden) * elem_size(dtype)),
+      b_ih_(static_cast<size_t>(3 * hidden) * sizeof(float)),
+      b_hh_(static_cast<size_t>(3 * hidden) * sizeof(float)) {
+  upload_weights(w_ih_, w_ih, static_cast<size_t>(3 * hidden * input), dtype);
+  upload_weights(w_hh_, w_hh, static_cast<size_t>(3 * hidden * hidden), dtype);
+  upload_bias(b_ih_, b_ih, static_cast<size_t>(3 * hidden));
+  upload_bias(b_hh_, b_hh, static_cast<size_t>(3 * hidden));
+}
+
+void GruWeights::step(uintptr_t x, DType x_dtype, uintptr_t h, int64_t nb, uintptr_t h_out,
+                      uintptr_t stream) const {
+  require_device();
+  check_batch(nb);
+  check_device_pointer(x, "x");
+  check_device_pointer(h_out, "h_out");
+  if (h != 0) {
+    check_device_pointer(h, "h");
+    if (h == h_out) throw std::invalid_argument("h_out must not alias h");
+  }
+  const cudaStream_t s = as_stream(stream);
+  const dim3 grid(static_cast<unsigned>((hidden_ + kWarps - 1) / kWarps),
+                  static_cast<unsigned>((nb + kBatchTile - 1) / kBatchTile));
+  const float* hp = reinterpret_cast<const float*>(h);
+  float* ho = reinterpret_cast<float*>(h_out);
+  const float* bi = reinterpret_cast<const float*>(b_ih_.ptr());
+  const float* bh = reinterpret_cast<const float*>(b_hh_.ptr());
+  if (dtype_ == DType::kF32 && x_dtype == DType::kF32) {
+    gru_kernel<float, float><<<grid, kBlock, 0, s>>>(
+        reinterpret_cast<const float*>(w_ih_.ptr()), reinterpret_cast<const float*>(w_hh_.ptr()),
+        bi, bh, reinterpret_cast<const float*>(x), hp, nb, input_, hidden_, ho);
+  } else if (dtype_ == DType::kF32) {
+    gru_kernel<float, uint16_t><<<grid, kBlock, 0, s>>>(
+        reinterpret_cast<const float*>(w_ih_.ptr()), reinterpret_cast<const float*>(w_hh_.ptr()),
+        bi, bh, reinterpret_cast<const uint16_t*>(x), hp, nb, input_, hidden_, ho);
+  } else if (x_dtype == DType::kF32) {
+    gru_kernel<uint16_t, float><<<grid, kBlock, 0, s>>>(
+        reinterpret_cast<const uint16_t*>(w_ih_.ptr()),
+        reinterpret_cast<const uint16_t*>(w_hh_.ptr()), bi, bh, reinterpret_cast<const float*>(x),
+        hp, nb, input_, hidden_, ho);
+  } else {
+    gru_kernel<uint16_t, uint16_t><<<grid, kBlock, 0, s>>>(
+        reinterpret_cast<const uint16_t*>(w_ih_.ptr()),
+        reinterpret_cast<const uint16_t*>(w_hh_.ptr()), bi, bh,
+        reinterpret_cast<const uint16_t*>(x), hp, nb, input_, hidden_, ho);
+  }
+  GFN_CUDA_CHECK_LAUNCH();
+}
+
+// ------------------------------------------------------------------ epilogues ----
+
+void softmax_stats(uintptr_t logits_f32, int64_t nb, int64_t classes, uintptr_t maxprob,
+                   uintptr_t argmax, uintptr_t logits_out, DType out_dtype, uintptr_t stream) {
+  require_device();
+  check_batch(nb);
+  if (classes < 1) throw std::invalid_argument("need at least one class");
+  const cudaStream_t s = as_stream(stream);
+  float* out32 = (logits_out != 0 && out_dtype == DType::kF32) ? reinterpret_cast<float*>(logits_out) : nullptr;
+  uint16_t* out16 = (logits_out != 0 && out_dtype == DType::kF16) ? reinterpret_cast<uint16_t*>(logits_out) : nullptr;
+  softmax_stats_kernel<<<static_cast<unsigned>(nb), kBlock, 0, s>>>(
+      reinterpret_cast<const float*>(logits_f32), classes, reinterpret_cast<float*>(maxprob),
+      reinterpret_cast<int32_t*>(argmax), out32, out16);
+  GFN_CUDA_CHECK_LAUNCH();
+}
+
+void actor_epilogue(uintptr_t raw_f32, int64_t nb, int64_t range, uintptr_t action,
+                    uintptr_t coords, uintptr_t stream) {
+  require_device();
+  check_batch(nb);
+  const int64_t n = 2 * nb;
+  actor_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, as_stream(stream)>>>(
+      reinterpret_cast<const float*>(raw_f32), n, static_cast<int>(range),
+      reinterpret_cast<float*>(action), reinterpret_cast<int32_t*>(coords));
+  GFN_CUDA_CHECK_LAUNCH();
+}
+
+// ------------------------------------------------------------------ fused heads ----
+
+GruHead::GruHead(const float* w_ih, const float* w_hh, const float* b_ih, const float* b_hh,
+                 int64_t input, int64_t hidden, const float* w_out, const float* b_out,
+                 int64_t out_features, DType dtype)
+    : gru_(w_ih, w_hh, b_ih, b_hh, input, hidden, dtype),
+      head_(w_out, b_out, out_features, hidden, dtype) {}
+
+void GruHead::step_classifier(uintptr_t x, DType x_dtype, uintptr_t h, int64_t nb,
+                              uintptr_t h_out, uintptr_t logits, DType logits_dtype,
+                              uintptr_t maxprob, uintptr_t argmax, uintptr_t stream) const {
+  gru_.step(x, x_dtype, h, nb, h_out, stream);
+  const int64_t classes = head_.out_features();
+  const bool direct = logits_dtype == DType::kF32;
+  if (logits != 0) check_device_pointer(logits, "logits");
+  Scratch tmp(direct && logits != 0 ? 16 : static_cast<size_t>(nb * classes) * sizeof(float), stream);
+  const uintptr_t raw = (direct && logits != 0) ? logits : tmp.ptr();
+  head_.forward(h_out, DType::kF32, nb, raw, DType::kF32, false, stream);
+  if (maxprob != 0 || argmax != 0 || raw != logits) {
+    softmax_stats(raw, nb, classes, maxprob, argmax, raw != logits ? logits : 0, logits_dtype,
+                  stream);
+  }
+}
+
+void GruHead::step_actor(uintptr_t x, DType x_dtype, uintptr_t h, int64_t nb, uintptr_t h_out,
+                         uintptr_t action, uintptr_t coords, int64_t image_size,
+                         int64_t patch_size, uintptr_t stream) const {
+  if (head_.out_features() != 2) {
+    throw std::invalid_argument("an actor head has 2 outputs, this one has " +
+                                std::to_string(head_.out_features()));
+  }
+  if (patch_size < 1 || patch_size > image_size) {
+    throw std::invalid_argument("need 1 <= patch_size <= image_size");
+  }
+  gru_.step(x, x_dtype, h, nb, h_out, stream);
+  Scratch raw(static_cast<size_t>(nb * 2) * sizeof(float), stream);
+  head_.forward(h_out, DType::kF32, nb, raw.ptr(), DType::kF32, false, stream);
+  if (action != 0) check_device_pointer(action, "action");
+  if (coords != 0) check_device_pointer(coords, "coords");
+  actor_epilogue(raw.ptr(), nb, image_size - patch_size, action, coords, stream);
+}
+
+void cascaded_step(const LinearWeights& layer, uintptr_t features, DType x_dtype, bool tnf,
+                   int64_t steps, int64_t nb, int64_t feature_dim, int64_t k, uintptr_t logits,
+                   DType logits_dtype, uintptr_t maxprob, uintptr_t argmax, uintptr_t stream) {
+  const int64_t classes = layer.out_features();
+  Scratch raw(static_cast<size_t>(nb * classes) * sizeof(float), stream);
+  layer.forward_segments(features, x_dtype, tnf, steps, nb, feature_dim, k, raw.ptr(),
+                         DType::kF32, stream);
+  if (logits != 0) check_device_pointer(logits, "logits");
+  softmax_stats(raw.ptr(), nb, classes, maxprob, argmax, logits, logits_dtype, stream);
+}
+
+}  // namespace gfn::cuda

@@ -1,0 +1,352 @@
+// CUDA pre-processing, glance and patch-crop kernels.
+//
+// The resize reuses the host plan of the CPU path (same int16 weights, same integer
+// arithmetic), so the device output is bit-identical to the CPU output before the
+// float16 conversion; the glance uses the shared float32 tap math.
+#include <cuda_runtime.h>
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "../common/gates.h"
+#include "../common/half.h"
+#include "../common/interp.h"
+#include "../cpu/preprocess.h"
+#include "api.h"
+#include "check.h"
+
+namespace gfn::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+inline unsigned blocks_for(int64_t n, int threads = kThreads) {
+  return static_cast<unsigned>((n + threads - 1) / threads);
+}
+
+// --------------------------------------------------------------- device tables ----
+
+// Layout (int32): col_start[S] col_count[S] col_w[S*ht] row_start[S] row_count[S] row_w[S*vt]
+struct DeviceTables {
+  std::unique_ptr<DeviceBuffer> buf;
+  int64_t htaps = 0, vtaps = 0;
+  int hprec = 0, vprec = 0;
+  int64_t row_lo = 0, nrows = 0;
+  int64_t off_col_start = 0, off_col_count = 0, off_col_w = 0;
+  int64_t off_row_start = 0, off_row_count = 0, off_row_w = 0;
+};
+
+std::shared_ptr<const DeviceTables> device_tables(int64_t h, int64_t w, int64_t resize_short,
+                                                  int64_t crop, Interp interp) {
+  static std::mutex mu;
+  static std::map<std::tuple<int, int64_t, int64_t, int64_t, int64_t, int>,
+                  std::shared_ptr<DeviceTables>>
+      cache;
+  int device = 0;
+  GFN_CUDA_CHECK(cudaGetDevice(&device));
+  const auto key = std::make_tuple(device, h, w, resize_short, crop, static_cast<int>(interp));
+  std::lock_guard<std::mutex> lk(mu);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+
+  const auto plan = cpu::get_resize_plan(h, w, resize_short, crop, interp);
+  const auto& g = plan->geo;
+  const auto& hz = plan->horiz;
+  const auto& vt = plan->vert;
+  auto t = std::make_shared<DeviceTables>();
+  const int64_t S = crop;
+  t->htaps = hz.max_taps;
+  t->vtaps = vt.max_taps;
+  t->hprec = hz.precision;
+  t->vprec = vt.precision;
+  t->row_lo = plan->row_lo;
+  t->nrows = plan->row_hi - plan->row_lo;
+  t->off_col_start = 0;
+  t->off_col_count = S;
+  t->off_col_w = 2 * S;
+  t->off_row_start = 2 * S + S * t->htaps;
+  t->off_row_count = t->off_row_start + S;
+  t->off_row_w = t->off_row_count + S;
+  std::vector<int32_t> host(static_cast<size_t>(t->off_row_w + S * t->vtaps), 0);
+  for (int64_t j = 0; j < S; ++j) {
+    const int64_t src = g.left + j;
+    host[t->off_col_start + j] = hz.start[src];
+    host[t->off_col_count + j] = hz.count[src];
+    for (int k = 0; k < hz.max_taps; ++k) {
+      host[t->off_col_w + j * t->htaps + k] = hz.weight[src * hz.max_taps + k];
+    }
+  }
+  for (int64_t i = 0; i < S; ++i) {
+    const int64_t src = g.top + i;
+    host[t->off_row_start + i] = vt.start[src];
+    host[t->off_row_count + i] = vt.count[src];
+    for (int k = 0; k < vt.max_taps; ++k) {
+      host[t->off_row_w + i * t->vtaps + k] = vt.weight[src * vt.max_taps + k];
+    }
+  }
+  t->buf = std::make_unique<DeviceBuffer>(host.size() * sizeof(int32_t));
+  // Synchronous copy: the table may be used from any stream afterwards.
+  GFN_CUDA_CHECK(cudaMemcpy(reinterpret_cast<void*>(t->buf->ptr()), host.data(),
+                            host.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
+  if (cache.size() >= 32) cache.clear();  // cudaFree synchronizes: safe to drop
+  cache.emplace(key, t);
+  return t;
+}
+
+// --------------------------------------------------------------------- kernels ----
+
+struct Norm {
+  float mean[3];
+  float std[3];
+  int bgr;
+};
+
+// One thread per (needed source row, crop column): 3 channels, exact int32 sums.
+__global__ void hpass_kernel(const uint8_t* __restrict__ frame, int64_t w, int64_t row_lo,
+                             int64_t nrows, int64_t S, const int32_t* __restrict__ tab,
+                             int64_t off_start, int64_t off_count, int64_t off_w, int64_t taps,
+                             int prec, uint8_t* __restrict__ hbuf) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= nrows * S) return;
+  const int64_t r = idx / S, j = idx % S;
+  const int32_t start = tab[off_start + j];
+  const int32_t count = tab[off_count + j];
+  const int32_t* wt = tab + off_w + j * taps;
+  const uint8_t* px = frame + ((row_lo + r) * w + start) * 3;
+  const int32_t half = prec > 0 ? 1 << (prec - 1) : 0;
+  int32_t a0 = half, a1 = half, a2 = half;
+  for (int k = 0; k < count; ++k) {
+    const int32_t wk = wt[k];
+    a0 += wk * px[3 * k + 0];
+    a1 += wk * px[3 * k + 1];
+    a2 += wk * px[3 * k + 2];
+  }
+  uint8_t* o = hbuf + r * 3 * S + 3 * j;
+  o[0] = static_cast<uint8_t>(fixed_to_u8(a0, prec));
+  o[1] = static_cast<uint8_t>(fixed_to_u8(a1, prec));
+  o[2] = static_cast<uint8_t>(fixed_to_u8(a2, prec));
+}
+
+template <typename OT>
+__device__ inline void store_as(OT* p, float v);
+template <>
+__device__ inline void store_as<float>(float* p, float v) { *p = v; }
+template <>
+__device__ inline void store_as<uint16_t>(uint16_t* p, float v) { *p = float_to_half(v); }
+
+// One thread per output pixel (i, j): vertical pass + scale + normalise.
+template <typename OT>
+__global__ void vpass_kernel(const uint8_t* __restrict__ hbuf, int64_t row_lo, int64_t S,
+                             const int32_t* __restrict__ tab, int64_t off_start,
+                             int64_t off_count, int64_t off_w, int64_t taps, int prec, Norm norm,
+                             OT* __restrict__ out, float* __restrict__ out_f32) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= S * S) return;
+  const int64_t i = idx / S, j = idx % S;
+  const int32_t start = tab[off_start + i];
+  const int32_t count = tab[off_count + i];
+  const int32_t* wt = tab + off_w + i * taps;
+  const int32_t half = prec > 0 ? 1 << (prec - 1) : 0;
+  int32_t acc[3] = {half, half, half};
+  for (int k = 0; k < count; ++k) {
+    const uint8_t* src = hbuf + (start + k - row_lo) * 3 * S + 3 * j;
+    const int32_t wk = wt[k];
+    acc[0] += wk * src[0];
+    acc[1] += wk * src[1];
+    acc[2] += wk * src[2];
+  }
+  for (int c = 0; c < 3; ++c) {
+    const int cin = norm.bgr ? 2 - c : c;
+    const float x = static_cast<float>(fixed_to_u8(acc[cin], prec)) / 255.0f;
+    const float v = (x - norm.mean[c]) / norm.std[c];
+    store_as<OT>(out + c * S * S + idx, v);
+    if (out_f32 != nullptr) out_f32[c * S * S + idx] = v;
+  }
+}
+
+template <typename IT, typename OT>
+__global__ void glance_kernel(const IT* __restrict__ in, int64_t planes, int in_size,
+                              OT* __restrict__ out, int out_size, int mode) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t per_plane = static_cast<int64_t>(out_size) * out_size;
+  if (idx >= planes * per_plane) return;
+  const int64_t p = idx / per_plane;
+  const int y = static_cast<int>((idx % per_plane) / out_size);
+  const int x = static_cast<int>(idx % out_size);
+  int iy[4], ix[4];
+  float wy[4], wx[4];
+  const Interp m = static_cast<Interp>(mode);
+  const int ntaps = glance_taps(m, y, in_size, out_size, iy, wy);
+  glance_taps(m, x, in_size, out_size, ix, wx);
+  const IT* plane = in + p * static_cast<int64_t>(in_size) * in_size;
+  store_as<OT>(out + idx, glance_sample<IT>(plane, in_size, ntaps, iy, wy, ix, wx));
+}
+
+template <typename T>
+__global__ void crop_kernel(const T* __restrict__ images, int64_t n, int64_t channels,
+                            int64_t size, const int32_t* __restrict__ coords, T* __restrict__ out,
+                            int64_t patch, int* __restrict__ error_flag) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t per_sample = channels * patch * patch;
+  if (idx >= n * per_sample) return;
+  const int64_t i = idx / per_sample;
+  const int64_t rem = idx % per_sample;
+  const int64_t c = rem / (patch * patch);
+  const int64_t y = (rem / patch) % patch;
+  const int64_t x = rem % patch;
+  const int64_t r0 = coords[2 * i], c0 = coords[2 * i + 1];
+  const int64_t limit = size - patch;
+  if (r0 < 0 || c0 < 0 || r0 > limit || c0 > limit) {
+    if (rem == 0) *error_flag = 1;
+    out[idx] = T(0);
+    return;
+  }
+  out[idx] = images[((i * channels + c) * size + r0 + y) * size + c0 + x];
+}
+
+template <typename IT>
+void launch_glance_out(const IT* in, int64_t planes, int64_t in_size, uintptr_t out,
+                       DType out_dtype, int64_t out_size, Interp mode, cudaStream_t s) {
+  const int64_t total = planes * out_size * out_size;
+  if (total == 0) return;
+  if (out_dtype == DType::kF32) {
+    glance_kernel<IT, float><<<blocks_for(total), kThreads, 0, s>>>(
+        in, planes, static_cast<int>(in_size), reinterpret_cast<float*>(out),
+        static_cast<int>(out_size), static_cast<int>(mode));
+  } else {
+    glance_kernel<IT, uint16_t><<<blocks_for(total), kThreads, 0, s>>>(
+        in, planes, static_cast<int>(in_size), reinterpret_cast<uint16_t*>(out),
+        static_cast<int>(out_size), static_cast<int>(mode));
+  }
+  GFN_CUDA_CHECK_LAUNCH();
+}
+
+void check_positive(int64_t v, const char* name) {
+  if (v <= 0) throw std::invalid_argument(std::string(name) + " must be positive");
+}
+
+}  // namespace
+
+void preprocess(uintptr_t frame, int64_t h, int64_t w, bool bgr, int64_t resize_short,
+                int64_t image_size, Interp interp, const float mean[3], const float std[3],
+                uintptr_t out, DType out_dtype, uintptr_t glance_out, int64_t glance_size,
+                Interp glance_interp, DType glance_dtype, uintptr_t stream) {
+  require_device();
+  check_positive(h, "frame height");
+  check_positive(w, "frame width");
+  check_positive(image_size, "image_size");
+  check_device_pointer(frame, "frame");
+  check_device_pointer(out, "out");
+  if (glance_out != 0) {
+    check_device_pointer(glance_out, "glance");
+    check_positive(glance_size, "glance_size");
+  }
+  const auto tab = device_tables(h, w, resize_short, image_size, interp);
+  const cudaStream_t s = as_stream(stream);
+  const int64_t S = image_size;
+  const int32_t* tp = reinterpret_cast<const int32_t*>(tab->buf->ptr());
+  Scratch hbuf(static_cast<size_t>(tab->nrows * 3 * S), stream);
+  const int64_t hthreads = tab->nrows * S;
+  if (hthreads > 0) {
+    hpass_kernel<<<blocks_for(hthreads), kThreads, 0, s>>>(
+        reinterpret_cast<const uint8_t*>(frame), w, tab->row_lo, tab->nrows, S, tp,
+        tab->off_col_start, tab->off_col_count, tab->off_col_w, tab->htaps, tab->hprec,
+        reinterpret_cast<uint8_t*>(hbuf.ptr()));
+    GFN_CUDA_CHECK_LAUNCH();
+  }
+  Norm norm{};
+  for (int c = 0; c < 3; ++c) {
+    norm.mean[c] = mean[c];
+    norm.std[c] = std[c];
+  }
+  norm.bgr = bgr ? 1 : 0;
+  // The glance is computed from float32 values; with a float16 output keep a float32 copy.
+  const bool need_f32_copy = glance_out != 0 && out_dtype != DType::kF32;
+  Scratch f32_copy(need_f32_copy ? static_cast<size_t>(3 * S * S) * sizeof(float) : 16, stream);
+  float* copy_ptr = need_f32_copy ? reinterpret_cast<float*>(f32_copy.ptr()) : nullptr;
+  if (out_dtype == DType::kF32) {
+    vpass_kernel<float><<<blocks_for(S * S), kThreads, 0, s>>>(
+        reinterpret_cast<const uint8_t*>(hbuf.ptr()), tab->row_lo, S, tp, tab->off_row_start,
+        tab->off_row_count, tab->off_row_w, tab->vtaps, tab->vprec, norm,
+        reinterpret_cast<float*>(out), nullptr);
+  } else {
+    vpass_kernel<uint16_t><<<blocks_for(S * S), kThreads, 0, s>>>(
+        reinterpret_cast<const uint8_t*>(hbuf.ptr()), tab->row_lo, S, tp, tab->off_row_start,
+        tab->off_row_count, tab->off_row_w, tab->vtaps, tab->vprec, norm,
+        reinterpret_cast<uint16_t*>(out), copy_ptr);
+  }
+  GFN_CUDA_CHECK_LAUNCH();
+  if (glance_out != 0) {
+    const float* src = need_f32_copy ? copy_ptr : reinterpret_cast<const float*>(out);
+    launch_glance_out<float>(src, 3, S, glance_out, glance_dtype, glance_size, glance_interp, s);
+  }
+}
+
+void glance(uintptr_t in, DType in_dtype, int64_t n, int64_t channels, int64_t in_size,
+            uintptr_t out, DType out_dtype, int64_t out_size, Interp mode, uintptr_t stream) {
+  require_device();
+  check_device_pointer(in, "images");
+  check_device_pointer(out, "out");
+  check_positive(in_size, "image size");
+  check_positive(out_size, "glance size");
+  const cudaStream_t s = as_stream(stream);
+  if (in_dtype == DType::kF32) {
+    launch_glance_out<float>(reinterpret_cast<const float*>(in), n * channels, in_size, out,
+                             out_dtype, out_size, mode, s);
+  } else {
+    launch_glance_out<uint16_t>(reinterpret_cast<const uint16_t*>(in), n * channels, in_size,
+                                out, out_dtype, out_size, mode, s);
+  }
+}
+
+void crop_patches(uintptr_t images, DType dtype, int64_t n, int64_t channels, int64_t size,
+                  uintptr_t coords, uintptr_t out, int64_t patch, uintptr_t error_flag,
+                  uintptr_t stream) {
+  require_device();
+  check_device_pointer(images, "images");
+  check_device_pointer(coords, "coords");
+  check_device_pointer(out, "out");
+  check_positive(patch, "patch_size");
+  if (patch > size) {
+    throw std::invalid_argument("patch_size " + std::to_string(patch) +
+                                " is larger than the image size " + std::to_string(size));
+  }
+  const cudaStream_t s = as_stream(stream);
+  const int64_t total = n * channels * patch * patch;
+  if (total == 0) return;
+  std::unique_ptr<Scratch> own_flag;
+  int* flag = reinterpret_cast<int*>(error_flag);
+  if (error_flag == 0) {
+    own_flag = std::make_unique<Scratch>(sizeof(int), stream);
+    flag = reinterpret_cast<int*>(own_flag->ptr());
+    GFN_CUDA_CHECK(cudaMemsetAsync(flag, 0, sizeof(int), s));
+  } else {
+    check_device_pointer(error_flag, "error_flag");
+  }
+  if (dtype == DType::kF32) {
+    crop_kernel<float><<<blocks_for(total), kThreads, 0, s>>>(
+        reinterpret_cast<const float*>(images), n, channels, size,
+        reinterpret_cast<const int32_t*>(coords), reinterpret_cast<float*>(out), patch, flag);
+  } else {
+    crop_kernel<uint16_t><<<blocks_for(total), kThreads, 0, s>>>(
+        reinterpret_cast<const uint16_t*>(images), n, channels, size,
+        reinterpret_cast<const int32_t*>(coords), reinterpret_cast<uint16_t*>(out), patch, flag);
+  }
+  GFN_CUDA_CHECK_LAUNCH();
+  if (error_flag == 0) {
+    int host_flag = 0;
+    GFN_CUDA_CHECK(cudaMemcpyAsync(&host_flag, flag, sizeof(int), cudaMemcpyDeviceToHost, s));
+    GFN_CUDA_CHECK(cudaStreamSynchronize(s));
+    if (host_flag != 0) {
+      throw std::invalid_argument("patch coordinates out of range: every (row, col) must lie in [0, " +
+                                  std::to_string(size - patch) + "]");
+    }
+  }
+}
+
+}  // namespace gfn::cuda

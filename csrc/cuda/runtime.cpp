@@ -1,0 +1,204 @@
+// Device discovery, buffers, streams and copies (host code, linked to static cudart).
+#include <cuda_runtime.h>
+
+#include <mutex>
+#include <stdexcept>
+#include <string>
+
+#include "api.h"
+#include "check.h"
+
+namespace gfn::cuda {
+namespace {
+
+struct DeviceProbe {
+  int count = 0;
+  std::string error;
+};
+
+const DeviceProbe& probe() {
+  static DeviceProbe result;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    int n = 0;
+    const cudaError_t err = cudaGetDeviceCount(&n);
+    if (err != cudaSuccess) {
+      (void)cudaGetLastError();
+      result.count = 0;
+      result.error = std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
+    } else {
+      result.count = n;
+      if (n == 0) result.error = "the driver reports no CUDA device";
+    }
+  });
+  return result;
+}
+
+}  // namespace
+
+int device_count() { return probe().count; }
+
+std::string device_error() { return probe().error; }
+
+void require_device() {
+  if (device_count() > 0) return;
+  throw std::runtime_error("no usable CUDA device (" + device_error() +
+                           "); use the CPU functions of gfnet_edge.ops instead");
+}
+
+std::string device_name(int index) {
+  require_device();
+  cudaDeviceProp prop{};
+  GFN_CUDA_CHECK(cudaGetDeviceProperties(&prop, index));
+  return std::string(prop.name) + " (sm_" + std::to_string(prop.major) +
+         std::to_string(prop.minor) + ")";
+}
+
+DeviceProperties device_properties(int index) {
+  require_device();
+  if (index < 0 || index >= device_count()) {
+    throw std::invalid_argument("device index " + std::to_string(index) + " out of range (" +
+                                std::to_string(device_count()) + " devices)");
+  }
+  cudaDeviceProp prop{};
+  GFN_CUDA_CHECK(cudaGetDeviceProperties(&prop, index));
+  DeviceProperties p;
+  p.name = prop.name;
+  p.major = prop.major;
+  p.minor = prop.minor;
+  p.total_memory = prop.totalGlobalMem;
+  p.multiprocessors = prop.multiProcessorCount;
+  p.integrated = prop.integrated != 0;
+  return p;
+}
+
+void device_synchronize() {
+  require_device();
+  GFN_CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+DeviceBuffer::DeviceBuffer(size_t nbytes) : nbytes_(nbytes) {
+  require_device();
+  if (nbytes > 0) GFN_CUDA_CHECK(cudaMalloc(&ptr_, nbytes));
+}
+
+DeviceBuffer::~DeviceBuffer() {
+  if (ptr_ != nullptr) {
+    (void)cudaFree(ptr_);  // destructors must not throw
+    (void)cudaGetLastError();
+  }
+}
+
+void DeviceBuffer::copy_from_host(const void* src, size_t nbytes, size_t offset,
+                                  uintptr_t stream) {
+  if (offset + nbytes > nbytes_) {
+    throw std::invalid_argument("copy of " + std::to_string(nbytes) + " bytes at offset " +
+                                std::to_string(offset) + " overflows a buffer of " +
+                                std::to_string(nbytes_) + " bytes");
+  }
+  if (nbytes == 0) return;
+  GFN_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(ptr_) + offset, src, nbytes,
+                                 cudaMemcpyHostToDevice, as_stream(stream)));
+}
+
+void DeviceBuffer::copy_to_host(void* dst, size_t nbytes, size_t offset, uintptr_t stream) const {
+  if (offset + nbytes > nbytes_) {
+    throw std::invalid_argument("copy of " + std::to_string(nbytes) + " bytes at offset " +
+                                std::to_string(offset) + " overruns a buffer of " +
+                                std::to_string(nbytes_) + " bytes");
+  }
+  if (nbytes == 0) return;
+  GFN_CUDA_CHECK(cudaMemcpyAsync(dst, static_cast<const char*>(ptr_) + offset, nbytes,
+                                 cudaMemcpyDeviceToHost, as_stream(stream)));
+  GFN_CUDA_CHECK(cudaStreamSynchronize(as_stream(stream)));
+}
+
+void DeviceBuffer::zero(uintptr_t stream) {
+  if (nbytes_ == 0) return;
+  GFN_CUDA_CHECK(cudaMemsetAsync(ptr_, 0, nbytes_, as_stream(stream)));
+}
+
+Stream::Stream() {
+  require_device();
+  cudaStream_t s = nullptr;
+  GFN_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  stream_ = s;
+}
+
+Stream::~Stream() {
+  if (stream_ != nullptr) {
+    (void)cudaStreamDestroy(static_cast<cudaStream_t>(stream_));
+    (void)cudaGetLastError();
+  }
+}
+
+void Stream::synchronize() const {
+  GFN_CUDA_CHECK(cudaStreamSynchronize(static_cast<cudaStream_t>(stream_)));
+}
+
+void stream_synchronize(uintptr_t stream) {
+  require_device();
+  GFN_CUDA_CHECK(cudaStreamSynchronize(as_stream(stream)));
+}
+
+void memcpy_htod(uintptr_t dst, const void* src, size_t nbytes, uintptr_t stream) {
+  require_device();
+  check_device_pointer(dst, "dst");
+  if (nbytes == 0) return;
+  GFN_CUDA_CHECK(cudaMemcpyAsync(reinterpret_cast<void*>(dst), src, nbytes,
+                                 cudaMemcpyHostToDevice, as_stream(stream)));
+}
+
+void memcpy_dtoh(void* dst, uintptr_t src, size_t nbytes, uintptr_t stream) {
+  require_device();
+  check_device_pointer(src, "src");
+  if (nbytes == 0) return;
+  GFN_CUDA_CHECK(cudaMemcpyAsync(dst, reinterpret_cast<const void*>(src), nbytes,
+                                 cudaMemcpyDeviceToHost, as_stream(stream)));
+  GFN_CUDA_CHECK(cudaStreamSynchronize(as_stream(stream)));
+}
+
+void check_device_pointer(uintptr_t ptr, const char* name) {
+  if (ptr == 0) throw std::invalid_argument(std::string(name) + " is a null device pointer");
+  cudaPointerAttributes attr{};
+  const cudaError_t err = cudaPointerGetAttributes(&attr, reinterpret_cast<const void*>(ptr));
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    throw std::invalid_argument(std::string(name) + " is not a valid CUDA pointer (" +
+                                cudaGetErrorString(err) + ")");
+  }
+  if (attr.type == cudaMemoryTypeUnregistered) {
+    throw std::invalid_argument(std::string(name) +
+                                " points to ordinary host memory, not device memory");
+  }
+}
+
+Scratch::Scratch(size_t nbytes, uintptr_t stream) : stream_(stream) {
+  if (nbytes == 0) nbytes = 16;
+  int device = 0;
+  GFN_CUDA_CHECK(cudaGetDevice(&device));
+  int pools = 0;
+  if (cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    pools = 0;
+  }
+  async_ = pools != 0;
+  if (async_) {
+    GFN_CUDA_CHECK(cudaMallocAsync(&ptr_, nbytes, as_stream(stream)));
+  } else {
+    GFN_CUDA_CHECK(cudaMalloc(&ptr_, nbytes));
+  }
+}
+
+Scratch::~Scratch() {
+  if (ptr_ == nullptr) return;
+  if (async_) {
+    (void)cudaFreeAsync(ptr_, as_stream(stream_));
+  } else {
+    (void)cudaStreamSynchronize(as_stream(stream_));
+    (void)cudaFree(ptr_);
+  }
+  (void)cudaGetLastError();
+}
+
+}  // namespace gfn::cuda

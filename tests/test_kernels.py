@@ -1,0 +1,288 @@
+"""CPU kernels of gfnet_edge._C against their torch references (torchvision, F.interpolate,
+nn.GRUCell, nn.Linear)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gfnet_edge import ops
+
+torch = pytest.importorskip("torch")
+tvf = pytest.importorskip("torchvision.transforms.v2.functional")
+F = torch.nn.functional
+
+MEAN, STD = ops.IMAGENET_MEAN, ops.IMAGENET_STD
+ONE_LEVEL = 1.0 / 255.0 / min(STD)  # one uint8 step after normalisation
+
+
+def torch_preprocess(frame, S, crop_pct=0.875, interpolation="bilinear", bgr=False, mean=MEAN, std=STD):
+    """The reference chain: torchvision resize (antialias, uint8) -> centre crop -> /255 -> normalize."""
+    if bgr:
+        frame = np.ascontiguousarray(frame[..., ::-1])
+    mode = {"bilinear": tvf.InterpolationMode.BILINEAR, "bicubic": tvf.InterpolationMode.BICUBIC}[interpolation]
+    t = torch.from_numpy(frame).permute(2, 0, 1)
+    r = tvf.resize(t, [int(S / crop_pct)], interpolation=mode, antialias=True)
+    c = tvf.center_crop(r, [S, S])
+    return tvf.normalize(c.float() / 255, list(mean), list(std)).numpy()
+
+
+def torch_glance(images, P, mode):
+    return F.interpolate(torch.from_numpy(images), size=(P, P), mode=mode, align_corners=True).numpy()
+
+
+def assert_preprocess_close(ours, ref):
+    d = np.abs(ours - ref)
+    assert (d <= 1.0 / 255.0).mean() >= 0.999, f"only {(d <= 1 / 255).mean():.5f} within 1/255"
+    assert d.max() <= ONE_LEVEL + 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _threads(torch_mod):
+    ops.set_num_threads(2)
+    yield
+    ops.set_num_threads(2)
+
+
+@pytest.fixture(params=["avx2", "generic"])
+def simd(request):
+    """Runs a test with the AVX2 kernels and with the portable fallback."""
+    if request.param == "avx2" and ops.simd_level() != "avx2":
+        ops._C.set_simd_enabled(True)
+        if ops.simd_level() != "avx2":
+            pytest.skip("this CPU has no AVX2/FMA/F16C")
+    ops._C.set_simd_enabled(request.param == "avx2")
+    yield request.param
+    ops._C.set_simd_enabled(True)
+
+
+# ---------------------------------------------------------------------- preprocess ----
+@pytest.mark.parametrize("hw", [(1080, 1920), (480, 640), (640, 480), (257, 311), (100, 150), (224, 224)])
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_preprocess_matches_torchvision(rng, simd, hw, interpolation):
+    frame = rng.integers(0, 256, size=(*hw, 3), dtype=np.uint8)
+    ours = ops.preprocess(frame, 224, interpolation=interpolation)
+    ref = torch_preprocess(frame, 224, interpolation=interpolation)
+    assert ours.shape == (1, 3, 224, 224) and ours.dtype == np.float32
+    assert_preprocess_close(ours[0], ref)
+    assert np.array_equal(ours[0], ref), "expected a bit-exact match with torchvision"
+
+
+@pytest.mark.parametrize("S,crop_pct,interp", [(260, 0.875, "bicubic"), (300, 0.904, "bicubic"), (224, 0.875, "bilinear")])
+def test_preprocess_variant_sizes(rng, S, crop_pct, interp):
+    frame = rng.integers(0, 256, size=(375, 500, 3), dtype=np.uint8)
+    ours = ops.preprocess(frame, S, crop_pct=crop_pct, interpolation=interp)
+    assert_preprocess_close(ours[0], torch_preprocess(frame, S, crop_pct, interp))
+
+
+def test_preprocess_natural_image_is_exact():
+    # Smooth content (many equal neighbours) stresses the rounding of the fixed-point path.
+    y, x = np.mgrid[0:720, 0:1280]
+    frame = np.stack([(x * 255 // 1279), (y * 255 // 719), ((x + y) // 8) % 256], -1).astype(np.uint8)
+    for interp in ("bilinear", "bicubic"):
+        assert np.array_equal(ops.preprocess(frame, 224, interpolation=interp)[0],
+                              torch_preprocess(frame, 224, interpolation=interp))
+
+
+def test_preprocess_bgr_and_custom_norm(rng):
+    frame = rng.integers(0, 256, size=(300, 400, 3), dtype=np.uint8)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.3, 0.4)
+    ours = ops.preprocess(frame[..., ::-1].copy(), 128, bgr=True, mean=mean, std=std)
+    ref = torch_preprocess(frame, 128, mean=mean, std=std)
+    assert np.array_equal(ours[0], ref)
+
+
+def test_preprocess_batch_list_out_slot_and_glance(rng):
+    frames = [rng.integers(0, 256, size=s, dtype=np.uint8) for s in [(300, 400, 3), (256, 256, 3), (500, 333, 3)]]
+    batch = np.full((5, 3, 224, 224), 7.0, np.float32)
+    glance_out = np.zeros((3, 3, 96, 96), np.float32)
+    images, glance = ops.preprocess(frames, 224, glance_size=96, out=batch[1:4], glance_out=glance_out)
+    assert images.base is not None and np.shares_memory(images, batch)
+    assert glance is glance_out
+    assert np.all(batch[0] == 7.0) and np.all(batch[4] == 7.0)
+    for i, f in enumerate(frames):
+        ref = torch_preprocess(f, 224)
+        assert np.array_equal(batch[1 + i], ref)
+        np.testing.assert_allclose(glance[i], torch_glance(ref[None], 96, "bicubic")[0], atol=1e-5, rtol=0)
+
+
+def test_preprocess_stacked_array_input(rng):
+    frames = rng.integers(0, 256, size=(2, 120, 160, 3), dtype=np.uint8)
+    out = ops.preprocess(frames, 64)
+    assert out.shape == (2, 3, 64, 64)
+    assert np.array_equal(out[1], ops.preprocess(frames[1], 64)[0])
+
+
+def test_preprocess_thread_count_does_not_change_results(rng):
+    frame = rng.integers(0, 256, size=(480, 640, 3), dtype=np.uint8)
+    two = ops.preprocess(frame, 224, glance_size=96)
+    ops.set_num_threads(1)
+    one = ops.preprocess(frame, 224, glance_size=96)
+    assert np.array_equal(two[0], one[0]) and np.array_equal(two[1], one[1])
+
+
+# -------------------------------------------------------------------------- glance ----
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("S,P", [(224, 96), (224, 128), (260, 128), (300, 144), (17, 5), (8, 8), (10, 1), (5, 12)])
+def test_glance_matches_interpolate(rng, mode, S, P):
+    images = rng.standard_normal((2, 3, S, S)).astype(np.float32)
+    np.testing.assert_allclose(ops.glance(images, P, mode), torch_glance(images, P, mode), atol=1e-5, rtol=0)
+
+
+def test_glance_out_and_channels(rng):
+    images = rng.standard_normal((1, 5, 32, 32)).astype(np.float32)
+    out = np.empty((1, 5, 8, 8), np.float32)
+    assert ops.glance(images, 8, "bicubic", out=out) is out
+    np.testing.assert_allclose(out, torch_glance(images, 8, "bicubic"), atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------- crop ----
+def test_crop_patches_matches_slicing(rng):
+    images = rng.standard_normal((4, 3, 64, 64)).astype(np.float32)
+    coords = np.array([[0, 0], [40, 40], [13, 7], [40, 0]], np.int32)
+    patches = ops.crop_patches(images, coords, 24)
+    for i, (r, c) in enumerate(coords):
+        assert np.array_equal(patches[i], images[i, :, r:r + 24, c:c + 24])
+
+
+@pytest.mark.parametrize("bad", [[-1, 0], [0, -1], [41, 0], [0, 41], [2**31 - 1, 0]])
+def test_crop_patches_rejects_out_of_range(rng, bad):
+    images = rng.standard_normal((2, 3, 64, 64)).astype(np.float32)
+    coords = np.array([[0, 0], bad], np.int32)
+    with pytest.raises(ValueError, match="out of range"):
+        ops.crop_patches(images, coords, 24)
+
+
+# ----------------------------------------------------------------------- GRU heads ----
+def _gru(I, H, seed=0):
+    torch.manual_seed(seed)
+    cell = torch.nn.GRUCell(I, H)
+    return cell, [p.detach().numpy() for p in (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)]
+
+
+@pytest.mark.parametrize("I,H,B", [(2048, 1024, 1), (2048, 1024, 3), (256, 256, 64), (37, 19, 5), (1, 1, 1)])
+def test_gru_cell_matches_torch(rng, simd, I, H, B):
+    cell, w = _gru(I, H)
+    x = rng.standard_normal((B, I)).astype(np.float32)
+    h = rng.standard_normal((B, H)).astype(np.float32)
+    with torch.no_grad():
+        ref = cell(torch.from_numpy(x), torch.from_numpy(h)).numpy()
+        ref0 = cell(torch.from_numpy(x)).numpy()
+    ours = ops.GRUCell(*w)
+    np.testing.assert_allclose(ours.step(x, h), ref, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(ours.step(x, None), ref0, atol=1e-5, rtol=1e-5)
+    half = ops.GRUCell(*w, weight_dtype="float16")
+    np.testing.assert_allclose(half.step(x, h), ref, atol=3e-3, rtol=0)
+
+
+def test_gru_matches_multistep_nn_gru(rng):
+    torch.manual_seed(1)
+    gru = torch.nn.GRU(64, 32)
+    xs = rng.standard_normal((5, 3, 64)).astype(np.float32)
+    with torch.no_grad():
+        ref, _ = gru(torch.from_numpy(xs))
+    cell = ops.GRUCell(gru.weight_ih_l0.detach().numpy(), gru.weight_hh_l0.detach().numpy(),
+                       gru.bias_ih_l0.detach().numpy(), gru.bias_hh_l0.detach().numpy())
+    h = None
+    for t in range(5):
+        h = cell.step(xs[t], h)
+        np.testing.assert_allclose(h, ref[t].numpy(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("B", [1, 4, 64])
+def test_gru_classifier_head(rng, simd, B):
+    cell, w = _gru(96, 48)
+    fc = torch.nn.Linear(48, 10)
+    head = ops.GRUHead(*w, fc.weight.detach().numpy(), fc.bias.detach().numpy())
+    x = rng.standard_normal((B, 96)).astype(np.float32)
+    h = rng.standard_normal((B, 48)).astype(np.float32)
+    h_new, logits, maxprob, argmax = head.step(x, h)
+    with torch.no_grad():
+        rh = cell(torch.from_numpy(x), torch.from_numpy(h))
+        rl = fc(rh)
+        rp = torch.softmax(rl, 1)
+    np.testing.assert_allclose(h_new, rh.numpy(), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(logits, rl.numpy(), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(maxprob, rp.max(1).values.numpy(), atol=1e-6, rtol=1e-5)
+    assert argmax.dtype == np.int32 and np.array_equal(argmax, rl.argmax(1).numpy())
+
+
+@pytest.mark.parametrize("S,P", [(224, 96), (224, 128), (300, 144)])
+def test_actor_head_coordinates(rng, S, P):
+    cell, w = _gru(256, 256)
+    actor = torch.nn.Linear(256, 2)
+    with torch.no_grad():
+        actor.weight.mul_(8)  # spread the actions over (0, 1)
+    head = ops.ActorHead(*w, actor.weight.detach().numpy(), actor.bias.detach().numpy())
+    x = rng.standard_normal((32, 256)).astype(np.float32)
+    h_new, action, coords = head.step(x, None, S, P)
+    with torch.no_grad():
+        rh = cell(torch.from_numpy(x))
+        ra = torch.sigmoid(actor(rh))
+        rc = torch.floor(ra * (S - P)).int()
+    np.testing.assert_allclose(h_new, rh.numpy(), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(action, ra.numpy(), atol=1e-6, rtol=0)
+    assert coords.dtype == np.int32 and coords.shape == (32, 2)
+    # floor() may differ only where action * (S - P) is within float error of an integer.
+    scaled = ra.numpy() * (S - P)
+    near_int = np.abs(scaled - np.round(scaled)) < 1e-3
+    assert np.array_equal(coords[~near_int], rc.numpy()[~near_int])
+    assert np.abs(coords - rc.numpy()).max() <= 1
+    assert coords.min() >= 0 and coords.max() <= S - P
+
+
+@pytest.mark.parametrize("layout", ["ntf", "tnf"])
+def test_cascaded_head(rng, simd, layout):
+    T, N, Fd, C = 4, 6, 40, 11
+    torch.manual_seed(2)
+    fcs = {k: torch.nn.Linear(k * Fd, C) for k in range(2, T + 1)}
+    head = ops.CascadedHead([(fcs[k].weight.detach().numpy(), fcs[k].bias.detach().numpy()) for k in range(2, T + 1)])
+    feats = rng.standard_normal((N, T, Fd)).astype(np.float32)
+    buf = feats if layout == "ntf" else np.ascontiguousarray(feats.transpose(1, 0, 2))
+    for k in range(2, T + 1):
+        logits, maxprob, argmax = head.step(buf, k, layout=layout)
+        with torch.no_grad():
+            ref = fcs[k](torch.from_numpy(feats[:, :k].reshape(N, -1)))
+        np.testing.assert_allclose(logits, ref.numpy(), atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(maxprob, torch.softmax(ref, 1).max(1).values.numpy(), rtol=1e-5, atol=1e-6)
+        assert np.array_equal(argmax, ref.argmax(1).numpy())
+    with pytest.raises(ValueError, match="no layer takes k=1"):
+        head.step(buf, 1, layout=layout)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_linear_and_linear_class(rng, simd, relu):
+    lin = torch.nn.Linear(300, 70)
+    x = rng.standard_normal((9, 300)).astype(np.float32)
+    with torch.no_grad():
+        ref = lin(torch.from_numpy(x))
+        ref = torch.relu(ref) if relu else ref
+    w, b = lin.weight.detach().numpy(), lin.bias.detach().numpy()
+    np.testing.assert_allclose(ops.linear(x, w, b, relu=relu), ref.numpy(), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(ops.Linear(w, b)(x, relu=relu), ref.numpy(), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(ops.Linear(w, b, weight_dtype="float16")(x, relu=relu), ref.numpy(), atol=2e-3)
+    np.testing.assert_allclose(ops.linear(x, w, None), (x @ w.T), atol=1e-4)
+
+
+def test_softmax_stats(rng):
+    logits = rng.standard_normal((7, 1000)).astype(np.float32) * 5
+    logits[3, 10] = logits[3, 20] = 100.0  # ties: the first index wins, as torch.argmax
+    maxprob, argmax = ops.softmax_stats(logits)
+    t = torch.from_numpy(logits)
+    np.testing.assert_allclose(maxprob, torch.softmax(t, 1).max(1).values.numpy(), rtol=1e-5)
+    assert np.array_equal(argmax, t.argmax(1).numpy()) and argmax[3] == 10
+
+
+def test_simd_and_generic_paths_agree(rng):
+    if ops.simd_level() != "avx2":
+        pytest.skip("no AVX2 on this CPU")
+    _, w = _gru(333, 77)
+    x = rng.standard_normal((3, 333)).astype(np.float32)
+    frame = rng.integers(0, 256, size=(333, 444, 3), dtype=np.uint8)
+    fast = ops.GRUCell(*w).step(x), ops.preprocess(frame, 200, interpolation="bicubic")
+    ops._C.set_simd_enabled(False)
+    try:
+        slow = ops.GRUCell(*w).step(x), ops.preprocess(frame, 200, interpolation="bicubic")
+    finally:
+        ops._C.set_simd_enabled(True)
+    np.testing.assert_allclose(fast[0], slow[0], atol=1e-6, rtol=1e-6)
+    assert np.array_equal(fast[1], slow[1])

@@ -1,0 +1,93 @@
+"""CUDA kernels against the CPU path (skipped with a reason where no GPU is usable)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gfnet_edge import ops, selftest
+
+HAVE_GPU = ops.has_cuda_build() and ops.cuda_device_count() > 0
+REASON = ("gfnet_edge._C built without CUDA" if not ops.has_cuda_build()
+          else f"no usable CUDA device ({ops._C.cuda_device_error()})")
+requires_gpu = pytest.mark.skipif(not HAVE_GPU, reason=REASON)
+pytestmark = pytest.mark.gpu
+
+
+def test_selftest_without_gpu_exits_with_status_2(capsys):
+    if HAVE_GPU:
+        pytest.skip("a GPU is present")
+    assert selftest.main(["--gpu", "--quick"]) == 2
+    assert "cannot run the GPU checks" in capsys.readouterr().err
+
+
+@requires_gpu
+def test_selftest_checks_pass():
+    failed = [r for r in selftest.run_checks(quick=True) if not r.ok]
+    assert not failed, "\n".join(f"{r.name}: err {r.max_err:.3g} > tol {r.tol:.3g} {r.note}" for r in failed)
+
+
+@requires_gpu
+@pytest.mark.parametrize("interp", ["bilinear", "bicubic"])
+def test_cuda_preprocess_bit_exact_into_batch_slot(interp):
+    rng = np.random.default_rng(3)
+    frames = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(360, 640), (500, 375)]]
+    ref = ops.preprocess(frames, 224, interpolation=interp)
+    batch = ops.DeviceBuffer(3 * 3 * 224 * 224 * 4)
+    batch.zero()
+    stream = ops.Stream()
+    keep = []
+    for i, f in enumerate(frames):
+        fb = ops.to_device(f, stream)
+        keep.append(fb)
+        ops.cuda_preprocess(fb, f.shape[0], f.shape[1], 224, batch.ptr + (i + 1) * 3 * 224 * 224 * 4,
+                            interpolation=interp, stream=stream)
+    got = ops.from_device(batch, (3, 3, 224, 224), np.float32, stream)
+    assert not got[0].any()
+    assert np.array_equal(got[1:], ref)
+
+
+@requires_gpu
+def test_cuda_heads_numpy_convenience_match_cpu():
+    rng = np.random.default_rng(4)
+    H, I, C = 64, 96, 10
+    w = [rng.standard_normal(s).astype(np.float32) * 0.1 for s in [(3 * H, I), (3 * H, H), (3 * H,), (3 * H,), (C, H), (C,)]]
+    x, h = rng.standard_normal((5, I)).astype(np.float32), rng.standard_normal((5, H)).astype(np.float32)
+    cpu, gpu = ops.GRUHead(*w), ops.GRUHead(*w, device="cuda")
+    for a, b in zip(cpu.step(x, h), gpu.step(x, h)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    feats = rng.standard_normal((5, 3, 16)).astype(np.float32)
+    layers = [(rng.standard_normal((C, k * 16)).astype(np.float32), rng.standard_normal(C).astype(np.float32))
+              for k in (2, 3)]
+    for a, b in zip(ops.CascadedHead(layers).step(feats, 3), ops.CascadedHead(layers, device="cuda").step(feats, 3)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+@requires_gpu
+def test_cuda_crop_rejects_bad_coordinates_without_reading_out_of_bounds():
+    images = ops.to_device(np.ones((2, 3, 32, 32), np.float32))
+    out = ops.DeviceBuffer(2 * 3 * 8 * 8 * 4)
+    with pytest.raises(ValueError, match="out of range|lie in"):
+        ops.cuda_crop_patches(images, 2, 32, np.array([[0, 0], [30, 0]], np.int32), out, 8)
+    with pytest.raises(ValueError, match="out of range"):
+        ops.cuda_crop_patches(images, 2, 32, ops.to_device(np.array([[0, 0], [-5, 0]], np.int32)), out, 8)
+
+
+@requires_gpu
+def test_cuda_rejects_host_pointers():
+    host = np.zeros(16, np.float32)
+    with pytest.raises(ValueError, match="host memory|not a valid"):
+        ops._C.cuda.glance(host.ctypes.data, "float32", 1, 1, 4, host.ctypes.data, "float32", 2, "bilinear", 0)
+
+
+@requires_gpu
+def test_cuda_accepts_torch_tensors_and_streams():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA here")
+    images = torch.randn(2, 3, 64, 64, device="cuda")
+    out = torch.empty(2, 3, 16, 16, device="cuda")
+    stream = torch.cuda.Stream()
+    ops.cuda_glance(images, 2, 64, out, 16, "bicubic", stream=stream)
+    stream.synchronize()
+    ref = ops.glance(images.cpu().numpy(), 16, "bicubic")
+    np.testing.assert_allclose(out.cpu().numpy(), ref, atol=1e-5)

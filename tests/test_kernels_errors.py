@@ -1,0 +1,210 @@
+"""Bad inputs raise TypeError / ValueError with a message, never crash; the build exposes CUDA
+when nvcc exists; CUDA calls without a GPU raise RuntimeError."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from gfnet_edge import ops
+
+_C = ops._C
+F32 = np.float32
+
+
+@pytest.fixture()
+def images():
+    return np.zeros((2, 3, 32, 32), F32)
+
+
+@pytest.fixture()
+def frame():
+    return np.zeros((40, 50, 3), np.uint8)
+
+
+# ------------------------------------------------------------------------ preprocess ----
+@pytest.mark.parametrize("kwargs,exc,msg", [
+    (dict(image_size=0), ValueError, "image_size"),
+    (dict(image_size=1.5), TypeError, "image_size must be an int"),
+    (dict(image_size=True), TypeError, "image_size must be an int"),
+    (dict(crop_pct=0.0), ValueError, "crop_pct"),
+    (dict(crop_pct=1.5), ValueError, "crop_pct"),
+    (dict(interpolation="nearest"), ValueError, "interpolation"),
+    (dict(glance_interpolation="area", glance_size=8), ValueError, "glance_interpolation"),
+    (dict(mean=(0.5, 0.5)), ValueError, "mean must have 3"),
+    (dict(std=(0.2, 0.0, 0.2)), ValueError, "non-zero"),
+    (dict(glance_size=0), ValueError, "glance_size"),
+    (dict(glance_size=64), ValueError, "glance_size"),
+    (dict(out=np.zeros((1, 3, 16, 16), F32)), ValueError, "out must have shape"),
+    (dict(out=np.zeros((1, 3, 32, 32), np.float64)), TypeError, "float32"),
+    (dict(out=np.zeros((1, 3, 32, 64), F32)[..., ::2]), ValueError, "C-contiguous"),
+])
+def test_preprocess_bad_arguments(frame, kwargs, exc, msg):
+    kwargs = {"image_size": 32, **kwargs}
+    with pytest.raises(exc, match=msg):
+        ops.preprocess(frame, **kwargs)
+
+
+@pytest.mark.parametrize("bad,exc,msg", [
+    (np.zeros((40, 50), np.uint8), ValueError, "HxWx3"),
+    (np.zeros((40, 50, 4), np.uint8), ValueError, "HxWx3"),
+    (np.zeros((0, 50, 3), np.uint8), ValueError, "empty"),
+    (np.zeros((40, 50, 3), np.float32), TypeError, "uint8"),
+    (np.zeros((40, 100, 3), np.uint8)[:, ::2], ValueError, "C-contiguous"),
+    ([], ValueError, "empty"),
+    ("frame.png", TypeError, "numpy"),
+    ([np.zeros((4, 4, 3), np.uint8), "x"], TypeError, "numpy"),
+])
+def test_preprocess_bad_frames(bad, exc, msg):
+    with pytest.raises(exc, match=msg):
+        ops.preprocess(bad, 16)
+
+
+def test_preprocess_readonly_out(frame):
+    out = np.zeros((1, 3, 16, 16), F32)
+    out.setflags(write=False)
+    with pytest.raises(ValueError, match="writeable"):
+        ops.preprocess(frame, 16, out=out)
+
+
+# ----------------------------------------------------------------------- glance / crop ----
+@pytest.mark.parametrize("arr,P,exc,msg", [
+    (np.zeros((3, 32, 32), F32), 8, ValueError, "4 dimensions"),
+    (np.zeros((1, 3, 32, 30), F32), 8, ValueError, "square"),
+    (np.zeros((1, 3, 32, 32), F32), 0, ValueError, "patch_size"),
+    (np.zeros((1, 3, 32, 64), F32)[..., ::2], 8, ValueError, "C-contiguous"),
+    (np.zeros((1, 3, 32, 32), np.float64), 8, TypeError, "float32"),
+    ([[1.0]], 8, TypeError, "numpy"),
+])
+def test_glance_bad_inputs(arr, P, exc, msg):
+    with pytest.raises(exc, match=msg):
+        ops.glance(arr, P)
+
+
+def test_glance_bad_mode_and_out(images):
+    with pytest.raises(ValueError, match="interpolation"):
+        ops.glance(images, 8, "lanczos")
+    with pytest.raises(ValueError, match="out must have shape"):
+        ops.glance(images, 8, out=np.zeros((2, 3, 9, 9), F32))
+
+
+@pytest.mark.parametrize("coords,P,exc,msg", [
+    (np.zeros((2, 2), np.int64), 8, TypeError, "int32"),
+    (np.zeros((3, 2), np.int32), 8, ValueError, r"shape \(2, 2\)"),
+    (np.zeros((2, 3), np.int32), 8, ValueError, r"shape \(2, 2\)"),
+    (np.zeros(4, np.int32), 8, ValueError, "2 dimensions"),
+    (np.array([[0, 0], [25, 0]], np.int32), 8, ValueError, "out of range"),
+    (np.array([[0, 0], [-1, 0]], np.int32), 8, ValueError, "out of range"),
+    (np.zeros((2, 2), np.int32), 33, ValueError, "exceeds"),
+    (np.zeros((2, 2), np.int32), -1, ValueError, "patch_size"),
+    (np.zeros((2, 4), np.int32)[:, ::2], 8, ValueError, "C-contiguous"),
+])
+def test_crop_bad_inputs(images, coords, P, exc, msg):
+    with pytest.raises(exc, match=msg):
+        ops.crop_patches(images, coords, P)
+
+
+# ------------------------------------------------------------------------------ heads ----
+def _gru_weights(I=6, H=4):
+    rng = np.random.default_rng(0)
+    return [rng.standard_normal(s).astype(F32) for s in [(3 * H, I), (3 * H, H), (3 * H,), (3 * H,)]]
+
+
+@pytest.mark.parametrize("mutate,exc,msg", [
+    (lambda w: [w[0][:5]] + w[1:], ValueError, "w_ih must have shape"),
+    (lambda w: [w[0], w[1][:, :3]] + w[2:], ValueError, "w_hh must have shape"),
+    (lambda w: w[:2] + [w[2][:5], w[3]], ValueError, "b_ih must have shape"),
+    (lambda w: [w[0][None]] + w[1:], ValueError, "w_ih must have 2 dimensions"),
+    (lambda w: [w[0].astype(object)] + w[1:], TypeError, "real numeric"),
+    (lambda w: [np.full_like(w[0], np.nan)] + w[1:], ValueError, "NaN"),
+])
+def test_gru_bad_weights(mutate, exc, msg):
+    with pytest.raises(exc, match=msg):
+        ops.GRUCell(*mutate(_gru_weights()))
+
+
+def test_gru_bad_step_inputs():
+    cell = ops.GRUCell(*_gru_weights())
+    with pytest.raises(ValueError, match=r"\(N, 6\)"):
+        cell.step(np.zeros((2, 5), F32))
+    with pytest.raises(ValueError, match="rows"):
+        cell.step(np.zeros((2, 6), F32), np.zeros((3, 4), F32))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        cell.step(np.zeros((2, 12), F32)[:, ::2])
+    with pytest.raises(TypeError, match="float32"):
+        cell.step(np.zeros((2, 6)))
+    with pytest.raises(ValueError, match="weight_dtype"):
+        ops.GRUCell(*_gru_weights(), weight_dtype="bfloat16")
+
+
+def test_heads_bad_shapes():
+    w = _gru_weights()
+    with pytest.raises(ValueError, match="head takes"):
+        ops.GRUHead(*w, np.zeros((10, 5), F32), np.zeros(10, F32))
+    with pytest.raises(ValueError, match=r"\(2, H\)"):
+        ops.ActorHead(*w, np.zeros((3, 4), F32), np.zeros(3, F32))
+    actor = ops.ActorHead(*w, np.zeros((2, 4), F32), np.zeros(2, F32))
+    with pytest.raises(ValueError, match="patch_size"):
+        actor.step(np.zeros((1, 6), F32), None, 96, 128)
+    with pytest.raises(ValueError, match="device"):
+        ops.GRUHead(*w, np.zeros((10, 4), F32), None, device="tpu")
+    with pytest.raises(RuntimeError, match="device='cuda'"):
+        ops.GRUHead(*w, np.zeros((10, 4), F32), None).step_device(1, None, 1, 1, 1)
+
+
+def test_cascaded_bad_inputs():
+    head = ops.CascadedHead([(np.zeros((3, 10), F32), np.zeros(3, F32))])
+    with pytest.raises(ValueError, match="no layer"):
+        head.step(np.zeros((2, 2, 4), F32), 2)
+    with pytest.raises(ValueError, match="k must be in"):  # the C++ layer checks k <= T itself
+        _C.Linear(np.zeros((3, 10), F32)).cascaded_step(np.zeros((2, 1, 5), F32), 2, "ntf")
+    with pytest.raises(ValueError, match="layout"):
+        head.step(np.zeros((2, 2, 5), F32), 2, layout="nft")
+    with pytest.raises(ValueError, match="3 dimensions"):
+        head.step(np.zeros((2, 10), F32), 2)
+    with pytest.raises(ValueError, match="same number of outputs"):
+        ops.CascadedHead([(np.zeros((3, 10)), None), (np.zeros((4, 15)), None)])
+    with pytest.raises(ValueError, match="empty"):
+        ops.CascadedHead([])
+    with pytest.raises(TypeError, match="pair"):
+        ops.CascadedHead([np.zeros((3, 10))])
+
+
+def test_linear_bad_inputs():
+    with pytest.raises(ValueError, match="columns|\\(N, 5\\)"):
+        ops.linear(np.zeros((2, 4), F32), np.zeros((3, 5), F32))
+    with pytest.raises(ValueError, match="b must have shape"):
+        ops.linear(np.zeros((2, 5), F32), np.zeros((3, 5), F32), np.zeros(4, F32))
+    with pytest.raises(TypeError, match="float32"):
+        ops.linear(np.zeros((2, 5), F32), np.zeros((3, 5)))
+    with pytest.raises(ValueError, match="must be >= 1"):
+        ops.set_num_threads(0)
+
+
+# ------------------------------------------------------------------------ build / CUDA ----
+def test_cuda_compiled_when_nvcc_exists():
+    nvcc = shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc")
+    if not nvcc or os.environ.get("GFNET_EDGE_CUDA", "").strip() == "0":
+        pytest.skip("no nvcc on this machine (or GFNET_EDGE_CUDA=0): the CPU-only build is expected")
+    assert ops.has_cuda_build(), "nvcc is available but the CUDA kernels were not compiled"
+    assert _C.cuda_archs(), "no CUDA architecture recorded"
+
+
+def test_device_count_never_raises():
+    n = ops.cuda_device_count()
+    assert isinstance(n, int) and n >= 0
+    assert isinstance(_C.cuda_device_error(), str)
+
+
+def test_cuda_calls_without_gpu_raise_runtime_error():
+    if ops.cuda_device_count() > 0:
+        pytest.skip("a GPU is present")
+    w = _gru_weights()
+    for call in (lambda: ops.DeviceBuffer(16), ops.Stream, lambda: ops.cuda_device_properties(0),
+                 lambda: ops.GRUHead(*w, np.zeros((3, 4), F32), None, device="cuda"),
+                 lambda: ops.cuda_glance(1, 1, 8, 1, 4), lambda: _C.cuda.DeviceBuffer(16),
+                 lambda: _C.cuda.synchronize()):
+        with pytest.raises(RuntimeError, match="CUDA"):
+            call()
