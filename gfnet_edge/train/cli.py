@@ -118,13 +118,25 @@ def run(args: argparse.Namespace) -> int:
     stages = ORDER if args.stage == "all" else STAGE_GROUPS[args.stage]
     # Load the weights of the last finished stage before the requested ones.
     first = ORDER.index(stages[0]) if stages else len(ORDER)
-    for name in reversed(ORDER[:first]):
+    # The static baseline may be trained by a separate process in parallel with stages 1-3
+    # (it only needs pre_local), so the GFNet comes from the last finished GFNet stage and the
+    # static model from static.pt.
+    for name in reversed([n for n in ORDER[:first] if n != "static"]):
         if runner.load_stage(name):
             log(f"loaded weights after stage {name}")
             break
     else:
         if first > 0 and args.stage != "all":
             log(f"warning: no earlier stage finished in {out}; stage {args.stage} starts from random weights")
+    if "static" in ORDER[:first] and runner.load_static_stage():
+        log("loaded the static baseline after stage static")
+    if args.stage == "export":  # minutes of every finished stage (they may come from several processes)
+        for name in ORDER:
+            p = runner.stage_path(name)
+            if p.exists():
+                ck = torch.load(p, map_location="cpu", weights_only=False)
+                if ck.get("done"):
+                    runner.timings[name] = ck.get("elapsed", 0.0)
     resume = args.resume or args.stage != "all"
     for name in stages:
         t = time.time()

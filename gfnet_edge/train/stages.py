@@ -91,6 +91,18 @@ class Run:
         self.timings[name] = ck.get("elapsed", 0.0)
         return True
 
+    def load_static_stage(self) -> bool:
+        """Loads only the static baseline's weights from a finished ``static.pt``."""
+        p = self.stage_path("static")
+        if not p.exists():
+            return False
+        ck = torch.load(p, map_location="cpu", weights_only=False)
+        if not ck.get("done"):
+            return False
+        self.static.load_state_dict(ck["models"]["static"])
+        self.timings["static"] = ck.get("elapsed", 0.0)
+        return True
+
     # ------------------------------------------------------------------ the loop
     def loop(self, name: str, budget: StageBudget, params: List[nn.Parameter], step: Callable[[np.ndarray, np.random.Generator], Dict[str, float]],
              n: int, evaluate: Optional[Callable[[], Dict[str, float]]] = None, adam: bool = False,
