@@ -125,4 +125,16 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     add_parser(sub)
 
 
-PARSERS = [_add_build, _add_predict, _add_train]
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    from .calibrate.cli import add_parser
+
+    add_parser(sub)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from .demo import add_parser
+
+    add_parser(sub)
+
+
+PARSERS = [_add_build, _add_predict, _add_calibrate, _add_demo, _add_train]

@@ -1,0 +1,85 @@
+"""``gfnet-edge calibrate``: register with ``add_parser(subparsers)``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gfnet_edge.errors import InputError
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .pipeline import CalibrationConfig, run_calibration
+    from .report import summary
+
+    tol = tuple(float(x) for x in args.tolerance.split(","))
+    if len(tol) != 2 or not all(0 <= x < 1 for x in tol):
+        raise InputError(f"--tolerance must be BELOW,ABOVE fractions, e.g. 0.10,0.05; got {args.tolerance!r}")
+    cfg = CalibrationConfig(
+        bundle=args.bundle, data=args.data, output=args.output, budgets_ms=list(args.budget_ms or []),
+        backend=args.backend, precision=args.precision, threads=args.threads, batch=args.batch,
+        batch_size=args.batch_size, num_images=args.num_images, holdout=args.holdout, method=args.method,
+        margin=args.margin, tolerance=tol, attempts=args.attempts, repeats=args.repeats, warmup=args.warmup,
+        static=list(args.static or []), static_int8=args.static_int8, compare_precisions=not args.no_compare,
+        write_manifest=not args.no_write, default=args.default, force=args.force, gallery=args.gallery,
+        seed=args.seed, clock=args.clock, progress=not args.quiet, argv=["gfnet-edge"] + sys.argv[1:],
+    )
+    res = run_calibration(cfg)
+    print(summary(res))
+    print(f"report: {args.output}/report.html")
+    bad = [b["name"] for b in res["budgets"] if not b["within_tolerance"]]
+    if bad and args.strict:
+        print(f"gfnet-edge: error: measured latency outside the tolerance for {', '.join(bad)}", file=sys.stderr)
+        return 4
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Adds the ``calibrate`` subcommand."""
+    p = sub.add_parser(
+        "calibrate", help="measure step latency, fit exit thresholds for ms budgets, verify, report",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Measure each GFNet step's latency on this device with the real runtime, fit exit thresholds for\n"
+            "budgets in milliseconds, verify them by running the runtime on held-out images, write them into\n"
+            "the bundle's manifest as named budgets (ms-3.0 ...) and write a report (report.json + report.html).\n\n"
+            "  gfnet-edge calibrate BUNDLE --data demo --budget-ms 3 4 5 -o report/\n"
+            "  gfnet-edge calibrate BUNDLE --data val/ --static static.pth.tar --default 4 -o report/\n\n"
+            "Budgets are mean milliseconds per image at --batch (default 1). A budget below the glance's own\n"
+            "latency, unreadable data or an existing report directory stop with an error before anything is written."
+        ),
+    )
+    p.add_argument("bundle", help="bundle directory (gfnet-edge build-engine)")
+    p.add_argument("--data", required=True, help="labelled images: 'demo', a folder with one subfolder per class, or an .npz")
+    p.add_argument("-o", "--output", required=True, help="report directory to create (written atomically)")
+    p.add_argument("--budget-ms", type=float, nargs="+", metavar="MS",
+                   help="mean latency budgets in ms per image (default: three between the glance's and the full model's)")
+    p.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt", "torch"], default="auto")
+    p.add_argument("--precision", default="auto", help="graph set: auto, fp32, int8-cpu, int8 (TensorRT) ...")
+    p.add_argument("--threads", type=int, help="CPU threads of ONNX Runtime and the extension")
+    p.add_argument("--batch", type=int, default=1, help="images per call the budgets are for (default 1)")
+    p.add_argument("--batch-size", type=int, default=8, help="a second batch size to measure step latency at (0: none)")
+    p.add_argument("--num-images", type=int, help="use at most this many images (demo: how many; default 1000)")
+    p.add_argument("--holdout", type=float, default=0.5, help="held-out fraction (default 0.5)")
+    p.add_argument("--method", choices=["search", "reference"], default="search",
+                   help="threshold fitting: search (max accuracy under the budget) or the reference p sweep")
+    p.add_argument("--margin", type=float, default=0.03, help="safety margin of the fit, fraction of the budget (0.03)")
+    p.add_argument("--tolerance", default="0.10,0.05",
+                   help="BELOW,ABOVE: measured mean must lie in [budget*(1-BELOW), budget*(1+ABOVE)] (0.10,0.05)")
+    p.add_argument("--attempts", type=int, default=3, help="fit/verify rounds per budget (default 3)")
+    p.add_argument("--repeats", type=int, default=60, help="timed calls per step (default 60)")
+    p.add_argument("--warmup", type=int, default=5, help="warm-up calls per step (default 5)")
+    p.add_argument("--static", action="append", metavar="PATH",
+                   help="static baseline: checkpoint (.pth.tar) or ONNX graph; repeatable")
+    p.add_argument("--static-int8", action="store_true", help="also quantize the static baseline to INT8 (CPU)")
+    p.add_argument("--no-compare", action="store_true", help="do not compare the bundle's other precisions")
+    p.add_argument("--no-write", action="store_true", help="report only; leave the bundle's manifest unchanged")
+    p.add_argument("--default", metavar="BUDGET", help="make this budget (name or ms) the bundle's default")
+    p.add_argument("--gallery", type=int, default=12, help="gallery images (default 12)")
+    p.add_argument("--seed", type=int, default=0, help="fit/held-out split seed")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall: wall-clock latency (default); cpu: CPU time of the calling thread, with --threads 1 "
+                        "(the latency of an otherwise idle device, for machines shared with other jobs)")
+    p.add_argument("--strict", action="store_true", help="exit 4 when a measured latency is outside the tolerance")
+    p.add_argument("--force", action="store_true", help="replace an existing report directory")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_calibrate)

@@ -1,0 +1,284 @@
+"""Measuring a bundle's latency on this device with the real :class:`~gfnet_edge.runtime.Runtime`.
+
+Per-step cost ``cost[k]`` is the mean wall-clock time of ``Runtime.predict`` per image when
+*every* image exits at step ``k``: the runtime runs with thresholds ``2.0`` (unreachable, a
+probability is at most 1) before ``k`` and ``-1e8`` (always reached) from ``k`` on, so it does
+exactly the work of an image that exits at ``k`` — pre-processing of the uint8 frame, glance,
+``k`` policy/crop/focus steps, heads and the exit checks.
+
+Calibration frames are already the network's S x S input (the validation resize and centre crop
+were applied when they were loaded), so they are normalised with ``ops.preprocess(...,
+crop_pct=1.0)`` (no second resize/crop) and the runtime is given the float32 images; the timed
+call covers that normalisation (stage ``normalise`` in the breakdown) plus ``Runtime.predict``
+(whose ``preprocess`` stage is then only the glance resize). A
+deployment that also resizes camera frames pays that resize on top (reported separately). The steps are measured interleaved
+(``k = 0..T-1`` within each repetition) so background load affects all of them alike. The
+profiler's per-stage timings are collected in a separate pass (profiling adds a little overhead).
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Sequence
+
+import numpy as np
+
+UNREACHABLE = 2.0
+ALWAYS = -1e8
+
+#: Clocks a calibration can time with: ``wall`` (the latency a caller sees) or ``cpu`` (CPU time
+#: of the calling thread: with one thread, where ONNX Runtime and the extension run every kernel on
+#: the caller, it is the latency of an otherwise idle device, unaffected by other processes' load).
+CLOCKS: Dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+@dataclass
+class LatencyStats:
+    """Summary of per-image latencies (milliseconds).
+
+    Attributes:
+        n: number of measurements.
+        mean_ms, std_ms, p50_ms, p95_ms, p99_ms, min_ms: statistics.
+    """
+
+    n: int
+    mean_ms: float
+    std_ms: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    min_ms: float
+
+    @classmethod
+    def of(cls, ms: Sequence[float]) -> "LatencyStats":
+        a = np.asarray(ms, dtype=np.float64)
+        if a.size == 0:
+            raise ValueError("no latency samples")
+        return cls(int(a.size), float(a.mean()), float(a.std()), float(np.percentile(a, 50)),
+                   float(np.percentile(a, 95)), float(np.percentile(a, 99)), float(a.min()))
+
+    def to_dict(self) -> Dict[str, float]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class StepLatency:
+    """Per-step latency at one batch size.
+
+    Attributes:
+        batch: images per ``predict`` call.
+        steps: per-image stats of "every image exits at step k", k = 0..T-1.
+        stages: profiler summary per exit step (``{k: {stage: {mean_ms ...}}}``), per call.
+    """
+
+    batch: int
+    steps: List[LatencyStats]
+    stages: Dict[int, Dict[str, Dict[str, float]]] = field(default_factory=dict)
+
+    @property
+    def cost(self) -> np.ndarray:
+        """Cumulative per-image mean latency of steps 0..k (ms), shape (T,)."""
+        return np.asarray([s.mean_ms for s in self.steps], dtype=np.float64)
+
+    def to_dict(self) -> dict:
+        return {"batch": self.batch, "cost_ms": self.cost.tolist(), "steps": [s.to_dict() for s in self.steps],
+                "stages": {str(k): v for k, v in self.stages.items()}}
+
+
+def forced_exit_thresholds(steps: int, k: int) -> List[float]:
+    """Thresholds under which every image exits exactly at step ``k``."""
+    if not 0 <= k < steps:
+        raise ValueError(f"step {k} out of range for {steps} steps")
+    return [UNREACHABLE] * k + [ALWAYS] * (steps - k)
+
+
+@contextmanager
+def using_thresholds(rt, thresholds: Sequence[float]) -> Iterator[None]:
+    """Temporarily runs ``rt`` with the given thresholds (restored afterwards)."""
+    old = rt.thresholds
+    rt.thresholds = [float(t) for t in thresholds]
+    try:
+        yield
+    finally:
+        rt.thresholds = old
+
+
+def prepare_frames(model: Dict[str, object], frames: np.ndarray) -> np.ndarray:
+    """Normalised float32 (N, 3, S, S) of uint8 S x S frames (no resize, no crop)."""
+    from gfnet_edge import ops
+
+    S = int(model["image_size"])
+    if frames.ndim != 4 or frames.shape[1:] != (S, S, 3):
+        raise ValueError(f"frames must be uint8 (N, {S}, {S}, 3), got {frames.shape}")
+    return ops.preprocess(list(frames), S, crop_pct=1.0, interpolation=str(model["dataset_interpolation"]),
+                          mean=tuple(model["mean"]), std=tuple(model["std"]))
+
+
+def _batches(frames: np.ndarray, batch: int, count: int, start: int = 0) -> Iterator[np.ndarray]:
+    n = len(frames)
+    for i in range(count):
+        j = (start + i * batch) % n
+        idx = [(j + b) % n for b in range(batch)]
+        yield frames[idx]
+
+
+def time_predict(rt, batch_frames: np.ndarray, clock: Callable[[], float] = time.perf_counter) -> float:
+    """Milliseconds per image of one ``predict`` call (normalisation included)."""
+    t0 = clock()
+    rt.predict(prepare_frames(rt.model, batch_frames))
+    return (clock() - t0) * 1e3 / len(batch_frames)
+
+
+def measure_steps(rt, frames: np.ndarray, batch: int = 1, repeats: int = 60, warmup: int = 5,
+                  stage_calls: int = 20, progress=None, clock: Callable[[], float] = time.perf_counter) -> StepLatency:
+    """Measures per-step latency of ``rt`` (see the module docstring).
+
+    Args:
+        rt: an open Runtime (its thresholds are restored afterwards).
+        frames: uint8 (N, S, S, 3) frames cycled through.
+        batch: images per call.
+        repeats: timed calls per step.
+        warmup: untimed calls per step first.
+        stage_calls: profiled calls per step for the stage breakdown (0: none).
+        progress: optional callable ``progress(n)`` called after each call (a tqdm ``update``).
+        clock: the timer (:data:`CLOCKS`); the stage breakdown is always wall-clock.
+
+    Returns:
+        The :class:`StepLatency`.
+    """
+    T = int(rt.model["steps"])
+    thr = [forced_exit_thresholds(T, k) for k in range(T)]
+    was = rt.profiler.enabled
+    rt.profiler.enabled = False
+    samples: List[List[float]] = [[] for _ in range(T)]
+    try:
+        for k in range(T):
+            with using_thresholds(rt, thr[k]):
+                for b in _batches(frames, batch, warmup, start=k):
+                    time_predict(rt, b)
+                    if progress:
+                        progress(1)
+        src = _batches(frames, batch, repeats)
+        for b in src:
+            for k in range(T):
+                with using_thresholds(rt, thr[k]):
+                    samples[k].append(time_predict(rt, b, clock))
+                if progress:
+                    progress(1)
+        stages: Dict[int, Dict[str, Dict[str, float]]] = {}
+        if stage_calls:
+            rt.profiler.enabled = True
+            for k in range(T):
+                rt.profiler.reset()
+                norm: List[float] = []
+                with using_thresholds(rt, thr[k]):
+                    for b in _batches(frames, batch, stage_calls, start=k):
+                        t0 = time.perf_counter()
+                        x = prepare_frames(rt.model, b)
+                        norm.append((time.perf_counter() - t0) * 1e3)
+                        rt.predict(x)
+                        if progress:
+                            progress(1)
+                summ = rt.profiler.summary()
+                a = np.asarray(norm)
+                stages[k] = {"normalise": {"count": int(a.size), "total_ms": float(a.sum()), "mean_ms": float(a.mean()),
+                                           "p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)),
+                                           "p99_ms": float(np.percentile(a, 99))}, **summ}
+            rt.profiler.reset()
+    finally:
+        rt.profiler.enabled = was
+    return StepLatency(batch, [LatencyStats.of(s) for s in samples], stages)
+
+
+@dataclass
+class CallRun:
+    """One timed pass of the runtime over a set of frames.
+
+    Attributes:
+        stats: per-image latency summary.
+        ms: per-image latency of each frame (a batch's time is shared by its images).
+        classes, exit_step: runtime outputs (N,).
+        coords: patch top-left per focus step (T-1, N, 2), -1 after exit.
+    """
+
+    stats: LatencyStats
+    ms: np.ndarray
+    classes: np.ndarray
+    exit_step: np.ndarray
+    coords: np.ndarray
+
+
+def measure_calls(rt, frames: np.ndarray, thresholds: Sequence[float], batch: int = 1, warmup: int = 5,
+                  progress=None, clock: Callable[[], float] = time.perf_counter) -> CallRun:
+    """Runs ``rt`` with ``thresholds`` over every frame once, timing each call.
+
+    Args:
+        rt: an open Runtime.
+        frames: uint8 (N, S, S, 3).
+        thresholds: per-step thresholds to use.
+        batch: images per call (the last call may be smaller).
+        warmup: untimed calls first (on the first frames).
+        progress: optional ``progress(n)`` callable.
+        clock: the timer (:data:`CLOCKS`).
+    """
+    was = rt.profiler.enabled
+    rt.profiler.enabled = False
+    ms: List[float] = []
+    classes, exits, coords = [], [], []
+    try:
+        with using_thresholds(rt, thresholds):
+            for b in _batches(frames, batch, warmup):
+                rt.predict(prepare_frames(rt.model, b))
+            for i in range(0, len(frames), batch):
+                chunk = frames[i:i + batch]
+                t0 = clock()
+                pr = rt.predict(prepare_frames(rt.model, chunk))
+                dt = (clock() - t0) * 1e3
+                ms.extend([dt / len(chunk)] * len(chunk))
+                classes.append(pr.classes)
+                exits.append(pr.exit_step)
+                coords.append(pr.coords)
+                if progress:
+                    progress(len(chunk))
+    finally:
+        rt.profiler.enabled = was
+    return CallRun(LatencyStats.of(ms), np.asarray(ms), np.concatenate(classes), np.concatenate(exits),
+                   np.concatenate(coords, axis=1))
+
+
+def camera_resize_ms(model: Dict[str, object], size: tuple = (480, 640), repeats: int = 30) -> float:
+    """Mean ms to resize + centre-crop + normalise one ``size`` uint8 camera frame (``ops.preprocess``)."""
+    from gfnet_edge import ops
+
+    S = int(model["image_size"])
+    frame = np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8)
+    args = dict(crop_pct=float(model["crop_pct"]), interpolation=str(model["dataset_interpolation"]),
+                mean=tuple(model["mean"]), std=tuple(model["std"]))
+    ops.preprocess([frame], S, **args)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        ops.preprocess([frame], S, **args)
+    return (time.perf_counter() - t0) * 1e3 / repeats
+
+
+def device_description() -> Dict[str, object]:
+    """CPU model, core count and platform of this machine (for the report and manifest)."""
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "load_average": load}

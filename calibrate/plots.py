@@ -1,0 +1,145 @@
+"""Report figures (matplotlib, Agg backend), each returned as PNG bytes."""
+from __future__ import annotations
+
+import io
+from typing import Any, Dict, List, Sequence
+
+import numpy as np
+
+STAGE_COLOURS = {"normalise": "#c7c7c7", "preprocess": "#8c8c8c", "glance": "#1f77b4", "policy": "#ff7f0e", "crop": "#bcbd22",
+                 "focus": "#2ca02c", "heads": "#9467bd", "exit": "#d62728"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    _plt().close(fig)
+    return buf.getvalue()
+
+
+def accuracy_latency(curve: Dict[str, List[float]], budgets: List[Dict[str, Any]], anytime: Sequence[float],
+                     cost: Sequence[float], static: List[Dict[str, Any]], title: str, batch: int = 1) -> bytes:
+    """Held-out accuracy vs mean latency per image.
+
+    Args:
+        curve: ``{"ms": [...], "accuracy": [...]}`` of the reference p sweep (expected ms).
+        budgets: ``[{name, budget_ms, expected_ms, measured_ms, accuracy}]`` chosen thresholds.
+        anytime: accuracy at each fixed step.
+        cost: cumulative per-step latency (ms).
+        static: ``[{name, ms, accuracy}]`` baseline points.
+        title: figure title.
+        batch: images per call of the measurements.
+    """
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    if curve.get("ms"):
+        o = np.argsort(curve["ms"])
+        ax.plot(np.asarray(curve["ms"])[o], np.asarray(curve["accuracy"])[o], "-", color="#7f7f7f", lw=1.2,
+                label="reference sweep (p), expected ms")
+    ax.plot(cost, anytime, "s", color="#1f77b4", ms=6, label="fixed step k (anytime)")
+    for k, (c, a) in enumerate(zip(cost, anytime)):
+        ax.annotate(f"k={k}", (c, a), textcoords="offset points", xytext=(4, -10), fontsize=8, color="#1f77b4")
+    for i, b in enumerate(budgets):
+        ax.axvline(b["budget_ms"], color="#d62728", ls=":", lw=0.8)
+        ax.plot(b["measured_ms"], b["accuracy"], "o", color="#d62728", ms=7,
+                label="chosen thresholds, measured ms" if i == 0 else None)
+        ax.plot(b["expected_ms"], b["accuracy"], "o", mfc="none", color="#d62728", ms=9,
+                label="chosen thresholds, expected ms" if i == 0 else None)
+        ax.annotate(b["name"], (b["measured_ms"], b["accuracy"]), textcoords="offset points", xytext=(5, 5),
+                    fontsize=8, color="#d62728")
+    for i, s in enumerate(static):
+        ax.plot(s["ms"], s["accuracy"], "*", color="#2ca02c", ms=13, label="static baseline" if i == 0 else None)
+        ax.annotate(s["name"], (s["ms"], s["accuracy"]), textcoords="offset points", xytext=(6, -3), fontsize=8,
+                    color="#2ca02c")
+    ax.set_xlabel(f"mean latency per image (ms, batch {batch})")
+    ax.set_ylabel("held-out top-1 accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, frameon=False)
+    return _png(fig)
+
+
+def anytime(per_precision: Dict[str, Sequence[float]]) -> bytes:
+    """Accuracy at each fixed step, one line per precision."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for name, acc in per_precision.items():
+        ax.plot(range(len(acc)), acc, "o-", label=name)
+        for k, a in enumerate(acc):
+            ax.annotate(f"{a:.1f}", (k, a), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    T = max(len(a) for a in per_precision.values())
+    ax.set_xticks(range(T))
+    ax.set_xticklabels(["glance"] + [f"focus {k}" for k in range(1, T)])
+    ax.set_ylabel("held-out top-1 accuracy (%)")
+    ax.set_title("anytime accuracy per step", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def exit_histogram(fractions: Dict[str, Sequence[float]]) -> bytes:
+    """Fraction of held-out images exiting at each step, one bar group per budget."""
+    plt = _plt()
+    names = list(fractions)
+    T = len(next(iter(fractions.values())))
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    w = 0.8 / max(1, len(names))
+    for i, n in enumerate(names):
+        x = np.arange(T) + (i - (len(names) - 1) / 2) * w
+        ax.bar(x, 100 * np.asarray(fractions[n]), width=w, label=n)
+    ax.set_xticks(range(T))
+    ax.set_xticklabels([f"step {k}" for k in range(T)])
+    ax.set_ylabel("images exiting (%)")
+    ax.set_title("exit step per budget (held-out, measured run)", fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def stage_breakdown(stages: Dict[int, Dict[str, Dict[str, float]]], cost: Sequence[float], batch: int = 1,
+                    clock: str = "wall") -> bytes:
+    """Stacked per-stage time per image of calls that exit at step k, next to the measured cost."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    ks = sorted(stages)
+    bottom = np.zeros(len(ks))
+    for st, colour in STAGE_COLOURS.items():
+        vals = np.asarray([stages[k].get(st, {}).get("total_ms", 0.0) / batch /
+                           max(1, stages[k].get("per_image", {}).get("count", 1)) for k in ks])
+        if vals.any():
+            ax.bar(ks, vals, bottom=bottom, color=colour, label=st, width=0.6)
+            bottom += vals
+    ax.plot(range(len(cost)), cost, "k_", ms=30, mew=2, label=f"cost[k] ({clock} clock, unprofiled)")
+    ax.set_xticks(ks)
+    ax.set_xticklabels([f"exit at {k}" for k in ks])
+    ax.set_ylabel(f"ms per image (batch {batch})")
+    ax.set_title("latency breakdown per stage (wall-clock, profiled pass)", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(alpha=0.3, axis="y")
+    return _png(fig)
+
+
+def latency_histogram(samples: Dict[str, Sequence[float]], budgets: Dict[str, float]) -> bytes:
+    """Distribution of measured per-image latency for each budget's verification run."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    allv = np.concatenate([np.asarray(v) for v in samples.values()]) if samples else np.zeros(1)
+    hi = float(np.percentile(allv, 99.5)) if allv.size else 1.0
+    bins = np.linspace(0, hi * 1.05, 50)
+    for name, v in samples.items():
+        ax.hist(np.clip(v, 0, hi * 1.05), bins=bins, alpha=0.5, label=name)
+        ax.axvline(budgets[name], ls=":", color="k", lw=0.8)
+    ax.set_xlabel("per-image latency (ms)")
+    ax.set_ylabel("images")
+    ax.set_title("measured latency distribution per budget (dotted: budget)", fontsize=10)
+    ax.legend(fontsize=8)
+    return _png(fig)

@@ -1,0 +1,244 @@
+"""The calibration report: ``report.json`` (every number), ``report.html`` (self-contained) and a
+terminal summary."""
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1300px;color:#222;padding:0 16px}
+h1{font-size:22px;margin-bottom:4px} h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd;padding-bottom:4px}
+.meta{color:#555;font-size:13px} table{border-collapse:collapse;font-size:13px;margin:8px 0}
+th,td{border:1px solid #ccc;padding:3px 8px;text-align:right} th{background:#f3f3f3}
+td.l,th.l{text-align:left} .ok{color:#11772b;font-weight:600} .bad{color:#b00020;font-weight:600}
+.plots{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start} .plots img{border:1px solid #eee}
+.gallery{display:flex;flex-wrap:wrap;gap:12px} figure{margin:0;border:1px solid #ddd;padding:6px;background:#fafafa}
+figure.wrong{border-color:#d66} figcaption{font-size:12px;color:#333;margin-top:4px}
+.note{font-size:12px;color:#555;max-width:1000px}
+"""
+
+
+def _img(png: bytes, alt: str, cls: str = "plot") -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img class="{cls}" alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], cls: str = "", left: int = 1) -> str:
+    th = "".join(f'<th class="{"l" if i < left else ""}">{html.escape(str(h))}</th>' for i, h in enumerate(headers))
+    body = []
+    for r in rows:
+        tds = []
+        for i, v in enumerate(r):
+            if isinstance(v, tuple):  # (text, css class)
+                tds.append(f'<td class="{v[1]}{" l" if i < left else ""}">{html.escape(str(v[0]))}</td>')
+            else:
+                tds.append(f'<td class="{"l" if i < left else ""}">{html.escape(str(v))}</td>')
+        body.append("<tr>" + "".join(tds) + "</tr>")
+    return f'<table class="{cls}"><thead><tr>{th}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def _f(x: Optional[float], nd: int = 2) -> str:
+    return "–" if x is None else f"{x:.{nd}f}"
+
+
+def _thr(t: Sequence[float]) -> str:
+    out = []
+    for v in t:
+        out.append("never" if v >= 1e7 else "always" if v <= -1e7 else f"{v:.3f}")
+    return ", ".join(out)
+
+
+def _exits(fr: Sequence[float]) -> str:
+    return " / ".join(f"{100 * f:.0f}" for f in fr)
+
+
+def budget_rows(res: Dict[str, Any]) -> List[List[Any]]:
+    rows = []
+    for b in res["budgets"]:
+        m = b["measured"]
+        ok = b["within_tolerance"]
+        rows.append([b["name"], _f(b["budget_ms"]), _thr(b["thresholds"]), _f(b["holdout"]["expected_ms"]),
+                     _f(m["mean_ms"]), (f"{100 * (m['mean_ms'] / b['budget_ms'] - 1):+.1f}%", "ok" if ok else "bad"),
+                     _f(m["p95_ms"]), _f(m["accuracy"]), _f(b["reference_method"]["accuracy"]),
+                     _f(b["fit"]["fit_accuracy"]), _exits(m["exit_fractions"])])
+    return rows
+
+
+BUDGET_HEADERS = ["budget", "ms", "thresholds (per step)", "expected ms", "measured ms", "vs budget", "p95 ms",
+                  "accuracy %", "reference-method acc %", "fit acc %", "exits % per step"]
+
+
+def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: List[Dict[str, Any]]) -> str:
+    """The self-contained HTML page (figures and gallery cards inlined as base64 PNG)."""
+    b = res["bundle"]
+    dev = res["device"]
+    lat = res["latency"]
+    T = b["steps"]
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>GFNet calibration: "
+             f"{html.escape(b['model_name'])}</title><style>{CSS}</style></head><body>"]
+    parts.append(f"<h1>GFNet latency / accuracy calibration: {html.escape(b['model_name'])}</h1>")
+    parts.append(
+        f"<div class='meta'>bundle <code>{html.escape(b['path'])}</code> · S={b['image_size']} P={b['patch_size']} "
+        f"T={T} · {html.escape(b['backend'])} / {html.escape(b['precision'])} · threads {b['threads'] or 'default'}<br>"
+        f"device: {html.escape(str(dev['cpu']))} ({dev['cores']} cores, load average {dev.get('load_average')} at "
+        f"start, {dev.get('load_average_end')} at end) · {html.escape(dev['platform'])} · "
+        f"data: {html.escape(res['data']['source'])} ({res['data']['fit']} fit / {res['data']['holdout']} held-out) · "
+        f"{html.escape(res['created'])}</div>")
+
+    warn = (lat.get("stability") or {}).get("warning")
+    if warn:
+        parts.append(f"<p class='bad' id='warning'>Warning: {html.escape(warn)}.</p>")
+    parts.append("<h2 id='budgets'>Budgets (held-out, measured by running the runtime)</h2>")
+    parts.append(_table(BUDGET_HEADERS, budget_rows(res), "budgets"))
+    tol = res["settings"]["tolerance"]
+    clock = "wall-clock" if res["settings"].get("clock", "wall") == "wall" else "calling-thread CPU"
+    parts.append(f"<p class='note'>“measured ms” is the mean {clock} time per image of <code>Runtime.predict</code> "
+                 f"at batch {res['settings']['batch']} on the held-out images with the chosen thresholds; "
+                 f"green when within [{-100 * tol[0]:.0f}%, +{100 * tol[1]:.0f}%] of the budget. "
+                 f"Thresholds: {html.escape(res['settings']['method'])} method, fitted on the fitting split with "
+                 f"the measured step latency, safety margin {100 * res['settings']['margin']:.0f}%. "
+                 f"Manifest: {html.escape(res['manifest']['status'])}.</p>")
+    if res["static"]:
+        rows = [[s["name"], _f(s["latency"]["mean_ms"]), _f(s["latency"]["p95_ms"]), _f(s["accuracy"]),
+                 f"{s['macs'] / 1e6:.0f}M" if s.get("macs") else "–"] for s in res["static"]]
+        parts.append("<h3>Static baseline</h3>" + _table(["model", "mean ms", "p95 ms", "accuracy %", "MACs"], rows,
+                                                          "static"))
+
+    parts.append("<h2 id='curve'>Accuracy vs latency</h2><div class='plots'>")
+    parts.append(_img(figures["accuracy_latency"], "accuracy vs mean latency"))
+    parts.append(_img(figures["anytime"], "anytime accuracy per step"))
+    parts.append("</div>")
+    anyt = res["anytime"]
+    rows = [[name] + [_f(a) for a in acc] for name, acc in anyt.items()]
+    parts.append(_table(["anytime accuracy %"] + [f"step {k}" for k in range(T)], rows, "anytime"))
+
+    parts.append("<h2 id='exits'>Exit steps per budget</h2><div class='plots'>")
+    parts.append(_img(figures["exit_histogram"], "exit-step histogram per budget"))
+    if "latency_histogram" in figures:
+        parts.append(_img(figures["latency_histogram"], "measured latency distribution"))
+    parts.append("</div>")
+
+    parts.append("<h2 id='latency'>Latency per step and stage</h2>")
+    rows = []
+    for key in ("budget_batch", "other_batch"):
+        if lat.get(key):
+            for k, s in enumerate(lat[key]["steps"]):
+                rows.append([f"batch {lat[key]['batch']}", f"exit at step {k}", _f(s["mean_ms"], 3), _f(s["p50_ms"], 3),
+                             _f(s["p95_ms"], 3), _f(s["p99_ms"], 3), _f(s["std_ms"], 3), s["n"]])
+    parts.append(_table(["batch", "work", "mean ms/img", "p50", "p95", "p99", "std", "calls"], rows, "steps", left=2))
+    hist = lat.get("history") or []
+    if len(hist) > 1:
+        rows = [[h["when"]] + [_f(c, 3) for c in h["cost_ms"]] for h in hist]
+        parts.append("<p class='note'>Step latency measured again during the run (mean ms per image at batch "
+                     f"{res['settings']['batch']}); spread of the full model: "
+                     f"{lat['stability']['spread_pct']:.1f}%.</p>")
+        parts.append(_table(["measurement"] + [f"cost[{k}]" for k in range(T)], rows, "history"))
+    parts.append("<div class='plots'>" + _img(figures["stage_breakdown"], "latency breakdown per stage") + "</div>")
+    st_rows = []
+    for k, stages in sorted(lat["budget_batch"]["stages"].items(), key=lambda kv: int(kv[0])):
+        calls = max(1, stages.get("per_image", {}).get("count", 1))
+        for name, s in stages.items():
+            if name == "per_image":
+                continue
+            st_rows.append([f"exit at {k}", name, _f(s["total_ms"] / calls, 3), _f(s["p50_ms"], 3), _f(s["p95_ms"], 3),
+                            _f(s["p99_ms"], 3), s["count"]])
+    parts.append(_table(["work", "stage", "ms per call", "p50 (per stage call)", "p95", "p99", "stage calls"], st_rows,
+                        "stages", left=2))
+    if lat.get("camera_resize_ms") is not None:
+        parts.append(f"<p class='note'>Not included above: resizing + centre-cropping a 640x480 camera frame to "
+                     f"{b['image_size']}x{b['image_size']} takes {lat['camera_resize_ms']:.3f} ms more per image.</p>")
+
+    parts.append("<h2 id='precision'>INT8 vs FP32</h2>")
+    prec = res["precisions"]
+    if prec.get("rows"):
+        hdr = ["precision"] + [f"acc step {k}" for k in range(T)] + [f"agree step {k}" for k in range(T)] + \
+              [f"ms step {k}" for k in range(T)]
+        rows = [[r["precision"]] + [_f(a) for a in r["anytime_accuracy"]] + [_f(a) for a in r["step_agreement"]] +
+                [_f(c, 3) for c in r["cost_ms"]] for r in prec["rows"]]
+        parts.append(_table(hdr, rows, "precision"))
+        bnames = list(prec["rows"][0]["budgets"])
+        rows = []
+        for r in prec["rows"]:
+            for bn in bnames:
+                x = r["budgets"][bn]
+                rows.append([r["precision"], bn, _f(x["accuracy"]), _f(x["expected_ms"]), _f(x["exit_agreement"]),
+                             _f(x["prediction_agreement"])])
+        parts.append(_table(["precision", "budget (same thresholds)", "accuracy %", "expected ms",
+                             f"same exit as {prec['reference']} %", f"same class as {prec['reference']} %"], rows,
+                            "precision-budgets", left=2))
+        parts.append(f"<p class='note'>Agreement: share of held-out images whose prediction at each step equals the "
+                     f"{html.escape(str(prec['reference']))} graphs'. {html.escape(prec.get('note', ''))}</p>")
+    else:
+        parts.append(f"<p class='note'>{html.escape(prec.get('note', 'The bundle holds one precision.'))}</p>")
+
+    parts.append("<h2 id='gallery'>Gallery</h2><p class='note'>Left: the glance (the whole image at P x P). Right: "
+                 "the full-resolution image with the focus patches in step order (solid, numbered: run; dashed grey: "
+                 "where the policy would have looked next, not run because the image exited).</p><div class='gallery'>")
+    for g in gallery:
+        cls = "" if g["correct"] else " class='wrong'"
+        parts.append(f"<figure{cls}>{_img(g['png'], 'gallery image', 'card')}<figcaption>#{g['index']} · label "
+                     f"{g['label']} · predicted {g['pred']} ({g['confidence']:.2f}) · exit at step {g['exit_step']} "
+                     f"under {html.escape(g['budget'])}</figcaption></figure>")
+    parts.append("</div>")
+    parts.append("<h2 id='method'>How this was measured</h2><div class='note'>" + "".join(
+        f"<p>{html.escape(p)}</p>" for p in res["method_notes"]) + "</div>")
+    parts.append("<script>window.addEventListener('load',function(){var im=Array.prototype.slice.call(document.images);"
+                 "var b=document.body.dataset;b.imagesTotal=im.length;b.imagesDecoded=im.filter(function(i){"
+                 "return i.complete&&i.naturalWidth>0;}).length;b.tables=document.querySelectorAll('table').length;});"
+                 "</script></body></html>")
+    return "\n".join(parts)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_report(out_dir: Path, res: Dict[str, Any], figures: Dict[str, bytes], gallery: List[Dict[str, Any]]) -> None:
+    """Writes ``report.json`` and ``report.html`` into ``out_dir`` (a staging directory)."""
+    (out_dir / "report.json").write_text(json.dumps(res, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    (out_dir / "report.html").write_text(render_html(res, figures, gallery), encoding="utf-8")
+
+
+def summary(res: Dict[str, Any]) -> str:
+    """A plain-text summary table for the terminal."""
+    b, lat = res["bundle"], res["latency"]
+    lines = [f"calibration of {b['model_name']} on {res['device']['cpu']} "
+             f"({b['backend']} {b['precision']}, threads {b['threads'] or 'default'}, batch {res['settings']['batch']}, "
+             f"{res['settings'].get('clock', 'wall')} clock)"]
+    steps = ", ".join(f"k={k}: {s['mean_ms']:.3f} (p95 {s['p95_ms']:.3f})" for k, s in enumerate(lat["budget_batch"]["steps"]))
+    lines.append(f"step latency, ms/image at batch {lat['budget_batch']['batch']}: {steps}")
+    if lat.get("other_batch"):
+        steps = ", ".join(f"k={k}: {s['mean_ms']:.3f}" for k, s in enumerate(lat["other_batch"]["steps"]))
+        lines.append(f"step latency, ms/image at batch {lat['other_batch']['batch']}: {steps}")
+    hdr = ["budget", "ms", "thresholds", "expected", "measured", "vs budget", "accuracy", "ref-method", "exits %"]
+    rows = []
+    for r in budget_rows(res):
+        rows.append([r[0], r[1], r[2], r[3], r[4], r[5][0], r[7], r[8], r[10]])
+    for s in res["static"]:
+        rows.append([s["name"], "", "(static baseline)", "", _f(s["latency"]["mean_ms"]), "", _f(s["accuracy"]), "", ""])
+    w = [max(len(str(x)) for x in col) for col in zip(hdr, *rows)]
+    fmt = "  ".join("{:<%d}" % n for n in w)
+    lines.append(fmt.format(*hdr))
+    lines.extend(fmt.format(*[str(x) for x in r]) for r in rows)
+    for r in res["precisions"].get("rows", []):
+        lines.append(f"{r['precision']}: anytime acc " + ", ".join(f"{a:.1f}" for a in r["anytime_accuracy"]) +
+                     "; agreement with " + str(res["precisions"]["reference"]) + " " +
+                     ", ".join(f"{a:.1f}%" for a in r["step_agreement"]))
+    lines.append(f"manifest: {res['manifest']['status']}")
+    warn = (lat.get("stability") or {}).get("warning")
+    if warn:
+        lines.append(f"warning: {warn}")
+    return "\n".join(lines)

@@ -1,0 +1,124 @@
+"""``gfnet-edge demo``: the shipped demo model end to end, on whatever this machine has.
+
+1. ``build-engine``: the demo checkpoint -> INT8 bundle (TensorRT when it and a GPU are here,
+   ONNX Runtime otherwise);
+2. ``calibrate``: measures the steps' latency here, fits exit thresholds for a default budget
+   and makes it the bundle's default;
+3. classifies held-out demo test images with the runtime and prints a summary table;
+4. the report (report.html / report.json) is written next to the bundle.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from .errors import InputError
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEMO_CHECKPOINT = ASSETS / "demo_gfnet.pth.tar"
+DEMO_STATIC = ASSETS / "demo_static.pth.tar"
+
+
+def _say(msg: str) -> None:
+    print(f"[demo] {msg}", flush=True)
+
+
+def run_demo(out: Path, precision: str = "int8", backend: str = "auto", budget_ms: Optional[float] = None,
+             num_test: int = 500, threads: Optional[int] = None, quick: bool = False) -> Dict[str, Any]:
+    """Runs the demo pipeline into ``out`` (replacing an earlier demo there).
+
+    Returns:
+        The summary (also written to ``out/summary.json``).
+    """
+    from .build import BuildConfig, build_bundle
+    from .calibrate.pipeline import CalibrationConfig, run_calibration
+    from .calibrate.report import summary as calib_summary
+    from .data import ClutteredDigits, demo_config
+    from .runtime import Runtime
+
+    out = Path(out)
+    if not DEMO_CHECKPOINT.is_file():
+        raise InputError(f"{DEMO_CHECKPOINT}: the demo checkpoint is missing from this installation")
+    t0 = time.perf_counter()
+    _say(f"1/4 build-engine {DEMO_CHECKPOINT.name} -> {out / 'bundle'} ({precision}, backend {backend})")
+    cfg = BuildConfig(precision=precision, backend=backend, calib_data="demo", force=True, threads=threads,
+                      num_calib=64 if quick else 256, num_eval=64 if quick else 256)
+    bundle = build_bundle(DEMO_CHECKPOINT, out / "bundle", cfg)
+    _say(f"   graphs: {', '.join(bundle.manifest['graphs'])}; engines: {len(bundle.manifest['engines'])}")
+
+    _say("2/4 calibrate: step latency on this machine, thresholds for the budget, report")
+    ccfg = CalibrationConfig(
+        bundle=str(bundle.root), data="demo", output=str(out / "report"),
+        budgets_ms=[budget_ms] if budget_ms else [], backend=backend, threads=threads,
+        num_images=200 if quick else 600, repeats=15 if quick else 40, static=[str(DEMO_STATIC)],
+        default=str(budget_ms) if budget_ms else None, force=True, gallery=8 if quick else 12,
+    )
+    report = run_calibration(ccfg)
+    print(calib_summary(report))
+    if not budget_ms:  # make the middle of the fitted budgets the default
+        from .bundle import Bundle
+
+        names = [b["name"] for b in report["budgets"]]
+        middle = names[len(names) // 2]
+        Bundle.load(bundle.root).update_manifest(lambda m: m.update(default_budget=middle))
+        _say(f"   default budget: {middle}")
+
+    _say(f"3/4 classify {num_test} demo test images with the default budget")
+    rt = Runtime(bundle.root, backend=backend, threads=threads, profile=True)
+    ds = ClutteredDigits("test", config=demo_config(bundle.manifest))
+    frames, labels = ds.arrays(num_test, progress=True)
+    preds = []
+    t1 = time.perf_counter()
+    for i in range(len(frames)):
+        preds.append(rt.predict(frames[i]))
+    wall = time.perf_counter() - t1
+    classes = np.array([p.classes[0] for p in preds])
+    steps = np.array([p.exit_step[0] for p in preds])
+    T = int(rt.model["steps"])
+    res = {
+        "bundle": str(bundle.root), "report": str(out / "report" / "report.html"),
+        "backend": rt.backend, "precision": rt.precision, "budget": rt.budget,
+        "test_images": int(len(frames)), "accuracy": float(100.0 * (classes == labels).mean()),
+        "mean_latency_ms": float(1e3 * wall / len(frames)),
+        "exit_histogram": [int((steps == k).sum()) for k in range(T)],
+        "profile": rt.profiler.summary(), "minutes": (time.perf_counter() - t0) / 60,
+    }
+    rt.close()
+    _say("4/4 summary")
+    rows = [("bundle", res["bundle"]), ("runtime", f"{res['backend']} / {res['precision']} / budget {res['budget']}"),
+            ("test accuracy", f"{res['accuracy']:.2f}% on {res['test_images']} images"),
+            ("mean latency", f"{res['mean_latency_ms']:.2f} ms per image (batch 1, incl. pre-processing)"),
+            ("exit steps", ", ".join(f"step {k}: {n}" for k, n in enumerate(res["exit_histogram"]))),
+            ("report", res["report"]), ("total time", f"{res['minutes']:.1f} min")]
+    w = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"  {k:<{w}}  {v}")
+    (out / "summary.json").write_text(json.dumps(res, indent=1, default=float) + "\n")
+    return res
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    run_demo(Path(args.output), precision=args.precision, backend=args.backend, budget_ms=args.budget_ms,
+             num_test=args.num_test, threads=args.threads, quick=args.quick)
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo", help="the shipped demo model end to end: build, calibrate, classify, report",
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-o", "--output", default="gfnet-edge-demo", help="output folder (default ./gfnet-edge-demo)")
+    p.add_argument("--precision", choices=["int8", "fp32"], default="int8")
+    p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime"], default="auto")
+    p.add_argument("--budget-ms", type=float, help="latency budget per image (default: the middle of three fitted budgets)")
+    p.add_argument("--num-test", type=int, default=500, help="demo test images to classify (default 500)")
+    p.add_argument("--threads", type=int, help="CPU threads")
+    p.add_argument("--quick", action="store_true", help="smaller calibration sets (a faster, rougher run)")
+    p.set_defaults(func=cmd_demo)

@@ -1,0 +1,268 @@
+"""``gfnet-edge calibrate`` end to end on a tiny random-weight bundle: report, manifest, errors,
+atomic writes, and the HTML report rendered in headless Chromium."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("matplotlib")
+try:
+    from gfnet_edge import _C  # noqa: F401
+except ImportError:  # pragma: no cover - the extension is part of the build
+    pytest.skip("the native extension gfnet_edge._C is not built (pip install -e .)", allow_module_level=True)
+
+from gfnet_edge import cli, commands
+from gfnet_edge.bundle import Bundle
+from gfnet_edge.calibrate.cli import add_parser
+
+S, P, T = 128, 64, 3
+CHROMIUM = "/usr/bin/chromium"
+
+
+def _registered(parsers) -> set:
+    """Subcommand names the registration functions ``parsers`` add."""
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers()
+    for reg in parsers:
+        reg(sub)
+    return set(sub.choices)
+
+
+def _main(argv):
+    """Runs ``gfnet-edge`` with the calibrate subcommand registered (as is once commands.py lists it)."""
+    parsers = list(commands.PARSERS)
+    if "calibrate" not in _registered(parsers):
+        parsers.append(add_parser)
+    old = commands.PARSERS
+    commands.PARSERS = parsers
+    cli._EXTRA_PARSERS.clear()  # main() appends the registrations again on every call
+    try:
+        return cli.main(argv)
+    finally:
+        commands.PARSERS = old
+        cli._EXTRA_PARSERS.clear()
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory, torch_mod):
+    """A random-weight S=128, P=64, T=3 bundle (fp32, ONNX Runtime) and 48 labelled images."""
+    torch = torch_mod
+    from gfnet_edge.build import BuildConfig, build_bundle
+    from gfnet_edge.models import GFNet, save_checkpoint
+    from gfnet_edge.variants import GFNetSpec
+
+    root = tmp_path_factory.mktemp("calib")
+    torch.manual_seed(0)
+    spec = GFNetSpec(model_name="tiny_calib", family="custom", backbone="resnet18",
+                     backbone_kwargs={"channels": (8, 16, 32, 64), "stem_width": 8}, image_size=S, patch_size=P,
+                     steps=T, num_classes=4, classifier="cascaded", fc_hidden=None, step0="backbone",
+                     policy_conv=True, policy_hidden=32)
+    model = GFNet(spec).eval()
+    with torch.no_grad():  # spread the logits so that confidences vary between images
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.mul_(20.0)
+    ckpt = save_checkpoint(root / "tiny.pth.tar", model)
+    build_bundle(Path(ckpt), root / "bundle", BuildConfig(precision="fp32", backend="onnxruntime"), progress=False)
+    rng = np.random.default_rng(0)
+    low = rng.integers(0, 256, (48, 8, 8, 3)).astype(np.uint8)
+    images = np.stack([np.kron(x, np.ones((S // 8, S // 8, 1), np.uint8)) for x in low])
+    images = np.clip(images.astype(np.int16) + rng.integers(-20, 20, images.shape), 0, 255).astype(np.uint8)
+    labels = rng.integers(0, 4, 48)
+    np.savez(root / "data.npz", images=images, labels=labels)
+    return root
+
+
+def _fresh(tiny_bundle, tmp_path):
+    dst = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle / "bundle", dst)
+    return dst
+
+
+FAST = ["--repeats", "10", "--warmup", "2", "--batch-size", "4", "--threads", "1", "--gallery", "6", "-q"]
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_bundle, tmp_path_factory):
+    """One full calibration (default budgets, --default), shared by the report tests."""
+    work = tmp_path_factory.mktemp("calibrated")
+    bundle = work / "bundle"
+    shutil.copytree(tiny_bundle / "bundle", bundle)
+    out = work / "report"
+    rc = _main(["calibrate", str(bundle), "--data", str(tiny_bundle / "data.npz"), "-o", str(out), *FAST])
+    assert rc == 0
+    return {"bundle": bundle, "out": out, "res": json.loads((out / "report.json").read_text())}
+
+
+def test_full_run_writes_report_and_budgets(calibrated, capsys):
+    res, bundle, out = calibrated["res"], calibrated["bundle"], calibrated["out"]
+    assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.json"]
+    cost = res["latency"]["budget_batch"]["cost_ms"]
+    assert len(cost) == T and all(c > 0 for c in cost)
+    assert res["latency"]["other_batch"]["batch"] == 4
+    assert [h["when"] for h in res["latency"]["history"]][::len(res["latency"]["history"]) - 1] == ["start", "end"]
+    assert res["latency"]["stability"]["spread_pct"] >= 0
+    assert set(res["latency"]["budget_batch"]["stages"]["0"]) >= {"normalise", "preprocess", "glance", "heads", "exit"}
+    assert len(res["budgets"]) == 3
+    m = Bundle.load(bundle).manifest
+    for b in res["budgets"]:
+        assert b["name"].startswith("ms-") and len(b["thresholds"]) == T and b["thresholds"][-1] == -1e8
+        assert b["fit"]["fit_expected_ms"] <= b["fit"]["target_ms"] + 1e-9
+        assert b["measured"]["mean_ms"] > 0 and b["measured"]["images"] == res["data"]["holdout"]
+        assert b["consistent_with_trace"], "runtime exits/classes differ from the trace-based evaluation"
+        entry = m["budgets"][b["name"]]
+        assert entry["thresholds"] == b["thresholds"] and entry["unit"] == "ms"
+        assert entry["measured_ms"] == pytest.approx(b["measured"]["mean_ms"])
+    assert len(res["anytime"]) >= 1 and len(res["reference_curve"]["ms"]) == 39
+    assert res["precisions"]["rows"] == [] and "one precision" in res["precisions"]["note"]
+    assert len(res["gallery"]) == 6
+
+
+def test_budgets_are_selectable_by_the_runtime(calibrated):
+    from gfnet_edge.runtime import Runtime
+
+    name = calibrated["res"]["budgets"][0]["name"]
+    rt = Runtime(calibrated["bundle"], backend="onnxruntime", precision="fp32", budget=name, threads=1)
+    assert rt.thresholds == pytest.approx(calibrated["res"]["budgets"][0]["thresholds"])
+
+
+def test_default_budget_and_explicit_budgets(tiny_bundle, tmp_path, capsys):
+    bundle = _fresh(tiny_bundle, tmp_path)
+    before = json.loads((bundle / "manifest.json").read_text())["budgets"]
+    # feasible by construction: a generous budget and the full model's latency plus room
+    rc = _main(["calibrate", str(bundle), "--data", str(tiny_bundle / "data.npz"), "-o", str(tmp_path / "r"),
+                "--budget-ms", "500", "--default", "500", "--no-compare", "--clock", "cpu", *FAST])
+    assert rc == 0
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert m["default_budget"] == "ms-500.0" and set(m["budgets"]) == set(before) | {"ms-500.0"}
+    assert m["budgets"]["ms-500.0"]["clock"] == "cpu" and m["budgets"]["ms-500.0"]["threads"] == 1
+    text = capsys.readouterr().out
+    assert "ms-500.0" in text and "report:" in text and "step latency" in text
+
+
+def test_infeasible_budget_fails_cleanly(tiny_bundle, tmp_path, capsys):
+    bundle = _fresh(tiny_bundle, tmp_path)
+    manifest = (bundle / "manifest.json").read_bytes()
+    out = tmp_path / "r"
+    rc = _main(["calibrate", str(bundle), "--data", str(tiny_bundle / "data.npz"), "-o", str(out),
+                "--budget-ms", "0.001", *FAST])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "cannot be met" in err and "glance alone" in err and "smallest feasible budget" in err
+    assert not out.exists() and (bundle / "manifest.json").read_bytes() == manifest
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".r.")]
+
+
+@pytest.mark.parametrize("kind", ["missing", "corrupt", "unlabelled", "wrong_labels"])
+def test_unreadable_data_fails_cleanly(tiny_bundle, tmp_path, capsys, kind):
+    bundle = _fresh(tiny_bundle, tmp_path)
+    manifest = (bundle / "manifest.json").read_bytes()
+    if kind == "missing":
+        data, match = tmp_path / "nope", "no such file"
+    elif kind == "corrupt":
+        data, match = tmp_path / "bad.npz", "cannot read"
+        data.write_bytes(b"not a zip file")
+    elif kind == "unlabelled":
+        data, match = tmp_path / "flat", "labelled images"
+        data.mkdir()
+        from PIL import Image
+
+        Image.fromarray(np.zeros((S, S, 3), np.uint8)).save(data / "a.png")
+    else:
+        data, match = tmp_path / "big.npz", "out of range"
+        np.savez(data, images=np.zeros((8, S, S, 3), np.uint8), labels=np.arange(8) + 10)
+    out = tmp_path / "r"
+    rc = _main(["calibrate", str(bundle), "--data", str(data), "-o", str(out), *FAST])
+    assert rc == 2
+    assert match in capsys.readouterr().err
+    assert not out.exists() and (bundle / "manifest.json").read_bytes() == manifest
+
+
+def test_report_is_atomic_on_failure(tiny_bundle, tmp_path, monkeypatch):
+    from gfnet_edge.calibrate import pipeline
+
+    bundle = _fresh(tiny_bundle, tmp_path)
+    manifest = (bundle / "manifest.json").read_bytes()
+
+    def broken(out_dir, res, figures, gallery):
+        (out_dir / "report.json").write_text("{}")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(pipeline, "write_report", broken)
+    out = tmp_path / "r"
+    with pytest.raises(RuntimeError, match="disk full"):
+        _main(["calibrate", str(bundle), "--data", str(tiny_bundle / "data.npz"), "-o", str(out), *FAST])
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no staging directory left behind
+    assert (bundle / "manifest.json").read_bytes() == manifest
+
+
+@pytest.mark.parametrize("args,match", [(["--clock", "cpu", "--threads", "2"], "--threads 1"),
+                                        (["--budget-ms", "3", "3"], "duplicates"),
+                                        (["--default", "7"], "not one of the calibrated budgets")])
+def test_bad_options(tiny_bundle, tmp_path, capsys, args, match):
+    bundle = _fresh(tiny_bundle, tmp_path)
+    out = tmp_path / "r"
+    extra = [] if "--budget-ms" in args else ["--budget-ms", "500"]
+    rc = _main(["calibrate", str(bundle), "--data", str(tiny_bundle / "data.npz"), "-o", str(out), *FAST, *args,
+                *extra])
+    assert rc == 2 and match in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_existing_report_dir_needs_force(tiny_bundle, tmp_path, capsys):
+    bundle = _fresh(tiny_bundle, tmp_path)
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "keep").write_text("x")
+    rc = _main(["calibrate", str(bundle), "--data", str(tiny_bundle / "data.npz"), "-o", str(out), *FAST])
+    assert rc == 2 and "--force" in capsys.readouterr().err
+    assert (out / "keep").exists()
+
+
+def test_html_is_self_contained(calibrated):
+    html = (calibrated["out"] / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 5 + 6  # plots + gallery cards
+    for anchor in ("id='budgets'", "id='curve'", "id='exits'", "id='latency'", "id='precision'", "id='gallery'"):
+        assert anchor in html
+    assert "http://" not in html and "https://" not in html and "<link" not in html
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed (apt-get install chromium)")
+def test_html_renders_in_headless_chromium(calibrated):
+    from PIL import Image
+
+    page = (calibrated["out"] / "report.html").resolve().as_uri()
+    with tempfile.TemporaryDirectory() as prof, tempfile.TemporaryDirectory() as tmp:
+        flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={prof}", "--window-size=1400,3000"]
+        shot = Path(tmp) / "report.png"
+        subprocess.run(flags + [f"--screenshot={shot}", page], check=True, timeout=120, capture_output=True)
+        dom = subprocess.run(flags + ["--dump-dom", page], check=True, timeout=120, capture_output=True, text=True).stdout
+        keep = os.environ.get("GFNET_EDGE_SCREENSHOT")
+        if keep:
+            shutil.copyfile(shot, keep)
+        img = np.asarray(Image.open(shot).convert("RGB"))
+    assert img.shape[:2] == (3000, 1400)
+    # the page script counts decoded images and tables after load; the DOM dump shows its result
+    decoded = int(dom.split('data-images-decoded="')[1].split('"')[0])
+    total = int(dom.split('data-images-total="')[1].split('"')[0])
+    tables = int(dom.split('data-tables="')[1].split('"')[0])
+    assert total >= 11 and decoded == total, f"{decoded}/{total} images decoded"
+    assert tables >= 4  # budgets, anytime, per-step latency, per-stage latency (+ precision / static when given)
+    for cls in ("budgets", "anytime", "steps", "stages"):
+        assert f'<table class="{cls}">' in dom
+    # a rendered page: many distinct colours (plots), not a blank or error page
+    top = img[:2000]
+    assert len(np.unique(top.reshape(-1, 3), axis=0)) > 500
+    assert (top < 250).any(axis=2).mean() > 0.05
