@@ -96,7 +96,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
             raise InputError(str(exc)) from exc
         frames.extend(list(f))
         names.extend([str(p)] * len(f) if len(f) > 1 else [str(p)])
-    preds = rt.predict(frames)
+    # load_images already resized and centre-cropped to S x S: only scale and normalise here
+    import numpy as np
+
+    x = np.stack(frames).astype(np.float32) / 255.0
+    images = ((x - np.asarray(m["mean"], np.float32)) / np.asarray(m["std"], np.float32)).transpose(0, 3, 1, 2)
+    preds = rt.predict(np.ascontiguousarray(images, dtype=np.float32))
     rows = [{"image": n, **preds[i]} for i, n in enumerate(names)]
     if args.json:
         print(json.dumps(rows, indent=2))
