@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         for name in ORDER:
             p = runner.stage_path(name)
             if p.exists():
-                ck = torch.load(p, map_location="cpu", weights_only=False)
+                ck = torch.load(p, map_location="cpu", weights_only=True)
                 if ck.get("done"):
                     runner.timings[name] = ck.get("elapsed", 0.0)
     resume = args.resume or args.stage != "all"

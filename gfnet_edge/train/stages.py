@@ -70,7 +70,7 @@ class Run:
 
     def stage_done(self, name: str) -> bool:
         p = self.stage_path(name)
-        return p.exists() and torch.load(p, map_location="cpu", weights_only=False).get("done", False)
+        return p.exists() and torch.load(p, map_location="cpu", weights_only=True).get("done", False)
 
     def _state(self) -> Dict[str, dict]:
         return {"gfnet": self.model.state_dict(), "static": self.static.state_dict()}
@@ -84,7 +84,7 @@ class Run:
         p = self.stage_path(name)
         if not p.exists():
             return False
-        ck = torch.load(p, map_location="cpu", weights_only=False)
+        ck = torch.load(p, map_location="cpu", weights_only=True)
         if not ck.get("done"):
             return False
         self._load_state(ck["models"])
@@ -96,7 +96,7 @@ class Run:
         p = self.stage_path("static")
         if not p.exists():
             return False
-        ck = torch.load(p, map_location="cpu", weights_only=False)
+        ck = torch.load(p, map_location="cpu", weights_only=True)
         if not ck.get("done"):
             return False
         self.static.load_state_dict(ck["models"]["static"])
@@ -134,7 +134,7 @@ class Run:
         start_epoch, elapsed, history = 0, 0.0, []
         path = self.stage_path(name)
         if resume and path.exists():
-            ck = torch.load(path, map_location="cpu", weights_only=False)
+            ck = torch.load(path, map_location="cpu", weights_only=True)
             self._load_state(ck["models"])
             if ck.get("done"):
                 self.timings[name] = ck.get("elapsed", 0.0)
@@ -457,7 +457,7 @@ class Run:
         cfg = self.cfg
         net = self.static
         if not (resume and self.stage_path("static").exists()):
-            pre = torch.load(self.stage_path("pre_local"), map_location="cpu", weights_only=False)["models"]["gfnet"]
+            pre = torch.load(self.stage_path("pre_local"), map_location="cpu", weights_only=True)["models"]["gfnet"]
             net.load_state_dict({k[len("model.net."):]: v for k, v in pre.items() if k.startswith("model.net.")})
 
         def step(idx, rng, opt):
