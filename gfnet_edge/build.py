@@ -148,7 +148,7 @@ def _calibration_images(model, cfg: BuildConfig):
         else:
             raise InputError("--precision int8 needs calibration images: pass --calib-data FOLDER|FILE.npz")
     try:
-        return load_calibration_images(source, model.spec, cfg.num_calib + cfg.num_eval)
+        return load_calibration_images(source, model, cfg.num_calib + cfg.num_eval, return_labels=True)
     except ValueError as exc:
         raise InputError(str(exc)) from exc
 
