@@ -1,0 +1,362 @@
+"""INT8 quantization: calibration data, Q/DQ placement, the TensorRT checker, accuracy tooling.
+
+A tiny custom GFNet (ResNet-18 layout at 1/8 width, S=128, P=64) keeps the whole file well
+under a minute on 2 cores.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxruntime.quantization")
+from onnx import helper, numpy_helper
+
+try:
+    import gfnet_edge.quantize as gq
+except ImportError:  # running from a checkout that is not installed: map quantize/ like setup.py
+    import gfnet_edge
+
+    gfnet_edge.__path__.append(str(Path(__file__).resolve().parents[1]))
+    import gfnet_edge.quantize as gq
+
+from gfnet_edge.export import export_model, manifest_model
+from gfnet_edge.models import GFNet, crop_patches
+from gfnet_edge.variants import GFNetSpec
+from gfnet_edge.quantize.options import ort_settings
+from gfnet_edge.quantize.qdq import preprocess, quantize_graph, run_quantize_static
+
+S, P = 128, 64
+
+
+def _tiny_model() -> GFNet:
+    torch.manual_seed(0)
+    spec = GFNetSpec(model_name="tiny_quant", family="custom", backbone="resnet18",
+                     backbone_kwargs={"channels": (8, 16, 32, 64), "stem_width": 8}, image_size=S, patch_size=P,
+                     steps=3, num_classes=10, classifier="cascaded", fc_hidden=None, step0="backbone",
+                     policy_conv=True, policy_hidden=32)
+    model = GFNet(spec)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # realistic BN statistics instead of the zero-init of the last BN of a block
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.num_features
+                m.weight.copy_(0.5 + torch.rand(n, generator=g))
+                m.bias.copy_(0.1 * torch.randn(n, generator=g))
+                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+    return model.eval()
+
+
+def _images(n: int, seed: int = 0) -> np.ndarray:
+    """Smooth random images (closer to natural statistics than white noise)."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randn(n, 3, 16, 16, generator=g)
+    x = torch.nn.functional.interpolate(low, size=(S, S), mode="bilinear", align_corners=False)
+    return (x + 0.2 * torch.randn(n, 3, S, S, generator=g)).numpy().astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, torch_mod):
+    root = tmp_path_factory.mktemp("quant")
+    model = _tiny_model()
+    paths = export_model(model, root / "fp32")
+    calib = gq.CalibrationData.from_model(model, _images(24), progress=False)
+    pre = {g: preprocess(paths[g], root / f"{g}.pre.onnx")[0] for g in ("glance", "focus")}
+    out = {}
+    for prof in ("tensorrt", "cpu"):
+        st = ort_settings(gq.QuantizeOptions(profile=prof, method="max"))
+        for g in ("glance", "focus"):
+            dst = root / f"{g}.{prof}.onnx"
+            quantize_graph(pre[g], dst, calib.reader(g, 8, progress=False), st, "max", prof)
+            out[(prof, g)] = dst
+    return {"root": root, "model": model, "paths": paths, "calib": calib, "pre": pre, "q": out}
+
+
+def _inits(model):
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+# ------------------------------------------------------------------------------------ checker
+def test_checker_accepts_tensorrt_profile_models(tiny):
+    for g in ("glance", "focus"):
+        path = tiny["q"][("tensorrt", g)]
+        assert gq.check_tensorrt_compat(path) == []
+        m = onnx.load(str(path))
+        ops = {n.op_type for n in m.graph.node}
+        assert "QLinearConv" not in ops and "ConvInteger" not in ops
+        inits = _inits(m)
+        prod = {o: n for n in m.graph.node for o in n.output}
+        for n in m.graph.node:
+            if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+                zp = inits[n.input[2]]
+                assert zp.dtype == np.int8 and not zp.any()
+            if n.op_type == "Conv":  # every conv quantized, weights per channel on axis 0
+                dq = prod[n.input[1]]
+                assert dq.op_type == "DequantizeLinear" and prod[n.input[0]].op_type == "DequantizeLinear"
+                w, s = inits[dq.input[0]], inits[dq.input[1]]
+                assert s.shape == (w.shape[0],)
+                assert helper.get_attribute_value(next(a for a in dq.attribute if a.name == "axis")) == 0
+            if n.op_type == "Add":  # residual add: only the skip input is quantized
+                kinds = [prod[i].op_type if i in prod else "input" for i in n.input]
+                assert kinds.count("DequantizeLinear") == 1, (n.name, kinds)
+        for o in m.graph.output:  # graph outputs stay float (not a DequantizeLinear copy)
+            assert prod[o.name].op_type not in ("DequantizeLinear", "QuantizeLinear")
+
+
+def _violations(model) -> str:
+    return "\n".join(gq.check_tensorrt_compat(model))
+
+
+def test_checker_rejects_nonzero_zero_point(tiny):
+    m = onnx.load(str(tiny["q"][("tensorrt", "focus")]))
+    q = next(n for n in m.graph.node if n.op_type == "QuantizeLinear")
+    for t in m.graph.initializer:
+        if t.name == q.input[2]:
+            t.CopyFrom(numpy_helper.from_array(np.array(3, np.int8), t.name))
+    assert "non-zero zero-point" in _violations(m)
+
+
+def test_checker_rejects_qoperator_and_uint8(tiny, tmp_path):
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    dst = tmp_path / "qop.onnx"
+    quantize_static(str(tiny["pre"]["focus"]), str(dst), tiny["calib"].reader("focus", 8, progress=False),
+                    quant_format=QuantFormat.QOperator, per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    v = _violations(dst)
+    assert "(QLinearConv): unsupported by TensorRT: QOperator op" in v
+    # the cpu profile (uint8 asymmetric activations) is not a TensorRT model
+    v = _violations(tiny["q"][("cpu", "focus")])
+    assert "uint8 zero-point" in v and "INT32 DequantizeLinear" in v
+    assert gq.check_tensorrt_compat(tiny["q"][("cpu", "focus")], profile="cpu") == []
+
+
+def test_checker_rejects_per_tensor_conv_weights_and_half_quantized(tiny, tmp_path):
+    opts = gq.QuantizeOptions(profile="tensorrt", method="max", per_channel=False)
+    dst = tmp_path / "per_tensor.onnx"
+    quantize_graph(tiny["pre"]["focus"], dst, tiny["calib"].reader("focus", 8, progress=False),
+                   ort_settings(opts), "max", "tensorrt")
+    assert "per-tensor weight scale; the TensorRT profile requires per-channel weight scales on axis 0" in _violations(dst)
+    # a conv whose weights are quantized but whose input is float
+    m = onnx.load(str(tiny["q"][("tensorrt", "focus")]))
+    prod = {o: n for n in m.graph.node for o in n.output}
+    conv = next(n for n in m.graph.node if n.op_type == "Conv" and prod[n.input[0]].op_type == "DequantizeLinear"
+                and n.input[0] != "image_DequantizeLinear_Output")
+    q = prod[prod[conv.input[0]].input[0]]
+    conv.input[0] = q.input[0]
+    assert "only its weights is quantized" in _violations(m)
+
+
+def test_checker_rejects_unsupported_op_and_per_channel_axis(tiny):
+    m = onnx.load(str(tiny["q"][("tensorrt", "focus")]))
+    m.graph.initializer.append(numpy_helper.from_array(np.eye(2, dtype=np.float32), "sq"))
+    m.graph.node.append(helper.make_node("Det", ["sq"], ["det_out"], name="planted_det"))
+    m.graph.output.append(helper.make_tensor_value_info("det_out", onnx.TensorProto.FLOAT, []))
+    v = _violations(m)
+    assert "'planted_det' (Det): unsupported by TensorRT" in v
+    # per-channel scales on the wrong axis of a Conv weight
+    m = onnx.load(str(tiny["q"][("tensorrt", "focus")]))
+    dq = next(n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("_quantized")
+              and any(a.name == "axis" for a in n.attribute))
+    for a in dq.attribute:
+        if a.name == "axis":
+            a.i = 1
+    assert "TensorRT needs them on the output-channel axis 0" in _violations(m)
+
+
+# --------------------------------------------------------------------------------- accuracy
+def _cos(a, b):
+    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+
+
+@pytest.mark.parametrize("profile", ["tensorrt", "cpu"])
+def test_quantized_outputs_close_to_fp32(tiny, profile):
+    for g in ("glance", "focus"):
+        x = tiny["calib"].inputs(g)[:16]
+        ref = ort.InferenceSession(str(tiny["paths"][g]), providers=["CPUExecutionProvider"])
+        qs = ort.InferenceSession(str(tiny["q"][(profile, g)]), providers=["CPUExecutionProvider"])
+        names = [o.name for o in ref.get_outputs()]
+        assert [o.name for o in qs.get_outputs()] == names
+        r = dict(zip(names, ref.run(None, {"image": x})))
+        q = dict(zip(names, qs.run(None, {"image": x})))
+        for k in ("feature", "policy_state"):
+            assert _cos(r[k], q[k]).min() > 0.99, (profile, g, k, _cos(r[k], q[k]).min())
+
+
+# ------------------------------------------------------------------------------ calibration
+def test_calibration_patches_are_at_policy_locations(tiny):
+    model, calib = tiny["model"], tiny["calib"]
+    x = torch.from_numpy(calib.images)
+    tr = model.trace(x)
+    np.testing.assert_array_equal(calib.coords, tr.coords.numpy())
+    T = model.spec.steps
+    n = calib.num_images
+    assert calib.focus.shape == ((T - 1) * n, 3, P, P) and calib.source == "policy"
+    for t in range(T - 1):
+        want = crop_patches(x, tr.coords[t], P).numpy()
+        np.testing.assert_array_equal(calib.focus[t * n:(t + 1) * n], want)
+        np.testing.assert_array_equal(calib.focus_image[t * n:(t + 1) * n], np.arange(n))
+    np.testing.assert_allclose(calib.glance, model.glance(x).numpy())
+    rnd = gq.CalibrationData.random_crops(model, calib.images, seed=3, progress=False)
+    assert rnd.source == "random" and not np.array_equal(rnd.coords, calib.coords)
+    assert rnd.coords.min() >= 0 and rnd.coords.max() <= S - P
+    sub = calib.subset([1, 3])
+    assert sub.glance.shape[0] == 2 and sub.focus.shape[0] == 2 * (T - 1)
+    np.testing.assert_array_equal(sub.focus[0], calib.focus[1])
+
+
+def test_reader_batches_and_ranges(tiny):
+    r = tiny["calib"].reader("focus", batch_size=10, progress=False)
+    total = tiny["calib"].focus.shape[0]  # 48 patches: equal batches of 8 (histograms stack batches)
+    assert r.batch_size == 8 and len(r) == 6
+    assert [b["image"].shape[0] for b in r] == [8] * 6
+    r.set_range(1, 2)
+    assert r.get_next()["image"].shape[0] == 8 and r.get_next() is None
+    assert total == 48
+
+
+def _write_images(folder: Path, n: int) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (150, 140, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+
+
+def test_load_calibration_images_folder_and_npz(tiny, tmp_path):
+    spec = tiny["model"].spec
+    _write_images(tmp_path / "imgs", 20)
+    x = gq.load_calibration_images(tmp_path / "imgs", spec, n=18)
+    assert x.shape == (18, 3, S, S) and x.dtype == np.float32 and np.isfinite(x).all()
+    frames = np.random.default_rng(1).integers(0, 255, (17, S, S, 3), dtype=np.uint8)
+    np.savez(tmp_path / "c.npz", images=frames, labels=np.arange(17) % 10)
+    x, y = gq.load_calibration_images(tmp_path / "c.npz", spec, n=100, return_labels=True)
+    assert x.shape == (17, 3, S, S) and y.tolist() == (np.arange(17) % 10).tolist()
+    mean, std = np.array(spec.mean, np.float32), np.array(spec.std, np.float32)
+    np.testing.assert_allclose(x[0, :, 5, 7], (frames[0, 5, 7] / 255.0 - mean) / std, rtol=1e-5)
+
+
+def test_bad_calibration_data_errors(tiny, tmp_path):
+    spec, model = tiny["model"].spec, tiny["model"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images found"):
+        gq.load_calibration_images(tmp_path / "empty", spec)
+    _write_images(tmp_path / "few", 3)
+    with pytest.raises(ValueError, match="only 3 image.*at least 16"):
+        gq.load_calibration_images(tmp_path / "few", spec)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="cannot read image"):
+        gq.load_calibration_images(tmp_path / "bad", spec)
+    nan = np.random.default_rng(0).random((20, 3, S, S)).astype(np.float32)
+    nan[4, 0, 1, 1] = np.nan
+    np.savez(tmp_path / "nan.npz", images=nan)
+    with pytest.raises(ValueError, match="NaN"):
+        gq.load_calibration_images(tmp_path / "nan.npz", spec)
+    with pytest.raises(ValueError, match="no such file"):
+        gq.load_calibration_images(tmp_path / "missing", spec)
+    good = _images(20)
+    with pytest.raises(ValueError, match=r"expected shape \(N, 3, 128, 128\)"):
+        gq.CalibrationData.from_model(model, good[:, :, :100, :100], progress=False)
+    with pytest.raises(ValueError, match="at least 16"):
+        gq.CalibrationData.from_model(model, good[:5], progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        gq.CalibrationData.from_model(model, good[:0], progress=False)
+    bad = good.copy()
+    bad[2, 1, 3, 3] = np.inf
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        gq.CalibrationData.from_model(model, bad, progress=False)
+    with pytest.raises(ValueError, match="normalised float"):
+        gq.CalibrationData.from_model(model, (good * 50).astype(np.uint8), progress=False)
+    with pytest.raises(ValueError, match="unknown quantization profile"):
+        gq.QuantizeOptions(profile="int4").validate()
+
+
+# --------------------------------------------------------------------------- quantize_model
+def test_quantize_model_end_to_end(tiny, tmp_path):
+    pytest.importorskip("gfnet_edge.ops", reason="the runtime extension scores the graphs")
+    model = tiny["model"]
+    fp32 = {g: tiny["paths"][g] for g in ("glance", "focus")}
+    ev = _images(24, seed=5)
+    opts = gq.QuantizeOptions(profile="tensorrt", method="max", max_accuracy_drop=0.0, max_candidates=3,
+                              max_float_nodes=2, threads=1)
+    # ranges from images scaled down 20x: most activations clip, so INT8 hurts and the search runs
+    small = gq.CalibrationData(tiny["calib"].glance / 20, tiny["calib"].focus / 20, tiny["calib"].focus_image)
+    res = gq.quantize_model(model, fp32, tiny["paths"]["heads"], small, tmp_path / "out", opts,
+                            eval_images=ev, progress=False)
+    rep = res.report
+    json.dumps(rep)  # serialisable
+    assert json.loads((tmp_path / "out" / "quantization.json").read_text())["profile"] == "tensorrt"
+    for g in ("glance", "focus"):
+        assert res.graphs[g].is_file() and gq.check_tensorrt_compat(res.graphs[g]) == []
+        assert rep["checker"][g]["violations"] == []
+    acc = rep["accuracy"]
+    assert len(acc["accuracy_fp32"]) == model.spec.steps and acc["labels"] == "fp32 predictions"
+    assert rep["accuracy_all_int8"]["final_drop"] > 0
+    assert 1 <= len(rep["sensitivity"]) <= 3 and all("local_error" in s for s in rep["sensitivity"])
+    assert len(rep["float_nodes"]) <= 2
+    for f in rep["float_nodes"]:  # a node kept in float has no Q/DQ on its inputs
+        m = onnx.load(str(res.graphs[f["graph"]]))
+        prod = {o: n for n in m.graph.node for o in n.output}
+        node = next(n for n in m.graph.node if n.name == f["node"])
+        assert all(prod.get(i) is None or prod[i].op_type != "DequantizeLinear" for i in node.input)
+        assert f["drop_after"] <= f["drop_before"] or f["kl_after"] < f["kl_before"]
+    # the INT8 pair runs through the runtime and agrees with FP32 on most predictions
+    from gfnet_edge.quantize.scoring import trace
+
+    man = manifest_model(model)
+    t32 = trace(man, fp32, tiny["paths"]["heads"], ev)
+    tq = trace(man, res.graphs, tiny["paths"]["heads"], ev)
+    assert t32.probs.shape == tq.probs.shape
+
+
+def test_quantize_model_holds_out_calibration_images(tiny, tmp_path):
+    pytest.importorskip("gfnet_edge.ops", reason="the runtime extension scores the graphs")
+    fp32 = {g: tiny["paths"][g] for g in ("glance", "focus")}
+    calib = gq.CalibrationData.from_model(tiny["model"], _images(40, seed=7), progress=False)
+    opts = gq.QuantizeOptions(profile="cpu", method="entropy", max_accuracy_drop=None, min_eval=8, threads=1)
+    res = gq.quantize_model(tiny["model"], fp32, tiny["paths"]["heads"], calib, tmp_path / "cpu", opts, progress=False)
+    rep = res.report
+    assert rep["held_out"].startswith("10 of the 40") and rep["calibration"]["images"] == 30
+    assert rep["calibration"]["focus"] == 60 and rep["mixed_precision"].startswith("disabled")
+    assert gq.check_tensorrt_compat(res.graphs["focus"], profile="cpu") == []
+
+
+def test_profile_settings_and_auto_method():
+    trt = gq.QuantizeOptions(profile="tensorrt").validate()
+    cpu = gq.QuantizeOptions(profile="cpu").validate()
+    assert trt.resolved_method == "percentile" and cpu.resolved_method == "entropy"
+    s = gq.ort_settings(trt)
+    assert (s.activation_type, s.weight_type, s.per_channel) == ("QInt8", "QInt8", True)
+    assert s.extra_options["ActivationSymmetric"] and s.extra_options["WeightSymmetric"]
+    assert s.extra_options["QuantizeBias"] is False and s.extra_options["CalibPercentile"] == 99.99
+    assert "Relu" not in s.op_types_to_quantize and "Conv" in s.op_types_to_quantize
+    c = gq.ort_settings(cpu)
+    assert (c.activation_type, c.weight_type) == ("QUInt8", "QInt8")
+    assert c.extra_options["CalibTensorRangeSymmetric"] is False and "CalibPercentile" not in c.extra_options
+
+
+def test_uneven_reader_batches_are_rebatched_for_histograms(tiny, tmp_path):
+    class Uneven:  # 21 patches in batches of 8, 8, 5
+        def __init__(self, x):
+            self.chunks = [x[i:i + 8] for i in range(0, len(x), 8)]
+
+        def get_next(self):
+            return {"image": self.chunks.pop(0)} if self.chunks else None
+
+        def __len__(self):
+            return len(self.chunks)
+
+    st = gq.ort_settings(gq.QuantizeOptions(profile="cpu", method="entropy"))
+    dst = tmp_path / "uneven.onnx"
+    run_quantize_static(tiny["pre"]["focus"], dst, Uneven(tiny["calib"].focus[:21]), st, "entropy")
+    assert gq.check_tensorrt_compat(dst, profile="cpu") == []
