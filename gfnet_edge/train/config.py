@@ -130,6 +130,6 @@ def tiny_config(**kw: Any) -> TrainConfig:
 
 def data_config_from_dict(d: Dict[str, Any]):
     """A :class:`ClutteredDigitsConfig` from its JSON form (lists back to tuples)."""
-    from ..data.cluttered_digits import ClutteredDigitsConfig
+    from ..data.cluttered_digits import config_from_dict
 
-    return ClutteredDigitsConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+    return config_from_dict(d)
