@@ -84,6 +84,8 @@ def main() -> int:
     ap.add_argument("--num-eval", type=int, default=744)
     ap.add_argument("--test-size", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--min-exit-agreement", type=float, default=98.0,
+                    help="second target of the mixed-precision search (negative: accuracy only)")
     a = ap.parse_args()
     _import_quantize()
     from gfnet_edge.quantize import evaluate_demo
@@ -102,7 +104,8 @@ def main() -> int:
         md = latency_only(Path(ckpt), out, a.rounds, a.num_calib)
     else:
         res = evaluate_demo.run(Path(ckpt), out, a.num_calib, a.num_eval, a.test_size, threads=a.threads,
-                                timing_rounds=a.rounds)
+                                timing_rounds=a.rounds,
+                                min_exit_agreement=a.min_exit_agreement if a.min_exit_agreement >= 0 else None)
         md = evaluate_demo.markdown(res)
         a.results.parent.mkdir(parents=True, exist_ok=True)
         a.results.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")

@@ -161,7 +161,8 @@ class _Checker:
         _print(res)
 
     def gru(self) -> None:
-        configs = [(2048, 1024, 1000, 1), (2048, 1024, 1000, 64), (256, 256, 2, 7)]
+        # The last two take the scalar (unvectorised) path: sizes not a multiple of 8.
+        configs = [(2048, 1024, 1000, 1), (2048, 1024, 1000, 64), (256, 256, 2, 7), (100, 60, 5, 3), (36, 20, 2, 9)]
         if self.quick:
             configs = configs[::2]
         for I, H, C, B in configs:
@@ -243,6 +244,21 @@ class _Checker:
         self.add("linear+relu 18432->2048 B=4 (policy encoder)", _err(ops.from_device(ob, ref.shape, np.float32,
                  self.stream), ref) / max(1.0, np.abs(ref).max()), 1e-5, run, lambda: ops.linear(x, w, b, relu=True))
 
+        # Scalar path: an input size that is not a multiple of the vector width.
+        w2 = self.rng.standard_normal((37, 1001)).astype(np.float32) / 30
+        b2 = self.rng.standard_normal(37).astype(np.float32)
+        x2 = self.rng.standard_normal((5, 1001)).astype(np.float32)
+        for dtype in ("float32", "float16"):
+            ref2 = ops.linear(x2, w2.astype(dtype).astype(np.float32), b2)  # same weights as stored
+            lin2 = ops._C.cuda.Linear(w2, b2, dtype)
+            xb2, ob2 = ops.to_device(x2), ops.DeviceBuffer(ref2.nbytes)
+            run2 = lambda lin2=lin2, xb2=xb2, ob2=ob2: lin2.forward(xb2.ptr, ob2.ptr, 5, False, "float32",  # noqa: E731
+                                                                     "float32", self.stream.handle)
+            run2()
+            self.add(f"linear 1001->37 B=5 {dtype} weights (unvectorised)",
+                     _err(ops.from_device(ob2, ref2.shape, np.float32, self.stream), ref2), 1e-5, run2,
+                     lambda: ops.linear(x2, w2, b2))
+
     def buffers(self) -> None:
         a = self.rng.standard_normal(1000).astype(np.float32)
         buf = ops.to_device(a, self.stream)
@@ -298,7 +314,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"{len(results) - len(failed)}/{len(results)} checks passed")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump([asdict(r) for r in results], fh, indent=2)
+            json.dump([asdict(r) for r in results], fh, indent=2, default=float)  # numpy scalars
     return 1 if failed else 0
 
 

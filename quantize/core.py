@@ -31,7 +31,7 @@ from gfnet_edge.log import logger
 from .calibration import CalibrationData, check_images
 from .checker import TensorRTCompatError, check_tensorrt_compat
 from .options import QuantizeOptions, ort_settings
-from .qdq import preprocess, quantize_graph, weighted_nodes
+from .qdq import preprocess, quantize_graph, quantized_node_names, weighted_nodes
 from .scoring import MID_BUDGET_P, Traced, compare, trace
 
 GRAPHS = ("glance", "focus")
@@ -239,7 +239,10 @@ def _run(sess: _Session, eval_x, eval_y, held_desc: str) -> Dict[str, Any]:
             if met(cur) or len(float_nodes) >= opts.max_float_nodes:
                 break
             g = cand["graph"]
-            trial_ex = {**excluded, g: excluded[g] | {cand["node"]}}
+            members = frozenset(cand.get("members") or [cand["node"]])
+            if members <= excluded[g]:
+                continue  # already in float (inside a graph kept in float)
+            trial_ex = {**excluded, g: excluded[g] | members}
             trial = compare(ref, sess.score({h: sess.quantized(h, trial_ex[h]) for h in GRAPHS}, eval_x), eval_y)
             helped = trial["final_drop"] < cur["final_drop"] or trial["kl_final"] < cur["kl_final"]
             slow = None
@@ -247,6 +250,7 @@ def _run(sess: _Session, eval_x, eval_y, held_desc: str) -> Dict[str, Any]:
                 slow = _slowdown(sess, base[g], sess.quantized(g, trial_ex[g]))
                 helped = slow <= opts.max_slowdown
             entry = {"graph": g, "node": cand["node"], "op_type": cand["op_type"],
+                     **({"members": len(members)} if len(members) > 1 else {}),
                      "reason": (f"most harmful remaining node: alone in float it cut the final-step KL to FP32 by "
                                 f"{cand['kl_reduction']:.4g} and the accuracy drop by {cand['drop_reduction']:.3g} points"),
                      "drop_before": cur["final_drop"], "drop_after": trial["final_drop"],
@@ -306,25 +310,38 @@ def _load(path: Path):
 
 
 def _sensitivity(sess: _Session, ref: Traced, base: Dict[str, Any], eval_x, eval_y) -> List[Dict[str, Any]]:
-    """Effect of keeping each candidate node alone in float, most harmful first."""
+    """Effect of keeping each candidate alone in float, most harmful first.
+
+    Candidates: every weighted node of either graph, and each whole graph (all its quantized
+    nodes: that graph then has no Q/DQ at all and runs in float / FP16). GFNet runs the glance
+    graph once per image and the focus graph up to T-1 times, so keeping the glance graph in float
+    costs at most 1/T of the INT8 speed-up and is often what its exit decisions need.
+    """
     opts = sess.opts
-    cands = [(g, name, op) for g in GRAPHS for name, op in weighted_nodes(_load(sess.pre[g]))]
+    cands = [(g, name, op, None) for g in GRAPHS for name, op in weighted_nodes(_load(sess.pre[g]))]
     proxy: Dict[Tuple[str, str], float] = {}
     if len(cands) > opts.max_candidates:
         proxy = _local_errors(sess)
         cands.sort(key=lambda c: -proxy.get((c[0], c[1]), 0.0))
         cands = cands[:opts.max_candidates]
+    for g in GRAPHS:
+        pre = _load(sess.pre[g])
+        members = sorted(quantized_node_names(pre, sess.settings.op_types_to_quantize, ()))
+        cands.append((g, f"(whole {g} graph)", "graph", members))
     bar = None
     if sess.progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(cands), desc=f"layer sensitivity ({opts.profile})", leave=False)
     out = []
-    for g, name, op in cands:
-        graphs = {h: sess.quantized(h, frozenset({name}) if h == g else frozenset()) for h in GRAPHS}
+    for g, name, op, members in cands:
+        ex = frozenset(members or [name])
+        graphs = {h: sess.quantized(h, ex) if h == g else sess.quantized(h) for h in GRAPHS}
         r = compare(ref, sess.score(graphs, eval_x), eval_y)
-        sess.discard(g, frozenset({name}))
-        out.append({"graph": g, "node": name, "op_type": op, "final_drop": r["final_drop"], "kl_final": r["kl_final"],
+        sess.discard(g, ex)
+        out.append({"graph": g, "node": name, "op_type": op, **({"members": members} if members else {}),
+                    "final_drop": r["final_drop"], "kl_final": r["kl_final"],
+                    "exit_agreement": r["exit"]["agreement"],
                     "drop_reduction": round(base["final_drop"] - r["final_drop"], 3),
                     "kl_reduction": base["kl_final"] - r["kl_final"],
                     **({"local_error": proxy[(g, name)]} if (g, name) in proxy else {})})

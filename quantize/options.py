@@ -20,8 +20,8 @@ from typing import Any, Dict, List, Optional, Tuple
 PROFILES: Tuple[str, ...] = ("tensorrt", "cpu")
 METHODS: Tuple[str, ...] = ("auto", "max", "entropy", "percentile")
 #: What ``method="auto"`` picks per profile: the method with the lowest KL(FP32 || INT8) of the
-#: final-step probabilities on the demo model (docs/quantization.md, "Calibration methods").
-AUTO_METHOD: Dict[str, str] = {"tensorrt": "percentile", "cpu": "entropy"}
+#: final-step probabilities on the demo model (bench/results/quantize.md).
+AUTO_METHOD: Dict[str, str] = {"tensorrt": "percentile", "cpu": "percentile"}
 
 #: Op types whose inputs get Q/DQ in the ``tensorrt`` profile (TensorRT developer guide,
 #: "Explicit Quantization" > "Q/DQ Layer-Placement Recommendations": quantize all inputs of
@@ -49,7 +49,7 @@ class QuantizeOptions:
     Attributes:
         profile: ``tensorrt`` (symmetric int8 Q/DQ for TensorRT) or ``cpu`` (ONNX Runtime x86).
         method: activation calibration: ``max`` (min/max), ``entropy`` (KL), ``percentile``, or
-            ``auto`` (:data:`AUTO_METHOD`: percentile for ``tensorrt``, entropy for ``cpu``).
+            ``auto`` (:data:`AUTO_METHOD`: percentile, 99.99, for both profiles).
         percentile: percentile of |x| kept by the ``percentile`` method.
         num_calib: calibration images used (glance inputs; the focus graph gets T-1 patches
             per image).

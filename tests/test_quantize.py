@@ -302,11 +302,16 @@ def test_quantize_model_end_to_end(tiny, tmp_path):
     acc = rep["accuracy"]
     assert len(acc["accuracy_fp32"]) == model.spec.steps and acc["labels"] == "fp32 predictions"
     assert rep["accuracy_all_int8"]["final_drop"] > 0
-    assert 1 <= len(rep["sensitivity"]) <= 3 and all("local_error" in s for s in rep["sensitivity"])
+    sens = rep["sensitivity"]  # 3 nodes (ranked by the local proxy) + each whole graph
+    assert len(sens) == 5 and sum(s["op_type"] == "graph" for s in sens) == 2
+    assert all("local_error" in s for s in sens if s["op_type"] != "graph")
     assert len(rep["float_nodes"]) <= 2
     for f in rep["float_nodes"]:  # a node kept in float has no Q/DQ on its inputs
         m = onnx.load(str(res.graphs[f["graph"]]))
         prod = {o: n for n in m.graph.node for o in n.output}
+        if f["op_type"] == "graph":  # a whole graph kept in float has no Q/DQ at all
+            assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in m.graph.node)
+            continue
         node = next(n for n in m.graph.node if n.name == f["node"])
         assert all(prod.get(i) is None or prod[i].op_type != "DequantizeLinear" for i in node.input)
         assert f["drop_after"] <= f["drop_before"] or f["kl_after"] < f["kl_before"]
@@ -334,7 +339,7 @@ def test_quantize_model_holds_out_calibration_images(tiny, tmp_path):
 def test_profile_settings_and_auto_method():
     trt = gq.QuantizeOptions(profile="tensorrt").validate()
     cpu = gq.QuantizeOptions(profile="cpu").validate()
-    assert trt.resolved_method == "percentile" and cpu.resolved_method == "entropy"
+    assert trt.resolved_method == "percentile" and cpu.resolved_method == "percentile"
     s = gq.ort_settings(trt)
     assert (s.activation_type, s.weight_type, s.per_channel) == ("QInt8", "QInt8", True)
     assert s.extra_options["ActivationSymmetric"] and s.extra_options["WeightSymmetric"]
@@ -342,7 +347,8 @@ def test_profile_settings_and_auto_method():
     assert "Relu" not in s.op_types_to_quantize and "Conv" in s.op_types_to_quantize
     c = gq.ort_settings(cpu)
     assert (c.activation_type, c.weight_type) == ("QUInt8", "QInt8")
-    assert c.extra_options["CalibTensorRangeSymmetric"] is False and "CalibPercentile" not in c.extra_options
+    assert c.extra_options["CalibTensorRangeSymmetric"] is False and c.extra_options["CalibPercentile"] == 99.99
+    assert "CalibPercentile" not in gq.ort_settings(gq.QuantizeOptions(profile="cpu", method="entropy")).extra_options
 
 
 def test_uneven_reader_batches_are_rebatched_for_histograms(tiny, tmp_path):

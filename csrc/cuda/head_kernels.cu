@@ -19,7 +19,7 @@ namespace gfn::cuda {
 namespace {
 
 constexpr int kWarps = 8;          // warps per block
-constexpr int kBatchTile = 4;      // batch items per warp
+constexpr int kBatchTile = 8;      // batch items per warp
 constexpr int kBlock = 32 * kWarps;
 
 __device__ inline float warp_sum(float v) {
@@ -29,9 +29,74 @@ __device__ inline float warp_sum(float v) {
 }
 
 __device__ inline float load_f(const float* p, int64_t i) { return p[i]; }
-__device__ inline float load_f(const uint16_t* p, int64_t i) { return half_to_float(p[i]); }
+__device__ inline float load_f(const uint16_t* p, int64_t i) {
+  return __half2float(__ushort_as_half(p[i]));  // exact, as half_to_float
+}
 
-template <typename WT, typename XT>
+// Vector loads of kVec consecutive elements (two float4 or one uint4 of halves). The caller
+// guarantees 16-byte alignment (see vector_ok()).
+constexpr int kVec = 8;
+
+__device__ inline void load_vec(const float* p, float (&v)[kVec]) {
+  const float4 a = *reinterpret_cast<const float4*>(p);
+  const float4 b = *reinterpret_cast<const float4*>(p + 4);
+  v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+  v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+
+__device__ inline void load_vec(const uint16_t* p, float (&v)[kVec]) {
+  const uint4 u = *reinterpret_cast<const uint4*>(p);
+  const uint32_t words[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {  // little endian: the low half is the earlier element
+    v[2 * i] = __half2float(__ushort_as_half(static_cast<unsigned short>(words[i] & 0xFFFFu)));
+    v[2 * i + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(words[i] >> 16)));
+  }
+}
+
+// Accumulates acc[g][b] += sum_c W[g * hidden + j, c] * v[b0 + b, c] over c < K for the
+// three gate rows of hidden unit j; lanes stride over the inputs (vectors when VEC).
+template <bool VEC, typename WT, typename VT>
+__device__ inline void gate_dots(const WT* __restrict__ w, int64_t hidden, int64_t j, int64_t K,
+                                 const VT* __restrict__ v, int64_t nb, int64_t b0, int lane,
+                                 float (&acc)[3][kBatchTile]) {
+  int64_t start = 0;
+  if (VEC) {
+    const int64_t nvec = K / kVec;
+    for (int64_t q = lane; q < nvec; q += 32) {
+      float wv[3][kVec];
+#pragma unroll
+      for (int g = 0; g < 3; ++g) load_vec(w + (g * hidden + j) * K + q * kVec, wv[g]);
+#pragma unroll
+      for (int b = 0; b < kBatchTile; ++b) {
+        if (b0 + b >= nb) break;
+        float xv[kVec];
+        load_vec(v + (b0 + b) * K + q * kVec, xv);
+#pragma unroll
+        for (int g = 0; g < 3; ++g) {
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) acc[g][b] += wv[g][e] * xv[e];
+        }
+      }
+    }
+    start = nvec * kVec;
+  }
+  for (int64_t c = start + lane; c < K; c += 32) {
+    float xv[kBatchTile];
+#pragma unroll
+    for (int b = 0; b < kBatchTile; ++b) xv[b] = (b0 + b < nb) ? load_f(v, (b0 + b) * K + c) : 0.0f;
+#pragma unroll
+    for (int g = 0; g < 3; ++g) {
+      const float wv = load_f(w, (g * hidden + j) * K + c);
+#pragma unroll
+      for (int b = 0; b < kBatchTile; ++b) acc[g][b] += wv * xv[b];
+    }
+  }
+}
+
+bool aligned16(uintptr_t p) { return p % 16 == 0; }
+
+template <bool VEC, typename WT, typename XT>
 __global__ void gru_kernel(const WT* __restrict__ w_ih, const WT* __restrict__ w_hh,
                            const float* __restrict__ b_ih, const float* __restrict__ b_hh,
                            const XT* __restrict__ x, const float* __restrict__ h, int64_t nb,
@@ -46,30 +111,8 @@ __global__ void gru_kernel(const WT* __restrict__ w_ih, const WT* __restrict__ w
 #pragma unroll
     for (int b = 0; b < kBatchTile; ++b) ai[g][b] = ah[g][b] = 0.0f;
   }
-  for (int64_t c = lane; c < input; c += 32) {
-    float xv[kBatchTile];
-#pragma unroll
-    for (int b = 0; b < kBatchTile; ++b) xv[b] = (b0 + b < nb) ? load_f(x, (b0 + b) * input + c) : 0.0f;
-#pragma unroll
-    for (int g = 0; g < 3; ++g) {
-      const float wv = load_f(w_ih, (g * hidden + j) * input + c);
-#pragma unroll
-      for (int b = 0; b < kBatchTile; ++b) ai[g][b] += wv * xv[b];
-    }
-  }
-  if (h != nullptr) {
-    for (int64_t c = lane; c < hidden; c += 32) {
-      float hv[kBatchTile];
-#pragma unroll
-      for (int b = 0; b < kBatchTile; ++b) hv[b] = (b0 + b < nb) ? h[(b0 + b) * hidden + c] : 0.0f;
-#pragma unroll
-      for (int g = 0; g < 3; ++g) {
-        const float wv = load_f(w_hh, (g * hidden + j) * hidden + c);
-#pragma unroll
-        for (int b = 0; b < kBatchTile; ++b) ah[g][b] += wv * hv[b];
-      }
-    }
-  }
+  gate_dots<VEC>(w_ih, hidden, j, input, x, nb, b0, lane, ai);
+  if (h != nullptr) gate_dots<VEC>(w_hh, hidden, j, hidden, h, nb, b0, lane, ah);
 #pragma unroll
   for (int g = 0; g < 3; ++g) {
 #pragma unroll
@@ -94,7 +137,7 @@ __global__ void gru_kernel(const WT* __restrict__ w_ih, const WT* __restrict__ w
 
 // out[b, o] = sum_t sum_f W[o, t * F + f] * x_t[b, f] + bias[o]; x_t at
 // (tnf ? (t * nb + b) : (b * steps + t)) * F. A plain linear layer is nseg = 1, F = K.
-template <typename WT, typename XT>
+template <bool VEC, typename WT, typename XT>
 __global__ void linear_kernel(const WT* __restrict__ w, const float* __restrict__ bias,
                               const XT* __restrict__ x, int64_t nb, int64_t rows, int64_t nseg,
                               int64_t feature_dim, int tnf, int64_t steps, int relu,
@@ -115,7 +158,24 @@ __global__ void linear_kernel(const WT* __restrict__ w, const float* __restrict_
       const int64_t bi = b0 + b < nb ? b0 + b : nb - 1;
       xoff[b] = (tnf ? (t * nb + bi) : (bi * steps + t)) * feature_dim;
     }
-    for (int64_t f = lane; f < feature_dim; f += 32) {
+    int64_t f0 = 0;
+    if (VEC) {
+      const int64_t nvec = feature_dim / kVec;
+      for (int64_t q = lane; q < nvec; q += 32) {
+        float wv[kVec];
+        load_vec(wr + q * kVec, wv);
+#pragma unroll
+        for (int b = 0; b < kBatchTile; ++b) {
+          if (b0 + b >= nb) break;
+          float xv[kVec];
+          load_vec(x + xoff[b] + q * kVec, xv);
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) acc[b] += wv[e] * xv[e];
+        }
+      }
+      f0 = nvec * kVec;
+    }
+    for (int64_t f = f0 + lane; f < feature_dim; f += 32) {
       const float wv = load_f(wr, f);
 #pragma unroll
       for (int b = 0; b < kBatchTile; ++b) acc[b] += wv * load_f(x, xoff[b] + f);
@@ -246,7 +306,9 @@ void launch_linear(uintptr_t w, uintptr_t bias, uintptr_t x, int64_t nb, int64_t
                    cudaStream_t s) {
   const dim3 grid(static_cast<unsigned>((rows + kWarps - 1) / kWarps),
                   static_cast<unsigned>((nb + kBatchTile - 1) / kBatchTile));
-  linear_kernel<WT, XT><<<grid, kBlock, 0, s>>>(
+  const bool vec = feature_dim % kVec == 0 && aligned16(w) && aligned16(x);
+  auto kernel = vec ? linear_kernel<true, WT, XT> : linear_kernel<false, WT, XT>;
+  kernel<<<grid, kBlock, 0, s>>>(
       reinterpret_cast<const WT*>(w), reinterpret_cast<const float*>(bias),
       reinterpret_cast<const XT*>(x), nb, rows, nseg, feature_dim, tnf ? 1 : 0, steps,
       relu ? 1 : 0, out);
@@ -279,6 +341,23 @@ void store_result(const float* src, int64_t n, uintptr_t out, DType dtype, cudaS
         src, n, reinterpret_cast<uint16_t*>(out));
     GFN_CUDA_CHECK_LAUNCH();
   }
+}
+
+struct GruArgs {
+  uintptr_t w_ih, w_hh;
+  const float *b_ih, *b_hh;
+  uintptr_t x;
+  const float* h;
+  int64_t nb, input, hidden;
+  float* h_out;
+};
+
+template <typename WT, typename XT>
+void launch_gru(const dim3& grid, bool vec, const GruArgs& a, cudaStream_t s) {
+  auto kernel = vec ? gru_kernel<true, WT, XT> : gru_kernel<false, WT, XT>;
+  kernel<<<grid, kBlock, 0, s>>>(reinterpret_cast<const WT*>(a.w_ih), reinterpret_cast<const WT*>(a.w_hh),
+                                 a.b_ih, a.b_hh, reinterpret_cast<const XT*>(a.x), a.h, a.nb, a.input,
+                                 a.hidden, a.h_out);
 }
 
 void check_batch(int64_t nb) {
@@ -378,24 +457,17 @@ void GruWeights::step(uintptr_t x, DType x_dtype, uintptr_t h, int64_t nb, uintp
   float* ho = reinterpret_cast<float*>(h_out);
   const float* bi = reinterpret_cast<const float*>(b_ih_.ptr());
   const float* bh = reinterpret_cast<const float*>(b_hh_.ptr());
+  const bool vec = input_ % kVec == 0 && hidden_ % kVec == 0 && aligned16(w_ih_.ptr()) &&
+                   aligned16(w_hh_.ptr()) && aligned16(x) && (h == 0 || aligned16(h));
+  const auto args = GruArgs{w_ih_.ptr(), w_hh_.ptr(), bi, bh, x, hp, nb, input_, hidden_, ho};
   if (dtype_ == DType::kF32 && x_dtype == DType::kF32) {
-    gru_kernel<float, float><<<grid, kBlock, 0, s>>>(
-        reinterpret_cast<const float*>(w_ih_.ptr()), reinterpret_cast<const float*>(w_hh_.ptr()),
-        bi, bh, reinterpret_cast<const float*>(x), hp, nb, input_, hidden_, ho);
+    launch_gru<float, float>(grid, vec, args, s);
   } else if (dtype_ == DType::kF32) {
-    gru_kernel<float, uint16_t><<<grid, kBlock, 0, s>>>(
-        reinterpret_cast<const float*>(w_ih_.ptr()), reinterpret_cast<const float*>(w_hh_.ptr()),
-        bi, bh, reinterpret_cast<const uint16_t*>(x), hp, nb, input_, hidden_, ho);
+    launch_gru<float, uint16_t>(grid, vec, args, s);
   } else if (x_dtype == DType::kF32) {
-    gru_kernel<uint16_t, float><<<grid, kBlock, 0, s>>>(
-        reinterpret_cast<const uint16_t*>(w_ih_.ptr()),
-        reinterpret_cast<const uint16_t*>(w_hh_.ptr()), bi, bh, reinterpret_cast<const float*>(x),
-        hp, nb, input_, hidden_, ho);
+    launch_gru<uint16_t, float>(grid, vec, args, s);
   } else {
-    gru_kernel<uint16_t, uint16_t><<<grid, kBlock, 0, s>>>(
-        reinterpret_cast<const uint16_t*>(w_ih_.ptr()),
-        reinterpret_cast<const uint16_t*>(w_hh_.ptr()), bi, bh,
-        reinterpret_cast<const uint16_t*>(x), hp, nb, input_, hidden_, ho);
+    launch_gru<uint16_t, uint16_t>(grid, vec, args, s);
   }
   GFN_CUDA_CHECK_LAUNCH();
 }
