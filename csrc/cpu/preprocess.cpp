@@ -205,39 +205,36 @@ void glance(const float* in, int64_t n, int64_t channels, int64_t in_size, float
     ntaps = glance_taps(mode, static_cast<int>(i), static_cast<int>(in_size), static_cast<int>(P),
                         &ix[i * 4], &wx[i * 4]);
   }
-  // Separable: each task filters the source rows its block of output rows needs
-  // (glance_row), then combines them per column. The operations and their order are those
-  // of glance_sample, so the result is identical to the per-pixel form the GPU uses.
-  const int64_t block = 16;
-  const int64_t blocks_per_plane = (P + block - 1) / block;
-  const int64_t in_plane = in_size * in_size;
-  parallel_tasks(n * channels * blocks_per_plane, [&](int64_t task) {
-    const int64_t plane_index = task / blocks_per_plane;
-    const int64_t y0 = (task % blocks_per_plane) * block;
-    const int64_t y1 = std::min(P, y0 + block);
-    int64_t lo = in_size, hi = -1;
-    for (int64_t y = y0; y < y1; ++y) {
-      for (int a = 0; a < ntaps; ++a) {
-        lo = std::min<int64_t>(lo, ix[y * 4 + a]);
-        hi = std::max<int64_t>(hi, ix[y * 4 + a]);
-      }
-    }
+  // Separable: the vertical pass combines whole source rows into the P output rows
+  // (contiguous, vectorised by the compiler), then each of those rows is filtered
+  // horizontally (P outputs of ntaps gathered taps). One task per plane. Summation follows
+  // the tap order, as F.interpolate's; it differs from the GPU's per-pixel order only by
+  // float rounding.
+  const int64_t S = in_size;
+  const int64_t in_plane = S * S;
+  parallel_tasks(n * channels, [&](int64_t plane_index) {
     const float* src = in + plane_index * in_plane;
-    std::vector<float> tmp(static_cast<size_t>((hi - lo + 1) * P));
-    for (int64_t r = lo; r <= hi; ++r) {
-      const float* row = src + r * in_size;
-      float* t = tmp.data() + (r - lo) * P;
-      for (int64_t x = 0; x < P; ++x) t[x] = glance_row(row, ntaps, &ix[x * 4], &wx[x * 4]);
-    }
-    for (int64_t y = y0; y < y1; ++y) {
-      float* dst = out + plane_index * P * P + y * P;
-      const float* t0 = tmp.data() + (ix[y * 4] - lo) * P;
+    float* dst = out + plane_index * P * P;
+    std::vector<float> vert(static_cast<size_t>(S));
+    for (int64_t y = 0; y < P; ++y) {
+      float* v = vert.data();
+      const float* r0 = src + static_cast<int64_t>(ix[y * 4]) * S;
       const float w0 = wx[y * 4];
-      for (int64_t x = 0; x < P; ++x) dst[x] = t0[x] * w0;
+      for (int64_t c = 0; c < S; ++c) v[c] = r0[c] * w0;
       for (int a = 1; a < ntaps; ++a) {
-        const float* ta = tmp.data() + (ix[y * 4 + a] - lo) * P;
+        const float* ra = src + static_cast<int64_t>(ix[y * 4 + a]) * S;
         const float wa = wx[y * 4 + a];
-        for (int64_t x = 0; x < P; ++x) dst[x] += ta[x] * wa;
+        for (int64_t c = 0; c < S; ++c) v[c] += ra[c] * wa;
+      }
+      float* o = dst + y * P;
+      if (ntaps == 4) {
+        for (int64_t x = 0; x < P; ++x) {
+          const int* k = &ix[x * 4];
+          const float* w = &wx[x * 4];
+          o[x] = ((v[k[0]] * w[0] + v[k[1]] * w[1]) + v[k[2]] * w[2]) + v[k[3]] * w[3];
+        }
+      } else {
+        for (int64_t x = 0; x < P; ++x) o[x] = v[ix[x * 4]] * wx[x * 4] + v[ix[x * 4 + 1]] * wx[x * 4 + 1];
       }
     }
   });

@@ -35,6 +35,7 @@ def demo_spec(backbone: str = "r16", num_classes: int = 10) -> GFNetSpec:
         patch_size=96,
         steps=3,
         num_classes=num_classes,
+        crop_pct=1.0,  # demo frames are the whole S x S scene: resize to S, no centre crop
         glance_interpolation="bicubic",
         policy_conv=True,
         policy_hidden=256,

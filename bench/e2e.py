@@ -1,0 +1,253 @@
+"""End-to-end benchmark on the demo model: GFNet (fp32, int8) against the static baseline.
+
+    python bench/e2e.py [--bundle DIR] [--num-test 500] [--threads 2] [--batches 1,32]
+
+Builds (or reuses, ``--bundle``) an INT8 ONNX Runtime bundle of the shipped demo checkpoint
+(it holds the fp32 graphs too), then, in one run on one machine:
+
+* fits exit thresholds for a sweep of operating points (the reference ``p`` sweep) on the
+  demo *validation* split, using each precision's own probabilities;
+* runs each operating point over the *test* split through :class:`gfnet_edge.Runtime` at
+  batch 1 and 32, timing every call (mean and p95 per image, normalisation included);
+* runs the static baseline (the shipped ``demo_static.pth.tar``, exported to ONNX, fp32 and
+  an INT8 copy) over the same images at the same batch sizes;
+* reports, per precision and batch size, the fastest GFNet point whose test accuracy is
+  within ``--tolerance`` points of the static baseline of the same precision, and the ratio of
+  their mean latencies; the share of per-image time spent outside backbone inference; and the
+  per-image throughput of batch 32 against batch 1.
+
+Prints the tables and writes ``bench/results/e2e.md`` and ``e2e.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine, table  # noqa: E402
+
+PS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 4.0)
+
+
+def _log(msg: str) -> None:
+    print(f"[e2e] {msg}", flush=True)
+
+
+def operating_points(rt, val_frames: np.ndarray) -> List[Dict[str, Any]]:
+    """Threshold vectors from the reference sweep on the validation split, plus 'every step'."""
+    from gfnet_edge.calibrate.latency import prepare_frames
+    from gfnet_edge.evaluate import LAST, NO_EXIT, exit_fractions, fit_thresholds
+
+    T = int(rt.model["steps"])
+    probs = np.concatenate([rt.trace(prepare_frames(rt.model, val_frames[i:i + 64])).probs
+                            for i in range(0, len(val_frames), 64)], axis=1)
+    points = [{"name": f"p={p:g}", "thresholds": fit_thresholds(probs, exit_fractions(p, T))} for p in PS]
+    points.append({"name": "every step", "thresholds": np.array([NO_EXIT] * (T - 1) + [LAST], np.float32)})
+    return points
+
+
+def outside_backbone(rt, frames: np.ndarray, thresholds, calls: int = 200) -> Dict[str, float]:
+    """Per-image ms inside the backbone graphs and outside them (batch 1, profiler on)."""
+    from gfnet_edge.calibrate.latency import prepare_frames, using_thresholds
+
+    rt.profiler.enabled = True
+    rt.profiler.reset()
+    norm = 0.0
+    with using_thresholds(rt, thresholds):
+        for i in range(calls):
+            f = frames[i % len(frames)][None]
+            t0 = time.perf_counter()
+            x = prepare_frames(rt.model, f)
+            norm += time.perf_counter() - t0
+            rt.predict(x)
+    s = rt.profiler.summary()
+    rt.profiler.enabled = False
+    rt.profiler.reset()
+    per_image = s["per_image"]["mean_ms"] + 1e3 * norm / calls
+    backbone = sum(s[k]["total_ms"] for k in ("glance", "focus") if k in s) / calls
+    stages = {k: v["total_ms"] / calls for k, v in s.items() if k != "per_image"}
+    stages["normalise"] = 1e3 * norm / calls
+    return {"per_image_ms": per_image, "backbone_ms": backbone, "outside_ms": per_image - backbone,
+            "outside_pct": 100.0 * (per_image - backbone) / per_image, "stages_ms": stages}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", help="an existing INT8 bundle of the demo checkpoint (default: build one)")
+    ap.add_argument("--num-test", type=int, default=500, help="demo test images (default 500)")
+    ap.add_argument("--num-val", type=int, default=500, help="demo validation images for threshold fitting")
+    ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime / extension threads")
+    ap.add_argument("--batches", default="1,32", help="batch sizes (default 1,32)")
+    ap.add_argument("--tolerance", type=float, default=0.5,
+                    help="'equal accuracy': within this many points of the static baseline (default 0.5)")
+    ap.add_argument("--out", default=str(RESULTS / "e2e.md"))
+    args = ap.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+
+    from gfnet_edge import ops
+    from gfnet_edge.build import BuildConfig, build_bundle
+    from gfnet_edge.calibrate.latency import measure_calls
+    from gfnet_edge.calibrate.static import evaluate_static, export_static, quantize_static_int8
+    from gfnet_edge.calibrate.latency import prepare_frames
+    from gfnet_edge.data import ClutteredDigits, demo_config
+    from gfnet_edge.demo import DEMO_CHECKPOINT, DEMO_STATIC
+    from gfnet_edge.runtime import Runtime
+
+    batches = [int(b) for b in args.batches.split(",")]
+    ops.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="gfnet-e2e-") as tmp:
+        work = Path(tmp)
+        if args.bundle:
+            bundle_dir = Path(args.bundle)
+        else:
+            _log("building the INT8 bundle of the demo checkpoint (fp32 + int8 graphs)")
+            bundle_dir = build_bundle(DEMO_CHECKPOINT, work / "bundle",
+                                      BuildConfig(precision="int8", backend="onnxruntime", calib_data="demo",
+                                                  int8_profiles=("cpu",), threads=args.threads)).root
+        from gfnet_edge.bundle import Bundle
+
+        manifest = Bundle.load(bundle_dir).manifest
+        model = manifest["model"]
+        cfg = demo_config(model)
+        _log(f"demo data: {args.num_val} validation + {args.num_test} test images")
+        val_x, _ = ClutteredDigits("val", config=cfg).arrays(args.num_val)
+        test_x, test_y = ClutteredDigits("test", config=cfg).arrays(args.num_test)
+        test_y = np.asarray(test_y, np.int64)
+
+        # Static baseline, fp32 and int8 (same quantizer settings as the GFNet cpu profile).
+        onnx_fp32, meta = export_static(DEMO_STATIC, work)
+        onnx_int8 = quantize_static_int8(onnx_fp32, work / "static.int8.onnx", prepare_frames(model, val_x[:64]))
+        static: Dict[str, Dict[int, Any]] = {"fp32": {}, "int8": {}}
+        for prec, path in (("fp32", onnx_fp32), ("int8", onnx_int8)):
+            for b in batches:
+                _log(f"static {prec} batch {b}")
+                r = evaluate_static(path, f"static {prec}", test_x, test_y, model, args.threads, test_x[:64],
+                                    repeats=max(20, 400 // b), batch=b, meta=meta)
+                static[prec][b] = r
+
+        results: Dict[str, Any] = {"machine": machine(), "threads": args.threads, "num_test": int(len(test_y)),
+                                   "tolerance": args.tolerance, "static": {}, "gfnet": {}, "summary": {}}
+        for prec in ("fp32", "int8"):
+            results["static"][prec] = {b: {"accuracy": static[prec][b].accuracy, **static[prec][b].latency.to_dict()}
+                                       for b in batches}
+        for prec, graphs in (("fp32", "fp32"), ("int8", "int8-cpu")):
+            if graphs not in manifest["graphs"]:
+                _log(f"bundle has no {graphs} graphs: skipping GFNet {prec}")
+                continue
+            rt = Runtime(bundle_dir, backend="onnxruntime", precision=graphs, threads=args.threads)
+            points = operating_points(rt, val_x)
+            rows = []
+            for pt in points:
+                for b in batches:
+                    run = measure_calls(rt, test_x, pt["thresholds"], batch=b)
+                    acc = 100.0 * float((run.classes == test_y).mean())
+                    T = int(rt.model["steps"])
+                    rows.append({"point": pt["name"], "batch": b, "accuracy": acc, **run.stats.to_dict(),
+                                 "mean_steps": float(run.exit_step.mean() + 1),
+                                 "exit_histogram": [int((run.exit_step == k).sum()) for k in range(T)],
+                                 "thresholds": [float(t) for t in pt["thresholds"]]})
+                _log(f"GFNet {prec} {pt['name']}: acc {rows[-1]['accuracy']:.1f}%, "
+                     + ", ".join(f"b{r['batch']} {r['mean_ms']:.2f} ms" for r in rows[-len(batches):]))
+            results["gfnet"][prec] = rows
+            # Equal accuracy against the static baseline of the same precision.
+            for b in batches:
+                s = static[prec][b]
+                ok = [r for r in rows if r["batch"] == b and r["accuracy"] >= s.accuracy - args.tolerance]
+                best_acc = max((r for r in rows if r["batch"] == b), key=lambda r: r["accuracy"])
+                pick = min(ok, key=lambda r: r["mean_ms"]) if ok else None
+                results["summary"][f"{prec} b{b}"] = {
+                    "static_accuracy": s.accuracy, "static_mean_ms": s.latency.mean_ms,
+                    "gfnet_point": pick["point"] if pick else None,
+                    "gfnet_accuracy": pick["accuracy"] if pick else best_acc["accuracy"],
+                    "gfnet_mean_ms": pick["mean_ms"] if pick else None,
+                    "ratio": pick["mean_ms"] / s.latency.mean_ms if pick else None,
+                }
+            pick1 = next((r for r in rows if r["batch"] == 1 and r["point"] == results["summary"][f"{prec} b1"]["gfnet_point"]),
+                         None) if 1 in batches else None
+            thr = pick1["thresholds"] if pick1 else points[-1]["thresholds"]
+            results["summary"][f"{prec} outside"] = outside_backbone(rt, test_x, thr)
+            if 1 in batches and 32 in batches:
+                by = {(r["point"], r["batch"]): r for r in rows}
+                results["summary"][f"{prec} batch32_throughput"] = {
+                    p["name"]: by[(p["name"], 1)]["mean_ms"] / by[(p["name"], 32)]["mean_ms"] for p in points}
+            rt.close()
+    results["minutes"] = (time.perf_counter() - t_start) / 60
+    md = render(results, batches)
+    print(md)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(md, encoding="utf-8")
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=float) + "\n", encoding="utf-8")
+    _log(f"wrote {out} and {out.with_suffix('.json')} ({results['minutes']:.1f} min)")
+    return 0
+
+
+def render(res: Dict[str, Any], batches: List[int]) -> str:
+    cmd = "python bench/e2e.py " + " ".join(sys.argv[1:])
+    lines = [
+        "# End to end: GFNet vs the static baseline on the demo task", "",
+        f"Command: `{cmd.strip()}`", "", f"Machine: {res['machine']}; threads {res['threads']}; "
+        f"{res['num_test']} demo test images; thresholds fitted on the validation split.", "",
+        "Latency is per image (a batch's call time shared by its images), normalisation of the uint8 "
+        "S x S frames included, ONNX Runtime backend.", "",
+        f"## Summary (equal accuracy = within {res['tolerance']} points of the static baseline)", "",
+    ]
+    rows = []
+    for prec in ("fp32", "int8"):
+        for b in batches:
+            s = res["summary"].get(f"{prec} b{b}")
+            if not s:
+                continue
+            rows.append([prec, b, f"{s['static_accuracy']:.1f}", f"{s['static_mean_ms']:.2f}",
+                         s["gfnet_point"] or "(none reaches it)", f"{s['gfnet_accuracy']:.1f}",
+                         f"{s['gfnet_mean_ms']:.2f}" if s["gfnet_mean_ms"] else "–",
+                         f"{s['ratio']:.2f}x" if s["ratio"] else "–"])
+    lines += [table(["precision", "batch", "static acc %", "static ms", "GFNet point", "GFNet acc %", "GFNet ms",
+                     "GFNet / static"], rows), ""]
+    rows = []
+    for prec in ("fp32", "int8"):
+        o = res["summary"].get(f"{prec} outside")
+        if o:
+            st = o["stages_ms"]
+            rows.append([prec, f"{o['per_image_ms']:.2f}", f"{o['backbone_ms']:.2f}", f"{o['outside_ms']:.2f}",
+                         f"{o['outside_pct']:.1f}%", ", ".join(f"{k} {v:.3f}" for k, v in st.items()
+                                                             if k not in ("glance", "focus"))])
+    if rows:
+        lines += ["## Time outside backbone inference (batch 1, the equal-accuracy point)", "",
+                  table(["precision", "per image ms", "backbone ms", "outside ms", "outside share", "outside stages (ms)"],
+                        rows), ""]
+    rows = []
+    for prec in ("fp32", "int8"):
+        tp = res["summary"].get(f"{prec} batch32_throughput")
+        if tp:
+            rows.append([prec] + [f"{v:.2f}x" for v in tp.values()])
+            head = list(tp.keys())
+    if rows:
+        lines += ["## Per-image throughput, batch 32 over batch 1 (with compaction of exited images)", "",
+                  table(["precision"] + head, rows), ""]
+    for prec in ("fp32", "int8"):
+        rs = res["gfnet"].get(prec)
+        if not rs:
+            continue
+        lines += [f"## GFNet {prec}: every operating point", "",
+                  table(["point", "batch", "accuracy %", "mean ms", "p95 ms", "mean steps", "exits per step"],
+                        [[r["point"], r["batch"], f"{r['accuracy']:.1f}", f"{r['mean_ms']:.2f}", f"{r['p95_ms']:.2f}",
+                          f"{r['mean_steps']:.2f}", "/".join(map(str, r["exit_histogram"]))] for r in rs]), ""]
+    rows = [[p, b, f"{v['accuracy']:.1f}", f"{v['mean_ms']:.2f}", f"{v['p95_ms']:.2f}"]
+            for p, d in res["static"].items() for b, v in d.items()]
+    lines += ["## Static baseline", "", table(["precision", "batch", "accuracy %", "mean ms", "p95 ms"], rows), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
