@@ -39,7 +39,7 @@ class BuildConfig:
         backend: ``auto`` / ``onnxruntime`` (portable bundle) / ``tensorrt`` (plus engines).
         calib_data: folder / .npz / ``demo`` for INT8 calibration.
         num_calib: calibration images.
-        calib_method: ``entropy``, ``max`` or ``percentile``.
+        calib_method: ``auto`` (per profile, :data:`gfnet_edge.quantize.options.AUTO_METHOD`), ``entropy``, ``max`` or ``percentile``.
         int8_profiles: which INT8 graph sets to write (``cpu``, ``tensorrt``).
         max_accuracy_drop: accuracy-driven mixed precision limit (points, final step).
         eval_data: held-out images for the accuracy check (default: from ``calib_data``).
@@ -52,7 +52,7 @@ class BuildConfig:
     backend: str = "auto"
     calib_data: Optional[str] = None
     num_calib: int = 256
-    calib_method: str = "entropy"
+    calib_method: str = "auto"
     int8_profiles: Sequence[str] = ("cpu", "tensorrt")
     max_accuracy_drop: float = 0.5
     num_eval: int = 256

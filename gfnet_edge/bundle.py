@@ -63,6 +63,24 @@ def safe_join(root: Path, rel: str) -> Path:
     return p
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def public_modes(root: Path) -> None:
+    """Gives ``root`` and everything below it the modes a plain ``open`` / ``mkdir`` would (the
+    temporary files and folders atomic writes start from are private, 0600 / 0700)."""
+    mask = _umask()
+    root = Path(root)
+    paths = [root] + list(root.rglob("*")) if root.is_dir() else [root]
+    for p in paths:
+        if p.is_symlink():
+            continue
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
@@ -70,6 +88,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2, sort_keys=False)
             f.write("\n")
+        public_modes(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -239,6 +258,7 @@ def staging_dir(final: Path, force: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=str(final.parent)))
     try:
         yield tmp
+        public_modes(tmp)
         old = None
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")

@@ -60,7 +60,9 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
                    help="auto: TensorRT when it and a GPU are here, else a portable ONNX Runtime bundle")
     p.add_argument("--calib-data", help="INT8 calibration images: folder, .npz, or 'demo' (default for the demo model)")
     p.add_argument("--num-calib", type=int, default=256, help="calibration images (default 256)")
-    p.add_argument("--calib-method", choices=["entropy", "max", "percentile"], default="entropy")
+    p.add_argument("--calib-method", choices=["auto", "entropy", "max", "percentile"], default="auto",
+                   help="activation calibration (default auto: the method measured best per INT8 profile, "
+                        "see docs/quantization.md)")
     p.add_argument("--int8-profiles", default="cpu,tensorrt",
                    help="INT8 graph sets for a portable bundle: cpu (ONNX Runtime x86), tensorrt (Q/DQ for TensorRT)")
     p.add_argument("--max-accuracy-drop", type=float, default=0.5,

@@ -35,7 +35,7 @@ def run_demo(out: Path, precision: str = "int8", backend: str = "auto", budget_m
     Returns:
         The summary (also written to ``out/summary.json``).
     """
-    from .build import BuildConfig, build_bundle
+    from .build import BuildConfig, build_bundle, resolve_backend
     from .calibrate.pipeline import CalibrationConfig, run_calibration
     from .calibrate.report import summary as calib_summary
     from .data import ClutteredDigits, demo_config
@@ -46,8 +46,10 @@ def run_demo(out: Path, precision: str = "int8", backend: str = "auto", budget_m
         raise InputError(f"{DEMO_CHECKPOINT}: the demo checkpoint is missing from this installation")
     t0 = time.perf_counter()
     _say(f"1/4 build-engine {DEMO_CHECKPOINT.name} -> {out / 'bundle'} ({precision}, backend {backend})")
+    # Only the INT8 graph set the chosen backend runs (build-engine's default writes both).
+    profiles = ("tensorrt",) if resolve_backend(backend) == "tensorrt" else ("cpu",)
     cfg = BuildConfig(precision=precision, backend=backend, calib_data="demo", force=True, threads=threads,
-                      num_calib=64 if quick else 256, num_eval=64 if quick else 256)
+                      num_calib=64 if quick else 256, num_eval=64 if quick else 256, int8_profiles=profiles)
     bundle = build_bundle(DEMO_CHECKPOINT, out / "bundle", cfg)
     _say(f"   graphs: {', '.join(bundle.manifest['graphs'])}; engines: {len(bundle.manifest['engines'])}")
 
@@ -60,13 +62,13 @@ def run_demo(out: Path, precision: str = "int8", backend: str = "auto", budget_m
     )
     report = run_calibration(ccfg)
     print(calib_summary(report))
-    if not budget_ms:  # make the middle of the fitted budgets the default
+    if not budget_ms:
         from .bundle import Bundle
 
-        names = [b["name"] for b in report["budgets"]]
-        middle = names[len(names) // 2]
-        Bundle.load(bundle.root).update_manifest(lambda m: m.update(default_budget=middle))
-        _say(f"   default budget: {middle}")
+        default = pick_default_budget(report["budgets"])
+        Bundle.load(bundle.root).update_manifest(lambda m: m.update(default_budget=default))
+        _say(f"   default budget: {default} (the cheapest within {DEFAULT_BUDGET_SLACK} point of the best "
+             "held-out accuracy)")
 
     _say(f"3/4 classify {num_test} demo test images with the default budget")
     rt = Runtime(bundle.root, backend=backend, threads=threads, profile=True)
@@ -100,6 +102,23 @@ def run_demo(out: Path, precision: str = "int8", backend: str = "auto", budget_m
         print(f"  {k:<{w}}  {v}")
     (out / "summary.json").write_text(json.dumps(res, indent=1, default=float) + "\n")
     return res
+
+
+#: The demo's default budget gives up at most this many points of held-out accuracy.
+DEFAULT_BUDGET_SLACK = 1.0
+
+
+def pick_default_budget(budgets: List[Dict[str, Any]], slack: float = DEFAULT_BUDGET_SLACK) -> str:
+    """The cheapest calibrated budget whose held-out accuracy is within ``slack`` points of the
+    most accurate one (calibration reports list budgets cheapest first)."""
+    if not budgets:
+        raise InputError("calibration produced no budgets")
+    acc = [float(b["holdout"]["accuracy"]) for b in budgets]
+    best = max(acc)
+    for b, a in sorted(zip(budgets, acc), key=lambda ba: float(ba[0]["budget_ms"])):
+        if a >= best - slack:
+            return str(b["name"])
+    return str(budgets[int(np.argmax(acc))]["name"])
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

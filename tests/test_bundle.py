@@ -111,3 +111,20 @@ def test_update_manifest_atomic(tmp_path):
     b = Bundle.load(tmp_path / "b")
     b.update_manifest(lambda m: m["budgets"].update({"fast": {"thresholds": [0.5, 0.5, -1e8]}}))
     assert "fast" in Bundle.load(tmp_path / "b").budgets()
+
+
+def test_bundle_files_get_plain_modes(tmp_path):
+    """Atomic writes start from private temporaries; the published bundle is readable as usual."""
+    import os
+    import stat
+
+    with staging_dir(tmp_path / "b") as d:
+        (d / "x.txt").write_text("x")
+        (d / "sub").mkdir()
+        write_json_atomic(d / "manifest.json", {"a": 1})
+    mask = os.umask(0)
+    os.umask(mask)
+    root = tmp_path / "b"
+    assert stat.S_IMODE(root.stat().st_mode) == 0o777 & ~mask
+    assert stat.S_IMODE((root / "manifest.json").stat().st_mode) == 0o666 & ~mask
+    assert stat.S_IMODE((root / "x.txt").stat().st_mode) == 0o666 & ~mask

@@ -158,3 +158,17 @@ def test_precision_comparison():
     assert rows["int8-cpu"]["budgets"]["ms-2.0"]["expected_ms"] == pytest.approx((3 * 0.5 + 1.5) / 4)
     assert comparable_precisions({"graphs": {"int8-cpu": {}, "fp32": {}, "int8-tensorrt": {}}}, "onnxruntime") == \
         ["fp32", "int8-cpu"]
+
+
+def test_demo_default_budget_is_cheapest_within_one_point_of_best():
+    from gfnet_edge.demo import pick_default_budget
+
+    def b(name, ms, acc):
+        return {"name": name, "budget_ms": ms, "holdout": {"accuracy": acc}}
+
+    budgets = [b("ms-9.9", 9.9, 90.0), b("ms-6.0", 6.0, 65.0), b("ms-7.9", 7.9, 89.2)]
+    assert pick_default_budget(budgets) == "ms-7.9"  # 89.2 >= 90.0 - 1, and cheaper than ms-9.9
+    assert pick_default_budget(budgets, slack=0.5) == "ms-9.9"
+    assert pick_default_budget([b("ms-5.0", 5.0, 70.0)]) == "ms-5.0"
+    with pytest.raises(Exception, match="no budgets"):
+        pick_default_budget([])

@@ -269,12 +269,20 @@ def save_checkpoint(
     }
     for k, v in (metadata or {}).items():
         ck[k] = v
+    return atomic_torch_save(ck, path)
+
+
+def atomic_torch_save(obj: Any, path: os.PathLike) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, then an atomic rename (no half file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
     os.close(fd)
     try:
-        torch.save(ck, tmp)
+        torch.save(obj, tmp)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp's file is private; give it a plain file's mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -39,29 +39,9 @@ def load_split(split: str, n: int, config: Optional[ClutteredDigitsConfig] = Non
                progress: bool = True) -> Split:
     """The first ``n`` samples of ``split`` (generated once, then read from the ``.npz`` cache)."""
     ds = ClutteredDigits(split, size=n, config=config)
-    # Samples are pure functions of their index: a cached larger set holds the first n exactly.
-    bigger = _larger_cache(ds, n)
-    if bigger is not None:
-        with np.load(bigger) as d:
-            return Split(d["images"][:n], d["labels"][:n], d["boxes"][:n], d["large"][:n])
-    frames, labels = ds.arrays(workers=workers, progress=progress)
+    frames, labels = ds.arrays(workers=workers, progress=progress)  # a larger cached set is reused
     boxes, large = ds.boxes(workers=workers, progress=progress)
     return Split(frames, labels, boxes, large)
-
-
-def _larger_cache(ds: ClutteredDigits, n: int):
-    """The smallest cached ``.npz`` of the same split and config with at least ``n`` samples."""
-    if ds.cache_path(n).is_file():
-        return None
-    best = None
-    for p in ds.cache_dir.glob(f"cluttered_digits_{ds.split}_*_{ds.config.key()}.npz"):
-        try:
-            m = int(p.name.split("_")[3])
-        except (IndexError, ValueError):
-            continue
-        if m >= n and (best is None or m < best[0]):
-            best = (m, p)
-    return best[1] if best else None
 
 
 def to_tensor(frames: np.ndarray) -> torch.Tensor:

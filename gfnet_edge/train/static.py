@@ -9,7 +9,6 @@ Format (a plain dict of tensors and built-in values, readable with ``weights_onl
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -17,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..models.backbones import _create_timm
-from ..models.checkpoint import CheckpointError, read_checkpoint_dict  # noqa: F401  (re-exported errors)
+from ..models.checkpoint import CheckpointError, atomic_torch_save, read_checkpoint_dict  # noqa: F401  (re-exported errors)
 from ..models.macs import count_static_macs
 from ..variants import IMAGENET_MEAN, IMAGENET_STD
 
@@ -41,18 +40,7 @@ def save_static(path: os.PathLike, net: nn.Module, backbone: str, backbone_kwarg
         "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "state_dict": sd, "macs": int(macs),
     }
     ck.update(metadata or {})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
-    try:
-        torch.save(ck, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_torch_save(ck, path)
 
 
 def load_static(path: os.PathLike) -> Tuple[nn.Module, Dict[str, Any]]:
