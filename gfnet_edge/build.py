@@ -46,6 +46,9 @@ class BuildConfig:
         include_checkpoint: copy the checkpoint into the bundle (enables the torch backend).
         force: replace an existing bundle.
         trt: TensorRT builder options.
+        threads: CPU threads for export / quantization.
+        model_name, patch_size: the variant and P when the checkpoint does not store them and they
+            cannot be inferred from its weights (as ``gfnet-edge info --model-name``).
     """
 
     precision: str = "int8"
@@ -60,6 +63,8 @@ class BuildConfig:
     force: bool = False
     trt: BuildOptions = field(default_factory=BuildOptions)
     threads: Optional[int] = None
+    model_name: Optional[str] = None
+    patch_size: Optional[int] = None
 
 
 def resolve_backend(backend: str) -> str:
@@ -108,7 +113,7 @@ def build_bundle(checkpoint: Path, out: Path, cfg: BuildConfig, progress: bool =
     if cfg.precision == "fp16" and backend != "tensorrt":
         raise InputError("fp16 needs the TensorRT backend (ONNX Runtime on the CPU runs fp32 or int8)")
     try:
-        model = load_checkpoint(checkpoint)
+        model = load_checkpoint(checkpoint, model_name=cfg.model_name, patch_size=cfg.patch_size)
     except CheckpointError as exc:
         raise InputError(str(exc)) from exc
     calib = None

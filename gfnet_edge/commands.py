@@ -21,7 +21,8 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
                       num_calib=args.num_calib, calib_method=args.calib_method,
                       int8_profiles=tuple(p for p in args.int8_profiles.split(",") if p),
                       max_accuracy_drop=args.max_accuracy_drop, include_checkpoint=args.include_checkpoint,
-                      force=args.force, trt=trt, threads=args.threads)
+                      force=args.force, trt=trt, threads=args.threads, model_name=args.model_name,
+                      patch_size=args.patch_size)
     src = Path(args.source)
     if src.is_dir():
         if args.backend not in ("tensorrt", "auto"):
@@ -69,6 +70,9 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
                    help="keep the most sensitive layers in float until the final-step accuracy drop is within this many points")
     p.add_argument("--include-checkpoint", action="store_true", help="copy the checkpoint into the bundle (torch backend)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
+    p.add_argument("--model-name", help="variant name when the checkpoint does not store it and it cannot be "
+                                        "inferred (e.g. resnet50; see `gfnet-edge info`)")
+    p.add_argument("--patch-size", type=int, help="patch size P when the checkpoint does not store it")
     g = p.add_argument_group("TensorRT")
     g.add_argument("--workspace", type=int, default=1024, help="workspace limit in MiB (default 1024)")
     g.add_argument("--opt-level", type=int, help="builder optimisation level 0-5 (TensorRT default 3)")

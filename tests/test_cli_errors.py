@@ -63,6 +63,7 @@ CASES = {
     "info_garbage": (lambda t, b: ["info", _garbage(t / "g.pth.tar")], 2, "not a readable torch checkpoint"),
     "info_truncated": (lambda t, b: ["info", _truncated_demo(t)], 2, "truncated or corrupt"),
     "info_wrong_name": (lambda t, b: ["info", DEMO, "--model-name", "resnet50"], 2, "not 'resnet50'"),
+    "build_wrong_name": (lambda t, b: ["build-engine", DEMO, "-o", t / "out", "--precision", "fp32", "--backend", "onnxruntime", "--model-name", "resnet50"], 2, "not 'resnet50'"),
     "build_missing_ckpt": (lambda t, b: ["build-engine", t / "none.pth.tar", "-o", t / "out", "--precision", "fp32", "--backend", "onnxruntime"], 2, "not found"),
     "build_corrupt_ckpt": (lambda t, b: ["build-engine", _garbage(t / "g.pth.tar"), "-o", t / "out", "--precision", "fp32", "--backend", "onnxruntime"], 2, "not a readable"),
     "build_no_output": (lambda t, b: ["build-engine", DEMO, "--precision", "fp32", "--backend", "onnxruntime"], 2, "needs -o"),
