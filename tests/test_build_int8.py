@@ -1,0 +1,41 @@
+"""An INT8 bundle built by build-engine runs at the accuracy its quantization report measured."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("onnxsim")
+
+from gfnet_edge.build import BuildConfig, build_bundle  # noqa: E402
+from gfnet_edge.quantize import load_calibration_images  # noqa: E402
+from gfnet_edge.runtime import Runtime  # noqa: E402
+
+DEMO = Path(__file__).resolve().parents[1] / "gfnet_edge" / "assets" / "demo_gfnet.pth.tar"
+N_CAL, N_EVAL = 32, 48
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(tmp_path_factory):
+    cfg = BuildConfig(precision="int8", backend="onnxruntime", calib_data="demo", num_calib=N_CAL,
+                      num_eval=N_EVAL, int8_profiles=("cpu",), max_accuracy_drop=100.0, threads=2)
+    return build_bundle(DEMO, tmp_path_factory.mktemp("int8") / "bundle", cfg, progress=False)
+
+
+def _final_accuracy(bundle, precision: str, x: np.ndarray, y: np.ndarray) -> list:
+    with Runtime(bundle.root, backend="onnxruntime", precision=precision, threads=2) as rt:
+        probs = np.concatenate([rt.trace(x[i:i + 16]).probs for i in range(0, len(x), 16)], axis=1)
+    return list(100.0 * (probs.argmax(axis=2) == y[None]).mean(axis=1))
+
+
+def test_int8_bundle_accuracy_equals_quantization_report(int8_bundle):
+    report = int8_bundle.manifest["quantization"]["cpu"]["accuracy"]
+    assert report["n"] == N_EVAL
+    # The build's held-out images: the same loader call, after the calibration images.
+    x, y = load_calibration_images("demo", int8_bundle.model, N_CAL + N_EVAL, return_labels=True)
+    x, y = x[N_CAL:], y[N_CAL:]
+    np.testing.assert_allclose(_final_accuracy(int8_bundle, "int8-cpu", x, y), report["accuracy_int8"], atol=1e-3)
+    np.testing.assert_allclose(_final_accuracy(int8_bundle, "fp32", x, y), report["accuracy_fp32"], atol=1e-3)
+    assert set(int8_bundle.manifest["graphs"]) == {"fp32", "int8-cpu"}
