@@ -286,3 +286,21 @@ def test_simd_and_generic_paths_agree(rng):
         ops._C.set_simd_enabled(True)
     np.testing.assert_allclose(fast[0], slow[0], atol=1e-6, rtol=1e-6)
     assert np.array_equal(fast[1], slow[1])
+
+
+def test_thread_pool_back_to_back_jobs_stay_correct():
+    """Many tiny parallel jobs in a row, more threads than cores: every result must be exact.
+    (A worker leaving one job while the next is posted must never run the next job's tasks
+    under the old generation; that once crashed a 16-core machine.)"""
+    rng = np.random.default_rng(7)
+    x = rng.random((2, 3, 40, 40), dtype=np.float32)
+    coords = np.array([[1, 2], [3, 4]], np.int32)
+    before = ops.get_num_threads()
+    ops.set_num_threads(6)
+    try:
+        ref_g, ref_c = ops.glance(x, 16, "bicubic"), ops.crop_patches(x, coords, 8)
+        for _ in range(3000):
+            assert np.array_equal(ops.glance(x, 16, "bicubic"), ref_g)
+            assert np.array_equal(ops.crop_patches(x, coords, 8), ref_c)
+    finally:
+        ops.set_num_threads(before)

@@ -58,14 +58,23 @@ class Pool {
       return;
     }
     start_workers();
+    uint64_t gen;
+    {
+      // Close the previous generation first (task index past any job): a worker still
+      // leaving the previous job's loop could otherwise read the new task count below
+      // while the old generation is current, claim a task of it and run the new job's
+      // task under the old generation (twice, and possibly after this call returned).
+      std::lock_guard<std::mutex> lk(mutex_);
+      gen = (state_.load(std::memory_order_relaxed) >> 32) + 1;
+      state_.store((gen << 32) | 0xFFFFFFFFu, std::memory_order_release);
+    }
     job_ = &fn;
     job_tasks_.store(ntasks, std::memory_order_relaxed);
     done_.store(0, std::memory_order_relaxed);
     error_ = nullptr;
-    uint64_t gen;
     {
       std::lock_guard<std::mutex> lk(mutex_);
-      gen = (state_.load(std::memory_order_relaxed) >> 32) + 1;
+      ++gen;
       state_.store(gen << 32, std::memory_order_release);  // publish: task counter 0
     }
     cv_.notify_all();
