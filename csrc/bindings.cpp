@@ -605,6 +605,62 @@ void bind_cuda(py::module_& m) {
       py::arg("array"), py::arg("src"), py::arg("stream") = 0);
 
   m.def(
+      "memcpy_dtod",
+      [](uintptr_t dst, uintptr_t src, size_t nbytes, uintptr_t stream) {
+        py::gil_scoped_release release;
+        gc::memcpy_dtod(dst, src, nbytes, stream);
+      },
+      py::arg("dst"), py::arg("src"), py::arg("nbytes"), py::arg("stream") = 0,
+      "Device -> device copy of nbytes (asynchronous on `stream`).");
+
+  m.def(
+      "gather_rows",
+      [](uintptr_t src, int64_t src_rows, const py::object& idx, uintptr_t dst, int64_t n,
+         int64_t row_bytes, uintptr_t error_flag, uintptr_t stream) {
+        check_positive(n, "n");
+        check_positive(src_rows, "src_rows");
+        check_positive(row_bytes, "row_bytes");
+        if (py::isinstance<py::array>(idx)) {
+          py::array a = checked<int32_t>(idx, 1, "idx");
+          if (a.shape(0) != n) {
+            throw py::value_error("idx must have shape (" + std::to_string(n) + ",), got " + shape_str(a));
+          }
+          const int32_t* p = static_cast<const int32_t*>(a.data());
+          py::gil_scoped_release release;
+          gc::gather_rows_host(src, src_rows, p, dst, n, row_bytes, stream);
+          return;
+        }
+        if (idx.is_none()) throw py::value_error("idx must be a device pointer or an int32 array, got None");
+        const uintptr_t dev_idx = idx.cast<uintptr_t>();
+        py::gil_scoped_release release;
+        gc::gather_rows(src, src_rows, dev_idx, dst, n, row_bytes, error_flag, stream);
+      },
+      py::arg("src"), py::arg("src_rows"), py::arg("idx"), py::arg("dst"), py::arg("n"),
+      py::arg("row_bytes"), py::arg("error_flag") = 0, py::arg("stream") = 0,
+      "dst[i] = src[idx[i]] for rows of row_bytes; idx is a device int32 pointer or a host "
+      "int32 numpy array (validated, then uploaded on `stream`).");
+
+  m.def(
+      "softmax_stats",
+      [](uintptr_t logits, int64_t batch, int64_t classes, uintptr_t maxprob, uintptr_t argmax,
+         uintptr_t logits_out, const std::string& out_dtype, uintptr_t stream) {
+        check_positive(batch, "batch");
+        check_positive(classes, "classes");
+        const auto od = parse_dtype(out_dtype, "out_dtype");
+        py::gil_scoped_release release;
+        gc::require_device();
+        gc::check_device_pointer(logits, "logits");
+        if (maxprob != 0) gc::check_device_pointer(maxprob, "maxprob");
+        if (argmax != 0) gc::check_device_pointer(argmax, "argmax");
+        if (logits_out != 0) gc::check_device_pointer(logits_out, "logits_out");
+        gc::softmax_stats(logits, batch, classes, maxprob, argmax, logits_out, od, stream);
+      },
+      py::arg("logits"), py::arg("batch"), py::arg("classes"), py::arg("maxprob"),
+      py::arg("argmax"), py::arg("logits_out") = 0, py::arg("out_dtype") = "float32",
+      py::arg("stream") = 0,
+      "Softmax max probability (float32) and argmax (int32) per row of float32 device logits.");
+
+  m.def(
       "preprocess",
       [](uintptr_t frame, int64_t height, int64_t width, int64_t image_size, int64_t resize_short,
          const std::string& interpolation, bool bgr, const std::vector<double>& mean,
@@ -778,7 +834,8 @@ void bind_cuda(py::module_& m) {
     throw std::runtime_error("gfnet_edge._C was built without CUDA (nvcc was not found or GFNET_EDGE_CUDA=0)");
   };
   for (const char* name : {"DeviceBuffer", "Stream", "device_name", "device_properties", "synchronize", "stream_synchronize",
-                           "memcpy_htod", "memcpy_dtoh", "preprocess", "glance", "crop_patches",
+                           "memcpy_htod", "memcpy_dtoh", "memcpy_dtod", "gather_rows", "softmax_stats",
+                           "preprocess", "glance", "crop_patches",
                            "GRUHead", "Linear"}) {
     m.def(name, unavailable);
   }

@@ -41,6 +41,9 @@ every call only enqueues work unless noted)::
     cuda_preprocess(frame_ptr, height, width, image_size, out_ptr, crop_pct=0.875, ...)
     cuda_glance(images_ptr, n, image_size, out_ptr, patch_size, ...)
     cuda_crop_patches(images_ptr, n, image_size, coords_ptr, out_ptr, patch_size, ...)
+    cuda_gather_rows(src_ptr, src_rows, idx, dst_ptr, row_bytes, n=None, error_flag=None, stream=None)
+    cuda_copy(dst_ptr, src_ptr, nbytes, stream=None)
+    cuda_softmax_stats(logits_ptr, n, classes, maxprob_ptr, argmax_ptr, logits_out=None, ...)
     GRUHead(..., device="cuda").step_device(x_ptr, h_ptr, h_out_ptr, batch, logits_ptr, ...)
     ActorHead(..., device="cuda").step_device(x_ptr, h_ptr, h_out_ptr, batch, action_ptr, ...)
     CascadedHead(..., device="cuda").step_device(features_ptr, steps, batch, feature_dim, k, ...)
@@ -73,7 +76,8 @@ __all__ = [
     "linear", "softmax_stats", "Linear", "GRUCell", "GRUHead", "ActorHead", "CascadedHead",
     "get_num_threads", "set_num_threads", "simd_level", "has_cuda_build", "cuda_device_count",
     "cuda_device_properties", "DeviceBuffer", "Stream", "to_device", "from_device",
-    "cuda_preprocess", "cuda_glance", "cuda_crop_patches",
+    "cuda_preprocess", "cuda_glance", "cuda_crop_patches", "cuda_gather_rows", "cuda_copy",
+    "cuda_softmax_stats",
 ]
 
 IMAGENET_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -772,3 +776,79 @@ def cuda_crop_patches(images: Any, n: int, image_size: int, coords: Any, out: An
 
 def _stream_sync(stream: Any) -> None:
     _C.cuda.stream_synchronize(_stream(stream))
+
+
+def cuda_gather_rows(src: Any, src_rows: int, idx: Any, dst: Any, row_bytes: int, n: Optional[int] = None,
+                     error_flag: Any = None, stream: Any = None) -> None:
+    """Enqueues the row gather ``dst[i] = src[idx[i]]`` (``numpy`` fancy indexing on rows).
+
+    Used to compact the surviving samples of a batch on the device. Rows are ``row_bytes``
+    bytes (any size; copied 16 or 4 bytes at a time when sizes and pointers allow it).
+
+    Args:
+        src: device pointer to ``src_rows`` rows.
+        src_rows: number of rows in ``src`` (indices must lie in ``[0, src_rows)``).
+        idx: a host integer numpy array (n,) -- validated here, converted to int32 and uploaded
+            on ``stream`` into stream-ordered scratch memory, so the call stays asynchronous --
+            or a device pointer to n int32 indices.
+        dst: device pointer to n rows; must not overlap ``src``.
+        row_bytes: bytes per row.
+        n: number of rows to gather; required with device indices, ``len(idx)`` by default with
+            host indices.
+        error_flag: with device indices, a zeroed device int32 that is set to 1 when an index
+            is out of range (that row of ``dst`` is zero-filled, nothing is read out of
+            bounds); without it the call synchronizes ``stream`` and raises ValueError.
+            Ignored with host indices (validated before the launch).
+        stream: the stream (see the module docstring).
+
+    Raises:
+        TypeError: ``idx`` is neither an integer array nor a device pointer; bad argument types.
+        ValueError: bad sizes, an out-of-range host index, overlapping ``src`` / ``dst``.
+        RuntimeError: no CUDA build or no usable GPU.
+    """
+    src_rows = _int(src_rows, "src_rows")
+    row_bytes = _int(row_bytes, "row_bytes")
+    if isinstance(idx, np.ndarray):
+        if idx.dtype.kind not in "iu":
+            raise TypeError(f"idx must be an integer array, got dtype {idx.dtype}")
+        if idx.ndim != 1:
+            raise ValueError(f"idx must be 1-D, got shape {idx.shape}")
+        count = int(idx.shape[0])
+        if n is not None and _int(n, "n") != count:
+            raise ValueError(f"n = {n} but idx has {count} entries")
+        if count < 1:
+            raise ValueError("idx must not be empty")
+        if idx.min() < 0 or idx.max() >= src_rows:
+            raise ValueError(f"row indices must lie in [0, {src_rows - 1}], got [{idx.min()}, {idx.max()}]")
+        index: Any = np.ascontiguousarray(idx, dtype=np.int32)
+    else:
+        if n is None:
+            raise ValueError("n is required with device indices")
+        count = _int(n, "n")
+        index = _ptr(idx, "idx")
+    src_ptr, dst_ptr = _ptr(src, "src"), _ptr(dst, "dst")
+    if src_ptr < dst_ptr + count * row_bytes and dst_ptr < src_ptr + src_rows * row_bytes:
+        raise ValueError("src and dst overlap (the gather is not in place)")
+    flag = _opt_ptr(error_flag) if not isinstance(idx, np.ndarray) else 0
+    _require_cuda()
+    _C.cuda.gather_rows(src_ptr, src_rows, index, dst_ptr, count, row_bytes, flag, _stream(stream))
+
+
+def cuda_copy(dst: Any, src: Any, nbytes: int, stream: Any = None) -> None:
+    """Enqueues a device -> device copy of ``nbytes`` bytes."""
+    nbytes = _int(nbytes, "nbytes", 0)
+    dst_ptr, src_ptr = _ptr(dst, "dst"), _ptr(src, "src")
+    _require_cuda()
+    _C.cuda.memcpy_dtod(dst_ptr, src_ptr, nbytes, _stream(stream))
+
+
+def cuda_softmax_stats(logits: Any, n: int, classes: int, maxprob: Any, argmax: Any, logits_out: Any = None,
+                       out_dtype: str = "float32", stream: Any = None) -> None:
+    """Enqueues softmax max probability (float32 (n,)) and argmax (int32 (n,), first maximum)
+    of float32 device logits (n, classes); ``logits_out`` also receives a copy of the logits in
+    ``out_dtype``. ``maxprob`` / ``argmax`` may be None to skip them."""
+    n, classes = _int(n, "n"), _int(classes, "classes")
+    args = (_ptr(logits, "logits"), n, classes, _opt_ptr(maxprob), _opt_ptr(argmax), _opt_ptr(logits_out),
+            _choice(out_dtype, "out_dtype", _DTYPES), _stream(stream))
+    _require_cuda()
+    _C.cuda.softmax_stats(*args)

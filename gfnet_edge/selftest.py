@@ -259,6 +259,51 @@ class _Checker:
                      _err(ops.from_device(ob2, ref2.shape, np.float32, self.stream), ref2), 1e-5, run2,
                      lambda: ops.linear(x2, w2, b2))
 
+    def gather(self) -> None:
+        """Row gather (the device loop's batch compaction) against numpy fancy indexing."""
+        # (rows, row_bytes, gathered rows, dst offset): 16-byte, 4-byte and byte-wise paths.
+        cases = [(32, 3 * 224 * 224 * 4, 20, 0), (9, 4096, 9, 0), (9, 4096, 5, 4), (7, 12, 11, 0), (5, 7, 3, 1)]
+        if self.quick:
+            cases = cases[1:]
+        for rows, row_bytes, m, off in cases:
+            src = self.rng.integers(0, 256, (rows, row_bytes), dtype=np.uint8)
+            idx = self.rng.integers(0, rows, m).astype(np.int32)  # repeats allowed
+            ref = src[idx]
+            sb, ib = ops.to_device(src), ops.to_device(idx)
+            db = ops.DeviceBuffer(m * row_bytes + off)
+            dst = db.ptr + off
+            for where in ("device", "host"):
+                index = ib if where == "device" else idx
+
+                def run(index=index, dst=dst):
+                    ops.cuda_gather_rows(sb, rows, index, dst, row_bytes, n=m, stream=self.stream)
+
+                run()
+                got = np.empty(m * row_bytes + off, np.uint8)
+                db.copy_to_host(got, self.stream)
+                err = float(np.count_nonzero(got[off:].reshape(m, row_bytes) != ref))
+                self.add(f"gather_rows {m} of {rows} x {row_bytes} B, {where} idx, dst+{off}", err, 0.0, run,
+                         lambda: src[idx], "must equal src[idx]")
+        # Out-of-range device index: the sync form raises, the flag form zero-fills and flags.
+        src = self.rng.standard_normal((4, 8)).astype(np.float32)
+        sb, db = ops.to_device(src), ops.DeviceBuffer(3 * 32)
+        ib = ops.to_device(np.array([1, 4, 0], np.int32))
+        raised = False
+        try:
+            ops.cuda_gather_rows(sb, 4, ib, db, 32, n=3, stream=self.stream)
+        except ValueError:
+            raised = True
+        flag = ops.DeviceBuffer(4)
+        flag.zero(self.stream)
+        ops.cuda_gather_rows(sb, 4, ib, db, 32, n=3, error_flag=flag, stream=self.stream)
+        got = ops.from_device(db, (3, 8), np.float32, self.stream)
+        flag_val = int(ops.from_device(flag, (1,), np.int32, self.stream)[0])
+        ok = raised and flag_val == 1 and not got[1].any() and np.array_equal(got[[0, 2]], src[[1, 0]])
+        res = Result("gather_rows rejects out-of-range indices", ok, 0.0 if ok else 1.0, 0.0,
+                     note=f"raised={raised} flag={flag_val}")
+        self.results.append(res)
+        _print(res)
+
     def buffers(self) -> None:
         a = self.rng.standard_normal(1000).astype(np.float32)
         buf = ops.to_device(a, self.stream)
@@ -287,7 +332,7 @@ def run_checks(quick: bool = False) -> List[Result]:
     if ops.cuda_device_count() < 1:
         raise RuntimeError(f"no usable CUDA device: {ops._C.cuda_device_error()}")
     checker = _Checker(quick)
-    for check in (checker.buffers, checker.preprocess, checker.glance, checker.crop, checker.gru,
+    for check in (checker.buffers, checker.preprocess, checker.glance, checker.crop, checker.gather, checker.gru,
                   checker.cascaded, checker.linear):
         check()
     return checker.results

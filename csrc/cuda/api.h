@@ -84,6 +84,9 @@ void memcpy_htod(uintptr_t dst, const void* src, size_t nbytes, uintptr_t stream
 /// Device -> host copy; synchronizes `stream`.
 void memcpy_dtoh(void* dst, uintptr_t src, size_t nbytes, uintptr_t stream);
 
+/// Device -> device copy (asynchronous on `stream`).
+void memcpy_dtod(uintptr_t dst, uintptr_t src, size_t nbytes, uintptr_t stream);
+
 /// Throws std::invalid_argument when `ptr` is null or plain (unregistered) host memory.
 void check_device_pointer(uintptr_t ptr, const char* name);
 
@@ -105,6 +108,22 @@ void glance(uintptr_t in, DType in_dtype, int64_t n, int64_t channels, int64_t i
 void crop_patches(uintptr_t images, DType dtype, int64_t n, int64_t channels, int64_t size,
                   uintptr_t coords, uintptr_t out, int64_t patch, uintptr_t error_flag,
                   uintptr_t stream);
+
+/// Row gather: dst[i] = src[idx[i]] for i < n, rows of `row_bytes` bytes, idx a device int32
+/// array (n,). src holds `src_rows` rows; src and dst must not overlap (std::invalid_argument).
+/// An index outside [0, src_rows) never causes an out-of-bounds read: that row of dst is
+/// zero-filled and *error_flag (a device int32 the caller zeroed) is set to 1. With
+/// error_flag == 0 the call uses an internal flag, synchronizes `stream` and throws
+/// std::invalid_argument on a bad index. Rows are copied 16 or 4 bytes at a time when the
+/// row size and both pointers allow it, else byte by byte.
+void gather_rows(uintptr_t src, int64_t src_rows, uintptr_t idx, uintptr_t dst, int64_t n,
+                 int64_t row_bytes, uintptr_t error_flag, uintptr_t stream);
+
+/// Row gather with host indices: validated here (std::invalid_argument), copied into
+/// stream-ordered scratch memory, then gathered; asynchronous (the host array may be reused
+/// as soon as the call returns).
+void gather_rows_host(uintptr_t src, int64_t src_rows, const int32_t* idx, uintptr_t dst,
+                      int64_t n, int64_t row_bytes, uintptr_t stream);
 
 /// Weights of a linear layer on the device (float32 or float16 storage, float32 bias).
 class LinearWeights {

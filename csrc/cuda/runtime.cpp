@@ -158,6 +158,15 @@ void memcpy_dtoh(void* dst, uintptr_t src, size_t nbytes, uintptr_t stream) {
   GFN_CUDA_CHECK(cudaStreamSynchronize(as_stream(stream)));
 }
 
+void memcpy_dtod(uintptr_t dst, uintptr_t src, size_t nbytes, uintptr_t stream) {
+  require_device();
+  check_device_pointer(dst, "dst");
+  check_device_pointer(src, "src");
+  if (nbytes == 0) return;
+  GFN_CUDA_CHECK(cudaMemcpyAsync(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src),
+                                 nbytes, cudaMemcpyDeviceToDevice, as_stream(stream)));
+}
+
 void check_device_pointer(uintptr_t ptr, const char* name) {
   if (ptr == 0) throw std::invalid_argument(std::string(name) + " is a null device pointer");
   cudaPointerAttributes attr{};

@@ -95,16 +95,26 @@ class Runtime:
         threads: CPU threads for ONNX Runtime and the extension (``None``: their defaults).
         profile: collect per-stage timings (see :attr:`profiler`).
         verify: check artifact hashes on load.
+        device: where the ``torch`` backend runs (``"cpu"`` by default, or ``"cuda"``); the
+            other backends have a fixed place (TensorRT: the GPU, ONNX Runtime: the CPU).
+
+    When the runner can execute on device buffers (TensorRT; torch with ``device="cuda"``) the
+    loop is the device-resident :class:`~gfnet_edge.runtime.device_driver.DeviceDriver`
+    (heads and pre-processing on the GPU, one small read per step), otherwise the numpy
+    :class:`~gfnet_edge.runtime.driver.Driver`; :attr:`device_loop` says which.
 
     Calls are serialised with a lock, so one Runtime may be shared by threads.
     """
 
     def __init__(self, bundle: Union[str, Path, Bundle], backend: str = "auto", precision: str = "auto",
                  budget: Optional[str] = None, threads: Optional[int] = None, profile: bool = False,
-                 verify: bool = True) -> None:
+                 verify: bool = True, device: Optional[str] = None) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle, verify=verify)
         if backend not in BACKENDS:
             raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        if device not in (None, "cpu", "cuda"):
+            raise InputError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        self.device = device
         self.model = self.bundle.model
         self.threads = threads
         self.profiler = Profiler(profile)
@@ -112,17 +122,37 @@ class Runtime:
         if backend == "auto":
             backend = "tensorrt" if _tensorrt_usable() and self.bundle.manifest.get("engines") else "onnxruntime"
         self.backend = backend
+        fixed = {"tensorrt": "cuda", "onnxruntime": "cpu"}.get(backend)
+        if device is not None and fixed is not None and device != fixed:
+            raise InputError(f"the {backend} backend runs on {fixed}; device={device!r} applies to the torch backend")
         self.runner = self._make_runner(backend, precision)
         self.precision = self.runner.precision
         from .. import ops
 
         if threads:
             ops.set_num_threads(int(threads))
-        self.heads = HeadSet(load_head_arrays(self.bundle.heads_path), self.model)
+        #: True when the loop runs on the GPU (:class:`DeviceDriver`), False for the numpy loop.
+        self.device_loop = bool(self.runner.supports_device)
+        if self.device_loop and ops.cuda_device_count() < 1:
+            reason = "it was built without CUDA" if not ops.has_cuda_build() else ops._C.cuda_device_error()
+            raise UnavailableError(f"the {backend} backend runs the loop on the GPU, but gfnet_edge's extension "
+                                   f"cannot use one here ({reason})")
+        self.heads = HeadSet(load_head_arrays(self.bundle.heads_path), self.model,
+                             device="cuda" if self.device_loop else "cpu")
         self.runner.activate()
-        self.driver = Driver(self.model, self.runner, self.heads, self.profiler)
+        try:
+            if self.device_loop:
+                from .device_driver import DeviceDriver
+
+                self.driver = DeviceDriver(self.model, self.runner, self.heads, self.profiler)
+            else:
+                self.driver = Driver(self.model, self.runner, self.heads, self.profiler)
+        except BaseException:
+            self.runner.deactivate()
+            raise
         self.set_budget(budget)
-        logger.info("runtime: %s backend, %s graphs, budget %s", self.backend, self.precision, self.budget)
+        logger.info("runtime: %s backend, %s graphs, %s loop, budget %s", self.backend, self.precision,
+                    "device" if self.device_loop else "host", self.budget)
 
     # ------------------------------------------------------------------ setup
     def _make_runner(self, backend: str, precision: str):
@@ -141,7 +171,7 @@ class Runtime:
         if backend == "torch":
             from .backends.torch import TorchRunner
 
-            return TorchRunner(self.bundle, self.threads)
+            return TorchRunner(self.bundle, self.threads, device=self.device or "cpu")
         raise InputError(f"unknown backend {backend!r}")
 
     def set_budget(self, budget: Optional[str]) -> None:
@@ -159,20 +189,15 @@ class Runtime:
         self.close()
 
     # ----------------------------------------------------------------- inputs
-    def _prepare(self, inputs) -> tuple:
-        from .. import ops
-
-        m = self.model
-        S, P = int(m["image_size"]), int(m["patch_size"])
+    def _validate(self, inputs) -> tuple:
+        """``("images", float32 (N, 3, S, S))`` or ``("frames", [uint8 HWC, ...])``."""
+        S = int(self.model["image_size"])
         if isinstance(inputs, np.ndarray) and inputs.dtype == np.float32:
             if inputs.ndim != 4 or inputs.shape[1:] != (3, S, S):
                 raise InputError(f"normalised images must be float32 (N, 3, {S}, {S}), got {inputs.shape}")
             if not np.isfinite(inputs).all():
                 raise InputError("images contain NaN or Inf")
-            images = np.ascontiguousarray(inputs)
-            with self.profiler.stage("preprocess"):
-                glance = ops.glance(images, P, m["glance_interpolation"])
-            return images, glance
+            return "images", np.ascontiguousarray(inputs)
         frames = list(inputs) if not isinstance(inputs, np.ndarray) or inputs.ndim == 4 else [inputs]
         if not frames:
             raise InputError("no images given")
@@ -180,6 +205,34 @@ class Runtime:
             if not isinstance(f, np.ndarray) or f.dtype != np.uint8 or f.ndim != 3 or f.shape[2] != 3:
                 desc = f"{f.dtype} {f.shape}" if isinstance(f, np.ndarray) else type(f).__name__
                 raise InputError(f"image {i}: expected a uint8 HWC RGB frame or float32 NCHW images, got {desc}")
+        return "frames", frames
+
+    def _run(self, inputs, thresholds: Optional[Sequence[float]]) -> tuple:
+        """Runs the driver on validated inputs; ``(StepOutputs, number of images)``."""
+        if not self.device_loop:
+            images, glance = self._prepare(inputs)
+            return self.driver.run(images, glance, thresholds), images.shape[0]
+        kind, data = self._validate(inputs)
+        if kind == "images":  # uploaded once, glance on the device
+            return self.driver.run(data, None, thresholds), data.shape[0]
+        m = self.model
+        out = self.driver.run_frames([np.ascontiguousarray(f) for f in data], thresholds,
+                                     crop_pct=float(m["crop_pct"]), interpolation=m["dataset_interpolation"],
+                                     mean=tuple(m["mean"]), std=tuple(m["std"]))
+        return out, len(data)
+
+    def _prepare(self, inputs) -> tuple:
+        from .. import ops
+
+        m = self.model
+        S, P = int(m["image_size"]), int(m["patch_size"])
+        kind, data = self._validate(inputs)
+        if kind == "images":
+            images = data
+            with self.profiler.stage("preprocess"):
+                glance = ops.glance(images, P, m["glance_interpolation"])
+            return images, glance
+        frames = data
         with self.profiler.stage("preprocess"):
             images, glance = ops.preprocess(
                 [np.ascontiguousarray(f) for f in frames], S, crop_pct=float(m["crop_pct"]),
@@ -200,18 +253,16 @@ class Runtime:
         with self._lock:
             t0 = time.perf_counter()
             thr = self.thresholds if budget is None else self.bundle.thresholds(budget)
-            images, glance = self._prepare(inputs)
             if thr is None:
                 thr = [2.0] * (int(self.model["steps"]) - 1) + [-1e8]  # no budget: run every step
-            out = self.driver.run(images, glance, thr)
-            self.profiler.add_call(time.perf_counter() - t0, images.shape[0])
+            out, n = self._run(inputs, thr)
+            self.profiler.add_call(time.perf_counter() - t0, n)
         return Predictions(out.prediction, out.confidence, out.exit_step, out.coords, int(self.model["patch_size"]))
 
     def trace(self, inputs) -> RuntimeTrace:
         """Runs every step on every image; same fields as the reference model's trace."""
         with self._lock:
-            images, glance = self._prepare(inputs)
-            out = self.driver.run(images, glance, None)
+            out, _ = self._run(inputs, None)
         return RuntimeTrace(out.probs, out.coords)
 
 

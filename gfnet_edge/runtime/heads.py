@@ -24,11 +24,14 @@ class HeadSet:
     Args:
         arrays: from :func:`load_head_arrays`.
         model: the manifest's ``model`` entry (classifier kind, sizes).
+        device: ``"cpu"`` (numpy steps) or ``"cuda"`` (weights uploaded once; the device loop
+            uses the heads' ``step_device``).
     """
 
-    def __init__(self, arrays: Dict[str, np.ndarray], model: Dict[str, Any]) -> None:
+    def __init__(self, arrays: Dict[str, np.ndarray], model: Dict[str, Any], device: str = "cpu") -> None:
         from .. import ops
 
+        self.device = device
         self.kind = model["classifier"]
         self.steps = int(model["steps"])
         self.image_size = int(model["image_size"])
@@ -41,13 +44,14 @@ class HeadSet:
 
         if self.kind == "gru":
             self.cls = ops.GRUHead(need("cls.w_ih"), need("cls.w_hh"), need("cls.b_ih"), need("cls.b_hh"),
-                                   need("cls.fc.w"), need("cls.fc.b"))
+                                   need("cls.fc.w"), need("cls.fc.b"), device=device)
             self.cls_hidden = int(arrays["cls.w_hh"].shape[1])
         else:
-            self.cls = ops.CascadedHead([(need(f"cls.fc_{k}.w"), need(f"cls.fc_{k}.b")) for k in range(2, self.steps + 1)])
+            self.cls = ops.CascadedHead([(need(f"cls.fc_{k}.w"), need(f"cls.fc_{k}.b")) for k in range(2, self.steps + 1)],
+                                        device=device)
             self.cls_hidden = 0
         self.actor = ops.ActorHead(need("pol.w_ih"), need("pol.w_hh"), need("pol.b_ih"), need("pol.b_hh"),
-                                   need("pol.actor.w"), need("pol.actor.b"))
+                                   need("pol.actor.w"), need("pol.actor.b"), device=device)
         self.pol_hidden = int(arrays["pol.w_hh"].shape[1])
 
     def classify_gru(self, feature: np.ndarray, hidden: np.ndarray) -> Tuple[np.ndarray, ...]:

@@ -11,7 +11,9 @@ are plain functions so they are tested on machines without it.
   ``BuilderFlag.FP16``; Q/DQ networks are built strongly typed where the flag exists.
 * Engines are deserialised with ``engine_host_code_allowed = False``.
 * Execution uses ``execute_async_v3`` with tensor addresses on one stream; device memory comes
-  from the extension's :class:`DeviceBuffer` (no pycuda needed).
+  from the extension's :class:`DeviceBuffer` (no pycuda needed). :meth:`TensorRTRunner.run`
+  copies numpy in and out; :meth:`TensorRTRunner.run_device` reads a device batch and leaves
+  the outputs in the runner's device buffers, on the caller's stream, without host copies.
 """
 from __future__ import annotations
 
@@ -270,12 +272,19 @@ def build_engine(onnx_path: Path, out_path: Path, options: BuildOptions) -> Dict
 class TensorRTRunner(Runner):
     """Runs the bundle's glance/focus engines on one CUDA stream.
 
+    :meth:`run` (numpy) uses the runner's own stream; :meth:`run_device` enqueues on the
+    caller's stream and keeps inputs and outputs in device memory (the outputs live in the
+    runner's :class:`~gfnet_edge.ops.DeviceBuffer` s, one per graph and tensor, grown on demand).
+
     Args:
         bundle: the loaded bundle.
         entry: its engine entry (:func:`select_engine`).
     """
 
     name = "tensorrt"
+    supports_device = True
+    #: TensorRT requires tensor addresses aligned to 256 bytes.
+    ADDRESS_ALIGNMENT = 256
 
     def __init__(self, bundle, entry: Dict[str, Any]) -> None:
         super().__init__(f"{entry['precision']}-tensorrt")
@@ -347,3 +356,41 @@ class TensorRTRunner(Runner):
             buf.copy_to_host(host, stream)
         stream.synchronize()
         return {k: v[1].astype(np.float32, copy=False) for k, v in outs.items()}
+
+    def _run_device(self, graph: str, image: int, batch: int, stream: int) -> Dict[str, Tuple[int, Tuple[int, ...]]]:
+        from ... import ops
+
+        trt = self._trt
+        engine, ctx = self._engines[graph], self._contexts[graph]
+        if engine.get_tensor_dtype("image") != trt.float32:
+            raise InputError(f"the {graph} engine takes {engine.get_tensor_dtype('image')} images; "
+                             "the device loop feeds float32")
+        in_shape = (batch,) + tuple(int(d) for d in engine.get_tensor_shape("image"))[1:]
+        if not ctx.set_input_shape("image", in_shape):
+            raise InputError(f"the {graph} engine rejects input shape {in_shape} (outside its optimisation profile?)")
+        if image % self.ADDRESS_ALIGNMENT:
+            # A misaligned view (e.g. a slice of a larger batch): stage it in an aligned buffer.
+            nbytes = int(np.prod(in_shape)) * 4
+            staged = self._buffer(graph, "image", nbytes)
+            ops.cuda_copy(staged, image, nbytes, stream)
+            image = staged.ptr
+        if not ctx.set_tensor_address("image", image):
+            raise RuntimeError(f"TensorRT refused the input address of the {graph} engine")
+        outs: Dict[str, Tuple[int, Tuple[int, ...]]] = {}
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            if engine.get_tensor_mode(name) != trt.TensorIOMode.OUTPUT:
+                continue
+            if engine.get_tensor_dtype(name) != trt.float32:
+                raise InputError(f"the {graph} engine's output {name!r} is {engine.get_tensor_dtype(name)}; "
+                                 "the device loop needs float32 outputs")
+            shape = tuple(int(d) for d in ctx.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise RuntimeError(f"TensorRT could not infer the shape of {graph} output {name!r}: {shape}")
+            buf = self._buffer(graph, name, max(int(np.prod(shape)) * 4, 1))
+            if not ctx.set_tensor_address(name, buf.ptr):
+                raise RuntimeError(f"TensorRT refused the address of the {graph} output {name!r}")
+            outs[name] = (buf.ptr, shape)
+        if not ctx.execute_async_v3(stream):
+            raise RuntimeError(f"TensorRT failed to enqueue the {graph} engine")
+        return outs

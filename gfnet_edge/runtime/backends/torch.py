@@ -1,20 +1,78 @@
 """PyTorch backend: runs the bundle's checkpoint with the reference modules (build side; for
-debugging and parity). Needs torch and a bundle built with ``--include-checkpoint``."""
+debugging and parity). Needs torch and a bundle built with ``--include-checkpoint``.
+
+With ``device="cuda"`` the graphs run on the GPU in float32 (TF32 off while they run), and
+the runner also offers device-resident execution (:meth:`TorchRunner.run_device`): the input
+is a raw device pointer wrapped as a tensor through ``__cuda_array_interface__``, the graph
+runs on a :class:`torch.cuda.ExternalStream` made from the caller's stream handle, and the
+outputs stay in torch-allocated device memory that the runner keeps alive until its next call
+for the same graph.
+"""
 from __future__ import annotations
 
-from typing import Dict, Optional
+import contextlib
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 
 from ...errors import InputError, UnavailableError
-from .base import Runner
+from .base import GRAPHS, Runner
+
+DEVICES = ("cpu", "cuda")
+
+
+class _CudaArray:
+    """A borrowed float32 C-contiguous device array, exposed through ``__cuda_array_interface__``
+    (version 2: no stream field, the consumer runs on the producer's stream)."""
+
+    def __init__(self, ptr: int, shape: Tuple[int, ...]) -> None:
+        self.__cuda_array_interface__ = {
+            "shape": tuple(int(d) for d in shape), "typestr": "<f4", "data": (int(ptr), False),
+            "strides": None, "version": 2,
+        }
+
+
+@contextlib.contextmanager
+def _ieee_fp32(torch) -> Iterator[None]:
+    """Full float32 convolutions / matmuls (no TF32) for the duration, restoring the settings.
+
+    Uses the ``fp32_precision`` API where torch has it (mixing it with the legacy
+    ``allow_tf32`` flags makes torch raise), the legacy flags otherwise.
+    """
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    matmul = torch.backends.cuda.matmul
+    if conv is not None and hasattr(conv, "fp32_precision") and hasattr(matmul, "fp32_precision"):
+        saved = (conv.fp32_precision, matmul.fp32_precision)
+        conv.fp32_precision, matmul.fp32_precision = "ieee", "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision, matmul.fp32_precision = saved
+        return
+    saved = (torch.backends.cudnn.allow_tf32, matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = False, False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = saved
 
 
 class TorchRunner(Runner):
+    """Runs the bundle's checkpoint (glance / focus backbone graphs) in PyTorch.
+
+    Args:
+        bundle: the loaded bundle (with its checkpoint).
+        threads: torch CPU threads (``None``: torch's default).
+        device: ``"cpu"`` or ``"cuda"`` (the graphs on the current CUDA device; enables
+            :meth:`run_device`).
+    """
+
     name = "torch"
 
-    def __init__(self, bundle, threads: Optional[int] = None) -> None:
+    def __init__(self, bundle, threads: Optional[int] = None, device: str = "cpu") -> None:
         super().__init__("fp32-torch")
+        if device not in DEVICES:
+            raise InputError(f"torch device must be one of {', '.join(DEVICES)}, got {device!r}")
         ck = bundle.manifest.get("checkpoint")
         if not ck:
             raise InputError(
@@ -22,8 +80,13 @@ class TorchRunner(Runner):
                 "rebuild with `gfnet-edge build-engine CKPT -o BUNDLE --include-checkpoint`"
             )
         self.path = bundle.path(ck)
+        self.patch_size = int(bundle.model["patch_size"])
         self.threads = threads
+        self.device = device
+        self.supports_device = device == "cuda"
         self.graphs = {}
+        self._kept: Dict[str, tuple] = {}  # graph -> (input view, outputs) of the last run_device
+        self._streams: Dict[int, Any] = {}
 
     def _activate(self) -> None:
         try:
@@ -33,15 +96,58 @@ class TorchRunner(Runner):
         from ...export import BackboneGraph
         from ...models.checkpoint import load_checkpoint
 
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise UnavailableError("the torch backend was asked for device='cuda' but this torch has no usable "
+                                   "CUDA device (torch.cuda.is_available() is False)")
         if self.threads:
             torch.set_num_threads(int(self.threads))
         model = load_checkpoint(self.path)
-        self.graphs = {g: BackboneGraph(model, g).eval() for g in ("glance", "focus")}
+        self.graphs = {g: BackboneGraph(model, g).eval().to(self.device) for g in GRAPHS}
+
+    def _deactivate(self) -> None:
+        if self.device == "cuda" and (self._kept or self._streams):
+            import torch
+
+            for s in self._streams.values():
+                s.synchronize()
+            torch.cuda.synchronize()
+        self._kept.clear()
+        self._streams.clear()
+        self.graphs = {}
+
+    def _math(self):
+        import torch
+
+        return _ieee_fp32(torch) if self.device == "cuda" else contextlib.nullcontext()
 
     def _run(self, graph: str, image: np.ndarray) -> Dict[str, np.ndarray]:
         import torch
 
         g = self.graphs[graph]
-        with torch.no_grad():
-            outs = g(torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)))
-        return {n: o.numpy() for n, o in zip(g.output_names, outs)}
+        x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).to(self.device)
+        with torch.no_grad(), self._math():
+            outs = g(x)
+        return {n: o.float().cpu().numpy() for n, o in zip(g.output_names, outs)}
+
+    def _stream(self, handle: int):
+        import torch
+
+        s = self._streams.get(handle)
+        if s is None:
+            s = torch.cuda.default_stream() if handle == 0 else torch.cuda.ExternalStream(handle)
+            self._streams[handle] = s
+        return s
+
+    def _run_device(self, graph: str, image: int, batch: int, stream: int) -> Dict[str, Tuple[int, Tuple[int, ...]]]:
+        import torch
+
+        g = self.graphs[graph]
+        P = self.patch_size
+        ts = self._stream(stream)
+        with torch.no_grad(), torch.cuda.stream(ts), self._math():
+            x = torch.as_tensor(_CudaArray(image, (batch, 3, P, P)), device="cuda")
+            outs = [o.float().contiguous() for o in g(x)]
+        # Keep the outputs (and the borrowed input view) alive until the next call for this
+        # graph; torch's allocator reuses their memory in stream order on the same stream.
+        self._kept[graph] = (x, outs)
+        return {n: (int(o.data_ptr()), tuple(o.shape)) for n, o in zip(g.output_names, outs)}

@@ -1,0 +1,142 @@
+// Small CUDA utilities of the device-resident runtime loop: the row gather that compacts
+// the surviving samples of a batch between GFNet steps.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <stdexcept>
+#include <string>
+
+#include "api.h"
+#include "check.h"
+
+namespace gfn::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = 65535;  // grid-stride loop beyond this
+
+// dst[i, w] = src[idx[i], w] over rows of `row_words` words of type W. A bad index
+// zero-fills the row and raises the flag (once per row); nothing is read out of bounds.
+template <typename W>
+__global__ void gather_rows_kernel(const W* __restrict__ src, int64_t src_rows,
+                                   const int32_t* __restrict__ idx, W* __restrict__ dst,
+                                   int64_t n, int64_t row_words, int* __restrict__ error_flag) {
+  const int64_t total = n * row_words;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < total;
+       k += step) {
+    const int64_t i = k / row_words;
+    const int64_t w = k - i * row_words;
+    const int64_t r = idx[i];
+    if (r < 0 || r >= src_rows) {
+      dst[k] = W{};
+      if (w == 0 && error_flag != nullptr) *error_flag = 1;
+      continue;
+    }
+    dst[k] = src[r * row_words + w];
+  }
+}
+
+template <typename W>
+void launch_gather(uintptr_t src, int64_t src_rows, uintptr_t idx, uintptr_t dst, int64_t n,
+                   int64_t row_bytes, int* flag, cudaStream_t s) {
+  const int64_t row_words = row_bytes / static_cast<int64_t>(sizeof(W));
+  const int64_t total = n * row_words;
+  const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, kMaxBlocks);
+  gather_rows_kernel<W><<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(
+      reinterpret_cast<const W*>(src), src_rows, reinterpret_cast<const int32_t*>(idx),
+      reinterpret_cast<W*>(dst), n, row_words, flag);
+  GFN_CUDA_CHECK_LAUNCH();
+}
+
+// Validates sizes and pointers shared by both entry points.
+void check_gather_args(uintptr_t src, int64_t src_rows, uintptr_t dst, int64_t n,
+                       int64_t row_bytes) {
+  if (n < 1) throw std::invalid_argument("n must be >= 1, got " + std::to_string(n));
+  if (src_rows < 1) {
+    throw std::invalid_argument("src_rows must be >= 1, got " + std::to_string(src_rows));
+  }
+  if (row_bytes < 1) {
+    throw std::invalid_argument("row_bytes must be >= 1, got " + std::to_string(row_bytes));
+  }
+  const int64_t rows = std::max(n, src_rows);
+  if (row_bytes > std::numeric_limits<int64_t>::max() / rows) {
+    throw std::invalid_argument("gather size overflows: " + std::to_string(rows) + " rows of " +
+                                std::to_string(row_bytes) + " bytes");
+  }
+  check_device_pointer(src, "src");
+  check_device_pointer(dst, "dst");
+  // [src, src + src_rows * row_bytes) and [dst, dst + n * row_bytes) must be disjoint.
+  const uintptr_t src_end = src + static_cast<uintptr_t>(src_rows * row_bytes);
+  const uintptr_t dst_end = dst + static_cast<uintptr_t>(n * row_bytes);
+  if (src < dst_end && dst < src_end) {
+    throw std::invalid_argument("gather_rows: src and dst overlap (the gather is not in place)");
+  }
+}
+
+void dispatch_gather(uintptr_t src, int64_t src_rows, uintptr_t idx, uintptr_t dst, int64_t n,
+                     int64_t row_bytes, int* flag, cudaStream_t s) {
+  if (row_bytes % 16 == 0 && src % 16 == 0 && dst % 16 == 0) {
+    launch_gather<uint4>(src, src_rows, idx, dst, n, row_bytes, flag, s);
+  } else if (row_bytes % 4 == 0 && src % 4 == 0 && dst % 4 == 0) {
+    launch_gather<uint32_t>(src, src_rows, idx, dst, n, row_bytes, flag, s);
+  } else {
+    launch_gather<uint8_t>(src, src_rows, idx, dst, n, row_bytes, flag, s);
+  }
+}
+
+}  // namespace
+
+void gather_rows(uintptr_t src, int64_t src_rows, uintptr_t idx, uintptr_t dst, int64_t n,
+                 int64_t row_bytes, uintptr_t error_flag, uintptr_t stream) {
+  require_device();
+  check_gather_args(src, src_rows, dst, n, row_bytes);
+  check_device_pointer(idx, "idx");
+  const cudaStream_t s = as_stream(stream);
+  std::unique_ptr<Scratch> own_flag;
+  int* flag = reinterpret_cast<int*>(error_flag);
+  if (error_flag == 0) {
+    own_flag = std::make_unique<Scratch>(sizeof(int), stream);
+    flag = reinterpret_cast<int*>(own_flag->ptr());
+    GFN_CUDA_CHECK(cudaMemsetAsync(flag, 0, sizeof(int), s));
+  } else {
+    check_device_pointer(error_flag, "error_flag");
+  }
+  dispatch_gather(src, src_rows, idx, dst, n, row_bytes, flag, s);
+  if (error_flag == 0) {
+    int host_flag = 0;
+    GFN_CUDA_CHECK(cudaMemcpyAsync(&host_flag, flag, sizeof(int), cudaMemcpyDeviceToHost, s));
+    GFN_CUDA_CHECK(cudaStreamSynchronize(s));
+    if (host_flag != 0) {
+      throw std::invalid_argument("gather_rows: row index out of range: every index must lie in [0, " +
+                                  std::to_string(src_rows - 1) + "]");
+    }
+  }
+}
+
+void gather_rows_host(uintptr_t src, int64_t src_rows, const int32_t* idx, uintptr_t dst,
+                      int64_t n, int64_t row_bytes, uintptr_t stream) {
+  require_device();
+  check_gather_args(src, src_rows, dst, n, row_bytes);
+  if (idx == nullptr) throw std::invalid_argument("gather_rows: idx is null");
+  for (int64_t i = 0; i < n; ++i) {
+    if (idx[i] < 0 || idx[i] >= src_rows) {
+      throw std::invalid_argument("gather_rows: idx[" + std::to_string(i) + "] = " +
+                                  std::to_string(idx[i]) + " is outside [0, " +
+                                  std::to_string(src_rows - 1) + "]");
+    }
+  }
+  const cudaStream_t s = as_stream(stream);
+  const size_t idx_bytes = static_cast<size_t>(n) * sizeof(int32_t);
+  // Stream-ordered scratch: freed after the kernel without a host synchronization. The
+  // pageable source is staged by cudaMemcpyAsync before it returns.
+  Scratch dev_idx(idx_bytes, stream);
+  GFN_CUDA_CHECK(cudaMemcpyAsync(reinterpret_cast<void*>(dev_idx.ptr()), idx, idx_bytes,
+                                 cudaMemcpyHostToDevice, s));
+  dispatch_gather(src, src_rows, dev_idx.ptr(), dst, n, row_bytes, nullptr, s);
+}
+
+}  // namespace gfn::cuda

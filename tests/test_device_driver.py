@@ -1,0 +1,738 @@
+"""Device-resident loop (DeviceDriver), the row gather that compacts survivors, and the runners'
+device interface.
+
+The CPU parts run everywhere. The GPU parts need the extension's CUDA kernels, a GPU and (for the
+parity tests) torch with CUDA, onnx, onnxruntime and timm; they are skipped with a reason
+otherwise. Parity: ``Runtime(backend="torch", device="cuda")`` (DeviceDriver) against
+``Runtime(backend="onnxruntime")`` (numpy Driver) on small random-weight bundles of both
+classifier kinds: the shipped demo model (cascaded, step 0 from the backbone), a GRU model
+shaped like resnet50's heads (linear policy encoder, step 0 from the GRU) and one shaped like
+RegNetY's (conv policy encoder, GRU started at step 0 but step-0 logits from the backbone).
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from gfnet_edge import ops
+from gfnet_edge.errors import InputError, UnavailableError
+from gfnet_edge.runtime.backends.base import Runner
+
+HAVE_GPU = ops.has_cuda_build() and ops.cuda_device_count() > 0
+GPU_REASON = ("gfnet_edge._C built without CUDA" if not ops.has_cuda_build()
+              else f"no usable CUDA device ({ops._C.cuda_device_error()})")
+requires_gpu = pytest.mark.skipif(not HAVE_GPU, reason=GPU_REASON)
+ASSETS = Path(__file__).resolve().parents[1] / "gfnet_edge" / "assets"
+HAVE_ONNXSIM = importlib.util.find_spec("onnxsim") is not None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_cpu_kernel_thread():
+    """The CPU reference paths (numpy Driver, ops.preprocess) run the extension's CPU kernels
+    single-threaded in this module: on a 16-core H200 host ops.preprocess with the default
+    thread count crashed intermittently (segfault inside the thread pool, also outside these
+    tests), which would take the whole GPU session's pytest run down with it."""
+    n = ops.get_num_threads()
+    ops.set_num_threads(1)
+    yield
+    ops.set_num_threads(n)
+
+
+def _torch_cuda_reason():
+    """Why the torch-on-CUDA parity tests cannot run here (None when they can)."""
+    if not HAVE_GPU:
+        return GPU_REASON
+    for mod in ("torch", "onnx", "onnxruntime", "timm"):
+        if importlib.util.find_spec(mod) is None:
+            return f"{mod} is not installed"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "torch has no CUDA here"
+    return None
+
+
+# ------------------------------------------------------------------------ CPU: gather_rows
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(idx=np.array([0, 4], np.int32)), ValueError, r"lie in \[0, 3\]"),
+    (dict(idx=np.array([-1, 0], np.int64)), ValueError, r"lie in \[0, 3\]"),
+    (dict(idx=np.array([0.0, 1.0])), TypeError, "integer array"),
+    (dict(idx=np.zeros((2, 1), np.int32)), ValueError, "1-D"),
+    (dict(idx=np.zeros(0, np.int32)), ValueError, "empty"),
+    (dict(idx=np.array([0, 1], np.int32), n=3), ValueError, "n = 3"),
+    (dict(idx=0x7000), ValueError, "n is required"),
+    (dict(idx=0x7000, n=0), ValueError, "n must be >= 1"),
+    (dict(idx=None, n=2), ValueError, "idx must be a device pointer"),
+    (dict(idx="rows", n=2), TypeError, "idx must be a device pointer"),
+    (dict(row_bytes=0), ValueError, "row_bytes must be >= 1"),
+    (dict(row_bytes=2.5), TypeError, "row_bytes must be an int"),
+    (dict(src_rows=0), ValueError, "src_rows must be >= 1"),
+    (dict(dst=0x1000 + 16), ValueError, "overlap"),
+    (dict(dst=0), ValueError, "non-null"),
+])
+def test_gather_rows_validates_arguments_before_any_cuda_call(kwargs, exc, match):
+    args = dict(src=0x1000, src_rows=4, idx=np.array([0, 1], np.int32), dst=0x9000, row_bytes=16)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        ops.cuda_gather_rows(**args)
+
+
+def test_gather_rows_without_gpu_raises_runtime_error():
+    if HAVE_GPU:
+        pytest.skip("a GPU is present")
+    with pytest.raises(RuntimeError, match="without CUDA|no usable CUDA device"):
+        ops.cuda_gather_rows(0x1000, 4, np.array([3, 0], np.int32), 0x9000, 16)
+    with pytest.raises(RuntimeError, match="without CUDA|no usable CUDA device"):
+        ops.cuda_gather_rows(0x1000, 4, 0x7000, 0x9000, 16, n=2, error_flag=0x8000)
+    for call in (lambda: ops.cuda_copy(0x1000, 0x2000, 16), lambda: ops.cuda_softmax_stats(0x1000, 2, 10, None, None),
+                 lambda: ops._C.cuda.gather_rows(0x1000, 4, np.array([0], np.int32), 0x9000, 1, 16)):
+        with pytest.raises(RuntimeError, match="without CUDA|no usable CUDA device"):
+            call()
+
+
+# --------------------------------------------------------------------- CPU: runner interface
+class _DeviceRunner(Runner):
+    """A runner that records its device calls (no GPU needed)."""
+
+    name = "fake"
+    max_batch = 4
+    supports_device = True
+
+    def __init__(self):
+        super().__init__("fp32")
+        self.calls = []
+
+    def _activate(self):
+        pass
+
+    def _run_device(self, graph, image, batch, stream):
+        self.calls.append((graph, image, batch, stream))
+        return {"feature": (image, (batch, 8))}
+
+
+def test_runner_device_interface_defaults():
+    from gfnet_edge.runtime.backends.onnxruntime import OnnxRuntimeRunner
+    from gfnet_edge.runtime.backends.tensorrt import TensorRTRunner
+    from gfnet_edge.runtime.backends.torch import TorchRunner
+
+    assert Runner.supports_device is False
+    assert OnnxRuntimeRunner.supports_device is False
+    assert TensorRTRunner.supports_device is True
+    base = Runner("fp32")
+    with pytest.raises(RuntimeError, match="not active"):
+        base.run_device("glance", 0x1000, 1, 0)
+    base.active = True
+    with pytest.raises(NotImplementedError, match="no device execution"):
+        base.run_device("glance", 0x1000, 1, 0)
+
+    bundle = SimpleNamespace(manifest={"checkpoint": "m.pth.tar"}, root=Path("B"), model={"patch_size": 96},
+                             path=lambda p: Path("B") / p)
+    assert TorchRunner(bundle).supports_device is False
+    assert TorchRunner(bundle, device="cuda").supports_device is True  # checked for CUDA on activate
+    with pytest.raises(InputError, match="torch device"):
+        TorchRunner(bundle, device="tpu")
+
+
+def test_runner_run_device_validates_and_passes_the_stream_handle():
+    r = _DeviceRunner().activate()
+    assert r.run_device("focus", 0x1000, 3, 0) == {"feature": (0x1000, (3, 8))}
+    r.run_device("glance", 0x2000, 1, SimpleNamespace(handle=1234))   # ops.Stream-like
+    r.run_device("glance", 0x2000, 1, SimpleNamespace(cuda_stream=77))  # torch-stream-like
+    r.run_device("glance", 0x2000, 1, None)
+    assert [c[3] for c in r.calls] == [0, 1234, 77, 0]
+    for args, match in [(("nope", 0x1000, 1, 0), "unknown graph"), (("focus", 0x1000, 5, 0), "max batch 4"),
+                        (("focus", 0x1000, 0, 0), "batch must be"), (("focus", 0, 1, 0), "non-null"),
+                        (("focus", 0x1000, True, 0), "batch must be")]:
+        with pytest.raises(ValueError, match=match):
+            r.run_device(*args)
+
+
+def test_device_driver_refuses_host_runners_and_cpu_heads():
+    from gfnet_edge.runtime.device_driver import DeviceDriver
+    from gfnet_edge.runtime.profile import Profiler
+
+    model = {"steps": 3, "image_size": 224, "patch_size": 96, "step0": "backbone"}
+    host_runner = Runner("fp32")
+    with pytest.raises((UnavailableError, ValueError), match="GPU|device execution"):
+        DeviceDriver(model, host_runner, SimpleNamespace(device="cuda"), Profiler(False))
+    with pytest.raises((UnavailableError, ValueError), match="GPU|device='cuda'"):
+        DeviceDriver(model, _DeviceRunner(), SimpleNamespace(device="cpu"), Profiler(False))
+
+
+# ------------------------------------------------------------------ bundles (torch side)
+def _bundle(root: Path, name: str, spec=None, checkpoint: Path = None):
+    """A fp32 ONNX Runtime bundle with the checkpoint inside (torch backend)."""
+    import torch
+
+    from gfnet_edge.build import BuildConfig, build_bundle
+    from gfnet_edge.models import GFNet, save_checkpoint
+
+    d = root / name
+    d.mkdir(parents=True, exist_ok=True)
+    if checkpoint is None:
+        torch.manual_seed(0)
+        model = GFNet(spec)
+        with torch.no_grad():
+            model.policy.actor[0].weight.mul_(50)  # spread the patches of a random policy
+        checkpoint = save_checkpoint(d / "m.pth.tar", model)
+    with pytest.MonkeyPatch.context() as mp:
+        if not HAVE_ONNXSIM:  # export unsimplified graphs (same maths; onnxsim is optional here)
+            from gfnet_edge import export
+
+            orig = export.export_model
+            mp.setattr(export, "export_model",
+                       lambda model, out, opset=export.DEFAULT_OPSET, simplify=True: orig(model, out, opset, False))
+        return build_bundle(checkpoint, d / "bundle", BuildConfig(precision="fp32", backend="onnxruntime",
+                                                                  include_checkpoint=True), progress=False)
+
+
+def _tiny_spec(name: str, **kw):
+    """A quarter-width ResNet-18 GFNet (fast), with the head layout of a released family."""
+    from gfnet_edge.variants import GFNetSpec
+
+    base = dict(model_name=name, family="custom", backbone="resnet18", image_size=128, patch_size=64,
+                num_classes=10, backbone_kwargs={"channels": [16, 32, 64, 128], "stem_width": 16})
+    base.update(kw)
+    return GFNetSpec(**base)
+
+
+# resnet50 / densenet layout: linear policy encoder, GRU classifier, step-0 logits from the GRU.
+GRU_RESNET = dict(steps=5, policy_conv=False, policy_hidden=64, classifier="gru", fc_hidden=48, step0="classifier")
+# regnety layout: conv policy encoder, GRU started at step 0, step-0 logits from the backbone.
+GRU_REGNET = dict(steps=4, policy_conv=True, policy_hidden=32, classifier="gru", fc_hidden=40, step0="backbone")
+
+
+@pytest.fixture(scope="module")
+def demo_bundle(tmp_path_factory):
+    pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    pytest.importorskip("timm")
+    return _bundle(tmp_path_factory.mktemp("dev"), "demo", checkpoint=ASSETS / "demo_gfnet.pth.tar")
+
+
+def test_runtime_picks_the_numpy_driver_for_onnxruntime(demo_bundle):
+    from gfnet_edge.runtime import Runtime
+    from gfnet_edge.runtime.driver import Driver
+
+    with Runtime(demo_bundle, backend="onnxruntime", precision="fp32") as rt:
+        assert rt.device_loop is False and type(rt.driver) is Driver and rt.heads.device == "cpu"
+    with Runtime(demo_bundle, backend="torch") as rt:
+        assert rt.device_loop is False and type(rt.driver) is Driver
+    with pytest.raises(InputError, match="applies to the torch backend"):
+        Runtime(demo_bundle, backend="onnxruntime", device="cuda")
+    with pytest.raises(InputError, match="device must be"):
+        Runtime(demo_bundle, backend="torch", device="gpu")
+
+
+def test_torch_cuda_without_gpu_says_why(demo_bundle):
+    if _torch_cuda_reason() is None:
+        pytest.skip("torch with CUDA and a GPU are present")
+    from gfnet_edge.runtime import Runtime
+
+    with pytest.raises(UnavailableError, match="GPU|CUDA"):
+        Runtime(demo_bundle, backend="torch", device="cuda")
+
+
+# ------------------------------------------- CPU: the loop's logic on a simulated device
+class _SimMemory:
+    """Device memory simulated with numpy arrays: pointers are ints, 256-byte aligned."""
+
+    def __init__(self):
+        self.blocks = {}  # base -> np.uint8 array
+        self.next = 1 << 20
+
+    def alloc(self, nbytes):
+        base = self.next
+        self.blocks[base] = np.zeros(max(int(nbytes), 1), np.uint8)
+        self.next += (max(int(nbytes), 1) + 4096 + 255) // 256 * 256
+        return base
+
+    def view(self, ptr, shape, dtype):
+        ptr = int(ptr)
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        for base, arr in self.blocks.items():
+            if base <= ptr and ptr + nbytes <= base + arr.size:
+                return arr[ptr - base:ptr - base + nbytes].view(dtype).reshape(shape)
+        raise AssertionError(f"simulated device: no allocation holds [{ptr:#x}, +{nbytes})")
+
+
+def _sim_ops(monkeypatch, mem):
+    """Replaces the CUDA entry points of ``ops`` used by DeviceDriver by numpy equivalents."""
+    P = ops._ptr
+
+    class SimBuffer:
+        def __init__(self, nbytes):
+            self.nbytes = int(nbytes)
+            self.ptr = mem.alloc(self.nbytes)
+
+        def copy_from_host(self, a, stream=None, offset=0):
+            mem.view(self.ptr + offset, (a.nbytes,), np.uint8)[:] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+
+        def copy_to_host(self, a, stream=None, offset=0):
+            a.reshape(-1).view(np.uint8)[:] = mem.view(self.ptr + offset, (a.nbytes,), np.uint8)
+            sim.reads += 1
+
+        def zero(self, stream=None):
+            mem.view(self.ptr, (self.nbytes,), np.uint8)[:] = 0
+
+    sim = SimpleNamespace(reads=0)
+
+    def glance(images, n, S, out, Pz, interpolation="bicubic", stream=None, **_):
+        mem.view(P(out, "out"), (n, 3, Pz, Pz), np.float32)[:] = ops.glance(
+            np.ascontiguousarray(mem.view(P(images, "images"), (n, 3, S, S), np.float32)), Pz, interpolation)
+
+    def preprocess(frame, h, w, S, out, crop_pct, interpolation, bgr, mean, std, glance, glance_size,
+                   glance_interpolation, stream=None):
+        f = mem.view(P(frame, "frame"), (h, w, 3), np.uint8).copy()  # a fresh, aligned host frame
+        img, gl = ops.preprocess(f, S, crop_pct=crop_pct, interpolation=interpolation, bgr=bgr, mean=mean, std=std,
+                                 glance_size=glance_size, glance_interpolation=glance_interpolation)
+        mem.view(out, (1, 3, S, S), np.float32)[:] = img
+        mem.view(glance, (1, 3, glance_size, glance_size), np.float32)[:] = gl
+
+    def crop(images, n, S, coords, out, Pz, error_flag=None, stream=None):
+        c = mem.view(P(coords, "coords"), (n, 2), np.int32).copy()
+        if c.min() < 0 or c.max() > S - Pz:
+            mem.view(error_flag, (1,), np.int32)[0] = 1
+            c = np.clip(c, 0, S - Pz)
+        mem.view(P(out, "out"), (n, 3, Pz, Pz), np.float32)[:] = ops.crop_patches(
+            np.ascontiguousarray(mem.view(images, (n, 3, S, S), np.float32)), c, Pz)
+
+    def gather(src, src_rows, idx, dst, row_bytes, n=None, error_flag=None, stream=None):
+        index = idx if isinstance(idx, np.ndarray) else mem.view(P(idx, "idx"), (n,), np.int32).copy()
+        s_ptr, d_ptr = P(src, "src"), P(dst, "dst")
+        assert not (s_ptr < d_ptr + n * row_bytes and d_ptr < s_ptr + src_rows * row_bytes), "overlap"
+        rows = mem.view(s_ptr, (src_rows, row_bytes), np.uint8)
+        if index.min() < 0 or index.max() >= src_rows:
+            mem.view(error_flag, (1,), np.int32)[0] = 1
+            index = np.clip(index, 0, src_rows - 1)
+        mem.view(d_ptr, (n, row_bytes), np.uint8)[:] = rows[index]
+
+    def copy(dst, src, nbytes, stream=None):
+        mem.view(P(dst, "dst"), (nbytes,), np.uint8)[:] = mem.view(P(src, "src"), (nbytes,), np.uint8).copy()
+
+    def softmax_stats(logits, n, C, maxprob, argmax, logits_out=None, out_dtype="float32", stream=None):
+        lg = np.ascontiguousarray(mem.view(logits, (n, C), np.float32))
+        mp, am = ops.softmax_stats(lg)
+        mem.view(maxprob, (n,), np.float32)[:] = mp
+        mem.view(argmax, (n,), np.int32)[:] = am
+        if logits_out is not None:
+            mem.view(logits_out, (n, C), np.float32)[:] = lg
+
+    for name, fn in [("DeviceBuffer", SimBuffer), ("Stream", lambda: SimpleNamespace(handle=7, synchronize=lambda: None)),
+                     ("has_cuda_build", lambda: True), ("cuda_device_count", lambda: 1), ("cuda_glance", glance),
+                     ("cuda_preprocess", preprocess), ("cuda_crop_patches", crop), ("cuda_gather_rows", gather),
+                     ("cuda_copy", copy), ("cuda_softmax_stats", softmax_stats)]:
+        monkeypatch.setattr(ops, name, fn)
+    return sim
+
+
+class _SimHeads:
+    """CPU heads exposing ``step_device`` on simulated device memory (same signatures as ops)."""
+
+    def __init__(self, cpu, mem):
+        self.kind, self.pol_hidden, self.cls_hidden, self.device = cpu.kind, cpu.pol_hidden, cpu.cls_hidden, "cuda"
+        m, S, Pz, F = mem, cpu.image_size, cpu.patch_size, int(cpu.actor.input_size)
+
+        def put(logits, maxprob, argmax, lg, mp, am):
+            m.view(logits, lg.shape, np.float32)[:] = lg
+            m.view(maxprob, mp.shape, np.float32)[:] = mp
+            m.view(argmax, am.shape, np.int32)[:] = am
+
+        class GruCls:
+            out_features = cpu.cls.out_features
+
+            def step_device(self, x, h, h_out, batch, logits, maxprob=None, argmax=None, stream=None):
+                xs = np.ascontiguousarray(m.view(x, (batch, cpu.cls.input_size), np.float32))
+                hs = None if h is None else np.ascontiguousarray(m.view(h, (batch, cpu.cls_hidden), np.float32))
+                hn, lg, mp, am = cpu.cls.step(xs, hs)
+                m.view(h_out, hn.shape, np.float32)[:] = hn
+                put(logits, maxprob, argmax, lg, mp, am)
+
+        class CascadedCls:
+            out_features = cpu.cls.out_features
+
+            def step_device(self, features, steps, batch, feature_dim, k, logits, maxprob=None, argmax=None,
+                            layout="ntf", stream=None):
+                assert layout == "tnf"
+                f = np.ascontiguousarray(m.view(features, (steps, batch, feature_dim), np.float32))
+                put(logits, maxprob, argmax, *cpu.cls.step(f, k, layout="tnf"))
+
+        class Actor:
+            def step_device(self, x, h, h_out, batch, action, coords, image_size, patch_size, stream=None):
+                assert (image_size, patch_size) == (S, Pz) and action is None
+                xs = np.ascontiguousarray(m.view(x, (batch, F), np.float32))
+                hs = None if h is None else np.ascontiguousarray(m.view(h, (batch, cpu.pol_hidden), np.float32))
+                hn, _a, c = cpu.actor.step(xs, hs, S, Pz)
+                m.view(h_out, hn.shape, np.float32)[:] = hn
+                m.view(coords, c.shape, np.int32)[:] = c
+
+        self.cls = GruCls() if cpu.kind == "gru" else CascadedCls()
+        self.actor = Actor()
+
+
+class _SimRunner(Runner):
+    """Wraps a host runner: run_device reads / writes simulated device memory."""
+
+    name = "sim"
+    supports_device = True
+
+    def __init__(self, host, mem, P, max_batch=None):
+        super().__init__(host.precision)
+        self.host, self.mem, self.P, self.max_batch = host, mem, P, max_batch
+        self.bufs, self.calls = {}, []
+
+    def _activate(self):
+        self.host.activate()
+
+    def _run_device(self, graph, image, batch, stream):
+        assert stream == 7
+        self.calls.append((graph, batch))
+        x = np.ascontiguousarray(self.mem.view(image, (batch, 3, self.P, self.P), np.float32))
+        out = {}
+        for name, a in self.host.run(graph, x).items():
+            key = (graph, name)
+            if key not in self.bufs or self.bufs[key][1] < a.nbytes:
+                self.bufs[key] = (self.mem.alloc(a.nbytes), a.nbytes)
+            self.mem.view(self.bufs[key][0], a.shape, np.float32)[:] = a
+            out[name] = (self.bufs[key][0], a.shape)
+        return out
+
+
+@pytest.mark.parametrize("kind", ["cascaded-demo", "gru-resnet-like"])
+def test_device_driver_logic_on_simulated_device(tmp_path_factory, monkeypatch, kind, request):
+    """DeviceDriver (offsets, per-step block, compaction, chunks, frames) against the numpy Driver,
+    with the CUDA calls replaced by their numpy equivalents: checks the loop's bookkeeping
+    on machines without a GPU."""
+    pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    pytest.importorskip("timm")
+    from gfnet_edge.runtime.backends.onnxruntime import OnnxRuntimeRunner
+    from gfnet_edge.runtime.device_driver import DeviceDriver
+    from gfnet_edge.runtime.driver import Driver
+    from gfnet_edge.runtime.heads import HeadSet, load_head_arrays
+    from gfnet_edge.runtime.profile import Profiler
+
+    if kind == "cascaded-demo":
+        bundle = request.getfixturevalue("demo_bundle")
+    else:
+        bundle = _bundle(tmp_path_factory.mktemp("sim"), "gru", _tiny_spec("tiny_gru_resnet", **GRU_RESNET))
+    model, T, Pz = bundle.model, int(bundle.model["steps"]), int(bundle.model["patch_size"])
+    host = OnnxRuntimeRunner(bundle.graph_paths("fp32"), "fp32", 2).activate()
+    cpu_heads = HeadSet(load_head_arrays(bundle.heads_path), model)
+    ref = Driver(model, host, cpu_heads, Profiler(False))
+    mem = _SimMemory()
+    sim = _sim_ops(monkeypatch, mem)
+    heads = _SimHeads(cpu_heads, mem)
+    runner = _SimRunner(host, mem, Pz).activate()
+    dev = DeviceDriver(model, runner, heads, Profiler(True))
+
+    x = _images(bundle, 7, seed=3)
+    g = ops.glance(x, Pz, model["glance_interpolation"])
+    tr_ref, tr_dev = ref.run(x, g, None), dev.run(x, g, None)
+    np.testing.assert_allclose(tr_dev.probs, tr_ref.probs, rtol=0, atol=1e-6)
+    for f in ("prediction", "confidence", "exit_step", "coords"):
+        np.testing.assert_array_equal(getattr(tr_dev, f), getattr(tr_ref, f))
+    thr = _gap_thresholds(tr_ref.probs)
+    a = ref.run(x, g, thr)
+    assert (a.exit_step < T - 1).any() and len(set(a.exit_step.tolist())) > 1
+    for max_batch in (None, 3):
+        runner.max_batch, runner.calls, sim.reads = max_batch, [], 0
+        b = dev.run(x, None, thr)  # glance on the (simulated) device
+        for f in ("prediction", "confidence", "exit_step", "coords"):
+            np.testing.assert_array_equal(getattr(b, f), getattr(a, f), err_msg=f"{f}, max batch {max_batch}")
+        focus = [n for gname, n in runner.calls if gname == "focus"]
+        if max_batch is None:  # compaction: each focus step saw exactly the survivors
+            assert focus == [int((a.exit_step >= t).sum()) for t in range(1, T) if (a.exit_step >= t).any()]
+            steps_run = 1 + int(a.exit_step.max())
+            assert sim.reads == steps_run  # exactly one device -> host read per step
+    frames = [np.random.default_rng(i).integers(0, 256, (200 + 9 * i, 300 - 11 * i, 3), dtype=np.uint8) for i in range(7)]
+    images, gl = ops.preprocess(frames, int(model["image_size"]), crop_pct=float(model["crop_pct"]),
+                                interpolation=model["dataset_interpolation"], glance_size=Pz,
+                                glance_interpolation=model["glance_interpolation"])
+    c, d = ref.run(images, gl, thr), dev.run_frames(frames, thr, crop_pct=float(model["crop_pct"]),
+                                                    interpolation=model["dataset_interpolation"])
+    for f in ("prediction", "confidence", "exit_step", "coords"):
+        np.testing.assert_array_equal(getattr(d, f), getattr(c, f))
+    host.deactivate()
+
+
+# ---------------------------------------------------------------------- GPU: gather_rows
+@requires_gpu
+@pytest.mark.parametrize("rows,row_bytes,m,dst_offset", [
+    (7, 3 * 64 * 64 * 4, 4, 0),  # image rows, 16-byte path
+    (7, 48 * 4, 7, 0),  # hidden-state rows, all kept (permuted)
+    (5, 40 * 4, 3, 4),  # misaligned destination: 4-byte path
+    (6, 12, 9, 0),  # 12-byte rows: 4-byte path, repeated indices
+    (5, 7, 2, 1),  # odd row size: byte path
+])
+def test_gather_rows_matches_numpy_fancy_indexing(rows, row_bytes, m, dst_offset):
+    rng = np.random.default_rng(rows * 1000 + row_bytes)
+    src = rng.integers(0, 256, (rows, row_bytes), dtype=np.uint8)
+    idx = (rng.permutation(rows)[:m] if m <= rows else rng.integers(0, rows, m)).astype(np.int32)
+    stream = ops.Stream()
+    sb = ops.to_device(src, stream)
+    for device_idx in (True, False):
+        dst = ops.DeviceBuffer(m * row_bytes + dst_offset)
+        dst.zero(stream)
+        flag = ops.DeviceBuffer(4)
+        flag.zero(stream)
+        ib = ops.to_device(idx, stream) if device_idx else idx
+        ops.cuda_gather_rows(sb, rows, ib, dst.ptr + dst_offset, row_bytes, n=m, error_flag=flag if device_idx else None,
+                             stream=stream)
+        got = np.empty(m * row_bytes + dst_offset, np.uint8)
+        dst.copy_to_host(got, stream)
+        assert np.array_equal(got[dst_offset:].reshape(m, row_bytes), src[idx])
+        assert not got[:dst_offset].any()
+        assert int(ops.from_device(flag, (1,), np.int32, stream)[0]) == 0
+
+
+@requires_gpu
+def test_gather_rows_out_of_range_device_index():
+    src = np.arange(4 * 8, dtype=np.float32).reshape(4, 8)
+    sb, db = ops.to_device(src), ops.DeviceBuffer(3 * 32)
+    ib = ops.to_device(np.array([2, 9, 0], np.int32))
+    with pytest.raises(ValueError, match="out of range"):
+        ops.cuda_gather_rows(sb, 4, ib, db, 32, n=3)
+    flag = ops.DeviceBuffer(4)
+    flag.zero()
+    ops.cuda_gather_rows(sb, 4, ib, db, 32, n=3, error_flag=flag)
+    got = ops.from_device(db, (3, 8), np.float32)
+    assert int(ops.from_device(flag, (1,), np.int32)[0]) == 1
+    assert np.array_equal(got[[0, 2]], src[[2, 0]]) and not got[1].any()
+    with pytest.raises(ValueError, match="overlap"):
+        ops.cuda_gather_rows(sb, 4, np.array([0], np.int32), sb.ptr + 32, 32)
+
+
+@requires_gpu
+def test_cuda_copy_and_softmax_stats():
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((5, 13)).astype(np.float32) * 3
+    lb, copy = ops.to_device(logits), ops.DeviceBuffer(logits.nbytes)
+    mp, am = ops.DeviceBuffer(5 * 4), ops.DeviceBuffer(5 * 4)
+    stream = ops.Stream()
+    ops.cuda_softmax_stats(lb, 5, 13, mp, am, stream=stream)
+    ops.cuda_copy(copy, lb, logits.nbytes, stream)
+    ref_mp, ref_am = ops.softmax_stats(logits)
+    np.testing.assert_allclose(ops.from_device(mp, (5,), np.float32, stream), ref_mp, rtol=1e-6)
+    assert np.array_equal(ops.from_device(am, (5,), np.int32, stream), ref_am)
+    assert np.array_equal(ops.from_device(copy, logits.shape, np.float32, stream), logits)
+
+
+# -------------------------------------------------------------------- GPU: loop parity
+TORCH_CUDA_REASON = _torch_cuda_reason()
+requires_torch_cuda = pytest.mark.skipif(TORCH_CUDA_REASON is not None, reason=str(TORCH_CUDA_REASON))
+KINDS = ["cascaded-demo", "gru-resnet-like", "gru-regnet-like"]
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory, request):
+    if TORCH_CUDA_REASON is not None:
+        pytest.skip(TORCH_CUDA_REASON)
+    root = tmp_path_factory.mktemp("devb")
+    return {
+        "cascaded-demo": request.getfixturevalue("demo_bundle"),
+        "gru-resnet-like": _bundle(root, "gru_resnet", _tiny_spec("tiny_gru_resnet", **GRU_RESNET)),
+        "gru-regnet-like": _bundle(root, "gru_regnet", _tiny_spec("tiny_gru_regnet", **GRU_REGNET)),
+    }
+
+
+def _images(bundle, n, seed):
+    S = int(bundle.model["image_size"])
+    return np.random.default_rng(seed).standard_normal((n, 3, S, S)).astype(np.float32)
+
+
+def _gap_thresholds(probs: np.ndarray, margin: float = 2e-4) -> list:
+    """Per-step thresholds placed in the widest gap between the samples' max probabilities
+    (middle half of the batch), so that about half of the images still running exit and no
+    sample lies within ``margin`` of a threshold (exit decisions robust to float noise)."""
+    T, n = probs.shape[:2]
+    thr = []
+    for t in range(T - 1):
+        v = np.sort(probs[t].max(axis=1))
+        lo, hi = max(0, n // 4 - 1), min(n - 1, (3 * n) // 4 + 1)
+        gaps = [(v[i + 1] - v[i], i) for i in range(lo, hi)]
+        best = max(gaps) if gaps else (0.0, 0)
+        thr.append(float(v[best[1]] + v[best[1] + 1]) / 2 if best[0] > 2 * margin else 2.0)
+    return thr + [-1e8]
+
+
+def _pair(bundle):
+    from gfnet_edge.runtime import Runtime
+
+    dev = Runtime(bundle, backend="torch", device="cuda")
+    ref = Runtime(bundle, backend="onnxruntime", precision="fp32")
+    assert dev.device_loop and not ref.device_loop
+    return dev, ref
+
+
+@requires_torch_cuda
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n", [1, 7])
+def test_device_trace_equals_onnxruntime_trace(bundles, kind, n):
+    bundle = bundles[kind]
+    x = _images(bundle, n, seed=n)
+    dev, ref = _pair(bundle)
+    with dev, ref:
+        a, b = dev.trace(x), ref.trace(x)
+    assert a.probs.shape == b.probs.shape and a.coords.shape == b.coords.shape
+    np.testing.assert_allclose(a.probs, b.probs, rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(a.coords, b.coords)
+
+
+@requires_torch_cuda
+@pytest.mark.parametrize("kind", KINDS)
+def test_device_predict_with_exits_equals_onnxruntime(bundles, kind):
+    bundle = bundles[kind]
+    T = int(bundle.model["steps"])
+    x = _images(bundle, 7, seed=11)
+    dev, ref = _pair(bundle)
+    with dev, ref:
+        thr = _gap_thresholds(ref.trace(x).probs)
+        dev.thresholds = ref.thresholds = thr
+        calls = []
+        run_device = dev.runner.run_device
+
+        def counting(graph, image, batch, stream):
+            calls.append((graph, batch))
+            return run_device(graph, image, batch, stream)
+
+        dev.runner.run_device = counting
+        a, b = dev.predict(x), ref.predict(x)
+        first = list(calls)
+        singles = [(dev.predict(x[i:i + 1]), ref.predict(x[i:i + 1])) for i in range(7)]
+    np.testing.assert_array_equal(a.exit_step, b.exit_step)
+    np.testing.assert_array_equal(a.classes, b.classes)
+    np.testing.assert_array_equal(a.coords, b.coords)
+    np.testing.assert_allclose(a.confidence, b.confidence, rtol=0, atol=1e-4)
+    # the thresholds make images exit early, so compaction ran: each focus step saw the survivors
+    assert (b.exit_step < T - 1).any()
+    focus = [bs for g, bs in first if g == "focus"]
+    assert focus == [int((b.exit_step >= t).sum()) for t in range(1, T) if (b.exit_step >= t).any()]
+    for i, (p, q) in enumerate(singles):  # batch 1
+        assert (p.exit_step[0], p.classes[0]) == (q.exit_step[0], q.classes[0]), i
+        np.testing.assert_array_equal(p.coords, q.coords)
+        assert p.exit_step[0] == b.exit_step[i]
+
+
+@requires_torch_cuda
+def test_device_frames_chunks_and_profiling(bundles):
+    """uint8 frames pre-processed on the device, batches split at the runner's max batch, profiler on."""
+    from gfnet_edge.runtime import Runtime
+
+    bundle = bundles["gru-regnet-like"]
+    rng = np.random.default_rng(5)
+    frames = [rng.integers(0, 256, (150 + 7 * i, 190 - 5 * i, 3), dtype=np.uint8) for i in range(7)]
+    with Runtime(bundle, backend="onnxruntime", precision="fp32") as ref:
+        tr = ref.trace(frames)
+        thr = _gap_thresholds(tr.probs)
+        ref.thresholds = thr
+        b = ref.predict(frames)
+    with Runtime(bundle, backend="torch", device="cuda", profile=True) as dev:
+        dev.thresholds = thr
+        a = dev.predict(frames)
+        ta = dev.trace(frames)
+        dev.runner.max_batch = 3  # 3 + 3 + 1
+        c = dev.predict(frames)
+        tc = dev.trace(frames)
+        stages = dev.profiler.summary()
+    np.testing.assert_allclose(ta.probs, tr.probs, rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(ta.coords, tr.coords)
+    for p in (a, c):
+        np.testing.assert_array_equal(p.exit_step, b.exit_step)
+        np.testing.assert_array_equal(p.classes, b.classes)
+        np.testing.assert_array_equal(p.coords, b.coords)
+    np.testing.assert_allclose(tc.probs, ta.probs, rtol=0, atol=1e-5)
+    assert {"preprocess", "glance", "policy", "crop", "focus", "heads", "exit"} <= set(stages)
+
+
+# ------------------------------------------- GPU: torch graphs only (no onnx / timm needed)
+def _tiny_torch_runner(P: int, F: int, Hs: int, C: int, with_logits: bool):
+    """A TorchRunner on CUDA whose glance / focus graphs are tiny random torch modules."""
+    import torch
+
+    from gfnet_edge.runtime.backends.torch import TorchRunner
+
+    class Graph(torch.nn.Module):
+        def __init__(self, logits: bool) -> None:
+            super().__init__()
+            self.f, self.s = torch.nn.Linear(48, F), torch.nn.Linear(48, Hs)
+            self.c = torch.nn.Linear(F, C) if logits else None
+            self.output_names = ["feature", "policy_state"] + (["logits"] if logits else [])
+
+        def forward(self, x):
+            z = torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1) * 4
+            f, s = torch.tanh(self.f(z)), torch.tanh(self.s(z))
+            return (f, s, self.c(f) * 3) if self.c is not None else (f, s)
+
+    class TinyRunner(TorchRunner):
+        def __init__(self) -> None:
+            fake = SimpleNamespace(manifest={"checkpoint": "-"}, root=Path("."), model={"patch_size": P},
+                                   path=lambda p: Path(p))
+            super().__init__(fake, device="cuda")
+
+        def _activate(self) -> None:
+            torch.manual_seed(0)
+            self.graphs = {"glance": Graph(with_logits).cuda().eval(), "focus": Graph(False).cuda().eval()}
+
+    return TinyRunner()
+
+
+def _random_heads(kind: str, T: int, F: int, Hs: int, C: int, Hp: int = 16, Hc: int = 12, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    r = lambda *s: (rng.standard_normal(s) * 0.4).astype(np.float32)  # noqa: E731
+    a = {"pol.w_ih": r(3 * Hp, Hs), "pol.w_hh": r(3 * Hp, Hp), "pol.b_ih": r(3 * Hp), "pol.b_hh": r(3 * Hp),
+         "pol.actor.w": r(2, Hp) * 8, "pol.actor.b": r(2)}
+    if kind == "gru":
+        a.update({"cls.w_ih": r(3 * Hc, F), "cls.w_hh": r(3 * Hc, Hc), "cls.b_ih": r(3 * Hc), "cls.b_hh": r(3 * Hc),
+                  "cls.fc.w": r(C, Hc) * 4, "cls.fc.b": r(C)})
+    else:
+        for k in range(2, T + 1):
+            a.update({f"cls.fc_{k}.w": r(C, k * F) * 2, f"cls.fc_{k}.b": r(C)})
+    return a
+
+
+@requires_gpu
+@pytest.mark.parametrize("kind,step0,T", [("cascaded", "backbone", 3), ("gru", "classifier", 5), ("gru", "backbone", 4)])
+def test_device_driver_matches_numpy_driver_on_torch_cuda_graphs(kind, step0, T):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA here")
+    from gfnet_edge.runtime.device_driver import DeviceDriver
+    from gfnet_edge.runtime.driver import Driver
+    from gfnet_edge.runtime.heads import HeadSet
+    from gfnet_edge.runtime.profile import Profiler
+
+    S, P, F, Hs, C = 64, 24, 24, 20, 10
+    model = {"steps": T, "image_size": S, "patch_size": P, "step0": step0, "classifier": kind,
+             "glance_interpolation": "bicubic"}
+    arrays = _random_heads(kind, T, F, Hs, C)
+    runner = _tiny_torch_runner(P, F, Hs, C, step0 == "backbone").activate()
+    try:
+        ref = Driver(model, runner, HeadSet(arrays, model), Profiler(False))
+        dev = DeviceDriver(model, runner, HeadSet(arrays, model, device="cuda"), Profiler(False))
+        for n in (1, 7):
+            x = np.random.default_rng(n).standard_normal((n, 3, S, S)).astype(np.float32)
+            g = ops.glance(x, P, "bicubic")
+            a, b = ref.run(x, g, None), dev.run(x, g, None)
+            np.testing.assert_allclose(b.probs, a.probs, rtol=0, atol=1e-5)
+            np.testing.assert_array_equal(b.coords, a.coords)
+            np.testing.assert_array_equal(b.prediction, a.prediction)
+            thr = _gap_thresholds(a.probs)
+            e = ref.run(x, g, thr)
+            if n == 7:
+                assert (e.exit_step < T - 1).any(), "thresholds should make some images exit early"
+            for max_batch in (None, 3):
+                runner.max_batch = max_batch
+                for glance in (g, None):  # host glance uploaded / computed on the device
+                    d = dev.run(x, glance, thr)
+                    np.testing.assert_array_equal(d.exit_step, e.exit_step)
+                    np.testing.assert_array_equal(d.prediction, e.prediction)
+                    np.testing.assert_array_equal(d.coords, e.coords)
+                    np.testing.assert_allclose(d.confidence, e.confidence, rtol=0, atol=1e-5)
+            runner.max_batch = None
+    finally:
+        runner.deactivate()
