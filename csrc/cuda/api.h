@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -195,6 +196,21 @@ class Scratch {
   void* ptr_ = nullptr;
   uintptr_t stream_ = 0;
   bool async_ = false;
+};
+
+/// A kernel's device error flag (int32): the caller's (``given`` != 0, asynchronous: the caller
+/// reads it), or an owned zeroed scratch flag that :meth:`raise_if_set` reads back after the
+/// launch (synchronous), throwing std::invalid_argument with ``message`` when it was set.
+class ErrorFlag {
+ public:
+  ErrorFlag(uintptr_t given, uintptr_t stream);
+  int* get() const { return flag_; }
+  void raise_if_set(const std::string& message) const;
+
+ private:
+  std::unique_ptr<Scratch> own_;
+  int* flag_ = nullptr;
+  uintptr_t stream_ = 0;
 };
 
 /// A GRU cell fused with its Linear head (classifier or actor) on the device.

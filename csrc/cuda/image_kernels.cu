@@ -319,34 +319,19 @@ void crop_patches(uintptr_t images, DType dtype, int64_t n, int64_t channels, in
   const cudaStream_t s = as_stream(stream);
   const int64_t total = n * channels * patch * patch;
   if (total == 0) return;
-  std::unique_ptr<Scratch> own_flag;
-  int* flag = reinterpret_cast<int*>(error_flag);
-  if (error_flag == 0) {
-    own_flag = std::make_unique<Scratch>(sizeof(int), stream);
-    flag = reinterpret_cast<int*>(own_flag->ptr());
-    GFN_CUDA_CHECK(cudaMemsetAsync(flag, 0, sizeof(int), s));
-  } else {
-    check_device_pointer(error_flag, "error_flag");
-  }
+  const ErrorFlag flag(error_flag, stream);
   if (dtype == DType::kF32) {
     crop_kernel<float><<<blocks_for(total), kThreads, 0, s>>>(
         reinterpret_cast<const float*>(images), n, channels, size,
-        reinterpret_cast<const int32_t*>(coords), reinterpret_cast<float*>(out), patch, flag);
+        reinterpret_cast<const int32_t*>(coords), reinterpret_cast<float*>(out), patch, flag.get());
   } else {
     crop_kernel<uint16_t><<<blocks_for(total), kThreads, 0, s>>>(
         reinterpret_cast<const uint16_t*>(images), n, channels, size,
-        reinterpret_cast<const int32_t*>(coords), reinterpret_cast<uint16_t*>(out), patch, flag);
+        reinterpret_cast<const int32_t*>(coords), reinterpret_cast<uint16_t*>(out), patch, flag.get());
   }
   GFN_CUDA_CHECK_LAUNCH();
-  if (error_flag == 0) {
-    int host_flag = 0;
-    GFN_CUDA_CHECK(cudaMemcpyAsync(&host_flag, flag, sizeof(int), cudaMemcpyDeviceToHost, s));
-    GFN_CUDA_CHECK(cudaStreamSynchronize(s));
-    if (host_flag != 0) {
-      throw std::invalid_argument("patch coordinates out of range: every (row, col) must lie in [0, " +
-                                  std::to_string(size - patch) + "]");
-    }
-  }
+  flag.raise_if_set("patch coordinates out of range: every (row, col) must lie in [0, " +
+                    std::to_string(size - patch) + "]");
 }
 
 }  // namespace gfn::cuda

@@ -210,4 +210,24 @@ Scratch::~Scratch() {
   (void)cudaGetLastError();
 }
 
+ErrorFlag::ErrorFlag(uintptr_t given, uintptr_t stream) : stream_(stream) {
+  if (given != 0) {
+    check_device_pointer(given, "error_flag");
+    flag_ = reinterpret_cast<int*>(given);
+    return;
+  }
+  own_ = std::make_unique<Scratch>(sizeof(int), stream);
+  flag_ = reinterpret_cast<int*>(own_->ptr());
+  GFN_CUDA_CHECK(cudaMemsetAsync(flag_, 0, sizeof(int), as_stream(stream)));
+}
+
+void ErrorFlag::raise_if_set(const std::string& message) const {
+  if (!own_) return;  // the caller's flag: read by the caller
+  int host_flag = 0;
+  const cudaStream_t s = as_stream(stream_);
+  GFN_CUDA_CHECK(cudaMemcpyAsync(&host_flag, flag_, sizeof(int), cudaMemcpyDeviceToHost, s));
+  GFN_CUDA_CHECK(cudaStreamSynchronize(s));
+  if (host_flag != 0) throw std::invalid_argument(message);
+}
+
 }  // namespace gfn::cuda

@@ -96,25 +96,10 @@ void gather_rows(uintptr_t src, int64_t src_rows, uintptr_t idx, uintptr_t dst, 
   check_gather_args(src, src_rows, dst, n, row_bytes);
   check_device_pointer(idx, "idx");
   const cudaStream_t s = as_stream(stream);
-  std::unique_ptr<Scratch> own_flag;
-  int* flag = reinterpret_cast<int*>(error_flag);
-  if (error_flag == 0) {
-    own_flag = std::make_unique<Scratch>(sizeof(int), stream);
-    flag = reinterpret_cast<int*>(own_flag->ptr());
-    GFN_CUDA_CHECK(cudaMemsetAsync(flag, 0, sizeof(int), s));
-  } else {
-    check_device_pointer(error_flag, "error_flag");
-  }
-  dispatch_gather(src, src_rows, idx, dst, n, row_bytes, flag, s);
-  if (error_flag == 0) {
-    int host_flag = 0;
-    GFN_CUDA_CHECK(cudaMemcpyAsync(&host_flag, flag, sizeof(int), cudaMemcpyDeviceToHost, s));
-    GFN_CUDA_CHECK(cudaStreamSynchronize(s));
-    if (host_flag != 0) {
-      throw std::invalid_argument("gather_rows: row index out of range: every index must lie in [0, " +
-                                  std::to_string(src_rows - 1) + "]");
-    }
-  }
+  const ErrorFlag flag(error_flag, stream);
+  dispatch_gather(src, src_rows, idx, dst, n, row_bytes, flag.get(), s);
+  flag.raise_if_set("gather_rows: row index out of range: every index must lie in [0, " +
+                    std::to_string(src_rows - 1) + "]");
 }
 
 void gather_rows_host(uintptr_t src, int64_t src_rows, const int32_t* idx, uintptr_t dst,

@@ -31,14 +31,14 @@ import numpy as np
 
 from ..errors import InputError, UnavailableError
 from .backends.base import Runner
-from .driver import StepOutputs, softmax
+from .driver import LoopBase, StepOutputs, softmax
 from .heads import HeadSet
 from .profile import Profiler
 
 F32 = 4  # bytes per float32 / int32
 
 
-class DeviceDriver:
+class DeviceDriver(LoopBase):
     """Runs GFNet steps on the GPU with a device-capable runner and CUDA heads.
 
     Args:
@@ -65,14 +65,7 @@ class DeviceDriver:
             raise ValueError(f"the {runner.name} runner has no device execution (supports_device is False)")
         if getattr(heads, "device", "cpu") != "cuda":
             raise ValueError("DeviceDriver needs heads built with device='cuda' (HeadSet(..., device='cuda'))")
-        self.model = model
-        self.runner = runner
-        self.heads = heads
-        self.prof = profiler
-        self.T = int(model["steps"])
-        self.S = int(model["image_size"])
-        self.P = int(model["patch_size"])
-        self.step0_backbone = model["step0"] == "backbone"
+        super().__init__(model, runner, heads, profiler)
         self.stream = stream if stream is not None else ops.Stream()
         self._bufs: Dict[str, Any] = {}
 

@@ -47,8 +47,8 @@ class StepOutputs:
     probs: Optional[np.ndarray] = None
 
 
-class Driver:
-    """Runs GFNet steps with a backend runner and the extension's heads.
+class LoopBase:
+    """What every loop holds: the model entry, the runner, the heads, the profiler and S, P, T.
 
     Args:
         model: the manifest's ``model`` entry.
@@ -66,6 +66,11 @@ class Driver:
         self.S = int(model["image_size"])
         self.P = int(model["patch_size"])
         self.step0_backbone = model["step0"] == "backbone"
+
+
+class Driver(LoopBase):
+    """Runs GFNet steps on host arrays with a backend runner and the extension's CPU heads
+    (constructor arguments: :class:`LoopBase`)."""
 
     def run(self, images: np.ndarray, glance: np.ndarray, thresholds: Optional[Sequence[float]]) -> StepOutputs:
         """Runs the loop.
