@@ -12,6 +12,7 @@ leaves nothing half-written.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -198,15 +199,21 @@ def _add_engines(bundle: Bundle, cfg: BuildConfig) -> None:
     graphs = bundle.graph_paths(plan.graph_set)
     sub = f"engines/{engine_dir_name(gpu_info(), trt.__version__, opts.dla_core)}"
     entry: Dict[str, Any] = {}
-    for g in ("glance", "focus"):
-        rel = f"{sub}/{g}.{opts.precision}.engine"
-        dst = bundle.root / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmpf = dst.with_suffix(".engine.tmp")
-        info = build_engine(graphs[g], tmpf, opts)
-        tmpf.replace(dst)
-        entry.update(info)
-        entry[g] = rel
+    built: Dict[str, Path] = {}
+    try:  # both engines first, into temporary files: a failed build leaves the bundle as it was
+        for g in ("glance", "focus"):
+            rel = f"{sub}/{g}.{opts.precision}.engine"
+            dst = bundle.root / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            built[rel] = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+            entry.update(build_engine(graphs[g], built[rel], opts))
+            entry[g] = rel
+    except BaseException:
+        for tmpf in built.values():
+            tmpf.unlink(missing_ok=True)
+        raise
+    for rel, tmpf in built.items():
+        tmpf.replace(bundle.root / rel)
 
     def upd(m: Dict[str, Any]) -> None:
         m["engines"] = [e for e in m.get("engines", []) if not (e.get(  "precision") == entry["precision"]

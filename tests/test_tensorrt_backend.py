@@ -92,3 +92,71 @@ def test_without_tensorrt_says_how_to_proceed():
 def test_tensorrt_version_supported():  # pragma: no cover - runs only where TensorRT exists
     trt = trtb.import_tensorrt()
     trtb.plan_build(trt.__version__, trtb.BuildOptions())
+
+
+def test_select_engine_accepts_graph_set_name():
+    here = {"gpu_name": "Orin", "compute_capability": "8.7"}
+    assert trtb.select_engine(_FakeBundle([ENTRY]), "int8-tensorrt", here, "10.3.0") is ENTRY
+
+
+@pytest.fixture(scope="module")
+def fp32_bundle(tmp_path_factory):
+    pytest.importorskip("torch")
+    from pathlib import Path
+
+    from gfnet_edge.build import BuildConfig, build_bundle
+
+    demo = Path(__file__).resolve().parents[1] / "gfnet_edge" / "assets" / "demo_gfnet.pth.tar"
+    return build_bundle(demo, tmp_path_factory.mktemp("trt") / "bundle",
+                        BuildConfig(precision="fp32", backend="onnxruntime"), progress=False)
+
+
+class _FakeTRT:
+    __version__ = "10.3.0"
+
+    class NetworkDefinitionCreationFlag:
+        STRONGLY_TYPED = 0
+
+
+def _fake_device(monkeypatch, cc="8.7"):
+    from gfnet_edge.runtime import api
+
+    monkeypatch.setattr(trtb, "import_tensorrt", lambda: _FakeTRT)
+    monkeypatch.setattr(trtb, "gpu_info", lambda: {"gpu_name": "Orin", "compute_capability": cc})
+    monkeypatch.setattr(api, "_tensorrt_usable", lambda: True)
+
+
+def test_auto_backend_falls_back_when_engines_are_for_another_device(fp32_bundle, monkeypatch, caplog):
+    from gfnet_edge.runtime import Runtime
+
+    fp32_bundle.update_manifest(lambda m: m.update(engines=[dict(ENTRY, compute_capability="9.0")]))
+    _fake_device(monkeypatch)
+    with Runtime(fp32_bundle.root, backend="auto", verify=False) as rt:
+        assert rt.backend == "onnxruntime"
+    assert "not using TensorRT" in caplog.text and "compute capability 9.0" in caplog.text
+
+
+def test_failed_engine_build_leaves_the_bundle_as_it_was(fp32_bundle, monkeypatch):
+    from gfnet_edge.build import BuildConfig, build_engines
+    from gfnet_edge.bundle import Bundle
+
+    fp32_bundle.update_manifest(lambda m: m.update(engines=[]))
+    before = sorted(p.relative_to(fp32_bundle.root).as_posix() for p in fp32_bundle.root.rglob("*"))
+    _fake_device(monkeypatch)
+    calls = []
+
+    def fake_build(onnx_path, out_path, options):
+        calls.append(out_path)
+        if len(calls) == 2:
+            raise RuntimeError("focus engine failed")
+        out_path.write_bytes(b"engine")
+        return {"backend": "tensorrt", "precision": options.precision, "compute_capability": "8.7",
+                "tensorrt_version": "10.3.0", "gpu_name": "Orin"}
+
+    monkeypatch.setattr(trtb, "build_engine", fake_build)
+    with pytest.raises(RuntimeError, match="focus engine failed"):
+        build_engines(fp32_bundle.root, BuildConfig(precision="fp32", backend="tensorrt"))
+    after = sorted(p.relative_to(fp32_bundle.root).as_posix() for p in fp32_bundle.root.rglob("*") if p.is_file())
+    assert not [p for p in after if p.endswith(".tmp")], after
+    assert Bundle.load(fp32_bundle.root).manifest["engines"] == []  # still loads and verifies
+    assert set(after) <= set(before)

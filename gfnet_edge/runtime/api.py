@@ -120,7 +120,7 @@ class Runtime:
         self.profiler = Profiler(profile)
         self._lock = threading.Lock()
         if backend == "auto":
-            backend = "tensorrt" if _tensorrt_usable() and self.bundle.manifest.get("engines") else "onnxruntime"
+            backend = self._auto_backend(precision)
         self.backend = backend
         fixed = {"tensorrt": "cuda", "onnxruntime": "cpu"}.get(backend)
         if device is not None and fixed is not None and device != fixed:
@@ -155,6 +155,19 @@ class Runtime:
                     "device" if self.device_loop else "host", self.budget)
 
     # ------------------------------------------------------------------ setup
+    def _auto_backend(self, precision: str) -> str:
+        """TensorRT when it, a GPU and an engine built for them are here; else ONNX Runtime."""
+        if not (_tensorrt_usable() and self.bundle.manifest.get("engines")):
+            return "onnxruntime"
+        from .backends.tensorrt import select_engine
+
+        try:
+            select_engine(self.bundle, precision)
+        except InputError as exc:
+            logger.warning("not using TensorRT: %s; running on ONNX Runtime", exc)
+            return "onnxruntime"
+        return "tensorrt"
+
     def _make_runner(self, backend: str, precision: str):
         graphs = self.bundle.manifest["graphs"]
         if backend == "onnxruntime":

@@ -197,6 +197,8 @@ def select_engine(bundle, precision: str = "auto", here: Optional[Dict[str, Any]
         here = gpu_info()
     if trt_version is None:
         trt_version = import_tensorrt().__version__
+    if precision and precision.endswith("-tensorrt"):  # the graph-set name, as `predict --precision` lists it
+        precision = precision[: -len("-tensorrt")]
     order = ["int8", "fp16", "fp32"] if precision in ("auto", None) else [precision]
     candidates = [e for p in order for e in engines if e.get("precision") == p]
     if not candidates:
