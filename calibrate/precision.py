@@ -19,10 +19,11 @@ def comparable_precisions(manifest: Dict[str, Any], backend: str) -> List[str]:
     if backend == "onnxruntime":
         sets = [g for g in manifest.get("graphs", {}) if g != "int8-tensorrt"]
     elif backend == "tensorrt":
-        sets = sorted({e.get("precision") for e in manifest.get("engines", []) if e.get("precision")})
+        # Named as the TensorRT runner names its precision (``int8-tensorrt``, ``fp32-tensorrt``).
+        sets = sorted({f"{e['precision']}-tensorrt" for e in manifest.get("engines", []) if e.get("precision")})
     else:
         sets = []
-    return sorted(sets, key=lambda g: (g != "fp32", g))
+    return sorted(sets, key=lambda g: (not g.startswith("fp32"), g))
 
 
 def trace_frames(rt, frames: np.ndarray, batch: int = 32, progress=None):
@@ -54,7 +55,8 @@ def compare(results: Dict[str, Dict[str, Any]], labels: np.ndarray, budgets: Dic
     names = list(results)
     if not names:
         return {"reference": None, "rows": []}
-    ref = reference if reference in results else ("fp32" if "fp32" in results else names[0])
+    fp32 = [n for n in names if n.split("-")[0] == "fp32"]  # fp32, or fp32-tensorrt
+    ref = reference if reference in results else (fp32[0] if fp32 else names[0])
     ref_probs = results[ref]["probs"]
     ref_pred = ref_probs.argmax(axis=2)
     ref_exits = {b: dynamic_evaluate(ref_probs, labels, results[ref]["cost_ms"], thr) for b, thr in budgets.items()}

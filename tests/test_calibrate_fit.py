@@ -158,6 +158,9 @@ def test_precision_comparison():
     assert rows["int8-cpu"]["budgets"]["ms-2.0"]["expected_ms"] == pytest.approx((3 * 0.5 + 1.5) / 4)
     assert comparable_precisions({"graphs": {"int8-cpu": {}, "fp32": {}, "int8-tensorrt": {}}}, "onnxruntime") == \
         ["fp32", "int8-cpu"]
+    engines = [{"precision": "int8"}, {"precision": "fp32"}, {"precision": "int8"}]
+    # TensorRT sets are named as its runner names them, so the main precision is not traced twice.
+    assert comparable_precisions({"engines": engines}, "tensorrt") == ["fp32-tensorrt", "int8-tensorrt"]
 
 
 def test_demo_default_budget_is_cheapest_within_one_point_of_best():
