@@ -67,6 +67,17 @@ def test_preprocess_matches_torchvision(rng, simd, hw, interpolation):
     assert np.array_equal(ours[0], ref), "expected a bit-exact match with torchvision"
 
 
+@pytest.mark.parametrize("bgr", [False, True])
+def test_preprocess_of_an_s_by_s_frame_without_crop_is_exact(rng, bgr):
+    """The S x S, crop_pct=1 fast path (normalisation only) equals torchvision bit for bit."""
+    frame = rng.integers(0, 256, size=(96, 96, 3), dtype=np.uint8)
+    for interp in ("bilinear", "bicubic"):
+        ours, g = ops.preprocess(frame, 96, crop_pct=1.0, interpolation=interp, bgr=bgr, glance_size=32)
+        ref = torch_preprocess(frame, 96, crop_pct=1.0, interpolation=interp, bgr=bgr)
+        assert np.array_equal(ours[0], ref)
+        np.testing.assert_allclose(g, torch_glance(ref[None], 32, "bicubic"), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("S,crop_pct,interp", [(260, 0.875, "bicubic"), (300, 0.904, "bicubic"), (224, 0.875, "bilinear")])
 def test_preprocess_variant_sizes(rng, S, crop_pct, interp):
     frame = rng.integers(0, 256, size=(375, 500, 3), dtype=np.uint8)

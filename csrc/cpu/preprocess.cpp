@@ -111,10 +111,36 @@ std::shared_ptr<const ResizePlan> get_resize_plan(int64_t h, int64_t w, int64_t 
 void preprocess_frame(const uint8_t* frame, int64_t h, int64_t w, int64_t resize_short,
                       int64_t image_size, Interp interp, const NormalizeParams& norm, float* out,
                       float* glance_out, int64_t glance_size, Interp glance_interp) {
+  float lut[3][256];
+  for (int c = 0; c < 3; ++c) {
+    for (int v = 0; v < 256; ++v) {
+      // Same float32 operations as torch: x / 255, then (x - mean) / std.
+      const float x = static_cast<float>(v) / 255.0f;
+      lut[c][v] = (x - norm.mean[c]) / norm.std[c];
+    }
+  }
+  const int64_t S = image_size;
+  const int64_t plane = S * S;
+  if (h == S && w == S && resize_short == S) {
+    // Already S x S and no crop: torchvision's resize returns the image unchanged, so this is
+    // the normalisation alone (one pass, no resampling).
+    parallel_for(S, 16, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const uint8_t* row = frame + i * 3 * S;
+        for (int c = 0; c < 3; ++c) {
+          const int cin = norm.bgr ? 2 - c : c;
+          const float* lc = lut[c];
+          float* dst = out + c * plane + i * S;
+          for (int64_t j = 0; j < S; ++j) dst[j] = lc[row[3 * j + cin]];
+        }
+      }
+    });
+    if (glance_out != nullptr) glance(out, 1, 3, S, glance_out, glance_size, glance_interp);
+    return;
+  }
   const auto plan_ptr = get_resize_plan(h, w, resize_short, image_size, interp);
   const ResizePlan& plan = *plan_ptr;
   const auto& g = plan.geo;
-  const int64_t S = image_size;
   const int64_t row_bytes = 3 * w;
   const int64_t hstride = 3 * S + 16;  // one row of the horizontal result, padded
   const int64_t nrows = plan.row_hi - plan.row_lo;
@@ -157,15 +183,6 @@ void preprocess_frame(const uint8_t* frame, int64_t h, int64_t w, int64_t resize
   });
 
   // Pass 2: vertical filter, then scale + normalise into planar float output.
-  float lut[3][256];
-  for (int c = 0; c < 3; ++c) {
-    for (int v = 0; v < 256; ++v) {
-      // Same float32 operations as torch: x / 255, then (x - mean) / std.
-      const float x = static_cast<float>(v) / 255.0f;
-      lut[c][v] = (x - norm.mean[c]) / norm.std[c];
-    }
-  }
-  const int64_t plane = S * S;
   const auto& vt = plan.vert;
   parallel_for(S, 8, [&](int64_t b, int64_t e) {
     std::vector<int32_t> acc(static_cast<size_t>(3 * S));
