@@ -2,11 +2,12 @@
 # Every CPU benchmark, one after the other (they compete for the same cores, so never in
 # parallel), each writing its markdown under bench/results/. GPU rows: bench/gpu_session.sh.
 #
-#   bash bench/run_all.sh            # about 40-60 minutes on a 2-core machine
+#   bash bench/run_all.sh            # about an hour on a 2-core machine
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 python3 bench/kernels.py --threads 1,2 --reps 100
-python3 bench/e2e.py --threads 2
+python3 bench/e2e.py --threads 1 --out bench/results/e2e.md
+python3 bench/e2e.py --threads 2 --out bench/results/e2e_2threads.md
 python3 bench/imagenet_shapes.py --threads 2 --repeat 10
 python3 bench/quantize.py --threads 2
