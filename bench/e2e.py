@@ -1,6 +1,6 @@
 """End-to-end benchmark on the demo model: GFNet (fp32, int8) against the static baseline.
 
-    python bench/e2e.py [--bundle DIR] [--num-test 500] [--threads 2] [--batches 1,32]
+    python bench/e2e.py [--bundle DIR] [--num-test 1000] [--threads 2] [--batches 1,32]
 
 Builds (or reuses, ``--bundle``) an INT8 ONNX Runtime bundle of the shipped demo checkpoint
 (it holds the fp32 graphs too), then, in one run on one machine:
@@ -83,7 +83,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", help="an existing INT8 bundle of the demo checkpoint (default: build one)")
-    ap.add_argument("--num-test", type=int, default=500, help="demo test images (default 500)")
+    ap.add_argument("--num-test", type=int, default=1000, help="demo test images (default 1000, the whole test split of the training report)")
     ap.add_argument("--num-val", type=int, default=500, help="demo validation images for threshold fitting")
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime / extension threads")
     ap.add_argument("--batches", default="1,32", help="batch sizes (default 1,32)")
