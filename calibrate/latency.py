@@ -280,5 +280,15 @@ def device_description() -> Dict[str, object]:
         load = [round(x, 2) for x in os.getloadavg()]
     except OSError:
         load = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "load_average": load}
+    out: Dict[str, object] = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+                              "python": platform.python_version(), "load_average": load}
+    try:  # the GPU too, when the extension sees one (TensorRT / CUDA runs are timed on it)
+        from gfnet_edge import ops
+
+        if ops.cuda_device_count() > 0:
+            props = ops.cuda_device_properties(0)
+            out["gpu"] = props["name"]
+            out["compute_capability"] = f"{props['major']}.{props['minor']}"
+    except Exception:  # no extension / no driver: a CPU-only description
+        pass
+    return out
