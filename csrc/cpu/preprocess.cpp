@@ -108,6 +108,18 @@ std::shared_ptr<const ResizePlan> get_resize_plan(int64_t h, int64_t w, int64_t 
   return plan;
 }
 
+// One interleaved uint8 RGB (or BGR) row of S pixels -> the three planes' row (planes are
+// ``plane`` floats apart), through the per-channel normalisation tables.
+inline void normalise_row(const uint8_t* row, const float (&lut)[3][256], bool bgr, int64_t S,
+                          float* out, int64_t plane) {
+  for (int c = 0; c < 3; ++c) {
+    const int cin = bgr ? 2 - c : c;
+    const float* lc = lut[c];
+    float* dst = out + c * plane;
+    for (int64_t j = 0; j < S; ++j) dst[j] = lc[row[3 * j + cin]];
+  }
+}
+
 void preprocess_frame(const uint8_t* frame, int64_t h, int64_t w, int64_t resize_short,
                       int64_t image_size, Interp interp, const NormalizeParams& norm, float* out,
                       float* glance_out, int64_t glance_size, Interp glance_interp) {
@@ -126,13 +138,7 @@ void preprocess_frame(const uint8_t* frame, int64_t h, int64_t w, int64_t resize
     // the normalisation alone (one pass, no resampling).
     parallel_for(S, 16, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
-        const uint8_t* row = frame + i * 3 * S;
-        for (int c = 0; c < 3; ++c) {
-          const int cin = norm.bgr ? 2 - c : c;
-          const float* lc = lut[c];
-          float* dst = out + c * plane + i * S;
-          for (int64_t j = 0; j < S; ++j) dst[j] = lc[row[3 * j + cin]];
-        }
+        normalise_row(frame + i * 3 * S, lut, norm.bgr, S, out + i * S, plane);
       }
     });
     if (glance_out != nullptr) glance(out, 1, 3, S, glance_out, glance_size, glance_interp);
@@ -200,12 +206,7 @@ void preprocess_frame(const uint8_t* frame, int64_t h, int64_t w, int64_t resize
       } else {
         vpass_row_generic(rows.data(), wt, count, vt.precision, 3 * S, acc.data(), line.data());
       }
-      for (int c = 0; c < 3; ++c) {
-        const int cin = norm.bgr ? 2 - c : c;
-        const float* lc = lut[c];
-        float* dst = out + c * plane + i * S;
-        for (int64_t j = 0; j < S; ++j) dst[j] = lc[line[3 * j + cin]];
-      }
+      normalise_row(line.data(), lut, norm.bgr, S, out + i * S, plane);
     }
   });
 

@@ -201,10 +201,7 @@ class DeviceDriver(LoopBase):
         N = n
         trace = thresholds is None
         thr = None if trace else np.asarray(thresholds, dtype=np.float32)
-        prediction = np.zeros(N, np.int64)
-        confidence = np.zeros(N, np.float32)
-        exit_step = np.full(N, T - 1, np.int64)
-        coords_all = np.full((max(T - 1, 0), N, 2), -1, np.int32)
+        prediction, confidence, exit_step, coords_all = self._outputs(N)
         C = int(heads.cls.out_features)
         gru = heads.kind == "gru"
 

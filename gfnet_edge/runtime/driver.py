@@ -67,6 +67,12 @@ class LoopBase:
         self.P = int(model["patch_size"])
         self.step0_backbone = model["step0"] == "backbone"
 
+    def _outputs(self, n: int):
+        """Fresh ``(prediction, confidence, exit_step, coords)`` for ``n`` images: exit at the
+        last step and no patch (-1) until the loop says otherwise."""
+        return (np.zeros(n, np.int64), np.zeros(n, np.float32), np.full(n, self.T - 1, np.int64),
+                np.full((max(self.T - 1, 0), n, 2), -1, np.int32))
+
 
 class Driver(LoopBase):
     """Runs GFNet steps on host arrays with a backend runner and the extension's CPU heads
@@ -87,10 +93,7 @@ class Driver(LoopBase):
         n = images.shape[0]
         trace = thresholds is None
         thr = None if trace else np.asarray(thresholds, dtype=np.float32)
-        prediction = np.zeros(n, np.int64)
-        confidence = np.zeros(n, np.float32)
-        exit_step = np.full(n, T - 1, np.int64)
-        coords_all = np.full((max(T - 1, 0), n, 2), -1, np.int32)
+        prediction, confidence, exit_step, coords_all = self._outputs(n)
         probs_all = None
 
         with prof.stage("glance"):
