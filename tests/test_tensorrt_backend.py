@@ -160,3 +160,44 @@ def test_failed_engine_build_leaves_the_bundle_as_it_was(fp32_bundle, monkeypatc
     assert not [p for p in after if p.endswith(".tmp")], after
     assert Bundle.load(fp32_bundle.root).manifest["engines"] == []  # still loads and verifies
     assert set(after) <= set(before)
+
+
+def test_engines_are_deserialised_without_host_code_and_truncated_ones_refused(tmp_path, monkeypatch):
+    """The runner turns off engine host code before deserialising; an engine TensorRT cannot read
+    (truncated, corrupt) is a clear InputError naming the file."""
+    seen = []
+
+    class FakeRuntime:
+        def __init__(self, logger):
+            self.engine_host_code_allowed = True
+
+        def deserialize_cuda_engine(self, data):
+            seen.append((self.engine_host_code_allowed, len(data)))
+            return None  # what TensorRT returns for a truncated / corrupt plan
+
+    class FakeLogger:
+        WARNING = 2
+
+        def __init__(self, level):
+            pass
+
+    class FakeTRT:
+        __version__ = "10.3.0"
+        Runtime = FakeRuntime
+        Logger = FakeLogger
+
+    (tmp_path / "glance.int8.engine").write_bytes(b"\x00" * 10)
+
+    class Bundle:
+        root = tmp_path
+        manifest = {"engines": [ENTRY]}
+
+        def path(self, rel):
+            return tmp_path / "glance.int8.engine"
+
+    monkeypatch.setattr(trtb, "import_tensorrt", lambda: FakeTRT)
+    runner = trtb.TensorRTRunner(Bundle(), dict(ENTRY, glance="glance.int8.engine"))
+    with pytest.raises(InputError, match="could not deserialize this engine"):
+        runner.activate()
+    assert seen == [(False, 10)]
+    assert not runner.active
