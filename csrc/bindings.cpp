@@ -873,7 +873,7 @@ PYBIND11_MODULE(GFNET_EDGE_EXT_NAME, m) {
   m.def("cuda_device_count", &cuda_device_count, "Number of usable CUDA devices (0 without a driver).");
   m.def("cuda_device_error", &cuda_device_error, "Why cuda_device_count() is 0, or ''.");
   m.def("cuda_archs", [] { return std::string(GFNET_EDGE_CUDA_ARCHS_STR); },
-        "CUDA architectures compiled in (';'-separated), '' without CUDA.");
+        "CUDA architectures compiled in (','-separated), '' without CUDA.");
   m.def("get_num_threads", &gfn::cpu::get_num_threads);
   m.def("set_num_threads", [](int n) {
     if (n < 1) throw py::value_error("number of threads must be >= 1");
