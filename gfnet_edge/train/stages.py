@@ -208,12 +208,7 @@ class Run:
             coords = centred_coords(self.train.centres(idx), S, size, crop["jitter"], rng)
             x = to_tensor(crop_uint8(self.train.frames[idx], coords, size))
             y = torch.from_numpy(self.train.labels[idx])
-            logits = enc.logits(enc(x)[0])
-            loss = F.cross_entropy(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            return {"loss": loss.item(), "acc": (logits.argmax(1) == y).float().mean().item()}
+            return _cross_entropy_step(enc.logits(enc(x)[0]), y, opt)
 
         def evaluate():
             n = min(len(self.val), 300)
@@ -464,12 +459,7 @@ class Run:
             net.train()
             x = to_tensor(self.train.frames[idx])
             y = torch.from_numpy(self.train.labels[idx])
-            logits = net(x)
-            loss = F.cross_entropy(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            return {"loss": loss.item(), "acc": (logits.argmax(1) == y).float().mean().item()}
+            return _cross_entropy_step(net(x), y, opt)
 
         def evaluate():
             n = min(len(self.val), 100)
@@ -488,6 +478,15 @@ class Run:
         for mod, w in zip((self.model.model, self.model.model_prime, self.model.policy, self.model.fc), was):
             mod.train(w)
         return {f"val_acc_t{t}": round(float(a), 2) for t, a in enumerate(acc)}
+
+
+def _cross_entropy_step(logits: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer) -> Dict[str, float]:
+    """One supervised step: cross-entropy, backward, optimiser step; ``{"loss", "acc"}``."""
+    loss = F.cross_entropy(logits, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return {"loss": loss.item(), "acc": (logits.argmax(1) == y).float().mean().item()}
 
 
 def _accuracy(enc: nn.Module, x: torch.Tensor, labels: np.ndarray, logits_fn=None) -> float:
