@@ -1,8 +1,6 @@
 """Shared helpers of the benchmark scripts: machine description and markdown tables."""
 from __future__ import annotations
 
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence
@@ -14,23 +12,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def machine() -> str:
     """One line naming the CPU (and GPU when visible) this run measured."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = ""
-    try:
-        from gfnet_edge import ops
+    from gfnet_edge.calibrate.latency import device_description
 
-        if ops.cuda_device_count() > 0:
-            gpu = f", GPU {ops.cuda_device_properties(0)['name']}"
-    except Exception:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores{gpu}, Python {platform.python_version()}"
+    d = device_description()
+    gpu = f", GPU {d['gpu']}" if d.get("gpu") else ""
+    return f"{d['cpu']}, {d['cores']} cores{gpu}, Python {d['python']}"
 
 
 def time_calls(fn: Callable[[], object], warmup: int = 3, repeat: int = 20, min_seconds: float = 0.0) -> np.ndarray:

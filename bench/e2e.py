@@ -42,14 +42,15 @@ def _log(msg: str) -> None:
 
 
 def operating_points(rt, val_frames: np.ndarray) -> List[Dict[str, Any]]:
-    """Threshold vectors from the reference sweep on the validation split, plus 'every step'."""
-    from gfnet_edge.calibrate.latency import prepare_frames
-    from gfnet_edge.evaluate import LAST, NO_EXIT, exit_fractions, fit_thresholds
+    """Threshold vectors of the reference sweep (calibrate.fit) on the validation split, plus
+    'every step'."""
+    from gfnet_edge.calibrate.fit import reference_sweep
+    from gfnet_edge.calibrate.precision import trace_frames
+    from gfnet_edge.evaluate import LAST, NO_EXIT
 
     T = int(rt.model["steps"])
-    probs = np.concatenate([rt.trace(prepare_frames(rt.model, val_frames[i:i + 64])).probs
-                            for i in range(0, len(val_frames), 64)], axis=1)
-    points = [{"name": f"p={p:g}", "thresholds": fit_thresholds(probs, exit_fractions(p, T))} for p in PS]
+    probs, _ = trace_frames(rt, val_frames, batch=64)
+    points = [{"name": f"p={p:g}", "thresholds": thr} for p, thr in reference_sweep(probs, np.zeros(T), PS) if p > 0]
     points.append({"name": "every step", "thresholds": np.array([NO_EXIT] * (T - 1) + [LAST], np.float32)})
     return points
 

@@ -34,13 +34,9 @@ MEAN, STD = ops.IMAGENET_MEAN, ops.IMAGENET_STD
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from gfnet_edge.calibrate.latency import device_description
+
+    return str(device_description()["cpu"])
 
 
 def interleaved(fns: Dict[str, Callable[[], object]], reps: int, rounds: int = 5,

@@ -9,15 +9,7 @@ from gfnet_edge.calibrate.latency import LatencyStats, forced_exit_thresholds
 from gfnet_edge.calibrate.precision import comparable_precisions, compare
 from gfnet_edge.errors import InputError
 from gfnet_edge.evaluate import dynamic_evaluate
-
-
-def _probs(conf, cls):
-    """(T, N, 2) probabilities with max prob ``conf`` on class ``cls``."""
-    conf, cls = np.asarray(conf, np.float32), np.asarray(cls)
-    p = np.empty(conf.shape + (2,), np.float32)
-    p[..., 0] = np.where(cls == 0, conf, 1 - conf)
-    p[..., 1] = 1 - p[..., 0]
-    return p
+from probs import two_class_probs as _probs
 
 
 # Two steps, four images, all labelled 1. Step 0 (the glance) is right on images 0 and 2, step 1 on 0, 1, 3.

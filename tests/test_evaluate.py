@@ -5,15 +5,7 @@ import numpy as np
 import pytest
 
 from gfnet_edge import evaluate as ev
-
-
-def _probs(conf, cls):
-    """(T, N, 2) probabilities with max prob ``conf`` on class ``cls``."""
-    conf, cls = np.asarray(conf, np.float32), np.asarray(cls)
-    p = np.empty(conf.shape + (2,), np.float32)
-    p[..., 0] = np.where(cls == 0, conf, 1 - conf)
-    p[..., 1] = 1 - p[..., 0]
-    return p
+from probs import two_class_probs as _probs
 
 
 CONF = [[0.9, 0.6, 0.8, 0.55], [0.7, 0.95, 0.65, 0.6], [0.99, 0.51, 0.7, 0.8]]

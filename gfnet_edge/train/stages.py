@@ -242,9 +242,7 @@ class Run:
             ce = F.cross_entropy(logits, y)
             bc = F.mse_loss(action, target)
             loss = ce + cfg.glance_bc_weight * bc
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            _optimise(loss, opt)
             return {"ce": ce.item(), "bc_mse": bc.item(), "acc": (logits.argmax(1) == y).float().mean().item()}
 
         def evaluate():
@@ -304,9 +302,7 @@ class Run:
             coords = rng.integers(0, S - P + 1, size=(n * (T - 1), 2))
             pooled = m(to_tensor(crop_uint8(frames, coords, P)))[0]
             loss, accs = self._focus_loss(f0, list(pooled.split(n)), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            _optimise(loss, opt)
             return {"loss": loss.item(), "acc_last": accs[-1]}
 
         self.loop("stage1", cfg.stage1, list(m.parameters()) + list(fc.parameters()), step, len(self.train),
@@ -355,9 +351,7 @@ class Run:
                 fmap = fmap.detach()
                 pooled.append(p)
             loss, accs = self._focus_loss(f0, pooled, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            _optimise(loss, opt)
             return {"loss": loss.item(), "acc_last": accs[-1]}
 
         self.loop("stage3", cfg.stage3, list(m.parameters()) + list(fc.parameters()), step, len(self.train),
@@ -384,9 +378,7 @@ class Run:
                         noisy = (a + cfg.action_std * torch.randn_like(a)).clamp(0, 1)
                         fmap = m(crop_patches(x, action_to_coords(noisy, S, P), P))[1]
             loss = loss / (T - 1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            _optimise(loss, opt)
             return {"bc_mse": loss.item()}
 
         self.loop("bc", cfg.bc, list(pol.parameters()), step, len(self.train), self._eval_gfnet, resume=resume)
@@ -428,9 +420,7 @@ class Run:
             surr1 = ratio * adv
             surr2 = torch.clamp(ratio, 1 - cfg.clip, 1 + cfg.clip) * adv
             loss = (-torch.min(surr1, surr2) + 0.5 * F.mse_loss(values, ret_n) - 0.01 * entropy).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            _optimise(loss, opt)
             return {"loss": loss.item(), "reward": torch.stack(rewards).sum(0).mean().item(), "acc_last": acc}
 
         self.loop("ppo", cfg.ppo, list(pol.parameters()), step, len(self.train), self._eval_gfnet, adam=True,
@@ -480,12 +470,17 @@ class Run:
         return {f"val_acc_t{t}": round(float(a), 2) for t, a in enumerate(acc)}
 
 
-def _cross_entropy_step(logits: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer) -> Dict[str, float]:
-    """One supervised step: cross-entropy, backward, optimiser step; ``{"loss", "acc"}``."""
-    loss = F.cross_entropy(logits, y)
+def _optimise(loss: torch.Tensor, opt: torch.optim.Optimizer) -> None:
+    """One optimiser step on ``loss`` (gradients cleared first)."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
+
+
+def _cross_entropy_step(logits: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer) -> Dict[str, float]:
+    """One supervised step: cross-entropy, backward, optimiser step; ``{"loss", "acc"}``."""
+    loss = F.cross_entropy(logits, y)
+    _optimise(loss, opt)
     return {"loss": loss.item(), "acc": (logits.argmax(1) == y).float().mean().item()}
 
 
