@@ -225,16 +225,20 @@ void glance(const float* in, int64_t n, int64_t channels, int64_t in_size, float
   }
   // Separable: the vertical pass combines whole source rows into the P output rows
   // (contiguous, vectorised by the compiler), then each of those rows is filtered
-  // horizontally (P outputs of ntaps gathered taps). One task per plane. Summation follows
+  // horizontally (P outputs of ntaps gathered taps). Tasks are bands of output rows of one
+  // plane, enough to keep every thread busy (one image has only 3 planes). Summation follows
   // the tap order, as F.interpolate's; it differs from the GPU's per-pixel order only by
   // float rounding.
   const int64_t S = in_size;
   const int64_t in_plane = S * S;
-  parallel_tasks(n * channels, [&](int64_t plane_index) {
+  const int64_t planes = n * channels;
+  const int64_t bands = std::min<int64_t>(P, (4 * get_num_threads() + planes - 1) / planes);
+  parallel_tasks(planes * bands, [&](int64_t task) {
+    const int64_t plane_index = task / bands, band = task % bands;
     const float* src = in + plane_index * in_plane;
     float* dst = out + plane_index * P * P;
     std::vector<float> vert(static_cast<size_t>(S));
-    for (int64_t y = 0; y < P; ++y) {
+    for (int64_t y = band * P / bands; y < (band + 1) * P / bands; ++y) {
       float* v = vert.data();
       const float* r0 = src + static_cast<int64_t>(ix[y * 4]) * S;
       const float w0 = wx[y * 4];

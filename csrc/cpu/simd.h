@@ -22,7 +22,8 @@ std::string simd_level();
 
 // ---- Kernels with an AVX2 implementation (defined in x86_kernels.cpp) ----
 
-/// Horizontal antialiased pass of one RGB row (see preprocess.cpp for the layout).
+/// Horizontal antialiased pass of one RGB row (see preprocess.cpp for the layout); writes
+/// 3 * ncols bytes and may scribble on the 4 bytes after them.
 void hpass_row_avx2(const uint8_t* row, const int32_t* starts, const int16_t* wq, int groups,
                     int64_t ncols, int precision, uint8_t* out);
 

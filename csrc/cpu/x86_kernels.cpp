@@ -59,32 +59,52 @@ GFN_AVX2 inline void hpass_store2(__m256i acc0, __m256i acc1, __m256i half, int 
   std::memcpy(out + 3, &v1, 4);
 }
 
+// Rounds, shifts and saturates four columns' sums and stores their 12 bytes with one
+// 16-byte store (the 4 spare bytes are overwritten by the next store or land in the
+// row's padding).
+GFN_AVX2 inline void hpass_store4(__m256i a0, __m256i a1, __m256i a2, __m256i a3, __m256i half,
+                                  int precision, uint8_t* out) {
+  const __m256i s01 = _mm256_add_epi32(_mm256_permute2x128_si256(a0, a1, 0x20),
+                                       _mm256_permute2x128_si256(a0, a1, 0x31));
+  const __m256i s23 = _mm256_add_epi32(_mm256_permute2x128_si256(a2, a3, 0x20),
+                                       _mm256_permute2x128_si256(a2, a3, 0x31));
+  const __m256i r01 = _mm256_srai_epi32(_mm256_add_epi32(s01, half), precision);
+  const __m256i r23 = _mm256_srai_epi32(_mm256_add_epi32(s23, half), precision);
+  // int16 per lane: [c0 c2 | c1 c3]; bytes: dwords [c0 c2 c0 c2 | c1 c3 c1 c3].
+  const __m256i p8 = _mm256_packus_epi16(_mm256_packs_epi32(r01, r23), _mm256_setzero_si256());
+  const __m256i ordered = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 0, 0, 0, 0));
+  const __m128i rgb = _mm_shuffle_epi8(_mm256_castsi256_si128(ordered),
+                                       _mm_setr_epi8(0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), rgb);
+}
+
+template <int G>
+GFN_AVX2 inline __m256i hpass_column(const uint8_t* row, const int32_t* starts, const int16_t* wq,
+                                     int64_t j, __m256i shuf) {
+  const uint8_t* p = row + 3 * static_cast<int64_t>(starts[j]);
+  const int16_t* w = wq + j * G * 16;
+  __m256i a = hpass_group(p, w, shuf);
+#pragma GCC unroll 16
+  for (int g = 1; g < G; ++g) a = _mm256_add_epi32(a, hpass_group(p + 12 * g, w + 16 * g, shuf));
+  return a;
+}
+
 template <int G>
 GFN_AVX2 void hpass_fixed(const uint8_t* row, const int32_t* starts, const int16_t* wq,
                           int64_t ncols, int precision, uint8_t* out, __m256i shuf) {
   const __m256i half = _mm256_set1_epi32(precision > 0 ? 1 << (precision - 1) : 0);
   int64_t j = 0;
-  for (; j + 2 <= ncols; j += 2) {
-    const uint8_t* p0 = row + 3 * static_cast<int64_t>(starts[j]);
-    const uint8_t* p1 = row + 3 * static_cast<int64_t>(starts[j + 1]);
-    const int16_t* w0 = wq + j * G * 16;
-    const int16_t* w1 = w0 + G * 16;
-    __m256i a0 = hpass_group(p0, w0, shuf);
-    __m256i a1 = hpass_group(p1, w1, shuf);
-#pragma GCC unroll 16
-    for (int g = 1; g < G; ++g) {
-      a0 = _mm256_add_epi32(a0, hpass_group(p0 + 12 * g, w0 + 16 * g, shuf));
-      a1 = _mm256_add_epi32(a1, hpass_group(p1 + 12 * g, w1 + 16 * g, shuf));
-    }
-    hpass_store2(a0, a1, half, precision, out + 3 * j);
+  // Four columns per iteration (independent chains) while the 16-byte store stays inside
+  // the row; the output row is padded by 16 bytes (see preprocess.cpp).
+  for (; j + 4 <= ncols; j += 4) {
+    hpass_store4(hpass_column<G>(row, starts, wq, j, shuf), hpass_column<G>(row, starts, wq, j + 1, shuf),
+                 hpass_column<G>(row, starts, wq, j + 2, shuf), hpass_column<G>(row, starts, wq, j + 3, shuf),
+                 half, precision, out + 3 * j);
   }
-  if (j < ncols) {
-    const uint8_t* p0 = row + 3 * static_cast<int64_t>(starts[j]);
-    const int16_t* w0 = wq + j * G * 16;
-    __m256i a0 = hpass_group(p0, w0, shuf);
-    for (int g = 1; g < G; ++g) a0 = _mm256_add_epi32(a0, hpass_group(p0 + 12 * g, w0 + 16 * g, shuf));
+  for (; j < ncols; ++j) {
+    const __m256i a = hpass_column<G>(row, starts, wq, j, shuf);
     uint8_t tmp[8];
-    hpass_store2(a0, a0, half, precision, tmp);
+    hpass_store2(a, a, half, precision, tmp);
     std::memcpy(out + 3 * j, tmp, 3);
   }
 }
