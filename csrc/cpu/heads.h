@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "gemm.h"
+#include "large_pages.h"
 
 namespace gfn::cpu {
 
@@ -28,8 +29,8 @@ class PackedMatrix {
  private:
   int64_t rows_ = 0, cols_ = 0;
   WType type_ = WType::kF32;
-  std::vector<float> f32_;
-  std::vector<uint16_t> f16_;
+  std::vector<float, LargePageAllocator<float>> f32_;
+  std::vector<uint16_t, LargePageAllocator<uint16_t>> f16_;
 };
 
 /// y = W x + b (optionally ReLU) for a batch, rows split over the thread pool.

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <vector>
 
+#include "large_pages.h"
 #include "simd.h"
 #include "threadpool.h"
 
@@ -12,7 +13,8 @@ namespace gfn::cpu {
 
 double read_pass_seconds(size_t nbytes, int reps) {
   const int64_t n = static_cast<int64_t>(std::max<size_t>(nbytes / sizeof(float), 64));
-  std::vector<float> data(static_cast<size_t>(n), 1.0f);
+  // Same allocator as the packed weights (huge pages), so the roofline is comparable.
+  std::vector<float, LargePageAllocator<float>> data(static_cast<size_t>(n), 1.0f);
   std::atomic<int64_t> sink{0};
   double best = 1e30;
   for (int r = 0; r < std::max(reps, 1); ++r) {
