@@ -7,10 +7,12 @@ exactly the work of an image that exits at ``k`` — pre-processing of the uint8
 ``k`` policy/crop/focus steps, heads and the exit checks.
 
 Calibration frames are already the network's S x S input (the validation resize and centre crop
-were applied when they were loaded), so they are normalised with ``ops.preprocess(...,
-crop_pct=1.0)`` (no second resize/crop) and the runtime is given the float32 images; the timed
-call covers that normalisation (stage ``normalise`` in the breakdown) plus ``Runtime.predict``
-(whose ``preprocess`` stage is then only the glance resize). A
+were applied when they were loaded). When the model's ``crop_pct`` is 1 (no crop, as the demo
+model), the uint8 frames go straight to ``Runtime.predict``, whose ``preprocess`` stage then
+normalises them and computes the glance in one extension call; otherwise they are normalised
+with ``ops.preprocess(..., crop_pct=1.0)`` first (stage ``normalise`` in the breakdown; a
+second resize/crop would be wrong) and the runtime is given the float32 images (see
+:func:`runtime_input`). Either way the timed call covers the whole path from uint8 frames. A
 deployment that also resizes camera frames pays that resize on top (reported separately). The steps are measured interleaved
 (``k = 0..T-1`` within each repetition) so background load affects all of them alike. The
 profiler's per-stage timings are collected in a separate pass (profiling adds a little overhead).
@@ -115,6 +117,21 @@ def prepare_frames(model: Dict[str, object], frames: np.ndarray) -> np.ndarray:
                           mean=tuple(model["mean"]), std=tuple(model["std"]))
 
 
+def runtime_input(model: Dict[str, object], frames: np.ndarray) -> np.ndarray:
+    """What a timed call gives ``Runtime.predict`` for uint8 (N, S, S, 3) frames.
+
+    The frames themselves when the model does not crop (``crop_pct == 1``: the runtime's
+    pre-process is then exactly this normalisation, fused with the glance); otherwise the
+    normalised float32 images of :func:`prepare_frames`.
+    """
+    if float(model.get("crop_pct", 1.0)) == 1.0:
+        S = int(model["image_size"])
+        if frames.ndim != 4 or frames.shape[1:] != (S, S, 3) or frames.dtype != np.uint8:
+            raise ValueError(f"frames must be uint8 (N, {S}, {S}, 3), got {frames.dtype} {frames.shape}")
+        return frames
+    return prepare_frames(model, frames)
+
+
 def _batches(frames: np.ndarray, batch: int, count: int, start: int = 0) -> Iterator[np.ndarray]:
     n = len(frames)
     for i in range(count):
@@ -126,7 +143,7 @@ def _batches(frames: np.ndarray, batch: int, count: int, start: int = 0) -> Iter
 def time_predict(rt, batch_frames: np.ndarray, clock: Callable[[], float] = time.perf_counter) -> float:
     """Milliseconds per image of one ``predict`` call (normalisation included)."""
     t0 = clock()
-    rt.predict(prepare_frames(rt.model, batch_frames))
+    rt.predict(runtime_input(rt.model, batch_frames))
     return (clock() - t0) * 1e3 / len(batch_frames)
 
 
@@ -172,19 +189,23 @@ def measure_steps(rt, frames: np.ndarray, batch: int = 1, repeats: int = 60, war
             for k in range(T):
                 rt.profiler.reset()
                 norm: List[float] = []
+                separate = float(rt.model.get("crop_pct", 1.0)) != 1.0  # see runtime_input
                 with using_thresholds(rt, thr[k]):
                     for b in _batches(frames, batch, stage_calls, start=k):
                         t0 = time.perf_counter()
-                        x = prepare_frames(rt.model, b)
+                        x = runtime_input(rt.model, b)
                         norm.append((time.perf_counter() - t0) * 1e3)
                         rt.predict(x)
                         if progress:
                             progress(1)
                 summ = rt.profiler.summary()
                 a = np.asarray(norm)
-                stages[k] = {"normalise": {"count": int(a.size), "total_ms": float(a.sum()), "mean_ms": float(a.mean()),
-                                           "p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)),
-                                           "p99_ms": float(np.percentile(a, 99))}, **summ}
+                stages[k] = dict(summ)
+                if separate:
+                    stages[k] = {"normalise": {"count": int(a.size), "total_ms": float(a.sum()),
+                                               "mean_ms": float(a.mean()), "p50_ms": float(np.percentile(a, 50)),
+                                               "p95_ms": float(np.percentile(a, 95)),
+                                               "p99_ms": float(np.percentile(a, 99))}, **summ}
             rt.profiler.reset()
     finally:
         rt.profiler.enabled = was
@@ -229,11 +250,11 @@ def measure_calls(rt, frames: np.ndarray, thresholds: Sequence[float], batch: in
     try:
         with using_thresholds(rt, thresholds):
             for b in _batches(frames, batch, warmup):
-                rt.predict(prepare_frames(rt.model, b))
+                rt.predict(runtime_input(rt.model, b))
             for i in range(0, len(frames), batch):
                 chunk = frames[i:i + batch]
                 t0 = clock()
-                pr = rt.predict(prepare_frames(rt.model, chunk))
+                pr = rt.predict(runtime_input(rt.model, chunk))
                 dt = (clock() - t0) * 1e3
                 ms.extend([dt / len(chunk)] * len(chunk))
                 classes.append(pr.classes)

@@ -266,3 +266,30 @@ def test_html_renders_in_headless_chromium(calibrated):
     top = img[:2000]
     assert len(np.unique(top.reshape(-1, 3), axis=0)) > 500
     assert (top < 250).any(axis=2).mean() > 0.05
+
+
+def test_runtime_input_fuses_preprocessing_only_without_crop(tiny_bundle):
+    """Frames go to the runtime as uint8 when the model does not crop (the runtime's fused
+    pre-process then normalises them), else they are normalised first; both give the same run."""
+    from gfnet_edge.calibrate.latency import measure_calls, prepare_frames, runtime_input, using_thresholds
+    from gfnet_edge.runtime import Runtime
+
+    frames = np.load(tiny_bundle / "data.npz")["images"][:12]
+    with Runtime(tiny_bundle / "bundle", backend="onnxruntime", precision="fp32") as rt:
+        assert float(rt.model["crop_pct"]) != 1.0
+        x = runtime_input(rt.model, frames)
+        assert x.dtype == np.float32
+        np.testing.assert_array_equal(x, prepare_frames(rt.model, frames))
+        with using_thresholds(rt, [-1e8] * T):  # everything exits at step 0: its confidences
+            conf0 = rt.predict(x).confidence
+        thr = [float(np.median(conf0)), float(np.median(conf0)), -1e8]
+        normalised = measure_calls(rt, frames, thr, batch=4)
+        rt.model["crop_pct"] = 1.0  # S x S frames, no crop: the fused path
+        assert runtime_input(rt.model, frames) is frames
+        fused = measure_calls(rt, frames, thr, batch=4)
+        with pytest.raises(ValueError, match="uint8"):
+            runtime_input(rt.model, frames.astype(np.float32))
+    assert len(set(normalised.exit_step.tolist())) > 1  # the thresholds exercise early exit
+    np.testing.assert_array_equal(fused.classes, normalised.classes)
+    np.testing.assert_array_equal(fused.exit_step, normalised.exit_step)
+    np.testing.assert_array_equal(fused.coords, normalised.coords)
