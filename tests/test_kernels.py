@@ -134,9 +134,24 @@ def test_preprocess_thread_count_does_not_change_results(rng):
 # -------------------------------------------------------------------------- glance ----
 @pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
 @pytest.mark.parametrize("S,P", [(224, 96), (224, 128), (260, 128), (300, 144), (17, 5), (8, 8), (10, 1), (5, 12)])
-def test_glance_matches_interpolate(rng, mode, S, P):
+def test_glance_matches_interpolate(rng, simd, mode, S, P):
     images = rng.standard_normal((2, 3, S, S)).astype(np.float32)
     np.testing.assert_allclose(ops.glance(images, P, mode), torch_glance(images, P, mode), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("S,P", [(224, 96), (300, 144), (37, 13), (9, 9), (6, 3), (4, 11)])
+def test_glance_identical_with_and_without_avx2(rng, S, P):
+    """The AVX2 bicubic pass (8 outputs at a time) and the plain code sum in the same order."""
+    if ops.simd_level() != "avx2":
+        pytest.skip("this CPU has no AVX2/FMA/F16C")
+    images = (rng.standard_normal((2, 3, S, S)) * 3).astype(np.float32)
+    fast = ops.glance(images, P, "bicubic")
+    ops._C.set_simd_enabled(False)
+    try:
+        plain = ops.glance(images, P, "bicubic")
+    finally:
+        ops._C.set_simd_enabled(True)
+    assert np.array_equal(fast, plain)
 
 
 def test_glance_out_and_channels(rng):

@@ -219,16 +219,19 @@ void glance(const float* in, int64_t n, int64_t channels, int64_t in_size, float
   std::vector<int> ix(static_cast<size_t>(P) * 4);
   std::vector<float> wx(static_cast<size_t>(P) * 4);
   int ntaps = 0;
+  std::vector<int32_t> start(static_cast<size_t>(P));  // first tap in the padded row (bicubic)
   for (int64_t i = 0; i < P; ++i) {
     ntaps = glance_taps(mode, static_cast<int>(i), static_cast<int>(in_size), static_cast<int>(P),
                         &ix[i * 4], &wx[i * 4]);
+    start[i] = ix[i * 4 + 1];  // the unclamped centre tap: taps are clamp(start - 1 + j)
   }
+  const bool avx2 = use_avx2();
   // Separable: the vertical pass combines whole source rows into the P output rows
   // (contiguous, vectorised by the compiler), then each of those rows is filtered
-  // horizontally (P outputs of ntaps gathered taps). Tasks are bands of output rows of one
-  // plane, enough to keep every thread busy (one image has only 3 planes). Summation follows
-  // the tap order, as F.interpolate's; it differs from the GPU's per-pixel order only by
-  // float rounding.
+  // horizontally (P outputs of ntaps taps; bicubic sums (t0 + t1) + (t2 + t3), 8 outputs per
+  // AVX2 iteration, the same expression in plain code). Tasks are bands of output rows of one
+  // plane, enough to keep every thread busy (one image has only 3 planes). Results differ
+  // from F.interpolate's and the GPU's summation order only by float rounding.
   const int64_t S = in_size;
   const int64_t in_plane = S * S;
   const int64_t planes = n * channels;
@@ -237,9 +240,11 @@ void glance(const float* in, int64_t n, int64_t channels, int64_t in_size, float
     const int64_t plane_index = task / bands, band = task % bands;
     const float* src = in + plane_index * in_plane;
     float* dst = out + plane_index * P * P;
-    std::vector<float> vert(static_cast<size_t>(S));
+    // The vertical result with its clamped borders materialised: vpad[m] = v[clamp(m - 1)],
+    // so the 4 bicubic taps of output x are vpad[start[x] .. start[x] + 3].
+    std::vector<float> vpad(static_cast<size_t>(S + 3));
+    float* const v = vpad.data() + 1;
     for (int64_t y = band * P / bands; y < (band + 1) * P / bands; ++y) {
-      float* v = vert.data();
       const float* r0 = src + static_cast<int64_t>(ix[y * 4]) * S;
       const float w0 = wx[y * 4];
       for (int64_t c = 0; c < S; ++c) v[c] = r0[c] * w0;
@@ -250,10 +255,13 @@ void glance(const float* in, int64_t n, int64_t channels, int64_t in_size, float
       }
       float* o = dst + y * P;
       if (ntaps == 4) {
-        for (int64_t x = 0; x < P; ++x) {
-          const int* k = &ix[x * 4];
+        vpad[0] = v[0];
+        v[S] = v[S + 1] = v[S - 1];
+        int64_t x = avx2 ? glance_hpass4_avx2(vpad.data(), start.data(), wx.data(), P, o) : 0;
+        for (; x < P; ++x) {
+          const float* t = vpad.data() + start[x];
           const float* w = &wx[x * 4];
-          o[x] = ((v[k[0]] * w[0] + v[k[1]] * w[1]) + v[k[2]] * w[2]) + v[k[3]] * w[3];
+          o[x] = (t[0] * w[0] + t[1] * w[1]) + (t[2] * w[2] + t[3] * w[3]);
         }
       } else {
         for (int64_t x = 0; x < P; ++x) o[x] = v[ix[x * 4]] * wx[x * 4] + v[ix[x * 4 + 1]] * wx[x * 4 + 1];

@@ -31,6 +31,12 @@ void hpass_row_avx2(const uint8_t* row, const int32_t* starts, const int16_t* wq
 void vpass_row_avx2(const uint8_t* const* rows, const int16_t* w, int count, int precision,
                     int64_t n, int32_t* acc, uint8_t* out);
 
+/// Horizontal 4-tap (bicubic) glance pass of one row: out[x] = (t0 + t1) + (t2 + t3) with
+/// t_j = w[4x+j] * vpad[start[x]+j] (the taps of each output are contiguous in `vpad`, the row
+/// with its clamped borders materialised). Does whole groups of 8 outputs and returns how
+/// many it wrote; the caller does the rest with the same expression.
+int64_t glance_hpass4_avx2(const float* vpad, const int32_t* start, const float* w, int64_t n, float* out);
+
 /// Sum of n floats (x86_kernels.cpp; used by the bandwidth probe).
 float sum_avx2(const float* p, int64_t n);
 

@@ -181,6 +181,30 @@ GFN_AVX2 void vpass_row_avx2(const uint8_t* const* rows, const int16_t* w, int c
   (void)acc;
 }
 
+// ------------------------------------------------------------------- glance pass ----
+
+// Eight outputs per iteration: each 256-bit product holds the 4 taps of two outputs (their
+// weights are adjacent in `w`), two rounds of hadd reduce them, a permute restores the order.
+// Only whole groups of 8: the caller computes the rest with the same (t0 + t1) + (t2 + t3)
+// (plain code, so no FMA contraction makes it differ).
+GFN_AVX2 int64_t glance_hpass4_avx2(const float* vpad, const int32_t* start, const float* w, int64_t n,
+                                    float* out) {
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  int64_t x = 0;
+  for (; x + 8 <= n; x += 8) {
+    __m256 m[4];
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      const __m256 taps = _mm256_loadu2_m128(vpad + start[x + 2 * q + 1], vpad + start[x + 2 * q]);
+      m[q] = _mm256_mul_ps(taps, _mm256_loadu_ps(w + 4 * (x + 2 * q)));
+    }
+    // lane 0: outputs x, x+2, x+4, x+6; lane 1: x+1, x+3, x+5, x+7.
+    const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(m[0], m[1]), _mm256_hadd_ps(m[2], m[3]));
+    _mm256_storeu_ps(out + x, _mm256_permutevar8x32_ps(s, order));
+  }
+  return x;
+}
+
 // ------------------------------------------------------------------------- gemm ----
 
 template <bool F16>
@@ -323,6 +347,7 @@ void gemm_rows_avx2(const WeightView&, int64_t, int64_t, int64_t, int64_t, const
                     int64_t, float*, int64_t, bool) {
   std::abort();
 }
+int64_t glance_hpass4_avx2(const float*, const int32_t*, const float*, int64_t, float*) { std::abort(); }
 float sum_avx2(const float*, int64_t) { std::abort(); }
 
 #endif
