@@ -4,12 +4,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
-from contextlib import contextmanager
-from typing import Dict, Iterator, List
+from contextlib import contextmanager, nullcontext
+from typing import ContextManager, Dict, Iterator, List
 
 import numpy as np
 
 STAGES = ("preprocess", "glance", "policy", "crop", "focus", "heads", "exit")
+_NO_OP = nullcontext()  # reusable and reentrant
 
 
 class Profiler:
@@ -21,11 +22,15 @@ class Profiler:
         self._samples: Dict[str, List[float]] = defaultdict(list)
         self._calls: List[float] = []
 
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
+    def stage(self, name: str) -> ContextManager[None]:
+        """Times the ``with`` block as stage ``name`` (a shared no-op when disabled: the loop
+        enters ~15 stages per image, and a generator-based context costs ~2 us each)."""
         if not self.enabled:
-            yield
-            return
+            return _NO_OP
+        return self._timed(name)
+
+    @contextmanager
+    def _timed(self, name: str) -> Iterator[None]:
         t0 = time.perf_counter()
         try:
             yield
