@@ -90,7 +90,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .data.images import load_images
     from .runtime import Runtime
 
-    rt = Runtime(args.bundle, backend=args.backend, precision=args.precision, budget=args.budget, threads=args.threads)
+    rt = Runtime(args.bundle, backend=args.backend, precision=args.precision, budget=args.budget, threads=args.threads,
+                 dla_core=args.dla_core)
     m = rt.model
     paths: List[Path] = [Path(p) for p in args.images]
     frames = []
@@ -126,6 +127,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", default="auto", help="graph set: auto, fp32, int8-cpu, int8-tensorrt")
     p.add_argument("--budget", help="named budget (default: the bundle's default)")
     p.add_argument("--threads", type=int, help="CPU threads")
+    p.add_argument("--dla-core", type=int, help="TensorRT: run the engines built for this DLA core (Jetson) "
+                                                "instead of the GPU engines")
     p.add_argument("--json", action="store_true", help="JSON output")
     p.set_defaults(func=cmd_predict)
 

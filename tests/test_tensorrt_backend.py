@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 
+import numpy as np
 import pytest
 
 from gfnet_edge.errors import InputError, UnavailableError
@@ -201,3 +202,82 @@ def test_engines_are_deserialised_without_host_code_and_truncated_ones_refused(t
         runner.activate()
     assert seen == [(False, 10)]
     assert not runner.active
+
+
+DLA0 = dict(ENTRY, glance="engines/dla0/glance.int8.engine", focus="engines/dla0/focus.int8.engine",
+            build_options={"dla_core": 0, "gpu_fallback": True})
+
+
+def test_select_engine_tells_gpu_and_dla_engines_apart():
+    here = {"gpu_name": "Orin", "compute_capability": "8.7"}
+    both = _FakeBundle([DLA0, ENTRY])  # the DLA engines first: order must not decide
+    assert trtb.select_engine(both, "auto", here, "10.3.0") is ENTRY
+    assert trtb.select_engine(both, "auto", here, "10.3.0", dla_core=0) is DLA0
+    with pytest.raises(InputError, match=r"no TensorRT engine for the DLA core 1 .*GPU, DLA core 0") as e:
+        trtb.select_engine(both, "auto", here, "10.3.0", dla_core=1)
+    assert "build-engine B --backend tensorrt --dla-core 1" in str(e.value)
+    with pytest.raises(InputError, match=r"no TensorRT engine for the GPU .*: DLA core 0; select one with"):
+        trtb.select_engine(_FakeBundle([DLA0]), "auto", here, "10.3.0")
+
+
+def _dla_fake_trt(seen, cores):
+    class FakeRuntime:
+        num_DLA_cores = cores
+
+        def __init__(self, logger):
+            self.engine_host_code_allowed = True
+            self.DLA_core = -1
+
+        def deserialize_cuda_engine(self, data):
+            seen.append(self.DLA_core)
+            return None
+
+    class FakeLogger:
+        WARNING = 2
+
+        def __init__(self, level):
+            pass
+
+    class FakeTRT:
+        __version__ = "10.3.0"
+        Runtime = FakeRuntime
+        Logger = FakeLogger
+
+    return FakeTRT
+
+
+def test_runner_deserialises_dla_engines_on_their_core(tmp_path, monkeypatch):
+    (tmp_path / "e.engine").write_bytes(b"\x00" * 4)
+
+    class Bundle:
+        root = tmp_path
+        manifest = {"engines": [DLA0]}
+
+        def path(self, rel):
+            return tmp_path / "e.engine"
+
+    seen = []
+    monkeypatch.setattr(trtb, "import_tensorrt", lambda: _dla_fake_trt(seen, cores=2))
+    with pytest.raises(InputError, match="could not deserialize"):
+        trtb.TensorRTRunner(Bundle(), dict(DLA0, build_options={"dla_core": 1})).activate()
+    assert seen == [1]  # the runtime named the engine's core before deserialising
+    seen.clear()
+    monkeypatch.setattr(trtb, "import_tensorrt", lambda: _dla_fake_trt(seen, cores=0))
+    with pytest.raises(UnavailableError, match="built for DLA core 0, but this device has 0 DLA core"):
+        trtb.TensorRTRunner(Bundle(), DLA0).activate()
+    assert seen == []
+
+
+def test_dla_core_option_is_checked(fp32_bundle, tmp_path, capsys):
+    from gfnet_edge import cli
+    from gfnet_edge.runtime import Runtime
+
+    with pytest.raises(InputError, match="dla_core applies to TensorRT engines, not the onnxruntime backend"):
+        Runtime(fp32_bundle.root, backend="onnxruntime", dla_core=0, verify=False)
+    with pytest.raises(InputError, match="DLA core number >= 0"):
+        Runtime(fp32_bundle.root, backend="tensorrt", dla_core=-1, verify=False)
+    frames = tmp_path / "x.npz"
+    np.savez(frames, images=np.zeros((1, 224, 224, 3), np.uint8))
+    rc = cli.main(["predict", str(fp32_bundle.root), str(frames), "--backend", "onnxruntime", "--dla-core", "0"])
+    assert rc != 0
+    assert "dla_core applies to TensorRT engines" in capsys.readouterr().err

@@ -97,6 +97,8 @@ class Runtime:
         verify: check artifact hashes on load.
         device: where the ``torch`` backend runs (``"cpu"`` by default, or ``"cuda"``); the
             other backends have a fixed place (TensorRT: the GPU, ONNX Runtime: the CPU).
+        dla_core: TensorRT only: run the engines built for this DLA core (``build-engine
+            --dla-core N``) instead of the GPU engines (``None``).
 
     When the runner can execute on device buffers (TensorRT; torch with ``device="cuda"``) the
     loop is the device-resident :class:`~gfnet_edge.runtime.device_driver.DeviceDriver`
@@ -108,10 +110,15 @@ class Runtime:
 
     def __init__(self, bundle: Union[str, Path, Bundle], backend: str = "auto", precision: str = "auto",
                  budget: Optional[str] = None, threads: Optional[int] = None, profile: bool = False,
-                 verify: bool = True, device: Optional[str] = None) -> None:
+                 verify: bool = True, device: Optional[str] = None, dla_core: Optional[int] = None) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle, verify=verify)
         if backend not in BACKENDS:
             raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        if dla_core is not None and (isinstance(dla_core, bool) or not isinstance(dla_core, int) or dla_core < 0):
+            raise InputError(f"dla_core must be a DLA core number >= 0, got {dla_core!r}")
+        if dla_core is not None and backend in ("onnxruntime", "torch"):
+            raise InputError(f"dla_core applies to TensorRT engines, not the {backend} backend")
+        self.dla_core = dla_core
         if device not in (None, "cpu", "cuda"):
             raise InputError(f"device must be 'cpu' or 'cuda', got {device!r}")
         self.device = device
@@ -162,7 +169,7 @@ class Runtime:
         from .backends.tensorrt import select_engine
 
         try:
-            select_engine(self.bundle, precision)
+            select_engine(self.bundle, precision, dla_core=self.dla_core)
         except InputError as exc:
             logger.warning("not using TensorRT: %s; running on ONNX Runtime", exc)
             return "onnxruntime"
@@ -179,7 +186,7 @@ class Runtime:
         if backend == "tensorrt":
             from .backends.tensorrt import TensorRTRunner, select_engine
 
-            entry = select_engine(self.bundle, precision)
+            entry = select_engine(self.bundle, precision, dla_core=self.dla_core)
             return TensorRTRunner(self.bundle, entry)
         if backend == "torch":
             from .backends.torch import TorchRunner

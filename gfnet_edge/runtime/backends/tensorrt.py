@@ -184,15 +184,37 @@ def check_engine_compat(entry: Dict[str, Any], here: Dict[str, Any], trt_version
         )
 
 
+def engine_dla_core(entry: Dict[str, Any]) -> Optional[int]:
+    """The DLA core an engine entry was built for (``None``: the GPU)."""
+    core = entry.get("build_options", {}).get("dla_core")
+    return None if core is None else int(core)
+
+
+def _target(dla_core: Optional[int]) -> str:
+    return "GPU" if dla_core is None else f"DLA core {dla_core}"
+
+
 def select_engine(bundle, precision: str = "auto", here: Optional[Dict[str, Any]] = None,
-                  trt_version: Optional[str] = None) -> Dict[str, Any]:
-    """The bundle's engine entry for this device and ``precision`` (``auto``: int8 > fp16 > fp32)."""
+                  trt_version: Optional[str] = None, dla_core: Optional[int] = None) -> Dict[str, Any]:
+    """The bundle's engine entry for this device, ``precision`` (``auto``: int8 > fp16 > fp32)
+    and target: the GPU (``dla_core=None``) or one DLA core. A bundle may hold engines for
+    both (``build-engine --dla-core N`` adds DLA engines beside the GPU ones)."""
     engines = [e for e in bundle.manifest.get("engines", []) if e.get("backend") == "tensorrt"]
     if not engines:
         raise InputError(
             f"{bundle.root}: no TensorRT engines in this bundle; build them on the device with "
             f"`gfnet-edge build-engine {bundle.root} --backend tensorrt`"
         )
+    for_target = [e for e in engines if engine_dla_core(e) == dla_core]
+    if not for_target:
+        have = sorted({_target(engine_dla_core(e)) for e in engines}, key=lambda t: (t != "GPU", t))
+        flag = "" if dla_core is None else f" --dla-core {dla_core}"
+        raise InputError(
+            f"{bundle.root}: no TensorRT engine for the {_target(dla_core)} (this bundle has engines for: "
+            f"{', '.join(have)}; select one with dla_core= / --dla-core, or build with "
+            f"`gfnet-edge build-engine {bundle.root} --backend tensorrt{flag}`)"
+        )
+    engines = for_target
     if here is None:
         here = gpu_info()
     if trt_version is None:
@@ -306,6 +328,13 @@ class TensorRTRunner(Runner):
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         if hasattr(runtime, "engine_host_code_allowed"):
             runtime.engine_host_code_allowed = False  # never run host code embedded in an engine
+        core = engine_dla_core(self.entry)
+        if core is not None:  # a DLA engine runs on the core the runtime names at deserialisation
+            available = int(getattr(runtime, "num_DLA_cores", 0))
+            if core >= available:
+                raise UnavailableError(f"the engines were built for DLA core {core}, but this device has "
+                                       f"{available} DLA core(s); use the GPU engines (no --dla-core) or rebuild")
+            runtime.DLA_core = core
         for g in GRAPHS:
             path = self.bundle.path(self.entry[g])
             engine = runtime.deserialize_cuda_engine(path.read_bytes())
