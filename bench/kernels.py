@@ -1,6 +1,6 @@
 """Benchmark of the CPU kernels against their torch equivalents, same thread count, same run.
 
-    python bench/kernels.py [--threads N[,M...]] [--reps R] [--out bench/results/kernels.md]
+    python bench/kernels.py [--threads N[,M...]] [--reps R] [--runs K] [--out bench/results/kernels.md]
 
 Cases: pre-process + glance of a 1920x1080 uint8 frame (bilinear S=224 -> P=96, and bicubic
 EfficientNet-B3 sizes S=300 -> P=144) against the fastest torch chain found (antialiased uint8
@@ -186,8 +186,8 @@ def bench_crop_glance(reps: int) -> List[Tuple[str, float, float, str]]:
     return rows
 
 
-def run_once(threads: int, reps: int) -> Tuple[str, str, str]:
-    """Runs every case with `threads` threads; returns (machine line, table, memory line)."""
+def run_once(threads: int, reps: int) -> Tuple[str, List[Tuple[str, float, float, str]], Dict[str, float]]:
+    """Runs every case with `threads` threads; returns (machine line, rows, memory bandwidths)."""
     torch.set_num_threads(threads)
     ops.set_num_threads(threads)
     try:
@@ -202,16 +202,28 @@ def run_once(threads: int, reps: int) -> Tuple[str, str, str]:
     rows = bench_preprocess(reps)
     gru_rows, bw = bench_gru(reps)
     rows += gru_rows + bench_crop_glance(reps)
-    lines = ["| case | torch ms | ours ms | speed-up | notes |", "|---|---:|---:|---:|---|"]
-    for name, t_torch, t_ours, note in rows:
-        lines.append(f"| {name} | {t_torch:.3f} | {t_ours:.3f} | {t_torch / t_ours:.2f}x | {note} |")
-    memory = (f"Memory: parallel read of 36 MiB (the float32 GRU weights) {bw['read_36MiB']:.1f} GB/s, "
+    for name, t_torch, t_ours, _ in rows:
+        print(f"  {name}: torch {t_torch:.3f} ms, ours {t_ours:.3f} ms, {t_torch / t_ours:.2f}x", flush=True)
+    return machine, rows, bw
+
+
+def combine(runs: List[Tuple[str, List[Tuple[str, float, float, str]], Dict[str, float]]]) -> Tuple[str, str]:
+    """Markdown table of several runs: medians of the times and of the per-run ratios, and the
+    ratios' range (the machine's speed drifts between runs; each run's ratio compares torch and
+    ours measured within seconds of each other)."""
+    lines = ["| case | torch ms | ours ms | speed-up (median) | range over runs | notes |",
+             "|---|---:|---:|---:|---|---|"]
+    for i, (name, _, _, note) in enumerate(runs[0][1]):
+        tt = [r[1][i][1] for r in runs]
+        to = [r[1][i][2] for r in runs]
+        ratios = [a / b for a, b in zip(tt, to)]
+        lines.append(f"| {name} | {np.median(tt):.3f} | {np.median(to):.3f} | {np.median(ratios):.2f}x | "
+                     f"{min(ratios):.2f}-{max(ratios):.2f}x | {note} |")
+    bw = {k: float(np.median([r[2][k] for r in runs])) for k in runs[0][2]}
+    memory = (f"Memory (medians): parallel read of 36 MiB (the float32 GRU weights) {bw['read_36MiB']:.1f} GB/s, "
               f"of 256 MiB {bw['read_256MiB']:.1f} GB/s; numpy copy of 64 MiB {bw['copy_64MiB']:.1f} GB/s "
               f"(bytes copied per second).")
-    table = "\n".join(lines)
-    print(table)
-    print(memory, flush=True)
-    return machine, table, memory
+    return "\n".join(lines), memory
 
 
 def main() -> int:
@@ -219,21 +231,34 @@ def main() -> int:
     ap.add_argument("--threads", default=str(os.cpu_count() or 1),
                     help="thread count(s) for torch and ours, e.g. 2 or 1,2 (default: all CPUs)")
     ap.add_argument("--reps", type=int, default=100, help="timed calls per case and implementation")
+    ap.add_argument("--runs", type=int, default=3,
+                    help="whole runs per thread count, alternating thread counts (default 3); the table "
+                         "reports medians and the range of the ratios")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "kernels.md"))
     args = ap.parse_args()
     counts = [int(t) for t in str(args.threads).split(",") if t.strip()]
+    results: Dict[int, list] = {t: [] for t in counts}
+    for r in range(max(1, args.runs)):
+        for threads in counts:
+            print(f"run {r + 1}/{args.runs}, {threads} thread(s)", flush=True)
+            results[threads].append(run_once(threads, args.reps))
     sections = []
     for threads in counts:
-        machine, table, memory = run_once(threads, args.reps)
-        sections.append(f"## {threads} thread{'s' if threads > 1 else ''}\n\nMachine: {machine}\n\n{table}\n\n{memory}\n")
+        table, memory = combine(results[threads])
+        print(table + "\n" + memory)
+        machines = "; ".join(sorted({m.split("; load average")[0] for m, _, _ in results[threads]}))
+        loads = ", ".join(m.split("load average at start ")[1] for m, _, _ in results[threads])
+        sections.append(f"## {threads} thread{'s' if threads > 1 else ''}\n\nMachine: {machines}; load average at "
+                        f"the start of each run: {loads}\n\n{table}\n\n{memory}\n")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         "# Kernel benchmark\n\n"
-        f"Command: `python bench/kernels.py --threads {args.threads} --reps {args.reps}`\n\n"
-        "Times are medians of interleaved rounds. The load average is that of the whole machine "
-        "when the run started: other processes compete for the same 2 cores and memory bus, which "
-        "slows both sides (torch's OpenMP more than ours at 2 threads). torch runs with "
+        f"Command: `python bench/kernels.py --threads {args.threads} --reps {args.reps} --runs {args.runs}`\n\n"
+        "Times are medians of interleaved rounds within a run; each figure is the median over the runs "
+        "(thread counts alternate between runs), with the range of the per-run speed-ups. This VM's speed "
+        "drifts by tens of percent over minutes (its second vCPU in particular), so single runs are not "
+        "quoted. The load average is that of the whole machine when a run started. torch runs with "
         "OMP_WAIT_POLICY=PASSIVE unless the environment sets it: its default busy-waiting workers would "
         "otherwise steal a core from our kernels right after each torch round.\n\n" + "\n".join(sections),
         encoding="utf-8")
