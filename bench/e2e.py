@@ -15,7 +15,7 @@ Builds (or reuses, ``--bundle``) an INT8 ONNX Runtime bundle of the shipped demo
   within ``--tolerance`` points of the static baseline of the same precision, and times it
   against the static graph head to head (alternating blocks of the same images) for the ratio
   of their mean latencies; the share of per-image time spent outside backbone inference; and the
-  per-image throughput of batch 32 against batch 1.
+  per-image throughput of batch 32 against batch 1 (at that point also head to head).
 
 Prints the tables and writes ``bench/results/e2e.md`` and ``e2e.json``.
 """
@@ -82,41 +82,51 @@ def outside_backbone(rt, frames: np.ndarray, thresholds, calls: int = 200) -> Di
             "outside_pct": 100.0 * (per_image - backbone) / per_image, "stages_ms": stages}
 
 
-def head_to_head(rt, thresholds, static_path: Path, frames: np.ndarray, batch: int, threads: int,
-                 blocks: int = 8, per_block: int = 48) -> Dict[str, float]:
-    """Mean per-image ms of GFNet (at ``thresholds``) and of the static graph on the same frames,
-    measured in alternating blocks so that drifts in machine speed hit both alike.
+def alternating(calls: Dict[str, Any], batches: Dict[str, int], frames: np.ndarray, blocks: int = 8,
+                per_block: int = 64) -> Dict[str, float]:
+    """Mean per-image ms of each ``calls[name](frames_batch)``, timed in alternating blocks: every
+    block runs the same ``per_block`` images through each callable in turn (``batches[name]``
+    images per call), so drifts in machine speed hit all of them alike."""
+    ms: Dict[str, List[float]] = {k: [] for k in calls}
+    n = len(frames)
+    for name, fn in calls.items():  # warm-up
+        fn(frames[:batches[name]])
+    for blk in range(blocks):
+        idx = [(blk * per_block + j) % n for j in range(per_block)]
+        for name, fn in calls.items():
+            b = batches[name]
+            for c in range(0, per_block, b):
+                f = frames[idx[c:c + b]]
+                t0 = time.perf_counter()
+                fn(f)
+                ms[name].append((time.perf_counter() - t0) * 1e3 / len(f))
+    return {k: float(np.mean(v)) for k, v in ms.items()}
 
-    Each block times ``per_block`` images (rounded up to whole batches) through GFNet, then the
-    same images through the static graph; every call includes the uint8 -> network-input step
-    (:func:`calibrate.latency.runtime_input` for GFNet, ``prepare_frames`` for the static graph).
-    """
+
+def head_to_head(rt, thresholds, static_path: Path, frames: np.ndarray, batch: int, threads: int) -> Dict[str, float]:
+    """GFNet at ``thresholds`` against the static graph on the same images, alternating blocks;
+    every call starts from uint8 frames (:func:`calibrate.latency.runtime_input` for GFNet,
+    ``prepare_frames`` for the static graph)."""
     from gfnet_edge.calibrate.latency import prepare_frames, runtime_input, using_thresholds
     from gfnet_edge.runtime.backends.onnxruntime import load_session
 
     sess = load_session(static_path, threads)
     inp = sess.get_inputs()[0].name
-    calls = max(1, -(-per_block // batch))
-    n = len(frames)
-    g_ms: List[float] = []
-    s_ms: List[float] = []
+    calls = {"gfnet": lambda f: rt.predict(runtime_input(rt.model, f)),
+             "static": lambda f: sess.run(None, {inp: prepare_frames(rt.model, f)})}
     with using_thresholds(rt, thresholds):
-        for k in range(2):  # warm-up of both
-            f = frames[:batch]
-            rt.predict(runtime_input(rt.model, f))
-            sess.run(None, {inp: prepare_frames(rt.model, f)})
-        for blk in range(blocks):
-            chunks = [frames[[(blk * calls * batch + c * batch + j) % n for j in range(batch)]] for c in range(calls)]
-            for f in chunks:
-                t0 = time.perf_counter()
-                rt.predict(runtime_input(rt.model, f))
-                g_ms.append((time.perf_counter() - t0) * 1e3 / batch)
-            for f in chunks:
-                t0 = time.perf_counter()
-                sess.run(None, {inp: prepare_frames(rt.model, f)})
-                s_ms.append((time.perf_counter() - t0) * 1e3 / batch)
-    g, st = float(np.mean(g_ms)), float(np.mean(s_ms))
-    return {"gfnet_ms": g, "static_ms": st, "ratio": g / st, "images": len(g_ms) * batch}
+        t = alternating(calls, {"gfnet": batch, "static": batch}, frames)
+    return {"gfnet_ms": t["gfnet"], "static_ms": t["static"], "ratio": t["gfnet"] / t["static"]}
+
+
+def batch_throughput(rt, thresholds, frames: np.ndarray, big: int = 32) -> Dict[str, float]:
+    """Per-image throughput of batch ``big`` over batch 1 at one operating point, alternating blocks."""
+    from gfnet_edge.calibrate.latency import runtime_input, using_thresholds
+
+    call = lambda f: rt.predict(runtime_input(rt.model, f))  # noqa: E731
+    with using_thresholds(rt, thresholds):
+        t = alternating({"b1": call, f"b{big}": call}, {"b1": 1, f"b{big}": big}, frames)
+    return {"b1_ms": t["b1"], f"b{big}_ms": t[f"b{big}"], "throughput": t["b1"] / t[f"b{big}"]}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -218,7 +228,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     "gfnet_accuracy": pick["accuracy"] if pick else best_acc["accuracy"],
                     "gfnet_mean_ms": pick["mean_ms"] if pick else None,
                     "sweep_ratio": pick["mean_ms"] / s.latency.mean_ms if pick else None,
-                    "head_to_head": h2h,
+                    "head_to_head": h2h,  # {gfnet_ms, static_ms, ratio}
                     "ratio": h2h["ratio"] if h2h else None,
                 }
             pick1 = next((r for r in rows if r["batch"] == 1 and r["point"] == results["summary"][f"{prec} b1"]["gfnet_point"]),
@@ -229,6 +239,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 by = {(r["point"], r["batch"]): r for r in rows}
                 results["summary"][f"{prec} batch32_throughput"] = {
                     p["name"]: by[(p["name"], 1)]["mean_ms"] / by[(p["name"], 32)]["mean_ms"] for p in points}
+                if pick1:
+                    _log(f"head to head, {prec}: batch 32 vs batch 1 at {pick1['point']}")
+                    results["summary"][f"{prec} batch32_head_to_head"] = dict(
+                        batch_throughput(rt, thr, test_x), point=pick1["point"])
             rt.close()
     results["minutes"] = (time.perf_counter() - t_start) / 60
     md = render(results, batches)
@@ -267,7 +281,7 @@ def render(res: Dict[str, Any], batches: List[int]) -> str:
     lines += [table(["precision", "batch", "static acc %", "GFNet point", "GFNet acc %", "static ms", "GFNet ms",
                      "GFNet / static", "(sweep timings)"], rows), "",
               "The ratio is measured head to head: the chosen GFNet point and the static graph timed in "
-              "alternating blocks of ~48 images (8 blocks, same images for both), so that drifts in machine "
+              "alternating blocks of 64 images (8 blocks, same images for both), so that drifts in machine "
               "speed affect both alike. The last column divides the separate sweep timings below (static first, "
               "then every GFNet point), kept for reference.", ""]
     rows = []
@@ -289,8 +303,14 @@ def render(res: Dict[str, Any], batches: List[int]) -> str:
             rows.append([prec] + [f"{v:.2f}x" for v in tp.values()])
             head = list(tp.keys())
     if rows:
-        lines += ["## Per-image throughput, batch 32 over batch 1 (with compaction of exited images)", "",
-                  table(["precision"] + head, rows), ""]
+        lines += ["## Per-image throughput, batch 32 over batch 1 (with compaction of exited images)", ""]
+        h2h = [[prec, h["point"], f"{h['b1_ms']:.2f}", f"{h['b32_ms']:.2f}", f"**{h['throughput']:.2f}x**"]
+               for prec in ("fp32", "int8") for h in [res["summary"].get(f"{prec} batch32_head_to_head")] if h]
+        if h2h:
+            lines += ["At the equal-accuracy batch-1 point, head to head (alternating blocks of the same 64 images):", "",
+                      table(["precision", "point", "batch 1 ms/image", "batch 32 ms/image", "throughput"], h2h), "",
+                      "Every operating point, from the separate sweep timings:", ""]
+        lines += [table(["precision"] + head, rows), ""]
     for prec in ("fp32", "int8"):
         rs = res["gfnet"].get(prec)
         if not rs:
