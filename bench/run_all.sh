@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-python3 bench/kernels.py --threads 1,2 --reps 100
+python3 bench/kernels.py --threads 1,2 --reps 100 --runs 5
 python3 bench/e2e.py --threads 1 --out bench/results/e2e.md
 python3 bench/e2e.py --threads 2 --out bench/results/e2e_2threads.md
 python3 bench/imagenet_shapes.py --threads 2 --repeat 10
