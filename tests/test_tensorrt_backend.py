@@ -163,6 +163,34 @@ def test_failed_engine_build_leaves_the_bundle_as_it_was(fp32_bundle, monkeypatc
     assert set(after) <= set(before)
 
 
+def _fake_trt(runtime_cls):
+    """A stand-in ``tensorrt`` module whose ``Runtime`` is ``runtime_cls``."""
+    class FakeLogger:
+        WARNING = 2
+
+        def __init__(self, level):
+            pass
+
+    class FakeTRT:
+        __version__ = "10.3.0"
+        Runtime = runtime_cls
+        Logger = FakeLogger
+
+    return FakeTRT
+
+
+class _OneEngineBundle:
+    """A bundle whose every engine path is one file."""
+
+    def __init__(self, engine, entry):
+        self.root = engine.parent
+        self.manifest = {"engines": [entry]}
+        self._engine = engine
+
+    def path(self, rel):
+        return self._engine
+
+
 def test_engines_are_deserialised_without_host_code_and_truncated_ones_refused(tmp_path, monkeypatch):
     """The runner turns off engine host code before deserialising; an engine TensorRT cannot read
     (truncated, corrupt) is a clear InputError naming the file."""
@@ -176,28 +204,10 @@ def test_engines_are_deserialised_without_host_code_and_truncated_ones_refused(t
             seen.append((self.engine_host_code_allowed, len(data)))
             return None  # what TensorRT returns for a truncated / corrupt plan
 
-    class FakeLogger:
-        WARNING = 2
-
-        def __init__(self, level):
-            pass
-
-    class FakeTRT:
-        __version__ = "10.3.0"
-        Runtime = FakeRuntime
-        Logger = FakeLogger
-
-    (tmp_path / "glance.int8.engine").write_bytes(b"\x00" * 10)
-
-    class Bundle:
-        root = tmp_path
-        manifest = {"engines": [ENTRY]}
-
-        def path(self, rel):
-            return tmp_path / "glance.int8.engine"
-
-    monkeypatch.setattr(trtb, "import_tensorrt", lambda: FakeTRT)
-    runner = trtb.TensorRTRunner(Bundle(), dict(ENTRY, glance="glance.int8.engine"))
+    engine = tmp_path / "glance.int8.engine"
+    engine.write_bytes(b"\x00" * 10)
+    monkeypatch.setattr(trtb, "import_tensorrt", lambda: _fake_trt(FakeRuntime))
+    runner = trtb.TensorRTRunner(_OneEngineBundle(engine, ENTRY), dict(ENTRY, glance="glance.int8.engine"))
     with pytest.raises(InputError, match="could not deserialize this engine"):
         runner.activate()
     assert seen == [(False, 10)]
@@ -232,39 +242,21 @@ def _dla_fake_trt(seen, cores):
             seen.append(self.DLA_core)
             return None
 
-    class FakeLogger:
-        WARNING = 2
-
-        def __init__(self, level):
-            pass
-
-    class FakeTRT:
-        __version__ = "10.3.0"
-        Runtime = FakeRuntime
-        Logger = FakeLogger
-
-    return FakeTRT
+    return _fake_trt(FakeRuntime)
 
 
 def test_runner_deserialises_dla_engines_on_their_core(tmp_path, monkeypatch):
-    (tmp_path / "e.engine").write_bytes(b"\x00" * 4)
-
-    class Bundle:
-        root = tmp_path
-        manifest = {"engines": [DLA0]}
-
-        def path(self, rel):
-            return tmp_path / "e.engine"
-
+    engine = tmp_path / "e.engine"
+    engine.write_bytes(b"\x00" * 4)
     seen = []
     monkeypatch.setattr(trtb, "import_tensorrt", lambda: _dla_fake_trt(seen, cores=2))
     with pytest.raises(InputError, match="could not deserialize"):
-        trtb.TensorRTRunner(Bundle(), dict(DLA0, build_options={"dla_core": 1})).activate()
+        trtb.TensorRTRunner(_OneEngineBundle(engine, DLA0), dict(DLA0, build_options={"dla_core": 1})).activate()
     assert seen == [1]  # the runtime named the engine's core before deserialising
     seen.clear()
     monkeypatch.setattr(trtb, "import_tensorrt", lambda: _dla_fake_trt(seen, cores=0))
     with pytest.raises(UnavailableError, match="built for DLA core 0, but this device has 0 DLA core"):
-        trtb.TensorRTRunner(Bundle(), DLA0).activate()
+        trtb.TensorRTRunner(_OneEngineBundle(engine, DLA0), DLA0).activate()
     assert seen == []
 
 
