@@ -58,6 +58,7 @@ usable GPU (or in a build without CUDA) raises RuntimeError.
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -90,6 +91,8 @@ ArrayPair = Tuple[np.ndarray, np.ndarray]
 
 # ------------------------------------------------------------------ validation helpers ----
 def _int(value: Any, name: str, minimum: int = 1) -> int:
+    if type(value) is int and value >= minimum:  # the common case, without the ABC check
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
@@ -112,7 +115,7 @@ def _triple(value: Any, name: str) -> Tuple[float, float, float]:
         raise TypeError(f"{name} must be a sequence of 3 numbers") from exc
     if len(vals) != 3:
         raise ValueError(f"{name} must have 3 values, got {len(vals)}")
-    if not all(np.isfinite(vals)):
+    if not all(math.isfinite(v) for v in vals):
         raise ValueError(f"{name} must be finite")
     return vals  # type: ignore[return-value]
 
