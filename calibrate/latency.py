@@ -184,12 +184,12 @@ def measure_steps(rt, frames: np.ndarray, batch: int = 1, repeats: int = 60, war
                 if progress:
                     progress(1)
         stages: Dict[int, Dict[str, Dict[str, float]]] = {}
+        separate = float(rt.model.get("crop_pct", 1.0)) != 1.0  # a normalise stage (see runtime_input)
         if stage_calls:
             rt.profiler.enabled = True
             for k in range(T):
                 rt.profiler.reset()
                 norm: List[float] = []
-                separate = float(rt.model.get("crop_pct", 1.0)) != 1.0  # see runtime_input
                 with using_thresholds(rt, thr[k]):
                     for b in _batches(frames, batch, stage_calls, start=k):
                         t0 = time.perf_counter()

@@ -70,7 +70,7 @@ GFN_AVX2 inline void hpass_store4(__m256i a0, __m256i a1, __m256i a2, __m256i a3
                                        _mm256_permute2x128_si256(a2, a3, 0x31));
   const __m256i r01 = _mm256_srai_epi32(_mm256_add_epi32(s01, half), precision);
   const __m256i r23 = _mm256_srai_epi32(_mm256_add_epi32(s23, half), precision);
-  // int16 per lane: [c0 c2 | c1 c3]; bytes: dwords [c0 c2 c0 c2 | c1 c3 c1 c3].
+  // int16 per lane: [c0 c2 | c1 c3]; as bytes, dwords [c0 c2 0 0 | c1 c3 0 0].
   const __m256i p8 = _mm256_packus_epi16(_mm256_packs_epi32(r01, r23), _mm256_setzero_si256());
   const __m256i ordered = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 0, 0, 0, 0));
   const __m128i rgb = _mm_shuffle_epi8(_mm256_castsi256_si128(ordered),
