@@ -180,7 +180,7 @@ py::tuple cpu_preprocess(const py::list& frames, int64_t image_size, int64_t res
   if (n < 1) throw py::value_error("frames must not be empty");
   std::vector<py::array> keep;
   std::vector<const uint8_t*> ptrs;
-  std::vector<std::pair<int64_t, int64_t>> sizes;
+  std::vector<int64_t> heights, widths;
   for (int64_t i = 0; i < n; ++i) {
     const std::string name = "frames[" + std::to_string(i) + "]";
     py::array f = as_ndarray(frames[i], name);
@@ -192,7 +192,8 @@ py::tuple cpu_preprocess(const py::list& frames, int64_t image_size, int64_t res
     if (f.shape(0) < 1 || f.shape(1) < 1) throw py::value_error(name + " is empty");
     keep.push_back(f);
     ptrs.push_back(static_cast<const uint8_t*>(f.data()));
-    sizes.emplace_back(f.shape(0), f.shape(1));
+    heights.push_back(f.shape(0));
+    widths.push_back(f.shape(1));
   }
   py::array o = output_array<float>(out, {n, 3, image_size, image_size}, "out");
   py::object g = py::none();
@@ -217,12 +218,8 @@ py::tuple cpu_preprocess(const py::list& frames, int64_t image_size, int64_t res
   norm.bgr = bgr;
   {
     py::gil_scoped_release release;
-    for (int64_t i = 0; i < n; ++i) {
-      gfn::cpu::preprocess_frame(ptrs[i], sizes[i].first, sizes[i].second, resize_short, image_size,
-                                 interp, norm, optr + i * 3 * image_size * image_size,
-                                 gptr ? gptr + i * 3 * glance_size * glance_size : nullptr,
-                                 glance_size, ginterp);
-    }
+    gfn::cpu::preprocess_frames(ptrs.data(), heights.data(), widths.data(), n, resize_short, image_size,
+                                interp, norm, optr, gptr, glance_size, ginterp);
   }
   return py::make_tuple(o, g);
 }

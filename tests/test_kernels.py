@@ -123,6 +123,18 @@ def test_preprocess_stacked_array_input(rng):
     assert np.array_equal(out[1], ops.preprocess(frames[1], 64)[0])
 
 
+def test_preprocess_large_batch_one_frame_per_task_equals_frame_by_frame(rng):
+    """Batches of >= 2x the thread count run one frame per task; results are the same."""
+    assert ops.get_num_threads() == 2
+    sizes = [(300, 400, 3), (224, 224, 3), (500, 333, 3), (120, 160, 3)] * 3
+    frames = [rng.integers(0, 256, size=s, dtype=np.uint8) for s in sizes]
+    images, glance = ops.preprocess(frames, 224, glance_size=96)
+    for i, f in enumerate(frames):
+        one_img, one_gl = ops.preprocess(f, 224, glance_size=96)
+        assert np.array_equal(images[i], one_img[0]) and np.array_equal(glance[i], one_gl[0])
+    assert np.array_equal(images[0], torch_preprocess(frames[0], 224))
+
+
 def test_preprocess_thread_count_does_not_change_results(rng):
     frame = rng.integers(0, 256, size=(480, 640, 3), dtype=np.uint8)
     two = ops.preprocess(frame, 224, glance_size=96)

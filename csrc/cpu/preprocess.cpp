@@ -213,6 +213,25 @@ void preprocess_frame(const uint8_t* frame, int64_t h, int64_t w, int64_t resize
   if (glance_out != nullptr) glance(out, 1, 3, S, glance_out, glance_size, glance_interp);
 }
 
+void preprocess_frames(const uint8_t* const* frames, const int64_t* heights, const int64_t* widths,
+                       int64_t n, int64_t resize_short, int64_t image_size, Interp interp,
+                       const NormalizeParams& norm, float* out, float* glance, int64_t glance_size,
+                       Interp glance_interp) {
+  const int64_t out_stride = 3 * image_size * image_size;
+  const int64_t glance_stride = 3 * glance_size * glance_size;
+  auto one = [&](int64_t i) {
+    preprocess_frame(frames[i], heights[i], widths[i], resize_short, image_size, interp, norm,
+                     out + i * out_stride, glance ? glance + i * glance_stride : nullptr,
+                     glance_size, glance_interp);
+  };
+  const int64_t threads = get_num_threads();
+  if (threads > 1 && n >= 2 * threads) {
+    parallel_tasks(n, one);  // the frames' own parallel regions then run inline
+  } else {
+    for (int64_t i = 0; i < n; ++i) one(i);
+  }
+}
+
 void glance(const float* in, int64_t n, int64_t channels, int64_t in_size, float* out,
             int64_t out_size, Interp mode) {
   const int64_t P = out_size;

@@ -39,6 +39,15 @@ void preprocess_frame(const uint8_t* frame, int64_t h, int64_t w, int64_t resize
                       int64_t image_size, Interp interp, const NormalizeParams& norm, float* out,
                       float* glance, int64_t glance_size, Interp glance_interp);
 
+/// preprocess_frame for n frames into consecutive (3, S, S) / (3, P, P) slots of `out` and
+/// `glance` (null: none). Batches of at least twice the thread count run one frame per task
+/// (each frame single-threaded, no per-frame dispatches); smaller ones parallelise inside
+/// each frame. Results do not depend on the split.
+void preprocess_frames(const uint8_t* const* frames, const int64_t* heights, const int64_t* widths,
+                       int64_t n, int64_t resize_short, int64_t image_size, Interp interp,
+                       const NormalizeParams& norm, float* out, float* glance, int64_t glance_size,
+                       Interp glance_interp);
+
 /// Glance: (n, c, S, S) -> (n, c, P, P), align_corners=True bilinear or bicubic.
 void glance(const float* in, int64_t n, int64_t channels, int64_t in_size, float* out,
             int64_t out_size, Interp mode);
