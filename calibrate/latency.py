@@ -106,13 +106,19 @@ def using_thresholds(rt, thresholds: Sequence[float]) -> Iterator[None]:
         rt.thresholds = old
 
 
+def _check_frames(model: Dict[str, object], frames: np.ndarray) -> int:
+    """S, after checking that ``frames`` are uint8 (N, S, S, 3)."""
+    S = int(model["image_size"])
+    if frames.ndim != 4 or frames.shape[1:] != (S, S, 3) or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 (N, {S}, {S}, 3), got {frames.dtype} {frames.shape}")
+    return S
+
+
 def prepare_frames(model: Dict[str, object], frames: np.ndarray) -> np.ndarray:
     """Normalised float32 (N, 3, S, S) of uint8 S x S frames (no resize, no crop)."""
     from gfnet_edge import ops
 
-    S = int(model["image_size"])
-    if frames.ndim != 4 or frames.shape[1:] != (S, S, 3):
-        raise ValueError(f"frames must be uint8 (N, {S}, {S}, 3), got {frames.shape}")
+    S = _check_frames(model, frames)
     return ops.preprocess(list(frames), S, crop_pct=1.0, interpolation=str(model["dataset_interpolation"]),
                           mean=tuple(model["mean"]), std=tuple(model["std"]))
 
@@ -125,9 +131,7 @@ def runtime_input(model: Dict[str, object], frames: np.ndarray) -> np.ndarray:
     normalised float32 images of :func:`prepare_frames`.
     """
     if float(model.get("crop_pct", 1.0)) == 1.0:
-        S = int(model["image_size"])
-        if frames.ndim != 4 or frames.shape[1:] != (S, S, 3) or frames.dtype != np.uint8:
-            raise ValueError(f"frames must be uint8 (N, {S}, {S}, 3), got {frames.dtype} {frames.shape}")
+        _check_frames(model, frames)
         return frames
     return prepare_frames(model, frames)
 

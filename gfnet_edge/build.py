@@ -191,7 +191,8 @@ def _quantize(model, tmp: Path, manifest: Dict[str, Any], images, cfg: BuildConf
 
 def _add_engines(bundle: Bundle, cfg: BuildConfig) -> None:
     """Builds the engines of ``cfg.trt.precision`` into ``bundle`` (updates its manifest)."""
-    from .runtime.backends.tensorrt import build_engine, engine_dir_name, gpu_info, import_tensorrt, plan_build
+    from .runtime.backends.tensorrt import (build_engine, engine_dir_name, gpu_info, import_tensorrt, plan_build,
+                                            same_engine_slot)
 
     trt = import_tensorrt()
     opts = BuildOptions(**{**asdict(cfg.trt), "precision": cfg.precision}).validate()
@@ -216,10 +217,7 @@ def _add_engines(bundle: Bundle, cfg: BuildConfig) -> None:
         tmpf.replace(bundle.root / rel)
 
     def upd(m: Dict[str, Any]) -> None:
-        m["engines"] = [e for e in m.get("engines", []) if not (e.get(  "precision") == entry["precision"]
-                        and e.get("compute_capability") == entry["compute_capability"]
-                        and e.get("tensorrt_version") == entry["tensorrt_version"]
-                        and e.get("build_options", {}).get("dla_core") == opts.dla_core)]
+        m["engines"] = [e for e in m.get("engines", []) if not same_engine_slot(e, entry)]
         m["engines"].append(entry)
         for g in ("glance", "focus"):
             bundle.add_artifact(m, entry[g])

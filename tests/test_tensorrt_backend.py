@@ -273,3 +273,12 @@ def test_dla_core_option_is_checked(fp32_bundle, tmp_path, capsys):
     rc = cli.main(["predict", str(fp32_bundle.root), str(frames), "--backend", "onnxruntime", "--dla-core", "0"])
     assert rc != 0
     assert "dla_core applies to TensorRT engines" in capsys.readouterr().err
+
+
+def test_a_new_build_replaces_only_its_own_slot():
+    assert trtb.same_engine_slot(ENTRY, dict(ENTRY, glance="other.engine"))
+    assert trtb.same_engine_slot(DLA0, dict(DLA0, build_options={"dla_core": 0, "gpu_fallback": False}))
+    assert not trtb.same_engine_slot(ENTRY, DLA0)  # GPU and DLA engines live side by side
+    assert not trtb.same_engine_slot(ENTRY, dict(ENTRY, precision="fp16"))
+    assert not trtb.same_engine_slot(ENTRY, dict(ENTRY, tensorrt_version="10.7.0"))
+    assert not trtb.same_engine_slot(ENTRY, dict(ENTRY, compute_capability="9.0"))

@@ -190,6 +190,13 @@ def engine_dla_core(entry: Dict[str, Any]) -> Optional[int]:
     return None if core is None else int(core)
 
 
+def same_engine_slot(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
+    """Whether two engine entries are for the same precision, GPU, TensorRT version and DLA core
+    (a new build replaces the old entry of its slot)."""
+    keys = ("precision", "compute_capability", "tensorrt_version")
+    return all(a.get(k) == b.get(k) for k in keys) and engine_dla_core(a) == engine_dla_core(b)
+
+
 def _target(dla_core: Optional[int]) -> str:
     return "GPU" if dla_core is None else f"DLA core {dla_core}"
 
