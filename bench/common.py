@@ -1,13 +1,40 @@
-"""Shared helpers of the benchmark scripts: machine description and markdown tables."""
+"""Shared helpers of the benchmark scripts: machine description and markdown tables.
+
+Importing this module also makes an uninstalled checkout importable as installed (see
+:func:`use_checkout`), so the scripts run on a machine where only the extension was built
+in place (``bench/gpu_session.sh``).
+"""
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def use_checkout() -> None:
+    """Import ``gfnet_edge`` (with ``gfnet_edge.calibrate`` and ``gfnet_edge.quantize``) from this
+    checkout when it is not installed: the checkout goes on ``sys.path`` and its root on the
+    package's search path, which maps ``calibrate/`` and ``quantize/`` as setup.py does."""
+    try:
+        import gfnet_edge.calibrate  # noqa: F401
+        return
+    except ImportError:
+        pass
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import gfnet_edge
+
+    if str(ROOT) not in gfnet_edge.__path__:
+        gfnet_edge.__path__.append(str(ROOT))
+
+
+use_checkout()
 
 
 def machine() -> str:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one run, for a GPU machine lent for a few minutes:
-#   build the extension with CUDA, run the CUDA self-test, the CUDA kernel tests and the
-#   CUDA-vs-torch kernel benchmark. Results go to $OUT (or ./gpu-results when unset).
+#   build the extension with CUDA, run the CUDA self-test, the CUDA kernel tests, the
+#   CUDA-vs-torch kernel benchmark and the end-to-end device-loop benchmark. Results (ten
+#   files) go to $OUT (or ./gpu-results when unset). About 3 minutes on an H200 host.
 #
 #   OUT=/tmp/gpu bash bench/gpu_session.sh
 #
@@ -24,4 +25,6 @@ echo "build: $(( $(date +%s) - t0 )) s"; grep -m2 "gfnet-edge:" "$OUT/build.log"
 python3 -m gfnet_edge.selftest --gpu --json "$OUT/selftest.json" 2>&1 | tee "$OUT/selftest.txt" || status=1
 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py tests/test_device_driver.py tests/test_kernels_errors.py tests/test_kernels.py tests/test_kernels_fuzz.py 2>&1 | tee "$OUT/pytest.txt" | tail -15 || status=1
 python3 bench/kernels_gpu.py --out "$OUT/kernels_gpu.md" 2>&1 | tee "$OUT/bench.txt" || status=1
+python3 bench/e2e_gpu.py --out "$OUT/e2e_gpu.md" >"$OUT/e2e_gpu.txt" 2>&1 || status=1
+sed -n '/^## Summary/,/^## Every/p' "$OUT/e2e_gpu.txt"
 exit $status

@@ -21,14 +21,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _import_quantize():
-    try:
-        import gfnet_edge.quantize as gq
-    except ImportError:  # an uninstalled checkout: map quantize/ as setup.py does
-        sys.path.insert(0, str(ROOT))
-        import gfnet_edge
+    sys.path.insert(0, str(ROOT / "bench"))
+    from common import use_checkout
 
-        gfnet_edge.__path__.append(str(ROOT))
-        import gfnet_edge.quantize as gq
+    use_checkout()  # an uninstalled checkout: map quantize/ as setup.py does
+    import gfnet_edge.quantize as gq
+
     return gq
 
 
