@@ -159,28 +159,32 @@ py::array batch_matrix(const py::handle& obj, int64_t k, const std::string& name
 
 // ----------------------------------------------------------------------- CPU ops ----
 
-py::tuple cpu_preprocess(const py::list& frames, int64_t image_size, int64_t resize_short,
-                         const std::string& interpolation, bool bgr,
-                         const std::vector<double>& mean, const std::vector<double>& std,
-                         const py::object& out, int64_t glance_size,
-                         const std::string& glance_interpolation, const py::object& glance_out) {
-  check_positive(image_size, "image_size");
-  if (resize_short < image_size) {
-    throw py::value_error("resize size " + std::to_string(resize_short) +
-                          " must be >= image_size " + std::to_string(image_size) + " (crop_pct <= 1)");
-  }
-  const Interp interp = parse_interp(interpolation, "interpolation");
-  const Interp ginterp = parse_interp(glance_interpolation, "glance_interpolation");
+gfn::cpu::NormalizeParams normalize_params(const std::vector<double>& mean, const std::vector<double>& std,
+                                           bool bgr) {
   const auto m = three_floats(mean, "mean");
   const auto sd = three_floats(std, "std");
-  for (float v : sd) {
-    if (!(v != 0.0f)) throw py::value_error("std values must be non-zero");
+  gfn::cpu::NormalizeParams norm{};
+  for (int c = 0; c < 3; ++c) {
+    if (!(sd[c] != 0.0f)) throw py::value_error("std values must be non-zero");
+    norm.mean[c] = m[c];
+    norm.std[c] = sd[c];
   }
-  const int64_t n = static_cast<int64_t>(frames.size());
-  if (n < 1) throw py::value_error("frames must not be empty");
+  norm.bgr = bgr;
+  return norm;
+}
+
+/// A validated list of uint8 HWC frames of any sizes (arrays kept alive while in use).
+struct FrameList {
   std::vector<py::array> keep;
   std::vector<const uint8_t*> ptrs;
   std::vector<int64_t> heights, widths;
+  int64_t size() const { return static_cast<int64_t>(ptrs.size()); }
+};
+
+FrameList frame_list(const py::list& frames) {
+  const int64_t n = static_cast<int64_t>(frames.size());
+  if (n < 1) throw py::value_error("frames must not be empty");
+  FrameList fl;
   for (int64_t i = 0; i < n; ++i) {
     const std::string name = "frames[" + std::to_string(i) + "]";
     py::array f = as_ndarray(frames[i], name);
@@ -190,11 +194,33 @@ py::tuple cpu_preprocess(const py::list& frames, int64_t image_size, int64_t res
     }
     check_contiguous(f, name);
     if (f.shape(0) < 1 || f.shape(1) < 1) throw py::value_error(name + " is empty");
-    keep.push_back(f);
-    ptrs.push_back(static_cast<const uint8_t*>(f.data()));
-    heights.push_back(f.shape(0));
-    widths.push_back(f.shape(1));
+    fl.keep.push_back(f);
+    fl.ptrs.push_back(static_cast<const uint8_t*>(f.data()));
+    fl.heights.push_back(f.shape(0));
+    fl.widths.push_back(f.shape(1));
   }
+  return fl;
+}
+
+void check_resize(int64_t image_size, int64_t resize_short) {
+  check_positive(image_size, "image_size");
+  if (resize_short < image_size) {
+    throw py::value_error("resize size " + std::to_string(resize_short) +
+                          " must be >= image_size " + std::to_string(image_size) + " (crop_pct <= 1)");
+  }
+}
+
+py::tuple cpu_preprocess(const py::list& frames, int64_t image_size, int64_t resize_short,
+                         const std::string& interpolation, bool bgr,
+                         const std::vector<double>& mean, const std::vector<double>& std,
+                         const py::object& out, int64_t glance_size,
+                         const std::string& glance_interpolation, const py::object& glance_out) {
+  check_resize(image_size, resize_short);
+  const Interp interp = parse_interp(interpolation, "interpolation");
+  const Interp ginterp = parse_interp(glance_interpolation, "glance_interpolation");
+  const gfn::cpu::NormalizeParams norm = normalize_params(mean, std, bgr);
+  const FrameList fl = frame_list(frames);
+  const int64_t n = fl.size();
   py::array o = output_array<float>(out, {n, 3, image_size, image_size}, "out");
   py::object g = py::none();
   float* gptr = nullptr;
@@ -210,18 +236,57 @@ py::tuple cpu_preprocess(const py::list& frames, int64_t image_size, int64_t res
     throw py::value_error("glance_size must be >= 0");
   }
   float* optr = static_cast<float*>(o.mutable_data());
-  gfn::cpu::NormalizeParams norm{};
-  for (int c = 0; c < 3; ++c) {
-    norm.mean[c] = m[c];
-    norm.std[c] = sd[c];
-  }
-  norm.bgr = bgr;
   {
     py::gil_scoped_release release;
-    gfn::cpu::preprocess_frames(ptrs.data(), heights.data(), widths.data(), n, resize_short, image_size,
-                                interp, norm, optr, gptr, glance_size, ginterp);
+    gfn::cpu::preprocess_frames(fl.ptrs.data(), fl.heights.data(), fl.widths.data(), n, resize_short,
+                                image_size, interp, norm, optr, gptr, glance_size, ginterp);
   }
   return py::make_tuple(o, g);
+}
+
+py::array cpu_resize_crop(const py::list& frames, int64_t image_size, int64_t resize_short,
+                          const std::string& interpolation, const py::object& out) {
+  check_resize(image_size, resize_short);
+  const Interp interp = parse_interp(interpolation, "interpolation");
+  const FrameList fl = frame_list(frames);
+  const int64_t n = fl.size();
+  py::array o = output_array<uint8_t>(out, {n, image_size, image_size, 3}, "out");
+  uint8_t* optr = static_cast<uint8_t*>(o.mutable_data());
+  {
+    py::gil_scoped_release release;
+    gfn::cpu::preprocess_frames(fl.ptrs.data(), fl.heights.data(), fl.widths.data(), n, resize_short,
+                                image_size, interp, gfn::cpu::NormalizeParams{}, nullptr, nullptr, 0,
+                                interp, optr);
+  }
+  return o;
+}
+
+/// uint8 (N, S, S, 3) frames, N >= 1, S >= 1.
+py::array square_frames(const py::object& frames) {
+  py::array a = checked<uint8_t>(frames, 4, "frames");
+  if (a.shape(1) != a.shape(2) || a.shape(3) != 3) {
+    throw py::value_error("frames must be uint8 (N, S, S, 3), got " + shape_str(a));
+  }
+  if (a.shape(0) < 1 || a.shape(1) < 1) throw py::value_error("frames must not be empty, got " + shape_str(a));
+  return a;
+}
+
+py::array cpu_glance_u8(const py::object& frames, int64_t size, const std::string& interpolation,
+                        const std::vector<double>& mean, const std::vector<double>& std, bool bgr,
+                        const py::object& out) {
+  py::array a = square_frames(frames);
+  const int64_t n = a.shape(0), s = a.shape(1);
+  check_positive(size, "patch_size");
+  const Interp mode = parse_interp(interpolation, "interpolation");
+  const gfn::cpu::NormalizeParams norm = normalize_params(mean, std, bgr);
+  py::array o = output_array<float>(out, {n, 3, size, size}, "out");
+  const uint8_t* src = static_cast<const uint8_t*>(a.data());
+  float* dst = static_cast<float*>(o.mutable_data());
+  {
+    py::gil_scoped_release release;
+    gfn::cpu::glance_u8(src, n, s, norm, dst, size, mode);
+  }
+  return o;
 }
 
 py::array cpu_glance(const py::object& images, int64_t size, const std::string& interpolation,
@@ -242,11 +307,8 @@ py::array cpu_glance(const py::object& images, int64_t size, const std::string& 
   return o;
 }
 
-py::array cpu_crop(const py::object& images, const py::object& coords, int64_t patch,
-                   const py::object& out) {
-  py::array a = checked<float>(images, 4, "images");
-  const int64_t n = a.shape(0), c = a.shape(1), s = a.shape(2);
-  if (a.shape(3) != s) throw py::value_error("images must be square (N, C, S, S), got " + shape_str(a));
+/// Validated (n, 2) int32 patch coordinates, each in [0, s - patch].
+py::array crop_coords(const py::object& coords, int64_t n, int64_t s, int64_t patch) {
   check_positive(patch, "patch_size");
   if (patch > s) {
     throw py::value_error("patch_size " + std::to_string(patch) + " exceeds the image size " + std::to_string(s));
@@ -266,12 +328,40 @@ py::array cpu_crop(const py::object& images, const py::object& coords, int64_t p
       }
     }
   }
+  return k;
+}
+
+py::array cpu_crop(const py::object& images, const py::object& coords, int64_t patch,
+                   const py::object& out) {
+  py::array a = checked<float>(images, 4, "images");
+  const int64_t n = a.shape(0), c = a.shape(1), s = a.shape(2);
+  if (a.shape(3) != s) throw py::value_error("images must be square (N, C, S, S), got " + shape_str(a));
+  py::array k = crop_coords(coords, n, s, patch);
+  const int32_t* kp = static_cast<const int32_t*>(k.data());
   py::array o = output_array<float>(out, {n, c, patch, patch}, "out");
   const float* src = static_cast<const float*>(a.data());
   float* dst = static_cast<float*>(o.mutable_data());
   {
     py::gil_scoped_release release;
     gfn::cpu::crop_patches(src, n, c, s, kp, dst, patch);
+  }
+  return o;
+}
+
+py::array cpu_crop_u8(const py::object& frames, const py::object& coords, int64_t patch,
+                      const std::vector<double>& mean, const std::vector<double>& std, bool bgr,
+                      const py::object& out) {
+  py::array a = square_frames(frames);
+  const int64_t n = a.shape(0), s = a.shape(1);
+  py::array k = crop_coords(coords, n, s, patch);
+  const gfn::cpu::NormalizeParams norm = normalize_params(mean, std, bgr);
+  py::array o = output_array<float>(out, {n, 3, patch, patch}, "out");
+  const uint8_t* src = static_cast<const uint8_t*>(a.data());
+  const int32_t* kp = static_cast<const int32_t*>(k.data());
+  float* dst = static_cast<float*>(o.mutable_data());
+  {
+    py::gil_scoped_release release;
+    gfn::cpu::crop_patches_u8(src, n, s, kp, norm, dst, patch);
   }
   return o;
 }
@@ -893,6 +983,12 @@ PYBIND11_MODULE(GFNET_EDGE_EXT_NAME, m) {
         py::arg("out") = py::none());
   m.def("crop_patches", &cpu_crop, py::arg("images"), py::arg("coords"), py::arg("patch_size"),
         py::arg("out") = py::none());
+  m.def("resize_crop", &cpu_resize_crop, py::arg("frames"), py::arg("image_size"), py::arg("resize_short"),
+        py::arg("interpolation"), py::arg("out") = py::none());
+  m.def("glance_u8", &cpu_glance_u8, py::arg("frames"), py::arg("size"), py::arg("interpolation"),
+        py::arg("mean"), py::arg("std"), py::arg("bgr") = false, py::arg("out") = py::none());
+  m.def("crop_patches_u8", &cpu_crop_u8, py::arg("frames"), py::arg("coords"), py::arg("patch_size"),
+        py::arg("mean"), py::arg("std"), py::arg("bgr") = false, py::arg("out") = py::none());
   m.def("linear", &cpu_linear, py::arg("x"), py::arg("w"), py::arg("b") = py::none(), py::arg("relu") = false);
   m.def("softmax_stats", &cpu_softmax_stats, py::arg("logits"));
 

@@ -10,8 +10,12 @@ CPU (float32, numpy in / numpy out)::
                mean=IMAGENET_MEAN, std=IMAGENET_STD, glance_size=None,
                glance_interpolation="bicubic", out=None, glance_out=None)
         -> images (N, 3, S, S)  or  (images, glance (N, 3, P, P)) when glance_size is given
-    glance(images, patch_size, interpolation="bicubic", out=None) -> (N, 3, P, P)
-    crop_patches(images, coords, patch_size, out=None) -> (N, 3, P, P)
+    resize_crop(frames, image_size, crop_pct=0.875, interpolation="bilinear", out=None)
+        -> uint8 (N, S, S, 3): preprocess's resize + centre crop without the normalisation
+    glance(images, patch_size, interpolation="bicubic", out=None, mean=None, std=None, bgr=False)
+        -> (N, 3, P, P); images float32 (N, 3, S, S), or uint8 frames (N, S, S, 3) with mean/std
+    crop_patches(images, coords, patch_size, out=None, mean=None, std=None, bgr=False)
+        -> (N, 3, P, P); images as for glance (uint8 frames are normalised while cropping)
     linear(x, w, b=None, relu=False) -> (N, out)
     softmax_stats(logits) -> (maxprob float32 (N,), argmax int32 (N,))
     Linear(w, b=None, weight_dtype="float32")(x, relu=False) -> (N, out)
@@ -52,9 +56,9 @@ The heads built with ``device="cuda"`` also accept numpy in ``step`` (copied to 
 device; convenient for tests). Float16 device buffers are allowed for the kernels' inputs
 and outputs where a ``*_dtype`` argument says so; GRU hidden states are always float32.
 
-Errors: a wrong dtype raises TypeError; a wrong shape, a non-contiguous array, an
-out-of-range coordinate or size, or a size mismatch raises ValueError; a CUDA call without a
-usable GPU (or in a build without CUDA) raises RuntimeError.
+Errors: a wrong dtype (uint8 frames without mean and std included) raises TypeError; a wrong
+shape, a non-contiguous array, an out-of-range coordinate or size, or a size mismatch raises
+ValueError; a CUDA call without a usable GPU (or in a build without CUDA) raises RuntimeError.
 """
 from __future__ import annotations
 
@@ -73,7 +77,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
     ) from exc
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "resize_size", "preprocess", "glance", "crop_patches",
+    "IMAGENET_MEAN", "IMAGENET_STD", "resize_size", "preprocess", "resize_crop", "glance", "crop_patches",
     "linear", "softmax_stats", "Linear", "GRUCell", "GRUHead", "ActorHead", "CascadedHead",
     "get_num_threads", "set_num_threads", "simd_level", "has_cuda_build", "cuda_device_count",
     "cuda_device_properties", "DeviceBuffer", "Stream", "to_device", "from_device",
@@ -183,6 +187,24 @@ def simd_level() -> str:
     return _C.simd_level()
 
 
+def _frame_list(frames: Any) -> List[np.ndarray]:
+    """One frame, an (N, H, W, 3) array or a list of frames -> a non-empty list of arrays."""
+    if isinstance(frames, np.ndarray):
+        if frames.ndim == 4:
+            frame_list = [frames[i] for i in range(frames.shape[0])]
+        else:
+            frame_list = [frames]
+    elif isinstance(frames, (list, tuple)):
+        frame_list = list(frames)
+    else:
+        raise TypeError(f"frames must be a numpy array or a list of arrays, got {type(frames).__name__}")
+    if not frame_list:
+        raise ValueError("frames must not be empty")
+    for i, f in enumerate(frame_list):
+        _ndarray(f, f"frames[{i}]")
+    return frame_list
+
+
 def preprocess(
     frames: Union[np.ndarray, Sequence[np.ndarray]],
     image_size: int,
@@ -220,19 +242,7 @@ def preprocess(
     Returns:
         The images, or ``(images, glance)`` when ``glance_size`` is given.
     """
-    if isinstance(frames, np.ndarray):
-        if frames.ndim == 4:
-            frame_list = [frames[i] for i in range(frames.shape[0])]
-        else:
-            frame_list = [frames]
-    elif isinstance(frames, (list, tuple)):
-        frame_list = list(frames)
-    else:
-        raise TypeError(f"frames must be a numpy array or a list of arrays, got {type(frames).__name__}")
-    if not frame_list:
-        raise ValueError("frames must not be empty")
-    for i, f in enumerate(frame_list):
-        _ndarray(f, f"frames[{i}]")
+    frame_list = _frame_list(frames)
     size = resize_size(image_size, crop_pct)
     interp = _choice(interpolation, "interpolation", _INTERPOLATIONS)
     ginterp = _choice(glance_interpolation, "glance_interpolation", _INTERPOLATIONS)
@@ -245,31 +255,95 @@ def preprocess(
     return images if glance_size is None else (images, gl)
 
 
+def resize_crop(
+    frames: Union[np.ndarray, Sequence[np.ndarray]],
+    image_size: int,
+    crop_pct: float = 0.875,
+    interpolation: str = "bilinear",
+    out: Optional[np.ndarray] = None,
+) -> np.ndarray:
+    """The resize and centre crop of :func:`preprocess` without the normalisation.
+
+    Returns uint8 (N, S, S, 3) frames in the input's channel order: the levels
+    :func:`preprocess` normalises (``preprocess(resize_crop(f, S, c), S, crop_pct=1.0)`` equals
+    ``preprocess(f, S, c)`` bit for bit). Keeping images as uint8 until a patch is cut (see
+    :func:`glance` and :func:`crop_patches`) moves a quarter of the bytes.
+
+    Args:
+        frames: as for :func:`preprocess`.
+        image_size: S.
+        crop_pct: resize the shorter side to ``int(S / crop_pct)``; in (0, 1].
+        interpolation: ``"bilinear"`` or ``"bicubic"``.
+        out: optional (N, S, S, 3) uint8 C-contiguous array to write into.
+    """
+    frame_list = _frame_list(frames)
+    return _C.resize_crop(frame_list, int(image_size), resize_size(image_size, crop_pct),
+                          _choice(interpolation, "interpolation", _INTERPOLATIONS), out)
+
+
+def _normalisation(images: np.ndarray, mean: Optional[Sequence[float]], std: Optional[Sequence[float]],
+                   bgr: bool) -> Optional[Tuple[list, list, bool]]:
+    """``(mean, std, bgr)`` for uint8 frames (which need them), None for float images (which
+    must not have them)."""
+    if images.dtype == np.uint8:
+        if mean is None or std is None:
+            raise TypeError("images have dtype uint8: uint8 frames (N, S, S, 3) need mean and std (they are "
+                            "normalised on the fly); normalised images must be float32")
+        return list(_triple(mean, "mean")), list(_triple(std, "std")), bool(bgr)
+    if mean is not None or std is not None or bgr:
+        raise ValueError("mean, std and bgr apply to uint8 frames only; these images are "
+                         f"{images.dtype} (already normalised)")
+    return None
+
+
 def glance(images: np.ndarray, patch_size: int, interpolation: str = "bicubic",
-           out: Optional[np.ndarray] = None) -> np.ndarray:
-    """Resizes (N, C, S, S) float32 images to (N, C, P, P), align_corners=True.
+           out: Optional[np.ndarray] = None, mean: Optional[Sequence[float]] = None,
+           std: Optional[Sequence[float]] = None, bgr: bool = False) -> np.ndarray:
+    """Resizes square images to (N, C, P, P), align_corners=True.
 
     Matches ``torch.nn.functional.interpolate(images, (P, P), mode=interpolation,
     align_corners=True)`` within 1e-5 (bicubic uses a = -0.75 and clamped borders).
+
+    Args:
+        images: normalised float32 (N, C, S, S); or uint8 frames (N, S, S, 3) with ``mean`` and
+            ``std``, whose glance is returned normalised (the glance of the normalised images
+            up to float rounding: the levels are resampled, then normalised).
+        patch_size: P.
+        interpolation: ``"bilinear"`` or ``"bicubic"``.
+        out: optional (N, C, P, P) float32 output.
+        mean, std: per-channel normalisation of uint8 frames (R, G, B).
+        bgr: the uint8 frames are B, G, R (the output is R, G, B).
     """
     _ndarray(images, "images")
-    return _C.glance(images, _int(patch_size, "patch_size"),
-                     _choice(interpolation, "interpolation", _INTERPOLATIONS), out)
+    P = _int(patch_size, "patch_size")
+    interp = _choice(interpolation, "interpolation", _INTERPOLATIONS)
+    norm = _normalisation(images, mean, std, bgr)
+    if norm is not None:
+        return _C.glance_u8(images, P, interp, *norm, out)
+    return _C.glance(images, P, interp, out)
 
 
 def crop_patches(images: np.ndarray, coords: np.ndarray, patch_size: int,
-                 out: Optional[np.ndarray] = None) -> np.ndarray:
+                 out: Optional[np.ndarray] = None, mean: Optional[Sequence[float]] = None,
+                 std: Optional[Sequence[float]] = None, bgr: bool = False) -> np.ndarray:
     """Cuts ``images[i, :, r:r+P, c:c+P]`` for each ``(r, c) = coords[i]``.
 
     Args:
-        images: (N, C, S, S) float32, C-contiguous.
+        images: (N, C, S, S) float32, C-contiguous; or uint8 frames (N, S, S, 3) with ``mean``
+            and ``std``, cut and normalised in one pass (bit-identical to cutting the
+            normalised images of :func:`preprocess`).
         coords: (N, 2) int32 (row, col), each in [0, S - P]; anything else raises ValueError.
         patch_size: P.
         out: optional (N, C, P, P) float32 output.
+        mean, std, bgr: as for :func:`glance`.
     """
     _ndarray(images, "images")
     _ndarray(coords, "coords")
-    return _C.crop_patches(images, coords, _int(patch_size, "patch_size"), out)
+    P = _int(patch_size, "patch_size")
+    norm = _normalisation(images, mean, std, bgr)
+    if norm is not None:
+        return _C.crop_patches_u8(images, coords, P, *norm, out)
+    return _C.crop_patches(images, coords, P, out)
 
 
 def linear(x: np.ndarray, w: np.ndarray, b: Optional[np.ndarray] = None, relu: bool = False) -> np.ndarray:

@@ -173,6 +173,94 @@ def test_glance_out_and_channels(rng):
     np.testing.assert_allclose(out, torch_glance(images, 8, "bicubic"), atol=1e-5, rtol=0)
 
 
+# --------------------------------------------------- uint8 frames kept until cropped ----
+def torch_resize_crop(frame, S, crop_pct, interpolation):
+    """torchvision's uint8 resize (antialias) + centre crop, as (S, S, 3) uint8."""
+    mode = {"bilinear": tvf.InterpolationMode.BILINEAR, "bicubic": tvf.InterpolationMode.BICUBIC}[interpolation]
+    r = tvf.resize(torch.from_numpy(frame).permute(2, 0, 1), [int(S / crop_pct)], interpolation=mode, antialias=True)
+    return tvf.center_crop(r, [S, S]).permute(1, 2, 0).contiguous().numpy()
+
+
+def torch_normalise(frames, mean=MEAN, std=STD):
+    """uint8 (N, S, S, 3) -> normalised (N, 3, S, S) the way torchvision does it."""
+    t = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
+    return tvf.normalize(t, list(mean), list(std)).numpy()
+
+
+@pytest.mark.parametrize("hw", [(480, 640), (257, 311), (224, 224), (100, 150)])
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("crop_pct", [0.875, 1.0])
+def test_resize_crop_is_torchvisions_uint8_resize_and_crop(rng, simd, hw, interpolation, crop_pct):
+    frames = [rng.integers(0, 256, (*hw, 3), dtype=np.uint8) for _ in range(2)]
+    out = ops.resize_crop(frames, 96, crop_pct, interpolation)
+    assert out.dtype == np.uint8 and out.shape == (2, 96, 96, 3)
+    for i, f in enumerate(frames):
+        assert np.array_equal(out[i], torch_resize_crop(f, 96, crop_pct, interpolation))
+    # ... and normalising it is preprocess, bit for bit
+    assert np.array_equal(ops.preprocess(out, 96, crop_pct=1.0),
+                          ops.preprocess(frames, 96, crop_pct=crop_pct, interpolation=interpolation))
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("S,P", [(224, 96), (300, 144), (17, 5), (8, 8), (10, 1), (5, 12)])
+def test_glance_of_uint8_frames_matches_interpolate_of_normalised(rng, simd, mode, S, P):
+    frames = rng.integers(0, 256, (2, S, S, 3), dtype=np.uint8)
+    ref = torch_glance(torch_normalise(frames), P, mode)
+    np.testing.assert_allclose(ops.glance(frames, P, mode, mean=MEAN, std=STD), ref, atol=1e-5, rtol=0)
+    # BGR frames give the same (RGB) glance
+    bgr = np.ascontiguousarray(frames[..., ::-1])
+    np.testing.assert_allclose(ops.glance(bgr, P, mode, mean=MEAN, std=STD, bgr=True), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_glance_of_uint8_frames_identical_with_and_without_avx2(rng, mode):
+    if ops.simd_level() != "avx2":
+        pytest.skip("this CPU has no AVX2/FMA/F16C")
+    frames = rng.integers(0, 256, (2, 37, 37, 3), dtype=np.uint8)
+    fast = ops.glance(frames, 13, mode, mean=MEAN, std=STD)
+    ops._C.set_simd_enabled(False)
+    try:
+        plain = ops.glance(frames, 13, mode, mean=MEAN, std=STD)
+    finally:
+        ops._C.set_simd_enabled(True)
+    assert np.array_equal(fast, plain)
+
+
+@pytest.mark.parametrize("bgr", [False, True])
+def test_crop_patches_of_uint8_frames_is_exact_normalised_slicing(rng, bgr):
+    frames = rng.integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    rgb = np.ascontiguousarray(frames[..., ::-1]) if bgr else frames
+    coords = np.array([[0, 0], [40, 40], [13, 7], [40, 0]], np.int32)
+    mean, std = (0.5, 0.25, 0.125), (0.2, 0.3, 0.4)
+    patches = ops.crop_patches(frames, coords, 24, mean=mean, std=std, bgr=bgr)
+    ref = torch_normalise(rgb, mean, std)
+    for i, (r, c) in enumerate(coords):
+        assert np.array_equal(patches[i], ref[i, :, r:r + 24, c:c + 24])
+
+
+def test_uint8_frames_bad_arguments(rng):
+    frames = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    coords = np.zeros((2, 2), np.int32)
+    with pytest.raises(TypeError, match="need mean and std"):
+        ops.glance(frames, 8)
+    with pytest.raises(TypeError, match="need mean and std"):
+        ops.crop_patches(frames, coords, 8, mean=MEAN)
+    with pytest.raises(ValueError, match="uint8 frames only"):
+        ops.glance(frames.astype(np.float32), 8, mean=MEAN, std=STD)
+    with pytest.raises(ValueError, match=r"\(N, S, S, 3\)"):
+        ops.glance(rng.integers(0, 256, (2, 32, 30, 3), dtype=np.uint8), 8, mean=MEAN, std=STD)
+    with pytest.raises(ValueError, match=r"\(N, S, S, 3\)"):
+        ops.crop_patches(rng.integers(0, 256, (2, 32, 32, 4), dtype=np.uint8), coords, 8, mean=MEAN, std=STD)
+    with pytest.raises(ValueError, match="out of range"):
+        ops.crop_patches(frames, np.array([[0, 0], [25, 0]], np.int32), 8, mean=MEAN, std=STD)
+    with pytest.raises(ValueError, match="non-zero"):
+        ops.crop_patches(frames, coords, 8, mean=MEAN, std=(0.2, 0.0, 0.2))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        ops.glance(frames[:, ::2, ::2], 8, mean=MEAN, std=STD)
+    with pytest.raises(ValueError, match="crop_pct"):
+        ops.resize_crop(frames[0], 16, crop_pct=1.5)
+
+
 # ---------------------------------------------------------------------------- crop ----
 def test_crop_patches_matches_slicing(rng):
     images = rng.standard_normal((4, 3, 64, 64)).astype(np.float32)

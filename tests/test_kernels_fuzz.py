@@ -54,6 +54,37 @@ def test_glance_fuzz(n, c, S, P, mode, seed):
 
 
 @FUZZ
+@given(n=st.integers(1, 3), S=st.integers(1, 80), P=st.integers(1, 80), mode=MODES, bgr=st.booleans(),
+       seed=st.integers(0, 2**31))
+def test_glance_of_uint8_frames_fuzz(n, S, P, mode, bgr, seed):
+    frames = _rng(seed).integers(0, 256, size=(n, S, S, 3), dtype=np.uint8)
+    rgb = frames[..., ::-1] if bgr else frames
+    t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(0, 3, 1, 2).float() / 255
+    norm = tvf.normalize(t, list(ops.IMAGENET_MEAN), list(ops.IMAGENET_STD))
+    ref = F.interpolate(norm, size=(P, P), mode=mode, align_corners=True).numpy()
+    ours = ops.glance(frames, P, mode, mean=ops.IMAGENET_MEAN, std=ops.IMAGENET_STD, bgr=bgr)
+    np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
+
+
+@FUZZ
+@given(n=st.integers(1, 4), S=st.integers(1, 40), P=st.integers(1, 40), data=st.data())
+def test_crop_of_uint8_frames_fuzz(n, S, P, data):
+    frames = _rng(n * 1000 + S).integers(0, 256, size=(n, S, S, 3), dtype=np.uint8)
+    coords = np.array(data.draw(st.lists(st.tuples(st.integers(-3, S + 3), st.integers(-3, S + 3)),
+                                         min_size=n, max_size=n)), np.int32).reshape(n, 2)
+    valid = P <= S and bool(np.all((coords >= 0) & (coords <= S - P)))
+    kw = dict(mean=ops.IMAGENET_MEAN, std=ops.IMAGENET_STD)
+    if not valid:
+        with pytest.raises(ValueError):
+            ops.crop_patches(frames, coords, P, **kw)
+        return
+    out = ops.crop_patches(frames, coords, P, **kw)
+    images = ops.preprocess(frames, S, crop_pct=1.0)
+    for i, (r, c) in enumerate(coords):
+        assert np.array_equal(out[i], images[i, :, r:r + P, c:c + P])
+
+
+@FUZZ
 @given(n=st.integers(1, 6), S=st.integers(1, 48), P=st.integers(1, 48), data=st.data())
 def test_crop_fuzz(n, S, P, data):
     images = np.arange(n * 3 * S * S, dtype=np.float32).reshape(n, 3, S, S)

@@ -104,6 +104,26 @@ def test_uint8_frames_and_float_inputs_agree(mnv3):
     assert len(single) == 1 and single.classes[0] == a.classes[0]
 
 
+@pytest.mark.parametrize("stacked", [True, False])
+def test_s_by_s_uint8_frames_trace_like_their_normalised_images(mnv3, stacked):
+    """S x S frames stay uint8 in the host loop (glance and crops normalise on the fly): every
+    step's probabilities and patch coordinates equal those of the normalised float images."""
+    model, bundle = mnv3
+    from gfnet_edge import ops
+
+    rng = np.random.default_rng(3)
+    frames = rng.integers(0, 256, (4, 224, 224, 3), dtype=np.uint8)
+    images = ops.preprocess(frames, 224, crop_pct=1.0, mean=model.spec.mean, std=model.spec.std)
+    with Runtime(bundle, backend="onnxruntime", precision="fp32") as rt:
+        assert rt.model["crop_pct"] == 0.875  # force the no-crop path of a crop_pct=1 model
+        rt.model = dict(rt.model, crop_pct=1.0)
+        rt.driver.model = rt.model
+        ta = rt.trace(frames if stacked else list(frames))
+        tb = rt.trace(images)
+    np.testing.assert_allclose(ta.probs, tb.probs, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(ta.coords, tb.coords)
+
+
 def test_deterministic_and_thread_safe(mnv3):
     _, bundle = mnv3
     rng = np.random.default_rng(3)
@@ -142,6 +162,7 @@ def test_torch_backend_matches_onnxruntime(mnv3):
     ([np.zeros((10, 10), np.uint8)], InputError, "uint8 HWC"),
     ([np.zeros((10, 10, 3), np.float64)], InputError, "uint8 HWC"),
     ([], InputError, "no images"),
+    (np.zeros((0, 224, 224, 3), np.uint8), InputError, "no images"),
 ])
 def test_bad_inputs(mnv3, bad, exc, match):
     _, bundle = mnv3

@@ -120,10 +120,8 @@ inline void normalise_row(const uint8_t* row, const float (&lut)[3][256], bool b
   }
 }
 
-void preprocess_frame(const uint8_t* frame, int64_t h, int64_t w, int64_t resize_short,
-                      int64_t image_size, Interp interp, const NormalizeParams& norm, float* out,
-                      float* glance_out, int64_t glance_size, Interp glance_interp) {
-  float lut[3][256];
+// Per-channel table of the normalised value of each uint8 level (output channel order).
+static void build_lut(const NormalizeParams& norm, float (&lut)[3][256]) {
   for (int c = 0; c < 3; ++c) {
     for (int v = 0; v < 256; ++v) {
       // Same float32 operations as torch: x / 255, then (x - mean) / std.
@@ -131,11 +129,22 @@ void preprocess_frame(const uint8_t* frame, int64_t h, int64_t w, int64_t resize
       lut[c][v] = (x - norm.mean[c]) / norm.std[c];
     }
   }
+}
+
+void preprocess_frame(const uint8_t* frame, int64_t h, int64_t w, int64_t resize_short,
+                      int64_t image_size, Interp interp, const NormalizeParams& norm, float* out,
+                      float* glance_out, int64_t glance_size, Interp glance_interp, uint8_t* raw_out) {
+  float lut[3][256];
+  if (raw_out == nullptr) build_lut(norm, lut);
   const int64_t S = image_size;
   const int64_t plane = S * S;
   if (h == S && w == S && resize_short == S) {
     // Already S x S and no crop: torchvision's resize returns the image unchanged, so this is
     // the normalisation alone (one pass, no resampling).
+    if (raw_out != nullptr) {
+      std::memcpy(raw_out, frame, static_cast<size_t>(3 * plane));
+      return;
+    }
     parallel_for(S, 16, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         normalise_row(frame + i * 3 * S, lut, norm.bgr, S, out + i * S, plane);
@@ -201,14 +210,16 @@ void preprocess_frame(const uint8_t* frame, int64_t h, int64_t w, int64_t resize
         rows[k] = hb + (vt.start[src] + k - plan.row_lo) * hstride;
       }
       const int16_t* wt = &vt.weight[static_cast<size_t>(src) * vt.max_taps];
+      uint8_t* dst = raw_out != nullptr ? raw_out + i * 3 * S : line.data();
       if (avx2) {
-        vpass_row_avx2(rows.data(), wt, count, vt.precision, 3 * S, acc.data(), line.data());
+        vpass_row_avx2(rows.data(), wt, count, vt.precision, 3 * S, acc.data(), dst);
       } else {
-        vpass_row_generic(rows.data(), wt, count, vt.precision, 3 * S, acc.data(), line.data());
+        vpass_row_generic(rows.data(), wt, count, vt.precision, 3 * S, acc.data(), dst);
       }
-      normalise_row(line.data(), lut, norm.bgr, S, out + i * S, plane);
+      if (raw_out == nullptr) normalise_row(line.data(), lut, norm.bgr, S, out + i * S, plane);
     }
   });
+  if (raw_out != nullptr) return;
 
   if (glance_out != nullptr) glance(out, 1, 3, S, glance_out, glance_size, glance_interp);
 }
@@ -216,13 +227,13 @@ void preprocess_frame(const uint8_t* frame, int64_t h, int64_t w, int64_t resize
 void preprocess_frames(const uint8_t* const* frames, const int64_t* heights, const int64_t* widths,
                        int64_t n, int64_t resize_short, int64_t image_size, Interp interp,
                        const NormalizeParams& norm, float* out, float* glance, int64_t glance_size,
-                       Interp glance_interp) {
+                       Interp glance_interp, uint8_t* raw_out) {
   const int64_t out_stride = 3 * image_size * image_size;
   const int64_t glance_stride = 3 * glance_size * glance_size;
   auto one = [&](int64_t i) {
     preprocess_frame(frames[i], heights[i], widths[i], resize_short, image_size, interp, norm,
-                     out + i * out_stride, glance ? glance + i * glance_stride : nullptr,
-                     glance_size, glance_interp);
+                     out ? out + i * out_stride : nullptr, glance ? glance + i * glance_stride : nullptr,
+                     glance_size, glance_interp, raw_out ? raw_out + i * out_stride : nullptr);
   };
   const int64_t threads = get_num_threads();
   if (threads > 1 && n >= 2 * threads) {
@@ -232,59 +243,140 @@ void preprocess_frames(const uint8_t* const* frames, const int64_t* heights, con
   }
 }
 
+namespace {
+
+/// The glance's per-output taps along one axis (both axes are the same: square images).
+struct GlanceTaps {
+  int ntaps = 0;
+  std::vector<int> ix;        ///< P x 4 clamped source indices
+  std::vector<float> wx;      ///< P x 4 weights
+  std::vector<int32_t> start; ///< first tap in the border-padded row (bicubic)
+
+  GlanceTaps(Interp mode, int64_t in_size, int64_t P)
+      : ix(static_cast<size_t>(P) * 4), wx(static_cast<size_t>(P) * 4), start(static_cast<size_t>(P)) {
+    for (int64_t i = 0; i < P; ++i) {
+      ntaps = glance_taps(mode, static_cast<int>(i), static_cast<int>(in_size), static_cast<int>(P),
+                          &ix[i * 4], &wx[i * 4]);
+      start[i] = ix[i * 4 + 1];  // the unclamped centre tap: taps are clamp(start - 1 + j)
+    }
+  }
+};
+
+/// Horizontal glance pass of one vertically filtered row. `vpad` holds the row at
+/// vpad[1 .. S] with room for one border value before and two after (filled here).
+inline void glance_hrow(float* vpad, int64_t S, const GlanceTaps& t, int64_t P, bool avx2, float* o) {
+  float* const v = vpad + 1;
+  if (t.ntaps == 4) {
+    vpad[0] = v[0];
+    v[S] = v[S + 1] = v[S - 1];
+    int64_t x = avx2 ? glance_hpass4_avx2(vpad, t.start.data(), t.wx.data(), P, o) : 0;
+    for (; x < P; ++x) {
+      const float* p = vpad + t.start[x];
+      const float* w = &t.wx[x * 4];
+      o[x] = (p[0] * w[0] + p[1] * w[1]) + (p[2] * w[2] + p[3] * w[3]);
+    }
+  } else {
+    for (int64_t x = 0; x < P; ++x) {
+      o[x] = v[t.ix[x * 4]] * t.wx[x * 4] + v[t.ix[x * 4 + 1]] * t.wx[x * 4 + 1];
+    }
+  }
+}
+
+/// Tasks for `units` independent images or planes of P output rows: bands of rows, enough to
+/// keep every thread busy (one image has only 3 planes).
+inline int64_t glance_bands(int64_t units, int64_t P) {
+  return std::min<int64_t>(P, (4 * get_num_threads() + units - 1) / units);
+}
+
+}  // namespace
+
 void glance(const float* in, int64_t n, int64_t channels, int64_t in_size, float* out,
             int64_t out_size, Interp mode) {
   const int64_t P = out_size;
-  std::vector<int> ix(static_cast<size_t>(P) * 4);
-  std::vector<float> wx(static_cast<size_t>(P) * 4);
-  int ntaps = 0;
-  std::vector<int32_t> start(static_cast<size_t>(P));  // first tap in the padded row (bicubic)
-  for (int64_t i = 0; i < P; ++i) {
-    ntaps = glance_taps(mode, static_cast<int>(i), static_cast<int>(in_size), static_cast<int>(P),
-                        &ix[i * 4], &wx[i * 4]);
-    start[i] = ix[i * 4 + 1];  // the unclamped centre tap: taps are clamp(start - 1 + j)
-  }
+  const GlanceTaps taps(mode, in_size, P);
   const bool avx2 = use_avx2();
   // Separable: the vertical pass combines whole source rows into the P output rows
   // (contiguous, vectorised by the compiler), then each of those rows is filtered
   // horizontally (P outputs of ntaps taps; bicubic sums (t0 + t1) + (t2 + t3), 8 outputs per
   // AVX2 iteration, the same expression in plain code). Tasks are bands of output rows of one
-  // plane, enough to keep every thread busy (one image has only 3 planes). Results differ
-  // from F.interpolate's and the GPU's summation order only by float rounding.
+  // plane. Results differ from F.interpolate's and the GPU's summation order only by float
+  // rounding.
   const int64_t S = in_size;
   const int64_t in_plane = S * S;
   const int64_t planes = n * channels;
-  const int64_t bands = std::min<int64_t>(P, (4 * get_num_threads() + planes - 1) / planes);
+  const int64_t bands = glance_bands(planes, P);
   parallel_tasks(planes * bands, [&](int64_t task) {
     const int64_t plane_index = task / bands, band = task % bands;
     const float* src = in + plane_index * in_plane;
     float* dst = out + plane_index * P * P;
-    // The vertical result with its clamped borders materialised: vpad[m] = v[clamp(m - 1)],
-    // so the 4 bicubic taps of output x are vpad[start[x] .. start[x] + 3].
     std::vector<float> vpad(static_cast<size_t>(S + 3));
     float* const v = vpad.data() + 1;
     for (int64_t y = band * P / bands; y < (band + 1) * P / bands; ++y) {
-      const float* r0 = src + static_cast<int64_t>(ix[y * 4]) * S;
-      const float w0 = wx[y * 4];
+      const float* r0 = src + static_cast<int64_t>(taps.ix[y * 4]) * S;
+      const float w0 = taps.wx[y * 4];
       for (int64_t c = 0; c < S; ++c) v[c] = r0[c] * w0;
-      for (int a = 1; a < ntaps; ++a) {
-        const float* ra = src + static_cast<int64_t>(ix[y * 4 + a]) * S;
-        const float wa = wx[y * 4 + a];
+      for (int a = 1; a < taps.ntaps; ++a) {
+        const float* ra = src + static_cast<int64_t>(taps.ix[y * 4 + a]) * S;
+        const float wa = taps.wx[y * 4 + a];
         for (int64_t c = 0; c < S; ++c) v[c] += ra[c] * wa;
       }
-      float* o = dst + y * P;
-      if (ntaps == 4) {
-        vpad[0] = v[0];
-        v[S] = v[S + 1] = v[S - 1];
-        int64_t x = avx2 ? glance_hpass4_avx2(vpad.data(), start.data(), wx.data(), P, o) : 0;
-        for (; x < P; ++x) {
-          const float* t = vpad.data() + start[x];
-          const float* w = &wx[x * 4];
-          o[x] = (t[0] * w[0] + t[1] * w[1]) + (t[2] * w[2] + t[3] * w[3]);
-        }
-      } else {
-        for (int64_t x = 0; x < P; ++x) o[x] = v[ix[x * 4]] * wx[x * 4] + v[ix[x * 4 + 1]] * wx[x * 4 + 1];
+      glance_hrow(vpad.data(), S, taps, P, avx2, dst + y * P);
+    }
+  });
+}
+
+void glance_u8(const uint8_t* frames, int64_t n, int64_t size, const NormalizeParams& norm,
+               float* out, int64_t out_size, Interp mode) {
+  const int64_t P = out_size, S = size, row = 3 * S;
+  const GlanceTaps taps(mode, S, P);
+  const bool avx2 = use_avx2();
+  // The glance of the raw levels, normalised at the end: resampling weights sum to one, so
+  // this equals the glance of the normalised image up to float rounding (a few 1e-6 here), and reads the uint8
+  // frame (a quarter of the bytes) instead of a normalised float copy. The vertical pass runs
+  // on the interleaved row; its result is split into three border-padded planar rows for the
+  // horizontal pass.
+  float scale[3], shift[3];  // (v / 255 - mean) / std as one multiply and one add
+  for (int c = 0; c < 3; ++c) {
+    scale[c] = static_cast<float>(1.0 / (255.0 * norm.std[c]));
+    shift[c] = static_cast<float>(-static_cast<double>(norm.mean[c]) / norm.std[c]);
+  }
+  const int64_t bands = glance_bands(n, P);
+  parallel_tasks(n * bands, [&](int64_t task) {
+    const int64_t img = task / bands, band = task % bands;
+    const uint8_t* src = frames + img * S * row;
+    std::vector<float> vrow(static_cast<size_t>(row));
+    std::vector<float> vpad(static_cast<size_t>(S + 3));
+    const uint8_t* rows[4];
+    for (int64_t y = band * P / bands; y < (band + 1) * P / bands; ++y) {
+      for (int a = 0; a < taps.ntaps; ++a) rows[a] = src + static_cast<int64_t>(taps.ix[y * 4 + a]) * row;
+      const float* w = &taps.wx[y * 4];
+      int64_t c = avx2 ? glance_vpass_u8_avx2(rows, w, taps.ntaps, row, vrow.data()) : 0;
+      for (; c < row; ++c) {
+        float acc = static_cast<float>(rows[0][c]) * w[0];
+        for (int a = 1; a < taps.ntaps; ++a) acc += static_cast<float>(rows[a][c]) * w[a];
+        vrow[c] = acc;
       }
+      for (int ch = 0; ch < 3; ++ch) {
+        const int cout = norm.bgr ? 2 - ch : ch;
+        for (int64_t j = 0; j < S; ++j) vpad[1 + j] = vrow[3 * j + ch];
+        float* o = out + ((img * 3 + cout) * P + y) * P;
+        glance_hrow(vpad.data(), S, taps, P, avx2, o);
+        for (int64_t x = 0; x < P; ++x) o[x] = o[x] * scale[cout] + shift[cout];
+      }
+    }
+  });
+}
+
+void crop_patches_u8(const uint8_t* frames, int64_t n, int64_t size, const int32_t* coords,
+                     const NormalizeParams& norm, float* out, int64_t patch) {
+  float lut[3][256];
+  build_lut(norm, lut);
+  const int64_t S = size, P = patch;
+  parallel_for(n * P, 32, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const int64_t i = r / P, y = r % P;
+      const uint8_t* src = frames + ((i * S + coords[2 * i] + y) * S + coords[2 * i + 1]) * 3;
+      normalise_row(src, lut, norm.bgr, P, out + i * 3 * P * P + y * P, P * P);
     }
   });
 }

@@ -34,10 +34,14 @@ struct NormalizeParams {
 };
 
 /// Pre-processes one frame into `out` (3 x S x S float32) and, when `glance` is not
-/// null, also writes the glance (3 x P x P, align_corners=True resize of `out`).
+/// null, also writes the glance (3 x P x P, align_corners=True resize of `out`). With
+/// `raw_out` (S x S x 3 uint8) it writes the resized and cropped levels there instead, in the
+/// frame's channel order, and neither normalises nor computes the glance (`out`, `norm` and
+/// `glance` unused): the same bytes the normalisation would read.
 void preprocess_frame(const uint8_t* frame, int64_t h, int64_t w, int64_t resize_short,
                       int64_t image_size, Interp interp, const NormalizeParams& norm, float* out,
-                      float* glance, int64_t glance_size, Interp glance_interp);
+                      float* glance, int64_t glance_size, Interp glance_interp,
+                      uint8_t* raw_out = nullptr);
 
 /// preprocess_frame for n frames into consecutive (3, S, S) / (3, P, P) slots of `out` and
 /// `glance` (null: none). Batches of at least twice the thread count run one frame per task
@@ -46,11 +50,22 @@ void preprocess_frame(const uint8_t* frame, int64_t h, int64_t w, int64_t resize
 void preprocess_frames(const uint8_t* const* frames, const int64_t* heights, const int64_t* widths,
                        int64_t n, int64_t resize_short, int64_t image_size, Interp interp,
                        const NormalizeParams& norm, float* out, float* glance, int64_t glance_size,
-                       Interp glance_interp);
+                       Interp glance_interp, uint8_t* raw_out = nullptr);
 
 /// Glance: (n, c, S, S) -> (n, c, P, P), align_corners=True bilinear or bicubic.
 void glance(const float* in, int64_t n, int64_t channels, int64_t in_size, float* out,
             int64_t out_size, Interp mode);
+
+/// Glance of uint8 frames (n, S, S, 3), normalised: (n, 3, P, P) float32 equal to the glance
+/// of the normalised images up to float rounding (resampled levels, then (v / 255 - mean) /
+/// std). Output channels are R, G, B (`norm.bgr`: the frames are B, G, R).
+void glance_u8(const uint8_t* frames, int64_t n, int64_t size, const NormalizeParams& norm,
+               float* out, int64_t out_size, Interp mode);
+
+/// Patch crop of uint8 frames (n, S, S, 3) with the normalisation fused: bit-identical to
+/// cropping the normalised images of preprocess_frame. Coordinates as for crop_patches.
+void crop_patches_u8(const uint8_t* frames, int64_t n, int64_t size, const int32_t* coords,
+                     const NormalizeParams& norm, float* out, int64_t patch);
 
 /// Patch crop: out[i] = images[i, :, r:r+P, c:c+P] with (r, c) = coords[i].
 /// Coordinates must already be validated (0 <= r, c <= S - P).

@@ -37,6 +37,11 @@ void vpass_row_avx2(const uint8_t* const* rows, const int16_t* w, int count, int
 /// many it wrote; the caller does the rest with the same expression.
 int64_t glance_hpass4_avx2(const float* vpad, const int32_t* start, const float* w, int64_t n, float* out);
 
+/// Vertical glance pass over uint8 rows: v[c] = float(rows[0][c]) * w[0], then
+/// v[c] += float(rows[a][c]) * w[a] for a = 1 .. ntaps - 1 (no fused multiply-add; the plain
+/// code does the same operations). Does whole groups of 8 values and returns how many.
+int64_t glance_vpass_u8_avx2(const uint8_t* const* rows, const float* w, int ntaps, int64_t n, float* v);
+
 /// Sum of n floats (x86_kernels.cpp; used by the bandwidth probe).
 float sum_avx2(const float* p, int64_t n);
 

@@ -205,6 +205,24 @@ GFN_AVX2 int64_t glance_hpass4_avx2(const float* vpad, const int32_t* start, con
   return x;
 }
 
+// 8 uint8 values as floats.
+GFN_AVX2 inline __m256 load8_u8(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+GFN_AVX2 int64_t glance_vpass_u8_avx2(const uint8_t* const* rows, const float* w, int ntaps, int64_t n,
+                                      float* v) {
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    __m256 acc = _mm256_mul_ps(load8_u8(rows[0] + c), _mm256_set1_ps(w[0]));
+    for (int a = 1; a < ntaps; ++a) {
+      acc = _mm256_add_ps(acc, _mm256_mul_ps(load8_u8(rows[a] + c), _mm256_set1_ps(w[a])));
+    }
+    _mm256_storeu_ps(v + c, acc);
+  }
+  return c;
+}
+
 // ------------------------------------------------------------------------- gemm ----
 
 template <bool F16>
@@ -348,6 +366,7 @@ void gemm_rows_avx2(const WeightView&, int64_t, int64_t, int64_t, int64_t, const
   std::abort();
 }
 int64_t glance_hpass4_avx2(const float*, const int32_t*, const float*, int64_t, float*) { std::abort(); }
+int64_t glance_vpass_u8_avx2(const uint8_t* const*, const float*, int, int64_t, float*) { std::abort(); }
 float sum_avx2(const float*, int64_t) { std::abort(); }
 
 #endif

@@ -210,7 +210,8 @@ class Runtime:
 
     # ----------------------------------------------------------------- inputs
     def _validate(self, inputs) -> tuple:
-        """``("images", float32 (N, 3, S, S))`` or ``("frames", [uint8 HWC, ...])``."""
+        """``("images", float32 (N, 3, S, S))`` or ``("frames", uint8 (N, H, W, 3) array or
+        [uint8 HWC, ...])``."""
         S = int(self.model["image_size"])
         if isinstance(inputs, np.ndarray) and inputs.dtype == np.float32:
             if inputs.ndim != 4 or inputs.shape[1:] != (3, S, S):
@@ -218,6 +219,10 @@ class Runtime:
             if not np.isfinite(inputs).all():
                 raise InputError("images contain NaN or Inf")
             return "images", np.ascontiguousarray(inputs)
+        if isinstance(inputs, np.ndarray) and inputs.ndim == 4 and inputs.dtype == np.uint8 and inputs.shape[3] == 3:
+            if inputs.shape[0] == 0 or inputs.shape[1] == 0 or inputs.shape[2] == 0:
+                raise InputError(f"no images given (frames of shape {inputs.shape})")
+            return "frames", inputs  # one array: no per-frame checks, no copy
         frames = list(inputs) if not isinstance(inputs, np.ndarray) or inputs.ndim == 4 else [inputs]
         if not frames:
             raise InputError("no images given")
@@ -252,14 +257,18 @@ class Runtime:
             with self.profiler.stage("preprocess"):
                 glance = ops.glance(images, P, m["glance_interpolation"])
             return images, glance
-        frames = data
+        # Frames stay uint8 (resized and cropped to S x S if need be): the glance and the patch
+        # crops read them and normalise on the fly, so no normalised float copy of the whole
+        # image is made (a quarter of the bytes to write, compact and read back).
+        crop_pct = float(m["crop_pct"])
         with self.profiler.stage("preprocess"):
-            images, glance = ops.preprocess(
-                [np.ascontiguousarray(f) for f in frames], S, crop_pct=float(m["crop_pct"]),
-                interpolation=m["dataset_interpolation"], mean=tuple(m["mean"]), std=tuple(m["std"]),
-                glance_size=P, glance_interpolation=m["glance_interpolation"],
-            )
-        return images, glance
+            if ops.resize_size(S, crop_pct) == S and all(f.shape == (S, S, 3) for f in data):
+                frames = np.ascontiguousarray(data) if isinstance(data, np.ndarray) else np.stack(data)
+            else:
+                frames = ops.resize_crop([np.ascontiguousarray(f) for f in data], S, crop_pct,
+                                         m["dataset_interpolation"])
+            glance = ops.glance(frames, P, m["glance_interpolation"], mean=tuple(m["mean"]), std=tuple(m["std"]))
+        return frames, glance
 
     # ------------------------------------------------------------------- run
     def predict(self, inputs, budget: Optional[str] = None) -> Predictions:

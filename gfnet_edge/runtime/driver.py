@@ -82,8 +82,10 @@ class Driver(LoopBase):
         """Runs the loop.
 
         Args:
-            images: normalised float32 (N, 3, S, S), C-contiguous.
-            glance: their glance (N, 3, P, P).
+            images: normalised float32 (N, 3, S, S), or uint8 (N, S, S, 3) frames of S x S
+                (patches are then normalised as they are cut, with the model's mean and std);
+                C-contiguous.
+            glance: their glance (N, 3, P, P), normalised.
             thresholds: exit threshold per step; ``None`` runs every step for every image and
                 returns the full probabilities (trace).
         """
@@ -95,6 +97,7 @@ class Driver(LoopBase):
         thr = None if trace else np.asarray(thresholds, dtype=np.float32)
         prediction, confidence, exit_step, coords_all = self._outputs(n)
         probs_all = None
+        norm = {"mean": tuple(self.model["mean"]), "std": tuple(self.model["std"])} if images.dtype == np.uint8 else {}
 
         with prof.stage("glance"):
             g = self.runner.run("glance", glance)
@@ -122,7 +125,7 @@ class Driver(LoopBase):
                     h_pol, _action, coords = heads.act(state, h_pol)
                 coords_all[t - 1, active] = coords
                 with prof.stage("crop"):
-                    patches = ops.crop_patches(images, coords, P)
+                    patches = ops.crop_patches(images, coords, P, **norm)
                 with prof.stage("focus"):
                     f = self.runner.run("focus", patches)
                 state = f["policy_state"]
