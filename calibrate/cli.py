@@ -16,7 +16,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise InputError(f"--tolerance must be BELOW,ABOVE fractions, e.g. 0.10,0.05; got {args.tolerance!r}")
     cfg = CalibrationConfig(
         bundle=args.bundle, data=args.data, output=args.output, budgets_ms=list(args.budget_ms or []),
-        backend=args.backend, precision=args.precision, threads=args.threads, dla_core=args.dla_core, batch=args.batch,
+        backend=args.backend, precision=args.precision, threads=args.threads, dla_core=args.dla_core,
+        head_dtype=args.head_dtype, batch=args.batch,
         batch_size=args.batch_size, num_images=args.num_images, holdout=args.holdout, method=args.method,
         margin=args.margin, tolerance=tol, attempts=args.attempts, repeats=args.repeats, warmup=args.warmup,
         static=list(args.static or []), static_int8=args.static_int8, compare_precisions=not args.no_compare,
@@ -57,6 +58,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", default="auto", help="graph set: auto, fp32, int8-cpu, int8 (TensorRT) ...")
     p.add_argument("--threads", type=int, help="CPU threads of ONNX Runtime and the extension")
     p.add_argument("--dla-core", type=int, help="TensorRT: calibrate the engines built for this DLA core (Jetson)")
+    p.add_argument("--head-dtype", choices=["float32", "float16"], default="float32",
+                   help="weights of the GRU / Linear heads while measuring (as `predict --head-dtype`; default float32)")
     p.add_argument("--batch", type=int, default=1, help="images per call the budgets are for (default 1)")
     p.add_argument("--batch-size", type=int, default=8, help="a second batch size to measure step latency at (0: none)")
     p.add_argument("--num-images", type=int, help="use at most this many images (demo: how many; default 1000)")

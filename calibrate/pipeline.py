@@ -34,7 +34,7 @@ class CalibrationConfig:
         output: report directory (written atomically).
         budgets_ms: mean per-image latency budgets (ms); empty: three spread between the glance's and
             the full model's latency.
-        backend, precision, threads, dla_core: how the runtime runs (as ``Runtime``).
+        backend, precision, threads, dla_core, head_dtype: how the runtime runs (as ``Runtime``).
         batch: images per ``predict`` call for which budgets are fitted and verified.
         batch_size: a second batch size whose step latency is measured (throughput; 0: none).
         num_images: calibration images used (``demo``: how many are generated).
@@ -66,6 +66,7 @@ class CalibrationConfig:
     precision: str = "auto"
     threads: Optional[int] = None
     dla_core: Optional[int] = None
+    head_dtype: str = "float32"
     batch: int = 1
     batch_size: int = 8
     num_images: Optional[int] = None
@@ -233,6 +234,7 @@ def _manifest_entry(b: Dict[str, Any], rt, cfg: CalibrationConfig, device: Dict[
         "backend": rt.backend, "precision": rt.precision, "threads": rt.threads, "batch": cfg.batch, "clock": cfg.clock,
         "device": device["cpu"], "data": cfg.data,
         **({"dla_core": cfg.dla_core} if cfg.dla_core is not None else {}),
+        **({"head_dtype": cfg.head_dtype} if cfg.head_dtype != "float32" else {}),
         "calibrated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "source": "gfnet-edge calibrate",
     }
@@ -282,7 +284,7 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
     lat_frames = fit_x[: min(len(fit_x), 32)]
 
     rt = Runtime(bundle, backend=cfg.backend, precision=cfg.precision, threads=cfg.threads, profile=True,
-                 dla_core=cfg.dla_core)
+                 dla_core=cfg.dla_core, head_dtype=cfg.head_dtype)
     try:
         # 1. latency of each step on this device
         lat1 = _measure(rt, lat_frames, cfg.batch, cfg, f"latency b={cfg.batch}")
@@ -406,7 +408,8 @@ def _compare_precisions(bundle: Bundle, backend: str, main: str, hold_x, hold_y,
     for p in sets:
         if p == main:
             continue
-        rt = Runtime(bundle, backend=backend, precision=p, threads=cfg.threads, profile=True, dla_core=cfg.dla_core)
+        rt = Runtime(bundle, backend=backend, precision=p, threads=cfg.threads, profile=True, dla_core=cfg.dla_core,
+                     head_dtype=cfg.head_dtype)
         try:
             bar = _Progress(cfg.progress, len(hold_x), f"trace {p}")
             try:

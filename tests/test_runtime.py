@@ -104,6 +104,43 @@ def test_uint8_frames_and_float_inputs_agree(mnv3):
     assert len(single) == 1 and single.classes[0] == a.classes[0]
 
 
+def test_float16_head_weights_on_the_trained_demo_model(tmp_path_factory):
+    """head_dtype="float16" stores the GRU / Linear head weights in half precision: on the
+    trained demo model (cascaded classifier, GRU policy) the trace stays within 1e-2 of the
+    reference's probabilities, with the same classes and almost always the same patches."""
+    from gfnet_edge import load_checkpoint, ops
+    from gfnet_edge.data import ClutteredDigits, demo_config
+    from gfnet_edge.demo import DEMO_CHECKPOINT
+
+    model = load_checkpoint(DEMO_CHECKPOINT).eval()
+    d = tmp_path_factory.mktemp("demo16")
+    bundle = build_bundle(DEMO_CHECKPOINT, d / "bundle", BuildConfig(precision="fp32", backend="onnxruntime"),
+                          progress=False)
+    frames, _ = ClutteredDigits("test", config=demo_config(bundle.model)).arrays(64)
+    images = ops.preprocess(frames, model.spec.image_size, crop_pct=1.0, mean=model.spec.mean, std=model.spec.std)
+    with torch.no_grad():
+        ref = model.trace(torch.from_numpy(images))
+    with Runtime(bundle, backend="onnxruntime", precision="fp32", head_dtype="float16") as rt:
+        assert rt.heads.actor.weight_dtype == "float16" and rt.heads.cls.weight_dtype == "float16"
+        tr = rt.trace(images)
+    np.testing.assert_allclose(tr.probs, ref.probs.numpy(), rtol=0, atol=1e-2)
+    assert (tr.probs.argmax(2) == ref.probs.numpy().argmax(2)).mean() >= 0.98
+    assert (tr.coords == ref.coords.numpy()).all(axis=2).mean() >= 0.95
+
+
+def test_float16_gru_classifier_head(tmp_path_factory):
+    """The GRU classifier family (resnet50 layout) with float16 head weights: probabilities
+    within 1e-2 of the reference trace (a random model, so no claim about its patches)."""
+    model, bundle = _bundle(tmp_path_factory, "resnet50")
+    torch.manual_seed(2)
+    x = torch.randn(4, 3, 224, 224)
+    ref = model.trace(x)
+    with Runtime(bundle, backend="onnxruntime", precision="fp32", head_dtype="float16") as rt:
+        assert rt.heads.kind == "gru" and rt.heads.cls.weight_dtype == "float16"
+        tr = rt.trace(x.numpy())
+    np.testing.assert_allclose(tr.probs, ref.probs.numpy(), rtol=0, atol=1e-2)
+
+
 @pytest.mark.parametrize("stacked", [True, False])
 def test_s_by_s_uint8_frames_trace_like_their_normalised_images(mnv3, stacked):
     """S x S frames stay uint8 in the host loop (glance and crops normalise on the fly): every
@@ -179,5 +216,7 @@ def test_bad_runtime_options(mnv3, tmp_path):
         Runtime(bundle, backend="onnxruntime", budget="nope")
     with pytest.raises(InputError, match="no 'int8-cpu' graphs"):
         Runtime(bundle, backend="onnxruntime", precision="int8-cpu")
+    with pytest.raises(InputError, match="head_dtype"):
+        Runtime(bundle, backend="onnxruntime", head_dtype="bfloat16")
     with pytest.raises((UnavailableError, InputError)):
         Runtime(bundle, backend="tensorrt")  # no TensorRT engines / no TensorRT here

@@ -28,8 +28,13 @@ class HeadSet:
             uses the heads' ``step_device``).
     """
 
-    def __init__(self, arrays: Dict[str, np.ndarray], model: Dict[str, Any], device: str = "cpu") -> None:
+    def __init__(self, arrays: Dict[str, np.ndarray], model: Dict[str, Any], device: str = "cpu",
+                 weight_dtype: str = "float32") -> None:
         from .. import ops
+
+        if weight_dtype not in ("float32", "float16"):
+            raise InputError(f"head weight dtype must be 'float32' or 'float16', got {weight_dtype!r}")
+        self.weight_dtype = weight_dtype
 
         self.device = device
         self.kind = model["classifier"]
@@ -44,14 +49,16 @@ class HeadSet:
 
         if self.kind == "gru":
             self.cls = ops.GRUHead(need("cls.w_ih"), need("cls.w_hh"), need("cls.b_ih"), need("cls.b_hh"),
-                                   need("cls.fc.w"), need("cls.fc.b"), device=device)
+                                   need("cls.fc.w"), need("cls.fc.b"), weight_dtype=weight_dtype,
+                                   device=device)
             self.cls_hidden = int(arrays["cls.w_hh"].shape[1])
         else:
             self.cls = ops.CascadedHead([(need(f"cls.fc_{k}.w"), need(f"cls.fc_{k}.b")) for k in range(2, self.steps + 1)],
-                                        device=device)
+                                        weight_dtype=weight_dtype, device=device)
             self.cls_hidden = 0
         self.actor = ops.ActorHead(need("pol.w_ih"), need("pol.w_hh"), need("pol.b_ih"), need("pol.b_hh"),
-                                   need("pol.actor.w"), need("pol.actor.b"), device=device)
+                                   need("pol.actor.w"), need("pol.actor.b"), weight_dtype=weight_dtype,
+                                   device=device)
         self.pol_hidden = int(arrays["pol.w_hh"].shape[1])
 
     def classify_gru(self, feature: np.ndarray, hidden: np.ndarray) -> Tuple[np.ndarray, ...]:
