@@ -331,37 +331,61 @@ py::array crop_coords(const py::object& coords, int64_t n, int64_t s, int64_t pa
   return k;
 }
 
+/// Optional (m,) int64 image index per patch, each in [0, n); m is the number of patches.
+/// Returns m (n when there is no index) and sets `ptr` (null without an index).
+int64_t crop_index(const py::object& index, int64_t n, py::array& keep, const int64_t*& ptr) {
+  ptr = nullptr;
+  if (index.is_none()) return n;
+  keep = checked<int64_t>(index, 1, "index");
+  const int64_t m = keep.shape(0);
+  if (m < 1) throw py::value_error("index must not be empty");
+  ptr = static_cast<const int64_t*>(keep.data());
+  for (int64_t i = 0; i < m; ++i) {
+    if (ptr[i] < 0 || ptr[i] >= n) {
+      throw py::value_error("index[" + std::to_string(i) + "] = " + std::to_string(ptr[i]) +
+                            " is out of range: images has " + std::to_string(n));
+    }
+  }
+  return m;
+}
+
 py::array cpu_crop(const py::object& images, const py::object& coords, int64_t patch,
-                   const py::object& out) {
+                   const py::object& out, const py::object& index) {
   py::array a = checked<float>(images, 4, "images");
   const int64_t n = a.shape(0), c = a.shape(1), s = a.shape(2);
   if (a.shape(3) != s) throw py::value_error("images must be square (N, C, S, S), got " + shape_str(a));
-  py::array k = crop_coords(coords, n, s, patch);
+  py::array keep_index;
+  const int64_t* ip = nullptr;
+  const int64_t m = crop_index(index, n, keep_index, ip);
+  py::array k = crop_coords(coords, m, s, patch);
   const int32_t* kp = static_cast<const int32_t*>(k.data());
-  py::array o = output_array<float>(out, {n, c, patch, patch}, "out");
+  py::array o = output_array<float>(out, {m, c, patch, patch}, "out");
   const float* src = static_cast<const float*>(a.data());
   float* dst = static_cast<float*>(o.mutable_data());
   {
     py::gil_scoped_release release;
-    gfn::cpu::crop_patches(src, n, c, s, kp, dst, patch);
+    gfn::cpu::crop_patches(src, m, c, s, kp, dst, patch, ip);
   }
   return o;
 }
 
 py::array cpu_crop_u8(const py::object& frames, const py::object& coords, int64_t patch,
                       const std::vector<double>& mean, const std::vector<double>& std, bool bgr,
-                      const py::object& out) {
+                      const py::object& out, const py::object& index) {
   py::array a = square_frames(frames);
   const int64_t n = a.shape(0), s = a.shape(1);
-  py::array k = crop_coords(coords, n, s, patch);
+  py::array keep_index;
+  const int64_t* ip = nullptr;
+  const int64_t m = crop_index(index, n, keep_index, ip);
+  py::array k = crop_coords(coords, m, s, patch);
   const gfn::cpu::NormalizeParams norm = normalize_params(mean, std, bgr);
-  py::array o = output_array<float>(out, {n, 3, patch, patch}, "out");
+  py::array o = output_array<float>(out, {m, 3, patch, patch}, "out");
   const uint8_t* src = static_cast<const uint8_t*>(a.data());
   const int32_t* kp = static_cast<const int32_t*>(k.data());
   float* dst = static_cast<float*>(o.mutable_data());
   {
     py::gil_scoped_release release;
-    gfn::cpu::crop_patches_u8(src, n, s, kp, norm, dst, patch);
+    gfn::cpu::crop_patches_u8(src, m, s, kp, norm, dst, patch, ip);
   }
   return o;
 }
@@ -982,13 +1006,14 @@ PYBIND11_MODULE(GFNET_EDGE_EXT_NAME, m) {
   m.def("glance", &cpu_glance, py::arg("images"), py::arg("size"), py::arg("interpolation"),
         py::arg("out") = py::none());
   m.def("crop_patches", &cpu_crop, py::arg("images"), py::arg("coords"), py::arg("patch_size"),
-        py::arg("out") = py::none());
+        py::arg("out") = py::none(), py::arg("index") = py::none());
   m.def("resize_crop", &cpu_resize_crop, py::arg("frames"), py::arg("image_size"), py::arg("resize_short"),
         py::arg("interpolation"), py::arg("out") = py::none());
   m.def("glance_u8", &cpu_glance_u8, py::arg("frames"), py::arg("size"), py::arg("interpolation"),
         py::arg("mean"), py::arg("std"), py::arg("bgr") = false, py::arg("out") = py::none());
   m.def("crop_patches_u8", &cpu_crop_u8, py::arg("frames"), py::arg("coords"), py::arg("patch_size"),
-        py::arg("mean"), py::arg("std"), py::arg("bgr") = false, py::arg("out") = py::none());
+        py::arg("mean"), py::arg("std"), py::arg("bgr") = false, py::arg("out") = py::none(),
+        py::arg("index") = py::none());
   m.def("linear", &cpu_linear, py::arg("x"), py::arg("w"), py::arg("b") = py::none(), py::arg("relu") = false);
   m.def("softmax_stats", &cpu_softmax_stats, py::arg("logits"));
 

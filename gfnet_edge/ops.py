@@ -14,8 +14,9 @@ CPU (float32, numpy in / numpy out)::
         -> uint8 (N, S, S, 3): preprocess's resize + centre crop without the normalisation
     glance(images, patch_size, interpolation="bicubic", out=None, mean=None, std=None, bgr=False)
         -> (N, 3, P, P); images float32 (N, 3, S, S), or uint8 frames (N, S, S, 3) with mean/std
-    crop_patches(images, coords, patch_size, out=None, mean=None, std=None, bgr=False)
-        -> (N, 3, P, P); images as for glance (uint8 frames are normalised while cropping)
+    crop_patches(images, coords, patch_size, out=None, mean=None, std=None, bgr=False, index=None)
+        -> (M, 3, P, P); images as for glance (uint8 frames are normalised while cropping);
+        patch i from image index[i] (default i)
     linear(x, w, b=None, relu=False) -> (N, out)
     softmax_stats(logits) -> (maxprob float32 (N,), argmax int32 (N,))
     Linear(w, b=None, weight_dtype="float32")(x, relu=False) -> (N, out)
@@ -325,25 +326,30 @@ def glance(images: np.ndarray, patch_size: int, interpolation: str = "bicubic",
 
 def crop_patches(images: np.ndarray, coords: np.ndarray, patch_size: int,
                  out: Optional[np.ndarray] = None, mean: Optional[Sequence[float]] = None,
-                 std: Optional[Sequence[float]] = None, bgr: bool = False) -> np.ndarray:
-    """Cuts ``images[i, :, r:r+P, c:c+P]`` for each ``(r, c) = coords[i]``.
+                 std: Optional[Sequence[float]] = None, bgr: bool = False,
+                 index: Optional[np.ndarray] = None) -> np.ndarray:
+    """Cuts ``images[k, :, r:r+P, c:c+P]`` for each ``(r, c) = coords[i]``, with ``k = i`` or
+    ``k = index[i]``.
 
     Args:
         images: (N, C, S, S) float32, C-contiguous; or uint8 frames (N, S, S, 3) with ``mean``
             and ``std``, cut and normalised in one pass (bit-identical to cutting the
             normalised images of :func:`preprocess`).
-        coords: (N, 2) int32 (row, col), each in [0, S - P]; anything else raises ValueError.
+        coords: (M, 2) int32 (row, col), each in [0, S - P]; anything else raises ValueError.
+            M = N without ``index``.
         patch_size: P.
-        out: optional (N, C, P, P) float32 output.
+        out: optional (M, C, P, P) float32 output.
         mean, std, bgr: as for :func:`glance`.
+        index: optional (M,) int64 image of each patch, each in [0, N) (the images still
+            running, without compacting the batch).
     """
     _ndarray(images, "images")
     _ndarray(coords, "coords")
     P = _int(patch_size, "patch_size")
     norm = _normalisation(images, mean, std, bgr)
     if norm is not None:
-        return _C.crop_patches_u8(images, coords, P, *norm, out)
-    return _C.crop_patches(images, coords, P, out)
+        return _C.crop_patches_u8(images, coords, P, *norm, out, index)
+    return _C.crop_patches(images, coords, P, out, index)
 
 
 def linear(x: np.ndarray, w: np.ndarray, b: Optional[np.ndarray] = None, relu: bool = False) -> np.ndarray:

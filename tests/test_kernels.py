@@ -270,6 +270,29 @@ def test_crop_patches_matches_slicing(rng):
         assert np.array_equal(patches[i], images[i, :, r:r + 24, c:c + 24])
 
 
+@pytest.mark.parametrize("kind", ["float32", "uint8"])
+def test_crop_patches_by_index_picks_the_images_without_copying_them(rng, kind):
+    """index[i] names the image patch i is cut from: the loop's running images, any order,
+    repeats allowed."""
+    frames = rng.integers(0, 256, (5, 40, 40, 3), dtype=np.uint8)
+    images = ops.preprocess(frames, 40, crop_pct=1.0)
+    index = np.array([4, 0, 4, 2], np.int64)
+    coords = np.array([[0, 0], [24, 24], [3, 17], [24, 0]], np.int32)
+    src, kw = (images, {}) if kind == "float32" else (frames, dict(mean=MEAN, std=STD))
+    patches = ops.crop_patches(src, coords, 16, index=index, **kw)
+    assert patches.shape == (4, 3, 16, 16)
+    for i, (k, (r, c)) in enumerate(zip(index, coords)):
+        assert np.array_equal(patches[i], images[k, :, r:r + 16, c:c + 16])
+    with pytest.raises(ValueError, match=r"index\[1\] = 5 is out of range"):
+        ops.crop_patches(src, coords, 16, index=np.array([0, 5, 1, 1], np.int64), **kw)
+    with pytest.raises(ValueError, match=r"index\[0\] = -1 is out of range"):
+        ops.crop_patches(src, coords, 16, index=np.array([-1, 0, 1, 1], np.int64), **kw)
+    with pytest.raises(ValueError, match=r"coords must have shape \(3, 2\)"):
+        ops.crop_patches(src, coords, 16, index=np.array([0, 1, 2], np.int64), **kw)
+    with pytest.raises(TypeError, match="dtype"):
+        ops.crop_patches(src, coords, 16, index=index.astype(np.int32), **kw)
+
+
 @pytest.mark.parametrize("bad", [[-1, 0], [0, -1], [41, 0], [0, 41], [2**31 - 1, 0]])
 def test_crop_patches_rejects_out_of_range(rng, bad):
     images = rng.standard_normal((2, 3, 64, 64)).astype(np.float32)

@@ -368,21 +368,22 @@ void glance_u8(const uint8_t* frames, int64_t n, int64_t size, const NormalizePa
 }
 
 void crop_patches_u8(const uint8_t* frames, int64_t n, int64_t size, const int32_t* coords,
-                     const NormalizeParams& norm, float* out, int64_t patch) {
+                     const NormalizeParams& norm, float* out, int64_t patch, const int64_t* index) {
   float lut[3][256];
   build_lut(norm, lut);
   const int64_t S = size, P = patch;
   parallel_for(n * P, 32, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const int64_t i = r / P, y = r % P;
-      const uint8_t* src = frames + ((i * S + coords[2 * i] + y) * S + coords[2 * i + 1]) * 3;
+      const int64_t k = index != nullptr ? index[i] : i;
+      const uint8_t* src = frames + ((k * S + coords[2 * i] + y) * S + coords[2 * i + 1]) * 3;
       normalise_row(src, lut, norm.bgr, P, out + i * 3 * P * P + y * P, P * P);
     }
   });
 }
 
 void crop_patches(const float* images, int64_t n, int64_t channels, int64_t size,
-                  const int32_t* coords, float* out, int64_t patch) {
+                  const int32_t* coords, float* out, int64_t patch, const int64_t* index) {
   const int64_t rows = n * channels * patch;
   parallel_for(rows, 64, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
@@ -390,7 +391,8 @@ void crop_patches(const float* images, int64_t n, int64_t channels, int64_t size
       const int64_t c = (r / patch) % channels;
       const int64_t y = r % patch;
       const int64_t row0 = coords[2 * i], col0 = coords[2 * i + 1];
-      const float* src = images + ((i * channels + c) * size + row0 + y) * size + col0;
+      const int64_t k = index != nullptr ? index[i] : i;
+      const float* src = images + ((k * channels + c) * size + row0 + y) * size + col0;
       std::memcpy(out + r * patch, src, static_cast<size_t>(patch) * sizeof(float));
     }
   });

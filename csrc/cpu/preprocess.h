@@ -62,14 +62,17 @@ void glance(const float* in, int64_t n, int64_t channels, int64_t in_size, float
 void glance_u8(const uint8_t* frames, int64_t n, int64_t size, const NormalizeParams& norm,
                float* out, int64_t out_size, Interp mode);
 
-/// Patch crop of uint8 frames (n, S, S, 3) with the normalisation fused: bit-identical to
-/// cropping the normalised images of preprocess_frame. Coordinates as for crop_patches.
+/// Patch crop of uint8 frames (., S, S, 3) with the normalisation fused: bit-identical to
+/// cropping the normalised images of preprocess_frame. Coordinates and `index` as for
+/// crop_patches.
 void crop_patches_u8(const uint8_t* frames, int64_t n, int64_t size, const int32_t* coords,
-                     const NormalizeParams& norm, float* out, int64_t patch);
+                     const NormalizeParams& norm, float* out, int64_t patch,
+                     const int64_t* index = nullptr);
 
-/// Patch crop: out[i] = images[i, :, r:r+P, c:c+P] with (r, c) = coords[i].
-/// Coordinates must already be validated (0 <= r, c <= S - P).
+/// Patch crop of n patches: out[i] = images[k, :, r:r+P, c:c+P] with (r, c) = coords[i] and
+/// k = index[i] (k = i when `index` is null: the loop picks the images still running without
+/// copying them). Coordinates and indices must already be validated (0 <= r, c <= S - P).
 void crop_patches(const float* images, int64_t n, int64_t channels, int64_t size,
-                  const int32_t* coords, float* out, int64_t patch);
+                  const int32_t* coords, float* out, int64_t patch, const int64_t* index = nullptr);
 
 }  // namespace gfn::cpu

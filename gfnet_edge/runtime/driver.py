@@ -3,7 +3,8 @@
 A backend only runs a backbone graph (:class:`~gfnet_edge.runtime.backends.base.Runner`); the
 extension does the glance resize, the patch crop and the GRU/Linear heads
 (:class:`~gfnet_edge.runtime.heads.HeadSet`). Samples that exit are compacted away between
-steps, so no backbone work is spent on them.
+steps (their states and features; patches are cut from the whole batch by index), so no
+backbone work is spent on them.
 """
 from __future__ import annotations
 
@@ -117,7 +118,7 @@ class Driver(LoopBase):
             probs_all = np.zeros((T, n, logits.shape[1]), np.float32)
             probs_all[0] = softmax(logits)
 
-        active = np.arange(n)
+        active = np.arange(n, dtype=np.int64)
         h_pol = np.zeros((n, heads.pol_hidden), np.float32)
         for t in range(T):
             if t > 0:
@@ -125,7 +126,8 @@ class Driver(LoopBase):
                     h_pol, _action, coords = heads.act(state, h_pol)
                 coords_all[t - 1, active] = coords
                 with prof.stage("crop"):
-                    patches = ops.crop_patches(images, coords, P, **norm)
+                    # patches of the images still running, cut from the whole batch (no copy of it)
+                    patches = ops.crop_patches(images, coords, P, index=None if active.size == n else active, **norm)
                 with prof.stage("focus"):
                     f = self.runner.run("focus", patches)
                 state = f["policy_state"]
@@ -149,7 +151,6 @@ class Driver(LoopBase):
                     active = active[keep]
                     if active.size == 0:
                         break
-                    images = np.ascontiguousarray(images[keep])
                     state = np.ascontiguousarray(state[keep])
                     h_pol = np.ascontiguousarray(h_pol[keep])
                     if h_cls is not None:
