@@ -25,8 +25,12 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def _max_argmax(logits: np.ndarray):
-    p = softmax(logits)
-    return p.max(axis=1).astype(np.float32), p.argmax(axis=1).astype(np.int64)
+    """Softmax maximum and argmax per row, by the extension (the kernel the heads use for the
+    later steps; one call instead of a chain of numpy operations whose code is cold after
+    every backbone run)."""
+    from .. import ops
+
+    return ops.softmax_stats(np.ascontiguousarray(logits, dtype=np.float32))
 
 
 @dataclass
