@@ -123,12 +123,15 @@ class Driver(LoopBase):
             probs_all[0] = softmax(logits)
 
         active = np.arange(n, dtype=np.int64)
+        # While no image has exited, whole-array slices instead of fancy indexing (cheaper numpy
+        # paths, and at batch 1 the usual case).
+        sel: Any = slice(None)
         h_pol = np.zeros((n, heads.pol_hidden), np.float32)
         for t in range(T):
             if t > 0:
                 with prof.stage("policy"):
                     h_pol, _action, coords = heads.act(state, h_pol)
-                coords_all[t - 1, active] = coords
+                coords_all[t - 1, sel] = coords
                 with prof.stage("crop"):
                     # patches of the images still running, cut from the whole batch (no copy of it)
                     patches = ops.crop_patches(images, coords, P, index=None if active.size == n else active, **norm)
@@ -142,17 +145,17 @@ class Driver(LoopBase):
                         feats[:, t] = f["feature"]
                         logits, mp, am = heads.classify_cascaded(feats, t + 1)
                 if trace:
-                    probs_all[t, active] = softmax(logits)
+                    probs_all[t, sel] = softmax(logits)
             with prof.stage("exit"):
-                prediction[active] = am
-                confidence[active] = mp
+                prediction[sel] = am
+                confidence[sel] = mp
                 if trace or t == T - 1:
                     continue
                 done = mp >= thr[t]
                 if done.any():
                     exit_step[active[done]] = t
                     keep = ~done
-                    active = active[keep]
+                    active = sel = active[keep]
                     if active.size == 0:
                         break
                     state = np.ascontiguousarray(state[keep])
