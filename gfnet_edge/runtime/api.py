@@ -104,7 +104,7 @@ class Runtime:
             matches the reference to 1e-5) or ``"float16"`` (half the bytes for the
             memory-bound GRU steps, about 1e-3 relative error in the heads' outputs; on the
             demo model's 1000 test images classes, exits and patch coordinates were unchanged
-            and the loop 2-4 % faster on the CPU, docs/kernels.md).
+            and the loop 1-4 % faster on the CPU, docs/kernels.md).
 
     When the runner can execute on device buffers (TensorRT; torch with ``device="cuda"``) the
     loop is the device-resident :class:`~gfnet_edge.runtime.device_driver.DeviceDriver`
