@@ -69,6 +69,17 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
+def write_report(out: Path, markdown: str, results: Dict) -> Path:
+    """Writes ``out`` (markdown) and the JSON of ``results`` beside it; returns the JSON path."""
+    import json
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(markdown, encoding="utf-8")
+    js = out.with_suffix(".json")
+    js.write_text(json.dumps(results, indent=1, default=float) + "\n", encoding="utf-8")
+    return js
+
+
 def write_results(name: str, title: str, command: str, body: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.md"

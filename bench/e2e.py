@@ -22,7 +22,6 @@ Prints the tables and writes ``bench/results/e2e.md`` and ``e2e.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, table  # noqa: E402
+from common import RESULTS, machine, table, write_report  # noqa: E402
 
 PS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 4.0)
 
@@ -247,11 +246,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     results["minutes"] = (time.perf_counter() - t_start) / 60
     md = render(results, batches)
     print(md)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(md, encoding="utf-8")
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=float) + "\n", encoding="utf-8")
-    _log(f"wrote {out} and {out.with_suffix('.json')} ({results['minutes']:.1f} min)")
+    js = write_report(Path(args.out), md, results)
+    _log(f"wrote {args.out} and {js} ({results['minutes']:.1f} min)")
     return 0
 
 

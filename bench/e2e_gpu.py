@@ -23,7 +23,6 @@ built with CUDA. Prints the tables and writes ``--out`` and a ``.json`` beside i
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, table  # noqa: E402
+from common import RESULTS, machine, table, write_report  # noqa: E402
 from e2e import alternating, operating_points  # noqa: E402
 
 
@@ -171,11 +170,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     res["minutes"] = (time.perf_counter() - t_start) / 60
     md = render(res, batches, "python bench/e2e_gpu.py " + " ".join(sys.argv[1:] if argv is None else argv))
     print(md)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(md, encoding="utf-8")
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=float) + "\n", encoding="utf-8")
-    _log(f"wrote {out} ({res['minutes']:.1f} min)")
+    write_report(Path(args.out), md, res)
+    _log(f"wrote {args.out} ({res['minutes']:.1f} min)")
     return 0
 
 
