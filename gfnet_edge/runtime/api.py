@@ -272,7 +272,9 @@ class Runtime:
         # image is made (a quarter of the bytes to write, compact and read back).
         crop_pct = float(m["crop_pct"])
         with self.profiler.stage("preprocess"):
-            if ops.resize_size(S, crop_pct) == S and all(f.shape == (S, S, 3) for f in data):
+            square = (data.shape[1:] == (S, S, 3) if isinstance(data, np.ndarray)
+                      else all(f.shape == (S, S, 3) for f in data))
+            if ops.resize_size(S, crop_pct) == S and square:
                 frames = np.ascontiguousarray(data) if isinstance(data, np.ndarray) else np.stack(data)
             else:
                 frames = ops.resize_crop([np.ascontiguousarray(f) for f in data], S, crop_pct,

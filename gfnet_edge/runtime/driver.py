@@ -25,9 +25,8 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def _max_argmax(logits: np.ndarray):
-    """Softmax maximum and argmax per row, by the extension (the kernel the heads use for the
-    later steps; one call instead of a chain of numpy operations whose code is cold after
-    every backbone run)."""
+    """Softmax maximum and argmax per row, by the extension: the kernel the heads use for the
+    later steps, so every step's exit test sees the same arithmetic."""
     from .. import ops
 
     return ops.softmax_stats(np.ascontiguousarray(logits, dtype=np.float32))
