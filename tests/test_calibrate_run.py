@@ -111,7 +111,7 @@ def test_full_run_writes_report_and_budgets(calibrated, capsys):
     assert res["latency"]["other_batch"]["batch"] == 4
     assert [h["when"] for h in res["latency"]["history"]][::len(res["latency"]["history"]) - 1] == ["start", "end"]
     assert res["latency"]["stability"]["spread_pct"] >= 0
-    assert set(res["latency"]["budget_batch"]["stages"]["0"]) >= {"normalise", "preprocess", "glance", "heads", "exit"}
+    assert set(res["latency"]["budget_batch"]["stages"]["0"]) >= {"normalise", "preprocess", "glance", "step"}
     assert len(res["budgets"]) == 3
     m = Bundle.load(bundle).manifest
     for b in res["budgets"]:

@@ -4,7 +4,8 @@ A backend only runs a backbone graph (:class:`~gfnet_edge.runtime.backends.base.
 extension does the glance resize, the patch crop and the GRU/Linear heads
 (:class:`~gfnet_edge.runtime.heads.HeadSet`). Samples that exit are compacted away between
 steps (their states and features; patches are cut from the whole batch by index), so no
-backbone work is spent on them.
+backbone work is spent on them. On the host the whole between-backbones step is one extension
+call (:class:`Driver`); on a GPU the device loop (``device_driver.py``) keeps it on one stream.
 """
 from __future__ import annotations
 
@@ -22,14 +23,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
-
-
-def _max_argmax(logits: np.ndarray):
-    """Softmax maximum and argmax per row, by the extension: the kernel the heads use for the
-    later steps, so every step's exit test sees the same arithmetic."""
-    from .. import ops
-
-    return ops.softmax_stats(np.ascontiguousarray(logits, dtype=np.float32))
 
 
 @dataclass
@@ -79,8 +72,15 @@ class LoopBase:
 
 
 class Driver(LoopBase):
-    """Runs GFNet steps on host arrays with a backend runner and the extension's CPU heads
-    (constructor arguments: :class:`LoopBase`)."""
+    """Runs GFNet steps on host arrays with a backend runner (constructor arguments:
+    :class:`LoopBase`). Between two backbone runs, one extension call
+    (:class:`gfnet_edge._C.HostLoop`, csrc/cpu/host_loop.cpp) does the classifier step, the exit
+    test, the compaction of the running images' states, the policy step and the next patch
+    crop: Python only runs the backbones (profiler stage ``step``)."""
+
+    def __init__(self, model: Dict[str, Any], runner: Runner, heads: HeadSet, profiler: Profiler) -> None:
+        super().__init__(model, runner, heads, profiler)
+        self.loop = heads.host_loop(model)
 
     def run(self, images: np.ndarray, glance: np.ndarray, thresholds: Optional[Sequence[float]]) -> StepOutputs:
         """Runs the loop.
@@ -93,74 +93,28 @@ class Driver(LoopBase):
             thresholds: exit threshold per step; ``None`` runs every step for every image and
                 returns the full probabilities (trace).
         """
-        from .. import ops
-
-        T, S, P, prof, heads = self.T, self.S, self.P, self.prof, self.heads
+        T, prof, loop = self.T, self.prof, self.loop
         n = images.shape[0]
         trace = thresholds is None
         thr = None if trace else np.asarray(thresholds, dtype=np.float32)
-        prediction, confidence, exit_step, coords_all = self._outputs(n)
-        probs_all = None
-        norm = {"mean": tuple(self.model["mean"]), "std": tuple(self.model["std"])} if images.dtype == np.uint8 else {}
-
         with prof.stage("glance"):
             g = self.runner.run("glance", glance)
-        feature, state = g["feature"], g["policy_state"]
-        with prof.stage("heads"):
-            h_cls = None
-            if heads.kind == "gru":
-                h_cls = np.zeros((n, heads.cls_hidden), np.float32)
-                h_cls, logits, mp, am = heads.classify_gru(feature, h_cls)
-            else:
-                feats = np.zeros((n, T, feature.shape[1]), np.float32)
-                feats[:, 0] = feature
-            if self.step0_backbone:
-                logits = g["logits"]
-                mp, am = _max_argmax(logits)
+        with prof.stage("step"):
+            patches = loop.begin(images, g["feature"], g["policy_state"],
+                                 g["logits"] if self.step0_backbone else None, thr)
+        probs_all = None
         if trace:
+            logits = loop.logits()
             probs_all = np.zeros((T, n, logits.shape[1]), np.float32)
             probs_all[0] = softmax(logits)
-
-        active = np.arange(n, dtype=np.int64)
-        # While no image has exited, whole-array slices instead of fancy indexing (cheaper numpy
-        # paths, and at batch 1 the usual case).
-        sel: Any = slice(None)
-        h_pol = np.zeros((n, heads.pol_hidden), np.float32)
-        for t in range(T):
-            if t > 0:
-                with prof.stage("policy"):
-                    h_pol, _action, coords = heads.act(state, h_pol)
-                coords_all[t - 1, sel] = coords
-                with prof.stage("crop"):
-                    # patches of the images still running, cut from the whole batch (no copy of it)
-                    patches = ops.crop_patches(images, coords, P, index=None if active.size == n else active, **norm)
-                with prof.stage("focus"):
-                    f = self.runner.run("focus", patches)
-                state = f["policy_state"]
-                with prof.stage("heads"):
-                    if heads.kind == "gru":
-                        h_cls, logits, mp, am = heads.classify_gru(f["feature"], h_cls)
-                    else:
-                        feats[:, t] = f["feature"]
-                        logits, mp, am = heads.classify_cascaded(feats, t + 1)
-                if trace:
-                    probs_all[t, sel] = softmax(logits)
-            with prof.stage("exit"):
-                prediction[sel] = am
-                confidence[sel] = mp
-                if trace or t == T - 1:
-                    continue
-                done = mp >= thr[t]
-                if done.any():
-                    exit_step[active[done]] = t
-                    keep = ~done
-                    active = sel = active[keep]
-                    if active.size == 0:
-                        break
-                    state = np.ascontiguousarray(state[keep])
-                    h_pol = np.ascontiguousarray(h_pol[keep])
-                    if h_cls is not None:
-                        h_cls = np.ascontiguousarray(h_cls[keep])
-                    else:
-                        feats = np.ascontiguousarray(feats[keep])
-        return StepOutputs(prediction, confidence, exit_step, coords_all, probs_all)
+        t = 0
+        while patches is not None:
+            t += 1
+            with prof.stage("focus"):
+                f = self.runner.run("focus", patches)
+            with prof.stage("step"):
+                patches = loop.next(f["feature"], f["policy_state"])
+            if trace:
+                probs_all[t, loop.active()] = softmax(loop.logits())
+        prediction, confidence, exit_step, coords = loop.outputs()
+        return StepOutputs(prediction, confidence, exit_step, coords, probs_all)

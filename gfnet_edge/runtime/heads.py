@@ -61,6 +61,23 @@ class HeadSet:
                                    device=device)
         self.pol_hidden = int(arrays["pol.w_hh"].shape[1])
 
+    def host_loop(self, model: Dict[str, Any]):
+        """The extension's per-step engine of the host loop (:class:`gfnet_edge._C.HostLoop`) over
+        these heads (CPU only): heads, exit test, compaction, policy and crop in one call."""
+        from .. import ops
+
+        if self.device != "cpu":
+            raise ValueError("the host loop needs heads built with device='cpu'")
+        if self.kind == "gru":
+            cls_cell, cls_head, cascaded = self.cls._cell, self.cls._head, {}
+        else:
+            F = int(model["feature_dim"])
+            cls_cell = cls_head = None
+            cascaded = {k: self.cls._layer(k, F) for k in range(2, self.steps + 1)}
+        return ops._C.HostLoop(self.actor._cell, self.actor._head, cls_cell, cls_head, cascaded, self.steps,
+                               self.image_size, self.patch_size, model["step0"] == "backbone",
+                               [float(v) for v in model["mean"]], [float(v) for v in model["std"]])
+
     def classify_gru(self, feature: np.ndarray, hidden: np.ndarray) -> Tuple[np.ndarray, ...]:
         """``(new_hidden, logits, maxprob, argmax)``."""
         return self.cls.step(feature, hidden)

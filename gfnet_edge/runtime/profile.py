@@ -1,4 +1,5 @@
-"""Per-stage timing of the runtime (pre-process, glance, policy, crop, focus, heads, exit)."""
+"""Per-stage timing of the runtime (pre-process, glance, policy, crop, focus, heads, exit; the
+host loop does heads, exit test, policy and crop in one native call, stage ``step``)."""
 from __future__ import annotations
 
 import threading
@@ -9,7 +10,7 @@ from typing import ContextManager, Dict, Iterator, List
 
 import numpy as np
 
-STAGES = ("preprocess", "glance", "policy", "crop", "focus", "heads", "exit")
+STAGES = ("preprocess", "glance", "policy", "crop", "focus", "heads", "exit", "step")
 _NO_OP = nullcontext()  # reusable and reentrant
 
 

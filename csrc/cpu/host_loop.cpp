@@ -1,0 +1,194 @@
+#include "host_loop.h"
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "../common/gates.h"
+
+namespace gfn::cpu {
+namespace {
+
+std::vector<const float*> rows_of(const float* base, int64_t rows, int64_t cols) {
+  std::vector<const float*> p(static_cast<size_t>(rows));
+  for (int64_t i = 0; i < rows; ++i) p[i] = base + i * cols;
+  return p;
+}
+
+// Keeps the rows whose `keep` flag is set, in order, in a row-major buffer of `cols` columns.
+void compact_rows(std::vector<float>& buf, int64_t cols, const std::vector<char>& keep) {
+  int64_t w = 0;
+  for (int64_t i = 0; i < static_cast<int64_t>(keep.size()); ++i) {
+    if (!keep[i]) continue;
+    if (w != i) std::memmove(&buf[w * cols], &buf[i * cols], static_cast<size_t>(cols) * sizeof(float));
+    ++w;
+  }
+  buf.resize(static_cast<size_t>(w * cols));
+}
+
+}  // namespace
+
+int64_t HostLoop::begin(const void* images, bool u8, int64_t n, const float* feature, int64_t feature_dim,
+                        const float* state, int64_t state_dim, const float* logits, int64_t classes,
+                        const float* thresholds) {
+  const int64_t T = m_.steps;
+  // The buffers below are sized from these: refuse outputs that do not fit the heads.
+  const int64_t want_classes = m_.cls_head != nullptr ? m_.cls_head->out_features()
+                               : T > 1                ? m_.cascaded.at(2)->out_features()
+                                                      : classes;
+  if (m_.cls_cell != nullptr && m_.cls_cell->input_size() != feature_dim) {
+    throw std::invalid_argument("the classifier GRU takes " + std::to_string(m_.cls_cell->input_size()) +
+                                " features, the graph gave " + std::to_string(feature_dim));
+  }
+  for (int64_t k = 2; m_.cls_cell == nullptr && k <= T; ++k) {
+    if (m_.cascaded.at(k)->in_features() != k * feature_dim || m_.cascaded.at(k)->out_features() != want_classes) {
+      throw std::invalid_argument("cascaded layer k=" + std::to_string(k) + " does not fit features of size " +
+                                  std::to_string(feature_dim));
+    }
+  }
+  if (m_.step0_backbone && logits != nullptr && classes != want_classes) {
+    throw std::invalid_argument("the glance graph gave " + std::to_string(classes) + " logits, the heads " +
+                                std::to_string(want_classes));
+  }
+  images_ = images;
+  u8_ = u8;
+  n_ = n;
+  t_ = 0;
+  fdim_ = feature_dim;
+  sdim_ = state_dim;
+  trace_ = thresholds == nullptr;
+  if (thresholds != nullptr) {
+    thr_.assign(thresholds, thresholds + T);
+  } else {
+    thr_.clear();
+  }
+  prediction_.assign(n, 0);
+  confidence_.assign(n, 0.0f);
+  exit_step_.assign(n, T - 1);
+  coords_.assign(static_cast<size_t>(std::max<int64_t>(T - 1, 0) * n * 2), -1);
+  active_.resize(n);
+  for (int64_t i = 0; i < n; ++i) active_[i] = i;
+  state_.assign(state, state + n * state_dim);
+  h_pol_.assign(static_cast<size_t>(n * m_.actor_cell->hidden_size()), 0.0f);
+  maxprob_.resize(n);
+  argmax_.resize(n);
+  if (m_.cls_cell != nullptr) {
+    // GRU classifier: its first step reads the glance feature from a zero state.
+    const int64_t hc = m_.cls_cell->hidden_size();
+    std::vector<float> zeros(static_cast<size_t>(n * hc), 0.0f);
+    h_cls_.resize(static_cast<size_t>(n * hc));
+    m_.cls_cell->step(feature, zeros.data(), n, h_cls_.data());
+    classes_ = m_.cls_head->out_features();
+    logits_.resize(static_cast<size_t>(n * classes_));
+    const auto hs = rows_of(h_cls_.data(), n, hc);
+    m_.cls_head->forward(hs.data(), n, logits_.data(), false);
+    softmax_stats(logits_.data(), n, classes_, maxprob_.data(), argmax_.data());
+  } else {
+    feats_.assign(static_cast<size_t>(n * T * feature_dim), 0.0f);
+    for (int64_t i = 0; i < n; ++i) {
+      std::memcpy(&feats_[i * T * feature_dim], feature + i * feature_dim,
+                  static_cast<size_t>(feature_dim) * sizeof(float));
+    }
+  }
+  if (m_.step0_backbone) {
+    if (logits == nullptr) throw std::invalid_argument("the glance graph's logits are needed at step 0");
+    classes_ = classes;
+    logits_.assign(logits, logits + n * classes);
+    softmax_stats(logits_.data(), n, classes_, maxprob_.data(), argmax_.data());
+  } else if (m_.cls_cell == nullptr) {
+    throw std::invalid_argument("a cascaded classifier takes its step-0 logits from the glance graph");
+  }
+  return finish_step();
+}
+
+int64_t HostLoop::next(const float* feature, const float* state) {
+  // t_ was advanced by the previous finish_step: this is step t_'s focus output.
+  const int64_t m = static_cast<int64_t>(active_.size());
+  state_.assign(state, state + m * sdim_);
+  classify(feature);
+  return finish_step();
+}
+
+void HostLoop::classify(const float* feature) {
+  const int64_t m = static_cast<int64_t>(active_.size());
+  const int64_t T = m_.steps, F = fdim_;
+  logits_.resize(static_cast<size_t>(m * classes_));
+  if (m_.cls_cell != nullptr) {
+    const int64_t hc = m_.cls_cell->hidden_size();
+    scratch_.resize(static_cast<size_t>(m * hc));
+    m_.cls_cell->step(feature, h_cls_.data(), m, scratch_.data());
+    h_cls_.swap(scratch_);
+    const auto hs = rows_of(h_cls_.data(), m, hc);
+    m_.cls_head->forward(hs.data(), m, logits_.data(), false);
+  } else {
+    for (int64_t i = 0; i < m; ++i) {
+      std::memcpy(&feats_[(i * T + t_) * F], feature + i * F, static_cast<size_t>(F) * sizeof(float));
+    }
+    const Linear* layer = m_.cascaded.at(static_cast<size_t>(t_ + 1));
+    cascaded_forward(*layer, t_ + 1, feats_.data(), false, T, m, F, logits_.data());
+  }
+  softmax_stats(logits_.data(), m, classes_, maxprob_.data(), argmax_.data());
+}
+
+int64_t HostLoop::finish_step() {
+  const int64_t T = m_.steps, S = m_.image_size, P = m_.patch_size;
+  int64_t m = static_cast<int64_t>(active_.size());
+  for (int64_t i = 0; i < m; ++i) {
+    prediction_[active_[i]] = argmax_[i];
+    confidence_[active_[i]] = maxprob_[i];
+  }
+  if (t_ == T - 1) return 0;
+  if (!trace_) {
+    std::vector<char> keep(static_cast<size_t>(m));
+    int64_t kept = 0;
+    for (int64_t i = 0; i < m; ++i) {
+      keep[i] = !(maxprob_[i] >= thr_[t_]);
+      if (!keep[i]) exit_step_[active_[i]] = t_;
+      kept += keep[i];
+    }
+    if (kept != m) {
+      int64_t w = 0;
+      for (int64_t i = 0; i < m; ++i) {
+        if (keep[i]) active_[w++] = active_[i];
+      }
+      active_.resize(w);
+      compact_rows(state_, sdim_, keep);
+      compact_rows(h_pol_, m_.actor_cell->hidden_size(), keep);
+      if (m_.cls_cell != nullptr) {
+        compact_rows(h_cls_, m_.cls_cell->hidden_size(), keep);
+      } else {
+        compact_rows(feats_, T * fdim_, keep);
+      }
+      m = kept;
+      if (m == 0) return 0;
+    }
+  }
+  // Policy step t + 1: GRU over the last backbone's policy state, actor head -> coordinates.
+  const int64_t hp = m_.actor_cell->hidden_size();
+  scratch_.resize(static_cast<size_t>(m * hp));
+  m_.actor_cell->step(state_.data(), h_pol_.data(), m, scratch_.data());
+  h_pol_.swap(scratch_);
+  std::vector<float> action(static_cast<size_t>(m * 2));
+  const auto hs = rows_of(h_pol_.data(), m, hp);
+  m_.actor_head->forward(hs.data(), m, action.data(), false);
+  step_coords_.resize(static_cast<size_t>(m * 2));
+  const int range = static_cast<int>(S - P);
+  for (int64_t i = 0; i < 2 * m; ++i) step_coords_[i] = patch_coord(sigmoid(action[i]), range);
+  for (int64_t i = 0; i < m; ++i) {
+    coords_[(t_ * n_ + active_[i]) * 2] = step_coords_[2 * i];
+    coords_[(t_ * n_ + active_[i]) * 2 + 1] = step_coords_[2 * i + 1];
+  }
+  patches_.resize(static_cast<size_t>(m * 3 * P * P));
+  if (u8_) {
+    crop_patches_u8(static_cast<const uint8_t*>(images_), m, S, step_coords_.data(), m_.norm, patches_.data(), P,
+                    active_.data());
+  } else {
+    crop_patches(static_cast<const float*>(images_), m, 3, S, step_coords_.data(), patches_.data(), P,
+                 active_.data());
+  }
+  ++t_;
+  return m;
+}
+
+}  // namespace gfn::cpu

@@ -1,0 +1,156 @@
+"""The extension's host-loop step (`_C.HostLoop`) against a step-by-step numpy loop over the
+`ops` heads (themselves tested against torch in test_kernels.py): predictions, confidences,
+exit steps, patch coordinates and patches, with exits, compaction and trace, for both
+classifier kinds and both image kinds; and its argument checks."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gfnet_edge import ops
+
+S, P, T, F, HS, HP, HC, C = 32, 12, 4, 6, 10, 8, 7, 5
+MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+
+
+def _heads(kind, rng):
+    g = lambda *s: (rng.standard_normal(s) * 0.5).astype(np.float32)  # noqa: E731
+    actor = ops.ActorHead(g(3 * HP, HS), g(3 * HP, HP), g(3 * HP), g(3 * HP), g(2, HP) * 4, g(2))
+    if kind == "gru":
+        return actor, ops.GRUHead(g(3 * HC, F), g(3 * HC, HC), g(3 * HC), g(3 * HC), g(C, HC), g(C)), None
+    return actor, None, ops.CascadedHead([(g(C, k * F), g(C)) for k in range(2, T + 1)])
+
+
+def _native(actor, gru, cascaded, step0_backbone):
+    if gru is not None:
+        cls_cell, cls_head, layers = gru._cell, gru._head, {}
+    else:
+        cls_cell = cls_head = None
+        layers = {k: cascaded._layer(k, F) for k in range(2, T + 1)}
+    return ops._C.HostLoop(actor._cell, actor._head, cls_cell, cls_head, layers, T, S, P, step0_backbone,
+                           list(MEAN), list(STD))
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def _reference(images, outs, actor, gru, cascaded, step0_backbone, thr):
+    """The loop written out in numpy over the ops heads; `outs[t]` gives the graph outputs
+    (feature, state, logits) of step t for each image (rows indexed by image)."""
+    n = len(images)
+    norm = dict(mean=MEAN, std=STD) if images.dtype == np.uint8 else {}
+    pred, conf = np.zeros(n, np.int64), np.zeros(n, np.float32)
+    exit_step, coords_all = np.full(n, T - 1, np.int64), np.full((T - 1, n, 2), -1, np.int32)
+    probs, patches_seen = np.zeros((T, n, C), np.float32), []
+    active = np.arange(n)
+    feature, state, logits0 = outs[0]
+    h_cls = np.zeros((n, HC), np.float32) if gru is not None else None
+    feats = np.zeros((n, T, F), np.float32)
+    feats[:, 0] = feature
+    if gru is not None:
+        h_cls, logits, mp, am = gru.step(feature, h_cls)
+    if step0_backbone:
+        logits = logits0
+        mp, am = ops.softmax_stats(logits)
+    h_pol = np.zeros((n, HP), np.float32)
+    for t in range(T):
+        if t > 0:
+            h_pol, _, coords = actor.step(np.ascontiguousarray(state), h_pol, S, P)
+            coords_all[t - 1, active] = coords
+            patches_seen.append(ops.crop_patches(images, coords, P, index=active, **norm))
+            feature, state, _ = (o[active] for o in outs[t])
+            if gru is not None:
+                h_cls, logits, mp, am = gru.step(np.ascontiguousarray(feature), h_cls)
+            else:
+                feats[:, t] = feature
+                logits, mp, am = cascaded.step(feats, t + 1)
+        probs[t, active] = _softmax(logits)
+        pred[active], conf[active] = am, mp
+        if thr is None or t == T - 1:
+            continue
+        done = mp >= thr[t]
+        exit_step[active[done]] = t
+        keep = ~done
+        active, state, h_pol = active[keep], state[keep], h_pol[keep]
+        feats = feats[keep]
+        if h_cls is not None:
+            h_cls = h_cls[keep]
+        if active.size == 0:
+            break
+    return pred, conf, exit_step, coords_all, probs, patches_seen
+
+
+@pytest.mark.parametrize("kind,step0_backbone", [("gru", False), ("gru", True), ("cascaded", True)])
+@pytest.mark.parametrize("u8", [True, False])
+@pytest.mark.parametrize("mode", ["exits", "trace"])
+def test_host_loop_matches_the_numpy_loop(kind, step0_backbone, u8, mode):
+    rng = np.random.default_rng(hash((kind, step0_backbone, u8, mode)) % 2**32)
+    n = 9
+    actor, gru, cascaded = _heads(kind, rng)
+    frames = rng.integers(0, 256, (n, S, S, 3), dtype=np.uint8)
+    images = frames if u8 else ops.preprocess(frames, S, crop_pct=1.0, mean=MEAN, std=STD)
+    # per-step graph outputs, fixed per image (what a backbone would return for it)
+    outs = [(rng.standard_normal((n, F)).astype(np.float32), rng.standard_normal((n, HS)).astype(np.float32),
+             rng.standard_normal((n, C)).astype(np.float32) * 3) for _ in range(T)]
+    thr = None
+    if mode == "exits":  # about a third of the running images exit at each step
+        trace_probs = _reference(images, outs, actor, gru, cascaded, step0_backbone, None)[4]
+        thr = np.array([np.quantile(trace_probs[t].max(1), 0.67) for t in range(T - 1)] + [-1e8], np.float32)
+    ref = _reference(images, outs, actor, gru, cascaded, step0_backbone, thr)
+
+    loop = _native(actor, gru, cascaded, step0_backbone)
+    f0, s0, l0 = outs[0]
+    patches = loop.begin(images, f0, s0, l0 if step0_backbone else None, thr)
+    probs = np.zeros((T, n, C), np.float32)
+    probs[0] = _softmax(loop.logits())
+    t, seen = 0, []
+    while patches is not None:
+        t += 1
+        seen.append(patches.copy())
+        active = loop.active()
+        patches = loop.next(outs[t][0][active], outs[t][1][active])
+        probs[t, active] = _softmax(loop.logits())  # the rows that ran this step
+    pred, conf, exit_step, coords = loop.outputs()
+    np.testing.assert_array_equal(pred, ref[0])
+    np.testing.assert_allclose(conf, ref[1], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(exit_step, ref[2])
+    np.testing.assert_array_equal(coords, ref[3])
+    assert len(seen) == len(ref[5])
+    for a, b in zip(seen, ref[5]):
+        np.testing.assert_array_equal(a, b)
+    if mode == "trace":
+        np.testing.assert_allclose(probs, ref[4], rtol=0, atol=1e-6)
+    else:
+        assert 0 < (exit_step < T - 1).sum() < n  # the case exercised exits and compaction
+
+
+def test_host_loop_refuses_bad_arguments():
+    rng = np.random.default_rng(0)
+    actor, gru, cascaded = _heads("cascaded", rng)
+    loop = _native(actor, None, cascaded, True)
+    frames = rng.integers(0, 256, (2, S, S, 3), dtype=np.uint8)
+    f, s, lg = (np.zeros((2, F), np.float32), np.zeros((2, HS), np.float32), np.zeros((2, C), np.float32))
+    with pytest.raises(ValueError, match="call begin"):
+        loop.next(f, s)
+    with pytest.raises(ValueError, match=r"state must have shape \(2, 10\)"):
+        loop.begin(frames, f, np.zeros((2, 3), np.float32), lg, None)
+    with pytest.raises(ValueError, match="thresholds must have 4 values"):
+        loop.begin(frames, f, s, lg, np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="logits"):
+        loop.begin(frames, f, s, None, None)
+    with pytest.raises(ValueError, match="gave 7 logits"):
+        loop.begin(frames, f, s, np.zeros((2, 7), np.float32), None)
+    with pytest.raises(ValueError, match="does not fit features"):
+        loop.begin(frames, np.zeros((2, F + 1), np.float32), s, lg, None)
+    with pytest.raises(ValueError, match=r"uint8 images must have shape \(N, 32, 32, 3\)"):
+        loop.begin(np.ascontiguousarray(frames[:, :16]), f, s, lg, None)
+    with pytest.raises(TypeError, match="uint8 frames or float32"):
+        loop.begin(frames.astype(np.int16), f, s, lg, None)
+    patches = loop.begin(frames, f, s, lg, np.full(T, 2.0, np.float32))  # nobody exits
+    assert patches.shape == (2, 3, P, P)
+    with pytest.raises(ValueError, match=r"feature must have shape \(2, 6\)"):
+        loop.next(np.zeros((1, F), np.float32), s)
+    with pytest.raises(ValueError, match="step-0 logits"):
+        _native(actor, None, cascaded, False)
