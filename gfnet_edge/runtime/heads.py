@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict
 
 import numpy as np
 
@@ -71,7 +71,7 @@ class HeadSet:
         if self.kind == "gru":
             cls_cell, cls_head, cascaded = self.cls._cell, self.cls._head, {}
         else:
-            F = min(self.cls._layers) // 2  # the layer for k = 2 takes two step features
+            F = min(self.cls._layers, default=2) // 2  # the layer for k = 2 takes two step features
             cls_cell = cls_head = None
             cascaded = {k: self.cls._layer(k, F) for k in range(2, self.steps + 1)}
         # mean / std normalise uint8 frames as patches are cut (float images do not use them)
@@ -79,15 +79,3 @@ class HeadSet:
         return ops._C.HostLoop(self.actor._cell, self.actor._head, cls_cell, cls_head, cascaded, self.steps,
                                self.image_size, self.patch_size, model["step0"] == "backbone",
                                [float(v) for v in mean], [float(v) for v in std])
-
-    def classify_gru(self, feature: np.ndarray, hidden: np.ndarray) -> Tuple[np.ndarray, ...]:
-        """``(new_hidden, logits, maxprob, argmax)``."""
-        return self.cls.step(feature, hidden)
-
-    def classify_cascaded(self, feats: np.ndarray, k: int) -> Tuple[np.ndarray, ...]:
-        """``(logits, maxprob, argmax)`` over the first ``k`` step features of ``feats`` (N, T, F)."""
-        return self.cls.step(feats, k)
-
-    def act(self, state: np.ndarray, hidden: np.ndarray) -> Tuple[np.ndarray, ...]:
-        """``(new_hidden, action, coords int32)``."""
-        return self.actor.step(state, hidden, self.image_size, self.patch_size)
