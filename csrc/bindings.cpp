@@ -139,11 +139,7 @@ const float* opt_vector(const py::object& obj, int64_t n, const std::string& nam
   return static_cast<const float*>(keep.data());
 }
 
-std::vector<const float*> row_pointers(const float* base, int64_t rows, int64_t cols) {
-  std::vector<const float*> p(static_cast<size_t>(rows));
-  for (int64_t i = 0; i < rows; ++i) p[i] = base + i * cols;
-  return p;
-}
+using gfn::cpu::row_pointers;
 
 /// Batch of row vectors (B, K) float32, or (K,) promoted to B = 1.
 py::array batch_matrix(const py::handle& obj, int64_t k, const std::string& name) {
@@ -571,18 +567,17 @@ py::tuple gru_classifier_step(const PyGRUCell& cell, const PyLinear& head, const
                               const py::object& h) {
   check_head_fits(cell, head);
   py::array hn = gru_step(cell, x, h);
-  const int64_t nb = hn.shape(0), hidden = hn.shape(1), classes = head.layer.out_features();
+  const int64_t nb = hn.shape(0), classes = head.layer.out_features();
   py::array_t<float> logits({nb, classes});
   py::array_t<float> maxprob(nb);
   py::array_t<int32_t> argmax(nb);
-  const auto hs = row_pointers(static_cast<const float*>(hn.data()), nb, hidden);
+  const float* hp = static_cast<const float*>(hn.data());
   float* lp = logits.mutable_data();
   float* mp = maxprob.mutable_data();
   int32_t* ap = argmax.mutable_data();
   {
     py::gil_scoped_release release;
-    head.layer.forward(hs.data(), nb, lp, false);
-    gfn::cpu::softmax_stats(lp, nb, classes, mp, ap);
+    gfn::cpu::classifier_head(head.layer, hp, nb, lp, mp, ap);
   }
   return py::make_tuple(hn, logits, maxprob, argmax);
 }
@@ -596,20 +591,15 @@ py::tuple gru_actor_step(const PyGRUCell& cell, const PyLinear& head, const py::
   check_positive(patch_size, "patch_size");
   if (patch_size > image_size) throw py::value_error("patch_size must be <= image_size");
   py::array hn = gru_step(cell, x, h);
-  const int64_t nb = hn.shape(0), hidden = hn.shape(1);
+  const int64_t nb = hn.shape(0);
   py::array_t<float> action({nb, int64_t{2}});
   py::array_t<int32_t> coords({nb, int64_t{2}});
-  const auto hs = row_pointers(static_cast<const float*>(hn.data()), nb, hidden);
+  const float* hp = static_cast<const float*>(hn.data());
   float* act = action.mutable_data();
   int32_t* cp = coords.mutable_data();
-  const int range = static_cast<int>(image_size - patch_size);
   {
     py::gil_scoped_release release;
-    head.layer.forward(hs.data(), nb, act, false);
-    for (int64_t i = 0; i < 2 * nb; ++i) {
-      act[i] = gfn::sigmoid(act[i]);
-      cp[i] = gfn::patch_coord(act[i], range);
-    }
+    gfn::cpu::actor_head(head.layer, hp, nb, static_cast<int>(image_size - patch_size), act, cp);
   }
   return py::make_tuple(hn, action, coords);
 }

@@ -708,7 +708,7 @@ def test_device_driver_matches_numpy_driver_on_torch_cuda_graphs(kind, step0, T)
 
     S, P, F, Hs, C = 64, 24, 24, 20, 10
     model = {"steps": T, "image_size": S, "patch_size": P, "step0": step0, "classifier": kind,
-             "glance_interpolation": "bicubic"}
+             "glance_interpolation": "bicubic", "mean": list(ops.IMAGENET_MEAN), "std": list(ops.IMAGENET_STD)}
     arrays = _random_heads(kind, T, F, Hs, C)
     runner = _tiny_torch_runner(P, F, Hs, C, step0 == "backbone").activate()
     try:

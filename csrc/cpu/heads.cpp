@@ -161,6 +161,28 @@ void Linear::forward(const float* const* x, int64_t nb, float* out, bool relu) c
   linear_forward(w_.view(), w_.rows(), w_.cols(), b_.data(), x, nb, out, relu);
 }
 
+std::vector<const float*> row_pointers(const float* base, int64_t rows, int64_t cols) {
+  std::vector<const float*> p(static_cast<size_t>(rows));
+  for (int64_t i = 0; i < rows; ++i) p[i] = base + i * cols;
+  return p;
+}
+
+void classifier_head(const Linear& head, const float* h, int64_t nb, float* logits, float* maxprob,
+                     int32_t* argmax) {
+  const auto hs = row_pointers(h, nb, head.in_features());
+  head.forward(hs.data(), nb, logits, false);
+  softmax_stats(logits, nb, head.out_features(), maxprob, argmax);
+}
+
+void actor_head(const Linear& head, const float* h, int64_t nb, int range, float* action, int32_t* coords) {
+  const auto hs = row_pointers(h, nb, head.in_features());
+  head.forward(hs.data(), nb, action, false);
+  for (int64_t i = 0; i < 2 * nb; ++i) {
+    action[i] = sigmoid(action[i]);
+    coords[i] = patch_coord(action[i], range);
+  }
+}
+
 void cascaded_forward(const Linear& layer, int64_t k, const float* features, bool tnf,
                       int64_t steps, int64_t nb, int64_t feature_dim, float* logits) {
   const int64_t rows = layer.out_features();

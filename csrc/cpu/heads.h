@@ -87,4 +87,16 @@ class Linear {
 void cascaded_forward(const Linear& layer, int64_t k, const float* features, bool tnf,
                       int64_t steps, int64_t nb, int64_t feature_dim, float* logits);
 
+/// Pointers to the rows of a row-major (rows, cols) matrix (the batch form Linear takes).
+std::vector<const float*> row_pointers(const float* base, int64_t rows, int64_t cols);
+
+/// Classifier head after its GRU step: logits = head(h) for nb rows of hidden state h, then
+/// the softmax maximum and argmax of each row.
+void classifier_head(const Linear& head, const float* h, int64_t nb, float* logits, float* maxprob,
+                     int32_t* argmax);
+
+/// Actor head after its GRU step: action = sigmoid(head(h)) (nb x 2), coords = the patch
+/// coordinates of the action for patches `range` = S - P positions apart (gates.h).
+void actor_head(const Linear& head, const float* h, int64_t nb, int range, float* action, int32_t* coords);
+
 }  // namespace gfn::cpu

@@ -5,16 +5,9 @@
 #include <stdexcept>
 #include <string>
 
-#include "../common/gates.h"
 
 namespace gfn::cpu {
 namespace {
-
-std::vector<const float*> rows_of(const float* base, int64_t rows, int64_t cols) {
-  std::vector<const float*> p(static_cast<size_t>(rows));
-  for (int64_t i = 0; i < rows; ++i) p[i] = base + i * cols;
-  return p;
-}
 
 // Keeps the rows whose `keep` flag is set, in order, in a row-major buffer of `cols` columns.
 void compact_rows(std::vector<float>& buf, int64_t cols, const std::vector<char>& keep) {
@@ -73,24 +66,14 @@ int64_t HostLoop::begin(const void* images, bool u8, int64_t n, const float* fea
   h_pol_.assign(static_cast<size_t>(n * m_.actor_cell->hidden_size()), 0.0f);
   maxprob_.resize(n);
   argmax_.resize(n);
+  classes_ = want_classes;
+  // The classifier's step 0 from a zero GRU state, or the first cascaded feature.
   if (m_.cls_cell != nullptr) {
-    // GRU classifier: its first step reads the glance feature from a zero state.
-    const int64_t hc = m_.cls_cell->hidden_size();
-    std::vector<float> zeros(static_cast<size_t>(n * hc), 0.0f);
-    h_cls_.resize(static_cast<size_t>(n * hc));
-    m_.cls_cell->step(feature, zeros.data(), n, h_cls_.data());
-    classes_ = m_.cls_head->out_features();
-    logits_.resize(static_cast<size_t>(n * classes_));
-    const auto hs = rows_of(h_cls_.data(), n, hc);
-    m_.cls_head->forward(hs.data(), n, logits_.data(), false);
-    softmax_stats(logits_.data(), n, classes_, maxprob_.data(), argmax_.data());
+    h_cls_.assign(static_cast<size_t>(n * m_.cls_cell->hidden_size()), 0.0f);
   } else {
     feats_.assign(static_cast<size_t>(n * T * feature_dim), 0.0f);
-    for (int64_t i = 0; i < n; ++i) {
-      std::memcpy(&feats_[i * T * feature_dim], feature + i * feature_dim,
-                  static_cast<size_t>(feature_dim) * sizeof(float));
-    }
   }
+  classify(feature);
   if (m_.step0_backbone) {
     if (logits == nullptr) throw std::invalid_argument("the glance graph's logits are needed at step 0");
     classes_ = classes;
@@ -115,19 +98,18 @@ void HostLoop::classify(const float* feature) {
   const int64_t T = m_.steps, F = fdim_;
   logits_.resize(static_cast<size_t>(m * classes_));
   if (m_.cls_cell != nullptr) {
-    const int64_t hc = m_.cls_cell->hidden_size();
-    scratch_.resize(static_cast<size_t>(m * hc));
+    scratch_.resize(static_cast<size_t>(m * m_.cls_cell->hidden_size()));
     m_.cls_cell->step(feature, h_cls_.data(), m, scratch_.data());
     h_cls_.swap(scratch_);
-    const auto hs = rows_of(h_cls_.data(), m, hc);
-    m_.cls_head->forward(hs.data(), m, logits_.data(), false);
-  } else {
-    for (int64_t i = 0; i < m; ++i) {
-      std::memcpy(&feats_[(i * T + t_) * F], feature + i * F, static_cast<size_t>(F) * sizeof(float));
-    }
-    const Linear* layer = m_.cascaded.at(static_cast<size_t>(t_ + 1));
-    cascaded_forward(*layer, t_ + 1, feats_.data(), false, T, m, F, logits_.data());
+    classifier_head(*m_.cls_head, h_cls_.data(), m, logits_.data(), maxprob_.data(), argmax_.data());
+    return;
   }
+  for (int64_t i = 0; i < m; ++i) {
+    std::memcpy(&feats_[(i * T + t_) * F], feature + i * F, static_cast<size_t>(F) * sizeof(float));
+  }
+  if (t_ == 0) return;  // step-0 logits come from the glance graph
+  cascaded_forward(*m_.cascaded.at(static_cast<size_t>(t_ + 1)), t_ + 1, feats_.data(), false, T, m, F,
+                   logits_.data());
   softmax_stats(logits_.data(), m, classes_, maxprob_.data(), argmax_.data());
 }
 
@@ -170,11 +152,8 @@ int64_t HostLoop::finish_step() {
   m_.actor_cell->step(state_.data(), h_pol_.data(), m, scratch_.data());
   h_pol_.swap(scratch_);
   std::vector<float> action(static_cast<size_t>(m * 2));
-  const auto hs = rows_of(h_pol_.data(), m, hp);
-  m_.actor_head->forward(hs.data(), m, action.data(), false);
   step_coords_.resize(static_cast<size_t>(m * 2));
-  const int range = static_cast<int>(S - P);
-  for (int64_t i = 0; i < 2 * m; ++i) step_coords_[i] = patch_coord(sigmoid(action[i]), range);
+  actor_head(*m_.actor_head, h_pol_.data(), m, static_cast<int>(S - P), action.data(), step_coords_.data());
   for (int64_t i = 0; i < m; ++i) {
     coords_[(t_ * n_ + active_[i]) * 2] = step_coords_[2 * i];
     coords_[(t_ * n_ + active_[i]) * 2 + 1] = step_coords_[2 * i + 1];

@@ -74,8 +74,7 @@ class HeadSet:
             F = min(self.cls._layers, default=2) // 2  # the layer for k = 2 takes two step features
             cls_cell = cls_head = None
             cascaded = {k: self.cls._layer(k, F) for k in range(2, self.steps + 1)}
-        # mean / std normalise uint8 frames as patches are cut (float images do not use them)
-        mean, std = model.get("mean", ops.IMAGENET_MEAN), model.get("std", ops.IMAGENET_STD)
+        # mean / std normalise uint8 frames as patches are cut
         return ops._C.HostLoop(self.actor._cell, self.actor._head, cls_cell, cls_head, cascaded, self.steps,
                                self.image_size, self.patch_size, model["step0"] == "backbone",
-                               [float(v) for v in mean], [float(v) for v in std])
+                               [float(v) for v in model["mean"]], [float(v) for v in model["std"]])
