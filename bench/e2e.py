@@ -15,7 +15,8 @@ Builds (or reuses, ``--bundle``) an INT8 ONNX Runtime bundle of the shipped demo
   within ``--tolerance`` points of the static baseline of the same precision, and times it
   against the static graph head to head (alternating blocks of the same images) for the ratio
   of their mean latencies; the share of per-image time spent outside backbone inference; and the
-  per-image throughput of batch 32 against batch 1 (at that point also head to head).
+  per-image throughput of batch 32 against batch 1 (at that point also head to head), with the
+  bound that the backbones' own batch scaling puts on it (both batch sizes profiled, alternating).
 
 Prints the tables and writes ``bench/results/e2e.md`` and ``e2e.json``.
 """
@@ -126,6 +127,37 @@ def batch_throughput(rt, thresholds, frames: np.ndarray, big: int = 32) -> Dict[
     with using_thresholds(rt, thresholds):
         t = alternating({"b1": call, f"b{big}": call}, {"b1": 1, f"b{big}": big}, frames)
     return {"b1_ms": t["b1"], f"b{big}_ms": t[f"b{big}"], "throughput": t["b1"] / t[f"b{big}"]}
+
+
+def backbone_scaling(rt, thresholds, frames: np.ndarray, big: int = 32) -> Dict[str, float]:
+    """How much batch ``big`` can gain over batch 1 at one operating point: both run in
+    alternating blocks with a profiler each, giving the backbones' own time per image in the loop
+    (B1, B32) next to the batch-1 time per image T1. Since T32 >= B32, the throughput of batch
+    ``big`` over batch 1 is at most T1 / B32 = (B1 / B32) / (1 - outside share at batch 1)."""
+    from gfnet_edge.calibrate.latency import runtime_input, using_thresholds
+    from gfnet_edge.runtime.profile import Profiler
+
+    profs = {"b1": Profiler(True), f"b{big}": Profiler(True)}
+    images = {k: 0 for k in profs}
+    saved = rt.profiler
+
+    def call(name):
+        def fn(f):
+            rt.profiler = rt.driver.prof = profs[name]
+            images[name] += len(f)
+            return rt.predict(runtime_input(rt.model, f))
+        return fn
+
+    try:
+        with using_thresholds(rt, thresholds):
+            t = alternating({k: call(k) for k in profs}, {"b1": 1, f"b{big}": big}, frames)
+    finally:
+        rt.profiler = rt.driver.prof = saved
+    bb = {k: sum(v["total_ms"] for g, v in profs[k].summary().items() if g in ("glance", "focus")) / images[k]
+          for k in profs}
+    return {"b1_ms": t["b1"], "b1_backbone_ms": bb["b1"], f"b{big}_backbone_ms": bb[f"b{big}"],
+            "scaling": bb["b1"] / bb[f"b{big}"], "outside_share": 1.0 - bb["b1"] / t["b1"],
+            "bound": t["b1"] / bb[f"b{big}"]}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -242,6 +274,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     _log(f"head to head, {prec}: batch 32 vs batch 1 at {pick1['point']}")
                     results["summary"][f"{prec} batch32_head_to_head"] = dict(
                         batch_throughput(rt, thr, test_x), point=pick1["point"])
+                    _log(f"backbones in the loop, {prec}: batch 32 vs batch 1 at {pick1['point']}")
+                    results["summary"][f"{prec} backbone_scaling"] = backbone_scaling(rt, thr, test_x)
             rt.close()
     results["minutes"] = (time.perf_counter() - t_start) / 60
     md = render(results, batches)
@@ -307,6 +341,18 @@ def render(res: Dict[str, Any], batches: List[int]) -> str:
                       table(["precision", "point", "batch 1 ms/image", "batch 32 ms/image", "throughput"], h2h), "",
                       "Every operating point, from the separate sweep timings:", ""]
         lines += [table(["precision"] + head, rows), ""]
+        bs = [[prec, f"{b['b1_ms']:.2f}", f"{b['b1_backbone_ms']:.2f}", f"{b['b32_backbone_ms']:.2f}",
+               f"{b['scaling']:.2f}x", f"{100 * b['outside_share']:.1f}%", f"{b['bound']:.2f}x"]
+              for prec in ("fp32", "int8") for b in [res["summary"].get(f"{prec} backbone_scaling")] if b]
+        if bs:
+            lines += ["What batching can gain here: batch 1 and batch 32 at the same point, alternating blocks, "
+                      "each with its own profiler, give the backbones' time per image inside the loop (B1, B32) "
+                      "and the batch-1 time T1. Batch 32 cannot take less than its backbones, so its throughput "
+                      "over batch 1 is at most T1 / B32 = (B1 / B32) / (1 - outside share): the less time "
+                      "outside the backbones, the less batching wins unless the backbones themselves batch well "
+                      "(profiler on in this run only).", "",
+                      table(["precision", "T1 ms/image", "B1 ms/image", "B32 ms/image", "backbone scaling B1/B32",
+                             "outside share b1", "throughput bound T1/B32"], bs), ""]
     for prec in ("fp32", "int8"):
         rs = res["gfnet"].get(prec)
         if not rs:

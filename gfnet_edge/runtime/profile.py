@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
-from contextlib import contextmanager, nullcontext
-from typing import ContextManager, Dict, Iterator, List
+from contextlib import nullcontext
+from typing import ContextManager, Dict, List
 
 import numpy as np
 
@@ -24,21 +24,16 @@ class Profiler:
         self._calls: List[float] = []
 
     def stage(self, name: str) -> ContextManager[None]:
-        """Times the ``with`` block as stage ``name`` (a shared no-op when disabled: the loop
-        enters ~15 stages per image, and a generator-based context costs ~2 us each)."""
+        """Times the ``with`` block as stage ``name`` (a shared no-op when disabled). The loop
+        enters ~8 stages per image, so the timer is a plain object with ``__slots__`` rather
+        than a generator-based context manager, which costs several times more per entry."""
         if not self.enabled:
             return _NO_OP
-        return self._timed(name)
+        return _Timer(self, name)
 
-    @contextmanager
-    def _timed(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            dt = time.perf_counter() - t0
-            with self._lock:
-                self._samples[name].append(dt)
+    def _record(self, name: str, seconds: float) -> None:
+        with self._lock:
+            self._samples[name].append(seconds)
 
     def add_call(self, seconds: float, images: int) -> None:
         if self.enabled:
@@ -62,6 +57,21 @@ class Profiler:
         if calls:
             out["per_image"] = _stats(calls)
         return out
+
+
+class _Timer:
+    """``with`` block timer of one stage entry (see :meth:`Profiler.stage`)."""
+
+    __slots__ = ("prof", "name", "t0")
+
+    def __init__(self, prof: Profiler, name: str) -> None:
+        self.prof, self.name = prof, name
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        self.prof._record(self.name, time.perf_counter() - self.t0)
 
 
 def _stats(xs: List[float]) -> Dict[str, float]:

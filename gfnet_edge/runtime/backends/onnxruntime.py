@@ -10,15 +10,21 @@ from ...errors import InputError, UnavailableError
 from .base import GRAPHS, Runner
 
 
-def session_options(threads: Optional[int] = None, spinning: bool = True):
-    """ONNX Runtime session options: full graph optimisation, deterministic thread counts.
+def session_options(threads: Optional[int] = None):
+    """ONNX Runtime session options: full graph optimisation, deterministic thread counts, and
+    intra-op threads that spin during a run but stop when it ends.
+
+    Spinning (ONNX Runtime's default) keeps the worker threads busy-waiting for the next
+    parallel section: fast inside a run, but after the run they go on burning cores (about
+    50 ms of CPU in the 200 ms after one run, 2 threads, measured here) and take them from
+    whatever runs next -- the extension's kernels between two backbone runs, or another
+    session. ``session.force_spinning_stop`` keeps the spinning inside runs only. On 2 cores,
+    demo model, batch 1 (A/B inside one runtime, docs/benchmarks.md): 0.86-0.87x the
+    per-image time of sessions that never spin, and a GFNet block timed right after a static
+    graph's block of a spinning session was 10 % slower than after a stopped one.
 
     Args:
         threads: intra-op threads (``None``: ONNX Runtime's default).
-        spinning: let idle intra-op threads spin after a run (ONNX Runtime's default). The GFNet
-            loop turns it off: between two backbone runs the extension's own threads work, and
-            spinning ONNX Runtime threads take the cores from them (measured on 2 cores: the
-            per-image latency of the demo at 2 threads fell from 23.0 to 14.9 ms under load).
     """
     import onnxruntime as ort
 
@@ -27,22 +33,20 @@ def session_options(threads: Optional[int] = None, spinning: bool = True):
     if threads:
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
-    if not spinning:
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.force_spinning_stop", "1")
     so.log_severity_level = 3
     return so
 
 
-def load_session(path: Path, threads: Optional[int] = None, providers: Optional[Sequence[str]] = None,
-                 spinning: bool = True):
-    """Loader: an ``InferenceSession`` for one ONNX file, with clear errors (``spinning``: see
-    :func:`session_options`)."""
+def load_session(path: Path, threads: Optional[int] = None, providers: Optional[Sequence[str]] = None):
+    """Loader: an ``InferenceSession`` for one ONNX file (options: :func:`session_options`),
+    with clear errors."""
     try:
         import onnxruntime as ort
     except ImportError as exc:  # pragma: no cover - onnxruntime is a hard dependency
         raise UnavailableError("onnxruntime is not installed: pip install onnxruntime") from exc
     try:
-        return ort.InferenceSession(str(path), sess_options=session_options(threads, spinning),
+        return ort.InferenceSession(str(path), sess_options=session_options(threads),
                                     providers=list(providers or ["CPUExecutionProvider"]))
     except Exception as exc:
         raise InputError(f"{path}: ONNX Runtime cannot load this graph: {str(exc).splitlines()[0]}") from exc
@@ -71,8 +75,7 @@ class OnnxRuntimeRunner(Runner):
 
     def _activate(self) -> None:
         for g in GRAPHS:
-            # No spinning: the extension's kernels run between two backbone runs (see session_options).
-            s = load_session(self.graphs[g], self.threads, self.providers, spinning=False)
+            s = load_session(self.graphs[g], self.threads, self.providers)
             self.sessions[g] = s
             self.outputs[g] = [o.name for o in s.get_outputs()]
 
