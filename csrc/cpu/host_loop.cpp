@@ -99,7 +99,9 @@ void HostLoop::classify(const float* feature) {
   logits_.resize(static_cast<size_t>(m * classes_));
   if (m_.cls_cell != nullptr) {
     scratch_.resize(static_cast<size_t>(m * m_.cls_cell->hidden_size()));
-    m_.cls_cell->step(feature, h_cls_.data(), m, scratch_.data());
+    // Step 0 starts from a zero state: the cell skips W_hh h (a third of its weight bytes;
+    // W_hh 0 + b_hh == b_hh exactly, so the result is the same).
+    m_.cls_cell->step(feature, t_ == 0 ? nullptr : h_cls_.data(), m, scratch_.data());
     h_cls_.swap(scratch_);
     classifier_head(*m_.cls_head, h_cls_.data(), m, logits_.data(), maxprob_.data(), argmax_.data());
     return;
@@ -149,7 +151,7 @@ int64_t HostLoop::finish_step() {
   // Policy step t + 1: GRU over the last backbone's policy state, actor head -> coordinates.
   const int64_t hp = m_.actor_cell->hidden_size();
   scratch_.resize(static_cast<size_t>(m * hp));
-  m_.actor_cell->step(state_.data(), h_pol_.data(), m, scratch_.data());
+  m_.actor_cell->step(state_.data(), t_ == 0 ? nullptr : h_pol_.data(), m, scratch_.data());  // t 0: zero state
   h_pol_.swap(scratch_);
   std::vector<float> action(static_cast<size_t>(m * 2));
   step_coords_.resize(static_cast<size_t>(m * 2));
