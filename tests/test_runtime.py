@@ -212,6 +212,7 @@ def test_deterministic_and_thread_safe(mnv3):
 
 def _cpu_burnt_while_idle(run) -> float:
     """CPU seconds the process uses in the 0.2 s of sleep after ``run()`` (three times)."""
+    time.sleep(0.3)  # let threads still spinning from earlier work (torch's, say) go to sleep first
     for _ in range(3):
         run()
     c0 = time.process_time()
