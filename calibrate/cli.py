@@ -36,6 +36,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Adds the ``calibrate`` subcommand."""
+    from gfnet_edge.runtime.heads import HEAD_DTYPES
+
     p = sub.add_parser(
         "calibrate", help="measure step latency, fit exit thresholds for ms budgets, verify, report",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -58,7 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", default="auto", help="graph set: auto, fp32, int8-cpu, int8 (TensorRT) ...")
     p.add_argument("--threads", type=int, help="CPU threads of ONNX Runtime and the extension")
     p.add_argument("--dla-core", type=int, help="TensorRT: calibrate the engines built for this DLA core (Jetson)")
-    p.add_argument("--head-dtype", choices=["float32", "float16"], default="float32",
+    p.add_argument("--head-dtype", choices=HEAD_DTYPES, default="float32",
                    help="weights of the GRU / Linear heads while measuring (as `predict --head-dtype`; default float32)")
     p.add_argument("--batch", type=int, default=1, help="images per call the budgets are for (default 1)")
     p.add_argument("--batch-size", type=int, default=8, help="a second batch size to measure step latency at (0: none)")

@@ -119,6 +119,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
+    from .runtime.heads import HEAD_DTYPES
+
     p = sub.add_parser("predict", help="classify images with a bundle (early exit)",
                        description="Classify image files (or folders, or .npz) with a bundle, with early exit.")
     p.add_argument("bundle", help="bundle directory")
@@ -129,7 +131,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="CPU threads")
     p.add_argument("--dla-core", type=int, help="TensorRT: run the engines built for this DLA core (Jetson) "
                                                 "instead of the GPU engines")
-    p.add_argument("--head-dtype", choices=["float32", "float16"], default="float32",
+    p.add_argument("--head-dtype", choices=HEAD_DTYPES, default="float32",
                    help="weights of the GRU / Linear heads: float16 halves the bytes their memory-bound steps read "
                         "(about 1e-3 relative error; default float32, equal to the reference)")
     p.add_argument("--json", action="store_true", help="JSON output")

@@ -63,16 +63,13 @@ int64_t HostLoop::begin(const void* images, bool u8, int64_t n, const float* fea
   active_.resize(n);
   for (int64_t i = 0; i < n; ++i) active_[i] = i;
   state_.assign(state, state + n * state_dim);
-  h_pol_.assign(static_cast<size_t>(n * m_.actor_cell->hidden_size()), 0.0f);
+  h_pol_.clear();  // zero state: the first policy step takes none (the cell skips W_hh h)
   maxprob_.resize(n);
   argmax_.resize(n);
   classes_ = want_classes;
-  // The classifier's step 0 from a zero GRU state, or the first cascaded feature.
-  if (m_.cls_cell != nullptr) {
-    h_cls_.assign(static_cast<size_t>(n * m_.cls_cell->hidden_size()), 0.0f);
-  } else {
-    feats_.assign(static_cast<size_t>(n * T * feature_dim), 0.0f);
-  }
+  // The classifier's step 0 from a zero GRU state (classify() hands the cell none), or the
+  // first cascaded feature.
+  if (m_.cls_cell == nullptr) feats_.assign(static_cast<size_t>(n * T * feature_dim), 0.0f);
   classify(feature);
   if (m_.step0_backbone) {
     if (logits == nullptr) throw std::invalid_argument("the glance graph's logits are needed at step 0");
@@ -100,7 +97,7 @@ void HostLoop::classify(const float* feature) {
   if (m_.cls_cell != nullptr) {
     scratch_.resize(static_cast<size_t>(m * m_.cls_cell->hidden_size()));
     // Step 0 starts from a zero state: the cell skips W_hh h (a third of its weight bytes;
-    // W_hh 0 + b_hh == b_hh exactly, so the result is the same).
+    // W_hh 0 + b_hh == b_hh exactly, so the result is the same as with zeros).
     m_.cls_cell->step(feature, t_ == 0 ? nullptr : h_cls_.data(), m, scratch_.data());
     h_cls_.swap(scratch_);
     classifier_head(*m_.cls_head, h_cls_.data(), m, logits_.data(), maxprob_.data(), argmax_.data());
@@ -138,7 +135,8 @@ int64_t HostLoop::finish_step() {
       }
       active_.resize(w);
       compact_rows(state_, sdim_, keep);
-      compact_rows(h_pol_, m_.actor_cell->hidden_size(), keep);
+      // No policy state before the first policy step (t 0).
+      if (t_ > 0) compact_rows(h_pol_, m_.actor_cell->hidden_size(), keep);
       if (m_.cls_cell != nullptr) {
         compact_rows(h_cls_, m_.cls_cell->hidden_size(), keep);
       } else {
@@ -151,7 +149,7 @@ int64_t HostLoop::finish_step() {
   // Policy step t + 1: GRU over the last backbone's policy state, actor head -> coordinates.
   const int64_t hp = m_.actor_cell->hidden_size();
   scratch_.resize(static_cast<size_t>(m * hp));
-  m_.actor_cell->step(state_.data(), t_ == 0 ? nullptr : h_pol_.data(), m, scratch_.data());  // t 0: zero state
+  m_.actor_cell->step(state_.data(), t_ == 0 ? nullptr : h_pol_.data(), m, scratch_.data());
   h_pol_.swap(scratch_);
   std::vector<float> action(static_cast<size_t>(m * 2));
   step_coords_.resize(static_cast<size_t>(m * 2));

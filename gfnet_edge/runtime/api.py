@@ -14,11 +14,10 @@ from ..bundle import Bundle, BundleError
 from ..errors import InputError, UnavailableError
 from ..log import logger
 from .driver import Driver, StepOutputs
-from .heads import HeadSet, load_head_arrays
+from .heads import HEAD_DTYPES, HeadSet, load_head_arrays
 from .profile import Profiler
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
-HEAD_DTYPES = ("float32", "float16")
 
 
 @dataclass

@@ -8,6 +8,9 @@ import numpy as np
 
 from ..errors import InputError
 
+#: Storage of the head weights in the extension (``Runtime(head_dtype=...)``, ``--head-dtype``).
+HEAD_DTYPES = ("float32", "float16")
+
 
 def load_head_arrays(path: Path) -> Dict[str, np.ndarray]:
     """Reads ``heads.npz`` without allowing pickled objects."""
@@ -32,8 +35,8 @@ class HeadSet:
                  weight_dtype: str = "float32") -> None:
         from .. import ops
 
-        if weight_dtype not in ("float32", "float16"):
-            raise InputError(f"head weight dtype must be 'float32' or 'float16', got {weight_dtype!r}")
+        if weight_dtype not in HEAD_DTYPES:
+            raise InputError(f"head weight dtype must be one of {', '.join(HEAD_DTYPES)}, got {weight_dtype!r}")
         self.weight_dtype = weight_dtype
 
         self.device = device
