@@ -146,14 +146,53 @@ def _measure(rt, frames: np.ndarray, batch: int, cfg: CalibrationConfig, desc: s
         bar.close()
 
 
+def _pooled(history: Sequence[Dict[str, Any]]) -> np.ndarray:
+    """Per-step median of the step-latency measurements so far (robust to one taken under a load spike)."""
+    return np.median(np.asarray([h["cost_ms"] for h in history], dtype=np.float64), axis=0)
+
+
+def _starting_cost(budget: float, history: Sequence[Dict[str, Any]]) -> Tuple[np.ndarray, Optional[str]]:
+    """The step latency a budget's fit starts from, and a note when it is not the pooled one.
+
+    Normally the per-step median of all measurements so far. Every budget was checked against the
+    first measurement, but when the device has slowed down since (another process took the CPU),
+    the pooled glance latency can exceed a small budget, and no thresholds could be fitted. The fit
+    then starts from the most recent measurement under which the budget can be met, and the note
+    says so; the verification run measures what the device does now, and the tolerance check
+    reports it.
+
+    Args:
+        budget: the budget (ms per image).
+        history: the measurements, oldest first, each with ``cost_ms``; the first met ``budget``.
+
+    Returns:
+        ``(cost, note)``: the cumulative per-step latency (ms) and ``None`` or the note.
+    """
+    pooled = _pooled(history)
+    if budget >= pooled[0]:
+        return pooled, None
+    feasible = [h for h in history if h["cost_ms"][0] <= budget]
+    if not feasible:  # callers check every budget against the first measurement; this is a bug if reached
+        raise RuntimeError(f"budget {budget} ms is below the glance latency of every measurement")
+    h = feasible[-1]
+    note = (f"the device slowed down during calibration: the glance now takes {pooled[0]:.3f} ms (median of "
+            f"{len(history)} measurements), above this budget; thresholds were fitted with the step latency "
+            f"measured at '{h['when']}' (glance {h['cost_ms'][0]:.3f} ms)")
+    return np.asarray(h["cost_ms"], dtype=np.float64), note
+
+
 def _fit_and_verify(rt, budget: float, fit_probs, fit_y, hold_probs, hold_y, hold_frames, cost: np.ndarray,
-                    cfg: CalibrationConfig, remeasure: Callable[[str], np.ndarray]) -> Dict[str, Any]:
+                    cfg: CalibrationConfig, remeasure: Callable[[str], np.ndarray],
+                    note: Optional[str] = None) -> Dict[str, Any]:
     """Fits thresholds for one budget and verifies them by running the runtime on the held-out images.
 
     When the measured mean latency is outside the tolerance, the step latency is measured again
     (``remeasure``: the device's load may have changed since; it returns the per-step median of all
     measurements so far) and the thresholds refitted; a refit that picks the same thresholds ends
     the rounds.
+
+    Args:
+        note: why ``cost`` is not the pooled step latency (:func:`_starting_cost`), kept in the results.
 
     Returns:
         The budget's results; ``cost_ms`` is the step latency the final thresholds were fitted with.
@@ -204,7 +243,7 @@ def _fit_and_verify(rt, budget: float, fit_probs, fit_y, hold_probs, hold_y, hol
         "consistent_with_trace": bool(np.array_equal(run.exit_step, hold.exit_step) and
                                       np.array_equal(run.classes, hold.prediction)),
         "within_tolerance": attempts[-1]["within_tolerance"],
-        "cost_ms": [float(x) for x in c],
+        "cost_ms": [float(x) for x in c], "note": note,
         "attempts": attempts,
         "reference_method": {"thresholds": ref.thresholds.tolist(), "p": ref.p, "accuracy": ref_hold.accuracy,
                              "expected_ms": ref_hold.expected_cost, "fit_accuracy": ref.accuracy},
@@ -306,18 +345,18 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
         history = [{"when": "start", "cost_ms": cost.tolist(), "calls": cfg.repeats}]
         quick = CalibrationConfig(**{**asdict(cfg), "repeats": max(10, cfg.repeats // 2)})
 
-        def pooled() -> np.ndarray:  # per-step median of the measurements (robust to one taken under a load spike)
-            return np.median(np.asarray([h["cost_ms"] for h in history]), axis=0)
-
         def remeasure(why: str) -> np.ndarray:
             c = _measure(rt, lat_frames, cfg.batch, quick, why, stage_calls=0).cost
             history.append({"when": why, "cost_ms": c.tolist(), "calls": quick.repeats})
-            return pooled()
+            return _pooled(history)
 
         results = []
         for b in budgets:  # each budget starts from all step-latency measurements so far, pooled
-            results.append(_fit_and_verify(rt, b, fit_probs, fit_y, hold_probs, hold_y, hold_x, pooled(), cfg,
-                                           remeasure))
+            start, note = _starting_cost(b, history)
+            if note:
+                logger.warning("%s: %s", budget_name(b), note)
+            results.append(_fit_and_verify(rt, b, fit_probs, fit_y, hold_probs, hold_y, hold_x, start, cfg,
+                                           remeasure, note=note))
         remeasure("end")  # for the stability check only
         main_precision = rt.precision
         backend = rt.backend

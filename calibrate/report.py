@@ -95,6 +95,9 @@ def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: List[Di
         parts.append(f"<p class='bad' id='warning'>Warning: {html.escape(warn)}.</p>")
     parts.append("<h2 id='budgets'>Budgets (held-out, measured by running the runtime)</h2>")
     parts.append(_table(BUDGET_HEADERS, budget_rows(res), "budgets"))
+    for r in res["budgets"]:
+        if r.get("note"):
+            parts.append(f"<p class='bad'>{html.escape(r['name'])}: {html.escape(r['note'])}.</p>")
     tol = res["settings"]["tolerance"]
     clock = "wall-clock" if res["settings"].get("clock", "wall") == "wall" else "calling-thread CPU"
     parts.append(f"<p class='note'>“measured ms” is the mean {clock} time per image of <code>Runtime.predict</code> "
@@ -238,6 +241,7 @@ def summary(res: Dict[str, Any]) -> str:
                      "; agreement with " + str(res["precisions"]["reference"]) + " " +
                      ", ".join(f"{a:.1f}%" for a in r["step_agreement"]))
     lines.append(f"manifest: {res['manifest']['status']}")
+    lines.extend(f"warning: {b['name']}: {b['note']}" for b in res["budgets"] if b.get("note"))
     warn = (lat.get("stability") or {}).get("warning")
     if warn:
         lines.append(f"warning: {warn}")
