@@ -282,3 +282,191 @@ def test_a_new_build_replaces_only_its_own_slot():
     assert not trtb.same_engine_slot(ENTRY, dict(ENTRY, precision="fp16"))
     assert not trtb.same_engine_slot(ENTRY, dict(ENTRY, tensorrt_version="10.7.0"))
     assert not trtb.same_engine_slot(ENTRY, dict(ENTRY, compute_capability="9.0"))
+
+
+def _recording_trt(version="10.3.0", typed_flag=True, parse_ok=True, build_ok=True):
+    """A stand-in ``tensorrt`` module for :func:`build_engine` that records what it is asked for.
+
+    It has the attributes the TensorRT 10.x / 11.x Python API has for these calls (11.x: no
+    ``BuilderFlag.FP16``; with ``typed_flag=False`` no ``STRONGLY_TYPED`` either)."""
+    log = {"set_flags": [], "profile": None, "parsed": None, "timing_cache_in": None}
+
+    class Flags:
+        GPU_FALLBACK = "GPU_FALLBACK"
+
+    if version.startswith("10."):
+        Flags.FP16 = "FP16"
+
+    class CreationFlags:
+        pass
+
+    if typed_flag:
+        CreationFlags.STRONGLY_TYPED = 0
+
+    class Input:
+        name, shape = "image", (-1, 3, 96, 96)
+
+    class Network:
+        def get_input(self, i):
+            assert i == 0
+            return Input()
+
+    class Cache:
+        def serialize(self):
+            return b"timing-cache-out"
+
+    class Config:
+        def __init__(self):
+            self.cache = None
+
+        def set_memory_pool_limit(self, pool, size):
+            log["pool"] = (pool, size)
+
+        def set_flag(self, flag):
+            log["set_flags"].append(flag)
+
+        def create_timing_cache(self, blob):
+            log["timing_cache_in"] = bytes(blob)
+            return Cache()
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            self.cache = cache
+            log["ignore_mismatch"] = ignore_mismatch
+
+        def get_timing_cache(self):
+            return self.cache
+
+        def add_optimization_profile(self, profile):
+            log["profile"] = profile.shapes
+
+        def __setattr__(self, name, value):
+            if name != "cache":
+                log[name] = value
+            object.__setattr__(self, name, value)
+
+    class Profile:
+        def set_shape(self, name, lo, opt, hi):
+            self.shapes = (name, lo, opt, hi)
+
+    class FakeBuilder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            log["network_flags"] = flags
+            return Network()
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            return bytearray(b"serialized-engine") if build_ok else None
+
+    class Parser:
+        num_errors = 0 if parse_ok else 2
+
+        def __init__(self, network, logger):
+            pass
+
+        def parse_from_file(self, path):
+            log["parsed"] = path
+            return parse_ok
+
+        def get_error(self, i):
+            return f"node {i}: unsupported operator"
+
+    class FakeLogger:
+        WARNING = 2
+
+        def __init__(self, level):
+            pass
+
+    class FakeTRT:
+        __version__ = version
+        OnnxParser, NetworkDefinitionCreationFlag, BuilderFlag = Parser, CreationFlags, Flags
+        Builder, Logger = FakeBuilder, FakeLogger
+
+        class MemoryPoolType:
+            WORKSPACE = "WORKSPACE"
+
+        class DeviceType:
+            DLA, GPU = "DLA", "GPU"
+
+    return FakeTRT, log
+
+
+def _fake_builder(monkeypatch, **kw):
+    trt, log = _recording_trt(**kw)
+    monkeypatch.setattr(trtb, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(trtb, "gpu_info", lambda: {"gpu_name": "Orin", "compute_capability": "8.7"})
+    return log
+
+
+@pytest.mark.parametrize("version,typed_flag,precision,flags,typed", [
+    ("10.3.0", True, "int8", [], True),  # Q/DQ network, strongly typed, no precision flag
+    ("10.3.0", True, "fp16", ["FP16"], False),  # 10.x: weakly typed FP16
+    ("10.3.0", True, "fp32", [], False),
+    ("11.0.0", True, "int8", [], True),
+    ("11.0.0", False, "int8", [], True),  # 11.x without the (deprecated, ignored) flag: not passed
+    ("11.0.0", True, "fp32", [], True),
+])
+def test_build_engine_asks_tensorrt_for_the_planned_network(tmp_path, monkeypatch, version, typed_flag, precision,
+                                                             flags, typed):
+    log = _fake_builder(monkeypatch, version=version, typed_flag=typed_flag)
+    onnx, out = tmp_path / "glance.onnx", tmp_path / "engines" / "glance.engine"
+    onnx.write_bytes(b"onnx")
+    opts = trtb.BuildOptions(precision=precision, workspace_mb=512, max_batch=16, opt_batch=4)
+    entry = trtb.build_engine(onnx, out, opts)
+    assert log["network_flags"] == (1 if typed and typed_flag else 0)
+    assert log["parsed"] == str(onnx) and log["set_flags"] == flags
+    assert log["pool"] == ("WORKSPACE", 512 << 20)
+    assert log["profile"] == ("image", (1, 3, 96, 96), (4, 3, 96, 96), (16, 3, 96, 96))
+    assert "builder_optimization_level" not in log and "DLA_core" not in log
+    assert out.read_bytes() == b"serialized-engine"
+    assert entry["tensorrt_version"] == version and entry["compute_capability"] == "8.7"
+    assert entry["precision"] == precision and entry["strongly_typed"] is typed
+    assert entry["graph_set"] == ("int8-tensorrt" if precision == "int8" else "fp32")
+    assert entry["build_options"]["max_batch"] == 16
+
+
+def test_build_engine_dla_level_and_timing_cache(tmp_path, monkeypatch):
+    log = _fake_builder(monkeypatch)
+    onnx, out, cache = tmp_path / "focus.onnx", tmp_path / "focus.engine", tmp_path / "timing.cache"
+    onnx.write_bytes(b"onnx")
+    cache.write_bytes(b"timing-cache-in")
+    opts = trtb.BuildOptions(precision="int8", opt_level=5, dla_core=1, timing_cache=str(cache))
+    trtb.build_engine(onnx, out, opts)
+    assert log["DLA_core"] == 1 and log["default_device_type"] == "DLA"
+    assert log["set_flags"] == ["GPU_FALLBACK"] and log["builder_optimization_level"] == 5
+    assert log["timing_cache_in"] == b"timing-cache-in" and log["ignore_mismatch"] is False
+    assert cache.read_bytes() == b"timing-cache-out"  # written back after the build
+    log = _fake_builder(monkeypatch)
+    trtb.build_engine(onnx, out, trtb.BuildOptions(dla_core=0, gpu_fallback=False, timing_cache=str(tmp_path / "new")))
+    assert log["set_flags"] == [] and log["timing_cache_in"] == b""  # a missing cache file starts empty
+    assert (tmp_path / "new").read_bytes() == b"timing-cache-out"
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"parse_ok": False}, r"ONNX parser failed: node 0: unsupported operator; node 1: unsupported operator"),
+    ({"build_ok": False}, "could not build an engine"),
+])
+def test_build_engine_failures_are_clear_and_write_nothing(tmp_path, monkeypatch, kw, match):
+    _fake_builder(monkeypatch, **kw)
+    onnx, out = tmp_path / "glance.onnx", tmp_path / "glance.engine"
+    onnx.write_bytes(b"onnx")
+    with pytest.raises(InputError, match=match):
+        trtb.build_engine(onnx, out, trtb.BuildOptions(precision="fp32"))
+    assert not out.exists()
+
+
+def test_build_engine_fp16_on_tensorrt_11_needs_modelopt(tmp_path, monkeypatch):
+    if importlib.util.find_spec("modelopt") is not None:
+        pytest.skip("ModelOpt is installed here")
+    _fake_builder(monkeypatch, version="11.0.0")
+    onnx = tmp_path / "glance.onnx"
+    onnx.write_bytes(b"onnx")
+    with pytest.raises(UnavailableError, match="ModelOpt"):
+        trtb.build_engine(onnx, tmp_path / "glance.engine", trtb.BuildOptions(precision="fp16"))

@@ -254,8 +254,9 @@ def build_engine(onnx_path: Path, out_path: Path, options: BuildOptions) -> Dict
     log = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(log)
     flags = 0
-    if plan.strongly_typed:
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    typed_flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if plan.strongly_typed and typed_flag is not None:  # 11.x: always strongly typed, the flag is kept but ignored
+        flags |= 1 << int(typed_flag)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, log)
     src = Path(onnx_path)
