@@ -470,3 +470,187 @@ def test_build_engine_fp16_on_tensorrt_11_needs_modelopt(tmp_path, monkeypatch):
     onnx.write_bytes(b"onnx")
     with pytest.raises(UnavailableError, match="ModelOpt"):
         trtb.build_engine(onnx, tmp_path / "glance.engine", trtb.BuildOptions(precision="fp16"))
+
+
+class _HostBuffers:
+    """Host-memory stand-ins for ``ops.DeviceBuffer`` / ``ops.Stream``: "device" addresses are
+    the addresses of numpy arrays, looked up by the stand-in engine."""
+
+    def __init__(self):
+        self.by_ptr = {}
+        self.allocated = []
+        self.batches = []
+        self.profile_max = 2
+        reg = self
+
+        class Buffer:
+            def __init__(self, nbytes):
+                self.mem = np.zeros(int(nbytes), np.uint8)
+                reg.by_ptr[self.ptr] = self.mem
+                reg.allocated.append(int(nbytes))
+
+            @property
+            def ptr(self):
+                return self.mem.ctypes.data
+
+            @property
+            def nbytes(self):
+                return self.mem.nbytes
+
+            def copy_from_host(self, array, stream=None, offset=0):
+                b = np.ascontiguousarray(array).view(np.uint8).reshape(-1)
+                self.mem[offset:offset + b.size] = b
+
+            def copy_to_host(self, array, stream=None, offset=0):
+                out = array.view(np.uint8).reshape(-1)
+                out[:] = self.mem[offset:offset + out.size]
+
+        class Stream:
+            handle = 0
+
+            def synchronize(self):
+                pass
+
+        self.Buffer, self.Stream = Buffer, Stream
+
+    def view(self, ptr, shape):
+        mem = self.by_ptr[ptr]
+        n = int(np.prod(shape))
+        assert mem.nbytes >= 4 * n, f"buffer of {mem.nbytes} bytes for a float32 tensor of shape {shape}"
+        return mem[:4 * n].view(np.float32).reshape(shape)
+
+
+def _onnx_engine_trt(bufs):
+    """A stand-in ``tensorrt`` module whose "engines" are ONNX graphs run by ONNX Runtime on the
+    stand-in device memory, through the same calls (tensor names, modes, shapes, addresses,
+    ``execute_async_v3``) the runner makes on a real engine."""
+    import onnxruntime as ort
+
+    class Mode:
+        INPUT, OUTPUT = "INPUT", "OUTPUT"
+
+    class Engine:
+        def __init__(self, blob):
+            self.sess = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+            self.names = ["image"] + [o.name for o in self.sess.get_outputs()]
+            self.shapes = {"image": tuple(d if isinstance(d, int) else -1 for d in self.sess.get_inputs()[0].shape)}
+            for o in self.sess.get_outputs():
+                self.shapes[o.name] = tuple(d if isinstance(d, int) else -1 for d in o.shape)
+
+        num_io_tensors = property(lambda self: len(self.names))
+
+        def get_tensor_name(self, i):
+            return self.names[i]
+
+        def get_tensor_mode(self, name):
+            return Mode.INPUT if name == "image" else Mode.OUTPUT
+
+        def get_tensor_dtype(self, name):
+            return "float32"
+
+        def get_tensor_shape(self, name):
+            return self.shapes[name]
+
+        def create_execution_context(self):
+            return Context(self)
+
+    class Context:
+        def __init__(self, engine):
+            self.engine, self.batch, self.addr = engine, None, {}
+
+        def set_input_shape(self, name, shape):
+            assert name == "image" and tuple(shape[1:]) == self.engine.shapes["image"][1:]
+            bufs.batches.append(int(shape[0]))
+            if shape[0] > bufs.profile_max:  # outside the optimisation profile
+                return False
+            self.batch = int(shape[0])
+            return True
+
+        def get_tensor_shape(self, name):
+            assert self.batch is not None, "output shapes asked before the input shape was set"
+            return (self.batch,) + self.engine.shapes[name][1:]
+
+        def set_tensor_address(self, name, ptr):
+            self.addr[name] = int(ptr)
+            return True
+
+        def execute_async_v3(self, stream):
+            x = bufs.view(self.addr["image"], self.get_tensor_shape("image"))
+            outs = self.engine.sess.run(None, {"image": np.array(x)})
+            for name, y in zip(self.engine.names[1:], outs):
+                bufs.view(self.addr[name], y.shape)[...] = y
+            return True
+
+    class Runtime:
+        engine_host_code_allowed = True
+
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, blob):
+            return Engine(blob)
+
+    class FakeLogger:
+        WARNING = 2
+
+        def __init__(self, level):
+            pass
+
+    class FakeTRT:
+        __version__ = "10.3.0"
+        TensorIOMode, Logger = Mode, FakeLogger
+        float32 = "float32"
+
+        @staticmethod
+        def nptype(dtype):
+            return np.float32
+
+    FakeTRT.Runtime = Runtime
+    return FakeTRT
+
+
+def test_runner_feeds_and_reads_engines_through_device_buffers(fp32_bundle, monkeypatch):
+    """TensorRTRunner.run (numpy in, numpy out) with engines standing in for TensorRT's: same
+    outputs as ONNX Runtime on the same graphs at batch 1 and 5 (cut into the engines' max
+    batch of 2), and the host loop over it traces the bundle exactly as the ONNX Runtime
+    backend does. A batch outside the optimisation profile is a clear error."""
+    from gfnet_edge import ops
+    from gfnet_edge.runtime import Runtime
+    from gfnet_edge.runtime.backends.onnxruntime import OnnxRuntimeRunner
+    from gfnet_edge.runtime.driver import Driver
+    from gfnet_edge.runtime.heads import HeadSet, load_head_arrays
+    from gfnet_edge.runtime.profile import Profiler
+
+    bufs = _HostBuffers()
+    monkeypatch.setattr(ops, "DeviceBuffer", bufs.Buffer)
+    monkeypatch.setattr(ops, "Stream", bufs.Stream)
+    monkeypatch.setattr(trtb, "import_tensorrt", lambda: _onnx_engine_trt(bufs))
+    graphs = fp32_bundle.manifest["graphs"]["fp32"]
+    entry = {"precision": "fp32", "glance": graphs["glance"], "focus": graphs["focus"],
+             "build_options": {"max_batch": 2}}
+    model = fp32_bundle.model
+    S, P = int(model["image_size"]), int(model["patch_size"])
+    rng = np.random.default_rng(0)
+    ref = OnnxRuntimeRunner({g: fp32_bundle.path(p) for g, p in graphs.items()}, "fp32", threads=1).activate()
+    with trtb.TensorRTRunner(fp32_bundle, entry) as runner:
+        for n in (1, 5):
+            x = rng.standard_normal((n, 3, P, P)).astype(np.float32)
+            for g in ("glance", "focus"):
+                got, want = runner.run(g, x), ref.run(g, x)
+                assert set(got) == set(want)
+                for k in want:
+                    assert got[k].dtype == np.float32 and got[k].shape == want[k].shape
+                    np.testing.assert_array_equal(got[k], want[k])
+        assert max(bufs.batches) == 2 and bufs.batches.count(1) >= 3  # 5 = 2 + 2 + 1
+        runner.max_batch = 4  # more than the profile takes
+        with pytest.raises(InputError, match="rejects input shape.*optimisation profile"):
+            runner.run("glance", np.zeros((3, 3, P, P), np.float32))
+        runner.max_batch = 2
+        images = rng.standard_normal((4, 3, S, S)).astype(np.float32)
+        driver = Driver(model, runner, HeadSet(load_head_arrays(fp32_bundle.heads_path), model), Profiler())
+        got = driver.run(images, ops.glance(images, P, model["glance_interpolation"]), None)
+    ref.deactivate()
+    with Runtime(fp32_bundle.root, backend="onnxruntime", precision="fp32", threads=1, verify=False) as rt:
+        want = rt.trace(images)
+    np.testing.assert_allclose(got.probs, want.probs, atol=1e-6)
+    np.testing.assert_array_equal(got.coords, want.coords)

@@ -374,7 +374,9 @@ class TensorRTRunner(Runner):
         trt = self._trt
         engine, ctx, stream = self._engines[graph], self._contexts[graph], self._stream
         image = np.ascontiguousarray(image, dtype=np.float32)
-        ctx.set_input_shape("image", tuple(image.shape))
+        if not ctx.set_input_shape("image", tuple(image.shape)):
+            raise InputError(f"the {graph} engine rejects input shape {tuple(image.shape)} (outside its "
+                             f"optimisation profile? built for batches up to {self.max_batch})")
         inp = self._buffer(graph, "image", image.nbytes)
         inp.copy_from_host(image, stream)
         ctx.set_tensor_address("image", inp.ptr)
@@ -406,7 +408,8 @@ class TensorRTRunner(Runner):
                              "the device loop feeds float32")
         in_shape = (batch,) + tuple(int(d) for d in engine.get_tensor_shape("image"))[1:]
         if not ctx.set_input_shape("image", in_shape):
-            raise InputError(f"the {graph} engine rejects input shape {in_shape} (outside its optimisation profile?)")
+            raise InputError(f"the {graph} engine rejects input shape {in_shape} (outside its "
+                             f"optimisation profile? built for batches up to {self.max_batch})")
         if image % self.ADDRESS_ALIGNMENT:
             # A misaligned view (e.g. a slice of a larger batch): stage it in an aligned buffer.
             nbytes = int(np.prod(in_shape)) * 4
