@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -284,11 +286,13 @@ def test_a_new_build_replaces_only_its_own_slot():
     assert not trtb.same_engine_slot(ENTRY, dict(ENTRY, compute_capability="9.0"))
 
 
-def _recording_trt(version="10.3.0", typed_flag=True, parse_ok=True, build_ok=True):
+def _recording_trt(version="10.3.0", typed_flag=True, parse_ok=True, build_ok=True, engine_is_onnx=False):
     """A stand-in ``tensorrt`` module for :func:`build_engine` that records what it is asked for.
 
     It has the attributes the TensorRT 10.x / 11.x Python API has for these calls (11.x: no
-    ``BuilderFlag.FP16``; with ``typed_flag=False`` no ``STRONGLY_TYPED`` either)."""
+    ``BuilderFlag.FP16``; with ``typed_flag=False`` no ``STRONGLY_TYPED`` either). Its
+    "serialized engine" is fixed bytes, or with ``engine_is_onnx`` the parsed ONNX graph itself
+    (which :func:`_onnx_engine_trt` runs)."""
     log = {"set_flags": [], "profile": None, "parsed": None, "timing_cache_in": None}
 
     class Flags:
@@ -363,7 +367,9 @@ def _recording_trt(version="10.3.0", typed_flag=True, parse_ok=True, build_ok=Tr
             return Profile()
 
         def build_serialized_network(self, network, config):
-            return bytearray(b"serialized-engine") if build_ok else None
+            if not build_ok:
+                return None
+            return bytearray(Path(log["parsed"]).read_bytes() if engine_is_onnx else b"serialized-engine")
 
     class Parser:
         num_errors = 0 if parse_ok else 2
@@ -651,6 +657,49 @@ def test_runner_feeds_and_reads_engines_through_device_buffers(fp32_bundle, monk
         got = driver.run(images, ops.glance(images, P, model["glance_interpolation"]), None)
     ref.deactivate()
     with Runtime(fp32_bundle.root, backend="onnxruntime", precision="fp32", threads=1, verify=False) as rt:
+        want = rt.trace(images)
+    np.testing.assert_allclose(got.probs, want.probs, atol=1e-6)
+    np.testing.assert_array_equal(got.coords, want.coords)
+
+
+def test_two_phase_build_then_run_on_stand_in_tensorrt(fp32_bundle, tmp_path, monkeypatch):
+    """Phase 2 on the "device": `gfnet-edge build-engine BUNDLE --backend tensorrt` adds engines
+    (here: the stand-in builder's, which are the ONNX graphs) under the GPU's directory with
+    their hashes; the bundle still verifies; the engine is selected for this GPU and TensorRT,
+    and the runner over the built files traces like ONNX Runtime."""
+    from gfnet_edge import cli, ops
+    from gfnet_edge.bundle import Bundle
+    from gfnet_edge.runtime import Runtime
+    from gfnet_edge.runtime.driver import Driver
+    from gfnet_edge.runtime.heads import HeadSet, load_head_arrays
+    from gfnet_edge.runtime.profile import Profiler
+
+    root = tmp_path / "bundle"
+    shutil.copytree(fp32_bundle.root, root)
+    Bundle.load(root, verify=False).update_manifest(lambda m: m.update(engines=[]))
+    log = _fake_builder(monkeypatch, engine_is_onnx=True)
+    rc = cli.main(["build-engine", str(root), "--backend", "tensorrt", "--precision", "fp32", "--max-batch", "3",
+                   "--workspace", "256"])
+    assert rc == 0 and log["pool"] == ("WORKSPACE", 256 << 20)
+    bundle = Bundle.load(root)  # hashes and versions verified
+    entry = trtb.select_engine(bundle, "auto", here={"gpu_name": "Orin", "compute_capability": "8.7"},
+                               trt_version="10.3.0")
+    assert entry["glance"] == "engines/orin-sm87-trt10.3.0/glance.fp32.engine"
+    assert entry["precision"] == "fp32" and entry["build_options"]["max_batch"] == 3
+    assert {entry["glance"], entry["focus"]} <= set(bundle.manifest["artifacts"])
+    bufs = _HostBuffers()
+    bufs.profile_max = 3
+    monkeypatch.setattr(ops, "DeviceBuffer", bufs.Buffer)
+    monkeypatch.setattr(ops, "Stream", bufs.Stream)
+    monkeypatch.setattr(trtb, "import_tensorrt", lambda: _onnx_engine_trt(bufs))
+    model = bundle.model
+    S, P = int(model["image_size"]), int(model["patch_size"])
+    images = np.random.default_rng(1).standard_normal((5, 3, S, S)).astype(np.float32)
+    with trtb.TensorRTRunner(bundle, entry) as runner:
+        driver = Driver(model, runner, HeadSet(load_head_arrays(bundle.heads_path), model), Profiler())
+        got = driver.run(images, ops.glance(images, P, model["glance_interpolation"]), None)
+    assert max(bufs.batches) == 3
+    with Runtime(root, backend="onnxruntime", precision="fp32", threads=1) as rt:
         want = rt.trace(images)
     np.testing.assert_allclose(got.probs, want.probs, atol=1e-6)
     np.testing.assert_array_equal(got.coords, want.coords)
