@@ -286,6 +286,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def render(res: Dict[str, Any], batches: List[int]) -> str:
+    from gfnet_edge.runtime.driver import HOST_STEP_PARTS
+
     cmd = "python bench/e2e.py " + " ".join(sys.argv[1:])
     lines = [
         "# End to end: GFNet vs the static baseline on the demo task", "",
@@ -319,9 +321,11 @@ def render(res: Dict[str, Any], batches: List[int]) -> str:
         o = res["summary"].get(f"{prec} outside")
         if o:
             st = o["stages_ms"]
+            inner = ", ".join(f"{k} {st[k]:.3f}" for k in HOST_STEP_PARTS if k in st)
             rows.append([prec, f"{o['per_image_ms']:.2f}", f"{o['backbone_ms']:.2f}", f"{o['outside_ms']:.2f}",
-                         f"{o['outside_pct']:.1f}%", ", ".join(f"{k} {v:.3f}" for k, v in st.items()
-                                                             if k not in ("glance", "focus"))])
+                         f"{o['outside_pct']:.1f}%",
+                         ", ".join(f"{k} {v:.3f}" + (f" ({inner})" if k == "step" and inner else "")
+                                   for k, v in st.items() if k not in ("glance", "focus") + HOST_STEP_PARTS)])
     if rows:
         lines += ["## Time outside backbone inference (batch 1, the equal-accuracy point)", "",
                   table(["precision", "per image ms", "backbone ms", "outside ms", "outside share", "outside stages (ms)"],

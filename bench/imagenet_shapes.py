@@ -62,7 +62,7 @@ def main(argv=None) -> int:
         details.append((name, stage_ms))
     t1 = table(["model", "per image ms", "backbone ms", "outside ms", "outside %"], rows)
     # The stages the loops reported, in the profiler's order (the host loop's heads, exit test,
-    # policy and crop are one native call, stage "step").
+    # policy and crop are one native call, stage "step", which also reports them as its parts).
     stages = [k for k in STAGES if any(k in d for _, d in details)]
     t2 = table(["model"] + [f"{k} ms" for k in stages], [[n] + [d.get(k, 0.0) for k in stages] for n, d in details])
     print(t1)
@@ -70,7 +70,8 @@ def main(argv=None) -> int:
     print(t2)
     path = write_results("imagenet_shapes", "ImageNet-shaped GFNets: per-step latency breakdown (FP32, ONNX Runtime, batch 1)",
                          f"python bench/imagenet_shapes.py --threads {args.threads} --repeat {args.repeat}",
-                         t1 + "\n\nPer stage (ms per image, all steps):\n\n" + t2)
+                         t1 + "\n\nPer stage (ms per image, all steps; `step` is the host loop's native call, "
+                         "`heads`, `exit`, `policy` and `crop` are its parts, timed inside it):\n\n" + t2)
     print(f"\nwritten {path}")
     return 0
 

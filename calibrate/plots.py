@@ -6,6 +6,8 @@ from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
+from gfnet_edge.runtime.driver import HOST_STEP_PARTS
+
 STAGE_COLOURS = {"normalise": "#c7c7c7", "preprocess": "#8c8c8c", "glance": "#1f77b4", "policy": "#ff7f0e", "crop": "#bcbd22",
                  "focus": "#2ca02c", "heads": "#9467bd", "exit": "#d62728", "step": "#e377c2"}
 
@@ -112,11 +114,21 @@ def stage_breakdown(stages: Dict[int, Dict[str, Dict[str, float]]], cost: Sequen
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     ks = sorted(stages)
     bottom = np.zeros(len(ks))
-    for st, colour in STAGE_COLOURS.items():
-        vals = np.asarray([stages[k].get(st, {}).get("total_ms", 0.0) / batch /
+
+    def per_image(st: str) -> np.ndarray:
+        return np.asarray([stages[k].get(st, {}).get("total_ms", 0.0) / batch /
                            max(1, stages[k].get("per_image", {}).get("count", 1)) for k in ks])
+
+    # The host loop's native "step" contains heads, exit, policy and crop (timed inside it):
+    # stack those and only the rest of the step (the call itself).
+    parts = sum((per_image(st) for st in HOST_STEP_PARTS), np.zeros(len(ks)))
+    for st, colour in STAGE_COLOURS.items():
+        vals = per_image(st)
+        label = st
+        if st == "step" and parts.any():
+            vals, label = np.maximum(vals - parts, 0.0), "step (the call itself)"
         if vals.any():
-            ax.bar(ks, vals, bottom=bottom, color=colour, label=st, width=0.6)
+            ax.bar(ks, vals, bottom=bottom, color=colour, label=label, width=0.6)
             bottom += vals
     ax.plot(range(len(cost)), cost, "k_", ms=30, mew=2, label=f"cost[k] ({clock} clock, unprofiled)")
     ax.set_xticks(ks)

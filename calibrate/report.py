@@ -152,6 +152,10 @@ def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: List[Di
                             _f(s["p99_ms"], 3), s["count"]])
     parts.append(_table(["work", "stage", "ms per call", "p50 (per stage call)", "p95", "p99", "stage calls"], st_rows,
                         "stages", left=2))
+    if any("step" in st and "heads" in st for st in lat["budget_batch"]["stages"].values()):
+        parts.append("<p class='note'>Host loop: <code>step</code> is the one native call between two backbone "
+                     "runs; <code>heads</code>, <code>exit</code>, <code>policy</code> and <code>crop</code> are its "
+                     "parts, timed inside it (the figure stacks them and only the rest of the step).</p>")
     if lat.get("camera_resize_ms") is not None:
         parts.append(f"<p class='note'>Not included above: resizing + centre-cropping a 640x480 camera frame to "
                      f"{b['image_size']}x{b['image_size']} takes {lat['camera_resize_ms']:.3f} ms more per image.</p>")

@@ -1179,6 +1179,19 @@ PYBIND11_MODULE(GFNET_EDGE_EXT_NAME, m) {
       .def("begin", &host_loop_begin, py::arg("images"), py::arg("feature"), py::arg("state"), py::arg("logits"),
            py::arg("thresholds"))
       .def("next", &host_loop_next, py::arg("feature"), py::arg("state"))
+      .def_property(
+          "profile", [](const PyHostLoop& s) { return s.loop.profile(); },
+          [](PyHostLoop& s, bool on) { s.loop.set_profile(on); },
+          "time the parts of each call (part_seconds); off by default")
+      .def(
+          "part_seconds",
+          [](const PyHostLoop& s) {
+            const auto& p = s.loop.part_seconds();
+            return py::make_tuple(p[gfn::cpu::HostLoop::kHeads], p[gfn::cpu::HostLoop::kExit],
+                                  p[gfn::cpu::HostLoop::kPolicy], p[gfn::cpu::HostLoop::kCrop]);
+          },
+          "(heads, exit, policy, crop) seconds of the last begin() / next() while profile is on; -1 for a part "
+          "the call did not run (every part when profile is off)")
       .def("logits", [](const PyHostLoop& s) {
         const auto& l = s.loop.logits();
         const int64_t c = s.loop.classes(), m = c ? static_cast<int64_t>(l.size()) / c : 0;

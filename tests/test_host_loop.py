@@ -154,3 +154,39 @@ def test_host_loop_refuses_bad_arguments():
         loop.next(np.zeros((1, F), np.float32), s)
     with pytest.raises(ValueError, match="step-0 logits"):
         _native(actor, None, cascaded, False)
+
+
+def test_host_loop_times_its_parts_only_when_asked():
+    """profile on: every call reports heads and exit test; policy and crop exactly when it cut
+    patches (-1 otherwise); off: all -1. Timing changes nothing in the results."""
+    rng = np.random.default_rng(3)
+    n = 9
+    actor, gru, _ = _heads("gru", rng)
+    frames = rng.integers(0, 256, (n, S, S, 3), dtype=np.uint8)
+    outs = [(rng.standard_normal((n, F)).astype(np.float32), rng.standard_normal((n, HS)).astype(np.float32))
+            for _ in range(T)]
+    thr = np.array([0.5, 0.6, 0.7, -1e8], np.float32)
+    results = {}
+    for profile in (False, True):
+        loop = _native(actor, gru, None, False)
+        assert loop.profile is False
+        loop.profile = profile
+        patches = loop.begin(frames, outs[0][0], outs[0][1], None, thr)
+        parts, t = [loop.part_seconds()], 0
+        while patches is not None:
+            t += 1
+            active = loop.active()
+            patches = loop.next(outs[t][0][active], outs[t][1][active])
+            parts.append(loop.part_seconds())
+            cut = patches is not None
+        results[profile] = (loop.outputs(), parts)
+        for i, (heads, exit_test, policy, crop) in enumerate(parts):
+            if not profile:
+                assert (heads, exit_test, policy, crop) == (-1.0, -1.0, -1.0, -1.0)
+                continue
+            assert heads > 0 and exit_test > 0
+            ran = i < len(parts) - 1  # every call but the last cut the next step's patches
+            assert (policy > 0 and crop > 0) if ran else (policy == crop == -1.0)
+        assert t >= 2 and not cut
+    for a, b in zip(results[False][0], results[True][0]):
+        np.testing.assert_array_equal(a, b)

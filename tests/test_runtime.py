@@ -108,7 +108,11 @@ def test_uint8_frames_and_float_inputs_agree(mnv3):
 
 def test_profiler_counts_every_stage_of_the_host_loop(mnv3):
     """profile=True: one pre-process, glance and first step per call, one focus run and step per
-    focus step reached, one per-image sample per call; percentiles ordered; off records nothing."""
+    focus step reached, one per-image sample per call; the native step's parts (heads and exit
+    test every step, policy and crop for each focus run) add up to less than the step; percentiles
+    ordered; off records nothing."""
+    from gfnet_edge.runtime.driver import HOST_STEP_PARTS
+
     _, bundle = mnv3
     rng = np.random.default_rng(6)
     frames = rng.integers(0, 256, (3, 240, 320, 3), dtype=np.uint8)
@@ -124,9 +128,12 @@ def test_profiler_counts_every_stage_of_the_host_loop(mnv3):
     assert s["step"]["count"] == 2 + focus_runs
     assert s.get("focus", {"count": 0})["count"] == focus_runs
     assert s["per_image"]["count"] == 2  # one sample per call: its time over its images
+    assert s["heads"]["count"] == s["exit"]["count"] == s["step"]["count"]
+    assert s["policy"]["count"] == s["crop"]["count"] == focus_runs  # each focus run's patches
+    assert sum(s[k]["total_ms"] for k in HOST_STEP_PARTS) < s["step"]["total_ms"]
     for st in s.values():
         assert 0 < st["p50_ms"] <= st["p95_ms"] <= st["p99_ms"]
-    staged_ms = sum(st["total_ms"] for k, st in s.items() if k != "per_image")
+    staged_ms = sum(st["total_ms"] for k, st in s.items() if k != "per_image" and k not in HOST_STEP_PARTS)
     assert staged_ms <= 3 * s["per_image"]["total_ms"]  # the calls took at most 3 x their per-image time
 
 

@@ -67,6 +67,9 @@ int64_t HostLoop::begin(const void* images, bool u8, int64_t n, const float* fea
   maxprob_.resize(n);
   argmax_.resize(n);
   classes_ = want_classes;
+  part_s_.fill(-1.0);
+  Clock::time_point since{};
+  if (profile_) since = Clock::now();
   // The classifier's step 0 from a zero GRU state (classify() hands the cell none), or the
   // first cascaded feature.
   if (m_.cls_cell == nullptr) feats_.assign(static_cast<size_t>(n * T * feature_dim), 0.0f);
@@ -79,15 +82,20 @@ int64_t HostLoop::begin(const void* images, bool u8, int64_t n, const float* fea
   } else if (m_.cls_cell == nullptr) {
     throw std::invalid_argument("a cascaded classifier takes its step-0 logits from the glance graph");
   }
-  return finish_step();
+  if (profile_) lap(kHeads, since);
+  return finish_step(since);
 }
 
 int64_t HostLoop::next(const float* feature, const float* state) {
   // t_ was advanced by the previous finish_step: this is step t_'s focus output.
   const int64_t m = static_cast<int64_t>(active_.size());
+  part_s_.fill(-1.0);
+  Clock::time_point since{};
+  if (profile_) since = Clock::now();
   state_.assign(state, state + m * sdim_);
   classify(feature);
-  return finish_step();
+  if (profile_) lap(kHeads, since);
+  return finish_step(since);
 }
 
 void HostLoop::classify(const float* feature) {
@@ -112,14 +120,17 @@ void HostLoop::classify(const float* feature) {
   softmax_stats(logits_.data(), m, classes_, maxprob_.data(), argmax_.data());
 }
 
-int64_t HostLoop::finish_step() {
+int64_t HostLoop::finish_step(Clock::time_point& since) {
   const int64_t T = m_.steps, S = m_.image_size, P = m_.patch_size;
   int64_t m = static_cast<int64_t>(active_.size());
   for (int64_t i = 0; i < m; ++i) {
     prediction_[active_[i]] = argmax_[i];
     confidence_[active_[i]] = maxprob_[i];
   }
-  if (t_ == T - 1) return 0;
+  if (t_ == T - 1) {
+    if (profile_) lap(kExit, since);
+    return 0;
+  }
   if (!trace_) {
     std::vector<char> keep(static_cast<size_t>(m));
     int64_t kept = 0;
@@ -143,9 +154,13 @@ int64_t HostLoop::finish_step() {
         compact_rows(feats_, T * fdim_, keep);
       }
       m = kept;
-      if (m == 0) return 0;
+      if (m == 0) {
+        if (profile_) lap(kExit, since);
+        return 0;
+      }
     }
   }
+  if (profile_) lap(kExit, since);
   // Policy step t + 1: GRU over the last backbone's policy state, actor head -> coordinates.
   const int64_t hp = m_.actor_cell->hidden_size();
   scratch_.resize(static_cast<size_t>(m * hp));
@@ -158,6 +173,7 @@ int64_t HostLoop::finish_step() {
     coords_[(t_ * n_ + active_[i]) * 2] = step_coords_[2 * i];
     coords_[(t_ * n_ + active_[i]) * 2 + 1] = step_coords_[2 * i + 1];
   }
+  if (profile_) lap(kPolicy, since);
   patches_.resize(static_cast<size_t>(m * 3 * P * P));
   if (u8_) {
     crop_patches_u8(static_cast<const uint8_t*>(images_), m, S, step_coords_.data(), m_.norm, patches_.data(), P,
@@ -166,6 +182,7 @@ int64_t HostLoop::finish_step() {
     crop_patches(static_cast<const float*>(images_), m, 3, S, step_coords_.data(), patches_.data(), P,
                  active_.data());
   }
+  if (profile_) lap(kCrop, since);
   ++t_;
   return m;
 }

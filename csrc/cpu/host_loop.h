@@ -4,6 +4,9 @@
 // code between backbones runs cold, and each Python / numpy step there costs 3-5x its hot time).
 #pragma once
 
+#include <algorithm>
+#include <array>
+#include <chrono>
 #include <cstdint>
 #include <vector>
 
@@ -50,9 +53,27 @@ class HostLoop {
   const std::vector<int64_t>& exit_step() const { return exit_step_; }
   const std::vector<int32_t>& coords() const { return coords_; }  ///< (steps - 1, n, 2)
 
+  /// Parts of the last begin() / next() call, in seconds, while profiling is on; -1 for a part
+  /// the call did not run (policy and crop after the last step or when every image exited).
+  enum Part { kHeads = 0, kExit, kPolicy, kCrop, kParts };
+  void set_profile(bool on) { profile_ = on; }
+  bool profile() const { return profile_; }
+  const std::array<double, kParts>& part_seconds() const { return part_s_; }
+
  private:
+  using Clock = std::chrono::steady_clock;
   void classify(const float* feature);
-  int64_t finish_step();
+  /// Exit test, compaction, policy step and crop; `since` is the profiling lap start.
+  int64_t finish_step(Clock::time_point& since);
+  /// Adds the time since `since` to `part` and restarts `since` (profiling only).
+  void lap(Part part, Clock::time_point& since) {
+    const Clock::time_point now = Clock::now();
+    part_s_[part] = std::max(part_s_[part], 0.0) + std::chrono::duration<double>(now - since).count();
+    since = now;
+  }
+
+  bool profile_ = false;
+  std::array<double, kParts> part_s_{};
 
   HostLoopModel m_;
   const void* images_ = nullptr;

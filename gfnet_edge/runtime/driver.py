@@ -71,12 +71,18 @@ class LoopBase:
                 np.full((max(self.T - 1, 0), n, 2), -1, np.int32))
 
 
+#: The parts of the host loop's native ``step`` call, timed inside it while profiling.
+HOST_STEP_PARTS = ("heads", "exit", "policy", "crop")
+
+
 class Driver(LoopBase):
     """Runs GFNet steps on host arrays with a backend runner (constructor arguments:
     :class:`LoopBase`). Between two backbone runs, one extension call
     (:class:`gfnet_edge._C.HostLoop`, csrc/cpu/host_loop.cpp) does the classifier step, the exit
     test, the compaction of the running images' states, the policy step and the next patch
-    crop: Python only runs the backbones (profiler stage ``step``)."""
+    crop: Python only runs the backbones. The profiler gets that call as stage ``step`` and,
+    timed inside it, its parts ``heads``, ``exit``, ``policy`` and ``crop`` (so ``step`` minus
+    its parts is the cost of the call itself)."""
 
     def __init__(self, model: Dict[str, Any], runner: Runner, heads: HeadSet, profiler: Profiler) -> None:
         super().__init__(model, runner, heads, profiler)
@@ -97,11 +103,15 @@ class Driver(LoopBase):
         n = images.shape[0]
         trace = thresholds is None
         thr = None if trace else np.asarray(thresholds, dtype=np.float32)
+        parts = prof.enabled
+        loop.profile = parts
         with prof.stage("glance"):
             g = self.runner.run("glance", glance)
         with prof.stage("step"):
             patches = loop.begin(images, g["feature"], g["policy_state"],
                                  g["logits"] if self.step0_backbone else None, thr)
+        if parts:
+            self._record_parts()
         probs_all = None
         if trace:
             logits = loop.logits()
@@ -114,7 +124,14 @@ class Driver(LoopBase):
                 f = self.runner.run("focus", patches)
             with prof.stage("step"):
                 patches = loop.next(f["feature"], f["policy_state"])
+            if parts:
+                self._record_parts()
             if trace:
                 probs_all[t, loop.active()] = softmax(loop.logits())
         prediction, confidence, exit_step, coords = loop.outputs()
         return StepOutputs(prediction, confidence, exit_step, coords, probs_all)
+
+    def _record_parts(self) -> None:
+        for name, seconds in zip(HOST_STEP_PARTS, self.loop.part_seconds()):
+            if seconds >= 0.0:  # -1: the call did not run this part
+                self.prof.record(name, seconds)

@@ -1,5 +1,6 @@
 """Per-stage timing of the runtime (pre-process, glance, policy, crop, focus, heads, exit; the
-host loop does heads, exit test, policy and crop in one native call, stage ``step``)."""
+host loop does heads, exit test, policy and crop in one native call, stage ``step``, and reports
+those four parts of it too, timed inside the call)."""
 from __future__ import annotations
 
 import threading
@@ -31,7 +32,8 @@ class Profiler:
             return _NO_OP
         return _Timer(self, name)
 
-    def _record(self, name: str, seconds: float) -> None:
+    def record(self, name: str, seconds: float) -> None:
+        """Adds one duration of stage ``name`` (timed elsewhere, e.g. inside the extension)."""
         with self._lock:
             self._samples[name].append(seconds)
 
@@ -71,7 +73,7 @@ class _Timer:
         self.t0 = time.perf_counter()
 
     def __exit__(self, *exc) -> None:
-        self.prof._record(self.name, time.perf_counter() - self.t0)
+        self.prof.record(self.name, time.perf_counter() - self.t0)
 
 
 def _stats(xs: List[float]) -> Dict[str, float]:
