@@ -165,18 +165,21 @@ def test_failed_engine_build_leaves_the_bundle_as_it_was(fp32_bundle, monkeypatc
     assert set(after) <= set(before)
 
 
+class _Logger:
+    """Stand-in ``tensorrt.Logger``."""
+
+    WARNING = 2
+
+    def __init__(self, level):
+        pass
+
+
 def _fake_trt(runtime_cls):
     """A stand-in ``tensorrt`` module whose ``Runtime`` is ``runtime_cls``."""
-    class FakeLogger:
-        WARNING = 2
-
-        def __init__(self, level):
-            pass
-
     class FakeTRT:
         __version__ = "10.3.0"
         Runtime = runtime_cls
-        Logger = FakeLogger
+        Logger = _Logger
 
     return FakeTRT
 
@@ -384,16 +387,10 @@ def _recording_trt(version="10.3.0", typed_flag=True, parse_ok=True, build_ok=Tr
         def get_error(self, i):
             return f"node {i}: unsupported operator"
 
-    class FakeLogger:
-        WARNING = 2
-
-        def __init__(self, level):
-            pass
-
     class FakeTRT:
         __version__ = version
         OnnxParser, NetworkDefinitionCreationFlag, BuilderFlag = Parser, CreationFlags, Flags
-        Builder, Logger = FakeBuilder, FakeLogger
+        Builder, Logger = FakeBuilder, _Logger
 
         class MemoryPoolType:
             WORKSPACE = "WORKSPACE"
@@ -596,23 +593,10 @@ def _onnx_engine_trt(bufs):
         def deserialize_cuda_engine(self, blob):
             return Engine(blob)
 
-    class FakeLogger:
-        WARNING = 2
-
-        def __init__(self, level):
-            pass
-
-    class FakeTRT:
-        __version__ = "10.3.0"
-        TensorIOMode, Logger = Mode, FakeLogger
-        float32 = "float32"
-
-        @staticmethod
-        def nptype(dtype):
-            return np.float32
-
-    FakeTRT.Runtime = Runtime
-    return FakeTRT
+    trt = _fake_trt(Runtime)
+    trt.TensorIOMode, trt.float32 = Mode, "float32"
+    trt.nptype = staticmethod(lambda dtype: np.float32)
+    return trt
 
 
 def test_runner_feeds_and_reads_engines_through_device_buffers(fp32_bundle, monkeypatch):
