@@ -178,7 +178,6 @@ def test_host_loop_times_its_parts_only_when_asked():
             active = loop.active()
             patches = loop.next(outs[t][0][active], outs[t][1][active])
             parts.append(loop.part_seconds())
-            cut = patches is not None
         results[profile] = (loop.outputs(), parts)
         for i, (heads, exit_test, policy, crop) in enumerate(parts):
             if not profile:
@@ -187,6 +186,6 @@ def test_host_loop_times_its_parts_only_when_asked():
             assert heads > 0 and exit_test > 0
             ran = i < len(parts) - 1  # every call but the last cut the next step's patches
             assert (policy > 0 and crop > 0) if ran else (policy == crop == -1.0)
-        assert t >= 2 and not cut
+        assert t >= 2  # the case ran focus steps after the first
     for a, b in zip(results[False][0], results[True][0]):
         np.testing.assert_array_equal(a, b)
