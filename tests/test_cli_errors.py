@@ -47,6 +47,39 @@ def test_predict_happy_path(bundle, image_dir, capsys):
     assert len(rows) == 2 and all(0 <= r["class"] < 10 and 0 <= r["exit_step"] <= 2 for r in rows)
 
 
+def test_predict_names_every_image_and_batches_without_changing_results(bundle, image_dir, tmp_path, capsys):
+    """Folders, archives and files in one call: each image is named by its file (FILE.npz[i] in
+    an archive), in order; --batch-size 2 gives the same results as one call per input set;
+    --profile prints the per-stage table to stderr; the JSON on stdout stays parseable."""
+    from gfnet_edge.bundle import Bundle
+    from gfnet_edge.data import load_images
+    from gfnet_edge.runtime import Runtime
+
+    npz = tmp_path / "more.npz"
+    rng = np.random.default_rng(1)
+    np.savez(npz, images=rng.integers(0, 256, (3, 224, 224, 3), dtype=np.uint8))
+    single = image_dir / "0.png"
+    code, out, err = run(["predict", bundle, image_dir, npz, single, "--json", "--batch-size", "2", "--profile"], capsys)
+    assert code == 0, err
+    rows = json.loads(out)
+    names = [r["image"] for r in rows]
+    assert names == [str(image_dir / "0.png"), str(image_dir / "1.png"), f"{npz}[0]", f"{npz}[1]", f"{npz}[2]",
+                     str(single)]
+    assert "per-stage profile over 6 images" in err and "glance" in err and "per_image" in err
+    # the same images through the Python API in one call
+    m = Bundle.load(bundle).model
+    frames = np.concatenate([load_images(p, 224, float(m["crop_pct"]), m["dataset_interpolation"])[0]
+                             for p in (image_dir, npz, single)])
+    x = (frames.astype(np.float32) / 255.0 - np.asarray(m["mean"], np.float32)) / np.asarray(m["std"], np.float32)
+    with Runtime(bundle, backend="onnxruntime", precision="fp32") as rt:
+        want = rt.predict(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    assert [r["class"] for r in rows] == list(want.classes)
+    assert [r["exit_step"] for r in rows] == list(want.exit_step)
+    np.testing.assert_allclose([r["confidence"] for r in rows], want.confidence, atol=1e-6)
+    code, out, err = run(["predict", bundle, image_dir, "--batch-size", "0"], capsys)
+    assert code == 2 and "--batch-size must be >= 1" in err and out == ""
+
+
 def _garbage(p: Path, data: bytes = b"\x00garbage" * 50) -> Path:
     p.write_bytes(data)
     return p

@@ -10,7 +10,7 @@ from gfnet_edge.data.cluttered_digits import (
     render_sample,
     split_pool,
 )
-from gfnet_edge.data.images import load_images
+from gfnet_edge.data.images import iter_image_batches, load_images
 
 __all__ = [
     "ClutteredDigits",
@@ -18,6 +18,7 @@ __all__ = [
     "config_from_dict",
     "demo_config",
     "digit_crops",
+    "iter_image_batches",
     "load_digit_source",
     "load_images",
     "normalize",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -71,6 +71,50 @@ def load_images(path: os.PathLike | str, image_size: int = 224, crop_pct: float 
     if path.suffix.lower() == ".npz":
         return _load_npz(path, image_size, crop_pct, interpolation)
     return _load_files([path], image_size, crop_pct, interpolation), None
+
+
+def iter_image_batches(paths: Sequence[os.PathLike | str], image_size: int = 224, crop_pct: float = 0.875,
+                       interpolation: str = "bilinear",
+                       batch_size: int = 32) -> Iterator[Tuple[List[str], np.ndarray]]:
+    """The images of several inputs, ``batch_size`` at a time, each with its own name.
+
+    Every path is checked (and folders listed) before the first batch; the images themselves
+    are read batch by batch, so memory stays bounded for large folders. Inputs are as for
+    :func:`load_images` (labels are ignored).
+
+    Args:
+        paths: image files, folders or ``.npz`` files.
+        image_size, crop_pct, interpolation: as for :func:`load_images`.
+        batch_size: images per batch (>= 1).
+
+    Yields:
+        ``(names, frames)``: the image file paths (``FILE.npz[i]`` for archived images) and
+        uint8 ``(n, S, S, 3)`` frames, ``n <= batch_size``.
+
+    Raises:
+        ValueError: as :func:`load_images`, for the first path or image that fails.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch size must be a positive int, got {batch_size!r}")
+    items: List[Tuple[str, object]] = []  # (name, file path) or (name, frame already in memory)
+    for raw in paths:
+        path = Path(raw)
+        _check_arguments(path, image_size, crop_pct, interpolation)
+        if not path.exists():
+            raise ValueError(f"{path}: no such file or directory")
+        if path.is_dir():
+            items.extend((str(f), f) for f in _list_folder(path)[0])
+        elif path.suffix.lower() == ".npz":
+            frames, _ = _load_npz(path, image_size, crop_pct, interpolation)
+            items.extend((f"{path}[{i}]", frames[i]) for i in range(len(frames)))
+        else:
+            items.append((str(path), path))
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        frames = np.empty((len(chunk), image_size, image_size, 3), dtype=np.uint8)
+        for k, (_, src) in enumerate(chunk):
+            frames[k] = _load_files([src], image_size, crop_pct, interpolation)[0] if isinstance(src, Path) else src
+        yield [name for name, _ in chunk], frames
 
 
 def preprocess(image: Image.Image, image_size: int = 224, crop_pct: float = 0.875,
