@@ -5,7 +5,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import List
 
 from .errors import InputError
 
@@ -94,28 +93,29 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
-    rt = Runtime(args.bundle, backend=args.backend, precision=args.precision, budget=args.budget, threads=args.threads,
-                 dla_core=args.dla_core, head_dtype=args.head_dtype, profile=args.profile)
-    m = rt.model
-    mean, std = np.asarray(m["mean"], np.float32), np.asarray(m["std"], np.float32)
-    rows = []
-    try:
-        batches = iter_image_batches(args.images, int(m["image_size"]), float(m["crop_pct"]),
-                                     m["dataset_interpolation"], args.batch_size)
-        for names, frames in batches:
-            # the frames are already resized and centre-cropped to S x S: only scale and normalise
-            x = (frames.astype(np.float32) / 255.0 - mean) / std
-            preds = rt.predict(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-            rows.extend({"image": n, **preds[i]} for i, n in enumerate(names))
-    except ValueError as exc:
-        raise InputError(str(exc)) from exc
+    with Runtime(args.bundle, backend=args.backend, precision=args.precision, budget=args.budget,
+                 threads=args.threads, dla_core=args.dla_core, head_dtype=args.head_dtype, profile=args.profile) as rt:
+        m = rt.model
+        mean, std = np.asarray(m["mean"], np.float32), np.asarray(m["std"], np.float32)
+        rows = []
+        try:
+            batches = iter_image_batches(args.images, int(m["image_size"]), float(m["crop_pct"]),
+                                         m["dataset_interpolation"], args.batch_size)
+            for names, frames in batches:
+                # the frames are already resized and centre-cropped to S x S: only scale and normalise
+                x = (frames.astype(np.float32) / 255.0 - mean) / std
+                preds = rt.predict(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+                rows.extend({"image": n, **preds[i]} for i, n in enumerate(names))
+        except ValueError as exc:
+            raise InputError(str(exc)) from exc
+        profile = rt.profiler.summary()
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         for r in rows:
             print(f"{r['image']}: class {r['class']} ({r['confidence']:.3f}) exit at step {r['exit_step']}")
     if args.profile:
-        print(_profile_table(rt.profiler.summary(), len(rows)), file=sys.stderr)
+        print(_profile_table(profile, len(rows)), file=sys.stderr)
     return 0
 
 
