@@ -12,7 +12,6 @@ torch = pytest.importorskip("torch")
 
 from gfnet_edge import evaluate as ev
 from gfnet_edge.build import BuildConfig, build_bundle
-from gfnet_edge.bundle import Bundle
 from gfnet_edge.errors import InputError, UnavailableError
 from gfnet_edge.models import GFNet, save_checkpoint
 from gfnet_edge.runtime import Runtime

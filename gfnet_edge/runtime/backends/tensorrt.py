@@ -17,7 +17,6 @@ are plain functions so they are tested on machines without it.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import tempfile
@@ -28,7 +27,6 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from ...errors import InputError, UnavailableError
-from ...log import logger
 from .base import GRAPHS, Runner
 
 HOW_TO = (
