@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
-from .bundle import Bundle, BundleError, new_manifest, record_artifacts, staging_dir, write_json_atomic
+from .bundle import Bundle, new_manifest, record_artifacts, staging_dir, write_json_atomic
 from .errors import InputError, UnavailableError
 from .log import logger
 from .runtime.backends.tensorrt import BuildOptions

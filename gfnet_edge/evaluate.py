@@ -9,8 +9,8 @@ exited; the last threshold is -1e8. Costs may be any per-step cumulative vector:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 

@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -32,7 +32,7 @@ from .calibration import CalibrationData, check_images
 from .checker import TensorRTCompatError, check_tensorrt_compat
 from .options import QuantizeOptions, ort_settings
 from .qdq import preprocess, quantize_graph, quantized_node_names, weighted_nodes
-from .scoring import MID_BUDGET_P, Traced, compare, trace
+from .scoring import Traced, compare, trace
 
 GRAPHS = ("glance", "focus")
 

@@ -5,7 +5,6 @@ under a minute on 2 cores.
 """
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 

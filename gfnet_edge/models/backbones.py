@@ -15,7 +15,7 @@ What is "pooled feature" and "feature map" per family follows the reference impl
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Tuple
 
 import torch
 import torch.nn as nn

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from ..bundle import Bundle, BundleError
+from ..bundle import Bundle
 from ..errors import InputError, UnavailableError
 from ..log import logger
 from .driver import Driver, StepOutputs

@@ -8,7 +8,6 @@ after each epoch in the run folder, so an interrupted run resumes where it stopp
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
