@@ -78,9 +78,9 @@ def iter_image_batches(paths: Sequence[os.PathLike | str], image_size: int = 224
                        batch_size: int = 32) -> Iterator[Tuple[List[str], np.ndarray]]:
     """The images of several inputs, ``batch_size`` at a time, each with its own name.
 
-    Every path is checked (and folders listed) before the first batch; the images themselves
-    are read batch by batch, so memory stays bounded for large folders. Inputs are as for
-    :func:`load_images` (labels are ignored).
+    Every path is checked (and folders listed) before the first batch; image files are read
+    batch by batch, so memory stays bounded for large folders (an ``.npz`` archive is read
+    whole when it is listed). Inputs are as for :func:`load_images` (labels are ignored).
 
     Args:
         paths: image files, folders or ``.npz`` files.
