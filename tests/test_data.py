@@ -17,6 +17,7 @@ from gfnet_edge.data import (  # noqa: E402
     ClutteredDigits,
     ClutteredDigitsConfig,
     digit_crops,
+    iter_image_batches,
     load_digit_source,
     load_images,
     normalize,
@@ -199,6 +200,25 @@ def test_load_flat_folder_and_single_file(tmp_path):
     assert frames.shape == (2, 24, 24, 3) and labels is None
     frames, labels = load_images(tmp_path / "x.png", image_size=24)
     assert frames.shape == (1, 24, 24, 3) and labels is None
+
+
+def test_image_batches_name_each_image_and_equal_load_images(tmp_path):
+    _write_png(tmp_path / "imgs" / "cat" / "a.png")
+    _write_png(tmp_path / "imgs" / "dog" / "c.jpg", colour=(1, 2, 250))
+    _write_png(tmp_path / "x.png", size=(64, 32))
+    np.savez(tmp_path / "a.npz", images=np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8))
+    paths = [tmp_path / "imgs", tmp_path / "a.npz", tmp_path / "x.png"]
+    batches = list(iter_image_batches(paths, image_size=16, batch_size=2))
+    assert [len(n) for n, _ in batches] == [2, 2, 1] and all(f.shape[0] == len(n) for n, f in batches)
+    names = [x for n, _ in batches for x in n]
+    assert names == [str(tmp_path / "imgs" / "cat" / "a.png"), str(tmp_path / "imgs" / "dog" / "c.jpg"),
+                     f"{tmp_path / 'a.npz'}[0]", f"{tmp_path / 'a.npz'}[1]", str(tmp_path / "x.png")]
+    want = np.concatenate([load_images(p, image_size=16)[0] for p in paths])
+    assert np.array_equal(np.concatenate([f for _, f in batches]), want)
+    with pytest.raises(ValueError, match="batch size must be a positive int"):
+        next(iter_image_batches(paths, image_size=16, batch_size=0))
+    with pytest.raises(ValueError, match="no such file"):  # every path is checked before the first batch
+        next(iter_image_batches([tmp_path / "x.png", tmp_path / "missing.png"], image_size=16))
 
 
 def test_load_npz_uint8_and_float(tmp_path):
