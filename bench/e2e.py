@@ -59,6 +59,7 @@ def operating_points(rt, val_frames: np.ndarray) -> List[Dict[str, Any]]:
 def outside_backbone(rt, frames: np.ndarray, thresholds, calls: int = 200) -> Dict[str, float]:
     """Per-image ms inside the backbone graphs and outside them (batch 1, profiler on)."""
     from gfnet_edge.calibrate.latency import runtime_input, using_thresholds
+    from gfnet_edge.runtime.profile import backbone_ms
 
     rt.profiler.enabled = True
     rt.profiler.reset()
@@ -74,7 +75,7 @@ def outside_backbone(rt, frames: np.ndarray, thresholds, calls: int = 200) -> Di
     rt.profiler.enabled = False
     rt.profiler.reset()
     per_image = s["per_image"]["mean_ms"] + 1e3 * norm / calls
-    backbone = sum(s[k]["total_ms"] for k in ("glance", "focus") if k in s) / calls
+    backbone = backbone_ms(s) / calls
     stages = {k: v["total_ms"] / calls for k, v in s.items() if k != "per_image"}
     if x.dtype != np.uint8:
         stages["normalise"] = 1e3 * norm / calls
@@ -135,7 +136,7 @@ def backbone_scaling(rt, thresholds, frames: np.ndarray, big: int = 32) -> Dict[
     (B1, B32) next to the batch-1 time per image T1. Since T32 >= B32, the throughput of batch
     ``big`` over batch 1 is at most T1 / B32 = (B1 / B32) / (1 - outside share at batch 1)."""
     from gfnet_edge.calibrate.latency import runtime_input, using_thresholds
-    from gfnet_edge.runtime.profile import Profiler
+    from gfnet_edge.runtime.profile import Profiler, backbone_ms
 
     profs = {"b1": Profiler(True), f"b{big}": Profiler(True)}
     images = {k: 0 for k in profs}
@@ -153,8 +154,7 @@ def backbone_scaling(rt, thresholds, frames: np.ndarray, big: int = 32) -> Dict[
             t = alternating({k: call(k) for k in profs}, {"b1": 1, f"b{big}": big}, frames)
     finally:
         rt.profiler = rt.driver.prof = saved
-    bb = {k: sum(v["total_ms"] for g, v in profs[k].summary().items() if g in ("glance", "focus")) / images[k]
-          for k in profs}
+    bb = {k: backbone_ms(profs[k].summary()) / images[k] for k in profs}
     return {"b1_ms": t["b1"], "b1_backbone_ms": bb["b1"], f"b{big}_backbone_ms": bb[f"b{big}"],
             "scaling": bb["b1"] / bb[f"b{big}"], "outside_share": 1.0 - bb["b1"] / t["b1"],
             "bound": t["b1"] / bb[f"b{big}"]}
@@ -287,6 +287,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def render(res: Dict[str, Any], batches: List[int]) -> str:
     from gfnet_edge.runtime.driver import HOST_STEP_PARTS
+    from gfnet_edge.runtime.profile import BACKBONE_STAGES
 
     cmd = "python bench/e2e.py " + " ".join(sys.argv[1:])
     lines = [
@@ -325,7 +326,7 @@ def render(res: Dict[str, Any], batches: List[int]) -> str:
             rows.append([prec, f"{o['per_image_ms']:.2f}", f"{o['backbone_ms']:.2f}", f"{o['outside_ms']:.2f}",
                          f"{o['outside_pct']:.1f}%",
                          ", ".join(f"{k} {v:.3f}" + (f" ({inner})" if k == "step" and inner else "")
-                                   for k, v in st.items() if k not in ("glance", "focus") + HOST_STEP_PARTS)])
+                                   for k, v in st.items() if k not in BACKBONE_STAGES + HOST_STEP_PARTS)])
     if rows:
         lines += ["## Time outside backbone inference (batch 1, the equal-accuracy point)", "",
                   table(["precision", "per image ms", "backbone ms", "outside ms", "outside share", "outside stages (ms)"],

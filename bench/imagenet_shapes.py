@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     from gfnet_edge.build import BuildConfig, build_bundle
     from gfnet_edge.models import GFNet, save_checkpoint
     from gfnet_edge.runtime import Runtime
-    from gfnet_edge.runtime.profile import STAGES
+    from gfnet_edge.runtime.profile import STAGES, backbone_ms
     from gfnet_edge.variants import released_spec
 
     torch.set_num_threads(args.threads)
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
             s = rt.profiler.summary()
             rt.close()
         per_image = s["per_image"]["mean_ms"]
-        backbone = sum(s[k]["total_ms"] for k in ("glance", "focus") if k in s) / args.repeat
+        backbone = backbone_ms(s) / args.repeat
         stage_ms = {k: v["total_ms"] / args.repeat for k, v in s.items() if k != "per_image"}
         outside = per_image - backbone
         rows.append([f"{name} P={P} T={rt.model['steps']}", per_image, backbone, outside, 100 * outside / per_image])

@@ -111,6 +111,7 @@ def test_profiler_counts_every_stage_of_the_host_loop(mnv3):
     test every step, policy and crop for each focus run) add up to less than the step; percentiles
     ordered; off records nothing."""
     from gfnet_edge.runtime.driver import HOST_STEP_PARTS
+    from gfnet_edge.runtime.profile import backbone_ms
 
     _, bundle = mnv3
     rng = np.random.default_rng(6)
@@ -130,6 +131,7 @@ def test_profiler_counts_every_stage_of_the_host_loop(mnv3):
     assert s["heads"]["count"] == s["exit"]["count"] == s["step"]["count"]
     assert s["policy"]["count"] == s["crop"]["count"] == focus_runs  # each focus run's patches
     assert sum(s[k]["total_ms"] for k in HOST_STEP_PARTS) < s["step"]["total_ms"]
+    assert backbone_ms(s) == pytest.approx(s["glance"]["total_ms"] + s["focus"]["total_ms"])
     for st in s.values():
         assert 0 < st["p50_ms"] <= st["p95_ms"] <= st["p99_ms"]
     staged_ms = sum(st["total_ms"] for k, st in s.items() if k != "per_image" and k not in HOST_STEP_PARTS)

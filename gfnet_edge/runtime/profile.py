@@ -12,6 +12,8 @@ from typing import ContextManager, Dict, List
 import numpy as np
 
 STAGES = ("preprocess", "glance", "policy", "crop", "focus", "heads", "exit", "step")
+#: The stages that run a backbone graph; everything else is work outside them.
+BACKBONE_STAGES = ("glance", "focus")
 _NO_OP = nullcontext()  # reusable and reentrant
 
 
@@ -74,6 +76,11 @@ class _Timer:
 
     def __exit__(self, *exc) -> None:
         self.prof.record(self.name, time.perf_counter() - self.t0)
+
+
+def backbone_ms(summary: Dict[str, Dict[str, float]]) -> float:
+    """Total milliseconds of the backbone stages in a :meth:`Profiler.summary`."""
+    return sum(summary[k]["total_ms"] for k in BACKBONE_STAGES if k in summary)
 
 
 def _stats(xs: List[float]) -> Dict[str, float]:
