@@ -113,7 +113,7 @@ def iter_image_batches(paths: Sequence[os.PathLike | str], image_size: int = 224
         chunk = items[start:start + batch_size]
         frames = np.empty((len(chunk), image_size, image_size, 3), dtype=np.uint8)
         for k, (_, src) in enumerate(chunk):
-            frames[k] = _load_files([src], image_size, crop_pct, interpolation)[0] if isinstance(src, Path) else src
+            frames[k] = _read_image(src, image_size, crop_pct, interpolation) if isinstance(src, Path) else src
         yield [name for name, _ in chunk], frames
 
 
@@ -184,13 +184,18 @@ def _list_folder(folder: Path) -> Tuple[List[Path], Optional[np.ndarray]]:
 def _load_files(files: Sequence[Path], image_size: int, crop_pct: float, interpolation: str) -> np.ndarray:
     frames = np.empty((len(files), image_size, image_size, 3), dtype=np.uint8)
     for k, file in enumerate(files):
-        try:
-            with Image.open(file) as image:
-                image.load()
-                frames[k] = preprocess(image, image_size, crop_pct, interpolation)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            raise ValueError(f"{file}: cannot read image ({exc})") from exc
+        frames[k] = _read_image(file, image_size, crop_pct, interpolation)
     return frames
+
+
+def _read_image(file: Path, image_size: int, crop_pct: float, interpolation: str) -> np.ndarray:
+    """One image file, pre-processed to uint8 ``(S, S, 3)``; ValueError naming the file."""
+    try:
+        with Image.open(file) as image:
+            image.load()
+            return preprocess(image, image_size, crop_pct, interpolation)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"{file}: cannot read image ({exc})") from exc
 
 
 def _load_npz(path: Path, image_size: int, crop_pct: float,
