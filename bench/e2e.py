@@ -286,8 +286,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def render(res: Dict[str, Any], batches: List[int]) -> str:
-    from gfnet_edge.runtime.driver import HOST_STEP_PARTS
-    from gfnet_edge.runtime.profile import BACKBONE_STAGES
+    from gfnet_edge.runtime.profile import BACKBONE_STAGES, HOST_STEP_PARTS
 
     cmd = "python bench/e2e.py " + " ".join(sys.argv[1:])
     lines = [

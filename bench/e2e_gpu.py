@@ -4,8 +4,8 @@ same GPU, demo model.
     python bench/e2e_gpu.py [--num-test 1000] [--batches 1,32] [--out bench/results/e2e_gpu.md]
 
 Builds a float32 bundle of the shipped demo checkpoint with the checkpoint inside, then runs
-:class:`gfnet_edge.Runtime` with the torch backend on CUDA, which uses the device-resident loop
-(:class:`~gfnet_edge.runtime.device_driver.DeviceDriver`: the frames uploaded once, pre-process,
+:class:`gfnet_edge.Runtime` with the torch backend on CUDA, which runs the loop with its buffers on the GPU
+(:mod:`~gfnet_edge.runtime.device_steps`: the frames uploaded once, pre-process,
 glance, crops, the backbone graphs, GRU heads and compaction on one CUDA stream, one small
 read back per step). The baseline is the shipped static model (``demo_static.pth.tar``) in
 torch on the same GPU, fed the same uint8 frames (upload, normalise on the GPU, forward,

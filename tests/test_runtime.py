@@ -110,8 +110,7 @@ def test_profiler_counts_every_stage_of_the_host_loop(mnv3):
     focus step reached, one per-image sample per call; the native step's parts (heads and exit
     test every step, policy and crop for each focus run) add up to less than the step; percentiles
     ordered; off records nothing."""
-    from gfnet_edge.runtime.driver import HOST_STEP_PARTS
-    from gfnet_edge.runtime.profile import backbone_ms
+    from gfnet_edge.runtime.profile import HOST_STEP_PARTS, backbone_ms
 
     _, bundle = mnv3
     rng = np.random.default_rng(6)

@@ -105,10 +105,10 @@ class Runtime:
             demo model's 1000 test images classes, exits and patch coordinates were unchanged
             and the loop 1-4 % faster on the CPU, docs/kernels.md).
 
-    When the runner can execute on device buffers (TensorRT; torch with ``device="cuda"``) the
-    loop is the device-resident :class:`~gfnet_edge.runtime.device_driver.DeviceDriver`
-    (heads and pre-processing on the GPU, one small read per step), otherwise the numpy
-    :class:`~gfnet_edge.runtime.driver.Driver`; :attr:`device_loop` says which.
+    The loop is :class:`~gfnet_edge.runtime.driver.Driver`. When the runner can execute on
+    device buffers (TensorRT; torch with ``device="cuda"``) its buffers live on the GPU
+    (heads and pre-processing there too, one small read per step), otherwise in numpy arrays;
+    :attr:`device_loop` says which.
 
     Calls are serialised with a lock, so one Runtime may be shared by threads.
     """
@@ -146,7 +146,7 @@ class Runtime:
 
         if threads:
             ops.set_num_threads(int(threads))
-        #: True when the loop runs on the GPU (:class:`DeviceDriver`), False for the numpy loop.
+        #: True when the loop's buffers live on the GPU, False for the host (numpy) place.
         self.device_loop = bool(self.runner.supports_device)
         if self.device_loop and ops.cuda_device_count() < 1:
             reason = "it was built without CUDA" if not ops.has_cuda_build() else ops._C.cuda_device_error()
@@ -157,12 +157,7 @@ class Runtime:
                              device="cuda" if self.device_loop else "cpu", weight_dtype=head_dtype)
         self.runner.activate()
         try:
-            if self.device_loop:
-                from .device_driver import DeviceDriver
-
-                self.driver = DeviceDriver(self.model, self.runner, self.heads, self.profiler)
-            else:
-                self.driver = Driver(self.model, self.runner, self.heads, self.profiler)
+            self.driver = Driver(self.model, self.runner, self.heads, self.profiler)
         except BaseException:
             self.runner.deactivate()
             raise
@@ -243,43 +238,10 @@ class Runtime:
 
     def _run(self, inputs, thresholds: Optional[Sequence[float]]) -> tuple:
         """Runs the driver on validated inputs; ``(StepOutputs, number of images)``."""
-        if not self.device_loop:
-            images, glance = self._prepare(inputs)
-            return self.driver.run(images, glance, thresholds), images.shape[0]
         kind, data = self._validate(inputs)
-        if kind == "images":  # uploaded once, glance on the device
+        if kind == "images":  # the glance computed where the loop runs
             return self.driver.run(data, None, thresholds), data.shape[0]
-        m = self.model
-        out = self.driver.run_frames([np.ascontiguousarray(f) for f in data], thresholds,
-                                     crop_pct=float(m["crop_pct"]), interpolation=m["dataset_interpolation"],
-                                     mean=tuple(m["mean"]), std=tuple(m["std"]))
-        return out, len(data)
-
-    def _prepare(self, inputs) -> tuple:
-        from .. import ops
-
-        m = self.model
-        S, P = int(m["image_size"]), int(m["patch_size"])
-        kind, data = self._validate(inputs)
-        if kind == "images":
-            images = data
-            with self.profiler.stage("preprocess"):
-                glance = ops.glance(images, P, m["glance_interpolation"])
-            return images, glance
-        # Frames stay uint8 (resized and cropped to S x S if need be): the glance and the patch
-        # crops read them and normalise on the fly, so no normalised float copy of the whole
-        # image is made (a quarter of the bytes to write, compact and read back).
-        crop_pct = float(m["crop_pct"])
-        with self.profiler.stage("preprocess"):
-            square = (data.shape[1:] == (S, S, 3) if isinstance(data, np.ndarray)
-                      else all(f.shape == (S, S, 3) for f in data))
-            if ops.resize_size(S, crop_pct) == S and square:
-                frames = np.ascontiguousarray(data) if isinstance(data, np.ndarray) else np.stack(data)
-            else:
-                frames = ops.resize_crop([np.ascontiguousarray(f) for f in data], S, crop_pct,
-                                         m["dataset_interpolation"])
-            glance = ops.glance(frames, P, m["glance_interpolation"], mean=tuple(m["mean"]), std=tuple(m["std"]))
-        return frames, glance
+        return self.driver.run_frames(data, thresholds), len(data)
 
     # ------------------------------------------------------------------- run
     def predict(self, inputs, budget: Optional[str] = None) -> Predictions:

@@ -1,16 +1,27 @@
-"""The glance/focus loop with early exit, written once for every backend.
+"""The glance/focus loop with early exit, written once for every backend and place.
 
 A backend only runs a backbone graph (:class:`~gfnet_edge.runtime.backends.base.Runner`); the
-extension does the glance resize, the patch crop and the GRU/Linear heads
-(:class:`~gfnet_edge.runtime.heads.HeadSet`). Samples that exit are compacted away between
-steps (their states and features; patches are cut from the whole batch by index), so no
-backbone work is spent on them. On the host the whole between-backbones step is one extension
-call (:class:`Driver`); on a GPU the device loop (``device_driver.py``) keeps it on one stream.
+extension does the pre-processing, the glance resize, the patch crop and the GRU/Linear heads
+(:class:`~gfnet_edge.runtime.heads.HeadSet`). :class:`Driver` runs the loop::
+
+    glance backbone -> begin (heads, exit test, policy, crop) -> focus backbone -> next -> ...
+
+and the only thing it chooses is where the buffers live (its *place*):
+
+* host (:mod:`~gfnet_edge.runtime.host_steps`): numpy arrays; between two backbone runs one
+  extension call (``_C.HostLoop``) does the heads, the exit test, the compaction, the policy
+  and the next crop. Any runner (ONNX Runtime, torch, TensorRT through host copies).
+* device (:mod:`~gfnet_edge.runtime.device_steps`): GPU memory; the same steps are kernels
+  enqueued on one CUDA stream with one small device -> host read per step. Runners with
+  device execution (TensorRT, torch on CUDA) and heads built with ``device="cuda"``.
+
+Samples that exit are compacted away between steps (states, features and images), so no
+backbone work is spent on them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -43,18 +54,38 @@ class StepOutputs:
     coords: np.ndarray
     probs: Optional[np.ndarray] = None
 
+    @staticmethod
+    def concat(parts: List["StepOutputs"]) -> "StepOutputs":
+        """The outputs of consecutive chunks of one batch, as one."""
+        if len(parts) == 1:
+            return parts[0]
+        return StepOutputs(
+            np.concatenate([o.prediction for o in parts]), np.concatenate([o.confidence for o in parts]),
+            np.concatenate([o.exit_step for o in parts]), np.concatenate([o.coords for o in parts], axis=1),
+            None if parts[0].probs is None else np.concatenate([o.probs for o in parts], axis=1))
 
-class LoopBase:
-    """What every loop holds: the model entry, the runner, the heads, the profiler and S, P, T.
+
+class Driver:
+    """Runs GFNet steps with early exit for one model, runner and set of heads.
+
+    The place follows the heads: heads built with ``device="cuda"`` put every buffer in GPU
+    memory (the runner must have device execution), CPU heads keep them in numpy arrays.
 
     Args:
         model: the manifest's ``model`` entry.
         runner: an active backend runner.
         heads: the bound heads.
-        profiler: per-stage timer.
+        profiler: per-stage timer (read at every call, so it may be swapped).
+        stream: device place only: the CUDA stream for everything (default: a new
+            :class:`gfnet_edge.ops.Stream`).
+
+    Raises:
+        UnavailableError: device heads, but no CUDA build or no usable GPU.
+        ValueError: device heads with a runner that has no device execution.
     """
 
-    def __init__(self, model: Dict[str, Any], runner: Runner, heads: HeadSet, profiler: Profiler) -> None:
+    def __init__(self, model: Dict[str, Any], runner: Runner, heads: HeadSet, profiler: Profiler,
+                 stream: Any = None) -> None:
         self.model = model
         self.runner = runner
         self.heads = heads
@@ -63,75 +94,76 @@ class LoopBase:
         self.S = int(model["image_size"])
         self.P = int(model["patch_size"])
         self.step0_backbone = model["step0"] == "backbone"
+        if getattr(heads, "device", "cpu") == "cuda":
+            from .device_steps import DevicePlace
 
-    def _outputs(self, n: int):
-        """Fresh ``(prediction, confidence, exit_step, coords)`` for ``n`` images: exit at the
-        last step and no patch (-1) until the loop says otherwise."""
-        return (np.zeros(n, np.int64), np.zeros(n, np.float32), np.full(n, self.T - 1, np.int64),
-                np.full((max(self.T - 1, 0), n, 2), -1, np.int32))
+            self.place: Any = DevicePlace(self, stream)
+        else:
+            from .host_steps import HostPlace
 
+            self.place = HostPlace(self)
 
-#: The parts of the host loop's native ``step`` call, timed inside it while profiling.
-HOST_STEP_PARTS = ("heads", "exit", "policy", "crop")
+    @property
+    def on_device(self) -> bool:
+        """True when the buffers live in GPU memory."""
+        return self.place.on_device
 
-
-class Driver(LoopBase):
-    """Runs GFNet steps on host arrays with a backend runner (constructor arguments:
-    :class:`LoopBase`). Between two backbone runs, one extension call
-    (:class:`gfnet_edge._C.HostLoop`, csrc/cpu/host_loop.cpp) does the classifier step, the exit
-    test, the compaction of the running images' states, the policy step and the next patch
-    crop: Python only runs the backbones. The profiler gets that call as stage ``step`` and,
-    timed inside it, its parts ``heads``, ``exit``, ``policy`` and ``crop`` (so ``step`` minus
-    its parts is the cost of the call itself)."""
-
-    def __init__(self, model: Dict[str, Any], runner: Runner, heads: HeadSet, profiler: Profiler) -> None:
-        super().__init__(model, runner, heads, profiler)
-        self.loop = heads.host_loop(model)
-
-    def run(self, images: np.ndarray, glance: np.ndarray, thresholds: Optional[Sequence[float]]) -> StepOutputs:
-        """Runs the loop.
+    # -------------------------------------------------------------------- entry
+    def run(self, images: np.ndarray, glance: Optional[np.ndarray], thresholds: Optional[Sequence[float]]) -> StepOutputs:
+        """Runs the loop on host images.
 
         Args:
-            images: normalised float32 (N, 3, S, S), or uint8 (N, S, S, 3) frames of S x S
-                (patches are then normalised as they are cut, with the model's mean and std);
-                C-contiguous.
-            glance: their glance (N, 3, P, P), normalised.
+            images: normalised float32 (N, 3, S, S), C-contiguous; on the host place also uint8
+                (N, S, S, 3) frames of S x S (patches are then normalised as they are cut,
+                with the model's mean and std).
+            glance: their glance (N, 3, P, P), normalised, or ``None`` to compute it (stage
+                ``preprocess``; on the device place from the uploaded images).
             thresholds: exit threshold per step; ``None`` runs every step for every image and
                 returns the full probabilities (trace).
         """
-        T, prof, loop = self.T, self.prof, self.loop
-        n = images.shape[0]
-        trace = thresholds is None
-        thr = None if trace else np.asarray(thresholds, dtype=np.float32)
-        parts = prof.enabled
-        loop.profile = parts
-        with prof.stage("glance"):
-            g = self.runner.run("glance", glance)
-        with prof.stage("step"):
-            patches = loop.begin(images, g["feature"], g["policy_state"],
-                                 g["logits"] if self.step0_backbone else None, thr)
-        if parts:
-            self._record_parts()
-        probs_all = None
-        if trace:
-            logits = loop.logits()
-            probs_all = np.zeros((T, n, logits.shape[1]), np.float32)
-            probs_all[0] = softmax(logits)
-        t = 0
-        while patches is not None:
-            t += 1
-            with prof.stage("focus"):
-                f = self.runner.run("focus", patches)
-            with prof.stage("step"):
-                patches = loop.next(f["feature"], f["policy_state"])
-            if parts:
-                self._record_parts()
-            if trace:
-                probs_all[t, loop.active()] = softmax(loop.logits())
-        prediction, confidence, exit_step, coords = loop.outputs()
-        return StepOutputs(prediction, confidence, exit_step, coords, probs_all)
+        return self._loop(self.place.inputs(images, glance), thresholds)
 
-    def _record_parts(self) -> None:
-        for name, seconds in zip(HOST_STEP_PARTS, self.loop.part_seconds()):
-            if seconds >= 0.0:  # -1: the call did not run this part
-                self.prof.record(name, seconds)
+    def run_frames(self, frames: Union[np.ndarray, Sequence[np.ndarray]],
+                   thresholds: Optional[Sequence[float]]) -> StepOutputs:
+        """Runs the loop on uint8 HWC RGB frames of any size, pre-processed by the extension
+        as the model was trained (resize, centre crop, normalisation: the manifest's
+        ``crop_pct``, ``dataset_interpolation``, ``mean`` and ``std``; stage ``preprocess``).
+
+        Args:
+            frames: an (N, H, W, 3) uint8 array or a list of (H, W, 3) uint8 frames.
+            thresholds: as in :meth:`run`.
+        """
+        return self._loop(self.place.frames(frames), thresholds)
+
+    def run_device(self, images: int, glance: int, n: int, thresholds: Optional[Sequence[float]]) -> StepOutputs:
+        """Device place only: runs the loop on device-resident inputs.
+
+        Args:
+            images: device pointer to float32 (n, 3, S, S); read, never written.
+            glance: device pointer to float32 (n, 3, P, P).
+            n: number of images.
+            thresholds: as in :meth:`run`.
+        """
+        if not self.on_device:
+            raise ValueError("run_device needs the device place (heads built with device='cuda')")
+        return self._loop(self.place.device_inputs(images, glance, n), thresholds)
+
+    # --------------------------------------------------------------------- loop
+    def _loop(self, chunks: List[tuple], thresholds: Optional[Sequence[float]]) -> StepOutputs:
+        """The loop itself, over the place's chunks of the batch (inputs in the place's form)."""
+        if thresholds is not None and len(thresholds) != self.T:
+            raise ValueError(f"need {self.T} thresholds, got {len(thresholds)}")
+        thr = None if thresholds is None else np.asarray(thresholds, dtype=np.float32)
+        place = self.place
+        outs = []
+        for images, glance, n in chunks:
+            steps = place.steps(images, n, thr)
+            with place.stage("glance"):
+                g = steps.backbone("glance", glance)
+            patches = steps.begin(g)
+            while patches is not None:
+                with place.stage("focus"):
+                    f = steps.backbone("focus", patches)
+                patches = steps.next(f)
+            outs.append(steps.outputs())
+        return StepOutputs.concat(outs)

@@ -14,6 +14,8 @@ import numpy as np
 STAGES = ("preprocess", "glance", "policy", "crop", "focus", "heads", "exit", "step")
 #: The stages that run a backbone graph; everything else is work outside them.
 BACKBONE_STAGES = ("glance", "focus")
+#: The parts of the host loop's native ``step`` call, timed inside it while profiling.
+HOST_STEP_PARTS = ("heads", "exit", "policy", "crop")
 _NO_OP = nullcontext()  # reusable and reentrant
 
 

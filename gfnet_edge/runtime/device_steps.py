@@ -1,0 +1,360 @@
+"""The device place of the loop: every tensor in GPU memory (TensorRT, or torch on CUDA).
+
+Same contract and semantics as the host place (trace mode, early exit with compaction,
+``step0 == "backbone"``, GRU or cascaded classifier, coordinates ``-1`` after exit), but
+images, glance, features, hidden states, coordinates and logits stay in device memory and every
+step -- policy, crop, backbone, classifier -- is enqueued on one CUDA stream:
+
+* the backbone graphs run through :meth:`Runner.run_device
+  <gfnet_edge.runtime.backends.base.Runner.run_device>` on the place's stream;
+* the glance is ``ops.cuda_glance`` (or the fused ``ops.cuda_preprocess`` for uint8
+  frames), the crop ``ops.cuda_crop_patches`` with a device error flag (no synchronization),
+  the heads are built with ``device="cuda"`` and run through their ``step_device``;
+* the step's max probability, argmax, patch coordinates and error flag are written side by
+  side in one small device block, so the exit test costs exactly **one** device -> host copy
+  of ``16 n + 4`` bytes per step (``n`` = images still running); in trace mode nothing is
+  read until the end (that block for every step, and the logits);
+* survivors are compacted on the device with ``ops.cuda_gather_rows`` (indices uploaded
+  once per step that has exits, asynchronously).
+
+Per-stage profiling synchronizes the stream at the end of each stage while the profiler is
+enabled, so the stage times are device times; with the profiler off nothing waits except the
+per-step read.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Union
+
+import numpy as np
+
+from ..errors import InputError, UnavailableError
+from .driver import StepOutputs, softmax
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .driver import Driver
+
+F32 = 4  # bytes per float32 / int32
+
+
+class DevicePlace:
+    """Inputs and steps of the loop in GPU memory, for a device-capable runner and CUDA heads.
+
+    Args:
+        driver: the :class:`~gfnet_edge.runtime.driver.Driver` (model, runner, heads, profiler).
+        stream: the CUDA stream for everything (default: a new :class:`gfnet_edge.ops.Stream`).
+
+    Raises:
+        UnavailableError: no CUDA build or no usable GPU.
+        ValueError: the runner has no device execution.
+    """
+
+    on_device = True
+
+    def __init__(self, driver: "Driver", stream: Any = None) -> None:
+        from .. import ops
+
+        if not ops.has_cuda_build() or ops.cuda_device_count() < 1:
+            reason = "gfnet_edge._C was built without CUDA" if not ops.has_cuda_build() else \
+                f"no usable CUDA device ({ops._C.cuda_device_error()})"
+            raise UnavailableError(f"the device-resident loop needs a GPU: {reason}")
+        if not getattr(driver.runner, "supports_device", False):
+            raise ValueError(f"the {driver.runner.name} runner has no device execution (supports_device is False); "
+                             "build the heads with device='cpu' to run it on the host")
+        self.driver = driver
+        self.stream = stream if stream is not None else ops.Stream()
+        self._bufs: Dict[str, Any] = {}
+
+    # ----------------------------------------------------------------- buffers
+    def buf(self, name: str, nbytes: int):
+        """A cached device buffer of at least ``nbytes`` (grown, never shrunk)."""
+        from .. import ops
+
+        buf = self._bufs.get(name)
+        if buf is None or buf.nbytes < nbytes:
+            self._bufs.pop(name, None)  # free first (cudaFree waits for pending work)
+            buf = ops.DeviceBuffer(max(int(nbytes), 1))
+            self._bufs[name] = buf
+        return buf
+
+    def other(self, key: str, current: Optional[int], nbytes: int) -> int:
+        """Pointer of whichever of the two ``key`` buffers does not hold ``current``."""
+        first = self.buf(f"{key}.0", nbytes)
+        return first.ptr if first.ptr != current else self.buf(f"{key}.1", nbytes).ptr
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        prof = self.driver.prof
+        with prof.stage(name):
+            yield
+            if prof.enabled:
+                self.stream.synchronize()
+
+    # ------------------------------------------------------------------- inputs
+    def inputs(self, images: np.ndarray, glance: Optional[np.ndarray]) -> List[tuple]:
+        """Uploads normalised float32 (N, 3, S, S) images once, with their glance or computing
+        it on the device (``ops.cuda_glance``, within 1e-5 of the CPU glance)."""
+        from .. import ops
+
+        S, P, st = self.driver.S, self.driver.P, self.stream
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        if images.ndim != 4 or images.shape[1:] != (3, S, S) or images.shape[0] < 1:
+            raise ValueError(f"images must be float32 (N, 3, {S}, {S}), got {images.shape}")
+        n = images.shape[0]
+        img = self.buf("input.images", images.nbytes)
+        gl = self.buf("input.glance", n * 3 * P * P * F32)
+        with self.stage("preprocess"):
+            img.copy_from_host(images, st)
+            if glance is None:
+                ops.cuda_glance(img, n, S, gl, P, self.driver.model["glance_interpolation"], stream=st)
+            else:
+                glance = np.ascontiguousarray(glance, dtype=np.float32)
+                if glance.shape != (n, 3, P, P):
+                    raise ValueError(f"glance must be float32 ({n}, 3, {P}, {P}), got {glance.shape}")
+                gl.copy_from_host(glance, st)
+        return self.device_inputs(img.ptr, gl.ptr, n)
+
+    def frames(self, frames: Union[np.ndarray, Sequence[np.ndarray]]) -> List[tuple]:
+        """One upload of all frames, then the fused device pre-processing (resize, crop,
+        normalise, glance; ``ops.cuda_preprocess``) per frame."""
+        from .. import ops
+
+        m, S, P, st = self.driver.model, self.driver.S, self.driver.P, self.stream
+        if isinstance(frames, np.ndarray) and frames.ndim == 4:
+            frame_list: List[np.ndarray] = [frames[i] for i in range(frames.shape[0])]
+            host = np.ascontiguousarray(frames)
+        else:
+            frame_list = [frames] if isinstance(frames, np.ndarray) else list(frames)
+            host = None
+        if not frame_list:
+            raise ValueError("no frames given")
+        for i, f in enumerate(frame_list):
+            if not isinstance(f, np.ndarray) or f.dtype != np.uint8 or f.ndim != 3 or f.shape[2] != 3 or f.size == 0:
+                desc = f"{f.dtype} {f.shape}" if isinstance(f, np.ndarray) else type(f).__name__
+                raise ValueError(f"frame {i}: expected a uint8 (H, W, 3) frame, got {desc}")
+        if host is None:
+            host = np.concatenate([np.ascontiguousarray(f).reshape(-1) for f in frame_list])
+        n = len(frame_list)
+        fb = self.buf("input.frames", host.nbytes)
+        img = self.buf("input.images", n * 3 * S * S * F32)
+        gl = self.buf("input.glance", n * 3 * P * P * F32)
+        with self.stage("preprocess"):
+            fb.copy_from_host(host, st)
+            offset = 0
+            for i, f in enumerate(frame_list):
+                h, w = int(f.shape[0]), int(f.shape[1])
+                ops.cuda_preprocess(fb.ptr + offset, h, w, S, img.ptr + i * 3 * S * S * F32,
+                                    crop_pct=float(m["crop_pct"]), interpolation=m["dataset_interpolation"],
+                                    mean=tuple(m["mean"]), std=tuple(m["std"]),
+                                    glance=gl.ptr + i * 3 * P * P * F32, glance_size=P,
+                                    glance_interpolation=m["glance_interpolation"], stream=st)
+                offset += h * w * 3
+        return self.device_inputs(img.ptr, gl.ptr, n)
+
+    def device_inputs(self, images: int, glance: int, n: int) -> List[tuple]:
+        """Device-resident inputs cut into chunks of the runner's max batch (each chunk runs
+        the whole loop)."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        chunk = int(self.driver.runner.max_batch or n)
+        S, P = self.driver.S, self.driver.P
+        return [(images + i * 3 * S * S * F32, glance + i * 3 * P * P * F32, min(chunk, n - i))
+                for i in range(0, n, chunk)]
+
+    # -------------------------------------------------------------------- steps
+    def steps(self, images: int, n: int, thresholds: Optional[np.ndarray]) -> "DeviceSteps":
+        return DeviceSteps(self, images, n, thresholds)
+
+
+class DeviceSteps:
+    """One run of the loop over a device chunk of ``n`` images (see
+    :class:`~gfnet_edge.runtime.driver.Driver`): the steps between the backbones, enqueued on
+    the place's stream, and the per-step exit test with compaction."""
+
+    def __init__(self, place: DevicePlace, images: int, n: int, thresholds: Optional[np.ndarray]) -> None:
+        d = place.driver
+        self.place, self.runner, self.heads, self.st = place, d.runner, d.heads, place.stream
+        self.T, self.S, self.P, self.step0_backbone = d.T, d.S, d.P, d.step0_backbone
+        self.images, self.n, self.N = images, n, n
+        self.thr = thresholds
+        self.trace = thresholds is None
+        T, N = self.T, n
+        self.prediction, self.confidence = np.zeros(N, np.int64), np.zeros(N, np.float32)
+        self.exit_step = np.full(N, T - 1, np.int64)
+        self.coords = np.full((max(T - 1, 0), N, 2), -1, np.int32)
+        self.C = int(self.heads.cls.out_features)
+        self.gru = self.heads.kind == "gru"
+        # Per-step result block (int32 words): maxprob[n] argmax[n] coords[n, 2] flag.
+        self.slot_words = 4 * N + 1
+        self.stats = place.buf("stats", T * self.slot_words * F32)
+        self.host_stats = np.empty(T * self.slot_words, np.int32)
+        self.logits = place.buf("logits", (T if self.trace else 1) * N * self.C * F32)
+        self.stats.zero(self.st)
+        self.active = np.arange(N)
+        self.t = 0
+        self.state: Optional[int] = None  # policy input of the next step (the backbone's policy_state)
+        self.h_pol: Optional[int] = None
+        self.h_cls: Optional[int] = None
+        self.feats: Optional[int] = None  # cascaded: (T, n, F), step t at t * n * F
+        self.patches: Any = None
+
+    def slot(self, t: int) -> int:
+        return self.stats.ptr + t * self.slot_words * F32
+
+    def lg(self, t: int) -> int:
+        return self.logits.ptr + (t * self.N * self.C * F32 if self.trace else 0)
+
+    def backbone(self, graph: str, x: int) -> Dict[str, Any]:
+        return self.runner.run_device(graph, x, self.n, self.st)
+
+    # --------------------------------------------------------------------- steps
+    def begin(self, g: Dict[str, Any]) -> Optional[int]:
+        """Step 0 from the glance outputs; the first patches, or None when every image exited."""
+        from .. import ops
+
+        place, heads, st, n, N = self.place, self.heads, self.st, self.n, self.N
+        feature, (_, F) = g["feature"][0], g["feature"][1]
+        self.state, (_, Hs) = g["policy_state"][0], g["policy_state"][1]
+        self.F, self.Hs = int(F), int(Hs)
+        self.Hp, self.Hc = int(heads.pol_hidden), int(heads.cls_hidden)
+        # Size every buffer for the whole chunk now: nothing is reallocated mid-run.
+        S, P = self.S, self.P
+        for key, row in (("img", 3 * S * S), ("state", Hs), ("hpol", self.Hp), ("hcls", self.Hc),
+                         ("feats", self.T * F)):
+            if row and (key != "hcls" or self.gru) and (key != "feats" or not self.gru):
+                for k in (0, 1):
+                    place.buf(f"{key}.{k}", N * row * F32)
+        self.patches = place.buf("patches", N * 3 * P * P * F32)
+        self.idx = place.buf("idx", N * F32)
+        with place.stage("heads"):
+            if self.gru:
+                self.h_cls = place.other("hcls", None, N * self.Hc * F32)
+                heads.cls.step_device(feature, None, self.h_cls, n, self.lg(0), self.slot(0), self.slot(0) + n * F32,
+                                      stream=st)
+            else:
+                self.feats = place.buf("feats.0", N * self.T * F * F32).ptr
+                ops.cuda_copy(self.feats, feature, n * F * F32, st)
+            if self.step0_backbone:
+                lptr, lshape = g["logits"]
+                if int(lshape[1]) != self.C:
+                    raise InputError(f"the glance graph gives {lshape[1]} logits but the heads {self.C} classes")
+                ops.cuda_softmax_stats(lptr, n, self.C, self.slot(0), self.slot(0) + n * F32,
+                                       logits_out=self.lg(0) if self.trace else None, stream=st)
+        return self._after_heads()
+
+    def next(self, f: Dict[str, Any]) -> Optional[int]:
+        """The classifier step of a focus backbone's outputs; the next patches, or None."""
+        from .. import ops
+
+        place, heads, st, n, t, F = self.place, self.heads, self.st, self.n, self.t, self.F
+        self.state = f["policy_state"][0]
+        with place.stage("heads"):
+            if self.gru:
+                h_new = place.other("hcls", self.h_cls, self.N * self.Hc * F32)
+                heads.cls.step_device(f["feature"][0], self.h_cls, h_new, n, self.lg(t), self.slot(t),
+                                      self.slot(t) + n * F32, stream=st)
+                self.h_cls = h_new
+            else:
+                ops.cuda_copy(self.feats + t * n * F * F32, f["feature"][0], n * F * F32, st)
+                heads.cls.step_device(self.feats, self.T, n, F, t + 1, self.lg(t), self.slot(t),
+                                      self.slot(t) + n * F32, layout="tnf", stream=st)
+        return self._after_heads()
+
+    def _after_heads(self) -> Optional[int]:
+        """Exit test of step t (not in trace mode), then the policy and crop of step t + 1."""
+        if not self.trace and not self._exit_test():
+            return None
+        if self.t == self.T - 1:
+            return None
+        from .. import ops
+
+        self.t += 1
+        place, st, n, t = self.place, self.st, self.n, self.t
+        coords = self.slot(t) + 2 * n * F32
+        with place.stage("policy"):
+            h_new = place.other("hpol", self.h_pol, self.N * self.Hp * F32)
+            self.heads.actor.step_device(self.state, self.h_pol, h_new, n, None, coords, self.S, self.P, stream=st)
+            self.h_pol = h_new
+        with place.stage("crop"):
+            ops.cuda_crop_patches(self.images, n, self.S, coords, self.patches, self.P,
+                                  error_flag=self.slot(t) + 4 * n * F32, stream=st)
+        return self.patches.ptr
+
+    def _exit_test(self) -> bool:
+        """Reads step t's block (the one device -> host copy of the step), records the results
+        and compacts the survivors; False when no image is left to run."""
+        n, t, active = self.n, self.t, self.active
+        with self.place.stage("exit"):
+            words = self.host_stats[:4 * n + 1]
+            self.stats.copy_to_host(words, self.st, offset=t * self.slot_words * F32)
+            mp, am = words[:n].view(np.float32), words[n:2 * n]
+            _check_flag(int(words[4 * n]), t)
+            self.prediction[active] = am
+            self.confidence[active] = mp
+            if t > 0:
+                self.coords[t - 1, active] = words[2 * n:4 * n].reshape(n, 2)
+            if t == self.T - 1:
+                return False
+            done = mp >= self.thr[t]
+            if not done.any():
+                return True
+            self.exit_step[active[done]] = t
+            keep = np.flatnonzero(~done).astype(np.int32)
+            self.active = active[keep]
+            if keep.size == 0:
+                return False
+            self._compact(keep)
+        return True
+
+    def _compact(self, keep: np.ndarray) -> None:
+        """Gathers the survivors' rows on the device (errors land in the next step's flag)."""
+        from .. import ops
+
+        place, st, n, N, S, F = self.place, self.st, self.n, self.N, self.S, self.F
+        m, flag = int(keep.size), self.slot(self.t + 1) + 4 * int(keep.size) * F32
+        self.idx.copy_from_host(keep, st)
+
+        def gather(key: str, src: int, row_bytes: int) -> int:
+            dst = place.other(key, src, N * row_bytes)
+            ops.cuda_gather_rows(src, n, self.idx, dst, row_bytes, n=m, error_flag=flag, stream=st)
+            return dst
+
+        self.images = gather("img", self.images, 3 * S * S * F32)
+        self.state = gather("state", self.state, self.Hs * F32)
+        if self.h_pol is not None:
+            self.h_pol = gather("hpol", self.h_pol, self.Hp * F32)
+        if self.gru:
+            self.h_cls = gather("hcls", self.h_cls, self.Hc * F32)
+        else:
+            dst = place.other("feats", self.feats, N * self.T * F * F32)
+            for k in range(self.t + 1):
+                ops.cuda_gather_rows(self.feats + k * n * F * F32, n, self.idx, dst + k * m * F * F32, F * F32, n=m,
+                                     error_flag=flag, stream=st)
+            self.feats = dst
+        self.n = m
+
+    def outputs(self) -> StepOutputs:
+        probs_all = None
+        if self.trace:
+            T, N, C = self.T, self.N, self.C
+            hs = self.host_stats
+            with self.place.stage("exit"):
+                self.stats.copy_to_host(hs, self.st)
+                lg_host = np.empty((T, N, C), np.float32)
+                self.logits.copy_to_host(lg_host, self.st)
+            for t in range(T):
+                words = hs[t * self.slot_words:(t + 1) * self.slot_words]
+                _check_flag(int(words[4 * N]), t)
+                if t > 0:
+                    self.coords[t - 1] = words[2 * N:4 * N].reshape(N, 2)
+            last = hs[(T - 1) * self.slot_words:]
+            self.prediction[:] = last[N:2 * N]
+            self.confidence[:] = last[:N].view(np.float32)
+            probs_all = np.stack([softmax(lg_host[t]) for t in range(T)]).astype(np.float32, copy=False)
+        return StepOutputs(self.prediction, self.confidence, self.exit_step, self.coords, probs_all)
+
+
+def _check_flag(flag: int, step: int) -> None:
+    if flag:
+        raise RuntimeError(f"device loop, step {step}: a patch coordinate or a compaction index was out of range "
+                           "(the affected rows were zero-filled)")
