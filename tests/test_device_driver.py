@@ -21,6 +21,8 @@ import pytest
 from gfnet_edge import ops
 from gfnet_edge.errors import InputError, UnavailableError
 from gfnet_edge.runtime.backends.base import Runner
+from probs import exits_mid_loop, gap_thresholds
+from sim_device import SimHeads, SimMemory, demo_test_images, sim_ops
 
 HAVE_GPU = ops.has_cuda_build() and ops.cuda_device_count() > 0
 GPU_REASON = ("gfnet_edge._C built without CUDA" if not ops.has_cuda_build()
@@ -248,142 +250,6 @@ def test_torch_cuda_without_gpu_says_why(demo_bundle):
 
 
 # ------------------------------------------- CPU: the loop's logic on a simulated device
-class _SimMemory:
-    """Device memory simulated with numpy arrays: pointers are ints, 256-byte aligned."""
-
-    def __init__(self):
-        self.blocks = {}  # base -> np.uint8 array
-        self.next = 1 << 20
-
-    def alloc(self, nbytes):
-        base = self.next
-        self.blocks[base] = np.zeros(max(int(nbytes), 1), np.uint8)
-        self.next += (max(int(nbytes), 1) + 4096 + 255) // 256 * 256
-        return base
-
-    def view(self, ptr, shape, dtype):
-        ptr = int(ptr)
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        for base, arr in self.blocks.items():
-            if base <= ptr and ptr + nbytes <= base + arr.size:
-                return arr[ptr - base:ptr - base + nbytes].view(dtype).reshape(shape)
-        raise AssertionError(f"simulated device: no allocation holds [{ptr:#x}, +{nbytes})")
-
-
-def _sim_ops(monkeypatch, mem):
-    """Replaces the CUDA entry points of ``ops`` used by the device place by numpy equivalents."""
-    P = ops._ptr
-
-    class SimBuffer:
-        def __init__(self, nbytes):
-            self.nbytes = int(nbytes)
-            self.ptr = mem.alloc(self.nbytes)
-
-        def copy_from_host(self, a, stream=None, offset=0):
-            mem.view(self.ptr + offset, (a.nbytes,), np.uint8)[:] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
-
-        def copy_to_host(self, a, stream=None, offset=0):
-            a.reshape(-1).view(np.uint8)[:] = mem.view(self.ptr + offset, (a.nbytes,), np.uint8)
-            sim.reads += 1
-
-        def zero(self, stream=None):
-            mem.view(self.ptr, (self.nbytes,), np.uint8)[:] = 0
-
-    sim = SimpleNamespace(reads=0)
-
-    def glance(images, n, S, out, Pz, interpolation="bicubic", stream=None, **_):
-        mem.view(P(out, "out"), (n, 3, Pz, Pz), np.float32)[:] = ops.glance(
-            np.ascontiguousarray(mem.view(P(images, "images"), (n, 3, S, S), np.float32)), Pz, interpolation)
-
-    def preprocess(frame, h, w, S, out, crop_pct=0.875, interpolation="bilinear", bgr=False, mean=ops.IMAGENET_MEAN,
-                   std=ops.IMAGENET_STD, glance=None, glance_size=0, glance_interpolation="bicubic", stream=None):
-        f = mem.view(P(frame, "frame"), (h, w, 3), np.uint8).copy()  # a fresh, aligned host frame
-        img, gl = ops.preprocess(f, S, crop_pct=crop_pct, interpolation=interpolation, bgr=bgr, mean=mean, std=std,
-                                 glance_size=glance_size, glance_interpolation=glance_interpolation)
-        mem.view(out, (1, 3, S, S), np.float32)[:] = img
-        mem.view(glance, (1, 3, glance_size, glance_size), np.float32)[:] = gl
-
-    def crop(images, n, S, coords, out, Pz, error_flag=None, stream=None):
-        c = mem.view(P(coords, "coords"), (n, 2), np.int32).copy()
-        if c.min() < 0 or c.max() > S - Pz:
-            mem.view(error_flag, (1,), np.int32)[0] = 1
-            c = np.clip(c, 0, S - Pz)
-        mem.view(P(out, "out"), (n, 3, Pz, Pz), np.float32)[:] = ops.crop_patches(
-            np.ascontiguousarray(mem.view(images, (n, 3, S, S), np.float32)), c, Pz)
-
-    def gather(src, src_rows, idx, dst, row_bytes, n=None, error_flag=None, stream=None):
-        index = idx if isinstance(idx, np.ndarray) else mem.view(P(idx, "idx"), (n,), np.int32).copy()
-        s_ptr, d_ptr = P(src, "src"), P(dst, "dst")
-        assert not (s_ptr < d_ptr + n * row_bytes and d_ptr < s_ptr + src_rows * row_bytes), "overlap"
-        rows = mem.view(s_ptr, (src_rows, row_bytes), np.uint8)
-        if index.min() < 0 or index.max() >= src_rows:
-            mem.view(error_flag, (1,), np.int32)[0] = 1
-            index = np.clip(index, 0, src_rows - 1)
-        mem.view(d_ptr, (n, row_bytes), np.uint8)[:] = rows[index]
-
-    def copy(dst, src, nbytes, stream=None):
-        mem.view(P(dst, "dst"), (nbytes,), np.uint8)[:] = mem.view(P(src, "src"), (nbytes,), np.uint8).copy()
-
-    def softmax_stats(logits, n, C, maxprob, argmax, logits_out=None, out_dtype="float32", stream=None):
-        lg = np.ascontiguousarray(mem.view(logits, (n, C), np.float32))
-        mp, am = ops.softmax_stats(lg)
-        mem.view(maxprob, (n,), np.float32)[:] = mp
-        mem.view(argmax, (n,), np.int32)[:] = am
-        if logits_out is not None:
-            mem.view(logits_out, (n, C), np.float32)[:] = lg
-
-    for name, fn in [("DeviceBuffer", SimBuffer), ("Stream", lambda: SimpleNamespace(handle=7, synchronize=lambda: None)),
-                     ("has_cuda_build", lambda: True), ("cuda_device_count", lambda: 1), ("cuda_glance", glance),
-                     ("cuda_preprocess", preprocess), ("cuda_crop_patches", crop), ("cuda_gather_rows", gather),
-                     ("cuda_copy", copy), ("cuda_softmax_stats", softmax_stats)]:
-        monkeypatch.setattr(ops, name, fn)
-    return sim
-
-
-class _SimHeads:
-    """CPU heads exposing ``step_device`` on simulated device memory (same signatures as ops)."""
-
-    def __init__(self, cpu, mem):
-        self.kind, self.pol_hidden, self.cls_hidden, self.device = cpu.kind, cpu.pol_hidden, cpu.cls_hidden, "cuda"
-        m, S, Pz, F = mem, cpu.image_size, cpu.patch_size, int(cpu.actor.input_size)
-
-        def put(logits, maxprob, argmax, lg, mp, am):
-            m.view(logits, lg.shape, np.float32)[:] = lg
-            m.view(maxprob, mp.shape, np.float32)[:] = mp
-            m.view(argmax, am.shape, np.int32)[:] = am
-
-        class GruCls:
-            out_features = cpu.cls.out_features
-
-            def step_device(self, x, h, h_out, batch, logits, maxprob=None, argmax=None, stream=None):
-                xs = np.ascontiguousarray(m.view(x, (batch, cpu.cls.input_size), np.float32))
-                hs = None if h is None else np.ascontiguousarray(m.view(h, (batch, cpu.cls_hidden), np.float32))
-                hn, lg, mp, am = cpu.cls.step(xs, hs)
-                m.view(h_out, hn.shape, np.float32)[:] = hn
-                put(logits, maxprob, argmax, lg, mp, am)
-
-        class CascadedCls:
-            out_features = cpu.cls.out_features
-
-            def step_device(self, features, steps, batch, feature_dim, k, logits, maxprob=None, argmax=None,
-                            layout="ntf", stream=None):
-                assert layout == "tnf"
-                f = np.ascontiguousarray(m.view(features, (steps, batch, feature_dim), np.float32))
-                put(logits, maxprob, argmax, *cpu.cls.step(f, k, layout="tnf"))
-
-        class Actor:
-            def step_device(self, x, h, h_out, batch, action, coords, image_size, patch_size, stream=None):
-                assert (image_size, patch_size) == (S, Pz) and action is None
-                xs = np.ascontiguousarray(m.view(x, (batch, F), np.float32))
-                hs = None if h is None else np.ascontiguousarray(m.view(h, (batch, cpu.pol_hidden), np.float32))
-                hn, _a, c = cpu.actor.step(xs, hs, S, Pz)
-                m.view(h_out, hn.shape, np.float32)[:] = hn
-                m.view(coords, c.shape, np.int32)[:] = c
-
-        self.cls = GruCls() if cpu.kind == "gru" else CascadedCls()
-        self.actor = Actor()
-
-
 class _SimRunner(Runner):
     """Wraps a host runner: run_device reads / writes simulated device memory."""
 
@@ -433,22 +299,22 @@ def test_device_place_logic_on_simulated_device(tmp_path_factory, monkeypatch, k
     host = OnnxRuntimeRunner(bundle.graph_paths("fp32"), "fp32", 2).activate()
     cpu_heads = HeadSet(load_head_arrays(bundle.heads_path), model)
     ref = Driver(model, host, cpu_heads, Profiler(False))
-    mem = _SimMemory()
-    sim = _sim_ops(monkeypatch, mem)
-    heads = _SimHeads(cpu_heads, mem)
+    mem = SimMemory()
+    sim = sim_ops(monkeypatch, mem)
+    heads = SimHeads(cpu_heads, mem)
     runner = _SimRunner(host, mem, Pz).activate()
     dev = Driver(model, runner, heads, Profiler(True))
     assert dev.on_device
 
-    x = _demo_images(bundle, 10) if kind == "cascaded-demo" else _images(bundle, 7, seed=2)
+    x = demo_test_images(bundle.model, 10) if kind == "cascaded-demo" else _images(bundle, 7, seed=2)
     g = ops.glance(x, Pz, model["glance_interpolation"])
     tr_ref, tr_dev = ref.run(x, g, None), dev.run(x, g, None)
     np.testing.assert_allclose(tr_dev.probs, tr_ref.probs, rtol=0, atol=1e-6)
     for f in ("prediction", "confidence", "exit_step", "coords"):
         np.testing.assert_array_equal(getattr(tr_dev, f), getattr(tr_ref, f))
-    thr = _gap_thresholds(tr_ref.probs)
+    thr = gap_thresholds(tr_ref.probs)
     a = ref.run(x, g, thr)
-    assert (a.exit_step < T - 1).any() and _exits_mid_loop(a.exit_step, T), a.exit_step
+    assert (a.exit_step < T - 1).any() and exits_mid_loop(a.exit_step, T), a.exit_step
     for max_batch in (None, 3):
         runner.max_batch, runner.calls, sim.reads = max_batch, [], 0
         b = dev.run(x, None, thr)  # glance on the (simulated) device
@@ -554,47 +420,6 @@ def _images(bundle, n, seed):
     return np.random.default_rng(seed).standard_normal((n, 3, S, S)).astype(np.float32)
 
 
-def _demo_images(bundle, n):
-    """The first n images of the demo task's test split, normalised (the trained demo model is
-    sure of itself on noise, so its exits spread only on real inputs)."""
-    from gfnet_edge.data import ClutteredDigits, demo_config
-
-    frames, _ = ClutteredDigits("test", config=demo_config(bundle.model)).arrays(n)
-    m = bundle.model
-    return ops.preprocess(frames, int(m["image_size"]), crop_pct=1.0, mean=m["mean"], std=m["std"])
-
-
-def _gap_thresholds(probs: np.ndarray, margin: float = 2e-4) -> list:
-    """Per-step thresholds placed, step after step, in a gap between the max probabilities of
-    the images still running, as near their median as a gap wider than ``2 * margin`` allows:
-    about half of them exit at every step (survivors are compacted after every step, not only
-    the first) and no sample lies within ``margin`` of a threshold (exit decisions robust to
-    float noise). 2.0 (nobody exits) where there is no such gap."""
-    T, n = probs.shape[:2]
-    running = np.arange(n)
-    thr = []
-    for t in range(T - 1):
-        mp = probs[t, running].max(axis=1)
-        v, k = np.sort(mp), running.size
-        # a threshold between v[i] and v[i + 1] lets k - 1 - i images exit; middle first
-        order = sorted(range(k - 1), key=lambda i: abs(2 * (i + 1) - k))
-        wide = [i for i in order if v[i + 1] - v[i] > 2 * margin]
-        thr.append(float(v[wide[0]] + v[wide[0] + 1]) / 2 if wide else 2.0)
-        running = running[mp < thr[-1]]
-    return thr + [-1e8]
-
-
-def _exits_mid_loop(exit_step: np.ndarray, T: int) -> bool:
-    """True when, at some focus step t before the last, an image exits while one after it in
-    the batch runs on: the states of a focus step were compacted, survivors moving up a row
-    (a prefix of the batch surviving would let a compaction that does nothing pass)."""
-    for t in range(1, T - 1):
-        gone, on = np.flatnonzero(exit_step == t), np.flatnonzero(exit_step > t)
-        if gone.size and on.size and gone.min() < on.max():
-            return True
-    return False
-
-
 def _pair(bundle):
     from gfnet_edge.runtime import Runtime
 
@@ -626,7 +451,7 @@ def test_device_predict_with_exits_equals_onnxruntime(bundles, kind):
     x = _images(bundle, 7, seed=11)
     dev, ref = _pair(bundle)
     with dev, ref:
-        thr = _gap_thresholds(ref.trace(x).probs)
+        thr = gap_thresholds(ref.trace(x).probs)
         dev.thresholds = ref.thresholds = thr
         calls = []
         run_device = dev.runner.run_device
@@ -663,7 +488,7 @@ def test_device_frames_chunks_and_profiling(bundles):
     frames = [rng.integers(0, 256, (150 + 7 * i, 190 - 5 * i, 3), dtype=np.uint8) for i in range(7)]
     with Runtime(bundle, backend="onnxruntime", precision="fp32") as ref:
         tr = ref.trace(frames)
-        thr = _gap_thresholds(tr.probs)
+        thr = gap_thresholds(tr.probs)
         ref.thresholds = thr
         b = ref.predict(frames)
     with Runtime(bundle, backend="torch", device="cuda", profile=True) as dev:
@@ -756,7 +581,7 @@ def test_device_place_matches_host_place_on_torch_cuda_graphs(kind, step0, T):
             np.testing.assert_allclose(b.probs, a.probs, rtol=0, atol=1e-5)
             np.testing.assert_array_equal(b.coords, a.coords)
             np.testing.assert_array_equal(b.prediction, a.prediction)
-            thr = _gap_thresholds(a.probs)
+            thr = gap_thresholds(a.probs)
             e = ref.run(x, g, thr)
             if n == 7:
                 assert (e.exit_step < T - 1).any(), "thresholds should make some images exit early"

@@ -646,12 +646,27 @@ def test_runner_feeds_and_reads_engines_through_device_buffers(fp32_bundle, monk
     np.testing.assert_array_equal(got.coords, want.coords)
 
 
+def _build_stand_in_engines(fp32_bundle, root, monkeypatch):
+    """Phase 2 on a copy of the bundle at ``root``: ``build-engine BUNDLE --backend tensorrt``
+    with the stand-in builder (its engines are the ONNX graphs), max batch 3; the builder's log."""
+    from gfnet_edge import cli
+    from gfnet_edge.bundle import Bundle
+
+    shutil.copytree(fp32_bundle.root, root)
+    Bundle.load(root, verify=False).update_manifest(lambda m: m.update(engines=[]))
+    log = _fake_builder(monkeypatch, engine_is_onnx=True)
+    rc = cli.main(["build-engine", str(root), "--backend", "tensorrt", "--precision", "fp32", "--max-batch", "3",
+                   "--workspace", "256"])
+    assert rc == 0
+    return log
+
+
 def test_two_phase_build_then_run_on_stand_in_tensorrt(fp32_bundle, tmp_path, monkeypatch):
     """Phase 2 on the "device": `gfnet-edge build-engine BUNDLE --backend tensorrt` adds engines
     (here: the stand-in builder's, which are the ONNX graphs) under the GPU's directory with
     their hashes; the bundle still verifies; the engine is selected for this GPU and TensorRT,
     and the runner over the built files traces like ONNX Runtime."""
-    from gfnet_edge import cli, ops
+    from gfnet_edge import ops
     from gfnet_edge.bundle import Bundle
     from gfnet_edge.runtime import Runtime
     from gfnet_edge.runtime.driver import Driver
@@ -659,12 +674,8 @@ def test_two_phase_build_then_run_on_stand_in_tensorrt(fp32_bundle, tmp_path, mo
     from gfnet_edge.runtime.profile import Profiler
 
     root = tmp_path / "bundle"
-    shutil.copytree(fp32_bundle.root, root)
-    Bundle.load(root, verify=False).update_manifest(lambda m: m.update(engines=[]))
-    log = _fake_builder(monkeypatch, engine_is_onnx=True)
-    rc = cli.main(["build-engine", str(root), "--backend", "tensorrt", "--precision", "fp32", "--max-batch", "3",
-                   "--workspace", "256"])
-    assert rc == 0 and log["pool"] == ("WORKSPACE", 256 << 20)
+    log = _build_stand_in_engines(fp32_bundle, root, monkeypatch)
+    assert log["pool"] == ("WORKSPACE", 256 << 20)
     bundle = Bundle.load(root)  # hashes and versions verified
     entry = trtb.select_engine(bundle, "auto", here={"gpu_name": "Orin", "compute_capability": "8.7"},
                                trt_version="10.3.0")
@@ -687,3 +698,54 @@ def test_two_phase_build_then_run_on_stand_in_tensorrt(fp32_bundle, tmp_path, mo
         want = rt.trace(images)
     np.testing.assert_allclose(got.probs, want.probs, atol=1e-6)
     np.testing.assert_array_equal(got.coords, want.coords)
+
+
+def test_runtime_runs_the_device_loop_over_tensorrt_engines_on_a_simulated_gpu(fp32_bundle, tmp_path, monkeypatch):
+    """``Runtime(backend="tensorrt")`` end to end as on a Jetson, with the GPU simulated in host
+    memory (tests/sim_device.py) and the stand-in engines built by phase 2: the loop's device
+    place over ``TensorRTRunner.run_device`` (input shapes, tensor addresses, execute_async_v3
+    on the loop's stream, outputs left in device buffers) and the heads' device steps. Trace
+    and early-exit predictions, for float images and for frames of several sizes (pre-processed
+    on the "device"), equal ONNX Runtime's on the host; 10 images run as chunks of the engines'
+    max batch of 3, and the exits happen at every step, survivors moving rows."""
+    from types import SimpleNamespace
+
+    from gfnet_edge import ops
+    from gfnet_edge.runtime import Runtime, api
+    from gfnet_edge.runtime.heads import HeadSet
+    from probs import exits_mid_loop, gap_thresholds
+    from sim_device import SimHeads, SimMemory, demo_test_images, sim_ops
+
+    root = tmp_path / "bundle"
+    _build_stand_in_engines(fp32_bundle, root, monkeypatch)
+    mem = SimMemory()
+    sim_ops(monkeypatch, mem)
+    engines = SimpleNamespace(view=lambda ptr, shape: mem.view(ptr, shape, np.float32), batches=[], profile_max=3)
+    monkeypatch.setattr(trtb, "import_tensorrt", lambda: _onnx_engine_trt(engines))
+
+    def heads(arrays, model, device="cpu", weight_dtype="float32"):
+        cpu = HeadSet(arrays, model, weight_dtype=weight_dtype)
+        return SimHeads(cpu, mem) if device == "cuda" else cpu
+
+    monkeypatch.setattr(api, "HeadSet", heads)
+    model = fp32_bundle.model
+    T = int(model["steps"])
+    images = demo_test_images(model, 10)
+    rng = np.random.default_rng(4)
+    frames = [rng.integers(0, 256, (150 + 17 * i, 260 - 9 * i, 3), dtype=np.uint8) for i in range(5)]
+    with Runtime(root, backend="tensorrt", precision="fp32") as rt, \
+            Runtime(root, backend="onnxruntime", precision="fp32", threads=1) as ref:
+        assert rt.runner.name == "tensorrt" and rt.device_loop and rt.driver.on_device
+        assert not ref.driver.on_device
+        got, want = rt.trace(images), ref.trace(images)
+        np.testing.assert_allclose(got.probs, want.probs, rtol=0, atol=1e-5)
+        np.testing.assert_array_equal(got.coords, want.coords)
+        assert max(engines.batches) == 3 and engines.batches[:2] == [3, 3]  # chunks of 3, 3, 3, 1
+        rt.thresholds = ref.thresholds = gap_thresholds(want.probs)
+        for inputs in (images, frames):
+            a, b = rt.predict(inputs), ref.predict(inputs)
+            for f in ("classes", "exit_step", "coords"):
+                np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f)
+            np.testing.assert_allclose(a.confidence, b.confidence, rtol=0, atol=1e-5)
+            if inputs is images:
+                assert exits_mid_loop(a.exit_step, T), a.exit_step

@@ -1,0 +1,161 @@
+"""A GPU simulated in host memory, for running the loop's device place on machines without one.
+
+Device memory is numpy arrays behind integer "pointers" (256-byte aligned, bounds-checked on
+every access); the CUDA entry points of ``gfnet_edge.ops`` that the device place calls are
+replaced by their CPU equivalents on that memory, and :class:`SimHeads` gives CPU heads the
+``step_device`` interface of the CUDA heads. The kernels themselves are tested against the CPU
+ones on a real GPU (test_kernels_cuda.py); this checks the bookkeeping around them.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+
+from gfnet_edge import ops
+
+
+class SimMemory:
+    """Device memory simulated with numpy arrays: pointers are ints, 256-byte aligned."""
+
+    def __init__(self):
+        self.blocks = {}  # base -> np.uint8 array
+        self.next = 1 << 20
+
+    def alloc(self, nbytes):
+        base = self.next
+        self.blocks[base] = np.zeros(max(int(nbytes), 1), np.uint8)
+        self.next += (max(int(nbytes), 1) + 4096 + 255) // 256 * 256
+        return base
+
+    def view(self, ptr, shape, dtype):
+        ptr = int(ptr)
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        for base, arr in self.blocks.items():
+            if base <= ptr and ptr + nbytes <= base + arr.size:
+                return arr[ptr - base:ptr - base + nbytes].view(dtype).reshape(shape)
+        raise AssertionError(f"simulated device: no allocation holds [{ptr:#x}, +{nbytes})")
+
+
+def sim_ops(monkeypatch, mem):
+    """Replaces the CUDA entry points of ``ops`` used by the device place by numpy equivalents."""
+    P = ops._ptr
+
+    class SimBuffer:
+        def __init__(self, nbytes):
+            self.nbytes = int(nbytes)
+            self.ptr = mem.alloc(self.nbytes)
+
+        def copy_from_host(self, a, stream=None, offset=0):
+            mem.view(self.ptr + offset, (a.nbytes,), np.uint8)[:] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+
+        def copy_to_host(self, a, stream=None, offset=0):
+            a.reshape(-1).view(np.uint8)[:] = mem.view(self.ptr + offset, (a.nbytes,), np.uint8)
+            sim.reads += 1
+
+        def zero(self, stream=None):
+            mem.view(self.ptr, (self.nbytes,), np.uint8)[:] = 0
+
+    sim = SimpleNamespace(reads=0)
+
+    def glance(images, n, S, out, Pz, interpolation="bicubic", stream=None, **_):
+        mem.view(P(out, "out"), (n, 3, Pz, Pz), np.float32)[:] = ops.glance(
+            np.ascontiguousarray(mem.view(P(images, "images"), (n, 3, S, S), np.float32)), Pz, interpolation)
+
+    def preprocess(frame, h, w, S, out, crop_pct=0.875, interpolation="bilinear", bgr=False, mean=ops.IMAGENET_MEAN,
+                   std=ops.IMAGENET_STD, glance=None, glance_size=0, glance_interpolation="bicubic", stream=None):
+        f = mem.view(P(frame, "frame"), (h, w, 3), np.uint8).copy()  # a fresh, aligned host frame
+        img, gl = ops.preprocess(f, S, crop_pct=crop_pct, interpolation=interpolation, bgr=bgr, mean=mean, std=std,
+                                 glance_size=glance_size, glance_interpolation=glance_interpolation)
+        mem.view(out, (1, 3, S, S), np.float32)[:] = img
+        mem.view(glance, (1, 3, glance_size, glance_size), np.float32)[:] = gl
+
+    def crop(images, n, S, coords, out, Pz, error_flag=None, stream=None):
+        c = mem.view(P(coords, "coords"), (n, 2), np.int32).copy()
+        if c.min() < 0 or c.max() > S - Pz:
+            mem.view(error_flag, (1,), np.int32)[0] = 1
+            c = np.clip(c, 0, S - Pz)
+        mem.view(P(out, "out"), (n, 3, Pz, Pz), np.float32)[:] = ops.crop_patches(
+            np.ascontiguousarray(mem.view(images, (n, 3, S, S), np.float32)), c, Pz)
+
+    def gather(src, src_rows, idx, dst, row_bytes, n=None, error_flag=None, stream=None):
+        index = idx if isinstance(idx, np.ndarray) else mem.view(P(idx, "idx"), (n,), np.int32).copy()
+        s_ptr, d_ptr = P(src, "src"), P(dst, "dst")
+        assert not (s_ptr < d_ptr + n * row_bytes and d_ptr < s_ptr + src_rows * row_bytes), "overlap"
+        rows = mem.view(s_ptr, (src_rows, row_bytes), np.uint8)
+        if index.min() < 0 or index.max() >= src_rows:
+            mem.view(error_flag, (1,), np.int32)[0] = 1
+            index = np.clip(index, 0, src_rows - 1)
+        mem.view(d_ptr, (n, row_bytes), np.uint8)[:] = rows[index]
+
+    def copy(dst, src, nbytes, stream=None):
+        mem.view(P(dst, "dst"), (nbytes,), np.uint8)[:] = mem.view(P(src, "src"), (nbytes,), np.uint8).copy()
+
+    def softmax_stats(logits, n, C, maxprob, argmax, logits_out=None, out_dtype="float32", stream=None):
+        lg = np.ascontiguousarray(mem.view(logits, (n, C), np.float32))
+        mp, am = ops.softmax_stats(lg)
+        mem.view(maxprob, (n,), np.float32)[:] = mp
+        mem.view(argmax, (n,), np.int32)[:] = am
+        if logits_out is not None:
+            mem.view(logits_out, (n, C), np.float32)[:] = lg
+
+    for name, fn in [("DeviceBuffer", SimBuffer), ("Stream", lambda: SimpleNamespace(handle=7, synchronize=lambda: None)),
+                     ("has_cuda_build", lambda: True), ("cuda_device_count", lambda: 1), ("cuda_glance", glance),
+                     ("cuda_preprocess", preprocess), ("cuda_crop_patches", crop), ("cuda_gather_rows", gather),
+                     ("cuda_copy", copy), ("cuda_softmax_stats", softmax_stats)]:
+        monkeypatch.setattr(ops, name, fn)
+    return sim
+
+
+class SimHeads:
+    """CPU heads exposing ``step_device`` on simulated device memory (same signatures as ops)."""
+
+    def __init__(self, cpu, mem):
+        self.kind, self.pol_hidden, self.cls_hidden, self.device = cpu.kind, cpu.pol_hidden, cpu.cls_hidden, "cuda"
+        m, S, Pz, F = mem, cpu.image_size, cpu.patch_size, int(cpu.actor.input_size)
+
+        def put(logits, maxprob, argmax, lg, mp, am):
+            m.view(logits, lg.shape, np.float32)[:] = lg
+            m.view(maxprob, mp.shape, np.float32)[:] = mp
+            m.view(argmax, am.shape, np.int32)[:] = am
+
+        class GruCls:
+            out_features = cpu.cls.out_features
+
+            def step_device(self, x, h, h_out, batch, logits, maxprob=None, argmax=None, stream=None):
+                xs = np.ascontiguousarray(m.view(x, (batch, cpu.cls.input_size), np.float32))
+                hs = None if h is None else np.ascontiguousarray(m.view(h, (batch, cpu.cls_hidden), np.float32))
+                hn, lg, mp, am = cpu.cls.step(xs, hs)
+                m.view(h_out, hn.shape, np.float32)[:] = hn
+                put(logits, maxprob, argmax, lg, mp, am)
+
+        class CascadedCls:
+            out_features = cpu.cls.out_features
+
+            def step_device(self, features, steps, batch, feature_dim, k, logits, maxprob=None, argmax=None,
+                            layout="ntf", stream=None):
+                assert layout == "tnf"
+                f = np.ascontiguousarray(m.view(features, (steps, batch, feature_dim), np.float32))
+                put(logits, maxprob, argmax, *cpu.cls.step(f, k, layout="tnf"))
+
+        class Actor:
+            def step_device(self, x, h, h_out, batch, action, coords, image_size, patch_size, stream=None):
+                assert (image_size, patch_size) == (S, Pz) and action is None
+                xs = np.ascontiguousarray(m.view(x, (batch, F), np.float32))
+                hs = None if h is None else np.ascontiguousarray(m.view(h, (batch, cpu.pol_hidden), np.float32))
+                hn, _a, c = cpu.actor.step(xs, hs, S, Pz)
+                m.view(h_out, hn.shape, np.float32)[:] = hn
+                m.view(coords, c.shape, np.int32)[:] = c
+
+        self.cls = GruCls() if cpu.kind == "gru" else CascadedCls()
+        self.actor = Actor()
+
+
+def demo_test_images(model, n):
+    """The first n images of the demo task's test split, normalised for ``model`` (a manifest
+    ``model`` entry): inputs on which the trained demo model's exits spread over the steps (it
+    is sure of itself on noise)."""
+    from gfnet_edge.data import ClutteredDigits, demo_config
+
+    frames, _ = ClutteredDigits("test", config=demo_config(model)).arrays(n)
+    return ops.preprocess(frames, int(model["image_size"]), crop_pct=1.0, mean=model["mean"], std=model["std"])
