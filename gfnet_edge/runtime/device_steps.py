@@ -196,7 +196,10 @@ class DeviceSteps:
         self.h_pol: Optional[int] = None
         self.h_cls: Optional[int] = None
         self.feats: Optional[int] = None  # cascaded: (T, n, F), step t at t * n * F
-        self.patches: Any = None
+        self.F = self.Hs = 0  # feature and policy-state widths, from the glance outputs
+        self.Hp, self.Hc = int(self.heads.pol_hidden), int(self.heads.cls_hidden)
+        self.patches = place.buf("patches", N * 3 * self.P * self.P * F32)
+        self.idx = place.buf("idx", N * F32)  # survivors' rows, uploaded at each compaction
 
     def slot(self, t: int) -> int:
         return self.stats.ptr + t * self.slot_words * F32
@@ -216,16 +219,12 @@ class DeviceSteps:
         feature, (_, F) = g["feature"][0], g["feature"][1]
         self.state, (_, Hs) = g["policy_state"][0], g["policy_state"][1]
         self.F, self.Hs = int(F), int(Hs)
-        self.Hp, self.Hc = int(heads.pol_hidden), int(heads.cls_hidden)
         # Size every buffer for the whole chunk now: nothing is reallocated mid-run.
-        S, P = self.S, self.P
-        for key, row in (("img", 3 * S * S), ("state", Hs), ("hpol", self.Hp), ("hcls", self.Hc),
+        for key, row in (("img", 3 * self.S * self.S), ("state", Hs), ("hpol", self.Hp), ("hcls", self.Hc),
                          ("feats", self.T * F)):
             if row and (key != "hcls" or self.gru) and (key != "feats" or not self.gru):
                 for k in (0, 1):
                     place.buf(f"{key}.{k}", N * row * F32)
-        self.patches = place.buf("patches", N * 3 * P * P * F32)
-        self.idx = place.buf("idx", N * F32)
         with place.stage("heads"):
             if self.gru:
                 self.h_cls = place.other("hcls", None, N * self.Hc * F32)
