@@ -1,5 +1,5 @@
-"""The loop's device place (runtime/device_steps.py), the row gather that compacts survivors, and the runners'
-device interface.
+"""The loop's device place (runtime/device_steps.py), the row gather that compacts survivors,
+and the runners' device interface.
 
 The CPU parts run everywhere. The GPU parts need the extension's CUDA kernels, a GPU and (for the
 parity tests) torch with CUDA, onnx, onnxruntime and timm; they are skipped with a reason

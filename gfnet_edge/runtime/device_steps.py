@@ -32,7 +32,7 @@ from ..errors import InputError, UnavailableError
 from .driver import StepOutputs, softmax
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .driver import Driver
+    from .driver import Chunk, Driver
 
 F32 = 4  # bytes per float32 / int32
 
@@ -91,7 +91,7 @@ class DevicePlace:
                 self.stream.synchronize()
 
     # ------------------------------------------------------------------- inputs
-    def inputs(self, images: np.ndarray, glance: Optional[np.ndarray]) -> List[tuple]:
+    def inputs(self, images: np.ndarray, glance: Optional[np.ndarray]) -> List[Chunk]:
         """Uploads normalised float32 (N, 3, S, S) images once, with their glance or computing
         it on the device (``ops.cuda_glance``, within 1e-5 of the CPU glance)."""
         from .. import ops
@@ -114,7 +114,7 @@ class DevicePlace:
                 gl.copy_from_host(glance, st)
         return self.device_inputs(img.ptr, gl.ptr, n)
 
-    def frames(self, frames: Union[np.ndarray, Sequence[np.ndarray]]) -> List[tuple]:
+    def frames(self, frames: Union[np.ndarray, Sequence[np.ndarray]]) -> List[Chunk]:
         """One upload of all frames, then the fused device pre-processing (resize, crop,
         normalise, glance; ``ops.cuda_preprocess``) per frame."""
         from .. import ops
@@ -151,7 +151,7 @@ class DevicePlace:
                 offset += h * w * 3
         return self.device_inputs(img.ptr, gl.ptr, n)
 
-    def device_inputs(self, images: int, glance: int, n: int) -> List[tuple]:
+    def device_inputs(self, images: int, glance: int, n: int) -> List[Chunk]:
         """Device-resident inputs cut into chunks of the runner's max batch (each chunk runs
         the whole loop)."""
         if n < 1:

@@ -21,7 +21,7 @@ backbone work is spent on them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, ContextManager, Dict, List, Optional, Protocol, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -65,6 +65,46 @@ class StepOutputs:
             None if parts[0].probs is None else np.concatenate([o.probs for o in parts], axis=1))
 
 
+#: A chunk of a batch as a place holds it: ``(images, glance, n)`` (arrays or device pointers).
+Chunk = Tuple[Any, Any, int]
+
+
+class Steps(Protocol):
+    """One run of the loop over a chunk, as a place does it (``HostSteps``, ``DeviceSteps``).
+    Backbone inputs and outputs are in the place's form (arrays, or device pointers)."""
+
+    def backbone(self, graph: str, x: Any) -> Dict[str, Any]:
+        """Runs ``"glance"`` or ``"focus"`` on the images still running."""
+
+    def begin(self, g: Dict[str, Any]) -> Optional[Any]:
+        """Step 0 from the glance outputs: heads, exit test, compaction, policy and crop of
+        step 1; the patches for the focus backbone, or None when the loop is over."""
+
+    def next(self, f: Dict[str, Any]) -> Optional[Any]:
+        """The same for the outputs of a focus run: the next patches, or None."""
+
+    def outputs(self) -> "StepOutputs":
+        """The results, in the chunk's image order."""
+
+
+class Place(Protocol):
+    """Where the loop's buffers live (``HostPlace``, ``DevicePlace``)."""
+
+    on_device: bool
+
+    def stage(self, name: str) -> ContextManager[None]:
+        """Times a stage (on the device place: device time, the stream synchronized)."""
+
+    def inputs(self, images: np.ndarray, glance: Optional[np.ndarray]) -> List[Chunk]:
+        """Host images (and glance, or None to compute it) as the place's chunks."""
+
+    def frames(self, frames: Union[np.ndarray, Sequence[np.ndarray]]) -> List[Chunk]:
+        """uint8 HWC frames of any size, pre-processed, as the place's chunks."""
+
+    def steps(self, images: Any, n: int, thresholds: Optional[np.ndarray]) -> Steps:
+        """A run of the loop over one chunk (``thresholds`` None: trace)."""
+
+
 class Driver:
     """Runs GFNet steps with early exit for one model, runner and set of heads.
 
@@ -97,7 +137,7 @@ class Driver:
         if getattr(heads, "device", "cpu") == "cuda":
             from .device_steps import DevicePlace
 
-            self.place: Any = DevicePlace(self, stream)
+            self.place: Place = DevicePlace(self, stream)
         else:
             from .host_steps import HostPlace
 
@@ -109,7 +149,8 @@ class Driver:
         return self.place.on_device
 
     # -------------------------------------------------------------------- entry
-    def run(self, images: np.ndarray, glance: Optional[np.ndarray], thresholds: Optional[Sequence[float]]) -> StepOutputs:
+    def run(self, images: np.ndarray, glance: Optional[np.ndarray],
+            thresholds: Optional[Sequence[float]]) -> StepOutputs:
         """Runs the loop on host images.
 
         Args:
@@ -149,7 +190,7 @@ class Driver:
         return self._loop(self.place.device_inputs(images, glance, n), thresholds)
 
     # --------------------------------------------------------------------- loop
-    def _loop(self, chunks: List[tuple], thresholds: Optional[Sequence[float]]) -> StepOutputs:
+    def _loop(self, chunks: List[Chunk], thresholds: Optional[Sequence[float]]) -> StepOutputs:
         """The loop itself, over the place's chunks of the batch (inputs in the place's form)."""
         if thresholds is not None and len(thresholds) != self.T:
             raise ValueError(f"need {self.T} thresholds, got {len(thresholds)}")

@@ -17,7 +17,7 @@ from .driver import StepOutputs, softmax
 from .profile import HOST_STEP_PARTS
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .driver import Driver
+    from .driver import Chunk, Driver
 
 
 class HostPlace:
@@ -37,7 +37,7 @@ class HostPlace:
         return self.driver.prof.stage(name)
 
     # ------------------------------------------------------------------- inputs
-    def inputs(self, images: np.ndarray, glance: Optional[np.ndarray]) -> List[tuple]:
+    def inputs(self, images: np.ndarray, glance: Optional[np.ndarray]) -> List[Chunk]:
         """``[(images, glance, n)]``: the whole batch in one chunk (a runner with a max batch
         cuts each backbone call itself); the glance computed when not given. uint8
         (N, S, S, 3) frames stay uint8: the glance and the crops normalise them on the fly."""
@@ -46,7 +46,7 @@ class HostPlace:
                 glance = self._glance(images)
         return [(images, glance, int(images.shape[0]))]
 
-    def frames(self, frames: Union[np.ndarray, Sequence[np.ndarray]]) -> List[tuple]:
+    def frames(self, frames: Union[np.ndarray, Sequence[np.ndarray]]) -> List[Chunk]:
         """Resized and centre-cropped to uint8 (N, S, S, 3) (skipped when they already are
         S x S and the model crops nothing) plus their glance: no normalised float copy of the
         images is made (a quarter of the bytes to write, compact and read back)."""
