@@ -56,7 +56,7 @@ def sim_ops(monkeypatch, mem):
         def zero(self, stream=None):
             mem.view(self.ptr, (self.nbytes,), np.uint8)[:] = 0
 
-    sim = SimpleNamespace(reads=0)
+    sim = SimpleNamespace(reads=0, synced=[])  # device -> host reads; streams synchronized
 
     def glance(images, n, S, out, Pz, interpolation="bicubic", stream=None, **_):
         mem.view(P(out, "out"), (n, 3, Pz, Pz), np.float32)[:] = ops.glance(
@@ -102,7 +102,8 @@ def sim_ops(monkeypatch, mem):
     for name, fn in [("DeviceBuffer", SimBuffer), ("Stream", lambda: SimpleNamespace(handle=7, synchronize=lambda: None)),
                      ("has_cuda_build", lambda: True), ("cuda_device_count", lambda: 1), ("cuda_glance", glance),
                      ("cuda_preprocess", preprocess), ("cuda_crop_patches", crop), ("cuda_gather_rows", gather),
-                     ("cuda_copy", copy), ("cuda_softmax_stats", softmax_stats)]:
+                     ("cuda_copy", copy), ("cuda_softmax_stats", softmax_stats),
+                     ("_stream_sync", sim.synced.append)]:
         monkeypatch.setattr(ops, name, fn)
     return sim
 
@@ -159,3 +160,15 @@ def demo_test_images(model, n):
 
     frames, _ = ClutteredDigits("test", config=demo_config(model)).arrays(n)
     return ops.preprocess(frames, int(model["image_size"]), crop_pct=1.0, mean=model["mean"], std=model["std"])
+
+
+class DeviceArray:
+    """A uint8 array placed in simulated device memory, exposed the way CuPy arrays or torch
+    CUDA tensors expose theirs (``__cuda_array_interface__``, version 3)."""
+
+    def __init__(self, mem, array, **interface):
+        array = np.ascontiguousarray(array)
+        self.ptr = mem.alloc(array.nbytes)
+        mem.view(self.ptr, (array.nbytes,), np.uint8)[:] = array.reshape(-1).view(np.uint8)
+        self.__cuda_array_interface__ = dict({"shape": array.shape, "typestr": array.dtype.str, "strides": None,
+                                              "data": (self.ptr, False), "version": 3}, **interface)

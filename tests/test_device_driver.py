@@ -480,7 +480,8 @@ def test_device_predict_with_exits_equals_onnxruntime(bundles, kind):
 
 @requires_torch_cuda
 def test_device_frames_chunks_and_profiling(bundles):
-    """uint8 frames pre-processed on the device, batches split at the runner's max batch, profiler on."""
+    """uint8 frames pre-processed on the device (uploaded, or already in GPU memory), batches split
+    at the runner's max batch, profiler on."""
     from gfnet_edge.runtime import Runtime
 
     bundle = bundles["gru-regnet-like"]
@@ -499,7 +500,13 @@ def test_device_frames_chunks_and_profiling(bundles):
         c = dev.predict(frames)
         tc = dev.trace(frames)
         stages = dev.profiler.summary()
+        import torch  # frames already in GPU memory (torch CUDA tensors): read in place
+
+        on_gpu = [torch.from_numpy(f).cuda() for f in frames]
+        d = dev.predict(on_gpu)
     np.testing.assert_allclose(ta.probs, tr.probs, rtol=0, atol=1e-4)
+    for f in ("exit_step", "classes", "coords"):
+        np.testing.assert_array_equal(getattr(d, f), getattr(c, f))
     np.testing.assert_array_equal(ta.coords, tr.coords)
     for p in (a, c):
         np.testing.assert_array_equal(p.exit_step, b.exit_step)

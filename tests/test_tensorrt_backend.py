@@ -700,26 +700,20 @@ def test_two_phase_build_then_run_on_stand_in_tensorrt(fp32_bundle, tmp_path, mo
     np.testing.assert_array_equal(got.coords, want.coords)
 
 
-def test_runtime_runs_the_device_loop_over_tensorrt_engines_on_a_simulated_gpu(fp32_bundle, tmp_path, monkeypatch):
-    """``Runtime(backend="tensorrt")`` end to end as on a Jetson, with the GPU simulated in host
-    memory (tests/sim_device.py) and the stand-in engines built by phase 2: the loop's device
-    place over ``TensorRTRunner.run_device`` (input shapes, tensor addresses, execute_async_v3
-    on the loop's stream, outputs left in device buffers) and the heads' device steps. Trace
-    and early-exit predictions, for float images and for frames of several sizes (pre-processed
-    on the "device"), equal ONNX Runtime's on the host; 10 images run as chunks of the engines'
-    max batch of 3, and the exits happen at every step, survivors moving rows."""
+def _simulated_jetson(fp32_bundle, tmp_path, monkeypatch):
+    """A bundle with stand-in TensorRT engines (phase 2) and a GPU simulated in host memory
+    (tests/sim_device.py): the CUDA entry points of ``ops``, the engines' tensor addresses and
+    the CUDA heads all work on that memory. ``(bundle root, memory, engine log, sim log)``."""
     from types import SimpleNamespace
 
-    from gfnet_edge import ops
-    from gfnet_edge.runtime import Runtime, api
+    from gfnet_edge.runtime import api
     from gfnet_edge.runtime.heads import HeadSet
-    from probs import exits_mid_loop, gap_thresholds
-    from sim_device import SimHeads, SimMemory, demo_test_images, sim_ops
+    from sim_device import SimHeads, SimMemory, sim_ops
 
     root = tmp_path / "bundle"
     _build_stand_in_engines(fp32_bundle, root, monkeypatch)
     mem = SimMemory()
-    sim_ops(monkeypatch, mem)
+    sim = sim_ops(monkeypatch, mem)
     engines = SimpleNamespace(view=lambda ptr, shape: mem.view(ptr, shape, np.float32), batches=[], profile_max=3)
     monkeypatch.setattr(trtb, "import_tensorrt", lambda: _onnx_engine_trt(engines))
 
@@ -728,6 +722,22 @@ def test_runtime_runs_the_device_loop_over_tensorrt_engines_on_a_simulated_gpu(f
         return SimHeads(cpu, mem) if device == "cuda" else cpu
 
     monkeypatch.setattr(api, "HeadSet", heads)
+    return root, mem, engines, sim
+
+
+def test_runtime_runs_the_device_loop_over_tensorrt_engines_on_a_simulated_gpu(fp32_bundle, tmp_path, monkeypatch):
+    """``Runtime(backend="tensorrt")`` end to end as on a Jetson, with the GPU simulated in host
+    memory (tests/sim_device.py) and the stand-in engines built by phase 2: the loop's device
+    place over ``TensorRTRunner.run_device`` (input shapes, tensor addresses, execute_async_v3
+    on the loop's stream, outputs left in device buffers) and the heads' device steps. Trace
+    and early-exit predictions, for float images and for frames of several sizes (pre-processed
+    on the "device"), equal ONNX Runtime's on the host; 10 images run as chunks of the engines'
+    max batch of 3, and the exits happen at every step, survivors moving rows."""
+    from gfnet_edge.runtime import Runtime
+    from probs import exits_mid_loop, gap_thresholds
+    from sim_device import demo_test_images
+
+    root, _, engines, _ = _simulated_jetson(fp32_bundle, tmp_path, monkeypatch)
     model = fp32_bundle.model
     T = int(model["steps"])
     images = demo_test_images(model, 10)
@@ -749,3 +759,42 @@ def test_runtime_runs_the_device_loop_over_tensorrt_engines_on_a_simulated_gpu(f
             np.testing.assert_allclose(a.confidence, b.confidence, rtol=0, atol=1e-5)
             if inputs is images:
                 assert exits_mid_loop(a.exit_step, T), a.exit_step
+
+
+def test_frames_in_gpu_memory_are_classified_where_they_are(fp32_bundle, tmp_path, monkeypatch):
+    """``Runtime.predict`` takes frames already in GPU memory (``__cuda_array_interface__``, as
+    from CuPy or torch): with the loop on the (simulated) GPU they are
+    pre-processed in place -- one (N, H, W, 3) array or a list of (H, W, 3) ones -- after their
+    producer's stream is synchronized, with the results of the same frames from host memory.
+    Frames it cannot read in place, and a runtime whose loop runs on the host, are clear errors."""
+    from gfnet_edge.runtime import Runtime
+    from sim_device import DeviceArray
+
+    root, mem, _, sim = _simulated_jetson(fp32_bundle, tmp_path, monkeypatch)
+    rng = np.random.default_rng(7)
+    batch = rng.integers(0, 256, (4, 180, 240, 3), dtype=np.uint8)
+    sizes = [(150, 260), (200, 200), (130, 300)]
+    frames = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
+    with Runtime(root, backend="tensorrt", precision="fp32") as rt:
+        for host, device, n, synced in ((batch, DeviceArray(mem, batch, stream=5), 4, [5]),
+                                        (frames, [DeviceArray(mem, f) for f in frames], 3, []),
+                                        (frames[1], DeviceArray(mem, frames[1], stream=5), 1, [5])):
+            sim.synced.clear()
+            a, b = rt.predict(device), rt.predict(host)
+            assert len(a) == len(b) == n and sim.synced == synced  # each producer stream once
+            for f in ("classes", "exit_step", "coords"):
+                np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f)
+            np.testing.assert_allclose(a.confidence, b.confidence, rtol=0, atol=1e-6)
+        t = rt.trace(DeviceArray(mem, batch))
+        np.testing.assert_allclose(t.probs, rt.trace(batch).probs, rtol=0, atol=1e-6)
+        bad = [(DeviceArray(mem, batch.astype(np.float32)), "must be uint8"),
+               (DeviceArray(mem, batch[..., :2]), r"\(H, W, 3\)"),
+               (DeviceArray(mem, batch, strides=(240 * 3 * 180, 3, 720, 1)), "C-contiguous"),
+               (DeviceArray(mem, batch, mask=object()), "masked"),
+               ([DeviceArray(mem, frames[0]), frames[1]], "only device arrays")]
+        for obj, match in bad:
+            with pytest.raises(InputError, match=match):
+                rt.predict(obj)
+    with Runtime(root, backend="onnxruntime", precision="fp32", threads=1) as host_rt:
+        with pytest.raises(InputError, match="frames in GPU memory need a runtime whose loop runs on the GPU"):
+            host_rt.predict(DeviceArray(mem, batch))

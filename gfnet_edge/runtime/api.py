@@ -214,8 +214,12 @@ class Runtime:
 
     # ----------------------------------------------------------------- inputs
     def _validate(self, inputs) -> tuple:
-        """``("images", float32 (N, 3, S, S))`` or ``("frames", uint8 (N, H, W, 3) array or
-        [uint8 HWC, ...])``."""
+        """``("images", float32 (N, 3, S, S))``, ``("frames", uint8 (N, H, W, 3) array or
+        [uint8 HWC, ...])`` or ``("device", frames in GPU memory)`` (checked by the driver)."""
+        from .device_steps import is_device_array
+
+        if is_device_array(inputs) or (isinstance(inputs, (list, tuple)) and inputs and is_device_array(inputs[0])):
+            return "device", inputs
         S = int(self.model["image_size"])
         if isinstance(inputs, np.ndarray) and inputs.dtype == np.float32:
             if inputs.ndim != 4 or inputs.shape[1:] != (3, S, S):
@@ -241,6 +245,9 @@ class Runtime:
         kind, data = self._validate(inputs)
         if kind == "images":  # the glance computed where the loop runs
             return self.driver.run(data, None, thresholds), data.shape[0]
+        if kind == "device":
+            out = self.driver.run_device_frames(data, thresholds)
+            return out, int(out.prediction.shape[0])
         return self.driver.run_frames(data, thresholds), len(data)
 
     # ------------------------------------------------------------------- run
@@ -248,8 +255,12 @@ class Runtime:
         """Classifies images with early exit.
 
         Args:
-            inputs: uint8 HWC frames (one array, a list, or (N, H, W, 3)), pre-processed by the
-                extension; or normalised float32 (N, 3, S, S).
+            inputs: uint8 HWC RGB frames (one array, a list, or (N, H, W, 3)), pre-processed
+                by the extension; or normalised float32 (N, 3, S, S). When the loop runs on the
+                GPU, the frames may also be in GPU memory (any object with
+                ``__cuda_array_interface__``, e.g. CuPy arrays or torch CUDA tensors; uint8,
+                C-contiguous, (H, W, 3), (N, H, W, 3) or a list): they are pre-processed where
+                they are, without a copy.
             budget: a named budget for this call only (default: the runtime's).
         """
         with self._lock:

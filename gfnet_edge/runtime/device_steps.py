@@ -24,7 +24,7 @@ per-step read.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
@@ -115,11 +115,7 @@ class DevicePlace:
         return self.device_inputs(img.ptr, gl.ptr, n)
 
     def frames(self, frames: Union[np.ndarray, Sequence[np.ndarray]]) -> List[Chunk]:
-        """One upload of all frames, then the fused device pre-processing (resize, crop,
-        normalise, glance; ``ops.cuda_preprocess``) per frame."""
-        from .. import ops
-
-        m, S, P, st = self.driver.model, self.driver.S, self.driver.P, self.stream
+        """One upload of all frames, then the fused device pre-processing per frame."""
         if isinstance(frames, np.ndarray) and frames.ndim == 4:
             frame_list: List[np.ndarray] = [frames[i] for i in range(frames.shape[0])]
             host = np.ascontiguousarray(frames)
@@ -134,21 +130,41 @@ class DevicePlace:
                 raise ValueError(f"frame {i}: expected a uint8 (H, W, 3) frame, got {desc}")
         if host is None:
             host = np.concatenate([np.ascontiguousarray(f).reshape(-1) for f in frame_list])
-        n = len(frame_list)
         fb = self.buf("input.frames", host.nbytes)
+        with self.stage("preprocess"):
+            fb.copy_from_host(host, self.stream)
+            located, offset = [], 0
+            for f in frame_list:
+                h, w = int(f.shape[0]), int(f.shape[1])
+                located.append((fb.ptr + offset, h, w))
+                offset += h * w * 3
+            return self._preprocess(located)
+
+    def device_frames(self, frames: Sequence["DeviceFrame"]) -> List[Chunk]:
+        """uint8 HWC frames already in GPU memory (from :func:`device_frames`): pre-processed
+        where they are, nothing copied. Their producers' streams are synchronized first."""
+        from .. import ops
+
+        for stream in dict.fromkeys(f.stream for f in frames if f.stream is not None):
+            ops._stream_sync(stream)
+        with self.stage("preprocess"):
+            return self._preprocess([(f.ptr, f.height, f.width) for f in frames])
+
+    def _preprocess(self, frames: Sequence[tuple]) -> List[Chunk]:
+        """Enqueues the fused pre-processing (resize, crop, normalise, glance:
+        ``ops.cuda_preprocess``) of device frames ``(pointer, height, width)``."""
+        from .. import ops
+
+        m, S, P, st = self.driver.model, self.driver.S, self.driver.P, self.stream
+        n = len(frames)
         img = self.buf("input.images", n * 3 * S * S * F32)
         gl = self.buf("input.glance", n * 3 * P * P * F32)
-        with self.stage("preprocess"):
-            fb.copy_from_host(host, st)
-            offset = 0
-            for i, f in enumerate(frame_list):
-                h, w = int(f.shape[0]), int(f.shape[1])
-                ops.cuda_preprocess(fb.ptr + offset, h, w, S, img.ptr + i * 3 * S * S * F32,
-                                    crop_pct=float(m["crop_pct"]), interpolation=m["dataset_interpolation"],
-                                    mean=tuple(m["mean"]), std=tuple(m["std"]),
-                                    glance=gl.ptr + i * 3 * P * P * F32, glance_size=P,
-                                    glance_interpolation=m["glance_interpolation"], stream=st)
-                offset += h * w * 3
+        for i, (ptr, h, w) in enumerate(frames):
+            ops.cuda_preprocess(ptr, h, w, S, img.ptr + i * 3 * S * S * F32,
+                                crop_pct=float(m["crop_pct"]), interpolation=m["dataset_interpolation"],
+                                mean=tuple(m["mean"]), std=tuple(m["std"]),
+                                glance=gl.ptr + i * 3 * P * P * F32, glance_size=P,
+                                glance_interpolation=m["glance_interpolation"], stream=st)
         return self.device_inputs(img.ptr, gl.ptr, n)
 
     def device_inputs(self, images: int, glance: int, n: int) -> List[Chunk]:
@@ -351,6 +367,61 @@ class DeviceSteps:
             self.confidence[:] = last[:N].view(np.float32)
             probs_all = np.stack([softmax(lg_host[t]) for t in range(T)]).astype(np.float32, copy=False)
         return StepOutputs(self.prediction, self.confidence, self.exit_step, self.coords, probs_all)
+
+
+class DeviceFrame(NamedTuple):
+    """A uint8 HWC RGB frame in GPU memory: its address, size and producer stream."""
+
+    ptr: int
+    height: int
+    width: int
+    stream: Optional[int]  #: the producer's stream to synchronize first (None: nothing to wait for)
+
+
+def is_device_array(obj: Any) -> bool:
+    """True for an object exposing CUDA memory through ``__cuda_array_interface__`` (CuPy
+    arrays, torch CUDA tensors, Numba device arrays, ...)."""
+    return not isinstance(obj, np.ndarray) and hasattr(obj, "__cuda_array_interface__")
+
+
+def device_frames(inputs: Any) -> List[DeviceFrame]:
+    """Reads the frames of a device array (``(H, W, 3)`` or ``(N, H, W, 3)`` uint8,
+    C-contiguous) or of a list of ``(H, W, 3)`` ones, through ``__cuda_array_interface__``
+    (version 2 or 3; its ``stream``, when given, is synchronized before the frames are read).
+
+    Raises:
+        InputError: a dtype, shape, layout or mask the loop cannot read in place.
+    """
+    items = [inputs] if is_device_array(inputs) else list(inputs)
+    if not items:
+        raise InputError("no images given")
+    out: List[DeviceFrame] = []
+    for i, obj in enumerate(items):
+        if not is_device_array(obj):
+            raise InputError(f"image {i}: a list of device frames must hold only device arrays, got "
+                             f"{type(obj).__name__}")
+        cai = obj.__cuda_array_interface__
+        shape = tuple(int(d) for d in cai.get("shape", ()))
+        where = f"image {i} (device array of shape {shape})"
+        if cai.get("typestr") not in ("|u1", "<u1", ">u1"):
+            raise InputError(f"{where}: device frames must be uint8 (typestr '|u1'), got {cai.get('typestr')!r}")
+        if len(shape) not in (3, 4) or shape[-1] != 3 or 0 in shape:
+            raise InputError(f"{where}: device frames must be uint8 (H, W, 3) or (N, H, W, 3) RGB")
+        contiguous = tuple(int(np.prod(shape[k + 1:])) for k in range(len(shape)))
+        strides = cai.get("strides")
+        if strides is not None and tuple(int(v) for v in strides) != contiguous:
+            raise InputError(f"{where}: device frames must be C-contiguous (strides {tuple(strides)}); "
+                             "make a contiguous copy on the device first")
+        if cai.get("mask") is not None:
+            raise InputError(f"{where}: masked device arrays are not supported")
+        ptr = int(cai["data"][0])
+        if ptr == 0:
+            raise InputError(f"{where}: null device pointer")
+        stream = cai.get("stream")
+        h, w = shape[-3], shape[-2]
+        for k in range(shape[0] if len(shape) == 4 else 1):
+            out.append(DeviceFrame(ptr + k * h * w * 3, h, w, None if stream is None else int(stream)))
+    return out
 
 
 def _check_flag(flag: int, step: int) -> None:

@@ -176,6 +176,25 @@ class Driver:
         """
         return self._loop(self.place.frames(frames), thresholds)
 
+    def run_device_frames(self, frames: Any, thresholds: Optional[Sequence[float]]) -> StepOutputs:
+        """Device place only: runs the loop on uint8 HWC RGB frames already in GPU memory,
+        pre-processed where they are (no copy).
+
+        Args:
+            frames: a device array (any object with ``__cuda_array_interface__``, e.g. CuPy
+                arrays or torch CUDA tensors) of shape (H, W, 3) or (N, H, W, 3), or a list of
+                (H, W, 3) ones; C-contiguous uint8.
+            thresholds: as in :meth:`run`.
+        """
+        from ..errors import InputError
+        from .device_steps import device_frames
+
+        if not self.on_device:
+            raise InputError(f"frames in GPU memory need a runtime whose loop runs on the GPU (TensorRT, or torch "
+                             f"with device='cuda'); this one runs on the host with {self.runner.name}: copy the "
+                             "frames to host memory, or use a GPU backend")
+        return self._loop(self.place.device_frames(device_frames(frames)), thresholds)
+
     def run_device(self, images: int, glance: int, n: int, thresholds: Optional[Sequence[float]]) -> StepOutputs:
         """Device place only: runs the loop on device-resident inputs.
 
