@@ -25,6 +25,7 @@ from typing import Any, ContextManager, Dict, List, Optional, Protocol, Sequence
 
 import numpy as np
 
+from ..errors import InputError
 from .backends.base import Runner
 from .heads import HeadSet
 from .profile import Profiler
@@ -186,7 +187,6 @@ class Driver:
                 (H, W, 3) ones; C-contiguous uint8.
             thresholds: as in :meth:`run`.
         """
-        from ..errors import InputError
         from .device_steps import device_frames
 
         if not self.on_device:
