@@ -21,7 +21,7 @@ backbone work is spent on them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ContextManager, Dict, List, Optional, Protocol, Sequence, Tuple, Union
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Protocol, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -163,7 +163,7 @@ class Driver:
             thresholds: exit threshold per step; ``None`` runs every step for every image and
                 returns the full probabilities (trace).
         """
-        return self._loop(self.place.inputs(images, glance), thresholds)
+        return self._loop(lambda: self.place.inputs(images, glance), thresholds)
 
     def run_frames(self, frames: Union[np.ndarray, Sequence[np.ndarray]],
                    thresholds: Optional[Sequence[float]]) -> StepOutputs:
@@ -175,7 +175,7 @@ class Driver:
             frames: an (N, H, W, 3) uint8 array or a list of (H, W, 3) uint8 frames.
             thresholds: as in :meth:`run`.
         """
-        return self._loop(self.place.frames(frames), thresholds)
+        return self._loop(lambda: self.place.frames(frames), thresholds)
 
     def run_device_frames(self, frames: Any, thresholds: Optional[Sequence[float]]) -> StepOutputs:
         """Device place only: runs the loop on uint8 HWC RGB frames already in GPU memory,
@@ -193,7 +193,7 @@ class Driver:
             raise InputError(f"frames in GPU memory need a runtime whose loop runs on the GPU (TensorRT, or torch "
                              f"with device='cuda'); this one runs on the host with {self.runner.name}: copy the "
                              "frames to host memory, or use a GPU backend")
-        return self._loop(self.place.device_frames(device_frames(frames)), thresholds)
+        return self._loop(lambda: self.place.device_frames(device_frames(frames)), thresholds)
 
     def run_device(self, images: int, glance: int, n: int, thresholds: Optional[Sequence[float]]) -> StepOutputs:
         """Device place only: runs the loop on device-resident inputs.
@@ -206,17 +206,18 @@ class Driver:
         """
         if not self.on_device:
             raise ValueError("run_device needs the device place (heads built with device='cuda')")
-        return self._loop(self.place.device_inputs(images, glance, n), thresholds)
+        return self._loop(lambda: self.place.device_inputs(images, glance, n), thresholds)
 
     # --------------------------------------------------------------------- loop
-    def _loop(self, chunks: List[Chunk], thresholds: Optional[Sequence[float]]) -> StepOutputs:
-        """The loop itself, over the place's chunks of the batch (inputs in the place's form)."""
+    def _loop(self, stage: Callable[[], List[Chunk]], thresholds: Optional[Sequence[float]]) -> StepOutputs:
+        """The loop itself, over the chunks of the batch that ``stage`` puts in the place (the
+        thresholds are checked first, so bad ones cost no upload)."""
         if thresholds is not None and len(thresholds) != self.T:
             raise ValueError(f"need {self.T} thresholds, got {len(thresholds)}")
         thr = None if thresholds is None else np.asarray(thresholds, dtype=np.float32)
         place = self.place
         outs = []
-        for images, glance, n in chunks:
+        for images, glance, n in stage():
             steps = place.steps(images, n, thr)
             with place.stage("glance"):
                 g = steps.backbone("glance", glance)
