@@ -7,7 +7,7 @@
 #   OUT=/tmp/gpu bash bench/gpu_session.sh
 #
 # Needs python3 with numpy, torch (CUDA), pytest, hypothesis, pybind11, cmake and nvcc; the
-# device-loop parity tests (tests/test_device_driver.py) also use onnx, onnxruntime and timm
+# device-loop parity tests (tests/test_device_loop.py) also use onnx, onnxruntime and timm
 # and skip themselves, saying so, where those are missing.
 set -u -o pipefail
 OUT=${OUT:-gpu-results}
@@ -23,7 +23,7 @@ GFNET_EDGE_CUDA_ARCHS=${GFNET_EDGE_CUDA_ARCHS:-90} CMAKE_BUILD_PARALLEL_LEVEL=$(
   python3 setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 3; }
 echo "build: $(( $(date +%s) - t0 )) s"; grep -m2 "gfnet-edge:" "$OUT/build.log"
 python3 -m gfnet_edge.selftest --gpu --json "$OUT/selftest.json" 2>&1 | tee "$OUT/selftest.txt" || status=1
-python3 -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py tests/test_device_driver.py tests/test_kernels_errors.py tests/test_kernels.py tests/test_kernels_fuzz.py 2>&1 | tee "$OUT/pytest.txt" | tail -15 || status=1
+python3 -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py tests/test_device_loop.py tests/test_kernels_errors.py tests/test_kernels.py tests/test_kernels_fuzz.py 2>&1 | tee "$OUT/pytest.txt" | tail -15 || status=1
 python3 bench/kernels_gpu.py --out "$OUT/kernels_gpu.md" 2>&1 | tee "$OUT/bench.txt" || status=1
 python3 bench/e2e_gpu.py --out "$OUT/e2e_gpu.md" >"$OUT/e2e_gpu.txt" 2>&1 || status=1
 sed -n '/^## Summary/,/^## Every/p' "$OUT/e2e_gpu.txt"
