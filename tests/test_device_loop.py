@@ -503,6 +503,7 @@ def test_device_frames_chunks_and_profiling(bundles):
         import torch  # frames already in GPU memory (torch CUDA tensors): read in place
 
         on_gpu = [torch.from_numpy(f).cuda() for f in frames]
+        torch.cuda.synchronize()  # their interface names no stream: they must be ready (docs/jetson.md)
         d = dev.predict(on_gpu)
     np.testing.assert_allclose(ta.probs, tr.probs, rtol=0, atol=1e-4)
     for f in ("exit_step", "classes", "coords"):
