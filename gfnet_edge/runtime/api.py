@@ -146,15 +146,14 @@ class Runtime:
 
         if threads:
             ops.set_num_threads(int(threads))
-        #: True when the loop's buffers live on the GPU, False for the host (numpy) place.
-        self.device_loop = bool(self.runner.supports_device)
-        if self.device_loop and ops.cuda_device_count() < 1:
+        on_gpu = bool(self.runner.supports_device)  # the loop's place follows the heads' device
+        if on_gpu and ops.cuda_device_count() < 1:
             reason = "it was built without CUDA" if not ops.has_cuda_build() else ops._C.cuda_device_error()
             raise UnavailableError(f"the {backend} backend runs the loop on the GPU, but gfnet_edge's extension "
                                    f"cannot use one here ({reason})")
         self.head_dtype = head_dtype
         self.heads = HeadSet(load_head_arrays(self.bundle.heads_path), self.model,
-                             device="cuda" if self.device_loop else "cpu", weight_dtype=head_dtype)
+                             device="cuda" if on_gpu else "cpu", weight_dtype=head_dtype)
         self.runner.activate()
         try:
             self.driver = Driver(self.model, self.runner, self.heads, self.profiler)
@@ -163,7 +162,12 @@ class Runtime:
             raise
         self.set_budget(budget)
         logger.info("runtime: %s backend, %s graphs, %s loop, budget %s", self.backend, self.precision,
-                    "device" if self.device_loop else "host", self.budget)
+                    "device" if on_gpu else "host", self.budget)
+
+    @property
+    def device_loop(self) -> bool:
+        """True when the loop's buffers live on the GPU, False for the host (numpy) place."""
+        return self.driver.on_device
 
     # ------------------------------------------------------------------ setup
     def _auto_backend(self, precision: str) -> str:
