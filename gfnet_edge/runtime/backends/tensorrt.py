@@ -368,13 +368,16 @@ class TensorRTRunner(Runner):
             self._buffers[key] = buf
         return buf
 
+    def _set_input_shape(self, ctx: Any, graph: str, shape: Tuple[int, ...]) -> None:
+        if not ctx.set_input_shape("image", shape):
+            raise InputError(f"the {graph} engine rejects input shape {shape} (outside its "
+                             f"optimisation profile? built for batches up to {self.max_batch})")
+
     def _run(self, graph: str, image: np.ndarray) -> Dict[str, np.ndarray]:
         trt = self._trt
         engine, ctx, stream = self._engines[graph], self._contexts[graph], self._stream
         image = np.ascontiguousarray(image, dtype=np.float32)
-        if not ctx.set_input_shape("image", tuple(image.shape)):
-            raise InputError(f"the {graph} engine rejects input shape {tuple(image.shape)} (outside its "
-                             f"optimisation profile? built for batches up to {self.max_batch})")
+        self._set_input_shape(ctx, graph, tuple(image.shape))
         inp = self._buffer(graph, "image", image.nbytes)
         inp.copy_from_host(image, stream)
         ctx.set_tensor_address("image", inp.ptr)
@@ -405,9 +408,7 @@ class TensorRTRunner(Runner):
             raise InputError(f"the {graph} engine takes {engine.get_tensor_dtype('image')} images; "
                              "the device loop feeds float32")
         in_shape = (batch,) + tuple(int(d) for d in engine.get_tensor_shape("image"))[1:]
-        if not ctx.set_input_shape("image", in_shape):
-            raise InputError(f"the {graph} engine rejects input shape {in_shape} (outside its "
-                             f"optimisation profile? built for batches up to {self.max_batch})")
+        self._set_input_shape(ctx, graph, in_shape)
         if image % self.ADDRESS_ALIGNMENT:
             # A misaligned view (e.g. a slice of a larger batch): stage it in an aligned buffer.
             nbytes = int(np.prod(in_shape)) * 4
