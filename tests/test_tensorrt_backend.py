@@ -475,57 +475,25 @@ def test_build_engine_fp16_on_tensorrt_11_needs_modelopt(tmp_path, monkeypatch):
         trtb.build_engine(onnx, tmp_path / "glance.engine", trtb.BuildOptions(precision="fp16"))
 
 
-class _HostBuffers:
-    """Host-memory stand-ins for ``ops.DeviceBuffer`` / ``ops.Stream``: "device" addresses are
-    the addresses of numpy arrays, looked up by the stand-in engine."""
+def _engines_on_simulated_gpu(monkeypatch, profile_max):
+    """A GPU simulated in host memory (tests/sim_device.py: ``ops``' CUDA entry points, buffers
+    and stream work on it) and a stand-in ``tensorrt`` whose engines run there; ``(memory,
+    engine log)``, the log holding each engine call's batch and the profile's max batch."""
+    from types import SimpleNamespace
 
-    def __init__(self):
-        self.by_ptr = {}
-        self.allocated = []
-        self.batches = []
-        self.profile_max = 2
-        reg = self
+    from sim_device import SimMemory, sim_ops
 
-        class Buffer:
-            def __init__(self, nbytes):
-                self.mem = np.zeros(int(nbytes), np.uint8)
-                reg.by_ptr[self.ptr] = self.mem
-                reg.allocated.append(int(nbytes))
-
-            @property
-            def ptr(self):
-                return self.mem.ctypes.data
-
-            @property
-            def nbytes(self):
-                return self.mem.nbytes
-
-            def copy_from_host(self, array, stream=None, offset=0):
-                b = np.ascontiguousarray(array).view(np.uint8).reshape(-1)
-                self.mem[offset:offset + b.size] = b
-
-            def copy_to_host(self, array, stream=None, offset=0):
-                out = array.view(np.uint8).reshape(-1)
-                out[:] = self.mem[offset:offset + out.size]
-
-        class Stream:
-            handle = 0
-
-            def synchronize(self):
-                pass
-
-        self.Buffer, self.Stream = Buffer, Stream
-
-    def view(self, ptr, shape):
-        mem = self.by_ptr[ptr]
-        n = int(np.prod(shape))
-        assert mem.nbytes >= 4 * n, f"buffer of {mem.nbytes} bytes for a float32 tensor of shape {shape}"
-        return mem[:4 * n].view(np.float32).reshape(shape)
+    mem = SimMemory()
+    sim = sim_ops(monkeypatch, mem)
+    engines = SimpleNamespace(view=lambda ptr, shape: mem.view(ptr, shape, np.float32), batches=[],
+                              profile_max=profile_max, sim=sim)
+    monkeypatch.setattr(trtb, "import_tensorrt", lambda: _onnx_engine_trt(engines))
+    return mem, engines
 
 
 def _onnx_engine_trt(bufs):
     """A stand-in ``tensorrt`` module whose "engines" are ONNX graphs run by ONNX Runtime on the
-    stand-in device memory, through the same calls (tensor names, modes, shapes, addresses,
+    simulated device memory (``bufs``: :func:`_engines_on_simulated_gpu`'s log), through the same calls (tensor names, modes, shapes, addresses,
     ``execute_async_v3``) the runner makes on a real engine."""
     import onnxruntime as ort
 
@@ -611,10 +579,7 @@ def test_runner_feeds_and_reads_engines_through_device_buffers(fp32_bundle, monk
     from gfnet_edge.runtime.heads import HeadSet, load_head_arrays
     from gfnet_edge.runtime.profile import Profiler
 
-    bufs = _HostBuffers()
-    monkeypatch.setattr(ops, "DeviceBuffer", bufs.Buffer)
-    monkeypatch.setattr(ops, "Stream", bufs.Stream)
-    monkeypatch.setattr(trtb, "import_tensorrt", lambda: _onnx_engine_trt(bufs))
+    _, bufs = _engines_on_simulated_gpu(monkeypatch, profile_max=2)
     graphs = fp32_bundle.manifest["graphs"]["fp32"]
     entry = {"precision": "fp32", "glance": graphs["glance"], "focus": graphs["focus"],
              "build_options": {"max_batch": 2}}
@@ -682,11 +647,7 @@ def test_two_phase_build_then_run_on_stand_in_tensorrt(fp32_bundle, tmp_path, mo
     assert entry["glance"] == "engines/orin-sm87-trt10.3.0/glance.fp32.engine"
     assert entry["precision"] == "fp32" and entry["build_options"]["max_batch"] == 3
     assert {entry["glance"], entry["focus"]} <= set(bundle.manifest["artifacts"])
-    bufs = _HostBuffers()
-    bufs.profile_max = 3
-    monkeypatch.setattr(ops, "DeviceBuffer", bufs.Buffer)
-    monkeypatch.setattr(ops, "Stream", bufs.Stream)
-    monkeypatch.setattr(trtb, "import_tensorrt", lambda: _onnx_engine_trt(bufs))
+    _, bufs = _engines_on_simulated_gpu(monkeypatch, profile_max=3)
     model = bundle.model
     S, P = int(model["image_size"]), int(model["patch_size"])
     images = np.random.default_rng(1).standard_normal((5, 3, S, S)).astype(np.float32)
@@ -704,25 +665,20 @@ def _simulated_jetson(fp32_bundle, tmp_path, monkeypatch):
     """A bundle with stand-in TensorRT engines (phase 2) and a GPU simulated in host memory
     (tests/sim_device.py): the CUDA entry points of ``ops``, the engines' tensor addresses and
     the CUDA heads all work on that memory. ``(bundle root, memory, engine log, sim log)``."""
-    from types import SimpleNamespace
-
     from gfnet_edge.runtime import api
     from gfnet_edge.runtime.heads import HeadSet
-    from sim_device import SimHeads, SimMemory, sim_ops
+    from sim_device import SimHeads
 
     root = tmp_path / "bundle"
     _build_stand_in_engines(fp32_bundle, root, monkeypatch)
-    mem = SimMemory()
-    sim = sim_ops(monkeypatch, mem)
-    engines = SimpleNamespace(view=lambda ptr, shape: mem.view(ptr, shape, np.float32), batches=[], profile_max=3)
-    monkeypatch.setattr(trtb, "import_tensorrt", lambda: _onnx_engine_trt(engines))
+    mem, engines = _engines_on_simulated_gpu(monkeypatch, profile_max=3)
 
     def heads(arrays, model, device="cpu", weight_dtype="float32"):
         cpu = HeadSet(arrays, model, weight_dtype=weight_dtype)
         return SimHeads(cpu, mem) if device == "cuda" else cpu
 
     monkeypatch.setattr(api, "HeadSet", heads)
-    return root, mem, engines, sim
+    return root, mem, engines, engines.sim
 
 
 def test_runtime_runs_the_device_loop_over_tensorrt_engines_on_a_simulated_gpu(fp32_bundle, tmp_path, monkeypatch):
