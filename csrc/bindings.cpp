@@ -801,6 +801,37 @@ void bind_cuda(py::module_& m) {
           "Fills a C-contiguous numpy array from the buffer; synchronizes `stream`.")
       .def("zero", &gc::DeviceBuffer::zero, py::arg("stream") = 0);
 
+  py::class_<gc::Graph>(m, "Graph", "A CUDA graph captured from a stream and replayed on one.")
+      .def(py::init<>())
+      .def("begin_capture", &gc::Graph::begin_capture, py::arg("stream"))
+      .def("end_capture", &gc::Graph::end_capture, py::call_guard<py::gil_scoped_release>())
+      .def("abort_capture", &gc::Graph::abort_capture)
+      .def("launch", &gc::Graph::launch, py::arg("stream"), py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("ready", &gc::Graph::ready)
+      .def_property_readonly("nodes", &gc::Graph::nodes);
+
+  py::class_<gc::Event>(m, "Event", "A timing CUDA event.")
+      .def(py::init<>())
+      .def("record", &gc::Event::record, py::arg("stream"))
+      .def("synchronize", &gc::Event::synchronize, py::call_guard<py::gil_scoped_release>())
+      .def("elapsed_since", &gc::Event::elapsed_since, py::arg("start"),
+           py::call_guard<py::gil_scoped_release>(), "Milliseconds from `start` to this event.");
+
+  py::class_<gc::PinnedBuffer, std::shared_ptr<gc::PinnedBuffer>>(m, "PinnedBuffer",
+                                                                  "Page-locked host memory.")
+      .def(py::init<size_t>(), py::arg("nbytes"))
+      .def_property_readonly("nbytes", &gc::PinnedBuffer::nbytes)
+      .def(
+          "array",
+          [](const std::shared_ptr<gc::PinnedBuffer>& self) {
+            // A uint8 numpy view that keeps the allocation alive.
+            auto* keep = new std::shared_ptr<gc::PinnedBuffer>(self);
+            py::capsule owner(keep, [](void* p) { delete static_cast<std::shared_ptr<gc::PinnedBuffer>*>(p); });
+            return py::array(py::dtype::of<uint8_t>(), {static_cast<py::ssize_t>(self->nbytes())},
+                             {static_cast<py::ssize_t>(1)}, static_cast<uint8_t*>(self->data()), owner);
+          },
+          "The memory as a writable uint8 numpy array (it keeps the buffer alive).");
+
   py::class_<gc::Stream>(m, "Stream", "Owning non-blocking CUDA stream.")
       .def(py::init<>())
       .def_property_readonly("handle", &gc::Stream::handle, "cudaStream_t as an int.")
@@ -954,17 +985,18 @@ void bind_cuda(py::module_& m) {
   m.def(
       "crop_patches",
       [](uintptr_t images, const std::string& dtype, int64_t n, int64_t channels, int64_t size,
-         uintptr_t coords, uintptr_t out, int64_t patch, uintptr_t error_flag, uintptr_t stream) {
+         uintptr_t coords, uintptr_t out, int64_t patch, uintptr_t error_flag, uintptr_t stream,
+         uintptr_t rows, int64_t image_rows) {
         check_positive(n, "n");
         check_positive(channels, "channels");
         check_positive(size, "size");
         const auto d = parse_dtype(dtype, "dtype");
         py::gil_scoped_release release;
-        gc::crop_patches(images, d, n, channels, size, coords, out, patch, error_flag, stream);
+        gc::crop_patches(images, d, n, channels, size, coords, out, patch, error_flag, stream, rows, image_rows);
       },
       py::arg("images"), py::arg("dtype"), py::arg("n"), py::arg("channels"), py::arg("size"),
       py::arg("coords"), py::arg("out"), py::arg("patch_size"), py::arg("error_flag") = 0,
-      py::arg("stream") = 0);
+      py::arg("stream") = 0, py::arg("rows") = 0, py::arg("image_rows") = 0);
 
   py::class_<CudaGruHead>(m, "GRUHead", "GRU cell + Linear head with weights on the device.")
       .def(py::init([](const py::object& w_ih, const py::object& w_hh, const py::object& b_ih,
@@ -1079,7 +1111,7 @@ void bind_cuda(py::module_& m) {
   for (const char* name : {"DeviceBuffer", "Stream", "device_name", "device_properties", "synchronize", "stream_synchronize",
                            "memcpy_htod", "memcpy_dtoh", "memcpy_dtod", "gather_rows", "softmax_stats",
                            "preprocess", "glance", "crop_patches",
-                           "GRUHead", "Linear"}) {
+                           "GRUHead", "Linear", "Graph", "Event", "PinnedBuffer"}) {
     m.def(name, unavailable);
   }
 }

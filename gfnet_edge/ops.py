@@ -49,6 +49,9 @@ every call only enqueues work unless noted)::
     cuda_gather_rows(src_ptr, src_rows, idx, dst_ptr, row_bytes, n=None, error_flag=None, stream=None)
     cuda_copy(dst_ptr, src_ptr, nbytes, stream=None)
     cuda_softmax_stats(logits_ptr, n, classes, maxprob_ptr, argmax_ptr, logits_out=None, ...)
+    CudaGraph(): .begin_capture(stream) .end_capture() .launch(stream) .nodes
+    CudaEvent(): .record(stream) .elapsed_ms(start_event)
+    pinned_empty(shape, dtype) -> numpy array in page-locked host memory
     GRUHead(..., device="cuda").step_device(x_ptr, h_ptr, h_out_ptr, batch, logits_ptr, ...)
     ActorHead(..., device="cuda").step_device(x_ptr, h_ptr, h_out_ptr, batch, action_ptr, ...)
     CascadedHead(..., device="cuda").step_device(features_ptr, steps, batch, feature_dim, k, ...)
@@ -830,13 +833,17 @@ def cuda_glance(images: Any, n: int, image_size: int, out: Any, patch_size: int,
 
 def cuda_crop_patches(images: Any, n: int, image_size: int, coords: Any, out: Any, patch_size: int,
                       dtype: str = "float32", channels: int = 3, error_flag: Any = None,
-                      stream: Any = None) -> None:
+                      stream: Any = None, rows: Any = None, image_rows: Optional[int] = None) -> None:
     """Gathers patches at device int32 (n, 2) coordinates.
 
     ``coords`` may also be a host numpy array: it is then validated before the launch.
     Without ``error_flag`` the call synchronizes and raises ValueError on an out-of-range
     coordinate; with a zeroed device int32 ``error_flag`` it stays asynchronous and sets the
     flag to 1 instead (bad samples get zero patches; nothing is read out of bounds).
+
+    With ``rows`` (a device int32 array (n,)), patch i is cut from image ``rows[i]`` of the
+    ``image_rows`` images at ``images`` (so survivors of an early exit need not be moved); a
+    row outside ``[0, image_rows)`` is handled like a bad coordinate.
     """
     _require_cuda()
     n, S, P = _int(n, "n"), _int(image_size, "image_size"), _int(patch_size, "patch_size")
@@ -852,9 +859,64 @@ def cuda_crop_patches(images: Any, n: int, image_size: int, coords: Any, out: An
         coords = keep
     _C.cuda.crop_patches(_ptr(images, "images"), _choice(dtype, "dtype", _DTYPES), n,
                          _int(channels, "channels"), S, _ptr(coords, "coords"), _ptr(out, "out"), P,
-                         _opt_ptr(error_flag), _stream(stream))
+                         _opt_ptr(error_flag), _stream(stream), _opt_ptr(rows),
+                         0 if rows is None else _int(image_rows, "image_rows"))
     if keep is not None:
         _stream_sync(stream)  # the temporary coordinate buffer must outlive the kernel
+
+
+class CudaGraph:
+    """A CUDA graph captured from the work enqueued on a stream, replayed with one launch
+    (``cudaStreamBeginCapture`` / ``EndCapture`` / ``GraphInstantiate`` / ``GraphLaunch``).
+
+    Every address the captured work used is baked into the graph: the buffers must stay
+    allocated, at the same addresses, for as long as the graph is replayed.
+    """
+
+    def __init__(self) -> None:
+        _require_cuda()
+        self._g = _C.cuda.Graph()
+
+    def begin_capture(self, stream: Any) -> None:
+        self._g.begin_capture(_stream(stream))
+
+    def end_capture(self) -> None:
+        self._g.end_capture()
+
+    def abort_capture(self) -> None:
+        self._g.abort_capture()
+
+    def launch(self, stream: Any) -> None:
+        self._g.launch(_stream(stream))
+
+    @property
+    def nodes(self) -> int:
+        return int(self._g.nodes)
+
+
+class CudaEvent:
+    """A timing CUDA event: :meth:`record` on a stream, :meth:`elapsed_ms` between two."""
+
+    def __init__(self) -> None:
+        _require_cuda()
+        self._e = _C.cuda.Event()
+
+    def record(self, stream: Any) -> None:
+        self._e.record(_stream(stream))
+
+    def elapsed_ms(self, start: "CudaEvent") -> float:
+        """Milliseconds from ``start`` to this event (waits for this one to complete)."""
+        return float(self._e.elapsed_since(start._e))
+
+
+def pinned_empty(shape: Sequence[int], dtype: Any) -> np.ndarray:
+    """A numpy array in page-locked host memory (device -> host copies into it need no
+    staging); it keeps its allocation alive."""
+    _require_cuda()
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape)) if len(shape) else 1
+    raw = _C.cuda.PinnedBuffer(max(count * dtype.itemsize, 1)).array()
+    return raw[:count * dtype.itemsize].view(dtype).reshape(tuple(shape))
 
 
 def _stream_sync(stream: Any) -> None:

@@ -5,6 +5,10 @@ every access); the CUDA entry points of ``gfnet_edge.ops`` that the device place
 replaced by their CPU equivalents on that memory, and :class:`SimHeads` gives CPU heads the
 ``step_device`` interface of the CUDA heads. The kernels themselves are tested against the CPU
 ones on a real GPU (test_kernels_cuda.py); this checks the bookkeeping around them.
+
+CUDA-graph capture is simulated too (:class:`SimCapture`): while a capture is open every
+simulated kernel, copy, memset and head step is recorded instead of run (``sim.defer``), and a
+replay runs the recording again, reading whatever the baked-in addresses hold at that time.
 """
 from __future__ import annotations
 
@@ -54,11 +58,25 @@ def sim_ops(monkeypatch, mem):
             sim.reads += 1
 
         def zero(self, stream=None):
-            mem.view(self.ptr, (self.nbytes,), np.uint8)[:] = 0
+            def run():
+                mem.view(self.ptr, (self.nbytes,), np.uint8)[:] = 0
+            sim.defer(run)
 
-    sim = SimpleNamespace(reads=0, synced=[])  # device -> host reads; streams synchronized
+    sim = SimpleNamespace(reads=0, synced=[], capturing=None)  # device -> host reads; streams synchronized
+
+    def defer(fn):
+        """Runs ``fn`` now, or records it while a graph capture is open."""
+        if sim.capturing is not None:
+            sim.capturing.append(fn)
+        else:
+            fn()
+
+    sim.defer = defer
 
     def glance(images, n, S, out, Pz, interpolation="bicubic", stream=None, **_):
+        sim.defer(lambda: _glance(images, n, S, out, Pz, interpolation))
+
+    def _glance(images, n, S, out, Pz, interpolation):
         mem.view(P(out, "out"), (n, 3, Pz, Pz), np.float32)[:] = ops.glance(
             np.ascontiguousarray(mem.view(P(images, "images"), (n, 3, S, S), np.float32)), Pz, interpolation)
 
@@ -70,15 +88,25 @@ def sim_ops(monkeypatch, mem):
         mem.view(out, (1, 3, S, S), np.float32)[:] = img
         mem.view(glance, (1, 3, glance_size, glance_size), np.float32)[:] = gl
 
-    def crop(images, n, S, coords, out, Pz, error_flag=None, stream=None):
+    def crop(images, n, S, coords, out, Pz, error_flag=None, stream=None, rows=None, image_rows=None):
+        sim.defer(lambda: _crop(images, n, S, coords, out, Pz, error_flag, rows, image_rows))
+
+    def _crop(images, n, S, coords, out, Pz, error_flag, rows, image_rows):
         c = mem.view(P(coords, "coords"), (n, 2), np.int32).copy()
-        if c.min() < 0 or c.max() > S - Pz:
+        src = np.arange(n) if rows is None else mem.view(P(rows, "rows"), (n,), np.int32).copy()
+        count = n if rows is None else image_rows
+        if c.min() < 0 or c.max() > S - Pz or src.min() < 0 or src.max() >= count:
             mem.view(error_flag, (1,), np.int32)[0] = 1
-            c = np.clip(c, 0, S - Pz)
-        mem.view(P(out, "out"), (n, 3, Pz, Pz), np.float32)[:] = ops.crop_patches(
-            np.ascontiguousarray(mem.view(images, (n, 3, S, S), np.float32)), c, Pz)
+            c, src = np.clip(c, 0, S - Pz), np.clip(src, 0, count - 1)
+        imgs = np.ascontiguousarray(mem.view(images, (count, 3, S, S), np.float32))
+        mem.view(P(out, "out"), (n, 3, Pz, Pz), np.float32)[:] = ops.crop_patches(imgs, c, Pz, index=src.astype(np.int64))
 
     def gather(src, src_rows, idx, dst, row_bytes, n=None, error_flag=None, stream=None):
+        if isinstance(idx, np.ndarray):
+            idx = idx.copy()  # the caller may reuse its host array at once
+        sim.defer(lambda: _gather(src, src_rows, idx, dst, row_bytes, n, error_flag))
+
+    def _gather(src, src_rows, idx, dst, row_bytes, n, error_flag):
         index = idx if isinstance(idx, np.ndarray) else mem.view(P(idx, "idx"), (n,), np.int32).copy()
         s_ptr, d_ptr = P(src, "src"), P(dst, "dst")
         assert not (s_ptr < d_ptr + n * row_bytes and d_ptr < s_ptr + src_rows * row_bytes), "overlap"
@@ -89,9 +117,15 @@ def sim_ops(monkeypatch, mem):
         mem.view(d_ptr, (n, row_bytes), np.uint8)[:] = rows[index]
 
     def copy(dst, src, nbytes, stream=None):
+        sim.defer(lambda: _copy(dst, src, nbytes))
+
+    def _copy(dst, src, nbytes):
         mem.view(P(dst, "dst"), (nbytes,), np.uint8)[:] = mem.view(P(src, "src"), (nbytes,), np.uint8).copy()
 
     def softmax_stats(logits, n, C, maxprob, argmax, logits_out=None, out_dtype="float32", stream=None):
+        sim.defer(lambda: _softmax_stats(logits, n, C, maxprob, argmax, logits_out))
+
+    def _softmax_stats(logits, n, C, maxprob, argmax, logits_out):
         lg = np.ascontiguousarray(mem.view(logits, (n, C), np.float32))
         mp, am = ops.softmax_stats(lg)
         mem.view(maxprob, (n,), np.float32)[:] = mp
@@ -103,15 +137,60 @@ def sim_ops(monkeypatch, mem):
                      ("has_cuda_build", lambda: True), ("cuda_device_count", lambda: 1), ("cuda_glance", glance),
                      ("cuda_preprocess", preprocess), ("cuda_crop_patches", crop), ("cuda_gather_rows", gather),
                      ("cuda_copy", copy), ("cuda_softmax_stats", softmax_stats),
-                     ("_stream_sync", sim.synced.append)]:
+                     ("_stream_sync", sim.synced.append), ("CudaEvent", SimEvent)]:
         monkeypatch.setattr(ops, name, fn)
     return sim
+
+
+class SimEvent:
+    """A CUDA event on the simulated device: the host clock at ``record``."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def record(self, stream=None):
+        import time
+
+        self.t = time.perf_counter()
+
+    def elapsed_ms(self, start):
+        return (self.t - start.t) * 1e3
+
+
+class SimCapture:
+    """Graph capture on the simulated device: ``capture(fn)`` records what ``fn`` enqueues
+    (nothing runs) and returns the replay, which runs the recording. ``fail`` makes every
+    capture raise (a capture that cannot be made)."""
+
+    name = "sim-graph"
+
+    def __init__(self, sim, fail=False):
+        self.sim, self.fail, self.count = sim, fail, 0
+
+    def capture(self, fn):
+        assert self.sim.capturing is None, "nested capture"
+        self.sim.capturing = recorded = []
+        try:
+            fn()
+            if self.fail:
+                raise RuntimeError("cudaErrorStreamCaptureUnsupported: simulated capture failure")
+        finally:
+            self.sim.capturing = None
+        self.count += 1
+
+        def replay():
+            for op in recorded:
+                op()
+
+        replay.ops = recorded
+        return replay
 
 
 class SimHeads:
     """CPU heads exposing ``step_device`` on simulated device memory (same signatures as ops)."""
 
-    def __init__(self, cpu, mem):
+    def __init__(self, cpu, mem, sim=None):
+        defer = sim.defer if sim is not None else (lambda fn: fn())
         self.kind, self.pol_hidden, self.cls_hidden, self.device = cpu.kind, cpu.pol_hidden, cpu.cls_hidden, "cuda"
         m, S, Pz, F = mem, cpu.image_size, cpu.patch_size, int(cpu.actor.input_size)
 
@@ -124,6 +203,9 @@ class SimHeads:
             out_features = cpu.cls.out_features
 
             def step_device(self, x, h, h_out, batch, logits, maxprob=None, argmax=None, stream=None):
+                defer(lambda: self._step(x, h, h_out, batch, logits, maxprob, argmax))
+
+            def _step(self, x, h, h_out, batch, logits, maxprob, argmax):
                 xs = np.ascontiguousarray(m.view(x, (batch, cpu.cls.input_size), np.float32))
                 hs = None if h is None else np.ascontiguousarray(m.view(h, (batch, cpu.cls_hidden), np.float32))
                 hn, lg, mp, am = cpu.cls.step(xs, hs)
@@ -136,12 +218,18 @@ class SimHeads:
             def step_device(self, features, steps, batch, feature_dim, k, logits, maxprob=None, argmax=None,
                             layout="ntf", stream=None):
                 assert layout == "tnf"
+                defer(lambda: self._step(features, steps, batch, feature_dim, k, logits, maxprob, argmax))
+
+            def _step(self, features, steps, batch, feature_dim, k, logits, maxprob, argmax):
                 f = np.ascontiguousarray(m.view(features, (steps, batch, feature_dim), np.float32))
                 put(logits, maxprob, argmax, *cpu.cls.step(f, k, layout="tnf"))
 
         class Actor:
             def step_device(self, x, h, h_out, batch, action, coords, image_size, patch_size, stream=None):
                 assert (image_size, patch_size) == (S, Pz) and action is None
+                defer(lambda: self._step(x, h, h_out, batch, coords))
+
+            def _step(self, x, h, h_out, batch, coords):
                 xs = np.ascontiguousarray(m.view(x, (batch, F), np.float32))
                 hs = None if h is None else np.ascontiguousarray(m.view(h, (batch, cpu.pol_hidden), np.float32))
                 hn, _a, c = cpu.actor.step(xs, hs, S, Pz)

@@ -22,7 +22,7 @@ from gfnet_edge import ops
 from gfnet_edge.errors import InputError, UnavailableError
 from gfnet_edge.runtime.backends.base import Runner
 from probs import exits_mid_loop, gap_thresholds
-from sim_device import SimHeads, SimMemory, demo_test_images, sim_ops
+from sim_device import SimCapture, SimHeads, SimMemory, demo_test_images, sim_ops
 
 HAVE_GPU = ops.has_cuda_build() and ops.cuda_device_count() > 0
 GPU_REASON = ("gfnet_edge._C built without CUDA" if not ops.has_cuda_build()
@@ -333,6 +333,179 @@ def test_device_place_logic_on_simulated_device(tmp_path_factory, monkeypatch, k
     for f in ("prediction", "confidence", "exit_step", "coords"):
         np.testing.assert_array_equal(getattr(d, f), getattr(c, f))
     host.deactivate()
+
+
+# ------------------------------------- CPU: the captured loop (CUDA graphs) on a simulated device
+class _GraphSimRunner(Runner):
+    """A runner whose device work can be captured: outputs at fixed addresses per (graph,
+    batch), like TensorRT's, and the computation deferred to when the simulated stream runs
+    (so a replay recomputes from whatever its input address holds then)."""
+
+    name = "sim-graph"
+    supports_device = True
+
+    def __init__(self, host, mem, sim, P, max_batch=None, fail=False):
+        super().__init__(host.precision)
+        self.host, self.mem, self.sim, self.P, self.max_batch = host, mem, sim, P, max_batch
+        self.capturer = SimCapture(sim, fail=fail)
+        self.outputs, self.calls = {}, []
+
+    def _activate(self):
+        self.host.activate()
+
+    def graph_capture(self, stream):
+        assert stream is not None
+        return self.capturer
+
+    def _run_device(self, graph, image, batch, stream):
+        assert stream == 7
+        self.calls.append((graph, batch, self.sim.capturing is not None))
+        key, P = (graph, batch), self.P
+        if key not in self.outputs:
+            dry = self.host.run(graph, np.zeros((batch, 3, P, P), np.float32))
+            self.outputs[key] = {n: (self.mem.alloc(a.nbytes), a.shape) for n, a in dry.items()}
+        outs = self.outputs[key]
+
+        def run():
+            x = np.ascontiguousarray(self.mem.view(image, (batch, 3, P, P), np.float32))
+            for n, a in self.host.run(graph, x).items():
+                self.mem.view(outs[n][0], a.shape, np.float32)[:] = a
+
+        self.sim.defer(run)
+        return dict(outs)
+
+
+@pytest.mark.parametrize("kind", ["cascaded-demo", "gru-resnet-like"])
+def test_captured_loop_equals_host_loop_on_simulated_device(tmp_path_factory, monkeypatch, kind, request, caplog):
+    """The CUDA-graph loop (graph_steps.GraphSteps) against the host place: buckets, padding,
+    compaction inside the next step's graph, the row index of the crop, trace buffers,
+    capture once / replay after, recapture when the workspace grows, and the fallback to
+    plain launches when a capture fails."""
+    pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    pytest.importorskip("timm")
+    from gfnet_edge.runtime.backends.onnxruntime import OnnxRuntimeRunner
+    from gfnet_edge.runtime.device_steps import DeviceSteps
+    from gfnet_edge.runtime.driver import Driver
+    from gfnet_edge.runtime.graphs import bucket_for, buckets
+    from gfnet_edge.runtime.heads import HeadSet, load_head_arrays
+    from gfnet_edge.runtime.profile import Profiler
+
+    if kind == "cascaded-demo":
+        bundle = request.getfixturevalue("demo_bundle")
+    else:
+        bundle = _bundle(tmp_path_factory.mktemp("simg"), "gru", _tiny_spec("tiny_gru_resnet", **GRU_RESNET))
+    model, T, Pz = bundle.model, int(bundle.model["steps"]), int(bundle.model["patch_size"])
+    host = OnnxRuntimeRunner(bundle.graph_paths("fp32"), "fp32", 2).activate()
+    cpu_heads = HeadSet(load_head_arrays(bundle.heads_path), model)
+    ref = Driver(model, host, cpu_heads, Profiler(False))
+    mem = SimMemory()
+    sim = sim_ops(monkeypatch, mem)
+    heads = SimHeads(cpu_heads, mem, sim)
+    runner = _GraphSimRunner(host, mem, sim, Pz).activate()
+    dev = Driver(model, runner, heads, Profiler(True))
+    ws = dev.place.graphs
+    assert ws is not None and ws.cache.active
+
+    x = demo_test_images(bundle.model, 10) if kind == "cascaded-demo" else _images(bundle, 7, seed=2)
+    n = x.shape[0]
+    g = ops.glance(x, Pz, model["glance_interpolation"])
+    tr_ref, tr_dev = ref.run(x, g, None), dev.run(x, g, None)
+    np.testing.assert_allclose(tr_dev.probs, tr_ref.probs, rtol=0, atol=1e-6)
+    for f in ("prediction", "confidence", "exit_step", "coords"):
+        np.testing.assert_array_equal(getattr(tr_dev, f), getattr(tr_ref, f))
+    B0 = bucket_for(n, None)  # 10 -> 16, 7 -> 8
+    assert ws.capacity == B0 and {b for _, b, _ in runner.calls} == {B0}  # n padded to its bucket
+    thr = gap_thresholds(tr_ref.probs)
+    a = ref.run(x, g, thr)
+    assert (a.exit_step < T - 1).any() and exits_mid_loop(a.exit_step, T), a.exit_step
+    keys, run_key = [], ws.cache.run
+    monkeypatch.setattr(ws.cache, "run", lambda key, step: keys.append(key) or run_key(key, step))
+    for i, max_batch in enumerate((None, 3, None)):
+        runner.max_batch, runner.calls, sim.reads, keys[:] = max_batch, [], 0, []
+        captures, replays = ws.cache.captures, ws.cache.replays
+        b = dev.run(x, None, thr)  # glance on the (simulated) device
+        for f in ("prediction", "confidence", "exit_step", "coords"):
+            np.testing.assert_array_equal(getattr(b, f), getattr(a, f), err_msg=f"{f}, max batch {max_batch}")
+        np.testing.assert_allclose(b.confidence, a.confidence, rtol=0, atol=0)
+        allowed = buckets(max_batch or B0)
+        assert all(bs in allowed for _, bs, _ in runner.calls), runner.calls
+        if max_batch is None:
+            # one read per step; each focus step ran the survivors' bucket
+            assert sim.reads == 1 + int(a.exit_step.max())
+            want = [min(bb for bb in allowed if bb >= int((a.exit_step >= t).sum()))
+                    for t in range(1, T) if (a.exit_step >= t).any()]
+            assert [k[1] for k in keys if k[0] == "focus"] == want
+            assert [k[1] for k in keys if k[0] == "glance"] == [B0]
+        if i == 2:  # the first call again: every step replayed, nothing captured
+            assert ws.cache.captures == captures and ws.cache.replays > replays
+            assert runner.calls == [], "a replay must not call the runner"
+    stages = dev.prof.summary()
+    assert {"glance", "focus", "exit"} <= set(stages)
+
+    # frames of several sizes, pre-processed on the device, then a smaller call (same workspace)
+    frames = [np.random.default_rng(i).integers(0, 256, (200 + 9 * i, 300 - 11 * i, 3), dtype=np.uint8) for i in range(7)]
+    images, gl = ops.preprocess(frames, int(model["image_size"]), crop_pct=float(model["crop_pct"]),
+                                interpolation=model["dataset_interpolation"], glance_size=Pz,
+                                glance_interpolation=model["glance_interpolation"])
+    c, d = ref.run(images, gl, thr), dev.run_frames(frames, thr)
+    for f in ("prediction", "confidence", "exit_step", "coords"):
+        np.testing.assert_array_equal(getattr(d, f), getattr(c, f))
+    one = dev.run(x[3:4], g[3:4], thr)
+    assert (one.prediction[0], one.exit_step[0]) == (a.prediction[3], a.exit_step[3])
+    np.testing.assert_array_equal(one.coords[:, 0], a.coords[:, 3])
+
+    # a bigger call grows the workspace: graphs dropped and captured again, same answers
+    big = np.concatenate([x, x, x])
+    e = dev.run(big, None, thr)
+    assert ws.capacity == 32
+    np.testing.assert_array_equal(e.exit_step, np.concatenate([a.exit_step] * 3))
+    np.testing.assert_array_equal(e.coords, np.concatenate([a.coords] * 3, axis=1))
+
+    # a capture that fails: logged once, the loop continues with plain launches, same answers
+    failing = _GraphSimRunner(host, mem, sim, Pz, fail=True).activate()
+    fdev = Driver(model, failing, heads, Profiler(False))
+    with caplog.at_level("WARNING", logger="gfnet_edge"):
+        f1, f2 = fdev.run(x, g, thr), fdev.run(x, g, thr)
+    assert "CUDA graph capture failed" in caplog.text and caplog.text.count("capture failed") == 1
+    assert not fdev.place.graphs.cache.active and isinstance(fdev.place.steps(1, 1, thr), DeviceSteps)
+    for r in (f1, f2):
+        for f in ("prediction", "exit_step", "coords"):
+            np.testing.assert_array_equal(getattr(r, f), getattr(a, f))
+    host.deactivate()
+
+
+def test_graph_buckets_and_cache():
+    from gfnet_edge.runtime.graphs import GraphCache, bucket_for, buckets
+
+    assert buckets(1) == (1,) and buckets(12) == (1, 2, 4, 8, 12) and buckets(32) == (1, 2, 4, 8, 16, 32)
+    assert [bucket_for(n, 12) for n in (1, 2, 3, 5, 9, 12)] == [1, 2, 4, 8, 12, 12]
+    assert [bucket_for(n, None) for n in (1, 3, 100)] == [1, 4, 128]
+    for bad in (lambda: buckets(0), lambda: bucket_for(0, 4), lambda: bucket_for(5, 4)):
+        with pytest.raises(ValueError):
+            bad()
+    log = []
+
+    class Cap:
+        name = "list"
+
+        def capture(self, fn):
+            log.append("capture")
+            return lambda: log.append("replay")
+
+    cache = GraphCache(Cap())
+    for _ in range(3):
+        cache.run(("focus", 4, 1, 0), lambda: log.append("eager"))
+    cache.run(("focus", 2, 1, 4), lambda: log.append("eager"))
+    assert log == ["eager", "capture", "replay", "replay", "eager", "capture"]
+    assert (cache.captures, cache.replays, cache.eager) == (2, 2, 2)
+    cache.clear()
+    cache.run(("focus", 4, 1, 0), lambda: log.append("eager"))
+    assert log[-2:] == ["eager", "capture"]
+    plain = GraphCache(None)
+    plain.run("k", lambda: log.append("eager"))
+    plain.run("k", lambda: log.append("eager"))
+    assert log[-2:] == ["eager", "eager"] and not plain.active
 
 
 # ---------------------------------------------------------------------- GPU: gather_rows

@@ -106,9 +106,12 @@ void glance(uintptr_t in, DType in_dtype, int64_t n, int64_t channels, int64_t i
 /// never cause an out-of-bounds read: that sample's patch is zero-filled and *error_flag
 /// (a device int32 the caller zeroed) is set to 1. With error_flag == 0 the call uses an
 /// internal flag, synchronizes `stream` and throws std::invalid_argument on a bad coordinate.
+/// With rows != 0 (a device int32 array (n,)), patch i is cut from image rows[i] of the
+/// `image_rows` images at `images` (a row outside [0, image_rows) is handled like a bad
+/// coordinate); with rows == 0 from image i.
 void crop_patches(uintptr_t images, DType dtype, int64_t n, int64_t channels, int64_t size,
                   uintptr_t coords, uintptr_t out, int64_t patch, uintptr_t error_flag,
-                  uintptr_t stream);
+                  uintptr_t stream, uintptr_t rows = 0, int64_t image_rows = 0);
 
 /// Row gather: dst[i] = src[idx[i]] for i < n, rows of `row_bytes` bytes, idx a device int32
 /// array (n,). src holds `src_rows` rows; src and dst must not overlap (std::invalid_argument).
@@ -182,6 +185,69 @@ void softmax_stats(uintptr_t logits_f32, int64_t nb, int64_t classes, uintptr_t 
 /// (nb, 2) int32.
 void actor_epilogue(uintptr_t raw_f32, int64_t nb, int64_t range, uintptr_t action,
                     uintptr_t coords, uintptr_t stream);
+
+/// A CUDA graph made by capturing the work enqueued on a stream (cudaStreamBeginCapture in
+/// thread-local mode, cudaStreamEndCapture, cudaGraphInstantiate) and replayed with
+/// cudaGraphLaunch. Every address the captured work used is baked in.
+class Graph {
+ public:
+  Graph() = default;
+  ~Graph();
+  Graph(const Graph&) = delete;
+  Graph& operator=(const Graph&) = delete;
+  /// Starts capturing `stream` (std::runtime_error if this graph was captured already).
+  void begin_capture(uintptr_t stream);
+  /// Ends the capture started by begin_capture and instantiates the graph; on a capture
+  /// that was invalidated (an unsupported call while capturing) throws std::runtime_error
+  /// naming the CUDA error, and the stream is no longer capturing.
+  void end_capture();
+  /// Abandons a capture in progress (no-op when none is).
+  void abort_capture();
+  /// Enqueues one replay on `stream`.
+  void launch(uintptr_t stream) const;
+  bool ready() const { return exec_ != nullptr; }
+  /// Number of nodes of the captured graph (0 before end_capture).
+  size_t nodes() const { return nodes_; }
+
+ private:
+  void* graph_ = nullptr;  // cudaGraph_t
+  void* exec_ = nullptr;   // cudaGraphExec_t
+  uintptr_t capturing_ = 0;
+  bool is_capturing_ = false;
+  size_t nodes_ = 0;
+};
+
+/// A CUDA event with timing, recorded on a stream (device-time profiling without
+/// synchronizing the stream per stage).
+class Event {
+ public:
+  Event();
+  ~Event();
+  Event(const Event&) = delete;
+  Event& operator=(const Event&) = delete;
+  void record(uintptr_t stream);
+  void synchronize() const;
+  /// Milliseconds from `start` to this event (both recorded; waits for this one).
+  float elapsed_since(const Event& start) const;
+
+ private:
+  void* event_ = nullptr;
+};
+
+/// Page-locked host memory (cudaMallocHost): device -> host copies into it are direct DMA.
+class PinnedBuffer {
+ public:
+  explicit PinnedBuffer(size_t nbytes);
+  ~PinnedBuffer();
+  PinnedBuffer(const PinnedBuffer&) = delete;
+  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
+  void* data() const { return ptr_; }
+  size_t nbytes() const { return nbytes_; }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t nbytes_ = 0;
+};
 
 /// Stream-ordered scratch allocation (cudaMallocAsync where supported).
 class Scratch {

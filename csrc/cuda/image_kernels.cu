@@ -190,7 +190,8 @@ __global__ void glance_kernel(const IT* __restrict__ in, int64_t planes, int in_
 template <typename T>
 __global__ void crop_kernel(const T* __restrict__ images, int64_t n, int64_t channels,
                             int64_t size, const int32_t* __restrict__ coords, T* __restrict__ out,
-                            int64_t patch, int* __restrict__ error_flag) {
+                            int64_t patch, int* __restrict__ error_flag,
+                            const int32_t* __restrict__ rows, int64_t image_rows) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t per_sample = channels * patch * patch;
   if (idx >= n * per_sample) return;
@@ -201,12 +202,13 @@ __global__ void crop_kernel(const T* __restrict__ images, int64_t n, int64_t cha
   const int64_t x = rem % patch;
   const int64_t r0 = coords[2 * i], c0 = coords[2 * i + 1];
   const int64_t limit = size - patch;
-  if (r0 < 0 || c0 < 0 || r0 > limit || c0 > limit) {
+  const int64_t src = rows != nullptr ? static_cast<int64_t>(rows[i]) : i;
+  if (r0 < 0 || c0 < 0 || r0 > limit || c0 > limit || src < 0 || (rows != nullptr && src >= image_rows)) {
     if (rem == 0) *error_flag = 1;
     out[idx] = T(0);
     return;
   }
-  out[idx] = images[((i * channels + c) * size + r0 + y) * size + c0 + x];
+  out[idx] = images[((src * channels + c) * size + r0 + y) * size + c0 + x];
 }
 
 template <typename IT>
@@ -306,11 +308,15 @@ void glance(uintptr_t in, DType in_dtype, int64_t n, int64_t channels, int64_t i
 
 void crop_patches(uintptr_t images, DType dtype, int64_t n, int64_t channels, int64_t size,
                   uintptr_t coords, uintptr_t out, int64_t patch, uintptr_t error_flag,
-                  uintptr_t stream) {
+                  uintptr_t stream, uintptr_t rows, int64_t image_rows) {
   require_device();
   check_device_pointer(images, "images");
   check_device_pointer(coords, "coords");
   check_device_pointer(out, "out");
+  if (rows != 0) {
+    check_device_pointer(rows, "rows");
+    check_positive(image_rows, "image_rows");
+  }
   check_positive(patch, "patch_size");
   if (patch > size) {
     throw std::invalid_argument("patch_size " + std::to_string(patch) +
@@ -323,15 +329,18 @@ void crop_patches(uintptr_t images, DType dtype, int64_t n, int64_t channels, in
   if (dtype == DType::kF32) {
     crop_kernel<float><<<blocks_for(total), kThreads, 0, s>>>(
         reinterpret_cast<const float*>(images), n, channels, size,
-        reinterpret_cast<const int32_t*>(coords), reinterpret_cast<float*>(out), patch, flag.get());
+        reinterpret_cast<const int32_t*>(coords), reinterpret_cast<float*>(out), patch, flag.get(),
+        reinterpret_cast<const int32_t*>(rows), image_rows);
   } else {
     crop_kernel<uint16_t><<<blocks_for(total), kThreads, 0, s>>>(
         reinterpret_cast<const uint16_t*>(images), n, channels, size,
-        reinterpret_cast<const int32_t*>(coords), reinterpret_cast<uint16_t*>(out), patch, flag.get());
+        reinterpret_cast<const int32_t*>(coords), reinterpret_cast<uint16_t*>(out), patch, flag.get(),
+        reinterpret_cast<const int32_t*>(rows), image_rows);
   }
   GFN_CUDA_CHECK_LAUNCH();
   flag.raise_if_set("patch coordinates out of range: every (row, col) must lie in [0, " +
-                    std::to_string(size - patch) + "]");
+                    std::to_string(size - patch) + "]" +
+                    (rows != 0 ? " and every image row in [0, " + std::to_string(image_rows) + ")" : ""));
 }
 
 }  // namespace gfn::cuda

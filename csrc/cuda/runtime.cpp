@@ -230,4 +230,99 @@ void ErrorFlag::raise_if_set(const std::string& message) const {
   if (host_flag != 0) throw std::invalid_argument(message);
 }
 
+// ------------------------------------------------------------------------------ graphs
+Graph::~Graph() {
+  abort_capture();
+  if (exec_ != nullptr) (void)cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(exec_));
+  if (graph_ != nullptr) (void)cudaGraphDestroy(static_cast<cudaGraph_t>(graph_));
+  (void)cudaGetLastError();
+}
+
+void Graph::begin_capture(uintptr_t stream) {
+  require_device();
+  if (is_capturing_ || exec_ != nullptr) {
+    throw std::runtime_error("this graph was captured already; make a new one");
+  }
+  if (stream == 0) {
+    throw std::invalid_argument("graph capture needs a created stream, not the legacy default stream (0)");
+  }
+  GFN_CUDA_CHECK(cudaStreamBeginCapture(as_stream(stream), cudaStreamCaptureModeThreadLocal));
+  capturing_ = stream;
+  is_capturing_ = true;
+}
+
+void Graph::abort_capture() {
+  if (!is_capturing_) return;
+  cudaGraph_t g = nullptr;
+  (void)cudaStreamEndCapture(as_stream(capturing_), &g);
+  if (g != nullptr) (void)cudaGraphDestroy(g);
+  (void)cudaGetLastError();
+  is_capturing_ = false;
+}
+
+void Graph::end_capture() {
+  if (!is_capturing_) throw std::runtime_error("end_capture without begin_capture");
+  cudaGraph_t g = nullptr;
+  const cudaError_t err = cudaStreamEndCapture(as_stream(capturing_), &g);
+  is_capturing_ = false;
+  if (err != cudaSuccess || g == nullptr) {
+    if (g != nullptr) (void)cudaGraphDestroy(g);
+    throw_cuda_error(err != cudaSuccess ? err : cudaErrorStreamCaptureInvalidated,
+                     "cudaStreamEndCapture (a call made while capturing cannot be captured)", __FILE__,
+                     __LINE__);
+  }
+  graph_ = g;
+  size_t count = 0;
+  GFN_CUDA_CHECK(cudaGraphGetNodes(g, nullptr, &count));
+  nodes_ = count;
+  cudaGraphExec_t exec = nullptr;
+  GFN_CUDA_CHECK(cudaGraphInstantiate(&exec, g, 0));
+  exec_ = exec;
+}
+
+void Graph::launch(uintptr_t stream) const {
+  if (exec_ == nullptr) throw std::runtime_error("graph launched before it was captured");
+  GFN_CUDA_CHECK(cudaGraphLaunch(static_cast<cudaGraphExec_t>(exec_), as_stream(stream)));
+}
+
+// ------------------------------------------------------------------------------ events
+Event::Event() {
+  require_device();
+  cudaEvent_t e = nullptr;
+  GFN_CUDA_CHECK(cudaEventCreate(&e));
+  event_ = e;
+}
+
+Event::~Event() {
+  if (event_ != nullptr) (void)cudaEventDestroy(static_cast<cudaEvent_t>(event_));
+  (void)cudaGetLastError();
+}
+
+void Event::record(uintptr_t stream) {
+  GFN_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(event_), as_stream(stream)));
+}
+
+void Event::synchronize() const {
+  GFN_CUDA_CHECK(cudaEventSynchronize(static_cast<cudaEvent_t>(event_)));
+}
+
+float Event::elapsed_since(const Event& start) const {
+  synchronize();
+  float ms = 0.0f;
+  GFN_CUDA_CHECK(cudaEventElapsedTime(&ms, static_cast<cudaEvent_t>(start.event_),
+                                      static_cast<cudaEvent_t>(event_)));
+  return ms;
+}
+
+// ---------------------------------------------------------------------- pinned memory
+PinnedBuffer::PinnedBuffer(size_t nbytes) : nbytes_(nbytes) {
+  require_device();
+  GFN_CUDA_CHECK(cudaMallocHost(&ptr_, nbytes > 0 ? nbytes : 1));
+}
+
+PinnedBuffer::~PinnedBuffer() {
+  if (ptr_ != nullptr) (void)cudaFreeHost(ptr_);
+  (void)cudaGetLastError();
+}
+
 }  // namespace gfn::cuda

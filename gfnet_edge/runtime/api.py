@@ -104,6 +104,10 @@ class Runtime:
             memory-bound GRU steps, about 1e-3 relative error in the heads' outputs; on the
             demo model's 1000 test images classes, exits and patch coordinates were unchanged
             and the loop 1-4 % faster on the CPU, docs/kernels.md).
+        cuda_graphs: when the loop runs on the GPU, capture each step as a CUDA graph per
+            batch bucket and replay it with one launch (:mod:`~gfnet_edge.runtime.graphs`;
+            default). A capture failure falls back to plain launches with a logged warning.
+            ``False`` launches every kernel from Python.
 
     The loop is :class:`~gfnet_edge.runtime.driver.Driver`. When the runner can execute on
     device buffers (TensorRT; torch with ``device="cuda"``) its buffers live on the GPU
@@ -116,7 +120,7 @@ class Runtime:
     def __init__(self, bundle: Union[str, Path, Bundle], backend: str = "auto", precision: str = "auto",
                  budget: Optional[str] = None, threads: Optional[int] = None, profile: bool = False,
                  verify: bool = True, device: Optional[str] = None, dla_core: Optional[int] = None,
-                 head_dtype: str = "float32") -> None:
+                 head_dtype: str = "float32", cuda_graphs: bool = True) -> None:
         if head_dtype not in HEAD_DTYPES:
             raise InputError(f"head_dtype must be one of {', '.join(HEAD_DTYPES)}, got {head_dtype!r}")
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle, verify=verify)
@@ -156,7 +160,7 @@ class Runtime:
                              device="cuda" if on_gpu else "cpu", weight_dtype=head_dtype)
         self.runner.activate()
         try:
-            self.driver = Driver(self.model, self.runner, self.heads, self.profiler)
+            self.driver = Driver(self.model, self.runner, self.heads, self.profiler, cuda_graphs=cuda_graphs)
         except BaseException:
             self.runner.deactivate()
             raise
@@ -199,7 +203,10 @@ class Runtime:
         if backend == "torch":
             from .backends.torch import TorchRunner
 
-            return TorchRunner(self.bundle, self.threads, device=self.device or "cpu")
+            if precision not in ("auto", "fp32", "fp16"):
+                raise InputError(f"the torch backend runs the checkpoint in fp32 or fp16 (CUDA), not {precision!r}")
+            return TorchRunner(self.bundle, self.threads, device=self.device or "cpu",
+                               dtype="float16" if precision == "fp16" else "float32")
         raise InputError(f"unknown backend {backend!r}")
 
     def set_budget(self, budget: Optional[str]) -> None:

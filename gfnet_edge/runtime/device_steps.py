@@ -17,14 +17,20 @@ step -- policy, crop, backbone, classifier -- is enqueued on one CUDA stream:
 * survivors are compacted on the device with ``ops.cuda_gather_rows`` (indices uploaded
   once per step that has exits, asynchronously).
 
-Per-stage profiling synchronizes the stream at the end of each stage while the profiler is
-enabled, so the stage times are device times; with the profiler off nothing waits except the
-per-step read.
+With CUDA graphs on (the default when the runner can be captured: torch on CUDA, TensorRT),
+the place runs :class:`~gfnet_edge.runtime.graph_steps.GraphSteps` instead: the same steps, each
+captured once per batch bucket as a CUDA graph and replayed with one launch
+(:mod:`~gfnet_edge.runtime.graphs`). :class:`DeviceSteps` below is the plain-launch version,
+used when graphs are off or the runner cannot be captured.
+
+Per-stage profiling records a pair of CUDA events on the stream around each device stage and
+reads their times at the end of the chunk, so the stage times are device times and nothing
+waits per stage; the ``exit`` stage (the per-step read and the host bookkeeping) is wall-clock
+time. With the profiler off nothing waits except the per-step read.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import TYPE_CHECKING, Any, ContextManager, Dict, Iterator, List, NamedTuple, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, ContextManager, Dict, List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
@@ -43,6 +49,8 @@ class DevicePlace:
     Args:
         driver: the :class:`~gfnet_edge.runtime.driver.Driver` (model, runner, heads, profiler).
         stream: the CUDA stream for everything (default: a new :class:`gfnet_edge.ops.Stream`).
+        cuda_graphs: capture each step as a CUDA graph when the runner can be captured
+            (:meth:`Runner.graph_capture <gfnet_edge.runtime.backends.base.Runner.graph_capture>`).
 
     Raises:
         UnavailableError: no CUDA build or no usable GPU.
@@ -51,7 +59,7 @@ class DevicePlace:
 
     on_device = True
 
-    def __init__(self, driver: "Driver", stream: Any = None) -> None:
+    def __init__(self, driver: "Driver", stream: Any = None, cuda_graphs: bool = True) -> None:
         from .. import ops
 
         if not ops.has_cuda_build() or ops.cuda_device_count() < 1:
@@ -64,6 +72,15 @@ class DevicePlace:
         self.driver = driver
         self.stream = stream if stream is not None else ops.Stream()
         self._bufs: Dict[str, Any] = {}
+        self._events: List[Any] = []  # free CUDA events for stage timing
+        self._pending: List[tuple] = []  # (stage, start event, end event) not read yet
+        capture = driver.runner.graph_capture(self.stream) if cuda_graphs else None
+        #: The captured loop's buffers and graphs (None: plain launches, :class:`DeviceSteps`).
+        self.graphs = None
+        if capture is not None:
+            from .graph_steps import GraphWorkspace
+
+            self.graphs = GraphWorkspace(self, capture)
 
     # ----------------------------------------------------------------- buffers
     def buf(self, name: str, nbytes: int):
@@ -83,17 +100,29 @@ class DevicePlace:
         return first.ptr if first.ptr != current else self.buf(f"{key}.1", nbytes).ptr
 
     def stage(self, name: str) -> ContextManager[None]:
-        """The profiler's stage; while it is on, the stream is synchronized at the end of the
-        stage so the time is device time. Off, the profiler's shared no-op (the loop enters
-        ~8 stages per image, so no generator-based context is made then)."""
+        """A device stage: while the profiler is on, CUDA events recorded on the stream around
+        it (read by :meth:`flush_profile`); off, the profiler's shared no-op (the loop enters
+        ~8 stages per image, so nothing is made then)."""
         prof = self.driver.prof
-        return self._synced(name) if prof.enabled else prof.stage(name)
+        return _EventStage(self, name) if prof.enabled else prof.stage(name)
 
-    @contextlib.contextmanager
-    def _synced(self, name: str) -> Iterator[None]:
-        with self.driver.prof.stage(name):
-            yield
-            self.stream.synchronize()
+    def host_stage(self, name: str) -> ContextManager[None]:
+        """A stage timed on the host clock (the per-step read and the exit bookkeeping)."""
+        return self.driver.prof.stage(name)
+
+    def _event(self) -> Any:
+        from .. import ops
+
+        return self._events.pop() if self._events else ops.CudaEvent()
+
+    def flush_profile(self) -> None:
+        """Adds the device times of the stages recorded so far to the profiler."""
+        if not self._pending:
+            return
+        prof, pending, self._pending = self.driver.prof, self._pending, []
+        for name, start, end in pending:
+            prof.record(name, end.elapsed_ms(start) / 1e3)
+            self._events += [start, end]
 
     # ------------------------------------------------------------------- inputs
     def inputs(self, images: np.ndarray, glance: Optional[np.ndarray]) -> List[Chunk]:
@@ -183,8 +212,31 @@ class DevicePlace:
                 for i in range(0, n, chunk)]
 
     # -------------------------------------------------------------------- steps
-    def steps(self, images: int, n: int, thresholds: Optional[np.ndarray]) -> "DeviceSteps":
+    def steps(self, images: int, n: int, thresholds: Optional[np.ndarray], glance: int = 0) -> Any:
+        """The run over one chunk: captured (:class:`GraphSteps`) when graphs are on."""
+        if self.graphs is not None and self.graphs.cache.active:
+            from .graph_steps import GraphSteps
+
+            return GraphSteps(self, self.graphs, images, glance, n, thresholds)
         return DeviceSteps(self, images, n, thresholds)
+
+
+class _EventStage:
+    """``with`` block of one device stage, timed by two CUDA events on the place's stream."""
+
+    __slots__ = ("place", "name", "start")
+
+    def __init__(self, place: DevicePlace, name: str) -> None:
+        self.place, self.name = place, name
+
+    def __enter__(self) -> None:
+        self.start = self.place._event()
+        self.start.record(self.place.stream)
+
+    def __exit__(self, *exc) -> None:
+        end = self.place._event()
+        end.record(self.place.stream)
+        self.place._pending.append((self.name, self.start, end))
 
 
 class DeviceSteps:
@@ -304,7 +356,7 @@ class DeviceSteps:
         """Reads step t's block (the one device -> host copy of the step), records the results
         and compacts the survivors; False when no image is left to run."""
         n, t, active = self.n, self.t, self.active
-        with self.place.stage("exit"):
+        with self.place.host_stage("exit"):
             words = self.host_stats[:4 * n + 1]
             self.stats.copy_to_host(words, self.st, offset=t * self.slot_words * F32)
             mp, am = words[:n].view(np.float32), words[n:2 * n]
@@ -358,7 +410,7 @@ class DeviceSteps:
         if self.trace:
             T, N, C = self.T, self.N, self.C
             hs = self.host_stats
-            with self.place.stage("exit"):
+            with self.place.host_stage("exit"):
                 self.stats.copy_to_host(hs, self.st)
                 lg_host = np.empty((T, N, C), np.float32)
                 self.logits.copy_to_host(lg_host, self.st)
@@ -371,6 +423,7 @@ class DeviceSteps:
             self.prediction[:] = last[N:2 * N]
             self.confidence[:] = last[:N].view(np.float32)
             probs_all = np.stack([softmax(lg_host[t]) for t in range(T)]).astype(np.float32, copy=False)
+        self.place.flush_profile()
         return StepOutputs(self.prediction, self.confidence, self.exit_step, self.coords, probs_all)
 
 

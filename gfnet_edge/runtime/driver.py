@@ -94,7 +94,7 @@ class Place(Protocol):
     on_device: bool
 
     def stage(self, name: str) -> ContextManager[None]:
-        """Times a stage (on the device place: device time, the stream synchronized)."""
+        """Times a stage (on the device place: device time, from CUDA events on the stream)."""
 
     def inputs(self, images: np.ndarray, glance: Optional[np.ndarray]) -> List[Chunk]:
         """Host images (and glance, or None to compute it) as the place's chunks."""
@@ -102,8 +102,9 @@ class Place(Protocol):
     def frames(self, frames: Union[np.ndarray, Sequence[np.ndarray]]) -> List[Chunk]:
         """uint8 HWC frames of any size, pre-processed, as the place's chunks."""
 
-    def steps(self, images: Any, n: int, thresholds: Optional[np.ndarray]) -> Steps:
-        """A run of the loop over one chunk (``thresholds`` None: trace)."""
+    def steps(self, images: Any, n: int, thresholds: Optional[np.ndarray], glance: Any = None) -> Steps:
+        """A run of the loop over one chunk (``thresholds`` None: trace; ``glance`` the chunk's
+        glance, for a place that stages it before the first backbone run)."""
 
 
 class Driver:
@@ -119,6 +120,9 @@ class Driver:
         profiler: per-stage timer (read at every call, so it may be swapped).
         stream: device place only: the CUDA stream for everything (default: a new
             :class:`gfnet_edge.ops.Stream`).
+        cuda_graphs: device place only: capture each step as a CUDA graph and replay it
+            (:mod:`~gfnet_edge.runtime.graphs`) when the runner can be captured; False runs
+            every kernel as a plain launch.
 
     Raises:
         UnavailableError: device heads, but no CUDA build or no usable GPU.
@@ -126,7 +130,7 @@ class Driver:
     """
 
     def __init__(self, model: Dict[str, Any], runner: Runner, heads: HeadSet, profiler: Profiler,
-                 stream: Any = None) -> None:
+                 stream: Any = None, cuda_graphs: bool = True) -> None:
         self.model = model
         self.runner = runner
         self.heads = heads
@@ -138,7 +142,7 @@ class Driver:
         if getattr(heads, "device", "cpu") == "cuda":
             from .device_steps import DevicePlace
 
-            self.place: Place = DevicePlace(self, stream)
+            self.place: Place = DevicePlace(self, stream, cuda_graphs=cuda_graphs)
         else:
             from .host_steps import HostPlace
 
@@ -218,7 +222,7 @@ class Driver:
         place = self.place
         outs = []
         for images, glance, n in stage():
-            steps = place.steps(images, n, thr)
+            steps = place.steps(images, n, thr, glance=glance)
             with place.stage("glance"):
                 g = steps.backbone("glance", glance)
             patches = steps.begin(g)

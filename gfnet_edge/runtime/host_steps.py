@@ -9,7 +9,7 @@ the call itself).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ContextManager, Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, ContextManager, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -73,7 +73,7 @@ class HostPlace:
         return ops.glance(images, self.driver.P, m["glance_interpolation"], **norm)
 
     # -------------------------------------------------------------------- steps
-    def steps(self, images: np.ndarray, n: int, thresholds: Optional[np.ndarray]) -> "HostSteps":
+    def steps(self, images: np.ndarray, n: int, thresholds: Optional[np.ndarray], glance: Any = None) -> "HostSteps":
         return HostSteps(self, images, thresholds)
 
 

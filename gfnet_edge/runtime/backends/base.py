@@ -13,9 +13,12 @@ Two ways to run a graph:
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..graphs import Capture
 
 GRAPHS = ("glance", "focus")
 
@@ -109,6 +112,14 @@ class Runner:
         from ... import ops
 
         return self._run_device(graph, int(image), int(batch), ops._stream(stream))
+
+    def graph_capture(self, stream: Any) -> Optional["Capture"]:
+        """How the work this runner enqueues on ``stream`` is captured as a CUDA graph
+        (:mod:`~gfnet_edge.runtime.graphs`), or None when it cannot be (the device loop then
+        launches every kernel itself). A captured :meth:`run_device` must leave its outputs at
+        the same addresses on every replay: runners keep them alive for the life of the graph.
+        """
+        return None
 
     # to implement
     def _activate(self) -> None:

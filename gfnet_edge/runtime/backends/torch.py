@@ -65,14 +65,21 @@ class TorchRunner(Runner):
         threads: torch CPU threads (``None``: torch's default).
         device: ``"cpu"`` or ``"cuda"`` (the graphs on the current CUDA device; enables
             :meth:`run_device`).
+        dtype: ``"float32"`` (no TF32) or ``"float16"`` (CUDA only: the backbones' weights and
+            activations in half precision; inputs and outputs stay float32).
     """
 
     name = "torch"
 
-    def __init__(self, bundle, threads: Optional[int] = None, device: str = "cpu") -> None:
-        super().__init__("fp32-torch")
+    def __init__(self, bundle, threads: Optional[int] = None, device: str = "cpu", dtype: str = "float32") -> None:
         if device not in DEVICES:
             raise InputError(f"torch device must be one of {', '.join(DEVICES)}, got {device!r}")
+        if dtype not in ("float32", "float16"):
+            raise InputError(f"torch dtype must be float32 or float16, got {dtype!r}")
+        if dtype == "float16" and device != "cuda":
+            raise InputError("the torch backend runs float16 on CUDA only (device='cuda')")
+        super().__init__("fp16-torch" if dtype == "float16" else "fp32-torch")
+        self.dtype = dtype
         ck = bundle.manifest.get("checkpoint")
         if not ck:
             raise InputError(
@@ -103,6 +110,8 @@ class TorchRunner(Runner):
             torch.set_num_threads(int(self.threads))
         model = load_checkpoint(self.path)
         self.graphs = {g: BackboneGraph(model, g).eval().to(self.device) for g in GRAPHS}
+        if self.dtype == "float16":
+            self.graphs = {g: m.half() for g, m in self.graphs.items()}
 
     def _deactivate(self) -> None:
         if self.device == "cuda" and (self._kept or self._streams):
@@ -125,6 +134,8 @@ class TorchRunner(Runner):
 
         g = self.graphs[graph]
         x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).to(self.device)
+        if self.dtype == "float16":
+            x = x.half()
         with torch.no_grad(), self._math():
             outs = g(x)
         return {n: o.float().cpu().numpy() for n, o in zip(g.output_names, outs)}
@@ -146,8 +157,60 @@ class TorchRunner(Runner):
         ts = self._stream(stream)
         with torch.no_grad(), torch.cuda.stream(ts), self._math():
             x = torch.as_tensor(_CudaArray(image, (batch, 3, P, P)), device="cuda")
-            outs = [o.float().contiguous() for o in g(x)]
+            outs = [o.float().contiguous() for o in g(x.half() if self.dtype == "float16" else x)]
         # Keep the outputs (and the borrowed input view) alive until the next call for this
         # graph; torch's allocator reuses their memory in stream order on the same stream.
         self._kept[graph] = (x, outs)
         return {n: (int(o.data_ptr()), tuple(o.shape)) for n, o in zip(g.output_names, outs)}
+
+    def graph_capture(self, stream: Any) -> Optional["TorchCapture"]:
+        """``torch.cuda.CUDAGraph`` capture on ``stream`` (CUDA device only): torch's
+        allocator must take part in a capture that contains torch modules."""
+        if self.device != "cuda":
+            return None
+        from ... import ops
+
+        return TorchCapture(self, ops._stream(stream))
+
+
+class TorchCapture:
+    """Captures work on a stream with ``torch.cuda.CUDAGraph`` (the torch modules' kernels and
+    the extension's, launched on the same stream). All graphs of a runner share one memory
+    pool: they are replayed one at a time on one stream, and what a step graph leaves for the
+    next one is copied into the device place's own buffers before the graph ends.
+
+    Args:
+        runner: the torch runner (its :meth:`TorchRunner.run_device` outputs captured in a
+            graph are kept alive with the graph).
+        stream: the stream handle the work is enqueued on.
+    """
+
+    name = "torch.cuda.CUDAGraph"
+
+    def __init__(self, runner: "TorchRunner", stream: int) -> None:
+        if stream == 0:
+            raise ValueError("CUDA graph capture needs a created stream, not the legacy default stream")
+        self.runner, self.stream = runner, stream
+        self.pool = None
+
+    def capture(self, fn):
+        import torch
+
+        ts = self.runner._stream(self.stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(ts):
+            graph.capture_begin(pool=self.pool)
+            try:
+                fn()
+            finally:
+                graph.capture_end()
+        if self.pool is None:
+            self.pool = graph.pool()
+        kept = dict(self.runner._kept)  # the captured outputs' memory, for the life of the graph
+
+        def replay() -> None:
+            with torch.cuda.stream(ts):
+                graph.replay()
+
+        replay.graph, replay.kept = graph, kept  # type: ignore[attr-defined]
+        return replay
