@@ -1,30 +1,31 @@
-"""End to end on a CUDA GPU: the device-resident GFNet loop against the static baseline on the
-same GPU, demo model.
+"""End to end on a CUDA GPU, demo model: the captured GFNet loop against the static network
+captured the same way, at equal accuracy, fp32 and fp16, batch 1 to 128.
 
-    python bench/e2e_gpu.py [--num-test 1000] [--batches 1,32] [--out bench/results/e2e_gpu.md]
+    python bench/e2e_gpu.py [--batches 1,8,32,128] [--precisions fp32,fp16] [--out bench/results/e2e_gpu.md]
 
-Builds a float32 bundle of the shipped demo checkpoint with the checkpoint inside, then runs
-:class:`gfnet_edge.Runtime` with the torch backend on CUDA, which runs the loop with its buffers on the GPU
-(:mod:`~gfnet_edge.runtime.device_steps`: the frames uploaded once, pre-process,
-glance, crops, the backbone graphs, GRU heads and compaction on one CUDA stream, one small
-read back per step). The baseline is the shipped static model (``demo_static.pth.tar``) in
-torch on the same GPU, fed the same uint8 frames (upload, normalise on the GPU, forward,
-argmax read back). Both run float32 without TF32.
+GFNet: the runtime's loop (:class:`gfnet_edge.runtime.driver.Driver`, what ``Runtime.predict``
+runs after its input checks) over the shipped demo checkpoint with the torch backend on CUDA:
+uint8 frames uploaded once, pre-processed on the GPU, every step a CUDA graph per batch bucket
+(backbone, heads, policy, crop, compaction), one small read per step. Static: the shipped
+static network (``demo_static.pth.tar``) fed the same uint8 frames (upload, normalisation,
+forward and argmax as one CUDA graph per batch, classes read back). Both sides run the same
+precision (fp32 without TF32, or fp16 weights and activations) with the same launch technology,
+so the ratio compares the networks, not two launch patterns.
 
-This is the GPU counterpart of ``bench/e2e.py`` (same operating-point sweep, same
-"fewest steps at equal accuracy" choice, same alternating-block head to head). It measures the
-loop's orchestration on a real GPU; the backbones run as eager torch modules, whose launch
-overhead dominates at these sizes, so the absolute times are not those of TensorRT engines on
-a Jetson.
+Equal accuracy: thresholds from the reference sweep fitted on the validation split; the
+operating point with the fewest mean steps whose test accuracy is within ``--tolerance`` points
+of the static network's. Timings: GFNet and static in alternating blocks of the same images.
+Outside the backbones: the loop from inputs already on the GPU with every step run, minus the
+glance and focus backbones replayed alone as graphs at the same batch, per step.
 
-Needs torch with CUDA, timm, onnx and onnxruntime (for the bundle build) and the extension
-built with CUDA. Prints the tables and writes ``--out`` and a ``.json`` beside it.
+``--device cpu`` is a dry run of the script on a machine without a GPU (host loop, eager torch).
+Writes ``--out`` and a ``.json`` beside it.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -33,39 +34,94 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, table, write_report  # noqa: E402
-from e2e import alternating, operating_points  # noqa: E402
+from gpu_common import DTYPES, Graphed, gfnet_driver, per_call_ms, run_loop, sync  # noqa: E402
+
+PS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 4.0)
 
 
 def _log(msg: str) -> None:
     print(f"[e2e-gpu] {msg}", flush=True)
 
 
-class StaticTorch:
-    """The static baseline in torch: uint8 (N, S, S, 3) frames -> class per image.
+def static_classifier(net, model: Dict[str, Any], device: str, dtype: str):
+    """uint8 (N, S, S, 3) frames (host) -> classes (host), one graph per batch on CUDA."""
+    import torch
 
-    Args:
-        path: static checkpoint.
-        model: the bundle's model section (mean, std).
-        device: ``"cuda"`` or ``"cpu"``.
-    """
+    half = dtype == "float16"
+    mean = torch.tensor(model["mean"], dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
+    inv_std = 1.0 / (torch.tensor(model["std"], dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0)
+    net = (net.half() if half else net.float()).to(device).eval()
 
-    def __init__(self, path: Path, model: Dict[str, Any], device: str) -> None:
+    def forward(x):  # x: uint8 (N, S, S, 3) on the device
+        z = (x.permute(0, 3, 1, 2).float() - mean) * inv_std
+        return net(z.half() if half else z).argmax(1)
+
+    graphed = Graphed(forward, device)
+
+    def classify(frames: np.ndarray) -> np.ndarray:
         import torch
 
-        from gfnet_edge.train.static import load_static
+        return graphed(torch.from_numpy(frames)).cpu().numpy()
 
-        self.torch, self.device = torch, device
-        net, _ = load_static(path)
-        self.net = net.to(device).eval()
-        self.mean = torch.tensor(model["mean"], dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
-        self.inv_std = 1.0 / (torch.tensor(model["std"], dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0)
+    return classify
 
-    def __call__(self, frames: np.ndarray) -> np.ndarray:
-        torch = self.torch
-        with torch.inference_mode():
-            x = torch.from_numpy(frames).to(self.device)
-            x = (x.permute(0, 3, 1, 2).float() - self.mean) * self.inv_std
-            return self.net(x).argmax(1).cpu().numpy()
+
+def alternating(calls: Dict[str, Any], frames: np.ndarray, batch: int, blocks: int = 6) -> Dict[str, float]:
+    """Mean per-image ms of each call on the same images, in alternating blocks of at least
+    64 images (whole batches)."""
+    per_block = max(batch, 64 // batch * batch)
+    n = len(frames)
+    ms: Dict[str, List[float]] = {k: [] for k in calls}
+    for fn in calls.values():
+        fn(frames[:batch])
+    for blk in range(blocks):
+        idx = [(blk * per_block + j) % n for j in range(per_block)]
+        for name, fn in calls.items():
+            for c in range(0, per_block, batch):
+                f = frames[idx[c:c + batch]]
+                t0 = time.perf_counter()
+                fn(f)
+                ms[name].append((time.perf_counter() - t0) * 1e3 / len(f))
+    return {k: float(np.mean(v)) for k, v in ms.items()}
+
+
+def trace_probs(driver, frames: np.ndarray, batch: int = 128) -> np.ndarray:
+    return np.concatenate([driver.run_frames(frames[i:i + batch], None).probs for i in range(0, len(frames), batch)],
+                          axis=1)
+
+
+def outside_backbones(driver, frames: np.ndarray, batch: int, device: str, dtype: str) -> Dict[str, float]:
+    """Per-call ms of the loop from device-resident inputs with every step run, of the two
+    backbones replayed alone at the loop's batch bucket, and of the upload + pre-processing."""
+    import torch
+
+    from gfnet_edge.evaluate import LAST, NO_EXIT
+    from gfnet_edge.runtime.graphs import bucket_for
+
+    T, P = driver.T, driver.P
+    every = [float(NO_EXIT)] * (T - 1) + [float(LAST)]
+    f = frames[:batch]
+    out: Dict[str, float] = {"preprocess_ms": per_call_ms(lambda: driver.place.frames(f), device, reps=30)}
+    chunks = driver.place.frames(f)  # inputs in the place (the GPU on CUDA)
+    (img, gl, n), = chunks
+    if not driver.on_device:  # dry run: host arrays
+        img, gl = np.ascontiguousarray(img), np.ascontiguousarray(gl)
+
+    out["loop_ms"] = per_call_ms(lambda: run_loop(driver, img, gl, n, every), device)
+    B = bucket_for(batch, None) if driver.on_device else batch
+    half = dtype == "float16"
+    x = torch.randn(B, 3, P, P, device=device)
+    bb = 0.0
+    for name, count in (("glance", 1), ("focus", T - 1)):
+        mod = driver.runner.graphs[name]
+        g = Graphed(lambda z, m=mod: m(z.half() if half else z), device)
+        ms = per_call_ms(lambda: g(x), device)
+        out[f"{name}_ms"] = ms
+        bb += count * ms
+    out["backbones_ms"] = bb
+    out["outside_per_step_ms"] = (out["loop_ms"] - bb) / T
+    out["steps"] = T
+    return out
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -73,100 +129,105 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num-test", type=int, default=1000, help="demo test images (default 1000)")
     ap.add_argument("--num-val", type=int, default=500, help="demo validation images for threshold fitting")
-    ap.add_argument("--batches", default="1,32", help="batch sizes (default 1,32)")
+    ap.add_argument("--batches", default="1,8,32,128", help="batch sizes (default 1,8,32,128)")
+    ap.add_argument("--precisions", default="fp32,fp16", help="fp32 and/or fp16 (default both)")
     ap.add_argument("--tolerance", type=float, default=0.5,
-                    help="'equal accuracy': within this many points of the static baseline (default 0.5)")
+                    help="'equal accuracy': within this many points of the static network (default 0.5)")
+    ap.add_argument("--label", default="", help="a note on the machine's configuration for the report "
+                                                "(e.g. the SM limit of a proxy run)")
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                    help="cpu: a dry run of this script on a machine without a GPU (host loop, torch on the CPU)")
+                    help="cpu: a dry run of this script on a machine without a GPU (host loop, eager torch)")
     ap.add_argument("--out", default=str(RESULTS / "e2e_gpu.md"))
     args = ap.parse_args(argv)
 
     import torch
 
-    from gfnet_edge.calibrate.latency import measure_calls, runtime_input, using_thresholds
     from gfnet_edge import ops
-    from gfnet_edge.build import BuildConfig, build_bundle
+    from gfnet_edge.calibrate.fit import reference_sweep
     from gfnet_edge.data import ClutteredDigits, demo_config
     from gfnet_edge.demo import DEMO_CHECKPOINT, DEMO_STATIC
-    from gfnet_edge.runtime import Runtime
+    from gfnet_edge.evaluate import LAST, NO_EXIT, exit_steps
+    from gfnet_edge.export import manifest_model
+    from gfnet_edge.models.checkpoint import load_checkpoint
     from gfnet_edge.runtime.backends.torch import _ieee_fp32
+    from gfnet_edge.train.static import load_static
 
     if args.device == "cuda" and (not torch.cuda.is_available() or ops.cuda_device_count() < 1):
         print("e2e_gpu: needs torch with CUDA and the extension built with CUDA, on a machine with a GPU", file=sys.stderr)
         return 2
     batches = [int(b) for b in args.batches.split(",")]
+    precisions = [p.strip() for p in args.precisions.split(",")]
     t_start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="gfnet-e2e-gpu-") as tmp:
-        _log("building the float32 bundle of the demo checkpoint (checkpoint included)")
-        try:
-            import onnxsim  # noqa: F401
-        except ImportError:  # the torch backend runs the checkpoint, not the ONNX graphs
-            from gfnet_edge import export
-
-            orig = export.export_model
-            export.export_model = lambda m, out, opset=export.DEFAULT_OPSET, simplify=True: orig(m, out, opset, False)
-            _log("onnxsim missing: bundle graphs left unsimplified (the torch backend does not run them)")
-        bundle_dir = build_bundle(DEMO_CHECKPOINT, Path(tmp) / "bundle",
-                                  BuildConfig(precision="fp32", backend="onnxruntime", include_checkpoint=True)).root
-        rt = Runtime(bundle_dir, backend="torch", device=args.device)
-        if rt.device_loop != (args.device == "cuda"):
-            raise SystemExit(f"e2e_gpu: device {args.device} but device_loop={rt.device_loop}")
-        model = rt.model
-        cfg = demo_config(model)
-        _log(f"demo data: {args.num_val} validation + {args.num_test} test images")
-        val_x, _ = ClutteredDigits("val", config=cfg).arrays(args.num_val)
-        test_x, test_y = ClutteredDigits("test", config=cfg).arrays(args.num_test)
-        test_y = np.asarray(test_y, np.int64)
-        static = StaticTorch(DEMO_STATIC, model, args.device)
-        res: Dict[str, Any] = {"machine": machine(), "device": args.device,
-                               "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else "no GPU (dry run on the CPU)",
-                               "torch": torch.__version__, "num_test": int(len(test_y)),
-                               "tolerance": args.tolerance, "static": {}, "gfnet": [], "summary": {}}
-        with _ieee_fp32(torch):
+    model = load_checkpoint(DEMO_CHECKPOINT)
+    mm = manifest_model(model)
+    cfg = demo_config(mm)
+    _log(f"demo data: {args.num_val} validation + {args.num_test} test images")
+    workers = min(16, os.cpu_count() or 1)
+    val_x, _ = ClutteredDigits("val", config=cfg).arrays(args.num_val, workers=workers)
+    test_x, test_y = ClutteredDigits("test", config=cfg).arrays(args.num_test, workers=workers)
+    test_y = np.asarray(test_y, np.int64)
+    dev = args.device
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if dev == "cuda" else 0
+    res: Dict[str, Any] = {
+        "machine": machine(), "device": dev, "label": args.label, "sms": sms,
+        "gpu": torch.cuda.get_device_name(0) if dev == "cuda" else "no GPU (dry run on the CPU)",
+        "torch": torch.__version__, "num_test": int(len(test_y)), "tolerance": args.tolerance, "runs": {}}
+    T = int(mm["steps"])
+    every = [float(NO_EXIT)] * (T - 1) + [float(LAST)]
+    with _ieee_fp32(torch):
+        for prec in precisions:
+            dtype = DTYPES[prec]
+            run: Dict[str, Any] = {"static": {}, "points": [], "batches": {}}
+            net, _ = load_static(DEMO_STATIC)
+            static = static_classifier(net, mm, dev, dtype)
+            pred = np.concatenate([static(test_x[i:i + 128]) for i in range(0, len(test_x), 128)])
+            run["static"]["accuracy"] = 100.0 * float((pred == test_y).mean())
+            driver = gfnet_driver(model, dev, dtype)
+            probs_val = trace_probs(driver, val_x)
+            probs_test = trace_probs(driver, test_x)
+            cls = probs_test.argmax(axis=2)
+            points = [(f"p={p:g}", thr) for p, thr in reference_sweep(probs_val, np.zeros(T), PS) if p > 0]
+            points.append(("every step", np.asarray(every, np.float32)))
+            for name, thr in points:
+                ex = exit_steps(probs_test, thr)
+                acc = 100.0 * float((cls[ex, np.arange(len(ex))] == test_y).mean())
+                run["points"].append({"point": name, "thresholds": [float(v) for v in thr], "accuracy": acc,
+                                      "mean_steps": float(ex.mean() + 1),
+                                      "exits": [int((ex == k).sum()) for k in range(T)]})
+            ok = [p for p in run["points"] if p["accuracy"] >= run["static"]["accuracy"] - args.tolerance]
+            pick = min(ok, key=lambda p: (p["mean_steps"], -p["accuracy"])) if ok else None
+            run["pick"] = pick
+            _log(f"{prec}: static {run['static']['accuracy']:.1f}%, GFNet point "
+                 f"{pick['point'] if pick else None} {pick['accuracy'] if pick else float('nan'):.1f}% "
+                 f"{pick['mean_steps'] if pick else float('nan'):.2f} steps")
+            if pick is not None:  # the loop's own exits agree with the trace's
+                got = np.concatenate([driver.run_frames(test_x[i:i + 128], pick["thresholds"]).prediction
+                                      for i in range(0, len(test_x), 128)])
+                run["pick_accuracy_measured"] = 100.0 * float((got == test_y).mean())
             for b in batches:
-                pred = np.concatenate([static(test_x[i:i + b]) for i in range(0, len(test_x), b)])
-                t = alternating({"s": static}, {"s": b}, test_x, blocks=4)
-                res["static"][b] = {"accuracy": 100.0 * float((pred == test_y).mean()), "mean_ms": t["s"]}
-                _log(f"static batch {b}: acc {res['static'][b]['accuracy']:.1f}%, {t['s']:.3f} ms/image")
-            points = operating_points(rt, val_x)
-            T = int(model["steps"])
-            for pt in points:
-                for b in batches:
-                    run = measure_calls(rt, test_x, pt["thresholds"], batch=b)
-                    res["gfnet"].append({
-                        "point": pt["name"], "batch": b, "accuracy": 100.0 * float((run.classes == test_y).mean()),
-                        **run.stats.to_dict(), "mean_steps": float(run.exit_step.mean() + 1),
-                        "exit_histogram": [int((run.exit_step == k).sum()) for k in range(T)],
-                        "thresholds": [float(v) for v in pt["thresholds"]]})
-                _log(f"GFNet {pt['name']}: acc {res['gfnet'][-1]['accuracy']:.1f}%, "
-                     + ", ".join(f"b{r['batch']} {r['mean_ms']:.2f} ms" for r in res["gfnet"][-len(batches):]))
-            gfnet_call = lambda f: rt.predict(runtime_input(model, f))  # noqa: E731
-            for b in batches:
-                ok = [r for r in res["gfnet"] if r["batch"] == b and r["accuracy"] >= res["static"][b]["accuracy"] - args.tolerance]
-                pick = min(ok, key=lambda r: (r["mean_steps"], r["mean_ms"])) if ok else None
-                h2h = None
-                if pick:
-                    _log(f"head to head, batch {b}: GFNet {pick['point']} vs static")
-                    with using_thresholds(rt, pick["thresholds"]):
-                        t = alternating({"gfnet": gfnet_call, "static": static}, {"gfnet": b, "static": b}, test_x)
-                    h2h = {"gfnet_ms": t["gfnet"], "static_ms": t["static"], "ratio": t["gfnet"] / t["static"]}
-                res["summary"][f"b{b}"] = {"point": pick["point"] if pick else None,
-                                           "accuracy": pick["accuracy"] if pick else None,
-                                           "mean_steps": pick["mean_steps"] if pick else None, "head_to_head": h2h}
-            if 1 in batches and 32 in batches and res["summary"]["b1"]["point"]:
-                thr = next(r["thresholds"] for r in res["gfnet"] if r["point"] == res["summary"]["b1"]["point"])
-                _log("head to head: batch 32 vs batch 1")
-                with using_thresholds(rt, thr):
-                    t = alternating({"b1": gfnet_call, "b32": gfnet_call}, {"b1": 1, "b32": 32}, test_x)
-                res["summary"]["throughput"] = {"b1_ms": t["b1"], "b32_ms": t["b32"], "ratio": t["b1"] / t["b32"]}
-                rt.profiler.enabled = True
-                rt.profiler.reset()
-                with using_thresholds(rt, thr):
-                    for i in range(200):
-                        gfnet_call(test_x[i % len(test_x)][None])
-                res["summary"]["profile"] = rt.profiler.summary()
-                rt.profiler.enabled = False
-        rt.close()
+                entry: Dict[str, Any] = {}
+                if pick is not None:
+                    thr = pick["thresholds"]
+                    t = alternating({"gfnet": lambda f: driver.run_frames(f, thr).prediction, "static": static},
+                                    test_x, b)
+                    entry.update({"gfnet_ms": t["gfnet"], "static_ms": t["static"], "ratio": t["gfnet"] / t["static"]})
+                entry["outside"] = outside_backbones(driver, test_x, b, dev, dtype)
+                run["batches"][b] = entry
+                o = entry["outside"]
+                _log(f"{prec} batch {b}: GFNet {entry.get('gfnet_ms', float('nan')):.4f} vs static "
+                     f"{entry.get('static_ms', float('nan')):.4f} ms/image ({entry.get('ratio', float('nan')):.2f}x); "
+                     f"outside the backbones {o['outside_per_step_ms'] * 1e3:.1f} us per step")
+            if dev == "cuda" and 1 in batches:  # the same loop with plain launches, for scale
+                eager = gfnet_driver(model, dev, dtype, cuda_graphs=False)
+                run["plain_launches_b1"] = outside_backbones(eager, test_x, 1, dev, dtype)
+                eager.runner.deactivate()
+            cache = getattr(driver.place, "graphs", None)
+            if cache is not None:
+                run["graphs"] = {"captures": cache.cache.captures, "replays": cache.cache.replays,
+                                 "disabled": cache.cache.disabled}
+            driver.runner.deactivate()
+            sync(dev)
+            res["runs"][prec] = run
     res["minutes"] = (time.perf_counter() - t_start) / 60
     md = render(res, batches, "python bench/e2e_gpu.py " + " ".join(sys.argv[1:] if argv is None else argv))
     print(md)
@@ -176,42 +237,50 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def render(res: Dict[str, Any], batches: List[int], cmd: str) -> str:
-    lines = ["# End to end on a GPU: device-resident GFNet loop vs the static baseline (demo task)", "",
+    label = f" **{res['label']}**." if res.get("label") else ""
+    lines = ["# End to end on a GPU: the captured GFNet loop vs the captured static network (demo model)", "",
              f"Command: `{cmd.strip()}`", "",
-             f"Machine: {res['machine']}; {res['gpu']}, torch {res['torch']}; {res['num_test']} demo test images; "
-             "thresholds fitted on the validation split; float32, TF32 off.", "",
-             "Per-image latency from uint8 S x S frames on the host to classes on the host. GFNet: torch "
-             + ("backend on CUDA, device-resident loop. Static: the same frames uploaded, normalised on the GPU, "
-                "forward, argmax read back. Backbones are eager torch modules (launch-bound at these sizes), "
-                "not TensorRT engines." if res["device"] == "cuda" else
-                "backend on the CPU, host loop (a dry run of the script). Static: torch on the CPU."), "",
-             f"## Summary (equal accuracy = within {res['tolerance']} points of the static baseline)", ""]
-    rows = []
-    for b in batches:
-        s, st = res["summary"].get(f"b{b}", {}), res["static"][b]
-        h = s.get("head_to_head") or {}
-        rows.append([b, f"{st['accuracy']:.1f}", s.get("point") or "(none reaches it)",
-                     f"{s['accuracy']:.1f}" if s.get("accuracy") is not None else "–",
-                     f"{s['mean_steps']:.2f}" if s.get("mean_steps") else "–",
-                     f"{h['static_ms']:.3f}" if h else "–", f"{h['gfnet_ms']:.3f}" if h else "–",
-                     f"**{h['ratio']:.2f}x**" if h else "–"])
-    lines += [table(["batch", "static acc %", "GFNet point", "GFNet acc %", "mean steps", "static ms", "GFNet ms",
-                     "GFNet / static"], rows), "",
-              "Head to head: alternating blocks of the same 64 images (8 blocks).", ""]
-    tp = res["summary"].get("throughput")
-    if tp:
-        lines += [f"Batch 32 over batch 1 at the batch-1 point, head to head: {tp['b1_ms']:.3f} vs "
-                  f"{tp['b32_ms']:.3f} ms per image, **{tp['ratio']:.2f}x** throughput.", ""]
-    prof = res["summary"].get("profile")
-    if prof:
-        n = 200
-        lines += ["## Stages at batch 1 (profiler on, 200 calls; ms per image)", "",
-                  table(["stage", "ms per image"], [[k, f"{v['total_ms'] / n:.3f}"] for k, v in prof.items()
-                                                   if k != "per_image"]), ""]
-    lines += ["## Every operating point", "",
-              table(["point", "batch", "accuracy %", "mean ms", "p95 ms", "mean steps", "exits per step"],
-                    [[r["point"], r["batch"], f"{r['accuracy']:.1f}", f"{r['mean_ms']:.3f}", f"{r['p95_ms']:.3f}",
-                      f"{r['mean_steps']:.2f}", "/".join(map(str, r["exit_histogram"]))] for r in res["gfnet"]]), ""]
+             f"Machine: {res['machine']}; {res['gpu']} ({res['sms']} SMs visible), torch {res['torch']}; "
+             f"{res['num_test']} demo test images.{label}", "",
+             "Per-image latency from uint8 frames on the host to classes on the host, both sides CUDA graphs "
+             "of the same precision (torch modules; no TensorRT on this machine). Equal accuracy: the GFNet "
+             f"operating point with the fewest mean steps within {res['tolerance']} points of the static network "
+             "(thresholds fitted on the validation split). Alternating blocks of the same images.", ""]
+    for prec, run in res["runs"].items():
+        pick = run.get("pick")
+        lines += [f"## {prec}", "",
+                  f"Static accuracy {run['static']['accuracy']:.1f} %; GFNet at "
+                  + (f"{pick['point']}: {pick['accuracy']:.1f} % (the loop's own exits: "
+                     f"{run.get('pick_accuracy_measured', float('nan')):.1f} %), {pick['mean_steps']:.2f} mean steps, "
+                     f"exits per step {'/'.join(map(str, pick['exits']))}." if pick else "no point reaches it."), ""]
+        rows = []
+        for b in batches:
+            e = run["batches"][b]
+            o = e["outside"]
+            rows.append([b, f"{e['static_ms']:.4f}" if "static_ms" in e else "–",
+                         f"{e['gfnet_ms']:.4f}" if "gfnet_ms" in e else "–",
+                         f"**{e['ratio']:.2f}x**" if "ratio" in e else "–",
+                         f"{o['preprocess_ms'] / b * 1e3:.1f}", f"{o['glance_ms']:.3f}", f"{o['focus_ms']:.3f}",
+                         f"{o['loop_ms']:.3f}", f"**{o['outside_per_step_ms'] * 1e3:.1f}**",
+                         f"{o['outside_per_step_ms'] / b * 1e3:.2f}"])
+        lines += [table(["batch", "static ms/img", "GFNet ms/img", "GFNet / static", "upload + pre-process us/img",
+                         "glance ms/call", "focus ms/call", "loop, every step, ms/call",
+                         "outside backbones us/step", "us/step/img"], rows), ""]
+        pl = run.get("plain_launches_b1")
+        if pl:
+            o1 = run["batches"][1]["outside"] if 1 in run["batches"] else None
+            lines += [f"Same loop at batch 1 with plain kernel launches (no graphs): {pl['loop_ms']:.3f} ms per call, "
+                      f"{pl['outside_per_step_ms'] * 1e3:.1f} us per step outside the backbones"
+                      + (f" (captured: {o1['loop_ms']:.3f} ms, {o1['outside_per_step_ms'] * 1e3:.1f} us)." if o1 else "."),
+                      ""]
+        g = run.get("graphs")
+        if g:
+            lines += [f"Graphs: {g['captures']} captured, {g['replays']} replays"
+                      + (f"; capture switched off: {g['disabled']}" if g.get("disabled") else "") + ".", ""]
+        lines += ["Operating points (test split):", "",
+                  table(["point", "accuracy %", "mean steps", "exits per step"],
+                        [[p["point"], f"{p['accuracy']:.1f}", f"{p['mean_steps']:.2f}", "/".join(map(str, p["exits"]))]
+                         for p in run["points"]]), ""]
     return "\n".join(lines)
 
 

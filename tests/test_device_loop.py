@@ -593,10 +593,10 @@ def _images(bundle, n, seed):
     return np.random.default_rng(seed).standard_normal((n, 3, S, S)).astype(np.float32)
 
 
-def _pair(bundle):
+def _pair(bundle, cuda_graphs=True):
     from gfnet_edge.runtime import Runtime
 
-    dev = Runtime(bundle, backend="torch", device="cuda")
+    dev = Runtime(bundle, backend="torch", device="cuda", cuda_graphs=cuda_graphs)
     ref = Runtime(bundle, backend="onnxruntime", precision="fp32")
     assert dev.device_loop and not ref.device_loop
     return dev, ref
@@ -617,12 +617,14 @@ def test_device_trace_equals_onnxruntime_trace(bundles, kind, n):
 
 
 @requires_torch_cuda
+@pytest.mark.parametrize("cuda_graphs", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
-def test_device_predict_with_exits_equals_onnxruntime(bundles, kind):
+def test_device_predict_with_exits_equals_onnxruntime(bundles, kind, cuda_graphs):
     bundle = bundles[kind]
     T = int(bundle.model["steps"])
     x = _images(bundle, 7, seed=11)
-    dev, ref = _pair(bundle)
+    dev, ref = _pair(bundle, cuda_graphs)
+    assert (dev.driver.place.graphs is not None) == cuda_graphs
     with dev, ref:
         thr = gap_thresholds(ref.trace(x).probs)
         dev.thresholds = ref.thresholds = thr
@@ -637,6 +639,12 @@ def test_device_predict_with_exits_equals_onnxruntime(bundles, kind):
         a, b = dev.predict(x), ref.predict(x)
         first = list(calls)
         singles = [(dev.predict(x[i:i + 1]), ref.predict(x[i:i + 1])) for i in range(7)]
+        again = dev.predict(x)
+        if cuda_graphs:
+            cache = dev.driver.place.graphs.cache
+            assert cache.active and cache.replays > 0 and cache.captures > 0, vars(cache)
+    for f in ("exit_step", "classes", "coords"):
+        np.testing.assert_array_equal(getattr(again, f), getattr(a, f))
     np.testing.assert_array_equal(a.exit_step, b.exit_step)
     np.testing.assert_array_equal(a.classes, b.classes)
     np.testing.assert_array_equal(a.coords, b.coords)
@@ -644,7 +652,8 @@ def test_device_predict_with_exits_equals_onnxruntime(bundles, kind):
     # the thresholds make images exit early, so compaction ran: each focus step saw the survivors
     assert (b.exit_step < T - 1).any()
     focus = [bs for g, bs in first if g == "focus"]
-    assert focus == [int((b.exit_step >= t).sum()) for t in range(1, T) if (b.exit_step >= t).any()]
+    if not cuda_graphs:
+        assert focus == [int((b.exit_step >= t).sum()) for t in range(1, T) if (b.exit_step >= t).any()]
     for i, (p, q) in enumerate(singles):  # batch 1
         assert (p.exit_step[0], p.classes[0]) == (q.exit_step[0], q.classes[0]), i
         np.testing.assert_array_equal(p.coords, q.coords)
@@ -737,8 +746,9 @@ def _random_heads(kind: str, T: int, F: int, Hs: int, C: int, Hp: int = 16, Hc: 
 
 
 @requires_gpu
+@pytest.mark.parametrize("cuda_graphs", [False, True])
 @pytest.mark.parametrize("kind,step0,T", [("cascaded", "backbone", 3), ("gru", "classifier", 5), ("gru", "backbone", 4)])
-def test_device_place_matches_host_place_on_torch_cuda_graphs(kind, step0, T):
+def test_device_place_matches_host_place_on_torch_cuda_graphs(kind, step0, T, cuda_graphs):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("torch has no CUDA here")
@@ -753,7 +763,7 @@ def test_device_place_matches_host_place_on_torch_cuda_graphs(kind, step0, T):
     runner = _tiny_torch_runner(P, F, Hs, C, step0 == "backbone").activate()
     try:
         ref = Driver(model, runner, HeadSet(arrays, model), Profiler(False))
-        dev = Driver(model, runner, HeadSet(arrays, model, device="cuda"), Profiler(False))
+        dev = Driver(model, runner, HeadSet(arrays, model, device="cuda"), Profiler(False), cuda_graphs=cuda_graphs)
         assert dev.on_device and not ref.on_device
         for n in (1, 7):
             x = np.random.default_rng(n).standard_normal((n, 3, S, S)).astype(np.float32)
@@ -777,3 +787,22 @@ def test_device_place_matches_host_place_on_torch_cuda_graphs(kind, step0, T):
             runner.max_batch = None
     finally:
         runner.deactivate()
+
+
+@requires_torch_cuda
+def test_torch_float16_backbones_on_captured_graphs(bundles):
+    """precision='fp16' on the torch backend: half-precision backbones inside the captured
+    loop, close to fp32 (same trace within float16 tolerance, same classes for nearly all)."""
+    from gfnet_edge.runtime import Runtime
+
+    bundle = bundles["cascaded-demo"]
+    x = demo_test_images(bundle.model, 32)
+    with Runtime(bundle, backend="torch", device="cuda") as f32, \
+            Runtime(bundle, backend="torch", device="cuda", precision="fp16") as f16:
+        assert f16.precision == "fp16-torch" and f16.driver.place.graphs is not None
+        a, b = f32.trace(x), f16.trace(x)
+        p32, p16 = f32.predict(x), f16.predict(x)
+    np.testing.assert_allclose(b.probs, a.probs, rtol=0, atol=5e-2)
+    assert (p32.classes == p16.classes).mean() >= 0.9
+    with pytest.raises(InputError, match="fp32 or fp16"):
+        Runtime(bundle, backend="torch", device="cuda", precision="int8-cpu")

@@ -1,0 +1,125 @@
+"""The extension's CUDA graph capture, events, pinned memory and the crop's row index on a real
+GPU, against plain launches and the CPU kernels (skipped with a reason where no GPU is usable).
+The bookkeeping of the captured loop is tested on the simulated device (test_device_loop.py)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gfnet_edge import ops
+from gfnet_edge.runtime.graphs import NativeCapture
+
+HAVE_GPU = ops.has_cuda_build() and ops.cuda_device_count() > 0
+REASON = ("gfnet_edge._C built without CUDA" if not ops.has_cuda_build()
+          else f"no usable CUDA device ({ops._C.cuda_device_error()})")
+requires_gpu = pytest.mark.skipif(not HAVE_GPU, reason=REASON)
+pytestmark = pytest.mark.gpu
+
+
+def test_graph_and_event_without_gpu_say_why():
+    if HAVE_GPU:
+        pytest.skip("a GPU is present")
+    for make in (ops.CudaGraph, ops.CudaEvent, lambda: ops.pinned_empty((4,), np.float32)):
+        with pytest.raises(RuntimeError, match="without CUDA|no usable CUDA device"):
+            make()
+
+
+@requires_gpu
+def test_crop_through_a_row_index_matches_the_cpu_crop():
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((5, 3, 32, 32)).astype(np.float32)
+    rows = np.array([4, 0, 4, 2], np.int32)
+    coords = rng.integers(0, 32 - 8 + 1, (4, 2)).astype(np.int32)
+    st = ops.Stream()
+    ib, rb, cb = ops.to_device(images, st), ops.to_device(rows, st), ops.to_device(coords, st)
+    out, flag = ops.DeviceBuffer(4 * 3 * 8 * 8 * 4), ops.DeviceBuffer(4)
+    flag.zero(st)
+    ops.cuda_crop_patches(ib, 4, 32, cb, out, 8, error_flag=flag, stream=st, rows=rb, image_rows=5)
+    got = ops.from_device(out, (4, 3, 8, 8), np.float32, st)
+    assert np.array_equal(got, ops.crop_patches(images, coords, 8, index=rows.astype(np.int64)))
+    assert int(ops.from_device(flag, (1,), np.int32, st)[0]) == 0
+    bad = ops.to_device(np.array([0, 5, 1, 1], np.int32), st)  # row 5 of 5 images
+    ops.cuda_crop_patches(ib, 4, 32, cb, out, 8, error_flag=flag, stream=st, rows=bad, image_rows=5)
+    got = ops.from_device(out, (4, 3, 8, 8), np.float32, st)
+    assert int(ops.from_device(flag, (1,), np.int32, st)[0]) == 1 and not got[1].any()
+    with pytest.raises(ValueError, match="image row"):
+        ops.cuda_crop_patches(ib, 4, 32, cb, out, 8, stream=st, rows=bad, image_rows=5)
+
+
+@requires_gpu
+def test_native_capture_replays_the_extension_kernels_on_new_data():
+    """A graph of crop (row index) -> GRU classifier step -> copy, captured once, replayed on
+    new inputs written to the same addresses: equal to plain launches on those inputs."""
+    rng = np.random.default_rng(1)
+    n, S, P, H, C = 3, 32, 8, 16, 5
+    I = 3 * P * P
+    w = [rng.standard_normal(s).astype(np.float32) * 0.1 for s in [(3 * H, I), (3 * H, H), (3 * H,), (3 * H,), (C, H), (C,)]]
+    head = ops.GRUHead(*w, device="cuda")
+    st = ops.Stream()
+    img, rows, coords = ops.DeviceBuffer(n * 3 * S * S * 4), ops.DeviceBuffer(n * 4), ops.DeviceBuffer(n * 8)
+    patches, h0, h1 = ops.DeviceBuffer(n * I * 4), ops.DeviceBuffer(n * H * 4), ops.DeviceBuffer(n * H * 4)
+    logits, mp, am, flag, copy = (ops.DeviceBuffer(n * C * 4), ops.DeviceBuffer(n * 4), ops.DeviceBuffer(n * 4),
+                                  ops.DeviceBuffer(4), ops.DeviceBuffer(n * C * 4))
+
+    def step():
+        flag.zero(st)
+        ops.cuda_crop_patches(img, n, S, coords, patches, P, error_flag=flag, stream=st, rows=rows, image_rows=n)
+        head.step_device(patches, h0, h1, n, logits, mp, am, stream=st)
+        ops.cuda_copy(copy, logits, n * C * 4, st)
+
+    def load(seed):
+        r = np.random.default_rng(seed)
+        data = (r.standard_normal((n, 3, S, S)).astype(np.float32), r.permutation(n).astype(np.int32),
+                r.integers(0, S - P + 1, (n, 2)).astype(np.int32), r.standard_normal((n, H)).astype(np.float32))
+        for buf, a in zip((img, rows, coords, h0), data):
+            buf.copy_from_host(a, st)
+        return data
+
+    def read():
+        return [ops.from_device(b, s, t, st) for b, s, t in
+                ((h1, (n, H), np.float32), (copy, (n, C), np.float32), (mp, (n,), np.float32), (am, (n,), np.int32))]
+
+    load(2)
+    step()  # plain launches once, as the loop does before capturing
+    replay = NativeCapture(st).capture(step)
+    assert replay.graph.nodes >= 4
+    for seed in (3, 4):
+        load(seed)
+        step()
+        want = read()
+        for b in (h1, copy, mp, am):
+            b.zero(st)
+        replay()
+        for got, ref in zip(read(), want):
+            assert np.array_equal(got, ref)
+    with pytest.raises(RuntimeError, match="captured already"):
+        replay.graph.begin_capture(st)
+    with pytest.raises(ValueError, match="legacy default stream"):
+        ops.CudaGraph().begin_capture(0)
+
+    def unsupported():  # a synchronous copy cannot be captured: the capture fails, the stream recovers
+        step()
+        st.synchronize()
+
+    with pytest.raises(RuntimeError):
+        NativeCapture(st).capture(unsupported)
+    step()
+    st.synchronize()
+
+
+@requires_gpu
+def test_events_and_pinned_memory():
+    st = ops.Stream()
+    a, b = ops.CudaEvent(), ops.CudaEvent()
+    buf = ops.DeviceBuffer(1 << 24)
+    a.record(st)
+    for _ in range(8):
+        buf.zero(st)
+    b.record(st)
+    assert b.elapsed_ms(a) > 0
+    host = ops.pinned_empty((4, 5), np.int32)
+    assert host.shape == (4, 5) and host.dtype == np.int32 and host.flags.writeable
+    src = np.arange(20, dtype=np.int32).reshape(4, 5)
+    d = ops.to_device(src, st)
+    d.copy_to_host(host, st)
+    assert np.array_equal(host, src)
