@@ -5,9 +5,17 @@ every access); the CUDA entry points of ``gfnet_edge.ops`` that the device place
 replaced by their CPU equivalents on that memory, and :class:`SimHeads` gives CPU heads the
 ``step_device`` interface of the CUDA heads. The kernels themselves are tested against the CPU
 ones on a real GPU (test_kernels_cuda.py); this checks the bookkeeping around them.
+
+Execution is synchronous by default: every call runs when it is made. With
+``sim_ops(..., asynchronous=True)`` the simulated device is asynchronous like a real one:
+kernels, copies and engine runs are only *enqueued* on their stream (:class:`SimStreams`) and
+run, in order, when that stream is synchronized (``Stream.synchronize()``,
+``ops._stream_sync``, a device -> host copy on it, :meth:`SimStreams.synchronize`) or when an
+event recorded on it is waited for. A missing synchronization then reads stale memory.
 """
 from __future__ import annotations
 
+from collections import defaultdict
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,12 +23,88 @@ import numpy as np
 from gfnet_edge import ops
 
 
+class SimStreams:
+    """The simulated device's work queues: one FIFO per stream handle.
+
+    ``enqueue(stream, fn)`` appends work; nothing runs until ``synchronize(stream)`` (or
+    ``synchronize_all()``, or waiting for an event recorded on the stream) runs that stream's
+    queue in order. Stream 0 is the legacy default stream: work on it is counted in
+    :attr:`legacy` (real code should pass explicit streams). ``ops.Stream()`` objects of the
+    simulated device get distinct handles from :meth:`new_handle`.
+
+    Events: ``ev = record_event(stream)`` marks the stream's queue position;
+    ``event_synchronize(ev)`` runs that stream up to the mark; ``wait_event(stream, ev)``
+    enqueues on ``stream`` a wait that, when reached, runs the event's stream up to the mark.
+    """
+
+    def __init__(self):
+        self.queues = defaultdict(list)  # handle -> [callable]
+        self.done = defaultdict(int)  # handle -> number of work items run so far
+        self.enqueued = defaultdict(int)  # handle -> number of work items ever enqueued
+        self.legacy = 0  # work items enqueued on the legacy default stream (0)
+        self._next = 0x5000
+
+    def new_handle(self):
+        self._next += 16
+        return self._next
+
+    def enqueue(self, stream, fn):
+        stream = int(stream)
+        if stream == 0:
+            self.legacy += 1
+        self.queues[stream].append(fn)
+        self.enqueued[stream] += 1
+
+    def pending(self, stream=None):
+        """Work items not yet run on ``stream`` (all streams when None)."""
+        if stream is None:
+            return sum(len(q) for q in self.queues.values())
+        return len(self.queues.get(int(stream), ()))
+
+    def _run(self, stream, upto=None):
+        q = self.queues[stream]
+        while q and (upto is None or self.done[stream] < upto):
+            fn = q.pop(0)
+            self.done[stream] += 1
+            fn()
+
+    def synchronize(self, stream):
+        self._run(int(stream))
+
+    def synchronize_all(self):
+        while self.pending():
+            for stream in list(self.queues):
+                self._run(stream)
+
+    def record_event(self, stream):
+        stream = int(stream)
+        return (stream, self.enqueued[stream])
+
+    def event_synchronize(self, event):
+        self._run(event[0], upto=event[1])
+
+    def wait_event(self, stream, event):
+        self.enqueue(stream, lambda: self.event_synchronize(event))
+
+
 class SimMemory:
-    """Device memory simulated with numpy arrays: pointers are ints, 256-byte aligned."""
+    """Device memory simulated with numpy arrays: pointers are ints, 256-byte aligned.
+
+    ``streams`` is the device's :class:`SimStreams`; ``asynchronous`` (set by :func:`sim_ops`)
+    says whether :meth:`launch` enqueues work there or runs it at once."""
 
     def __init__(self):
         self.blocks = {}  # base -> np.uint8 array
         self.next = 1 << 20
+        self.streams = SimStreams()
+        self.asynchronous = False
+
+    def launch(self, stream, fn):
+        """Runs ``fn`` as work on ``stream``: enqueued when asynchronous, else at once."""
+        if self.asynchronous:
+            self.streams.enqueue(ops._stream(stream), fn)
+        else:
+            fn()
 
     def alloc(self, nbytes):
         base = self.next
@@ -37,9 +121,17 @@ class SimMemory:
         raise AssertionError(f"simulated device: no allocation holds [{ptr:#x}, +{nbytes})")
 
 
-def sim_ops(monkeypatch, mem):
-    """Replaces the CUDA entry points of ``ops`` used by the device place by numpy equivalents."""
+def sim_ops(monkeypatch, mem, asynchronous=False):
+    """Replaces the CUDA entry points of ``ops`` used by the device place by numpy equivalents.
+
+    With ``asynchronous`` the work is enqueued on ``mem.streams`` (see the module docstring);
+    ``copy_from_host`` takes its snapshot of the host array when called (the host array may be
+    reused at once, as with the real copy) and ``copy_to_host`` synchronizes its stream first.
+    Returns a log: ``reads`` (device -> host copies), ``synced`` (streams passed to
+    ``ops._stream_sync``) and ``streams`` (``mem.streams``)."""
     P = ops._ptr
+    mem.asynchronous = bool(asynchronous)
+    run = mem.launch
 
     class SimBuffer:
         def __init__(self, nbytes):
@@ -47,63 +139,107 @@ def sim_ops(monkeypatch, mem):
             self.ptr = mem.alloc(self.nbytes)
 
         def copy_from_host(self, a, stream=None, offset=0):
-            mem.view(self.ptr + offset, (a.nbytes,), np.uint8)[:] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+            data = np.ascontiguousarray(a).reshape(-1).view(np.uint8).copy()
+            ptr = self.ptr + offset
+
+            def put():
+                mem.view(ptr, (data.nbytes,), np.uint8)[:] = data
+            run(stream, put)
 
         def copy_to_host(self, a, stream=None, offset=0):
+            if mem.asynchronous:
+                mem.streams.synchronize(ops._stream(stream))
             a.reshape(-1).view(np.uint8)[:] = mem.view(self.ptr + offset, (a.nbytes,), np.uint8)
             sim.reads += 1
 
         def zero(self, stream=None):
-            mem.view(self.ptr, (self.nbytes,), np.uint8)[:] = 0
+            run(stream, lambda: mem.view(self.ptr, (self.nbytes,), np.uint8).fill(0))
 
-    sim = SimpleNamespace(reads=0, synced=[])  # device -> host reads; streams synchronized
+    class SimStream:
+        def __init__(self):
+            self.handle = mem.streams.new_handle() if mem.asynchronous else 7
+
+        def __int__(self):
+            return self.handle
+
+        def synchronize(self):
+            mem.streams.synchronize(self.handle)
+
+    sim = SimpleNamespace(reads=0, synced=[], streams=mem.streams)  # device -> host reads; streams synchronized
+
+    def stream_sync(stream):
+        sim.synced.append(stream)
+        mem.streams.synchronize(ops._stream(stream))
 
     def glance(images, n, S, out, Pz, interpolation="bicubic", stream=None, **_):
-        mem.view(P(out, "out"), (n, 3, Pz, Pz), np.float32)[:] = ops.glance(
-            np.ascontiguousarray(mem.view(P(images, "images"), (n, 3, S, S), np.float32)), Pz, interpolation)
+        i_ptr, o_ptr = P(images, "images"), P(out, "out")
+
+        def work():
+            mem.view(o_ptr, (n, 3, Pz, Pz), np.float32)[:] = ops.glance(
+                np.ascontiguousarray(mem.view(i_ptr, (n, 3, S, S), np.float32)), Pz, interpolation)
+        run(stream, work)
 
     def preprocess(frame, h, w, S, out, crop_pct=0.875, interpolation="bilinear", bgr=False, mean=ops.IMAGENET_MEAN,
                    std=ops.IMAGENET_STD, glance=None, glance_size=0, glance_interpolation="bicubic", stream=None):
-        f = mem.view(P(frame, "frame"), (h, w, 3), np.uint8).copy()  # a fresh, aligned host frame
-        img, gl = ops.preprocess(f, S, crop_pct=crop_pct, interpolation=interpolation, bgr=bgr, mean=mean, std=std,
-                                 glance_size=glance_size, glance_interpolation=glance_interpolation)
-        mem.view(out, (1, 3, S, S), np.float32)[:] = img
-        mem.view(glance, (1, 3, glance_size, glance_size), np.float32)[:] = gl
+        f_ptr = P(frame, "frame")
+
+        def work():
+            f = mem.view(f_ptr, (h, w, 3), np.uint8).copy()  # a fresh, aligned host frame
+            img, gl = ops.preprocess(f, S, crop_pct=crop_pct, interpolation=interpolation, bgr=bgr, mean=mean,
+                                     std=std, glance_size=glance_size, glance_interpolation=glance_interpolation)
+            mem.view(out, (1, 3, S, S), np.float32)[:] = img
+            mem.view(glance, (1, 3, glance_size, glance_size), np.float32)[:] = gl
+        run(stream, work)
 
     def crop(images, n, S, coords, out, Pz, error_flag=None, stream=None):
-        c = mem.view(P(coords, "coords"), (n, 2), np.int32).copy()
-        if c.min() < 0 or c.max() > S - Pz:
-            mem.view(error_flag, (1,), np.int32)[0] = 1
-            c = np.clip(c, 0, S - Pz)
-        mem.view(P(out, "out"), (n, 3, Pz, Pz), np.float32)[:] = ops.crop_patches(
-            np.ascontiguousarray(mem.view(images, (n, 3, S, S), np.float32)), c, Pz)
+        c_ptr, o_ptr = P(coords, "coords"), P(out, "out")
+
+        def work():
+            c = mem.view(c_ptr, (n, 2), np.int32).copy()
+            if c.min() < 0 or c.max() > S - Pz:
+                mem.view(error_flag, (1,), np.int32)[0] = 1
+                c = np.clip(c, 0, S - Pz)
+            mem.view(o_ptr, (n, 3, Pz, Pz), np.float32)[:] = ops.crop_patches(
+                np.ascontiguousarray(mem.view(images, (n, 3, S, S), np.float32)), c, Pz)
+        run(stream, work)
 
     def gather(src, src_rows, idx, dst, row_bytes, n=None, error_flag=None, stream=None):
-        index = idx if isinstance(idx, np.ndarray) else mem.view(P(idx, "idx"), (n,), np.int32).copy()
+        host_idx = idx.copy() if isinstance(idx, np.ndarray) else None
+        i_ptr = None if host_idx is not None else P(idx, "idx")
         s_ptr, d_ptr = P(src, "src"), P(dst, "dst")
         assert not (s_ptr < d_ptr + n * row_bytes and d_ptr < s_ptr + src_rows * row_bytes), "overlap"
-        rows = mem.view(s_ptr, (src_rows, row_bytes), np.uint8)
-        if index.min() < 0 or index.max() >= src_rows:
-            mem.view(error_flag, (1,), np.int32)[0] = 1
-            index = np.clip(index, 0, src_rows - 1)
-        mem.view(d_ptr, (n, row_bytes), np.uint8)[:] = rows[index]
+
+        def work():
+            index = host_idx if host_idx is not None else mem.view(i_ptr, (n,), np.int32).copy()
+            rows = mem.view(s_ptr, (src_rows, row_bytes), np.uint8)
+            if index.min() < 0 or index.max() >= src_rows:
+                mem.view(error_flag, (1,), np.int32)[0] = 1
+                index = np.clip(index, 0, src_rows - 1)
+            mem.view(d_ptr, (n, row_bytes), np.uint8)[:] = rows[index]
+        run(stream, work)
 
     def copy(dst, src, nbytes, stream=None):
-        mem.view(P(dst, "dst"), (nbytes,), np.uint8)[:] = mem.view(P(src, "src"), (nbytes,), np.uint8).copy()
+        d_ptr, s_ptr = P(dst, "dst"), P(src, "src")
+
+        def work():
+            mem.view(d_ptr, (nbytes,), np.uint8)[:] = mem.view(s_ptr, (nbytes,), np.uint8).copy()
+        run(stream, work)
 
     def softmax_stats(logits, n, C, maxprob, argmax, logits_out=None, out_dtype="float32", stream=None):
-        lg = np.ascontiguousarray(mem.view(logits, (n, C), np.float32))
-        mp, am = ops.softmax_stats(lg)
-        mem.view(maxprob, (n,), np.float32)[:] = mp
-        mem.view(argmax, (n,), np.int32)[:] = am
-        if logits_out is not None:
-            mem.view(logits_out, (n, C), np.float32)[:] = lg
+        def work():
+            lg = np.ascontiguousarray(mem.view(logits, (n, C), np.float32))
+            mp, am = ops.softmax_stats(lg)
+            mem.view(maxprob, (n,), np.float32)[:] = mp
+            mem.view(argmax, (n,), np.int32)[:] = am
+            if logits_out is not None:
+                mem.view(logits_out, (n, C), np.float32)[:] = lg
+        run(stream, work)
 
-    for name, fn in [("DeviceBuffer", SimBuffer), ("Stream", lambda: SimpleNamespace(handle=7, synchronize=lambda: None)),
+    for name, fn in [("DeviceBuffer", SimBuffer), ("Stream", SimStream),
                      ("has_cuda_build", lambda: True), ("cuda_device_count", lambda: 1), ("cuda_glance", glance),
                      ("cuda_preprocess", preprocess), ("cuda_crop_patches", crop), ("cuda_gather_rows", gather),
                      ("cuda_copy", copy), ("cuda_softmax_stats", softmax_stats),
-                     ("_stream_sync", sim.synced.append)]:
+                     ("_stream_sync", stream_sync)]:
         monkeypatch.setattr(ops, name, fn)
     return sim
 
@@ -124,11 +260,13 @@ class SimHeads:
             out_features = cpu.cls.out_features
 
             def step_device(self, x, h, h_out, batch, logits, maxprob=None, argmax=None, stream=None):
-                xs = np.ascontiguousarray(m.view(x, (batch, cpu.cls.input_size), np.float32))
-                hs = None if h is None else np.ascontiguousarray(m.view(h, (batch, cpu.cls_hidden), np.float32))
-                hn, lg, mp, am = cpu.cls.step(xs, hs)
-                m.view(h_out, hn.shape, np.float32)[:] = hn
-                put(logits, maxprob, argmax, lg, mp, am)
+                def work():
+                    xs = np.ascontiguousarray(m.view(x, (batch, cpu.cls.input_size), np.float32))
+                    hs = None if h is None else np.ascontiguousarray(m.view(h, (batch, cpu.cls_hidden), np.float32))
+                    hn, lg, mp, am = cpu.cls.step(xs, hs)
+                    m.view(h_out, hn.shape, np.float32)[:] = hn
+                    put(logits, maxprob, argmax, lg, mp, am)
+                m.launch(stream, work)
 
         class CascadedCls:
             out_features = cpu.cls.out_features
@@ -136,17 +274,23 @@ class SimHeads:
             def step_device(self, features, steps, batch, feature_dim, k, logits, maxprob=None, argmax=None,
                             layout="ntf", stream=None):
                 assert layout == "tnf"
-                f = np.ascontiguousarray(m.view(features, (steps, batch, feature_dim), np.float32))
-                put(logits, maxprob, argmax, *cpu.cls.step(f, k, layout="tnf"))
+
+                def work():
+                    f = np.ascontiguousarray(m.view(features, (steps, batch, feature_dim), np.float32))
+                    put(logits, maxprob, argmax, *cpu.cls.step(f, k, layout="tnf"))
+                m.launch(stream, work)
 
         class Actor:
             def step_device(self, x, h, h_out, batch, action, coords, image_size, patch_size, stream=None):
                 assert (image_size, patch_size) == (S, Pz) and action is None
-                xs = np.ascontiguousarray(m.view(x, (batch, F), np.float32))
-                hs = None if h is None else np.ascontiguousarray(m.view(h, (batch, cpu.pol_hidden), np.float32))
-                hn, _a, c = cpu.actor.step(xs, hs, S, Pz)
-                m.view(h_out, hn.shape, np.float32)[:] = hn
-                m.view(coords, c.shape, np.int32)[:] = c
+
+                def work():
+                    xs = np.ascontiguousarray(m.view(x, (batch, F), np.float32))
+                    hs = None if h is None else np.ascontiguousarray(m.view(h, (batch, cpu.pol_hidden), np.float32))
+                    hn, _a, c = cpu.actor.step(xs, hs, S, Pz)
+                    m.view(h_out, hn.shape, np.float32)[:] = hn
+                    m.view(coords, c.shape, np.int32)[:] = c
+                m.launch(stream, work)
 
         self.cls = GruCls() if cpu.kind == "gru" else CascadedCls()
         self.actor = Actor()
