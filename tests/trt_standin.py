@@ -16,7 +16,8 @@ It has the calls gfnet-edge makes, with TensorRT's behaviour where it matters:
 * timing caches carry the device and version they were made on; a foreign one is rejected
   by ``set_timing_cache`` and ``combine``;
 * injectable failures (``faults``): ``parse``, ``build``, ``profile`` (add_optimization_profile
-  returns -1), ``context`` (create_execution_context returns None), ``enqueue``.
+  returns -1), ``context`` (create_execution_context returns None), ``enqueue``, ``skew``
+  (engines compute outputs off by 0.5).
 
 "Engines" are the parsed ONNX graphs (run by ONNX Runtime on the simulated device memory)
 behind a small header with the profile's batch range; bytes without the header do not
@@ -343,7 +344,7 @@ def make_trt(version="10.3.0", mem=None, faults=(), dla_cores=0, device=DEVICE, 
             def run():
                 x = np.array(mem.view(addr["image"], (batch,) + eng.shapes["image"][1:], np.float32))
                 for name, y in zip(eng.names[1:], eng.sess.run(None, {"image": x})):
-                    mem.view(addr[name], y.shape, np.float32)[...] = y
+                    mem.view(addr[name], y.shape, np.float32)[...] = y + (0.5 if "skew" in faults else 0.0)
             mem.streams.enqueue(stream, run)
             return True
 
