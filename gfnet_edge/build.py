@@ -206,7 +206,11 @@ def _add_engines(bundle: Bundle, cfg: BuildConfig) -> None:
             dst = bundle.root / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             built[rel] = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-            entry.update(build_engine(graphs[g], built[rel], opts))
+            res = build_engine(graphs[g], built[rel], opts)
+            placement = {k: res.pop(k) for k in ("device_map", "dla_layers", "gpu_layers") if k in res}
+            if placement:  # DLA engines: where each graph's layers run, per the builder's report
+                entry.setdefault("dla_placement", {})[g] = placement
+            entry.update(res)
             entry[g] = rel
     except BaseException:
         for tmpf in built.values():

@@ -6,7 +6,7 @@ Layout::
       manifest.json          format version, model, costs, budgets, artifacts (+ SHA-256), engines
       heads.npz              GRU / Linear head weights for the extension
       graphs/glance.fp32.onnx, graphs/focus.fp32.onnx, graphs/*.int8-<profile>.onnx
-      engines/<gpu>-sm<cc>-trt<ver>/*.engine
+      engines/<device>-sm<cc>-trt<ver>[-dla<n>]/*.engine
 
 Bundles are written atomically (built in a sibling temporary directory, then renamed) and
 manifest updates replace the file atomically. Loading verifies every artifact's hash, refuses

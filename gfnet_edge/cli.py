@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from . import __version__
@@ -30,6 +31,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .models.checkpoint import CheckpointError, load_checkpoint
     from .models.macs import count_step_macs
 
+    if Path(args.checkpoint).is_dir():  # a bundle
+        from .bundle_info import print_bundle_info
+
+        return print_bundle_info(args.checkpoint, args.json)
     try:
         model = load_checkpoint(args.checkpoint, model_name=args.model_name, patch_size=args.patch_size)
     except CheckpointError as exc:
@@ -81,7 +86,8 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
         help="describe a GFNet checkpoint",
         description="Print the variant, sizes, per-step multiply-adds and the metadata a GFNet checkpoint lacks.",
     )
-    p.add_argument("checkpoint", help="GFNet checkpoint (.pth.tar), released or training-script format")
+    p.add_argument("checkpoint", help="GFNet checkpoint (.pth.tar), released or training-script format; or a bundle "
+                                      "directory (its graphs, engines with their device and DLA layer placement, budgets)")
     p.add_argument("--model-name", help="variant name when the checkpoint does not store it (e.g. resnet50)")
     p.add_argument("--patch-size", type=int, help="patch size P when the checkpoint does not store it")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -174,4 +174,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     add_parser(sub)
 
 
-PARSERS = [_add_build, _add_predict, _add_calibrate, _add_demo, _add_train]
+def _add_doctor(sub: argparse._SubParsersAction) -> None:
+    from .doctor import add_parser
+
+    add_parser(sub)
+
+
+PARSERS = [_add_build, _add_predict, _add_calibrate, _add_demo, _add_train, _add_doctor]

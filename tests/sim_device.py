@@ -6,12 +6,21 @@ replaced by their CPU equivalents on that memory, and :class:`SimHeads` gives CP
 ``step_device`` interface of the CUDA heads. The kernels themselves are tested against the CPU
 ones on a real GPU (test_kernels_cuda.py); this checks the bookkeeping around them.
 
-CUDA-graph capture is simulated too (:class:`SimCapture`): while a capture is open every
-simulated kernel, copy, memset and head step is recorded instead of run (``sim.defer``), and a
-replay runs the recording again, reading whatever the baked-in addresses hold at that time.
+Execution is synchronous by default: every call runs when it is made. With
+``sim_ops(..., asynchronous=True)`` the simulated device is asynchronous like a real one:
+kernels, copies and engine runs are only *enqueued* on their stream (:class:`SimStreams`) and
+run, in order, when that stream is synchronized (``Stream.synchronize()``,
+``ops._stream_sync``, a device -> host copy on it, :meth:`SimStreams.synchronize`) or when an
+event recorded on it is waited for. A missing synchronization then reads stale memory.
+
+CUDA-graph capture is simulated too (:class:`SimCapture`): while a capture is open
+(``mem.capturing`` is a list) every piece of work is recorded instead of run or enqueued, and a
+replay launches the recording again on the stream, reading whatever the baked-in addresses
+hold by then.
 """
 from __future__ import annotations
 
+from collections import defaultdict
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,12 +28,92 @@ import numpy as np
 from gfnet_edge import ops
 
 
+class SimStreams:
+    """The simulated device's work queues: one FIFO per stream handle.
+
+    ``enqueue(stream, fn)`` appends work; nothing runs until ``synchronize(stream)`` (or
+    ``synchronize_all()``, or waiting for an event recorded on the stream) runs that stream's
+    queue in order. Stream 0 is the legacy default stream: work on it is counted in
+    :attr:`legacy` (real code should pass explicit streams). ``ops.Stream()`` objects of the
+    simulated device get distinct handles from :meth:`new_handle`.
+
+    Events: ``ev = record_event(stream)`` marks the stream's queue position;
+    ``event_synchronize(ev)`` runs that stream up to the mark; ``wait_event(stream, ev)``
+    enqueues on ``stream`` a wait that, when reached, runs the event's stream up to the mark.
+    """
+
+    def __init__(self):
+        self.queues = defaultdict(list)  # handle -> [callable]
+        self.done = defaultdict(int)  # handle -> number of work items run so far
+        self.enqueued = defaultdict(int)  # handle -> number of work items ever enqueued
+        self.legacy = 0  # work items enqueued on the legacy default stream (0)
+        self._next = 0x5000
+
+    def new_handle(self):
+        self._next += 16
+        return self._next
+
+    def enqueue(self, stream, fn):
+        stream = int(stream)
+        if stream == 0:
+            self.legacy += 1
+        self.queues[stream].append(fn)
+        self.enqueued[stream] += 1
+
+    def pending(self, stream=None):
+        """Work items not yet run on ``stream`` (all streams when None)."""
+        if stream is None:
+            return sum(len(q) for q in self.queues.values())
+        return len(self.queues.get(int(stream), ()))
+
+    def _run(self, stream, upto=None):
+        q = self.queues[stream]
+        while q and (upto is None or self.done[stream] < upto):
+            fn = q.pop(0)
+            self.done[stream] += 1
+            fn()
+
+    def synchronize(self, stream):
+        self._run(int(stream))
+
+    def synchronize_all(self):
+        while self.pending():
+            for stream in list(self.queues):
+                self._run(stream)
+
+    def record_event(self, stream):
+        stream = int(stream)
+        return (stream, self.enqueued[stream])
+
+    def event_synchronize(self, event):
+        self._run(event[0], upto=event[1])
+
+    def wait_event(self, stream, event):
+        self.enqueue(stream, lambda: self.event_synchronize(event))
+
+
 class SimMemory:
-    """Device memory simulated with numpy arrays: pointers are ints, 256-byte aligned."""
+    """Device memory simulated with numpy arrays: pointers are ints, 256-byte aligned.
+
+    ``streams`` is the device's :class:`SimStreams`; ``asynchronous`` (set by :func:`sim_ops`)
+    says whether :meth:`launch` enqueues work there or runs it at once."""
 
     def __init__(self):
         self.blocks = {}  # base -> np.uint8 array
         self.next = 1 << 20
+        self.streams = SimStreams()
+        self.asynchronous = False
+        self.capturing = None  # a list while a graph capture is open
+
+    def launch(self, stream, fn):
+        """Runs ``fn`` as work on ``stream``: recorded while a graph capture is open, enqueued
+        when asynchronous, else run at once."""
+        if self.capturing is not None:
+            self.capturing.append(fn)
+        elif self.asynchronous:
+            self.streams.enqueue(ops._stream(stream), fn)
+        else:
+            fn()
 
     def alloc(self, nbytes):
         base = self.next
@@ -41,9 +130,17 @@ class SimMemory:
         raise AssertionError(f"simulated device: no allocation holds [{ptr:#x}, +{nbytes})")
 
 
-def sim_ops(monkeypatch, mem):
-    """Replaces the CUDA entry points of ``ops`` used by the device place by numpy equivalents."""
+def sim_ops(monkeypatch, mem, asynchronous=False):
+    """Replaces the CUDA entry points of ``ops`` used by the device place by numpy equivalents.
+
+    With ``asynchronous`` the work is enqueued on ``mem.streams`` (see the module docstring);
+    ``copy_from_host`` takes its snapshot of the host array when called (the host array may be
+    reused at once, as with the real copy) and ``copy_to_host`` synchronizes its stream first.
+    Returns a log: ``reads`` (device -> host copies), ``synced`` (streams passed to
+    ``ops._stream_sync``) and ``streams`` (``mem.streams``)."""
     P = ops._ptr
+    mem.asynchronous = bool(asynchronous)
+    run = mem.launch
 
     class SimBuffer:
         def __init__(self, nbytes):
@@ -51,99 +148,115 @@ def sim_ops(monkeypatch, mem):
             self.ptr = mem.alloc(self.nbytes)
 
         def copy_from_host(self, a, stream=None, offset=0):
-            mem.view(self.ptr + offset, (a.nbytes,), np.uint8)[:] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+            data = np.ascontiguousarray(a).reshape(-1).view(np.uint8).copy()
+            ptr = self.ptr + offset
+
+            def put():
+                mem.view(ptr, (data.nbytes,), np.uint8)[:] = data
+            run(stream, put)
 
         def copy_to_host(self, a, stream=None, offset=0):
+            if mem.asynchronous:
+                mem.streams.synchronize(ops._stream(stream))
             a.reshape(-1).view(np.uint8)[:] = mem.view(self.ptr + offset, (a.nbytes,), np.uint8)
             sim.reads += 1
 
         def zero(self, stream=None):
-            def run():
-                mem.view(self.ptr, (self.nbytes,), np.uint8)[:] = 0
-            sim.defer(run)
+            run(stream, lambda: mem.view(self.ptr, (self.nbytes,), np.uint8).fill(0))
 
-    sim = SimpleNamespace(reads=0, synced=[], capturing=None)  # device -> host reads; streams synchronized
+    class SimStream:
+        def __init__(self):
+            self.handle = mem.streams.new_handle() if mem.asynchronous else 7
 
-    def defer(fn):
-        """Runs ``fn`` now, or records it while a graph capture is open."""
-        if sim.capturing is not None:
-            sim.capturing.append(fn)
-        else:
-            fn()
+        def __int__(self):
+            return self.handle
 
-    sim.defer = defer
+        def synchronize(self):
+            mem.streams.synchronize(self.handle)
+
+    sim = SimpleNamespace(reads=0, synced=[], streams=mem.streams)  # device -> host reads; streams synchronized
+
+    def stream_sync(stream):
+        sim.synced.append(stream)
+        mem.streams.synchronize(ops._stream(stream))
 
     def glance(images, n, S, out, Pz, interpolation="bicubic", stream=None, **_):
-        sim.defer(lambda: _glance(images, n, S, out, Pz, interpolation))
+        i_ptr, o_ptr = P(images, "images"), P(out, "out")
 
-    def _glance(images, n, S, out, Pz, interpolation):
-        mem.view(P(out, "out"), (n, 3, Pz, Pz), np.float32)[:] = ops.glance(
-            np.ascontiguousarray(mem.view(P(images, "images"), (n, 3, S, S), np.float32)), Pz, interpolation)
+        def work():
+            mem.view(o_ptr, (n, 3, Pz, Pz), np.float32)[:] = ops.glance(
+                np.ascontiguousarray(mem.view(i_ptr, (n, 3, S, S), np.float32)), Pz, interpolation)
+        run(stream, work)
 
     def preprocess(frame, h, w, S, out, crop_pct=0.875, interpolation="bilinear", bgr=False, mean=ops.IMAGENET_MEAN,
                    std=ops.IMAGENET_STD, glance=None, glance_size=0, glance_interpolation="bicubic", stream=None):
-        f = mem.view(P(frame, "frame"), (h, w, 3), np.uint8).copy()  # a fresh, aligned host frame
-        img, gl = ops.preprocess(f, S, crop_pct=crop_pct, interpolation=interpolation, bgr=bgr, mean=mean, std=std,
-                                 glance_size=glance_size, glance_interpolation=glance_interpolation)
-        mem.view(out, (1, 3, S, S), np.float32)[:] = img
-        mem.view(glance, (1, 3, glance_size, glance_size), np.float32)[:] = gl
+        f_ptr = P(frame, "frame")
+
+        def work():
+            f = mem.view(f_ptr, (h, w, 3), np.uint8).copy()  # a fresh, aligned host frame
+            img, gl = ops.preprocess(f, S, crop_pct=crop_pct, interpolation=interpolation, bgr=bgr, mean=mean,
+                                     std=std, glance_size=glance_size, glance_interpolation=glance_interpolation)
+            mem.view(out, (1, 3, S, S), np.float32)[:] = img
+            mem.view(glance, (1, 3, glance_size, glance_size), np.float32)[:] = gl
+        run(stream, work)
 
     def crop(images, n, S, coords, out, Pz, error_flag=None, stream=None, rows=None, image_rows=None):
-        sim.defer(lambda: _crop(images, n, S, coords, out, Pz, error_flag, rows, image_rows))
+        c_ptr, o_ptr = P(coords, "coords"), P(out, "out")
+        r_ptr, count = (None, n) if rows is None else (P(rows, "rows"), int(image_rows))
 
-    def _crop(images, n, S, coords, out, Pz, error_flag, rows, image_rows):
-        c = mem.view(P(coords, "coords"), (n, 2), np.int32).copy()
-        src = np.arange(n) if rows is None else mem.view(P(rows, "rows"), (n,), np.int32).copy()
-        count = n if rows is None else image_rows
-        if c.min() < 0 or c.max() > S - Pz or src.min() < 0 or src.max() >= count:
-            mem.view(error_flag, (1,), np.int32)[0] = 1
-            c, src = np.clip(c, 0, S - Pz), np.clip(src, 0, count - 1)
-        imgs = np.ascontiguousarray(mem.view(images, (count, 3, S, S), np.float32))
-        mem.view(P(out, "out"), (n, 3, Pz, Pz), np.float32)[:] = ops.crop_patches(imgs, c, Pz, index=src.astype(np.int64))
+        def work():
+            c = mem.view(c_ptr, (n, 2), np.int32).copy()
+            src = np.arange(n) if r_ptr is None else mem.view(r_ptr, (n,), np.int32).astype(np.int64)
+            if c.min() < 0 or c.max() > S - Pz or src.min() < 0 or src.max() >= count:
+                mem.view(error_flag, (1,), np.int32)[0] = 1
+                c, src = np.clip(c, 0, S - Pz), np.clip(src, 0, count - 1)
+            imgs = np.ascontiguousarray(mem.view(images, (count, 3, S, S), np.float32))
+            mem.view(o_ptr, (n, 3, Pz, Pz), np.float32)[:] = ops.crop_patches(imgs, c, Pz, index=src)
+        run(stream, work)
 
     def gather(src, src_rows, idx, dst, row_bytes, n=None, error_flag=None, stream=None):
-        if isinstance(idx, np.ndarray):
-            idx = idx.copy()  # the caller may reuse its host array at once
-        sim.defer(lambda: _gather(src, src_rows, idx, dst, row_bytes, n, error_flag))
-
-    def _gather(src, src_rows, idx, dst, row_bytes, n, error_flag):
-        index = idx if isinstance(idx, np.ndarray) else mem.view(P(idx, "idx"), (n,), np.int32).copy()
+        host_idx = idx.copy() if isinstance(idx, np.ndarray) else None
+        i_ptr = None if host_idx is not None else P(idx, "idx")
         s_ptr, d_ptr = P(src, "src"), P(dst, "dst")
         assert not (s_ptr < d_ptr + n * row_bytes and d_ptr < s_ptr + src_rows * row_bytes), "overlap"
-        rows = mem.view(s_ptr, (src_rows, row_bytes), np.uint8)
-        if index.min() < 0 or index.max() >= src_rows:
-            mem.view(error_flag, (1,), np.int32)[0] = 1
-            index = np.clip(index, 0, src_rows - 1)
-        mem.view(d_ptr, (n, row_bytes), np.uint8)[:] = rows[index]
+
+        def work():
+            index = host_idx if host_idx is not None else mem.view(i_ptr, (n,), np.int32).copy()
+            rows = mem.view(s_ptr, (src_rows, row_bytes), np.uint8)
+            if index.min() < 0 or index.max() >= src_rows:
+                mem.view(error_flag, (1,), np.int32)[0] = 1
+                index = np.clip(index, 0, src_rows - 1)
+            mem.view(d_ptr, (n, row_bytes), np.uint8)[:] = rows[index]
+        run(stream, work)
 
     def copy(dst, src, nbytes, stream=None):
-        sim.defer(lambda: _copy(dst, src, nbytes))
+        d_ptr, s_ptr = P(dst, "dst"), P(src, "src")
 
-    def _copy(dst, src, nbytes):
-        mem.view(P(dst, "dst"), (nbytes,), np.uint8)[:] = mem.view(P(src, "src"), (nbytes,), np.uint8).copy()
+        def work():
+            mem.view(d_ptr, (nbytes,), np.uint8)[:] = mem.view(s_ptr, (nbytes,), np.uint8).copy()
+        run(stream, work)
 
     def softmax_stats(logits, n, C, maxprob, argmax, logits_out=None, out_dtype="float32", stream=None):
-        sim.defer(lambda: _softmax_stats(logits, n, C, maxprob, argmax, logits_out))
+        def work():
+            lg = np.ascontiguousarray(mem.view(logits, (n, C), np.float32))
+            mp, am = ops.softmax_stats(lg)
+            mem.view(maxprob, (n,), np.float32)[:] = mp
+            mem.view(argmax, (n,), np.int32)[:] = am
+            if logits_out is not None:
+                mem.view(logits_out, (n, C), np.float32)[:] = lg
+        run(stream, work)
 
-    def _softmax_stats(logits, n, C, maxprob, argmax, logits_out):
-        lg = np.ascontiguousarray(mem.view(logits, (n, C), np.float32))
-        mp, am = ops.softmax_stats(lg)
-        mem.view(maxprob, (n,), np.float32)[:] = mp
-        mem.view(argmax, (n,), np.int32)[:] = am
-        if logits_out is not None:
-            mem.view(logits_out, (n, C), np.float32)[:] = lg
-
-    for name, fn in [("DeviceBuffer", SimBuffer), ("Stream", lambda: SimpleNamespace(handle=7, synchronize=lambda: None)),
+    for name, fn in [("DeviceBuffer", SimBuffer), ("Stream", SimStream),
                      ("has_cuda_build", lambda: True), ("cuda_device_count", lambda: 1), ("cuda_glance", glance),
                      ("cuda_preprocess", preprocess), ("cuda_crop_patches", crop), ("cuda_gather_rows", gather),
                      ("cuda_copy", copy), ("cuda_softmax_stats", softmax_stats),
-                     ("_stream_sync", sim.synced.append), ("CudaEvent", SimEvent)]:
+                     ("_stream_sync", stream_sync), ("CudaEvent", SimEvent)]:
         monkeypatch.setattr(ops, name, fn)
     return sim
 
 
 class SimEvent:
-    """A CUDA event on the simulated device: the host clock at ``record``."""
+    """A CUDA event of the simulated device: the host clock when the stream reaches it."""
 
     def __init__(self):
         self.t = 0.0
@@ -158,29 +271,29 @@ class SimEvent:
 
 
 class SimCapture:
-    """Graph capture on the simulated device: ``capture(fn)`` records what ``fn`` enqueues
-    (nothing runs) and returns the replay, which runs the recording. ``fail`` makes every
-    capture raise (a capture that cannot be made)."""
+    """Graph capture on the simulated device: ``capture(fn)`` records the work ``fn`` launches
+    (nothing runs, nothing is enqueued) and returns the replay, which launches the recording on
+    the capture's stream. ``fail`` makes every capture raise (a capture that cannot be made)."""
 
     name = "sim-graph"
 
-    def __init__(self, sim, fail=False):
-        self.sim, self.fail, self.count = sim, fail, 0
+    def __init__(self, mem, stream=7, fail=False):
+        self.mem, self.stream, self.fail, self.count = mem, stream, fail, 0
 
     def capture(self, fn):
-        assert self.sim.capturing is None, "nested capture"
-        self.sim.capturing = recorded = []
+        assert self.mem.capturing is None, "nested capture"
+        self.mem.capturing = recorded = []
         try:
             fn()
             if self.fail:
                 raise RuntimeError("cudaErrorStreamCaptureUnsupported: simulated capture failure")
         finally:
-            self.sim.capturing = None
+            self.mem.capturing = None
         self.count += 1
 
         def replay():
-            for op in recorded:
-                op()
+            for work in recorded:
+                self.mem.launch(self.stream, work)
 
         replay.ops = recorded
         return replay
@@ -189,8 +302,7 @@ class SimCapture:
 class SimHeads:
     """CPU heads exposing ``step_device`` on simulated device memory (same signatures as ops)."""
 
-    def __init__(self, cpu, mem, sim=None):
-        defer = sim.defer if sim is not None else (lambda fn: fn())
+    def __init__(self, cpu, mem):
         self.kind, self.pol_hidden, self.cls_hidden, self.device = cpu.kind, cpu.pol_hidden, cpu.cls_hidden, "cuda"
         m, S, Pz, F = mem, cpu.image_size, cpu.patch_size, int(cpu.actor.input_size)
 
@@ -203,14 +315,13 @@ class SimHeads:
             out_features = cpu.cls.out_features
 
             def step_device(self, x, h, h_out, batch, logits, maxprob=None, argmax=None, stream=None):
-                defer(lambda: self._step(x, h, h_out, batch, logits, maxprob, argmax))
-
-            def _step(self, x, h, h_out, batch, logits, maxprob, argmax):
-                xs = np.ascontiguousarray(m.view(x, (batch, cpu.cls.input_size), np.float32))
-                hs = None if h is None else np.ascontiguousarray(m.view(h, (batch, cpu.cls_hidden), np.float32))
-                hn, lg, mp, am = cpu.cls.step(xs, hs)
-                m.view(h_out, hn.shape, np.float32)[:] = hn
-                put(logits, maxprob, argmax, lg, mp, am)
+                def work():
+                    xs = np.ascontiguousarray(m.view(x, (batch, cpu.cls.input_size), np.float32))
+                    hs = None if h is None else np.ascontiguousarray(m.view(h, (batch, cpu.cls_hidden), np.float32))
+                    hn, lg, mp, am = cpu.cls.step(xs, hs)
+                    m.view(h_out, hn.shape, np.float32)[:] = hn
+                    put(logits, maxprob, argmax, lg, mp, am)
+                m.launch(stream, work)
 
         class CascadedCls:
             out_features = cpu.cls.out_features
@@ -218,23 +329,23 @@ class SimHeads:
             def step_device(self, features, steps, batch, feature_dim, k, logits, maxprob=None, argmax=None,
                             layout="ntf", stream=None):
                 assert layout == "tnf"
-                defer(lambda: self._step(features, steps, batch, feature_dim, k, logits, maxprob, argmax))
 
-            def _step(self, features, steps, batch, feature_dim, k, logits, maxprob, argmax):
-                f = np.ascontiguousarray(m.view(features, (steps, batch, feature_dim), np.float32))
-                put(logits, maxprob, argmax, *cpu.cls.step(f, k, layout="tnf"))
+                def work():
+                    f = np.ascontiguousarray(m.view(features, (steps, batch, feature_dim), np.float32))
+                    put(logits, maxprob, argmax, *cpu.cls.step(f, k, layout="tnf"))
+                m.launch(stream, work)
 
         class Actor:
             def step_device(self, x, h, h_out, batch, action, coords, image_size, patch_size, stream=None):
                 assert (image_size, patch_size) == (S, Pz) and action is None
-                defer(lambda: self._step(x, h, h_out, batch, coords))
 
-            def _step(self, x, h, h_out, batch, coords):
-                xs = np.ascontiguousarray(m.view(x, (batch, F), np.float32))
-                hs = None if h is None else np.ascontiguousarray(m.view(h, (batch, cpu.pol_hidden), np.float32))
-                hn, _a, c = cpu.actor.step(xs, hs, S, Pz)
-                m.view(h_out, hn.shape, np.float32)[:] = hn
-                m.view(coords, c.shape, np.int32)[:] = c
+                def work():
+                    xs = np.ascontiguousarray(m.view(x, (batch, F), np.float32))
+                    hs = None if h is None else np.ascontiguousarray(m.view(h, (batch, cpu.pol_hidden), np.float32))
+                    hn, _a, c = cpu.actor.step(xs, hs, S, Pz)
+                    m.view(h_out, hn.shape, np.float32)[:] = hn
+                    m.view(coords, c.shape, np.int32)[:] = c
+                m.launch(stream, work)
 
         self.cls = GruCls() if cpu.kind == "gru" else CascadedCls()
         self.actor = Actor()

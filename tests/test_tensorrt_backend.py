@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,25 +16,29 @@ HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
 
 @pytest.mark.parametrize(
-    "version,precision,typed,flags,convert,graphs",
+    "version,precision,modelopt,typed,flags,convert,graphs",
     [
-        ("10.3.0", "int8", True, [], False, "int8-tensorrt"),
-        ("10.3.0", "fp16", False, ["FP16"], False, "fp32"),
-        ("10.3.0", "fp32", False, [], False, "fp32"),
-        ("11.0.0", "int8", True, [], False, "int8-tensorrt"),
-        ("11.0.0", "fp16", True, [], True, "fp32"),  # 11.x: no FP16 flag, convert the graph
-        ("11.2.1", "fp32", True, [], False, "fp32"),
+        ("10.3.0", "int8", False, True, [], False, "int8-tensorrt"),
+        ("10.3.0", "fp16", True, False, ["FP16"], False, "fp32"),  # 10.0-10.11: weakly typed FP16
+        ("10.3.0", "fp32", False, False, [], False, "fp32"),
+        ("10.12.0", "fp16", True, True, [], True, "fp32"),  # FP16 flag deprecated: strongly typed route
+        ("10.12.0", "fp16", False, False, ["FP16"], False, "fp32"),  # ... or the flag, with a warning
+        ("11.0.0", "int8", False, True, [], False, "int8-tensorrt"),
+        ("11.0.0", "fp16", False, True, [], True, "fp32"),  # 11.x: no FP16 flag, convert the graph
+        ("11.2.1", "fp32", False, True, [], False, "fp32"),
     ],
 )
-def test_plan_build(version, precision, typed, flags, convert, graphs):
-    plan = trtb.plan_build(version, trtb.BuildOptions(precision=precision))
+def test_plan_build(version, precision, modelopt, typed, flags, convert, graphs):
+    plan = trtb.plan_build(version, trtb.BuildOptions(precision=precision), has_modelopt=modelopt)
     assert (plan.strongly_typed, plan.builder_flags, plan.convert_fp16, plan.graph_set) == (typed, flags, convert, graphs)
     assert "INT8" not in plan.builder_flags  # INT8 only from Q/DQ nodes, never a calibrator/flag
+    assert bool(plan.notes) == (version == "10.12.0" and not modelopt)
 
 
 def test_plan_build_dla_and_old_versions():
-    plan = trtb.plan_build("10.3.0", trtb.BuildOptions(precision="int8", dla_core=0))
-    assert "GPU_FALLBACK" in plan.builder_flags
+    plan = trtb.plan_build("10.3.0", trtb.BuildOptions(precision="fp16", dla_core=0, max_batch=4))
+    assert plan.builder_flags == ["GPU_FALLBACK", "FP16"] and plan.static_batch == 4
+    assert trtb.plan_build("10.3.0", trtb.BuildOptions(precision="fp16")).static_batch is None
     with pytest.raises(UnavailableError, match="too old"):
         trtb.plan_build("8.6.1", trtb.BuildOptions())
 
@@ -41,6 +46,7 @@ def test_plan_build_dla_and_old_versions():
 @pytest.mark.parametrize("kw,match", [
     ({"precision": "int4"}, "precision"), ({"max_batch": 0}, "batch"), ({"opt_batch": 64, "max_batch": 32}, "batch"),
     ({"workspace_mb": 1}, "workspace"), ({"opt_level": 9}, "optimisation level"), ({"dla_core": -1}, "DLA"),
+    ({"dla_core": 0}, "needs --precision fp16: DLA does not take explicit-quantization"),
 ])
 def test_build_options_validation(kw, match):
     with pytest.raises(InputError, match=match):
@@ -165,57 +171,101 @@ def test_failed_engine_build_leaves_the_bundle_as_it_was(fp32_bundle, monkeypatc
     assert set(after) <= set(before)
 
 
-class _Logger:
-    """Stand-in ``tensorrt.Logger``."""
+# ------------------------------------------------------------------ stand-in TensorRT
+def _standin(monkeypatch, version="10.3.0", mem=None, **kw):
+    """Installs the stand-in ``tensorrt`` (tests/trt_standin.py) and an Orin as this device."""
+    from trt_standin import make_trt
 
-    WARNING = 2
-
-    def __init__(self, level):
-        pass
-
-
-def _fake_trt(runtime_cls):
-    """A stand-in ``tensorrt`` module whose ``Runtime`` is ``runtime_cls``."""
-    class FakeTRT:
-        __version__ = "10.3.0"
-        Runtime = runtime_cls
-        Logger = _Logger
-
-    return FakeTRT
+    trt, state = make_trt(version, mem=mem, **kw)
+    monkeypatch.setattr(trtb, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(trtb, "gpu_info", lambda: dict(ORIN_AGX))
+    return trt, state
 
 
-class _OneEngineBundle:
-    """A bundle whose every engine path is one file."""
+ORIN_AGX = {"gpu_name": "Orin", "compute_capability": "8.7", "multiprocessors": 16,
+            "device_model": "NVIDIA Jetson AGX Orin Developer Kit"}
+ORIN_NANO = {"gpu_name": "Orin", "compute_capability": "8.7", "multiprocessors": 8,
+             "device_model": "NVIDIA Jetson Orin Nano Developer Kit"}
 
-    def __init__(self, engine, entry):
-        self.root = engine.parent
-        self.manifest = {"engines": [entry]}
-        self._engine = engine
 
-    def path(self, rel):
-        return self._engine
+def _engine_files(fp32_bundle, tmp_path, lo=1, hi=3, placement=None):
+    """Stand-in engines (the bundle's FP32 graphs behind the stand-in header, batches lo..hi)
+    in ``tmp_path``; ``(bundle-like, entry)``."""
+    import json
+    from types import SimpleNamespace
+
+    from trt_standin import MAGIC
+
+    entry = {"precision": "fp32", "build_options": {"max_batch": hi}, "static_batch": hi if lo == hi else None}
+    for g, rel in fp32_bundle.manifest["graphs"]["fp32"].items():
+        head = json.dumps({"min": lo, "max": hi, "layers": placement}).encode()
+        (tmp_path / f"{g}.engine").write_bytes(MAGIC + len(head).to_bytes(4, "little") + head
+                                               + fp32_bundle.path(rel).read_bytes())
+        entry[g] = f"{g}.engine"
+    return SimpleNamespace(root=tmp_path, path=lambda rel: tmp_path / rel, manifest={"engines": [entry]}), entry
+
+
+def _engines_on_simulated_gpu(monkeypatch, version="10.3.0", **kw):
+    """An asynchronous GPU simulated in host memory (tests/sim_device.py) and the stand-in
+    ``tensorrt`` whose engines run there: ``(memory, stand-in state, sim log)``."""
+    from sim_device import SimMemory, sim_ops
+
+    mem = SimMemory()
+    sim = sim_ops(monkeypatch, mem, asynchronous=True)
+    _, state = _standin(monkeypatch, version, mem=mem, **kw)
+    return mem, state, sim
+
+
+# -------------------------------------------------------------- stand-in fidelity
+@pytest.mark.parametrize("version,typed_value,has_fp16", [("10.3.0", 1, True), ("11.1.0", 0, False)])
+def test_standin_enums_are_tensorrts(version, typed_value, has_fp16):
+    """Values from include/NvInfer.h and NvInferRuntime*.h of TensorRT 10.3 and 11.1."""
+    from trt_standin import make_trt
+
+    trt, _ = make_trt(version)
+    assert int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) == typed_value
+    assert hasattr(trt.BuilderFlag, "FP16") is has_fp16 and int(trt.BuilderFlag.GPU_FALLBACK) == 3
+    assert (int(trt.DataType.FLOAT), int(trt.DataType.HALF), int(trt.DataType.INT8)) == (0, 1, 2)
+    assert (int(trt.TensorIOMode.INPUT), int(trt.TensorIOMode.OUTPUT)) == (1, 2)
+    assert (int(trt.DeviceType.GPU), int(trt.DeviceType.DLA), int(trt.ProfilingVerbosity.DETAILED)) == (0, 1, 2)
+    assert trt.float32 is trt.DataType.FLOAT and trt.float32 != "float32"
+
+
+def test_simulated_device_runs_work_only_when_its_stream_is_synchronized(monkeypatch):
+    """The simulated GPU is asynchronous: an enqueued copy lands only when its stream is
+    synchronized, an event orders one stream after another, and a device -> host read
+    synchronizes its stream first."""
+    from gfnet_edge import ops
+    from sim_device import SimMemory, sim_ops
+
+    mem = SimMemory()
+    sim = sim_ops(monkeypatch, mem, asynchronous=True)
+    a, b = ops.Stream(), ops.Stream()
+    assert a.handle != b.handle and 0 not in (a.handle, b.handle)
+    src, dst, out = ops.DeviceBuffer(16), ops.DeviceBuffer(16), np.empty(4, np.float32)
+    src.copy_from_host(np.arange(4, dtype=np.float32), a)
+    ops.cuda_copy(dst, src, 16, b)  # no ordering between a and b yet
+    sim.streams.synchronize(b)
+    assert mem.view(dst.ptr, (4,), np.float32).tolist() == [0, 0, 0, 0]  # b ran before a's upload
+    ev = sim.streams.record_event(a)
+    sim.streams.wait_event(b, ev)
+    ops.cuda_copy(dst, src, 16, b)
+    assert sim.streams.pending(a) == 1 and sim.streams.pending(b) == 2
+    dst.copy_to_host(out, b)  # synchronizes b, whose wait runs a up to the event
+    assert out.tolist() == [0, 1, 2, 3] and sim.streams.pending() == 0
 
 
 def test_engines_are_deserialised_without_host_code_and_truncated_ones_refused(tmp_path, monkeypatch):
     """The runner turns off engine host code before deserialising; an engine TensorRT cannot read
     (truncated, corrupt) is a clear InputError naming the file."""
-    seen = []
-
-    class FakeRuntime:
-        def __init__(self, logger):
-            self.engine_host_code_allowed = True
-
-        def deserialize_cuda_engine(self, data):
-            seen.append((self.engine_host_code_allowed, len(data)))
-            return None  # what TensorRT returns for a truncated / corrupt plan
-
+    _, state = _standin(monkeypatch)
     engine = tmp_path / "glance.int8.engine"
     engine.write_bytes(b"\x00" * 10)
-    monkeypatch.setattr(trtb, "import_tensorrt", lambda: _fake_trt(FakeRuntime))
-    runner = trtb.TensorRTRunner(_OneEngineBundle(engine, ENTRY), dict(ENTRY, glance="glance.int8.engine"))
+    bundle = SimpleNamespace(root=tmp_path, path=lambda rel: engine, manifest={})
+    runner = trtb.TensorRTRunner(bundle, dict(ENTRY, glance="glance.int8.engine"))
     with pytest.raises(InputError, match="could not deserialize this engine"):
         runner.activate()
-    assert seen == [(False, 10)]
+    assert state.host_code == [False]
     assert not runner.active
 
 
@@ -235,34 +285,33 @@ def test_select_engine_tells_gpu_and_dla_engines_apart():
         trtb.select_engine(_FakeBundle([DLA0]), "auto", here, "10.3.0")
 
 
-def _dla_fake_trt(seen, cores):
-    class FakeRuntime:
-        num_DLA_cores = cores
-
-        def __init__(self, logger):
-            self.engine_host_code_allowed = True
-            self.DLA_core = -1
-
-        def deserialize_cuda_engine(self, data):
-            seen.append(self.DLA_core)
-            return None
-
-    return _fake_trt(FakeRuntime)
+def test_engines_are_matched_to_the_device_model_not_only_the_sm_arch():
+    """An AGX Orin engine is refused on an Orin Nano (both "Orin", sm_87), and a Nano build
+    gets its own slot instead of replacing the AGX entry."""
+    agx = dict(ENTRY, **ORIN_AGX)
+    nano = dict(ENTRY, **ORIN_NANO, glance="n/glance.engine", focus="n/focus.engine")
+    with pytest.raises(InputError, match=r"Jetson AGX Orin Developer Kit, 16 SMs\) vs this Orin \(8.7; NVIDIA Jetson "
+                                         r"Orin Nano Developer Kit, 8 SMs\)") as e:
+        trtb.select_engine(_FakeBundle([agx]), "auto", dict(ORIN_NANO), "10.3.0")
+    assert "build-engine B --backend tensorrt --precision int8" in str(e.value)
+    assert trtb.select_engine(_FakeBundle([agx, nano]), "auto", dict(ORIN_NANO), "10.3.0") is nano
+    assert trtb.select_engine(_FakeBundle([nano, agx]), "auto", dict(ORIN_AGX), "10.3.0") is agx
+    assert not trtb.same_engine_slot(agx, nano) and trtb.same_engine_slot(agx, dict(agx, glance="x"))
+    assert trtb.engine_dir_name(ORIN_NANO, "10.3.0") == "nvidia-jetson-orin-nano-developer-kit-sm87-trt10.3.0"
 
 
 def test_runner_deserialises_dla_engines_on_their_core(tmp_path, monkeypatch):
     engine = tmp_path / "e.engine"
     engine.write_bytes(b"\x00" * 4)
-    seen = []
-    monkeypatch.setattr(trtb, "import_tensorrt", lambda: _dla_fake_trt(seen, cores=2))
+    bundle = SimpleNamespace(root=tmp_path, path=lambda rel: engine, manifest={})
+    _, state = _standin(monkeypatch, dla_cores=2)
     with pytest.raises(InputError, match="could not deserialize"):
-        trtb.TensorRTRunner(_OneEngineBundle(engine, DLA0), dict(DLA0, build_options={"dla_core": 1})).activate()
-    assert seen == [1]  # the runtime named the engine's core before deserialising
-    seen.clear()
-    monkeypatch.setattr(trtb, "import_tensorrt", lambda: _dla_fake_trt(seen, cores=0))
+        trtb.TensorRTRunner(bundle, dict(DLA0, build_options={"dla_core": 1})).activate()
+    assert state.dla_core_at_load == [1]  # the runtime named the engine's core before deserialising
+    _, state = _standin(monkeypatch, dla_cores=0)
     with pytest.raises(UnavailableError, match="built for DLA core 0, but this device has 0 DLA core"):
-        trtb.TensorRTRunner(_OneEngineBundle(engine, DLA0), DLA0).activate()
-    assert seen == []
+        trtb.TensorRTRunner(bundle, DLA0).activate()
+    assert state.dla_core_at_load == []
 
 
 def test_dla_core_option_is_checked(fp32_bundle, tmp_path, capsys):
@@ -289,285 +338,216 @@ def test_a_new_build_replaces_only_its_own_slot():
     assert not trtb.same_engine_slot(ENTRY, dict(ENTRY, compute_capability="9.0"))
 
 
-def _recording_trt(version="10.3.0", typed_flag=True, parse_ok=True, build_ok=True, engine_is_onnx=False):
-    """A stand-in ``tensorrt`` module for :func:`build_engine` that records what it is asked for.
-
-    It has the attributes the TensorRT 10.x / 11.x Python API has for these calls (11.x: no
-    ``BuilderFlag.FP16``; with ``typed_flag=False`` no ``STRONGLY_TYPED`` either). Its
-    "serialized engine" is fixed bytes, or with ``engine_is_onnx`` the parsed ONNX graph itself
-    (which :func:`_onnx_engine_trt` runs)."""
-    log = {"set_flags": [], "profile": None, "parsed": None, "timing_cache_in": None}
-
-    class Flags:
-        GPU_FALLBACK = "GPU_FALLBACK"
-
-    if version.startswith("10."):
-        Flags.FP16 = "FP16"
-
-    class CreationFlags:
-        pass
-
-    if typed_flag:
-        CreationFlags.STRONGLY_TYPED = 0
-
-    class Input:
-        name, shape = "image", (-1, 3, 96, 96)
-
-    class Network:
-        def get_input(self, i):
-            assert i == 0
-            return Input()
-
-    class Cache:
-        def serialize(self):
-            return b"timing-cache-out"
-
-    class Config:
-        def __init__(self):
-            self.cache = None
-
-        def set_memory_pool_limit(self, pool, size):
-            log["pool"] = (pool, size)
-
-        def set_flag(self, flag):
-            log["set_flags"].append(flag)
-
-        def create_timing_cache(self, blob):
-            log["timing_cache_in"] = bytes(blob)
-            return Cache()
-
-        def set_timing_cache(self, cache, ignore_mismatch):
-            self.cache = cache
-            log["ignore_mismatch"] = ignore_mismatch
-
-        def get_timing_cache(self):
-            return self.cache
-
-        def add_optimization_profile(self, profile):
-            log["profile"] = profile.shapes
-
-        def __setattr__(self, name, value):
-            if name != "cache":
-                log[name] = value
-            object.__setattr__(self, name, value)
-
-    class Profile:
-        def set_shape(self, name, lo, opt, hi):
-            self.shapes = (name, lo, opt, hi)
-
-    class FakeBuilder:
-        def __init__(self, logger):
-            pass
-
-        def create_network(self, flags):
-            log["network_flags"] = flags
-            return Network()
-
-        def create_builder_config(self):
-            return Config()
-
-        def create_optimization_profile(self):
-            return Profile()
-
-        def build_serialized_network(self, network, config):
-            if not build_ok:
-                return None
-            return bytearray(Path(log["parsed"]).read_bytes() if engine_is_onnx else b"serialized-engine")
-
-    class Parser:
-        num_errors = 0 if parse_ok else 2
-
-        def __init__(self, network, logger):
-            pass
-
-        def parse_from_file(self, path):
-            log["parsed"] = path
-            return parse_ok
-
-        def get_error(self, i):
-            return f"node {i}: unsupported operator"
-
-    class FakeTRT:
-        __version__ = version
-        OnnxParser, NetworkDefinitionCreationFlag, BuilderFlag = Parser, CreationFlags, Flags
-        Builder, Logger = FakeBuilder, _Logger
-
-        class MemoryPoolType:
-            WORKSPACE = "WORKSPACE"
-
-        class DeviceType:
-            DLA, GPU = "DLA", "GPU"
-
-    return FakeTRT, log
+# ------------------------------------------------------------------------ build
+def _onnx(tmp_path, name="glance.onnx"):
+    path = tmp_path / name
+    path.write_bytes(b"onnx")  # the stand-in parser does not need a real graph here
+    return path
 
 
-def _fake_builder(monkeypatch, **kw):
-    trt, log = _recording_trt(**kw)
-    monkeypatch.setattr(trtb, "import_tensorrt", lambda: trt)
-    monkeypatch.setattr(trtb, "gpu_info", lambda: {"gpu_name": "Orin", "compute_capability": "8.7"})
-    return log
-
-
-@pytest.mark.parametrize("version,typed_flag,precision,flags,typed", [
-    ("10.3.0", True, "int8", [], True),  # Q/DQ network, strongly typed, no precision flag
-    ("10.3.0", True, "fp16", ["FP16"], False),  # 10.x: weakly typed FP16
-    ("10.3.0", True, "fp32", [], False),
-    ("11.0.0", True, "int8", [], True),
-    ("11.0.0", False, "int8", [], True),  # 11.x without the (deprecated, ignored) flag: not passed
-    ("11.0.0", True, "fp32", [], True),
+@pytest.mark.parametrize("version,typed_flag,precision,flags,network_flags", [
+    ("10.3.0", True, "int8", [], 1 << 1),  # Q/DQ network, strongly typed (flag value 1 on 10.x)
+    ("10.3.0", True, "fp16", ["FP16"], 0),  # 10.0-10.11: weakly typed FP16
+    ("10.3.0", True, "fp32", [], 0),
+    ("10.3.0", False, "int8", [], 0),  # no STRONGLY_TYPED flag: not passed
+    ("11.1.0", True, "int8", [], 1 << 0),  # 11.x: kept (value 0, ignored), passed when it exists
+    ("11.1.0", True, "fp32", [], 1 << 0),
 ])
 def test_build_engine_asks_tensorrt_for_the_planned_network(tmp_path, monkeypatch, version, typed_flag, precision,
-                                                             flags, typed):
-    log = _fake_builder(monkeypatch, version=version, typed_flag=typed_flag)
-    onnx, out = tmp_path / "glance.onnx", tmp_path / "engines" / "glance.engine"
-    onnx.write_bytes(b"onnx")
+                                                             flags, network_flags):
+    _, state = _standin(monkeypatch, version, typed_flag=typed_flag)
+    onnx, out = _onnx(tmp_path), tmp_path / "engines" / "glance.engine"
     opts = trtb.BuildOptions(precision=precision, workspace_mb=512, max_batch=16, opt_batch=4)
     entry = trtb.build_engine(onnx, out, opts)
-    assert log["network_flags"] == (1 if typed and typed_flag else 0)
-    assert log["parsed"] == str(onnx) and log["set_flags"] == flags
-    assert log["pool"] == ("WORKSPACE", 512 << 20)
-    assert log["profile"] == ("image", (1, 3, 96, 96), (4, 3, 96, 96), (16, 3, 96, 96))
-    assert "builder_optimization_level" not in log and "DLA_core" not in log
-    assert out.read_bytes() == b"serialized-engine"
+    assert state.network_flags == network_flags
+    assert state.parsed == str(onnx) and state.set_flags == flags
+    assert state.pool == ("WORKSPACE", 512 << 20)
+    assert state.profile == ("image", (1, 3, 96, 96), (4, 3, 96, 96), (16, 3, 96, 96))
+    assert state.config["profiling_verbosity"] == 2  # DETAILED: the engine inspector sees layer details
+    assert "builder_optimization_level" not in state.config and "DLA_core" not in state.config
+    assert out.read_bytes().endswith(b"onnx") and len(state.loggers) == 1
     assert entry["tensorrt_version"] == version and entry["compute_capability"] == "8.7"
-    assert entry["precision"] == precision and entry["strongly_typed"] is typed
+    assert entry["device_model"] == ORIN_AGX["device_model"] and entry["static_batch"] is None
+    assert entry["precision"] == precision and entry["strongly_typed"] is (network_flags != 0 or
+                                                                          (precision == "int8" and typed_flag))
     assert entry["graph_set"] == ("int8-tensorrt" if precision == "int8" else "fp32")
     assert entry["build_options"]["max_batch"] == 16
 
 
-def test_build_engine_dla_level_and_timing_cache(tmp_path, monkeypatch):
-    log = _fake_builder(monkeypatch)
-    onnx, out, cache = tmp_path / "focus.onnx", tmp_path / "focus.engine", tmp_path / "timing.cache"
-    onnx.write_bytes(b"onnx")
-    cache.write_bytes(b"timing-cache-in")
-    opts = trtb.BuildOptions(precision="int8", opt_level=5, dla_core=1, timing_cache=str(cache))
-    trtb.build_engine(onnx, out, opts)
-    assert log["DLA_core"] == 1 and log["default_device_type"] == "DLA"
-    assert log["set_flags"] == ["GPU_FALLBACK"] and log["builder_optimization_level"] == 5
-    assert log["timing_cache_in"] == b"timing-cache-in" and log["ignore_mismatch"] is False
-    assert cache.read_bytes() == b"timing-cache-out"  # written back after the build
-    log = _fake_builder(monkeypatch)
-    trtb.build_engine(onnx, out, trtb.BuildOptions(dla_core=0, gpu_fallback=False, timing_cache=str(tmp_path / "new")))
-    assert log["set_flags"] == [] and log["timing_cache_in"] == b""  # a missing cache file starts empty
-    assert (tmp_path / "new").read_bytes() == b"timing-cache-out"
-
-
-@pytest.mark.parametrize("kw,match", [
-    ({"parse_ok": False}, r"ONNX parser failed: node 0: unsupported operator; node 1: unsupported operator"),
-    ({"build_ok": False}, "could not build an engine"),
+@pytest.mark.parametrize("version,precision,dla_core,match", [
+    ("10.3.0", "int8", 0, "DLA does not take explicit-quantization .Q/DQ. INT8"),
+    ("10.3.0", "fp32", 0, "DLA runs FP16 or INT8, never FP32"),
 ])
-def test_build_engine_failures_are_clear_and_write_nothing(tmp_path, monkeypatch, kw, match):
-    _fake_builder(monkeypatch, **kw)
-    onnx, out = tmp_path / "glance.onnx", tmp_path / "glance.engine"
-    onnx.write_bytes(b"onnx")
+def test_dla_builds_refuse_what_dla_cannot_run(tmp_path, monkeypatch, version, precision, dla_core, match):
+    _, state = _standin(monkeypatch, version, dla_cores=2)
     with pytest.raises(InputError, match=match):
-        trtb.build_engine(onnx, out, trtb.BuildOptions(precision="fp32"))
+        trtb.build_engine(_onnx(tmp_path), tmp_path / "e.engine", trtb.BuildOptions(precision=precision,
+                                                                                    dla_core=dla_core))
+    assert state.engines_built == 0 and not (tmp_path / "e.engine").exists()
+
+
+def test_dla_engines_are_built_static_and_their_layer_placement_recorded(tmp_path, monkeypatch):
+    """DLA needs min = opt = max: the profile is static at max_batch; the builder's layer
+    report is recorded; a build in which every layer falls back to the GPU is refused."""
+    _, state = _standin(monkeypatch, "10.3.0", dla_cores=2)
+    out = tmp_path / "glance.engine"
+    entry = trtb.build_engine(_onnx(tmp_path), out, trtb.BuildOptions(precision="fp16", dla_core=1, max_batch=8,
+                                                                      opt_batch=2))
+    assert state.profile == ("image", (8, 3, 96, 96), (8, 3, 96, 96), (8, 3, 96, 96))
+    assert state.config["DLA_core"] == 1 and state.config["default_device_type"] == 1
+    assert state.set_flags == ["GPU_FALLBACK", "FP16"] and entry["static_batch"] == 8
+    assert entry["dla_layers"] == 1 and entry["gpu_layers"] == 1  # the stand-in puts all but the last layer on DLA
+    assert entry["device_map"] == {"dla": ["{ForeignNode[layer0]}"], "gpu": ["layer1"]}
+    with pytest.raises(UnavailableError, match="DLA core 2 asked for, but this device has 2"):
+        trtb.build_engine(_onnx(tmp_path), out, trtb.BuildOptions(precision="fp16", dla_core=2))
+
+
+def test_dla_build_with_everything_on_the_gpu_is_refused(tmp_path, monkeypatch):
+    """With a dynamic profile DLA takes no layer and GPU fallback moves all of them to the GPU
+    (what TensorRT does); such an engine is refused, nothing written."""
+    from gfnet_edge.runtime.backends import tensorrt_build
+
+    _standin(monkeypatch, "10.3.0", dla_cores=1)
+    real = tensorrt_build.plan_build
+    monkeypatch.setattr(tensorrt_build, "plan_build", lambda *a, **k: trtb.BuildPlan(
+        **{**real(*a, **k).__dict__, "static_batch": None}))  # as if the profile were dynamic
+    out = tmp_path / "e.engine"
+    with pytest.raises(InputError, match="no layer runs on DLA core 0: every layer fell back to the GPU"):
+        trtb.build_engine(_onnx(tmp_path), out, trtb.BuildOptions(precision="fp16", dla_core=0))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("version,ok", [("10.3.0", True), ("10.7.0", True), ("10.8.0", False), ("11.1.0", False),
+                                        ("11.4.0", False), ("11.4.1", True)])
+def test_dla_by_tensorrt_version(version, ok):
+    opts = trtb.BuildOptions(precision="fp16", dla_core=0)
+    if ok:
+        plan = trtb.plan_build(version, opts)
+        assert plan.static_batch == 32 and "GPU_FALLBACK" in plan.builder_flags
+    else:
+        with pytest.raises(UnavailableError, match=f"TensorRT {version} builds no DLA engines"):
+            trtb.plan_build(version, opts)
+
+
+def test_build_engine_level_and_timing_cache_merge(tmp_path, monkeypatch):
+    """The timing cache is read, given to the builder and merged back (entries of both builds
+    kept); a cache from another device is rejected before building, and the file kept."""
+    import json
+
+    _, state = _standin(monkeypatch)
+    onnx, out, cache = _onnx(tmp_path), tmp_path / "focus.engine", tmp_path / "timing.cache"
+    trtb.build_engine(onnx, out, trtb.BuildOptions(precision="int8", opt_level=5, timing_cache=str(cache)))
+    assert state.config["builder_optimization_level"] == 5
+    first = json.loads(cache.read_bytes())["entries"]
+    assert len(first) == 1
+    _, state = _standin(monkeypatch)
+    trtb.build_engine(_onnx(tmp_path, "other.onnx"), out, trtb.BuildOptions(timing_cache=str(cache)))
+    merged = json.loads(cache.read_bytes())["entries"]
+    assert set(first) < set(merged) and len(merged) == 2
+    foreign = tmp_path / "h200.cache"
+    foreign.write_bytes(json.dumps({"device": "H200/9.0", "version": "10.3.0", "entries": {"t": 1}}).encode())
+    before = foreign.read_bytes()
+    with pytest.raises(InputError, match="rejected this timing cache .written on another device model"):
+        trtb.build_engine(onnx, tmp_path / "x.engine", trtb.BuildOptions(timing_cache=str(foreign)))
+    assert foreign.read_bytes() == before and not (tmp_path / "x.engine").exists()
+
+
+@pytest.mark.parametrize("fault,match", [
+    ("parse", r"ONNX parser failed: node 0: unsupported operator; node 1: unsupported operator"),
+    ("build", "could not build an engine"),
+    ("profile", "refused the optimisation profile"),
+])
+def test_build_engine_failures_are_clear_and_write_nothing(tmp_path, monkeypatch, fault, match):
+    _standin(monkeypatch, faults={fault})
+    out = tmp_path / "glance.engine"
+    with pytest.raises(InputError, match=match):
+        trtb.build_engine(_onnx(tmp_path), out, trtb.BuildOptions(precision="fp32"))
     assert not out.exists()
 
 
 def test_build_engine_fp16_on_tensorrt_11_needs_modelopt(tmp_path, monkeypatch):
     if importlib.util.find_spec("modelopt") is not None:
         pytest.skip("ModelOpt is installed here")
-    _fake_builder(monkeypatch, version="11.0.0")
-    onnx = tmp_path / "glance.onnx"
-    onnx.write_bytes(b"onnx")
+    _standin(monkeypatch, "11.1.0")
     with pytest.raises(UnavailableError, match="ModelOpt"):
-        trtb.build_engine(onnx, tmp_path / "glance.engine", trtb.BuildOptions(precision="fp16"))
+        trtb.build_engine(_onnx(tmp_path), tmp_path / "glance.engine", trtb.BuildOptions(precision="fp16"))
 
 
-def _engines_on_simulated_gpu(monkeypatch, profile_max):
-    """A GPU simulated in host memory (tests/sim_device.py: ``ops``' CUDA entry points, buffers
-    and stream work on it) and a stand-in ``tensorrt`` whose engines run there; ``(memory,
-    engine log)``, the log holding each engine call's batch and the profile's max batch."""
-    from types import SimpleNamespace
-
-    from sim_device import SimMemory, sim_ops
-
-    mem = SimMemory()
-    sim = sim_ops(monkeypatch, mem)
-    engines = SimpleNamespace(view=lambda ptr, shape: mem.view(ptr, shape, np.float32), batches=[],
-                              profile_max=profile_max, sim=sim)
-    monkeypatch.setattr(trtb, "import_tensorrt", lambda: _onnx_engine_trt(engines))
-    return mem, engines
+# ----------------------------------------------------------------------- runner
+def test_runner_refuses_a_missing_execution_context_with_advice(fp32_bundle, tmp_path, monkeypatch):
+    """create_execution_context returns None when GPU memory runs out (an 8 GB Orin): a clear
+    error that says what to do, not an AttributeError later."""
+    _engines_on_simulated_gpu(monkeypatch, faults={"context"})
+    bundle, entry = _engine_files(fp32_bundle, tmp_path)
+    P = int(fp32_bundle.model["patch_size"])
+    with trtb.TensorRTRunner(bundle, entry) as runner:
+        with pytest.raises(UnavailableError, match="could not create an execution context.*smaller --max-batch"):
+            runner.run("glance", np.zeros((1, 3, P, P), np.float32))
 
 
-def _onnx_engine_trt(bufs):
-    """A stand-in ``tensorrt`` module whose "engines" are ONNX graphs run by ONNX Runtime on the
-    simulated device memory (``bufs``: :func:`_engines_on_simulated_gpu`'s log), through the same calls (tensor names, modes, shapes, addresses,
-    ``execute_async_v3``) the runner makes on a real engine."""
-    import onnxruntime as ort
+def test_runner_streams_contexts_and_buffers(fp32_bundle, tmp_path, monkeypatch):
+    """run_device: explicit streams only; each stream has its own contexts and buffers
+    (allocated once, addresses stable across calls and batches), so run() and run_device()
+    never share a context with work in flight; deactivation waits for every stream before
+    freeing; misaligned inputs are staged; outputs equal ONNX Runtime's."""
+    from gfnet_edge import ops
+    from gfnet_edge.runtime.backends.onnxruntime import OnnxRuntimeRunner
 
-    class Mode:
-        INPUT, OUTPUT = "INPUT", "OUTPUT"
-
-    class Engine:
-        def __init__(self, blob):
-            self.sess = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
-            self.names = ["image"] + [o.name for o in self.sess.get_outputs()]
-            self.shapes = {"image": tuple(d if isinstance(d, int) else -1 for d in self.sess.get_inputs()[0].shape)}
-            for o in self.sess.get_outputs():
-                self.shapes[o.name] = tuple(d if isinstance(d, int) else -1 for d in o.shape)
-
-        num_io_tensors = property(lambda self: len(self.names))
-
-        def get_tensor_name(self, i):
-            return self.names[i]
-
-        def get_tensor_mode(self, name):
-            return Mode.INPUT if name == "image" else Mode.OUTPUT
-
-        def get_tensor_dtype(self, name):
-            return "float32"
-
-        def get_tensor_shape(self, name):
-            return self.shapes[name]
-
-        def create_execution_context(self):
-            return Context(self)
-
-    class Context:
-        def __init__(self, engine):
-            self.engine, self.batch, self.addr = engine, None, {}
-
-        def set_input_shape(self, name, shape):
-            assert name == "image" and tuple(shape[1:]) == self.engine.shapes["image"][1:]
-            bufs.batches.append(int(shape[0]))
-            if shape[0] > bufs.profile_max:  # outside the optimisation profile
-                return False
-            self.batch = int(shape[0])
-            return True
-
-        def get_tensor_shape(self, name):
-            assert self.batch is not None, "output shapes asked before the input shape was set"
-            return (self.batch,) + self.engine.shapes[name][1:]
-
-        def set_tensor_address(self, name, ptr):
-            self.addr[name] = int(ptr)
-            return True
-
-        def execute_async_v3(self, stream):
-            x = bufs.view(self.addr["image"], self.get_tensor_shape("image"))
-            outs = self.engine.sess.run(None, {"image": np.array(x)})
-            for name, y in zip(self.engine.names[1:], outs):
-                bufs.view(self.addr[name], y.shape)[...] = y
-            return True
-
-    class Runtime:
-        engine_host_code_allowed = True
-
-        def __init__(self, logger):
-            pass
-
-        def deserialize_cuda_engine(self, blob):
-            return Engine(blob)
-
-    trt = _fake_trt(Runtime)
-    trt.TensorIOMode, trt.float32 = Mode, "float32"
-    trt.nptype = staticmethod(lambda dtype: np.float32)
-    return trt
+    mem, state, sim = _engines_on_simulated_gpu(monkeypatch)
+    bundle, entry = _engine_files(fp32_bundle, tmp_path, hi=4)
+    graphs = {g: fp32_bundle.path(p) for g, p in fp32_bundle.manifest["graphs"]["fp32"].items()}
+    ref = OnnxRuntimeRunner(graphs, "fp32", threads=1).activate()
+    P = int(fp32_bundle.model["patch_size"])
+    x = np.random.default_rng(3).standard_normal((4, 3, P, P)).astype(np.float32)
+    dev = ops.DeviceBuffer(x.nbytes + 256)
+    runner = trtb.TensorRTRunner(bundle, entry).activate()
+    with pytest.raises(ValueError, match="explicit CUDA stream, not the legacy default stream"):
+        runner.run_device("glance", dev.ptr, 1, None)
+    stream = ops.Stream()
+    dev.copy_from_host(x, stream)
+    first = runner.run_device("glance", dev.ptr, 4, stream)
+    host = runner.run("glance", x[:2])  # the runner's own stream, while the device call is in flight
+    assert not state.violations, state.violations
+    again = runner.run_device("glance", dev.ptr, 2, stream)
+    assert {k: v[0] for k, v in first.items()} == {k: v[0] for k, v in again.items()}  # stable addresses
+    want = ref.run("glance", x)
+    for k in want:
+        np.testing.assert_allclose(host[k], want[k][:2], atol=1e-5)
+    stream.synchronize()
+    for k, (ptr, shape) in again.items():
+        assert shape == (2,) + want[k].shape[1:]
+        np.testing.assert_allclose(mem.view(ptr, shape, np.float32), want[k][:2], atol=1e-5)
+    # a misaligned view (the second image of the batch) is staged into an aligned buffer
+    odd = runner.run_device("focus", dev.ptr + x[0].nbytes, 3, stream)
+    stream.synchronize()
+    want = ref.run("focus", x[1:])
+    for k, (ptr, shape) in odd.items():
+        np.testing.assert_allclose(mem.view(ptr, shape, np.float32), want[k], atol=1e-5)
+    assert all(s != 0 for s, _ in state.enqueues)
+    runner.run_device("focus", dev.ptr, 4, stream)  # left in flight ...
+    runner.deactivate()  # ... and waited for before the buffers go
+    assert sim.streams.pending() == 0
+    ref.deactivate()
 
 
-def test_runner_feeds_and_reads_engines_through_device_buffers(fp32_bundle, monkeypatch):
+def test_static_batch_engines_pad_smaller_batches(fp32_bundle, tmp_path, monkeypatch):
+    """An engine built for one batch (DLA) runs every call at that batch; fewer images are
+    staged and only their rows are returned."""
+    from gfnet_edge.runtime.backends.onnxruntime import OnnxRuntimeRunner
+
+    _, state, _ = _engines_on_simulated_gpu(monkeypatch)
+    bundle, entry = _engine_files(fp32_bundle, tmp_path, lo=4, hi=4)
+    graphs = {g: fp32_bundle.path(p) for g, p in fp32_bundle.manifest["graphs"]["fp32"].items()}
+    P = int(fp32_bundle.model["patch_size"])
+    x = np.random.default_rng(5).standard_normal((6, 3, P, P)).astype(np.float32)
+    with trtb.TensorRTRunner(bundle, entry) as runner, OnnxRuntimeRunner(graphs, "fp32", threads=1) as ref:
+        assert runner.max_batch == 4
+        got, want = runner.run("focus", x), ref.run("focus", x)  # 4 + 2 (padded to 4)
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], atol=1e-5)
+    assert set(state.batches) == {4}
+
+def test_runner_feeds_and_reads_engines_through_device_buffers(fp32_bundle, tmp_path, monkeypatch):
     """TensorRTRunner.run (numpy in, numpy out) with engines standing in for TensorRT's: same
     outputs as ONNX Runtime on the same graphs at batch 1 and 5 (cut into the engines' max
     batch of 2), and the host loop over it traces the bundle exactly as the ONNX Runtime
@@ -579,15 +559,14 @@ def test_runner_feeds_and_reads_engines_through_device_buffers(fp32_bundle, monk
     from gfnet_edge.runtime.heads import HeadSet, load_head_arrays
     from gfnet_edge.runtime.profile import Profiler
 
-    _, bufs = _engines_on_simulated_gpu(monkeypatch, profile_max=2)
+    _, bufs, _ = _engines_on_simulated_gpu(monkeypatch)
     graphs = fp32_bundle.manifest["graphs"]["fp32"]
-    entry = {"precision": "fp32", "glance": graphs["glance"], "focus": graphs["focus"],
-             "build_options": {"max_batch": 2}}
+    bundle, entry = _engine_files(fp32_bundle, tmp_path, hi=2)
     model = fp32_bundle.model
     S, P = int(model["image_size"]), int(model["patch_size"])
     rng = np.random.default_rng(0)
     ref = OnnxRuntimeRunner({g: fp32_bundle.path(p) for g, p in graphs.items()}, "fp32", threads=1).activate()
-    with trtb.TensorRTRunner(fp32_bundle, entry) as runner:
+    with trtb.TensorRTRunner(bundle, entry) as runner:
         for n in (1, 5):
             x = rng.standard_normal((n, 3, P, P)).astype(np.float32)
             for g in ("glance", "focus"):
@@ -619,7 +598,7 @@ def _build_stand_in_engines(fp32_bundle, root, monkeypatch):
 
     shutil.copytree(fp32_bundle.root, root)
     Bundle.load(root, verify=False).update_manifest(lambda m: m.update(engines=[]))
-    log = _fake_builder(monkeypatch, engine_is_onnx=True)
+    _, log = _standin(monkeypatch)
     rc = cli.main(["build-engine", str(root), "--backend", "tensorrt", "--precision", "fp32", "--max-batch", "3",
                    "--workspace", "256"])
     assert rc == 0
@@ -640,14 +619,14 @@ def test_two_phase_build_then_run_on_stand_in_tensorrt(fp32_bundle, tmp_path, mo
 
     root = tmp_path / "bundle"
     log = _build_stand_in_engines(fp32_bundle, root, monkeypatch)
-    assert log["pool"] == ("WORKSPACE", 256 << 20)
+    assert log.pool == ("WORKSPACE", 256 << 20) and len(log.loggers) == 1  # one logger for both builds
     bundle = Bundle.load(root)  # hashes and versions verified
     entry = trtb.select_engine(bundle, "auto", here={"gpu_name": "Orin", "compute_capability": "8.7"},
                                trt_version="10.3.0")
-    assert entry["glance"] == "engines/orin-sm87-trt10.3.0/glance.fp32.engine"
+    assert entry["glance"] == "engines/nvidia-jetson-agx-orin-developer-kit-sm87-trt10.3.0/glance.fp32.engine"
     assert entry["precision"] == "fp32" and entry["build_options"]["max_batch"] == 3
     assert {entry["glance"], entry["focus"]} <= set(bundle.manifest["artifacts"])
-    _, bufs = _engines_on_simulated_gpu(monkeypatch, profile_max=3)
+    _, bufs, _ = _engines_on_simulated_gpu(monkeypatch)
     model = bundle.model
     S, P = int(model["image_size"]), int(model["patch_size"])
     images = np.random.default_rng(1).standard_normal((5, 3, S, S)).astype(np.float32)
@@ -671,14 +650,14 @@ def _simulated_jetson(fp32_bundle, tmp_path, monkeypatch):
 
     root = tmp_path / "bundle"
     _build_stand_in_engines(fp32_bundle, root, monkeypatch)
-    mem, engines = _engines_on_simulated_gpu(monkeypatch, profile_max=3)
+    mem, engines, sim = _engines_on_simulated_gpu(monkeypatch)
 
     def heads(arrays, model, device="cpu", weight_dtype="float32"):
         cpu = HeadSet(arrays, model, weight_dtype=weight_dtype)
         return SimHeads(cpu, mem) if device == "cuda" else cpu
 
     monkeypatch.setattr(api, "HeadSet", heads)
-    return root, mem, engines, engines.sim
+    return root, mem, engines, sim
 
 
 def test_runtime_runs_the_device_loop_over_tensorrt_engines_on_a_simulated_gpu(fp32_bundle, tmp_path, monkeypatch):
@@ -706,7 +685,8 @@ def test_runtime_runs_the_device_loop_over_tensorrt_engines_on_a_simulated_gpu(f
         got, want = rt.trace(images), ref.trace(images)
         np.testing.assert_allclose(got.probs, want.probs, rtol=0, atol=1e-5)
         np.testing.assert_array_equal(got.coords, want.coords)
-        assert max(engines.batches) == 3 and engines.batches[:2] == [3, 3]  # chunks of 3, 3, 3, 1
+        runs = [b for _, b in engines.enqueues]
+        assert max(runs) == 3 and runs.count(1) >= 1 and not engines.violations  # chunks of 3, 3, 3, 1
         rt.thresholds = ref.thresholds = gap_thresholds(want.probs)
         for inputs in (images, frames):
             a, b = rt.predict(inputs), ref.predict(inputs)

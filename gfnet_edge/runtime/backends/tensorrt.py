@@ -1,33 +1,37 @@
-"""TensorRT backend: engine building (explicit Q/DQ INT8, FP16, FP32) and execution.
+"""TensorRT backend: which engine fits this device, and running it.
 
 Written against the TensorRT 10.x and 11.x Python API and imported lazily; without TensorRT or
 a GPU every entry point raises :class:`~gfnet_edge.errors.UnavailableError` saying how to
-proceed. Decisions that do not need TensorRT itself (flags per version, engine compatibility)
-are plain functions so they are tested on machines without it.
+proceed. Decisions that do not need TensorRT itself (features per version range, engine
+matching) are plain functions, tested on machines without it. Engine building lives in
+:mod:`.tensorrt_build` (re-exported here).
 
-* INT8 comes only from the Q/DQ nodes of the ``int8-tensorrt`` graphs: no calibrators.
-* TensorRT 11 removed the precision builder flags: networks are strongly typed, and FP16 means
-  an ONNX graph converted to FP16 beforehand (ModelOpt AutoCast). On 10.x FP16 uses
-  ``BuilderFlag.FP16``; Q/DQ networks are built strongly typed where the flag exists.
+* One ``ILogger`` per process (:func:`trt_logger`), as TensorRT expects; it forwards to the
+  ``gfnet_edge`` logger and can record a build's messages (the DLA device report).
 * Engines are deserialised with ``engine_host_code_allowed = False``.
-* Execution uses ``execute_async_v3`` with tensor addresses on one stream; device memory comes
-  from the extension's :class:`DeviceBuffer` (no pycuda needed). :meth:`TensorRTRunner.run`
-  copies numpy in and out; :meth:`TensorRTRunner.run_device` reads a device batch and leaves
-  the outputs in the runner's device buffers, on the caller's stream, without host copies.
+* Every TensorRT call that reports failure by its return value is checked, with a message
+  that says what to do.
+* Execution uses ``execute_async_v3`` on explicit streams only (the legacy default stream is
+  refused: TensorRT synchronises the whole device around it). Each stream gets its own
+  execution contexts and buffers (a :class:`_Lane`), so :meth:`TensorRTRunner.run` (the
+  runner's stream) and :meth:`TensorRTRunner.run_device` (the caller's stream) never share
+  memory. A lane's buffers are allocated once, for the max batch, and keep their addresses.
 """
 from __future__ import annotations
 
-import os
+import logging
 import re
-import tempfile
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 from ...errors import InputError, UnavailableError
 from .base import GRAPHS, Runner
+
+logger = logging.getLogger("gfnet_edge")
 
 HOW_TO = (
     "TensorRT is not available here. On a Jetson, TensorRT comes with JetPack (python3-libnvinfer); "
@@ -53,98 +57,107 @@ def parse_version(v: str) -> Tuple[int, int, int]:
     return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
 
 
-@dataclass
-class BuildOptions:
-    """TensorRT builder options users expect.
+@dataclass(frozen=True)
+class TrtFeatures:
+    """What a TensorRT version offers, by version range (NVIDIA's headers and release notes).
 
     Attributes:
-        precision: ``int8`` (from Q/DQ graphs), ``fp16`` or ``fp32``.
-        workspace_mb: workspace memory-pool limit.
-        opt_level: builder optimisation level (0-5; TensorRT's default is 3).
-        timing_cache: file to read/write the timing cache (speeds up rebuilds).
-        dla_core: DLA core to build for (Jetson Xavier/Orin), ``None`` for the GPU.
-        gpu_fallback: let layers DLA cannot run fall back to the GPU.
-        max_batch: largest batch of the optimisation profile.
-        opt_batch: batch the profile is tuned for.
+        version: (major, minor, patch).
+        precision_flags: ``BuilderFlag.FP16`` / ``INT8`` exist (10.x; removed in 11.0).
+        fp16_flag_deprecated: weak typing (``BuilderFlag.FP16``) is deprecated (10.12 and later).
+        always_strongly_typed: every network is strongly typed (11.x; the creation flag is ignored).
+        dla: DLA engines can be built: 10.0-10.7 (JetPack 6 ships 10.3) and 11.4.1 or later
+            (AGX Orin with JetPack 7.2.2 or later). 11.0-11.4.0 have no DLA on Jetson.
     """
 
-    precision: str = "int8"
-    workspace_mb: int = 1024
-    opt_level: Optional[int] = None
-    timing_cache: Optional[str] = None
-    dla_core: Optional[int] = None
-    gpu_fallback: bool = True
-    max_batch: int = 32
-    opt_batch: int = 1
+    version: Tuple[int, int, int]
 
-    def validate(self) -> "BuildOptions":
-        if self.precision not in ("int8", "fp16", "fp32"):
-            raise InputError(f"precision must be int8, fp16 or fp32, got {self.precision!r}")
-        if self.max_batch < 1 or not (1 <= self.opt_batch <= self.max_batch):
-            raise InputError(f"need 1 <= opt batch ({self.opt_batch}) <= max batch ({self.max_batch})")
-        if self.workspace_mb < 16:
-            raise InputError(f"workspace must be >= 16 MiB, got {self.workspace_mb}")
-        if self.opt_level is not None and not 0 <= self.opt_level <= 5:
-            raise InputError(f"builder optimisation level must be 0..5, got {self.opt_level}")
-        if self.dla_core is not None and self.dla_core < 0:
-            raise InputError(f"DLA core must be >= 0, got {self.dla_core}")
-        return self
+    @classmethod
+    def of(cls, version: str) -> "TrtFeatures":
+        return cls(parse_version(version))
 
+    @property
+    def precision_flags(self) -> bool:
+        return self.version[0] < 11
 
-@dataclass
-class BuildPlan:
-    """What to ask TensorRT for, decided from its version and the precision.
+    @property
+    def fp16_flag_deprecated(self) -> bool:
+        return self.version >= (10, 12, 0)
 
-    Attributes:
-        graph_set: which bundle graphs to parse (``int8-tensorrt``, ``fp16``, ``fp32``).
-        strongly_typed: create the network with ``STRONGLY_TYPED``.
-        builder_flags: ``BuilderFlag`` names to set.
-        convert_fp16: convert the FP32 ONNX graph to FP16 before parsing (11.x route).
-    """
+    @property
+    def always_strongly_typed(self) -> bool:
+        return self.version[0] >= 11
 
-    graph_set: str
-    strongly_typed: bool
-    builder_flags: List[str] = field(default_factory=list)
-    convert_fp16: bool = False
+    @property
+    def dla(self) -> bool:
+        return (10, 0, 0) <= self.version < (10, 8, 0) or self.version >= (11, 4, 1)
+
+    def require_supported(self) -> None:
+        if self.version[0] < 10:
+            raise UnavailableError(f"TensorRT {'.'.join(map(str, self.version))} is too old: "
+                                   "gfnet-edge needs TensorRT 10 or 11")
 
 
-def plan_build(trt_version: str, options: BuildOptions, has_strongly_typed_flag: bool = True) -> BuildPlan:
-    """Decides flags for a TensorRT version (10.x or 11.x) and precision."""
-    major, _, _ = parse_version(trt_version)
-    if major < 10:
-        raise UnavailableError(f"TensorRT {trt_version} is too old: gfnet-edge needs TensorRT 10 or 11")
-    flags: List[str] = []
-    if options.dla_core is not None and options.gpu_fallback:
-        flags.append("GPU_FALLBACK")
-    if options.precision == "int8":
-        # Explicit quantization: Q/DQ nodes carry the precision; strongly typed where available.
-        return BuildPlan("int8-tensorrt", strongly_typed=major >= 11 or has_strongly_typed_flag, builder_flags=flags)
-    if options.precision == "fp16":
-        if major >= 11:
-            return BuildPlan("fp32", strongly_typed=True, builder_flags=flags, convert_fp16=True)
-        return BuildPlan("fp32", strongly_typed=False, builder_flags=flags + ["FP16"])
-    return BuildPlan("fp32", strongly_typed=major >= 11, builder_flags=flags)
+# ----------------------------------------------------------------------- logger
+_LOGGER: Dict[int, Tuple[Any, Any]] = {}  # id(tensorrt module) -> (module, logger)
 
 
-def convert_to_fp16(src: Path, dst: Path) -> Path:
-    """FP32 ONNX -> mixed FP16 ONNX with ModelOpt AutoCast (TensorRT 11's documented FP16 route)."""
-    try:
-        from modelopt.onnx.autocast import convert_to_mixed_precision
-    except Exception as exc:
-        raise UnavailableError(
-            "FP16 engines on TensorRT 11 need an FP16 ONNX graph; install NVIDIA ModelOpt "
-            "(pip install nvidia-modelopt[onnx]) or use --precision int8/fp32"
-        ) from exc
-    import onnx
+def trt_logger(trt):
+    """The process's one TensorRT logger (created on first use, per ``tensorrt`` module).
 
-    model = convert_to_mixed_precision(onnx_path=str(src), low_precision_type="fp16", keep_io_types=True)
-    onnx.save(model, str(dst))
-    return dst
+    It forwards errors and warnings to the ``gfnet_edge`` logger, info to debug, drops verbose
+    messages, and while :meth:`capture` is active records every info-or-worse message (the
+    builder prints its DLA / GPU layer report at info level)."""
+    key = id(trt)
+    if key in _LOGGER:
+        return _LOGGER[key][1]
+    sev = trt.ILogger.Severity
+
+    class _Logger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self._captures: List[List[str]] = []
+
+        def log(self, severity, msg) -> None:  # noqa: D401 - TensorRT's callback
+            if int(severity) > int(sev.INFO):
+                return
+            for lines in self._captures:
+                lines.append(str(msg))
+            if int(severity) <= int(sev.ERROR):
+                logger.error("TensorRT: %s", msg)
+            elif int(severity) == int(sev.WARNING):
+                logger.warning("TensorRT: %s", msg)
+            else:
+                logger.debug("TensorRT: %s", msg)
+
+        @contextmanager
+        def capture(self) -> Iterator[List[str]]:
+            lines: List[str] = []
+            self._captures.append(lines)
+            try:
+                yield lines
+            finally:
+                self._captures.remove(lines)
+
+    _LOGGER[key] = (trt, _Logger())
+    return _LOGGER[key][1]
 
 
 # --------------------------------------------------------------------- device info
+def _jetson_model() -> Optional[str]:
+    """The board's model from the device tree (Jetson: "NVIDIA Jetson AGX Orin ..."), else None."""
+    try:
+        text = Path("/proc/device-tree/model").read_bytes().decode("utf-8", "replace")
+    except OSError:
+        return None
+    return text.strip("\x00\n ") or None
+
+
 def gpu_info() -> Dict[str, Any]:
-    """Name and compute capability of CUDA device 0, via the extension.
+    """Name, compute capability, SM count and board model of CUDA device 0.
+
+    ``device_model`` is the Jetson board model where the device tree names it (AGX Orin and
+    Orin Nano GPUs are both "Orin", sm_87), else the GPU name.
 
     Raises:
         UnavailableError: no CUDA build or no GPU.
@@ -154,30 +167,52 @@ def gpu_info() -> Dict[str, Any]:
     if ops.cuda_device_count() < 1:
         raise UnavailableError("no CUDA GPU is visible here; " + HOW_TO)
     props = ops.cuda_device_properties(0)
-    return {"gpu_name": props["name"], "compute_capability": f"{props['major']}.{props['minor']}"}
+    return {"gpu_name": props["name"], "compute_capability": f"{props['major']}.{props['minor']}",
+            "multiprocessors": int(props["multiprocessors"]), "device_model": _jetson_model() or props["name"]}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
 def engine_dir_name(info: Dict[str, Any], trt_version: str, dla_core: Optional[int] = None) -> str:
-    name = re.sub(r"[^A-Za-z0-9]+", "-", info["gpu_name"]).strip("-").lower() or "gpu"
+    """``engines/`` subdirectory for a device: board model (or GPU name), SM arch, TensorRT, DLA core."""
+    name = _slug(info.get("device_model") or info["gpu_name"]) or "gpu"
     dla = f"-dla{dla_core}" if dla_core is not None else ""
     return f"{name}-sm{info['compute_capability'].replace('.', '')}-trt{trt_version}{dla}"
 
 
+#: Fields that identify a device model; the first two are always recorded, the others where known.
+DEVICE_KEYS = ("gpu_name", "compute_capability", "device_model", "multiprocessors")
+
+
+def device_mismatches(entry: Dict[str, Any], here: Dict[str, Any]) -> List[str]:
+    """How an engine entry's device differs from this one (empty: the same device model).
+    ``gpu_name`` and ``compute_capability`` must match; board model and SM count must match
+    where both record them."""
+    out = []
+    for k in DEVICE_KEYS:
+        a, b = entry.get(k), here.get(k)
+        if k in DEVICE_KEYS[:2] or (a is not None and b is not None):
+            if a != b:
+                out.append(f"{k.replace('_', ' ')} {a} vs this device's {b}")
+    return out
+
+
 def check_engine_compat(entry: Dict[str, Any], here: Dict[str, Any], trt_version: str, bundle_root: Path) -> None:
-    """Refuses an engine built for another GPU or TensorRT version, saying how to rebuild."""
+    """Refuses an engine built for another device model or TensorRT version, saying how to rebuild."""
     problems = []
-    if entry.get("compute_capability") != here["compute_capability"]:
-        problems.append(
-            f"GPU {entry.get('gpu_name')} (compute capability {entry.get('compute_capability')}) "
-            f"vs this {here['gpu_name']} ({here['compute_capability']})"
-        )
+    if device_mismatches(entry, here):
+        model = lambda d: f"{d.get('device_model') or d.get('gpu_name')}, {d.get('multiprocessors', '?')} SMs"  # noqa: E731
+        problems.append(f"GPU {entry.get('gpu_name')} (compute capability {entry.get('compute_capability')}; "
+                        f"{model(entry)}) vs this {here['gpu_name']} ({here['compute_capability']}; {model(here)})")
     if entry.get("tensorrt_version") != trt_version:
         problems.append(f"TensorRT {entry.get('tensorrt_version')} vs this TensorRT {trt_version}")
     if problems:
         raise InputError(
             f"{bundle_root}: the {entry.get('precision')} engines were built for another device: "
             + "; ".join(problems)
-            + f". Engines are specific to the GPU and TensorRT version: rebuild them here with "
+            + f". Engines are specific to the device model and TensorRT version: rebuild them here with "
             f"`gfnet-edge build-engine {bundle_root} --backend tensorrt --precision {entry.get('precision')}`"
         )
 
@@ -189,10 +224,11 @@ def engine_dla_core(entry: Dict[str, Any]) -> Optional[int]:
 
 
 def same_engine_slot(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
-    """Whether two engine entries are for the same precision, GPU, TensorRT version and DLA core
-    (a new build replaces the old entry of its slot)."""
-    keys = ("precision", "compute_capability", "tensorrt_version")
-    return all(a.get(k) == b.get(k) for k in keys) and engine_dla_core(a) == engine_dla_core(b)
+    """Whether two engine entries are for the same precision, device model, TensorRT version and
+    DLA core (a new build replaces the old entry of its slot; other device models keep theirs)."""
+    keys = ("precision", "tensorrt_version")
+    return (all(a.get(k) == b.get(k) for k in keys) and not device_mismatches(a, b)
+            and engine_dla_core(a) == engine_dla_core(b))
 
 
 def _target(dla_core: Optional[int]) -> str:
@@ -201,9 +237,9 @@ def _target(dla_core: Optional[int]) -> str:
 
 def select_engine(bundle, precision: str = "auto", here: Optional[Dict[str, Any]] = None,
                   trt_version: Optional[str] = None, dla_core: Optional[int] = None) -> Dict[str, Any]:
-    """The bundle's engine entry for this device, ``precision`` (``auto``: int8 > fp16 > fp32)
-    and target: the GPU (``dla_core=None``) or one DLA core. A bundle may hold engines for
-    both (``build-engine --dla-core N`` adds DLA engines beside the GPU ones)."""
+    """The bundle's engine entry for this device model, ``precision`` (``auto``: int8 > fp16 >
+    fp32) and target: the GPU (``dla_core=None``) or one DLA core. A bundle may hold engines
+    for several device models and for both targets."""
     engines = [e for e in bundle.manifest.get("engines", []) if e.get("backend") == "tensorrt"]
     if not engines:
         raise InputError(
@@ -230,81 +266,42 @@ def select_engine(bundle, precision: str = "auto", here: Optional[Dict[str, Any]
     candidates = [e for p in order for e in engines if e.get("precision") == p]
     if not candidates:
         raise InputError(f"{bundle.root}: no {precision} TensorRT engine (has: {', '.join(e.get('precision', '?') for e in engines)})")
-    matching = [e for e in candidates if e.get("compute_capability") == here["compute_capability"] and e.get("tensorrt_version") == trt_version]
+    matching = [e for e in candidates if not device_mismatches(e, here) and e.get("tensorrt_version") == trt_version]
     if matching:
         return matching[0]
     check_engine_compat(candidates[0], here, trt_version, bundle.root)
     return candidates[0]  # pragma: no cover - check_engine_compat raised
 
 
-# ------------------------------------------------------------------------- build
-def build_engine(onnx_path: Path, out_path: Path, options: BuildOptions) -> Dict[str, Any]:
-    """Builds one serialized engine from an ONNX graph (input ``image``, dynamic batch).
-
-    Returns:
-        The engine's manifest fields (version, GPU, options).
-    """
-    options.validate()
-    trt = import_tensorrt()
-    here = gpu_info()
-    version = trt.__version__
-    plan = plan_build(version, options, hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"))
-    log = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(log)
-    flags = 0
-    typed_flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    if plan.strongly_typed and typed_flag is not None:  # 11.x: always strongly typed, the flag is kept but ignored
-        flags |= 1 << int(typed_flag)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, log)
-    src = Path(onnx_path)
-    with tempfile.TemporaryDirectory() as td:
-        if plan.convert_fp16:
-            src = convert_to_fp16(src, Path(td) / "fp16.onnx")
-        if not parser.parse_from_file(str(src)):
-            errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise InputError(f"{onnx_path}: TensorRT's ONNX parser failed: {errs}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_mb) << 20)
-    if options.opt_level is not None:
-        config.builder_optimization_level = int(options.opt_level)
-    for f in plan.builder_flags:
-        config.set_flag(getattr(trt.BuilderFlag, f))
-    if options.dla_core is not None:
-        config.default_device_type = trt.DeviceType.DLA
-        config.DLA_core = int(options.dla_core)
-    cache = None
-    if options.timing_cache:
-        blob = Path(options.timing_cache).read_bytes() if Path(options.timing_cache).is_file() else b""
-        cache = config.create_timing_cache(blob)
-        config.set_timing_cache(cache, ignore_mismatch=False)
-    profile = builder.create_optimization_profile()
-    inp = network.get_input(0)
-    _, c, h, w = inp.shape
-    profile.set_shape(inp.name, (1, c, h, w), (options.opt_batch, c, h, w), (options.max_batch, c, h, w))
-    config.add_optimization_profile(profile)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise InputError(f"{onnx_path}: TensorRT could not build an engine (see the TensorRT log above)")
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_bytes(bytes(serialized))
-    if cache is not None:
-        Path(options.timing_cache).write_bytes(bytes(config.get_timing_cache().serialize()))
-    return {
-        "backend": "tensorrt", "precision": options.precision, "tensorrt_version": version,
-        **here, "build_options": asdict(options), "graph_set": plan.graph_set,
-        "strongly_typed": plan.strongly_typed,
-    }
-
-
 # ---------------------------------------------------------------------- execute
-class TensorRTRunner(Runner):
-    """Runs the bundle's glance/focus engines on one CUDA stream.
+@dataclass
+class _Lane:
+    """Execution on one CUDA stream: an execution context per graph and its device buffers,
+    allocated once for the max batch (their addresses never change while the runner is active).
 
-    :meth:`run` (numpy) uses the runner's own stream; :meth:`run_device` enqueues on the
-    caller's stream and keeps inputs and outputs in device memory (the outputs live in the
-    runner's :class:`~gfnet_edge.ops.DeviceBuffer` s, one per graph and tensor, grown on demand).
+    Attributes:
+        stream: the cudaStream_t handle.
+        contexts: graph -> ``IExecutionContext``.
+        staging: graph -> input buffer for images that cannot be read in place (misaligned,
+            or fewer than a static-batch engine's batch).
+        outputs: graph -> {output name: (DeviceBuffer, shape at the max batch)}.
+    """
+
+    stream: int
+    contexts: Dict[str, Any] = field(default_factory=dict)
+    staging: Dict[str, Any] = field(default_factory=dict)
+    outputs: Dict[str, Dict[str, Tuple[Any, Tuple[int, ...]]]] = field(default_factory=dict)
+
+
+class TensorRTRunner(Runner):
+    """Runs the bundle's glance/focus engines.
+
+    :meth:`run` (numpy) runs on the runner's own stream; :meth:`run_device` enqueues on the
+    caller's stream and keeps inputs and outputs in device memory. Each stream has its own
+    execution contexts and buffers (created on its first use, for the max batch), so work on
+    two streams never shares memory; at most :attr:`MAX_STREAMS` streams per runner.
+    Engines built for a static batch (DLA) run every call at that batch: smaller batches are
+    copied into a staging buffer and only their rows of the outputs are returned.
 
     Args:
         bundle: the loaded bundle.
@@ -313,25 +310,30 @@ class TensorRTRunner(Runner):
 
     name = "tensorrt"
     supports_device = True
-    #: TensorRT requires tensor addresses aligned to 256 bytes.
+    #: TensorRT requires tensor addresses aligned to 256 bytes (``IExecutionContext::setTensorAddress``).
     ADDRESS_ALIGNMENT = 256
+    #: Streams (each with its own contexts and buffers) one runner serves.
+    MAX_STREAMS = 4
 
     def __init__(self, bundle, entry: Dict[str, Any]) -> None:
         super().__init__(f"{entry['precision']}-tensorrt")
         self.bundle = bundle
         self.entry = entry
-        self.max_batch = int(entry.get("build_options", {}).get("max_batch", 32))
+        opts = entry.get("build_options", {})
+        self.static_batch: Optional[int] = entry.get("static_batch")
+        self.max_batch = int(self.static_batch or opts.get("max_batch", 32))
         self._engines: Dict[str, Any] = {}
-        self._contexts: Dict[str, Any] = {}
-        self._buffers: Dict[Tuple[str, str], Any] = {}
+        self._lanes: Dict[int, _Lane] = {}
         self._stream = None
+        self._runtime = None
 
+    # ---------------------------------------------------------------- lifecycle
     def _activate(self) -> None:
         from ... import ops
 
         trt = import_tensorrt()
         self._trt = trt
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        runtime = trt.Runtime(trt_logger(trt))
         if hasattr(runtime, "engine_host_code_allowed"):
             runtime.engine_host_code_allowed = False  # never run host code embedded in an engine
         core = engine_dla_core(self.entry)
@@ -341,97 +343,155 @@ class TensorRTRunner(Runner):
                 raise UnavailableError(f"the engines were built for DLA core {core}, but this device has "
                                        f"{available} DLA core(s); use the GPU engines (no --dla-core) or rebuild")
             runtime.DLA_core = core
-        for g in GRAPHS:
-            path = self.bundle.path(self.entry[g])
-            engine = runtime.deserialize_cuda_engine(path.read_bytes())
-            if engine is None:
-                raise InputError(f"{path}: TensorRT could not deserialize this engine (truncated, corrupt or built elsewhere)")
-            self._engines[g] = engine
-            self._contexts[g] = engine.create_execution_context()
-        self._stream = ops.Stream()
+        try:
+            for g in GRAPHS:
+                path = self.bundle.path(self.entry[g])
+                engine = runtime.deserialize_cuda_engine(path.read_bytes())
+                if engine is None:
+                    raise InputError(f"{path}: TensorRT could not deserialize this engine (truncated, corrupt or "
+                                     "built elsewhere)")
+                self._check_io(g, engine)
+                self._engines[g] = engine
+            self._runtime = runtime
+            self._stream = ops.Stream()
+        except BaseException:
+            self._engines.clear()
+            raise
 
     def _deactivate(self) -> None:
-        self._contexts.clear()
-        self._engines.clear()
-        self._buffers.clear()
-        if self._stream is not None:
-            self._stream.synchronize()
-        self._stream = None
-
-    def _buffer(self, graph: str, name: str, nbytes: int):
+        """Waits for the work of every stream this runner enqueued on, then frees its contexts,
+        buffers and engines (contexts before engines, as TensorRT requires)."""
         from ... import ops
 
-        key = (graph, name)
-        buf = self._buffers.get(key)
-        if buf is None or buf.nbytes < nbytes:
-            buf = ops.DeviceBuffer(max(nbytes, 1))
-            self._buffers[key] = buf
-        return buf
+        for lane in self._lanes.values():
+            ops._stream_sync(lane.stream)
+        for lane in self._lanes.values():
+            lane.contexts.clear()
+        self._lanes.clear()
+        self._engines.clear()
+        self._runtime = None
+        self._stream = None
+
+    def _check_io(self, graph: str, engine: Any) -> None:
+        trt = self._trt
+        for name in self._io_names(engine):
+            if engine.get_tensor_dtype(name) != trt.DataType.FLOAT:
+                raise InputError(f"the {graph} engine's tensor {name!r} is {engine.get_tensor_dtype(name)}; gfnet-edge "
+                                 "feeds and reads float32: rebuild the engines with this gfnet-edge")
+
+    @staticmethod
+    def _io_names(engine: Any) -> List[str]:
+        return [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+
+    def _output_names(self, engine: Any) -> List[str]:
+        return [n for n in self._io_names(engine) if engine.get_tensor_mode(n) == self._trt.TensorIOMode.OUTPUT]
+
+    # ------------------------------------------------------------------- lanes
+    def _lane(self, stream: int) -> _Lane:
+        """The contexts and buffers of ``stream``, created (for the max batch) on its first use."""
+        lane = self._lanes.get(stream)
+        if lane is not None:
+            return lane
+        if stream == 0:
+            raise ValueError("TensorRTRunner needs an explicit CUDA stream, not the legacy default stream "
+                             "(0 / None: TensorRT would synchronise the whole device around every call); "
+                             "pass a gfnet_edge.ops.Stream(), or your torch / CuPy stream")
+        if len(self._lanes) >= self.MAX_STREAMS:
+            raise ValueError(f"this TensorRTRunner already serves {len(self._lanes)} CUDA streams (each has its own "
+                             "execution contexts and buffers); reuse one of them or use another runner")
+        from ... import ops
+
+        lane = _Lane(stream)
+        for g, engine in self._engines.items():
+            ctx = engine.create_execution_context()
+            if ctx is None:
+                lane.contexts.clear()
+                raise UnavailableError(
+                    f"TensorRT could not create an execution context for the {g} engine (not enough GPU memory "
+                    f"for its activations): close other GPU programs, or rebuild the engines with a smaller "
+                    f"--max-batch (now {self.max_batch})")
+            lane.contexts[g] = ctx
+            shape = self._input_shape(engine, self.max_batch)
+            self._set_input_shape(ctx, g, shape)
+            lane.staging[g] = ops.DeviceBuffer(int(np.prod(shape)) * 4)
+            lane.staging[g].zero(stream)
+            lane.outputs[g] = {}
+            for name in self._output_names(engine):
+                out_shape = self._output_shape(ctx, g, name)
+                lane.outputs[g][name] = (ops.DeviceBuffer(max(int(np.prod(out_shape)) * 4, 1)), out_shape)
+        self._lanes[stream] = lane
+        return lane
+
+    @staticmethod
+    def _input_shape(engine: Any, batch: int) -> Tuple[int, ...]:
+        return (int(batch),) + tuple(int(d) for d in engine.get_tensor_shape("image"))[1:]
 
     def _set_input_shape(self, ctx: Any, graph: str, shape: Tuple[int, ...]) -> None:
         if not ctx.set_input_shape("image", shape):
             raise InputError(f"the {graph} engine rejects input shape {shape} (outside its "
                              f"optimisation profile? built for batches up to {self.max_batch})")
 
-    def _run(self, graph: str, image: np.ndarray) -> Dict[str, np.ndarray]:
-        trt = self._trt
-        engine, ctx, stream = self._engines[graph], self._contexts[graph], self._stream
-        image = np.ascontiguousarray(image, dtype=np.float32)
-        self._set_input_shape(ctx, graph, tuple(image.shape))
-        inp = self._buffer(graph, "image", image.nbytes)
-        inp.copy_from_host(image, stream)
-        ctx.set_tensor_address("image", inp.ptr)
-        outs: Dict[str, Tuple[Any, np.ndarray]] = {}
-        for i in range(engine.num_io_tensors):
-            name = engine.get_tensor_name(i)
-            if engine.get_tensor_mode(name) != trt.TensorIOMode.OUTPUT:
-                continue
-            shape = tuple(ctx.get_tensor_shape(name))
-            dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
-            host = np.empty(shape, dtype)
-            buf = self._buffer(graph, name, host.nbytes)
-            ctx.set_tensor_address(name, buf.ptr)
-            outs[name] = (buf, host)
-        if not ctx.execute_async_v3(stream.handle):
-            raise RuntimeError(f"TensorRT failed to enqueue the {graph} engine")
-        for buf, host in outs.values():
-            buf.copy_to_host(host, stream)
-        stream.synchronize()
-        return {k: v[1].astype(np.float32, copy=False) for k, v in outs.items()}
+    @staticmethod
+    def _output_shape(ctx: Any, graph: str, name: str) -> Tuple[int, ...]:
+        shape = tuple(int(d) for d in ctx.get_tensor_shape(name))
+        if any(d < 0 for d in shape):
+            raise RuntimeError(f"TensorRT could not infer the shape of {graph} output {name!r}: {shape}")
+        return shape
 
-    def _run_device(self, graph: str, image: int, batch: int, stream: int) -> Dict[str, Tuple[int, Tuple[int, ...]]]:
+    def _set_address(self, ctx: Any, graph: str, name: str, ptr: int) -> None:
+        if ptr % self.ADDRESS_ALIGNMENT:
+            raise RuntimeError(f"the address of the {graph} tensor {name!r} is not {self.ADDRESS_ALIGNMENT}-byte aligned")
+        if not ctx.set_tensor_address(name, ptr):
+            raise RuntimeError(f"TensorRT refused the address of the {graph} tensor {name!r}")
+
+    def _enqueue(self, lane: _Lane, graph: str, image: int, batch: int) -> Dict[str, Tuple[int, Tuple[int, ...]]]:
+        """Enqueues ``graph`` on ``lane``'s stream for ``batch`` images at device address
+        ``image``; the outputs stay in the lane's buffers."""
         from ... import ops
 
-        trt = self._trt
-        engine, ctx = self._engines[graph], self._contexts[graph]
-        if engine.get_tensor_dtype("image") != trt.float32:
-            raise InputError(f"the {graph} engine takes {engine.get_tensor_dtype('image')} images; "
-                             "the device loop feeds float32")
-        in_shape = (batch,) + tuple(int(d) for d in engine.get_tensor_shape("image"))[1:]
-        self._set_input_shape(ctx, graph, in_shape)
-        if image % self.ADDRESS_ALIGNMENT:
-            # A misaligned view (e.g. a slice of a larger batch): stage it in an aligned buffer.
-            nbytes = int(np.prod(in_shape)) * 4
-            staged = self._buffer(graph, "image", nbytes)
-            ops.cuda_copy(staged, image, nbytes, stream)
+        engine, ctx = self._engines[graph], lane.contexts[graph]
+        run_batch = self.static_batch or batch
+        shape = self._input_shape(engine, run_batch)
+        self._set_input_shape(ctx, graph, shape)
+        staged = lane.staging[graph]
+        if image != staged.ptr and (image % self.ADDRESS_ALIGNMENT or run_batch != batch):
+            # A misaligned view (e.g. a slice of a larger batch), or fewer images than a static
+            # engine's batch: staged in the lane's aligned buffer (rows past ``batch`` are ignored).
+            ops.cuda_copy(staged, image, batch * int(np.prod(shape[1:])) * 4, lane.stream)
             image = staged.ptr
-        if not ctx.set_tensor_address("image", image):
-            raise RuntimeError(f"TensorRT refused the input address of the {graph} engine")
+        self._set_address(ctx, graph, "image", image)
         outs: Dict[str, Tuple[int, Tuple[int, ...]]] = {}
-        for i in range(engine.num_io_tensors):
-            name = engine.get_tensor_name(i)
-            if engine.get_tensor_mode(name) != trt.TensorIOMode.OUTPUT:
-                continue
-            if engine.get_tensor_dtype(name) != trt.float32:
-                raise InputError(f"the {graph} engine's output {name!r} is {engine.get_tensor_dtype(name)}; "
-                                 "the device loop needs float32 outputs")
-            shape = tuple(int(d) for d in ctx.get_tensor_shape(name))
-            if any(d < 0 for d in shape):
-                raise RuntimeError(f"TensorRT could not infer the shape of {graph} output {name!r}: {shape}")
-            buf = self._buffer(graph, name, max(int(np.prod(shape)) * 4, 1))
-            if not ctx.set_tensor_address(name, buf.ptr):
-                raise RuntimeError(f"TensorRT refused the address of the {graph} output {name!r}")
-            outs[name] = (buf.ptr, shape)
-        if not ctx.execute_async_v3(stream):
-            raise RuntimeError(f"TensorRT failed to enqueue the {graph} engine")
+        for name, (buf, _) in lane.outputs[graph].items():
+            out_shape = self._output_shape(ctx, graph, name)
+            self._set_address(ctx, graph, name, buf.ptr)
+            outs[name] = (buf.ptr, (batch,) + out_shape[1:])
+        if not ctx.execute_async_v3(lane.stream):
+            raise RuntimeError(f"TensorRT failed to enqueue the {graph} engine (see the TensorRT log above)")
         return outs
+
+    # --------------------------------------------------------------------- run
+    def _run(self, graph: str, image: np.ndarray) -> Dict[str, np.ndarray]:
+        image = np.ascontiguousarray(image, dtype=np.float32)
+        engine = self._engines[graph]
+        expect = self._input_shape(engine, image.shape[0])
+        if image.shape != expect:
+            raise InputError(f"the {graph} engine takes images of shape {expect}, got {image.shape}")
+        lane = self._lane(self._stream.handle)
+        self._set_input_shape(lane.contexts[graph], graph, self._input_shape(engine, self.static_batch or len(image)))
+        buf = lane.staging[graph]
+        if image.nbytes > buf.nbytes:
+            raise InputError(f"{len(image)} images exceed the {graph} engine's max batch {self.max_batch}")
+        buf.copy_from_host(image, lane.stream)
+        outs = self._enqueue(lane, graph, buf.ptr, image.shape[0])
+        result = {}
+        for name, (_, shape) in outs.items():
+            host = np.empty(shape, np.float32)
+            lane.outputs[graph][name][0].copy_to_host(host, lane.stream)  # synchronises the stream
+            result[name] = host
+        return result
+
+    def _run_device(self, graph: str, image: int, batch: int, stream: int) -> Dict[str, Tuple[int, Tuple[int, ...]]]:
+        return self._enqueue(self._lane(stream), graph, image, batch)
+
+
+from .tensorrt_build import BuildOptions, BuildPlan, build_engine, convert_to_fp16, plan_build  # noqa: E402,F401

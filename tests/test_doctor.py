@@ -1,0 +1,143 @@
+"""``gfnet-edge doctor BUNDLE`` and ``gfnet-edge info BUNDLE`` against the TensorRT stand-in
+(tests/trt_standin.py) on the asynchronous simulated GPU (tests/sim_device.py)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gfnet_edge import cli
+from gfnet_edge.runtime.backends import tensorrt as trtb
+
+ORIN_AGX = {"gpu_name": "Orin", "compute_capability": "8.7", "multiprocessors": 16,
+            "device_model": "NVIDIA Jetson AGX Orin Developer Kit"}
+
+
+@pytest.fixture(scope="module")
+def portable_bundle(tmp_path_factory):
+    pytest.importorskip("torch")
+    from gfnet_edge.build import BuildConfig, build_bundle
+
+    demo = Path(__file__).resolve().parents[1] / "gfnet_edge" / "assets" / "demo_gfnet.pth.tar"
+    return build_bundle(demo, tmp_path_factory.mktemp("doc") / "bundle",
+                        BuildConfig(precision="fp32", backend="onnxruntime"), progress=False)
+
+
+def _device(monkeypatch, here=ORIN_AGX, **kw):
+    """The stand-in TensorRT on an asynchronous simulated GPU; returns its state."""
+    from sim_device import SimMemory, sim_ops
+    from trt_standin import make_trt
+
+    mem = SimMemory()
+    sim_ops(monkeypatch, mem, asynchronous=True)
+    trt, state = make_trt("10.3.0", mem=mem, **kw)
+    monkeypatch.setattr(trtb, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(trtb, "gpu_info", lambda: dict(here))
+    return state
+
+
+def _bundle_with_engines(portable_bundle, tmp_path, monkeypatch, *extra):
+    root = tmp_path / "bundle"
+    shutil.copytree(portable_bundle.root, root)
+    _device(monkeypatch, dla_cores=1)
+    assert cli.main(["build-engine", str(root), "--backend", "tensorrt", "--precision", "fp32", "--max-batch", "4",
+                     *extra]) == 0
+    return root
+
+
+def _doctor(root, tmp_path, capsys, *args):
+    out = tmp_path / f"report{len(list(tmp_path.glob('report*')))}.json"
+    rc = cli.main(["doctor", str(root), "-o", str(out), *args])
+    text = capsys.readouterr()
+    return rc, (json.loads(out.read_text()) if out.exists() else None), text
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_doctor_without_tensorrt_exits_3_with_one_line(portable_bundle, tmp_path, capsys):
+    rc, report, text = _doctor(portable_bundle.root, tmp_path, capsys)
+    assert rc == 3 and report is None
+    err = text.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("gfnet-edge: error: TensorRT is not available here")
+
+
+def test_doctor_full_report_on_stand_ins(portable_bundle, tmp_path, monkeypatch, capsys):
+    """Environment, engine, batches 1 / 2 / 4 through run and run_device against ONNX Runtime,
+    all passing; the report file holds the same; doctor never overwrites a file."""
+    root = _bundle_with_engines(portable_bundle, tmp_path, monkeypatch)
+    _device(monkeypatch)
+    rc, report, text = _doctor(root, tmp_path, capsys)
+    assert rc == 0, text.out + text.err
+    assert {"tensorrt", "cuda driver", "gpu", "compute capability", "device model", "dla cores",
+            "power mode"} <= set(report["environment"])
+    assert report["environment"]["tensorrt"] == "10.3.0" and report["environment"]["dla cores"] == 0
+    assert report["engine"]["precision"] == "fp32" and report["engine"]["target"] == "GPU"
+    names = [c["name"] for c in report["checks"]]
+    assert names[0] == "load engines" and len(names) == 1 + 3 * 2 * 2
+    for n in (1, 2, 4):
+        for g in ("glance", "focus"):
+            for path in ("run", "run_device"):
+                c = report["checks"][names.index(f"{g} batch {n} ({path})")]
+                assert c["ok"] and c["error"] <= 1e-5 and c["tolerance"] == 1e-3
+    assert "all checks passed" in text.out and "report written to" in text.out
+    existing = tmp_path / "report0.json"
+    assert cli.main(["doctor", str(root), "-o", str(existing)]) == 2
+    assert "exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("faults,here,args,match", [
+    ({"context"}, ORIN_AGX, [], "could not create an execution context"),
+    ({"enqueue"}, ORIN_AGX, [], "failed to enqueue the glance engine"),
+    ({"skew"}, ORIN_AGX, [], None),  # wrong numbers: over the tolerance
+    (set(), dict(ORIN_AGX, device_model="NVIDIA Jetson Orin Nano Developer Kit", multiprocessors=8), [],
+     "built for another device.*--build"),
+])
+def test_doctor_reports_each_injected_failure(portable_bundle, tmp_path, monkeypatch, capsys, faults, here, args,
+                                              match):
+    root = _bundle_with_engines(portable_bundle, tmp_path, monkeypatch)
+    _device(monkeypatch, here=here, faults=faults)
+    rc, report, text = _doctor(root, tmp_path, capsys, *args)
+    assert rc == 1 and "FAILED" in text.out
+    failed = [c for c in report["checks"] if not c["ok"]]
+    assert failed
+    if match is None:
+        assert all(c["error"] > c["tolerance"] for c in failed if c["error"] is not None)
+    else:
+        import re
+
+        assert any(re.search(match, c["detail"]) for c in failed), failed
+
+
+def test_doctor_builds_missing_engines_for_this_device(portable_bundle, tmp_path, monkeypatch, capsys):
+    root = tmp_path / "bundle"
+    shutil.copytree(portable_bundle.root, root)
+    _device(monkeypatch)
+    rc, report, text = _doctor(root, tmp_path, capsys, "--build", "--precision", "fp32", "--max-batch", "2")
+    assert rc == 0, text.out + text.err
+    assert report["checks"][0]["name"] == "build fp32 engines" and report["engine"]["max_batch"] == 2
+
+
+def test_dla_engines_show_their_layer_placement(portable_bundle, tmp_path, monkeypatch, capsys):
+    """A DLA build (static batch, FP16) records where the builder put each layer; `info`
+    shows the counts and `doctor --dla-core` the per-layer map from the engine inspector."""
+    root = tmp_path / "bundle"
+    shutil.copytree(portable_bundle.root, root)
+    _device(monkeypatch, dla_cores=1)
+    assert cli.main(["build-engine", str(root), "--backend", "tensorrt", "--precision", "fp16", "--dla-core", "0",
+                     "--max-batch", "2"]) == 0
+    capsys.readouterr()
+    assert cli.main(["info", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "fp16 on DLA core 0" in out and "batch 2 (static)" in out
+    assert "glance:" in out and "layers on DLA, 1 on GPU" in out
+    _device(monkeypatch, dla_cores=1)
+    rc, report, text = _doctor(root, tmp_path, capsys, "--dla-core", "0")
+    assert rc == 0, text.out + text.err
+    assert report["engine"]["target"] == "DLA core 0" and report["engine"]["static_batch"] == 2
+    for g in ("glance", "focus"):
+        devices = [x["device"] for x in report["layers"][g]]
+        assert devices.count("GPU") == 1 and devices.count("DLA") >= 1 and "?" not in devices
+    assert "layers (" in text.out and "on DLA):" in text.out
