@@ -250,7 +250,7 @@ def sim_ops(monkeypatch, mem, asynchronous=False):
                      ("has_cuda_build", lambda: True), ("cuda_device_count", lambda: 1), ("cuda_glance", glance),
                      ("cuda_preprocess", preprocess), ("cuda_crop_patches", crop), ("cuda_gather_rows", gather),
                      ("cuda_copy", copy), ("cuda_softmax_stats", softmax_stats),
-                     ("_stream_sync", stream_sync), ("CudaEvent", SimEvent)]:
+                     ("_stream_sync", stream_sync), ("CudaEvent", SimEvent), ("CudaGraph", lambda: SimGraph(mem))]:
         monkeypatch.setattr(ops, name, fn)
     return sim
 
@@ -268,6 +268,34 @@ class SimEvent:
 
     def elapsed_ms(self, start):
         return (self.t - start.t) * 1e3
+
+
+class SimGraph:
+    """``ops.CudaGraph`` on the simulated device: between ``begin_capture`` and ``end_capture``
+    the work launched on the device is recorded; ``launch(stream)`` launches the recording."""
+
+    def __init__(self, mem):
+        self.mem, self.recorded, self.ready = mem, None, False
+
+    def begin_capture(self, stream):
+        assert self.mem.capturing is None, "nested capture"
+        assert not self.ready, "captured already"
+        self.mem.capturing = self.recorded = []
+
+    def end_capture(self):
+        self.mem.capturing, self.ready = None, True
+
+    def abort_capture(self):
+        self.mem.capturing = None
+
+    def launch(self, stream):
+        assert self.ready, "launched before capture"
+        for work in self.recorded:
+            self.mem.launch(stream, work)
+
+    @property
+    def nodes(self):
+        return len(self.recorded or ())
 
 
 class SimCapture:

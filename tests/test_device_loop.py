@@ -344,22 +344,21 @@ class _GraphSimRunner(Runner):
     name = "sim-graph"
     supports_device = True
 
-    def __init__(self, host, mem, sim, P, max_batch=None, fail=False):
+    def __init__(self, host, mem, P, max_batch=None, fail=False):
         super().__init__(host.precision)
-        self.host, self.mem, self.sim, self.P, self.max_batch = host, mem, sim, P, max_batch
-        self.capturer = SimCapture(sim, fail=fail)
+        self.host, self.mem, self.P, self.max_batch = host, mem, P, max_batch
+        self.fail, self.capturer = fail, None
         self.outputs, self.calls = {}, []
 
     def _activate(self):
         self.host.activate()
 
     def graph_capture(self, stream):
-        assert stream is not None
+        self.capturer = SimCapture(self.mem, stream=stream, fail=self.fail)
         return self.capturer
 
     def _run_device(self, graph, image, batch, stream):
-        assert stream == 7
-        self.calls.append((graph, batch, self.sim.capturing is not None))
+        self.calls.append((graph, batch, self.mem.capturing is not None))
         key, P = (graph, batch), self.P
         if key not in self.outputs:
             dry = self.host.run(graph, np.zeros((batch, 3, P, P), np.float32))
@@ -371,7 +370,7 @@ class _GraphSimRunner(Runner):
             for n, a in self.host.run(graph, x).items():
                 self.mem.view(outs[n][0], a.shape, np.float32)[:] = a
 
-        self.sim.defer(run)
+        self.mem.launch(stream, run)
         return dict(outs)
 
 
@@ -400,9 +399,9 @@ def test_captured_loop_equals_host_loop_on_simulated_device(tmp_path_factory, mo
     cpu_heads = HeadSet(load_head_arrays(bundle.heads_path), model)
     ref = Driver(model, host, cpu_heads, Profiler(False))
     mem = SimMemory()
-    sim = sim_ops(monkeypatch, mem)
-    heads = SimHeads(cpu_heads, mem, sim)
-    runner = _GraphSimRunner(host, mem, sim, Pz).activate()
+    sim = sim_ops(monkeypatch, mem, asynchronous=True)  # a missing synchronization reads stale memory
+    heads = SimHeads(cpu_heads, mem)
+    runner = _GraphSimRunner(host, mem, Pz).activate()
     dev = Driver(model, runner, heads, Profiler(True))
     ws = dev.place.graphs
     assert ws is not None and ws.cache.active
@@ -463,7 +462,7 @@ def test_captured_loop_equals_host_loop_on_simulated_device(tmp_path_factory, mo
     np.testing.assert_array_equal(e.coords, np.concatenate([a.coords] * 3, axis=1))
 
     # a capture that fails: logged once, the loop continues with plain launches, same answers
-    failing = _GraphSimRunner(host, mem, sim, Pz, fail=True).activate()
+    failing = _GraphSimRunner(host, mem, Pz, fail=True).activate()
     fdev = Driver(model, failing, heads, Profiler(False))
     with caplog.at_level("WARNING", logger="gfnet_edge"):
         f1, f2 = fdev.run(x, g, thr), fdev.run(x, g, thr)

@@ -660,14 +660,18 @@ def _simulated_jetson(fp32_bundle, tmp_path, monkeypatch):
     return root, mem, engines, sim
 
 
-def test_runtime_runs_the_device_loop_over_tensorrt_engines_on_a_simulated_gpu(fp32_bundle, tmp_path, monkeypatch):
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_runtime_runs_the_device_loop_over_tensorrt_engines_on_a_simulated_gpu(fp32_bundle, tmp_path, monkeypatch,
+                                                                               cuda_graphs):
     """``Runtime(backend="tensorrt")`` end to end as on a Jetson, with the GPU simulated in host
     memory (tests/sim_device.py) and the stand-in engines built by phase 2: the loop's device
     place over ``TensorRTRunner.run_device`` (input shapes, tensor addresses, execute_async_v3
     on the loop's stream, outputs left in device buffers) and the heads' device steps. Trace
     and early-exit predictions, for float images and for frames of several sizes (pre-processed
     on the "device"), equal ONNX Runtime's on the host; 10 images run as chunks of the engines'
-    max batch of 3, and the exits happen at every step, survivors moving rows."""
+    max batch of 3, and the exits happen at every step, survivors moving rows. With CUDA graphs
+    the steps are captured (enqueueV3 included) and replayed, each batch bucket on an execution
+    context of its own."""
     from gfnet_edge.runtime import Runtime
     from probs import exits_mid_loop, gap_thresholds
     from sim_device import demo_test_images
@@ -678,9 +682,10 @@ def test_runtime_runs_the_device_loop_over_tensorrt_engines_on_a_simulated_gpu(f
     images = demo_test_images(model, 10)
     rng = np.random.default_rng(4)
     frames = [rng.integers(0, 256, (150 + 17 * i, 260 - 9 * i, 3), dtype=np.uint8) for i in range(5)]
-    with Runtime(root, backend="tensorrt", precision="fp32") as rt, \
+    with Runtime(root, backend="tensorrt", precision="fp32", cuda_graphs=cuda_graphs) as rt, \
             Runtime(root, backend="onnxruntime", precision="fp32", threads=1) as ref:
         assert rt.runner.name == "tensorrt" and rt.device_loop and rt.driver.on_device
+        assert (rt.driver.place.graphs is not None) == cuda_graphs
         assert not ref.driver.on_device
         got, want = rt.trace(images), ref.trace(images)
         np.testing.assert_allclose(got.probs, want.probs, rtol=0, atol=1e-5)
@@ -695,6 +700,19 @@ def test_runtime_runs_the_device_loop_over_tensorrt_engines_on_a_simulated_gpu(f
             np.testing.assert_allclose(a.confidence, b.confidence, rtol=0, atol=1e-5)
             if inputs is images:
                 assert exits_mid_loop(a.exit_step, T), a.exit_step
+        if cuda_graphs:
+            cache = rt.driver.place.graphs.cache
+            first = rt.predict(images)
+            before = (cache.captures, len(engines.enqueues))
+            again = rt.predict(images)  # every step of this call was captured by the one before
+            for f in ("classes", "exit_step", "coords"):
+                np.testing.assert_array_equal(getattr(again, f), getattr(first, f), err_msg=f)
+            assert cache.active and cache.captures == before[0] and cache.replays > 0
+            assert len(engines.enqueues) == before[1], "a replay must not enqueue through TensorRT again"
+            lane, = rt.runner._lanes.values() if len(rt.runner._lanes) == 1 else \
+                [v for k, v in rt.runner._lanes.items() if k == int(rt.driver.place.stream.handle)]
+            assert lane.per_batch and {b for _, b in lane.batch_contexts} <= {1, 2, 3}
+        assert not engines.violations, engines.violations
 
 
 def test_frames_in_gpu_memory_are_classified_where_they_are(fp32_bundle, tmp_path, monkeypatch):

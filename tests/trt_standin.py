@@ -345,7 +345,10 @@ def make_trt(version="10.3.0", mem=None, faults=(), dla_cores=0, device=DEVICE, 
                 x = np.array(mem.view(addr["image"], (batch,) + eng.shapes["image"][1:], np.float32))
                 for name, y in zip(eng.names[1:], eng.sess.run(None, {"image": x})):
                     mem.view(addr[name], y.shape, np.float32)[...] = y + (0.5 if "skew" in faults else 0.0)
-            mem.streams.enqueue(stream, run)
+            if mem.capturing is not None:  # inside a (simulated) CUDA graph capture: recorded
+                mem.capturing.append(run)
+            else:
+                mem.streams.enqueue(stream, run)
             return True
 
     class Runtime:

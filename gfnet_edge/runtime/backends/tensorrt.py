@@ -285,12 +285,18 @@ class _Lane:
         staging: graph -> input buffer for images that cannot be read in place (misaligned,
             or fewer than a static-batch engine's batch).
         outputs: graph -> {output name: (DeviceBuffer, shape at the max batch)}.
+        per_batch: the lane's work is captured as CUDA graphs: every (graph, batch) runs on an
+            execution context of its own whose input shape never changes
+            (:meth:`TensorRTRunner.graph_capture`).
+        batch_contexts: (graph, batch) -> ``IExecutionContext`` when ``per_batch``.
     """
 
     stream: int
     contexts: Dict[str, Any] = field(default_factory=dict)
     staging: Dict[str, Any] = field(default_factory=dict)
     outputs: Dict[str, Dict[str, Tuple[Any, Tuple[int, ...]]]] = field(default_factory=dict)
+    per_batch: bool = False
+    batch_contexts: Dict[Tuple[str, int], Any] = field(default_factory=dict)
 
 
 class TensorRTRunner(Runner):
@@ -366,6 +372,7 @@ class TensorRTRunner(Runner):
         for lane in self._lanes.values():
             ops._stream_sync(lane.stream)
         for lane in self._lanes.values():
+            lane.batch_contexts.clear()
             lane.contexts.clear()
         self._lanes.clear()
         self._engines.clear()
@@ -403,13 +410,11 @@ class TensorRTRunner(Runner):
 
         lane = _Lane(stream)
         for g, engine in self._engines.items():
-            ctx = engine.create_execution_context()
-            if ctx is None:
+            try:
+                ctx = self._new_context(g)
+            except UnavailableError:
                 lane.contexts.clear()
-                raise UnavailableError(
-                    f"TensorRT could not create an execution context for the {g} engine (not enough GPU memory "
-                    f"for its activations): close other GPU programs, or rebuild the engines with a smaller "
-                    f"--max-batch (now {self.max_batch})")
+                raise
             lane.contexts[g] = ctx
             shape = self._input_shape(engine, self.max_batch)
             self._set_input_shape(ctx, g, shape)
@@ -421,6 +426,40 @@ class TensorRTRunner(Runner):
                 lane.outputs[g][name] = (ops.DeviceBuffer(max(int(np.prod(out_shape)) * 4, 1)), out_shape)
         self._lanes[stream] = lane
         return lane
+
+    def _new_context(self, graph: str) -> Any:
+        ctx = self._engines[graph].create_execution_context()
+        if ctx is None:
+            raise UnavailableError(
+                f"TensorRT could not create an execution context for the {graph} engine (not enough GPU memory "
+                f"for its activations): close other GPU programs, rebuild the engines with a smaller "
+                f"--max-batch (now {self.max_batch}), or run with cuda_graphs=False (one context per engine)")
+        return ctx
+
+    def _context(self, lane: _Lane, graph: str, batch: int) -> Any:
+        """The execution context ``graph`` runs ``batch`` images on in ``lane``."""
+        if not lane.per_batch:
+            return lane.contexts[graph]
+        ctx = lane.batch_contexts.get((graph, batch))
+        if ctx is None:
+            ctx = lane.batch_contexts[(graph, batch)] = self._new_context(graph)
+        return ctx
+
+    def graph_capture(self, stream: Any):
+        """Stream capture of ``enqueueV3`` (:class:`~gfnet_edge.runtime.graphs.NativeCapture`).
+
+        A captured engine run bakes in its input shape and tensor addresses, so from now on the
+        stream's lane runs each (graph, batch) on an execution context of its own, created on
+        first use, whose shape is set once; the loop runs every shape once before capturing it,
+        as TensorRT requires. Each context holds its own activation memory: the number of
+        contexts is two per batch bucket the loop meets (:func:`~gfnet_edge.runtime.graphs.buckets`).
+        """
+        from ... import ops
+        from ..graphs import NativeCapture
+
+        handle = ops._stream(stream)
+        self._lane(handle).per_batch = True
+        return NativeCapture(handle)
 
     @staticmethod
     def _input_shape(engine: Any, batch: int) -> Tuple[int, ...]:
@@ -449,8 +488,8 @@ class TensorRTRunner(Runner):
         ``image``; the outputs stay in the lane's buffers."""
         from ... import ops
 
-        engine, ctx = self._engines[graph], lane.contexts[graph]
         run_batch = self.static_batch or batch
+        engine, ctx = self._engines[graph], self._context(lane, graph, run_batch)
         shape = self._input_shape(engine, run_batch)
         self._set_input_shape(ctx, graph, shape)
         staged = lane.staging[graph]
