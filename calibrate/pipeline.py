@@ -13,6 +13,7 @@ from gfnet_edge.bundle import Bundle, BundleError, staging_dir
 from gfnet_edge.errors import InputError
 from gfnet_edge.evaluate import anytime_accuracy, budgeted_curve, dynamic_evaluate
 from gfnet_edge.log import logger
+from gfnet_edge.runtime.deadline import step_costs_entry, step_costs_key
 
 from . import gallery as gal
 from . import plots
@@ -417,9 +418,13 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
         if cfg.write_manifest:
             entries = {r["name"]: _manifest_entry(r, _RtInfo(backend, main_precision, cfg.threads), cfg, device)
                        for r in results}
+            lats = sorted([lat for lat in (lat1, latN) if lat is not None], key=lambda lat: lat.batch)
+            costs = step_costs_entry(lats, backend, main_precision, cfg.threads, device["cpu"])
+            costs["calibrated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
             def upd(m: Dict[str, Any]) -> None:
                 m.setdefault("budgets", {}).update(entries)
+                m.setdefault("step_costs", {})[step_costs_key(backend, main_precision)] = costs
                 if default:
                     m["default_budget"] = default
 

@@ -104,7 +104,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             for names, frames in batches:
                 # the frames are already resized and centre-cropped to S x S: only scale and normalise
                 x = (frames.astype(np.float32) / 255.0 - mean) / std
-                preds = rt.predict(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+                preds = rt.predict(np.ascontiguousarray(x.transpose(0, 3, 1, 2)), deadline_ms=args.deadline_ms,
+                                   deadline_margin=args.deadline_margin)
                 rows.extend({"image": n, **preds[i]} for i, n in enumerate(names))
         except ValueError as exc:
             raise InputError(str(exc)) from exc
@@ -113,7 +114,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
     else:
         for r in rows:
-            print(f"{r['image']}: class {r['class']} ({r['confidence']:.3f}) exit at step {r['exit_step']}")
+            stopped = " (deadline)" if r.get("deadline_stopped") else ""
+            print(f"{r['image']}: class {r['class']} ({r['confidence']:.3f}) exit at step {r['exit_step']}{stopped}")
     if args.profile:
         print(_profile_table(profile, len(rows)), file=sys.stderr)
     return 0
@@ -132,6 +134,7 @@ def _profile_table(summary: dict, images: int) -> str:
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
+    from .runtime.api import DEFAULT_MARGIN
     from .runtime.heads import HEAD_DTYPES
 
     p = sub.add_parser("predict", help="classify images with a bundle (early exit)",
@@ -152,8 +155,24 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    help="images per runtime call (default 32); images are read batch by batch")
     p.add_argument("--profile", action="store_true",
                    help="print the runtime's per-stage timing (mean, p50, p95, p99) to stderr at the end")
+    p.add_argument("--deadline-ms", type=_positive_ms, metavar="MS",
+                   help="per runtime call (one --batch-size batch): images still running stop before a step "
+                        "predicted to end later than MS after the call began, keeping their last answer (needs "
+                        "the step latencies `gfnet-edge calibrate` records for this backend and precision)")
+    p.add_argument("--deadline-margin", type=float, default=DEFAULT_MARGIN, metavar="F",
+                   help=f"scale the predicted step costs by 1 + F (default {DEFAULT_MARGIN})")
     p.add_argument("--json", action="store_true", help="JSON output")
     p.set_defaults(func=cmd_predict)
+
+
+def _positive_ms(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected milliseconds, got {text!r}") from None
+    if not (0.0 < v < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number of milliseconds > 0, got {text!r}")
+    return v
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:

@@ -13,11 +13,14 @@ import numpy as np
 from ..bundle import Bundle
 from ..errors import InputError, UnavailableError
 from ..log import logger
+from .deadline import Deadline, StepCosts, step_costs_key
 from .driver import Driver, StepOutputs
 from .heads import HEAD_DTYPES, HeadSet, load_head_arrays
 from .profile import Profiler
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
+#: Default ``deadline_margin`` of :meth:`Runtime.predict`.
+DEFAULT_MARGIN = 0.05
 
 
 @dataclass
@@ -30,6 +33,8 @@ class Predictions:
         exit_step: exit step (N,), 0 = glance.
         coords: patch top-left (row, col) per focus step (T-1, N, 2), -1 after exit.
         patch_size: P (boxes are P x P at ``coords``, in the S x S input).
+        deadline_stopped: (N,) bool, images whose steps were cut short by the call's deadline
+            (their answer is that of ``exit_step``, the last step they ran); None without one.
     """
 
     classes: np.ndarray
@@ -37,6 +42,7 @@ class Predictions:
     exit_step: np.ndarray
     coords: np.ndarray
     patch_size: int
+    deadline_stopped: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return int(self.classes.shape[0])
@@ -51,8 +57,11 @@ class Predictions:
         return out
 
     def __getitem__(self, i: int) -> Dict[str, Any]:
-        return {"class": int(self.classes[i]), "confidence": float(self.confidence[i]),
-                "exit_step": int(self.exit_step[i]), "boxes": self.boxes(i)}
+        out = {"class": int(self.classes[i]), "confidence": float(self.confidence[i]),
+               "exit_step": int(self.exit_step[i]), "boxes": self.boxes(i)}
+        if self.deadline_stopped is not None:
+            out["deadline_stopped"] = bool(self.deadline_stopped[i])
+        return out
 
     def to_list(self) -> List[Dict[str, Any]]:
         return [self[i] for i in range(len(self))]
@@ -165,6 +174,10 @@ class Runtime:
             self.runner.deactivate()
             raise
         self.set_budget(budget)
+        self.step_costs: Optional[StepCosts] = None
+        entry = (self.bundle.manifest.get("step_costs") or {}).get(step_costs_key(self.backend, self.precision))
+        if entry is not None:
+            self.step_costs = StepCosts.from_manifest(entry)
         logger.info("runtime: %s backend, %s graphs, %s loop, budget %s", self.backend, self.precision,
                     "device" if on_gpu else "host", self.budget)
 
@@ -251,18 +264,39 @@ class Runtime:
                 raise InputError(f"image {i}: expected a uint8 HWC RGB frame or float32 NCHW images, got {desc}")
         return "frames", frames
 
-    def _run(self, inputs, thresholds: Optional[Sequence[float]]) -> tuple:
+    def _run(self, inputs, thresholds: Optional[Sequence[float]], deadline: Optional[Deadline] = None) -> tuple:
         """Runs the driver on validated inputs; ``(StepOutputs, number of images)``."""
         kind, data = self._validate(inputs)
         if kind == "images":  # the glance computed where the loop runs
-            return self.driver.run(data, None, thresholds), data.shape[0]
+            return self.driver.run(data, None, thresholds, deadline), data.shape[0]
         if kind == "device":
-            out = self.driver.run_device_frames(data, thresholds)
+            out = self.driver.run_device_frames(data, thresholds, deadline)
             return out, int(out.prediction.shape[0])
-        return self.driver.run_frames(data, thresholds), len(data)
+        return self.driver.run_frames(data, thresholds, deadline), len(data)
+
+    def set_step_costs(self, costs: Optional[Union[StepCosts, Sequence[float]]]) -> None:
+        """The per-step costs deadlines plan with: a :class:`~gfnet_edge.runtime.deadline.StepCosts`,
+        per-image milliseconds of each step at batch 1 (the increment of step k), or None.
+        By default they come from the bundle (``gfnet-edge calibrate`` records them for the
+        backend and precision it measured)."""
+        if costs is not None and not isinstance(costs, StepCosts):
+            costs = StepCosts(tuple(float(v) for v in costs), source="set_step_costs")
+        if costs is not None and costs.steps != int(self.model["steps"]):
+            raise InputError(f"need a cost for each of the {self.model['steps']} steps, got {costs.steps}")
+        self.step_costs = costs
+
+    def _deadline(self, deadline_ms: Optional[float], margin: float, start: float) -> Optional[Deadline]:
+        if deadline_ms is None:
+            return None
+        if self.step_costs is None:
+            raise InputError(f"a deadline needs the step latencies of this device: run `gfnet-edge calibrate "
+                             f"{self.bundle.root}` with the {self.backend} backend and {self.precision} graphs, "
+                             "or give them with Runtime.set_step_costs")
+        return Deadline(float(deadline_ms), self.step_costs, float(margin), start=start)
 
     # ------------------------------------------------------------------- run
-    def predict(self, inputs, budget: Optional[str] = None) -> Predictions:
+    def predict(self, inputs, budget: Optional[str] = None, deadline_ms: Optional[float] = None,
+                deadline_margin: float = DEFAULT_MARGIN) -> Predictions:
         """Classifies images with early exit.
 
         Args:
@@ -273,15 +307,24 @@ class Runtime:
                 C-contiguous, (H, W, 3), (N, H, W, 3) or a list): they are pre-processed where
                 they are, without a copy.
             budget: a named budget for this call only (default: the runtime's).
+            deadline_ms: milliseconds from the start of this call: before each focus step, the
+                images still running stop when that step is predicted to end later (from the
+                step latencies ``gfnet-edge calibrate`` recorded for this backend and precision,
+                :attr:`step_costs`); they keep the answer of the last step they ran and are
+                marked in ``Predictions.deadline_stopped``. The glance step always runs. A batch
+                shares one deadline.
+            deadline_margin: every predicted step cost is scaled by ``1 + deadline_margin``.
         """
         with self._lock:
             t0 = time.perf_counter()
+            deadline = self._deadline(deadline_ms, deadline_margin, t0)
             thr = self.thresholds if budget is None else self.bundle.thresholds(budget)
             if thr is None:
                 thr = [2.0] * (int(self.model["steps"]) - 1) + [-1e8]  # no budget: run every step
-            out, n = self._run(inputs, thr)
+            out, n = self._run(inputs, thr, deadline)
             self.profiler.add_call(time.perf_counter() - t0, n)
-        return Predictions(out.prediction, out.confidence, out.exit_step, out.coords, int(self.model["patch_size"]))
+        return Predictions(out.prediction, out.confidence, out.exit_step, out.coords, int(self.model["patch_size"]),
+                           out.stopped)
 
     def trace(self, inputs) -> RuntimeTrace:
         """Runs every step on every image; same fields as the reference model's trace."""

@@ -265,6 +265,7 @@ class DeviceSteps:
         self.stats.zero(self.st)
         self.active = np.arange(N)
         self.t = 0
+        self.stopped: Optional[np.ndarray] = None  # images stopped by a deadline
         self.state: Optional[int] = None  # policy input of the next step (the backbone's policy_state)
         self.h_pol: Optional[int] = None
         self.h_cls: Optional[int] = None
@@ -405,6 +406,14 @@ class DeviceSteps:
             self.feats = dst
         self.n = m
 
+    def running(self) -> tuple:
+        return self.t, self.n
+
+    def stop(self) -> None:
+        self.exit_step[self.active] = self.t - 1  # the pending step's policy / crop are never read
+        self.stopped = np.zeros(self.N, bool)
+        self.stopped[self.active] = True
+
     def outputs(self) -> StepOutputs:
         probs_all = None
         if self.trace:
@@ -424,7 +433,7 @@ class DeviceSteps:
             self.confidence[:] = last[:N].view(np.float32)
             probs_all = np.stack([softmax(lg_host[t]) for t in range(T)]).astype(np.float32, copy=False)
         self.place.flush_profile()
-        return StepOutputs(self.prediction, self.confidence, self.exit_step, self.coords, probs_all)
+        return StepOutputs(self.prediction, self.confidence, self.exit_step, self.coords, probs_all, self.stopped)
 
 
 class DeviceFrame(NamedTuple):

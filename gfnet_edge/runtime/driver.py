@@ -21,7 +21,7 @@ backbone work is spent on them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Protocol, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, List, Optional, Protocol, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -29,6 +29,9 @@ from ..errors import InputError
 from .backends.base import Runner
 from .heads import HeadSet
 from .profile import Profiler
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .deadline import Deadline
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -47,6 +50,7 @@ class StepOutputs:
         exit_step: step at which each image exited (N,).
         coords: patch top-left (row, col) per focus step (T-1, N, 2); -1 after exit.
         probs: softmax per step (T, N, classes), only when every step ran (trace).
+        stopped: images stopped by a deadline (N,) bool, or None when the call had none.
     """
 
     prediction: np.ndarray
@@ -54,6 +58,7 @@ class StepOutputs:
     exit_step: np.ndarray
     coords: np.ndarray
     probs: Optional[np.ndarray] = None
+    stopped: Optional[np.ndarray] = None
 
     @staticmethod
     def concat(parts: List["StepOutputs"]) -> "StepOutputs":
@@ -63,7 +68,8 @@ class StepOutputs:
         return StepOutputs(
             np.concatenate([o.prediction for o in parts]), np.concatenate([o.confidence for o in parts]),
             np.concatenate([o.exit_step for o in parts]), np.concatenate([o.coords for o in parts], axis=1),
-            None if parts[0].probs is None else np.concatenate([o.probs for o in parts], axis=1))
+            None if parts[0].probs is None else np.concatenate([o.probs for o in parts], axis=1),
+            None if parts[0].stopped is None else np.concatenate([o.stopped for o in parts]))
 
 
 #: A chunk of a batch as a place holds it: ``(images, glance, n)`` (arrays or device pointers).
@@ -86,6 +92,13 @@ class Steps(Protocol):
 
     def outputs(self) -> "StepOutputs":
         """The results, in the chunk's image order."""
+
+    def running(self) -> Tuple[int, int]:
+        """``(next step, images still running)`` while a focus step is pending."""
+
+    def stop(self) -> None:
+        """Ends the run before the pending step: the images still running keep the prediction
+        of the last step they ran (their exit step) and are marked as stopped."""
 
 
 class Place(Protocol):
@@ -155,7 +168,7 @@ class Driver:
 
     # -------------------------------------------------------------------- entry
     def run(self, images: np.ndarray, glance: Optional[np.ndarray],
-            thresholds: Optional[Sequence[float]]) -> StepOutputs:
+            thresholds: Optional[Sequence[float]], deadline: Optional["Deadline"] = None) -> StepOutputs:
         """Runs the loop on host images.
 
         Args:
@@ -166,22 +179,25 @@ class Driver:
                 ``preprocess``; on the device place from the uploaded images).
             thresholds: exit threshold per step; ``None`` runs every step for every image and
                 returns the full probabilities (trace).
+            deadline: stop before a focus step predicted to end after it
+                (:class:`~gfnet_edge.runtime.deadline.Deadline`; not with a trace).
         """
-        return self._loop(lambda: self.place.inputs(images, glance), thresholds)
+        return self._loop(lambda: self.place.inputs(images, glance), thresholds, deadline)
 
     def run_frames(self, frames: Union[np.ndarray, Sequence[np.ndarray]],
-                   thresholds: Optional[Sequence[float]]) -> StepOutputs:
+                   thresholds: Optional[Sequence[float]], deadline: Optional["Deadline"] = None) -> StepOutputs:
         """Runs the loop on uint8 HWC RGB frames of any size, pre-processed by the extension
         as the model was trained (resize, centre crop, normalisation: the manifest's
         ``crop_pct``, ``dataset_interpolation``, ``mean`` and ``std``; stage ``preprocess``).
 
         Args:
             frames: an (N, H, W, 3) uint8 array or a list of (H, W, 3) uint8 frames.
-            thresholds: as in :meth:`run`.
+            thresholds, deadline: as in :meth:`run`.
         """
-        return self._loop(lambda: self.place.frames(frames), thresholds)
+        return self._loop(lambda: self.place.frames(frames), thresholds, deadline)
 
-    def run_device_frames(self, frames: Any, thresholds: Optional[Sequence[float]]) -> StepOutputs:
+    def run_device_frames(self, frames: Any, thresholds: Optional[Sequence[float]],
+                          deadline: Optional["Deadline"] = None) -> StepOutputs:
         """Device place only: runs the loop on uint8 HWC RGB frames already in GPU memory,
         pre-processed where they are (no copy).
 
@@ -197,9 +213,10 @@ class Driver:
             raise InputError(f"frames in GPU memory need a runtime whose loop runs on the GPU (TensorRT, or torch "
                              f"with device='cuda'); this one runs on the host with {self.runner.name}: copy the "
                              "frames to host memory, or use a GPU backend")
-        return self._loop(lambda: self.place.device_frames(device_frames(frames)), thresholds)
+        return self._loop(lambda: self.place.device_frames(device_frames(frames)), thresholds, deadline)
 
-    def run_device(self, images: int, glance: int, n: int, thresholds: Optional[Sequence[float]]) -> StepOutputs:
+    def run_device(self, images: int, glance: int, n: int, thresholds: Optional[Sequence[float]],
+                   deadline: Optional["Deadline"] = None) -> StepOutputs:
         """Device place only: runs the loop on device-resident inputs.
 
         Args:
@@ -210,14 +227,20 @@ class Driver:
         """
         if not self.on_device:
             raise ValueError("run_device needs the device place (heads built with device='cuda')")
-        return self._loop(lambda: self.place.device_inputs(images, glance, n), thresholds)
+        return self._loop(lambda: self.place.device_inputs(images, glance, n), thresholds, deadline)
 
     # --------------------------------------------------------------------- loop
-    def _loop(self, stage: Callable[[], List[Chunk]], thresholds: Optional[Sequence[float]]) -> StepOutputs:
+    def _loop(self, stage: Callable[[], List[Chunk]], thresholds: Optional[Sequence[float]],
+              deadline: Optional["Deadline"] = None) -> StepOutputs:
         """The loop itself, over the chunks of the batch that ``stage`` puts in the place (the
-        thresholds are checked first, so bad ones cost no upload)."""
+        thresholds are checked first, so bad ones cost no upload). With a deadline, before each
+        focus step the images still running stop when the step would end after it."""
         if thresholds is not None and len(thresholds) != self.T:
             raise ValueError(f"need {self.T} thresholds, got {len(thresholds)}")
+        if deadline is not None and thresholds is None:
+            raise InputError("a deadline applies to predictions with early exit, not to a trace")
+        if deadline is not None and deadline.costs.steps != self.T:
+            raise InputError(f"the step costs have {deadline.costs.steps} steps but the model {self.T}")
         thr = None if thresholds is None else np.asarray(thresholds, dtype=np.float32)
         place = self.place
         outs = []
@@ -227,8 +250,14 @@ class Driver:
                 g = steps.backbone("glance", glance)
             patches = steps.begin(g)
             while patches is not None:
+                if deadline is not None and not deadline.allows(*steps.running()):
+                    steps.stop()
+                    break
                 with place.stage("focus"):
                     f = steps.backbone("focus", patches)
                 patches = steps.next(f)
-            outs.append(steps.outputs())
+            out = steps.outputs()
+            if deadline is not None and out.stopped is None:
+                out.stopped = np.zeros(out.prediction.shape[0], bool)
+            outs.append(out)
         return StepOutputs.concat(outs)

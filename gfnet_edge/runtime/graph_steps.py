@@ -143,6 +143,7 @@ class GraphSteps:
         self.coords = np.full((max(T - 1, 0), N, 2), -1, np.int32)
         self.active = np.arange(N)
         self.t = 0
+        self.stopped: Optional[np.ndarray] = None  # images stopped by a deadline
         self.prev: int = 0  # bucket the survivors are gathered from at the next step (0: no compaction)
         self.host_stats = np.empty(4 * self.B + 1, np.int32)
         if self.trace:
@@ -302,6 +303,14 @@ class GraphSteps:
             self.n, self.B = m, nb
         return True
 
+    def running(self) -> tuple:
+        return self.t, self.n
+
+    def stop(self) -> None:
+        self.exit_step[self.active] = self.t - 1  # the pending step's policy / crop are never read
+        self.stopped = np.zeros(self.N, bool)
+        self.stopped[self.active] = True
+
     def outputs(self) -> StepOutputs:
         probs_all = None
         if self.trace:
@@ -322,5 +331,5 @@ class GraphSteps:
             self.confidence[:] = last[:N].view(np.float32)
             probs_all = np.stack([softmax(lg[t, :N]) for t in range(T)]).astype(np.float32, copy=False)
         self.place.flush_profile()
-        return StepOutputs(self.prediction, self.confidence, self.exit_step, self.coords, probs_all)
+        return StepOutputs(self.prediction, self.confidence, self.exit_step, self.coords, probs_all, self.stopped)
 

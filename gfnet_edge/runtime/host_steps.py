@@ -89,6 +89,7 @@ class HostSteps:
         self.loop.profile = self.parts
         self.probs: Optional[np.ndarray] = None
         self.t = 0
+        self.stopped_rows: Optional[np.ndarray] = None
 
     def backbone(self, graph: str, x: np.ndarray) -> Dict[str, np.ndarray]:
         return self.runner.run(graph, x)
@@ -119,9 +120,24 @@ class HostSteps:
             self.probs[self.t, loop.active()] = softmax(loop.logits())
         return patches
 
+    def running(self) -> tuple:
+        return self.t + 1, int(len(self.loop.active()))
+
+    def stop(self) -> None:
+        self.stopped_rows = np.asarray(self.loop.active(), np.int64)
+
     def outputs(self) -> StepOutputs:
         prediction, confidence, exit_step, coords = self.loop.outputs()
-        return StepOutputs(prediction, confidence, exit_step, coords, self.probs)
+        stopped = None
+        if self.stopped_rows is not None:
+            rows = self.stopped_rows
+            exit_step, coords = np.array(exit_step), np.array(coords)
+            exit_step[rows] = self.t  # the last step they ran
+            if self.t < self.T - 1:
+                coords[self.t, rows] = -1  # the patch of the step that did not run
+            stopped = np.zeros(exit_step.shape[0], bool)
+            stopped[rows] = True
+        return StepOutputs(prediction, confidence, exit_step, coords, self.probs, stopped)
 
     def _record_parts(self) -> None:
         for name, seconds in zip(HOST_STEP_PARTS, self.loop.part_seconds()):

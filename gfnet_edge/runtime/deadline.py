@@ -1,0 +1,155 @@
+"""Per-call deadlines: stop the loop before a step that would end too late.
+
+A GFNet has an answer after every step. With a deadline, the loop checks before each focus
+step whether that step, for the images still running, would end after the deadline; if so the
+images still running stop there and keep their current prediction (``Predictions.
+deadline_stopped``). The glance step always runs (it is the first answer).
+
+The cost of a step comes from :class:`StepCosts`: the per-image latency of each step measured on
+this device by ``gfnet-edge calibrate`` and stored in the bundle manifest (``step_costs``), or
+given by the caller. A batch shares one deadline; the cost of a step for ``n`` images is
+interpolated between the batch sizes the costs were measured at (per-image cost at batch 1
+times ``n`` when only batch 1 was measured: an over-estimate where batching helps, so the
+deadline errs on the early side). ``margin`` scales every predicted cost.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+from ..errors import InputError
+
+#: The percentile of the measured step latency a deadline plans with (tail, not mean).
+DEFAULT_STAT = "p99_ms"
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """Per-image milliseconds of each step (the increment of step k over step k - 1) at one or
+    two batch sizes.
+
+    Attributes:
+        step_ms: per-image ms of steps 0..T-1 at ``batch``.
+        batch: the batch size ``step_ms`` was measured at.
+        other: ``(batch, step_ms)`` measured at a larger batch, or None.
+        source: where the figures come from (for messages and reports).
+    """
+
+    step_ms: Tuple[float, ...]
+    batch: int = 1
+    other: Optional[Tuple[int, Tuple[float, ...]]] = None
+    source: str = "given"
+
+    def __post_init__(self) -> None:
+        vals = list(self.step_ms) + (list(self.other[1]) if self.other else [])
+        if not self.step_ms or any(not (v >= 0.0) or v == float("inf") for v in vals):
+            raise InputError(f"step costs must be finite and >= 0 ms, got {list(self.step_ms)}")
+        if self.batch < 1 or (self.other is not None and (self.other[0] <= self.batch
+                                                          or len(self.other[1]) != len(self.step_ms))):
+            raise InputError("step costs: a second batch size must be larger than the first, with a cost per step")
+
+    @property
+    def steps(self) -> int:
+        return len(self.step_ms)
+
+    def call_ms(self, step: int, n: int) -> float:
+        """Predicted ms of running ``step`` for ``n`` images in one call."""
+        a = self.step_ms[step]
+        if self.other is None or n <= self.batch:
+            return a * n
+        b_batch, b_ms = self.other
+        b = b_ms[step]
+        if n >= b_batch:
+            return b * n
+        w = (n - self.batch) / (b_batch - self.batch)  # per-image cost linear in the batch size
+        return (a + w * (b - a)) * n
+
+    @classmethod
+    def from_cumulative(cls, cumulative_ms: Sequence[float], batch: int = 1,
+                        other: Optional[Tuple[int, Sequence[float]]] = None, source: str = "given") -> "StepCosts":
+        """From cumulative per-image latency (image exits at step k: ``cumulative_ms[k]``)."""
+        def steps(c: Sequence[float]) -> Tuple[float, ...]:
+            c = [float(v) for v in c]
+            return tuple(max(c[k] - (c[k - 1] if k else 0.0), 0.0) for k in range(len(c)))
+
+        return cls(steps(cumulative_ms), int(batch),
+                   None if other is None else (int(other[0]), steps(other[1])), source)
+
+    @classmethod
+    def from_manifest(cls, entry: Mapping[str, Any], stat: str = DEFAULT_STAT) -> "StepCosts":
+        """From a manifest ``step_costs`` entry (written by ``gfnet-edge calibrate``): its
+        cumulative ``stat`` latency per step, never below the mean's increments."""
+        def cum(block: Mapping[str, Any]) -> Sequence[float]:
+            tail, mean = block["cumulative"][stat], block["cumulative"]["mean_ms"]
+            return [max(float(a), float(b)) for a, b in zip(tail, mean)]
+
+        try:
+            first = entry["batches"][0]
+            other = entry["batches"][1] if len(entry["batches"]) > 1 else None
+            return cls.from_cumulative(cum(first), int(first["batch"]),
+                                       None if other is None else (int(other["batch"]), cum(other)),
+                                       source=str(entry.get("source", "bundle manifest")))
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise InputError(f"the bundle's step_costs entry is malformed ({type(exc).__name__}: {exc}); "
+                             "re-run gfnet-edge calibrate") from exc
+
+
+@dataclass
+class Deadline:
+    """The deadline of one call.
+
+    Args:
+        deadline_ms: milliseconds from ``start`` by which the call should return.
+        costs: the step cost model.
+        margin: every predicted step cost is multiplied by ``1 + margin``.
+        clock: seconds, monotonic (default ``time.perf_counter``).
+        start: the clock's value when the call began (default: now).
+    """
+
+    deadline_ms: float
+    costs: StepCosts
+    margin: float = 0.0
+    clock: Callable[[], float] = time.perf_counter
+    start: Optional[float] = None
+    #: (step, images, predicted ms, ms left) of each decision, for tests and reports.
+    decisions: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not (self.deadline_ms > 0.0) or self.deadline_ms == float("inf"):
+            raise InputError(f"deadline_ms must be a finite number > 0, got {self.deadline_ms!r}")
+        if not (self.margin >= 0.0) or self.margin == float("inf"):
+            raise InputError(f"deadline margin must be a finite number >= 0, got {self.margin!r}")
+        if self.start is None:
+            self.start = self.clock()
+
+    def left_ms(self) -> float:
+        return self.deadline_ms - (self.clock() - self.start) * 1e3
+
+    def allows(self, step: int, n: int) -> bool:
+        """True when ``step`` for ``n`` images is predicted to end by the deadline."""
+        if step >= self.costs.steps:
+            return False
+        need = self.costs.call_ms(step, n) * (1.0 + self.margin)
+        left = self.left_ms()
+        self.decisions.append((step, n, need, left))
+        return need <= left
+
+
+def step_costs_entry(latencies: Sequence[Any], backend: str, precision: str, threads: Optional[int],
+                     device: str, source: str = "gfnet-edge calibrate") -> Dict[str, Any]:
+    """A manifest ``step_costs`` entry from calibration's per-batch step latencies
+    (:class:`calibrate.latency.StepLatency`, smallest batch first)."""
+    batches = []
+    for lat in latencies:
+        stats = [s.to_dict() for s in lat.steps]
+        batches.append({"batch": int(lat.batch),
+                        "cumulative": {k: [float(s[k]) for s in stats] for k in ("mean_ms", "p50_ms", "p95_ms",
+                                                                               "p99_ms")}})
+    return {"backend": backend, "precision": precision, "threads": threads, "device": device,
+            "batches": batches, "source": source}
+
+
+def step_costs_key(backend: str, precision: str) -> str:
+    """The manifest key of the step costs a runtime of this backend and precision uses."""
+    return f"{backend}/{precision}"

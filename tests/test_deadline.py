@@ -1,0 +1,279 @@
+"""Per-call deadlines (runtime/deadline.py): the loop stops before a step predicted to end late.
+
+The cost model and the stop decisions are checked with a fake clock that advances by exactly
+what the cost model predicts for each backbone run, so the steps where the loop must stop are
+known in advance (computed here from the same rule, independently of the runtime). The host
+place, the device place on the simulated GPU (plain launches and CUDA graphs) must agree, and
+images stopped by the deadline must carry the trace's answer at the last step they ran.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gfnet_edge import ops
+from gfnet_edge.errors import InputError
+from gfnet_edge.runtime.deadline import Deadline, StepCosts, step_costs_entry
+
+ASSETS = Path(__file__).resolve().parents[1] / "gfnet_edge" / "assets"
+COST = (1.0, 2.0, 3.0)  # per-image ms of the glance and the two focus steps (fake clock)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+    def advance_ms(self, ms):
+        self.now += ms / 1e3
+
+
+def test_step_costs_model():
+    c = StepCosts.from_cumulative([1.0, 3.0, 6.0])
+    assert c.step_ms == COST and c.steps == 3
+    assert c.call_ms(2, 4) == 12.0  # batch 1 only: per-image cost times n
+    two = StepCosts.from_cumulative([1.0, 3.0, 6.0], other=(9, [0.5, 1.0, 1.5]))
+    assert two.call_ms(1, 1) == 2.0 and two.call_ms(1, 9) == 0.5 * 9 and two.call_ms(1, 20) == 0.5 * 20
+    assert two.call_ms(1, 5) == pytest.approx((2.0 + 0.5 * (0.5 - 2.0)) * 5)  # per-image cost halfway
+    for bad in (lambda: StepCosts(()), lambda: StepCosts((1.0, float("nan"))), lambda: StepCosts((1.0, -1.0)),
+                lambda: StepCosts((1.0,), other=(1, (1.0,))), lambda: StepCosts((1.0, 2.0), other=(4, (1.0,)))):
+        with pytest.raises(InputError):
+            bad()
+    clock = FakeClock()
+    d = Deadline(5.0, c, margin=0.0, clock=clock)
+    assert d.allows(1, 2) and not d.allows(1, 3)  # 4 ms fits in 5, 6 ms does not
+    clock.advance_ms(2.5)
+    assert d.allows(1, 1) and not d.allows(2, 1) and not d.allows(3, 1)  # no step 3
+    assert not Deadline(5.0, c, margin=0.5, clock=clock, start=clock()).allows(1, 2)  # 4 * 1.5 > 5
+    for kw in (dict(deadline_ms=0), dict(deadline_ms=float("inf")), dict(deadline_ms=1.0, margin=-0.1)):
+        with pytest.raises(InputError):
+            Deadline(costs=c, **kw)
+
+
+def test_step_costs_from_a_manifest_entry():
+    class Lat:
+        def __init__(self, batch, cum, tail):
+            self.batch = batch
+            self.steps = [type("S", (), {"to_dict": (lambda s, m=m, p=p: {"mean_ms": m, "p50_ms": m, "p95_ms": p,
+                                                                             "p99_ms": p})})() for m, p in zip(cum, tail)]
+
+    entry = step_costs_entry([Lat(1, [1.0, 3.0, 6.0], [1.5, 3.0, 7.0]), Lat(8, [0.4, 1.0, 1.6], [0.5, 1.2, 2.0])],
+                             "onnxruntime", "fp32", 1, "cpu")
+    c = StepCosts.from_manifest(entry)
+    assert c.step_ms == (1.5, 1.5, 4.0) and c.other == (8, (0.5, 0.7, 0.8))
+    with pytest.raises(InputError, match="malformed"):
+        StepCosts.from_manifest({"batches": [{"batch": 1}]})
+
+
+def expected_stops(exit_free, deadline_ms, cost=COST, margin=0.0):
+    """The steps each image ends at under the rule 'run step k for the n images still running
+    only if now + cost[k] * n * (1 + margin) <= deadline', the clock advancing by cost[k] * n per
+    run: (exit step, stopped) per image, given the exit steps without a deadline."""
+    exit_free = np.asarray(exit_free)
+    n_all, T = len(exit_free), len(cost)
+    now = cost[0] * n_all
+    exit_step, stopped = exit_free.copy(), np.zeros(n_all, bool)
+    for k in range(1, T):
+        running = np.flatnonzero(exit_free >= k)
+        if running.size == 0:
+            break
+        need = cost[k] * running.size * (1 + margin)
+        if now + need > deadline_ms:
+            exit_step[running], stopped[running] = k - 1, True
+            break
+        now += need / (1 + margin)
+    return exit_step, stopped
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    from gfnet_edge.build import BuildConfig, build_bundle
+
+    with pytest.MonkeyPatch.context() as mp:
+        import importlib.util
+
+        if importlib.util.find_spec("onnxsim") is None:
+            from gfnet_edge import export
+
+            orig = export.export_model
+            mp.setattr(export, "export_model",
+                       lambda model, out, opset=export.DEFAULT_OPSET, simplify=True: orig(model, out, opset, False))
+        return build_bundle(ASSETS / "demo_gfnet.pth.tar", tmp_path_factory.mktemp("dl") / "bundle",
+                            BuildConfig(precision="fp32", backend="onnxruntime"), progress=False)
+
+
+class _Timed:
+    """Wraps a runner: each backbone run advances the fake clock by the cost model's time."""
+
+    def __init__(self, runner, clock, device=False):
+        self.runner, self.clock, self.device, self.step = runner, clock, device, 0
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def run(self, graph, x):
+        self._tick(graph, x.shape[0])
+        return self.runner.run(graph, x)
+
+    def run_device(self, graph, image, batch, stream):
+        self._tick(graph, batch)
+        return self.runner.run_device(graph, image, batch, stream)
+
+    def _tick(self, graph, n):
+        self.step = 0 if graph == "glance" else self.step + 1
+        self.clock.advance_ms(COST[self.step] * n)
+
+
+def _host_driver(bundle, clock):
+    from gfnet_edge.runtime.backends.onnxruntime import OnnxRuntimeRunner
+    from gfnet_edge.runtime.driver import Driver
+    from gfnet_edge.runtime.heads import HeadSet, load_head_arrays
+    from gfnet_edge.runtime.profile import Profiler
+
+    runner = OnnxRuntimeRunner(bundle.graph_paths("fp32"), "fp32", 1).activate()
+    heads = HeadSet(load_head_arrays(bundle.heads_path), bundle.model)
+    return Driver(bundle.model, _Timed(runner, clock), heads, Profiler(False)), runner, heads
+
+
+def test_the_loop_stops_exactly_where_the_cost_model_says(demo):
+    from probs import gap_thresholds
+    from sim_device import demo_test_images
+
+    clock = FakeClock()
+    driver, runner, _ = _host_driver(demo, clock)
+    x = demo_test_images(demo.model, 6)
+    g = ops.glance(x, int(demo.model["patch_size"]), demo.model["glance_interpolation"])
+    tr = driver.run(x, g, None)
+    thr = gap_thresholds(tr.probs)
+    free = driver.run(x, g, thr)
+    assert len(set(free.exit_step.tolist())) == 3, free.exit_step  # exits at every step
+    costs = StepCosts(COST)
+    stops_seen = set()
+    for deadline_ms in (6.5, 7.5, 14.5, 9.5, 20.5, 13.5, 100.0):  # no decision on a boundary
+        d = Deadline(deadline_ms, costs, clock=clock)
+        got = driver.run(x, g, thr, d)
+        want_exit, want_stopped = expected_stops(free.exit_step, deadline_ms)
+        np.testing.assert_array_equal(got.exit_step, want_exit, err_msg=f"deadline {deadline_ms}")
+        np.testing.assert_array_equal(got.stopped, want_stopped, err_msg=f"deadline {deadline_ms}")
+        # a stopped image answers with the trace's class at the last step it ran
+        cls = tr.probs.argmax(axis=2)[got.exit_step, np.arange(len(x))]
+        np.testing.assert_array_equal(got.prediction, cls)
+        for i in np.flatnonzero(got.stopped):
+            assert (got.coords[got.exit_step[i]:, i] == -1).all()
+            np.testing.assert_array_equal(got.coords[:got.exit_step[i], i], free.coords[:got.exit_step[i], i])
+        # each decision counted the images still running
+        for step, n, need, _left in d.decisions:
+            assert n == int((free.exit_step >= step).sum()) and need == COST[step] * n
+        stops_seen.add(tuple(np.unique(got.exit_step[got.stopped]).tolist()))
+    assert {(0,), (1,), ()} <= stops_seen
+    with pytest.raises(InputError, match="not to a trace"):
+        driver.run(x, g, None, Deadline(5.0, costs, clock=clock))
+    with pytest.raises(InputError, match="steps"):
+        driver.run(x, g, thr, Deadline(5.0, StepCosts((1.0, 2.0)), clock=clock))
+    runner.deactivate()
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_device_place_stops_like_the_host_place(demo, monkeypatch, graphs):
+    """The same deadlines on the simulated GPU (plain launches, or CUDA graphs) give the host
+    place's exits, stops and answers."""
+    from probs import gap_thresholds
+    from sim_device import SimCapture, SimHeads, SimMemory, demo_test_images, sim_ops
+
+    from gfnet_edge.runtime.backends.base import Runner
+    from gfnet_edge.runtime.driver import Driver
+    from gfnet_edge.runtime.profile import Profiler
+
+    clock = FakeClock()
+    host, runner, cpu_heads = _host_driver(demo, clock)
+    x = demo_test_images(demo.model, 6)
+    P = int(demo.model["patch_size"])
+    g = ops.glance(x, P, demo.model["glance_interpolation"])
+    thr = gap_thresholds(host.run(x, g, None).probs)
+    mem = SimMemory()
+    sim_ops(monkeypatch, mem, asynchronous=True)
+
+    class SimRunner(Runner):
+        name, supports_device = "sim", True
+
+        def __init__(self):
+            super().__init__("fp32")
+            self.out = {}
+
+        def _activate(self):
+            pass
+
+        def graph_capture(self, stream):
+            return SimCapture(mem, stream=stream) if graphs else None
+
+        def _run_device(self, graph, image, batch, stream):
+            key = (graph, batch)
+            if key not in self.out:
+                dry = runner.run(graph, np.zeros((batch, 3, P, P), np.float32))
+                self.out[key] = {k: (mem.alloc(a.nbytes), a.shape) for k, a in dry.items()}
+            outs = self.out[key]
+
+            def work():
+                xs = np.array(mem.view(image, (batch, 3, P, P), np.float32))
+                for k, a in runner.run(graph, xs).items():
+                    mem.view(outs[k][0], a.shape, np.float32)[:] = a
+            mem.launch(stream, work)
+            return dict(outs)
+
+    dev = Driver(demo.model, SimRunner().activate(), SimHeads(cpu_heads, mem), Profiler(False), cuda_graphs=graphs)
+    assert dev.on_device and (dev.place.graphs is not None) == graphs
+    # the clock advances per step by the cost of the images still running (a replayed graph does
+    # not call the runner, so the time is charged where the driver runs each step)
+    make_steps = dev.place.steps
+
+    class TimedSteps:
+        def __init__(self, steps, n):
+            self.steps, self.n = steps, n
+
+        def __getattr__(self, name):
+            return getattr(self.steps, name)
+
+        def backbone(self, graph, x):
+            step, n = (0, self.n) if graph == "glance" else self.steps.running()
+            clock.advance_ms(COST[step] * n)
+            return self.steps.backbone(graph, x)
+
+    monkeypatch.setattr(dev.place, "steps", lambda images, n, thr, glance=None: TimedSteps(
+        make_steps(images, n, thr, glance=glance), n))
+    for deadline_ms in (6.5, 9.5, 13.5, 20.5, 100.0):
+        a = host.run(x, g, thr, Deadline(deadline_ms, StepCosts(COST), clock=clock))
+        b = dev.run(x, g, thr, Deadline(deadline_ms, StepCosts(COST), clock=clock))
+        for f in ("prediction", "exit_step", "coords", "stopped"):
+            np.testing.assert_array_equal(getattr(b, f), getattr(a, f), err_msg=f"{f}, deadline {deadline_ms}")
+    runner.deactivate()
+
+
+def test_runtime_predict_with_a_deadline(demo):
+    """Through the API on the real clock: a deadline shorter than anything stops every image
+    still running after the glance; a generous one stops none; no step costs is a clear error."""
+    from gfnet_edge.runtime import Runtime
+    from sim_device import demo_test_images
+
+    x = demo_test_images(demo.model, 8)
+    with Runtime(demo, backend="onnxruntime", precision="fp32", threads=1) as rt:
+        with pytest.raises(InputError, match="gfnet-edge calibrate"):
+            rt.predict(x, deadline_ms=5.0)
+        assert rt.predict(x).deadline_stopped is None
+        with pytest.raises(InputError, match="each of the 3 steps"):
+            rt.set_step_costs([1.0, 2.0])
+        rt.set_step_costs([0.5, 1.0, 1.0])
+        free = rt.predict(x, budget=None)
+        tight = rt.predict(x, deadline_ms=1e-3)
+        assert (tight.exit_step == 0).all() and (tight.deadline_stopped == (free.exit_step > 0)).all()
+        loose = rt.predict(x, deadline_ms=1e6)
+        assert not loose.deadline_stopped.any()
+        np.testing.assert_array_equal(loose.exit_step, free.exit_step)
+        assert "deadline_stopped" in tight[0]
+        with pytest.raises(InputError, match="deadline_ms"):
+            rt.predict(x, deadline_ms=-1)
