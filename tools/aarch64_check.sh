@@ -92,7 +92,7 @@ if [ "$(cat "$W/env.key" 2>/dev/null)" != "$KEY" ]; then
   for p in manylinux2014 manylinux_2_27 manylinux_2_28 manylinux_2_31 manylinux_2_34 manylinux_2_35 manylinux_2_36; do
     PLATFORMS="$PLATFORMS --platform ${p}_aarch64"
   done
-  "$HOST_PY" -m pip install -q --disable-pip-version-check --target "$SITE" --only-binary=:all: \
+  "$HOST_PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore --target "$SITE" --only-binary=:all: \
     --implementation cp --python-version "$PYVER" $PLATFORMS \
     "numpy==$NUMPY_VER" "onnxruntime==$ORT_VER" "pillow>=9" "tqdm>=4.60" "pytest>=8"
   echo "$KEY" >"$W/env.key"
@@ -154,7 +154,11 @@ cp "$EXT" "$STAGE/gfnet_edge/"
 # ------------------------------------------------------------------ 4. x86 record ----
 say "x86 references: kernel cases and an fp32 demo bundle ($IMAGES test images)"
 rm -rf "$W/bundle" "$W/ref.npz"
-"$HOST_PY" tools/aarch64_parity.py record "$W/ref.npz" --bundle "$W/bundle" --images "$IMAGES"
+# this checkout's package and extension, whatever else is installed
+PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$HOST_PY" -c "import gfnet_edge._C" \
+  || die "this checkout has no x86 extension: build it first (pip install -e . or python3 setup.py build_ext --inplace)"
+PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$HOST_PY" tools/aarch64_parity.py record "$W/ref.npz" \
+  --bundle "$W/bundle" --images "$IMAGES"
 
 # ------------------------------------------------------------- 5. aarch64 checks ----
 say "pytest under qemu-aarch64 (torch-free device-side tests)"
