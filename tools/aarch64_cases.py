@@ -236,8 +236,8 @@ def _actor_case(S: int, P: int) -> KernelCase:
         return {"h": h, "action": action, "coords": coords}
 
     # floor() of an action within float error of an integer may differ by one from torch's
-    return KernelCase(f"actor_head_{S}_{P}", make, run,
-                      {"h": Tolerance(atol=1e-5, rtol=1e-5), "action": Tolerance(atol=1e-6), "coords": Tolerance(atol=1)})
+    tol = {"h": Tolerance(atol=1e-5, rtol=1e-5), "action": Tolerance(atol=1e-6), "coords": Tolerance(atol=1)}
+    return KernelCase(f"actor_head_{S}_{P}", make, run, tol)
 
 
 def _cascaded_case(layout: str) -> KernelCase:

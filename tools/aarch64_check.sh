@@ -35,7 +35,7 @@ case "${1:-}" in
 esac
 W=$(mkdir -p "${GFNET_AARCH64_DIR:-build/aarch64}" && cd "${GFNET_AARCH64_DIR:-build/aarch64}" && pwd)
 HOST_PY=${PYTHON:-python3}
-say() { printf '\n== aarch64: %s\n' "$*"; }
+say() { printf '\n== aarch64 [%ss]: %s\n' "$SECONDS" "$*"; }
 die() { echo "aarch64 check: $*" >&2; exit 2; }
 
 [ "$(uname -m)" = x86_64 ] || die "this script cross-builds from x86-64 (this machine is $(uname -m))"
