@@ -129,6 +129,8 @@ set(CMAKE_CXX_COMPILER aarch64-linux-gnu-g++)
 EOF
 PYBIND11_DIR=$("$HOST_PY" -c "import pybind11; print(pybind11.get_cmake_dir())")
 rm -rf "$W/ext"
+# a build folder configured from another checkout is started afresh
+grep -qxF "CMAKE_HOME_DIRECTORY:INTERNAL=$ROOT" "$W/cmake/CMakeCache.txt" 2>/dev/null || rm -rf "$W/cmake"
 # Python.h from the arm64 headers; its pyconfig.h includes <aarch64-linux-gnu/python3.X/pyconfig.h>.
 cmake -S "$ROOT" -B "$W/cmake" -DCMAKE_TOOLCHAIN_FILE="$W/toolchain.cmake" \
   -DPython_EXECUTABLE="$EMU_PY" -DPython_INCLUDE_DIR="$SYSROOT/usr/include/python$PYVER" \
