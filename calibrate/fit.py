@@ -252,15 +252,21 @@ def budget_name(budget_ms: float) -> str:
 
 
 def default_budgets(cost: Sequence[float], n: int = 3) -> List[float]:
-    """``n`` budgets spread between the glance's and the full model's latency (rounded to 0.1 ms)."""
+    """``n`` budgets spread between the glance's and the full model's latency, rounded to 0.1 ms,
+    or to 0.01 / 0.001 ms when the span is too narrow for ``n`` distinct budgets at 0.1 ms (a
+    model whose steps cost little next to the fixed cost of a call); never below the glance."""
     c = check_costs(cost)
     lo, hi = float(c[0]), float(c[-1])
-    out = []
-    for f in np.linspace(0.0, 1.0, n + 2)[1:-1]:
-        b = round(lo + f * (hi - lo), 1)
-        b = max(b, np.ceil(lo * 10) / 10)
-        if b not in out:
-            out.append(float(b))
+    out: List[float] = []
+    for digits in (1, 2, 3):
+        out = []
+        for f in np.linspace(0.0, 1.0, n + 2)[1:-1]:
+            b = round(lo + f * (hi - lo), digits)
+            b = max(b, np.ceil(lo * 10 ** digits) / 10 ** digits)
+            if b not in out:
+                out.append(float(b))
+        if len(out) == n:
+            break
     return out
 
 

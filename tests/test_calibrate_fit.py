@@ -131,6 +131,8 @@ def test_bad_arguments(kw, match):
 def test_names_and_defaults():
     assert cf.budget_name(3) == "ms-3.0" and cf.budget_name(2.25) == "ms-2.25"
     assert cf.default_budgets([2.0, 4.0, 6.0]) == [3.0, 4.0, 5.0]
+    assert cf.default_budgets([3.9, 3.95, 4.0]) == [3.92, 3.95, 3.98]  # narrow span: finer steps
+    assert [cf.budget_name(b) for b in cf.default_budgets([3.9, 3.95, 4.0])] == ["ms-3.92", "ms-3.95", "ms-3.98"]
     assert forced_exit_thresholds(3, 0) == [-1e8, -1e8, -1e8]
     assert forced_exit_thresholds(3, 2) == [2.0, 2.0, -1e8]
     s = LatencyStats.of([1.0, 2.0, 3.0, 4.0])
