@@ -19,7 +19,7 @@ FAMILIES = ("resnet", "densenet", "regnet", "mobilenet", "efficientnet", "custom
 
 @dataclass(frozen=True)
 class Variant:
-    """A released GFNet variant (one row of the spec's table).
+    """A released GFNet variant (one row of the table in ``docs/gfnet.md``).
 
     Attributes:
         name: ``model_name`` as written in checkpoints.

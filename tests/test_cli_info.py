@@ -23,7 +23,7 @@ def test_info_table(ckpt, capsys):
     assert main(["info", str(ckpt)]) == 0
     out = capsys.readouterr().out
     assert "mobilenetv3_large_100" in out and "S=224 P=96 T=3 classes=1000" in out
-    assert "41.8M" in out  # backbone multiply-adds at P=96 (spec table)
+    assert "41.8M" in out  # backbone multiply-adds at P=96 (docs/gfnet.md)
     assert "dynamic_threshold" in out  # listed as missing metadata
 
 

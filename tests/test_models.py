@@ -13,7 +13,7 @@ from reference_loop import reference_trace
 
 ALL = [(name, P) for name, v in VARIANTS.items() for P in v.patch_sizes]
 
-# Spec table: backbone multiply-adds per variant and patch size (millions).
+# docs/gfnet.md ("Cost per step"): backbone multiply-adds per variant and patch size (millions).
 SPEC_MACS = {
     ("resnet50", 96): 751, ("resnet50", 128): 1335, ("mobilenetv3_large_100", 96): 41.8,
     ("mobilenetv3_large_100", 128): 72.1, ("regnety_600m", 96): 111, ("regnety_800m", 96): 147,
@@ -45,14 +45,14 @@ def test_released_variant_traces_like_reference_loop(name, P):
     torch.testing.assert_close(tr.probs, ref_probs, rtol=0, atol=1e-6)
     assert torch.equal(tr.coords, ref_coords)
     assert spec.feature_dim == model.spec.feature_dim == v.feature_dim
-    if (name, P) in SPEC_MACS:  # multiply-adds within 2% of the spec's table
+    if (name, P) in SPEC_MACS:  # multiply-adds within 2% of docs/gfnet.md's table
         assert count_step_macs(model).backbone / 1e6 == pytest.approx(SPEC_MACS[(name, P)], rel=0.02)
 
 
 def test_policy_and_classifier_macs_match_spec():
     costs = count_step_macs(GFNet(released_spec("resnet50", 96)))  # noqa: the big linear policy
-    assert costs.policy / 1e6 == pytest.approx(46, rel=0.02)  # spec: ~46M, first Linear dominates
-    assert all(6e6 <= c <= 11e6 for c in costs.classifier)  # spec: GRU classifier 6-10M
+    assert costs.policy / 1e6 == pytest.approx(46, rel=0.02)  # docs/gfnet.md: ~46M, first Linear dominates
+    assert all(6e6 <= c <= 11e6 for c in costs.classifier)  # docs/gfnet.md: GRU classifier 6-10M
     assert costs.cumulative[0] == costs.backbone + costs.classifier[0]
     assert costs.cumulative[1] - costs.cumulative[0] == costs.backbone + costs.policy + costs.classifier[1]
 

@@ -2,7 +2,7 @@
 
 :func:`load_images` reads a folder of images (ImageFolder-style class subfolders give labels,
 a flat folder gives none), a single image file, or an ``.npz`` archive, and returns uint8
-``(N, S, S, 3)`` frames prepared like the spec's validation pre-processing: resize the shorter
+``(N, S, S, 3)`` frames prepared like the reference's validation pre-processing (``docs/gfnet.md``): resize the shorter
 side to ``int(S / crop_pct)``, then centre-crop ``S x S``. Every problem is reported as a
 ``ValueError`` naming the path and the reason.
 """

@@ -1,6 +1,6 @@
 """Reading and writing GFNet checkpoints (``.pth.tar``).
 
-Two formats are read (see ``shared/spec/GFNET.md``):
+Two formats are read (see ``docs/gfnet.md``, section "Checkpoints"):
 
 * released: encoders wrapped in DataParallel (``module.`` prefixes) plus metadata
   (``model_name``, ``patch_size``, ``flops``, ``dynamic_threshold`` ...);

@@ -1,7 +1,7 @@
 """The reference GFNet in PyTorch: glance, policy-driven focus, step classifiers.
 
 :meth:`GFNet.trace` is the ground truth every other part of the toolkit is checked against.
-It follows the public reference implementation step by step (see ``shared/spec/GFNET.md``),
+It follows the public reference implementation step by step (described in ``docs/gfnet.md``),
 batched: no per-sample Python loop.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Parameter-name mapping between checkpoint formats and the libraries' models.
 
 * ``module.`` prefixes (DataParallel) are stripped on load and written on save.
-* RegNetY checkpoints use pycls names; timm's ``regnety_*`` use others (spec: GFNET.md).
+* RegNetY checkpoints use pycls names; timm's ``regnety_*`` use others (table: docs/gfnet.md, "Checkpoints").
 """
 from __future__ import annotations
 
