@@ -190,14 +190,16 @@ def test_device_place_uploads_and_runs_chunk_by_chunk(demo, monkeypatch):
         want = host_rt.predict(frames)
         want_trace = host_rt.trace(frames)
     mem = SimMemory()
-    sim_ops(monkeypatch, mem)
+    sim = sim_ops(monkeypatch, mem)
     with _runtime(bundle, max_batch=CHUNK) as rt:
         rt.driver = Driver(rt.model, _SimDeviceRunner(rt.runner, mem, P).activate(), SimHeads(rt.heads, mem),
                            rt.profiler)
         assert rt.device_loop
-        on_device = DeviceArray(mem, frames)
-        results = [rt.predict(frames), rt.predict(list(frames)), rt.predict(on_device),
-                   rt.predict([DeviceArray(mem, f) for f in frames])]
+        results = [rt.predict(frames), rt.predict(list(frames))]
+        sim.synced.clear()
+        results.append(rt.predict(DeviceArray(mem, frames, stream=5)))
+        assert sim.synced == [5]  # the producer's stream, once for the three chunks
+        results.append(rt.predict([DeviceArray(mem, f) for f in frames]))
         tr = rt.trace(frames)
         bufs = rt.driver.place._bufs
     for got in results:  # the device place normalises in float32 first: confidences within rounding

@@ -98,13 +98,15 @@ class DeviceFrameView:
 
 def device_chunks(inputs: Any, size: int) -> Tuple[int, Iterator[List[DeviceFrameView]]]:
     """Frames in GPU memory (as :meth:`Runtime.predict` takes them), validated once:
-    ``(number of frames, chunks of at most size frames, addressed where they are)``."""
+    ``(number of frames, chunks of at most size frames, addressed where they are)``. A
+    producer's stream is named only on its first frame, so it is synchronized once per call."""
     from .device_steps import device_frames
 
     frames = device_frames(inputs)
-    chunks = ([DeviceFrameView(f.ptr, f.height, f.width, f.stream) for f in frames[start:start + size]]
-              for start in range(0, len(frames), size))
-    return len(frames), chunks
+    first = {f.stream: i for i, f in reversed(list(enumerate(frames)))}
+    views = [DeviceFrameView(f.ptr, f.height, f.width, f.stream if first[f.stream] == i else None)
+             for i, f in enumerate(frames)]
+    return len(views), (views[start:start + size] for start in range(0, len(views), size))
 
 
 def _as_stack(item: Any, i: int, S: int) -> np.ndarray:
