@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, machine, table, write_report  # noqa: E402
@@ -80,7 +80,7 @@ def measure(bundle: Path, frames: Path, n: int, call: str, max_batch: int, threa
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main(argv: List[str] = None) -> int:
+def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", type=Path, help="an ONNX Runtime bundle of the demo checkpoint (default: build one)")
     p.add_argument("--sizes", default="1,100,1000,10000", help="frames per call (comma-separated)")
@@ -128,7 +128,7 @@ def main(argv: List[str] = None) -> int:
                     rows.append(row)
                     print(" | ".join(str(c) for c in row), flush=True)
         load = max(load, os.getloadavg()[0])
-    md = [f"# Runtime memory per call (`bench/memory.py`)", "",
+    md = ["# Runtime memory per call (`bench/memory.py`)", "",
           f"Machine: {machine()}; ONNX Runtime fp32, {args.threads} threads, default budget "
           f"of the bundle; load average up to {load:.1f} during the run. Command: `python bench/memory.py "
           f"--sizes {args.sizes} --threads {args.threads} --max-batch {args.max_batch}`.", "",

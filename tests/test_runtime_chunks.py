@@ -91,7 +91,7 @@ def test_a_call_equals_its_chunks_called_one_by_one(demo, kind):
 
 
 def test_max_batch_defaults_and_checks(demo):
-    bundle, frames = demo
+    bundle, _ = demo
     with _runtime(bundle) as rt:
         assert rt.max_batch == 32  # ONNX Runtime has no max batch of its own
     for bad in (0, -3, 2.5, True, "8"):
@@ -116,7 +116,7 @@ def test_predict_iter_streams_batch_by_batch(demo):
     consumed = []
 
     def stream():
-        for i in range(0, 30):
+        for i in range(30):
             consumed.append(i)
             yield frames[i]
         consumed.append("stack")

@@ -11,7 +11,7 @@ array are views, device frames are addressed in place (:func:`device_chunks`).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Any, ClassVar, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -53,7 +53,7 @@ class OutputBuffer:
     """
 
     #: StepOutputs fields and the axis along which images lie.
-    AXES = {"prediction": 0, "confidence": 0, "exit_step": 0, "coords": 1, "probs": 1}
+    AXES: ClassVar[Dict[str, int]] = {"prediction": 0, "confidence": 0, "exit_step": 0, "coords": 1, "probs": 1}
 
     def __init__(self, n: int) -> None:
         self.n = n
