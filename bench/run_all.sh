@@ -11,3 +11,4 @@ python3 bench/e2e.py --threads 1 --out bench/results/e2e.md
 python3 bench/e2e.py --threads 2 --out bench/results/e2e_2threads.md
 python3 bench/imagenet_shapes.py --threads 2 --repeat 10
 python3 bench/quantize.py --threads 2
+python3 bench/memory.py --threads 2

@@ -97,16 +97,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
                  threads=args.threads, dla_core=args.dla_core, head_dtype=args.head_dtype, profile=args.profile) as rt:
         m = rt.model
         mean, std = np.asarray(m["mean"], np.float32), np.asarray(m["std"], np.float32)
-        rows = []
+        rows, names = [], []
+
+        def images():  # read batch by batch; the frames are already resized and centre-cropped
+            for batch_names, frames in iter_image_batches(args.images, int(m["image_size"]), float(m["crop_pct"]),
+                                                          m["dataset_interpolation"], args.batch_size):
+                names.extend(batch_names)
+                yield ((frames.astype(np.float32) / 255.0 - mean) / std).transpose(0, 3, 1, 2)
+
         try:
-            batches = iter_image_batches(args.images, int(m["image_size"]), float(m["crop_pct"]),
-                                         m["dataset_interpolation"], args.batch_size)
-            for names, frames in batches:
-                # the frames are already resized and centre-cropped to S x S: only scale and normalise
-                x = (frames.astype(np.float32) / 255.0 - mean) / std
-                preds = rt.predict(np.ascontiguousarray(x.transpose(0, 3, 1, 2)), deadline_ms=args.deadline_ms,
-                                   deadline_margin=args.deadline_margin)
-                rows.extend({"image": n, **preds[i]} for i, n in enumerate(names))
+            for preds in rt.predict_iter(images(), batch_size=args.batch_size, deadline_ms=args.deadline_ms,
+                                         deadline_margin=args.deadline_margin):
+                start = len(rows)
+                rows.extend({"image": names[start + i], **preds[i]} for i in range(len(preds)))
         except ValueError as exc:
             raise InputError(str(exc)) from exc
         profile = rt.profiler.summary()

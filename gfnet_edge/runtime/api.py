@@ -6,7 +6,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -14,6 +14,7 @@ from ..bundle import Bundle
 from ..errors import InputError, UnavailableError
 from ..log import logger
 from .deadline import Deadline, StepCosts, step_costs_key
+from .chunking import OutputBuffer, check_batch, chunk_size, device_chunks, stream_batches
 from .driver import Driver, StepOutputs
 from .heads import HEAD_DTYPES, HeadSet, load_head_arrays
 from .profile import Profiler
@@ -117,6 +118,11 @@ class Runtime:
             batch bucket and replay it with one launch (:mod:`~gfnet_edge.runtime.graphs`;
             default). A capture failure falls back to plain launches with a logged warning.
             ``False`` launches every kernel from Python.
+        max_batch: the most images converted, normalised and run at once (``None``: the
+            runner's max batch, a TensorRT engine's profile, else
+            :data:`~gfnet_edge.runtime.chunking.DEFAULT_MAX_BATCH`). A call with more images
+            is run chunk by chunk, so host and device memory are bounded by the chunk, not by
+            the call (see :mod:`~gfnet_edge.runtime.chunking`).
 
     The loop is :class:`~gfnet_edge.runtime.driver.Driver`. When the runner can execute on
     device buffers (TensorRT; torch with ``device="cuda"``) its buffers live on the GPU
@@ -129,7 +135,8 @@ class Runtime:
     def __init__(self, bundle: Union[str, Path, Bundle], backend: str = "auto", precision: str = "auto",
                  budget: Optional[str] = None, threads: Optional[int] = None, profile: bool = False,
                  verify: bool = True, device: Optional[str] = None, dla_core: Optional[int] = None,
-                 head_dtype: str = "float32", cuda_graphs: bool = True) -> None:
+                 head_dtype: str = "float32", cuda_graphs: bool = True, max_batch: Optional[int] = None) -> None:
+        max_batch = check_batch(max_batch, "max_batch")
         if head_dtype not in HEAD_DTYPES:
             raise InputError(f"head_dtype must be one of {', '.join(HEAD_DTYPES)}, got {head_dtype!r}")
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle, verify=verify)
@@ -178,6 +185,7 @@ class Runtime:
         entry = (self.bundle.manifest.get("step_costs") or {}).get(step_costs_key(self.backend, self.precision))
         if entry is not None:
             self.step_costs = StepCosts.from_manifest(entry)
+        self.max_batch = chunk_size(max_batch, self.runner.max_batch)
         logger.info("runtime: %s backend, %s graphs, %s loop, budget %s", self.backend, self.precision,
                     "device" if on_gpu else "host", self.budget)
 
@@ -248,9 +256,9 @@ class Runtime:
         if isinstance(inputs, np.ndarray) and inputs.dtype == np.float32:
             if inputs.ndim != 4 or inputs.shape[1:] != (3, S, S):
                 raise InputError(f"normalised images must be float32 (N, 3, {S}, {S}), got {inputs.shape}")
-            if not np.isfinite(inputs).all():
-                raise InputError("images contain NaN or Inf")
-            return "images", np.ascontiguousarray(inputs)
+            if inputs.shape[0] == 0:
+                raise InputError("no images given")
+            return "images", inputs  # checked and made contiguous chunk by chunk
         if isinstance(inputs, np.ndarray) and inputs.ndim == 4 and inputs.dtype == np.uint8 and inputs.shape[3] == 3:
             if inputs.shape[0] == 0 or inputs.shape[1] == 0 or inputs.shape[2] == 0:
                 raise InputError(f"no images given (frames of shape {inputs.shape})")
@@ -265,15 +273,33 @@ class Runtime:
         return "frames", frames
 
     def _run(self, inputs, thresholds: Optional[Sequence[float]], deadline: Optional[Deadline] = None) -> tuple:
-        """Runs the driver on validated inputs; ``(StepOutputs, number of images)``."""
+        """Runs the driver on validated inputs, :attr:`max_batch` images at a time, into
+        outputs allocated once; ``(StepOutputs, number of images)``. The chunks of a call share
+        its deadline."""
         kind, data = self._validate(inputs)
-        if kind == "images":  # the glance computed where the loop runs
-            return self.driver.run(data, None, thresholds, deadline), data.shape[0]
+        size = self.max_batch
         if kind == "device":
-            out = self.driver.run_device_frames(data, thresholds, deadline)
-            return out, int(out.prediction.shape[0])
-        return self.driver.run_frames(data, thresholds, deadline), len(data)
+            n, chunks = device_chunks(data, size)
+        else:
+            n = len(data)
+            chunks = (data[i:i + size] for i in range(0, n, size))
+        if n <= size:  # one chunk: its outputs are the call's
+            return self._run_chunk(kind, next(iter(chunks)), 0, thresholds, deadline), n
+        out = OutputBuffer(n)
+        for k, chunk in enumerate(chunks):
+            out.write(k * size, self._run_chunk(kind, chunk, k * size, thresholds, deadline))
+        return out.result(), n
 
+    def _run_chunk(self, kind: str, chunk, start: int, thresholds, deadline: Optional[Deadline] = None) -> StepOutputs:
+        if kind == "images":  # the glance computed where the loop runs
+            chunk = np.ascontiguousarray(chunk)
+            finite = np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1)
+            if not finite.all():
+                raise InputError(f"images contain NaN or Inf (image {start + int(np.argmin(finite))})")
+            return self.driver.run(chunk, None, thresholds, deadline)
+        if kind == "device":
+            return self.driver.run_device_frames(chunk, thresholds, deadline)
+        return self.driver.run_frames(chunk, thresholds, deadline)
     def set_step_costs(self, costs: Optional[Union[StepCosts, Sequence[float]]]) -> None:
         """The per-step costs deadlines plan with: a :class:`~gfnet_edge.runtime.deadline.StepCosts`,
         per-image milliseconds of each step at batch 1 (the increment of step k), or None.
@@ -331,6 +357,32 @@ class Runtime:
         with self._lock:
             out, _ = self._run(inputs, None)
         return RuntimeTrace(out.probs, out.coords)
+
+    def predict_iter(self, frames: Iterable[Any], batch_size: Optional[int] = None,
+                     budget: Optional[str] = None, deadline_ms: Optional[float] = None,
+                     deadline_margin: float = DEFAULT_MARGIN) -> Iterator[Predictions]:
+        """Classifies a stream of images (a video, a folder walk) batch by batch: reads the
+        iterable only as far as the batch being filled, and yields that batch's results
+        before reading on, so memory is bounded by one batch whatever the stream's length.
+
+        Args:
+            frames: uint8 (H, W, 3) RGB frames, normalised float32 (3, S, S) images, or stacks
+                of either ((N, H, W, 3), (N, 3, S, S)); uint8 and float32 not mixed in a batch.
+            batch_size: images per :meth:`predict` call (``None``: :attr:`max_batch`).
+            budget: a named budget for these calls (default: the runtime's).
+            deadline_ms, deadline_margin: a deadline for each batch's call (see :meth:`predict`).
+
+        Yields:
+            :class:`Predictions` of each batch of ``batch_size`` images, in stream order (the
+            last batch may be smaller).
+        """
+        size = check_batch(batch_size, "batch_size") or self.max_batch
+        if budget is not None:
+            self.bundle.thresholds(budget)  # an unknown name fails here, not at the first batch
+        batches = stream_batches(frames, size, int(self.model["image_size"]))
+        if deadline_ms is not None:
+            self._deadline(deadline_ms, deadline_margin, time.perf_counter())  # bad values fail here
+        return (self.predict(batch, budget, deadline_ms, deadline_margin) for batch in batches)
 
 
 def trace_graphs(model: Dict[str, Any], graphs: Dict[str, Path], heads: Union[Path, Dict[str, np.ndarray]],

@@ -39,8 +39,10 @@ class HostPlace:
     # ------------------------------------------------------------------- inputs
     def inputs(self, images: np.ndarray, glance: Optional[np.ndarray]) -> List[Chunk]:
         """``[(images, glance, n)]``: the whole batch in one chunk (a runner with a max batch
-        cuts each backbone call itself); the glance computed when not given. uint8
-        (N, S, S, 3) frames stay uint8: the glance and the crops normalise them on the fly."""
+        cuts each backbone call itself; :class:`~gfnet_edge.runtime.api.Runtime` hands the
+        driver at most its ``max_batch`` images per call, so every buffer here is sized for that
+        chunk); the glance computed when not given. uint8 (N, S, S, 3) frames stay uint8: the
+        glance and the crops normalise them on the fly."""
         if glance is None:
             with self.stage("preprocess"):
                 glance = self._glance(images)
