@@ -1,4 +1,4 @@
-"""The loop's device place (runtime/device_steps.py), the row gather that compacts survivors,
+"""The loop's device place (runtime/device_place.py), the row gather that compacts survivors,
 and the runners' device interface.
 
 The CPU parts run everywhere. The GPU parts need the extension's CUDA kernels, a GPU and (for the
@@ -384,7 +384,7 @@ def test_captured_loop_equals_host_loop_on_simulated_device(tmp_path_factory, mo
     pytest.importorskip("onnx")
     pytest.importorskip("timm")
     from gfnet_edge.runtime.backends.onnxruntime import OnnxRuntimeRunner
-    from gfnet_edge.runtime.device_steps import DeviceSteps
+    from gfnet_edge.runtime.device_place import DeviceSteps
     from gfnet_edge.runtime.driver import Driver
     from gfnet_edge.runtime.graphs import bucket_for, buckets
     from gfnet_edge.runtime.heads import HeadSet, load_head_arrays

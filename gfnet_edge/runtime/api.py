@@ -248,7 +248,7 @@ class Runtime:
     def _validate(self, inputs) -> tuple:
         """``("images", float32 (N, 3, S, S))``, ``("frames", uint8 (N, H, W, 3) array or
         [uint8 HWC, ...])`` or ``("device", frames in GPU memory)`` (checked by the driver)."""
-        from .device_steps import is_device_array
+        from .cuda_arrays import is_device_array
 
         if is_device_array(inputs) or (isinstance(inputs, (list, tuple)) and inputs and is_device_array(inputs[0])):
             return "device", inputs

@@ -101,7 +101,7 @@ def device_chunks(inputs: Any, size: int) -> Tuple[int, Iterator[List[DeviceFram
     """Frames in GPU memory (as :meth:`Runtime.predict` takes them), validated once:
     ``(number of frames, chunks of at most size frames, addressed where they are)``. A
     producer's stream is named only on its first frame, so it is synchronized once per call."""
-    from .device_steps import device_frames
+    from .cuda_arrays import device_frames
 
     frames = device_frames(inputs)
     first = {f.stream: i for i, f in reversed(list(enumerate(frames)))}

@@ -8,10 +8,10 @@ extension does the pre-processing, the glance resize, the patch crop and the GRU
 
 and the only thing it chooses is where the buffers live (its *place*):
 
-* host (:mod:`~gfnet_edge.runtime.host_steps`): numpy arrays; between two backbone runs one
+* host (:mod:`~gfnet_edge.runtime.host_place`): numpy arrays; between two backbone runs one
   extension call (``_C.HostLoop``) does the heads, the exit test, the compaction, the policy
   and the next crop. Any runner (ONNX Runtime, torch, TensorRT through host copies).
-* device (:mod:`~gfnet_edge.runtime.device_steps`): GPU memory; the same steps are kernels
+* device (:mod:`~gfnet_edge.runtime.device_place`): GPU memory; the same steps are kernels
   enqueued on one CUDA stream with one small device -> host read per step. Runners with
   device execution (TensorRT, torch on CUDA) and heads built with ``device="cuda"``.
 
@@ -20,8 +20,7 @@ backbone work is spent on them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, List, Optional, Protocol, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -29,95 +28,10 @@ from ..errors import InputError
 from .backends.base import Runner
 from .heads import HeadSet
 from .profile import Profiler
+from .types import Chunk, LoopContext, Place, StepOutputs, Steps, softmax  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .deadline import Deadline
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-@dataclass
-class StepOutputs:
-    """What the loop produced for a batch of N images.
-
-    Attributes:
-        prediction: class at the exit step (N,).
-        confidence: max softmax probability at the exit step (N,).
-        exit_step: step at which each image exited (N,).
-        coords: patch top-left (row, col) per focus step (T-1, N, 2); -1 after exit.
-        probs: softmax per step (T, N, classes), only when every step ran (trace).
-        stopped: images stopped by a deadline (N,) bool, or None when the call had none.
-    """
-
-    prediction: np.ndarray
-    confidence: np.ndarray
-    exit_step: np.ndarray
-    coords: np.ndarray
-    probs: Optional[np.ndarray] = None
-    stopped: Optional[np.ndarray] = None
-
-    @staticmethod
-    def concat(parts: List["StepOutputs"]) -> "StepOutputs":
-        """The outputs of consecutive chunks of one batch, as one."""
-        if len(parts) == 1:
-            return parts[0]
-        return StepOutputs(
-            np.concatenate([o.prediction for o in parts]), np.concatenate([o.confidence for o in parts]),
-            np.concatenate([o.exit_step for o in parts]), np.concatenate([o.coords for o in parts], axis=1),
-            None if parts[0].probs is None else np.concatenate([o.probs for o in parts], axis=1),
-            None if parts[0].stopped is None else np.concatenate([o.stopped for o in parts]))
-
-
-#: A chunk of a batch as a place holds it: ``(images, glance, n)`` (arrays or device pointers).
-Chunk = Tuple[Any, Any, int]
-
-
-class Steps(Protocol):
-    """One run of the loop over a chunk, as a place does it (``HostSteps``, ``DeviceSteps``).
-    Backbone inputs and outputs are in the place's form (arrays, or device pointers)."""
-
-    def backbone(self, graph: str, x: Any) -> Dict[str, Any]:
-        """Runs ``"glance"`` or ``"focus"`` on the images still running."""
-
-    def begin(self, g: Dict[str, Any]) -> Optional[Any]:
-        """Step 0 from the glance outputs: heads, exit test, compaction, policy and crop of
-        step 1; the patches for the focus backbone, or None when the loop is over."""
-
-    def next(self, f: Dict[str, Any]) -> Optional[Any]:
-        """The same for the outputs of a focus run: the next patches, or None."""
-
-    def outputs(self) -> "StepOutputs":
-        """The results, in the chunk's image order."""
-
-    def running(self) -> Tuple[int, int]:
-        """``(next step, images still running)`` while a focus step is pending."""
-
-    def stop(self) -> None:
-        """Ends the run before the pending step: the images still running keep the prediction
-        of the last step they ran (their exit step) and are marked as stopped."""
-
-
-class Place(Protocol):
-    """Where the loop's buffers live (``HostPlace``, ``DevicePlace``)."""
-
-    on_device: bool
-
-    def stage(self, name: str) -> ContextManager[None]:
-        """Times a stage (on the device place: device time, from CUDA events on the stream)."""
-
-    def inputs(self, images: np.ndarray, glance: Optional[np.ndarray]) -> List[Chunk]:
-        """Host images (and glance, or None to compute it) as the place's chunks."""
-
-    def frames(self, frames: Union[np.ndarray, Sequence[np.ndarray]]) -> List[Chunk]:
-        """uint8 HWC frames of any size, pre-processed, as the place's chunks."""
-
-    def steps(self, images: Any, n: int, thresholds: Optional[np.ndarray], glance: Any = None) -> Steps:
-        """A run of the loop over one chunk (``thresholds`` None: trace; ``glance`` the chunk's
-        glance, for a place that stages it before the first backbone run)."""
 
 
 class Driver:
@@ -144,22 +58,35 @@ class Driver:
 
     def __init__(self, model: Dict[str, Any], runner: Runner, heads: HeadSet, profiler: Profiler,
                  stream: Any = None, cuda_graphs: bool = True) -> None:
-        self.model = model
-        self.runner = runner
-        self.heads = heads
-        self.prof = profiler
-        self.T = int(model["steps"])
-        self.S = int(model["image_size"])
-        self.P = int(model["patch_size"])
-        self.step0_backbone = model["step0"] == "backbone"
+        self.ctx = LoopContext(model, runner, heads, profiler)
+        self.runner, self.heads = runner, heads
+        self.T, self.S, self.P, self.step0_backbone = self.ctx.T, self.ctx.S, self.ctx.P, self.ctx.step0_backbone
         if getattr(heads, "device", "cpu") == "cuda":
-            from .device_steps import DevicePlace
+            from .device_place import DevicePlace
 
-            self.place: Place = DevicePlace(self, stream, cuda_graphs=cuda_graphs)
+            self.place: Place = DevicePlace(self.ctx, stream, cuda_graphs=cuda_graphs)
         else:
-            from .host_steps import HostPlace
+            from .host_place import HostPlace
 
-            self.place = HostPlace(self)
+            self.place = HostPlace(self.ctx)
+
+    @property
+    def model(self) -> Dict[str, Any]:
+        """The manifest's ``model`` entry the places read (assignable)."""
+        return self.ctx.model
+
+    @model.setter
+    def model(self, model: Dict[str, Any]) -> None:
+        self.ctx.model = model
+
+    @property
+    def prof(self) -> Profiler:
+        """The profiler (assignable: the places read it at every stage)."""
+        return self.ctx.prof
+
+    @prof.setter
+    def prof(self, profiler: Profiler) -> None:
+        self.ctx.prof = profiler
 
     @property
     def on_device(self) -> bool:
@@ -207,7 +134,7 @@ class Driver:
                 (H, W, 3) ones; C-contiguous uint8.
             thresholds: as in :meth:`run`.
         """
-        from .device_steps import device_frames
+        from .cuda_arrays import device_frames
 
         if not self.on_device:
             raise InputError(f"frames in GPU memory need a runtime whose loop runs on the GPU (TensorRT, or torch "

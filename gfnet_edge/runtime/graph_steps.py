@@ -1,6 +1,6 @@
 """The device loop with each step captured as a CUDA graph (see :mod:`.graphs`).
 
-Same contract and results as :class:`~gfnet_edge.runtime.device_steps.DeviceSteps` (trace mode,
+Same contract and results as :class:`~gfnet_edge.runtime.device_place.DeviceSteps` (trace mode,
 early exit, GRU or cascaded classifier, ``step0 == "backbone"``, coordinates ``-1`` after exit),
 organised so that each step is one graph:
 
@@ -27,12 +27,11 @@ from typing import TYPE_CHECKING, Any, Dict, Optional
 import numpy as np
 
 from ..errors import InputError
-from .device_steps import _check_flag
-from .driver import StepOutputs, softmax
+from .types import StepOutputs, check_step_flag as _check_flag, softmax
 from .graphs import Capture, GraphCache, bucket_for
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .device_steps import DevicePlace
+    from .device_place import DevicePlace
 
 F32 = 4
 
@@ -45,12 +44,12 @@ class GraphWorkspace:
     whose feature widths differ, drops every graph.
 
     Args:
-        place: the device place (driver, heads, stream).
+        place: the device place (its loop context and stream).
         capture: the runner's capturer (None: plain launches, same bookkeeping).
     """
 
     def __init__(self, place: "DevicePlace", capture: Optional[Capture]) -> None:
-        d = place.driver
+        d = place.ctx
         self.place, self.stream = place, place.stream
         self.T, self.S, self.P = d.T, d.S, d.P
         self.C = int(d.heads.cls.out_features)
@@ -64,7 +63,7 @@ class GraphWorkspace:
     # ----------------------------------------------------------------- buffers
     def bucket(self, n: int) -> int:
         """The padded batch a chunk of ``n`` images runs in (see :func:`~.graphs.bucket_for`)."""
-        return bucket_for(n, self.place.driver.runner.max_batch)
+        return bucket_for(n, self.place.ctx.runner.max_batch)
 
     def reserve(self, rows: int) -> None:
         """Buffers for at least ``rows`` rows (reallocated, and graphs dropped, when larger)."""
@@ -125,7 +124,7 @@ class GraphSteps:
                  thresholds: Optional[np.ndarray]) -> None:
         from .. import ops
 
-        d = place.driver
+        d = place.ctx
         self.place, self.ws, self.runner, self.heads, self.st = place, ws, d.runner, d.heads, place.stream
         self.T, self.S, self.P, self.step0_backbone = d.T, d.S, d.P, d.step0_backbone
         self.thr, self.trace = thresholds, thresholds is None

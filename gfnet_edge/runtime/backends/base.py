@@ -8,7 +8,7 @@ Two ways to run a graph:
 * :meth:`Runner.run` -- numpy in, numpy out (every backend).
 * :meth:`Runner.run_device` -- device memory in, device memory out, enqueued on a CUDA stream
   the caller gives (runners with ``supports_device``: TensorRT, and torch with CUDA). The
-  loop's device place (:mod:`~gfnet_edge.runtime.device_steps`) uses it so that nothing
+  loop's device place (:mod:`~gfnet_edge.runtime.device_place`) uses it so that nothing
   crosses the PCIe bus / unified-memory boundary except the exit test.
 """
 from __future__ import annotations

@@ -533,4 +533,14 @@ class TensorRTRunner(Runner):
         return self._enqueue(self._lane(stream), graph, image, batch)
 
 
-from .tensorrt_build import BuildOptions, BuildPlan, build_engine, convert_to_fp16, plan_build  # noqa: E402,F401
+#: The build side's names, importable from here too (loaded on first use: the build module
+#: imports this one, so a module-level import would be a cycle).
+_BUILD_NAMES = ("BuildOptions", "BuildPlan", "build_engine", "convert_to_fp16", "plan_build")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _BUILD_NAMES:
+        from . import tensorrt_build
+
+        return getattr(tensorrt_build, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -30,15 +30,14 @@ time. With the profiler off nothing waits except the per-step read.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ContextManager, Dict, List, NamedTuple, Optional, Sequence, Union
+from typing import Any, ContextManager, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
 from ..errors import InputError, UnavailableError
-from .driver import StepOutputs, softmax
+from .cuda_arrays import DeviceFrame
+from .types import Chunk, LoopContext, StepOutputs, check_step_flag as _check_flag, softmax
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .driver import Chunk, Driver
 
 F32 = 4  # bytes per float32 / int32
 
@@ -47,7 +46,7 @@ class DevicePlace:
     """Inputs and steps of the loop in GPU memory, for a device-capable runner and CUDA heads.
 
     Args:
-        driver: the :class:`~gfnet_edge.runtime.driver.Driver` (model, runner, heads, profiler).
+        ctx: the loop's model, runner, heads and profiler.
         stream: the CUDA stream for everything (default: a new :class:`gfnet_edge.ops.Stream`).
         cuda_graphs: capture each step as a CUDA graph when the runner can be captured
             (:meth:`Runner.graph_capture <gfnet_edge.runtime.backends.base.Runner.graph_capture>`).
@@ -59,22 +58,22 @@ class DevicePlace:
 
     on_device = True
 
-    def __init__(self, driver: "Driver", stream: Any = None, cuda_graphs: bool = True) -> None:
+    def __init__(self, ctx: LoopContext, stream: Any = None, cuda_graphs: bool = True) -> None:
         from .. import ops
 
         if not ops.has_cuda_build() or ops.cuda_device_count() < 1:
             reason = "gfnet_edge._C was built without CUDA" if not ops.has_cuda_build() else \
                 f"no usable CUDA device ({ops._C.cuda_device_error()})"
             raise UnavailableError(f"the device-resident loop needs a GPU: {reason}")
-        if not getattr(driver.runner, "supports_device", False):
-            raise ValueError(f"the {driver.runner.name} runner has no device execution (supports_device is False); "
+        if not getattr(ctx.runner, "supports_device", False):
+            raise ValueError(f"the {ctx.runner.name} runner has no device execution (supports_device is False); "
                              "build the heads with device='cpu' to run it on the host")
-        self.driver = driver
+        self.ctx = ctx
         self.stream = stream if stream is not None else ops.Stream()
         self._bufs: Dict[str, Any] = {}
         self._events: List[Any] = []  # free CUDA events for stage timing
         self._pending: List[tuple] = []  # (stage, start event, end event) not read yet
-        capture = driver.runner.graph_capture(self.stream) if cuda_graphs else None
+        capture = ctx.runner.graph_capture(self.stream) if cuda_graphs else None
         #: The captured loop's buffers and graphs (None: plain launches, :class:`DeviceSteps`).
         self.graphs = None
         if capture is not None:
@@ -103,12 +102,12 @@ class DevicePlace:
         """A device stage: while the profiler is on, CUDA events recorded on the stream around
         it (read by :meth:`flush_profile`); off, the profiler's shared no-op (the loop enters
         ~8 stages per image, so nothing is made then)."""
-        prof = self.driver.prof
+        prof = self.ctx.prof
         return _EventStage(self, name) if prof.enabled else prof.stage(name)
 
     def host_stage(self, name: str) -> ContextManager[None]:
         """A stage timed on the host clock (the per-step read and the exit bookkeeping)."""
-        return self.driver.prof.stage(name)
+        return self.ctx.prof.stage(name)
 
     def _event(self) -> Any:
         from .. import ops
@@ -119,7 +118,7 @@ class DevicePlace:
         """Adds the device times of the stages recorded so far to the profiler."""
         if not self._pending:
             return
-        prof, pending, self._pending = self.driver.prof, self._pending, []
+        prof, pending, self._pending = self.ctx.prof, self._pending, []
         for name, start, end in pending:
             prof.record(name, end.elapsed_ms(start) / 1e3)
             self._events += [start, end]
@@ -130,7 +129,7 @@ class DevicePlace:
         it on the device (``ops.cuda_glance``, within 1e-5 of the CPU glance)."""
         from .. import ops
 
-        S, P, st = self.driver.S, self.driver.P, self.stream
+        S, P, st = self.ctx.S, self.ctx.P, self.stream
         images = np.ascontiguousarray(images, dtype=np.float32)
         if images.ndim != 4 or images.shape[1:] != (3, S, S) or images.shape[0] < 1:
             raise ValueError(f"images must be float32 (N, 3, {S}, {S}), got {images.shape}")
@@ -140,7 +139,7 @@ class DevicePlace:
         with self.stage("preprocess"):
             img.copy_from_host(images, st)
             if glance is None:
-                ops.cuda_glance(img, n, S, gl, P, self.driver.model["glance_interpolation"], stream=st)
+                ops.cuda_glance(img, n, S, gl, P, self.ctx.model["glance_interpolation"], stream=st)
             else:
                 glance = np.ascontiguousarray(glance, dtype=np.float32)
                 if glance.shape != (n, 3, P, P):
@@ -174,7 +173,7 @@ class DevicePlace:
                 offset += h * w * 3
             return self._preprocess(located)
 
-    def device_frames(self, frames: Sequence["DeviceFrame"]) -> List[Chunk]:
+    def device_frames(self, frames: Sequence[DeviceFrame]) -> List[Chunk]:
         """uint8 HWC frames already in GPU memory (from :func:`device_frames`): pre-processed
         where they are, nothing copied. Their producers' streams are synchronized first."""
         from .. import ops
@@ -189,7 +188,7 @@ class DevicePlace:
         ``ops.cuda_preprocess``) of device frames ``(pointer, height, width)``."""
         from .. import ops
 
-        m, S, P, st = self.driver.model, self.driver.S, self.driver.P, self.stream
+        m, S, P, st = self.ctx.model, self.ctx.S, self.ctx.P, self.stream
         n = len(frames)
         img = self.buf("input.images", n * 3 * S * S * F32)
         gl = self.buf("input.glance", n * 3 * P * P * F32)
@@ -206,8 +205,8 @@ class DevicePlace:
         the whole loop)."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        chunk = int(self.driver.runner.max_batch or n)
-        S, P = self.driver.S, self.driver.P
+        chunk = int(self.ctx.runner.max_batch or n)
+        S, P = self.ctx.S, self.ctx.P
         return [(images + i * 3 * S * S * F32, glance + i * 3 * P * P * F32, min(chunk, n - i))
                 for i in range(0, n, chunk)]
 
@@ -245,7 +244,7 @@ class DeviceSteps:
     the place's stream, and the per-step exit test with compaction."""
 
     def __init__(self, place: DevicePlace, images: int, n: int, thresholds: Optional[np.ndarray]) -> None:
-        d = place.driver
+        d = place.ctx
         self.place, self.runner, self.heads, self.st = place, d.runner, d.heads, place.stream
         self.T, self.S, self.P, self.step0_backbone = d.T, d.S, d.P, d.step0_backbone
         self.images, self.n, self.N = images, n, n
@@ -434,64 +433,3 @@ class DeviceSteps:
             probs_all = np.stack([softmax(lg_host[t]) for t in range(T)]).astype(np.float32, copy=False)
         self.place.flush_profile()
         return StepOutputs(self.prediction, self.confidence, self.exit_step, self.coords, probs_all, self.stopped)
-
-
-class DeviceFrame(NamedTuple):
-    """A uint8 HWC RGB frame in GPU memory: its address, size and producer stream."""
-
-    ptr: int
-    height: int
-    width: int
-    stream: Optional[int]  #: the producer's stream to synchronize first (None: nothing to wait for)
-
-
-def is_device_array(obj: Any) -> bool:
-    """True for an object exposing CUDA memory through ``__cuda_array_interface__`` (CuPy
-    arrays, torch CUDA tensors, Numba device arrays, ...)."""
-    return not isinstance(obj, np.ndarray) and hasattr(obj, "__cuda_array_interface__")
-
-
-def device_frames(inputs: Any) -> List[DeviceFrame]:
-    """Reads the frames of a device array (``(H, W, 3)`` or ``(N, H, W, 3)`` uint8,
-    C-contiguous) or of a list of ``(H, W, 3)`` ones, through ``__cuda_array_interface__``
-    (version 2 or 3; its ``stream``, when given, is synchronized before the frames are read).
-
-    Raises:
-        InputError: a dtype, shape, layout or mask the loop cannot read in place.
-    """
-    items = [inputs] if is_device_array(inputs) else list(inputs)
-    if not items:
-        raise InputError("no images given")
-    out: List[DeviceFrame] = []
-    for i, obj in enumerate(items):
-        if not is_device_array(obj):
-            raise InputError(f"image {i}: a list of device frames must hold only device arrays, got "
-                             f"{type(obj).__name__}")
-        cai = obj.__cuda_array_interface__
-        shape = tuple(int(d) for d in cai.get("shape", ()))
-        where = f"image {i} (device array of shape {shape})"
-        if cai.get("typestr") not in ("|u1", "<u1", ">u1"):
-            raise InputError(f"{where}: device frames must be uint8 (typestr '|u1'), got {cai.get('typestr')!r}")
-        if len(shape) not in (3, 4) or shape[-1] != 3 or 0 in shape:
-            raise InputError(f"{where}: device frames must be uint8 (H, W, 3) or (N, H, W, 3) RGB")
-        contiguous = tuple(int(np.prod(shape[k + 1:])) for k in range(len(shape)))
-        strides = cai.get("strides")
-        if strides is not None and tuple(int(v) for v in strides) != contiguous:
-            raise InputError(f"{where}: device frames must be C-contiguous (strides {tuple(strides)}); "
-                             "make a contiguous copy on the device first")
-        if cai.get("mask") is not None:
-            raise InputError(f"{where}: masked device arrays are not supported")
-        ptr = int(cai["data"][0])
-        if ptr == 0:
-            raise InputError(f"{where}: null device pointer")
-        stream = cai.get("stream")
-        h, w = shape[-3], shape[-2]
-        for k in range(shape[0] if len(shape) == 4 else 1):
-            out.append(DeviceFrame(ptr + k * h * w * 3, h, w, None if stream is None else int(stream)))
-    return out
-
-
-def _check_flag(flag: int, step: int) -> None:
-    if flag:
-        raise RuntimeError(f"device loop, step {step}: a patch coordinate or a compaction index was out of range "
-                           "(the affected rows were zero-filled)")

@@ -9,32 +9,30 @@ the call itself).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ContextManager, Dict, List, Optional, Sequence, Union
+from typing import Any, ContextManager, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from .driver import StepOutputs, softmax
+from .types import Chunk, LoopContext, StepOutputs, softmax
 from .profile import HOST_STEP_PARTS
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .driver import Chunk, Driver
 
 
 class HostPlace:
     """Inputs and steps of the loop in host memory, for any runner.
 
     Args:
-        driver: the :class:`~gfnet_edge.runtime.driver.Driver` (model, runner, heads, profiler).
+        ctx: the loop's model, runner, heads and profiler.
     """
 
     on_device = False
 
-    def __init__(self, driver: "Driver") -> None:
-        self.driver = driver
-        self.loop = driver.heads.host_loop(driver.model)
+    def __init__(self, ctx: LoopContext) -> None:
+        self.ctx = ctx
+        self.loop = ctx.heads.host_loop(ctx.model)
 
     def stage(self, name: str) -> ContextManager[None]:
-        return self.driver.prof.stage(name)
+        return self.ctx.prof.stage(name)
 
     # ------------------------------------------------------------------- inputs
     def inputs(self, images: np.ndarray, glance: Optional[np.ndarray]) -> List[Chunk]:
@@ -54,7 +52,7 @@ class HostPlace:
         images is made (a quarter of the bytes to write, compact and read back)."""
         from .. import ops
 
-        m, S = self.driver.model, self.driver.S
+        m, S = self.ctx.model, self.ctx.S
         crop_pct = float(m["crop_pct"])
         with self.stage("preprocess"):
             square = (frames.shape[1:] == (S, S, 3) if isinstance(frames, np.ndarray)
@@ -70,9 +68,15 @@ class HostPlace:
     def _glance(self, images: np.ndarray) -> np.ndarray:
         from .. import ops
 
-        m = self.driver.model
+        m = self.ctx.model
         norm = {"mean": tuple(m["mean"]), "std": tuple(m["std"])} if images.dtype == np.uint8 else {}
-        return ops.glance(images, self.driver.P, m["glance_interpolation"], **norm)
+        return ops.glance(images, self.ctx.P, m["glance_interpolation"], **norm)
+
+    def device_inputs(self, images: int, glance: int, n: int) -> List[Chunk]:
+        raise ValueError("inputs in GPU memory need the device place (heads built with device='cuda')")
+
+    def device_frames(self, frames: Sequence[Any]) -> List[Chunk]:
+        raise ValueError("frames in GPU memory need the device place (heads built with device='cuda')")
 
     # -------------------------------------------------------------------- steps
     def steps(self, images: np.ndarray, n: int, thresholds: Optional[np.ndarray], glance: Any = None) -> "HostSteps":
@@ -83,7 +87,7 @@ class HostSteps:
     """One run of the loop over a host batch (see :class:`~gfnet_edge.runtime.driver.Driver`)."""
 
     def __init__(self, place: HostPlace, images: np.ndarray, thresholds: Optional[np.ndarray]) -> None:
-        d = place.driver
+        d = place.ctx
         self.loop, self.prof, self.runner = place.loop, d.prof, d.runner
         self.images, self.thr = images, thresholds
         self.step0_backbone, self.T = d.step0_backbone, d.T

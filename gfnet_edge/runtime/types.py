@@ -1,0 +1,143 @@
+"""The loop's shared types: what a place provides to the driver and what a run produces.
+
+:class:`~gfnet_edge.runtime.driver.Driver` runs the loop over a :class:`Place`; the places
+(:mod:`~gfnet_edge.runtime.host_place`, :mod:`~gfnet_edge.runtime.device_place`) import these
+types from here, never the driver, so the runtime's modules form no import cycle.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ContextManager, Dict, List, Optional, Protocol, Sequence, Tuple, Union
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .backends.base import Runner
+    from .profile import Profiler
+
+
+@dataclass
+class LoopContext:
+    """What a place needs of the loop: the model entry, the runner, the heads and the profiler
+    (read at every stage, so the driver may swap it), and the loop's sizes.
+
+    Attributes:
+        T, S, P: steps, image size, patch size (from ``model``).
+        step0_backbone: step 0's logits come from the glance graph (``model["step0"]``).
+    """
+
+    model: Dict[str, Any]
+    runner: "Runner"
+    heads: Any
+    prof: "Profiler"
+    T: int = field(init=False)
+    S: int = field(init=False)
+    P: int = field(init=False)
+    step0_backbone: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.T = int(self.model["steps"])
+        self.S = int(self.model["image_size"])
+        self.P = int(self.model["patch_size"])
+        self.step0_backbone = self.model["step0"] == "backbone"
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@dataclass
+class StepOutputs:
+    """What the loop produced for a batch of N images.
+
+    Attributes:
+        prediction: class at the exit step (N,).
+        confidence: max softmax probability at the exit step (N,).
+        exit_step: step at which each image exited (N,).
+        coords: patch top-left (row, col) per focus step (T-1, N, 2); -1 after exit.
+        probs: softmax per step (T, N, classes), only when every step ran (trace).
+        stopped: images stopped by a deadline (N,) bool, or None when the call had none.
+    """
+
+    prediction: np.ndarray
+    confidence: np.ndarray
+    exit_step: np.ndarray
+    coords: np.ndarray
+    probs: Optional[np.ndarray] = None
+    stopped: Optional[np.ndarray] = None
+
+    @staticmethod
+    def concat(parts: List["StepOutputs"]) -> "StepOutputs":
+        """The outputs of consecutive chunks of one batch, as one."""
+        if len(parts) == 1:
+            return parts[0]
+        return StepOutputs(
+            np.concatenate([o.prediction for o in parts]), np.concatenate([o.confidence for o in parts]),
+            np.concatenate([o.exit_step for o in parts]), np.concatenate([o.coords for o in parts], axis=1),
+            None if parts[0].probs is None else np.concatenate([o.probs for o in parts], axis=1),
+            None if parts[0].stopped is None else np.concatenate([o.stopped for o in parts]))
+
+
+#: A chunk of a batch as a place holds it: ``(images, glance, n)`` (arrays or device pointers).
+Chunk = Tuple[Any, Any, int]
+
+
+class Steps(Protocol):
+    """One run of the loop over a chunk, as a place does it (``HostSteps``, ``DeviceSteps``).
+    Backbone inputs and outputs are in the place's form (arrays, or device pointers)."""
+
+    def backbone(self, graph: str, x: Any) -> Dict[str, Any]:
+        """Runs ``"glance"`` or ``"focus"`` on the images still running."""
+
+    def begin(self, g: Dict[str, Any]) -> Optional[Any]:
+        """Step 0 from the glance outputs: heads, exit test, compaction, policy and crop of
+        step 1; the patches for the focus backbone, or None when the loop is over."""
+
+    def next(self, f: Dict[str, Any]) -> Optional[Any]:
+        """The same for the outputs of a focus run: the next patches, or None."""
+
+    def outputs(self) -> "StepOutputs":
+        """The results, in the chunk's image order."""
+
+    def running(self) -> Tuple[int, int]:
+        """``(next step, images still running)`` while a focus step is pending."""
+
+    def stop(self) -> None:
+        """Ends the run before the pending step: the images still running keep the prediction
+        of the last step they ran (their exit step) and are marked as stopped."""
+
+
+class Place(Protocol):
+    """Where the loop's buffers live (``HostPlace``, ``DevicePlace``)."""
+
+    on_device: bool
+
+    def stage(self, name: str) -> ContextManager[None]:
+        """Times a stage (on the device place: device time, from CUDA events on the stream)."""
+
+    def inputs(self, images: np.ndarray, glance: Optional[np.ndarray]) -> List[Chunk]:
+        """Host images (and glance, or None to compute it) as the place's chunks."""
+
+    def frames(self, frames: Union[np.ndarray, Sequence[np.ndarray]]) -> List[Chunk]:
+        """uint8 HWC frames of any size, pre-processed, as the place's chunks."""
+
+    def steps(self, images: Any, n: int, thresholds: Optional[np.ndarray], glance: Any = None) -> Steps:
+        """A run of the loop over one chunk (``thresholds`` None: trace; ``glance`` the chunk's
+        glance, for a place that stages it before the first backbone run)."""
+
+    def device_inputs(self, images: int, glance: int, n: int) -> List[Chunk]:
+        """Device place: inputs already in GPU memory (pointers) as chunks; the host place
+        raises ValueError."""
+
+    def device_frames(self, frames: Sequence[Any]) -> List[Chunk]:
+        """Device place: uint8 frames in GPU memory (:class:`~gfnet_edge.runtime.cuda_arrays.
+        DeviceFrame`) pre-processed where they are; the host place raises ValueError."""
+
+
+def check_step_flag(flag: int, step: int) -> None:
+    """Raises when a device step's error flag is set (a bad patch coordinate or row index)."""
+    if flag:
+        raise RuntimeError(f"device loop, step {step}: a patch coordinate or a compaction index was out of range "
+                           "(the affected rows were zero-filled)")
