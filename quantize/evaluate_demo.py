@@ -125,7 +125,7 @@ def run(checkpoint: Path, out: Path, num_calib: int = 256, num_eval: int = 744, 
 
     # ---- main results: each profile with the accuracy-driven mixed precision
     for prof in profiles:
-        # the exit-agreement target is the tensorrt figure of the issue; the cpu profile is about
+        # the exit-agreement target applies to the tensorrt profile; the cpu profile is about
         # speed (a float graph there would cost the >= 1.3x), so it gets the accuracy target only
         opts = QuantizeOptions(profile=prof, method=method, num_calib=num_calib, max_accuracy_drop=0.5,
                                min_exit_agreement=min_exit_agreement if prof == "tensorrt" else None,
@@ -379,7 +379,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--min-exit-agreement", type=float, default=98.0,
                     help="second target of the mixed-precision search (percent of held-out images whose "
-                         "mid-budget exit step matches FP32; the issue's figure); negative: accuracy only")
+                         "mid-budget exit step matches FP32); negative: accuracy only")
     ap.add_argument("--max-float-nodes", type=int, default=8)
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -126,7 +126,7 @@ def measure(model: GFNet, static_net: torch.nn.Module, static_macs: float, val: 
 
 
 def check_targets(r: Dict[str, Any]) -> Dict[str, bool]:
-    """The issue's targets, each True/False."""
+    """The demo model's targets, each True/False."""
     a = r["anytime_accuracy"]
     return {
         "final_step_>=90": a[-1] >= 90.0,
