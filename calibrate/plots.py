@@ -12,6 +12,20 @@ STAGE_COLOURS = {"normalise": "#c7c7c7", "preprocess": "#8c8c8c", "glance": "#1f
                  "focus": "#2ca02c", "heads": "#9467bd", "exit": "#d62728", "step": "#e377c2"}
 
 
+#: Why a report has no figures on an install without the ``report`` extra.
+MISSING_NOTE = 'figures omitted: matplotlib is not installed (pip install "gfnet-edge[report]")'
+
+
+def available() -> bool:
+    """Whether matplotlib can be imported here (the ``report`` extra; the device side runs without it)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("matplotlib") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def _plt():
     import matplotlib
 
