@@ -6,6 +6,7 @@ from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
+from gfnet_edge.errors import installed
 from gfnet_edge.runtime.profile import HOST_STEP_PARTS
 
 STAGE_COLOURS = {"normalise": "#c7c7c7", "preprocess": "#8c8c8c", "glance": "#1f77b4", "policy": "#ff7f0e", "crop": "#bcbd22",
@@ -17,13 +18,8 @@ MISSING_NOTE = 'figures omitted: matplotlib is not installed (pip install "gfnet
 
 
 def available() -> bool:
-    """Whether matplotlib can be imported here (the ``report`` extra; the device side runs without it)."""
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec("matplotlib") is not None
-    except (ImportError, ValueError):
-        return False
+    """Whether matplotlib is installed here (the ``report`` extra; the device side runs without it)."""
+    return installed("matplotlib")
 
 
 def _plt():

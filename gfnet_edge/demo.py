@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from .errors import BUILD_MODULES, InputError, UnavailableError
+from .errors import BUILD_MODULES, InputError, UnavailableError, installed
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_CHECKPOINT = ASSETS / "demo_gfnet.pth.tar"
@@ -127,18 +127,8 @@ DEMO_MODULES = BUILD_MODULES + ("matplotlib",)
 
 
 def missing_demo_modules() -> List[str]:
-    """The modules of :data:`DEMO_MODULES` that cannot be imported here."""
-    import importlib.util
-
-    missing = []
-    for name in DEMO_MODULES:
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            missing.append(name)
-    return missing
+    """The modules of :data:`DEMO_MODULES` that are not installed here."""
+    return [name for name in DEMO_MODULES if not installed(name)]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -24,13 +24,23 @@ BUILD_MODULES = ("torch", "torchvision", "timm", "onnx", "onnxsim", "scipy", "sk
 BUILD_EXTRAS_HINT = 'pip install "gfnet-edge[build]" (from a source checkout: pip install ".[build]")'
 
 
+def installed(module: str) -> bool:
+    """Whether the top-level ``module`` can be found here (without importing it)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def missing_build_module(exc: BaseException) -> Optional[str]:
     """The build-side module whose absence ``exc`` reports (a ``ModuleNotFoundError`` for one of
-    :data:`BUILD_MODULES` or a submodule of one), else ``None``."""
+    :data:`BUILD_MODULES`, or a submodule of one, that is not installed here), else ``None``."""
     if not isinstance(exc, ModuleNotFoundError) or not exc.name:
         return None
     top = exc.name.split(".")[0]
-    return top if top in BUILD_MODULES else None
+    return top if top in BUILD_MODULES and not installed(top) else None
 
 
 def needs_build_side(what: str, module: str) -> UnavailableError:

@@ -212,3 +212,12 @@ def test_engines_on_the_device_need_tensorrt_not_torch(tiny):
     assert r.returncode == 3, r.stderr
     assert "TensorRT is not available" in r.stderr and "gfnet-edge[build]" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_missing_part_of_an_installed_module_is_not_called_a_missing_install(torch_mod):
+    """Only modules that are not installed are blamed on the install; anything else stays a bug."""
+    from gfnet_edge.errors import missing_build_module
+
+    assert missing_build_module(ModuleNotFoundError("x", name="torch._no_such_part")) is None
+    assert missing_build_module(ModuleNotFoundError("x", name="tensorrt")) is None  # not a build-side module
+    assert missing_build_module(ValueError("x")) is None
