@@ -4,11 +4,13 @@ The Python packages are ``gfnet_edge`` plus ``quantize/`` and ``calibrate/``, in
 ``gfnet_edge.quantize`` and ``gfnet_edge.calibrate`` (see ``package_dir``). The native extension
 ``gfnet_edge._C`` is built by CMake (``CMakeLists.txt``); the CUDA kernels are compiled whenever
 ``nvcc`` is found (set ``GFNET_EDGE_CUDA=0`` to skip them, ``GFNET_EDGE_CUDA_ARCHS`` to choose
-architectures, e.g. ``"72;87;90"``).
+architectures, e.g. ``"72;87;90"``). ``GFNET_EDGE_PREBUILT_EXT=PATH`` packages an extension already
+built from this source for this Python instead of compiling it (the device-side install test uses it).
 """
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,9 +31,17 @@ class CMakeBuild(build_ext):
     """Configures and builds the extension with CMake into the package folder."""
 
     def build_extension(self, ext: CMakeExtension) -> None:
+        ext_fullpath = Path.cwd() / self.get_ext_fullpath(ext.name)
+        prebuilt = os.environ.get("GFNET_EDGE_PREBUILT_EXT")
+        if prebuilt:  # an extension already built from this source for this Python: copied, not compiled
+            src = Path(prebuilt)
+            if not src.is_file() or src.name != ext_fullpath.name:
+                raise SystemExit(f"GFNET_EDGE_PREBUILT_EXT={prebuilt}: not a built {ext_fullpath.name}")
+            ext_fullpath.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, ext_fullpath)
+            return
         import pybind11
 
-        ext_fullpath = Path.cwd() / self.get_ext_fullpath(ext.name)
         extdir = ext_fullpath.parent.resolve()
         cfg = os.environ.get("GFNET_EDGE_BUILD_TYPE", "Release")
         cmake_args = [

@@ -6,7 +6,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from gfnet_edge.errors import InputError
+from gfnet_edge.errors import InputError, missing_build_module, needs_build_side
 
 
 @dataclass
@@ -42,8 +42,13 @@ def _demo(n: int, model: Dict[str, Any]) -> Tuple[np.ndarray, np.ndarray, str]:
     """First ``n`` images of the demo task's test split, generated with the config the model was
     trained on (``demo_data_config`` in the manifest; the generator's defaults otherwise). A larger
     cached set is reused."""
-    from gfnet_edge.data import ClutteredDigits
-    from gfnet_edge.data.cluttered_digits import ClutteredDigitsConfig, demo_config
+    try:
+        from gfnet_edge.data.cluttered_digits import ClutteredDigits, ClutteredDigitsConfig, demo_config
+    except ModuleNotFoundError as exc:
+        missing = missing_build_module(exc)
+        if missing is None:
+            raise
+        raise needs_build_side("--data demo (generating the demo task's images)", missing) from exc
 
     cfg = demo_config(model) or ClutteredDigitsConfig()
     if cfg.image_size != int(model["image_size"]):

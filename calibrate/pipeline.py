@@ -409,7 +409,10 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
         "method_notes": _method_notes(cfg, T),
     }
     res["device"]["load_average_end"] = device_description()["load_average"]
-    figures = _figures(res, results, cost)
+    if plots.available():
+        figures = _figures(res, results, cost)
+    else:  # a device-side install: the report's tables only
+        figures, res["figures_note"] = {}, plots.MISSING_NOTE
     cards = _gallery(results, hold_x, hold_y, hold_coords, hold_probs, model, cfg, default)
     res["gallery"] = [{k: v for k, v in c.items() if k != "png"} for c in cards]
 

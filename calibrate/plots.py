@@ -6,10 +6,20 @@ from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
+from gfnet_edge.errors import installed
 from gfnet_edge.runtime.profile import HOST_STEP_PARTS
 
 STAGE_COLOURS = {"normalise": "#c7c7c7", "preprocess": "#8c8c8c", "glance": "#1f77b4", "policy": "#ff7f0e", "crop": "#bcbd22",
                  "focus": "#2ca02c", "heads": "#9467bd", "exit": "#d62728", "step": "#e377c2"}
+
+
+#: Why a report has no figures on an install without the ``report`` extra.
+MISSING_NOTE = 'figures omitted: matplotlib is not installed (pip install "gfnet-edge[report]")'
+
+
+def available() -> bool:
+    """Whether matplotlib is installed here (the ``report`` extra; the device side runs without it)."""
+    return installed("matplotlib")
 
 
 def _plt():

@@ -73,6 +73,11 @@ BUDGET_HEADERS = ["budget", "ms", "thresholds (per step)", "expected ms", "measu
                   "accuracy %", "reference-method acc %", "fit acc %", "exits % per step"]
 
 
+def _fig(figures: Dict[str, bytes], key: str, alt: str) -> str:
+    """A figure's ``<img>``, or nothing when the report has no figures (no matplotlib)."""
+    return _img(figures[key], alt) if key in figures else ""
+
+
 def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: List[Dict[str, Any]]) -> str:
     """The self-contained HTML page (figures and gallery cards inlined as base64 PNG)."""
     b = res["bundle"]
@@ -93,6 +98,9 @@ def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: List[Di
     warn = (lat.get("stability") or {}).get("warning")
     if warn:
         parts.append(f"<p class='bad' id='warning'>Warning: {html.escape(warn)}.</p>")
+    if res.get("figures_note"):
+        parts.append(f"<p class='note' id='figures-note'>{html.escape(res['figures_note'])}; the tables hold the "
+                     "same numbers.</p>")
     parts.append("<h2 id='budgets'>Budgets (held-out, measured by running the runtime)</h2>")
     parts.append(_table(BUDGET_HEADERS, budget_rows(res), "budgets"))
     for r in res["budgets"]:
@@ -113,17 +121,16 @@ def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: List[Di
                                                           "static"))
 
     parts.append("<h2 id='curve'>Accuracy vs latency</h2><div class='plots'>")
-    parts.append(_img(figures["accuracy_latency"], "accuracy vs mean latency"))
-    parts.append(_img(figures["anytime"], "anytime accuracy per step"))
+    parts.append(_fig(figures, "accuracy_latency", "accuracy vs mean latency"))
+    parts.append(_fig(figures, "anytime", "anytime accuracy per step"))
     parts.append("</div>")
     anyt = res["anytime"]
     rows = [[name] + [_f(a) for a in acc] for name, acc in anyt.items()]
     parts.append(_table(["anytime accuracy %"] + [f"step {k}" for k in range(T)], rows, "anytime"))
 
     parts.append("<h2 id='exits'>Exit steps per budget</h2><div class='plots'>")
-    parts.append(_img(figures["exit_histogram"], "exit-step histogram per budget"))
-    if "latency_histogram" in figures:
-        parts.append(_img(figures["latency_histogram"], "measured latency distribution"))
+    parts.append(_fig(figures, "exit_histogram", "exit-step histogram per budget"))
+    parts.append(_fig(figures, "latency_histogram", "measured latency distribution"))
     parts.append("</div>")
 
     parts.append("<h2 id='latency'>Latency per step and stage</h2>")
@@ -141,7 +148,7 @@ def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: List[Di
                      f"{res['settings']['batch']}); spread of the full model: "
                      f"{lat['stability']['spread_pct']:.1f}%.</p>")
         parts.append(_table(["measurement"] + [f"cost[{k}]" for k in range(T)], rows, "history"))
-    parts.append("<div class='plots'>" + _img(figures["stage_breakdown"], "latency breakdown per stage") + "</div>")
+    parts.append("<div class='plots'>" + _fig(figures, "stage_breakdown", "latency breakdown per stage") + "</div>")
     st_rows = []
     for k, stages in sorted(lat["budget_batch"]["stages"].items(), key=lambda kv: int(kv[0])):
         calls = max(1, stages.get("per_image", {}).get("count", 1))
@@ -245,6 +252,8 @@ def summary(res: Dict[str, Any]) -> str:
                      "; agreement with " + str(res["precisions"]["reference"]) + " " +
                      ", ".join(f"{a:.1f}%" for a in r["step_agreement"]))
     lines.append(f"manifest: {res['manifest']['status']}")
+    if res.get("figures_note"):
+        lines.append(f"note: {res['figures_note']}")
     lines.extend(f"warning: {b['name']}: {b['note']}" for b in res["budgets"] if b.get("note"))
     warn = (lat.get("stability") or {}).get("warning")
     if warn:

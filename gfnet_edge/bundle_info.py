@@ -1,9 +1,15 @@
-"""``gfnet-edge info BUNDLE``: what a bundle holds, engines first (device, target, DLA placement)."""
+"""``gfnet-edge info BUNDLE``: what a bundle holds, read from its manifest (no torch needed):
+the model, graphs, engines (device, target, DLA layer placement), budgets and costs.
+
+The bundle is loaded with :meth:`Bundle.load`, so a missing or modified artifact is reported as
+it would be by the runtime.
+"""
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
+
+from .bundle import Bundle
 
 
 def engine_rows(manifest: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -32,25 +38,51 @@ def _layers_text(row: Dict[str, Any]) -> str:
                             f"{c['gpu'] if c['gpu'] is not None else '?'} on GPU" for g, c in row["layers"].items())
 
 
-def print_bundle_info(root: str, as_json: bool = False) -> int:
-    from .bundle import Bundle
+def describe_bundle(root: Path) -> Dict[str, Any]:
+    """The facts ``gfnet-edge info`` prints about the bundle at ``root``.
 
-    m = Bundle.load(Path(root)).manifest
-    info = {"bundle": str(root), "model": m["model"].get("model_name"), "graphs": sorted(m["graphs"]),
-            "engines": engine_rows(m), "budgets": sorted(m.get("budgets", {})), "default_budget": m.get("default_budget")}
-    if as_json:
-        print(json.dumps(info, indent=2))
-        return 0
-    mm = m["model"]
-    print(f"bundle   {root}")
-    print(f"model    {mm.get('model_name')} S={mm.get('image_size')} P={mm.get('patch_size')} T={mm.get('steps')}")
-    print(f"graphs   {', '.join(info['graphs'])}")
-    for r in info["engines"] or [None]:
-        if r is None:
-            print("engines  none (ONNX Runtime runs the graphs)")
-            continue
+    Raises:
+        BundleError: not a bundle, unreadable manifest, missing or modified artifacts.
+    """
+    bundle = Bundle.load(root)
+    m, model = bundle.manifest, bundle.model
+    return {
+        "bundle": str(root),
+        "created_by": m.get("created_by"),
+        "created": m.get("created"),
+        "model_name": model.get("model_name"),
+        "family": model.get("family"),
+        "backbone": model.get("backbone") or "torchvision",
+        "image_size": model.get("image_size"),
+        "patch_size": model.get("patch_size"),
+        "steps": model.get("steps"),
+        "classes": model.get("num_classes"),
+        "graphs": sorted(m["graphs"]),
+        "engines": engine_rows(m),
+        "budgets": {name: [float(t) for t in b["thresholds"]] for name, b in bundle.budgets().items()},
+        "default_budget": m.get("default_budget"),
+        "macs": (m.get("costs") or {}).get("macs"),
+        "source_checkpoint": (m.get("source_checkpoint") or {}).get("name"),
+    }
+
+
+def info_rows(info: Dict[str, Any], fmt_macs: Callable[[float], str]) -> List[Tuple[str, str]]:
+    """``(label, text)`` rows of the table ``gfnet-edge info BUNDLE`` prints."""
+    engines = []
+    for r in info["engines"]:
         batch = f"batch {r['static_batch']} (static)" if r["static_batch"] else f"batches 1..{r['max_batch']}"
-        print(f"engine   {r['precision']} on {r['target']}, {r['device']} (sm {r['compute_capability']}), "
-              f"TensorRT {r['tensorrt']}, {batch}{_layers_text(r)}")
-    print(f"budgets  {', '.join(info['budgets']) or 'none'} (default: {info['default_budget']})")
-    return 0
+        engines.append(f"{r['precision']} on {r['target']}, {r['device']} (sm {r['compute_capability']}), "
+                       f"TensorRT {r['tensorrt']}, {batch}{_layers_text(r)}")
+    budgets = [f"{name}{' (default)' if name == info['default_budget'] else ''}: "
+               + ", ".join(f"{t:.3f}" if t > -1e7 else "-" for t in thr) for name, thr in info["budgets"].items()]
+    rows = [
+        ("bundle", f"{info['bundle']} ({info['created_by']}, {info['created']})"),
+        ("model", f"{info['model_name']} ({info['family']}, {info['backbone']})"),
+        ("sizes", f"S={info['image_size']} P={info['patch_size']} T={info['steps']} classes={info['classes']}"),
+        ("graphs", ", ".join(info["graphs"]) or "none"),
+    ]
+    rows += [("engines" if i == 0 else "", e) for i, e in enumerate(engines or ["none (ONNX Runtime runs the graphs)"])]
+    rows += [("budgets" if i == 0 else "", b) for i, b in enumerate(budgets or ["none"])]
+    if info["macs"] and info["macs"].get("cumulative"):
+        rows.append(("cumulative MACs", ", ".join(fmt_macs(c) for c in info["macs"]["cumulative"])))
+    return rows

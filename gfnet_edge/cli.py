@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from . import __version__
-from .errors import GFNetEdgeError, InputError, UnavailableError
+from .errors import GFNetEdgeError, InputError, UnavailableError, missing_build_module, needs_build_side
 from .log import setup_logging
 
 Handler = Callable[[argparse.Namespace], int]
@@ -27,14 +27,31 @@ def _fmt_macs(x: float) -> str:
     return f"{x / 1e3:,.1f}K"
 
 
+def cmd_info_bundle(args: argparse.Namespace) -> int:
+    """``gfnet-edge info BUNDLE``: the bundle's manifest, without torch."""
+    from .bundle_info import describe_bundle, info_rows
+
+    if args.model_name or args.patch_size:
+        raise InputError(f"{args.checkpoint} is a bundle: --model-name and --patch-size apply to checkpoints")
+    info = describe_bundle(args.checkpoint)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    rows = info_rows(info, _fmt_macs)
+    w = max(len(r[0]) for r in rows)
+    for k, v in rows:
+        print(f"{k:<{w}}  {v}")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    if Path(args.checkpoint).is_dir():
+        return cmd_info_bundle(args)
     from .models.checkpoint import CheckpointError, load_checkpoint
     from .models.macs import count_step_macs
 
-    if Path(args.checkpoint).is_dir():  # a bundle
-        from .bundle_info import print_bundle_info
-
-        return print_bundle_info(args.checkpoint, args.json)
     try:
         model = load_checkpoint(args.checkpoint, model_name=args.model_name, patch_size=args.patch_size)
     except CheckpointError as exc:
@@ -83,8 +100,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "info",
-        help="describe a GFNet checkpoint",
-        description="Print the variant, sizes, per-step multiply-adds and the metadata a GFNet checkpoint lacks.",
+        help="describe a GFNet checkpoint or bundle",
+        description="Print the variant, sizes, per-step multiply-adds and the metadata a GFNet checkpoint lacks; "
+                    "for a bundle directory: its model, graphs, engines and budgets (no torch needed).",
     )
     p.add_argument("checkpoint", help="GFNet checkpoint (.pth.tar), released or training-script format; or a bundle "
                                       "directory (its graphs, engines with their device and DLA layer placement, budgets)")
@@ -145,6 +163,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except GFNetEdgeError as exc:
         print(f"gfnet-edge: error: {exc}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as exc:  # a build-side command on a device-side install
+        missing = missing_build_module(exc)
+        if missing is None:
+            raise
+        print(f"gfnet-edge: error: {needs_build_side(f'`gfnet-edge {args.command}`', missing)}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("gfnet-edge: interrupted", file=sys.stderr)
         return 130

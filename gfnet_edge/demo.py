@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from .errors import InputError
+from .errors import BUILD_MODULES, InputError, UnavailableError, installed
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_CHECKPOINT = ASSETS / "demo_gfnet.pth.tar"
@@ -121,7 +121,24 @@ def pick_default_budget(budgets: List[Dict[str, Any]], slack: float = DEFAULT_BU
     return str(budgets[int(np.argmax(acc))]["name"])
 
 
+#: What the demo imports beyond the device side: it builds the bundle from the checkpoint (torch, onnx ...),
+#: generates the demo images (scipy, scikit-learn) and draws the report's figures (matplotlib).
+DEMO_MODULES = BUILD_MODULES + ("matplotlib",)
+
+
+def missing_demo_modules() -> List[str]:
+    """The modules of :data:`DEMO_MODULES` that are not installed here."""
+    return [name for name in DEMO_MODULES if not installed(name)]
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    missing = missing_demo_modules()
+    if missing:
+        raise UnavailableError(
+            "`gfnet-edge demo` builds the demo bundle from its checkpoint, so it needs the build side and the report "
+            f"figures; missing here: {', '.join(missing)}. Install them with "
+            'pip install "gfnet-edge[build,report]" (from a source checkout: pip install ".[build,report]"); on a '
+            "device-side install, run `gfnet-edge predict` / `calibrate` on a bundle built elsewhere")
     run_demo(Path(args.output), precision=args.precision, backend=args.backend, budget_ms=args.budget_ms,
              num_test=args.num_test, threads=args.threads, quick=args.quick)
     return 0
