@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from ..bundle import Bundle
+from ..bundle import Bundle, BundleError
 from ..errors import InputError, UnavailableError
 from ..log import logger
 from .driver import Driver, StepOutputs
@@ -152,11 +152,19 @@ class Runtime:
             raise UnavailableError(f"the {backend} backend runs the loop on the GPU, but gfnet_edge's extension "
                                    f"cannot use one here ({reason})")
         self.head_dtype = head_dtype
-        self.heads = HeadSet(load_head_arrays(self.bundle.heads_path), self.model,
-                             device="cuda" if on_gpu else "cpu", weight_dtype=head_dtype)
+        self._closed = False
+        heads_path = self.bundle.heads_path
+        try:
+            self.heads = HeadSet(load_head_arrays(heads_path), self.model,
+                                 device="cuda" if on_gpu else "cpu", weight_dtype=head_dtype)
+        except (TypeError, ValueError) as exc:  # shapes, NaN / Inf: refused at load, not at the first call
+            raise BundleError(f"{heads_path}: head weights cannot be used with this model: {exc}") from exc
         self.runner.activate()
         try:
             self.driver = Driver(self.model, self.runner, self.heads, self.profiler)
+        except (TypeError, ValueError) as exc:
+            self.runner.deactivate()
+            raise BundleError(f"{heads_path}: head weights do not fit this model: {exc}") from exc
         except BaseException:
             self.runner.deactivate()
             raise
@@ -208,7 +216,14 @@ class Runtime:
         self.budget = budget if budget is not None else self.bundle.manifest.get("default_budget")
 
     def close(self) -> None:
+        """Releases the backend's sessions / engines; the Runtime cannot be used afterwards."""
+        self._closed = True
         self.runner.deactivate()
+
+    def _check_open(self) -> None:
+        if getattr(self, "_closed", False):
+            raise InputError("this Runtime is closed (close() was called or its `with` block ended); "
+                             "create a new Runtime")
 
     def __enter__(self) -> "Runtime":
         return self
@@ -228,6 +243,8 @@ class Runtime:
         if isinstance(inputs, np.ndarray) and inputs.dtype == np.float32:
             if inputs.ndim != 4 or inputs.shape[1:] != (3, S, S):
                 raise InputError(f"normalised images must be float32 (N, 3, {S}, {S}), got {inputs.shape}")
+            if inputs.shape[0] == 0:
+                raise InputError(f"no images given (images of shape {inputs.shape})")
             if not np.isfinite(inputs).all():
                 raise InputError("images contain NaN or Inf")
             return "images", np.ascontiguousarray(inputs)
@@ -272,15 +289,29 @@ class Runtime:
             thr = self.thresholds if budget is None else self.bundle.thresholds(budget)
             if thr is None:
                 thr = [2.0] * (int(self.model["steps"]) - 1) + [-1e8]  # no budget: run every step
+            self._check_open()
             out, n = self._run(inputs, thr)
             self.profiler.add_call(time.perf_counter() - t0, n)
+        _check_finite(out.confidence, "predict")
         return Predictions(out.prediction, out.confidence, out.exit_step, out.coords, int(self.model["patch_size"]))
 
     def trace(self, inputs) -> RuntimeTrace:
         """Runs every step on every image; same fields as the reference model's trace."""
         with self._lock:
+            self._check_open()
             out, _ = self._run(inputs, None)
+        _check_finite(out.probs, "trace")
         return RuntimeTrace(out.probs, out.coords)
+
+
+def _check_finite(values: np.ndarray, call: str) -> None:
+    """A NaN or infinite probability means corrupt weights in the bundle's graphs: refused, never
+    returned as a classification."""
+    finite = np.isfinite(values)
+    if not finite.all():
+        rows = np.flatnonzero(~finite.reshape(-1, values.shape[-1]).all(axis=1) if values.ndim > 1 else ~finite)
+        raise BundleError(f"{call}: the model produced NaN or infinite probabilities ({rows.size} row(s)); "
+                          "the bundle's graph weights are corrupt: rebuild it from a finite checkpoint")
 
 
 def trace_graphs(model: Dict[str, Any], graphs: Dict[str, Path], heads: Union[Path, Dict[str, np.ndarray]],
