@@ -154,13 +154,15 @@ class Runtime:
         self.head_dtype = head_dtype
         self._closed = False
         heads_path = self.bundle.heads_path
+        arrays = load_head_arrays(heads_path)
         try:
-            self.heads = HeadSet(load_head_arrays(heads_path), self.model,
+            self.heads = HeadSet(arrays, self.model,
                                  device="cuda" if on_gpu else "cpu", weight_dtype=head_dtype)
         except (TypeError, ValueError) as exc:  # shapes, NaN / Inf: refused at load, not at the first call
             raise BundleError(f"{heads_path}: head weights cannot be used with this model: {exc}") from exc
         self.runner.activate()
         try:
+            _check_graph_outputs(self.runner, self.model, arrays, heads_path)
             self.driver = Driver(self.model, self.runner, self.heads, self.profiler)
         except (TypeError, ValueError) as exc:
             self.runner.deactivate()
@@ -302,6 +304,32 @@ class Runtime:
             out, _ = self._run(inputs, None)
         _check_finite(out.probs, "trace")
         return RuntimeTrace(out.probs, out.coords)
+
+
+def _check_graph_outputs(runner, model: Dict[str, Any], arrays: Dict[str, np.ndarray], heads_path: Path) -> None:
+    """At load: the graphs' outputs (where the runner knows them) are the glance's and the focus's,
+    and their widths fit the head weights and the class count (swapped or foreign graphs, or
+    heads of another model, are refused here rather than failing at the first call)."""
+    sessions = getattr(runner, "sessions", None)
+    if not isinstance(sessions, dict) or not sessions:
+        return
+    widths = {}
+    for g, sess in sessions.items():
+        outs = {o.name: o.shape for o in sess.get_outputs()}
+        has_logits = "logits" in outs
+        if has_logits != (g == "glance" and model["step0"] == "backbone") or not {"feature", "policy_state"} <= set(outs):
+            raise BundleError(f"{runner.graphs[g]}: its outputs ({', '.join(outs)}) are not those of a {g} graph "
+                              "(are the glance and focus graphs swapped in the manifest?)")
+        widths[g] = {k: v[-1] if isinstance(v[-1], int) else None for k, v in outs.items()}
+    want = {"policy_state": arrays.get("pol.w_ih", np.zeros((0, 0))).shape[-1],
+            "feature": (arrays["cls.w_ih"].shape[-1] if "cls.w_ih" in arrays
+                        else arrays["cls.fc_2.w"].shape[-1] // 2 if "cls.fc_2.w" in arrays else None),
+            "logits": int(model["num_classes"])}
+    for g, ws in widths.items():
+        for name, width in ws.items():
+            if width is not None and want.get(name) not in (None, width):
+                raise BundleError(f"{heads_path}: head weights do not fit the {g} graph: its {name!r} output has "
+                                  f"width {width}, the heads expect {want[name]}")
 
 
 def _check_finite(values: np.ndarray, call: str) -> None:
