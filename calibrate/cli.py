@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gfnet_edge.argtypes import NON_NEGATIVE, POSITIVE, THREADS, float_range, int_range
 from gfnet_edge.errors import InputError
 
 
@@ -11,7 +12,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .pipeline import CalibrationConfig, run_calibration
     from .report import summary
 
-    tol = tuple(float(x) for x in args.tolerance.split(","))
+    try:
+        tol = tuple(float(x) for x in args.tolerance.split(","))
+    except ValueError:
+        tol = ()
     if len(tol) != 2 or not all(0 <= x < 1 for x in tol):
         raise InputError(f"--tolerance must be BELOW,ABOVE fractions, e.g. 0.10,0.05; got {args.tolerance!r}")
     cfg = CalibrationConfig(
@@ -54,34 +58,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("bundle", help="bundle directory (gfnet-edge build-engine)")
     p.add_argument("--data", required=True, help="labelled images: 'demo', a folder with one subfolder per class, or an .npz")
     p.add_argument("-o", "--output", required=True, help="report directory to create (written atomically)")
-    p.add_argument("--budget-ms", type=float, nargs="+", metavar="MS",
+    p.add_argument("--budget-ms", type=float_range(0.0, 1e6, lo_open=True), nargs="+", metavar="MS",
                    help="mean latency budgets in ms per image (default: three between the glance's and the full model's)")
     p.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt", "torch"], default="auto")
     p.add_argument("--precision", default="auto", help="graph set: auto, fp32, int8-cpu, int8 (TensorRT) ...")
-    p.add_argument("--threads", type=int, help="CPU threads of ONNX Runtime and the extension")
-    p.add_argument("--dla-core", type=int, help="TensorRT: calibrate the engines built for this DLA core (Jetson)")
+    p.add_argument("--threads", type=THREADS, help="CPU threads of ONNX Runtime and the extension")
+    p.add_argument("--dla-core", type=NON_NEGATIVE, help="TensorRT: calibrate the engines built for this DLA core (Jetson)")
     p.add_argument("--head-dtype", choices=HEAD_DTYPES, default="float32",
                    help="weights of the GRU / Linear heads while measuring (as `predict --head-dtype`; default float32)")
-    p.add_argument("--batch", type=int, default=1, help="images per call the budgets are for (default 1)")
-    p.add_argument("--batch-size", type=int, default=8, help="a second batch size to measure step latency at (0: none)")
-    p.add_argument("--num-images", type=int, help="use at most this many images (demo: how many; default 1000)")
-    p.add_argument("--holdout", type=float, default=0.5, help="held-out fraction (default 0.5)")
+    p.add_argument("--batch", type=int_range(1, 1 << 16), default=1, help="images per call the budgets are for (default 1)")
+    p.add_argument("--batch-size", type=int_range(0, 1 << 16), default=8, help="a second batch size to measure step latency at (0: none)")
+    p.add_argument("--num-images", type=POSITIVE, help="use at most this many images (demo: how many; default 1000)")
+    p.add_argument("--holdout", type=float_range(0.0, 1.0, lo_open=True, hi_open=True), default=0.5, help="held-out fraction (default 0.5)")
     p.add_argument("--method", choices=["search", "reference"], default="search",
                    help="threshold fitting: search (max accuracy under the budget) or the reference p sweep")
-    p.add_argument("--margin", type=float, default=0.03, help="safety margin of the fit, fraction of the budget (0.03)")
+    p.add_argument("--margin", type=float_range(0.0, 1.0, hi_open=True), default=0.03, help="safety margin of the fit, fraction of the budget (0.03)")
     p.add_argument("--tolerance", default="0.10,0.05",
                    help="BELOW,ABOVE: measured mean must lie in [budget*(1-BELOW), budget*(1+ABOVE)] (0.10,0.05)")
-    p.add_argument("--attempts", type=int, default=3, help="fit/verify rounds per budget (default 3)")
-    p.add_argument("--repeats", type=int, default=60, help="timed calls per step (default 60)")
-    p.add_argument("--warmup", type=int, default=5, help="warm-up calls per step (default 5)")
+    p.add_argument("--attempts", type=POSITIVE, default=3, help="fit/verify rounds per budget (default 3)")
+    p.add_argument("--repeats", type=POSITIVE, default=60, help="timed calls per step (default 60)")
+    p.add_argument("--warmup", type=NON_NEGATIVE, default=5, help="warm-up calls per step (default 5)")
     p.add_argument("--static", action="append", metavar="PATH",
                    help="static baseline: checkpoint (.pth.tar) or ONNX graph; repeatable")
     p.add_argument("--static-int8", action="store_true", help="also quantize the static baseline to INT8 (CPU)")
     p.add_argument("--no-compare", action="store_true", help="do not compare the bundle's other precisions")
     p.add_argument("--no-write", action="store_true", help="report only; leave the bundle's manifest unchanged")
     p.add_argument("--default", metavar="BUDGET", help="make this budget (name or ms) the bundle's default")
-    p.add_argument("--gallery", type=int, default=12, help="gallery images (default 12)")
-    p.add_argument("--seed", type=int, default=0, help="fit/held-out split seed")
+    p.add_argument("--gallery", type=int_range(0, 1000), default=12, help="gallery images (default 12)")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="fit/held-out split seed")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall: wall-clock latency (default); cpu: CPU time of the calling thread, with --threads 1 "
                         "(the latency of an otherwise idle device, for machines shared with other jobs)")

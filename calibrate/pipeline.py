@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from gfnet_edge.bundle import Bundle, BundleError, staging_dir
+from gfnet_edge.bundle import Bundle, BundleError, check_replace, staging_dir
 from gfnet_edge.errors import InputError
 from gfnet_edge.evaluate import anytime_accuracy, budgeted_curve, dynamic_evaluate
 from gfnet_edge.log import logger
@@ -309,8 +309,7 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
 
     cfg.validate()
     out = Path(cfg.output)
-    if out.exists() and not cfg.force:
-        raise InputError(f"{out}: already exists (use --force to replace it)")
+    check_replace(out, cfg.force, **_REPORT_OUTPUT, protect=[Path(cfg.bundle)])
     try:
         bundle = Bundle.load(cfg.bundle)
     except BundleError as exc:
@@ -416,7 +415,7 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
     cards = _gallery(results, hold_x, hold_y, hold_coords, hold_probs, model, cfg, default)
     res["gallery"] = [{k: v for k, v in c.items() if k != "png"} for c in cards]
 
-    with staging_dir(out, force=cfg.force) as tmp:
+    with staging_dir(out, force=cfg.force, **_REPORT_OUTPUT, protect=[Path(cfg.bundle)]) as tmp:
         write_report(tmp, res, figures, cards)
         if cfg.write_manifest:
             entries = {r["name"]: _manifest_entry(r, _RtInfo(backend, main_precision, cfg.threads), cfg, device)
@@ -433,6 +432,10 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
 
             Bundle.load(cfg.bundle, verify=False).update_manifest(upd)
     return res
+
+
+#: What ``--force`` may replace: an earlier report (its report.json says so) or an empty folder.
+_REPORT_OUTPUT = dict(marker="report.json", fmt="gfnet-edge-calibration", what="calibration report")
 
 
 @dataclass

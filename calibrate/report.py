@@ -10,6 +10,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from gfnet_edge.bundle import finite_or_null
+
 CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1300px;color:#222;padding:0 16px}
 h1{font-size:22px;margin-bottom:4px} h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd;padding-bottom:4px}
@@ -221,8 +223,10 @@ def _json_default(o: Any) -> Any:
 
 
 def write_report(out_dir: Path, res: Dict[str, Any], figures: Dict[str, bytes], gallery: List[Dict[str, Any]]) -> None:
-    """Writes ``report.json`` and ``report.html`` into ``out_dir`` (a staging directory)."""
-    (out_dir / "report.json").write_text(json.dumps(res, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    """Writes ``report.json`` (strict JSON: non-finite statistics as ``null``) and ``report.html``
+    into ``out_dir`` (a staging directory)."""
+    text = json.dumps(finite_or_null(res), indent=2, default=_json_default, allow_nan=False)
+    (out_dir / "report.json").write_text(text + "\n", encoding="utf-8")
     (out_dir / "report.html").write_text(render_html(res, figures, gallery), encoding="utf-8")
 
 

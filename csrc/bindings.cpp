@@ -11,8 +11,10 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common/gates.h"
@@ -123,6 +125,20 @@ std::string wtype_name(gfn::cpu::WType t) { return t == gfn::cpu::WType::kF32 ? 
 
 void check_positive(int64_t v, const std::string& name) {
   if (v <= 0) throw py::value_error(name + " must be positive, got " + std::to_string(v));
+}
+
+/// Positive sizes whose product (times `item` bytes) fits an int64 byte count; checked before
+/// any size arithmetic (a kernel that divides by or multiplies sizes never sees 0 or an overflow).
+void check_sizes(std::initializer_list<std::pair<int64_t, const char*>> sizes, int64_t item = 4) {
+  int64_t total = item;
+  for (const auto& s : sizes) {
+    check_positive(s.first, s.second);
+    if (total > INT64_MAX / s.first) {
+      throw py::value_error(std::string("sizes too large: ") + s.second + " = " + std::to_string(s.first) +
+                            " overflows the buffer size");
+    }
+    total *= s.first;
+  }
 }
 
 std::array<float, 3> three_floats(const std::vector<double>& v, const std::string& name) {
@@ -291,8 +307,8 @@ py::array cpu_glance(const py::object& images, int64_t size, const std::string& 
   py::array a = checked<float>(images, 4, "images");
   const int64_t n = a.shape(0), c = a.shape(1), s = a.shape(2);
   if (a.shape(3) != s) throw py::value_error("images must be square (N, C, S, S), got " + shape_str(a));
-  if (s < 1) throw py::value_error("images must not be empty");
-  check_positive(size, "patch_size");
+  if (n < 1 || c < 1 || s < 1) throw py::value_error("images must not be empty, got " + shape_str(a));
+  check_sizes({{n, "N"}, {c, "C"}, {size, "patch_size"}, {size, "patch_size"}});
   const Interp mode = parse_interp(interpolation, "interpolation");
   py::array o = output_array<float>(out, {n, c, size, size}, "out");
   const float* src = static_cast<const float*>(a.data());
@@ -351,6 +367,7 @@ py::array cpu_crop(const py::object& images, const py::object& coords, int64_t p
   py::array a = checked<float>(images, 4, "images");
   const int64_t n = a.shape(0), c = a.shape(1), s = a.shape(2);
   if (a.shape(3) != s) throw py::value_error("images must be square (N, C, S, S), got " + shape_str(a));
+  if (n < 1 || c < 1 || s < 1) throw py::value_error("images must not be empty, got " + shape_str(a));
   py::array keep_index;
   const int64_t* ip = nullptr;
   const int64_t m = crop_index(index, n, keep_index, ip);
@@ -891,9 +908,8 @@ void bind_cuda(py::module_& m) {
       "gather_rows",
       [](uintptr_t src, int64_t src_rows, const py::object& idx, uintptr_t dst, int64_t n,
          int64_t row_bytes, uintptr_t error_flag, uintptr_t stream) {
-        check_positive(n, "n");
-        check_positive(src_rows, "src_rows");
-        check_positive(row_bytes, "row_bytes");
+        check_sizes({{src_rows, "src_rows"}, {row_bytes, "row_bytes"}}, 1);
+        check_sizes({{n, "n"}, {row_bytes, "row_bytes"}}, 1);
         if (py::isinstance<py::array>(idx)) {
           py::array a = checked<int32_t>(idx, 1, "idx");
           if (a.shape(0) != n) {
@@ -918,8 +934,7 @@ void bind_cuda(py::module_& m) {
       "softmax_stats",
       [](uintptr_t logits, int64_t batch, int64_t classes, uintptr_t maxprob, uintptr_t argmax,
          uintptr_t logits_out, const std::string& out_dtype, uintptr_t stream) {
-        check_positive(batch, "batch");
-        check_positive(classes, "classes");
+        check_sizes({{batch, "batch"}, {classes, "classes"}});
         const auto od = parse_dtype(out_dtype, "out_dtype");
         py::gil_scoped_release release;
         gc::require_device();
@@ -941,7 +956,8 @@ void bind_cuda(py::module_& m) {
          const std::vector<double>& std, uintptr_t out, const std::string& out_dtype,
          uintptr_t glance, int64_t glance_size, const std::string& glance_interpolation,
          const std::string& glance_dtype, uintptr_t stream) {
-        check_positive(image_size, "image_size");
+        check_sizes({{height, "height"}, {width, "width"}}, 3);
+        check_sizes({{image_size, "image_size"}, {image_size, "image_size"}, {3, "channels"}});
         if (resize_short < image_size) throw py::value_error("resize size must be >= image_size");
         const auto m3 = three_floats(mean, "mean");
         const auto s3 = three_floats(std, "std");
@@ -970,8 +986,8 @@ void bind_cuda(py::module_& m) {
       [](uintptr_t images, const std::string& in_dtype, int64_t n, int64_t channels,
          int64_t in_size, uintptr_t out, const std::string& out_dtype, int64_t out_size,
          const std::string& interpolation, uintptr_t stream) {
-        check_positive(n, "n");
-        check_positive(channels, "channels");
+        check_sizes({{n, "n"}, {channels, "channels"}, {in_size, "in_size"}, {in_size, "in_size"}});
+        check_sizes({{n, "n"}, {channels, "channels"}, {out_size, "out_size"}, {out_size, "out_size"}});
         const auto id = parse_dtype(in_dtype, "in_dtype");
         const auto od = parse_dtype(out_dtype, "out_dtype");
         const Interp mode = parse_interp(interpolation, "interpolation");
@@ -987,9 +1003,10 @@ void bind_cuda(py::module_& m) {
       [](uintptr_t images, const std::string& dtype, int64_t n, int64_t channels, int64_t size,
          uintptr_t coords, uintptr_t out, int64_t patch, uintptr_t error_flag, uintptr_t stream,
          uintptr_t rows, int64_t image_rows) {
-        check_positive(n, "n");
-        check_positive(channels, "channels");
-        check_positive(size, "size");
+        check_sizes({{n, "n"}, {channels, "channels"}, {size, "size"}, {size, "size"}});
+        check_positive(patch, "patch_size");
+        if (patch > size) throw py::value_error("patch_size must be <= size");
+        if (rows != 0) check_sizes({{image_rows, "image_rows"}});
         const auto d = parse_dtype(dtype, "dtype");
         py::gil_scoped_release release;
         gc::crop_patches(images, d, n, channels, size, coords, out, patch, error_flag, stream, rows, image_rows);

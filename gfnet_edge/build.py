@@ -20,7 +20,8 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
-from .bundle import Bundle, new_manifest, record_artifacts, staging_dir, write_json_atomic
+from .bundle import (Bundle, check_replace, finite_or_null, new_manifest, record_artifacts, staging_dir,
+                     write_json_atomic)
 from .errors import InputError, UnavailableError
 from .log import logger
 from .runtime.backends.tensorrt import BuildOptions
@@ -79,10 +80,16 @@ def _budgets_from_checkpoint(meta: Dict[str, Any], steps: int) -> Dict[str, Dict
     thr = meta.get("dynamic_threshold")
     if thr is None:
         return {}
-    arr = np.asarray(thr.numpy() if hasattr(thr, "numpy") else thr, dtype=np.float32)
+    try:
+        arr = np.asarray(thr.numpy() if hasattr(thr, "numpy") else thr, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"checkpoint dynamic_threshold is not an array of numbers ({exc})") from exc
     if arr.ndim != 2 or arr.shape[1] != steps or arr.shape[0] != 39:
         logger.warning("checkpoint dynamic_threshold has shape %s, expected (39, %d); ignored", arr.shape, steps)
         return {}
+    if not np.isfinite(arr).all():
+        raise InputError(f"checkpoint dynamic_threshold holds {int((~np.isfinite(arr)).sum())} NaN or infinite "
+                         "value(s); exit thresholds must be finite (the checkpoint is corrupt)")
     out = {}
     for name, p in MACS_BUDGETS.items():
         i = int(round(p * 20)) - 1
@@ -104,6 +111,8 @@ def build_bundle(checkpoint: Path, out: Path, cfg: BuildConfig, progress: bool =
 
     if cfg.precision not in ("fp32", "fp16", "int8"):
         raise InputError(f"precision must be fp32, fp16 or int8, got {cfg.precision!r}")
+    inputs = [Path(checkpoint)] + ([Path(cfg.calib_data)] if cfg.calib_data not in (None, "demo") else [])
+    check_replace(Path(out), cfg.force, protect=inputs)  # before any work: the output may not be replaced
     backend = resolve_backend(cfg.backend)
     if backend == "tensorrt":
         from .runtime.backends.tensorrt import gpu_info, import_tensorrt
@@ -119,7 +128,7 @@ def build_bundle(checkpoint: Path, out: Path, cfg: BuildConfig, progress: bool =
     calib = None
     if cfg.precision == "int8":
         calib = _calibration_images(model, cfg)  # fail early, before anything is written
-    with staging_dir(Path(out), force=cfg.force) as tmp:
+    with staging_dir(Path(out), force=cfg.force, protect=inputs) as tmp:
         logger.info("exporting ONNX graphs of %s", model.spec.model_name)
         paths = export_model(model, tmp / "graphs")
         shutil.move(str(paths["heads"]), tmp / "heads.npz")
@@ -135,7 +144,7 @@ def build_bundle(checkpoint: Path, out: Path, cfg: BuildConfig, progress: bool =
             shutil.copyfile(checkpoint, tmp / "checkpoint.pth.tar")
             manifest["checkpoint"] = "checkpoint.pth.tar"
         if cfg.precision == "int8":
-            manifest["quantization"] = _quantize(model, tmp, manifest, calib, cfg, backend, progress)
+            manifest["quantization"] = finite_or_null(_quantize(model, tmp, manifest, calib, cfg, backend, progress))
         record_artifacts(tmp, manifest)
         write_json_atomic(tmp / "manifest.json", manifest)
         if backend == "tensorrt":

@@ -18,16 +18,19 @@ import copy
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from . import __version__
 from .errors import InputError
+from .manifest_schema import ManifestError, check_manifest
 
 FORMAT = "gfnet-edge-bundle"
 FORMAT_VERSION = 1
@@ -81,12 +84,49 @@ def public_modes(root: Path) -> None:
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
+def json_text(obj: Any, **kw: Any) -> str:
+    """``obj`` as strict JSON (``NaN`` / ``Infinity`` are not JSON: a non-finite number raises
+    :class:`InputError` naming where it is, instead of writing a file other tools cannot read)."""
+    try:
+        return json.dumps(obj, allow_nan=False, **kw)
+    except ValueError as exc:
+        raise InputError(f"refusing to write non-finite numbers (NaN or infinity) as JSON: {_non_finite(obj)}") from exc
+
+
+def _non_finite(obj: Any, where: str = "") -> str:
+    """The path of the first non-finite float in ``obj`` (for the message of :func:`json_text`)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return where or "the value"
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        found = _non_finite(v, f"{where}.{k}" if isinstance(obj, dict) else f"{where}[{k}]")
+        if found:
+            return found.lstrip(".")
+    return ""
+
+
+def finite_or_null(o: Any) -> Any:
+    """``o`` with every non-finite float (a statistic with no value, e.g. the accuracy of an empty
+    set) replaced by None, for reports that must be strict JSON (``null``, never a bare ``NaN``)."""
+    if isinstance(o, dict):
+        return {k: finite_or_null(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [finite_or_null(v) for v in o]
+    if hasattr(o, "tolist") and not isinstance(o, (int, float)):  # numpy arrays and scalars
+        return finite_or_null(o.tolist())
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    return o
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
+    """Writes strict JSON (:func:`json_text`) to ``path`` through a temporary file and a rename."""
     path = Path(path)
+    text = json_text(obj, indent=2, sort_keys=False)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
+            f.write(text)
             f.write("\n")
         public_modes(Path(tmp))
         os.replace(tmp, path)
@@ -141,9 +181,10 @@ class Bundle:
                 f"{mpath}: bundle format version {ver!r}, this gfnet-edge {__version__} reads version {FORMAT_VERSION}; "
                 "rebuild the bundle with `gfnet-edge build-engine`"
             )
-        for key in ("model", "artifacts", "graphs", "heads"):
-            if key not in manifest:
-                raise BundleError(f"{mpath}: manifest lacks '{key}'")
+        try:
+            check_manifest(manifest)
+        except ManifestError as exc:
+            raise BundleError(f"{mpath}: {exc}") from exc
         b = cls(root, manifest)
         for rel in manifest["artifacts"]:
             safe_join(root, rel)
@@ -244,18 +285,109 @@ def record_artifacts(root: Path, manifest: Dict[str, Any]) -> None:
     manifest["artifacts"] = arts
 
 
+def is_bundle_dir(path: Path) -> bool:
+    """True for a directory whose ``manifest.json`` says it is a gfnet-edge bundle."""
+    return _json_format(Path(path) / MANIFEST) == FORMAT
+
+
+def _json_format(path: Path) -> Optional[str]:
+    """The ``format`` field of a small JSON file, or None (missing, unreadable, not JSON)."""
+    try:
+        if not path.is_file() or path.stat().st_size > (64 << 20):
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return data.get("format") if isinstance(data, dict) else None
+
+
+def replaceable(final: Path, marker: str = MANIFEST, fmt: str = FORMAT) -> bool:
+    """Whether ``--force`` may replace ``final``: an empty directory, or one whose ``marker``
+    JSON file says ``"format": fmt`` (what gfnet-edge wrote there itself)."""
+    if final.is_symlink() or not final.is_dir():
+        return False
+    return not any(final.iterdir()) or _json_format(final / marker) == fmt
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def clean_stale(final: Path) -> List[Path]:
+    """Removes the staging (``.NAME.PID.XXXX.partial``) and replaced (``.NAME.old-PID``) folders
+    that builds to ``final`` killed with SIGKILL (or a power cut) left, when their process is
+    gone; returns what was removed. Folders of builds still running are kept."""
+    pattern = re.compile(r"^\." + re.escape(final.name) + r"\.(?:(\d+)\.[A-Za-z0-9_]+\.partial|old-(\d+))$")
+    removed = []
+    try:
+        siblings = list(final.parent.iterdir())
+    except OSError:
+        return removed
+    for p in siblings:
+        match = pattern.match(p.name)
+        if match is None or p.is_symlink() or not p.is_dir():
+            continue
+        pid = int(match.group(1) or match.group(2))
+        if pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def check_replace(final: Path, force: bool, marker: str = MANIFEST, fmt: str = FORMAT,
+                  what: str = "gfnet-edge bundle", protect: Sequence[Path] = ()) -> None:
+    """Refuses to replace anything but an earlier output of the same kind (or an empty folder)."""
+    if not (final.exists() or final.is_symlink()):
+        return
+    if not force:
+        raise BundleError(f"{final}: already exists (use --force to replace it)")
+    if final.is_symlink() or not final.is_dir():
+        raise BundleError(f"{final}: exists and is not a directory; --force replaces only a {what} "
+                          "or an empty directory")
+    if not replaceable(final, marker, fmt):
+        raise BundleError(f"{final}: exists and is not a {what} (no {marker} of format {fmt!r}); "
+                          f"--force replaces only a {what} or an empty directory: choose another path")
+    here = final.resolve()
+    for p in protect:
+        q = Path(p).resolve()
+        if q == here or here in q.parents:
+            raise BundleError(f"{final}: holds {p}, an input of this command; --force will not delete it")
+    cwd = Path.cwd().resolve()
+    if cwd == here or here in cwd.parents:
+        raise BundleError(f"{final}: is the current directory or holds it; --force will not delete it")
+
+
 @contextmanager
-def staging_dir(final: Path, force: bool = False) -> Iterator[Path]:
+def staging_dir(final: Path, force: bool = False, marker: str = MANIFEST, fmt: str = FORMAT,
+                what: str = "gfnet-edge bundle", protect: Sequence[Path] = ()) -> Iterator[Path]:
     """Yields a temporary sibling directory that replaces ``final`` only on success.
 
+    With ``force``, an existing ``final`` is replaced only when it is an empty directory or an
+    earlier output of the same kind (its ``marker`` JSON says ``"format": fmt``) and holds none
+    of ``protect`` (the command's inputs). Staging folders left by killed builds to the same
+    target are removed first (:func:`clean_stale`). An exception (KeyboardInterrupt, or the
+    CLI's SIGTERM handler included) removes the staging folder and leaves ``final`` as it was.
+
     Raises:
-        BundleError: ``final`` exists and ``force`` is False.
+        BundleError: ``final`` exists and may not be replaced.
     """
     final = Path(final)
-    if final.exists() and not force:
-        raise BundleError(f"{final}: already exists (use --force to replace it)")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=str(final.parent)))
+    check_replace(final, force, marker, fmt, what, protect)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BundleError(f"{final}: cannot create the parent directory ({exc.strerror or exc})") from exc
+    clean_stale(final)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".partial", dir=str(final.parent)))
+    except OSError as exc:
+        raise BundleError(f"{final}: cannot write next to it ({exc.strerror or exc})") from exc
     try:
         yield tmp
         public_modes(tmp)

@@ -1,7 +1,10 @@
 """The ``gfnet-edge`` command. Each subcommand is a thin call into a module.
 
 Every user-facing error ends in one line ``gfnet-edge: error: ...`` and a non-zero exit:
-2 for bad input, 3 for a missing requirement (TensorRT, GPU, torch), 1 otherwise.
+2 for bad input (and files that cannot be read or written), 3 for a missing requirement
+(TensorRT, GPU, torch), 1 for an unexpected failure; 130 / 143 after SIGINT / SIGTERM (which
+end the command through its cleanup, so nothing half-written stays). A traceback is printed
+only with ``--debug``.
 """
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from . import __version__
+from .argtypes import int_range
+from .bundle import json_text
 from .errors import GFNetEdgeError, InputError, UnavailableError, missing_build_module, needs_build_side
 from .log import setup_logging
 
@@ -76,7 +81,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "missing_metadata": meta["missing_metadata"],
     }
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json_text(info, indent=2))
         return 0
     rows = [
         ("model", f"{spec.model_name} ({spec.family}, {info['backbone']})"),
@@ -107,18 +112,27 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="GFNet checkpoint (.pth.tar), released or training-script format; or a bundle "
                                       "directory (its graphs, engines with their device and DLA layer placement, budgets)")
     p.add_argument("--model-name", help="variant name when the checkpoint does not store it (e.g. resnet50)")
-    p.add_argument("--patch-size", type=int, help="patch size P when the checkpoint does not store it")
+    p.add_argument("--patch-size", type=int_range(1, 1 << 16), help="patch size P when the checkpoint does not store it")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_info)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line errors (``gfnet-edge: error: ...``, exit 2); the usage is
+    in ``--help``."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"gfnet-edge: error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gfnet-edge",
         description="Turn a trained GFNet checkpoint into a fast, quantized, measured deployment.",
     )
     parser.add_argument("--version", action="version", version=f"gfnet-edge {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_info(sub)
     for extra in _EXTRA_PARSERS:
@@ -144,34 +158,75 @@ def _load_extra_commands() -> None:
         _EXTRA_PARSERS.extend(getattr(m, "PARSERS", []))
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanup (``finally``) runs as for Ctrl-C."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     _load_extra_commands()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: usage and a one-line error on stderr (2), or --help (0)
+        return int(exc.code or 0)
     setup_logging(args.verbose)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return int(args.func(args) or 0)
-    except InputError as exc:
-        print(f"gfnet-edge: error: {exc}", file=sys.stderr)
-        return 2
-    except UnavailableError as exc:
-        print(f"gfnet-edge: error: {exc}", file=sys.stderr)
-        return 3
-    except GFNetEdgeError as exc:
-        print(f"gfnet-edge: error: {exc}", file=sys.stderr)
-        return 1
-    except ModuleNotFoundError as exc:  # a build-side command on a device-side install
+    except BaseException as exc:  # noqa: B902 - every failure becomes one line and an exit code
+        if args.debug and not isinstance(exc, SystemExit):
+            import traceback
+
+            traceback.print_exc()
+        return _exit_code(exc, args.command)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_code(exc: BaseException, command: str = "") -> int:
+    """Prints the one-line message of a failure and returns the exit code."""
+    if isinstance(exc, SystemExit):
+        raise exc
+    if isinstance(exc, ModuleNotFoundError):  # a build-side command on a device-side install
         missing = missing_build_module(exc)
-        if missing is None:
-            raise
-        print(f"gfnet-edge: error: {needs_build_side(f'`gfnet-edge {args.command}`', missing)}", file=sys.stderr)
-        return 3
-    except KeyboardInterrupt:
+        if missing is not None:
+            print(f"gfnet-edge: error: {needs_build_side(f'`gfnet-edge {command}`', missing)}", file=sys.stderr)
+            return 3
+    if isinstance(exc, KeyboardInterrupt):
         print("gfnet-edge: interrupted", file=sys.stderr)
         return 130
+    if isinstance(exc, Terminated):
+        print("gfnet-edge: terminated", file=sys.stderr)
+        return 143
+    code, msg = 1, None
+    if isinstance(exc, InputError):
+        code = 2
+    elif isinstance(exc, UnavailableError):
+        code = 3
+    elif isinstance(exc, GFNetEdgeError):
+        code = 1
+    elif isinstance(exc, OSError) and exc.filename is not None:
+        code, msg = 2, f"{exc.filename}: {exc.strerror or exc}"
+    elif isinstance(exc, MemoryError):
+        code, msg = 2, "out of memory (the input or a size option is too large for this machine)"
+    else:
+        msg = f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)"
+    msg = msg or str(exc)
+    print(f"gfnet-edge: error: {' '.join(msg.split()) if chr(10) in msg else msg}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

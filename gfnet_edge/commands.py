@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from .argtypes import NON_NEGATIVE, POSITIVE, THREADS, float_range, int_range
+from .bundle import json_text
 from .errors import InputError
 
 
@@ -59,19 +61,19 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime"], default="auto",
                    help="auto: TensorRT when it and a GPU are here, else a portable ONNX Runtime bundle")
     p.add_argument("--calib-data", help="INT8 calibration images: folder, .npz, or 'demo' (default for the demo model)")
-    p.add_argument("--num-calib", type=int, default=256, help="calibration images (default 256)")
+    p.add_argument("--num-calib", type=POSITIVE, default=256, help="calibration images (default 256)")
     p.add_argument("--calib-method", choices=["auto", "entropy", "max", "percentile"], default="auto",
                    help="activation calibration (default auto: the method measured best per INT8 profile, "
                         "see docs/quantization.md)")
     p.add_argument("--int8-profiles", default="cpu,tensorrt",
                    help="INT8 graph sets for a portable bundle: cpu (ONNX Runtime x86), tensorrt (Q/DQ for TensorRT)")
-    p.add_argument("--max-accuracy-drop", type=float, default=0.5,
+    p.add_argument("--max-accuracy-drop", type=float_range(0.0, 100.0), default=0.5,
                    help="keep the most sensitive layers in float until the final-step accuracy drop is within this many points")
     p.add_argument("--include-checkpoint", action="store_true", help="copy the checkpoint into the bundle (torch backend)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     p.add_argument("--model-name", help="variant name when the checkpoint does not store it and it cannot be "
                                         "inferred (e.g. resnet50; see `gfnet-edge info`)")
-    p.add_argument("--patch-size", type=int, help="patch size P when the checkpoint does not store it")
+    p.add_argument("--patch-size", type=int_range(1, 1 << 16), help="patch size P when the checkpoint does not store it")
     g = p.add_argument_group("TensorRT")
     g.add_argument("--workspace", type=int, default=1024, help="workspace limit in MiB (default 1024)")
     g.add_argument("--opt-level", type=int, help="builder optimisation level 0-5 (TensorRT default 3)")
@@ -80,9 +82,13 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--no-gpu-fallback", action="store_true", help="with --dla-core: fail on layers DLA cannot run")
     g.add_argument("--max-batch", type=int, default=32, help="largest batch of the optimisation profile (default 32)")
     g.add_argument("--opt-batch", type=int, default=1, help="batch the profile is tuned for (default 1)")
-    p.add_argument("--threads", type=int, help="CPU threads for export/quantization")
+    p.add_argument("--threads", type=THREADS, help="CPU threads for export/quantization")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_build_engine)
+
+
+class _Stop(Exception):
+    """``--on-error stop``: the first unreadable input ends the run."""
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -93,34 +99,55 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
-    with Runtime(args.bundle, backend=args.backend, precision=args.precision, budget=args.budget,
-                 threads=args.threads, dla_core=args.dla_core, head_dtype=args.head_dtype, profile=args.profile) as rt:
-        m = rt.model
-        mean, std = np.asarray(m["mean"], np.float32), np.asarray(m["std"], np.float32)
-        rows, names = [], []
+    failures = []
 
-        def images():  # read batch by batch; the frames are already resized and centre-cropped
-            for batch_names, frames in iter_image_batches(args.images, int(m["image_size"]), float(m["crop_pct"]),
-                                                          m["dataset_interpolation"], args.batch_size):
-                names.extend(batch_names)
-                yield ((frames.astype(np.float32) / 255.0 - mean) / std).transpose(0, 3, 1, 2)
+    def failed(name: str, message: str) -> None:
+        failures.append(message)
+        if args.on_error == "stop":
+            raise _Stop()
 
-        try:
-            for preds in rt.predict_iter(images(), batch_size=args.batch_size, deadline_ms=args.deadline_ms,
-                                         deadline_margin=args.deadline_margin):
-                start = len(rows)
-                rows.extend({"image": names[start + i], **preds[i]} for i in range(len(preds)))
-        except ValueError as exc:
-            raise InputError(str(exc)) from exc
-        profile = rt.profiler.summary()
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        for r in rows:
-            stopped = " (deadline)" if r.get("deadline_stopped") else ""
-            print(f"{r['image']}: class {r['class']} ({r['confidence']:.3f}) exit at step {r['exit_step']}{stopped}")
+    rows, names = [], []
+    try:
+        with Runtime(args.bundle, backend=args.backend, precision=args.precision, budget=args.budget,
+                     threads=args.threads, dla_core=args.dla_core, head_dtype=args.head_dtype,
+                     profile=args.profile) as rt:
+            m = rt.model
+            mean, std = np.asarray(m["mean"], np.float32), np.asarray(m["std"], np.float32)
+
+            def images():  # read batch by batch; the frames are already resized and centre-cropped
+                for batch_names, frames in iter_image_batches(args.images, int(m["image_size"]), float(m["crop_pct"]),
+                                                              m["dataset_interpolation"], args.batch_size,
+                                                              on_error=failed):
+                    names.extend(batch_names)
+                    yield ((frames.astype(np.float32) / 255.0 - mean) / std).transpose(0, 3, 1, 2)
+
+            try:
+                for preds in rt.predict_iter(images(), batch_size=args.batch_size, deadline_ms=args.deadline_ms,
+                                             deadline_margin=args.deadline_margin):
+                    start = len(rows)
+                    rows.extend({"image": names[start + i], **preds[i]} for i in range(len(preds)))
+            except _Stop:
+                pass
+            except ValueError as exc:
+                raise InputError(str(exc)) from exc
+            profile = rt.profiler.summary()
+    finally:  # every result there is, also when a later batch failed
+        if args.json:
+            print(json_text(rows, indent=2))
+        else:
+            for r in rows:
+                stopped = " (deadline)" if r.get("deadline_stopped") else ""
+                print(f"{r['image']}: class {r['class']} ({r['confidence']:.3f}) exit at step {r['exit_step']}{stopped}")
+        sys.stdout.flush()
     if args.profile:
         print(_profile_table(profile, len(rows)), file=sys.stderr)
+    if len(failures) == 1 and not rows:
+        raise InputError(failures[0])
+    if failures:
+        for message in failures:
+            print(f"gfnet-edge: error: {message}", file=sys.stderr)
+        stopped = " (stopped at the first: --on-error stop)" if args.on_error == "stop" else ""
+        raise InputError(f"{len(failures)} input(s) could not be read{stopped}; {len(rows)} image(s) classified")
     return 0
 
 
@@ -148,13 +175,13 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime", "torch"], default="auto")
     p.add_argument("--precision", default="auto", help="graph set: auto, fp32, int8-cpu, int8-tensorrt")
     p.add_argument("--budget", help="named budget (default: the bundle's default)")
-    p.add_argument("--threads", type=int, help="CPU threads")
-    p.add_argument("--dla-core", type=int, help="TensorRT: run the engines built for this DLA core (Jetson) "
+    p.add_argument("--threads", type=THREADS, help="CPU threads")
+    p.add_argument("--dla-core", type=NON_NEGATIVE, help="TensorRT: run the engines built for this DLA core (Jetson) "
                                                 "instead of the GPU engines")
     p.add_argument("--head-dtype", choices=HEAD_DTYPES, default="float32",
                    help="weights of the GRU / Linear heads: float16 halves the bytes their memory-bound steps read "
                         "(about 1e-3 relative error; default float32, equal to the reference)")
-    p.add_argument("--batch-size", type=int, default=32,
+    p.add_argument("--batch-size", type=int_range(1, 1 << 16), default=32,
                    help="images per runtime call (default 32); images are read batch by batch")
     p.add_argument("--profile", action="store_true",
                    help="print the runtime's per-stage timing (mean, p50, p95, p99) to stderr at the end")
@@ -164,6 +191,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                         "the step latencies `gfnet-edge calibrate` records for this backend and precision)")
     p.add_argument("--deadline-margin", type=float, default=DEFAULT_MARGIN, metavar="F",
                    help=f"scale the predicted step costs by 1 + F (default {DEFAULT_MARGIN})")
+    p.add_argument("--on-error", choices=["skip", "stop"], default="skip",
+                   help="an unreadable image or input: report it and go on (skip, default) or stop there; "
+                        "either way the results so far are printed and the exit code is 2")
     p.add_argument("--json", action="store_true", help="JSON output")
     p.set_defaults(func=cmd_predict)
 

@@ -17,6 +17,8 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from .argtypes import THREADS, float_range, int_range
+from .bundle import finite_or_null, json_text
 from .errors import BUILD_MODULES, InputError, UnavailableError, installed
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -44,6 +46,7 @@ def run_demo(out: Path, precision: str = "int8", backend: str = "auto", budget_m
     out = Path(out)
     if not DEMO_CHECKPOINT.is_file():
         raise InputError(f"{DEMO_CHECKPOINT}: the demo checkpoint is missing from this installation")
+    _check_earlier_demo(out / "bundle")
     t0 = time.perf_counter()
     _say(f"1/4 build-engine {DEMO_CHECKPOINT.name} -> {out / 'bundle'} ({precision}, backend {backend})")
     # Only the INT8 graph set the chosen backend runs (build-engine's default writes both).
@@ -100,8 +103,24 @@ def run_demo(out: Path, precision: str = "int8", backend: str = "auto", budget_m
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"  {k:<{w}}  {v}")
-    (out / "summary.json").write_text(json.dumps(res, indent=1, default=float) + "\n")
+    (out / "summary.json").write_text(json_text(finite_or_null(res), indent=1) + "\n")
     return res
+
+
+def _check_earlier_demo(path: Path) -> None:
+    """The demo replaces ``path`` only when it is an earlier demo's bundle (built from the demo
+    checkpoint); any other file or folder there is the user's and is left alone."""
+    from .bundle import Bundle, BundleError
+
+    if not (path.exists() or path.is_symlink()):
+        return
+    try:
+        source = Bundle.load(path, verify=False).manifest.get("source_checkpoint") or {}
+    except BundleError:
+        source = {}
+    if path.is_symlink() or source.get("name") != DEMO_CHECKPOINT.name:
+        raise InputError(f"{path}: exists and is not an earlier demo's bundle; the demo will not replace it "
+                         "(choose another -o folder)")
 
 
 #: The demo's default budget gives up at most this many points of held-out accuracy.
@@ -153,8 +172,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", default="gfnet-edge-demo", help="output folder (default ./gfnet-edge-demo)")
     p.add_argument("--precision", choices=["int8", "fp32"], default="int8")
     p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime"], default="auto")
-    p.add_argument("--budget-ms", type=float, help="latency budget per image (default: the middle of three fitted budgets)")
-    p.add_argument("--num-test", type=int, default=500, help="demo test images to classify (default 500)")
-    p.add_argument("--threads", type=int, help="CPU threads")
+    p.add_argument("--budget-ms", type=float_range(0.0, 1e6, lo_open=True), help="latency budget per image (default: the middle of three fitted budgets)")
+    p.add_argument("--num-test", type=int_range(1, 2000), default=500, help="demo test images to classify (default 500)")
+    p.add_argument("--threads", type=THREADS, help="CPU threads")
     p.add_argument("--quick", action="store_true", help="smaller calibration sets (a faster, rougher run)")
     p.set_defaults(func=cmd_demo)

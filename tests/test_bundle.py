@@ -9,13 +9,19 @@ from gfnet_edge.bundle import (FORMAT_VERSION, Bundle, BundleError, new_manifest
                                staging_dir, write_json_atomic)
 
 
+#: A complete ``model`` entry (what manifest_model writes for a small model).
+MODEL = {"model_name": "x", "image_size": 32, "patch_size": 16, "steps": 3, "num_classes": 10, "crop_pct": 1.0,
+         "dataset_interpolation": "bilinear", "glance_interpolation": "bicubic", "mean": [0.485, 0.456, 0.406],
+         "std": [0.229, 0.224, 0.225], "classifier": "cascaded", "step0": "backbone"}
+
+
 def _make(root, model=None):
     root.mkdir(parents=True, exist_ok=True)
     (root / "graphs").mkdir(exist_ok=True)
     (root / "graphs" / "glance.fp32.onnx").write_bytes(b"g" * 100)
     (root / "graphs" / "focus.fp32.onnx").write_bytes(b"f" * 100)
     (root / "heads.npz").write_bytes(b"h" * 10)
-    m = new_manifest(model or {"model_name": "x", "steps": 3}, {"macs": {}})
+    m = new_manifest(model or dict(MODEL), {"macs": {}})
     m["graphs"]["fp32"] = {"glance": "graphs/glance.fp32.onnx", "focus": "graphs/focus.fp32.onnx"}
     m["budgets"] = {"mid": {"thresholds": [0.9, 0.8, -1e8]}}
     m["default_budget"] = "mid"
@@ -101,7 +107,7 @@ def test_staging_refuses_existing_without_force(tmp_path):
         with staging_dir(out):
             pass
     with staging_dir(out, force=True) as tmp:
-        _make(tmp, {"model_name": "new", "steps": 3})
+        _make(tmp, {**MODEL, "model_name": "new"})
     assert Bundle.load(out).model["model_name"] == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
 

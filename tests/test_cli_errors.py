@@ -77,7 +77,7 @@ def test_predict_names_every_image_and_batches_without_changing_results(bundle, 
     assert [r["exit_step"] for r in rows] == list(want.exit_step)
     np.testing.assert_allclose([r["confidence"] for r in rows], want.confidence, atol=1e-6)
     code, out, err = run(["predict", bundle, image_dir, "--batch-size", "0"], capsys)
-    assert code == 2 and "--batch-size must be >= 1" in err and out == ""
+    assert code == 2 and "argument --batch-size: must be in [1," in err and out == ""
 
 
 def _garbage(p: Path, data: bytes = b"\x00garbage" * 50) -> Path:

@@ -138,7 +138,16 @@ def _fake_device(monkeypatch, cc="8.7"):
 def test_auto_backend_falls_back_when_engines_are_for_another_device(fp32_bundle, monkeypatch, caplog):
     from gfnet_edge.runtime import Runtime
 
-    fp32_bundle.update_manifest(lambda m: m.update(engines=[dict(ENTRY, compute_capability="9.0")]))
+    for g in ("glance", "focus"):  # engine files listed as artifacts, as a build writes them
+        (fp32_bundle.root / ENTRY[g]).parent.mkdir(parents=True, exist_ok=True)
+        (fp32_bundle.root / ENTRY[g]).write_bytes(b"engine")
+
+    def add(m):
+        m.update(engines=[dict(ENTRY, compute_capability="9.0")])
+        for g in ("glance", "focus"):
+            fp32_bundle.add_artifact(m, ENTRY[g])
+
+    fp32_bundle.update_manifest(add)
     _fake_device(monkeypatch)
     with Runtime(fp32_bundle.root, backend="auto", verify=False) as rt:
         assert rt.backend == "onnxruntime"

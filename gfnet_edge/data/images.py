@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -74,8 +74,9 @@ def load_images(path: os.PathLike | str, image_size: int = 224, crop_pct: float 
 
 
 def iter_image_batches(paths: Sequence[os.PathLike | str], image_size: int = 224, crop_pct: float = 0.875,
-                       interpolation: str = "bilinear",
-                       batch_size: int = 32) -> Iterator[Tuple[List[str], np.ndarray]]:
+                       interpolation: str = "bilinear", batch_size: int = 32,
+                       on_error: Optional[Callable[[str, str], None]] = None,
+                       ) -> Iterator[Tuple[List[str], np.ndarray]]:
     """The images of several inputs, ``batch_size`` at a time, each with its own name.
 
     Every path is checked (and folders listed) before the first batch; image files are read
@@ -86,35 +87,52 @@ def iter_image_batches(paths: Sequence[os.PathLike | str], image_size: int = 224
         paths: image files, folders or ``.npz`` files.
         image_size, crop_pct, interpolation: as for :func:`load_images`.
         batch_size: images per batch (>= 1).
+        on_error: ``on_error(name, message)`` is called for an input or image that cannot be
+            read, which is then skipped (it may raise to stop); without it the first such
+            problem raises ValueError.
 
     Yields:
         ``(names, frames)``: the image file paths (``FILE.npz[i]`` for archived images) and
-        uint8 ``(n, S, S, 3)`` frames, ``n <= batch_size``.
+        uint8 ``(n, S, S, 3)`` frames, ``1 <= n <= batch_size``.
 
     Raises:
-        ValueError: as :func:`load_images`, for the first path or image that fails.
+        ValueError: as :func:`load_images`, for the first path or image that fails (without
+            ``on_error``) or for bad arguments.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch size must be a positive int, got {batch_size!r}")
+
+    def failed(name: str, exc: ValueError) -> None:
+        if on_error is None:
+            raise exc
+        on_error(name, str(exc))
+
     items: List[Tuple[str, object]] = []  # (name, file path) or (name, frame already in memory)
     for raw in paths:
         path = Path(raw)
         _check_arguments(path, image_size, crop_pct, interpolation)
-        if not path.exists():
-            raise ValueError(f"{path}: no such file or directory")
-        if path.is_dir():
-            items.extend((str(f), f) for f in _list_folder(path)[0])
-        elif path.suffix.lower() == ".npz":
-            frames, _ = _load_npz(path, image_size, crop_pct, interpolation)
-            items.extend((f"{path}[{i}]", frames[i]) for i in range(len(frames)))
-        else:
-            items.append((str(path), path))
+        try:
+            if not path.exists():
+                raise ValueError(f"{path}: no such file or directory")
+            if path.is_dir():
+                items.extend((str(f), f) for f in _list_folder(path)[0])
+            elif path.suffix.lower() == ".npz":
+                frames, _ = _load_npz(path, image_size, crop_pct, interpolation)
+                items.extend((f"{path}[{i}]", frames[i]) for i in range(len(frames)))
+            else:
+                items.append((str(path), path))
+        except ValueError as exc:
+            failed(str(path), exc)
     for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        frames = np.empty((len(chunk), image_size, image_size, 3), dtype=np.uint8)
-        for k, (_, src) in enumerate(chunk):
-            frames[k] = _read_image(src, image_size, crop_pct, interpolation) if isinstance(src, Path) else src
-        yield [name for name, _ in chunk], frames
+        names, frames = [], []
+        for name, src in items[start:start + batch_size]:
+            try:
+                frames.append(_read_image(src, image_size, crop_pct, interpolation) if isinstance(src, Path) else src)
+                names.append(name)
+            except ValueError as exc:
+                failed(name, exc)
+        if frames:
+            yield names, np.stack(frames)
 
 
 def preprocess(image: Image.Image, image_size: int = 224, crop_pct: float = 0.875,
@@ -137,10 +155,17 @@ def preprocess(image: Image.Image, image_size: int = 224, crop_pct: float = 0.87
         new_w, new_h = short, max(short, int(round(h * short / w)))
     else:
         new_w, new_h = max(short, int(round(w * short / h))), short
-    if (new_w, new_h) != (w, h):
-        image = image.resize((new_w, new_h), _INTERPOLATIONS[interpolation])
     left = int(round((new_w - image_size) / 2.0))
     top = int(round((new_h - image_size) / 2.0))
+    if new_w * new_h > 4 * short * short:
+        # a very long image: resample only the centre crop's source box (the full resize would be
+        # short x (aspect * short) pixels, gigabytes for a 1 x 10^7 image of a few hundred bytes)
+        sx, sy = w / new_w, h / new_h
+        box = (left * sx, top * sy, (left + image_size) * sx, (top + image_size) * sy)
+        return np.asarray(image.resize((image_size, image_size), _INTERPOLATIONS[interpolation], box=box),
+                          dtype=np.uint8)
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), _INTERPOLATIONS[interpolation])
     image = image.crop((left, top, left + image_size, top + image_size))
     return np.asarray(image, dtype=np.uint8)
 
@@ -188,14 +213,69 @@ def _load_files(files: Sequence[Path], image_size: int, crop_pct: float, interpo
     return frames
 
 
+#: Largest image decoded at full size (pixels). Larger JPEGs are decoded at a reduced scale
+#: (the format allows it); larger images of other formats are refused. 40 M pixels are at most
+#: 160 MB decoded (4 bytes per pixel), however few bytes the file has.
+MAX_PIXELS = 40_000_000
+#: Formats read (the suffixes of :data:`IMAGE_EXTENSIONS`); the content decides, not the suffix.
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "PPM", "TIFF", "WEBP", "GIF")
+#: 8-bit modes Pillow converts to RGB correctly (alpha dropped, palettes expanded).
+_RGB_MODES = ("1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "LA", "PA", "CMYK", "YCbCr", "LAB", "HSV")
+
+
 def _read_image(file: Path, image_size: int, crop_pct: float, interpolation: str) -> np.ndarray:
-    """One image file, pre-processed to uint8 ``(S, S, 3)``; ValueError naming the file."""
+    """One image file, pre-processed to uint8 ``(S, S, 3)``; ValueError naming the file.
+
+    Size and mode come from the header before anything is decoded: images over
+    :data:`MAX_PIXELS` are refused (JPEGs decoded at a reduced scale instead), and only the
+    centre crop is resampled, so memory stays bounded whatever the file's size or aspect ratio.
+    """
+    import warnings
+
     try:
-        with Image.open(file) as image:
-            image.load()
-            return preprocess(image, image_size, crop_pct, interpolation)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(file, formats=IMAGE_FORMATS) as image:
+                return preprocess(_decode(file, image, int(image_size / crop_pct)), image_size, crop_pct,
+                                  interpolation)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        if str(exc).startswith(str(file)):
+            raise
         raise ValueError(f"{file}: cannot read image ({exc})") from exc
+
+
+def _decode(file: Path, image: Image.Image, short: int) -> Image.Image:
+    """Decodes an opened image to RGB, bounded in memory, with every mode's levels mapped to
+    0..255 (8-bit modes by Pillow; 16-bit, 32-bit integer and float greys here) or refused."""
+    w, h = image.size
+    if w < 1 or h < 1:
+        raise ValueError(f"{file}: image has an empty size {w}x{h}")
+    if w * h > MAX_PIXELS and image.format == "JPEG":
+        scale = min(w, h) / short  # DCT scaling: the decoder reads 1/2, 1/4 or 1/8 of the pixels
+        image.draft("RGB", (max(1, int(w / scale)), max(1, int(h / scale))))
+        w, h = image.size
+    if w * h > MAX_PIXELS:
+        raise ValueError(f"{file}: image is {w}x{h} = {w * h / 1e6:.0f} M pixels; the limit is "
+                         f"{MAX_PIXELS / 1e6:.0f} M pixels (reduce it first)")
+    mode = image.mode
+    if mode in _RGB_MODES:
+        return image.convert("RGB")
+    if mode.startswith("I;16"):
+        levels, white = np.asarray(image).astype(np.uint32), 65535
+    elif mode == "I" and image.format in ("PNG", "PPM"):  # 16-bit data widened by Pillow
+        levels, white = np.asarray(image).astype(np.int64), 65535
+    elif mode == "F":
+        levels, white = np.asarray(image, dtype=np.float32), 1.0
+        if not np.isfinite(levels).all():
+            raise ValueError(f"{file}: floating-point image holds NaN or infinite values")
+    else:
+        raise ValueError(f"{file}: pixel mode {mode!r} ({image.format}) has no defined white level; "
+                         "convert the image to 8 or 16 bits per channel")
+    lo, hi = float(levels.min()), float(levels.max())
+    if lo < 0 or hi > white:
+        raise ValueError(f"{file}: {mode} pixel values span [{lo:g}, {hi:g}], outside [0, {white:g}]")
+    grey = np.rint(levels.astype(np.float64) * (255.0 / white)).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
 
 
 def _load_npz(path: Path, image_size: int, crop_pct: float,

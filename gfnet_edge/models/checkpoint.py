@@ -82,6 +82,16 @@ def _to_float32(sd: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
 
 
+def check_finite(sd: Mapping[str, torch.Tensor], where: str) -> None:
+    """Refuses a state dict with NaN or infinite values (a model built from it would classify every
+    image as NaN), naming the first such tensor."""
+    for name, t in sd.items():
+        if torch.is_floating_point(t) and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{where}: tensor {name!r} holds {bad} NaN or infinite value(s); "
+                                  "the checkpoint is corrupt (or training diverged)")
+
+
 def infer_model_name(sd: Mapping[str, torch.Tensor]) -> str:
     """Guesses the released variant from encoder weights (no prefixes).
 
@@ -169,6 +179,9 @@ def load_checkpoint(
     enc_local = _to_float32(strip_prefix(ck["model_state_dict"]))
     fc_sd = _to_float32(strip_prefix(ck["fc"]))
     policy_sd = _to_float32(strip_prefix(ck["policy"]))
+    for section, sd in (("model_prime_state_dict", enc_prime), ("model_state_dict", enc_local), ("fc", fc_sd),
+                        ("policy", policy_sd)):
+        check_finite(sd, f"{path}: {section}")
 
     if CONFIG_KEY in ck:
         try:

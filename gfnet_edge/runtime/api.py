@@ -10,7 +10,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Unio
 
 import numpy as np
 
-from ..bundle import Bundle
+from ..bundle import Bundle, BundleError
 from ..errors import InputError, UnavailableError
 from ..log import logger
 from .deadline import Deadline, StepCosts, step_costs_key
@@ -172,11 +172,21 @@ class Runtime:
             raise UnavailableError(f"the {backend} backend runs the loop on the GPU, but gfnet_edge's extension "
                                    f"cannot use one here ({reason})")
         self.head_dtype = head_dtype
-        self.heads = HeadSet(load_head_arrays(self.bundle.heads_path), self.model,
-                             device="cuda" if on_gpu else "cpu", weight_dtype=head_dtype)
+        self._closed = False
+        heads_path = self.bundle.heads_path
+        arrays = load_head_arrays(heads_path)
+        try:
+            self.heads = HeadSet(arrays, self.model,
+                                 device="cuda" if on_gpu else "cpu", weight_dtype=head_dtype)
+        except (TypeError, ValueError) as exc:  # shapes, NaN / Inf: refused at load, not at the first call
+            raise BundleError(f"{heads_path}: head weights cannot be used with this model: {exc}") from exc
         self.runner.activate()
         try:
+            _check_graph_outputs(self.runner, self.model, arrays, heads_path)
             self.driver = Driver(self.model, self.runner, self.heads, self.profiler, cuda_graphs=cuda_graphs)
+        except (TypeError, ValueError) as exc:
+            self.runner.deactivate()
+            raise BundleError(f"{heads_path}: head weights do not fit this model: {exc}") from exc
         except BaseException:
             self.runner.deactivate()
             raise
@@ -236,7 +246,14 @@ class Runtime:
         self.budget = budget if budget is not None else self.bundle.manifest.get("default_budget")
 
     def close(self) -> None:
+        """Releases the backend's sessions / engines; the Runtime cannot be used afterwards."""
+        self._closed = True
         self.runner.deactivate()
+
+    def _check_open(self) -> None:
+        if getattr(self, "_closed", False):
+            raise InputError("this Runtime is closed (close() was called or its `with` block ended); "
+                             "create a new Runtime")
 
     def __enter__(self) -> "Runtime":
         return self
@@ -257,8 +274,8 @@ class Runtime:
             if inputs.ndim != 4 or inputs.shape[1:] != (3, S, S):
                 raise InputError(f"normalised images must be float32 (N, 3, {S}, {S}), got {inputs.shape}")
             if inputs.shape[0] == 0:
-                raise InputError("no images given")
-            return "images", inputs  # checked and made contiguous chunk by chunk
+                raise InputError(f"no images given (images of shape {inputs.shape})")
+            return "images", inputs  # checked (NaN / Inf) and made contiguous chunk by chunk
         if isinstance(inputs, np.ndarray) and inputs.ndim == 4 and inputs.dtype == np.uint8 and inputs.shape[3] == 3:
             if inputs.shape[0] == 0 or inputs.shape[1] == 0 or inputs.shape[2] == 0:
                 raise InputError(f"no images given (frames of shape {inputs.shape})")
@@ -347,15 +364,19 @@ class Runtime:
             thr = self.thresholds if budget is None else self.bundle.thresholds(budget)
             if thr is None:
                 thr = [2.0] * (int(self.model["steps"]) - 1) + [-1e8]  # no budget: run every step
+            self._check_open()
             out, n = self._run(inputs, thr, deadline)
             self.profiler.add_call(time.perf_counter() - t0, n)
+        _check_finite(out.confidence, "predict")
         return Predictions(out.prediction, out.confidence, out.exit_step, out.coords, int(self.model["patch_size"]),
                            out.stopped)
 
     def trace(self, inputs) -> RuntimeTrace:
         """Runs every step on every image; same fields as the reference model's trace."""
         with self._lock:
+            self._check_open()
             out, _ = self._run(inputs, None)
+        _check_finite(out.probs, "trace")
         return RuntimeTrace(out.probs, out.coords)
 
     def predict_iter(self, frames: Iterable[Any], batch_size: Optional[int] = None,
@@ -383,6 +404,42 @@ class Runtime:
         if deadline_ms is not None:
             self._deadline(deadline_ms, deadline_margin, time.perf_counter())  # bad values fail here
         return (self.predict(batch, budget, deadline_ms, deadline_margin) for batch in batches)
+
+
+def _check_graph_outputs(runner, model: Dict[str, Any], arrays: Dict[str, np.ndarray], heads_path: Path) -> None:
+    """At load: the graphs' outputs (where the runner knows them) are the glance's and the focus's,
+    and their widths fit the head weights and the class count (swapped or foreign graphs, or
+    heads of another model, are refused here rather than failing at the first call)."""
+    sessions = getattr(runner, "sessions", None)
+    if not isinstance(sessions, dict) or not sessions:
+        return
+    widths = {}
+    for g, sess in sessions.items():
+        outs = {o.name: o.shape for o in sess.get_outputs()}
+        has_logits = "logits" in outs
+        if has_logits != (g == "glance" and model["step0"] == "backbone") or not {"feature", "policy_state"} <= set(outs):
+            raise BundleError(f"{runner.graphs[g]}: its outputs ({', '.join(outs)}) are not those of a {g} graph "
+                              "(are the glance and focus graphs swapped in the manifest?)")
+        widths[g] = {k: v[-1] if isinstance(v[-1], int) else None for k, v in outs.items()}
+    want = {"policy_state": arrays.get("pol.w_ih", np.zeros((0, 0))).shape[-1],
+            "feature": (arrays["cls.w_ih"].shape[-1] if "cls.w_ih" in arrays
+                        else arrays["cls.fc_2.w"].shape[-1] // 2 if "cls.fc_2.w" in arrays else None),
+            "logits": int(model["num_classes"])}
+    for g, ws in widths.items():
+        for name, width in ws.items():
+            if width is not None and want.get(name) not in (None, width):
+                raise BundleError(f"{heads_path}: head weights do not fit the {g} graph: its {name!r} output has "
+                                  f"width {width}, the heads expect {want[name]}")
+
+
+def _check_finite(values: np.ndarray, call: str) -> None:
+    """A NaN or infinite probability means corrupt weights in the bundle's graphs: refused, never
+    returned as a classification."""
+    finite = np.isfinite(values)
+    if not finite.all():
+        rows = np.flatnonzero(~finite.reshape(-1, values.shape[-1]).all(axis=1) if values.ndim > 1 else ~finite)
+        raise BundleError(f"{call}: the model produced NaN or infinite probabilities ({rows.size} row(s)); "
+                          "the bundle's graph weights are corrupt: rebuild it from a finite checkpoint")
 
 
 def trace_graphs(model: Dict[str, Any], graphs: Dict[str, Path], heads: Union[Path, Dict[str, np.ndarray]],

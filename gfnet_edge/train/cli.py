@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from ..argtypes import THREADS
+
 #: ``--stage`` choices -> internal stages, in order.
 STAGE_GROUPS = {
     "pretrain": ("pre_local", "pre_glance"),
@@ -38,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage", default="all", choices=["all", *STAGE_GROUPS],
                    help="stage to run: all, pretrain, 1, 2, 3, static, export (default: all)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoints")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--threads", type=THREADS, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--backbone", default=None, help="demo backbone: r16, r24, r32 (default: the config's)")
     p.add_argument("--seed", type=int, default=None, help="master seed (default 0)")
     p.add_argument("--tiny", action="store_true", help="a few iterations on a handful of images (smoke test)")

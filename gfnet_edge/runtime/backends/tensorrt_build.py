@@ -55,8 +55,8 @@ class BuildOptions:
     def validate(self) -> "BuildOptions":
         if self.precision not in ("int8", "fp16", "fp32"):
             raise InputError(f"precision must be int8, fp16 or fp32, got {self.precision!r}")
-        if self.max_batch < 1 or not (1 <= self.opt_batch <= self.max_batch):
-            raise InputError(f"need 1 <= opt batch ({self.opt_batch}) <= max batch ({self.max_batch})")
+        if not (1 <= self.opt_batch <= self.max_batch <= 65536):
+            raise InputError(f"need 1 <= opt batch ({self.opt_batch}) <= max batch ({self.max_batch}) <= 65536")
         if self.workspace_mb < 16:
             raise InputError(f"workspace must be >= 16 MiB, got {self.workspace_mb}")
         if self.opt_level is not None and not 0 <= self.opt_level <= 5:

@@ -108,7 +108,12 @@ class TorchRunner(Runner):
                                    "CUDA device (torch.cuda.is_available() is False)")
         if self.threads:
             torch.set_num_threads(int(self.threads))
-        model = load_checkpoint(self.path)
+        from ...models.checkpoint import CheckpointError
+
+        try:
+            model = load_checkpoint(self.path)
+        except CheckpointError as exc:
+            raise InputError(f"the bundle's checkpoint cannot be used: {exc}") from exc
         self.graphs = {g: BackboneGraph(model, g).eval().to(self.device) for g in GRAPHS}
         if self.dtype == "float16":
             self.graphs = {g: m.half() for g, m in self.graphs.items()}
