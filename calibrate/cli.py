@@ -80,7 +80,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=NON_NEGATIVE, default=5, help="warm-up calls per step (default 5)")
     p.add_argument("--static", action="append", metavar="PATH",
                    help="static baseline: checkpoint (.pth.tar) or ONNX graph; repeatable")
-    p.add_argument("--static-int8", action="store_true", help="also quantize the static baseline to INT8 (CPU)")
+    p.add_argument("--static-int8", action="store_true",
+                   help="also quantize the static baseline to INT8 (CPU; done anyway when the runtime runs INT8 "
+                        "graphs, so INT8 GFNet is compared with an INT8 static network)")
     p.add_argument("--no-compare", action="store_true", help="do not compare the bundle's other precisions")
     p.add_argument("--no-write", action="store_true", help="report only; leave the bundle's manifest unchanged")
     p.add_argument("--default", metavar="BUDGET", help="make this budget (name or ms) the bundle's default")

@@ -375,8 +375,8 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
             if r["precision"] != main_precision:
                 anytime[f"{r['precision']} (held-out)"] = r["anytime_accuracy"]
     static = ([s.to_dict() for s in static_baselines(list(cfg.static), hold_x, hold_y, fit_x, model, cfg.threads,
-                                                    cfg.static_int8, repeats=max(cfg.repeats, 50), batch=cfg.batch,
-                                                    clock=CLOCKS[cfg.clock])]
+                                                    static_int8(cfg, main_precision), repeats=max(cfg.repeats, 50),
+                                                    batch=cfg.batch, clock=CLOCKS[cfg.clock])]
               if cfg.static else [])
 
     names = [r["name"] for r in results]
@@ -436,6 +436,13 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
 
 #: What ``--force`` may replace: an earlier report (its report.json says so) or an empty folder.
 _REPORT_OUTPUT = dict(marker="report.json", fmt="gfnet-edge-calibration", what="calibration report")
+
+
+def static_int8(cfg: CalibrationConfig, precision: str) -> bool:
+    """Whether the static baselines are also measured in INT8: asked for (``--static-int8``), or
+    the calibrated runtime runs INT8 graphs, so that INT8 GFNet is compared with an INT8 static
+    network as well as the FP32 one."""
+    return bool(cfg.static_int8) or str(precision).startswith("int8")
 
 
 @dataclass

@@ -169,3 +169,14 @@ def test_demo_default_budget_is_cheapest_within_one_point_of_best():
     assert pick_default_budget([b("ms-5.0", 5.0, 70.0)]) == "ms-5.0"
     with pytest.raises(Exception, match="no budgets"):
         pick_default_budget([])
+
+
+def test_static_baseline_matches_the_runtime_precision():
+    from types import SimpleNamespace
+
+    from gfnet_edge.calibrate.pipeline import static_int8
+
+    assert static_int8(SimpleNamespace(static_int8=False), "int8-cpu") is True
+    assert static_int8(SimpleNamespace(static_int8=False), "int8-tensorrt") is True
+    assert static_int8(SimpleNamespace(static_int8=False), "fp32") is False
+    assert static_int8(SimpleNamespace(static_int8=True), "fp32") is True
