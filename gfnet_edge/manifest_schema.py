@@ -149,6 +149,22 @@ def check_manifest(manifest: Any) -> Dict[str, Any]:
         _str(default, "default_budget")
         if default not in budgets:
             _fail("default_budget", f"names {default!r}, which is not in 'budgets' ({', '.join(budgets) or 'none'})")
+    costs = _obj(m.get("step_costs", {}), "step_costs")
+    for key, entry in costs.items():
+        e = _obj(entry, f"step_costs.{key}")
+        batches = _need(e, "batches", f"step_costs.{key}")
+        if not isinstance(batches, list) or not batches:
+            _fail(f"step_costs.{key}.batches", "must be a non-empty list")
+        for j, block in enumerate(batches):
+            where = f"step_costs.{key}.batches[{j}]"
+            blk = _obj(block, where)
+            _int(_need(blk, "batch", where), f"{where}.batch", 1, 1 << 16)
+            cum = _obj(_need(blk, "cumulative", where), f"{where}.cumulative")
+            for stat in ("mean_ms", "p99_ms"):
+                vals = _list(_need(cum, stat, f"{where}.cumulative"), f"{where}.cumulative.{stat}", steps)
+                for i, v in enumerate(vals):
+                    if _num(v, f"{where}.cumulative.{stat}[{i}]") < 0:
+                        _fail(f"{where}.cumulative.{stat}[{i}]", f"must be >= 0, got {v}")
     engines = m.get("engines", [])
     if not isinstance(engines, list):
         _fail("engines", f"must be a list, got {_kind(engines)}")

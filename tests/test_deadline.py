@@ -277,3 +277,30 @@ def test_runtime_predict_with_a_deadline(demo):
         assert "deadline_stopped" in tight[0]
         with pytest.raises(InputError, match="deadline_ms"):
             rt.predict(x, deadline_ms=-1)
+
+
+def test_manifest_step_costs_are_checked_on_load():
+    from gfnet_edge.manifest_schema import ManifestError, check_manifest
+
+    class Lat:
+        def __init__(self, batch, cum):
+            self.batch = batch
+            self.steps = [type("S", (), {"to_dict": (lambda s, c=c: {"mean_ms": c, "p50_ms": c, "p95_ms": c,
+                                                                    "p99_ms": c})})() for c in cum]
+
+    good = step_costs_entry([Lat(1, [1.0, 2.0, 3.0])], "onnxruntime", "fp32", 1, "cpu")
+    base = {"model": {"model_name": "m", "family": "custom", "image_size": 64, "patch_size": 32, "steps": 3,
+                      "num_classes": 10, "crop_pct": 1.0, "dataset_interpolation": "bilinear",
+                      "glance_interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3,
+                      "classifier": "gru", "step0": "classifier"},
+            "artifacts": {"heads.npz": {"sha256": "0" * 64}, "g.onnx": {"sha256": "1" * 64},
+                          "f.onnx": {"sha256": "2" * 64}},
+            "heads": "heads.npz", "graphs": {"fp32": {"glance": "g.onnx", "focus": "f.onnx"}}}
+    check_manifest(dict(base, step_costs={"onnxruntime/fp32": good}))
+    bad = dict(good, batches=[{"batch": 1, "cumulative": {"mean_ms": [1.0, 2.0], "p99_ms": [1.0, 2.0, 3.0]}}])
+    with pytest.raises(ManifestError, match=r"step_costs.onnxruntime/fp32.batches\[0\].cumulative.mean_ms"):
+        check_manifest(dict(base, step_costs={"onnxruntime/fp32": bad}))
+    nan = dict(good, batches=[{"batch": 1, "cumulative": {"mean_ms": [1.0, float("nan"), 3.0],
+                                                           "p99_ms": [1.0, 2.0, 3.0]}}])
+    with pytest.raises(ManifestError, match="finite"):
+        check_manifest(dict(base, step_costs={"onnxruntime/fp32": nan}))
