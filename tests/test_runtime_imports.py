@@ -7,11 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-RUNTIME = Path(__file__).resolve().parents[1] / "gfnet_edge" / "runtime"
+ROOT = Path(__file__).resolve().parents[1]
+RUNTIME = ROOT / "gfnet_edge" / "runtime"
 
 
 def _module(path: Path) -> str:
-    rel = path.relative_to(RUNTIME.parent.parent).with_suffix("")
+    rel = path.relative_to(ROOT).with_suffix("")
     parts = list(rel.parts)
     if parts[-1] == "__init__":
         parts = parts[:-1]
@@ -40,16 +41,14 @@ def _imports(path: Path, module_level_only: bool) -> set:
             if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.dump(child.test):
                 continue
             inner = top and not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
-            if isinstance(child, ast.ImportFrom):
-                if inner or not module_level_only:
-                    target = _resolve(me, child, is_package)
-                    for alias in child.names:
-                        out.add(f"{target}.{alias.name}" if f"{target}.{alias.name}".replace(".", "/") and
-                                (RUNTIME.parent.parent / f"{target}.{alias.name}".replace(".", "/")).with_suffix(
-                                    ".py").exists() else target)
-            elif isinstance(child, ast.Import):
-                if inner or not module_level_only:
-                    out.update(a.name for a in child.names)
+            counted = inner or not module_level_only
+            if isinstance(child, ast.ImportFrom) and counted:
+                target = _resolve(me, child, is_package)
+                for alias in child.names:  # ``from . import x`` names a module when x.py exists
+                    sub = f"{target}.{alias.name}"
+                    out.add(sub if (ROOT / sub.replace(".", "/")).with_suffix(".py").exists() else target)
+            elif isinstance(child, ast.Import) and counted:
+                out.update(a.name for a in child.names)
             visit(child, inner)
 
     visit(tree, True)

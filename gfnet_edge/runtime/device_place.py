@@ -36,7 +36,7 @@ import numpy as np
 
 from ..errors import InputError, UnavailableError
 from .cuda_arrays import DeviceFrame
-from .types import Chunk, LoopContext, StepOutputs, check_step_flag as _check_flag, softmax
+from .types import Chunk, ExitBook, LoopContext, StepOutputs, check_step_flag as _check_flag, softmax
 
 
 F32 = 4  # bytes per float32 / int32
@@ -251,9 +251,7 @@ class DeviceSteps:
         self.thr = thresholds
         self.trace = thresholds is None
         T, N = self.T, n
-        self.prediction, self.confidence = np.zeros(N, np.int64), np.zeros(N, np.float32)
-        self.exit_step = np.full(N, T - 1, np.int64)
-        self.coords = np.full((max(T - 1, 0), N, 2), -1, np.int32)
+        self.book = ExitBook(N, T)
         self.C = int(self.heads.cls.out_features)
         self.gru = self.heads.kind == "gru"
         # Per-step result block (int32 words): maxprob[n] argmax[n] coords[n, 2] flag.
@@ -262,9 +260,7 @@ class DeviceSteps:
         self.host_stats = np.empty(T * self.slot_words, np.int32)
         self.logits = place.buf("logits", (T if self.trace else 1) * N * self.C * F32)
         self.stats.zero(self.st)
-        self.active = np.arange(N)
         self.t = 0
-        self.stopped: Optional[np.ndarray] = None  # images stopped by a deadline
         self.state: Optional[int] = None  # policy input of the next step (the backbone's policy_state)
         self.h_pol: Optional[int] = None
         self.h_cls: Optional[int] = None
@@ -355,24 +351,18 @@ class DeviceSteps:
     def _exit_test(self) -> bool:
         """Reads step t's block (the one device -> host copy of the step), records the results
         and compacts the survivors; False when no image is left to run."""
-        n, t, active = self.n, self.t, self.active
+        n, t = self.n, self.t
         with self.place.host_stage("exit"):
             words = self.host_stats[:4 * n + 1]
             self.stats.copy_to_host(words, self.st, offset=t * self.slot_words * F32)
-            mp, am = words[:n].view(np.float32), words[n:2 * n]
+            mp = words[:n].view(np.float32)
             _check_flag(int(words[4 * n]), t)
-            self.prediction[active] = am
-            self.confidence[active] = mp
-            if t > 0:
-                self.coords[t - 1, active] = words[2 * n:4 * n].reshape(n, 2)
+            self.book.record(t, mp, words[n:2 * n], words[2 * n:4 * n].reshape(n, 2))
             if t == self.T - 1:
                 return False
-            done = mp >= self.thr[t]
-            if not done.any():
+            keep = self.book.exits(t, mp, self.thr[t])
+            if keep is None:
                 return True
-            self.exit_step[active[done]] = t
-            keep = np.flatnonzero(~done).astype(np.int32)
-            self.active = active[keep]
             if keep.size == 0:
                 return False
             self._compact(keep)
@@ -409,9 +399,7 @@ class DeviceSteps:
         return self.t, self.n
 
     def stop(self) -> None:
-        self.exit_step[self.active] = self.t - 1  # the pending step's policy / crop are never read
-        self.stopped = np.zeros(self.N, bool)
-        self.stopped[self.active] = True
+        self.book.stop(self.t - 1)  # the pending step's policy / crop are never read
 
     def outputs(self) -> StepOutputs:
         probs_all = None
@@ -422,14 +410,7 @@ class DeviceSteps:
                 self.stats.copy_to_host(hs, self.st)
                 lg_host = np.empty((T, N, C), np.float32)
                 self.logits.copy_to_host(lg_host, self.st)
-            for t in range(T):
-                words = hs[t * self.slot_words:(t + 1) * self.slot_words]
-                _check_flag(int(words[4 * N]), t)
-                if t > 0:
-                    self.coords[t - 1] = words[2 * N:4 * N].reshape(N, 2)
-            last = hs[(T - 1) * self.slot_words:]
-            self.prediction[:] = last[N:2 * N]
-            self.confidence[:] = last[:N].view(np.float32)
+            self.book.record_trace(hs.reshape(T, self.slot_words), N)
             probs_all = np.stack([softmax(lg_host[t]) for t in range(T)]).astype(np.float32, copy=False)
         self.place.flush_profile()
-        return StepOutputs(self.prediction, self.confidence, self.exit_step, self.coords, probs_all, self.stopped)
+        return self.book.outputs(probs_all)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional
 import numpy as np
 
 from ..errors import InputError
-from .types import StepOutputs, check_step_flag as _check_flag, softmax
+from .types import ExitBook, StepOutputs, check_step_flag as _check_flag, softmax
 from .graphs import Capture, GraphCache, bucket_for
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -137,12 +137,8 @@ class GraphSteps:
         if glance != ws.ptr("glance"):
             ops.cuda_copy(ws.ptr("glance"), glance, n * 3 * P * P * F32, st)
         T, N = self.T, n
-        self.prediction, self.confidence = np.zeros(N, np.int64), np.zeros(N, np.float32)
-        self.exit_step = np.full(N, T - 1, np.int64)
-        self.coords = np.full((max(T - 1, 0), N, 2), -1, np.int32)
-        self.active = np.arange(N)
+        self.book = ExitBook(N, T)
         self.t = 0
-        self.stopped: Optional[np.ndarray] = None  # images stopped by a deadline
         self.prev: int = 0  # bucket the survivors are gathered from at the next step (0: no compaction)
         self.host_stats = np.empty(4 * self.B + 1, np.int32)
         if self.trace:
@@ -271,25 +267,19 @@ class GraphSteps:
     def _exit_test(self) -> bool:
         """Reads step t's result block, records the results and prepares the compaction of
         the survivors; False when no image is left to run."""
-        n, B, t, active = self.n, self.B, self.t, self.active
+        n, B, t = self.n, self.B, self.t
         with self.place.host_stage("exit"):
             words = self.host_stats[:4 * B + 1]
             self.ws.buffer("stats").copy_to_host(words, self.st)
-            mp, am = words[:n].view(np.float32), words[B:B + n]
+            mp = words[:n].view(np.float32)
             _check_flag(int(words[4 * B]), t)
-            self.prediction[active] = am
-            self.confidence[active] = mp
-            if t > 0:
-                self.coords[t - 1, active] = words[2 * B:2 * B + 2 * n].reshape(n, 2)
+            self.book.record(t, mp, words[B:B + n], words[2 * B:2 * B + 2 * n].reshape(n, 2))
             self.prev = 0
             if t == self.T - 1:
                 return False
-            done = mp >= self.thr[t]
-            if not done.any():
+            keep = self.book.exits(t, mp, self.thr[t])
+            if keep is None:
                 return True
-            self.exit_step[active[done]] = t
-            keep = np.flatnonzero(~done).astype(np.int32)
-            self.active = active[keep]
             m = int(keep.size)
             if m == 0:
                 return False
@@ -306,9 +296,7 @@ class GraphSteps:
         return self.t, self.n
 
     def stop(self) -> None:
-        self.exit_step[self.active] = self.t - 1  # the pending step's policy / crop are never read
-        self.stopped = np.zeros(self.N, bool)
-        self.stopped[self.active] = True
+        self.book.stop(self.t - 1)  # the pending step's policy / crop are never read
 
     def outputs(self) -> StepOutputs:
         probs_all = None
@@ -320,15 +308,8 @@ class GraphSteps:
             with self.place.host_stage("exit"):
                 self.trace_stats.copy_to_host(hs, self.st)
                 self.trace_logits.copy_to_host(lg, self.st)
-            for t in range(T):
-                w = hs[t * words:(t + 1) * words]
-                _check_flag(int(w[4 * B]), t)
-                if t > 0:
-                    self.coords[t - 1] = w[2 * B:2 * B + 2 * N].reshape(N, 2)
-            last = hs[(T - 1) * words:]
-            self.prediction[:] = last[B:B + N]
-            self.confidence[:] = last[:N].view(np.float32)
+            self.book.record_trace(hs.reshape(T, words), B)
             probs_all = np.stack([softmax(lg[t, :N]) for t in range(T)]).astype(np.float32, copy=False)
         self.place.flush_profile()
-        return StepOutputs(self.prediction, self.confidence, self.exit_step, self.coords, probs_all, self.stopped)
+        return self.book.outputs(probs_all)
 

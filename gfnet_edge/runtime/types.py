@@ -141,3 +141,58 @@ def check_step_flag(flag: int, step: int) -> None:
     if flag:
         raise RuntimeError(f"device loop, step {step}: a patch coordinate or a compaction index was out of range "
                            "(the affected rows were zero-filled)")
+
+
+class ExitBook:
+    """The host's record of a run on the device: per image its prediction, confidence, exit
+    step and patch coordinates, which images are still running (in their device row order),
+    and which a deadline stopped. Both device runs (plain launches and CUDA graphs) keep one.
+    """
+
+    def __init__(self, n: int, steps: int) -> None:
+        self.T = steps
+        self.prediction, self.confidence = np.zeros(n, np.int64), np.zeros(n, np.float32)
+        self.exit_step = np.full(n, steps - 1, np.int64)
+        self.coords = np.full((max(steps - 1, 0), n, 2), -1, np.int32)
+        self.active = np.arange(n)
+        self.stopped: Optional[np.ndarray] = None
+
+    def record(self, t: int, maxprob: np.ndarray, argmax: np.ndarray, coords: Optional[np.ndarray]) -> None:
+        """Step ``t``'s results for the images still running (``coords``: their patches, t > 0)."""
+        self.prediction[self.active] = argmax
+        self.confidence[self.active] = maxprob
+        if t > 0 and coords is not None:
+            self.coords[t - 1, self.active] = coords
+
+    def exits(self, t: int, maxprob: np.ndarray, threshold: float) -> Optional[np.ndarray]:
+        """Applies step ``t``'s threshold: the rows (in the current order) of the images that go
+        on, or None when none exited."""
+        done = maxprob >= threshold
+        if not done.any():
+            return None
+        self.exit_step[self.active[done]] = t
+        keep = np.flatnonzero(~done).astype(np.int32)
+        self.active = self.active[keep]
+        return keep
+
+    def record_trace(self, blocks: np.ndarray, rows: int) -> None:
+        """A trace's per-step result blocks, int32 (T, 4 * rows + 1): max probability, argmax,
+        patch coordinates (``rows`` >= n entries each) and the error flag. Every step's patches
+        and the last step's answer are kept."""
+        n = self.prediction.shape[0]
+        for t in range(self.T):
+            check_step_flag(int(blocks[t, 4 * rows]), t)
+            if t > 0:
+                self.coords[t - 1] = blocks[t, 2 * rows:2 * rows + 2 * n].reshape(n, 2)
+        last = blocks[self.T - 1]
+        self.prediction[:] = last[rows:rows + n]
+        self.confidence[:] = last[:n].view(np.float32)
+
+    def stop(self, last_step: int) -> None:
+        """A deadline ends the run: the images still running keep step ``last_step``'s answer."""
+        self.exit_step[self.active] = last_step
+        self.stopped = np.zeros(self.prediction.shape[0], bool)
+        self.stopped[self.active] = True
+
+    def outputs(self, probs: Optional[np.ndarray] = None) -> "StepOutputs":
+        return StepOutputs(self.prediction, self.confidence, self.exit_step, self.coords, probs, self.stopped)
