@@ -127,9 +127,6 @@ def _scan(cfg, out: Path, ctx, log):
 
 def run_folder(args: argparse.Namespace) -> int:
     """The folder trainer's entry point (``gfnet-edge train --data ...``)."""
-    import torch
-
-    from .dist import init_distributed
     from .recipe import FolderTrainConfig
 
     if not args.out:
@@ -137,18 +134,41 @@ def run_folder(args: argparse.Namespace) -> int:
     stages = STAGE_CHOICES.get(args.stage)
     if stages is None:
         raise InputError(f"--stage {args.stage} is a demo stage; with --data use one of {', '.join(STAGE_CHOICES)}")
-    out = Path(args.out)
+    cfg_path = Path(args.out) / "config.json"
+    if args.resume and cfg_path.exists():
+        try:
+            cfg = FolderTrainConfig.from_dict(json.loads(cfg_path.read_text()))
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"{cfg_path}: not a run config of gfnet-edge train --data ({exc})") from exc
+    else:
+        cfg = config_from_args(args)
+    train_folder(cfg, Path(args.out), stages, resume=args.resume, device=args.device,
+                 progress=not args.no_progress, threads=args.threads)
+    return 0
+
+
+def train_folder(cfg, out: Path, stages=STAGE_ORDER, resume: bool = False, device: str = "auto",
+                 progress: bool = False, threads: Optional[int] = None) -> Dict[str, Any]:
+    """Trains ``stages`` of the run in ``out`` (joining the ``torchrun`` process group if any).
+
+    Returns the results written to ``RUN/results.json`` when the run was exported (else ``{}``).
+
+    Raises:
+        InputError: bad data, backbone, weights or run folder (nothing is written then).
+    """
+    import torch
+
+    from .dist import init_distributed
+
+    out = Path(out)
     cfg_path = out / "config.json"
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder")
-    if cfg_path.exists() and not args.resume:
+    if cfg_path.exists() and not resume:
         raise InputError(f"{out} already holds a run: pass --resume to continue it, or choose another -o folder")
-    if args.resume and cfg_path.exists():
-        cfg = FolderTrainConfig.from_dict(json.loads(cfg_path.read_text()))
-    else:
-        cfg = config_from_args(args)
-    torch.set_num_threads(max(1, args.threads))
-    ctx = init_distributed(args.device)
+    if threads:
+        torch.set_num_threads(max(1, threads))
+    ctx = init_distributed(device)
     log_file = None
 
     def log(msg: str) -> None:
@@ -174,16 +194,16 @@ def run_folder(args: argparse.Namespace) -> int:
             out.mkdir(parents=True, exist_ok=True)
             log_file = open(out / "train.txt", "a")
             if fresh:
-                cfg_path.write_text(cfg.dumps())
                 (out / "data_index.json").write_text(json.dumps(
                     {k: {"root": str(s.root), "classes": s.classes, "samples": s.samples, "skipped": s.skipped}
                      for k, s in (("train", train), ("val", val))}))
+                cfg_path.write_text(cfg.dumps())
         ctx.barrier()
         spec = model.spec
         log(f"model {spec.model_name}: S={spec.image_size} P={spec.patch_size} T={spec.steps} "
             f"classifier={spec.classifier} classes={spec.num_classes}; {ctx.world} process(es) on {ctx.device}"
             + (f", autocast {cfg.amp}" if ctx.device.type == "cuda" else ""))
-        return _train_and_export(out, cfg, ctx, train, val, model, static, stages, log, not args.no_progress)
+        return _train_and_export(out, cfg, ctx, train, val, model, static, stages, log, progress)
     except ValueError as exc:
         if isinstance(exc, InputError):
             raise
@@ -194,8 +214,7 @@ def run_folder(args: argparse.Namespace) -> int:
         ctx.close()
 
 
-def _train_and_export(out, cfg, ctx, train, val, model, static, stages, log, progress: bool,
-                      stop_after: Optional[int] = None) -> int:
+def _train_and_export(out, cfg, ctx, train, val, model, static, stages, log, progress: bool) -> Dict[str, Any]:
     from .folder_stages import FolderTrainer
 
     t0 = time.time()
@@ -209,18 +228,18 @@ def _train_and_export(out, cfg, ctx, train, val, model, static, stages, log, pro
         tr.load_stage("static")
     for name in stages:
         t = time.time()
-        getattr(tr, "static_stage" if name == "static" else name)(stop_after=stop_after)
+        getattr(tr, "static_stage" if name == "static" else name)()
         if name in tr.timings:
             log(f"{name} finished in {(time.time() - t) / 60:.1f} min")
-    if set(stages) >= {"stage3"} or not stages:
-        export(tr, out, log)
+    res: Dict[str, Any] = {}
+    if "stage3" in stages or not stages:
+        res = export(tr, out, log)
     log(f"total {(time.time() - t0) / 60:.1f} min")
-    return 0
+    return res
 
 
 def export(tr, out: Path, log) -> Dict[str, Any]:
     """Measures the trained GFNet on val and writes ``RUN/gfnet.pth.tar`` and ``RUN/results.json``."""
-    import numpy as np
 
     from .. import evaluate as ev
     from ..models.checkpoint import save_checkpoint

@@ -29,7 +29,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..models.backbones import _create_timm
 from ..models.checkpoint import atomic_torch_save
 from ..models.gfnet import GFNet, action_to_coords, crop_patches, glance_input
 from .dist import DistContext
@@ -250,13 +249,10 @@ class FolderTrainer:
 
     # ------------------------------------------------------------------ the loop
     def loop(self, name: str, plan: StagePlan, params: List[nn.Parameter], train_modules: List[nn.Module],
-             step: Callable, evaluate: Callable[[], Dict[str, float]], adam: bool = False, schedule: bool = True,
-             stop_after: Optional[int] = None) -> None:
-        """Runs ``plan.epochs`` epochs of ``step(x, y, g, opt, scaler) -> stats`` (resuming).
-
-        ``stop_after``: end this call after that many epochs of this run (a simulated
-        interruption; the stage stays unfinished and resumes later).
-        """
+             step: Callable, evaluate: Callable[[], Dict[str, float]], adam: bool = False,
+             schedule: bool = True) -> None:
+        """Runs ``plan.epochs`` epochs of ``step(x, y, g, opt, scaler) -> (loss, correct)``,
+        continuing after the last epoch ``RUN/<name>.pt`` holds."""
         cfg, ctx = self.cfg, self.ctx
         if plan.epochs <= 0:
             return
@@ -293,8 +289,6 @@ class FolderTrainer:
 
         t0 = time.time() - elapsed
         for epoch in range(start, plan.epochs):
-            if stop_after is not None and epoch - start >= stop_after:
-                return
             sampler.set_epoch(epoch)
             self.train_set.epoch = epoch
             g = torch.Generator(device=ctx.device)
@@ -357,8 +351,10 @@ class FolderTrainer:
         mods = list(m.model_prime.parameters()) + list(m.model.parameters()) + list(m.fc.parameters())
         return [p for p in mods if id(p) not in skip]
 
-    def _focus_stage(self, name: str, plan: StagePlan, policy: bool, stop_after: Optional[int]) -> None:
+    def _focus_stage(self, name: str, plan: StagePlan, policy: bool) -> None:
         m = self.model
+        params = self._focus_params()
+        self._set_trainable(params)  # before DDP, which syncs exactly the parameters that need gradients
         net = self._ddp(FocusLoss(m, float(self.cfg.dsn_ratio), policy, self.cfg.action_std))
         T = self.spec.steps
 
@@ -369,21 +365,21 @@ class FolderTrainer:
             self._backward(loss, opt, scaler)
             return loss.item(), (logits.argmax(1) == y).sum().item()
 
-        self.loop(name, plan, self._focus_params(), [m.model_prime, m.model, m.fc], step, self.evaluate,
-                  stop_after=stop_after)
+        self.loop(name, plan, params, [m.model_prime, m.model, m.fc], step, self.evaluate)
 
-    def stage1(self, stop_after: Optional[int] = None) -> None:
-        self._focus_stage("stage1", self.cfg.stage1, False, stop_after)
+    def stage1(self) -> None:
+        self._focus_stage("stage1", self.cfg.stage1, False)
 
-    def stage3(self, stop_after: Optional[int] = None) -> None:
-        self._focus_stage("stage3", self.cfg.stage3, True, stop_after)
+    def stage3(self) -> None:
+        self._focus_stage("stage3", self.cfg.stage3, True)
 
-    def stage2(self, stop_after: Optional[int] = None) -> None:
+    def stage2(self) -> None:
         """PPO on the policy (one update per batch, as the reference)."""
         cfg, m, spec = self.cfg, self.model, self.spec
         S, P, T = spec.image_size, spec.patch_size, spec.steps
         if T < 2:
             return
+        self._set_trainable(list(m.policy.parameters()))
         net = self._ddp(PolicyEval(m, cfg.action_std))
 
         def step(x, y, g, opt, scaler):
@@ -428,11 +424,12 @@ class FolderTrainer:
             return loss.item(), (logits.argmax(1) == y).sum().item()
 
         self.loop("stage2", cfg.stage2, list(m.policy.parameters()), [m.policy], step, self.evaluate, adam=True,
-                  schedule=False, stop_after=stop_after)
+                  schedule=False)
 
-    def static_stage(self, stop_after: Optional[int] = None) -> None:
+    def static_stage(self) -> None:
         if self.static is None or self.cfg.static.epochs <= 0:
             return
+        self._set_trainable(list(self.static.parameters()))
         net = self._ddp(StaticLoss(self.static))
 
         def step(x, y, g, opt, scaler):
@@ -442,7 +439,7 @@ class FolderTrainer:
             return loss.item(), (logits.argmax(1) == y).sum().item()
 
         self.loop("static", self.cfg.static, list(self.static.parameters()), [self.static], step,
-                  self.evaluate_static, stop_after=stop_after)
+                  self.evaluate_static)
 
     # ------------------------------------------------------------------ validation
     def _val_loader(self, limit: int = 0):
