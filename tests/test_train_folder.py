@@ -314,3 +314,18 @@ def test_stage_order_is_the_papers():
         from gfnet_edge.train.folder_cli import parse_epochs
 
         parse_epochs("a,b,c")
+
+
+def test_cascaded_heads_start_as_a_product_of_experts():
+    from types import SimpleNamespace
+
+    from gfnet_edge.models.gfnet import GFNet
+
+    cfg = FolderTrainConfig(backbone="test_efficientnet", image_size=64, patch_size=32).resolved()
+    torch.manual_seed(0)
+    model = GFNet(cfg.spec(3))
+    folder_stages.FolderTrainer.init_cascaded_heads(SimpleNamespace(model=model, spec=model.spec))
+    feats = [torch.randn(5, model.spec.feature_dim) for _ in range(model.spec.steps)]
+    for k in range(2, model.spec.steps + 1):
+        expected = model.model_prime.logits(feats[0]) + sum(model.model.logits(f) for f in feats[1:k])
+        torch.testing.assert_close(model.fc.cascaded(feats[:k]), expected, rtol=1e-5, atol=1e-5)

@@ -368,7 +368,25 @@ class FolderTrainer:
         self.loop(name, plan, params, [m.model_prime, m.model, m.fc], step, self.evaluate)
 
     def stage1(self) -> None:
+        if self.spec.classifier == "cascaded" and not self.stage_path("stage1").exists():
+            self.init_cascaded_heads()
         self._focus_stage("stage1", self.cfg.stage1, False)
+
+    @torch.no_grad()
+    def init_cascaded_heads(self) -> None:
+        """Starts each cascaded head fc_k as a product of experts: the glance head's logits plus
+        the local head's logits of every patch (at least as good as the glance from the first
+        step, where a random fc_k is worse than the glance for hundreds of steps)."""
+        m, F_ = self.model, self.spec.feature_dim
+        wg, bg = m.model_prime.classifier_module().weight, m.model_prime.classifier_module().bias
+        wl, bl = m.model.classifier_module().weight, m.model.classifier_module().bias
+        for k in range(2, self.spec.steps + 1):
+            head = m.fc.head(k)
+            head.weight.zero_()
+            head.weight[:, :F_] = wg
+            for j in range(1, k):
+                head.weight[:, j * F_:(j + 1) * F_] = wl
+            head.bias.copy_(bg + (k - 1) * bl)
 
     def stage3(self) -> None:
         self._focus_stage("stage3", self.cfg.stage3, True)
