@@ -329,3 +329,9 @@ def test_cascaded_heads_start_as_a_product_of_experts():
     for k in range(2, model.spec.steps + 1):
         expected = model.model_prime.logits(feats[0]) + sum(model.model.logits(f) for f in feats[1:k])
         torch.testing.assert_close(model.fc.cascaded(feats[:k]), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_larger_than_the_train_split_is_refused(tmp_path, capsys, folder):
+    rc, err = _run_cli(["--data", folder, "-o", tmp_path / "r", "--batch-size", "64"], capsys)
+    assert rc == 2 and len(err) == 1 and "fewer than one batch (64)" in err[0], err
+    assert not (tmp_path / "r").exists()

@@ -189,6 +189,11 @@ def train_folder(cfg, out: Path, stages=STAGE_ORDER, resume: bool = False, devic
             raise InputError(f"{cfg.data}: classes {train.classes} differ from the run's {cfg.classes}")
         cfg.classes = list(train.classes)
         cfg = cfg.resolved()
+        if cfg.batch_size < 1 or cfg.batch_size % ctx.world:
+            raise InputError(f"--batch-size {cfg.batch_size} must be a positive multiple of the {ctx.world} processes")
+        if len(train) < cfg.batch_size:
+            raise InputError(f"{cfg.data}: the train split has {len(train)} readable images, fewer than one batch "
+                             f"({cfg.batch_size}); lower --batch-size")
         model, static = build_models(cfg, len(train.classes), log)
         if ctx.main:
             out.mkdir(parents=True, exist_ok=True)
