@@ -335,3 +335,16 @@ def test_batch_larger_than_the_train_split_is_refused(tmp_path, capsys, folder):
     rc, err = _run_cli(["--data", folder, "-o", tmp_path / "r", "--batch-size", "64"], capsys)
     assert rc == 2 and len(err) == 1 and "fewer than one batch (64)" in err[0], err
     assert not (tmp_path / "r").exists()
+
+
+def test_every_stage_runs_under_bfloat16_autocast(folder, tmp_path, monkeypatch):
+    # The GPU path's mixed precision (bf16 activations, float32 losses, PPO update in float32),
+    # exercised with the CPU's autocast: every stage must run and keep finite losses.
+    monkeypatch.setattr(folder_stages.FolderTrainer, "autocast",
+                        lambda self: torch.autocast("cpu", dtype=torch.bfloat16))
+    cfg = tiny_config(folder, backbone="test_resnet", epochs=(1, 1, 1), fc_hidden=32, policy_hidden=32, steps=3)
+    res = train_folder(cfg, tmp_path / "r")
+    history = [json.loads(line) for line in (tmp_path / "r" / "epochs.jsonl").read_text().splitlines()]
+    assert [h["stage"] for h in history] == ["stage1", "stage2", "stage3"]
+    assert all(np.isfinite(h["loss"]) for h in history)
+    assert len(res["anytime_accuracy"]) == 3
