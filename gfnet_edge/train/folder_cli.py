@@ -234,7 +234,7 @@ def _train_and_export(out, cfg, ctx, train, val, model, static, stages, log, pro
     for name in stages:
         t = time.time()
         getattr(tr, "static_stage" if name == "static" else name)()
-        if name in tr.timings:
+        if name in tr.timings and name not in tr.skipped:
             log(f"{name} finished in {(time.time() - t) / 60:.1f} min")
     res: Dict[str, Any] = {}
     if "stage3" in stages or not stages:

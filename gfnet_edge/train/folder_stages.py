@@ -175,7 +175,8 @@ class FolderTrainer:
         self.amp_dtype = None
         if cuda and cfg.amp:
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        self.timings: Dict[str, float] = {}
+        self.timings: Dict[str, float] = {}  # seconds of training per stage (over every session of it)
+        self.skipped: set = set()  # stages found finished in the run folder
 
     # ------------------------------------------------------------------ helpers
     def log(self, msg: str, **record) -> None:
@@ -265,6 +266,7 @@ class FolderTrainer:
         if ck is not None:
             if ck["done"]:
                 self.timings[name] = ck["elapsed"]
+                self.skipped.add(name)
                 self.log(f"[{name}] already done ({ck['epoch']} epochs): skipped")
                 return
             opt.load_state_dict(ck["opt"])
