@@ -342,7 +342,8 @@ def test_every_stage_runs_under_bfloat16_autocast(folder, tmp_path, monkeypatch)
     # exercised with the CPU's autocast: every stage must run and keep finite losses.
     monkeypatch.setattr(folder_stages.FolderTrainer, "autocast",
                         lambda self: torch.autocast("cpu", dtype=torch.bfloat16))
-    cfg = tiny_config(folder, backbone="test_resnet", epochs=(1, 1, 1), fc_hidden=32, policy_hidden=32, steps=3)
+    cfg = tiny_config(folder, backbone="test_resnet", epochs=(1, 1, 1), fc_hidden=32, policy_hidden=32, steps=3,
+                      eval_max=3)
     res = train_folder(cfg, tmp_path / "r")
     history = [json.loads(line) for line in (tmp_path / "r" / "epochs.jsonl").read_text().splitlines()]
     assert [h["stage"] for h in history] == ["stage1", "stage2", "stage3"]
