@@ -59,8 +59,13 @@ def timm_pretrained_state(backbone: str, num_classes: int, **kwargs: Any) -> Dic
     Raises:
         UnavailableError: timm cannot fetch them here (no network, no weights for this name).
     """
+    import logging
+
     import timm
 
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # its per-retry warnings; a failure ends in the one line below
     try:
         net = timm.create_model(backbone, pretrained=True, num_classes=num_classes, **kwargs)
     except Exception as exc:  # network, hub and missing-weights errors all differ
@@ -68,6 +73,8 @@ def timm_pretrained_state(backbone: str, num_classes: int, **kwargs: Any) -> Dic
         raise UnavailableError(
             f"cannot fetch timm's pretrained weights for {backbone!r} ({type(exc).__name__}: {first[:120]}); "
             "download them where a network is reachable and pass --pretrained FILE") from exc
+    finally:
+        hub_log.setLevel(level)
     return net.state_dict()
 
 
