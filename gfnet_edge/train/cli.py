@@ -10,6 +10,9 @@ The run folder holds ``config.json``, one ``<stage>.pt`` per stage (rewritten af
 ``epochs.jsonl`` (one record per epoch), ``timings.json`` and, after ``export``, the checkpoints
 ``demo_gfnet.pth.tar`` / ``demo_static.pth.tar`` and ``demo_results.json`` (copied to
 ``--assets`` when given).
+
+With ``--data ROOT`` the same command trains a GFNet on an image folder instead
+(:mod:`gfnet_edge.train.folder_cli`).
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from ..argtypes import THREADS
+from ..argtypes import NON_NEGATIVE, POSITIVE, THREADS
 
 #: ``--stage`` choices -> internal stages, in order.
 STAGE_GROUPS = {
@@ -36,12 +39,28 @@ ORDER = ("pre_local", "pre_glance", "stage1", "bc", "ppo", "stage3", "static")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="runs/demo", help="run folder (checkpoints, logs)")
+    p.add_argument("--data", default=None, metavar="ROOT",
+                   help="train on an image folder ROOT/train/CLASS/*.jpg, ROOT/val/CLASS/*.jpg (without it: the demo task)")
+    p.add_argument("-o", "--out", default=None, help="run folder (checkpoints, logs; demo default runs/demo)")
     p.add_argument("--stage", default="all", choices=["all", *STAGE_GROUPS],
                    help="stage to run: all, pretrain, 1, 2, 3, static, export (default: all)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoints")
     p.add_argument("--threads", type=THREADS, default=2, help="torch CPU threads (default 2)")
-    p.add_argument("--backbone", default=None, help="demo backbone: r16, r24, r32 (default: the config's)")
+    p.add_argument("--backbone", default=None,
+                   help="with --data: a timm model name (resnet50, mobilenetv3_large_100, ...); demo: r16, r24, r32")
+    g = p.add_argument_group("image-folder training (--data)")
+    g.add_argument("--pretrained", default=None, metavar="FILE|timm",
+                   help="backbone weights: a local file (state dict, .safetensors, static baseline) or 'timm' (downloads)")
+    g.add_argument("--image-size", type=POSITIVE, default=None, help="S (default: the backbone family's)")
+    g.add_argument("--patch-size", type=POSITIVE, default=None, help="P (default: the backbone family's)")
+    g.add_argument("--steps", type=POSITIVE, default=None, help="T (default: the backbone family's)")
+    g.add_argument("--epochs", default=None, metavar="N|N1,N2,N3", help="epochs of stages 1, 2, 3 (default 30,10,10)")
+    g.add_argument("--static-epochs", type=NON_NEGATIVE, default=None, help="also train the static baseline for N epochs")
+    g.add_argument("--batch-size", type=POSITIVE, default=None, help="global batch (split over torchrun processes; default 64)")
+    g.add_argument("--workers", type=NON_NEGATIVE, default=None, help="DataLoader worker processes per process (default 4)")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: a GPU when torch sees one")
+    g.add_argument("--no-amp", action="store_true", help="float32 on the GPU (default: autocast, bf16 or fp16)")
+    g.add_argument("--hflip", action="store_true", help="random horizontal flips in training")
     p.add_argument("--seed", type=int, default=None, help="master seed (default 0)")
     p.add_argument("--tiny", action="store_true", help="a few iterations on a handful of images (smoke test)")
     p.add_argument("--assets", default=None, help="copy the exported checkpoints and results here (e.g. gfnet_edge/assets)")
@@ -53,8 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Registers ``gfnet-edge train`` (the lead wires it into the CLI's PARSERS list)."""
     p = subparsers.add_parser(
-        "train", help="train the demo GFNet (cluttered digits, CPU)",
-        description="Train the demo GFNet on the cluttered-digits task: pretrain, stages 1-3, static baseline, export.",
+        "train", help="train a GFNet on an image folder (--data), or the demo GFNet",
+        description="Train a GFNet: on an image folder (--data ROOT -o RUN --backbone TIMM_NAME; works under torchrun),"
+                    " or the demo GFNet on the cluttered-digits task (pretrain, stages 1-3, static baseline, export).",
     )
     add_arguments(p)
     p.set_defaults(func=lambda args: run(args))
@@ -78,6 +98,10 @@ def _apply_overrides(cfg, items: List[str]):
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "data", None):
+        from .folder_cli import run_folder
+
+        return run_folder(args)
     import torch
 
     from .config import TrainConfig, tiny_config
@@ -85,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     from .stages import Run
 
     torch.set_num_threads(max(1, args.threads))
-    out = Path(args.out)
+    out = Path(args.out or "runs/demo")
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "config.json"
     if args.resume and cfg_path.exists():

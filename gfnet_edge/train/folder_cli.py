@@ -1,0 +1,292 @@
+"""``gfnet-edge train --data ROOT -o RUN --backbone TIMM_NAME``: a GFNet on your own image folder.
+
+Runs stages 1-3 (and, with ``--static-epochs``, the static baseline), then writes
+``RUN/gfnet.pth.tar``: a gfnet-edge checkpoint (released format plus ``gfnet_edge_config``) with
+its anytime accuracy, 39 x T exit thresholds and budgeted curve measured on the val split, which
+``gfnet-edge build-engine`` takes as it is. The same command under ``torchrun`` trains on every
+process it starts (see ``docs/training.md``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from ..errors import InputError
+
+STAGE_ORDER = ("stage1", "stage2", "stage3", "static")
+#: ``--stage`` choices of the folder trainer -> stages.
+STAGE_CHOICES = {"all": STAGE_ORDER, "1": ("stage1",), "2": ("stage2",), "3": ("stage3",), "static": ("static",),
+                 "export": ()}
+
+
+def parse_epochs(text: str) -> List[int]:
+    """``"N"`` (every stage) or ``"N1,N2,N3"`` -> epochs of stages 1, 2, 3."""
+    try:
+        vals = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise InputError(f"--epochs takes N or N1,N2,N3 (integers), got {text!r}") from None
+    if len(vals) == 1:
+        vals = vals * 3
+    if len(vals) != 3 or min(vals) < 0:
+        raise InputError(f"--epochs takes N or N1,N2,N3 (>= 0), got {text!r}")
+    return vals
+
+
+def config_from_args(args: argparse.Namespace):
+    """A fresh :class:`FolderTrainConfig` from the command line (not yet resolved)."""
+    from .recipe import FolderTrainConfig
+
+    if not args.backbone:
+        raise InputError("--data needs --backbone TIMM_NAME (e.g. resnet50, mobilenetv3_large_100)")
+    cfg = FolderTrainConfig(data=str(Path(args.data).resolve()), backbone=args.backbone, pretrained=args.pretrained)
+    for flag, key in (("image_size", "image_size"), ("patch_size", "patch_size"), ("steps", "steps"),
+                      ("batch_size", "batch_size"), ("workers", "workers"), ("seed", "seed")):
+        v = getattr(args, flag, None)
+        if v is not None:
+            setattr(cfg, key, v)
+    if args.epochs:
+        cfg.stage1.epochs, cfg.stage2.epochs, cfg.stage3.epochs = parse_epochs(args.epochs)
+    if args.static_epochs is not None:
+        cfg.static.epochs = args.static_epochs
+    if args.no_amp:
+        cfg.amp = False
+    if args.hflip:
+        cfg.hflip = True
+    for item in args.set:
+        key, eq, val = item.partition("=")
+        if not eq:
+            raise InputError(f"--set needs KEY=JSON, got {item!r}")
+        try:
+            cfg.set(key, json.loads(val))
+        except json.JSONDecodeError:
+            raise InputError(f"--set {key}: {val!r} is not JSON (strings need quotes)") from None
+        except ValueError as exc:
+            raise InputError(f"--set: {exc}") from None
+    if cfg.pretrained not in (None, "timm") and not Path(cfg.pretrained).is_file():
+        raise InputError(f"{cfg.pretrained}: pretrained weights file not found (or pass --pretrained timm)")
+    if cfg.pretrained not in (None, "timm"):
+        cfg.pretrained = str(Path(cfg.pretrained).resolve())
+    return cfg
+
+
+def build_models(cfg, num_classes: int, log):
+    """The GFNet (and the static network when asked for), pretrained weights loaded; on the CPU."""
+    import torch
+
+    from ..models.backbones import _create_timm
+    from ..models.gfnet import GFNet
+    from .pretrained import load_backbone, read_weights_file, timm_pretrained_state
+
+    try:
+        spec = cfg.spec(num_classes)
+        torch.manual_seed(cfg.seed)
+        model = GFNet(spec)
+    except ValueError as exc:
+        raise InputError(f"--backbone {cfg.backbone}: {exc}") from exc
+    static = _create_timm(cfg.backbone, num_classes, **cfg.backbone_kwargs) if cfg.static.epochs > 0 else None
+    if cfg.pretrained is None:
+        log("warning: no --pretrained weights: the backbone starts from random weights")
+        return model, static
+    if cfg.pretrained == "timm":
+        sd, source = timm_pretrained_state(cfg.backbone, num_classes, **cfg.backbone_kwargs), f"timm {cfg.backbone}"
+    else:
+        sd, source = read_weights_file(cfg.pretrained, cfg.backbone), cfg.pretrained
+    for net in [model.model_prime.net, model.model.net] + ([static] if static is not None else []):
+        fresh = load_backbone(net, sd, source)
+    log(f"pretrained weights: {source}" + (f" (classifier re-initialised: {len(fresh)} tensors)" if fresh else ""))
+    return model, static
+
+
+def _scan(cfg, out: Path, ctx, log):
+    """Scans the data on rank 0 (or reads ``RUN/data_index.json``) and shares it with every rank."""
+    from .folder_data import FolderSplit, scan_dataset, split_summary
+
+    index = out / "data_index.json"
+    result: Any = None
+    if ctx.main:
+        try:
+            if index.exists():
+                d = json.loads(index.read_text())
+                result = {k: FolderSplit(Path(v["root"]), v["classes"], [tuple(s) for s in v["samples"]], v["skipped"])
+                          for k, v in d.items()}
+            else:
+                tr, va = scan_dataset(cfg.data, workers=max(2, cfg.workers))
+                result = {"train": tr, "val": va}
+        except InputError as exc:
+            result = exc
+    result = ctx.broadcast_object(result)
+    if isinstance(result, Exception):
+        raise result
+    for k in ("train", "val"):
+        log(split_summary(result[k]))
+    return result["train"], result["val"]
+
+
+def run_folder(args: argparse.Namespace) -> int:
+    """The folder trainer's entry point (``gfnet-edge train --data ...``)."""
+    from .recipe import FolderTrainConfig
+
+    if not args.out:
+        raise InputError("--data needs -o RUN (the run folder)")
+    stages = STAGE_CHOICES.get(args.stage)
+    if stages is None:
+        raise InputError(f"--stage {args.stage} is a demo stage; with --data use one of {', '.join(STAGE_CHOICES)}")
+    cfg_path = Path(args.out) / "config.json"
+    if args.resume and cfg_path.exists():
+        try:
+            cfg = FolderTrainConfig.from_dict(json.loads(cfg_path.read_text()))
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"{cfg_path}: not a run config of gfnet-edge train --data ({exc})") from exc
+    else:
+        cfg = config_from_args(args)
+    train_folder(cfg, Path(args.out), stages, resume=args.resume, device=args.device,
+                 progress=not args.no_progress, threads=args.threads)
+    return 0
+
+
+def train_folder(cfg, out: Path, stages=STAGE_ORDER, resume: bool = False, device: str = "auto",
+                 progress: bool = False, threads: Optional[int] = None) -> Dict[str, Any]:
+    """Trains ``stages`` of the run in ``out`` (joining the ``torchrun`` process group if any).
+
+    Returns the results written to ``RUN/results.json`` when the run was exported (else ``{}``).
+
+    Raises:
+        InputError: bad data, backbone, weights or run folder (nothing is written then).
+    """
+    import torch
+
+    from .dist import init_distributed
+
+    out = Path(out)
+    cfg_path = out / "config.json"
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder")
+    if cfg_path.exists() and not resume:
+        raise InputError(f"{out} already holds a run: pass --resume to continue it, or choose another -o folder")
+    if threads:
+        torch.set_num_threads(max(1, threads))
+    ctx = init_distributed(device)
+    log_file = None
+
+    def log(msg: str) -> None:
+        if not ctx.main:
+            return
+        line = f"{time.strftime('%H:%M:%S')} {msg}"
+        print(line, flush=True)
+        if log_file is not None:
+            log_file.write(line + "\n")
+            log_file.flush()
+
+    try:
+        if not Path(cfg.data).is_dir():
+            raise InputError(f"{cfg.data}: no such folder (expected ROOT/train/CLASS/*.jpg and ROOT/val/CLASS/*.jpg)")
+        fresh = not cfg_path.exists()
+        train, val = _scan(cfg, out, ctx, log)
+        if cfg.classes and cfg.classes != train.classes:
+            raise InputError(f"{cfg.data}: classes {train.classes} differ from the run's {cfg.classes}")
+        cfg.classes = list(train.classes)
+        cfg = cfg.resolved()
+        if cfg.batch_size < 1 or cfg.batch_size % ctx.world:
+            raise InputError(f"--batch-size {cfg.batch_size} must be a positive multiple of the {ctx.world} processes")
+        if len(train) < cfg.batch_size:
+            raise InputError(f"{cfg.data}: the train split has {len(train)} readable images, fewer than one batch "
+                             f"({cfg.batch_size}); lower --batch-size")
+        model, static = build_models(cfg, len(train.classes), log)
+        if ctx.main:
+            out.mkdir(parents=True, exist_ok=True)
+            log_file = open(out / "train.txt", "a")
+            if fresh:
+                (out / "data_index.json").write_text(json.dumps(
+                    {k: {"root": str(s.root), "classes": s.classes, "samples": s.samples, "skipped": s.skipped}
+                     for k, s in (("train", train), ("val", val))}))
+                cfg_path.write_text(cfg.dumps())
+        ctx.barrier()
+        spec = model.spec
+        log(f"model {spec.model_name}: S={spec.image_size} P={spec.patch_size} T={spec.steps} "
+            f"classifier={spec.classifier} classes={spec.num_classes}; {ctx.world} process(es) on {ctx.device}"
+            + (f", autocast {cfg.amp}" if ctx.device.type == "cuda" else ""))
+        return _train_and_export(out, cfg, ctx, train, val, model, static, stages, log, progress)
+    except ValueError as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(str(exc)) from exc
+    finally:
+        if log_file is not None:
+            log_file.close()
+        ctx.close()
+
+
+def _train_and_export(out, cfg, ctx, train, val, model, static, stages, log, progress: bool) -> Dict[str, Any]:
+    from .folder_stages import FolderTrainer
+
+    t0 = time.time()
+    tr = FolderTrainer(out, cfg, ctx, train, val, model, static, log, progress)
+    first = STAGE_ORDER.index(stages[0]) if stages else len(STAGE_ORDER)
+    for name in reversed([s for s in STAGE_ORDER[:first] if s != "static"]):
+        if tr.load_stage(name) is not None:
+            log(f"weights after {name} loaded")
+            break
+    if static is not None and "static" not in stages:
+        tr.load_stage("static")
+    for name in stages:
+        t = time.time()
+        getattr(tr, "static_stage" if name == "static" else name)()
+        if name in tr.timings and name not in tr.skipped:
+            log(f"{name} finished in {(time.time() - t) / 60:.1f} min")
+    res: Dict[str, Any] = {}
+    if "stage3" in stages or not stages:
+        res = export(tr, out, log)
+    log(f"total {(time.time() - t0) / 60:.1f} min")
+    return res
+
+
+def export(tr, out: Path, log) -> Dict[str, Any]:
+    """Measures the trained GFNet on val and writes ``RUN/gfnet.pth.tar`` and ``RUN/results.json``."""
+
+    from .. import evaluate as ev
+    from ..models.checkpoint import save_checkpoint
+    from ..models.gfnet import GFNet
+    from ..models.macs import count_static_macs, count_step_macs
+    from .static import save_static
+
+    t = time.time()
+    probs, labels = tr.val_probs(0, amp=False)
+    static_acc = tr.evaluate_static()["val_acc"] if tr.static is not None and tr.cfg.static.epochs else None
+    if not tr.ctx.main:
+        tr.ctx.barrier()
+        return {}
+    model = GFNet(tr.spec)  # plain float32 copy on the CPU (no SyncBatchNorm, no device tensors)
+    model.load_state_dict({k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
+                           for k, v in tr.model.state_dict().items()})
+    model.eval()
+    costs = [float(c) for c in count_step_macs(model).cumulative]
+    anytime = ev.anytime_accuracy(probs, labels)
+    curve = ev.budgeted_curve(probs, probs, labels, costs)
+    res: Dict[str, Any] = {
+        "val_images": int(len(labels)), "classes": tr.cfg.classes, "step_macs_cumulative": costs,
+        "anytime_accuracy": [round(float(a), 2) for a in anytime],
+        "budgeted_batch_classification": curve.as_lists(), "budgeted_ps": [float(p) for p in curve.ps],
+        "training_minutes": {k: round(v / 60, 2) for k, v in tr.timings.items()},
+    }
+    meta = {"anytime_classification": res["anytime_accuracy"],
+            "dynamic_threshold": [[float(x) for x in row] for row in curve.thresholds],
+            "budgeted_batch_classification": res["budgeted_batch_classification"],
+            "classes": tr.cfg.classes, "train_config": json.loads(tr.cfg.dumps()),
+            "train_results": {k: v for k, v in res.items() if k != "budgeted_batch_classification"}}
+    path = save_checkpoint(out / "gfnet.pth.tar", model, metadata=meta)
+    if static_acc is not None:
+        net = tr.static.module if hasattr(tr.static, "module") else tr.static
+        macs = count_static_macs(net.eval(), tr.spec.image_size)
+        save_static(out / "static.pth.tar", net, tr.cfg.backbone, tr.cfg.backbone_kwargs, tr.spec.num_classes,
+                    tr.spec.image_size, metadata={"val_accuracy": static_acc, "classes": tr.cfg.classes}, half=False)
+        res.update(static_accuracy=static_acc, static_macs=float(macs))
+    (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+    pts = ", ".join(f"{a:.1f}% @ {c / 1e6:.1f}M" for c, a in list(zip(*curve.as_lists()))[::13])
+    log(f"val anytime accuracy per step: {res['anytime_accuracy']} (MACs {', '.join(f'{c / 1e6:.1f}M' for c in costs)})")
+    log(f"val budgeted (thresholds fit on val): {pts}" + (f"; static baseline {static_acc}%" if static_acc is not None else ""))
+    log(f"wrote {path} ({(time.time() - t):.0f} s)")
+    tr.ctx.barrier()
+    return res

@@ -1,0 +1,190 @@
+"""Image-folder data for ``gfnet-edge train --data ROOT``.
+
+``ROOT/train/CLASS/*.jpg`` and ``ROOT/val/CLASS/*.jpg`` (torchvision's ``ImageFolder`` layout,
+classes sorted by name). :func:`scan_dataset` checks the layout once and decodes every image
+(JPEGs in draft mode, so the check is cheap); unreadable files are skipped and counted, every
+other problem is an :class:`~gfnet_edge.errors.InputError` naming the folder.
+
+Images reach the trainer as uint8 ``(3, S, S)`` tensors (normalised on the training device).
+Training augmentation is drawn from a generator seeded by ``(seed, epoch, image index)``, so a
+resumed run, or the same run on another number of processes, sees the same crops.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+from PIL import Image
+
+from ..data.images import IMAGE_EXTENSIONS
+from ..errors import InputError
+
+LAYOUT = "expected ROOT/train/CLASS/*.jpg and ROOT/val/CLASS/*.jpg"
+
+
+@dataclass
+class FolderSplit:
+    """The readable images of one split.
+
+    Attributes:
+        root: the split's folder.
+        classes: class names (sorted), index = label.
+        samples: ``(path, label)`` of every readable image.
+        skipped: unreadable files (not used).
+    """
+
+    root: Path
+    classes: List[str]
+    samples: List[Tuple[str, int]]
+    skipped: List[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def labels(self) -> List[int]:
+        return [lab for _, lab in self.samples]
+
+
+def _readable(path: str) -> bool:
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (64, 64))  # JPEG: decode at 1/8 scale, still reads every byte
+            im.load()
+        return True
+    except Exception:  # PIL raises many types for bad files
+        return False
+
+
+def _list_split(root: Path, split: str) -> Tuple[List[str], List[List[str]]]:
+    d = root / split
+    if not d.is_dir():
+        raise InputError(f"{root}: no {split}/ folder ({LAYOUT})")
+    classes = sorted(e.name for e in os.scandir(d) if e.is_dir() and not e.name.startswith("."))
+    if len(classes) < 2:
+        found = f"only {classes[0]!r}" if classes else "none"
+        raise InputError(f"{d}: needs at least 2 class folders, found {found} ({LAYOUT})")
+    files = []
+    for c in classes:
+        names = sorted(str(Path(dp) / f) for dp, _, fs in os.walk(d / c, followlinks=True) for f in fs
+                       if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not names:
+            raise InputError(f"{d / c}: no images ({', '.join(IMAGE_EXTENSIONS[:4])} ...)")
+        files.append(names)
+    return classes, files
+
+
+def scan_split(root: Path, split: str, workers: int = 8, check: bool = True) -> FolderSplit:
+    """Lists (and, with ``check``, decodes) the images of ``root/split``.
+
+    Raises:
+        InputError: missing split folder, fewer than 2 classes, a class with no (readable) images.
+    """
+    classes, files = _list_split(root, split)
+    flat = [(f, k) for k, names in enumerate(files) for f in names]
+    ok = [True] * len(flat)
+    if check:
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            ok = list(pool.map(_readable, [f for f, _ in flat], chunksize=64))
+    samples = [s for s, good in zip(flat, ok) if good]
+    skipped = [f for (f, _), good in zip(flat, ok) if not good]
+    have = {lab for _, lab in samples}
+    for k, c in enumerate(classes):
+        if k not in have:
+            raise InputError(f"{root / split / c}: none of its {len(files[k])} images is readable")
+    return FolderSplit(root / split, classes, samples, skipped)
+
+
+def scan_dataset(root: os.PathLike, workers: int = 8, check: bool = True) -> Tuple[FolderSplit, FolderSplit]:
+    """``(train, val)`` of an image folder, with the same classes in both.
+
+    Raises:
+        InputError: see :func:`scan_split`; the class folders differ between train and val.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: no such folder ({LAYOUT})")
+    train = scan_split(root, "train", workers, check)
+    val = scan_split(root, "val", workers, check)
+    if train.classes != val.classes:
+        only_t = sorted(set(train.classes) - set(val.classes))
+        only_v = sorted(set(val.classes) - set(train.classes))
+        raise InputError(f"{root}: train and val have different classes (only in train: {only_t or 'none'}; "
+                         f"only in val: {only_v or 'none'})")
+    return train, val
+
+
+def build_transform(image_size: int, crop_pct: float, interpolation: str, train: bool, random_crop: bool = True,
+                    hflip: bool = False) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL image -> uint8 (3, S, S): shorter side to ``int(S / crop_pct)``, then an S x S crop
+    (the centre one for validation, as the runtime does; random for training) and optional flip."""
+    from torchvision import transforms as T
+
+    mode = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}[interpolation]
+    steps = [T.Resize(int(image_size / crop_pct), interpolation=mode, antialias=True)]
+    steps.append(T.RandomCrop(image_size) if (train and random_crop) else T.CenterCrop(image_size))
+    if train and hflip:
+        steps.append(T.RandomHorizontalFlip())
+    steps.append(T.PILToTensor())
+    return T.Compose(steps)
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    """Items ``(uint8 image (3, S, S), label, index)``; augmentation seeded per image and epoch."""
+
+    def __init__(self, split: FolderSplit, transform: Callable, seed: int = 0) -> None:
+        self.samples = split.samples
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        with Image.open(path) as im:
+            img = im.convert("RGB")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+            x = self.transform(img)
+        return x, label, i
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Indices ``rank, rank + W, ...`` of ``range(n)`` in order, no padding (evaluation shards)."""
+
+    def __init__(self, n: int, rank: int, world: int) -> None:
+        self.idx = list(range(rank, n, world))
+
+    def __iter__(self):
+        return iter(self.idx)
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+
+def make_loader(dataset: FolderDataset, batch: int, sampler: torch.utils.data.Sampler, workers: int,
+                pin: bool, drop_last: bool) -> torch.utils.data.DataLoader:
+    """A DataLoader with ``workers`` processes (0: in this process)."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
+                                       pin_memory=pin, drop_last=drop_last, persistent_workers=False)
+
+
+def normalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float32 ``(x / 255 - mean) / std``."""
+    m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
+    return (x.float() / 255.0 - m) / s
+
+
+def split_summary(split: FolderSplit, limit: Optional[int] = 3) -> str:
+    """One line: images, classes and the unreadable files skipped."""
+    line = f"{split.root}: {len(split)} images, {len(split.classes)} classes"
+    if split.skipped:
+        shown = ", ".join(Path(f).name for f in split.skipped[:limit])
+        line += f"; skipped {len(split.skipped)} unreadable ({shown}{' ...' if len(split.skipped) > (limit or 0) else ''})"
+    return line

@@ -1,0 +1,181 @@
+"""Settings of ``gfnet-edge train --data``: the run config and the defaults per backbone family.
+
+The GFNet layout of a timm backbone follows the released variant of the same family
+(:data:`gfnet_edge.variants.VARIANTS`): S, P, T, classifier kind, policy encoder and where the
+step-0 logits come from. Any other timm CNN gets the layout of the T = 3 released models
+(cascaded classifier, conv policy encoder). Every field can be overridden from the command line.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+from ..variants import GFNetSpec
+
+
+@dataclass(frozen=True)
+class FamilyDefaults:
+    """The GFNet layout and loss weights of one backbone family."""
+
+    image_size: int
+    patch_size: int
+    steps: int
+    classifier: str  # "gru" or "cascaded"
+    policy_conv: bool
+    policy_hidden: int
+    step0: str  # "classifier" or "backbone"
+    dsn_ratio: float
+    glance_interpolation: str
+    dataset_interpolation: str
+
+
+_GRU_LINEAR = dict(classifier="gru", policy_conv=False, policy_hidden=1024, step0="classifier", dsn_ratio=1.0)
+_CASCADED = dict(classifier="cascaded", policy_conv=True, policy_hidden=256, step0="backbone")
+
+#: (regular expression on the timm name, defaults), first match wins.
+FAMILY_DEFAULTS: List[Tuple[str, FamilyDefaults]] = [
+    (r"^efficientnet_b2", FamilyDefaults(260, 128, 4, **_CASCADED, dsn_ratio=5.0, glance_interpolation="bicubic",
+                                         dataset_interpolation="bicubic")),
+    (r"^efficientnet_b3", FamilyDefaults(300, 128, 4, **_CASCADED, dsn_ratio=5.0, glance_interpolation="bicubic",
+                                         dataset_interpolation="bicubic")),
+    (r"efficientnet", FamilyDefaults(224, 96, 4, **_CASCADED, dsn_ratio=5.0, glance_interpolation="bicubic",
+                                     dataset_interpolation="bicubic")),
+    (r"mobilenetv3", FamilyDefaults(224, 96, 3, **_CASCADED, dsn_ratio=5.0, glance_interpolation="bicubic",
+                                    dataset_interpolation="bilinear")),
+    (r"^regnety", FamilyDefaults(224, 96, 5, classifier="gru", policy_conv=True, policy_hidden=256, step0="backbone",
+                                 dsn_ratio=1.0, glance_interpolation="bilinear", dataset_interpolation="bilinear")),
+    (r"densenet", FamilyDefaults(224, 96, 5, **_GRU_LINEAR, glance_interpolation="bilinear",
+                                 dataset_interpolation="bilinear")),
+    (r"resne|res2net|^test_resnet", FamilyDefaults(224, 96, 5, **_GRU_LINEAR, glance_interpolation="bicubic",
+                                                   dataset_interpolation="bilinear")),
+]
+OTHER_DEFAULTS = FamilyDefaults(224, 96, 3, **_CASCADED, dsn_ratio=1.0, glance_interpolation="bicubic",
+                                dataset_interpolation="bilinear")
+
+
+def family_defaults(backbone: str) -> Tuple[str, FamilyDefaults]:
+    """``(family pattern, defaults)`` for a timm model name (``("other", ...)`` when none matches)."""
+    for pattern, d in FAMILY_DEFAULTS:
+        if re.search(pattern, backbone):
+            return pattern, d
+    return "other", OTHER_DEFAULTS
+
+
+@dataclass
+class StagePlan:
+    """One training stage: epochs over the train split and its peak learning rate."""
+
+    epochs: int
+    lr: float
+
+
+@dataclass
+class FolderTrainConfig:
+    """All settings of one ``gfnet-edge train --data`` run (saved as ``RUN/config.json``).
+
+    ``batch_size`` is the global batch: under ``torchrun`` each of the W processes takes
+    ``batch_size / W`` images per step, so a run gives the same updates on any number of processes.
+    """
+
+    data: str = ""
+    backbone: str = ""
+    backbone_kwargs: Dict[str, Any] = field(default_factory=dict)
+    pretrained: Optional[str] = None  # a weights file, "timm", or None (random initialisation)
+    image_size: int = 0  # 0: the family's default (likewise patch_size, steps)
+    patch_size: int = 0
+    steps: int = 0
+    crop_pct: float = 1.0  # whole image: objects near the border are kept
+    classifier: Optional[str] = None  # None: the family's default (likewise the next four)
+    policy_conv: Optional[bool] = None
+    policy_hidden: Optional[int] = None
+    fc_hidden: Optional[int] = None  # GRU classifier's hidden size (None: 1024, as released)
+    step0: Optional[str] = None
+    dsn_ratio: Optional[float] = None
+    stage1: StagePlan = field(default_factory=lambda: StagePlan(30, 5e-4))
+    stage2: StagePlan = field(default_factory=lambda: StagePlan(10, 3e-4))
+    stage3: StagePlan = field(default_factory=lambda: StagePlan(10, 1e-4))
+    static: StagePlan = field(default_factory=lambda: StagePlan(0, 5e-4))  # 0 epochs: no static baseline
+    batch_size: int = 64
+    workers: int = 4
+    seed: int = 0
+    amp: bool = True  # autocast on a GPU (bfloat16 where supported, else float16 with loss scaling)
+    random_crop: bool = True  # training augmentation: random S x S crop (else the centre one) ...
+    hflip: bool = False  # ... and horizontal flips (off: wrong for text, digits, asymmetric parts)
+    freeze_bn: bool = False  # BatchNorm layers keep their running statistics (small batches)
+    sync_bn: bool = True  # SyncBatchNorm when several CUDA processes train
+    weight_decay: float = 0.05
+    warmup_iters: int = 100
+    gamma: float = 0.7
+    clip: float = 0.2
+    action_std: float = 0.1
+    eval_max: int = 0  # images of val scored after each epoch (0: all)
+    classes: List[str] = field(default_factory=list)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "FolderTrainConfig":
+        d = dict(d)
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown config fields: {sorted(unknown)}")
+        for k in ("stage1", "stage2", "stage3", "static"):
+            if isinstance(d.get(k), dict):
+                d[k] = StagePlan(**d[k])
+        return cls(**d)
+
+    def set(self, key: str, value: Any) -> None:
+        """Sets ``key`` (``field`` or ``stage.field``) to ``value``, refusing unknown names."""
+        obj, _, sub = key.partition(".")
+        if obj not in self.__dataclass_fields__:
+            raise ValueError(f"unknown config field {obj!r}")
+        if sub:
+            target = getattr(self, obj)
+            if not isinstance(target, StagePlan) or sub not in StagePlan.__dataclass_fields__:
+                raise ValueError(f"unknown config field {key!r}")
+            setattr(target, sub, value)
+        else:
+            setattr(self, obj, value)
+
+    def resolved(self) -> "FolderTrainConfig":
+        """A copy with every ``0`` / ``None`` layout field filled from the family's defaults."""
+        out = FolderTrainConfig.from_dict(json.loads(self.dumps()))
+        _, d = family_defaults(self.backbone)
+        for k in ("image_size", "patch_size", "steps"):
+            if not getattr(out, k):
+                setattr(out, k, getattr(d, k))
+        for k in ("classifier", "policy_conv", "policy_hidden", "step0", "dsn_ratio"):
+            if getattr(out, k) is None:
+                setattr(out, k, getattr(d, k))
+        if out.classifier == "cascaded":
+            out.step0 = "backbone"
+        return out
+
+    def spec(self, num_classes: int) -> GFNetSpec:
+        """The GFNet spec of this run (call on a :meth:`resolved` config)."""
+        _, d = family_defaults(self.backbone)
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", self.backbone)
+        return GFNetSpec(
+            model_name=f"gfnet_{name}_{self.image_size}_{self.patch_size}",
+            family="custom",
+            backbone=self.backbone,
+            backbone_kwargs=dict(self.backbone_kwargs),
+            image_size=int(self.image_size),
+            patch_size=int(self.patch_size),
+            steps=int(self.steps),
+            num_classes=int(num_classes),
+            crop_pct=float(self.crop_pct),
+            dataset_interpolation=d.dataset_interpolation,
+            glance_interpolation=d.glance_interpolation,
+            policy_conv=bool(self.policy_conv),
+            policy_hidden=int(self.policy_hidden),
+            classifier=str(self.classifier),
+            fc_hidden=int(self.fc_hidden or 1024) if self.classifier == "gru" else None,
+            step0=str(self.step0),
+        ).validate()

@@ -1,0 +1,351 @@
+"""``gfnet-edge train --data``: a GFNet on a tiny image folder (seconds on 2 CPU cores).
+
+The folder has 3 classes whose only cue is the colour of a 10 px square at a random place in a
+64 px noise image; the backbones are timm's tiny ``test_*`` models.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+timm = pytest.importorskip("timm")
+pytest.importorskip("torchvision")
+from PIL import Image  # noqa: E402
+
+from gfnet_edge import cli  # noqa: E402
+from gfnet_edge.errors import InputError, UnavailableError  # noqa: E402
+from gfnet_edge.models.checkpoint import load_checkpoint  # noqa: E402
+from gfnet_edge.train import folder_stages  # noqa: E402
+from gfnet_edge.train.folder_cli import STAGE_ORDER, train_folder  # noqa: E402
+from gfnet_edge.train.folder_data import scan_split  # noqa: E402
+from gfnet_edge.train.pretrained import timm_pretrained_state  # noqa: E402
+from gfnet_edge.train.recipe import FolderTrainConfig, family_defaults  # noqa: E402
+from gfnet_edge.variants import VARIANTS  # noqa: E402
+
+COLOURS = {"blue": (30, 30, 220), "green": (30, 200, 30), "red": (220, 30, 30)}
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_folder(root: Path, n_train: int = 8, n_val: int = 4, size: int = 64, classes=tuple(COLOURS), seed: int = 0):
+    """``root/{train,val}/CLASS/i.png``: noise with a coloured square somewhere."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c in classes:
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = rng.integers(90, 140, (size, size, 3)).astype(np.uint8)
+                r, q = rng.integers(0, size - 10, 2)
+                img[r:r + 10, q:q + 10] = COLOURS[c]
+                Image.fromarray(img).save(d / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("data") / "ds")
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A local 'pretrained' file: timm's test_efficientnet state dict with a 1000-class head."""
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("w") / "test_efficientnet.pth"
+    torch.save(timm.create_model("test_efficientnet", num_classes=1000).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():  # tiny tensors: one thread is fastest, and the CPU may be shared
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_config(data, backbone="test_efficientnet", pretrained=None, epochs=(2, 1, 1), **kw) -> FolderTrainConfig:
+    cfg = FolderTrainConfig(data=str(data), backbone=backbone, pretrained=str(pretrained) if pretrained else None,
+                            image_size=64, patch_size=32, batch_size=6, workers=0)
+    cfg.stage1.epochs, cfg.stage2.epochs, cfg.stage3.epochs = epochs
+    cfg.stage1.lr = 3e-3
+    for k, v in kw.items():
+        cfg.set(k, v)
+    return cfg
+
+
+def _weights(run: Path, stage: str):
+    return torch.load(run / f"{stage}.pt", map_location="cpu", weights_only=True)["models"]["gfnet"]
+
+
+@pytest.fixture(scope="module")
+def trained(folder, weights, tmp_path_factory):
+    """An uninterrupted run, and the same run interrupted in stage 1's second epoch then resumed."""
+    base = tmp_path_factory.mktemp("runs")
+    res = train_folder(tiny_config(folder, pretrained=weights), base / "a")
+    calls = {"n": 0}
+    original = folder_stages.FolderTrainer.evaluate
+
+    def interrupting(self):
+        calls["n"] += 1
+        if calls["n"] == 2:  # end of stage 1's second epoch, before it is saved
+            raise KeyboardInterrupt
+        return original(self)
+
+    folder_stages.FolderTrainer.evaluate = interrupting
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_folder(tiny_config(folder, pretrained=weights), base / "b")
+    finally:
+        folder_stages.FolderTrainer.evaluate = original
+    interrupted = torch.load(base / "b" / "stage1.pt", map_location="cpu", weights_only=True)
+    resumed = train_folder(tiny_config(folder, pretrained=weights), base / "b", resume=True)
+    return base / "a", res, interrupted, base / "b", resumed
+
+
+def test_family_defaults_follow_released_variants():
+    for timm_name, released in (("resnet50", "resnet50"), ("densenet121", "densenet121"), ("regnety_016", "regnety_1.6g"),
+                                ("mobilenetv3_large_100", "mobilenetv3_large_100"), ("efficientnet_b2", "efficientnet_b2"),
+                                ("efficientnet_b3", "efficientnet_b3")):
+        v = VARIANTS[released]
+        _, d = family_defaults(timm_name)
+        assert (d.image_size, d.patch_size, d.steps) == (v.image_size, v.patch_sizes[0], v.steps), timm_name
+        assert (d.classifier, d.policy_conv, d.policy_hidden, d.step0) == (v.classifier, v.policy_conv, v.policy_hidden, v.step0)
+        assert d.glance_interpolation == v.glance_interpolation
+    cfg = FolderTrainConfig(backbone="convnext_tiny").resolved()
+    assert (cfg.steps, cfg.classifier, cfg.step0) == (3, "cascaded", "backbone")
+
+
+def test_interrupted_run_resumes_to_the_same_weights(trained):
+    run_a, _, interrupted, run_b, _ = trained
+    assert interrupted["epoch"] == 1 and not interrupted["done"]
+    for stage in ("stage1", "stage3"):
+        a, b = _weights(run_a, stage), _weights(run_b, stage)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{stage} {k}")
+    assert "resuming after epoch 1" in (run_b / "train.txt").read_text()
+    history = [json.loads(line) for line in (run_a / "epochs.jsonl").read_text().splitlines()]
+    assert [(h["stage"], h["epoch"]) for h in history] == [("stage1", 1), ("stage1", 2), ("stage2", 1), ("stage3", 1)]
+
+
+def test_checkpoint_metadata_matches_an_independent_evaluation(trained, folder):
+    from gfnet_edge import evaluate as ev
+    from gfnet_edge.data.images import load_images
+
+    run_a, res, *_ = trained
+    model = load_checkpoint(run_a / "gfnet.pth.tar")
+    spec = model.spec
+    assert (spec.image_size, spec.patch_size, spec.steps, spec.num_classes) == (64, 32, 4, 3)
+    # the last stage's weights are the checkpoint's
+    ref = _weights(run_a, "stage3")
+    for k, v in model.model.net.state_dict().items():
+        torch.testing.assert_close(v, ref[f"model.net.{k}"])
+    frames, labels = load_images(folder / "val", 64, crop_pct=1.0)
+    x = (torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255 - torch.tensor(spec.mean).view(1, 3, 1, 1)) \
+        / torch.tensor(spec.std).view(1, 3, 1, 1)
+    probs = model.trace(x).probs.numpy()
+    anytime = ev.anytime_accuracy(probs, labels)
+    np.testing.assert_allclose(model.meta["anytime_classification"], anytime, atol=0.01)
+    assert np.asarray(model.meta["dynamic_threshold"]).shape == (39, 4)
+    curve = ev.budgeted_curve(probs, probs, labels, model.meta["flops"])
+    np.testing.assert_allclose(model.meta["budgeted_batch_classification"][1], curve.accuracy, atol=1e-6)
+    assert res["anytime_accuracy"] == model.meta["anytime_classification"]
+
+
+def test_build_engine_takes_the_checkpoint_and_its_trace_equals_the_model(trained, tmp_path):
+    from gfnet_edge.runtime import Runtime
+
+    run_a, *_ = trained
+    rc = cli.main(["build-engine", str(run_a / "gfnet.pth.tar"), "-o", str(tmp_path / "b"), "--precision", "fp32",
+                   "--backend", "onnxruntime", "--quiet"])
+    assert rc == 0
+    model = load_checkpoint(run_a / "gfnet.pth.tar")
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 64, 64)
+    ref = model.trace(x)
+    with Runtime(tmp_path / "b", backend="onnxruntime", precision="fp32") as rt:
+        tr = rt.trace(x.numpy())
+        assert rt.bundle.manifest["budgets"]  # thresholds from the checkpoint's dynamic_threshold
+    np.testing.assert_allclose(tr.probs, ref.probs.numpy(), rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(tr.coords, ref.coords.numpy())
+
+
+def test_gru_family_with_static_baseline(folder, tmp_path):
+    from gfnet_edge.train.static import load_static
+
+    cfg = tiny_config(folder, backbone="test_resnet", epochs=(1, 1, 1), fc_hidden=32, policy_hidden=32, steps=3)
+    cfg.static.epochs = 1
+    res = train_folder(cfg, tmp_path / "r")
+    model = load_checkpoint(tmp_path / "r" / "gfnet.pth.tar")
+    assert (model.spec.classifier, model.spec.step0, model.spec.policy_conv) == ("gru", "classifier", False)
+    net, meta = load_static(tmp_path / "r" / "static.pth.tar")
+    assert meta["backbone"] == "test_resnet" and meta["num_classes"] == 3
+    assert res["static_accuracy"] == meta["val_accuracy"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_match_one(folder, weights, tmp_path):
+    # GroupNorm backbone: no batch statistics, so 2 x 3 images per step equal 1 x 6 exactly.
+    args = ["train", "--data", str(folder), "--backbone", "test_efficientnet_gn", "--image-size", "64",
+            "--patch-size", "32", "--epochs", "2,0,0", "--batch-size", "6", "--workers", "0", "--threads", "1",
+            "--stage", "1", "--no-progress", "--set", "stage1.lr=0.003"]
+    assert cli.main(args + ["-o", str(tmp_path / "one")]) == 0
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                           "-m", "gfnet_edge.cli", *args, "-o", str(tmp_path / "two")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es) on cpu" in proc.stdout
+    assert proc.stdout.count("[stage1] epoch") == 2  # rank 0 logs, rank 1 does not
+    one, two = _weights(tmp_path / "one", "stage1"), _weights(tmp_path / "two", "stage1")
+    assert len(torch.load(tmp_path / "one" / "stage1.pt", weights_only=True)["history"]) == 2
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], rtol=1e-4, atol=1e-5, msg=k)
+    # and training did move the weights (the comparison is not between two untouched models)
+    torch.manual_seed(0)
+    fresh = timm.create_model("test_efficientnet_gn", num_classes=3).state_dict()
+    moved = max((one[f"model.net.{k}"] - v).abs().max().item() for k, v in fresh.items() if v.is_floating_point())
+    assert moved > 1e-3
+
+
+# ------------------------------------------------------------------ bad input
+def _run_cli(args, capsys):
+    rc = cli.main(["train", "--backbone", "test_efficientnet", "--image-size", "64", "--patch-size", "32", "--epochs",
+                   "1", "--batch-size", "6", "--workers", "0", "--no-progress", *map(str, args)])
+    err = capsys.readouterr().err.strip().splitlines()
+    return rc, err
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("no_val", "no val/ folder"),
+    ("one_class", "needs at least 2 class folders"),
+    ("empty_class", "no images"),
+    ("class_mismatch", "train and val have different classes"),
+    ("all_unreadable", "none of its 4 images is readable"),
+])
+def test_bad_folders_exit_with_one_line(tmp_path, capsys, breakage, message):
+    import shutil
+
+    root = make_folder(tmp_path / "ds", n_train=6, n_val=4)
+    if breakage == "no_val":
+        shutil.rmtree(root / "val")
+    elif breakage == "one_class":
+        for c in ("green", "red"):
+            shutil.rmtree(root / "train" / c)
+            shutil.rmtree(root / "val" / c)
+    elif breakage == "empty_class":
+        for f in (root / "train" / "red").iterdir():
+            f.unlink()
+    elif breakage == "class_mismatch":
+        (root / "val" / "red").rename(root / "val" / "yellow")
+    elif breakage == "all_unreadable":
+        for f in (root / "val" / "red").iterdir():
+            f.write_bytes(b"not an image")
+    rc, err = _run_cli(["--data", root, "-o", tmp_path / "run"], capsys)
+    assert rc == 2 and len(err) == 1 and err[0].startswith("gfnet-edge: error:") and message in err[0], err
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path):
+    root = make_folder(tmp_path / "ds", n_train=5, n_val=2)
+    (root / "train" / "red" / "0.png").write_bytes(b"\x89PNG truncated")
+    (root / "train" / "blue" / "3.png").write_bytes(b"")
+    split = scan_split(root, "train")
+    assert len(split) == 13 and sorted(Path(f).name for f in split.skipped) == ["0.png", "3.png"]
+    assert not set(split.skipped) & {p for p, _ in split.samples}
+
+
+def test_bad_options_and_weights(tmp_path, capsys, folder, weights):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"garbage")
+    other = tmp_path / "resnet.pth"
+    torch.save(timm.create_model("test_resnet", num_classes=3).state_dict(), other)
+    for args, message in (
+        (["--data", folder, "-o", tmp_path / "r", "--pretrained", tmp_path / "missing.pth"], "weights file not found"),
+        (["--data", folder, "-o", tmp_path / "r", "--pretrained", bad], "not a readable weights file"),
+        (["--data", folder, "-o", tmp_path / "r", "--pretrained", other], "does not fit this backbone"),
+        (["--data", folder], "needs -o RUN"),
+        (["--data", folder, "-o", tmp_path / "r", "--epochs", "1,2"], "--epochs takes"),
+        (["--data", folder, "-o", tmp_path / "r", "--stage", "pretrain"], "demo stage"),
+        (["--data", tmp_path / "nowhere", "-o", tmp_path / "r"], "no such folder"),
+    ):
+        rc, err = _run_cli(args, capsys)
+        assert rc == 2 and len(err) == 1 and message in err[0], (args, err)
+        assert not (tmp_path / "r").exists()
+
+
+def test_existing_run_needs_resume(tmp_path, capsys, folder):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    (run / "notes.txt").write_text("mine")
+    rc, err = _run_cli(["--data", folder, "-o", run], capsys)
+    assert rc == 2 and len(err) == 1 and "pass --resume" in err[0]
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "notes.txt"]
+
+
+def test_timm_download_failure_is_one_clear_line(monkeypatch):
+    def offline(*a, **k):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files\nmore detail")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(UnavailableError, match=r"cannot fetch timm's pretrained weights for 'resnet50'.*--pretrained FILE") as e:
+        timm_pretrained_state("resnet50", 3)
+    assert "\n" not in str(e.value)
+
+
+def test_stage_order_is_the_papers():
+    assert STAGE_ORDER[:3] == ("stage1", "stage2", "stage3")
+    with pytest.raises(InputError):
+        from gfnet_edge.train.folder_cli import parse_epochs
+
+        parse_epochs("a,b,c")
+
+
+def test_cascaded_heads_start_as_a_product_of_experts():
+    from types import SimpleNamespace
+
+    from gfnet_edge.models.gfnet import GFNet
+
+    cfg = FolderTrainConfig(backbone="test_efficientnet", image_size=64, patch_size=32).resolved()
+    torch.manual_seed(0)
+    model = GFNet(cfg.spec(3))
+    folder_stages.FolderTrainer.init_cascaded_heads(SimpleNamespace(model=model, spec=model.spec))
+    feats = [torch.randn(5, model.spec.feature_dim) for _ in range(model.spec.steps)]
+    for k in range(2, model.spec.steps + 1):
+        expected = model.model_prime.logits(feats[0]) + sum(model.model.logits(f) for f in feats[1:k])
+        torch.testing.assert_close(model.fc.cascaded(feats[:k]), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_larger_than_the_train_split_is_refused(tmp_path, capsys, folder):
+    rc, err = _run_cli(["--data", folder, "-o", tmp_path / "r", "--batch-size", "64"], capsys)
+    assert rc == 2 and len(err) == 1 and "fewer than one batch (64)" in err[0], err
+    assert not (tmp_path / "r").exists()
+
+
+def test_every_stage_runs_under_bfloat16_autocast(folder, tmp_path, monkeypatch):
+    # The GPU path's mixed precision (bf16 activations, float32 losses, PPO update in float32),
+    # exercised with the CPU's autocast: every stage must run and keep finite losses.
+    monkeypatch.setattr(folder_stages.FolderTrainer, "autocast",
+                        lambda self: torch.autocast("cpu", dtype=torch.bfloat16))
+    cfg = tiny_config(folder, backbone="test_resnet", epochs=(1, 1, 1), fc_hidden=32, policy_hidden=32, steps=3,
+                      eval_max=3)
+    res = train_folder(cfg, tmp_path / "r")
+    history = [json.loads(line) for line in (tmp_path / "r" / "epochs.jsonl").read_text().splitlines()]
+    assert [h["stage"] for h in history] == ["stage1", "stage2", "stage3"]
+    assert all(np.isfinite(h["loss"]) for h in history)
+    assert len(res["anytime_accuracy"]) == 3
