@@ -25,7 +25,9 @@ S, P, T = 96, 48, 3
 
 #: Modules that are build-side by design (torch models, export, training, the demo-task generator).
 BUILD_SIDE = ("gfnet_edge.models", "gfnet_edge.export", "gfnet_edge.train.data", "gfnet_edge.train.evaluate_demo",
-              "gfnet_edge.train.stages", "gfnet_edge.train.static", "gfnet_edge.data.cluttered_digits")
+              "gfnet_edge.train.stages", "gfnet_edge.train.static", "gfnet_edge.data.cluttered_digits",
+              "gfnet_edge.train.dist", "gfnet_edge.train.folder_data", "gfnet_edge.train.folder_stages",
+              "gfnet_edge.train.pretrained")
 
 _IMPORT_ALL = f'''
 import importlib, json, pkgutil
