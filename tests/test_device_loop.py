@@ -250,6 +250,28 @@ def test_torch_cuda_without_gpu_says_why(demo_bundle):
 
 
 # ------------------------------------------- CPU: the loop's logic on a simulated device
+def _sim_reference(kind, request, tmp_path_factory):
+    """A bundle of ``kind``, its ONNX Runtime runner and CPU heads, and the host-place driver
+    the simulated device is checked against: ``(bundle, model, T, P, runner, heads, driver)``."""
+    pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    pytest.importorskip("timm")
+    from gfnet_edge.runtime.backends.onnxruntime import OnnxRuntimeRunner
+    from gfnet_edge.runtime.driver import Driver
+    from gfnet_edge.runtime.heads import HeadSet, load_head_arrays
+    from gfnet_edge.runtime.profile import Profiler
+
+    if kind == "cascaded-demo":
+        bundle = request.getfixturevalue("demo_bundle")
+    else:
+        bundle = _bundle(tmp_path_factory.mktemp("sim"), "gru", _tiny_spec("tiny_gru_resnet", **GRU_RESNET))
+    model = bundle.model
+    host = OnnxRuntimeRunner(bundle.graph_paths("fp32"), "fp32", 2).activate()
+    cpu_heads = HeadSet(load_head_arrays(bundle.heads_path), model)
+    return (bundle, model, int(model["steps"]), int(model["patch_size"]), host, cpu_heads,
+            Driver(model, host, cpu_heads, Profiler(False)))
+
+
 class _SimRunner(Runner):
     """Wraps a host runner: run_device reads / writes simulated device memory."""
 
@@ -283,22 +305,10 @@ def test_device_place_logic_on_simulated_device(tmp_path_factory, monkeypatch, k
     """The device place (offsets, per-step block, compaction, chunks, frames) against the host place,
     with the CUDA calls replaced by their numpy equivalents: checks the loop's bookkeeping
     on machines without a GPU."""
-    pytest.importorskip("torch")
-    pytest.importorskip("onnx")
-    pytest.importorskip("timm")
-    from gfnet_edge.runtime.backends.onnxruntime import OnnxRuntimeRunner
     from gfnet_edge.runtime.driver import Driver
-    from gfnet_edge.runtime.heads import HeadSet, load_head_arrays
     from gfnet_edge.runtime.profile import Profiler
 
-    if kind == "cascaded-demo":
-        bundle = request.getfixturevalue("demo_bundle")
-    else:
-        bundle = _bundle(tmp_path_factory.mktemp("sim"), "gru", _tiny_spec("tiny_gru_resnet", **GRU_RESNET))
-    model, T, Pz = bundle.model, int(bundle.model["steps"]), int(bundle.model["patch_size"])
-    host = OnnxRuntimeRunner(bundle.graph_paths("fp32"), "fp32", 2).activate()
-    cpu_heads = HeadSet(load_head_arrays(bundle.heads_path), model)
-    ref = Driver(model, host, cpu_heads, Profiler(False))
+    bundle, model, T, Pz, host, cpu_heads, ref = _sim_reference(kind, request, tmp_path_factory)
     mem = SimMemory()
     sim = sim_ops(monkeypatch, mem)
     heads = SimHeads(cpu_heads, mem)
@@ -380,24 +390,12 @@ def test_captured_loop_equals_host_loop_on_simulated_device(tmp_path_factory, mo
     compaction inside the next step's graph, the row index of the crop, trace buffers,
     capture once / replay after, recapture when the workspace grows, and the fallback to
     plain launches when a capture fails."""
-    pytest.importorskip("torch")
-    pytest.importorskip("onnx")
-    pytest.importorskip("timm")
-    from gfnet_edge.runtime.backends.onnxruntime import OnnxRuntimeRunner
     from gfnet_edge.runtime.device_place import DeviceSteps
     from gfnet_edge.runtime.driver import Driver
     from gfnet_edge.runtime.graphs import bucket_for, buckets
-    from gfnet_edge.runtime.heads import HeadSet, load_head_arrays
     from gfnet_edge.runtime.profile import Profiler
 
-    if kind == "cascaded-demo":
-        bundle = request.getfixturevalue("demo_bundle")
-    else:
-        bundle = _bundle(tmp_path_factory.mktemp("simg"), "gru", _tiny_spec("tiny_gru_resnet", **GRU_RESNET))
-    model, T, Pz = bundle.model, int(bundle.model["steps"]), int(bundle.model["patch_size"])
-    host = OnnxRuntimeRunner(bundle.graph_paths("fp32"), "fp32", 2).activate()
-    cpu_heads = HeadSet(load_head_arrays(bundle.heads_path), model)
-    ref = Driver(model, host, cpu_heads, Profiler(False))
+    bundle, model, T, Pz, host, cpu_heads, ref = _sim_reference(kind, request, tmp_path_factory)
     mem = SimMemory()
     sim = sim_ops(monkeypatch, mem, asynchronous=True)  # a missing synchronization reads stale memory
     heads = SimHeads(cpu_heads, mem)
