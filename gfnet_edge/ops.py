@@ -656,6 +656,39 @@ def cuda_device_count() -> int:
     return int(_C.cuda_device_count())
 
 
+def cuda_device_error() -> str:
+    """Why :func:`cuda_device_count` is 0 (``""`` when it is not)."""
+    return str(_C.cuda_device_error())
+
+
+def stream_handle(stream: Any) -> int:
+    """A ``cudaStream_t`` as an int, from None (the legacy default stream, 0), an int, a
+    :class:`Stream`, or a torch / CuPy stream."""
+    return _stream(stream)
+
+
+def stream_synchronize(stream: Any) -> None:
+    """Waits for the work enqueued on ``stream``."""
+    _stream_sync(stream)
+
+
+def host_loop(actor: "ActorHead", classifier: Any, steps: int, image_size: int, patch_size: int,
+              step0_backbone: bool, mean: Sequence[float], std: Sequence[float], feature_dim: int = 0):
+    """The extension's per-step engine of the host loop (``_C.HostLoop``) over CPU heads: the
+    classifier step (a :class:`GRUHead`, or a :class:`CascadedHead` with its ``feature_dim``), the
+    exit test, the compaction of the images still running, the policy step and the next crop
+    (uint8 frames normalised with ``mean`` / ``std`` as patches are cut), in one call per step.
+    A cascaded head's feature width defaults to half the input width of its k = 2 layer."""
+    if isinstance(classifier, GRUHead):
+        cls_cell, cls_head, cascaded = classifier._cell, classifier._head, {}
+    else:
+        cls_cell = cls_head = None
+        feature_dim = feature_dim or min(classifier._layers, default=2) // 2
+        cascaded = {k: classifier._layer(k, feature_dim) for k in range(2, int(steps) + 1)}
+    return _C.HostLoop(actor._cell, actor._head, cls_cell, cls_head, cascaded, int(steps), int(image_size),
+                       int(patch_size), bool(step0_backbone), [float(v) for v in mean], [float(v) for v in std])
+
+
 def cuda_device_properties(index: int = 0) -> dict:
     """``{"name", "major", "minor", "total_memory", "multiprocessors", "integrated"}``."""
     _require_cuda()

@@ -168,7 +168,7 @@ class Runtime:
             ops.set_num_threads(int(threads))
         on_gpu = bool(self.runner.supports_device)  # the loop's place follows the heads' device
         if on_gpu and ops.cuda_device_count() < 1:
-            reason = "it was built without CUDA" if not ops.has_cuda_build() else ops._C.cuda_device_error()
+            reason = "it was built without CUDA" if not ops.has_cuda_build() else ops.cuda_device_error()
             raise UnavailableError(f"the {backend} backend runs the loop on the GPU, but gfnet_edge's extension "
                                    f"cannot use one here ({reason})")
         self.head_dtype = head_dtype

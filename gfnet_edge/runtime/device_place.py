@@ -63,7 +63,7 @@ class DevicePlace:
 
         if not ops.has_cuda_build() or ops.cuda_device_count() < 1:
             reason = "gfnet_edge._C was built without CUDA" if not ops.has_cuda_build() else \
-                f"no usable CUDA device ({ops._C.cuda_device_error()})"
+                f"no usable CUDA device ({ops.cuda_device_error()})"
             raise UnavailableError(f"the device-resident loop needs a GPU: {reason}")
         if not getattr(ctx.runner, "supports_device", False):
             raise ValueError(f"the {ctx.runner.name} runner has no device execution (supports_device is False); "
@@ -179,7 +179,7 @@ class DevicePlace:
         from .. import ops
 
         for stream in dict.fromkeys(f.stream for f in frames if f.stream is not None):
-            ops._stream_sync(stream)
+            ops.stream_synchronize(stream)
         with self.stage("preprocess"):
             return self._preprocess([(f.ptr, f.height, f.width) for f in frames])
 

@@ -71,13 +71,5 @@ class HeadSet:
 
         if self.device != "cpu":
             raise ValueError("the host loop needs heads built with device='cpu'")
-        if self.kind == "gru":
-            cls_cell, cls_head, cascaded = self.cls._cell, self.cls._head, {}
-        else:
-            F = min(self.cls._layers, default=2) // 2  # the layer for k = 2 takes two step features
-            cls_cell = cls_head = None
-            cascaded = {k: self.cls._layer(k, F) for k in range(2, self.steps + 1)}
-        # mean / std normalise uint8 frames as patches are cut
-        return ops._C.HostLoop(self.actor._cell, self.actor._head, cls_cell, cls_head, cascaded, self.steps,
-                               self.image_size, self.patch_size, model["step0"] == "backbone",
-                               [float(v) for v in model["mean"]], [float(v) for v in model["std"]])
+        return ops.host_loop(self.actor, self.cls, self.steps, self.image_size, self.patch_size,
+                             model["step0"] == "backbone", model["mean"], model["std"])

@@ -111,7 +111,7 @@ class Runner:
             raise ValueError(f"image must be a non-null device pointer (int), got {image!r}")
         from ... import ops
 
-        return self._run_device(graph, int(image), int(batch), ops._stream(stream))
+        return self._run_device(graph, int(image), int(batch), ops.stream_handle(stream))
 
     def graph_capture(self, stream: Any) -> Optional["Capture"]:
         """How the work this runner enqueues on ``stream`` is captured as a CUDA graph

@@ -370,7 +370,7 @@ class TensorRTRunner(Runner):
         from ... import ops
 
         for lane in self._lanes.values():
-            ops._stream_sync(lane.stream)
+            ops.stream_synchronize(lane.stream)
         for lane in self._lanes.values():
             lane.batch_contexts.clear()
             lane.contexts.clear()
@@ -457,7 +457,7 @@ class TensorRTRunner(Runner):
         from ... import ops
         from ..graphs import NativeCapture
 
-        handle = ops._stream(stream)
+        handle = ops.stream_handle(stream)
         self._lane(handle).per_batch = True
         return NativeCapture(handle)
 

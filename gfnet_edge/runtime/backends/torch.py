@@ -175,7 +175,7 @@ class TorchRunner(Runner):
             return None
         from ... import ops
 
-        return TorchCapture(self, ops._stream(stream))
+        return TorchCapture(self, ops.stream_handle(stream))
 
 
 class TorchCapture:
