@@ -36,7 +36,7 @@ import numpy as np
 
 from ..errors import InputError, UnavailableError
 from .cuda_arrays import DeviceFrame
-from .types import Chunk, ExitBook, LoopContext, StepOutputs, check_step_flag as _check_flag, softmax
+from .types import Chunk, DeviceRun, ExitBook, LoopContext, StepOutputs, check_step_flag as _check_flag, softmax
 
 
 F32 = 4  # bytes per float32 / int32
@@ -238,7 +238,7 @@ class _EventStage:
         self.place._pending.append((self.name, self.start, end))
 
 
-class DeviceSteps:
+class DeviceSteps(DeviceRun):
     """One run of the loop over a device chunk of ``n`` images (see
     :class:`~gfnet_edge.runtime.driver.Driver`): the steps between the backbones, enqueued on
     the place's stream, and the per-step exit test with compaction."""
@@ -330,13 +330,10 @@ class DeviceSteps:
 
     def _after_heads(self) -> Optional[int]:
         """Exit test of step t (not in trace mode), then the policy and crop of step t + 1."""
-        if not self.trace and not self._exit_test():
-            return None
-        if self.t == self.T - 1:
+        if not self._advance():
             return None
         from .. import ops
 
-        self.t += 1
         place, st, n, t = self.place, self.st, self.n, self.t
         coords = self.slot(t) + 2 * n * F32
         with place.stage("policy"):
@@ -394,12 +391,6 @@ class DeviceSteps:
                                      error_flag=flag, stream=st)
             self.feats = dst
         self.n = m
-
-    def running(self) -> tuple:
-        return self.t, self.n
-
-    def stop(self) -> None:
-        self.book.stop(self.t - 1)  # the pending step's policy / crop are never read
 
     def outputs(self) -> StepOutputs:
         probs_all = None

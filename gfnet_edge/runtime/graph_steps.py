@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional
 import numpy as np
 
 from ..errors import InputError
-from .types import ExitBook, StepOutputs, check_step_flag as _check_flag, softmax
+from .types import DeviceRun, ExitBook, StepOutputs, check_step_flag as _check_flag, softmax
 from .graphs import Capture, GraphCache, bucket_for
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -112,7 +112,7 @@ class GraphWorkspace:
         return self._b[name]
 
 
-class GraphSteps:
+class GraphSteps(DeviceRun):
     """One run of the captured loop over a device chunk of ``n`` images (the
     :class:`~gfnet_edge.runtime.driver.Steps` of the device place when graphs are on).
 
@@ -257,12 +257,7 @@ class GraphSteps:
 
     def _after(self) -> Optional[bool]:
         """Exit test of step t (not in trace mode); True when a focus step follows."""
-        if not self.trace and not self._exit_test():
-            return None
-        if self.t == self.T - 1:
-            return None
-        self.t += 1
-        return True
+        return True if self._advance() else None
 
     def _exit_test(self) -> bool:
         """Reads step t's result block, records the results and prepares the compaction of
@@ -291,12 +286,6 @@ class GraphSteps:
                 self.prev = B
             self.n, self.B = m, nb
         return True
-
-    def running(self) -> tuple:
-        return self.t, self.n
-
-    def stop(self) -> None:
-        self.book.stop(self.t - 1)  # the pending step's policy / crop are never read
 
     def outputs(self) -> StepOutputs:
         probs_all = None

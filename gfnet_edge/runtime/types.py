@@ -196,3 +196,33 @@ class ExitBook:
 
     def outputs(self, probs: Optional[np.ndarray] = None) -> "StepOutputs":
         return StepOutputs(self.prediction, self.confidence, self.exit_step, self.coords, probs, self.stopped)
+
+
+class DeviceRun:
+    """What the two device runs (plain launches, CUDA graphs) share: the step order, the count
+    of images still running, and the deadline stop. Subclasses set ``t``, ``T``, ``n``,
+    ``trace`` and ``book`` and implement ``_exit_test``."""
+
+    t: int
+    T: int
+    n: int
+    trace: bool
+    book: ExitBook
+
+    def _exit_test(self) -> bool:  # pragma: no cover - implemented by the runs
+        raise NotImplementedError
+
+    def _advance(self) -> bool:
+        """Exit test of step t (not in trace mode); True when step t + 1 follows (t advanced)."""
+        if not self.trace and not self._exit_test():
+            return False
+        if self.t == self.T - 1:
+            return False
+        self.t += 1
+        return True
+
+    def running(self) -> Tuple[int, int]:
+        return self.t, self.n
+
+    def stop(self) -> None:
+        self.book.stop(self.t - 1)  # the pending step's policy / crop are never read
