@@ -830,6 +830,7 @@ void bind_cuda(py::module_& m) {
   py::class_<gc::Event>(m, "Event", "A timing CUDA event.")
       .def(py::init<>())
       .def("record", &gc::Event::record, py::arg("stream"))
+      .def("wait", &gc::Event::wait, py::arg("stream"), "Later work on `stream` waits for this event.")
       .def("synchronize", &gc::Event::synchronize, py::call_guard<py::gil_scoped_release>())
       .def("elapsed_since", &gc::Event::elapsed_since, py::arg("start"),
            py::call_guard<py::gil_scoped_release>(), "Milliseconds from `start` to this event.");

@@ -50,7 +50,7 @@ every call only enqueues work unless noted)::
     cuda_copy(dst_ptr, src_ptr, nbytes, stream=None)
     cuda_softmax_stats(logits_ptr, n, classes, maxprob_ptr, argmax_ptr, logits_out=None, ...)
     CudaGraph(): .begin_capture(stream) .end_capture() .launch(stream) .nodes
-    CudaEvent(): .record(stream) .elapsed_ms(start_event)
+    CudaEvent(): .record(stream) .wait(stream) .elapsed_ms(start_event)
     pinned_empty(shape, dtype) -> numpy array in page-locked host memory
     GRUHead(..., device="cuda").step_device(x_ptr, h_ptr, h_out_ptr, batch, logits_ptr, ...)
     ActorHead(..., device="cuda").step_device(x_ptr, h_ptr, h_out_ptr, batch, action_ptr, ...)
@@ -936,6 +936,10 @@ class CudaEvent:
 
     def record(self, stream: Any) -> None:
         self._e.record(_stream(stream))
+
+    def wait(self, stream: Any) -> None:
+        """Makes the work enqueued on ``stream`` from now on wait for this event (no host wait)."""
+        self._e.wait(_stream(stream))
 
     def elapsed_ms(self, start: "CudaEvent") -> float:
         """Milliseconds from ``start`` to this event (waits for this one to complete)."""

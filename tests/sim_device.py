@@ -104,6 +104,7 @@ class SimMemory:
         self.streams = SimStreams()
         self.asynchronous = False
         self.capturing = None  # a list while a graph capture is open
+        self.waits = []  # (stream, event mark) of every event wait
 
     def launch(self, stream, fn):
         """Runs ``fn`` as work on ``stream``: recorded while a graph capture is open, enqueued
@@ -250,21 +251,32 @@ def sim_ops(monkeypatch, mem, asynchronous=False):
                      ("has_cuda_build", lambda: True), ("cuda_device_count", lambda: 1), ("cuda_glance", glance),
                      ("cuda_preprocess", preprocess), ("cuda_crop_patches", crop), ("cuda_gather_rows", gather),
                      ("cuda_copy", copy), ("cuda_softmax_stats", softmax_stats),
-                     ("_stream_sync", stream_sync), ("CudaEvent", SimEvent), ("CudaGraph", lambda: SimGraph(mem))]:
+                     ("_stream_sync", stream_sync), ("CudaEvent", lambda: SimEvent(mem)), ("CudaGraph", lambda: SimGraph(mem)),
+                     ("pinned_empty", lambda shape, dtype: np.empty(shape, dtype))]:
         monkeypatch.setattr(ops, name, fn)
     return sim
 
 
 class SimEvent:
-    """A CUDA event of the simulated device: the host clock when the stream reaches it."""
+    """A CUDA event of the simulated device: a mark in its stream's queue (``wait`` makes
+    another stream run that stream up to the mark first, when the device is asynchronous) and
+    the host clock when recorded (for ``elapsed_ms``)."""
 
-    def __init__(self):
-        self.t = 0.0
+    def __init__(self, mem=None):
+        self.mem, self.t, self.mark = mem, 0.0, None
 
     def record(self, stream=None):
         import time
 
         self.t = time.perf_counter()
+        if self.mem is not None:
+            self.mark = self.mem.streams.record_event(ops._stream(stream))
+
+    def wait(self, stream=None):
+        if self.mem is not None and self.mem.asynchronous and self.mark is not None:
+            self.mem.streams.wait_event(ops._stream(stream), self.mark)
+        if self.mem is not None:
+            self.mem.waits.append((ops._stream(stream), self.mark))
 
     def elapsed_ms(self, start):
         return (self.t - start.t) * 1e3

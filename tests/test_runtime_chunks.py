@@ -212,6 +212,86 @@ def test_device_place_uploads_and_runs_chunk_by_chunk(demo, monkeypatch):
     assert max(b.nbytes for b in bufs.values()) == CHUNK * 3 * S * S * 4
 
 
+class _AsyncSimRunner(_SimDeviceRunner):
+    """Like _SimDeviceRunner, but its work runs when the (asynchronous) stream gets to it."""
+
+    def _run_device(self, graph, image, batch, stream):
+        P, result = self.P, {}
+        dry = self.host.run(graph, np.zeros((batch, 3, P, P), np.float32))
+        for name, a in dry.items():
+            ptr, size = self.out.get((graph, name), (0, 0))
+            if size < a.nbytes:
+                ptr, size = self.mem.alloc(a.nbytes), a.nbytes
+                self.out[(graph, name)] = (ptr, size)
+            result[name] = (ptr, a.shape)
+
+        def work():
+            x = np.array(self.mem.view(image, (batch, 3, P, P), np.float32))
+            for name, a in self.host.run(graph, x).items():
+                self.mem.view(result[name][0], a.shape, np.float32)[:] = a
+        self.mem.launch(stream, work)
+        return result
+
+
+def test_the_next_chunk_uploads_while_the_current_one_runs(demo, monkeypatch):
+    """On the (asynchronous, simulated) GPU, a call of several chunks uploads chunk k + 1 on a
+    stream of its own, through page-locked memory, before chunk k runs; the loop's stream waits
+    for that upload on the device only. Answers equal the host place's."""
+    from gfnet_edge.runtime.driver import Driver
+
+    bundle, frames = demo
+    frames = frames[:40]
+    P = int(bundle.model["patch_size"])
+    with _runtime(bundle, max_batch=CHUNK) as host_rt:
+        want = host_rt.predict(frames)
+        want_images = host_rt.predict(_normalised(bundle, frames))
+    mem = SimMemory()
+    sim_ops(monkeypatch, mem, asynchronous=True)
+    log = []
+    run_device = _AsyncSimRunner._run_device
+
+    def logged(self, graph, image, batch, stream):
+        log.append(("run", graph, int(stream)))
+        return run_device(self, graph, image, batch, stream)
+
+    monkeypatch.setattr(_AsyncSimRunner, "_run_device", logged)
+    with _runtime(bundle, max_batch=CHUNK) as rt:
+        rt.driver = Driver(rt.model, _AsyncSimRunner(rt.runner, mem, P).activate(), SimHeads(rt.heads, mem),
+                           rt.profiler, cuda_graphs=False)
+        place = rt.driver.place
+        prefetch = place.prefetch
+
+        def logged_prefetch(data):
+            log.append(("prefetch", len(data)))
+            prefetch(data)
+
+        monkeypatch.setattr(place, "prefetch", logged_prefetch)
+        got = rt.predict(frames)
+        chunks = -(-len(frames) // CHUNK)
+        upload, loop = int(place._upload.handle), int(place.stream.handle)
+        assert upload != loop
+        # chunk k + 1 is prefetched before chunk k's glance runs; the loop waits for it once per chunk
+        order = [e[0] if e[0] == "prefetch" else e[1] for e in log if e[0] == "prefetch" or e[1] == "glance"]
+        assert order == ["prefetch", "glance"] * (chunks - 1) + ["glance"], order
+        assert [w[0] for w in mem.waits] == [loop] * (chunks - 1)
+        assert mem.streams.enqueued[upload] >= chunks - 1
+        log.clear()
+        got_images = rt.predict(_normalised(bundle, frames))  # float images take the same route
+        sizes = [min(CHUNK, len(frames) - k * CHUNK) for k in range(1, chunks)]
+        assert [e for e in log if e[0] == "prefetch"] == [("prefetch", k) for k in sizes]
+    for a, b in ((got, want), (got_images, want_images)):
+        for f in ("classes", "exit_step", "coords"):
+            np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f)
+        np.testing.assert_allclose(a.confidence, b.confidence, rtol=0, atol=1e-5)
+
+
+def _normalised(bundle, frames):
+    from gfnet_edge import ops
+
+    m = bundle.model
+    return ops.preprocess(list(frames), int(m["image_size"]), crop_pct=1.0, mean=m["mean"], std=m["std"])
+
+
 # ------------------------------------------------------- peak memory of a 4000-frame call
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, resource, sys

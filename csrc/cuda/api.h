@@ -226,6 +226,8 @@ class Event {
   Event(const Event&) = delete;
   Event& operator=(const Event&) = delete;
   void record(uintptr_t stream);
+  /// Makes later work on `stream` wait for this event (cudaStreamWaitEvent; the host does not wait).
+  void wait(uintptr_t stream) const;
   void synchronize() const;
   /// Milliseconds from `start` to this event (both recorded; waits for this one).
   float elapsed_since(const Event& start) const;

@@ -302,6 +302,10 @@ void Event::record(uintptr_t stream) {
   GFN_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(event_), as_stream(stream)));
 }
 
+void Event::wait(uintptr_t stream) const {
+  GFN_CUDA_CHECK(cudaStreamWaitEvent(as_stream(stream), static_cast<cudaEvent_t>(event_), 0));
+}
+
 void Event::synchronize() const {
   GFN_CUDA_CHECK(cudaEventSynchronize(static_cast<cudaEvent_t>(event_)));
 }

@@ -303,8 +303,16 @@ class Runtime:
         if n <= size:  # one chunk: its outputs are the call's
             return self._run_chunk(kind, next(iter(chunks)), 0, thresholds, deadline), n
         out = OutputBuffer(n)
-        for k, chunk in enumerate(chunks):
+        # on the GPU, the next chunk's upload overlaps the current chunk's steps
+        prefetch = getattr(self.driver.place, "prefetch", None) if kind != "device" else None
+        chunks = iter(chunks)
+        chunk, k = next(chunks), 0
+        while chunk is not None:
+            following = next(chunks, None)
+            if prefetch is not None and following is not None:
+                prefetch(following)
             out.write(k * size, self._run_chunk(kind, chunk, k * size, thresholds, deadline))
+            chunk, k = following, k + 1
         return out.result(), n
 
     def _run_chunk(self, kind: str, chunk, start: int, thresholds, deadline: Optional[Deadline] = None) -> StepOutputs:

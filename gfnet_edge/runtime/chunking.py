@@ -4,7 +4,9 @@ A call of any size is cut into chunks of at most ``max_batch`` images. Each chun
 normalised and run through the loop on its own (host buffers, device uploads and backbone
 activations sized for the chunk), and its results are written into outputs allocated once for
 the whole call (:class:`OutputBuffer`). Nothing of the input is copied as a whole: slices of an
-array are views, device frames are addressed in place (:func:`device_chunks`).
+array are views, device frames are addressed in place (:func:`device_chunks`). On the device
+place the next chunk's upload overlaps the current chunk's steps
+(:meth:`~gfnet_edge.runtime.device_place.DevicePlace.prefetch`).
 
 :func:`stream_batches` groups the items of an iterable (a video, a folder walk) into batches for
 :meth:`Runtime.predict_iter <gfnet_edge.runtime.api.Runtime.predict_iter>`.

@@ -72,6 +72,11 @@ class DevicePlace:
         self.stream = stream if stream is not None else ops.Stream()
         self._bufs: Dict[str, Any] = {}
         self._events: List[Any] = []  # free CUDA events for stage timing
+        self._upload: Any = None  # the upload stream of prefetch()
+        self._slot = 1
+        self._pinned: List[Any] = [None, None]
+        self._upload_events: List[Any] = [None, None]
+        self._prefetched: Dict[int, tuple] = {}  # slot -> (host object, device buffer, event)
         self._pending: List[tuple] = []  # (stage, start event, end event) not read yet
         capture = ctx.runner.graph_capture(self.stream) if cuda_graphs else None
         #: The captured loop's buffers and graphs (None: plain launches, :class:`DeviceSteps`).
@@ -123,21 +128,63 @@ class DevicePlace:
             prof.record(name, end.elapsed_ms(start) / 1e3)
             self._events += [start, end]
 
+    # ----------------------------------------------------------------- prefetch
+    def prefetch(self, data: Union[np.ndarray, Sequence[np.ndarray]]) -> None:
+        """Starts uploading the next chunk of a call (uint8 frames, or float32 (N, 3, S, S)
+        images) on the place's upload stream, through page-locked memory, while the current
+        chunk runs. The next :meth:`frames` / :meth:`inputs` call given the same object uses
+        the upload (its stream waits for it on the device; the host does not wait). Two slots
+        alternate, so the chunk running and the one uploading never share memory."""
+        from .. import ops
+
+        items = [data] if isinstance(data, np.ndarray) else list(data)
+        if not items or not all(isinstance(a, np.ndarray) and a.dtype in (np.uint8, np.float32) for a in items):
+            return  # what the upload paths would refuse: they say why
+        nbytes = sum(int(a.nbytes) for a in items)
+        if self._upload is None:
+            self._upload = ops.Stream()
+        slot = self._slot = 1 - self._slot
+        pinned = self._pinned[slot]
+        if pinned is None or pinned.nbytes < nbytes:
+            pinned = self._pinned[slot] = ops.pinned_empty((nbytes,), np.uint8)
+        offset = 0
+        for a in items:
+            pinned[offset:offset + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+            offset += a.nbytes
+        dev = self.buf(f"prefetch.{slot}", nbytes)
+        dev.copy_from_host(pinned[:nbytes], self._upload)
+        event = self._upload_events[slot] = self._upload_events[slot] or ops.CudaEvent()
+        event.record(self._upload)
+        self._prefetched[slot] = (data, dev, event)
+
+    def _take_prefetched(self, data: Any) -> Optional[Any]:
+        """The device copy of ``data`` if it was prefetched (the place's stream made to wait
+        for its upload), else None."""
+        for slot, entry in list(self._prefetched.items()):
+            if entry[0] is data:
+                del self._prefetched[slot]
+                entry[2].wait(self.stream)
+                return entry[1]
+        return None
+
     # ------------------------------------------------------------------- inputs
     def inputs(self, images: np.ndarray, glance: Optional[np.ndarray]) -> List[Chunk]:
-        """Uploads normalised float32 (N, 3, S, S) images once, with their glance or computing
-        it on the device (``ops.cuda_glance``, within 1e-5 of the CPU glance)."""
+        """Uploads normalised float32 (N, 3, S, S) images once (or takes their prefetched
+        upload), with their glance or computing it on the device (``ops.cuda_glance``, within
+        1e-5 of the CPU glance)."""
         from .. import ops
 
         S, P, st = self.ctx.S, self.ctx.P, self.stream
+        staged = self._take_prefetched(images)
         images = np.ascontiguousarray(images, dtype=np.float32)
         if images.ndim != 4 or images.shape[1:] != (3, S, S) or images.shape[0] < 1:
             raise ValueError(f"images must be float32 (N, 3, {S}, {S}), got {images.shape}")
         n = images.shape[0]
-        img = self.buf("input.images", images.nbytes)
+        img = staged if staged is not None else self.buf("input.images", images.nbytes)
         gl = self.buf("input.glance", n * 3 * P * P * F32)
         with self.stage("preprocess"):
-            img.copy_from_host(images, st)
+            if staged is None:
+                img.copy_from_host(images, st)
             if glance is None:
                 ops.cuda_glance(img, n, S, gl, P, self.ctx.model["glance_interpolation"], stream=st)
             else:
@@ -148,7 +195,9 @@ class DevicePlace:
         return self.device_inputs(img.ptr, gl.ptr, n)
 
     def frames(self, frames: Union[np.ndarray, Sequence[np.ndarray]]) -> List[Chunk]:
-        """One upload of all frames, then the fused device pre-processing per frame."""
+        """One upload of all frames (or their prefetched upload), then the fused device
+        pre-processing per frame."""
+        staged = self._take_prefetched(frames)
         if isinstance(frames, np.ndarray) and frames.ndim == 4:
             frame_list: List[np.ndarray] = [frames[i] for i in range(frames.shape[0])]
             host = np.ascontiguousarray(frames)
@@ -161,11 +210,15 @@ class DevicePlace:
             if not isinstance(f, np.ndarray) or f.dtype != np.uint8 or f.ndim != 3 or f.shape[2] != 3 or f.size == 0:
                 desc = f"{f.dtype} {f.shape}" if isinstance(f, np.ndarray) else type(f).__name__
                 raise ValueError(f"frame {i}: expected a uint8 (H, W, 3) frame, got {desc}")
-        if host is None:
-            host = np.concatenate([np.ascontiguousarray(f).reshape(-1) for f in frame_list])
-        fb = self.buf("input.frames", host.nbytes)
+        if staged is not None:
+            fb = staged
+        else:
+            if host is None:
+                host = np.concatenate([np.ascontiguousarray(f).reshape(-1) for f in frame_list])
+            fb = self.buf("input.frames", host.nbytes)
         with self.stage("preprocess"):
-            fb.copy_from_host(host, self.stream)
+            if staged is None:
+                fb.copy_from_host(host, self.stream)
             located, offset = [], 0
             for f in frame_list:
                 h, w = int(f.shape[0]), int(f.shape[1])
