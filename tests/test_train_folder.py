@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -204,10 +205,20 @@ def test_torchrun_two_processes_match_one(folder, weights, tmp_path):
             "--stage", "1", "--no-progress", "--set", "stage1.lr=0.003"]
     assert cli.main(args + ["-o", str(tmp_path / "one")]) == 0
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-                           "-m", "gfnet_edge.cli", *args, "-o", str(tmp_path / "two")],
-                          env=env, capture_output=True, text=True, timeout=300)
+
+    def torchrun(out):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                               "-m", "gfnet_edge.cli", *args, "-o", str(out)],
+                              env=env, capture_output=True, text=True, timeout=300)
+
+    proc = torchrun(tmp_path / "two")
+    if proc.returncode != 0 and "SIGABRT" in proc.stderr:
+        # a gloo worker aborting as the processes exit has been seen once on a loaded 2-core
+        # machine; one more run tells it from a real failure, which fails both
+        proc = torchrun(tmp_path / "two-again")
+        shutil.rmtree(tmp_path / "two", ignore_errors=True)
+        (tmp_path / "two-again").rename(tmp_path / "two")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es) on cpu" in proc.stdout
     assert proc.stdout.count("[stage1] epoch") == 2  # rank 0 logs, rank 1 does not

@@ -7,6 +7,7 @@ folder; every rank computes.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, List
 
@@ -61,7 +62,12 @@ class DistContext:
         return box[0]
 
     def close(self) -> None:
+        """Leaves the process group. On a normal end every rank first waits for the others, so
+        no rank tears its connections down while another is still in a collective (gloo aborts
+        the process then); after an error the group is left at once."""
         if self.initialised and dist.is_initialized():
+            if sys.exc_info()[0] is None:
+                dist.barrier()
             dist.destroy_process_group()
 
 
