@@ -98,6 +98,20 @@ def _budgets_from_checkpoint(meta: Dict[str, Any], steps: int) -> Dict[str, Dict
     return out
 
 
+def _preload_native_modules() -> None:
+    """Imports the native modules the build loads lazily (ONNX, its exporter in torch, ONNX
+    Runtime) before anything is written: a SIGTERM / SIGINT turns into an exception at the next
+    Python instruction, and one raised while a native extension module is being initialised
+    can crash the interpreter instead of ending the build through its cleanup."""
+    import importlib
+
+    for name in ("onnx", "torch.onnx", "onnxruntime", "onnxsim"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass  # the step that needs it says what is missing
+
+
 def build_bundle(checkpoint: Path, out: Path, cfg: BuildConfig, progress: bool = True) -> Bundle:
     """Phase 1 (and 2 when TensorRT is here): checkpoint -> bundle.
 
@@ -128,6 +142,7 @@ def build_bundle(checkpoint: Path, out: Path, cfg: BuildConfig, progress: bool =
     calib = None
     if cfg.precision == "int8":
         calib = _calibration_images(model, cfg)  # fail early, before anything is written
+    _preload_native_modules()
     with staging_dir(Path(out), force=cfg.force, protect=inputs) as tmp:
         logger.info("exporting ONNX graphs of %s", model.spec.model_name)
         paths = export_model(model, tmp / "graphs")
