@@ -8,7 +8,6 @@ images stopped by the deadline must carry the trace's answer at the last step th
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +16,6 @@ from gfnet_edge import ops
 from gfnet_edge.errors import InputError
 from gfnet_edge.runtime.deadline import Deadline, StepCosts, step_costs_entry
 
-ASSETS = Path(__file__).resolve().parents[1] / "gfnet_edge" / "assets"
 COST = (1.0, 2.0, 3.0)  # per-image ms of the glance and the two focus steps (fake clock)
 
 
@@ -90,22 +88,8 @@ def expected_stops(exit_free, deadline_ms, cost=COST, margin=0.0):
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    pytest.importorskip("torch")
-    pytest.importorskip("onnx")
-    from gfnet_edge.build import BuildConfig, build_bundle
-
-    with pytest.MonkeyPatch.context() as mp:
-        import importlib.util
-
-        if importlib.util.find_spec("onnxsim") is None:
-            from gfnet_edge import export
-
-            orig = export.export_model
-            mp.setattr(export, "export_model",
-                       lambda model, out, opset=export.DEFAULT_OPSET, simplify=True: orig(model, out, opset, False))
-        return build_bundle(ASSETS / "demo_gfnet.pth.tar", tmp_path_factory.mktemp("dl") / "bundle",
-                            BuildConfig(precision="fp32", backend="onnxruntime"), progress=False)
+def demo(demo_onnx_bundle):
+    return demo_onnx_bundle
 
 
 class _Timed:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-from pathlib import Path
 
-import numpy as np
 import pytest
 
 from gfnet_edge import cli
@@ -18,13 +16,9 @@ ORIN_AGX = {"gpu_name": "Orin", "compute_capability": "8.7", "multiprocessors": 
 
 
 @pytest.fixture(scope="module")
-def portable_bundle(tmp_path_factory):
-    pytest.importorskip("torch")
-    from gfnet_edge.build import BuildConfig, build_bundle
-
-    demo = Path(__file__).resolve().parents[1] / "gfnet_edge" / "assets" / "demo_gfnet.pth.tar"
-    return build_bundle(demo, tmp_path_factory.mktemp("doc") / "bundle",
-                        BuildConfig(precision="fp32", backend="onnxruntime"), progress=False)
+def portable_bundle(demo_onnx_bundle):
+    """The session's fp32 demo bundle (no engines); tests that add engines work on a copy."""
+    return demo_onnx_bundle
 
 
 def _device(monkeypatch, here=ORIN_AGX, **kw):
