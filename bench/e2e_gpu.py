@@ -34,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, table, write_report  # noqa: E402
+from e2e import alternating  # noqa: E402
 from gpu_common import DTYPES, Graphed, gfnet_driver, per_call_ms, run_loop, sync  # noqa: E402
 
 PS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 4.0)
@@ -64,25 +65,6 @@ def static_classifier(net, model: Dict[str, Any], device: str, dtype: str):
         return graphed(torch.from_numpy(frames)).cpu().numpy()
 
     return classify
-
-
-def alternating(calls: Dict[str, Any], frames: np.ndarray, batch: int, blocks: int = 6) -> Dict[str, float]:
-    """Mean per-image ms of each call on the same images, in alternating blocks of at least
-    64 images (whole batches)."""
-    per_block = max(batch, 64 // batch * batch)
-    n = len(frames)
-    ms: Dict[str, List[float]] = {k: [] for k in calls}
-    for fn in calls.values():
-        fn(frames[:batch])
-    for blk in range(blocks):
-        idx = [(blk * per_block + j) % n for j in range(per_block)]
-        for name, fn in calls.items():
-            for c in range(0, per_block, batch):
-                f = frames[idx[c:c + batch]]
-                t0 = time.perf_counter()
-                fn(f)
-                ms[name].append((time.perf_counter() - t0) * 1e3 / len(f))
-    return {k: float(np.mean(v)) for k, v in ms.items()}
 
 
 def trace_probs(driver, frames: np.ndarray, batch: int = 128) -> np.ndarray:
@@ -211,7 +193,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     for i in range(0, len(test_x) - b + 1, b):  # every graph these calls need, captured first
                         driver.run_frames(test_x[i:i + b], thr)
                     t = alternating({"gfnet": lambda f: driver.run_frames(f, thr).prediction, "static": static},
-                                    test_x, b)
+                                    {"gfnet": b, "static": b}, test_x, blocks=6, per_block=max(b, 64 // b * b))
                     entry.update({"gfnet_ms": t["gfnet"], "static_ms": t["static"], "ratio": t["gfnet"] / t["static"]})
                 entry["outside"] = outside_backbones(driver, test_x, b, dev, dtype)
                 run["batches"][b] = entry

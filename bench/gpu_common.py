@@ -13,12 +13,11 @@ Everything works on the CPU too, eagerly, so the scripts can be dry-run without 
 """
 from __future__ import annotations
 
-import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
 
-import common  # noqa: F401  (imports the checkout)
+from common import time_calls  # (importing common also imports the checkout)
 
 DTYPES = {"fp32": "float32", "fp16": "float16"}
 
@@ -33,18 +32,13 @@ def sync(device: str) -> None:
 def per_call_ms(fn: Callable[[], Any], device: str, reps: int = 50, warmup: int = 5,
                 min_seconds: float = 0.2) -> float:
     """Median wall-clock ms of one call of ``fn`` (each call completes on the GPU before the
-    clock stops): ``reps`` calls at least, and at least ``min_seconds`` of them."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    out: List[float] = []
-    t_end = time.perf_counter() + min_seconds
-    while len(out) < reps or time.perf_counter() < t_end:
-        t0 = time.perf_counter()
+    clock stops; :func:`common.time_calls`): ``reps`` calls at least, and at least
+    ``min_seconds`` of them."""
+    def call() -> None:
         fn()
         sync(device)
-        out.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(out))
+
+    return float(np.median(time_calls(call, warmup=warmup, repeat=reps, min_seconds=min_seconds))) * 1e3
 
 
 def make_runner(model, device: str, dtype: str):

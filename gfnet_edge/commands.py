@@ -185,27 +185,17 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    help="images per runtime call (default 32); images are read batch by batch")
     p.add_argument("--profile", action="store_true",
                    help="print the runtime's per-stage timing (mean, p50, p95, p99) to stderr at the end")
-    p.add_argument("--deadline-ms", type=_positive_ms, metavar="MS",
+    p.add_argument("--deadline-ms", type=float_range(0.0, 1e9, lo_open=True), metavar="MS",
                    help="per runtime call (one --batch-size batch): images still running stop before a step "
                         "predicted to end later than MS after the call began, keeping their last answer (needs "
                         "the step latencies `gfnet-edge calibrate` records for this backend and precision)")
-    p.add_argument("--deadline-margin", type=float, default=DEFAULT_MARGIN, metavar="F",
+    p.add_argument("--deadline-margin", type=float_range(0.0, 100.0), default=DEFAULT_MARGIN, metavar="F",
                    help=f"scale the predicted step costs by 1 + F (default {DEFAULT_MARGIN})")
     p.add_argument("--on-error", choices=["skip", "stop"], default="skip",
                    help="an unreadable image or input: report it and go on (skip, default) or stop there; "
                         "either way the results so far are printed and the exit code is 2")
     p.add_argument("--json", action="store_true", help="JSON output")
     p.set_defaults(func=cmd_predict)
-
-
-def _positive_ms(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected milliseconds, got {text!r}") from None
-    if not (0.0 < v < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number of milliseconds > 0, got {text!r}")
-    return v
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
