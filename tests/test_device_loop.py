@@ -413,6 +413,9 @@ def test_captured_loop_equals_host_loop_on_simulated_device(tmp_path_factory, mo
         np.testing.assert_array_equal(getattr(tr_dev, f), getattr(tr_ref, f))
     B0 = bucket_for(n, None)  # 10 -> 16, 7 -> 8
     assert ws.capacity == B0 and {b for _, b, _ in runner.calls} == {B0}  # n padded to its bucket
+    # the place pre-processes into the workspace itself: the captured steps read the images in place
+    (img, gl, _), = dev.place.inputs(x, None)
+    assert (img, gl) == (ws.ptr("images"), ws.ptr("glance"))
     thr = gap_thresholds(tr_ref.probs)
     a = ref.run(x, g, thr)
     assert (a.exit_step < T - 1).any() and exits_mid_loop(a.exit_step, T), a.exit_step

@@ -98,6 +98,18 @@ class DevicePlace:
             self._bufs[name] = buf
         return buf
 
+    def _input_buffers(self, n: int) -> tuple:
+        """Device buffers for ``n`` normalised images and their glance. With CUDA graphs they
+        are the graph workspace's own (grown to hold ``n`` rows), so the captured steps read
+        them where the pre-processing wrote them, with no copy."""
+        S, P = self.ctx.S, self.ctx.P
+        if self.graphs is not None and self.graphs.cache.active:
+            from .graphs import bucket_for
+
+            self.graphs.reserve(bucket_for(n, None))
+            return self.graphs.buffer("images"), self.graphs.buffer("glance")
+        return self.buf("input.images", n * 3 * S * S * F32), self.buf("input.glance", n * 3 * P * P * F32)
+
     def other(self, key: str, current: Optional[int], nbytes: int) -> int:
         """Pointer of whichever of the two ``key`` buffers does not hold ``current``."""
         first = self.buf(f"{key}.0", nbytes)
@@ -180,8 +192,8 @@ class DevicePlace:
         if images.ndim != 4 or images.shape[1:] != (3, S, S) or images.shape[0] < 1:
             raise ValueError(f"images must be float32 (N, 3, {S}, {S}), got {images.shape}")
         n = images.shape[0]
-        img = staged if staged is not None else self.buf("input.images", images.nbytes)
-        gl = self.buf("input.glance", n * 3 * P * P * F32)
+        img, gl = self._input_buffers(n)
+        img = staged if staged is not None else img
         with self.stage("preprocess"):
             if staged is None:
                 img.copy_from_host(images, st)
@@ -243,8 +255,7 @@ class DevicePlace:
 
         m, S, P, st = self.ctx.model, self.ctx.S, self.ctx.P, self.stream
         n = len(frames)
-        img = self.buf("input.images", n * 3 * S * S * F32)
-        gl = self.buf("input.glance", n * 3 * P * P * F32)
+        img, gl = self._input_buffers(n)
         for i, (ptr, h, w) in enumerate(frames):
             ops.cuda_preprocess(ptr, h, w, S, img.ptr + i * 3 * S * S * F32,
                                 crop_pct=float(m["crop_pct"]), interpolation=m["dataset_interpolation"],

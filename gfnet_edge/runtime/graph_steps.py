@@ -17,8 +17,10 @@ graph starts by gathering their rows. Images never move: the crop reads them thr
 index (``rows``), which the compaction gathers like any other state. Batches are padded to
 the bucket; padded rows compute on copies of valid rows and are never read.
 
-Every buffer lives in a :class:`GraphWorkspace` at a fixed address; the chunk's images and
-glance are copied into it first (two device copies) unless they were pre-processed there.
+Every buffer lives in a :class:`GraphWorkspace` at a fixed address. The device place
+pre-processes a call's images straight into the workspace (``DevicePlace._input_buffers``);
+inputs given as device pointers, later chunks of a call larger than the max batch and
+prefetched float images are copied into it first (two device copies).
 """
 from __future__ import annotations
 
