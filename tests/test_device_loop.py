@@ -250,6 +250,19 @@ def test_torch_cuda_without_gpu_says_why(demo_bundle):
 
 
 # ------------------------------------------- CPU: the loop's logic on a simulated device
+def _frames_agree(model, ref, dev, thr):
+    """uint8 frames of 7 sizes through ``dev`` (pre-processed where it runs) give ``ref``'s
+    answers on the same frames pre-processed on the CPU."""
+    P = int(model["patch_size"])
+    frames = [np.random.default_rng(i).integers(0, 256, (200 + 9 * i, 300 - 11 * i, 3), dtype=np.uint8) for i in range(7)]
+    images, gl = ops.preprocess(frames, int(model["image_size"]), crop_pct=float(model["crop_pct"]),
+                                interpolation=model["dataset_interpolation"], glance_size=P,
+                                glance_interpolation=model["glance_interpolation"])
+    c, d = ref.run(images, gl, thr), dev.run_frames(frames, thr)
+    for f in ("prediction", "confidence", "exit_step", "coords"):
+        np.testing.assert_array_equal(getattr(d, f), getattr(c, f))
+
+
 def _sim_reference(kind, request, tmp_path_factory):
     """A bundle of ``kind``, its ONNX Runtime runner and CPU heads, and the host-place driver
     the simulated device is checked against: ``(bundle, model, T, P, runner, heads, driver)``."""
@@ -335,13 +348,7 @@ def test_device_place_logic_on_simulated_device(tmp_path_factory, monkeypatch, k
             assert focus == [int((a.exit_step >= t).sum()) for t in range(1, T) if (a.exit_step >= t).any()]
             steps_run = 1 + int(a.exit_step.max())
             assert sim.reads == steps_run  # exactly one device -> host read per step
-    frames = [np.random.default_rng(i).integers(0, 256, (200 + 9 * i, 300 - 11 * i, 3), dtype=np.uint8) for i in range(7)]
-    images, gl = ops.preprocess(frames, int(model["image_size"]), crop_pct=float(model["crop_pct"]),
-                                interpolation=model["dataset_interpolation"], glance_size=Pz,
-                                glance_interpolation=model["glance_interpolation"])
-    c, d = ref.run(images, gl, thr), dev.run_frames(frames, thr)
-    for f in ("prediction", "confidence", "exit_step", "coords"):
-        np.testing.assert_array_equal(getattr(d, f), getattr(c, f))
+    _frames_agree(model, ref, dev, thr)
     host.deactivate()
 
 
@@ -444,13 +451,7 @@ def test_captured_loop_equals_host_loop_on_simulated_device(tmp_path_factory, mo
     assert {"glance", "focus", "exit"} <= set(stages)
 
     # frames of several sizes, pre-processed on the device, then a smaller call (same workspace)
-    frames = [np.random.default_rng(i).integers(0, 256, (200 + 9 * i, 300 - 11 * i, 3), dtype=np.uint8) for i in range(7)]
-    images, gl = ops.preprocess(frames, int(model["image_size"]), crop_pct=float(model["crop_pct"]),
-                                interpolation=model["dataset_interpolation"], glance_size=Pz,
-                                glance_interpolation=model["glance_interpolation"])
-    c, d = ref.run(images, gl, thr), dev.run_frames(frames, thr)
-    for f in ("prediction", "confidence", "exit_step", "coords"):
-        np.testing.assert_array_equal(getattr(d, f), getattr(c, f))
+    _frames_agree(model, ref, dev, thr)
     one = dev.run(x[3:4], g[3:4], thr)
     assert (one.prediction[0], one.exit_step[0]) == (a.prediction[3], a.exit_step[3])
     np.testing.assert_array_equal(one.coords[:, 0], a.coords[:, 3])
