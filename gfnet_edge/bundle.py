@@ -24,13 +24,14 @@ import re
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from . import __version__
 from .errors import InputError
 from .manifest_schema import ManifestError, check_manifest
+from .model_desc import ModelDesc
 
 FORMAT = "gfnet-edge-bundle"
 FORMAT_VERSION = 1
@@ -147,6 +148,8 @@ class Bundle:
 
     root: Path
     manifest: Dict[str, Any]
+    _desc: Optional[ModelDesc] = field(default=None, init=False, repr=False, compare=False)
+    _desc_src: Any = field(default=None, init=False, repr=False, compare=False)
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -214,8 +217,12 @@ class Bundle:
 
     # --------------------------------------------------------------- accessors
     @property
-    def model(self) -> Dict[str, Any]:
-        return self.manifest["model"]
+    def model(self) -> ModelDesc:
+        """The model description (parsed once from the manifest's ``model`` entry)."""
+        m = self.manifest["model"]
+        if self._desc is None or self._desc_src is not m:
+            self._desc, self._desc_src = ModelDesc.from_manifest(m), m
+        return self._desc
 
     def graph_paths(self, precision: str) -> Dict[str, Path]:
         """``{"glance": path, "focus": path}`` for a graph set (``fp32``, ``int8-cpu`` ...)."""

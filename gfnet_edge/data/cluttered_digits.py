@@ -804,7 +804,7 @@ def demo_config(source: Any) -> Optional[ClutteredDigitsConfig]:
 
     Args:
         source: a loaded GFNet (``meta["demo_data"]``), a checkpoint dict (``demo_data``), or a
-            bundle manifest / its ``model`` entry (``demo_data_config``).
+            bundle manifest / its ``model`` entry / a ``ModelDesc`` (``demo_data_config``).
 
     Returns:
         The config, or ``None`` (then the generator's defaults apply).
@@ -816,4 +816,6 @@ def demo_config(source: Any) -> Optional[ClutteredDigitsConfig]:
     elif isinstance(source, dict):
         d = (source.get("demo_data") or {}).get("config") if isinstance(source.get("demo_data"), dict) else None
         d = d or source.get("demo_data_config") or (source.get("model") or {}).get("demo_data_config")
+    elif hasattr(source, "demo_data_config"):  # a ModelDesc
+        d = source.demo_data_config
     return config_from_dict(d) if d else None

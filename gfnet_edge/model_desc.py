@@ -1,0 +1,111 @@
+"""The typed description of a GFNet model that the device side runs.
+
+A bundle's ``manifest.json`` carries a ``model`` entry (written by :func:`gfnet_edge.export.manifest_model`
+from the checkpoint's :class:`~gfnet_edge.variants.GFNetSpec`). It is checked field by field by
+:func:`gfnet_edge.manifest_schema.check_model` and parsed once, here, into a frozen
+:class:`ModelDesc`; everything after that reads attributes (``desc.steps``, ``desc.patch_size``)
+instead of indexing a dict.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+__all__ = ["ModelDesc"]
+
+
+@dataclass(frozen=True)
+class ModelDesc:
+    """What the runtime, calibration and quantization need to know of a model.
+
+    Attributes:
+        image_size: side of the (square) network input, pixels.
+        patch_size: side of a focus patch, pixels.
+        steps: number of glance + focus steps (the glance is step 0).
+        num_classes: classifier outputs.
+        crop_pct: centre-crop fraction used when resizing a dataset image.
+        dataset_interpolation: ``bilinear`` or ``bicubic``, for resizing dataset images.
+        glance_interpolation: ``bilinear`` or ``bicubic``, for the down-sampled glance.
+        mean, std: per-channel normalisation (of pixel values in [0, 1]).
+        classifier: ``gru`` or ``cascaded`` recurrent classifier head.
+        step0: where step 0's logits come from: ``classifier`` (the head) or ``backbone``
+            (the glance graph itself).
+        model_name, family, backbone: names (informational).
+        feature_dim, fmap_channels, policy_conv, policy_hidden, fc_hidden: head layout.
+        spec: the full :class:`~gfnet_edge.variants.GFNetSpec` as a dict (informational).
+        demo_data_config: the demo task's generator config, for demo models.
+    """
+
+    image_size: int
+    patch_size: int
+    steps: int
+    num_classes: int
+    crop_pct: float
+    dataset_interpolation: str
+    glance_interpolation: str
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+    classifier: str
+    step0: str
+    model_name: str = ""
+    family: Optional[str] = None
+    backbone: Optional[str] = None
+    feature_dim: Optional[int] = None
+    fmap_channels: Optional[int] = None
+    policy_conv: Optional[Any] = None
+    policy_hidden: Optional[int] = None
+    fc_hidden: Optional[int] = None
+    spec: Optional[Dict[str, Any]] = field(default=None, compare=False)
+    demo_data_config: Optional[Dict[str, Any]] = field(default=None, compare=False)
+
+    @classmethod
+    def from_manifest(cls, entry: Any) -> "ModelDesc":
+        """Checks a manifest's ``model`` entry and parses it.
+
+        Raises:
+            ManifestError: naming the first field that is wrong.
+        """
+        from .manifest_schema import check_model
+
+        m = check_model(entry)
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in m.items() if k in known}
+        kw["mean"] = tuple(float(v) for v in m["mean"])
+        kw["std"] = tuple(float(v) for v in m["std"])
+        kw["crop_pct"] = float(m["crop_pct"])
+        kw["model_name"] = str(m.get("model_name") or "")
+        return cls(**kw)
+
+    @property
+    def step0_backbone(self) -> bool:
+        """Step 0's logits come from the glance graph rather than the classifier head."""
+        return self.step0 == "backbone"
+
+    @property
+    def is_demo(self) -> bool:
+        """A model of the bundled demo task (its images can be generated)."""
+        return self.model_name.startswith("demo")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The manifest ``model`` entry (JSON-ready)."""
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    # Transitional dict-style access, so callers can move to attributes one module at a time.
+    def __getitem__(self, key: str) -> Any:
+        try:
+            return getattr(self, key)
+        except AttributeError:
+            raise KeyError(key) from None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key, default)
+
+    def __contains__(self, key: str) -> bool:
+        return hasattr(self, key)
+
+
+def as_desc(model: "ModelDesc | Mapping[str, Any]") -> ModelDesc:
+    """A :class:`ModelDesc` from either a description or a manifest ``model`` dict."""
+    return model if isinstance(model, ModelDesc) else ModelDesc.from_manifest(dict(model))
