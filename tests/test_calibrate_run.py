@@ -338,6 +338,7 @@ def test_runtime_input_fuses_preprocessing_only_without_crop(tiny_bundle):
         thr = [float(np.median(conf0)), float(np.median(conf0)), -1e8]
         normalised = measure_calls(rt, frames, thr, batch=4)
         rt.model = dataclasses.replace(rt.model, crop_pct=1.0)  # S x S frames, no crop: the fused path
+        rt.driver.model = rt.model
         assert runtime_input(rt.model, frames) is frames
         fused = measure_calls(rt, frames, thr, batch=4)
         with pytest.raises(ValueError, match="uint8"):
