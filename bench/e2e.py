@@ -49,7 +49,7 @@ def operating_points(rt, val_frames: np.ndarray) -> List[Dict[str, Any]]:
     from gfnet_edge.calibrate.precision import trace_frames
     from gfnet_edge.evaluate import LAST, NO_EXIT
 
-    T = int(rt.model["steps"])
+    T = rt.model.steps
     probs, _ = trace_frames(rt, val_frames, batch=64)
     points = [{"name": f"p={p:g}", "thresholds": thr} for p, thr in reference_sweep(probs, np.zeros(T), PS) if p > 0]
     points.append({"name": "every step", "thresholds": np.array([NO_EXIT] * (T - 1) + [LAST], np.float32)})
@@ -197,8 +197,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                   int8_profiles=("cpu",), threads=args.threads)).root
         from gfnet_edge.bundle import Bundle
 
-        manifest = Bundle.load(bundle_dir).manifest
-        model = manifest["model"]
+        loaded = Bundle.load(bundle_dir)
+        manifest, model = loaded.manifest, loaded.model
         cfg = demo_config(model)
         _log(f"demo data: {args.num_val} validation + {args.num_test} test images")
         val_x, _ = ClutteredDigits("val", config=cfg).arrays(args.num_val)
@@ -233,7 +233,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 for b in batches:
                     run = measure_calls(rt, test_x, pt["thresholds"], batch=b)
                     acc = 100.0 * float((run.classes == test_y).mean())
-                    T = int(rt.model["steps"])
+                    T = rt.model.steps
                     rows.append({"point": pt["name"], "batch": b, "accuracy": acc, **run.stats.to_dict(),
                                  "mean_steps": float(run.exit_step.mean() + 1),
                                  "exit_histogram": [int((run.exit_step == k).sum()) for k in range(T)],

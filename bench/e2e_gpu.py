@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, table, write_report  # noqa: E402
 from e2e import alternating  # noqa: E402
 from gpu_common import DTYPES, Graphed, gfnet_driver, per_call_ms, run_loop, sync  # noqa: E402
+from gfnet_edge.model_desc import ModelDesc  # noqa: E402
 
 PS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 4.0)
 
@@ -44,13 +45,13 @@ def _log(msg: str) -> None:
     print(f"[e2e-gpu] {msg}", flush=True)
 
 
-def static_classifier(net, model: Dict[str, Any], device: str, dtype: str):
+def static_classifier(net, model: ModelDesc, device: str, dtype: str):
     """uint8 (N, S, S, 3) frames (host) -> classes (host), one graph per batch on CUDA."""
     import torch
 
     half = dtype == "float16"
-    mean = torch.tensor(model["mean"], dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
-    inv_std = 1.0 / (torch.tensor(model["std"], dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0)
+    mean = torch.tensor(model.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
+    inv_std = 1.0 / (torch.tensor(model.std, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0)
     net = (net.half() if half else net.float()).to(device).eval()
 
     def forward(x):  # x: uint8 (N, S, S, 3) on the device
@@ -129,7 +130,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from gfnet_edge.data import ClutteredDigits, demo_config
     from gfnet_edge.demo import DEMO_CHECKPOINT, DEMO_STATIC
     from gfnet_edge.evaluate import LAST, NO_EXIT, exit_steps
-    from gfnet_edge.export import manifest_model
+    from gfnet_edge.export import model_desc
     from gfnet_edge.models.checkpoint import load_checkpoint
     from gfnet_edge.runtime.backends.torch import _ieee_fp32
     from gfnet_edge.train.static import load_static
@@ -141,7 +142,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     precisions = [p.strip() for p in args.precisions.split(",")]
     t_start = time.perf_counter()
     model = load_checkpoint(DEMO_CHECKPOINT)
-    mm = manifest_model(model)
+    mm = model_desc(model)
     cfg = demo_config(mm)
     _log(f"demo data: {args.num_val} validation + {args.num_test} test images")
     workers = min(16, os.cpu_count() or 1)
@@ -154,7 +155,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "machine": machine(), "device": dev, "label": args.label, "sms": sms,
         "gpu": torch.cuda.get_device_name(0) if dev == "cuda" else "no GPU (dry run on the CPU)",
         "torch": torch.__version__, "num_test": int(len(test_y)), "tolerance": args.tolerance, "runs": {}}
-    T = int(mm["steps"])
+    T = mm.steps
     every = [float(NO_EXIT)] * (T - 1) + [float(LAST)]
     with _ieee_fp32(torch):
         for prec in precisions:

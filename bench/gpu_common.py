@@ -66,12 +66,12 @@ def make_runner(model, device: str, dtype: str):
 def gfnet_driver(model, device: str, dtype: str, cuda_graphs: bool = True):
     """The runtime's loop over ``model`` (a GFNet) on ``device``: heads from the model's
     weights, CUDA heads (device place) on ``cuda``."""
-    from gfnet_edge.export import head_arrays, manifest_model
+    from gfnet_edge.export import head_arrays, model_desc
     from gfnet_edge.runtime.driver import Driver
     from gfnet_edge.runtime.heads import HeadSet
     from gfnet_edge.runtime.profile import Profiler
 
-    mm = manifest_model(model)
+    mm = model_desc(model)
     runner = make_runner(model, device, dtype)
     heads = HeadSet(head_arrays(model), mm, device=device)
     return Driver(mm, runner, heads, Profiler(False), cuda_graphs=cuda_graphs)

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
             ck = save_checkpoint(Path(td) / "m.pth.tar", model)
             bundle = build_bundle(ck, Path(td) / "bundle", BuildConfig(precision="fp32", backend="onnxruntime"), progress=False)
             rt = Runtime(bundle, backend="onnxruntime", precision="fp32", threads=args.threads, profile=True)
-            S = int(rt.model["image_size"])
+            S = rt.model.image_size
             frame = rng.integers(0, 256, (S + 32, S + 64, 3), dtype=np.uint8)
             for _ in range(2):
                 rt.predict([frame])  # warm-up
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
         backbone = backbone_ms(s) / args.repeat
         stage_ms = {k: v["total_ms"] / args.repeat for k, v in s.items() if k != "per_image"}
         outside = per_image - backbone
-        rows.append([f"{name} P={P} T={rt.model['steps']}", per_image, backbone, outside, 100 * outside / per_image])
+        rows.append([f"{name} P={P} T={rt.model.steps}", per_image, backbone, outside, 100 * outside / per_image])
         details.append((name, stage_ms))
     t1 = table(["model", "per image ms", "backbone ms", "outside ms", "outside %"], rows)
     # The stages the loops reported, in the profiler's order (the host loop's heads, exit test,

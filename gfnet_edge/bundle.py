@@ -248,8 +248,8 @@ class Bundle:
         if budget not in budgets:
             raise BundleError(f"{self.root}: no budget named {budget!r} (has: {', '.join(budgets) or 'none'})")
         thr = budgets[budget]["thresholds"]
-        if len(thr) != self.model["steps"]:
-            raise BundleError(f"{self.root}: budget {budget!r} has {len(thr)} thresholds for {self.model['steps']} steps")
+        if len(thr) != self.model.steps:
+            raise BundleError(f"{self.root}: budget {budget!r} has {len(thr)} thresholds for {self.model.steps} steps")
         return [float(t) for t in thr]
 
     # ----------------------------------------------------------------- updates

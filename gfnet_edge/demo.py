@@ -84,7 +84,7 @@ def run_demo(out: Path, precision: str = "int8", backend: str = "auto", budget_m
     wall = time.perf_counter() - t1
     classes = np.array([p.classes[0] for p in preds])
     steps = np.array([p.exit_step[0] for p in preds])
-    T = int(rt.model["steps"])
+    T = rt.model.steps
     res = {
         "bundle": str(bundle.root), "report": str(out / "report" / "report.html"),
         "backend": rt.backend, "precision": rt.precision, "budget": rt.budget,

@@ -193,7 +193,7 @@ def _run_checks(bundle, entry: Dict[str, Any], trt: Any, report: DoctorReport, s
                      "target": "GPU" if core is None else f"DLA core {core}", "max_batch": runner.max_batch,
                      "static_batch": entry.get("static_batch"), "files": [entry[g] for g in GRAPHS]}
     ref_set = "int8-tensorrt" if precision == "int8" else "fp32"
-    P = int(bundle.model["patch_size"])
+    P = bundle.model.patch_size
     rng = np.random.default_rng(seed)
     batches = sorted({1, max(1, runner.max_batch // 2), runner.max_batch})
     with OnnxRuntimeRunner(bundle.graph_paths(ref_set), ref_set, threads=1) as ref:

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from .log import logger
+from .model_desc import ModelDesc
 from .models.gfnet import GFNet
 
 #: Opset that TensorRT 10.3 (JetPack 6) parses and ONNX Runtime runs.
@@ -163,17 +164,12 @@ def export_model(
     }
 
 
+def model_desc(model: GFNet) -> ModelDesc:
+    """The device side's description of ``model`` (from its spec and, for a demo model, its task)."""
+    demo = (getattr(model, "meta", {}) or {}).get("demo_data") or {}
+    return ModelDesc.from_spec(model.spec, demo.get("config"))
+
+
 def manifest_model(model: GFNet) -> Dict[str, object]:
-    """The ``model`` entry of a bundle manifest: everything the device side needs to know."""
-    s = model.spec
-    return {
-        "model_name": s.model_name, "family": s.family, "backbone": s.backbone,
-        "image_size": s.image_size, "patch_size": s.patch_size, "steps": s.steps,
-        "num_classes": s.num_classes, "crop_pct": s.crop_pct,
-        "dataset_interpolation": s.dataset_interpolation, "glance_interpolation": s.glance_interpolation,
-        "mean": list(s.mean), "std": list(s.std), "classifier": s.classifier, "step0": s.step0,
-        "feature_dim": s.feature_dim, "fmap_channels": s.fmap_channels,
-        "policy_conv": s.policy_conv, "policy_hidden": s.policy_hidden, "fc_hidden": s.fc_hidden,
-        "spec": s.to_dict(),
-        "demo_data_config": (getattr(model, "meta", {}).get("demo_data") or {}).get("config"),
-    }
+    """The ``model`` entry of a bundle manifest: :func:`model_desc` as JSON-ready data."""
+    return model_desc(model).to_dict()

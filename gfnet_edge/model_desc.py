@@ -1,10 +1,11 @@
 """The typed description of a GFNet model that the device side runs.
 
-A bundle's ``manifest.json`` carries a ``model`` entry (written by :func:`gfnet_edge.export.manifest_model`
-from the checkpoint's :class:`~gfnet_edge.variants.GFNetSpec`). It is checked field by field by
-:func:`gfnet_edge.manifest_schema.check_model` and parsed once, here, into a frozen
-:class:`ModelDesc`; everything after that reads attributes (``desc.steps``, ``desc.patch_size``)
-instead of indexing a dict.
+The build side makes it from the checkpoint's :class:`~gfnet_edge.variants.GFNetSpec`
+(:meth:`ModelDesc.from_spec`) and writes :meth:`ModelDesc.to_dict` as the ``model`` entry of a
+bundle's ``manifest.json``; the device side checks that entry
+(:func:`gfnet_edge.manifest_schema.check_model`) and parses it once (:meth:`ModelDesc.from_manifest`).
+Everything after that reads attributes (``desc.steps``, ``desc.patch_size``) instead of indexing a
+dict.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ class ModelDesc:
     backbone: Optional[str] = None
     feature_dim: Optional[int] = None
     fmap_channels: Optional[int] = None
-    policy_conv: Optional[Any] = None
+    policy_conv: Optional[bool] = None
     policy_hidden: Optional[int] = None
     fc_hidden: Optional[int] = None
     spec: Optional[Dict[str, Any]] = field(default=None, compare=False)
@@ -75,6 +76,26 @@ class ModelDesc:
         kw["crop_pct"] = float(m["crop_pct"])
         kw["model_name"] = str(m.get("model_name") or "")
         return cls(**kw)
+
+    @classmethod
+    def from_spec(cls, spec: Any, demo_data_config: Optional[Dict[str, Any]] = None) -> "ModelDesc":
+        """The description of a model built from ``spec`` (a :class:`~gfnet_edge.variants.GFNetSpec`).
+
+        Raises:
+            ManifestError: the spec describes a model the device side cannot run (the same checks
+                as a loaded manifest).
+        """
+        desc = cls(
+            image_size=spec.image_size, patch_size=spec.patch_size, steps=spec.steps,
+            num_classes=spec.num_classes, crop_pct=float(spec.crop_pct),
+            dataset_interpolation=spec.dataset_interpolation, glance_interpolation=spec.glance_interpolation,
+            mean=tuple(float(v) for v in spec.mean), std=tuple(float(v) for v in spec.std),
+            classifier=spec.classifier, step0=spec.step0, model_name=spec.model_name, family=spec.family,
+            backbone=spec.backbone, feature_dim=spec.feature_dim, fmap_channels=spec.fmap_channels,
+            policy_conv=spec.policy_conv, policy_hidden=spec.policy_hidden, fc_hidden=spec.fc_hidden,
+            spec=spec.to_dict(), demo_data_config=demo_data_config,
+        )
+        return cls.from_manifest(desc.to_dict())
 
     @property
     def step0_backbone(self) -> bool:

@@ -105,7 +105,7 @@ def run(examples: int, bundle: str = None) -> int:
         from gfnet_edge.runtime import Runtime
 
         rt = Runtime(bundle, backend="onnxruntime", precision="fp32", threads=1)
-        S = int(rt.model["image_size"])
+        S = rt.model.image_size
 
         @cfg
         @given(st.integers(0, 3), st.sampled_from([0, 1, S - 1, S, S + 1]), st.sampled_from([0, 1, 3, 4]),

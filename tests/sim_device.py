@@ -392,13 +392,13 @@ class SimHeads:
 
 
 def demo_test_images(model, n):
-    """The first n images of the demo task's test split, normalised for ``model`` (a manifest
-    ``model`` entry): inputs on which the trained demo model's exits spread over the steps (it
+    """The first n images of the demo task's test split, normalised for ``model`` (a
+    :class:`~gfnet_edge.model_desc.ModelDesc`): inputs on which the trained demo model's exits spread over the steps (it
     is sure of itself on noise)."""
     from gfnet_edge.data import ClutteredDigits, demo_config
 
     frames, _ = ClutteredDigits("test", config=demo_config(model)).arrays(n)
-    return ops.preprocess(frames, int(model["image_size"]), crop_pct=1.0, mean=model["mean"], std=model["std"])
+    return ops.preprocess(frames, model.image_size, crop_pct=1.0, mean=model.mean, std=model.std)
 
 
 class DeviceArray:

@@ -108,7 +108,7 @@ def test_staging_refuses_existing_without_force(tmp_path):
             pass
     with staging_dir(out, force=True) as tmp:
         _make(tmp, {**MODEL, "model_name": "new"})
-    assert Bundle.load(out).model["model_name"] == "new"
+    assert Bundle.load(out).model.model_name == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
 
 

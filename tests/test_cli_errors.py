@@ -68,9 +68,9 @@ def test_predict_names_every_image_and_batches_without_changing_results(bundle, 
     assert "per-stage profile over 6 images" in err and "glance" in err and "per_image" in err
     # the same images through the Python API in one call
     m = Bundle.load(bundle).model
-    frames = np.concatenate([load_images(p, 224, float(m["crop_pct"]), m["dataset_interpolation"])[0]
+    frames = np.concatenate([load_images(p, 224, m.crop_pct, m.dataset_interpolation)[0]
                              for p in (image_dir, npz, single)])
-    x = (frames.astype(np.float32) / 255.0 - np.asarray(m["mean"], np.float32)) / np.asarray(m["std"], np.float32)
+    x = (frames.astype(np.float32) / 255.0 - np.asarray(m.mean, np.float32)) / np.asarray(m.std, np.float32)
     with Runtime(bundle, backend="onnxruntime", precision="fp32") as rt:
         want = rt.predict(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
     assert [r["class"] for r in rows] == list(want.classes)

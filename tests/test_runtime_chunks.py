@@ -57,7 +57,7 @@ def _assert_same(a, b):
 
 def _normalised(bundle, frames):
     m = bundle.model
-    return ops.preprocess(list(frames), int(m["image_size"]), crop_pct=1.0, mean=m["mean"], std=m["std"])
+    return ops.preprocess(list(frames), m.image_size, crop_pct=1.0, mean=m.mean, std=m.std)
 
 
 @pytest.mark.parametrize("kind", ["array", "list", "float"])
@@ -137,7 +137,7 @@ def test_predict_iter_streams_batch_by_batch(demo):
 
 def test_predict_iter_bad_input(demo):
     bundle, frames = demo
-    S = int(bundle.model["image_size"])
+    S = bundle.model.image_size
     with _runtime(bundle) as rt:
         with pytest.raises(InputError, match="batch_size must be a positive int"):
             rt.predict_iter(iter(frames), batch_size=0)  # before anything is read
@@ -185,7 +185,7 @@ def test_device_place_uploads_and_runs_chunk_by_chunk(demo, monkeypatch):
 
     bundle, frames = demo
     frames = frames[:40]
-    S, P = int(bundle.model["image_size"]), int(bundle.model["patch_size"])
+    S, P = bundle.model.image_size, bundle.model.patch_size
     with _runtime(bundle, max_batch=CHUNK) as host_rt:
         want = host_rt.predict(frames)
         want_trace = host_rt.trace(frames)
@@ -241,7 +241,7 @@ def test_the_next_chunk_uploads_while_the_current_one_runs(demo, monkeypatch):
 
     bundle, frames = demo
     frames = frames[:40]
-    P = int(bundle.model["patch_size"])
+    P = bundle.model.patch_size
     with _runtime(bundle, max_batch=CHUNK) as host_rt:
         want = host_rt.predict(frames)
         want_images = host_rt.predict(_normalised(bundle, frames))
@@ -289,7 +289,7 @@ def _normalised(bundle, frames):
     from gfnet_edge import ops
 
     m = bundle.model
-    return ops.preprocess(list(frames), int(m["image_size"]), crop_pct=1.0, mean=m["mean"], std=m["std"])
+    return ops.preprocess(list(frames), m.image_size, crop_pct=1.0, mean=m.mean, std=m.std)
 
 
 # ------------------------------------------------------- peak memory of a 4000-frame call

@@ -198,7 +198,7 @@ class DevicePlace:
             if staged is None:
                 img.copy_from_host(images, st)
             if glance is None:
-                ops.cuda_glance(img, n, S, gl, P, self.ctx.model["glance_interpolation"], stream=st)
+                ops.cuda_glance(img, n, S, gl, P, self.ctx.model.glance_interpolation, stream=st)
             else:
                 glance = np.ascontiguousarray(glance, dtype=np.float32)
                 if glance.shape != (n, 3, P, P):
@@ -258,10 +258,10 @@ class DevicePlace:
         img, gl = self._input_buffers(n)
         for i, (ptr, h, w) in enumerate(frames):
             ops.cuda_preprocess(ptr, h, w, S, img.ptr + i * 3 * S * S * F32,
-                                crop_pct=float(m["crop_pct"]), interpolation=m["dataset_interpolation"],
-                                mean=tuple(m["mean"]), std=tuple(m["std"]),
+                                crop_pct=m.crop_pct, interpolation=m.dataset_interpolation,
+                                mean=m.mean, std=m.std,
                                 glance=gl.ptr + i * 3 * P * P * F32, glance_size=P,
-                                glance_interpolation=m["glance_interpolation"], stream=st)
+                                glance_interpolation=m.glance_interpolation, stream=st)
         return self.device_inputs(img.ptr, gl.ptr, n)
 
     def device_inputs(self, images: int, glance: int, n: int) -> List[Chunk]:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 import numpy as np
 
 from ..errors import InputError
+from ..model_desc import ModelDesc, as_desc
 from .backends.base import Runner
 from .heads import HeadSet
 from .profile import Profiler
@@ -41,7 +42,7 @@ class Driver:
     memory (the runner must have device execution), CPU heads keep them in numpy arrays.
 
     Args:
-        model: the manifest's ``model`` entry.
+        model: the model description (a manifest ``model`` dict is parsed into one).
         runner: an active backend runner.
         heads: the bound heads.
         profiler: per-stage timer (read at every call, so it may be swapped).
@@ -56,7 +57,7 @@ class Driver:
         ValueError: device heads with a runner that has no device execution.
     """
 
-    def __init__(self, model: Dict[str, Any], runner: Runner, heads: HeadSet, profiler: Profiler,
+    def __init__(self, model: "ModelDesc | Dict[str, Any]", runner: Runner, heads: HeadSet, profiler: Profiler,
                  stream: Any = None, cuda_graphs: bool = True) -> None:
         self.ctx = LoopContext(model, runner, heads, profiler)
         self.runner, self.heads = runner, heads
@@ -71,13 +72,13 @@ class Driver:
             self.place = HostPlace(self.ctx)
 
     @property
-    def model(self) -> Dict[str, Any]:
-        """The manifest's ``model`` entry the places read (assignable)."""
+    def model(self) -> ModelDesc:
+        """The model description the places read (assignable)."""
         return self.ctx.model
 
     @model.setter
-    def model(self, model: Dict[str, Any]) -> None:
-        self.ctx.model = model
+    def model(self, model: "ModelDesc | Dict[str, Any]") -> None:
+        self.ctx.model = as_desc(model)
 
     @property
     def prof(self) -> Profiler:

@@ -7,6 +7,7 @@ from typing import Any, Dict
 import numpy as np
 
 from ..errors import InputError
+from ..model_desc import ModelDesc, as_desc
 
 #: Storage of the head weights in the extension (``Runtime(head_dtype=...)``, ``--head-dtype``).
 HEAD_DTYPES = ("float32", "float16")
@@ -26,12 +27,12 @@ class HeadSet:
 
     Args:
         arrays: from :func:`load_head_arrays`.
-        model: the manifest's ``model`` entry (classifier kind, sizes).
+        model: the model description (classifier kind, sizes); a manifest ``model`` dict is parsed.
         device: ``"cpu"`` (numpy steps) or ``"cuda"`` (weights uploaded once; the device loop
             uses the heads' ``step_device``).
     """
 
-    def __init__(self, arrays: Dict[str, np.ndarray], model: Dict[str, Any], device: str = "cpu",
+    def __init__(self, arrays: Dict[str, np.ndarray], model: "ModelDesc | Dict[str, Any]", device: str = "cpu",
                  weight_dtype: str = "float32") -> None:
         from .. import ops
 
@@ -40,10 +41,11 @@ class HeadSet:
         self.weight_dtype = weight_dtype
 
         self.device = device
-        self.kind = model["classifier"]
-        self.steps = int(model["steps"])
-        self.image_size = int(model["image_size"])
-        self.patch_size = int(model["patch_size"])
+        model = as_desc(model)
+        self.kind = model.classifier
+        self.steps = model.steps
+        self.image_size = model.image_size
+        self.patch_size = model.patch_size
 
         def need(k: str) -> np.ndarray:
             if k not in arrays:
@@ -64,7 +66,7 @@ class HeadSet:
                                    device=device)
         self.pol_hidden = int(arrays["pol.w_hh"].shape[1])
 
-    def host_loop(self, model: Dict[str, Any]):
+    def host_loop(self, model: ModelDesc):
         """The extension's per-step engine of the host loop (:class:`gfnet_edge._C.HostLoop`) over
         these heads (CPU only): heads, exit test, compaction, policy and crop in one call."""
         from .. import ops
@@ -72,4 +74,4 @@ class HeadSet:
         if self.device != "cpu":
             raise ValueError("the host loop needs heads built with device='cpu'")
         return ops.host_loop(self.actor, self.cls, self.steps, self.image_size, self.patch_size,
-                             model["step0"] == "backbone", model["mean"], model["std"])
+                             model.step0_backbone, model.mean, model.std)

@@ -53,7 +53,7 @@ class HostPlace:
         from .. import ops
 
         m, S = self.ctx.model, self.ctx.S
-        crop_pct = float(m["crop_pct"])
+        crop_pct = m.crop_pct
         with self.stage("preprocess"):
             square = (frames.shape[1:] == (S, S, 3) if isinstance(frames, np.ndarray)
                       else all(f.shape == (S, S, 3) for f in frames))
@@ -61,7 +61,7 @@ class HostPlace:
                 images = np.ascontiguousarray(frames) if isinstance(frames, np.ndarray) else np.stack(frames)
             else:
                 images = ops.resize_crop([np.ascontiguousarray(f) for f in frames], S, crop_pct,
-                                         m["dataset_interpolation"])
+                                         m.dataset_interpolation)
             glance = self._glance(images)
         return [(images, glance, int(images.shape[0]))]
 
@@ -69,8 +69,8 @@ class HostPlace:
         from .. import ops
 
         m = self.ctx.model
-        norm = {"mean": tuple(m["mean"]), "std": tuple(m["std"])} if images.dtype == np.uint8 else {}
-        return ops.glance(images, self.ctx.P, m["glance_interpolation"], **norm)
+        norm = {"mean": m.mean, "std": m.std} if images.dtype == np.uint8 else {}
+        return ops.glance(images, self.ctx.P, m.glance_interpolation, **norm)
 
     def device_inputs(self, images: int, glance: int, n: int) -> List[Chunk]:
         raise ValueError("inputs in GPU memory need the device place (heads built with device='cuda')")

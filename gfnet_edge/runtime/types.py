@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any, ContextManager, Dict, List, Optional, Pro
 
 import numpy as np
 
+from ..model_desc import ModelDesc, as_desc
+
 if TYPE_CHECKING:  # pragma: no cover
     from .backends.base import Runner
     from .profile import Profiler
@@ -18,15 +20,17 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass
 class LoopContext:
-    """What a place needs of the loop: the model entry, the runner, the heads and the profiler
-    (read at every stage, so the driver may swap it), and the loop's sizes.
+    """What a place needs of the loop: the model description, the runner, the heads and the
+    profiler (read at every stage, so the driver may swap it), and the loop's sizes.
 
     Attributes:
+        model: the :class:`~gfnet_edge.model_desc.ModelDesc` (a manifest ``model`` dict is parsed
+            into one).
         T, S, P: steps, image size, patch size (from ``model``).
-        step0_backbone: step 0's logits come from the glance graph (``model["step0"]``).
+        step0_backbone: step 0's logits come from the glance graph (``model.step0_backbone``).
     """
 
-    model: Dict[str, Any]
+    model: ModelDesc
     runner: "Runner"
     heads: Any
     prof: "Profiler"
@@ -36,10 +40,11 @@ class LoopContext:
     step0_backbone: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        self.T = int(self.model["steps"])
-        self.S = int(self.model["image_size"])
-        self.P = int(self.model["patch_size"])
-        self.step0_backbone = self.model["step0"] == "backbone"
+        self.model = as_desc(self.model)
+        self.T = self.model.steps
+        self.S = self.model.image_size
+        self.P = self.model.patch_size
+        self.step0_backbone = self.model.step0_backbone
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -87,7 +87,7 @@ class TorchRunner(Runner):
                 "rebuild with `gfnet-edge build-engine CKPT -o BUNDLE --include-checkpoint`"
             )
         self.path = bundle.path(ck)
-        self.patch_size = int(bundle.model["patch_size"])
+        self.patch_size = bundle.model.patch_size
         self.threads = threads
         self.device = device
         self.supports_device = device == "cuda"
