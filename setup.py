@@ -65,9 +65,9 @@ class CMakeBuild(build_ext):
 
 
 BUILD = ["torch==2.14.1", "torchvision==0.29.1", "timm>=1.0,<2", "onnx>=1.16", "onnxsim>=0.4.36", "scikit-learn>=1.3"]
-RUNTIME = ["numpy>=1.24", "onnxruntime>=1.18", "tqdm>=4.60", "pillow>=9"]
+RUNTIME = ["numpy>=1.24", "onnxruntime>=1.18", "tqdm>=4.60", "pillow>=9", "fastjsonschema>=2.16"]
 REPORT = ["matplotlib>=3.7"]
-TEST = ["pytest>=8", "hypothesis>=6.100", "scikit-learn>=1.3"]
+TEST = ["pytest>=8", "hypothesis>=6.100", "scikit-learn>=1.3", "jsonschema>=4"]
 
 setup(
     name="gfnet-edge",
@@ -91,7 +91,7 @@ setup(
         "gfnet_edge.quantize": "quantize",
         "gfnet_edge.calibrate": "calibrate",
     },
-    package_data={"gfnet_edge": ["assets/*.pth.tar", "assets/*.json"]},
+    package_data={"gfnet_edge": ["assets/*.pth.tar", "assets/*.json", "schemas/*.json"]},
     ext_modules=[CMakeExtension("gfnet_edge._C", sourcedir=str(ROOT))],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=RUNTIME,

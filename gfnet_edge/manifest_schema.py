@@ -1,31 +1,36 @@
 """The schema of a bundle's ``manifest.json``, checked when a bundle is loaded.
 
-Every field the runtime reads is checked for its type, its range and its consistency with the
-other fields (sizes, steps, thresholds, budgets, paths listed as artifacts), and a problem is
-reported as one :class:`ManifestError` naming the field (``model.patch_size``,
-``budgets.ms-3.0.thresholds[1]`` ...). Fields the runtime does not read (``created``,
-``costs``, ``quantization`` ...) may hold anything JSON holds.
+The structure (types, required keys, ranges, choices, patterns) is a JSON Schema document shipped
+with the package, :data:`SCHEMA_PATH` (``gfnet_edge/schemas/manifest.schema.json``), validated with
+`fastjsonschema <https://horejsek.github.io/python-fastjsonschema/>`_: it compiles the schema to
+plain Python once, is pure Python with no dependencies, and so installs wherever the device side
+does (aarch64 included). What a schema cannot say is checked here in code: a patch no larger than
+the image, one threshold and one step cost per step, graph / engine / head / checkpoint paths that
+are listed artifacts, distinct glance and focus graphs, a default budget that exists, positive
+``std`` and finite numbers (``NaN`` passes every JSON Schema range test).
 
-The checks are plain typed code rather than a JSON Schema document: most of what matters is
-consistency between fields (thresholds per step, a patch no larger than the image, graph and
-engine paths that are artifacts), which a schema validator cannot express, and the runtime
-on the device then needs no further dependency.
+A problem is reported as one :class:`ManifestError` naming the field (``model.patch_size``,
+``budgets.ms-3.0.thresholds[1]`` ...). Fields the runtime does not read (``created``, ``costs``,
+``quantization`` ...) may hold anything JSON holds.
 """
 from __future__ import annotations
 
+import functools
+import json
 import math
-import re
-from typing import Any, Dict, List, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Sequence
+
+import fastjsonschema
 
 from .errors import InputError
 
-INTERPOLATIONS = ("bilinear", "bicubic")
-CLASSIFIERS = ("gru", "cascaded")
-STEP0 = ("classifier", "backbone")
+#: The JSON Schema of ``manifest.json`` (draft 4: an integer field refuses ``3.0``).
+SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "manifest.schema.json"
 GRAPHS = ("glance", "focus")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-#: Sizes above this are refused (no real model comes near; it keeps buffer sizes far from overflow).
-MAX_SIZE = 1 << 16
+
+_ARTICLE = {"object": "an object", "array": "a list", "integer": "an integer", "number": "a number",
+            "boolean": "a boolean", "null": "null"}
 
 
 class ManifestError(InputError):
@@ -40,77 +45,107 @@ def _kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _obj(value: Any, field: str) -> Mapping[str, Any]:
-    if not isinstance(value, dict):
-        _fail(field, f"must be an object, got {_kind(value)}")
-    return value
+@functools.lru_cache(maxsize=None)
+def schema() -> Dict[str, Any]:
+    """The manifest's JSON Schema (parsed :data:`SCHEMA_PATH`)."""
+    return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
 
 
-def _str(value: Any, field: str, choices: Sequence[str] = ()) -> str:
-    if not isinstance(value, str) or not value:
-        _fail(field, f"must be a non-empty string, got {_kind(value)}")
-    if choices and value not in choices:
-        _fail(field, f"must be one of {', '.join(choices)}, got {value!r}")
-    return value
+@functools.lru_cache(maxsize=None)
+def _validator(definition: str) -> Callable[..., Any]:
+    """The compiled validator of the whole manifest (``""``) or of one of its definitions."""
+    s = schema()
+    if definition:
+        s = {"$schema": s["$schema"], "definitions": s["definitions"], "allOf": [{"$ref": f"#/definitions/{definition}"}]}
+    return fastjsonschema.compile(s)
 
 
-def _int(value: Any, field: str, lo: int = 1, hi: int = MAX_SIZE) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        _fail(field, f"must be an integer, got {_kind(value)}")
-    if not lo <= value <= hi:
-        _fail(field, f"must be in [{lo}, {hi}], got {value}")
-    return value
+def _field(name: str) -> str:
+    """``data.model.std[0]`` (the validator's name for a value) -> ``model.std[0]``."""
+    return name[len("data."):] if name.startswith("data.") else name[len("data"):]
 
 
-def _num(value: Any, field: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        _fail(field, f"must be a number, got {_kind(value)}")
-    if not math.isfinite(value):
+def _interval(d: Mapping[str, Any]) -> str:
+    lo, hi = d.get("minimum"), d.get("maximum")
+    if lo is not None and hi is not None:
+        return f"in {'(' if d.get('exclusiveMinimum') else '['}{lo}, {hi}{')' if d.get('exclusiveMaximum') else ']'}"
+    if lo is not None:
+        return f"{'>' if d.get('exclusiveMinimum') else '>='} {lo}"
+    return f"{'<' if d.get('exclusiveMaximum') else '<='} {hi}"
+
+
+def _problem(exc: fastjsonschema.JsonSchemaValueException) -> ManifestError:
+    """The validator's error in the words of :func:`_fail`: the field, then what is wrong with it."""
+    field, rule, value, d = _field(exc.name), exc.rule, exc.value, exc.definition or {}
+    if rule == "required":
+        missing = next(k for k in d["required"] if k not in value)
+        field, problem = (f"{field}.{missing}" if field else missing), "is missing"
+    elif rule == "type" and "enum" in d:
+        problem = f"must be one of {', '.join(map(str, d['enum']))}, got {_kind(value)}"
+    elif rule == "type":
+        types = d["type"] if isinstance(d["type"], list) else [d["type"]]
+        words = [("a non-empty string" if d.get("minLength") else "a string") if t == "string" else _ARTICLE[t]
+                 for t in types]
+        problem = f"must be {' or '.join(words)}, got {_kind(value)}"
+    elif rule == "enum":
+        problem = f"must be one of {', '.join(map(str, d['enum']))}, got {value!r}"
+    elif rule in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        problem = f"must be {_interval(d)}, got {value}"
+    elif rule in ("minItems", "maxItems"):
+        lo, hi = d.get("minItems"), d.get("maxItems")
+        problem = (f"must have {lo} values, got {len(value)}" if lo == hi
+                   else "must be a non-empty list" if lo == 1 and hi is None else f"has {len(value)} values")
+    elif rule in ("minLength", "maxLength", "pattern") and d.get("description"):
+        problem = f"must be {d['description']}"
+    elif rule == "minLength":
+        problem = "must be a non-empty string"
+    else:  # a rule this module has no words for: the validator's own
+        problem = exc.message.split(" ", 1)[1] if " " in exc.message else exc.message
+    return ManifestError(f"manifest field '{field or 'manifest'}' {problem}")
+
+
+def _validate(value: Any, definition: str, prefix: str) -> None:
+    try:
+        _validator(definition)(value, name_prefix=prefix)
+    except fastjsonschema.JsonSchemaValueException as exc:
+        raise _problem(exc) from None
+
+
+def _finite(value: Any, field: str) -> None:
+    """Every number under ``value`` is finite (JSON has no ``NaN``; Python's parser accepts it)."""
+    if isinstance(value, float) and not math.isfinite(value):
         _fail(field, f"must be finite, got {value}")
-    return float(value)
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _finite(v, f"{field}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _finite(v, f"{field}[{i}]")
 
 
-def _list(value: Any, field: str, length: int) -> List[Any]:
-    if not isinstance(value, list):
-        _fail(field, f"must be a list, got {_kind(value)}")
-    if len(value) != length:
-        _fail(field, f"must have {length} values, got {len(value)}")
-    return value
+def _length(values: Sequence[Any], field: str, length: int) -> None:
+    if len(values) != length:
+        _fail(field, f"must have {length} values, got {len(values)}")
 
 
-def _need(obj: Mapping[str, Any], key: str, field: str) -> Any:
-    if key not in obj:
-        _fail(f"{field}.{key}" if field else key, "is missing")
-    return obj[key]
-
-
-def _artifact(rel: Any, field: str, artifacts: Mapping[str, Any]) -> None:
-    _str(rel, field)
+def _artifact(rel: str, field: str, artifacts: Mapping[str, Any]) -> None:
     if rel not in artifacts:
         _fail(field, f"names {rel!r}, which is not listed in 'artifacts'")
 
 
 def check_model(model: Any) -> Dict[str, Any]:
-    """Checks the ``model`` entry (sizes, steps, normalisation, head layout)."""
-    m = _obj(model, "model")
-    S = _int(_need(m, "image_size", "model"), "model.image_size")
-    P = _int(_need(m, "patch_size", "model"), "model.patch_size")
-    if P > S:
-        _fail("model.patch_size", f"({P}) must not exceed model.image_size ({S})")
-    _int(_need(m, "steps", "model"), "model.steps", 1, 64)
-    _int(_need(m, "num_classes", "model"), "model.num_classes", 1, 1 << 20)
-    crop = _num(_need(m, "crop_pct", "model"), "model.crop_pct")
-    if not 0.0 < crop <= 1.0:
-        _fail("model.crop_pct", f"must be in (0, 1], got {crop}")
-    _str(_need(m, "dataset_interpolation", "model"), "model.dataset_interpolation", INTERPOLATIONS)
-    _str(_need(m, "glance_interpolation", "model"), "model.glance_interpolation", INTERPOLATIONS)
-    for key in ("mean", "std"):
-        vals = [_num(v, f"model.{key}[{i}]") for i, v in enumerate(_list(_need(m, key, "model"), f"model.{key}", 3))]
-        if key == "std" and any(v <= 0 for v in vals):
-            _fail("model.std", f"must be positive, got {vals}")
-    _str(_need(m, "classifier", "model"), "model.classifier", CLASSIFIERS)
-    _str(_need(m, "step0", "model"), "model.step0", STEP0)
-    return m
+    """Checks the ``model`` entry (sizes, steps, normalisation, head layout).
+
+    Raises:
+        ManifestError: naming the first field that is wrong.
+    """
+    _validate(model, "model", "data.model")
+    _finite(model, "model")
+    if model["patch_size"] > model["image_size"]:
+        _fail("model.patch_size", f"({model['patch_size']}) must not exceed model.image_size ({model['image_size']})")
+    if any(v <= 0 for v in model["std"]):  # one message for the vector the normaliser divides by
+        _fail("model.std", f"must be positive, got {model['std']}")
+    return model
 
 
 def check_manifest(manifest: Any) -> Dict[str, Any]:
@@ -119,63 +154,33 @@ def check_manifest(manifest: Any) -> Dict[str, Any]:
     Raises:
         ManifestError: naming the first field that is wrong.
     """
-    m = _obj(manifest, "manifest")
-    model = check_model(_need(m, "model", ""))
-    steps = int(model["steps"])
-    arts = _obj(_need(m, "artifacts", ""), "artifacts")
-    for rel, entry in arts.items():
-        e = _obj(entry, f"artifacts.{rel}")
-        digest = _need(e, "sha256", f"artifacts.{rel}")
-        if not isinstance(digest, str) or not _SHA256.match(digest):
-            _fail(f"artifacts.{rel}.sha256", "must be 64 lower-case hex digits")
-        if "bytes" in e:
-            _int(e["bytes"], f"artifacts.{rel}.bytes", 0, 1 << 50)
-    _artifact(_need(m, "heads", ""), "heads", arts)
-    graphs = _obj(_need(m, "graphs", ""), "graphs")
-    for name, entry in graphs.items():
-        g = _obj(entry, f"graphs.{name}")
+    _validate(manifest, "", "data")
+    m = manifest
+    check_model(m["model"])
+    steps = m["model"]["steps"]
+    arts = m["artifacts"]
+    _artifact(m["heads"], "heads", arts)
+    for name, g in m["graphs"].items():
         for part in GRAPHS:
-            _artifact(_need(g, part, f"graphs.{name}"), f"graphs.{name}.{part}", arts)
+            _artifact(g[part], f"graphs.{name}.{part}", arts)
         if g["glance"] == g["focus"]:
             _fail(f"graphs.{name}", "names one file for both the glance and the focus graph")
-    budgets = _obj(m.get("budgets", {}), "budgets")
-    for name, entry in budgets.items():
-        b = _obj(entry, f"budgets.{name}")
-        thr = _list(_need(b, "thresholds", f"budgets.{name}"), f"budgets.{name}.thresholds", steps)
-        for i, t in enumerate(thr):
-            _num(t, f"budgets.{name}.thresholds[{i}]")
+    budgets = m.get("budgets", {})
+    for name, b in budgets.items():
+        _length(b["thresholds"], f"budgets.{name}.thresholds", steps)
+        _finite(b["thresholds"], f"budgets.{name}.thresholds")
     default = m.get("default_budget")
-    if default is not None:
-        _str(default, "default_budget")
-        if default not in budgets:
-            _fail("default_budget", f"names {default!r}, which is not in 'budgets' ({', '.join(budgets) or 'none'})")
-    costs = _obj(m.get("step_costs", {}), "step_costs")
-    for key, entry in costs.items():
-        e = _obj(entry, f"step_costs.{key}")
-        batches = _need(e, "batches", f"step_costs.{key}")
-        if not isinstance(batches, list) or not batches:
-            _fail(f"step_costs.{key}.batches", "must be a non-empty list")
-        for j, block in enumerate(batches):
-            where = f"step_costs.{key}.batches[{j}]"
-            blk = _obj(block, where)
-            _int(_need(blk, "batch", where), f"{where}.batch", 1, 1 << 16)
-            cum = _obj(_need(blk, "cumulative", where), f"{where}.cumulative")
+    if default is not None and default not in budgets:
+        _fail("default_budget", f"names {default!r}, which is not in 'budgets' ({', '.join(budgets) or 'none'})")
+    for key, entry in m.get("step_costs", {}).items():
+        for j, block in enumerate(entry["batches"]):
+            where = f"step_costs.{key}.batches[{j}].cumulative"
             for stat in ("mean_ms", "p99_ms"):
-                vals = _list(_need(cum, stat, f"{where}.cumulative"), f"{where}.cumulative.{stat}", steps)
-                for i, v in enumerate(vals):
-                    if _num(v, f"{where}.cumulative.{stat}[{i}]") < 0:
-                        _fail(f"{where}.cumulative.{stat}[{i}]", f"must be >= 0, got {v}")
-    engines = m.get("engines", [])
-    if not isinstance(engines, list):
-        _fail("engines", f"must be a list, got {_kind(engines)}")
-    for i, entry in enumerate(engines):
-        e = _obj(entry, f"engines[{i}]")
-        _str(_need(e, "precision", f"engines[{i}]"), f"engines[{i}].precision")
+                _length(block["cumulative"][stat], f"{where}.{stat}", steps)
+                _finite(block["cumulative"][stat], f"{where}.{stat}")
+    for i, e in enumerate(m.get("engines", [])):
         for part in GRAPHS:
-            _artifact(_need(e, part, f"engines[{i}]"), f"engines[{i}].{part}", arts)
-        opts = _obj(e.get("build_options", {}), f"engines[{i}].build_options")
-        if "max_batch" in opts:
-            _int(opts["max_batch"], f"engines[{i}].build_options.max_batch", 1, 1 << 16)
+            _artifact(e[part], f"engines[{i}].{part}", arts)
     if m.get("checkpoint") is not None:
         _artifact(m["checkpoint"], "checkpoint", arts)
     return m

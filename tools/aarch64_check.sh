@@ -12,8 +12,8 @@
 #   2. An arm64 sysroot: Debian's arm64 python3.X packages and the libraries they need,
 #      fetched with apt-get download through a private apt configuration (the machine's own
 #      dpkg architectures and package lists are left alone) and unpacked with dpkg -x.
-#   3. numpy, onnxruntime (the host's versions), pillow, tqdm and pytest as aarch64 wheels for
-#      that Python, installed with pip install --target --platform (no emulated pip).
+#   3. numpy, onnxruntime (the host's versions), pillow, tqdm, fastjsonschema and pytest as
+#      aarch64 wheels for that Python, installed with pip install --target --platform (no emulated pip).
 #   4. The extension's CPU kernels cross-compiled with CMakeLists.txt (GFNET_EDGE_CUDA=OFF),
 #      staged with the Python packages as pip install would lay them out.
 #   5. On x86 (host python3 with torch, torchvision, scikit-learn and this checkout's
@@ -71,7 +71,9 @@ PYVER=$(apt-cache show --no-all-versions python3-minimal | sed -n 's/^Version: \
 [ -n "$PYVER" ] || die "could not find Debian's arm64 python3-minimal"
 NUMPY_VER=$("$HOST_PY" -c "import numpy; print(numpy.__version__)")
 ORT_VER=$("$HOST_PY" -c "import onnxruntime; print(onnxruntime.__version__)")
-KEY="python$PYVER numpy==$NUMPY_VER onnxruntime==$ORT_VER"
+#: setup.py's other RUNTIME requirements (besides numpy and onnxruntime, pinned above).
+RUNTIME_PKGS=("pillow>=9" "tqdm>=4.60" "fastjsonschema>=2.16")
+KEY="python$PYVER numpy==$NUMPY_VER onnxruntime==$ORT_VER ${RUNTIME_PKGS[*]}"
 SYSROOT=$W/sysroot
 SITE=$W/site
 if [ "$(cat "$W/env.key" 2>/dev/null)" != "$KEY" ]; then
@@ -87,14 +89,14 @@ if [ "$(cat "$W/env.key" 2>/dev/null)" != "$KEY" ]; then
   [ -x "$SYSROOT/usr/bin/python$PYVER" ] || die "the sysroot has no python$PYVER (apt-get download failed?)"
   rm -rf "$W/debs"
 
-  say "aarch64 wheels: numpy $NUMPY_VER, onnxruntime $ORT_VER, pillow, tqdm, pytest"
+  say "aarch64 wheels: numpy $NUMPY_VER, onnxruntime $ORT_VER, ${RUNTIME_PKGS[*]}, pytest"
   PLATFORMS=""
   for p in manylinux2014 manylinux_2_27 manylinux_2_28 manylinux_2_31 manylinux_2_34 manylinux_2_35 manylinux_2_36; do
     PLATFORMS="$PLATFORMS --platform ${p}_aarch64"
   done
   "$HOST_PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore --target "$SITE" --only-binary=:all: \
     --implementation cp --python-version "$PYVER" $PLATFORMS \
-    "numpy==$NUMPY_VER" "onnxruntime==$ORT_VER" "pillow>=9" "tqdm>=4.60" "pytest>=8"
+    "numpy==$NUMPY_VER" "onnxruntime==$ORT_VER" "${RUNTIME_PKGS[@]}" "pytest>=8"
   echo "$KEY" >"$W/env.key"
 fi
 
