@@ -2,9 +2,9 @@
 
 The structure (types, required keys, ranges, choices, patterns) is a JSON Schema document shipped
 with the package, :data:`SCHEMA_PATH` (``gfnet_edge/schemas/manifest.schema.json``), validated with
-`fastjsonschema <https://horejsek.github.io/python-fastjsonschema/>`_: it compiles the schema to
-plain Python once, is pure Python with no dependencies, and so installs wherever the device side
-does (aarch64 included). What a schema cannot say is checked here in code: a patch no larger than
+``fastjsonschema``: it compiles the schema to plain Python once, is pure Python with no
+dependencies, and so installs wherever the device side does (aarch64 included; ``jsonschema``
+depends on ``rpds-py``, native code). What a schema cannot say is checked here in code: a patch no larger than
 the image, one threshold and one step cost per step, graph / engine / head / checkpoint paths that
 are listed artifacts, distinct glance and focus graphs, a default budget that exists, positive
 ``std`` and finite numbers (``NaN`` passes every JSON Schema range test).
