@@ -20,6 +20,7 @@ import pytest
 
 from gfnet_edge import ops
 from gfnet_edge.errors import InputError, UnavailableError
+from gfnet_edge.model_desc import ModelDesc
 from gfnet_edge.runtime.backends.base import Runner
 from probs import exits_mid_loop, gap_thresholds
 from sim_device import SimCapture, SimHeads, SimMemory, demo_test_images, sim_ops
@@ -131,7 +132,7 @@ def test_runner_device_interface_defaults():
     with pytest.raises(NotImplementedError, match="no device execution"):
         base.run_device("glance", 0x1000, 1, 0)
 
-    bundle = SimpleNamespace(manifest={"checkpoint": "m.pth.tar"}, root=Path("B"), model={"patch_size": 96},
+    bundle = SimpleNamespace(manifest={"checkpoint": "m.pth.tar"}, root=Path("B"), model=SimpleNamespace(patch_size=96),
                              path=lambda p: Path("B") / p)
     assert TorchRunner(bundle).supports_device is False
     assert TorchRunner(bundle, device="cuda").supports_device is True  # checked for CUDA on activate
@@ -153,13 +154,21 @@ def test_runner_run_device_validates_and_passes_the_stream_handle():
             r.run_device(*args)
 
 
+def _desc(**kw) -> ModelDesc:
+    """A model description: ``kw`` over small defaults (ImageNet normalisation, bicubic glance)."""
+    base = dict(image_size=64, patch_size=32, steps=3, num_classes=10, crop_pct=1.0, dataset_interpolation="bilinear",
+                glance_interpolation="bicubic", mean=tuple(ops.IMAGENET_MEAN), std=tuple(ops.IMAGENET_STD),
+                classifier="cascaded", step0="backbone")
+    return ModelDesc(**{**base, **kw})
+
+
 def test_driver_place_follows_the_heads(monkeypatch):
     """One Driver for every place: CPU heads keep the buffers on the host whatever the runner;
     CUDA heads need a GPU and a runner with device execution."""
     from gfnet_edge.runtime.driver import Driver
     from gfnet_edge.runtime.profile import Profiler
 
-    model = {"steps": 3, "image_size": 224, "patch_size": 96, "step0": "backbone"}
+    model = _desc(steps=3, image_size=224, patch_size=96, step0="backbone")
     seen = []
     host_heads = SimpleNamespace(device="cpu", host_loop=lambda m: seen.append(m) or "native loop")
     d = Driver(model, _DeviceRunner(), host_heads, Profiler(False))  # device-capable runner, host place
@@ -721,7 +730,7 @@ def _tiny_torch_runner(P: int, F: int, Hs: int, C: int, with_logits: bool):
 
     class TinyRunner(TorchRunner):
         def __init__(self) -> None:
-            fake = SimpleNamespace(manifest={"checkpoint": "-"}, root=Path("."), model={"patch_size": P},
+            fake = SimpleNamespace(manifest={"checkpoint": "-"}, root=Path("."), model=SimpleNamespace(patch_size=P),
                                    path=lambda p: Path(p))
             super().__init__(fake, device="cuda")
 
@@ -758,8 +767,7 @@ def test_device_place_matches_host_place_on_torch_cuda_graphs(kind, step0, T, cu
     from gfnet_edge.runtime.profile import Profiler
 
     S, P, F, Hs, C = 64, 24, 24, 20, 10
-    model = {"steps": T, "image_size": S, "patch_size": P, "step0": step0, "classifier": kind,
-             "glance_interpolation": "bicubic", "mean": list(ops.IMAGENET_MEAN), "std": list(ops.IMAGENET_STD)}
+    model = _desc(steps=T, image_size=S, patch_size=P, step0=step0, classifier=kind, num_classes=C)
     arrays = _random_heads(kind, T, F, Hs, C)
     runner = _tiny_torch_runner(P, F, Hs, C, step0 == "backbone").activate()
     try:
