@@ -245,6 +245,19 @@ def calibration_arrays(case: Case, cdir: Path, ckpt: Path, calib_data: Optional[
     return path
 
 
+def _calibration_mismatch(bundle, calib: Path) -> Optional[str]:
+    """A message when the profiles' reports name calibration sizes other than the exported arrays'."""
+    with np.load(calib) as z:
+        have = {g: int(z[g].shape[0]) for g in ("glance", "focus")}
+    for prof, rep in (bundle.manifest.get("quantization") or {}).items():
+        c = rep.get("calibration") or {}
+        used = {g: c.get(g) for g in ("glance", "focus")}
+        if used != have:
+            return (f"the {prof} profile calibrated on {used['glance']} glance inputs / {used['focus']} patches, "
+                    f"ModelOpt on {have['glance']} / {have['focus']}")
+    return None
+
+
 def modelopt_graphs(arm: Arm, bundle, cdir: Path, calib: Path, st: Settings,
                     times: Dict[str, Any]) -> Tuple[Optional[Dict[str, Path]], Optional[str]]:
     """ModelOpt's graphs of one arm (quantized once), or (None, why they are missing)."""
@@ -362,8 +375,13 @@ def run_case(case: Case, st: Settings) -> Dict[str, Any]:
     skipped: Dict[str, str] = {}
     extra: Dict[str, Dict[str, Path]] = {}
     modelopt_info: Dict[str, Any] = {}
+    calib_note = "no ModelOpt arms (--quick)"
     if not st.quick:
         calib = calibration_arrays(case, cdir, ckpt, calib_data)
+        mismatch = _calibration_mismatch(bundle, calib)
+        if mismatch:
+            _log(f"{case.name}: {mismatch}")
+        calib_note = mismatch or "same sizes"
         for arm in MODELOPT_ARMS:
             graphs, why = modelopt_graphs(arm, bundle, cdir, calib, st, times)
             if graphs is None:
@@ -435,7 +453,8 @@ def run_case(case: Case, st: Settings) -> Dict[str, Any]:
         "budget_thresholds": cmp_bundle.thresholds(None),
         "calibration": {"images": case.num_calib, "glance_inputs": case.num_calib,
                         "focus_patches": case.num_calib * (desc.steps - 1),
-                        "source": "demo validation split" if case.labelled else "synthetic images, seed 0"},
+                        "source": "demo validation split" if case.labelled else "synthetic images, seed 0",
+                        "profiles_vs_modelopt": calib_note},
         "profiles": {p: {"method": r.get("method"), "mixed_precision": r.get("mixed_precision"),
                          "float_nodes": [f.get("node") for f in r.get("float_nodes", [])]} for p, r in q.items()},
         "modelopt": modelopt_info, "skipped": skipped, "rows": rows, "times": times,
@@ -453,7 +472,8 @@ def case_markdown(r: Dict[str, Any]) -> str:
              f"{r['images']} held-out images ({', '.join(sets)}); accuracy against {r['labels']}. "
              f"Default budget `{r['default_budget']}` (thresholds {', '.join(f'{t:.4g}' for t in r['budget_thresholds'])}). "
              f"Calibration: {r['calibration']['glance_inputs']} glance inputs + {r['calibration']['focus_patches']} "
-             f"patches at the policy's locations ({r['calibration']['source']}), the same arrays for every arm.", "",
+             f"patches at the policy's locations ({r['calibration']['source']}); the profiles' own calibration "
+             f"against ModelOpt's: {r['calibration']['profiles_vs_modelopt']}.", "",
              "| graph set | accuracy per step (pooled) | final-step Δ per seed | final-step Δ pooled [lost/gained] "
              "| budget Δ per seed | budget Δ pooled [lost/gained] | exit agreement per seed (pooled) "
              "| backbone MACs in float (at budget) | glance graph in float |",
