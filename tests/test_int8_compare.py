@@ -102,6 +102,37 @@ def test_graph_multiply_adds_match_the_models_own_count(quick):
         assert (row["macs"]["glance"], row["macs"]["focus"]) == (fp32["glance"], fp32["focus"])
 
 
+def test_compare_arm_matches_a_loop_over_images(rng):
+    from int8_metrics import ArmTrace, compare_arm
+
+    T, N, K = 3, 200, 4
+    labels = rng.integers(0, K, N)
+
+    def arm():
+        probs = rng.dirichlet(np.ones(K), size=(T, N)).astype(np.float32)
+        exits = rng.integers(0, T, N)
+        return ArmTrace(probs, probs[exits, np.arange(N)].argmax(axis=1), exits)
+
+    ref, test = arm(), arm()
+    got = compare_arm(ref, test, labels)
+    lost = gained = b_lost = b_gained = same_exit = 0
+    for i in range(N):
+        r_ok, t_ok = ref.probs[-1, i].argmax() == labels[i], test.probs[-1, i].argmax() == labels[i]
+        lost, gained = lost + (r_ok and not t_ok), gained + (t_ok and not r_ok)
+        rb, tb = ref.classes[i] == labels[i], test.classes[i] == labels[i]
+        b_lost, b_gained = b_lost + (rb and not tb), b_gained + (tb and not rb)
+        same_exit += ref.exit_step[i] == test.exit_step[i]
+    assert lost != gained  # the data tell the two directions apart
+    assert got["final_flips"] == {"lost": lost, "gained": gained}
+    assert got["budget_flips"] == {"lost": b_lost, "gained": b_gained}
+    assert got["final_delta"] == pytest.approx(100.0 * (gained - lost) / N)
+    assert got["budget_delta"] == pytest.approx(100.0 * (b_gained - b_lost) / N)
+    assert got["exit_agreement"] == pytest.approx(100.0 * same_exit / N)
+    for t in range(T):
+        assert got["step_accuracy"][t] == pytest.approx(100.0 * sum(
+            test.probs[t, i].argmax() == labels[i] for i in range(N)) / N)
+
+
 def _qdq_conv_model(path: Path) -> None:
     """image (1,3,8,8) -> Conv 4x3x3x3 pad 1 in INT8 (Q/DQ on input and weight) -> Conv 2x4x1x1 in
     float -> Flatten -> Gemm 128->5 with only its input dequantized."""
@@ -148,3 +179,12 @@ def test_bad_options_are_refused_with_one_line(args, needle, capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert needle in err[-1]
     assert not (tmp_path / "w").exists()
+
+
+def test_modelopt_arm_is_skipped_with_its_reason(tmp_path):
+    arm = int8_compare.MODELOPT_ARMS[0]
+    for python, needle in ((None, "--modelopt-python"), (str(tmp_path / "nopython"), "no such file")):
+        st = int8_compare.Settings(tmp_path, 1, python)
+        graphs, why = int8_compare.modelopt_graphs(arm, None, tmp_path, tmp_path / "c.npz", st, {})
+        assert graphs is None and needle in why
+    assert not (tmp_path / arm.graph_set).exists()
