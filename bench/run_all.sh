@@ -2,7 +2,8 @@
 # Every CPU benchmark, one after the other (they compete for the same cores, so never in
 # parallel), each writing its markdown under bench/results/. GPU rows: bench/gpu_session.sh.
 #
-#   bash bench/run_all.sh            # about an hour on a 2-core machine
+#   bash bench/run_all.sh            # about two hours on a 2-core machine
+#   (ModelOpt rows of int8_compare.py: MODELOPT_PYTHON=<python with nvidia-modelopt[onnx]>)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -11,4 +12,5 @@ python3 bench/e2e.py --threads 1 --out bench/results/e2e.md
 python3 bench/e2e.py --threads 2 --out bench/results/e2e_2threads.md
 python3 bench/imagenet_shapes.py --threads 2 --repeat 10
 python3 bench/quantize.py --threads 2
+python3 bench/int8_compare.py --threads 2
 python3 bench/memory.py --threads 2

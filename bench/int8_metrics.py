@@ -1,0 +1,163 @@
+"""Metrics of bench/int8_compare.py: accuracy and exits of a quantized graph set against FP32 on
+the same images, and the share of a graph's multiply-adds that runs in float.
+
+Everything here is numpy / onnx only, so the test can check it against a plain recomputation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+#: Op types whose multiply-adds are counted (the backbones' weighted layers).
+WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
+
+
+@dataclass
+class ArmTrace:
+    """One graph set on one image set, as the runtime returned it.
+
+    Attributes:
+        probs: every step's probabilities, ``Runtime.trace`` (T, N, K).
+        classes: the answer at the bundle's default budget, ``Runtime.predict`` (N,).
+        exit_step: the step each image exited at under that budget (N,), 0 = glance.
+    """
+
+    probs: np.ndarray
+    classes: np.ndarray
+    exit_step: np.ndarray
+
+    @property
+    def steps(self) -> int:
+        return int(self.probs.shape[0])
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, probs=self.probs, classes=self.classes, exit_step=self.exit_step)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "ArmTrace":
+        with np.load(path) as z:
+            return cls(z["probs"], z["classes"], z["exit_step"])
+
+
+def flips(ref_ok: np.ndarray, test_ok: np.ndarray) -> Dict[str, int]:
+    """Paired flips: images the reference got right and the test wrong (``lost``), and the reverse."""
+    return {"lost": int((ref_ok & ~test_ok).sum()), "gained": int((~ref_ok & test_ok).sum())}
+
+
+def compare_arm(ref: ArmTrace, test: ArmTrace, labels: np.ndarray) -> Dict[str, Any]:
+    """Accuracy of ``test`` and ``ref`` (percent), its difference (test - ref, points) with the
+    paired flip counts, at the final step and at the default budget, and exit agreement.
+
+    Args:
+        ref: the FP32 graph set's trace; test: the quantized one, on the same images.
+        labels: true labels, or FP32's final-step predictions when the images have none.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    pred_ref, pred_test = ref.probs.argmax(axis=2), test.probs.argmax(axis=2)
+    step_ref = 100.0 * (pred_ref == labels[None]).mean(axis=1)
+    step_test = 100.0 * (pred_test == labels[None]).mean(axis=1)
+    fin_ref, fin_test = pred_ref[-1] == labels, pred_test[-1] == labels
+    bud_ref, bud_test = ref.classes == labels, test.classes == labels
+    n = int(labels.shape[0])
+    return {
+        "n": n,
+        "step_accuracy": [float(a) for a in step_test],
+        "final_accuracy": float(step_test[-1]),
+        "final_delta": float(step_test[-1] - step_ref[-1]),
+        "final_flips": flips(fin_ref, fin_test),
+        "budget_accuracy": float(100.0 * bud_test.mean()),
+        "budget_delta": float(100.0 * (bud_test.mean() - bud_ref.mean())),
+        "budget_flips": flips(bud_ref, bud_test),
+        "exit_agreement": float(100.0 * (ref.exit_step == test.exit_step).mean()),
+        "exit_counts": np.bincount(test.exit_step, minlength=test.steps).tolist(),
+        "prediction_agreement": [float(100.0 * a) for a in (pred_ref == pred_test).mean(axis=1)],
+        "focus_runs": int(test.exit_step.sum()),
+    }
+
+
+# --------------------------------------------------------------------------- multiply-adds
+@dataclass
+class NodeMacs:
+    """Multiply-adds of one weighted node for one image, and whether it runs in INT8."""
+
+    name: str
+    op_type: str
+    macs: int
+    int8: bool
+
+
+def _dims(value_info) -> Optional[List[int]]:
+    t = value_info.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    return None if any(d is None for d in dims) else dims
+
+
+def graph_macs(path: Path) -> List[NodeMacs]:
+    """Per-image multiply-adds of every Conv / Gemm / MatMul node of an ONNX graph, and whether
+    both its data input and its weight come from a DequantizeLinear (the node runs in INT8).
+
+    Shapes come from ONNX shape inference with the batch dimension set to 1.
+
+    Raises:
+        ValueError: a weighted node whose shapes shape inference cannot tell.
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    for inp in model.graph.input:
+        dims = inp.type.tensor_type.shape.dim
+        if len(dims) and not dims[0].HasField("dim_value"):
+            dims[0].dim_value = 1
+    model = onnx.shape_inference.infer_shapes(model)
+    g = model.graph
+    shapes: Dict[str, List[int]] = {i.name: list(i.dims) for i in g.initializer}
+    for vi in list(g.value_info) + list(g.input) + list(g.output):
+        d = _dims(vi)
+        if d is not None:
+            shapes[vi.name] = d
+    producer = {o: n for n in g.node for o in n.output}
+
+    def from_dq(name: str) -> bool:
+        p = producer.get(name)
+        return p is not None and p.op_type == "DequantizeLinear"
+
+    out: List[NodeMacs] = []
+    for node in g.node:
+        if node.op_type not in WEIGHTED_OPS:
+            continue
+        y, a, w = shapes.get(node.output[0]), shapes.get(node.input[0]), shapes.get(node.input[1])
+        if y is None or a is None or w is None:
+            raise ValueError(f"{path}: shapes of {node.op_type} node {node.name!r} unknown after shape inference")
+        if node.op_type == "Conv":
+            macs = int(np.prod(y[1:])) * int(np.prod(w[1:]))
+        elif node.op_type == "Gemm":
+            trans_a = next((at.i for at in node.attribute if at.name == "transA"), 0)
+            k = a[0] if trans_a else a[-1]
+            macs = int(np.prod(y[1:])) * int(k)
+        else:  # MatMul: batch 1 already in the output shape
+            macs = int(np.prod(y)) * int(a[-1])
+        out.append(NodeMacs(node.name, node.op_type, macs, from_dq(node.input[0]) and from_dq(node.input[1])))
+    return out
+
+
+def float_share(nodes: Sequence[NodeMacs]) -> float:
+    """Percent of the multiply-adds of ``nodes`` in nodes that do not run in INT8."""
+    total = sum(n.macs for n in nodes)
+    return 100.0 * sum(n.macs for n in nodes if not n.int8) / total if total else 0.0
+
+
+def weighted_float_share(glance: Sequence[NodeMacs], focus: Sequence[NodeMacs], glance_runs: int,
+                         focus_runs: int) -> float:
+    """Percent of the backbone multiply-adds run in float when the glance graph runs
+    ``glance_runs`` times and the focus graph ``focus_runs`` times."""
+    tot = glance_runs * sum(n.macs for n in glance) + focus_runs * sum(n.macs for n in focus)
+    flt = (glance_runs * sum(n.macs for n in glance if not n.int8)
+           + focus_runs * sum(n.macs for n in focus if not n.int8))
+    return 100.0 * flt / tot if tot else 0.0
