@@ -147,6 +147,8 @@ EXT=$(ls "$W"/ext/_C.cpython-*-aarch64-linux-gnu.so 2>/dev/null) || die "the cro
 rm -rf "$STAGE"
 mkdir -p "$STAGE/tools"
 cp -r gfnet_edge tests pyproject.toml "$STAGE/"
+# a development checkout may link gfnet_edge/quantize and calibrate to the top-level folders
+rm -rf "$STAGE/gfnet_edge/quantize" "$STAGE/gfnet_edge/calibrate"
 cp -r quantize "$STAGE/gfnet_edge/quantize"
 cp -r calibrate "$STAGE/gfnet_edge/calibrate"
 cp tools/aarch64_parity.py tools/aarch64_cases.py "$STAGE/tools/"
