@@ -20,7 +20,8 @@
 #      extension): tools/aarch64_parity.py record writes the kernel cases' torch references
 #      and x86 outputs, builds an fp32 demo bundle and records Runtime's results on it.
 #   6. Under qemu-aarch64: pytest on the torch-free device-side tests (host loop, bundle
-#      loading, kernel argument checks), then tools/aarch64_parity.py check.
+#      loading, kernel argument checks, NEON kernels bit-identical to the portable loops),
+#      then tools/aarch64_parity.py check.
 # Exit status: 0 when every step passed; non-zero otherwise (the failing step says why).
 # Timings under emulation say nothing about a Jetson and are not reported.
 set -euo pipefail
@@ -167,7 +168,7 @@ PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$HOST_PY" tools/aarch64_parity.py
 # ------------------------------------------------------------- 5. aarch64 checks ----
 say "pytest under qemu-aarch64 (torch-free device-side tests)"
 (cd "$STAGE" && "$EMU_PY" -m pytest -q -p no:cacheprovider \
-  tests/test_host_loop.py tests/test_bundle.py tests/test_kernels_errors.py)
+  tests/test_host_loop.py tests/test_bundle.py tests/test_kernels_errors.py tests/test_simd_paths.py)
 say "parity with x86 under qemu-aarch64"
 (cd "$STAGE" && "$EMU_PY" tools/aarch64_parity.py check "$W/ref.npz" --bundle "$W/bundle")
 say "passed"
