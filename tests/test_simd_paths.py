@@ -49,10 +49,14 @@ def assert_identical(fast, plain):
         assert bad.size == 0, f"{bad.size} of {f.size} values differ, first at {bad[0]}"
 
 
-# The horizontal pass filters groups of 4 taps; the tap count grows with the downscale factor
-# (bicubic: about 4 x factor): 1080x1920 -> 256 bicubic needs 5+ groups (the generic loop).
+# The horizontal pass filters groups of 4 taps, 2 * ceil(support) + 1 taps with support = f
+# (bilinear) or 2 f (bicubic) for a downscale by f, 1 or 2 for an upscale. Groups: 224x224 ->
+# 256 bilinear 1; 61x70 -> 69 bicubic, 57x91 -> 21 bilinear and 333x444 -> 228 bicubic 2;
+# 1080x1920 -> 256 bilinear 3; 768x1024 -> 256 bicubic 4; 1080x1920 -> 256 (224) bicubic 5 (6),
+# the loop for any count. resize_crop of 224x224 at 224 is a copy.
 @pytest.mark.parametrize("hw,S,interpolation", [
-    ((1080, 1920, 3), 224, "bicubic"), ((1080, 1920, 3), 224, "bilinear"), ((333, 444, 3), 200, "bicubic"),
+    ((1080, 1920, 3), 224, "bicubic"), ((1080, 1920, 3), 224, "bilinear"), ((768, 1024, 3), 224, "bicubic"),
+    ((333, 444, 3), 200, "bicubic"),
     ((57, 91, 3), 19, "bilinear"), ((61, 70, 3), 61, "bicubic"), ((224, 224, 3), 224, "bilinear"),
 ])
 def test_preprocess_and_resize_crop_identical(level, rng, hw, S, interpolation):

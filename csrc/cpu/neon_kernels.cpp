@@ -244,20 +244,20 @@ inline void rows_tiled(const void* w, int64_t ld, int64_t col0, int64_t k, int64
   }
 }
 
-// Tiles sized for the 32 vector registers: two accumulators per (row, item), two per item
-// for the batch vectors.
+// Tiles sized so that everything stays in the 32 vector registers (no fused multiply-add, so
+// each product needs a register of its own too): two accumulators per (row, item), two per
+// item for the batch vectors. A weight vector is read once for every item of its tile, the
+// batch vectors once per row (from L1).
 template <bool F16>
 void gemm_impl(const void* w, int64_t ld, int64_t col0, int64_t k, int64_t r0, int64_t r1,
                const float* const* x, int64_t nb, float* out, int64_t ldo, bool accumulate) {
   int64_t r = r0;
   if (nb == 1) {
-    rows_tiled<6, 1, F16>(w, ld, col0, k, r, r1, x, nb, out, ldo, accumulate);
+    rows_tiled<4, 1, F16>(w, ld, col0, k, r, r1, x, nb, out, ldo, accumulate);
   } else if (nb == 2) {
-    rows_tiled<4, 2, F16>(w, ld, col0, k, r, r1, x, nb, out, ldo, accumulate);
+    rows_tiled<2, 2, F16>(w, ld, col0, k, r, r1, x, nb, out, ldo, accumulate);
   } else if (nb == 3) {
-    rows_tiled<3, 3, F16>(w, ld, col0, k, r, r1, x, nb, out, ldo, accumulate);
-  } else {
-    rows_tiled<2, 4, F16>(w, ld, col0, k, r, r1, x, nb, out, ldo, accumulate);
+    rows_tiled<1, 3, F16>(w, ld, col0, k, r, r1, x, nb, out, ldo, accumulate);
   }
   rows_tiled<1, 4, F16>(w, ld, col0, k, r, r1, x, nb, out, ldo, accumulate);
 }
