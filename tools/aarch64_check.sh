@@ -18,8 +18,9 @@
 #   2. An arm64 sysroot: Debian's arm64 python3.X packages and the libraries they need,
 #      fetched with apt-get download through a private apt configuration (the machine's own
 #      dpkg architectures and package lists are left alone) and unpacked with dpkg -x.
-#   3. numpy, onnxruntime (the host's versions, or the oldest supported), pillow, tqdm and pytest as aarch64 wheels for
-#      that Python, installed with pip install --target --platform (no emulated pip).
+#   3. numpy, onnxruntime (the host's versions; with --oldest the oldest supported), pillow,
+#      tqdm and pytest as aarch64 wheels for that Python, installed with pip install --target
+#      --platform (no emulated pip).
 #   4. The extension's CPU kernels cross-compiled with CMakeLists.txt (GFNET_EDGE_CUDA=OFF),
 #      staged with the Python packages as pip install would lay them out.
 #   5. On x86 (host python3 with torch, torchvision, scikit-learn and this checkout's
