@@ -5,6 +5,12 @@
 #
 #   bash tools/aarch64_check.sh            # the full check (64 demo test images)
 #   bash tools/aarch64_check.sh --quick    # CI's subset (16 demo test images)
+#   bash tools/aarch64_check.sh --oldest   # the oldest supported Python, numpy, ONNX Runtime
+#
+# --oldest (combinable with --quick) takes Debian 11's python3.9 (the oldest Python setup.py
+# accepts; Debian has no 3.10), with the libraries it links from this machine's Debian release,
+# and the floors of setup.py's install_requires: numpy 1.24.4 and onnxruntime 1.18.0. Its
+# files go to build/aarch64-oldest.
 #
 # Steps (everything lands in $GFNET_AARCH64_DIR, default build/aarch64; the downloads are
 # reused by the next run):
@@ -12,15 +18,17 @@
 #   2. An arm64 sysroot: Debian's arm64 python3.X packages and the libraries they need,
 #      fetched with apt-get download through a private apt configuration (the machine's own
 #      dpkg architectures and package lists are left alone) and unpacked with dpkg -x.
-#   3. numpy, onnxruntime (the host's versions), pillow, tqdm, fastjsonschema and pytest as
-#      aarch64 wheels for that Python, installed with pip install --target --platform (no emulated pip).
+#   3. numpy, onnxruntime (the host's versions; with --oldest the oldest supported), pillow,
+#      tqdm, fastjsonschema and pytest as aarch64 wheels for that Python, installed with pip
+#      install --target --platform (no emulated pip).
 #   4. The extension's CPU kernels cross-compiled with CMakeLists.txt (GFNET_EDGE_CUDA=OFF),
 #      staged with the Python packages as pip install would lay them out.
 #   5. On x86 (host python3 with torch, torchvision, scikit-learn and this checkout's
 #      extension): tools/aarch64_parity.py record writes the kernel cases' torch references
 #      and x86 outputs, builds an fp32 demo bundle and records Runtime's results on it.
 #   6. Under qemu-aarch64: pytest on the torch-free device-side tests (host loop, bundle
-#      loading, kernel argument checks), then tools/aarch64_parity.py check.
+#      loading, kernel argument checks, NEON kernels bit-identical to the portable loops),
+#      then tools/aarch64_parity.py check.
 # Exit status: 0 when every step passed; non-zero otherwise (the failing step says why).
 # Timings under emulation say nothing about a Jetson and are not reported.
 set -euo pipefail
@@ -28,12 +36,19 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 IMAGES=64
-case "${1:-}" in
-  "") ;;
-  --quick) IMAGES=16 ;;
-  *) echo "usage: bash tools/aarch64_check.sh [--quick]" >&2; exit 2 ;;
-esac
-W=$(mkdir -p "${GFNET_AARCH64_DIR:-build/aarch64}" && cd "${GFNET_AARCH64_DIR:-build/aarch64}" && pwd)
+OLDEST=0
+for arg in "$@"; do
+  case "$arg" in
+    --quick) IMAGES=16 ;;
+    --oldest) OLDEST=1 ;;
+    *) echo "usage: bash tools/aarch64_check.sh [--quick] [--oldest]" >&2; exit 2 ;;
+  esac
+done
+# --oldest: Debian 11's Python and the floors of setup.py's install_requires (numpy, onnxruntime)
+OLDEST_SUITE=bullseye OLDEST_PYVER=3.9 OLDEST_NUMPY=1.24.4 OLDEST_ORT=1.18.0
+DEFAULT_DIR=build/aarch64
+[ "$OLDEST" = 0 ] || DEFAULT_DIR=build/aarch64-oldest
+W=$(mkdir -p "${GFNET_AARCH64_DIR:-$DEFAULT_DIR}" && cd "${GFNET_AARCH64_DIR:-$DEFAULT_DIR}" && pwd)
 HOST_PY=${PYTHON:-python3}
 say() { printf '\n== aarch64 [%ss]: %s\n' "$SECONDS" "$*"; }
 die() { echo "aarch64 check: $*" >&2; exit 2; }
@@ -64,16 +79,38 @@ Dir::State::status "$APT_DIR/status";
 Dir::Cache "$APT_DIR/cache";
 APT::Sandbox::User "root";
 EOF
+if [ "$OLDEST" = 1 ]; then
+  # The older suite next to this machine's own (its sources.list.d): apt takes each package
+  # from the newest suite that has it, so only what the newer one lacks (python3.9 and the
+  # libraries of older sonames it links) comes from the older suite.
+  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian $OLDEST_SUITE main" \
+    >"$APT_DIR/oldest.list"
+  echo "Dir::Etc::SourceList \"$APT_DIR/oldest.list\";" >>"$APT_DIR/apt.conf"
+fi
 export APT_CONFIG=$APT_DIR/apt.conf
 say "arm64 package lists"
 apt-get update -qq
-PYVER=$(apt-cache show --no-all-versions python3-minimal | sed -n 's/^Version: \([0-9]*\.[0-9]*\).*/\1/p')
-[ -n "$PYVER" ] || die "could not find Debian's arm64 python3-minimal"
-NUMPY_VER=$("$HOST_PY" -c "import numpy; print(numpy.__version__)")
-ORT_VER=$("$HOST_PY" -c "import onnxruntime; print(onnxruntime.__version__)")
+EXTRA_DEBS=""
+PY_TEST_REQS="pytest>=8"
+if [ "$OLDEST" = 1 ]; then
+  PYVER=$OLDEST_PYVER NUMPY_VER=$OLDEST_NUMPY ORT_VER=$OLDEST_ORT
+  # pybind11's CMake asks Python < 3.10 for its module suffix through distutils, a package
+  # of its own in Debian (the older suite's, for its Python)
+  EXTRA_DEBS="python3-distutils/$OLDEST_SUITE"
+  # pip takes environment markers from the running (host) Python and this machine's index
+  # gives no Requires-Python: name pytest's releases and dependencies for Python 3.9
+  PY_TEST_REQS="pytest>=8,<8.5 iniconfig<2.3 exceptiongroup>=1 tomli>=1"
+  apt-cache show "python$PYVER-minimal" >/dev/null 2>&1 || die "no arm64 python$PYVER-minimal in Debian $OLDEST_SUITE"
+else
+  PYVER=$(apt-cache show --no-all-versions python3-minimal | sed -n 's/^Version: \([0-9]*\.[0-9]*\).*/\1/p')
+  [ -n "$PYVER" ] || die "could not find Debian's arm64 python3-minimal"
+  NUMPY_VER=$("$HOST_PY" -c "import numpy; print(numpy.__version__)")
+  ORT_VER=$("$HOST_PY" -c "import onnxruntime; print(onnxruntime.__version__)")
+fi
 #: setup.py's other RUNTIME requirements (besides numpy and onnxruntime, pinned above).
 RUNTIME_PKGS=("pillow>=9" "tqdm>=4.60" "fastjsonschema>=2.16")
-KEY="python$PYVER numpy==$NUMPY_VER onnxruntime==$ORT_VER ${RUNTIME_PKGS[*]}"
+KEY="python$PYVER numpy==$NUMPY_VER onnxruntime==$ORT_VER ${RUNTIME_PKGS[*]}${EXTRA_DEBS:+ $EXTRA_DEBS}"
+[ "$OLDEST" = 0 ] || KEY="$KEY $PY_TEST_REQS"
 SYSROOT=$W/sysroot
 SITE=$W/site
 if [ "$(cat "$W/env.key" 2>/dev/null)" != "$KEY" ]; then
@@ -84,7 +121,7 @@ if [ "$(cat "$W/env.key" 2>/dev/null)" != "$KEY" ]; then
          | grep -v '^[ <]' | sort -u)
   mkdir -p "$W/debs" "$SYSROOT"
   # libpython3.X-dev: only its headers are used (no dependencies needed)
-  (cd "$W/debs" && apt-get download -qq $PKGS "libpython$PYVER-dev")
+  (cd "$W/debs" && apt-get download -qq $PKGS "libpython$PYVER-dev" $EXTRA_DEBS)
   for deb in "$W"/debs/*.deb; do dpkg -x "$deb" "$SYSROOT"; done
   [ -x "$SYSROOT/usr/bin/python$PYVER" ] || die "the sysroot has no python$PYVER (apt-get download failed?)"
   rm -rf "$W/debs"
@@ -94,9 +131,10 @@ if [ "$(cat "$W/env.key" 2>/dev/null)" != "$KEY" ]; then
   for p in manylinux2014 manylinux_2_27 manylinux_2_28 manylinux_2_31 manylinux_2_34 manylinux_2_35 manylinux_2_36; do
     PLATFORMS="$PLATFORMS --platform ${p}_aarch64"
   done
-  "$HOST_PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore --target "$SITE" --only-binary=:all: \
+  "$HOST_PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore --no-warn-conflicts \
+    --target "$SITE" --only-binary=:all: \
     --implementation cp --python-version "$PYVER" $PLATFORMS \
-    "numpy==$NUMPY_VER" "onnxruntime==$ORT_VER" "${RUNTIME_PKGS[@]}" "pytest>=8"
+    "numpy==$NUMPY_VER" "onnxruntime==$ORT_VER" "${RUNTIME_PKGS[@]}" $PY_TEST_REQS
   echo "$KEY" >"$W/env.key"
 fi
 
@@ -149,6 +187,8 @@ EXT=$(ls "$W"/ext/_C.cpython-*-aarch64-linux-gnu.so 2>/dev/null) || die "the cro
 rm -rf "$STAGE"
 mkdir -p "$STAGE/tools"
 cp -r gfnet_edge tests pyproject.toml "$STAGE/"
+# a development checkout may link gfnet_edge/quantize and calibrate to the top-level folders
+rm -rf "$STAGE/gfnet_edge/quantize" "$STAGE/gfnet_edge/calibrate"
 cp -r quantize "$STAGE/gfnet_edge/quantize"
 cp -r calibrate "$STAGE/gfnet_edge/calibrate"
 cp tools/aarch64_parity.py tools/aarch64_cases.py "$STAGE/tools/"
@@ -167,7 +207,7 @@ PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$HOST_PY" tools/aarch64_parity.py
 # ------------------------------------------------------------- 5. aarch64 checks ----
 say "pytest under qemu-aarch64 (torch-free device-side tests)"
 (cd "$STAGE" && "$EMU_PY" -m pytest -q -p no:cacheprovider \
-  tests/test_host_loop.py tests/test_bundle.py tests/test_kernels_errors.py)
+  tests/test_host_loop.py tests/test_bundle.py tests/test_kernels_errors.py tests/test_simd_paths.py)
 say "parity with x86 under qemu-aarch64"
 (cd "$STAGE" && "$EMU_PY" tools/aarch64_parity.py check "$W/ref.npz" --bundle "$W/bundle")
 say "passed"

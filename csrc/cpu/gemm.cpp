@@ -70,8 +70,8 @@ void gemm_rows_generic(const WT* w, int64_t ld, int64_t col0, int64_t k, int64_t
 void gemm_rows(const WeightView& w, int64_t col0, int64_t k, int64_t r0, int64_t r1,
                const float* const* x, int64_t nb, float* out, int64_t ldo, bool accumulate) {
   if (r1 <= r0 || nb <= 0) return;
-  if (use_avx2()) {
-    gemm_rows_avx2(w, col0, k, r0, r1, x, nb, out, ldo, accumulate);
+  if (const SimdKernels* simd = simd_kernels()) {
+    simd->gemm_rows(w, col0, k, r0, r1, x, nb, out, ldo, accumulate);
     return;
   }
   if (w.type == WType::kF32) {

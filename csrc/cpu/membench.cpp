@@ -16,13 +16,14 @@ double read_pass_seconds(size_t nbytes, int reps) {
   // Same allocator as the packed weights (huge pages), so the roofline is comparable.
   std::vector<float, LargePageAllocator<float>> data(static_cast<size_t>(n), 1.0f);
   std::atomic<int64_t> sink{0};
+  const SimdKernels* const simd = simd_kernels();
   double best = 1e30;
   for (int r = 0; r < std::max(reps, 1); ++r) {
     const auto t0 = std::chrono::steady_clock::now();
     parallel_for(n, 1 << 16, [&](int64_t b, int64_t e) {
       float s = 0.0f;
-      if (use_avx2()) {
-        s = sum_avx2(data.data() + b, e - b);
+      if (simd != nullptr) {
+        s = simd->sum(data.data() + b, e - b);
       } else {
         float acc[16] = {};
         int64_t i = b;

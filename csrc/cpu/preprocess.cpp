@@ -43,7 +43,7 @@ std::shared_ptr<ResizePlan> build_plan(int64_t h, int64_t w, int64_t resize_shor
       dst[base + 4] = wt[k];
     }
   }
-  // The AVX2 pass loads 16 bytes at 3 * (start + 4 * group) for every group.
+  // The AVX2 and NEON passes load 16 bytes at 3 * (start + 4 * group) for every group.
   plan->max_read = 3 * (max_start + 4 * (groups - 1)) + 16;
   const auto& vt = plan->vert;
   int64_t lo = h, hi = 0;
@@ -57,7 +57,7 @@ std::shared_ptr<ResizePlan> build_plan(int64_t h, int64_t w, int64_t resize_shor
   return plan;
 }
 
-// Portable horizontal pass (same arithmetic as the AVX2 one).
+// Portable horizontal pass (same arithmetic as the AVX2 and NEON ones).
 void hpass_row_generic(const uint8_t* row, const AxisWeights& hz, const ResizeCropGeometry& g,
                        uint8_t* out) {
   const int32_t half = hz.precision > 0 ? 1 << (hz.precision - 1) : 0;
@@ -166,7 +166,7 @@ void preprocess_frame(const uint8_t* frame, int64_t h, int64_t w, int64_t resize
   const size_t hbytes = static_cast<size_t>(std::max<int64_t>(nrows, 1) * hstride);
   if (hbuf_cache.size() < hbytes) hbuf_cache.resize(hbytes);
   uint8_t* const hb = hbuf_cache.data();
-  const bool avx2 = use_avx2();
+  const SimdKernels* const simd = simd_kernels();
 
   // Pass 1: horizontal filter of the source rows the crop needs (crop columns only).
   parallel_for(nrows, 16, [&](int64_t b, int64_t e) {
@@ -182,7 +182,7 @@ void preprocess_frame(const uint8_t* frame, int64_t h, int64_t w, int64_t resize
         for (int64_t off = seg_lo; off < seg_hi; off += 64) __builtin_prefetch(ahead + off, 0, 0);
       }
       uint8_t* dst = hb + r * hstride;
-      if (!avx2) {
+      if (simd == nullptr) {
         hpass_row_generic(row, plan.horiz, g, dst);
         continue;
       }
@@ -192,8 +192,8 @@ void preprocess_frame(const uint8_t* frame, int64_t h, int64_t w, int64_t resize
         std::memcpy(padded.data(), row, static_cast<size_t>(row_bytes));
         row = padded.data();
       }
-      hpass_row_avx2(row, plan.col_start.data(), plan.col_wq.data(), plan.groups, S,
-                     plan.horiz.precision, dst);
+      simd->hpass_row(row, plan.col_start.data(), plan.col_wq.data(), plan.groups, S,
+                      plan.horiz.precision, dst);
     }
   });
 
@@ -211,8 +211,8 @@ void preprocess_frame(const uint8_t* frame, int64_t h, int64_t w, int64_t resize
       }
       const int16_t* wt = &vt.weight[static_cast<size_t>(src) * vt.max_taps];
       uint8_t* dst = raw_out != nullptr ? raw_out + i * 3 * S : line.data();
-      if (avx2) {
-        vpass_row_avx2(rows.data(), wt, count, vt.precision, 3 * S, acc.data(), dst);
+      if (simd != nullptr) {
+        simd->vpass_row(rows.data(), wt, count, vt.precision, 3 * S, acc.data(), dst);
       } else {
         vpass_row_generic(rows.data(), wt, count, vt.precision, 3 * S, acc.data(), dst);
       }
@@ -264,12 +264,13 @@ struct GlanceTaps {
 
 /// Horizontal glance pass of one vertically filtered row. `vpad` holds the row at
 /// vpad[1 .. S] with room for one border value before and two after (filled here).
-inline void glance_hrow(float* vpad, int64_t S, const GlanceTaps& t, int64_t P, bool avx2, float* o) {
+inline void glance_hrow(float* vpad, int64_t S, const GlanceTaps& t, int64_t P, const SimdKernels* simd,
+                        float* o) {
   float* const v = vpad + 1;
   if (t.ntaps == 4) {
     vpad[0] = v[0];
     v[S] = v[S + 1] = v[S - 1];
-    int64_t x = avx2 ? glance_hpass4_avx2(vpad, t.start.data(), t.wx.data(), P, o) : 0;
+    int64_t x = simd != nullptr ? simd->glance_hpass4(vpad, t.start.data(), t.wx.data(), P, o) : 0;
     for (; x < P; ++x) {
       const float* p = vpad + t.start[x];
       const float* w = &t.wx[x * 4];
@@ -294,11 +295,11 @@ void glance(const float* in, int64_t n, int64_t channels, int64_t in_size, float
             int64_t out_size, Interp mode) {
   const int64_t P = out_size;
   const GlanceTaps taps(mode, in_size, P);
-  const bool avx2 = use_avx2();
+  const SimdKernels* const simd = simd_kernels();
   // Separable: the vertical pass combines whole source rows into the P output rows
   // (contiguous, vectorised by the compiler), then each of those rows is filtered
   // horizontally (P outputs of ntaps taps; bicubic sums (t0 + t1) + (t2 + t3), 8 outputs per
-  // AVX2 iteration, the same expression in plain code). Tasks are bands of output rows of one
+  // AVX2 iteration or 4 per NEON one, the same expression in plain code). Tasks are bands of output rows of one
   // plane. Results differ from F.interpolate's and the GPU's summation order only by float
   // rounding.
   const int64_t S = in_size;
@@ -320,7 +321,7 @@ void glance(const float* in, int64_t n, int64_t channels, int64_t in_size, float
         const float wa = taps.wx[y * 4 + a];
         for (int64_t c = 0; c < S; ++c) v[c] += ra[c] * wa;
       }
-      glance_hrow(vpad.data(), S, taps, P, avx2, dst + y * P);
+      glance_hrow(vpad.data(), S, taps, P, simd, dst + y * P);
     }
   });
 }
@@ -329,7 +330,7 @@ void glance_u8(const uint8_t* frames, int64_t n, int64_t size, const NormalizePa
                float* out, int64_t out_size, Interp mode) {
   const int64_t P = out_size, S = size, row = 3 * S;
   const GlanceTaps taps(mode, S, P);
-  const bool avx2 = use_avx2();
+  const SimdKernels* const simd = simd_kernels();
   // The glance of the raw levels, normalised at the end: resampling weights sum to one, so
   // this equals the glance of the normalised image up to float rounding (a few 1e-6 here), and reads the uint8
   // frame (a quarter of the bytes) instead of a normalised float copy. The vertical pass runs
@@ -350,7 +351,7 @@ void glance_u8(const uint8_t* frames, int64_t n, int64_t size, const NormalizePa
     for (int64_t y = band * P / bands; y < (band + 1) * P / bands; ++y) {
       for (int a = 0; a < taps.ntaps; ++a) rows[a] = src + static_cast<int64_t>(taps.ix[y * 4 + a]) * row;
       const float* w = &taps.wx[y * 4];
-      int64_t c = avx2 ? glance_vpass_u8_avx2(rows, w, taps.ntaps, row, vrow.data()) : 0;
+      int64_t c = simd != nullptr ? simd->glance_vpass_u8(rows, w, taps.ntaps, row, vrow.data()) : 0;
       for (; c < row; ++c) {
         float acc = static_cast<float>(rows[0][c]) * w[0];
         for (int a = 1; a < taps.ntaps; ++a) acc += static_cast<float>(rows[a][c]) * w[a];
@@ -360,7 +361,7 @@ void glance_u8(const uint8_t* frames, int64_t n, int64_t size, const NormalizePa
         const int cout = norm.bgr ? 2 - ch : ch;
         for (int64_t j = 0; j < S; ++j) vpad[1 + j] = vrow[3 * j + ch];
         float* o = out + ((img * 3 + cout) * P + y) * P;
-        glance_hrow(vpad.data(), S, taps, P, avx2, o);
+        glance_hrow(vpad.data(), S, taps, P, simd, o);
         for (int64_t x = 0; x < P; ++x) o[x] = o[x] * scale[cout] + shift[cout];
       }
     }

@@ -21,17 +21,31 @@ std::atomic<bool>& enabled_flag() {
   return flag;
 }
 
-bool supported() {
-  static const bool ok = x86_kernels_compiled() && x86_cpu_has_avx2();
-  return ok;
+const SimdKernels kAvx2{"avx2",          hpass_row_avx2, vpass_row_avx2, glance_hpass4_avx2,
+                        glance_vpass_u8_avx2, gemm_rows_avx2, sum_avx2};
+
+/// The best kernel set this build and CPU support (nullptr: none).
+const SimdKernels* supported() {
+  static const SimdKernels* const best = [] {
+    if (x86_kernels_compiled() && x86_cpu_has_avx2()) return &kAvx2;
+    return neon_kernels();
+  }();
+  return best;
 }
 
 }  // namespace
 
-bool use_avx2() { return supported() && enabled_flag().load(std::memory_order_relaxed); }
+const SimdKernels* simd_kernels() {
+  return enabled_flag().load(std::memory_order_relaxed) ? supported() : nullptr;
+}
+
+bool use_avx2() { return simd_kernels() == &kAvx2; }
 
 void set_simd_enabled(bool enabled) { enabled_flag().store(enabled); }
 
-std::string simd_level() { return use_avx2() ? "avx2" : "generic"; }
+std::string simd_level() {
+  const SimdKernels* k = simd_kernels();
+  return k != nullptr ? k->name : "generic";
+}
 
 }  // namespace gfn::cpu
