@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -152,6 +153,30 @@ class FolderDataset(torch.utils.data.Dataset):
             torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
             x = self.transform(img)
         return x, label, i
+
+
+@dataclass
+class DataSource:
+    """What a trainer reads: datasets of ``(uint8 (3, S, S), label, index)`` items.
+
+    Attributes:
+        train: the train split (its ``epoch`` attribute is set before every epoch).
+        val: the val split, in a fixed order.
+        val_labels: int64 (n,) labels of ``val``.
+    """
+
+    train: torch.utils.data.Dataset
+    val: torch.utils.data.Dataset
+    val_labels: np.ndarray
+
+
+def folder_source(train: FolderSplit, val: FolderSplit, spec, seed: int, random_crop: bool = True,
+                  hflip: bool = False) -> DataSource:
+    """The image folder's splits as a :class:`DataSource` (decoded and resized for ``spec``)."""
+    args = (spec.image_size, spec.crop_pct, spec.dataset_interpolation)
+    return DataSource(FolderDataset(train, build_transform(*args, True, random_crop, hflip), seed),
+                      FolderDataset(val, build_transform(*args, False), seed),
+                      np.asarray(val.labels(), dtype=np.int64))
 
 
 class ShardSampler(torch.utils.data.Sampler):

@@ -1,19 +1,23 @@
-"""The three GFNet training stages on an image folder, on one process or many.
+"""The GFNet training stages, on one process or many, for any data source.
 
-* ``stage1``: both encoders and the classifier, on the glance and T - 1 uniformly random patches;
-  loss = mean over steps of CE(step classifier) + dsn_ratio x CE(encoder head on that step).
+* ``stage1``: the encoders (the glance one too unless ``train_glance`` is off) and the
+  classifier, on the glance and T - 1 uniformly random patches (:class:`~.losses.FocusLoss`).
 * ``stage2``: the policy alone, by PPO (reward: gain in true-class probability; returns
   normalised over the global batch; encoders and classifier frozen).
 * ``stage3``: encoders and classifier again, on patches of the sampled learned policy (frozen).
 * ``static`` (optional): the same backbone on whole S x S images (the baseline a calibration
   report compares against).
 
-Each stage is ``epochs`` passes over the train split with a ``DistributedSampler``; under
-``torchrun`` the trainable part is wrapped in ``DistributedDataParallel``. All random draws of a
-step (patch corners, policy noise) come from a generator seeded by (seed, stage, epoch) and are
-drawn for the global batch, each rank taking its own rows, so W processes make the same updates
-as one. Rank 0 writes ``RUN/<stage>.pt`` after every epoch (weights, optimiser, loss scaler,
-history); a restarted run continues after the last finished epoch.
+The data source is a pair of datasets of ``(uint8 (3, S, S), label, index)`` items
+(:class:`~.folder_data.DataSource`): an image folder for ``gfnet-edge train --data``, the
+cluttered-digits splits in memory for the demo (:class:`gfnet_edge.train.stages.Run` adds its
+task-specific stages to this trainer). Each stage is ``epochs`` epochs (a pass over the train
+split with a ``DistributedSampler``, or ``iters`` batches of a seeded stream when the stage plan
+says so); under ``torchrun`` the trainable part is wrapped in ``DistributedDataParallel``. All
+random draws of a step (patch corners, policy noise) come from a generator seeded by (seed,
+stage, epoch) and are drawn for the global batch, each rank taking its own rows, so W processes
+make the same updates as one. Rank 0 writes ``RUN/<stage>.pt`` after every epoch (weights,
+optimiser, loss scaler, history); a restarted run continues after the last finished epoch.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -31,124 +35,42 @@ import torch.nn.functional as F
 
 from ..models.checkpoint import atomic_torch_save
 from ..models.gfnet import GFNet, action_to_coords, crop_patches, glance_input
+from .data import EpochBatches
 from .dist import DistContext
-from .folder_data import FolderDataset, FolderSplit, ShardSampler, build_transform, make_loader, normalise
-from .recipe import FolderTrainConfig, StagePlan
+from .folder_data import DataSource, make_loader, normalise
+from .losses import FocusLoss, PolicyEval, StaticLoss, normalised_returns, ppo_loss, sample_action, step_logits
+from .recipe import StagePlan, TrainSettings
+from .validation import Validation
 
-STAGES = ("stage1", "stage2", "stage3", "static")
-
-
-def step_logits(model: GFNet, t: int, feats: List[torch.Tensor], h: Optional[torch.Tensor]):
-    """Logits of step ``t`` from the features so far, as :meth:`GFNet.trace` computes them."""
-    spec = model.spec
-    logits = None
-    if spec.classifier == "gru":
-        logits, h = model.fc.gru_step(feats[-1], h)
-    if t == 0 and spec.step0 == "backbone":
-        logits = model.model_prime.logits(feats[0])
-    elif spec.classifier == "cascaded":
-        logits = model.fc.cascaded(feats)
-    return logits, h
+#: ``step(x, y, idx, g, opt, scaler)`` -> batch means (``loss`` and any other figures).
+Step = Callable[..., Dict[str, float]]
 
 
-def sample_action(model: GFNet, fmap: torch.Tensor, h: Optional[torch.Tensor], noise: torch.Tensor, std: float):
-    """Gaussian action around the actor mean: ``(raw, clipped to [0, 1], new hidden)``."""
-    pol = model.policy
-    out, h = pol.recur(pol.encode(fmap.float()), h)
-    raw = pol.actor(out) + std * noise
-    return raw, 1 - F.relu(1 - F.relu(raw)), h
+#: Stage numbers in the seeds of the stages' random draws (the demo's ``ppo`` is stage 2).
+STAGE_IDS = {"stage1": 0, "stage2": 1, "stage3": 2, "static": 3, "ppo": 1, "pre_local": 4, "pre_glance": 5, "bc": 6}
 
 
-class FocusLoss(nn.Module):
-    """Stages 1 and 3: the classification loss over all steps of a batch.
-
-    ``forward(x, y, draw)``: with ``policy=False`` ``draw`` holds the patch corners (T-1, n, 2);
-    with ``policy=True`` it holds the policy's noise (T-1, n, 2) and the (frozen) policy places
-    the patches. Returns ``(loss, last step's logits)``.
-    """
-
-    def __init__(self, model: GFNet, dsn_ratio: float, policy: bool, action_std: float) -> None:
-        super().__init__()
-        self.model = model
-        self.dsn = dsn_ratio
-        self.policy = policy
-        self.std = action_std
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor, draw: torch.Tensor):
-        m, spec = self.model, self.model.spec
-        S, P, T = spec.image_size, spec.patch_size, spec.steps
-        f0, fmap = m.model_prime(glance_input(x, P, spec.glance_interpolation))
-        feats, h, h_pol = [f0], None, None
-        logits, h = step_logits(m, 0, feats, h)
-        loss = F.cross_entropy(logits, y)
-        if self.dsn and spec.step0 != "backbone":
-            loss = loss + self.dsn * F.cross_entropy(m.model_prime.logits(f0), y)
-        if self.policy:
-            patches = []
-            for t in range(1, T):
-                with torch.no_grad():
-                    _, a, h_pol = sample_action(m, fmap.detach(), h_pol, draw[t - 1], self.std)
-                p, fmap = m.model(crop_patches(x, action_to_coords(a, S, P), P))
-                patches.append(p)
-        else:
-            n = x.shape[0]
-            crops = torch.cat([crop_patches(x, draw[t], P) for t in range(T - 1)])
-            patches = list(m.model(crops)[0].split(n)) if T > 1 else []
-        for t, p in enumerate(patches, start=1):
-            feats.append(p)
-            logits, h = step_logits(m, t, feats, h)
-            loss = loss + F.cross_entropy(logits, y)
-            if self.dsn:
-                loss = loss + self.dsn * F.cross_entropy(m.model.logits(p), y)
-        return loss / T, logits
+def stage_seed(seed: int, name: str) -> int:
+    """The seed of stage ``name``'s random draws (``seed x 100003 + epoch`` seeds an epoch)."""
+    return seed * 1009 + STAGE_IDS[name]
 
 
-class PolicyEval(nn.Module):
-    """Stage 2: log-probabilities, values and entropies of stored states and raw actions."""
-
-    def __init__(self, model: GFNet, action_std: float) -> None:
-        super().__init__()
-        self.policy = model.policy
-        self.std = action_std
-
-    def forward(self, states: torch.Tensor, actions: torch.Tensor):
-        pol = self.policy
-        L, n = states.shape[:2]
-        enc = pol.encode(states.flatten(0, 1)).view(L, n, -1)
-        out, _ = pol.gru(enc, enc.new_zeros(1, n, pol.hidden_size))
-        mean = pol.actor(out)
-        dist = torch.distributions.Normal(mean, torch.full_like(mean, self.std))
-        return dist.log_prob(actions).sum(-1), pol.critic(out).squeeze(-1), dist.entropy().sum(-1)
-
-
-class StaticLoss(nn.Module):
-    """The static baseline: cross-entropy of the backbone on whole images."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor):
-        logits = self.net(x)
-        return F.cross_entropy(logits, y), logits
-
-
-class FolderTrainer:
+class FolderTrainer(Validation):
     """Trains one GFNet (and optionally its static baseline) in a run folder.
 
     Args:
         out: the run folder (written by rank 0 only).
-        cfg: a resolved config (:meth:`FolderTrainConfig.resolved`).
+        cfg: the run's settings (a resolved :class:`FolderTrainConfig`, or the demo's config).
         ctx: this process's rank, world size and device.
-        train, val: the scanned splits.
+        data: the train and val datasets.
         model: the GFNet (pretrained encoders already loaded), on the CPU.
         static: the static baseline network or ``None``.
         log: prints one line (rank 0 passes a real logger, others a no-op).
         progress: show a progress bar (rank 0).
     """
 
-    def __init__(self, out: Path, cfg: FolderTrainConfig, ctx: DistContext, train: FolderSplit, val: FolderSplit,
-                 model: GFNet, static: Optional[nn.Module], log: Callable[[str], None], progress: bool = True) -> None:
+    def __init__(self, out: Path, cfg: TrainSettings, ctx: DistContext, data: DataSource, model: GFNet,
+                 static: Optional[nn.Module], log: Callable[[str], None], progress: bool = True) -> None:
         self.out, self.cfg, self.ctx = Path(out), cfg, ctx
         self.model = model.to(ctx.device)
         self.static = static.to(ctx.device) if static is not None else None
@@ -162,18 +84,10 @@ class FolderTrainer:
         if cfg.batch_size % ctx.world:
             raise ValueError(f"batch size {cfg.batch_size} is not a multiple of the {ctx.world} processes")
         self.local_batch = cfg.batch_size // ctx.world
-        if len(train) < cfg.batch_size:
-            raise ValueError(f"the train split has {len(train)} images, fewer than one batch ({cfg.batch_size}); "
-                             "lower --batch-size")
-        spec = self.spec
-        self.train_set = FolderDataset(train, build_transform(spec.image_size, spec.crop_pct, spec.dataset_interpolation,
-                                                              True, cfg.random_crop, cfg.hflip), cfg.seed)
-        self.val_set = FolderDataset(val, build_transform(spec.image_size, spec.crop_pct, spec.dataset_interpolation,
-                                                          False), cfg.seed)
-        self.val_labels = np.asarray(val.labels(), dtype=np.int64)
-        cuda = ctx.device.type == "cuda"
+        self.data = data
+        self.train_set, self.val_set, self.val_labels = data.train, data.val, data.val_labels
         self.amp_dtype = None
-        if cuda and cfg.amp:
+        if ctx.device.type == "cuda" and cfg.amp:
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self.timings: Dict[str, float] = {}  # seconds of training per stage (over every session of it)
         self.skipped: set = set()  # stages found finished in the run folder
@@ -201,14 +115,15 @@ class FolderTrainer:
             mods["static"] = self.static
         return mods
 
-    def load_stage(self, name: str) -> Optional[dict]:
-        """The checkpoint of stage ``name`` (weights loaded into the models) or ``None``."""
+    def load_stage(self, name: str, only: Optional[str] = None) -> Optional[dict]:
+        """The checkpoint of stage ``name`` (its weights loaded into the models, or only into
+        model ``only``: ``"gfnet"`` / ``"static"``) or ``None``."""
         p = self.stage_path(name)
         if not p.exists():
             return None
         ck = torch.load(p, map_location="cpu", weights_only=True)
         for k, mod in self._modules().items():
-            if k in ck["models"]:
+            if k in ck["models"] and only in (None, k):
                 mod.load_state_dict(ck["models"][k])
         return ck
 
@@ -236,98 +151,138 @@ class FolderTrainer:
                     if isinstance(sub, nn.modules.batchnorm._BatchNorm):
                         sub.eval()
 
-    def _draw(self, g: torch.Generator, shape: Tuple[int, ...], kind: str) -> torch.Tensor:
-        """Random numbers for the global batch (dim 1), this rank's rows ``rank::world``."""
-        S, P = self.spec.image_size, self.spec.patch_size
-        B = self.cfg.batch_size
-        full = (shape[0], B) + tuple(shape[1:])
+    def _draw(self, g: torch.Generator, shape: Tuple[int, ...], n: int, high: Optional[int] = None,
+              low: int = 0) -> torch.Tensor:
+        """Random numbers for the global batch of ``n`` images per process (dim 1), this rank's
+        rows ``rank::world``: integers in ``[low, high)`` when ``high`` is given, else normal."""
+        full = (shape[0], n * self.ctx.world) + tuple(shape[1:])
         dev = self.ctx.device
-        if kind == "coords":
-            t = torch.randint(0, S - P + 1, full, generator=g, device=dev)
-        else:
-            t = torch.randn(full, generator=g, device=dev)
+        t = torch.randint(low, high, full, generator=g, device=dev) if high is not None else \
+            torch.randn(full, generator=g, device=dev)
         return t[:, self.ctx.rank::self.ctx.world]
+
+    def _train_loader(self, name: str, plan: StagePlan, batch_schedule: Optional[Sequence[int]]):
+        """``(loader, sampler, batches per epoch)`` of a stage (the sampler has ``set_epoch``)."""
+        cfg, ctx = self.cfg, self.ctx
+        if plan.iters:
+            batches = list(batch_schedule or [plan.batch or cfg.batch_size])
+            sampler = EpochBatches(len(self.train_set), batches, plan.iters, stage_seed(cfg.seed, name),
+                                   ctx.rank, ctx.world)
+            loader = torch.utils.data.DataLoader(self.train_set, batch_sampler=sampler, num_workers=cfg.workers,
+                                                 pin_memory=ctx.device.type == "cuda")
+            return loader, sampler, plan.iters
+        sampler = torch.utils.data.DistributedSampler(self.train_set, num_replicas=ctx.world, rank=ctx.rank,
+                                                      shuffle=True, seed=cfg.seed, drop_last=True)
+        loader = make_loader(self.train_set, self.local_batch, sampler, cfg.workers, ctx.device.type == "cuda", True)
+        return loader, sampler, len(loader)
+
+    def _restore(self, name: str, opt, scaler, resume: bool):
+        """``(start epoch, history, elapsed seconds)`` from ``RUN/<name>.pt``; ``None`` when that
+        stage is already done."""
+        ck = self.load_stage(name) if resume else None
+        if ck is None:
+            return 0, [], 0.0
+        if ck["done"]:
+            self.timings[name] = ck["elapsed"]
+            self.skipped.add(name)
+            self.log(f"[{name}] already done ({ck['epoch']} epochs, {ck['elapsed'] / 60:.1f} min): skipped")
+            return None
+        opt.load_state_dict(ck["opt"])
+        if "scaler" in ck:
+            scaler.load_state_dict(ck["scaler"])
+        self.log(f"[{name}] resuming after epoch {ck['epoch']}")
+        return ck["epoch"], ck["history"], ck["elapsed"]
 
     # ------------------------------------------------------------------ the loop
     def loop(self, name: str, plan: StagePlan, params: List[nn.Parameter], train_modules: List[nn.Module],
-             step: Callable, evaluate: Callable[[], Dict[str, float]], adam: bool = False,
-             schedule: bool = True) -> None:
-        """Runs ``plan.epochs`` epochs of ``step(x, y, g, opt, scaler) -> (loss, correct)``,
-        continuing after the last epoch ``RUN/<name>.pt`` holds."""
+             step: Step, evaluate: Callable[[], Dict[str, float]], adam: bool = False, schedule: bool = True,
+             resume: bool = True, on_epoch: Optional[Callable[[int], None]] = None,
+             batch_schedule: Optional[Sequence[int]] = None) -> None:
+        """Runs ``plan.epochs`` epochs of ``step`` (continuing after the last epoch
+        ``RUN/<name>.pt`` holds when ``resume``); ``on_epoch(epoch)`` runs before each epoch,
+        ``batch_schedule`` gives an iteration-budget stage's batch per epoch."""
         cfg, ctx = self.cfg, self.ctx
         if plan.epochs <= 0:
             return
+        if plan.minutes and ctx.distributed:
+            raise ValueError(f"stage {name}: a wall-clock cap (minutes) needs a single process")
         self._set_trainable(params)
         opt = (torch.optim.Adam(params, lr=plan.lr) if adam else
                torch.optim.AdamW(params, lr=plan.lr, weight_decay=cfg.weight_decay))
         scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        start, history, elapsed = 0, [], 0.0
-        ck = self.load_stage(name)
-        if ck is not None:
-            if ck["done"]:
-                self.timings[name] = ck["elapsed"]
-                self.skipped.add(name)
-                self.log(f"[{name}] already done ({ck['epoch']} epochs): skipped")
-                return
-            opt.load_state_dict(ck["opt"])
-            scaler.load_state_dict(ck["scaler"])
-            start, history, elapsed = ck["epoch"], ck["history"], ck["elapsed"]
-            self.log(f"[{name}] resuming after epoch {start}")
-        sampler = torch.utils.data.DistributedSampler(self.train_set, num_replicas=ctx.world, rank=ctx.rank,
-                                                      shuffle=True, seed=cfg.seed, drop_last=True)
-        loader = make_loader(self.train_set, self.local_batch, sampler, cfg.workers, ctx.device.type == "cuda", True)
-        iters = len(loader)
+        restored = self._restore(name, opt, scaler, resume)
+        if restored is None:
+            return
+        start, history, elapsed = restored
+        loader, sampler, iters = self._train_loader(name, plan, batch_schedule)
         total = plan.epochs * iters
         warm = min(cfg.warmup_iters, max(1, total // 10))
+        t0 = time.time() - elapsed
 
         def lr_at(i: int) -> float:
             if not schedule:
                 return plan.lr
             if i < warm:
                 return plan.lr * (i + 1) / warm
-            return plan.lr * 0.5 * (1 + math.cos(math.pi * (i - warm) / max(1, total - warm)))
+            frac = (i - warm) / max(1, total - warm)
+            if plan.minutes:  # a capped stage still ends annealed
+                frac = max(frac, (time.time() - t0) / 60 / plan.minutes)
+            return plan.lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
 
         from tqdm.auto import tqdm
 
-        t0 = time.time() - elapsed
+        stopped, lr = None, plan.lr
         for epoch in range(start, plan.epochs):
+            if on_epoch is not None:
+                on_epoch(epoch)
             sampler.set_epoch(epoch)
             self.train_set.epoch = epoch
             g = torch.Generator(device=ctx.device)
-            g.manual_seed((cfg.seed * 1009 + STAGES.index(name)) * 100_003 + epoch)
+            g.manual_seed(stage_seed(cfg.seed, name) * 100_003 + epoch)
             self._train_mode(train_modules)
-            sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, images
-            t_ep, images = time.time(), 0
+            keys: List[str] = []
+            sums = torch.zeros(0, dtype=torch.float64)  # images, then each figure x images
+            t_ep, k = time.time(), 0
             bar = tqdm(loader, desc=f"{name} {epoch + 1}/{plan.epochs}", disable=not self.progress, leave=False,
                        mininterval=2.0)
-            for it, (x, y, _) in enumerate(bar):
+            for it, (x, y, idx) in enumerate(bar):
+                lr = lr_at(epoch * iters + it)
                 for grp in opt.param_groups:
-                    grp["lr"] = lr_at(epoch * iters + it)
+                    grp["lr"] = lr
                 x = normalise(x.to(ctx.device, non_blocking=True), self.spec.mean, self.spec.std)
                 y = y.to(ctx.device, non_blocking=True)
-                loss, correct = step(x, y, g, opt, scaler)
-                sums += torch.tensor([loss * len(y), correct, len(y)], dtype=torch.float64)
-                images += len(y) * ctx.world
+                stats = step(x, y, idx, g, opt, scaler)
+                if not keys:
+                    keys = list(stats)
+                    sums = torch.zeros(1 + len(keys), dtype=torch.float64)
+                sums += torch.tensor([1.0] + [float(stats[key]) for key in keys], dtype=torch.float64) * len(y)
+                k += 1
                 if it % 10 == 0:
-                    bar.set_postfix(loss=f"{sums[0] / max(sums[2], 1):.3f}")
+                    bar.set_postfix(loss=f"{sums[1] / max(sums[0], 1):.3f}")
+                if plan.minutes and (time.time() - t0) / 60 > plan.minutes:
+                    stopped = f"time cap {plan.minutes} min hit at epoch {epoch + 1} iter {it + 1}"
+                    break
             bar.close()
             sums = ctx.all_sum(sums)
             seconds = time.time() - t_ep
-            rec = {"stage": name, "epoch": epoch + 1, "loss": round(float(sums[0] / sums[2]), 4),
-                   "train_acc": round(float(100 * sums[1] / sums[2]), 2), "lr": lr_at((epoch + 1) * iters - 1),
-                   "images_per_s": round(images / max(seconds, 1e-9), 1)}
+            rec = {"stage": name, "epoch": epoch + 1}
+            rec.update({key: round(float(sums[j + 1] / sums[0]), 4) for j, key in enumerate(keys)})
+            rec.update(lr=lr, iters=k, images_per_s=round(float(sums[0]) / max(seconds, 1e-9), 1))
             rec.update(evaluate())
             elapsed = time.time() - t0
             rec["minutes"] = round(elapsed / 60, 2)
             history.append(rec)
-            done = epoch + 1 == plan.epochs
+            done = stopped is not None or epoch + 1 == plan.epochs
             if ctx.main:
                 atomic_torch_save({"done": done, "epoch": epoch + 1, "elapsed": elapsed, "history": history,
-                                   "models": {k: m.state_dict() for k, m in self._modules().items()},
+                                   "stopped": stopped, "models": {key: m.state_dict() for key, m in self._modules().items()},
                                    "opt": opt.state_dict(), "scaler": scaler.state_dict()}, self.stage_path(name))
             ctx.barrier()
             self.log(f"[{name}] epoch {epoch + 1}/{plan.epochs} " + " ".join(
-                f"{k}={v}" for k, v in rec.items() if k not in ("stage", "epoch")), **rec)
+                f"{key}={v}" for key, v in rec.items() if key not in ("stage", "epoch")), **rec)
+            if stopped:
+                self.log(f"[{name}] {stopped}")
+                break
         self.timings[name] = time.time() - t0
 
     def _backward(self, loss: torch.Tensor, opt: torch.optim.Optimizer, scaler) -> None:
@@ -338,7 +293,8 @@ class FolderTrainer:
 
     # ------------------------------------------------------------------ stages
     def _focus_params(self) -> List[nn.Parameter]:
-        """Encoders and the classifier heads the T steps use (unused ones stay frozen: DDP needs that)."""
+        """Encoders and the classifier heads the T steps use (unused ones stay frozen: DDP needs
+        that; the glance encoder stays frozen unless ``train_glance``)."""
         m, spec = self.model, self.spec
         skip = set()
         if spec.classifier == "cascaded":
@@ -350,29 +306,32 @@ class FolderTrainer:
                 skip |= {id(p) for p in m.model_prime.classifier_module().parameters()}
         if spec.steps == 1:
             skip |= {id(p) for p in list(m.model.parameters()) + list(m.fc.parameters())}
-        mods = list(m.model_prime.parameters()) + list(m.model.parameters()) + list(m.fc.parameters())
+        mods = (list(m.model_prime.parameters()) if self.cfg.train_glance else []) + \
+            list(m.model.parameters()) + list(m.fc.parameters())
         return [p for p in mods if id(p) not in skip]
 
-    def _focus_stage(self, name: str, plan: StagePlan, policy: bool) -> None:
-        m = self.model
+    def _focus_stage(self, name: str, plan: StagePlan, policy: bool, resume: bool) -> None:
+        m, spec = self.model, self.spec
         params = self._focus_params()
         self._set_trainable(params)  # before DDP, which syncs exactly the parameters that need gradients
-        net = self._ddp(FocusLoss(m, float(self.cfg.dsn_ratio), policy, self.cfg.action_std))
-        T = self.spec.steps
+        net = self._ddp(FocusLoss(m, float(self.cfg.dsn_ratio or 0.0), policy, self.cfg.action_std))
+        T, S, P = spec.steps, spec.image_size, spec.patch_size
 
-        def step(x, y, g, opt, scaler):
-            draw = self._draw(g, (T - 1, 2), "normal" if policy else "coords")
+        def step(x, y, idx, g, opt, scaler):
+            n = len(y)
+            draw = self._draw(g, (T - 1, 2), n) if policy else self._draw(g, (T - 1, 2), n, S - P + 1)
             with self.autocast():
                 loss, logits = net(x, y, draw)
             self._backward(loss, opt, scaler)
-            return loss.item(), (logits.argmax(1) == y).sum().item()
+            return {"loss": loss.item(), "train_acc": 100.0 * (logits.argmax(1) == y).float().mean().item()}
 
-        self.loop(name, plan, params, [m.model_prime, m.model, m.fc], step, self.evaluate)
+        modules = ([m.model_prime] if self.cfg.train_glance else []) + [m.model, m.fc]
+        self.loop(name, plan, params, modules, step, self.evaluate, resume=resume)
 
-    def stage1(self) -> None:
-        if self.spec.classifier == "cascaded" and not self.stage_path("stage1").exists():
+    def stage1(self, resume: bool = True) -> None:
+        if self.spec.classifier == "cascaded" and not (resume and self.stage_path("stage1").exists()):
             self.init_cascaded_heads()
-        self._focus_stage("stage1", self.cfg.stage1, False)
+        self._focus_stage("stage1", self.cfg.stage1, False, resume)
 
     @torch.no_grad()
     def init_cascaded_heads(self) -> None:
@@ -390,10 +349,10 @@ class FolderTrainer:
                 head.weight[:, j * F_:(j + 1) * F_] = wl
             head.bias.copy_(bg + (k - 1) * bl)
 
-    def stage3(self) -> None:
-        self._focus_stage("stage3", self.cfg.stage3, True)
+    def stage3(self, resume: bool = True) -> None:
+        self._focus_stage("stage3", self.cfg.stage3, True, resume)
 
-    def stage2(self) -> None:
+    def stage2(self, resume: bool = True, name: str = "stage2", plan: Optional[StagePlan] = None) -> None:
         """PPO on the policy (one update per batch, as the reference)."""
         cfg, m, spec = self.cfg, self.model, self.spec
         S, P, T = spec.image_size, spec.patch_size, spec.steps
@@ -402,8 +361,8 @@ class FolderTrainer:
         self._set_trainable(list(m.policy.parameters()))
         net = self._ddp(PolicyEval(m, cfg.action_std))
 
-        def step(x, y, g, opt, scaler):
-            noise = self._draw(g, (T - 1, 2), "normal")
+        def step(x, y, idx, g, opt, scaler):
+            noise = self._draw(g, (T - 1, 2), len(y))
             yv = y.view(-1, 1)
             with torch.no_grad(), self.autocast():
                 f0, fmap = m.model_prime(glance_input(x, P, spec.glance_interpolation))
@@ -421,91 +380,28 @@ class FolderTrainer:
                     rewards.append(p - p_last)
                     p_last = p
                     actions.append(raw.float())
-            states_t, actions_t = torch.stack(states), torch.stack(actions)
-            returns, run = [], torch.zeros_like(rewards[0])
-            for r in reversed(rewards):
-                run = r + cfg.gamma * run
-                returns.insert(0, run)
-            ret = torch.stack(returns)
-            stats = self.ctx.all_sum(torch.stack([ret.sum(), (ret * ret).sum(), ret.new_tensor(ret.numel())]).double())
-            mean = stats[0] / stats[2]
-            std = torch.sqrt(torch.clamp((stats[1] - stats[2] * mean ** 2) / max(float(stats[2]) - 1, 1.0), min=0))
-            ret_n = ((ret - mean) / (std + 1e-5)).float()
-            with torch.no_grad():
-                old_logp, _, _ = net.module(states_t, actions_t) if hasattr(net, "module") else net(states_t, actions_t)
-            logp, values, entropy = net(states_t, actions_t)
-            ratio = torch.exp(logp - old_logp)
-            adv = ret_n - values.detach()
-            surr = torch.min(ratio * adv, torch.clamp(ratio, 1 - cfg.clip, 1 + cfg.clip) * adv)
-            loss = (-surr + 0.5 * F.mse_loss(values, ret_n) - 0.01 * entropy).mean()
+            ret_n = normalised_returns(rewards, cfg.gamma, self.ctx.all_sum)
+            loss = ppo_loss(net, torch.stack(states), torch.stack(actions), ret_n, cfg.clip)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            return loss.item(), (logits.argmax(1) == y).sum().item()
+            return {"loss": loss.item(), "reward": torch.stack(rewards).sum(0).mean().item(),
+                    "train_acc": 100.0 * (logits.argmax(1) == y).float().mean().item()}
 
-        self.loop("stage2", cfg.stage2, list(m.policy.parameters()), [m.policy], step, self.evaluate, adam=True,
-                  schedule=False)
+        self.loop(name, plan or cfg.stage2, list(m.policy.parameters()), [m.policy], step, self.evaluate, adam=True,
+                  schedule=False, resume=resume)
 
-    def static_stage(self) -> None:
+    def static_stage(self, resume: bool = True) -> None:
         if self.static is None or self.cfg.static.epochs <= 0:
             return
         self._set_trainable(list(self.static.parameters()))
         net = self._ddp(StaticLoss(self.static))
 
-        def step(x, y, g, opt, scaler):
+        def step(x, y, idx, g, opt, scaler):
             with self.autocast():
                 loss, logits = net(x, y)
             self._backward(loss, opt, scaler)
-            return loss.item(), (logits.argmax(1) == y).sum().item()
+            return {"loss": loss.item(), "train_acc": 100.0 * (logits.argmax(1) == y).float().mean().item()}
 
         self.loop("static", self.cfg.static, list(self.static.parameters()), [self.static], step,
-                  self.evaluate_static)
-
-    # ------------------------------------------------------------------ validation
-    def _val_loader(self, limit: int = 0):
-        n = len(self.val_set) if not limit else min(limit, len(self.val_set))
-        sampler = ShardSampler(n, self.ctx.rank, self.ctx.world)
-        return make_loader(self.val_set, max(1, self.local_batch * 2), sampler, self.cfg.workers,
-                           self.ctx.device.type == "cuda", False)
-
-    @torch.no_grad()
-    def val_probs(self, limit: int = 0, amp: bool = False) -> Tuple[np.ndarray, np.ndarray]:
-        """``(probs (T, n, K), labels (n,))`` of the GFNet on val (all ranks; gathered in order)."""
-        was = {id(mod): mod.training for mod in self.model.modules()}
-        self.model.eval()
-        idx_l, probs_l = [], []
-        for x, _, idx in self._val_loader(limit):
-            x = normalise(x.to(self.ctx.device), self.spec.mean, self.spec.std)
-            with (self.autocast() if amp else nullcontext()):
-                probs_l.append(self.model.trace(x).probs.float().cpu().numpy())
-            idx_l.append(idx.numpy())
-        for mod in self.model.modules():
-            mod.train(was[id(mod)])
-        K = self.spec.num_classes
-        mine = (np.concatenate(idx_l) if idx_l else np.zeros(0, np.int64),
-                np.concatenate(probs_l, axis=1) if probs_l else np.zeros((self.spec.steps, 0, K), np.float32))
-        parts = self.ctx.gather_objects(mine)
-        idx = np.concatenate([p[0] for p in parts])
-        probs = np.concatenate([p[1] for p in parts], axis=1)
-        order = np.argsort(idx)
-        return probs[:, order], self.val_labels[idx[order]]
-
-    def evaluate(self) -> Dict[str, float]:
-        probs, labels = self.val_probs(self.cfg.eval_max, amp=True)
-        acc = (probs.argmax(2) == labels[None]).mean(1) * 100
-        return {f"val_acc_t{t}": round(float(a), 2) for t, a in enumerate(acc)}
-
-    @torch.no_grad()
-    def evaluate_static(self) -> Dict[str, float]:
-        net = self.static
-        was = net.training
-        net.eval()
-        correct = torch.zeros(2, dtype=torch.float64)
-        for x, y, _ in self._val_loader(self.cfg.eval_max):
-            x = normalise(x.to(self.ctx.device), self.spec.mean, self.spec.std)
-            with self.autocast():
-                pred = net(x).argmax(1).cpu()
-            correct += torch.tensor([(pred == y).sum().item(), len(y)], dtype=torch.float64)
-        net.train(was)
-        c = self.ctx.all_sum(correct)
-        return {"val_acc": round(float(100 * c[0] / max(c[1], 1)), 2)}
+                  self.evaluate_static, resume=resume)
