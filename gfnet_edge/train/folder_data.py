@@ -203,7 +203,7 @@ def normalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
     """uint8 (N, 3, H, W) -> float32 ``(x / 255 - mean) / std``."""
     m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
     s = torch.tensor(std, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
-    return (x.float() / 255.0 - m) / s
+    return x.to(torch.float32, copy=True).div_(255.0).sub_(m).div_(s)  # in place on a copy: no temporaries
 
 
 def split_summary(split: FolderSplit, limit: Optional[int] = 3) -> str:

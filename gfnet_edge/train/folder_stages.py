@@ -166,6 +166,8 @@ class FolderTrainer(Validation):
         cfg, ctx = self.cfg, self.ctx
         if plan.iters:
             batches = list(batch_schedule or [plan.batch or cfg.batch_size])
+            if any(b % ctx.world for b in batches):
+                raise ValueError(f"stage {name}: batch sizes {batches} must be multiples of the {ctx.world} processes")
             sampler = EpochBatches(len(self.train_set), batches, plan.iters, stage_seed(cfg.seed, name),
                                    ctx.rank, ctx.world)
             loader = torch.utils.data.DataLoader(self.train_set, batch_sampler=sampler, num_workers=cfg.workers,
@@ -197,10 +199,11 @@ class FolderTrainer(Validation):
     def loop(self, name: str, plan: StagePlan, params: List[nn.Parameter], train_modules: List[nn.Module],
              step: Step, evaluate: Callable[[], Dict[str, float]], adam: bool = False, schedule: bool = True,
              resume: bool = True, on_epoch: Optional[Callable[[int], None]] = None,
-             batch_schedule: Optional[Sequence[int]] = None) -> None:
+             batch_schedule: Optional[Sequence[int]] = None, raw: bool = False) -> None:
         """Runs ``plan.epochs`` epochs of ``step`` (continuing after the last epoch
         ``RUN/<name>.pt`` holds when ``resume``); ``on_epoch(epoch)`` runs before each epoch,
-        ``batch_schedule`` gives an iteration-budget stage's batch per epoch."""
+        ``batch_schedule`` gives an iteration-budget stage's batch per epoch. ``step`` gets the
+        images normalised, or as uint8 with ``raw`` (a step that uses only part of them)."""
         cfg, ctx = self.cfg, self.ctx
         if plan.epochs <= 0:
             return
@@ -249,7 +252,8 @@ class FolderTrainer(Validation):
                 lr = lr_at(epoch * iters + it)
                 for grp in opt.param_groups:
                     grp["lr"] = lr
-                x = normalise(x.to(ctx.device, non_blocking=True), self.spec.mean, self.spec.std)
+                x = x.to(ctx.device, non_blocking=True)
+                x = x if raw else normalise(x, self.spec.mean, self.spec.std)
                 y = y.to(ctx.device, non_blocking=True)
                 stats = step(x, y, idx, g, opt, scaler)
                 if not keys:

@@ -29,6 +29,7 @@ from ..models.gfnet import GFNet, action_to_coords, crop_patches, glance_input
 from .config import BACKBONES, TrainConfig, demo_spec
 from .data import Split, centred_coords, crop_uint8, split_source, target_actions, to_tensor
 from .dist import DistContext
+from .folder_data import normalise
 from .folder_stages import FolderTrainer
 
 #: Every stage of the demo, in order.
@@ -88,7 +89,8 @@ class Run(FolderTrainer):
             size, j = crop["size"], crop["jitter"]
             offsets = self._draw(g, (2,), len(y), high=j + 1, low=-j).T.cpu().numpy()
             coords = centred_coords(self.train.centres(idx.numpy()) + offsets, S, size, 0, None)
-            logits = enc.logits(enc(crop_patches(x, torch.from_numpy(coords).to(x.device), size))[0])
+            crops = normalise(crop_patches(x, torch.from_numpy(coords).to(x.device), size), self.spec.mean, self.spec.std)
+            logits = enc.logits(enc(crops)[0])
             return self._step_stats(F.cross_entropy(logits, y), logits, y, opt, scaler)
 
         def evaluate():
@@ -100,7 +102,7 @@ class Run(FolderTrainer):
 
         batches = [b for _, _, b in sched] if sched else None
         self.loop("pre_local", cfg.pre_local, list(enc.parameters()), [enc], step, evaluate, resume=resume,
-                  on_epoch=on_epoch, batch_schedule=batches)
+                  on_epoch=on_epoch, batch_schedule=batches, raw=True)
 
     def _crop_accuracy(self, idx: np.ndarray, size: int) -> float:
         """The local encoder's accuracy on val crops of ``size`` centred on the digits."""
