@@ -13,8 +13,8 @@ excluded; the figure includes data loading and decoding in ``--workers`` process
     python bench/train_gpu.py --out /tmp/tg --tiny                # CPU dry run: seconds
 
 ``--tiny`` is a dry run of the same script on a CPU: timm's ``test_resnet`` at 64 px, 40 train
-images in batches of 16 (2 iterations per epoch), one epoch per run, one DataLoader worker
-(``tests/test_train_bench.py`` runs it). The report goes to stdout and ``OUT/train_gpu.txt``.
+images in batches of 16 (2 iterations per epoch), one epoch per run, one DataLoader worker, one
+torch thread (``tests/test_train_bench.py`` runs it). The report goes to stdout and ``OUT/train_gpu.txt``.
 """
 from __future__ import annotations
 
@@ -88,7 +88,8 @@ def main() -> int:
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"{out}: exists and is not empty; choose a new --out folder")
     if a.tiny:
-        backbone, size, common = "test_resnet", 64, ["--image-size", "64", "--patch-size", "32", "--device", "cpu"]
+        backbone, size = "test_resnet", 64
+        common = ["--image-size", "64", "--patch-size", "32", "--device", "cpu", "--threads", "1"]
         a.images, a.batch_size, a.workers, a.epochs = 40, 16, 1, 1
     else:
         backbone, size, common = "resnet50", 256, []
