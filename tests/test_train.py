@@ -151,3 +151,11 @@ def test_every_stage_and_export(tmp_path, cache):
     # a finished run resumes as a no-op and re-exports the same weights
     rc = cli.main(["--out", str(out), "--resume", "--stage", "3", "--no-progress"])
     assert rc == 0
+
+
+def test_bad_override_is_one_line_and_writes_nothing(tmp_path, capsys):
+    for item, field in (("nope=1", "'nope'"), ("stage1.nope=1", "'stage1.nope'"), ("stage1.epochs=x", "not JSON")):
+        rc = cli.main(["--out", str(tmp_path / "run"), "--tiny", "--no-progress", "--set", item])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith("gfnet-edge: error:") and field in err[0], (item, err)
+        assert not (tmp_path / "run").exists()

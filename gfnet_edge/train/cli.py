@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..argtypes import NON_NEGATIVE, POSITIVE, THREADS
+from ..errors import GFNetEdgeError, InputError, UnavailableError
 
 #: ``--stage`` choices -> internal stages, in order.
 STAGE_GROUPS = {
@@ -94,7 +95,6 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(max(1, args.threads))
     out = Path(args.out or "runs/demo")
-    out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "config.json"
     if args.resume and cfg_path.exists():
         cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
             cfg.seed = args.seed
         cfg = apply_overrides(cfg, args.set)
     cfg.threads = args.threads
+    out.mkdir(parents=True, exist_ok=True)  # only once the settings are known to be valid
     cfg_path.write_text(cfg.dumps())
     progress = not args.no_progress
     log_file = open(out / "train.txt", "a")
@@ -169,7 +170,6 @@ def export(runner, cfg, test, out: Path, assets: Optional[Path], log, progress: 
     from ..models.checkpoint import load_checkpoint, save_checkpoint
     from ..models.macs import count_static_macs
     from .config import BACKBONES
-    from .data import load_split
     from .evaluate_demo import measure, table
     from .static import load_static, save_static
 
@@ -213,7 +213,12 @@ def export(runner, cfg, test, out: Path, assets: Optional[Path], log, progress: 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m gfnet_edge.train.cli", description=__doc__.splitlines()[0])
     add_arguments(ap)
-    return run(ap.parse_args(argv))
+    args = ap.parse_args(argv)
+    try:
+        return run(args)
+    except GFNetEdgeError as exc:  # bad input (2) or a missing resource (3): one line
+        print(f"gfnet-edge: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, InputError) else 3 if isinstance(exc, UnavailableError) else 1
 
 
 if __name__ == "__main__":

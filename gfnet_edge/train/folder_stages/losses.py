@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..models.gfnet import GFNet, action_to_coords, crop_patches, glance_input
+from ...models.gfnet import GFNet, action_to_coords, crop_patches, glance_input
 
 
 def step_logits(model: GFNet, t: int, feats: List[torch.Tensor], h: Optional[torch.Tensor]):

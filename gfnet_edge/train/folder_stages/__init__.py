@@ -1,4 +1,5 @@
-"""The GFNet training stages, on one process or many, for any data source.
+"""The GFNet training stages, on one process or many, for any data source (the losses are in
+:mod:`.losses`, validation during training in :mod:`.validation`).
 
 * ``stage1``: the encoders (the glance one too unless ``train_glance`` is off) and the
   classifier, on the glance and T - 1 uniformly random patches (:class:`~.losses.FocusLoss`).
@@ -28,18 +29,17 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..models.checkpoint import atomic_torch_save
-from ..models.gfnet import GFNet, action_to_coords, crop_patches, glance_input
-from .data import EpochBatches
-from .dist import DistContext
-from .folder_data import DataSource, make_loader, normalise
+from ...models.checkpoint import atomic_torch_save
+from ...models.gfnet import GFNet, action_to_coords, crop_patches, glance_input
+from ..data import EpochBatches
+from ..dist import DistContext
+from ..folder_data import DataSource, make_loader, normalise
+from ..recipe import StagePlan, TrainSettings
 from .losses import FocusLoss, PolicyEval, StaticLoss, normalised_returns, ppo_loss, sample_action, step_logits
-from .recipe import StagePlan, TrainSettings
 from .validation import Validation
 
 #: ``step(x, y, idx, g, opt, scaler)`` -> batch means (``loss`` and any other figures).

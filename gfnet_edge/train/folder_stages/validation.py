@@ -8,7 +8,7 @@ from typing import Dict, Tuple
 import numpy as np
 import torch
 
-from .folder_data import ShardSampler, make_loader, normalise
+from ..folder_data import ShardSampler, make_loader, normalise
 
 
 class Validation:
