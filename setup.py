@@ -83,6 +83,7 @@ setup(
         "gfnet_edge.runtime.backends",
         "gfnet_edge.data",
         "gfnet_edge.train",
+        "gfnet_edge.train.folder_stages",
         "gfnet_edge.quantize",
         "gfnet_edge.calibrate",
     ],

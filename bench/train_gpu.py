@@ -1,7 +1,7 @@
 """Training throughput of ``gfnet-edge train --data`` on a synthetic image folder.
 
 Writes a folder of JPEGs (K classes; the class is the colour of a small square at a random place),
-then runs, through the real command:
+then runs, through the real command (``gfnet-edge train``, in this process):
 
 1. every stage for one epoch with mixed precision (a check that each stage runs on this device);
 2. stage 1 for ``--epochs`` epochs with mixed precision, and again in float32;
@@ -10,14 +10,19 @@ and reports stage 1's images per second (the last epoch's, so start-up and autot
 excluded; the figure includes data loading and decoding in ``--workers`` processes).
 
     python bench/train_gpu.py --out /tmp/tg                       # ResNet-50 GFNet on the GPU
-    python bench/train_gpu.py --out /tmp/tg --tiny                # seconds on a CPU (smoke test)
+    python bench/train_gpu.py --out /tmp/tg --tiny                # CPU dry run: seconds
+
+``--tiny`` is a dry run of the same script on a CPU: timm's ``test_resnet`` at 64 px, 40 train
+images in batches of 16 (2 iterations per epoch), one epoch per run, one DataLoader worker, one
+torch thread (``tests/test_train_bench.py`` runs it). The report goes to stdout and ``OUT/train_gpu.txt``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -26,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
 
 def _write(args) -> None:
@@ -48,56 +54,67 @@ def make_folder(root: Path, classes: int, n_train: int, n_val: int, size: int) -
         for k in range(classes):
             d = root / split / f"c{k:02d}"
             d.mkdir(parents=True, exist_ok=True)
-            jobs += [(d / f"{i}.jpg", size, tuple(int(v) for v in colours[k]), hash((split, k, i)) % 2**31)
-                     for i in range(n // classes)]
-    with ProcessPoolExecutor(os.cpu_count()) as pool:
+            seed = (0 if split == "train" else 1) * 1_000_003 + k * 10_007
+            jobs += [(d / f"{i}.jpg", size, tuple(int(v) for v in colours[k]), seed + i) for i in range(n // classes)]
+    with ProcessPoolExecutor(min(os.cpu_count() or 1, max(1, len(jobs) // 64))) as pool:
         list(pool.map(_write, jobs, chunksize=64))
 
 
 def train(data: Path, out: Path, common, extra) -> tuple:
-    cmd = [sys.executable, "-m", "gfnet_edge.cli", "train", "--data", str(data), "-o", str(out), *common, *extra]
+    """Runs ``gfnet-edge train`` in this process; ``(epoch records, seconds, log)``."""
+    from gfnet_edge.cli import main as cli_main
+
+    argv = ["train", "--data", str(data), "-o", str(out), *common, *extra]
     t = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    log, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(err):
+        rc = cli_main(argv)
+    if rc:
+        raise SystemExit(f"failed: gfnet-edge {' '.join(argv)}\n{log.getvalue()[-3000:]}\n{err.getvalue()[-3000:]}")
     records = [json.loads(line) for line in (out / "epochs.jsonl").read_text().splitlines()]
-    return records, time.time() - t, proc.stdout
+    return records, time.time() - t, log.getvalue()
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--tiny", action="store_true", help="test_resnet at 64 px on the CPU (smoke test)")
+    ap.add_argument("--tiny", action="store_true", help="CPU dry run: test_resnet at 64 px, 2 iterations per epoch")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--workers", type=int, default=12)
     ap.add_argument("--images", type=int, default=6400)
     a = ap.parse_args()
     out = Path(a.out)
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"{out}: exists and is not empty; choose a new --out folder")
     if a.tiny:
-        backbone, size, common = "test_resnet", 64, ["--image-size", "64", "--patch-size", "32", "--device", "cpu"]
-        a.images, a.batch_size, a.workers = min(a.images, 96), min(a.batch_size, 16), min(a.workers, 2)
+        backbone, size = "test_resnet", 64
+        common = ["--image-size", "64", "--patch-size", "32", "--device", "cpu", "--threads", "1"]
+        a.images, a.batch_size, a.workers, a.epochs = 40, 16, 1, 1
     else:
         backbone, size, common = "resnet50", 256, []
     common = ["--backbone", backbone, "--batch-size", str(a.batch_size), "--workers", str(a.workers), "--no-progress",
               "--set", "eval_max=512", *common]
     t = time.time()
     make_folder(out / "data", 10, a.images, max(a.images // 8, 20), size)
-    lines = [f"data: {a.images} train JPEGs {size}x{size}, 10 classes, written in {time.time() - t:.1f} s"]
+    lines = [f"command: python bench/train_gpu.py {' '.join(sys.argv[1:])}",
+             f"data: {a.images} train JPEGs {size}x{size}, 10 classes, written in {time.time() - t:.1f} s"]
     recs, sec, log = train(out / "data", out / "all", common, ["--epochs", "1"])
     lines.append(f"every stage, 1 epoch, mixed precision: {sec:.0f} s; " + "; ".join(
         f"{r['stage']} {r['images_per_s']} img/s" for r in recs))
     lines.append("  " + next((ln for ln in log.splitlines() if "model gfnet" in ln), ""))
     res = {}
     for name, extra in (("amp", []), ("fp32", ["--no-amp"])):
-        recs, sec, _ = train(out / "data", out / f"s1_{name}", common, ["--epochs", f"{a.epochs},0,0", "--stage", "1"])
+        recs, sec, _ = train(out / "data", out / f"s1_{name}", common,
+                             ["--epochs", f"{a.epochs},0,0", "--stage", "1", *extra])
         res[name] = recs[-1]["images_per_s"]
         lines.append(f"stage 1, {name}: " + ", ".join(str(r["images_per_s"]) for r in recs) + f" img/s per epoch ({sec:.0f} s)")
     try:
         import torch
 
         dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-        lines.append(f"device: {dev}, torch {torch.__version__}, {os.cpu_count()} CPUs")
+        lines.append(f"device: {dev}, torch {torch.__version__}, {os.cpu_count()} CPUs"
+                     + ("" if torch.cuda.is_available() else " (autocast is CUDA-only: both runs are float32)"))
     except Exception as exc:  # the report still prints
         lines.append(f"device: unknown ({exc})")
     lines.append(f"stage 1 last epoch: mixed precision {res['amp']} img/s, float32 {res['fp32']} img/s")

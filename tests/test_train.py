@@ -13,8 +13,9 @@ pytest.importorskip("sklearn")
 
 from gfnet_edge.models.checkpoint import load_checkpoint, read_checkpoint_dict  # noqa: E402
 from gfnet_edge.train import cli  # noqa: E402
-from gfnet_edge.train.config import StageBudget, demo_spec, tiny_config  # noqa: E402
+from gfnet_edge.train.config import demo_spec, tiny_config  # noqa: E402
 from gfnet_edge.train.data import Batches, centred_coords, load_split, target_actions  # noqa: E402
+from gfnet_edge.train.recipe import StagePlan  # noqa: E402
 from gfnet_edge.train.stages import Run  # noqa: E402
 from gfnet_edge.train.static import load_static  # noqa: E402
 
@@ -76,13 +77,13 @@ def test_helpers():
 
 def test_losses_decrease(tmp_path, cache):
     # One fixed batch (8 images, batch 8), no crop jitter: the loss must go down.
-    run = _tiny_run(tmp_path, crop_jitter=0, pre_local=StageBudget(1, 12, 8, 3e-3, 5.0),
-                    static=StageBudget(1, 2, 4, 2e-3, 5.0))
+    run = _tiny_run(tmp_path, crop_jitter=0, pre_local=StagePlan(epochs=1, iters=12, batch=8, lr=3e-3, minutes=5.0),
+                    static=StagePlan(epochs=1, iters=2, batch=4, lr=2e-3, minutes=5.0))
     run.pre_local(resume=False)
     h = _history(run, "pre_local")
     first_loss = h[0]["loss"]
     # compare the first and last iterations through a second short run from the trained weights
-    run.cfg.pre_local = StageBudget(1, 3, 8, 1e-4, 5.0)
+    run.cfg.pre_local = StagePlan(epochs=1, iters=3, batch=8, lr=1e-4, minutes=5.0)
     run.pre_local(resume=False)
     assert _history(run, "pre_local")[0]["loss"] < first_loss
     run.static_stage(resume=False)
@@ -90,7 +91,7 @@ def test_losses_decrease(tmp_path, cache):
 
 
 def test_resume_matches_uninterrupted(tmp_path, cache, monkeypatch):
-    budget = StageBudget(2, 3, 4, 2e-3, 5.0)
+    budget = StagePlan(epochs=2, iters=3, batch=4, lr=2e-3, minutes=5.0)
     a = _tiny_run(tmp_path / "a", pre_local=budget)
     a.pre_local(resume=False)
     want = {k: v.clone() for k, v in a.model.model.state_dict().items()}
@@ -150,3 +151,11 @@ def test_every_stage_and_export(tmp_path, cache):
     # a finished run resumes as a no-op and re-exports the same weights
     rc = cli.main(["--out", str(out), "--resume", "--stage", "3", "--no-progress"])
     assert rc == 0
+
+
+def test_bad_override_is_one_line_and_writes_nothing(tmp_path, capsys):
+    for item, field in (("nope=1", "'nope'"), ("stage1.nope=1", "'stage1.nope'"), ("stage1.epochs=x", "not JSON")):
+        rc = cli.main(["--out", str(tmp_path / "run"), "--tiny", "--no-progress", "--set", item])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith("gfnet-edge: error:") and field in err[0], (item, err)
+        assert not (tmp_path / "run").exists()

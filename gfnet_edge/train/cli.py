@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..argtypes import NON_NEGATIVE, POSITIVE, THREADS
+from ..errors import GFNetEdgeError, InputError, UnavailableError
 
 #: ``--stage`` choices -> internal stages, in order.
 STAGE_GROUPS = {
@@ -35,7 +36,6 @@ STAGE_GROUPS = {
     "static": ("static",),
     "export": (),
 }
-ORDER = ("pre_local", "pre_glance", "stage1", "bc", "ppo", "stage3", "static")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -81,22 +81,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-def _apply_overrides(cfg, items: List[str]):
-    for item in items:
-        key, _, val = item.partition("=")
-        if not _:
-            raise SystemExit(f"--set needs KEY=VALUE, got {item!r}")
-        obj, *rest = key.split(".")
-        value = json.loads(val)
-        if rest:
-            setattr(getattr(cfg, obj), rest[0], value)
-        else:
-            if not hasattr(cfg, obj):
-                raise SystemExit(f"unknown config field {obj!r}")
-            setattr(cfg, obj, value)
-    return cfg
-
-
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "data", None):
         from .folder_cli import run_folder
@@ -106,11 +90,11 @@ def run(args: argparse.Namespace) -> int:
 
     from .config import TrainConfig, tiny_config
     from .data import load_split
-    from .stages import Run
+    from .folder_cli import apply_overrides
+    from .stages import STAGES, Run
 
     torch.set_num_threads(max(1, args.threads))
     out = Path(args.out or "runs/demo")
-    out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "config.json"
     if args.resume and cfg_path.exists():
         cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
@@ -120,8 +104,9 @@ def run(args: argparse.Namespace) -> int:
             cfg.backbone = args.backbone
         if args.seed is not None:
             cfg.seed = args.seed
-        cfg = _apply_overrides(cfg, args.set)
+        cfg = apply_overrides(cfg, args.set)
     cfg.threads = args.threads
+    out.mkdir(parents=True, exist_ok=True)  # only once the settings are known to be valid
     cfg_path.write_text(cfg.dumps())
     progress = not args.no_progress
     log_file = open(out / "train.txt", "a")
@@ -141,23 +126,23 @@ def run(args: argparse.Namespace) -> int:
     log(f"data config key {dcfg.key()}")
     log(f"data: train {len(train)}, val {len(val)} ({time.time() - t0:.0f} s)")
     runner = Run(out, cfg, train, val, progress=progress, log=log)
-    stages = ORDER if args.stage == "all" else STAGE_GROUPS[args.stage]
+    stages = STAGES if args.stage == "all" else STAGE_GROUPS[args.stage]
     # Load the weights of the last finished stage before the requested ones.
-    first = ORDER.index(stages[0]) if stages else len(ORDER)
+    first = STAGES.index(stages[0]) if stages else len(STAGES)
     # The static baseline may be trained by a separate process in parallel with stages 1-3
     # (it only needs pre_local), so the GFNet comes from the last finished GFNet stage and the
     # static model from static.pt.
-    for name in reversed([n for n in ORDER[:first] if n != "static"]):
-        if runner.load_stage(name):
+    for name in reversed([n for n in STAGES[:first] if n != "static"]):
+        if runner.load_finished(name, only="gfnet"):
             log(f"loaded weights after stage {name}")
             break
     else:
         if first > 0 and args.stage != "all":
             log(f"warning: no earlier stage finished in {out}; stage {args.stage} starts from random weights")
-    if "static" in ORDER[:first] and runner.load_static_stage():
+    if "static" in STAGES[:first] and runner.load_finished("static", only="static"):
         log("loaded the static baseline after stage static")
     if args.stage == "export":  # minutes of every finished stage (they may come from several processes)
-        for name in ORDER:
+        for name in STAGES:
             p = runner.stage_path(name)
             if p.exists():
                 ck = torch.load(p, map_location="cpu", weights_only=True)
@@ -166,10 +151,7 @@ def run(args: argparse.Namespace) -> int:
     resume = args.resume or args.stage != "all"
     for name in stages:
         t = time.time()
-        if name in ("stage1", "bc", "ppo", "stage3"):
-            runner.build_glance_cache()
-        {"pre_local": runner.pre_local, "pre_glance": runner.pre_glance, "stage1": runner.stage1, "bc": runner.bc,
-         "ppo": runner.ppo, "stage3": runner.stage3, "static": runner.static_stage}[name](resume=resume)
+        getattr(runner, "static_stage" if name == "static" else name)(resume=resume)
         log(f"stage {name} finished in {(time.time() - t) / 60:.1f} min (this process)")
     timings = {k: round(v / 60, 2) for k, v in runner.timings.items()}
     (out / "timings.json").write_text(json.dumps(timings, indent=1))
@@ -188,7 +170,6 @@ def export(runner, cfg, test, out: Path, assets: Optional[Path], log, progress: 
     from ..models.checkpoint import load_checkpoint, save_checkpoint
     from ..models.macs import count_static_macs
     from .config import BACKBONES
-    from .data import load_split
     from .evaluate_demo import measure, table
     from .static import load_static, save_static
 
@@ -232,7 +213,12 @@ def export(runner, cfg, test, out: Path, assets: Optional[Path], log, progress: 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m gfnet_edge.train.cli", description=__doc__.splitlines()[0])
     add_arguments(ap)
-    return run(ap.parse_args(argv))
+    args = ap.parse_args(argv)
+    try:
+        return run(args)
+    except GFNetEdgeError as exc:  # bad input (2) or a missing resource (3): one line
+        print(f"gfnet-edge: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, InputError) else 3 if isinstance(exc, UnavailableError) else 1
 
 
 if __name__ == "__main__":

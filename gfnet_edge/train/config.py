@@ -1,16 +1,18 @@
 """Settings of the demo GFNet training (cluttered digits, 2 CPU cores).
 
-Every stage has an iteration budget (``epochs x iters``) and a wall-clock cap in minutes; a
-stage stops at whichever comes first and records which (the cap only matters on a machine much
-slower than the one the defaults were tuned on).
+Every stage has an iteration budget (``epochs x iters``) and a wall-clock cap in minutes
+(:class:`~gfnet_edge.train.recipe.StagePlan`); a stage stops at whichever comes first and
+records which (the cap only matters on a machine much slower than the one the defaults were
+tuned on).
 """
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 from ..variants import GFNetSpec
+from .recipe import StagePlan, TrainSettings
 
 #: Backbones the demo knows (timm name, kwargs). ``r16``/``r32`` are ResNet-18 layouts at 1/4
 #: and 1/2 width: plain 3x3 convs train fastest per multiply-add on a CPU.
@@ -45,30 +47,27 @@ def demo_spec(backbone: str = "r16", num_classes: int = 10) -> GFNetSpec:
     ).validate()
 
 
-@dataclass
-class StageBudget:
-    """Iterations of one stage: ``epochs`` checkpoints of ``iters`` batches each, and a cap."""
-
-    epochs: int
-    iters: int
-    batch: int
-    lr: float
-    minutes: float
+def _plan(epochs: int, iters: int, batch: int, lr: float, minutes: float) -> StagePlan:
+    return StagePlan(epochs=epochs, lr=lr, iters=iters, batch=batch, minutes=minutes)
 
 
 @dataclass
-class TrainConfig:
-    """All settings of one training run (saved as ``config.json`` in the run folder)."""
+class TrainConfig(TrainSettings):
+    """All settings of one demo training run (saved as ``config.json`` in the run folder).
+
+    Every stage is a :class:`StagePlan` with its own iterations, batch and wall-clock cap; the
+    stages shared with the image-folder trainer read the :class:`TrainSettings` fields (the
+    demo keeps the glance encoder frozen after its pre-training, ``train_glance=False``).
+    """
 
     backbone: str = "r16"
-    seed: int = 0
     threads: int = 1
     train_size: int = 4000
     val_size: int = 500
     test_size: int = 1000
     # stage 0: local encoder on digit-centred crops, then glance encoder on glances
-    pre_local: StageBudget = field(default_factory=lambda: StageBudget(18, 50, 64, 2e-3, 10.0))
-    pre_glance: StageBudget = field(default_factory=lambda: StageBudget(2, 30, 64, 1e-3, 3.0))
+    pre_local: StagePlan = field(default_factory=lambda: _plan(18, 50, 64, 2e-3, 10.0))
+    pre_glance: StagePlan = field(default_factory=lambda: _plan(2, 30, 64, 1e-3, 3.0))
     crop_jitter: int = 28  # max offset (px) of the crop centre from the digit centre (last epochs)
     #: Curriculum of the local pre-training, one entry per epoch: [crop side, jitter, batch].
     #: Small digit-centred crops first (cheap, little clutter: learns in minutes where 96 px
@@ -77,31 +76,23 @@ class TrainConfig:
         [48, 4, 64]] * 10 + [[64, 10, 64]] * 4 + [[96, 24, 64]] * 4)
     glance_bc_weight: float = 5.0  # weight of the policy warm-start loss during glance training
     # stage 1: random patches; stage 3: patches from the sampled policy
-    stage1: StageBudget = field(default_factory=lambda: StageBudget(3, 25, 32, 1e-3, 4.0))
-    stage3: StageBudget = field(default_factory=lambda: StageBudget(3, 20, 32, 5e-4, 4.0))
-    dsn_ratio: float = 1.0
+    stage1: StagePlan = field(default_factory=lambda: _plan(3, 25, 32, 1e-3, 4.0))
+    stage3: StagePlan = field(default_factory=lambda: _plan(3, 20, 32, 5e-4, 4.0))
+    dsn_ratio: Optional[float] = 1.0
     # stage 2: policy warm start (behaviour cloning on digit boxes) then PPO
-    bc: StageBudget = field(default_factory=lambda: StageBudget(1, 25, 64, 1e-3, 1.5))
-    ppo: StageBudget = field(default_factory=lambda: StageBudget(3, 15, 64, 3e-4, 2.5))
-    gamma: float = 0.7
-    clip: float = 0.2
-    action_std: float = 0.1
+    bc: StagePlan = field(default_factory=lambda: _plan(1, 25, 64, 1e-3, 1.5))
+    ppo: StagePlan = field(default_factory=lambda: _plan(3, 15, 64, 3e-4, 2.5))
     # static baseline: the same backbone on full S x S images
-    static: StageBudget = field(default_factory=lambda: StageBudget(3, 30, 16, 1e-3, 6.0))
-    weight_decay: float = 0.05
+    static: StagePlan = field(default_factory=lambda: _plan(3, 30, 16, 1e-3, 6.0))
     #: The cluttered-digits generator config, pinned when the run starts (``None``: current defaults).
     data_config: Optional[Dict[str, Any]] = None
-
-    def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
-        d = dict(d)
-        for k, v in list(d.items()):
-            if isinstance(v, dict) and k in cls.__dataclass_fields__ and k != "data_config":
-                d[k] = StageBudget(**v)
-        return cls(**d)
+    # the shared stages' settings, as the demo uses them
+    workers: int = 0  # the splits are in memory
+    amp: bool = False
+    sync_bn: bool = False
+    train_glance: bool = False
+    warmup_iters: int = 20
+    eval_max: int = 200
 
     def data(self):
         """The pinned :class:`ClutteredDigitsConfig` (pins the current defaults on first use)."""
@@ -113,16 +104,14 @@ class TrainConfig:
             self.data_config = json.loads(json.dumps(_asdict(ClutteredDigitsConfig())))
         return data_config_from_dict(self.data_config)
 
-    def dumps(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
 
 def tiny_config(**kw: Any) -> TrainConfig:
     """A few iterations of every stage on a handful of images (tests)."""
-    b = lambda lr=1e-3: StageBudget(2, 2, 4, lr, 5.0)  # noqa: E731
+    b = lambda lr=1e-3: _plan(2, 2, 4, lr, 5.0)  # noqa: E731
     cfg = TrainConfig(
         backbone="r16", train_size=24, val_size=16, test_size=16,
-        pre_local=b(3e-3), pre_local_schedule=None, pre_glance=b(), stage1=b(), stage3=b(), bc=b(), ppo=b(3e-4), static=StageBudget(2, 2, 2, 1e-3, 5.0),
+        pre_local=b(3e-3), pre_local_schedule=None, pre_glance=b(), stage1=b(), stage3=b(), bc=b(), ppo=b(3e-4),
+        static=_plan(2, 2, 2, 1e-3, 5.0),
     )
     for k, v in kw.items():
         setattr(cfg, k, v)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -71,6 +71,27 @@ def target_actions(centres: np.ndarray, image_size: int, patch: int) -> np.ndarr
     return np.clip((centres - patch / 2) / (image_size - patch), 0.0, 1.0).astype(np.float32)
 
 
+class SplitDataset(torch.utils.data.Dataset):
+    """A :class:`Split` as trainer items ``(uint8 (3, S, S), label, index)`` (no augmentation)."""
+
+    def __init__(self, split: Split) -> None:
+        self.split = split
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        return torch.from_numpy(self.split.frames[i]).permute(2, 0, 1), int(self.split.labels[i]), i
+
+
+def split_source(train: Split, val: Split):
+    """The demo splits as the trainer's :class:`~gfnet_edge.train.folder_data.DataSource`."""
+    from .folder_data import DataSource
+
+    return DataSource(SplitDataset(train), SplitDataset(val), val.labels.astype(np.int64))
+
+
 class Batches:
     """An endless, seeded stream of index batches (a fresh permutation per pass).
 
@@ -99,3 +120,37 @@ class Batches:
         self.rng.bit_generator.state = s["rng"]
         self.perm = np.asarray(s["perm"], dtype=np.int64)
         self.pos = int(s["pos"])
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """A batch sampler: epoch ``e`` of :class:`Batches`' stream, ``iters`` batches.
+
+    The stream is replayed from its seed up to epoch ``e`` (:meth:`set_epoch`), so an epoch's
+    batches depend only on (seed, epoch) and a resumed stage draws what an uninterrupted one
+    draws. ``batches`` holds the global batch of each epoch (the last entry repeats); each of
+    ``world`` processes takes rows ``rank::world`` of every batch.
+    """
+
+    def __init__(self, n: int, batches: List[int], iters: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.n, self.batches, self.iters, self.seed = n, list(batches), iters, seed
+        self.rank, self.world = rank, world
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batch(self, epoch: int) -> int:
+        return min(self.batches[min(epoch, len(self.batches) - 1)], self.n)
+
+    def __iter__(self):
+        stream = Batches(self.n, self._batch(0), self.seed)
+        for e in range(self.epoch):
+            stream.batch = self._batch(e)
+            for _ in range(self.iters):
+                stream.next()
+        stream.batch = self._batch(self.epoch)
+        for _ in range(self.iters):
+            yield stream.next()[self.rank::self.world].tolist()
+
+    def __len__(self) -> int:
+        return self.iters

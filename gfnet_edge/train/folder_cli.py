@@ -35,6 +35,25 @@ def parse_epochs(text: str) -> List[int]:
     return vals
 
 
+def apply_overrides(cfg, items: List[str]):
+    """Applies ``--set KEY=JSON`` items to a config (:meth:`TrainSettings.set`); returns it.
+
+    Raises:
+        InputError: an item without ``=``, a value that is not JSON, an unknown field.
+    """
+    for item in items:
+        key, eq, val = item.partition("=")
+        if not eq:
+            raise InputError(f"--set needs KEY=JSON, got {item!r}")
+        try:
+            cfg.set(key, json.loads(val))
+        except json.JSONDecodeError:
+            raise InputError(f"--set {key}: {val!r} is not JSON (strings need quotes)") from None
+        except ValueError as exc:
+            raise InputError(f"--set: {exc}") from None
+    return cfg
+
+
 def config_from_args(args: argparse.Namespace):
     """A fresh :class:`FolderTrainConfig` from the command line (not yet resolved)."""
     from .recipe import FolderTrainConfig
@@ -55,16 +74,7 @@ def config_from_args(args: argparse.Namespace):
         cfg.amp = False
     if args.hflip:
         cfg.hflip = True
-    for item in args.set:
-        key, eq, val = item.partition("=")
-        if not eq:
-            raise InputError(f"--set needs KEY=JSON, got {item!r}")
-        try:
-            cfg.set(key, json.loads(val))
-        except json.JSONDecodeError:
-            raise InputError(f"--set {key}: {val!r} is not JSON (strings need quotes)") from None
-        except ValueError as exc:
-            raise InputError(f"--set: {exc}") from None
+    apply_overrides(cfg, args.set)
     if cfg.pretrained not in (None, "timm") and not Path(cfg.pretrained).is_file():
         raise InputError(f"{cfg.pretrained}: pretrained weights file not found (or pass --pretrained timm)")
     if cfg.pretrained not in (None, "timm"):
@@ -220,10 +230,12 @@ def train_folder(cfg, out: Path, stages=STAGE_ORDER, resume: bool = False, devic
 
 
 def _train_and_export(out, cfg, ctx, train, val, model, static, stages, log, progress: bool) -> Dict[str, Any]:
+    from .folder_data import folder_source
     from .folder_stages import FolderTrainer
 
     t0 = time.time()
-    tr = FolderTrainer(out, cfg, ctx, train, val, model, static, log, progress)
+    data = folder_source(train, val, model.spec, cfg.seed, cfg.random_crop, cfg.hflip)
+    tr = FolderTrainer(out, cfg, ctx, data, model, static, log, progress)
     first = STAGE_ORDER.index(stages[0]) if stages else len(STAGE_ORDER)
     for name in reversed([s for s in STAGE_ORDER[:first] if s != "static"]):
         if tr.load_stage(name) is not None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -154,6 +155,30 @@ class FolderDataset(torch.utils.data.Dataset):
         return x, label, i
 
 
+@dataclass
+class DataSource:
+    """What a trainer reads: datasets of ``(uint8 (3, S, S), label, index)`` items.
+
+    Attributes:
+        train: the train split (its ``epoch`` attribute is set before every epoch).
+        val: the val split, in a fixed order.
+        val_labels: int64 (n,) labels of ``val``.
+    """
+
+    train: torch.utils.data.Dataset
+    val: torch.utils.data.Dataset
+    val_labels: np.ndarray
+
+
+def folder_source(train: FolderSplit, val: FolderSplit, spec, seed: int, random_crop: bool = True,
+                  hflip: bool = False) -> DataSource:
+    """The image folder's splits as a :class:`DataSource` (decoded and resized for ``spec``)."""
+    args = (spec.image_size, spec.crop_pct, spec.dataset_interpolation)
+    return DataSource(FolderDataset(train, build_transform(*args, True, random_crop, hflip), seed),
+                      FolderDataset(val, build_transform(*args, False), seed),
+                      np.asarray(val.labels(), dtype=np.int64))
+
+
 class ShardSampler(torch.utils.data.Sampler):
     """Indices ``rank, rank + W, ...`` of ``range(n)`` in order, no padding (evaluation shards)."""
 
@@ -178,7 +203,7 @@ def normalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
     """uint8 (N, 3, H, W) -> float32 ``(x / 255 - mean) / std``."""
     m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
     s = torch.tensor(std, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
-    return (x.float() / 255.0 - m) / s
+    return x.to(torch.float32, copy=True).div_(255.0).sub_(m).div_(s)  # in place on a copy: no temporaries
 
 
 def split_summary(split: FolderSplit, limit: Optional[int] = 3) -> str:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Type, TypeVar
 
 from ..variants import GFNetSpec
+
+_T = TypeVar("_T", bound="TrainSettings")
 
 
 @dataclass(frozen=True)
@@ -65,53 +67,40 @@ def family_defaults(backbone: str) -> Tuple[str, FamilyDefaults]:
 
 @dataclass
 class StagePlan:
-    """One training stage: epochs over the train split and its peak learning rate."""
+    """One training stage: ``epochs`` checkpointed epochs at peak learning rate ``lr``.
+
+    An epoch is one pass over the train split in batches of the run's ``batch_size`` unless
+    ``iters`` is set: then it is ``iters`` batches of ``batch`` images (``0``: the run's batch)
+    drawn from an endless seeded stream of permutations. ``minutes`` > 0 caps the stage's wall
+    clock (single process only): the stage ends at the cap, and the cosine learning rate follows
+    whichever of iterations or wall-clock fraction is further, so a capped stage still ends annealed.
+    """
 
     epochs: int
     lr: float
+    iters: int = 0
+    batch: int = 0
+    minutes: float = 0.0
 
 
 @dataclass
-class FolderTrainConfig:
-    """All settings of one ``gfnet-edge train --data`` run (saved as ``RUN/config.json``).
+class TrainSettings:
+    """The settings every training stage reads (shared by the folder and the demo configs)."""
 
-    ``batch_size`` is the global batch: under ``torchrun`` each of the W processes takes
-    ``batch_size / W`` images per step, so a run gives the same updates on any number of processes.
-    """
-
-    data: str = ""
-    backbone: str = ""
-    backbone_kwargs: Dict[str, Any] = field(default_factory=dict)
-    pretrained: Optional[str] = None  # a weights file, "timm", or None (random initialisation)
-    image_size: int = 0  # 0: the family's default (likewise patch_size, steps)
-    patch_size: int = 0
-    steps: int = 0
-    crop_pct: float = 1.0  # whole image: objects near the border are kept
-    classifier: Optional[str] = None  # None: the family's default (likewise the next four)
-    policy_conv: Optional[bool] = None
-    policy_hidden: Optional[int] = None
-    fc_hidden: Optional[int] = None  # GRU classifier's hidden size (None: 1024, as released)
-    step0: Optional[str] = None
-    dsn_ratio: Optional[float] = None
-    stage1: StagePlan = field(default_factory=lambda: StagePlan(30, 5e-4))
-    stage2: StagePlan = field(default_factory=lambda: StagePlan(10, 3e-4))
-    stage3: StagePlan = field(default_factory=lambda: StagePlan(10, 1e-4))
-    static: StagePlan = field(default_factory=lambda: StagePlan(0, 5e-4))  # 0 epochs: no static baseline
-    batch_size: int = 64
-    workers: int = 4
     seed: int = 0
+    batch_size: int = 64  # global batch of a stage without its own ``StagePlan.batch``
+    workers: int = 4  # DataLoader worker processes per training process
     amp: bool = True  # autocast on a GPU (bfloat16 where supported, else float16 with loss scaling)
-    random_crop: bool = True  # training augmentation: random S x S crop (else the centre one) ...
-    hflip: bool = False  # ... and horizontal flips (off: wrong for text, digits, asymmetric parts)
     freeze_bn: bool = False  # BatchNorm layers keep their running statistics (small batches)
     sync_bn: bool = True  # SyncBatchNorm when several CUDA processes train
+    train_glance: bool = True  # stages 1 and 3 train the glance encoder too (else it stays frozen)
+    dsn_ratio: Optional[float] = None  # weight of each encoder's own head in stages 1 / 3
     weight_decay: float = 0.05
     warmup_iters: int = 100
     gamma: float = 0.7
     clip: float = 0.2
     action_std: float = 0.1
     eval_max: int = 0  # images of val scored after each epoch (0: all)
-    classes: List[str] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -120,13 +109,14 @@ class FolderTrainConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "FolderTrainConfig":
+    def from_dict(cls: Type[_T], d: Dict[str, Any]) -> _T:
+        """The config from its JSON form (stage plans from dicts), refusing unknown fields."""
         d = dict(d)
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown config fields: {sorted(unknown)}")
-        for k in ("stage1", "stage2", "stage3", "static"):
-            if isinstance(d.get(k), dict):
+        for k, f in cls.__dataclass_fields__.items():
+            if f.type in ("StagePlan", StagePlan) and isinstance(d.get(k), dict):
                 d[k] = StagePlan(**d[k])
         return cls(**d)
 
@@ -142,6 +132,36 @@ class FolderTrainConfig:
             setattr(target, sub, value)
         else:
             setattr(self, obj, value)
+
+
+@dataclass
+class FolderTrainConfig(TrainSettings):
+    """All settings of one ``gfnet-edge train --data`` run (saved as ``RUN/config.json``).
+
+    ``batch_size`` is the global batch: under ``torchrun`` each of the W processes takes
+    ``batch_size / W`` images per step, so a run gives the same updates on any number of processes.
+    """
+
+    data: str = ""
+    backbone: str = ""
+    backbone_kwargs: Dict[str, Any] = field(default_factory=dict)
+    pretrained: Optional[str] = None  # a weights file, "timm", or None (random initialisation)
+    image_size: int = 0  # 0: the family's default (likewise patch_size, steps)
+    patch_size: int = 0
+    steps: int = 0
+    crop_pct: float = 1.0  # whole image: objects near the border are kept
+    classifier: Optional[str] = None  # None: the family's default (likewise policy_*, step0, dsn_ratio)
+    policy_conv: Optional[bool] = None
+    policy_hidden: Optional[int] = None
+    fc_hidden: Optional[int] = None  # GRU classifier's hidden size (None: 1024, as released)
+    step0: Optional[str] = None
+    stage1: StagePlan = field(default_factory=lambda: StagePlan(30, 5e-4))
+    stage2: StagePlan = field(default_factory=lambda: StagePlan(10, 3e-4))
+    stage3: StagePlan = field(default_factory=lambda: StagePlan(10, 1e-4))
+    static: StagePlan = field(default_factory=lambda: StagePlan(0, 5e-4))  # 0 epochs: no static baseline
+    random_crop: bool = True  # training augmentation: random S x S crop (else the centre one) ...
+    hflip: bool = False  # ... and horizontal flips (off: wrong for text, digits, asymmetric parts)
+    classes: List[str] = field(default_factory=list)
 
     def resolved(self) -> "FolderTrainConfig":
         """A copy with every ``0`` / ``None`` layout field filled from the family's defaults."""
