@@ -1,5 +1,5 @@
 // CUDA entry points of the extension, declared without any CUDA header so that
-// bindings.cpp compiles with the host compiler alone.
+// csrc/bindings/ compiles with the host compiler alone.
 //
 // Every pointer is a device address passed as an integer (from DeviceBuffer.ptr,
 // cuda-python, pycuda, CuPy or torch's data_ptr()); every entry point takes a stream

@@ -29,4 +29,4 @@ def set_simd_enabled(enabled: bool) -> None:
 def read_pass_seconds(nbytes: int, reps: int = 10) -> float:
     """Best time of ``reps`` parallel read passes over ``nbytes`` bytes: the memory roofline
     the bandwidth-bound kernels are compared with."""
-    return float(_C._read_pass_seconds(to_int(nbytes, "nbytes"), to_int(reps, "reps")))
+    return float(_C.read_pass_seconds(to_int(nbytes, "nbytes"), to_int(reps, "reps")))
