@@ -251,7 +251,8 @@ def sim_ops(monkeypatch, mem, asynchronous=False):
                      ("has_cuda_build", lambda: True), ("cuda_device_count", lambda: 1), ("cuda_glance", glance),
                      ("cuda_preprocess", preprocess), ("cuda_crop_patches", crop), ("cuda_gather_rows", gather),
                      ("cuda_copy", copy), ("cuda_softmax_stats", softmax_stats),
-                     ("stream_synchronize", stream_sync), ("CudaEvent", lambda: SimEvent(mem)), ("CudaGraph", lambda: SimGraph(mem)),
+                     ("stream_synchronize", stream_sync), ("CudaEvent", lambda: SimEvent(mem)),
+                     ("CudaGraph", lambda: SimGraph(mem)),
                      ("pinned_empty", lambda shape, dtype: np.empty(shape, dtype))]:
         monkeypatch.setattr(ops, name, fn)
     return sim
@@ -398,7 +399,7 @@ def demo_test_images(model, n):
     from gfnet_edge.data import ClutteredDigits, demo_config
 
     frames, _ = ClutteredDigits("test", config=demo_config(model)).arrays(n)
-    return ops.preprocess(frames, int(model["image_size"]), crop_pct=1.0, mean=model["mean"], std=model["std"])
+    return ops.preprocess(frames, model.image_size, crop_pct=1.0, mean=model.mean, std=model.std)
 
 
 class DeviceArray:

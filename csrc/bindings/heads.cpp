@@ -12,6 +12,18 @@ namespace {
 
 using gfn::cpu::row_pointers;
 
+/// The new output arrays of a classifier step and their data pointers: logits (nb, classes),
+/// maxprob (nb,) float32, argmax (nb,) int32.
+struct ClassifierOutputs {
+  py::array_t<float> logits, maxprob;
+  py::array_t<int32_t> argmax;
+  float *lp, *mp;
+  int32_t* ap;
+  ClassifierOutputs(int64_t nb, int64_t classes)
+      : logits({nb, classes}), maxprob(nb), argmax(nb), lp(logits.mutable_data()),
+        mp(maxprob.mutable_data()), ap(argmax.mutable_data()) {}
+};
+
 py::array cpu_linear(const py::object& x, const py::object& w, const py::object& b, bool relu) {
   py::array wa = checked<float>(w, 2, "w");
   const int64_t rows = wa.shape(0), cols = wa.shape(1);
@@ -157,38 +169,28 @@ py::tuple cascaded_step(const PyLinear& self, const py::object& features, int64_
   py::array f = checked<float>(features, 3, "features");
   const auto [tnf, steps, nb, fd] = feature_buffer(f, k, self.layer.in_features(), layout);
   const int64_t classes = self.layer.out_features();
-  py::array_t<float> logits({nb, classes});
-  py::array_t<float> maxprob(nb);
-  py::array_t<int32_t> argmax(nb);
+  ClassifierOutputs o(nb, classes);
   const float* fp = static_cast<const float*>(f.data());
-  float* lp = logits.mutable_data();
-  float* mp = maxprob.mutable_data();
-  int32_t* ap = argmax.mutable_data();
   {
     py::gil_scoped_release release;
-    gfn::cpu::cascaded_forward(self.layer, k, fp, tnf, steps, nb, fd, lp);
-    gfn::cpu::softmax_stats(lp, nb, classes, mp, ap);
+    gfn::cpu::cascaded_forward(self.layer, k, fp, tnf, steps, nb, fd, o.lp);
+    gfn::cpu::softmax_stats(o.lp, nb, classes, o.mp, o.ap);
   }
-  return py::make_tuple(logits, maxprob, argmax);
+  return py::make_tuple(o.logits, o.maxprob, o.argmax);
 }
 
 py::tuple gru_classifier_step(const PyGRUCell& cell, const PyLinear& head, const py::object& x,
                               const py::object& h) {
   check_head_fits(cell, head);
   py::array hn = gru_step(cell, x, h);
-  const int64_t nb = hn.shape(0), classes = head.layer.out_features();
-  py::array_t<float> logits({nb, classes});
-  py::array_t<float> maxprob(nb);
-  py::array_t<int32_t> argmax(nb);
+  const int64_t nb = hn.shape(0);
+  ClassifierOutputs o(nb, head.layer.out_features());
   const float* hp = static_cast<const float*>(hn.data());
-  float* lp = logits.mutable_data();
-  float* mp = maxprob.mutable_data();
-  int32_t* ap = argmax.mutable_data();
   {
     py::gil_scoped_release release;
-    gfn::cpu::classifier_head(head.layer, hp, nb, lp, mp, ap);
+    gfn::cpu::classifier_head(head.layer, hp, nb, o.lp, o.mp, o.ap);
   }
-  return py::make_tuple(hn, logits, maxprob, argmax);
+  return py::make_tuple(hn, o.logits, o.maxprob, o.argmax);
 }
 
 py::tuple gru_actor_step(const PyGRUCell& cell, const PyLinear& head, const py::object& x,

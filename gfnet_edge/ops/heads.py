@@ -9,16 +9,14 @@ their ``step`` also takes numpy (copied to and from the device; convenient for t
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from ._args import Device, batch, choice, ndarray, opt_weights, rows, to_int, triple, weights
+from ._args import Device, batch, opt_weights, rows, to_int, weights
 from ._ext import _C
 from .cuda import (DeviceBuffer, device_pointer, from_device, optional_pointer, require_cuda, stream_handle,
                    to_device)
-
-_LAYOUTS = ("ntf", "tnf")
 
 
 def linear(x: np.ndarray, w: np.ndarray, b: Optional[np.ndarray] = None, relu: bool = False) -> np.ndarray:
