@@ -79,6 +79,7 @@ setup(
     packages=[
         "gfnet_edge",
         "gfnet_edge.models",
+        "gfnet_edge.ops",
         "gfnet_edge.runtime",
         "gfnet_edge.runtime.backends",
         "gfnet_edge.data",

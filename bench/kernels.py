@@ -139,8 +139,8 @@ def bench_gru(reps: int) -> Tuple[List[Tuple[str, float, float, str]], Dict[str,
             rows.append((f"GRU step 2048->1024 B=1 {name}, {label}", t["torch"], t[key],
                          f"ours {gbps:.1f} GB/s of weights, torch {wbytes32 / (t['torch'] * 1e-3) / 1e9:.1f} GB/s"))
     # Memory roofline: a parallel read of the fp32 weight size with the same threads, and a copy.
-    bw["read_36MiB"] = wbytes32 / ops._C._read_pass_seconds(wbytes32, 30) / 1e9
-    bw["read_256MiB"] = (256 << 20) / ops._C._read_pass_seconds(256 << 20, 5) / 1e9
+    bw["read_36MiB"] = wbytes32 / ops.read_pass_seconds(wbytes32, 30) / 1e9
+    bw["read_256MiB"] = (256 << 20) / ops.read_pass_seconds(256 << 20, 5) / 1e9
     src, dst = np.ones(64 << 20, np.uint8), np.empty(64 << 20, np.uint8)
     best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(10))
     bw["copy_64MiB"] = src.nbytes / best / 1e9

@@ -186,7 +186,7 @@ def main() -> int:
         return 2
     props = ops.cuda_device_properties(0)
     machine = (f"{props['name']} (sm_{props['major']}{props['minor']}, {props['multiprocessors']} SMs); "
-               f"torch {torch.__version__}; extension archs [{ops._C.cuda_archs()}]")
+               f"torch {torch.__version__}; extension archs [{ops.cuda_archs()}]")
     print(machine, flush=True)
     stream = torch.cuda.Stream()
     rows = bench_preprocess(args.reps, stream) + bench_crop_glance(args.reps, stream) + bench_gru(args.reps, stream)

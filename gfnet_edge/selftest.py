@@ -237,9 +237,9 @@ class _Checker:
         b = self.rng.standard_normal(2048).astype(np.float32)
         x = self.rng.standard_normal((4, 18432)).astype(np.float32)
         ref = ops.linear(x, w, b, relu=True)
-        lin = ops._C.cuda.Linear(w, b, "float32")
+        lin = ops.Linear(w, b, "float32", device="cuda")
         xb, ob = ops.to_device(x), ops.DeviceBuffer(ref.nbytes)
-        run = lambda: lin.forward(xb.ptr, ob.ptr, 4, True, "float32", "float32", self.stream.handle)  # noqa: E731
+        run = lambda: lin.forward_device(xb, ob, 4, relu=True, stream=self.stream)  # noqa: E731
         run()
         self.add("linear+relu 18432->2048 B=4 (policy encoder)", _err(ops.from_device(ob, ref.shape, np.float32,
                  self.stream), ref) / max(1.0, np.abs(ref).max()), 1e-5, run, lambda: ops.linear(x, w, b, relu=True))
@@ -250,10 +250,9 @@ class _Checker:
         x2 = self.rng.standard_normal((5, 1001)).astype(np.float32)
         for dtype in ("float32", "float16"):
             ref2 = ops.linear(x2, w2.astype(dtype).astype(np.float32), b2)  # same weights as stored
-            lin2 = ops._C.cuda.Linear(w2, b2, dtype)
+            lin2 = ops.Linear(w2, b2, dtype, device="cuda")
             xb2, ob2 = ops.to_device(x2), ops.DeviceBuffer(ref2.nbytes)
-            run2 = lambda lin2=lin2, xb2=xb2, ob2=ob2: lin2.forward(xb2.ptr, ob2.ptr, 5, False, "float32",  # noqa: E731
-                                                                     "float32", self.stream.handle)
+            run2 = lambda lin2=lin2, xb2=xb2, ob2=ob2: lin2.forward_device(xb2, ob2, 5, stream=self.stream)  # noqa: E731
             run2()
             self.add(f"linear 1001->37 B=5 {dtype} weights (unvectorised)",
                      _err(ops.from_device(ob2, ref2.shape, np.float32, self.stream), ref2), 1e-5, run2,
@@ -330,7 +329,7 @@ def run_checks(quick: bool = False) -> List[Result]:
     if not ops.has_cuda_build():
         raise RuntimeError("gfnet_edge._C was built without CUDA (nvcc not found or GFNET_EDGE_CUDA=0)")
     if ops.cuda_device_count() < 1:
-        raise RuntimeError(f"no usable CUDA device: {ops._C.cuda_device_error()}")
+        raise RuntimeError(f"no usable CUDA device: {ops.cuda_device_error()}")
     checker = _Checker(quick)
     for check in (checker.buffers, checker.preprocess, checker.glance, checker.crop, checker.gather, checker.gru,
                   checker.cascaded, checker.linear):
@@ -345,7 +344,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     print(f"gfnet_edge selftest: {platform.node()} {platform.machine()}, CPU threads {ops.get_num_threads()} "
-          f"({ops.simd_level()}), CUDA build {ops.has_cuda_build()} archs [{ops._C.cuda_archs()}]")
+          f"({ops.simd_level()}), CUDA build {ops.has_cuda_build()} archs [{ops.cuda_archs()}]")
     try:
         if ops.cuda_device_count() > 0:
             props = ops.cuda_device_properties(0)

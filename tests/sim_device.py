@@ -10,7 +10,7 @@ Execution is synchronous by default: every call runs when it is made. With
 ``sim_ops(..., asynchronous=True)`` the simulated device is asynchronous like a real one:
 kernels, copies and engine runs are only *enqueued* on their stream (:class:`SimStreams`) and
 run, in order, when that stream is synchronized (``Stream.synchronize()``,
-``ops._stream_sync``, a device -> host copy on it, :meth:`SimStreams.synchronize`) or when an
+``ops.stream_synchronize``, a device -> host copy on it, :meth:`SimStreams.synchronize`) or when an
 event recorded on it is waited for. A missing synchronization then reads stale memory.
 
 CUDA-graph capture is simulated too (:class:`SimCapture`): while a capture is open
@@ -112,7 +112,7 @@ class SimMemory:
         if self.capturing is not None:
             self.capturing.append(fn)
         elif self.asynchronous:
-            self.streams.enqueue(ops._stream(stream), fn)
+            self.streams.enqueue(ops.stream_handle(stream), fn)
         else:
             fn()
 
@@ -138,8 +138,8 @@ def sim_ops(monkeypatch, mem, asynchronous=False):
     ``copy_from_host`` takes its snapshot of the host array when called (the host array may be
     reused at once, as with the real copy) and ``copy_to_host`` synchronizes its stream first.
     Returns a log: ``reads`` (device -> host copies), ``synced`` (streams passed to
-    ``ops._stream_sync``) and ``streams`` (``mem.streams``)."""
-    P = ops._ptr
+    ``ops.stream_synchronize``) and ``streams`` (``mem.streams``)."""
+    P = ops.device_pointer
     mem.asynchronous = bool(asynchronous)
     run = mem.launch
 
@@ -158,7 +158,7 @@ def sim_ops(monkeypatch, mem, asynchronous=False):
 
         def copy_to_host(self, a, stream=None, offset=0):
             if mem.asynchronous:
-                mem.streams.synchronize(ops._stream(stream))
+                mem.streams.synchronize(ops.stream_handle(stream))
             a.reshape(-1).view(np.uint8)[:] = mem.view(self.ptr + offset, (a.nbytes,), np.uint8)
             sim.reads += 1
 
@@ -179,7 +179,7 @@ def sim_ops(monkeypatch, mem, asynchronous=False):
 
     def stream_sync(stream):
         sim.synced.append(stream)
-        mem.streams.synchronize(ops._stream(stream))
+        mem.streams.synchronize(ops.stream_handle(stream))
 
     def glance(images, n, S, out, Pz, interpolation="bicubic", stream=None, **_):
         i_ptr, o_ptr = P(images, "images"), P(out, "out")
@@ -251,7 +251,8 @@ def sim_ops(monkeypatch, mem, asynchronous=False):
                      ("has_cuda_build", lambda: True), ("cuda_device_count", lambda: 1), ("cuda_glance", glance),
                      ("cuda_preprocess", preprocess), ("cuda_crop_patches", crop), ("cuda_gather_rows", gather),
                      ("cuda_copy", copy), ("cuda_softmax_stats", softmax_stats),
-                     ("_stream_sync", stream_sync), ("CudaEvent", lambda: SimEvent(mem)), ("CudaGraph", lambda: SimGraph(mem)),
+                     ("stream_synchronize", stream_sync), ("CudaEvent", lambda: SimEvent(mem)),
+                     ("CudaGraph", lambda: SimGraph(mem)),
                      ("pinned_empty", lambda shape, dtype: np.empty(shape, dtype))]:
         monkeypatch.setattr(ops, name, fn)
     return sim
@@ -270,13 +271,13 @@ class SimEvent:
 
         self.t = time.perf_counter()
         if self.mem is not None:
-            self.mark = self.mem.streams.record_event(ops._stream(stream))
+            self.mark = self.mem.streams.record_event(ops.stream_handle(stream))
 
     def wait(self, stream=None):
         if self.mem is not None and self.mem.asynchronous and self.mark is not None:
-            self.mem.streams.wait_event(ops._stream(stream), self.mark)
+            self.mem.streams.wait_event(ops.stream_handle(stream), self.mark)
         if self.mem is not None:
-            self.mem.waits.append((ops._stream(stream), self.mark))
+            self.mem.waits.append((ops.stream_handle(stream), self.mark))
 
     def elapsed_ms(self, start):
         return (self.t - start.t) * 1e3

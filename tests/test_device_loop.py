@@ -27,7 +27,7 @@ from sim_device import SimCapture, SimHeads, SimMemory, demo_test_images, sim_op
 
 HAVE_GPU = ops.has_cuda_build() and ops.cuda_device_count() > 0
 GPU_REASON = ("gfnet_edge._C built without CUDA" if not ops.has_cuda_build()
-              else f"no usable CUDA device ({ops._C.cuda_device_error()})")
+              else f"no usable CUDA device ({ops.cuda_device_error()})")
 requires_gpu = pytest.mark.skipif(not HAVE_GPU, reason=GPU_REASON)
 ASSETS = Path(__file__).resolve().parents[1] / "gfnet_edge" / "assets"
 HAVE_ONNXSIM = importlib.util.find_spec("onnxsim") is not None
@@ -92,7 +92,7 @@ def test_gather_rows_without_gpu_raises_runtime_error():
     with pytest.raises(RuntimeError, match="without CUDA|no usable CUDA device"):
         ops.cuda_gather_rows(0x1000, 4, 0x7000, 0x9000, 16, n=2, error_flag=0x8000)
     for call in (lambda: ops.cuda_copy(0x1000, 0x2000, 16), lambda: ops.cuda_softmax_stats(0x1000, 2, 10, None, None),
-                 lambda: ops._C.cuda.gather_rows(0x1000, 4, np.array([0], np.int32), 0x9000, 1, 16)):
+                 lambda: ops.cuda_gather_rows(0x1000, 4, np.array([0], np.int32), 0x9000, 16, n=1)):
         with pytest.raises(RuntimeError, match="without CUDA|no usable CUDA device"):
             call()
 

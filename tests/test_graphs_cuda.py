@@ -11,7 +11,7 @@ from gfnet_edge.runtime.graphs import NativeCapture
 
 HAVE_GPU = ops.has_cuda_build() and ops.cuda_device_count() > 0
 REASON = ("gfnet_edge._C built without CUDA" if not ops.has_cuda_build()
-          else f"no usable CUDA device ({ops._C.cuda_device_error()})")
+          else f"no usable CUDA device ({ops.cuda_device_error()})")
 requires_gpu = pytest.mark.skipif(not HAVE_GPU, reason=REASON)
 pytestmark = pytest.mark.gpu
 

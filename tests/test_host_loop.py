@@ -1,4 +1,4 @@
-"""The extension's host-loop step (`_C.HostLoop`) against a step-by-step numpy loop over the
+"""The extension's host-loop step (`ops.host_loop`) against a step-by-step numpy loop over the
 `ops` heads (themselves tested against torch in test_kernels.py): predictions, confidences,
 exit steps, patch coordinates and patches, with exits, compaction and trace, for both
 classifier kinds and both image kinds; and its argument checks."""
@@ -24,13 +24,8 @@ def _heads(kind, rng):
 
 
 def _native(actor, gru, cascaded, step0_backbone):
-    if gru is not None:
-        cls_cell, cls_head, layers = gru._cell, gru._head, {}
-    else:
-        cls_cell = cls_head = None
-        layers = {k: cascaded._layer(k, F) for k in range(2, T + 1)}
-    return ops._C.HostLoop(actor._cell, actor._head, cls_cell, cls_head, layers, T, S, P, step0_backbone,
-                           list(MEAN), list(STD))
+    return ops.host_loop(actor, gru if gru is not None else cascaded, T, S, P, step0_backbone, MEAN, STD,
+                         feature_dim=F)
 
 
 def _softmax(z):

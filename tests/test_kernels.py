@@ -47,12 +47,12 @@ def _threads(torch_mod):
 def simd(request):
     """Runs a test with the AVX2 kernels and with the portable fallback."""
     if request.param == "avx2" and ops.simd_level() != "avx2":
-        ops._C.set_simd_enabled(True)
+        ops.set_simd_enabled(True)
         if ops.simd_level() != "avx2":
             pytest.skip("this CPU has no AVX2/FMA/F16C")
-    ops._C.set_simd_enabled(request.param == "avx2")
+    ops.set_simd_enabled(request.param == "avx2")
     yield request.param
-    ops._C.set_simd_enabled(True)
+    ops.set_simd_enabled(True)
 
 
 # ---------------------------------------------------------------------- preprocess ----
@@ -158,11 +158,11 @@ def test_glance_identical_with_and_without_avx2(rng, S, P):
         pytest.skip("this CPU has no AVX2/FMA/F16C")
     images = (rng.standard_normal((2, 3, S, S)) * 3).astype(np.float32)
     fast = ops.glance(images, P, "bicubic")
-    ops._C.set_simd_enabled(False)
+    ops.set_simd_enabled(False)
     try:
         plain = ops.glance(images, P, "bicubic")
     finally:
-        ops._C.set_simd_enabled(True)
+        ops.set_simd_enabled(True)
     assert np.array_equal(fast, plain)
 
 
@@ -221,11 +221,11 @@ def test_glance_of_uint8_frames_identical_with_and_without_avx2(rng, mode, S, P)
         pytest.skip("this CPU has no AVX2/FMA/F16C")
     frames = rng.integers(0, 256, (2, S, S, 3), dtype=np.uint8)
     fast = ops.glance(frames, P, mode, mean=MEAN, std=STD)
-    ops._C.set_simd_enabled(False)
+    ops.set_simd_enabled(False)
     try:
         plain = ops.glance(frames, P, mode, mean=MEAN, std=STD)
     finally:
-        ops._C.set_simd_enabled(True)
+        ops.set_simd_enabled(True)
     assert np.array_equal(fast, plain)
 
 
@@ -431,11 +431,11 @@ def test_simd_and_generic_paths_agree(rng):
     x = rng.standard_normal((3, 333)).astype(np.float32)
     frame = rng.integers(0, 256, size=(333, 444, 3), dtype=np.uint8)
     fast = ops.GRUCell(*w).step(x), ops.preprocess(frame, 200, interpolation="bicubic")
-    ops._C.set_simd_enabled(False)
+    ops.set_simd_enabled(False)
     try:
         slow = ops.GRUCell(*w).step(x), ops.preprocess(frame, 200, interpolation="bicubic")
     finally:
-        ops._C.set_simd_enabled(True)
+        ops.set_simd_enabled(True)
     np.testing.assert_allclose(fast[0], slow[0], atol=1e-6, rtol=1e-6)
     assert np.array_equal(fast[1], slow[1])
 

@@ -8,7 +8,7 @@ from gfnet_edge import ops, selftest
 
 HAVE_GPU = ops.has_cuda_build() and ops.cuda_device_count() > 0
 REASON = ("gfnet_edge._C built without CUDA" if not ops.has_cuda_build()
-          else f"no usable CUDA device ({ops._C.cuda_device_error()})")
+          else f"no usable CUDA device ({ops.cuda_device_error()})")
 requires_gpu = pytest.mark.skipif(not HAVE_GPU, reason=REASON)
 pytestmark = pytest.mark.gpu
 
@@ -76,7 +76,7 @@ def test_cuda_crop_rejects_bad_coordinates_without_reading_out_of_bounds():
 def test_cuda_rejects_host_pointers():
     host = np.zeros(16, np.float32)
     with pytest.raises(ValueError, match="host memory|not a valid"):
-        ops._C.cuda.glance(host.ctypes.data, "float32", 1, 1, 4, host.ctypes.data, "float32", 2, "bilinear", 0)
+        ops.cuda_glance(host.ctypes.data, 1, 4, host.ctypes.data, 2, "bilinear", channels=1)
 
 
 @requires_gpu

@@ -10,7 +10,6 @@ import pytest
 
 from gfnet_edge import ops
 
-_C = ops._C
 F32 = np.float32
 
 
@@ -159,7 +158,7 @@ def test_cascaded_bad_inputs():
     with pytest.raises(ValueError, match="no layer"):
         head.step(np.zeros((2, 2, 4), F32), 2)
     with pytest.raises(ValueError, match="k must be in"):  # the C++ layer checks k <= T itself
-        _C.Linear(np.zeros((3, 10), F32)).cascaded_step(np.zeros((2, 1, 5), F32), 2, "ntf")
+        ops.CascadedHead([(np.zeros((3, 10), F32), None)]).step(np.zeros((2, 1, 5), F32), 2)
     with pytest.raises(ValueError, match="layout"):
         head.step(np.zeros((2, 2, 5), F32), 2, layout="nft")
     with pytest.raises(ValueError, match="3 dimensions"):
@@ -189,13 +188,13 @@ def test_cuda_compiled_when_nvcc_exists():
     if not nvcc or os.environ.get("GFNET_EDGE_CUDA", "").strip() == "0":
         pytest.skip("no nvcc on this machine (or GFNET_EDGE_CUDA=0): the CPU-only build is expected")
     assert ops.has_cuda_build(), "nvcc is available but the CUDA kernels were not compiled"
-    assert _C.cuda_archs(), "no CUDA architecture recorded"
+    assert ops.cuda_archs(), "no CUDA architecture recorded"
 
 
 def test_device_count_never_raises():
     n = ops.cuda_device_count()
     assert isinstance(n, int) and n >= 0
-    assert isinstance(_C.cuda_device_error(), str)
+    assert isinstance(ops.cuda_device_error(), str)
 
 
 def test_cuda_calls_without_gpu_raise_runtime_error():
@@ -204,7 +203,7 @@ def test_cuda_calls_without_gpu_raise_runtime_error():
     w = _gru_weights()
     for call in (lambda: ops.DeviceBuffer(16), ops.Stream, lambda: ops.cuda_device_properties(0),
                  lambda: ops.GRUHead(*w, np.zeros((3, 4), F32), None, device="cuda"),
-                 lambda: ops.cuda_glance(1, 1, 8, 1, 4), lambda: _C.cuda.DeviceBuffer(16),
-                 lambda: _C.cuda.synchronize()):
+                 lambda: ops.cuda_glance(1, 1, 8, 1, 4), lambda: ops.stream_synchronize(0),
+                 ops.device_synchronize):
         with pytest.raises(RuntimeError, match="CUDA"):
             call()

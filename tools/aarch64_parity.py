@@ -95,11 +95,11 @@ def _cross_tol(arr: np.ndarray) -> Tolerance:
 def _with_simd(enabled: bool, case: KernelCase, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     from gfnet_edge import ops
 
-    ops._C.set_simd_enabled(enabled)
+    ops.set_simd_enabled(enabled)
     try:
         return case.run(inputs)
     finally:
-        ops._C.set_simd_enabled(True)
+        ops.set_simd_enabled(True)
 
 
 # -------------------------------------------------------------------------- record ----

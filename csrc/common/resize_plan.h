@@ -123,4 +123,30 @@ inline ResizeCropGeometry plan_geometry(int64_t h, int64_t w, int64_t resize_sho
   return g;
 }
 
+/// The sizes-only part of a resize + centre crop, shared by the CPU plan and the CUDA tables:
+/// the geometry, both axes' taps, and the source rows the crop reads, [row_lo, row_hi).
+struct ResizeCropTaps {
+  ResizeCropGeometry geo;
+  AxisWeights horiz;  ///< width in_w -> out_w
+  AxisWeights vert;   ///< height in_h -> out_h
+  int64_t row_lo = 0, row_hi = 0;
+};
+
+inline ResizeCropTaps plan_resize_crop(int64_t h, int64_t w, int64_t resize_short, int64_t crop,
+                                       Interp interp) {
+  ResizeCropTaps t;
+  t.geo = plan_geometry(h, w, resize_short, crop);
+  t.horiz = compute_axis_weights(w, t.geo.out_w, interp);
+  t.vert = compute_axis_weights(h, t.geo.out_h, interp);
+  int64_t lo = h, hi = 0;
+  for (int64_t i = 0; i < crop; ++i) {
+    const int64_t src = t.geo.top + i;
+    lo = std::min<int64_t>(lo, t.vert.start[src]);
+    hi = std::max<int64_t>(hi, t.vert.start[src] + t.vert.count[src]);
+  }
+  t.row_lo = std::min(lo, hi);
+  t.row_hi = hi;
+  return t;
+}
+
 }  // namespace gfn

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <stdexcept>
 
+#include "../common/argmax.h"
 #include "../common/gates.h"
 #include "../common/half.h"
 #include "threadpool.h"
@@ -77,7 +78,7 @@ void softmax_stats(const float* logits, int64_t nb, int64_t classes, float* maxp
     float m = l[0];
     int32_t am = 0;
     for (int64_t c = 1; c < classes; ++c) {
-      if (l[c] > m || (std::isnan(l[c]) && !std::isnan(m))) {
+      if (argmax_takes(l[c], c, m, am)) {
         m = l[c];
         am = static_cast<int32_t>(c);
       }

@@ -38,7 +38,7 @@ class PackedMatrix {
 void linear_forward(const WeightView& w, int64_t rows, int64_t cols, const float* bias,
                     const float* const* x, int64_t nb, float* out, bool relu);
 
-/// Softmax maximum probability and argmax (first maximum) of each row of logits.
+/// Softmax maximum probability and argmax (the rule of common/argmax.h) of each row of logits.
 void softmax_stats(const float* logits, int64_t nb, int64_t classes, float* maxprob,
                    int32_t* argmax);
 

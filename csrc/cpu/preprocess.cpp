@@ -6,6 +6,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <tuple>
+#include <utility>
 
 #include "simd.h"
 #include "threadpool.h"
@@ -18,10 +19,13 @@ using PlanKey = std::tuple<int64_t, int64_t, int64_t, int64_t, int>;
 std::shared_ptr<ResizePlan> build_plan(int64_t h, int64_t w, int64_t resize_short, int64_t crop,
                                        Interp interp) {
   auto plan = std::make_shared<ResizePlan>();
-  plan->geo = plan_geometry(h, w, resize_short, crop);
+  ResizeCropTaps taps = plan_resize_crop(h, w, resize_short, crop, interp);
+  plan->geo = taps.geo;
+  plan->horiz = std::move(taps.horiz);
+  plan->vert = std::move(taps.vert);
+  plan->row_lo = taps.row_lo;
+  plan->row_hi = taps.row_hi;
   const auto& g = plan->geo;
-  plan->horiz = compute_axis_weights(w, g.out_w, interp);
-  plan->vert = compute_axis_weights(h, g.out_h, interp);
   const auto& hz = plan->horiz;
   const int groups = (hz.max_taps + 3) / 4;
   plan->groups = groups;
@@ -45,15 +49,6 @@ std::shared_ptr<ResizePlan> build_plan(int64_t h, int64_t w, int64_t resize_shor
   }
   // The AVX2 and NEON passes load 16 bytes at 3 * (start + 4 * group) for every group.
   plan->max_read = 3 * (max_start + 4 * (groups - 1)) + 16;
-  const auto& vt = plan->vert;
-  int64_t lo = h, hi = 0;
-  for (int64_t i = 0; i < crop; ++i) {
-    const int64_t src = g.top + i;
-    lo = std::min<int64_t>(lo, vt.start[src]);
-    hi = std::max<int64_t>(hi, vt.start[src] + vt.count[src]);
-  }
-  plan->row_lo = std::min(lo, hi);
-  plan->row_hi = hi;
   return plan;
 }
 

@@ -1,5 +1,5 @@
 // CUDA entry points of the extension, declared without any CUDA header so that
-// bindings.cpp compiles with the host compiler alone.
+// csrc/bindings/ compiles with the host compiler alone.
 //
 // Every pointer is a device address passed as an integer (from DeviceBuffer.ptr,
 // cuda-python, pycuda, CuPy or torch's data_ptr()); every entry point takes a stream
@@ -191,7 +191,8 @@ void actor_epilogue(uintptr_t raw_f32, int64_t nb, int64_t range, uintptr_t acti
 /// cudaGraphLaunch. Every address the captured work used is baked in.
 class Graph {
  public:
-  Graph() = default;
+  /// std::runtime_error without a usable device (like every other CUDA object).
+  Graph();
   ~Graph();
   Graph(const Graph&) = delete;
   Graph& operator=(const Graph&) = delete;

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "../common/argmax.h"
 #include "../common/gates.h"
 #include "../common/half.h"
 #include "../common/interp.h"
@@ -193,7 +194,7 @@ __global__ void linear_kernel(const WT* __restrict__ w, const float* __restrict_
   }
 }
 
-// One block per row: max / first argmax, then sum of exp; optional logits copy.
+// One block per row: max / argmax (common/argmax.h), then sum of exp; optional logits copy.
 __global__ void softmax_stats_kernel(const float* __restrict__ logits, int64_t classes,
                                      float* __restrict__ maxprob, int32_t* __restrict__ argmax,
                                      float* __restrict__ out_f32, uint16_t* __restrict__ out_f16) {
@@ -207,7 +208,7 @@ __global__ void softmax_stats_kernel(const float* __restrict__ logits, int64_t c
     const float v = l[c];
     if (out_f32) out_f32[row * classes + c] = v;
     if (out_f16) out_f16[row * classes + c] = float_to_half(v);
-    if (best_i == classes || v > best || (isnan(v) && !isnan(best))) {
+    if (best_i == classes || argmax_takes(v, c, best, best_i)) {
       best = v;
       best_i = c;
     }
@@ -221,16 +222,8 @@ __global__ void softmax_stats_kernel(const float* __restrict__ logits, int64_t c
       const int64_t oi = s_idx[threadIdx.x + stride];
       const float mv = s_val[threadIdx.x];
       const int64_t mi = s_idx[threadIdx.x];
-      bool take;
-      if (oi == classes) {
-        take = false;
-      } else if (mi == classes) {
-        take = true;
-      } else if (isnan(ov) || isnan(mv)) {
-        take = isnan(ov) && (!isnan(mv) || oi < mi);
-      } else {
-        take = ov > mv || (ov == mv && oi < mi);
-      }
+      // `classes` marks a thread that saw no column.
+      const bool take = oi != classes && (mi == classes || argmax_takes(ov, oi, mv, mi));
       if (take) {
         s_val[threadIdx.x] = ov;
         s_idx[threadIdx.x] = oi;

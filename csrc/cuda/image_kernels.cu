@@ -16,7 +16,7 @@
 #include "../common/gates.h"
 #include "../common/half.h"
 #include "../common/interp.h"
-#include "../cpu/preprocess.h"
+#include "../common/resize_plan.h"
 #include "api.h"
 #include "check.h"
 
@@ -54,18 +54,18 @@ std::shared_ptr<const DeviceTables> device_tables(int64_t h, int64_t w, int64_t 
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
 
-  const auto plan = cpu::get_resize_plan(h, w, resize_short, crop, interp);
-  const auto& g = plan->geo;
-  const auto& hz = plan->horiz;
-  const auto& vt = plan->vert;
+  const ResizeCropTaps plan = plan_resize_crop(h, w, resize_short, crop, interp);
+  const auto& g = plan.geo;
+  const auto& hz = plan.horiz;
+  const auto& vt = plan.vert;
   auto t = std::make_shared<DeviceTables>();
   const int64_t S = crop;
   t->htaps = hz.max_taps;
   t->vtaps = vt.max_taps;
   t->hprec = hz.precision;
   t->vprec = vt.precision;
-  t->row_lo = plan->row_lo;
-  t->nrows = plan->row_hi - plan->row_lo;
+  t->row_lo = plan.row_lo;
+  t->nrows = plan.row_hi - plan.row_lo;
   t->off_col_start = 0;
   t->off_col_count = S;
   t->off_col_w = 2 * S;

@@ -238,6 +238,8 @@ Graph::~Graph() {
   (void)cudaGetLastError();
 }
 
+Graph::Graph() { require_device(); }
+
 void Graph::begin_capture(uintptr_t stream) {
   require_device();
   if (is_capturing_ || exec_ != nullptr) {

@@ -1,0 +1,180 @@
+"""CPU image kernels: pre-processing (resize, centre crop, normalise), glance and patch crop.
+
+``preprocess`` reproduces torchvision exactly: ``resize(frame_uint8_tensor, int(S / crop_pct),
+interpolation, antialias=True)`` (PyTorch's PIL-equivalent uint8 kernel), ``center_crop(S)``,
+``/ 255``, ``normalize(mean, std)``; the glance is ``F.interpolate(images, (P, P), mode,
+align_corners=True)``. Arrays are validated by the extension (TypeError for a wrong dtype,
+ValueError for a wrong shape, a non-contiguous array or an out-of-range value).
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Any, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from ._args import ndarray, to_int, triple
+from ._ext import _C
+
+IMAGENET_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+ArrayPair = Tuple[np.ndarray, np.ndarray]
+
+
+def resize_size(image_size: int, crop_pct: float) -> int:
+    """The shorter-side resize before the centre crop: ``int(image_size / crop_pct)``."""
+    image_size = to_int(image_size, "image_size")
+    if isinstance(crop_pct, bool) or not isinstance(crop_pct, numbers.Real):
+        raise TypeError(f"crop_pct must be a number, got {type(crop_pct).__name__}")
+    if not 0.0 < float(crop_pct) <= 1.0:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    return int(image_size / float(crop_pct))
+
+
+def _frame_list(frames: Any) -> List[Any]:
+    """One frame, an (N, H, W, 3) array or a list of frames -> a list (the extension checks
+    each frame and that the list is not empty)."""
+    if isinstance(frames, np.ndarray):
+        return [frames[i] for i in range(frames.shape[0])] if frames.ndim == 4 else [frames]
+    if isinstance(frames, (list, tuple)):
+        return list(frames)
+    raise TypeError(f"frames must be a numpy array or a list of arrays, got {type(frames).__name__}")
+
+
+def preprocess(
+    frames: Union[np.ndarray, Sequence[np.ndarray]],
+    image_size: int,
+    crop_pct: float = 0.875,
+    interpolation: str = "bilinear",
+    bgr: bool = False,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    glance_size: Optional[int] = None,
+    glance_interpolation: str = "bicubic",
+    out: Optional[np.ndarray] = None,
+    glance_out: Optional[np.ndarray] = None,
+) -> Union[np.ndarray, ArrayPair]:
+    """Pre-processes uint8 HWC frames into normalised (N, 3, S, S) float32 images.
+
+    Resize (antialiased, shorter side to ``int(S / crop_pct)``), centre crop, scale and
+    normalise in one pass per frame, plus the glance in a second pass when ``glance_size``
+    is given. Bit-identical to torchvision's uint8 path (see the module docstring).
+
+    Args:
+        frames: one (H, W, 3) uint8 frame, an (N, H, W, 3) array, or a list of frames of
+            any sizes; each C-contiguous.
+        image_size: S, the crop size.
+        crop_pct: resize the shorter side to ``int(S / crop_pct)``; in (0, 1].
+        interpolation: ``"bilinear"`` or ``"bicubic"`` (PIL-style antialiased filters).
+        bgr: the frames are B, G, R (output channels are always R, G, B).
+        mean: per-channel mean (R, G, B) subtracted after scaling to [0, 1].
+        std: per-channel standard deviation (non-zero).
+        glance_size: P; also return the glance (align_corners=True resize of the images).
+        glance_interpolation: ``"bilinear"`` or ``"bicubic"`` (a = -0.75).
+        out: optional (N, 3, S, S) float32 C-contiguous array to write into (e.g. a slice
+            of a larger batch).
+        glance_out: optional (N, 3, P, P) float32 array for the glance.
+
+    Returns:
+        The images, or ``(images, glance)`` when ``glance_size`` is given.
+    """
+    frame_list = _frame_list(frames)
+    size = resize_size(image_size, crop_pct)
+    g = 0 if glance_size is None else to_int(glance_size, "glance_size")
+    if g == 0 and glance_out is not None:
+        raise ValueError("glance_out given without glance_size")
+    images, gl = _C.preprocess(frame_list, int(image_size), size, interpolation, bool(bgr), triple(mean, "mean"),
+                               triple(std, "std"), out, g, glance_interpolation, glance_out)
+    return images if glance_size is None else (images, gl)
+
+
+def resize_crop(
+    frames: Union[np.ndarray, Sequence[np.ndarray]],
+    image_size: int,
+    crop_pct: float = 0.875,
+    interpolation: str = "bilinear",
+    out: Optional[np.ndarray] = None,
+) -> np.ndarray:
+    """The resize and centre crop of :func:`preprocess` without the normalisation.
+
+    Returns uint8 (N, S, S, 3) frames in the input's channel order: the levels
+    :func:`preprocess` normalises (``preprocess(resize_crop(f, S, c), S, crop_pct=1.0)`` equals
+    ``preprocess(f, S, c)`` bit for bit). Keeping images as uint8 until a patch is cut (see
+    :func:`glance` and :func:`crop_patches`) moves a quarter of the bytes.
+
+    Args:
+        frames: as for :func:`preprocess`.
+        image_size: S.
+        crop_pct: resize the shorter side to ``int(S / crop_pct)``; in (0, 1].
+        interpolation: ``"bilinear"`` or ``"bicubic"``.
+        out: optional (N, S, S, 3) uint8 C-contiguous array to write into.
+    """
+    frame_list = _frame_list(frames)
+    return _C.resize_crop(frame_list, int(image_size), resize_size(image_size, crop_pct), interpolation, out)
+
+
+def _normalisation(images: np.ndarray, mean: Optional[Sequence[float]], std: Optional[Sequence[float]],
+                   bgr: bool) -> Optional[Tuple[list, list, bool]]:
+    """``(mean, std, bgr)`` for uint8 frames (which need them), None for float images (which
+    must not have them)."""
+    if images.dtype == np.uint8:
+        if mean is None or std is None:
+            raise TypeError("images have dtype uint8: uint8 frames (N, S, S, 3) need mean and std (they are "
+                            "normalised on the fly); normalised images must be float32")
+        return triple(mean, "mean"), triple(std, "std"), bool(bgr)
+    if mean is not None or std is not None or bgr:
+        raise ValueError("mean, std and bgr apply to uint8 frames only; these images are "
+                         f"{images.dtype} (already normalised)")
+    return None
+
+
+def glance(images: np.ndarray, patch_size: int, interpolation: str = "bicubic",
+           out: Optional[np.ndarray] = None, mean: Optional[Sequence[float]] = None,
+           std: Optional[Sequence[float]] = None, bgr: bool = False) -> np.ndarray:
+    """Resizes square images to (N, C, P, P), align_corners=True.
+
+    Matches ``torch.nn.functional.interpolate(images, (P, P), mode=interpolation,
+    align_corners=True)`` within 1e-5 (bicubic uses a = -0.75 and clamped borders).
+
+    Args:
+        images: normalised float32 (N, C, S, S); or uint8 frames (N, S, S, 3) with ``mean`` and
+            ``std``, whose glance is returned normalised (the glance of the normalised images
+            up to float rounding: the levels are resampled, then normalised).
+        patch_size: P.
+        interpolation: ``"bilinear"`` or ``"bicubic"``.
+        out: optional (N, C, P, P) float32 output.
+        mean, std: per-channel normalisation of uint8 frames (R, G, B).
+        bgr: the uint8 frames are B, G, R (the output is R, G, B).
+    """
+    norm = _normalisation(ndarray(images, "images"), mean, std, bgr)
+    P = to_int(patch_size, "patch_size", minimum=None)
+    if norm is not None:
+        return _C.glance_u8(images, P, interpolation, *norm, out)
+    return _C.glance(images, P, interpolation, out)
+
+
+def crop_patches(images: np.ndarray, coords: np.ndarray, patch_size: int,
+                 out: Optional[np.ndarray] = None, mean: Optional[Sequence[float]] = None,
+                 std: Optional[Sequence[float]] = None, bgr: bool = False,
+                 index: Optional[np.ndarray] = None) -> np.ndarray:
+    """Cuts ``images[k, :, r:r+P, c:c+P]`` for each ``(r, c) = coords[i]``, with ``k = i`` or
+    ``k = index[i]``.
+
+    Args:
+        images: (N, C, S, S) float32, C-contiguous; or uint8 frames (N, S, S, 3) with ``mean``
+            and ``std``, cut and normalised in one pass (bit-identical to cutting the
+            normalised images of :func:`preprocess`).
+        coords: (M, 2) int32 (row, col), each in [0, S - P]; anything else raises ValueError.
+            M = N without ``index``.
+        patch_size: P.
+        out: optional (M, C, P, P) float32 output.
+        mean, std, bgr: as for :func:`glance`.
+        index: optional (M,) int64 image of each patch, each in [0, N) (the images still
+            running, without compacting the batch).
+    """
+    norm = _normalisation(ndarray(images, "images"), mean, std, bgr)
+    P = to_int(patch_size, "patch_size", minimum=None)
+    if norm is not None:
+        return _C.crop_patches_u8(images, coords, P, *norm, out, index)
+    return _C.crop_patches(images, coords, P, out, index)
