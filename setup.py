@@ -78,6 +78,7 @@ setup(
     python_requires=">=3.9",
     packages=[
         "gfnet_edge",
+        "gfnet_edge.cli",
         "gfnet_edge.models",
         "gfnet_edge.runtime",
         "gfnet_edge.runtime.backends",

@@ -13,13 +13,14 @@ import numpy as np
 from ..bundle import Bundle, BundleError
 from ..errors import InputError, UnavailableError
 from ..log import logger
+from ..model_desc import ModelDesc, as_desc
+from . import backends
 from .deadline import Deadline, StepCosts, step_costs_key
 from .chunking import OutputBuffer, check_batch, chunk_size, device_chunks, stream_batches
 from .driver import Driver, StepOutputs
 from .heads import HEAD_DTYPES, HeadSet, load_head_arrays
 from .profile import Profiler
 
-BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
 #: Default ``deadline_margin`` of :meth:`Runtime.predict`.
 DEFAULT_MARGIN = 0.05
 
@@ -140,8 +141,8 @@ class Runtime:
         if head_dtype not in HEAD_DTYPES:
             raise InputError(f"head_dtype must be one of {', '.join(HEAD_DTYPES)}, got {head_dtype!r}")
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle, verify=verify)
-        if backend not in BACKENDS:
-            raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        if backend not in backends.choices():
+            raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(backends.choices())}")
         if dla_core is not None and (isinstance(dla_core, bool) or not isinstance(dla_core, int) or dla_core < 0):
             raise InputError(f"dla_core must be a DLA core number >= 0, got {dla_core!r}")
         if dla_core is not None and backend in ("onnxruntime", "torch"):
@@ -157,7 +158,7 @@ class Runtime:
         if backend == "auto":
             backend = self._auto_backend(precision)
         self.backend = backend
-        fixed = {"tensorrt": "cuda", "onnxruntime": "cpu"}.get(backend)
+        fixed = backends.get(backend).device
         if device is not None and fixed is not None and device != fixed:
             raise InputError(f"the {backend} backend runs on {fixed}; device={device!r} applies to the torch backend")
         self.runner = self._make_runner(backend, precision)
@@ -209,7 +210,7 @@ class Runtime:
         """TensorRT when it, a GPU and an engine built for them are here; else ONNX Runtime."""
         if not (_tensorrt_usable() and self.bundle.manifest.get("engines")):
             return "onnxruntime"
-        from .backends.tensorrt import select_engine
+        from .backends.tensorrt_engines import select_engine
 
         try:
             select_engine(self.bundle, precision, dla_core=self.dla_core)
@@ -219,26 +220,9 @@ class Runtime:
         return "tensorrt"
 
     def _make_runner(self, backend: str, precision: str):
-        graphs = self.bundle.manifest["graphs"]
-        if backend == "onnxruntime":
-            from .backends.onnxruntime import OnnxRuntimeRunner
-
-            if precision == "auto":
-                precision = "int8-cpu" if "int8-cpu" in graphs else "fp32"
-            return OnnxRuntimeRunner(self.bundle.graph_paths(precision), precision, self.threads)
-        if backend == "tensorrt":
-            from .backends.tensorrt import TensorRTRunner, select_engine
-
-            entry = select_engine(self.bundle, precision, dla_core=self.dla_core)
-            return TensorRTRunner(self.bundle, entry)
-        if backend == "torch":
-            from .backends.torch import TorchRunner
-
-            if precision not in ("auto", "fp32", "fp16"):
-                raise InputError(f"the torch backend runs the checkpoint in fp32 or fp16 (CUDA), not {precision!r}")
-            return TorchRunner(self.bundle, self.threads, device=self.device or "cpu",
-                               dtype="float16" if precision == "fp16" else "float32")
-        raise InputError(f"unknown backend {backend!r}")
+        request = backends.RunnerRequest(self.bundle, precision, threads=self.threads, device=self.device,
+                                         dla_core=self.dla_core)
+        return backends.get(backend).make_runner(request)
 
     def set_budget(self, budget: Optional[str]) -> None:
         """Selects the named budget whose thresholds decide the exits."""
@@ -269,7 +253,7 @@ class Runtime:
 
         if is_device_array(inputs) or (isinstance(inputs, (list, tuple)) and inputs and is_device_array(inputs[0])):
             return "device", inputs
-        S = int(self.model["image_size"])
+        S = self.model.image_size
         if isinstance(inputs, np.ndarray) and inputs.dtype == np.float32:
             if inputs.ndim != 4 or inputs.shape[1:] != (3, S, S):
                 raise InputError(f"normalised images must be float32 (N, 3, {S}, {S}), got {inputs.shape}")
@@ -332,8 +316,8 @@ class Runtime:
         backend and precision it measured)."""
         if costs is not None and not isinstance(costs, StepCosts):
             costs = StepCosts(tuple(float(v) for v in costs), source="set_step_costs")
-        if costs is not None and costs.steps != int(self.model["steps"]):
-            raise InputError(f"need a cost for each of the {self.model['steps']} steps, got {costs.steps}")
+        if costs is not None and costs.steps != self.model.steps:
+            raise InputError(f"need a cost for each of the {self.model.steps} steps, got {costs.steps}")
         self.step_costs = costs
 
     def _deadline(self, deadline_ms: Optional[float], margin: float, start: float) -> Optional[Deadline]:
@@ -371,12 +355,12 @@ class Runtime:
             deadline = self._deadline(deadline_ms, deadline_margin, t0)
             thr = self.thresholds if budget is None else self.bundle.thresholds(budget)
             if thr is None:
-                thr = [2.0] * (int(self.model["steps"]) - 1) + [-1e8]  # no budget: run every step
+                thr = [2.0] * (self.model.steps - 1) + [-1e8]  # no budget: run every step
             self._check_open()
             out, n = self._run(inputs, thr, deadline)
             self.profiler.add_call(time.perf_counter() - t0, n)
         _check_finite(out.confidence, "predict")
-        return Predictions(out.prediction, out.confidence, out.exit_step, out.coords, int(self.model["patch_size"]),
+        return Predictions(out.prediction, out.confidence, out.exit_step, out.coords, self.model.patch_size,
                            out.stopped)
 
     def trace(self, inputs) -> RuntimeTrace:
@@ -408,13 +392,13 @@ class Runtime:
         size = check_batch(batch_size, "batch_size") or self.max_batch
         if budget is not None:
             self.bundle.thresholds(budget)  # an unknown name fails here, not at the first batch
-        batches = stream_batches(frames, size, int(self.model["image_size"]))
+        batches = stream_batches(frames, size, self.model.image_size)
         if deadline_ms is not None:
             self._deadline(deadline_ms, deadline_margin, time.perf_counter())  # bad values fail here
         return (self.predict(batch, budget, deadline_ms, deadline_margin) for batch in batches)
 
 
-def _check_graph_outputs(runner, model: Dict[str, Any], arrays: Dict[str, np.ndarray], heads_path: Path) -> None:
+def _check_graph_outputs(runner, model: ModelDesc, arrays: Dict[str, np.ndarray], heads_path: Path) -> None:
     """At load: the graphs' outputs (where the runner knows them) are the glance's and the focus's,
     and their widths fit the head weights and the class count (swapped or foreign graphs, or
     heads of another model, are refused here rather than failing at the first call)."""
@@ -425,14 +409,14 @@ def _check_graph_outputs(runner, model: Dict[str, Any], arrays: Dict[str, np.nda
     for g, sess in sessions.items():
         outs = {o.name: o.shape for o in sess.get_outputs()}
         has_logits = "logits" in outs
-        if has_logits != (g == "glance" and model["step0"] == "backbone") or not {"feature", "policy_state"} <= set(outs):
+        if has_logits != (g == "glance" and model.step0 == "backbone") or not {"feature", "policy_state"} <= set(outs):
             raise BundleError(f"{runner.graphs[g]}: its outputs ({', '.join(outs)}) are not those of a {g} graph "
                               "(are the glance and focus graphs swapped in the manifest?)")
         widths[g] = {k: v[-1] if isinstance(v[-1], int) else None for k, v in outs.items()}
     want = {"policy_state": arrays.get("pol.w_ih", np.zeros((0, 0))).shape[-1],
             "feature": (arrays["cls.w_ih"].shape[-1] if "cls.w_ih" in arrays
                         else arrays["cls.fc_2.w"].shape[-1] // 2 if "cls.fc_2.w" in arrays else None),
-            "logits": int(model["num_classes"])}
+            "logits": model.num_classes}
     for g, ws in widths.items():
         for name, width in ws.items():
             if width is not None and want.get(name) not in (None, width):
@@ -450,12 +434,13 @@ def _check_finite(values: np.ndarray, call: str) -> None:
                           "the bundle's graph weights are corrupt: rebuild it from a finite checkpoint")
 
 
-def trace_graphs(model: Dict[str, Any], graphs: Dict[str, Path], heads: Union[Path, Dict[str, np.ndarray]],
+def trace_graphs(model: Union[ModelDesc, Dict[str, Any]], graphs: Dict[str, Path], heads: Union[Path, Dict[str, np.ndarray]],
                  images: np.ndarray, threads: Optional[int] = None, batch_size: int = 64) -> RuntimeTrace:
     """Traces ONNX graphs + heads outside a bundle (used by quantization to score graphs).
 
     Args:
-        model: a manifest ``model`` entry (:func:`gfnet_edge.export.manifest_model`).
+        model: the model description, or a manifest ``model`` entry
+            (:func:`gfnet_edge.export.manifest_model`).
         graphs: ``{"glance": path, "focus": path}``.
         heads: ``heads.npz`` path or its arrays.
         images: normalised float32 (N, 3, S, S).
@@ -465,15 +450,16 @@ def trace_graphs(model: Dict[str, Any], graphs: Dict[str, Path], heads: Union[Pa
     from .. import ops
     from .backends.onnxruntime import OnnxRuntimeRunner
 
+    model = as_desc(model)
     arrays = heads if isinstance(heads, dict) else load_head_arrays(Path(heads))
     runner = OnnxRuntimeRunner(graphs, "custom", threads).activate()
     try:
         driver = Driver(model, runner, HeadSet(arrays, model), Profiler(False))
         probs, coords = [], []
-        P = int(model["patch_size"])
+        P = model.patch_size
         for i in range(0, images.shape[0], batch_size):
             x = np.ascontiguousarray(images[i:i + batch_size], dtype=np.float32)
-            out = driver.run(x, ops.glance(x, P, model["glance_interpolation"]), None)
+            out = driver.run(x, ops.glance(x, P, model.glance_interpolation), None)
             probs.append(out.probs)
             coords.append(out.coords)
     finally:
