@@ -83,6 +83,7 @@ setup(
         "gfnet_edge.runtime",
         "gfnet_edge.runtime.backends",
         "gfnet_edge.data",
+        "gfnet_edge.data.cluttered_digits",
         "gfnet_edge.train",
         "gfnet_edge.quantize",
         "gfnet_edge.calibrate",
