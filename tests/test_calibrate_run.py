@@ -2,7 +2,6 @@
 atomic writes, and the HTML report rendered in headless Chromium."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
