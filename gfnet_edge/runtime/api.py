@@ -14,7 +14,9 @@ from ..bundle import Bundle, BundleError
 from ..errors import InputError, UnavailableError
 from ..log import logger
 from ..model_desc import ModelDesc, as_desc
-from . import backends
+from .backends import RunnerRequest
+from .backends import choices as backend_choices
+from .backends import get as get_backend
 from .deadline import Deadline, StepCosts, step_costs_key
 from .chunking import OutputBuffer, check_batch, chunk_size, device_chunks, stream_batches
 from .driver import Driver, StepOutputs
@@ -141,8 +143,8 @@ class Runtime:
         if head_dtype not in HEAD_DTYPES:
             raise InputError(f"head_dtype must be one of {', '.join(HEAD_DTYPES)}, got {head_dtype!r}")
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle, verify=verify)
-        if backend not in backends.choices():
-            raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(backends.choices())}")
+        if backend not in backend_choices():
+            raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(backend_choices())}")
         if dla_core is not None and (isinstance(dla_core, bool) or not isinstance(dla_core, int) or dla_core < 0):
             raise InputError(f"dla_core must be a DLA core number >= 0, got {dla_core!r}")
         if dla_core is not None and backend in ("onnxruntime", "torch"):
@@ -158,7 +160,7 @@ class Runtime:
         if backend == "auto":
             backend = self._auto_backend(precision)
         self.backend = backend
-        fixed = backends.get(backend).device
+        fixed = get_backend(backend).device
         if device is not None and fixed is not None and device != fixed:
             raise InputError(f"the {backend} backend runs on {fixed}; device={device!r} applies to the torch backend")
         self.runner = self._make_runner(backend, precision)
@@ -220,9 +222,9 @@ class Runtime:
         return "tensorrt"
 
     def _make_runner(self, backend: str, precision: str):
-        request = backends.RunnerRequest(self.bundle, precision, threads=self.threads, device=self.device,
+        request = RunnerRequest(self.bundle, precision, threads=self.threads, device=self.device,
                                          dla_core=self.dla_core)
-        return backends.get(backend).make_runner(request)
+        return get_backend(backend).make_runner(request)
 
     def set_budget(self, budget: Optional[str]) -> None:
         """Selects the named budget whose thresholds decide the exits."""
