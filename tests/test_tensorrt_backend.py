@@ -103,7 +103,8 @@ def test_without_tensorrt_says_how_to_proceed():
 @pytest.mark.skipif(not HAS_TRT, reason="TensorRT is not installed (it cannot be on CPU-only CI machines)")
 def test_tensorrt_version_supported():  # pragma: no cover - runs only where TensorRT exists
     trt = trt_util.import_tensorrt()
-    trt_build.plan_build(trt.__version__, trt_build.BuildOptions())
+    plan = trt_build.plan_build(trt.__version__, trt_build.BuildOptions())  # raises for TensorRT < 10
+    assert plan.graph_set == "int8-tensorrt" and plan.strongly_typed and "INT8" not in plan.builder_flags
 
 
 def test_select_engine_accepts_graph_set_name():
@@ -112,15 +113,9 @@ def test_select_engine_accepts_graph_set_name():
 
 
 @pytest.fixture(scope="module")
-def fp32_bundle(tmp_path_factory):
-    pytest.importorskip("torch")
-    from pathlib import Path
-
-    from gfnet_edge.build import BuildConfig, build_bundle
-
-    demo = Path(__file__).resolve().parents[1] / "gfnet_edge" / "assets" / "demo_gfnet.pth.tar"
-    return build_bundle(demo, tmp_path_factory.mktemp("trt") / "bundle",
-                        BuildConfig(precision="fp32", backend="onnxruntime"), progress=False)
+def fp32_bundle(demo_onnx_bundle_copy):
+    """This module's copy of the session's fp32 demo bundle (its tests add engines to it)."""
+    return demo_onnx_bundle_copy
 
 
 class _FakeTRT:
