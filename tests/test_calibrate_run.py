@@ -308,7 +308,7 @@ def test_runtime_input_fuses_preprocessing_only_without_crop(tiny_bundle):
 
     frames = np.load(tiny_bundle / "data.npz")["images"][:12]
     with Runtime(tiny_bundle / "bundle", backend="onnxruntime", precision="fp32") as rt:
-        assert float(rt.model["crop_pct"]) != 1.0
+        assert rt.model.crop_pct != 1.0
         x = runtime_input(rt.model, frames)
         assert x.dtype == np.float32
         np.testing.assert_array_equal(x, prepare_frames(rt.model, frames))

@@ -117,7 +117,7 @@ def _add_median_budget(bundle: Path, images: Path) -> None:
     from gfnet_edge.runtime import Runtime
 
     b = Bundle.load(bundle)
-    frames, _ = load_images(images, S, float(b.model["crop_pct"]), b.model["dataset_interpolation"])
+    frames, _ = load_images(images, S, b.model.crop_pct, b.model.dataset_interpolation)
     with Runtime(bundle) as rt:
         conf = rt.trace(prepare_frames(b.model, frames)).probs.max(axis=2)
     thresholds = [float(np.median(conf[k])) for k in range(T - 1)] + [-1e8]

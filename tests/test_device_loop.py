@@ -253,11 +253,11 @@ def test_torch_cuda_without_gpu_says_why(demo_bundle):
 def _frames_agree(model, ref, dev, thr):
     """uint8 frames of 7 sizes through ``dev`` (pre-processed where it runs) give ``ref``'s
     answers on the same frames pre-processed on the CPU."""
-    P = int(model["patch_size"])
+    P = model.patch_size
     frames = [np.random.default_rng(i).integers(0, 256, (200 + 9 * i, 300 - 11 * i, 3), dtype=np.uint8) for i in range(7)]
-    images, gl = ops.preprocess(frames, int(model["image_size"]), crop_pct=float(model["crop_pct"]),
-                                interpolation=model["dataset_interpolation"], glance_size=P,
-                                glance_interpolation=model["glance_interpolation"])
+    images, gl = ops.preprocess(frames, model.image_size, crop_pct=model.crop_pct,
+                                interpolation=model.dataset_interpolation, glance_size=P,
+                                glance_interpolation=model.glance_interpolation)
     c, d = ref.run(images, gl, thr), dev.run_frames(frames, thr)
     for f in ("prediction", "confidence", "exit_step", "coords"):
         np.testing.assert_array_equal(getattr(d, f), getattr(c, f))
@@ -281,7 +281,7 @@ def _sim_reference(kind, request, tmp_path_factory):
     model = bundle.model
     host = OnnxRuntimeRunner(bundle.graph_paths("fp32"), "fp32", 2).activate()
     cpu_heads = HeadSet(load_head_arrays(bundle.heads_path), model)
-    return (bundle, model, int(model["steps"]), int(model["patch_size"]), host, cpu_heads,
+    return (bundle, model, model.steps, model.patch_size, host, cpu_heads,
             Driver(model, host, cpu_heads, Profiler(False)))
 
 
@@ -330,7 +330,7 @@ def test_device_place_logic_on_simulated_device(tmp_path_factory, monkeypatch, k
     assert dev.on_device
 
     x = demo_test_images(bundle.model, 10) if kind == "cascaded-demo" else _images(bundle, 7, seed=2)
-    g = ops.glance(x, Pz, model["glance_interpolation"])
+    g = ops.glance(x, Pz, model.glance_interpolation)
     tr_ref, tr_dev = ref.run(x, g, None), dev.run(x, g, None)
     np.testing.assert_allclose(tr_dev.probs, tr_ref.probs, rtol=0, atol=1e-6)
     for f in ("prediction", "confidence", "exit_step", "coords"):
@@ -413,7 +413,7 @@ def test_captured_loop_equals_host_loop_on_simulated_device(tmp_path_factory, mo
 
     x = demo_test_images(bundle.model, 10) if kind == "cascaded-demo" else _images(bundle, 7, seed=2)
     n = x.shape[0]
-    g = ops.glance(x, Pz, model["glance_interpolation"])
+    g = ops.glance(x, Pz, model.glance_interpolation)
     tr_ref, tr_dev = ref.run(x, g, None), dev.run(x, g, None)
     np.testing.assert_allclose(tr_dev.probs, tr_ref.probs, rtol=0, atol=1e-6)
     for f in ("prediction", "confidence", "exit_step", "coords"):
@@ -590,7 +590,7 @@ def bundles(tmp_path_factory, request):
 
 
 def _images(bundle, n, seed):
-    S = int(bundle.model["image_size"])
+    S = bundle.model.image_size
     return np.random.default_rng(seed).standard_normal((n, 3, S, S)).astype(np.float32)
 
 
@@ -622,7 +622,7 @@ def test_device_trace_equals_onnxruntime_trace(bundles, kind, n):
 @pytest.mark.parametrize("kind", KINDS)
 def test_device_predict_with_exits_equals_onnxruntime(bundles, kind, cuda_graphs):
     bundle = bundles[kind]
-    T = int(bundle.model["steps"])
+    T = bundle.model.steps
     x = _images(bundle, 7, seed=11)
     dev, ref = _pair(bundle, cuda_graphs)
     assert (dev.driver.place.graphs is not None) == cuda_graphs

@@ -185,7 +185,7 @@ def test_s_by_s_uint8_frames_trace_like_their_normalised_images(mnv3, stacked):
     frames = rng.integers(0, 256, (4, 224, 224, 3), dtype=np.uint8)
     images = ops.preprocess(frames, 224, crop_pct=1.0, mean=model.spec.mean, std=model.spec.std)
     with Runtime(bundle, backend="onnxruntime", precision="fp32") as rt:
-        assert rt.model["crop_pct"] == 0.875  # force the no-crop path of a crop_pct=1 model
+        assert rt.model.crop_pct == 0.875  # force the no-crop path of a crop_pct=1 model
         rt.model = dataclasses.replace(rt.model, crop_pct=1.0)
         rt.driver.model = rt.model
         ta = rt.trace(frames if stacked else list(frames))

@@ -486,7 +486,7 @@ def test_runner_refuses_a_missing_execution_context_with_advice(fp32_bundle, tmp
     error that says what to do, not an AttributeError later."""
     _engines_on_simulated_gpu(monkeypatch, faults={"context"})
     bundle, entry = _engine_files(fp32_bundle, tmp_path)
-    P = int(fp32_bundle.model["patch_size"])
+    P = fp32_bundle.model.patch_size
     with trtb.TensorRTRunner(bundle, entry) as runner:
         with pytest.raises(UnavailableError, match="could not create an execution context.*smaller --max-batch"):
             runner.run("glance", np.zeros((1, 3, P, P), np.float32))
@@ -504,7 +504,7 @@ def test_runner_streams_contexts_and_buffers(fp32_bundle, tmp_path, monkeypatch)
     bundle, entry = _engine_files(fp32_bundle, tmp_path, hi=4)
     graphs = {g: fp32_bundle.path(p) for g, p in fp32_bundle.manifest["graphs"]["fp32"].items()}
     ref = OnnxRuntimeRunner(graphs, "fp32", threads=1).activate()
-    P = int(fp32_bundle.model["patch_size"])
+    P = fp32_bundle.model.patch_size
     x = np.random.default_rng(3).standard_normal((4, 3, P, P)).astype(np.float32)
     dev = ops.DeviceBuffer(x.nbytes + 256)
     runner = trtb.TensorRTRunner(bundle, entry).activate()
@@ -545,7 +545,7 @@ def test_static_batch_engines_pad_smaller_batches(fp32_bundle, tmp_path, monkeyp
     _, state, _ = _engines_on_simulated_gpu(monkeypatch)
     bundle, entry = _engine_files(fp32_bundle, tmp_path, lo=4, hi=4)
     graphs = {g: fp32_bundle.path(p) for g, p in fp32_bundle.manifest["graphs"]["fp32"].items()}
-    P = int(fp32_bundle.model["patch_size"])
+    P = fp32_bundle.model.patch_size
     x = np.random.default_rng(5).standard_normal((6, 3, P, P)).astype(np.float32)
     with trtb.TensorRTRunner(bundle, entry) as runner, OnnxRuntimeRunner(graphs, "fp32", threads=1) as ref:
         assert runner.max_batch == 4
@@ -570,7 +570,7 @@ def test_runner_feeds_and_reads_engines_through_device_buffers(fp32_bundle, tmp_
     graphs = fp32_bundle.manifest["graphs"]["fp32"]
     bundle, entry = _engine_files(fp32_bundle, tmp_path, hi=2)
     model = fp32_bundle.model
-    S, P = int(model["image_size"]), int(model["patch_size"])
+    S, P = model.image_size, model.patch_size
     rng = np.random.default_rng(0)
     ref = OnnxRuntimeRunner({g: fp32_bundle.path(p) for g, p in graphs.items()}, "fp32", threads=1).activate()
     with trtb.TensorRTRunner(bundle, entry) as runner:
@@ -589,7 +589,7 @@ def test_runner_feeds_and_reads_engines_through_device_buffers(fp32_bundle, tmp_
         runner.max_batch = 2
         images = rng.standard_normal((4, 3, S, S)).astype(np.float32)
         driver = Driver(model, runner, HeadSet(load_head_arrays(fp32_bundle.heads_path), model), Profiler())
-        got = driver.run(images, ops.glance(images, P, model["glance_interpolation"]), None)
+        got = driver.run(images, ops.glance(images, P, model.glance_interpolation), None)
     ref.deactivate()
     with Runtime(fp32_bundle.root, backend="onnxruntime", precision="fp32", threads=1, verify=False) as rt:
         want = rt.trace(images)
@@ -635,11 +635,11 @@ def test_two_phase_build_then_run_on_stand_in_tensorrt(fp32_bundle, tmp_path, mo
     assert {entry["glance"], entry["focus"]} <= set(bundle.manifest["artifacts"])
     _, bufs, _ = _engines_on_simulated_gpu(monkeypatch)
     model = bundle.model
-    S, P = int(model["image_size"]), int(model["patch_size"])
+    S, P = model.image_size, model.patch_size
     images = np.random.default_rng(1).standard_normal((5, 3, S, S)).astype(np.float32)
     with trtb.TensorRTRunner(bundle, entry) as runner:
         driver = Driver(model, runner, HeadSet(load_head_arrays(bundle.heads_path), model), Profiler())
-        got = driver.run(images, ops.glance(images, P, model["glance_interpolation"]), None)
+        got = driver.run(images, ops.glance(images, P, model.glance_interpolation), None)
     assert max(bufs.batches) == 3
     with Runtime(root, backend="onnxruntime", precision="fp32", threads=1) as rt:
         want = rt.trace(images)
@@ -685,7 +685,7 @@ def test_runtime_runs_the_device_loop_over_tensorrt_engines_on_a_simulated_gpu(f
 
     root, _, engines, _ = _simulated_jetson(fp32_bundle, tmp_path, monkeypatch)
     model = fp32_bundle.model
-    T = int(model["steps"])
+    T = model.steps
     images = demo_test_images(model, 10)
     rng = np.random.default_rng(4)
     frames = [rng.integers(0, 256, (150 + 17 * i, 260 - 9 * i, 3), dtype=np.uint8) for i in range(5)]
