@@ -78,11 +78,13 @@ setup(
     python_requires=">=3.9",
     packages=[
         "gfnet_edge",
+        "gfnet_edge.cli",
         "gfnet_edge.models",
         "gfnet_edge.ops",
         "gfnet_edge.runtime",
         "gfnet_edge.runtime.backends",
         "gfnet_edge.data",
+        "gfnet_edge.data.cluttered_digits",
         "gfnet_edge.train",
         "gfnet_edge.train.folder_stages",
         "gfnet_edge.quantize",

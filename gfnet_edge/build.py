@@ -24,7 +24,7 @@ from .bundle import (Bundle, check_replace, finite_or_null, new_manifest, record
                      write_json_atomic)
 from .errors import InputError, UnavailableError
 from .log import logger
-from .runtime.backends.tensorrt import BuildOptions
+from .runtime.backends.tensorrt_build import BuildOptions
 
 #: Named budgets written from the checkpoint's multiply-add thresholds (p of the reference sweep).
 MACS_BUDGETS = {"macs-low": 0.25, "macs-mid": 1.0, "macs-high": 1.5}
@@ -129,7 +129,7 @@ def build_bundle(checkpoint: Path, out: Path, cfg: BuildConfig, progress: bool =
     check_replace(Path(out), cfg.force, protect=inputs)  # before any work: the output may not be replaced
     backend = resolve_backend(cfg.backend)
     if backend == "tensorrt":
-        from .runtime.backends.tensorrt import gpu_info, import_tensorrt
+        from .runtime.backends.tensorrt_util import gpu_info, import_tensorrt
 
         import_tensorrt()
         gpu_info()
@@ -214,8 +214,9 @@ def _quantize(model, tmp: Path, manifest: Dict[str, Any], images, cfg: BuildConf
 
 def _add_engines(bundle: Bundle, cfg: BuildConfig) -> None:
     """Builds the engines of ``cfg.trt.precision`` into ``bundle`` (updates its manifest)."""
-    from .runtime.backends.tensorrt import (build_engine, engine_dir_name, gpu_info, import_tensorrt, plan_build,
-                                            same_engine_slot)
+    from .runtime.backends.tensorrt_build import build_engine, plan_build
+    from .runtime.backends.tensorrt_engines import engine_dir_name, same_engine_slot
+    from .runtime.backends.tensorrt_util import gpu_info, import_tensorrt
 
     trt = import_tensorrt()
     opts = BuildOptions(**{**asdict(cfg.trt), "precision": cfg.precision}).validate()

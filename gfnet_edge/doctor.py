@@ -111,7 +111,7 @@ def _power_mode() -> Optional[str]:
 
 def environment(trt: Any, here: Dict[str, Any]) -> Dict[str, Any]:
     """What this device is; fields that cannot be read here are "unknown"."""
-    from .runtime.backends.tensorrt import trt_logger
+    from .runtime.backends.tensorrt_util import trt_logger
 
     dla = getattr(trt.Runtime(trt_logger(trt)), "num_DLA_cores", None)
     env = {
@@ -147,7 +147,7 @@ def _read_device(outs: Dict[str, Any], stream: Any) -> Dict[str, np.ndarray]:
 
 
 def _select_or_build(bundle, here, trt, args, report: DoctorReport):
-    from .runtime.backends.tensorrt import select_engine
+    from .runtime.backends.tensorrt_engines import select_engine
 
     try:
         return bundle, select_engine(bundle, args.precision, here, trt.__version__, args.dla_core)
@@ -157,7 +157,7 @@ def _select_or_build(bundle, here, trt, args, report: DoctorReport):
                                                                  "--build`)")
             return bundle, None
     from .build import BuildConfig, build_engines
-    from .runtime.backends.tensorrt import BuildOptions
+    from .runtime.backends.tensorrt_build import BuildOptions
 
     precision = "int8" if args.precision == "auto" else args.precision.replace("-tensorrt", "")
     opts = BuildOptions(precision=precision, dla_core=args.dla_core, max_batch=args.max_batch).validate()
@@ -183,7 +183,8 @@ def _run_checks(bundle, entry: Dict[str, Any], trt: Any, report: DoctorReport, s
     from . import ops
     from .runtime.backends.base import GRAPHS
     from .runtime.backends.onnxruntime import OnnxRuntimeRunner
-    from .runtime.backends.tensorrt import TensorRTRunner, engine_dla_core
+    from .runtime.backends.tensorrt import TensorRTRunner
+    from .runtime.backends.tensorrt_engines import engine_dla_core
 
     precision = entry["precision"]
     tol = TOLERANCES[precision]
@@ -238,7 +239,7 @@ def run_doctor(args: argparse.Namespace) -> DoctorReport:
         InputError: not a bundle.
     """
     from .bundle import Bundle
-    from .runtime.backends.tensorrt import gpu_info, import_tensorrt
+    from .runtime.backends.tensorrt_util import gpu_info, import_tensorrt
 
     trt = import_tensorrt()
     here = gpu_info()

@@ -70,7 +70,6 @@ def main(cases_path: str, results_path: str) -> int:
         pass
 
     import gfnet_edge.cli  # noqa: F401
-    import gfnet_edge.commands  # noqa: F401
 
     cases = json.loads(open(cases_path, encoding="utf-8").read())
     results = []

@@ -372,6 +372,7 @@ def test_corpus_is_large_and_covers_every_kind():
     assert len(CASES) >= 80 and kinds == {"ck", "b", "h", "i", "o", "p"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cid", sorted(CASES))
 def test_bad_input(cid, corpus_results):
     root, results, snapshots = corpus_results

@@ -1,27 +1,22 @@
 """An INT8 bundle built by build-engine runs at the accuracy its quantization report measured."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 pytest.importorskip("torch")
 pytest.importorskip("onnxsim")
 
-from gfnet_edge.build import BuildConfig, build_bundle  # noqa: E402
 from gfnet_edge.quantize import load_calibration_images  # noqa: E402
 from gfnet_edge.runtime import Runtime  # noqa: E402
 
-DEMO = Path(__file__).resolve().parents[1] / "gfnet_edge" / "assets" / "demo_gfnet.pth.tar"
-N_CAL, N_EVAL = 32, 48
+from conftest import DEMO_INT8_CALIB as N_CAL, DEMO_INT8_EVAL as N_EVAL  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def int8_bundle(tmp_path_factory):
-    cfg = BuildConfig(precision="int8", backend="onnxruntime", calib_data="demo", num_calib=N_CAL,
-                      num_eval=N_EVAL, int8_profiles=("cpu",), max_accuracy_drop=100.0, threads=2)
-    return build_bundle(DEMO, tmp_path_factory.mktemp("int8") / "bundle", cfg, progress=False)
+@pytest.fixture()
+def int8_bundle(demo_int8_bundle):
+    """The session's INT8 demo bundle (tests/conftest.py)."""
+    return demo_int8_bundle
 
 
 def _final_accuracy(bundle, precision: str, x: np.ndarray, y: np.ndarray) -> list:

@@ -2,7 +2,6 @@
 atomic writes, and the HTML report rendered in headless Chromium."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -21,36 +20,16 @@ try:
 except ImportError:  # pragma: no cover - the extension is part of the build
     pytest.skip("the native extension gfnet_edge._C is not built (pip install -e .)", allow_module_level=True)
 
-from gfnet_edge import cli, commands
+from gfnet_edge import cli
 from gfnet_edge.bundle import Bundle
-from gfnet_edge.calibrate.cli import add_parser
 
 S, P, T = 128, 64, 3
 CHROMIUM = "/usr/bin/chromium"
 
 
-def _registered(parsers) -> set:
-    """Subcommand names the registration functions ``parsers`` add."""
-    ap = argparse.ArgumentParser()
-    sub = ap.add_subparsers()
-    for reg in parsers:
-        reg(sub)
-    return set(sub.choices)
-
-
 def _main(argv):
-    """Runs ``gfnet-edge`` with the calibrate subcommand registered (as is once commands.py lists it)."""
-    parsers = list(commands.PARSERS)
-    if "calibrate" not in _registered(parsers):
-        parsers.append(add_parser)
-    old = commands.PARSERS
-    commands.PARSERS = parsers
-    cli._EXTRA_PARSERS.clear()  # main() appends the registrations again on every call
-    try:
-        return cli.main(argv)
-    finally:
-        commands.PARSERS = old
-        cli._EXTRA_PARSERS.clear()
+    """Runs ``gfnet-edge`` (its parser registers ``calibrate`` from calibrate/cli.py)."""
+    return cli.main(argv)
 
 
 @pytest.fixture(scope="module")

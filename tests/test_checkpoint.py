@@ -68,6 +68,7 @@ def test_fp16_storage_restores_float32(tmp_path, mnv3):
     torch.testing.assert_close(back.fc.fc_2.weight, mnv3.fc.fc_2.weight.half().float())
 
 
+@pytest.mark.slow
 def test_regnet_pycls_names(tmp_path, images):
     torch.manual_seed(3)
     m = GFNet(released_spec("regnety_600m", 96))

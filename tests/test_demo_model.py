@@ -22,6 +22,7 @@ def test_shipped_checkpoints_are_small():
     assert total <= 25 * 2**20
 
 
+@pytest.mark.slow
 def test_demo_checkpoint_reproduces_recorded_accuracy():
     results = json.loads((ASSETS / "demo_results.json").read_text())
     recorded = results["test500_anytime_accuracy"]

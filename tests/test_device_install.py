@@ -99,15 +99,13 @@ def _dev(device_env, cmd: List[Any]) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """The demo bundle (fp32, ONNX Runtime) built by the full install, and 40 demo test images (4 per
-    class) as a labelled folder and an array."""
-    from gfnet_edge.build import BuildConfig, build_bundle
+def demo(tmp_path_factory, demo_onnx_bundle_copy):
+    """The demo bundle (fp32, ONNX Runtime) built by the full install (this module's copy of the
+    session's), and 40 demo test images (4 per class) as a labelled folder and an array."""
     from gfnet_edge.data import ClutteredDigits, demo_config
 
     root = tmp_path_factory.mktemp("device_demo")
-    bundle = build_bundle(DEMO, root / "bundle", BuildConfig(precision="fp32", backend="onnxruntime"),
-                          progress=False)
+    bundle = demo_onnx_bundle_copy
     frames, labels = ClutteredDigits("test", config=demo_config(bundle.manifest)).arrays(200)
     pick = np.concatenate([np.flatnonzero(labels == c)[:4] for c in range(10)])
     assert len(pick) == 40

@@ -322,7 +322,7 @@ class _SimRunner(Runner):
         return out
 
 
-@pytest.mark.parametrize("kind", ["cascaded-demo", "gru-resnet-like"])
+@pytest.mark.parametrize("kind", ["cascaded-demo", pytest.param("gru-resnet-like", marks=pytest.mark.slow)])
 def test_device_place_logic_on_simulated_device(tmp_path_factory, monkeypatch, kind, request):
     """The device place (offsets, per-step block, compaction, chunks, frames) against the host place,
     with the CUDA calls replaced by their numpy equivalents: checks the loop's bookkeeping
@@ -400,7 +400,7 @@ class _GraphSimRunner(Runner):
         return dict(outs)
 
 
-@pytest.mark.parametrize("kind", ["cascaded-demo", "gru-resnet-like"])
+@pytest.mark.parametrize("kind", ["cascaded-demo", pytest.param("gru-resnet-like", marks=pytest.mark.slow)])
 def test_captured_loop_equals_host_loop_on_simulated_device(tmp_path_factory, monkeypatch, kind, request, caplog):
     """The CUDA-graph loop (graph_steps.GraphSteps) against the host place: buckets, padding,
     compaction inside the next step's graph, the row index of the crop, trace buffers,

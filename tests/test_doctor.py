@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from gfnet_edge import cli
-from gfnet_edge.runtime.backends import tensorrt as trtb
+from gfnet_edge.runtime.backends import tensorrt_util as trt_util
 
 ORIN_AGX = {"gpu_name": "Orin", "compute_capability": "8.7", "multiprocessors": 16,
             "device_model": "NVIDIA Jetson AGX Orin Developer Kit"}
@@ -29,8 +29,8 @@ def _device(monkeypatch, here=ORIN_AGX, **kw):
     mem = SimMemory()
     sim_ops(monkeypatch, mem, asynchronous=True)
     trt, state = make_trt("10.3.0", mem=mem, **kw)
-    monkeypatch.setattr(trtb, "import_tensorrt", lambda: trt)
-    monkeypatch.setattr(trtb, "gpu_info", lambda: dict(here))
+    monkeypatch.setattr(trt_util, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(trt_util, "gpu_info", lambda: dict(here))
     return state
 
 

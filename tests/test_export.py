@@ -13,6 +13,7 @@ from gfnet_edge.models import GFNet
 from gfnet_edge.variants import released_spec
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mobilenetv3_large_100", "regnety_600m", "densenet121"])
 def test_fp32_parity_and_contract(tmp_path, name):
     torch.manual_seed(0)

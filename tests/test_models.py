@@ -30,6 +30,7 @@ def _spread(model):
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,P", ALL)
 def test_released_variant_traces_like_reference_loop(name, P):
     torch.manual_seed(0)

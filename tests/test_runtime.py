@@ -35,6 +35,7 @@ def _bundle(tmp_path_factory, name, P=None, budgets=None):
     return model, b
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_fp32_trace_equals_reference(tmp_path_factory, name):
     model, bundle = _bundle(tmp_path_factory, name)
@@ -138,18 +139,15 @@ def test_profiler_counts_every_stage_of_the_host_loop(mnv3):
     assert staged_ms <= 3 * s["per_image"]["total_ms"]  # the calls took at most 3 x their per-image time
 
 
-def test_float16_head_weights_on_the_trained_demo_model(tmp_path_factory):
+def test_float16_head_weights_on_the_trained_demo_model(demo_checkpoint, demo_onnx_bundle):
     """head_dtype="float16" stores the GRU / Linear head weights in half precision: on the
     trained demo model (cascaded classifier, GRU policy) the trace stays within 1e-2 of the
     reference's probabilities, with the same classes and almost always the same patches."""
     from gfnet_edge import load_checkpoint, ops
     from gfnet_edge.data import ClutteredDigits, demo_config
-    from gfnet_edge.demo import DEMO_CHECKPOINT
 
-    model = load_checkpoint(DEMO_CHECKPOINT).eval()
-    d = tmp_path_factory.mktemp("demo16")
-    bundle = build_bundle(DEMO_CHECKPOINT, d / "bundle", BuildConfig(precision="fp32", backend="onnxruntime"),
-                          progress=False)
+    model = load_checkpoint(demo_checkpoint).eval()
+    bundle = demo_onnx_bundle
     frames, _ = ClutteredDigits("test", config=demo_config(bundle.model)).arrays(64)
     images = ops.preprocess(frames, model.spec.image_size, crop_pct=1.0, mean=model.spec.mean, std=model.spec.std)
     with torch.no_grad():
@@ -162,6 +160,7 @@ def test_float16_head_weights_on_the_trained_demo_model(tmp_path_factory):
     assert (tr.coords == ref.coords.numpy()).all(axis=2).mean() >= 0.95
 
 
+@pytest.mark.slow
 def test_float16_gru_classifier_head(tmp_path_factory):
     """The GRU classifier family (resnet50 layout) with float16 head weights: probabilities
     within 1e-2 of the reference trace (a random model, so no claim about its patches)."""

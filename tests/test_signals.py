@@ -35,6 +35,7 @@ def _wait_for_staging(parent: Path, proc: subprocess.Popen) -> Path:
     raise AssertionError(f"no staging folder appeared (exit {proc.poll()})")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_interrupted_build_leaves_nothing(tmp_path, sig, code):
     out = tmp_path / "bundle"
@@ -48,6 +49,7 @@ def test_interrupted_build_leaves_nothing(tmp_path, sig, code):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"] and not any(out.iterdir())
 
 
+@pytest.mark.slow
 def test_stale_staging_of_a_killed_build_is_cleaned(tmp_path):
     out = tmp_path / "bundle"
     proc = _build(out)

@@ -9,11 +9,9 @@ import pytest
 
 pytest.importorskip("torch")
 
-from gfnet_edge.build import BuildConfig, build_bundle
 from gfnet_edge.errors import InputError
 from gfnet_edge.runtime import Runtime
 
-DEMO = Path(__file__).resolve().parents[1] / "gfnet_edge" / "assets" / "demo_gfnet.pth.tar"
 N_PREDICTIONS = 10_000
 
 
@@ -25,12 +23,13 @@ def rss_bytes() -> int:
     raise RuntimeError("VmRSS not found")
 
 
-@pytest.fixture(scope="module")
-def demo_bundle(tmp_path_factory):
-    out = tmp_path_factory.mktemp("soak") / "bundle"
-    return build_bundle(DEMO, out, BuildConfig(precision="fp32", backend="onnxruntime"), progress=False).root
+@pytest.fixture()
+def demo_bundle(demo_onnx_bundle):
+    """The session's fp32 demo bundle (tests/conftest.py)."""
+    return demo_onnx_bundle.root
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc for RSS")
 def test_10k_predictions_memory_flat_and_answers_stable(demo_bundle):
     rng = np.random.default_rng(0)

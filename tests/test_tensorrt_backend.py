@@ -11,6 +11,9 @@ import pytest
 
 from gfnet_edge.errors import InputError, UnavailableError
 from gfnet_edge.runtime.backends import tensorrt as trtb
+from gfnet_edge.runtime.backends import tensorrt_build as trt_build
+from gfnet_edge.runtime.backends import tensorrt_engines as trt_engines
+from gfnet_edge.runtime.backends import tensorrt_util as trt_util
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -29,18 +32,18 @@ HAS_TRT = importlib.util.find_spec("tensorrt") is not None
     ],
 )
 def test_plan_build(version, precision, modelopt, typed, flags, convert, graphs):
-    plan = trtb.plan_build(version, trtb.BuildOptions(precision=precision), has_modelopt=modelopt)
+    plan = trt_build.plan_build(version, trt_build.BuildOptions(precision=precision), has_modelopt=modelopt)
     assert (plan.strongly_typed, plan.builder_flags, plan.convert_fp16, plan.graph_set) == (typed, flags, convert, graphs)
     assert "INT8" not in plan.builder_flags  # INT8 only from Q/DQ nodes, never a calibrator/flag
     assert bool(plan.notes) == (version == "10.12.0" and not modelopt)
 
 
 def test_plan_build_dla_and_old_versions():
-    plan = trtb.plan_build("10.3.0", trtb.BuildOptions(precision="fp16", dla_core=0, max_batch=4))
+    plan = trt_build.plan_build("10.3.0", trt_build.BuildOptions(precision="fp16", dla_core=0, max_batch=4))
     assert plan.builder_flags == ["GPU_FALLBACK", "FP16"] and plan.static_batch == 4
-    assert trtb.plan_build("10.3.0", trtb.BuildOptions(precision="fp16")).static_batch is None
+    assert trt_build.plan_build("10.3.0", trt_build.BuildOptions(precision="fp16")).static_batch is None
     with pytest.raises(UnavailableError, match="too old"):
-        trtb.plan_build("8.6.1", trtb.BuildOptions())
+        trt_build.plan_build("8.6.1", trt_build.BuildOptions())
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -50,7 +53,7 @@ def test_plan_build_dla_and_old_versions():
 ])
 def test_build_options_validation(kw, match):
     with pytest.raises(InputError, match=match):
-        trtb.BuildOptions(**kw).validate()
+        trt_build.BuildOptions(**kw).validate()
 
 
 class _FakeBundle:
@@ -65,7 +68,7 @@ ENTRY = {"backend": "tensorrt", "precision": "int8", "gpu_name": "Orin", "comput
 
 def test_select_engine_matches_device():
     here = {"gpu_name": "Orin", "compute_capability": "8.7"}
-    assert trtb.select_engine(_FakeBundle([ENTRY]), "auto", here, "10.3.0") is ENTRY
+    assert trt_engines.select_engine(_FakeBundle([ENTRY]), "auto", here, "10.3.0") is ENTRY
 
 
 @pytest.mark.parametrize("here,ver,match", [
@@ -74,50 +77,45 @@ def test_select_engine_matches_device():
 ])
 def test_select_engine_refuses_other_device_with_rebuild_hint(here, ver, match):
     with pytest.raises(InputError, match=match) as e:
-        trtb.select_engine(_FakeBundle([ENTRY]), "auto", here, ver)
+        trt_engines.select_engine(_FakeBundle([ENTRY]), "auto", here, ver)
     assert "gfnet-edge build-engine B --backend tensorrt" in str(e.value)
 
 
 def test_select_engine_none_or_wrong_precision():
     with pytest.raises(InputError, match="no TensorRT engines"):
-        trtb.select_engine(_FakeBundle([]), "auto", {"gpu_name": "x", "compute_capability": "8.7"}, "10.3.0")
+        trt_engines.select_engine(_FakeBundle([]), "auto", {"gpu_name": "x", "compute_capability": "8.7"}, "10.3.0")
     with pytest.raises(InputError, match="no fp16 TensorRT engine"):
-        trtb.select_engine(_FakeBundle([ENTRY]), "fp16", {"gpu_name": "x", "compute_capability": "8.7"}, "10.3.0")
+        trt_engines.select_engine(_FakeBundle([ENTRY]), "fp16", {"gpu_name": "x", "compute_capability": "8.7"}, "10.3.0")
 
 
 def test_engine_dir_name():
-    assert trtb.engine_dir_name({"gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}, "10.3.0") == \
+    assert trt_engines.engine_dir_name({"gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}, "10.3.0") == \
         "nvidia-h100-80gb-hbm3-sm90-trt10.3.0"
 
 
 @pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed here")
 def test_without_tensorrt_says_how_to_proceed():
     with pytest.raises(UnavailableError, match="JetPack") as e:
-        trtb.import_tensorrt()
+        trt_util.import_tensorrt()
     assert "--backend tensorrt" in str(e.value)
 
 
 @pytest.mark.skipif(not HAS_TRT, reason="TensorRT is not installed (it cannot be on CPU-only CI machines)")
 def test_tensorrt_version_supported():  # pragma: no cover - runs only where TensorRT exists
-    trt = trtb.import_tensorrt()
-    trtb.plan_build(trt.__version__, trtb.BuildOptions())
+    trt = trt_util.import_tensorrt()
+    plan = trt_build.plan_build(trt.__version__, trt_build.BuildOptions())  # raises for TensorRT < 10
+    assert plan.graph_set == "int8-tensorrt" and plan.strongly_typed and "INT8" not in plan.builder_flags
 
 
 def test_select_engine_accepts_graph_set_name():
     here = {"gpu_name": "Orin", "compute_capability": "8.7"}
-    assert trtb.select_engine(_FakeBundle([ENTRY]), "int8-tensorrt", here, "10.3.0") is ENTRY
+    assert trt_engines.select_engine(_FakeBundle([ENTRY]), "int8-tensorrt", here, "10.3.0") is ENTRY
 
 
 @pytest.fixture(scope="module")
-def fp32_bundle(tmp_path_factory):
-    pytest.importorskip("torch")
-    from pathlib import Path
-
-    from gfnet_edge.build import BuildConfig, build_bundle
-
-    demo = Path(__file__).resolve().parents[1] / "gfnet_edge" / "assets" / "demo_gfnet.pth.tar"
-    return build_bundle(demo, tmp_path_factory.mktemp("trt") / "bundle",
-                        BuildConfig(precision="fp32", backend="onnxruntime"), progress=False)
+def fp32_bundle(demo_onnx_bundle_copy):
+    """This module's copy of the session's fp32 demo bundle (its tests add engines to it)."""
+    return demo_onnx_bundle_copy
 
 
 class _FakeTRT:
@@ -130,8 +128,8 @@ class _FakeTRT:
 def _fake_device(monkeypatch, cc="8.7"):
     from gfnet_edge.runtime import api
 
-    monkeypatch.setattr(trtb, "import_tensorrt", lambda: _FakeTRT)
-    monkeypatch.setattr(trtb, "gpu_info", lambda: {"gpu_name": "Orin", "compute_capability": cc})
+    monkeypatch.setattr(trt_util, "import_tensorrt", lambda: _FakeTRT)
+    monkeypatch.setattr(trt_util, "gpu_info", lambda: {"gpu_name": "Orin", "compute_capability": cc})
     monkeypatch.setattr(api, "_tensorrt_usable", lambda: True)
 
 
@@ -171,7 +169,7 @@ def test_failed_engine_build_leaves_the_bundle_as_it_was(fp32_bundle, monkeypatc
         return {"backend": "tensorrt", "precision": options.precision, "compute_capability": "8.7",
                 "tensorrt_version": "10.3.0", "gpu_name": "Orin"}
 
-    monkeypatch.setattr(trtb, "build_engine", fake_build)
+    monkeypatch.setattr(trt_build, "build_engine", fake_build)
     with pytest.raises(RuntimeError, match="focus engine failed"):
         build_engines(fp32_bundle.root, BuildConfig(precision="fp32", backend="tensorrt"))
     after = sorted(p.relative_to(fp32_bundle.root).as_posix() for p in fp32_bundle.root.rglob("*") if p.is_file())
@@ -186,8 +184,8 @@ def _standin(monkeypatch, version="10.3.0", mem=None, **kw):
     from trt_standin import make_trt
 
     trt, state = make_trt(version, mem=mem, **kw)
-    monkeypatch.setattr(trtb, "import_tensorrt", lambda: trt)
-    monkeypatch.setattr(trtb, "gpu_info", lambda: dict(ORIN_AGX))
+    monkeypatch.setattr(trt_util, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(trt_util, "gpu_info", lambda: dict(ORIN_AGX))
     return trt, state
 
 
@@ -285,13 +283,13 @@ DLA0 = dict(ENTRY, glance="engines/dla0/glance.int8.engine", focus="engines/dla0
 def test_select_engine_tells_gpu_and_dla_engines_apart():
     here = {"gpu_name": "Orin", "compute_capability": "8.7"}
     both = _FakeBundle([DLA0, ENTRY])  # the DLA engines first: order must not decide
-    assert trtb.select_engine(both, "auto", here, "10.3.0") is ENTRY
-    assert trtb.select_engine(both, "auto", here, "10.3.0", dla_core=0) is DLA0
+    assert trt_engines.select_engine(both, "auto", here, "10.3.0") is ENTRY
+    assert trt_engines.select_engine(both, "auto", here, "10.3.0", dla_core=0) is DLA0
     with pytest.raises(InputError, match=r"no TensorRT engine for the DLA core 1 .*GPU, DLA core 0") as e:
-        trtb.select_engine(both, "auto", here, "10.3.0", dla_core=1)
+        trt_engines.select_engine(both, "auto", here, "10.3.0", dla_core=1)
     assert "build-engine B --backend tensorrt --dla-core 1" in str(e.value)
     with pytest.raises(InputError, match=r"no TensorRT engine for the GPU .*: DLA core 0; select one with"):
-        trtb.select_engine(_FakeBundle([DLA0]), "auto", here, "10.3.0")
+        trt_engines.select_engine(_FakeBundle([DLA0]), "auto", here, "10.3.0")
 
 
 def test_engines_are_matched_to_the_device_model_not_only_the_sm_arch():
@@ -301,12 +299,12 @@ def test_engines_are_matched_to_the_device_model_not_only_the_sm_arch():
     nano = dict(ENTRY, **ORIN_NANO, glance="n/glance.engine", focus="n/focus.engine")
     with pytest.raises(InputError, match=r"Jetson AGX Orin Developer Kit, 16 SMs\) vs this Orin \(8.7; NVIDIA Jetson "
                                          r"Orin Nano Developer Kit, 8 SMs\)") as e:
-        trtb.select_engine(_FakeBundle([agx]), "auto", dict(ORIN_NANO), "10.3.0")
+        trt_engines.select_engine(_FakeBundle([agx]), "auto", dict(ORIN_NANO), "10.3.0")
     assert "build-engine B --backend tensorrt --precision int8" in str(e.value)
-    assert trtb.select_engine(_FakeBundle([agx, nano]), "auto", dict(ORIN_NANO), "10.3.0") is nano
-    assert trtb.select_engine(_FakeBundle([nano, agx]), "auto", dict(ORIN_AGX), "10.3.0") is agx
-    assert not trtb.same_engine_slot(agx, nano) and trtb.same_engine_slot(agx, dict(agx, glance="x"))
-    assert trtb.engine_dir_name(ORIN_NANO, "10.3.0") == "nvidia-jetson-orin-nano-developer-kit-sm87-trt10.3.0"
+    assert trt_engines.select_engine(_FakeBundle([agx, nano]), "auto", dict(ORIN_NANO), "10.3.0") is nano
+    assert trt_engines.select_engine(_FakeBundle([nano, agx]), "auto", dict(ORIN_AGX), "10.3.0") is agx
+    assert not trt_engines.same_engine_slot(agx, nano) and trt_engines.same_engine_slot(agx, dict(agx, glance="x"))
+    assert trt_engines.engine_dir_name(ORIN_NANO, "10.3.0") == "nvidia-jetson-orin-nano-developer-kit-sm87-trt10.3.0"
 
 
 def test_runner_deserialises_dla_engines_on_their_core(tmp_path, monkeypatch):
@@ -339,12 +337,12 @@ def test_dla_core_option_is_checked(fp32_bundle, tmp_path, capsys):
 
 
 def test_a_new_build_replaces_only_its_own_slot():
-    assert trtb.same_engine_slot(ENTRY, dict(ENTRY, glance="other.engine"))
-    assert trtb.same_engine_slot(DLA0, dict(DLA0, build_options={"dla_core": 0, "gpu_fallback": False}))
-    assert not trtb.same_engine_slot(ENTRY, DLA0)  # GPU and DLA engines live side by side
-    assert not trtb.same_engine_slot(ENTRY, dict(ENTRY, precision="fp16"))
-    assert not trtb.same_engine_slot(ENTRY, dict(ENTRY, tensorrt_version="10.7.0"))
-    assert not trtb.same_engine_slot(ENTRY, dict(ENTRY, compute_capability="9.0"))
+    assert trt_engines.same_engine_slot(ENTRY, dict(ENTRY, glance="other.engine"))
+    assert trt_engines.same_engine_slot(DLA0, dict(DLA0, build_options={"dla_core": 0, "gpu_fallback": False}))
+    assert not trt_engines.same_engine_slot(ENTRY, DLA0)  # GPU and DLA engines live side by side
+    assert not trt_engines.same_engine_slot(ENTRY, dict(ENTRY, precision="fp16"))
+    assert not trt_engines.same_engine_slot(ENTRY, dict(ENTRY, tensorrt_version="10.7.0"))
+    assert not trt_engines.same_engine_slot(ENTRY, dict(ENTRY, compute_capability="9.0"))
 
 
 # ------------------------------------------------------------------------ build
@@ -366,8 +364,8 @@ def test_build_engine_asks_tensorrt_for_the_planned_network(tmp_path, monkeypatc
                                                              flags, network_flags):
     _, state = _standin(monkeypatch, version, typed_flag=typed_flag)
     onnx, out = _onnx(tmp_path), tmp_path / "engines" / "glance.engine"
-    opts = trtb.BuildOptions(precision=precision, workspace_mb=512, max_batch=16, opt_batch=4)
-    entry = trtb.build_engine(onnx, out, opts)
+    opts = trt_build.BuildOptions(precision=precision, workspace_mb=512, max_batch=16, opt_batch=4)
+    entry = trt_build.build_engine(onnx, out, opts)
     assert state.network_flags == network_flags
     assert state.parsed == str(onnx) and state.set_flags == flags
     assert state.pool == ("WORKSPACE", 512 << 20)
@@ -390,7 +388,7 @@ def test_build_engine_asks_tensorrt_for_the_planned_network(tmp_path, monkeypatc
 def test_dla_builds_refuse_what_dla_cannot_run(tmp_path, monkeypatch, version, precision, dla_core, match):
     _, state = _standin(monkeypatch, version, dla_cores=2)
     with pytest.raises(InputError, match=match):
-        trtb.build_engine(_onnx(tmp_path), tmp_path / "e.engine", trtb.BuildOptions(precision=precision,
+        trt_build.build_engine(_onnx(tmp_path), tmp_path / "e.engine", trt_build.BuildOptions(precision=precision,
                                                                                     dla_core=dla_core))
     assert state.engines_built == 0 and not (tmp_path / "e.engine").exists()
 
@@ -400,7 +398,7 @@ def test_dla_engines_are_built_static_and_their_layer_placement_recorded(tmp_pat
     report is recorded; a build in which every layer falls back to the GPU is refused."""
     _, state = _standin(monkeypatch, "10.3.0", dla_cores=2)
     out = tmp_path / "glance.engine"
-    entry = trtb.build_engine(_onnx(tmp_path), out, trtb.BuildOptions(precision="fp16", dla_core=1, max_batch=8,
+    entry = trt_build.build_engine(_onnx(tmp_path), out, trt_build.BuildOptions(precision="fp16", dla_core=1, max_batch=8,
                                                                       opt_batch=2))
     assert state.profile == ("image", (8, 3, 96, 96), (8, 3, 96, 96), (8, 3, 96, 96))
     assert state.config["DLA_core"] == 1 and state.config["default_device_type"] == 1
@@ -408,7 +406,7 @@ def test_dla_engines_are_built_static_and_their_layer_placement_recorded(tmp_pat
     assert entry["dla_layers"] == 1 and entry["gpu_layers"] == 1  # the stand-in puts all but the last layer on DLA
     assert entry["device_map"] == {"dla": ["{ForeignNode[layer0]}"], "gpu": ["layer1"]}
     with pytest.raises(UnavailableError, match="DLA core 2 asked for, but this device has 2"):
-        trtb.build_engine(_onnx(tmp_path), out, trtb.BuildOptions(precision="fp16", dla_core=2))
+        trt_build.build_engine(_onnx(tmp_path), out, trt_build.BuildOptions(precision="fp16", dla_core=2))
 
 
 def test_dla_build_with_everything_on_the_gpu_is_refused(tmp_path, monkeypatch):
@@ -418,24 +416,24 @@ def test_dla_build_with_everything_on_the_gpu_is_refused(tmp_path, monkeypatch):
 
     _standin(monkeypatch, "10.3.0", dla_cores=1)
     real = tensorrt_build.plan_build
-    monkeypatch.setattr(tensorrt_build, "plan_build", lambda *a, **k: trtb.BuildPlan(
+    monkeypatch.setattr(tensorrt_build, "plan_build", lambda *a, **k: trt_build.BuildPlan(
         **{**real(*a, **k).__dict__, "static_batch": None}))  # as if the profile were dynamic
     out = tmp_path / "e.engine"
     with pytest.raises(InputError, match="no layer runs on DLA core 0: every layer fell back to the GPU"):
-        trtb.build_engine(_onnx(tmp_path), out, trtb.BuildOptions(precision="fp16", dla_core=0))
+        trt_build.build_engine(_onnx(tmp_path), out, trt_build.BuildOptions(precision="fp16", dla_core=0))
     assert not out.exists()
 
 
 @pytest.mark.parametrize("version,ok", [("10.3.0", True), ("10.7.0", True), ("10.8.0", False), ("11.1.0", False),
                                         ("11.4.0", False), ("11.4.1", True)])
 def test_dla_by_tensorrt_version(version, ok):
-    opts = trtb.BuildOptions(precision="fp16", dla_core=0)
+    opts = trt_build.BuildOptions(precision="fp16", dla_core=0)
     if ok:
-        plan = trtb.plan_build(version, opts)
+        plan = trt_build.plan_build(version, opts)
         assert plan.static_batch == 32 and "GPU_FALLBACK" in plan.builder_flags
     else:
         with pytest.raises(UnavailableError, match=f"TensorRT {version} builds no DLA engines"):
-            trtb.plan_build(version, opts)
+            trt_build.plan_build(version, opts)
 
 
 def test_build_engine_level_and_timing_cache_merge(tmp_path, monkeypatch):
@@ -445,19 +443,19 @@ def test_build_engine_level_and_timing_cache_merge(tmp_path, monkeypatch):
 
     _, state = _standin(monkeypatch)
     onnx, out, cache = _onnx(tmp_path), tmp_path / "focus.engine", tmp_path / "timing.cache"
-    trtb.build_engine(onnx, out, trtb.BuildOptions(precision="int8", opt_level=5, timing_cache=str(cache)))
+    trt_build.build_engine(onnx, out, trt_build.BuildOptions(precision="int8", opt_level=5, timing_cache=str(cache)))
     assert state.config["builder_optimization_level"] == 5
     first = json.loads(cache.read_bytes())["entries"]
     assert len(first) == 1
     _, state = _standin(monkeypatch)
-    trtb.build_engine(_onnx(tmp_path, "other.onnx"), out, trtb.BuildOptions(timing_cache=str(cache)))
+    trt_build.build_engine(_onnx(tmp_path, "other.onnx"), out, trt_build.BuildOptions(timing_cache=str(cache)))
     merged = json.loads(cache.read_bytes())["entries"]
     assert set(first) < set(merged) and len(merged) == 2
     foreign = tmp_path / "h200.cache"
     foreign.write_bytes(json.dumps({"device": "H200/9.0", "version": "10.3.0", "entries": {"t": 1}}).encode())
     before = foreign.read_bytes()
     with pytest.raises(InputError, match="rejected this timing cache .written on another device model"):
-        trtb.build_engine(onnx, tmp_path / "x.engine", trtb.BuildOptions(timing_cache=str(foreign)))
+        trt_build.build_engine(onnx, tmp_path / "x.engine", trt_build.BuildOptions(timing_cache=str(foreign)))
     assert foreign.read_bytes() == before and not (tmp_path / "x.engine").exists()
 
 
@@ -470,7 +468,7 @@ def test_build_engine_failures_are_clear_and_write_nothing(tmp_path, monkeypatch
     _standin(monkeypatch, faults={fault})
     out = tmp_path / "glance.engine"
     with pytest.raises(InputError, match=match):
-        trtb.build_engine(_onnx(tmp_path), out, trtb.BuildOptions(precision="fp32"))
+        trt_build.build_engine(_onnx(tmp_path), out, trt_build.BuildOptions(precision="fp32"))
     assert not out.exists()
 
 
@@ -479,7 +477,7 @@ def test_build_engine_fp16_on_tensorrt_11_needs_modelopt(tmp_path, monkeypatch):
         pytest.skip("ModelOpt is installed here")
     _standin(monkeypatch, "11.1.0")
     with pytest.raises(UnavailableError, match="ModelOpt"):
-        trtb.build_engine(_onnx(tmp_path), tmp_path / "glance.engine", trtb.BuildOptions(precision="fp16"))
+        trt_build.build_engine(_onnx(tmp_path), tmp_path / "glance.engine", trt_build.BuildOptions(precision="fp16"))
 
 
 # ----------------------------------------------------------------------- runner
@@ -630,7 +628,7 @@ def test_two_phase_build_then_run_on_stand_in_tensorrt(fp32_bundle, tmp_path, mo
     log = _build_stand_in_engines(fp32_bundle, root, monkeypatch)
     assert log.pool == ("WORKSPACE", 256 << 20) and len(log.loggers) == 1  # one logger for both builds
     bundle = Bundle.load(root)  # hashes and versions verified
-    entry = trtb.select_engine(bundle, "auto", here={"gpu_name": "Orin", "compute_capability": "8.7"},
+    entry = trt_engines.select_engine(bundle, "auto", here={"gpu_name": "Orin", "compute_capability": "8.7"},
                                trt_version="10.3.0")
     assert entry["glance"] == "engines/nvidia-jetson-agx-orin-developer-kit-sm87-trt10.3.0/glance.fp32.engine"
     assert entry["precision"] == "fp32" and entry["build_options"]["max_batch"] == 3

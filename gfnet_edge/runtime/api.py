@@ -14,13 +14,15 @@ from ..bundle import Bundle, BundleError
 from ..errors import InputError, UnavailableError
 from ..log import logger
 from ..model_desc import ModelDesc, as_desc
+from .backends import RunnerRequest
+from .backends import choices as backend_choices
+from .backends import get as get_backend
 from .deadline import Deadline, StepCosts, step_costs_key
 from .chunking import OutputBuffer, check_batch, chunk_size, device_chunks, stream_batches
 from .driver import Driver, StepOutputs
 from .heads import HEAD_DTYPES, HeadSet, load_head_arrays
 from .profile import Profiler
 
-BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
 #: Default ``deadline_margin`` of :meth:`Runtime.predict`.
 DEFAULT_MARGIN = 0.05
 
@@ -141,8 +143,8 @@ class Runtime:
         if head_dtype not in HEAD_DTYPES:
             raise InputError(f"head_dtype must be one of {', '.join(HEAD_DTYPES)}, got {head_dtype!r}")
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle, verify=verify)
-        if backend not in BACKENDS:
-            raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        if backend not in backend_choices():
+            raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(backend_choices())}")
         if dla_core is not None and (isinstance(dla_core, bool) or not isinstance(dla_core, int) or dla_core < 0):
             raise InputError(f"dla_core must be a DLA core number >= 0, got {dla_core!r}")
         if dla_core is not None and backend in ("onnxruntime", "torch"):
@@ -158,7 +160,7 @@ class Runtime:
         if backend == "auto":
             backend = self._auto_backend(precision)
         self.backend = backend
-        fixed = {"tensorrt": "cuda", "onnxruntime": "cpu"}.get(backend)
+        fixed = get_backend(backend).device
         if device is not None and fixed is not None and device != fixed:
             raise InputError(f"the {backend} backend runs on {fixed}; device={device!r} applies to the torch backend")
         self.runner = self._make_runner(backend, precision)
@@ -210,7 +212,7 @@ class Runtime:
         """TensorRT when it, a GPU and an engine built for them are here; else ONNX Runtime."""
         if not (_tensorrt_usable() and self.bundle.manifest.get("engines")):
             return "onnxruntime"
-        from .backends.tensorrt import select_engine
+        from .backends.tensorrt_engines import select_engine
 
         try:
             select_engine(self.bundle, precision, dla_core=self.dla_core)
@@ -220,26 +222,9 @@ class Runtime:
         return "tensorrt"
 
     def _make_runner(self, backend: str, precision: str):
-        graphs = self.bundle.manifest["graphs"]
-        if backend == "onnxruntime":
-            from .backends.onnxruntime import OnnxRuntimeRunner
-
-            if precision == "auto":
-                precision = "int8-cpu" if "int8-cpu" in graphs else "fp32"
-            return OnnxRuntimeRunner(self.bundle.graph_paths(precision), precision, self.threads)
-        if backend == "tensorrt":
-            from .backends.tensorrt import TensorRTRunner, select_engine
-
-            entry = select_engine(self.bundle, precision, dla_core=self.dla_core)
-            return TensorRTRunner(self.bundle, entry)
-        if backend == "torch":
-            from .backends.torch import TorchRunner
-
-            if precision not in ("auto", "fp32", "fp16"):
-                raise InputError(f"the torch backend runs the checkpoint in fp32 or fp16 (CUDA), not {precision!r}")
-            return TorchRunner(self.bundle, self.threads, device=self.device or "cpu",
-                               dtype="float16" if precision == "fp16" else "float32")
-        raise InputError(f"unknown backend {backend!r}")
+        request = RunnerRequest(self.bundle, precision, threads=self.threads, device=self.device,
+                                         dla_core=self.dla_core)
+        return get_backend(backend).make_runner(request)
 
     def set_budget(self, budget: Optional[str]) -> None:
         """Selects the named budget whose thresholds decide the exits."""

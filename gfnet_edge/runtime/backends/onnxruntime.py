@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from ...errors import InputError, UnavailableError
 from .base import GRAPHS, Runner
+
+if TYPE_CHECKING:  # pragma: no cover
+    from . import RunnerRequest
 
 
 def session_options(threads: Optional[int] = None):
@@ -50,6 +53,15 @@ def load_session(path: Path, threads: Optional[int] = None, providers: Optional[
                                     providers=list(providers or ["CPUExecutionProvider"]))
     except Exception as exc:
         raise InputError(f"{path}: ONNX Runtime cannot load this graph: {str(exc).splitlines()[0]}") from exc
+
+
+def load_runner(request: "RunnerRequest") -> "OnnxRuntimeRunner":
+    """The runner of the bundle's graph set ``request.precision`` (``auto``: ``int8-cpu`` when
+    the bundle has it, else ``fp32``)."""
+    precision = request.precision
+    if precision == "auto":
+        precision = "int8-cpu" if "int8-cpu" in request.bundle.manifest["graphs"] else "fp32"
+    return OnnxRuntimeRunner(request.bundle.graph_paths(precision), precision, request.threads)
 
 
 class OnnxRuntimeRunner(Runner):

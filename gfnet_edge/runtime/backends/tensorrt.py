@@ -1,13 +1,8 @@
-"""TensorRT backend: which engine fits this device, and running it.
+"""The TensorRT runner: a bundle's glance/focus engines, run on explicit CUDA streams.
 
-Written against the TensorRT 10.x and 11.x Python API and imported lazily; without TensorRT or
-a GPU every entry point raises :class:`~gfnet_edge.errors.UnavailableError` saying how to
-proceed. Decisions that do not need TensorRT itself (features per version range, engine
-matching) are plain functions, tested on machines without it. Engine building lives in
-:mod:`.tensorrt_build` (re-exported here).
+Engines come from :mod:`.tensorrt_engines` (which engine fits this device) and are built by
+:mod:`.tensorrt_build`; TensorRT itself is imported through :mod:`.tensorrt_util`.
 
-* One ``ILogger`` per process (:func:`trt_logger`), as TensorRT expects; it forwards to the
-  ``gfnet_edge`` logger and can record a build's messages (the DLA device report).
 * Engines are deserialised with ``engine_host_code_allowed = False``.
 * Every TensorRT call that reports failure by its return value is checked, with a message
   that says what to do.
@@ -19,261 +14,26 @@ matching) are plain functions, tested on machines without it. Engine building li
 """
 from __future__ import annotations
 
-import logging
-import re
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from ...errors import InputError, UnavailableError
+from . import tensorrt_util
 from .base import GRAPHS, Runner
+from .tensorrt_engines import engine_dla_core, select_engine
 
-logger = logging.getLogger("gfnet_edge")
-
-HOW_TO = (
-    "TensorRT is not available here. On a Jetson, TensorRT comes with JetPack (python3-libnvinfer); "
-    "elsewhere install it from NVIDIA's index. You can still build the portable part of a bundle here "
-    "(`gfnet-edge build-engine CKPT -o BUNDLE --backend onnxruntime`) and build the engines on the device "
-    "with `gfnet-edge build-engine BUNDLE --backend tensorrt`."
-)
+if TYPE_CHECKING:  # pragma: no cover
+    from . import RunnerRequest
 
 
-def import_tensorrt():
-    """Imports ``tensorrt`` or raises :class:`UnavailableError` with instructions."""
-    try:
-        import tensorrt as trt  # noqa: WPS433
-    except Exception as exc:
-        raise UnavailableError(f"{HOW_TO} (import tensorrt failed: {exc})") from exc
-    return trt
+def load_runner(request: "RunnerRequest") -> "TensorRTRunner":
+    """The runner of the bundle's engines for this device, ``request.precision`` and DLA core."""
+    return TensorRTRunner(request.bundle, select_engine(request.bundle, request.precision,
+                                                        dla_core=request.dla_core))
 
 
-def parse_version(v: str) -> Tuple[int, int, int]:
-    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", str(v))
-    if not m:
-        raise ValueError(f"cannot parse TensorRT version {v!r}")
-    return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
-
-
-@dataclass(frozen=True)
-class TrtFeatures:
-    """What a TensorRT version offers, by version range (NVIDIA's headers and release notes).
-
-    Attributes:
-        version: (major, minor, patch).
-        precision_flags: ``BuilderFlag.FP16`` / ``INT8`` exist (10.x; removed in 11.0).
-        fp16_flag_deprecated: weak typing (``BuilderFlag.FP16``) is deprecated (10.12 and later).
-        always_strongly_typed: every network is strongly typed (11.x; the creation flag is ignored).
-        dla: DLA engines can be built: 10.0-10.7 (JetPack 6 ships 10.3) and 11.4.1 or later
-            (AGX Orin with JetPack 7.2.2 or later). 11.0-11.4.0 have no DLA on Jetson.
-    """
-
-    version: Tuple[int, int, int]
-
-    @classmethod
-    def of(cls, version: str) -> "TrtFeatures":
-        return cls(parse_version(version))
-
-    @property
-    def precision_flags(self) -> bool:
-        return self.version[0] < 11
-
-    @property
-    def fp16_flag_deprecated(self) -> bool:
-        return self.version >= (10, 12, 0)
-
-    @property
-    def always_strongly_typed(self) -> bool:
-        return self.version[0] >= 11
-
-    @property
-    def dla(self) -> bool:
-        return (10, 0, 0) <= self.version < (10, 8, 0) or self.version >= (11, 4, 1)
-
-    def require_supported(self) -> None:
-        if self.version[0] < 10:
-            raise UnavailableError(f"TensorRT {'.'.join(map(str, self.version))} is too old: "
-                                   "gfnet-edge needs TensorRT 10 or 11")
-
-
-# ----------------------------------------------------------------------- logger
-_LOGGER: Dict[int, Tuple[Any, Any]] = {}  # id(tensorrt module) -> (module, logger)
-
-
-def trt_logger(trt):
-    """The process's one TensorRT logger (created on first use, per ``tensorrt`` module).
-
-    It forwards errors and warnings to the ``gfnet_edge`` logger, info to debug, drops verbose
-    messages, and while :meth:`capture` is active records every info-or-worse message (the
-    builder prints its DLA / GPU layer report at info level)."""
-    key = id(trt)
-    if key in _LOGGER:
-        return _LOGGER[key][1]
-    sev = trt.ILogger.Severity
-
-    class _Logger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self._captures: List[List[str]] = []
-
-        def log(self, severity, msg) -> None:  # noqa: D401 - TensorRT's callback
-            if int(severity) > int(sev.INFO):
-                return
-            for lines in self._captures:
-                lines.append(str(msg))
-            if int(severity) <= int(sev.ERROR):
-                logger.error("TensorRT: %s", msg)
-            elif int(severity) == int(sev.WARNING):
-                logger.warning("TensorRT: %s", msg)
-            else:
-                logger.debug("TensorRT: %s", msg)
-
-        @contextmanager
-        def capture(self) -> Iterator[List[str]]:
-            lines: List[str] = []
-            self._captures.append(lines)
-            try:
-                yield lines
-            finally:
-                self._captures.remove(lines)
-
-    _LOGGER[key] = (trt, _Logger())
-    return _LOGGER[key][1]
-
-
-# --------------------------------------------------------------------- device info
-def _jetson_model() -> Optional[str]:
-    """The board's model from the device tree (Jetson: "NVIDIA Jetson AGX Orin ..."), else None."""
-    try:
-        text = Path("/proc/device-tree/model").read_bytes().decode("utf-8", "replace")
-    except OSError:
-        return None
-    return text.strip("\x00\n ") or None
-
-
-def gpu_info() -> Dict[str, Any]:
-    """Name, compute capability, SM count and board model of CUDA device 0.
-
-    ``device_model`` is the Jetson board model where the device tree names it (AGX Orin and
-    Orin Nano GPUs are both "Orin", sm_87), else the GPU name.
-
-    Raises:
-        UnavailableError: no CUDA build or no GPU.
-    """
-    from ... import ops
-
-    if ops.cuda_device_count() < 1:
-        raise UnavailableError("no CUDA GPU is visible here; " + HOW_TO)
-    props = ops.cuda_device_properties(0)
-    return {"gpu_name": props["name"], "compute_capability": f"{props['major']}.{props['minor']}",
-            "multiprocessors": int(props["multiprocessors"]), "device_model": _jetson_model() or props["name"]}
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
-
-
-def engine_dir_name(info: Dict[str, Any], trt_version: str, dla_core: Optional[int] = None) -> str:
-    """``engines/`` subdirectory for a device: board model (or GPU name), SM arch, TensorRT, DLA core."""
-    name = _slug(info.get("device_model") or info["gpu_name"]) or "gpu"
-    dla = f"-dla{dla_core}" if dla_core is not None else ""
-    return f"{name}-sm{info['compute_capability'].replace('.', '')}-trt{trt_version}{dla}"
-
-
-#: Fields that identify a device model; the first two are always recorded, the others where known.
-DEVICE_KEYS = ("gpu_name", "compute_capability", "device_model", "multiprocessors")
-
-
-def device_mismatches(entry: Dict[str, Any], here: Dict[str, Any]) -> List[str]:
-    """How an engine entry's device differs from this one (empty: the same device model).
-    ``gpu_name`` and ``compute_capability`` must match; board model and SM count must match
-    where both record them."""
-    out = []
-    for k in DEVICE_KEYS:
-        a, b = entry.get(k), here.get(k)
-        if k in DEVICE_KEYS[:2] or (a is not None and b is not None):
-            if a != b:
-                out.append(f"{k.replace('_', ' ')} {a} vs this device's {b}")
-    return out
-
-
-def check_engine_compat(entry: Dict[str, Any], here: Dict[str, Any], trt_version: str, bundle_root: Path) -> None:
-    """Refuses an engine built for another device model or TensorRT version, saying how to rebuild."""
-    problems = []
-    if device_mismatches(entry, here):
-        model = lambda d: f"{d.get('device_model') or d.get('gpu_name')}, {d.get('multiprocessors', '?')} SMs"  # noqa: E731
-        problems.append(f"GPU {entry.get('gpu_name')} (compute capability {entry.get('compute_capability')}; "
-                        f"{model(entry)}) vs this {here['gpu_name']} ({here['compute_capability']}; {model(here)})")
-    if entry.get("tensorrt_version") != trt_version:
-        problems.append(f"TensorRT {entry.get('tensorrt_version')} vs this TensorRT {trt_version}")
-    if problems:
-        raise InputError(
-            f"{bundle_root}: the {entry.get('precision')} engines were built for another device: "
-            + "; ".join(problems)
-            + f". Engines are specific to the device model and TensorRT version: rebuild them here with "
-            f"`gfnet-edge build-engine {bundle_root} --backend tensorrt --precision {entry.get('precision')}`"
-        )
-
-
-def engine_dla_core(entry: Dict[str, Any]) -> Optional[int]:
-    """The DLA core an engine entry was built for (``None``: the GPU)."""
-    core = entry.get("build_options", {}).get("dla_core")
-    return None if core is None else int(core)
-
-
-def same_engine_slot(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
-    """Whether two engine entries are for the same precision, device model, TensorRT version and
-    DLA core (a new build replaces the old entry of its slot; other device models keep theirs)."""
-    keys = ("precision", "tensorrt_version")
-    return (all(a.get(k) == b.get(k) for k in keys) and not device_mismatches(a, b)
-            and engine_dla_core(a) == engine_dla_core(b))
-
-
-def _target(dla_core: Optional[int]) -> str:
-    return "GPU" if dla_core is None else f"DLA core {dla_core}"
-
-
-def select_engine(bundle, precision: str = "auto", here: Optional[Dict[str, Any]] = None,
-                  trt_version: Optional[str] = None, dla_core: Optional[int] = None) -> Dict[str, Any]:
-    """The bundle's engine entry for this device model, ``precision`` (``auto``: int8 > fp16 >
-    fp32) and target: the GPU (``dla_core=None``) or one DLA core. A bundle may hold engines
-    for several device models and for both targets."""
-    engines = [e for e in bundle.manifest.get("engines", []) if e.get("backend") == "tensorrt"]
-    if not engines:
-        raise InputError(
-            f"{bundle.root}: no TensorRT engines in this bundle; build them on the device with "
-            f"`gfnet-edge build-engine {bundle.root} --backend tensorrt`"
-        )
-    for_target = [e for e in engines if engine_dla_core(e) == dla_core]
-    if not for_target:
-        have = sorted({_target(engine_dla_core(e)) for e in engines}, key=lambda t: (t != "GPU", t))
-        flag = "" if dla_core is None else f" --dla-core {dla_core}"
-        raise InputError(
-            f"{bundle.root}: no TensorRT engine for the {_target(dla_core)} (this bundle has engines for: "
-            f"{', '.join(have)}; select one with dla_core= / --dla-core, or build with "
-            f"`gfnet-edge build-engine {bundle.root} --backend tensorrt{flag}`)"
-        )
-    engines = for_target
-    if here is None:
-        here = gpu_info()
-    if trt_version is None:
-        trt_version = import_tensorrt().__version__
-    if precision and precision.endswith("-tensorrt"):  # the graph-set name, as `predict --precision` lists it
-        precision = precision[: -len("-tensorrt")]
-    order = ["int8", "fp16", "fp32"] if precision in ("auto", None) else [precision]
-    candidates = [e for p in order for e in engines if e.get("precision") == p]
-    if not candidates:
-        raise InputError(f"{bundle.root}: no {precision} TensorRT engine (has: {', '.join(e.get('precision', '?') for e in engines)})")
-    matching = [e for e in candidates if not device_mismatches(e, here) and e.get("tensorrt_version") == trt_version]
-    if matching:
-        return matching[0]
-    check_engine_compat(candidates[0], here, trt_version, bundle.root)
-    return candidates[0]  # pragma: no cover - check_engine_compat raised
-
-
-# ---------------------------------------------------------------------- execute
 @dataclass
 class _Lane:
     """Execution on one CUDA stream: an execution context per graph and its device buffers,
@@ -337,9 +97,9 @@ class TensorRTRunner(Runner):
     def _activate(self) -> None:
         from ... import ops
 
-        trt = import_tensorrt()
+        trt = tensorrt_util.import_tensorrt()
         self._trt = trt
-        runtime = trt.Runtime(trt_logger(trt))
+        runtime = trt.Runtime(tensorrt_util.trt_logger(trt))
         if hasattr(runtime, "engine_host_code_allowed"):
             runtime.engine_host_code_allowed = False  # never run host code embedded in an engine
         core = engine_dla_core(self.entry)
@@ -531,16 +291,3 @@ class TensorRTRunner(Runner):
 
     def _run_device(self, graph: str, image: int, batch: int, stream: int) -> Dict[str, Tuple[int, Tuple[int, ...]]]:
         return self._enqueue(self._lane(stream), graph, image, batch)
-
-
-#: The build side's names, importable from here too (loaded on first use: the build module
-#: imports this one, so a module-level import would be a cycle).
-_BUILD_NAMES = ("BuildOptions", "BuildPlan", "build_engine", "convert_to_fp16", "plan_build")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _BUILD_NAMES:
-        from . import tensorrt_build
-
-        return getattr(tensorrt_build, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """Building TensorRT engines: explicit Q/DQ INT8, FP16 and FP32, for the GPU or a DLA core.
 
 * INT8 comes only from the Q/DQ nodes of the ``int8-tensorrt`` graphs: no calibrators.
-* Typing by version range (:class:`~.tensorrt.TrtFeatures`): TensorRT 11 has no precision
+* Typing by version range (:class:`~.tensorrt_util.TrtFeatures`): TensorRT 11 has no precision
   builder flags (every network is strongly typed), so FP16 means an ONNX graph converted to
   FP16 beforehand (ModelOpt AutoCast). 10.0-10.11 build FP16 with ``BuilderFlag.FP16``;
   10.12 and later deprecate it and take the strongly typed route when ModelOpt is installed
@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ...errors import InputError, UnavailableError
-from . import tensorrt as trt_backend
-from .tensorrt import TrtFeatures
+from . import tensorrt_util
+from .tensorrt_util import TrtFeatures
 
 
 @dataclass
@@ -168,7 +168,7 @@ def save_timing_cache(config: Any, path: Path) -> bool:
         return False
     merged = config.create_timing_cache(path.read_bytes() if path.is_file() else b"")
     if merged is None or not merged.combine(built, False):
-        trt_backend.logger.warning("%s: timing cache changed on disk to one TensorRT cannot merge with; not updated", path)
+        tensorrt_util.logger.warning("%s: timing cache changed on disk to one TensorRT cannot merge with; not updated", path)
         return False
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -256,13 +256,13 @@ def build_engine(onnx_path: Path, out_path: Path, options: BuildOptions) -> Dict
         (``device_map``, ``dla_layers``, ``gpu_layers``).
     """
     options.validate()
-    trt = trt_backend.import_tensorrt()
-    here = trt_backend.gpu_info()
+    trt = tensorrt_util.import_tensorrt()
+    here = tensorrt_util.gpu_info()
     version = trt.__version__
     plan = plan_build(version, options, hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"), has_modelopt())
     for note in plan.notes:
-        trt_backend.logger.warning(note)
-    log = trt_backend.trt_logger(trt)
+        tensorrt_util.logger.warning(note)
+    log = tensorrt_util.trt_logger(trt)
     builder = trt.Builder(log)
     network = builder.create_network(_network_flags(trt, plan))
     if network is None:

@@ -11,12 +11,15 @@ for the same graph.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 
 from ...errors import InputError, UnavailableError
 from .base import GRAPHS, Runner
+
+if TYPE_CHECKING:  # pragma: no cover
+    from . import RunnerRequest
 
 DEVICES = ("cpu", "cuda")
 
@@ -55,6 +58,15 @@ def _ieee_fp32(torch) -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = saved
+
+
+def load_runner(request: "RunnerRequest") -> "TorchRunner":
+    """The runner of the bundle's checkpoint on ``request.device`` (default CPU): ``fp16`` runs
+    the backbones in half precision (CUDA), ``auto`` / ``fp32`` in float32."""
+    if request.precision not in ("auto", "fp32", "fp16"):
+        raise InputError(f"the torch backend runs the checkpoint in fp32 or fp16 (CUDA), not {request.precision!r}")
+    return TorchRunner(request.bundle, request.threads, device=request.device or "cpu",
+                       dtype="float16" if request.precision == "fp16" else "float32")
 
 
 class TorchRunner(Runner):

@@ -1,0 +1,7 @@
+"""``python -m gfnet_edge``: the ``gfnet-edge`` command."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The ``gfnet-edge`` command: the parser, and how failures become exit codes.
+
+Each subcommand is a module with ``add_parser(subparsers)`` and the function it runs
+(:mod:`.info`, :mod:`.build_engine`, :mod:`.predict`; ``calibrate``, ``demo``, ``train`` and
+``doctor`` register from their own packages); options several subcommands share are in
+:mod:`.options`. Heavy modules (torch, the build side) are imported by the function a
+subcommand runs, never while the parser is built.
+
+Every user-facing error ends in one line ``gfnet-edge: error: ...`` and a non-zero exit:
+2 for bad input (and files that cannot be read or written), 3 for a missing requirement
+(TensorRT, GPU, torch), 1 for an unexpected failure; 130 / 143 after SIGINT / SIGTERM (which
+end the command through its cleanup, so nothing half-written stays). A traceback is printed
+only with ``--debug``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, List, Optional, Tuple
+
+from .. import __version__
+from ..errors import GFNetEdgeError, InputError, UnavailableError, missing_build_module, needs_build_side
+from ..log import setup_logging
+from . import build_engine, info, predict
+
+Register = Callable[[argparse._SubParsersAction], None]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line errors (``gfnet-edge: error: ...``, exit 2); the usage is
+    in ``--help``."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"gfnet-edge: error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``gfnet-edge`` parser with every subcommand."""
+    parser = _Parser(
+        prog="gfnet-edge",
+        description="Turn a trained GFNet checkpoint into a fast, quantized, measured deployment.",
+    )
+    parser.add_argument("--version", action="version", version=f"gfnet-edge {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for register in subcommands():
+        register(sub)
+    return parser
+
+
+def subcommands() -> Tuple[Register, ...]:
+    """The ``add_parser`` function of every subcommand, in the order ``--help`` lists them."""
+    from ..calibrate.cli import add_parser as calibrate
+    from ..demo import add_parser as demo
+    from ..doctor import add_parser as doctor
+    from ..train.cli import add_parser as train
+
+    return (info.add_parser, build_engine.add_parser, predict.add_parser, calibrate, demo, train, doctor)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanup (``finally``) runs as for Ctrl-C."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Runs ``gfnet-edge`` with ``argv`` (default: the command line); returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: usage and a one-line error on stderr (2), or --help (0)
+        return int(exc.code or 0)
+    setup_logging(args.verbose)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return int(args.func(args) or 0)
+    except BaseException as exc:  # noqa: B902 - every failure becomes one line and an exit code
+        if args.debug and not isinstance(exc, SystemExit):
+            import traceback
+
+            traceback.print_exc()
+        return _exit_code(exc, args.command)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_code(exc: BaseException, command: str = "") -> int:
+    """Prints the one-line message of a failure and returns the exit code."""
+    if isinstance(exc, SystemExit):
+        raise exc
+    if isinstance(exc, ModuleNotFoundError):  # a build-side command on a device-side install
+        missing = missing_build_module(exc)
+        if missing is not None:
+            print(f"gfnet-edge: error: {needs_build_side(f'`gfnet-edge {command}`', missing)}", file=sys.stderr)
+            return 3
+    if isinstance(exc, KeyboardInterrupt):
+        print("gfnet-edge: interrupted", file=sys.stderr)
+        return 130
+    if isinstance(exc, Terminated):
+        print("gfnet-edge: terminated", file=sys.stderr)
+        return 143
+    code, msg = 1, None
+    if isinstance(exc, InputError):
+        code = 2
+    elif isinstance(exc, UnavailableError):
+        code = 3
+    elif isinstance(exc, GFNetEdgeError):
+        code = 1
+    elif isinstance(exc, OSError) and exc.filename is not None:
+        code, msg = 2, f"{exc.filename}: {exc.strerror or exc}"
+    elif isinstance(exc, MemoryError):
+        code, msg = 2, "out of memory (the input or a size option is too large for this machine)"
+    else:
+        msg = f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)"
+    msg = msg or str(exc)
+    print(f"gfnet-edge: error: {' '.join(msg.split()) if chr(10) in msg else msg}", file=sys.stderr)
+    return code
+

@@ -1,0 +1,76 @@
+"""``gfnet-edge build-engine``: checkpoint -> ONNX -> INT8 -> engines, in one bundle."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..argtypes import POSITIVE, THREADS, float_range, int_range
+from ..errors import InputError
+from ..runtime import backends
+from .options import add_trt_build_options, trt_build_options
+
+DESCRIPTION = (
+    "Build a deployment bundle from a GFNet checkpoint, or add TensorRT engines to a bundle.\n\n"
+    "  workstation:  gfnet-edge build-engine CKPT.pth.tar -o BUNDLE --precision int8 --calib-data DIR\n"
+    "  device:       gfnet-edge build-engine BUNDLE --backend tensorrt\n\n"
+    "The bundle holds the FP32 and quantized ONNX graphs, the head weights, budgets and (with TensorRT)\n"
+    "engines for this GPU. A failed build leaves no half-written bundle."
+)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Builds the bundle (or its engines) and prints what it holds."""
+    from ..build import BuildConfig, build_bundle, build_engines
+
+    cfg = BuildConfig(precision=args.precision, backend=args.backend, calib_data=args.calib_data,
+                      num_calib=args.num_calib, calib_method=args.calib_method,
+                      int8_profiles=tuple(p for p in args.int8_profiles.split(",") if p),
+                      max_accuracy_drop=args.max_accuracy_drop, include_checkpoint=args.include_checkpoint,
+                      force=args.force, trt=trt_build_options(args), threads=args.threads,
+                      model_name=args.model_name, patch_size=args.patch_size)
+    src = Path(args.source)
+    if src.is_dir():
+        if args.backend not in ("tensorrt", backends.AUTO):
+            raise InputError(f"{src} is a bundle: only `--backend tensorrt` adds engines to an existing bundle")
+        cfg.backend = "tensorrt"
+        bundle = build_engines(src, cfg)
+    else:
+        if not args.output:
+            raise InputError("building from a checkpoint needs -o BUNDLE")
+        bundle = build_bundle(src, Path(args.output), cfg, progress=not args.quiet)
+    m, model = bundle.manifest, bundle.model
+    print(f"bundle: {bundle.root}")
+    print(f"  model: {model.model_name} S={model.image_size} P={model.patch_size} T={model.steps}")
+    print(f"  graphs: {', '.join(m['graphs'])}")
+    print(f"  engines: {', '.join(e['precision'] + '@' + e['gpu_name'] for e in m['engines']) or 'none (ONNX Runtime runs the graphs)'}")
+    print(f"  budgets: {', '.join(m['budgets']) or 'none'} (default: {m.get('default_budget')})")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Registers ``build-engine``."""
+    p = sub.add_parser("build-engine", help="checkpoint -> ONNX -> INT8 -> engines, in one bundle",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, description=DESCRIPTION)
+    p.add_argument("source", help="GFNet checkpoint (.pth.tar), or an existing bundle directory to add engines to")
+    p.add_argument("-o", "--output", help="bundle directory to create")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="int8", help="graph/engine precision (default int8)")
+    p.add_argument("--backend", choices=backends.choices(builds=True), default=backends.AUTO,
+                   help="auto: TensorRT when it and a GPU are here, else a portable ONNX Runtime bundle")
+    p.add_argument("--calib-data", help="INT8 calibration images: folder, .npz, or 'demo' (default for the demo model)")
+    p.add_argument("--num-calib", type=POSITIVE, default=256, help="calibration images (default 256)")
+    p.add_argument("--calib-method", choices=["auto", "entropy", "max", "percentile"], default="auto",
+                   help="activation calibration (default auto: the method measured best per INT8 profile, "
+                        "see docs/quantization.md)")
+    p.add_argument("--int8-profiles", default="cpu,tensorrt",
+                   help="INT8 graph sets for a portable bundle: cpu (ONNX Runtime x86), tensorrt (Q/DQ for TensorRT)")
+    p.add_argument("--max-accuracy-drop", type=float_range(0.0, 100.0), default=0.5,
+                   help="keep the most sensitive layers in float until the final-step accuracy drop is within this many points")
+    p.add_argument("--include-checkpoint", action="store_true", help="copy the checkpoint into the bundle (torch backend)")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle")
+    p.add_argument("--model-name", help="variant name when the checkpoint does not store it and it cannot be "
+                                        "inferred (e.g. resnet50; see `gfnet-edge info`)")
+    p.add_argument("--patch-size", type=int_range(1, 1 << 16), help="patch size P when the checkpoint does not store it")
+    add_trt_build_options(p)
+    p.add_argument("--threads", type=THREADS, help="CPU threads for export/quantization")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)

@@ -1,0 +1,104 @@
+"""``gfnet-edge info``: describe a GFNet checkpoint or a bundle."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..argtypes import int_range
+from ..bundle import json_text
+from ..errors import InputError
+
+
+def fmt_macs(x: float) -> str:
+    """Multiply-adds with a unit: ``41.8M``, ``1.23G``."""
+    if x >= 1e9:
+        return f"{x / 1e9:,.2f}G"
+    if x >= 1e5:
+        return f"{x / 1e6:,.1f}M"
+    return f"{x / 1e3:,.1f}K"
+
+
+def _describe_bundle(args: argparse.Namespace) -> int:
+    """``gfnet-edge info BUNDLE``: the bundle's manifest, without torch."""
+    from ..bundle_info import describe_bundle, info_rows
+
+    if args.model_name or args.patch_size:
+        raise InputError(f"{args.checkpoint} is a bundle: --model-name and --patch-size apply to checkpoints")
+    info = describe_bundle(args.checkpoint)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    rows = info_rows(info, fmt_macs)
+    w = max(len(r[0]) for r in rows)
+    for k, v in rows:
+        print(f"{k:<{w}}  {v}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Describes a checkpoint (needs torch) or a bundle (does not)."""
+    if Path(args.checkpoint).is_dir():
+        return _describe_bundle(args)
+    from ..models.checkpoint import CheckpointError, load_checkpoint
+    from ..models.macs import count_step_macs
+
+    try:
+        model = load_checkpoint(args.checkpoint, model_name=args.model_name, patch_size=args.patch_size)
+    except CheckpointError as exc:
+        raise InputError(str(exc)) from exc
+    spec, meta = model.spec, model.meta
+    costs = count_step_macs(model)
+    info = {
+        "checkpoint": str(args.checkpoint),
+        "model_name": spec.model_name,
+        "family": spec.family,
+        "backbone": spec.backbone or "torchvision",
+        "image_size": spec.image_size,
+        "patch_size": spec.patch_size,
+        "steps": spec.steps,
+        "classes": spec.num_classes,
+        "glance_interpolation": spec.glance_interpolation,
+        "classifier": spec.classifier,
+        "policy_encoder": "conv" if spec.policy_conv else "linear",
+        "macs": costs.as_dict(),
+        "checkpoint_flops": [float(x) for x in meta.get("flops", [])] or None,
+        "anytime_classification": [float(x) for x in meta.get("anytime_classification", [])] or None,
+        "missing_metadata": meta["missing_metadata"],
+    }
+    if args.json:
+        print(json_text(info, indent=2))
+        return 0
+    rows = [
+        ("model", f"{spec.model_name} ({spec.family}, {info['backbone']})"),
+        ("sizes", f"S={spec.image_size} P={spec.patch_size} T={spec.steps} classes={spec.num_classes}"),
+        ("glance", f"{spec.glance_interpolation}, align_corners=True"),
+        ("heads", f"classifier={spec.classifier}, policy encoder={info['policy_encoder']}, step-0 logits from {spec.step0}"),
+        ("backbone MACs", fmt_macs(costs.backbone)),
+        ("policy MACs", fmt_macs(costs.policy)),
+        ("classifier MACs", ", ".join(fmt_macs(c) for c in costs.classifier)),
+        ("cumulative MACs", ", ".join(fmt_macs(c) for c in costs.cumulative)),
+    ]
+    if info["anytime_classification"]:
+        rows.append(("anytime acc (%)", ", ".join(f"{a:.2f}" for a in info["anytime_classification"])))
+    rows.append(("missing metadata", ", ".join(meta["missing_metadata"]) or "none"))
+    w = max(len(r[0]) for r in rows)
+    for k, v in rows:
+        print(f"{k:<{w}}  {v}")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Registers ``info``."""
+    p = sub.add_parser(
+        "info",
+        help="describe a GFNet checkpoint or bundle",
+        description="Print the variant, sizes, per-step multiply-adds and the metadata a GFNet checkpoint lacks; "
+                    "for a bundle directory: its model, graphs, engines and budgets (no torch needed).",
+    )
+    p.add_argument("checkpoint", help="GFNet checkpoint (.pth.tar), released or training-script format; or a bundle "
+                                      "directory (its graphs, engines with their device and DLA layer placement, budgets)")
+    p.add_argument("--model-name", help="variant name when the checkpoint does not store it (e.g. resnet50)")
+    p.add_argument("--patch-size", type=int_range(1, 1 << 16), help="patch size P when the checkpoint does not store it")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run)

@@ -1,0 +1,112 @@
+"""``gfnet-edge predict``: classify images with a bundle, with early exit."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..argtypes import float_range, int_range
+from ..bundle import json_text
+from ..errors import InputError
+from .options import add_runtime_options, runtime_kwargs
+
+
+class _Stop(Exception):
+    """``--on-error stop``: the first unreadable input ends the run."""
+
+
+def run(args: argparse.Namespace) -> int:
+    """Classifies the images and prints one line (or JSON row) per image."""
+    import numpy as np
+
+    from ..data.images import iter_image_batches
+    from ..runtime import Runtime
+
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    failures = []
+
+    def failed(name: str, message: str) -> None:
+        failures.append(message)
+        if args.on_error == "stop":
+            raise _Stop()
+
+    rows, names = [], []
+    try:
+        with Runtime(args.bundle, profile=args.profile, **runtime_kwargs(args)) as rt:
+            m = rt.model
+            mean, std = np.asarray(m.mean, np.float32), np.asarray(m.std, np.float32)
+
+            def images():  # read batch by batch; the frames are already resized and centre-cropped
+                for batch_names, frames in iter_image_batches(args.images, m.image_size, m.crop_pct,
+                                                              m.dataset_interpolation, args.batch_size,
+                                                              on_error=failed):
+                    names.extend(batch_names)
+                    yield ((frames.astype(np.float32) / 255.0 - mean) / std).transpose(0, 3, 1, 2)
+
+            try:
+                for preds in rt.predict_iter(images(), batch_size=args.batch_size, deadline_ms=args.deadline_ms,
+                                             deadline_margin=args.deadline_margin):
+                    start = len(rows)
+                    rows.extend({"image": names[start + i], **preds[i]} for i in range(len(preds)))
+            except _Stop:
+                pass
+            except ValueError as exc:
+                raise InputError(str(exc)) from exc
+            profile = rt.profiler.summary()
+    finally:  # every result there is, also when a later batch failed
+        if args.json:
+            print(json_text(rows, indent=2))
+        else:
+            for r in rows:
+                stopped = " (deadline)" if r.get("deadline_stopped") else ""
+                print(f"{r['image']}: class {r['class']} ({r['confidence']:.3f}) exit at step {r['exit_step']}{stopped}")
+        sys.stdout.flush()
+    if args.profile:
+        print(_profile_table(profile, len(rows)), file=sys.stderr)
+    if len(failures) == 1 and not rows:
+        raise InputError(failures[0])
+    if failures:
+        for message in failures:
+            print(f"gfnet-edge: error: {message}", file=sys.stderr)
+        stopped = " (stopped at the first: --on-error stop)" if args.on_error == "stop" else ""
+        raise InputError(f"{len(failures)} input(s) could not be read{stopped}; {len(rows)} image(s) classified")
+    return 0
+
+
+def _profile_table(summary: dict, images: int) -> str:
+    """The runtime's per-stage profile as a text table (ms)."""
+    head = f"{'stage':<12}{'calls':>7}{'ms/image':>10}{'mean':>9}{'p50':>9}{'p95':>9}{'p99':>9}"
+    lines = [f"per-stage profile over {images} images (ms; on the host loop `step` contains heads, exit, "
+             "policy and crop)", head]
+    for name, st in summary.items():
+        per_image = st["total_ms"] / max(images, 1) if name != "per_image" else st["mean_ms"]
+        lines.append(f"{name:<12}{st['count']:>7}{per_image:>10.3f}{st['mean_ms']:>9.3f}{st['p50_ms']:>9.3f}"
+                     f"{st['p95_ms']:>9.3f}{st['p99_ms']:>9.3f}")
+    return "\n".join(lines)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Registers ``predict``."""
+    from ..runtime.api import DEFAULT_MARGIN
+
+    p = sub.add_parser("predict", help="classify images with a bundle (early exit)",
+                       description="Classify image files (or folders, or .npz) with a bundle, with early exit. "
+                                   "Each image is named by its file (FILE.npz[i] inside an archive).")
+    p.add_argument("bundle", help="bundle directory")
+    p.add_argument("images", nargs="+", help="image files, folders or .npz")
+    add_runtime_options(p)
+    p.add_argument("--batch-size", type=int_range(1, 1 << 16), default=32,
+                   help="images per runtime call (default 32); images are read batch by batch")
+    p.add_argument("--profile", action="store_true",
+                   help="print the runtime's per-stage timing (mean, p50, p95, p99) to stderr at the end")
+    p.add_argument("--deadline-ms", type=float_range(0.0, 1e9, lo_open=True), metavar="MS",
+                   help="per runtime call (one --batch-size batch): images still running stop before a step "
+                        "predicted to end later than MS after the call began, keeping their last answer (needs "
+                        "the step latencies `gfnet-edge calibrate` records for this backend and precision)")
+    p.add_argument("--deadline-margin", type=float_range(0.0, 100.0), default=DEFAULT_MARGIN, metavar="F",
+                   help=f"scale the predicted step costs by 1 + F (default {DEFAULT_MARGIN})")
+    p.add_argument("--on-error", choices=["skip", "stop"], default="skip",
+                   help="an unreadable image or input: report it and go on (skip, default) or stop there; "
+                        "either way the results so far are printed and the exit code is 2")
+    p.add_argument("--json", action="store_true", help="JSON output")
+    p.set_defaults(func=run)
