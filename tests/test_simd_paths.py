@@ -22,7 +22,7 @@ GEMV_TOL = {"avx2": 1e-6, "neon": None}
 
 @pytest.fixture(scope="module")
 def level():
-    ops._C.set_simd_enabled(True)
+    ops.set_simd_enabled(True)
     lvl = ops.simd_level()
     if lvl == "generic":
         pytest.skip("this build has no SIMD kernels for this CPU: nothing to compare")
@@ -32,13 +32,13 @@ def level():
 
 def both(fn):
     """``fn()`` with the SIMD kernels, then with the portable loops."""
-    ops._C.set_simd_enabled(True)
+    ops.set_simd_enabled(True)
     try:
         fast = fn()
-        ops._C.set_simd_enabled(False)
+        ops.set_simd_enabled(False)
         plain = fn()
     finally:
-        ops._C.set_simd_enabled(True)
+        ops.set_simd_enabled(True)
     return fast, plain
 
 

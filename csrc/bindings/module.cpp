@@ -52,7 +52,7 @@ void bind_system(py::module_& m) {
     if (n < 1) throw py::value_error("n must be >= 1, got " + std::to_string(n) + " (the number of threads)");
     gfn::cpu::set_num_threads(n);
   }, py::arg("n"));
-  m.def("simd_level", &gfn::cpu::simd_level, "The SIMD path the CPU kernels use now ('generic' without one).");
+  m.def("simd_level", &gfn::cpu::simd_level, "The SIMD path the CPU kernels use now ('avx2', 'neon', or 'generic' without one).");
   m.def("set_simd_enabled", &gfn::cpu::set_simd_enabled, py::arg("enabled"),
         "Turns the SIMD kernels off/on (results are identical; for tests and benchmarks).");
   m.def("read_pass_seconds", [](int64_t nbytes, int reps) {

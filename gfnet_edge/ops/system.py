@@ -16,13 +16,16 @@ def set_num_threads(n: int) -> None:
 
 
 def simd_level() -> str:
-    """The CPU code path in use: ``"avx2"`` or ``"generic"`` (results are identical)."""
+    """The CPU code path in use: ``"avx2"`` (x86), ``"neon"`` (aarch64) or ``"generic"``.
+
+    NEON results are bit-identical to the portable path; AVX2 uses fused multiply-adds in the
+    GRU / Linear products, so its results agree with the portable path to float32 rounding."""
     return _C.simd_level()
 
 
 def set_simd_enabled(enabled: bool) -> None:
-    """Turns the SIMD kernels off (the portable path) or back on; results are identical, so
-    this is for tests and benchmarks that compare the two paths."""
+    """Turns the SIMD kernels off (the portable path) or back on, for tests and benchmarks
+    that compare the two paths (see :func:`simd_level`)."""
     _C.set_simd_enabled(bool(enabled))
 
 
