@@ -6,11 +6,14 @@ import base64
 import html
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from gfnet_edge.bundle import finite_or_null
+
+if TYPE_CHECKING:
+    from .gallery import GalleryCard
 
 CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1300px;color:#222;padding:0 16px}
@@ -80,7 +83,7 @@ def _fig(figures: Dict[str, bytes], key: str, alt: str) -> str:
     return _img(figures[key], alt) if key in figures else ""
 
 
-def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: List[Dict[str, Any]]) -> str:
+def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: Sequence[GalleryCard]) -> str:
     """The self-contained HTML page (figures and gallery cards inlined as base64 PNG)."""
     b = res["bundle"]
     dev = res["device"]
@@ -196,10 +199,10 @@ def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: List[Di
                  "the full-resolution image with the focus patches in step order (solid, numbered: run; dashed grey: "
                  "where the policy would have looked next, not run because the image exited).</p><div class='gallery'>")
     for g in gallery:
-        cls = "" if g["correct"] else " class='wrong'"
-        parts.append(f"<figure{cls}>{_img(g['png'], 'gallery image', 'card')}<figcaption>#{g['index']} · label "
-                     f"{g['label']} · predicted {g['pred']} ({g['confidence']:.2f}) · exit at step {g['exit_step']} "
-                     f"under {html.escape(g['budget'])}</figcaption></figure>")
+        cls = "" if g.correct else " class='wrong'"
+        parts.append(f"<figure{cls}>{_img(g.png, 'gallery image', 'card')}<figcaption>#{g.index} · label "
+                     f"{g.label} · predicted {g.pred} ({g.confidence:.2f}) · exit at step {g.exit_step} "
+                     f"under {html.escape(g.budget)}</figcaption></figure>")
     parts.append("</div>")
     parts.append("<h2 id='method'>How this was measured</h2><div class='note'>" + "".join(
         f"<p>{html.escape(p)}</p>" for p in res["method_notes"]) + "</div>")
@@ -222,7 +225,7 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def write_report(out_dir: Path, res: Dict[str, Any], figures: Dict[str, bytes], gallery: List[Dict[str, Any]]) -> None:
+def write_report(out_dir: Path, res: Dict[str, Any], figures: Dict[str, bytes], gallery: Sequence[GalleryCard]) -> None:
     """Writes ``report.json`` (strict JSON: non-finite statistics as ``null``) and ``report.html``
     into ``out_dir`` (a staging directory)."""
     text = json.dumps(finite_or_null(res), indent=2, default=_json_default, allow_nan=False)

@@ -171,14 +171,14 @@ def test_infeasible_budget_fails_cleanly(tiny_bundle, tmp_path, capsys):
 
 
 def test_starting_cost_falls_back_when_the_device_slowed_down():
-    from gfnet_edge.calibrate.pipeline import _starting_cost
+    from gfnet_edge.calibrate.verify import Measurement, starting_cost
 
-    hist = [{"when": "start", "cost_ms": [1.0, 2.0, 3.0]}, {"when": "re-measure ms-1.5", "cost_ms": [1.2, 2.2, 3.2]}]
-    cost, note = _starting_cost(1.5, hist)  # pooled glance 1.1 ms: the median of both, no note
+    hist = [Measurement("start", [1.0, 2.0, 3.0], 10), Measurement("re-measure ms-1.5", [1.2, 2.2, 3.2], 10)]
+    cost, note = starting_cost(1.5, hist)  # pooled glance 1.1 ms: the median of both, no note
     assert cost.tolist() == pytest.approx([1.1, 2.1, 3.1]) and note is None
-    hist.append({"when": "re-measure ms-2.0", "cost_ms": [4.0, 5.0, 6.0]})
-    hist.append({"when": "re-measure ms-2.5", "cost_ms": [5.0, 6.0, 7.0]})
-    cost, note = _starting_cost(1.5, hist)  # pooled glance (1.2 + 4.0) / 2 = 2.6 ms > 1.5 ms
+    hist.append(Measurement("re-measure ms-2.0", [4.0, 5.0, 6.0], 10))
+    hist.append(Measurement("re-measure ms-2.5", [5.0, 6.0, 7.0], 10))
+    cost, note = starting_cost(1.5, hist)  # pooled glance (1.2 + 4.0) / 2 = 2.6 ms > 1.5 ms
     assert cost.tolist() == [1.2, 2.2, 3.2]  # the latest measurement under which 1.5 ms can be met
     assert "slowed down" in note and "2.600 ms" in note and "'re-measure ms-1.5'" in note
 
