@@ -8,7 +8,7 @@ import numpy as np
 
 from gfnet_edge.errors import InputError
 
-from .fit import budget_name
+from .budgets import Budget
 from .latency import CLOCKS
 
 
@@ -20,8 +20,10 @@ class CalibrationConfig:
         bundle: bundle directory.
         data: ``demo``, a folder with class subfolders, or an ``.npz`` with labels.
         output: report directory (written atomically).
-        budgets_ms: mean per-image latency budgets (ms); empty: three spread between the glance's and
-            the full model's latency.
+        budgets_ms: mean per-image latency budgets (ms).
+        budgets: budgets of any kind (:class:`~calibrate.budgets.Budget`: ``p95:1.2``, ``mean:2``);
+            with ``budgets_ms`` empty too: three mean budgets spread between the glance's and the
+            full model's latency.
         backend, precision, threads, dla_core, head_dtype: how the runtime runs (as ``Runtime``).
         batch: images per ``predict`` call for which budgets are fitted and verified.
         batch_size: a second batch size whose step latency is measured (throughput; 0: none).
@@ -40,6 +42,7 @@ class CalibrationConfig:
         default: make this budget (a name or a ms value) the bundle's default.
         force: replace an existing report directory.
         gallery: number of gallery images.
+        deadlines: deadlines of the report's deadline sweep (0: no sweep).
         seed: split seed.
         clock: ``wall`` (wall-clock latency) or ``cpu`` (CPU time of the calling thread; needs
             ``threads=1``; for shared machines whose other load would distort wall-clock times).
@@ -50,6 +53,7 @@ class CalibrationConfig:
     data: str
     output: str
     budgets_ms: Sequence[float] = ()
+    budgets: Sequence[Budget] = ()
     backend: str = "auto"
     precision: str = "auto"
     threads: Optional[int] = None
@@ -72,6 +76,7 @@ class CalibrationConfig:
     default: Optional[str] = None
     force: bool = False
     gallery: int = 12
+    deadlines: int = 6
     seed: int = 0
     clock: str = "wall"
     progress: bool = True
@@ -84,13 +89,16 @@ class CalibrationConfig:
             raise InputError(f"--batch-size must be >= 0, got {self.batch_size}")
         if self.repeats < 5 or self.warmup < 0:
             raise InputError(f"--repeats must be >= 5 and --warmup >= 0 (got {self.repeats}, {self.warmup})")
+        if self.deadlines < 0:
+            raise InputError(f"--deadlines must be >= 0, got {self.deadlines}")
         if self.attempts < 1:
             raise InputError(f"--attempts must be >= 1, got {self.attempts}")
         for b in self.budgets_ms:
             if not np.isfinite(b) or b <= 0:
                 raise InputError(f"--budget-ms values must be positive milliseconds, got {b}")
-        if len({budget_name(b) for b in self.budgets_ms}) != len(self.budgets_ms):
-            raise InputError(f"--budget-ms has duplicates: {list(self.budgets_ms)}")
+        names = [b.name for b in self.given_budgets()]
+        if len(set(names)) != len(names):
+            raise InputError(f"--budget-ms / --budget name a budget twice: {', '.join(names)}")
         if self.threads is not None and self.threads < 1:
             raise InputError(f"--threads must be >= 1, got {self.threads}")
         if self.clock not in CLOCKS:
@@ -102,3 +110,8 @@ class CalibrationConfig:
     def quick(self) -> "CalibrationConfig":
         """The same options with half the timed calls (at least 10): for re-measurements."""
         return replace(self, repeats=max(10, self.repeats // 2))
+
+    def given_budgets(self) -> List[Budget]:
+        """The budgets asked for: ``budgets_ms`` as mean budgets, then ``budgets``."""
+        return [Budget.mean(b) for b in self.budgets_ms] + [b if isinstance(b, Budget) else Budget.parse(str(b))
+                                                           for b in self.budgets]

@@ -77,11 +77,13 @@ class StepLatency:
         batch: images per ``predict`` call.
         steps: per-image stats of "every image exits at step k", k = 0..T-1.
         stages: profiler summary per exit step (``{k: {stage: {mean_ms ...}}}``), per call.
+        samples: per step, every timed call's ms per image (what tail budgets are fitted with).
     """
 
     batch: int
     steps: List[LatencyStats]
     stages: Dict[int, Dict[str, Dict[str, float]]] = field(default_factory=dict)
+    samples: List[np.ndarray] = field(default_factory=list, repr=False)
 
     @property
     def cost(self) -> np.ndarray:
@@ -220,7 +222,7 @@ def measure_steps(rt, frames: np.ndarray, batch: int = 1, repeats: int = 60, war
             rt.profiler.reset()
     finally:
         rt.profiler.enabled = was
-    return StepLatency(batch, [LatencyStats.of(s) for s in samples], stages)
+    return StepLatency(batch, [LatencyStats.of(s) for s in samples], stages, [np.asarray(s) for s in samples])
 
 
 @dataclass

@@ -16,15 +16,17 @@ from gfnet_edge.runtime.deadline import step_costs_entry, step_costs_key
 
 from . import gallery as gal
 from . import plots
+from .budgets import Budget
 from .compare import compare_precisions, static_int8, static_results
 from .config import CalibrationConfig
 from .data import load_calibration_data
-from .fit import budget_name, check_feasible, default_budgets
+from .fit import default_budgets
 from .latency import CLOCKS, StepLatency, camera_resize_ms, device_description, measure_steps
 from .precision import trace_frames
 from .progress import Progress
 from .report import write_report
-from .verify import BudgetResult, Measurement, fit_and_verify, pooled, starting_cost, stability
+from .sweep import DeadlineSweep, deadline_sweep, sweep_deadlines
+from .verify import BudgetResult, Measurement, check_budget_feasible, fit_and_verify, pool, starting_latency, stability
 
 __all__ = ["CalibrationConfig", "run_calibration", "static_int8"]
 
@@ -42,10 +44,12 @@ def _measure(rt, frames: np.ndarray, batch: int, cfg: CalibrationConfig, desc: s
 
 def _manifest_entry(b: BudgetResult, rt: "_RtInfo", cfg: CalibrationConfig, device: Dict[str, Any]) -> Dict[str, Any]:
     m = b.run.stats
+    tail = ({"quantile": b.budget.kind.quantile, "measured_quantile_ms": b.measured_ms,
+             "over_budget_pct": b.over_budget_pct} if b.budget.kind.is_tail else {})
     return {
-        "thresholds": b.thresholds, "unit": "ms", "budget_ms": b.budget_ms,
+        "thresholds": b.thresholds, "unit": "ms", "kind": b.budget.kind.value, "budget_ms": b.budget_ms, **tail,
         "expected_ms": b.holdout.expected_ms, "measured_ms": m.mean_ms,
-        "measured_p95_ms": m.p95_ms, "accuracy": b.accuracy,
+        "measured_p95_ms": m.p95_ms, "measured_p99_ms": m.p99_ms, "accuracy": b.accuracy,
         "exit_fractions": b.exit_fractions, "method": cfg.method,
         "backend": rt.backend, "precision": rt.precision, "threads": rt.threads, "batch": cfg.batch, "clock": cfg.clock,
         "device": device["cpu"], "data": cfg.data,
@@ -61,14 +65,15 @@ def _now() -> str:
 
 
 def _resolve_default(cfg: CalibrationConfig, names: List[str]) -> Optional[str]:
+    """The name ``--default`` means: a budget's name, a number of ms (a mean budget) or ``KIND:MS``."""
     if cfg.default is None:
         return None
     d = cfg.default
     if d in names:
         return d
     try:
-        n = budget_name(float(d))
-    except ValueError:
+        n = Budget.parse(d).name
+    except InputError:
         n = d
     if n in names:
         return n
@@ -88,9 +93,10 @@ class _Measured:
     results: List[BudgetResult]
     default: Optional[str]
     rt: "_RtInfo"
+    sweep: Optional[DeadlineSweep]
 
 
-def _run_budgets(rt, data, cfg: CalibrationConfig) -> _Measured:
+def _run_budgets(rt, data, cfg: CalibrationConfig, cpu: str) -> _Measured:
     """Measures the step latency, traces both splits, fits and verifies every budget with ``rt``."""
     fit_x, fit_y = data.part("fit")
     hold_x, hold_y = data.part("holdout")
@@ -98,10 +104,10 @@ def _run_budgets(rt, data, cfg: CalibrationConfig) -> _Measured:
     # 1. latency of each step on this device
     lat1 = _measure(rt, lat_frames, cfg.batch, cfg, f"latency b={cfg.batch}")
     cost = lat1.cost
-    budgets = list(cfg.budgets_ms) or default_budgets(cost)
+    budgets = cfg.given_budgets() or [Budget.mean(b) for b in default_budgets(cost)]
     for b in budgets:  # infeasible budgets and a bad --default fail before any long work
-        check_feasible(b, cost, _where(rt))
-    default = _resolve_default(cfg, [budget_name(b) for b in budgets])
+        check_budget_feasible(b, lat1, _where(rt))
+    default = _resolve_default(cfg, [b.name for b in budgets])
     latN = None
     if cfg.batch_size and cfg.batch_size != cfg.batch:
         latN = _measure(rt, lat_frames, cfg.batch_size, cfg, f"latency b={cfg.batch_size}", stage_calls=5)
@@ -109,24 +115,45 @@ def _run_budgets(rt, data, cfg: CalibrationConfig) -> _Measured:
     with Progress(cfg.progress, len(data.labels), "trace") as bar:
         fit_probs, _ = trace_frames(rt, fit_x, progress=bar)
         hold_probs, hold_coords = trace_frames(rt, hold_x, progress=bar)
-    history = [Measurement("start", cost.tolist(), cfg.repeats)]
+    history = [Measurement("start", cost.tolist(), cfg.repeats, lat1.samples)]
     quick = cfg.quick()
 
-    def remeasure(why: str) -> np.ndarray:
-        c = _measure(rt, lat_frames, cfg.batch, quick, why, stage_calls=0).cost
-        history.append(Measurement(why, c.tolist(), quick.repeats))
-        return pooled(history)
+    def remeasure(why: str):
+        lat = _measure(rt, lat_frames, cfg.batch, quick, why, stage_calls=0)
+        history.append(Measurement(why, lat.cost.tolist(), quick.repeats, lat.samples))
+        return pool(history)
 
     results = []
     for b in budgets:  # each budget starts from all step-latency measurements so far, pooled
-        start, note = starting_cost(b, history)
+        start, note = starting_latency(b, history)
         if note:
-            logger.warning("%s: %s", budget_name(b), note)
+            logger.warning("%s: %s", b.name, note)
         results.append(fit_and_verify(rt, b, fit_probs, fit_y, hold_probs, hold_y, hold_x, start, cfg, remeasure,
                                       note=note))
     remeasure("end")  # for the stability check only
-    return _Measured(lat1, latN, history, fit_probs, hold_probs, hold_coords, results, default,
-                     _RtInfo(rt.backend, rt.precision, cfg.threads))
+    info = _RtInfo(rt.backend, rt.precision, cfg.threads)
+    sweep = None
+    if cfg.deadlines:  # 3. the deadline sweep, planned with the step costs written to the manifest
+        from gfnet_edge.runtime.deadline import StepCosts
+
+        rt.set_step_costs(StepCosts.from_manifest(_step_costs(lat1, latN, info, cpu)))
+        r = _featured(results, default)
+        sweep = deadline_sweep(rt, hold_x, hold_y, r.thresholds, r.name, sweep_deadlines(lat1, cfg.deadlines),
+                               batch=cfg.batch, no_deadline_accuracy=r.accuracy, progress=cfg.progress)
+    return _Measured(lat1, latN, history, fit_probs, hold_probs, hold_coords, results, default, info, sweep)
+
+
+def _featured(results: Sequence[BudgetResult], default: Optional[str]) -> BudgetResult:
+    """The budget the gallery and the deadline sweep show: the default one, else the middle one."""
+    return next((x for x in results if x.name == default), results[len(results) // 2])
+
+
+def _step_costs(lat1: StepLatency, latN: Optional[StepLatency], rt: "_RtInfo", cpu: str) -> Dict[str, Any]:
+    """The manifest ``step_costs`` entry of the measured step latency (smallest batch first)."""
+    lats = sorted([lat for lat in (lat1, latN) if lat is not None], key=lambda lat: lat.batch)
+    costs = step_costs_entry(lats, rt.backend, rt.precision, rt.threads, cpu)
+    costs["calibrated"] = _now()
+    return costs
 
 
 def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
@@ -157,7 +184,7 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
     rt = Runtime(bundle, backend=cfg.backend, precision=cfg.precision, threads=cfg.threads, profile=True,
                  dla_core=cfg.dla_core, head_dtype=cfg.head_dtype)
     try:
-        m = _run_budgets(rt, data, cfg)
+        m = _run_budgets(rt, data, cfg, device["cpu"])
     finally:
         rt.close()
     results, cost, main_precision = m.results, m.lat1.cost, m.rt.precision
@@ -172,7 +199,11 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
     for r in prec["rows"]:
         if r["precision"] != main_precision:
             anytime[f"{r['precision']} (held-out)"] = r["anytime_accuracy"]
-    static = [s.to_dict() for s in static_results(cfg, main_precision, hold_x, hold_y, fit_x, model)]
+    statics = static_results(cfg, main_precision, hold_x, hold_y, fit_x, model)
+    static = [s.to_dict() for s in statics]
+    if m.sweep is not None:
+        for s in statics:
+            m.sweep.add_static(s.name, s.call_ms)
 
     names = [r.name for r in results]
     res: Dict[str, Any] = {
@@ -195,6 +226,7 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
                                     "ms = exit-model expectation with the measured step latency"},
         "budgets": [r.to_dict() for r in results],
         "precisions": prec, "static": static,
+        "deadline_sweep": m.sweep.to_dict() if m.sweep is not None else None,
         "manifest": {"write": cfg.write_manifest, "budgets": names, "default_budget": m.default,
                      "status": ("budgets " + ", ".join(names) + " written to the bundle manifest" +
                                 (f"; default budget {m.default}" if m.default else "")) if cfg.write_manifest
@@ -219,9 +251,7 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
 def _write_manifest(cfg: CalibrationConfig, m: _Measured, device: Dict[str, Any]) -> None:
     """Stores the budgets (and the measured step costs deadlines plan with) in the bundle's manifest."""
     entries = {r.name: _manifest_entry(r, m.rt, cfg, device) for r in m.results}
-    lats = sorted([lat for lat in (m.lat1, m.latN) if lat is not None], key=lambda lat: lat.batch)
-    costs = step_costs_entry(lats, m.rt.backend, m.rt.precision, cfg.threads, device["cpu"])
-    costs["calibrated"] = _now()
+    costs = _step_costs(m.lat1, m.latN, m.rt, device["cpu"])
 
     def upd(man: Dict[str, Any]) -> None:
         man.setdefault("budgets", {}).update(entries)
@@ -259,7 +289,11 @@ def _figures(res: Dict[str, Any], results: Sequence[BudgetResult], cost: np.ndar
                                                  cost.tolist(), res["settings"]["batch"], res["settings"]["clock"]),
         "latency_histogram": plots.latency_histogram({r.name: r.run.ms for r in results},
                                                      {r.name: r.budget_ms for r in results}),
+        "latency_cdf": plots.latency_cdf({r.name: r.run.ms for r in results}, {r.name: r.budget for r in results}),
     }
+    sweep = res.get("deadline_sweep")
+    if sweep and sweep["rows"]:
+        figs["deadline_sweep"] = plots.deadline_sweep(sweep["rows"], sweep["no_deadline_accuracy"], sweep["budget"])
     return figs
 
 
@@ -267,7 +301,7 @@ def _gallery(results: Sequence[BudgetResult], hold_x, hold_y, hold_coords, hold_
              default: Optional[str]) -> List[gal.GalleryCard]:
     if not cfg.gallery or not results:
         return []
-    r = next((x for x in results if x.name == default), results[len(results) // 2])
+    r = _featured(results, default)
     run = r.run
     idx = gal.pick(hold_y, run.classes, run.exit_step, model.steps, cfg.gallery, cfg.seed)
     cards = []
@@ -300,6 +334,13 @@ def _method_notes(cfg: CalibrationConfig, T: int) -> List[str]:
         f"with the per-step median of all measurements so far; at most {cfg.attempts} rounds, every round in "
         "report.json. Each budget starts from that median; all measurements are listed under latency.history, and "
         "a spread of more than 10% between them is reported as a warning (the device was not idle).",
-        "Budgets are per-image means at the stated batch size on this device, backend, precision and thread count; "
-        "recalibrate when any of them changes.",
+        "Tail budgets (p90, p95, p99): an image exiting at step k takes as long as a call whose images all exit at "
+        "k, so the share of images slower than a limit L is sum_k frac_k * e_k(L), where e_k(L) is the share of "
+        "step k's timed calls (all step-latency measurements so far) above L. The same threshold search keeps that "
+        "share within 1 - q for L = budget * (1 - margin); verification measures the percentile itself.",
+        "Deadline sweep: every held-out image runs through Runtime.predict(..., deadline_ms=D) with the featured "
+        "budget's thresholds, the runtime planning each step with the measured p99 step latency; the static "
+        "baseline's miss rate at D is the share of its timed calls slower than D.",
+        "Budgets are per-image means or percentiles at the stated batch size on this device, backend, precision and "
+        "thread count; recalibrate when any of them changes.",
     ]

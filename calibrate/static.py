@@ -35,6 +35,7 @@ class StaticResult:
         latency: per-image latency at the calibration batch size.
         macs: multiply-adds per image when known.
         meta: metadata of the checkpoint (no weights).
+        call_ms: every timed call's latency (ms per call, not in ``to_dict``).
     """
 
     name: str
@@ -43,6 +44,7 @@ class StaticResult:
     latency: LatencyStats
     macs: Optional[int] = None
     meta: Dict[str, Any] = field(default_factory=dict)
+    call_ms: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "source": self.source, "accuracy": self.accuracy,
@@ -171,7 +173,8 @@ def evaluate_static(path: Path, name: str, frames: np.ndarray, labels: np.ndarra
             ms.append(dt)
     meta = meta or {}
     macs = meta.get("macs")
-    return StaticResult(name, str(source or path), acc, LatencyStats.of(ms), int(macs) if macs else None, meta)
+    return StaticResult(name, str(source or path), acc, LatencyStats.of(ms), int(macs) if macs else None, meta,
+                        np.asarray(ms, dtype=np.float64) * batch)
 
 
 def static_baselines(sources: List[str], frames: np.ndarray, labels: np.ndarray, calib_frames: np.ndarray,
