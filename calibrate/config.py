@@ -98,7 +98,7 @@ class CalibrationConfig:
                 raise InputError(f"--budget-ms values must be positive milliseconds, got {b}")
         names = [b.name for b in self.given_budgets()]
         if len(set(names)) != len(names):
-            raise InputError(f"--budget-ms / --budget name a budget twice: {', '.join(names)}")
+            raise InputError(f"--budget-ms / --budget have duplicates: {', '.join(names)}")
         if self.threads is not None and self.threads < 1:
             raise InputError(f"--threads must be >= 1, got {self.threads}")
         if self.clock not in CLOCKS:

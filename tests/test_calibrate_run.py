@@ -261,7 +261,10 @@ def test_report_is_atomic_on_failure(tiny_bundle, tmp_path, monkeypatch, capsys)
 
 @pytest.mark.parametrize("args,match", [(["--clock", "cpu", "--threads", "2"], "--threads 1"),
                                         (["--budget-ms", "3", "3"], "duplicates"),
-                                        (["--default", "7"], "not one of the calibrated budgets")])
+                                        (["--default", "7"], "not one of the calibrated budgets"),
+                                        (["--budget", "p42:1"], "unknown kind"),
+                                        (["--budget", "mean:3", "--budget-ms", "3"], "duplicates"),
+                                        (["--deadlines", "-1"], "--deadlines")])
 def test_bad_options(tiny_bundle, tmp_path, capsys, args, match):
     bundle = _fresh(tiny_bundle, tmp_path)
     out = tmp_path / "r"
@@ -347,3 +350,79 @@ def test_runtime_input_fuses_preprocessing_only_without_crop(tiny_bundle):
     np.testing.assert_array_equal(fused.classes, normalised.classes)
     np.testing.assert_array_equal(fused.exit_step, normalised.exit_step)
     np.testing.assert_array_equal(fused.coords, normalised.coords)
+
+
+def test_tail_budget_run_manifest_and_deadline_sweep(tiny_bundle, tmp_path, capsys):
+    """A p95 budget next to a mean budget: named, fitted, verified (its measured p95 reported next to
+    the limit), stored for the runtime, and the report's distribution and deadline-sweep sections."""
+    from gfnet_edge.runtime import Runtime
+
+    bundle = _fresh(tiny_bundle, tmp_path)
+    out = tmp_path / "r"
+    # generous limits: every image may run the full model
+    rc = _main(["calibrate", str(bundle), "--data", str(tiny_bundle / "data.npz"), "-o", str(out), "--no-compare",
+                "--budget", "p95:500", "mean:400", "--default", "p95:500", "--deadlines", "3", *FAST])
+    assert rc == 0
+    res = json.loads((out / "report.json").read_text())
+    b = {x["name"]: x for x in res["budgets"]}
+    assert list(b) == ["p95-500.0", "ms-400.0"]
+    t = b["p95-500.0"]
+    assert t["kind"] == "p95" and t["quantile"] == 0.95 and t["fit"]["fit_exceedance"] == 0.0
+    # the limit does not bind: thresholds at least as accurate as "all exit at the glance" (a start of the search)
+    assert t["fit"]["fit_accuracy"] >= res["anytime"]["fp32 (fit)"][0] - 1e-9 and t["consistent_with_trace"]
+    d = t["measured"]["distribution"]
+    assert t["measured"]["statistic_ms"] == pytest.approx(d["p95_ms"]) and d["p50_ms"] <= d["p95_ms"] <= d["max_ms"]
+    assert d["over_budget_pct"] == 0.0 and b["ms-400.0"]["measured"]["statistic_ms"] == pytest.approx(
+        b["ms-400.0"]["measured"]["mean_ms"])
+    assert [a["statistic"] for a in t["attempts"]] == ["p95"] * len(t["attempts"])
+    m = Bundle.load(bundle).manifest
+    e = m["budgets"]["p95-500.0"]
+    assert m["default_budget"] == "p95-500.0" and e["kind"] == "p95" and e["quantile"] == 0.95
+    assert e["measured_quantile_ms"] == pytest.approx(t["measured"]["statistic_ms"])
+    assert m["budgets"]["ms-400.0"]["kind"] == "mean"
+    with Runtime(bundle, backend="onnxruntime", precision="fp32", threads=1) as rt:
+        assert rt.budget == "p95-500.0" and rt.thresholds == pytest.approx(t["thresholds"])
+    sw = res["deadline_sweep"]
+    steps = res["latency"]["budget_batch"]["steps"]
+    ds = [r["deadline_ms"] for r in sw["rows"]]
+    assert sw["budget"] == "p95-500.0" and len(ds) == 3
+    assert ds[0] == pytest.approx(steps[0]["p50_ms"]) and ds[-1] == pytest.approx(steps[-1]["p99_ms"])
+    assert all(1.0 <= r["mean_steps"] <= T and 0 <= r["over_10pct"] <= r["over_pct"] <= 100 for r in sw["rows"])
+    html = (out / "report.html").read_text()
+    assert "id='distribution'" in html and "id='deadlines'" in html and '<table class="deadlines">' in html
+    assert "p95 &lt;= 500.00" in html and "deadline sweep (p95-500.0" in capsys.readouterr().out
+
+
+def test_infeasible_tail_budget_fails_cleanly(tiny_bundle, tmp_path, capsys):
+    bundle = _fresh(tiny_bundle, tmp_path)
+    manifest = (bundle / "manifest.json").read_bytes()
+    out = tmp_path / "r"
+    rc = _main(["calibrate", str(bundle), "--data", str(tiny_bundle / "data.npz"), "-o", str(out),
+                "--budget", "p99:0.001", *FAST])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "p99:0.001 ms cannot be met" in err[0] and "smallest feasible p99 budget" in err[0]
+    assert not out.exists() and (bundle / "manifest.json").read_bytes() == manifest
+
+
+def test_deadline_sweep_stops_where_the_deadline_says(tiny_bundle):
+    """A deadline nothing fits in stops every image after the glance (accuracy = the glance's, from
+    the trace); a deadline everything fits in changes nothing (accuracy = the run without one)."""
+    from gfnet_edge.calibrate.latency import forced_exit_thresholds, measure_calls, prepare_frames
+    from gfnet_edge.calibrate.sweep import deadline_sweep
+    from gfnet_edge.runtime import Runtime
+    from gfnet_edge.runtime.deadline import StepCosts
+
+    data = np.load(tiny_bundle / "data.npz")
+    x, y = data["images"][:12], data["labels"][:12]
+    full = forced_exit_thresholds(T, T - 1)  # no early exit: only the deadline stops an image
+    with Runtime(tiny_bundle / "bundle", backend="onnxruntime", precision="fp32", threads=1) as rt:
+        rt.set_step_costs(StepCosts.from_cumulative([1.0, 2.0, 3.0]))
+        glance = rt.trace(prepare_frames(rt.model, x)).probs[0].argmax(axis=1)
+        free = measure_calls(rt, x, full, warmup=0)
+        sw = deadline_sweep(rt, x, y, full, "all steps", [1e-3, 1e6])
+    tight, loose = sw.rows
+    assert tight.mean_steps == 1.0 and tight.stopped_pct == 100.0
+    assert tight.accuracy == pytest.approx(100.0 * (glance == y).mean())
+    assert loose.mean_steps == T and loose.stopped_pct == 0.0 and loose.over_pct == 0.0
+    assert loose.accuracy == pytest.approx(100.0 * (free.classes == y).mean())
