@@ -84,14 +84,23 @@ def starting_latency(budget: Budget, history: Sequence[Measurement]) -> Tuple[Po
     glance = smallest_limit(lat.samples[0], q)
     if budget.ms >= glance:
         return lat, None
-    feasible = [h for h in history if h.samples and smallest_limit(h.samples[0], q) <= budget.ms]
-    if not feasible:  # callers check every budget against the first measurement; this is a bug if reached
-        raise RuntimeError(f"{budget.name} is below the glance latency of every measurement")
-    h = feasible[-1]
-    note = (f"the device slowed down during calibration: the glance's {budget.kind.value} is now {glance:.3f} ms "
-            f"(all {len(history)} measurements), above this budget; thresholds were fitted with the step latency "
-            f"measured at '{h.when}'")
+    h, note = _fallback(history, budget.ms, lambda m: smallest_limit(m.samples[0], q) if m.samples else np.inf,
+                        glance, f"'s {budget.kind.value}", f"{len(history)} measurements pooled")
     return PooledLatency(np.asarray(h.cost_ms, dtype=np.float64), list(h.samples)), note
+
+
+def _fallback(history: Sequence[Measurement], budget_ms: float, glance_of: Callable[[Measurement], float],
+              now: float, what: str, how: str) -> Tuple[Measurement, str]:
+    """The latest measurement whose glance (``glance_of``) meets ``budget_ms``, and the note saying
+    the fit uses it because the glance now takes ``now`` ms (``how``: over which measurements)."""
+    feasible = [h for h in history if glance_of(h) <= budget_ms]
+    if not feasible:  # callers check every budget against the first measurement; this is a bug if reached
+        raise RuntimeError(f"budget {budget_ms} ms is below the glance latency of every measurement")
+    h = feasible[-1]
+    note = (f"the device slowed down during calibration: the glance{what} now takes {now:.3f} ms ({how}), "
+            f"above this budget; thresholds were fitted with the step latency "
+            f"measured at '{h.when}' (glance{what} {glance_of(h):.3f} ms)")
+    return h, note
 
 
 def starting_cost(budget: float, history: Sequence[Measurement]) -> Tuple[np.ndarray, Optional[str]]:
@@ -114,13 +123,8 @@ def starting_cost(budget: float, history: Sequence[Measurement]) -> Tuple[np.nda
     pool = pooled(history)
     if budget >= pool[0]:
         return pool, None
-    feasible = [h for h in history if h.cost_ms[0] <= budget]
-    if not feasible:  # callers check every budget against the first measurement; this is a bug if reached
-        raise RuntimeError(f"budget {budget} ms is below the glance latency of every measurement")
-    h = feasible[-1]
-    note = (f"the device slowed down during calibration: the glance now takes {pool[0]:.3f} ms (median of "
-            f"{len(history)} measurements), above this budget; thresholds were fitted with the step latency "
-            f"measured at '{h.when}' (glance {h.cost_ms[0]:.3f} ms)")
+    h, note = _fallback(history, budget, lambda m: m.cost_ms[0], float(pool[0]), "",
+                        f"median of {len(history)} measurements")
     return np.asarray(h.cost_ms, dtype=np.float64), note
 
 

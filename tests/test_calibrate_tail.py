@@ -153,3 +153,21 @@ def test_static_miss_rate_in_the_sweep():
 def test_every_budget_pair_has_distinct_names():
     names = [Budget(k, ms).name for k, ms in itertools.product(BudgetKind, (1.0, 1.25))]
     assert len(set(names)) == len(names)
+
+
+def test_tail_budget_starts_from_the_latest_measurement_it_can_meet():
+    """The device slows down after the first measurement: pooled, the glance's p95 exceeds the
+    budget, so the fit starts from the first measurement's timings, and says so."""
+    from gfnet_edge.calibrate.verify import Measurement, starting_latency
+
+    rng = np.random.default_rng(6)
+    fast = _step_latency(rng, 100)
+    slow = [3 * s for s in _step_latency(rng, 100)]
+    hist = [Measurement("start", [float(s.mean()) for s in fast], 100, fast)]
+    budget = Budget(BudgetKind.P95, 1.0)
+    lat, note = starting_latency(budget, hist)
+    assert note is None and all(np.array_equal(a, b) for a, b in zip(lat.samples, fast))
+    hist += [Measurement(f"re-measure {i}", [float(s.mean()) for s in slow], 100, slow) for i in range(2)]
+    lat, note = starting_latency(budget, hist)  # pooled: 2/3 of the glance timings near 1.5 ms
+    assert all(np.array_equal(a, b) for a, b in zip(lat.samples, fast)) and lat.cost.tolist() == hist[0].cost_ms
+    assert "slowed down" in note and "p95" in note and "'start'" in note
