@@ -157,17 +157,22 @@ def test_default_budget_and_explicit_budgets(tiny_bundle, tmp_path, capsys):
     assert "ms-500.0" in text and "report:" in text and "step latency" in text
 
 
-def test_infeasible_budget_fails_cleanly(tiny_bundle, tmp_path, capsys):
+def _rejected(tiny_bundle, tmp_path, capsys, budget_args) -> str:
+    """Runs calibrate with ``budget_args``, checks exit code 2 with nothing written, returns stderr."""
     bundle = _fresh(tiny_bundle, tmp_path)
     manifest = (bundle / "manifest.json").read_bytes()
     out = tmp_path / "r"
-    rc = _main(["calibrate", str(bundle), "--data", str(tiny_bundle / "data.npz"), "-o", str(out),
-                "--budget-ms", "0.001", *FAST])
+    rc = _main(["calibrate", str(bundle), "--data", str(tiny_bundle / "data.npz"), "-o", str(out), *budget_args,
+                *FAST])
     assert rc == 2
-    err = capsys.readouterr().err
-    assert "cannot be met" in err and "glance alone" in err and "smallest feasible budget" in err
     assert not out.exists() and (bundle / "manifest.json").read_bytes() == manifest
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".r.")]
+    return capsys.readouterr().err
+
+
+def test_infeasible_budget_fails_cleanly(tiny_bundle, tmp_path, capsys):
+    err = _rejected(tiny_bundle, tmp_path, capsys, ["--budget-ms", "0.001"])
+    assert "cannot be met" in err and "glance alone" in err and "smallest feasible budget" in err
 
 
 def test_starting_cost_falls_back_when_the_device_slowed_down():
@@ -394,15 +399,8 @@ def test_tail_budget_run_manifest_and_deadline_sweep(tiny_bundle, tmp_path, caps
 
 
 def test_infeasible_tail_budget_fails_cleanly(tiny_bundle, tmp_path, capsys):
-    bundle = _fresh(tiny_bundle, tmp_path)
-    manifest = (bundle / "manifest.json").read_bytes()
-    out = tmp_path / "r"
-    rc = _main(["calibrate", str(bundle), "--data", str(tiny_bundle / "data.npz"), "-o", str(out),
-                "--budget", "p99:0.001", *FAST])
-    assert rc == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = _rejected(tiny_bundle, tmp_path, capsys, ["--budget", "p99:0.001"]).strip().splitlines()
     assert len(err) == 1 and "p99:0.001 ms cannot be met" in err[0] and "smallest feasible p99 budget" in err[0]
-    assert not out.exists() and (bundle / "manifest.json").read_bytes() == manifest
 
 
 def test_deadline_sweep_stops_where_the_deadline_says(tiny_bundle):
