@@ -189,8 +189,8 @@ def test_starting_cost_falls_back_when_the_device_slowed_down():
 
 
 def test_calibration_survives_a_device_slowdown(tiny_bundle, tmp_path, monkeypatch, capsys):
-    """The device slows down tenfold after the first step-latency measurement (as a loaded CI machine
-    did): the small default budgets fall below the pooled glance latency, and the run still fits them,
+    """The device slows down a hundredfold after the first step-latency measurement (as a loaded machine
+    can): the small default budgets fall below the pooled glance latency, and the run still fits them,
     from the first measurement, and says so, instead of failing after the work is done."""
     from gfnet_edge.calibrate import pipeline
 
@@ -201,7 +201,7 @@ def test_calibration_survives_a_device_slowdown(tiny_bundle, tmp_path, monkeypat
         lat = real(rt, frames, batch, cfg, desc, stage_calls)
         calls.append(desc)
         if len(calls) > 1:
-            lat.steps = [dataclasses.replace(s, mean_ms=10 * s.mean_ms) for s in lat.steps]
+            lat.steps = [dataclasses.replace(s, mean_ms=100 * s.mean_ms) for s in lat.steps]
         return lat
 
     monkeypatch.setattr(pipeline, "_measure", slowing)
