@@ -115,3 +115,10 @@ class CalibrationConfig:
         """The budgets asked for: ``budgets_ms`` as mean budgets, then ``budgets``."""
         return [Budget.mean(b) for b in self.budgets_ms] + [b if isinstance(b, Budget) else Budget.parse(str(b))
                                                            for b in self.budgets]
+
+    def timed_calls(self) -> int:
+        """Timed calls per step of the step-latency measurement: ``repeats``, raised with tail
+        budgets to ``10 / (1 - q)`` (200 for p95, 1000 for p99), so that the share of a step's
+        timings above a limit is estimated from at least ten timings at the allowed share."""
+        tails = [b.kind.quantile for b in self.given_budgets() if b.kind.is_tail]
+        return max([self.repeats] + [int(np.ceil(10.0 / (1.0 - q) - 1e-9)) for q in tails])

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import datetime as _dt
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -101,8 +101,9 @@ def _run_budgets(rt, data, cfg: CalibrationConfig, cpu: str) -> _Measured:
     fit_x, fit_y = data.part("fit")
     hold_x, hold_y = data.part("holdout")
     lat_frames = fit_x[: min(len(fit_x), 32)]
-    # 1. latency of each step on this device
-    lat1 = _measure(rt, lat_frames, cfg.batch, cfg, f"latency b={cfg.batch}")
+    # 1. latency of each step on this device (timed more often for tail budgets)
+    timed = replace(cfg, repeats=cfg.timed_calls())
+    lat1 = _measure(rt, lat_frames, cfg.batch, timed, f"latency b={cfg.batch}")
     cost = lat1.cost
     budgets = cfg.given_budgets() or [Budget.mean(b) for b in default_budgets(cost)]
     for b in budgets:  # infeasible budgets and a bad --default fail before any long work
@@ -115,8 +116,8 @@ def _run_budgets(rt, data, cfg: CalibrationConfig, cpu: str) -> _Measured:
     with Progress(cfg.progress, len(data.labels), "trace") as bar:
         fit_probs, _ = trace_frames(rt, fit_x, progress=bar)
         hold_probs, hold_coords = trace_frames(rt, hold_x, progress=bar)
-    history = [Measurement("start", cost.tolist(), cfg.repeats, lat1.samples)]
-    quick = cfg.quick()
+    history = [Measurement("start", cost.tolist(), timed.repeats, lat1.samples)]
+    quick = timed.quick()
 
     def remeasure(why: str):
         lat = _measure(rt, lat_frames, cfg.batch, quick, why, stage_calls=0)
@@ -337,7 +338,8 @@ def _method_notes(cfg: CalibrationConfig, T: int) -> List[str]:
         "Tail budgets (p90, p95, p99): an image exiting at step k takes as long as a call whose images all exit at "
         "k, so the share of images slower than a limit L is sum_k frac_k * e_k(L), where e_k(L) is the share of "
         "step k's timed calls (all step-latency measurements so far) above L. The same threshold search keeps that "
-        "share within 1 - q for L = budget * (1 - margin); verification measures the percentile itself.",
+        "share within 1 - q for L = budget * (1 - margin); verification measures the percentile itself. With tail "
+        f"budgets each step is timed at least 10 / (1 - q) times ({cfg.timed_calls()} here).",
         "Deadline sweep: every held-out image runs through Runtime.predict(..., deadline_ms=D) with the featured "
         "budget's thresholds, the runtime planning each step with the measured p99 step latency; the static "
         "baseline's miss rate at D is the share of its timed calls slower than D.",

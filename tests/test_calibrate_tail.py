@@ -171,3 +171,15 @@ def test_tail_budget_starts_from_the_latest_measurement_it_can_meet():
     lat, note = starting_latency(budget, hist)  # pooled: 2/3 of the glance timings near 1.5 ms
     assert all(np.array_equal(a, b) for a, b in zip(lat.samples, fast)) and lat.cost.tolist() == hist[0].cost_ms
     assert "slowed down" in note and "p95" in note and "'start'" in note
+
+
+def test_tail_budgets_time_each_step_often_enough():
+    from gfnet_edge.calibrate.config import CalibrationConfig
+
+    def calls(*budgets):
+        return CalibrationConfig("b", "d", "o", repeats=60, budgets=[Budget.parse(b) for b in budgets]).timed_calls()
+
+    assert calls() == calls("mean:2") == 60  # mean budgets: --repeats as given
+    for q, b in ((0.95, "p95:1"), (0.99, "p99:1")):  # at least ten timings at the allowed share
+        assert calls(b) * (1 - q) >= 10 - 1e-9 and (calls(b) - 1) * (1 - q) < 10
+    assert calls("p95:1", "p99:2") == calls("p99:1")
