@@ -1,8 +1,9 @@
 """Latency/accuracy calibration of GFNet bundles (``gfnet_edge.calibrate``).
 
 Measures each step's latency on this device with the real runtime, fits exit thresholds for
-budgets in milliseconds, verifies them by running the runtime, writes them into the bundle's
-manifest as named budgets and writes a report (``report.json`` + self-contained ``report.html``).
+budgets in milliseconds (on the mean or on a percentile of per-image latency), verifies them by
+running the runtime, writes them into the bundle's manifest as named budgets and writes a report
+(``report.json`` + self-contained ``report.html``).
 
 Example::
 
@@ -14,10 +15,12 @@ Importing this package needs numpy only; the runtime, matplotlib and torch load 
 """
 from __future__ import annotations
 
+from .budgets import Budget, BudgetKind
 from .fit import BudgetFit, InfeasibleBudget, budget_name, check_feasible, default_budgets, fit_budget
+from .tail import fit_tail_budget
 
-__all__ = ["BudgetFit", "CalibrationConfig", "InfeasibleBudget", "budget_name", "check_feasible", "default_budgets",
-           "fit_budget", "run_calibration"]
+__all__ = ["Budget", "BudgetFit", "BudgetKind", "CalibrationConfig", "InfeasibleBudget", "budget_name",
+           "check_feasible", "default_budgets", "fit_budget", "fit_tail_budget", "run_calibration"]
 
 
 def __getattr__(name: str):

@@ -20,6 +20,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise InputError(f"--tolerance must be BELOW,ABOVE fractions, e.g. 0.10,0.05; got {args.tolerance!r}")
     cfg = CalibrationConfig(
         bundle=args.bundle, data=args.data, output=args.output, budgets_ms=list(args.budget_ms or []),
+        budgets=list(args.budget or []), deadlines=args.deadlines,
         backend=args.backend, precision=args.precision, threads=args.threads, dla_core=args.dla_core,
         head_dtype=args.head_dtype, batch=args.batch,
         batch_size=args.batch_size, num_images=args.num_images, holdout=args.holdout, method=args.method,
@@ -33,7 +34,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print(f"report: {args.output}/report.html")
     bad = [b["name"] for b in res["budgets"] if not b["within_tolerance"]]
     if bad and args.strict:
-        print(f"gfnet-edge: error: measured latency outside the tolerance for {', '.join(bad)}", file=sys.stderr)
+        print(f"gfnet-edge: error: measured latency (the budget's mean or percentile) outside the tolerance for "
+              f"{', '.join(bad)}", file=sys.stderr)
         return 4
     return 0
 
@@ -42,24 +44,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Adds the ``calibrate`` subcommand."""
     from gfnet_edge.runtime.heads import HEAD_DTYPES
 
+    from .budgets import parse_budget_arg
+
     p = sub.add_parser(
         "calibrate", help="measure step latency, fit exit thresholds for ms budgets, verify, report",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
             "Measure each GFNet step's latency on this device with the real runtime, fit exit thresholds for\n"
             "budgets in milliseconds, verify them by running the runtime on held-out images, write them into\n"
-            "the bundle's manifest as named budgets (ms-3.0 ...) and write a report (report.json + report.html).\n\n"
+            "the bundle's manifest as named budgets (ms-3.0, p95-1.2 ...) and write a report (report.json + report.html).\n\n"
             "  gfnet-edge calibrate BUNDLE --data demo --budget-ms 3 4 5 -o report/\n"
+            "  gfnet-edge calibrate BUNDLE --data demo --budget p95:1.2 p99:1.5 -o report/\n"
             "  gfnet-edge calibrate BUNDLE --data val/ --static static.pth.tar --default 4 -o report/\n\n"
-            "Budgets are mean milliseconds per image at --batch (default 1). A budget below the glance's own\n"
-            "latency, unreadable data or an existing report directory stop with an error before anything is written."
+            "--budget-ms bounds the mean milliseconds per image at --batch (default 1); --budget p95:MS (p90, p99)\n"
+            "bounds that percentile of per-image latency on the held-out images. A budget the glance alone cannot\n"
+            "meet, unreadable data or an existing report directory stop with an error before anything is written."
         ),
     )
     p.add_argument("bundle", help="bundle directory (gfnet-edge build-engine)")
     p.add_argument("--data", required=True, help="labelled images: 'demo', a folder with one subfolder per class, or an .npz")
     p.add_argument("-o", "--output", required=True, help="report directory to create (written atomically)")
     p.add_argument("--budget-ms", type=float_range(0.0, 1e6, lo_open=True), nargs="+", metavar="MS",
-                   help="mean latency budgets in ms per image (default: three between the glance's and the full model's)")
+                   help="mean latency budgets in ms per image (default, without --budget: three between the glance's "
+                        "and the full model's)")
+    p.add_argument("--budget", type=parse_budget_arg, nargs="+", metavar="KIND:MS",
+                   help="budgets of any kind: p95:1.2 (at most 5%% of images slower than 1.2 ms), p90:, p99:, mean:")
     p.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt", "torch"], default="auto")
     p.add_argument("--precision", default="auto", help="graph set: auto, fp32, int8-cpu, int8 (TensorRT) ...")
     p.add_argument("--threads", type=THREADS, help="CPU threads of ONNX Runtime and the extension")
@@ -74,7 +83,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="threshold fitting: search (max accuracy under the budget) or the reference p sweep")
     p.add_argument("--margin", type=float_range(0.0, 1.0, hi_open=True), default=0.03, help="safety margin of the fit, fraction of the budget (0.03)")
     p.add_argument("--tolerance", default="0.10,0.05",
-                   help="BELOW,ABOVE: measured mean must lie in [budget*(1-BELOW), budget*(1+ABOVE)] (0.10,0.05)")
+                   help="BELOW,ABOVE: the measured mean (or the percentile of a tail budget) must lie in "
+                        "[budget*(1-BELOW), budget*(1+ABOVE)] (0.10,0.05)")
     p.add_argument("--attempts", type=POSITIVE, default=3, help="fit/verify rounds per budget (default 3)")
     p.add_argument("--repeats", type=POSITIVE, default=60, help="timed calls per step (default 60)")
     p.add_argument("--warmup", type=NON_NEGATIVE, default=5, help="warm-up calls per step (default 5)")
@@ -85,8 +95,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "graphs, so INT8 GFNet is compared with an INT8 static network)")
     p.add_argument("--no-compare", action="store_true", help="do not compare the bundle's other precisions")
     p.add_argument("--no-write", action="store_true", help="report only; leave the bundle's manifest unchanged")
-    p.add_argument("--default", metavar="BUDGET", help="make this budget (name or ms) the bundle's default")
+    p.add_argument("--default", metavar="BUDGET", help="make this budget (name, ms or KIND:MS) the bundle's default")
     p.add_argument("--gallery", type=int_range(0, 1000), default=12, help="gallery images (default 12)")
+    p.add_argument("--deadlines", type=int_range(0, 100), default=6,
+                   help="deadlines of the report's deadline sweep, from the glance's p50 to the full model's p99 "
+                        "(default 6; 0: none)")
     p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="fit/held-out split seed")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall: wall-clock latency (default); cpu: CPU time of the calling thread, with --threads 1 "

@@ -7,10 +7,11 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from gfnet_edge.errors import InputError, missing_build_module, needs_build_side
+from gfnet_edge.model_desc import ModelDesc, as_desc
 
 
 @dataclass
-class CalibrationData:
+class LabelledImages:
     """Labelled uint8 frames split into a fitting and a held-out part.
 
     Attributes:
@@ -38,7 +39,7 @@ class CalibrationData:
                 "holdout": int(len(self.holdout_idx)), "classes_seen": int(len(np.unique(self.labels))), **self.info}
 
 
-def _demo(n: int, model: Dict[str, Any]) -> Tuple[np.ndarray, np.ndarray, str]:
+def _demo(n: int, model: ModelDesc) -> Tuple[np.ndarray, np.ndarray, str]:
     """First ``n`` images of the demo task's test split, generated with the config the model was
     trained on (``demo_data_config`` in the manifest; the generator's defaults otherwise). A larger
     cached set is reused."""
@@ -51,15 +52,15 @@ def _demo(n: int, model: Dict[str, Any]) -> Tuple[np.ndarray, np.ndarray, str]:
         raise needs_build_side("--data demo (generating the demo task's images)", missing) from exc
 
     cfg = demo_config(model) or ClutteredDigitsConfig()
-    if cfg.image_size != int(model["image_size"]):
+    if cfg.image_size != model.image_size:
         raise InputError(f"--data demo: the demo images are {cfg.image_size}px, the model expects "
-                         f"{model['image_size']}px")
+                         f"{model.image_size}px")
     frames, labels = ClutteredDigits("test", size=n, config=cfg).arrays(n, progress=True)  # reuses a larger cache
     return frames, labels.astype(np.int64), cfg.key()
 
 
-def load_calibration_data(source: str, model: Dict[str, Any], limit: Optional[int] = None,
-                          holdout: float = 0.5, seed: int = 0) -> CalibrationData:
+def load_calibration_data(source: str, model: "ModelDesc | Dict[str, Any]", limit: Optional[int] = None,
+                          holdout: float = 0.5, seed: int = 0) -> LabelledImages:
     """Loads labelled calibration images and splits them.
 
     Args:
@@ -74,24 +75,24 @@ def load_calibration_data(source: str, model: Dict[str, Any], limit: Optional[in
     Raises:
         InputError: unreadable data, no labels, too few images, bad arguments.
     """
-    S = int(model["image_size"])
+    model = as_desc(model)
+    S = model.image_size
     info: Dict[str, Any] = {}
     if not 0.0 < holdout < 1.0:
         raise InputError(f"--holdout must be between 0 and 1, got {holdout}")
     if limit is not None and limit < 4:
         raise InputError(f"--num-images must be at least 4, got {limit}")
     if source == "demo":
-        if not str(model.get("model_name", "")).startswith("demo"):
+        if not model.is_demo:
             raise InputError(f"--data demo is the demo task's data; this bundle's model is "
-                             f"{model.get('model_name')!r}: pass --data FOLDER|FILE.npz with labelled images")
+                             f"{model.model_name!r}: pass --data FOLDER|FILE.npz with labelled images")
         frames, labels, key = _demo(limit or 1000, model)
         info = {"demo_split": "test", "demo_config_key": key}
     else:
         from gfnet_edge.data.images import load_images
 
         try:
-            frames, labels = load_images(source, S, float(model.get("crop_pct", 0.875)),
-                                         model.get("dataset_interpolation", "bilinear"))
+            frames, labels = load_images(source, S, model.crop_pct, model.dataset_interpolation)
         except ValueError as exc:
             raise InputError(f"cannot read calibration data: {exc}") from exc
         if labels is None:
@@ -101,12 +102,12 @@ def load_calibration_data(source: str, model: Dict[str, Any], limit: Optional[in
             pick = np.sort(np.random.default_rng(seed).permutation(len(labels))[:limit])
             frames, labels = frames[pick], labels[pick]
     n = len(labels)
-    classes = int(model.get("num_classes", 0) or 0)
+    classes = model.num_classes
     if classes and labels.size and int(labels.max()) >= classes:
         raise InputError(f"{source}: label {int(labels.max())} is out of range for a model with {classes} classes")
     if n < 4:
         raise InputError(f"{source}: {n} labelled image(s); calibration needs at least 4 (better a few hundred)")
     order = np.random.default_rng(seed).permutation(n)
     n_hold = min(n - 2, max(2, int(round(n * holdout))))
-    return CalibrationData(str(source), np.ascontiguousarray(frames), labels.astype(np.int64),
+    return LabelledImages(str(source), np.ascontiguousarray(frames), labels.astype(np.int64),
                            np.sort(order[n_hold:]), np.sort(order[:n_hold]), info)

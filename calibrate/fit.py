@@ -43,6 +43,9 @@ class BudgetFit:
         expected_ms: fitting-split expected latency ``sum_k frac_k * cost[k]``.
         exit_fractions: fitting-split fraction of samples exiting at each step.
         p: the reference ``p`` (``reference``) or the ``p`` the best search start came from.
+        quantile: a tail budget's quantile (0.95 for p95); None for a mean budget.
+        fit_exceedance: a tail budget's fitting-split share of images predicted to take longer
+            than ``target_ms`` (the fit keeps it within ``1 - quantile``).
     """
 
     budget_ms: float
@@ -53,12 +56,17 @@ class BudgetFit:
     expected_ms: float
     exit_fractions: List[float] = field(default_factory=list)
     p: Optional[float] = None
+    quantile: Optional[float] = None
+    fit_exceedance: Optional[float] = None
 
     def to_dict(self) -> dict:
-        return {"budget_ms": self.budget_ms, "target_ms": self.target_ms, "method": self.method,
-                "thresholds": [float(t) for t in self.thresholds], "fit_accuracy": self.accuracy,
-                "fit_expected_ms": self.expected_ms, "fit_exit_fractions": list(self.exit_fractions),
-                "p": self.p}
+        out = {"budget_ms": self.budget_ms, "target_ms": self.target_ms, "method": self.method,
+               "thresholds": [float(t) for t in self.thresholds], "fit_accuracy": self.accuracy,
+               "fit_expected_ms": self.expected_ms, "fit_exit_fractions": list(self.exit_fractions),
+               "p": self.p}
+        if self.quantile is not None:
+            out.update(quantile=self.quantile, fit_exceedance=self.fit_exceedance)
+        return out
 
 
 def check_costs(cost: Sequence[float]) -> np.ndarray:
@@ -67,6 +75,26 @@ def check_costs(cost: Sequence[float]) -> np.ndarray:
     if c.size == 0 or not np.isfinite(c).all() or (c <= 0).any():
         raise InputError(f"per-step latencies must be finite and positive, got {c.tolist()}")
     return c
+
+
+def check_fit_inputs(probs: np.ndarray, labels: np.ndarray, steps: int, method: str,
+                     margin: float) -> Tuple[np.ndarray, np.ndarray]:
+    """``(probs float32 (T, N, K), labels int64 (N,))`` after checking shapes, method and margin.
+
+    Raises:
+        InputError: naming the first problem.
+    """
+    if method not in METHODS:
+        raise InputError(f"unknown threshold method {method!r}; choose one of {', '.join(METHODS)}")
+    if not 0.0 <= margin < 0.5:
+        raise InputError(f"margin must be in [0, 0.5), got {margin}")
+    probs = np.asarray(probs, dtype=np.float32)
+    if probs.ndim != 3 or probs.shape[0] != steps:
+        raise InputError(f"probs must be (T={steps}, N, classes), got {probs.shape}")
+    labels = np.asarray(labels).reshape(-1).astype(np.int64)
+    if labels.size != probs.shape[1]:
+        raise InputError(f"{labels.size} labels for {probs.shape[1]} samples")
+    return probs, labels
 
 
 def check_feasible(budget_ms: float, cost: Sequence[float], where: str = "") -> None:
@@ -203,28 +231,48 @@ def fit_budget(probs: np.ndarray, labels: np.ndarray, cost: Sequence[float], bud
         InfeasibleBudget: the budget is below ``cost[0]``.
         InputError: bad method, shapes or values.
     """
-    if method not in METHODS:
-        raise InputError(f"unknown threshold method {method!r}; choose one of {', '.join(METHODS)}")
-    if not 0.0 <= margin < 0.5:
-        raise InputError(f"margin must be in [0, 0.5), got {margin}")
     c = check_costs(cost)
-    probs = np.asarray(probs, dtype=np.float32)
-    if probs.ndim != 3 or probs.shape[0] != c.size:
-        raise InputError(f"probs must be (T={c.size}, N, classes), got {probs.shape}")
-    labels = np.asarray(labels).reshape(-1).astype(np.int64)
-    if labels.size != probs.shape[1]:
-        raise InputError(f"{labels.size} labels for {probs.shape[1]} samples")
+    probs, labels = check_fit_inputs(probs, labels, c.size, method, margin)
     check_feasible(budget_ms, c)
     target = max(budget_ms * (1.0 - margin), float(c[0]))
+    thr, p = search_thresholds(probs, labels, c, target, method, ps, starts, max_candidates)
+    conf, correct = probs.max(axis=2), probs.argmax(axis=2) == labels[None]
+    nc, t, e = _scores(conf, correct, c, thr)
+    return BudgetFit(float(budget_ms), float(target), method, thr.astype(np.float32),
+                     100.0 * nc / labels.size, t, _fractions(e, c.size), p)
+
+
+def search_thresholds(probs: np.ndarray, labels: np.ndarray, cost: np.ndarray, target: float, method: str = "search",
+                      ps: Sequence[float] = DEFAULT_PS, starts: int = 12,
+                      max_candidates: int = 256) -> Tuple[np.ndarray, Optional[float]]:
+    """The most accurate thresholds on a split whose mean per-image ``cost`` of the exit step is
+    within ``target``: ``sum_k frac_k * cost[k] <= target``.
+
+    ``cost`` may be any per-step quantity averaged over images: the cumulative latency (a mean
+    budget) or the probability that an image exiting at step k exceeds a latency limit (a tail
+    budget). Ties in accuracy go to the larger cost.
+
+    Args:
+        probs: softmax outputs (T, N, classes); labels: (N,).
+        cost: per-step cost (T,); target: its limit.
+        method, ps, starts, max_candidates: as :func:`fit_budget`.
+
+    Returns:
+        ``(thresholds float32 (T,), p)``: ``p`` of the reference solution (or the search's best start).
+
+    Raises:
+        InfeasibleBudget: not even "every image exits at the glance" meets the target.
+    """
+    c = np.asarray(cost, dtype=np.float64)
     conf, pred = probs.max(axis=2), probs.argmax(axis=2)
     correct = pred == labels[None]
-
     scored = []
     for p, thr in reference_sweep(probs, c, ps):
         nc, t, e = _scores(conf, correct, c, thr)
         if t <= target + 1e-9 * max(1.0, target):
             scored.append(((nc, t), p, thr))
-    # the all-glance solution is always feasible (target >= cost[0])
+    if not scored:
+        raise InfeasibleBudget(f"no thresholds meet the target {target:g}: the glance alone costs {c[0]:g}")
     order = sorted(range(len(scored)), key=lambda i: (scored[i][0][0], scored[i][0][1]), reverse=True)
     (best_key, best_p, best_thr) = scored[order[0]]
     if method == "search":
@@ -240,9 +288,7 @@ def fit_budget(probs: np.ndarray, labels: np.ndarray, cost: Sequence[float], bud
             nc, t, _ = _scores(conf, correct, c, thr)
             if _better((nc, t), best_key):
                 best_key, best_p, best_thr = (nc, t), p0, thr
-    nc, t, e = _scores(conf, correct, c, best_thr)
-    return BudgetFit(float(budget_ms), float(target), method, best_thr.astype(np.float32),
-                     100.0 * nc / labels.size, t, _fractions(e, c.size), best_p)
+    return best_thr.astype(np.float32), best_p
 
 
 def budget_name(budget_ms: float) -> str:
@@ -271,4 +317,4 @@ def default_budgets(cost: Sequence[float], n: int = 3) -> List[float]:
 
 
 __all__ = ["BudgetFit", "InfeasibleBudget", "METHODS", "budget_name", "check_feasible", "coordinate_search",
-           "default_budgets", "fit_budget", "reference_sweep"]
+           "check_fit_inputs", "default_budgets", "fit_budget", "reference_sweep", "search_thresholds"]

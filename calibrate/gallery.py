@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import io
-from typing import List, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -83,3 +84,34 @@ def pick(labels: np.ndarray, pred: np.ndarray, exit_step: np.ndarray, steps: int
             if pools[g] and len(chosen) < n:
                 chosen.append(int(pools[g].pop()))
     return sorted(chosen, key=lambda i: (int(exit_step[i]), i))
+
+
+@dataclass
+class GalleryCard:
+    """One gallery image of the report: the runtime's answer for it under one budget.
+
+    Attributes:
+        index: position in the held-out split.
+        label, pred: true and predicted class.
+        confidence: the top probability at the exit step.
+        exit_step: where the image exited.
+        budget: the budget's name.
+        correct: ``pred == label``.
+        coords: top-left of each focus patch (T-1, 2).
+        png: the rendered card (:func:`card`).
+    """
+
+    index: int
+    label: int
+    pred: int
+    confidence: float
+    exit_step: int
+    budget: str
+    correct: bool
+    coords: List[List[int]]
+    png: bytes = field(repr=False, default=b"")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The card's entry of ``report.json`` (the image is in the HTML page only)."""
+        return {"index": self.index, "label": self.label, "pred": self.pred, "confidence": self.confidence,
+                "exit_step": self.exit_step, "budget": self.budget, "correct": self.correct, "coords": self.coords}

@@ -22,9 +22,14 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Sequence, Union
 
 import numpy as np
+
+from gfnet_edge.model_desc import ModelDesc, as_desc
+
+#: A model description, or a manifest ``model`` entry (parsed with :func:`~gfnet_edge.model_desc.as_desc`).
+ModelLike = Union[ModelDesc, Mapping[str, Any]]
 
 UNREACHABLE = 2.0
 ALWAYS = -1e8
@@ -72,11 +77,13 @@ class StepLatency:
         batch: images per ``predict`` call.
         steps: per-image stats of "every image exits at step k", k = 0..T-1.
         stages: profiler summary per exit step (``{k: {stage: {mean_ms ...}}}``), per call.
+        samples: per step, every timed call's ms per image (what tail budgets are fitted with).
     """
 
     batch: int
     steps: List[LatencyStats]
     stages: Dict[int, Dict[str, Dict[str, float]]] = field(default_factory=dict)
+    samples: List[np.ndarray] = field(default_factory=list, repr=False)
 
     @property
     def cost(self) -> np.ndarray:
@@ -106,31 +113,33 @@ def using_thresholds(rt, thresholds: Sequence[float]) -> Iterator[None]:
         rt.thresholds = old
 
 
-def _check_frames(model: Dict[str, object], frames: np.ndarray) -> int:
+def _check_frames(model: ModelDesc, frames: np.ndarray) -> int:
     """S, after checking that ``frames`` are uint8 (N, S, S, 3)."""
-    S = int(model["image_size"])
+    S = model.image_size
     if frames.ndim != 4 or frames.shape[1:] != (S, S, 3) or frames.dtype != np.uint8:
         raise ValueError(f"frames must be uint8 (N, {S}, {S}, 3), got {frames.dtype} {frames.shape}")
     return S
 
 
-def prepare_frames(model: Dict[str, object], frames: np.ndarray) -> np.ndarray:
+def prepare_frames(model: ModelLike, frames: np.ndarray) -> np.ndarray:
     """Normalised float32 (N, 3, S, S) of uint8 S x S frames (no resize, no crop)."""
     from gfnet_edge import ops
 
+    model = as_desc(model)
     S = _check_frames(model, frames)
-    return ops.preprocess(list(frames), S, crop_pct=1.0, interpolation=str(model["dataset_interpolation"]),
-                          mean=tuple(model["mean"]), std=tuple(model["std"]))
+    return ops.preprocess(list(frames), S, crop_pct=1.0, interpolation=model.dataset_interpolation,
+                          mean=model.mean, std=model.std)
 
 
-def runtime_input(model: Dict[str, object], frames: np.ndarray) -> np.ndarray:
+def runtime_input(model: ModelLike, frames: np.ndarray) -> np.ndarray:
     """What a timed call gives ``Runtime.predict`` for uint8 (N, S, S, 3) frames.
 
     The frames themselves when the model does not crop (``crop_pct == 1``: the runtime's
     pre-process is then exactly this normalisation, fused with the glance); otherwise the
     normalised float32 images of :func:`prepare_frames`.
     """
-    if float(model.get("crop_pct", 1.0)) == 1.0:
+    model = as_desc(model)
+    if model.crop_pct == 1.0:
         _check_frames(model, frames)
         return frames
     return prepare_frames(model, frames)
@@ -168,7 +177,7 @@ def measure_steps(rt, frames: np.ndarray, batch: int = 1, repeats: int = 60, war
     Returns:
         The :class:`StepLatency`.
     """
-    T = int(rt.model["steps"])
+    T = rt.model.steps
     thr = [forced_exit_thresholds(T, k) for k in range(T)]
     was = rt.profiler.enabled
     rt.profiler.enabled = False
@@ -188,7 +197,7 @@ def measure_steps(rt, frames: np.ndarray, batch: int = 1, repeats: int = 60, war
                 if progress:
                     progress(1)
         stages: Dict[int, Dict[str, Dict[str, float]]] = {}
-        separate = float(rt.model.get("crop_pct", 1.0)) != 1.0  # a normalise stage (see runtime_input)
+        separate = rt.model.crop_pct != 1.0  # a normalise stage (see runtime_input)
         if stage_calls:
             rt.profiler.enabled = True
             for k in range(T):
@@ -213,7 +222,7 @@ def measure_steps(rt, frames: np.ndarray, batch: int = 1, repeats: int = 60, war
             rt.profiler.reset()
     finally:
         rt.profiler.enabled = was
-    return StepLatency(batch, [LatencyStats.of(s) for s in samples], stages)
+    return StepLatency(batch, [LatencyStats.of(s) for s in samples], stages, [np.asarray(s) for s in samples])
 
 
 @dataclass
@@ -272,14 +281,14 @@ def measure_calls(rt, frames: np.ndarray, thresholds: Sequence[float], batch: in
                    np.concatenate(coords, axis=1))
 
 
-def camera_resize_ms(model: Dict[str, object], size: tuple = (480, 640), repeats: int = 30) -> float:
+def camera_resize_ms(model: ModelLike, size: tuple = (480, 640), repeats: int = 30) -> float:
     """Mean ms to resize + centre-crop + normalise one ``size`` uint8 camera frame (``ops.preprocess``)."""
     from gfnet_edge import ops
 
-    S = int(model["image_size"])
+    model = as_desc(model)
+    S = model.image_size
     frame = np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8)
-    args = dict(crop_pct=float(model["crop_pct"]), interpolation=str(model["dataset_interpolation"]),
-                mean=tuple(model["mean"]), std=tuple(model["std"]))
+    args = dict(crop_pct=model.crop_pct, interpolation=model.dataset_interpolation, mean=model.mean, std=model.std)
     ops.preprocess([frame], S, **args)
     t0 = time.perf_counter()
     for _ in range(repeats):

@@ -165,3 +165,49 @@ def latency_histogram(samples: Dict[str, Sequence[float]], budgets: Dict[str, fl
     ax.set_title("measured latency distribution per budget (dotted: budget)", fontsize=10)
     ax.legend(fontsize=8)
     return _png(fig)
+
+
+def latency_cdf(samples: Dict[str, Sequence[float]], budgets: Dict[str, Any]) -> bytes:
+    """Empirical distribution (CDF) of measured per-image latency per budget; a tail budget's
+    limit is marked at its quantile (the curve must pass at or left of the mark)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for name, v in samples.items():
+        a = np.sort(np.asarray(v, dtype=np.float64))
+        line, = ax.step(a, np.arange(1, a.size + 1) / a.size, where="post", label=name)
+        b = budgets[name]
+        if b.kind.quantile is not None:
+            ax.plot([b.ms], [b.kind.quantile], "o", color=line.get_color(), mfc="none")
+            ax.hlines(b.kind.quantile, a[0], b.ms, colors=line.get_color(), linestyles=":", lw=0.8)
+        else:
+            ax.axvline(b.ms, ls=":", color=line.get_color(), lw=0.8)
+    ax.set_xlabel("per-image latency (ms)")
+    ax.set_ylabel("share of images at or below")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("latency distribution per budget (o: tail budget at its quantile; dotted: mean budget)",
+                 fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    return _png(fig)
+
+
+def deadline_sweep(rows: Sequence[Dict[str, Any]], no_deadline_accuracy: float, budget: str) -> bytes:
+    """GFNet's accuracy and overrun share under each deadline, and each static baseline's miss rate."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    d = [r["deadline_ms"] for r in rows]
+    ax.plot(d, [r["accuracy"] for r in rows], "o-", color="C0", label=f"GFNet accuracy ({budget})")
+    ax.axhline(no_deadline_accuracy, ls=":", color="C0", lw=0.8)
+    ax.set_xlabel("deadline per call (ms)")
+    ax.set_ylabel("accuracy (%)", color="C0")
+    ax2 = ax.twinx()
+    ax2.plot(d, [r["over_10pct"] for r in rows], "s--", color="C3", label="GFNet calls > deadline + 10 %")
+    names = sorted({k for r in rows for k in r["static_miss_pct"]})
+    for i, n in enumerate(names):
+        ax2.plot(d, [r["static_miss_pct"][n] for r in rows], "^-", color=f"C{i + 4}", label=f"{n}: calls > deadline")
+    ax2.set_ylabel("share of calls (%)")
+    ax2.set_ylim(-2, 102)
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="center right")
+    ax.set_title("deadline sweep (dotted: accuracy without a deadline)", fontsize=10)
+    return _png(fig)

@@ -6,11 +6,14 @@ import base64
 import html
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from gfnet_edge.bundle import finite_or_null
+
+if TYPE_CHECKING:
+    from .gallery import GalleryCard
 
 CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1300px;color:#222;padding:0 16px}
@@ -59,20 +62,80 @@ def _exits(fr: Sequence[float]) -> str:
     return " / ".join(f"{100 * f:.0f}" for f in fr)
 
 
+def _budget_row(b: Dict[str, Any]) -> Dict[str, Any]:
+    """One budget's cells: name, limit, thresholds, expected / measured ms, accuracy, exits."""
+    m = b["measured"]
+    kind = b.get("kind", "mean")
+    stat = m.get("statistic_ms", m["mean_ms"])
+    ok = b["within_tolerance"]
+    return {"budget": b["name"], "limit": f"{kind} <= {_f(b['budget_ms'])}", "thresholds": _thr(b["thresholds"]),
+            "expected": _f(b["holdout"]["expected_ms"]), "mean": _f(m["mean_ms"]), "p95": _f(m["p95_ms"]),
+            "p99": _f(m["p99_ms"]), "measured": _f(stat),
+            "vs": (f"{100 * (stat / b['budget_ms'] - 1):+.1f}%", "ok" if ok else "bad"),
+            "accuracy": _f(m["accuracy"]), "reference": _f(b["reference_method"]["accuracy"]),
+            "fit": _f(b["fit"]["fit_accuracy"]), "exits": _exits(m["exit_fractions"])}
+
+
+#: Column key -> header of the budgets table (report page).
+BUDGET_COLUMNS = {"budget": "budget", "limit": "limit", "thresholds": "thresholds (per step)",
+                  "expected": "expected mean ms", "mean": "measured mean ms", "p95": "p95 ms", "p99": "p99 ms",
+                  "measured": "measured (limited statistic)", "vs": "vs budget", "accuracy": "accuracy %",
+                  "reference": "reference-method acc %", "fit": "fit acc %", "exits": "exits % per step"}
+BUDGET_HEADERS = list(BUDGET_COLUMNS.values())
+
+
 def budget_rows(res: Dict[str, Any]) -> List[List[Any]]:
+    """The budgets table's rows, in :data:`BUDGET_COLUMNS` order."""
+    return [[row[k] for k in BUDGET_COLUMNS] for row in map(_budget_row, res["budgets"])]
+
+
+def _distribution_section(res: Dict[str, Any], figures: Dict[str, bytes]) -> List[str]:
+    """Per budget: the measured per-image latency distribution with its percentiles."""
+    parts = ["<h2 id='distribution'>Latency distribution per budget (held-out, measured)</h2><div class='plots'>",
+             _fig(figures, "latency_cdf", "latency distribution per budget (CDF)"),
+             _fig(figures, "latency_histogram", "measured latency distribution"), "</div>"]
     rows = []
     for b in res["budgets"]:
-        m = b["measured"]
-        ok = b["within_tolerance"]
-        rows.append([b["name"], _f(b["budget_ms"]), _thr(b["thresholds"]), _f(b["holdout"]["expected_ms"]),
-                     _f(m["mean_ms"]), (f"{100 * (m['mean_ms'] / b['budget_ms'] - 1):+.1f}%", "ok" if ok else "bad"),
-                     _f(m["p95_ms"]), _f(m["accuracy"]), _f(b["reference_method"]["accuracy"]),
-                     _f(b["fit"]["fit_accuracy"]), _exits(m["exit_fractions"])])
-    return rows
+        d = b["measured"].get("distribution", {})
+        if not d:
+            continue
+        q = b.get("quantile")
+        rows.append([b["name"], f"{b.get('kind', 'mean')} <= {_f(b['budget_ms'])}", _f(d["mean_ms"], 3),
+                     _f(d["p50_ms"], 3), _f(d["p90_ms"], 3), _f(d["p95_ms"], 3), _f(d["p99_ms"], 3),
+                     _f(d["max_ms"], 3), f"{d['over_budget_pct']:.1f}%",
+                     f"{100 * (1 - q):.0f}%" if q is not None else "–"])
+    parts.append(_table(["budget", "limit", "mean", "p50", "p90", "p95", "p99", "max", "images over the limit",
+                         "allowed over"], rows, "distribution", left=2))
+    parts.append("<p class='note'>A tail budget (p90, p95, p99) bounds that percentile of the per-image latency: at "
+                 "most 10 / 5 / 1 % of the images may take longer than the limit. Its thresholds are fitted with the "
+                 "share of each step's latency measurements above the limit (minus the safety margin), so that the "
+                 "expected share of slower images stays within the allowed share; the table shows what the runtime "
+                 "then measured on the held-out images.</p>")
+    return parts
 
 
-BUDGET_HEADERS = ["budget", "ms", "thresholds (per step)", "expected ms", "measured ms", "vs budget", "p95 ms",
-                  "accuracy %", "reference-method acc %", "fit acc %", "exits % per step"]
+def _sweep_section(res: Dict[str, Any], figures: Dict[str, bytes]) -> List[str]:
+    """GFNet under per-call deadlines next to the static baselines' miss rate."""
+    sw = res.get("deadline_sweep")
+    if not sw or not sw["rows"]:
+        return []
+    names = sorted({k for r in sw["rows"] for k in r["static_miss_pct"]})
+    rows = [[_f(r["deadline_ms"]), _f(r["accuracy"]), f"{r['over_10pct']:.1f}%", f"{r['over_pct']:.1f}%",
+             f"{r['stopped_pct']:.0f}%", _f(r["mean_steps"]), _f(r["p50_ms"]), _f(r["p99_ms"]), _f(r["max_ms"])] +
+            [f"{r['static_miss_pct'][n]:.0f}%" for n in names] for r in sw["rows"]]
+    static_p50 = ", ".join(f"{n} p50 {_f(v)} ms" for n, v in sw["static_p50_ms"].items())
+    return ["<h2 id='deadlines'>Deadline sweep</h2><div class='plots'>",
+            _fig(figures, "deadline_sweep", "accuracy and miss rate vs deadline"), "</div>",
+            _table(["deadline ms", "GFNet accuracy %", "calls > deadline + 10 %", "calls > deadline", "stopped early",
+                    "mean steps", "p50 ms", "p99 ms", "max ms"] + [f"{n}: calls > deadline" for n in names], rows,
+                   "deadlines"),
+            f"<p class='note'>Each held-out image (batch {sw['batch']} per call) runs through "
+            f"<code>Runtime.predict(x, deadline_ms=D)</code> with the thresholds of {html.escape(sw['budget'])} "
+            f"(accuracy without a deadline: {_f(sw.get('no_deadline_accuracy'))} %), planned with the p99 step "
+            f"latency measured above and margin {sw['margin']:g}; the times are wall-clock per call. The glance "
+            "always runs, so a deadline below its latency cannot be met. A static network has one answer at the end: "
+            "its miss rate is the share of its measured calls slower than D"
+            f"{' (' + html.escape(static_p50) + ')' if static_p50 else ' (pass --static to compare)'}.</p>"]
 
 
 def _fig(figures: Dict[str, bytes], key: str, alt: str) -> str:
@@ -80,7 +143,7 @@ def _fig(figures: Dict[str, bytes], key: str, alt: str) -> str:
     return _img(figures[key], alt) if key in figures else ""
 
 
-def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: List[Dict[str, Any]]) -> str:
+def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: Sequence[GalleryCard]) -> str:
     """The self-contained HTML page (figures and gallery cards inlined as base64 PNG)."""
     b = res["bundle"]
     dev = res["device"]
@@ -110,8 +173,9 @@ def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: List[Di
             parts.append(f"<p class='bad'>{html.escape(r['name'])}: {html.escape(r['note'])}.</p>")
     tol = res["settings"]["tolerance"]
     clock = "wall-clock" if res["settings"].get("clock", "wall") == "wall" else "calling-thread CPU"
-    parts.append(f"<p class='note'>“measured ms” is the mean {clock} time per image of <code>Runtime.predict</code> "
-                 f"at batch {res['settings']['batch']} on the held-out images with the chosen thresholds; "
+    parts.append(f"<p class='note'>“measured” is the {clock} time per image of <code>Runtime.predict</code> "
+                 f"at batch {res['settings']['batch']} on the held-out images with the chosen thresholds: its mean "
+                 "for a mean budget, its percentile for a tail budget (p95 ...); "
                  f"green when within [{-100 * tol[0]:.0f}%, +{100 * tol[1]:.0f}%] of the budget. "
                  f"Thresholds: {html.escape(res['settings']['method'])} method, fitted on the fitting split with "
                  f"the measured step latency, safety margin {100 * res['settings']['margin']:.0f}%. "
@@ -132,8 +196,9 @@ def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: List[Di
 
     parts.append("<h2 id='exits'>Exit steps per budget</h2><div class='plots'>")
     parts.append(_fig(figures, "exit_histogram", "exit-step histogram per budget"))
-    parts.append(_fig(figures, "latency_histogram", "measured latency distribution"))
     parts.append("</div>")
+    parts.extend(_distribution_section(res, figures))
+    parts.extend(_sweep_section(res, figures))
 
     parts.append("<h2 id='latency'>Latency per step and stage</h2>")
     rows = []
@@ -196,10 +261,10 @@ def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: List[Di
                  "the full-resolution image with the focus patches in step order (solid, numbered: run; dashed grey: "
                  "where the policy would have looked next, not run because the image exited).</p><div class='gallery'>")
     for g in gallery:
-        cls = "" if g["correct"] else " class='wrong'"
-        parts.append(f"<figure{cls}>{_img(g['png'], 'gallery image', 'card')}<figcaption>#{g['index']} · label "
-                     f"{g['label']} · predicted {g['pred']} ({g['confidence']:.2f}) · exit at step {g['exit_step']} "
-                     f"under {html.escape(g['budget'])}</figcaption></figure>")
+        cls = "" if g.correct else " class='wrong'"
+        parts.append(f"<figure{cls}>{_img(g.png, 'gallery image', 'card')}<figcaption>#{g.index} · label "
+                     f"{g.label} · predicted {g.pred} ({g.confidence:.2f}) · exit at step {g.exit_step} "
+                     f"under {html.escape(g.budget)}</figcaption></figure>")
     parts.append("</div>")
     parts.append("<h2 id='method'>How this was measured</h2><div class='note'>" + "".join(
         f"<p>{html.escape(p)}</p>" for p in res["method_notes"]) + "</div>")
@@ -222,7 +287,7 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def write_report(out_dir: Path, res: Dict[str, Any], figures: Dict[str, bytes], gallery: List[Dict[str, Any]]) -> None:
+def write_report(out_dir: Path, res: Dict[str, Any], figures: Dict[str, bytes], gallery: Sequence[GalleryCard]) -> None:
     """Writes ``report.json`` (strict JSON: non-finite statistics as ``null``) and ``report.html``
     into ``out_dir`` (a staging directory)."""
     text = json.dumps(finite_or_null(res), indent=2, default=_json_default, allow_nan=False)
@@ -241,12 +306,17 @@ def summary(res: Dict[str, Any]) -> str:
     if lat.get("other_batch"):
         steps = ", ".join(f"k={k}: {s['mean_ms']:.3f}" for k, s in enumerate(lat["other_batch"]["steps"]))
         lines.append(f"step latency, ms/image at batch {lat['other_batch']['batch']}: {steps}")
-    hdr = ["budget", "ms", "thresholds", "expected", "measured", "vs budget", "accuracy", "ref-method", "exits %"]
+    cols = ["budget", "limit", "thresholds", "expected", "mean", "p95", "measured", "vs", "accuracy", "reference",
+            "exits"]
+    hdr = ["budget", "limit", "thresholds", "expected", "mean", "p95", "measured", "vs budget", "accuracy",
+           "ref-method", "exits %"]
     rows = []
-    for r in budget_rows(res):
-        rows.append([r[0], r[1], r[2], r[3], r[4], r[5][0], r[7], r[8], r[10]])
+    for row in map(_budget_row, res["budgets"]):
+        row["vs"] = row["vs"][0]
+        rows.append([row[k] for k in cols])
     for s in res["static"]:
-        rows.append([s["name"], "", "(static baseline)", "", _f(s["latency"]["mean_ms"]), "", _f(s["accuracy"]), "", ""])
+        rows.append([s["name"], "", "(static baseline)", "", _f(s["latency"]["mean_ms"]), _f(s["latency"]["p95_ms"]),
+                     "", "", _f(s["accuracy"]), "", ""])
     w = [max(len(str(x)) for x in col) for col in zip(hdr, *rows)]
     fmt = "  ".join("{:<%d}" % n for n in w)
     lines.append(fmt.format(*hdr))
@@ -255,6 +325,11 @@ def summary(res: Dict[str, Any]) -> str:
         lines.append(f"{r['precision']}: anytime acc " + ", ".join(f"{a:.1f}" for a in r["anytime_accuracy"]) +
                      "; agreement with " + str(res["precisions"]["reference"]) + " " +
                      ", ".join(f"{a:.1f}%" for a in r["step_agreement"]))
+    sw = res.get("deadline_sweep")
+    if sw and sw["rows"]:
+        lines.append(f"deadline sweep ({sw['budget']}, batch {sw['batch']}): " + "; ".join(
+            f"{r['deadline_ms']:.2f} ms: acc {r['accuracy']:.1f}%, over+10% {r['over_10pct']:.1f}%" +
+            "".join(f", {n} misses {v:.0f}%" for n, v in r["static_miss_pct"].items()) for r in sw["rows"]))
     lines.append(f"manifest: {res['manifest']['status']}")
     if res.get("figures_note"):
         lines.append(f"note: {res['figures_note']}")

@@ -19,8 +19,9 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 
 from gfnet_edge.errors import InputError, UnavailableError
+from gfnet_edge.model_desc import as_desc
 
-from .latency import LatencyStats, prepare_frames
+from .latency import LatencyStats, ModelLike, prepare_frames
 
 
 @dataclass
@@ -34,6 +35,7 @@ class StaticResult:
         latency: per-image latency at the calibration batch size.
         macs: multiply-adds per image when known.
         meta: metadata of the checkpoint (no weights).
+        call_ms: every timed call's latency (ms per call, not in ``to_dict``).
     """
 
     name: str
@@ -42,6 +44,7 @@ class StaticResult:
     latency: LatencyStats
     macs: Optional[int] = None
     meta: Dict[str, Any] = field(default_factory=dict)
+    call_ms: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "source": self.source, "accuracy": self.accuracy,
@@ -121,7 +124,7 @@ def _session(path: Path, threads: Optional[int]):
     return s, inputs[0].name
 
 
-def evaluate_static(path: Path, name: str, frames: np.ndarray, labels: np.ndarray, model: Dict[str, Any],
+def evaluate_static(path: Path, name: str, frames: np.ndarray, labels: np.ndarray, model: ModelLike,
                     threads: Optional[int], latency_frames: np.ndarray, repeats: int = 100, warmup: int = 10,
                     meta: Optional[Dict[str, Any]] = None, source: Optional[str] = None, batch: int = 1,
                     clock: Callable[[], float] = time.perf_counter) -> StaticResult:
@@ -140,7 +143,8 @@ def evaluate_static(path: Path, name: str, frames: np.ndarray, labels: np.ndarra
         meta: checkpoint metadata.
         source: the file the user gave.
     """
-    S = int(model["image_size"])
+    model = as_desc(model)
+    S = model.image_size
     sess, inp = _session(path, threads)
 
     def prep(f: np.ndarray) -> np.ndarray:
@@ -169,17 +173,19 @@ def evaluate_static(path: Path, name: str, frames: np.ndarray, labels: np.ndarra
             ms.append(dt)
     meta = meta or {}
     macs = meta.get("macs")
-    return StaticResult(name, str(source or path), acc, LatencyStats.of(ms), int(macs) if macs else None, meta)
+    return StaticResult(name, str(source or path), acc, LatencyStats.of(ms), int(macs) if macs else None, meta,
+                        np.asarray(ms, dtype=np.float64) * batch)
 
 
 def static_baselines(sources: List[str], frames: np.ndarray, labels: np.ndarray, calib_frames: np.ndarray,
-                     model: Dict[str, Any], threads: Optional[int], int8: bool, repeats: int = 100,
+                     model: ModelLike, threads: Optional[int], int8: bool, repeats: int = 100,
                      batch: int = 1, clock: Callable[[], float] = time.perf_counter) -> List[StaticResult]:
     """Evaluates each ``--static`` source (and its INT8 copy when ``int8``), timed at ``batch`` images per call.
 
     Raises:
         InputError: a missing or unusable file.
     """
+    model = as_desc(model)
     out: List[StaticResult] = []
     with tempfile.TemporaryDirectory(prefix="gfnet-edge-static-") as tmp:
         for k, src in enumerate(sources):
@@ -193,9 +199,9 @@ def static_baselines(sources: List[str], frames: np.ndarray, labels: np.ndarray,
                 onnx_path = p
             else:
                 onnx_path, meta = export_static(p, work)
-                if int(meta.get("image_size", model["image_size"])) != int(model["image_size"]):
+                if int(meta.get("image_size", model.image_size)) != model.image_size:
                     raise InputError(f"--static {src}: baseline image size {meta.get('image_size')} differs from the "
-                                     f"bundle's {model['image_size']}")
+                                     f"bundle's {model.image_size}")
             label = meta.get("model_name") or p.stem
             lat_frames = frames[: min(len(frames), 32)]
             out.append(evaluate_static(onnx_path, f"{label} fp32", frames, labels, model, threads, lat_frames,

@@ -174,7 +174,7 @@ def test_demo_default_budget_is_cheapest_within_one_point_of_best():
 def test_static_baseline_matches_the_runtime_precision():
     from types import SimpleNamespace
 
-    from gfnet_edge.calibrate.pipeline import static_int8
+    from gfnet_edge.calibrate.compare import static_int8
 
     assert static_int8(SimpleNamespace(static_int8=False), "int8-cpu") is True
     assert static_int8(SimpleNamespace(static_int8=False), "int8-tensorrt") is True

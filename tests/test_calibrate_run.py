@@ -136,35 +136,40 @@ def test_default_budget_and_explicit_budgets(tiny_bundle, tmp_path, capsys):
     assert "ms-500.0" in text and "report:" in text and "step latency" in text
 
 
-def test_infeasible_budget_fails_cleanly(tiny_bundle, tmp_path, capsys):
+def _rejected(tiny_bundle, tmp_path, capsys, budget_args) -> str:
+    """Runs calibrate with ``budget_args``, checks exit code 2 with nothing written, returns stderr."""
     bundle = _fresh(tiny_bundle, tmp_path)
     manifest = (bundle / "manifest.json").read_bytes()
     out = tmp_path / "r"
-    rc = _main(["calibrate", str(bundle), "--data", str(tiny_bundle / "data.npz"), "-o", str(out),
-                "--budget-ms", "0.001", *FAST])
+    rc = _main(["calibrate", str(bundle), "--data", str(tiny_bundle / "data.npz"), "-o", str(out), *budget_args,
+                *FAST])
     assert rc == 2
-    err = capsys.readouterr().err
-    assert "cannot be met" in err and "glance alone" in err and "smallest feasible budget" in err
     assert not out.exists() and (bundle / "manifest.json").read_bytes() == manifest
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".r.")]
+    return capsys.readouterr().err
+
+
+def test_infeasible_budget_fails_cleanly(tiny_bundle, tmp_path, capsys):
+    err = _rejected(tiny_bundle, tmp_path, capsys, ["--budget-ms", "0.001"])
+    assert "cannot be met" in err and "glance alone" in err and "smallest feasible budget" in err
 
 
 def test_starting_cost_falls_back_when_the_device_slowed_down():
-    from gfnet_edge.calibrate.pipeline import _starting_cost
+    from gfnet_edge.calibrate.verify import Measurement, starting_cost
 
-    hist = [{"when": "start", "cost_ms": [1.0, 2.0, 3.0]}, {"when": "re-measure ms-1.5", "cost_ms": [1.2, 2.2, 3.2]}]
-    cost, note = _starting_cost(1.5, hist)  # pooled glance 1.1 ms: the median of both, no note
+    hist = [Measurement("start", [1.0, 2.0, 3.0], 10), Measurement("re-measure ms-1.5", [1.2, 2.2, 3.2], 10)]
+    cost, note = starting_cost(1.5, hist)  # pooled glance 1.1 ms: the median of both, no note
     assert cost.tolist() == pytest.approx([1.1, 2.1, 3.1]) and note is None
-    hist.append({"when": "re-measure ms-2.0", "cost_ms": [4.0, 5.0, 6.0]})
-    hist.append({"when": "re-measure ms-2.5", "cost_ms": [5.0, 6.0, 7.0]})
-    cost, note = _starting_cost(1.5, hist)  # pooled glance (1.2 + 4.0) / 2 = 2.6 ms > 1.5 ms
+    hist.append(Measurement("re-measure ms-2.0", [4.0, 5.0, 6.0], 10))
+    hist.append(Measurement("re-measure ms-2.5", [5.0, 6.0, 7.0], 10))
+    cost, note = starting_cost(1.5, hist)  # pooled glance (1.2 + 4.0) / 2 = 2.6 ms > 1.5 ms
     assert cost.tolist() == [1.2, 2.2, 3.2]  # the latest measurement under which 1.5 ms can be met
     assert "slowed down" in note and "2.600 ms" in note and "'re-measure ms-1.5'" in note
 
 
 def test_calibration_survives_a_device_slowdown(tiny_bundle, tmp_path, monkeypatch, capsys):
-    """The device slows down tenfold after the first step-latency measurement (as a loaded CI machine
-    did): the small default budgets fall below the pooled glance latency, and the run still fits them,
+    """The device slows down a hundredfold after the first step-latency measurement (as a loaded machine
+    can): the small default budgets fall below the pooled glance latency, and the run still fits them,
     from the first measurement, and says so, instead of failing after the work is done."""
     from gfnet_edge.calibrate import pipeline
 
@@ -175,7 +180,7 @@ def test_calibration_survives_a_device_slowdown(tiny_bundle, tmp_path, monkeypat
         lat = real(rt, frames, batch, cfg, desc, stage_calls)
         calls.append(desc)
         if len(calls) > 1:
-            lat.steps = [dataclasses.replace(s, mean_ms=10 * s.mean_ms) for s in lat.steps]
+            lat.steps = [dataclasses.replace(s, mean_ms=100 * s.mean_ms) for s in lat.steps]
         return lat
 
     monkeypatch.setattr(pipeline, "_measure", slowing)
@@ -240,7 +245,10 @@ def test_report_is_atomic_on_failure(tiny_bundle, tmp_path, monkeypatch, capsys)
 
 @pytest.mark.parametrize("args,match", [(["--clock", "cpu", "--threads", "2"], "--threads 1"),
                                         (["--budget-ms", "3", "3"], "duplicates"),
-                                        (["--default", "7"], "not one of the calibrated budgets")])
+                                        (["--default", "7"], "not one of the calibrated budgets"),
+                                        (["--budget", "p42:1"], "unknown kind"),
+                                        (["--budget", "mean:3", "--budget-ms", "3"], "duplicates"),
+                                        (["--deadlines", "-1"], "--deadlines")])
 def test_bad_options(tiny_bundle, tmp_path, capsys, args, match):
     bundle = _fresh(tiny_bundle, tmp_path)
     out = tmp_path / "r"
@@ -326,3 +334,72 @@ def test_runtime_input_fuses_preprocessing_only_without_crop(tiny_bundle):
     np.testing.assert_array_equal(fused.classes, normalised.classes)
     np.testing.assert_array_equal(fused.exit_step, normalised.exit_step)
     np.testing.assert_array_equal(fused.coords, normalised.coords)
+
+
+def test_tail_budget_run_manifest_and_deadline_sweep(tiny_bundle, tmp_path, capsys):
+    """A p95 budget next to a mean budget: named, fitted, verified (its measured p95 reported next to
+    the limit), stored for the runtime, and the report's distribution and deadline-sweep sections."""
+    from gfnet_edge.runtime import Runtime
+
+    bundle = _fresh(tiny_bundle, tmp_path)
+    out = tmp_path / "r"
+    # generous limits: every image may run the full model
+    rc = _main(["calibrate", str(bundle), "--data", str(tiny_bundle / "data.npz"), "-o", str(out), "--no-compare",
+                "--budget", "p95:500", "mean:400", "--default", "p95:500", "--deadlines", "3", *FAST])
+    assert rc == 0
+    res = json.loads((out / "report.json").read_text())
+    b = {x["name"]: x for x in res["budgets"]}
+    assert list(b) == ["p95-500.0", "ms-400.0"]
+    t = b["p95-500.0"]
+    assert t["kind"] == "p95" and t["quantile"] == 0.95 and t["fit"]["fit_exceedance"] == 0.0
+    # the limit does not bind: thresholds at least as accurate as "all exit at the glance" (a start of the search)
+    assert t["fit"]["fit_accuracy"] >= res["anytime"]["fp32 (fit)"][0] - 1e-9 and t["consistent_with_trace"]
+    d = t["measured"]["distribution"]
+    assert t["measured"]["statistic_ms"] == pytest.approx(d["p95_ms"]) and d["p50_ms"] <= d["p95_ms"] <= d["max_ms"]
+    assert d["over_budget_pct"] == 0.0 and b["ms-400.0"]["measured"]["statistic_ms"] == pytest.approx(
+        b["ms-400.0"]["measured"]["mean_ms"])
+    assert [a["statistic"] for a in t["attempts"]] == ["p95"] * len(t["attempts"])
+    m = Bundle.load(bundle).manifest
+    e = m["budgets"]["p95-500.0"]
+    assert m["default_budget"] == "p95-500.0" and e["kind"] == "p95" and e["quantile"] == 0.95
+    assert e["measured_quantile_ms"] == pytest.approx(t["measured"]["statistic_ms"])
+    assert m["budgets"]["ms-400.0"]["kind"] == "mean"
+    with Runtime(bundle, backend="onnxruntime", precision="fp32", threads=1) as rt:
+        assert rt.budget == "p95-500.0" and rt.thresholds == pytest.approx(t["thresholds"])
+    sw = res["deadline_sweep"]
+    steps = res["latency"]["budget_batch"]["steps"]
+    ds = [r["deadline_ms"] for r in sw["rows"]]
+    assert sw["budget"] == "p95-500.0" and len(ds) == 3
+    assert ds[0] == pytest.approx(steps[0]["p50_ms"]) and ds[-1] == pytest.approx(steps[-1]["p99_ms"])
+    assert all(1.0 <= r["mean_steps"] <= T and 0 <= r["over_10pct"] <= r["over_pct"] <= 100 for r in sw["rows"])
+    html = (out / "report.html").read_text()
+    assert "id='distribution'" in html and "id='deadlines'" in html and '<table class="deadlines">' in html
+    assert "p95 &lt;= 500.00" in html and "deadline sweep (p95-500.0" in capsys.readouterr().out
+
+
+def test_infeasible_tail_budget_fails_cleanly(tiny_bundle, tmp_path, capsys):
+    err = _rejected(tiny_bundle, tmp_path, capsys, ["--budget", "p90:0.001"]).strip().splitlines()
+    assert len(err) == 1 and "p90:0.001 ms cannot be met" in err[0] and "smallest feasible p90 budget" in err[0]
+
+
+def test_deadline_sweep_stops_where_the_deadline_says(tiny_bundle):
+    """A deadline nothing fits in stops every image after the glance (accuracy = the glance's, from
+    the trace); a deadline everything fits in changes nothing (accuracy = the run without one)."""
+    from gfnet_edge.calibrate.latency import forced_exit_thresholds, measure_calls, prepare_frames
+    from gfnet_edge.calibrate.sweep import deadline_sweep
+    from gfnet_edge.runtime import Runtime
+    from gfnet_edge.runtime.deadline import StepCosts
+
+    data = np.load(tiny_bundle / "data.npz")
+    x, y = data["images"][:12], data["labels"][:12]
+    full = forced_exit_thresholds(T, T - 1)  # no early exit: only the deadline stops an image
+    with Runtime(tiny_bundle / "bundle", backend="onnxruntime", precision="fp32", threads=1) as rt:
+        rt.set_step_costs(StepCosts.from_cumulative([1.0, 2.0, 3.0]))
+        glance = rt.trace(prepare_frames(rt.model, x)).probs[0].argmax(axis=1)
+        free = measure_calls(rt, x, full, warmup=0)
+        sw = deadline_sweep(rt, x, y, full, "all steps", [1e-3, 1e6])
+    tight, loose = sw.rows
+    assert tight.mean_steps == 1.0 and tight.stopped_pct == 100.0
+    assert tight.accuracy == pytest.approx(100.0 * (glance == y).mean())
+    assert loose.mean_steps == T and loose.stopped_pct == 0.0 and loose.over_pct == 0.0
+    assert loose.accuracy == pytest.approx(100.0 * (free.classes == y).mean())

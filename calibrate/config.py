@@ -1,0 +1,124 @@
+"""Options of one calibration run (the ``gfnet-edge calibrate`` flags as a dataclass)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from gfnet_edge.errors import InputError
+
+from .budgets import Budget
+from .latency import CLOCKS
+
+
+@dataclass
+class CalibrationConfig:
+    """Options of one calibration (the CLI's flags).
+
+    Attributes:
+        bundle: bundle directory.
+        data: ``demo``, a folder with class subfolders, or an ``.npz`` with labels.
+        output: report directory (written atomically).
+        budgets_ms: mean per-image latency budgets (ms).
+        budgets: budgets of any kind (:class:`~calibrate.budgets.Budget`: ``p95:1.2``, ``mean:2``);
+            with ``budgets_ms`` empty too: three mean budgets spread between the glance's and the
+            full model's latency.
+        backend, precision, threads, dla_core, head_dtype: how the runtime runs (as ``Runtime``).
+        batch: images per ``predict`` call for which budgets are fitted and verified.
+        batch_size: a second batch size whose step latency is measured (throughput; 0: none).
+        num_images: calibration images used (``demo``: how many are generated).
+        holdout: held-out fraction.
+        method: ``search`` or ``reference`` threshold fitting.
+        margin: safety margin of the fit (fraction of the budget).
+        tolerance: (below, above) fractions of the budget the measured mean latency must lie in.
+        attempts: fit/verify rounds per budget (a later round re-measures the step latency and
+            refits when the previous round's measured latency was outside the tolerance).
+        repeats, warmup: timed and untimed calls per step for the latency measurement.
+        static: static baselines (checkpoint or ONNX), optional.
+        static_int8: also quantize each static baseline to INT8 (ONNX Runtime, CPU profile).
+        compare_precisions: trace the other precisions of the bundle.
+        write_manifest: store the budgets in the bundle's manifest.
+        default: make this budget (a name or a ms value) the bundle's default.
+        force: replace an existing report directory.
+        gallery: number of gallery images.
+        deadlines: deadlines of the report's deadline sweep (0: no sweep).
+        seed: split seed.
+        clock: ``wall`` (wall-clock latency) or ``cpu`` (CPU time of the calling thread; needs
+            ``threads=1``; for shared machines whose other load would distort wall-clock times).
+        progress: show progress bars.
+    """
+
+    bundle: str
+    data: str
+    output: str
+    budgets_ms: Sequence[float] = ()
+    budgets: Sequence[Budget] = ()
+    backend: str = "auto"
+    precision: str = "auto"
+    threads: Optional[int] = None
+    dla_core: Optional[int] = None
+    head_dtype: str = "float32"
+    batch: int = 1
+    batch_size: int = 8
+    num_images: Optional[int] = None
+    holdout: float = 0.5
+    method: str = "search"
+    margin: float = 0.03
+    tolerance: Tuple[float, float] = (0.10, 0.05)
+    attempts: int = 3
+    repeats: int = 60
+    warmup: int = 5
+    static: Sequence[str] = ()
+    static_int8: bool = False
+    compare_precisions: bool = True
+    write_manifest: bool = True
+    default: Optional[str] = None
+    force: bool = False
+    gallery: int = 12
+    deadlines: int = 6
+    seed: int = 0
+    clock: str = "wall"
+    progress: bool = True
+    argv: List[str] = field(default_factory=list)
+
+    def validate(self) -> "CalibrationConfig":
+        if self.batch < 1:
+            raise InputError(f"--batch must be >= 1, got {self.batch}")
+        if self.batch_size < 0:
+            raise InputError(f"--batch-size must be >= 0, got {self.batch_size}")
+        if self.repeats < 5 or self.warmup < 0:
+            raise InputError(f"--repeats must be >= 5 and --warmup >= 0 (got {self.repeats}, {self.warmup})")
+        if self.deadlines < 0:
+            raise InputError(f"--deadlines must be >= 0, got {self.deadlines}")
+        if self.attempts < 1:
+            raise InputError(f"--attempts must be >= 1, got {self.attempts}")
+        for b in self.budgets_ms:
+            if not np.isfinite(b) or b <= 0:
+                raise InputError(f"--budget-ms values must be positive milliseconds, got {b}")
+        names = [b.name for b in self.given_budgets()]
+        if len(set(names)) != len(names):
+            raise InputError(f"--budget-ms / --budget have duplicates: {', '.join(names)}")
+        if self.threads is not None and self.threads < 1:
+            raise InputError(f"--threads must be >= 1, got {self.threads}")
+        if self.clock not in CLOCKS:
+            raise InputError(f"--clock must be one of {', '.join(CLOCKS)}, got {self.clock!r}")
+        if self.clock == "cpu" and self.threads != 1:
+            raise InputError("--clock cpu measures the calling thread only: use it with --threads 1")
+        return self
+
+    def quick(self) -> "CalibrationConfig":
+        """The same options with half the timed calls (at least 10): for re-measurements."""
+        return replace(self, repeats=max(10, self.repeats // 2))
+
+    def given_budgets(self) -> List[Budget]:
+        """The budgets asked for: ``budgets_ms`` as mean budgets, then ``budgets``."""
+        return [Budget.mean(b) for b in self.budgets_ms] + [b if isinstance(b, Budget) else Budget.parse(str(b))
+                                                           for b in self.budgets]
+
+    def timed_calls(self) -> int:
+        """Timed calls per step of the step-latency measurement: ``repeats``, raised with tail
+        budgets to ``10 / (1 - q)`` (200 for p95, 1000 for p99), so that the share of a step's
+        timings above a limit is estimated from at least ten timings at the allowed share."""
+        tails = [b.kind.quantile for b in self.given_budgets() if b.kind.is_tail]
+        return max([self.repeats] + [int(np.ceil(10.0 / (1.0 - q) - 1e-9)) for q in tails])

@@ -1,0 +1,132 @@
+"""The deadline sweep of a calibration report: for per-call deadlines from the glance's latency to
+the full model's, the accuracy GFNet keeps under ``Runtime.predict(..., deadline_ms=D)`` and the
+share of calls the static baseline (its measured latency distribution) would finish after ``D``."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .latency import StepLatency, runtime_input, using_thresholds
+from .progress import Progress
+
+
+@dataclass
+class SweepRow:
+    """GFNet under one deadline, measured on the held-out images.
+
+    Attributes:
+        deadline_ms: the per-call deadline.
+        accuracy: the runtime's accuracy (percent).
+        over_pct: calls finishing after the deadline (percent).
+        over_10pct: calls finishing after the deadline + 10 % (percent).
+        stopped_pct: images whose steps the deadline cut short (percent).
+        mean_steps: steps run per image.
+        p50_ms, p99_ms, max_ms: call latency.
+        static_miss_pct: per static baseline, the share of its measured calls slower than the deadline.
+    """
+
+    deadline_ms: float
+    accuracy: float
+    over_pct: float
+    over_10pct: float
+    stopped_pct: float
+    mean_steps: float
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    static_miss_pct: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class DeadlineSweep:
+    """Every deadline of the sweep, with the thresholds and margin it ran with.
+
+    Attributes:
+        budget: name of the budget whose thresholds the runtime used.
+        margin: the deadline margin (predicted step costs scaled by ``1 + margin``).
+        batch: images per call (a call's images share its deadline).
+        rows: one per deadline, ascending.
+        static_p50_ms: per static baseline, its median call latency.
+        no_deadline_accuracy: the runtime's accuracy with the same thresholds and no deadline.
+    """
+
+    budget: str
+    margin: float
+    batch: int
+    rows: List[SweepRow]
+    static_p50_ms: Dict[str, float] = field(default_factory=dict)
+    no_deadline_accuracy: Optional[float] = None
+
+    def add_static(self, name: str, call_ms: Sequence[float]) -> None:
+        """Adds a static baseline's miss rate at every deadline from its measured call latencies."""
+        a = np.asarray(call_ms, dtype=np.float64)
+        for r in self.rows:
+            r.static_miss_pct[name] = 100.0 * float((a > r.deadline_ms).mean())
+        self.static_p50_ms[name] = float(np.percentile(a, 50))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"budget": self.budget, "margin": self.margin, "batch": self.batch,
+                "no_deadline_accuracy": self.no_deadline_accuracy, "rows": [asdict(r) for r in self.rows],
+                "static_p50_ms": dict(self.static_p50_ms)}
+
+
+def sweep_deadlines(lat: StepLatency, n: int) -> List[float]:
+    """``n`` deadlines (ms per call at ``lat.batch``) from the glance's p50 to the full model's p99."""
+    lo = lat.steps[0].p50_ms * lat.batch
+    hi = max(lat.steps[-1].p99_ms * lat.batch, lo)
+    return [float(d) for d in np.linspace(lo, hi, n)] if n > 0 else []
+
+
+def deadline_sweep(rt, frames: np.ndarray, labels: np.ndarray, thresholds: Sequence[float], budget: str,
+                   deadlines: Sequence[float], batch: int = 1, margin: Optional[float] = None,
+                   no_deadline_accuracy: Optional[float] = None, progress: bool = False) -> DeadlineSweep:
+    """Runs ``rt`` over ``frames`` (``batch`` per call) once per deadline and measures each call.
+
+    Args:
+        rt: an open Runtime with step costs set (``Runtime.set_step_costs``).
+        frames, labels: held-out uint8 frames and labels.
+        thresholds: exit thresholds the runtime uses.
+        budget: their budget's name (for the report).
+        deadlines: per-call deadlines (ms).
+        batch: images per call.
+        margin: the deadline margin (default: the runtime's).
+        no_deadline_accuracy: the same thresholds' accuracy without a deadline (for the report).
+        progress: show a progress bar.
+    """
+    from gfnet_edge.runtime.api import DEFAULT_MARGIN
+
+    margin = DEFAULT_MARGIN if margin is None else float(margin)
+    rows: List[SweepRow] = []
+    chunks = [(frames[i:i + batch], labels[i:i + batch]) for i in range(0, len(frames), batch)]
+    inputs = [runtime_input(rt.model, x) for x, _ in chunks]
+    was = rt.profiler.enabled
+    rt.profiler.enabled = False
+    try:
+        with using_thresholds(rt, thresholds), Progress(progress, len(deadlines) * len(chunks), "deadlines") as bar:
+            for x in inputs[:3]:  # warm-up
+                rt.predict(x)
+            for d in deadlines:
+                ms, right, steps, stopped = [], 0, [], []
+                for x, (_, y) in zip(inputs, chunks):
+                    t0 = time.perf_counter()
+                    p = rt.predict(x, deadline_ms=d, deadline_margin=margin)
+                    ms.append((time.perf_counter() - t0) * 1e3)
+                    right += int((p.classes == y).sum())
+                    steps.extend((p.exit_step + 1).tolist())
+                    stopped.extend(np.asarray(p.deadline_stopped, dtype=bool).tolist())
+                    bar(1)
+                a = np.asarray(ms)
+                rows.append(SweepRow(
+                    deadline_ms=float(d), accuracy=100.0 * right / len(labels), over_pct=100.0 * float((a > d).mean()),
+                    over_10pct=100.0 * float((a > 1.1 * d).mean()), stopped_pct=100.0 * float(np.mean(stopped)),
+                    mean_steps=float(np.mean(steps)), p50_ms=float(np.percentile(a, 50)),
+                    p99_ms=float(np.percentile(a, 99)), max_ms=float(a.max())))
+    finally:
+        rt.profiler.enabled = was
+    return DeadlineSweep(budget, margin, batch, rows, no_deadline_accuracy=no_deadline_accuracy)
+
+
+__all__ = ["DeadlineSweep", "SweepRow", "deadline_sweep", "sweep_deadlines"]

@@ -1,0 +1,185 @@
+"""Tail-latency budgets (p90/p95/p99): parsing, feasibility and the threshold fit, checked against
+brute force and against per-image latencies simulated independently of the fit (numpy only)."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from gfnet_edge.calibrate.budgets import Budget, BudgetKind
+from gfnet_edge.calibrate.fit import InfeasibleBudget, budget_name
+from gfnet_edge.calibrate.sweep import DeadlineSweep, SweepRow
+from gfnet_edge.calibrate.tail import (check_tail_feasible, exceedance, fit_tail_budget, mixture_quantile,
+                                       smallest_limit)
+from gfnet_edge.errors import InputError
+from probs import two_class_probs
+
+
+def _exit_steps(probs: np.ndarray, thr) -> np.ndarray:
+    """Exit step of every image, one image at a time (the runtime's rule, written out)."""
+    T, n = probs.shape[:2]
+    out = np.empty(n, np.int64)
+    for i in range(n):
+        out[i] = next(k for k in range(T) if k == T - 1 or probs[k, i].max() >= thr[k])
+    return out
+
+
+def _step_latency(rng, n):
+    """Three steps with overlapping-free, spread latency (ms): glance ~0.5, +focus ~1.0, full ~1.5."""
+    return [rng.normal(0.5, 0.05, n).clip(0.3), rng.normal(1.0, 0.1, n).clip(0.6), rng.normal(1.5, 0.15, n).clip(1.0)]
+
+
+def _later_is_better(rng, n):
+    """(T=3, N, 2) probabilities where the glance is right on half the images, step 1 on 3/4 and
+    the full model on all; confidences random. Labels are all 1."""
+    right = np.stack([rng.random(n) < 0.5, rng.random(n) < 0.75, np.ones(n, bool)])
+    conf = rng.uniform(0.5, 1.0, (3, n))
+    return two_class_probs(conf, right.astype(int)), np.ones(n, np.int64)
+
+
+def test_budget_parse_and_names():
+    b = Budget.parse("p95:1.2")
+    assert b.kind is BudgetKind.P95 and b.ms == 1.2 and b.name == "p95-1.2" and b.kind.quantile == 0.95
+    assert Budget.parse("P99:2").name == "p99-2.0" and Budget.parse("p90:0.75").name == "p90-0.75"
+    for text, ms in (("1.5", 1.5), ("mean:3", 3.0), ("2.25", 2.25)):
+        m = Budget.parse(text)
+        assert m.kind is BudgetKind.MEAN and m.name == budget_name(ms)  # the existing mean names stay
+    for bad, match in (("p42:1", "unknown kind"), ("p95:x", "not a number"), ("p95:-1", "positive"),
+                       ("p95:nan", "positive"), ("p95:", "not a number")):
+        with pytest.raises(InputError, match=match):
+            Budget.parse(bad)
+
+
+def test_statistic_and_quantile_helpers():
+    ms = np.arange(1, 101, dtype=float)  # 1..100 ms
+    assert BudgetKind.MEAN.statistic(ms) == 50.5
+    assert BudgetKind.P95.statistic(ms) == pytest.approx(np.percentile(ms, 95))
+    # at most 5 of 100 values above the limit: the 95th smallest value
+    assert smallest_limit(ms, 0.95) == 95.0 and (ms > 95.0).sum() == 5
+    assert smallest_limit(ms, 0.99) == 99.0
+    assert exceedance([ms, ms + 100], 95.0).tolist() == [0.05, 1.0]
+
+
+def test_mixture_quantile_matches_simulation():
+    rng = np.random.default_rng(1)
+    samples = _step_latency(rng, 400)
+    fr = [0.6, 0.3, 0.1]
+    # independent reference: draw many images' latencies from their exit step's measurements
+    steps = rng.choice(3, size=200_000, p=fr)
+    sim = np.array([samples[k][j] for k, j in zip(steps, rng.integers(0, 400, steps.size))])
+    for q in (0.5, 0.9, 0.95, 0.99):
+        assert mixture_quantile(samples, fr, q) == pytest.approx(np.quantile(sim, q), abs=0.02)
+
+
+def test_infeasible_tail_budget_one_line_message():
+    rng = np.random.default_rng(2)
+    samples = _step_latency(rng, 200)
+    glance_p95 = smallest_limit(samples[0], 0.95)
+    check_tail_feasible(Budget(BudgetKind.P95, glance_p95), samples)  # exactly the glance's p95: feasible
+    with pytest.raises(InfeasibleBudget) as e:
+        check_tail_feasible(Budget(BudgetKind.P95, 0.9 * glance_p95), samples, "on this device")
+    msg = str(e.value)
+    assert "\n" not in msg and "p95" in msg and "cannot be met" in msg and "glance alone" in msg
+    assert f"{glance_p95:.3f}" in msg and "smallest feasible p95 budget" in msg
+    with pytest.raises(InfeasibleBudget):
+        fit_tail_budget(*_later_is_better(rng, 50), samples, Budget(BudgetKind.P99, 0.2))
+
+
+def test_tail_fit_is_the_brute_force_optimum_two_steps():
+    """T = 2: every threshold value that matters is tried by brute force; the fit must reach the
+    most correct images among those meeting the constraint."""
+    rng = np.random.default_rng(3)
+    n = 40
+    conf = rng.uniform(0.5, 1.0, (2, n))
+    right = np.stack([rng.random(n) < 0.5, np.ones(n, bool)])
+    probs, labels = two_class_probs(conf, right.astype(int)), np.ones(n, np.int64)
+    samples = [rng.normal(0.5, 0.05, 100), rng.normal(1.0, 0.1, 100)]
+    budget = Budget(BudgetKind.P90, 0.9)
+    fit = fit_tail_budget(probs, labels, samples, budget, margin=0.0)
+    limit = 0.9
+    e = np.array([(s > limit).mean() for s in samples])
+    best = -1
+    for t in np.concatenate([[0.0], np.unique(probs[0].max(axis=1)), [2.0]]):
+        ex = _exit_steps(probs, [t, -1e8])
+        if e[ex].mean() <= 0.10 + 1e-12:
+            best = max(best, int((probs[ex, np.arange(n)].argmax(axis=1) == labels).sum()))
+    ex = _exit_steps(probs, fit.thresholds)
+    assert e[ex].mean() <= 0.10 + 1e-12
+    assert int((probs[ex, np.arange(n)].argmax(axis=1) == labels).sum()) == best == round(fit.accuracy * n / 100)
+
+
+@pytest.mark.parametrize("kind", [BudgetKind.P90, BudgetKind.P95, BudgetKind.P99])
+def test_tail_fit_meets_the_percentile_on_held_out_simulation(kind):
+    """Fit on one split and one set of step measurements; then simulate per-image latency of a
+    held-out split from fresh measurements: the percentile meets the budget within [-10 %, +5 %]
+    (the budget is the full model's median, so the allowance is spent where latency has density)."""
+    rng = np.random.default_rng(4)
+    q = kind.quantile
+    fit_probs, fit_y = _later_is_better(rng, 2000)
+    hold_probs, hold_y = _later_is_better(rng, 20000)
+    budget = Budget(kind, 1.5)
+    fit = fit_tail_budget(fit_probs, fit_y, _step_latency(rng, 300), budget)
+    assert fit.fit_exceedance <= 1 - q + 1e-9 and fit.target_ms == pytest.approx(1.5 * 0.97)
+    ex = _exit_steps(hold_probs, fit.thresholds)
+    fresh = _step_latency(rng, hold_y.size)
+    lat = np.array([fresh[k][i] for i, k in enumerate(ex)])
+    measured = np.quantile(lat, q)
+    assert 0.90 * budget.ms <= measured <= 1.05 * budget.ms, (measured, np.bincount(ex, minlength=3))
+    assert (ex == 2).mean() > 0  # the allowance is used: some images run the full model
+    # the exit-step model's prediction of the same percentile agrees with the simulation
+    pred = mixture_quantile(fresh, np.bincount(ex, minlength=3) / ex.size, q)
+    assert pred == pytest.approx(measured, rel=0.03)
+
+
+def test_tail_fit_prefers_accuracy_then_more_computation():
+    """When every image is equally right at every step, the tie goes to the later exit allowed."""
+    rng = np.random.default_rng(5)
+    n = 200
+    probs = two_class_probs(rng.uniform(0.5, 1.0, (3, n)), np.ones((3, n), int))
+    samples = _step_latency(rng, 200)
+    fit = fit_tail_budget(probs, np.ones(n, np.int64), samples, Budget(BudgetKind.P99, 10.0))
+    assert fit.exit_fractions == [0.0, 0.0, 1.0]  # a generous budget: everyone runs the full model
+
+
+def test_static_miss_rate_in_the_sweep():
+    rows = [SweepRow(d, 50.0, 0.0, 0.0, 0.0, 1.0, d, d, d) for d in (1.0, 2.0, 3.0)]
+    sw = DeadlineSweep("p95-1.2", 0.05, 1, rows)
+    sw.add_static("static fp32", [0.5, 1.5, 2.5, 2.5])
+    assert [r.static_miss_pct["static fp32"] for r in rows] == [75.0, 50.0, 0.0]
+    assert sw.to_dict()["static_p50_ms"] == {"static fp32": 2.0}
+
+
+def test_every_budget_pair_has_distinct_names():
+    names = [Budget(k, ms).name for k, ms in itertools.product(BudgetKind, (1.0, 1.25))]
+    assert len(set(names)) == len(names)
+
+
+def test_tail_budget_starts_from_the_latest_measurement_it_can_meet():
+    """The device slows down after the first measurement: pooled, the glance's p95 exceeds the
+    budget, so the fit starts from the first measurement's timings, and says so."""
+    from gfnet_edge.calibrate.verify import Measurement, starting_latency
+
+    rng = np.random.default_rng(6)
+    fast = _step_latency(rng, 100)
+    slow = [3 * s for s in _step_latency(rng, 100)]
+    hist = [Measurement("start", [float(s.mean()) for s in fast], 100, fast)]
+    budget = Budget(BudgetKind.P95, 1.0)
+    lat, note = starting_latency(budget, hist)
+    assert note is None and all(np.array_equal(a, b) for a, b in zip(lat.samples, fast))
+    hist += [Measurement(f"re-measure {i}", [float(s.mean()) for s in slow], 100, slow) for i in range(2)]
+    lat, note = starting_latency(budget, hist)  # pooled: 2/3 of the glance timings near 1.5 ms
+    assert all(np.array_equal(a, b) for a, b in zip(lat.samples, fast)) and lat.cost.tolist() == hist[0].cost_ms
+    assert "slowed down" in note and "p95" in note and "'start'" in note
+
+
+def test_tail_budgets_time_each_step_often_enough():
+    from gfnet_edge.calibrate.config import CalibrationConfig
+
+    def calls(*budgets):
+        return CalibrationConfig("b", "d", "o", repeats=60, budgets=[Budget.parse(b) for b in budgets]).timed_calls()
+
+    assert calls() == calls("mean:2") == 60  # mean budgets: --repeats as given
+    for q, b in ((0.95, "p95:1"), (0.99, "p99:1")):  # at least ten timings at the allowed share
+        assert calls(b) * (1 - q) >= 10 - 1e-9 and (calls(b) - 1) * (1 - q) < 10
+    assert calls("p95:1", "p99:2") == calls("p99:1")
