@@ -24,7 +24,7 @@ DEMO = Path(__file__).resolve().parents[1] / "gfnet_edge" / "assets" / "demo_gfn
 S, P, T = 96, 48, 3
 
 #: Modules that are build-side by design (torch models, export, training, the demo-task generator).
-BUILD_SIDE = ("gfnet_edge.models", "gfnet_edge.export", "gfnet_edge.train.data", "gfnet_edge.train.evaluate_demo",
+BUILD_SIDE = ("gfnet_edge.models", "gfnet_edge.export", "gfnet_edge.train.data", "gfnet_edge.train.demo_results",
               "gfnet_edge.train.stages", "gfnet_edge.train.static", "gfnet_edge.data.cluttered_digits",
               "gfnet_edge.train.dist", "gfnet_edge.train.folder_data", "gfnet_edge.train.folder_stages",
               "gfnet_edge.train.pretrained")

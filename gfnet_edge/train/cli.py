@@ -170,7 +170,7 @@ def export(runner, cfg, test, out: Path, assets: Optional[Path], log, progress: 
     from ..models.checkpoint import load_checkpoint, save_checkpoint
     from ..models.macs import count_static_macs
     from .config import BACKBONES
-    from .evaluate_demo import measure, table
+    from .demo_results import measure, table
     from .static import load_static, save_static
 
     t = time.time()

@@ -19,7 +19,7 @@ def export(root: Path, n_train: int, n_val: int, workers: int = 2) -> None:
     from ..models.checkpoint import load_checkpoint
     from .config import data_config_from_dict
     from .data import load_split
-    from .evaluate_demo import GFNET_PATH
+    from .demo_results import GFNET_PATH
 
     cfg = data_config_from_dict(load_checkpoint(GFNET_PATH).meta["demo_data"]["config"])
     for folder, split, n in (("train", "train", n_train), ("val", "test", n_val)):

@@ -1,6 +1,6 @@
 """Measures the shipped demo GFNet and its static baseline on the cluttered-digits splits.
 
-``python -m gfnet_edge.train.evaluate_demo`` recomputes every number of
+``python -m gfnet_edge.train.demo_results`` recomputes every number of
 ``gfnet_edge/assets/demo_results.json`` from the shipped checkpoints: anytime accuracy per step
 (learned policy, random patches, centre patch), the static baseline, and the budgeted curve
 (thresholds fit on val, costs = the checkpoint's cumulative multiply-adds).
@@ -166,7 +166,7 @@ def table(r: Dict[str, Any]) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m gfnet_edge.train.evaluate_demo", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m gfnet_edge.train.demo_results", description=__doc__.splitlines()[0])
     ap.add_argument("--gfnet", default=str(GFNET_PATH), help="GFNet checkpoint (default: the shipped demo)")
     ap.add_argument("--static", default=str(STATIC_PATH), help="static baseline checkpoint")
     ap.add_argument("--val-size", type=int, default=500)
