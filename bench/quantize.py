@@ -44,7 +44,7 @@ def latency_only(checkpoint: Path, out: Path, rounds: int, num_calib: int) -> st
     model = load_checkpoint(checkpoint)
     paths = export_model(model, out / "fp32")
     frames, _ = ClutteredDigits("val", config=demo_config(model)).arrays(progress=False)
-    calib = gq.CalibrationData.from_model(model, normalize(frames[:num_calib]), progress=False)
+    calib = gq.QuantCalibrationSet.from_model(model, normalize(frames[:num_calib]), progress=False)
     graphs = {"fp32/glance": paths["glance"], "fp32/focus": paths["focus"]}
     for prof in ("cpu", "tensorrt"):
         opts = gq.QuantizeOptions(profile=prof, method="auto", num_calib=num_calib, max_accuracy_drop=None)
@@ -86,7 +86,7 @@ def main() -> int:
                     help="second target of the mixed-precision search (negative: accuracy only)")
     a = ap.parse_args()
     _import_quantize()
-    from gfnet_edge.quantize import evaluate_demo
+    import quantize_demo as evaluate_demo
 
     ckpt = a.checkpoint or evaluate_demo._default_checkpoint()
     if not Path(ckpt).is_file():

@@ -1,45 +1,20 @@
-"""Options of INT8 post-training quantization and the ONNX Runtime settings of each profile.
+"""Options of INT8 post-training quantization and the ONNX Runtime settings of a profile.
 
-Two profiles:
-
-* ``tensorrt``: what TensorRT's explicit quantization needs. Signed int8 activations and
-  weights, symmetric (zero-point 0), per-channel weights on the output-channel axis, Q/DQ only
-  (no QOperator ops), Q/DQ at the inputs of weighted ops (Conv, Gemm, MatMul) and on the
-  residual input of skip-connection adds, never on the outputs of weighted ops, biases left in
-  float (TensorRT has no INT32 DequantizeLinear; it quantizes biases itself).
-* ``cpu``: ONNX Runtime's fast x86 path. uint8 asymmetric activations, int8 symmetric
-  per-channel weights, Q/DQ around every op ONNX Runtime has an integer kernel for, so that the
-  graph optimiser turns DQ -> op -> Q groups into QLinearConv / QLinearAdd / ... and int8 data
-  flows between them.
+The profiles themselves (``tensorrt``, ``cpu``) are :class:`~.profiles.Profile` objects in
+:data:`~.profiles.PROFILES`.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-PROFILES: Tuple[str, ...] = ("tensorrt", "cpu")
-METHODS: Tuple[str, ...] = ("auto", "max", "entropy", "percentile")
-#: What ``method="auto"`` picks per profile: the method with the lowest KL(FP32 || INT8) of the
-#: final-step probabilities on the demo model (bench/results/quantize.md).
-AUTO_METHOD: Dict[str, str] = {"tensorrt": "percentile", "cpu": "percentile"}
+from .profiles import PROFILES, WEIGHTED_OP_TYPES, CalibMethod, Profile, get_profile
 
-#: Op types whose inputs get Q/DQ in the ``tensorrt`` profile (TensorRT developer guide,
-#: "Explicit Quantization" > "Q/DQ Layer-Placement Recommendations": quantize all inputs of
-#: weighted operations; quantize the residual input of weighted-layer + add fusions). The Add
-#: entry is post-processed so that only the residual (skip) input keeps its Q/DQ.
-TENSORRT_OP_TYPES: Tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
+#: Calibration method names accepted by :class:`QuantizeOptions` (``--calib-method``).
+METHODS: Tuple[str, ...] = tuple(m.value for m in CalibMethod)
 
-#: Op types quantized in the ``cpu`` profile: every op ONNX Runtime's CPU provider runs in
-#: int8 (QLinearConv, QLinearMatMul / QGemm, QLinearAdd, QLinearMul, QLinearGlobalAveragePool,
-#: QLinearAveragePool, int8 MaxPool, and data-movement ops that pass int8 through).
-CPU_OP_TYPES: Tuple[str, ...] = (
-    "Conv", "Gemm", "MatMul", "Add", "Mul", "Relu", "Clip", "MaxPool", "AveragePool",
-    "GlobalAveragePool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Concat",
-    "Resize", "Sigmoid", "HardSigmoid", "LeakyRelu",
-)
-
-#: Weighted op types: the units of the mixed-precision search.
-WEIGHTED_OP_TYPES: Tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+__all__ = ["METHODS", "PROFILES", "WEIGHTED_OP_TYPES", "OrtSettings", "QuantizeOptions", "ort_settings", "quant_type"]
 
 
 @dataclass
@@ -49,7 +24,7 @@ class QuantizeOptions:
     Attributes:
         profile: ``tensorrt`` (symmetric int8 Q/DQ for TensorRT) or ``cpu`` (ONNX Runtime x86).
         method: activation calibration: ``max`` (min/max), ``entropy`` (KL), ``percentile``, or
-            ``auto`` (:data:`AUTO_METHOD`: percentile, 99.99, for both profiles).
+            ``auto`` (the profile's :attr:`~.profiles.Profile.auto_method`).
         percentile: percentile of |x| kept by the ``percentile`` method.
         num_calib: calibration images used (glance inputs; the focus graph gets T-1 patches
             per image).
@@ -95,10 +70,8 @@ class QuantizeOptions:
     keep_work: bool = False
 
     def validate(self) -> "QuantizeOptions":
-        if self.profile not in PROFILES:
-            raise ValueError(f"unknown quantization profile {self.profile!r}; choose one of {', '.join(PROFILES)}")
-        if self.method not in METHODS:
-            raise ValueError(f"unknown calibration method {self.method!r}; choose one of {', '.join(METHODS)}")
+        get_profile(self.profile)
+        CalibMethod.parse(self.method)
         if not 0.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
         if int(self.num_calib) < 1:
@@ -121,17 +94,14 @@ class QuantizeOptions:
         return asdict(self)
 
     @property
-    def resolved_method(self) -> str:
+    def spec(self) -> Profile:
+        """The :class:`~.profiles.Profile` of :attr:`profile`."""
+        return get_profile(self.profile)
+
+    @property
+    def resolved_method(self) -> CalibMethod:
         """The calibration method actually used (``auto`` resolved for the profile)."""
-        return AUTO_METHOD[self.profile] if self.method == "auto" else self.method
-
-
-def calibrate_method(method: str):
-    """The ONNX Runtime ``CalibrationMethod`` of a method name."""
-    from onnxruntime.quantization import CalibrationMethod
-
-    return {"max": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-            "percentile": CalibrationMethod.Percentile}[method]
+        return self.spec.resolve(self.method)
 
 
 @dataclass
@@ -151,32 +121,12 @@ class OrtSettings:
 
 def ort_settings(opts: QuantizeOptions) -> OrtSettings:
     """The ``quantize_static`` settings of ``opts.profile`` (types as names, see :func:`quant_type`)."""
-    calib: Dict[str, Any] = {}
-    if opts.resolved_method == "percentile":
-        calib["CalibPercentile"] = float(opts.percentile)
-    if opts.profile == "tensorrt":
-        extra = {
-            "ActivationSymmetric": True,
-            "WeightSymmetric": True,
-            # ranges symmetric already at calibration, so entropy / percentile pick |x| limits
-            "CalibTensorRangeSymmetric": True,
-            # TensorRT quantizes biases itself and has no INT32 DequantizeLinear
-            "QuantizeBias": False,
-            # never Q/DQ the outputs of weighted ops or adds (TensorRT rule); the next
-            # weighted op quantizes its own input
-            "OpTypesToExcludeOutputQuantization": list(TENSORRT_OP_TYPES),
-            # per-channel on the output-channel axis (Conv: 0; MatMul with constant B (K, N): 1)
-            "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
-        }
-        extra.update(calib)
-        return OrtSettings(list(TENSORRT_OP_TYPES), "QInt8", "QInt8", bool(opts.per_channel), False, extra)
-    # asymmetric ranges also for percentile (ONNX Runtime's percentile calibrator defaults to
-    # symmetric): a ReLU output then gets zero-point 0 and the full uint8 range, and
-    # ONNX Runtime's integer kernels take their faster zero-point-0 path
-    extra = {"ActivationSymmetric": False, "WeightSymmetric": True, "CalibTensorRangeSymmetric": False}
-    extra.update(calib)
-    return OrtSettings(list(CPU_OP_TYPES), "QUInt8", "QInt8", bool(opts.per_channel),
-                       bool(opts.reduce_range), extra)
+    prof = opts.spec
+    extra: Dict[str, Any] = {"ActivationSymmetric": prof.symmetric_activations, **copy.deepcopy(dict(prof.extra_options))}
+    if opts.resolved_method is CalibMethod.PERCENTILE:
+        extra["CalibPercentile"] = float(opts.percentile)
+    return OrtSettings(list(prof.op_types), prof.activation_type, prof.weight_type, bool(opts.per_channel),
+                       bool(opts.reduce_range) and prof.reduce_range_allowed, extra)
 
 
 def quant_type(name: str):

@@ -7,6 +7,7 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 import numpy as np
 
+from gfnet_edge.model_desc import ModelDesc
 from gfnet_edge.evaluate import anytime_accuracy, exit_fractions, exit_steps, fit_thresholds
 
 #: p of the "mid" budget: q_k ∝ p^k with p = 1 gives equal exit fractions at every step.
@@ -21,12 +22,12 @@ class Traced:
     coords: np.ndarray  # (T-1, N, 2)
 
 
-def trace(manifest: Mapping[str, Any], graphs: Mapping[str, Union[str, Path]], heads,
+def trace(desc: ModelDesc, graphs: Mapping[str, Union[str, Path]], heads,
           images: np.ndarray, threads: Optional[int] = None, batch_size: int = 64) -> Traced:
-    """Runs a glance/focus pair + heads through the runtime driver (ONNX Runtime)."""
+    """Runs a glance/focus pair + heads of the model ``desc`` through the runtime driver (ONNX Runtime)."""
     from gfnet_edge.runtime.api import trace_graphs
 
-    out = trace_graphs(dict(manifest), {g: Path(p) for g, p in graphs.items()}, heads, images,
+    out = trace_graphs(desc, {g: Path(p) for g, p in graphs.items()}, heads, images,
                        threads=threads, batch_size=batch_size)
     return Traced(np.asarray(out.probs, np.float32), np.asarray(out.coords))
 

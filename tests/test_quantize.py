@@ -66,7 +66,7 @@ def tiny(tmp_path_factory, torch_mod):
     root = tmp_path_factory.mktemp("quant")
     model = _tiny_model()
     paths = export_model(model, root / "fp32")
-    calib = gq.CalibrationData.from_model(model, _images(24), progress=False)
+    calib = gq.QuantCalibrationSet.from_model(model, _images(24), progress=False)
     pre = {g: preprocess(paths[g], root / f"{g}.pre.onnx")[0] for g in ("glance", "focus")}
     out = {}
     for prof in ("tensorrt", "cpu"):
@@ -204,7 +204,7 @@ def test_calibration_patches_are_at_policy_locations(tiny):
         np.testing.assert_array_equal(calib.focus[t * n:(t + 1) * n], want)
         np.testing.assert_array_equal(calib.focus_image[t * n:(t + 1) * n], np.arange(n))
     np.testing.assert_allclose(calib.glance, model.glance(x).numpy())
-    rnd = gq.CalibrationData.random_crops(model, calib.images, seed=3, progress=False)
+    rnd = gq.QuantCalibrationSet.random_crops(model, calib.images, seed=3, progress=False)
     assert rnd.source == "random" and not np.array_equal(rnd.coords, calib.coords)
     assert rnd.coords.min() >= 0 and rnd.coords.max() <= S - P
     sub = calib.subset([1, 3])
@@ -265,17 +265,17 @@ def test_bad_calibration_data_errors(tiny, tmp_path):
         gq.load_calibration_images(tmp_path / "missing", spec)
     good = _images(20)
     with pytest.raises(ValueError, match=r"expected shape \(N, 3, 128, 128\)"):
-        gq.CalibrationData.from_model(model, good[:, :, :100, :100], progress=False)
+        gq.QuantCalibrationSet.from_model(model, good[:, :, :100, :100], progress=False)
     with pytest.raises(ValueError, match="at least 16"):
-        gq.CalibrationData.from_model(model, good[:5], progress=False)
+        gq.QuantCalibrationSet.from_model(model, good[:5], progress=False)
     with pytest.raises(ValueError, match="empty"):
-        gq.CalibrationData.from_model(model, good[:0], progress=False)
+        gq.QuantCalibrationSet.from_model(model, good[:0], progress=False)
     bad = good.copy()
     bad[2, 1, 3, 3] = np.inf
     with pytest.raises(ValueError, match="NaN or Inf"):
-        gq.CalibrationData.from_model(model, bad, progress=False)
+        gq.QuantCalibrationSet.from_model(model, bad, progress=False)
     with pytest.raises(ValueError, match="normalised float"):
-        gq.CalibrationData.from_model(model, (good * 50).astype(np.uint8), progress=False)
+        gq.QuantCalibrationSet.from_model(model, (good * 50).astype(np.uint8), progress=False)
     with pytest.raises(ValueError, match="unknown quantization profile"):
         gq.QuantizeOptions(profile="int4").validate()
 
@@ -289,7 +289,7 @@ def test_quantize_model_end_to_end(tiny, tmp_path):
     opts = gq.QuantizeOptions(profile="tensorrt", method="max", max_accuracy_drop=0.0, max_candidates=3,
                               max_float_nodes=2, threads=1)
     # ranges from images scaled down 20x: most activations clip, so INT8 hurts and the search runs
-    small = gq.CalibrationData(tiny["calib"].glance / 20, tiny["calib"].focus / 20, tiny["calib"].focus_image)
+    small = gq.QuantCalibrationSet(tiny["calib"].glance / 20, tiny["calib"].focus / 20, tiny["calib"].focus_image)
     res = gq.quantize_model(model, fp32, tiny["paths"]["heads"], small, tmp_path / "out", opts,
                             eval_images=ev, progress=False)
     rep = res.report
@@ -326,7 +326,7 @@ def test_quantize_model_end_to_end(tiny, tmp_path):
 def test_quantize_model_holds_out_calibration_images(tiny, tmp_path):
     pytest.importorskip("gfnet_edge.ops", reason="the runtime extension scores the graphs")
     fp32 = {g: tiny["paths"][g] for g in ("glance", "focus")}
-    calib = gq.CalibrationData.from_model(tiny["model"], _images(40, seed=7), progress=False)
+    calib = gq.QuantCalibrationSet.from_model(tiny["model"], _images(40, seed=7), progress=False)
     opts = gq.QuantizeOptions(profile="cpu", method="entropy", max_accuracy_drop=None, min_eval=8, threads=1)
     res = gq.quantize_model(tiny["model"], fp32, tiny["paths"]["heads"], calib, tmp_path / "cpu", opts, progress=False)
     rep = res.report
@@ -365,3 +365,20 @@ def test_uneven_reader_batches_are_rebatched_for_histograms(tiny, tmp_path):
     dst = tmp_path / "uneven.onnx"
     run_quantize_static(tiny["pre"]["focus"], dst, Uneven(tiny["calib"].focus[:21]), st, "entropy")
     assert gq.check_tensorrt_compat(dst, profile="cpu") == []
+
+
+def test_profile_registry_and_calibration_methods(tiny):
+    from onnxruntime.quantization import CalibrationMethod
+
+    assert set(gq.PROFILES) == {"tensorrt", "cpu"} and gq.get_profile("cpu") is gq.PROFILES["cpu"]
+    with pytest.raises(ValueError, match="unknown quantization profile 'int4'"):
+        gq.get_profile("int4")
+    with pytest.raises(ValueError, match="unknown calibration method 'kl'"):
+        gq.QuantizeOptions(method="kl").validate()
+    assert gq.QuantizeOptions(method="entropy").resolved_method is gq.CalibMethod.ENTROPY
+    assert gq.CalibMethod.MAX.ort == CalibrationMethod.MinMax
+    # the checker applies the rules the profile object names: the cpu graph breaks TensorRT's
+    # rules, and passes the cpu profile's, given by name or as the object
+    cpu_graph = tiny["q"][("cpu", "focus")]
+    assert gq.check_tensorrt_compat(cpu_graph, gq.PROFILES["tensorrt"]) != []
+    assert gq.check_tensorrt_compat(cpu_graph, gq.PROFILES["cpu"]) == gq.check_tensorrt_compat(cpu_graph, "cpu") == []

@@ -1,0 +1,76 @@
+"""One quantization run's state: the pre-processed graphs, the quantized variants, scoring."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple
+
+import numpy as np
+
+from gfnet_edge.model_desc import ModelDesc
+
+from .calibration import QuantCalibrationSet
+from .checker import TensorRTCompatError, check_tensorrt_compat
+from .options import QuantizeOptions, ort_settings
+from .qdq import preprocess, quantize_graph
+from .scoring import Traced, trace
+
+#: The two backbone graphs of a GFNet bundle.
+GRAPHS: Tuple[str, str] = ("glance", "focus")
+
+
+class QuantSession:
+    """Quantizes graph variants (cached by the set of nodes kept in float) and scores graph pairs.
+
+    Calibration runs once per graph: ONNX Runtime's ranges are cached in ``work`` and reused by
+    every later variant. Every variant written is checked against the profile's rules.
+    """
+
+    def __init__(self, desc: ModelDesc, fp32: Dict[str, Path], heads, calib: QuantCalibrationSet, work: Path,
+                 opts: QuantizeOptions, progress: bool) -> None:
+        self.desc, self.fp32, self.heads, self.calib = desc, fp32, heads, calib
+        self.work, self.opts, self.progress = work, opts, progress
+        self.profile = opts.spec
+        self.method = opts.resolved_method
+        self.settings = ort_settings(opts)
+        self.pre: Dict[str, Path] = {}
+        self.pre_problems: Dict[str, Optional[str]] = {}
+        self.variants: Dict[Tuple[str, FrozenSet[str]], Path] = {}
+        self.info: Dict[Tuple[str, FrozenSet[str]], Dict[str, Any]] = {}
+        self.checks: Dict[str, List[str]] = {}
+        self.calib_seconds: Dict[str, float] = {}
+        self._count = 0
+        for g in GRAPHS:
+            self.pre[g], self.pre_problems[g] = preprocess(Path(fp32[g]), work / f"{g}.pre.onnx")
+
+    def quantized(self, graph: str, excluded: FrozenSet[str] = frozenset()) -> Path:
+        """The ``graph`` quantized with the nodes ``excluded`` kept in float (cached)."""
+        key = (graph, frozenset(excluded))
+        if key in self.variants:
+            return self.variants[key]
+        self._count += 1
+        path = self.work / f"{graph}.int8.{self._count:03d}.onnx"
+        cache = self.work / f"{graph}.calibration.json"
+        first = not cache.is_file()
+        reader = self.calib.reader(graph, self.opts.batch_size, progress=self.progress and first)
+        t0 = time.perf_counter()
+        self.info[key] = quantize_graph(self.pre[graph], path, reader, self.settings, self.method,
+                                        self.profile, sorted(excluded), cache)
+        if first:
+            self.calib_seconds[graph] = round(time.perf_counter() - t0, 2)
+        violations = check_tensorrt_compat(path, self.profile)
+        self.checks[path.name] = violations
+        if violations:
+            raise TensorRTCompatError(f"{graph} graph ({self.profile.name} profile, {path})", violations)
+        self.variants[key] = path
+        return path
+
+    def discard(self, graph: str, excluded: FrozenSet[str]) -> None:
+        """Deletes a variant no longer needed (the all-INT8 one is kept); saves disk on big models."""
+        key = (graph, frozenset(excluded))
+        if key[1] and key in self.variants:
+            self.variants.pop(key).unlink(missing_ok=True)
+
+    def score(self, graphs: Dict[str, Path], images: np.ndarray) -> Traced:
+        """Traces a glance/focus pair through the runtime on ``images``."""
+        return trace(self.desc, graphs, self.heads, images, self.opts.threads, self.opts.batch_size)
