@@ -42,6 +42,13 @@ class QuantizeOptions:
         max_candidates: at most this many weighted nodes (ranked by a cheap local error proxy)
             get a full sensitivity measurement.
         max_float_nodes: the search keeps at most this many nodes in float.
+        max_budget_drop: optional target of the search: the largest accuracy drop (points) at
+            the mid budget (early exit with thresholds fitted on the FP32 probabilities).
+        max_float_mac_share: the search keeps at most this share (0..1) of the backbone
+            multiply-adds per image in float; ``None``: the profile's
+            :attr:`~.profiles.Profile.max_float_mac_share`.
+        graph_fallback: the search may keep a whole graph in float; ``None``: the profile's
+            :attr:`~.profiles.Profile.graph_fallback`.
         max_slowdown: ``cpu`` profile: a node is only kept in float if the graph stays within
             this factor of the all-INT8 graph's batch-1 latency (ONNX Runtime can turn a float
             island into slow layout conversions, e.g. a uint8 NCHW MaxPool after a float stem).
@@ -63,6 +70,9 @@ class QuantizeOptions:
     reduce_range: Optional[bool] = None
     max_candidates: int = 48
     max_float_nodes: int = 8
+    max_budget_drop: Optional[float] = None
+    max_float_mac_share: Optional[float] = None
+    graph_fallback: Optional[bool] = None
     max_slowdown: float = 1.15
     batch_size: int = 32
     threads: Optional[int] = None
@@ -82,6 +92,10 @@ class QuantizeOptions:
             raise ValueError(f"min_exit_agreement must be a percentage, got {self.min_exit_agreement}")
         if not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        if self.max_budget_drop is not None and self.max_budget_drop < 0:
+            raise ValueError(f"max_budget_drop must be >= 0 (points), got {self.max_budget_drop}")
+        if self.max_float_mac_share is not None and not 0.0 <= self.max_float_mac_share <= 1.0:
+            raise ValueError(f"max_float_mac_share must be in [0, 1], got {self.max_float_mac_share}")
         if self.max_slowdown < 1.0:
             raise ValueError(f"max_slowdown must be >= 1, got {self.max_slowdown}")
         if self.max_candidates < 0 or self.max_float_nodes < 0:
@@ -97,6 +111,16 @@ class QuantizeOptions:
     def spec(self) -> Profile:
         """The :class:`~.profiles.Profile` of :attr:`profile`."""
         return get_profile(self.profile)
+
+    @property
+    def float_mac_limit(self) -> Optional[float]:
+        """The share of multiply-adds the search may keep in float (option, else the profile's)."""
+        return self.max_float_mac_share if self.max_float_mac_share is not None else self.spec.max_float_mac_share
+
+    @property
+    def whole_graph_fallback(self) -> bool:
+        """Whether whole graphs are search candidates (option, else the profile's)."""
+        return self.graph_fallback if self.graph_fallback is not None else self.spec.graph_fallback
 
     @property
     def resolved_method(self) -> CalibMethod:

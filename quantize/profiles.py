@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Dict, FrozenSet, Mapping, Tuple, Union
+from typing import Any, Dict, FrozenSet, Mapping, Optional, Tuple, Union
 
 #: Weighted op types: the units of the mixed-precision search and of the checker's weight rules.
 WEIGHTED_OP_TYPES: Tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -96,6 +96,9 @@ class Profile:
         latency_guard: the mixed-precision search keeps a node in float only if the graph stays
             within ``max_slowdown`` of the all-INT8 latency (a float island can be slow in ONNX
             Runtime's CPU kernels).
+        graph_fallback: the search may keep a whole graph in float.
+        max_float_mac_share: the search keeps at most this share (0..1) of the backbone
+            multiply-adds per image in float (``None``: no limit).
     """
 
     name: str
@@ -109,6 +112,8 @@ class Profile:
     auto_method: CalibMethod = CalibMethod.PERCENTILE
     reduce_range_allowed: bool = False
     latency_guard: bool = False
+    graph_fallback: bool = True
+    max_float_mac_share: Optional[float] = None
 
     def resolve(self, method: Union[str, CalibMethod]) -> CalibMethod:
         """``method`` with ``auto`` replaced by :attr:`auto_method`."""
@@ -141,6 +146,9 @@ TENSORRT = Profile(
     post_passes=frozenset({PostPass.RESIDUAL_SKIP_ONLY}),
     checker=CheckerRules.TENSORRT,
     auto_method=CalibMethod.PERCENTILE,
+    # both graphs in INT8: float fallback is per layer, within 5 % of the multiply-adds
+    graph_fallback=False,
+    max_float_mac_share=0.05,
 )
 
 #: Op types quantized in the ``cpu`` profile: every op ONNX Runtime's CPU provider runs in

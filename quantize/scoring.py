@@ -57,6 +57,9 @@ def compare(ref: Traced, test: Traced, labels: Optional[np.ndarray] = None,
     thr = fit_thresholds(ref.probs if fit_probs is None else fit_probs, exit_fractions(p, T))
     e_ref, e_test = exit_steps(ref.probs, thr), exit_steps(test.probs, thr)
     pred_ref, pred_test = ref.probs.argmax(axis=2), test.probs.argmax(axis=2)
+    steps = np.arange(lab.shape[0])
+    bud_ref = pred_ref[e_ref, steps] == lab
+    bud_test = pred_test[e_test, steps] == lab
     coords_same = (ref.coords == test.coords).all(axis=2).mean(axis=1) if ref.coords.size else np.zeros(0)
     ok_ref, ok_test = pred_ref[-1] == lab, pred_test[-1] == lab
     lost, gained = int((ok_ref & ~ok_test).sum()), int((~ok_ref & ok_test).sum())
@@ -74,6 +77,11 @@ def compare(ref: Traced, test: Traced, labels: Optional[np.ndarray] = None,
         "coords_agreement": [round(float(a) * 100, 3) for a in coords_same],
         "kl_final": float(kl_divergence(ref.probs[-1], test.probs[-1]).mean()),
         "kl_mean": float(kl_divergence(ref.probs, test.probs).mean()),
+        # at the step FP32 exits at (what a user sees at this budget)
+        "kl_budget": float(kl_divergence(ref.probs[e_ref, steps], test.probs[e_ref, steps]).mean()),
+        "budget_accuracy_fp32": round(100.0 * float(bud_ref.mean()), 3),
+        "budget_accuracy_int8": round(100.0 * float(bud_test.mean()), 3),
+        "budget_drop": round(100.0 * float(bud_ref.mean() - bud_test.mean()), 3),
         "exit": {
             "p": p,
             "thresholds": [float(t) for t in thr],

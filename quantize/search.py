@@ -41,6 +41,8 @@ class SearchResult:
         float_nodes: the candidates kept in float, in the order chosen, with before / after figures.
         rejected: candidates tried and left in INT8, with the reason.
         sensitivity: every candidate's effect alone in float, most harmful first.
+        int8_mac_share: share (0..1) of the backbone multiply-adds per image run in INT8 (the
+            focus graph counted T-1 times).
     """
 
     graphs: Dict[str, Path]
@@ -51,11 +53,13 @@ class SearchResult:
     float_nodes: List[Dict[str, Any]] = field(default_factory=list)
     rejected: List[Dict[str, Any]] = field(default_factory=list)
     sensitivity: List[Dict[str, Any]] = field(default_factory=list)
+    int8_mac_share: float = 1.0
 
     def report(self) -> Dict[str, Any]:
         """The JSON-ready part of the quantization report."""
         out: Dict[str, Any] = {"mixed_precision": self.status, "accuracy": self.accuracy,
-                               "float_nodes": self.float_nodes, "sensitivity": self.sensitivity}
+                               "float_nodes": self.float_nodes, "sensitivity": self.sensitivity,
+                               "int8_mac_share": round(self.int8_mac_share, 5)}
         if self.accuracy_all_int8 is not None:
             out["accuracy_all_int8"] = self.accuracy_all_int8
         if self.rejected:
@@ -68,6 +72,8 @@ def goal(opts: QuantizeOptions) -> str:
     parts = []
     if opts.max_accuracy_drop is not None:
         parts.append(f"final-step drop <= {opts.max_accuracy_drop}")
+    if opts.max_budget_drop is not None:
+        parts.append(f"mid-budget drop <= {opts.max_budget_drop}")
     if opts.min_exit_agreement is not None:
         parts.append(f"mid-budget exit agreement >= {opts.min_exit_agreement}%")
     return " and ".join(parts)
@@ -75,6 +81,8 @@ def goal(opts: QuantizeOptions) -> str:
 
 def _met(opts: QuantizeOptions, r: Dict[str, Any]) -> bool:
     ok = opts.max_accuracy_drop is None or r["final_drop"] <= opts.max_accuracy_drop
+    if opts.max_budget_drop is not None:
+        ok = ok and r["budget_drop"] <= opts.max_budget_drop
     if opts.min_exit_agreement is not None:
         ok = ok and r["exit"]["agreement"] >= opts.min_exit_agreement
     return ok
@@ -91,7 +99,7 @@ def search_mixed_precision(sess: QuantSession, eval_x: Optional[np.ndarray],
     ref = sess.score(sess.fp32, eval_x)
     cur = compare(ref, sess.score(base, eval_x), eval_y)
     res = SearchResult(base, excluded, "", accuracy_all_int8=cur)
-    searching = opts.max_accuracy_drop is not None or opts.min_exit_agreement is not None
+    searching = any(t is not None for t in (opts.max_accuracy_drop, opts.max_budget_drop, opts.min_exit_agreement))
     if not searching:
         res.status, res.accuracy = "disabled (max_accuracy_drop=None)", cur
         return res
@@ -107,17 +115,26 @@ def search_mixed_precision(sess: QuantSession, eval_x: Optional[np.ndarray],
         if members <= excluded[g]:
             continue  # already in float (inside a graph kept in float)
         trial_ex = {**excluded, g: excluded[g] | members}
+        limit = opts.float_mac_limit
+        if limit is not None and 1.0 - sess.int8_mac_share(trial_ex) > limit + 1e-12:
+            res.rejected.append({"graph": g, "node": cand["node"], "op_type": cand["op_type"], "kept": False,
+                                 "reason": f"would keep {100 * (1 - sess.int8_mac_share(trial_ex)):.1f}% of the "
+                                           f"backbone multiply-adds in float (limit {100 * limit:.1f}%)"})
+            continue
         trial = compare(ref, sess.score({h: sess.quantized(h, trial_ex[h]) for h in GRAPHS}, eval_x), eval_y)
-        helped = trial["final_drop"] < cur["final_drop"] or trial["kl_final"] < cur["kl_final"]
+        helped = _score(trial) < _score(cur) or (trial["final_drop"] < cur["final_drop"]
+                                                  and trial["budget_drop"] <= cur["budget_drop"])
         slow = None
         if helped and sess.profile.latency_guard:
             slow = _slowdown(sess, base[g], sess.quantized(g, trial_ex[g]))
             helped = slow <= opts.max_slowdown
         entry = {"graph": g, "node": cand["node"], "op_type": cand["op_type"],
                  **({"members": len(members)} if len(members) > 1 else {}),
-                 "reason": (f"most harmful remaining node: alone in float it cut the final-step KL to FP32 by "
-                            f"{cand['kl_reduction']:.4g} and the accuracy drop by {cand['drop_reduction']:.3g} points"),
+                 "reason": (f"most harmful remaining node: alone in float it cut the KL to FP32 (final step + "
+                            f"budget exit step) by {cand['kl_reduction']:.4g} and the accuracy drop by "
+                            f"{cand['drop_reduction']:.3g} points"),
                  "drop_before": cur["final_drop"], "drop_after": trial["final_drop"],
+                 "budget_drop_before": cur["budget_drop"], "budget_drop_after": trial["budget_drop"],
                  "kl_before": cur["kl_final"], "kl_after": trial["kl_final"],
                  "exit_agreement_before": cur["exit"]["agreement"], "exit_agreement_after": trial["exit"]["agreement"],
                  "kept": bool(helped), **({"latency_vs_all_int8": round(slow, 3)} if slow is not None else {})}
@@ -141,8 +158,15 @@ def search_mixed_precision(sess: QuantSession, eval_x: Optional[np.ndarray],
     if not met:
         logger.warning("INT8 %s: %s", sess.profile.name, res.status)
     res.accuracy, res.excluded = cur, excluded
+    res.int8_mac_share = sess.int8_mac_share(excluded)
     res.graphs = {g: sess.quantized(g, excluded[g]) for g in GRAPHS}
     return res
+
+
+def _score(r: Dict[str, Any]) -> float:
+    """What the search minimises: KL(FP32 || INT8) at the final step plus at FP32's exit step of
+    the mid budget (smoother than accuracy on a few hundred held-out images)."""
+    return float(r["kl_final"]) + float(r["kl_budget"])
 
 
 def _slowdown(sess: QuantSession, base: Path, trial: Path) -> float:
@@ -174,9 +198,13 @@ def _sensitivity(sess: QuantSession, ref: Traced, base: Dict[str, Any], eval_x, 
         proxy = local_errors(sess)
         cands.sort(key=lambda c: -proxy.get((c[0], c[1]), 0.0))
         cands = cands[:opts.max_candidates]
-    for g in GRAPHS:
+    for g in GRAPHS if opts.whole_graph_fallback else ():
         members = sorted(quantized_node_names(_load(sess.pre[g]), sess.settings.op_types_to_quantize, ()))
         cands.append((g, f"(whole {g} graph)", "graph", members))
+    limit = opts.float_mac_limit
+    if limit is not None:  # candidates that alone exceed the limit are not worth measuring
+        cands = [c for c in cands
+                 if 1.0 - sess.int8_mac_share({c[0]: frozenset(c[3] or [c[1]])}) <= limit + 1e-12]
     bar = None
     if sess.progress:
         from tqdm.auto import tqdm
@@ -189,10 +217,11 @@ def _sensitivity(sess: QuantSession, ref: Traced, base: Dict[str, Any], eval_x, 
         r = compare(ref, sess.score(graphs, eval_x), eval_y)
         sess.discard(g, ex)
         out.append({"graph": g, "node": name, "op_type": op, **({"members": members} if members else {}),
-                    "final_drop": r["final_drop"], "kl_final": r["kl_final"],
+                    "final_drop": r["final_drop"], "budget_drop": r["budget_drop"], "kl_final": r["kl_final"],
+                    "kl_budget": r["kl_budget"],
                     "exit_agreement": r["exit"]["agreement"],
                     "drop_reduction": round(base["final_drop"] - r["final_drop"], 3),
-                    "kl_reduction": base["kl_final"] - r["kl_final"],
+                    "kl_reduction": _score(base) - _score(r),
                     **({"local_error": proxy[(g, name)]} if (g, name) in proxy else {})})
         if bar is not None:
             bar.update(1)

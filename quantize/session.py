@@ -11,6 +11,7 @@ from gfnet_edge.model_desc import ModelDesc
 
 from .calibration import QuantCalibrationSet
 from .checker import TensorRTCompatError, check_tensorrt_compat
+from .macs import int8_mac_share, node_macs
 from .options import QuantizeOptions, ort_settings
 from .qdq import preprocess, quantize_graph
 from .scoring import Traced, trace
@@ -42,6 +43,15 @@ class QuantSession:
         self._count = 0
         for g in GRAPHS:
             self.pre[g], self.pre_problems[g] = preprocess(Path(fp32[g]), work / f"{g}.pre.onnx")
+        import onnx
+
+        #: per graph, multiply-adds per image of each weighted node; runs per image of each graph
+        self.macs: Dict[str, Dict[str, int]] = {g: node_macs(onnx.load(str(self.pre[g]))) for g in GRAPHS}
+        self.runs: Dict[str, int] = {"glance": 1, "focus": max(desc.steps - 1, 1)}
+
+    def int8_mac_share(self, excluded: Dict[str, FrozenSet[str]]) -> float:
+        """Share of backbone multiply-adds per image in INT8 with ``excluded`` kept in float."""
+        return int8_mac_share(self.macs, excluded, self.runs)
 
     def quantized(self, graph: str, excluded: FrozenSet[str] = frozenset()) -> Path:
         """The ``graph`` quantized with the nodes ``excluded`` kept in float (cached)."""

@@ -286,8 +286,9 @@ def test_quantize_model_end_to_end(tiny, tmp_path):
     model = tiny["model"]
     fp32 = {g: tiny["paths"][g] for g in ("glance", "focus")}
     ev = _images(24, seed=5)
+    # whole graphs as candidates too, and no limit on the multiply-adds in float
     opts = gq.QuantizeOptions(profile="tensorrt", method="max", max_accuracy_drop=0.0, max_candidates=3,
-                              max_float_nodes=2, threads=1)
+                              max_float_nodes=2, threads=1, graph_fallback=True, max_float_mac_share=1.0)
     # ranges from images scaled down 20x: most activations clip, so INT8 hurts and the search runs
     small = gq.QuantCalibrationSet(tiny["calib"].glance / 20, tiny["calib"].focus / 20, tiny["calib"].focus_image)
     res = gq.quantize_model(model, fp32, tiny["paths"]["heads"], small, tmp_path / "out", opts,
@@ -321,6 +322,37 @@ def test_quantize_model_end_to_end(tiny, tmp_path):
     t32 = trace(man, fp32, tiny["paths"]["heads"], ev)
     tq = trace(man, res.graphs, tiny["paths"]["heads"], ev)
     assert t32.probs.shape == tq.probs.shape
+
+
+def test_tensorrt_profile_keeps_both_graphs_int8_within_mac_limit(tiny, tmp_path):
+    pytest.importorskip("gfnet_edge.ops", reason="the runtime extension scores the graphs")
+    from gfnet_edge.quantize.macs import node_macs
+
+    model = tiny["model"]
+    fp32 = {g: tiny["paths"][g] for g in ("glance", "focus")}
+    opts = gq.QuantizeOptions(profile="tensorrt", method="max", max_accuracy_drop=0.0, max_candidates=4,
+                              max_float_nodes=3, threads=1)
+    small = gq.QuantCalibrationSet(tiny["calib"].glance / 20, tiny["calib"].focus / 20, tiny["calib"].focus_image)
+    res = gq.quantize_model(model, fp32, tiny["paths"]["heads"], small, tmp_path / "out", opts,
+                            eval_images=_images(24, seed=5), progress=False)
+    rep = res.report
+    assert rep["accuracy_all_int8"]["final_drop"] > 0  # the search ran
+    assert not any(s["op_type"] == "graph" for s in rep["sensitivity"])
+    # independent count: multiply-adds of the weighted nodes left without Q/DQ on their input,
+    # the focus graph counted T-1 times
+    runs = {"glance": 1, "focus": model.spec.steps - 1}
+    total = int8 = 0
+    for g in ("glance", "focus"):
+        q = onnx.load(str(res.graphs[g]))
+        prod = {o: n for n in q.graph.node for o in n.output}
+        assert sum(n.op_type == "QuantizeLinear" for n in q.graph.node) > 0  # no graph left in float
+        for name, macs in node_macs(onnx.load(str(tiny["pre"][g]))).items():
+            node = next(n for n in q.graph.node if n.name == name)
+            total += runs[g] * macs
+            if prod.get(node.input[0]) is not None and prod[node.input[0]].op_type == "DequantizeLinear":
+                int8 += runs[g] * macs
+    assert int8 / total >= 0.95
+    assert rep["int8_mac_share"] == pytest.approx(int8 / total, abs=1e-4)
 
 
 def test_quantize_model_holds_out_calibration_images(tiny, tmp_path):
