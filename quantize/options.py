@@ -49,6 +49,12 @@ class QuantizeOptions:
             :attr:`~.profiles.Profile.max_float_mac_share`.
         graph_fallback: the search may keep a whole graph in float; ``None``: the profile's
             :attr:`~.profiles.Profile.graph_fallback`.
+        bias_correction: correct float biases for the quantization shift on this many
+            calibration inputs per graph (0: off); ``None``: 64 where the profile's
+            :attr:`~.profiles.Profile.bias_correction` is on, else off.
+        input_range_from_data: the graph input's range is the calibration inputs' min / max
+            (other tensors: ``method``); ``None``: the profile's
+            :attr:`~.profiles.Profile.input_range_from_data`.
         max_slowdown: ``cpu`` profile: a node is only kept in float if the graph stays within
             this factor of the all-INT8 graph's batch-1 latency (ONNX Runtime can turn a float
             island into slow layout conversions, e.g. a uint8 NCHW MaxPool after a float stem).
@@ -73,6 +79,8 @@ class QuantizeOptions:
     max_budget_drop: Optional[float] = None
     max_float_mac_share: Optional[float] = None
     graph_fallback: Optional[bool] = None
+    bias_correction: Optional[int] = None
+    input_range_from_data: Optional[bool] = None
     max_slowdown: float = 1.15
     batch_size: int = 32
     threads: Optional[int] = None
@@ -96,6 +104,8 @@ class QuantizeOptions:
             raise ValueError(f"max_budget_drop must be >= 0 (points), got {self.max_budget_drop}")
         if self.max_float_mac_share is not None and not 0.0 <= self.max_float_mac_share <= 1.0:
             raise ValueError(f"max_float_mac_share must be in [0, 1], got {self.max_float_mac_share}")
+        if self.bias_correction is not None and int(self.bias_correction) < 0:
+            raise ValueError(f"bias_correction must be >= 0 calibration inputs, got {self.bias_correction}")
         if self.max_slowdown < 1.0:
             raise ValueError(f"max_slowdown must be >= 1, got {self.max_slowdown}")
         if self.max_candidates < 0 or self.max_float_nodes < 0:
@@ -121,6 +131,20 @@ class QuantizeOptions:
     def whole_graph_fallback(self) -> bool:
         """Whether whole graphs are search candidates (option, else the profile's)."""
         return self.graph_fallback if self.graph_fallback is not None else self.spec.graph_fallback
+
+    @property
+    def bias_correction_inputs(self) -> int:
+        """Calibration inputs per graph used for bias correction (0: off)."""
+        if self.bias_correction is not None:
+            return int(self.bias_correction)
+        return 64 if self.spec.bias_correction else 0
+
+    @property
+    def input_minmax(self) -> bool:
+        """Whether the graph input's range comes from the data (option, else the profile's)."""
+        if self.input_range_from_data is not None:
+            return bool(self.input_range_from_data)
+        return self.spec.input_range_from_data
 
     @property
     def resolved_method(self) -> CalibMethod:

@@ -99,6 +99,11 @@ class Profile:
         graph_fallback: the search may keep a whole graph in float.
         max_float_mac_share: the search keeps at most this share (0..1) of the backbone
             multiply-adds per image in float (``None``: no limit).
+        bias_correction: float biases of weight-quantized nodes are corrected for the mean
+            output shift quantization causes (:mod:`.bias_correction`).
+        input_range_from_data: the graph input (normalised pixels, bounded, where clipping only
+            loses information) takes the min / max of the calibration inputs, whatever the
+            calibration method of the other tensors.
     """
 
     name: str
@@ -114,6 +119,8 @@ class Profile:
     latency_guard: bool = False
     graph_fallback: bool = True
     max_float_mac_share: Optional[float] = None
+    bias_correction: bool = False
+    input_range_from_data: bool = False
 
     def resolve(self, method: Union[str, CalibMethod]) -> CalibMethod:
         """``method`` with ``auto`` replaced by :attr:`auto_method`."""

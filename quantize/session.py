@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 
@@ -12,7 +13,7 @@ from gfnet_edge.model_desc import ModelDesc
 from .calibration import QuantCalibrationSet
 from .checker import TensorRTCompatError, check_tensorrt_compat
 from .macs import int8_mac_share, node_macs
-from .options import QuantizeOptions, ort_settings
+from .options import OrtSettings, QuantizeOptions, ort_settings
 from .qdq import preprocess, quantize_graph
 from .scoring import Traced, trace
 
@@ -64,16 +65,41 @@ class QuantSession:
         first = not cache.is_file()
         reader = self.calib.reader(graph, self.opts.batch_size, progress=self.progress and first)
         t0 = time.perf_counter()
-        self.info[key] = quantize_graph(self.pre[graph], path, reader, self.settings, self.method,
+        self.info[key] = quantize_graph(self.pre[graph], path, reader, self._settings(graph), self.method,
                                         self.profile, sorted(excluded), cache)
         if first:
             self.calib_seconds[graph] = round(time.perf_counter() - t0, 2)
+        if self.opts.bias_correction_inputs > 0:
+            self.info[key]["bias_corrected"] = self._correct_biases(graph, path)
         violations = check_tensorrt_compat(path, self.profile)
         self.checks[path.name] = violations
         if violations:
             raise TensorRTCompatError(f"{graph} graph ({self.profile.name} profile, {path})", violations)
         self.variants[key] = path
         return path
+
+    def _settings(self, graph: str) -> OrtSettings:
+        """The profile's settings, plus the graph input's range from the data when asked for."""
+        if not self.opts.input_minmax:
+            return self.settings
+        x = self.calib.inputs(graph)
+        extra = dict(self.settings.extra_options)
+        overrides = dict(extra.get("TensorQuantOverrides") or {})
+        overrides["image"] = [{"rmin": float(min(x.min(), 0.0)), "rmax": float(max(x.max(), 0.0))}]
+        extra["TensorQuantOverrides"] = overrides
+        return replace(self.settings, extra_options=extra)
+
+    def _correct_biases(self, graph: str, path: Path) -> int:
+        import onnx
+
+        from .bias_correction import correct_biases
+
+        q = onnx.load(str(path))
+        x = self.calib.inputs(graph)
+        idx = np.linspace(0, len(x) - 1, min(len(x), self.opts.bias_correction_inputs)).round().astype(int)
+        done = correct_biases(q, onnx.load(str(self.pre[graph])), x[np.unique(idx)], self.opts.threads or 2)
+        onnx.save(q, str(path))
+        return len(done)
 
     def discard(self, graph: str, excluded: FrozenSet[str]) -> None:
         """Deletes a variant no longer needed (the all-INT8 one is kept); saves disk on big models."""

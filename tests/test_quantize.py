@@ -414,3 +414,40 @@ def test_profile_registry_and_calibration_methods(tiny):
     cpu_graph = tiny["q"][("cpu", "focus")]
     assert gq.check_tensorrt_compat(cpu_graph, gq.PROFILES["tensorrt"]) != []
     assert gq.check_tensorrt_compat(cpu_graph, gq.PROFILES["cpu"]) == gq.check_tensorrt_compat(cpu_graph, "cpu") == []
+
+
+def _channel_means(model, tensors, x):
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for t in tensors:
+        m.graph.output.append(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+    s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in s.get_outputs()]
+    out = dict(zip(names, s.run(None, {"image": x})))
+    return {t: out[t].astype(np.float64).mean(axis=tuple(k for k in range(out[t].ndim) if k != 1)) for t in tensors}
+
+
+def test_bias_correction_restores_fp32_channel_means(tiny):
+    from gfnet_edge.quantize.bias_correction import correct_biases
+
+    q = onnx.load(str(tiny["q"][("tensorrt", "focus")]))
+    f = onnx.load(str(tiny["pre"]["focus"]))
+    prod = {o: n for n in q.graph.node for o in n.output}
+    convs = [n for n in q.graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) == 3
+             and prod.get(n.input[1]) is not None and prod[n.input[1]].op_type == "DequantizeLinear"]
+    assert convs
+    tensors = [n.output[0] for n in convs]
+    x = tiny["calib"].focus[:16]
+    ref = _channel_means(f, tensors, x)
+    before = _channel_means(q, tensors, x)
+    done = correct_biases(q, f, x)
+    assert set(done) == {n.name for n in convs}
+    after = _channel_means(q, tensors, x)
+    err_before = err_after = 0.0
+    for t in tensors:  # every corrected node has FP32's channel means (up to float rounding)
+        scale = np.abs(ref[t]).max() + 1e-6
+        assert np.abs(after[t] - ref[t]).max() <= 1e-3 * scale, t
+        err_before += np.abs(before[t] - ref[t]).sum()
+        err_after += np.abs(after[t] - ref[t]).sum()
+    assert err_after < 0.1 * err_before  # quantization had moved the means
+    assert gq.check_tensorrt_compat(q) == []
