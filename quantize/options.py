@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 
-from .profiles import PROFILES, WEIGHTED_OP_TYPES, CalibMethod, Profile, get_profile
+from .profiles import PROFILES, WEIGHTED_OP_TYPES, CalibMethod, Profile, TensorRole, get_profile
 
 #: Calibration method names accepted by :class:`QuantizeOptions` (``--calib-method``).
 METHODS: Tuple[str, ...] = tuple(m.value for m in CalibMethod)
@@ -52,9 +52,9 @@ class QuantizeOptions:
         bias_correction: correct float biases for the quantization shift on this many
             calibration inputs per graph (0: off); ``None``: 64 where the profile's
             :attr:`~.profiles.Profile.bias_correction` is on, else off.
-        input_range_from_data: the graph input's range is the calibration inputs' min / max
-            (other tensors: ``method``); ``None``: the profile's
-            :attr:`~.profiles.Profile.input_range_from_data`.
+        max_range_for: tensor roles (``graph-input``, ``fc-input``) whose range is their
+            calibration min / max (other tensors: ``method``); ``None``: the profile's
+            :attr:`~.profiles.Profile.max_range_for`.
         max_slowdown: ``cpu`` profile: a node is only kept in float if the graph stays within
             this factor of the all-INT8 graph's batch-1 latency (ONNX Runtime can turn a float
             island into slow layout conversions, e.g. a uint8 NCHW MaxPool after a float stem).
@@ -80,7 +80,7 @@ class QuantizeOptions:
     max_float_mac_share: Optional[float] = None
     graph_fallback: Optional[bool] = None
     bias_correction: Optional[int] = None
-    input_range_from_data: Optional[bool] = None
+    max_range_for: Optional[Tuple[str, ...]] = None
     max_slowdown: float = 1.15
     batch_size: int = 32
     threads: Optional[int] = None
@@ -106,6 +106,9 @@ class QuantizeOptions:
             raise ValueError(f"max_float_mac_share must be in [0, 1], got {self.max_float_mac_share}")
         if self.bias_correction is not None and int(self.bias_correction) < 0:
             raise ValueError(f"bias_correction must be >= 0 calibration inputs, got {self.bias_correction}")
+        if self.max_range_for is not None:
+            for r in self.max_range_for:
+                TensorRole.parse(r)
         if self.max_slowdown < 1.0:
             raise ValueError(f"max_slowdown must be >= 1, got {self.max_slowdown}")
         if self.max_candidates < 0 or self.max_float_nodes < 0:
@@ -140,11 +143,11 @@ class QuantizeOptions:
         return 64 if self.spec.bias_correction else 0
 
     @property
-    def input_minmax(self) -> bool:
-        """Whether the graph input's range comes from the data (option, else the profile's)."""
-        if self.input_range_from_data is not None:
-            return bool(self.input_range_from_data)
-        return self.spec.input_range_from_data
+    def max_range_roles(self) -> FrozenSet[TensorRole]:
+        """Tensor roles calibrated by min / max (option, else the profile's)."""
+        if self.max_range_for is not None:
+            return frozenset(TensorRole.parse(r) for r in self.max_range_for)
+        return frozenset(self.spec.max_range_for)
 
     @property
     def resolved_method(self) -> CalibMethod:

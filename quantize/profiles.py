@@ -70,6 +70,23 @@ class CheckerRules(Enum):
     QDQ_PARAMS = "qdq-params"
 
 
+class TensorRole(str, Enum):
+    """Activation tensors a profile can give their full calibration range (min / max)."""
+
+    #: the graph input (normalised pixels: bounded, clipping only loses information)
+    GRAPH_INPUT = "graph-input"
+    #: inputs of fully connected layers (Gemm / MatMul after global pooling: a few large
+    #: pooled values carry the class evidence, and clipping them moves the logits)
+    FC_INPUT = "fc-input"
+
+    @classmethod
+    def parse(cls, value: Union[str, "TensorRole"]) -> "TensorRole":
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"unknown tensor role {value!r}; choose from {', '.join(r.value for r in cls)}") from None
+
+
 class PostPass(Enum):
     """Graph passes run after ONNX Runtime inserted Q/DQ (see :mod:`.qdq`)."""
 
@@ -101,9 +118,8 @@ class Profile:
             multiply-adds per image in float (``None``: no limit).
         bias_correction: float biases of weight-quantized nodes are corrected for the mean
             output shift quantization causes (:mod:`.bias_correction`).
-        input_range_from_data: the graph input (normalised pixels, bounded, where clipping only
-            loses information) takes the min / max of the calibration inputs, whatever the
-            calibration method of the other tensors.
+        max_range_for: tensors whose range is their calibration min / max (no clipping),
+            whatever the calibration method of the other tensors (:class:`TensorRole`).
     """
 
     name: str
@@ -120,7 +136,7 @@ class Profile:
     graph_fallback: bool = True
     max_float_mac_share: Optional[float] = None
     bias_correction: bool = False
-    input_range_from_data: bool = False
+    max_range_for: FrozenSet["TensorRole"] = frozenset()
 
     def resolve(self, method: Union[str, CalibMethod]) -> CalibMethod:
         """``method`` with ``auto`` replaced by :attr:`auto_method`."""

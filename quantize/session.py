@@ -79,13 +79,15 @@ class QuantSession:
         return path
 
     def _settings(self, graph: str) -> OrtSettings:
-        """The profile's settings, plus the graph input's range from the data when asked for."""
-        if not self.opts.input_minmax:
+        """The profile's settings, plus min / max ranges for the tensors of the roles asked for."""
+        roles = self.opts.max_range_roles
+        if not roles:
             return self.settings
-        x = self.calib.inputs(graph)
+        from .ranges import minmax_overrides
+
         extra = dict(self.settings.extra_options)
         overrides = dict(extra.get("TensorQuantOverrides") or {})
-        overrides["image"] = [{"rmin": float(min(x.min(), 0.0)), "rmax": float(max(x.max(), 0.0))}]
+        overrides.update(minmax_overrides(self.pre[graph], roles, self.calib.inputs(graph)))
         extra["TensorQuantOverrides"] = overrides
         return replace(self.settings, extra_options=extra)
 

@@ -6,6 +6,7 @@ under a minute on 2 cores.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -451,3 +452,38 @@ def test_bias_correction_restores_fp32_channel_means(tiny):
         err_after += np.abs(after[t] - ref[t]).sum()
     assert err_after < 0.1 * err_before  # quantization had moved the means
     assert gq.check_tensorrt_compat(q) == []
+
+
+def test_fc_inputs_take_their_calibration_min_max(tiny, tmp_path):
+    from gfnet_edge.quantize.ranges import role_tensors
+    from gfnet_edge.quantize.profiles import TensorRole
+
+    fp32 = {g: tiny["paths"][g] for g in ("glance", "focus")}
+    opts = gq.QuantizeOptions(profile="tensorrt", method="percentile", percentile=99.0, max_accuracy_drop=None,
+                              max_range_for=("fc-input",), threads=1)
+    res = gq.quantize_model(tiny["model"], fp32, tiny["paths"]["heads"], tiny["calib"], tmp_path / "fc", opts,
+                            progress=False)
+    pre = onnx.load(str(tiny["pre"]["focus"]))
+    fc_in = role_tensors(pre, frozenset({TensorRole.FC_INPUT}))
+    gemm_inputs = [n.input[0] for n in pre.graph.node if n.op_type == "Gemm"]
+    assert fc_in and set(fc_in) == set(gemm_inputs)
+    m = onnx.ModelProto()
+    m.CopyFrom(pre)
+    for t in fc_in:
+        m.graph.output.append(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+    s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = dict(zip([o.name for o in s.get_outputs()], s.run(None, {"image": tiny["calib"].focus})))
+    q = onnx.load(str(res.graphs["focus"]))
+    inits = _inits(q)
+    for t in fc_in:  # symmetric int8: scale = max |x| / 127 over the calibration patches, no clipping
+        ql = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == t)
+        assert float(inits[ql.input[1]]) == pytest.approx(np.abs(out[t]).max() / 127.0, rel=1e-4)
+    # without the option the 99th percentile clips those tensors (a smaller scale)
+    plain = gq.quantize_model(tiny["model"], fp32, tiny["paths"]["heads"], tiny["calib"], tmp_path / "plain",
+                              replace(opts, max_range_for=()), progress=False)
+    q2 = onnx.load(str(plain.graphs["focus"]))
+    inits2 = _inits(q2)
+    t = fc_in[0]
+    ql2 = next(n for n in q2.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == t)
+    assert float(inits2[ql2.input[1]]) < float(inits[next(n for n in q.graph.node if n.op_type == "QuantizeLinear"
+                                                          and n.input[0] == t).input[1]])
