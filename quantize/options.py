@@ -55,6 +55,8 @@ class QuantizeOptions:
         max_range_for: tensor roles (``graph-input``, ``fc-input``) whose range is their
             calibration min / max (other tensors: ``method``); ``None``: the profile's
             :attr:`~.profiles.Profile.max_range_for`.
+        residual_int8: Q/DQ on the skip input of residual Adds; ``None``: the profile's
+            :attr:`~.profiles.Profile.residual_int8`.
         max_slowdown: ``cpu`` profile: a node is only kept in float if the graph stays within
             this factor of the all-INT8 graph's batch-1 latency (ONNX Runtime can turn a float
             island into slow layout conversions, e.g. a uint8 NCHW MaxPool after a float stem).
@@ -81,6 +83,7 @@ class QuantizeOptions:
     graph_fallback: Optional[bool] = None
     bias_correction: Optional[int] = None
     max_range_for: Optional[Tuple[str, ...]] = None
+    residual_int8: Optional[bool] = None
     max_slowdown: float = 1.15
     batch_size: int = 32
     threads: Optional[int] = None
@@ -176,7 +179,9 @@ def ort_settings(opts: QuantizeOptions) -> OrtSettings:
     extra: Dict[str, Any] = {"ActivationSymmetric": prof.symmetric_activations, **copy.deepcopy(dict(prof.extra_options))}
     if opts.resolved_method is CalibMethod.PERCENTILE:
         extra["CalibPercentile"] = float(opts.percentile)
-    return OrtSettings(list(prof.op_types), prof.activation_type, prof.weight_type, bool(opts.per_channel),
+    residual = prof.residual_int8 if opts.residual_int8 is None else bool(opts.residual_int8)
+    op_types = [t for t in prof.op_types if residual or t != "Add"]
+    return OrtSettings(op_types, prof.activation_type, prof.weight_type, bool(opts.per_channel),
                        bool(opts.reduce_range) and prof.reduce_range_allowed, extra)
 
 

@@ -70,8 +70,8 @@ def tiny(tmp_path_factory, torch_mod):
     calib = gq.QuantCalibrationSet.from_model(model, _images(24), progress=False)
     pre = {g: preprocess(paths[g], root / f"{g}.pre.onnx")[0] for g in ("glance", "focus")}
     out = {}
-    for prof in ("tensorrt", "cpu"):
-        st = ort_settings(gq.QuantizeOptions(profile=prof, method="max"))
+    for prof in ("tensorrt", "cpu"):  # tensorrt: with the residual stream in INT8 (the Add placement rule)
+        st = ort_settings(gq.QuantizeOptions(profile=prof, method="max", residual_int8=True))
         for g in ("glance", "focus"):
             dst = root / f"{g}.{prof}.onnx"
             quantize_graph(pre[g], dst, calib.reader(g, 8, progress=False), st, "max", prof)
@@ -487,3 +487,18 @@ def test_fc_inputs_take_their_calibration_min_max(tiny, tmp_path):
     ql2 = next(n for n in q2.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == t)
     assert float(inits2[ql2.input[1]]) < float(inits[next(n for n in q.graph.node if n.op_type == "QuantizeLinear"
                                                           and n.input[0] == t).input[1]])
+
+
+def test_tensorrt_default_keeps_residual_stream_float(tiny, tmp_path):
+    st = ort_settings(gq.QuantizeOptions(profile="tensorrt", method="max"))
+    assert "Add" not in st.op_types_to_quantize
+    dst = tmp_path / "focus.onnx"
+    quantize_graph(tiny["pre"]["focus"], dst, tiny["calib"].reader("focus", 8, progress=False), st, "max", "tensorrt")
+    assert gq.check_tensorrt_compat(dst) == []
+    m = onnx.load(str(dst))
+    prod = {o: n for n in m.graph.node for o in n.output}
+    adds = [n for n in m.graph.node if n.op_type == "Add"]
+    assert adds and all(prod.get(i) is None or prod[i].op_type != "DequantizeLinear" for n in adds for i in n.input)
+    convs = [n for n in m.graph.node if n.op_type == "Conv"]
+    assert all(prod[n.input[0]].op_type == "DequantizeLinear" and prod[n.input[1]].op_type == "DequantizeLinear"
+               for n in convs)  # every multiply-add still in INT8
