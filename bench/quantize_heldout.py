@@ -81,7 +81,7 @@ def main() -> int:
         frames, labels = ClutteredDigits("test", size=a.n, config=cfg).arrays(a.n, progress=False)
         images = normalize(frames)
         held.append((seed, images, labels, trace(desc, fp32, paths["heads"], images, a.threads, 50).probs))
-    print(f"| settings | seed | final drop | budget drop | exit agreement | KL final | INT8 MACs | quantize s |")
+    print("| settings | seed | final drop | budget drop | exit agreement | KL final | INT8 MACs | quantize s |")
     print("|---|---|---|---|---|---|---|---|")
     for name, opts in variants:
         t0 = time.perf_counter()
