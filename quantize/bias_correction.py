@@ -22,6 +22,9 @@ def _session(model, threads: int = 2):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    # basic optimisations only: the extended ones fuse Conv + Add even when the Conv's output is
+    # asked for as a graph output
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])

@@ -39,7 +39,9 @@ def minmax_overrides(path: Path, roles: FrozenSet[TensorRole], x: np.ndarray,
     for n in names:
         if n not in have:
             model.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # keep every tensor asked for
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0].name
     lo = {n: 0.0 for n in names}  # ranges include 0 (symmetric and asymmetric alike)
     hi = {n: 0.0 for n in names}
