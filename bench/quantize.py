@@ -44,7 +44,7 @@ def latency_only(checkpoint: Path, out: Path, rounds: int, num_calib: int) -> st
     model = load_checkpoint(checkpoint)
     paths = export_model(model, out / "fp32")
     frames, _ = ClutteredDigits("val", config=demo_config(model)).arrays(progress=False)
-    calib = gq.CalibrationData.from_model(model, normalize(frames[:num_calib]), progress=False)
+    calib = gq.QuantCalibrationSet.from_model(model, normalize(frames[:num_calib]), progress=False)
     graphs = {"fp32/glance": paths["glance"], "fp32/focus": paths["focus"]}
     for prof in ("cpu", "tensorrt"):
         opts = gq.QuantizeOptions(profile=prof, method="auto", num_calib=num_calib, max_accuracy_drop=None)
@@ -86,9 +86,9 @@ def main() -> int:
                     help="second target of the mixed-precision search (negative: accuracy only)")
     a = ap.parse_args()
     _import_quantize()
-    from gfnet_edge.quantize import evaluate_demo
+    import quantize_demo
 
-    ckpt = a.checkpoint or evaluate_demo._default_checkpoint()
+    ckpt = a.checkpoint or quantize_demo._default_checkpoint()
     if not Path(ckpt).is_file():
         print(f"error: {ckpt}: no demo checkpoint (train it or pass --checkpoint)", file=sys.stderr)
         return 2
@@ -101,10 +101,10 @@ def main() -> int:
     if a.latency_only:
         md = latency_only(Path(ckpt), out, a.rounds, a.num_calib)
     else:
-        res = evaluate_demo.run(Path(ckpt), out, a.num_calib, a.num_eval, a.test_size, threads=a.threads,
+        res = quantize_demo.run(Path(ckpt), out, a.num_calib, a.num_eval, a.test_size, threads=a.threads,
                                 timing_rounds=a.rounds,
                                 min_exit_agreement=a.min_exit_agreement if a.min_exit_agreement >= 0 else None)
-        md = evaluate_demo.markdown(res)
+        md = quantize_demo.markdown(res)
         a.results.parent.mkdir(parents=True, exist_ok=True)
         a.results.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     a.results.parent.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,8 @@ class BuildConfig:
         backend: ``auto`` / ``onnxruntime`` (portable bundle) / ``tensorrt`` (plus engines).
         calib_data: folder / .npz / ``demo`` for INT8 calibration.
         num_calib: calibration images.
-        calib_method: ``auto`` (per profile, :data:`gfnet_edge.quantize.options.AUTO_METHOD`), ``entropy``, ``max`` or ``percentile``.
+        calib_method: ``auto`` (the profile's own, :attr:`gfnet_edge.quantize.Profile.auto_method`),
+            ``entropy``, ``max`` or ``percentile``.
         int8_profiles: which INT8 graph sets to write (``cpu``, ``tensorrt``).
         max_accuracy_drop: accuracy-driven mixed precision limit (points, final step).
         eval_data: held-out images for the accuracy check (default: from ``calib_data``).
@@ -184,7 +185,7 @@ def _calibration_images(model, cfg: BuildConfig):
 
 def _quantize(model, tmp: Path, manifest: Dict[str, Any], images, cfg: BuildConfig, backend: str,
               progress: bool) -> Dict[str, Any]:
-    from .quantize import CalibrationData, QuantizeOptions, quantize_model
+    from .quantize import QuantCalibrationSet, QuantizeOptions, quantize_model
 
     profiles = ["tensorrt"] if backend == "tensorrt" else list(cfg.int8_profiles)
     if isinstance(images, tuple):
@@ -194,7 +195,7 @@ def _quantize(model, tmp: Path, manifest: Dict[str, Any], images, cfg: BuildConf
     n_cal = min(cfg.num_calib, max(len(images) - 16, len(images) // 2))
     calib_x, eval_x = images[:n_cal], images[n_cal:]
     eval_y = labels[n_cal:] if labels is not None else None
-    calib = CalibrationData.from_model(model, calib_x)
+    calib = QuantCalibrationSet.from_model(model, calib_x)
     fp32 = {g: tmp / "graphs" / f"{g}.fp32.onnx" for g in ("glance", "focus")}
     reports = {}
     for prof in profiles:

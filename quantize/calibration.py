@@ -4,7 +4,7 @@ The glance encoder is calibrated on glance inputs (the full image resized to P x
 encoder on P x P patches cut at the locations the model's *own policy* picks for each image
 (traced through the reference model), not on random crops: a learned policy looks at digits /
 objects, whose activation statistics differ from those of random background patches.
-:meth:`CalibrationData.random_crops` builds the random-crop alternative for comparison.
+:meth:`QuantCalibrationSet.random_crops` builds the random-crop alternative for comparison.
 """
 from __future__ import annotations
 
@@ -20,18 +20,17 @@ from gfnet_edge.log import logger
 #: Fewest calibration images accepted: below this the activation ranges are noise.
 MIN_CALIB_IMAGES = 16
 
-SpecLike = Any  # GFNetSpec, GFNet, or a manifest "model" dict
+SpecLike = Any  # GFNetSpec, GFNet, ModelDesc, or a manifest "model" dict
 
 
 def _spec_value(spec: SpecLike, key: str):
-    if hasattr(spec, "spec") and not isinstance(spec, Mapping):  # a GFNet
-        spec = spec.spec
+    """``key`` of a ``GFNet`` (its spec), a ``GFNetSpec``, a ``ModelDesc`` or a manifest entry."""
     if isinstance(spec, Mapping):
-        if key in spec:
-            return spec[key]
-        if "spec" in spec and key in spec["spec"]:
-            return spec["spec"][key]
-        raise KeyError(key)
+        from gfnet_edge.model_desc import as_desc
+
+        spec = as_desc(spec)
+    elif hasattr(spec, "spec") and hasattr(spec.spec, key):  # a GFNet
+        spec = spec.spec
     return getattr(spec, key)
 
 
@@ -146,7 +145,7 @@ def load_calibration_images(source: Union[str, os.PathLike], spec: SpecLike, n: 
 
 
 @dataclass
-class CalibrationData:
+class QuantCalibrationSet:
     """Inputs of the two backbone graphs for calibration.
 
     Attributes:
@@ -187,14 +186,14 @@ class CalibrationData:
 
     # ---------------------------------------------------------------- builders
     @classmethod
-    def from_arrays(cls, glance: np.ndarray, focus: np.ndarray) -> "CalibrationData":
+    def from_arrays(cls, glance: np.ndarray, focus: np.ndarray) -> "QuantCalibrationSet":
         """Calibration inputs given directly (no source images: nothing can be held out)."""
         glance, focus = np.asarray(glance), np.asarray(focus)
         return cls(glance, focus, np.arange(focus.shape[0]) % max(glance.shape[0], 1), source="arrays")
 
     @classmethod
     def from_model(cls, model, images: Any, labels: Optional[np.ndarray] = None, batch_size: int = 32,
-                   progress: bool = True, min_images: int = MIN_CALIB_IMAGES) -> "CalibrationData":
+                   progress: bool = True, min_images: int = MIN_CALIB_IMAGES) -> "QuantCalibrationSet":
         """Glance inputs, and patches at the locations the model's own policy picks.
 
         Args:
@@ -210,12 +209,12 @@ class CalibrationData:
     @classmethod
     def random_crops(cls, model, images: Any, labels: Optional[np.ndarray] = None, seed: int = 0,
                      batch_size: int = 32, progress: bool = True,
-                     min_images: int = MIN_CALIB_IMAGES) -> "CalibrationData":
+                     min_images: int = MIN_CALIB_IMAGES) -> "QuantCalibrationSet":
         """Glance inputs, and patches at uniformly random locations (T-1 per image), for comparison."""
         return cls._build(model, images, labels, np.random.default_rng(seed), batch_size, progress, min_images)
 
     @classmethod
-    def _build(cls, model, images, labels, rng, batch_size, progress, min_images) -> "CalibrationData":
+    def _build(cls, model, images, labels, rng, batch_size, progress, min_images) -> "QuantCalibrationSet":
         import torch
 
         from gfnet_edge.models import crop_patches
@@ -259,13 +258,13 @@ class CalibrationData:
     def num_images(self) -> int:
         return int(self.glance.shape[0])
 
-    def subset(self, image_indices: Sequence[int]) -> "CalibrationData":
+    def subset(self, image_indices: Sequence[int]) -> "QuantCalibrationSet":
         """The calibration inputs of some source images only."""
         idx = np.asarray(image_indices, dtype=np.int64)
         remap = np.full(self.num_images, -1, np.int64)
         remap[idx] = np.arange(idx.size)
         keep = remap[self.focus_image] >= 0
-        return CalibrationData(
+        return QuantCalibrationSet(
             self.glance[idx], self.focus[keep], remap[self.focus_image[keep]], self.source,
             None if self.images is None else self.images[idx],
             None if self.labels is None else self.labels[idx],
@@ -296,7 +295,7 @@ def even_batch(n: int, most: int) -> int:
 
 
 class GraphDataReader:
-    """An ``onnxruntime.quantization.CalibrationDataReader`` over one array of inputs.
+    """An ``onnxruntime.quantization.QuantCalibrationSetReader`` over one array of inputs.
 
     Supports ``set_range`` / ``len`` in batches (``CalibStridedMinMax``), and shows a progress bar.
     """

@@ -26,12 +26,11 @@ import numpy as np
 
 from gfnet_edge.errors import GFNetEdgeError
 
+from .profiles import WEIGHTED_OP_TYPES, CheckerRules, Profile, get_profile
 from .tensorrt_ops import (
     INT8_CONSUMERS, MAX_OPSET, MIN_OPSET, PER_CHANNEL_AXIS, SUPPORTED_OPS, TENSORRT_VERSION,
     UNSUPPORTED_REASONS,
 )
-
-WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 class TensorRTCompatError(GFNetEdgeError, ValueError):
@@ -98,21 +97,22 @@ def _name(node) -> str:
     return f"node {node.name or '<unnamed>'!r} ({node.op_type})"
 
 
-def check_tensorrt_compat(model: Union[str, Path, "onnx.ModelProto"], profile: str = "tensorrt") -> List[str]:  # noqa: F821
-    """Checks a (quantized) ONNX graph against TensorRT's parser and Q/DQ rules.
+def check_tensorrt_compat(model: Union[str, Path, "onnx.ModelProto"],  # noqa: F821
+                          profile: Union[str, Profile] = "tensorrt") -> List[str]:
+    """Checks a (quantized) ONNX graph against the rules of a profile (:attr:`Profile.checker`).
 
     Args:
         model: ONNX file path or ``ModelProto``.
-        profile: ``tensorrt`` (all rules) or ``cpu`` (an ONNX Runtime CPU model: only
-            ``onnx.checker`` and well-formed Q/DQ parameters are checked; TensorRT never runs it).
+        profile: a profile name or :class:`~.profiles.Profile`: ``tensorrt`` applies every rule
+            (TensorRT's parser and Q/DQ rules); ``cpu`` (an ONNX Runtime CPU model, never run by
+            TensorRT) only ``onnx.checker`` and well-formed Q/DQ parameters.
 
     Returns:
         Violations, one string each (empty list: compatible).
     """
     import onnx
 
-    if profile not in ("tensorrt", "cpu"):
-        raise ValueError(f"unknown profile {profile!r}; choose tensorrt or cpu")
+    rules = get_profile(profile).checker
     proto, where = _load(model)
     out: List[str] = []
     try:
@@ -120,7 +120,7 @@ def check_tensorrt_compat(model: Union[str, Path, "onnx.ModelProto"], profile: s
     except Exception as exc:  # noqa: BLE001 - any checker failure is a violation
         out.append(f"onnx.checker rejects the model: {str(exc).splitlines()[0]}")
     g = _Graph(proto)
-    if profile == "cpu":
+    if rules is CheckerRules.QDQ_PARAMS:
         for n in g.nodes:
             if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
                 for k, what in ((1, "scale"), (2, "zero-point")):
@@ -220,7 +220,7 @@ def check_tensorrt_compat(model: Union[str, Path, "onnx.ModelProto"], profile: s
 
     # ---- weighted ops
     for n in g.nodes:
-        if n.op_type not in WEIGHTED or len(n.input) < 2:
+        if n.op_type not in WEIGHTED_OP_TYPES or len(n.input) < 2:
             continue
         a_name, w_name = n.input[0], n.input[1]
         if n.op_type == "MatMul" and g.is_const(a_name) and not g.is_const(w_name):
@@ -274,7 +274,7 @@ def _dedupe(items: List[str]) -> List[str]:
     return out
 
 
-def assert_tensorrt_compat(model, profile: str = "tensorrt", where: Optional[str] = None) -> None:
+def assert_tensorrt_compat(model, profile: Union[str, Profile] = "tensorrt", where: Optional[str] = None) -> None:
     """Raises :class:`TensorRTCompatError` when :func:`check_tensorrt_compat` finds violations."""
     v = check_tensorrt_compat(model, profile)
     if v:

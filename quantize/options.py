@@ -1,45 +1,20 @@
-"""Options of INT8 post-training quantization and the ONNX Runtime settings of each profile.
+"""Options of INT8 post-training quantization and the ONNX Runtime settings of a profile.
 
-Two profiles:
-
-* ``tensorrt``: what TensorRT's explicit quantization needs. Signed int8 activations and
-  weights, symmetric (zero-point 0), per-channel weights on the output-channel axis, Q/DQ only
-  (no QOperator ops), Q/DQ at the inputs of weighted ops (Conv, Gemm, MatMul) and on the
-  residual input of skip-connection adds, never on the outputs of weighted ops, biases left in
-  float (TensorRT has no INT32 DequantizeLinear; it quantizes biases itself).
-* ``cpu``: ONNX Runtime's fast x86 path. uint8 asymmetric activations, int8 symmetric
-  per-channel weights, Q/DQ around every op ONNX Runtime has an integer kernel for, so that the
-  graph optimiser turns DQ -> op -> Q groups into QLinearConv / QLinearAdd / ... and int8 data
-  flows between them.
+The profiles themselves (``tensorrt``, ``cpu``) are :class:`~.profiles.Profile` objects in
+:data:`~.profiles.PROFILES`.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 
-PROFILES: Tuple[str, ...] = ("tensorrt", "cpu")
-METHODS: Tuple[str, ...] = ("auto", "max", "entropy", "percentile")
-#: What ``method="auto"`` picks per profile: the method with the lowest KL(FP32 || INT8) of the
-#: final-step probabilities on the demo model (bench/results/quantize.md).
-AUTO_METHOD: Dict[str, str] = {"tensorrt": "percentile", "cpu": "percentile"}
+from .profiles import PROFILES, WEIGHTED_OP_TYPES, CalibMethod, Profile, TensorRole, get_profile
 
-#: Op types whose inputs get Q/DQ in the ``tensorrt`` profile (TensorRT developer guide,
-#: "Explicit Quantization" > "Q/DQ Layer-Placement Recommendations": quantize all inputs of
-#: weighted operations; quantize the residual input of weighted-layer + add fusions). The Add
-#: entry is post-processed so that only the residual (skip) input keeps its Q/DQ.
-TENSORRT_OP_TYPES: Tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
+#: Calibration method names accepted by :class:`QuantizeOptions` (``--calib-method``).
+METHODS: Tuple[str, ...] = tuple(m.value for m in CalibMethod)
 
-#: Op types quantized in the ``cpu`` profile: every op ONNX Runtime's CPU provider runs in
-#: int8 (QLinearConv, QLinearMatMul / QGemm, QLinearAdd, QLinearMul, QLinearGlobalAveragePool,
-#: QLinearAveragePool, int8 MaxPool, and data-movement ops that pass int8 through).
-CPU_OP_TYPES: Tuple[str, ...] = (
-    "Conv", "Gemm", "MatMul", "Add", "Mul", "Relu", "Clip", "MaxPool", "AveragePool",
-    "GlobalAveragePool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Concat",
-    "Resize", "Sigmoid", "HardSigmoid", "LeakyRelu",
-)
-
-#: Weighted op types: the units of the mixed-precision search.
-WEIGHTED_OP_TYPES: Tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+__all__ = ["METHODS", "PROFILES", "WEIGHTED_OP_TYPES", "OrtSettings", "QuantizeOptions", "ort_settings", "quant_type"]
 
 
 @dataclass
@@ -49,7 +24,7 @@ class QuantizeOptions:
     Attributes:
         profile: ``tensorrt`` (symmetric int8 Q/DQ for TensorRT) or ``cpu`` (ONNX Runtime x86).
         method: activation calibration: ``max`` (min/max), ``entropy`` (KL), ``percentile``, or
-            ``auto`` (:data:`AUTO_METHOD`: percentile, 99.99, for both profiles).
+            ``auto`` (the profile's :attr:`~.profiles.Profile.auto_method`).
         percentile: percentile of |x| kept by the ``percentile`` method.
         num_calib: calibration images used (glance inputs; the focus graph gets T-1 patches
             per image).
@@ -67,6 +42,21 @@ class QuantizeOptions:
         max_candidates: at most this many weighted nodes (ranked by a cheap local error proxy)
             get a full sensitivity measurement.
         max_float_nodes: the search keeps at most this many nodes in float.
+        max_budget_drop: optional target of the search: the largest accuracy drop (points) at
+            the mid budget (early exit with thresholds fitted on the FP32 probabilities).
+        max_float_mac_share: the search keeps at most this share (0..1) of the backbone
+            multiply-adds per image in float; ``None``: the profile's
+            :attr:`~.profiles.Profile.max_float_mac_share`.
+        graph_fallback: the search may keep a whole graph in float; ``None``: the profile's
+            :attr:`~.profiles.Profile.graph_fallback`.
+        bias_correction: correct float biases for the quantization shift on this many
+            calibration inputs per graph (0: off); ``None``: 64 where the profile's
+            :attr:`~.profiles.Profile.bias_correction` is on, else off.
+        max_range_for: tensor roles (``graph-input``, ``fc-input``) whose range is their
+            calibration min / max (other tensors: ``method``); ``None``: the profile's
+            :attr:`~.profiles.Profile.max_range_for`.
+        residual_int8: Q/DQ on the skip input of residual Adds; ``None``: the profile's
+            :attr:`~.profiles.Profile.residual_int8`.
         max_slowdown: ``cpu`` profile: a node is only kept in float if the graph stays within
             this factor of the all-INT8 graph's batch-1 latency (ONNX Runtime can turn a float
             island into slow layout conversions, e.g. a uint8 NCHW MaxPool after a float stem).
@@ -88,6 +78,12 @@ class QuantizeOptions:
     reduce_range: Optional[bool] = None
     max_candidates: int = 48
     max_float_nodes: int = 8
+    max_budget_drop: Optional[float] = None
+    max_float_mac_share: Optional[float] = None
+    graph_fallback: Optional[bool] = None
+    bias_correction: Optional[int] = None
+    max_range_for: Optional[Tuple[str, ...]] = None
+    residual_int8: Optional[bool] = None
     max_slowdown: float = 1.15
     batch_size: int = 32
     threads: Optional[int] = None
@@ -95,10 +91,8 @@ class QuantizeOptions:
     keep_work: bool = False
 
     def validate(self) -> "QuantizeOptions":
-        if self.profile not in PROFILES:
-            raise ValueError(f"unknown quantization profile {self.profile!r}; choose one of {', '.join(PROFILES)}")
-        if self.method not in METHODS:
-            raise ValueError(f"unknown calibration method {self.method!r}; choose one of {', '.join(METHODS)}")
+        get_profile(self.profile)
+        CalibMethod.parse(self.method)
         if not 0.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
         if int(self.num_calib) < 1:
@@ -109,6 +103,15 @@ class QuantizeOptions:
             raise ValueError(f"min_exit_agreement must be a percentage, got {self.min_exit_agreement}")
         if not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        if self.max_budget_drop is not None and self.max_budget_drop < 0:
+            raise ValueError(f"max_budget_drop must be >= 0 (points), got {self.max_budget_drop}")
+        if self.max_float_mac_share is not None and not 0.0 <= self.max_float_mac_share <= 1.0:
+            raise ValueError(f"max_float_mac_share must be in [0, 1], got {self.max_float_mac_share}")
+        if self.bias_correction is not None and int(self.bias_correction) < 0:
+            raise ValueError(f"bias_correction must be >= 0 calibration inputs, got {self.bias_correction}")
+        if self.max_range_for is not None:
+            for r in self.max_range_for:
+                TensorRole.parse(r)
         if self.max_slowdown < 1.0:
             raise ValueError(f"max_slowdown must be >= 1, got {self.max_slowdown}")
         if self.max_candidates < 0 or self.max_float_nodes < 0:
@@ -121,17 +124,38 @@ class QuantizeOptions:
         return asdict(self)
 
     @property
-    def resolved_method(self) -> str:
+    def spec(self) -> Profile:
+        """The :class:`~.profiles.Profile` of :attr:`profile`."""
+        return get_profile(self.profile)
+
+    @property
+    def float_mac_limit(self) -> Optional[float]:
+        """The share of multiply-adds the search may keep in float (option, else the profile's)."""
+        return self.max_float_mac_share if self.max_float_mac_share is not None else self.spec.max_float_mac_share
+
+    @property
+    def whole_graph_fallback(self) -> bool:
+        """Whether whole graphs are search candidates (option, else the profile's)."""
+        return self.graph_fallback if self.graph_fallback is not None else self.spec.graph_fallback
+
+    @property
+    def bias_correction_inputs(self) -> int:
+        """Calibration inputs per graph used for bias correction (0: off)."""
+        if self.bias_correction is not None:
+            return int(self.bias_correction)
+        return 64 if self.spec.bias_correction else 0
+
+    @property
+    def max_range_roles(self) -> FrozenSet[TensorRole]:
+        """Tensor roles calibrated by min / max (option, else the profile's)."""
+        if self.max_range_for is not None:
+            return frozenset(TensorRole.parse(r) for r in self.max_range_for)
+        return frozenset(self.spec.max_range_for)
+
+    @property
+    def resolved_method(self) -> CalibMethod:
         """The calibration method actually used (``auto`` resolved for the profile)."""
-        return AUTO_METHOD[self.profile] if self.method == "auto" else self.method
-
-
-def calibrate_method(method: str):
-    """The ONNX Runtime ``CalibrationMethod`` of a method name."""
-    from onnxruntime.quantization import CalibrationMethod
-
-    return {"max": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-            "percentile": CalibrationMethod.Percentile}[method]
+        return self.spec.resolve(self.method)
 
 
 @dataclass
@@ -151,32 +175,14 @@ class OrtSettings:
 
 def ort_settings(opts: QuantizeOptions) -> OrtSettings:
     """The ``quantize_static`` settings of ``opts.profile`` (types as names, see :func:`quant_type`)."""
-    calib: Dict[str, Any] = {}
-    if opts.resolved_method == "percentile":
-        calib["CalibPercentile"] = float(opts.percentile)
-    if opts.profile == "tensorrt":
-        extra = {
-            "ActivationSymmetric": True,
-            "WeightSymmetric": True,
-            # ranges symmetric already at calibration, so entropy / percentile pick |x| limits
-            "CalibTensorRangeSymmetric": True,
-            # TensorRT quantizes biases itself and has no INT32 DequantizeLinear
-            "QuantizeBias": False,
-            # never Q/DQ the outputs of weighted ops or adds (TensorRT rule); the next
-            # weighted op quantizes its own input
-            "OpTypesToExcludeOutputQuantization": list(TENSORRT_OP_TYPES),
-            # per-channel on the output-channel axis (Conv: 0; MatMul with constant B (K, N): 1)
-            "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
-        }
-        extra.update(calib)
-        return OrtSettings(list(TENSORRT_OP_TYPES), "QInt8", "QInt8", bool(opts.per_channel), False, extra)
-    # asymmetric ranges also for percentile (ONNX Runtime's percentile calibrator defaults to
-    # symmetric): a ReLU output then gets zero-point 0 and the full uint8 range, and
-    # ONNX Runtime's integer kernels take their faster zero-point-0 path
-    extra = {"ActivationSymmetric": False, "WeightSymmetric": True, "CalibTensorRangeSymmetric": False}
-    extra.update(calib)
-    return OrtSettings(list(CPU_OP_TYPES), "QUInt8", "QInt8", bool(opts.per_channel),
-                       bool(opts.reduce_range), extra)
+    prof = opts.spec
+    extra: Dict[str, Any] = {"ActivationSymmetric": prof.symmetric_activations, **copy.deepcopy(dict(prof.extra_options))}
+    if opts.resolved_method is CalibMethod.PERCENTILE:
+        extra["CalibPercentile"] = float(opts.percentile)
+    residual = prof.residual_int8 if opts.residual_int8 is None else bool(opts.residual_int8)
+    op_types = [t for t in prof.op_types if residual or t != "Add"]
+    return OrtSettings(op_types, prof.activation_type, prof.weight_type, bool(opts.per_channel),
+                       bool(opts.reduce_range) and prof.reduce_range_allowed, extra)
 
 
 def quant_type(name: str):

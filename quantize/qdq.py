@@ -8,8 +8,8 @@ ONNX Runtime does the work (pre-processing, calibration, QDQ insertion, scales).
   mixed-precision search, or an op type the profile does not quantize) and every graph output
   gets the original float tensor back: ``feature`` and ``policy_state`` leave the graphs in
   float, and a node kept in float really sees float input.
-* :func:`keep_residual_qdq_only` (``tensorrt`` profile): a residual Add keeps Q/DQ on its skip
-  input only; the input coming straight from the last weighted op of the block stays float so
+* :func:`keep_residual_qdq_only` (:attr:`~.profiles.PostPass.RESIDUAL_SKIP_ONLY`): a residual Add
+  keeps Q/DQ on its skip input only; the input coming straight from the last weighted op of the block stays float so
   that TensorRT fuses Conv + Add (TensorRT developer guide: "quantize the residual input in
   weighted-layer + add fusions", "do not quantize the outputs of weighted operations").
 """
@@ -18,13 +18,14 @@ from __future__ import annotations
 import inspect
 import shutil
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
 from gfnet_edge.log import logger
 
-from .options import WEIGHTED_OP_TYPES, OrtSettings, calibrate_method, quant_type
+from .options import OrtSettings, quant_type
+from .profiles import WEIGHTED_OP_TYPES, CalibMethod, PostPass, Profile, get_profile
 
 #: Activations ONNX Runtime's QDQ quantizer may remove (``QDQRemovableActivation``).
 REMOVABLE_ACTIVATIONS = ("Relu", "Clip")
@@ -63,7 +64,7 @@ def _supports_cache() -> bool:
     return "calibration_cache_path" in inspect.signature(quantize_static).parameters
 
 
-def run_quantize_static(src: Path, dst: Path, reader, settings: OrtSettings, method: str,
+def run_quantize_static(src: Path, dst: Path, reader, settings: OrtSettings, method: Union[str, CalibMethod],
                         nodes_to_exclude: Sequence[str] = (), cache_path: Optional[Path] = None) -> None:
     """Calls ``onnxruntime.quantization.quantize_static`` (QDQ format) with a profile's settings.
 
@@ -72,13 +73,14 @@ def run_quantize_static(src: Path, dst: Path, reader, settings: OrtSettings, met
     """
     from onnxruntime.quantization import QuantFormat, quantize_static
 
+    method = CalibMethod.parse(method)
     extra = dict(settings.extra_options)
     kwargs = {}
     if cache_path is not None and _supports_cache():
         kwargs["calibration_cache_path"] = str(cache_path)
         if Path(cache_path).is_file():
             reader = None
-    if reader is not None and method in ("entropy", "percentile"):
+    if reader is not None and method.histogram:
         reader = _even_batches(reader)
     if reader is not None and len(reader) > 1:
         # collect statistics a few batches at a time (bounded memory for histogram methods)
@@ -98,7 +100,7 @@ def run_quantize_static(src: Path, dst: Path, reader, settings: OrtSettings, met
                 op_types_to_quantize=list(settings.op_types_to_quantize), per_channel=settings.per_channel,
                 reduce_range=settings.reduce_range, activation_type=quant_type(settings.activation_type),
                 weight_type=quant_type(settings.weight_type), nodes_to_exclude=list(nodes_to_exclude),
-                calibrate_method=calibrate_method(method), extra_options=extra, **kwargs,
+                calibrate_method=method.ort, extra_options=extra, **kwargs,
             )
     finally:
         ort_log.setLevel(level)
@@ -292,8 +294,8 @@ def remove_dangling_qdq(model) -> int:
 
 
 #: Single-input ops that follow a weighted op and stay in float with it when it is kept in float
-#: (``cpu`` profile): a float Conv -> Relu -> MaxPool run stays float up to the next quantized
-#: op instead of running e.g. MaxPool in a slow NCHW uint8 kernel between two float ops.
+#: (:attr:`~.profiles.PostPass.FLOAT_FOLLOWERS`): a float Conv -> Relu -> MaxPool run stays float up to
+#: the next quantized op instead of running e.g. MaxPool in a slow NCHW uint8 kernel between two float ops.
 FOLLOWERS = ("Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "MaxPool", "AveragePool",
              "GlobalAveragePool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze")
 
@@ -326,11 +328,13 @@ def quantized_node_names(model, op_types: Iterable[str], excluded: Iterable[str]
     return {n.name for n in model.graph.node if n.op_type in ops and n.name not in ex}
 
 
-def quantize_graph(pre_path: Path, out_path: Path, reader, settings: OrtSettings, method: str, profile: str,
+def quantize_graph(pre_path: Path, out_path: Path, reader, settings: OrtSettings, method: Union[str, CalibMethod],
+                   profile: Union[str, Profile],
                    nodes_to_exclude: Sequence[str] = (), cache_path: Optional[Path] = None) -> Dict[str, object]:
-    """Quantizes one pre-processed graph and applies the post passes; returns what they did."""
+    """Quantizes one pre-processed graph and applies the profile's post passes; returns what they did."""
     import onnx
 
+    profile = get_profile(profile)
     pre = onnx.load(str(pre_path))
     # ONNX Runtime removes a quantized Relu / Clip (folding it into the uint8 range of the Q
     # after it); on a graph output, which leaves the graph in float, that would drop the ReLU
@@ -338,7 +342,7 @@ def quantize_graph(pre_path: Path, out_path: Path, reader, settings: OrtSettings
     protected = [n.name for n in pre.graph.node
                  if n.op_type in REMOVABLE_ACTIVATIONS and any(o in outputs for o in n.output)]
     followers: List[str] = []
-    if profile == "cpu" and nodes_to_exclude:
+    if PostPass.FLOAT_FOLLOWERS in profile.post_passes and nodes_to_exclude:
         group = float_group(pre, nodes_to_exclude)
         followers = sorted(group - set(nodes_to_exclude))
         nodes_to_exclude = group
@@ -352,7 +356,7 @@ def quantize_graph(pre_path: Path, out_path: Path, reader, settings: OrtSettings
     info: Dict[str, object] = {"rewired_to_float": restore_float_consumers(model, quantized)}
     if followers:
         info["float_followers"] = followers
-    if profile == "tensorrt":
+    if PostPass.RESIDUAL_SKIP_ONLY in profile.post_passes:
         info["residual_adds"] = keep_residual_qdq_only(model)
     model.producer_name = "gfnet-edge quantize (onnxruntime.quantization)"
     onnx.checker.check_model(model)

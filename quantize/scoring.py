@@ -7,6 +7,7 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 import numpy as np
 
+from gfnet_edge.model_desc import ModelDesc
 from gfnet_edge.evaluate import anytime_accuracy, exit_fractions, exit_steps, fit_thresholds
 
 #: p of the "mid" budget: q_k ∝ p^k with p = 1 gives equal exit fractions at every step.
@@ -21,12 +22,12 @@ class Traced:
     coords: np.ndarray  # (T-1, N, 2)
 
 
-def trace(manifest: Mapping[str, Any], graphs: Mapping[str, Union[str, Path]], heads,
+def trace(desc: ModelDesc, graphs: Mapping[str, Union[str, Path]], heads,
           images: np.ndarray, threads: Optional[int] = None, batch_size: int = 64) -> Traced:
-    """Runs a glance/focus pair + heads through the runtime driver (ONNX Runtime)."""
+    """Runs a glance/focus pair + heads of the model ``desc`` through the runtime driver (ONNX Runtime)."""
     from gfnet_edge.runtime.api import trace_graphs
 
-    out = trace_graphs(dict(manifest), {g: Path(p) for g, p in graphs.items()}, heads, images,
+    out = trace_graphs(desc, {g: Path(p) for g, p in graphs.items()}, heads, images,
                        threads=threads, batch_size=batch_size)
     return Traced(np.asarray(out.probs, np.float32), np.asarray(out.coords))
 
@@ -56,6 +57,9 @@ def compare(ref: Traced, test: Traced, labels: Optional[np.ndarray] = None,
     thr = fit_thresholds(ref.probs if fit_probs is None else fit_probs, exit_fractions(p, T))
     e_ref, e_test = exit_steps(ref.probs, thr), exit_steps(test.probs, thr)
     pred_ref, pred_test = ref.probs.argmax(axis=2), test.probs.argmax(axis=2)
+    steps = np.arange(lab.shape[0])
+    bud_ref = pred_ref[e_ref, steps] == lab
+    bud_test = pred_test[e_test, steps] == lab
     coords_same = (ref.coords == test.coords).all(axis=2).mean(axis=1) if ref.coords.size else np.zeros(0)
     ok_ref, ok_test = pred_ref[-1] == lab, pred_test[-1] == lab
     lost, gained = int((ok_ref & ~ok_test).sum()), int((~ok_ref & ok_test).sum())
@@ -73,6 +77,11 @@ def compare(ref: Traced, test: Traced, labels: Optional[np.ndarray] = None,
         "coords_agreement": [round(float(a) * 100, 3) for a in coords_same],
         "kl_final": float(kl_divergence(ref.probs[-1], test.probs[-1]).mean()),
         "kl_mean": float(kl_divergence(ref.probs, test.probs).mean()),
+        # at the step FP32 exits at (what a user sees at this budget)
+        "kl_budget": float(kl_divergence(ref.probs[e_ref, steps], test.probs[e_ref, steps]).mean()),
+        "budget_accuracy_fp32": round(100.0 * float(bud_ref.mean()), 3),
+        "budget_accuracy_int8": round(100.0 * float(bud_test.mean()), 3),
+        "budget_drop": round(100.0 * float(bud_ref.mean() - bud_test.mean()), 3),
         "exit": {
             "p": p,
             "thresholds": [float(t) for t in thr],

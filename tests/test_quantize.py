@@ -6,6 +6,7 @@ under a minute on 2 cores.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -66,11 +67,11 @@ def tiny(tmp_path_factory, torch_mod):
     root = tmp_path_factory.mktemp("quant")
     model = _tiny_model()
     paths = export_model(model, root / "fp32")
-    calib = gq.CalibrationData.from_model(model, _images(24), progress=False)
+    calib = gq.QuantCalibrationSet.from_model(model, _images(24), progress=False)
     pre = {g: preprocess(paths[g], root / f"{g}.pre.onnx")[0] for g in ("glance", "focus")}
     out = {}
-    for prof in ("tensorrt", "cpu"):
-        st = ort_settings(gq.QuantizeOptions(profile=prof, method="max"))
+    for prof in ("tensorrt", "cpu"):  # tensorrt: with the residual stream in INT8 (the Add placement rule)
+        st = ort_settings(gq.QuantizeOptions(profile=prof, method="max", residual_int8=True))
         for g in ("glance", "focus"):
             dst = root / f"{g}.{prof}.onnx"
             quantize_graph(pre[g], dst, calib.reader(g, 8, progress=False), st, "max", prof)
@@ -204,7 +205,7 @@ def test_calibration_patches_are_at_policy_locations(tiny):
         np.testing.assert_array_equal(calib.focus[t * n:(t + 1) * n], want)
         np.testing.assert_array_equal(calib.focus_image[t * n:(t + 1) * n], np.arange(n))
     np.testing.assert_allclose(calib.glance, model.glance(x).numpy())
-    rnd = gq.CalibrationData.random_crops(model, calib.images, seed=3, progress=False)
+    rnd = gq.QuantCalibrationSet.random_crops(model, calib.images, seed=3, progress=False)
     assert rnd.source == "random" and not np.array_equal(rnd.coords, calib.coords)
     assert rnd.coords.min() >= 0 and rnd.coords.max() <= S - P
     sub = calib.subset([1, 3])
@@ -265,17 +266,17 @@ def test_bad_calibration_data_errors(tiny, tmp_path):
         gq.load_calibration_images(tmp_path / "missing", spec)
     good = _images(20)
     with pytest.raises(ValueError, match=r"expected shape \(N, 3, 128, 128\)"):
-        gq.CalibrationData.from_model(model, good[:, :, :100, :100], progress=False)
+        gq.QuantCalibrationSet.from_model(model, good[:, :, :100, :100], progress=False)
     with pytest.raises(ValueError, match="at least 16"):
-        gq.CalibrationData.from_model(model, good[:5], progress=False)
+        gq.QuantCalibrationSet.from_model(model, good[:5], progress=False)
     with pytest.raises(ValueError, match="empty"):
-        gq.CalibrationData.from_model(model, good[:0], progress=False)
+        gq.QuantCalibrationSet.from_model(model, good[:0], progress=False)
     bad = good.copy()
     bad[2, 1, 3, 3] = np.inf
     with pytest.raises(ValueError, match="NaN or Inf"):
-        gq.CalibrationData.from_model(model, bad, progress=False)
+        gq.QuantCalibrationSet.from_model(model, bad, progress=False)
     with pytest.raises(ValueError, match="normalised float"):
-        gq.CalibrationData.from_model(model, (good * 50).astype(np.uint8), progress=False)
+        gq.QuantCalibrationSet.from_model(model, (good * 50).astype(np.uint8), progress=False)
     with pytest.raises(ValueError, match="unknown quantization profile"):
         gq.QuantizeOptions(profile="int4").validate()
 
@@ -286,10 +287,11 @@ def test_quantize_model_end_to_end(tiny, tmp_path):
     model = tiny["model"]
     fp32 = {g: tiny["paths"][g] for g in ("glance", "focus")}
     ev = _images(24, seed=5)
+    # whole graphs as candidates too, and no limit on the multiply-adds in float
     opts = gq.QuantizeOptions(profile="tensorrt", method="max", max_accuracy_drop=0.0, max_candidates=3,
-                              max_float_nodes=2, threads=1)
+                              max_float_nodes=2, threads=1, graph_fallback=True, max_float_mac_share=1.0)
     # ranges from images scaled down 20x: most activations clip, so INT8 hurts and the search runs
-    small = gq.CalibrationData(tiny["calib"].glance / 20, tiny["calib"].focus / 20, tiny["calib"].focus_image)
+    small = gq.QuantCalibrationSet(tiny["calib"].glance / 20, tiny["calib"].focus / 20, tiny["calib"].focus_image)
     res = gq.quantize_model(model, fp32, tiny["paths"]["heads"], small, tmp_path / "out", opts,
                             eval_images=ev, progress=False)
     rep = res.report
@@ -323,10 +325,41 @@ def test_quantize_model_end_to_end(tiny, tmp_path):
     assert t32.probs.shape == tq.probs.shape
 
 
+def test_tensorrt_profile_keeps_both_graphs_int8_within_mac_limit(tiny, tmp_path):
+    pytest.importorskip("gfnet_edge.ops", reason="the runtime extension scores the graphs")
+    from gfnet_edge.quantize.macs import node_macs
+
+    model = tiny["model"]
+    fp32 = {g: tiny["paths"][g] for g in ("glance", "focus")}
+    opts = gq.QuantizeOptions(profile="tensorrt", method="max", max_accuracy_drop=0.0, max_candidates=4,
+                              max_float_nodes=3, threads=1)
+    small = gq.QuantCalibrationSet(tiny["calib"].glance / 20, tiny["calib"].focus / 20, tiny["calib"].focus_image)
+    res = gq.quantize_model(model, fp32, tiny["paths"]["heads"], small, tmp_path / "out", opts,
+                            eval_images=_images(24, seed=5), progress=False)
+    rep = res.report
+    assert rep["accuracy_all_int8"]["final_drop"] > 0  # the search ran
+    assert not any(s["op_type"] == "graph" for s in rep["sensitivity"])
+    # independent count: multiply-adds of the weighted nodes left without Q/DQ on their input,
+    # the focus graph counted T-1 times
+    runs = {"glance": 1, "focus": model.spec.steps - 1}
+    total = int8 = 0
+    for g in ("glance", "focus"):
+        q = onnx.load(str(res.graphs[g]))
+        prod = {o: n for n in q.graph.node for o in n.output}
+        assert sum(n.op_type == "QuantizeLinear" for n in q.graph.node) > 0  # no graph left in float
+        for name, macs in node_macs(onnx.load(str(tiny["pre"][g]))).items():
+            node = next(n for n in q.graph.node if n.name == name)
+            total += runs[g] * macs
+            if prod.get(node.input[0]) is not None and prod[node.input[0]].op_type == "DequantizeLinear":
+                int8 += runs[g] * macs
+    assert int8 / total >= 0.95
+    assert rep["int8_mac_share"] == pytest.approx(int8 / total, abs=1e-4)
+
+
 def test_quantize_model_holds_out_calibration_images(tiny, tmp_path):
     pytest.importorskip("gfnet_edge.ops", reason="the runtime extension scores the graphs")
     fp32 = {g: tiny["paths"][g] for g in ("glance", "focus")}
-    calib = gq.CalibrationData.from_model(tiny["model"], _images(40, seed=7), progress=False)
+    calib = gq.QuantCalibrationSet.from_model(tiny["model"], _images(40, seed=7), progress=False)
     opts = gq.QuantizeOptions(profile="cpu", method="entropy", max_accuracy_drop=None, min_eval=8, threads=1)
     res = gq.quantize_model(tiny["model"], fp32, tiny["paths"]["heads"], calib, tmp_path / "cpu", opts, progress=False)
     rep = res.report
@@ -365,3 +398,107 @@ def test_uneven_reader_batches_are_rebatched_for_histograms(tiny, tmp_path):
     dst = tmp_path / "uneven.onnx"
     run_quantize_static(tiny["pre"]["focus"], dst, Uneven(tiny["calib"].focus[:21]), st, "entropy")
     assert gq.check_tensorrt_compat(dst, profile="cpu") == []
+
+
+def test_profile_registry_and_calibration_methods(tiny):
+    from onnxruntime.quantization import CalibrationMethod
+
+    assert set(gq.PROFILES) == {"tensorrt", "cpu"} and gq.get_profile("cpu") is gq.PROFILES["cpu"]
+    with pytest.raises(ValueError, match="unknown quantization profile 'int4'"):
+        gq.get_profile("int4")
+    with pytest.raises(ValueError, match="unknown calibration method 'kl'"):
+        gq.QuantizeOptions(method="kl").validate()
+    assert gq.QuantizeOptions(method="entropy").resolved_method is gq.CalibMethod.ENTROPY
+    assert gq.CalibMethod.MAX.ort == CalibrationMethod.MinMax
+    # the checker applies the rules the profile object names: the cpu graph breaks TensorRT's
+    # rules, and passes the cpu profile's, given by name or as the object
+    cpu_graph = tiny["q"][("cpu", "focus")]
+    assert gq.check_tensorrt_compat(cpu_graph, gq.PROFILES["tensorrt"]) != []
+    assert gq.check_tensorrt_compat(cpu_graph, gq.PROFILES["cpu"]) == gq.check_tensorrt_compat(cpu_graph, "cpu") == []
+
+
+def _channel_means(model, tensors, x):
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for t in tensors:
+        m.graph.output.append(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+    s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in s.get_outputs()]
+    out = dict(zip(names, s.run(None, {"image": x})))
+    return {t: out[t].astype(np.float64).mean(axis=tuple(k for k in range(out[t].ndim) if k != 1)) for t in tensors}
+
+
+def test_bias_correction_restores_fp32_channel_means(tiny):
+    from gfnet_edge.quantize.bias_correction import correct_biases
+
+    q = onnx.load(str(tiny["q"][("tensorrt", "focus")]))
+    f = onnx.load(str(tiny["pre"]["focus"]))
+    prod = {o: n for n in q.graph.node for o in n.output}
+    convs = [n for n in q.graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) == 3
+             and prod.get(n.input[1]) is not None and prod[n.input[1]].op_type == "DequantizeLinear"]
+    assert convs
+    tensors = [n.output[0] for n in convs]
+    x = tiny["calib"].focus[:16]
+    ref = _channel_means(f, tensors, x)
+    before = _channel_means(q, tensors, x)
+    done = correct_biases(q, f, x)
+    assert set(done) == {n.name for n in convs}
+    after = _channel_means(q, tensors, x)
+    err_before = err_after = 0.0
+    for t in tensors:  # every corrected node has FP32's channel means (up to float rounding)
+        scale = np.abs(ref[t]).max() + 1e-6
+        assert np.abs(after[t] - ref[t]).max() <= 1e-3 * scale, t
+        err_before += np.abs(before[t] - ref[t]).sum()
+        err_after += np.abs(after[t] - ref[t]).sum()
+    assert err_after < 0.1 * err_before  # quantization had moved the means
+    assert gq.check_tensorrt_compat(q) == []
+
+
+def test_fc_inputs_take_their_calibration_min_max(tiny, tmp_path):
+    from gfnet_edge.quantize.ranges import role_tensors
+    from gfnet_edge.quantize.profiles import TensorRole
+
+    fp32 = {g: tiny["paths"][g] for g in ("glance", "focus")}
+    opts = gq.QuantizeOptions(profile="tensorrt", method="percentile", percentile=99.0, max_accuracy_drop=None,
+                              max_range_for=("fc-input",), threads=1)
+    res = gq.quantize_model(tiny["model"], fp32, tiny["paths"]["heads"], tiny["calib"], tmp_path / "fc", opts,
+                            progress=False)
+    pre = onnx.load(str(tiny["pre"]["focus"]))
+    fc_in = role_tensors(pre, frozenset({TensorRole.FC_INPUT}))
+    gemm_inputs = [n.input[0] for n in pre.graph.node if n.op_type == "Gemm"]
+    assert fc_in and set(fc_in) == set(gemm_inputs)
+    m = onnx.ModelProto()
+    m.CopyFrom(pre)
+    for t in fc_in:
+        m.graph.output.append(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+    s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = dict(zip([o.name for o in s.get_outputs()], s.run(None, {"image": tiny["calib"].focus})))
+    q = onnx.load(str(res.graphs["focus"]))
+    inits = _inits(q)
+    for t in fc_in:  # symmetric int8: scale = max |x| / 127 over the calibration patches, no clipping
+        ql = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == t)
+        assert float(inits[ql.input[1]]) == pytest.approx(np.abs(out[t]).max() / 127.0, rel=1e-4)
+    # without the option the 99th percentile clips those tensors (a smaller scale)
+    plain = gq.quantize_model(tiny["model"], fp32, tiny["paths"]["heads"], tiny["calib"], tmp_path / "plain",
+                              replace(opts, max_range_for=()), progress=False)
+    q2 = onnx.load(str(plain.graphs["focus"]))
+    inits2 = _inits(q2)
+    t = fc_in[0]
+    ql2 = next(n for n in q2.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == t)
+    assert float(inits2[ql2.input[1]]) < float(inits[next(n for n in q.graph.node if n.op_type == "QuantizeLinear"
+                                                          and n.input[0] == t).input[1]])
+
+
+def test_tensorrt_default_keeps_residual_stream_float(tiny, tmp_path):
+    st = ort_settings(gq.QuantizeOptions(profile="tensorrt", method="max"))
+    assert "Add" not in st.op_types_to_quantize
+    dst = tmp_path / "focus.onnx"
+    quantize_graph(tiny["pre"]["focus"], dst, tiny["calib"].reader("focus", 8, progress=False), st, "max", "tensorrt")
+    assert gq.check_tensorrt_compat(dst) == []
+    m = onnx.load(str(dst))
+    prod = {o: n for n in m.graph.node for o in n.output}
+    adds = [n for n in m.graph.node if n.op_type == "Add"]
+    assert adds and all(prod.get(i) is None or prod[i].op_type != "DequantizeLinear" for n in adds for i in n.input)
+    convs = [n for n in m.graph.node if n.op_type == "Conv"]
+    assert all(prod[n.input[0]].op_type == "DequantizeLinear" and prod[n.input[1]].op_type == "DequantizeLinear"
+               for n in convs)  # every multiply-add still in INT8

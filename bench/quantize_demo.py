@@ -1,6 +1,6 @@
 """Figures of the INT8 quantization on the demo GFNet (cluttered digits).
 
-``python -m gfnet_edge.quantize.evaluate_demo`` reproduces them:
+``python3 bench/quantize.py`` (which calls :func:`run` and :func:`markdown` here) reproduces them:
 
 * ``tensorrt``-profile INT8 (run in ONNX Runtime) vs FP32 on the test split: anytime accuracy per
   step, final-step drop, and exit-step agreement at a mid budget (thresholds fitted on the FP32
@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "gfnet_edge" / "assets" / "demo_gfnet.pth.tar"
+GRAPHS = ("glance", "focus")
 
 
 def _default_checkpoint() -> Path:
@@ -63,15 +64,16 @@ def run(checkpoint: Path, out: Path, num_calib: int = 256, num_eval: int = 744, 
     from gfnet_edge.export import export_model, manifest_model
     from gfnet_edge.models import load_checkpoint
 
-    from . import CalibrationData, QuantizeOptions, quantize_model
-    from .scoring import compare, trace
-    from .timing import time_graphs
+    from gfnet_edge.model_desc import as_desc
+    from gfnet_edge.quantize import QuantCalibrationSet, QuantizeOptions, quantize_model
+    from gfnet_edge.quantize.scoring import compare, trace
+    from gfnet_edge.quantize.timing import time_graphs
 
     t_start = time.perf_counter()
     torch.set_num_threads(threads or 2)
     out.mkdir(parents=True, exist_ok=True)
     model = load_checkpoint(checkpoint)
-    man = manifest_model(model)
+    man = as_desc(manifest_model(model))
     T = model.spec.steps
     paths = export_model(model, out / "fp32")
     fp32 = {g: paths[g] for g in ("glance", "focus")}
@@ -117,11 +119,11 @@ def run(checkpoint: Path, out: Path, num_calib: int = 256, num_eval: int = 744, 
                                        c["exit"]["agreement"], "coords_agreement": c["coords_agreement"],
                                        "kl_final": c["kl_final"], "accuracy": c["accuracy_int8"]}
     del perturb
-    policy = CalibrationData.from_model(model, cal_x, cal_y, progress=progress)
-    random = CalibrationData.random_crops(model, cal_x, cal_y, seed=0, progress=progress)
+    policy = QuantCalibrationSet.from_model(model, cal_x, cal_y, progress=progress)
+    random = QuantCalibrationSet.random_crops(model, cal_x, cal_y, seed=0, progress=progress)
     # what the focus graph sees in deployment: patches at the policy's locations on test images
-    test_patches = CalibrationData.from_model(model, test_x[:fidelity_images], progress=progress).focus
-    ref_patch_out = _run_graph(fp32["focus"], test_patches)
+    test_patches = QuantCalibrationSet.from_model(model, test_x[:fidelity_images], progress=progress).focus
+    ref_patch_out = _run_graph(fp32, test_patches, threads)
 
     # ---- main results: each profile with the accuracy-driven mixed precision
     for prof in profiles:
@@ -154,7 +156,7 @@ def run(checkpoint: Path, out: Path, num_calib: int = 256, num_eval: int = 744, 
                                eval_labels=ev_y[:64], progress=progress)
             q_test = tr(r.graphs, test_x)
             c = compare(ref_test, q_test, test_y, fit_probs=ref_val.probs, p=p)
-            fid = _fidelity(ref_patch_out, _run_graph(r.graphs["focus"], test_patches))
+            fid = _fidelity(ref_patch_out, _run_graph(r.graphs, test_patches, threads))
             res["calibration_comparison"].append({
                 "method": meth, "patches": name, "focus_fidelity": fid,
                 "final_accuracy": c["accuracy_int8"][-1], "final_drop": c["final_drop"],
@@ -199,15 +201,15 @@ def run(checkpoint: Path, out: Path, num_calib: int = 256, num_eval: int = 744, 
     return res
 
 
-def _run_graph(path: Path, x: np.ndarray, batch: int = 64) -> Dict[str, np.ndarray]:
-    from gfnet_edge.runtime.backends.onnxruntime import load_session
+def _run_graph(graphs: Dict[str, Path], x: np.ndarray, threads: Optional[int], batch: int = 64) -> Dict[str, np.ndarray]:
+    """The focus graph's outputs on patches ``x``, run by the runtime's ONNX Runtime runner."""
+    from gfnet_edge.runtime.backends.onnxruntime import OnnxRuntimeRunner
 
-    s = load_session(Path(path))
-    names = [o.name for o in s.get_outputs()]
-    outs: Dict[str, list] = {k: [] for k in names}
-    for i in range(0, len(x), batch):
-        for k, v in zip(names, s.run(None, {"image": np.ascontiguousarray(x[i:i + batch])})):
-            outs[k].append(v)
+    outs: Dict[str, list] = {}
+    with OnnxRuntimeRunner({g: Path(graphs[g]) for g in GRAPHS}, "custom", threads) as runner:
+        for i in range(0, len(x), batch):
+            for k, v in runner.run("focus", np.ascontiguousarray(x[i:i + batch])).items():
+                outs.setdefault(k, []).append(np.array(v))
     return {k: np.concatenate(v) for k, v in outs.items()}
 
 
@@ -364,7 +366,7 @@ def markdown(res: Dict[str, Any]) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m gfnet_edge.quantize.evaluate_demo", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="bench/quantize_demo.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", type=Path, default=None, help="demo checkpoint (default: the shipped one)")
     ap.add_argument("--out", type=Path, default=Path("runs/quantize_demo"), help="work / output folder")
     ap.add_argument("--md", type=Path, default=None, help="also write the Markdown report here")

@@ -1,0 +1,114 @@
+"""One quantization run's state: the pre-processed graphs, the quantized variants, scoring."""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple
+
+import numpy as np
+
+from gfnet_edge.model_desc import ModelDesc
+
+from .calibration import QuantCalibrationSet
+from .checker import TensorRTCompatError, check_tensorrt_compat
+from .macs import int8_mac_share, node_macs
+from .options import OrtSettings, QuantizeOptions, ort_settings
+from .qdq import preprocess, quantize_graph
+from .scoring import Traced, trace
+
+#: The two backbone graphs of a GFNet bundle.
+GRAPHS: Tuple[str, str] = ("glance", "focus")
+
+
+class QuantSession:
+    """Quantizes graph variants (cached by the set of nodes kept in float) and scores graph pairs.
+
+    Calibration runs once per graph: ONNX Runtime's ranges are cached in ``work`` and reused by
+    every later variant. Every variant written is checked against the profile's rules.
+    """
+
+    def __init__(self, desc: ModelDesc, fp32: Dict[str, Path], heads, calib: QuantCalibrationSet, work: Path,
+                 opts: QuantizeOptions, progress: bool) -> None:
+        self.desc, self.fp32, self.heads, self.calib = desc, fp32, heads, calib
+        self.work, self.opts, self.progress = work, opts, progress
+        self.profile = opts.spec
+        self.method = opts.resolved_method
+        self.settings = ort_settings(opts)
+        self.pre: Dict[str, Path] = {}
+        self.pre_problems: Dict[str, Optional[str]] = {}
+        self.variants: Dict[Tuple[str, FrozenSet[str]], Path] = {}
+        self.info: Dict[Tuple[str, FrozenSet[str]], Dict[str, Any]] = {}
+        self.checks: Dict[str, List[str]] = {}
+        self.calib_seconds: Dict[str, float] = {}
+        self._count = 0
+        for g in GRAPHS:
+            self.pre[g], self.pre_problems[g] = preprocess(Path(fp32[g]), work / f"{g}.pre.onnx")
+        import onnx
+
+        #: per graph, multiply-adds per image of each weighted node; runs per image of each graph
+        self.macs: Dict[str, Dict[str, int]] = {g: node_macs(onnx.load(str(self.pre[g]))) for g in GRAPHS}
+        self.runs: Dict[str, int] = {"glance": 1, "focus": max(desc.steps - 1, 1)}
+
+    def int8_mac_share(self, excluded: Dict[str, FrozenSet[str]]) -> float:
+        """Share of backbone multiply-adds per image in INT8 with ``excluded`` kept in float."""
+        return int8_mac_share(self.macs, excluded, self.runs)
+
+    def quantized(self, graph: str, excluded: FrozenSet[str] = frozenset()) -> Path:
+        """The ``graph`` quantized with the nodes ``excluded`` kept in float (cached)."""
+        key = (graph, frozenset(excluded))
+        if key in self.variants:
+            return self.variants[key]
+        self._count += 1
+        path = self.work / f"{graph}.int8.{self._count:03d}.onnx"
+        cache = self.work / f"{graph}.calibration.json"
+        first = not cache.is_file()
+        reader = self.calib.reader(graph, self.opts.batch_size, progress=self.progress and first)
+        t0 = time.perf_counter()
+        self.info[key] = quantize_graph(self.pre[graph], path, reader, self._settings(graph), self.method,
+                                        self.profile, sorted(excluded), cache)
+        if first:
+            self.calib_seconds[graph] = round(time.perf_counter() - t0, 2)
+        if self.opts.bias_correction_inputs > 0:
+            self.info[key]["bias_corrected"] = self._correct_biases(graph, path)
+        violations = check_tensorrt_compat(path, self.profile)
+        self.checks[path.name] = violations
+        if violations:
+            raise TensorRTCompatError(f"{graph} graph ({self.profile.name} profile, {path})", violations)
+        self.variants[key] = path
+        return path
+
+    def _settings(self, graph: str) -> OrtSettings:
+        """The profile's settings, plus min / max ranges for the tensors of the roles asked for."""
+        roles = self.opts.max_range_roles
+        if not roles:
+            return self.settings
+        from .ranges import minmax_overrides
+
+        extra = dict(self.settings.extra_options)
+        overrides = dict(extra.get("TensorQuantOverrides") or {})
+        overrides.update(minmax_overrides(self.pre[graph], roles, self.calib.inputs(graph)))
+        extra["TensorQuantOverrides"] = overrides
+        return replace(self.settings, extra_options=extra)
+
+    def _correct_biases(self, graph: str, path: Path) -> int:
+        import onnx
+
+        from .bias_correction import correct_biases
+
+        q = onnx.load(str(path))
+        x = self.calib.inputs(graph)
+        idx = np.linspace(0, len(x) - 1, min(len(x), self.opts.bias_correction_inputs)).round().astype(int)
+        done = correct_biases(q, onnx.load(str(self.pre[graph])), x[np.unique(idx)], self.opts.threads or 2)
+        onnx.save(q, str(path))
+        return len(done)
+
+    def discard(self, graph: str, excluded: FrozenSet[str]) -> None:
+        """Deletes a variant no longer needed (the all-INT8 one is kept); saves disk on big models."""
+        key = (graph, frozenset(excluded))
+        if key[1] and key in self.variants:
+            self.variants.pop(key).unlink(missing_ok=True)
+
+    def score(self, graphs: Dict[str, Path], images: np.ndarray) -> Traced:
+        """Traces a glance/focus pair through the runtime on ``images``."""
+        return trace(self.desc, graphs, self.heads, images, self.opts.threads, self.opts.batch_size)
