@@ -227,18 +227,18 @@ def calibration_arrays(case: Case, cdir: Path, ckpt: Path, calib_data: Optional[
 
     Same images as ``build_bundle``: the first ``num_calib`` of ``load_calibration_images(source,
     model, num_calib + num_eval)``; glance inputs, and patches at the locations the model's own
-    policy picks (``CalibrationData.from_model``), as the quantizer calibrates on them.
+    policy picks (``QuantCalibrationSet.from_model``), as the quantizer calibrates on them.
     """
     path = cdir / f"calibration_arrays_{case.num_calib}_{case.num_eval}.npz"
     if path.is_file():
         return path
     from gfnet_edge.models import load_checkpoint
-    from gfnet_edge.quantize import CalibrationData, load_calibration_images
+    from gfnet_edge.quantize import QuantCalibrationSet, load_calibration_images
 
     model = load_checkpoint(ckpt)
     images = load_calibration_images(calib_data or "demo", model, case.num_calib + case.num_eval)
     n_cal = min(case.num_calib, max(len(images) - 16, len(images) // 2))  # as build_bundle splits them
-    cal = CalibrationData.from_model(model, images[:n_cal], progress=False)
+    cal = QuantCalibrationSet.from_model(model, images[:n_cal], progress=False)
     tmp = path.with_name(path.stem + ".tmp.npz")
     np.savez(tmp, glance=cal.glance, focus=cal.focus)
     tmp.replace(path)
