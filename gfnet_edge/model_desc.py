@@ -113,19 +113,6 @@ class ModelDesc:
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
 
-    # Transitional dict-style access, so callers can move to attributes one module at a time.
-    def __getitem__(self, key: str) -> Any:
-        try:
-            return getattr(self, key)
-        except AttributeError:
-            raise KeyError(key) from None
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return getattr(self, key, default)
-
-    def __contains__(self, key: str) -> bool:
-        return hasattr(self, key)
-
 
 def as_desc(model: "ModelDesc | Mapping[str, Any]") -> ModelDesc:
     """A :class:`ModelDesc` from either a description or a manifest ``model`` dict."""

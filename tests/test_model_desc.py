@@ -21,7 +21,7 @@ from gfnet_edge.variants import released_spec
 ROOT = Path(__file__).resolve().parents[1]
 
 #: Where model-description reads must be attribute reads (``desc.steps``), not dict reads.
-ATTRIBUTE_ONLY = ("gfnet_edge", "bench", "tools")
+ATTRIBUTE_ONLY = ("gfnet_edge", "calibrate", "quantize", "bench", "tools")
 #: The modules that parse the manifest's ``model`` dict into a :class:`ModelDesc`.
 PARSERS = {"gfnet_edge/model_desc.py", "gfnet_edge/manifest_schema.py"}
 DICT_READ = re.compile(r"""\bmodel\[\s*['"]|\bmodel\.get\(""")
