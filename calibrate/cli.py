@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gfnet_edge.argtypes import NON_NEGATIVE, POSITIVE, THREADS, float_range, int_range
+from gfnet_edge.argtypes import NON_NEGATIVE, POSITIVE, float_range, int_range
 from gfnet_edge.errors import InputError
 
 
@@ -42,7 +42,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Adds the ``calibrate`` subcommand."""
-    from gfnet_edge.runtime.heads import HEAD_DTYPES
+    from gfnet_edge.cli.options import add_runtime_options
 
     from .budgets import parse_budget_arg
 
@@ -69,12 +69,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "and the full model's)")
     p.add_argument("--budget", type=parse_budget_arg, nargs="+", metavar="KIND:MS",
                    help="budgets of any kind: p95:1.2 (at most 5%% of images slower than 1.2 ms), p90:, p99:, mean:")
-    p.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt", "torch"], default="auto")
-    p.add_argument("--precision", default="auto", help="graph set: auto, fp32, int8-cpu, int8 (TensorRT) ...")
-    p.add_argument("--threads", type=THREADS, help="CPU threads of ONNX Runtime and the extension")
-    p.add_argument("--dla-core", type=NON_NEGATIVE, help="TensorRT: calibrate the engines built for this DLA core (Jetson)")
-    p.add_argument("--head-dtype", choices=HEAD_DTYPES, default="float32",
-                   help="weights of the GRU / Linear heads while measuring (as `predict --head-dtype`; default float32)")
+    add_runtime_options(p, verb="calibrate", budget=False)
     p.add_argument("--batch", type=int_range(1, 1 << 16), default=1, help="images per call the budgets are for (default 1)")
     p.add_argument("--batch-size", type=int_range(0, 1 << 16), default=8, help="a second batch size to measure step latency at (0: none)")
     p.add_argument("--num-images", type=POSITIVE, help="use at most this many images (demo: how many; default 1000)")

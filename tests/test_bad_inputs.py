@@ -21,6 +21,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 from PIL import Image  # noqa: E402
+from json_edit import DELETE, set_path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "gfnet_edge" / "assets" / "demo_gfnet.pth.tar"
@@ -62,18 +63,11 @@ def _edit_manifest(fn: Callable[[dict], None], raw: Callable[[str], str] = lambd
 
 def _set(path: str, value) -> Callable[[dict], None]:
     def fn(m: dict) -> None:
-        *parents, last = path.split(".")
-        d = m
-        for k in parents:
-            d = d[k]
-        if value is _DELETE:
-            del d[last]
-        else:
-            d[last] = value
+        set_path(m, path.split("."), value)
     return fn
 
 
-_DELETE = object()
+_DELETE = DELETE
 
 
 def _heads(fn: Callable[[Dict[str, np.ndarray]], None]):

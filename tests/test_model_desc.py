@@ -17,6 +17,7 @@ import pytest
 from gfnet_edge.manifest_schema import SCHEMA_PATH, ManifestError, check_manifest, check_model, schema
 from gfnet_edge.model_desc import ModelDesc, as_desc
 from gfnet_edge.variants import released_spec
+from json_edit import DELETE, set_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,18 +90,11 @@ def test_schema_ships_with_the_package():
 
 def _set(path, value):
     m = copy.deepcopy(MANIFEST)
-    *parents, last = path
-    obj = m
-    for k in parents:
-        obj = obj[k]
-    if value is _DELETE:
-        del obj[last]
-    else:
-        obj[last] = value
+    set_path(m, path, value)
     return m
 
 
-_DELETE = object()
+_DELETE = DELETE
 
 #: (path, value, the field the message names, a fragment of the problem)
 CASES = [
@@ -126,13 +120,6 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("path,value,field,problem", CASES, ids=[".".join(map(str, c[0])) for c in CASES])
-def test_schema_errors_name_the_field(path, value, field, problem):
-    with pytest.raises(ManifestError) as exc:
-        check_manifest(_set(path, value))
-    assert str(exc.value).startswith(f"manifest field '{field}' ") and problem in str(exc.value)
-
-
 #: Valid to the schema, refused by the checks in code.
 CONSISTENCY = [
     (("model", "patch_size"), 96, "model.patch_size", "must not exceed model.image_size (64)"),
@@ -148,8 +135,10 @@ CONSISTENCY = [
 ]
 
 
-@pytest.mark.parametrize("path,value,field,problem", CONSISTENCY, ids=[".".join(map(str, c[0])) for c in CONSISTENCY])
-def test_consistency_errors_name_the_field(path, value, field, problem):
+@pytest.mark.parametrize("path,value,field,problem", CASES + CONSISTENCY,
+                         ids=[".".join(map(str, c[0])) for c in CASES + CONSISTENCY])
+def test_errors_name_the_field(path, value, field, problem):
+    """Schema errors (CASES) and consistency errors (CONSISTENCY) both name the field."""
     with pytest.raises(ManifestError) as exc:
         check_manifest(_set(path, value))
     assert str(exc.value).startswith(f"manifest field '{field}' ") and problem in str(exc.value)

@@ -75,4 +75,15 @@ GFN_HD uint16_t float_to_half(float f) {
   return static_cast<uint16_t>(sign | r);
 }
 
+/// Element ``off`` of a weight matrix stored as float32 (``F16 = false``) or IEEE half
+/// (``F16 = true``), as float32: the scalar tail of the SIMD GEMV kernels.
+template <bool F16>
+inline float load_weight(const void* p, int64_t off) {
+  if constexpr (F16) {
+    return half_to_float(static_cast<const uint16_t*>(p)[off]);
+  } else {
+    return static_cast<const float*>(p)[off];
+  }
+}
+
 }  // namespace gfn

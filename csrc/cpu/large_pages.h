@@ -1,7 +1,6 @@
 // Allocator for the packed weight matrices: large blocks are 2 MiB aligned and marked for
 // transparent huge pages, so streaming a policy GRU's weights back in after a backbone run
-// costs one TLB miss per 2 MiB rather than one per 4 KiB (measured on the 2-core EPYC VM: a
-// cold 1.5 MB read 0.16 -> 0.105 ms; the 36 MiB GRU step at 2 threads 1.44 -> 1.0 ms). A block
+// costs one TLB miss per 2 MiB rather than one per 4 KiB (figures in docs/kernels.md). A block
 // of 256 KiB or more is rounded up to whole 2 MiB pages: at most 2 MiB more memory per matrix.
 #pragma once
 

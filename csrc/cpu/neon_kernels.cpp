@@ -184,15 +184,6 @@ inline float32x4_t load4(const void* p, int64_t off) {
   }
 }
 
-template <bool F16>
-inline float load1(const void* p, int64_t off) {
-  if constexpr (F16) {
-    return half_to_float(static_cast<const uint16_t*>(p)[off]);
-  } else {
-    return static_cast<const float*>(p)[off];
-  }
-}
-
 template <int R, int NB, bool F16>
 inline void tile(const void* w, int64_t ld, int64_t col0, int64_t k, int64_t r, const float* const* x,
                  float* out, int64_t ldo, bool accumulate) {
@@ -227,7 +218,7 @@ inline void tile(const void* w, int64_t ld, int64_t col0, int64_t k, int64_t r, 
       const float32x4_t p = vpaddq_f32(lo[i][b], hi[i][b]);  // a0+a1, a2+a3, a4+a5, a6+a7
       const float32x4_t q = vpaddq_f32(p, p);
       float s = vgetq_lane_f32(q, 0) + vgetq_lane_f32(q, 1);
-      for (int64_t cc = c; cc < k; ++cc) s += load1<F16>(w, base + i * ld + cc) * x[b][cc];
+      for (int64_t cc = c; cc < k; ++cc) s += load_weight<F16>(w, base + i * ld + cc) * x[b][cc];
       float* o = out + b * ldo + r + i;
       *o = accumulate ? *o + s : s;
     }

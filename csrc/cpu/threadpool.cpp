@@ -152,9 +152,8 @@ class Pool {
     for (;;) {
       // Spin for a short while, then sleep. The spin covers the gap between two kernel calls
       // from Python (tens of microseconds) but not a backbone run: in the runtime loop a
-      // spinning worker takes a core from ONNX Runtime's threads. 20000 pauses (~0.6 ms on
-      // the EPYC VM, 29 ns each) cost the demo loop at 2 threads 5.5-5.8 ms/image against
-      // 4.1-4.8 with 2000; back-to-back GRU / pre-process calls were no slower with 2000.
+      // spinning worker takes a core from ONNX Runtime's threads (kWorkerSpins and its
+      // measured trade-off: docs/kernels.md, "Threads").
       uint64_t gen = state_.load(std::memory_order_acquire) >> 32;
       for (int spin = 0; gen == seen && spin < kWorkerSpins; ++spin) {
         GFN_CPU_RELAX();
