@@ -6,11 +6,12 @@ the build never uses: final-step and budget accuracy vs FP32, exit agreement, KL
 
 Each positional argument is ``name=JSON`` of :class:`gfnet_edge.quantize.QuantizeOptions`
 fields (profile ``tensorrt`` and no mixed-precision search unless given). Calibration and the
-search's held-out set are what ``build-engine`` uses: the first 256 + 256 images of the
-validation split (generator seed of the checkpoint). Figures: the test split rendered with each
-of ``--seeds`` (``ClutteredDigitsConfig.seed``), traced through the runtime on ONNX Runtime; the
-budget is the bundle's default (``macs-mid``, thresholds from the checkpoint). Each row is one
-INT8 graph pair against the FP32 pair on the same images.
+search's held-out set are what ``build-engine`` uses: the first ``num_calib`` (default 256)
+images of the validation split (generator seed of the checkpoint) and the 256 after them (so
+``num_calib`` is at most 744). Figures: the test split rendered with each of ``--seeds``
+(``ClutteredDigitsConfig.seed``), traced through the runtime on ONNX Runtime; the budget is the
+bundle's default (``macs-mid``, thresholds from the checkpoint). Each row is one INT8 graph pair
+against the FP32 pair on the same images.
 """
 from __future__ import annotations
 
@@ -73,8 +74,15 @@ def main() -> int:
     fp32 = {g: paths[g] for g in ("glance", "focus")}
     costs = list(count_step_macs(model).cumulative)
     thr = _budgets_from_checkpoint(model.meta, desc.steps)[DEFAULT_MACS_BUDGET]["thresholds"]
-    x, y = gq.load_calibration_images("demo", model, 512, return_labels=True)
-    calib = gq.QuantCalibrationSet.from_model(model, x[:256], progress=False)
+    # build-engine's split of the validation images: the first num_calib calibrate, the next
+    # 256 are the search's held-out set
+    max_cal = max(opts.num_calib for _, opts in variants)
+    x, y = gq.load_calibration_images("demo", model, max_cal + 256, return_labels=True)
+    if len(x) < max_cal + 256:
+        print(f"error: num_calib {max_cal} + 256 held-out images exceed the validation split ({len(x)} images)",
+              file=sys.stderr)
+        return 2
+    calib = gq.QuantCalibrationSet.from_model(model, x[:max_cal], progress=False)
     held = []
     for seed in (int(s) for s in a.seeds.split(",")):
         cfg = replace(demo_config(model) or ClutteredDigits("test").config, seed=seed)
@@ -85,8 +93,9 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|")
     for name, opts in variants:
         t0 = time.perf_counter()
-        r = gq.quantize_model(model, fp32, paths["heads"], calib, work / name, opts, eval_images=x[256:],
-                              eval_labels=y[256:], progress=False)
+        nc = opts.num_calib
+        r = gq.quantize_model(model, fp32, paths["heads"], calib, work / name, opts,
+                              eval_images=x[nc:nc + 256], eval_labels=y[nc:nc + 256], progress=False)
         secs = time.perf_counter() - t0
         for seed, images, labels, p32 in held:
             p8 = trace(desc, r.graphs, paths["heads"], images, a.threads, 50).probs
