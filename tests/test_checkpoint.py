@@ -1,7 +1,6 @@
 """Checkpoint I/O: both formats, RegNet pycls names, fp16 storage, and clear errors."""
 from __future__ import annotations
 
-import pickle
 
 import pytest
 

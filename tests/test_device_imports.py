@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from device_side import ABSENT, cli_without_build_side, prediction_rows, run_without_build_side, write_image_folder
+from tiny_gfnet import fp32_bundle, random_gfnet
 
 pytest.importorskip("onnxruntime")
 try:
@@ -81,31 +82,15 @@ def test_the_blocker_refuses_what_a_device_install_lacks():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, torch_mod):
     """A random-weight S=96 bundle (fp32, ONNX Runtime), its checkpoint, and 24 labelled images in a folder."""
-    torch = torch_mod
-    from gfnet_edge.build import BuildConfig, build_bundle
-    from gfnet_edge.models import GFNet, save_checkpoint
-    from gfnet_edge.variants import GFNetSpec
-
     root = tmp_path_factory.mktemp("devside")
-    torch.manual_seed(0)
     # named demo_*: `calibrate --data demo` accepts it up to generating the demo images
-    spec = GFNetSpec(model_name="demo_tiny_device", family="custom", backbone="resnet18",
-                     backbone_kwargs={"channels": (8, 8, 16, 16), "stem_width": 8}, image_size=S, patch_size=P,
-                     steps=T, num_classes=3, classifier="cascaded", fc_hidden=None, step0="backbone",
-                     policy_conv=True, policy_hidden=16)
-    model = GFNet(spec).eval()
-    with torch.no_grad():  # spread the logits so that images exit at different steps
-        for m in model.modules():
-            if isinstance(m, torch.nn.Linear):
-                m.weight.mul_(20.0)
-    ckpt = save_checkpoint(root / "tiny.pth.tar", model)
-    bundle = build_bundle(Path(ckpt), root / "bundle", BuildConfig(precision="fp32", backend="onnxruntime"),
-                          progress=False).root
+    model = random_gfnet("demo_tiny_device", S, P, T, num_classes=3, channels=(8, 8, 16, 16), policy_hidden=16)
+    ckpt, bundle = fp32_bundle(model, root)
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (24, S + 8, S + 16, 3), dtype=np.uint8)
     images = write_image_folder(root / "images", frames, np.arange(24) % 3)
     _add_median_budget(bundle, images)
-    return {"root": root, "bundle": bundle, "ckpt": Path(ckpt), "images": images}
+    return {"root": root, "bundle": bundle, "ckpt": ckpt, "images": images}
 
 
 def _add_median_budget(bundle: Path, images: Path) -> None:

@@ -1,7 +1,6 @@
 """Image files decoded to the right levels in every mode Pillow reads, and in bounded memory."""
 from __future__ import annotations
 
-import os
 import struct
 import subprocess
 import sys

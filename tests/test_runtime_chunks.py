@@ -18,6 +18,7 @@ from gfnet_edge.errors import InputError
 from gfnet_edge.runtime import Predictions, Runtime
 from gfnet_edge.runtime.backends.base import Runner
 from probs import gap_thresholds
+from runner_spy import recorded_runs
 from sim_device import DeviceArray, SimHeads, SimMemory, sim_ops
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,17 +66,9 @@ def test_a_call_equals_its_chunks_called_one_by_one(demo, kind):
     bundle, frames = demo
     x = {"array": frames, "list": list(frames), "float": _normalised(bundle, frames)}[kind]
     with _runtime(bundle, max_batch=CHUNK) as rt:
-        seen = []
-        run = rt.runner.run
-
-        def counting(graph, image):
-            seen.append((graph, image.shape[0]))
-            return run(graph, image)
-
-        rt.runner.run = counting
-        whole, tr = rt.predict(x), rt.trace(x)
+        with recorded_runs(rt) as seen:
+            whole, tr = rt.predict(x), rt.trace(x)
         glance_batches = [n for g, n in seen if g == "glance"]
-        rt.runner.run = run
         parts = [rt.predict(x[i:i + CHUNK]) for i in range(0, N, CHUNK)]
         tparts = [rt.trace(x[i:i + CHUNK]) for i in range(0, N, CHUNK)]
     assert glance_batches == [16, 16, 16, 16, 6] * 2  # predict, then trace: never more than a chunk
