@@ -52,9 +52,9 @@ def _desc(model) -> ModelDesc:
     """The :class:`ModelDesc` of a ``GFNet``, a manifest ``model`` entry or a description."""
     if isinstance(model, (ModelDesc, Mapping)):
         return as_desc(model)
-    from gfnet_edge.export import manifest_model
+    from gfnet_edge.export import model_desc
 
-    return as_desc(manifest_model(model))
+    return model_desc(model)
 
 
 def _held_out(calib: QuantCalibrationSet, opts: QuantizeOptions, eval_images, eval_labels):

@@ -22,6 +22,7 @@ except ImportError:  # pragma: no cover - the extension is part of the build
 
 from gfnet_edge import cli
 from gfnet_edge.bundle import Bundle
+from tiny_gfnet import fp32_bundle, random_gfnet
 
 S, P, T = 128, 64, 3
 CHROMIUM = "/usr/bin/chromium"
@@ -35,24 +36,8 @@ def _main(argv):
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory, torch_mod):
     """A random-weight S=128, P=64, T=3 bundle (fp32, ONNX Runtime) and 48 labelled images."""
-    torch = torch_mod
-    from gfnet_edge.build import BuildConfig, build_bundle
-    from gfnet_edge.models import GFNet, save_checkpoint
-    from gfnet_edge.variants import GFNetSpec
-
     root = tmp_path_factory.mktemp("calib")
-    torch.manual_seed(0)
-    spec = GFNetSpec(model_name="tiny_calib", family="custom", backbone="resnet18",
-                     backbone_kwargs={"channels": (8, 16, 32, 64), "stem_width": 8}, image_size=S, patch_size=P,
-                     steps=T, num_classes=4, classifier="cascaded", fc_hidden=None, step0="backbone",
-                     policy_conv=True, policy_hidden=32)
-    model = GFNet(spec).eval()
-    with torch.no_grad():  # spread the logits so that confidences vary between images
-        for m in model.modules():
-            if isinstance(m, torch.nn.Linear):
-                m.weight.mul_(20.0)
-    ckpt = save_checkpoint(root / "tiny.pth.tar", model)
-    build_bundle(Path(ckpt), root / "bundle", BuildConfig(precision="fp32", backend="onnxruntime"), progress=False)
+    fp32_bundle(random_gfnet("tiny_calib", S, P, T, num_classes=4, channels=(8, 16, 32, 64), policy_hidden=32), root)
     rng = np.random.default_rng(0)
     low = rng.integers(0, 256, (48, 8, 8, 3)).astype(np.uint8)
     images = np.stack([np.kron(x, np.ones((S // 8, S // 8, 1), np.uint8)) for x in low])
@@ -325,7 +310,6 @@ def test_runtime_input_fuses_preprocessing_only_without_crop(tiny_bundle):
         thr = [float(np.median(conf0)), float(np.median(conf0)), -1e8]
         normalised = measure_calls(rt, frames, thr, batch=4)
         rt.model = dataclasses.replace(rt.model, crop_pct=1.0)  # S x S frames, no crop: the fused path
-        rt.driver.model = rt.model
         assert runtime_input(rt.model, frames) is frames
         fused = measure_calls(rt, frames, thr, batch=4)
         with pytest.raises(ValueError, match="uint8"):

@@ -17,6 +17,7 @@ from gfnet_edge.errors import InputError, UnavailableError
 from gfnet_edge.models import GFNet, save_checkpoint
 from gfnet_edge.runtime import Runtime
 from gfnet_edge.variants import released_spec
+from runner_spy import recorded_runs  # noqa: E402
 
 FAMILIES = ["mobilenetv3_large_100", "regnety_600m", "densenet121", "efficientnet_b2", "resnet50"]
 
@@ -69,15 +70,8 @@ def test_early_exit_matches_reference_evaluation(mnv3):
     bundle.update_manifest(lambda m: m["budgets"].update({"mid": {"thresholds": thr}}))
     expected = ev.dynamic_evaluate(probs, np.zeros(24, int), [1, 2, 3], thr)
     with Runtime(bundle.root, backend="onnxruntime", precision="fp32", budget="mid") as rt:
-        calls = []
-        run = rt.runner.run
-
-        def counting(graph, image):
-            calls.append((graph, image.shape[0]))
-            return run(graph, image)
-
-        rt.runner.run = counting
-        pred = rt.predict(x.numpy())
+        with recorded_runs(rt) as calls:
+            pred = rt.predict(x.numpy())
     np.testing.assert_array_equal(pred.exit_step, expected.exit_step)
     np.testing.assert_array_equal(pred.classes, expected.prediction)
     # compaction: focus step t only sees images that had not exited before it
@@ -187,7 +181,6 @@ def test_s_by_s_uint8_frames_trace_like_their_normalised_images(mnv3, stacked):
     with Runtime(bundle, backend="onnxruntime", precision="fp32") as rt:
         assert rt.model.crop_pct == 0.875  # force the no-crop path of a crop_pct=1 model
         rt.model = dataclasses.replace(rt.model, crop_pct=1.0)
-        rt.driver.model = rt.model
         ta = rt.trace(frames if stacked else list(frames))
         tb = rt.trace(images)
     np.testing.assert_allclose(ta.probs, tb.probs, rtol=0, atol=1e-5)

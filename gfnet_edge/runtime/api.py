@@ -203,6 +203,19 @@ class Runtime:
                     "device" if on_gpu else "host", self.budget)
 
     @property
+    def model(self) -> ModelDesc:
+        """The model description (the bundle's, unless replaced)."""
+        return self._model
+
+    @model.setter
+    def model(self, model: "ModelDesc | Dict[str, Any]") -> None:
+        """Replaces the description for this runtime and its loop (the bundle is left as it is)."""
+        self._model = as_desc(model)
+        driver = self.__dict__.get("driver")
+        if driver is not None:
+            driver.model = self._model
+
+    @property
     def device_loop(self) -> bool:
         """True when the loop's buffers live on the GPU, False for the host (numpy) place."""
         return self.driver.on_device
