@@ -1,18 +1,16 @@
 """Metrics of bench/int8_compare.py: accuracy and exits of a quantized graph set against FP32 on
 the same images, and the share of a graph's multiply-adds that runs in float.
 
-Everything here is numpy / onnx only, so the test can check it against a plain recomputation.
+The metrics are plain numpy, so the test can check them against a plain recomputation; multiply-adds
+are counted by the quantizer's own counter (``gfnet_edge.quantize.macs``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
 import numpy as np
-
-#: Op types whose multiply-adds are counted (the backbones' weighted layers).
-WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
 
 
 @dataclass
@@ -91,59 +89,29 @@ class NodeMacs:
     int8: bool
 
 
-def _dims(value_info) -> Optional[List[int]]:
-    t = value_info.type.tensor_type
-    if not t.HasField("shape"):
-        return None
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
-    return None if any(d is None for d in dims) else dims
-
-
 def graph_macs(path: Path) -> List[NodeMacs]:
-    """Per-image multiply-adds of every Conv / Gemm / MatMul node of an ONNX graph, and whether
-    both its data input and its weight come from a DequantizeLinear (the node runs in INT8).
-
-    Shapes come from ONNX shape inference with the batch dimension set to 1.
+    """Per-image multiply-adds of every weighted node of an ONNX graph (counted by
+    :func:`gfnet_edge.quantize.macs.node_macs`, the count the quantizer's report uses), and
+    whether both its data input and its weight come from a DequantizeLinear (the node runs in INT8).
 
     Raises:
         ValueError: a weighted node whose shapes shape inference cannot tell.
     """
     import onnx
 
+    from gfnet_edge.quantize.macs import node_macs
+
     model = onnx.load(str(path))
-    for inp in model.graph.input:
-        dims = inp.type.tensor_type.shape.dim
-        if len(dims) and not dims[0].HasField("dim_value"):
-            dims[0].dim_value = 1
-    model = onnx.shape_inference.infer_shapes(model)
-    g = model.graph
-    shapes: Dict[str, List[int]] = {i.name: list(i.dims) for i in g.initializer}
-    for vi in list(g.value_info) + list(g.input) + list(g.output):
-        d = _dims(vi)
-        if d is not None:
-            shapes[vi.name] = d
-    producer = {o: n for n in g.node for o in n.output}
-
-    def from_dq(name: str) -> bool:
-        p = producer.get(name)
-        return p is not None and p.op_type == "DequantizeLinear"
-
+    macs = node_macs(model)
+    producer = {o: n.op_type for n in model.graph.node for o in n.output}
     out: List[NodeMacs] = []
-    for node in g.node:
-        if node.op_type not in WEIGHTED_OPS:
+    for node in model.graph.node:
+        if node.name not in macs:
             continue
-        y, a, w = shapes.get(node.output[0]), shapes.get(node.input[0]), shapes.get(node.input[1])
-        if y is None or a is None or w is None:
+        if not macs[node.name]:
             raise ValueError(f"{path}: shapes of {node.op_type} node {node.name!r} unknown after shape inference")
-        if node.op_type == "Conv":
-            macs = int(np.prod(y[1:])) * int(np.prod(w[1:]))
-        elif node.op_type == "Gemm":
-            trans_a = next((at.i for at in node.attribute if at.name == "transA"), 0)
-            k = a[0] if trans_a else a[-1]
-            macs = int(np.prod(y[1:])) * int(k)
-        else:  # MatMul: batch 1 already in the output shape
-            macs = int(np.prod(y)) * int(a[-1])
-        out.append(NodeMacs(node.name, node.op_type, macs, from_dq(node.input[0]) and from_dq(node.input[1])))
+        int8 = all(producer.get(i) == "DequantizeLinear" for i in node.input[:2])
+        out.append(NodeMacs(node.name, node.op_type, macs[node.name], int8))
     return out
 
 

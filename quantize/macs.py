@@ -29,9 +29,12 @@ def _shapes(model) -> Dict[str, tuple]:
 
 def node_macs(model) -> Dict[str, int]:
     """Multiply-adds per image of each weighted node (Conv, ConvTranspose, Gemm, MatMul) with a
-    constant operand; nodes whose shapes cannot be inferred count 0."""
+    constant operand (an initializer, or its DequantizeLinear in a Q/DQ graph); nodes whose
+    shapes cannot be inferred count 0."""
     shapes = _shapes(model)
     inits = {t.name for t in model.graph.initializer}
+    # a quantized graph's weights reach the node through a DequantizeLinear of an initializer
+    inits |= {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
     out: Dict[str, int] = {}
     for n in model.graph.node:
         if n.op_type not in WEIGHTED_OP_TYPES or len(n.input) < 2:
