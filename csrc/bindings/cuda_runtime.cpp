@@ -13,6 +13,8 @@
 
 namespace gfn::bind {
 
+void bind_cuda_loop(py::module_& m);  // cuda_loop.cpp: the batch-1 loop graph and its exit rule
+
 #if defined(GFNET_EDGE_WITH_CUDA)
 namespace gc = gfn::cuda;
 
@@ -64,7 +66,8 @@ void bind_cuda(py::module_& m) {
       .def("abort_capture", &gc::Graph::abort_capture)
       .def("launch", &gc::Graph::launch, py::arg("stream"), py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("ready", &gc::Graph::ready)
-      .def_property_readonly("nodes", &gc::Graph::nodes);
+      .def_property_readonly("nodes", &gc::Graph::nodes)
+      .def_property_readonly("handle", &gc::Graph::handle, "The captured cudaGraph_t as an int (0 before end_capture).");
 
   py::class_<gc::Event>(m, "Event", "A timing CUDA event.")
       .def(py::init<>())
@@ -144,6 +147,7 @@ void bind_cuda(py::module_& m) {
       py::arg("dst"), py::arg("src"), py::arg("nbytes"), py::arg("stream") = 0,
       "Device -> device copy of nbytes (asynchronous on `stream`).");
   bind_cuda_kernels(m);
+  bind_cuda_loop(m);
 }
 #else
 void bind_cuda(py::module_& m) {
@@ -154,9 +158,10 @@ void bind_cuda(py::module_& m) {
   for (const char* name : {"DeviceBuffer", "Stream", "device_name", "device_properties", "synchronize", "stream_synchronize",
                            "memcpy_htod", "memcpy_dtoh", "memcpy_dtod", "gather_rows", "softmax_stats",
                            "preprocess", "glance", "crop_patches",
-                           "GRUHead", "Linear", "Graph", "Event", "PinnedBuffer"}) {
+                           "GRUHead", "Linear", "Graph", "Event", "PinnedBuffer", "LoopGraph"}) {
     m.def(name, unavailable);
   }
+  bind_cuda_loop(m);
 }
 #endif
 

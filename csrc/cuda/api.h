@@ -209,6 +209,8 @@ class Graph {
   bool ready() const { return exec_ != nullptr; }
   /// Number of nodes of the captured graph (0 before end_capture).
   size_t nodes() const { return nodes_; }
+  /// The captured cudaGraph_t (0 before end_capture), e.g. to add it as a child graph node.
+  uintptr_t handle() const { return reinterpret_cast<uintptr_t>(graph_); }
 
  private:
   void* graph_ = nullptr;  // cudaGraph_t

@@ -228,6 +228,11 @@ class CudaGraph:
     def nodes(self) -> int:
         return int(self._g.nodes)
 
+    @property
+    def handle(self) -> int:
+        """The captured ``cudaGraph_t`` as an int (0 before :meth:`end_capture`)."""
+        return int(self._g.handle)
+
 
 class CudaEvent:
     """A timing CUDA event: :meth:`record` on a stream, :meth:`elapsed_ms` between two."""

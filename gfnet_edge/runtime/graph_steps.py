@@ -21,15 +21,20 @@ Every buffer lives in a :class:`GraphWorkspace` at a fixed address. The device p
 pre-processes a call's images straight into the workspace (``DevicePlace._input_buffers``);
 inputs given as device pointers, later chunks of a call larger than the max batch and
 prefetched float images are copied into it first (two device copies).
+
+A run of one image with early exit goes through the workspace's loop graph instead when CUDA
+conditional graph nodes are available (:mod:`.graph_loop`): the glance step graph, then one
+graph whose exit tests run on the device, and a single read of the run's result at the end.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 import numpy as np
 
 from ..errors import InputError
 from .types import DeviceRun, ExitBook, StepOutputs, check_step_flag as _check_flag, softmax
+from .graph_loop import ConditionalLoop, ConditionalMode, keep_graphs, mode_from_env
 from .graphs import Capture, GraphCache, bucket_for
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,16 +53,24 @@ class GraphWorkspace:
     Args:
         place: the device place (its loop context and stream).
         capture: the runner's capturer (None: plain launches, same bookkeeping).
+        conditional: whether batch-1 runs use the loop graph (:class:`~.graph_loop.ConditionalMode`;
+            default from ``GFNET_EDGE_CONDITIONAL_GRAPHS``).
     """
 
-    def __init__(self, place: "DevicePlace", capture: Optional[Capture]) -> None:
+    def __init__(self, place: "DevicePlace", capture: Optional[Capture],
+                 conditional: Optional[ConditionalMode] = None) -> None:
         d = place.ctx
         self.place, self.stream = place, place.stream
         self.T, self.S, self.P = d.T, d.S, d.P
         self.C = int(d.heads.cls.out_features)
         self.Hp, self.Hc = int(d.heads.pol_hidden), int(d.heads.cls_hidden)
         self.gru = d.heads.kind == "gru"
+        mode = mode_from_env() if conditional is None else conditional
+        if capture is not None and mode is not ConditionalMode.OFF:
+            capture = keep_graphs(capture)
         self.cache = GraphCache(capture)
+        #: The batch-1 loop graph (:mod:`.graph_loop`).
+        self.loop = ConditionalLoop(self, mode)
         self.capacity = 0
         self.F = self.Hs = 0  # feature and policy-state widths (from the first glance run)
         self._b: Dict[str, Any] = {}
@@ -82,6 +95,7 @@ class GraphWorkspace:
         from .. import ops
 
         self.cache.clear()
+        self.loop.clear()
         self.capacity, self.F, self.Hs = int(rows), int(F), int(Hs)
         T, S, P, C = self.T, self.S, self.P, self.C
         R = self.capacity
@@ -143,6 +157,11 @@ class GraphSteps(DeviceRun):
         self.t = 0
         self.prev: int = 0  # bucket the survivors are gathered from at the next step (0: no compaction)
         self.host_stats = np.empty(4 * self.B + 1, np.int32)
+        #: The loop graph when this run goes through it; ``_pending``: launched at the first focus
+        #: step; ``_launched``: its result is read by the next :meth:`next`; ``_finished``: a
+        #: deadline check found the run over (nothing left to stop).
+        self._loop: Optional[ConditionalLoop] = ws.loop if ws.loop.wanted(self.B, self.trace) else None
+        self._pending = self._launched = self._finished = False
         if self.trace:
             C = ws.C
             self.trace_stats = place.buf("trace.stats", T * (4 * self.B + 1) * F32)
@@ -240,6 +259,11 @@ class GraphSteps(DeviceRun):
         B, t, prev = self.B, self.t, self.prev
         if graph == "glance":
             self.ws.cache.run(("glance", B), lambda: self._glance_step(B))
+            if self._loop is not None:
+                self._prepare_loop()
+        elif self._pending:
+            self._pending, self._launched = False, True
+            self._loop.launch(self.thr, self.st)  # type: ignore[union-attr]
         else:
             self.ws.cache.run(("focus", B, t, prev), lambda: self._focus_step(B, t, prev))
         if self.trace:
@@ -251,11 +275,45 @@ class GraphSteps(DeviceRun):
                           B * self.ws.C * F32, self.st)
         return {}
 
+    def _prepare_loop(self) -> None:
+        """Builds the loop graph if needed (after the glance ran: the step widths are known).
+        Building runs the focus steps not captured yet, which overwrite the step's result
+        block: the glance step graph then runs again. Falls back to the per-step loop."""
+        cache = self.ws.cache
+        eager = cache.eager
+        if not self._loop.prepare(self):  # type: ignore[union-attr]
+            self._loop = None
+        if cache.eager != eager and cache.active:
+            cache.run(("glance", self.B), lambda: self._glance_step(self.B))
+
     def begin(self, g: Dict[str, Any]) -> Optional[bool]:
+        if self._loop is not None:
+            self._pending = True  # the exit tests and focus steps run in the loop graph
+            return True
         return self._after()
 
     def next(self, f: Dict[str, Any]) -> Optional[bool]:
+        if self._launched:
+            self._launched = False
+            with self.place.host_stage("exit"):
+                self._loop.read(self.st).record(self.book)  # type: ignore[union-attr]
+            return None
         return self._after()
+
+    def running(self) -> Tuple[int, int]:
+        """``(next step, images running)``. Asked before a focus step when the call has a
+        deadline: a run still headed for the loop graph goes step by step from here (step 0's
+        exit test on the host); when it is over, ``(T, 0)``, which no deadline allows."""
+        if self._pending:
+            self._pending, self._loop = False, None
+            if not self._advance():
+                self._finished = True
+                return self.T, 0
+        return super().running()
+
+    def stop(self) -> None:
+        if not self._finished:
+            super().stop()
 
     def _after(self) -> Optional[bool]:
         """Exit test of step t (not in trace mode); True when a focus step follows."""

@@ -90,6 +90,7 @@ class NativeCapture:
             graph.launch(stream)
 
         replay.graph = graph  # type: ignore[attr-defined]  # keeps the graph alive with the replay
+        replay.cuda_graph = graph.handle  # type: ignore[attr-defined]  # for a child graph node (graph_loop)
         return replay
 
 
