@@ -94,12 +94,13 @@ class Decision:
 
 
 def decide(mode: ConditionalMode,
-           support: Callable[[], cuda_loop.ConditionalSupport] = cuda_loop.conditional_support) -> Decision:
-    """The path a mode and this process's conditional-node support give (the support is only
-    probed when the mode is not ``off``)."""
+           support: Optional[Callable[[], cuda_loop.ConditionalSupport]] = None) -> Decision:
+    """The path a mode and the conditional-node support (default: this process's,
+    :func:`~gfnet_edge.ops.cuda_loop.conditional_support`) give; the support is only probed
+    when the mode is not ``off``."""
     if mode is ConditionalMode.OFF:
         return Decision(False, f"switched off ({ENV_VAR}=off)")
-    s = support()
+    s = (support or cuda_loop.conditional_support)()
     if not s.usable:
         return Decision(False, s.error)
     return Decision(True, "")
@@ -234,6 +235,8 @@ class ConditionalLoop:
 
     def _fail(self, reason: str, expected: bool = False) -> None:
         self.disabled, self.graph, self._replays = reason, None, None
+        if self.mode is ConditionalMode.OFF:
+            return  # asked for: nothing to report
         level = logging.INFO if expected and self.mode is ConditionalMode.AUTO else logging.WARNING
         logger.log(level, "batch-1 runs of the device loop go step by step (one read per step): the loop graph on "
                           "conditional CUDA graph nodes is unavailable (%s)", reason)
