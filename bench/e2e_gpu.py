@@ -16,7 +16,10 @@ Equal accuracy: thresholds from the reference sweep fitted on the validation spl
 operating point with the fewest mean steps whose test accuracy is within ``--tolerance`` points
 of the static network's. Timings: GFNet and static in alternating blocks of the same images.
 Outside the backbones: the loop from inputs already on the GPU with every step run, minus the
-glance and focus backbones replayed alone as graphs at the same batch, per step.
+glance and focus backbones replayed alone as graphs at the same batch, per step. At batch 1 the
+loop runs on CUDA conditional graph nodes where available (exit tests on the device, one read
+per call; ``gfnet_edge.runtime.graph_loop``); the same figure for the per-step captured loop
+(one read per step, ``GFNET_EDGE_CONDITIONAL_GRAPHS=off``) is measured beside it.
 
 ``--device cpu`` is a dry run of the script on a machine without a GPU (host loop, eager torch).
 Writes ``--out`` and a ``.json`` beside it.
@@ -43,6 +46,21 @@ PS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 4.0)
 
 def _log(msg: str) -> None:
     print(f"[e2e-gpu] {msg}", flush=True)
+
+
+def per_step_driver(model, device: str, dtype: str):
+    """The GFNet loop with every batch-1 run going step by step (no conditional graph nodes)."""
+    from gfnet_edge.runtime.graph_loop import ENV_VAR
+
+    old = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = "off"
+    try:
+        return gfnet_driver(model, device, dtype)
+    finally:
+        if old is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = old
 
 
 def static_classifier(net, model: ModelDesc, device: str, dtype: str):
@@ -206,10 +224,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                 eager = gfnet_driver(model, dev, dtype, cuda_graphs=False)
                 run["plain_launches_b1"] = outside_backbones(eager, test_x, 1, dev, dtype)
                 eager.runner.deactivate()
+                stepwise = per_step_driver(model, dev, dtype)  # captured, one read per step
+                run["per_step_b1"] = outside_backbones(stepwise, test_x, 1, dev, dtype)
+                stepwise.runner.deactivate()
+                _log(f"{prec} batch 1, per-step captured loop: outside the backbones "
+                     f"{run['per_step_b1']['outside_per_step_ms'] * 1e3:.1f} us per step")
             cache = getattr(driver.place, "graphs", None)
             if cache is not None:
                 run["graphs"] = {"captures": cache.cache.captures, "replays": cache.cache.replays,
                                  "disabled": cache.cache.disabled}
+                run["loop_graph"] = {"launches": cache.loop.launches, "builds": cache.loop.builds,
+                                     "disabled": cache.loop.disabled}
             driver.runner.deactivate()
             sync(dev)
             res["runs"][prec] = run
@@ -258,6 +283,16 @@ def render(res: Dict[str, Any], batches: List[int], cmd: str) -> str:
                       f"{pl['outside_per_step_ms'] * 1e3:.1f} us per step outside the backbones"
                       + (f" (captured: {o1['loop_ms']:.3f} ms, {o1['outside_per_step_ms'] * 1e3:.1f} us)." if o1 else "."),
                       ""]
+        ps, lg = run.get("per_step_b1"), run.get("loop_graph")
+        if ps and lg and 1 in run["batches"]:
+            o1 = run["batches"][1]["outside"]
+            used = lg["launches"] > 0 and not lg["disabled"]
+            lines += [("Batch 1 on CUDA conditional graph nodes (exit tests on the device, one read per call): "
+                       f"{o1['outside_per_step_ms'] * 1e3:.1f} us per step outside the backbones"
+                       if used else f"Batch 1 loop graph unavailable ({lg['disabled'] or 'not used'}): "
+                       f"{o1['outside_per_step_ms'] * 1e3:.1f} us per step outside the backbones")
+                      + f"; per-step captured loop (one read per step): {ps['outside_per_step_ms'] * 1e3:.1f} us "
+                        f"({ps['loop_ms']:.3f} ms per call against {o1['loop_ms']:.3f} ms).", ""]
         g = run.get("graphs")
         if g:
             lines += [f"Graphs: {g['captures']} captured, {g['replays']} replays"

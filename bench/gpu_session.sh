@@ -5,7 +5,8 @@
 #   2. the GPU tests: CUDA kernels against the CPU ones, CUDA graphs / events / pinned memory,
 #      the device loop (plain launches and CUDA graphs) against the ONNX Runtime host loop;
 #   3. bench/e2e_gpu.py: demo model, captured GFNet loop vs captured static network, fp32 and
-#      fp16, batch 1 to 128, time outside the backbones per step;
+#      fp16, batch 1 to 128, time outside the backbones per step (at batch 1 on conditional
+#      graph nodes where available, beside the per-step captured loop);
 #   4. bench/gpu_shapes.py: ImageNet-shaped GFNets (random weights) at the demo's exit profile;
 #   5. a Jetson-class proxy: 3 and 4 again at batch 1 and 8 with the process limited to about
 #      8 SMs through CUDA MPS (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE), when the machine allows it.
@@ -36,8 +37,8 @@ GFNET_EDGE_CUDA_ARCHS=${GFNET_EDGE_CUDA_ARCHS:-90} CMAKE_BUILD_PARALLEL_LEVEL=$(
 echo "build: $(( $(date +%s) - t0 )) s"
 
 step "GPU tests"
-timeout 120 python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels_cuda.py tests/test_graphs_cuda.py \
-  tests/test_device_loop.py 2>&1 | tee "$OUT/pytest.txt" | tail -25 || status=1
+timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels_cuda.py tests/test_graphs_cuda.py \
+  tests/test_device_loop.py tests/test_conditional_loop.py 2>&1 | tee "$OUT/pytest.txt" | tail -25 || status=1
 
 step "demo model, full GPU"
 timeout 150 python3 bench/e2e_gpu.py --out "$OUT/e2e_gpu.md" >"$OUT/e2e_gpu.log" 2>&1 || { status=1; tail -20 "$OUT/e2e_gpu.log"; }

@@ -264,6 +264,7 @@ class ConditionalLoop:
         if self._thr is None:
             self._thr = ops.DeviceBuffer(4 * ws.T)
             self._result = ops.DeviceBuffer(4 * self._host.size)
+            self._host = ops.pinned_empty(self._host.shape, np.int32)  # the run's one read: direct DMA
         try:
             self.graph = cuda_loop.CudaLoopGraph(handles, ws.ptr("stats"), self._thr, self._result)
         except Exception as exc:  # noqa: BLE001 -- any build failure falls back to the per-step loop
