@@ -90,7 +90,9 @@ class NativeCapture:
             graph.launch(stream)
 
         replay.graph = graph  # type: ignore[attr-defined]  # keeps the graph alive with the replay
-        replay.cuda_graph = graph.handle  # type: ignore[attr-defined]  # for a child graph node (graph_loop)
+        # The cudaGraph_t, for adding the step as a child graph node (graph_loop); None for a
+        # graph object that exposes none.
+        replay.cuda_graph = getattr(graph, "handle", None)  # type: ignore[attr-defined]
         return replay
 
 
