@@ -310,6 +310,9 @@ def test_batch1_loop_graph_equals_the_per_step_loop_on_simulated_device(tmp_path
         agree(singles(failing, thr)[0], a)
         plain = driver(runner_cls=_GraphSimRunner)  # its capture keeps no graphs
         agree(singles(plain, thr)[0], a)
+        broken = driver(runner_cls=lambda *a: _KeepingRunner(*a, fail=True))  # every capture fails
+        agree(singles(broken, thr)[0], a)
+    assert not broken.place.graphs.cache.active and broken.place.graphs.loop.launches == 0
     assert "simulated instantiation failure" in failing.place.graphs.loop.disabled
     assert "does not keep its CUDA graphs" in plain.place.graphs.loop.disabled
     assert caplog.text.count("go step by step") == 2

@@ -283,7 +283,7 @@ class GraphSteps(DeviceRun):
         eager = cache.eager
         if not self._loop.prepare(self):  # type: ignore[union-attr]
             self._loop = None
-        if cache.eager != eager and cache.active:
+        if cache.eager != eager:  # also when a capture failed there: the next steps run as plain launches
             cache.run(("glance", self.B), lambda: self._glance_step(self.B))
 
     def begin(self, g: Dict[str, Any]) -> Optional[bool]:
