@@ -6,7 +6,8 @@ NaN), the exit step and the result block against ExitBook, which path a mode and
 give and why, and the whole batch-1 path on the simulated device (tests/sim_device.py) with
 the loop graph replaced by a simulation that runs the captured focus steps and the bound host
 exit step. GPU (skipped without one, saying why): the loop graph's device exit kernel against
-the host exit step, and the batch-1 runs against the per-step captured loop and ONNX Runtime.
+the host exit step (the batch-1 runs of real models against the per-step captured loop and ONNX
+Runtime are in test_device_loop.py, beside its other GPU parity tests).
 """
 from __future__ import annotations
 
@@ -22,8 +23,7 @@ from gfnet_edge.runtime.graph_loop import ENV_VAR, ConditionalMode, LoopResult, 
 from gfnet_edge.runtime.types import ExitBook
 from probs import exits_mid_loop, gap_thresholds
 from sim_device import SimCapture, SimHeads, SimMemory, demo_test_images, sim_ops
-from test_device_loop import (KINDS, _GraphSimRunner, _images, _one_cpu_kernel_thread, _pair,  # noqa: F401
-                              _sim_reference, bundles, demo_bundle, requires_torch_cuda)
+from test_device_loop import _GraphSimRunner, _images, _sim_reference, demo_bundle  # noqa: F401
 
 HAVE_GPU = ops.has_cuda_build() and ops.cuda_device_count() > 0
 GPU_REASON = ("gfnet_edge._C built without CUDA" if not ops.has_cuda_build()
@@ -394,34 +394,3 @@ def test_device_exit_kernel_equals_the_host_exit_step():
             got = np.empty_like(want)
             res_buf.copy_to_host(got, st)
             np.testing.assert_array_equal(got, want, err_msg=f"T={T}, trial {trial}")
-
-
-@pytest.mark.gpu
-@requires_torch_cuda
-@requires_conditional
-@pytest.mark.parametrize("kind", KINDS)
-def test_batch1_loop_graph_equals_per_step_captured_loop_on_gpu(bundles, kind, monkeypatch):
-    """torch on CUDA, images one at a time: the loop graph (auto) against the per-step captured
-    loop (off) and ONNX Runtime: classes, exit steps, coordinates equal, probabilities within 1e-4."""
-    bundle = bundles[kind]
-    x = _images(bundle, 9, seed=21)
-    monkeypatch.setenv(ENV_VAR, "on")
-    dev, ref = _pair(bundle)
-    monkeypatch.setenv(ENV_VAR, "off")
-    step, _ = _pair(bundle)
-    with dev, ref, step:
-        thr = gap_thresholds(ref.trace(x).probs)
-        dev.thresholds = ref.thresholds = step.thresholds = thr
-        b = ref.predict(x)
-        got = [dev.predict(x[i:i + 1]) for i in range(len(x))]
-        per_step = [step.predict(x[i:i + 1]) for i in range(len(x))]
-        loop = dev.driver.place.graphs.loop
-        assert loop.disabled is None and loop.launches == len(x), loop.disabled
-        assert step.driver.place.graphs.loop.launches == 0
-    assert (b.exit_step < bundle.model.steps - 1).any()
-    for i, (p, q) in enumerate(zip(got, per_step)):
-        for o in (q, b):
-            j = 0 if o is q else i
-            assert (p.exit_step[0], p.classes[0]) == (o.exit_step[j], o.classes[j]), i
-            np.testing.assert_array_equal(p.coords[:, 0], o.coords[:, j])
-            np.testing.assert_allclose(p.confidence[0], o.confidence[j], rtol=0, atol=1e-4)

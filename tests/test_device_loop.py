@@ -815,3 +815,51 @@ def test_torch_float16_backbones_on_captured_graphs(bundles):
     assert (p32.classes == p16.classes).mean() >= 0.9
     with pytest.raises(InputError, match="fp32 or fp16"):
         Runtime(bundle, backend="torch", device="cuda", precision="int8-cpu")
+
+
+def _conditional_reason():
+    """Why batch-1 runs cannot use the loop graph on conditional nodes here (None when they can)."""
+    if TORCH_CUDA_REASON is not None:
+        return TORCH_CUDA_REASON
+    from gfnet_edge.ops import cuda_loop
+
+    support = cuda_loop.conditional_support()
+    return None if support.usable else f"no conditional graph nodes: {support.error}"
+
+
+requires_conditional_nodes = pytest.mark.skipif(_conditional_reason() is not None, reason=str(_conditional_reason()))
+
+
+@pytest.mark.gpu
+@requires_torch_cuda
+@requires_conditional_nodes
+@pytest.mark.parametrize("kind", KINDS)
+def test_batch1_loop_graph_equals_per_step_captured_loop_on_gpu(bundles, kind, monkeypatch):
+    """torch on CUDA, images one at a time: the loop graph on conditional nodes against the
+    per-step captured loop and ONNX Runtime: classes, exit steps, coordinates equal, probabilities
+    within 1e-4."""
+    from gfnet_edge.runtime import Runtime
+    from gfnet_edge.runtime.graph_loop import ENV_VAR
+
+    bundle = bundles[kind]
+    x = _images(bundle, 9, seed=21)
+    monkeypatch.setenv(ENV_VAR, "on")
+    dev, ref = _pair(bundle)
+    monkeypatch.setenv(ENV_VAR, "off")
+    step = Runtime(bundle, backend="torch", device="cuda")
+    with dev, ref, step:
+        thr = gap_thresholds(ref.trace(x).probs)
+        dev.thresholds = ref.thresholds = step.thresholds = thr
+        b = ref.predict(x)
+        got = [dev.predict(x[i:i + 1]) for i in range(len(x))]
+        per_step = [step.predict(x[i:i + 1]) for i in range(len(x))]
+        loop = dev.driver.place.graphs.loop
+        assert loop.disabled is None and loop.launches == len(x), loop.disabled
+        assert step.driver.place.graphs.loop.launches == 0
+    assert (b.exit_step < bundle.model.steps - 1).any()
+    for i, (p, q) in enumerate(zip(got, per_step)):
+        for o in (q, b):
+            j = 0 if o is q else i
+            assert (p.exit_step[0], p.classes[0]) == (o.exit_step[j], o.classes[j]), i
+            np.testing.assert_array_equal(p.coords[:, 0], o.coords[:, j])
+            np.testing.assert_allclose(p.confidence[0], o.confidence[j], rtol=0, atol=1e-4)
