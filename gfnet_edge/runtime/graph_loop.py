@@ -175,8 +175,11 @@ class KeptTorchCapture(TorchCapture):
     def capture(self, fn: Callable[[], Any]) -> Callable[[], None]:
         import torch
 
+        try:
+            graph = torch.cuda.CUDAGraph(keep_graph=True)
+        except TypeError:  # a torch without keep_graph: its replays carry no graph for the loop graph
+            return super().capture(fn)
         ts = self.runner._stream(self.stream)
-        graph = torch.cuda.CUDAGraph(keep_graph=True)
         with torch.cuda.stream(ts):
             graph.capture_begin(pool=self.pool)
             try:
