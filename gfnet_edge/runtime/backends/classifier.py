@@ -318,7 +318,7 @@ class TorchClassifier(Classifier):
             else:
                 self._in[bucket][:n].copy_(torch.from_numpy(frames))
             self.cache.run(bucket, lambda: self._step(bucket))
-            return self._out[bucket][:n].cpu().numpy()  # waits for the stream
+            return np.array(self._out[bucket][:n].cpu().numpy())  # a copy (waits for the stream on CUDA)
 
     def close(self) -> None:
         if self.stream is not None:
