@@ -363,3 +363,63 @@ def reference_input(model, frames):
 
     return ops.preprocess(list(frames), S, crop_pct=1.0, interpolation=model.dataset_interpolation,
                           mean=model.mean, std=model.std)
+
+
+# ------------------------------------------------------------------- gfnet-edge calibrate
+@pytest.fixture(scope="module")
+def calib_bundle(tmp_path_factory, model):
+    """The tiny GFNet as an FP32 ONNX Runtime bundle with its checkpoint (the torch backend can
+    run it), and 24 labelled S x S images."""
+    from gfnet_edge.build import BuildConfig, build_bundle
+    from gfnet_edge.models import save_checkpoint
+    from tiny_gfnet import random_gfnet
+
+    root = tmp_path_factory.mktemp("calib_static")
+    net = random_gfnet("tiny_static", S, 16, 2, num_classes=CLASSES, channels=(8, 16, 32, 64), policy_hidden=8)
+    ckpt = save_checkpoint(root / "tiny.pth.tar", net)
+    build_bundle(ckpt, root / "bundle", BuildConfig(precision="fp32", backend="onnxruntime", include_checkpoint=True),
+                 progress=False)
+    rng = np.random.default_rng(2)
+    np.savez(root / "data.npz", images=rng.integers(0, 256, (24, S, S, 3), dtype=np.uint8),
+             labels=rng.integers(0, CLASSES, 24))
+    return root
+
+
+FAST = ["--repeats", "5", "--warmup", "1", "--batch-size", "0", "--threads", "1", "--gallery", "0", "--deadlines", "0",
+        "--attempts", "1", "--budget-ms", "1000", "--no-compare", "--no-write", "-q"]
+
+
+def test_calibrate_report_names_the_technology_of_each_side(calib_bundle, static, tmp_path, capsys):
+    from gfnet_edge import cli
+
+    out = tmp_path / "report"
+    rc = cli.main(["calibrate", str(calib_bundle / "bundle"), "--data", str(calib_bundle / "data.npz"), "-o", str(out),
+                   "--static", str(static.ckpt), *FAST])
+    assert rc == 0
+    res = json.loads((out / "report.json").read_text())
+    line = "GFNet: onnxruntime cpu fp32, plain launches; static: onnxruntime cpu fp32, plain launches"
+    assert res["technology"]["gfnet"]["description"] == "onnxruntime cpu fp32, plain launches"
+    assert [s["technology"]["backend"] for s in res["static"]] == ["onnxruntime"]
+    assert line in capsys.readouterr().out
+    assert line in (out / "report.html").read_text()
+
+
+def test_calibrate_refuses_a_static_source_the_backend_cannot_run_before_measuring(calib_bundle, static, tmp_path,
+                                                                                   capsys, monkeypatch):
+    """--backend torch with an ONNX static graph and no onnx2torch: one line saying what to pass,
+    exit status 2 (unavailable dependency), no report, the bundle's manifest unchanged."""
+    from gfnet_edge import cli
+    from gfnet_edge.calibrate import pipeline
+
+    manifest = (calib_bundle / "bundle" / "manifest.json").read_bytes()
+    _without(monkeypatch, "onnx2torch")
+    runs = []
+    real = pipeline._run_budgets
+    monkeypatch.setattr(pipeline, "_run_budgets", lambda *a, **k: runs.append(1) or real(*a, **k))
+    out = tmp_path / "report"
+    rc = cli.main(["calibrate", str(calib_bundle / "bundle"), "--data", str(calib_bundle / "data.npz"), "-o", str(out),
+                   "--backend", "torch", "--device", "cpu", "--static", str(static.onnx), *FAST])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and "onnx2torch" in err and ".pth.tar" in err and len(err.splitlines()) == 1, err
+    assert not out.exists() and not runs
+    assert (calib_bundle / "bundle" / "manifest.json").read_bytes() == manifest
