@@ -46,25 +46,18 @@ def _log(msg: str) -> None:
 
 
 def static_classifier(net, model: ModelDesc, device: str, dtype: str):
-    """uint8 (N, S, S, 3) frames (host) -> classes (host), one graph per batch on CUDA."""
-    import torch
+    """uint8 (N, S, S, 3) frames (host) -> classes (host): the static runner of ``gfnet-edge
+    calibrate`` (:class:`gfnet_edge.runtime.backends.classifier.TorchClassifier`), one CUDA graph
+    per batch bucket on CUDA."""
+    from gfnet_edge.runtime.backends.classifier import Technology, TorchClassifier
 
-    half = dtype == "float16"
-    mean = torch.tensor(model.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
-    inv_std = 1.0 / (torch.tensor(model.std, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0)
-    net = (net.half() if half else net.float()).to(device).eval()
-
-    def forward(x):  # x: uint8 (N, S, S, 3) on the device
-        z = (x.permute(0, 3, 1, 2).float() - mean) * inv_std
-        return net(z.half() if half else z).argmax(1)
-
-    graphed = Graphed(forward, device)
+    tech = Technology("torch", device, "fp16" if dtype == "float16" else "fp32", captured=device == "cuda")
+    clf = TorchClassifier(net, model, tech)
 
     def classify(frames: np.ndarray) -> np.ndarray:
-        import torch
+        return clf(frames).argmax(1)
 
-        return graphed(torch.from_numpy(frames)).cpu().numpy()
-
+    classify.classifier = clf  # type: ignore[attr-defined]
     return classify
 
 
@@ -206,6 +199,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 eager = gfnet_driver(model, dev, dtype, cuda_graphs=False)
                 run["plain_launches_b1"] = outside_backbones(eager, test_x, 1, dev, dtype)
                 eager.runner.deactivate()
+            run["static"]["technology"] = static.classifier.ran().describe()
             cache = getattr(driver.place, "graphs", None)
             if cache is not None:
                 run["graphs"] = {"captures": cache.cache.captures, "replays": cache.cache.replays,
@@ -234,7 +228,7 @@ def render(res: Dict[str, Any], batches: List[int], cmd: str) -> str:
     for prec, run in res["runs"].items():
         pick = run.get("pick")
         lines += [f"## {prec}", "",
-                  f"Static accuracy {run['static']['accuracy']:.1f} %; GFNet at "
+                  f"Static ({run['static'].get('technology', '?')}) accuracy {run['static']['accuracy']:.1f} %; GFNet at "
                   + (f"{pick['point']}: {pick['accuracy']:.1f} % (the loop's own exits: "
                      f"{run.get('pick_accuracy_measured', float('nan')):.1f} %), {pick['mean_steps']:.2f} mean steps, "
                      f"exits per step {'/'.join(map(str, pick['exits']))}." if pick else "no point reaches it."), ""]
