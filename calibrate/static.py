@@ -114,8 +114,10 @@ def quantize_static_int8(src: Path, dst: Path, calib: np.ndarray, input_name: Op
         def __len__(self) -> int:
             return len(self.chunks)
 
-    if input_name is None:
-        input_name = onnx.load(str(src), load_external_data=False).graph.input[0].name
+    if input_name is None:  # the graph's one input that is not a weight
+        g = onnx.load(str(src), load_external_data=False).graph
+        weights = {t.name for t in g.initializer}
+        input_name = next(i.name for i in g.input if i.name not in weights)
     if settings is None:
         settings = ort_settings(QuantizeOptions(profile="cpu", method="entropy"))
     run_quantize_static(src, dst, Reader(calib), settings, method)

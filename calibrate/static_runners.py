@@ -111,10 +111,15 @@ def check_static_sources(sources: Sequence[str], plan: StaticPlan) -> None:
                 raise UnavailableError(f"--static {src}: a static checkpoint needs {missing} {why}, which is not "
                                        "installed here; export it elsewhere and pass the ONNX graph "
                                        "(--static MODEL.onnx)")
-        elif backend == "torch" and _have("onnx2torch"):
-            raise UnavailableError(f"--static {src}: the torch backend runs the static baseline as a torch module; "
-                                   "converting an ONNX graph needs onnx2torch (pip install onnx2torch), or pass the "
-                                   "static checkpoint (.pth.tar)")
+        elif backend == "torch":
+            if _have("onnx2torch"):
+                raise UnavailableError(f"--static {src}: the torch backend runs the static baseline as a torch "
+                                       "module; converting an ONNX graph needs onnx2torch (pip install onnx2torch), "
+                                       "or pass the static checkpoint (.pth.tar)")
+            try:
+                onnx_to_torch(p)  # a graph onnx2torch cannot convert is refused now, not after the measurements
+            except InputError as exc:
+                raise InputError(f"--static {exc}") from exc
 
 
 def _quantize_for_tensorrt(onnx_path: Path, dst: Path, calib: np.ndarray) -> Path:

@@ -423,3 +423,30 @@ def test_calibrate_refuses_a_static_source_the_backend_cannot_run_before_measuri
     assert rc == 3 and "onnx2torch" in err and ".pth.tar" in err and len(err.splitlines()) == 1, err
     assert not out.exists() and not runs
     assert (calib_bundle / "bundle" / "manifest.json").read_bytes() == manifest
+
+
+def test_an_onnx_static_graph_runs_on_the_torch_backend_through_onnx2torch(model, static, frames):
+    """With onnx2torch installed, an ONNX static graph is converted to a torch module and runs
+    like the checkpoint (same logits as ONNX Runtime on the graph)."""
+    pytest.importorskip("onnx2torch", reason="onnx2torch is not installed (pip install onnx2torch)")
+    x, _ = frames
+    plan = _plan("torch", "cpu")
+    with open_classifier(plan, static.onnx, lambda: static.onnx, model, None, Path("."), batch=4) as clf:
+        got = clf(x[:6])
+    np.testing.assert_allclose(got, reference_logits(static.onnx, model, x[:6]), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None, reason="needs TensorRT and a CUDA GPU")
+def test_tensorrt_static_engine_on_a_real_gpu(model, static, frames, tmp_path):
+    from gfnet_edge import ops
+
+    if not ops.has_cuda_build() or ops.cuda_device_count() < 1:
+        pytest.skip("needs the extension built with CUDA and a GPU")
+    x, _ = frames
+    t = Technology("tensorrt", "cuda", "fp32", captured=True)
+    with open_classifier(StaticPlan(t, t, {"precision": "fp32", "build_options": {}}), static.onnx,
+                         lambda: static.onnx, model, None, tmp_path, batch=4) as clf:
+        got = [clf(x[i:i + n]) for i, n in [(0, 4), (4, 3), (7, 4), (11, 1)]]
+        assert clf.cache.captures == 2 and clf.cache.replays == 2, clf.cache.disabled
+    np.testing.assert_allclose(np.concatenate(got), reference_logits(static.onnx, model, x[:12]), rtol=1e-3,
+                               atol=1e-3)

@@ -343,6 +343,27 @@ def onnx_to_torch(path: Path) -> Any:
                                "ONNX graph needs onnx2torch (pip install onnx2torch), or pass the static checkpoint "
                                "(.pth.tar)") from exc
     try:
-        return convert(str(path)).eval()
+        return convert(_fold_identities(path)).eval()
     except Exception as exc:  # onnx2torch raises NotImplementedError / KeyError ... for what it cannot convert
         raise InputError(f"{path}: onnx2torch cannot convert this graph: {str(exc).splitlines()[0]}") from exc
+
+
+def _fold_identities(path: Path) -> Any:
+    """The ONNX model with ``Identity`` nodes over initializers replaced by copies of them
+    (torch's exporter shares equal folded weights that way; onnx2torch expects a Conv / Gemm
+    weight to be an initializer)."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    inits = {t.name: t for t in m.graph.initializer}
+    keep = []
+    for node in m.graph.node:
+        if node.op_type == "Identity" and node.input[0] in inits:
+            m.graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(inits[node.input[0]]),
+                                                               node.output[0]))
+        else:
+            keep.append(node)
+    del m.graph.node[:]
+    m.graph.node.extend(keep)
+    return m
