@@ -90,11 +90,11 @@ def _runtime(backend, precision, on_device, cache="none", entry=None):
 
 
 @pytest.mark.parametrize("rt, gfnet, static", [
-    (_runtime("onnxruntime", "fp32", False), "onnxruntime cpu fp32, plain launches",
-     "onnxruntime cpu fp32, plain launches"),
-    (_runtime("onnxruntime", "int8-cpu", False), "onnxruntime cpu int8, plain launches",
-     "onnxruntime cpu fp32, plain launches"),
-    (_runtime("torch", "fp32-torch", False), "torch cpu fp32, plain launches", "torch cpu fp32, plain launches"),
+    (_runtime("onnxruntime", "fp32", False), "onnxruntime cpu fp32",
+     "onnxruntime cpu fp32"),
+    (_runtime("onnxruntime", "int8-cpu", False), "onnxruntime cpu int8",
+     "onnxruntime cpu fp32"),
+    (_runtime("torch", "fp32-torch", False), "torch cpu fp32", "torch cpu fp32"),
     (_runtime("torch", "fp16-torch", True, "active"), "torch cuda fp16, captured", "torch cuda fp16, captured"),
     (_runtime("torch", "fp32-torch", True, "none"), "torch cuda fp32, plain launches (graphs switched off)",
      "torch cuda fp32, plain launches"),
@@ -289,6 +289,37 @@ def test_tensorrt_static_engine_is_built_like_the_bundles_and_replayed_per_bucke
     assert simulated_gpu.sim.streams.pending() == 0
 
 
+def test_tensorrt_capture_failure_falls_back_to_plain_launches(model, static, frames, tmp_path, simulated_gpu,
+                                                               monkeypatch, caplog):
+    """A stream capture that fails (here: at its end, as cudaStreamEndCapture reports an
+    invalidated capture) leaves the classifier running every call as plain launches, with the
+    same logits, and the result saying so."""
+    from gfnet_edge import ops
+
+    class BrokenGraph:
+        def begin_capture(self, stream):
+            simulated_gpu.mem.capturing = []
+
+        def end_capture(self):
+            simulated_gpu.mem.capturing = None
+            raise RuntimeError("cudaErrorStreamCaptureInvalidated: operation failed due to a previous error")
+
+        def abort_capture(self):
+            simulated_gpu.mem.capturing = None
+
+    monkeypatch.setattr(ops, "CudaGraph", BrokenGraph)
+    x, _ = frames
+    t = Technology("tensorrt", "cuda", "fp32", captured=True)
+    with caplog.at_level(logging.WARNING, logger="gfnet_edge"), \
+            open_classifier(StaticPlan(t, t), static.onnx, lambda: static.onnx, model, None, tmp_path, batch=2) as clf:
+        got = [clf(x[i:i + 2]) for i in range(0, 8, 2)]
+        assert clf.cache.eager == 4 and clf.cache.captures == 0 and not clf.cache.active
+        assert clf.ran().describe().startswith("tensorrt cuda fp32, plain launches (RuntimeError: "
+                                               "cudaErrorStreamCaptureInvalidated")
+    np.testing.assert_allclose(np.concatenate(got), reference_logits(static.onnx, model, x[:8]), rtol=1e-5, atol=1e-5)
+    assert "CUDA graph capture failed" in caplog.text
+
+
 def test_tensorrt_static_baseline_end_to_end_and_its_result(model, static, frames, tmp_path, simulated_gpu):
     """static_baselines with a TensorRT plan: a static checkpoint is exported to ONNX, built as an
     engine and measured; accuracy equals the reference network's, the result names its technology."""
@@ -310,12 +341,12 @@ def test_onnxruntime_cpu_path_is_todays_and_torch_cpu_agrees(model, static, fram
     ort_res = static_baselines([str(static.ckpt), str(static.onnx)], x, y, x, model, 1, False, repeats=5, batch=3)
     assert [r.name for r in ort_res] == ["static_resnet10t fp32", "static.fp32 fp32"]
     assert [r.accuracy for r in ort_res] == [pytest.approx(want)] * 2
-    assert {r.to_dict()["technology"]["description"] for r in ort_res} == {"onnxruntime cpu fp32, plain launches"}
+    assert {r.to_dict()["technology"]["description"] for r in ort_res} == {"onnxruntime cpu fp32"}
     assert ort_res[0].latency.n == 5 and ort_res[0].call_ms.shape == (5,)
     torch_res = static_baselines([str(static.ckpt)], x, y, x, model, 1, False, repeats=5, batch=3,
                                  plan=_plan("torch", "cpu"))
     assert torch_res[0].accuracy == pytest.approx(want)
-    assert torch_res[0].to_dict()["technology"]["description"] == "torch cpu fp32, plain launches"
+    assert torch_res[0].to_dict()["technology"]["description"] == "torch cpu fp32"
 
 
 # ------------------------------------------------------------------------------- on a GPU
@@ -389,17 +420,19 @@ FAST = ["--repeats", "5", "--warmup", "1", "--batch-size", "0", "--threads", "1"
         "--attempts", "1", "--budget-ms", "1000", "--no-compare", "--no-write", "-q"]
 
 
-def test_calibrate_report_names_the_technology_of_each_side(calib_bundle, static, tmp_path, capsys):
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_calibrate_report_names_the_technology_of_each_side(calib_bundle, static, tmp_path, capsys, backend):
     from gfnet_edge import cli
 
     out = tmp_path / "report"
     rc = cli.main(["calibrate", str(calib_bundle / "bundle"), "--data", str(calib_bundle / "data.npz"), "-o", str(out),
-                   "--static", str(static.ckpt), *FAST])
+                   "--backend", backend, "--device", "cpu", "--static", str(static.ckpt), *FAST])
     assert rc == 0
     res = json.loads((out / "report.json").read_text())
-    line = "GFNet: onnxruntime cpu fp32, plain launches; static: onnxruntime cpu fp32, plain launches"
-    assert res["technology"]["gfnet"]["description"] == "onnxruntime cpu fp32, plain launches"
-    assert [s["technology"]["backend"] for s in res["static"]] == ["onnxruntime"]
+    side = f"{backend} cpu fp32"
+    line = f"GFNet: {side}; static: {side}"
+    assert res["technology"]["gfnet"]["description"] == side and res["bundle"]["backend"] == backend
+    assert [s["technology"]["backend"] for s in res["static"]] == [backend]
     assert line in capsys.readouterr().out
     assert line in (out / "report.html").read_text()
 

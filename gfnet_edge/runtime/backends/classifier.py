@@ -84,7 +84,10 @@ class Technology:
             raise InputError("CUDA graph capture needs device 'cuda'")
 
     def describe(self) -> str:
-        """``torch cuda fp16, captured`` / ``onnxruntime cpu fp32, plain launches (why)``."""
+        """``torch cuda fp16, captured``, ``tensorrt cuda fp16, plain launches (why)`` or, on
+        the CPU (where nothing is captured), ``onnxruntime cpu fp32``."""
+        if self.device == "cpu":
+            return f"{self.backend} cpu {self.precision}"
         how = "captured" if self.captured else "plain launches"
         return f"{self.backend} {self.device} {self.precision}, {how}" + (f" ({self.note})" if self.note else "")
 
