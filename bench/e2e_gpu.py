@@ -7,8 +7,11 @@ GFNet: the runtime's loop (:class:`gfnet_edge.runtime.driver.Driver`, what ``Run
 runs after its input checks) over the shipped demo checkpoint with the torch backend on CUDA:
 uint8 frames uploaded once, pre-processed on the GPU, every step a CUDA graph per batch bucket
 (backbone, heads, policy, crop, compaction), one small read per step. Static: the shipped
-static network (``demo_static.pth.tar``) fed the same uint8 frames (upload, normalisation,
-forward and argmax as one CUDA graph per batch, classes read back). Both sides run the same
+static network (``demo_static.pth.tar``) fed the same uint8 frames through the runner
+``gfnet-edge calibrate`` uses for its static baseline
+(:class:`gfnet_edge.runtime.backends.classifier.TorchClassifier`: upload through page-locked
+memory, normalisation and forward as one CUDA graph per batch bucket, logits read back, argmax
+on the host). Both sides run the same
 precision (fp32 without TF32, or fp16 weights and activations) with the same launch technology,
 so the ratio compares the networks, not two launch patterns.
 

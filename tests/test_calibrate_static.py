@@ -22,7 +22,6 @@ from calibrate import static_runners  # noqa: E402
 from calibrate.static import export_static, static_baselines  # noqa: E402
 from calibrate.static_runners import StaticPlan, check_static_sources, open_classifier  # noqa: E402
 from gfnet_edge.errors import InputError, UnavailableError  # noqa: E402
-from gfnet_edge.runtime.backends import classifier_tensorrt as ctrt  # noqa: E402
 from gfnet_edge.runtime.backends import tensorrt_util as trt_util  # noqa: E402
 from gfnet_edge.runtime.backends.classifier import (Classifier, Technology, TorchClassifier,  # noqa: E402
                                                     gfnet_technology, static_technology)
