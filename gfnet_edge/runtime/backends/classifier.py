@@ -79,7 +79,9 @@ class Technology:
             raise InputError(f"unknown backend {self.backend!r} (choose from {', '.join(BACKEND_PLACES)})")
         if self.device not in places:
             raise InputError(f"the {self.backend} backend runs on {' or '.join(places)}, not {self.device}")
-        NumericPrecision(self.precision)
+        if self.precision not in {p.value for p in NumericPrecision}:
+            raise InputError(f"precision must be one of {', '.join(p.value for p in NumericPrecision)}, "
+                             f"got {self.precision!r}")
         if self.captured and self.device != "cuda":
             raise InputError("CUDA graph capture needs device 'cuda'")
 
