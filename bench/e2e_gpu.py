@@ -7,8 +7,11 @@ GFNet: the runtime's loop (:class:`gfnet_edge.runtime.driver.Driver`, what ``Run
 runs after its input checks) over the shipped demo checkpoint with the torch backend on CUDA:
 uint8 frames uploaded once, pre-processed on the GPU, every step a CUDA graph per batch bucket
 (backbone, heads, policy, crop, compaction), one small read per step. Static: the shipped
-static network (``demo_static.pth.tar``) fed the same uint8 frames (upload, normalisation,
-forward and argmax as one CUDA graph per batch, classes read back). Both sides run the same
+static network (``demo_static.pth.tar``) fed the same uint8 frames through the runner
+``gfnet-edge calibrate`` uses for its static baseline
+(:class:`gfnet_edge.runtime.backends.classifier.TorchClassifier`: upload through page-locked
+memory, normalisation and forward as one CUDA graph per batch bucket, logits read back, argmax
+on the host). Both sides run the same
 precision (fp32 without TF32, or fp16 weights and activations) with the same launch technology,
 so the ratio compares the networks, not two launch patterns.
 
@@ -64,25 +67,18 @@ def per_step_driver(model, device: str, dtype: str):
 
 
 def static_classifier(net, model: ModelDesc, device: str, dtype: str):
-    """uint8 (N, S, S, 3) frames (host) -> classes (host), one graph per batch on CUDA."""
-    import torch
+    """uint8 (N, S, S, 3) frames (host) -> classes (host): the static runner of ``gfnet-edge
+    calibrate`` (:class:`gfnet_edge.runtime.backends.classifier.TorchClassifier`), one CUDA graph
+    per batch bucket on CUDA."""
+    from gfnet_edge.runtime.backends.classifier import Technology, TorchClassifier
 
-    half = dtype == "float16"
-    mean = torch.tensor(model.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
-    inv_std = 1.0 / (torch.tensor(model.std, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0)
-    net = (net.half() if half else net.float()).to(device).eval()
-
-    def forward(x):  # x: uint8 (N, S, S, 3) on the device
-        z = (x.permute(0, 3, 1, 2).float() - mean) * inv_std
-        return net(z.half() if half else z).argmax(1)
-
-    graphed = Graphed(forward, device)
+    tech = Technology("torch", device, "fp16" if dtype == "float16" else "fp32", captured=device == "cuda")
+    clf = TorchClassifier(net, model, tech)
 
     def classify(frames: np.ndarray) -> np.ndarray:
-        import torch
+        return clf(frames).argmax(1)
 
-        return graphed(torch.from_numpy(frames)).cpu().numpy()
-
+    classify.classifier = clf  # type: ignore[attr-defined]
     return classify
 
 
@@ -229,6 +225,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 stepwise.runner.deactivate()
                 _log(f"{prec} batch 1, per-step captured loop: outside the backbones "
                      f"{run['per_step_b1']['outside_per_step_ms'] * 1e3:.1f} us per step")
+            run["static"]["technology"] = static.classifier.ran().describe()
             cache = getattr(driver.place, "graphs", None)
             if cache is not None:
                 run["graphs"] = {"captures": cache.cache.captures, "replays": cache.cache.replays,
@@ -259,7 +256,7 @@ def render(res: Dict[str, Any], batches: List[int], cmd: str) -> str:
     for prec, run in res["runs"].items():
         pick = run.get("pick")
         lines += [f"## {prec}", "",
-                  f"Static accuracy {run['static']['accuracy']:.1f} %; GFNet at "
+                  f"Static ({run['static'].get('technology', '?')}) accuracy {run['static']['accuracy']:.1f} %; GFNet at "
                   + (f"{pick['point']}: {pick['accuracy']:.1f} % (the loop's own exits: "
                      f"{run.get('pick_accuracy_measured', float('nan')):.1f} %), {pick['mean_steps']:.2f} mean steps, "
                      f"exits per step {'/'.join(map(str, pick['exits']))}." if pick else "no point reaches it."), ""]

@@ -22,7 +22,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         bundle=args.bundle, data=args.data, output=args.output, budgets_ms=list(args.budget_ms or []),
         budgets=list(args.budget or []), deadlines=args.deadlines,
         backend=args.backend, precision=args.precision, threads=args.threads, dla_core=args.dla_core,
-        head_dtype=args.head_dtype, batch=args.batch,
+        head_dtype=args.head_dtype, device=args.device, batch=args.batch,
         batch_size=args.batch_size, num_images=args.num_images, holdout=args.holdout, method=args.method,
         margin=args.margin, tolerance=tol, attempts=args.attempts, repeats=args.repeats, warmup=args.warmup,
         static=list(args.static or []), static_int8=args.static_int8, compare_precisions=not args.no_compare,
@@ -70,6 +70,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", type=parse_budget_arg, nargs="+", metavar="KIND:MS",
                    help="budgets of any kind: p95:1.2 (at most 5%% of images slower than 1.2 ms), p90:, p99:, mean:")
     add_runtime_options(p, verb="calibrate", budget=False)
+    p.add_argument("--device", choices=["cpu", "cuda"],
+                   help="where the torch backend runs (default cpu); the static baseline runs with the bundle's "
+                        "backend, place and precision")
     p.add_argument("--batch", type=int_range(1, 1 << 16), default=1, help="images per call the budgets are for (default 1)")
     p.add_argument("--batch-size", type=int_range(0, 1 << 16), default=8, help="a second batch size to measure step latency at (0: none)")
     p.add_argument("--num-images", type=POSITIVE, help="use at most this many images (demo: how many; default 1000)")

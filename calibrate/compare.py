@@ -2,7 +2,7 @@
 step latency) and the static baselines (at the precision the runtime runs)."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -13,6 +13,7 @@ from .latency import CLOCKS, StepLatency
 from .precision import comparable_precisions, compare, trace_frames
 from .progress import Progress
 from .static import StaticResult, static_baselines
+from .static_runners import StaticPlan
 
 #: ``measure(rt, frames, batch, cfg, desc, stage_calls)``: the step latency of an open runtime.
 Measure = Callable[..., StepLatency]
@@ -48,7 +49,7 @@ def compare_precisions(bundle: Bundle, backend: str, main: str, hold_x: np.ndarr
         if p == main:
             continue
         rt = Runtime(bundle, backend=backend, precision=p, threads=cfg.threads, profile=True, dla_core=cfg.dla_core,
-                     head_dtype=cfg.head_dtype)
+                     head_dtype=cfg.head_dtype, device=cfg.device)
         try:
             with Progress(cfg.progress, len(hold_x), f"trace {p}") as bar:
                 probs, _ = trace_frames(rt, hold_x, progress=bar)
@@ -63,9 +64,10 @@ def compare_precisions(bundle: Bundle, backend: str, main: str, hold_x: np.ndarr
 
 
 def static_results(cfg: CalibrationConfig, precision: str, hold_x: np.ndarray, hold_y: np.ndarray,
-                   fit_x: np.ndarray, model) -> List[StaticResult]:
-    """The ``--static`` baselines measured like the bundle (same threads, batch and clock)."""
+                   fit_x: np.ndarray, model, plan: Optional[StaticPlan] = None) -> List[StaticResult]:
+    """The ``--static`` baselines measured like the bundle (same threads, batch and clock; with
+    ``plan``, the same backend, place, precision and capture as the GFNet runtime)."""
     if not cfg.static:
         return []
     return static_baselines(list(cfg.static), hold_x, hold_y, fit_x, model, cfg.threads, static_int8(cfg, precision),
-                            repeats=max(cfg.repeats, 50), batch=cfg.batch, clock=CLOCKS[cfg.clock])
+                            repeats=max(cfg.repeats, 50), batch=cfg.batch, clock=CLOCKS[cfg.clock], plan=plan)

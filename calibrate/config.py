@@ -25,6 +25,8 @@ class CalibrationConfig:
             with ``budgets_ms`` empty too: three mean budgets spread between the glance's and the
             full model's latency.
         backend, precision, threads, dla_core, head_dtype: how the runtime runs (as ``Runtime``).
+        device: where the torch backend runs (``cpu`` / ``cuda``; ``None``: the CPU); the static
+            baseline runs there too.
         batch: images per ``predict`` call for which budgets are fitted and verified.
         batch_size: a second batch size whose step latency is measured (throughput; 0: none).
         num_images: calibration images used (``demo``: how many are generated).
@@ -59,6 +61,7 @@ class CalibrationConfig:
     threads: Optional[int] = None
     dla_core: Optional[int] = None
     head_dtype: str = "float32"
+    device: Optional[str] = None
     batch: int = 1
     batch_size: int = 8
     num_images: Optional[int] = None
@@ -101,6 +104,8 @@ class CalibrationConfig:
             raise InputError(f"--budget-ms / --budget have duplicates: {', '.join(names)}")
         if self.threads is not None and self.threads < 1:
             raise InputError(f"--threads must be >= 1, got {self.threads}")
+        if self.device not in (None, "cpu", "cuda"):
+            raise InputError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.clock not in CLOCKS:
             raise InputError(f"--clock must be one of {', '.join(CLOCKS)}, got {self.clock!r}")
         if self.clock == "cpu" and self.threads != 1:

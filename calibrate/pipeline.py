@@ -25,6 +25,7 @@ from .latency import CLOCKS, StepLatency, camera_resize_ms, device_description, 
 from .precision import trace_frames
 from .progress import Progress
 from .report import write_report
+from .static_runners import StaticPlan, check_static_sources
 from .sweep import DeadlineSweep, deadline_sweep, sweep_deadlines
 from .verify import BudgetResult, Measurement, check_budget_feasible, fit_and_verify, pool, starting_latency, stability
 
@@ -183,9 +184,11 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
     hold_x, hold_y = data.part("holdout")
 
     rt = Runtime(bundle, backend=cfg.backend, precision=cfg.precision, threads=cfg.threads, profile=True,
-                 dla_core=cfg.dla_core, head_dtype=cfg.head_dtype)
+                 dla_core=cfg.dla_core, head_dtype=cfg.head_dtype, device=cfg.device)
     try:
+        check_static_sources(cfg.static, StaticPlan.of_runtime(rt))  # before any long work
         m = _run_budgets(rt, data, cfg, device["cpu"])
+        plan = StaticPlan.of_runtime(rt)  # the GFNet loop's capture state after its runs
     finally:
         rt.close()
     results, cost, main_precision = m.results, m.lat1.cost, m.rt.precision
@@ -200,7 +203,7 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
     for r in prec["rows"]:
         if r["precision"] != main_precision:
             anytime[f"{r['precision']} (held-out)"] = r["anytime_accuracy"]
-    statics = static_results(cfg, main_precision, hold_x, hold_y, fit_x, model)
+    statics = static_results(cfg, main_precision, hold_x, hold_y, fit_x, model, plan)
     static = [s.to_dict() for s in statics]
     if m.sweep is not None:
         for s in statics:
@@ -227,6 +230,8 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
                                     "ms = exit-model expectation with the measured step latency"},
         "budgets": [r.to_dict() for r in results],
         "precisions": prec, "static": static,
+        "technology": {"gfnet": plan.gfnet.to_dict(),
+                       "static": [s["technology"] for s in static] or [plan.static.to_dict()]},
         "deadline_sweep": m.sweep.to_dict() if m.sweep is not None else None,
         "manifest": {"write": cfg.write_manifest, "budgets": names, "default_budget": m.default,
                      "status": ("budgets " + ", ".join(names) + " written to the bundle manifest" +

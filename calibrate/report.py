@@ -28,6 +28,18 @@ figure.wrong{border-color:#d66} figcaption{font-size:12px;color:#333;margin-top:
 """
 
 
+def _technology(s: Dict[str, Any]) -> str:
+    t = s.get("technology")
+    return t["description"] if t else "onnxruntime cpu fp32"
+
+
+def technology_line(res: Dict[str, Any]) -> str:
+    """``GFNet: torch cuda fp16, captured; static: torch cuda fp16, captured``."""
+    t = res["technology"]
+    static = "; ".join(dict.fromkeys(x["description"] for x in t["static"]))
+    return f"GFNet: {t['gfnet']['description']}; static: {static}"
+
+
 def _img(png: bytes, alt: str, cls: str = "plot") -> str:
     data = base64.b64encode(png).decode("ascii")
     return f'<img class="{cls}" alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
@@ -182,9 +194,11 @@ def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: Sequenc
                  f"Manifest: {html.escape(res['manifest']['status'])}.</p>")
     if res["static"]:
         rows = [[s["name"], _f(s["latency"]["mean_ms"]), _f(s["latency"]["p95_ms"]), _f(s["accuracy"]),
-                 f"{s['macs'] / 1e6:.0f}M" if s.get("macs") else "–"] for s in res["static"]]
-        parts.append("<h3>Static baseline</h3>" + _table(["model", "mean ms", "p95 ms", "accuracy %", "MACs"], rows,
-                                                          "static"))
+                 f"{s['macs'] / 1e6:.0f}M" if s.get("macs") else "–", _technology(s)] for s in res["static"]]
+        parts.append("<h3>Static baseline</h3>" + _table(["model", "mean ms", "p95 ms", "accuracy %", "MACs", "runs on"],
+                                                          rows, "static"))
+        if res.get("technology"):
+            parts.append(f"<p class='note'>{html.escape(technology_line(res))}.</p>")
 
     parts.append("<h2 id='curve'>Accuracy vs latency</h2><div class='plots'>")
     parts.append(_fig(figures, "accuracy_latency", "accuracy vs mean latency"))
@@ -314,6 +328,8 @@ def summary(res: Dict[str, Any]) -> str:
     for row in map(_budget_row, res["budgets"]):
         row["vs"] = row["vs"][0]
         rows.append([row[k] for k in cols])
+    if res["static"] and res.get("technology"):
+        lines.append(technology_line(res))
     for s in res["static"]:
         rows.append([s["name"], "", "(static baseline)", "", _f(s["latency"]["mean_ms"]), _f(s["latency"]["p95_ms"]),
                      "", "", _f(s["accuracy"]), "", ""])

@@ -1,11 +1,15 @@
 """The static baseline: one backbone on the full S x S image, measured like the GFNet bundle.
 
 Accepted inputs: an ONNX graph (one float32 (N, 3, S, S) input, logits as the first output), or a
-gfnet-edge static checkpoint (``gfnet_edge/train/static.py`` format; exported to ONNX here, which
-needs torch). Latency per image at the calibration's batch size, on the same threads as the bundle: normalising the
-uint8 S x S frame (as the GFNet runtime is timed; no resize, the frames are already cropped) plus
-one ONNX Runtime call. Optionally an INT8 copy is made with ONNX Runtime's static quantization and
-the gfnet-edge ``cpu`` profile settings, so an INT8 GFNet can be compared with an INT8 baseline.
+gfnet-edge static checkpoint (``gfnet_edge/train/static.py`` format; exported to ONNX here where the
+backend runs ONNX graphs, which needs torch). Latency per image at the calibration's batch size,
+with the technology of the bundle's runtime (:mod:`calibrate.static_runners`): on ONNX Runtime
+(CPU) normalising the uint8 S x S frame (as the GFNet runtime is timed; no resize, the frames are
+already cropped) plus one session call on the same threads as the bundle; on a GPU the same
+backend, precision and CUDA-graph capture as the GFNet loop, from uint8 frames on the host to
+logits on the host. Optionally an INT8 copy is made (ONNX Runtime's static quantization with the
+gfnet-edge ``cpu`` profile settings; on TensorRT an INT8 engine), so an INT8 GFNet can be compared
+with an INT8 baseline.
 """
 from __future__ import annotations
 
@@ -19,9 +23,11 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 
 from gfnet_edge.errors import InputError, UnavailableError
-from gfnet_edge.model_desc import as_desc
+from gfnet_edge.model_desc import ModelDesc, as_desc
+from gfnet_edge.runtime.backends.classifier import Classifier, OnnxRuntimeClassifier, Technology
 
 from .latency import LatencyStats, ModelLike, prepare_frames
+from .static_runners import ACCURACY_BATCH, SourceKind, StaticPlan, check_static_sources, extra_int8, open_classifier
 
 
 @dataclass
@@ -35,6 +41,7 @@ class StaticResult:
         latency: per-image latency at the calibration batch size.
         macs: multiply-adds per image when known.
         meta: metadata of the checkpoint (no weights).
+        technology: how it ran (backend, place, precision, capture).
         call_ms: every timed call's latency (ms per call, not in ``to_dict``).
     """
 
@@ -44,11 +51,13 @@ class StaticResult:
     latency: LatencyStats
     macs: Optional[int] = None
     meta: Dict[str, Any] = field(default_factory=dict)
+    technology: Technology = field(default_factory=lambda: Technology("onnxruntime", "cpu", "fp32"))
     call_ms: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "source": self.source, "accuracy": self.accuracy,
-                "latency": self.latency.to_dict(), "macs": self.macs, "meta": self.meta}
+                "latency": self.latency.to_dict(), "macs": self.macs, "meta": self.meta,
+                "technology": self.technology.to_dict()}
 
 
 def export_static(path: Path, out_dir: Path) -> tuple:
@@ -75,18 +84,14 @@ def export_static(path: Path, out_dir: Path) -> tuple:
         torch.onnx.export(net, (torch.zeros(1, 3, S, S),), str(dst), input_names=["image"],
                           output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
                           opset_version=17, do_constant_folding=True, dynamo=False)
-    clean = {}
-    for k, v in meta.items():
-        try:
-            json.dumps(v)
-            clean[k] = v
-        except (TypeError, ValueError):
-            clean[k] = str(v)
-    return dst, clean
+    return dst, _json_safe(meta)
 
 
-def quantize_static_int8(src: Path, dst: Path, calib: np.ndarray, input_name: str = "image") -> Path:
-    """INT8 copy of a static graph (QDQ, gfnet-edge ``cpu`` profile settings, entropy calibration)."""
+def quantize_static_int8(src: Path, dst: Path, calib: np.ndarray, input_name: Optional[str] = None,
+                         settings: Any = None, method: Any = "entropy") -> Path:
+    """INT8 copy of a static graph (QDQ; by default the gfnet-edge ``cpu`` profile settings and
+    entropy calibration; ``settings`` / ``method``: another profile's)."""
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader
 
     from gfnet_edge.quantize.options import QuantizeOptions, ort_settings
@@ -109,109 +114,161 @@ def quantize_static_int8(src: Path, dst: Path, calib: np.ndarray, input_name: st
         def __len__(self) -> int:
             return len(self.chunks)
 
-    settings = ort_settings(QuantizeOptions(profile="cpu", method="entropy"))
-    run_quantize_static(src, dst, Reader(calib), settings, "entropy")
+    if input_name is None:  # the graph's one input that is not a weight
+        g = onnx.load(str(src), load_external_data=False).graph
+        weights = {t.name for t in g.initializer}
+        input_name = next(i.name for i in g.input if i.name not in weights)
+    if settings is None:
+        settings = ort_settings(QuantizeOptions(profile="cpu", method="entropy"))
+    run_quantize_static(src, dst, Reader(calib), settings, method)
     return dst
 
 
-def _session(path: Path, threads: Optional[int]):
-    from gfnet_edge.runtime.backends.onnxruntime import load_session
-
-    s = load_session(path, threads)
-    inputs = s.get_inputs()
-    if len(inputs) != 1:
-        raise InputError(f"--static {path}: expected a graph with one image input, it has {len(inputs)}")
-    return s, inputs[0].name
-
-
-def evaluate_static(path: Path, name: str, frames: np.ndarray, labels: np.ndarray, model: ModelLike,
-                    threads: Optional[int], latency_frames: np.ndarray, repeats: int = 100, warmup: int = 10,
-                    meta: Optional[Dict[str, Any]] = None, source: Optional[str] = None, batch: int = 1,
-                    clock: Callable[[], float] = time.perf_counter) -> StaticResult:
-    """Accuracy on ``frames`` and per-image latency (``batch`` images per call) of one static ONNX graph.
+def evaluate_classifier(clf: Classifier, name: str, frames: np.ndarray, labels: np.ndarray, latency_frames: np.ndarray,
+                        repeats: int = 100, warmup: int = 10, meta: Optional[Dict[str, Any]] = None,
+                        source: str = "", batch: int = 1,
+                        clock: Callable[[], float] = time.perf_counter) -> StaticResult:
+    """Accuracy on ``frames`` and per-image latency (``batch`` images per call) of one classifier.
 
     Args:
-        path: the ONNX graph.
+        clf: the classifier (uint8 frames -> logits).
         name: label for the report.
         frames, labels: held-out uint8 frames and labels.
-        model: the GFNet bundle's model entry (S, crop, interpolation, mean/std).
-        threads: ONNX Runtime / extension threads.
         latency_frames: frames cycled for the latency measurement.
         repeats, warmup: timed and untimed calls.
-        batch: images per timed call.
-        clock: the timer (``calibrate.latency.CLOCKS``).
         meta: checkpoint metadata.
         source: the file the user gave.
+        batch: images per timed call.
+        clock: the timer (``calibrate.latency.CLOCKS``).
     """
-    model = as_desc(model)
-    S = model.image_size
-    sess, inp = _session(path, threads)
-
-    def prep(f: np.ndarray) -> np.ndarray:
-        return prepare_frames(model, f)
-
+    S = clf.image_size
     try:
-        preds = []
-        for i in range(0, len(frames), 32):
-            out = sess.run(None, {inp: prep(frames[i:i + 32])})[0]
-            preds.append(np.asarray(out).argmax(axis=1))
+        preds = [np.asarray(clf(frames[i:i + ACCURACY_BATCH])).argmax(axis=1)
+                 for i in range(0, len(frames), ACCURACY_BATCH)]
+    except (InputError, UnavailableError):
+        raise
     except Exception as exc:
-        raise InputError(f"--static {source or path}: cannot run this graph on {S}x{S} images: "
-                         f"{str(exc).splitlines()[0]}") from exc
+        raise InputError(f"--static {source}: cannot run this network on {S}x{S} images "
+                         f"({clf.technology.describe()}): {str(exc).splitlines()[0]}") from exc
     pred = np.concatenate(preds)
     if pred.shape[0] != labels.shape[0]:
-        raise InputError(f"--static {source or path}: graph returned {pred.shape[0]} rows for {labels.shape[0]} images")
+        raise InputError(f"--static {source}: returned {pred.shape[0]} rows for {labels.shape[0]} images")
     acc = 100.0 * float((pred == labels).mean())
     ms: List[float] = []
     n = len(latency_frames)
     for i in range(warmup + repeats):
         f = latency_frames[[(i * batch + j) % n for j in range(batch)]]
         t0 = clock()
-        sess.run(None, {inp: prep(f)})
+        clf(f)
         dt = (clock() - t0) * 1e3 / batch
         if i >= warmup:
             ms.append(dt)
     meta = meta or {}
     macs = meta.get("macs")
-    return StaticResult(name, str(source or path), acc, LatencyStats.of(ms), int(macs) if macs else None, meta,
+    return StaticResult(name, source, acc, LatencyStats.of(ms), int(macs) if macs else None, meta, clf.ran(),
                         np.asarray(ms, dtype=np.float64) * batch)
+
+
+def evaluate_static(path: Path, name: str, frames: np.ndarray, labels: np.ndarray, model: ModelLike,
+                    threads: Optional[int], latency_frames: np.ndarray, repeats: int = 100, warmup: int = 10,
+                    meta: Optional[Dict[str, Any]] = None, source: Optional[str] = None, batch: int = 1,
+                    clock: Callable[[], float] = time.perf_counter) -> StaticResult:
+    """Accuracy and per-image latency of one static ONNX graph on ONNX Runtime (CPU): the frames
+    normalised by the extension, one session call (:func:`evaluate_classifier`).
+
+    Args:
+        path: the ONNX graph.
+        model: the GFNet bundle's model entry (S, crop, interpolation, mean/std).
+        threads: ONNX Runtime / extension threads.
+        (the others as :func:`evaluate_classifier`)
+    """
+    try:
+        clf = OnnxRuntimeClassifier(Path(path), as_desc(model), threads)
+    except InputError as exc:
+        raise InputError(f"--static {exc}") from exc
+    with clf:
+        return evaluate_classifier(clf, name, frames, labels, latency_frames, repeats=repeats, warmup=warmup,
+                                   meta=meta, source=str(source or path), batch=batch, clock=clock)
 
 
 def static_baselines(sources: List[str], frames: np.ndarray, labels: np.ndarray, calib_frames: np.ndarray,
                      model: ModelLike, threads: Optional[int], int8: bool, repeats: int = 100,
-                     batch: int = 1, clock: Callable[[], float] = time.perf_counter) -> List[StaticResult]:
-    """Evaluates each ``--static`` source (and its INT8 copy when ``int8``), timed at ``batch`` images per call.
+                     batch: int = 1, clock: Callable[[], float] = time.perf_counter,
+                     plan: Optional[StaticPlan] = None) -> List[StaticResult]:
+    """Evaluates each ``--static`` source (and its INT8 copy when ``int8``), timed at ``batch`` images
+    per call, with the technology of ``plan`` (default: ONNX Runtime on the CPU).
 
     Raises:
         InputError: a missing or unusable file.
+        UnavailableError: the plan's backend cannot run a source here.
     """
     model = as_desc(model)
+    plan = plan or StaticPlan.host()
+    check_static_sources(sources, plan)
     out: List[StaticResult] = []
     with tempfile.TemporaryDirectory(prefix="gfnet-edge-static-") as tmp:
         for k, src in enumerate(sources):
             p = Path(src)
-            if not p.is_file():
-                raise InputError(f"--static {src}: no such file (give a static checkpoint .pth.tar or an .onnx graph)")
             work = Path(tmp) / str(k)
             work.mkdir()
             meta: Dict[str, Any] = {}
-            if p.suffix.lower() == ".onnx":
-                onnx_path = p
-            else:
-                onnx_path, meta = export_static(p, work)
-                if int(meta.get("image_size", model.image_size)) != model.image_size:
-                    raise InputError(f"--static {src}: baseline image size {meta.get('image_size')} differs from the "
-                                     f"bundle's {model.image_size}")
+            if SourceKind.of(p) is SourceKind.CHECKPOINT:
+                meta = _checkpoint_meta(p, model)
+            exported: Dict[str, Path] = {}
+
+            def onnx_path(p: Path = p, work: Path = work, exported: Dict[str, Path] = exported) -> Path:
+                if SourceKind.of(p) is SourceKind.ONNX:
+                    return p
+                if "fp32" not in exported:
+                    exported["fp32"] = export_static(p, work)[0]
+                return exported["fp32"]
+
+            def calib() -> np.ndarray:
+                return prepare_frames(model, calib_frames[:64])
+
             label = meta.get("model_name") or p.stem
             lat_frames = frames[: min(len(frames), 32)]
-            out.append(evaluate_static(onnx_path, f"{label} fp32", frames, labels, model, threads, lat_frames,
-                                       repeats=repeats, meta=meta, source=src, batch=batch,
-                                           clock=clock))
-            if int8:
-                calib = prepare_frames(model, calib_frames[:64])
-                q = quantize_static_int8(onnx_path, work / "static.int8.onnx", calib,
-                                         _session(onnx_path, threads)[1])
-                out.append(evaluate_static(q, f"{label} int8", frames, labels, model, threads, lat_frames,
-                                           repeats=repeats, meta=meta, source=src, batch=batch,
-                                           clock=clock))
+            kw = dict(repeats=repeats, meta=meta, source=src, batch=batch, clock=clock)
+            with open_classifier(plan, p, onnx_path, model, threads, work, batch, calib=calib) as clf:
+                out.append(evaluate_classifier(clf, f"{label} {plan.static.precision}", frames, labels, lat_frames,
+                                               **kw))
+            for prec in extra_int8(plan, int8):
+                if plan.static.backend == "onnxruntime":
+                    q = quantize_static_int8(onnx_path(), work / "static.int8.onnx", calib())
+                    out.append(evaluate_static(q, f"{label} {prec}", frames, labels, model, threads, lat_frames, **kw))
+                    continue
+                with open_classifier(plan, p, onnx_path, model, threads, work, batch, precision=prec,
+                                     calib=calib) as clf:
+                    out.append(evaluate_classifier(clf, f"{label} {prec}", frames, labels, lat_frames, **kw))
     return out
+
+
+def _checkpoint_meta(path: Path, model: ModelDesc) -> Dict[str, Any]:
+    """A static checkpoint's metadata (no weights, JSON-safe), checked against the bundle's image size."""
+    try:
+        import torch  # noqa: F401
+
+        from gfnet_edge.train.static import load_static
+    except ImportError as exc:
+        raise UnavailableError(f"reading a static checkpoint needs torch and timm ({exc}); "
+                               "pass the baseline as an ONNX file instead (--static MODEL.onnx)") from exc
+    try:
+        _, meta = load_static(path)
+    except Exception as exc:  # CheckpointError or anything torch.load raises
+        raise InputError(f"--static {path}: {exc}") from exc
+    meta = _json_safe(meta)
+    if int(meta.get("image_size", model.image_size)) != model.image_size:
+        raise InputError(f"--static {path}: baseline image size {meta.get('image_size')} differs from the "
+                         f"bundle's {model.image_size}")
+    return meta
+
+
+def _json_safe(meta: Dict[str, Any]) -> Dict[str, Any]:
+    clean = {}
+    for k, v in meta.items():
+        try:
+            json.dumps(v)
+            clean[k] = v
+        except (TypeError, ValueError):
+            clean[k] = str(v)
+    return clean

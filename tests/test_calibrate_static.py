@@ -1,0 +1,484 @@
+"""The calibration's static baseline runs with the GFNet runtime's technology: which backend,
+place, precision and capture for which runtime; refusals of sources a backend cannot run; the
+torch classifier's per-bucket graph bookkeeping (on the CPU, with a stand-in capturer); the
+TensorRT classifier on stand-in engines and a simulated GPU (tests/trt_standin.py,
+tests/sim_device.py); the ONNX Runtime CPU path as before; the report naming both sides."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+torch = pytest.importorskip("torch")
+pytest.importorskip("timm")
+
+from calibrate import static_runners  # noqa: E402
+from calibrate.static import export_static, static_baselines  # noqa: E402
+from calibrate.static_runners import StaticPlan, check_static_sources, open_classifier  # noqa: E402
+from gfnet_edge.errors import InputError, UnavailableError  # noqa: E402
+from gfnet_edge.runtime.backends import tensorrt_util as trt_util  # noqa: E402
+from gfnet_edge.runtime.backends.classifier import (Classifier, Technology, TorchClassifier,  # noqa: E402
+                                                    gfnet_technology, static_technology)
+from gfnet_edge.runtime.graphs import GraphCache  # noqa: E402
+
+S, CLASSES = 32, 4
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny GFNet's description (S=32): image size, interpolation, mean / std."""
+    from gfnet_edge.export import model_desc
+    from tiny_gfnet import random_gfnet
+
+    return model_desc(random_gfnet("tiny_static", S, 16, 2, num_classes=CLASSES, channels=(8, 16, 32, 64),
+                                   policy_hidden=8))
+
+
+@pytest.fixture(scope="module")
+def static(tmp_path_factory):
+    """A random-weight static checkpoint (timm resnet10t, S=32, 4 classes) and its ONNX export."""
+    import timm
+
+    from gfnet_edge.train.static import save_static
+
+    root = tmp_path_factory.mktemp("static")
+    torch.manual_seed(0)
+    net = timm.create_model("resnet10t", pretrained=False, num_classes=CLASSES).eval()
+    ckpt = save_static(root / "static.pth.tar", net, "resnet10t", {}, CLASSES, image_size=S, half=False)
+    onnx_path, _ = export_static(ckpt, root)
+    return SimpleNamespace(ckpt=Path(ckpt), onnx=onnx_path)
+
+
+@pytest.fixture(scope="module")
+def frames():
+    rng = np.random.default_rng(1)
+    return rng.integers(0, 256, (40, S, S, 3), dtype=np.uint8), rng.integers(0, CLASSES, 40)
+
+
+def reference_logits(onnx_path: Path, model, frames: np.ndarray) -> np.ndarray:
+    """The static graph on its own ONNX Runtime session, fed the CPU pre-processing."""
+    import onnxruntime as ort
+
+    from gfnet_edge import ops
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    x = ops.preprocess(list(frames), S, crop_pct=1.0, interpolation=model.dataset_interpolation,
+                       mean=model.mean, std=model.std)
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+# ------------------------------------------------------------------------------- the choice
+def _runtime(backend, precision, on_device, cache="none", entry=None):
+    """What gfnet_technology reads of a Runtime: backend, precision label, the loop's place and
+    its graph cache (``"active"``, ``"failed"``, or ``"none"``: graphs switched off)."""
+    graphs = None
+    if cache == "active":
+        graphs = SimpleNamespace(cache=GraphCache(capture=object()))
+    elif cache == "failed":
+        c = GraphCache(capture=object())
+        c.disabled = "RuntimeError: operation not permitted when stream is capturing"
+        graphs = SimpleNamespace(cache=c)
+    return SimpleNamespace(backend=backend, precision=precision, runner=SimpleNamespace(entry=entry),
+                           driver=SimpleNamespace(on_device=on_device, place=SimpleNamespace(graphs=graphs)))
+
+
+@pytest.mark.parametrize("rt, gfnet, static", [
+    (_runtime("onnxruntime", "fp32", False), "onnxruntime cpu fp32",
+     "onnxruntime cpu fp32"),
+    (_runtime("onnxruntime", "int8-cpu", False), "onnxruntime cpu int8",
+     "onnxruntime cpu fp32"),
+    (_runtime("torch", "fp32-torch", False), "torch cpu fp32", "torch cpu fp32"),
+    (_runtime("torch", "fp16-torch", True, "active"), "torch cuda fp16, captured", "torch cuda fp16, captured"),
+    (_runtime("torch", "fp32-torch", True, "none"), "torch cuda fp32, plain launches (graphs switched off)",
+     "torch cuda fp32, plain launches"),
+    (_runtime("torch", "fp16-torch", True, "failed"),
+     "torch cuda fp16, plain launches (RuntimeError: operation not permitted when stream is capturing)",
+     "torch cuda fp16, plain launches"),
+    (_runtime("tensorrt", "int8-tensorrt", True, "active", {"precision": "int8"}), "tensorrt cuda int8, captured",
+     "tensorrt cuda int8, captured"),
+    (_runtime("tensorrt", "fp16-tensorrt", True, "none", {"precision": "fp16"}),
+     "tensorrt cuda fp16, plain launches (graphs switched off)", "tensorrt cuda fp16, plain launches"),
+])
+def test_the_static_side_runs_with_the_gfnet_sides_backend_place_precision_and_capture(rt, gfnet, static):
+    plan = StaticPlan.of_runtime(rt)
+    assert plan.gfnet.describe() == gfnet
+    assert plan.static.describe() == static
+    assert plan.describe() == f"GFNet: {gfnet}; static: {static}"
+    assert plan.engine == rt.runner.entry if rt.backend == "tensorrt" else plan.engine is None
+    json.dumps(plan.to_dict())  # goes into report.json as it is
+
+
+def test_technologies_that_cannot_exist_are_refused():
+    with pytest.raises(InputError, match="onnxruntime backend runs on cpu, not cuda"):
+        Technology("onnxruntime", "cuda", "fp32")
+    with pytest.raises(InputError, match="capture needs device 'cuda'"):
+        Technology("torch", "cpu", "fp32", captured=True)
+    with pytest.raises(InputError, match="torch backend runs fp32 or fp16"):
+        static_technology(Technology("torch", "cuda", "int8"))
+    with pytest.raises(InputError, match="unknown runner precision"):
+        gfnet_technology(_runtime("torch", "bf16-torch", False))
+
+
+# ------------------------------------------------------------------------------ refusals
+def _without(monkeypatch, *modules):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(static_runners.importlib.util, "find_spec",
+                        lambda name, *a: None if name in modules else real(name, *a))
+
+
+def _plan(backend, device, precision="fp32", captured=False):
+    t = Technology(backend, device, precision, captured)
+    return StaticPlan(t, t)
+
+
+def test_sources_a_backend_cannot_run_are_refused_in_one_line(static, monkeypatch, tmp_path):
+    with pytest.raises(InputError, match=r"--static .*nope\.onnx: no such file"):
+        check_static_sources([str(tmp_path / "nope.onnx")], _plan("onnxruntime", "cpu"))
+    _without(monkeypatch, "torch")
+    with pytest.raises(UnavailableError) as e:  # a checkpoint, TensorRT, no ONNX export possible
+        check_static_sources([str(static.ckpt)], _plan("tensorrt", "cuda", "fp16", True))
+    assert "needs torch to export it to ONNX for the TensorRT engine" in str(e.value)
+    assert "--static MODEL.onnx" in str(e.value) and "\n" not in str(e.value)
+    check_static_sources([str(static.onnx)], _plan("tensorrt", "cuda", "fp16", True))  # an ONNX graph: fine
+    monkeypatch.undo()
+    _without(monkeypatch, "onnx2torch")
+    with pytest.raises(UnavailableError) as e:  # an ONNX graph on the torch backend: needs a converter
+        check_static_sources([str(static.onnx)], _plan("torch", "cuda", "fp16", True))
+    assert "onnx2torch" in str(e.value) and ".pth.tar" in str(e.value) and "\n" not in str(e.value)
+    check_static_sources([str(static.ckpt)], _plan("torch", "cpu"))  # the checkpoint: fine
+
+
+# ------------------------------------------------------------- torch: graph per batch bucket
+class ReplayingCapture:
+    """A capturer for the CPU: ``capture(fn)`` records nothing and returns a replay that runs
+    ``fn`` again (what replaying the recorded work does); ``fail`` makes capture raise."""
+
+    name = "cpu-stand-in"
+
+    def __init__(self, fail=False):
+        self.fail, self.captured, self.replayed = fail, 0, 0
+
+    def capture(self, fn):
+        if self.fail:
+            raise RuntimeError("cudaErrorStreamCaptureUnsupported: stand-in capture failure")
+        self.captured += 1
+
+        def replay():
+            self.replayed += 1
+            fn()
+        return replay
+
+
+def test_torch_classifier_captures_one_graph_per_bucket_and_pads(model, static, frames):
+    """Batches are padded to power-of-two buckets with fixed input / output buffers; the first
+    call of a bucket runs plainly and is captured, later ones replay; logits equal ONNX Runtime's
+    on the same network."""
+    from gfnet_edge.train.static import load_static
+
+    x, _ = frames
+    net, _ = load_static(static.ckpt)
+    cap = ReplayingCapture()
+    clf = TorchClassifier(net, model, Technology("torch", "cpu", "fp32"), capture=cap)
+    want = reference_logits(static.onnx, model, x)
+    calls = [(0, 3), (3, 1), (4, 4), (8, 5), (13, 3), (16, 7), (23, 8)]
+    got = [clf(x[start:start + n]) for start, n in calls]  # each call's logits are its own (no shared buffer)
+    assert [g.shape for g in got] == [(n, CLASSES) for _, n in calls]
+    np.testing.assert_allclose(np.concatenate(got), want[:31], rtol=1e-4, atol=1e-4)
+    seen = [n for _, n in calls]
+    buckets = {1, 4, 8}  # 3, 4 -> 4; 1 -> 1; 5, 7, 8 -> 8
+    assert sorted(clf._in) == sorted(buckets) and {k: v.shape[0] for k, v in clf._in.items()} == {b: b for b in buckets}
+    assert clf.cache.captures == cap.captured == len(buckets)
+    assert clf.cache.eager == len(buckets) and clf.cache.replays == cap.replayed == len(seen) - len(buckets)
+    addresses = {b: t.data_ptr() for b, t in clf._out.items()}
+    clf(x[:3])
+    assert {b: t.data_ptr() for b, t in clf._out.items()} == addresses  # fixed output buffers
+    clf.close()
+
+
+def test_torch_capture_failure_falls_back_to_plain_launches_with_the_reason(model, static, frames, caplog):
+    from gfnet_edge.train.static import load_static
+
+    x, _ = frames
+    net, _ = load_static(static.ckpt)
+    clf = TorchClassifier(net, model, Technology("torch", "cpu", "fp32"), capture=ReplayingCapture(fail=True))
+    with caplog.at_level(logging.WARNING, logger="gfnet_edge"):
+        got = [clf(x[i:i + 4]) for i in (0, 4, 8)]
+    np.testing.assert_allclose(np.concatenate(got), reference_logits(static.onnx, model, x[:12]), rtol=1e-4, atol=1e-4)
+    assert "CUDA graph capture failed (RuntimeError: cudaErrorStreamCaptureUnsupported" in caplog.text
+    assert clf.cache.eager == 3 and clf.cache.replays == 0 and not clf.cache.active
+    # what the report says: planned as captured, ran as plain launches, with the reason
+    planned = Classifier(Technology("torch", "cuda", "fp16", True), S)
+    planned.cache = clf.cache
+    assert planned.ran().describe() == ("torch cuda fp16, plain launches (RuntimeError: "
+                                        "cudaErrorStreamCaptureUnsupported: stand-in capture failure)")
+
+
+# ------------------------------------------------------------ TensorRT: stand-in engines
+@pytest.fixture()
+def simulated_gpu(monkeypatch):
+    """An asynchronous GPU in host memory with the stand-in ``tensorrt`` whose engines run there;
+    ``ops.cuda_preprocess`` as the CPU pre-processing of the frame in simulated memory (without
+    a glance output, which the simulated device's version always writes)."""
+    from gfnet_edge import ops
+    from sim_device import SimMemory, sim_ops
+    from trt_standin import make_trt
+
+    mem = SimMemory()
+    sim = sim_ops(monkeypatch, mem, asynchronous=True)
+    trt, state = make_trt("10.3.0", mem=mem)
+    monkeypatch.setattr(trt_util, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(trt_util, "gpu_info", lambda: {"gpu_name": "Orin", "compute_capability": "8.7",
+                                                       "multiprocessors": 16, "device_model": "Orin"})
+    host_preprocess = ops.preprocess
+    calls = []
+
+    def preprocess(frame, h, w, size, out, crop_pct=0.875, interpolation="bilinear", mean=ops.IMAGENET_MEAN,
+                   std=ops.IMAGENET_STD, stream=None, **kw):
+        assert kw.get("glance") is None
+        calls.append(ops.stream_handle(stream))
+
+        def work():
+            f = mem.view(frame, (h, w, 3), np.uint8).copy()
+            mem.view(out, (1, 3, size, size), np.float32)[:] = host_preprocess(
+                f, size, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
+        mem.launch(stream, work)
+
+    monkeypatch.setattr(ops, "cuda_preprocess", preprocess)
+    return SimpleNamespace(mem=mem, sim=sim, state=state, preprocess_streams=calls)
+
+
+def test_tensorrt_static_engine_is_built_like_the_bundles_and_replayed_per_bucket(model, static, frames, tmp_path,
+                                                                                   simulated_gpu):
+    """The engine comes from the static ONNX graph through the bundle engines' build path with
+    their precision and builder options (same flags as the bundle's FP16 plan); every call runs
+    pre-processing + enqueueV3 on the classifier's stream, captured once per bucket on a context
+    of its own and replayed after; logits equal ONNX Runtime's."""
+    from gfnet_edge.runtime.backends.tensorrt_build import BuildOptions, has_modelopt, plan_build
+
+    x, _ = frames
+    st = simulated_gpu.state
+    entry = {"precision": "fp16", "build_options": {"workspace_mb": 256, "opt_level": 2, "max_batch": 8}}
+    t = Technology("tensorrt", "cuda", "fp16", captured=True)
+    plan = StaticPlan(t, t, entry)
+    clf = open_classifier(plan, static.onnx, lambda: static.onnx, model, None, tmp_path, batch=2)
+    bundle_flags = plan_build("10.3.0", BuildOptions(precision="fp16"), True, has_modelopt()).builder_flags
+    assert st.set_flags == bundle_flags and st.pool == ("WORKSPACE", 256 << 20)
+    assert st.config["builder_optimization_level"] == 2
+    assert st.profile == ("image", (1, 3, S, S), (2, 3, S, S), (32, 3, S, S))  # the accuracy pass's 32 fits
+    want = reference_logits(static.onnx, model, x)
+    calls = [(0, 3), (3, 1), (4, 4), (8, 2), (10, 3), (13, 1), (14, 32)]
+    for start, n in calls:
+        np.testing.assert_allclose(clf(x[start:start + n]), want[start:start + n], rtol=1e-5, atol=1e-5)
+    buckets = {4, 1, 2, 32}
+    assert clf.cache.captures == len(buckets) and clf.cache.replays == len(calls) - len(buckets)
+    assert sorted(clf._contexts) == sorted(buckets)
+    for b, ctx in clf._contexts.items():  # each context keeps its shape and the classifier's fixed buffers
+        assert ctx.batch == b and ctx.addr["image"] == clf._image.ptr
+    stream = clf.stream.handle
+    assert {s for s, _ in st.enqueues} == {stream} and set(simulated_gpu.preprocess_streams) == {stream}
+    assert simulated_gpu.sim.streams.legacy == 0 and not st.violations
+    assert clf.ran().describe() == "tensorrt cuda fp16, captured"
+    clf.close()
+    assert simulated_gpu.sim.streams.pending() == 0
+
+
+def test_tensorrt_capture_failure_falls_back_to_plain_launches(model, static, frames, tmp_path, simulated_gpu,
+                                                               monkeypatch, caplog):
+    """A stream capture that fails (here: at its end, as cudaStreamEndCapture reports an
+    invalidated capture) leaves the classifier running every call as plain launches, with the
+    same logits, and the result saying so."""
+    from gfnet_edge import ops
+
+    class BrokenGraph:
+        def begin_capture(self, stream):
+            simulated_gpu.mem.capturing = []
+
+        def end_capture(self):
+            simulated_gpu.mem.capturing = None
+            raise RuntimeError("cudaErrorStreamCaptureInvalidated: operation failed due to a previous error")
+
+        def abort_capture(self):
+            simulated_gpu.mem.capturing = None
+
+    monkeypatch.setattr(ops, "CudaGraph", BrokenGraph)
+    x, _ = frames
+    t = Technology("tensorrt", "cuda", "fp32", captured=True)
+    with caplog.at_level(logging.WARNING, logger="gfnet_edge"), \
+            open_classifier(StaticPlan(t, t), static.onnx, lambda: static.onnx, model, None, tmp_path, batch=2) as clf:
+        got = [clf(x[i:i + 2]) for i in range(0, 8, 2)]
+        assert clf.cache.eager == 4 and clf.cache.captures == 0 and not clf.cache.active
+        assert clf.ran().describe().startswith("tensorrt cuda fp32, plain launches (RuntimeError: "
+                                               "cudaErrorStreamCaptureInvalidated")
+    np.testing.assert_allclose(np.concatenate(got), reference_logits(static.onnx, model, x[:8]), rtol=1e-5, atol=1e-5)
+    assert "CUDA graph capture failed" in caplog.text
+
+
+def test_tensorrt_static_baseline_end_to_end_and_its_result(model, static, frames, tmp_path, simulated_gpu):
+    """static_baselines with a TensorRT plan: a static checkpoint is exported to ONNX, built as an
+    engine and measured; accuracy equals the reference network's, the result names its technology."""
+    x, y = frames
+    t = Technology("tensorrt", "cuda", "fp32", captured=True)
+    res = static_baselines([str(static.ckpt)], x, y, x, model, None, False, repeats=5, batch=2,
+                           plan=StaticPlan(t, t, {"precision": "fp32", "build_options": {}}))
+    want = 100.0 * float((reference_logits(static.onnx, model, x).argmax(1) == y).mean())
+    assert [r.name for r in res] == ["static_resnet10t fp32"]
+    assert res[0].accuracy == pytest.approx(want)
+    assert res[0].to_dict()["technology"]["description"] == "tensorrt cuda fp32, captured"
+    assert res[0].latency.n == 5 and simulated_gpu.state.engines_built == 1
+
+
+# ------------------------------------------------------------- ONNX Runtime CPU: as before
+def test_onnxruntime_cpu_path_is_todays_and_torch_cpu_agrees(model, static, frames):
+    x, y = frames
+    want = 100.0 * float((reference_logits(static.onnx, model, x).argmax(1) == y).mean())
+    ort_res = static_baselines([str(static.ckpt), str(static.onnx)], x, y, x, model, 1, False, repeats=5, batch=3)
+    assert [r.name for r in ort_res] == ["static_resnet10t fp32", "static.fp32 fp32"]
+    assert [r.accuracy for r in ort_res] == [pytest.approx(want)] * 2
+    assert {r.to_dict()["technology"]["description"] for r in ort_res} == {"onnxruntime cpu fp32"}
+    assert ort_res[0].latency.n == 5 and ort_res[0].call_ms.shape == (5,)
+    torch_res = static_baselines([str(static.ckpt)], x, y, x, model, 1, False, repeats=5, batch=3,
+                                 plan=_plan("torch", "cpu"))
+    assert torch_res[0].accuracy == pytest.approx(want)
+    assert torch_res[0].to_dict()["technology"]["description"] == "torch cpu fp32"
+
+
+# ------------------------------------------------------------------------------- on a GPU
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs torch with a CUDA GPU (torch.cuda.is_available())")
+@pytest.mark.parametrize("precision, tol", [("fp32", 1e-4), ("fp16", 5e-2)])
+def test_torch_cuda_classifier_is_captured_and_matches_the_reference(model, static, frames, precision, tol):
+    from gfnet_edge.train.static import load_static
+
+    x, _ = frames
+    net, _ = load_static(static.ckpt)
+    clf = TorchClassifier(net, model, Technology("torch", "cuda", precision, captured=True))
+    want = reference_logits(static.onnx, model, x)
+    for start, n in [(0, 3), (3, 4), (7, 1), (8, 3), (11, 4)]:
+        np.testing.assert_allclose(clf(x[start:start + n]), want[start:start + n], rtol=tol, atol=tol)
+    assert clf.cache.active and clf.cache.captures == 2 and clf.cache.replays == 3, clf.cache.disabled
+    assert clf.ran().describe() == f"torch cuda {precision}, captured"
+    clf.close()
+
+
+def test_int8_tensorrt_static_engine_is_built_from_a_qdq_copy(model, static, frames, tmp_path, simulated_gpu):
+    """An INT8 GFNet on TensorRT is compared with an INT8 static engine: built from a Q/DQ copy of
+    the static graph (the ``tensorrt`` quantization profile), strongly typed like the bundle's
+    INT8 engines; its predictions stay close to the float network's."""
+    from gfnet_edge.runtime.backends.tensorrt_build import BuildOptions, plan_build
+
+    x, _ = frames
+    st = simulated_gpu.state
+    t = Technology("tensorrt", "cuda", "int8", captured=True)
+    plan = StaticPlan(t, t, {"precision": "int8", "build_options": {"workspace_mb": 64}})
+    with open_classifier(plan, static.ckpt, lambda: static.onnx, model, None, tmp_path, batch=1,
+                         calib=lambda: reference_input(model, x[:16])) as clf:
+        got = clf(x)
+    import onnx
+
+    parsed = onnx.load(st.parsed)
+    assert any(n.op_type == "QuantizeLinear" for n in parsed.graph.node)
+    want_typed = plan_build("10.3.0", BuildOptions(precision="int8"), True, False).strongly_typed
+    assert bool(st.network_flags) == want_typed and "INT8" not in st.set_flags
+    ref = reference_logits(static.onnx, model, x)
+    assert np.corrcoef(got.ravel(), ref.ravel())[0, 1] > 0.9  # quantized, not a different network
+
+
+def reference_input(model, frames):
+    from gfnet_edge import ops
+
+    return ops.preprocess(list(frames), S, crop_pct=1.0, interpolation=model.dataset_interpolation,
+                          mean=model.mean, std=model.std)
+
+
+# ------------------------------------------------------------------- gfnet-edge calibrate
+@pytest.fixture(scope="module")
+def calib_bundle(tmp_path_factory, model):
+    """The tiny GFNet as an FP32 ONNX Runtime bundle with its checkpoint (the torch backend can
+    run it), and 24 labelled S x S images."""
+    from gfnet_edge.build import BuildConfig, build_bundle
+    from gfnet_edge.models import save_checkpoint
+    from tiny_gfnet import random_gfnet
+
+    root = tmp_path_factory.mktemp("calib_static")
+    net = random_gfnet("tiny_static", S, 16, 2, num_classes=CLASSES, channels=(8, 16, 32, 64), policy_hidden=8)
+    ckpt = save_checkpoint(root / "tiny.pth.tar", net)
+    build_bundle(ckpt, root / "bundle", BuildConfig(precision="fp32", backend="onnxruntime", include_checkpoint=True),
+                 progress=False)
+    rng = np.random.default_rng(2)
+    np.savez(root / "data.npz", images=rng.integers(0, 256, (24, S, S, 3), dtype=np.uint8),
+             labels=rng.integers(0, CLASSES, 24))
+    return root
+
+
+FAST = ["--repeats", "5", "--warmup", "1", "--batch-size", "0", "--threads", "1", "--gallery", "0", "--deadlines", "0",
+        "--attempts", "1", "--budget-ms", "1000", "--no-compare", "--no-write", "-q"]
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_calibrate_report_names_the_technology_of_each_side(calib_bundle, static, tmp_path, capsys, backend):
+    from gfnet_edge import cli
+
+    out = tmp_path / "report"
+    rc = cli.main(["calibrate", str(calib_bundle / "bundle"), "--data", str(calib_bundle / "data.npz"), "-o", str(out),
+                   "--backend", backend, "--device", "cpu", "--static", str(static.ckpt), *FAST])
+    assert rc == 0
+    res = json.loads((out / "report.json").read_text())
+    side = f"{backend} cpu fp32"
+    line = f"GFNet: {side}; static: {side}"
+    assert res["technology"]["gfnet"]["description"] == side and res["bundle"]["backend"] == backend
+    assert [s["technology"]["backend"] for s in res["static"]] == [backend]
+    assert line in capsys.readouterr().out
+    assert line in (out / "report.html").read_text()
+
+
+def test_calibrate_refuses_a_static_source_the_backend_cannot_run_before_measuring(calib_bundle, static, tmp_path,
+                                                                                   capsys, monkeypatch):
+    """--backend torch with an ONNX static graph and no onnx2torch: one line saying what to pass,
+    exit status 2 (unavailable dependency), no report, the bundle's manifest unchanged."""
+    from gfnet_edge import cli
+    from gfnet_edge.calibrate import pipeline
+
+    manifest = (calib_bundle / "bundle" / "manifest.json").read_bytes()
+    _without(monkeypatch, "onnx2torch")
+    runs = []
+    real = pipeline._run_budgets
+    monkeypatch.setattr(pipeline, "_run_budgets", lambda *a, **k: runs.append(1) or real(*a, **k))
+    out = tmp_path / "report"
+    rc = cli.main(["calibrate", str(calib_bundle / "bundle"), "--data", str(calib_bundle / "data.npz"), "-o", str(out),
+                   "--backend", "torch", "--device", "cpu", "--static", str(static.onnx), *FAST])
+    err = capsys.readouterr().err.strip()
+    assert rc == 3 and "onnx2torch" in err and ".pth.tar" in err and len(err.splitlines()) == 1, err
+    assert not out.exists() and not runs
+    assert (calib_bundle / "bundle" / "manifest.json").read_bytes() == manifest
+
+
+def test_an_onnx_static_graph_runs_on_the_torch_backend_through_onnx2torch(model, static, frames):
+    """With onnx2torch installed, an ONNX static graph is converted to a torch module and runs
+    like the checkpoint (same logits as ONNX Runtime on the graph)."""
+    pytest.importorskip("onnx2torch", reason="onnx2torch is not installed (pip install onnx2torch)")
+    x, _ = frames
+    plan = _plan("torch", "cpu")
+    with open_classifier(plan, static.onnx, lambda: static.onnx, model, None, Path("."), batch=4) as clf:
+        got = clf(x[:6])
+    np.testing.assert_allclose(got, reference_logits(static.onnx, model, x[:6]), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None, reason="needs TensorRT and a CUDA GPU")
+def test_tensorrt_static_engine_on_a_real_gpu(model, static, frames, tmp_path):
+    from gfnet_edge import ops
+
+    if not ops.has_cuda_build() or ops.cuda_device_count() < 1:
+        pytest.skip("needs the extension built with CUDA and a GPU")
+    x, _ = frames
+    t = Technology("tensorrt", "cuda", "fp32", captured=True)
+    with open_classifier(StaticPlan(t, t, {"precision": "fp32", "build_options": {}}), static.onnx,
+                         lambda: static.onnx, model, None, tmp_path, batch=4) as clf:
+        got = [clf(x[i:i + n]) for i, n in [(0, 4), (4, 3), (7, 4), (11, 1)]]
+        assert clf.cache.captures == 2 and clf.cache.replays == 2, clf.cache.disabled
+    np.testing.assert_allclose(np.concatenate(got), reference_logits(static.onnx, model, x[:12]), rtol=1e-3,
+                               atol=1e-3)
