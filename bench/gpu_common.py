@@ -46,14 +46,14 @@ def make_runner(model, device: str, dtype: str):
     from pathlib import Path
     from types import SimpleNamespace
 
-    from gfnet_edge.export import BackboneGraph
+    from gfnet_edge.export import BackboneGraph, model_desc
     from gfnet_edge.runtime.backends.base import GRAPHS
     from gfnet_edge.runtime.backends.torch import TorchRunner
 
     class ModelRunner(TorchRunner):
         def __init__(self) -> None:
             fake = SimpleNamespace(manifest={"checkpoint": "-"}, root=Path("."),
-                                   model={"patch_size": model.spec.patch_size}, path=lambda p: Path(p))
+                                   model=model_desc(model), path=lambda p: Path(p))
             super().__init__(fake, device=device, dtype=dtype)
 
         def _activate(self) -> None:

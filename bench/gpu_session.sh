@@ -39,6 +39,8 @@ echo "build: $(( $(date +%s) - t0 )) s"
 step "GPU tests"
 timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels_cuda.py tests/test_graphs_cuda.py \
   tests/test_device_loop.py tests/test_conditional_loop.py 2>&1 | tee "$OUT/pytest.txt" | tail -25 || status=1
+timeout 60 python3 -m pytest -q -p no:cacheprovider -rs tests/test_calibrate_static.py -k "cuda or real_gpu" 2>&1 \
+  | tee -a "$OUT/pytest.txt" | tail -5 || status=1
 
 step "demo model, full GPU"
 timeout 150 python3 bench/e2e_gpu.py --out "$OUT/e2e_gpu.md" >"$OUT/e2e_gpu.log" 2>&1 || { status=1; tail -20 "$OUT/e2e_gpu.log"; }
