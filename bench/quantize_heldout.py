@@ -8,7 +8,8 @@ Each positional argument is ``name=JSON`` of :class:`gfnet_edge.quantize.Quantiz
 fields (profile ``tensorrt`` and no mixed-precision search unless given). Calibration and the
 search's held-out set are what ``build-engine`` uses: the first ``num_calib`` (default 256)
 images of the validation split (generator seed of the checkpoint) and the 256 after them (so
-``num_calib`` is at most 744). Figures: the test split rendered with each of ``--seeds``
+``num_calib`` is at most 744); with ``--calib-split train`` the calibration images are the train
+split's and the search's held-out set the first 256 of the validation split. Figures: the test split rendered with each of ``--seeds``
 (``ClutteredDigitsConfig.seed``), traced through the runtime on ONNX Runtime; the budget is the
 bundle's default (``macs-mid``, thresholds from the checkpoint). Each row is one INT8 graph pair
 against the FP32 pair on the same images.
@@ -33,6 +34,9 @@ def main() -> int:
     ap.add_argument("variants", nargs="+", help="name=JSON of QuantizeOptions fields")
     ap.add_argument("--seeds", default="101,202", help="generator seeds of the held-out test images")
     ap.add_argument("--n", type=int, default=1000, help="images per seed")
+    ap.add_argument("--calib-split", choices=("val", "train"), default="val",
+                    help="demo split the calibration images come from (default val, as build-engine; train: "
+                         "num_calib may exceed 744, the search's 256 held-out images are the validation split's first)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="work folder (default: temporary)")
     a = ap.parse_args()
@@ -77,12 +81,18 @@ def main() -> int:
     # build-engine's split of the validation images: the first num_calib calibrate, the next
     # 256 are the search's held-out set
     max_cal = max(opts.num_calib for _, opts in variants)
-    x, y = gq.load_calibration_images("demo", model, max_cal + 256, return_labels=True)
-    if len(x) < max_cal + 256:
-        print(f"error: num_calib {max_cal} + 256 held-out images exceed the validation split ({len(x)} images)",
-              file=sys.stderr)
-        return 2
-    calib = gq.QuantCalibrationSet.from_model(model, x[:max_cal], progress=False)
+    if a.calib_split == "train":  # calibration from the train split, the search's 256 from the validation split
+        cx = gq.load_calibration_images("demo", model, max_cal, split="train")
+        x, y = gq.load_calibration_images("demo", model, 256, return_labels=True)
+        held_at = 0
+    else:
+        x, y = gq.load_calibration_images("demo", model, max_cal + 256, return_labels=True)
+        if len(x) < max_cal + 256:
+            print(f"error: num_calib {max_cal} + 256 held-out images exceed the validation split ({len(x)} images)",
+                  file=sys.stderr)
+            return 2
+        cx, held_at = x[:max_cal], None
+    calib = gq.QuantCalibrationSet.from_model(model, cx, progress=False)
     held = []
     for seed in (int(s) for s in a.seeds.split(",")):
         cfg = replace(demo_config(model) or ClutteredDigits("test").config, seed=seed)
@@ -93,7 +103,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|")
     for name, opts in variants:
         t0 = time.perf_counter()
-        nc = opts.num_calib
+        nc = opts.num_calib if held_at is None else held_at
         r = gq.quantize_model(model, fp32, paths["heads"], calib, work / name, opts,
                               eval_images=x[nc:nc + 256], eval_labels=y[nc:nc + 256], progress=False)
         secs = time.perf_counter() - t0

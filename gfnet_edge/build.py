@@ -44,6 +44,9 @@ class BuildConfig:
             ``entropy``, ``max`` or ``percentile``.
         int8_profiles: which INT8 graph sets to write (``cpu``, ``tensorrt``).
         max_accuracy_drop: accuracy-driven mixed precision limit (points, final step).
+        finetune_epochs: quantization-aware fine-tuning of the INT8 graphs' weights against the
+            FP32 graphs' outputs on the calibration images (epochs; ``None``: each profile's
+            default, 0: off; see docs/quantization.md).
         eval_data: held-out images for the accuracy check (default: from ``calib_data``).
         include_checkpoint: copy the checkpoint into the bundle (enables the torch backend).
         force: replace an existing bundle.
@@ -60,6 +63,7 @@ class BuildConfig:
     calib_method: str = "auto"
     int8_profiles: Sequence[str] = ("cpu", "tensorrt")
     max_accuracy_drop: float = 0.5
+    finetune_epochs: Optional[int] = None
     num_eval: int = 256
     include_checkpoint: bool = False
     force: bool = False
@@ -199,7 +203,8 @@ def _quantize(model, tmp: Path, manifest: Dict[str, Any], images, cfg: BuildConf
     fp32 = {g: tmp / "graphs" / f"{g}.fp32.onnx" for g in ("glance", "focus")}
     reports = {}
     for prof in profiles:
-        opts = QuantizeOptions(profile=prof, method=cfg.calib_method, max_accuracy_drop=cfg.max_accuracy_drop)
+        opts = QuantizeOptions(profile=prof, method=cfg.calib_method, max_accuracy_drop=cfg.max_accuracy_drop,
+                               finetune_epochs=cfg.finetune_epochs)
         res = quantize_model(model, fp32, tmp / "heads.npz", calib, tmp / "graphs" / f"int8-{prof}", opts,
                              eval_images=eval_x if len(eval_x) else None, eval_labels=eval_y, progress=progress)
         rel = {}

@@ -160,6 +160,8 @@ def _report(sess: QuantSession, found: SearchResult, held_desc: str) -> Dict[str
         "held_out": held_desc,
         "weighted_nodes": {g: len(weighted_nodes(_load(sess.pre[g]))) for g in GRAPHS},
     }
+    if sess.finetuned:
+        report["finetune"] = dict(sess.finetuned)
     report.update(found.report())
     return report
 

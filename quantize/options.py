@@ -57,6 +57,10 @@ class QuantizeOptions:
             :attr:`~.profiles.Profile.max_range_for`.
         residual_int8: Q/DQ on the skip input of residual Adds; ``None``: the profile's
             :attr:`~.profiles.Profile.residual_int8`.
+        finetune_epochs: quantization-aware fine-tuning of each graph's weights against its
+            FP32 outputs on the calibration inputs, this many epochs (0: off; :mod:`.finetune`);
+            ``None``: the profile's :attr:`~.profiles.Profile.finetune_epochs`.
+        finetune_lr: its step size, in quantization steps per iteration.
         max_slowdown: ``cpu`` profile: a node is only kept in float if the graph stays within
             this factor of the all-INT8 graph's batch-1 latency (ONNX Runtime can turn a float
             island into slow layout conversions, e.g. a uint8 NCHW MaxPool after a float stem).
@@ -84,6 +88,8 @@ class QuantizeOptions:
     bias_correction: Optional[int] = None
     max_range_for: Optional[Tuple[str, ...]] = None
     residual_int8: Optional[bool] = None
+    finetune_epochs: Optional[int] = None
+    finetune_lr: float = 0.01
     max_slowdown: float = 1.15
     batch_size: int = 32
     threads: Optional[int] = None
@@ -112,6 +118,10 @@ class QuantizeOptions:
         if self.max_range_for is not None:
             for r in self.max_range_for:
                 TensorRole.parse(r)
+        if self.finetune_epochs is not None and int(self.finetune_epochs) < 0:
+            raise ValueError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
+        if not 0.0 < self.finetune_lr <= 1.0:
+            raise ValueError(f"finetune_lr must be in (0, 1] quantization steps, got {self.finetune_lr}")
         if self.max_slowdown < 1.0:
             raise ValueError(f"max_slowdown must be >= 1, got {self.max_slowdown}")
         if self.max_candidates < 0 or self.max_float_nodes < 0:
@@ -144,6 +154,11 @@ class QuantizeOptions:
         if self.bias_correction is not None:
             return int(self.bias_correction)
         return 64 if self.spec.bias_correction else 0
+
+    @property
+    def finetune(self) -> int:
+        """Fine-tuning epochs per graph (option, else the profile's; 0: off)."""
+        return int(self.finetune_epochs if self.finetune_epochs is not None else self.spec.finetune_epochs)
 
     @property
     def max_range_roles(self) -> FrozenSet[TensorRole]:

@@ -123,6 +123,8 @@ class Profile:
         residual_int8: the skip input of residual Adds gets Q/DQ (the residual stream in INT8,
             Conv + Add fused in INT8 by TensorRT); off, Adds and the residual stream stay in
             float and only the weighted ops' inputs are quantized.
+        finetune_epochs: epochs of quantization-aware fine-tuning of each graph's weights
+            against its FP32 outputs (:mod:`.finetune`; 0: off).
     """
 
     name: str
@@ -141,6 +143,7 @@ class Profile:
     bias_correction: bool = False
     max_range_for: FrozenSet["TensorRole"] = frozenset()
     residual_int8: bool = True
+    finetune_epochs: int = 0
 
     def resolve(self, method: Union[str, CalibMethod]) -> CalibMethod:
         """``method`` with ``auto`` replaced by :attr:`auto_method`."""

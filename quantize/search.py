@@ -250,7 +250,7 @@ def local_errors(sess: QuantSession, n: int = 32) -> Dict[Tuple[str, str], float
         for g in GRAPHS:
             x = sess.calib.inputs(g)[:n]
             acts = {}
-            for tag, path in (("fp32", sess.pre[g]), ("int8", sess.quantized(g))):
+            for tag, path in (("fp32", sess.reference[g]), ("int8", sess.quantized(g))):
                 aug = Path(tmp) / f"{g}.{tag}.debug.onnx"
                 modify_model_output_intermediate_tensors(str(path), str(aug), op_types_for_saving=ops)
                 acts[tag] = collect_activations(str(aug), GraphDataReader(x, len(x), progress=False))

@@ -35,7 +35,11 @@ class QuantSession:
         self.profile = opts.spec
         self.method = opts.resolved_method
         self.settings = ort_settings(opts)
+        #: per graph, the FP32 graph variants are quantized from (after fine-tuning: the
+        #: fine-tuned one); :attr:`reference` keeps the pre-processed FP32 graph
         self.pre: Dict[str, Path] = {}
+        self.reference: Dict[str, Path] = {}
+        self.finetuned: Dict[str, Dict[str, Any]] = {}
         self.pre_problems: Dict[str, Optional[str]] = {}
         self.variants: Dict[Tuple[str, FrozenSet[str]], Path] = {}
         self.info: Dict[Tuple[str, FrozenSet[str]], Dict[str, Any]] = {}
@@ -44,6 +48,7 @@ class QuantSession:
         self._count = 0
         for g in GRAPHS:
             self.pre[g], self.pre_problems[g] = preprocess(Path(fp32[g]), work / f"{g}.pre.onnx")
+            self.reference[g] = self.pre[g]
         import onnx
 
         #: per graph, multiply-adds per image of each weighted node; runs per image of each graph
@@ -59,16 +64,9 @@ class QuantSession:
         key = (graph, frozenset(excluded))
         if key in self.variants:
             return self.variants[key]
-        self._count += 1
-        path = self.work / f"{graph}.int8.{self._count:03d}.onnx"
-        cache = self.work / f"{graph}.calibration.json"
-        first = not cache.is_file()
-        reader = self.calib.reader(graph, self.opts.batch_size, progress=self.progress and first)
-        t0 = time.perf_counter()
-        self.info[key] = quantize_graph(self.pre[graph], path, reader, self._settings(graph), self.method,
-                                        self.profile, sorted(excluded), cache)
-        if first:
-            self.calib_seconds[graph] = round(time.perf_counter() - t0, 2)
+        if self.opts.finetune > 0 and graph not in self.finetuned:
+            self._finetune(graph)
+        path, self.info[key] = self._quantize(graph, self.pre[graph], excluded)
         if self.opts.bias_correction_inputs > 0:
             self.info[key]["bias_corrected"] = self._correct_biases(graph, path)
         violations = check_tensorrt_compat(path, self.profile)
@@ -77,6 +75,42 @@ class QuantSession:
             raise TensorRTCompatError(f"{graph} graph ({self.profile.name} profile, {path})", violations)
         self.variants[key] = path
         return path
+
+    def _quantize(self, graph: str, src: Path, excluded: FrozenSet[str]) -> Tuple[Path, Dict[str, Any]]:
+        """Quantizes ``src`` (a float ``graph``) into a new work file; the first call per graph
+        calibrates (timed), later ones reuse the cached ranges. Returns (path, placement info)."""
+        self._count += 1
+        path = self.work / f"{graph}.int8.{self._count:03d}.onnx"
+        cache = self.work / f"{graph}.calibration.json"
+        first = not cache.is_file()
+        reader = self.calib.reader(graph, self.opts.batch_size, progress=self.progress and first)
+        t0 = time.perf_counter()
+        info = quantize_graph(src, path, reader, self._settings(graph), self.method, self.profile,
+                              sorted(excluded), cache)
+        if first:
+            self.calib_seconds[graph] = round(time.perf_counter() - t0, 2)
+        return path, info
+
+    def _finetune(self, graph: str) -> None:
+        """Quantizes ``graph`` (all INT8, calibrating it), fine-tunes its weights for that
+        quantization (:mod:`.finetune`) and makes the result the graph every variant is
+        quantized from (with the same calibration ranges)."""
+        from .finetune import finetune_file
+        from .torch_graph import UnsupportedGraph
+
+        base, _ = self._quantize(graph, self.reference[graph], frozenset())
+        tuned = self.work / f"{graph}.finetuned.onnx"
+        try:
+            result = finetune_file(base, self.reference[graph], tuned, self.calib.inputs(graph), self.opts.finetune,
+                                   lr=self.opts.finetune_lr, batch_size=self.opts.batch_size, seed=self.opts.seed,
+                                   threads=self.opts.threads, progress=self.progress, desc=f"fine-tuning {graph}")
+        except UnsupportedGraph as e:  # the graph stays as calibrated; the report says why
+            self.finetuned[graph] = {"skipped": str(e)}
+        else:
+            self.finetuned[graph] = result.to_dict()
+            self.pre[graph] = tuned
+        finally:
+            base.unlink(missing_ok=True)
 
     def _settings(self, graph: str) -> OrtSettings:
         """The profile's settings, plus min / max ranges for the tensors of the roles asked for."""
@@ -87,7 +121,7 @@ class QuantSession:
 
         extra = dict(self.settings.extra_options)
         overrides = dict(extra.get("TensorQuantOverrides") or {})
-        overrides.update(minmax_overrides(self.pre[graph], roles, self.calib.inputs(graph)))
+        overrides.update(minmax_overrides(self.reference[graph], roles, self.calib.inputs(graph)))
         extra["TensorQuantOverrides"] = overrides
         return replace(self.settings, extra_options=extra)
 
@@ -99,7 +133,7 @@ class QuantSession:
         q = onnx.load(str(path))
         x = self.calib.inputs(graph)
         idx = np.linspace(0, len(x) - 1, min(len(x), self.opts.bias_correction_inputs)).round().astype(int)
-        done = correct_biases(q, onnx.load(str(self.pre[graph])), x[np.unique(idx)], self.opts.threads or 2)
+        done = correct_biases(q, onnx.load(str(self.reference[graph])), x[np.unique(idx)], self.opts.threads or 2)
         onnx.save(q, str(path))
         return len(done)
 

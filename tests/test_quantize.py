@@ -32,26 +32,13 @@ from gfnet_edge.variants import GFNetSpec
 from gfnet_edge.quantize.options import ort_settings
 from gfnet_edge.quantize.qdq import preprocess, quantize_graph, run_quantize_static
 
+from tiny_gfnet import random_gfnet  # noqa: E402
+
 S, P = 128, 64
 
 
 def _tiny_model() -> GFNet:
-    torch.manual_seed(0)
-    spec = GFNetSpec(model_name="tiny_quant", family="custom", backbone="resnet18",
-                     backbone_kwargs={"channels": (8, 16, 32, 64), "stem_width": 8}, image_size=S, patch_size=P,
-                     steps=3, num_classes=10, classifier="cascaded", fc_hidden=None, step0="backbone",
-                     policy_conv=True, policy_hidden=32)
-    model = GFNet(spec)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # realistic BN statistics instead of the zero-init of the last BN of a block
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(0.5 + torch.rand(n, generator=g))
-                m.bias.copy_(0.1 * torch.randn(n, generator=g))
-                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-    return model.eval()
+    return random_gfnet("tiny_quant", S, P, 3, 10, (8, 16, 32, 64), 32, logit_scale=1.0, random_bn=True)
 
 
 def _images(n: int, seed: int = 0) -> np.ndarray:

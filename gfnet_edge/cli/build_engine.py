@@ -25,7 +25,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = BuildConfig(precision=args.precision, backend=args.backend, calib_data=args.calib_data,
                       num_calib=args.num_calib, calib_method=args.calib_method,
                       int8_profiles=tuple(p for p in args.int8_profiles.split(",") if p),
-                      max_accuracy_drop=args.max_accuracy_drop, include_checkpoint=args.include_checkpoint,
+                      max_accuracy_drop=args.max_accuracy_drop, finetune_epochs=args.finetune_epochs,
+                      include_checkpoint=args.include_checkpoint,
                       force=args.force, trt=trt_build_options(args), threads=args.threads,
                       model_name=args.model_name, patch_size=args.patch_size)
     src = Path(args.source)
@@ -65,6 +66,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="INT8 graph sets for a portable bundle: cpu (ONNX Runtime x86), tensorrt (Q/DQ for TensorRT)")
     p.add_argument("--max-accuracy-drop", type=float_range(0.0, 100.0), default=0.5,
                    help="keep the most sensitive layers in float until the final-step accuracy drop is within this many points")
+    p.add_argument("--finetune-epochs", type=int_range(0, 1000), default=None, metavar="N",
+                   help="quantization-aware fine-tuning: adjust the INT8 graphs' weights for N epochs so that their "
+                        "outputs match the FP32 graphs' on the calibration images (default: off; needs torch; "
+                        "worth it with a few thousand calibration images, see docs/quantization.md)")
     p.add_argument("--include-checkpoint", action="store_true", help="copy the checkpoint into the bundle (torch backend)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     p.add_argument("--model-name", help="variant name when the checkpoint does not store it and it cannot be "
