@@ -60,6 +60,24 @@ class StaticResult:
                 "technology": self.technology.to_dict()}
 
 
+def load_static_checkpoint(path: Path) -> tuple:
+    """A static checkpoint -> ``(network, metadata)``.
+
+    Raises:
+        UnavailableError: torch/timm missing.
+        InputError: unreadable checkpoint.
+    """
+    try:
+        from gfnet_edge.train.static import load_static
+    except ImportError as exc:
+        raise UnavailableError(f"reading a static checkpoint needs torch and timm ({exc}); "
+                               "pass the baseline as an ONNX file instead (--static MODEL.onnx)") from exc
+    try:
+        return load_static(path)
+    except Exception as exc:  # CheckpointError or anything torch.load raises
+        raise InputError(f"--static {path}: {exc}") from exc
+
+
 def export_static(path: Path, out_dir: Path) -> tuple:
     """Static checkpoint -> ``(onnx path, metadata)``.
 
@@ -67,17 +85,8 @@ def export_static(path: Path, out_dir: Path) -> tuple:
         UnavailableError: torch/timm missing.
         InputError: unreadable checkpoint.
     """
-    try:
-        import torch
-
-        from gfnet_edge.train.static import load_static
-    except ImportError as exc:
-        raise UnavailableError(f"reading a static checkpoint needs torch and timm ({exc}); "
-                               "pass the baseline as an ONNX file instead (--static MODEL.onnx)") from exc
-    try:
-        net, meta = load_static(path)
-    except Exception as exc:  # CheckpointError or anything torch.load raises
-        raise InputError(f"--static {path}: {exc}") from exc
+    net, meta = load_static_checkpoint(path)  # UnavailableError without torch
+    import torch
     S = int(meta["image_size"])
     dst = out_dir / "static.fp32.onnx"
     with torch.no_grad():
@@ -245,17 +254,7 @@ def static_baselines(sources: List[str], frames: np.ndarray, labels: np.ndarray,
 
 def _checkpoint_meta(path: Path, model: ModelDesc) -> Dict[str, Any]:
     """A static checkpoint's metadata (no weights, JSON-safe), checked against the bundle's image size."""
-    try:
-        import torch  # noqa: F401
-
-        from gfnet_edge.train.static import load_static
-    except ImportError as exc:
-        raise UnavailableError(f"reading a static checkpoint needs torch and timm ({exc}); "
-                               "pass the baseline as an ONNX file instead (--static MODEL.onnx)") from exc
-    try:
-        _, meta = load_static(path)
-    except Exception as exc:  # CheckpointError or anything torch.load raises
-        raise InputError(f"--static {path}: {exc}") from exc
+    _, meta = load_static_checkpoint(path)
     meta = _json_safe(meta)
     if int(meta.get("image_size", model.image_size)) != model.image_size:
         raise InputError(f"--static {path}: baseline image size {meta.get('image_size')} differs from the "

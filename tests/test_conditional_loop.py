@@ -331,13 +331,13 @@ def test_captures_keep_their_graphs_for_the_loop_graph():
     other capturers are kept as they are."""
     pytest.importorskip("torch")
     from gfnet_edge.runtime.backends.torch import TorchCapture
-    from gfnet_edge.runtime.graph_loop import KeptTorchCapture, child_graph, keep_graphs
+    from gfnet_edge.runtime.graph_loop import child_graph, keep_graphs
 
     runner = SimpleNamespace(name="torch")
     base = TorchCapture(runner, 0x5010)
     base.pool = ("pool",)
     kept = keep_graphs(base)
-    assert type(kept) is KeptTorchCapture and isinstance(kept, TorchCapture)
+    assert type(kept) is TorchCapture and kept.keep_graph and not base.keep_graph
     assert (kept.runner, kept.stream, kept.pool, kept.name) == (runner, 0x5010, ("pool",), base.name)
     assert keep_graphs(kept) is kept
     other = SimCapture(SimMemory())

@@ -19,7 +19,7 @@ read once, at the end of the run.
 Availability: the extension must be built with CUDA >= 12.4, the driver and runtime must be
 12.4 or newer, a probe graph must instantiate (:func:`gfnet_edge.ops.cuda_loop.
 conditional_support`), the runner's capture must keep its CUDA graphs (the extension's stream
-capture; torch's with ``keep_graph=True``, :class:`KeptTorchCapture`) and the loop graph must
+capture; torch's with ``keep_graph=True``) and the loop graph must
 instantiate. Otherwise batch-1 runs use the per-step captured loop, with the reason logged once
 on the ``gfnet_edge`` logger. The environment variable ``GFNET_EDGE_CONDITIONAL_GRAPHS``
 (``auto``, the default; ``on`` / ``1``; ``off`` / ``0``) selects the path; ``on`` logs the
@@ -158,46 +158,13 @@ def child_graph(replay: Any) -> Optional[Any]:
 
 def keep_graphs(capture: Any) -> Any:
     """The capturer to use when the loop graph may be built: one whose replays carry their
-    CUDA graph (:func:`child_graph`). torch's capture is replaced by :class:`KeptTorchCapture`;
+    CUDA graph (:func:`child_graph`). torch's capture is replaced by one with ``keep_graph``;
     the extension's keeps its graphs already."""
-    if type(capture) is TorchCapture:
-        kept = KeptTorchCapture(capture.runner, capture.stream)
+    if isinstance(capture, TorchCapture) and not capture.keep_graph:
+        kept = TorchCapture(capture.runner, capture.stream, keep_graph=True)
         kept.pool = capture.pool
         return kept
     return capture
-
-
-class KeptTorchCapture(TorchCapture):
-    """``torch.cuda.CUDAGraph`` capture (as :class:`~gfnet_edge.runtime.backends.torch.
-    TorchCapture`) that keeps the captured ``cudaGraph_t`` (``keep_graph=True``), so that the
-    loop graph can add it as a child graph node."""
-
-    def capture(self, fn: Callable[[], Any]) -> Callable[[], None]:
-        import torch
-
-        try:
-            graph = torch.cuda.CUDAGraph(keep_graph=True)
-        except TypeError:  # a torch without keep_graph: its replays carry no graph for the loop graph
-            return super().capture(fn)
-        ts = self.runner._stream(self.stream)
-        with torch.cuda.stream(ts):
-            graph.capture_begin(pool=self.pool)
-            try:
-                fn()
-            finally:
-                graph.capture_end()
-        graph.instantiate()
-        if self.pool is None:
-            self.pool = graph.pool()
-        kept = dict(self.runner._kept)
-
-        def replay() -> None:
-            with torch.cuda.stream(ts):
-                graph.replay()
-
-        replay.graph, replay.kept = graph, kept  # type: ignore[attr-defined]
-        replay.cuda_graph = int(graph.raw_cuda_graph())  # type: ignore[attr-defined]
-        return replay
 
 
 # -------------------------------------------------------------------------- the loop

@@ -200,27 +200,39 @@ class TorchCapture:
         runner: the torch runner (its :meth:`TorchRunner.run_device` outputs captured in a
             graph are kept alive with the graph).
         stream: the stream handle the work is enqueued on.
+        keep_graph: keep each capture's ``cudaGraph_t`` (``CUDAGraph(keep_graph=True)``) and
+            give it as the replay's ``cuda_graph``, so that a larger graph can hold it as a
+            child graph node; a torch without ``keep_graph`` captures as without it.
     """
 
     name = "torch.cuda.CUDAGraph"
 
-    def __init__(self, runner: "TorchRunner", stream: int) -> None:
+    def __init__(self, runner: "TorchRunner", stream: int, keep_graph: bool = False) -> None:
         if stream == 0:
             raise ValueError("CUDA graph capture needs a created stream, not the legacy default stream")
-        self.runner, self.stream = runner, stream
+        self.runner, self.stream, self.keep_graph = runner, stream, keep_graph
         self.pool = None
 
     def capture(self, fn):
         import torch
 
         ts = self.runner._stream(self.stream)
-        graph = torch.cuda.CUDAGraph()
+        kept_graph = False
+        graph = None
+        if self.keep_graph:
+            try:
+                graph, kept_graph = torch.cuda.CUDAGraph(keep_graph=True), True
+            except TypeError:  # a torch without keep_graph: its replays carry no graph
+                pass
+        graph = graph if graph is not None else torch.cuda.CUDAGraph()
         with torch.cuda.stream(ts):
             graph.capture_begin(pool=self.pool)
             try:
                 fn()
             finally:
                 graph.capture_end()
+        if kept_graph:
+            graph.instantiate()
         if self.pool is None:
             self.pool = graph.pool()
         kept = dict(self.runner._kept)  # the captured outputs' memory, for the life of the graph
@@ -230,4 +242,6 @@ class TorchCapture:
                 graph.replay()
 
         replay.graph, replay.kept = graph, kept  # type: ignore[attr-defined]
+        if kept_graph:
+            replay.cuda_graph = int(graph.raw_cuda_graph())  # type: ignore[attr-defined]
         return replay
