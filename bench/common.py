@@ -85,3 +85,36 @@ def write_results(name: str, title: str, command: str, body: str) -> Path:
     path = RESULTS / f"{name}.md"
     path.write_text(f"# {title}\n\nCommand: `{command}`\n\nMachine: {machine()}\n\n{body}\n", encoding="utf-8")
     return path
+
+
+def demo_fp32(work: Path):
+    """The shipped demo GFNet with its FP32 graphs exported to ``work/fp32``.
+
+    Returns a namespace: ``model`` (GFNet), ``desc`` (ModelDesc), ``paths`` (export_model's),
+    ``fp32`` (glance / focus graph paths), ``costs`` (cumulative multiply-adds per step) and
+    ``thresholds`` (the default budget's, from the checkpoint).
+    """
+    from types import SimpleNamespace
+
+    from gfnet_edge.build import DEFAULT_MACS_BUDGET, _budgets_from_checkpoint
+    from gfnet_edge.export import export_model, manifest_model
+    from gfnet_edge.model_desc import as_desc
+    from gfnet_edge.models import count_step_macs, load_checkpoint
+
+    model = load_checkpoint(ROOT / "gfnet_edge" / "assets" / "demo_gfnet.pth.tar")
+    desc = as_desc(manifest_model(model))
+    paths = export_model(model, Path(work) / "fp32")
+    return SimpleNamespace(model=model, desc=desc, paths=paths, fp32={g: paths[g] for g in ("glance", "focus")},
+                           costs=list(count_step_macs(model).cumulative),
+                           thresholds=_budgets_from_checkpoint(model.meta, desc.steps)[DEFAULT_MACS_BUDGET]["thresholds"])
+
+
+def demo_test_images(model, seed: int, n: int):
+    """``n`` normalised demo test images (and labels) rendered with generator ``seed``."""
+    from dataclasses import replace
+
+    from gfnet_edge.data import ClutteredDigits, demo_config, normalize
+
+    cfg = replace(demo_config(model) or ClutteredDigits("test").config, seed=seed)
+    frames, labels = ClutteredDigits("test", size=n, config=cfg).arrays(n, progress=False)
+    return normalize(frames), labels

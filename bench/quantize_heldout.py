@@ -21,10 +21,7 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,18 +38,13 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None, help="work folder (default: temporary)")
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT / "bench"))
-    from common import use_checkout
+    from common import demo_fp32, demo_test_images, use_checkout
 
     use_checkout()
     import torch
 
     import gfnet_edge.quantize as gq
-    from gfnet_edge.build import DEFAULT_MACS_BUDGET, _budgets_from_checkpoint
-    from gfnet_edge.data import ClutteredDigits, demo_config, normalize
     from gfnet_edge.evaluate import anytime_accuracy, dynamic_evaluate
-    from gfnet_edge.export import export_model, manifest_model
-    from gfnet_edge.model_desc import as_desc
-    from gfnet_edge.models import count_step_macs, load_checkpoint
     from gfnet_edge.quantize.scoring import kl_divergence, trace
 
     torch.set_num_threads(a.threads)
@@ -72,12 +64,8 @@ def main() -> int:
         variants.append((name, opts))
     tmp = tempfile.TemporaryDirectory(prefix="gfnet-heldout-") if a.out is None else None
     work = Path(tmp.name) if tmp else a.out
-    model = load_checkpoint(ROOT / "gfnet_edge" / "assets" / "demo_gfnet.pth.tar")
-    desc = as_desc(manifest_model(model))
-    paths = export_model(model, work / "fp32")
-    fp32 = {g: paths[g] for g in ("glance", "focus")}
-    costs = list(count_step_macs(model).cumulative)
-    thr = _budgets_from_checkpoint(model.meta, desc.steps)[DEFAULT_MACS_BUDGET]["thresholds"]
+    demo = demo_fp32(work)
+    model, desc, paths, fp32, costs, thr = demo.model, demo.desc, demo.paths, demo.fp32, demo.costs, demo.thresholds
     # build-engine's split of the validation images: the first num_calib calibrate, the next
     # 256 are the search's held-out set
     max_cal = max(opts.num_calib for _, opts in variants)
@@ -95,9 +83,7 @@ def main() -> int:
     calib = gq.QuantCalibrationSet.from_model(model, cx, progress=False)
     held = []
     for seed in (int(s) for s in a.seeds.split(",")):
-        cfg = replace(demo_config(model) or ClutteredDigits("test").config, seed=seed)
-        frames, labels = ClutteredDigits("test", size=a.n, config=cfg).arrays(a.n, progress=False)
-        images = normalize(frames)
+        images, labels = demo_test_images(model, seed, a.n)
         held.append((seed, images, labels, trace(desc, fp32, paths["heads"], images, a.threads, 50).probs))
     print("| settings | seed | final drop | budget drop | exit agreement | KL final | INT8 MACs | quantize s |")
     print("|---|---|---|---|---|---|---|---|")

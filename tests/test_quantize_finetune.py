@@ -183,3 +183,25 @@ def test_fine_tuning_that_does_not_lower_the_loss_keeps_the_fp32_weights(tiny):
     assert res.loss_after >= res.loss_before and res.tensors == 0
     assert all(np.array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
                for a, b in zip(tuned.graph.initializer, f.graph.initializer))
+
+
+def test_mixed_graph_takes_each_output_from_the_graph_named(tiny):
+    """bench/int8_outputs.py's mixed glance graph: the outputs asked for come from the INT8
+    graph, the others from the FP32 graph, on the same input."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from int8_outputs import mixed_graph
+
+    out = mixed_graph(tiny["pre"], tiny["q"], ["policy_state"], tiny["root"] / "mixed.onnx")
+    x = tiny["calib"].inputs("glance")[:4]
+    names = [o.name for o in onnx.load(str(tiny["pre"])).graph.output]
+    got = dict(zip(names, _run(onnx.load(str(out)), x)))
+    f = dict(zip(names, _run(onnx.load(str(tiny["pre"])), x)))
+    q = dict(zip(names, _run(onnx.load(str(tiny["q"])), x)))
+    assert "policy_state" in names and len(names) >= 2
+    for n in names:
+        want = q[n] if n == "policy_state" else f[n]
+        np.testing.assert_allclose(got[n], want, rtol=0, atol=1e-6)
+        assert not np.allclose(q[n], f[n], atol=1e-6)  # the two sources differ
