@@ -64,7 +64,8 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", "--build", ".", "--config", cfg, "-j", jobs], cwd=build_temp, check=True)
 
 
-BUILD = ["torch==2.14.1", "torchvision==0.29.1", "timm>=1.0,<2", "onnx>=1.16", "onnxsim>=0.4.36", "scikit-learn>=1.3"]
+BUILD = ["torch==2.14.1", "torchvision==0.29.1", "timm>=1.0,<2", "onnx>=1.16", "onnxsim>=0.4.36", "scikit-learn>=1.3",
+         "onnx2torch>=1.5"]
 RUNTIME = ["numpy>=1.24", "onnxruntime>=1.18", "tqdm>=4.60", "pillow>=9", "fastjsonschema>=2.16"]
 REPORT = ["matplotlib>=3.7"]
 TEST = ["pytest>=8", "hypothesis>=6.100", "scikit-learn>=1.3", "jsonschema>=4"]
