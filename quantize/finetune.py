@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -71,7 +71,8 @@ def _loss(student, teacher, inv_var):
 
 
 def finetune_weights(qdq, fp32, x: np.ndarray, epochs: int, lr: float = 0.01, batch_size: int = 32,
-                     flip: bool = True, seed: int = 0, threads: Optional[int] = None, progress: bool = False,
+                     flip: bool = True, derived: Optional[Callable[[Dict[str, Any]], List[Any]]] = None,
+                     seed: int = 0, threads: Optional[int] = None, progress: bool = False,
                      desc: str = "fine-tuning"):
     """Fine-tunes the weights of ``fp32`` for its quantized form ``qdq`` (see the module).
 
@@ -85,6 +86,8 @@ def finetune_weights(qdq, fp32, x: np.ndarray, epochs: int, lr: float = 0.01, ba
         flip: also train on the inputs mirrored left-right (an epoch draws ``len(x)`` inputs
             from both); the FP32 graph's outputs on them are their targets, so this holds for
             any task, whether or not mirroring keeps the label.
+        derived: more targets computed from the graph's outputs (name -> tensor), e.g. what a
+            head downstream makes of them; each counts in the loss like an output.
         seed: order of the inputs.
         threads: torch / ONNX Runtime threads (``None``: their defaults).
         progress: a progress bar.
@@ -111,6 +114,14 @@ def finetune_weights(qdq, fp32, x: np.ndarray, epochs: int, lr: float = 0.01, ba
     if flip:  # the mirrored inputs as more examples (their own FP32 outputs as targets)
         x = np.concatenate([x, np.ascontiguousarray(x[..., ::-1])])
     teacher = [torch.from_numpy(t) for t in _teacher(fp32, x, threads, max(batch_size, 64))]
+    names = list(module.output_names)
+
+    def targets(outs):
+        return list(outs) + (list(derived(dict(zip(names, outs)))) if derived is not None else [])
+
+    with torch.no_grad():
+        teacher = targets(teacher)
+    student = lambda z: targets(module(z))  # noqa: E731
     inv_var = [1.0 / (t[:n].var(dim=0, unbiased=False).mean() + 1e-12) for t in teacher]
     xs = torch.from_numpy(x)
 
@@ -119,7 +130,7 @@ def finetune_weights(qdq, fp32, x: np.ndarray, epochs: int, lr: float = 0.01, ba
             total = 0.0
             for i in range(0, n, 64):
                 j = min(i + 64, n)
-                out = module(xs[i:j])
+                out = student(xs[i:j])
                 total += float(_loss(out, [t[i:j] for t in teacher], inv_var)) * (j - i)
         return total / n
 
@@ -148,7 +159,7 @@ def finetune_weights(qdq, fp32, x: np.ndarray, epochs: int, lr: float = 0.01, ba
         for b in range(per_epoch):
             idx = order[b * batch_size:(b + 1) * batch_size]
             opt.zero_grad(set_to_none=True)
-            loss = _loss(module(xs[idx]), [t[idx] for t in teacher], inv_var)
+            loss = _loss(student(xs[idx]), [t[idx] for t in teacher], inv_var)
             loss.backward()
             opt.step()
             sched.step()
@@ -179,3 +190,28 @@ def finetune_file(qdq_path: Path, fp32_path: Path, out_path: Path, x: np.ndarray
     tuned, result = finetune_weights(onnx.load(str(qdq_path)), onnx.load(str(fp32_path)), x, epochs, **kwargs)
     onnx.save(tuned, str(out_path))
     return result
+
+
+def first_patch_location(heads: Dict[str, np.ndarray]) -> Callable[[Dict[str, Any]], List[Any]]:
+    """A ``derived`` target for the glance graph: the policy's first action (the first patch's
+    location, in [0, 1]^2) computed from the graph's ``policy_state`` output with the bundle's
+    policy head (GRU from a zero state, then the actor: Linear + sigmoid), as the runtime does.
+
+    On GFNet the first patch's location is what the glance graph's rounding moves most: a patch
+    cut a pixel away changes the next step's features more than the rounding of the features.
+    """
+    import torch
+
+    w_ih, b_ih, b_hh = (torch.from_numpy(np.asarray(heads[k], np.float32)) for k in ("pol.w_ih", "pol.b_ih", "pol.b_hh"))
+    a_w, a_b = (torch.from_numpy(np.asarray(heads[k], np.float32)) for k in ("pol.actor.w", "pol.actor.b"))
+    hidden = b_hh.shape[0] // 3
+
+    def derive(outs: Dict[str, Any]) -> List[Any]:
+        gi = outs["policy_state"] @ w_ih.t() + b_ih
+        r = torch.sigmoid(gi[:, :hidden] + b_hh[:hidden])
+        z = torch.sigmoid(gi[:, hidden:2 * hidden] + b_hh[hidden:2 * hidden])
+        cand = torch.tanh(gi[:, 2 * hidden:] + r * b_hh[2 * hidden:])
+        h = (1.0 - z) * cand  # the GRU's state starts at zero
+        return [torch.sigmoid(h @ a_w.t() + a_b)]
+
+    return derive

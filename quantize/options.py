@@ -61,6 +61,8 @@ class QuantizeOptions:
             FP32 outputs on the calibration inputs, this many epochs (0: off; :mod:`.finetune`);
             ``None``: the profile's :attr:`~.profiles.Profile.finetune_epochs`.
         finetune_lr: its step size, in quantization steps per iteration.
+        finetune_policy: the glance graph's fine-tuning also fits the policy's first patch
+            location computed from its ``policy_state`` output (:func:`.finetune.first_patch_location`).
         max_slowdown: ``cpu`` profile: a node is only kept in float if the graph stays within
             this factor of the all-INT8 graph's batch-1 latency (ONNX Runtime can turn a float
             island into slow layout conversions, e.g. a uint8 NCHW MaxPool after a float stem).
@@ -90,6 +92,7 @@ class QuantizeOptions:
     residual_int8: Optional[bool] = None
     finetune_epochs: Optional[int] = None
     finetune_lr: float = 0.01
+    finetune_policy: bool = True
     max_slowdown: float = 1.15
     batch_size: int = 32
     threads: Optional[int] = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, FrozenSet, List, Optional, Tuple
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -95,15 +95,20 @@ class QuantSession:
         """Quantizes ``graph`` (all INT8, calibrating it), fine-tunes its weights for that
         quantization (:mod:`.finetune`) and makes the result the graph every variant is
         quantized from (with the same calibration ranges)."""
-        from .finetune import finetune_file
+        from .finetune import finetune_file, first_patch_location
         from .torch_graph import UnsupportedGraph
 
         base, _ = self._quantize(graph, self.reference[graph], frozenset())
         tuned = self.work / f"{graph}.finetuned.onnx"
+        derived = None
+        if graph == "glance" and self.opts.finetune_policy:
+            heads = self.heads if isinstance(self.heads, Mapping) else dict(np.load(str(self.heads)))
+            derived = first_patch_location(heads)
         try:
             result = finetune_file(base, self.reference[graph], tuned, self.calib.inputs(graph), self.opts.finetune,
                                    lr=self.opts.finetune_lr, batch_size=self.opts.batch_size, seed=self.opts.seed,
-                                   threads=self.opts.threads, progress=self.progress, desc=f"fine-tuning {graph}")
+                                   threads=self.opts.threads, progress=self.progress, desc=f"fine-tuning {graph}",
+                                   derived=derived)
         except UnsupportedGraph as e:  # the graph stays as calibrated; the report says why
             self.finetuned[graph] = {"skipped": str(e)}
         else:

@@ -205,3 +205,21 @@ def test_mixed_graph_takes_each_output_from_the_graph_named(tiny):
         want = q[n] if n == "policy_state" else f[n]
         np.testing.assert_allclose(got[n], want, rtol=0, atol=1e-6)
         assert not np.allclose(q[n], f[n], atol=1e-6)  # the two sources differ
+
+
+def test_first_patch_location_is_the_policys_first_action(tiny):
+    """The glance fine-tuning's extra target equals the model's own policy (GRU from a zero
+    state, actor) applied to the graph's policy_state output."""
+    from gfnet_edge.quantize.finetune import first_patch_location
+
+    heads = dict(np.load(str(tiny["paths"]["heads"])))
+    f = onnx.load(str(tiny["pre"]))
+    x = tiny["calib"].inputs("glance")[:6]
+    outs = dict(zip([o.name for o in f.graph.output], _run(f, x)))
+    got = first_patch_location(heads)({k: torch.from_numpy(v) for k, v in outs.items()})[0].numpy()
+    policy = tiny["model"].policy
+    with torch.no_grad():
+        out, _ = policy.recur(torch.from_numpy(outs["policy_state"]), None)
+        want = policy.actor(out).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert got.shape == (6, 2) and np.ptp(got) > 1e-3  # actions differ between images
