@@ -164,8 +164,10 @@ def test_calibration_survives_a_device_slowdown(tiny_bundle, tmp_path, monkeypat
     def slowing(rt, frames, batch, cfg, desc, stage_calls=20):
         lat = real(rt, frames, batch, cfg, desc, stage_calls)
         calls.append(desc)
-        if len(calls) > 1:
-            lat.steps = [dataclasses.replace(s, mean_ms=100 * s.mean_ms) for s in lat.steps]
+        # steady step costs of 1, 2, 3 ms first (so the default budgets do not depend on how
+        # loaded the test machine is), then a hundredfold slower
+        scale = 1.0 if len(calls) == 1 else 100.0
+        lat.steps = [dataclasses.replace(s, mean_ms=scale * (k + 1.0)) for k, s in enumerate(lat.steps)]
         return lat
 
     monkeypatch.setattr(pipeline, "_measure", slowing)
