@@ -53,17 +53,9 @@ def _log(msg: str) -> None:
 
 def per_step_driver(model, device: str, dtype: str):
     """The GFNet loop with every batch-1 run going step by step (no conditional graph nodes)."""
-    from gfnet_edge.runtime.graph_loop import ENV_VAR
+    from gfnet_edge.runtime.graph_loop import ConditionalMode
 
-    old = os.environ.get(ENV_VAR)
-    os.environ[ENV_VAR] = "off"
-    try:
-        return gfnet_driver(model, device, dtype)
-    finally:
-        if old is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = old
+    return gfnet_driver(model, device, dtype, conditional=ConditionalMode.OFF)
 
 
 def static_classifier(net, model: ModelDesc, device: str, dtype: str):

@@ -63,9 +63,10 @@ def make_runner(model, device: str, dtype: str):
     return ModelRunner().activate()
 
 
-def gfnet_driver(model, device: str, dtype: str, cuda_graphs: bool = True):
+def gfnet_driver(model, device: str, dtype: str, cuda_graphs: bool = True, conditional=None):
     """The runtime's loop over ``model`` (a GFNet) on ``device``: heads from the model's
-    weights, CUDA heads (device place) on ``cuda``."""
+    weights, CUDA heads (device place) on ``cuda``; ``conditional``: the batch-1 loop graph's
+    mode (``None``: from the environment)."""
     from gfnet_edge.export import head_arrays, model_desc
     from gfnet_edge.runtime.driver import Driver
     from gfnet_edge.runtime.heads import HeadSet
@@ -74,7 +75,7 @@ def gfnet_driver(model, device: str, dtype: str, cuda_graphs: bool = True):
     mm = model_desc(model)
     runner = make_runner(model, device, dtype)
     heads = HeadSet(head_arrays(model), mm, device=device)
-    return Driver(mm, runner, heads, Profiler(False), cuda_graphs=cuda_graphs)
+    return Driver(mm, runner, heads, Profiler(False), cuda_graphs=cuda_graphs, conditional=conditional)
 
 
 class Graphed:

@@ -1,10 +1,11 @@
-// The early-exit rule and the batch-1 loop graph's exit step, shared by the host (bound for
-// tests and used by nothing else on the CPU path) and the CUDA kernel of csrc/cuda/loop_graph.cu.
+// The early-exit rule and the batch-1 loop graph's exit step, shared by the CPU host loop
+// (csrc/cpu/host_loop.cpp), the CUDA kernel of csrc/cuda/loop_graph.cu and the binding the tests
+// compare with the Python rule.
 //
 // Rule: an image exits at step t when its maximum softmax probability reaches the step's
 // threshold, `maxprob >= threshold` in float32. A NaN on either side never exits (every
 // comparison with a NaN is false). This is ExitBook.exits in gfnet_edge/runtime/types.py and
-// the host loop's `!(maxprob >= threshold)` keep test.
+// what the CPU host loop keeps running (`!exits_at(...)`).
 #pragma once
 
 #include <cstdint>

@@ -1,5 +1,7 @@
 #include "host_loop.h"
 
+#include "../common/exit_rule.h"
+
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
@@ -135,7 +137,7 @@ int64_t HostLoop::finish_step(Clock::time_point& since) {
     std::vector<char> keep(static_cast<size_t>(m));
     int64_t kept = 0;
     for (int64_t i = 0; i < m; ++i) {
-      keep[i] = !(maxprob_[i] >= thr_[t_]);
+      keep[i] = !gfn::exits_at(maxprob_[i], thr_[t_]);
       if (!keep[i]) exit_step_[active_[i]] = t_;
       kept += keep[i];
     }

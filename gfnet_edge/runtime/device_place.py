@@ -50,6 +50,8 @@ class DevicePlace:
         stream: the CUDA stream for everything (default: a new :class:`gfnet_edge.ops.Stream`).
         cuda_graphs: capture each step as a CUDA graph when the runner can be captured
             (:meth:`Runner.graph_capture <gfnet_edge.runtime.backends.base.Runner.graph_capture>`).
+        conditional: batch-1 runs on the loop graph (:class:`~.graph_loop.ConditionalMode`;
+            ``None``: from the environment).
 
     Raises:
         UnavailableError: no CUDA build or no usable GPU.
@@ -58,7 +60,7 @@ class DevicePlace:
 
     on_device = True
 
-    def __init__(self, ctx: LoopContext, stream: Any = None, cuda_graphs: bool = True) -> None:
+    def __init__(self, ctx: LoopContext, stream: Any = None, cuda_graphs: bool = True, conditional: Any = None) -> None:
         from .. import ops
 
         if not ops.has_cuda_build() or ops.cuda_device_count() < 1:
@@ -84,7 +86,7 @@ class DevicePlace:
         if capture is not None:
             from .graph_steps import GraphWorkspace
 
-            self.graphs = GraphWorkspace(self, capture)
+            self.graphs = GraphWorkspace(self, capture, conditional=conditional)
 
     # ----------------------------------------------------------------- buffers
     def buf(self, name: str, nbytes: int):

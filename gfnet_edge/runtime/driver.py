@@ -51,6 +51,9 @@ class Driver:
         cuda_graphs: device place only: capture each step as a CUDA graph and replay it
             (:mod:`~gfnet_edge.runtime.graphs`) when the runner can be captured; False runs
             every kernel as a plain launch.
+        conditional: device place only: whether batch-1 runs use the loop graph on conditional
+            nodes (:class:`~gfnet_edge.runtime.graph_loop.ConditionalMode`; ``None``: from the
+            environment variable ``GFNET_EDGE_CONDITIONAL_GRAPHS``).
 
     Raises:
         UnavailableError: device heads, but no CUDA build or no usable GPU.
@@ -58,14 +61,14 @@ class Driver:
     """
 
     def __init__(self, model: "ModelDesc | Dict[str, Any]", runner: Runner, heads: HeadSet, profiler: Profiler,
-                 stream: Any = None, cuda_graphs: bool = True) -> None:
+                 stream: Any = None, cuda_graphs: bool = True, conditional: Any = None) -> None:
         self.ctx = LoopContext(model, runner, heads, profiler)
         self.runner, self.heads = runner, heads
         self.T, self.S, self.P, self.step0_backbone = self.ctx.T, self.ctx.S, self.ctx.P, self.ctx.step0_backbone
         if getattr(heads, "device", "cpu") == "cuda":
             from .device_place import DevicePlace
 
-            self.place: Place = DevicePlace(self.ctx, stream, cuda_graphs=cuda_graphs)
+            self.place: Place = DevicePlace(self.ctx, stream, cuda_graphs=cuda_graphs, conditional=conditional)
         else:
             from .host_place import HostPlace
 

@@ -133,9 +133,9 @@ class LoopResult:
         """The result block (int32, :func:`~gfnet_edge.ops.cuda_loop.loop_result_words`) of a
         model of ``steps`` steps."""
         words = np.asarray(words)
-        if words.dtype != np.int32 or words.shape != (COORDS + 2 * (steps - 1),):
-            raise ValueError(f"a result block of {steps} steps is int32 ({COORDS + 2 * (steps - 1)},), "
-                             f"got {words.dtype} {words.shape}")
+        n = cuda_loop.loop_result_words(steps)
+        if words.dtype != np.int32 or words.shape != (n,):
+            raise ValueError(f"a result block of {steps} steps is int32 ({n},), got {words.dtype} {words.shape}")
         return cls(int(words[EXIT_STEP]), int(words[PREDICTION]),
                    float(words[CONFIDENCE:CONFIDENCE + 1].view(np.float32)[0]), int(words[FLAG_STEP]),
                    words[COORDS:].reshape(steps - 1, 2).copy())
@@ -189,7 +189,7 @@ class ConditionalLoop:
         self._thr: Any = None
         self._result: Any = None
         self._thr_bytes: Optional[bytes] = None
-        self._host = np.zeros(COORDS + 2 * max(ws.T - 1, 0), np.int32)
+        self._host = np.zeros(cuda_loop.loop_result_words(max(ws.T, 1)), np.int32)
         self.builds = self.launches = 0
 
     def wanted(self, rows: int, trace: bool) -> bool:
@@ -247,9 +247,10 @@ class ConditionalLoop:
     def launch(self, thresholds: np.ndarray, stream: Any) -> None:
         """Enqueues the run after the glance step graph (thresholds uploaded when they changed)."""
         thr = np.ascontiguousarray(thresholds, np.float32)
-        if thr.tobytes() != self._thr_bytes:
+        key = thr.tobytes()
+        if key != self._thr_bytes:
             self._thr.copy_from_host(thr, stream)
-            self._thr_bytes = thr.tobytes()
+            self._thr_bytes = key
         self.graph.launch(stream)
         self.launches += 1
 

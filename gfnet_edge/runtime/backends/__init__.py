@@ -56,6 +56,11 @@ class Backend:
     builds: bool
     load: Callable[[RunnerRequest], "Runner"]
 
+    @property
+    def places(self) -> Tuple[str, ...]:
+        """The devices it runs on (``("cpu",)``, ``("cuda",)`` or both)."""
+        return (self.device,) if self.device else ("cpu", "cuda")
+
     def make_runner(self, request: RunnerRequest) -> "Runner":
         """The backend's runner for ``request`` (not yet activated)."""
         return self.load(request)

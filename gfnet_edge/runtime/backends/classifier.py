@@ -25,12 +25,13 @@ import contextlib
 import enum
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 
 from ...errors import InputError, UnavailableError
-from ..graphs import GraphCache, Replay, bucket_for
+from ..graphs import GraphCache, bucket_for
+from .torch import TorchCapture
 
 
 class NumericPrecision(str, enum.Enum):
@@ -49,10 +50,6 @@ class NumericPrecision(str, enum.Enum):
             return cls(head)
         except ValueError:
             raise InputError(f"unknown runner precision {runner_precision!r}") from None
-
-
-#: Backends a static classifier runs on, and the places each runs on.
-BACKEND_PLACES: Dict[str, tuple] = {"onnxruntime": ("cpu",), "torch": ("cpu", "cuda"), "tensorrt": ("cuda",)}
 
 
 @dataclass(frozen=True)
@@ -74,9 +71,9 @@ class Technology:
     note: str = ""
 
     def __post_init__(self) -> None:
-        places = BACKEND_PLACES.get(self.backend)
-        if places is None:
-            raise InputError(f"unknown backend {self.backend!r} (choose from {', '.join(BACKEND_PLACES)})")
+        from . import get
+
+        places = get(self.backend).places  # InputError naming the choices for an unknown backend
         if self.device not in places:
             raise InputError(f"the {self.backend} backend runs on {' or '.join(places)}, not {self.device}")
         if self.precision not in {p.value for p in NumericPrecision}:
@@ -201,34 +198,6 @@ class OnnxRuntimeClassifier(Classifier):
         self.session = None
 
 
-class TorchGraphCapture:
-    """``torch.cuda.CUDAGraph`` capture on one torch stream; the graphs of one classifier share
-    a memory pool (they are replayed one at a time on that stream)."""
-
-    name = "torch.cuda.CUDAGraph"
-
-    def __init__(self, stream: Any) -> None:
-        self.stream = stream
-        self.pool = None
-
-    def capture(self, fn: Callable[[], Any]) -> Replay:
-        import torch
-
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
-            fn()
-        if self.pool is None:
-            self.pool = graph.pool()
-        stream = self.stream
-
-        def replay() -> None:
-            with torch.cuda.stream(stream):
-                graph.replay()
-
-        replay.graph = graph  # type: ignore[attr-defined]
-        return replay
-
-
 class TorchClassifier(Classifier):
     """A torch module fed uint8 frames: copied into the input buffer of the call's batch bucket
     (page-locked on CUDA), normalised by torch where the module runs, run in the technology's
@@ -270,7 +239,7 @@ class TorchClassifier(Classifier):
         self.inv_std = 1.0 / (torch.tensor(model.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255.0)
         self.stream = torch.cuda.Stream() if self.device == "cuda" else None
         if capture is None and technology.captured:
-            capture = TorchGraphCapture(self.stream)
+            capture = TorchCapture(None, self.stream)
         self.cache = GraphCache(capture)
         self._in: Dict[int, Any] = {}  # bucket -> uint8 (B, S, S, 3) input where the module runs
         self._host: Dict[int, Any] = {}  # bucket -> page-locked host staging (CUDA)
@@ -323,7 +292,8 @@ class TorchClassifier(Classifier):
             else:
                 self._in[bucket][:n].copy_(torch.from_numpy(frames))
             self.cache.run(bucket, lambda: self._step(bucket))
-            return np.array(self._out[bucket][:n].cpu().numpy())  # a copy (waits for the stream on CUDA)
+            out = self._out[bucket][:n].cpu().numpy()  # on CUDA a new host array (waits for the stream)
+            return out if self.device == "cuda" else out.copy()  # on the CPU a view of the reused buffer
 
     def close(self) -> None:
         if self.stream is not None:

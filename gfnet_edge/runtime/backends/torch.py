@@ -198,8 +198,9 @@ class TorchCapture:
 
     Args:
         runner: the torch runner (its :meth:`TorchRunner.run_device` outputs captured in a
-            graph are kept alive with the graph).
-        stream: the stream handle the work is enqueued on.
+            graph are kept alive with the graph), or ``None`` for work that keeps its own
+            buffers (``stream`` is then a ``torch.cuda.Stream``).
+        stream: the stream handle the work is enqueued on (with a runner).
         keep_graph: keep each capture's ``cudaGraph_t`` (``CUDAGraph(keep_graph=True)``) and
             give it as the replay's ``cuda_graph``, so that a larger graph can hold it as a
             child graph node; a torch without ``keep_graph`` captures as without it.
@@ -210,38 +211,43 @@ class TorchCapture:
     def __init__(self, runner: "TorchRunner", stream: int, keep_graph: bool = False) -> None:
         if stream == 0:
             raise ValueError("CUDA graph capture needs a created stream, not the legacy default stream")
-        self.runner, self.stream, self.keep_graph = runner, stream, keep_graph
+        self.runner, self.stream, self.keep_graph = runner, stream, keep_graph and _torch_keeps_graphs()
         self.pool = None
 
     def capture(self, fn):
         import torch
 
-        ts = self.runner._stream(self.stream)
-        kept_graph = False
-        graph = None
-        if self.keep_graph:
-            try:
-                graph, kept_graph = torch.cuda.CUDAGraph(keep_graph=True), True
-            except TypeError:  # a torch without keep_graph: its replays carry no graph
-                pass
-        graph = graph if graph is not None else torch.cuda.CUDAGraph()
+        ts = self.runner._stream(self.stream) if self.runner is not None else self.stream
+        graph = torch.cuda.CUDAGraph(keep_graph=True) if self.keep_graph else torch.cuda.CUDAGraph()
         with torch.cuda.stream(ts):
             graph.capture_begin(pool=self.pool)
             try:
                 fn()
             finally:
                 graph.capture_end()
-        if kept_graph:
-            graph.instantiate()
         if self.pool is None:
             self.pool = graph.pool()
-        kept = dict(self.runner._kept)  # the captured outputs' memory, for the life of the graph
+        kept = dict(self.runner._kept) if self.runner is not None else {}  # captured outputs, kept with the graph
 
         def replay() -> None:
             with torch.cuda.stream(ts):
                 graph.replay()
 
         replay.graph, replay.kept = graph, kept  # type: ignore[attr-defined]
-        if kept_graph:
+        if self.keep_graph:
+            graph.instantiate()
             replay.cuda_graph = int(graph.raw_cuda_graph())  # type: ignore[attr-defined]
         return replay
+
+
+def _torch_keeps_graphs() -> bool:
+    """Whether this torch's ``CUDAGraph`` takes ``keep_graph`` (a torch without it captures as
+    usual; its replays then carry no graph)."""
+    import inspect
+
+    import torch
+
+    try:
+        return "keep_graph" in inspect.signature(torch.cuda.CUDAGraph).parameters
+    except (TypeError, ValueError):  # a signature torch does not expose
+        return False
