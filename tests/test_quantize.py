@@ -28,7 +28,6 @@ except ImportError:  # running from a checkout that is not installed: map quanti
 
 from gfnet_edge.export import export_model, manifest_model
 from gfnet_edge.models import GFNet, crop_patches
-from gfnet_edge.variants import GFNetSpec
 from gfnet_edge.quantize.options import ort_settings
 from gfnet_edge.quantize.qdq import preprocess, quantize_graph, run_quantize_static
 

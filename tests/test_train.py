@@ -61,7 +61,7 @@ def test_demo_spec_is_valid():
 
 def test_helpers():
     c = np.array([[10.0, 200.0], [112.0, 112.0]])
-    xy = centred_coords(c, 224, 96, 0, None)
+    xy = centred_coords(c, 224, 96)
     assert xy.tolist() == [[0, 128], [64, 64]]
     a = target_actions(c, 224, 96)
     assert a.min() >= 0 and a.max() <= 1 and np.allclose(a[1], 0.5)

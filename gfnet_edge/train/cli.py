@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..argtypes import NON_NEGATIVE, POSITIVE, THREADS
-from ..errors import GFNetEdgeError, InputError, UnavailableError
+from ..errors import GFNetEdgeError
 
 #: ``--stage`` choices -> internal stages, in order.
 STAGE_GROUPS = {
@@ -217,8 +217,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return run(args)
     except GFNetEdgeError as exc:  # bad input (2) or a missing resource (3): one line
-        print(f"gfnet-edge: error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, InputError) else 3 if isinstance(exc, UnavailableError) else 1
+        from ..cli import _exit_code
+
+        return _exit_code(exc, "train")
 
 
 if __name__ == "__main__":

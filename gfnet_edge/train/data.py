@@ -57,13 +57,9 @@ def crop_uint8(frames: np.ndarray, coords: np.ndarray, patch: int) -> np.ndarray
     return out
 
 
-def centred_coords(centres: np.ndarray, image_size: int, patch: int, jitter: int,
-                   rng: Optional[np.random.Generator]) -> np.ndarray:
-    """Top-left of P x P windows around ``centres`` with a uniform offset in [-jitter, jitter]."""
-    c = centres - patch / 2
-    if rng is not None and jitter > 0:
-        c = c + rng.integers(-jitter, jitter + 1, size=c.shape)
-    return np.clip(np.rint(c), 0, image_size - patch).astype(np.int64)
+def centred_coords(centres: np.ndarray, image_size: int, patch: int) -> np.ndarray:
+    """Top-left of P x P windows around ``centres``, inside the image."""
+    return np.clip(np.rint(centres - patch / 2), 0, image_size - patch).astype(np.int64)
 
 
 def target_actions(centres: np.ndarray, image_size: int, patch: int) -> np.ndarray:

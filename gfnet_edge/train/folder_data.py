@@ -11,6 +11,8 @@ resumed run, or the same run on another number of processes, sees the same crops
 """
 from __future__ import annotations
 
+import functools
+
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -199,10 +201,16 @@ def make_loader(dataset: FolderDataset, batch: int, sampler: torch.utils.data.Sa
                                        pin_memory=pin, drop_last=drop_last, persistent_workers=False)
 
 
+@functools.lru_cache(maxsize=16)
+def _channel_stats(device: torch.device, mean: tuple, std: tuple):
+    """(mean, std) as (1, 3, 1, 1) float32 tensors on ``device`` (made once per device)."""
+    return (torch.tensor(mean, device=device, dtype=torch.float32).view(1, 3, 1, 1),
+            torch.tensor(std, device=device, dtype=torch.float32).view(1, 3, 1, 1))
+
+
 def normalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> float32 ``(x / 255 - mean) / std``."""
-    m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
+    m, s = _channel_stats(x.device, tuple(float(v) for v in mean), tuple(float(v) for v in std))
     return x.to(torch.float32, copy=True).div_(255.0).sub_(m).div_(s)  # in place on a copy: no temporaries
 
 

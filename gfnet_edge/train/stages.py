@@ -54,10 +54,10 @@ class Run(FolderTrainer):
     def load_finished(self, name: str, only: Optional[str] = None) -> bool:
         """Loads the weights a finished stage left (all, or only ``"gfnet"`` / ``"static"``);
         False if it has not finished."""
-        p = self.stage_path(name)
-        if not (p.exists() and torch.load(p, map_location="cpu", weights_only=True).get("done")):
+        ck = self.load_stage(name, only, finished_only=True)
+        if ck is None:
             return False
-        self.timings[name] = self.load_stage(name, only)["elapsed"]
+        self.timings[name] = ck["elapsed"]
         return True
 
     def glance(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,7 +88,7 @@ class Run(FolderTrainer):
         def step(x, y, idx, g, opt, scaler):
             size, j = crop["size"], crop["jitter"]
             offsets = self._draw(g, (2,), len(y), high=j + 1, low=-j).T.cpu().numpy()
-            coords = centred_coords(self.train.centres(idx.numpy()) + offsets, S, size, 0, None)
+            coords = centred_coords(self.train.centres(idx.numpy()) + offsets, S, size)
             crops = normalise(crop_patches(x, torch.from_numpy(coords).to(x.device), size), self.spec.mean, self.spec.std)
             logits = enc.logits(enc(crops)[0])
             return self._step_stats(F.cross_entropy(logits, y), logits, y, opt, scaler)
@@ -106,7 +106,7 @@ class Run(FolderTrainer):
 
     def _crop_accuracy(self, idx: np.ndarray, size: int) -> float:
         """The local encoder's accuracy on val crops of ``size`` centred on the digits."""
-        coords = centred_coords(self.val.centres(idx), self.spec.image_size, size, 0, None)
+        coords = centred_coords(self.val.centres(idx), self.spec.image_size, size)
         x = to_tensor(crop_uint8(self.val.frames[idx], coords, size)).to(self.ctx.device)
         return _accuracy(self.model.model, x, self.val.labels[idx])
 

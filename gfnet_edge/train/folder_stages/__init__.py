@@ -115,13 +115,16 @@ class FolderTrainer(Validation):
             mods["static"] = self.static
         return mods
 
-    def load_stage(self, name: str, only: Optional[str] = None) -> Optional[dict]:
+    def load_stage(self, name: str, only: Optional[str] = None, finished_only: bool = False) -> Optional[dict]:
         """The checkpoint of stage ``name`` (its weights loaded into the models, or only into
-        model ``only``: ``"gfnet"`` / ``"static"``) or ``None``."""
+        model ``only``: ``"gfnet"`` / ``"static"``) or ``None`` (also, with ``finished_only``,
+        when the stage has not finished: nothing is loaded then)."""
         p = self.stage_path(name)
         if not p.exists():
             return None
         ck = torch.load(p, map_location="cpu", weights_only=True)
+        if finished_only and not ck.get("done"):
+            return None
         for k, mod in self._modules().items():
             if k in ck["models"] and only in (None, k):
                 mod.load_state_dict(ck["models"][k])
