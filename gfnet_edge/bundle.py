@@ -189,6 +189,7 @@ class Bundle:
         except ManifestError as exc:
             raise BundleError(f"{mpath}: {exc}") from exc
         b = cls(root, manifest)
+        b._desc, b._desc_src = ModelDesc.from_manifest(manifest["model"], checked=True), manifest["model"]
         for rel in manifest["artifacts"]:
             safe_join(root, rel)
         if verify:

@@ -140,6 +140,11 @@ def check_model(model: Any) -> Dict[str, Any]:
         ManifestError: naming the first field that is wrong.
     """
     _validate(model, "model", "data.model")
+    return _model_rules(model)
+
+
+def _model_rules(model: Dict[str, Any]) -> Dict[str, Any]:
+    """What the schema cannot say about a schema-valid ``model`` entry."""
     _finite(model, "model")
     if model["patch_size"] > model["image_size"]:
         _fail("model.patch_size", f"({model['patch_size']}) must not exceed model.image_size ({model['image_size']})")
@@ -154,9 +159,9 @@ def check_manifest(manifest: Any) -> Dict[str, Any]:
     Raises:
         ManifestError: naming the first field that is wrong.
     """
-    _validate(manifest, "", "data")
+    _validate(manifest, "", "data")  # the whole schema, the model entry included
     m = manifest
-    check_model(m["model"])
+    _model_rules(m["model"])
     steps = m["model"]["steps"]
     arts = m["artifacts"]
     _artifact(m["heads"], "heads", arts)

@@ -60,15 +60,16 @@ class ModelDesc:
     demo_data_config: Optional[Dict[str, Any]] = field(default=None, compare=False)
 
     @classmethod
-    def from_manifest(cls, entry: Any) -> "ModelDesc":
-        """Checks a manifest's ``model`` entry and parses it.
+    def from_manifest(cls, entry: Any, checked: bool = False) -> "ModelDesc":
+        """Checks a manifest's ``model`` entry (unless ``checked``: the caller validated it, as
+        :func:`~gfnet_edge.manifest_schema.check_manifest` does) and parses it.
 
         Raises:
             ManifestError: naming the first field that is wrong.
         """
         from .manifest_schema import check_model
 
-        m = check_model(entry)
+        m = entry if checked else check_model(entry)
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in m.items() if k in known}
         kw["mean"] = tuple(float(v) for v in m["mean"])
@@ -95,7 +96,10 @@ class ModelDesc:
             policy_conv=spec.policy_conv, policy_hidden=spec.policy_hidden, fc_hidden=spec.fc_hidden,
             spec=spec.to_dict(), demo_data_config=demo_data_config,
         )
-        return cls.from_manifest(desc.to_dict())
+        from .manifest_schema import check_model
+
+        check_model(desc.to_dict())
+        return desc
 
     @property
     def step0_backbone(self) -> bool:
