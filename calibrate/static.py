@@ -213,7 +213,9 @@ def static_baselines(sources: List[str], frames: np.ndarray, labels: np.ndarray,
     """
     model = as_desc(model)
     plan = plan or StaticPlan.host()
-    check_static_sources(sources, plan)
+    # files and packages only: a graph onnx2torch cannot convert fails where it is converted
+    # (``gfnet-edge calibrate`` tries the conversion before it measures anything)
+    check_static_sources(sources, plan, convert=False)
     out: List[StaticResult] = []
     with tempfile.TemporaryDirectory(prefix="gfnet-edge-static-") as tmp:
         for k, src in enumerate(sources):
@@ -242,10 +244,6 @@ def static_baselines(sources: List[str], frames: np.ndarray, labels: np.ndarray,
                 out.append(evaluate_classifier(clf, f"{label} {plan.static.precision}", frames, labels, lat_frames,
                                                **kw))
             for prec in extra_int8(plan, int8):
-                if plan.static.backend == "onnxruntime":
-                    q = quantize_static_int8(onnx_path(), work / "static.int8.onnx", calib())
-                    out.append(evaluate_static(q, f"{label} {prec}", frames, labels, model, threads, lat_frames, **kw))
-                    continue
                 with open_classifier(plan, p, onnx_path, model, threads, work, batch, precision=prec,
                                      calib=calib) as clf:
                     out.append(evaluate_classifier(clf, f"{label} {prec}", frames, labels, lat_frames, **kw))

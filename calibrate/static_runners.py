@@ -89,9 +89,10 @@ def _have(*modules: str) -> Optional[str]:
     return None
 
 
-def check_static_sources(sources: Sequence[str], plan: StaticPlan) -> None:
+def check_static_sources(sources: Sequence[str], plan: StaticPlan, convert: bool = True) -> None:
     """Refuses, with one line, a ``--static`` file that is missing or that the plan's backend
-    cannot run here.
+    cannot run here (``convert``: also try converting an ONNX graph for the torch backend, so
+    that one onnx2torch cannot convert is refused before anything is measured).
 
     Raises:
         InputError: a missing file.
@@ -116,6 +117,8 @@ def check_static_sources(sources: Sequence[str], plan: StaticPlan) -> None:
                 raise UnavailableError(f"--static {src}: the torch backend runs the static baseline as a torch "
                                        "module; converting an ONNX graph needs onnx2torch (pip install onnx2torch), "
                                        "or pass the static checkpoint (.pth.tar)")
+            if not convert:
+                continue
             try:
                 onnx_to_torch(p)  # a graph onnx2torch cannot convert is refused now, not after the measurements
             except InputError as exc:
@@ -146,14 +149,21 @@ def open_classifier(plan: StaticPlan, source: Path, onnx_path: Callable[[], Path
         threads: CPU threads.
         work: a scratch directory (engines are built there).
         batch: the calibration batch (the engine profile is tuned for it).
-        precision: run at this precision instead of the plan's (TensorRT's extra INT8 engine).
-        calib: normalised calibration images (N, 3, S, S) for an INT8 engine.
+        precision: run at this precision instead of the plan's (the extra INT8 baseline).
+        calib: normalised calibration images (N, 3, S, S) for an INT8 graph or engine.
     """
     tech = plan.static
     if precision is not None:
         tech = Technology(tech.backend, tech.device, NumericPrecision(precision).value, tech.captured)
     if tech.backend == "onnxruntime":
-        return OnnxRuntimeClassifier(onnx_path(), model, threads)
+        path = onnx_path()
+        if tech.precision == NumericPrecision.INT8.value:  # its INT8 copy, ONNX Runtime's CPU profile
+            if calib is None:
+                raise InputError("an INT8 static baseline needs calibration images")
+            from .static import quantize_static_int8
+
+            path = quantize_static_int8(path, work / "static.int8.onnx", calib())
+        return OnnxRuntimeClassifier(path, model, threads, precision=tech.precision)
     if tech.backend == "torch":
         if SourceKind.of(source) is SourceKind.ONNX:
             net = onnx_to_torch(source)

@@ -342,6 +342,11 @@ def test_onnxruntime_cpu_path_is_todays_and_torch_cpu_agrees(model, static, fram
     assert [r.accuracy for r in ort_res] == [pytest.approx(want)] * 2
     assert {r.to_dict()["technology"]["description"] for r in ort_res} == {"onnxruntime cpu fp32"}
     assert ort_res[0].latency.n == 5 and ort_res[0].call_ms.shape == (5,)
+    # the INT8 copy (--static-int8) runs as a Q/DQ graph on ONNX Runtime and says so
+    q_res = static_baselines([str(static.onnx)], x, y, x, model, 1, True, repeats=2, batch=3)
+    assert [r.name for r in q_res] == ["static.fp32 fp32", "static.fp32 int8"]
+    assert q_res[1].to_dict()["technology"]["description"] == "onnxruntime cpu int8"
+    assert abs(q_res[1].accuracy - want) <= 25.0
     torch_res = static_baselines([str(static.ckpt)], x, y, x, model, 1, False, repeats=5, batch=3,
                                  plan=_plan("torch", "cpu"))
     assert torch_res[0].accuracy == pytest.approx(want)

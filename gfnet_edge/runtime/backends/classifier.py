@@ -173,12 +173,13 @@ class OnnxRuntimeClassifier(Classifier):
         path: the ONNX graph (one float32 (N, 3, S, S) input, logits first output).
         model: the GFNet's description (S, interpolation, mean / std).
         threads: ONNX Runtime threads.
+        precision: what the graph computes in (``fp32``, or ``int8`` for a Q/DQ graph).
     """
 
-    def __init__(self, path: Path, model: Any, threads: Optional[int] = None) -> None:
+    def __init__(self, path: Path, model: Any, threads: Optional[int] = None, precision: str = "fp32") -> None:
         from .onnxruntime import load_session
 
-        super().__init__(Technology("onnxruntime", "cpu", "fp32"), model.image_size)
+        super().__init__(Technology("onnxruntime", "cpu", precision), model.image_size)
         self.model = model
         self.session = load_session(Path(path), threads)
         inputs = self.session.get_inputs()
