@@ -22,8 +22,6 @@ from .classifier import Classifier, Technology
 from .tensorrt_build import BuildOptions, build_engine
 
 F32 = 4
-#: TensorRT requires tensor addresses aligned to 256 bytes.
-ADDRESS_ALIGNMENT = 256
 
 
 def classifier_build_options(entry: Dict[str, Any], max_batch: int, opt_batch: int) -> BuildOptions:
@@ -70,15 +68,13 @@ class TensorRTClassifier(Classifier):
         self.max_batch = int(static_batch or max_batch)
         self.static_batch = static_batch
         trt = self._trt = tensorrt_util.import_tensorrt()
-        runtime = trt.Runtime(tensorrt_util.trt_logger(trt))
-        if hasattr(runtime, "engine_host_code_allowed"):
-            runtime.engine_host_code_allowed = False
+        runtime = tensorrt_util.safe_runtime(trt)
         engine = runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
         if engine is None:
             raise InputError(f"{engine_path}: TensorRT could not deserialize this engine")
-        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        names = tensorrt_util.io_names(engine)
+        inputs = tensorrt_util.io_names(engine, trt.TensorIOMode.INPUT)
+        outputs = tensorrt_util.io_names(engine, trt.TensorIOMode.OUTPUT)
         if len(inputs) != 1 or not outputs:
             raise InputError(f"{engine_path}: expected one image input and a logits output, got inputs {inputs}")
         for n in names:
@@ -115,7 +111,7 @@ class TensorRTClassifier(Classifier):
         if not ctx.set_input_shape(self.input_name, (bucket, 3, S, S)):
             raise InputError(f"the static baseline's engine rejects batch {bucket} (built for up to {self.max_batch})")
         for name, ptr in [(self.input_name, self._image.ptr)] + [(n, b.ptr) for n, b in self._outs.items()]:
-            if ptr % ADDRESS_ALIGNMENT or not ctx.set_tensor_address(name, ptr):
+            if ptr % tensorrt_util.ADDRESS_ALIGNMENT or not ctx.set_tensor_address(name, ptr):
                 raise RuntimeError(f"TensorRT refused the address of the static baseline's tensor {name!r}")
         self._contexts[bucket] = ctx
         return ctx

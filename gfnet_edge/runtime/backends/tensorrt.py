@@ -77,7 +77,7 @@ class TensorRTRunner(Runner):
     name = "tensorrt"
     supports_device = True
     #: TensorRT requires tensor addresses aligned to 256 bytes (``IExecutionContext::setTensorAddress``).
-    ADDRESS_ALIGNMENT = 256
+    ADDRESS_ALIGNMENT = tensorrt_util.ADDRESS_ALIGNMENT
     #: Streams (each with its own contexts and buffers) one runner serves.
     MAX_STREAMS = 4
 
@@ -99,9 +99,7 @@ class TensorRTRunner(Runner):
 
         trt = tensorrt_util.import_tensorrt()
         self._trt = trt
-        runtime = trt.Runtime(tensorrt_util.trt_logger(trt))
-        if hasattr(runtime, "engine_host_code_allowed"):
-            runtime.engine_host_code_allowed = False  # never run host code embedded in an engine
+        runtime = tensorrt_util.safe_runtime(trt)
         core = engine_dla_core(self.entry)
         if core is not None:  # a DLA engine runs on the core the runtime names at deserialisation
             available = int(getattr(runtime, "num_DLA_cores", 0))
@@ -141,17 +139,13 @@ class TensorRTRunner(Runner):
 
     def _check_io(self, graph: str, engine: Any) -> None:
         trt = self._trt
-        for name in self._io_names(engine):
+        for name in tensorrt_util.io_names(engine):
             if engine.get_tensor_dtype(name) != trt.DataType.FLOAT:
                 raise InputError(f"the {graph} engine's tensor {name!r} is {engine.get_tensor_dtype(name)}; gfnet-edge "
                                  "feeds and reads float32: rebuild the engines with this gfnet-edge")
 
-    @staticmethod
-    def _io_names(engine: Any) -> List[str]:
-        return [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-
     def _output_names(self, engine: Any) -> List[str]:
-        return [n for n in self._io_names(engine) if engine.get_tensor_mode(n) == self._trt.TensorIOMode.OUTPUT]
+        return tensorrt_util.io_names(engine, self._trt.TensorIOMode.OUTPUT)
 
     # ------------------------------------------------------------------- lanes
     def _lane(self, stream: int) -> _Lane:

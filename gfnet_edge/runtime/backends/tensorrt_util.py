@@ -87,6 +87,24 @@ class TrtFeatures:
                                    "gfnet-edge needs TensorRT 10 or 11")
 
 
+#: TensorRT requires tensor addresses aligned to 256 bytes.
+ADDRESS_ALIGNMENT = 256
+
+
+def safe_runtime(trt):
+    """A ``trt.Runtime`` that never runs host code embedded in an engine."""
+    runtime = trt.Runtime(trt_logger(trt))
+    if hasattr(runtime, "engine_host_code_allowed"):
+        runtime.engine_host_code_allowed = False
+    return runtime
+
+
+def io_names(engine: Any, mode: Any = None) -> List[str]:
+    """An engine's I/O tensor names, in order (only those of ``trt.TensorIOMode`` ``mode``)."""
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    return names if mode is None else [n for n in names if engine.get_tensor_mode(n) == mode]
+
+
 # ----------------------------------------------------------------------- logger
 _LOGGER: Dict[int, Tuple[Any, Any]] = {}  # id(tensorrt module) -> (module, logger)
 
