@@ -45,6 +45,7 @@ class QuantSession:
         self.info: Dict[Tuple[str, FrozenSet[str]], Dict[str, Any]] = {}
         self.checks: Dict[str, List[str]] = {}
         self.calib_seconds: Dict[str, float] = {}
+        self._graph_settings: Dict[str, OrtSettings] = {}
         self._count = 0
         for g in GRAPHS:
             self.pre[g], self.pre_problems[g] = preprocess(Path(fp32[g]), work / f"{g}.pre.onnx")
@@ -118,17 +119,21 @@ class QuantSession:
             base.unlink(missing_ok=True)
 
     def _settings(self, graph: str) -> OrtSettings:
-        """The profile's settings, plus min / max ranges for the tensors of the roles asked for."""
+        """The profile's settings, plus min / max ranges for the tensors of the roles asked for
+        (measured once per graph: every variant shares them)."""
         roles = self.opts.max_range_roles
         if not roles:
             return self.settings
+        if graph in self._graph_settings:
+            return self._graph_settings[graph]
         from .ranges import minmax_overrides
 
         extra = dict(self.settings.extra_options)
         overrides = dict(extra.get("TensorQuantOverrides") or {})
         overrides.update(minmax_overrides(self.reference[graph], roles, self.calib.inputs(graph)))
         extra["TensorQuantOverrides"] = overrides
-        return replace(self.settings, extra_options=extra)
+        self._graph_settings[graph] = replace(self.settings, extra_options=extra)
+        return self._graph_settings[graph]
 
     def _correct_biases(self, graph: str, path: Path) -> int:
         import onnx
