@@ -232,12 +232,13 @@ def calibration_arrays(case: Case, cdir: Path, ckpt: Path, calib_data: Optional[
     path = cdir / f"calibration_arrays_{case.num_calib}_{case.num_eval}.npz"
     if path.is_file():
         return path
+    from gfnet_edge.build import calibration_split
     from gfnet_edge.models import load_checkpoint
     from gfnet_edge.quantize import QuantCalibrationSet, load_calibration_images
 
     model = load_checkpoint(ckpt)
     images = load_calibration_images(calib_data or "demo", model, case.num_calib + case.num_eval)
-    n_cal = min(case.num_calib, max(len(images) - 16, len(images) // 2))  # as build_bundle splits them
+    n_cal = calibration_split(len(images), case.num_calib)  # as build_bundle splits them
     cal = QuantCalibrationSet.from_model(model, images[:n_cal], progress=False)
     tmp = path.with_name(path.stem + ".tmp.npz")
     np.savez(tmp, glance=cal.glance, focus=cal.focus)

@@ -187,6 +187,13 @@ def _calibration_images(model, cfg: BuildConfig):
         raise InputError(str(exc)) from exc
 
 
+def calibration_split(n_images: int, num_calib: int) -> int:
+    """How many of ``n_images`` loaded images calibrate (the first ones; the rest are the
+    mixed-precision search's held-out set): ``num_calib``, keeping at least 16 held out when
+    there are enough images, and never fewer than half."""
+    return min(num_calib, max(n_images - 16, n_images // 2))
+
+
 def _quantize(model, tmp: Path, manifest: Dict[str, Any], images, cfg: BuildConfig, backend: str,
               progress: bool) -> Dict[str, Any]:
     from .quantize import QuantCalibrationSet, QuantizeOptions, quantize_model
@@ -196,7 +203,7 @@ def _quantize(model, tmp: Path, manifest: Dict[str, Any], images, cfg: BuildConf
         images, labels = images
     else:
         labels = None
-    n_cal = min(cfg.num_calib, max(len(images) - 16, len(images) // 2))
+    n_cal = calibration_split(len(images), cfg.num_calib)
     calib_x, eval_x = images[:n_cal], images[n_cal:]
     eval_y = labels[n_cal:] if labels is not None else None
     calib = QuantCalibrationSet.from_model(model, calib_x)
