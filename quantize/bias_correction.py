@@ -13,45 +13,19 @@ accumulation), so the corrected bias is used as is by an INT8 engine.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, MutableMapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-
-def _session(model, threads: int = 2):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    # basic optimisations only: the extended ones fuse Conv + Add even when the Conv's output is
-    # asked for as a graph output
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+from .probe import probe
 
 
-def _with_outputs(model, names: Sequence[str]):
-    import onnx
-
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for n in names:
-        if n not in have:
-            m.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
-    return m
-
-
-def _channel_means(model, names: Sequence[str], axes: Dict[str, int], x: np.ndarray,
+def _channel_means(model, names: Sequence[str], axes: Dict[str, int], x: np.ndarray, threads: Optional[int],
                    batch: int = 32) -> Dict[str, np.ndarray]:
     """Per-channel mean of each named tensor over the inputs ``x`` (channel axis per tensor)."""
-    sess = _session(_with_outputs(model, names))
-    inp = sess.get_inputs()[0].name
-    outs = [o.name for o in sess.get_outputs()]
     sums: Dict[str, np.ndarray] = {}
     count: Dict[str, int] = {}
-    for i in range(0, len(x), batch):
-        res = dict(zip(outs, sess.run(None, {inp: np.ascontiguousarray(x[i:i + batch])})))
+    for res in probe(model, names, x, batch, threads):
         for n in names:
             a = np.asarray(res[n], np.float64)
             ax = axes[n] % a.ndim
@@ -77,7 +51,8 @@ def _targets(model) -> List[Tuple[object, int]]:
     return out
 
 
-def correct_biases(quantized, fp32, x: np.ndarray, threads: int = 2) -> Dict[str, float]:
+def correct_biases(quantized, fp32, x: np.ndarray, threads: Optional[int] = 2,
+                   reference: Optional[MutableMapping[str, np.ndarray]] = None) -> Dict[str, float]:
     """Moves the float bias of each weight-quantized Conv / Gemm of ``quantized`` (in place) so
     that its per-channel output mean on ``x`` equals the FP32 graph's.
 
@@ -85,6 +60,9 @@ def correct_biases(quantized, fp32, x: np.ndarray, threads: int = 2) -> Dict[str
         quantized: the Q/DQ ``ModelProto`` (edited in place).
         fp32: the FP32 ``ModelProto`` it was quantized from (same node and tensor names).
         x: calibration inputs of the graph.
+        threads: ONNX Runtime threads (``None``: its default).
+        reference: FP32 channel means by tensor name, measured on the same ``x``: used where
+            present, the missing ones measured and added (the variants of one graph share them).
 
     Returns:
         node name -> largest absolute correction applied (for the report).
@@ -96,7 +74,10 @@ def correct_biases(quantized, fp32, x: np.ndarray, threads: int = 2) -> Dict[str
         return {}
     names = [n.output[0] for n, _ in targets]
     axes = {n.output[0]: ax for n, ax in targets}
-    ref = _channel_means(fp32, names, axes, x)
+    ref = reference if reference is not None else {}
+    missing = [t for t in names if t not in ref]
+    if missing:
+        ref.update(_channel_means(fp32, missing, axes, x, threads))
     inits = {t.name: t for t in quantized.graph.initializer}
     uses: Dict[str, int] = {}
     for n in quantized.graph.node:
@@ -105,7 +86,7 @@ def correct_biases(quantized, fp32, x: np.ndarray, threads: int = 2) -> Dict[str
     done: Dict[str, float] = {}
     for node, _ in targets:
         t = node.output[0]
-        cur = _channel_means(quantized, [t], axes, x)[t]
+        cur = _channel_means(quantized, [t], axes, x, threads)[t]
         shift = cur - ref[t]
         b_name = node.input[2]
         bias = numpy_helper.to_array(inits[b_name]).astype(np.float64)

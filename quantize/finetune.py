@@ -25,6 +25,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
+from .probe import outputs
+
 
 @dataclass
 class FinetuneResult:
@@ -51,19 +53,6 @@ class FinetuneResult:
 
     def to_dict(self) -> Dict[str, float]:
         return asdict(self)
-
-
-def _teacher(fp32_model, x: np.ndarray, threads: Optional[int], batch: int) -> List[np.ndarray]:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(fp32_model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    outs = [sess.run(None, {name: np.ascontiguousarray(x[i:i + batch])}) for i in range(0, len(x), batch)]
-    return [np.concatenate([o[k] for o in outs]).astype(np.float32) for k in range(len(outs[0]))]
 
 
 def _loss(student, teacher, inv_var):
@@ -113,8 +102,9 @@ def finetune_weights(qdq, fp32, x: np.ndarray, epochs: int, lr: float = 0.01, ba
     n = len(x)
     if flip:  # the mirrored inputs as more examples (their own FP32 outputs as targets)
         x = np.concatenate([x, np.ascontiguousarray(x[..., ::-1])])
-    teacher = [torch.from_numpy(t) for t in _teacher(fp32, x, threads, max(batch_size, 64))]
     names = list(module.output_names)
+    out32 = outputs(fp32, x, max(batch_size, 64), threads)
+    teacher = [torch.from_numpy(out32[k]) for k in names]
 
     def targets(outs):
         return list(outs) + (list(derived(dict(zip(names, outs)))) if derived is not None else [])

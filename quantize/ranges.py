@@ -4,10 +4,11 @@ Runtime's quantizer as ``TensorQuantOverrides``."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, FrozenSet, List
+from typing import Any, Dict, FrozenSet, List, Optional
 
 import numpy as np
 
+from .probe import probe
 from .profiles import TensorRole
 
 
@@ -24,30 +25,19 @@ def role_tensors(model, roles: FrozenSet[TensorRole]) -> List[str]:
     return list(dict.fromkeys(out))
 
 
-def minmax_overrides(path: Path, roles: FrozenSet[TensorRole], x: np.ndarray,
-                     batch: int = 64) -> Dict[str, List[Dict[str, Any]]]:
+def minmax_overrides(path: Path, roles: FrozenSet[TensorRole], x: np.ndarray, batch: int = 64,
+                     threads: Optional[int] = None) -> Dict[str, List[Dict[str, Any]]]:
     """``TensorQuantOverrides`` entries ``{tensor: [{"rmin", "rmax"}]}`` for the tensors of
     ``roles`` in the float graph at ``path``, from its outputs on the inputs ``x``."""
     import onnx
-    import onnxruntime as ort
 
     model = onnx.load(str(path))
     names = role_tensors(model, roles)
     if not names:
         return {}
-    have = {o.name for o in model.graph.output}
-    for n in names:
-        if n not in have:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # keep every tensor asked for
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    inp = sess.get_inputs()[0].name
     lo = {n: 0.0 for n in names}  # ranges include 0 (symmetric and asymmetric alike)
     hi = {n: 0.0 for n in names}
-    for i in range(0, len(x), batch):
-        res = dict(zip([o.name for o in sess.get_outputs()],
-                       sess.run(None, {inp: np.ascontiguousarray(x[i:i + batch])})))
+    for res in probe(model, names, x, batch, threads):
         for n in names:
             lo[n] = min(lo[n], float(np.min(res[n])))
             hi[n] = max(hi[n], float(np.max(res[n])))
