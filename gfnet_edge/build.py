@@ -38,7 +38,7 @@ class BuildConfig:
     Attributes:
         precision: ``fp32``, ``fp16`` or ``int8``.
         backend: ``auto`` / ``onnxruntime`` (portable bundle) / ``tensorrt`` (plus engines).
-        calib_data: folder / .npz / ``demo`` for INT8 calibration.
+        calib_data: folder / .npz / ``demo`` / ``demo:train`` for INT8 calibration.
         num_calib: calibration images.
         calib_method: ``auto`` (the profile's own, :attr:`gfnet_edge.quantize.Profile.auto_method`),
             ``entropy``, ``max`` or ``percentile``.
@@ -130,7 +130,7 @@ def build_bundle(checkpoint: Path, out: Path, cfg: BuildConfig, progress: bool =
 
     if cfg.precision not in ("fp32", "fp16", "int8"):
         raise InputError(f"precision must be fp32, fp16 or int8, got {cfg.precision!r}")
-    inputs = [Path(checkpoint)] + ([Path(cfg.calib_data)] if cfg.calib_data not in (None, "demo") else [])
+    inputs = [Path(checkpoint)] + ([Path(cfg.calib_data)] if not _demo_calibration(cfg.calib_data) else [])
     check_replace(Path(out), cfg.force, protect=inputs)  # before any work: the output may not be replaced
     backend = resolve_backend(cfg.backend)
     if backend == "tensorrt":
@@ -170,6 +170,16 @@ def build_bundle(checkpoint: Path, out: Path, cfg: BuildConfig, progress: bool =
         if backend == "tensorrt":
             _add_engines(Bundle(tmp, manifest), cfg)
     return Bundle.load(out)
+
+
+def _demo_calibration(source: Optional[str]) -> bool:
+    """Whether a ``calib_data`` names no file: unset or the demo dataset (``demo[:SPLIT]``)."""
+    from .quantize.calibration import demo_source
+
+    try:
+        return source is None or demo_source(source) is not None
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
 
 
 def _calibration_images(model, cfg: BuildConfig):

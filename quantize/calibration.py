@@ -23,6 +23,26 @@ MIN_CALIB_IMAGES = 16
 SpecLike = Any  # GFNetSpec, GFNet, ModelDesc, or a manifest "model" dict
 
 
+#: Demo splits a calibration source may name (``demo:train``); the test split is never calibrated on.
+DEMO_CALIB_SPLITS = ("train", "val")
+
+
+def demo_source(source: Any) -> Optional[str]:
+    """The demo split a calibration source names: ``"demo"`` (the validation split) or
+    ``"demo:SPLIT"`` (``train`` or ``val``); ``None`` for any other source (a path).
+
+    Raises:
+        ValueError: ``demo:`` followed by another split.
+    """
+    if not isinstance(source, str) or not (source == "demo" or source.startswith("demo:")):
+        return None
+    split = source.partition(":")[2] or "val"
+    if split not in DEMO_CALIB_SPLITS:
+        raise ValueError(f"calibration source {source!r}: the demo splits to calibrate on are "
+                         f"{', '.join('demo:' + s for s in DEMO_CALIB_SPLITS)}")
+    return split
+
+
 def _spec_value(spec: SpecLike, key: str):
     """``key`` of a ``GFNet`` (its spec), a ``GFNetSpec``, a ``ModelDesc`` or a manifest entry."""
     if isinstance(spec, Mapping):
@@ -86,9 +106,11 @@ def load_calibration_images(source: Union[str, os.PathLike], spec: SpecLike, n: 
 
     Args:
         source: a folder of images (flat, or one subfolder per class), an ``.npz`` archive
-            (see :func:`gfnet_edge.data.load_images`), or ``"demo"`` for the cluttered-digits
-            demo dataset (``split``, default the validation split), generated with the config
-            the model was trained on when ``spec`` records one (a demo ``GFNet`` / manifest).
+            (see :func:`gfnet_edge.data.load_images`), or ``"demo"`` / ``"demo:SPLIT"`` for the
+            cluttered-digits demo dataset (``demo`` alone: ``split``, default the validation
+            split; ``demo:train`` the 5000-image train split, see :func:`demo_source`), generated
+            with the config the model was trained on when ``spec`` records one (a demo ``GFNet`` /
+            manifest).
         spec: the model (``GFNet``), its spec (``GFNetSpec``) or a manifest ``model`` entry:
             image size, crop ratio, interpolation, mean and std.
         n: images wanted; a larger set is subsampled (seeded, so class-sorted folders are not
@@ -108,8 +130,11 @@ def load_calibration_images(source: Union[str, os.PathLike], spec: SpecLike, n: 
     mean, std = _spec_value(spec, "mean"), _spec_value(spec, "std")
     if int(n) < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    if isinstance(source, str) and source == "demo":
+    demo_split = demo_source(source)
+    if demo_split is not None:
         from gfnet_edge.data import ClutteredDigits, demo_config
+
+        split = demo_split if source != "demo" else split
 
         # the generator config the model was trained on (recorded in a demo checkpoint's metadata;
         # a bare spec gives the generator's defaults)

@@ -59,7 +59,8 @@ class QuantizeOptions:
             :attr:`~.profiles.Profile.residual_int8`.
         finetune_epochs: quantization-aware fine-tuning of each graph's weights against its
             FP32 outputs on the calibration inputs, this many epochs (0: off; :mod:`.finetune`);
-            ``None``: the profile's :attr:`~.profiles.Profile.finetune_epochs`.
+            ``None``: the profile's :attr:`~.profiles.Profile.finetune_epochs` when there are at
+            least :attr:`~.profiles.Profile.finetune_min_images` calibration images, else off.
         finetune_lr: its step size, in quantization steps per iteration.
         finetune_policy: the glance graph's fine-tuning also fits the policy's first patch
             location computed from its ``policy_state`` output (:func:`.finetune.first_patch_location`).
@@ -91,7 +92,7 @@ class QuantizeOptions:
     max_range_for: Optional[Tuple[str, ...]] = None
     residual_int8: Optional[bool] = None
     finetune_epochs: Optional[int] = None
-    finetune_lr: float = 0.01
+    finetune_lr: float = 0.02
     finetune_policy: bool = True
     max_slowdown: float = 1.15
     batch_size: int = 32
@@ -158,10 +159,12 @@ class QuantizeOptions:
             return int(self.bias_correction)
         return 64 if self.spec.bias_correction else 0
 
-    @property
-    def finetune(self) -> int:
-        """Fine-tuning epochs per graph (option, else the profile's; 0: off)."""
-        return int(self.finetune_epochs if self.finetune_epochs is not None else self.spec.finetune_epochs)
+    def finetune_for(self, num_images: int) -> int:
+        """Fine-tuning epochs per graph with ``num_images`` calibration images (the option,
+        else the profile's when it has enough images; 0: off)."""
+        if self.finetune_epochs is not None:
+            return int(self.finetune_epochs)
+        return int(self.spec.finetune_epochs) if num_images >= self.spec.finetune_min_images else 0
 
     @property
     def max_range_roles(self) -> FrozenSet[TensorRole]:

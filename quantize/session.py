@@ -35,6 +35,8 @@ class QuantSession:
         self.profile = opts.spec
         self.method = opts.resolved_method
         self.settings = ort_settings(opts)
+        #: fine-tuning epochs per graph (0: off; see :meth:`QuantizeOptions.finetune_for`)
+        self.finetune_epochs = opts.finetune_for(calib.num_images)
         #: per graph, the FP32 graph variants are quantized from (after fine-tuning: the
         #: fine-tuned one); :attr:`reference` keeps the pre-processed FP32 graph
         self.pre: Dict[str, Path] = {}
@@ -46,6 +48,8 @@ class QuantSession:
         self.checks: Dict[str, List[str]] = {}
         self.calib_seconds: Dict[str, float] = {}
         self._graph_settings: Dict[str, OrtSettings] = {}
+        #: per graph, FP32 channel means of bias-corrected tensors (shared by the variants)
+        self._bias_reference: Dict[str, Dict[str, np.ndarray]] = {}
         self._count = 0
         for g in GRAPHS:
             self.pre[g], self.pre_problems[g] = preprocess(Path(fp32[g]), work / f"{g}.pre.onnx")
@@ -65,7 +69,7 @@ class QuantSession:
         key = (graph, frozenset(excluded))
         if key in self.variants:
             return self.variants[key]
-        if self.opts.finetune > 0 and graph not in self.finetuned:
+        if self.finetune_epochs > 0 and graph not in self.finetuned:
             self._finetune(graph)
         path, self.info[key] = self._quantize(graph, self.pre[graph], excluded)
         if self.opts.bias_correction_inputs > 0:
@@ -106,7 +110,7 @@ class QuantSession:
             heads = self.heads if isinstance(self.heads, Mapping) else dict(np.load(str(self.heads)))
             derived = first_patch_location(heads)
         try:
-            result = finetune_file(base, self.reference[graph], tuned, self.calib.inputs(graph), self.opts.finetune,
+            result = finetune_file(base, self.reference[graph], tuned, self.calib.inputs(graph), self.finetune_epochs,
                                    lr=self.opts.finetune_lr, batch_size=self.opts.batch_size, seed=self.opts.seed,
                                    threads=self.opts.threads, progress=self.progress, desc=f"fine-tuning {graph}",
                                    derived=derived)
@@ -130,7 +134,8 @@ class QuantSession:
 
         extra = dict(self.settings.extra_options)
         overrides = dict(extra.get("TensorQuantOverrides") or {})
-        overrides.update(minmax_overrides(self.reference[graph], roles, self.calib.inputs(graph)))
+        overrides.update(minmax_overrides(self.reference[graph], roles, self.calib.inputs(graph),
+                                          threads=self.opts.threads))
         extra["TensorQuantOverrides"] = overrides
         self._graph_settings[graph] = replace(self.settings, extra_options=extra)
         return self._graph_settings[graph]
@@ -143,7 +148,8 @@ class QuantSession:
         q = onnx.load(str(path))
         x = self.calib.inputs(graph)
         idx = np.linspace(0, len(x) - 1, min(len(x), self.opts.bias_correction_inputs)).round().astype(int)
-        done = correct_biases(q, onnx.load(str(self.reference[graph])), x[np.unique(idx)], self.opts.threads or 2)
+        done = correct_biases(q, onnx.load(str(self.reference[graph])), x[np.unique(idx)], self.opts.threads or 2,
+                              reference=self._bias_reference.setdefault(graph, {}))
         onnx.save(q, str(path))
         return len(done)
 

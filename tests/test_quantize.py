@@ -369,6 +369,35 @@ def test_profile_settings_and_auto_method():
     assert "CalibPercentile" not in gq.ort_settings(gq.QuantizeOptions(profile="cpu", method="entropy")).extra_options
 
 
+def test_finetuning_default_follows_the_calibration_set_size():
+    trt, cpu = gq.get_profile("tensorrt"), gq.get_profile("cpu")
+    assert trt.finetune_epochs > 0 and trt.finetune_min_images > 0
+    opts = gq.QuantizeOptions(profile="tensorrt").validate()
+    assert opts.finetune_for(trt.finetune_min_images - 1) == 0  # too few images: would fit the set
+    assert opts.finetune_for(trt.finetune_min_images) == trt.finetune_epochs
+    assert gq.QuantizeOptions(profile="tensorrt", finetune_epochs=0).finetune_for(10 ** 6) == 0
+    assert gq.QuantizeOptions(profile="tensorrt", finetune_epochs=3).finetune_for(16) == 3
+    assert gq.QuantizeOptions(profile="cpu").finetune_for(10 ** 6) == cpu.finetune_epochs == 0
+
+
+def test_demo_calibration_sources(demo_checkpoint):
+    from gfnet_edge.data import ClutteredDigits, demo_config
+    from gfnet_edge.models import load_checkpoint
+    from gfnet_edge.quantize.calibration import demo_source, normalize_frames
+
+    assert (demo_source("demo"), demo_source("demo:train"), demo_source("demo:val")) == ("val", "train", "val")
+    assert demo_source("demo_images") is None and demo_source(Path("demo")) is None
+    with pytest.raises(ValueError, match="demo:train, demo:val"):
+        demo_source("demo:test")
+    model = load_checkpoint(demo_checkpoint)
+    x, y = gq.load_calibration_images("demo:train", model, 20, return_labels=True)
+    frames, labels = ClutteredDigits("train", config=demo_config(model)).arrays(20, progress=False)
+    assert y.tolist() == labels[:20].tolist()
+    np.testing.assert_allclose(x, normalize_frames(frames[:20], model.spec.mean, model.spec.std), atol=1e-6)
+    xv = gq.load_calibration_images("demo", model, 20)
+    assert not np.allclose(xv, x)  # the validation split's images, not the train split's
+
+
 def test_uneven_reader_batches_are_rebatched_for_histograms(tiny, tmp_path):
     class Uneven:  # 21 patches in batches of 8, 8, 5
         def __init__(self, x):
@@ -418,6 +447,7 @@ def test_bias_correction_restores_fp32_channel_means(tiny):
     from gfnet_edge.quantize.bias_correction import correct_biases
 
     q = onnx.load(str(tiny["q"][("tensorrt", "focus")]))
+    q2 = onnx.load(str(tiny["q"][("tensorrt", "focus")]))
     f = onnx.load(str(tiny["pre"]["focus"]))
     prod = {o: n for n in q.graph.node for o in n.output}
     convs = [n for n in q.graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) == 3
@@ -427,8 +457,15 @@ def test_bias_correction_restores_fp32_channel_means(tiny):
     x = tiny["calib"].focus[:16]
     ref = _channel_means(f, tensors, x)
     before = _channel_means(q, tensors, x)
-    done = correct_biases(q, f, x)
+    cache = {}
+    done = correct_biases(q, f, x, reference=cache)
     assert set(done) == {n.name for n in convs}
+    assert set(cache) == set(tensors) and all(np.allclose(cache[t], ref[t], rtol=1e-5, atol=1e-6) for t in tensors)
+    # a second variant of the graph reuses the FP32 means (FP32 graph not run: garbage in its
+    # place would otherwise change the result) and gets the same biases
+    assert correct_biases(q2, onnx.ModelProto(), x, reference=cache) == done
+    assert all(np.array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
+               for a, b in zip(q.graph.initializer, q2.graph.initializer))
     after = _channel_means(q, tensors, x)
     err_before = err_after = 0.0
     for t in tensors:  # every corrected node has FP32's channel means (up to float rounding)

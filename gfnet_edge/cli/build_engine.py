@@ -57,7 +57,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="int8", help="graph/engine precision (default int8)")
     p.add_argument("--backend", choices=backends.choices(builds=True), default=backends.AUTO,
                    help="auto: TensorRT when it and a GPU are here, else a portable ONNX Runtime bundle")
-    p.add_argument("--calib-data", help="INT8 calibration images: folder, .npz, or 'demo' (default for the demo model)")
+    p.add_argument("--calib-data", help="INT8 calibration images: folder, .npz, 'demo' (the demo's validation split, default for the demo "
+                        "model) or 'demo:train' (its 5000-image train split)")
     p.add_argument("--num-calib", type=POSITIVE, default=256, help="calibration images (default 256)")
     p.add_argument("--calib-method", choices=["auto", "entropy", "max", "percentile"], default="auto",
                    help="activation calibration (default auto: the method measured best per INT8 profile, "
