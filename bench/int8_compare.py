@@ -101,6 +101,8 @@ class Case:
     per_seed: int
     num_calib: int = 256
     num_eval: int = 256
+    #: the demo's calibration source (``demo``: its validation split; ``demo:train``)
+    demo_calib: str = "demo"
     patch_size: int = 96
     #: the profiles' accuracy-driven mixed-precision search (off: every layer the profile
     #: quantizes stays INT8; ``BuildConfig(max_accuracy_drop=None)``)
@@ -174,7 +176,7 @@ def eval_images(case: Case, desc, seed: int, cache: bool) -> Tuple[np.ndarray, O
 def _checkpoint(case: Case, cdir: Path) -> Tuple[Path, Optional[str]]:
     """The checkpoint and the build's ``calib_data`` (None: the demo data) of a case."""
     if case.kind is Kind.DEMO:
-        return DEMO_CHECKPOINT, None
+        return DEMO_CHECKPOINT, case.demo_calib
     ckpt, calib = cdir / "checkpoint.pth.tar", cdir / "calibration_images.npz"
     if not ckpt.is_file():
         import torch
@@ -229,7 +231,8 @@ def calibration_arrays(case: Case, cdir: Path, ckpt: Path, calib_data: Optional[
     model, num_calib + num_eval)``; glance inputs, and patches at the locations the model's own
     policy picks (``QuantCalibrationSet.from_model``), as the quantizer calibrates on them.
     """
-    path = cdir / f"calibration_arrays_{case.num_calib}_{case.num_eval}.npz"
+    tag = "" if calib_data in (None, "demo") or case.kind is not Kind.DEMO else f"_{calib_data.replace(':', '-')}"
+    path = cdir / f"calibration_arrays_{case.num_calib}_{case.num_eval}{tag}.npz"
     if path.is_file():
         return path
     from gfnet_edge.build import calibration_split
@@ -339,19 +342,27 @@ def _graph_key(bundle, graph_set: str) -> str:
 
 
 def run_arm(bundle, arm: Arm, x: np.ndarray, threads: int) -> ArmTrace:
-    """Every step's probabilities (``Runtime.trace``) and the default-budget answers (``predict``)."""
+    """Every step's probabilities (``Runtime.trace``); the default budget's answers and exit
+    steps follow from them by the runtime's exit rule (checked against ``Runtime.predict`` on
+    the first chunk)."""
+    from gfnet_edge.evaluate import exit_steps
     from gfnet_edge.runtime import Runtime
 
-    probs, classes, exits = [], [], []
+    probs = []
     with Runtime(bundle.root, backend="onnxruntime", precision=arm.graph_set, threads=threads) as rt:
+        thresholds = rt.thresholds
         for i in range(0, x.shape[0], 250):
-            chunk = x[i:i + 250]
-            probs.append(rt.trace(chunk).probs)
-            p = rt.predict(chunk)
-            classes.append(p.classes)
-            exits.append(p.exit_step)
-    return ArmTrace(np.concatenate(probs, axis=1), np.concatenate(classes).astype(np.int64),
-                    np.concatenate(exits).astype(np.int64))
+            probs.append(rt.trace(x[i:i + 250]).probs)
+            if i == 0:
+                p = rt.predict(x[:250])
+                want = exit_steps(probs[0], thresholds)
+                if not np.array_equal(p.exit_step, want):  # float ties at a threshold only
+                    _log(f"{arm.graph_set}: Runtime.predict exits differ from the trace's on "
+                         f"{int((p.exit_step != want).sum())} of {len(want)} images")
+    probs = np.concatenate(probs, axis=1)
+    exits = exit_steps(probs, thresholds).astype(np.int64)
+    classes = probs[exits, np.arange(probs.shape[1])].argmax(axis=1).astype(np.int64)
+    return ArmTrace(probs, classes, exits)
 
 
 def trace_cached(bundle, arm: Arm, set_name: str, x_fn, cdir: Path, threads: int, times: Dict[str, Any]) -> ArmTrace:
@@ -454,7 +465,8 @@ def run_case(case: Case, st: Settings) -> Dict[str, Any]:
         "budget_thresholds": cmp_bundle.thresholds(None),
         "calibration": {"images": case.num_calib, "glance_inputs": case.num_calib,
                         "focus_patches": case.num_calib * (desc.steps - 1),
-                        "source": "demo validation split" if case.labelled else "synthetic images, seed 0",
+                        "source": (f"demo {'train' if case.demo_calib == 'demo:train' else 'validation'} split"
+                                   if case.labelled else "synthetic images, seed 0"),
                         "profiles_vs_modelopt": calib_note},
         "profiles": {p: {"method": r.get("method"), "mixed_precision": r.get("mixed_precision"),
                          "float_nodes": [f.get("node") for f in r.get("float_nodes", [])]} for p, r in q.items()},
@@ -558,6 +570,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--imagenet-per-seed", type=_positive, default=250, help="synthetic images per seed")
     ap.add_argument("--imagenet-search", action="store_true",
                     help="run the profiles' mixed-precision search on the random-weight model too")
+    ap.add_argument("--demo-calib", choices=("demo", "demo:train"), default="demo",
+                    help="the demo's calibration images: its validation split (default, as build-engine) or its "
+                         "5000-image train split (room for --num-calib up to 4744)")
+    ap.add_argument("--num-calib", type=_positive, default=256,
+                    help="demo calibration images, the same for every arm (default 256; the tensorrt profile "
+                         "fine-tunes from 2000)")
     ap.add_argument("--threads", type=_positive, default=2)
     ap.add_argument("--quick", action="store_true",
                     help="demo model only, gfnet-edge arms only, tiny image counts, no mixed-precision search")
@@ -567,7 +585,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def cases(a: argparse.Namespace) -> List[Case]:
     if a.quick:
         return [Case("demo", Kind.DEMO, a.seeds[:2], min(a.per_seed, 12), num_calib=32, num_eval=16, search=False)]
-    out = [Case("demo", Kind.DEMO, a.seeds, a.per_seed)]
+    out = [Case("demo", Kind.DEMO, a.seeds, a.per_seed, num_calib=a.num_calib, demo_calib=a.demo_calib)]
     if a.imagenet_model != "none":
         # random weights give near-uniform outputs: an accuracy-driven search would chase noise
         # (and take hours on 2 cores), so the profiles run with every layer they quantize in INT8
@@ -604,7 +622,10 @@ def main(argv=None) -> int:
 
     cmd = "python3 bench/int8_compare.py" + (" --quick" if a.quick else "") + (
         " --modelopt-python PYTHON" if a.modelopt_python else "") + (
-        f" --seeds {','.join(map(str, a.seeds))} --per-seed {a.per_seed}" if not a.quick else "")
+        f" --seeds {','.join(map(str, a.seeds))} --per-seed {a.per_seed}" if not a.quick else "") + (
+        f" --demo-calib {a.demo_calib}" if a.demo_calib != "demo" else "") + (
+        f" --num-calib {a.num_calib}" if a.num_calib != 256 else "") + (
+        f" --imagenet-model {a.imagenet_model}" if a.imagenet_model != "mobilenetv3_large_100" else "")
     results = {"command": cmd, "machine": machine(), "onnxruntime": onnxruntime.__version__,
                "wall_s": round(time.perf_counter() - t0, 1),
                "compute_s": round(sum(compute_s(c["times"]) for c in out), 1), "cases": out}
