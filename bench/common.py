@@ -109,12 +109,13 @@ def demo_fp32(work: Path):
                            thresholds=_budgets_from_checkpoint(model.meta, desc.steps)[DEFAULT_MACS_BUDGET]["thresholds"])
 
 
-def demo_test_images(model, seed: int, n: int):
-    """``n`` normalised demo test images (and labels) rendered with generator ``seed``."""
+def demo_test_images(model, seed: int, n: int, cache: bool = True):
+    """``n`` normalised demo test images (and labels) rendered with generator ``seed``
+    (``cache``: read / write the generator's cache file)."""
     from dataclasses import replace
 
     from gfnet_edge.data import ClutteredDigits, demo_config, normalize
 
     cfg = replace(demo_config(model) or ClutteredDigits("test").config, seed=seed)
-    frames, labels = ClutteredDigits("test", size=n, config=cfg).arrays(n, progress=False)
+    frames, labels = ClutteredDigits("test", size=n, config=cfg).arrays(n, progress=False, cache=cache)
     return normalize(frames), labels

@@ -52,7 +52,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, machine  # noqa: E402
+from common import ROOT, demo_test_images, machine  # noqa: E402
+from gfnet_edge.bundle import write_json_atomic  # noqa: E402
 from int8_metrics import ArmTrace, compare_arm, float_share, graph_macs, weighted_float_share  # noqa: E402
 
 DEMO_CHECKPOINT = ROOT / "gfnet_edge" / "assets" / "demo_gfnet.pth.tar"
@@ -132,12 +133,6 @@ def _read_json(path: Path) -> Dict[str, Any]:
         return {}
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    tmp.replace(path)
-
-
 # ----------------------------------------------------------------------------- images
 def synthetic_frames(n: int, size: int, seed: int) -> np.ndarray:
     """uint8 (n, size, size, 3) images with structure at several scales: smooth random colour
@@ -163,12 +158,8 @@ def normalise(frames: np.ndarray, mean: Sequence[float], std: Sequence[float]) -
 def eval_images(case: Case, desc, seed: int, cache: bool) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """Held-out images of one seed: normalised float32 (N, 3, S, S) and labels (None: synthetic)."""
     if case.kind is Kind.DEMO:
-        from gfnet_edge.data import ClutteredDigits, ClutteredDigitsConfig, demo_config
-
-        cfg = dataclasses.replace(demo_config(desc) or ClutteredDigitsConfig(), seed=int(seed))
-        frames, labels = ClutteredDigits("test", size=case.per_seed, config=cfg).arrays(
-            case.per_seed, progress=False, cache=cache)
-        return normalise(frames, desc.mean, desc.std), np.asarray(labels)
+        images, labels = demo_test_images(desc, int(seed), case.per_seed, cache=cache)
+        return images, np.asarray(labels)
     return normalise(synthetic_frames(case.per_seed, desc.image_size, seed), desc.mean, desc.std), None
 
 
@@ -220,7 +211,7 @@ def build(case: Case, cdir: Path, times: Dict[str, Any]):
     t0 = time.perf_counter()
     bundle = build_bundle(ckpt, out, cfg, progress=False)
     times["build_s"] = round(time.perf_counter() - t0, 1)
-    _write_json(cdir / "build.json", {"config": key, "seconds": times["build_s"]})
+    write_json_atomic(cdir / "build.json", {"config": key, "seconds": times["build_s"]})
     return ckpt, calib_data, bundle
 
 
@@ -291,7 +282,7 @@ def modelopt_graphs(arm: Arm, bundle, cdir: Path, calib: Path, st: Settings,
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     times[f"{arm.graph_set}_s"] = summary["wall_s"]
-    _write_json(info, summary)
+    write_json_atomic(info, summary)
     return graphs, None
 
 
@@ -426,7 +417,7 @@ def run_case(case: Case, st: Settings) -> Dict[str, Any]:
         for arm in arms:
             _log(f"{case.name}: {arm.graph_set} on {name}")
             per_set[arm.graph_set][name] = trace_cached(cmp_bundle, arm, name, images, cdir, st.threads, times)
-            _write_json(cdir / "times.json", times)
+            write_json_atomic(cdir / "times.json", times)
         if case.labelled:
             if "y" not in cache:
                 images()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Mapping, Sequence
 
 import numpy as np
 
@@ -117,15 +117,23 @@ def graph_macs(path: Path) -> List[NodeMacs]:
 
 def float_share(nodes: Sequence[NodeMacs]) -> float:
     """Percent of the multiply-adds of ``nodes`` in nodes that do not run in INT8."""
-    total = sum(n.macs for n in nodes)
-    return 100.0 * sum(n.macs for n in nodes if not n.int8) / total if total else 0.0
+    return _float_share({"graph": nodes}, {"graph": 1})
 
 
 def weighted_float_share(glance: Sequence[NodeMacs], focus: Sequence[NodeMacs], glance_runs: int,
                          focus_runs: int) -> float:
     """Percent of the backbone multiply-adds run in float when the glance graph runs
     ``glance_runs`` times and the focus graph ``focus_runs`` times."""
-    tot = glance_runs * sum(n.macs for n in glance) + focus_runs * sum(n.macs for n in focus)
-    flt = (glance_runs * sum(n.macs for n in glance if not n.int8)
-           + focus_runs * sum(n.macs for n in focus if not n.int8))
-    return 100.0 * flt / tot if tot else 0.0
+    return _float_share({"glance": glance, "focus": focus}, {"glance": glance_runs, "focus": focus_runs})
+
+
+def _float_share(graphs: Mapping[str, Sequence[NodeMacs]], runs: Mapping[str, int]) -> float:
+    """Percent of the multiply-adds of ``graphs`` (each run ``runs[g]`` times) not in INT8: the
+    complement of the quantizer's :func:`gfnet_edge.quantize.macs.int8_mac_share` (0 when there
+    are none)."""
+    from gfnet_edge.quantize.macs import int8_mac_share
+
+    # keyed by position: a node counts once even where a graph repeats a node name
+    macs = {g: {str(i): n.macs for i, n in enumerate(nodes)} for g, nodes in graphs.items()}
+    in_float = {g: frozenset(str(i) for i, n in enumerate(nodes) if not n.int8) for g, nodes in graphs.items()}
+    return 100.0 * (1.0 - int8_mac_share(macs, in_float, runs))

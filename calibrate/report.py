@@ -33,11 +33,16 @@ def _technology(s: Dict[str, Any]) -> str:
     return t["description"] if t else "onnxruntime cpu fp32"
 
 
+def format_technology_line(gfnet: str, static: Sequence[str]) -> str:
+    """How both sides ran, from their technology descriptions (each static one once):
+    ``GFNet: torch cuda fp16, captured; static: torch cuda fp16, captured``."""
+    return f"GFNet: {gfnet}; static: {'; '.join(dict.fromkeys(static))}"
+
+
 def technology_line(res: Dict[str, Any]) -> str:
-    """``GFNet: torch cuda fp16, captured; static: torch cuda fp16, captured``."""
+    """The technology line of a report (:func:`format_technology_line` of its ``technology``)."""
     t = res["technology"]
-    static = "; ".join(dict.fromkeys(x["description"] for x in t["static"]))
-    return f"GFNet: {t['gfnet']['description']}; static: {static}"
+    return format_technology_line(t["gfnet"]["description"], [x["description"] for x in t["static"]])
 
 
 def _img(png: bytes, alt: str, cls: str = "plot") -> str:

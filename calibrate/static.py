@@ -86,6 +86,12 @@ def export_static(path: Path, out_dir: Path) -> tuple:
         InputError: unreadable checkpoint.
     """
     net, meta = load_static_checkpoint(path)  # UnavailableError without torch
+    return export_network(net, meta, out_dir)
+
+
+def export_network(net: Any, meta: Dict[str, Any], out_dir: Path) -> tuple:
+    """A static network already read (:func:`load_static_checkpoint`) -> ``(onnx path,
+    JSON-safe metadata)``: ``out_dir/static.fp32.onnx``, batch dimension dynamic."""
     import torch
     S = int(meta["image_size"])
     dst = out_dir / "static.fp32.onnx"
@@ -223,15 +229,18 @@ def static_baselines(sources: List[str], frames: np.ndarray, labels: np.ndarray,
             work = Path(tmp) / str(k)
             work.mkdir()
             meta: Dict[str, Any] = {}
+            net: Any = None  # a checkpoint's network, read once for its metadata, export and torch module
             if SourceKind.of(p) is SourceKind.CHECKPOINT:
-                meta = _checkpoint_meta(p, model)
+                net, raw_meta = load_static_checkpoint(p)
+                meta = _checked_meta(p, raw_meta, model)
             exported: Dict[str, Path] = {}
 
-            def onnx_path(p: Path = p, work: Path = work, exported: Dict[str, Path] = exported) -> Path:
-                if SourceKind.of(p) is SourceKind.ONNX:
+            def onnx_path(p: Path = p, work: Path = work, exported: Dict[str, Path] = exported, net: Any = net,
+                          meta: Dict[str, Any] = meta) -> Path:
+                if net is None:
                     return p
                 if "fp32" not in exported:
-                    exported["fp32"] = export_static(p, work)[0]
+                    exported["fp32"] = export_network(net, meta, work)[0]
                 return exported["fp32"]
 
             def calib() -> np.ndarray:
@@ -240,19 +249,19 @@ def static_baselines(sources: List[str], frames: np.ndarray, labels: np.ndarray,
             label = meta.get("model_name") or p.stem
             lat_frames = frames[: min(len(frames), 32)]
             kw = dict(repeats=repeats, meta=meta, source=src, batch=batch, clock=clock)
-            with open_classifier(plan, p, onnx_path, model, threads, work, batch, calib=calib) as clf:
+            with open_classifier(plan, p, onnx_path, model, threads, work, batch, calib=calib, network=net) as clf:
                 out.append(evaluate_classifier(clf, f"{label} {plan.static.precision}", frames, labels, lat_frames,
                                                **kw))
             for prec in extra_int8(plan, int8):
                 with open_classifier(plan, p, onnx_path, model, threads, work, batch, precision=prec,
-                                     calib=calib) as clf:
+                                     calib=calib, network=net) as clf:
                     out.append(evaluate_classifier(clf, f"{label} {prec}", frames, labels, lat_frames, **kw))
     return out
 
 
-def _checkpoint_meta(path: Path, model: ModelDesc) -> Dict[str, Any]:
-    """A static checkpoint's metadata (no weights, JSON-safe), checked against the bundle's image size."""
-    _, meta = load_static_checkpoint(path)
+def _checked_meta(path: Path, meta: Dict[str, Any], model: ModelDesc) -> Dict[str, Any]:
+    """A static checkpoint's metadata (no weights) made JSON-safe and checked against the bundle's
+    image size."""
     meta = _json_safe(meta)
     if int(meta.get("image_size", model.image_size)) != model.image_size:
         raise InputError(f"--static {path}: baseline image size {meta.get('image_size')} differs from the "

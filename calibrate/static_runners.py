@@ -32,6 +32,8 @@ from gfnet_edge.runtime.backends.classifier import (Classifier, NumericPrecision
                                                     TorchClassifier, gfnet_technology, onnx_to_torch,
                                                     static_technology)
 
+from .report import format_technology_line
+
 #: Batches the accuracy pass runs at (its last call may be smaller); engines are built for them.
 ACCURACY_BATCH = 32
 
@@ -75,7 +77,8 @@ class StaticPlan:
         return cls(t, t)
 
     def describe(self) -> str:
-        return f"GFNet: {self.gfnet.describe()}; static: {self.static.describe()}"
+        """The report's technology line (:func:`~calibrate.report.format_technology_line`)."""
+        return format_technology_line(self.gfnet.describe(), [self.static.describe()])
 
     def to_dict(self) -> Dict[str, Any]:
         return {"gfnet": self.gfnet.to_dict(), "static": self.static.to_dict(), "description": self.describe()}
@@ -138,7 +141,7 @@ def _quantize_for_tensorrt(onnx_path: Path, dst: Path, calib: np.ndarray) -> Pat
 
 def open_classifier(plan: StaticPlan, source: Path, onnx_path: Callable[[], Path], model: Any,
                     threads: Optional[int], work: Path, batch: int, precision: Optional[str] = None,
-                    calib: Optional[Callable[[], np.ndarray]] = None) -> Classifier:
+                    calib: Optional[Callable[[], np.ndarray]] = None, network: Any = None) -> Classifier:
     """The classifier of one static source with the plan's static technology.
 
     Args:
@@ -151,6 +154,8 @@ def open_classifier(plan: StaticPlan, source: Path, onnx_path: Callable[[], Path
         batch: the calibration batch (the engine profile is tuned for it).
         precision: run at this precision instead of the plan's (the extra INT8 baseline).
         calib: normalised calibration images (N, 3, S, S) for an INT8 graph or engine.
+        network: a static checkpoint's network already read (the torch backend runs it, converted
+            in place to the technology's precision and device); ``None``: read ``source`` here.
     """
     tech = plan.static
     if precision is not None:
@@ -165,7 +170,9 @@ def open_classifier(plan: StaticPlan, source: Path, onnx_path: Callable[[], Path
             path = quantize_static_int8(path, work / "static.int8.onnx", calib())
         return OnnxRuntimeClassifier(path, model, threads, precision=tech.precision)
     if tech.backend == "torch":
-        if SourceKind.of(source) is SourceKind.ONNX:
+        if network is not None:
+            net = network
+        elif SourceKind.of(source) is SourceKind.ONNX:
             net = onnx_to_torch(source)
         else:
             from gfnet_edge.train.static import load_static

@@ -114,6 +114,26 @@ def test_the_static_side_runs_with_the_gfnet_sides_backend_place_precision_and_c
     json.dumps(plan.to_dict())  # goes into report.json as it is
 
 
+@pytest.mark.parametrize("rt, static_precisions, line", [
+    (_runtime("torch", "fp16-torch", True, "active"), None,
+     "GFNet: torch cuda fp16, captured; static: torch cuda fp16, captured"),
+    (_runtime("onnxruntime", "int8-cpu", False), ["fp32", "int8", "fp32"],
+     "GFNet: onnxruntime cpu int8; static: onnxruntime cpu fp32; onnxruntime cpu int8"),
+])
+def test_the_plan_and_the_report_write_the_same_technology_line(rt, static_precisions, line):
+    """StaticPlan.describe / to_dict and the report's line from report.json's ``technology``
+    (one entry per static result, as the pipeline writes it; each description named once)."""
+    from calibrate.report import technology_line
+
+    plan = StaticPlan.of_runtime(rt)
+    statics = [plan.static] if static_precisions is None else [
+        Technology(plan.static.backend, plan.static.device, p) for p in static_precisions]
+    res = {"technology": {"gfnet": plan.gfnet.to_dict(), "static": [t.to_dict() for t in statics]}}
+    assert technology_line(res) == line
+    if static_precisions is None:
+        assert plan.describe() == plan.to_dict()["description"] == line
+
+
 def test_technologies_that_cannot_exist_are_refused():
     with pytest.raises(InputError, match="onnxruntime backend runs on cpu, not cuda"):
         Technology("onnxruntime", "cuda", "fp32")
@@ -351,6 +371,36 @@ def test_onnxruntime_cpu_path_is_todays_and_torch_cpu_agrees(model, static, fram
                                  plan=_plan("torch", "cpu"))
     assert torch_res[0].accuracy == pytest.approx(want)
     assert torch_res[0].to_dict()["technology"]["description"] == "torch cpu fp32"
+
+
+@pytest.mark.parametrize("backend, device, int8, names", [
+    ("onnxruntime", "cpu", True, ["static_resnet10t fp32", "static_resnet10t int8"]),
+    ("torch", "cpu", False, ["static_resnet10t fp32"]),
+    ("tensorrt", "cuda", True, ["static_resnet10t fp32", "static_resnet10t int8"]),
+])
+def test_a_static_checkpoint_is_read_once_per_baseline(model, static, frames, monkeypatch, request, backend, device,
+                                                        int8, names):
+    """Metadata, the ONNX export (fp32 and its INT8 copy or engine) and the torch module all come
+    from one ``torch.load(..., weights_only=True)`` of the checkpoint."""
+    if backend == "tensorrt":
+        request.getfixturevalue("simulated_gpu")
+    reads = []
+    real = torch.load
+
+    def counting_load(f, *a, **kw):
+        if Path(f) == static.ckpt:
+            reads.append(kw.get("weights_only"))
+        return real(f, *a, **kw)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    x, y = frames
+    t = Technology(backend, device, "fp32", captured=device == "cuda")
+    plan = StaticPlan(t, t, {"precision": "fp32", "build_options": {}} if backend == "tensorrt" else None)
+    res = static_baselines([str(static.ckpt)], x[:8], y[:8], x, model, 1, int8, repeats=1, batch=2, plan=plan)
+    assert [r.name for r in res] == names
+    assert reads == [True]
+    want = 100.0 * float((reference_logits(static.onnx, model, x[:8]).argmax(1) == y[:8]).mean())
+    assert res[0].accuracy == pytest.approx(want)
 
 
 # ------------------------------------------------------------------------------- on a GPU

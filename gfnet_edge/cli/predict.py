@@ -16,8 +16,7 @@ class _Stop(Exception):
 
 def run(args: argparse.Namespace) -> int:
     """Classifies the images and prints one line (or JSON row) per image."""
-    import numpy as np
-
+    from ..calibrate.latency import prepare_frames
     from ..data.images import iter_image_batches
     from ..runtime import Runtime
 
@@ -34,14 +33,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         with Runtime(args.bundle, profile=args.profile, **runtime_kwargs(args)) as rt:
             m = rt.model
-            mean, std = np.asarray(m.mean, np.float32), np.asarray(m.std, np.float32)
 
-            def images():  # read batch by batch; the frames are already resized and centre-cropped
+            def images():  # read batch by batch; the frames are already resized and centre-cropped,
+                # normalised here by the extension (no second resize / crop)
                 for batch_names, frames in iter_image_batches(args.images, m.image_size, m.crop_pct,
                                                               m.dataset_interpolation, args.batch_size,
                                                               on_error=failed):
                     names.extend(batch_names)
-                    yield ((frames.astype(np.float32) / 255.0 - mean) / std).transpose(0, 3, 1, 2)
+                    yield prepare_frames(m, frames)
 
             try:
                 for preds in rt.predict_iter(images(), batch_size=args.batch_size, deadline_ms=args.deadline_ms,
