@@ -126,9 +126,8 @@ def prepare_frames(model: ModelLike, frames: np.ndarray) -> np.ndarray:
     from gfnet_edge import ops
 
     model = as_desc(model)
-    S = _check_frames(model, frames)
-    return ops.preprocess(list(frames), S, crop_pct=1.0, interpolation=model.dataset_interpolation,
-                          mean=model.mean, std=model.std)
+    _check_frames(model, frames)
+    return ops.normalise_frames(frames, model.mean, model.std, model.dataset_interpolation)
 
 
 def runtime_input(model: ModelLike, frames: np.ndarray) -> np.ndarray:

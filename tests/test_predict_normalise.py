@@ -1,5 +1,5 @@
-"""``gfnet-edge predict`` normalises its S x S frames with the extension's pre-processing
-(``prepare_frames``: ``ops.preprocess`` with ``crop_pct=1``): on random images the result equals
+"""``gfnet-edge predict`` (and the static baselines) normalise S x S frames with the extension's
+pre-processing (``ops.normalise_frames``: ``ops.preprocess`` with ``crop_pct=1``): on random images the result equals
 ``(x / 255 - mean) / std`` computed in NumPy (channels first), for either interpolation and any
 mean / std. (tests/test_cli_errors.py compares the CLI's predictions with the API fed that NumPy
 normalisation.)"""
@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from gfnet_edge import ops
 from gfnet_edge.calibrate.latency import prepare_frames
 from gfnet_edge.model_desc import ModelDesc
 
@@ -35,12 +36,16 @@ def test_predict_normalisation_equals_the_numpy_formula(size, interpolation, cro
     frames = rng.integers(0, 256, (5, size, size, 3), dtype=np.uint8)
     frames[0] = 0
     frames[1] = 255
-    got = prepare_frames(desc(size, interpolation, crop_pct, mean, std), frames)
+    got = ops.normalise_frames(frames, mean, std, interpolation)
     assert got.dtype == np.float32 and got.shape == (5, 3, size, size)
     np.testing.assert_allclose(got, numpy_normalise(frames, mean, std), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(prepare_frames(desc(size, interpolation, crop_pct, mean, std), frames), got)
 
 
 def test_frames_of_another_size_are_refused():
     frames = np.zeros((2, 31, 32, 3), np.uint8)
     with pytest.raises(ValueError, match=r"frames must be uint8 \(N, 32, 32, 3\)"):
         prepare_frames(desc(32, "bilinear", 1.0, (0.5,) * 3, (0.5,) * 3), frames)
+    for bad in (frames, np.zeros((2, 32, 32, 3), np.float32), np.zeros((32, 32, 3), np.uint8)):
+        with pytest.raises(ValueError, match=r"frames must be uint8 \(N, S, S, 3\)"):
+            ops.normalise_frames(bad)

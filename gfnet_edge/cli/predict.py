@@ -16,7 +16,7 @@ class _Stop(Exception):
 
 def run(args: argparse.Namespace) -> int:
     """Classifies the images and prints one line (or JSON row) per image."""
-    from ..calibrate.latency import prepare_frames
+    from .. import ops
     from ..data.images import iter_image_batches
     from ..runtime import Runtime
 
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
                                                               m.dataset_interpolation, args.batch_size,
                                                               on_error=failed):
                     names.extend(batch_names)
-                    yield prepare_frames(m, frames)
+                    yield ops.normalise_frames(frames, m.mean, m.std, m.dataset_interpolation)
 
             try:
                 for preds in rt.predict_iter(images(), batch_size=args.batch_size, deadline_ms=args.deadline_ms,

@@ -81,11 +81,12 @@ from .cuda import (CudaEvent, CudaGraph, DeviceBuffer, Stream, cuda_archs, cuda_
 from .cuda_kernels import (cuda_copy, cuda_crop_patches, cuda_gather_rows, cuda_glance, cuda_preprocess,
                            cuda_softmax_stats)
 from .heads import ActorHead, GRUCell, GRUHead, Linear, linear, softmax_stats
-from .image import IMAGENET_MEAN, IMAGENET_STD, crop_patches, glance, preprocess, resize_crop, resize_size
+from .image import (IMAGENET_MEAN, IMAGENET_STD, crop_patches, glance, normalise_frames, preprocess, resize_crop,
+                    resize_size)
 from .system import get_num_threads, read_pass_seconds, set_num_threads, set_simd_enabled, simd_level
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "resize_size", "preprocess", "resize_crop", "glance", "crop_patches",
+    "IMAGENET_MEAN", "IMAGENET_STD", "resize_size", "preprocess", "normalise_frames", "resize_crop", "glance", "crop_patches",
     "linear", "softmax_stats", "Linear", "GRUCell", "GRUHead", "ActorHead", "CascadedHead", "host_loop",
     "get_num_threads", "set_num_threads", "simd_level", "set_simd_enabled", "read_pass_seconds",
     "has_cuda_build", "cuda_device_count", "cuda_device_error", "cuda_archs", "cuda_device_properties",

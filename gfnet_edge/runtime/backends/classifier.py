@@ -190,9 +190,8 @@ class OnnxRuntimeClassifier(Classifier):
     def logits(self, frames: np.ndarray) -> np.ndarray:
         from ... import ops
 
-        m, S = self.model, self.image_size
-        x = ops.preprocess(list(self.check(frames)), S, crop_pct=1.0, interpolation=m.dataset_interpolation,
-                           mean=m.mean, std=m.std)
+        m = self.model
+        x = ops.normalise_frames(self.check(frames), m.mean, m.std, m.dataset_interpolation)
         return np.asarray(self.session.run(None, {self.input_name: x})[0])
 
     def close(self) -> None:
