@@ -188,3 +188,28 @@ def test_modelopt_arm_is_skipped_with_its_reason(tmp_path):
         graphs, why = int8_compare.modelopt_graphs(arm, None, tmp_path, tmp_path / "c.npz", st, {})
         assert graphs is None and needle in why
     assert not (tmp_path / arm.graph_set).exists()
+
+
+def test_exit_steps_from_the_trace_are_the_runtime_predict_answers(quick):
+    from gfnet_edge.bundle import Bundle
+    from gfnet_edge.runtime import Runtime
+
+    work, res = quick
+    case = int8_compare.cases(int8_compare.parse_args(["--quick", "--seeds", "11,12"]))[0]
+    bundle = Bundle.load(work / "demo" / "compare")
+    x, _ = int8_compare.eval_images(case, bundle.model, 11, cache=False)
+    for arm in int8_compare.GFNET_ARMS:
+        _, classes, exits = _trace(work, arm.graph_set, "seed11-n12")
+        with Runtime(bundle.root, backend="onnxruntime", precision=arm.graph_set, threads=2) as rt:
+            p = rt.predict(x)
+        np.testing.assert_array_equal(exits, p.exit_step)
+        np.testing.assert_array_equal(classes, p.classes)
+
+
+def test_demo_calibration_options_reach_the_case():
+    a = int8_compare.parse_args(["--demo-calib", "demo:train", "--num-calib", "3000", "--imagenet-model", "none"])
+    (case,) = int8_compare.cases(a)
+    assert (case.demo_calib, case.num_calib) == ("demo:train", 3000)
+    assert int8_compare._checkpoint(case, Path("unused"))[1] == "demo:train"  # the build's calib_data
+    with pytest.raises(SystemExit):
+        int8_compare.parse_args(["--demo-calib", "demo:test"])
