@@ -102,7 +102,7 @@ def test_glance_cache_returns_what_the_encoder_computes_once_per_image():
                 f0, _ = c(images[:3], torch.arange(3))
                 assert torch.allclose(f0, want[0][:3], atol=1e-6)
     assert small.computed == aug.computed == 6
-    assert len(lines) == 2 and "needs 0 MB > glance_cache_mb" in lines[0] and "augmented" in lines[1]
+    assert len(lines) == 2 and "needs 0.0 MB > glance_cache_mb" in lines[0] and "augmented" in lines[1]
 
 
 def test_image_folder_data_is_cached_only_without_augmentation(tmp_path):

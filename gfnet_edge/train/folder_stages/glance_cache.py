@@ -43,7 +43,7 @@ class GlanceCache:
         self.f0: Optional[torch.Tensor] = None
         self.fmap: Optional[torch.Tensor] = None
         self.have: Optional[torch.Tensor] = None  # bool (size,): rows kept
-        self.computed = 0  # images the encoder ran on (for the log and the tests)
+        self.computed = 0  # images the encoder ran on
 
     def _compute(self, x: torch.Tensor) -> Glance:
         self.computed += len(x)
@@ -55,7 +55,7 @@ class GlanceCache:
         if need > self.limit_bytes:
             self.enabled = False
             self.log(f"[{self.name}] glance features recomputed per batch: keeping them for {self.size} images "
-                     f"needs {need / 2 ** 20:.0f} MB > glance_cache_mb={self.limit_bytes / 2 ** 20:g}")
+                     f"needs {need / 2 ** 20:.1f} MB > glance_cache_mb={self.limit_bytes / 2 ** 20:g}")
             return False
         dev = f0.device
         self.f0 = torch.empty((self.size,) + tuple(f0.shape[1:]), dtype=f0.dtype, device=dev)
