@@ -4,7 +4,8 @@ Stages that train with the glance encoder frozen (stage 2 / ``ppo``, the demo's 
 and 3 with ``train_glance`` off) run it in eval mode on the same glance of an image every time
 it is drawn, when the train images are not augmented. :class:`GlanceCache` computes the pooled
 feature and the feature map of an image the first time a batch holds it (in the caller's
-no-grad / autocast context, as the stage computes them) and returns the kept rows afterwards.
+no-grad / autocast context, as the stage computes them; a batch holding any new image is
+computed whole) and returns the kept rows once every image of a batch has been seen.
 Its size is bounded: when the whole train split would take more than
 ``TrainSettings.glance_cache_mb`` (float32 bytes of the two outputs), the stage recomputes them
 per batch and logs why.
@@ -77,13 +78,12 @@ class GlanceCache:
             return f0, fmap
         idx = idx.to(self.have.device)
         miss = ~self.have[idx]
-        if bool(miss.all()):  # a batch of new images: computed as one batch, as without the cache
-            f0, fmap = self._compute(x)
-            self._store(idx, f0, fmap)
-            return f0, fmap
         if bool(miss.any()):
-            f0, fmap = self._compute(x[miss.to(x.device)])
-            self._store(idx[miss], f0, fmap)
+            # the whole batch, as without the cache: the rows an encoder computes for an image
+            # can differ in the last bits with the batch's size, not with the other images
+            f0, fmap = self._compute(x)
+            self._store(idx[miss], f0[miss.to(f0.device)], fmap[miss.to(fmap.device)])
+            return f0, fmap
         return self.f0[idx], self.fmap[idx]
 
     def _store(self, idx: torch.Tensor, f0: torch.Tensor, fmap: torch.Tensor) -> None:
