@@ -70,6 +70,8 @@ def target_actions(centres: np.ndarray, image_size: int, patch: int) -> np.ndarr
 class SplitDataset(torch.utils.data.Dataset):
     """A :class:`Split` as trainer items ``(uint8 (3, S, S), label, index)`` (no augmentation)."""
 
+    augmented = False  # an item is the same in every epoch
+
     def __init__(self, split: Split) -> None:
         self.split = split
         self.epoch = 0
@@ -121,16 +123,21 @@ class Batches:
 class EpochBatches(torch.utils.data.Sampler):
     """A batch sampler: epoch ``e`` of :class:`Batches`' stream, ``iters`` batches.
 
-    The stream is replayed from its seed up to epoch ``e`` (:meth:`set_epoch`), so an epoch's
-    batches depend only on (seed, epoch) and a resumed stage draws what an uninterrupted one
-    draws. ``batches`` holds the global batch of each epoch (the last entry repeats); each of
-    ``world`` processes takes rows ``rank::world`` of every batch.
+    One stream runs through the stage: epoch ``e`` takes the ``iters`` batches after those of
+    epochs ``0 .. e-1``, so an epoch's batches depend only on (seed, epoch). Epochs taken in
+    order continue the stream where the last one ended; any other epoch (the first one after a
+    resume, a repeated one) replays the stream from its seed up to that epoch, so a resumed
+    stage draws what an uninterrupted one draws. ``batches`` holds the global batch of each
+    epoch (the last entry repeats); each of ``world`` processes takes rows ``rank::world`` of
+    every batch.
     """
 
     def __init__(self, n: int, batches: List[int], iters: int, seed: int, rank: int = 0, world: int = 1) -> None:
         self.n, self.batches, self.iters, self.seed = n, list(batches), iters, seed
         self.rank, self.world = rank, world
         self.epoch = 0
+        self._stream: Optional[Batches] = None  # positioned at the start of epoch ``self._at``
+        self._at = -1
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -138,15 +145,25 @@ class EpochBatches(torch.utils.data.Sampler):
     def _batch(self, epoch: int) -> int:
         return min(self.batches[min(epoch, len(self.batches) - 1)], self.n)
 
+    def _draw(self, stream: Batches, epoch: int) -> List[np.ndarray]:
+        stream.batch = self._batch(epoch)
+        return [stream.next() for _ in range(self.iters)]
+
+    def epoch_batches(self, epoch: int) -> List[np.ndarray]:
+        """The global batches of ``epoch`` (continuing the stream when it is the next one)."""
+        if self._stream is None or self._at != epoch:
+            self._stream = Batches(self.n, self._batch(0), self.seed)
+            for e in range(epoch):
+                self._draw(self._stream, e)
+        out = self._draw(self._stream, epoch)
+        self._at = epoch + 1
+        return out
+
     def __iter__(self):
-        stream = Batches(self.n, self._batch(0), self.seed)
-        for e in range(self.epoch):
-            stream.batch = self._batch(e)
-            for _ in range(self.iters):
-                stream.next()
-        stream.batch = self._batch(self.epoch)
-        for _ in range(self.iters):
-            yield stream.next()[self.rank::self.world].tolist()
+        # drawn whole before the first batch is used: a loop that stops early (a time cap)
+        # still leaves the stream at the start of the next epoch
+        for b in self.epoch_batches(self.epoch):
+            yield b[self.rank::self.world].tolist()
 
     def __len__(self) -> int:
         return self.iters

@@ -136,12 +136,16 @@ def build_transform(image_size: int, crop_pct: float, interpolation: str, train:
 
 
 class FolderDataset(torch.utils.data.Dataset):
-    """Items ``(uint8 image (3, S, S), label, index)``; augmentation seeded per image and epoch."""
+    """Items ``(uint8 image (3, S, S), label, index)``; augmentation seeded per image and epoch.
 
-    def __init__(self, split: FolderSplit, transform: Callable, seed: int = 0) -> None:
+    ``augmented``: whether ``transform`` draws random numbers (an item then differs between epochs).
+    """
+
+    def __init__(self, split: FolderSplit, transform: Callable, seed: int = 0, augmented: bool = True) -> None:
         self.samples = split.samples
         self.transform = transform
         self.seed = seed
+        self.augmented = augmented
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -176,8 +180,9 @@ def folder_source(train: FolderSplit, val: FolderSplit, spec, seed: int, random_
                   hflip: bool = False) -> DataSource:
     """The image folder's splits as a :class:`DataSource` (decoded and resized for ``spec``)."""
     args = (spec.image_size, spec.crop_pct, spec.dataset_interpolation)
-    return DataSource(FolderDataset(train, build_transform(*args, True, random_crop, hflip), seed),
-                      FolderDataset(val, build_transform(*args, False), seed),
+    return DataSource(FolderDataset(train, build_transform(*args, True, random_crop, hflip), seed,
+                                    augmented=random_crop or hflip),
+                      FolderDataset(val, build_transform(*args, False), seed, augmented=False),
                       np.asarray(val.labels(), dtype=np.int64))
 
 

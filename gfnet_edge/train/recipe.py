@@ -101,6 +101,9 @@ class TrainSettings:
     clip: float = 0.2
     action_std: float = 0.1
     eval_max: int = 0  # images of val scored after each epoch (0: all)
+    #: Most memory (float32 MB) for the frozen glance encoder's outputs kept per train image in
+    #: stages that do not train it (0: recomputed per batch, as they are when the images are augmented).
+    glance_cache_mb: float = 1024.0
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)

@@ -137,13 +137,14 @@ class Run(FolderTrainer):
     def bc(self, resume: bool = True) -> None:
         """Policy warm start: regress every step's action onto the digit centre (encoders frozen)."""
         cfg, S, P, T = self.cfg, self.spec.image_size, self.spec.patch_size, self.spec.steps
-        pol, m, mp = self.model.policy, self.model.model, self.model.model_prime
+        pol, m = self.model.policy, self.model.model
+        cache = self.glance_cache("bc")
 
         def step(x, y, idx, g, opt, scaler):
             noise = self._draw(g, (T - 1, 2), len(y))
             target = self._targets(idx)
             with torch.no_grad():
-                fmap = mp(self.glance(x))[1]
+                fmap = cache(x, idx)[1]
             h, loss = None, 0.0
             for t in range(1, T):
                 out, h = pol.recur(pol.encode(fmap), h)

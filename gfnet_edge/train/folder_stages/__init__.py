@@ -17,8 +17,10 @@ split with a ``DistributedSampler``, or ``iters`` batches of a seeded stream whe
 says so); under ``torchrun`` the trainable part is wrapped in ``DistributedDataParallel``. All
 random draws of a step (patch corners, policy noise) come from a generator seeded by (seed,
 stage, epoch) and are drawn for the global batch, each rank taking its own rows, so W processes
-make the same updates as one. Rank 0 writes ``RUN/<stage>.pt`` after every epoch (weights,
-optimiser, loss scaler, history); a restarted run continues after the last finished epoch.
+make the same updates as one. Stages that keep the glance encoder frozen compute its outputs
+once per train image (:mod:`.glance_cache`) when the train images are not augmented. Rank 0
+writes ``RUN/<stage>.pt`` after every epoch (weights, optimiser, loss scaler, history); a
+restarted run continues after the last finished epoch.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ from ..data import EpochBatches
 from ..dist import DistContext
 from ..folder_data import DataSource, make_loader, normalise
 from ..recipe import StagePlan, TrainSettings
+from .glance_cache import GlanceCache
 from .losses import FocusLoss, PolicyEval, StaticLoss, normalised_returns, ppo_loss, sample_action, step_logits
 from .validation import Validation
 
@@ -198,6 +201,16 @@ class FolderTrainer(Validation):
         self.log(f"[{name}] resuming after epoch {ck['epoch']}")
         return ck["epoch"], ck["history"], ck["elapsed"]
 
+    def glance_cache(self, name: str) -> GlanceCache:
+        """The glance outputs of stage ``name`` (glance encoder frozen): kept per train image
+        unless ``cfg.glance_cache_mb`` is 0 or the train images are augmented (then recomputed
+        per batch, logged)."""
+        spec = self.spec
+        off = "the train images are augmented" if getattr(self.train_set, "augmented", True) else None
+        return GlanceCache(self.model.model_prime,
+                           lambda x: glance_input(x, spec.patch_size, spec.glance_interpolation),
+                           len(self.train_set), float(self.cfg.glance_cache_mb), self.log, name, off)
+
     # ------------------------------------------------------------------ the loop
     def loop(self, name: str, plan: StagePlan, params: List[nn.Parameter], train_modules: List[nn.Module],
              step: Step, evaluate: Callable[[], Dict[str, float]], adam: bool = False, schedule: bool = True,
@@ -323,12 +336,18 @@ class FolderTrainer(Validation):
         self._set_trainable(params)  # before DDP, which syncs exactly the parameters that need gradients
         net = self._ddp(FocusLoss(m, float(self.cfg.dsn_ratio or 0.0), policy, self.cfg.action_std))
         T, S, P = spec.steps, spec.image_size, spec.patch_size
+        cache = None if self.cfg.train_glance else self.glance_cache(name)
 
         def step(x, y, idx, g, opt, scaler):
             n = len(y)
             draw = self._draw(g, (T - 1, 2), n) if policy else self._draw(g, (T - 1, 2), n, S - P + 1)
             with self.autocast():
-                loss, logits = net(x, y, draw)
+                if cache is None:
+                    loss, logits = net(x, y, draw)
+                else:
+                    with torch.no_grad():
+                        glance = cache(x, idx)
+                    loss, logits = net(x, y, draw, glance)
             self._backward(loss, opt, scaler)
             return {"loss": loss.item(), "train_acc": 100.0 * (logits.argmax(1) == y).float().mean().item()}
 
@@ -367,12 +386,13 @@ class FolderTrainer(Validation):
             return
         self._set_trainable(list(m.policy.parameters()))
         net = self._ddp(PolicyEval(m, cfg.action_std))
+        cache = self.glance_cache(name)
 
         def step(x, y, idx, g, opt, scaler):
             noise = self._draw(g, (T - 1, 2), len(y))
             yv = y.view(-1, 1)
             with torch.no_grad(), self.autocast():
-                f0, fmap = m.model_prime(glance_input(x, P, spec.glance_interpolation))
+                f0, fmap = cache(x, idx)
                 feats, h = [f0], None
                 logits, h = step_logits(m, 0, feats, h)
                 p_last = F.softmax(logits.float(), 1).gather(1, yv).view(-1)

@@ -9,7 +9,7 @@
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -42,9 +42,10 @@ def sample_action(model: GFNet, fmap: torch.Tensor, h: Optional[torch.Tensor], n
 class FocusLoss(nn.Module):
     """Stages 1 and 3: the classification loss over all steps of a batch.
 
-    ``forward(x, y, draw)``: with ``policy=False`` ``draw`` holds the patch corners (T-1, n, 2);
-    with ``policy=True`` it holds the policy's noise (T-1, n, 2) and the (frozen) policy places
-    the patches. Returns ``(loss, last step's logits)``.
+    ``forward(x, y, draw, glance=None)``: with ``policy=False`` ``draw`` holds the patch corners
+    (T-1, n, 2); with ``policy=True`` it holds the policy's noise (T-1, n, 2) and the (frozen)
+    policy places the patches. ``glance``: the frozen glance encoder's ``(pooled, feature map)``
+    of ``x`` when the caller has them (else computed here). Returns ``(loss, last step's logits)``.
     """
 
     def __init__(self, model: GFNet, dsn_ratio: float, policy: bool, action_std: float) -> None:
@@ -54,10 +55,11 @@ class FocusLoss(nn.Module):
         self.policy = policy
         self.std = action_std
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, draw: torch.Tensor):
+    def forward(self, x: torch.Tensor, y: torch.Tensor, draw: torch.Tensor,
+                glance: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
         m, spec = self.model, self.model.spec
         S, P, T = spec.image_size, spec.patch_size, spec.steps
-        f0, fmap = m.model_prime(glance_input(x, P, spec.glance_interpolation))
+        f0, fmap = glance if glance is not None else m.model_prime(glance_input(x, P, spec.glance_interpolation))
         feats, h, h_pol = [f0], None, None
         logits, h = step_logits(m, 0, feats, h)
         loss = F.cross_entropy(logits, y)
