@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..argtypes import POSITIVE, THREADS, float_range, int_range
 from ..errors import InputError
+from ..quantize.profiles import TENSORRT
 from ..runtime import backends
 from .options import add_trt_build_options, trt_build_options
 
@@ -69,8 +70,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="keep the most sensitive layers in float until the final-step accuracy drop is within this many points")
     p.add_argument("--finetune-epochs", type=int_range(0, 1000), default=None, metavar="N",
                    help="quantization-aware fine-tuning: adjust the INT8 graphs' weights for N epochs so that their "
-                        "outputs match the FP32 graphs' on the calibration images (default: off; needs torch; "
-                        "worth it with a few thousand calibration images, see docs/quantization.md)")
+                        "outputs match the FP32 graphs' on the calibration images (needs torch; default: the "
+                        f"tensorrt profile fine-tunes {TENSORRT.finetune_epochs} epochs when there are at least "
+                        f"{TENSORRT.finetune_min_images} calibration images, fewer overfit; 0: off; see "
+                        "docs/quantization.md)")
     p.add_argument("--include-checkpoint", action="store_true", help="copy the checkpoint into the bundle (torch backend)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     p.add_argument("--model-name", help="variant name when the checkpoint does not store it and it cannot be "
