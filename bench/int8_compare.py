@@ -496,6 +496,12 @@ def case_markdown(r: Dict[str, Any]) -> str:
                      f"{p['final_flips']['gained']}] | {bud} | **{_pm(p['budget_delta'])}** [{p['budget_flips']['lost']}/"
                      f"{p['budget_flips']['gained']}] | {ex} ({p['exit_agreement']:.1f}%) | "
                      f"{m['float_pct_at_budget']:.1f}% | {m['glance_float_pct']:.0f}% |")
+    lines += ["", "Exit disagreements by the step whose exit decision differs (pooled; images that left at that "
+              "step in one graph set and not the other / images both reached it):", ""]
+    for row in r["rows"]:
+        if row["graph_set"] != "fp32" and "exit_decision_flips" in row["pooled"]:
+            lines.append(f"- {row['label']}: " + ", ".join(f"step {d['step']}: {d['flips']} / {d['reached']}"
+                                                           for d in row["pooled"]["exit_decision_flips"]))
     lines.append("")
     for name, why in r["skipped"].items():
         lines.append(f"- `{name}` skipped: {why}")

@@ -47,6 +47,19 @@ def flips(ref_ok: np.ndarray, test_ok: np.ndarray) -> Dict[str, int]:
     return {"lost": int((ref_ok & ~test_ok).sum()), "gained": int((~ref_ok & test_ok).sum())}
 
 
+def decision_flips(ref_exit: np.ndarray, test_exit: np.ndarray, steps: int) -> List[Dict[str, int]]:
+    """Where two exit-step vectors part: for each step k but the last, the images both runs
+    reached (``reached``) and those of them that one run left at k and the other did not
+    (``flips``). Every image whose exit steps differ is counted once, at the first decision that
+    differs, so the flips add up to the exit disagreements."""
+    out = []
+    for k in range(steps - 1):
+        reached = (ref_exit >= k) & (test_exit >= k)
+        flips = reached & ((ref_exit == k) != (test_exit == k))
+        out.append({"step": k, "flips": int(flips.sum()), "reached": int(reached.sum())})
+    return out
+
+
 def compare_arm(ref: ArmTrace, test: ArmTrace, labels: np.ndarray) -> Dict[str, Any]:
     """Accuracy of ``test`` and ``ref`` (percent), its difference (test - ref, points) with the
     paired flip counts, at the final step and at the default budget, and exit agreement.
@@ -72,6 +85,7 @@ def compare_arm(ref: ArmTrace, test: ArmTrace, labels: np.ndarray) -> Dict[str, 
         "budget_delta": float(100.0 * (bud_test.mean() - bud_ref.mean())),
         "budget_flips": flips(bud_ref, bud_test),
         "exit_agreement": float(100.0 * (ref.exit_step == test.exit_step).mean()),
+        "exit_decision_flips": decision_flips(ref.exit_step, test.exit_step, test.steps),
         "exit_counts": np.bincount(test.exit_step, minlength=test.steps).tolist(),
         "prediction_agreement": [float(100.0 * a) for a in (pred_ref == pred_test).mean(axis=1)],
         "focus_runs": int(test.exit_step.sum()),

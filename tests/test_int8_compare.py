@@ -78,6 +78,11 @@ def test_accuracy_flips_and_exits_match_a_recomputation(quick):
             assert got["final_delta"] == pytest.approx(100.0 * (sum(final_ok) - sum(r_final)) / len(y))
             assert got["budget_delta"] == pytest.approx(100.0 * (sum(budget_ok) - sum(r_budget)) / len(y))
             assert got["exit_agreement"] == pytest.approx(100.0 * sum(a == b for a, b in zip(exits, r_exits)) / len(y))
+            # each disagreement counted once, at the first step where one run exits and the other goes on
+            first = [min(a, b) for a, b in zip(exits, r_exits) if a != b]
+            assert [d["flips"] for d in got["exit_decision_flips"]] == [first.count(k) for k in range(len(thr) - 1)]
+            assert [d["reached"] for d in got["exit_decision_flips"]] == [
+                sum(min(a, b) >= k for a, b in zip(exits, r_exits)) for k in range(len(thr) - 1)]
     for g, row in rows.items():  # pooled figures are the image-weighted mean of the per-seed ones
         per = row["per_seed"].values()
         assert row["pooled"]["final_delta"] == pytest.approx(np.mean([p["final_delta"] for p in per]))
