@@ -2,7 +2,6 @@
 epochs (replayed only on resume) and the frozen glance encoder's outputs kept per image."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -118,16 +117,14 @@ def test_image_folder_data_is_cached_only_without_augmentation(tmp_path):
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("GFNET_EDGE_CACHE")
-    os.environ["GFNET_EDGE_CACHE"] = str(d)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield d
-    torch.set_num_threads(threads)
-    if old is None:
-        os.environ.pop("GFNET_EDGE_CACHE", None)
-    else:
-        os.environ["GFNET_EDGE_CACHE"] = old
+    with pytest.MonkeyPatch.context() as mp:  # the generated data go to this module's own cache
+        mp.setenv("GFNET_EDGE_CACHE", str(d))
+        torch.set_num_threads(1)
+        try:
+            yield d
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _frozen_glance_stages(out: Path, cache_mb: float):
