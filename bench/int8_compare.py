@@ -255,11 +255,14 @@ def _calibration_mismatch(bundle, calib: Path) -> Optional[str]:
 
 def modelopt_graphs(arm: Arm, bundle, cdir: Path, calib: Path, st: Settings,
                     times: Dict[str, Any]) -> Tuple[Optional[Dict[str, Path]], Optional[str]]:
-    """ModelOpt's graphs of one arm (quantized once), or (None, why they are missing)."""
+    """ModelOpt's graphs of one arm (quantized once per FP32 graph pair and calibration set), or
+    (None, why they are missing)."""
     out = cdir / arm.graph_set
     graphs = {g: out / f"{g}.onnx" for g in ("glance", "focus")}
     info = out / "modelopt.json"
-    if all(p.is_file() for p in graphs.values()) and info.is_file():
+    arts, fp32_rel = bundle.manifest["artifacts"], bundle.manifest["graphs"]["fp32"]
+    key = {"calibration": calib.name, "fp32": [arts[fp32_rel[g]]["sha256"] for g in ("glance", "focus")]}
+    if all(p.is_file() for p in graphs.values()) and _read_json(info).get("key") == key:
         return graphs, None
     if not st.modelopt_python:
         return None, "no ModelOpt environment given (--modelopt-python PYTHON, a Python with nvidia-modelopt[onnx])"
@@ -281,6 +284,7 @@ def modelopt_graphs(arm: Arm, bundle, cdir: Path, calib: Path, st: Settings,
         return None, f"ModelOpt exited with {proc.returncode}: {last} (log: {out / 'modelopt.log'})"
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
+    summary["key"] = key
     times[f"{arm.graph_set}_s"] = summary["wall_s"]
     write_json_atomic(info, summary)
     return graphs, None

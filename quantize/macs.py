@@ -34,7 +34,13 @@ def node_macs(model) -> Dict[str, int]:
     shapes = _shapes(model)
     inits = {t.name for t in model.graph.initializer}
     # a quantized graph's weights reach the node through a DequantizeLinear of an initializer
-    inits |= {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+    # (integer weights) or of a QuantizeLinear of one (float weights quantized in the graph, as
+    # ModelOpt writes them); either has the initializer's shape
+    for n in model.graph.node:  # graph order: a QuantizeLinear comes before its DequantizeLinear
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.input[0] in inits:
+            inits.add(n.output[0])
+            if n.output[0] not in shapes and n.input[0] in shapes:
+                shapes[n.output[0]] = shapes[n.input[0]]
     out: Dict[str, int] = {}
     for n in model.graph.node:
         if n.op_type not in WEIGHTED_OP_TYPES or len(n.input) < 2:

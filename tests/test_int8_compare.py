@@ -218,3 +218,24 @@ def test_demo_calibration_options_reach_the_case():
     assert int8_compare._checkpoint(case, Path("unused"))[1] == "demo:train"  # the build's calib_data
     with pytest.raises(SystemExit):
         int8_compare.parse_args(["--demo-calib", "demo:test"])
+
+
+def test_modelopt_graphs_are_reused_only_for_the_same_calibration_set(quick, tmp_path):
+    from gfnet_edge.bundle import Bundle
+
+    work, _ = quick
+    bundle = Bundle.load(work / "demo" / "bundle")
+    arm = int8_compare.MODELOPT_ARMS[0]
+    st = int8_compare.Settings(tmp_path, 1, None)
+    out = tmp_path / arm.graph_set
+    out.mkdir()
+    for g in ("glance", "focus"):
+        (out / f"{g}.onnx").write_bytes(b"graph")
+    fp32 = [bundle.manifest["artifacts"][bundle.manifest["graphs"]["fp32"][g]]["sha256"] for g in ("glance", "focus")]
+    calib = tmp_path / "calibration_arrays_3000_256_demo-train.npz"
+    (out / "modelopt.json").write_text(json.dumps({"key": {"calibration": "calibration_arrays_256_256.npz", "fp32": fp32}}))
+    graphs, why = int8_compare.modelopt_graphs(arm, bundle, tmp_path, calib, st, {})
+    assert graphs is None and "no ModelOpt environment" in why  # other calibration images: quantize again
+    (out / "modelopt.json").write_text(json.dumps({"key": {"calibration": calib.name, "fp32": fp32}}))
+    graphs, why = int8_compare.modelopt_graphs(arm, bundle, tmp_path, calib, st, {})
+    assert why is None and graphs == {g: out / f"{g}.onnx" for g in ("glance", "focus")}

@@ -342,6 +342,33 @@ def test_tensorrt_profile_keeps_both_graphs_int8_within_mac_limit(tiny, tmp_path
     assert rep["int8_mac_share"] == pytest.approx(int8 / total, abs=1e-4)
 
 
+def test_multiply_adds_are_counted_through_weights_quantized_in_the_graph(tiny):
+    """ModelOpt writes float weights followed by QuantizeLinear -> DequantizeLinear; the count
+    through that chain equals the FP32 graph's."""
+    from gfnet_edge.quantize.macs import node_macs
+
+    f = onnx.load(str(tiny["pre"]["glance"]))
+    want = node_macs(f)
+    assert want and all(want.values())
+    m = onnx.ModelProto()
+    m.CopyFrom(f)
+    inits = {t.name for t in m.graph.initializer}
+    nodes = []
+    for n in m.graph.node:
+        if n.name in want and n.input[1] in inits:
+            w = n.input[1]
+            m.graph.initializer.extend([onnx.numpy_helper.from_array(np.array(0.01, np.float32), f"{w}_s"),
+                                        onnx.numpy_helper.from_array(np.array(0, np.int8), f"{w}_z")])
+            nodes += [helper.make_node("QuantizeLinear", [w, f"{w}_s", f"{w}_z"], [f"{w}_q"]),
+                      helper.make_node("DequantizeLinear", [f"{w}_q", f"{w}_s", f"{w}_z"], [f"{w}_dq"])]
+            n.input[1] = f"{w}_dq"
+        nodes.append(n)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    del m.graph.value_info[:]
+    assert node_macs(m) == want
+
+
 def test_quantize_model_holds_out_calibration_images(tiny, tmp_path):
     pytest.importorskip("gfnet_edge.ops", reason="the runtime extension scores the graphs")
     fp32 = {g: tiny["paths"][g] for g in ("glance", "focus")}
