@@ -221,7 +221,7 @@ def _quantize(model, tmp: Path, manifest: Dict[str, Any], images, cfg: BuildConf
     reports = {}
     for prof in profiles:
         opts = QuantizeOptions(profile=prof, method=cfg.calib_method, max_accuracy_drop=cfg.max_accuracy_drop,
-                               finetune_epochs=cfg.finetune_epochs)
+                               finetune_epochs=cfg.finetune_epochs, num_calib=n_cal)
         res = quantize_model(model, fp32, tmp / "heads.npz", calib, tmp / "graphs" / f"int8-{prof}", opts,
                              eval_images=eval_x if len(eval_x) else None, eval_labels=eval_y, progress=progress)
         rel = {}

@@ -552,3 +552,27 @@ def test_tensorrt_default_keeps_residual_stream_float(tiny, tmp_path):
     convs = [n for n in m.graph.node if n.op_type == "Conv"]
     assert all(prod[n.input[0]].op_type == "DequantizeLinear" and prod[n.input[1]].op_type == "DequantizeLinear"
                for n in convs)  # every multiply-add still in INT8
+
+
+def test_build_quantizes_with_every_calibration_image_it_loads(monkeypatch, tmp_path):
+    """build-engine's --num-calib reaches the quantizer (more than QuantizeOptions' default)."""
+    import gfnet_edge.quantize as quant_pkg
+    from gfnet_edge import build
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def fake_quantize_model(model, fp32, heads, calib, out, opts, **kw):
+        seen["calib"], seen["opts"] = calib, opts
+        raise Stop
+
+    monkeypatch.setattr(quant_pkg, "quantize_model", fake_quantize_model)
+    model = _tiny_model()
+    n = gq.QuantizeOptions().num_calib + 40
+    images = _images(n + 20)
+    cfg = build.BuildConfig(num_calib=n, int8_profiles=("tensorrt",))
+    with pytest.raises(Stop):
+        build._quantize(model, tmp_path, {"graphs": {}}, images, cfg, "onnxruntime", False)
+    assert seen["calib"].num_images == n == seen["opts"].num_calib
