@@ -253,6 +253,12 @@ def _calibration_mismatch(bundle, calib: Path) -> Optional[str]:
     return None
 
 
+def _modelopt_key(bundle, calib: Path) -> Dict[str, Any]:
+    """What ModelOpt's graphs of a case depend on: the calibration arrays and the FP32 graphs."""
+    arts, fp32 = bundle.manifest["artifacts"], bundle.manifest["graphs"]["fp32"]
+    return {"calibration": calib.name, "fp32": [arts[fp32[g]]["sha256"] for g in ("glance", "focus")]}
+
+
 def modelopt_graphs(arm: Arm, bundle, cdir: Path, calib: Path, st: Settings,
                     times: Dict[str, Any]) -> Tuple[Optional[Dict[str, Path]], Optional[str]]:
     """ModelOpt's graphs of one arm (quantized once per FP32 graph pair and calibration set), or
@@ -260,9 +266,7 @@ def modelopt_graphs(arm: Arm, bundle, cdir: Path, calib: Path, st: Settings,
     out = cdir / arm.graph_set
     graphs = {g: out / f"{g}.onnx" for g in ("glance", "focus")}
     info = out / "modelopt.json"
-    arts, fp32_rel = bundle.manifest["artifacts"], bundle.manifest["graphs"]["fp32"]
-    key = {"calibration": calib.name, "fp32": [arts[fp32_rel[g]]["sha256"] for g in ("glance", "focus")]}
-    if all(p.is_file() for p in graphs.values()) and _read_json(info).get("key") == key:
+    if all(p.is_file() for p in graphs.values()) and _read_json(info).get("key") == _modelopt_key(bundle, calib):
         return graphs, None
     if not st.modelopt_python:
         return None, "no ModelOpt environment given (--modelopt-python PYTHON, a Python with nvidia-modelopt[onnx])"
@@ -284,7 +288,7 @@ def modelopt_graphs(arm: Arm, bundle, cdir: Path, calib: Path, st: Settings,
         return None, f"ModelOpt exited with {proc.returncode}: {last} (log: {out / 'modelopt.log'})"
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
-    summary["key"] = key
+    summary["key"] = _modelopt_key(bundle, calib)
     times[f"{arm.graph_set}_s"] = summary["wall_s"]
     write_json_atomic(info, summary)
     return graphs, None
