@@ -19,10 +19,17 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "gfnet_edge" / "assets" / "demo_gfnet.pth.tar"
 
 
+def _default_sigint() -> None:
+    # as in an interactive shell: a suite started as a background job of a non-interactive shell
+    # inherits SIGINT ignored, and an ignored SIGINT never reaches the build
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _build(out: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "gfnet_edge.cli", "build-engine", str(DEMO), "-o", str(out),
                              "--precision", "fp32", "--backend", "onnxruntime", "-q", *extra],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
 
 
 def _wait_for_staging(parent: Path, proc: subprocess.Popen) -> Path:
