@@ -192,16 +192,18 @@ def first_patch_location(heads: Dict[str, np.ndarray]) -> Callable[[Dict[str, An
     """
     import torch
 
-    w_ih, b_ih, b_hh = (torch.from_numpy(np.asarray(heads[k], np.float32)) for k in ("pol.w_ih", "pol.b_ih", "pol.b_hh"))
-    a_w, a_b = (torch.from_numpy(np.asarray(heads[k], np.float32)) for k in ("pol.actor.w", "pol.actor.b"))
-    hidden = b_hh.shape[0] // 3
+    w = {k: torch.from_numpy(np.asarray(heads[k], np.float32)) for k in
+         ("pol.w_ih", "pol.w_hh", "pol.b_ih", "pol.b_hh", "pol.actor.w", "pol.actor.b")}
+    cell = torch.nn.GRUCell(w["pol.w_ih"].shape[1], w["pol.w_hh"].shape[1])
+    actor = torch.nn.Linear(w["pol.actor.w"].shape[1], w["pol.actor.w"].shape[0])
+    with torch.no_grad():
+        for p, k in ((cell.weight_ih, "pol.w_ih"), (cell.weight_hh, "pol.w_hh"), (cell.bias_ih, "pol.b_ih"),
+                     (cell.bias_hh, "pol.b_hh"), (actor.weight, "pol.actor.w"), (actor.bias, "pol.actor.b")):
+            p.copy_(w[k])
+    cell.requires_grad_(False)  # fixed heads: gradients reach policy_state only
+    actor.requires_grad_(False)
 
     def derive(outs: Dict[str, Any]) -> List[Any]:
-        gi = outs["policy_state"] @ w_ih.t() + b_ih
-        r = torch.sigmoid(gi[:, :hidden] + b_hh[:hidden])
-        z = torch.sigmoid(gi[:, hidden:2 * hidden] + b_hh[hidden:2 * hidden])
-        cand = torch.tanh(gi[:, 2 * hidden:] + r * b_hh[2 * hidden:])
-        h = (1.0 - z) * cand  # the GRU's state starts at zero
-        return [torch.sigmoid(h @ a_w.t() + a_b)]
+        return [torch.sigmoid(actor(cell(outs["policy_state"])))]  # the GRU's state starts at zero
 
     return derive
