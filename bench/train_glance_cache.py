@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT as REPO, machine as describe_machine  # noqa: E402  (also makes the checkout importable)
 
 
 def _run(stage: str, cache_mb: float, args, train, val, state, dcfg) -> dict:
@@ -47,16 +45,6 @@ def _run(stage: str, cache_mb: float, args, train, val, state, dcfg) -> dict:
     train_s = args.iters * args.batch / rec["images_per_s"]  # the batch loop (images_per_s excludes validation)
     return {"stage": stage, "glance_cache_mb": cache_mb, "train_s": round(train_s, 2), "wall_s": round(wall, 2),
             "images_per_s": rec["images_per_s"], "loss": rec["loss"], "policy": policy}
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> int:
@@ -98,7 +86,7 @@ def main(argv=None) -> int:
                   f"{base['train_s']:.1f} s, kept {cached['train_s']:.1f} s -> {rows[-1]['ratio']:.2f}x "
                   f"(stage wall clock {base['wall_s']:.1f} / {cached['wall_s']:.1f} s); largest policy weight difference {diff:.1e}",
                   flush=True)
-    machine = f"{_cpu()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {args.threads} torch thread(s)"
+    machine = f"{describe_machine()}, torch {torch.__version__}, {args.threads} torch thread(s)"
     print(f"machine: {machine}")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine, "args": vars(args), "runs": rows}, indent=1) + "\n")

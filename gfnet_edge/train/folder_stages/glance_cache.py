@@ -43,7 +43,8 @@ class GlanceCache:
         self.off = off if limit_mb > 0 else None
         self.f0: Optional[torch.Tensor] = None
         self.fmap: Optional[torch.Tensor] = None
-        self.have: Optional[torch.Tensor] = None  # bool (size,): rows kept
+        self.have: Optional[torch.Tensor] = None  # bool (size,) on the CPU: rows kept (no device sync to test)
+        self.full = False  # every row kept: no test at all
         self.computed = 0  # images the encoder ran on
 
     def _compute(self, x: torch.Tensor) -> Glance:
@@ -61,7 +62,7 @@ class GlanceCache:
         dev = f0.device
         self.f0 = torch.empty((self.size,) + tuple(f0.shape[1:]), dtype=f0.dtype, device=dev)
         self.fmap = torch.empty((self.size,) + tuple(fmap.shape[1:]), dtype=fmap.dtype, device=dev)
-        self.have = torch.zeros(self.size, dtype=torch.bool, device=dev)
+        self.have = torch.zeros(self.size, dtype=torch.bool)
         return True
 
     def __call__(self, x: torch.Tensor, idx: torch.Tensor) -> Glance:
@@ -76,18 +77,22 @@ class GlanceCache:
             if self._allocate(f0, fmap):
                 self._store(idx, f0, fmap)
             return f0, fmap
-        idx = idx.to(self.have.device)
-        miss = ~self.have[idx]
-        if bool(miss.any()):
-            # the whole batch, as without the cache: the rows an encoder computes for an image
-            # can differ in the last bits with the batch's size, not with the other images
-            f0, fmap = self._compute(x)
-            self._store(idx[miss], f0[miss.to(f0.device)], fmap[miss.to(fmap.device)])
-            return f0, fmap
-        return self.f0[idx], self.fmap[idx]
+        idx = idx.cpu()
+        if not self.full:
+            miss = ~self.have[idx]
+            if bool(miss.any()):
+                # the whole batch, as without the cache: the rows an encoder computes for an image
+                # can differ in the last bits with the batch's size, not with the other images
+                f0, fmap = self._compute(x)
+                dev = miss.to(f0.device)
+                self._store(idx[miss], f0[dev], fmap[dev])
+                return f0, fmap
+        rows = idx.to(self.f0.device)
+        return self.f0[rows], self.fmap[rows]
 
     def _store(self, idx: torch.Tensor, f0: torch.Tensor, fmap: torch.Tensor) -> None:
-        idx = idx.to(self.have.device)
-        self.f0[idx] = f0.detach().to(self.f0.dtype)
-        self.fmap[idx] = fmap.detach().to(self.fmap.dtype)
+        rows = idx.to(self.f0.device)
+        self.f0[rows] = f0.detach().to(self.f0.dtype)
+        self.fmap[rows] = fmap.detach().to(self.fmap.dtype)
         self.have[idx] = True
+        self.full = bool(self.have.all())
