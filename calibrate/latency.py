@@ -127,7 +127,7 @@ def prepare_frames(model: ModelLike, frames: np.ndarray) -> np.ndarray:
 
     model = as_desc(model)
     _check_frames(model, frames)
-    return ops.normalise_frames(frames, model.mean, model.std, model.dataset_interpolation)
+    return ops.normalise_frames(frames, model.mean, model.std)
 
 
 def runtime_input(model: ModelLike, frames: np.ndarray) -> np.ndarray:

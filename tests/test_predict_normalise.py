@@ -36,7 +36,7 @@ def test_predict_normalisation_equals_the_numpy_formula(size, interpolation, cro
     frames = rng.integers(0, 256, (5, size, size, 3), dtype=np.uint8)
     frames[0] = 0
     frames[1] = 255
-    got = ops.normalise_frames(frames, mean, std, interpolation)
+    got = ops.normalise_frames(frames, mean, std)
     assert got.dtype == np.float32 and got.shape == (5, 3, size, size)
     np.testing.assert_allclose(got, numpy_normalise(frames, mean, std), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(prepare_frames(desc(size, interpolation, crop_pct, mean, std), frames), got)

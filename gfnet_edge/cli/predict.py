@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
                                                               m.dataset_interpolation, args.batch_size,
                                                               on_error=failed):
                     names.extend(batch_names)
-                    yield ops.normalise_frames(frames, m.mean, m.std, m.dataset_interpolation)
+                    yield ops.normalise_frames(frames, m.mean, m.std)
 
             try:
                 for preds in rt.predict_iter(images(), batch_size=args.batch_size, deadline_ms=args.deadline_ms,

@@ -7,6 +7,7 @@ every build so that tests compare them with the Python loop's rule
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -26,6 +27,7 @@ def exits_at(maxprob: np.ndarray, threshold: float) -> np.ndarray:
     return _C.cuda.exits_at(np.ascontiguousarray(maxprob, np.float32), float(threshold))
 
 
+@functools.lru_cache(maxsize=None)  # read back after every batch-1 loop run
 def loop_result_words(steps: int) -> int:
     """Words (int32) of the loop graph's result block for a model of ``steps`` steps."""
     return int(_C.cuda.loop_result_words(int(steps)))

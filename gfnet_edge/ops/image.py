@@ -180,11 +180,11 @@ def crop_patches(images: np.ndarray, coords: np.ndarray, patch_size: int,
     return _C.crop_patches(images, coords, P, out, index)
 
 
-def normalise_frames(frames: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                     interpolation: str = "bilinear") -> np.ndarray:
+def normalise_frames(frames: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
+                     std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
     """Normalised float32 (N, 3, S, S) of uint8 (N, S, S, 3) frames already at the model's input
-    size (:func:`preprocess` with ``crop_pct=1``: no resize, no crop; the same arithmetic as
-    ``(frames / 255 - mean) / std``).
+    size (:func:`preprocess` with ``crop_pct=1``: no resize, no crop, so no interpolation; the same
+    arithmetic as ``(frames / 255 - mean) / std``).
 
     Raises:
         ValueError: frames not uint8 (N, S, S, 3) with square S x S images.
@@ -193,4 +193,4 @@ def normalise_frames(frames: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN, 
             or frames.shape[3] != 3 or frames.dtype != np.uint8:
         got = f"{frames.dtype} {frames.shape}" if isinstance(frames, np.ndarray) else type(frames).__name__
         raise ValueError(f"frames must be uint8 (N, S, S, 3), got {got}")
-    return preprocess(list(frames), frames.shape[1], crop_pct=1.0, interpolation=interpolation, mean=mean, std=std)
+    return preprocess(frames, frames.shape[1], crop_pct=1.0, mean=mean, std=std)

@@ -191,7 +191,7 @@ class OnnxRuntimeClassifier(Classifier):
         from ... import ops
 
         m = self.model
-        x = ops.normalise_frames(self.check(frames), m.mean, m.std, m.dataset_interpolation)
+        x = ops.normalise_frames(self.check(frames), m.mean, m.std)
         return np.asarray(self.session.run(None, {self.input_name: x})[0])
 
     def close(self) -> None:
