@@ -114,8 +114,10 @@ def demo_test_images(model, seed: int, n: int, cache: bool = True):
     (``cache``: read / write the generator's cache file)."""
     from dataclasses import replace
 
-    from gfnet_edge.data import ClutteredDigits, demo_config, normalize
+    from gfnet_edge.data import ClutteredDigits, demo_config
+    from gfnet_edge.quantize.calibration import _spec_value, normalize_frames
 
     cfg = replace(demo_config(model) or ClutteredDigits("test").config, seed=seed)
     frames, labels = ClutteredDigits("test", size=n, config=cfg).arrays(n, progress=False, cache=cache)
-    return normalize(frames), labels
+    # the model's own mean / std (a GFNet, its spec, a ModelDesc or a manifest entry)
+    return normalize_frames(frames, _spec_value(model, "mean"), _spec_value(model, "std")), labels

@@ -47,7 +47,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -149,18 +149,14 @@ def synthetic_frames(n: int, size: int, seed: int) -> np.ndarray:
     return np.ascontiguousarray(np.clip(img, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1))
 
 
-def normalise(frames: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """uint8 (N, S, S, 3) -> float32 (N, 3, S, S), ``(x / 255 - mean) / std``."""
-    x = (frames.astype(np.float32) / np.float32(255.0) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(np.moveaxis(x, -1, 1))
-
-
 def eval_images(case: Case, desc, seed: int, cache: bool) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """Held-out images of one seed: normalised float32 (N, 3, S, S) and labels (None: synthetic)."""
     if case.kind is Kind.DEMO:
         images, labels = demo_test_images(desc, int(seed), case.per_seed, cache=cache)
         return images, np.asarray(labels)
-    return normalise(synthetic_frames(case.per_seed, desc.image_size, seed), desc.mean, desc.std), None
+    from gfnet_edge.quantize.calibration import normalize_frames
+
+    return normalize_frames(synthetic_frames(case.per_seed, desc.image_size, seed), desc.mean, desc.std), None
 
 
 # ----------------------------------------------------------------------------- build

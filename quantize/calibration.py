@@ -92,11 +92,12 @@ def check_images(images: Any, image_size: int, min_images: int = MIN_CALIB_IMAGE
 
 
 def normalize_frames(frames: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """uint8 (N, S, S, 3) frames -> normalised float32 (N, 3, S, S)."""
-    m = np.asarray(mean, np.float32)
-    s = np.asarray(std, np.float32)
-    out = (frames.astype(np.float32) / np.float32(255.0) - m) / s
-    return np.ascontiguousarray(np.moveaxis(out, -1, 1))
+    """uint8 (N, S, S, 3) frames -> normalised float32 (N, 3, S, S), with the runtime's own
+    pre-processing (:func:`gfnet_edge.ops.normalise_frames`), so calibration images are the
+    inputs inference computes."""
+    from gfnet_edge import ops
+
+    return ops.normalise_frames(np.ascontiguousarray(frames), mean, std)
 
 
 def load_calibration_images(source: Union[str, os.PathLike], spec: SpecLike, n: int = 256, seed: int = 0,
