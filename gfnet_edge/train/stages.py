@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.backbones import _create_timm
-from ..models.gfnet import GFNet, action_to_coords, crop_patches, glance_input
+from ..models.gfnet import GFNet, action_to_coords, crop_patches
 from .config import BACKBONES, TrainConfig, demo_spec
 from .data import Split, centred_coords, crop_uint8, split_source, target_actions, to_tensor
 from .dist import DistContext
@@ -61,7 +61,7 @@ class Run(FolderTrainer):
         return True
 
     def glance(self, x: torch.Tensor) -> torch.Tensor:
-        return glance_input(x, self.spec.patch_size, self.spec.glance_interpolation)
+        return self.model.glance(x)
 
     def _targets(self, idx: torch.Tensor) -> torch.Tensor:
         """The digit-centred actions of train images ``idx``."""

@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...models.checkpoint import atomic_torch_save
-from ...models.gfnet import GFNet, action_to_coords, crop_patches, glance_input
+from ...models.gfnet import GFNet, action_to_coords, crop_patches
 from ..data import EpochBatches
 from ..dist import DistContext
 from ..folder_data import DataSource, make_loader, normalise
@@ -205,11 +205,9 @@ class FolderTrainer(Validation):
         """The glance outputs of stage ``name`` (glance encoder frozen): kept per train image
         unless ``cfg.glance_cache_mb`` is 0 or the train images are augmented (then recomputed
         per batch, logged)."""
-        spec = self.spec
         off = "the train images are augmented" if getattr(self.train_set, "augmented", True) else None
-        return GlanceCache(self.model.model_prime,
-                           lambda x: glance_input(x, spec.patch_size, spec.glance_interpolation),
-                           len(self.train_set), float(self.cfg.glance_cache_mb), self.log, name, off)
+        return GlanceCache(self.model.model_prime, self.model.glance, len(self.train_set),
+                           float(self.cfg.glance_cache_mb), self.log, name, off)
 
     # ------------------------------------------------------------------ the loop
     def loop(self, name: str, plan: StagePlan, params: List[nn.Parameter], train_modules: List[nn.Module],
