@@ -31,7 +31,8 @@ argmax.
 
 Every finished piece (bundle, calibration arrays, ModelOpt graphs, each trace, keyed by the
 graphs' SHA-256) is kept under ``--work`` and reused, so an interrupted run resumes and the FP32
-traces are computed once.
+traces are computed once. The bundle is rebuilt when its build settings or the source of the
+quantizer and the build change.
 """
 from __future__ import annotations
 
@@ -183,6 +184,17 @@ def _checkpoint(case: Case, cdir: Path) -> Tuple[Path, Optional[str]]:
     return ckpt, str(calib)
 
 
+def build_code_key() -> str:
+    """SHA-256 of the source files a bundle's INT8 graphs depend on (the quantizer, the build
+    and the export): a cached bundle made by other code is rebuilt."""
+    h = hashlib.sha256()
+    files = sorted((ROOT / "quantize").glob("*.py")) + [ROOT / "gfnet_edge" / f for f in ("build.py", "export.py")]
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def build(case: Case, cdir: Path, times: Dict[str, Any]):
     """The case's INT8 bundle (built once; reused while its build settings are unchanged)."""
     from gfnet_edge.build import BuildConfig, build_bundle
@@ -195,7 +207,8 @@ def build(case: Case, cdir: Path, times: Dict[str, Any]):
     if not case.search:
         kw["max_accuracy_drop"] = None
     cfg = BuildConfig(**kw)
-    key = json.dumps({k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}, sort_keys=True)
+    key = json.dumps({**{k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()},
+                      "code": build_code_key()}, sort_keys=True)
     out = cdir / "bundle"
     stamp = _read_json(cdir / "build.json")
     if stamp.get("config") == key:

@@ -47,6 +47,8 @@ class BuildConfig:
         finetune_epochs: quantization-aware fine-tuning of the INT8 graphs' weights against the
             FP32 graphs' outputs on the calibration images (epochs; ``None``: each profile's
             default, 0: off; see docs/quantization.md).
+        patch_guard_share: share of the backbone multiply-adds each profile may keep in float to
+            protect the first patch's location (``None``: the profile's; 0: off).
         eval_data: held-out images for the accuracy check (default: from ``calib_data``).
         include_checkpoint: copy the checkpoint into the bundle (enables the torch backend).
         force: replace an existing bundle.
@@ -64,6 +66,7 @@ class BuildConfig:
     int8_profiles: Sequence[str] = ("cpu", "tensorrt")
     max_accuracy_drop: float = 0.5
     finetune_epochs: Optional[int] = None
+    patch_guard_share: Optional[float] = None
     num_eval: int = 256
     include_checkpoint: bool = False
     force: bool = False
@@ -221,7 +224,8 @@ def _quantize(model, tmp: Path, manifest: Dict[str, Any], images, cfg: BuildConf
     reports = {}
     for prof in profiles:
         opts = QuantizeOptions(profile=prof, method=cfg.calib_method, max_accuracy_drop=cfg.max_accuracy_drop,
-                               finetune_epochs=cfg.finetune_epochs, num_calib=n_cal)
+                               finetune_epochs=cfg.finetune_epochs, num_calib=n_cal,
+                               patch_guard_share=cfg.patch_guard_share)
         res = quantize_model(model, fp32, tmp / "heads.npz", calib, tmp / "graphs" / f"int8-{prof}", opts,
                              eval_images=eval_x if len(eval_x) else None, eval_labels=eval_y, progress=progress)
         rel = {}

@@ -156,12 +156,14 @@ def _report(sess: QuantSession, found: SearchResult, held_desc: str) -> Dict[str
         "calibration": {"source": sess.calib.source, **sess.calib.sizes(), "seconds": sess.calib_seconds},
         "preprocess": {g: ("quant_pre_process" if sess.pre_problems[g] is None else f"skipped: {sess.pre_problems[g]}")
                        for g in GRAPHS},
-        "placement": {g: sess.info[(g, frozenset())] for g in GRAPHS},
+        "placement": {g: sess.info[sess.key(g)] for g in GRAPHS},
         "held_out": held_desc,
         "weighted_nodes": {g: len(weighted_nodes(_load(sess.pre[g]))) for g in GRAPHS},
     }
     if sess.finetuned:
         report["finetune"] = dict(sess.finetuned)
+    if sess.patch_guard is not None:
+        report["patch_guard"] = sess.patch_guard
     report.update(found.report())
     return report
 

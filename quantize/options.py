@@ -64,6 +64,10 @@ class QuantizeOptions:
         finetune_lr: its step size, in quantization steps per iteration.
         finetune_policy: the glance graph's fine-tuning also fits the policy's first patch
             location computed from its ``policy_state`` output (:func:`.finetune.first_patch_location`).
+        patch_guard_share: share (0..1) of the backbone multiply-adds per image that may be kept
+            in float to protect the policy's first patch location (:mod:`.patch_guard`; 0: off);
+            ``None``: the profile's :attr:`~.profiles.Profile.patch_guard_share`. Glance graphs
+            without a ``policy_state`` output, or heads without a policy, are left alone.
         max_slowdown: ``cpu`` profile: a node is only kept in float if the graph stays within
             this factor of the all-INT8 graph's batch-1 latency (ONNX Runtime can turn a float
             island into slow layout conversions, e.g. a uint8 NCHW MaxPool after a float stem).
@@ -94,6 +98,7 @@ class QuantizeOptions:
     finetune_epochs: Optional[int] = None
     finetune_lr: float = 0.02
     finetune_policy: bool = True
+    patch_guard_share: Optional[float] = None
     max_slowdown: float = 1.15
     batch_size: int = 32
     threads: Optional[int] = None
@@ -126,6 +131,8 @@ class QuantizeOptions:
             raise ValueError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
         if not 0.0 < self.finetune_lr <= 1.0:
             raise ValueError(f"finetune_lr must be in (0, 1] quantization steps, got {self.finetune_lr}")
+        if self.patch_guard_share is not None and not 0.0 <= self.patch_guard_share <= 1.0:
+            raise ValueError(f"patch_guard_share must be in [0, 1], got {self.patch_guard_share}")
         if self.max_slowdown < 1.0:
             raise ValueError(f"max_slowdown must be >= 1, got {self.max_slowdown}")
         if self.max_candidates < 0 or self.max_float_nodes < 0:
@@ -165,6 +172,11 @@ class QuantizeOptions:
         if self.finetune_epochs is not None:
             return int(self.finetune_epochs)
         return int(self.spec.finetune_epochs) if num_images >= self.spec.finetune_min_images else 0
+
+    @property
+    def guard_share(self) -> float:
+        """Share of multiply-adds the patch guard may keep in float (option, else the profile's)."""
+        return float(self.patch_guard_share if self.patch_guard_share is not None else self.spec.patch_guard_share)
 
     @property
     def max_range_roles(self) -> FrozenSet[TensorRole]:

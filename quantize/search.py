@@ -35,8 +35,8 @@ class SearchResult:
         graphs: the chosen quantized graphs, ``{"glance": path, "focus": path}`` (in the work folder).
         excluded: per graph, the node names kept in float.
         status: one line: whether the target was met, not needed, or the search was disabled.
-        accuracy_all_int8: :func:`~.scoring.compare` of the all-INT8 pair (``None`` without
-            held-out images).
+        accuracy_all_int8: :func:`~.scoring.compare` of the starting pair: every node in INT8
+            but the patch guard's (``None`` without held-out images).
         accuracy: the same for the chosen pair.
         float_nodes: the candidates kept in float, in the order chosen, with before / after figures.
         rejected: candidates tried and left in INT8, with the reason.
@@ -93,18 +93,20 @@ def search_mixed_precision(sess: QuantSession, eval_x: Optional[np.ndarray],
     """Chooses the nodes kept in float (see the module doc); ``eval_x=None`` keeps everything INT8."""
     opts = sess.opts
     base = {g: sess.quantized(g) for g in GRAPHS}
-    excluded: Dict[str, FrozenSet[str]] = {g: frozenset() for g in GRAPHS}
+    # the patch guard's nodes (chosen by the first quantized() call) are in float from the start
+    excluded: Dict[str, FrozenSet[str]] = dict(sess.fixed)
     if eval_x is None:
-        return SearchResult(base, excluded, "skipped: no held-out images")
+        return SearchResult(base, excluded, "skipped: no held-out images", int8_mac_share=sess.int8_mac_share(excluded))
     ref = sess.score(sess.fp32, eval_x)
     cur = compare(ref, sess.score(base, eval_x), eval_y)
-    res = SearchResult(base, excluded, "", accuracy_all_int8=cur)
+    res = SearchResult(base, excluded, "", accuracy_all_int8=cur, int8_mac_share=sess.int8_mac_share(excluded))
     searching = any(t is not None for t in (opts.max_accuracy_drop, opts.max_budget_drop, opts.min_exit_agreement))
     if not searching:
         res.status, res.accuracy = "disabled (max_accuracy_drop=None)", cur
         return res
     if _met(opts, cur):
-        res.status, res.accuracy = f"not needed: all-INT8 within target ({goal(opts)})", cur
+        res.status, res.accuracy = (f"not needed: all-INT8{' (but the patch guard)' if any(excluded.values()) else ''} "
+                                    f"within target ({goal(opts)})"), cur
         return res
     res.sensitivity = _sensitivity(sess, ref, cur, eval_x, eval_y)
     for cand in res.sensitivity:

@@ -51,6 +51,11 @@ class QuantSession:
         #: per graph, FP32 channel means of bias-corrected tensors (shared by the variants)
         self._bias_reference: Dict[str, Dict[str, np.ndarray]] = {}
         self._count = 0
+        #: per graph, weighted nodes every variant keeps in float (the patch guard's choice)
+        self.fixed: Dict[str, FrozenSet[str]] = {g: frozenset() for g in GRAPHS}
+        #: the patch guard's choice and figures (:mod:`.patch_guard`), or why it did not run
+        self.patch_guard: Optional[Dict[str, Any]] = None
+        self._prepared: set = set()
         for g in GRAPHS:
             self.pre[g], self.pre_problems[g] = preprocess(Path(fp32[g]), work / f"{g}.pre.onnx")
             self.reference[g] = self.pre[g]
@@ -60,18 +65,24 @@ class QuantSession:
         self.macs: Dict[str, Dict[str, int]] = {g: node_macs(onnx.load(str(self.pre[g]))) for g in GRAPHS}
         self.runs: Dict[str, int] = {"glance": 1, "focus": max(desc.steps - 1, 1)}
 
-    def int8_mac_share(self, excluded: Dict[str, FrozenSet[str]]) -> float:
-        """Share of backbone multiply-adds per image in INT8 with ``excluded`` kept in float."""
-        return int8_mac_share(self.macs, excluded, self.runs)
+    def int8_mac_share(self, excluded: Mapping[str, FrozenSet[str]]) -> float:
+        """Share of backbone multiply-adds per image in INT8 with ``excluded`` (and the nodes
+        :attr:`fixed`) kept in float."""
+        return int8_mac_share(self.macs, {g: self.key(g, excluded.get(g, frozenset()))[1] for g in GRAPHS}, self.runs)
+
+    def key(self, graph: str, excluded: FrozenSet[str] = frozenset()) -> Tuple[str, FrozenSet[str]]:
+        """The cache key of a variant: the nodes kept in float, :attr:`fixed` included."""
+        return graph, frozenset(excluded) | self.fixed[graph]
 
     def quantized(self, graph: str, excluded: FrozenSet[str] = frozenset()) -> Path:
-        """The ``graph`` quantized with the nodes ``excluded`` kept in float (cached)."""
-        key = (graph, frozenset(excluded))
+        """The ``graph`` quantized with the nodes ``excluded`` (and :attr:`fixed`) kept in float
+        (cached). The first call per graph also chooses the patch guard's nodes (glance) and
+        fine-tunes the weights, where the options ask for them."""
+        self._prepare(graph)
+        key = self.key(graph, excluded)
         if key in self.variants:
             return self.variants[key]
-        if self.finetune_epochs > 0 and graph not in self.finetuned:
-            self._finetune(graph)
-        path, self.info[key] = self._quantize(graph, self.pre[graph], excluded)
+        path, self.info[key] = self._quantize(graph, self.pre[graph], key[1])
         if self.opts.bias_correction_inputs > 0:
             self.info[key]["bias_corrected"] = self._correct_biases(graph, path)
         violations = check_tensorrt_compat(path, self.profile)
@@ -96,19 +107,57 @@ class QuantSession:
             self.calib_seconds[graph] = round(time.perf_counter() - t0, 2)
         return path, info
 
+    def _prepare(self, graph: str) -> None:
+        if graph in self._prepared:
+            return
+        self._prepared.add(graph)
+        if graph == "glance" and self.opts.guard_share > 0:
+            self._guard()
+        if self.finetune_epochs > 0:
+            self._finetune(graph)
+
+    def _heads(self) -> Mapping[str, np.ndarray]:
+        return self.heads if isinstance(self.heads, Mapping) else dict(np.load(str(self.heads)))
+
+    def _guard(self) -> None:
+        """Chooses the glance nodes kept in float to protect the first patch's location
+        (:mod:`.patch_guard`), measured on the calibrated all-INT8 glance graph."""
+        import onnx
+
+        from . import patch_guard
+
+        heads = self._heads()
+        ref = onnx.load(str(self.reference["glance"]))
+        if "policy_state" not in {o.name for o in ref.graph.output} or "pol.actor.w" not in heads:
+            self.patch_guard = {"skipped": "the glance graph has no policy_state output or the heads no policy"}
+            return
+        base, _ = self._quantize("glance", self.reference["glance"], frozenset())
+        try:
+            x = self.calib.inputs("glance")
+            idx = np.unique(np.linspace(0, len(x) - 1, min(len(x), patch_guard.MEASURE_INPUTS)).round().astype(int))
+            location = patch_guard.first_patch_pixels(heads, self.desc.image_size, self.desc.patch_size)
+            cands, totals = patch_guard.measure(onnx.load(str(base)), ref, x[idx], location, self.macs["glance"],
+                                                self.opts.threads, self.opts.batch_size, self.progress)
+        finally:
+            base.unlink(missing_ok=True)
+        guard = patch_guard.choose(cands, totals, lambda nodes: 1.0 - self.int8_mac_share({"glance": nodes}),
+                                   self.opts.guard_share)
+        guard.inputs = len(idx)
+        self.fixed["glance"] = guard.nodes
+        self.patch_guard = guard.report()
+
     def _finetune(self, graph: str) -> None:
-        """Quantizes ``graph`` (all INT8, calibrating it), fine-tunes its weights for that
-        quantization (:mod:`.finetune`) and makes the result the graph every variant is
-        quantized from (with the same calibration ranges)."""
+        """Quantizes ``graph`` (INT8 but for :attr:`fixed`, calibrating it), fine-tunes its
+        weights for that quantization (:mod:`.finetune`) and makes the result the graph every
+        variant is quantized from (with the same calibration ranges)."""
         from .finetune import finetune_file, first_patch_location
         from .torch_graph import UnsupportedGraph
 
-        base, _ = self._quantize(graph, self.reference[graph], frozenset())
+        base, _ = self._quantize(graph, self.reference[graph], self.fixed[graph])
         tuned = self.work / f"{graph}.finetuned.onnx"
         derived = None
         if graph == "glance" and self.opts.finetune_policy:
-            heads = self.heads if isinstance(self.heads, Mapping) else dict(np.load(str(self.heads)))
-            derived = first_patch_location(heads)
+            derived = first_patch_location(self._heads())
         try:
             result = finetune_file(base, self.reference[graph], tuned, self.calib.inputs(graph), self.finetune_epochs,
                                    lr=self.opts.finetune_lr, batch_size=self.opts.batch_size, seed=self.opts.seed,
@@ -154,9 +203,10 @@ class QuantSession:
         return len(done)
 
     def discard(self, graph: str, excluded: FrozenSet[str]) -> None:
-        """Deletes a variant no longer needed (the all-INT8 one is kept); saves disk on big models."""
-        key = (graph, frozenset(excluded))
-        if key[1] and key in self.variants:
+        """Deletes a variant no longer needed (the base one, :attr:`fixed` in float, is kept);
+        saves disk on big models."""
+        key = self.key(graph, excluded)
+        if key[1] != self.fixed[graph] and key in self.variants:
             self.variants.pop(key).unlink(missing_ok=True)
 
     def score(self, graphs: Dict[str, Path], images: np.ndarray) -> Traced:

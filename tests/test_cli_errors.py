@@ -105,6 +105,7 @@ CASES = {
     "build_trt_absent": (lambda t, b: ["build-engine", DEMO, "-o", t / "out", "--backend", "tensorrt"], 3, "TensorRT is not available"),
     "build_bad_opt_level": (lambda t, b: ["build-engine", DEMO, "-o", t / "out", "--opt-level", "9"], 2, "optimisation level"),
     "build_bad_batch": (lambda t, b: ["build-engine", DEMO, "-o", t / "out", "--max-batch", "0"], 2, "batch"),
+    "build_bad_patch_guard": (lambda t, b: ["build-engine", DEMO, "-o", t / "out", "--patch-guard", "1.5"], 2, "--patch-guard"),
     "build_calib_test_split": (lambda t, b: ["build-engine", DEMO, "-o", t / "out", "--calib-data", "demo:test", "--backend", "onnxruntime"], 2, "demo:train, demo:val"),
     "build_bundle_wrong_backend": (lambda t, b: ["build-engine", b, "--backend", "onnxruntime"], 2, "only `--backend tensorrt`"),
     "build_bundle_trt_absent": (lambda t, b: ["build-engine", b, "--backend", "tensorrt"], 3, "TensorRT is not available"),

@@ -555,7 +555,8 @@ def test_tensorrt_default_keeps_residual_stream_float(tiny, tmp_path):
 
 
 def test_build_quantizes_with_every_calibration_image_it_loads(monkeypatch, tmp_path):
-    """build-engine's --num-calib reaches the quantizer (more than QuantizeOptions' default)."""
+    """build-engine's --num-calib (more than QuantizeOptions' default) and --patch-guard reach
+    the quantizer."""
     import gfnet_edge.quantize as quant_pkg
     from gfnet_edge import build
 
@@ -572,7 +573,17 @@ def test_build_quantizes_with_every_calibration_image_it_loads(monkeypatch, tmp_
     model = _tiny_model()
     n = gq.QuantizeOptions().num_calib + 40
     images = _images(n + 20)
-    cfg = build.BuildConfig(num_calib=n, int8_profiles=("tensorrt",))
+    cfg = build.BuildConfig(num_calib=n, int8_profiles=("tensorrt",), patch_guard_share=0.03)
     with pytest.raises(Stop):
         build._quantize(model, tmp_path, {"graphs": {}}, images, cfg, "onnxruntime", False)
     assert seen["calib"].num_images == n == seen["opts"].num_calib
+    assert seen["opts"].guard_share == 0.03 != gq.QuantizeOptions(profile="tensorrt").guard_share
+
+
+def test_patch_guard_share_defaults_and_bounds():
+    trt, cpu = gq.get_profile("tensorrt"), gq.get_profile("cpu")
+    assert 0 < trt.patch_guard_share <= trt.max_float_mac_share and cpu.patch_guard_share == 0
+    assert gq.QuantizeOptions(profile="tensorrt").guard_share == trt.patch_guard_share
+    assert gq.QuantizeOptions(profile="tensorrt", patch_guard_share=0.0).guard_share == 0.0
+    with pytest.raises(ValueError, match="patch_guard_share"):
+        gq.QuantizeOptions(patch_guard_share=1.5).validate()

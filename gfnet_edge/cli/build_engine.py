@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..argtypes import POSITIVE, THREADS, float_range, int_range
 from ..errors import InputError
-from ..quantize.profiles import TENSORRT
+from ..quantize.profiles import CPU, TENSORRT
 from ..runtime import backends
 from .options import add_trt_build_options, trt_build_options
 
@@ -27,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
                       num_calib=args.num_calib, calib_method=args.calib_method,
                       int8_profiles=tuple(p for p in args.int8_profiles.split(",") if p),
                       max_accuracy_drop=args.max_accuracy_drop, finetune_epochs=args.finetune_epochs,
+                      patch_guard_share=args.patch_guard,
                       include_checkpoint=args.include_checkpoint,
                       force=args.force, trt=trt_build_options(args), threads=args.threads,
                       model_name=args.model_name, patch_size=args.patch_size)
@@ -73,6 +74,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "outputs match the FP32 graphs' on the calibration images (needs torch; default: the "
                         f"tensorrt profile fine-tunes {TENSORRT.finetune_epochs} epochs when there are at least "
                         f"{TENSORRT.finetune_min_images} calibration images, fewer overfit; 0: off; see "
+                        "docs/quantization.md)")
+    p.add_argument("--patch-guard", type=float_range(0.0, 1.0), default=None, metavar="SHARE",
+                   help="keep in float the glance layers whose INT8 rounding moves the policy's first patch most, "
+                        "up to this share of the backbone multiply-adds (default: the tensorrt profile keeps up to "
+                        f"{TENSORRT.patch_guard_share:g}, the cpu profile {CPU.patch_guard_share:g}; 0: off; see "
                         "docs/quantization.md)")
     p.add_argument("--include-checkpoint", action="store_true", help="copy the checkpoint into the bundle (torch backend)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
