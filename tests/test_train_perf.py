@@ -104,6 +104,32 @@ def test_glance_cache_returns_what_the_encoder_computes_once_per_image():
     assert len(lines) == 2 and "needs 0.0 MB > glance_cache_mb" in lines[0] and "augmented" in lines[1]
 
 
+def test_glance_cache_is_shared_while_the_encoder_and_context_are_unchanged():
+    """Stages share one cache: an unchanged encoder reuses the rows, a trained one (in-place
+    update, as an optimiser makes), another mode or an autocast context recompute them."""
+    torch.manual_seed(0)
+    enc = _Encoder().eval()
+    images = torch.randn(4, 3, 8, 8)
+    idx = torch.arange(4)
+    cache = GlanceCache(enc, lambda x: x, 4, 1.0, lambda line: None, "bc")
+    with torch.no_grad():
+        cache(images, idx)
+        cache.name = "ppo"  # the next stage, encoder untouched: no encoder run
+        f0, _ = cache(images, idx)
+        assert cache.computed == 4 and torch.allclose(f0, enc(images)[0], atol=1e-6)
+        enc.conv.bias.add_(1.0)  # trained in between
+        f0, _ = cache(images, idx)
+        assert cache.computed == 8 and torch.allclose(f0, enc(images)[0], atol=1e-6)
+        cache(images, idx)
+        assert cache.computed == 8
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            f0, _ = cache(images, idx)
+            assert cache.computed == 12 and f0.dtype == enc(images)[0].dtype
+        enc.train()
+        cache(images, idx)
+        assert cache.computed == 16
+
+
 def test_image_folder_data_is_cached_only_without_augmentation(tmp_path):
     split = FolderSplit(tmp_path, ["a", "b"], [])
     class _Spec:
@@ -152,6 +178,7 @@ def test_frozen_glance_stages_train_the_same_weights_with_the_cache(tmp_path, ca
     without, ran_plain = _frozen_glance_stages(tmp_path / "off", 0.0)
     for k, v in without.items():
         assert torch.allclose(with_cache[k].float(), v.float(), rtol=1e-5, atol=1e-6), k
-    # the encoder ran once per image and stage instead of once per drawn image (+ validation)
-    assert ran_plain - ran_cached == 4 * (2 * 3 * 4 - 8)
+    # the encoder ran once per image for the four stages together (it is frozen in each) instead
+    # of once per drawn image (+ validation, the same in both runs)
+    assert ran_plain - ran_cached == 4 * 2 * 3 * 4 - 8
     assert np.isfinite([v.float().sum().item() for v in with_cache.values()]).all()

@@ -94,6 +94,7 @@ class FolderTrainer(Validation):
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self.timings: Dict[str, float] = {}  # seconds of training per stage (over every session of it)
         self.skipped: set = set()  # stages found finished in the run folder
+        self._glance_cache: Optional[GlanceCache] = None  # one for every frozen-glance stage
 
     # ------------------------------------------------------------------ helpers
     def log(self, msg: str, **record) -> None:
@@ -204,10 +205,16 @@ class FolderTrainer(Validation):
     def glance_cache(self, name: str) -> GlanceCache:
         """The glance outputs of stage ``name`` (glance encoder frozen): kept per train image
         unless ``cfg.glance_cache_mb`` is 0 or the train images are augmented (then recomputed
-        per batch, logged)."""
-        off = "the train images are augmented" if getattr(self.train_set, "augmented", True) else None
-        return GlanceCache(self.model.model_prime, self.model.glance, len(self.train_set),
-                           float(self.cfg.glance_cache_mb), self.log, name, off)
+        per batch, logged). One cache serves every stage: rows an earlier stage kept are used
+        while the encoder and the autocast context are unchanged (:class:`GlanceCache`)."""
+        cache = self._glance_cache
+        if cache is None:
+            off = "the train images are augmented" if getattr(self.train_set, "augmented", True) else None
+            cache = GlanceCache(self.model.model_prime, self.model.glance, len(self.train_set),
+                                float(self.cfg.glance_cache_mb), self.log, name, off)
+            self._glance_cache = cache
+        cache.name = name
+        return cache
 
     # ------------------------------------------------------------------ the loop
     def loop(self, name: str, plan: StagePlan, params: List[nn.Parameter], train_modules: List[nn.Module],

@@ -9,10 +9,16 @@ computed whole) and returns the kept rows once every image of a batch has been s
 Its size is bounded: when the whole train split would take more than
 ``TrainSettings.glance_cache_mb`` (float32 bytes of the two outputs), the stage recomputes them
 per batch and logs why.
+
+One cache serves every stage of a run: the kept rows are used while the encoder's weights
+(each parameter and buffer, by storage and in-place version), its mode and the autocast context
+of the call are those they were computed with; anything else (a stage that trained the glance
+encoder, a resumed checkpoint, another autocast dtype) drops them.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+import itertools
+from typing import Callable, Hashable, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -46,6 +52,16 @@ class GlanceCache:
         self.have: Optional[torch.Tensor] = None  # bool (size,) on the CPU: rows kept (no device sync to test)
         self.full = False  # every row kept: no test at all
         self.computed = 0  # images the encoder ran on
+        self.state: Optional[Hashable] = None  # what the kept rows were computed with (see _state)
+
+    def _state(self, x: torch.Tensor) -> Hashable:
+        """The encoder's weights (storage and in-place version of every parameter and buffer),
+        its mode, and the call's autocast context."""
+        dev = x.device.type
+        amp = torch.is_autocast_enabled(dev)
+        tensors = itertools.chain(self.encoder.parameters(), self.encoder.buffers())
+        return (tuple((t.data_ptr(), t._version) for t in tensors), self.encoder.training, dev, amp,
+                torch.get_autocast_dtype(dev) if amp else None)
 
     def _compute(self, x: torch.Tensor) -> Glance:
         self.computed += len(x)
@@ -72,6 +88,9 @@ class GlanceCache:
                 self.log(f"[{self.name}] glance features recomputed per batch: {self.off}")
                 self.off = None
             return self._compute(x)
+        state = self._state(x)
+        if state != self.state:  # rows computed with other weights / context are of no use
+            self.state, self.have, self.full = state, None, False
         if self.have is None:
             f0, fmap = self._compute(x)
             if self._allocate(f0, fmap):
