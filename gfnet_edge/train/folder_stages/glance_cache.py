@@ -10,14 +10,15 @@ Its size is bounded: when the whole train split would take more than
 ``TrainSettings.glance_cache_mb`` (float32 bytes of the two outputs), the stage recomputes them
 per batch and logs why.
 
-One cache serves every stage of a run: the kept rows are used while the encoder's weights
-(each parameter and buffer, by storage and in-place version), its mode and the autocast context
-of the call are those they were computed with; anything else (a stage that trained the glance
-encoder, a resumed checkpoint, another autocast dtype) drops them.
+One cache serves every stage of a run: the kept rows are used while the encoder's parameters
+(by storage and in-place version), its mode and the autocast context of the call are those
+they were computed with; anything else (a stage that trained the glance encoder, a resumed
+checkpoint, another autocast dtype) drops them. Buffers are not part of the check: in eval mode
+the encoder only reads them, and DistributedDataParallel rewrites them (same values) at every
+forward.
 """
 from __future__ import annotations
 
-import itertools
 from typing import Callable, Hashable, Optional, Tuple
 
 import torch
@@ -55,12 +56,11 @@ class GlanceCache:
         self.state: Optional[Hashable] = None  # what the kept rows were computed with (see _state)
 
     def _state(self, x: torch.Tensor) -> Hashable:
-        """The encoder's weights (storage and in-place version of every parameter and buffer),
-        its mode, and the call's autocast context."""
+        """The encoder's parameters (storage and in-place version of each), its mode, and the
+        call's autocast context."""
         dev = x.device.type
         amp = torch.is_autocast_enabled(dev)
-        tensors = itertools.chain(self.encoder.parameters(), self.encoder.buffers())
-        return (tuple((t.data_ptr(), t._version) for t in tensors), self.encoder.training, dev, amp,
+        return (tuple((p.data_ptr(), p._version) for p in self.encoder.parameters()), self.encoder.training, dev, amp,
                 torch.get_autocast_dtype(dev) if amp else None)
 
     def _compute(self, x: torch.Tensor) -> Glance:
