@@ -477,7 +477,9 @@ def run_case(case: Case, st: Settings) -> Dict[str, Any]:
                                    if case.labelled else "synthetic images, seed 0"),
                         "profiles_vs_modelopt": calib_note},
         "profiles": {p: {"method": r.get("method"), "mixed_precision": r.get("mixed_precision"),
-                         "float_nodes": [f.get("node") for f in r.get("float_nodes", [])]} for p, r in q.items()},
+                         "float_nodes": [f.get("node") for f in r.get("float_nodes", [])],
+                         "patch_guard": [k.get("tensor") for k in (r.get("patch_guard") or {}).get("kept_in_float", [])]}
+                     for p, r in q.items()},
         "modelopt": modelopt_info, "skipped": skipped, "rows": rows, "times": times,
     }
 
@@ -527,8 +529,11 @@ def case_markdown(r: Dict[str, Any]) -> str:
                      f"calibration_eps={info.get('calibration_eps')}, other settings default; "
                      f"{info.get('seconds')} s per graph")
     for prof, info in r["profiles"].items():
+        guard = info.get("patch_guard") or []
         lines.append(f"- gfnet-edge `{prof}` profile: method {info['method']}; {info['mixed_precision']}; "
-                     f"kept in float: {', '.join(map(str, info['float_nodes'])) or 'nothing'}")
+                     f"kept in float by the search: {', '.join(map(str, info['float_nodes'])) or 'nothing'}"
+                     + (f"; by the patch guard, the readers of {len(guard)} glance tensors: {', '.join(guard)}"
+                        if guard else ""))
     return "\n".join(lines) + "\n"
 
 

@@ -5,7 +5,8 @@ the build never uses: final-step and budget accuracy vs FP32, exit agreement, KL
     python3 bench/quantize_heldout.py 'auto=' 'bc={"bias_correction": 64}' --seeds 101,202 --n 1000
 
 Each positional argument is ``name=JSON`` of :class:`gfnet_edge.quantize.QuantizeOptions`
-fields (profile ``tensorrt`` and no mixed-precision search unless given). Calibration and the
+fields (profile ``tensorrt``, no mixed-precision search and no patch guard unless given:
+``"patch_guard_share": 0.02`` is the profile's patch guard). Calibration and the
 search's held-out set are what ``build-engine`` uses: the first ``num_calib`` (default 256)
 images of the validation split (generator seed of the checkpoint) and the 256 after them (so
 ``num_calib`` is at most 744); with ``--calib-split train`` the calibration images are the train
@@ -56,8 +57,8 @@ def main() -> int:
             return 2
         try:
             kw = json.loads(js) if js else {}
-            opts = gq.QuantizeOptions(**{"profile": "tensorrt", "max_accuracy_drop": None, "threads": a.threads,
-                                         **kw}).validate()
+            opts = gq.QuantizeOptions(**{"profile": "tensorrt", "max_accuracy_drop": None, "patch_guard_share": 0.0,
+                                         "threads": a.threads, **kw}).validate()
         except (TypeError, ValueError) as exc:
             print(f"error: variant {name!r}: {exc}", file=sys.stderr)
             return 2
