@@ -45,7 +45,7 @@ class QuantizeOptions:
         max_budget_drop: optional target of the search: the largest accuracy drop (points) at
             the mid budget (early exit with thresholds fitted on the FP32 probabilities).
         max_float_mac_share: the search keeps at most this share (0..1) of the backbone
-            multiply-adds per image in float; ``None``: the profile's
+            multiply-adds per image in float, the patch guard's nodes included; ``None``: the profile's
             :attr:`~.profiles.Profile.max_float_mac_share`.
         graph_fallback: the search may keep a whole graph in float; ``None``: the profile's
             :attr:`~.profiles.Profile.graph_fallback`.
@@ -67,7 +67,9 @@ class QuantizeOptions:
         patch_guard_share: share (0..1) of the backbone multiply-adds per image that may be kept
             in float to protect the policy's first patch location (:mod:`.patch_guard`; 0: off);
             ``None``: the profile's :attr:`~.profiles.Profile.patch_guard_share`. Glance graphs
-            without a ``policy_state`` output, or heads without a policy, are left alone.
+            without a ``policy_state`` output, or heads without a policy, are left alone. The
+            guard's nodes count against :attr:`max_float_mac_share` (the guard stays within it);
+            the ``cpu`` profile's latency check (``max_slowdown``) applies to the search only.
         max_slowdown: ``cpu`` profile: a node is only kept in float if the graph stays within
             this factor of the all-INT8 graph's batch-1 latency (ONNX Runtime can turn a float
             island into slow layout conversions, e.g. a uint8 NCHW MaxPool after a float stem).

@@ -57,8 +57,8 @@ class PatchGuard:
         nodes: weighted nodes of the glance graph kept in float.
         kept: the chosen tensors, in the order chosen.
         candidates: every measured tensor, most added error first.
-        rms_px: RMS location error (pixels) on the measurement inputs: all INT8, weights only,
-            and the estimate with ``kept`` in float.
+        rms_px: RMS location error (pixels) on the measurement inputs: all INT8, weights only
+            (activations float), and with the ``kept`` tensors in float (``with_guard``).
         float_mac_share: share of the backbone multiply-adds per image the kept nodes run in float.
         inputs: calibration inputs measured on.
     """
@@ -78,32 +78,26 @@ class PatchGuard:
 
 def activation_readers(qdq) -> Dict[str, FrozenSet[str]]:
     """Per activation tensor quantized in ``qdq`` (a ``QuantizeLinear`` of a non-constant
-    input), the weighted nodes that read it through its ``DequantizeLinear`` (s)."""
-    from .qdq import weighted_nodes
-
-    inits = {t.name for t in qdq.graph.initializer}
-    weighted = {name for name, _ in weighted_nodes(qdq)} | _weighted_through_dq(qdq)
-    source_of_q = {n.output[0]: n.input[0] for n in qdq.graph.node
-                   if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
-    source_of_dq = {n.output[0]: source_of_q[n.input[0]] for n in qdq.graph.node
-                    if n.op_type == "DequantizeLinear" and n.input[0] in source_of_q}
-    readers: Dict[str, set] = {}
-    for n in qdq.graph.node:
-        if n.name in weighted:
-            for i in n.input:
-                if i in source_of_dq:
-                    readers.setdefault(source_of_dq[i], set()).add(n.name)
-    return {t: frozenset(r) for t, r in readers.items()}
-
-
-def _weighted_through_dq(qdq) -> set:
-    """Weighted nodes whose weight arrives through a ``DequantizeLinear`` of a constant."""
+    input) whose every dequantized copy is read by weighted nodes only, those nodes: keeping
+    them in float takes the tensor's rounding out of the graph. (A tensor also read in INT8 by
+    another op, e.g. the skip input of a residual Add with ``residual_int8``, is not offered.)"""
     from .profiles import WEIGHTED_OP_TYPES
+    from .qdq import _activation_qdq
 
-    inits = {t.name for t in qdq.graph.initializer}
-    dq_of_const = {n.output[0] for n in qdq.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
-    return {n.name for n in qdq.graph.node
-            if n.op_type in WEIGHTED_OP_TYPES and len(n.input) > 1 and n.input[1] in dq_of_const}
+    pairs = _activation_qdq(qdq)
+    readers: Dict[str, set] = {}
+    other = set()
+    for n in qdq.graph.node:
+        for i in n.input:
+            if i in pairs:
+                tensor = pairs[i][2]
+                if n.op_type in WEIGHTED_OP_TYPES and n.input[0] == i:
+                    readers.setdefault(tensor, set()).add(n.name)
+                else:
+                    other.add(tensor)
+    outputs = {o.name for o in qdq.graph.output}
+    other |= {pairs[o][2] for o in outputs if o in pairs}
+    return {t: frozenset(r) for t, r in readers.items() if t not in other}
 
 
 def keep_activations(qdq, keep: Sequence[str]):
@@ -112,58 +106,59 @@ def keep_activations(qdq, keep: Sequence[str]):
     quantized."""
     import onnx
 
+    from .qdq import _activation_qdq
+
     m = onnx.ModelProto()
     m.CopyFrom(qdq)
-    g = m.graph
-    inits = {t.name for t in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
     keep = set(keep)
-    rename: Dict[str, str] = {}
-    dropped = set()
-    for n in g.node:
-        if n.op_type != "DequantizeLinear" or n.input[0] in inits:
-            continue
-        q = producer.get(n.input[0])
-        if q is not None and q.op_type == "QuantizeLinear" and q.input[0] not in keep:
-            rename[n.output[0]] = q.input[0]
-            dropped.add(n.output[0])
-            dropped.add(q.output[0])
-    nodes = [n for n in g.node if n.output[0] not in dropped]
+    rename = {dq_out: x for dq_out, (_, _, x) in _activation_qdq(m).items() if x not in keep}
+    dropped = set(rename) | {q.output[0] for _, (_, q, x) in _activation_qdq(m).items() if x not in keep}
+    if {o.name for o in m.graph.output} & set(rename):  # pragma: no cover - restore_float_consumers prevents it
+        raise ValueError("a graph output is the output of an activation DequantizeLinear")
+    nodes = [n for n in m.graph.node if n.output[0] not in dropped]
     for n in nodes:
         n.input[:] = [rename.get(i, i) for i in n.input]
-    outs = {o.name for o in g.output}
-    if outs & set(rename):  # pragma: no cover - exporters never end a graph on a DequantizeLinear
-        raise ValueError("a graph output is the output of an activation DequantizeLinear")
-    del g.node[:]
-    g.node.extend(nodes)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
     return m
 
 
-def measure(qdq, fp32, x: np.ndarray, location: Callable[[Dict[str, np.ndarray]], np.ndarray],
-            node_macs: Mapping[str, int], threads: Optional[int] = None, batch: int = 64,
-            progress: bool = False):
-    """Each quantized activation tensor's added location error (see the module).
+class LocationProbe:
+    """Mean squared error (pixels^2) of the first patch's location of a graph against the FP32
+    graph's, on fixed inputs.
+
+    Args:
+        fp32: the FP32 glance graph (``ModelProto``).
+        x: glance inputs (N, 3, P, P).
+        location: the first patch's location in pixels (N, 2) from a graph's outputs.
+        threads: ONNX Runtime threads.
+        batch: inputs per ONNX Runtime call.
+    """
+
+    def __init__(self, fp32, x: np.ndarray, location: Callable[[Dict[str, np.ndarray]], np.ndarray],
+                 threads: Optional[int] = None, batch: int = 64) -> None:
+        self.x, self.location, self.threads, self.batch = x, location, threads, batch
+        self.ref = location(outputs(fp32, x, batch, threads))
+
+    def mse(self, model) -> float:
+        got = self.location(outputs(model, self.x, self.batch, self.threads))
+        return float(((got - self.ref) ** 2).mean())
+
+
+def measure(qdq, probe: LocationProbe, node_macs: Mapping[str, int], progress: bool = False):
+    """Each offered activation tensor's added location error (see the module).
 
     Args:
         qdq: the calibrated all-INT8 glance graph (``ModelProto``).
-        fp32: the FP32 graph it was quantized from.
-        x: glance inputs (N, 3, P, P).
-        location: the first patch's location in pixels (N, 2) from the graph's outputs.
+        probe: the location error against the FP32 graph.
         node_macs: multiply-adds per image of each weighted node.
-        threads: ONNX Runtime threads.
-        batch: inputs per ONNX Runtime call.
         progress: a progress bar.
 
     Returns:
         ``(candidates most added error first, {"all_int8": mse, "weights_only": mse})``.
     """
-    ref = location(outputs(fp32, x, batch, threads))
-
-    def mse(model) -> float:
-        return float(((location(outputs(model, x, batch, threads)) - ref) ** 2).mean())
-
     readers = activation_readers(qdq)
-    totals = {"all_int8": mse(qdq), "weights_only": mse(keep_activations(qdq, ()))}
+    totals = {"all_int8": probe.mse(qdq), "weights_only": probe.mse(keep_activations(qdq, ()))}
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -171,7 +166,7 @@ def measure(qdq, fp32, x: np.ndarray, location: Callable[[Dict[str, np.ndarray]]
         bar = tqdm(total=len(readers), desc="patch location sensitivity", leave=False)
     cands = []
     for tensor, nodes in readers.items():
-        added = mse(keep_activations(qdq, (tensor,))) - totals["weights_only"]
+        added = probe.mse(keep_activations(qdq, (tensor,))) - totals["weights_only"]
         cands.append(Candidate(tensor, nodes, int(sum(node_macs.get(n, 0) for n in nodes)), added))
         if bar is not None:
             bar.update(1)
@@ -189,7 +184,6 @@ def choose(cands: Sequence[Candidate], totals: Mapping[str, float], float_share:
     total_added = sum(max(c.added_mse, 0.0) for c in cands)
     guard = PatchGuard(candidates=list(cands))
     nodes: FrozenSet[str] = frozenset()
-    removed = 0.0
     for c in sorted(cands, key=lambda c: -c.added_mse / max(c.macs, 1)):
         if total_added <= 0 or c.added_mse < min_fraction * total_added:
             continue
@@ -197,14 +191,20 @@ def choose(cands: Sequence[Candidate], totals: Mapping[str, float], float_share:
         if float_share(trial) > max_share + 1e-12:
             continue
         nodes = trial
-        removed += c.added_mse
         guard.kept.append(c)
     guard.nodes = nodes
     guard.float_mac_share = float_share(nodes) if nodes else 0.0
-    guard.rms_px = {"all_int8": round(float(np.sqrt(totals["all_int8"])), 4),
-                    "weights_only": round(float(np.sqrt(totals["weights_only"])), 4),
-                    "estimate_with_guard": round(float(np.sqrt(max(totals["all_int8"] - removed, 0.0))), 4)}
+    guard.rms_px = {k: round(float(np.sqrt(v)), 4) for k, v in totals.items()}
     return guard
+
+
+def guarded_mse(qdq, probe: LocationProbe, guard: PatchGuard) -> float:
+    """The location error of ``qdq`` with the guard's tensors in float (their readers' weights
+    still INT8: at most the error of the graph the guard's placement writes)."""
+    from .qdq import _activation_qdq
+
+    kept = {c.tensor for c in guard.kept}
+    return probe.mse(keep_activations(qdq, {x for _, _, x in _activation_qdq(qdq).values()} - kept))
 
 
 def first_patch_pixels(heads: Mapping[str, np.ndarray], image_size: int, patch_size: int):

@@ -115,7 +115,7 @@ class Profile:
             Runtime's CPU kernels).
         graph_fallback: the search may keep a whole graph in float.
         max_float_mac_share: the search keeps at most this share (0..1) of the backbone
-            multiply-adds per image in float (``None``: no limit).
+            multiply-adds per image in float, the patch guard's nodes included (``None``: no limit).
         bias_correction: float biases of weight-quantized nodes are corrected for the mean
             output shift quantization causes (:mod:`.bias_correction`).
         max_range_for: tensors whose range is their calibration min / max (no clipping),

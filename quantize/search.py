@@ -194,7 +194,8 @@ def _sensitivity(sess: QuantSession, ref: Traced, base: Dict[str, Any], eval_x, 
     costs at most 1/T of the INT8 speed-up.
     """
     opts = sess.opts
-    cands = [(g, name, op, None) for g in GRAPHS for name, op in weighted_nodes(_load(sess.pre[g]))]
+    cands = [(g, name, op, None) for g in GRAPHS for name, op in weighted_nodes(_load(sess.pre[g]))
+             if name not in sess.fixed[g]]  # the patch guard's nodes are in float already
     proxy: Dict[Tuple[str, str], float] = {}
     if len(cands) > opts.max_candidates:
         proxy = local_errors(sess)

@@ -136,12 +136,18 @@ class QuantSession:
             x = self.calib.inputs("glance")
             idx = np.unique(np.linspace(0, len(x) - 1, min(len(x), patch_guard.MEASURE_INPUTS)).round().astype(int))
             location = patch_guard.first_patch_pixels(heads, self.desc.image_size, self.desc.patch_size)
-            cands, totals = patch_guard.measure(onnx.load(str(base)), ref, x[idx], location, self.macs["glance"],
-                                                self.opts.threads, self.opts.batch_size, self.progress)
+            probe = patch_guard.LocationProbe(ref, x[idx], location, self.opts.threads, self.opts.batch_size)
+            qdq = onnx.load(str(base))
+            cands, totals = patch_guard.measure(qdq, probe, self.macs["glance"], self.progress)
+            # within the search's own limit too: the guard's nodes count against it
+            limit = self.opts.float_mac_limit
+            share = self.opts.guard_share if limit is None else min(self.opts.guard_share, limit)
+            guard = patch_guard.choose(cands, totals, lambda nodes: 1.0 - self.int8_mac_share({"glance": nodes}),
+                                       share)
+            if guard.nodes:
+                guard.rms_px["with_guard"] = round(float(np.sqrt(patch_guard.guarded_mse(qdq, probe, guard))), 4)
         finally:
             base.unlink(missing_ok=True)
-        guard = patch_guard.choose(cands, totals, lambda nodes: 1.0 - self.int8_mac_share({"glance": nodes}),
-                                   self.opts.guard_share)
         guard.inputs = len(idx)
         self.fixed["glance"] = guard.nodes
         self.patch_guard = guard.report()

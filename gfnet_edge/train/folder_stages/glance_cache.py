@@ -91,6 +91,7 @@ class GlanceCache:
         state = self._state(x)
         if state != self.state:  # rows computed with other weights / context are of no use
             self.state, self.have, self.full = state, None, False
+            self.f0 = self.fmap = None  # freed before the next allocation, not beside it
         if self.have is None:
             f0, fmap = self._compute(x)
             if self._allocate(f0, fmap):
