@@ -34,3 +34,18 @@ def test_int8_bundle_accuracy_equals_quantization_report(int8_bundle):
     np.testing.assert_allclose(_final_accuracy(int8_bundle, "int8-cpu", x, y), report["accuracy_int8"], atol=1e-3)
     np.testing.assert_allclose(_final_accuracy(int8_bundle, "fp32", x, y), report["accuracy_fp32"], atol=1e-3)
     assert set(int8_bundle.manifest["graphs"]) == {"fp32", "int8-cpu"}
+
+
+def test_build_engine_prints_what_each_int8_graph_set_keeps_in_float(int8_bundle):
+    from gfnet_edge.cli.build_engine import quantization_summary
+
+    m = int8_bundle.manifest
+    rep = m["quantization"]["cpu"]
+    (line,) = quantization_summary(m)
+    assert line.startswith(f"int8-cpu: {100 * rep['int8_mac_share']:.1f}% of the backbone multiply-adds in INT8")
+    assert f"{-rep['accuracy']['final_drop']:+.2f} points against FP32 on {rep['accuracy']['n']} held-out" in line
+    guarded = {"quantization": {"tensorrt": {"int8_mac_share": 0.98311, "patch_guard": {"nodes": ["a", "b"]},
+                                             "float_nodes": [{"node": "c"}], "accuracy": {"final_drop": 0.3, "n": 256}}}}
+    assert quantization_summary(guarded) == [
+        "int8-tensorrt: 98.3% of the backbone multiply-adds in INT8 (nodes in float: 2 by the patch guard, "
+        "1 by the accuracy search); final-step accuracy -0.30 points against FP32 on 256 held-out images"]

@@ -47,7 +47,28 @@ def run(args: argparse.Namespace) -> int:
     print(f"  graphs: {', '.join(m['graphs'])}")
     print(f"  engines: {', '.join(e['precision'] + '@' + e['gpu_name'] for e in m['engines']) or 'none (ONNX Runtime runs the graphs)'}")
     print(f"  budgets: {', '.join(m['budgets']) or 'none'} (default: {m.get('default_budget')})")
+    for line in quantization_summary(m):
+        print(f"  {line}")
     return 0
+
+
+def quantization_summary(manifest: dict) -> list:
+    """One line per INT8 graph set of a bundle manifest: the share of the backbone multiply-adds
+    in INT8, which nodes stay in float and why, and the held-out accuracy drop the build measured
+    (the whole report is the manifest's ``quantization`` entry)."""
+    lines = []
+    for prof, rep in (manifest.get("quantization") or {}).items():
+        line = f"int8-{prof}: {100.0 * float(rep.get('int8_mac_share', 1.0)):.1f}% of the backbone multiply-adds in INT8"
+        kept = [f"{n} by the patch guard" for n in [len((rep.get("patch_guard") or {}).get("nodes") or [])] if n]
+        kept += [f"{n} by the accuracy search" for n in [len(rep.get("float_nodes") or [])] if n]
+        if kept:
+            line += f" (nodes in float: {', '.join(kept)})"
+        acc = rep.get("accuracy") or {}
+        if acc.get("final_drop") is not None:
+            line += (f"; final-step accuracy {-float(acc['final_drop']):+.2f} points against FP32 on "
+                     f"{acc.get('n')} held-out images")
+        lines.append(line)
+    return lines
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
