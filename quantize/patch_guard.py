@@ -11,8 +11,9 @@ on the location add up in variance. :func:`measure` therefore quantizes one acti
 a time (weights in INT8, every other activation in float) and records how much mean squared
 location error that tensor adds, on calibration inputs. :func:`choose` then keeps in float the
 tensors with the most error per multiply-add of the weighted nodes reading them (those nodes
-then run in float), up to a share of the backbone multiply-adds. On ResNet backbones this picks
-the residual streams at the ends of the stages, which feed cheap strided convolutions.
+then run in float), up to a share of the backbone multiply-adds. On the demo's ResNet-18 this
+picks the residual streams at the ends of stages 1-3, which feed cheap strided convolutions, and
+the inputs of the policy's ``state_encoder``.
 """
 from __future__ import annotations
 
