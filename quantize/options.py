@@ -67,7 +67,8 @@ class QuantizeOptions:
         patch_guard_share: share (0..1) of the backbone multiply-adds per image that may be kept
             in float to protect the policy's first patch location (:mod:`.patch_guard`; 0: off);
             ``None``: the profile's :attr:`~.profiles.Profile.patch_guard_share`. Glance graphs
-            without a ``policy_state`` output, or heads without a policy, are left alone. The
+            without a ``policy_state`` output, heads without a policy, and profiles that quantize
+            ReLUs (``cpu``) are left alone. The
             guard's nodes count against :attr:`max_float_mac_share` (the guard stays within it);
             the ``cpu`` profile's latency check (``max_slowdown``) applies to the search only.
         max_slowdown: ``cpu`` profile: a node is only kept in float if the graph stays within

@@ -336,16 +336,20 @@ def quantize_graph(pre_path: Path, out_path: Path, reader, settings: OrtSettings
 
     profile = get_profile(profile)
     pre = onnx.load(str(pre_path))
-    # ONNX Runtime removes a quantized Relu / Clip (folding it into the uint8 range of the Q
-    # after it); on a graph output, which leaves the graph in float, that would drop the ReLU
-    outputs = {o.name for o in pre.graph.output}
-    protected = [n.name for n in pre.graph.node
-                 if n.op_type in REMOVABLE_ACTIVATIONS and any(o in outputs for o in n.output)]
     followers: List[str] = []
     if PostPass.FLOAT_FOLLOWERS in profile.post_passes and nodes_to_exclude:
         group = float_group(pre, nodes_to_exclude)
         followers = sorted(group - set(nodes_to_exclude))
         nodes_to_exclude = group
+    # ONNX Runtime removes a quantized Relu / Clip (folding it into the uint8 range of the Q
+    # after it): the float tensor behind that Q is the activation's input. Where the output
+    # leaves the graph in float (a graph output) or is read by a node kept in float, that
+    # would drop the ReLU, so those activations stay float ops (their quantized readers still
+    # get Q/DQ after them)
+    float_reads = {o.name for o in pre.graph.output}
+    float_reads |= {i for n in pre.graph.node if n.name in set(nodes_to_exclude) for i in n.input}
+    protected = [n.name for n in pre.graph.node
+                 if n.op_type in REMOVABLE_ACTIVATIONS and any(o in float_reads for o in n.output)]
     nodes_to_exclude = sorted(set(nodes_to_exclude) | set(protected))
     quantized = quantized_node_names(pre, settings.op_types_to_quantize, nodes_to_exclude)
     # ONNX Runtime may rename a graph output to "<name>_QuantizeInput"; node names are kept

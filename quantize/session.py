@@ -126,10 +126,17 @@ class QuantSession:
 
         from . import patch_guard
 
+        from .qdq import REMOVABLE_ACTIVATIONS
+
         heads = self._heads()
         ref = onnx.load(str(self.reference["glance"]))
         if "policy_state" not in {o.name for o in ref.graph.output} or "pol.actor.w" not in heads:
             self.patch_guard = {"skipped": "the glance graph has no policy_state output or the heads no policy"}
+            return
+        folded = sorted(set(self.settings.op_types_to_quantize) & set(REMOVABLE_ACTIVATIONS))
+        if folded:  # ONNX Runtime folds those into the Q after them: no float activation to measure with
+            self.patch_guard = {"skipped": f"the {self.profile.name} profile quantizes {', '.join(folded)} "
+                                           "(folded into the quantizers): activations cannot be put back in float"}
             return
         base, _ = self._quantize("glance", self.reference["glance"], frozenset())
         try:

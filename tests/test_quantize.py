@@ -587,3 +587,32 @@ def test_patch_guard_share_defaults_and_bounds():
     assert gq.QuantizeOptions(profile="tensorrt", patch_guard_share=0.0).guard_share == 0.0
     with pytest.raises(ValueError, match="patch_guard_share"):
         gq.QuantizeOptions(patch_guard_share=1.5).validate()
+
+
+def test_cpu_profile_node_kept_in_float_reads_the_relu_output(tiny, tmp_path):
+    """The cpu profile quantizes ReLUs, which ONNX Runtime folds into the Q after them; a Conv
+    kept in float that reads a ReLU output (here one a quantized Conv reads too) must still get
+    the ReLU applied: its graph is no further from FP32 than the all-INT8 one."""
+    from gfnet_edge.quantize.probe import outputs
+
+    pre = tiny["pre"]["glance"]
+    f = onnx.load(str(pre))
+    producer = {o: n for n in f.graph.node for o in n.output}
+    readers = {}
+    for n in f.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    target = next(n.name for n in f.graph.node if n.op_type == "Conv" and producer.get(n.input[0]) is not None
+                  and producer[n.input[0]].op_type == "Relu"
+                  and any(r.op_type == "Conv" and r is not n for r in readers[n.input[0]]))
+    st = ort_settings(gq.QuantizeOptions(profile="cpu", method="max"))
+    x = tiny["calib"].inputs("glance")
+    ref = outputs(f, x)
+
+    def error(excluded):
+        dst = tmp_path / f"q{len(excluded)}.onnx"
+        quantize_graph(pre, dst, tiny["calib"].reader("glance", 8, progress=False), st, "max", "cpu", excluded)
+        got = outputs(onnx.load(str(dst)), x)
+        return sum(float(np.abs(got[k] - ref[k]).mean() / np.abs(ref[k]).mean()) for k in ref)
+
+    assert error([target]) < 1.2 * error([])

@@ -164,3 +164,12 @@ def test_quantize_model_keeps_the_guarded_readers_in_float(tiny, tmp_path):
     ref = at(tiny["pre"])
     err = lambda path: float(((at(path) - ref) ** 2).mean())  # noqa: E731
     assert err(res.graphs["glance"]) < err(off.graphs["glance"])
+
+
+def test_profiles_that_fold_relus_into_their_quantizers_are_left_alone(tiny, tmp_path):
+    pytest.importorskip("gfnet_edge.ops", reason="the runtime extension scores the graphs")
+    fp32 = {g: tiny["paths"][g] for g in ("glance", "focus")}
+    res = gq.quantize_model(tiny["model"], fp32, tiny["paths"]["heads"], tiny["calib"], tmp_path / "cpu",
+                            gq.QuantizeOptions(profile="cpu", method="max", max_accuracy_drop=None, threads=1,
+                                               batch_size=8, patch_guard_share=0.2), progress=False)
+    assert "Relu" in res.report["patch_guard"]["skipped"] and res.report["int8_mac_share"] == 1.0

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..argtypes import POSITIVE, THREADS, float_range, int_range
 from ..errors import InputError
-from ..quantize.profiles import CPU, TENSORRT
+from ..quantize.profiles import TENSORRT
 from ..runtime import backends
 from .options import add_trt_build_options, trt_build_options
 
@@ -99,7 +99,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patch-guard", type=float_range(0.0, 1.0), default=None, metavar="SHARE",
                    help="keep in float the glance layers whose INT8 rounding moves the policy's first patch most, "
                         "up to this share of the backbone multiply-adds (default: the tensorrt profile keeps up to "
-                        f"{TENSORRT.patch_guard_share:g}, the cpu profile {CPU.patch_guard_share:g}; 0: off; see "
+                        f"{TENSORRT.patch_guard_share:g}; the cpu profile has no patch guard; 0: off; see "
                         "docs/quantization.md)")
     p.add_argument("--include-checkpoint", action="store_true", help="copy the checkpoint into the bundle (torch backend)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
