@@ -102,6 +102,12 @@ def test_glance_cache_returns_what_the_encoder_computes_once_per_image():
                 assert torch.allclose(f0, want[0][:3], atol=1e-6)
     assert small.computed == aug.computed == 6
     assert len(lines) == 2 and "needs 0.0 MB > glance_cache_mb" in lines[0] and "augmented" in lines[1]
+    # the next stage sharing a cache is told too, once
+    aug.name = "stage3"
+    with torch.no_grad():
+        for _ in range(2):
+            aug(images[:3], torch.arange(3))
+    assert len(lines) == 3 and lines[2].startswith("[stage3]") and "augmented" in lines[2]
 
 
 def test_glance_cache_is_shared_while_the_encoder_and_context_are_unchanged():

@@ -36,7 +36,8 @@ class GlanceCache:
         glance: normalised images -> the encoder's input (the downsampled glance).
         size: images in the train split (indices ``0 .. size-1``).
         limit_mb: the most the kept outputs may take (float32 MB); ``<= 0`` turns the cache off.
-        log: prints one line (why the cache is off, when it turns itself off).
+        log: prints one line per stage (why the outputs are recomputed, when the cache is off or turns
+            itself off).
         name: the stage, for the log.
         off: why the outputs cannot be kept (logged at the first batch when ``limit_mb`` > 0), or ``None``.
     """
@@ -54,6 +55,7 @@ class GlanceCache:
         self.full = False  # every row kept: no test at all
         self.computed = 0  # images the encoder ran on
         self.state: Optional[Hashable] = None  # what the kept rows were computed with (see _state)
+        self.told: set = set()  # stages already told why the outputs are recomputed
 
     def _state(self, x: torch.Tensor) -> Hashable:
         """The encoder's parameters (storage and in-place version of each), its mode, and the
@@ -62,6 +64,12 @@ class GlanceCache:
         amp = torch.is_autocast_enabled(dev)
         return (tuple((p.data_ptr(), p._version) for p in self.encoder.parameters()), self.encoder.training, dev, amp,
                 torch.get_autocast_dtype(dev) if amp else None)
+
+    def _tell(self) -> None:
+        """Logs why the outputs are recomputed, once per stage (:attr:`name`)."""
+        if self.off and self.name not in self.told:
+            self.told.add(self.name)
+            self.log(f"[{self.name}] glance features recomputed per batch: {self.off}")
 
     def _compute(self, x: torch.Tensor) -> Glance:
         self.computed += len(x)
@@ -72,8 +80,9 @@ class GlanceCache:
         need = self.size * per_image * 4
         if need > self.limit_bytes:
             self.enabled = False
-            self.log(f"[{self.name}] glance features recomputed per batch: keeping them for {self.size} images "
-                     f"needs {need / 2 ** 20:.1f} MB > glance_cache_mb={self.limit_bytes / 2 ** 20:g}")
+            self.off = (f"keeping them for {self.size} images needs {need / 2 ** 20:.1f} MB > "
+                        f"glance_cache_mb={self.limit_bytes / 2 ** 20:g}")
+            self._tell()
             return False
         dev = f0.device
         self.f0 = torch.empty((self.size,) + tuple(f0.shape[1:]), dtype=f0.dtype, device=dev)
@@ -84,9 +93,7 @@ class GlanceCache:
     def __call__(self, x: torch.Tensor, idx: torch.Tensor) -> Glance:
         """The glance outputs of normalised images ``x`` with train indices ``idx``."""
         if not self.enabled:
-            if self.off:
-                self.log(f"[{self.name}] glance features recomputed per batch: {self.off}")
-                self.off = None
+            self._tell()
             return self._compute(x)
         state = self._state(x)
         if state != self.state:  # rows computed with other weights / context are of no use
