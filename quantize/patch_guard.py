@@ -103,24 +103,19 @@ def activation_readers(qdq) -> Dict[str, FrozenSet[str]]:
 
 def keep_activations(qdq, keep: Sequence[str]):
     """A copy of ``qdq`` whose activation ``QuantizeLinear -> DequantizeLinear`` pairs are
-    removed (the float tensor passed through) except on the tensors ``keep``; weights stay
+    removed (their readers get the float tensor) except on the tensors ``keep``; weights stay
     quantized."""
     import onnx
 
-    from .qdq import _activation_qdq
+    from .qdq import _activation_qdq, remove_dangling_qdq
 
     m = onnx.ModelProto()
     m.CopyFrom(qdq)
     keep = set(keep)
     rename = {dq_out: x for dq_out, (_, _, x) in _activation_qdq(m).items() if x not in keep}
-    dropped = set(rename) | {q.output[0] for _, (_, q, x) in _activation_qdq(m).items() if x not in keep}
-    if {o.name for o in m.graph.output} & set(rename):  # pragma: no cover - restore_float_consumers prevents it
-        raise ValueError("a graph output is the output of an activation DequantizeLinear")
-    nodes = [n for n in m.graph.node if n.output[0] not in dropped]
-    for n in nodes:
+    for n in m.graph.node:
         n.input[:] = [rename.get(i, i) for i in n.input]
-    del m.graph.node[:]
-    m.graph.node.extend(nodes)
+    remove_dangling_qdq(m)
     return m
 
 

@@ -347,7 +347,8 @@ def quantize_graph(pre_path: Path, out_path: Path, reader, settings: OrtSettings
     # would drop the ReLU, so those activations stay float ops (their quantized readers still
     # get Q/DQ after them)
     float_reads = {o.name for o in pre.graph.output}
-    float_reads |= {i for n in pre.graph.node if n.name in set(nodes_to_exclude) for i in n.input}
+    in_float = set(nodes_to_exclude)
+    float_reads |= {i for n in pre.graph.node if n.name in in_float for i in n.input}
     protected = [n.name for n in pre.graph.node
                  if n.op_type in REMOVABLE_ACTIVATIONS and any(o in float_reads for o in n.output)]
     nodes_to_exclude = sorted(set(nodes_to_exclude) | set(protected))

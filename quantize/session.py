@@ -125,7 +125,6 @@ class QuantSession:
         import onnx
 
         from . import patch_guard
-
         from .qdq import REMOVABLE_ACTIVATIONS
 
         heads = self._heads()
