@@ -204,17 +204,16 @@ def guarded_mse(qdq, probe: LocationProbe, guard: PatchGuard) -> float:
 
 
 def first_patch_pixels(heads: Mapping[str, np.ndarray], image_size: int, patch_size: int):
-    """``location(outputs)`` for :func:`measure`: the policy's first patch location in pixels
-    (the runtime's policy head on the glance graph's ``policy_state``)."""
-    import torch
+    """``location(outputs)`` for :func:`measure`: the policy's first patch location in pixels,
+    ``action * (S - P)`` before the runtime floors it, from the runtime's own policy head
+    (:class:`gfnet_edge.ops.ActorHead`, zero state) on the glance graph's ``policy_state``."""
+    from gfnet_edge import ops
 
-    from .finetune import first_patch_location
-
-    derive = first_patch_location(dict(heads))
-    span = float(image_size - patch_size)
+    actor = ops.ActorHead(*(np.asarray(heads[k], np.float32) for k in
+                            ("pol.w_ih", "pol.w_hh", "pol.b_ih", "pol.b_hh", "pol.actor.w", "pol.actor.b")))
+    span = np.float32(image_size - patch_size)
 
     def location(outs: Dict[str, np.ndarray]) -> np.ndarray:
-        with torch.no_grad():
-            return derive({"policy_state": torch.from_numpy(outs["policy_state"])})[0].numpy() * span
+        return actor.step(outs["policy_state"], None, image_size, patch_size)[1] * span
 
     return location

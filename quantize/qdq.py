@@ -342,17 +342,17 @@ def quantize_graph(pre_path: Path, out_path: Path, reader, settings: OrtSettings
         followers = sorted(group - set(nodes_to_exclude))
         nodes_to_exclude = group
     # ONNX Runtime removes a quantized Relu / Clip (folding it into the uint8 range of the Q
-    # after it): the float tensor behind that Q is the activation's input. Where the output
-    # leaves the graph in float (a graph output) or is read by a node kept in float, that
-    # would drop the ReLU, so those activations stay float ops (their quantized readers still
-    # get Q/DQ after them)
-    float_reads = {o.name for o in pre.graph.output}
-    in_float = set(nodes_to_exclude)
-    float_reads |= {i for n in pre.graph.node if n.name in in_float for i in n.input}
-    protected = [n.name for n in pre.graph.node
-                 if n.op_type in REMOVABLE_ACTIVATIONS and any(o in float_reads for o in n.output)]
-    nodes_to_exclude = sorted(set(nodes_to_exclude) | set(protected))
+    # after it): the float tensor behind that Q is the activation's input, which is what
+    # restore_float_consumers hands every reader left in float (a node kept in float, an op
+    # type the profile does not quantize, a graph output). Activations such a reader reads
+    # stay float ops (their quantized readers still get Q/DQ after them)
     quantized = quantized_node_names(pre, settings.op_types_to_quantize, nodes_to_exclude)
+    float_reads = {o.name for o in pre.graph.output}
+    float_reads |= {i for n in pre.graph.node if n.name not in quantized for i in n.input}
+    protected = {n.name for n in pre.graph.node
+                 if n.op_type in REMOVABLE_ACTIVATIONS and n.name in quantized and any(o in float_reads for o in n.output)}
+    nodes_to_exclude = sorted(set(nodes_to_exclude) | protected)
+    quantized -= protected
     # ONNX Runtime may rename a graph output to "<name>_QuantizeInput"; node names are kept
     tmp = out_path.with_name(out_path.stem + ".ort.onnx")
     run_quantize_static(pre_path, tmp, reader, settings, method, nodes_to_exclude, cache_path)

@@ -49,3 +49,8 @@ def test_build_engine_prints_what_each_int8_graph_set_keeps_in_float(int8_bundle
     assert quantization_summary(guarded) == [
         "int8-tensorrt: 98.3% of the backbone multiply-adds in INT8 (nodes in float: 2 by the patch guard, "
         "1 by the accuracy search); final-step accuracy -0.30 points against FP32 on 256 held-out images"]
+    # a whole graph kept in float by the search counts its nodes
+    whole = {"quantization": {"cpu": {"int8_mac_share": 0.5, "float_nodes": [{"node": "(whole glance graph)",
+                                                                               "members": 12}]}}}
+    assert quantization_summary(whole) == [
+        "int8-cpu: 50.0% of the backbone multiply-adds in INT8 (nodes in float: 12 by the accuracy search)"]

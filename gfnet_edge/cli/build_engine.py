@@ -59,8 +59,13 @@ def quantization_summary(manifest: dict) -> list:
     lines = []
     for prof, rep in (manifest.get("quantization") or {}).items():
         line = f"int8-{prof}: {100.0 * float(rep.get('int8_mac_share', 1.0)):.1f}% of the backbone multiply-adds in INT8"
-        kept = [f"{n} by the patch guard" for n in [len((rep.get("patch_guard") or {}).get("nodes") or [])] if n]
-        kept += [f"{n} by the accuracy search" for n in [len(rep.get("float_nodes") or [])] if n]
+        guarded = len((rep.get("patch_guard") or {}).get("nodes") or [])
+        searched = sum(int(e.get("members", 1)) for e in rep.get("float_nodes") or [])  # a whole graph: its nodes
+        kept = []
+        if guarded:
+            kept.append(f"{guarded} by the patch guard")
+        if searched:
+            kept.append(f"{searched} by the accuracy search")
         if kept:
             line += f" (nodes in float: {', '.join(kept)})"
         acc = rep.get("accuracy") or {}
