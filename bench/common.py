@@ -110,14 +110,15 @@ def demo_fp32(work: Path):
 
 
 def demo_test_images(model, seed: int, n: int, cache: bool = True):
-    """``n`` normalised demo test images (and labels) rendered with generator ``seed``
-    (``cache``: read / write the generator's cache file)."""
+    """``n`` demo test images (and labels) rendered with generator ``seed``, normalised with the
+    mean / std of ``model`` (a ``GFNet`` or a ``ModelDesc``) (``cache``: read / write the
+    generator's cache file)."""
     from dataclasses import replace
 
+    from gfnet_edge import ops
     from gfnet_edge.data import ClutteredDigits, demo_config
-    from gfnet_edge.quantize.calibration import _spec_value, normalize_frames
 
     cfg = replace(demo_config(model) or ClutteredDigits("test").config, seed=seed)
     frames, labels = ClutteredDigits("test", size=n, config=cfg).arrays(n, progress=False, cache=cache)
-    # the model's own mean / std (a GFNet, its spec, a ModelDesc or a manifest entry)
-    return normalize_frames(frames, _spec_value(model, "mean"), _spec_value(model, "std")), labels
+    spec = model if hasattr(model, "mean") else model.spec  # a ModelDesc, or a GFNet
+    return ops.normalise_frames(frames, spec.mean, spec.std), labels

@@ -155,9 +155,9 @@ def eval_images(case: Case, desc, seed: int, cache: bool) -> Tuple[np.ndarray, O
     if case.kind is Kind.DEMO:
         images, labels = demo_test_images(desc, int(seed), case.per_seed, cache=cache)
         return images, np.asarray(labels)
-    from gfnet_edge.quantize.calibration import normalize_frames
+    from gfnet_edge import ops
 
-    return normalize_frames(synthetic_frames(case.per_seed, desc.image_size, seed), desc.mean, desc.std), None
+    return ops.normalise_frames(synthetic_frames(case.per_seed, desc.image_size, seed), desc.mean, desc.std), None
 
 
 # ----------------------------------------------------------------------------- build

@@ -91,15 +91,6 @@ def check_images(images: Any, image_size: int, min_images: int = MIN_CALIB_IMAGE
     return np.ascontiguousarray(images, dtype=np.float32)
 
 
-def normalize_frames(frames: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """uint8 (N, S, S, 3) frames -> normalised float32 (N, 3, S, S), with the runtime's own
-    pre-processing (:func:`gfnet_edge.ops.normalise_frames`), so calibration images are the
-    inputs inference computes."""
-    from gfnet_edge import ops
-
-    return ops.normalise_frames(np.ascontiguousarray(frames), mean, std)
-
-
 def load_calibration_images(source: Union[str, os.PathLike], spec: SpecLike, n: int = 256, seed: int = 0,
                             min_images: int = MIN_CALIB_IMAGES, split: str = "val",
                             return_labels: bool = False):
@@ -166,7 +157,9 @@ def load_calibration_images(source: Union[str, os.PathLike], spec: SpecLike, n: 
         labels = labels[idx] if labels is not None else None
     elif total < n:
         logger.warning("%s: %d images available, %d asked for; using all of them", where, total, n)
-    images = check_images(normalize_frames(frames, mean, std), S, min_images, where)
+    from gfnet_edge import ops  # the runtime's own pre-processing: calibration images are inference's inputs
+
+    images = check_images(ops.normalise_frames(frames, mean, std), S, min_images, where)
     return (images, labels) if return_labels else images
 
 

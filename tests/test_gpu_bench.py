@@ -23,14 +23,14 @@ def test_bench_driver_traces_like_onnxruntime(tmp_path, per_step):
     import e2e_gpu
     import gpu_common
 
+    from gfnet_edge import ops
     from gfnet_edge.export import export_model, model_desc
-    from gfnet_edge.quantize.calibration import normalize_frames
     from gfnet_edge.quantize.scoring import trace
 
     model = random_gfnet("tiny_bench", 64, 32, 3, 10, (8, 16, 32, 64), 32, logit_scale=4.0, random_bn=True)
     desc = model_desc(model)
     frames = np.random.default_rng(0).integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)
-    images = normalize_frames(frames, desc.mean, desc.std)
+    images = ops.normalise_frames(frames, desc.mean, desc.std)
     driver = (e2e_gpu.per_step_driver if per_step else gpu_common.gfnet_driver)(model, "cpu", "float32")
     try:
         got = driver.run(images, None, None)

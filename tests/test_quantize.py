@@ -410,7 +410,8 @@ def test_finetuning_default_follows_the_calibration_set_size():
 def test_demo_calibration_sources(demo_checkpoint):
     from gfnet_edge.data import ClutteredDigits, demo_config
     from gfnet_edge.models import load_checkpoint
-    from gfnet_edge.quantize.calibration import demo_source, normalize_frames
+    from gfnet_edge import ops
+    from gfnet_edge.quantize.calibration import demo_source
 
     assert (demo_source("demo"), demo_source("demo:train"), demo_source("demo:val")) == ("val", "train", "val")
     assert demo_source("demo_images") is None and demo_source(Path("demo")) is None
@@ -420,7 +421,7 @@ def test_demo_calibration_sources(demo_checkpoint):
     x, y = gq.load_calibration_images("demo:train", model, 20, return_labels=True)
     frames, labels = ClutteredDigits("train", config=demo_config(model)).arrays(20, progress=False)
     assert y.tolist() == labels[:20].tolist()
-    np.testing.assert_allclose(x, normalize_frames(frames[:20], model.spec.mean, model.spec.std), atol=1e-6)
+    np.testing.assert_allclose(x, ops.normalise_frames(frames[:20], model.spec.mean, model.spec.std), atol=1e-6)
     xv = gq.load_calibration_images("demo", model, 20)
     assert not np.allclose(xv, x)  # the validation split's images, not the train split's
 

@@ -193,4 +193,4 @@ def normalise_frames(frames: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
             or frames.shape[3] != 3 or frames.dtype != np.uint8:
         got = f"{frames.dtype} {frames.shape}" if isinstance(frames, np.ndarray) else type(frames).__name__
         raise ValueError(f"frames must be uint8 (N, S, S, 3), got {got}")
-    return preprocess(frames, frames.shape[1], crop_pct=1.0, mean=mean, std=std)
+    return preprocess(np.ascontiguousarray(frames), frames.shape[1], crop_pct=1.0, mean=mean, std=std)
