@@ -188,3 +188,19 @@ def test_frozen_glance_stages_train_the_same_weights_with_the_cache(tmp_path, ca
     # of once per drawn image (+ validation, the same in both runs)
     assert ran_plain - ran_cached == 4 * 2 * 3 * 4 - 8
     assert np.isfinite([v.float().sum().item() for v in with_cache.values()]).all()
+
+
+def test_a_stage_that_trains_the_glance_encoder_frees_the_kept_outputs(tmp_path, cache_dir):
+    cfg = tiny_config(train_size=8, eval_max=4)
+    train = load_split("train", cfg.train_size, config=cfg.data(), progress=False)
+    val = load_split("val", cfg.val_size, config=cfg.data(), progress=False)
+    run = Run(tmp_path, cfg, train, val, progress=False, log=lambda s: None)
+    cache = run.glance_cache("bc")
+    x = torch.from_numpy(train.frames[:4]).permute(0, 3, 1, 2).float() / 255.0
+    with torch.no_grad():
+        cache(x, torch.arange(4))
+    assert cache.f0 is not None and cache.have[:4].all()
+    run._set_trainable(list(run.model.policy.parameters()))  # a policy stage: the rows stay
+    assert cache.f0 is not None
+    run._set_trainable(list(run.model.model_prime.parameters()))
+    assert cache.f0 is None and cache.have is None and run.glance_cache("stage1") is cache

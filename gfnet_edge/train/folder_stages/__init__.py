@@ -144,6 +144,8 @@ class FolderTrainer(Validation):
 
     def _set_trainable(self, params: List[nn.Parameter]) -> None:
         keep = {id(p) for p in params}
+        if self._glance_cache is not None and any(id(p) in keep for p in self.model.model_prime.parameters()):
+            self._glance_cache.clear()  # the glance encoder trains: its kept outputs are stale
         for mod in self._modules().values():
             for p in mod.parameters():
                 p.requires_grad_(id(p) in keep)
@@ -209,7 +211,11 @@ class FolderTrainer(Validation):
         while the encoder and the autocast context are unchanged (:class:`GlanceCache`)."""
         cache = self._glance_cache
         if cache is None:
-            off = "the train images are augmented" if getattr(self.train_set, "augmented", True) else None
+            off = ("the train images are augmented" if getattr(self.train_set, "augmented", True) else
+                   # a batch is served from the cache only once each of its images was seen in this
+                   # process, and each process sees a different share of the images per epoch
+                   "each process sees a different share of the train images (DistributedDataParallel)"
+                   if self.ctx.distributed else None)
             cache = GlanceCache(self.model.model_prime, self.model.glance, len(self.train_set),
                                 float(self.cfg.glance_cache_mb), self.log, name, off)
             self._glance_cache = cache

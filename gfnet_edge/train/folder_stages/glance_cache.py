@@ -65,6 +65,11 @@ class GlanceCache:
         return (tuple((p.data_ptr(), p._version) for p in self.encoder.parameters()), self.encoder.training, dev, amp,
                 torch.get_autocast_dtype(dev) if amp else None)
 
+    def clear(self) -> None:
+        """Frees the kept rows (a stage about to train the encoder makes them useless)."""
+        self.f0 = self.fmap = self.have = self.state = None
+        self.full = False
+
     def _tell(self) -> None:
         """Logs why the outputs are recomputed, once per stage (:attr:`name`)."""
         if self.off and self.name not in self.told:
@@ -97,8 +102,8 @@ class GlanceCache:
             return self._compute(x)
         state = self._state(x)
         if state != self.state:  # rows computed with other weights / context are of no use
-            self.state, self.have, self.full = state, None, False
-            self.f0 = self.fmap = None  # freed before the next allocation, not beside it
+            self.clear()  # freed before the next allocation, not beside it
+            self.state = state
         if self.have is None:
             f0, fmap = self._compute(x)
             if self._allocate(f0, fmap):

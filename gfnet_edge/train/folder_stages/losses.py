@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...models.gfnet import GFNet, action_to_coords, crop_patches, glance_input
+from ...models.gfnet import GFNet, action_to_coords, crop_patches
 
 
 def step_logits(model: GFNet, t: int, feats: List[torch.Tensor], h: Optional[torch.Tensor]):
@@ -59,7 +59,7 @@ class FocusLoss(nn.Module):
                 glance: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
         m, spec = self.model, self.model.spec
         S, P, T = spec.image_size, spec.patch_size, spec.steps
-        f0, fmap = glance if glance is not None else m.model_prime(glance_input(x, P, spec.glance_interpolation))
+        f0, fmap = glance if glance is not None else m.model_prime(m.glance(x))
         feats, h, h_pol = [f0], None, None
         logits, h = step_logits(m, 0, feats, h)
         loss = F.cross_entropy(logits, y)
