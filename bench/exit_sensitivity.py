@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     ap.add_argument("--noise", default="0.005,0.01,0.02", help="relative weight noise levels (r)")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
-    from gfnet_edge.evaluate import anytime_accuracy, dynamic_evaluate
+    from gfnet_edge.evaluate import anytime_accuracy, exit_steps
     from gfnet_edge.quantize.scoring import trace
 
     levels = [0.0] + [float(v) for v in a.noise.split(",") if v]
@@ -62,18 +62,17 @@ def main(argv=None) -> int:
         held = []
         for seed in (int(s) for s in a.seeds.split(",")):
             x, y = demo_test_images(demo.model, seed, a.n)
-            held.append((x, y, trace(demo.desc, demo.fp32, demo.paths["heads"], x, a.threads, 50).probs))
+            p32 = trace(demo.desc, demo.fp32, demo.paths["heads"], x, a.threads, 50).probs
+            held.append((x, y, p32, exit_steps(p32, demo.thresholds)))
         print(f"Machine: {machine()}. Command: python3 bench/exit_sensitivity.py --seeds {a.seeds} --n {a.n} "
               f"--noise {a.noise}\n")
         print("| weights | exit agreement per seed | pooled | final-step Δ (pooled, points) |")
         print("|---|---|---|---|")
         for name, graphs in sets.items():
             agree, delta = [], []
-            for x, y, p32 in held:
+            for x, y, p32, e32 in held:
                 p = trace(demo.desc, graphs, demo.paths["heads"], x, a.threads, 50).probs
-                e32 = dynamic_evaluate(p32, y, demo.costs, demo.thresholds).exit_step
-                e = dynamic_evaluate(p, y, demo.costs, demo.thresholds).exit_step
-                agree.append(100.0 * float((e32 == e).mean()))
+                agree.append(100.0 * float((exit_steps(p, demo.thresholds) == e32).mean()))
                 delta.append(float(anytime_accuracy(p, y)[-1] - anytime_accuracy(p32, y)[-1]))
             print(f"| {name} | {' / '.join(f'{v:.1f}' for v in agree)} | {np.mean(agree):.2f} % | "
                   f"{np.mean(delta):+.2f} |", flush=True)

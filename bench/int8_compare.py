@@ -185,12 +185,13 @@ def _checkpoint(case: Case, cdir: Path) -> Tuple[Path, Optional[str]]:
 
 
 def build_code_key() -> str:
-    """SHA-256 of the source files a bundle's INT8 graphs depend on (the quantizer, the build
-    and the export): a cached bundle made by other code is rebuilt."""
+    """SHA-256 of the Python sources a bundle's INT8 graphs and calibration arrays depend on (the
+    quantizer and the whole package: build, export, models, runtime): a cached bundle or array
+    file made by other code is made again."""
     h = hashlib.sha256()
-    files = sorted((ROOT / "quantize").glob("*.py")) + [ROOT / "gfnet_edge" / f for f in ("build.py", "export.py")]
+    files = sorted((ROOT / "quantize").glob("*.py")) + sorted((ROOT / "gfnet_edge").rglob("*.py"))
     for f in files:
-        h.update(f.name.encode())
+        h.update(str(f.relative_to(ROOT)).encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
@@ -232,7 +233,7 @@ def calibration_arrays(case: Case, cdir: Path, ckpt: Path, calib_data: Optional[
     policy picks (``QuantCalibrationSet.from_model``), as the quantizer calibrates on them.
     """
     tag = "" if calib_data in (None, "demo") or case.kind is not Kind.DEMO else f"_{calib_data.replace(':', '-')}"
-    path = cdir / f"calibration_arrays_{case.num_calib}_{case.num_eval}{tag}.npz"
+    path = cdir / f"calibration_arrays_{case.num_calib}_{case.num_eval}{tag}_{build_code_key()}.npz"
     if path.is_file():
         return path
     from gfnet_edge.build import calibration_split
@@ -263,9 +264,12 @@ def _calibration_mismatch(bundle, calib: Path) -> Optional[str]:
 
 
 def _modelopt_key(bundle, calib: Path) -> Dict[str, Any]:
-    """What ModelOpt's graphs of a case depend on: the calibration arrays and the FP32 graphs."""
+    """What ModelOpt's graphs of a case depend on: the calibration arrays (their contents) and
+    the FP32 graphs."""
+    from gfnet_edge.bundle import sha256_file
+
     arts, fp32 = bundle.manifest["artifacts"], bundle.manifest["graphs"]["fp32"]
-    return {"calibration": calib.name, "fp32": [arts[fp32[g]]["sha256"] for g in ("glance", "focus")]}
+    return {"calibration": sha256_file(calib), "fp32": [arts[fp32[g]]["sha256"] for g in ("glance", "focus")]}
 
 
 def modelopt_graphs(arm: Arm, bundle, cdir: Path, calib: Path, st: Settings,

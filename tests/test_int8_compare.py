@@ -232,10 +232,15 @@ def test_modelopt_graphs_are_reused_only_for_the_same_calibration_set(quick, tmp
     for g in ("glance", "focus"):
         (out / f"{g}.onnx").write_bytes(b"graph")
     fp32 = [bundle.manifest["artifacts"][bundle.manifest["graphs"]["fp32"][g]]["sha256"] for g in ("glance", "focus")]
+    from gfnet_edge.bundle import sha256_file
+
     calib = tmp_path / "calibration_arrays_3000_256_demo-train.npz"
-    (out / "modelopt.json").write_text(json.dumps({"key": {"calibration": "calibration_arrays_256_256.npz", "fp32": fp32}}))
+    calib.write_bytes(b"these calibration arrays")
+    other = tmp_path / "other.npz"
+    other.write_bytes(b"other calibration arrays")
+    (out / "modelopt.json").write_text(json.dumps({"key": {"calibration": sha256_file(other), "fp32": fp32}}))
     graphs, why = int8_compare.modelopt_graphs(arm, bundle, tmp_path, calib, st, {})
     assert graphs is None and "no ModelOpt environment" in why  # other calibration images: quantize again
-    (out / "modelopt.json").write_text(json.dumps({"key": {"calibration": calib.name, "fp32": fp32}}))
+    (out / "modelopt.json").write_text(json.dumps({"key": {"calibration": sha256_file(calib), "fp32": fp32}}))
     graphs, why = int8_compare.modelopt_graphs(arm, bundle, tmp_path, calib, st, {})
     assert why is None and graphs == {g: out / f"{g}.onnx" for g in ("glance", "focus")}
