@@ -61,11 +61,7 @@ def quantization_summary(manifest: dict) -> list:
         line = f"int8-{prof}: {100.0 * float(rep.get('int8_mac_share', 1.0)):.1f}% of the backbone multiply-adds in INT8"
         guarded = len((rep.get("patch_guard") or {}).get("nodes") or [])
         searched = sum(int(e.get("members", 1)) for e in rep.get("float_nodes") or [])  # a whole graph: its nodes
-        kept = []
-        if guarded:
-            kept.append(f"{guarded} by the patch guard")
-        if searched:
-            kept.append(f"{searched} by the accuracy search")
+        kept = [f"{n} by {who}" for n, who in ((guarded, "the patch guard"), (searched, "the accuracy search")) if n]
         if kept:
             line += f" (nodes in float: {', '.join(kept)})"
         acc = rep.get("accuracy") or {}
