@@ -163,6 +163,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         "torch": torch.__version__, "num_test": int(len(test_y)), "tolerance": args.tolerance, "runs": {}}
     T = mm.steps
     every = [float(NO_EXIT)] * (T - 1) + [float(LAST)]
+    cmd = "python bench/e2e_gpu.py " + " ".join(sys.argv[1:] if argv is None else argv)
+
+    def flush(done: bool) -> None:
+        """Writes the report so far: a run stopped by a time limit still leaves its figures."""
+        res["complete"] = done
+        res["minutes"] = (time.perf_counter() - t_start) / 60
+        write_report(Path(args.out), render(res, cmd), res)
+
     with _ieee_fp32(torch):
         for prec in precisions:
             dtype = DTYPES[prec]
@@ -193,6 +201,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 got = np.concatenate([driver.run_frames(test_x[i:i + 128], pick["thresholds"]).prediction
                                       for i in range(0, len(test_x), 128)])
                 run["pick_accuracy_measured"] = 100.0 * float((got == test_y).mean())
+            res["runs"][prec] = run
             for b in batches:
                 entry: Dict[str, Any] = {}
                 if pick is not None:
@@ -204,6 +213,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     entry.update({"gfnet_ms": t["gfnet"], "static_ms": t["static"], "ratio": t["gfnet"] / t["static"]})
                 entry["outside"] = outside_backbones(driver, test_x, b, dev, dtype)
                 run["batches"][b] = entry
+                flush(False)
                 o = entry["outside"]
                 _log(f"{prec} batch {b}: GFNet {entry.get('gfnet_ms', float('nan')):.4f} vs static "
                      f"{entry.get('static_ms', float('nan')):.4f} ms/image ({entry.get('ratio', float('nan')):.2f}x); "
@@ -226,17 +236,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                                      "disabled": cache.loop.disabled}
             driver.runner.deactivate()
             sync(dev)
-            res["runs"][prec] = run
-    res["minutes"] = (time.perf_counter() - t_start) / 60
-    md = render(res, batches, "python bench/e2e_gpu.py " + " ".join(sys.argv[1:] if argv is None else argv))
-    print(md)
-    write_report(Path(args.out), md, res)
+            flush(False)
+    flush(True)
+    print(render(res, cmd))
     _log(f"wrote {args.out} ({res['minutes']:.1f} min)")
     return 0
 
 
-def render(res: Dict[str, Any], batches: List[int], cmd: str) -> str:
+def render(res: Dict[str, Any], cmd: str) -> str:
     label = f" **{res['label']}**." if res.get("label") else ""
+    if not res.get("complete", True):
+        label += " **Partial: the run stopped before its end; the figures below are those it reached.**"
     lines = ["# End to end on a GPU: the captured GFNet loop vs the captured static network (demo model)", "",
              f"Command: `{cmd.strip()}`", "",
              f"Machine: {res['machine']}; {res['gpu']} ({res['sms']} SMs visible), torch {res['torch']}; "
@@ -253,8 +263,7 @@ def render(res: Dict[str, Any], batches: List[int], cmd: str) -> str:
                      f"{run.get('pick_accuracy_measured', float('nan')):.1f} %), {pick['mean_steps']:.2f} mean steps, "
                      f"exits per step {'/'.join(map(str, pick['exits']))}." if pick else "no point reaches it."), ""]
         rows = []
-        for b in batches:
-            e = run["batches"][b]
+        for b, e in run["batches"].items():
             o = e["outside"]
             rows.append([b, f"{e['static_ms']:.4f}" if "static_ms" in e else "–",
                          f"{e['gfnet_ms']:.4f}" if "gfnet_ms" in e else "–",

@@ -189,22 +189,31 @@ def main(argv: Optional[List[str]] = None) -> int:
                            "gpu": torch.cuda.get_device_name(0) if dev == "cuda" else "no GPU (dry run on the CPU)",
                            "sms": torch.cuda.get_device_properties(0).multi_processor_count if dev == "cuda" else 0,
                            "profile": profile, "models": []}
+    cmd = "python bench/gpu_shapes.py " + " ".join(sys.argv[1:] if argv is None else argv)
+
+    def flush(done: bool) -> None:
+        """Writes the report so far: a run stopped by a time limit still leaves its figures."""
+        res["complete"] = done
+        res["minutes"] = (time.perf_counter() - t0) / 60
+        write_report(Path(args.out), render(res, cmd), res)
+
     with _ieee_fp32(torch):
         for item in args.models.split(","):
             name, P = item.split(":")
             for prec in args.precisions.split(","):
                 res["models"].append(measure_model(name, int(P), prec.strip(), batches, profile["fractions"], dev,
                                                    args.images, args.reps))
-    res["minutes"] = (time.perf_counter() - t0) / 60
-    md = render(res, "python bench/gpu_shapes.py " + " ".join(sys.argv[1:] if argv is None else argv))
-    print(md)
-    write_report(Path(args.out), md, res)
+                flush(False)
+    flush(True)
+    print(render(res, cmd))
     _log(f"wrote {args.out} ({res['minutes']:.1f} min)")
     return 0
 
 
 def render(res: Dict[str, Any], cmd: str) -> str:
     label = f" **{res['label']}**." if res.get("label") else ""
+    if not res.get("complete", True):
+        label += " **Partial: the run stopped before its end; the figures below are those it reached.**"
     prof = ", ".join(f"{100 * f:.1f} %" for f in res["profile"]["fractions"])
     lines = ["# ImageNet-shaped GFNets on a GPU: per-step cost vs the static network, and the captured loop", "",
              f"Command: `{cmd.strip()}`", "",

@@ -40,3 +40,39 @@ def test_bench_driver_traces_like_onnxruntime(tmp_path, per_step):
     ref = trace(desc, {g: paths[g] for g in ("glance", "focus")}, paths["heads"], images, threads=1)
     np.testing.assert_allclose(np.asarray(got.probs), ref.probs, atol=1e-4)
     np.testing.assert_array_equal(np.asarray(got.coords), ref.coords)
+
+
+def test_gpu_benchmarks_dry_run_end_to_end(tmp_path):
+    """bench/e2e_gpu.py and bench/gpu_shapes.py as a GPU session runs them, on the CPU (``--device
+    cpu``): the report is written whole, the loop's own exits give the accuracy the trace predicted
+    at the chosen operating point, and gpu_shapes takes its exit profile from e2e_gpu's JSON."""
+    import json
+
+    import e2e_gpu
+    import gpu_shapes
+
+    out = tmp_path / "e2e_gpu.md"
+    assert e2e_gpu.main(["--device", "cpu", "--batches", "1,8", "--precisions", "fp32", "--num-test", "24",
+                         "--num-val", "24", "--tolerance", "100", "--out", str(out)]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert res["complete"] is True and "Partial" not in out.read_text()
+    run = res["runs"]["fp32"]
+    pick = run["pick"]  # a tolerance of 100 points: every point qualifies, the fewest mean steps wins
+    assert pick["mean_steps"] == min(p["mean_steps"] for p in run["points"])
+    assert sum(pick["exits"]) == 24
+    assert run["pick_accuracy_measured"] == pytest.approx(pick["accuracy"])
+    assert sorted(run["batches"]) == ["1", "8"]
+    for entry in run["batches"].values():
+        assert entry["outside"]["loop_ms"] > 0 and entry["outside"]["preprocess_ms"] > 0
+
+    shapes = tmp_path / "gpu_shapes.md"
+    assert gpu_shapes.main(["--device", "cpu", "--models", "mobilenetv3_large_100:96", "--batches", "1",
+                            "--precisions", "fp32", "--images", "4", "--reps", "1",
+                            "--profile-from", str(out.with_suffix(".json")), "--out", str(shapes)]) == 0
+    sres = json.loads(shapes.with_suffix(".json").read_text())
+    assert sres["complete"] is True
+    assert sres["profile"]["source"].startswith(str(out.with_suffix(".json")))
+    np.testing.assert_allclose(sres["profile"]["fractions"], np.asarray(pick["exits"]) / 24)
+    (m,) = sres["models"]
+    assert (m["model"], m["P"], m["T"]) == ("mobilenetv3_large_100", 96, 3)
+    assert m["batches"]["1"]["static_ms"] > 0
