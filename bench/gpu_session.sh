@@ -33,6 +33,7 @@ BUDGET_S=${BUDGET_S:-540}
 PROXY_PERCENT=${PROXY_PERCENT:-6}  # of 132 SMs on an H100 / H200: 8 SMs, an Orin NX / Nano's count
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+[ -d /usr/local/cuda/bin ] && export PATH="/usr/local/cuda/bin:$PATH"  # nvcc for the build
 deadline=$(( $(date +%s) + BUDGET_S ))
 status=0
 : >"$OUT/skipped.txt"
@@ -71,6 +72,11 @@ if wants build 150; then
     timeout "$(limit 150)" python3 setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1 \
     || { tail -40 "$OUT/build.log"; exit 3; }
   echo "build: $(( $(date +%s) - t0 )) s"
+  # Without CUDA kernels or a usable device every GPU test would skip and the run say nothing.
+  python3 -c "from gfnet_edge import ops; import sys; ok = ops.has_cuda_build() and ops.cuda_device_count() > 0
+print('CUDA build:', ops.has_cuda_build(), 'archs:', ops.cuda_archs(), 'devices:', ops.cuda_device_count(),
+      '' if ok else ops.cuda_device_error()); sys.exit(0 if ok else 4)" 2>&1 | tee -a "$OUT/env.txt" \
+    || { echo "the extension has no usable CUDA (see $OUT/build.log): stopping"; exit 4; }
 fi
 
 if wants tests 150; then

@@ -378,13 +378,18 @@ class SimHeads:
 
         class Actor:
             def step_device(self, x, h, h_out, batch, action, coords, image_size, patch_size, stream=None):
-                assert (image_size, patch_size) == (S, Pz) and action is None
+                assert (image_size, patch_size) == (S, Pz)
+                # The CUDA step takes scratch memory for its raw outputs when it has no action
+                # buffer; a graph that allocates cannot be a conditional node's body.
+                assert action is not None or m.capturing is None, "a captured policy step needs an action buffer"
 
                 def work():
                     xs = np.ascontiguousarray(m.view(x, (batch, F), np.float32))
                     hs = None if h is None else np.ascontiguousarray(m.view(h, (batch, cpu.pol_hidden), np.float32))
-                    hn, _a, c = cpu.actor.step(xs, hs, S, Pz)
+                    hn, a, c = cpu.actor.step(xs, hs, S, Pz)
                     m.view(h_out, hn.shape, np.float32)[:] = hn
+                    if action is not None:
+                        m.view(action, a.shape, np.float32)[:] = a
                     m.view(coords, c.shape, np.int32)[:] = c
                 m.launch(stream, work)
 

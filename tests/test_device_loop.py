@@ -692,6 +692,7 @@ def test_device_frames_chunks_and_profiling(bundles):
         c = dev.predict(frames)
         tc = dev.trace(frames)
         stages = dev.profiler.summary()
+        assert dev.driver.place.graphs is not None and dev.driver.place.graphs.cache.active
         import torch  # frames already in GPU memory (torch CUDA tensors): read in place
 
         on_gpu = [torch.from_numpy(f).cuda() for f in frames]
@@ -706,7 +707,8 @@ def test_device_frames_chunks_and_profiling(bundles):
         np.testing.assert_array_equal(p.classes, b.classes)
         np.testing.assert_array_equal(p.coords, b.coords)
     np.testing.assert_allclose(tc.probs, ta.probs, rtol=0, atol=1e-5)
-    assert {"preprocess", "glance", "policy", "crop", "focus", "heads", "exit"} <= set(stages)
+    # captured steps are timed as a whole (glance / focus); plain launches stage by stage
+    assert {"preprocess", "glance", "focus", "exit"} <= set(stages)
 
 
 # ------------------------------------------- GPU: torch graphs only (no onnx / timm needed)
@@ -794,6 +796,9 @@ def test_device_place_matches_host_place_on_torch_cuda_graphs(kind, step0, T, cu
                     np.testing.assert_array_equal(d.coords, e.coords)
                     np.testing.assert_allclose(d.confidence, e.confidence, rtol=0, atol=1e-5)
             runner.max_batch = None
+            if cuda_graphs:  # still captured after the workspace grew from 1 to 7 rows
+                cache = dev.place.graphs.cache
+                assert cache.active and cache.replays > 0, cache.disabled
     finally:
         runner.deactivate()
 

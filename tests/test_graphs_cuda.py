@@ -108,6 +108,73 @@ def test_native_capture_replays_the_extension_kernels_on_new_data():
 
 
 @requires_gpu
+def test_captured_head_steps_hold_no_memory_nodes():
+    """The heads as the captured loop calls them (policy step with an action buffer, GRU and
+    cascaded classifier steps with float32 logits) enqueue kernels only: no allocation or free
+    node, which would keep the step graph out of the batch-1 loop graph's conditional nodes.
+    Replays match plain launches, and the CPU heads."""
+    from gfnet_edge.ops.cascaded import CascadedHead
+
+    rng = np.random.default_rng(7)
+    n, I, H, C, T, S, P = 3, 24, 16, 5, 3, 64, 16
+
+    def w(*shape):
+        return rng.standard_normal(shape).astype(np.float32) * 0.2
+
+    gru = [w(3 * H, I), w(3 * H, H), w(3 * H), w(3 * H)]
+    actor_w = gru + [w(2, H), w(2)]
+    actor, actor_cpu = ops.ActorHead(*actor_w, device="cuda"), ops.ActorHead(*actor_w)
+    cls_w = gru + [w(C, H), w(C)]
+    cls, cls_cpu = ops.GRUHead(*cls_w, device="cuda"), ops.GRUHead(*cls_w)
+    layers = [(w(C, k * I), w(C)) for k in range(2, T + 1)]  # fc_2 .. fc_T
+    casc, casc_cpu = CascadedHead(layers, device="cuda"), CascadedHead(layers)
+    st = ops.Stream()
+    x, h = w(n, I), w(n, H)
+    feats = w(T, n, I)
+    b = {name: ops.DeviceBuffer(size * 4) for name, size in
+            (("x", n * I), ("h", n * H), ("feats", T * n * I), ("hp", n * H), ("hc", n * H), ("action", 2 * n),
+             ("coords", 2 * n), ("lc", n * C), ("mc", n), ("ac", n), ("lk", n * C), ("mk", n), ("ak", n))}
+    for name, a in (("x", x), ("h", h), ("feats", feats)):
+        b[name].copy_from_host(a, st)
+
+    def step():
+        actor.step_device(b["x"], b["h"], b["hp"], n, b["action"], b["coords"], S, P, stream=st)
+        cls.step_device(b["x"], b["h"], b["hc"], n, b["lc"], b["mc"], b["ac"], stream=st)
+        casc.step_device(b["feats"], T, n, I, 2, b["lk"], b["mk"], b["ak"], layout="tnf", stream=st)
+
+    def read():
+        shapes = {"hp": ((n, H), np.float32), "action": ((n, 2), np.float32), "coords": ((n, 2), np.int32),
+                  "hc": ((n, H), np.float32), "lc": ((n, C), np.float32), "mc": ((n,), np.float32),
+                  "ac": ((n,), np.int32), "lk": ((n, C), np.float32), "mk": ((n,), np.float32), "ak": ((n,), np.int32)}
+        return {k: ops.from_device(b[k], *shapes[k], st) for k in shapes}
+
+    step()
+    plain = read()
+    replay = NativeCapture(st).capture(step)
+    kinds = replay.graph.node_kinds
+    assert set(kinds) == {"kernel"}, kinds
+    for buf in ("hp", "action", "coords", "hc", "lc", "mc", "ac", "lk", "mk", "ak"):
+        b[buf].zero(st)
+    replay()
+    got = read()
+    for k, v in plain.items():
+        assert np.array_equal(got[k], v), k
+    hp, action, coords = actor_cpu.step(x, h, S, P)
+    np.testing.assert_allclose(got["hp"], hp, atol=2e-5)
+    np.testing.assert_allclose(got["action"], action, atol=2e-6)
+    assert np.abs(got["coords"] - coords).max() <= 1  # floor() at a boundary may differ by a pixel
+    hc, lc, mc, ac = cls_cpu.step(x, h)
+    np.testing.assert_allclose(got["hc"], hc, atol=2e-5)
+    np.testing.assert_allclose(got["lc"], lc, atol=2e-5)
+    np.testing.assert_allclose(got["mc"], mc, atol=2e-6)
+    assert np.array_equal(got["ac"], ac)
+    lk, mk, ak = casc_cpu.step(feats, 2, layout="tnf")
+    np.testing.assert_allclose(got["lk"], lk, atol=2e-5)
+    np.testing.assert_allclose(got["mk"], mk, atol=2e-6)
+    assert np.array_equal(got["ak"], ak)
+
+
+@requires_gpu
 def test_events_and_pinned_memory():
     st = ops.Stream()
     a, b = ops.CudaEvent(), ops.CudaEvent()

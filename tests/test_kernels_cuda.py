@@ -87,6 +87,7 @@ def test_cuda_accepts_torch_tensors_and_streams():
     images = torch.randn(2, 3, 64, 64, device="cuda")
     out = torch.empty(2, 3, 16, 16, device="cuda")
     stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())  # the inputs were written on torch's current stream
     ops.cuda_glance(images, 2, 64, out, 16, "bicubic", stream=stream)
     stream.synchronize()
     ref = ops.glance(images.cpu().numpy(), 16, "bicubic")

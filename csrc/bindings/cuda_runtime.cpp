@@ -67,7 +67,8 @@ void bind_cuda(py::module_& m) {
       .def("launch", &gc::Graph::launch, py::arg("stream"), py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("ready", &gc::Graph::ready)
       .def_property_readonly("nodes", &gc::Graph::nodes)
-      .def_property_readonly("handle", &gc::Graph::handle, "The captured cudaGraph_t as an int (0 before end_capture).");
+      .def_property_readonly("handle", &gc::Graph::handle, "The captured cudaGraph_t as an int (0 before end_capture).")
+      .def_property_readonly("node_kinds", &gc::Graph::node_kinds, "The kind of each top-level node of the captured graph.");
 
   py::class_<gc::Event>(m, "Event", "A timing CUDA event.")
       .def(py::init<>())

@@ -150,6 +150,16 @@ class LinearWeights {
                         int64_t feature_dim, int64_t k, uintptr_t out, DType out_dtype,
                         uintptr_t stream) const;
 
+  /// forward / forward_segments into a float32 ``out`` with no pointer checks and no
+  /// temporary allocation: for the fused heads, whose buffers are checked once by the caller
+  /// and which must stay capturable into CUDA graphs (a graph that allocates cannot be the body
+  /// of a conditional node, and a pointer it allocates is not valid until the graph runs).
+  void forward_f32(uintptr_t x, DType x_dtype, int64_t nb, uintptr_t out, bool relu,
+                   uintptr_t stream) const;
+  void forward_segments_f32(uintptr_t features, DType x_dtype, bool tnf, int64_t steps,
+                            int64_t nb, int64_t feature_dim, int64_t k, uintptr_t out,
+                            uintptr_t stream) const;
+
  private:
   int64_t out_ = 0, in_ = 0;
   DType dtype_ = DType::kF32;
@@ -211,6 +221,10 @@ class Graph {
   size_t nodes() const { return nodes_; }
   /// The captured cudaGraph_t (0 before end_capture), e.g. to add it as a child graph node.
   uintptr_t handle() const { return reinterpret_cast<uintptr_t>(graph_); }
+  /// The kind of each top-level node ("kernel", "memcpy", "memset", "mem_alloc", "mem_free",
+  /// "graph", "empty", "conditional", "event", "other"): a graph with "mem_alloc" or
+  /// "mem_free" nodes cannot be a child graph node or a conditional node's body.
+  std::vector<std::string> node_kinds() const;
 
  private:
   void* graph_ = nullptr;  // cudaGraph_t
@@ -295,13 +309,16 @@ class GruHead {
   int64_t out_features() const { return head_.out_features(); }
 
   /// h_out = GRU(x, h); logits = W h_out + b (float32 or float16), maxprob float32 and
-  /// argmax int32 per row (maxprob / argmax may be 0 to skip them).
+  /// argmax int32 per row (maxprob / argmax may be 0 to skip them). With float32 logits the
+  /// step allocates nothing (it can be captured into a graph).
   void step_classifier(uintptr_t x, DType x_dtype, uintptr_t h, int64_t nb, uintptr_t h_out,
                        uintptr_t logits, DType logits_dtype, uintptr_t maxprob,
                        uintptr_t argmax, uintptr_t stream) const;
 
   /// h_out = GRU(x, h); action = sigmoid(W h_out + b) (nb, 2) float32;
-  /// coords = floor(action * (image_size - patch_size)) (nb, 2) int32.
+  /// coords = floor(action * (image_size - patch_size)) (nb, 2) int32. With an ``action``
+  /// buffer the step allocates nothing (it can be captured into a graph); without one it takes
+  /// stream-ordered scratch for the raw outputs.
   void step_actor(uintptr_t x, DType x_dtype, uintptr_t h, int64_t nb, uintptr_t h_out,
                   uintptr_t action, uintptr_t coords, int64_t image_size, int64_t patch_size,
                   uintptr_t stream) const;
@@ -312,6 +329,7 @@ class GruHead {
 };
 
 /// Cascaded classifier step: logits = layer([f_0, ..., f_{k-1}]) plus max prob / argmax.
+/// With float32 logits it allocates nothing (it can be captured into a graph).
 void cascaded_step(const LinearWeights& layer, uintptr_t features, DType x_dtype, bool tnf,
                    int64_t steps, int64_t nb, int64_t feature_dim, int64_t k, uintptr_t logits,
                    DType logits_dtype, uintptr_t maxprob, uintptr_t argmax, uintptr_t stream);

@@ -5,6 +5,7 @@
 // so weight loads are coalesced, and the partial sums are combined with warp shuffles.
 #include <cuda_runtime.h>
 
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -248,8 +249,10 @@ __global__ void softmax_stats_kernel(const float* __restrict__ logits, int64_t c
   }
 }
 
-__global__ void actor_kernel(const float* __restrict__ raw, int64_t n, int range,
-                             float* __restrict__ action, int32_t* __restrict__ coords) {
+// raw and action may be the same buffer (the fused actor step rewrites its raw outputs in
+// place): each thread reads its element before writing it, so they carry no __restrict__.
+__global__ void actor_kernel(const float* raw, int64_t n, int range, float* action,
+                             int32_t* __restrict__ coords) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
   const float a = sigmoid(raw[i]);
@@ -357,6 +360,16 @@ void check_batch(int64_t nb) {
   if (nb < 1) throw std::invalid_argument("batch size must be >= 1, got " + std::to_string(nb));
 }
 
+// A cascaded layer reads k features of feature_dim from a buffer of `steps` steps.
+void check_segments(int64_t in, int64_t k, int64_t steps, int64_t feature_dim) {
+  if (k < 1 || k > steps || k * feature_dim != in) {
+    throw std::invalid_argument("cascaded layer expects " + std::to_string(in) +
+                                " inputs, got k=" + std::to_string(k) + " features of " +
+                                std::to_string(feature_dim) + " (buffer holds " +
+                                std::to_string(steps) + " steps)");
+  }
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------ LinearWeights ----
@@ -378,16 +391,26 @@ void LinearWeights::forward(uintptr_t x, DType x_dtype, int64_t nb, uintptr_t ou
   check_batch(nb);
   check_device_pointer(x, "x");
   check_device_pointer(out, "out");
-  const cudaStream_t s = as_stream(stream);
   if (out_dtype == DType::kF32) {
-    linear_dispatch(dtype_, x_dtype, w_.ptr(), b_.ptr(), x, nb, out_, 1, in_, true, 1, relu,
-                    reinterpret_cast<float*>(out), s);
+    forward_f32(x, x_dtype, nb, out, relu, stream);
     return;
   }
   Scratch tmp(static_cast<size_t>(nb * out_) * sizeof(float), stream);
-  float* t = reinterpret_cast<float*>(tmp.ptr());
-  linear_dispatch(dtype_, x_dtype, w_.ptr(), b_.ptr(), x, nb, out_, 1, in_, true, 1, relu, t, s);
-  store_result(t, nb * out_, out, out_dtype, s);
+  forward_f32(x, x_dtype, nb, tmp.ptr(), relu, stream);
+  store_result(reinterpret_cast<float*>(tmp.ptr()), nb * out_, out, out_dtype, as_stream(stream));
+}
+
+void LinearWeights::forward_f32(uintptr_t x, DType x_dtype, int64_t nb, uintptr_t out, bool relu,
+                                uintptr_t stream) const {
+  linear_dispatch(dtype_, x_dtype, w_.ptr(), b_.ptr(), x, nb, out_, 1, in_, true, 1, relu,
+                  reinterpret_cast<float*>(out), as_stream(stream));
+}
+
+void LinearWeights::forward_segments_f32(uintptr_t features, DType x_dtype, bool tnf,
+                                         int64_t steps, int64_t nb, int64_t feature_dim,
+                                         int64_t k, uintptr_t out, uintptr_t stream) const {
+  linear_dispatch(dtype_, x_dtype, w_.ptr(), b_.ptr(), features, nb, out_, k, feature_dim, tnf,
+                  steps, false, reinterpret_cast<float*>(out), as_stream(stream));
 }
 
 void LinearWeights::forward_segments(uintptr_t features, DType x_dtype, bool tnf, int64_t steps,
@@ -395,25 +418,16 @@ void LinearWeights::forward_segments(uintptr_t features, DType x_dtype, bool tnf
                                      DType out_dtype, uintptr_t stream) const {
   require_device();
   check_batch(nb);
-  if (k < 1 || k > steps || k * feature_dim != in_) {
-    throw std::invalid_argument("cascaded layer expects " + std::to_string(in_) +
-                                " inputs, got k=" + std::to_string(k) + " features of " +
-                                std::to_string(feature_dim) + " (buffer holds " +
-                                std::to_string(steps) + " steps)");
-  }
+  check_segments(in_, k, steps, feature_dim);
   check_device_pointer(features, "features");
   check_device_pointer(out, "out");
-  const cudaStream_t s = as_stream(stream);
   if (out_dtype == DType::kF32) {
-    linear_dispatch(dtype_, x_dtype, w_.ptr(), b_.ptr(), features, nb, out_, k, feature_dim, tnf,
-                    steps, false, reinterpret_cast<float*>(out), s);
+    forward_segments_f32(features, x_dtype, tnf, steps, nb, feature_dim, k, out, stream);
     return;
   }
   Scratch tmp(static_cast<size_t>(nb * out_) * sizeof(float), stream);
-  float* t = reinterpret_cast<float*>(tmp.ptr());
-  linear_dispatch(dtype_, x_dtype, w_.ptr(), b_.ptr(), features, nb, out_, k, feature_dim, tnf,
-                  steps, false, t, s);
-  store_result(t, nb * out_, out, out_dtype, s);
+  forward_segments_f32(features, x_dtype, tnf, steps, nb, feature_dim, k, tmp.ptr(), stream);
+  store_result(reinterpret_cast<float*>(tmp.ptr()), nb * out_, out, out_dtype, as_stream(stream));
 }
 
 // --------------------------------------------------------------------- GruWeights ----
@@ -503,17 +517,19 @@ GruHead::GruHead(const float* w_ih, const float* w_hh, const float* b_ih, const 
 void GruHead::step_classifier(uintptr_t x, DType x_dtype, uintptr_t h, int64_t nb,
                               uintptr_t h_out, uintptr_t logits, DType logits_dtype,
                               uintptr_t maxprob, uintptr_t argmax, uintptr_t stream) const {
-  gru_.step(x, x_dtype, h, nb, h_out, stream);
+  gru_.step(x, x_dtype, h, nb, h_out, stream);  // checks x, h, h_out
   const int64_t classes = head_.out_features();
-  const bool direct = logits_dtype == DType::kF32;
   if (logits != 0) check_device_pointer(logits, "logits");
-  Scratch tmp(direct && logits != 0 ? 16 : static_cast<size_t>(nb * classes) * sizeof(float), stream);
-  const uintptr_t raw = (direct && logits != 0) ? logits : tmp.ptr();
-  head_.forward(h_out, DType::kF32, nb, raw, DType::kF32, false, stream);
-  if (maxprob != 0 || argmax != 0 || raw != logits) {
-    softmax_stats(raw, nb, classes, maxprob, argmax, raw != logits ? logits : 0, logits_dtype,
-                  stream);
+  if (logits != 0 && logits_dtype == DType::kF32) {  // straight into the caller's logits
+    head_.forward_f32(h_out, DType::kF32, nb, logits, false, stream);
+    if (maxprob != 0 || argmax != 0) {
+      softmax_stats(logits, nb, classes, maxprob, argmax, 0, DType::kF32, stream);
+    }
+    return;
   }
+  Scratch raw(static_cast<size_t>(nb * classes) * sizeof(float), stream);
+  head_.forward_f32(h_out, DType::kF32, nb, raw.ptr(), false, stream);
+  softmax_stats(raw.ptr(), nb, classes, maxprob, argmax, logits, logits_dtype, stream);
 }
 
 void GruHead::step_actor(uintptr_t x, DType x_dtype, uintptr_t h, int64_t nb, uintptr_t h_out,
@@ -526,22 +542,36 @@ void GruHead::step_actor(uintptr_t x, DType x_dtype, uintptr_t h, int64_t nb, ui
   if (patch_size < 1 || patch_size > image_size) {
     throw std::invalid_argument("need 1 <= patch_size <= image_size");
   }
-  gru_.step(x, x_dtype, h, nb, h_out, stream);
-  Scratch raw(static_cast<size_t>(nb * 2) * sizeof(float), stream);
-  head_.forward(h_out, DType::kF32, nb, raw.ptr(), DType::kF32, false, stream);
   if (action != 0) check_device_pointer(action, "action");
   if (coords != 0) check_device_pointer(coords, "coords");
-  actor_epilogue(raw.ptr(), nb, image_size - patch_size, action, coords, stream);
+  gru_.step(x, x_dtype, h, nb, h_out, stream);
+  // The raw outputs go to the caller's action buffer, which the epilogue then rewrites in
+  // place (one element per thread); without one, to stream-ordered scratch.
+  std::unique_ptr<Scratch> scratch;
+  if (action == 0) scratch = std::make_unique<Scratch>(static_cast<size_t>(nb * 2) * sizeof(float), stream);
+  const uintptr_t raw = action != 0 ? action : scratch->ptr();
+  head_.forward_f32(h_out, DType::kF32, nb, raw, false, stream);
+  actor_epilogue(raw, nb, image_size - patch_size, action, coords, stream);
 }
 
 void cascaded_step(const LinearWeights& layer, uintptr_t features, DType x_dtype, bool tnf,
                    int64_t steps, int64_t nb, int64_t feature_dim, int64_t k, uintptr_t logits,
                    DType logits_dtype, uintptr_t maxprob, uintptr_t argmax, uintptr_t stream) {
-  const int64_t classes = layer.out_features();
-  Scratch raw(static_cast<size_t>(nb * classes) * sizeof(float), stream);
-  layer.forward_segments(features, x_dtype, tnf, steps, nb, feature_dim, k, raw.ptr(),
-                         DType::kF32, stream);
+  require_device();
+  check_batch(nb);
+  check_segments(layer.in_features(), k, steps, feature_dim);
+  check_device_pointer(features, "features");
   if (logits != 0) check_device_pointer(logits, "logits");
+  const int64_t classes = layer.out_features();
+  if (logits != 0 && logits_dtype == DType::kF32) {  // straight into the caller's logits
+    layer.forward_segments_f32(features, x_dtype, tnf, steps, nb, feature_dim, k, logits, stream);
+    if (maxprob != 0 || argmax != 0) {
+      softmax_stats(logits, nb, classes, maxprob, argmax, 0, DType::kF32, stream);
+    }
+    return;
+  }
+  Scratch raw(static_cast<size_t>(nb * classes) * sizeof(float), stream);
+  layer.forward_segments_f32(features, x_dtype, tnf, steps, nb, feature_dim, k, raw.ptr(), stream);
   softmax_stats(raw.ptr(), nb, classes, maxprob, argmax, logits, logits_dtype, stream);
 }
 

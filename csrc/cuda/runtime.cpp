@@ -1,9 +1,12 @@
 // Device discovery, buffers, streams and copies (host code, linked to static cudart).
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "api.h"
 #include "check.h"
@@ -182,6 +185,35 @@ void check_device_pointer(uintptr_t ptr, const char* name) {
   }
 }
 
+namespace {
+
+// The default memory pool hands its free memory back to the system at every synchronisation
+// (release threshold 0), so a caller that synchronises after each call would have every
+// Scratch map fresh pages. Raise the threshold once per device, outside any stream capture
+// (pool attributes cannot be set while one is open); the pool then keeps at most the peak of
+// the scratch in use at once.
+void keep_pool_memory(int device, cudaStream_t stream) {
+  static std::mutex mu;
+  static std::vector<int> done;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return;
+  }
+  if (capture != cudaStreamCaptureStatusNone) return;
+  std::lock_guard<std::mutex> lock(mu);
+  if (std::find(done.begin(), done.end(), device) != done.end()) return;
+  done.push_back(device);
+  cudaMemPool_t pool = nullptr;
+  if (cudaDeviceGetDefaultMemPool(&pool, device) == cudaSuccess) {
+    uint64_t keep = UINT64_MAX;
+    (void)cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
+  }
+  (void)cudaGetLastError();  // an optimisation only: its failure changes nothing else
+}
+
+}  // namespace
+
 Scratch::Scratch(size_t nbytes, uintptr_t stream) : stream_(stream) {
   if (nbytes == 0) nbytes = 16;
   int device = 0;
@@ -193,6 +225,7 @@ Scratch::Scratch(size_t nbytes, uintptr_t stream) : stream_(stream) {
   }
   async_ = pools != 0;
   if (async_) {
+    keep_pool_memory(device, as_stream(stream));
     GFN_CUDA_CHECK(cudaMallocAsync(&ptr_, nbytes, as_stream(stream)));
   } else {
     GFN_CUDA_CHECK(cudaMalloc(&ptr_, nbytes));
@@ -280,6 +313,34 @@ void Graph::end_capture() {
   cudaGraphExec_t exec = nullptr;
   GFN_CUDA_CHECK(cudaGraphInstantiate(&exec, g, 0));
   exec_ = exec;
+}
+
+std::vector<std::string> Graph::node_kinds() const {
+  std::vector<std::string> kinds;
+  if (graph_ == nullptr) return kinds;
+  const cudaGraph_t g = static_cast<cudaGraph_t>(graph_);
+  size_t count = 0;
+  GFN_CUDA_CHECK(cudaGraphGetNodes(g, nullptr, &count));
+  std::vector<cudaGraphNode_t> nodes(count);
+  if (count > 0) GFN_CUDA_CHECK(cudaGraphGetNodes(g, nodes.data(), &count));
+  for (size_t i = 0; i < count; ++i) {
+    cudaGraphNodeType type{};
+    GFN_CUDA_CHECK(cudaGraphNodeGetType(nodes[i], &type));
+    switch (type) {
+      case cudaGraphNodeTypeKernel: kinds.emplace_back("kernel"); break;
+      case cudaGraphNodeTypeMemcpy: kinds.emplace_back("memcpy"); break;
+      case cudaGraphNodeTypeMemset: kinds.emplace_back("memset"); break;
+      case cudaGraphNodeTypeMemAlloc: kinds.emplace_back("mem_alloc"); break;
+      case cudaGraphNodeTypeMemFree: kinds.emplace_back("mem_free"); break;
+      case cudaGraphNodeTypeGraph: kinds.emplace_back("graph"); break;
+      case cudaGraphNodeTypeEmpty: kinds.emplace_back("empty"); break;
+      case cudaGraphNodeTypeConditional: kinds.emplace_back("conditional"); break;
+      case cudaGraphNodeTypeEventRecord:
+      case cudaGraphNodeTypeWaitEvent: kinds.emplace_back("event"); break;
+      default: kinds.emplace_back("other"); break;
+    }
+  }
+  return kinds;
 }
 
 void Graph::launch(uintptr_t stream) const {

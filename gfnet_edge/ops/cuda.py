@@ -8,7 +8,8 @@ without CUDA, raises RuntimeError (raised by the extension itself).
 from __future__ import annotations
 
 import numbers
-from typing import Any, Sequence, Union
+from collections import Counter
+from typing import Any, Dict, Sequence, Union
 
 import numpy as np
 
@@ -232,6 +233,13 @@ class CudaGraph:
     def handle(self) -> int:
         """The captured ``cudaGraph_t`` as an int (0 before :meth:`end_capture`)."""
         return int(self._g.handle)
+
+    @property
+    def node_kinds(self) -> Dict[str, int]:
+        """How many top-level nodes of each kind the captured graph holds (``kernel``,
+        ``memcpy``, ``memset``, ``mem_alloc``, ``mem_free``, ``graph``, ...). A graph with
+        ``mem_alloc`` / ``mem_free`` nodes cannot be nested in another graph."""
+        return dict(Counter(self._g.node_kinds))
 
 
 class CudaEvent:

@@ -73,6 +73,7 @@ class DevicePlace:
         self.ctx = ctx
         self.stream = stream if stream is not None else ops.Stream()
         self._bufs: Dict[str, Any] = {}
+        self._host_bufs: Dict[str, np.ndarray] = {}
         self._events: List[Any] = []  # free CUDA events for stage timing
         self._upload: Any = None  # the upload stream of prefetch()
         self._slot = 1
@@ -99,6 +100,16 @@ class DevicePlace:
             buf = ops.DeviceBuffer(max(int(nbytes), 1))
             self._bufs[name] = buf
         return buf
+
+    def host_words(self, name: str, words: int) -> np.ndarray:
+        """A cached page-locked int32 host array of ``words`` (grown, never shrunk), for the
+        loop's per-step reads: a device -> host copy into it needs no staging."""
+        from .. import ops
+
+        arr = self._host_bufs.get(name)
+        if arr is None or arr.size < words:
+            arr = self._host_bufs[name] = ops.pinned_empty((max(int(words), 1),), np.int32)
+        return arr[:words]
 
     def _input_buffers(self, n: int) -> tuple:
         """Device buffers for ``n`` normalised images and their glance. With CUDA graphs they
@@ -323,7 +334,7 @@ class DeviceSteps(DeviceRun):
         # Per-step result block (int32 words): maxprob[n] argmax[n] coords[n, 2] flag.
         self.slot_words = 4 * N + 1
         self.stats = place.buf("stats", T * self.slot_words * F32)
-        self.host_stats = np.empty(T * self.slot_words, np.int32)
+        self.host_stats = place.host_words("stats", T * self.slot_words)
         self.logits = place.buf("logits", (T if self.trace else 1) * N * self.C * F32)
         self.stats.zero(self.st)
         self.t = 0

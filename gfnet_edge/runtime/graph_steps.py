@@ -101,7 +101,7 @@ class GraphWorkspace:
         R = self.capacity
         sizes = {
             "images": R * 3 * S * S, "glance": R * 3 * P * P, "patches": R * 3 * P * P,
-            "rows": R, "rows0": R, "idx": R, "stats": 4 * R + 1, "logits": R * C,
+            "rows": R, "rows0": R, "idx": R, "stats": 4 * R + 1, "logits": R * C, "action": 2 * R,
             "state": R * max(Hs, 1), "hpol.0": R * self.Hp, "hpol.1": R * self.Hp,
             "scratch": R * max(T * max(F, 1), Hs, self.Hp, self.Hc, 1),
         }
@@ -123,6 +123,7 @@ class GraphWorkspace:
 
     def ptr(self, name: str) -> int:
         return self._b[name].ptr
+
 
     def buffer(self, name: str):
         return self._b[name]
@@ -156,7 +157,7 @@ class GraphSteps(DeviceRun):
         self.book = ExitBook(N, T)
         self.t = 0
         self.prev: int = 0  # bucket the survivors are gathered from at the next step (0: no compaction)
-        self.host_stats = np.empty(4 * self.B + 1, np.int32)
+        self.host_stats = place.host_words("graph.stats", 4 * self.B + 1)  # the one read per step
         #: The loop graph when this run goes through it; ``_pending``: launched at the first focus
         #: step; ``_launched``: its result is read by the next :meth:`next`; ``_finished``: a
         #: deadline check found the run over (nothing left to stop).
@@ -207,8 +208,10 @@ class GraphSteps(DeviceRun):
         if prev:
             self._compact(B, t, prev, sl["flag"])
         h_pol = None if t == 1 else ws.ptr(f"hpol.{(t - 1) % 2}")
-        heads.actor.step_device(ws.ptr("state"), h_pol, ws.ptr(f"hpol.{t % 2}"), B, None, sl["coords"], S, P,
-                                stream=st)
+        # The action buffer (and float32 logits below) keep the heads from allocating scratch:
+        # a captured step must allocate nothing to be the body of a conditional graph node.
+        heads.actor.step_device(ws.ptr("state"), h_pol, ws.ptr(f"hpol.{t % 2}"), B, ws.ptr("action"),
+                                sl["coords"], S, P, stream=st)
         ops.cuda_crop_patches(ws.ptr("images"), B, S, sl["coords"], ws.ptr("patches"), P, error_flag=sl["flag"],
                               stream=st, rows=ws.ptr("rows"), image_rows=ws.capacity)
         f = self.runner.run_device("focus", ws.ptr("patches"), B, st)

@@ -19,8 +19,10 @@ to know about the capture).
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
-from typing import Any, Callable, Dict, Hashable, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, Hashable, Iterator, Optional, Protocol, Tuple
 
 logger = logging.getLogger("gfnet_edge")
 
@@ -64,6 +66,21 @@ class Capture(Protocol):
         the work cannot be captured; the stream is then no longer capturing."""
 
 
+@contextlib.contextmanager
+def no_collection() -> Iterator[None]:
+    """No cyclic garbage collection inside: run before a stream capture opens and held until
+    it closes. Objects in reference cycles (a closed runtime's buffers, say) are freed by the
+    collector whenever it runs, and a cudaFree while a capture is open invalidates it."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 class NativeCapture:
     """Stream capture through the extension (:class:`gfnet_edge.ops.CudaGraph`, thread-local
     capture mode). For runners that only enqueue kernels and copies on the given stream."""
@@ -77,13 +94,14 @@ class NativeCapture:
         from .. import ops
 
         graph = ops.CudaGraph()
-        graph.begin_capture(self.stream)
-        try:
-            fn()
-        except BaseException:
-            graph.abort_capture()
-            raise
-        graph.end_capture()
+        with no_collection():
+            graph.begin_capture(self.stream)
+            try:
+                fn()
+            except BaseException:
+                graph.abort_capture()
+                raise
+            graph.end_capture()
         stream = self.stream
 
         def replay() -> None:
@@ -146,3 +164,6 @@ class GraphCache:
     def clear(self) -> None:
         """Drops every graph (the buffers they address are about to be reallocated)."""
         self.graphs.clear()
+        release = getattr(self.capture, "release", None)
+        if release is not None:
+            release()

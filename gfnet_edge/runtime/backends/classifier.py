@@ -276,6 +276,9 @@ class TorchClassifier(Classifier):
         self._in[bucket] = torch.zeros((bucket, S, S, 3), dtype=torch.uint8, device=self.device)
         if self.device == "cuda":
             self._host[bucket] = torch.empty((bucket, S, S, 3), dtype=torch.uint8, pin_memory=True)
+            # The buffer (and, the first time, the weights and constants) were made on torch's
+            # current stream; the runner's own stream does not otherwise wait for it.
+            self.stream.wait_stream(torch.cuda.current_stream())
 
     def logits(self, frames: np.ndarray) -> np.ndarray:
         import torch

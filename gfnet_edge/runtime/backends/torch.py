@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Tuple
 import numpy as np
 
 from ...errors import InputError, UnavailableError
+from ..graphs import no_collection
 from .base import GRAPHS, Runner
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -130,6 +131,16 @@ class TorchRunner(Runner):
         if self.dtype == "float16":
             self.graphs = {g: m.half() for g, m in self.graphs.items()}
 
+    def activate(self) -> "TorchRunner":
+        super().activate()
+        if self.device == "cuda":
+            import torch
+
+            # The weights were moved (and cast) on torch's default stream; the loop's streams
+            # are non-blocking and would not wait for that.
+            torch.cuda.synchronize()
+        return self
+
     def _deactivate(self) -> None:
         if self.device == "cuda" and (self._kept or self._streams):
             import torch
@@ -219,12 +230,19 @@ class TorchCapture:
 
         ts = self.runner._stream(self.stream) if self.runner is not None else self.stream
         graph = torch.cuda.CUDAGraph(keep_graph=True) if self.keep_graph else torch.cuda.CUDAGraph()
-        with torch.cuda.stream(ts):
+        with torch.cuda.stream(ts), no_collection():
             graph.capture_begin(pool=self.pool)
             try:
                 fn()
-            finally:
-                graph.capture_end()
+            except BaseException:
+                # End the capture without letting its own error ("a previous error during
+                # capture") replace the cause, which is what the fallback logs.
+                try:
+                    graph.capture_end()
+                except Exception:  # noqa: BLE001
+                    pass
+                raise
+            graph.capture_end()
         if self.pool is None:
             self.pool = graph.pool()
         kept = dict(self.runner._kept) if self.runner is not None else {}  # captured outputs, kept with the graph
@@ -238,6 +256,11 @@ class TorchCapture:
             graph.instantiate()
             replay.cuda_graph = int(graph.raw_cuda_graph())  # type: ignore[attr-defined]
         return replay
+
+    def release(self) -> None:
+        """Every graph captured so far was dropped: the next capture starts a new memory pool
+        (torch refuses to capture into a pool whose graphs are all gone)."""
+        self.pool = None
 
 
 def _torch_keeps_graphs() -> bool:
