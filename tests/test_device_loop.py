@@ -482,6 +482,14 @@ def test_captured_loop_equals_host_loop_on_simulated_device(tmp_path_factory, mo
     for r in (f1, f2):
         for f in ("prediction", "exit_step", "coords"):
             np.testing.assert_array_equal(getattr(r, f), getattr(a, f))
+
+    # close(): the place's stream is drained first, then its graphs and buffers are dropped
+    dev.place.prefetch(np.zeros((2, 40, 50, 3), np.uint8))  # a pending upload, in page-locked memory
+    assert dev.place._bufs and ws._b and ws.cache.graphs
+    dev.close()
+    assert mem.streams.pending(dev.place.stream) == 0
+    assert not (dev.place._bufs or dev.place._host_bufs or ws._b or ws.cache.graphs or ws.loop.graph)
+    assert dev.place._pinned == [None, None] and not dev.place._prefetched
     host.deactivate()
 
 
@@ -512,6 +520,9 @@ def test_graph_buckets_and_cache():
     cache.clear()
     cache.run(("focus", 4, 1, 0), lambda: log.append("eager"))
     assert log[-2:] == ["eager", "capture"]
+    Cap.release = lambda self: log.append("release")  # a capturer with a memory pool to let go
+    cache.clear()
+    assert log[-1] == "release" and not cache.graphs
     plain = GraphCache(None)
     plain.run("k", lambda: log.append("eager"))
     plain.run("k", lambda: log.append("eager"))

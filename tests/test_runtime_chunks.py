@@ -194,7 +194,7 @@ def test_device_place_uploads_and_runs_chunk_by_chunk(demo, monkeypatch):
         assert sim.synced == [5]  # the producer's stream, once for the three chunks
         results.append(rt.predict([DeviceArray(mem, f) for f in frames]))
         tr = rt.trace(frames)
-        bufs = rt.driver.place._bufs
+        bufs = dict(rt.driver.place._bufs)  # close() at the end of the block frees them
     for got in results:  # the device place normalises in float32 first: confidences within rounding
         for f in ("classes", "exit_step", "coords"):
             np.testing.assert_array_equal(getattr(got, f), getattr(want, f), err_msg=f)

@@ -245,8 +245,14 @@ class Runtime:
         self.budget = budget if budget is not None else self.bundle.manifest.get("default_budget")
 
     def close(self) -> None:
-        """Releases the backend's sessions / engines; the Runtime cannot be used afterwards."""
+        """Releases the backend's sessions / engines and the loop's GPU memory and graphs; the
+        Runtime cannot be used afterwards."""
+        if getattr(self, "_closed", False):
+            return
         self._closed = True
+        driver = self.__dict__.get("driver")
+        if driver is not None:
+            driver.close()
         self.runner.deactivate()
 
     def _check_open(self) -> None:

@@ -89,6 +89,23 @@ class DevicePlace:
 
             self.graphs = GraphWorkspace(self, capture, conditional=conditional)
 
+    def close(self) -> None:
+        """Waits for the place's streams, then frees its graphs, GPU buffers, page-locked
+        buffers and events (they would otherwise wait for the garbage collector: the place and
+        its graph workspace refer to each other)."""
+        for stream in (self.stream, self._upload):
+            if stream is not None:
+                stream.synchronize()
+        if self.graphs is not None:
+            self.graphs.close()
+        self._prefetched.clear()
+        self._pending.clear()
+        self._bufs.clear()
+        self._host_bufs.clear()
+        self._pinned = [None, None]
+        self._upload_events = [None, None]
+        self._events.clear()
+
     # ----------------------------------------------------------------- buffers
     def buf(self, name: str, nbytes: int):
         """A cached device buffer of at least ``nbytes`` (grown, never shrunk)."""

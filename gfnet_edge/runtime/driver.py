@@ -97,6 +97,11 @@ class Driver:
         """True when the buffers live in GPU memory."""
         return self.place.on_device
 
+    def close(self) -> None:
+        """Frees the place's buffers (GPU memory, graphs) once its work has finished; the
+        runner stays as it is (its owner deactivates it)."""
+        self.place.close()
+
     # -------------------------------------------------------------------- entry
     def run(self, images: np.ndarray, glance: Optional[np.ndarray],
             thresholds: Optional[Sequence[float]], deadline: Optional["Deadline"] = None) -> StepOutputs:

@@ -124,6 +124,13 @@ class GraphWorkspace:
     def ptr(self, name: str) -> int:
         return self._b[name].ptr
 
+    def close(self) -> None:
+        """Drops the graphs, then the buffers they address."""
+        self.cache.clear()
+        self.loop.clear()
+        self._b.clear()
+        self.capacity = 0
+
 
     def buffer(self, name: str):
         return self._b[name]

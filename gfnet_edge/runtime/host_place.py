@@ -31,6 +31,9 @@ class HostPlace:
         self.ctx = ctx
         self.loop = ctx.heads.host_loop(ctx.model)
 
+
+    def close(self) -> None:
+        """Nothing to free: the host place's buffers are numpy arrays."""
     def stage(self, name: str) -> ContextManager[None]:
         return self.ctx.prof.stage(name)
 

@@ -140,6 +140,10 @@ class Place(Protocol):
         """Device place: uint8 frames in GPU memory (:class:`~gfnet_edge.runtime.cuda_arrays.
         DeviceFrame`) pre-processed where they are; the host place raises ValueError."""
 
+    def close(self) -> None:
+        """Frees what the place holds (device place: GPU buffers, graphs, page-locked memory,
+        events), once the work enqueued on its streams has finished."""
+
 
 def check_step_flag(flag: int, step: int) -> None:
     """Raises when a device step's error flag is set (a bad patch coordinate or row index)."""
