@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one run, for a GPU machine lent for a few minutes.
-# Steps (STEPS picks and orders them; default: all, in this order):
+# Steps, run in this order (STEPS picks some; default: all):
 #   build   the extension with CUDA (GFNET_EDGE_CUDA_ARCHS, default 90: Hopper);
 #   tests   the GPU tests: CUDA kernels against the CPU ones, CUDA graphs / events / pinned memory,
 #           the device loop (plain launches, CUDA graphs, conditional graph nodes) against the
 #           ONNX Runtime host loop, the static baseline's CUDA runner;
 #   e2e     bench/e2e_gpu.py: demo model, captured GFNet loop vs captured static network, fp32 and
 #           fp16, batch 1 to 128, time outside the backbones per step;
-#   shapes  bench/gpu_shapes.py: ImageNet-shaped GFNets (random weights) at the demo's exit profile;
 #   train   bench/train_gpu.py: a ResNet-50 GFNet trained on a synthetic image folder, every stage
 #           for one epoch with mixed precision, then stage 1's images per second, AMP vs float32;
+#   shapes  bench/gpu_shapes.py: ImageNet-shaped GFNets (random weights) at the demo's exit profile;
 #   proxy   a Jetson-class proxy: e2e and shapes again at batch 1 and 8 with the process limited
 #           to about 8 SMs through CUDA MPS (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE), when the machine
 #           allows it.
@@ -28,7 +28,7 @@
 # and the tests skip themselves, saying so, where those are missing.
 set -u -o pipefail
 OUT=${OUT:-gpu-results}
-STEPS=${STEPS:-build tests e2e shapes train proxy}
+STEPS=${STEPS:-build tests e2e train shapes proxy}
 BUDGET_S=${BUDGET_S:-540}
 PROXY_PERCENT=${PROXY_PERCENT:-6}  # of 132 SMs on an H100 / H200: 8 SMs, an Orin NX / Nano's count
 mkdir -p "$OUT"
@@ -62,6 +62,7 @@ trap pack EXIT
   date -u; nvidia-smi -L || true; nvidia-smi --query-gpu=driver_version,clocks.max.sm --format=csv || true
   nvcc --version | tail -1
   python3 -c "import sys, torch, numpy; print(sys.version.split()[0], 'torch', torch.__version__, 'numpy', numpy.__version__)"
+  df -h /dev/shm 2>/dev/null | tail -1 | awk '{print "/dev/shm: " $2 " (DataLoader workers pass batches through it)"}'
   echo "steps: $STEPS; budget ${BUDGET_S} s"
 } 2>&1 | tee "$OUT/env.txt"
 
@@ -101,20 +102,23 @@ fi
 profile=()
 [ -f "$OUT/e2e_gpu.json" ] && profile=(--profile-from "$OUT/e2e_gpu.json")
 
+if wants train 120; then
+  step "training, ResNet-50 GFNet, synthetic image folder"
+  work=$(mktemp -d /tmp/gfnet-train.XXXXXX)  # the JPEGs and checkpoints stay out of $OUT
+  timeout "$(limit 120)" python3 bench/train_gpu.py --out "$work/run" --images 2560 --eval-max 128 --epochs 2 \
+    >"$OUT/train_gpu.log" 2>&1 || { status=1; tail -20 "$OUT/train_gpu.log"; }
+  cp "$work/run/train_gpu.txt" "$OUT/" 2>/dev/null && cat "$OUT/train_gpu.txt"
+  for d in "$work"/run/*/; do  # each run's per-epoch records
+    [ -f "$d/epochs.jsonl" ] && cp "$d/epochs.jsonl" "$OUT/train_$(basename "$d").jsonl"
+  done
+  rm -rf "$work"
+fi
+
 if wants shapes 130; then
   step "ImageNet shapes, full GPU"
   timeout "$(limit 130)" python3 bench/gpu_shapes.py --reps 20 "${profile[@]}" --out "$OUT/gpu_shapes.md" \
     >"$OUT/gpu_shapes.log" 2>&1 || { status=1; tail -20 "$OUT/gpu_shapes.log"; }
   grep "^\[gpu-shapes\]" "$OUT/gpu_shapes.log" | tail -30
-fi
-
-if wants train 150; then
-  step "training, ResNet-50 GFNet, synthetic image folder"
-  work=$(mktemp -d /tmp/gfnet-train.XXXXXX)  # the JPEGs and checkpoints stay out of $OUT
-  timeout "$(limit 150)" python3 bench/train_gpu.py --out "$work/run" --images 3200 --epochs 2 \
-    >"$OUT/train_gpu.log" 2>&1 || { status=1; tail -20 "$OUT/train_gpu.log"; }
-  cp "$work/run/train_gpu.txt" "$OUT/" 2>/dev/null && cat "$OUT/train_gpu.txt"
-  rm -rf "$work"
 fi
 
 if wants proxy 140; then

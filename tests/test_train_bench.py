@@ -28,10 +28,16 @@ def test_tiny_dry_run_trains_two_iterations_per_epoch_and_reports(tmp_path):
         recs = [json.loads(line) for line in (out / run / "epochs.jsonl").read_text().splitlines()]
         assert [r["stage"] for r in recs] == stages, run
         assert all(r["iters"] == n_train // 16 and r["images_per_s"] > 0 for r in recs), run
+        # two steps: the rate without the first step is measured too
+        assert all(r["images_per_s_steady"] > 0 for r in recs), run
     report = (out / "train_gpu.txt").read_text()
     assert report.strip() in proc.stdout
-    m = re.search(r"stage 1 last epoch: mixed precision ([\d.]+) img/s, float32 ([\d.]+) img/s", report)
-    assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0
+    m = re.search(r"stage 1 last epoch, without its first step: mixed precision ([\d.]+) img/s, "
+                  r"float32 ([\d.]+) img/s", report)
+    assert m, report
+    for run, got in (("s1_amp", m.group(1)), ("s1_fp32", m.group(2))):
+        last = json.loads((out / run / "epochs.jsonl").read_text().splitlines()[-1])
+        assert float(got) == last["images_per_s_steady"], run
     fp32 = json.loads((out / "s1_fp32" / "config.json").read_text())
     assert fp32["amp"] is False and fp32["backbone"] == "test_resnet"
 

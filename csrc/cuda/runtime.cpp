@@ -204,11 +204,16 @@ void keep_pool_memory(int device, cudaStream_t stream) {
   std::lock_guard<std::mutex> lock(mu);
   if (std::find(done.begin(), done.end(), device) != done.end()) return;
   done.push_back(device);
+  // Relaxed for this thread while setting it: a capture this thread has open on another
+  // stream must not be invalidated by the call.
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  (void)cudaThreadExchangeStreamCaptureMode(&mode);
   cudaMemPool_t pool = nullptr;
   if (cudaDeviceGetDefaultMemPool(&pool, device) == cudaSuccess) {
     uint64_t keep = UINT64_MAX;
     (void)cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
   }
+  (void)cudaThreadExchangeStreamCaptureMode(&mode);
   (void)cudaGetLastError();  // an optimisation only: its failure changes nothing else
 }
 

@@ -14,6 +14,19 @@ import torch.nn.functional as F
 from ..variants import CASCADED_HEADS, GFNetSpec
 
 
+def gru_step(gru: nn.GRU, x: torch.Tensor, hidden: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One step of a one-layer ``gru`` on (N, I) ``x`` and (N, H) ``hidden``: ``(output, new
+    hidden)``, both (N, H). Under CUDA autocast the step runs in float32: autocast hands cuDNN's
+    GRU float16 whatever its dtype, and under bfloat16 (no loss scaling) the small gradients of
+    a recurrent head would underflow in float16."""
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        with torch.autocast("cuda", enabled=False):
+            out, h = gru(x.float().unsqueeze(0), hidden.float().unsqueeze(0))
+    else:
+        out, h = gru(x.unsqueeze(0), hidden.unsqueeze(0))
+    return out[0], h[0]
+
+
 class Policy(nn.Module):
     """Patch-location policy (actor-critic).
 
@@ -61,8 +74,7 @@ class Policy(nn.Module):
         """One GRU step. ``hidden`` (N, H) or ``None`` for zeros. Returns ``(output, new_hidden)``."""
         if hidden is None:
             hidden = encoded.new_zeros(encoded.shape[0], self.hidden_size)
-        out, h = self.gru(encoded.unsqueeze(0), hidden.unsqueeze(0))
-        return out[0], h[0]
+        return gru_step(self.gru, encoded, hidden)
 
     def act(self, fmap: torch.Tensor, hidden: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Deterministic action. Returns ``(action (N, 2) in [0, 1], new_hidden, gru_output)``."""
@@ -100,8 +112,8 @@ class Classifier(nn.Module):
         """GRU kind: one step. Returns ``(logits, new_hidden)``; ``hidden=None`` means zeros."""
         if hidden is None:
             hidden = feature.new_zeros(feature.shape[0], self.hidden_size)
-        out, h = self.rnn(feature.unsqueeze(0), hidden.unsqueeze(0))
-        return self.fc(out[0]), h[0]
+        out, h = gru_step(self.rnn, feature, hidden)
+        return self.fc(out), h
 
     def head(self, k: int) -> nn.Linear:
         """Cascaded kind: the Linear layer over ``k`` concatenated features (k >= 2)."""

@@ -68,10 +68,9 @@ class Capture(Protocol):
 
 @contextlib.contextmanager
 def no_collection() -> Iterator[None]:
-    """No cyclic garbage collection inside: run before a stream capture opens and held until
-    it closes. Objects in reference cycles (a closed runtime's buffers, say) are freed by the
-    collector whenever it runs, and a cudaFree while a capture is open invalidates it."""
-    gc.collect()
+    """No cyclic garbage collection inside: entered before a stream capture opens and left
+    after it closes. Objects in reference cycles are freed by the collector whenever it runs,
+    and a cudaFree while a capture is open invalidates it."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:

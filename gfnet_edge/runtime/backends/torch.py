@@ -231,7 +231,9 @@ class TorchCapture:
         ts = self.runner._stream(self.stream) if self.runner is not None else self.stream
         graph = torch.cuda.CUDAGraph(keep_graph=True) if self.keep_graph else torch.cuda.CUDAGraph()
         with torch.cuda.stream(ts), no_collection():
-            graph.capture_begin(pool=self.pool)
+            # thread-local: an unsafe CUDA call from another thread (a second runtime, a data
+            # loader's pinning thread) must not invalidate this capture
+            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
             try:
                 fn()
             except BaseException:

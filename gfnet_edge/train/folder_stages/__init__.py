@@ -92,6 +92,8 @@ class FolderTrainer(Validation):
         self.amp_dtype = None
         if ctx.device.type == "cuda" and cfg.amp:
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if ctx.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed image sizes: cuDNN picks its fastest kernels once
         self.timings: Dict[str, float] = {}  # seconds of training per stage (over every session of it)
         self.skipped: set = set()  # stages found finished in the run folder
         self._glance_cache: Optional[GlanceCache] = None  # one for every frozen-glance stage
@@ -199,7 +201,7 @@ class FolderTrainer(Validation):
             self.log(f"[{name}] already done ({ck['epoch']} epochs, {ck['elapsed'] / 60:.1f} min): skipped")
             return None
         opt.load_state_dict(ck["opt"])
-        if "scaler" in ck:
+        if ck.get("scaler"):  # empty where loss scaling was off (CPU, bfloat16)
             scaler.load_state_dict(ck["scaler"])
         self.log(f"[{name}] resuming after epoch {ck['epoch']}")
         return ck["epoch"], ck["history"], ck["elapsed"]
@@ -288,17 +290,22 @@ class FolderTrainer(Validation):
                     sums = torch.zeros(1 + len(keys), dtype=torch.float64)
                 sums += torch.tensor([1.0] + [float(stats[key]) for key in keys], dtype=torch.float64) * len(y)
                 k += 1
+                if k == 1:  # after the first step: workers started, first batch decoded, kernels chosen
+                    t_first, n_first = time.time(), float(sums[0])
                 if it % 10 == 0:
                     bar.set_postfix(loss=f"{sums[1] / max(sums[0], 1):.3f}")
                 if plan.minutes and (time.time() - t0) / 60 > plan.minutes:
                     stopped = f"time cap {plan.minutes} min hit at epoch {epoch + 1} iter {it + 1}"
                     break
             bar.close()
+            t_end = time.time()
             sums = ctx.all_sum(sums)
-            seconds = time.time() - t_ep
+            seconds = t_end - t_ep
             rec = {"stage": name, "epoch": epoch + 1}
             rec.update({key: round(float(sums[j + 1] / sums[0]), 4) for j, key in enumerate(keys)})
             rec.update(lr=lr, iters=k, images_per_s=round(float(sums[0]) / max(seconds, 1e-9), 1))
+            if k > 1:  # the epoch without its first step (DataLoader start-up, first batch, autotuning)
+                rec["images_per_s_steady"] = round((float(sums[0]) - n_first * ctx.world) / max(t_end - t_first, 1e-9), 1)
             rec.update(evaluate())
             elapsed = time.time() - t0
             rec["minutes"] = round(elapsed / 60, 2)
