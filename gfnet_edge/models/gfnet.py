@@ -32,13 +32,17 @@ def crop_patches(images: torch.Tensor, coords: torch.Tensor, patch_size: int) ->
     """Cuts the P x P window at ``coords`` (N, 2) (row, col) from each image, without resizing.
 
     Raises:
-        ValueError: a coordinate outside ``[0, S - P]``.
+        ValueError: a coordinate outside ``[0, S - P]`` (checked for coordinates on the CPU).
     """
     n, c, h, w = images.shape
     coords = coords.to(torch.long)
     if coords.shape != (n, 2):
         raise ValueError(f"coords must be ({n}, 2), got {tuple(coords.shape)}")
-    if n and (coords.min() < 0 or coords[:, 0].max() > h - patch_size or coords[:, 1].max() > w - patch_size):
+    # Checked on the host only: on a GPU the test would stop the host at every crop. The
+    # coordinates the model makes are in range by construction (floor(action * (S - P)),
+    # random crops); an out-of-range one on a GPU fails the indexing kernel's bounds check.
+    if n and not coords.is_cuda and (coords.min() < 0 or coords[:, 0].max() > h - patch_size
+                                     or coords[:, 1].max() > w - patch_size):
         raise ValueError(f"patch coordinates out of range [0, {h - patch_size}]: {coords.tolist()}")
     ar = torch.arange(patch_size, device=images.device)
     rows = (coords[:, 0:1] + ar).view(n, 1, patch_size, 1)
