@@ -40,7 +40,8 @@ status=0
 
 step() { echo "=== $1 ($(date -u +%T), $(( deadline - $(date +%s) )) s left)"; }
 # limit WANT: WANT seconds, or what is left of the budget less a 10 s margin if that is less.
-limit() { local left=$(( deadline - $(date +%s) - 10 )); echo $(( $1 < left ? $1 : left )); }
+# (At least 1: `timeout 0` would mean no limit.)
+limit() { local left=$(( deadline - $(date +%s) - 10 )); left=$(( left < 1 ? 1 : left )); echo $(( $1 < left ? $1 : left )); }
 # wants NAME SECONDS: true when STEPS names NAME and at least 30 s of the budget are left.
 wants() {
   case " $STEPS " in *" $1 "*) ;; *) return 1 ;; esac
@@ -125,15 +126,17 @@ if wants proxy 140; then
   step "Jetson-class proxy (CUDA MPS, ${PROXY_PERCENT}% of the SMs)"
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/gfnet-mps CUDA_MPS_LOG_DIRECTORY=/tmp/gfnet-mps-log
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-  if command -v nvidia-cuda-mps-control >/dev/null && timeout 10 nvidia-cuda-mps-control -d; then
-    sms=$(CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$PROXY_PERCENT timeout 30 python3 -c \
+  if command -v nvidia-cuda-mps-control >/dev/null && timeout "$(limit 10)" nvidia-cuda-mps-control -d; then
+    sms=$(CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$PROXY_PERCENT timeout "$(limit 30)" python3 -c \
           "import torch; print(torch.cuda.get_device_properties(0).multi_processor_count)" 2>/dev/null || echo "?")
     label="proxy: CUDA MPS limits this process to ${PROXY_PERCENT}% of the GPU (${sms} SMs)"
     echo "$label"
-    CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$PROXY_PERCENT timeout "$(limit 70)" python3 bench/e2e_gpu.py --batches 1,8 \
-      --precisions fp16 --num-test 300 --num-val 300 --label "$label" --out "$OUT/e2e_gpu_proxy.md" >"$OUT/e2e_gpu_proxy.log" 2>&1 \
-      || { status=1; tail -20 "$OUT/e2e_gpu_proxy.log"; }
-    grep "^\[e2e-gpu\]" "$OUT/e2e_gpu_proxy.log" | tail -6
+    if [ "$(limit 70)" -ge 20 ]; then
+      CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$PROXY_PERCENT timeout "$(limit 70)" python3 bench/e2e_gpu.py --batches 1,8 \
+        --precisions fp16 --num-test 300 --num-val 300 --label "$label" --out "$OUT/e2e_gpu_proxy.md" \
+        >"$OUT/e2e_gpu_proxy.log" 2>&1 || { status=1; tail -20 "$OUT/e2e_gpu_proxy.log"; }
+      grep "^\[e2e-gpu\]" "$OUT/e2e_gpu_proxy.log" | tail -6
+    fi
     if [ "$(limit 70)" -ge 20 ]; then
       CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$PROXY_PERCENT timeout "$(limit 70)" python3 bench/gpu_shapes.py --batches 1,8 \
         --precisions fp16 --images 64 --reps 10 "${profile[@]}" --label "$label" \

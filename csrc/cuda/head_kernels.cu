@@ -370,6 +370,34 @@ void check_segments(int64_t in, int64_t k, int64_t steps, int64_t feature_dim) {
   }
 }
 
+// The checks of a cascaded layer's call on `steps` step features of `feature_dim`.
+void check_segment_call(int64_t in, uintptr_t features, int64_t steps, int64_t nb,
+                        int64_t feature_dim, int64_t k) {
+  require_device();
+  check_batch(nb);
+  check_segments(in, k, steps, feature_dim);
+  check_device_pointer(features, "features");
+}
+
+// Float32 logits from `produce(out)`, with max prob / argmax: written straight into the
+// caller's float32 logits (nothing allocated: the step can be captured into a graph), else
+// into stream-ordered scratch that softmax_stats converts into the caller's dtype.
+template <typename Produce>
+void logits_step(Produce produce, int64_t nb, int64_t classes, uintptr_t logits,
+                 DType logits_dtype, uintptr_t maxprob, uintptr_t argmax, uintptr_t stream) {
+  if (logits != 0) check_device_pointer(logits, "logits");
+  if (logits != 0 && logits_dtype == DType::kF32) {
+    produce(logits);
+    if (maxprob != 0 || argmax != 0) {
+      softmax_stats(logits, nb, classes, maxprob, argmax, 0, DType::kF32, stream);
+    }
+    return;
+  }
+  Scratch raw(static_cast<size_t>(nb * classes) * sizeof(float), stream);
+  produce(raw.ptr());
+  softmax_stats(raw.ptr(), nb, classes, maxprob, argmax, logits, logits_dtype, stream);
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------ LinearWeights ----
@@ -416,10 +444,7 @@ void LinearWeights::forward_segments_f32(uintptr_t features, DType x_dtype, bool
 void LinearWeights::forward_segments(uintptr_t features, DType x_dtype, bool tnf, int64_t steps,
                                      int64_t nb, int64_t feature_dim, int64_t k, uintptr_t out,
                                      DType out_dtype, uintptr_t stream) const {
-  require_device();
-  check_batch(nb);
-  check_segments(in_, k, steps, feature_dim);
-  check_device_pointer(features, "features");
+  check_segment_call(in_, features, steps, nb, feature_dim, k);
   check_device_pointer(out, "out");
   if (out_dtype == DType::kF32) {
     forward_segments_f32(features, x_dtype, tnf, steps, nb, feature_dim, k, out, stream);
@@ -518,18 +543,8 @@ void GruHead::step_classifier(uintptr_t x, DType x_dtype, uintptr_t h, int64_t n
                               uintptr_t h_out, uintptr_t logits, DType logits_dtype,
                               uintptr_t maxprob, uintptr_t argmax, uintptr_t stream) const {
   gru_.step(x, x_dtype, h, nb, h_out, stream);  // checks x, h, h_out
-  const int64_t classes = head_.out_features();
-  if (logits != 0) check_device_pointer(logits, "logits");
-  if (logits != 0 && logits_dtype == DType::kF32) {  // straight into the caller's logits
-    head_.forward_f32(h_out, DType::kF32, nb, logits, false, stream);
-    if (maxprob != 0 || argmax != 0) {
-      softmax_stats(logits, nb, classes, maxprob, argmax, 0, DType::kF32, stream);
-    }
-    return;
-  }
-  Scratch raw(static_cast<size_t>(nb * classes) * sizeof(float), stream);
-  head_.forward_f32(h_out, DType::kF32, nb, raw.ptr(), false, stream);
-  softmax_stats(raw.ptr(), nb, classes, maxprob, argmax, logits, logits_dtype, stream);
+  logits_step([&](uintptr_t out) { head_.forward_f32(h_out, DType::kF32, nb, out, false, stream); },
+              nb, head_.out_features(), logits, logits_dtype, maxprob, argmax, stream);
 }
 
 void GruHead::step_actor(uintptr_t x, DType x_dtype, uintptr_t h, int64_t nb, uintptr_t h_out,
@@ -557,22 +572,11 @@ void GruHead::step_actor(uintptr_t x, DType x_dtype, uintptr_t h, int64_t nb, ui
 void cascaded_step(const LinearWeights& layer, uintptr_t features, DType x_dtype, bool tnf,
                    int64_t steps, int64_t nb, int64_t feature_dim, int64_t k, uintptr_t logits,
                    DType logits_dtype, uintptr_t maxprob, uintptr_t argmax, uintptr_t stream) {
-  require_device();
-  check_batch(nb);
-  check_segments(layer.in_features(), k, steps, feature_dim);
-  check_device_pointer(features, "features");
-  if (logits != 0) check_device_pointer(logits, "logits");
-  const int64_t classes = layer.out_features();
-  if (logits != 0 && logits_dtype == DType::kF32) {  // straight into the caller's logits
-    layer.forward_segments_f32(features, x_dtype, tnf, steps, nb, feature_dim, k, logits, stream);
-    if (maxprob != 0 || argmax != 0) {
-      softmax_stats(logits, nb, classes, maxprob, argmax, 0, DType::kF32, stream);
-    }
-    return;
-  }
-  Scratch raw(static_cast<size_t>(nb * classes) * sizeof(float), stream);
-  layer.forward_segments_f32(features, x_dtype, tnf, steps, nb, feature_dim, k, raw.ptr(), stream);
-  softmax_stats(raw.ptr(), nb, classes, maxprob, argmax, logits, logits_dtype, stream);
+  check_segment_call(layer.in_features(), features, steps, nb, feature_dim, k);
+  logits_step([&](uintptr_t out) {
+                layer.forward_segments_f32(features, x_dtype, tnf, steps, nb, feature_dim, k, out, stream);
+              },
+              nb, layer.out_features(), logits, logits_dtype, maxprob, argmax, stream);
 }
 
 }  // namespace gfn::cuda

@@ -2,6 +2,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <mutex>
 #include <stdexcept>
@@ -193,8 +194,11 @@ namespace {
 // (pool attributes cannot be set while one is open); the pool then keeps at most the peak of
 // the scratch in use at once.
 void keep_pool_memory(int device, cudaStream_t stream) {
+  static std::atomic<uint64_t> done_bits{0};  // devices 0..63 done (the common case: one check)
   static std::mutex mu;
   static std::vector<int> done;
+  const uint64_t bit = device >= 0 && device < 64 ? (uint64_t{1} << device) : 0;
+  if (bit != 0 && (done_bits.load(std::memory_order_acquire) & bit) != 0) return;
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess) {
     (void)cudaGetLastError();
@@ -204,6 +208,7 @@ void keep_pool_memory(int device, cudaStream_t stream) {
   std::lock_guard<std::mutex> lock(mu);
   if (std::find(done.begin(), done.end(), device) != done.end()) return;
   done.push_back(device);
+  done_bits.fetch_or(bit, std::memory_order_release);
   // Relaxed for this thread while setting it: a capture this thread has open on another
   // stream must not be invalidated by the call.
   cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;

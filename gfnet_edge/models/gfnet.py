@@ -32,18 +32,19 @@ def crop_patches(images: torch.Tensor, coords: torch.Tensor, patch_size: int) ->
     """Cuts the P x P window at ``coords`` (N, 2) (row, col) from each image, without resizing.
 
     Raises:
-        ValueError: a coordinate outside ``[0, S - P]`` (checked for coordinates on the CPU).
+        ValueError: a coordinate outside ``[0, S - P]`` (coordinates on the CPU; on a GPU the
+            check runs on the device and fails the CUDA context, like an indexing error).
     """
     n, c, h, w = images.shape
     coords = coords.to(torch.long)
     if coords.shape != (n, 2):
         raise ValueError(f"coords must be ({n}, 2), got {tuple(coords.shape)}")
-    # Checked on the host only: on a GPU the test would stop the host at every crop. The
-    # coordinates the model makes are in range by construction (floor(action * (S - P)),
-    # random crops); an out-of-range one on a GPU fails the indexing kernel's bounds check.
-    if n and not coords.is_cuda and (coords.min() < 0 or coords[:, 0].max() > h - patch_size
-                                     or coords[:, 1].max() > w - patch_size):
-        raise ValueError(f"patch coordinates out of range [0, {h - patch_size}]: {coords.tolist()}")
+    if n:
+        bad = (coords.min() < 0) | (coords[:, 0].max() > h - patch_size) | (coords[:, 1].max() > w - patch_size)
+        if coords.is_cuda:  # checked on the device: a host test would stop the host at every crop
+            torch._assert_async(~bad, "crop_patches: patch coordinates out of range")
+        elif bool(bad):
+            raise ValueError(f"patch coordinates out of range [0, {h - patch_size}]: {coords.tolist()}")
     ar = torch.arange(patch_size, device=images.device)
     rows = (coords[:, 0:1] + ar).view(n, 1, patch_size, 1)
     cols = (coords[:, 1:2] + ar).view(n, 1, 1, patch_size)

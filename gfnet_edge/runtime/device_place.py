@@ -432,7 +432,8 @@ class DeviceSteps(DeviceRun):
         coords = self.slot(t) + 2 * n * F32
         with place.stage("policy"):
             h_new = place.other("hpol", self.h_pol, self.N * self.Hp * F32)
-            self.heads.actor.step_device(self.state, self.h_pol, h_new, n, None, coords, self.S, self.P, stream=st)
+            action = place.buf("action", 2 * n * F32).ptr  # no scratch memory per step
+            self.heads.actor.step_device(self.state, self.h_pol, h_new, n, action, coords, self.S, self.P, stream=st)
             self.h_pol = h_new
         with place.stage("crop"):
             ops.cuda_crop_patches(self.images, n, self.S, coords, self.patches, self.P,

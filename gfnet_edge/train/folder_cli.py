@@ -230,6 +230,19 @@ def train_folder(cfg, out: Path, stages=STAGE_ORDER, resume: bool = False, devic
 
 
 def _train_and_export(out, cfg, ctx, train, val, model, static, stages, log, progress: bool) -> Dict[str, Any]:
+    import torch
+
+    # Fixed image sizes: cuDNN picks its fastest kernels once (restored for whatever runs next
+    # in this process).
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = ctx.device.type == "cuda" or benchmark
+    try:
+        return _run_stages(out, cfg, ctx, train, val, model, static, stages, log, progress)
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+
+
+def _run_stages(out, cfg, ctx, train, val, model, static, stages, log, progress: bool) -> Dict[str, Any]:
     from .folder_data import folder_source
     from .folder_stages import FolderTrainer
 

@@ -132,12 +132,13 @@ class TorchRunner(Runner):
             self.graphs = {g: m.half() for g, m in self.graphs.items()}
 
     def activate(self) -> "TorchRunner":
+        was_active = self.active
         super().activate()
-        if self.device == "cuda":
+        if self.device == "cuda" and not was_active:
             import torch
 
-            # The weights were moved (and cast) on torch's default stream; the loop's streams
-            # are non-blocking and would not wait for that.
+            # The weights were just moved (and cast) on torch's default stream; the loop's
+            # streams are non-blocking and would not wait for that.
             torch.cuda.synchronize()
         return self
 

@@ -92,8 +92,6 @@ class FolderTrainer(Validation):
         self.amp_dtype = None
         if ctx.device.type == "cuda" and cfg.amp:
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if ctx.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed image sizes: cuDNN picks its fastest kernels once
         self.timings: Dict[str, float] = {}  # seconds of training per stage (over every session of it)
         self.skipped: set = set()  # stages found finished in the run folder
         self._glance_cache: Optional[GlanceCache] = None  # one for every frozen-glance stage
