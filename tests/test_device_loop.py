@@ -817,7 +817,9 @@ def test_device_place_matches_host_place_on_torch_cuda_graphs(kind, step0, T, cu
 @requires_torch_cuda
 def test_torch_float16_backbones_on_captured_graphs(bundles):
     """precision='fp16' on the torch backend: half-precision backbones inside the captured
-    loop, close to fp32 (same trace within float16 tolerance, same classes for nearly all)."""
+    loop, close to fp32: the glance step's probabilities within float16 tolerance, patches at
+    most a pixel or so away (a policy output near a pixel boundary may round the other way),
+    later steps within tolerance where the patches agree, same classes for nearly all."""
     from gfnet_edge.runtime import Runtime
 
     bundle = bundles["cascaded-demo"]
@@ -827,7 +829,12 @@ def test_torch_float16_backbones_on_captured_graphs(bundles):
         assert f16.precision == "fp16-torch" and f16.driver.place.graphs is not None
         a, b = f32.trace(x), f16.trace(x)
         p32, p16 = f32.predict(x), f16.predict(x)
-    np.testing.assert_allclose(b.probs, a.probs, rtol=0, atol=5e-2)
+    np.testing.assert_allclose(b.probs[0], a.probs[0], rtol=0, atol=2e-2)
+    shift = np.abs(b.coords.astype(np.int64) - a.coords)  # (T-1, N, 2)
+    assert shift.mean() <= 1.0, shift.max(axis=(0, 2))
+    same = (shift == 0).all(axis=(0, 2))
+    assert same.mean() >= 0.5, same
+    np.testing.assert_allclose(b.probs[:, same], a.probs[:, same], rtol=0, atol=5e-2)
     assert (p32.classes == p16.classes).mean() >= 0.9
     with pytest.raises(InputError, match="fp32 or fp16"):
         Runtime(bundle, backend="torch", device="cuda", precision="int8-cpu")
