@@ -56,6 +56,9 @@ class QuantSession:
         #: the patch guard's choice and figures (:mod:`.patch_guard`), or why it did not run
         self.patch_guard: Optional[Dict[str, Any]] = None
         self._prepared: set = set()
+        #: quantized files made for one purpose that another can take as they are, by
+        #: (graph, source, nodes in float): the guard's all-INT8 glance when it keeps nothing
+        self._spare: Dict[Tuple[str, Path, FrozenSet[str]], Tuple[Path, Dict[str, Any]]] = {}
         for g in GRAPHS:
             self.pre[g], self.pre_problems[g] = preprocess(Path(fp32[g]), work / f"{g}.pre.onnx")
             self.reference[g] = self.pre[g]
@@ -95,6 +98,9 @@ class QuantSession:
     def _quantize(self, graph: str, src: Path, excluded: FrozenSet[str]) -> Tuple[Path, Dict[str, Any]]:
         """Quantizes ``src`` (a float ``graph``) into a new work file; the first call per graph
         calibrates (timed), later ones reuse the cached ranges. Returns (path, placement info)."""
+        spare = self._spare.pop((graph, src, frozenset(excluded)), None)
+        if spare is not None:
+            return spare
         self._count += 1
         path = self.work / f"{graph}.int8.{self._count:03d}.onnx"
         cache = self.work / f"{graph}.calibration.json"
@@ -137,7 +143,8 @@ class QuantSession:
             self.patch_guard = {"skipped": f"the {self.profile.name} profile quantizes {', '.join(folded)} "
                                            "(folded into the quantizers): activations cannot be put back in float"}
             return
-        base, _ = self._quantize("glance", self.reference["glance"], frozenset())
+        base, base_info = self._quantize("glance", self.reference["glance"], frozenset())
+        keep = False
         try:
             x = self.calib.inputs("glance")
             idx = np.unique(np.linspace(0, len(x) - 1, min(len(x), patch_guard.MEASURE_INPUTS)).round().astype(int))
@@ -152,8 +159,12 @@ class QuantSession:
                                        share)
             if guard.nodes:
                 guard.rms_px["with_guard"] = round(float(np.sqrt(patch_guard.guarded_mse(qdq, probe, guard))), 4)
+            keep = not guard.nodes  # then it is the graph fine-tuning or the first variant starts from
         finally:
-            base.unlink(missing_ok=True)
+            if keep:
+                self._spare[("glance", self.reference["glance"], frozenset())] = (base, base_info)
+            else:
+                base.unlink(missing_ok=True)
         guard.inputs = len(idx)
         self.fixed["glance"] = guard.nodes
         self.patch_guard = guard.report()

@@ -173,3 +173,27 @@ def test_profiles_that_fold_relus_into_their_quantizers_are_left_alone(tiny, tmp
                             gq.QuantizeOptions(profile="cpu", method="max", max_accuracy_drop=None, threads=1,
                                                batch_size=8, patch_guard_share=0.2), progress=False)
     assert "Relu" in res.report["patch_guard"]["skipped"] and res.report["int8_mac_share"] == 1.0
+
+
+def test_a_guard_that_keeps_nothing_hands_its_int8_graph_on(tiny, tmp_path, monkeypatch):
+    """When no tensor is worth keeping in float, the guard's all-INT8 glance graph is the one the
+    run goes on with: the glance graph is quantized once, and the result equals a run without
+    the guard."""
+    pytest.importorskip("gfnet_edge.ops", reason="the runtime extension scores the graphs")
+    from gfnet_edge.quantize import session as qs
+
+    calls = []
+    real = qs.quantize_graph
+    monkeypatch.setattr(qs, "quantize_graph", lambda src, dst, *a, **k: calls.append(dst.name) or real(src, dst, *a, **k))
+    fp32 = {g: tiny["paths"][g] for g in ("glance", "focus")}
+    base = dict(profile="tensorrt", method="max", max_accuracy_drop=None, threads=1, batch_size=8, finetune_epochs=0)
+    res = gq.quantize_model(tiny["model"], fp32, tiny["paths"]["heads"], tiny["calib"], tmp_path / "g",
+                            gq.QuantizeOptions(**base, patch_guard_share=1e-9), progress=False)
+    assert res.report["patch_guard"]["nodes"] == [] and res.report["int8_mac_share"] == 1.0
+    assert sum(name.startswith("glance.") for name in calls) == 1, calls
+    off = gq.quantize_model(tiny["model"], fp32, tiny["paths"]["heads"], tiny["calib"], tmp_path / "off",
+                            gq.QuantizeOptions(**base, patch_guard_share=0.0), progress=False)
+    a, b = onnx.load(str(res.graphs["glance"])), onnx.load(str(off.graphs["glance"]))
+    assert [(n.op_type, list(n.input)) for n in a.graph.node] == [(n.op_type, list(n.input)) for n in b.graph.node]
+    for ta, tb in zip(a.graph.initializer, b.graph.initializer):
+        assert ta.name == tb.name and np.array_equal(numpy_helper.to_array(ta), numpy_helper.to_array(tb)), ta.name
