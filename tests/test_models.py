@@ -91,6 +91,10 @@ def test_coords_override_and_input_checks():
     override = torch.tensor([[[0, 0], [10, 20], [128, 128]], [[5, 5], [6, 6], [7, 7]]], dtype=torch.int32)
     tr = model.trace(x, coords_override=override)
     assert torch.equal(tr.coords, override)
+    for bad_coords, why in ((override + 1, "out of range"), (-override - 1, "out of range"),
+                            (override[:1], r"must be \(2, 3, 2\)")):
+        with pytest.raises(ValueError, match=why):
+            model.trace(x, coords_override=bad_coords)
     with pytest.raises(ValueError, match=r"\(N, 3, 224, 224\)"):
         model.trace(torch.randn(1, 3, 200, 200))
     with pytest.raises(ValueError, match="NaN"):

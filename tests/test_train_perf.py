@@ -204,3 +204,9 @@ def test_a_stage_that_trains_the_glance_encoder_frees_the_kept_outputs(tmp_path,
     assert cache.f0 is not None
     run._set_trainable(list(run.model.model_prime.parameters()))
     assert cache.f0 is None and cache.have is None and run.glance_cache("stage1") is cache
+    with torch.no_grad():  # kept again by a frozen-glance stage, then the GFNet stages are over
+        cache(x, torch.arange(4))
+    assert cache.f0 is not None
+    run.cfg.static.epochs = 0  # nothing to train: only what the shared stage does on entry
+    super(Run, run).static_stage()
+    assert cache.f0 is None and cache.have is None

@@ -136,6 +136,12 @@ class GFNet(nn.Module):
         spec = self.spec
         S, P, T = spec.image_size, spec.patch_size, spec.steps
         n = images.shape[0]
+        if coords_override is not None:  # the caller's coordinates: a bad one is a ValueError, on any device
+            c = coords_override.detach().to("cpu", torch.long)
+            if c.shape != (T - 1, n, 2):
+                raise ValueError(f"coords_override must be ({T - 1}, {n}, 2), got {tuple(c.shape)}")
+            if c.numel() and (c.min() < 0 or c.max() > S - P):
+                raise ValueError(f"coords_override out of range [0, {S - P}]")
         pooled, fmap = self.model_prime(self.glance(images))
         feats: List[torch.Tensor] = [pooled]
         h_fc = None

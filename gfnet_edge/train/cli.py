@@ -174,6 +174,7 @@ def export(runner, cfg, test, out: Path, assets: Optional[Path], log, progress: 
     from .static import load_static, save_static
 
     t = time.time()
+    runner.release_glance_cache()  # training is over: the measurement needs the memory
     model = runner.model.eval()
     name, kw = BACKBONES[cfg.backbone]
     data_info = {"task": "cluttered_digits", "config_key": cfg.data().key(), "config": cfg.data_config, "train_size": cfg.train_size,

@@ -261,6 +261,7 @@ def _run_stages(out, cfg, ctx, train, val, model, static, stages, log, progress:
         getattr(tr, "static_stage" if name == "static" else name)()
         if name in tr.timings and name not in tr.skipped:
             log(f"{name} finished in {(time.time() - t) / 60:.1f} min")
+    tr.release_glance_cache()  # training is over: the evaluation and export need the memory
     res: Dict[str, Any] = {}
     if "stage3" in stages or not stages:
         res = export(tr, out, log)

@@ -142,10 +142,17 @@ class FolderTrainer(Validation):
         ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
         return DDP(module, device_ids=ids)
 
+    def release_glance_cache(self) -> None:
+        """Frees the kept glance outputs (called when no later stage can use them)."""
+        if self._glance_cache is not None:
+            self._glance_cache.clear()
+
     def _set_trainable(self, params: List[nn.Parameter]) -> None:
         keep = {id(p) for p in params}
-        if self._glance_cache is not None and any(id(p) in keep for p in self.model.model_prime.parameters()):
-            self._glance_cache.clear()  # the glance encoder trains: its kept outputs are stale
+        if any(id(p) in keep for p in self.model.model_prime.parameters()):
+            # The glance encoder trains: the kept outputs would be found stale at the first
+            # batch after a step anyway; freeing them now returns their memory for the stage.
+            self.release_glance_cache()
         for mod in self._modules().values():
             for p in mod.parameters():
                 p.requires_grad_(id(p) in keep)
@@ -435,6 +442,7 @@ class FolderTrainer(Validation):
                   schedule=False, resume=resume)
 
     def static_stage(self, resume: bool = True) -> None:
+        self.release_glance_cache()  # the GFNet stages are over
         if self.static is None or self.cfg.static.epochs <= 0:
             return
         self._set_trainable(list(self.static.parameters()))

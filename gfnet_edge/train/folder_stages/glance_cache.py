@@ -45,6 +45,7 @@ class GlanceCache:
     def __init__(self, encoder: nn.Module, glance: Callable[[torch.Tensor], torch.Tensor], size: int,
                  limit_mb: float, log: Callable[[str], None], name: str, off: Optional[str] = None) -> None:
         self.encoder, self.glance, self.size = encoder, glance, size
+        self._params = list(encoder.parameters())  # read at every batch (see _state)
         self.limit_bytes = float(limit_mb) * 2 ** 20
         self.log, self.name = log, name
         self.enabled = limit_mb > 0 and off is None
@@ -62,7 +63,7 @@ class GlanceCache:
         call's autocast context."""
         dev = x.device.type
         amp = torch.is_autocast_enabled(dev)
-        return (tuple((p.data_ptr(), p._version) for p in self.encoder.parameters()), self.encoder.training, dev, amp,
+        return (tuple((p.data_ptr(), p._version) for p in self._params), self.encoder.training, dev, amp,
                 torch.get_autocast_dtype(dev) if amp else None)
 
     def clear(self) -> None:
