@@ -80,6 +80,30 @@ def write_report(out: Path, markdown: str, results: Dict) -> Path:
     return js
 
 
+class ProgressiveReport:
+    """A benchmark's report rewritten after every measurement (:meth:`write`), so that a run
+    stopped by a time limit still leaves the figures it reached; ``render(results, command)``
+    makes the markdown, and :func:`partial_note` marks an unfinished one."""
+
+    def __init__(self, out: Path, render, results: Dict, command: str, t0: float) -> None:
+        self.out, self.render, self.results, self.command = out, render, results, command
+        self._t0 = t0  # time.perf_counter() at the run's start: results["minutes"] counts from it
+
+    def write(self, done: bool = False) -> None:
+        import time
+
+        self.results["complete"] = done
+        self.results["minutes"] = (time.perf_counter() - self._t0) / 60
+        write_report(self.out, self.render(self.results, self.command), self.results)
+
+
+def partial_note(results: Dict) -> str:
+    """The label of a report whose run stopped before its end ('' for a finished one)."""
+    if results.get("complete", True):
+        return ""
+    return " **Partial: the run stopped before its end; the figures below are those it reached.**"
+
+
 def write_results(name: str, title: str, command: str, body: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.md"

@@ -39,9 +39,9 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, table, write_report  # noqa: E402
+from common import RESULTS, ProgressiveReport, machine, partial_note, table  # noqa: E402
 from e2e import alternating  # noqa: E402
-from gpu_common import DTYPES, Graphed, gfnet_driver, per_call_ms, run_loop, sync  # noqa: E402
+from gpu_common import DTYPES, Graphed, close_driver, gfnet_driver, per_call_ms, run_loop, sync  # noqa: E402
 from gfnet_edge.model_desc import ModelDesc  # noqa: E402
 
 PS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 4.0)
@@ -164,12 +164,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     T = mm.steps
     every = [float(NO_EXIT)] * (T - 1) + [float(LAST)]
     cmd = "python bench/e2e_gpu.py " + " ".join(sys.argv[1:] if argv is None else argv)
-
-    def flush(done: bool) -> None:
-        """Writes the report so far: a run stopped by a time limit still leaves its figures."""
-        res["complete"] = done
-        res["minutes"] = (time.perf_counter() - t_start) / 60
-        write_report(Path(args.out), render(res, cmd), res)
+    report = ProgressiveReport(Path(args.out), render, res, cmd, t_start)
 
     with _ieee_fp32(torch):
         for prec in precisions:
@@ -213,7 +208,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     entry.update({"gfnet_ms": t["gfnet"], "static_ms": t["static"], "ratio": t["gfnet"] / t["static"]})
                 entry["outside"] = outside_backbones(driver, test_x, b, dev, dtype)
                 run["batches"][b] = entry
-                flush(False)
+                report.write()
                 o = entry["outside"]
                 _log(f"{prec} batch {b}: GFNet {entry.get('gfnet_ms', float('nan')):.4f} vs static "
                      f"{entry.get('static_ms', float('nan')):.4f} ms/image ({entry.get('ratio', float('nan')):.2f}x); "
@@ -221,10 +216,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             if dev == "cuda" and 1 in batches:  # the same loop with plain launches, for scale
                 eager = gfnet_driver(model, dev, dtype, cuda_graphs=False)
                 run["plain_launches_b1"] = outside_backbones(eager, test_x, 1, dev, dtype)
-                eager.runner.deactivate()
+                close_driver(eager)
                 stepwise = per_step_driver(model, dev, dtype)  # captured, one read per step
                 run["per_step_b1"] = outside_backbones(stepwise, test_x, 1, dev, dtype)
-                stepwise.runner.deactivate()
+                close_driver(stepwise)
                 _log(f"{prec} batch 1, per-step captured loop: outside the backbones "
                      f"{run['per_step_b1']['outside_per_step_ms'] * 1e3:.1f} us per step")
             run["static"]["technology"] = static.classifier.ran().describe()
@@ -234,10 +229,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  "disabled": cache.cache.disabled}
                 run["loop_graph"] = {"launches": cache.loop.launches, "builds": cache.loop.builds,
                                      "disabled": cache.loop.disabled}
-            driver.runner.deactivate()
+            close_driver(driver)
             sync(dev)
-            flush(False)
-    flush(True)
+            report.write()
+    report.write(done=True)
     print(render(res, cmd))
     _log(f"wrote {args.out} ({res['minutes']:.1f} min)")
     return 0
@@ -245,8 +240,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def render(res: Dict[str, Any], cmd: str) -> str:
     label = f" **{res['label']}**." if res.get("label") else ""
-    if not res.get("complete", True):
-        label += " **Partial: the run stopped before its end; the figures below are those it reached.**"
+    label += partial_note(res)
     lines = ["# End to end on a GPU: the captured GFNet loop vs the captured static network (demo model)", "",
              f"Command: `{cmd.strip()}`", "",
              f"Machine: {res['machine']}; {res['gpu']} ({res['sms']} SMs visible), torch {res['torch']}; "

@@ -125,6 +125,12 @@ class Graphed:
         return graph, static_in, static_out
 
 
+def close_driver(driver) -> None:
+    """Frees a driver's GPU buffers and graphs, then its runner, before the next one allocates."""
+    driver.close()
+    driver.runner.deactivate()
+
+
 def forced_profile(T: int, base: Sequence[float]) -> np.ndarray:
     """Exit fractions per step for a T-step model from a measured profile ``base`` (fractions
     of a shorter or equal model): the first ``len(base) - 1`` steps keep theirs, the rest of the

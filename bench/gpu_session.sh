@@ -99,8 +99,8 @@ if wants e2e 150; then
   grep "^\[e2e-gpu\]" "$OUT/e2e_gpu.log" | tail -12
 fi
 
-# gpu_shapes.py falls back to its own default exit profile when e2e did not run or failed.
-profile=()
+# The exit profile measured by e2e above; without it, gpu_shapes.py's own default profile.
+profile=(--profile-from "")
 [ -f "$OUT/e2e_gpu.json" ] && profile=(--profile-from "$OUT/e2e_gpu.json")
 
 if wants train 120; then

@@ -32,9 +32,9 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, table, write_report  # noqa: E402
-from gpu_common import (DTYPES, Graphed, forced_profile, gfnet_driver, per_call_ms, profile_thresholds,  # noqa: E402
-                        run_loop, sync)
+from common import RESULTS, ProgressiveReport, machine, partial_note, table  # noqa: E402
+from gpu_common import (DTYPES, Graphed, close_driver, forced_profile, gfnet_driver, per_call_ms,  # noqa: E402
+                        profile_thresholds, run_loop, sync)
 
 DEFAULT_PROFILE = (0.165, 0.275, 0.56)
 
@@ -149,7 +149,7 @@ def measure_model(name: str, P: int, prec: str, batches: List[int], fractions, d
     ws = getattr(driver.place, "graphs", None)
     if ws is not None:
         out["graphs"] = {"captures": ws.cache.captures, "replays": ws.cache.replays, "disabled": ws.cache.disabled}
-    driver.runner.deactivate()
+    close_driver(driver)
     del driver, static
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -190,12 +190,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                            "sms": torch.cuda.get_device_properties(0).multi_processor_count if dev == "cuda" else 0,
                            "profile": profile, "models": []}
     cmd = "python bench/gpu_shapes.py " + " ".join(sys.argv[1:] if argv is None else argv)
-
-    def flush(done: bool) -> None:
-        """Writes the report so far: a run stopped by a time limit still leaves its figures."""
-        res["complete"] = done
-        res["minutes"] = (time.perf_counter() - t0) / 60
-        write_report(Path(args.out), render(res, cmd), res)
+    report = ProgressiveReport(Path(args.out), render, res, cmd, t0)
 
     with _ieee_fp32(torch):
         for item in args.models.split(","):
@@ -203,8 +198,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             for prec in args.precisions.split(","):
                 res["models"].append(measure_model(name, int(P), prec.strip(), batches, profile["fractions"], dev,
                                                    args.images, args.reps))
-                flush(False)
-    flush(True)
+                report.write()
+    report.write(done=True)
     print(render(res, cmd))
     _log(f"wrote {args.out} ({res['minutes']:.1f} min)")
     return 0
@@ -212,8 +207,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def render(res: Dict[str, Any], cmd: str) -> str:
     label = f" **{res['label']}**." if res.get("label") else ""
-    if not res.get("complete", True):
-        label += " **Partial: the run stopped before its end; the figures below are those it reached.**"
+    label += partial_note(res)
     prof = ", ".join(f"{100 * f:.1f} %" for f in res["profile"]["fractions"])
     lines = ["# ImageNet-shaped GFNets on a GPU: per-step cost vs the static network, and the captured loop", "",
              f"Command: `{cmd.strip()}`", "",

@@ -323,6 +323,10 @@ def test_batch1_loop_graph_equals_the_per_step_loop_on_simulated_device(tmp_path
         agree(singles(old, thr)[0], a)
     assert old.place.graphs.loop.disabled == "driver too old"
     assert [r.levelname for r in caplog.records if "go step by step" in r.message] == ["INFO"]
+    # close(): the loop graph and its threshold / result buffers go with the place's own
+    assert ws.loop.graph is not None and ws.loop._thr is not None and ws.loop._result is not None
+    dev.close()
+    assert ws.loop.graph is None and ws.loop._thr is None and ws.loop._result is None
     host.deactivate()
 
 

@@ -1,7 +1,6 @@
 // Device discovery, buffers, streams and copies (host code, linked to static cudart).
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <mutex>
@@ -188,29 +187,37 @@ void check_device_pointer(uintptr_t ptr, const char* name) {
 
 namespace {
 
-// The default memory pool hands its free memory back to the system at every synchronisation
-// (release threshold 0), so a caller that synchronises after each call would have every
-// Scratch map fresh pages. Raise the threshold once per device, outside any stream capture
-// (pool attributes cannot be set while one is open); the pool then keeps at most the peak of
-// the scratch in use at once.
-void keep_pool_memory(int device, cudaStream_t stream) {
-  static std::atomic<uint64_t> done_bits{0};  // devices 0..63 done (the common case: one check)
-  static std::mutex mu;
-  static std::vector<int> done;
-  const uint64_t bit = device >= 0 && device < 64 ? (uint64_t{1} << device) : 0;
-  if (bit != 0 && (done_bits.load(std::memory_order_acquire) & bit) != 0) return;
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return;
+constexpr int kMaxDevices = 64;
+// Per device: 0 not known yet, 1 stream-ordered scratch (threshold raised), 2 plain cudaMalloc.
+std::atomic<int> g_scratch_mode[kMaxDevices];
+
+// Whether `device` takes stream-ordered scratch (cudaMallocAsync from its default pool),
+// decided once per device. The default pool hands its free memory back to the system at every
+// synchronisation (release threshold 0), so a caller that synchronises after each call would
+// have every Scratch map fresh pages: the first decision raises the threshold (the pool then
+// keeps at most the peak of the scratch in use at once). Pool attributes cannot be set while a
+// capture is open on the stream, so that call waits for one that is not; it runs in relaxed
+// capture mode, so that a capture this thread has open elsewhere is not invalidated.
+bool stream_ordered(int device, cudaStream_t stream) {
+  const bool cached = device >= 0 && device < kMaxDevices;
+  if (cached) {
+    const int mode = g_scratch_mode[device].load(std::memory_order_acquire);
+    if (mode != 0) return mode == 1;
   }
-  if (capture != cudaStreamCaptureStatusNone) return;
-  std::lock_guard<std::mutex> lock(mu);
-  if (std::find(done.begin(), done.end(), device) != done.end()) return;
-  done.push_back(device);
-  done_bits.fetch_or(bit, std::memory_order_release);
-  // Relaxed for this thread while setting it: a capture this thread has open on another
-  // stream must not be invalidated by the call.
+  int pools = 0;
+  if (cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    pools = 0;
+  }
+  if (pools == 0) {
+    if (cached) g_scratch_mode[device].store(2, std::memory_order_release);
+    return false;
+  }
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess || capture != cudaStreamCaptureStatusNone) {
+    (void)cudaGetLastError();
+    return true;  // the threshold at a later call
+  }
   cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
   (void)cudaThreadExchangeStreamCaptureMode(&mode);
   cudaMemPool_t pool = nullptr;
@@ -220,6 +227,8 @@ void keep_pool_memory(int device, cudaStream_t stream) {
   }
   (void)cudaThreadExchangeStreamCaptureMode(&mode);
   (void)cudaGetLastError();  // an optimisation only: its failure changes nothing else
+  if (cached) g_scratch_mode[device].store(1, std::memory_order_release);
+  return true;
 }
 
 }  // namespace
@@ -228,14 +237,8 @@ Scratch::Scratch(size_t nbytes, uintptr_t stream) : stream_(stream) {
   if (nbytes == 0) nbytes = 16;
   int device = 0;
   GFN_CUDA_CHECK(cudaGetDevice(&device));
-  int pools = 0;
-  if (cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, device) != cudaSuccess) {
-    (void)cudaGetLastError();
-    pools = 0;
-  }
-  async_ = pools != 0;
+  async_ = stream_ordered(device, as_stream(stream));
   if (async_) {
-    keep_pool_memory(device, as_stream(stream));
     GFN_CUDA_CHECK(cudaMallocAsync(&ptr_, nbytes, as_stream(stream)));
   } else {
     GFN_CUDA_CHECK(cudaMalloc(&ptr_, nbytes));

@@ -262,3 +262,10 @@ class ConditionalLoop:
     def clear(self) -> None:
         """Drops the loop graph (the buffers its steps address are about to be reallocated)."""
         self.graph, self._replays = None, None
+
+    def close(self) -> None:
+        """Drops the loop graph and frees its threshold and result buffers."""
+        self.clear()
+        self._thr = self._result = None
+        self._thr_bytes = None
+        self._host = np.zeros(self._host.shape, np.int32)  # lets the page-locked one go

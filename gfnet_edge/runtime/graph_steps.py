@@ -127,7 +127,7 @@ class GraphWorkspace:
     def close(self) -> None:
         """Drops the graphs, then the buffers they address."""
         self.cache.clear()
-        self.loop.clear()
+        self.loop.close()
         self._b.clear()
         self.capacity = 0
 
