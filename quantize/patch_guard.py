@@ -206,11 +206,10 @@ def guarded_mse(qdq, probe: LocationProbe, guard: PatchGuard) -> float:
 def first_patch_pixels(heads: Mapping[str, np.ndarray], image_size: int, patch_size: int):
     """``location(outputs)`` for :func:`measure`: the policy's first patch location in pixels,
     ``action * (S - P)`` before the runtime floors it, from the runtime's own policy head
-    (:class:`gfnet_edge.ops.ActorHead`, zero state) on the glance graph's ``policy_state``."""
-    from gfnet_edge import ops
+    (:func:`gfnet_edge.runtime.heads.actor_head`, zero state) on the glance graph's ``policy_state``."""
+    from gfnet_edge.runtime.heads import actor_head
 
-    actor = ops.ActorHead(*(np.asarray(heads[k], np.float32) for k in
-                            ("pol.w_ih", "pol.w_hh", "pol.b_ih", "pol.b_hh", "pol.actor.w", "pol.actor.b")))
+    actor = actor_head({k: np.ascontiguousarray(v, np.float32) for k, v in heads.items()})
     span = np.float32(image_size - patch_size)
 
     def location(outs: Dict[str, np.ndarray]) -> np.ndarray:

@@ -123,7 +123,9 @@ class QuantSession:
             self._finetune(graph)
 
     def _heads(self) -> Mapping[str, np.ndarray]:
-        return self.heads if isinstance(self.heads, Mapping) else dict(np.load(str(self.heads)))
+        from gfnet_edge.runtime.heads import load_head_arrays
+
+        return self.heads if isinstance(self.heads, Mapping) else load_head_arrays(Path(self.heads))
 
     def _guard(self) -> None:
         """Chooses the glance nodes kept in float to protect the first patch's location

@@ -22,6 +22,21 @@ def load_head_arrays(path: Path) -> Dict[str, np.ndarray]:
         raise InputError(f"{path}: cannot read head weights ({exc})") from exc
 
 
+def _need(arrays: Dict[str, np.ndarray], key: str) -> np.ndarray:
+    if key not in arrays:
+        raise InputError(f"head weights lack {key!r}")
+    return arrays[key]
+
+
+def actor_head(arrays: Dict[str, np.ndarray], weight_dtype: str = "float32", device: str = "cpu"):
+    """The policy head (:class:`gfnet_edge.ops.ActorHead`) of ``heads.npz`` arrays."""
+    from .. import ops
+
+    return ops.ActorHead(*(_need(arrays, k) for k in ("pol.w_ih", "pol.w_hh", "pol.b_ih", "pol.b_hh",
+                                                      "pol.actor.w", "pol.actor.b")),
+                         weight_dtype=weight_dtype, device=device)
+
+
 class HeadSet:
     """Classifier and policy heads for one model.
 
@@ -48,9 +63,7 @@ class HeadSet:
         self.patch_size = model.patch_size
 
         def need(k: str) -> np.ndarray:
-            if k not in arrays:
-                raise InputError(f"head weights lack {k!r}")
-            return arrays[k]
+            return _need(arrays, k)
 
         if self.kind == "gru":
             self.cls = ops.GRUHead(need("cls.w_ih"), need("cls.w_hh"), need("cls.b_ih"), need("cls.b_hh"),
@@ -61,9 +74,7 @@ class HeadSet:
             self.cls = ops.CascadedHead([(need(f"cls.fc_{k}.w"), need(f"cls.fc_{k}.b")) for k in range(2, self.steps + 1)],
                                         weight_dtype=weight_dtype, device=device)
             self.cls_hidden = 0
-        self.actor = ops.ActorHead(need("pol.w_ih"), need("pol.w_hh"), need("pol.b_ih"), need("pol.b_hh"),
-                                   need("pol.actor.w"), need("pol.actor.b"), weight_dtype=weight_dtype,
-                                   device=device)
+        self.actor = actor_head(arrays, weight_dtype, device)
         self.pol_hidden = int(arrays["pol.w_hh"].shape[1])
 
     def host_loop(self, model: ModelDesc):
