@@ -25,6 +25,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         head_dtype=args.head_dtype, device=args.device, batch=args.batch,
         batch_size=args.batch_size, num_images=args.num_images, holdout=args.holdout, method=args.method,
         margin=args.margin, tolerance=tol, attempts=args.attempts, repeats=args.repeats, warmup=args.warmup,
+        warmup_ms=args.warmup_ms,
         static=list(args.static or []), static_int8=args.static_int8, compare_precisions=not args.no_compare,
         write_manifest=not args.no_write, default=args.default, force=args.force, gallery=args.gallery,
         seed=args.seed, clock=args.clock, progress=not args.quiet, argv=["gfnet-edge"] + sys.argv[1:],
@@ -45,6 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from gfnet_edge.cli.options import add_runtime_options
 
     from .budgets import parse_budget_arg
+    from .latency import WARMUP_MS
 
     p = sub.add_parser(
         "calibrate", help="measure step latency, fit exit thresholds for ms budgets, verify, report",
@@ -86,6 +88,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attempts", type=POSITIVE, default=3, help="fit/verify rounds per budget (default 3)")
     p.add_argument("--repeats", type=POSITIVE, default=60, help="timed calls per step (default 60)")
     p.add_argument("--warmup", type=NON_NEGATIVE, default=5, help="warm-up calls per step (default 5)")
+    p.add_argument("--warmup-ms", type=float_range(0.0, 60000.0), default=WARMUP_MS, metavar="MS",
+                   help="and warm-up calls until MS milliseconds have passed, before every latency measurement "
+                        f"(default {WARMUP_MS:g}: devices settle in time, not in calls)")
     p.add_argument("--static", action="append", metavar="PATH",
                    help="static baseline: checkpoint (.pth.tar) or ONNX graph; repeatable")
     p.add_argument("--static-int8", action="store_true",

@@ -70,4 +70,5 @@ def static_results(cfg: CalibrationConfig, precision: str, hold_x: np.ndarray, h
     if not cfg.static:
         return []
     return static_baselines(list(cfg.static), hold_x, hold_y, fit_x, model, cfg.threads, static_int8(cfg, precision),
-                            repeats=max(cfg.repeats, 50), batch=cfg.batch, clock=CLOCKS[cfg.clock], plan=plan)
+                            repeats=max(cfg.repeats, 50), batch=cfg.batch, clock=CLOCKS[cfg.clock], plan=plan,
+                            warmup_ms=cfg.warmup_ms)

@@ -9,7 +9,7 @@ import numpy as np
 from gfnet_edge.errors import InputError
 
 from .budgets import Budget
-from .latency import CLOCKS
+from .latency import CLOCKS, WARMUP_MS
 
 
 @dataclass
@@ -37,6 +37,8 @@ class CalibrationConfig:
         attempts: fit/verify rounds per budget (a later round re-measures the step latency and
             refits when the previous round's measured latency was outside the tolerance).
         repeats, warmup: timed and untimed calls per step for the latency measurement.
+        warmup_ms: untimed calls before each measurement go on until this much wall-clock time
+            has passed (devices settle in time, not in calls).
         static: static baselines (checkpoint or ONNX), optional.
         static_int8: also quantize each static baseline to INT8 (ONNX Runtime, CPU profile).
         compare_precisions: trace the other precisions of the bundle.
@@ -72,6 +74,7 @@ class CalibrationConfig:
     attempts: int = 3
     repeats: int = 60
     warmup: int = 5
+    warmup_ms: float = WARMUP_MS
     static: Sequence[str] = ()
     static_int8: bool = False
     compare_precisions: bool = True
@@ -92,6 +95,8 @@ class CalibrationConfig:
             raise InputError(f"--batch-size must be >= 0, got {self.batch_size}")
         if self.repeats < 5 or self.warmup < 0:
             raise InputError(f"--repeats must be >= 5 and --warmup >= 0 (got {self.repeats}, {self.warmup})")
+        if not np.isfinite(self.warmup_ms) or self.warmup_ms < 0:
+            raise InputError(f"--warmup-ms must be a non-negative number of milliseconds, got {self.warmup_ms}")
         if self.deadlines < 0:
             raise InputError(f"--deadlines must be >= 0, got {self.deadlines}")
         if self.attempts < 1:

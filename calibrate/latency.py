@@ -39,6 +39,28 @@ ALWAYS = -1e8
 #: the caller, it is the latency of an otherwise idle device, unaffected by other processes' load).
 CLOCKS: Dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
 
+#: Default minimum warm-up time (ms of wall clock) before a latency measurement. Devices need time,
+#: not a number of calls, to settle (clocks ramping up, allocator and thread-pool growth): on the
+#: 2-core test VM a fresh ONNX Runtime session of the demo bundle runs its first ~0.1 s of calls at
+#: 1.1 ms, then 0.78 ms. trtexec's default warm-up is also 200 ms.
+WARMUP_MS = 200.0
+
+
+def warm_up(call: Callable[[int], Any], count: int, min_ms: float = WARMUP_MS,
+            clock: Callable[[], float] = time.perf_counter) -> int:
+    """Calls ``call(i)`` for ``i = 0, 1, ...``: at least ``count`` times, and until ``min_ms``
+    milliseconds of ``clock`` (wall clock by default) have passed since the first call started.
+
+    Returns:
+        The number of calls made.
+    """
+    t0 = clock()
+    i = 0
+    while i < count or (clock() - t0) * 1e3 < min_ms:
+        call(i)
+        i += 1
+    return i
+
 
 @dataclass
 class LatencyStats:
@@ -144,12 +166,15 @@ def runtime_input(model: ModelLike, frames: np.ndarray) -> np.ndarray:
     return prepare_frames(model, frames)
 
 
-def _batches(frames: np.ndarray, batch: int, count: int, start: int = 0) -> Iterator[np.ndarray]:
+def _batch_at(frames: np.ndarray, batch: int, start: int) -> np.ndarray:
+    """``batch`` frames from index ``start`` on, cycling."""
     n = len(frames)
+    return frames[[(start + b) % n for b in range(batch)]]
+
+
+def _batches(frames: np.ndarray, batch: int, count: int, start: int = 0) -> Iterator[np.ndarray]:
     for i in range(count):
-        j = (start + i * batch) % n
-        idx = [(j + b) % n for b in range(batch)]
-        yield frames[idx]
+        yield _batch_at(frames, batch, start + i * batch)
 
 
 def time_predict(rt, batch_frames: np.ndarray, clock: Callable[[], float] = time.perf_counter) -> float:
@@ -160,7 +185,8 @@ def time_predict(rt, batch_frames: np.ndarray, clock: Callable[[], float] = time
 
 
 def measure_steps(rt, frames: np.ndarray, batch: int = 1, repeats: int = 60, warmup: int = 5,
-                  stage_calls: int = 20, progress=None, clock: Callable[[], float] = time.perf_counter) -> StepLatency:
+                  stage_calls: int = 20, progress=None, clock: Callable[[], float] = time.perf_counter,
+                  warmup_ms: float = WARMUP_MS) -> StepLatency:
     """Measures per-step latency of ``rt`` (see the module docstring).
 
     Args:
@@ -168,7 +194,8 @@ def measure_steps(rt, frames: np.ndarray, batch: int = 1, repeats: int = 60, war
         frames: uint8 (N, S, S, 3) frames cycled through.
         batch: images per call.
         repeats: timed calls per step.
-        warmup: untimed calls per step first.
+        warmup: untimed calls per step first (steps interleaved).
+        warmup_ms: and untimed calls until this much wall-clock time has passed (:func:`warm_up`).
         stage_calls: profiled calls per step for the stage breakdown (0: none).
         progress: optional callable ``progress(n)`` called after each call (a tqdm ``update``).
         clock: the timer (:data:`CLOCKS`); the stage breakdown is always wall-clock.
@@ -182,12 +209,14 @@ def measure_steps(rt, frames: np.ndarray, batch: int = 1, repeats: int = 60, war
     rt.profiler.enabled = False
     samples: List[List[float]] = [[] for _ in range(T)]
     try:
-        for k in range(T):
+        def untimed(i: int) -> None:
+            k = i % T
             with using_thresholds(rt, thr[k]):
-                for b in _batches(frames, batch, warmup, start=k):
-                    time_predict(rt, b)
-                    if progress:
-                        progress(1)
+                time_predict(rt, _batch_at(frames, batch, k + (i // T) * batch))
+            if progress and i < warmup * T:
+                progress(1)
+
+        warm_up(untimed, warmup * T, warmup_ms)
         src = _batches(frames, batch, repeats)
         for b in src:
             for k in range(T):
@@ -243,7 +272,8 @@ class CallRun:
 
 
 def measure_calls(rt, frames: np.ndarray, thresholds: Sequence[float], batch: int = 1, warmup: int = 5,
-                  progress=None, clock: Callable[[], float] = time.perf_counter) -> CallRun:
+                  progress=None, clock: Callable[[], float] = time.perf_counter,
+                  warmup_ms: float = WARMUP_MS) -> CallRun:
     """Runs ``rt`` with ``thresholds`` over every frame once, timing each call.
 
     Args:
@@ -252,6 +282,7 @@ def measure_calls(rt, frames: np.ndarray, thresholds: Sequence[float], batch: in
         thresholds: per-step thresholds to use.
         batch: images per call (the last call may be smaller).
         warmup: untimed calls first (on the first frames).
+        warmup_ms: and untimed calls until this much wall-clock time has passed (:func:`warm_up`).
         progress: optional ``progress(n)`` callable.
         clock: the timer (:data:`CLOCKS`).
     """
@@ -261,8 +292,8 @@ def measure_calls(rt, frames: np.ndarray, thresholds: Sequence[float], batch: in
     classes, exits, coords = [], [], []
     try:
         with using_thresholds(rt, thresholds):
-            for b in _batches(frames, batch, warmup):
-                rt.predict(runtime_input(rt.model, b))
+            warm_up(lambda i: rt.predict(runtime_input(rt.model, _batch_at(frames, batch, i * batch))),
+                    warmup, warmup_ms)
             for i in range(0, len(frames), batch):
                 chunk = frames[i:i + batch]
                 t0 = clock()

@@ -40,7 +40,7 @@ def _measure(rt, frames: np.ndarray, batch: int, cfg: CalibrationConfig, desc: s
     total = rt.model.steps * (cfg.warmup + cfg.repeats + stage_calls)
     with Progress(cfg.progress, total, desc) as bar:
         return measure_steps(rt, frames, batch=batch, repeats=cfg.repeats, warmup=cfg.warmup, stage_calls=stage_calls,
-                             progress=bar, clock=CLOCKS[cfg.clock])
+                             progress=bar, clock=CLOCKS[cfg.clock], warmup_ms=cfg.warmup_ms)
 
 
 def _manifest_entry(b: BudgetResult, rt: "_RtInfo", cfg: CalibrationConfig, device: Dict[str, Any]) -> Dict[str, Any]:
@@ -218,7 +218,7 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
                    "macs_cumulative": bundle.manifest.get("costs", {}).get("macs", {}).get("cumulative")},
         "device": device, "data": data.describe(),
         "settings": {"clock": cfg.clock, "batch": cfg.batch, "batch_size": cfg.batch_size, "repeats": cfg.repeats,
-                     "warmup": cfg.warmup, "method": cfg.method, "margin": cfg.margin,
+                     "warmup": cfg.warmup, "warmup_ms": cfg.warmup_ms, "method": cfg.method, "margin": cfg.margin,
                      "tolerance": list(cfg.tolerance), "attempts": cfg.attempts, "holdout": cfg.holdout,
                      "seed": cfg.seed},
         "latency": {"budget_batch": m.lat1.to_dict(), "other_batch": m.latN.to_dict() if m.latN else None,
@@ -325,7 +325,8 @@ def _method_notes(cfg: CalibrationConfig, T: int) -> List[str]:
         f"Step latency: cost[k] is the mean {'wall-clock' if cfg.clock == 'wall' else 'calling-thread CPU'} time "
         "per image of Runtime.predict when every image exits at "
         f"step k (thresholds 2.0 before k, -1e8 from k), at batch {cfg.batch}, {cfg.repeats} timed calls per step "
-        f"after {cfg.warmup} warm-up calls, steps interleaved within each repetition. The time covers normalising "
+        f"after at least {cfg.warmup} warm-up calls per step and {cfg.warmup_ms:g} ms of warm-up calls, steps "
+        "interleaved within each repetition. The time covers normalising "
         "the uint8 S x S frame (ops.preprocess, no second resize/crop) and the whole predict call (glance resize, "
         "backbone graphs, policy, crops, heads, exit checks). The stage breakdown comes from a separate profiled pass.",
         "Thresholds: the exit-step model expected_ms = sum_k frac_k * cost[k]. The 'search' method maximises the "
@@ -339,7 +340,8 @@ def _method_notes(cfg: CalibrationConfig, T: int) -> List[str]:
         "tolerance, the step latency is measured again (the load may have changed) and the thresholds refitted "
         f"with the per-step median of all measurements so far; at most {cfg.attempts} rounds, every round in "
         "report.json. Each budget starts from that median; all measurements are listed under latency.history, and "
-        "a spread of more than 10% between them is reported as a warning (the device was not idle).",
+        "a spread of more than 10% between their full-model median calls is reported as a warning (another "
+        "process used the device, or its clocks changed).",
         "Tail budgets (p90, p95, p99): an image exiting at step k takes as long as a call whose images all exit at "
         "k, so the share of images slower than a limit L is sum_k frac_k * e_k(L), where e_k(L) is the share of "
         "step k's timed calls (all step-latency measurements so far) above L. The same threshold search keeps that "

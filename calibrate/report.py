@@ -231,7 +231,7 @@ def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: Sequenc
     if len(hist) > 1:
         rows = [[h["when"]] + [_f(c, 3) for c in h["cost_ms"]] for h in hist]
         parts.append("<p class='note'>Step latency measured again during the run (mean ms per image at batch "
-                     f"{res['settings']['batch']}); spread of the full model: "
+                     f"{res['settings']['batch']}); spread of the full model's median call: "
                      f"{lat['stability']['spread_pct']:.1f}%.</p>")
         parts.append(_table(["measurement"] + [f"cost[{k}]" for k in range(T)], rows, "history"))
     parts.append("<div class='plots'>" + _fig(figures, "stage_breakdown", "latency breakdown per stage") + "</div>")

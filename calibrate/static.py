@@ -26,7 +26,7 @@ from gfnet_edge.errors import InputError, UnavailableError
 from gfnet_edge.model_desc import ModelDesc, as_desc
 from gfnet_edge.runtime.backends.classifier import Classifier, OnnxRuntimeClassifier, Technology
 
-from .latency import LatencyStats, ModelLike, prepare_frames
+from .latency import WARMUP_MS, LatencyStats, ModelLike, prepare_frames, warm_up
 from .static_runners import ACCURACY_BATCH, SourceKind, StaticPlan, check_static_sources, extra_int8, open_classifier
 
 
@@ -142,7 +142,7 @@ def quantize_static_int8(src: Path, dst: Path, calib: np.ndarray, input_name: Op
 def evaluate_classifier(clf: Classifier, name: str, frames: np.ndarray, labels: np.ndarray, latency_frames: np.ndarray,
                         repeats: int = 100, warmup: int = 10, meta: Optional[Dict[str, Any]] = None,
                         source: str = "", batch: int = 1,
-                        clock: Callable[[], float] = time.perf_counter) -> StaticResult:
+                        clock: Callable[[], float] = time.perf_counter, warmup_ms: float = WARMUP_MS) -> StaticResult:
     """Accuracy on ``frames`` and per-image latency (``batch`` images per call) of one classifier.
 
     Args:
@@ -151,6 +151,7 @@ def evaluate_classifier(clf: Classifier, name: str, frames: np.ndarray, labels: 
         frames, labels: held-out uint8 frames and labels.
         latency_frames: frames cycled for the latency measurement.
         repeats, warmup: timed and untimed calls.
+        warmup_ms: untimed calls go on until this much wall-clock time has passed (``warm_up``).
         meta: checkpoint metadata.
         source: the file the user gave.
         batch: images per timed call.
@@ -169,15 +170,18 @@ def evaluate_classifier(clf: Classifier, name: str, frames: np.ndarray, labels: 
     if pred.shape[0] != labels.shape[0]:
         raise InputError(f"--static {source}: returned {pred.shape[0]} rows for {labels.shape[0]} images")
     acc = 100.0 * float((pred == labels).mean())
-    ms: List[float] = []
     n = len(latency_frames)
-    for i in range(warmup + repeats):
-        f = latency_frames[[(i * batch + j) % n for j in range(batch)]]
+
+    def frames_of(i: int) -> np.ndarray:
+        return latency_frames[[(i * batch + j) % n for j in range(batch)]]
+
+    start = warm_up(lambda i: clf(frames_of(i)), warmup, warmup_ms)
+    ms: List[float] = []
+    for i in range(start, start + repeats):
+        f = frames_of(i)
         t0 = clock()
         clf(f)
-        dt = (clock() - t0) * 1e3 / batch
-        if i >= warmup:
-            ms.append(dt)
+        ms.append((clock() - t0) * 1e3 / batch)
     meta = meta or {}
     macs = meta.get("macs")
     return StaticResult(name, source, acc, LatencyStats.of(ms), int(macs) if macs else None, meta, clf.ran(),
@@ -187,7 +191,7 @@ def evaluate_classifier(clf: Classifier, name: str, frames: np.ndarray, labels: 
 def evaluate_static(path: Path, name: str, frames: np.ndarray, labels: np.ndarray, model: ModelLike,
                     threads: Optional[int], latency_frames: np.ndarray, repeats: int = 100, warmup: int = 10,
                     meta: Optional[Dict[str, Any]] = None, source: Optional[str] = None, batch: int = 1,
-                    clock: Callable[[], float] = time.perf_counter) -> StaticResult:
+                    clock: Callable[[], float] = time.perf_counter, warmup_ms: float = WARMUP_MS) -> StaticResult:
     """Accuracy and per-image latency of one static ONNX graph on ONNX Runtime (CPU): the frames
     normalised by the extension, one session call (:func:`evaluate_classifier`).
 
@@ -203,13 +207,14 @@ def evaluate_static(path: Path, name: str, frames: np.ndarray, labels: np.ndarra
         raise InputError(f"--static {exc}") from exc
     with clf:
         return evaluate_classifier(clf, name, frames, labels, latency_frames, repeats=repeats, warmup=warmup,
-                                   meta=meta, source=str(source or path), batch=batch, clock=clock)
+                                   meta=meta, source=str(source or path), batch=batch, clock=clock,
+                                   warmup_ms=warmup_ms)
 
 
 def static_baselines(sources: List[str], frames: np.ndarray, labels: np.ndarray, calib_frames: np.ndarray,
                      model: ModelLike, threads: Optional[int], int8: bool, repeats: int = 100,
                      batch: int = 1, clock: Callable[[], float] = time.perf_counter,
-                     plan: Optional[StaticPlan] = None) -> List[StaticResult]:
+                     plan: Optional[StaticPlan] = None, warmup_ms: float = WARMUP_MS) -> List[StaticResult]:
     """Evaluates each ``--static`` source (and its INT8 copy when ``int8``), timed at ``batch`` images
     per call, with the technology of ``plan`` (default: ONNX Runtime on the CPU).
 
@@ -248,7 +253,7 @@ def static_baselines(sources: List[str], frames: np.ndarray, labels: np.ndarray,
 
             label = meta.get("model_name") or p.stem
             lat_frames = frames[: min(len(frames), 32)]
-            kw = dict(repeats=repeats, meta=meta, source=src, batch=batch, clock=clock)
+            kw = dict(repeats=repeats, meta=meta, source=src, batch=batch, clock=clock, warmup_ms=warmup_ms)
             with open_classifier(plan, p, onnx_path, model, threads, work, batch, calib=calib, network=net) as clf:
                 out.append(evaluate_classifier(clf, f"{label} {plan.static.precision}", frames, labels, lat_frames,
                                                **kw))

@@ -301,7 +301,8 @@ def fit_and_verify(rt, budget: Budget, fit_probs, fit_y, hold_probs, hold_y, hol
     for attempt in range(cfg.attempts):
         hold = dynamic_evaluate(hold_probs, hold_y, lat.cost, fit.thresholds)
         with Progress(cfg.progress, len(hold_frames), f"verify {budget.name}") as bar:
-            run = measure_calls(rt, hold_frames, fit.thresholds, batch=cfg.batch, warmup=cfg.warmup, progress=bar,
+            run = measure_calls(rt, hold_frames, fit.thresholds, batch=cfg.batch, warmup=cfg.warmup,
+                                warmup_ms=cfg.warmup_ms, progress=bar,
                                 clock=clock)
         fr = np.bincount(run.exit_step, minlength=T) / len(run.exit_step)
         model_ms = _model_statistic(budget, lat, fr)
@@ -336,13 +337,20 @@ def fit_and_verify(rt, budget: Budget, fit_probs, fit_y, hold_probs, hold_y, hol
 
 
 def stability(history: Sequence[Measurement], clock: str) -> Dict[str, Any]:
-    """Spread of the full model's latency over the repeated step-latency measurements."""
+    """Spread of the full model's latency over the repeated step-latency measurements.
+
+    The spread compares each measurement's *median* call (of the full model) when the samples are
+    there: a single slow call (a page fault, a scheduler hiccup) moves a 20-call mean by several
+    per cent without the device having changed, but not the median. A warning is given above 10 %.
+    """
     full = [h.cost_ms[-1] for h in history]
-    spread = 100.0 * (max(full) - min(full)) / min(full)
-    out: Dict[str, Any] = {"full_model_ms": full, "spread_pct": spread, "warning": None}
+    typical = [float(np.median(h.samples[-1])) if h.samples else h.cost_ms[-1] for h in history]
+    spread = 100.0 * (max(typical) - min(typical)) / min(typical)
+    out: Dict[str, Any] = {"full_model_ms": full, "full_model_median_ms": typical, "spread_pct": spread,
+                           "warning": None}
     if spread > 10.0:
-        out["warning"] = (f"the step latency changed by {spread:.0f}% during calibration ({min(full):.2f} to "
-                          f"{max(full):.2f} ms for the full model): the device was not idle, so measured latencies "
-                          "follow its load; calibrate on an idle device" +
-                          (" (or use --clock cpu --threads 1)" if clock == "wall" else ""))
+        out["warning"] = (f"the step latency changed by {spread:.0f}% during calibration ({min(typical):.2f} to "
+                          f"{max(typical):.2f} ms median for the full model): another process was using the "
+                          "device, or its clocks changed, so budgets may be off by as much; calibrate on an idle "
+                          "device" + (" (or use --clock cpu --threads 1)" if clock == "wall" else ""))
     return out

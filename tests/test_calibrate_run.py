@@ -53,7 +53,8 @@ def _fresh(tiny_bundle, tmp_path):
     return dst
 
 
-FAST = ["--repeats", "10", "--warmup", "2", "--batch-size", "4", "--threads", "1", "--gallery", "6", "-q"]
+FAST = ["--repeats", "10", "--warmup", "2", "--warmup-ms", "20", "--batch-size", "4", "--threads", "1",
+        "--gallery", "6", "-q"]
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,9 @@ def test_full_run_writes_report_and_budgets(calibrated, capsys):
     assert len(cost) == T and all(c > 0 for c in cost)
     assert res["latency"]["other_batch"]["batch"] == 4
     assert [h["when"] for h in res["latency"]["history"]][::len(res["latency"]["history"]) - 1] == ["start", "end"]
-    assert res["latency"]["stability"]["spread_pct"] >= 0
+    stab = res["latency"]["stability"]
+    assert len(stab["full_model_median_ms"]) == len(res["latency"]["history"]) and stab["spread_pct"] >= 0
+    assert res["settings"]["warmup_ms"] == 20.0
     assert set(res["latency"]["budget_batch"]["stages"]["0"]) >= {"normalise", "preprocess", "glance", "step"}
     assert len(res["budgets"]) == 3
     m = Bundle.load(bundle).manifest
@@ -150,6 +153,48 @@ def test_starting_cost_falls_back_when_the_device_slowed_down():
     cost, note = starting_cost(1.5, hist)  # pooled glance (1.2 + 4.0) / 2 = 2.6 ms > 1.5 ms
     assert cost.tolist() == [1.2, 2.2, 3.2]  # the latest measurement under which 1.5 ms can be met
     assert "slowed down" in note and "2.600 ms" in note and "'re-measure ms-1.5'" in note
+
+
+def test_stability_counts_a_changed_median_not_one_slow_call():
+    """The spread is taken over each measurement's median call: one slow call among 20 moves the mean
+    by 45 % but is no change of the device; a shifted median is."""
+    from gfnet_edge.calibrate.verify import Measurement, stability
+
+    def meas(when, full):
+        full = np.asarray(full, dtype=np.float64)
+        return Measurement(when, [0.3, 0.6, float(full.mean())], len(full), [full / 3, full / 2, full])
+
+    base = meas("start", [1.0] * 20)
+    hiccup = meas("re-measure ms-1", [1.0] * 19 + [10.0])
+    out = stability([base, hiccup], "wall")
+    assert out["full_model_ms"] == pytest.approx([1.0, 1.45]) and out["full_model_median_ms"] == [1.0, 1.0]
+    assert out["spread_pct"] == 0.0 and out["warning"] is None
+    slower = meas("end", [1.2] * 20)
+    out = stability([base, hiccup, slower], "wall")
+    assert out["spread_pct"] == pytest.approx(20.0)
+    assert "changed by 20%" in out["warning"] and "1.00 to 1.20 ms median" in out["warning"]
+    assert "--clock cpu --threads 1" in out["warning"]
+    assert "--clock" not in stability([base, slower], "cpu")["warning"]
+    # measurements without their samples (a report read back) compare their means
+    bare = [Measurement("start", [1.0], 10), Measurement("end", [1.05], 10)]
+    assert stability(bare, "wall")["spread_pct"] == pytest.approx(5.0) and stability(bare, "wall")["warning"] is None
+
+
+@pytest.mark.parametrize("count,min_ms,calls", [(3, 10.0, 5), (7, 10.0, 7), (0, 0.0, 0), (0, 1.0, 1)])
+def test_warm_up_runs_a_call_count_and_a_time_floor(count, min_ms, calls):
+    """warm_up makes at least ``count`` calls and goes on until ``min_ms`` have passed (each call
+    here takes 2 ms of a fake clock)."""
+    from gfnet_edge.calibrate.latency import warm_up
+
+    now = [0.0]
+    seen = []
+
+    def call(i):
+        seen.append(i)
+        now[0] += 2e-3
+
+    assert warm_up(call, count, min_ms, clock=lambda: now[0]) == calls
+    assert seen == list(range(calls))
 
 
 def test_calibration_survives_a_device_slowdown(tiny_bundle, tmp_path, monkeypatch, capsys):
@@ -235,7 +280,8 @@ def test_report_is_atomic_on_failure(tiny_bundle, tmp_path, monkeypatch, capsys)
                                         (["--default", "7"], "not one of the calibrated budgets"),
                                         (["--budget", "p42:1"], "unknown kind"),
                                         (["--budget", "mean:3", "--budget-ms", "3"], "duplicates"),
-                                        (["--deadlines", "-1"], "--deadlines")])
+                                        (["--deadlines", "-1"], "--deadlines"),
+                                        (["--warmup-ms", "-5"], "--warmup-ms")])
 def test_bad_options(tiny_bundle, tmp_path, capsys, args, match):
     bundle = _fresh(tiny_bundle, tmp_path)
     out = tmp_path / "r"

@@ -470,8 +470,8 @@ def calib_bundle(tmp_path_factory, model):
     return root
 
 
-FAST = ["--repeats", "5", "--warmup", "1", "--batch-size", "0", "--threads", "1", "--gallery", "0", "--deadlines", "0",
-        "--attempts", "1", "--budget-ms", "1000", "--no-compare", "--no-write", "-q"]
+FAST = ["--repeats", "5", "--warmup", "1", "--warmup-ms", "0", "--batch-size", "0", "--threads", "1", "--gallery", "0",
+        "--deadlines", "0", "--attempts", "1", "--budget-ms", "1000", "--no-compare", "--no-write", "-q"]
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
