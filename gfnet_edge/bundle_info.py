@@ -1,5 +1,6 @@
 """``gfnet-edge info BUNDLE``: what a bundle holds, read from its manifest (no torch needed):
-the model, graphs, engines (device, target, DLA layer placement), budgets and costs.
+the model, graphs, engines (device, target, DLA layer placement), budgets, costs and what the
+INT8 build measured.
 
 The bundle is loaded with :meth:`Bundle.load`, so a missing or modified artifact is reported as
 it would be by the runtime.
@@ -38,6 +39,26 @@ def _layers_text(row: Dict[str, Any]) -> str:
                             f"{c['gpu'] if c['gpu'] is not None else '?'} on GPU" for g, c in row["layers"].items())
 
 
+def quantization_summary(manifest: Dict[str, Any]) -> List[str]:
+    """One line per INT8 graph set of a bundle manifest: the share of the backbone multiply-adds
+    in INT8, which nodes stay in float and why, and the held-out accuracy drop the build measured
+    (the whole report is the manifest's ``quantization`` entry)."""
+    lines = []
+    for prof, rep in (manifest.get("quantization") or {}).items():
+        line = f"int8-{prof}: {100.0 * float(rep.get('int8_mac_share', 1.0)):.1f}% of the backbone multiply-adds in INT8"
+        guarded = len((rep.get("patch_guard") or {}).get("nodes") or [])
+        searched = sum(int(e.get("members", 1)) for e in rep.get("float_nodes") or [])  # a whole graph: its nodes
+        kept = [f"{n} by {who}" for n, who in ((guarded, "the patch guard"), (searched, "the accuracy search")) if n]
+        if kept:
+            line += f" (nodes in float: {', '.join(kept)})"
+        acc = rep.get("accuracy") or {}
+        if acc.get("final_drop") is not None:
+            line += (f"; final-step accuracy {0.0 - float(acc['final_drop']):+.2f} points against FP32 on "
+                     f"{acc.get('n')} held-out images")
+        lines.append(line)
+    return lines
+
+
 def describe_bundle(root: Path) -> Dict[str, Any]:
     """The facts ``gfnet-edge info`` prints about the bundle at ``root``.
 
@@ -63,6 +84,7 @@ def describe_bundle(root: Path) -> Dict[str, Any]:
         "default_budget": m.get("default_budget"),
         "macs": (m.get("costs") or {}).get("macs"),
         "source_checkpoint": (m.get("source_checkpoint") or {}).get("name"),
+        "quantization": quantization_summary(m),
     }
 
 
@@ -85,4 +107,5 @@ def info_rows(info: Dict[str, Any], fmt_macs: Callable[[float], str]) -> List[Tu
     rows += [("budgets" if i == 0 else "", b) for i, b in enumerate(budgets or ["none"])]
     if info["macs"] and info["macs"].get("cumulative"):
         rows.append(("cumulative MACs", ", ".join(fmt_macs(c) for c in info["macs"]["cumulative"])))
+    rows += [("quantization" if i == 0 else "", q) for i, q in enumerate(info["quantization"])]
     return rows

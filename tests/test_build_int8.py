@@ -37,13 +37,13 @@ def test_int8_bundle_accuracy_equals_quantization_report(int8_bundle):
 
 
 def test_build_engine_prints_what_each_int8_graph_set_keeps_in_float(int8_bundle):
-    from gfnet_edge.cli.build_engine import quantization_summary
+    from gfnet_edge.bundle_info import quantization_summary
 
     m = int8_bundle.manifest
     rep = m["quantization"]["cpu"]
     (line,) = quantization_summary(m)
     assert line.startswith(f"int8-cpu: {100 * rep['int8_mac_share']:.1f}% of the backbone multiply-adds in INT8")
-    assert f"{-rep['accuracy']['final_drop']:+.2f} points against FP32 on {rep['accuracy']['n']} held-out" in line
+    assert f"{0.0 - rep['accuracy']['final_drop']:+.2f} points against FP32 on {rep['accuracy']['n']} held-out" in line
     guarded = {"quantization": {"tensorrt": {"int8_mac_share": 0.98311, "patch_guard": {"nodes": ["a", "b"]},
                                              "float_nodes": [{"node": "c"}], "accuracy": {"final_drop": 0.3, "n": 256}}}}
     assert quantization_summary(guarded) == [
@@ -54,3 +54,20 @@ def test_build_engine_prints_what_each_int8_graph_set_keeps_in_float(int8_bundle
                                                                                "members": 12}]}}}
     assert quantization_summary(whole) == [
         "int8-cpu: 50.0% of the backbone multiply-adds in INT8 (nodes in float: 12 by the accuracy search)"]
+
+
+def test_info_shows_what_the_int8_build_measured(int8_bundle, capsys):
+    """``gfnet-edge info BUNDLE`` (the device side, no torch) prints the same quantization lines
+    as build-engine did, and gives them in --json."""
+    import json
+
+    from gfnet_edge import cli
+    from gfnet_edge.bundle_info import quantization_summary
+
+    lines = quantization_summary(int8_bundle.manifest)
+    assert lines and lines[0].startswith("int8-cpu: ")
+    assert cli.main(["info", str(int8_bundle.root)]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("quantization ")]
+    assert [r[len("quantization"):].strip() for r in rows] == lines
+    assert cli.main(["info", str(int8_bundle.root), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["quantization"] == lines

@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from ..argtypes import POSITIVE, THREADS, float_range, int_range
+from ..bundle_info import quantization_summary
 from ..errors import InputError
 from ..quantize.profiles import TENSORRT
 from ..runtime import backends
@@ -50,26 +51,6 @@ def run(args: argparse.Namespace) -> int:
     for line in quantization_summary(m):
         print(f"  {line}")
     return 0
-
-
-def quantization_summary(manifest: dict) -> list:
-    """One line per INT8 graph set of a bundle manifest: the share of the backbone multiply-adds
-    in INT8, which nodes stay in float and why, and the held-out accuracy drop the build measured
-    (the whole report is the manifest's ``quantization`` entry)."""
-    lines = []
-    for prof, rep in (manifest.get("quantization") or {}).items():
-        line = f"int8-{prof}: {100.0 * float(rep.get('int8_mac_share', 1.0)):.1f}% of the backbone multiply-adds in INT8"
-        guarded = len((rep.get("patch_guard") or {}).get("nodes") or [])
-        searched = sum(int(e.get("members", 1)) for e in rep.get("float_nodes") or [])  # a whole graph: its nodes
-        kept = [f"{n} by {who}" for n, who in ((guarded, "the patch guard"), (searched, "the accuracy search")) if n]
-        if kept:
-            line += f" (nodes in float: {', '.join(kept)})"
-        acc = rep.get("accuracy") or {}
-        if acc.get("final_drop") is not None:
-            line += (f"; final-step accuracy {-float(acc['final_drop']):+.2f} points against FP32 on "
-                     f"{acc.get('n')} held-out images")
-        lines.append(line)
-    return lines
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
