@@ -96,6 +96,19 @@ class ProgressiveReport:
         self.results["minutes"] = (time.perf_counter() - self._t0) / 60
         write_report(self.out, self.render(self.results, self.command), self.results)
 
+    def finish(self, log: Callable[[str], None]) -> int:
+        """Writes the finished report, prints it, logs where it went; returns the exit status 0."""
+        self.write(done=True)
+        print(self.render(self.results, self.command))
+        log(f"wrote {self.out} ({self.results['minutes']:.1f} min)")
+        return 0
+
+
+def run_label(results: Dict) -> str:
+    """The report's label sentence (``--label``), and :func:`partial_note` for an unfinished run."""
+    label = f" **{results['label']}**." if results.get("label") else ""
+    return label + partial_note(results)
+
 
 def partial_note(results: Dict) -> str:
     """The label of a report whose run stopped before its end ('' for a finished one)."""

@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ProgressiveReport, machine, partial_note, table  # noqa: E402
+from common import RESULTS, ProgressiveReport, machine, run_label, table  # noqa: E402
 from e2e import alternating  # noqa: E402
 from gpu_common import DTYPES, Graphed, close_driver, gfnet_driver, per_call_ms, run_loop, sync  # noqa: E402
 from gfnet_edge.model_desc import ModelDesc  # noqa: E402
@@ -232,15 +232,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             close_driver(driver)
             sync(dev)
             report.write()
-    report.write(done=True)
-    print(render(res, cmd))
-    _log(f"wrote {args.out} ({res['minutes']:.1f} min)")
-    return 0
+    return report.finish(_log)
 
 
 def render(res: Dict[str, Any], cmd: str) -> str:
-    label = f" **{res['label']}**." if res.get("label") else ""
-    label += partial_note(res)
+    label = run_label(res)
     lines = ["# End to end on a GPU: the captured GFNet loop vs the captured static network (demo model)", "",
              f"Command: `{cmd.strip()}`", "",
              f"Machine: {res['machine']}; {res['gpu']} ({res['sms']} SMs visible), torch {res['torch']}; "

@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ProgressiveReport, machine, partial_note, table  # noqa: E402
+from common import RESULTS, ProgressiveReport, machine, run_label, table  # noqa: E402
 from gpu_common import (DTYPES, Graphed, close_driver, forced_profile, gfnet_driver, per_call_ms,  # noqa: E402
                         profile_thresholds, run_loop, sync)
 
@@ -199,15 +199,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 res["models"].append(measure_model(name, int(P), prec.strip(), batches, profile["fractions"], dev,
                                                    args.images, args.reps))
                 report.write()
-    report.write(done=True)
-    print(render(res, cmd))
-    _log(f"wrote {args.out} ({res['minutes']:.1f} min)")
-    return 0
+    return report.finish(_log)
 
 
 def render(res: Dict[str, Any], cmd: str) -> str:
-    label = f" **{res['label']}**." if res.get("label") else ""
-    label += partial_note(res)
+    label = run_label(res)
     prof = ", ".join(f"{100 * f:.1f} %" for f in res["profile"]["fractions"])
     lines = ["# ImageNet-shaped GFNets on a GPU: per-step cost vs the static network, and the captured loop", "",
              f"Command: `{cmd.strip()}`", "",
