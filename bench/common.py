@@ -43,7 +43,8 @@ def machine() -> str:
 
     d = device_description()
     gpu = f", GPU {d['gpu']}" if d.get("gpu") else ""
-    return f"{d['cpu']}, {d['cores']} cores{gpu}, Python {d['python']}"
+    flags = f" ({', '.join(d['cpu_flags'])})" if d.get("cpu_flags") else ""
+    return f"{d['cpu']}{flags}, {d['cores']} cores{gpu}, Python {d['python']}"
 
 
 def time_calls(fn: Callable[[], object], warmup: int = 3, repeat: int = 20, min_seconds: float = 0.0) -> np.ndarray:

@@ -326,25 +326,33 @@ def camera_resize_ms(model: ModelLike, size: tuple = (480, 640), repeats: int = 
     return (time.perf_counter() - t0) * 1e3 / repeats
 
 
+#: CPU flags (``/proc/cpuinfo``) that change what ONNX Runtime and the extension run: wider
+#: vectors and the INT8 dot-product instructions (VNNI on x86, dotprod on Arm).
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "asimd", "asimddp", "i8mm")
+
+
 def device_description() -> Dict[str, object]:
-    """CPU model, core count and platform of this machine (for the report and manifest)."""
+    """CPU model and speed-relevant flags, core count and platform of this machine (for the
+    report and manifest)."""
     import os
     import platform
 
-    cpu = platform.processor() or platform.machine()
+    fields: Dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())  # the first processor's
     except OSError:
         pass
+    cpu = fields.get("model name") or platform.processor() or platform.machine()
+    have = set((fields.get("flags") or fields.get("Features") or "").split())
+    flags = [x for x in SPEED_FLAGS if x in have]
     try:
         load = [round(x, 2) for x in os.getloadavg()]
     except OSError:
         load = None
-    out: Dict[str, object] = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+    out: Dict[str, object] = {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "platform": platform.platform(),
                               "python": platform.python_version(), "load_average": load}
     try:  # the GPU too, when the extension sees one (TensorRT / CUDA runs are timed on it)
         from gfnet_edge import ops

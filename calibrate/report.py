@@ -172,7 +172,8 @@ def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: Sequenc
     parts.append(
         f"<div class='meta'>bundle <code>{html.escape(b['path'])}</code> · S={b['image_size']} P={b['patch_size']} "
         f"T={T} · {html.escape(b['backend'])} / {html.escape(b['precision'])} · threads {b['threads'] or 'default'}<br>"
-        f"device: {html.escape(str(dev['cpu']))} ({dev['cores']} cores, load average {dev.get('load_average')} at "
+        f"device: {html.escape(str(dev['cpu']))} ({html.escape(', '.join(dev.get('cpu_flags') or []) or 'no flags read')}; "
+        f"{dev['cores']} cores, load average {dev.get('load_average')} at "
         f"start, {dev.get('load_average_end')} at end) · {html.escape(dev['platform'])} · "
         f"data: {html.escape(res['data']['source'])} ({res['data']['fit']} fit / {res['data']['holdout']} held-out) · "
         f"{html.escape(res['created'])}</div>")

@@ -21,6 +21,8 @@ SPEC_MACS = {
     ("densenet201", 96): 788, ("efficientnet_b2", 128): 216, ("efficientnet_b3", 128): 315,
     ("efficientnet_b3", 144): 431,
 }
+# the same table's "static model at full S" column (millions)
+STATIC_MACS = {"resnet50": 4089, "mobilenetv3_large_100": 217, "efficientnet_b2": 994, "efficientnet_b3": 1827}
 
 
 def _spread(model):
@@ -48,6 +50,17 @@ def test_released_variant_traces_like_reference_loop(name, P):
     assert spec.feature_dim == model.spec.feature_dim == v.feature_dim
     if (name, P) in SPEC_MACS:  # multiply-adds within 2% of docs/gfnet.md's table
         assert count_step_macs(model).backbone / 1e6 == pytest.approx(SPEC_MACS[(name, P)], rel=0.02)
+
+
+@pytest.mark.parametrize("name", sorted(STATIC_MACS))
+def test_static_network_macs_match_spec(name):
+    """count_static_macs (the static baselines' cost in training and calibration reports) of the
+    timm network at the variant's full image size."""
+    timm = pytest.importorskip("timm")
+    from gfnet_edge.models import count_static_macs
+
+    net = timm.create_model(name, pretrained=False).eval()
+    assert count_static_macs(net, VARIANTS[name].image_size) / 1e6 == pytest.approx(STATIC_MACS[name], rel=0.02)
 
 
 def test_policy_and_classifier_macs_match_spec():
