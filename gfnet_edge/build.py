@@ -133,6 +133,8 @@ def build_bundle(checkpoint: Path, out: Path, cfg: BuildConfig, progress: bool =
 
     if cfg.precision not in ("fp32", "fp16", "int8"):
         raise InputError(f"precision must be fp32, fp16 or int8, got {cfg.precision!r}")
+    if cfg.precision == "int8":
+        _check_int8_options(cfg)
     inputs = [Path(checkpoint)] + ([Path(cfg.calib_data)] if not _demo_calibration(cfg.calib_data) else [])
     check_replace(Path(out), cfg.force, protect=inputs)  # before any work: the output may not be replaced
     backend = resolve_backend(cfg.backend)
@@ -175,6 +177,19 @@ def build_bundle(checkpoint: Path, out: Path, cfg: BuildConfig, progress: bool =
     return Bundle.load(out)
 
 
+def _check_int8_options(cfg: BuildConfig) -> None:
+    """The INT8 options that would otherwise fail after the export: at least one known profile,
+    at least ``MIN_CALIB_IMAGES`` calibration images asked for."""
+    from .quantize.calibration import MIN_CALIB_IMAGES
+    from .quantize.profiles import PROFILES
+
+    if not cfg.int8_profiles or any(p not in PROFILES for p in cfg.int8_profiles):
+        raise InputError(f"int8_profiles must be a non-empty selection of {', '.join(PROFILES)}, "
+                         f"got {list(cfg.int8_profiles)}")
+    if cfg.num_calib < MIN_CALIB_IMAGES:
+        raise InputError(f"--num-calib must be at least {MIN_CALIB_IMAGES}, got {cfg.num_calib}")
+
+
 def _demo_calibration(source: Optional[str]) -> bool:
     """Whether a ``calib_data`` names no file: unset or the demo dataset (``demo[:SPLIT]``)."""
     from .quantize.calibration import demo_source
@@ -203,8 +218,12 @@ def _calibration_images(model, cfg: BuildConfig):
 def calibration_split(n_images: int, num_calib: int) -> int:
     """How many of ``n_images`` loaded images calibrate (the first ones; the rest are the
     mixed-precision search's held-out set): ``num_calib``, keeping at least 16 held out when
-    there are enough images, and never fewer than half."""
-    return min(num_calib, max(n_images - 16, n_images // 2))
+    there are enough images, and never fewer than half, nor fewer than calibration needs
+    (``MIN_CALIB_IMAGES``) when there are that many."""
+    from .quantize.calibration import MIN_CALIB_IMAGES
+
+    n_cal = min(num_calib, max(n_images - 16, n_images // 2))
+    return max(n_cal, min(num_calib, n_images, MIN_CALIB_IMAGES))
 
 
 def _quantize(model, tmp: Path, manifest: Dict[str, Any], images, cfg: BuildConfig, backend: str,
@@ -217,9 +236,12 @@ def _quantize(model, tmp: Path, manifest: Dict[str, Any], images, cfg: BuildConf
     else:
         labels = None
     n_cal = calibration_split(len(images), cfg.num_calib)
+    if n_cal < cfg.num_calib:
+        logger.warning("INT8: %d of the %d images found calibrate (--num-calib %d), %d are held out to check "
+                       "the accuracy", n_cal, len(images), cfg.num_calib, len(images) - n_cal)
     calib_x, eval_x = images[:n_cal], images[n_cal:]
     eval_y = labels[n_cal:] if labels is not None else None
-    calib = QuantCalibrationSet.from_model(model, calib_x)
+    calib = QuantCalibrationSet.from_model(model, calib_x, progress=progress)
     fp32 = {g: tmp / "graphs" / f"{g}.fp32.onnx" for g in ("glance", "focus")}
     reports = {}
     for prof in profiles:

@@ -156,7 +156,7 @@ def load_calibration_images(source: Union[str, os.PathLike], spec: SpecLike, n: 
         frames = frames[idx]
         labels = labels[idx] if labels is not None else None
     elif total < n:
-        logger.warning("%s: %d images available, %d asked for; using all of them", where, total, n)
+        logger.warning("%s: %d images available of the %d wanted; using all of them", where, total, n)
     from gfnet_edge import ops  # the runtime's own pre-processing: calibration images are inference's inputs
 
     images = check_images(ops.normalise_frames(frames, mean, std), S, min_images, where)

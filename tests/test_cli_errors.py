@@ -80,6 +80,29 @@ def test_predict_names_every_image_and_batches_without_changing_results(bundle, 
     assert code == 2 and "argument --batch-size: must be in [1," in err and out == ""
 
 
+@pytest.mark.parametrize("on_error", ["stop", "skip"])
+def test_predict_prints_every_image_read_before_an_unreadable_one(bundle, image_dir, tmp_path, capsys, on_error):
+    """An unreadable image in the middle of a batch: with --on-error stop the images read before it
+    (in the same batch) are still classified and printed, those after it are not; with skip all
+    others are. Exit 2 either way, and the classes are those of a run without the bad file."""
+    bad = image_dir / "1b.png"
+    bad.write_bytes(b"not an image")
+    code, out, err = run(["predict", bundle, image_dir, "--json", "--batch-size", "8", "--on-error", on_error], capsys)
+    assert code == 2 and f"{bad}" in err
+    assert [Path(r["image"]).name for r in json.loads(out)] == ["0.png", "1.png"]  # the bad file is the last
+    (image_dir / "2.png").write_bytes((image_dir / "0.png").read_bytes())
+    code, out, err = run(["predict", bundle, image_dir, "--json", "--batch-size", "8", "--on-error", on_error], capsys)
+    rows = json.loads(out)
+    assert [Path(r["image"]).name for r in rows] == (["0.png", "1.png"] if on_error == "stop"
+                                                     else ["0.png", "1.png", "2.png"])
+    assert code == 2 and ("stopped at the first" in err) == (on_error == "stop")
+    bad.unlink()
+    code, out, _ = run(["predict", bundle, image_dir, "--json"], capsys)
+    assert code == 0
+    clean = {r["image"]: r["class"] for r in json.loads(out)}
+    assert all(clean[r["image"]] == r["class"] for r in rows)
+
+
 def _garbage(p: Path, data: bytes = b"\x00garbage" * 50) -> Path:
     p.write_bytes(data)
     return p

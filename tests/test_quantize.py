@@ -581,6 +581,51 @@ def test_build_quantizes_with_every_calibration_image_it_loads(monkeypatch, tmp_
     assert seen["opts"].guard_share == 0.03 != gq.QuantizeOptions(profile="tensorrt").guard_share
 
 
+def test_a_small_calibration_folder_still_calibrates_with_enough_images(monkeypatch, tmp_path):
+    """With 16-31 images the held-out set shrinks, not the calibration set below the 16 images
+    calibration needs; the split is what _quantize hands the quantizer."""
+    import gfnet_edge.quantize as quant_pkg
+    from gfnet_edge import build
+
+    for n_images, num_calib, want in [(20, 256, 16), (31, 256, 16), (32, 256, 16), (40, 256, 24),
+                                      (600, 256, 256), (16, 256, 16), (20, 17, 16), (100, 20, 20)]:
+        n_cal = build.calibration_split(n_images, num_calib)
+        assert n_cal == want, (n_images, num_calib, n_cal)
+        assert gq.MIN_CALIB_IMAGES <= n_cal <= min(n_images, num_calib)
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def fake_quantize_model(model, fp32, heads, calib, out, opts, eval_images=None, **kw):
+        seen["calib"], seen["eval"] = calib.num_images, len(eval_images) if eval_images is not None else 0
+        raise Stop
+
+    monkeypatch.setattr(quant_pkg, "quantize_model", fake_quantize_model)
+    cfg = build.BuildConfig(num_calib=256, int8_profiles=("cpu",))
+    with pytest.raises(Stop):
+        build._quantize(_tiny_model(), tmp_path, {"graphs": {}}, _images(20), cfg, "onnxruntime", False)
+    assert seen == {"calib": 16, "eval": 4}
+
+
+@pytest.mark.parametrize("kw,match", [({"num_calib": 8}, "at least 16"), ({"int8_profiles": ()}, "non-empty"),
+                                      ({"int8_profiles": ("cpu", "arm")}, "non-empty selection")])
+def test_build_refuses_int8_options_that_cannot_work_before_writing(tmp_path, kw, match):
+    from gfnet_edge import build
+    from gfnet_edge.errors import InputError
+
+    def gfnet_edge_root():
+        import gfnet_edge
+
+        return Path(gfnet_edge.__file__).parent
+
+    out = tmp_path / "b"
+    with pytest.raises(InputError, match=match):
+        build.build_bundle(Path(gfnet_edge_root()) / "assets" / "demo_gfnet.pth.tar", out, build.BuildConfig(calib_data="demo", **kw), progress=False)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
 def test_patch_guard_share_defaults_and_bounds():
     trt, cpu = gq.get_profile("tensorrt"), gq.get_profile("cpu")
     assert 0 < trt.patch_guard_share <= trt.max_float_mac_share and cpu.patch_guard_share == 0

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Tuple
 
-from ..argtypes import POSITIVE, THREADS, float_range, int_range
+from ..argtypes import THREADS, float_range, int_range
 from ..bundle_info import quantization_summary
 from ..errors import InputError
+from ..quantize.calibration import MIN_CALIB_IMAGES
 from ..quantize.profiles import TENSORRT
 from ..runtime import backends
 from .options import add_trt_build_options, trt_build_options
@@ -20,13 +22,26 @@ DESCRIPTION = (
 )
 
 
+def profile_list(text: str) -> Tuple[str, ...]:
+    """``--int8-profiles``: a non-empty comma-separated list of known profiles (duplicates dropped)."""
+    from ..quantize.profiles import PROFILES
+
+    names = list(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError(f"give at least one profile ({', '.join(PROFILES)})")
+    unknown = [n for n in names if n not in PROFILES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown profile {unknown[0]!r}; choose from {', '.join(PROFILES)}")
+    return tuple(names)
+
+
 def run(args: argparse.Namespace) -> int:
     """Builds the bundle (or its engines) and prints what it holds."""
     from ..build import BuildConfig, build_bundle, build_engines
 
     cfg = BuildConfig(precision=args.precision, backend=args.backend, calib_data=args.calib_data,
                       num_calib=args.num_calib, calib_method=args.calib_method,
-                      int8_profiles=tuple(p for p in args.int8_profiles.split(",") if p),
+                      int8_profiles=args.int8_profiles,
                       max_accuracy_drop=args.max_accuracy_drop, finetune_epochs=args.finetune_epochs,
                       patch_guard_share=args.patch_guard,
                       include_checkpoint=args.include_checkpoint,
@@ -64,12 +79,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="auto: TensorRT when it and a GPU are here, else a portable ONNX Runtime bundle")
     p.add_argument("--calib-data", help="INT8 calibration images: folder, .npz, 'demo' (the demo's validation split, default for the demo "
                         "model) or 'demo:train' (its 5000-image train split)")
-    p.add_argument("--num-calib", type=POSITIVE, default=256, help="calibration images (default 256)")
+    p.add_argument("--num-calib", type=int_range(MIN_CALIB_IMAGES, 1_000_000), default=256,
+                   help=f"calibration images (default 256, at least {MIN_CALIB_IMAGES}); as many again, when "
+                        "the data has them, are held out to check the INT8 accuracy")
     p.add_argument("--calib-method", choices=["auto", "entropy", "max", "percentile"], default="auto",
                    help="activation calibration (default auto: the method measured best per INT8 profile, "
                         "see docs/quantization.md)")
-    p.add_argument("--int8-profiles", default="cpu,tensorrt",
-                   help="INT8 graph sets for a portable bundle: cpu (ONNX Runtime x86), tensorrt (Q/DQ for TensorRT)")
+    p.add_argument("--int8-profiles", type=profile_list, default=("cpu", "tensorrt"), metavar="PROFILES",
+                   help="INT8 graph sets for a portable bundle, comma-separated: cpu (ONNX Runtime x86), "
+                        "tensorrt (Q/DQ for TensorRT) (default cpu,tensorrt)")
     p.add_argument("--max-accuracy-drop", type=float_range(0.0, 100.0), default=0.5,
                    help="keep the most sensitive layers in float until the final-step accuracy drop is within this many points")
     p.add_argument("--finetune-epochs", type=int_range(0, 1000), default=None, metavar="N",

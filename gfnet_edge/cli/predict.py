@@ -36,19 +36,20 @@ def run(args: argparse.Namespace) -> int:
 
             def images():  # read batch by batch; the frames are already resized and centre-cropped,
                 # normalised here by the extension (no second resize / crop)
-                for batch_names, frames in iter_image_batches(args.images, m.image_size, m.crop_pct,
-                                                              m.dataset_interpolation, args.batch_size,
-                                                              on_error=failed):
-                    names.extend(batch_names)
-                    yield ops.normalise_frames(frames, m.mean, m.std)
+                try:
+                    for batch_names, frames in iter_image_batches(args.images, m.image_size, m.crop_pct,
+                                                                  m.dataset_interpolation, args.batch_size,
+                                                                  on_error=failed):
+                        names.extend(batch_names)
+                        yield ops.normalise_frames(frames, m.mean, m.std)
+                except _Stop:  # --on-error stop: the stream ends here; what was read is classified
+                    return
 
             try:
                 for preds in rt.predict_iter(images(), batch_size=args.batch_size, deadline_ms=args.deadline_ms,
                                              deadline_margin=args.deadline_margin):
                     start = len(rows)
                     rows.extend({"image": names[start + i], **preds[i]} for i in range(len(preds)))
-            except _Stop:
-                pass
             except ValueError as exc:
                 raise InputError(str(exc)) from exc
             profile = rt.profiler.summary()

@@ -89,7 +89,8 @@ def iter_image_batches(paths: Sequence[os.PathLike | str], image_size: int = 224
         batch_size: images per batch (>= 1).
         on_error: ``on_error(name, message)`` is called for an input or image that cannot be
             read, which is then skipped (it may raise to stop); without it the first such
-            problem raises ValueError.
+            problem raises ValueError. When it raises (or without it), the images of the
+            batch read before that image are yielded first.
 
     Yields:
         ``(names, frames)``: the image file paths (``FILE.npz[i]`` for archived images) and
@@ -130,7 +131,12 @@ def iter_image_batches(paths: Sequence[os.PathLike | str], image_size: int = 224
                 frames.append(_read_image(src, image_size, crop_pct, interpolation) if isinstance(src, Path) else src)
                 names.append(name)
             except ValueError as exc:
-                failed(name, exc)
+                try:
+                    failed(name, exc)
+                except Exception:  # the run stops here: the images read before it still go out
+                    if frames:
+                        yield names, np.stack(frames)
+                    raise
         if frames:
             yield names, np.stack(frames)
 
