@@ -36,6 +36,36 @@ def test_int8_bundle_accuracy_equals_quantization_report(int8_bundle):
     assert set(int8_bundle.manifest["graphs"]) == {"fp32", "int8-cpu"}
 
 
+def test_int8_bundle_graphs_are_quantized(int8_bundle):
+    """Each int8-cpu graph the bundle lists is a quantized graph (Q/DQ or QLinear nodes) whose
+    outputs, on ONNX Runtime directly, differ from the FP32 graph's on the same images."""
+    import onnx
+    import onnxruntime as ort
+
+    m = int8_bundle.manifest
+    listed = sorted(rel for rel in m["artifacts"] if rel.startswith("graphs/") and rel.endswith(".int8-cpu.onnx"))
+    assert listed == sorted(m["graphs"]["int8-cpu"].values()) and len(listed) == 2
+    x, _ = load_calibration_images("demo", int8_bundle.model, N_CAL + N_EVAL, return_labels=True)
+    P, c = int8_bundle.model.patch_size, (int8_bundle.model.image_size - int8_bundle.model.patch_size) // 2
+    x = np.ascontiguousarray(x[N_CAL:N_CAL + 8, :, c:c + P, c:c + P])  # held-out image centres, the graphs' size
+    fp32 = int8_bundle.graph_paths("fp32")
+    for g, path in int8_bundle.graph_paths("int8-cpu").items():
+        assert path == int8_bundle.root / m["graphs"]["int8-cpu"][g]
+        ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops or any(o.startswith("QLinear") for o in ops), \
+            (g, sorted(ops))
+        assert not any(o in ("QuantizeLinear", "DequantizeLinear") or o.startswith("QLinear")
+                       for o in {n.op_type for n in onnx.load(str(fp32[g])).graph.node})
+        outs = []
+        for p in (path, fp32[g]):
+            sess = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+            outs.append(sess.run(None, {sess.get_inputs()[0].name: x}))
+        assert len(outs[0]) == len(outs[1])
+        for q, f in zip(*outs):
+            assert q.shape == f.shape and np.isfinite(q).all()
+        assert max(float(np.abs(q - f).max()) for q, f in zip(*outs)) > 1e-3, g
+
+
 def test_build_engine_prints_what_each_int8_graph_set_keeps_in_float(int8_bundle):
     from gfnet_edge.bundle_info import quantization_summary
 

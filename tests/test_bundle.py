@@ -112,11 +112,34 @@ def test_staging_refuses_existing_without_force(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
 
 
-def test_update_manifest_atomic(tmp_path):
+def test_update_manifest_atomic(tmp_path, monkeypatch):
+    import os
+
     _make(tmp_path / "b")
     b = Bundle.load(tmp_path / "b")
     b.update_manifest(lambda m: m["budgets"].update({"fast": {"thresholds": [0.5, 0.5, -1e8]}}))
     assert "fast" in Bundle.load(tmp_path / "b").budgets()
+
+    # an update that fails where the new manifest is published leaves the old one in place,
+    # byte for byte, and no temporary file behind
+    def listing():
+        return sorted(p.relative_to(b.root).as_posix() for p in b.root.rglob("*"))
+
+    before, files = (b.root / "manifest.json").read_bytes(), listing()
+    published = []
+
+    def failing_replace(src, dst):
+        published.append(os.path.basename(dst))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="No space left"):
+        b.update_manifest(lambda m: m["budgets"].update({"slow": {"thresholds": [0.99, 0.99, -1e8]}}))
+    monkeypatch.undo()
+    assert published == ["manifest.json"]
+    assert (b.root / "manifest.json").read_bytes() == before
+    assert listing() == files
+    assert "slow" not in b.budgets() and "slow" not in Bundle.load(b.root).budgets()
 
 
 def test_bundle_files_get_plain_modes(tmp_path):

@@ -354,7 +354,55 @@ def test_tensorrt_static_baseline_end_to_end_and_its_result(model, static, frame
 
 
 # ------------------------------------------------------------- ONNX Runtime CPU: as before
-def test_onnxruntime_cpu_path_is_todays_and_torch_cpu_agrees(model, static, frames):
+@pytest.fixture()
+def ort_classifiers(monkeypatch):
+    """Records each ONNX Runtime classifier the static baselines open: its precision, the op
+    types of the graph it loaded and the frames and logits of each call."""
+    import onnx
+
+    seen = []
+
+    class Recording(static_runners.OnnxRuntimeClassifier):
+        def __init__(self, path, model, threads=None, precision="fp32"):
+            super().__init__(path, model, threads, precision=precision)
+            self.record = SimpleNamespace(precision=precision, calls=[],
+                                          ops={n.op_type for n in onnx.load(str(path)).graph.node})
+            seen.append(self.record)
+
+        def logits(self, frames):
+            out = super().logits(frames)
+            self.record.calls.append((np.array(frames), np.array(out)))
+            return out
+
+    monkeypatch.setattr(static_runners, "OnnxRuntimeClassifier", Recording)
+    return seen
+
+
+def assert_ran_the_int8_copy(record, result, static, model, frames, labels, calib_frames, tmp_path):
+    """``record``'s classifier ran a Q/DQ graph: on the accuracy frames its logits are those of
+    ONNX Runtime on ``quantize_static_int8``'s copy of the static graph (calibrated on the same
+    images), not the FP32 graph's, and ``result``'s accuracy is that copy's."""
+    from calibrate.latency import prepare_frames
+    from calibrate.static import quantize_static_int8
+
+    assert record.precision == "int8"
+    assert {"QuantizeLinear", "DequantizeLinear"} <= record.ops, sorted(record.ops)
+    n, got = 0, []
+    for f, out in record.calls:  # the accuracy pass comes first, then the timed calls
+        if n == len(frames):
+            break
+        np.testing.assert_array_equal(f, frames[n:n + len(f)])
+        got.append(out)
+        n += len(f)
+    got = np.concatenate(got)
+    q = quantize_static_int8(static.onnx, tmp_path / "want.int8.onnx", prepare_frames(model, calib_frames[:64]))
+    want = reference_logits(q, model, frames)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert np.abs(got - reference_logits(static.onnx, model, frames)).max() > 1e-3
+    assert result.accuracy == pytest.approx(100.0 * float((want.argmax(1) == labels).mean()))
+
+
+def test_onnxruntime_cpu_path_is_todays_and_torch_cpu_agrees(model, static, frames, ort_classifiers, tmp_path):
     x, y = frames
     want = 100.0 * float((reference_logits(static.onnx, model, x).argmax(1) == y).mean())
     ort_res = static_baselines([str(static.ckpt), str(static.onnx)], x, y, x, model, 1, False, repeats=5, batch=3)
@@ -367,6 +415,9 @@ def test_onnxruntime_cpu_path_is_todays_and_torch_cpu_agrees(model, static, fram
     assert [r.name for r in q_res] == ["static.fp32 fp32", "static.fp32 int8"]
     assert q_res[1].to_dict()["technology"]["description"] == "onnxruntime cpu int8"
     assert abs(q_res[1].accuracy - want) <= 25.0
+    assert [r.precision for r in ort_classifiers] == ["fp32", "fp32", "fp32", "int8"]
+    assert not any("QuantizeLinear" in r.ops for r in ort_classifiers[:3])
+    assert_ran_the_int8_copy(ort_classifiers[3], q_res[1], static, model, x, y, x, tmp_path)
     torch_res = static_baselines([str(static.ckpt)], x, y, x, model, 1, False, repeats=5, batch=3,
                                  plan=_plan("torch", "cpu"))
     assert torch_res[0].accuracy == pytest.approx(want)
@@ -378,12 +429,14 @@ def test_onnxruntime_cpu_path_is_todays_and_torch_cpu_agrees(model, static, fram
     ("torch", "cpu", False, ["static_resnet10t fp32"]),
     ("tensorrt", "cuda", True, ["static_resnet10t fp32", "static_resnet10t int8"]),
 ])
-def test_a_static_checkpoint_is_read_once_per_baseline(model, static, frames, monkeypatch, request, backend, device,
-                                                        int8, names):
+def test_a_static_checkpoint_is_read_once_per_baseline(model, static, frames, monkeypatch, request, tmp_path, backend,
+                                                        device, int8, names):
     """Metadata, the ONNX export (fp32 and its INT8 copy or engine) and the torch module all come
-    from one ``torch.load(..., weights_only=True)`` of the checkpoint."""
+    from one ``torch.load(..., weights_only=True)`` of the checkpoint; on ONNX Runtime the INT8
+    copy is a quantized graph."""
     if backend == "tensorrt":
         request.getfixturevalue("simulated_gpu")
+    recorded = request.getfixturevalue("ort_classifiers") if backend == "onnxruntime" else None
     reads = []
     real = torch.load
 
@@ -401,6 +454,9 @@ def test_a_static_checkpoint_is_read_once_per_baseline(model, static, frames, mo
     assert reads == [True]
     want = 100.0 * float((reference_logits(static.onnx, model, x[:8]).argmax(1) == y[:8]).mean())
     assert res[0].accuracy == pytest.approx(want)
+    if recorded is not None:
+        assert [r.precision for r in recorded] == ["fp32", "int8"] and "QuantizeLinear" not in recorded[0].ops
+        assert_ran_the_int8_copy(recorded[1], res[1], static, model, x[:8], y[:8], x, tmp_path)
 
 
 # ------------------------------------------------------------------------------- on a GPU

@@ -191,10 +191,31 @@ def test_cuda_compiled_when_nvcc_exists():
     assert ops.cuda_archs(), "no CUDA architecture recorded"
 
 
+def _no_gpu_here() -> bool:
+    """True on a machine with no GPU: torch (when installed) sees none, and there is no NVIDIA
+    device node (a discrete GPU's /dev/nvidia0, a Jetson's /dev/nvhost-ctrl-gpu or /dev/nvgpu)."""
+    if any(os.path.exists(d) for d in ("/dev/nvidia0", "/dev/nvhost-ctrl-gpu", "/dev/nvgpu")):
+        return False
+    try:
+        import torch
+    except ImportError:
+        return True
+    return not torch.cuda.is_available()
+
+
 def test_device_count_never_raises():
     n = ops.cuda_device_count()
     assert isinstance(n, int) and n >= 0
-    assert isinstance(ops.cuda_device_error(), str)
+    err = ops.cuda_device_error()
+    assert isinstance(err, str)
+    if _no_gpu_here():
+        # no device: the count is 0 and the error says why (no CUDA build, no driver, no device)
+        assert n == 0
+        assert err.strip(), "cuda_device_count() is 0 but cuda_device_error() gives no reason"
+        with pytest.raises(RuntimeError, match="no usable CUDA device|built without CUDA"):
+            ops.require_cuda()
+    elif n > 0:
+        assert err == ""
 
 
 def test_cuda_calls_without_gpu_raise_runtime_error():
