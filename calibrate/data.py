@@ -91,6 +91,7 @@ def load_calibration_data(source: str, model: "ModelDesc | Dict[str, Any]", limi
     else:
         from gfnet_edge.data.images import load_images
 
+        _check_class_folders(source, model)  # before reading every image
         try:
             frames, labels = load_images(source, S, model.crop_pct, model.dataset_interpolation)
         except ValueError as exc:
@@ -111,3 +112,25 @@ def load_calibration_data(source: str, model: "ModelDesc | Dict[str, Any]", limi
     n_hold = min(n - 2, max(2, int(round(n * holdout))))
     return LabelledImages(str(source), np.ascontiguousarray(frames), labels.astype(np.int64),
                            np.sort(order[n_hold:]), np.sort(order[:n_hold]), info)
+
+
+def _check_class_folders(source: str, model: ModelDesc) -> None:
+    """A class-folder dataset gives labels by sorted folder name, so it must have the model's
+    classes: the same names when the bundle records them, else as many folders as classes."""
+    from gfnet_edge.data.images import class_folders
+
+    names = class_folders(source) if source != "demo" else None
+    if names is None:
+        return
+    if model.class_names is not None and list(names) != list(model.class_names):
+        missing = sorted(set(model.class_names) - set(names))
+        extra = sorted(set(names) - set(model.class_names))
+        what = "; ".join(x for x in (f"missing {', '.join(missing[:5])}" if missing else "",
+                                     f"not the model's: {', '.join(extra[:5])}" if extra else "") if x)
+        raise InputError(f"{source}: its class folders are not the model's classes ({what or 'another order'}); "
+                         "labels come from the sorted folder names, so they must be the classes the model was "
+                         "trained on")
+    if len(names) != model.num_classes:
+        raise InputError(f"{source}: {len(names)} class folders for a model with {model.num_classes} classes; "
+                         "labels come from the sorted folder names, so the folder needs one subfolder per class "
+                         "of the model")

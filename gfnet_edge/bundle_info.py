@@ -78,6 +78,7 @@ def describe_bundle(root: Path) -> Dict[str, Any]:
         "patch_size": model.patch_size,
         "steps": model.steps,
         "classes": model.num_classes,
+        "class_names": list(model.class_names) if model.class_names is not None else None,
         "graphs": sorted(m["graphs"]),
         "engines": engine_rows(m),
         "budgets": {name: [float(t) for t in b["thresholds"]] for name, b in bundle.budgets().items()},
@@ -101,6 +102,11 @@ def info_rows(info: Dict[str, Any], fmt_macs: Callable[[float], str]) -> List[Tu
         ("bundle", f"{info['bundle']} ({info['created_by']}, {info['created']})"),
         ("model", f"{info['model_name']} ({info['family']}, {info['backbone']})"),
         ("sizes", f"S={info['image_size']} P={info['patch_size']} T={info['steps']} classes={info['classes']}"),
+    ]
+    if info.get("class_names"):
+        names = info["class_names"]
+        rows.append(("class names", ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")))
+    rows += [
         ("graphs", ", ".join(info["graphs"]) or "none"),
     ]
     rows += [("engines" if i == 0 else "", e) for i, e in enumerate(engines or ["none (ONNX Runtime runs the graphs)"])]

@@ -166,8 +166,9 @@ def export_model(
 
 def model_desc(model: GFNet) -> ModelDesc:
     """The device side's description of ``model`` (from its spec and, for a demo model, its task)."""
-    demo = (getattr(model, "meta", {}) or {}).get("demo_data") or {}
-    return ModelDesc.from_spec(model.spec, demo.get("config"))
+    meta = getattr(model, "meta", {}) or {}
+    demo = meta.get("demo_data") or {}
+    return ModelDesc.from_spec(model.spec, demo.get("config"), meta.get("classes"))
 
 
 def manifest_model(model: GFNet) -> Dict[str, object]:

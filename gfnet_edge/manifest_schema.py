@@ -150,6 +150,12 @@ def _model_rules(model: Dict[str, Any]) -> Dict[str, Any]:
         _fail("model.patch_size", f"({model['patch_size']}) must not exceed model.image_size ({model['image_size']})")
     if any(v <= 0 for v in model["std"]):  # one message for the vector the normaliser divides by
         _fail("model.std", f"must be positive, got {model['std']}")
+    names = model.get("class_names")
+    if names is not None:
+        if len(names) != model["num_classes"]:
+            _fail("model.class_names", f"has {len(names)} names for {model['num_classes']} classes")
+        if len(set(names)) != len(names):
+            _fail("model.class_names", "names a class twice")
     return model
 
 

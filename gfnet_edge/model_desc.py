@@ -35,6 +35,8 @@ class ModelDesc:
         feature_dim, fmap_channels, policy_conv, policy_hidden, fc_hidden: head layout.
         spec: the full :class:`~gfnet_edge.variants.GFNetSpec` as a dict (informational).
         demo_data_config: the demo task's generator config, for demo models.
+        class_names: the name of each class in class order (a model trained on an image folder:
+            its class folders' names), or None.
     """
 
     image_size: int
@@ -58,6 +60,7 @@ class ModelDesc:
     fc_hidden: Optional[int] = None
     spec: Optional[Dict[str, Any]] = field(default=None, compare=False)
     demo_data_config: Optional[Dict[str, Any]] = field(default=None, compare=False)
+    class_names: Optional[Tuple[str, ...]] = None
 
     @classmethod
     def from_manifest(cls, entry: Any, checked: bool = False) -> "ModelDesc":
@@ -76,11 +79,15 @@ class ModelDesc:
         kw["std"] = tuple(float(v) for v in m["std"])
         kw["crop_pct"] = float(m["crop_pct"])
         kw["model_name"] = str(m.get("model_name") or "")
+        if m.get("class_names") is not None:
+            kw["class_names"] = tuple(str(c) for c in m["class_names"])
         return cls(**kw)
 
     @classmethod
-    def from_spec(cls, spec: Any, demo_data_config: Optional[Dict[str, Any]] = None) -> "ModelDesc":
-        """The description of a model built from ``spec`` (a :class:`~gfnet_edge.variants.GFNetSpec`).
+    def from_spec(cls, spec: Any, demo_data_config: Optional[Dict[str, Any]] = None,
+                  class_names: Optional[Tuple[str, ...]] = None) -> "ModelDesc":
+        """The description of a model built from ``spec`` (a :class:`~gfnet_edge.variants.GFNetSpec`)
+        and, when known, its class names.
 
         Raises:
             ManifestError: the spec describes a model the device side cannot run (the same checks
@@ -95,6 +102,7 @@ class ModelDesc:
             backbone=spec.backbone, feature_dim=spec.feature_dim, fmap_channels=spec.fmap_channels,
             policy_conv=spec.policy_conv, policy_hidden=spec.policy_hidden, fc_hidden=spec.fc_hidden,
             spec=spec.to_dict(), demo_data_config=demo_data_config,
+            class_names=tuple(class_names) if class_names is not None else None,
         )
         from .manifest_schema import check_model
 
@@ -115,7 +123,12 @@ class ModelDesc:
         """The manifest ``model`` entry (JSON-ready)."""
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        d["class_names"] = list(self.class_names) if self.class_names is not None else None
         return d
+
+    def class_name(self, k: int) -> Optional[str]:
+        """The name of class ``k``, or None when the model has no class names."""
+        return self.class_names[k] if self.class_names is not None else None
 
 
 def as_desc(model: "ModelDesc | Mapping[str, Any]") -> ModelDesc:

@@ -179,6 +179,44 @@ def test_build_engine_takes_the_checkpoint_and_its_trace_equals_the_model(traine
     np.testing.assert_array_equal(tr.coords, ref.coords.numpy())
 
 
+def test_the_bundle_names_the_training_folders_classes(trained, folder, tmp_path, capsys):
+    """The class folders' names travel checkpoint -> bundle: predict labels each image with its
+    class's name, info lists them, and calibrate refuses a class folder whose classes differ."""
+    import json
+
+    from gfnet_edge.bundle import Bundle
+
+    run_a, *_ = trained
+    names = sorted(p.name for p in (folder / "train").iterdir())
+    assert load_checkpoint(run_a / "gfnet.pth.tar").meta["classes"] == names
+    b = tmp_path / "b"
+    assert cli.main(["build-engine", str(run_a / "gfnet.pth.tar"), "-o", str(b), "--precision", "fp32",
+                     "--backend", "onnxruntime", "--quiet"]) == 0
+    assert Bundle.load(b).model.class_names == tuple(names)
+    capsys.readouterr()
+    assert cli.main(["predict", str(b), str(folder / "val" / "red"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows and all(r["label"] == names[r["class"]] for r in rows)
+    assert cli.main(["predict", str(b), str(folder / "val" / "red" / "0.png")]) == 0
+    row = json.dumps(rows[0]["label"])[1:-1]
+    assert f"class {rows[0]['class']} '{row}' (" in capsys.readouterr().out
+    assert cli.main(["info", str(b)]) == 0
+    assert f"class names      {', '.join(names)}" in capsys.readouterr().out
+    # a labelled folder with other class folders: refused before any image is read
+    other = make_folder(tmp_path / "other", n_train=1, n_val=2, classes=("blue", "red"))
+    (other / "val" / "violet").mkdir()
+    (other / "val" / "violet" / "0.png").write_bytes((other / "val" / "red" / "0.png").read_bytes())
+    rc = cli.main(["calibrate", str(b), "--data", str(other / "val"), "-o", str(tmp_path / "r"), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "missing green" in err and "not the model's: violet" in err and not (tmp_path / "r").exists()
+    # without names in the bundle, the count of class folders must still match
+    Bundle.load(b).update_manifest(lambda m: m["model"].update(class_names=None))
+    (other / "val" / "violet" / "0.png").unlink()
+    (other / "val" / "violet").rmdir()
+    rc = cli.main(["calibrate", str(b), "--data", str(other / "val"), "-o", str(tmp_path / "r"), "-q"])
+    assert rc == 2 and "2 class folders for a model with 3 classes" in capsys.readouterr().err
+
+
 def test_gru_family_with_static_baseline(folder, tmp_path):
     from gfnet_edge.train.static import load_static
 

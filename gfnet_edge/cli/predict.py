@@ -59,7 +59,9 @@ def run(args: argparse.Namespace) -> int:
         else:
             for r in rows:
                 stopped = " (deadline)" if r.get("deadline_stopped") else ""
-                print(f"{r['image']}: class {r['class']} ({r['confidence']:.3f}) exit at step {r['exit_step']}{stopped}")
+                label = f" {r['label']!r}" if "label" in r else ""
+                print(f"{r['image']}: class {r['class']}{label} ({r['confidence']:.3f}) exit at step "
+                      f"{r['exit_step']}{stopped}")
         sys.stdout.flush()
     if args.profile:
         print(_profile_table(profile, len(rows)), file=sys.stderr)

@@ -190,6 +190,15 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+def class_folders(folder: os.PathLike | str) -> Optional[List[str]]:
+    """The class names (sorted subfolder names, labels 0..K-1) of an image folder in the
+    one-subfolder-per-class layout, or None for a flat folder or a file."""
+    folder = Path(folder)
+    if not folder.is_dir() or any(_is_image(p) for p in folder.iterdir()):
+        return None
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def _list_folder(folder: Path) -> Tuple[List[Path], Optional[np.ndarray]]:
     """Image files of a folder and their labels (``None`` for a flat folder)."""
     entries = sorted(folder.iterdir())

@@ -21,6 +21,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
+from ..log import logger
 from ..variants import VARIANTS, GFNetSpec, fmap_size, released_spec
 from .gfnet import GFNet
 from .keymap import add_prefix, is_pycls, pycls_to_timm, strip_prefix, timm_to_pycls
@@ -224,6 +225,14 @@ def load_checkpoint(
     meta["missing_metadata"] = [k for k in METADATA_KEYS if k not in ck]
     if isinstance(ck.get("demo_data"), dict):  # demo models record their data generator's config
         meta["demo_data"] = ck["demo_data"]
+    names = ck.get("classes")  # a model trained on an image folder: its class folders' names
+    if names is not None:
+        if (isinstance(names, (list, tuple)) and len(names) == spec.num_classes and len(set(names)) == len(names)
+                and all(isinstance(c, str) and 0 < len(c) <= 256 for c in names)):
+            meta["classes"] = list(names)
+        else:
+            logger.warning("%s: its 'classes' entry is not %d distinct class names; the bundle will have no "
+                           "class names", path, spec.num_classes)
     meta["source"] = str(path)
     model.meta = meta
     model.eval()

@@ -6,7 +6,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -39,6 +39,8 @@ class Predictions:
         patch_size: P (boxes are P x P at ``coords``, in the S x S input).
         deadline_stopped: (N,) bool, images whose steps were cut short by the call's deadline
             (their answer is that of ``exit_step``, the last step they ran); None without one.
+        class_names: the model's class names (the bundle's ``model.class_names``), or None;
+            with them each row also has its ``label``.
     """
 
     classes: np.ndarray
@@ -47,6 +49,7 @@ class Predictions:
     coords: np.ndarray
     patch_size: int
     deadline_stopped: Optional[np.ndarray] = None
+    class_names: Optional[Tuple[str, ...]] = None
 
     def __len__(self) -> int:
         return int(self.classes.shape[0])
@@ -63,6 +66,8 @@ class Predictions:
     def __getitem__(self, i: int) -> Dict[str, Any]:
         out = {"class": int(self.classes[i]), "confidence": float(self.confidence[i]),
                "exit_step": int(self.exit_step[i]), "boxes": self.boxes(i)}
+        if self.class_names is not None:
+            out["label"] = self.class_names[int(self.classes[i])]
         if self.deadline_stopped is not None:
             out["deadline_stopped"] = bool(self.deadline_stopped[i])
         return out
@@ -382,7 +387,7 @@ class Runtime:
             self.profiler.add_call(time.perf_counter() - t0, n)
         _check_finite(out.confidence, "predict")
         return Predictions(out.prediction, out.confidence, out.exit_step, out.coords, self.model.patch_size,
-                           out.stopped)
+                           out.stopped, self.model.class_names)
 
     def trace(self, inputs) -> RuntimeTrace:
         """Runs every step on every image; same fields as the reference model's trace."""
