@@ -67,7 +67,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows, res = [], {"machine": machine(), "threads": args.threads, "pairs": args.pairs, "cases": {}}
     for name, (head, i, h) in cases.items():
         x, h0 = w(1, i), np.zeros((1, h), np.float32)
-        t = pairs({"none": lambda: head.step(x, None), "zero": lambda: head.step(x, h0)}, args.pairs, sweep)
+        t = pairs({"none": lambda head=head, x=x: head.step(x, None),
+                   "zero": lambda head=head, x=x, h0=h0: head.step(x, h0)}, args.pairs, sweep)
         a, b = np.asarray(t["none"]), np.asarray(t["zero"])
         r = a / b
         res["cases"][name] = {"none_ms": float(np.median(a) * 1e3), "zero_ms": float(np.median(b) * 1e3),
