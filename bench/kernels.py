@@ -26,9 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # torch's OpenMP workers busy-wait after every parallel region by default; in an interleaved
-# benchmark they then take a core from whatever runs next (ours), which no deployment sees
-# (measured: GRU step at 2 threads 1.86 -> 1.15 ms with the same torch time). Passive waiting
-# does not slow torch here (3.47 vs 3.27 ms). Set before torch loads its OpenMP runtime.
+# benchmark they then take a core from whatever runs next (ours), which no deployment sees.
+# Set before torch loads its OpenMP runtime.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402

@@ -1,7 +1,7 @@
 """Peak memory and throughput of one Runtime call of 1 to 10,000 frames (demo model, CPU).
 
     python bench/memory.py [--bundle DIR] [--sizes 1,100,1000,10000] [--threads 2]
-                           [--max-batch 32] [--one-chunk-up-to 1000]
+                           [--max-batch 32] [--one-chunk-up-to 1000] [--repeat 1]
 
 Each measurement runs in a fresh process: the runtime is loaded (ONNX Runtime, fp32, the
 bundle's default budget) and warmed up on one frame, the input is made (the first 1000 frames
@@ -12,7 +12,10 @@ the peak's rise above the resident set just before the call (so the input is not
 images per second of wall-clock time and of the process's CPU time (all threads; steadier than
 wall-clock time on a machine shared with other jobs). The same calls with
 ``max_batch`` set to the whole call (one chunk, as a runtime without chunking runs it) are
-measured for the sizes up to ``--one-chunk-up-to`` as the reference.
+measured for the sizes up to ``--one-chunk-up-to`` as the reference. ``--max-batch`` may list
+several chunk sizes (``8,32,128``): each is measured in turn. With ``--repeat R`` the whole set
+is measured R times, the order of the calls rotating between repeats, and the table gives the
+median and the range of the R runs of each row.
 
 Prints a table and writes ``bench/results/memory.md`` and ``memory.json``. Linux only.
 """
@@ -85,7 +88,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--bundle", type=Path, help="an ONNX Runtime bundle of the demo checkpoint (default: build one)")
     p.add_argument("--sizes", default="1,100,1000,10000", help="frames per call (comma-separated)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--max-batch", type=int, default=32, help="the runtime's chunk (default 32, its default)")
+    p.add_argument("--max-batch", default="32",
+                   help="the runtime's chunk (default 32, its default); a comma-separated list measures each")
+    p.add_argument("--repeat", type=int, default=1, help="measure the whole set this many times (rotating order)")
     p.add_argument("--one-chunk-up-to", type=int, default=1000,
                    help="also measure calls run as one chunk for sizes up to this (default 1000)")
     p.add_argument("--out", type=Path, default=RESULTS / "memory.md")
@@ -95,6 +100,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--call", choices=["predict", "trace"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
+        args.max_batch = int(args.max_batch)
         worker(args)
         return 0
     import numpy as np
@@ -115,28 +121,46 @@ def main(argv: Optional[List[str]] = None) -> int:
         frames = Path(tmp) / "frames.npy"
         np.save(frames, ClutteredDigits("test", config=demo_config(model)).arrays(min(max(sizes), 1000))[0])
         load = os.getloadavg()[0]
-        rows, results = [], []
-        for n in sizes:
-            for call in ("predict", "trace"):
-                for chunk in [args.max_batch] + ([n] if n <= args.one_chunk_up_to and n > args.max_batch else []):
-                    r = measure(bundle, frames, n, call, chunk, args.threads)
-                    results.append(r)
-                    rise = (r["peak"] - r["before"]) / 2 ** 20
-                    row = [n, call, "one chunk" if chunk == n and n > args.max_batch else chunk,
-                           f"{r['input'] / 2 ** 20:.1f}", f"{rise:.0f}", f"{n / r['seconds']:.0f}",
-                           f"{n / r['cpu_seconds']:.0f}"]
-                    rows.append(row)
-                    print(" | ".join(str(c) for c in row), flush=True)
-        load = max(load, os.getloadavg()[0])
+        chunks = [int(c) for c in args.max_batch.split(",")]
+        keys = [(n, call, chunk, chunk == n and n > max(chunks)) for n in sizes for call in ("predict", "trace")
+                for chunk in chunks + ([n] if n <= args.one_chunk_up_to and n > max(chunks) else [])]
+        runs: Dict[Any, List[Dict[str, Any]]] = {k: [] for k in keys}
+        results = []
+        for rep in range(args.repeat):
+            shift = rep % len(keys)
+            for key in keys[shift:] + keys[:shift]:
+                n, call, chunk, _ = key
+                r = measure(bundle, frames, n, call, chunk, args.threads)
+                r["repeat"] = rep
+                results.append(r)
+                runs[key].append(r)
+                print(f"{n} {call} max_batch {chunk}: peak rise {(r['peak'] - r['before']) / 2 ** 20:.0f} MiB, "
+                      f"{n / r['seconds']:.0f} images/s, {n / r['cpu_seconds']:.0f} per CPU-second", flush=True)
+        load_end = os.getloadavg()[0]
+
+        def stat(values: List[float]) -> str:
+            med = f"{float(np.median(values)):.0f}"
+            return med if len(values) == 1 else f"{med} ({min(values):.0f}-{max(values):.0f})"
+
+        rows = []
+        for key in keys:
+            n, call, chunk, whole = key
+            rs = runs[key]
+            rows.append([n, call, "one chunk" if whole else chunk, f"{rs[0]['input'] / 2 ** 20:.1f}",
+                         stat([(r["peak"] - r["before"]) / 2 ** 20 for r in rs]),
+                         stat([n / r["seconds"] for r in rs]), stat([n / r["cpu_seconds"] for r in rs])])
     md = ["# Runtime memory per call (`bench/memory.py`)", "",
           f"Machine: {machine()}; ONNX Runtime fp32, {args.threads} threads, default budget "
-          f"of the bundle; load average up to {load:.1f} during the run. Command: `python bench/memory.py "
-          f"--sizes {args.sizes} --threads {args.threads} --max-batch {args.max_batch}`.", "",
-          table(["frames per call", "call", "max_batch", "input MiB", "peak rise MiB", "images/s",
-                 "images per CPU-second"], rows), ""]
+          f"of the bundle; 1-minute load average {load:.1f} -> {load_end:.1f} (start -> end). Command: `python bench/memory.py "
+          + " ".join(sys.argv[1:] if argv is None else argv) + "`.", "",
+          (f"Median (range) of {args.repeat} runs per row, the order of the calls rotating between runs." + "\n\n"
+           if args.repeat > 1 else "")
+          + table(["frames per call", "call", "max_batch", "input MiB", "peak rise MiB", "images/s",
+                   "images per CPU-second"], rows), ""]
     text = "\n".join(md)
     print(text)
-    write_report(args.out, text, {"machine": machine(), "threads": args.threads, "load": load, "results": results})
+    write_report(args.out, text, {"machine": machine(), "threads": args.threads, "load": [load, load_end],
+                                  "repeat": args.repeat, "results": results})
     return 0
 
 

@@ -13,12 +13,16 @@ images of the validation split (generator seed of the checkpoint) and the 256 af
 split's and the search's held-out set the first 256 of the validation split. Figures: the test split rendered with each of ``--seeds``
 (``ClutteredDigitsConfig.seed``), traced through the runtime on ONNX Runtime; the budget is the
 bundle's default (``macs-mid``, thresholds from the checkpoint). Each row is one INT8 graph pair
-against the FP32 pair on the same images.
+against the FP32 pair on the same images; with ``--per-graph`` each variant also scores its
+INT8 glance graph with the FP32 focus graph and the FP32 glance graph with its INT8 focus graph
+(KL per step, to see which graph carries the error). ``--md FILE`` also writes the table, with
+the command, the machine and the 1-minute load average at the start and end, to FILE.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -37,9 +41,13 @@ def main() -> int:
                          "num_calib may exceed 744, the search's 256 held-out images are the validation split's first)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="work folder (default: temporary)")
+    ap.add_argument("--per-graph", action="store_true",
+                    help="also score each graph in INT8 alone (the other FP32): KL per step")
+    ap.add_argument("--md", type=Path, default=None, help="also write the table (with command and machine) here")
     a = ap.parse_args()
+    load0 = os.getloadavg()[0]
     sys.path.insert(0, str(ROOT / "bench"))
-    from common import demo_fp32, demo_test_images, use_checkout
+    from common import demo_fp32, demo_test_images, machine, use_checkout
 
     use_checkout()
     import torch
@@ -86,8 +94,10 @@ def main() -> int:
     for seed in (int(s) for s in a.seeds.split(",")):
         images, labels = demo_test_images(model, seed, a.n)
         held.append((seed, images, labels, trace(desc, fp32, paths["heads"], images, a.threads, 50).probs))
-    print("| settings | seed | final drop | budget drop | exit agreement | KL final | INT8 MACs | quantize s |")
-    print("|---|---|---|---|---|---|---|---|")
+    lines = ["| settings | seed | final drop | budget drop | exit agreement | KL final | INT8 MACs | quantize s |",
+             "|---|---|---|---|---|---|---|---|"]
+    graph_lines = ["| settings | INT8 graph (other FP32) | seed | KL per step | exit agreement |", "|---|---|---|---|---|"]
+    print("\n".join(lines))
     for name, opts in variants:
         t0 = time.perf_counter()
         nc = opts.num_calib if held_at is None else held_at
@@ -100,8 +110,30 @@ def main() -> int:
             final = anytime_accuracy(p32, labels)[-1] - anytime_accuracy(p8, labels)[-1]
             agree = 100.0 * float((d32.exit_step == d8.exit_step).mean())
             kl = float(kl_divergence(p32[-1], p8[-1]).mean())
-            print(f"| {name} | {seed} | {final:+.2f} | {d32.accuracy - d8.accuracy:+.2f} | {agree:.1f}% | {kl:.4f} | "
-                  f"{100 * r.report.get('int8_mac_share', 1.0):.1f}% | {secs:.0f} |", flush=True)
+            lines.append(f"| {name} | {seed} | {final:+.2f} | {d32.accuracy - d8.accuracy:+.2f} | {agree:.1f}% | "
+                         f"{kl:.4f} | {100 * r.report.get('int8_mac_share', 1.0):.1f}% | {secs:.0f} |")
+            print(lines[-1], flush=True)
+            if a.per_graph:
+                for g in ("glance", "focus", "both"):
+                    graphs = dict(r.graphs) if g == "both" else {**fp32, g: r.graphs[g]}
+                    pg = p8 if g == "both" else trace(desc, graphs, paths["heads"], images, a.threads, 50).probs
+                    agree_g = 100.0 * float((d32.exit_step == dynamic_evaluate(pg, labels, costs, thr).exit_step).mean())
+                    kls = " / ".join(f"{float(kl_divergence(p32[k], pg[k]).mean()):.4f}" for k in range(len(p32)))
+                    graph_lines.append(f"| {name} | {g} | {seed} | {kls} | {agree_g:.1f}% |")
+                    print(graph_lines[-1], flush=True)
+    if a.md:
+        cmd = "python3 bench/quantize_heldout.py " + " ".join(
+            f"'{v}'" if ("{" in v or v.endswith("=")) else v for v in sys.argv[1:])
+        text = "\n".join(["# INT8 settings on held-out demo images (`bench/quantize_heldout.py`)", "",
+                          f"Command: `{cmd}`", "",
+                          f"Machine: {machine()}; 1-minute load average {load0:.1f} -> {os.getloadavg()[0]:.1f} "
+                          "(start -> end).", "",
+                          "Drops are FP32 minus INT8 in points at the final step and at the default budget; exit "
+                          "agreement at the default budget; KL(FP32 || INT8) of the final step's probabilities.", "",
+                          *lines, ""] + (["One graph in INT8, the other FP32 (KL(FP32 || mixed) per step):", "",
+                                          *graph_lines, ""] if a.per_graph else []))
+        a.md.parent.mkdir(parents=True, exist_ok=True)
+        a.md.write_text(text, encoding="utf-8")
     if tmp:
         tmp.cleanup()
     return 0

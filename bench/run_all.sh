@@ -14,3 +14,11 @@ python3 bench/imagenet_shapes.py --threads 2 --repeat 10
 python3 bench/quantize.py --threads 2
 python3 bench/int8_compare.py --threads 2
 python3 bench/memory.py --threads 2
+python3 bench/memory.py --sizes 256 --max-batch 8,32,128 --one-chunk-up-to 0 --repeat 3 --out bench/results/memory_chunks.md
+python3 bench/head_dtype.py
+python3 bench/ort_threads.py
+python3 bench/gru_zero_state.py
+python3 bench/warmup.py
+python3 bench/demo_data.py
+python3 bench/train_threads.py
+python3 bench/quantize_heldout.py 'auto=' 'residual={"residual_int8": true}' --seeds 101 --n 400 --per-graph --md bench/results/quantize_per_graph.md
