@@ -1,9 +1,10 @@
 """How a freshly opened runtime settles: batch-1 call times over the first second after a
 demo bundle is opened, in fresh processes (the rationale of ``calibrate --warmup-ms``).
 
-    python bench/warmup.py [--bundle DIR] [--trials 6] [--seconds 1.0] [--threads 1]
+    python bench/warmup.py [--bundle DIR] [--precision fp32] [--trials 6] [--seconds 1.0] [--threads 1]
 
-Each trial is a new process that opens :class:`gfnet_edge.Runtime` (ONNX Runtime, fp32, the
+Each trial is a new process that opens :class:`gfnet_edge.Runtime` (ONNX Runtime, ``--precision``,
+``--threads`` (0: ONNX Runtime's default), the
 bundle's default budget) on the demo bundle and calls ``predict`` on one uint8 demo test frame
 back to back for ``--seconds``, timing every call twice: wall-clock time, and the calling
 thread's CPU time (ONNX Runtime and the extension run on the calling thread at one thread), which
@@ -35,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, machine, table, write_report  # noqa: E402
 
 
-def worker(bundle: Path, seconds: float, threads: int) -> None:
+def worker(bundle: Path, seconds: float, threads: int, precision: str) -> None:
     """One trial (its own process): prints, per call, the seconds since opening, its wall-clock
     seconds and its thread CPU seconds."""
     from gfnet_edge.bundle import Bundle
@@ -43,7 +44,7 @@ def worker(bundle: Path, seconds: float, threads: int) -> None:
     from gfnet_edge.runtime import Runtime
 
     frame = ClutteredDigits("test", config=demo_config(Bundle.load(bundle).model)).frames([0])
-    with Runtime(bundle, backend="onnxruntime", precision="fp32", threads=threads) as rt:
+    with Runtime(bundle, backend="onnxruntime", precision=precision, threads=threads or None) as rt:
         start = time.perf_counter()
         calls = []
         while True:
@@ -86,7 +87,8 @@ def render(res: Dict[str, Any], command: str) -> str:
     return "\n".join([
         "# Warm-up of a freshly opened runtime (`bench/warmup.py`)", "", f"Command: `{command}`", "",
         f"Machine: {res['machine']}; 1-minute load average {load[0]:.1f} -> {load[-1]:.1f} (start -> end).", "",
-        f"Each trial: a fresh process opens the demo bundle (ONNX Runtime fp32, {res['threads']} thread(s), default "
+        f"Each trial: a fresh process opens the demo bundle (ONNX Runtime {res.get('precision', 'fp32')}, "
+        f"{res['threads'] or 'default'} thread(s), default "
         f"budget) and calls `predict` on one uint8 frame back to back for {res['seconds']:g} s. Ratios are to the "
         "median call of the run's second half (tail); windows are counted in wall-clock time since opening.", "",
         "Thread CPU time per call (not inflated by time spent descheduled):", "",
@@ -100,12 +102,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--bundle", type=Path, help="an fp32 ONNX Runtime bundle of the demo checkpoint (default: build one)")
     ap.add_argument("--trials", type=int, default=6)
     ap.add_argument("--seconds", type=float, default=1.0)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="runtime threads (0: ONNX Runtime's default)")
+    ap.add_argument("--precision", default="fp32", help="graph set of the bundle to run (fp32, int8-cpu ...)")
     ap.add_argument("--out", type=Path, default=RESULTS / "warmup.md")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        worker(args.bundle, args.seconds, args.threads)
+        worker(args.bundle, args.seconds, args.threads, args.precision)
         return 0
     command = "python bench/warmup.py " + " ".join(sys.argv[1:] if argv is None else argv)
     load = [os.getloadavg()[0]]
@@ -117,19 +120,21 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             bundle = build_bundle(DEMO_CHECKPOINT, Path(tmp) / "bundle",
                                   BuildConfig(precision="fp32", backend="onnxruntime"), progress=False).root
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                   OMP_NUM_THREADS=str(args.threads))
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        if args.threads:
+            env["OMP_NUM_THREADS"] = str(args.threads)
         trials = []
         for i in range(args.trials):
             proc = subprocess.run([sys.executable, __file__, "--worker", "--bundle", str(bundle), "--seconds",
-                                   str(args.seconds), "--threads", str(args.threads)],
+                                   str(args.seconds), "--threads", str(args.threads), "--precision", args.precision],
                                   capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 raise SystemExit(f"warm-up trial failed:\n{proc.stderr[-2000:]}")
             trials.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(f"[warmup] trial {i + 1}: {len(trials[-1])} calls", flush=True)
     load.append(os.getloadavg()[0])
-    res = {"machine": machine(), "threads": args.threads, "seconds": args.seconds, "load": load}
+    res = {"machine": machine(), "threads": args.threads, "precision": args.precision, "seconds": args.seconds,
+           "load": load}
     for name, clock in (("wall", 1), ("cpu", 2)):
         ts = [summarise(t, args.seconds, clock) for t in trials]
         median = {"tail_ms": float(np.median([t["tail_ms"] for t in ts])),

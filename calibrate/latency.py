@@ -40,9 +40,8 @@ ALWAYS = -1e8
 CLOCKS: Dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 #: Default minimum warm-up time (ms of wall clock) before a latency measurement. Devices need time,
-#: not a number of calls, to settle (clocks ramping up, allocator and thread-pool growth): on the
-#: 2-core test VM a fresh ONNX Runtime session of the demo bundle runs its first ~0.1 s of calls at
-#: 1.1 ms, then 0.78 ms. trtexec's default warm-up is also 200 ms.
+#: not a number of calls, to settle (clocks ramping up, allocator and thread-pool growth): see
+#: ``bench/warmup.py`` and docs/calibration.md for what it buys. trtexec's default warm-up is also 200 ms.
 WARMUP_MS = 200.0
 
 

@@ -18,13 +18,12 @@ def session_options(threads: Optional[int] = None):
     intra-op threads that spin during a run but stop when it ends.
 
     Spinning (ONNX Runtime's default) keeps the worker threads busy-waiting for the next
-    parallel section: fast inside a run, but after the run they go on burning cores (about
-    50 ms of CPU in the 200 ms after one run, 2 threads, measured here) and take them from
-    whatever runs next -- the extension's kernels between two backbone runs, or another
-    session. ``session.force_spinning_stop`` keeps the spinning inside runs only. On 2 cores,
-    demo model, batch 1 (A/B inside one runtime, docs/benchmarks.md): 0.86-0.87x the
-    per-image time of sessions that never spin, and a GFNet block timed right after a static
-    graph's block of a spinning session was 10 % slower than after a stopped one.
+    parallel section: fast inside a run, but after the run they go on burning cores (35 ms of
+    CPU in the 200 ms after one 2-thread run) and take them from whatever runs next -- the
+    extension's kernels between two backbone runs, or another session.
+    ``session.force_spinning_stop`` keeps the spinning inside runs only. On an idle 2-core VM,
+    demo model, batch 1, 2 threads: 0.70x (fp32) and 0.95x (INT8) the per-image time of
+    sessions that never spin (``bench/ort_threads.py``, docs/benchmarks.md).
 
     Args:
         threads: intra-op threads (``None``: ONNX Runtime's default).
