@@ -58,6 +58,28 @@ def test_malicious_static_baseline_is_refused_without_running_code(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("reader", ["checkpoint", "static", "weights"])
+def test_every_torch_reader_refuses_a_malicious_file_in_one_line_without_unsafe_advice(tmp_path, reader):
+    """The checkpoint, static-baseline and pretrained-weights readers share one refusal: one
+    line naming what was refused, no code run, and none of torch's advice to load the file
+    with weights_only=False."""
+    from gfnet_edge.errors import InputError
+    from gfnet_edge.models.checkpoint import CheckpointError, load_checkpoint
+    from gfnet_edge.train.pretrained import read_weights_file
+    from gfnet_edge.train.static import load_static
+
+    marker = tmp_path / "pwned"
+    ck = _evil_checkpoint(tmp_path / "evil.pth", marker)
+    call = {"checkpoint": lambda: load_checkpoint(ck), "static": lambda: load_static(ck),
+            "weights": lambda: read_weights_file(str(ck), "resnet18")}[reader]
+    with pytest.raises((CheckpointError, InputError)) as info:
+        call()
+    text = str(info.value)
+    assert "refuses to unpickle objects other than tensors" in text and "posix.system" in text
+    assert "\n" not in text and "weights_only" not in text and "will likely succeed" not in text
+    assert not marker.exists()
+
+
 def test_heads_file_with_pickled_object_is_refused(tmp_path):
     from gfnet_edge.errors import InputError
     from gfnet_edge.runtime.heads import load_head_arrays

@@ -325,7 +325,7 @@ def test_bad_options_and_weights(tmp_path, capsys, folder, weights):
     torch.save(timm.create_model("test_resnet", num_classes=3).state_dict(), other)
     for args, message in (
         (["--data", folder, "-o", tmp_path / "r", "--pretrained", tmp_path / "missing.pth"], "weights file not found"),
-        (["--data", folder, "-o", tmp_path / "r", "--pretrained", bad], "not a readable weights file"),
+        (["--data", folder, "-o", tmp_path / "r", "--pretrained", bad], "not a readable torch weights file"),
         (["--data", folder, "-o", tmp_path / "r", "--pretrained", other], "does not fit this backbone"),
         (["--data", folder], "needs -o RUN"),
         (["--data", folder, "-o", tmp_path / "r", "--epochs", "1,2"], "--epochs takes"),

@@ -40,32 +40,50 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used, with the reason in the message."""
 
 
-def read_checkpoint_dict(path: PathLike) -> Dict[str, Any]:
-    """Loads a checkpoint file as a dict (``weights_only=True``) with clear errors."""
+def read_torch_file(path: PathLike, what: str = "checkpoint") -> Any:
+    """Loads a torch file with ``weights_only=True`` (tensors and plain containers only), with a
+    one-line error instead of torch's advice to load untrusted pickles.
+
+    Raises:
+        CheckpointError: missing, empty or corrupt file, or one holding other objects.
+    """
+    import warnings
+
     p = Path(path)
     if not p.exists():
-        raise CheckpointError(f"{p}: checkpoint file not found")
+        raise CheckpointError(f"{p}: {what} file not found")
     if not p.is_file():
         raise CheckpointError(f"{p}: not a file")
     if p.stat().st_size == 0:
-        raise CheckpointError(f"{p}: checkpoint file is empty")
+        raise CheckpointError(f"{p}: {what} file is empty")
     if not zipfile.is_zipfile(p):
         with open(p, "rb") as f:
             head = f.read(2)
         if not head.startswith(b"\x80"):  # neither torch's zip format nor a legacy pickle
-            raise CheckpointError(f"{p}: not a readable torch checkpoint (truncated or corrupt?): unknown file format")
+            raise CheckpointError(f"{p}: not a readable torch {what} file (truncated or corrupt?): unknown file format")
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about legacy pickles before failing or loading
+            warnings.simplefilter("ignore")
+            return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for bad files
         text = str(exc)
         if "Unsupported global" in text or "GLOBAL" in text:
-            what = next((ln.strip() for ln in text.splitlines() if "Unsupported global" in ln), "a non-tensor object")
+            import re
+
+            named = re.search(r"GLOBAL:? ([\w.]+)", text)  # "Unsupported global: GLOBAL x.y" / "unsupported GLOBAL x.y"
+            found = f"the global {named.group(1)}" if named else "a non-tensor object"
             raise CheckpointError(
-                f"{p}: refuses to unpickle objects other than tensors and plain containers ({what})"
+                f"{p}: refuses to unpickle objects other than tensors and plain containers ({found})"
             ) from exc
         msg = next((ln.strip() for ln in text.splitlines() if ln.strip() and "Weights only load failed" not in ln
-                    and "weights_only" not in ln), type(exc).__name__)
-        raise CheckpointError(f"{p}: not a readable torch checkpoint (truncated or corrupt?): {msg[:200]}") from exc
+                    and "weights_only" not in ln and "torch.load" not in ln), type(exc).__name__)
+        raise CheckpointError(f"{p}: not a readable torch {what} file (truncated or corrupt?): {msg[:200]}") from exc
+
+
+def read_checkpoint_dict(path: PathLike) -> Dict[str, Any]:
+    """Loads a checkpoint file as a dict (``weights_only=True``) with clear errors."""
+    p = Path(path)
+    obj = read_torch_file(p)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{p}: expected a dict checkpoint, found {type(obj).__name__}")
     missing = [k for k in STATE_KEYS if k not in obj]

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import InputError, UnavailableError
+from ..models.checkpoint import CheckpointError, read_torch_file
 
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "state_dict_ema")
 
@@ -37,10 +38,12 @@ def read_weights_file(path: str, backbone: str) -> Dict[str, torch.Tensor]:
 
             obj: Any = load_file(str(p))
         else:
-            obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch / safetensors raise many types for bad files
+            obj = read_torch_file(p, "weights")
+    except CheckpointError as exc:
+        raise InputError(str(exc)) from exc
+    except Exception as exc:  # safetensors raises many types for bad files
         first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-        raise InputError(f"{p}: not a readable weights file: {first[:160]}") from exc
+        raise InputError(f"{p}: not a readable safetensors weights file (truncated or corrupt?): {first[:160]}") from exc
     if isinstance(obj, dict) and obj.get("format") == "gfnet_edge_static_v1":
         if obj.get("backbone") != backbone:
             raise InputError(f"{p}: a static baseline of {obj.get('backbone')!r}, not {backbone!r}")

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..models.backbones import _create_timm
-from ..models.checkpoint import CheckpointError, atomic_torch_save, read_checkpoint_dict  # noqa: F401  (re-exported errors)
+from ..models.checkpoint import CheckpointError, atomic_torch_save, read_checkpoint_dict, read_torch_file  # noqa: F401  (re-exported errors)
 from ..models.macs import count_static_macs
 from ..variants import IMAGENET_MEAN, IMAGENET_STD
 
@@ -50,12 +50,7 @@ def load_static(path: os.PathLike) -> Tuple[nn.Module, Dict[str, Any]]:
         CheckpointError: unreadable file or not a static-baseline checkpoint.
     """
     p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"{p}: static checkpoint not found")
-    try:
-        ck = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{p}: not a readable torch checkpoint: {exc}") from exc
+    ck = read_torch_file(p, "static checkpoint")
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise CheckpointError(f"{p}: not a gfnet-edge static baseline (format {FORMAT!r})")
     net = _create_timm(ck["backbone"], ck["num_classes"], **ck["backbone_kwargs"])
