@@ -172,7 +172,7 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
 
     cfg.validate()
     out = Path(cfg.output)
-    check_replace(out, cfg.force, **_REPORT_OUTPUT, protect=[Path(cfg.bundle)])
+    check_replace(out, cfg.force, **REPORT_OUTPUT, protect=[Path(cfg.bundle)])
     try:
         bundle = Bundle.load(cfg.bundle)
     except BundleError as exc:
@@ -247,7 +247,7 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
     cards = _gallery(results, hold_x, hold_y, m.hold_coords, m.hold_probs, model, cfg, m.default)
     res["gallery"] = [c.to_dict() for c in cards]
 
-    with staging_dir(out, force=cfg.force, **_REPORT_OUTPUT, protect=[Path(cfg.bundle)]) as tmp:
+    with staging_dir(out, force=cfg.force, **REPORT_OUTPUT, protect=[Path(cfg.bundle)]) as tmp:
         write_report(tmp, res, figures, cards)
         if cfg.write_manifest:
             _write_manifest(cfg, m, device)
@@ -268,7 +268,7 @@ def _write_manifest(cfg: CalibrationConfig, m: _Measured, device: Dict[str, Any]
     Bundle.load(cfg.bundle, verify=False).update_manifest(upd)
 
 
-_REPORT_OUTPUT = dict(marker="report.json", fmt="gfnet-edge-calibration", what="calibration report")
+REPORT_OUTPUT = dict(marker="report.json", fmt="gfnet-edge-calibration", what="calibration report")
 
 
 @dataclass

@@ -387,6 +387,9 @@ def staging_dir(final: Path, force: bool = False, marker: str = MANIFEST, fmt: s
     """
     final = Path(final)
     check_replace(final, force, marker, fmt, what, protect)
+    blocked = next((p for p in [final.parent, *final.parent.parents] if p.exists() or p.is_symlink()), None)
+    if blocked is not None and not blocked.is_dir():
+        raise BundleError(f"{final}: {blocked} is a file, not a folder")
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

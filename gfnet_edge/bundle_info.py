@@ -89,6 +89,12 @@ def describe_bundle(root: Path) -> Dict[str, Any]:
     }
 
 
+def _threshold_text(t: float) -> str:
+    """An exit threshold as ``info`` prints it: ``never`` above 1 (no probability reaches it),
+    ``always`` at or below 0 (every probability does), else the value."""
+    return "never" if t > 1.0 else "always" if t <= 0.0 else f"{t:.3f}"
+
+
 def info_rows(info: Dict[str, Any], fmt_macs: Callable[[float], str]) -> List[Tuple[str, str]]:
     """``(label, text)`` rows of the table ``gfnet-edge info BUNDLE`` prints."""
     engines = []
@@ -97,7 +103,8 @@ def info_rows(info: Dict[str, Any], fmt_macs: Callable[[float], str]) -> List[Tu
         engines.append(f"{r['precision']} on {r['target']}, {r['device']} (sm {r['compute_capability']}), "
                        f"TensorRT {r['tensorrt']}, {batch}{_layers_text(r)}")
     budgets = [f"{name}{' (default)' if name == info['default_budget'] else ''}: "
-               + ", ".join(f"{t:.3f}" if t > -1e7 else "-" for t in thr) for name, thr in info["budgets"].items()]
+               + ", ".join(_threshold_text(t) for t in thr)
+               for name, thr in info["budgets"].items()]
     rows = [
         ("bundle", f"{info['bundle']} ({info['created_by']}, {info['created']})"),
         ("model", f"{info['model_name']} ({info['family']}, {info['backbone']})"),

@@ -47,6 +47,10 @@ def run_demo(out: Path, precision: str = "int8", backend: str = "auto", budget_m
     if not DEMO_CHECKPOINT.is_file():
         raise InputError(f"{DEMO_CHECKPOINT}: the demo checkpoint is missing from this installation")
     _check_earlier_demo(out / "bundle")
+    from .bundle import check_replace
+    from .calibrate.pipeline import REPORT_OUTPUT
+
+    check_replace(out / "report", True, **REPORT_OUTPUT)  # before the build: only an earlier report is replaced
     t0 = time.perf_counter()
     _say(f"1/4 build-engine {DEMO_CHECKPOINT.name} -> {out / 'bundle'} ({precision}, backend {backend})")
     # Only the INT8 graph set the chosen backend runs (build-engine's default writes both).

@@ -241,9 +241,9 @@ def run_doctor(args: argparse.Namespace) -> DoctorReport:
     from .bundle import Bundle
     from .runtime.backends.tensorrt_util import gpu_info, import_tensorrt
 
+    bundle = Bundle.load(args.bundle)  # a wrong path is bad input (2), whatever this machine has
     trt = import_tensorrt()
     here = gpu_info()
-    bundle = Bundle.load(args.bundle)
     report = DoctorReport(str(args.bundle), environment(trt, here))
     bundle, entry = _select_or_build(bundle, here, trt, args, report)
     if entry is not None:

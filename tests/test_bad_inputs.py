@@ -320,7 +320,8 @@ CASES: Dict[str, Case] = {
     "p_force_symlink": ((lambda d, b: BUILD + [DEMO, "-o", (os.symlink(b, d / "ln"), d / "ln")[1], "--force"]), 2,
                         "is not a directory"),
     "p_exists": ((lambda d, b: BUILD + [DEMO, "-o", b]), 2, "already exists"),
-    "p_parent_file": ((lambda d, b: BUILD + [DEMO, "-o", _write("plain", b"x")(d) / "out"]), 2, "plain"),
+    "p_parent_file": ((lambda d, b: BUILD + [DEMO, "-o", _write("plain", b"x")(d) / "out"]), 2,
+                      "plain is a file, not a folder"),
     "p_name_too_long": ((lambda d, b: BUILD + [DEMO, "-o", d / ("n" * 300)]), 2, "n" * 20),
     "p_unwritable": ((lambda d, b: BUILD + [DEMO, "-o", "/proc/gfnet-edge-test/out"]), 2, "/proc/gfnet-edge-test"),
     "p_demo_user_bundle": ((lambda d, b: ["demo", "-o", (_edit_manifest(lambda m: m["source_checkpoint"].update(
@@ -328,6 +329,8 @@ CASES: Dict[str, Case] = {
                            "not an earlier demo's bundle"),
     "p_demo_user_file": ((lambda d, b: ["demo", "-o", (_write("bundle", b"mine")(d), d)[1]]), 2,
                          "not an earlier demo's bundle"),
+    "p_demo_user_report": ((lambda d, b: ["demo", "-o", ((d / "report").mkdir(), _write("report/notes.txt", b"mine")(d),
+                                                         d)[2]]), 2, "is not a calibration report"),
     "p_calib_force_user": ((lambda d, b: ["calibrate", b, "--data", "demo", "-o", _user_dir(d), "--force"]), 2,
                            "is not a calibration report"),
     "p_calib_into_bundle": ((lambda d, b: ["calibrate", b, "--data", "demo", "-o", b, "--force"]), 2,

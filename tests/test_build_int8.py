@@ -97,7 +97,13 @@ def test_info_shows_what_the_int8_build_measured(int8_bundle, capsys):
     lines = quantization_summary(int8_bundle.manifest)
     assert lines and lines[0].startswith("int8-cpu: ")
     assert cli.main(["info", str(int8_bundle.root)]) == 0
-    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("quantization ")]
+    out = capsys.readouterr().out
+    budgets = int8_bundle.manifest["budgets"]
+    for name, b in budgets.items():  # thresholds as the runtime reads them: > 1 never exits, <= 0 always does
+        want = ", ".join("never" if t > 1 else "always" if t <= 0 else f"{t:.3f}" for t in b["thresholds"])
+        assert f"{name}{' (default)' if name == int8_bundle.manifest['default_budget'] else ''}: {want}" in out
+    assert "always" in out and "e+" not in out and "100000000" not in out
+    rows = [r for r in out.splitlines() if r.startswith("quantization ")]
     assert [r[len("quantization"):].strip() for r in rows] == lines
     assert cli.main(["info", str(int8_bundle.root), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["quantization"] == lines

@@ -269,7 +269,9 @@ def test_report_is_atomic_on_failure(tiny_bundle, tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(pipeline, "write_report", broken)
     out = tmp_path / "r"
     rc = _main(["calibrate", str(bundle), "--data", str(tiny_bundle / "data.npz"), "-o", str(out), *FAST])
-    assert rc == 1 and "gfnet-edge: error: internal error: RuntimeError: disk full" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 1 and "gfnet-edge: error: internal error: RuntimeError: disk full" in err
+    assert "rerun as `gfnet-edge --debug COMMAND ...`" in err  # where --debug goes (before the command)
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no staging directory left behind
     assert (bundle / "manifest.json").read_bytes() == manifest

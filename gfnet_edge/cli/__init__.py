@@ -124,7 +124,7 @@ def _exit_code(exc: BaseException, command: str = "") -> int:
     elif isinstance(exc, MemoryError):
         code, msg = 2, "out of memory (the input or a size option is too large for this machine)"
     else:
-        msg = f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)"
+        msg = f"internal error: {type(exc).__name__}: {exc} (rerun as `gfnet-edge --debug COMMAND ...` for the traceback)"
     msg = msg or str(exc)
     print(f"gfnet-edge: error: {' '.join(msg.split()) if chr(10) in msg else msg}", file=sys.stderr)
     return code
