@@ -132,7 +132,10 @@ def test_interrupted_run_resumes_to_the_same_weights(trained):
         assert a.keys() == b.keys()
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{stage} {k}")
-    assert "resuming after epoch 1" in (run_b / "train.txt").read_text()
+    log = (run_b / "train.txt").read_text()
+    assert "resuming after epoch 1" in log
+    # the data scan comes before the log file exists, and is in it all the same
+    assert "train: 24 images, 3 classes" in (run_a / "train.txt").read_text()
     history = [json.loads(line) for line in (run_a / "epochs.jsonl").read_text().splitlines()]
     assert [(h["stage"], h["epoch"]) for h in history] == [("stage1", 1), ("stage1", 2), ("stage2", 1), ("stage3", 1)]
 
@@ -331,6 +334,11 @@ def test_bad_options_and_weights(tmp_path, capsys, folder, weights):
         (["--data", folder, "-o", tmp_path / "r", "--epochs", "1,2"], "--epochs takes"),
         (["--data", folder, "-o", tmp_path / "r", "--stage", "pretrain"], "demo stage"),
         (["--data", tmp_path / "nowhere", "-o", tmp_path / "r"], "no such folder"),
+        (["--data", folder, "-o", tmp_path / "r", "--tiny"], "--tiny applies to the demo trainer"),
+        (["--data", folder, "-o", tmp_path / "r", "--assets", tmp_path / "a"], "--assets applies to the demo"),
+        (["--data", folder, "-o", tmp_path / "r", "--stage", "3"], "--stage 3 needs the weights of an earlier stage"),
+        (["--data", folder, "-o", tmp_path / "r", "--stage", "2"], "(stage1) in"),
+        (["--data", folder, "-o", tmp_path / "r", "--stage", "export"], "--stage export needs"),
     ):
         rc, err = _run_cli(args, capsys)
         assert rc == 2 and len(err) == 1 and message in err[0], (args, err)

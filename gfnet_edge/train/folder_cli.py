@@ -12,7 +12,7 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from ..errors import InputError
 
@@ -141,6 +141,11 @@ def run_folder(args: argparse.Namespace) -> int:
 
     if not args.out:
         raise InputError("--data needs -o RUN (the run folder)")
+    demo_only = [flag for flag, on in (("--tiny", getattr(args, "tiny", False)),
+                                       ("--assets", getattr(args, "assets", None))) if on]
+    if demo_only:
+        raise InputError(f"{demo_only[0]} applies to the demo trainer (without --data); with --data make a small run "
+                         "with --epochs, --batch-size and a small folder")
     stages = STAGE_CHOICES.get(args.stage)
     if stages is None:
         raise InputError(f"--stage {args.stage} is a demo stage; with --data use one of {', '.join(STAGE_CHOICES)}")
@@ -176,10 +181,12 @@ def train_folder(cfg, out: Path, stages=STAGE_ORDER, resume: bool = False, devic
         raise InputError(f"{out}: exists and is not a folder")
     if cfg_path.exists() and not resume:
         raise InputError(f"{out} already holds a run: pass --resume to continue it, or choose another -o folder")
+    _check_earlier_stages(out, stages)
     if threads:
         torch.set_num_threads(max(1, threads))
     ctx = init_distributed(device)
     log_file = None
+    early: List[str] = []  # lines logged before RUN/train.txt exists (the data scan, the weights)
 
     def log(msg: str) -> None:
         if not ctx.main:
@@ -189,6 +196,8 @@ def train_folder(cfg, out: Path, stages=STAGE_ORDER, resume: bool = False, devic
         if log_file is not None:
             log_file.write(line + "\n")
             log_file.flush()
+        else:
+            early.append(line)
 
     try:
         if not Path(cfg.data).is_dir():
@@ -208,6 +217,7 @@ def train_folder(cfg, out: Path, stages=STAGE_ORDER, resume: bool = False, devic
         if ctx.main:
             out.mkdir(parents=True, exist_ok=True)
             log_file = open(out / "train.txt", "a")
+            log_file.writelines(line + "\n" for line in early)
             if fresh:
                 (out / "data_index.json").write_text(json.dumps(
                     {k: {"root": str(s.root), "classes": s.classes, "samples": s.samples, "skipped": s.skipped}
@@ -227,6 +237,17 @@ def train_folder(cfg, out: Path, stages=STAGE_ORDER, resume: bool = False, devic
         if log_file is not None:
             log_file.close()
         ctx.close()
+
+
+def _check_earlier_stages(out: Path, stages: Sequence[str]) -> None:
+    """A run that starts after stage 1 (``--stage 2``, ``3`` or ``export``) needs the weights of
+    an earlier GFNet stage in ``out``: without them it would train or export random weights."""
+    first = STAGE_ORDER.index(stages[0]) if stages else len(STAGE_ORDER)
+    earlier = [s for s in STAGE_ORDER[:first] if s != "static"]
+    if earlier and tuple(stages[:1]) != ("static",) and not any((out / f"{s}.pt").is_file() for s in earlier):
+        what = f"--stage {stages[0].replace('stage', '')}" if stages else "--stage export"
+        raise InputError(f"{what} needs the weights of an earlier stage ({', '.join(earlier)}) in {out}, "
+                         "and there are none: train --stage all (or the earlier stages) first")
 
 
 def _train_and_export(out, cfg, ctx, train, val, model, static, stages, log, progress: bool) -> Dict[str, Any]:
