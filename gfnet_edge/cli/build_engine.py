@@ -47,6 +47,11 @@ def run(args: argparse.Namespace) -> int:
                       include_checkpoint=args.include_checkpoint,
                       force=args.force, trt=trt_build_options(args), threads=args.threads,
                       model_name=args.model_name, patch_size=args.patch_size)
+    ignored = [flag for flag, given in (("--calib-data", args.calib_data is not None),
+                                        ("--finetune-epochs", args.finetune_epochs is not None),
+                                        ("--patch-guard", args.patch_guard is not None)) if given]
+    if ignored and args.precision != "int8":
+        raise InputError(f"{ignored[0]} applies to --precision int8 (this build is {args.precision})")
     src = Path(args.source)
     if src.is_dir():
         if args.backend not in ("tensorrt", backends.AUTO):

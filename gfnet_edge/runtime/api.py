@@ -229,15 +229,24 @@ class Runtime:
     def _auto_backend(self, precision: str) -> str:
         """TensorRT when it, a GPU and an engine built for them are here; else ONNX Runtime."""
         if not (_tensorrt_usable() and self.bundle.manifest.get("engines")):
-            return "onnxruntime"
+            why = "TensorRT is not usable here" if not _tensorrt_usable() else "the bundle has no TensorRT engines"
+            return self._onnxruntime_instead(why, warn=False)
         from .backends.tensorrt_engines import select_engine
 
         try:
             select_engine(self.bundle, precision, dla_core=self.dla_core)
         except InputError as exc:
-            logger.warning("not using TensorRT: %s; running on ONNX Runtime", exc)
-            return "onnxruntime"
+            return self._onnxruntime_instead(str(exc), warn=True)
         return "tensorrt"
+
+    def _onnxruntime_instead(self, why: str, warn: bool) -> str:
+        """The automatic choice when TensorRT cannot run: ONNX Runtime (``warn``: say why), unless
+        a DLA core was asked for (DLA exists only for TensorRT engines; elsewhere it would be ignored)."""
+        if self.dla_core is not None:
+            raise InputError(f"dla_core {self.dla_core} needs TensorRT engines built for that DLA core: {why}")
+        if warn:
+            logger.warning("not using TensorRT: %s; running on ONNX Runtime", why)
+        return "onnxruntime"
 
     def _make_runner(self, backend: str, precision: str):
         request = RunnerRequest(self.bundle, precision, threads=self.threads, device=self.device,
