@@ -210,20 +210,34 @@ def _calibration_images(model, cfg: BuildConfig):
         else:
             raise InputError("--precision int8 needs calibration images: pass --calib-data FOLDER|FILE.npz")
     try:
-        return load_calibration_images(source, model, cfg.num_calib + cfg.num_eval, return_labels=True)
+        images, labels = load_calibration_images(source, model, cfg.num_calib + cfg.num_eval, return_labels=True)
     except ValueError as exc:
         raise InputError(str(exc)) from exc
+    if not _demo_calibration(source):  # a folder lists its images class by class: mix them before the split
+        order = np.random.default_rng(0).permutation(len(images))
+        images, labels = images[order], (labels[order] if labels is not None else None)
+    return images, labels
 
 
 def calibration_split(n_images: int, num_calib: int) -> int:
     """How many of ``n_images`` loaded images calibrate (the first ones; the rest are the
     mixed-precision search's held-out set): ``num_calib``, keeping at least 16 held out when
     there are enough images, and never fewer than half, nor fewer than calibration needs
-    (``MIN_CALIB_IMAGES``) when there are that many."""
+    (``MIN_CALIB_IMAGES``) when there are that many. A held-out set smaller than the search
+    needs (``QuantizeOptions.min_eval``) is grown to that size while calibration keeps half the
+    images, else its images calibrate too (up to ``num_calib``)."""
+    from .quantize import QuantizeOptions
     from .quantize.calibration import MIN_CALIB_IMAGES
 
+    min_eval = QuantizeOptions().min_eval
     n_cal = min(num_calib, max(n_images - 16, n_images // 2))
-    return max(n_cal, min(num_calib, n_images, MIN_CALIB_IMAGES))
+    n_cal = max(n_cal, min(num_calib, n_images, MIN_CALIB_IMAGES))
+    if n_images - n_cal < min_eval:
+        if n_images - min_eval >= max(MIN_CALIB_IMAGES, n_images // 2):
+            n_cal = n_images - min_eval
+        else:
+            n_cal = min(num_calib, n_images)
+    return n_cal
 
 
 def _quantize(model, tmp: Path, manifest: Dict[str, Any], images, cfg: BuildConfig, backend: str,
@@ -241,6 +255,11 @@ def _quantize(model, tmp: Path, manifest: Dict[str, Any], images, cfg: BuildConf
                        "the accuracy", n_cal, len(images), cfg.num_calib, len(images) - n_cal)
     calib_x, eval_x = images[:n_cal], images[n_cal:]
     eval_y = labels[n_cal:] if labels is not None else None
+    min_eval = QuantizeOptions().min_eval
+    if 0 < len(eval_x) < min_eval:  # too few to judge a drop of a fraction of a point: no search
+        logger.warning("INT8: %d images are left for the accuracy check, fewer than the %d it needs; the graphs "
+                       "are quantized without it (give more images with --calib-data)", len(eval_x), min_eval)
+        eval_x, eval_y = eval_x[:0], None
     calib = QuantCalibrationSet.from_model(model, calib_x, progress=progress)
     fp32 = {g: tmp / "graphs" / f"{g}.fp32.onnx" for g in ("glance", "focus")}
     reports = {}

@@ -350,8 +350,13 @@ def clean_stale(final: Path) -> List[Path]:
 
 def check_replace(final: Path, force: bool, marker: str = MANIFEST, fmt: str = FORMAT,
                   what: str = "gfnet-edge bundle", protect: Sequence[Path] = ()) -> None:
-    """Refuses to replace anything but an earlier output of the same kind (or an empty folder)."""
+    """Refuses to replace anything but an earlier output of the same kind (or an empty folder),
+    and an output that cannot be made because something on its path is not a folder."""
+    final = Path(final)
     if not (final.exists() or final.is_symlink()):
+        blocked = next((p for p in final.parents if p.exists() or p.is_symlink()), None)
+        if blocked is not None and not blocked.is_dir():
+            raise BundleError(f"{final}: {blocked} is not a folder")
         return
     if not force:
         raise BundleError(f"{final}: already exists (use --force to replace it)")
@@ -387,9 +392,6 @@ def staging_dir(final: Path, force: bool = False, marker: str = MANIFEST, fmt: s
     """
     final = Path(final)
     check_replace(final, force, marker, fmt, what, protect)
-    blocked = next((p for p in [final.parent, *final.parent.parents] if p.exists() or p.is_symlink()), None)
-    if blocked is not None and not blocked.is_dir():
-        raise BundleError(f"{final}: {blocked} is a file, not a folder")
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

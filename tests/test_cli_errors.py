@@ -142,7 +142,7 @@ CASES = {
     "predict_trt_no_engines": (lambda t, b: ["predict", b, t, "--backend", "tensorrt"], 2, "no TensorRT engines"),
     "build_output_under_a_file": (lambda t, b: ["build-engine", DEMO, "-o", _garbage(t / "x.pth.tar") / "sub" / "out",
                                                 "--precision", "fp32", "--backend", "onnxruntime"], 2,
-                                  "x.pth.tar is a file, not a folder"),
+                                  "x.pth.tar is not a folder"),
     "doctor_missing_bundle": (lambda t, b: ["doctor", t / "nobundle"], 2, "bundle not found"),
 }
 

@@ -573,7 +573,7 @@ def test_build_quantizes_with_every_calibration_image_it_loads(monkeypatch, tmp_
     monkeypatch.setattr(quant_pkg, "quantize_model", fake_quantize_model)
     model = _tiny_model()
     n = gq.QuantizeOptions().num_calib + 40
-    images = _images(n + 20)
+    images = _images(n + 40)
     cfg = build.BuildConfig(num_calib=n, int8_profiles=("tensorrt",), patch_guard_share=0.03)
     with pytest.raises(Stop):
         build._quantize(model, tmp_path, {"graphs": {}}, images, cfg, "onnxruntime", False)
@@ -582,16 +582,21 @@ def test_build_quantizes_with_every_calibration_image_it_loads(monkeypatch, tmp_
 
 
 def test_a_small_calibration_folder_still_calibrates_with_enough_images(monkeypatch, tmp_path):
-    """With 16-31 images the held-out set shrinks, not the calibration set below the 16 images
-    calibration needs; the split is what _quantize hands the quantizer."""
+    """With few images the held-out set shrinks, not the calibration set below the 16 images
+    calibration needs, and a held-out set smaller than the search's minimum (32) is not made:
+    those images calibrate too. The split is what _quantize hands the quantizer."""
     import gfnet_edge.quantize as quant_pkg
     from gfnet_edge import build
 
-    for n_images, num_calib, want in [(20, 256, 16), (31, 256, 16), (32, 256, 16), (40, 256, 24),
-                                      (600, 256, 256), (16, 256, 16), (20, 17, 16), (100, 20, 20)]:
+    for n_images, num_calib, want in [(20, 256, 20), (31, 256, 31), (40, 256, 40), (50, 256, 50), (64, 256, 32),
+                                      (80, 256, 48), (600, 256, 256), (16, 256, 16), (20, 17, 17), (100, 20, 20),
+                                      (600, 580, 568), (40, 30, 30)]:
         n_cal = build.calibration_split(n_images, num_calib)
         assert n_cal == want, (n_images, num_calib, n_cal)
         assert gq.MIN_CALIB_IMAGES <= n_cal <= min(n_images, num_calib)
+        held = n_images - n_cal
+        assert held >= gq.QuantizeOptions().min_eval or held == 0 or n_cal == num_calib
+        assert n_cal >= n_images // 2 or n_cal == num_calib
 
     class Stop(Exception):
         pass
@@ -606,7 +611,35 @@ def test_a_small_calibration_folder_still_calibrates_with_enough_images(monkeypa
     cfg = build.BuildConfig(num_calib=256, int8_profiles=("cpu",))
     with pytest.raises(Stop):
         build._quantize(_tiny_model(), tmp_path, {"graphs": {}}, _images(20), cfg, "onnxruntime", False)
-    assert seen == {"calib": 16, "eval": 4}
+    assert seen == {"calib": 20, "eval": 0}
+    # 30 of 40 calibrate (--num-calib 30): the 10 left are too few to check the accuracy with
+    cfg = build.BuildConfig(num_calib=30, int8_profiles=("cpu",))
+    with pytest.raises(Stop):
+        build._quantize(_tiny_model(), tmp_path, {"graphs": {}}, _images(40), cfg, "onnxruntime", False)
+    assert seen == {"calib": 30, "eval": 0}
+
+
+def test_a_class_folder_is_mixed_before_the_calibration_split(tmp_path):
+    """A folder lists its images class by class; the build mixes them (seeded) so that both the
+    calibration images and the held-out ones cover every class."""
+    from PIL import Image
+
+    from gfnet_edge import build
+
+    rng = np.random.default_rng(0)
+    for c in range(4):
+        (tmp_path / "data" / f"c{c}").mkdir(parents=True)
+        for i in range(24):
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "data" / f"c{c}" / f"{i}.png")
+    cfg = build.BuildConfig(calib_data=str(tmp_path / "data"), num_calib=48, num_eval=48)
+    images, labels = build._calibration_images(_tiny_model(), cfg)
+    assert sorted(np.bincount(labels).tolist()) == [24] * 4 and len(images) == 96
+    n_cal = build.calibration_split(len(images), cfg.num_calib)
+    assert (n_cal, len(images) - n_cal) == (48, 48)
+    assert set(labels[:n_cal]) == set(labels[n_cal:]) == {0, 1, 2, 3}
+    again, labels2 = build._calibration_images(_tiny_model(), cfg)
+    np.testing.assert_array_equal(labels, labels2)  # the same split every build
+    np.testing.assert_array_equal(images, again)
 
 
 @pytest.mark.parametrize("kw,match", [({"num_calib": 8}, "at least 16"), ({"int8_profiles": ()}, "non-empty"),

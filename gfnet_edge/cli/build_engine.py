@@ -35,6 +35,30 @@ def profile_list(text: str) -> Tuple[str, ...]:
     return tuple(names)
 
 
+def _refuse_ignored_options(args: argparse.Namespace, src: Path) -> None:
+    """Options this build would not use are refused rather than silently dropped: the INT8 data
+    options outside an INT8 build from a checkpoint (a bundle's engines are built from its INT8
+    graphs), and the TensorRT builder's options on a build that makes no engines."""
+    from ..build import resolve_backend
+
+    int8_data = [flag for flag, given in (("--calib-data", args.calib_data is not None),
+                                          ("--finetune-epochs", args.finetune_epochs is not None),
+                                          ("--patch-guard", args.patch_guard is not None)) if given]
+    if int8_data and src.is_dir():
+        raise InputError(f"{int8_data[0]} applies when building from a checkpoint; {src} is a bundle, whose "
+                         "TensorRT engines are built from its INT8 graphs")
+    if int8_data and args.precision != "int8":
+        raise InputError(f"{int8_data[0]} applies to --precision int8 (this build is {args.precision})")
+    trt_only = [flag for flag, given in (("--dla-core", args.dla_core is not None),
+                                         ("--opt-level", args.opt_level is not None),
+                                         ("--timing-cache", args.timing_cache is not None),
+                                         ("--no-gpu-fallback", args.no_gpu_fallback)) if given]
+    if trt_only and not src.is_dir() and resolve_backend(args.backend) != "tensorrt":
+        why = "--backend onnxruntime" if args.backend == "onnxruntime" else "TensorRT is not usable here"
+        raise InputError(f"{trt_only[0]} applies to TensorRT engines, and this build makes none ({why}); add them "
+                         "on the device with `gfnet-edge build-engine BUNDLE --backend tensorrt ...`")
+
+
 def run(args: argparse.Namespace) -> int:
     """Builds the bundle (or its engines) and prints what it holds."""
     from ..build import BuildConfig, build_bundle, build_engines
@@ -47,12 +71,8 @@ def run(args: argparse.Namespace) -> int:
                       include_checkpoint=args.include_checkpoint,
                       force=args.force, trt=trt_build_options(args), threads=args.threads,
                       model_name=args.model_name, patch_size=args.patch_size)
-    ignored = [flag for flag, given in (("--calib-data", args.calib_data is not None),
-                                        ("--finetune-epochs", args.finetune_epochs is not None),
-                                        ("--patch-guard", args.patch_guard is not None)) if given]
-    if ignored and args.precision != "int8":
-        raise InputError(f"{ignored[0]} applies to --precision int8 (this build is {args.precision})")
     src = Path(args.source)
+    _refuse_ignored_options(args, src)
     if src.is_dir():
         if args.backend not in ("tensorrt", backends.AUTO):
             raise InputError(f"{src} is a bundle: only `--backend tensorrt` adds engines to an existing bundle")
