@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -247,15 +246,12 @@ def _brief(acc: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
 
 
 def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    import platform
+    """The CPU with its speed-relevant vector flags and core count (``device_description``)."""
+    from gfnet_edge.calibrate.latency import device_description
 
-    return platform.processor() or platform.machine()
+    d = device_description()
+    flags = f", {', '.join(d['cpu_flags'])}" if d.get("cpu_flags") else ""
+    return f"{d['cpu']} ({d['cores']} cores{flags})"
 
 
 def _ort_version() -> str:
