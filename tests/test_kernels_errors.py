@@ -31,6 +31,9 @@ def frame():
     (dict(crop_pct=0.0), ValueError, "crop_pct"),
     (dict(crop_pct=1.5), ValueError, "crop_pct"),
     (dict(interpolation="nearest"), ValueError, "interpolation"),
+    (dict(interpolation=None), TypeError, "interpolation must be a str"),
+    (dict(glance_interpolation=3, glance_size=8), TypeError, "glance_interpolation must be a str"),
+    (dict(image_size=2 ** 40), ValueError, "image_size must be <= 2147483647"),
     (dict(glance_interpolation="area", glance_size=8), ValueError, "glance_interpolation"),
     (dict(mean=(0.5, 0.5)), ValueError, "mean must have 3"),
     (dict(std=(0.2, 0.0, 0.2)), ValueError, "non-zero"),
@@ -147,6 +150,16 @@ def test_heads_bad_shapes():
     actor = ops.ActorHead(*w, np.zeros((2, 4), F32), np.zeros(2, F32))
     with pytest.raises(ValueError, match="patch_size"):
         actor.step(np.zeros((1, 6), F32), None, 96, 128)
+    for S in (2 ** 31 + 5, 2 ** 40):  # coordinates are int32: a larger image is refused, not wrapped
+        with pytest.raises(ValueError, match="image_size must be <= 2147483647"):
+            actor.step(np.zeros((1, 6), F32), None, S, 1)
+    x = np.random.default_rng(0).standard_normal((1, 6)).astype(F32)
+    _, action, coords = actor.step(x, None, 2 ** 31 - 1, 1)  # the largest side still computes
+    assert np.array_equal(coords, np.floor(action * np.float32(2 ** 31 - 2)).astype(np.int64))
+    with pytest.raises(TypeError, match="weight_dtype must be a str"):
+        ops.GRUHead(*w, np.zeros((10, 4), F32), None, weight_dtype=None)
+    with pytest.raises(ValueError, match="weight_dtype must be one of"):
+        ops.CascadedHead([(np.zeros((3, 10), F32), None)], weight_dtype="int8")
     with pytest.raises(ValueError, match="device"):
         ops.GRUHead(*w, np.zeros((10, 4), F32), None, device="tpu")
     with pytest.raises(RuntimeError, match="device='cuda'"):
@@ -180,6 +193,11 @@ def test_linear_bad_inputs():
         ops.linear(np.zeros((2, 5), F32), np.zeros((3, 5)))
     with pytest.raises(ValueError, match="must be >= 1"):
         ops.set_num_threads(0)
+    for n in (1025, 10 ** 6, 2 ** 40):  # one line, before any thread is made
+        with pytest.raises(ValueError, match="n must be <= 1024"):
+            ops.set_num_threads(n)
+    with pytest.raises(TypeError, match="weight_dtype must be a str"):
+        ops.Linear(np.zeros((2, 2), F32), weight_dtype=None)
 
 
 # ------------------------------------------------------------------------ build / CUDA ----

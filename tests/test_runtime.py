@@ -210,6 +210,73 @@ def test_deterministic_and_thread_safe(mnv3):
         assert np.array_equal(r.classes, single.classes) and np.array_equal(r.confidence, single.confidence)
 
 
+def test_close_waits_for_a_call_running_in_another_thread(mnv3):
+    """close() from another thread while a long predict runs: the call finishes with the same
+    results as an undisturbed one, close() returns after it, and later calls say the Runtime is
+    closed."""
+    _, bundle = mnv3
+    x = np.random.default_rng(5).standard_normal((48, 3, 224, 224)).astype(np.float32)
+    with Runtime(bundle, backend="onnxruntime", precision="fp32") as ref:
+        want = ref.predict(x)
+    rt = Runtime(bundle, backend="onnxruntime", precision="fp32")
+    out, err, started = {}, [], threading.Event()
+
+    def work():
+        started.set()
+        try:
+            out["p"] = rt.predict(x)
+        except Exception as exc:  # noqa: BLE001 - the test reports whatever the call raised
+            err.append(exc)
+
+    t = threading.Thread(target=work)
+    t.start()
+    started.wait()
+    time.sleep(0.05)
+    rt.close()
+    t.join()
+    assert not err, err
+    assert np.array_equal(out["p"].classes, want.classes) and np.array_equal(out["p"].exit_step, want.exit_step)
+    with pytest.raises(InputError, match="this Runtime is closed"):
+        rt.predict(x[:1])
+
+
+def test_runtime_refuses_copies_bad_thresholds_models_and_indices(mnv3):
+    import copy
+    import pickle
+
+    _, bundle = mnv3
+    with Runtime(bundle, backend="onnxruntime", precision="fp32") as rt:
+        for make in (copy.copy, copy.deepcopy, pickle.dumps):
+            with pytest.raises(TypeError, match="cannot be (copied|pickled)"):
+                make(rt)
+        T = rt.model.steps
+        for bad in ([0.5] * (T - 1), [float("nan")] * T, [0.5, float("inf")] + [0.5] * (T - 2)):
+            with pytest.raises(InputError, match=f"thresholds must be {T} finite numbers"):
+                rt.thresholds = bad
+        rt.thresholds = [2.0] * (T - 1) + [-1e8]  # by hand: every image runs every step
+        x = np.random.default_rng(6).standard_normal((3, 3, 224, 224)).astype(np.float32)
+        assert rt.predict(x).exit_step.tolist() == [T - 1] * 3
+        with pytest.raises(InputError, match="class_names"):
+            rt.model = dataclasses.replace(rt.model, class_names=("a", "b"))
+        preds = rt.predict(x)
+        assert preds[-1] == preds[2] and preds[np.int64(0)]["class"] == int(preds.classes[0])
+        with pytest.raises(TypeError, match="index must be an int"):
+            preds[0:2]
+        with pytest.raises(IndexError, match="out of range"):
+            preds[3]
+
+
+def test_truncated_heads_file_is_a_bundle_error(tmp_path):
+    from gfnet_edge.errors import InputError as Err
+    from gfnet_edge.runtime.heads import load_head_arrays
+
+    np.savez(tmp_path / "heads.npz", w=np.zeros((4, 4), np.float32))
+    data = (tmp_path / "heads.npz").read_bytes()
+    (tmp_path / "heads.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(Err, match="cannot read head weights"):
+        load_head_arrays(tmp_path / "heads.npz")
+
+
 def _cpu_burnt_while_idle(run) -> float:
     """CPU seconds the process uses in the 0.2 s of sleep after ``run()`` (three times)."""
     time.sleep(0.3)  # let threads still spinning from earlier work (torch's, say) go to sleep first

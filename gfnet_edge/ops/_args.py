@@ -30,15 +30,21 @@ class Device(str, enum.Enum):
                              f"got {value!r}") from None
 
 
-def to_int(value: Any, name: str, minimum: Optional[int] = 1) -> int:
-    """An int >= ``minimum`` (TypeError for a non-integer, ValueError below the minimum; no
-    range check with ``minimum=None``, where the extension checks the value)."""
-    if type(value) is int and (minimum is None or value >= minimum):  # the common case, without the ABC check
-        return value
+#: Largest image side, patch side or coordinate the kernels take (they compute in int32).
+INT32_MAX = 2 ** 31 - 1
+
+
+def to_int(value: Any, name: str, minimum: Optional[int] = 1, maximum: Optional[int] = None) -> int:
+    """An int in [``minimum``, ``maximum``] (TypeError for a non-integer, ValueError outside the
+    range; no lower check with ``minimum=None``, where the extension checks the value)."""
+    if type(value) is int and (minimum is None or value >= minimum) and (maximum is None or value <= maximum):
+        return value  # the common case, without the ABC check
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return int(value)
 
 

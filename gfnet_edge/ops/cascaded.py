@@ -9,7 +9,7 @@ import numpy as np
 from ._args import Device, choice, ndarray, opt_weights, to_int, triple, weights
 from ._ext import _C
 from .cuda import DeviceBuffer, device_pointer, from_device, optional_pointer, require_cuda, stream_handle, to_device
-from .heads import ActorHead, GRUHead
+from .heads import WEIGHT_DTYPES, ActorHead, GRUHead
 
 _LAYOUTS = ("ntf", "tnf")
 
@@ -28,6 +28,7 @@ class CascadedHead:
     def __init__(self, layers: Union[Sequence[Tuple[Any, Any]], Mapping[Any, Tuple[Any, Any]]],
                  weight_dtype: str = "float32", device: str = "cpu") -> None:
         self.device = Device.parse(device)
+        weight_dtype = choice(weight_dtype, "weight_dtype", WEIGHT_DTYPES)
         items = list(layers.values()) if isinstance(layers, Mapping) else list(layers)
         if not items:
             raise ValueError("layers must not be empty")

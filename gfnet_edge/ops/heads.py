@@ -13,7 +13,7 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from ._args import Device, batch, opt_weights, rows, to_int, weights
+from ._args import INT32_MAX, Device, batch, choice, opt_weights, rows, to_int, weights
 from ._ext import _C
 from .cuda import (DeviceBuffer, device_pointer, from_device, optional_pointer, require_cuda, stream_handle,
                    to_device)
@@ -38,6 +38,14 @@ def softmax_stats(logits: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return _C.softmax_stats(logits)
 
 
+#: Storage of head weights.
+WEIGHT_DTYPES = ("float32", "float16")
+
+
+def _dtype(value: Any) -> str:
+    return choice(value, "weight_dtype", WEIGHT_DTYPES)
+
+
 class Linear:
     """A linear layer whose weights are converted once (float32 or float16 storage).
 
@@ -51,7 +59,7 @@ class Linear:
     def __init__(self, w: Any, b: Any = None, weight_dtype: str = "float32", device: str = "cpu") -> None:
         self.device = Device.parse(device)
         native = _C.Linear if self.device is Device.CPU else _C.cuda.Linear
-        self._impl = native(weights(w, "w", 2), opt_weights(b, "b", 1), weight_dtype)
+        self._impl = native(weights(w, "w", 2), opt_weights(b, "b", 1), _dtype(weight_dtype))
         self.weight_dtype = weight_dtype
         self.in_features = self._impl.in_features
         self.out_features = self._impl.out_features
@@ -83,7 +91,7 @@ class GRUCell:
     def __init__(self, w_ih: Any, w_hh: Any, b_ih: Any = None, b_hh: Any = None,
                  weight_dtype: str = "float32") -> None:
         self._impl = _C.GRUCell(weights(w_ih, "w_ih", 2), weights(w_hh, "w_hh", 2), opt_weights(b_ih, "b_ih", 1),
-                                opt_weights(b_hh, "b_hh", 1), weight_dtype)
+                                opt_weights(b_hh, "b_hh", 1), _dtype(weight_dtype))
         self.weight_dtype = weight_dtype
         self.input_size = self._impl.input_size
         self.hidden_size = self._impl.hidden_size
@@ -101,6 +109,7 @@ class _GruWithHead:
     def __init__(self, w_ih: Any, w_hh: Any, b_ih: Any, b_hh: Any, w: Any, b: Any,
                  weight_dtype: str = "float32", device: str = "cpu") -> None:
         self.device = Device.parse(device)
+        weight_dtype = _dtype(weight_dtype)
         args = (weights(w_ih, "w_ih", 2), weights(w_hh, "w_hh", 2), opt_weights(b_ih, "b_ih", 1),
                 opt_weights(b_hh, "b_hh", 1))
         w32, b32 = weights(w, "w", 2), opt_weights(b, "b", 1)
@@ -204,7 +213,7 @@ class ActorHead(GRUHead):
             ``(h_new (N, H), action (N, 2) float32, coords (N, 2) int32)`` with
             ``coords = floor(action * (image_size - patch_size))`` computed in float32.
         """
-        S, P = to_int(image_size, "image_size"), to_int(patch_size, "patch_size")
+        S, P = to_int(image_size, "image_size", 1, INT32_MAX), to_int(patch_size, "patch_size", 1, INT32_MAX)
         if self.device is Device.CPU:
             return _C.gru_actor_step(self._cell, self._head, rows(x), None if h is None else rows(h), S, P)
         if P > S:
@@ -222,5 +231,5 @@ class ActorHead(GRUHead):
         self._need_cuda()
         self._dev.step_actor(device_pointer(x, "x"), optional_pointer(h, "h"), device_pointer(h_out, "h_out"),
                              to_int(batch, "batch"), optional_pointer(action, "action"),
-                             optional_pointer(coords, "coords"), to_int(image_size, "image_size"),
-                             to_int(patch_size, "patch_size"), x_dtype, stream_handle(stream))
+                             optional_pointer(coords, "coords"), to_int(image_size, "image_size", 1, INT32_MAX),
+                             to_int(patch_size, "patch_size", 1, INT32_MAX), x_dtype, stream_handle(stream))

@@ -13,7 +13,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ._args import ndarray, to_int, triple
+from ._args import INT32_MAX, choice, ndarray, to_int, triple
 from ._ext import _C
 
 IMAGENET_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -40,6 +40,18 @@ def _frame_list(frames: Any) -> List[Any]:
     if isinstance(frames, (list, tuple)):
         return list(frames)
     raise TypeError(f"frames must be a numpy array or a list of arrays, got {type(frames).__name__}")
+
+
+#: Resize filters of the image kernels.
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+def _interp(value: Any, name: str = "interpolation") -> str:
+    return choice(value, name, INTERPOLATIONS)
+
+
+def _side(value: Any, name: str = "image_size") -> int:
+    return to_int(value, name, 1, INT32_MAX)
 
 
 def preprocess(
@@ -84,8 +96,9 @@ def preprocess(
     g = 0 if glance_size is None else to_int(glance_size, "glance_size")
     if g == 0 and glance_out is not None:
         raise ValueError("glance_out given without glance_size")
-    images, gl = _C.preprocess(frame_list, int(image_size), size, interpolation, bool(bgr), triple(mean, "mean"),
-                               triple(std, "std"), out, g, glance_interpolation, glance_out)
+    images, gl = _C.preprocess(frame_list, _side(image_size), size, _interp(interpolation), bool(bgr),
+                               triple(mean, "mean"), triple(std, "std"), out, g,
+                               _interp(glance_interpolation, "glance_interpolation"), glance_out)
     return images if glance_size is None else (images, gl)
 
 
@@ -111,7 +124,7 @@ def resize_crop(
         out: optional (N, S, S, 3) uint8 C-contiguous array to write into.
     """
     frame_list = _frame_list(frames)
-    return _C.resize_crop(frame_list, int(image_size), resize_size(image_size, crop_pct), interpolation, out)
+    return _C.resize_crop(frame_list, _side(image_size), resize_size(image_size, crop_pct), _interp(interpolation), out)
 
 
 def _normalisation(images: np.ndarray, mean: Optional[Sequence[float]], std: Optional[Sequence[float]],
@@ -150,8 +163,8 @@ def glance(images: np.ndarray, patch_size: int, interpolation: str = "bicubic",
     norm = _normalisation(ndarray(images, "images"), mean, std, bgr)
     P = to_int(patch_size, "patch_size", minimum=None)
     if norm is not None:
-        return _C.glance_u8(images, P, interpolation, *norm, out)
-    return _C.glance(images, P, interpolation, out)
+        return _C.glance_u8(images, P, _interp(interpolation), *norm, out)
+    return _C.glance(images, P, _interp(interpolation), out)
 
 
 def crop_patches(images: np.ndarray, coords: np.ndarray, patch_size: int,

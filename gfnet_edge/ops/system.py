@@ -11,8 +11,8 @@ def get_num_threads() -> int:
 
 
 def set_num_threads(n: int) -> None:
-    """Sets the number of threads of the CPU kernels (>= 1)."""
-    _C.set_num_threads(to_int(n, "n"))
+    """Sets the number of threads of the CPU kernels (1 to 1024; one pool per process)."""
+    _C.set_num_threads(to_int(n, "n", 1, 1024))
 
 
 def simd_level() -> str:

@@ -2,6 +2,7 @@
 unless the ``torch`` backend is asked for)."""
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
@@ -64,6 +65,12 @@ class Predictions:
         return out
 
     def __getitem__(self, i: int) -> Dict[str, Any]:
+        """Image ``i``'s result as a dict (``class``, ``confidence``, ``exit_step``, ``boxes``,
+        and ``label`` / ``deadline_stopped`` when known)."""
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise TypeError(f"Predictions index must be an int, got {type(i).__name__} (to_list() gives every row)")
+        if not -len(self) <= int(i) < len(self):
+            raise IndexError(f"image {i} out of range for {len(self)} predictions")
         out = {"class": int(self.classes[i]), "confidence": float(self.confidence[i]),
                "exit_step": int(self.exit_step[i]), "boxes": self.boxes(i)}
         if self.class_names is not None:
@@ -110,7 +117,9 @@ class Runtime:
             fastest this backend has: int8-cpu on ONNX Runtime, int8 engines on TensorRT).
         budget: named budget whose thresholds decide exits (``None``: the bundle's default; a
             bundle without budgets runs every step).
-        threads: CPU threads for ONNX Runtime and the extension (``None``: their defaults).
+        threads: CPU threads for ONNX Runtime and the extension (``None``: their defaults). The
+            extension's thread pool is one per process: this sets it for every Runtime and
+            ``ops`` call in the process (``ops.set_num_threads``), also after :meth:`close`.
         profile: collect per-stage timings (see :attr:`profiler`).
         verify: check artifact hashes on load.
         device: where the ``torch`` backend runs (``"cpu"`` by default, or ``"cuda"``); the
@@ -120,8 +129,8 @@ class Runtime:
         head_dtype: weights of the GRU / Linear heads in the extension: ``"float32"`` (default;
             matches the reference to 1e-5) or ``"float16"`` (half the bytes for the
             memory-bound GRU steps, about 1e-3 relative error in the heads' outputs; on the
-            demo model's 1000 test images classes, exits and patch coordinates were unchanged
-            and the loop 1-4 % faster on the CPU, docs/kernels.md).
+            demo model's 1000 test images classes, exits and patch coordinates were unchanged,
+            and so was the time per image on the CPU, whose heads are small: docs/kernels.md).
         cuda_graphs: when the loop runs on the GPU, capture each step as a CUDA graph per
             batch bucket and replay it with one launch (:mod:`~gfnet_edge.runtime.graphs`;
             default). A capture failure falls back to plain launches with a logged warning.
@@ -214,8 +223,16 @@ class Runtime:
 
     @model.setter
     def model(self, model: "ModelDesc | Dict[str, Any]") -> None:
-        """Replaces the description for this runtime and its loop (the bundle is left as it is)."""
-        self._model = as_desc(model)
+        """Replaces the description for this runtime and its loop (the bundle is left as it is);
+        it is checked as a manifest's ``model`` entry is."""
+        from ..manifest_schema import ManifestError, check_model
+
+        desc = as_desc(model)
+        try:
+            check_model(desc.to_dict())
+        except ManifestError as exc:
+            raise InputError(str(exc)) from exc
+        self._model = desc
         driver = self.__dict__.get("driver")
         if driver is not None:
             driver.model = self._model
@@ -258,16 +275,45 @@ class Runtime:
         self.thresholds = self.bundle.thresholds(budget)
         self.budget = budget if budget is not None else self.bundle.manifest.get("default_budget")
 
+    @property
+    def thresholds(self) -> Optional[List[float]]:
+        """The exit thresholds in use (one per step; ``None``: every image runs every step)."""
+        return self._thresholds
+
+    @thresholds.setter
+    def thresholds(self, value: Optional[Sequence[float]]) -> None:
+        if value is None:
+            self._thresholds = None
+            return
+        thr = [float(t) for t in value]
+        if len(thr) != self.model.steps or not all(np.isfinite(t) for t in thr):
+            raise InputError(f"thresholds must be {self.model.steps} finite numbers (one per step), got {list(value)}")
+        self._thresholds = thr
+
     def close(self) -> None:
         """Releases the backend's sessions / engines and the loop's GPU memory and graphs; the
-        Runtime cannot be used afterwards."""
+        Runtime cannot be used afterwards. A call running in another thread finishes first."""
         if getattr(self, "_closed", False):
             return
-        self._closed = True
-        driver = self.__dict__.get("driver")
-        if driver is not None:
-            driver.close()
-        self.runner.deactivate()
+        lock = self.__dict__.get("_lock")
+        with lock if lock is not None else contextlib.nullcontext():
+            if self._closed:
+                return
+            self._closed = True
+            driver = self.__dict__.get("driver")
+            if driver is not None:
+                driver.close()
+            self.runner.deactivate()
+
+    def __copy__(self):
+        raise TypeError("a Runtime cannot be copied: it owns sessions, engines and buffers; open another "
+                        "Runtime(bundle) instead")
+
+    def __deepcopy__(self, memo):
+        self.__copy__()
+
+    def __reduce__(self):
+        raise TypeError("a Runtime cannot be pickled: open Runtime(bundle) in each process")
 
     def _check_open(self) -> None:
         if getattr(self, "_closed", False):

@@ -1,6 +1,7 @@
 """The GRU / Linear heads of a bundle (``heads.npz``), bound to the extension's kernels."""
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any, Dict
 
@@ -18,7 +19,7 @@ def load_head_arrays(path: Path) -> Dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: np.ascontiguousarray(z[k], dtype=np.float32) for k in z.files}
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise InputError(f"{path}: cannot read head weights ({exc})") from exc
 
 
