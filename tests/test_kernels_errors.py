@@ -198,6 +198,11 @@ def test_linear_bad_inputs():
             ops.set_num_threads(n)
     with pytest.raises(TypeError, match="weight_dtype must be a str"):
         ops.Linear(np.zeros((2, 2), F32), weight_dtype=None)
+    # the CUDA kernels' Python side checks argument types before anything is launched
+    with pytest.raises(TypeError, match="interpolation must be a str"):
+        ops.cuda_glance(1, 1, 32, 1, 16, interpolation=None)
+    with pytest.raises(TypeError, match="out_dtype must be a str"):
+        ops.cuda_glance(1, 1, 32, 1, 16, out_dtype=16)
 
 
 # ------------------------------------------------------------------------ build / CUDA ----

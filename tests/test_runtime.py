@@ -250,7 +250,8 @@ def test_runtime_refuses_copies_bad_thresholds_models_and_indices(mnv3):
             with pytest.raises(TypeError, match="cannot be (copied|pickled)"):
                 make(rt)
         T = rt.model.steps
-        for bad in ([0.5] * (T - 1), [float("nan")] * T, [0.5, float("inf")] + [0.5] * (T - 2)):
+        for bad in ([0.5] * (T - 1), [float("nan")] * T, [0.5, float("inf")] + [0.5] * (T - 2),
+                    np.full((1, T), 0.5), "abc", 0.5, (t for t in [0.5] * (T + 1))):
             with pytest.raises(InputError, match=f"thresholds must be {T} finite numbers"):
                 rt.thresholds = bad
         rt.thresholds = [2.0] * (T - 1) + [-1e8]  # by hand: every image runs every step
@@ -275,6 +276,20 @@ def test_truncated_heads_file_is_a_bundle_error(tmp_path):
     (tmp_path / "heads.npz").write_bytes(data[: len(data) // 2])
     with pytest.raises(Err, match="cannot read head weights"):
         load_head_arrays(tmp_path / "heads.npz")
+    np.savez(tmp_path / "ok.npz", w=np.zeros((4, 4), np.float32))
+
+    def corrupt(*args, **kw):  # numpy / zipfile raise other types for some corruptions
+        raise RuntimeError("File 'w.npy' is encrypted, password required for extraction")
+
+    import gfnet_edge.runtime.heads as heads_mod
+
+    real = heads_mod.np.load
+    heads_mod.np.load = corrupt
+    try:
+        with pytest.raises(Err, match="cannot read head weights .*RuntimeError"):
+            load_head_arrays(tmp_path / "ok.npz")
+    finally:
+        heads_mod.np.load = real
 
 
 def _cpu_burnt_while_idle(run) -> float:
@@ -343,5 +358,8 @@ def test_bad_runtime_options(mnv3, tmp_path):
         Runtime(bundle, backend="onnxruntime", precision="int8-cpu")
     with pytest.raises(InputError, match="head_dtype"):
         Runtime(bundle, backend="onnxruntime", head_dtype="bfloat16")
+    for threads in (0.5, 2000, True):
+        with pytest.raises(InputError, match="threads must be an int from 1 to 1024"):
+            Runtime(bundle, backend="onnxruntime", threads=threads)
     with pytest.raises((UnavailableError, InputError)):
         Runtime(bundle, backend="tensorrt")  # no TensorRT engines / no TensorRT here

@@ -11,7 +11,14 @@ import numpy as np
 from ._args import to_int, triple
 from ._ext import _C
 from .cuda import device_pointer, optional_pointer, stream_handle, stream_synchronize, to_device
-from .image import IMAGENET_MEAN, IMAGENET_STD, resize_size
+from .image import IMAGENET_MEAN, IMAGENET_STD, _interp, resize_size
+
+
+def _name(value: Any, what: str) -> str:
+    """A dtype name as a str (its value is checked by the extension)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str, got {type(value).__name__}")
+    return value
 
 
 def cuda_preprocess(frame: Any, height: int, width: int, image_size: int, out: Any,
@@ -28,9 +35,10 @@ def cuda_preprocess(frame: Any, height: int, width: int, image_size: int, out: A
     """
     g = 0 if glance is None else to_int(glance_size, "glance_size")
     _C.cuda.preprocess(device_pointer(frame, "frame"), to_int(height, "height"), to_int(width, "width"),
-                       to_int(image_size, "image_size"), resize_size(image_size, crop_pct), interpolation,
+                       to_int(image_size, "image_size"), resize_size(image_size, crop_pct), _interp(interpolation),
                        bool(bgr), triple(mean, "mean"), triple(std, "std"), device_pointer(out, "out"),
-                       out_dtype, optional_pointer(glance, "glance"), g, glance_interpolation, glance_dtype,
+                       _name(out_dtype, "out_dtype"), optional_pointer(glance, "glance"), g,
+                       _interp(glance_interpolation, "glance_interpolation"), _name(glance_dtype, "glance_dtype"),
                        stream_handle(stream))
 
 
@@ -38,9 +46,10 @@ def cuda_glance(images: Any, n: int, image_size: int, out: Any, patch_size: int,
                 interpolation: str = "bicubic", in_dtype: str = "float32", out_dtype: str = "float32",
                 channels: int = 3, stream: Any = None) -> None:
     """Enqueues the glance (n, C, S, S) -> (n, C, P, P) on device buffers."""
-    _C.cuda.glance(device_pointer(images, "images"), in_dtype, to_int(n, "n"), to_int(channels, "channels"),
-                   to_int(image_size, "image_size"), device_pointer(out, "out"), out_dtype,
-                   to_int(patch_size, "patch_size"), interpolation, stream_handle(stream))
+    _C.cuda.glance(device_pointer(images, "images"), _name(in_dtype, "in_dtype"), to_int(n, "n"),
+                   to_int(channels, "channels"), to_int(image_size, "image_size"), device_pointer(out, "out"),
+                   _name(out_dtype, "out_dtype"), to_int(patch_size, "patch_size"), _interp(interpolation),
+                   stream_handle(stream))
 
 
 def cuda_crop_patches(images: Any, n: int, image_size: int, coords: Any, out: Any, patch_size: int,

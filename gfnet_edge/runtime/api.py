@@ -182,6 +182,8 @@ class Runtime:
         from .. import ops
 
         if threads:
+            if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= 1024:
+                raise InputError(f"threads must be an int from 1 to 1024, got {threads!r}")
             ops.set_num_threads(int(threads))
         on_gpu = bool(self.runner.supports_device)  # the loop's place follows the heads' device
         if on_gpu and ops.cuda_device_count() < 1:
@@ -285,9 +287,13 @@ class Runtime:
         if value is None:
             self._thresholds = None
             return
-        thr = [float(t) for t in value]
-        if len(thr) != self.model.steps or not all(np.isfinite(t) for t in thr):
-            raise InputError(f"thresholds must be {self.model.steps} finite numbers (one per step), got {list(value)}")
+        T = self.model.steps
+        try:
+            thr = [float(t) for t in value]
+        except (TypeError, ValueError):
+            raise InputError(f"thresholds must be {T} finite numbers (one per step), got {value!r}") from None
+        if len(thr) != T or not all(np.isfinite(t) for t in thr):
+            raise InputError(f"thresholds must be {T} finite numbers (one per step), got {thr}")
         self._thresholds = thr
 
     def close(self) -> None:

@@ -21,6 +21,8 @@ def load_head_arrays(path: Path) -> Dict[str, np.ndarray]:
             return {k: np.ascontiguousarray(z[k], dtype=np.float32) for k in z.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise InputError(f"{path}: cannot read head weights ({exc})") from exc
+    except Exception as exc:  # a corrupt archive raises many more types (numpy's header parser, zipfile)
+        raise InputError(f"{path}: cannot read head weights ({type(exc).__name__}: {exc})") from exc
 
 
 def _need(arrays: Dict[str, np.ndarray], key: str) -> np.ndarray:
