@@ -47,6 +47,11 @@ def test_predict_happy_path(bundle, image_dir, capsys):
     assert len(rows) == 2 and all(0 <= r["class"] < 10 and 0 <= r["exit_step"] <= 2 for r in rows)
 
 
+def test_predict_json_prints_nothing_when_it_fails_before_any_result(tmp_path, image_dir, capsys):
+    code, out, err = run(["predict", tmp_path / "nobundle", image_dir, "--json"], capsys)
+    assert code == 2 and out == "" and "bundle not found" in err
+
+
 def test_predict_names_every_image_and_batches_without_changing_results(bundle, image_dir, tmp_path, capsys):
     """Folders, archives and files in one call: each image is named by its file (FILE.npz[i] in
     an archive), in order; --batch-size 2 gives the same results as one call per input set;

@@ -339,10 +339,43 @@ def test_bad_options_and_weights(tmp_path, capsys, folder, weights):
         (["--data", folder, "-o", tmp_path / "r", "--stage", "3"], "--stage 3 needs the weights of an earlier stage"),
         (["--data", folder, "-o", tmp_path / "r", "--stage", "2"], "(stage1) in"),
         (["--data", folder, "-o", tmp_path / "r", "--stage", "export"], "--stage export needs"),
+        (["--data", folder, "-o", tmp_path / "r", "--steps", "1"], "--steps must be at least 2"),
+        (["--data", folder, "-o", tmp_path / "r", "--set", "crop_pct=0"], "crop_pct must be in (0, 1]"),
+        (["--data", folder, "-o", tmp_path / "r", "--backbone", "test_vit"], "does not work as a GFNet encoder"),
     ):
         rc, err = _run_cli(args, capsys)
         assert rc == 2 and len(err) == 1 and message in err[0], (args, err)
         assert not (tmp_path / "r").exists()
+
+
+def test_a_run_folder_takes_one_training_at_a_time_and_resumes_without_its_pretrained_file(
+        folder, weights, tmp_path):
+    """A second training into a run folder that one is writing is refused (nothing of it
+    written); a resumed run takes its weights from its stage checkpoints, so the pretrained file
+    it started from may be gone."""
+    import shutil
+
+    from gfnet_edge.errors import InputError
+    from gfnet_edge.train.folder_cli import _RunLock
+
+    run = tmp_path / "run"
+    held = _RunLock(run)
+    try:
+        with pytest.raises(InputError, match="another gfnet-edge train is writing this run folder"):
+            train_folder(tiny_config(folder), run)
+        assert not run.exists()
+    finally:
+        held.release()
+    copy = tmp_path / "weights.pth"
+    shutil.copyfile(weights, copy)
+    train_folder(tiny_config(folder, pretrained=copy, epochs=(1, 1, 1)), run, stages=("stage1",))
+    copy.unlink()
+    from gfnet_edge.train.recipe import FolderTrainConfig
+
+    cfg = FolderTrainConfig.from_dict(json.loads((run / "config.json").read_text()))
+    train_folder(cfg, run, stages=("stage2",), resume=True)
+    assert (run / "stage2.pt").is_file()
+    assert "the weights come from the run's stage checkpoints" in (run / "train.txt").read_text()
 
 
 def test_existing_run_needs_resume(tmp_path, capsys, folder):

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
                 raise InputError(str(exc)) from exc
             profile = rt.profiler.summary()
     finally:  # every result there is, also when a later batch failed
-        if args.json:
+        if args.json and (rows or sys.exc_info()[0] is None):  # no "[]" for a run that failed before any result
             print(json_text(rows, indent=2))
         else:
             for r in rows:

@@ -82,8 +82,21 @@ def config_from_args(args: argparse.Namespace):
     return cfg
 
 
-def build_models(cfg, num_classes: int, log):
-    """The GFNet (and the static network when asked for), pretrained weights loaded; on the CPU."""
+def check_layout(cfg) -> None:
+    """The resolved config's sizes, before anything is built or written."""
+    if int(cfg.steps) < 2:
+        raise InputError(f"--steps must be at least 2 (the glance and one focus step), got {cfg.steps}")
+    if not 0.0 < float(cfg.crop_pct) <= 1.0:
+        raise InputError(f"crop_pct must be in (0, 1], got {cfg.crop_pct}")
+    if not 0 < int(cfg.patch_size) <= int(cfg.image_size):
+        raise InputError(f"--patch-size {cfg.patch_size} must be between 1 and --image-size {cfg.image_size}")
+
+
+def build_models(cfg, num_classes: int, log, pretrained: bool = True):
+    """The GFNet (and the static network when asked for), pretrained weights loaded (unless
+    ``pretrained`` is False: a resumed run takes its weights from its stage checkpoints); on the
+    CPU. One trial step on a blank image shows, before anything is written, that the backbone
+    works as a GFNet encoder at the glance and patch sizes."""
     import torch
 
     from ..models.backbones import _create_timm
@@ -94,9 +107,20 @@ def build_models(cfg, num_classes: int, log):
         spec = cfg.spec(num_classes)
         torch.manual_seed(cfg.seed)
         model = GFNet(spec)
-    except ValueError as exc:
-        raise InputError(f"--backbone {cfg.backbone}: {exc}") from exc
+        with torch.no_grad():
+            model.eval().trace(torch.zeros(1, 3, spec.image_size, spec.image_size))
+        model.train()
+    except InputError:
+        raise
+    except Exception as exc:  # timm models fail in many ways at sizes they cannot take
+        first = next((ln for ln in str(exc).splitlines() if ln.strip()), "")[:200]
+        raise InputError(f"--backbone {cfg.backbone} does not work as a GFNet encoder at image size "
+                         f"{spec.image_size if 'spec' in locals() else cfg.image_size} / patch size {cfg.patch_size}: "
+                         f"{type(exc).__name__}: {first}") from exc
     static = _create_timm(cfg.backbone, num_classes, **cfg.backbone_kwargs) if cfg.static.epochs > 0 else None
+    if not pretrained:
+        log("resuming: the weights come from the run's stage checkpoints")
+        return model, static
     if cfg.pretrained is None:
         log("warning: no --pretrained weights: the backbone starts from random weights")
         return model, static
@@ -169,19 +193,68 @@ def train_folder(cfg, out: Path, stages=STAGE_ORDER, resume: bool = False, devic
     Returns the results written to ``RUN/results.json`` when the run was exported (else ``{}``).
 
     Raises:
-        InputError: bad data, backbone, weights or run folder (nothing is written then).
+        InputError: bad data, backbone, weights or run folder (nothing is written then), or
+            another training process writing the same run folder.
     """
-    import torch
-
-    from .dist import init_distributed
-
     out = Path(out)
     cfg_path = out / "config.json"
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder")
-    if cfg_path.exists() and not resume:
-        raise InputError(f"{out} already holds a run: pass --resume to continue it, or choose another -o folder")
-    _check_earlier_stages(out, stages)
+    lock = _RunLock(out)  # one training process (group) per run folder at a time
+    try:
+        if cfg_path.exists() and not resume:
+            raise InputError(f"{out} already holds a run: pass --resume to continue it, or choose another -o folder")
+        _check_earlier_stages(out, stages)
+        return _train_locked(cfg, out, stages, resume, device, progress, threads)
+    finally:
+        lock.release()
+
+
+class _RunLock:
+    """An exclusive lock on a run folder for this process (rank 0 under ``torchrun``), held while
+    it trains: a second ``gfnet-edge train`` into the same folder is refused instead of mixing
+    its stages into the first's. ``flock`` on a file in the temporary folder named after the
+    run's absolute path, so the run folder itself gets nothing extra and a killed process
+    releases it."""
+
+    def __init__(self, out: Path) -> None:
+        import hashlib
+        import os
+        import tempfile
+
+        self._fd = None
+        if int(os.environ.get("RANK", "0")) != 0:
+            return
+        try:
+            import fcntl
+        except ImportError:  # not on POSIX: no lock
+            return
+        key = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
+        path = Path(tempfile.gettempdir()) / f"gfnet-edge-train-{key}.lock"
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise InputError(f"{out}: another gfnet-edge train is writing this run folder; wait for it to end "
+                             "or choose another -o folder") from None
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            import os
+
+            os.close(self._fd)  # closing the descriptor releases the lock
+            self._fd = None
+
+
+def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: bool,
+                  threads: Optional[int]) -> Dict[str, Any]:
+    import torch
+
+    from .dist import init_distributed
+
+    cfg_path = out / "config.json"
     if threads:
         torch.set_num_threads(max(1, threads))
     ctx = init_distributed(device)
@@ -208,12 +281,16 @@ def train_folder(cfg, out: Path, stages=STAGE_ORDER, resume: bool = False, devic
             raise InputError(f"{cfg.data}: classes {train.classes} differ from the run's {cfg.classes}")
         cfg.classes = list(train.classes)
         cfg = cfg.resolved()
+        check_layout(cfg)
         if cfg.batch_size < 1 or cfg.batch_size % ctx.world:
             raise InputError(f"--batch-size {cfg.batch_size} must be a positive multiple of the {ctx.world} processes")
         if len(train) < cfg.batch_size:
             raise InputError(f"{cfg.data}: the train split has {len(train)} readable images, fewer than one batch "
                              f"({cfg.batch_size}); lower --batch-size")
-        model, static = build_models(cfg, len(train.classes), log)
+        # a resumed run whose networks all have stage checkpoints needs no pretrained weights
+        have = {s for s in STAGE_ORDER if (out / f"{s}.pt").is_file()}
+        resuming = bool(have - {"static"}) and (cfg.static.epochs == 0 or "static" in have)
+        model, static = build_models(cfg, len(train.classes), log, pretrained=not resuming)
         if ctx.main:
             out.mkdir(parents=True, exist_ok=True)
             log_file = open(out / "train.txt", "a")
