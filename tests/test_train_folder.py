@@ -378,6 +378,27 @@ def test_a_run_folder_takes_one_training_at_a_time_and_resumes_without_its_pretr
     assert "the weights come from the run's stage checkpoints" in (run / "train.txt").read_text()
 
 
+def test_training_reads_16_bit_images_with_the_levels_inference_sees(tmp_path):
+    """A 16-bit grey PNG: training's dataset item has the levels the runtime's reader gives
+    (30000 / 65535 of white: 117), not PIL's clipped 8-bit conversion (255)."""
+    from gfnet_edge.data.images import load_images
+    from gfnet_edge.train.folder_data import FolderDataset, build_transform, scan_dataset
+
+    for split in ("train", "val"):
+        for c, level in (("a", 30000), ("b", 10000)):
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.fromarray(np.full((40, 40), level, np.uint16)).save(tmp_path / split / c / "x.png")
+    tr, va = scan_dataset(tmp_path, workers=2)
+    assert len(tr) == 2 and not tr.skipped
+    ds = FolderDataset(va, build_transform(32, 1.0, "bilinear", False))
+    frames, labels = load_images(tmp_path / "val", 32, crop_pct=1.0)
+    for i in range(2):
+        x, label, _ = ds[i]
+        want = frames[list(labels).index(label)]
+        assert np.array_equal(x.permute(1, 2, 0).numpy(), want)
+    assert sorted(int(frames[k, 0, 0, 0]) for k in range(2)) == [round(10000 * 255 / 65535), round(30000 * 255 / 65535)]
+
+
 def test_existing_run_needs_resume(tmp_path, capsys, folder):
     run = tmp_path / "run"
     run.mkdir()

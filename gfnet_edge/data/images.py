@@ -259,6 +259,24 @@ def _read_image(file: Path, image_size: int, crop_pct: float, interpolation: str
         raise ValueError(f"{file}: cannot read image ({exc})") from exc
 
 
+def open_rgb(file: os.PathLike | str, short: int = 1024) -> Image.Image:
+    """Opens and decodes an image file to RGB exactly as inference does (16-bit, 32-bit and
+    float greys mapped to 0..255, bounded in memory; ``short``: the shorter side a huge JPEG may
+    be decoded down to); ValueError naming the file. Training reads its images with it too."""
+    import warnings
+
+    file = Path(file)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(file, formats=IMAGE_FORMATS) as image:
+                return _decode(file, image, short)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        if str(exc).startswith(str(file)):
+            raise ValueError(str(exc)) from exc
+        raise ValueError(f"{file}: cannot read image ({exc})") from exc
+
+
 def _decode(file: Path, image: Image.Image, short: int) -> Image.Image:
     """Decodes an opened image to RGB, bounded in memory, with every mode's levels mapped to
     0..255 (8-bit modes by Pillow; 16-bit, 32-bit integer and float greys here) or refused."""

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.images import IMAGE_EXTENSIONS
+from ..data.images import _RGB_MODES, IMAGE_EXTENSIONS, open_rgb
 from ..errors import InputError
 
 LAYOUT = "expected ROOT/train/CLASS/*.jpg and ROOT/val/CLASS/*.jpg"
@@ -53,9 +53,15 @@ class FolderSplit:
 
 
 def _readable(path: str) -> bool:
+    """Whether training (and inference) can read the file: 8-bit modes are loaded cheaply (a JPEG
+    at 1/8 scale still reads every byte); other modes are decoded as :func:`open_rgb` does,
+    since their levels must lie in a known range."""
     try:
         with Image.open(path) as im:
-            im.draft("RGB", (64, 64))  # JPEG: decode at 1/8 scale, still reads every byte
+            if im.mode not in _RGB_MODES:
+                open_rgb(path)
+                return True
+            im.draft("RGB", (64, 64))
             im.load()
         return True
     except Exception:  # PIL raises many types for bad files
@@ -153,8 +159,7 @@ class FolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
-        with Image.open(path) as im:
-            img = im.convert("RGB")
+        img = open_rgb(path)  # the levels inference sees (16-bit and float greys mapped to 0..255)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
             x = self.transform(img)
