@@ -189,3 +189,29 @@ def test_truncated_graph_in_bundle(bundle, tmp_path, capsys, image_dir):
     b.update_manifest(lambda m: b.add_artifact(m, "graphs/glance.fp32.onnx"))
     rc, _, err = run(["predict", copy, image_dir], capsys)
     assert rc == 2 and "ONNX Runtime cannot load this graph" in err
+
+
+class _Unreadable(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        raise ValueError(f"/data/train/cat/{i}.png: cannot read image ([Errno 2] No such file or directory)")
+
+
+def test_an_error_raised_again_from_a_dataloader_worker_is_reported_by_its_own_line(capsys):
+    """torch re-raises a worker's exception with the worker's whole traceback in its message; the
+    CLI reports the worker's own last line (the file and the problem), nothing else."""
+    from gfnet_edge.cli import _exit_code
+    from gfnet_edge.errors import InputError
+
+    with pytest.raises(ValueError) as info:
+        next(iter(torch.utils.data.DataLoader(_Unreadable(), num_workers=1)))
+    assert "Original Traceback" in str(info.value)  # what torch does with a worker's exception
+    assert _exit_code(InputError(str(info.value))) == 2
+    assert capsys.readouterr().err == ("gfnet-edge: error: /data/train/cat/0.png: cannot read image "
+                                       "([Errno 2] No such file or directory)\n")
+    assert _exit_code(info.value) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("gfnet-edge: error: internal error: ValueError: /data/train/cat/0.png: cannot read")
+    assert len(err.splitlines()) == 1 and "Traceback" not in err

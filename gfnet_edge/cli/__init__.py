@@ -15,6 +15,7 @@ only with ``--debug``.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import Callable, List, Optional, Tuple
 
@@ -113,6 +114,9 @@ def _exit_code(exc: BaseException, command: str = "") -> int:
         print("gfnet-edge: terminated", file=sys.stderr)
         return 143
     code, msg = 1, None
+    text = str(exc)
+    if "Original Traceback" in text:  # raised again from a DataLoader worker: the worker's own last line
+        text = re.sub(r"^[A-Za-z_.]+(Error|Exception): ", "", text.strip().splitlines()[-1])
     if isinstance(exc, InputError):
         code = 2
     elif isinstance(exc, UnavailableError):
@@ -124,8 +128,8 @@ def _exit_code(exc: BaseException, command: str = "") -> int:
     elif isinstance(exc, MemoryError):
         code, msg = 2, "out of memory (the input or a size option is too large for this machine)"
     else:
-        msg = f"internal error: {type(exc).__name__}: {exc} (rerun as `gfnet-edge --debug COMMAND ...` for the traceback)"
-    msg = msg or str(exc)
+        msg = f"internal error: {type(exc).__name__}: {text} (rerun as `gfnet-edge --debug COMMAND ...` for the traceback)"
+    msg = msg or text
     print(f"gfnet-edge: error: {' '.join(msg.split()) if chr(10) in msg else msg}", file=sys.stderr)
     return code
 
