@@ -399,6 +399,25 @@ def test_training_reads_16_bit_images_with_the_levels_inference_sees(tmp_path):
     assert sorted(int(frames[k, 0, 0, 0]) for k in range(2)) == [round(10000 * 255 / 65535), round(30000 * 255 / 65535)]
 
 
+def test_resume_refuses_options_that_would_change_the_run(tmp_path, capsys, folder):
+    """--resume takes the run's settings from RUN/config.json: repeating them is fine, changing one
+    (or pointing --data elsewhere) is refused naming the setting, and nothing more is trained."""
+    run = tmp_path / "run"
+    rc, err = _run_cli(["--data", folder, "-o", run, "--stage", "1"], capsys)
+    assert rc == 0, err
+    before = (run / "stage1.pt").read_bytes()
+    for args, names in ((["--epochs", "5"], "stage1.epochs, stage2.epochs, stage3.epochs"),
+                        (["--batch-size", "3"], "batch_size"), (["--backbone", "test_resnet"], "backbone")):
+        rc, err = _run_cli(["--data", folder, "-o", run, "--resume", *args], capsys)
+        assert rc == 2 and len(err) == 1 and f"would change {names}:" in err[0], (args, err)
+    other = make_folder(tmp_path / "elsewhere")
+    rc, err = _run_cli(["--data", other, "-o", run, "--resume"], capsys)
+    assert rc == 2 and "would change data:" in err[0]
+    assert (run / "stage1.pt").read_bytes() == before
+    rc, err = _run_cli(["--data", folder, "-o", run, "--resume", "--stage", "1", "--workers", "1"], capsys)
+    assert rc == 0, err  # the same settings as the run's (the CLI repeats them), another worker count
+
+
 def test_existing_run_needs_resume(tmp_path, capsys, folder):
     run = tmp_path / "run"
     run.mkdir()

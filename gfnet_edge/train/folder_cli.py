@@ -54,13 +54,13 @@ def apply_overrides(cfg, items: List[str]):
     return cfg
 
 
-def config_from_args(args: argparse.Namespace):
-    """A fresh :class:`FolderTrainConfig` from the command line (not yet resolved)."""
-    from .recipe import FolderTrainConfig
-
-    if not args.backbone:
-        raise InputError("--data needs --backbone TIMM_NAME (e.g. resnet50, mobilenetv3_large_100)")
-    cfg = FolderTrainConfig(data=str(Path(args.data).resolve()), backbone=args.backbone, pretrained=args.pretrained)
+def apply_args(cfg, args: argparse.Namespace):
+    """``cfg`` with every option the command line gives set on it (paths resolved)."""
+    cfg.data = str(Path(args.data).resolve())
+    if args.backbone:
+        cfg.backbone = args.backbone
+    if args.pretrained is not None:
+        cfg.pretrained = args.pretrained if args.pretrained == "timm" else str(Path(args.pretrained).resolve())
     for flag, key in (("image_size", "image_size"), ("patch_size", "patch_size"), ("steps", "steps"),
                       ("batch_size", "batch_size"), ("workers", "workers"), ("seed", "seed")):
         v = getattr(args, flag, None)
@@ -75,6 +75,31 @@ def config_from_args(args: argparse.Namespace):
     if args.hflip:
         cfg.hflip = True
     apply_overrides(cfg, args.set)
+    return cfg
+
+
+def _changed_on_resume(cfg, args: argparse.Namespace) -> List[str]:
+    """The run settings (``config.json`` keys) the command line would change on ``--resume``."""
+    from .recipe import FolderTrainConfig
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    before = flat(json.loads(cfg.dumps()))
+    after = flat(json.loads(apply_args(FolderTrainConfig.from_dict(json.loads(cfg.dumps())), args).dumps()))
+    return [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+
+
+def config_from_args(args: argparse.Namespace):
+    """A fresh :class:`FolderTrainConfig` from the command line (not yet resolved)."""
+    from .recipe import FolderTrainConfig
+
+    if not args.backbone:
+        raise InputError("--data needs --backbone TIMM_NAME (e.g. resnet50, mobilenetv3_large_100)")
+    cfg = apply_args(FolderTrainConfig(data="", backbone=args.backbone), args)
     if cfg.pretrained not in (None, "timm") and not Path(cfg.pretrained).is_file():
         raise InputError(f"{cfg.pretrained}: pretrained weights file not found (or pass --pretrained timm)")
     if cfg.pretrained not in (None, "timm"):
@@ -179,6 +204,13 @@ def run_folder(args: argparse.Namespace) -> int:
             cfg = FolderTrainConfig.from_dict(json.loads(cfg_path.read_text()))
         except (ValueError, TypeError) as exc:
             raise InputError(f"{cfg_path}: not a run config of gfnet-edge train --data ({exc})") from exc
+        if args.workers is not None:  # how images are loaded, not what is trained: may change on resume
+            cfg.workers = args.workers
+        changed = _changed_on_resume(cfg, args)
+        if changed:
+            raise InputError(f"--resume continues the run as {cfg_path} describes it, and the command line would "
+                             f"change {', '.join(changed)}: leave those options out (or start a new run in "
+                             "another -o folder)")
     else:
         cfg = config_from_args(args)
     train_folder(cfg, Path(args.out), stages, resume=args.resume, device=args.device,
