@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -45,6 +45,13 @@ def machine() -> str:
     gpu = f", GPU {d['gpu']}" if d.get("gpu") else ""
     flags = f" ({', '.join(d['cpu_flags'])})" if d.get("cpu_flags") else ""
     return f"{d['cpu']}{flags}, {d['cores']} cores{gpu}, Python {d['python']}"
+
+
+def command_line(script: str, argv: Optional[Sequence[str]] = None) -> str:
+    """The command a benchmark's report names: ``python bench/SCRIPT ARGS`` (``argv``: the
+    arguments given to its ``main``; ``None``: those of this process)."""
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(["python", f"bench/{Path(script).name}", *map(str, args)])
 
 
 def time_calls(fn: Callable[[], object], warmup: int = 3, repeat: int = 20, min_seconds: float = 0.0) -> np.ndarray:

@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, table, write_report  # noqa: E402
+from common import RESULTS, command_line, machine, table, write_report  # noqa: E402
 
 
 def _load() -> float:
@@ -139,7 +139,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             res["tail"] = _tail_budgets(bundle, Path(tmp), limit, args)
     res["load_average"].append(_load())
     res["minutes"] = (time.perf_counter() - t_start) / 60
-    md = render(res, "python bench/deadlines.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    md = render(res, command_line(__file__, argv))
     print(md)
     write_report(Path(args.out), md, res)
     return 0

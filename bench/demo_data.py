@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, table, write_report  # noqa: E402
+from common import RESULTS, command_line, machine, table, write_report  # noqa: E402
 
 
 def split_accuracy(folds: int) -> Dict[str, Dict[str, float]]:
@@ -61,7 +61,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = ap.parse_args(argv)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
-    command = ("python bench/demo_data.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    command = command_line(__file__, argv)
     load = [os.getloadavg()[0]]
     acc = split_accuracy(args.folds)
     sec = render_seconds(args.render) if args.render else None

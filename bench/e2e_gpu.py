@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ProgressiveReport, machine, run_label, table  # noqa: E402
+from common import RESULTS, ProgressiveReport, command_line, machine, run_label, table  # noqa: E402
 from e2e import alternating  # noqa: E402
 from gpu_common import DTYPES, Graphed, close_driver, gfnet_driver, per_call_ms, run_loop, sync  # noqa: E402
 from gfnet_edge.model_desc import ModelDesc  # noqa: E402
@@ -163,7 +163,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "torch": torch.__version__, "num_test": int(len(test_y)), "tolerance": args.tolerance, "runs": {}}
     T = mm.steps
     every = [float(NO_EXIT)] * (T - 1) + [float(LAST)]
-    cmd = "python bench/e2e_gpu.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    cmd = command_line(__file__, argv)
     report = ProgressiveReport(Path(args.out), render, res, cmd, t_start)
 
     with _ieee_fp32(torch):

@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ProgressiveReport, machine, run_label, table  # noqa: E402
+from common import RESULTS, ProgressiveReport, command_line, machine, run_label, table  # noqa: E402
 from gpu_common import (DTYPES, Graphed, close_driver, forced_profile, gfnet_driver, per_call_ms,  # noqa: E402
                         profile_thresholds, run_loop, sync)
 
@@ -189,7 +189,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                            "gpu": torch.cuda.get_device_name(0) if dev == "cuda" else "no GPU (dry run on the CPU)",
                            "sms": torch.cuda.get_device_properties(0).multi_processor_count if dev == "cuda" else 0,
                            "profile": profile, "models": []}
-    cmd = "python bench/gpu_shapes.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    cmd = command_line(__file__, argv)
     report = ProgressiveReport(Path(args.out), render, res, cmd, t0)
 
     with _ieee_fp32(torch):

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, table, write_report  # noqa: E402
+from common import RESULTS, command_line, machine, table, write_report  # noqa: E402
 
 
 def pairs(fns: Dict[str, Callable[[], Any]], n: int, sweep: np.ndarray) -> Dict[str, List[float]]:
@@ -51,7 +51,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = ap.parse_args(argv)
     from gfnet_edge import ops
 
-    command = ("python bench/gru_zero_state.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    command = command_line(__file__, argv)
     load = [os.getloadavg()[0]]
     ops.set_num_threads(args.threads)
     rng = np.random.default_rng(0)

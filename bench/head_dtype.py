@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ProgressiveReport, machine, table  # noqa: E402
+from common import RESULTS, ProgressiveReport, command_line, machine, table  # noqa: E402
 
 
 def _log(msg: str) -> None:
@@ -101,7 +101,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from gfnet_edge.runtime import Runtime
     from gfnet_edge.runtime.heads import HeadSet, load_head_arrays
 
-    command = "python bench/head_dtype.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line(__file__, argv)
     results: Dict[str, Any] = {"machine": machine(), "load": [os.getloadavg()[0]], "rows": []}
     t0 = time.perf_counter()
     report = ProgressiveReport(args.out, render, results, command.strip(), t0)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, machine, table, write_report  # noqa: E402
+from common import RESULTS, ROOT, command_line, machine, table, write_report  # noqa: E402
 
 DEMO = ROOT / "gfnet_edge" / "assets" / "demo_gfnet.pth.tar"
 
@@ -151,8 +151,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                          stat([n / r["seconds"] for r in rs]), stat([n / r["cpu_seconds"] for r in rs])])
     md = ["# Runtime memory per call (`bench/memory.py`)", "",
           f"Machine: {machine()}; ONNX Runtime fp32, {args.threads} threads, default budget "
-          f"of the bundle; 1-minute load average {load:.1f} -> {load_end:.1f} (start -> end). Command: `python bench/memory.py "
-          + " ".join(sys.argv[1:] if argv is None else argv) + "`.", "",
+          f"of the bundle; 1-minute load average {load:.1f} -> {load_end:.1f} (start -> end). Command: `"
+          + command_line(__file__, argv) + "`.", "",
           (f"Median (range) of {args.repeat} runs per row, the order of the calls rotating between runs." + "\n\n"
            if args.repeat > 1 else "")
           + table(["frames per call", "call", "max_batch", "input MiB", "peak rise MiB", "images/s",

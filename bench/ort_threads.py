@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ProgressiveReport, machine, table  # noqa: E402
+from common import RESULTS, ProgressiveReport, command_line, machine, table  # noqa: E402
 
 SETTINGS = ("stop", "spin", "never")
 
@@ -177,7 +177,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from gfnet_edge.demo import DEMO_CHECKPOINT, DEMO_STATIC
     from gfnet_edge.models import count_static_macs, count_step_macs, load_checkpoint
 
-    command = ("python bench/ort_threads.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    command = command_line(__file__, argv)
     ops.set_num_threads(args.threads)
     res: Dict[str, Any] = {"machine": machine(), "threads": args.threads, "load": [os.getloadavg()[0]], "loop": {}}
     report = ProgressiveReport(args.out, render, res, command, time.perf_counter())

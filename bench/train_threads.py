@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, machine, table, write_report  # noqa: E402
+from common import RESULTS, ROOT, command_line, machine, table, write_report  # noqa: E402
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -41,7 +41,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from gfnet_edge.models import load_checkpoint
 
-    command = ("python bench/train_threads.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    command = command_line(__file__, argv)
     load = [os.getloadavg()[0]]
     enc = load_checkpoint(ROOT / "gfnet_edge" / "assets" / "demo_gfnet.pth.tar").model
     enc.train()

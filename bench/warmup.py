@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, machine, table, write_report  # noqa: E402
+from common import RESULTS, ROOT, command_line, machine, table, write_report  # noqa: E402
 
 
 def worker(bundle: Path, seconds: float, threads: int, precision: str) -> None:
@@ -110,7 +110,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.worker:
         worker(args.bundle, args.seconds, args.threads, args.precision)
         return 0
-    command = "python bench/warmup.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line(__file__, argv)
     load = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory(prefix="gfnet-warmup-") as tmp:
         bundle = args.bundle
