@@ -194,16 +194,21 @@ def class_folders(folder: os.PathLike | str) -> Optional[List[str]]:
     """The class names (sorted subfolder names, labels 0..K-1) of an image folder in the
     one-subfolder-per-class layout, or None for a flat folder or a file."""
     folder = Path(folder)
-    if not folder.is_dir() or any(_is_image(p) for p in folder.iterdir()):
+    if not folder.is_dir():
         return None
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    top_files, class_dirs = _entries(folder)
+    return None if top_files else [d.name for d in class_dirs]
+
+
+def _entries(folder: Path) -> Tuple[List[Path], List[Path]]:
+    """A folder's top-level image files and its class subfolders (not hidden), sorted by name."""
+    entries = sorted(folder.iterdir())
+    return [p for p in entries if _is_image(p)], [p for p in entries if p.is_dir() and not p.name.startswith(".")]
 
 
 def _list_folder(folder: Path) -> Tuple[List[Path], Optional[np.ndarray]]:
     """Image files of a folder and their labels (``None`` for a flat folder)."""
-    entries = sorted(folder.iterdir())
-    top_files = [p for p in entries if _is_image(p)]
-    class_dirs = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
+    top_files, class_dirs = _entries(folder)
     class_files = [sorted(p for p in d.rglob("*") if _is_image(p)) for d in class_dirs]
     if any(class_files) and top_files:
         raise ValueError(f"{folder}: mixes images at the top level ({top_files[0].name}, ...) with "
