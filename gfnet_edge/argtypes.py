@@ -50,8 +50,10 @@ def _bound(v, infinity: str = "inf") -> str:
     return infinity if v is None else str(v)
 
 
-#: A count of threads: 1 .. 1024.
-THREADS = int_range(1, 1024)
+#: Most CPU threads any option, the runtime or the extension's pool takes.
+MAX_THREADS = 1024
+#: A count of threads: 1 .. MAX_THREADS.
+THREADS = int_range(1, MAX_THREADS)
 #: A positive count (images, repeats ...).
 POSITIVE = int_range(1, 1 << 31)
 #: A count that may be zero.

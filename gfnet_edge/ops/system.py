@@ -1,6 +1,7 @@
 """The CPU kernels' settings: threads, the SIMD code path, and the memory-bandwidth probe."""
 from __future__ import annotations
 
+from ..argtypes import MAX_THREADS
 from ._args import to_int
 from ._ext import _C
 
@@ -11,8 +12,8 @@ def get_num_threads() -> int:
 
 
 def set_num_threads(n: int) -> None:
-    """Sets the number of threads of the CPU kernels (1 to 1024; one pool per process)."""
-    _C.set_num_threads(to_int(n, "n", 1, 1024))
+    """Sets the number of threads of the CPU kernels (1 to ``MAX_THREADS``; one pool per process)."""
+    _C.set_num_threads(to_int(n, "n", 1, MAX_THREADS))
 
 
 def simd_level() -> str:

@@ -11,6 +11,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
+from ..argtypes import MAX_THREADS
 from ..bundle import Bundle, BundleError
 from ..errors import InputError, UnavailableError
 from ..log import logger
@@ -182,8 +183,8 @@ class Runtime:
         from .. import ops
 
         if threads:
-            if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= 1024:
-                raise InputError(f"threads must be an int from 1 to 1024, got {threads!r}")
+            if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= MAX_THREADS:
+                raise InputError(f"threads must be an int from 1 to {MAX_THREADS}, got {threads!r}")
             ops.set_num_threads(int(threads))
         on_gpu = bool(self.runner.supports_device)  # the loop's place follows the heads' device
         if on_gpu and ops.cuda_device_count() < 1:
