@@ -418,6 +418,43 @@ def test_resume_refuses_options_that_would_change_the_run(tmp_path, capsys, fold
     assert rc == 0, err  # the same settings as the run's (the CLI repeats them), another worker count
 
 
+def test_a_static_baseline_is_added_to_a_finished_run(tmp_path, capsys, folder):
+    """``--resume --stage static --static-epochs N`` on an exported run without a baseline trains
+    one, writes RUN/static.pth.tar, adds it to results.json and leaves the GFNet's files as they
+    were; once the run has a baseline its settings are fixed again."""
+    from gfnet_edge.data.images import load_images
+    from gfnet_edge.train.static import load_static
+
+    run = tmp_path / "run"
+    rc, err = _run_cli(["--data", folder, "-o", run], capsys)
+    assert rc == 0, err
+    gfnet_files = {p.name: p.read_bytes() for p in run.iterdir() if p.suffix in (".pt", ".tar")}
+    before = json.loads((run / "results.json").read_text())
+    assert "static_accuracy" not in before and not (run / "static.pth.tar").exists()
+    rc, err = _run_cli(["--data", folder, "-o", run, "--resume", "--stage", "static"], capsys)
+    assert rc == 2 and len(err) == 1 and "--static-epochs N" in err[0]
+
+    rc, err = _run_cli(["--data", folder, "-o", run, "--resume", "--stage", "static", "--static-epochs", "1"], capsys)
+    assert rc == 0, err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.name in gfnet_files} == gfnet_files
+    assert json.loads((run / "config.json").read_text())["static"]["epochs"] == 1
+    after = json.loads((run / "results.json").read_text())
+    assert {k: v for k, v in after.items() if not k.startswith("static_")} == before
+    net, meta = load_static(run / "static.pth.tar")
+    frames, labels = load_images(folder / "val", 64, crop_pct=1.0)  # the trainer's val crop at S = 64
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (meta["mean"], meta["std"]))
+    with torch.no_grad():
+        pred = net.eval()(((torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255) - mean) / std).argmax(1)
+    assert after["static_accuracy"] == meta["val_accuracy"] == pytest.approx(
+        100.0 * float((pred.numpy() == labels).mean()), abs=0.01)
+    assert after["static_macs"] == meta["macs"] > 0
+
+    static_pt = (run / "static.pt").read_bytes()
+    rc, err = _run_cli(["--data", folder, "-o", run, "--resume", "--stage", "static", "--static-epochs", "2"], capsys)
+    assert rc == 2 and len(err) == 1 and "would change static.epochs" in err[0] and "no static.pt" in err[0]
+    assert (run / "static.pt").read_bytes() == static_pt
+
+
 def test_existing_run_needs_resume(tmp_path, capsys, folder):
     run = tmp_path / "run"
     run.mkdir()

@@ -55,7 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--patch-size", type=POSITIVE, default=None, help="P (default: the backbone family's)")
     g.add_argument("--steps", type=POSITIVE, default=None, help="T (default: the backbone family's)")
     g.add_argument("--epochs", default=None, metavar="N|N1,N2,N3", help="epochs of stages 1, 2, 3 (default 30,10,10)")
-    g.add_argument("--static-epochs", type=NON_NEGATIVE, default=None, help="also train the static baseline for N epochs")
+    g.add_argument("--static-epochs", type=NON_NEGATIVE, default=None,
+                   help="also train the static baseline for N epochs (a finished run without one gets it with "
+                        "--resume --stage static --static-epochs N)")
     g.add_argument("--batch-size", type=POSITIVE, default=None, help="global batch (split over torchrun processes; default 64)")
     g.add_argument("--workers", type=NON_NEGATIVE, default=None, help="DataLoader worker processes per process (default 4)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: a GPU when torch sees one")

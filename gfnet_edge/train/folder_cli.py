@@ -207,22 +207,45 @@ def run_folder(args: argparse.Namespace) -> int:
         if args.workers is not None:  # how images are loaded, not what is trained: may change on resume
             cfg.workers = args.workers
         changed = _changed_on_resume(cfg, args)
-        if changed:
+        if changed and _adds_static(changed, stages, Path(args.out)):
+            cfg = apply_args(FolderTrainConfig.from_dict(json.loads(cfg.dumps())), args)
+        elif changed:
+            hint = ("; the static baseline's settings may change only while the run has none (no static.pt)"
+                    if "static" in stages and all(k.startswith("static.") for k in changed) else "")
             raise InputError(f"--resume continues the run as {cfg_path} describes it, and the command line would "
                              f"change {', '.join(changed)}: leave those options out (or start a new run in "
-                             "another -o folder)")
+                             f"another -o folder){hint}")
+        else:
+            changed = []
     else:
-        cfg = config_from_args(args)
+        cfg, changed = config_from_args(args), []
+    if tuple(stages) == ("static",) and cfg.static.epochs <= 0:
+        raise InputError("--stage static trains the static baseline, and this run has none: give its epochs with "
+                         "--static-epochs N")
     train_folder(cfg, Path(args.out), stages, resume=args.resume, device=args.device,
-                 progress=not args.no_progress, threads=args.threads)
+                 progress=not args.no_progress, threads=args.threads, settings_changed=bool(changed))
     return 0
 
 
+def _adds_static(changed: Sequence[str], stages: Sequence[str], out: Path) -> bool:
+    """Whether a ``--resume`` whose command line changes the settings ``changed`` adds a static
+    baseline to a run that has none: the static stage runs, only ``static.*`` settings change
+    and no static stage has started (``RUN/static.pt`` absent). The GFNet stages are untouched
+    by those settings, so the run's other checkpoints stay valid."""
+    return ("static" in stages and all(k.startswith("static.") for k in changed)
+            and not (out / "static.pt").exists())
+
+
 def train_folder(cfg, out: Path, stages=STAGE_ORDER, resume: bool = False, device: str = "auto",
-                 progress: bool = False, threads: Optional[int] = None) -> Dict[str, Any]:
+                 progress: bool = False, threads: Optional[int] = None,
+                 settings_changed: bool = False) -> Dict[str, Any]:
     """Trains ``stages`` of the run in ``out`` (joining the ``torchrun`` process group if any).
 
-    Returns the results written to ``RUN/results.json`` when the run was exported (else ``{}``).
+    ``settings_changed``: ``cfg`` differs from a resumed run's ``config.json`` (a static baseline
+    added to it), which is rewritten once the data and models check out.
+
+    Returns the results written to ``RUN/results.json`` when the run was exported, or updated
+    with a static baseline added to an exported run (else ``{}``).
 
     Raises:
         InputError: bad data, backbone, weights or run folder (nothing is written then), or
@@ -237,7 +260,7 @@ def train_folder(cfg, out: Path, stages=STAGE_ORDER, resume: bool = False, devic
         if cfg_path.exists() and not resume:
             raise InputError(f"{out} already holds a run: pass --resume to continue it, or choose another -o folder")
         _check_earlier_stages(out, stages)
-        return _train_locked(cfg, out, stages, resume, device, progress, threads)
+        return _train_locked(cfg, out, stages, resume, device, progress, threads, settings_changed)
     finally:
         lock.release()
 
@@ -281,7 +304,7 @@ class _RunLock:
 
 
 def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: bool,
-                  threads: Optional[int]) -> Dict[str, Any]:
+                  threads: Optional[int], settings_changed: bool = False) -> Dict[str, Any]:
     import torch
 
     from .dist import init_distributed
@@ -331,6 +354,7 @@ def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: b
                 (out / "data_index.json").write_text(json.dumps(
                     {k: {"root": str(s.root), "classes": s.classes, "samples": s.samples, "skipped": s.skipped}
                      for k, s in (("train", train), ("val", val))}))
+            if fresh or settings_changed:
                 cfg_path.write_text(cfg.dumps())
         ctx.barrier()
         spec = model.spec
@@ -395,6 +419,8 @@ def _run_stages(out, cfg, ctx, train, val, model, static, stages, log, progress:
     res: Dict[str, Any] = {}
     if "stage3" in stages or not stages:
         res = export(tr, out, log)
+    elif "static" in stages and static is not None and (out / "results.json").is_file():
+        res = add_static_results(tr, out, log)  # a baseline added to an exported run
     log(f"total {(time.time() - t0) / 60:.1f} min")
     return res
 
@@ -405,8 +431,7 @@ def export(tr, out: Path, log) -> Dict[str, Any]:
     from .. import evaluate as ev
     from ..models.checkpoint import save_checkpoint
     from ..models.gfnet import GFNet
-    from ..models.macs import count_static_macs, count_step_macs
-    from .static import save_static
+    from ..models.macs import count_step_macs
 
     t = time.time()
     probs, labels = tr.val_probs(0, amp=False)
@@ -434,15 +459,44 @@ def export(tr, out: Path, log) -> Dict[str, Any]:
             "train_results": {k: v for k, v in res.items() if k != "budgeted_batch_classification"}}
     path = save_checkpoint(out / "gfnet.pth.tar", model, metadata=meta)
     if static_acc is not None:
-        net = tr.static.module if hasattr(tr.static, "module") else tr.static
-        macs = count_static_macs(net.eval(), tr.spec.image_size)
-        save_static(out / "static.pth.tar", net, tr.cfg.backbone, tr.cfg.backbone_kwargs, tr.spec.num_classes,
-                    tr.spec.image_size, metadata={"val_accuracy": static_acc, "classes": tr.cfg.classes}, half=False)
-        res.update(static_accuracy=static_acc, static_macs=float(macs))
+        res.update(_save_static(tr, out, static_acc))
     (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
     pts = ", ".join(f"{a:.1f}% @ {c / 1e6:.1f}M" for c, a in list(zip(*curve.as_lists()))[::13])
     log(f"val anytime accuracy per step: {res['anytime_accuracy']} (MACs {', '.join(f'{c / 1e6:.1f}M' for c in costs)})")
     log(f"val budgeted (thresholds fit on val): {pts}" + (f"; static baseline {static_acc}%" if static_acc is not None else ""))
     log(f"wrote {path} ({(time.time() - t):.0f} s)")
+    tr.ctx.barrier()
+    return res
+
+
+def _save_static(tr, out: Path, static_acc: float) -> Dict[str, Any]:
+    """Writes ``RUN/static.pth.tar`` (rank 0); returns its ``results.json`` entries."""
+    from ..models.macs import count_static_macs
+    from .static import save_static
+
+    net = tr.static.module if hasattr(tr.static, "module") else tr.static
+    macs = count_static_macs(net.eval(), tr.spec.image_size)
+    save_static(out / "static.pth.tar", net, tr.cfg.backbone, tr.cfg.backbone_kwargs, tr.spec.num_classes,
+                tr.spec.image_size, metadata={"val_accuracy": static_acc, "classes": tr.cfg.classes}, half=False)
+    return {"static_accuracy": static_acc, "static_macs": float(macs)}
+
+
+def add_static_results(tr, out: Path, log) -> Dict[str, Any]:
+    """A static baseline trained after the run was exported: writes ``RUN/static.pth.tar`` and
+    adds its val accuracy and MACs to ``RUN/results.json`` (the GFNet checkpoint is unchanged)."""
+    static_acc = tr.evaluate_static()["val_acc"]
+    if not tr.ctx.main:
+        tr.ctx.barrier()
+        return {}
+    path = out / "results.json"
+    try:
+        res = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read the run's results ({exc})") from exc
+    res.update(_save_static(tr, out, static_acc))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(res, indent=1) + "\n")
+    tmp.replace(path)
+    log(f"static baseline {static_acc}% on val; wrote {out / 'static.pth.tar'} and added it to {path}")
     tr.ctx.barrier()
     return res
