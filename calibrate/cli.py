@@ -23,7 +23,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         budgets=list(args.budget or []), deadlines=args.deadlines,
         backend=args.backend, precision=args.precision, threads=args.threads, dla_core=args.dla_core,
         head_dtype=args.head_dtype, device=args.device, batch=args.batch,
-        batch_size=args.batch_size, num_images=args.num_images, holdout=args.holdout, method=args.method,
+        batch_size=args.batch_size, num_images=args.num_images, holdout=args.holdout,
+        skip_unreadable=args.skip_unreadable, method=args.method,
         margin=args.margin, tolerance=tol, attempts=args.attempts, repeats=args.repeats, warmup=args.warmup,
         warmup_ms=args.warmup_ms,
         static=list(args.static or []), static_int8=args.static_int8, compare_precisions=not args.no_compare,
@@ -60,7 +61,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "  gfnet-edge calibrate BUNDLE --data val/ --static static.pth.tar --default 4 -o report/\n\n"
             "--budget-ms bounds the mean milliseconds per image at --batch (default 1); --budget p95:MS (p90, p99)\n"
             "bounds that percentile of per-image latency on the held-out images. A budget the glance alone cannot\n"
-            "meet, unreadable data or an existing report directory stop with an error before anything is written."
+            "meet, unreadable data (see --skip-unreadable) or an existing report directory stop with an error before\n"
+            "anything is written."
         ),
     )
     p.add_argument("bundle", help="bundle directory (gfnet-edge build-engine)")
@@ -78,6 +80,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int_range(1, 1 << 16), default=1, help="images per call the budgets are for (default 1)")
     p.add_argument("--batch-size", type=int_range(0, 1 << 16), default=8, help="a second batch size to measure step latency at (0: none)")
     p.add_argument("--num-images", type=POSITIVE, help="use at most this many images (demo: how many; default 1000)")
+    p.add_argument("--skip-unreadable", action="store_true",
+                   help="leave out image files of a --data folder that cannot be read, naming each in a warning "
+                        "(default: stop at the first)")
     p.add_argument("--holdout", type=float_range(0.0, 1.0, lo_open=True, hi_open=True), default=0.5, help="held-out fraction (default 0.5)")
     p.add_argument("--method", choices=["search", "reference"], default="search",
                    help="threshold fitting: search (max accuracy under the budget) or the reference p sweep")

@@ -31,6 +31,8 @@ class CalibrationConfig:
         batch_size: a second batch size whose step latency is measured (throughput; 0: none).
         num_images: calibration images used (``demo``: how many are generated).
         holdout: held-out fraction.
+        skip_unreadable: leave out image files of a ``data`` folder that cannot be read
+            (each named in a warning) instead of stopping at the first.
         method: ``search`` or ``reference`` threshold fitting.
         margin: safety margin of the fit (fraction of the budget).
         tolerance: (below, above) fractions of the budget the measured mean latency must lie in.
@@ -68,6 +70,7 @@ class CalibrationConfig:
     batch_size: int = 8
     num_images: Optional[int] = None
     holdout: float = 0.5
+    skip_unreadable: bool = False
     method: str = "search"
     margin: float = 0.03
     tolerance: Tuple[float, float] = (0.10, 0.05)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -60,7 +60,7 @@ def _demo(n: int, model: ModelDesc) -> Tuple[np.ndarray, np.ndarray, str]:
 
 
 def load_calibration_data(source: str, model: "ModelDesc | Dict[str, Any]", limit: Optional[int] = None,
-                          holdout: float = 0.5, seed: int = 0) -> LabelledImages:
+                          holdout: float = 0.5, seed: int = 0, skip_unreadable: bool = False) -> LabelledImages:
     """Loads labelled calibration images and splits them.
 
     Args:
@@ -71,6 +71,9 @@ def load_calibration_data(source: str, model: "ModelDesc | Dict[str, Any]", limi
         limit: use at most this many images (``demo`` default 1000).
         holdout: fraction kept for held-out evaluation.
         seed: seed of the random split.
+        skip_unreadable: leave out a folder's image files that cannot be read (each named in a
+            warning; their number is in ``info["skipped_unreadable"]``) instead of stopping at
+            the first.
 
     Raises:
         InputError: unreadable data, no labels, too few images, bad arguments.
@@ -89,13 +92,17 @@ def load_calibration_data(source: str, model: "ModelDesc | Dict[str, Any]", limi
         frames, labels, key = _demo(limit or 1000, model)
         info = {"demo_split": "test", "demo_config_key": key}
     else:
-        from gfnet_edge.data.images import load_images
+        from gfnet_edge.data.images import load_images, unreadable_files
 
         _check_class_folders(source, model)  # before reading every image
+        skipped: List[str] = []
         try:
-            frames, labels = load_images(source, S, model.crop_pct, model.dataset_interpolation)
+            frames, labels = load_images(source, S, model.crop_pct, model.dataset_interpolation,
+                                         on_error=unreadable_files(skip_unreadable, skipped))
         except ValueError as exc:
             raise InputError(f"cannot read calibration data: {exc}") from exc
+        if skipped:
+            info["skipped_unreadable"] = len(skipped)
         if labels is None:
             raise InputError(f"{source}: calibration needs labelled images (a folder with one subfolder per class, "
                              "or an .npz with a 'labels' array); these have no labels")
@@ -134,3 +141,4 @@ def _check_class_folders(source: str, model: ModelDesc) -> None:
         raise InputError(f"{source}: {len(names)} class folders for a model with {model.num_classes} classes; "
                          "labels come from the sorted folder names, so the folder needs one subfolder per class "
                          "of the model")
+

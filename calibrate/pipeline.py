@@ -178,7 +178,7 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
     except BundleError as exc:
         raise InputError(str(exc)) from exc
     model = bundle.model
-    data = load_calibration_data(cfg.data, model, cfg.num_images, cfg.holdout, cfg.seed)
+    data = load_calibration_data(cfg.data, model, cfg.num_images, cfg.holdout, cfg.seed, cfg.skip_unreadable)
     device = device_description()
     fit_x, fit_y = data.part("fit")
     hold_x, hold_y = data.part("holdout")

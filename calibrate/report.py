@@ -175,7 +175,9 @@ def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: Sequenc
         f"device: {html.escape(str(dev['cpu']))} ({html.escape(', '.join(dev.get('cpu_flags') or []) or 'no flags read')}; "
         f"{dev['cores']} cores, load average {dev.get('load_average')} at "
         f"start, {dev.get('load_average_end')} at end) · {html.escape(dev['platform'])} · "
-        f"data: {html.escape(res['data']['source'])} ({res['data']['fit']} fit / {res['data']['holdout']} held-out) · "
+        f"data: {html.escape(res['data']['source'])} ({res['data']['fit']} fit / {res['data']['holdout']} held-out"
+        + (f"; {res['data']['skipped_unreadable']} unreadable files left out" if res['data'].get('skipped_unreadable') else "")
+        + ") · "
         f"{html.escape(res['created'])}</div>")
 
     warn = (lat.get("stability") or {}).get("warning")

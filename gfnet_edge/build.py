@@ -16,7 +16,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -40,6 +40,8 @@ class BuildConfig:
         backend: ``auto`` / ``onnxruntime`` (portable bundle) / ``tensorrt`` (plus engines).
         calib_data: folder / .npz / ``demo`` / ``demo:train`` for INT8 calibration.
         num_calib: calibration images.
+        skip_unreadable: leave out image files of a ``calib_data`` folder that cannot be read
+            (each named in a warning) instead of stopping at the first.
         calib_method: ``auto`` (the profile's own, :attr:`gfnet_edge.quantize.Profile.auto_method`),
             ``entropy``, ``max`` or ``percentile``.
         int8_profiles: which INT8 graph sets to write (``cpu``, ``tensorrt``).
@@ -62,6 +64,7 @@ class BuildConfig:
     backend: str = "auto"
     calib_data: Optional[str] = None
     num_calib: int = 256
+    skip_unreadable: bool = False
     calib_method: str = "auto"
     int8_profiles: Sequence[str] = ("cpu", "tensorrt")
     max_accuracy_drop: float = 0.5
@@ -209,10 +212,16 @@ def _calibration_images(model, cfg: BuildConfig):
             source = "demo"
         else:
             raise InputError("--precision int8 needs calibration images: pass --calib-data FOLDER|FILE.npz")
+    from .data.images import unreadable_files
+
+    skipped: List[str] = []
     try:
-        images, labels = load_calibration_images(source, model, cfg.num_calib + cfg.num_eval, return_labels=True)
+        images, labels = load_calibration_images(source, model, cfg.num_calib + cfg.num_eval, return_labels=True,
+                                                 on_error=unreadable_files(cfg.skip_unreadable, skipped))
     except ValueError as exc:
         raise InputError(str(exc)) from exc
+    if skipped:
+        logger.warning("INT8: %d unreadable image file(s) of %s left out", len(skipped), source)
     if not _demo_calibration(source):  # a folder lists its images class by class: mix them before the split
         order = np.random.default_rng(0).permutation(len(images))
         images, labels = images[order], (labels[order] if labels is not None else None)

@@ -93,7 +93,7 @@ def check_images(images: Any, image_size: int, min_images: int = MIN_CALIB_IMAGE
 
 def load_calibration_images(source: Union[str, os.PathLike], spec: SpecLike, n: int = 256, seed: int = 0,
                             min_images: int = MIN_CALIB_IMAGES, split: str = "val",
-                            return_labels: bool = False):
+                            return_labels: bool = False, on_error=None):
     """Loads calibration (or evaluation) images, normalised for ``spec``.
 
     Args:
@@ -111,6 +111,9 @@ def load_calibration_images(source: Union[str, os.PathLike], spec: SpecLike, n: 
         min_images: fewer usable images than this is an error.
         split: demo split.
         return_labels: also return the labels (``None`` for unlabelled sources).
+        on_error: for a folder, ``on_error(file, message)`` takes each unreadable image file,
+            which is left out (see :func:`gfnet_edge.data.load_images`); without it the first
+            one raises.
 
     Returns:
         float32 (N, 3, S, S) [, int64 labels (N,) or ``None``].
@@ -144,7 +147,7 @@ def load_calibration_images(source: Union[str, os.PathLike], spec: SpecLike, n: 
 
         path = Path(source)
         frames, labels = load_images(path, S, float(_spec_value(spec, "crop_pct")),
-                                     str(_spec_value(spec, "dataset_interpolation")))
+                                     str(_spec_value(spec, "dataset_interpolation")), on_error=on_error)
         where = str(path)
     total = int(frames.shape[0])
     if total == 0:

@@ -256,6 +256,37 @@ def test_unreadable_data_fails_cleanly(tiny_bundle, tmp_path, capsys, kind):
     assert not out.exists() and (bundle / "manifest.json").read_bytes() == manifest
 
 
+def test_unreadable_files_stop_the_run_or_are_left_out_with_skip_unreadable(tiny_bundle, tmp_path, capsys):
+    """A class folder with one broken file: the run stops naming it (and the option), or with
+    --skip-unreadable calibrates on the other images, names the file in a warning and counts
+    it in the report."""
+    from PIL import Image
+
+    with np.load(tiny_bundle / "data.npz") as z:
+        images, labels = z["images"], z["labels"]
+    data = tmp_path / "val"
+    for k, (img, y) in enumerate(zip(images, labels)):
+        (data / f"c{y}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(data / f"c{y}" / f"{k:02d}.png")
+    bad = data / "c1" / "05_broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    bundle = _fresh(tiny_bundle, tmp_path)
+    manifest = (bundle / "manifest.json").read_bytes()
+    out = tmp_path / "r"
+    rc = _main(["calibrate", str(bundle), "--data", str(data), "-o", str(out), *FAST])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and str(bad) in err[0] and "--skip-unreadable" in err[0]
+    assert not out.exists() and (bundle / "manifest.json").read_bytes() == manifest
+
+    rc = _main(["calibrate", str(bundle), "--data", str(data), "-o", str(out), "--skip-unreadable", "--no-compare",
+                "--budget-ms", "1000", *FAST])
+    err = capsys.readouterr().err
+    assert rc == 0 and f"left out {bad}: cannot read image" in err
+    res = json.loads((out / "report.json").read_text())
+    assert res["data"]["images"] == len(labels) and res["data"]["skipped_unreadable"] == 1
+    assert "1 unreadable files left out" in (out / "report.html").read_text()
+
+
 def test_report_is_atomic_on_failure(tiny_bundle, tmp_path, monkeypatch, capsys):
     from gfnet_edge.calibrate import pipeline
 

@@ -202,6 +202,30 @@ def test_load_flat_folder_and_single_file(tmp_path):
     assert frames.shape == (1, 24, 24, 3) and labels is None
 
 
+def test_unreadable_files_are_left_out_with_their_labels_when_on_error_takes_them(tmp_path):
+    """With ``on_error`` a folder's unreadable files are reported and left out, and what remains is
+    what the folder without them gives; without it the first one raises."""
+    import shutil
+
+    for name, colour in (("cat/a.png", (10, 200, 30)), ("cat/b.png", (200, 10, 30)), ("dog/c.png", (1, 2, 250)),
+                         ("dog/d.png", (90, 90, 9))):
+        _write_png(tmp_path / "full" / name, colour=colour)
+    shutil.copytree(tmp_path / "full", tmp_path / "clean")
+    (tmp_path / "full" / "cat" / "a2.png").write_bytes(b"not a png")
+    (tmp_path / "full" / "dog" / "c2.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match="a2.png: cannot read image"):
+        load_images(tmp_path / "full", image_size=16)
+    seen = []
+    frames, labels = load_images(tmp_path / "full", image_size=16, on_error=lambda f, m: seen.append((f, m)))
+    want_frames, want_labels = load_images(tmp_path / "clean", image_size=16)
+    assert np.array_equal(frames, want_frames) and labels.tolist() == want_labels.tolist() == [0, 0, 1, 1]
+    assert [Path(f).name for f, _ in seen] == ["a2.png", "c2.jpg"] and all("cannot read image" in m for _, m in seen)
+    for f in (tmp_path / "clean").rglob("*.png"):
+        f.write_bytes(b"x")
+    with pytest.raises(ValueError, match="none of its 4 images can be read"):
+        load_images(tmp_path / "clean", image_size=16, on_error=lambda f, m: None)
+
+
 def test_image_batches_name_each_image_and_equal_load_images(tmp_path):
     _write_png(tmp_path / "imgs" / "cat" / "a.png")
     _write_png(tmp_path / "imgs" / "dog" / "c.jpg", colour=(1, 2, 250))

@@ -642,6 +642,37 @@ def test_a_class_folder_is_mixed_before_the_calibration_split(tmp_path):
     np.testing.assert_array_equal(images, again)
 
 
+def test_unreadable_calibration_files_stop_the_build_unless_skipped(tmp_path, caplog):
+    """A broken file in the calibration folder stops the build naming it and --skip-unreadable;
+    with skip_unreadable it is left out with a warning and the rest are the folder's images."""
+    import shutil
+
+    from PIL import Image
+
+    from gfnet_edge import build
+    from gfnet_edge.errors import InputError
+
+    rng = np.random.default_rng(1)
+    for c in range(2):
+        (tmp_path / "data" / f"c{c}").mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "data" / f"c{c}" / f"{i}.png")
+    shutil.copytree(tmp_path / "data", tmp_path / "clean")
+    bad = tmp_path / "data" / "c1" / "3b.png"
+    bad.write_bytes(b"GIF89a")
+    cfg = build.BuildConfig(calib_data=str(tmp_path / "data"), num_calib=16, num_eval=16)
+    with pytest.raises(InputError, match=f"{bad}: cannot read image .* \\(--skip-unreadable leaves such files out\\)"):
+        build._calibration_images(_tiny_model(), cfg)
+    cfg.skip_unreadable = True
+    with caplog.at_level("WARNING", logger="gfnet_edge"):
+        images, labels = build._calibration_images(_tiny_model(), cfg)
+    assert f"left out {bad}: cannot read image" in caplog.text and "1 unreadable image file(s)" in caplog.text
+    want, want_labels = build._calibration_images(_tiny_model(), build.BuildConfig(calib_data=str(tmp_path / "clean"),
+                                                                                  num_calib=16, num_eval=16))
+    np.testing.assert_array_equal(images, want)
+    np.testing.assert_array_equal(labels, want_labels)
+
+
 @pytest.mark.parametrize("kw,match", [({"num_calib": 8}, "at least 16"), ({"int8_profiles": ()}, "non-empty"),
                                       ({"int8_profiles": ("cpu", "arm")}, "non-empty selection")])
 def test_build_refuses_int8_options_that_cannot_work_before_writing(tmp_path, kw, match):

@@ -43,7 +43,8 @@ def _refuse_ignored_options(args: argparse.Namespace, src: Path) -> None:
 
     int8_data = [flag for flag, given in (("--calib-data", args.calib_data is not None),
                                           ("--finetune-epochs", args.finetune_epochs is not None),
-                                          ("--patch-guard", args.patch_guard is not None)) if given]
+                                          ("--patch-guard", args.patch_guard is not None),
+                                          ("--skip-unreadable", args.skip_unreadable)) if given]
     if int8_data and src.is_dir():
         raise InputError(f"{int8_data[0]} applies when building from a checkpoint; {src} is a bundle, whose "
                          "TensorRT engines are built from its INT8 graphs")
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from ..build import BuildConfig, build_bundle, build_engines
 
     cfg = BuildConfig(precision=args.precision, backend=args.backend, calib_data=args.calib_data,
-                      num_calib=args.num_calib, calib_method=args.calib_method,
+                      num_calib=args.num_calib, skip_unreadable=args.skip_unreadable, calib_method=args.calib_method,
                       int8_profiles=args.int8_profiles,
                       max_accuracy_drop=args.max_accuracy_drop, finetune_epochs=args.finetune_epochs,
                       patch_guard_share=args.patch_guard,
@@ -107,6 +108,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-calib", type=int_range(MIN_CALIB_IMAGES, 1_000_000), default=256,
                    help=f"calibration images (default 256, at least {MIN_CALIB_IMAGES}); as many again, when "
                         "the data has them, are held out to check the INT8 accuracy")
+    p.add_argument("--skip-unreadable", action="store_true",
+                   help="leave out image files of a --calib-data folder that cannot be read, naming each in a "
+                        "warning (default: stop at the first)")
     p.add_argument("--calib-method", choices=["auto", "entropy", "max", "percentile"], default="auto",
                    help="activation calibration (default auto: the method measured best per INT8 profile, "
                         "see docs/quantization.md)")

@@ -30,7 +30,8 @@ _INTERPOLATIONS = {
 
 
 def load_images(path: os.PathLike | str, image_size: int = 224, crop_pct: float = 0.875,
-                interpolation: str = "bilinear") -> Tuple[np.ndarray, Optional[np.ndarray]]:
+                interpolation: str = "bilinear", on_error: Optional[Callable[[str, str], None]] = None,
+                ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """Loads images for calibration or evaluation.
 
     Accepted inputs:
@@ -53,6 +54,10 @@ def load_images(path: os.PathLike | str, image_size: int = 224, crop_pct: float 
         image_size: output side S.
         crop_pct: centre-crop ratio of the validation pre-processing (0 < crop_pct <= 1).
         interpolation: Pillow resize filter: nearest, bilinear, bicubic, lanczos, box, hamming.
+        on_error: for a folder, ``on_error(file, message)`` is called for each image file that
+            cannot be read, which is then left out (with its label); it may raise to stop.
+            Without it the first such file raises ValueError. A folder none of whose images
+            can be read raises ValueError either way.
 
     Returns:
         ``(frames, labels)``: uint8 ``(N, S, S, 3)`` and int64 ``(N,)`` or ``None``.
@@ -67,10 +72,15 @@ def load_images(path: os.PathLike | str, image_size: int = 224, crop_pct: float 
         raise ValueError(f"{path}: no such file or directory")
     if path.is_dir():
         files, labels = _list_folder(path)
-        return _load_files(files, image_size, crop_pct, interpolation), labels
+        frames, read = _load_files(files, image_size, crop_pct, interpolation, on_error)
+        if not read.any():
+            raise ValueError(f"{path}: none of its {len(files)} images can be read")
+        if read.all():
+            return frames, labels
+        return frames[read], (labels[read] if labels is not None else None)
     if path.suffix.lower() == ".npz":
         return _load_npz(path, image_size, crop_pct, interpolation)
-    return _load_files([path], image_size, crop_pct, interpolation), None
+    return _load_files([path], image_size, crop_pct, interpolation)[0], None
 
 
 def iter_image_batches(paths: Sequence[os.PathLike | str], image_size: int = 224, crop_pct: float = 0.875,
@@ -176,6 +186,21 @@ def preprocess(image: Image.Image, image_size: int = 224, crop_pct: float = 0.87
     return np.asarray(image, dtype=np.uint8)
 
 
+def unreadable_files(skip: bool, skipped: List[str]) -> Callable[[str, str], None]:
+    """The ``on_error`` of :func:`load_images` behind the commands' ``--skip-unreadable``: with
+    ``skip``, logs a warning for each unreadable image file and collects its name in
+    ``skipped``; without, stops at the first one, saying how to leave such files out."""
+    from ..log import logger
+
+    def on_error(name: str, message: str) -> None:
+        if not skip:
+            raise ValueError(f"{message} (--skip-unreadable leaves such files out)")
+        skipped.append(name)
+        logger.warning("left out %s", message)
+
+    return on_error
+
+
 def _check_arguments(path: Path, image_size: int, crop_pct: float, interpolation: str) -> None:
     if int(image_size) != image_size or image_size < 1:
         raise ValueError(f"{path}: image_size must be a positive integer, got {image_size!r}")
@@ -226,11 +251,21 @@ def _list_folder(folder: Path) -> Tuple[List[Path], Optional[np.ndarray]]:
     return files, np.asarray(labels, dtype=np.int64)
 
 
-def _load_files(files: Sequence[Path], image_size: int, crop_pct: float, interpolation: str) -> np.ndarray:
+def _load_files(files: Sequence[Path], image_size: int, crop_pct: float, interpolation: str,
+                on_error: Optional[Callable[[str, str], None]] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """``(frames, read)``: every file's frame (zeros where unreadable) and which were read; an
+    unreadable file raises unless ``on_error`` takes it."""
     frames = np.empty((len(files), image_size, image_size, 3), dtype=np.uint8)
+    read = np.ones(len(files), dtype=bool)
     for k, file in enumerate(files):
-        frames[k] = _read_image(file, image_size, crop_pct, interpolation)
-    return frames
+        try:
+            frames[k] = _read_image(file, image_size, crop_pct, interpolation)
+        except ValueError as exc:
+            if on_error is None:
+                raise
+            on_error(str(file), str(exc))
+            frames[k], read[k] = 0, False
+    return frames, read
 
 
 #: Largest image decoded at full size (pixels). Larger JPEGs are decoded at a reduced scale
