@@ -86,14 +86,14 @@ class Budget:
         try:
             kind = BudgetKind(kind_s.lower() or "mean")
         except ValueError:
-            raise InputError(f"--budget {text!r}: unknown kind {kind_s!r}; use KIND:MS with KIND one of {kinds}, "
+            raise InputError(f"budget {text!r}: unknown kind {kind_s!r}; use KIND:MS with KIND one of {kinds}, "
                              "e.g. p95:1.2") from None
         try:
             ms = float(ms_s)
         except ValueError:
-            raise InputError(f"--budget {text!r}: {ms_s!r} is not a number of milliseconds (e.g. p95:1.2)") from None
+            raise InputError(f"budget {text!r}: {ms_s!r} is not a number of milliseconds (e.g. p95:1.2)") from None
         if not (math.isfinite(ms) and ms > 0):
-            raise InputError(f"--budget {text!r}: the limit must be a positive number of milliseconds")
+            raise InputError(f"budget {text!r}: the limit must be a positive number of milliseconds")
         return cls(kind, ms)
 
 

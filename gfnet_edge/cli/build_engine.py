@@ -53,6 +53,9 @@ def _refuse_ignored_options(args: argparse.Namespace, src: Path) -> None:
     trt_only = [flag for flag, given in (("--dla-core", args.dla_core is not None),
                                          ("--opt-level", args.opt_level is not None),
                                          ("--timing-cache", args.timing_cache is not None),
+                                         ("--workspace", args.workspace is not None),
+                                         ("--max-batch", args.max_batch is not None),
+                                         ("--opt-batch", args.opt_batch is not None),
                                          ("--no-gpu-fallback", args.no_gpu_fallback)) if given]
     if trt_only and not src.is_dir() and resolve_backend(args.backend) != "tensorrt":
         why = "--backend onnxruntime" if args.backend == "onnxruntime" else "TensorRT is not usable here"

@@ -51,22 +51,26 @@ def runtime_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
 def add_trt_build_options(parser: argparse.ArgumentParser) -> None:
     """Adds the TensorRT builder's options, as the group "TensorRT" (``--precision`` is the
     subcommand's own: it also chooses the portable graphs)."""
+    from ..runtime.backends.tensorrt_build import BuildOptions
+
+    d = BuildOptions()
     g = parser.add_argument_group("TensorRT")
-    g.add_argument("--workspace", type=int, default=1024, help="workspace limit in MiB (default 1024)")
+    g.add_argument("--workspace", type=int, default=None, help=f"workspace limit in MiB (default {d.workspace_mb})")
     g.add_argument("--opt-level", type=int, help="builder optimisation level 0-5 (TensorRT default 3)")
     g.add_argument("--timing-cache", help="timing cache file (read and updated)")
     g.add_argument("--dla-core", type=int, help="build for this DLA core (Jetson), with GPU fallback")
     g.add_argument("--no-gpu-fallback", action="store_true", help="with --dla-core: fail on layers DLA cannot run")
-    g.add_argument("--max-batch", type=int, default=32, help="largest batch of the optimisation profile (default 32)")
-    g.add_argument("--opt-batch", type=int, default=1, help="batch the profile is tuned for (default 1)")
+    g.add_argument("--max-batch", type=int, default=None,
+                   help=f"largest batch of the optimisation profile (default {d.max_batch})")
+    g.add_argument("--opt-batch", type=int, default=None, help=f"batch the profile is tuned for (default {d.opt_batch})")
 
 
 def trt_build_options(args: argparse.Namespace) -> "BuildOptions":
     """The checked TensorRT build options of ``args`` (raises ``InputError`` naming a bad one)."""
     from ..runtime.backends.tensorrt_build import BuildOptions
 
-    return BuildOptions(precision=args.precision, workspace_mb=args.workspace, opt_level=args.opt_level,
-                        timing_cache=args.timing_cache, dla_core=args.dla_core,
-                        gpu_fallback=not args.no_gpu_fallback, max_batch=args.max_batch,
-                        opt_batch=args.opt_batch).validate()
+    given = {key: value for key, value in (("workspace_mb", args.workspace), ("max_batch", args.max_batch),
+                                            ("opt_batch", args.opt_batch)) if value is not None}
+    return BuildOptions(precision=args.precision, opt_level=args.opt_level, timing_cache=args.timing_cache,
+                        dla_core=args.dla_core, gpu_fallback=not args.no_gpu_fallback, **given).validate()
 
