@@ -295,6 +295,8 @@ CASES: Dict[str, Case] = {
     "o_on_error": _opt(["predict", "B", "IMG", "--on-error", "ignore"], "--on-error"),
     "o_num_calib_0": _opt(BUILD + [str(DEMO), "-o", "OUT", "--num-calib", "0"], "--num-calib"),
     "o_calib_data_fp32": _opt(BUILD + [str(DEMO), "-o", "OUT", "--calib-data", "demo"], "--calib-data applies to --precision int8"),
+    "o_skip_unreadable_demo": _opt(["build-engine", str(DEMO), "-o", "OUT", "--backend", "onnxruntime", "-q",
+                                    "--calib-data", "demo", "--skip-unreadable"], "--skip-unreadable applies to a folder"),
     "o_skip_unreadable_fp32": _opt(BUILD + [str(DEMO), "-o", "OUT", "--skip-unreadable"],
                                    "--skip-unreadable applies to --precision int8"),
     "o_finetune_fp32": _opt(BUILD + [str(DEMO), "-o", "OUT", "--finetune-epochs", "2"], "--finetune-epochs applies"),

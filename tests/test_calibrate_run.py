@@ -314,7 +314,8 @@ def test_report_is_atomic_on_failure(tiny_bundle, tmp_path, monkeypatch, capsys)
                                         (["--budget", "p42:1"], "unknown kind"),
                                         (["--budget", "mean:3", "--budget-ms", "3"], "duplicates"),
                                         (["--deadlines", "-1"], "--deadlines"),
-                                        (["--warmup-ms", "-5"], "--warmup-ms")])
+                                        (["--warmup-ms", "-5"], "--warmup-ms"),
+                                        (["--skip-unreadable"], "--skip-unreadable applies to a folder")])
 def test_bad_options(tiny_bundle, tmp_path, capsys, args, match):
     bundle = _fresh(tiny_bundle, tmp_path)
     out = tmp_path / "r"
