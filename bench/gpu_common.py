@@ -41,13 +41,27 @@ def per_call_ms(fn: Callable[[], Any], device: str, reps: int = 50, warmup: int 
     return float(np.median(time_calls(call, warmup=warmup, repeat=reps, min_seconds=min_seconds))) * 1e3
 
 
+def backbone_graphs(model, device: str, dtype: str) -> Dict[str, Any]:
+    """The GFNet's backbone graphs (``glance``, ``focus``: :class:`gfnet_edge.export.BackboneGraph`)
+    on ``device`` in ``dtype``, made from a copy of ``model``: converting them to float16 leaves
+    ``model`` as it was for the heads and for runs at other precisions."""
+    import copy
+
+    from gfnet_edge.export import BackboneGraph
+    from gfnet_edge.runtime.backends.base import GRAPHS
+
+    own = copy.deepcopy(model)
+    graphs = {g: BackboneGraph(own, g).eval().to(device) for g in GRAPHS}
+    return {g: (m.half() if dtype == "float16" else m) for g, m in graphs.items()}
+
+
 def make_runner(model, device: str, dtype: str):
-    """A :class:`gfnet_edge.runtime.backends.torch.TorchRunner` over an in-memory GFNet."""
+    """A :class:`gfnet_edge.runtime.backends.torch.TorchRunner` over an in-memory GFNet
+    (:func:`backbone_graphs`)."""
     from pathlib import Path
     from types import SimpleNamespace
 
-    from gfnet_edge.export import BackboneGraph, model_desc
-    from gfnet_edge.runtime.backends.base import GRAPHS
+    from gfnet_edge.export import model_desc
     from gfnet_edge.runtime.backends.torch import TorchRunner
 
     class ModelRunner(TorchRunner):
@@ -57,8 +71,7 @@ def make_runner(model, device: str, dtype: str):
             super().__init__(fake, device=device, dtype=dtype)
 
         def _activate(self) -> None:
-            graphs = {g: BackboneGraph(model, g).eval().to(device) for g in GRAPHS}
-            self.graphs = {g: (m.half() if dtype == "float16" else m) for g, m in graphs.items()}
+            self.graphs = backbone_graphs(model, device, dtype)
 
     return ModelRunner().activate()
 

@@ -13,7 +13,7 @@
 #   proxy   a Jetson-class proxy: e2e and shapes again at batch 1 and 8 with the process limited
 #           to about 8 SMs through CUDA MPS (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE), when the machine
 #           allows it.
-# The whole run keeps within BUDGET_S seconds (default 540): each step has its own time limit,
+# The whole run keeps within BUDGET_S seconds (default 560): each step has its own time limit,
 # cut to what is left, and a step that would start with under 30 s left is skipped and listed in
 # $OUT/skipped.txt, so a run always ends by itself, with its results written.
 #
@@ -23,13 +23,16 @@
 #                                                               # (all of $OUT) + the reports
 #
 # Results: markdown + JSON per benchmark, logs, env.txt, under $OUT (default ./gpu-results).
-# Needs python3 with numpy, torch (CUDA), pytest, pybind11, cmake and nvcc; the device-loop
-# parity tests and the training step also use onnx, onnxruntime, timm, torchvision and Pillow,
-# and the tests skip themselves, saying so, where those are missing.
+# Needs python3 with numpy, torch (CUDA), pytest, pybind11, cmake and nvcc, and gfnet-edge's own
+# packages (fastjsonschema, onnx, onnxruntime, onnxsim, timm, torchvision, Pillow, scikit-learn).
+# A machine that cannot download gets the missing ones as wheels: `bash bench/gpu_wheels.sh`
+# where pip can download puts them in .whl/, and this script installs whatever .whl/ holds into
+# /tmp/gfnet-site first. env.txt lists what is still missing; without fastjsonschema (the
+# package does not import) the run stops there.
 set -u -o pipefail
 OUT=${OUT:-gpu-results}
 STEPS=${STEPS:-build tests e2e train shapes proxy}
-BUDGET_S=${BUDGET_S:-540}
+BUDGET_S=${BUDGET_S:-560}
 PROXY_PERCENT=${PROXY_PERCENT:-6}  # of 132 SMs on an H100 / H200: 8 SMs, an Orin NX / Nano's count
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -51,13 +54,23 @@ wants() {
     return 1
   fi
 }
+# pack: copies the results so far to $PACK_TO (after every step, so that a run killed from
+# outside still leaves what it measured).
 pack() {
   [ -n "${PACK_TO:-}" ] || return 0
   mkdir -p "$PACK_TO"
-  tar czf "$PACK_TO/gpu-session.tgz" -C "$OUT" . && cp "$OUT"/*.md "$OUT"/train_gpu.txt "$PACK_TO"/ 2>/dev/null
+  tar czf "$PACK_TO/gpu-session.tgz" -C "$OUT" . && cp "$OUT"/*.md "$OUT"/*.txt "$PACK_TO"/ 2>/dev/null
   return 0
 }
 trap pack EXIT
+# run LIMIT CMD...: CMD under `timeout`, killed 10 s after its SIGTERM if it has not ended.
+run() { local t=$1; shift; timeout -k 10 "$t" "$@"; }
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gfnet-site \
+    .whl/*.whl >"$OUT/wheels.log" 2>&1 && export PYTHONPATH="/tmp/gfnet-site${PYTHONPATH:+:$PYTHONPATH}" \
+    || { echo "could not install the carried wheels:"; tail -5 "$OUT/wheels.log"; }
+fi
 
 {
   date -u; nvidia-smi -L || true; nvidia-smi --query-gpu=driver_version,clocks.max.sm --format=csv || true
@@ -65,13 +78,24 @@ trap pack EXIT
   python3 -c "import sys, torch, numpy; print(sys.version.split()[0], 'torch', torch.__version__, 'numpy', numpy.__version__)"
   df -h /dev/shm 2>/dev/null | tail -1 | awk '{print "/dev/shm: " $2 " (DataLoader workers pass batches through it)"}'
   echo "steps: $STEPS; budget ${BUDGET_S} s"
+  python3 - <<'PY'
+import importlib.util
+need = ("fastjsonschema", "onnx", "onnxruntime", "onnxsim", "timm", "torchvision", "PIL", "sklearn", "scipy", "pytest")
+missing = [m for m in need if importlib.util.find_spec(m) is None]
+print("python packages missing:", ", ".join(missing) if missing else "none")
+PY
 } 2>&1 | tee "$OUT/env.txt"
+if ! python3 -c "import gfnet_edge.runtime" 2>>"$OUT/env.txt"; then
+  echo "gfnet_edge does not import (see $OUT/env.txt; carry the missing wheels: bench/gpu_wheels.sh): stopping" \
+    | tee -a "$OUT/env.txt"
+  exit 5
+fi
 
 if wants build 150; then
   step build
   t0=$(date +%s)
   GFNET_EDGE_CUDA_ARCHS=${GFNET_EDGE_CUDA_ARCHS:-90} CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
-    timeout "$(limit 150)" python3 setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1 \
+    run "$(limit 150)" python3 setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1 \
     || { tail -40 "$OUT/build.log"; exit 3; }
   echo "build: $(( $(date +%s) - t0 )) s"
   # Without CUDA kernels or a usable device every GPU test would skip and the run say nothing.
@@ -79,47 +103,54 @@ if wants build 150; then
 print('CUDA build:', ops.has_cuda_build(), 'archs:', ops.cuda_archs(), 'devices:', ops.cuda_device_count(),
       '' if ok else ops.cuda_device_error()); sys.exit(0 if ok else 4)" 2>&1 | tee -a "$OUT/env.txt" \
     || { echo "the extension has no usable CUDA (see $OUT/build.log): stopping"; exit 4; }
+  pack
 fi
 
-if wants tests 150; then
+if wants tests 120; then
   step "GPU tests"
-  timeout "$(limit 150)" python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels_cuda.py \
-    tests/test_graphs_cuda.py tests/test_device_loop.py tests/test_conditional_loop.py 2>&1 \
+  # the conditional-node loop and the graph tests first: a cut run keeps those
+  run "$(limit 120)" python3 -m pytest -q -p no:cacheprovider -rs tests/test_conditional_loop.py \
+    tests/test_graphs_cuda.py tests/test_device_loop.py tests/test_kernels_cuda.py 2>&1 \
     | tee "$OUT/pytest.txt" | tail -25 || status=1
-  if [ "$(limit 60)" -ge 20 ]; then
-    timeout "$(limit 60)" python3 -m pytest -q -p no:cacheprovider -rs tests/test_calibrate_static.py -k "cuda or real_gpu" 2>&1 \
+  if [ "$(limit 40)" -ge 20 ]; then
+    run "$(limit 40)" python3 -m pytest -q -p no:cacheprovider -rs tests/test_calibrate_static.py -k "cuda or real_gpu" 2>&1 \
       | tee -a "$OUT/pytest.txt" | tail -5 || status=1
   fi
+  pack
 fi
 
-if wants e2e 150; then
+if wants e2e 180; then
   step "demo model, full GPU"
-  timeout "$(limit 150)" python3 bench/e2e_gpu.py --out "$OUT/e2e_gpu.md" >"$OUT/e2e_gpu.log" 2>&1 \
+  # fp16 first: its batch-128 ratio is the figure a cut run must keep
+  run "$(limit 180)" python3 bench/e2e_gpu.py --precisions fp16,fp32 --out "$OUT/e2e_gpu.md" >"$OUT/e2e_gpu.log" 2>&1 \
     || { status=1; tail -20 "$OUT/e2e_gpu.log"; }
   grep "^\[e2e-gpu\]" "$OUT/e2e_gpu.log" | tail -12
+  pack
 fi
 
 # The exit profile measured by e2e above; without it, gpu_shapes.py's own default profile.
 profile=(--profile-from "")
 [ -f "$OUT/e2e_gpu.json" ] && profile=(--profile-from "$OUT/e2e_gpu.json")
 
-if wants train 120; then
+if wants train 110; then
   step "training, ResNet-50 GFNet, synthetic image folder"
   work=$(mktemp -d /tmp/gfnet-train.XXXXXX)  # the JPEGs and checkpoints stay out of $OUT
-  timeout "$(limit 120)" python3 bench/train_gpu.py --out "$work/run" --images 2560 --eval-max 128 --epochs 2 \
+  run "$(limit 110)" python3 bench/train_gpu.py --out "$work/run" --images 2560 --eval-max 128 --epochs 2 \
     >"$OUT/train_gpu.log" 2>&1 || { status=1; tail -20 "$OUT/train_gpu.log"; }
   cp "$work/run/train_gpu.txt" "$OUT/" 2>/dev/null && cat "$OUT/train_gpu.txt"
   for d in "$work"/run/*/; do  # each run's per-epoch records
     [ -f "$d/epochs.jsonl" ] && cp "$d/epochs.jsonl" "$OUT/train_$(basename "$d").jsonl"
   done
   rm -rf "$work"
+  pack
 fi
 
-if wants shapes 130; then
+if wants shapes 120; then
   step "ImageNet shapes, full GPU"
-  timeout "$(limit 130)" python3 bench/gpu_shapes.py --reps 20 "${profile[@]}" --out "$OUT/gpu_shapes.md" \
+  run "$(limit 120)" python3 bench/gpu_shapes.py --reps 20 "${profile[@]}" --out "$OUT/gpu_shapes.md" \
     >"$OUT/gpu_shapes.log" 2>&1 || { status=1; tail -20 "$OUT/gpu_shapes.log"; }
   grep "^\[gpu-shapes\]" "$OUT/gpu_shapes.log" | tail -30
+  pack
 fi
 
 if wants proxy 140; then
@@ -127,18 +158,22 @@ if wants proxy 140; then
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/gfnet-mps CUDA_MPS_LOG_DIRECTORY=/tmp/gfnet-mps-log
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
   if command -v nvidia-cuda-mps-control >/dev/null && timeout "$(limit 10)" nvidia-cuda-mps-control -d; then
-    sms=$(CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$PROXY_PERCENT timeout "$(limit 30)" python3 -c \
+    sms=$(CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$PROXY_PERCENT run "$(limit 30)" python3 -c \
           "import torch; print(torch.cuda.get_device_properties(0).multi_processor_count)" 2>/dev/null || echo "?")
     label="proxy: CUDA MPS limits this process to ${PROXY_PERCENT}% of the GPU (${sms} SMs)"
     echo "$label"
-    if [ "$(limit 70)" -ge 20 ]; then
-      CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$PROXY_PERCENT timeout "$(limit 70)" python3 bench/e2e_gpu.py --batches 1,8 \
+    if [ "$sms" = "?" ]; then  # the daemon started but a client could not use it
+      echo "CUDA MPS started but a process could not run under it: no SM-limited proxy figures" \
+        | tee "$OUT/proxy_unavailable.txt"
+    fi
+    if [ "$sms" != "?" ] && [ "$(limit 70)" -ge 20 ]; then
+      CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$PROXY_PERCENT run "$(limit 70)" python3 bench/e2e_gpu.py --batches 1,8 \
         --precisions fp16 --num-test 300 --num-val 300 --label "$label" --out "$OUT/e2e_gpu_proxy.md" \
         >"$OUT/e2e_gpu_proxy.log" 2>&1 || { status=1; tail -20 "$OUT/e2e_gpu_proxy.log"; }
       grep "^\[e2e-gpu\]" "$OUT/e2e_gpu_proxy.log" | tail -6
     fi
-    if [ "$(limit 70)" -ge 20 ]; then
-      CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$PROXY_PERCENT timeout "$(limit 70)" python3 bench/gpu_shapes.py --batches 1,8 \
+    if [ "$sms" != "?" ] && [ "$(limit 70)" -ge 20 ]; then
+      CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$PROXY_PERCENT run "$(limit 70)" python3 bench/gpu_shapes.py --batches 1,8 \
         --precisions fp16 --images 64 --reps 10 "${profile[@]}" --label "$label" \
         --out "$OUT/gpu_shapes_proxy.md" >"$OUT/gpu_shapes_proxy.log" 2>&1 || { status=1; tail -20 "$OUT/gpu_shapes_proxy.log"; }
       grep "^\[gpu-shapes\]" "$OUT/gpu_shapes_proxy.log" | tail -8

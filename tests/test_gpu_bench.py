@@ -76,3 +76,43 @@ def test_gpu_benchmarks_dry_run_end_to_end(tmp_path):
     (m,) = sres["models"]
     assert (m["model"], m["P"], m["T"]) == ("mobilenetv3_large_100", 96, 3)
     assert m["batches"]["1"]["static_ms"] > 0
+
+
+def test_a_float16_runner_leaves_the_model_in_float32():
+    """The runner's backbones are a converted copy: the model's weights (which the heads and runs
+    at other precisions read) keep their dtype and values."""
+    import gpu_common
+
+    model = random_gfnet("tiny_bench", 64, 32, 3, 10, (8, 16, 32, 64), 32, random_bn=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    graphs = gpu_common.backbone_graphs(model, "cpu", "float16")
+    assert {p.dtype for g in graphs.values() for p in g.parameters()} == {torch.float16}
+    after = model.state_dict()
+    for k, v in before.items():
+        assert after[k].dtype == v.dtype and torch.equal(after[k], v), k
+
+
+def test_gpu_session_script_checks_its_python_before_any_step(tmp_path):
+    """bench/gpu_session.sh with no steps: env.txt lists the packages it looked for and the
+    results are packed; a package that does not import stops the run (exit 5) before any step,
+    saying how to carry the missing wheels."""
+    import os
+    import subprocess
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env.update(OUT=str(tmp_path / "out"), PACK_TO=str(tmp_path / "pack"), STEPS="nothing", PYTHONPATH=str(repo))
+    r = subprocess.run(["bash", "bench/gpu_session.sh"], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    text = (tmp_path / "out" / "env.txt").read_text()
+    assert "python packages missing: " in text and "steps: nothing" in text
+    assert (tmp_path / "pack" / "gpu-session.tgz").is_file() and (tmp_path / "pack" / "env.txt").is_file()
+
+    broken = tmp_path / "site"
+    (broken / "fastjsonschema").mkdir(parents=True)
+    (broken / "fastjsonschema" / "__init__.py").write_text("raise ImportError('stand-in for a missing package')\n")
+    env.update(OUT=str(tmp_path / "out2"), PYTHONPATH=f"{broken}:{repo}", STEPS="build tests")
+    r = subprocess.run(["bash", "bench/gpu_session.sh"], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 5, r.stdout + r.stderr
+    assert "gfnet_edge does not import" in r.stdout and "bench/gpu_wheels.sh" in r.stdout
+    assert not (tmp_path / "out2" / "build.log").exists()
