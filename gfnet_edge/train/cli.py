@@ -41,25 +41,25 @@ STAGE_GROUPS = {
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, metavar="ROOT",
                    help="train on an image folder ROOT/train/CLASS/*.jpg, ROOT/val/CLASS/*.jpg (without it: the demo task)")
-    p.add_argument("-o", "--out", default=None, help="run folder (checkpoints, logs; demo default runs/demo)")
+    p.add_argument("-o", "--out", default=None, metavar="RUN", help="run folder (checkpoints, logs; demo default runs/demo)")
     p.add_argument("--stage", default="all", choices=["all", *STAGE_GROUPS],
                    help="stage to run: all, pretrain, 1, 2, 3, static, export (default: all)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoints")
-    p.add_argument("--threads", type=THREADS, default=2, help="torch CPU threads (default 2)")
-    p.add_argument("--backbone", default=None,
+    p.add_argument("--threads", type=THREADS, default=2, metavar="N", help="torch CPU threads (default 2)")
+    p.add_argument("--backbone", default=None, metavar="NAME",
                    help="with --data: a timm model name (resnet50, mobilenetv3_large_100, ...); demo: r16, r24, r32")
     g = p.add_argument_group("image-folder training (--data)")
     g.add_argument("--pretrained", default=None, metavar="FILE|timm",
                    help="backbone weights: a local file (state dict, .safetensors, static baseline) or 'timm' (downloads)")
-    g.add_argument("--image-size", type=POSITIVE, default=None, help="S (default: the backbone family's)")
-    g.add_argument("--patch-size", type=POSITIVE, default=None, help="P (default: the backbone family's)")
-    g.add_argument("--steps", type=POSITIVE, default=None, help="T (default: the backbone family's)")
+    g.add_argument("--image-size", type=POSITIVE, default=None, metavar="S", help="S (default: the backbone family's)")
+    g.add_argument("--patch-size", type=POSITIVE, default=None, metavar="P", help="P (default: the backbone family's)")
+    g.add_argument("--steps", type=POSITIVE, default=None, metavar="T", help="T (default: the backbone family's)")
     g.add_argument("--epochs", default=None, metavar="N|N1,N2,N3", help="epochs of stages 1, 2, 3 (default 30,10,10)")
-    g.add_argument("--static-epochs", type=NON_NEGATIVE, default=None,
+    g.add_argument("--static-epochs", type=NON_NEGATIVE, default=None, metavar="N",
                    help="also train the static baseline for N epochs (a finished run without one gets it with "
                         "--resume --stage static --static-epochs N)")
-    g.add_argument("--batch-size", type=POSITIVE, default=None, help="global batch (split over torchrun processes; default 64)")
-    g.add_argument("--workers", type=NON_NEGATIVE, default=None, help="DataLoader worker processes per process (default 4)")
+    g.add_argument("--batch-size", type=POSITIVE, default=None, metavar="N", help="global batch (split over torchrun processes; default 64)")
+    g.add_argument("--workers", type=NON_NEGATIVE, default=None, metavar="N", help="DataLoader worker processes per process (default 4)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: a GPU when torch sees one")
     g.add_argument("--no-amp", action="store_true", help="float32 on the GPU (default: autocast, bf16 or fp16)")
     g.add_argument("--hflip", action="store_true", help="random horizontal flips in training")
