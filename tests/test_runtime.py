@@ -358,8 +358,12 @@ def test_bad_runtime_options(mnv3, tmp_path):
         Runtime(bundle, backend="onnxruntime", precision="int8-cpu")
     with pytest.raises(InputError, match="head_dtype"):
         Runtime(bundle, backend="onnxruntime", head_dtype="bfloat16")
-    for threads in (0.5, 2000, True):
-        with pytest.raises(InputError, match="threads must be an int from 1 to 1024"):
-            Runtime(bundle, backend="onnxruntime", threads=threads)
+    made = []
+    with pytest.MonkeyPatch.context() as mp:  # a bad value is refused before any session is made
+        mp.setattr(Runtime, "_make_runner", lambda self, *a: made.append(a))
+        for threads in (0, -1, 0.5, 2000, True):
+            with pytest.raises(InputError, match="threads must be an int from 1 to 1024"):
+                Runtime(bundle, backend="onnxruntime", threads=threads)
+    assert made == []
     with pytest.raises((UnavailableError, InputError)):
         Runtime(bundle, backend="tensorrt")  # no TensorRT engines / no TensorRT here

@@ -155,6 +155,9 @@ class Runtime:
                  verify: bool = True, device: Optional[str] = None, dla_core: Optional[int] = None,
                  head_dtype: str = "float32", cuda_graphs: bool = True, max_batch: Optional[int] = None) -> None:
         max_batch = check_batch(max_batch, "max_batch")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
+                                    or not 1 <= threads <= MAX_THREADS):
+            raise InputError(f"threads must be an int from 1 to {MAX_THREADS}, got {threads!r}")
         if head_dtype not in HEAD_DTYPES:
             raise InputError(f"head_dtype must be one of {', '.join(HEAD_DTYPES)}, got {head_dtype!r}")
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle, verify=verify)
@@ -182,9 +185,7 @@ class Runtime:
         self.precision = self.runner.precision
         from .. import ops
 
-        if threads:
-            if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= MAX_THREADS:
-                raise InputError(f"threads must be an int from 1 to {MAX_THREADS}, got {threads!r}")
+        if threads is not None:
             ops.set_num_threads(int(threads))
         on_gpu = bool(self.runner.supports_device)  # the loop's place follows the heads' device
         if on_gpu and ops.cuda_device_count() < 1:
