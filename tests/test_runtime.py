@@ -340,6 +340,8 @@ def test_torch_backend_matches_onnxruntime(mnv3):
     ([np.zeros((10, 10, 3), np.float64)], InputError, "uint8 HWC"),
     ([], InputError, "no images"),
     (np.zeros((0, 224, 224, 3), np.uint8), InputError, "no images"),
+    ([np.zeros((10, 10, 3), np.uint8), np.zeros((0, 7, 3), np.uint8)], InputError, r"image 1: empty frame \(0, 7, 3\)"),
+    (np.zeros((2, 5, 0, 3), np.uint8), InputError, r"empty frames \(2, 5, 0, 3\)"),
 ])
 def test_bad_inputs(mnv3, bad, exc, match):
     _, bundle = mnv3

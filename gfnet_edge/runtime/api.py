@@ -350,8 +350,10 @@ class Runtime:
                 raise InputError(f"no images given (images of shape {inputs.shape})")
             return "images", inputs  # checked (NaN / Inf) and made contiguous chunk by chunk
         if isinstance(inputs, np.ndarray) and inputs.ndim == 4 and inputs.dtype == np.uint8 and inputs.shape[3] == 3:
-            if inputs.shape[0] == 0 or inputs.shape[1] == 0 or inputs.shape[2] == 0:
+            if inputs.shape[0] == 0:
                 raise InputError(f"no images given (frames of shape {inputs.shape})")
+            if inputs.shape[1] == 0 or inputs.shape[2] == 0:
+                raise InputError(f"empty frames {inputs.shape}: a frame needs at least one pixel")
             return "frames", inputs  # one array: no per-frame checks, no copy
         frames = list(inputs) if not isinstance(inputs, np.ndarray) or inputs.ndim == 4 else [inputs]
         if not frames:
@@ -360,6 +362,8 @@ class Runtime:
             if not isinstance(f, np.ndarray) or f.dtype != np.uint8 or f.ndim != 3 or f.shape[2] != 3:
                 desc = f"{f.dtype} {f.shape}" if isinstance(f, np.ndarray) else type(f).__name__
                 raise InputError(f"image {i}: expected a uint8 HWC RGB frame or float32 NCHW images, got {desc}")
+            if f.size == 0:
+                raise InputError(f"image {i}: empty frame {f.shape}: a frame needs at least one pixel")
         return "frames", frames
 
     def _run(self, inputs, thresholds: Optional[Sequence[float]], deadline: Optional[Deadline] = None) -> tuple:
