@@ -283,7 +283,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "doctor", help="check TensorRT on this device against ONNX Runtime, and write a report",
         description="Report TensorRT, CUDA, the GPU and DLA; run the bundle's engines at batch 1, a middle batch and "
                     "the max batch (host and device paths) against ONNX Runtime; write everything to a JSON file. "
-                    "Exit 0: all checks passed; 1: a check failed; 3: TensorRT or a GPU is missing.")
+                    "Exit 0: all checks passed; 1: a check failed; 2: bad input; 3: TensorRT or a GPU is missing.")
     p.add_argument("bundle", help="bundle directory")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, metavar="PRECISION",
                    help="engine precision: auto (int8 > fp16 > fp32), int8, fp16, fp32")
