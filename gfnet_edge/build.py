@@ -12,6 +12,7 @@ leaves nothing half-written.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -304,6 +305,7 @@ def _add_engines(bundle: Bundle, cfg: BuildConfig) -> None:
     sub = f"engines/{engine_dir_name(gpu_info(), trt.__version__, opts.dla_core)}"
     entry: Dict[str, Any] = {}
     built: Dict[str, Path] = {}
+    made = [d for d in (bundle.root / sub, (bundle.root / sub).parent) if not d.exists()]  # folders this build adds
     try:  # both engines first, into temporary files: a failed build leaves the bundle as it was
         for g in ("glance", "focus"):
             rel = f"{sub}/{g}.{opts.precision}.engine"
@@ -319,6 +321,9 @@ def _add_engines(bundle: Bundle, cfg: BuildConfig) -> None:
     except BaseException:
         for tmpf in built.values():
             tmpf.unlink(missing_ok=True)
+        for d in made:
+            with contextlib.suppress(OSError):
+                d.rmdir()
         raise
     for rel, tmpf in built.items():
         tmpf.replace(bundle.root / rel)

@@ -25,12 +25,15 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from .argtypes import NON_NEGATIVE, int_range
 from .errors import GFNetEdgeError, InputError
 
 #: Largest accepted error per engine precision: max |TensorRT - ONNX Runtime| over an output,
 #: divided by max(1, max |ONNX Runtime|). INT8 engines are compared with the same Q/DQ graphs
 #: on ONNX Runtime, FP16 and FP32 engines with the FP32 graphs.
 TOLERANCES = {"fp32": 1e-3, "fp16": 2e-2, "int8": 5e-2}
+#: ``--precision``: an engine precision, or ``auto``; the graph-set names are accepted as in ``predict``.
+PRECISIONS = ("auto", "int8", "fp16", "fp32", "int8-tensorrt", "fp32-tensorrt")
 
 
 @dataclass
@@ -160,7 +163,8 @@ def _select_or_build(bundle, here, trt, args, report: DoctorReport):
     from .runtime.backends.tensorrt_build import BuildOptions
 
     precision = "int8" if args.precision == "auto" else args.precision.replace("-tensorrt", "")
-    opts = BuildOptions(precision=precision, dla_core=args.dla_core, max_batch=args.max_batch).validate()
+    opts = BuildOptions(precision=precision, dla_core=args.dla_core,
+                        **({} if args.max_batch is None else {"max_batch": args.max_batch})).validate()
     t0 = time.perf_counter()
     bundle = build_engines(bundle.root, BuildConfig(precision=precision, backend="tensorrt", trt=opts))
     report.add(f"build {precision} engines", True, ms=(time.perf_counter() - t0) * 1e3)
@@ -261,6 +265,9 @@ def _output_path(args: argparse.Namespace) -> Path:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    if args.max_batch is not None and not args.build:
+        raise InputError("--max-batch applies with --build (the engines' max batch); without it doctor checks the "
+                         "engines as they were built")
     out = _output_path(args)
     report = run_doctor(args)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -276,12 +283,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "doctor", help="check TensorRT on this device against ONNX Runtime, and write a report",
         description="Report TensorRT, CUDA, the GPU and DLA; run the bundle's engines at batch 1, a middle batch and "
                     "the max batch (host and device paths) against ONNX Runtime; write everything to a JSON file. "
-                    "Exit 0: all checks passed; 1: a check failed; 3: TensorRT or a GPU is missing.")
+                    "Exit 0: all checks passed; 1: a check failed; 2: bad input; 3: TensorRT or a GPU is missing.")
     p.add_argument("bundle", help="bundle directory")
-    p.add_argument("--precision", default="auto", help="engine precision: auto (int8 > fp16 > fp32), int8, fp16, fp32")
-    p.add_argument("--dla-core", type=int, help="check the engines built for this DLA core")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, metavar="PRECISION",
+                   help="engine precision: auto (int8 > fp16 > fp32), int8, fp16, fp32")
+    p.add_argument("--dla-core", type=NON_NEGATIVE, help="check the engines built for this DLA core")
     p.add_argument("--build", action="store_true", help="build the engines for this device when the bundle has none")
-    p.add_argument("--max-batch", type=int, default=32, help="with --build: the engines' max batch (default 32)")
+    p.add_argument("--max-batch", type=int_range(1, 65536), help="with --build: the engines' max batch (default 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random test inputs")
     p.add_argument("-o", "--output", help="report file (default gfnet-edge-doctor-DATE-TIME.json here)")
     p.set_defaults(func=cmd_doctor)

@@ -215,3 +215,23 @@ def test_an_error_raised_again_from_a_dataloader_worker_is_reported_by_its_own_l
     err = capsys.readouterr().err
     assert err.startswith("gfnet-edge: error: internal error: ValueError: /data/train/cat/0.png: cannot read")
     assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_predict_into_a_pipe_closed_early_ends_quietly(bundle, tmp_path):
+    """`gfnet-edge predict ... | head -1`: the reader goes away before the results are all
+    written; the command ends as a shell command ended by SIGPIPE does (141), without an
+    "internal error" or a Python message about the closed stream."""
+    import subprocess
+    import sys
+
+    frames = tmp_path / "many.npz"
+    np.savez(frames, images=np.random.default_rng(0).integers(0, 256, (2000, 8, 8, 3), dtype=np.uint8))
+    proc = subprocess.Popen([sys.executable, "-m", "gfnet_edge.cli", "predict", str(bundle), str(frames),
+                             "--batch-size", "1000", "--budget", "macs-low"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
+    first = proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141, err
+    assert first.startswith(f"{frames}[0]: class ".encode()), first
+    assert err == "", err

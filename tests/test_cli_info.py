@@ -45,3 +45,18 @@ def test_info_bad_file_exits_2(tmp_path, capsys):
 def test_help_lists_commands(capsys):
     assert main(["--help"]) == 0  # argparse's exit becomes main's return value
     assert "info" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["predict", "calibrate"])
+def test_precision_help_names_the_tensorrt_engine_precisions(command, capsys):
+    """``--precision`` means a graph set on ONNX Runtime and an engine precision on TensorRT
+    (docs/jetson.md runs `predict --backend tensorrt --precision int8`): the help says both."""
+    assert main([command, "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "int8-cpu" in text and "TensorRT: the engine precision (auto: int8 > fp16 > fp32, int8, fp16, fp32)" in text
+
+
+def test_doctor_help_gives_every_exit_status(capsys):
+    assert main(["doctor", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(f"{code}: " in text for code in (0, 1, 2, 3)), text

@@ -301,3 +301,26 @@ def test_loader_errors(tmp_path, case, message):
     with pytest.raises(ValueError, match=message) as info:
         load_images(target, image_size=8)
     assert str(target.name) in str(info.value)
+
+
+@pytest.mark.parametrize("size, crop_pct, interpolation", [
+    ((331, 277), 1.0, "bilinear"), ((400, 300), 1.0, "bicubic"), ((300, 400), 1.0, "bilinear"),
+    ((640, 480), 1.0, "bicubic"), ((331, 277), 0.875, "bicubic"), ((257, 250), 0.875, "bilinear"),
+])
+def test_resize_and_centre_crop_equal_torchvision_and_the_extension(size, crop_pct, interpolation):
+    """Files (``predict``, ``calibrate --data``) are prepared as torchvision's ``Resize(int(S /
+    crop_pct))`` + ``CenterCrop(S)`` on the Pillow image prepares them (the longer side truncated,
+    docs/gfnet.md), and so within one level of the extension's ``resize_crop``, which prepares the
+    frames given to ``Runtime.predict``: the same pixels, not a copy shifted by one."""
+    T = pytest.importorskip("torchvision.transforms")
+    from gfnet_edge import ops
+    from gfnet_edge.data.images import preprocess
+
+    w, h = size
+    image = Image.fromarray(np.random.default_rng(w * h).integers(0, 256, (h, w, 3), dtype=np.uint8))
+    mode = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}[interpolation]
+    want = np.asarray(T.Compose([T.Resize(int(224 / crop_pct), mode), T.CenterCrop(224)])(image))
+    got = preprocess(image, 224, crop_pct, interpolation)
+    np.testing.assert_array_equal(got, want)
+    ext = ops.resize_crop(np.asarray(image)[None], 224, crop_pct=crop_pct, interpolation=interpolation)[0]
+    assert np.abs(ext.astype(int) - got).max() <= 1

@@ -106,6 +106,22 @@ def test_doctor_reports_each_injected_failure(portable_bundle, tmp_path, monkeyp
         assert any(re.search(match, c["detail"]) for c in failed), failed
 
 
+@pytest.mark.parametrize("args, frag", [
+    (["--precision", "int4"], "--precision"), (["--dla-core", "-1"], "--dla-core"),
+    (["--build", "--max-batch", "0"], "--max-batch"), (["--max-batch", "8"], "--max-batch applies with --build"),
+])
+def test_doctor_refuses_bad_options_before_any_check(portable_bundle, tmp_path, monkeypatch, capsys, args, frag):
+    """A bad option is bad input (exit 2, one line, no report file), on a device with TensorRT,
+    not a failed check of the device (exit 1) or an option silently ignored."""
+    root = _bundle_with_engines(portable_bundle, tmp_path, monkeypatch)
+    _device(monkeypatch)
+    capsys.readouterr()
+    rc, report, text = _doctor(root, tmp_path, capsys, *args)
+    err = text.err.strip().splitlines()
+    assert rc == 2 and report is None and text.out == "", text.out + text.err
+    assert len(err) == 1 and err[0].startswith("gfnet-edge: error: ") and frag in err[0], err
+
+
 def test_doctor_builds_missing_engines_for_this_device(portable_bundle, tmp_path, monkeypatch, capsys):
     root = tmp_path / "bundle"
     shutil.copytree(portable_bundle.root, root)

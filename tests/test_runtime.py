@@ -340,6 +340,8 @@ def test_torch_backend_matches_onnxruntime(mnv3):
     ([np.zeros((10, 10, 3), np.float64)], InputError, "uint8 HWC"),
     ([], InputError, "no images"),
     (np.zeros((0, 224, 224, 3), np.uint8), InputError, "no images"),
+    ([np.zeros((10, 10, 3), np.uint8), np.zeros((0, 7, 3), np.uint8)], InputError, r"image 1: empty frame \(0, 7, 3\)"),
+    (np.zeros((2, 5, 0, 3), np.uint8), InputError, r"empty frames \(2, 5, 0, 3\)"),
 ])
 def test_bad_inputs(mnv3, bad, exc, match):
     _, bundle = mnv3
@@ -358,8 +360,12 @@ def test_bad_runtime_options(mnv3, tmp_path):
         Runtime(bundle, backend="onnxruntime", precision="int8-cpu")
     with pytest.raises(InputError, match="head_dtype"):
         Runtime(bundle, backend="onnxruntime", head_dtype="bfloat16")
-    for threads in (0.5, 2000, True):
-        with pytest.raises(InputError, match="threads must be an int from 1 to 1024"):
-            Runtime(bundle, backend="onnxruntime", threads=threads)
+    made = []
+    with pytest.MonkeyPatch.context() as mp:  # a bad value is refused before any session is made
+        mp.setattr(Runtime, "_make_runner", lambda self, *a: made.append(a))
+        for threads in (0, -1, 0.5, 2000, True):
+            with pytest.raises(InputError, match="threads must be an int from 1 to 1024"):
+                Runtime(bundle, backend="onnxruntime", threads=threads)
+    assert made == []
     with pytest.raises((UnavailableError, InputError)):
         Runtime(bundle, backend="tensorrt")  # no TensorRT engines / no TensorRT here

@@ -335,6 +335,47 @@ def test_dla_core_option_is_checked(fp32_bundle, tmp_path, capsys):
     assert "dla_core applies to TensorRT engines" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra, flag", [
+    (["-o", "NEW"], "-o"), (["--include-checkpoint"], "--include-checkpoint"), (["--model-name", "resnet50"], "--model-name"),
+    (["--patch-size", "64"], "--patch-size"), (["--force"], "--force"),
+])
+def test_build_options_for_a_new_bundle_are_refused_for_an_existing_one(fp32_bundle, tmp_path, monkeypatch, capsys,
+                                                                      extra, flag):
+    """Phase 2 adds engines to the bundle it is given, in place: options that only a build from a
+    checkpoint uses (``-o`` above all, which would leave the engines somewhere the user does not
+    look) are refused on a device with TensorRT, and neither bundle is touched."""
+    from gfnet_edge import cli
+
+    root = tmp_path / "bundle"
+    shutil.copytree(fp32_bundle.root, root)
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    _standin(monkeypatch)
+    argv = [str(tmp_path / "new") if a == "NEW" else a for a in extra]
+    rc = cli.main(["build-engine", str(root), "--backend", "tensorrt", "--precision", "fp32", "--max-batch", "2", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith(f"gfnet-edge: error: {flag} applies when building from a checkpoint"), err
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_failed_engine_build_leaves_no_empty_engine_folder(fp32_bundle, tmp_path, monkeypatch, capsys):
+    """A phase-2 build that TensorRT fails leaves the bundle's tree as it was: no engine file and
+    no empty ``engines/<device>/`` folder."""
+    from gfnet_edge import cli
+    from gfnet_edge.bundle import Bundle
+
+    root = tmp_path / "bundle"
+    shutil.copytree(fp32_bundle.root, root)
+    Bundle.load(root, verify=False).update_manifest(lambda m: m.update(engines=[]))
+    shutil.rmtree(root / "engines", ignore_errors=True)
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    _standin(monkeypatch, faults={"build"})
+    assert cli.main(["build-engine", str(root), "--backend", "tensorrt", "--precision", "fp32"]) == 2
+    assert "could not build an engine" in capsys.readouterr().err
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+
+
 def test_a_new_build_replaces_only_its_own_slot():
     assert trt_engines.same_engine_slot(ENTRY, dict(ENTRY, glance="other.engine"))
     assert trt_engines.same_engine_slot(DLA0, dict(DLA0, build_options={"dla_core": 0, "gpu_fallback": False}))

@@ -9,8 +9,9 @@ subcommand runs, never while the parser is built.
 Every user-facing error ends in one line ``gfnet-edge: error: ...`` and a non-zero exit:
 2 for bad input (and files that cannot be read or written), 3 for a missing requirement
 (TensorRT, GPU, torch), 1 for an unexpected failure; 130 / 143 after SIGINT / SIGTERM (which
-end the command through its cleanup, so nothing half-written stays). A traceback is printed
-only with ``--debug``.
+end the command through its cleanup, so nothing half-written stays); 141, silently, when the
+reader of stdout goes away (``gfnet-edge predict ... | head``). A traceback is printed only
+with ``--debug``.
 """
 from __future__ import annotations
 
@@ -113,6 +114,13 @@ def _exit_code(exc: BaseException, command: str = "") -> int:
     if isinstance(exc, Terminated):
         print("gfnet-edge: terminated", file=sys.stderr)
         return 143
+    if isinstance(exc, BrokenPipeError) and exc.filename is None:  # the reader of stdout went away (`| head`)
+        import contextlib
+        import os
+
+        with contextlib.suppress(OSError, ValueError):  # no second error when Python flushes stdout at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     code, msg = 1, None
     text = str(exc)
     if "Original Traceback" in text:  # raised again from a DataLoader worker: the worker's own last line

@@ -38,7 +38,8 @@ def profile_list(text: str) -> Tuple[str, ...]:
 def _refuse_ignored_options(args: argparse.Namespace, src: Path) -> None:
     """Options this build would not use are refused rather than silently dropped: the INT8 data
     options outside an INT8 build from a checkpoint (a bundle's engines are built from its INT8
-    graphs), and the TensorRT builder's options on a build that makes no engines."""
+    graphs), the options of a new bundle (``-o``, ``--force`` ...) when engines are added to an
+    existing one, and the TensorRT builder's options on a build that makes no engines."""
     from ..build import resolve_backend
 
     int8_data = [flag for flag, given in (("--calib-data", args.calib_data is not None),
@@ -48,6 +49,13 @@ def _refuse_ignored_options(args: argparse.Namespace, src: Path) -> None:
     if int8_data and src.is_dir():
         raise InputError(f"{int8_data[0]} applies when building from a checkpoint; {src} is a bundle, whose "
                          "TensorRT engines are built from its INT8 graphs")
+    new_bundle = [flag for flag, given in (("-o", args.output is not None), ("--force", args.force),
+                                           ("--include-checkpoint", args.include_checkpoint),
+                                           ("--model-name", args.model_name is not None),
+                                           ("--patch-size", args.patch_size is not None)) if given]
+    if new_bundle and src.is_dir():
+        raise InputError(f"{new_bundle[0]} applies when building from a checkpoint; {src} is a bundle, to which "
+                         "the engines are added in place (copy it first to keep it as it is)")
     if int8_data and args.precision != "int8":
         raise InputError(f"{int8_data[0]} applies to --precision int8 (this build is {args.precision})")
     trt_only = [flag for flag, given in (("--dla-core", args.dla_core is not None),
@@ -102,7 +110,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("build-engine", help="checkpoint -> ONNX -> INT8 -> engines, in one bundle",
                        formatter_class=argparse.RawDescriptionHelpFormatter, description=DESCRIPTION)
     p.add_argument("source", help="GFNet checkpoint (.pth.tar), or an existing bundle directory to add engines to")
-    p.add_argument("-o", "--output", help="bundle directory to create")
+    p.add_argument("-o", "--output", help="bundle directory to create (from a checkpoint; engines are added to an "
+                                          "existing bundle in place)")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="int8", help="graph/engine precision (default int8)")
     p.add_argument("--backend", choices=backends.choices(builds=True), default=backends.AUTO,
                    help="auto: TensorRT when it and a GPU are here, else a portable ONNX Runtime bundle")
@@ -134,7 +143,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         f"{TENSORRT.patch_guard_share:g}; the cpu profile has no patch guard; 0: off; see "
                         "docs/quantization.md)")
     p.add_argument("--include-checkpoint", action="store_true", help="copy the checkpoint into the bundle (torch backend)")
-    p.add_argument("--force", action="store_true", help="replace an existing bundle")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle at -o")
     p.add_argument("--model-name", help="variant name when the checkpoint does not store it and it cannot be "
                                         "inferred (e.g. resnet50; see `gfnet-edge info`)")
     p.add_argument("--patch-size", type=int_range(1, 1 << 16), help="patch size P when the checkpoint does not store it")

@@ -31,7 +31,9 @@ def add_runtime_options(parser: argparse.ArgumentParser, verb: str = "run", budg
     g = parser.add_argument_group("runtime")
     g.add_argument("--backend", choices=backends.choices(), default=backends.AUTO,
                    help="auto: TensorRT when it, a GPU and engines for them are here, else ONNX Runtime")
-    g.add_argument("--precision", default="auto", help="graph set: auto, fp32, int8-cpu, int8-tensorrt")
+    g.add_argument("--precision", default="auto",
+                   help="ONNX Runtime: the graph set (auto, fp32, int8-cpu, int8-tensorrt); TensorRT: the engine "
+                        "precision (auto: int8 > fp16 > fp32, int8, fp16, fp32)")
     if budget:
         g.add_argument("--budget", help="named budget (default: the bundle's default)")
     g.add_argument("--threads", type=THREADS, help="CPU threads of ONNX Runtime and the extension")

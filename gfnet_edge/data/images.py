@@ -167,10 +167,10 @@ def preprocess(image: Image.Image, image_size: int = 224, crop_pct: float = 0.87
     image = image.convert("RGB")
     short = int(image_size / crop_pct)
     w, h = image.size
-    if w <= h:
-        new_w, new_h = short, max(short, int(round(h * short / w)))
+    if w <= h:  # the longer side truncated, as torchvision's Resize(int) computes it (docs/gfnet.md)
+        new_w, new_h = short, int(short * h / w)
     else:
-        new_w, new_h = max(short, int(round(w * short / h))), short
+        new_w, new_h = int(short * w / h), short
     left = int(round((new_w - image_size) / 2.0))
     top = int(round((new_h - image_size) / 2.0))
     if new_w * new_h > 4 * short * short:

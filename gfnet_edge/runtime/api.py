@@ -155,6 +155,9 @@ class Runtime:
                  verify: bool = True, device: Optional[str] = None, dla_core: Optional[int] = None,
                  head_dtype: str = "float32", cuda_graphs: bool = True, max_batch: Optional[int] = None) -> None:
         max_batch = check_batch(max_batch, "max_batch")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
+                                    or not 1 <= threads <= MAX_THREADS):
+            raise InputError(f"threads must be an int from 1 to {MAX_THREADS}, got {threads!r}")
         if head_dtype not in HEAD_DTYPES:
             raise InputError(f"head_dtype must be one of {', '.join(HEAD_DTYPES)}, got {head_dtype!r}")
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle, verify=verify)
@@ -182,9 +185,7 @@ class Runtime:
         self.precision = self.runner.precision
         from .. import ops
 
-        if threads:
-            if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= MAX_THREADS:
-                raise InputError(f"threads must be an int from 1 to {MAX_THREADS}, got {threads!r}")
+        if threads is not None:
             ops.set_num_threads(int(threads))
         on_gpu = bool(self.runner.supports_device)  # the loop's place follows the heads' device
         if on_gpu and ops.cuda_device_count() < 1:
@@ -349,8 +350,10 @@ class Runtime:
                 raise InputError(f"no images given (images of shape {inputs.shape})")
             return "images", inputs  # checked (NaN / Inf) and made contiguous chunk by chunk
         if isinstance(inputs, np.ndarray) and inputs.ndim == 4 and inputs.dtype == np.uint8 and inputs.shape[3] == 3:
-            if inputs.shape[0] == 0 or inputs.shape[1] == 0 or inputs.shape[2] == 0:
+            if inputs.shape[0] == 0:
                 raise InputError(f"no images given (frames of shape {inputs.shape})")
+            if inputs.shape[1] == 0 or inputs.shape[2] == 0:
+                raise InputError(f"empty frames {inputs.shape}: a frame needs at least one pixel")
             return "frames", inputs  # one array: no per-frame checks, no copy
         frames = list(inputs) if not isinstance(inputs, np.ndarray) or inputs.ndim == 4 else [inputs]
         if not frames:
@@ -359,6 +362,8 @@ class Runtime:
             if not isinstance(f, np.ndarray) or f.dtype != np.uint8 or f.ndim != 3 or f.shape[2] != 3:
                 desc = f"{f.dtype} {f.shape}" if isinstance(f, np.ndarray) else type(f).__name__
                 raise InputError(f"image {i}: expected a uint8 HWC RGB frame or float32 NCHW images, got {desc}")
+            if f.size == 0:
+                raise InputError(f"image {i}: empty frame {f.shape}: a frame needs at least one pixel")
         return "frames", frames
 
     def _run(self, inputs, thresholds: Optional[Sequence[float]], deadline: Optional[Deadline] = None) -> tuple:
