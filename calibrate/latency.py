@@ -330,6 +330,15 @@ def camera_resize_ms(model: ModelLike, size: tuple = (480, 640), repeats: int = 
 SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "asimd", "asimddp", "i8mm")
 
 
+def timed_on(device: Dict[str, object], gpu: bool) -> str:
+    """What a calibration's latencies were measured on, in words: the GPU (and its host CPU) when
+    the runtime runs its backbones there (TensorRT, torch on CUDA) and
+    :func:`device_description` found one, else the CPU."""
+    if gpu and device.get("gpu"):
+        return f"{device['gpu']} (host {device['cpu']})"
+    return str(device["cpu"])
+
+
 def device_description() -> Dict[str, object]:
     """CPU model and speed-relevant flags, core count and platform of this machine (for the
     report and manifest)."""

@@ -21,7 +21,7 @@ from .compare import compare_precisions, static_int8, static_results
 from .config import CalibrationConfig
 from .data import load_calibration_data
 from .fit import default_budgets
-from .latency import CLOCKS, StepLatency, camera_resize_ms, device_description, measure_steps
+from .latency import CLOCKS, StepLatency, camera_resize_ms, device_description, measure_steps, timed_on
 from .precision import trace_frames
 from .progress import Progress
 from .report import write_report
@@ -53,7 +53,7 @@ def _manifest_entry(b: BudgetResult, rt: "_RtInfo", cfg: CalibrationConfig, devi
         "measured_p95_ms": m.p95_ms, "measured_p99_ms": m.p99_ms, "accuracy": b.accuracy,
         "exit_fractions": b.exit_fractions, "method": cfg.method,
         "backend": rt.backend, "precision": rt.precision, "threads": rt.threads, "batch": cfg.batch, "clock": cfg.clock,
-        "device": device["cpu"], "data": cfg.data,
+        "device": device["timed_on"], "data": cfg.data,
         **({"dla_core": cfg.dla_core} if cfg.dla_core is not None else {}),
         **({"head_dtype": cfg.head_dtype} if cfg.head_dtype != "float32" else {}),
         "calibrated": _now(),
@@ -97,7 +97,7 @@ class _Measured:
     sweep: Optional[DeadlineSweep]
 
 
-def _run_budgets(rt, data, cfg: CalibrationConfig, cpu: str) -> _Measured:
+def _run_budgets(rt, data, cfg: CalibrationConfig, timed: str) -> _Measured:
     """Measures the step latency, traces both splits, fits and verifies every budget with ``rt``."""
     fit_x, fit_y = data.part("fit")
     hold_x, hold_y = data.part("holdout")
@@ -138,7 +138,7 @@ def _run_budgets(rt, data, cfg: CalibrationConfig, cpu: str) -> _Measured:
     if cfg.deadlines:  # 3. the deadline sweep, planned with the step costs written to the manifest
         from gfnet_edge.runtime.deadline import StepCosts
 
-        rt.set_step_costs(StepCosts.from_manifest(_step_costs(lat1, latN, info, cpu)))
+        rt.set_step_costs(StepCosts.from_manifest(_step_costs(lat1, latN, info, timed)))
         r = _featured(results, default)
         sweep = deadline_sweep(rt, hold_x, hold_y, r.thresholds, r.name, sweep_deadlines(lat1, cfg.deadlines),
                                batch=cfg.batch, no_deadline_accuracy=r.accuracy, progress=cfg.progress)
@@ -150,10 +150,10 @@ def _featured(results: Sequence[BudgetResult], default: Optional[str]) -> Budget
     return next((x for x in results if x.name == default), results[len(results) // 2])
 
 
-def _step_costs(lat1: StepLatency, latN: Optional[StepLatency], rt: "_RtInfo", cpu: str) -> Dict[str, Any]:
+def _step_costs(lat1: StepLatency, latN: Optional[StepLatency], rt: "_RtInfo", timed: str) -> Dict[str, Any]:
     """The manifest ``step_costs`` entry of the measured step latency (smallest batch first)."""
     lats = sorted([lat for lat in (lat1, latN) if lat is not None], key=lambda lat: lat.batch)
-    costs = step_costs_entry(lats, rt.backend, rt.precision, rt.threads, cpu)
+    costs = step_costs_entry(lats, rt.backend, rt.precision, rt.threads, timed)
     costs["calibrated"] = _now()
     return costs
 
@@ -185,9 +185,10 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
 
     rt = Runtime(bundle, backend=cfg.backend, precision=cfg.precision, threads=cfg.threads, profile=True,
                  dla_core=cfg.dla_core, head_dtype=cfg.head_dtype, device=cfg.device)
+    device["timed_on"] = timed_on(device, rt.backend == "tensorrt" or rt.device_loop or cfg.device == "cuda")
     try:
         check_static_sources(cfg.static, StaticPlan.of_runtime(rt))  # before any long work
-        m = _run_budgets(rt, data, cfg, device["cpu"])
+        m = _run_budgets(rt, data, cfg, device["timed_on"])
         plan = StaticPlan.of_runtime(rt)  # the GFNet loop's capture state after its runs
     finally:
         rt.close()
@@ -257,7 +258,7 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
 def _write_manifest(cfg: CalibrationConfig, m: _Measured, device: Dict[str, Any]) -> None:
     """Stores the budgets (and the measured step costs deadlines plan with) in the bundle's manifest."""
     entries = {r.name: _manifest_entry(r, m.rt, cfg, device) for r in m.results}
-    costs = _step_costs(m.lat1, m.latN, m.rt, device["cpu"])
+    costs = _step_costs(m.lat1, m.latN, m.rt, device["timed_on"])
 
     def upd(man: Dict[str, Any]) -> None:
         man.setdefault("budgets", {}).update(entries)
@@ -288,7 +289,7 @@ def _figures(res: Dict[str, Any], results: Sequence[BudgetResult], cost: np.ndar
               "measured_ms": r.run.stats.mean_ms, "accuracy": r.accuracy} for r in results],
             main_any, cost.tolist(),
             [{"name": s["name"], "ms": s["latency"]["mean_ms"], "accuracy": s["accuracy"]} for s in res["static"]],
-            f"{b['model_name']} · {b['backend']} {b['precision']} · {res['device']['cpu']}", res["settings"]["batch"]),
+            f"{b['model_name']} · {b['backend']} {b['precision']} · {res['device']['timed_on']}", res["settings"]["batch"]),
         "anytime": plots.anytime(dict(res["anytime"])),
         "exit_histogram": plots.exit_histogram({r.name: r.exit_fractions for r in results}),
         "stage_breakdown": plots.stage_breakdown({int(k): v for k, v in res["latency"]["budget_batch"]["stages"].items()},

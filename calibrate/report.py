@@ -172,7 +172,7 @@ def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: Sequenc
     parts.append(
         f"<div class='meta'>bundle <code>{html.escape(b['path'])}</code> · S={b['image_size']} P={b['patch_size']} "
         f"T={T} · {html.escape(b['backend'])} / {html.escape(b['precision'])} · threads {b['threads'] or 'default'}<br>"
-        f"device: {html.escape(str(dev['cpu']))} ({html.escape(', '.join(dev.get('cpu_flags') or []) or 'no flags read')}; "
+        f"device: {html.escape(str(dev.get('timed_on', dev['cpu'])))} ({html.escape(', '.join(dev.get('cpu_flags') or []) or 'no flags read')}; "
         f"{dev['cores']} cores, load average {dev.get('load_average')} at "
         f"start, {dev.get('load_average_end')} at end) · {html.escape(dev['platform'])} · "
         f"data: {html.escape(res['data']['source'])} ({res['data']['fit']} fit / {res['data']['holdout']} held-out"
@@ -320,7 +320,7 @@ def write_report(out_dir: Path, res: Dict[str, Any], figures: Dict[str, bytes], 
 def summary(res: Dict[str, Any]) -> str:
     """A plain-text summary table for the terminal."""
     b, lat = res["bundle"], res["latency"]
-    lines = [f"calibration of {b['model_name']} on {res['device']['cpu']} "
+    lines = [f"calibration of {b['model_name']} on {res['device'].get('timed_on', res['device']['cpu'])} "
              f"({b['backend']} {b['precision']}, threads {b['threads'] or 'default'}, batch {res['settings']['batch']}, "
              f"{res['settings'].get('clock', 'wall')} clock)"]
     steps = ", ".join(f"k={k}: {s['mean_ms']:.3f} (p95 {s['p95_ms']:.3f})" for k, s in enumerate(lat["budget_batch"]["steps"]))

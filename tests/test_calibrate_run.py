@@ -95,6 +95,30 @@ def test_full_run_writes_report_and_budgets(calibrated, capsys):
     assert len(res["gallery"]) == 6
 
 
+@pytest.mark.parametrize("on_gpu", [False, True])
+def test_budgets_name_the_device_their_latency_was_measured_on(tiny_bundle, tmp_path, monkeypatch, capsys, on_gpu):
+    """On a machine with a GPU the budgets, step costs and report name the GPU (and its host)
+    when the runtime's loop runs there, and the CPU when it does not. The loop here runs on the
+    host either way: only which device the runtime reports is switched."""
+    from gfnet_edge.calibrate import pipeline
+    from gfnet_edge.runtime import api
+
+    real = pipeline.device_description
+    monkeypatch.setattr(pipeline, "device_description", lambda: {**real(), "cpu": "Host CPU", "gpu": "Sim GPU"})
+    monkeypatch.setattr(api.Runtime, "device_loop", property(lambda self: on_gpu))
+    bundle = _fresh(tiny_bundle, tmp_path)
+    out = tmp_path / "r"
+    rc = _main(["calibrate", str(bundle), "--data", str(tiny_bundle / "data.npz"), "-o", str(out), "--budget-ms", "500",
+                "--no-compare", *FAST, "--gallery", "0", "--deadlines", "0"])
+    assert rc == 0
+    want = "Sim GPU (host Host CPU)" if on_gpu else "Host CPU"
+    m = Bundle.load(bundle).manifest
+    assert [b["device"] for b in m["budgets"].values()] == [want]
+    assert {c["device"] for c in m["step_costs"].values()} == {want}
+    assert f"on {want} " in capsys.readouterr().out
+    assert f"device: {want} (" in (out / "report.html").read_text()
+
+
 def test_budgets_are_selectable_by_the_runtime(calibrated):
     from gfnet_edge.runtime import Runtime
 
