@@ -238,6 +238,8 @@ def test_close_waits_for_a_call_running_in_another_thread(mnv3):
     assert np.array_equal(out["p"].classes, want.classes) and np.array_equal(out["p"].exit_step, want.exit_step)
     with pytest.raises(InputError, match="this Runtime is closed"):
         rt.predict(x[:1])
+    with pytest.raises(InputError, match="this Runtime is closed"):
+        rt.set_budget(None)
 
 
 def test_runtime_refuses_copies_bad_thresholds_models_and_indices(mnv3):
@@ -342,6 +344,8 @@ def test_torch_backend_matches_onnxruntime(mnv3):
     (np.zeros((0, 224, 224, 3), np.uint8), InputError, "no images"),
     ([np.zeros((10, 10, 3), np.uint8), np.zeros((0, 7, 3), np.uint8)], InputError, r"image 1: empty frame \(0, 7, 3\)"),
     (np.zeros((2, 5, 0, 3), np.uint8), InputError, r"empty frames \(2, 5, 0, 3\)"),
+    (None, InputError, "got NoneType"),
+    (3, InputError, "got int"),
 ])
 def test_bad_inputs(mnv3, bad, exc, match):
     _, bundle = mnv3
@@ -366,6 +370,9 @@ def test_bad_runtime_options(mnv3, tmp_path):
         for threads in (0, -1, 0.5, 2000, True):
             with pytest.raises(InputError, match="threads must be an int from 1 to 1024"):
                 Runtime(bundle, backend="onnxruntime", threads=threads)
+        for flag in ("profile", "verify", "cuda_graphs"):
+            with pytest.raises(InputError, match=f"{flag} must be True or False, got 'no'"):
+                Runtime(bundle, backend="onnxruntime", **{flag: "no"})
     assert made == []
     with pytest.raises((UnavailableError, InputError)):
         Runtime(bundle, backend="tensorrt")  # no TensorRT engines / no TensorRT here

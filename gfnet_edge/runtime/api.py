@@ -155,6 +155,9 @@ class Runtime:
                  verify: bool = True, device: Optional[str] = None, dla_core: Optional[int] = None,
                  head_dtype: str = "float32", cuda_graphs: bool = True, max_batch: Optional[int] = None) -> None:
         max_batch = check_batch(max_batch, "max_batch")
+        for name, flag in (("profile", profile), ("verify", verify), ("cuda_graphs", cuda_graphs)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise InputError(f"{name} must be True or False, got {flag!r}")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
                                     or not 1 <= threads <= MAX_THREADS):
             raise InputError(f"threads must be an int from 1 to {MAX_THREADS}, got {threads!r}")
@@ -276,6 +279,7 @@ class Runtime:
 
     def set_budget(self, budget: Optional[str]) -> None:
         """Selects the named budget whose thresholds decide the exits."""
+        self._check_open()
         self.thresholds = self.bundle.thresholds(budget)
         self.budget = budget if budget is not None else self.bundle.manifest.get("default_budget")
 
@@ -355,6 +359,9 @@ class Runtime:
             if inputs.shape[1] == 0 or inputs.shape[2] == 0:
                 raise InputError(f"empty frames {inputs.shape}: a frame needs at least one pixel")
             return "frames", inputs  # one array: no per-frame checks, no copy
+        if not isinstance(inputs, np.ndarray) and not hasattr(inputs, "__iter__"):
+            raise InputError(f"expected uint8 HWC RGB frames (an array or a list of arrays) or float32 NCHW "
+                             f"images, got {type(inputs).__name__}")
         frames = list(inputs) if not isinstance(inputs, np.ndarray) or inputs.ndim == 4 else [inputs]
         if not frames:
             raise InputError("no images given")
