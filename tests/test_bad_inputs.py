@@ -61,6 +61,11 @@ def _edit_manifest(fn: Callable[[dict], None], raw: Callable[[str], str] = lambd
     return make
 
 
+def _raw_manifest(old: str, new: str):
+    """Replaces text in the manifest (JSON that Python's parser refuses in ways of its own)."""
+    return _edit_manifest(lambda m: None, raw=lambda s: s.replace(old, new))
+
+
 def _set(path: str, value) -> Callable[[dict], None]:
     def fn(m: dict) -> None:
         set_path(m, path.split("."), value)
@@ -164,9 +169,11 @@ def _opt(cmd: List, frag: str, code: int = 2) -> Case:
     return (lambda d, b: [a if a not in ("B", "IMG") else (b if a == "B" else _img(d)) for a in cmd]), code, frag
 
 
-def _user_dir(d: Path) -> Path:
+def _user_dir(d: Path, manifest: str = None) -> Path:
     (d / "mine").mkdir()
     (d / "mine" / "thesis.txt").write_text("irreplaceable")
+    if manifest is not None:
+        (d / "mine" / "manifest.json").write_text(manifest)
     return d / "mine"
 
 
@@ -243,6 +250,9 @@ CASES: Dict[str, Case] = {
     "b_engine_path": _bundle_case(_edit_manifest(_set("engines", [{"precision": "fp16", "glance": "x", "focus": "y"}])),
                                   "'engines[0].glance'"),
     "b_checkpoint_unlisted": _bundle_case(_edit_manifest(_set("checkpoint", "checkpoint.pth.tar")), "'checkpoint'"),
+    "b_int_digits": _bundle_case(_raw_manifest('"steps": 3', '"steps": 3' + "0" * 5000), "corrupt manifest"),
+    "b_nested_deep": _bundle_case(_raw_manifest('"costs": {', '"x": ' + "[" * 100_000 + "]" * 100_000 + ', "costs": {'),
+                                  "corrupt manifest"),
     "b_escape": _bundle_case(_edit_manifest(lambda m: m["artifacts"].update({"../x": {"sha256": "0" * 64}})),
                              "escapes the bundle"),
     "b_tampered": _bundle_case(lambda b: (b / "heads.npz").write_bytes(b"x"), "modified or corrupted"),
@@ -327,6 +337,8 @@ CASES: Dict[str, Case] = {
     "o_info_patch": _opt(["info", str(DEMO), "--patch-size", "-5"], "--patch-size"),
     # output paths
     "p_force_user_dir": ((lambda d, b: BUILD + [DEMO, "-o", _user_dir(d), "--force"]), 2, "is not a gfnet-edge bundle"),
+    "p_force_deep_json": ((lambda d, b: BUILD + [DEMO, "-o", _user_dir(d, "[" * 100_000), "--force"]), 2,
+                          "is not a gfnet-edge bundle"),
     "p_force_file": ((lambda d, b: BUILD + [DEMO, "-o", _write("f.txt", b"keep")(d), "--force"]), 2,
                      "is not a directory"),
     "p_force_ckpt_dir": ((lambda d, b: BUILD + [shutil.copy(DEMO, b / "c.pth.tar") and b / "c.pth.tar", "-o", b,
