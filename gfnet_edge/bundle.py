@@ -58,7 +58,7 @@ def safe_join(root: Path, rel: str) -> Path:
     Raises:
         BundleError: the path is unsafe.
     """
-    if not isinstance(rel, str) or not rel or rel.startswith(("/", "\\")) or ":" in rel.split("/")[0]:
+    if not isinstance(rel, str) or not rel or rel.startswith(("/", "\\")) or ":" in rel.split("/")[0] or "\0" in rel:
         raise BundleError(f"unsafe artifact path in manifest: {rel!r}")
     p = (root / rel).resolve()
     r = root.resolve()

@@ -255,6 +255,8 @@ CASES: Dict[str, Case] = {
                                   "corrupt manifest"),
     "b_escape": _bundle_case(_edit_manifest(lambda m: m["artifacts"].update({"../x": {"sha256": "0" * 64}})),
                              "escapes the bundle"),
+    "b_nul_path": _bundle_case(_edit_manifest(lambda m: m["artifacts"].update({"graphs/a\x00b": {"sha256": "0" * 64}})),
+                               "unsafe artifact path"),
     "b_tampered": _bundle_case(lambda b: (b / "heads.npz").write_bytes(b"x"), "modified or corrupted"),
     "b_missing_graph": _bundle_case(lambda b: (b / "graphs" / "focus.fp32.onnx").unlink(), "is missing"),
     "b_garbage_graph": _bundle_case(lambda b: ((b / "graphs" / "focus.fp32.onnx").unlink(),
