@@ -128,6 +128,11 @@ def _bundle_case(mutate, frag: str, code: int = 2) -> Case:
     return argv, code, frag
 
 
+def _info_case(mutate, frag: str) -> Case:
+    """A bundle given to ``info``, which reads more of the manifest than ``predict``."""
+    return (lambda d, b: (mutate(b), ["info", b])[1]), 2, frag
+
+
 def _image_case(make, frag: str) -> Case:
     return (lambda d, b: PREDICT + [b, make(d)]), 2, frag
 
@@ -253,6 +258,19 @@ CASES: Dict[str, Case] = {
     "b_int_digits": _bundle_case(_raw_manifest('"steps": 3', '"steps": 3' + "0" * 5000), "corrupt manifest"),
     "b_nested_deep": _bundle_case(_raw_manifest('"costs": {', '"x": ' + "[" * 100_000 + "]" * 100_000 + ', "costs": {'),
                                   "corrupt manifest"),
+    "b_costs_list": _info_case(_edit_manifest(_set("costs", [1])), "'costs'"),
+    "b_macs_text": _info_case(_edit_manifest(_set("costs.macs.cumulative", ["many"])), "'costs.macs.cumulative[0]'"),
+    "b_quant_list": _info_case(_edit_manifest(_set("quantization", [1])), "'quantization'"),
+    "b_quant_share": _info_case(_edit_manifest(_set("quantization", {"cpu": {"int8_mac_share": "all"}})),
+                                "'quantization.cpu.int8_mac_share'"),
+    "b_source_text": _info_case(_edit_manifest(_set("source_checkpoint", "demo_gfnet.pth.tar")), "'source_checkpoint'"),
+    "b_engine_batch": _bundle_case(_edit_manifest(lambda m: m.update(engines=[dict(
+        precision="fp32", static_batch="one", **m["graphs"]["fp32"])])), "'engines[0].static_batch'"),
+    "b_engine_dla": _bundle_case(_edit_manifest(lambda m: m.update(engines=[dict(
+        precision="fp32", build_options={"dla_core": "0"}, **m["graphs"]["fp32"])])), "'engines[0].build_options.dla_core'"),
+    "b_engine_placement": _info_case(_edit_manifest(lambda m: m.update(engines=[dict(
+        precision="fp32", build_options={"dla_core": 0}, dla_placement=[1], **m["graphs"]["fp32"])])),
+        "'engines[0].dla_placement'"),
     "b_escape": _bundle_case(_edit_manifest(lambda m: m["artifacts"].update({"../x": {"sha256": "0" * 64}})),
                              "escapes the bundle"),
     "b_nul_path": _bundle_case(_edit_manifest(lambda m: m["artifacts"].update({"graphs/a\x00b": {"sha256": "0" * 64}})),
