@@ -108,6 +108,16 @@ def _poison(section: str, value: float):
     return fn
 
 
+def _config(**fields):
+    """Sets fields of the checkpoint's gfnet_edge_config (the model it describes)."""
+    return lambda ck: ck["gfnet_edge_config"].update(fields)
+
+
+def _released(**fields):
+    """A released-format checkpoint (no gfnet_edge_config) with these metadata fields."""
+    return lambda ck: (ck.pop("gfnet_edge_config"), ck.update(fields))
+
+
 # --------------------------------------------------------------------- the corpus ----
 # Each case: (argv builder, expected exit code, fragment of the message). The builder gets the
 # case's own folder `d` (which it may fill with inputs) and the shared bundle copy `b` in it.
@@ -198,6 +208,15 @@ CASES: Dict[str, Case] = {
     "ck_nan_thresholds": _ckpt_case(lambda ck: ck.__setitem__("dynamic_threshold",
                                                               torch.full((39, 3), float("nan"))), "dynamic_threshold"),
     "ck_not_dict": _ckpt_case(lambda ck: ck.__setitem__("fc", [1, 2, 3]), "not a state dict"),
+    "ck_config_text": _ckpt_case(_config(image_size="224"), "'image_size'", "info"),
+    "ck_config_negative": _ckpt_case(_config(policy_hidden=-5), "'policy_hidden'", "info"),
+    "ck_config_nan": _ckpt_case(_config(crop_pct=float("nan")), "'crop_pct'"),
+    "ck_config_kwargs": _ckpt_case(_config(backbone_kwargs="wide"), "backbone_kwargs", "info"),
+    "ck_config_classes_huge": _ckpt_case(_config(num_classes=1_000_000), "does not fit", "info"),
+    "ck_config_channels_huge": _ckpt_case(_config(backbone_kwargs={"channels": [10 ** 5, 32, 64, 128], "stem_width": 16}),
+                                          "does not fit", "info"),
+    "ck_name_list": _ckpt_case(_released(model_name=["resnet50"]), "model_name", "info"),
+    "ck_patch_text": _ckpt_case(_released(model_name="resnet50", patch_size="96"), "patch_size", "info"),
     "ck_wrong_name": ((lambda d, b: BUILD + [DEMO, "-o", d / "out", "--model-name", "resnet50"]), 2, "not 'resnet50'"),
     "ck_no_output": ((lambda d, b: BUILD + [DEMO]), 2, "needs -o"),
     # bundles and manifests
