@@ -58,7 +58,7 @@ def safe_join(root: Path, rel: str) -> Path:
     Raises:
         BundleError: the path is unsafe.
     """
-    if not isinstance(rel, str) or not rel or rel.startswith(("/", "\\")) or ":" in rel.split("/")[0]:
+    if not isinstance(rel, str) or not rel or rel.startswith(("/", "\\")) or ":" in rel.split("/")[0] or "\0" in rel:
         raise BundleError(f"unsafe artifact path in manifest: {rel!r}")
     p = (root / rel).resolve()
     r = root.resolve()
@@ -174,8 +174,8 @@ class Bundle:
             raise BundleError(f"{root}: no {MANIFEST}; not a gfnet-edge bundle (or a half-written one)")
         try:
             manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BundleError(f"{mpath}: corrupt manifest ({exc})") from exc
+        except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, integers too long, nesting too deep
+            raise BundleError(f"{mpath}: corrupt manifest ({str(exc)[:200]})") from exc
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise BundleError(f"{mpath}: not a gfnet-edge manifest (format={manifest.get('format') if isinstance(manifest, dict) else None!r})")
         ver = manifest.get("format_version")
@@ -304,7 +304,7 @@ def _json_format(path: Path) -> Optional[str]:
         if not path.is_file() or path.stat().st_size > (64 << 20):
             return None
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return data.get("format") if isinstance(data, dict) else None
 

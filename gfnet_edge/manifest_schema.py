@@ -10,8 +10,10 @@ are listed artifacts, distinct glance and focus graphs, a default budget that ex
 ``std`` and finite numbers (``NaN`` passes every JSON Schema range test).
 
 A problem is reported as one :class:`ManifestError` naming the field (``model.patch_size``,
-``budgets.ms-3.0.thresholds[1]`` ...). Fields the runtime does not read (``created``, ``costs``,
-``quantization`` ...) may hold anything JSON holds.
+``budgets.ms-3.0.thresholds[1]`` ...). The schema covers every field a command reads (the
+runtime, ``info``, ``demo``, ``doctor``: ``costs.macs.cumulative``, ``quantization``,
+``source_checkpoint``, engine entries ...); fields only stored or printed as they are (``created``,
+a budget's ``source`` ...) may hold anything JSON holds.
 """
 from __future__ import annotations
 

@@ -61,6 +61,11 @@ def _edit_manifest(fn: Callable[[dict], None], raw: Callable[[str], str] = lambd
     return make
 
 
+def _raw_manifest(old: str, new: str):
+    """Replaces text in the manifest (JSON that Python's parser refuses in ways of its own)."""
+    return _edit_manifest(lambda m: None, raw=lambda s: s.replace(old, new))
+
+
 def _set(path: str, value) -> Callable[[dict], None]:
     def fn(m: dict) -> None:
         set_path(m, path.split("."), value)
@@ -103,6 +108,16 @@ def _poison(section: str, value: float):
     return fn
 
 
+def _config(**fields):
+    """Sets fields of the checkpoint's gfnet_edge_config (the model it describes)."""
+    return lambda ck: ck["gfnet_edge_config"].update(fields)
+
+
+def _released(**fields):
+    """A released-format checkpoint (no gfnet_edge_config) with these metadata fields."""
+    return lambda ck: (ck.pop("gfnet_edge_config"), ck.update(fields))
+
+
 # --------------------------------------------------------------------- the corpus ----
 # Each case: (argv builder, expected exit code, fragment of the message). The builder gets the
 # case's own folder `d` (which it may fill with inputs) and the shared bundle copy `b` in it.
@@ -121,6 +136,11 @@ def _bundle_case(mutate, frag: str, code: int = 2) -> Case:
         mutate(b)
         return PREDICT + [b, _img(d)]
     return argv, code, frag
+
+
+def _info_case(mutate, frag: str) -> Case:
+    """A bundle given to ``info``, which reads more of the manifest than ``predict``."""
+    return (lambda d, b: (mutate(b), ["info", b])[1]), 2, frag
 
 
 def _image_case(make, frag: str) -> Case:
@@ -164,9 +184,11 @@ def _opt(cmd: List, frag: str, code: int = 2) -> Case:
     return (lambda d, b: [a if a not in ("B", "IMG") else (b if a == "B" else _img(d)) for a in cmd]), code, frag
 
 
-def _user_dir(d: Path) -> Path:
+def _user_dir(d: Path, manifest: str = None) -> Path:
     (d / "mine").mkdir()
     (d / "mine" / "thesis.txt").write_text("irreplaceable")
+    if manifest is not None:
+        (d / "mine" / "manifest.json").write_text(manifest)
     return d / "mine"
 
 
@@ -186,6 +208,15 @@ CASES: Dict[str, Case] = {
     "ck_nan_thresholds": _ckpt_case(lambda ck: ck.__setitem__("dynamic_threshold",
                                                               torch.full((39, 3), float("nan"))), "dynamic_threshold"),
     "ck_not_dict": _ckpt_case(lambda ck: ck.__setitem__("fc", [1, 2, 3]), "not a state dict"),
+    "ck_config_text": _ckpt_case(_config(image_size="224"), "'image_size'", "info"),
+    "ck_config_negative": _ckpt_case(_config(policy_hidden=-5), "'policy_hidden'", "info"),
+    "ck_config_nan": _ckpt_case(_config(crop_pct=float("nan")), "'crop_pct'"),
+    "ck_config_kwargs": _ckpt_case(_config(backbone_kwargs="wide"), "backbone_kwargs", "info"),
+    "ck_config_classes_huge": _ckpt_case(_config(num_classes=1_000_000), "does not fit", "info"),
+    "ck_config_channels_huge": _ckpt_case(_config(backbone_kwargs={"channels": [10 ** 5, 32, 64, 128], "stem_width": 16}),
+                                          "does not fit", "info"),
+    "ck_name_list": _ckpt_case(_released(model_name=["resnet50"]), "model_name", "info"),
+    "ck_patch_text": _ckpt_case(_released(model_name="resnet50", patch_size="96"), "patch_size", "info"),
     "ck_wrong_name": ((lambda d, b: BUILD + [DEMO, "-o", d / "out", "--model-name", "resnet50"]), 2, "not 'resnet50'"),
     "ck_no_output": ((lambda d, b: BUILD + [DEMO]), 2, "needs -o"),
     # bundles and manifests
@@ -243,8 +274,26 @@ CASES: Dict[str, Case] = {
     "b_engine_path": _bundle_case(_edit_manifest(_set("engines", [{"precision": "fp16", "glance": "x", "focus": "y"}])),
                                   "'engines[0].glance'"),
     "b_checkpoint_unlisted": _bundle_case(_edit_manifest(_set("checkpoint", "checkpoint.pth.tar")), "'checkpoint'"),
+    "b_int_digits": _bundle_case(_raw_manifest('"steps": 3', '"steps": 3' + "0" * 5000), "corrupt manifest"),
+    "b_nested_deep": _bundle_case(_raw_manifest('"costs": {', '"x": ' + "[" * 100_000 + "]" * 100_000 + ', "costs": {'),
+                                  "corrupt manifest"),
+    "b_costs_list": _info_case(_edit_manifest(_set("costs", [1])), "'costs'"),
+    "b_macs_text": _info_case(_edit_manifest(_set("costs.macs.cumulative", ["many"])), "'costs.macs.cumulative[0]'"),
+    "b_quant_list": _info_case(_edit_manifest(_set("quantization", [1])), "'quantization'"),
+    "b_quant_share": _info_case(_edit_manifest(_set("quantization", {"cpu": {"int8_mac_share": "all"}})),
+                                "'quantization.cpu.int8_mac_share'"),
+    "b_source_text": _info_case(_edit_manifest(_set("source_checkpoint", "demo_gfnet.pth.tar")), "'source_checkpoint'"),
+    "b_engine_batch": _bundle_case(_edit_manifest(lambda m: m.update(engines=[dict(
+        precision="fp32", static_batch="one", **m["graphs"]["fp32"])])), "'engines[0].static_batch'"),
+    "b_engine_dla": _bundle_case(_edit_manifest(lambda m: m.update(engines=[dict(
+        precision="fp32", build_options={"dla_core": "0"}, **m["graphs"]["fp32"])])), "'engines[0].build_options.dla_core'"),
+    "b_engine_placement": _info_case(_edit_manifest(lambda m: m.update(engines=[dict(
+        precision="fp32", build_options={"dla_core": 0}, dla_placement=[1], **m["graphs"]["fp32"])])),
+        "'engines[0].dla_placement'"),
     "b_escape": _bundle_case(_edit_manifest(lambda m: m["artifacts"].update({"../x": {"sha256": "0" * 64}})),
                              "escapes the bundle"),
+    "b_nul_path": _bundle_case(_edit_manifest(lambda m: m["artifacts"].update({"graphs/a\x00b": {"sha256": "0" * 64}})),
+                               "unsafe artifact path"),
     "b_tampered": _bundle_case(lambda b: (b / "heads.npz").write_bytes(b"x"), "modified or corrupted"),
     "b_missing_graph": _bundle_case(lambda b: (b / "graphs" / "focus.fp32.onnx").unlink(), "is missing"),
     "b_garbage_graph": _bundle_case(lambda b: ((b / "graphs" / "focus.fp32.onnx").unlink(),
@@ -329,6 +378,8 @@ CASES: Dict[str, Case] = {
     "o_info_patch": _opt(["info", str(DEMO), "--patch-size", "-5"], "--patch-size"),
     # output paths
     "p_force_user_dir": ((lambda d, b: BUILD + [DEMO, "-o", _user_dir(d), "--force"]), 2, "is not a gfnet-edge bundle"),
+    "p_force_deep_json": ((lambda d, b: BUILD + [DEMO, "-o", _user_dir(d, "[" * 100_000), "--force"]), 2,
+                          "is not a gfnet-edge bundle"),
     "p_force_file": ((lambda d, b: BUILD + [DEMO, "-o", _write("f.txt", b"keep")(d), "--force"]), 2,
                      "is not a directory"),
     "p_force_ckpt_dir": ((lambda d, b: BUILD + [shutil.copy(DEMO, b / "c.pth.tar") and b / "c.pth.tar", "-o", b,

@@ -2,6 +2,10 @@
 nn.GRUCell, nn.Linear)."""
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -199,6 +203,33 @@ def test_resize_crop_is_torchvisions_uint8_resize_and_crop(rng, simd, hw, interp
     # ... and normalising it is preprocess, bit for bit
     assert np.array_equal(ops.preprocess(out, 96, crop_pct=1.0),
                           ops.preprocess(frames, 96, crop_pct=crop_pct, interpolation=interpolation))
+
+
+@pytest.mark.parametrize("hw", [(1, 700), (700, 2), (3, 1500)])
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_resize_crop_of_long_thin_frames_is_torchvisions(rng, simd, hw, interpolation):
+    """Only the crop's taps are kept; their int16 precision is the full resize's (bit-exact)."""
+    frame = rng.integers(0, 256, (*hw, 3), dtype=np.uint8)
+    assert np.array_equal(ops.resize_crop([frame], 96, 0.875, interpolation)[0],
+                          torch_resize_crop(frame, 96, 0.875, interpolation))
+
+
+def test_long_thin_frame_is_preprocessed_in_bounded_memory():
+    """A 1 x 400 000 frame (1.2 MB): the taps of its whole resize (224 x 9 * 10^7) would take
+    gigabytes; those of the crop take kilobytes, under a 300 MB address-space ceiling."""
+    code = f"""
+import resource, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+import numpy as np
+from gfnet_edge import ops
+frame = np.full((1, 400_000, 3), 200, np.uint8)
+vm = int([l for l in open('/proc/self/status') if l.startswith('VmSize:')][0].split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (300 << 20),) * 2)
+out = ops.resize_crop([frame], 224, 0.875, "bilinear")
+assert out.shape == (1, 224, 224, 3) and (out == 200).all()
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
 
 
 @pytest.mark.parametrize("mode", ["bilinear", "bicubic"])

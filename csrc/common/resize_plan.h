@@ -17,39 +17,50 @@
 
 namespace gfn {
 
-/// Int16 filter taps of one resized dimension (all output positions).
+/// Int16 filter taps of one resized dimension, for the output positions [first, first + n):
+/// entry k of `start`, `count` and `weight` is output position first + k.
 struct AxisWeights {
   int64_t in_size = 0;
   int64_t out_size = 0;
+  int64_t first = 0;   ///< the first output position stored
   int max_taps = 0;    ///< taps stored per output position (zero padded)
   int precision = 0;   ///< weights are scaled by 2^precision
   std::vector<int32_t> start;   ///< first source index per output position
   std::vector<int32_t> count;   ///< number of valid taps per output position
-  std::vector<int16_t> weight;  ///< out_size * max_taps
+  std::vector<int16_t> weight;  ///< n * max_taps
 };
 
-/// Computes the antialiased taps for resizing one dimension in_size -> out_size.
-inline AxisWeights compute_axis_weights(int64_t in_size, int64_t out_size, Interp mode) {
+/// Computes the antialiased taps for resizing one dimension in_size -> out_size, stored for the
+/// `n` output positions from `first` (n < 0: all). The int16 precision follows the largest
+/// weight over every output position, as in the full resize, so the stored taps are those of the
+/// full table; memory is O(n) however large out_size is (a long thin frame's resize).
+inline AxisWeights compute_axis_weights(int64_t in_size, int64_t out_size, Interp mode,
+                                        int64_t first = 0, int64_t n = -1) {
   if (in_size <= 0 || out_size <= 0) throw std::invalid_argument("resize sizes must be positive");
+  if (n < 0) n = out_size - first;
+  if (first < 0 || n < 0 || first + n > out_size) {
+    throw std::invalid_argument("resize window outside the output");
+  }
   AxisWeights aw;
   aw.in_size = in_size;
   aw.out_size = out_size;
+  aw.first = first;
   const double interp_size = mode == Interp::kBilinear ? 2.0 : 4.0;
   const double scale = static_cast<double>(in_size) / static_cast<double>(out_size);
   const double support = scale >= 1.0 ? (interp_size * 0.5) * scale : interp_size * 0.5;
   const int max_taps = static_cast<int>(std::ceil(support)) * 2 + 1;
   const double invscale = scale >= 1.0 ? 1.0 / scale : 1.0;
   aw.max_taps = max_taps;
-  aw.start.resize(out_size);
-  aw.count.resize(out_size);
-  std::vector<double> w(static_cast<size_t>(out_size) * max_taps, 0.0);
+  aw.start.resize(n);
+  aw.count.resize(n);
+  std::vector<double> w(static_cast<size_t>(n) * max_taps, 0.0);
+  std::vector<double> wi(max_taps);
   double wt_max = 0.0;
   for (int64_t i = 0; i < out_size; ++i) {
     const double center = scale * (static_cast<double>(i) + 0.5);
     const int64_t xmin = std::max(static_cast<int64_t>(center - support + 0.5), int64_t{0});
     int64_t xsize = std::min(static_cast<int64_t>(center + support + 0.5), in_size) - xmin;
     xsize = std::clamp(xsize, int64_t{0}, static_cast<int64_t>(max_taps));
-    double* wi = &w[static_cast<size_t>(i) * max_taps];
     double total = 0.0;
     for (int64_t j = 0; j < xsize; ++j) {
       const double x = (static_cast<double>(j + xmin) - center + 0.5) * invscale;
@@ -63,8 +74,11 @@ inline AxisWeights compute_axis_weights(int64_t in_size, int64_t out_size, Inter
         wt_max = std::max(wt_max, wi[j]);
       }
     }
-    aw.start[i] = static_cast<int32_t>(xmin);
-    aw.count[i] = static_cast<int32_t>(xsize);
+    if (i < first || i >= first + n) continue;
+    const int64_t k = i - first;
+    std::copy(wi.begin(), wi.begin() + xsize, w.begin() + k * max_taps);
+    aw.start[k] = static_cast<int32_t>(xmin);
+    aw.count[k] = static_cast<int32_t>(xsize);
   }
   int precision = 0;
   for (precision = 0; precision < 22; ++precision) {
@@ -124,11 +138,12 @@ inline ResizeCropGeometry plan_geometry(int64_t h, int64_t w, int64_t resize_sho
 }
 
 /// The sizes-only part of a resize + centre crop, shared by the CPU plan and the CUDA tables:
-/// the geometry, both axes' taps, and the source rows the crop reads, [row_lo, row_hi).
+/// the geometry, both axes' taps for the crop's positions (entry j is crop column / row j),
+/// and the source rows the crop reads, [row_lo, row_hi).
 struct ResizeCropTaps {
   ResizeCropGeometry geo;
-  AxisWeights horiz;  ///< width in_w -> out_w
-  AxisWeights vert;   ///< height in_h -> out_h
+  AxisWeights horiz;  ///< width in_w -> out_w, crop columns [left, left + crop)
+  AxisWeights vert;   ///< height in_h -> out_h, crop rows [top, top + crop)
   int64_t row_lo = 0, row_hi = 0;
 };
 
@@ -136,13 +151,12 @@ inline ResizeCropTaps plan_resize_crop(int64_t h, int64_t w, int64_t resize_shor
                                        Interp interp) {
   ResizeCropTaps t;
   t.geo = plan_geometry(h, w, resize_short, crop);
-  t.horiz = compute_axis_weights(w, t.geo.out_w, interp);
-  t.vert = compute_axis_weights(h, t.geo.out_h, interp);
+  t.horiz = compute_axis_weights(w, t.geo.out_w, interp, t.geo.left, crop);
+  t.vert = compute_axis_weights(h, t.geo.out_h, interp, t.geo.top, crop);
   int64_t lo = h, hi = 0;
   for (int64_t i = 0; i < crop; ++i) {
-    const int64_t src = t.geo.top + i;
-    lo = std::min<int64_t>(lo, t.vert.start[src]);
-    hi = std::max<int64_t>(hi, t.vert.start[src] + t.vert.count[src]);
+    lo = std::min<int64_t>(lo, t.vert.start[i]);
+    hi = std::max<int64_t>(hi, t.vert.start[i] + t.vert.count[i]);
   }
   t.row_lo = std::min(lo, hi);
   t.row_hi = hi;

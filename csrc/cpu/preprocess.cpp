@@ -33,7 +33,7 @@ std::shared_ptr<ResizePlan> build_plan(int64_t h, int64_t w, int64_t resize_shor
   plan->col_wq.assign(static_cast<size_t>(crop) * groups * 16, 0);
   int64_t max_start = 0;
   for (int64_t j = 0; j < crop; ++j) {
-    const int64_t src = g.left + j;
+    const int64_t src = j;  // crop column j (the taps start at g.left)
     const int32_t start = hz.start[src];
     plan->col_start[j] = start;
     max_start = std::max<int64_t>(max_start, start);
@@ -57,7 +57,7 @@ void hpass_row_generic(const uint8_t* row, const AxisWeights& hz, const ResizeCr
                        uint8_t* out) {
   const int32_t half = hz.precision > 0 ? 1 << (hz.precision - 1) : 0;
   for (int64_t j = 0; j < g.crop; ++j) {
-    const int64_t src = g.left + j;
+    const int64_t src = j;  // crop column j (the taps start at g.left)
     const int16_t* wt = &hz.weight[static_cast<size_t>(src) * hz.max_taps];
     const uint8_t* px = row + 3 * static_cast<int64_t>(hz.start[src]);
     int32_t a0 = half, a1 = half, a2 = half;
@@ -199,7 +199,7 @@ void preprocess_frame(const uint8_t* frame, int64_t h, int64_t w, int64_t resize
     std::vector<uint8_t> line(static_cast<size_t>(3 * S));
     std::vector<const uint8_t*> rows(static_cast<size_t>(vt.max_taps));
     for (int64_t i = b; i < e; ++i) {
-      const int64_t src = g.top + i;
+      const int64_t src = i;  // crop row i (the taps start at g.top)
       const int count = vt.count[src];
       for (int k = 0; k < count; ++k) {
         rows[k] = hb + (vt.start[src] + k - plan.row_lo) * hstride;

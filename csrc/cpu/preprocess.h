@@ -14,8 +14,8 @@ namespace gfn::cpu {
 /// Everything about a resize + crop that depends only on the sizes (cached).
 struct ResizePlan {
   ResizeCropGeometry geo;
-  AxisWeights horiz;  ///< width in_w -> out_w
-  AxisWeights vert;   ///< height in_h -> out_h
+  AxisWeights horiz;  ///< width in_w -> out_w, crop columns [left, left + crop)
+  AxisWeights vert;   ///< height in_h -> out_h, crop rows [top, top + crop)
   int groups = 0;                  ///< 4-tap groups per output column (AVX2 layout)
   std::vector<int32_t> col_start;  ///< per crop column: first source column
   std::vector<int16_t> col_wq;     ///< per crop column: groups * 16 int16 (AVX2 layout)

@@ -74,7 +74,7 @@ std::shared_ptr<const DeviceTables> device_tables(int64_t h, int64_t w, int64_t 
   t->off_row_w = t->off_row_count + S;
   std::vector<int32_t> host(static_cast<size_t>(t->off_row_w + S * t->vtaps), 0);
   for (int64_t j = 0; j < S; ++j) {
-    const int64_t src = g.left + j;
+    const int64_t src = j;  // crop column j (the taps start at g.left)
     host[t->off_col_start + j] = hz.start[src];
     host[t->off_col_count + j] = hz.count[src];
     for (int k = 0; k < hz.max_taps; ++k) {
@@ -82,7 +82,7 @@ std::shared_ptr<const DeviceTables> device_tables(int64_t h, int64_t w, int64_t 
     }
   }
   for (int64_t i = 0; i < S; ++i) {
-    const int64_t src = g.top + i;
+    const int64_t src = i;  // crop row i (the taps start at g.top)
     host[t->off_row_start + i] = vt.start[src];
     host[t->off_row_count + i] = vt.count[src];
     for (int k = 0; k < vt.max_taps; ++k) {

@@ -156,7 +156,21 @@ def infer_patch_size(policy_sd: Mapping[str, torch.Tensor], fmap_channels: int, 
     return matches[0]
 
 
-def _load_into(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str, model_name: str) -> None:
+def _checked_spec(spec: GFNetSpec) -> GFNetSpec:
+    """A spec read from a checkpoint, with the types and ranges of a manifest's ``model`` entry."""
+    from ..manifest_schema import ManifestError, check_model
+
+    if not isinstance(spec.backbone_kwargs, Mapping):
+        raise ValueError(f"backbone_kwargs must be a dict, got {type(spec.backbone_kwargs).__name__}")
+    try:
+        check_model(spec.to_dict())
+    except ManifestError as exc:
+        raise ValueError(str(exc).replace("manifest field 'model.", "field '", 1)) from None
+    return spec
+
+
+def _check_fits(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str, model_name: str) -> None:
+    """Refuses a state dict whose keys or shapes differ from ``module``'s."""
     own = module.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -170,7 +184,6 @@ def _load_into(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: st
         if shape:
             parts.append(f"shape mismatches ({len(shape)}): {'; '.join(shape[:4])}")
         raise CheckpointError(f"{what} does not fit {model_name}: " + "; ".join(parts))
-    module.load_state_dict(sd, strict=True)
 
 
 def load_checkpoint(
@@ -204,13 +217,15 @@ def load_checkpoint(
 
     if CONFIG_KEY in ck:
         try:
-            spec = GFNetSpec.from_dict(dict(ck[CONFIG_KEY]))
+            spec = _checked_spec(GFNetSpec.from_dict(dict(ck[CONFIG_KEY])))
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: bad {CONFIG_KEY}: {exc}") from exc
         if model_name and model_name != spec.model_name:
             raise CheckpointError(f"{path}: checkpoint is {spec.model_name!r}, not {model_name!r}")
     else:
         file_name = ck.get("model_name")
+        if file_name is not None and not isinstance(file_name, str):
+            raise CheckpointError(f"{path}: model_name must be a string, got {type(file_name).__name__}")
         if file_name is not None and model_name is not None and file_name != model_name:
             raise CheckpointError(f"{path}: checkpoint is {file_name!r}, not {model_name!r}")
         name = file_name or model_name or infer_model_name(enc_local)
@@ -218,6 +233,8 @@ def load_checkpoint(
             raise CheckpointError(f"{path}: unknown model_name {name!r}; released variants: {', '.join(VARIANTS)}")
         v = VARIANTS[name]
         P = ck.get("patch_size") or patch_size
+        if P is not None and (isinstance(P, bool) or not isinstance(P, int)):
+            raise CheckpointError(f"{path}: patch_size must be an integer, got {P!r}")
         if P is None:
             P = infer_patch_size(policy_sd, v.fmap_channels, v.patch_sizes + tuple(p for p in (96, 128, 144) if p not in v.patch_sizes))
         if patch_size is not None and int(P) != int(patch_size):
@@ -231,14 +248,19 @@ def load_checkpoint(
             enc_prime = pycls_to_timm(enc_prime)
         if is_pycls(enc_local):
             enc_local = pycls_to_timm(enc_local)
+    sections = ((lambda m: m.model_prime.net, enc_prime, "model_prime_state_dict (global encoder)"),
+                (lambda m: m.model.net, enc_local, "model_state_dict (local encoder)"),
+                (lambda m: m.fc, fc_sd, "fc (classifier)"), (lambda m: m.policy, policy_sd, "policy"))
     try:
+        with torch.device("meta"):  # shapes only: sizes the tensors do not have fail before any allocation
+            shapes = GFNet(spec)
+        for part, sd, what in sections:
+            _check_fits(part(shapes), sd, what, spec.model_name)
         model = GFNet(spec)
-    except ValueError as exc:
+    except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
-    _load_into(model.model_prime.net, enc_prime, "model_prime_state_dict (global encoder)", spec.model_name)
-    _load_into(model.model.net, enc_local, "model_state_dict (local encoder)", spec.model_name)
-    _load_into(model.fc, fc_sd, "fc (classifier)", spec.model_name)
-    _load_into(model.policy, policy_sd, "policy", spec.model_name)
+    for part, sd, what in sections:
+        part(model).load_state_dict(sd, strict=True)
     meta = {k: ck[k] for k in METADATA_KEYS if k in ck}
     meta["missing_metadata"] = [k for k in METADATA_KEYS if k not in ck]
     if isinstance(ck.get("demo_data"), dict):  # demo models record their data generator's config
