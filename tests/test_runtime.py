@@ -344,6 +344,7 @@ def test_torch_backend_matches_onnxruntime(mnv3):
     (np.zeros((0, 224, 224, 3), np.uint8), InputError, "no images"),
     ([np.zeros((10, 10, 3), np.uint8), np.zeros((0, 7, 3), np.uint8)], InputError, r"image 1: empty frame \(0, 7, 3\)"),
     (np.zeros((2, 5, 0, 3), np.uint8), InputError, r"empty frames \(2, 5, 0, 3\)"),
+    (np.full((1, 3, 224, 224), 3e38, np.float32), InputError, "image 0 holds values up to 3e\\+38"),
     (None, InputError, "got NoneType"),
     (3, InputError, "got int"),
 ])

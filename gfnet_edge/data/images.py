@@ -372,9 +372,10 @@ def _load_npz(path: Path, image_size: int, crop_pct: float,
 def _flag(path: Path, value: Optional[np.ndarray]) -> Optional[bool]:
     if value is None:
         return None
-    if np.asarray(value).size != 1:
-        raise ValueError(f"{path}: 'normalized' must be a single boolean")
-    return bool(np.asarray(value).reshape(()))
+    v = np.asarray(value)
+    if v.size != 1 or v.dtype.kind not in "biu" or int(v.reshape(())) not in (0, 1):
+        raise ValueError(f"{path}: 'normalized' must be a single boolean (True / False, or 1 / 0), got {value!r}")
+    return bool(v.reshape(()))
 
 
 def _npz_frames(path: Path, images: np.ndarray, normalized: Optional[bool]) -> np.ndarray:

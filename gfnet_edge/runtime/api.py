@@ -405,6 +405,12 @@ class Runtime:
             finite = np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1)
             if not finite.all():
                 raise InputError(f"images contain NaN or Inf (image {start + int(np.argmin(finite))})")
+            big = np.abs(chunk).reshape(len(chunk), -1).max(axis=1)
+            if (big > MAX_NORMALISED).any():
+                i = int(np.argmax(big > MAX_NORMALISED))
+                raise InputError(f"image {start + i} holds values up to {big[i]:.3g}: normalised images ((pixel / 255 - "
+                                 f"mean) / std) lie within a few units of zero, and values over {MAX_NORMALISED:g} "
+                                 "overflow the network (pass uint8 frames to have them normalised)")
             return self.driver.run(chunk, None, thresholds, deadline)
         if kind == "device":
             return self.driver.run_device_frames(chunk, thresholds, deadline)
@@ -522,6 +528,12 @@ def _check_graph_outputs(runner, model: ModelDesc, arrays: Dict[str, np.ndarray]
             if width is not None and want.get(name) not in (None, width):
                 raise BundleError(f"{heads_path}: head weights do not fit the {g} graph: its {name!r} output has "
                                   f"width {width}, the heads expect {want[name]}")
+
+
+#: Largest magnitude accepted in normalised float32 images: a normalised pixel lies within a few
+#: units of zero (ImageNet's mean and std: -2.2 .. 2.7); far larger values overflow float16
+#: engines and, near float32's range, float32 ones.
+MAX_NORMALISED = 1e4
 
 
 def _check_finite(values: np.ndarray, call: str) -> None:
