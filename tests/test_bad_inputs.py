@@ -168,6 +168,21 @@ def _npz(name: str, **arrays):
     return make
 
 
+def _npz_header_only(name: str, shape) -> Callable[[Path], Path]:
+    """An .npz whose 'images' header claims ``shape`` (uint8) with no data behind it: what a
+    small archive expanding to gigabytes looks like before it is decompressed."""
+    def make(d: Path) -> Path:
+        import io
+        import zipfile
+
+        head = io.BytesIO()
+        np.lib.format.write_array_header_1_0(head, {"descr": "|u1", "fortran_order": False, "shape": shape})
+        with zipfile.ZipFile(d / name, "w") as zf:
+            zf.writestr("images.npy", head.getvalue())
+        return d / name
+    return make
+
+
 def _folder(d: Path) -> Path:
     (d / "empty").mkdir()
     return d / "empty"
@@ -332,6 +347,9 @@ CASES: Dict[str, Case] = {
                                    "'normalized' must be a single boolean"),
     "i_npz_flag_two": _image_case(_npz("g.npz", images=np.zeros((1, 3, 8, 8), np.float32), normalized=np.array(2)),
                                   "'normalized' must be a single boolean"),
+    "i_npz_bomb": _image_case(_npz_header_only("b.npz", (2, 40000, 40000, 3)), "more than an image of 40 M pixels"),
+    "i_npz_labels_huge": _image_case(_npz("l.npz", images=np.zeros((2, 8, 8, 3), np.uint8), labels=np.zeros(10 ** 5, int)),
+                                     "more values than 2"),
     "i_npz_nokey": _image_case(_npz("k.npz", pictures=np.zeros((1, 8, 8, 3), np.uint8)), "no 'images'"),
     "i_missing": _image_case(lambda d: d / "nothing.png", "no such file"),
     # options

@@ -354,12 +354,24 @@ def _decode(file: Path, image: Image.Image, short: int) -> Image.Image:
 def _load_npz(path: Path, image_size: int, crop_pct: float,
               interpolation: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     try:
+        shapes = _npz_shapes(path)
+    except Exception as exc:  # zipfile / format errors all mean the same here
+        raise ValueError(f"{path}: cannot read .npz archive ({exc})") from exc
+    if "images" not in shapes:
+        raise ValueError(f"{path}: .npz has no 'images' array (keys: {sorted(shapes) or 'none'})")
+    per_image = int(np.prod(shapes["images"][1:], dtype=np.int64)) if len(shapes["images"]) > 1 else 0
+    if per_image > 4 * MAX_PIXELS:
+        raise ValueError(f"{path}: its images are {'x'.join(map(str, shapes['images'][1:]))} values each, more than "
+                         f"an image of {MAX_PIXELS // 1_000_000} M pixels")
+    n = shapes["images"][0] if shapes["images"] else 1
+    for key, most in (("labels", n), ("normalized", 1)):
+        if key in shapes and int(np.prod(shapes[key], dtype=np.int64)) > most:
+            raise ValueError(f"{path}: its {key!r} array has shape {shapes[key]}, more values than {most}")
+    try:
         with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
+            arrays = {key: data[key] for key in ("images", "labels", "normalized") if key in shapes}
     except Exception as exc:  # zipfile / pickle / format errors all mean the same here
         raise ValueError(f"{path}: cannot read .npz archive ({exc})") from exc
-    if "images" not in arrays:
-        raise ValueError(f"{path}: .npz has no 'images' array (keys: {sorted(arrays) or 'none'})")
     normalized = _flag(path, arrays.get("normalized"))
     frames = _npz_frames(path, arrays["images"], normalized)
     labels = _npz_labels(path, arrays.get("labels"), len(frames))
@@ -367,6 +379,25 @@ def _load_npz(path: Path, image_size: int, crop_pct: float,
         frames = np.stack([preprocess(Image.fromarray(f), image_size, crop_pct, interpolation) for f in frames]) \
             if len(frames) else np.zeros((0, image_size, image_size, 3), np.uint8)
     return np.ascontiguousarray(frames), labels
+
+
+def _npz_shapes(path: Path) -> dict:
+    """The shape of each array of an ``.npz`` archive, read from the array headers without
+    decompressing the data (so a small archive that would expand to gigabytes is judged by
+    its shapes first)."""
+    import zipfile
+
+    fmt = np.lib.format
+    shapes = {}
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with zf.open(info) as f:
+                version = fmt.read_magic(f)
+                read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+                shapes[info.filename[:-4]] = tuple(int(d) for d in read(f)[0])
+    return shapes
 
 
 def _flag(path: Path, value: Optional[np.ndarray]) -> Optional[bool]:
