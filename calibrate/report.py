@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from gfnet_edge.bundle import finite_or_null
+from gfnet_edge.errors import InputError
 
 if TYPE_CHECKING:
     from .gallery import GalleryCard
@@ -106,6 +107,93 @@ def budget_rows(res: Dict[str, Any]) -> List[List[Any]]:
     return [[row[k] for k in BUDGET_COLUMNS] for row in map(_budget_row, res["budgets"])]
 
 
+#: The suggested budget gives up at most this many points of held-out accuracy (when no default is set).
+DEFAULT_BUDGET_SLACK = 1.0
+
+
+def pick_default_budget(budgets: List[Dict[str, Any]], slack: float = DEFAULT_BUDGET_SLACK) -> str:
+    """The cheapest calibrated budget whose held-out accuracy is within ``slack`` points of the
+    most accurate one (calibration reports list budgets cheapest first)."""
+    if not budgets:
+        raise InputError("calibration produced no budgets")
+    acc = [float(b["holdout"]["accuracy"]) for b in budgets]
+    best = max(acc)
+    for b, a in sorted(zip(budgets, acc), key=lambda ba: float(ba[0]["budget_ms"])):
+        if a >= best - slack:
+            return str(b["name"])
+    return str(budgets[int(np.argmax(acc))]["name"])
+
+
+def _static_ms(s: Dict[str, Any], b: Dict[str, Any]) -> float:
+    """The static baseline's latency in the statistic budget ``b`` limits (its mean, or p95 / p99)."""
+    kind = b.get("kind", "mean")
+    return s["latency"].get(f"{kind}_ms", s["latency"]["mean_ms"]) if kind != "mean" else s["latency"]["mean_ms"]
+
+
+def like_for_like_static(res: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The static baseline in GFNet's own precision (INT8 static for INT8 GFNet), else the first one."""
+    prec = res["technology"]["gfnet"]["precision"] if res.get("technology") else None
+    return next((s for s in res["static"] if (s.get("technology") or {}).get("precision") == prec),
+                res["static"][0] if res["static"] else None)
+
+
+def choice(res: Dict[str, Any]) -> Dict[str, Any]:
+    """What each budget costs against each static baseline, and the budget to ship.
+
+    Returns:
+        ``{"suggested": name, "why": text, "rows": [{budget, limit, ms, accuracy,
+        vs: {static name: {"points": accuracy - static accuracy, "speedup": static ms / GFNet ms}}}]}``;
+        ms is the measured statistic the budget limits (mean, or its percentile), the static baseline's
+        the same statistic of its calls.
+    """
+    default = res["manifest"].get("default_budget")
+    rows = []
+    for b in res["budgets"]:
+        ms, acc = b["measured"].get("statistic_ms", b["measured"]["mean_ms"]), b["measured"]["accuracy"]
+        rows.append({"budget": b["name"], "limit": f"{b.get('kind', 'mean')} <= {_f(b['budget_ms'])}", "ms": ms,
+                     "accuracy": acc, "vs": {s["name"]: {"points": acc - s["accuracy"], "speedup": _static_ms(s, b) / ms}
+                                             for s in res["static"]}})
+    if default:
+        return {"suggested": default, "why": "the default budget written to the manifest", "rows": rows}
+    return {"suggested": pick_default_budget(res["budgets"]), "rows": rows,
+            "why": f"the cheapest budget whose held-out accuracy is within {DEFAULT_BUDGET_SLACK:g} point of the best"}
+
+
+def choice_sentence(res: Dict[str, Any]) -> str:
+    """One line: the budget to ship, its latency and accuracy, and what it costs against the
+    like-for-like static baseline."""
+    c = choice(res)
+    r = next(x for x in c["rows"] if x["budget"] == c["suggested"])
+    stat = r["limit"].split(" ")[0]
+    text = f"use {r['budget']} ({c['why']}): {r['accuracy']:.2f} % at {r['ms']:.2f} ms {stat} per image"
+    s = like_for_like_static(res)
+    if s is None:
+        return text + " (pass --static to compare with a static network)"
+    v = r["vs"][s["name"]]
+    b = next(x for x in res["budgets"] if x["name"] == r["budget"])
+    return (text + f", {v['points']:+.2f} accuracy points and {v['speedup']:.2f}x the speed of {s['name']} "
+                   f"({s['accuracy']:.2f} % at {_static_ms(s, b):.2f} ms)")
+
+
+def _choice_section(res: Dict[str, Any]) -> List[str]:
+    """Which budget to ship, and each budget's accuracy and speed against the static baselines."""
+    c = choice(res)
+    names = [s["name"] for s in res["static"]]
+    rows = [[(r["budget"], "ok") if r["budget"] == c["suggested"] else r["budget"], r["limit"], _f(r["ms"]),
+             _f(r["accuracy"])] + [x for n in names for x in (f"{r['vs'][n]['points']:+.2f}",
+                                                               f"{r['vs'][n]['speedup']:.2f}x")] for r in c["rows"]]
+    hdr = ["budget", "limit", "measured ms", "accuracy %"] + [
+        x for n in names for x in (f"accuracy vs {n} (points)", f"speed vs {n} (x, higher is faster)")]
+    text = choice_sentence(res)
+    return ["<h2 id='choice'>Which budget to use</h2>",
+            f"<p id='suggestion'><b>{html.escape(text[0].upper() + text[1:])}.</b></p>",
+            _table(hdr, rows, "choice", left=2),
+            "<p class='note'>measured ms: the statistic the budget limits (the mean per image, or its percentile for "
+            "a tail budget), measured on the held-out images; the static baseline's speed is the same statistic of "
+            "its calls, at the same batch size. Accuracy points: GFNet's held-out accuracy minus the static "
+            "network's on the same images (negative: GFNet is less accurate).</p>"]
+
+
 def _distribution_section(res: Dict[str, Any], figures: Dict[str, bytes]) -> List[str]:
     """Per budget: the measured per-image latency distribution with its percentiles."""
     parts = ["<h2 id='distribution'>Latency distribution per budget (held-out, measured)</h2><div class='plots'>",
@@ -186,6 +274,7 @@ def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: Sequenc
     if res.get("figures_note"):
         parts.append(f"<p class='note' id='figures-note'>{html.escape(res['figures_note'])}; the tables hold the "
                      "same numbers.</p>")
+    parts.extend(_choice_section(res))
     parts.append("<h2 id='budgets'>Budgets (held-out, measured by running the runtime)</h2>")
     parts.append(_table(BUDGET_HEADERS, budget_rows(res), "budgets"))
     for r in res["budgets"]:
@@ -355,6 +444,7 @@ def summary(res: Dict[str, Any]) -> str:
             f"{r['deadline_ms']:.2f} ms: acc {r['accuracy']:.1f}%, over+10% {r['over_10pct']:.1f}%" +
             "".join(f", {n} misses {v:.0f}%" for n, v in r["static_miss_pct"].items()) for r in sw["rows"]))
     lines.append(f"manifest: {res['manifest']['status']}")
+    lines.append(f"suggested: {choice_sentence(res)}")
     if res.get("figures_note"):
         lines.append(f"note: {res['figures_note']}")
     lines.extend(f"warning: {b['name']}: {b['note']}" for b in res["budgets"] if b.get("note"))

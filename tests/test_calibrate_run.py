@@ -493,3 +493,30 @@ def test_deadline_sweep_stops_where_the_deadline_says(tiny_bundle):
     assert tight.accuracy == pytest.approx(100.0 * (glance == y).mean())
     assert loose.mean_steps == T and loose.stopped_pct == 0.0 and loose.over_pct == 0.0
     assert loose.accuracy == pytest.approx(100.0 * (free.classes == y).mean())
+
+
+def test_report_says_which_budget_to_use_and_what_it_costs_against_the_static_network(calibrated):
+    """The page opens with the budget to ship and, per budget, its accuracy and speed against each
+    static baseline, computed from report.json's measured numbers."""
+    from gfnet_edge.calibrate import report
+
+    res = calibrated["res"]
+    page = (calibrated["out"] / "report.html").read_text()
+    suggested = report.pick_default_budget(res["budgets"])  # no --default: the cheapest within a point of the best
+    assert res["manifest"]["default_budget"] is None
+    assert page.index("id='choice'") < page.index("id='budgets'")
+    assert f"Use {suggested} (" in page.split("id='suggestion'")[1].split("</p>")[0]
+    assert "pass --static to compare" in report.choice_sentence(res)
+    # a static baseline at twice the GFNet latency and 10 points below: the report's numbers follow report.json's
+    b = res["budgets"][0]
+    ms, acc = b["measured"]["mean_ms"], b["measured"]["accuracy"]
+    static = {"name": "static fp32", "accuracy": acc - 10.0, "technology": {"precision": "fp32", "description": "x"},
+              "latency": {"mean_ms": 2 * ms, "p95_ms": 3 * ms}}
+    with_static = dict(res, static=[static], manifest=dict(res["manifest"], default_budget=b["name"]))
+    c = report.choice(with_static)
+    assert c["suggested"] == b["name"] and "default budget" in c["why"]
+    assert c["rows"][0]["vs"]["static fp32"] == {"points": pytest.approx(10.0), "speedup": pytest.approx(2.0)}
+    assert report.choice_sentence(with_static).endswith(
+        f"+10.00 accuracy points and 2.00x the speed of static fp32 ({acc - 10:.2f} % at {2 * ms:.2f} ms)")
+    html = report._choice_section(with_static)
+    assert "accuracy vs static fp32 (points)" in html[2] and "<td class=\"\">+10.00</td>" in html[2]
