@@ -97,7 +97,7 @@ def _budget_row(b: Dict[str, Any]) -> Dict[str, Any]:
 #: Column key -> header of the budgets table (report page).
 BUDGET_COLUMNS = {"budget": "budget", "limit": "limit", "thresholds": "thresholds (per step)",
                   "expected": "expected mean ms", "mean": "measured mean ms", "p95": "p95 ms", "p99": "p99 ms",
-                  "measured": "measured (limited statistic)", "vs": "vs budget", "accuracy": "accuracy %",
+                  "measured": "measured ms (the statistic the limit bounds)", "vs": "measured vs budget", "accuracy": "accuracy %",
                   "reference": "reference-method acc %", "fit": "fit acc %", "exits": "exits % per step"}
 BUDGET_HEADERS = list(BUDGET_COLUMNS.values())
 
@@ -209,7 +209,7 @@ def _distribution_section(res: Dict[str, Any], figures: Dict[str, bytes]) -> Lis
                      _f(d["p50_ms"], 3), _f(d["p90_ms"], 3), _f(d["p95_ms"], 3), _f(d["p99_ms"], 3),
                      _f(d["max_ms"], 3), f"{d['over_budget_pct']:.1f}%",
                      f"{100 * (1 - q):.0f}%" if q is not None else "–"])
-    parts.append(_table(["budget", "limit", "mean", "p50", "p90", "p95", "p99", "max", "images over the limit",
+    parts.append(_table(["budget", "limit", "mean ms", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "max ms", "images over the limit",
                          "allowed over"], rows, "distribution", left=2))
     parts.append("<p class='note'>A tail budget (p90, p95, p99) bounds that percentile of the per-image latency: at "
                  "most 10 / 5 / 1 % of the images may take longer than the limit. Its thresholds are fitted with the "
@@ -318,7 +318,7 @@ def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: Sequenc
             for k, s in enumerate(lat[key]["steps"]):
                 rows.append([f"batch {lat[key]['batch']}", f"exit at step {k}", _f(s["mean_ms"], 3), _f(s["p50_ms"], 3),
                              _f(s["p95_ms"], 3), _f(s["p99_ms"], 3), _f(s["std_ms"], 3), s["n"]])
-    parts.append(_table(["batch", "work", "mean ms/img", "p50", "p95", "p99", "std", "calls"], rows, "steps", left=2))
+    parts.append(_table(["batch", "work", "mean ms/img", "p50 ms/img", "p95 ms/img", "p99 ms/img", "std ms/img", "calls"], rows, "steps", left=2))
     hist = lat.get("history") or []
     if len(hist) > 1:
         rows = [[h["when"]] + [_f(c, 3) for c in h["cost_ms"]] for h in hist]
@@ -335,7 +335,7 @@ def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: Sequenc
                 continue
             st_rows.append([f"exit at {k}", name, _f(s["total_ms"] / calls, 3), _f(s["p50_ms"], 3), _f(s["p95_ms"], 3),
                             _f(s["p99_ms"], 3), s["count"]])
-    parts.append(_table(["work", "stage", "ms per call", "p50 (per stage call)", "p95", "p99", "stage calls"], st_rows,
+    parts.append(_table(["work", "stage", "ms per call", "p50 ms (per stage call)", "p95 ms", "p99 ms", "stage calls"], st_rows,
                         "stages", left=2))
     if any("step" in st and "heads" in st for st in lat["budget_batch"]["stages"].values()):
         parts.append("<p class='note'>Host loop: <code>step</code> is the one native call between two backbone "
@@ -348,7 +348,7 @@ def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: Sequenc
     parts.append("<h2 id='precision'>INT8 vs FP32</h2>")
     prec = res["precisions"]
     if prec.get("rows"):
-        hdr = ["precision"] + [f"acc step {k}" for k in range(T)] + [f"agree step {k}" for k in range(T)] + \
+        hdr = ["precision"] + [f"accuracy % step {k}" for k in range(T)] + [f"agreement % step {k}" for k in range(T)] + \
               [f"ms step {k}" for k in range(T)]
         rows = [[r["precision"]] + [_f(a) for a in r["anytime_accuracy"]] + [_f(a) for a in r["step_agreement"]] +
                 [_f(c, 3) for c in r["cost_ms"]] for r in prec["rows"]]
@@ -419,8 +419,8 @@ def summary(res: Dict[str, Any]) -> str:
         lines.append(f"step latency, ms/image at batch {lat['other_batch']['batch']}: {steps}")
     cols = ["budget", "limit", "thresholds", "expected", "mean", "p95", "measured", "vs", "accuracy", "reference",
             "exits"]
-    hdr = ["budget", "limit", "thresholds", "expected", "mean", "p95", "measured", "vs budget", "accuracy",
-           "ref-method", "exits %"]
+    hdr = ["budget", "limit", "thresholds", "expected ms", "mean ms", "p95 ms", "measured ms", "vs budget",
+           "accuracy %", "ref-method %", "exits %"]
     rows = []
     for row in map(_budget_row, res["budgets"]):
         row["vs"] = row["vs"][0]

@@ -520,3 +520,29 @@ def test_report_says_which_budget_to_use_and_what_it_costs_against_the_static_ne
         f"+10.00 accuracy points and 2.00x the speed of static fp32 ({acc - 10:.2f} % at {2 * ms:.2f} ms)")
     html = report._choice_section(with_static)
     assert "accuracy vs static fp32 (points)" in html[2] and "<td class=\"\">+10.00</td>" in html[2]
+
+
+def _headers(page):
+    return [h.split(">", 1)[1] for h in page.split("</th>")[:-1]]
+
+
+def test_report_columns_name_their_unit(calibrated, capsys):
+    """Every latency column of the page's tables says ms, every accuracy / agreement column %;
+    so does the terminal summary's header."""
+    import html as html_mod
+    import re
+
+    from gfnet_edge.calibrate.report import summary
+
+    page = (calibrated["out"] / "report.html").read_text()
+    headers = [html_mod.unescape(h) for h in _headers(page)]
+    assert len(headers) > 30
+    latency = [h for h in headers if re.search(r"\b(mean|p50|p90|p95|p99|max|std|expected|measured)\b", h)
+               and not re.search(r"vs|accuracy|steps", h)]
+    assert latency and all("ms" in h for h in latency), [h for h in latency if "ms" not in h]
+    accuracy = [h for h in headers if re.search(r"\b(acc|accuracy|agree|agreement)\b", h)]
+    assert accuracy and all("%" in h or "points" in h for h in accuracy), accuracy
+    top = summary(calibrated["res"]).splitlines()
+    hdr = next(line for line in top if line.startswith("budget "))
+    for col in ("expected ms", "mean ms", "p95 ms", "measured ms", "accuracy %"):
+        assert col in hdr
