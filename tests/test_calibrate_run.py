@@ -546,3 +546,37 @@ def test_report_columns_name_their_unit(calibrated, capsys):
     hdr = next(line for line in top if line.startswith("budget "))
     for col in ("expected ms", "mean ms", "p95 ms", "measured ms", "accuracy %"):
         assert col in hdr
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The matplotlib figures the report's plot functions draw, captured before they are closed."""
+    from gfnet_edge.calibrate import plots
+
+    drawn = []
+    real = plots._png
+
+    def keep(fig):
+        drawn.append(fig)
+        return real(fig)
+
+    monkeypatch.setattr(plots, "_png", keep)
+    return drawn
+
+
+def test_latency_cdf_axis_is_not_stretched_by_a_stalled_call(figures):
+    """One call 50x slower than the rest leaves the curves readable: the axis ends near the 99.5th
+    percentile (past every budget line), the stalled call's time is in the axis label, and the
+    title explains only the marks the figure has."""
+    from gfnet_edge.calibrate import plots
+    from gfnet_edge.calibrate.budgets import Budget
+
+    rng = np.random.default_rng(0)
+    fast = list(rng.uniform(0.4, 1.2, 299)) + [60.0]
+    plots.latency_cdf({"ms-1.0": fast, "ms-2.0": rng.uniform(0.4, 2.0, 300)},
+                      {"ms-1.0": Budget.parse("1.0"), "ms-2.0": Budget.parse("2.0")})
+    ax = figures[-1].axes[0]
+    assert 2.0 < ax.get_xlim()[1] < 3.0
+    assert "60.00 ms" in ax.get_xlabel() and "tail" not in ax.get_title() and "mean budget" in ax.get_title()
+    plots.latency_cdf({"p95-1.5": fast}, {"p95-1.5": Budget.parse("p95:1.5")})
+    assert "tail budget" in figures[-1].axes[0].get_title() and "mean" not in figures[-1].axes[0].get_title()
