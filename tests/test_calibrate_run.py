@@ -580,3 +580,17 @@ def test_latency_cdf_axis_is_not_stretched_by_a_stalled_call(figures):
     assert "60.00 ms" in ax.get_xlabel() and "tail" not in ax.get_title() and "mean budget" in ax.get_title()
     plots.latency_cdf({"p95-1.5": fast}, {"p95-1.5": Budget.parse("p95:1.5")})
     assert "tail budget" in figures[-1].axes[0].get_title() and "mean" not in figures[-1].axes[0].get_title()
+
+
+def test_distribution_section_explains_the_budget_kinds_the_report_has(calibrated):
+    """Mean budgets only: no tail-budget column or explanation, and a line saying why images over
+    a mean limit are expected; with a tail budget, its allowed share and explanation."""
+    from gfnet_edge.calibrate import report
+
+    res = calibrated["res"]
+    mean_only = "".join(report._distribution_section(res, {}))
+    assert "allowed over" not in mean_only and "tail budget (p90" not in mean_only
+    assert "share of images over the limit is expected" in mean_only
+    tail = dict(res["budgets"][0], kind="p95", quantile=0.95)
+    both = "".join(report._distribution_section(dict(res, budgets=[tail] + res["budgets"][1:]), {}))
+    assert "<th class=\"\">allowed over</th>" in both and "tail budget (p90" in both and "<td class=\"\">5%</td>" in both
