@@ -594,3 +594,16 @@ def test_distribution_section_explains_the_budget_kinds_the_report_has(calibrate
     tail = dict(res["budgets"][0], kind="p95", quantile=0.95)
     both = "".join(report._distribution_section(dict(res, budgets=[tail] + res["budgets"][1:]), {}))
     assert "<th class=\"\">allowed over</th>" in both and "tail budget (p90" in both and "<td class=\"\">5%</td>" in both
+
+
+def test_anytime_figure_labels_one_line_and_names_no_single_split(figures):
+    """Lines a point apart: only the first (named in the title) carries value labels, so none
+    overprint; the y label does not call the fitting split's line held-out."""
+    from gfnet_edge.calibrate import plots
+
+    plots.anytime({"int8 (held-out)": [63.7, 89.3, 91.7], "int8 (fit)": [63.0, 86.7, 89.3],
+                   "fp32 (held-out)": [63.3, 89.0, 90.7]})
+    ax = figures[-1].axes[0]
+    assert [t.get_text() for t in ax.texts] == ["63.7", "89.3", "91.7"]
+    assert "int8 (held-out)" in ax.get_title() and "held-out" not in ax.get_ylabel()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["int8 (held-out)", "int8 (fit)", "fp32 (held-out)"]
