@@ -607,3 +607,22 @@ def test_anytime_figure_labels_one_line_and_names_no_single_split(figures):
     assert [t.get_text() for t in ax.texts] == ["63.7", "89.3", "91.7"]
     assert "int8 (held-out)" in ax.get_title() and "held-out" not in ax.get_ylabel()
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["int8 (held-out)", "int8 (fit)", "fp32 (held-out)"]
+
+
+def test_deadline_figure_legend_is_below_the_axes_and_static_lines_stay_apart(figures):
+    """The legend sits under the axes (over the data it hid the late-call line); two static
+    baselines missing every deadline (the same line) differ in marker; the no-deadline accuracy
+    line is in the legend."""
+    from gfnet_edge.calibrate import plots
+
+    rows = [{"deadline_ms": d, "accuracy": a, "over_10pct": o, "static_miss_pct": {"s fp32": 100.0, "s int8": 100.0}}
+            for d, a, o in ((0.4, 64.0, 100.0), (0.8, 88.0, 70.0), (1.2, 88.3, 5.0))]
+    plots.deadline_sweep(rows, 91.0, "ms-0.8")
+    fig = figures[-1]
+    ax, ax2 = fig.axes
+    leg = ax.get_legend()
+    fig.canvas.draw()
+    assert leg.get_window_extent().y1 <= ax.get_window_extent().y0
+    assert "GFNet accuracy without a deadline" in [t.get_text() for t in leg.get_texts()]
+    s1, s2 = [ln for ln in ax2.lines if ln.get_label().startswith("s ")]
+    assert (s1.get_marker(), s1.get_markersize()) != (s2.get_marker(), s2.get_markersize())
