@@ -142,7 +142,8 @@ def stage_breakdown(stages: Dict[int, Dict[str, Dict[str, float]]], cost: Sequen
         if vals.any():
             ax.bar(ks, vals, bottom=bottom, color=colour, label=label, width=0.6)
             bottom += vals
-    ax.plot(range(len(cost)), cost, "k_", ms=30, mew=2, label=f"cost[k] ({clock} clock, unprofiled)")
+    ax.hlines(cost, np.arange(len(cost)) - 0.3, np.arange(len(cost)) + 0.3, colors="k", lw=2,
+              label=f"cost[k]: measured without profiling ({clock} clock)")
     ax.set_xticks(ks)
     ax.set_xticklabels([f"exit at {k}" for k in ks])
     ax.set_ylabel(f"ms per image (batch {batch})")

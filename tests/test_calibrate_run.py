@@ -626,3 +626,16 @@ def test_deadline_figure_legend_is_below_the_axes_and_static_lines_stay_apart(fi
     assert "GFNet accuracy without a deadline" in [t.get_text() for t in leg.get_texts()]
     s1, s2 = [ln for ln in ax2.lines if ln.get_label().startswith("s ")]
     assert (s1.get_marker(), s1.get_markersize()) != (s2.get_marker(), s2.get_markersize())
+
+
+def test_stage_figure_cost_mark_is_a_line_its_legend_can_show(figures):
+    """cost[k] is drawn as a short line per bar (a 30-point marker overprinted its legend text)."""
+    from gfnet_edge.calibrate import plots
+
+    stages = {k: {"glance": {"total_ms": 3.0}, "focus": {"total_ms": 3.0 * k}, "per_image": {"count": 10}}
+              for k in range(3)}
+    plots.stage_breakdown(stages, [0.35, 0.7, 1.0])
+    ax = figures[-1].axes[0]
+    marks = [c for c in ax.collections if c.get_label().startswith("cost[k]")]
+    assert len(marks) == 1 and [seg[0][1] for seg in marks[0].get_segments()] == pytest.approx([0.35, 0.7, 1.0])
+    assert not [ln for ln in ax.lines if ln.get_marker() == "_"]
