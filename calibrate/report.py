@@ -448,9 +448,9 @@ def summary(res: Dict[str, Any]) -> str:
                      ", ".join(f"{a:.1f}%" for a in r["step_agreement"]))
     sw = res.get("deadline_sweep")
     if sw and sw["rows"]:
-        lines.append(f"deadline sweep ({sw['budget']}, batch {sw['batch']}): " + "; ".join(
-            f"{r['deadline_ms']:.2f} ms: acc {r['accuracy']:.1f}%, over+10% {r['over_10pct']:.1f}%" +
-            "".join(f", {n} misses {v:.0f}%" for n, v in r["static_miss_pct"].items()) for r in sw["rows"]))
+        lines.append(f"deadline sweep ({sw['budget']}, batch {sw['batch']}), one line per deadline:")
+        lines.extend(f"  {r['deadline_ms']:.2f} ms: acc {r['accuracy']:.1f}%, over+10% {r['over_10pct']:.1f}%" +
+                     "".join(f", {n} misses {v:.0f}%" for n, v in r["static_miss_pct"].items()) for r in sw["rows"])
     lines.append(f"manifest: {res['manifest']['status']}")
     lines.append(f"suggested: {choice_sentence(res)}")
     if res.get("figures_note"):

@@ -464,7 +464,11 @@ def test_tail_budget_run_manifest_and_deadline_sweep(tiny_bundle, tmp_path, caps
     assert all(1.0 <= r["mean_steps"] <= T and 0 <= r["over_10pct"] <= r["over_pct"] <= 100 for r in sw["rows"])
     html = (out / "report.html").read_text()
     assert "id='distribution'" in html and "id='deadlines'" in html and '<table class="deadlines">' in html
-    assert "p95 &lt;= 500.00" in html and "deadline sweep (p95-500.0" in capsys.readouterr().out
+    printed = capsys.readouterr().out.splitlines()
+    at = printed.index(next(line for line in printed if line.startswith("deadline sweep (p95-500.0")))
+    assert "p95 &lt;= 500.00" in html
+    # one terminal line per deadline, in the sweep's order
+    assert [line.split(" ms:")[0].strip() for line in printed[at + 1:at + 4]] == [f"{d:.2f}" for d in ds]
 
 
 def test_infeasible_tail_budget_fails_cleanly(tiny_bundle, tmp_path, capsys):
