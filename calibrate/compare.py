@@ -29,9 +29,10 @@ def static_int8(cfg: CalibrationConfig, precision: str) -> bool:
 def compare_precisions(bundle: Bundle, backend: str, main: str, hold_x: np.ndarray, hold_y: np.ndarray,
                        hold_probs: np.ndarray, cost: np.ndarray, lat_frames: np.ndarray,
                        budgets: Dict[str, Sequence[float]], cfg: CalibrationConfig,
-                       measure: Measure) -> Dict[str, Any]:
+                       measure: Measure, budget_cost: Optional[Dict[str, Sequence[float]]] = None) -> Dict[str, Any]:
     """Traces the held-out images with every other precision the backend can run from the bundle
-    and scores the fitted thresholds (``budgets``: name -> thresholds) with each.
+    and scores the fitted thresholds (``budgets``: name -> thresholds) with each; ``main``'s expected
+    ms uses the step latency each budget was fitted with (``budget_cost``: name -> cost), else ``cost``.
 
     Returns:
         :func:`calibrate.precision.compare`'s result with a ``note``, or rows ``[]`` and a note
@@ -44,7 +45,7 @@ def compare_precisions(bundle: Bundle, backend: str, main: str, hold_x: np.ndarr
         return {"reference": None, "rows": [],
                 "note": f"The bundle holds one precision for {backend} ({', '.join(sets) or main}); build it with "
                         "--precision int8 to compare INT8 with FP32." if len(sets) < 2 else "comparison skipped"}
-    per: Dict[str, Dict[str, Any]] = {main: {"probs": hold_probs, "cost_ms": cost}}
+    per: Dict[str, Dict[str, Any]] = {main: {"probs": hold_probs, "cost_ms": cost, "budget_cost_ms": budget_cost or {}}}
     for p in sets:
         if p == main:
             continue
@@ -58,8 +59,10 @@ def compare_precisions(bundle: Bundle, backend: str, main: str, hold_x: np.ndarr
             rt.close()
         per[p] = {"probs": probs, "cost_ms": lat.cost}
     out = compare(per, hold_y, budgets)
-    out["note"] = (f"Thresholds are the ones fitted for {main}; the other precision's expected ms uses its own "
-                   "measured step latency.")
+    out["note"] = (f"Thresholds are the ones fitted for {main}; {main}'s expected ms uses the step latency each "
+                   "budget was fitted with (as in the budgets table), the other precision's its own measured step "
+                   "latency. Accuracies here come from the traced probabilities; the budgets table's from the "
+                   "runtime's own run.")
     return out
 
 

@@ -200,7 +200,8 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
 
     # 3. precisions and the static baseline
     prec = compare_precisions(bundle, m.rt.backend, main_precision, hold_x, hold_y, m.hold_probs, cost,
-                              fit_x[: min(len(fit_x), 32)], {r.name: r.thresholds for r in results}, cfg, _measure)
+                              fit_x[: min(len(fit_x), 32)], {r.name: r.thresholds for r in results}, cfg, _measure,
+                              {r.name: r.cost_ms for r in results})
     for r in prec["rows"]:
         if r["precision"] != main_precision:
             anytime[f"{r['precision']} (held-out)"] = r["anytime_accuracy"]

@@ -84,15 +84,17 @@ def anytime(per_precision: Dict[str, Sequence[float]]) -> bytes:
     """Accuracy at each fixed step, one line per precision."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for name, acc in per_precision.items():
+    for i, (name, acc) in enumerate(per_precision.items()):
         ax.plot(range(len(acc)), acc, "o-", label=name)
-        for k, a in enumerate(acc):
-            ax.annotate(f"{a:.1f}", (k, a), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+        if i == 0:  # the other lines lie within a point or two: their labels would overprint (the table has them)
+            for k, a in enumerate(acc):
+                ax.annotate(f"{a:.1f}", (k, a), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8,
+                            color=ax.lines[-1].get_color())
     T = max(len(a) for a in per_precision.values())
     ax.set_xticks(range(T))
     ax.set_xticklabels(["glance"] + [f"focus {k}" for k in range(1, T)])
-    ax.set_ylabel("held-out top-1 accuracy (%)")
-    ax.set_title("anytime accuracy per step", fontsize=10)
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(f"anytime accuracy per step (numbers: {next(iter(per_precision))})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _png(fig)
@@ -140,7 +142,8 @@ def stage_breakdown(stages: Dict[int, Dict[str, Dict[str, float]]], cost: Sequen
         if vals.any():
             ax.bar(ks, vals, bottom=bottom, color=colour, label=label, width=0.6)
             bottom += vals
-    ax.plot(range(len(cost)), cost, "k_", ms=30, mew=2, label=f"cost[k] ({clock} clock, unprofiled)")
+    ax.hlines(cost, np.arange(len(cost)) - 0.3, np.arange(len(cost)) + 0.3, colors="k", lw=2,
+              label=f"cost[k]: measured without profiling ({clock} clock)")
     ax.set_xticks(ks)
     ax.set_xticklabels([f"exit at {k}" for k in ks])
     ax.set_ylabel(f"ms per image (batch {batch})")
@@ -150,15 +153,21 @@ def stage_breakdown(stages: Dict[int, Dict[str, Dict[str, float]]], cost: Sequen
     return _png(fig)
 
 
+def _upper_ms(samples: Dict[str, Sequence[float]]) -> float:
+    """The latency axis' end: the 99.5th percentile of all samples plus 5 %, so that a few stalled
+    calls (their maximum is in the distribution table) do not squeeze the rest into a corner."""
+    allv = np.concatenate([np.asarray(v, dtype=np.float64) for v in samples.values()]) if samples else np.zeros(0)
+    return 1.05 * float(np.percentile(allv, 99.5)) if allv.size else 1.0
+
+
 def latency_histogram(samples: Dict[str, Sequence[float]], budgets: Dict[str, float]) -> bytes:
     """Distribution of measured per-image latency for each budget's verification run."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
-    allv = np.concatenate([np.asarray(v) for v in samples.values()]) if samples else np.zeros(1)
-    hi = float(np.percentile(allv, 99.5)) if allv.size else 1.0
-    bins = np.linspace(0, hi * 1.05, 50)
+    hi = _upper_ms(samples)
+    bins = np.linspace(0, hi, 50)
     for name, v in samples.items():
-        ax.hist(np.clip(v, 0, hi * 1.05), bins=bins, alpha=0.5, label=name)
+        ax.hist(np.clip(v, 0, hi), bins=bins, alpha=0.5, label=name)
         ax.axvline(budgets[name], ls=":", color="k", lw=0.8)
     ax.set_xlabel("per-image latency (ms)")
     ax.set_ylabel("images")
@@ -181,11 +190,15 @@ def latency_cdf(samples: Dict[str, Sequence[float]], budgets: Dict[str, Any]) ->
             ax.hlines(b.kind.quantile, a[0], b.ms, colors=line.get_color(), linestyles=":", lw=0.8)
         else:
             ax.axvline(b.ms, ls=":", color=line.get_color(), lw=0.8)
-    ax.set_xlabel("per-image latency (ms)")
+    hi = max(_upper_ms(samples), 1.05 * max((b.ms for b in budgets.values()), default=0.0))
+    ax.set_xlim(0, hi)
+    slowest = max((float(np.max(v)) for v in samples.values() if len(v)), default=0.0)
+    ax.set_xlabel("per-image latency (ms)" + (f"; slowest image {slowest:.2f} ms, off the axis" if slowest > hi else ""))
     ax.set_ylabel("share of images at or below")
     ax.set_ylim(0, 1.02)
-    ax.set_title("latency distribution per budget (o: tail budget at its quantile; dotted: mean budget)",
-                 fontsize=9)
+    kinds = {b.kind.quantile is not None for b in budgets.values()}
+    marks = ["o: tail budget at its quantile"] * (True in kinds) + ["dotted: mean budget"] * (False in kinds)
+    ax.set_title(f"latency distribution per budget ({'; '.join(marks)})", fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
     return _png(fig)
 
@@ -196,18 +209,19 @@ def deadline_sweep(rows: Sequence[Dict[str, Any]], no_deadline_accuracy: float, 
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     d = [r["deadline_ms"] for r in rows]
     ax.plot(d, [r["accuracy"] for r in rows], "o-", color="C0", label=f"GFNet accuracy ({budget})")
-    ax.axhline(no_deadline_accuracy, ls=":", color="C0", lw=0.8)
+    ax.axhline(no_deadline_accuracy, ls=":", color="C0", lw=1.2, label="GFNet accuracy without a deadline")
     ax.set_xlabel("deadline per call (ms)")
     ax.set_ylabel("accuracy (%)", color="C0")
     ax2 = ax.twinx()
     ax2.plot(d, [r["over_10pct"] for r in rows], "s--", color="C3", label="GFNet calls > deadline + 10 %")
     names = sorted({k for r in rows for k in r["static_miss_pct"]})
-    for i, n in enumerate(names):
-        ax2.plot(d, [r["static_miss_pct"][n] for r in rows], "^-", color=f"C{i + 4}", label=f"{n}: calls > deadline")
+    for i, n in enumerate(names):  # lines that coincide (e.g. all at 100 %) stay visible: markers differ in size
+        ax2.plot(d, [r["static_miss_pct"][n] for r in rows], "^v<>dp"[i % 6] + "-", color=f"C{i + 4}",
+                 ms=9 - 3 * (i % 2), mfc="none" if i % 2 == 0 else None, label=f"{n}: calls > deadline")
     ax2.set_ylabel("share of calls (%)")
     ax2.set_ylim(-2, 102)
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="center right")
-    ax.set_title("deadline sweep (dotted: accuracy without a deadline)", fontsize=10)
+    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, frameon=False)
+    ax.set_title("accuracy and late calls per deadline", fontsize=10)
     return _png(fig)

@@ -43,7 +43,8 @@ def compare(results: Dict[str, Dict[str, Any]], labels: np.ndarray, budgets: Dic
     """Per-precision accuracy and agreement with the reference precision.
 
     Args:
-        results: ``{precision: {"probs": (T, N, K), "cost_ms": (T,)}}`` on the same held-out images.
+        results: ``{precision: {"probs": (T, N, K), "cost_ms": (T,)}}`` on the same held-out images;
+            an optional ``"budget_cost_ms": {budget: (T,)}`` gives a budget its own step latency.
         labels: (N,) labels.
         budgets: ``{name: thresholds}`` applied to every precision.
         reference: precision others are compared with (default ``fp32`` if present).
@@ -73,7 +74,7 @@ def compare(results: Dict[str, Dict[str, Any]], labels: np.ndarray, budgets: Dic
             "budgets": {},
         }
         for b, thr in budgets.items():
-            r = dynamic_evaluate(probs, labels, cost, thr)
+            r = dynamic_evaluate(probs, labels, results[name].get("budget_cost_ms", {}).get(b, cost), thr)
             ref_r = ref_exits[b]
             row["budgets"][b] = {
                 "accuracy": r.accuracy, "expected_ms": r.expected_cost,

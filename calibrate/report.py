@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from gfnet_edge.bundle import finite_or_null
+from gfnet_edge.errors import InputError
 
 if TYPE_CHECKING:
     from .gallery import GalleryCard
@@ -96,7 +97,7 @@ def _budget_row(b: Dict[str, Any]) -> Dict[str, Any]:
 #: Column key -> header of the budgets table (report page).
 BUDGET_COLUMNS = {"budget": "budget", "limit": "limit", "thresholds": "thresholds (per step)",
                   "expected": "expected mean ms", "mean": "measured mean ms", "p95": "p95 ms", "p99": "p99 ms",
-                  "measured": "measured (limited statistic)", "vs": "vs budget", "accuracy": "accuracy %",
+                  "measured": "measured ms (the statistic the limit bounds)", "vs": "measured vs budget", "accuracy": "accuracy %",
                   "reference": "reference-method acc %", "fit": "fit acc %", "exits": "exits % per step"}
 BUDGET_HEADERS = list(BUDGET_COLUMNS.values())
 
@@ -106,12 +107,100 @@ def budget_rows(res: Dict[str, Any]) -> List[List[Any]]:
     return [[row[k] for k in BUDGET_COLUMNS] for row in map(_budget_row, res["budgets"])]
 
 
+#: The suggested budget gives up at most this many points of held-out accuracy (when no default is set).
+DEFAULT_BUDGET_SLACK = 1.0
+
+
+def pick_default_budget(budgets: List[Dict[str, Any]], slack: float = DEFAULT_BUDGET_SLACK) -> str:
+    """The cheapest calibrated budget whose held-out accuracy is within ``slack`` points of the
+    most accurate one (calibration reports list budgets cheapest first)."""
+    if not budgets:
+        raise InputError("calibration produced no budgets")
+    acc = [float(b["holdout"]["accuracy"]) for b in budgets]
+    best = max(acc)
+    for b, a in sorted(zip(budgets, acc), key=lambda ba: float(ba[0]["budget_ms"])):
+        if a >= best - slack:
+            return str(b["name"])
+    return str(budgets[int(np.argmax(acc))]["name"])
+
+
+def _static_ms(s: Dict[str, Any], b: Dict[str, Any]) -> float:
+    """The static baseline's latency in the statistic budget ``b`` limits (its mean, or p95 / p99)."""
+    kind = b.get("kind", "mean")
+    return s["latency"].get(f"{kind}_ms", s["latency"]["mean_ms"]) if kind != "mean" else s["latency"]["mean_ms"]
+
+
+def like_for_like_static(res: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The static baseline in GFNet's own precision (INT8 static for INT8 GFNet), else the first one."""
+    prec = res["technology"]["gfnet"]["precision"] if res.get("technology") else None
+    return next((s for s in res["static"] if (s.get("technology") or {}).get("precision") == prec),
+                res["static"][0] if res["static"] else None)
+
+
+def choice(res: Dict[str, Any]) -> Dict[str, Any]:
+    """What each budget costs against each static baseline, and the budget to ship.
+
+    Returns:
+        ``{"suggested": name, "why": text, "rows": [{budget, limit, ms, accuracy,
+        vs: {static name: {"points": accuracy - static accuracy, "speedup": static ms / GFNet ms}}}]}``;
+        ms is the measured statistic the budget limits (mean, or its percentile), the static baseline's
+        the same statistic of its calls.
+    """
+    default = res["manifest"].get("default_budget")
+    rows = []
+    for b in res["budgets"]:
+        ms, acc = b["measured"].get("statistic_ms", b["measured"]["mean_ms"]), b["measured"]["accuracy"]
+        rows.append({"budget": b["name"], "limit": f"{b.get('kind', 'mean')} <= {_f(b['budget_ms'])}", "ms": ms,
+                     "accuracy": acc, "vs": {s["name"]: {"points": acc - s["accuracy"], "speedup": _static_ms(s, b) / ms}
+                                             for s in res["static"]}})
+    if default:
+        return {"suggested": default, "why": "the default budget written to the manifest", "rows": rows}
+    return {"suggested": pick_default_budget(res["budgets"]), "rows": rows,
+            "why": f"the cheapest budget whose held-out accuracy is within {DEFAULT_BUDGET_SLACK:g} point of the best"}
+
+
+def choice_sentence(res: Dict[str, Any]) -> str:
+    """One line: the budget to ship, its latency and accuracy, and what it costs against the
+    like-for-like static baseline."""
+    c = choice(res)
+    r = next(x for x in c["rows"] if x["budget"] == c["suggested"])
+    stat = r["limit"].split(" ")[0]
+    text = f"use {r['budget']} ({c['why']}): {r['accuracy']:.2f} % at {r['ms']:.2f} ms {stat} per image"
+    s = like_for_like_static(res)
+    if s is None:
+        return text + " (pass --static to compare with a static network)"
+    v = r["vs"][s["name"]]
+    b = next(x for x in res["budgets"] if x["name"] == r["budget"])
+    return (text + f", {v['points']:+.2f} accuracy points and {v['speedup']:.2f}x the speed of {s['name']} "
+                   f"({s['accuracy']:.2f} % at {_static_ms(s, b):.2f} ms)")
+
+
+def _choice_section(res: Dict[str, Any]) -> List[str]:
+    """Which budget to ship, and each budget's accuracy and speed against the static baselines."""
+    c = choice(res)
+    names = [s["name"] for s in res["static"]]
+    rows = [[(r["budget"], "ok") if r["budget"] == c["suggested"] else r["budget"], r["limit"], _f(r["ms"]),
+             _f(r["accuracy"])] + [x for n in names for x in (f"{r['vs'][n]['points']:+.2f}",
+                                                               f"{r['vs'][n]['speedup']:.2f}x")] for r in c["rows"]]
+    hdr = ["budget", "limit", "measured ms", "accuracy %"] + [
+        x for n in names for x in (f"accuracy vs {n} (points)", f"speed vs {n} (x, higher is faster)")]
+    text = choice_sentence(res)
+    return ["<h2 id='choice'>Which budget to use</h2>",
+            f"<p id='suggestion'><b>{html.escape(text[0].upper() + text[1:])}.</b></p>",
+            _table(hdr, rows, "choice", left=2),
+            "<p class='note'>measured ms: the statistic the budget limits (the mean per image, or its percentile for "
+            "a tail budget), measured on the held-out images; the static baseline's speed is the same statistic of "
+            "its calls, at the same batch size. Accuracy points: GFNet's held-out accuracy minus the static "
+            "network's on the same images (negative: GFNet is less accurate).</p>"]
+
+
 def _distribution_section(res: Dict[str, Any], figures: Dict[str, bytes]) -> List[str]:
     """Per budget: the measured per-image latency distribution with its percentiles."""
     parts = ["<h2 id='distribution'>Latency distribution per budget (held-out, measured)</h2><div class='plots'>",
              _fig(figures, "latency_cdf", "latency distribution per budget (CDF)"),
              _fig(figures, "latency_histogram", "measured latency distribution"), "</div>"]
     rows = []
+    tail = any(b.get("quantile") is not None for b in res["budgets"])
     for b in res["budgets"]:
         d = b["measured"].get("distribution", {})
         if not d:
@@ -119,15 +208,22 @@ def _distribution_section(res: Dict[str, Any], figures: Dict[str, bytes]) -> Lis
         q = b.get("quantile")
         rows.append([b["name"], f"{b.get('kind', 'mean')} <= {_f(b['budget_ms'])}", _f(d["mean_ms"], 3),
                      _f(d["p50_ms"], 3), _f(d["p90_ms"], 3), _f(d["p95_ms"], 3), _f(d["p99_ms"], 3),
-                     _f(d["max_ms"], 3), f"{d['over_budget_pct']:.1f}%",
-                     f"{100 * (1 - q):.0f}%" if q is not None else "–"])
-    parts.append(_table(["budget", "limit", "mean", "p50", "p90", "p95", "p99", "max", "images over the limit",
-                         "allowed over"], rows, "distribution", left=2))
-    parts.append("<p class='note'>A tail budget (p90, p95, p99) bounds that percentile of the per-image latency: at "
-                 "most 10 / 5 / 1 % of the images may take longer than the limit. Its thresholds are fitted with the "
-                 "share of each step's latency measurements above the limit (minus the safety margin), so that the "
-                 "expected share of slower images stays within the allowed share; the table shows what the runtime "
-                 "then measured on the held-out images.</p>")
+                     _f(d["max_ms"], 3), f"{d['over_budget_pct']:.1f}%"] +
+                    [f"{100 * (1 - q):.0f}%" if q is not None else "–"] * tail)
+    parts.append(_table(["budget", "limit", "mean ms", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "max ms",
+                         "images over the limit"] + ["allowed over"] * tail, rows, "distribution", left=2))
+    notes = []
+    if any(b.get("kind", "mean") == "mean" for b in res["budgets"]):
+        notes.append("A mean budget bounds the average: images that run more steps take longer than the limit, "
+                     "cheaper ones make up for them, so a share of images over the limit is expected; bound the "
+                     "tail with a percentile budget (--budget p95:MS) when every image matters.")
+    if tail:
+        notes.append("A tail budget (p90, p95, p99) bounds that percentile of the per-image latency: at "
+                     "most 10 / 5 / 1 % of the images may take longer than the limit. Its thresholds are fitted with "
+                     "the share of each step's latency measurements above the limit (minus the safety margin), so "
+                     "that the expected share of slower images stays within the allowed share; the table shows what "
+                     "the runtime then measured on the held-out images.")
+    parts.append(f"<p class='note'>{' '.join(notes)}</p>")
     return parts
 
 
@@ -186,6 +282,7 @@ def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: Sequenc
     if res.get("figures_note"):
         parts.append(f"<p class='note' id='figures-note'>{html.escape(res['figures_note'])}; the tables hold the "
                      "same numbers.</p>")
+    parts.extend(_choice_section(res))
     parts.append("<h2 id='budgets'>Budgets (held-out, measured by running the runtime)</h2>")
     parts.append(_table(BUDGET_HEADERS, budget_rows(res), "budgets"))
     for r in res["budgets"]:
@@ -229,7 +326,7 @@ def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: Sequenc
             for k, s in enumerate(lat[key]["steps"]):
                 rows.append([f"batch {lat[key]['batch']}", f"exit at step {k}", _f(s["mean_ms"], 3), _f(s["p50_ms"], 3),
                              _f(s["p95_ms"], 3), _f(s["p99_ms"], 3), _f(s["std_ms"], 3), s["n"]])
-    parts.append(_table(["batch", "work", "mean ms/img", "p50", "p95", "p99", "std", "calls"], rows, "steps", left=2))
+    parts.append(_table(["batch", "work", "mean ms/img", "p50 ms/img", "p95 ms/img", "p99 ms/img", "std ms/img", "calls"], rows, "steps", left=2))
     hist = lat.get("history") or []
     if len(hist) > 1:
         rows = [[h["when"]] + [_f(c, 3) for c in h["cost_ms"]] for h in hist]
@@ -246,7 +343,7 @@ def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: Sequenc
                 continue
             st_rows.append([f"exit at {k}", name, _f(s["total_ms"] / calls, 3), _f(s["p50_ms"], 3), _f(s["p95_ms"], 3),
                             _f(s["p99_ms"], 3), s["count"]])
-    parts.append(_table(["work", "stage", "ms per call", "p50 (per stage call)", "p95", "p99", "stage calls"], st_rows,
+    parts.append(_table(["work", "stage", "ms per call", "p50 ms (per stage call)", "p95 ms", "p99 ms", "stage calls"], st_rows,
                         "stages", left=2))
     if any("step" in st and "heads" in st for st in lat["budget_batch"]["stages"].values()):
         parts.append("<p class='note'>Host loop: <code>step</code> is the one native call between two backbone "
@@ -259,7 +356,7 @@ def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: Sequenc
     parts.append("<h2 id='precision'>INT8 vs FP32</h2>")
     prec = res["precisions"]
     if prec.get("rows"):
-        hdr = ["precision"] + [f"acc step {k}" for k in range(T)] + [f"agree step {k}" for k in range(T)] + \
+        hdr = ["precision"] + [f"accuracy % step {k}" for k in range(T)] + [f"agreement % step {k}" for k in range(T)] + \
               [f"ms step {k}" for k in range(T)]
         rows = [[r["precision"]] + [_f(a) for a in r["anytime_accuracy"]] + [_f(a) for a in r["step_agreement"]] +
                 [_f(c, 3) for c in r["cost_ms"]] for r in prec["rows"]]
@@ -330,8 +427,8 @@ def summary(res: Dict[str, Any]) -> str:
         lines.append(f"step latency, ms/image at batch {lat['other_batch']['batch']}: {steps}")
     cols = ["budget", "limit", "thresholds", "expected", "mean", "p95", "measured", "vs", "accuracy", "reference",
             "exits"]
-    hdr = ["budget", "limit", "thresholds", "expected", "mean", "p95", "measured", "vs budget", "accuracy",
-           "ref-method", "exits %"]
+    hdr = ["budget", "limit", "thresholds", "expected ms", "mean ms", "p95 ms", "measured ms", "vs budget",
+           "accuracy %", "ref-method %", "exits %"]
     rows = []
     for row in map(_budget_row, res["budgets"]):
         row["vs"] = row["vs"][0]
@@ -351,10 +448,11 @@ def summary(res: Dict[str, Any]) -> str:
                      ", ".join(f"{a:.1f}%" for a in r["step_agreement"]))
     sw = res.get("deadline_sweep")
     if sw and sw["rows"]:
-        lines.append(f"deadline sweep ({sw['budget']}, batch {sw['batch']}): " + "; ".join(
-            f"{r['deadline_ms']:.2f} ms: acc {r['accuracy']:.1f}%, over+10% {r['over_10pct']:.1f}%" +
-            "".join(f", {n} misses {v:.0f}%" for n, v in r["static_miss_pct"].items()) for r in sw["rows"]))
+        lines.append(f"deadline sweep ({sw['budget']}, batch {sw['batch']}), one line per deadline:")
+        lines.extend(f"  {r['deadline_ms']:.2f} ms: acc {r['accuracy']:.1f}%, over+10% {r['over_10pct']:.1f}%" +
+                     "".join(f", {n} misses {v:.0f}%" for n, v in r["static_miss_pct"].items()) for r in sw["rows"])
     lines.append(f"manifest: {res['manifest']['status']}")
+    lines.append(f"suggested: {choice_sentence(res)}")
     if res.get("figures_note"):
         lines.append(f"note: {res['figures_note']}")
     lines.extend(f"warning: {b['name']}: {b['note']}" for b in res["budgets"] if b.get("note"))

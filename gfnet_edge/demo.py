@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from .argtypes import THREADS, float_range, int_range
+from .calibrate.report import DEFAULT_BUDGET_SLACK, pick_default_budget
 from .bundle import finite_or_null, json_text
 from .errors import BUILD_MODULES, InputError, UnavailableError, installed
 
@@ -125,23 +126,6 @@ def _check_earlier_demo(path: Path) -> None:
     if path.is_symlink() or source.get("name") != DEMO_CHECKPOINT.name:
         raise InputError(f"{path}: exists and is not an earlier demo's bundle; the demo will not replace it "
                          "(choose another -o folder)")
-
-
-#: The demo's default budget gives up at most this many points of held-out accuracy.
-DEFAULT_BUDGET_SLACK = 1.0
-
-
-def pick_default_budget(budgets: List[Dict[str, Any]], slack: float = DEFAULT_BUDGET_SLACK) -> str:
-    """The cheapest calibrated budget whose held-out accuracy is within ``slack`` points of the
-    most accurate one (calibration reports list budgets cheapest first)."""
-    if not budgets:
-        raise InputError("calibration produced no budgets")
-    acc = [float(b["holdout"]["accuracy"]) for b in budgets]
-    best = max(acc)
-    for b, a in sorted(zip(budgets, acc), key=lambda ba: float(ba[0]["budget_ms"])):
-        if a >= best - slack:
-            return str(b["name"])
-    return str(budgets[int(np.argmax(acc))]["name"])
 
 
 #: What the demo imports beyond the device side: it builds the bundle from the checkpoint (torch, onnx ...),

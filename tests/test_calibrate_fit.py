@@ -150,6 +150,14 @@ def test_precision_comparison():
     assert rows["int8-cpu"]["step_agreement"] == [100.0, 75.0]
     assert rows["int8-cpu"]["budgets"]["ms-2.0"]["prediction_agreement"] == 75.0
     assert rows["int8-cpu"]["budgets"]["ms-2.0"]["expected_ms"] == pytest.approx((3 * 0.5 + 1.5) / 4)
+    # a budget fitted with other step latency (the device slowed down): its expected ms uses that latency,
+    # as the budgets table does, while another budget keeps the precision's own
+    out = compare({"fp32": {"probs": P, "cost_ms": [1, 3]},
+                   "int8-cpu": {"probs": Q, "cost_ms": [0.5, 1.5], "budget_cost_ms": {"ms-2.0": [0.7, 2.1]}}},
+                  np.asarray(Y2), {"ms-2.0": [0.6, -1e8], "ms-9.0": [0.6, -1e8]})
+    int8 = next(r for r in out["rows"] if r["precision"] == "int8-cpu")["budgets"]
+    assert int8["ms-2.0"]["expected_ms"] == pytest.approx((3 * 0.7 + 2.1) / 4)
+    assert int8["ms-9.0"]["expected_ms"] == pytest.approx((3 * 0.5 + 1.5) / 4)
     assert comparable_precisions({"graphs": {"int8-cpu": {}, "fp32": {}, "int8-tensorrt": {}}}, "onnxruntime") == \
         ["fp32", "int8-cpu"]
     engines = [{"precision": "int8"}, {"precision": "fp32"}, {"precision": "int8"}]

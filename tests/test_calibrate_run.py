@@ -464,7 +464,11 @@ def test_tail_budget_run_manifest_and_deadline_sweep(tiny_bundle, tmp_path, caps
     assert all(1.0 <= r["mean_steps"] <= T and 0 <= r["over_10pct"] <= r["over_pct"] <= 100 for r in sw["rows"])
     html = (out / "report.html").read_text()
     assert "id='distribution'" in html and "id='deadlines'" in html and '<table class="deadlines">' in html
-    assert "p95 &lt;= 500.00" in html and "deadline sweep (p95-500.0" in capsys.readouterr().out
+    printed = capsys.readouterr().out.splitlines()
+    at = printed.index(next(line for line in printed if line.startswith("deadline sweep (p95-500.0")))
+    assert "p95 &lt;= 500.00" in html
+    # one terminal line per deadline, in the sweep's order
+    assert [line.split(" ms:")[0].strip() for line in printed[at + 1:at + 4]] == [f"{d:.2f}" for d in ds]
 
 
 def test_infeasible_tail_budget_fails_cleanly(tiny_bundle, tmp_path, capsys):
@@ -493,3 +497,149 @@ def test_deadline_sweep_stops_where_the_deadline_says(tiny_bundle):
     assert tight.accuracy == pytest.approx(100.0 * (glance == y).mean())
     assert loose.mean_steps == T and loose.stopped_pct == 0.0 and loose.over_pct == 0.0
     assert loose.accuracy == pytest.approx(100.0 * (free.classes == y).mean())
+
+
+def test_report_says_which_budget_to_use_and_what_it_costs_against_the_static_network(calibrated):
+    """The page opens with the budget to ship and, per budget, its accuracy and speed against each
+    static baseline, computed from report.json's measured numbers."""
+    from gfnet_edge.calibrate import report
+
+    res = calibrated["res"]
+    page = (calibrated["out"] / "report.html").read_text()
+    suggested = report.pick_default_budget(res["budgets"])  # no --default: the cheapest within a point of the best
+    assert res["manifest"]["default_budget"] is None
+    assert page.index("id='choice'") < page.index("id='budgets'")
+    assert f"Use {suggested} (" in page.split("id='suggestion'")[1].split("</p>")[0]
+    assert "pass --static to compare" in report.choice_sentence(res)
+    # a static baseline at twice the GFNet latency and 10 points below: the report's numbers follow report.json's
+    b = res["budgets"][0]
+    ms, acc = b["measured"]["mean_ms"], b["measured"]["accuracy"]
+    static = {"name": "static fp32", "accuracy": acc - 10.0, "technology": {"precision": "fp32", "description": "x"},
+              "latency": {"mean_ms": 2 * ms, "p95_ms": 3 * ms}}
+    with_static = dict(res, static=[static], manifest=dict(res["manifest"], default_budget=b["name"]))
+    c = report.choice(with_static)
+    assert c["suggested"] == b["name"] and "default budget" in c["why"]
+    assert c["rows"][0]["vs"]["static fp32"] == {"points": pytest.approx(10.0), "speedup": pytest.approx(2.0)}
+    assert report.choice_sentence(with_static).endswith(
+        f"+10.00 accuracy points and 2.00x the speed of static fp32 ({acc - 10:.2f} % at {2 * ms:.2f} ms)")
+    html = report._choice_section(with_static)
+    assert "accuracy vs static fp32 (points)" in html[2] and "<td class=\"\">+10.00</td>" in html[2]
+
+
+def _headers(page):
+    return [h.split(">", 1)[1] for h in page.split("</th>")[:-1]]
+
+
+def test_report_columns_name_their_unit(calibrated, capsys):
+    """Every latency column of the page's tables says ms, every accuracy / agreement column %;
+    so does the terminal summary's header."""
+    import html as html_mod
+    import re
+
+    from gfnet_edge.calibrate.report import summary
+
+    page = (calibrated["out"] / "report.html").read_text()
+    headers = [html_mod.unescape(h) for h in _headers(page)]
+    assert len(headers) > 30
+    latency = [h for h in headers if re.search(r"\b(mean|p50|p90|p95|p99|max|std|expected|measured)\b", h)
+               and not re.search(r"vs|accuracy|steps", h)]
+    assert latency and all("ms" in h for h in latency), [h for h in latency if "ms" not in h]
+    accuracy = [h for h in headers if re.search(r"\b(acc|accuracy|agree|agreement)\b", h)]
+    assert accuracy and all("%" in h or "points" in h for h in accuracy), accuracy
+    top = summary(calibrated["res"]).splitlines()
+    hdr = next(line for line in top if line.startswith("budget "))
+    for col in ("expected ms", "mean ms", "p95 ms", "measured ms", "accuracy %"):
+        assert col in hdr
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The matplotlib figures the report's plot functions draw, captured before they are closed."""
+    from gfnet_edge.calibrate import plots
+
+    drawn = []
+    real = plots._png
+
+    def keep(fig):
+        drawn.append(fig)
+        return real(fig)
+
+    monkeypatch.setattr(plots, "_png", keep)
+    return drawn
+
+
+def test_latency_cdf_axis_is_not_stretched_by_a_stalled_call(figures):
+    """One call 50x slower than the rest leaves the curves readable: the axis ends near the 99.5th
+    percentile (past every budget line), the stalled call's time is in the axis label, and the
+    title explains only the marks the figure has."""
+    from gfnet_edge.calibrate import plots
+    from gfnet_edge.calibrate.budgets import Budget
+
+    rng = np.random.default_rng(0)
+    fast = list(rng.uniform(0.4, 1.2, 299)) + [60.0]
+    plots.latency_cdf({"ms-1.0": fast, "ms-2.0": rng.uniform(0.4, 2.0, 300)},
+                      {"ms-1.0": Budget.parse("1.0"), "ms-2.0": Budget.parse("2.0")})
+    ax = figures[-1].axes[0]
+    assert 2.0 < ax.get_xlim()[1] < 3.0
+    assert "60.00 ms" in ax.get_xlabel() and "tail" not in ax.get_title() and "mean budget" in ax.get_title()
+    plots.latency_cdf({"p95-1.5": fast}, {"p95-1.5": Budget.parse("p95:1.5")})
+    assert "tail budget" in figures[-1].axes[0].get_title() and "mean" not in figures[-1].axes[0].get_title()
+
+
+def test_distribution_section_explains_the_budget_kinds_the_report_has(calibrated):
+    """Mean budgets only: no tail-budget column or explanation, and a line saying why images over
+    a mean limit are expected; with a tail budget, its allowed share and explanation."""
+    from gfnet_edge.calibrate import report
+
+    res = calibrated["res"]
+    mean_only = "".join(report._distribution_section(res, {}))
+    assert "allowed over" not in mean_only and "tail budget (p90" not in mean_only
+    assert "share of images over the limit is expected" in mean_only
+    tail = dict(res["budgets"][0], kind="p95", quantile=0.95)
+    both = "".join(report._distribution_section(dict(res, budgets=[tail] + res["budgets"][1:]), {}))
+    assert "<th class=\"\">allowed over</th>" in both and "tail budget (p90" in both and "<td class=\"\">5%</td>" in both
+
+
+def test_anytime_figure_labels_one_line_and_names_no_single_split(figures):
+    """Lines a point apart: only the first (named in the title) carries value labels, so none
+    overprint; the y label does not call the fitting split's line held-out."""
+    from gfnet_edge.calibrate import plots
+
+    plots.anytime({"int8 (held-out)": [63.7, 89.3, 91.7], "int8 (fit)": [63.0, 86.7, 89.3],
+                   "fp32 (held-out)": [63.3, 89.0, 90.7]})
+    ax = figures[-1].axes[0]
+    assert [t.get_text() for t in ax.texts] == ["63.7", "89.3", "91.7"]
+    assert "int8 (held-out)" in ax.get_title() and "held-out" not in ax.get_ylabel()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["int8 (held-out)", "int8 (fit)", "fp32 (held-out)"]
+
+
+def test_deadline_figure_legend_is_below_the_axes_and_static_lines_stay_apart(figures):
+    """The legend sits under the axes (over the data it hid the late-call line); two static
+    baselines missing every deadline (the same line) differ in marker; the no-deadline accuracy
+    line is in the legend."""
+    from gfnet_edge.calibrate import plots
+
+    rows = [{"deadline_ms": d, "accuracy": a, "over_10pct": o, "static_miss_pct": {"s fp32": 100.0, "s int8": 100.0}}
+            for d, a, o in ((0.4, 64.0, 100.0), (0.8, 88.0, 70.0), (1.2, 88.3, 5.0))]
+    plots.deadline_sweep(rows, 91.0, "ms-0.8")
+    fig = figures[-1]
+    ax, ax2 = fig.axes
+    leg = ax.get_legend()
+    fig.canvas.draw()
+    assert leg.get_window_extent().y1 <= ax.get_window_extent().y0
+    assert "GFNet accuracy without a deadline" in [t.get_text() for t in leg.get_texts()]
+    s1, s2 = [ln for ln in ax2.lines if ln.get_label().startswith("s ")]
+    assert (s1.get_marker(), s1.get_markersize()) != (s2.get_marker(), s2.get_markersize())
+
+
+def test_stage_figure_cost_mark_is_a_line_its_legend_can_show(figures):
+    """cost[k] is drawn as a short line per bar (a 30-point marker overprinted its legend text)."""
+    from gfnet_edge.calibrate import plots
+
+    stages = {k: {"glance": {"total_ms": 3.0}, "focus": {"total_ms": 3.0 * k}, "per_image": {"count": 10}}
+              for k in range(3)}
+    plots.stage_breakdown(stages, [0.35, 0.7, 1.0])
+    ax = figures[-1].axes[0]
+    marks = [c for c in ax.collections if c.get_label().startswith("cost[k]")]
+    assert len(marks) == 1 and [seg[0][1] for seg in marks[0].get_segments()] == pytest.approx([0.35, 0.7, 1.0])
+    assert not [ln for ln in ax.lines if ln.get_marker() == "_"]
