@@ -107,3 +107,34 @@ def test_info_shows_what_the_int8_build_measured(int8_bundle, capsys):
     assert [r[len("quantization"):].strip() for r in rows] == lines
     assert cli.main(["info", str(int8_bundle.root), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["quantization"] == lines
+
+
+def test_calibrating_an_int8_bundle_traces_the_exits_its_runtime_takes(int8_bundle, tmp_path, capsys):
+    """An INT8 graph rounds its input to its quantization grid, so uint8 frames normalised on the
+    way in and the same frames normalised beforehand (equal to about 1e-6) give different
+    probabilities for some images; calibrate traces the frames the way its timed calls pass
+    them, so every budget's held-out run takes exactly the traced exits and classes."""
+    import json
+    import shutil
+
+    from gfnet_edge import cli
+    from gfnet_edge.calibrate.data import load_calibration_data
+    from gfnet_edge.calibrate.latency import prepare_frames
+
+    with Runtime(int8_bundle.root, backend="onnxruntime", precision="int8-cpu", threads=2) as rt:
+        frames, _ = load_calibration_data("demo", rt.model, 160).part("holdout")
+        assert rt.model.crop_pct == 1.0  # the runtime takes these S x S frames as they are
+        moved = np.abs(rt.trace(frames).probs - rt.trace(prepare_frames(rt.model, frames)).probs).max()
+    assert moved > 1e-3  # the premise: the two ways in differ for INT8
+    bundle = tmp_path / "bundle"
+    shutil.copytree(int8_bundle.root, bundle)
+    out = tmp_path / "report"
+    rc = cli.main(["calibrate", str(bundle), "--data", "demo", "--num-images", "160", "-o", str(out),
+                   "--precision", "int8-cpu", "--threads", "2", "--repeats", "5",
+                   "--warmup", "1", "--warmup-ms", "0", "--batch-size", "0", "--gallery", "0", "--deadlines", "0",
+                   "--attempts", "1", "--no-compare", "--no-write", "-q"])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads((out / "report.json").read_text())
+    budgets = res["budgets"]  # three, between the glance's latency and the full model's
+    assert len(budgets) == 3 and all(b["consistent_with_trace"] for b in budgets)
+    assert any(0 < b["measured"]["exit_fractions"][-1] < 1 for b in budgets)  # early exits and late ones
