@@ -65,6 +65,11 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], cls: str = "",
     return f'<table class="{cls}"><thead><tr>{th}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
+def _load(values: Optional[Sequence[float]]) -> str:
+    """A load average (1, 5, 15 minutes) as text: ``1.2 / 0.9 / 0.7``."""
+    return "not read" if not values else " / ".join(f"{v:.2f}" for v in values)
+
+
 def _f(x: Optional[float], nd: int = 2) -> str:
     return "–" if x is None else f"{x:.{nd}f}"
 
@@ -166,13 +171,16 @@ def choice_sentence(res: Dict[str, Any]) -> str:
     r = next(x for x in c["rows"] if x["budget"] == c["suggested"])
     stat = r["limit"].split(" ")[0]
     text = f"use {r['budget']} ({c['why']}): {r['accuracy']:.2f} % at {r['ms']:.2f} ms {stat} per image"
+    b = next(x for x in res["budgets"] if x["name"] == r["budget"])
+    caveat = ("" if b["within_tolerance"] else
+              f" (measured {100 * (r['ms'] / b['budget_ms'] - 1):+.1f}% off its budget, outside the tolerance: "
+              "calibrate again on an idle device before relying on it)")
     s = like_for_like_static(res)
     if s is None:
-        return text + " (pass --static to compare with a static network)"
+        return text + " (pass --static to compare with a static network)" + caveat
     v = r["vs"][s["name"]]
-    b = next(x for x in res["budgets"] if x["name"] == r["budget"])
     return (text + f", {v['points']:+.2f} accuracy points and {v['speedup']:.2f}x the speed of {s['name']} "
-                   f"({s['accuracy']:.2f} % at {_static_ms(s, b):.2f} ms)")
+                   f"({s['accuracy']:.2f} % at {_static_ms(s, b):.2f} ms)" + caveat)
 
 
 def _choice_section(res: Dict[str, Any]) -> List[str]:
@@ -269,8 +277,8 @@ def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: Sequenc
         f"<div class='meta'>bundle <code>{html.escape(b['path'])}</code> · S={b['image_size']} P={b['patch_size']} "
         f"T={T} · {html.escape(b['backend'])} / {html.escape(b['precision'])} · threads {b['threads'] or 'default'}<br>"
         f"device: {html.escape(str(dev.get('timed_on', dev['cpu'])))} ({html.escape(', '.join(dev.get('cpu_flags') or []) or 'no flags read')}; "
-        f"{dev['cores']} cores, load average {dev.get('load_average')} at "
-        f"start, {dev.get('load_average_end')} at end) · {html.escape(dev['platform'])} · "
+        f"{dev['cores']} cores, load average {_load(dev.get('load_average'))} at "
+        f"start, {_load(dev.get('load_average_end'))} at end) · {html.escape(dev['platform'])} · "
         f"data: {html.escape(res['data']['source'])} ({res['data']['fit']} fit / {res['data']['holdout']} held-out"
         + (f"; {res['data']['skipped_unreadable']} unreadable files left out" if res['data'].get('skipped_unreadable') else "")
         + ") · "
@@ -295,7 +303,11 @@ def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: Sequenc
                  "for a mean budget, its percentile for a tail budget (p95 ...); "
                  f"green when within [{-100 * tol[0]:.0f}%, +{100 * tol[1]:.0f}%] of the budget. "
                  f"Thresholds: {html.escape(res['settings']['method'])} method, fitted on the fitting split with "
-                 f"the measured step latency, safety margin {100 * res['settings']['margin']:.0f}%. "
+                 f"the measured step latency, safety margin {100 * res['settings']['margin']:.0f}%: an image "
+                 "exits at step k when its highest class probability reaches the step's threshold (“always”: "
+                 "every image still running exits there; “never”: none does). “expected mean ms”: what the fit "
+                 "predicts from the exit fractions and the step latency; “fit acc”: accuracy on the fitting split; "
+                 "“reference-method acc”: the paper's threshold rule at the same budget, for comparison. "
                  f"Manifest: {html.escape(res['manifest']['status'])}.</p>")
     if res["static"]:
         rows = [[s["name"], _f(s["latency"]["mean_ms"]), _f(s["latency"]["p95_ms"]), _f(s["accuracy"]),

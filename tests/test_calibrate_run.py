@@ -516,7 +516,8 @@ def test_report_says_which_budget_to_use_and_what_it_costs_against_the_static_ne
     ms, acc = b["measured"]["mean_ms"], b["measured"]["accuracy"]
     static = {"name": "static fp32", "accuracy": acc - 10.0, "technology": {"precision": "fp32", "description": "x"},
               "latency": {"mean_ms": 2 * ms, "p95_ms": 3 * ms}}
-    with_static = dict(res, static=[static], manifest=dict(res["manifest"], default_budget=b["name"]))
+    with_static = dict(res, static=[static], manifest=dict(res["manifest"], default_budget=b["name"]),
+                       budgets=[dict(b, within_tolerance=True)] + res["budgets"][1:])
     c = report.choice(with_static)
     assert c["suggested"] == b["name"] and "default budget" in c["why"]
     assert c["rows"][0]["vs"]["static fp32"] == {"points": pytest.approx(10.0), "speedup": pytest.approx(2.0)}
@@ -524,6 +525,10 @@ def test_report_says_which_budget_to_use_and_what_it_costs_against_the_static_ne
         f"+10.00 accuracy points and 2.00x the speed of static fp32 ({acc - 10:.2f} % at {2 * ms:.2f} ms)")
     html = report._choice_section(with_static)
     assert "accuracy vs static fp32 (points)" in html[2] and "<td class=\"\">+10.00</td>" in html[2]
+    off = dict(with_static, budgets=[dict(b, within_tolerance=False)] + res["budgets"][1:])
+    assert report.choice_sentence(off).endswith(
+        f"measured {100 * (b['measured']['statistic_ms'] / b['budget_ms'] - 1):+.1f}% off its budget, outside the "
+        "tolerance: calibrate again on an idle device before relying on it)")
 
 
 def _headers(page):
@@ -643,3 +648,16 @@ def test_stage_figure_cost_mark_is_a_line_its_legend_can_show(figures):
     marks = [c for c in ax.collections if c.get_label().startswith("cost[k]")]
     assert len(marks) == 1 and [seg[0][1] for seg in marks[0].get_segments()] == pytest.approx([0.35, 0.7, 1.0])
     assert not [ln for ln in ax.lines if ln.get_marker() == "_"]
+
+
+def test_report_page_explains_its_budget_columns_and_prints_the_load_as_numbers(calibrated):
+    import re
+
+    page = (calibrated["out"] / "report.html").read_text()
+    load = calibrated["res"]["device"]["load_average"]
+    assert f"load average {' / '.join(f'{v:.2f}' for v in load)} at start" in page and "[" not in page.split(
+        "load average")[1].split("at end")[0]
+    note = next(par for par in page.split("<p") if "“measured” is the" in par)  # the budgets table's note
+    for term in ("“always”", "“never”", "“expected mean ms”", "“fit acc”", "“reference-method acc”"):
+        assert term in note, term
+    assert re.search(r"threshold", note)
