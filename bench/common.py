@@ -18,9 +18,8 @@ RESULTS = ROOT / "bench" / "results"
 
 
 def use_checkout() -> None:
-    """Import ``gfnet_edge`` (with ``gfnet_edge.calibrate`` and ``gfnet_edge.quantize``) from this
-    checkout when it is not installed: the checkout goes on ``sys.path`` and its root on the
-    package's search path, which maps ``calibrate/`` and ``quantize/`` as setup.py does."""
+    """Import ``gfnet_edge`` from this checkout when it is not installed (the package maps the
+    checkout's ``calibrate/`` and ``quantize/`` itself)."""
     try:
         import gfnet_edge.calibrate  # noqa: F401
         return
@@ -28,10 +27,6 @@ def use_checkout() -> None:
         pass
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    import gfnet_edge
-
-    if str(ROOT) not in gfnet_edge.__path__:
-        gfnet_edge.__path__.append(str(ROOT))
 
 
 use_checkout()

@@ -22,6 +22,22 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 
+def _map_checkout_packages() -> None:
+    """Run from a source checkout that is not installed (``python3 -m gfnet_edge`` or pytest in
+    the checkout, a GPU machine that only builds the extension in place), ``calibrate/`` and
+    ``quantize/`` beside this package are ``gfnet_edge.calibrate`` / ``gfnet_edge.quantize``, as
+    setup.py's ``package_dir`` maps them in an installed copy."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if (root / "setup.py").is_file() and all((root / p / "__init__.py").is_file() for p in ("calibrate", "quantize")):
+        if str(root) not in __path__:
+            __path__.append(str(root))
+
+
+_map_checkout_packages()
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib

@@ -208,3 +208,23 @@ def test_a_missing_part_of_an_installed_module_is_not_called_a_missing_install(t
     assert missing_build_module(ModuleNotFoundError("x", name="torch._no_such_part")) is None
     assert missing_build_module(ModuleNotFoundError("x", name="tensorrt")) is None  # not a build-side module
     assert missing_build_module(ValueError("x")) is None
+
+
+def test_a_checkout_that_is_not_installed_maps_calibrate_and_quantize(tmp_path):
+    """A GPU machine builds the extension in place and runs the checkout without installing it:
+    gfnet_edge.calibrate and gfnet_edge.quantize are then the checkout's calibrate/ and quantize/,
+    as in an installed copy (an installed editable copy's import hook is switched off here)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\nsys.meta_path[:] = [f for f in sys.meta_path if 'Editable' not in repr(f)]\n")
+    code = ("import sys, gfnet_edge.calibrate as c, gfnet_edge.quantize as q\n"
+            "assert not any('Editable' in repr(f) for f in sys.meta_path)\n"
+            "print(c.__file__); print(q.__file__)")
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{root}")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(root / "calibrate" / "__init__.py"), str(root / "quantize" / "__init__.py")]

@@ -18,13 +18,7 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxruntime.quantization")
 from onnx import helper, numpy_helper
 
-try:
-    import gfnet_edge.quantize as gq
-except ImportError:  # running from a checkout that is not installed: map quantize/ like setup.py
-    import gfnet_edge
-
-    gfnet_edge.__path__.append(str(Path(__file__).resolve().parents[1]))
-    import gfnet_edge.quantize as gq
+import gfnet_edge.quantize as gq  # noqa: E402
 
 from gfnet_edge.export import export_model, manifest_model
 from gfnet_edge.models import GFNet, crop_patches
