@@ -66,10 +66,12 @@ trap pack EXIT
 # run LIMIT CMD...: CMD under `timeout`, killed 10 s after its SIGTERM if it has not ended.
 run() { local t=$1; shift; timeout -k 10 "$t" "$@"; }
 
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gfnet-site \
-    .whl/*.whl >"$OUT/wheels.log" 2>&1 && export PYTHONPATH="/tmp/gfnet-site${PYTHONPATH:+:$PYTHONPATH}" \
-    || { echo "could not install the carried wheels:"; tail -5 "$OUT/wheels.log"; }
+if compgen -G ".whl/*.whl" >/dev/null; then  # one at a time: a wheel for another Python skips only itself
+  for w in .whl/*.whl; do
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gfnet-site \
+      "$w" >>"$OUT/wheels.log" 2>&1 || echo "could not install the carried wheel $w (see $OUT/wheels.log)"
+  done
+  export PYTHONPATH="/tmp/gfnet-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
 {
