@@ -10,14 +10,15 @@ from PIL import Image, ImageDraw
 
 #: Colour of the box of focus step t (1-based), cycled.
 STEP_COLOURS = [(255, 64, 64), (255, 170, 0), (64, 200, 255), (190, 90, 255), (80, 230, 80)]
-NOT_RUN = (200, 200, 200)
+NOT_RUN = (255, 255, 255)
 
 
-def _dashed_rect(d: ImageDraw.ImageDraw, box: Tuple[int, int, int, int], colour, width: int = 2, dash: int = 6) -> None:
+def _dashed_rect(d: ImageDraw.ImageDraw, box: Tuple[int, int, int, int], colour, width: int = 2, dash: int = 6,
+                 offset: int = 0) -> None:
     x0, y0, x1, y1 = box
     for (a, b, c, e) in ((x0, y0, x1, y0), (x1, y0, x1, y1), (x0, y1, x1, y1), (x0, y0, x0, y1)):
         length = max(abs(c - a), abs(e - b))
-        for s in range(0, length, 2 * dash):
+        for s in range(offset, length, 2 * dash):
             t = min(s + dash, length)
             if a == c:
                 d.line([(a, b + s), (a, b + t)], fill=colour, width=width)
@@ -31,7 +32,7 @@ def card(frame: np.ndarray, coords: np.ndarray, exit_step: int, patch_size: int,
     Args:
         frame: uint8 (S, S, 3), the network's input.
         coords: (T-1, 2) patch top-left (row, col) of every focus step, from the trace (so the
-            boxes of steps after the exit are known; they are drawn dashed grey, "not run").
+            boxes of steps after the exit are known; they are drawn dashed black and white, "not run").
         exit_step: step at which the image exited (0 = glance).
         patch_size: P.
         display: side of each panel in pixels.
@@ -53,12 +54,17 @@ def card(frame: np.ndarray, coords: np.ndarray, exit_step: int, patch_size: int,
         box = (round(c * scale), round(r * scale), round((c + P) * scale) - 1, round((r + P) * scale) - 1)
         step = t + 1
         if step <= exit_step:
+            # the step's colour between two black lines, so the box shows on any image colour; the
+            # number tags of boxes at the same place sit side by side
             colour = STEP_COLOURS[t % len(STEP_COLOURS)]
+            d.rectangle((box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1), outline=(0, 0, 0), width=5)
             d.rectangle(box, outline=colour, width=3)
-            d.rectangle((box[0], box[1], box[0] + 12, box[1] + 13), fill=colour)
-            d.text((box[0] + 3, box[1] + 1), str(step), fill=(0, 0, 0))
-        else:
-            _dashed_rect(d, box, NOT_RUN, width=1)
+            tag = (box[0] + 14 * t, box[1])
+            d.rectangle((tag[0], tag[1], tag[0] + 12, tag[1] + 13), fill=colour, outline=(0, 0, 0))
+            d.text((tag[0] + 3, tag[1] + 1), str(step), fill=(0, 0, 0))
+        else:  # not run: black and white dashes, visible on any image colour
+            _dashed_rect(d, box, (0, 0, 0), width=1)
+            _dashed_rect(d, box, NOT_RUN, width=1, offset=6)
     gd = ImageDraw.Draw(glance)
     gd.rectangle((0, 0, display - 1, display - 1), outline=(255, 255, 255), width=3)
     label = f"glance {P}x{P}"

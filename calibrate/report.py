@@ -389,8 +389,9 @@ def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: Sequenc
         parts.append(f"<p class='note'>{html.escape(prec.get('note', 'The bundle holds one precision.'))}</p>")
 
     parts.append("<h2 id='gallery'>Gallery</h2><p class='note'>Left: the glance (the whole image at P x P). Right: "
-                 "the full-resolution image with the focus patches in step order (solid, numbered: run; dashed grey: "
-                 "where the policy would have looked next, not run because the image exited).</p><div class='gallery'>")
+                 "the full-resolution image with the focus patches in step order (solid, numbered: run; dashed "
+                 "black and white: where the policy would have looked next, not run because the image exited)."
+                 "</p><div class='gallery'>")
     for g in gallery:
         cls = "" if g.correct else " class='wrong'"
         parts.append(f"<figure{cls}>{_img(g.png, 'gallery image', 'card')}<figcaption>#{g.index} · label "

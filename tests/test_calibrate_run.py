@@ -661,3 +661,29 @@ def test_report_page_explains_its_budget_columns_and_prints_the_load_as_numbers(
     for term in ("“always”", "“never”", "“expected mean ms”", "“fit acc”", "“reference-method acc”"):
         assert term in note, term
     assert re.search(r"threshold", note)
+
+
+def test_gallery_boxes_show_on_an_image_of_their_own_colour_and_tags_do_not_overlap():
+    """A red image with focus steps 1 and 2 at the same place and step 3 not run: the run boxes
+    are framed in black (visible on red), their number tags sit side by side, and the not-run box
+    has black and white dashes."""
+    import io
+
+    from PIL import Image
+
+    from gfnet_edge.calibrate.gallery import STEP_COLOURS, card
+
+    S, P, display = 224, 64, 224
+    frame = np.zeros((S, S, 3), np.uint8)
+    frame[...] = STEP_COLOURS[0]
+    png = card(frame, np.array([[40, 40], [40, 40], [120, 120]]), exit_step=2, patch_size=P, display=display)
+    img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    right = img[:, display + 6:]
+    # the box's left edge at x = 40 (scale 1): black, the last step's colour, black
+    assert [tuple(right[60, x]) for x in (39, 41, 43)] == [(0, 0, 0), STEP_COLOURS[1], (0, 0, 0)]
+    # the tags of steps 1 and 2 (x 40-52 and 54-66), each in its colour inside a black frame
+    assert tuple(right[52, 51]) == STEP_COLOURS[0] and tuple(right[52, 65]) == STEP_COLOURS[1]
+    assert tuple(right[53, 51]) == (0, 0, 0) and tuple(right[53, 65]) == (0, 0, 0)
+    edge = right[120, 120:120 + P]  # top edge of the not-run box
+    colours = {tuple(px) for px in edge}
+    assert (0, 0, 0) in colours and (255, 255, 255) in colours
