@@ -687,3 +687,19 @@ def test_gallery_boxes_show_on_an_image_of_their_own_colour_and_tags_do_not_over
     edge = right[120, 120:120 + P]  # top edge of the not-run box
     colours = {tuple(px) for px in edge}
     assert (0, 0, 0) in colours and (255, 255, 255) in colours
+
+
+def test_latency_histogram_draws_each_budget_as_an_outline_with_its_limit_in_its_colour(figures):
+    from matplotlib.colors import to_rgba
+
+    from gfnet_edge.calibrate import plots
+
+    rng = np.random.default_rng(1)
+    plots.latency_histogram({"ms-1.0": rng.uniform(0.4, 1.1, 200), "ms-2.0": rng.uniform(0.5, 2.1, 200)},
+                            {"ms-1.0": 1.0, "ms-2.0": 2.0})
+    ax = figures[-1].axes[0]
+    outlines = [p for p in ax.patches if p.get_label() in ("ms-1.0", "ms-2.0")]
+    assert len(outlines) == 2 and all(not p.get_fill() for p in outlines)
+    limits = {round(float(line.get_xdata()[0]), 6): line.get_color() for line in ax.lines}
+    for p, ms in zip(outlines, (1.0, 2.0)):
+        assert np.allclose(to_rgba(limits[ms]), p.get_edgecolor())
