@@ -24,11 +24,11 @@
 #
 # Results: markdown + JSON per benchmark, logs, env.txt, under $OUT (default ./gpu-results).
 # Needs python3 with numpy, torch (CUDA), pytest, pybind11, cmake and nvcc, and gfnet-edge's own
-# packages (fastjsonschema, onnx, onnxruntime, onnxsim, timm, torchvision, Pillow, scikit-learn).
-# A machine that cannot download gets the missing ones as wheels: `bash bench/gpu_wheels.sh`
-# where pip can download puts them in .whl/, and this script installs whatever .whl/ holds into
-# /tmp/gfnet-site first. env.txt lists what is still missing; without fastjsonschema (the
-# package does not import) the run stops there.
+# packages (fastjsonschema, onnx, onnxruntime, onnxsim, onnx2torch, timm, torchvision, Pillow,
+# scikit-learn, scipy, matplotlib). A machine that cannot download gets the missing ones as
+# wheels: `bash bench/gpu_wheels.sh` where pip can download puts them in .whl/, and this script
+# installs whatever .whl/ holds into $OUT/site first. env.txt lists what is still missing; when
+# gfnet-edge itself does not import (fastjsonschema missing) the run stops there (exit 5).
 set -u -o pipefail
 OUT=${OUT:-gpu-results}
 STEPS=${STEPS:-build tests e2e train shapes proxy}
@@ -66,12 +66,25 @@ trap pack EXIT
 # run LIMIT CMD...: CMD under `timeout`, killed 10 s after its SIGTERM if it has not ended.
 run() { local t=$1; shift; timeout -k 10 "$t" "$@"; }
 
-if compgen -G ".whl/*.whl" >/dev/null; then  # one at a time: a wheel for another Python skips only itself
-  for w in .whl/*.whl; do
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gfnet-site \
-      "$w" >>"$OUT/wheels.log" 2>&1 || echo "could not install the carried wheel $w (see $OUT/wheels.log)"
+# Carried wheels (WHEELS, default .whl/) go into SITE (default $OUT/site), one at a time: a wheel for
+# another Python skips only itself. Without pip, pure-Python wheels are unpacked as they are.
+WHEELS=${WHEELS:-.whl}
+SITE=${SITE:-$OUT/site}
+: >"$OUT/wheels.txt"
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+  mkdir -p "$SITE"
+  havepip=0; python3 -m pip --version >/dev/null 2>&1 && havepip=1
+  for w in "$WHEELS"/*.whl; do
+    if [ $havepip = 1 ]; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+        "$w" >>"$OUT/wheels.log" 2>&1 && echo "installed $w" >>"$OUT/wheels.txt" && continue
+    elif [[ $w == *-none-any.whl ]]; then
+      python3 -m zipfile -e "$w" "$SITE" 2>>"$OUT/wheels.log" && echo "unpacked $w (no pip)" >>"$OUT/wheels.txt" \
+        && continue
+    fi
+    echo "could not install the carried wheel $w (see $OUT/wheels.log)" | tee -a "$OUT/wheels.txt"
   done
-  export PYTHONPATH="/tmp/gfnet-site${PYTHONPATH:+:$PYTHONPATH}"
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
 {
@@ -80,9 +93,11 @@ fi
   python3 -c "import sys, torch, numpy; print(sys.version.split()[0], 'torch', torch.__version__, 'numpy', numpy.__version__)"
   df -h /dev/shm 2>/dev/null | tail -1 | awk '{print "/dev/shm: " $2 " (DataLoader workers pass batches through it)"}'
   echo "steps: $STEPS; budget ${BUDGET_S} s"
+  cat "$OUT/wheels.txt"
   python3 - <<'PY'
 import importlib.util
-need = ("fastjsonschema", "onnx", "onnxruntime", "onnxsim", "timm", "torchvision", "PIL", "sklearn", "scipy", "pytest")
+need = ("fastjsonschema", "onnx", "onnxruntime", "onnxsim", "onnx2torch", "timm", "torchvision", "PIL", "sklearn",
+        "scipy", "matplotlib", "pytest")
 missing = [m for m in need if importlib.util.find_spec(m) is None]
 print("python packages missing:", ", ".join(missing) if missing else "none")
 PY

@@ -86,7 +86,7 @@ def load_calibration_data(source: str, model: "ModelDesc | Dict[str, Any]", limi
         raise InputError(f"--holdout must be between 0 and 1, got {holdout}")
     if limit is not None and limit < 4:
         raise InputError(f"--num-images must be at least 4, got {limit}")
-    if skip_unreadable and (source == "demo" or not Path(source).is_dir()):
+    if skip_unreadable and (source == "demo" or (Path(source).exists() and not Path(source).is_dir())):
         raise InputError(f"--skip-unreadable applies to a folder of images; --data {source} is not one")
     if source == "demo":
         if not model.is_demo:

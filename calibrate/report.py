@@ -130,9 +130,10 @@ def pick_default_budget(budgets: List[Dict[str, Any]], slack: float = DEFAULT_BU
 
 
 def _static_ms(s: Dict[str, Any], b: Dict[str, Any]) -> float:
-    """The static baseline's latency in the statistic budget ``b`` limits (its mean, or p95 / p99)."""
+    """The static baseline's latency in the statistic budget ``b`` limits (its mean, or p90 / p95 /
+    p99); NaN for a report that did not record that percentile."""
     kind = b.get("kind", "mean")
-    return s["latency"].get(f"{kind}_ms", s["latency"]["mean_ms"]) if kind != "mean" else s["latency"]["mean_ms"]
+    return float(s["latency"].get(f"{kind}_ms", float("nan")))
 
 
 def like_for_like_static(res: Dict[str, Any]) -> Optional[Dict[str, Any]]:

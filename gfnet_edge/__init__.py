@@ -26,13 +26,26 @@ def _map_checkout_packages() -> None:
     """Run from a source checkout that is not installed (``python3 -m gfnet_edge`` or pytest in
     the checkout, a GPU machine that only builds the extension in place), ``calibrate/`` and
     ``quantize/`` beside this package are ``gfnet_edge.calibrate`` / ``gfnet_edge.quantize``, as
-    setup.py's ``package_dir`` maps them in an installed copy."""
+    setup.py's ``package_dir`` maps them in an installed copy: a finder that knows those two
+    names only, consulted after the usual ones."""
+    import importlib.abc
+    import importlib.util
+    import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    if (root / "setup.py").is_file() and all((root / p / "__init__.py").is_file() for p in ("calibrate", "quantize")):
-        if str(root) not in __path__:
-            __path__.append(str(root))
+    dirs = {f"{__name__}.{p}": root / p for p in ("calibrate", "quantize")}
+    if not (root / "setup.py").is_file() or not all((d / "__init__.py").is_file() for d in dirs.values()):
+        return
+
+    class CheckoutFinder(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            d = dirs.get(name)
+            return None if d is None else importlib.util.spec_from_file_location(
+                name, d / "__init__.py", submodule_search_locations=[str(d)])
+
+    if not any(type(f).__name__ == "CheckoutFinder" for f in sys.meta_path):
+        sys.meta_path.append(CheckoutFinder())
 
 
 _map_checkout_packages()

@@ -215,8 +215,9 @@ def _calibration_images(model, cfg: BuildConfig):
             raise InputError("--precision int8 needs calibration images: pass --calib-data FOLDER|FILE.npz")
     from .data.images import unreadable_files
 
-    if cfg.skip_unreadable and (_demo_calibration(source) or not Path(source).is_dir()):
-        raise InputError(f"--skip-unreadable applies to a folder of images; --calib-data {source} is not one")
+    if cfg.skip_unreadable and (_demo_calibration(source) or (Path(source).exists() and not Path(source).is_dir())):
+        given = f"--calib-data {cfg.calib_data}" if cfg.calib_data else "the demo model's default calibration data (demo)"
+        raise InputError(f"--skip-unreadable applies to a folder of images; {given} is not one")
     skipped: List[str] = []
     try:
         images, labels = load_calibration_images(source, model, cfg.num_calib + cfg.num_eval, return_labels=True,

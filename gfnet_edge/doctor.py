@@ -279,6 +279,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from .runtime.backends.tensorrt_build import BuildOptions
+
     p = sub.add_parser(
         "doctor", help="check TensorRT on this device against ONNX Runtime, and write a report",
         description="Report TensorRT, CUDA, the GPU and DLA; run the bundle's engines at batch 1, a middle batch and "
@@ -289,7 +291,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="engine precision: auto (int8 > fp16 > fp32), int8, fp16, fp32")
     p.add_argument("--dla-core", type=NON_NEGATIVE, help="check the engines built for this DLA core")
     p.add_argument("--build", action="store_true", help="build the engines for this device when the bundle has none")
-    p.add_argument("--max-batch", type=int_range(1, 65536), help="with --build: the engines' max batch (default 32)")
+    p.add_argument("--max-batch", type=int_range(1, 65536),
+                   help=f"with --build: the engines' max batch (default {BuildOptions().max_batch})")
     p.add_argument("--seed", type=int, default=0, help="seed of the random test inputs")
     p.add_argument("-o", "--output", help="report file (default gfnet-edge-doctor-DATE-TIME.json here)")
     p.set_defaults(func=cmd_doctor)

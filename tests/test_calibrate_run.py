@@ -703,3 +703,14 @@ def test_latency_histogram_draws_each_budget_as_an_outline_with_its_limit_in_its
     limits = {round(float(line.get_xdata()[0]), 6): line.get_color() for line in ax.lines}
     for p, ms in zip(outlines, (1.0, 2.0)):
         assert np.allclose(to_rgba(limits[ms]), p.get_edgecolor())
+
+
+@pytest.mark.parametrize("kind", ["mean", "p90", "p95", "p99"])
+def test_a_budget_is_compared_with_the_static_networks_same_statistic(kind):
+    from gfnet_edge.calibrate import report
+    from gfnet_edge.calibrate.latency import LatencyStats
+
+    ms = np.random.default_rng(3).gamma(2.0, 1.0, 500)
+    static = {"latency": LatencyStats.of(ms).to_dict()}
+    want = ms.mean() if kind == "mean" else np.percentile(ms, int(kind[1:]))
+    assert report._static_ms(static, {"kind": kind}) == pytest.approx(want)

@@ -235,3 +235,17 @@ def test_predict_into_a_pipe_closed_early_ends_quietly(bundle, tmp_path):
     assert proc.wait(timeout=300) == 141, err
     assert first.startswith(f"{frames}[0]: class ".encode()), first
     assert err == "", err
+
+
+def test_a_broken_pipe_other_than_stdout_is_an_internal_error():
+    """A BrokenPipeError from a pipe of its own (a worker process, a subprocess's stdin) while
+    stdout, a pipe here, is still read is reported like any other internal error, not ended
+    silently."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom gfnet_edge import cli\n"
+            "sys.exit(cli._exit_code(BrokenPipeError(32, 'Broken pipe'), 'predict'))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 1 and r.stderr.startswith("gfnet-edge: error: internal error: BrokenPipeError"), r.stderr

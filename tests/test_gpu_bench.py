@@ -92,27 +92,47 @@ def test_a_float16_runner_leaves_the_model_in_float32():
         assert after[k].dtype == v.dtype and torch.equal(after[k], v), k
 
 
+def _wheel(folder: Path, name: str, files: dict) -> Path:
+    """A minimal pure-Python wheel ``name-99.0-py3-none-any.whl`` holding ``files``."""
+    import zipfile
+
+    path = folder / f"{name}-99.0-py3-none-any.whl"
+    info = f"{name}-99.0.dist-info"
+    with zipfile.ZipFile(path, "w") as z:
+        for rel, text in files.items():
+            z.writestr(rel, text)
+        z.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 99.0\n")
+        z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{info}/RECORD", "")
+    return path
+
+
 def test_gpu_session_script_checks_its_python_before_any_step(tmp_path):
     """bench/gpu_session.sh with no steps: env.txt lists the packages it looked for and the
-    results are packed; a package that does not import stops the run (exit 5) before any step,
-    saying how to carry the missing wheels."""
+    results are packed. Carried wheels go onto the path ahead of the machine's packages: a
+    carried fastjsonschema that does not import stops the run (exit 5) before any step, saying
+    how to carry the missing wheels."""
     import os
     import subprocess
 
     repo = Path(__file__).resolve().parent.parent
+    (tmp_path / "wheels").mkdir()  # no carried wheels (the checkout's .whl/ may hold real ones)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-    env.update(OUT=str(tmp_path / "out"), PACK_TO=str(tmp_path / "pack"), STEPS="nothing", PYTHONPATH=str(repo))
+    env.update(OUT=str(tmp_path / "out"), PACK_TO=str(tmp_path / "pack"), STEPS="nothing", PYTHONPATH=str(repo),
+               WHEELS=str(tmp_path / "wheels"))
     r = subprocess.run(["bash", "bench/gpu_session.sh"], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     text = (tmp_path / "out" / "env.txt").read_text()
     assert "python packages missing: " in text and "steps: nothing" in text
     assert (tmp_path / "pack" / "gpu-session.tgz").is_file() and (tmp_path / "pack" / "env.txt").is_file()
 
-    broken = tmp_path / "site"
-    (broken / "fastjsonschema").mkdir(parents=True)
-    (broken / "fastjsonschema" / "__init__.py").write_text("raise ImportError('stand-in for a missing package')\n")
-    env.update(OUT=str(tmp_path / "out2"), PYTHONPATH=f"{broken}:{repo}", STEPS="build tests")
+    (tmp_path / "carried").mkdir()
+    wheel = _wheel(tmp_path / "carried", "fastjsonschema",
+                   {"fastjsonschema/__init__.py": "raise ImportError('a stand-in that does not import')\n"})
+    env.update(OUT=str(tmp_path / "out2"), WHEELS=str(tmp_path / "carried"), STEPS="build tests")
     r = subprocess.run(["bash", "bench/gpu_session.sh"], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 5, r.stdout + r.stderr
     assert "gfnet_edge does not import" in r.stdout and "bench/gpu_wheels.sh" in r.stdout
+    assert f"installed {wheel}" in (tmp_path / "out2" / "env.txt").read_text()
+    assert (tmp_path / "out2" / "site" / "fastjsonschema" / "__init__.py").is_file()
     assert not (tmp_path / "out2" / "build.log").exists()

@@ -222,6 +222,7 @@ import resource, sys
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
 import numpy as np
 from gfnet_edge import ops
+ops.set_num_threads(1)  # worker threads reserve address space of their own, more on machines with more cores
 frame = np.full((1, 400_000, 3), 200, np.uint8)
 vm = int([l for l in open('/proc/self/status') if l.startswith('VmSize:')][0].split()[1]) * 1024
 resource.setrlimit(resource.RLIMIT_AS, (vm + (300 << 20),) * 2)

@@ -433,6 +433,11 @@ def test_a_static_baseline_is_added_to_a_finished_run(tmp_path, capsys, folder):
     assert "static_accuracy" not in before and not (run / "static.pth.tar").exists()
     rc, err = _run_cli(["--data", folder, "-o", run, "--resume", "--stage", "static"], capsys)
     assert rc == 2 and len(err) == 1 and "--static-epochs N" in err[0]
+    good = (run / "results.json").read_bytes()
+    (run / "results.json").write_text("{broken")  # read before anything trains
+    rc, err = _run_cli(["--data", folder, "-o", run, "--resume", "--stage", "static", "--static-epochs", "1"], capsys)
+    assert rc == 2 and len(err) == 1 and "cannot read the run's results" in err[0] and not (run / "static.pt").exists()
+    (run / "results.json").write_bytes(good)
 
     rc, err = _run_cli(["--data", folder, "-o", run, "--resume", "--stage", "static", "--static-epochs", "1"], capsys)
     assert rc == 0, err

@@ -99,6 +99,19 @@ def main(argv: Optional[List[str]] = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (a broken pipe elsewhere, e.g. to a
+    worker process, is an error of its own)."""
+    import select
+
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll(), or stdout without a descriptor
+        return False
+
+
 def _exit_code(exc: BaseException, command: str = "") -> int:
     """Prints the one-line message of a failure and returns the exit code."""
     if isinstance(exc, SystemExit):
@@ -114,7 +127,7 @@ def _exit_code(exc: BaseException, command: str = "") -> int:
     if isinstance(exc, Terminated):
         print("gfnet-edge: terminated", file=sys.stderr)
         return 143
-    if isinstance(exc, BrokenPipeError) and exc.filename is None:  # the reader of stdout went away (`| head`)
+    if isinstance(exc, BrokenPipeError) and _stdout_gone():  # the reader of stdout went away (`| head`)
         import contextlib
         import os
 

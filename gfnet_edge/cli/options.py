@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any, Dict
 
-from ..argtypes import NON_NEGATIVE, THREADS
+from ..argtypes import NON_NEGATIVE, THREADS, int_range
 from ..runtime import backends
 from ..runtime.heads import HEAD_DTYPES
 
@@ -57,14 +57,15 @@ def add_trt_build_options(parser: argparse.ArgumentParser) -> None:
 
     d = BuildOptions()
     g = parser.add_argument_group("TensorRT")
-    g.add_argument("--workspace", type=int, default=None, help=f"workspace limit in MiB (default {d.workspace_mb})")
+    g.add_argument("--workspace", type=int_range(16, 1 << 24), default=None,
+                   help=f"workspace limit in MiB (default {d.workspace_mb})")
     g.add_argument("--opt-level", type=int, help="builder optimisation level 0-5 (TensorRT default 3)")
     g.add_argument("--timing-cache", help="timing cache file (read and updated)")
-    g.add_argument("--dla-core", type=int, help="build for this DLA core (Jetson), with GPU fallback")
+    g.add_argument("--dla-core", type=NON_NEGATIVE, help="build for this DLA core (Jetson), with GPU fallback")
     g.add_argument("--no-gpu-fallback", action="store_true", help="with --dla-core: fail on layers DLA cannot run")
-    g.add_argument("--max-batch", type=int, default=None,
+    g.add_argument("--max-batch", type=int_range(1, 65536), default=None,
                    help=f"largest batch of the optimisation profile (default {d.max_batch})")
-    g.add_argument("--opt-batch", type=int, default=None, help=f"batch the profile is tuned for (default {d.opt_batch})")
+    g.add_argument("--opt-batch", type=int_range(1, 65536), default=None, help=f"batch the profile is tuned for (default {d.opt_batch})")
 
 
 def trt_build_options(args: argparse.Namespace) -> "BuildOptions":

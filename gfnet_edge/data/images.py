@@ -359,14 +359,20 @@ def _load_npz(path: Path, image_size: int, crop_pct: float,
         raise ValueError(f"{path}: cannot read .npz archive ({exc})") from exc
     if "images" not in shapes:
         raise ValueError(f"{path}: .npz has no 'images' array (keys: {sorted(shapes) or 'none'})")
-    per_image = int(np.prod(shapes["images"][1:], dtype=np.int64)) if len(shapes["images"]) > 1 else 0
-    if per_image > 4 * MAX_PIXELS:
-        raise ValueError(f"{path}: its images are {'x'.join(map(str, shapes['images'][1:]))} values each, more than "
-                         f"an image of {MAX_PIXELS // 1_000_000} M pixels")
-    n = shapes["images"][0] if shapes["images"] else 1
+    shape, dtype = shapes["images"]
+    if len(shape) == 4:  # (N, H, W, C) or (N, C, H, W); other shapes are refused by _npz_frames
+        pixels = shape[1] * shape[2] if shape[3] in (1, 3) else shape[2] * shape[3]
+        if pixels > MAX_PIXELS:
+            raise ValueError(f"{path}: its images are {'x'.join(map(str, shape[1:]))} each, more than "
+                             f"{MAX_PIXELS // 1_000_000} M pixels")
+        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if size > MAX_NPZ_BYTES:
+            raise ValueError(f"{path}: its images take {size / 2 ** 30:.1f} GiB once decompressed, more than "
+                             f"{MAX_NPZ_BYTES // 2 ** 30} GiB; split the archive")
+    n = shape[0] if shape else 1
     for key, most in (("labels", n), ("normalized", 1)):
-        if key in shapes and int(np.prod(shapes[key], dtype=np.int64)) > most:
-            raise ValueError(f"{path}: its {key!r} array has shape {shapes[key]}, more values than {most}")
+        if key in shapes and int(np.prod(shapes[key][0], dtype=np.int64)) > most:
+            raise ValueError(f"{path}: its {key!r} array has shape {shapes[key][0]}, more values than {most}")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in ("images", "labels", "normalized") if key in shapes}
@@ -381,10 +387,14 @@ def _load_npz(path: Path, image_size: int, crop_pct: float,
     return np.ascontiguousarray(frames), labels
 
 
+#: Largest ``images`` array of an ``.npz`` read (bytes once decompressed).
+MAX_NPZ_BYTES = 8 << 30
+
+
 def _npz_shapes(path: Path) -> dict:
-    """The shape of each array of an ``.npz`` archive, read from the array headers without
-    decompressing the data (so a small archive that would expand to gigabytes is judged by
-    its shapes first)."""
+    """``{name: (shape, dtype)}`` of each array of an ``.npz`` archive, read from the array headers
+    without decompressing the data (so a small archive that would expand to gigabytes is judged
+    by its shapes first)."""
     import zipfile
 
     fmt = np.lib.format
@@ -396,7 +406,8 @@ def _npz_shapes(path: Path) -> dict:
             with zf.open(info) as f:
                 version = fmt.read_magic(f)
                 read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-                shapes[info.filename[:-4]] = tuple(int(d) for d in read(f)[0])
+                shape, _, dtype = read(f)
+                shapes[info.filename[:-4]] = (tuple(int(d) for d in shape), np.dtype(dtype))
     return shapes
 
 

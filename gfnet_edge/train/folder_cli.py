@@ -260,6 +260,7 @@ def train_folder(cfg, out: Path, stages=STAGE_ORDER, resume: bool = False, devic
         if cfg_path.exists() and not resume:
             raise InputError(f"{out} already holds a run: pass --resume to continue it, or choose another -o folder")
         _check_earlier_stages(out, stages)
+        _check_results(out, stages)
         return _train_locked(cfg, out, stages, resume, device, progress, threads, settings_changed)
     finally:
         lock.release()
@@ -370,6 +371,20 @@ def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: b
         if log_file is not None:
             log_file.close()
         ctx.close()
+
+
+def _check_results(out: Path, stages: Sequence[str]) -> None:
+    """A static baseline added to an exported run is written into ``RUN/results.json`` at the end:
+    that file must read before anything trains (on every process, so none waits for a failed one)."""
+    path = out / "results.json"
+    if "static" not in stages or "stage3" in stages or not path.exists():
+        return
+    try:
+        if not isinstance(json.loads(path.read_text()), dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read the run's results ({exc}); the static baseline's figures go "
+                         "there") from exc
 
 
 def _check_earlier_stages(out: Path, stages: Sequence[str]) -> None:
