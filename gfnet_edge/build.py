@@ -220,7 +220,8 @@ def _calibration_images(model, cfg: BuildConfig):
     skipped: List[str] = []
     try:
         images, labels = load_calibration_images(source, model, cfg.num_calib + cfg.num_eval, return_labels=True,
-                                                 on_error=unreadable_files(cfg.skip_unreadable, skipped))
+                                                 on_error=unreadable_files(cfg.skip_unreadable, skipped),
+                                                 as_frames=True)
     except ValueError as exc:
         raise InputError(str(exc)) from exc
     if skipped:
@@ -265,7 +266,16 @@ def _quantize(model, tmp: Path, manifest: Dict[str, Any], images, cfg: BuildConf
     if n_cal < cfg.num_calib:
         logger.warning("INT8: %d of the %d images found calibrate (--num-calib %d), %d are held out to check "
                        "the accuracy", n_cal, len(images), cfg.num_calib, len(images) - n_cal)
-    calib_x, eval_x = images[:n_cal], images[n_cal:]
+    from . import ops
+
+    spec = model.spec
+    calib_x = ops.normalise_frames(images[:n_cal], spec.mean, spec.std)
+    # the held-out check takes the frames the way a deployed runtime does (normalised inside it):
+    # an INT8 graph rounds its input to its grid, so frames normalised beforehand can score
+    # differently; a model that crops gets S x S frames, which it would crop again, normalised
+    eval_x = images[n_cal:]
+    if spec.crop_pct != 1.0 and len(eval_x):
+        eval_x = ops.normalise_frames(eval_x, spec.mean, spec.std)
     eval_y = labels[n_cal:] if labels is not None else None
     min_eval = QuantizeOptions().min_eval
     if 0 < len(eval_x) < min_eval:  # too few to judge a drop of a fraction of a point: no search

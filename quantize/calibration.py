@@ -93,7 +93,7 @@ def check_images(images: Any, image_size: int, min_images: int = MIN_CALIB_IMAGE
 
 def load_calibration_images(source: Union[str, os.PathLike], spec: SpecLike, n: int = 256, seed: int = 0,
                             min_images: int = MIN_CALIB_IMAGES, split: str = "val",
-                            return_labels: bool = False, on_error=None):
+                            return_labels: bool = False, on_error=None, as_frames: bool = False):
     """Loads calibration (or evaluation) images, normalised for ``spec``.
 
     Args:
@@ -114,9 +114,11 @@ def load_calibration_images(source: Union[str, os.PathLike], spec: SpecLike, n: 
         on_error: for a folder, ``on_error(file, message)`` takes each unreadable image file,
             which is left out (see :func:`gfnet_edge.data.load_images`); without it the first
             one raises.
+        as_frames: return the uint8 (N, S, S, 3) frames the normalised images are made of
+            (:func:`gfnet_edge.ops.normalise_frames`), the input ``Runtime.predict`` takes.
 
     Returns:
-        float32 (N, 3, S, S) [, int64 labels (N,) or ``None``].
+        float32 (N, 3, S, S) (uint8 (N, S, S, 3) with ``as_frames``) [, int64 labels (N,) or ``None``].
 
     Raises:
         ValueError: missing / empty / unreadable source, too few images, NaN, bad shapes.
@@ -163,6 +165,8 @@ def load_calibration_images(source: Union[str, os.PathLike], spec: SpecLike, n: 
     from gfnet_edge import ops  # the runtime's own pre-processing: calibration images are inference's inputs
 
     images = check_images(ops.normalise_frames(frames, mean, std), S, min_images, where)
+    if as_frames:
+        images = frames
     return (images, labels) if return_labels else images
 
 

@@ -19,20 +19,37 @@ def int8_bundle(demo_int8_bundle):
     return demo_int8_bundle
 
 
-def _final_accuracy(bundle, precision: str, x: np.ndarray, y: np.ndarray) -> list:
+def _probs(bundle, precision: str, x: np.ndarray) -> np.ndarray:
     with Runtime(bundle.root, backend="onnxruntime", precision=precision, threads=2) as rt:
-        probs = np.concatenate([rt.trace(x[i:i + 16]).probs for i in range(0, len(x), 16)], axis=1)
-    return list(100.0 * (probs.argmax(axis=2) == y[None]).mean(axis=1))
+        return np.concatenate([rt.trace(x[i:i + 16]).probs for i in range(0, len(x), 16)], axis=1)
+
+
+def _final_accuracy(bundle, precision: str, x: np.ndarray, y: np.ndarray) -> list:
+    return list(100.0 * (_probs(bundle, precision, x).argmax(axis=2) == y[None]).mean(axis=1))
+
+
+def _demo_frames(bundle, n: int):
+    """The first ``n`` uint8 frames and labels of the demo validation split, as a camera gives them."""
+    from gfnet_edge.data import ClutteredDigits, demo_config
+
+    return ClutteredDigits("val", config=demo_config(bundle.model)).arrays(n, progress=False)
 
 
 def test_int8_bundle_accuracy_equals_quantization_report(int8_bundle):
+    """The report's held-out figures are those of the deployed runtime: uint8 frames, normalised
+    inside it (the build's held-out images are the demo split's after the calibration ones)."""
+    from gfnet_edge.quantize.scoring import kl_divergence
+
     report = int8_bundle.manifest["quantization"]["cpu"]["accuracy"]
     assert report["n"] == N_EVAL
-    # The build's held-out images: the same loader call, after the calibration images.
-    x, y = load_calibration_images("demo", int8_bundle.model, N_CAL + N_EVAL, return_labels=True)
-    x, y = x[N_CAL:], y[N_CAL:]
-    np.testing.assert_allclose(_final_accuracy(int8_bundle, "int8-cpu", x, y), report["accuracy_int8"], atol=1e-3)
-    np.testing.assert_allclose(_final_accuracy(int8_bundle, "fp32", x, y), report["accuracy_fp32"], atol=1e-3)
+    frames, y = _demo_frames(int8_bundle, N_CAL + N_EVAL)
+    frames, y = frames[N_CAL:], y[N_CAL:]
+    np.testing.assert_allclose(_final_accuracy(int8_bundle, "int8-cpu", frames, y), report["accuracy_int8"], atol=1e-3)
+    np.testing.assert_allclose(_final_accuracy(int8_bundle, "fp32", frames, y), report["accuracy_fp32"], atol=1e-3)
+    probs = {p: _probs(int8_bundle, p, frames) for p in ("fp32", "int8-cpu")}
+    kl = float(kl_divergence(probs["fp32"][-1], probs["int8-cpu"][-1]).mean())
+    np.testing.assert_allclose(kl, report["kl_final"], rtol=1e-3)
+    assert "uint8 frames" in int8_bundle.manifest["quantization"]["cpu"]["held_out"]
     assert set(int8_bundle.manifest["graphs"]) == {"fp32", "int8-cpu"}
 
 
