@@ -101,6 +101,23 @@ def test_build_engine_prints_what_each_int8_graph_set_keeps_in_float(int8_bundle
                                                                                "members": 12}]}}}
     assert quantization_summary(whole) == [
         "int8-cpu: 50.0% of the backbone multiply-adds in INT8 (nodes in float: 12 by the accuracy search)"]
+    # without labels the figure is agreement with FP32's predictions, not an accuracy difference
+    unlabelled = {"quantization": {"cpu": {"int8_mac_share": 1.0, "mixed_precision": "target met (...)",
+                                           "accuracy": {"labels": "fp32 predictions", "final_drop": 0.424, "n": 236}}}}
+    assert quantization_summary(unlabelled) == [
+        "int8-cpu: 100.0% of the backbone multiply-adds in INT8; final-step predictions 99.58% the same as "
+        "FP32's on 236 unlabelled held-out images"]
+    # no held-out images: nothing was measured, and the line says so
+    unchecked = {"quantization": {"cpu": {"int8_mac_share": 1.0, "mixed_precision": "skipped: no held-out images",
+                                          "accuracy": None}}}
+    assert quantization_summary(unchecked) == [
+        "int8-cpu: 100.0% of the backbone multiply-adds in INT8; accuracy not checked (no held-out images)"]
+    missed = {"quantization": {"cpu": {"int8_mac_share": 0.9, "float_nodes": [{"node": "c"}] * 8,
+                                       "mixed_precision": "target NOT met (final-step drop <= 0.5): drop 1.2 ...",
+                                       "accuracy": {"labels": "true", "final_drop": 1.2, "n": 256}}}}
+    assert quantization_summary(missed) == [
+        "int8-cpu: 90.0% of the backbone multiply-adds in INT8 (nodes in float: 8 by the accuracy search); "
+        "final-step accuracy -1.20 points against FP32 on 256 held-out images (the search's accuracy target NOT met)"]
 
 
 def test_info_shows_what_the_int8_build_measured(int8_bundle, capsys):
