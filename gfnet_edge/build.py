@@ -30,6 +30,8 @@ from .runtime.backends.tensorrt_build import BuildOptions
 #: Named budgets written from the checkpoint's multiply-add thresholds (p of the reference sweep).
 MACS_BUDGETS = {"macs-low": 0.25, "macs-mid": 1.0, "macs-high": 1.5}
 DEFAULT_MACS_BUDGET = "macs-mid"
+#: Images loaded beyond ``num_calib`` to check the INT8 accuracy on (``BuildConfig.num_eval``).
+NUM_EVAL = 256
 
 
 @dataclass
@@ -71,7 +73,7 @@ class BuildConfig:
     max_accuracy_drop: float = 0.5
     finetune_epochs: Optional[int] = None
     patch_guard_share: Optional[float] = None
-    num_eval: int = 256
+    num_eval: int = NUM_EVAL
     include_checkpoint: bool = False
     force: bool = False
     trt: BuildOptions = field(default_factory=BuildOptions)

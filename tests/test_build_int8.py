@@ -172,3 +172,28 @@ def test_calibrating_an_int8_bundle_traces_the_exits_its_runtime_takes(int8_bund
     budgets = res["budgets"]  # three, between the glance's latency and the full model's
     assert len(budgets) == 3 and all(b["consistent_with_trace"] for b in budgets)
     assert any(0 < b["measured"]["exit_fractions"][-1] < 1 for b in budgets)  # early exits and late ones
+
+
+def test_num_calib_help_states_how_many_images_are_held_out(monkeypatch):
+    """``--num-calib``'s help says how many images beyond it the build loads to check the accuracy."""
+    import argparse
+    import re
+
+    import gfnet_edge.quantize as gq
+    from gfnet_edge import build, cli
+    from gfnet_edge.errors import InputError
+
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    text = next(a.help for a in sub.choices["build-engine"]._actions if "--num-calib" in a.option_strings)
+    held = re.search(r"(\d+) more, when the data has them, are held out", text)
+    assert held, text
+    asked = []
+
+    def loader(source, model, n, **kw):
+        asked.append(n)
+        raise ValueError("stop")
+
+    monkeypatch.setattr(gq, "load_calibration_images", loader)
+    with pytest.raises(InputError):
+        build._calibration_images(object(), build.BuildConfig(calib_data="demo", num_calib=64))
+    assert asked == [64 + int(held.group(1))]

@@ -141,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Registers ``build-engine``."""
+    from ..build import NUM_EVAL
+
     p = sub.add_parser("build-engine", help="checkpoint -> ONNX -> INT8 -> engines, in one bundle",
                        formatter_class=argparse.RawDescriptionHelpFormatter, description=DESCRIPTION)
     p.add_argument("source", help="GFNet checkpoint (.pth.tar), or an existing bundle directory to add engines to")
@@ -152,8 +154,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-data", help="INT8 calibration images: folder, .npz, 'demo' (the demo's validation split, default for the demo "
                         "model) or 'demo:train' (its 5000-image train split)")
     p.add_argument("--num-calib", type=int_range(MIN_CALIB_IMAGES, 1_000_000), default=None,
-                   help=f"calibration images (default 256, at least {MIN_CALIB_IMAGES}); as many again, when "
-                        "the data has them, are held out to check the INT8 accuracy")
+                   help=f"calibration images (default 256, at least {MIN_CALIB_IMAGES}); {NUM_EVAL} more, "
+                        "when the data has them, are held out to check the INT8 accuracy")
     p.add_argument("--skip-unreadable", action="store_true",
                    help="leave out image files of a --calib-data folder that cannot be read, naming each in a "
                         "warning (default: stop at the first)")
