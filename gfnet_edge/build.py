@@ -157,7 +157,7 @@ def build_bundle(checkpoint: Path, out: Path, cfg: BuildConfig, progress: bool =
         raise InputError(str(exc)) from exc
     calib = None
     if cfg.precision == "int8":
-        calib = _calibration_images(model, cfg)  # fail early, before anything is written
+        calib = _calibration_images(model, cfg, progress)  # fail early, before anything is written
     _preload_native_modules()
     with staging_dir(Path(out), force=cfg.force, protect=inputs) as tmp:
         logger.info("exporting ONNX graphs of %s", model.spec.model_name)
@@ -206,7 +206,7 @@ def _demo_calibration(source: Optional[str]) -> bool:
         raise InputError(str(exc)) from exc
 
 
-def _calibration_images(model, cfg: BuildConfig):
+def _calibration_images(model, cfg: BuildConfig, progress: bool = True):
     from .quantize import load_calibration_images
 
     source = cfg.calib_data
@@ -223,7 +223,7 @@ def _calibration_images(model, cfg: BuildConfig):
     try:
         images, labels = load_calibration_images(source, model, cfg.num_calib + cfg.num_eval, return_labels=True,
                                                  on_error=unreadable_files(cfg.skip_unreadable, skipped),
-                                                 as_frames=True)
+                                                 as_frames=True, progress=progress)
     except ValueError as exc:
         raise InputError(str(exc)) from exc
     if skipped:

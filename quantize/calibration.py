@@ -93,7 +93,8 @@ def check_images(images: Any, image_size: int, min_images: int = MIN_CALIB_IMAGE
 
 def load_calibration_images(source: Union[str, os.PathLike], spec: SpecLike, n: int = 256, seed: int = 0,
                             min_images: int = MIN_CALIB_IMAGES, split: str = "val",
-                            return_labels: bool = False, on_error=None, as_frames: bool = False):
+                            return_labels: bool = False, on_error=None, as_frames: bool = False,
+                            progress: bool = True):
     """Loads calibration (or evaluation) images, normalised for ``spec``.
 
     Args:
@@ -116,6 +117,7 @@ def load_calibration_images(source: Union[str, os.PathLike], spec: SpecLike, n: 
             one raises.
         as_frames: return the uint8 (N, S, S, 3) frames the normalised images are made of
             (:func:`gfnet_edge.ops.normalise_frames`), the input ``Runtime.predict`` takes.
+        progress: a progress bar while demo images are rendered.
 
     Returns:
         float32 (N, 3, S, S) (uint8 (N, S, S, 3) with ``as_frames``) [, int64 labels (N,) or ``None``].
@@ -139,9 +141,9 @@ def load_calibration_images(source: Union[str, os.PathLike], spec: SpecLike, n: 
         if ds.config.image_size != S:
             raise ValueError(f"demo dataset images are {ds.config.image_size}px, the model expects {S}px")
         if ds.cache_path().is_file() or int(n) >= len(ds):
-            frames, labels = ds.arrays(progress=True)  # the whole split (cached)
+            frames, labels = ds.arrays(progress=progress)  # the whole split (cached)
         else:  # render only what is needed (the split is in random order already)
-            frames, labels = ds.arrays(int(n), progress=True)
+            frames, labels = ds.arrays(int(n), progress=progress)
         frames, labels = frames[:int(n)], labels[:int(n)]
         where = f"demo dataset ({split} split)"
     else:

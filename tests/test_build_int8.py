@@ -197,3 +197,18 @@ def test_num_calib_help_states_how_many_images_are_held_out(monkeypatch):
     with pytest.raises(InputError):
         build._calibration_images(object(), build.BuildConfig(calib_data="demo", num_calib=64))
     assert asked == [64 + int(held.group(1))]
+
+
+def test_a_quiet_build_renders_demo_calibration_images_without_a_progress_bar(demo_checkpoint, tmp_path,
+                                                                             monkeypatch, capsys):
+    """``build-engine -q``: the demo images rendered for calibration (none cached) show no bar."""
+    from gfnet_edge import build
+    from gfnet_edge.models import load_checkpoint
+
+    monkeypatch.setenv("GFNET_EDGE_CACHE", str(tmp_path))
+    model = load_checkpoint(demo_checkpoint)
+    capsys.readouterr()
+    cfg = build.BuildConfig(calib_data="demo", num_calib=16, num_eval=0)
+    frames, _ = build._calibration_images(model, cfg, progress=False)
+    assert len(frames) == 16 and list(tmp_path.glob("cluttered_digits_val_*.npz"))  # rendered, not read
+    assert capsys.readouterr().err == ""
