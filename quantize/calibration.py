@@ -137,7 +137,12 @@ def load_calibration_images(source: Union[str, os.PathLike], spec: SpecLike, n: 
 
         # the generator config the model was trained on (recorded in a demo checkpoint's metadata;
         # a bare spec gives the generator's defaults)
-        ds = ClutteredDigits(split, config=demo_config(spec))
+        config = demo_config(spec)
+        if config is None and str(_spec_value(spec, "model_name")).startswith("demo"):
+            logger.warning("demo images rendered with the generator's default config, not the one %s was trained "
+                           "on: pass the model (or its manifest entry), which records it, not its spec",
+                           _spec_value(spec, "model_name"))
+        ds = ClutteredDigits(split, config=config)
         if ds.config.image_size != S:
             raise ValueError(f"demo dataset images are {ds.config.image_size}px, the model expects {S}px")
         if ds.cache_path().is_file() or int(n) >= len(ds):

@@ -6,6 +6,7 @@ under a minute on 2 cores.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -412,7 +413,7 @@ def test_finetuning_default_follows_the_calibration_set_size():
     assert gq.QuantizeOptions(profile="cpu").finetune_for(10 ** 6) == cpu.finetune_epochs == 0
 
 
-def test_demo_calibration_sources(demo_checkpoint):
+def test_demo_calibration_sources(demo_checkpoint, caplog):
     from gfnet_edge.data import ClutteredDigits, demo_config
     from gfnet_edge.models import load_checkpoint
     from gfnet_edge import ops
@@ -429,6 +430,14 @@ def test_demo_calibration_sources(demo_checkpoint):
     np.testing.assert_allclose(x, ops.normalise_frames(frames[:20], model.spec.mean, model.spec.std), atol=1e-6)
     np.testing.assert_array_equal(gq.load_calibration_images("demo:train", model, 20, as_frames=True), frames[:20])
     xv = gq.load_calibration_images("demo", model, 20)
+    # a bare spec does not record the config the model was trained on: the images differ, and a warning says so
+    with caplog.at_level(logging.WARNING, logger="gfnet_edge"):
+        caplog.clear()
+        gq.load_calibration_images("demo", model, 20)
+        assert not caplog.records  # the model records its config
+        xs = gq.load_calibration_images("demo", model.spec, 20)
+    assert not np.allclose(xs, xv)
+    assert any("generator's default config" in r.getMessage() for r in caplog.records)
     assert not np.allclose(xv, x)  # the validation split's images, not the train split's
 
 
