@@ -30,6 +30,8 @@ from .runtime.backends.tensorrt_build import BuildOptions
 #: Named budgets written from the checkpoint's multiply-add thresholds (p of the reference sweep).
 MACS_BUDGETS = {"macs-low": 0.25, "macs-mid": 1.0, "macs-high": 1.5}
 DEFAULT_MACS_BUDGET = "macs-mid"
+#: Images loaded beyond ``num_calib`` to check the INT8 accuracy on (``BuildConfig.num_eval``).
+NUM_EVAL = 256
 
 
 @dataclass
@@ -71,7 +73,7 @@ class BuildConfig:
     max_accuracy_drop: float = 0.5
     finetune_epochs: Optional[int] = None
     patch_guard_share: Optional[float] = None
-    num_eval: int = 256
+    num_eval: int = NUM_EVAL
     include_checkpoint: bool = False
     force: bool = False
     trt: BuildOptions = field(default_factory=BuildOptions)
@@ -155,7 +157,7 @@ def build_bundle(checkpoint: Path, out: Path, cfg: BuildConfig, progress: bool =
         raise InputError(str(exc)) from exc
     calib = None
     if cfg.precision == "int8":
-        calib = _calibration_images(model, cfg)  # fail early, before anything is written
+        calib = _calibration_images(model, cfg, progress)  # fail early, before anything is written
     _preload_native_modules()
     with staging_dir(Path(out), force=cfg.force, protect=inputs) as tmp:
         logger.info("exporting ONNX graphs of %s", model.spec.model_name)
@@ -204,7 +206,7 @@ def _demo_calibration(source: Optional[str]) -> bool:
         raise InputError(str(exc)) from exc
 
 
-def _calibration_images(model, cfg: BuildConfig):
+def _calibration_images(model, cfg: BuildConfig, progress: bool = True):
     from .quantize import load_calibration_images
 
     source = cfg.calib_data
@@ -221,7 +223,8 @@ def _calibration_images(model, cfg: BuildConfig):
     skipped: List[str] = []
     try:
         images, labels = load_calibration_images(source, model, cfg.num_calib + cfg.num_eval, return_labels=True,
-                                                 on_error=unreadable_files(cfg.skip_unreadable, skipped))
+                                                 on_error=unreadable_files(cfg.skip_unreadable, skipped),
+                                                 as_frames=True, progress=progress)
     except ValueError as exc:
         raise InputError(str(exc)) from exc
     if skipped:
@@ -266,7 +269,16 @@ def _quantize(model, tmp: Path, manifest: Dict[str, Any], images, cfg: BuildConf
     if n_cal < cfg.num_calib:
         logger.warning("INT8: %d of the %d images found calibrate (--num-calib %d), %d are held out to check "
                        "the accuracy", n_cal, len(images), cfg.num_calib, len(images) - n_cal)
-    calib_x, eval_x = images[:n_cal], images[n_cal:]
+    from . import ops
+
+    spec = model.spec
+    calib_x = ops.normalise_frames(images[:n_cal], spec.mean, spec.std)
+    # the held-out check takes the frames the way a deployed runtime does (normalised inside it):
+    # an INT8 graph rounds its input to its grid, so frames normalised beforehand can score
+    # differently; a model that crops gets S x S frames, which it would crop again, normalised
+    eval_x = images[n_cal:]
+    if spec.crop_pct != 1.0 and len(eval_x):
+        eval_x = ops.normalise_frames(eval_x, spec.mean, spec.std)
     eval_y = labels[n_cal:] if labels is not None else None
     min_eval = QuantizeOptions().min_eval
     if 0 < len(eval_x) < min_eval:  # too few to judge a drop of a fraction of a point: no search

@@ -52,9 +52,16 @@ def quantization_summary(manifest: Dict[str, Any]) -> List[str]:
         if kept:
             line += f" (nodes in float: {', '.join(kept)})"
         acc = rep.get("accuracy") or {}
-        if acc.get("final_drop") is not None:
+        if acc.get("final_drop") is not None and acc.get("labels", "true") != "true":  # no labels: agreement
+            line += (f"; final-step predictions {100.0 - float(acc['final_drop']):.2f}% the same as FP32's on "
+                     f"{acc.get('n')} unlabelled held-out images")
+        elif acc.get("final_drop") is not None:
             line += (f"; final-step accuracy {0.0 - float(acc['final_drop']):+.2f} points against FP32 on "
                      f"{acc.get('n')} held-out images")
+        elif str(rep.get("mixed_precision", "")).startswith("skipped"):
+            line += "; accuracy not checked (no held-out images)"
+        if str(rep.get("mixed_precision", "")).startswith("target NOT met"):
+            line += " (the search's accuracy target NOT met)"
         lines.append(line)
     return lines
 

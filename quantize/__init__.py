@@ -10,7 +10,7 @@ Example::
 
     from gfnet_edge.quantize import (QuantizeOptions, quantize_model, QuantCalibrationSet,
                                      load_calibration_images, check_tensorrt_compat)
-    images = load_calibration_images("demo", model.spec, 256)
+    images = load_calibration_images("demo", model, 256)   # the model: its demo data config
     calib = QuantCalibrationSet.from_model(model, images)
     res = quantize_model(model, {"glance": "glance.onnx", "focus": "focus.onnx"}, "heads.npz",
                          calib, "out/int8-tensorrt", QuantizeOptions(profile="tensorrt"))

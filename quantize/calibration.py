@@ -93,7 +93,8 @@ def check_images(images: Any, image_size: int, min_images: int = MIN_CALIB_IMAGE
 
 def load_calibration_images(source: Union[str, os.PathLike], spec: SpecLike, n: int = 256, seed: int = 0,
                             min_images: int = MIN_CALIB_IMAGES, split: str = "val",
-                            return_labels: bool = False, on_error=None):
+                            return_labels: bool = False, on_error=None, as_frames: bool = False,
+                            progress: bool = True):
     """Loads calibration (or evaluation) images, normalised for ``spec``.
 
     Args:
@@ -114,9 +115,12 @@ def load_calibration_images(source: Union[str, os.PathLike], spec: SpecLike, n: 
         on_error: for a folder, ``on_error(file, message)`` takes each unreadable image file,
             which is left out (see :func:`gfnet_edge.data.load_images`); without it the first
             one raises.
+        as_frames: return the uint8 (N, S, S, 3) frames the normalised images are made of
+            (:func:`gfnet_edge.ops.normalise_frames`), the input ``Runtime.predict`` takes.
+        progress: a progress bar while demo images are rendered.
 
     Returns:
-        float32 (N, 3, S, S) [, int64 labels (N,) or ``None``].
+        float32 (N, 3, S, S) (uint8 (N, S, S, 3) with ``as_frames``) [, int64 labels (N,) or ``None``].
 
     Raises:
         ValueError: missing / empty / unreadable source, too few images, NaN, bad shapes.
@@ -133,13 +137,18 @@ def load_calibration_images(source: Union[str, os.PathLike], spec: SpecLike, n: 
 
         # the generator config the model was trained on (recorded in a demo checkpoint's metadata;
         # a bare spec gives the generator's defaults)
-        ds = ClutteredDigits(split, config=demo_config(spec))
+        config = demo_config(spec)
+        if config is None and str(_spec_value(spec, "model_name")).startswith("demo"):
+            logger.warning("demo images rendered with the generator's default config, not the one %s was trained "
+                           "on: pass the model (or its manifest entry), which records it, not its spec",
+                           _spec_value(spec, "model_name"))
+        ds = ClutteredDigits(split, config=config)
         if ds.config.image_size != S:
             raise ValueError(f"demo dataset images are {ds.config.image_size}px, the model expects {S}px")
         if ds.cache_path().is_file() or int(n) >= len(ds):
-            frames, labels = ds.arrays(progress=True)  # the whole split (cached)
+            frames, labels = ds.arrays(progress=progress)  # the whole split (cached)
         else:  # render only what is needed (the split is in random order already)
-            frames, labels = ds.arrays(int(n), progress=True)
+            frames, labels = ds.arrays(int(n), progress=progress)
         frames, labels = frames[:int(n)], labels[:int(n)]
         where = f"demo dataset ({split} split)"
     else:
@@ -163,6 +172,8 @@ def load_calibration_images(source: Union[str, os.PathLike], spec: SpecLike, n: 
     from gfnet_edge import ops  # the runtime's own pre-processing: calibration images are inference's inputs
 
     images = check_images(ops.normalise_frames(frames, mean, std), S, min_images, where)
+    if as_frames:
+        images = frames
     return (images, labels) if return_labels else images
 
 

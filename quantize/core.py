@@ -88,8 +88,11 @@ def quantize_model(model, fp32_graphs: Mapping[str, Union[str, Path]], heads_pat
         calib: :class:`QuantCalibrationSet` (glance inputs and policy-location patches).
         out_dir: where ``glance.onnx``, ``focus.onnx`` and ``quantization.json`` are written.
         opts: :class:`QuantizeOptions`.
-        eval_images: held-out normalised images (N, 3, S, S) for the accuracy check and the
-            mixed-precision search; default: ``opts.eval_fraction`` of the calibration images.
+        eval_images: held-out images for the accuracy check and the mixed-precision search:
+            normalised float32 (N, 3, S, S), or uint8 (N, S, S, 3) frames, which the runtime
+            pre-processes as ``Runtime.predict`` does (the deployment path: an INT8 graph rounds
+            its input to its quantization grid, so normalising beforehand can change some
+            images' results); default: ``opts.eval_fraction`` of the calibration images.
         eval_labels: their labels; without labels accuracy is measured against the FP32
             predictions (agreement), which is stricter.
         progress: progress bars.
@@ -114,7 +117,14 @@ def quantize_model(model, fp32_graphs: Mapping[str, Union[str, Path]], heads_pat
     if calib.num_images > opts.num_calib:
         calib = calib.subset(np.arange(opts.num_calib))
     if eval_x is not None:
-        eval_x = check_images(eval_x, desc.image_size, min_images=1, what="evaluation images")
+        S = desc.image_size
+        if getattr(eval_x, "dtype", None) == np.uint8:  # frames, as Runtime.predict takes them
+            if eval_x.ndim != 4 or eval_x.shape[1:] != (S, S, 3) or eval_x.shape[0] == 0:
+                raise ValueError(f"evaluation frames: expected uint8 (N, {S}, {S}, 3), got {tuple(eval_x.shape)}")
+            held_desc += "; uint8 frames, normalised by the runtime"
+        else:
+            eval_x = check_images(eval_x, S, min_images=1, what="evaluation images")
+            held_desc += "; normalised float images"
         if eval_y is not None:
             eval_y = np.asarray(eval_y).reshape(-1)
             if eval_y.shape[0] != eval_x.shape[0]:

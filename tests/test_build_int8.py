@@ -19,20 +19,37 @@ def int8_bundle(demo_int8_bundle):
     return demo_int8_bundle
 
 
-def _final_accuracy(bundle, precision: str, x: np.ndarray, y: np.ndarray) -> list:
+def _probs(bundle, precision: str, x: np.ndarray) -> np.ndarray:
     with Runtime(bundle.root, backend="onnxruntime", precision=precision, threads=2) as rt:
-        probs = np.concatenate([rt.trace(x[i:i + 16]).probs for i in range(0, len(x), 16)], axis=1)
-    return list(100.0 * (probs.argmax(axis=2) == y[None]).mean(axis=1))
+        return np.concatenate([rt.trace(x[i:i + 16]).probs for i in range(0, len(x), 16)], axis=1)
+
+
+def _final_accuracy(bundle, precision: str, x: np.ndarray, y: np.ndarray) -> list:
+    return list(100.0 * (_probs(bundle, precision, x).argmax(axis=2) == y[None]).mean(axis=1))
+
+
+def _demo_frames(bundle, n: int):
+    """The first ``n`` uint8 frames and labels of the demo validation split, as a camera gives them."""
+    from gfnet_edge.data import ClutteredDigits, demo_config
+
+    return ClutteredDigits("val", config=demo_config(bundle.model)).arrays(n, progress=False)
 
 
 def test_int8_bundle_accuracy_equals_quantization_report(int8_bundle):
+    """The report's held-out figures are those of the deployed runtime: uint8 frames, normalised
+    inside it (the build's held-out images are the demo split's after the calibration ones)."""
+    from gfnet_edge.quantize.scoring import kl_divergence
+
     report = int8_bundle.manifest["quantization"]["cpu"]["accuracy"]
     assert report["n"] == N_EVAL
-    # The build's held-out images: the same loader call, after the calibration images.
-    x, y = load_calibration_images("demo", int8_bundle.model, N_CAL + N_EVAL, return_labels=True)
-    x, y = x[N_CAL:], y[N_CAL:]
-    np.testing.assert_allclose(_final_accuracy(int8_bundle, "int8-cpu", x, y), report["accuracy_int8"], atol=1e-3)
-    np.testing.assert_allclose(_final_accuracy(int8_bundle, "fp32", x, y), report["accuracy_fp32"], atol=1e-3)
+    frames, y = _demo_frames(int8_bundle, N_CAL + N_EVAL)
+    frames, y = frames[N_CAL:], y[N_CAL:]
+    np.testing.assert_allclose(_final_accuracy(int8_bundle, "int8-cpu", frames, y), report["accuracy_int8"], atol=1e-3)
+    np.testing.assert_allclose(_final_accuracy(int8_bundle, "fp32", frames, y), report["accuracy_fp32"], atol=1e-3)
+    probs = {p: _probs(int8_bundle, p, frames) for p in ("fp32", "int8-cpu")}
+    kl = float(kl_divergence(probs["fp32"][-1], probs["int8-cpu"][-1]).mean())
+    np.testing.assert_allclose(kl, report["kl_final"], rtol=1e-3)
+    assert "uint8 frames" in int8_bundle.manifest["quantization"]["cpu"]["held_out"]
     assert set(int8_bundle.manifest["graphs"]) == {"fp32", "int8-cpu"}
 
 
@@ -84,6 +101,23 @@ def test_build_engine_prints_what_each_int8_graph_set_keeps_in_float(int8_bundle
                                                                                "members": 12}]}}}
     assert quantization_summary(whole) == [
         "int8-cpu: 50.0% of the backbone multiply-adds in INT8 (nodes in float: 12 by the accuracy search)"]
+    # without labels the figure is agreement with FP32's predictions, not an accuracy difference
+    unlabelled = {"quantization": {"cpu": {"int8_mac_share": 1.0, "mixed_precision": "target met (...)",
+                                           "accuracy": {"labels": "fp32 predictions", "final_drop": 0.424, "n": 236}}}}
+    assert quantization_summary(unlabelled) == [
+        "int8-cpu: 100.0% of the backbone multiply-adds in INT8; final-step predictions 99.58% the same as "
+        "FP32's on 236 unlabelled held-out images"]
+    # no held-out images: nothing was measured, and the line says so
+    unchecked = {"quantization": {"cpu": {"int8_mac_share": 1.0, "mixed_precision": "skipped: no held-out images",
+                                          "accuracy": None}}}
+    assert quantization_summary(unchecked) == [
+        "int8-cpu: 100.0% of the backbone multiply-adds in INT8; accuracy not checked (no held-out images)"]
+    missed = {"quantization": {"cpu": {"int8_mac_share": 0.9, "float_nodes": [{"node": "c"}] * 8,
+                                       "mixed_precision": "target NOT met (final-step drop <= 0.5): drop 1.2 ...",
+                                       "accuracy": {"labels": "true", "final_drop": 1.2, "n": 256}}}}
+    assert quantization_summary(missed) == [
+        "int8-cpu: 90.0% of the backbone multiply-adds in INT8 (nodes in float: 8 by the accuracy search); "
+        "final-step accuracy -1.20 points against FP32 on 256 held-out images (the search's accuracy target NOT met)"]
 
 
 def test_info_shows_what_the_int8_build_measured(int8_bundle, capsys):
@@ -138,3 +172,43 @@ def test_calibrating_an_int8_bundle_traces_the_exits_its_runtime_takes(int8_bund
     budgets = res["budgets"]  # three, between the glance's latency and the full model's
     assert len(budgets) == 3 and all(b["consistent_with_trace"] for b in budgets)
     assert any(0 < b["measured"]["exit_fractions"][-1] < 1 for b in budgets)  # early exits and late ones
+
+
+def test_num_calib_help_states_how_many_images_are_held_out(monkeypatch):
+    """``--num-calib``'s help says how many images beyond it the build loads to check the accuracy."""
+    import argparse
+    import re
+
+    import gfnet_edge.quantize as gq
+    from gfnet_edge import build, cli
+    from gfnet_edge.errors import InputError
+
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    text = next(a.help for a in sub.choices["build-engine"]._actions if "--num-calib" in a.option_strings)
+    held = re.search(r"(\d+) more, when the data has them, are held out", text)
+    assert held, text
+    asked = []
+
+    def loader(source, model, n, **kw):
+        asked.append(n)
+        raise ValueError("stop")
+
+    monkeypatch.setattr(gq, "load_calibration_images", loader)
+    with pytest.raises(InputError):
+        build._calibration_images(object(), build.BuildConfig(calib_data="demo", num_calib=64))
+    assert asked == [64 + int(held.group(1))]
+
+
+def test_a_quiet_build_renders_demo_calibration_images_without_a_progress_bar(demo_checkpoint, tmp_path,
+                                                                             monkeypatch, capsys):
+    """``build-engine -q``: the demo images rendered for calibration (none cached) show no bar."""
+    from gfnet_edge import build
+    from gfnet_edge.models import load_checkpoint
+
+    monkeypatch.setenv("GFNET_EDGE_CACHE", str(tmp_path))
+    model = load_checkpoint(demo_checkpoint)
+    capsys.readouterr()
+    cfg = build.BuildConfig(calib_data="demo", num_calib=16, num_eval=0)
+    frames, _ = build._calibration_images(model, cfg, progress=False)
+    assert len(frames) == 16 and list(tmp_path.glob("cluttered_digits_val_*.npz"))  # rendered, not read
+    assert capsys.readouterr().err == ""

@@ -6,6 +6,7 @@ under a minute on 2 cores.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,6 +41,11 @@ def _images(n: int, seed: int = 0) -> np.ndarray:
     low = torch.randn(n, 3, 16, 16, generator=g)
     x = torch.nn.functional.interpolate(low, size=(S, S), mode="bilinear", align_corners=False)
     return (x + 0.2 * torch.randn(n, 3, S, S, generator=g)).numpy().astype(np.float32)
+
+
+def _frames(n: int, seed: int = 0) -> np.ndarray:
+    """uint8 S x S frames, what the build loads (``load_calibration_images(as_frames=True)``)."""
+    return np.random.default_rng(seed).integers(0, 256, (n, S, S, 3), dtype=np.uint8)
 
 
 @pytest.fixture(scope="module")
@@ -401,7 +407,7 @@ def test_finetuning_default_follows_the_calibration_set_size():
     assert gq.QuantizeOptions(profile="cpu").finetune_for(10 ** 6) == cpu.finetune_epochs == 0
 
 
-def test_demo_calibration_sources(demo_checkpoint):
+def test_demo_calibration_sources(demo_checkpoint, caplog):
     from gfnet_edge.data import ClutteredDigits, demo_config
     from gfnet_edge.models import load_checkpoint
     from gfnet_edge import ops
@@ -416,7 +422,16 @@ def test_demo_calibration_sources(demo_checkpoint):
     frames, labels = ClutteredDigits("train", config=demo_config(model)).arrays(20, progress=False)
     assert y.tolist() == labels[:20].tolist()
     np.testing.assert_allclose(x, ops.normalise_frames(frames[:20], model.spec.mean, model.spec.std), atol=1e-6)
+    np.testing.assert_array_equal(gq.load_calibration_images("demo:train", model, 20, as_frames=True), frames[:20])
     xv = gq.load_calibration_images("demo", model, 20)
+    # a bare spec does not record the config the model was trained on: the images differ, and a warning says so
+    with caplog.at_level(logging.WARNING, logger="gfnet_edge"):
+        caplog.clear()
+        gq.load_calibration_images("demo", model, 20)
+        assert not caplog.records  # the model records its config
+        xs = gq.load_calibration_images("demo", model.spec, 20)
+    assert not np.allclose(xs, xv)
+    assert any("generator's default config" in r.getMessage() for r in caplog.records)
     assert not np.allclose(xv, x)  # the validation split's images, not the train split's
 
 
@@ -567,7 +582,7 @@ def test_build_quantizes_with_every_calibration_image_it_loads(monkeypatch, tmp_
     monkeypatch.setattr(quant_pkg, "quantize_model", fake_quantize_model)
     model = _tiny_model()
     n = gq.QuantizeOptions().num_calib + 40
-    images = _images(n + 40)
+    images = _frames(n + 40)
     cfg = build.BuildConfig(num_calib=n, int8_profiles=("tensorrt",), patch_guard_share=0.03)
     with pytest.raises(Stop):
         build._quantize(model, tmp_path, {"graphs": {}}, images, cfg, "onnxruntime", False)
@@ -604,12 +619,12 @@ def test_a_small_calibration_folder_still_calibrates_with_enough_images(monkeypa
     monkeypatch.setattr(quant_pkg, "quantize_model", fake_quantize_model)
     cfg = build.BuildConfig(num_calib=256, int8_profiles=("cpu",))
     with pytest.raises(Stop):
-        build._quantize(_tiny_model(), tmp_path, {"graphs": {}}, _images(20), cfg, "onnxruntime", False)
+        build._quantize(_tiny_model(), tmp_path, {"graphs": {}}, _frames(20), cfg, "onnxruntime", False)
     assert seen == {"calib": 20, "eval": 0}
     # 30 of 40 calibrate (--num-calib 30): the 10 left are too few to check the accuracy with
     cfg = build.BuildConfig(num_calib=30, int8_profiles=("cpu",))
     with pytest.raises(Stop):
-        build._quantize(_tiny_model(), tmp_path, {"graphs": {}}, _images(40), cfg, "onnxruntime", False)
+        build._quantize(_tiny_model(), tmp_path, {"graphs": {}}, _frames(40), cfg, "onnxruntime", False)
     assert seen == {"calib": 30, "eval": 0}
 
 

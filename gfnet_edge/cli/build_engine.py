@@ -46,6 +46,10 @@ def _refuse_ignored_options(args: argparse.Namespace, src: Path) -> None:
         raise InputError(f"{src} is a folder but not a bundle (no manifest.json): build from a GFNet checkpoint file, "
                          "or pass a bundle folder to add TensorRT engines to it")
     int8_data = [flag for flag, given in (("--calib-data", args.calib_data is not None),
+                                          ("--num-calib", args.num_calib is not None),
+                                          ("--calib-method", args.calib_method is not None),
+                                          ("--int8-profiles", args.int8_profiles is not None),
+                                          ("--max-accuracy-drop", args.max_accuracy_drop is not None),
                                           ("--finetune-epochs", args.finetune_epochs is not None),
                                           ("--patch-guard", args.patch_guard is not None),
                                           ("--skip-unreadable", args.skip_unreadable)) if given]
@@ -61,6 +65,8 @@ def _refuse_ignored_options(args: argparse.Namespace, src: Path) -> None:
                          "the engines are added in place (copy it first to keep it as it is)")
     if int8_data and args.precision != "int8":
         raise InputError(f"{int8_data[0]} applies to --precision int8 (this build is {args.precision})")
+    if int8_data and not src.is_dir():
+        _refuse_unused_profile_options(args)
     trt_only = [flag for flag, given in (("--dla-core", args.dla_core is not None),
                                          ("--opt-level", args.opt_level is not None),
                                          ("--timing-cache", args.timing_cache is not None),
@@ -74,14 +80,39 @@ def _refuse_ignored_options(args: argparse.Namespace, src: Path) -> None:
                          "on the device with `gfnet-edge build-engine BUNDLE --backend tensorrt ...`")
 
 
+def _refuse_unused_profile_options(args: argparse.Namespace) -> None:
+    """``--int8-profiles`` on a TensorRT build (which writes the ``tensorrt`` set only), and a
+    ``--patch-guard`` share none of the build's profiles can keep: the ``cpu`` profile quantizes
+    ReLUs (folded into the quantizers), so it has no float activations to guard."""
+    from ..build import BuildConfig, resolve_backend
+    from ..quantize.profiles import PROFILES
+    from ..quantize.qdq import REMOVABLE_ACTIVATIONS
+
+    trt = resolve_backend(args.backend) == "tensorrt"
+    if trt and args.int8_profiles not in (None, ("tensorrt",)):
+        raise InputError("--int8-profiles applies to a portable bundle (--backend onnxruntime); a TensorRT build "
+                         "writes the tensorrt graph set only")
+    profiles = ("tensorrt",) if trt else args.int8_profiles or BuildConfig.int8_profiles
+    if args.patch_guard:
+        limits = {p: PROFILES[p].max_float_mac_share for p in profiles
+                  if not set(PROFILES[p].op_types) & set(REMOVABLE_ACTIVATIONS)}
+        if not limits:
+            raise InputError(f"--patch-guard applies to the tensorrt profile; the {', '.join(profiles)} profile "
+                             "quantizes ReLUs into its quantizers and has no patch guard")
+        if all(lim is not None and args.patch_guard > lim for lim in limits.values()):
+            raise InputError(f"--patch-guard {args.patch_guard:g} is more than the {', '.join(limits)} profile keeps "
+                             f"in float at most ({max(limits.values()):g} of the backbone multiply-adds)")
+
+
 def run(args: argparse.Namespace) -> int:
     """Builds the bundle (or its engines) and prints what it holds."""
     from ..build import BuildConfig, build_bundle, build_engines
 
+    int8 = {k: v for k, v in (("num_calib", args.num_calib), ("calib_method", args.calib_method),
+                              ("int8_profiles", args.int8_profiles), ("max_accuracy_drop", args.max_accuracy_drop))
+            if v is not None}  # left out: BuildConfig's defaults (None tells an option that was not given)
     cfg = BuildConfig(precision=args.precision, backend=args.backend, calib_data=args.calib_data,
-                      num_calib=args.num_calib, skip_unreadable=args.skip_unreadable, calib_method=args.calib_method,
-                      int8_profiles=args.int8_profiles,
-                      max_accuracy_drop=args.max_accuracy_drop, finetune_epochs=args.finetune_epochs,
+                      skip_unreadable=args.skip_unreadable, **int8, finetune_epochs=args.finetune_epochs,
                       patch_guard_share=args.patch_guard,
                       include_checkpoint=args.include_checkpoint,
                       force=args.force, trt=trt_build_options(args), threads=args.threads,
@@ -110,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Registers ``build-engine``."""
+    from ..build import NUM_EVAL
+
     p = sub.add_parser("build-engine", help="checkpoint -> ONNX -> INT8 -> engines, in one bundle",
                        formatter_class=argparse.RawDescriptionHelpFormatter, description=DESCRIPTION)
     p.add_argument("source", help="GFNet checkpoint (.pth.tar), or an existing bundle directory to add engines to")
@@ -120,20 +153,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="auto: TensorRT when it and a GPU are here, else a portable ONNX Runtime bundle")
     p.add_argument("--calib-data", help="INT8 calibration images: folder, .npz, 'demo' (the demo's validation split, default for the demo "
                         "model) or 'demo:train' (its 5000-image train split)")
-    p.add_argument("--num-calib", type=int_range(MIN_CALIB_IMAGES, 1_000_000), default=256,
-                   help=f"calibration images (default 256, at least {MIN_CALIB_IMAGES}); as many again, when "
-                        "the data has them, are held out to check the INT8 accuracy")
+    p.add_argument("--num-calib", type=int_range(MIN_CALIB_IMAGES, 1_000_000), default=None,
+                   help=f"calibration images (default 256, at least {MIN_CALIB_IMAGES}); {NUM_EVAL} more, "
+                        "when the data has them, are held out to check the INT8 accuracy")
     p.add_argument("--skip-unreadable", action="store_true",
                    help="leave out image files of a --calib-data folder that cannot be read, naming each in a "
                         "warning (default: stop at the first)")
-    p.add_argument("--calib-method", choices=["auto", "entropy", "max", "percentile"], default="auto",
+    p.add_argument("--calib-method", choices=["auto", "entropy", "max", "percentile"], default=None,
                    help="activation calibration (default auto: the method measured best per INT8 profile, "
                         "see docs/quantization.md)")
-    p.add_argument("--int8-profiles", type=profile_list, default=("cpu", "tensorrt"), metavar="PROFILES",
+    p.add_argument("--int8-profiles", type=profile_list, default=None, metavar="PROFILES",
                    help="INT8 graph sets for a portable bundle, comma-separated: cpu (ONNX Runtime x86), "
                         "tensorrt (Q/DQ for TensorRT) (default cpu,tensorrt)")
-    p.add_argument("--max-accuracy-drop", type=float_range(0.0, 100.0), default=0.5,
-                   help="keep the most sensitive layers in float until the final-step accuracy drop is within this many points")
+    p.add_argument("--max-accuracy-drop", type=float_range(0.0, 100.0), default=None,
+                   help="keep the most sensitive layers in float until the final-step accuracy drop is within this "
+                        "many points (default 0.5)")
     p.add_argument("--finetune-epochs", type=int_range(0, 1000), default=None, metavar="N",
                    help="quantization-aware fine-tuning: adjust the INT8 graphs' weights for N epochs so that their "
                         "outputs match the FP32 graphs' on the calibration images (needs torch; default: the "

@@ -555,7 +555,9 @@ def trace_graphs(model: "ModelDesc | Dict[str, Any]", graphs: Dict[str, Path], h
             (:func:`gfnet_edge.export.manifest_model`).
         graphs: ``{"glance": path, "focus": path}``.
         heads: ``heads.npz`` path or its arrays.
-        images: normalised float32 (N, 3, S, S).
+        images: normalised float32 (N, 3, S, S), or uint8 (N, H, W, 3) frames, pre-processed
+            by the extension as :meth:`Runtime.predict` does (an INT8 graph rounds its input to
+            its quantization grid, so the two ways in can give some images different results).
         threads: ONNX Runtime threads.
         batch_size: images per call.
     """
@@ -570,8 +572,11 @@ def trace_graphs(model: "ModelDesc | Dict[str, Any]", graphs: Dict[str, Path], h
         probs, coords = [], []
         P = model.patch_size
         for i in range(0, images.shape[0], batch_size):
-            x = np.ascontiguousarray(images[i:i + batch_size], dtype=np.float32)
-            out = driver.run(x, ops.glance(x, P, model.glance_interpolation), None)
+            if images.dtype == np.uint8:
+                out = driver.run_frames(np.ascontiguousarray(images[i:i + batch_size]), None)
+            else:
+                x = np.ascontiguousarray(images[i:i + batch_size], dtype=np.float32)
+                out = driver.run(x, ops.glance(x, P, model.glance_interpolation), None)
             probs.append(out.probs)
             coords.append(out.coords)
     finally:
