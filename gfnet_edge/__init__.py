@@ -27,7 +27,7 @@ def _map_checkout_packages() -> None:
     the checkout, a GPU machine that only builds the extension in place), ``calibrate/`` and
     ``quantize/`` beside this package are ``gfnet_edge.calibrate`` / ``gfnet_edge.quantize``, as
     setup.py's ``package_dir`` maps them in an installed copy: a finder that knows those two
-    names only, consulted after the usual ones."""
+    names only, consulted first (an editable install of another checkout must not supply them)."""
     import importlib.abc
     import importlib.util
     import sys
@@ -45,7 +45,7 @@ def _map_checkout_packages() -> None:
                 name, d / "__init__.py", submodule_search_locations=[str(d)])
 
     if not any(type(f).__name__ == "CheckoutFinder" for f in sys.meta_path):
-        sys.meta_path.append(CheckoutFinder())
+        sys.meta_path.insert(0, CheckoutFinder())
 
 
 _map_checkout_packages()
