@@ -41,8 +41,9 @@ def _layers_text(row: Dict[str, Any]) -> str:
 
 def quantization_summary(manifest: Dict[str, Any]) -> List[str]:
     """One line per INT8 graph set of a bundle manifest: the share of the backbone multiply-adds
-    in INT8, which nodes stay in float and why, and the held-out accuracy drop the build measured
-    (the whole report is the manifest's ``quantization`` entry)."""
+    in INT8, which nodes stay in float and why, the held-out accuracy drop the build measured, and
+    the calibration images and method (the whole report is the manifest's ``quantization``
+    entry)."""
     lines = []
     for prof, rep in (manifest.get("quantization") or {}).items():
         line = f"int8-{prof}: {100.0 * float(rep.get('int8_mac_share', 1.0)):.1f}% of the backbone multiply-adds in INT8"
@@ -62,6 +63,9 @@ def quantization_summary(manifest: Dict[str, Any]) -> List[str]:
             line += "; accuracy not checked (no held-out images)"
         if str(rep.get("mixed_precision", "")).startswith("target NOT met"):
             line += " (the search's accuracy target NOT met)"
+        images = (rep.get("calibration") or {}).get("images")
+        if images is not None and rep.get("method"):
+            line += f"; calibrated on {images} images ({rep['method']})"
         lines.append(line)
     return lines
 

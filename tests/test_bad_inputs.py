@@ -297,6 +297,9 @@ CASES: Dict[str, Case] = {
     "b_quant_list": _info_case(_edit_manifest(_set("quantization", [1])), "'quantization'"),
     "b_quant_share": _info_case(_edit_manifest(_set("quantization", {"cpu": {"int8_mac_share": "all"}})),
                                 "'quantization.cpu.int8_mac_share'"),
+    "b_quant_images": _info_case(_edit_manifest(_set("quantization", {"cpu": {"method": "max",
+                                                                             "calibration": {"images": "all"}}})),
+                                 "'quantization.cpu.calibration.images'"),
     "b_source_text": _info_case(_edit_manifest(_set("source_checkpoint", "demo_gfnet.pth.tar")), "'source_checkpoint'"),
     "b_engine_batch": _bundle_case(_edit_manifest(lambda m: m.update(engines=[dict(
         precision="fp32", static_batch="one", **m["graphs"]["fp32"])])), "'engines[0].static_batch'"),

@@ -91,6 +91,8 @@ def test_build_engine_prints_what_each_int8_graph_set_keeps_in_float(int8_bundle
     (line,) = quantization_summary(m)
     assert line.startswith(f"int8-cpu: {100 * rep['int8_mac_share']:.1f}% of the backbone multiply-adds in INT8")
     assert f"{0.0 - rep['accuracy']['final_drop']:+.2f} points against FP32 on {rep['accuracy']['n']} held-out" in line
+    assert line.endswith(f"; calibrated on {rep['calibration']['images']} images ({rep['method']})")
+    assert rep["calibration"]["images"] == N_CAL
     guarded = {"quantization": {"tensorrt": {"int8_mac_share": 0.98311, "patch_guard": {"nodes": ["a", "b"]},
                                              "float_nodes": [{"node": "c"}], "accuracy": {"final_drop": 0.3, "n": 256}}}}
     assert quantization_summary(guarded) == [
