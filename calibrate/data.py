@@ -144,4 +144,3 @@ def _check_class_folders(source: str, model: ModelDesc) -> None:
         raise InputError(f"{source}: {len(names)} class folders for a model with {model.num_classes} classes; "
                          "labels come from the sorted folder names, so the folder needs one subfolder per class "
                          "of the model")
-

@@ -171,9 +171,8 @@ def load_calibration_images(source: Union[str, os.PathLike], spec: SpecLike, n: 
         logger.warning("%s: %d images available of the %d wanted; using all of them", where, total, n)
     from gfnet_edge import ops  # the runtime's own pre-processing: calibration images are inference's inputs
 
-    images = check_images(ops.normalise_frames(frames, mean, std), S, min_images, where)
-    if as_frames:
-        images = frames
+    # uint8 frames cannot hold NaN: with as_frames nothing is normalised here (the caller does it)
+    images = frames if as_frames else check_images(ops.normalise_frames(frames, mean, std), S, min_images, where)
     return (images, labels) if return_labels else images
 
 

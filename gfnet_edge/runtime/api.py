@@ -402,12 +402,13 @@ class Runtime:
     def _run_chunk(self, kind: str, chunk, start: int, thresholds, deadline: Optional[Deadline] = None) -> StepOutputs:
         if kind == "images":  # the glance computed where the loop runs
             chunk = np.ascontiguousarray(chunk)
-            finite = np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1)
-            if not finite.all():
-                raise InputError(f"images contain NaN or Inf (image {start + int(np.argmin(finite))})")
-            big = np.abs(chunk).reshape(len(chunk), -1).max(axis=1)
-            if (big > MAX_NORMALISED).any():
-                i = int(np.argmax(big > MAX_NORMALISED))
+            flat = chunk.reshape(len(chunk), -1)  # one reduction each way: NaN and Inf propagate into both
+            big = np.maximum(flat.max(axis=1), -flat.min(axis=1))
+            bad = ~(big <= MAX_NORMALISED)
+            if bad.any():
+                i = int(np.argmax(bad))
+                if not np.isfinite(big[i]):
+                    raise InputError(f"images contain NaN or Inf (image {start + i})")
                 raise InputError(f"image {start + i} holds values up to {big[i]:.3g}: normalised images ((pixel / 255 - "
                                  f"mean) / std) lie within a few units of zero, and values over {MAX_NORMALISED:g} "
                                  "overflow the network (pass uint8 frames to have them normalised)")

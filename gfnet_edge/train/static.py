@@ -29,10 +29,12 @@ def save_static(path: os.PathLike, net: nn.Module, backbone: str, backbone_kwarg
     sd = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     if half:
         sd = {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}
-    was = net.training
-    net.eval()
-    macs = count_static_macs(net, image_size)
-    net.train(was)
+    macs = (metadata or {}).get("macs")
+    if macs is None:
+        was = net.training
+        net.eval()
+        macs = count_static_macs(net, image_size)
+        net.train(was)
     ck: Dict[str, Any] = {
         "format": FORMAT, "model_name": f"static_{backbone}", "backbone": backbone,
         "backbone_kwargs": {k: (list(v) if isinstance(v, tuple) else v) for k, v in backbone_kwargs.items()},
