@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -86,8 +85,13 @@ def load_calibration_data(source: str, model: "ModelDesc | Dict[str, Any]", limi
         raise InputError(f"--holdout must be between 0 and 1, got {holdout}")
     if limit is not None and limit < 4:
         raise InputError(f"--num-images must be at least 4, got {limit}")
-    if skip_unreadable and (source == "demo" or (Path(source).exists() and not Path(source).is_dir())):
-        raise InputError(f"--skip-unreadable applies to a folder of images; --data {source} is not one")
+    if skip_unreadable:
+        from gfnet_edge.data.images import check_skip_source
+
+        try:
+            check_skip_source(source, source == "demo", f"--data {source}")
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
     if source == "demo":
         if not model.is_demo:
             raise InputError(f"--data demo is the demo task's data; this bundle's model is "

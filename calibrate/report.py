@@ -165,10 +165,10 @@ def choice(res: Dict[str, Any]) -> Dict[str, Any]:
             "why": f"the cheapest budget whose held-out accuracy is within {DEFAULT_BUDGET_SLACK:g} point of the best"}
 
 
-def choice_sentence(res: Dict[str, Any]) -> str:
+def choice_sentence(res: Dict[str, Any], c: Optional[Dict[str, Any]] = None) -> str:
     """One line: the budget to ship, its latency and accuracy, and what it costs against the
-    like-for-like static baseline."""
-    c = choice(res)
+    like-for-like static baseline (``c``: :func:`choice` of ``res`` when the caller has it)."""
+    c = c or choice(res)
     r = next(x for x in c["rows"] if x["budget"] == c["suggested"])
     stat = r["limit"].split(" ")[0]
     text = f"use {r['budget']} ({c['why']}): {r['accuracy']:.2f} % at {r['ms']:.2f} ms {stat} per image"
@@ -193,7 +193,7 @@ def _choice_section(res: Dict[str, Any]) -> List[str]:
                                                                f"{r['vs'][n]['speedup']:.2f}x")] for r in c["rows"]]
     hdr = ["budget", "limit", "measured ms", "accuracy %"] + [
         x for n in names for x in (f"accuracy vs {n} (points)", f"speed vs {n} (x, higher is faster)")]
-    text = choice_sentence(res)
+    text = choice_sentence(res, c)
     return ["<h2 id='choice'>Which budget to use</h2>",
             f"<p id='suggestion'><b>{html.escape(text[0].upper() + text[1:])}.</b></p>",
             _table(hdr, rows, "choice", left=2),

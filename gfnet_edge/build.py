@@ -215,13 +215,13 @@ def _calibration_images(model, cfg: BuildConfig, progress: bool = True):
             source = "demo"
         else:
             raise InputError("--precision int8 needs calibration images: pass --calib-data FOLDER|FILE.npz")
-    from .data.images import unreadable_files
+    from .data.images import check_skip_source, unreadable_files
 
-    if cfg.skip_unreadable and (_demo_calibration(source) or (Path(source).exists() and not Path(source).is_dir())):
-        given = f"--calib-data {cfg.calib_data}" if cfg.calib_data else "the demo model's default calibration data (demo)"
-        raise InputError(f"--skip-unreadable applies to a folder of images; {given} is not one")
     skipped: List[str] = []
     try:
+        if cfg.skip_unreadable:
+            check_skip_source(source, _demo_calibration(source), f"--calib-data {cfg.calib_data}" if cfg.calib_data
+                              else "the demo model's default calibration data (demo)")
         images, labels = load_calibration_images(source, model, cfg.num_calib + cfg.num_eval, return_labels=True,
                                                  on_error=unreadable_files(cfg.skip_unreadable, skipped),
                                                  as_frames=True, progress=progress)

@@ -186,6 +186,13 @@ def preprocess(image: Image.Image, image_size: int = 224, crop_pct: float = 0.87
     return np.asarray(image, dtype=np.uint8)
 
 
+def check_skip_source(source: str, generated: bool, named: str) -> None:
+    """``--skip-unreadable`` needs a folder of image files: refused (ValueError) for generated
+    data (the demo dataset) or an existing file; a missing path is left to the loader's error."""
+    if generated or (Path(source).exists() and not Path(source).is_dir()):
+        raise ValueError(f"--skip-unreadable applies to a folder of images; {named} is not one")
+
+
 def unreadable_files(skip: bool, skipped: List[str]) -> Callable[[str, str], None]:
     """The ``on_error`` of :func:`load_images` behind the commands' ``--skip-unreadable``: with
     ``skip``, logs a warning for each unreadable image file and collects its name in
