@@ -58,27 +58,20 @@ def operating_points(rt, val_frames: np.ndarray) -> List[Dict[str, Any]]:
 
 def outside_backbone(rt, frames: np.ndarray, thresholds, calls: int = 200) -> Dict[str, float]:
     """Per-image ms inside the backbone graphs and outside them (batch 1, profiler on)."""
-    from gfnet_edge.calibrate.latency import runtime_input, using_thresholds
+    from gfnet_edge.calibrate.latency import predict_frames, using_thresholds
     from gfnet_edge.runtime.profile import backbone_ms
 
     rt.profiler.enabled = True
     rt.profiler.reset()
-    norm = 0.0
     with using_thresholds(rt, thresholds):
         for i in range(calls):
-            f = frames[i % len(frames)][None]
-            t0 = time.perf_counter()
-            x = runtime_input(rt.model, f)  # the frames themselves when the model does not crop
-            norm += time.perf_counter() - t0
-            rt.predict(x)
+            predict_frames(rt, frames[i % len(frames)][None])
     s = rt.profiler.summary()
     rt.profiler.enabled = False
     rt.profiler.reset()
-    per_image = s["per_image"]["mean_ms"] + 1e3 * norm / calls
+    per_image = s["per_image"]["mean_ms"]
     backbone = backbone_ms(s) / calls
     stages = {k: v["total_ms"] / calls for k, v in s.items() if k != "per_image"}
-    if x.dtype != np.uint8:
-        stages["normalise"] = 1e3 * norm / calls
     return {"per_image_ms": per_image, "backbone_ms": backbone, "outside_ms": per_image - backbone,
             "outside_pct": 100.0 * (per_image - backbone) / per_image, "stages_ms": stages}
 
@@ -106,14 +99,14 @@ def alternating(calls: Dict[str, Any], batches: Dict[str, int], frames: np.ndarr
 
 def head_to_head(rt, thresholds, static_path: Path, frames: np.ndarray, batch: int, threads: int) -> Dict[str, float]:
     """GFNet at ``thresholds`` against the static graph on the same images, alternating blocks;
-    every call starts from uint8 frames (:func:`calibrate.latency.runtime_input` for GFNet,
+    every call starts from uint8 frames (:func:`calibrate.latency.predict_frames` for GFNet,
     ``prepare_frames`` for the static graph)."""
-    from gfnet_edge.calibrate.latency import prepare_frames, runtime_input, using_thresholds
+    from gfnet_edge.calibrate.latency import predict_frames, prepare_frames, using_thresholds
     from gfnet_edge.runtime.backends.onnxruntime import load_session
 
     sess = load_session(static_path, threads)
     inp = sess.get_inputs()[0].name
-    calls = {"gfnet": lambda f: rt.predict(runtime_input(rt.model, f)),
+    calls = {"gfnet": lambda f: predict_frames(rt, f),
              "static": lambda f: sess.run(None, {inp: prepare_frames(rt.model, f)})}
     with using_thresholds(rt, thresholds):
         t = alternating(calls, {"gfnet": batch, "static": batch}, frames)
@@ -122,9 +115,9 @@ def head_to_head(rt, thresholds, static_path: Path, frames: np.ndarray, batch: i
 
 def batch_throughput(rt, thresholds, frames: np.ndarray, big: int = 32) -> Dict[str, float]:
     """Per-image throughput of batch ``big`` over batch 1 at one operating point, alternating blocks."""
-    from gfnet_edge.calibrate.latency import runtime_input, using_thresholds
+    from gfnet_edge.calibrate.latency import predict_frames, using_thresholds
 
-    call = lambda f: rt.predict(runtime_input(rt.model, f))  # noqa: E731
+    call = lambda f: predict_frames(rt, f)  # noqa: E731
     with using_thresholds(rt, thresholds):
         t = alternating({"b1": call, f"b{big}": call}, {"b1": 1, f"b{big}": big}, frames)
     return {"b1_ms": t["b1"], f"b{big}_ms": t[f"b{big}"], "throughput": t["b1"] / t[f"b{big}"]}
@@ -135,7 +128,7 @@ def backbone_scaling(rt, thresholds, frames: np.ndarray, big: int = 32) -> Dict[
     alternating blocks with a profiler each, giving the backbones' own time per image in the loop
     (B1, B32) next to the batch-1 time per image T1. Since T32 >= B32, the throughput of batch
     ``big`` over batch 1 is at most T1 / B32 = (B1 / B32) / (1 - outside share at batch 1)."""
-    from gfnet_edge.calibrate.latency import runtime_input, using_thresholds
+    from gfnet_edge.calibrate.latency import predict_frames, using_thresholds
     from gfnet_edge.runtime.profile import Profiler, backbone_ms
 
     profs = {"b1": Profiler(True), f"b{big}": Profiler(True)}
@@ -146,7 +139,7 @@ def backbone_scaling(rt, thresholds, frames: np.ndarray, big: int = 32) -> Dict[
         def fn(f):
             rt.profiler = rt.driver.prof = profs[name]
             images[name] += len(f)
-            return rt.predict(runtime_input(rt.model, f))
+            return predict_frames(rt, f)
         return fn
 
     try:

@@ -7,13 +7,11 @@ exactly the work of an image that exits at ``k`` — pre-processing of the uint8
 ``k`` policy/crop/focus steps, heads and the exit checks.
 
 Calibration frames are already the network's S x S input (the validation resize and centre crop
-were applied when they were loaded). When the model's ``crop_pct`` is 1 (no crop, as the demo
-model), the uint8 frames go straight to ``Runtime.predict``, whose ``preprocess`` stage then
-normalises them and computes the glance in one extension call; otherwise they are normalised
-with ``ops.preprocess(..., crop_pct=1.0)`` first (stage ``normalise`` in the breakdown; a
-second resize/crop would be wrong) and the runtime is given the float32 images (see
-:func:`runtime_input`). Either way the timed call covers the whole path from uint8 frames. A
-deployment that also resizes camera frames pays that resize on top (reported separately). The steps are measured interleaved
+were applied when they were loaded), so they go to ``Runtime.predict`` as uint8 frames with
+``cropped=True``: its ``preprocess`` stage normalises them and computes the glance in one
+extension call (on a GPU after uploading the uint8 frames). The timed call thus covers the whole
+path from uint8 frames. A deployment that also resizes camera frames pays that resize on top
+(reported separately). The steps are measured interleaved
 (``k = 0..T-1`` within each repetition) so background load affects all of them alike. The
 profiler's per-stage timings are collected in a separate pass (profiling adds a little overhead).
 """
@@ -136,9 +134,13 @@ def using_thresholds(rt, thresholds: Sequence[float]) -> Iterator[None]:
         rt.thresholds = old
 
 
-def _check_frames(model: ModelDesc, frames: np.ndarray) -> int:
-    """S, after checking that ``frames`` are uint8 (N, S, S, 3)."""
-    S = model.image_size
+def check_frames(model: ModelLike, frames: np.ndarray) -> int:
+    """S, after checking that ``frames`` are uint8 (N, S, S, 3).
+
+    Raises:
+        ValueError: they are not.
+    """
+    S = as_desc(model).image_size
     if frames.ndim != 4 or frames.shape[1:] != (S, S, 3) or frames.dtype != np.uint8:
         raise ValueError(f"frames must be uint8 (N, {S}, {S}, 3), got {frames.dtype} {frames.shape}")
     return S
@@ -149,22 +151,15 @@ def prepare_frames(model: ModelLike, frames: np.ndarray) -> np.ndarray:
     from gfnet_edge import ops
 
     model = as_desc(model)
-    _check_frames(model, frames)
+    check_frames(model, frames)
     return ops.normalise_frames(frames, model.mean, model.std)
 
 
-def runtime_input(model: ModelLike, frames: np.ndarray) -> np.ndarray:
-    """What a timed call gives ``Runtime.predict`` for uint8 (N, S, S, 3) frames.
-
-    The frames themselves when the model does not crop (``crop_pct == 1``: the runtime's
-    pre-process is then exactly this normalisation, fused with the glance); otherwise the
-    normalised float32 images of :func:`prepare_frames`.
-    """
-    model = as_desc(model)
-    if model.crop_pct == 1.0:
-        _check_frames(model, frames)
-        return frames
-    return prepare_frames(model, frames)
+def predict_frames(rt, frames: np.ndarray, trace: bool = False):
+    """A timed call: ``rt.predict`` (``rt.trace`` with ``trace``) of uint8 (N, S, S, 3) frames
+    already resized and centre-cropped (``cropped=True``: the runtime only normalises them)."""
+    check_frames(rt.model, frames)
+    return rt.trace(frames, cropped=True) if trace else rt.predict(frames, cropped=True)
 
 
 def _batch_at(frames: np.ndarray, batch: int, start: int) -> np.ndarray:
@@ -181,7 +176,7 @@ def _batches(frames: np.ndarray, batch: int, count: int, start: int = 0) -> Iter
 def time_predict(rt, batch_frames: np.ndarray, clock: Callable[[], float] = time.perf_counter) -> float:
     """Milliseconds per image of one ``predict`` call (normalisation included)."""
     t0 = clock()
-    rt.predict(runtime_input(rt.model, batch_frames))
+    predict_frames(rt, batch_frames)
     return (clock() - t0) * 1e3 / len(batch_frames)
 
 
@@ -226,28 +221,16 @@ def measure_steps(rt, frames: np.ndarray, batch: int = 1, repeats: int = 60, war
                 if progress:
                     progress(1)
         stages: Dict[int, Dict[str, Dict[str, float]]] = {}
-        separate = rt.model.crop_pct != 1.0  # a normalise stage (see runtime_input)
         if stage_calls:
             rt.profiler.enabled = True
             for k in range(T):
                 rt.profiler.reset()
-                norm: List[float] = []
                 with using_thresholds(rt, thr[k]):
                     for b in _batches(frames, batch, stage_calls, start=k):
-                        t0 = time.perf_counter()
-                        x = runtime_input(rt.model, b)
-                        norm.append((time.perf_counter() - t0) * 1e3)
-                        rt.predict(x)
+                        predict_frames(rt, b)
                         if progress:
                             progress(1)
-                summ = rt.profiler.summary()
-                a = np.asarray(norm)
-                stages[k] = dict(summ)
-                if separate:
-                    stages[k] = {"normalise": {"count": int(a.size), "total_ms": float(a.sum()),
-                                               "mean_ms": float(a.mean()), "p50_ms": float(np.percentile(a, 50)),
-                                               "p95_ms": float(np.percentile(a, 95)),
-                                               "p99_ms": float(np.percentile(a, 99))}, **summ}
+                stages[k] = dict(rt.profiler.summary())
             rt.profiler.reset()
     finally:
         rt.profiler.enabled = was
@@ -293,12 +276,11 @@ def measure_calls(rt, frames: np.ndarray, thresholds: Sequence[float], batch: in
     classes, exits, coords = [], [], []
     try:
         with using_thresholds(rt, thresholds):
-            warm_up(lambda i: rt.predict(runtime_input(rt.model, _batch_at(frames, batch, i * batch))),
-                    warmup, warmup_ms)
+            warm_up(lambda i: predict_frames(rt, _batch_at(frames, batch, i * batch)), warmup, warmup_ms)
             for i in range(0, len(frames), batch):
                 chunk = frames[i:i + batch]
                 t0 = clock()
-                pr = rt.predict(runtime_input(rt.model, chunk))
+                pr = predict_frames(rt, chunk)
                 dt = (clock() - t0) * 1e3
                 ms.extend([dt / len(chunk)] * len(chunk))
                 classes.append(pr.classes)

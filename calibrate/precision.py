@@ -7,7 +7,7 @@ import numpy as np
 
 from gfnet_edge.evaluate import anytime_accuracy, dynamic_evaluate
 
-from .latency import runtime_input
+from .latency import predict_frames
 
 
 def comparable_precisions(manifest: Dict[str, Any], backend: str) -> List[str]:
@@ -29,13 +29,13 @@ def comparable_precisions(manifest: Dict[str, Any], backend: str) -> List[str]:
 def trace_frames(rt, frames: np.ndarray, batch: int = 32, progress=None):
     """``Runtime.trace`` over uint8 S x S ``frames`` in batches: ``(probs (T, N, K), coords (T-1, N, 2))``.
 
-    The frames reach the runtime as the timed calls give them (:func:`runtime_input`): an INT8
-    graph rounds its input to its quantization grid, so normalising a frame on the way in or
-    before the call (equal to about 1e-6) can move an activation by a quantization step and an
+    The frames reach the runtime as the timed calls give them (:func:`~.latency.predict_frames`):
+    an INT8 graph rounds its input to its quantization grid, so normalising a frame on the way in
+    or before the call (equal to about 1e-6) can move an activation by a quantization step and an
     image's probabilities by much more; the traced exits are then the runtime's own."""
     probs, coords = [], []
     for i in range(0, len(frames), batch):
-        tr = rt.trace(runtime_input(rt.model, frames[i:i + batch]))
+        tr = predict_frames(rt, frames[i:i + batch], trace=True)
         probs.append(tr.probs)
         coords.append(tr.coords)
         if progress:

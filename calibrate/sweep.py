@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .latency import StepLatency, runtime_input, using_thresholds
+from .latency import StepLatency, check_frames, using_thresholds
 from .progress import Progress
 
 
@@ -101,18 +101,19 @@ def deadline_sweep(rt, frames: np.ndarray, labels: np.ndarray, thresholds: Seque
     margin = DEFAULT_MARGIN if margin is None else float(margin)
     rows: List[SweepRow] = []
     chunks = [(frames[i:i + batch], labels[i:i + batch]) for i in range(0, len(frames), batch)]
-    inputs = [runtime_input(rt.model, x) for x, _ in chunks]
+    check_frames(rt.model, frames)
+    inputs = [x for x, _ in chunks]
     was = rt.profiler.enabled
     rt.profiler.enabled = False
     try:
         with using_thresholds(rt, thresholds), Progress(progress, len(deadlines) * len(chunks), "deadlines") as bar:
             for x in inputs[:3]:  # warm-up
-                rt.predict(x)
+                rt.predict(x, cropped=True)
             for d in deadlines:
                 ms, right, steps, stopped = [], 0, [], []
                 for x, (_, y) in zip(inputs, chunks):
                     t0 = time.perf_counter()
-                    p = rt.predict(x, deadline_ms=d, deadline_margin=margin)
+                    p = rt.predict(x, deadline_ms=d, deadline_margin=margin, cropped=True)
                     ms.append((time.perf_counter() - t0) * 1e3)
                     right += int((p.classes == y).sum())
                     steps.extend((p.exit_step + 1).tolist())

@@ -273,12 +273,10 @@ def _quantize(model, tmp: Path, manifest: Dict[str, Any], images, cfg: BuildConf
 
     spec = model.spec
     calib_x = ops.normalise_frames(images[:n_cal], spec.mean, spec.std)
-    # the held-out check takes the frames the way a deployed runtime does (normalised inside it):
-    # an INT8 graph rounds its input to its grid, so frames normalised beforehand can score
-    # differently; a model that crops gets S x S frames, which it would crop again, normalised
+    # the held-out check takes the S x S frames the way a deployed runtime does (normalised inside
+    # it, Runtime.predict(frames, cropped=True)): an INT8 graph rounds its input to its grid, so
+    # frames normalised beforehand can score differently
     eval_x = images[n_cal:]
-    if spec.crop_pct != 1.0 and len(eval_x):
-        eval_x = ops.normalise_frames(eval_x, spec.mean, spec.std)
     eval_y = labels[n_cal:] if labels is not None else None
     min_eval = QuantizeOptions().min_eval
     if 0 < len(eval_x) < min_eval:  # too few to judge a drop of a fraction of a point: no search

@@ -79,7 +79,8 @@ def test_full_run_writes_report_and_budgets(calibrated, capsys):
     stab = res["latency"]["stability"]
     assert len(stab["full_model_median_ms"]) == len(res["latency"]["history"]) and stab["spread_pct"] >= 0
     assert res["settings"]["warmup_ms"] == 20.0
-    assert set(res["latency"]["budget_batch"]["stages"]["0"]) >= {"normalise", "preprocess", "glance", "step"}
+    stages = set(res["latency"]["budget_batch"]["stages"]["0"])  # frames normalised in the runtime's preprocess
+    assert stages >= {"preprocess", "glance", "step"} and "normalise" not in stages
     assert len(res["budgets"]) == 3
     m = Bundle.load(bundle).manifest
     for b in res["budgets"]:
@@ -399,31 +400,30 @@ def test_html_renders_in_headless_chromium(calibrated):
     assert (top < 250).any(axis=2).mean() > 0.05
 
 
-def test_runtime_input_fuses_preprocessing_only_without_crop(tiny_bundle):
-    """Frames go to the runtime as uint8 when the model does not crop (the runtime's fused
-    pre-process then normalises them), else they are normalised first; both give the same run."""
-    from gfnet_edge.calibrate.latency import measure_calls, prepare_frames, runtime_input, using_thresholds
+def test_calibration_calls_give_the_runtime_cropped_frames(tiny_bundle):
+    """Calibration frames are already S x S: the timed calls hand them to the runtime as cropped
+    (normalised there, fused with the glance), which runs as the same frames normalised
+    beforehand would, not as a second resize and centre crop (the model crops)."""
+    from gfnet_edge.calibrate.latency import measure_calls, prepare_frames, using_thresholds
     from gfnet_edge.runtime import Runtime
 
     frames = np.load(tiny_bundle / "data.npz")["images"][:12]
     with Runtime(tiny_bundle / "bundle", backend="onnxruntime", precision="fp32") as rt:
         assert rt.model.crop_pct != 1.0
-        x = runtime_input(rt.model, frames)
-        assert x.dtype == np.float32
-        np.testing.assert_array_equal(x, prepare_frames(rt.model, frames))
+        x = prepare_frames(rt.model, frames)
         with using_thresholds(rt, [-1e8] * T):  # everything exits at step 0: its confidences
             conf0 = rt.predict(x).confidence
         thr = [float(np.median(conf0)), float(np.median(conf0)), -1e8]
-        normalised = measure_calls(rt, frames, thr, batch=4)
-        rt.model = dataclasses.replace(rt.model, crop_pct=1.0)  # S x S frames, no crop: the fused path
-        assert runtime_input(rt.model, frames) is frames
-        fused = measure_calls(rt, frames, thr, batch=4)
+        run = measure_calls(rt, frames, thr, batch=4)
+        with using_thresholds(rt, thr):
+            want, recropped = rt.predict(x), rt.predict(frames)
         with pytest.raises(ValueError, match="uint8"):
-            runtime_input(rt.model, frames.astype(np.float32))
-    assert len(set(normalised.exit_step.tolist())) > 1  # the thresholds exercise early exit
-    np.testing.assert_array_equal(fused.classes, normalised.classes)
-    np.testing.assert_array_equal(fused.exit_step, normalised.exit_step)
-    np.testing.assert_array_equal(fused.coords, normalised.coords)
+            measure_calls(rt, frames.astype(np.float32), thr)
+    assert len(set(run.exit_step.tolist())) > 1  # the thresholds exercise early exit
+    np.testing.assert_array_equal(run.classes, want.classes)
+    np.testing.assert_array_equal(run.exit_step, want.exit_step)
+    np.testing.assert_array_equal(run.coords, want.coords)
+    assert not np.array_equal(recropped.coords, want.coords)  # a second crop would have run otherwise
 
 
 def test_tail_budget_run_manifest_and_deadline_sweep(tiny_bundle, tmp_path, capsys):

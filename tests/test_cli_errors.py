@@ -85,6 +85,30 @@ def test_predict_names_every_image_and_batches_without_changing_results(bundle, 
     assert code == 2 and "argument --batch-size: must be in [1," in err and out == ""
 
 
+def test_predict_on_a_model_that_crops_equals_the_runtime_on_the_original_images(demo_onnx_bundle_copy, image_dir,
+                                                                                  capsys):
+    """A model with crop_pct 0.875: ``predict`` reads each image resized and centre-cropped to
+    S x S and hands it to the runtime as cropped, so its answers are the runtime's on the
+    original 240 x 260 images (which it resizes and crops itself), not those of a second crop."""
+    from PIL import Image
+
+    from gfnet_edge.runtime import Runtime
+
+    bundle = demo_onnx_bundle_copy
+    bundle.update_manifest(lambda m: m["model"].update({"crop_pct": 0.875}))
+    code, out, err = run(["predict", bundle.root, image_dir, "--json", "--backend", "onnxruntime"], capsys)
+    assert code == 0, err
+    rows = json.loads(out)
+    originals = [np.asarray(Image.open(image_dir / f"{i}.png").convert("RGB")) for i in range(2)]
+    with Runtime(bundle.root, backend="onnxruntime", precision="fp32") as rt:
+        assert rt.model.crop_pct == 0.875
+        want = rt.predict(originals)
+    assert [r["class"] for r in rows] == list(want.classes)
+    assert [r["exit_step"] for r in rows] == list(want.exit_step)
+    # Pillow's resize (reading files) and the extension's differ by one level on a few pixels
+    np.testing.assert_allclose([r["confidence"] for r in rows], want.confidence, atol=1e-4)
+
+
 @pytest.mark.parametrize("on_error", ["stop", "skip"])
 def test_predict_prints_every_image_read_before_an_unreadable_one(bundle, image_dir, tmp_path, capsys, on_error):
     """An unreadable image in the middle of a batch: with --on-error stop the images read before it

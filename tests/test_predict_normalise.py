@@ -1,5 +1,6 @@
-"""``gfnet-edge predict`` (and the static baselines) normalise S x S frames with the extension's
-pre-processing (``ops.normalise_frames``: ``ops.preprocess`` with ``crop_pct=1``): on random images the result equals
+"""The static baselines normalise S x S frames with the extension's pre-processing
+(``ops.normalise_frames``: ``ops.preprocess`` with ``crop_pct=1``, the arithmetic of
+``Runtime.predict(frames, cropped=True)``, which ``gfnet-edge predict`` uses): on random images the result equals
 ``(x / 255 - mean) / std`` computed in NumPy (channels first), for either interpolation and any
 mean / std. (tests/test_cli_errors.py compares the CLI's predictions with the API fed that NumPy
 normalisation.)"""

@@ -346,3 +346,93 @@ def test_4000_frames_peak_memory_within_input_plus_300mb(demo, tmp_path):
     for k in r.files:
         if not k.startswith("ref_"):
             np.testing.assert_array_equal(r[k], r[f"ref_{k}"], err_msg=k)
+
+
+# ------------------------------------------------ frames already resized and centre-cropped
+def _cropping(bundle):
+    """The demo bundle's model as one that crops (crop_pct 0.875): S x S frames given without
+    ``cropped`` are then resized and centre-cropped again."""
+    import dataclasses
+
+    return dataclasses.replace(bundle.model, crop_pct=0.875)
+
+
+def _assert_close(got, want):
+    for f in ("classes", "exit_step", "coords"):
+        np.testing.assert_array_equal(getattr(got, f), getattr(want, f), err_msg=f)
+    np.testing.assert_allclose(got.confidence, want.confidence, rtol=0, atol=1e-5)
+
+
+def test_cropped_frames_are_only_normalised_on_the_host(demo):
+    """``cropped=True``: the runtime's answers on S x S uint8 frames equal those on the same frames
+    normalised beforehand (the float path), for arrays, lists, chunked calls, traces and streams,
+    although the model crops; without it the frames are cropped a second time."""
+    bundle, frames = demo
+    with _runtime(bundle, max_batch=CHUNK) as rt:
+        rt.model = _cropping(bundle)
+        x = _normalised(bundle, frames)
+        want, want_trace = rt.predict(x), rt.trace(x)
+        got = [rt.predict(frames, cropped=True), rt.predict(list(frames), cropped=True),
+               _concat(list(rt.predict_iter(iter(frames), batch_size=9, cropped=True)))]
+        tr = rt.trace(frames, cropped=True)
+        recropped = rt.trace(frames)
+    assert len(np.unique(want.exit_step)) == 3
+    for g in got:
+        _assert_close(g, want)
+    np.testing.assert_allclose(tr.probs, want_trace.probs, rtol=0, atol=1e-5)
+    assert np.abs(recropped.probs - want_trace.probs).max() > 0.05  # the flag matters for a model that crops
+
+
+def test_cropped_frames_cross_to_the_gpu_as_uint8(demo, monkeypatch):
+    """On the (simulated) device place, frames given as cropped are uploaded as uint8 (a quarter of
+    the bytes of float32 images) and pre-processed with crop_pct 1; answers equal the host place's
+    on the normalised images."""
+    from gfnet_edge.runtime.driver import Driver
+
+    bundle, frames = demo
+    frames = frames[:40]
+    P = bundle.model.patch_size
+    with _runtime(bundle, max_batch=CHUNK) as host_rt:
+        host_rt.model = _cropping(bundle)
+        want = host_rt.predict(_normalised(bundle, frames))
+    mem = SimMemory()
+    sim_ops(monkeypatch, mem)
+    crops = []
+    preprocess = ops.cuda_preprocess
+
+    def spy(*a, **kw):
+        crops.append(kw["crop_pct"])
+        return preprocess(*a, **kw)
+
+    monkeypatch.setattr(ops, "cuda_preprocess", spy)
+    with _runtime(bundle, max_batch=CHUNK) as rt:
+        rt.model = _cropping(bundle)
+        rt.driver = Driver(rt.model, _SimDeviceRunner(rt.runner, mem, P).activate(), SimHeads(rt.heads, mem),
+                           rt.profiler)
+        got = [rt.predict(frames, cropped=True), rt.predict(DeviceArray(mem, frames), cropped=True)]
+        bufs = dict(rt.driver.place._bufs)
+        with pytest.raises(InputError, match=r"frame 0 is 40 x 41: frames given as cropped must be the model's "
+                                             r"input size"):
+            rt.predict(DeviceArray(mem, np.zeros((2, 40, 41, 3), np.uint8)), cropped=True)
+    for g in got:
+        _assert_close(g, want)
+    assert set(crops) == {1.0} and len(crops) == 2 * len(frames)
+    S = bundle.model.image_size
+    assert bufs["input.frames"].nbytes == CHUNK * S * S * 3
+
+
+def test_cropped_needs_uint8_frames_of_the_models_size(demo):
+    bundle, frames = demo
+    S = bundle.model.image_size
+    with _runtime(bundle) as rt:
+        with pytest.raises(InputError, match=r"frame 1 is 40 x 40: frames given as cropped must be the model's "
+                                             rf"input size, {S} x {S}"):
+            rt.predict([frames[0], np.zeros((40, 40, 3), np.uint8)], cropped=True)
+        with pytest.raises(InputError, match="cropped=True is for uint8 frames"):
+            rt.predict(_normalised(bundle, frames[:2]), cropped=True)
+        with pytest.raises(InputError, match="cropped must be True or False, got 'yes'"):
+            rt.predict(frames[:2], cropped="yes")
+        with pytest.raises(InputError, match="cropped must be True or False"):
+            rt.predict_iter(frames, cropped=1)  # refused at the call, before any batch
+        with pytest.raises(InputError, match=rf"frame 0 is 30 x {S}"):
+            rt.trace(np.zeros((1, 30, S, 3), np.uint8), cropped=True)

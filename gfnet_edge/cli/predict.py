@@ -16,7 +16,6 @@ class _Stop(Exception):
 
 def run(args: argparse.Namespace) -> int:
     """Classifies the images and prints one line (or JSON row) per image."""
-    from .. import ops
     from ..data.images import iter_image_batches
     from ..runtime import Runtime
 
@@ -34,20 +33,20 @@ def run(args: argparse.Namespace) -> int:
         with Runtime(args.bundle, profile=args.profile, **runtime_kwargs(args)) as rt:
             m = rt.model
 
-            def images():  # read batch by batch; the frames are already resized and centre-cropped,
-                # normalised here by the extension (no second resize / crop)
+            def images():  # read batch by batch, resized and centre-cropped to uint8 S x S frames as they
+                # are read; the runtime only normalises them (cropped=True: no second resize / crop)
                 try:
                     for batch_names, frames in iter_image_batches(args.images, m.image_size, m.crop_pct,
                                                                   m.dataset_interpolation, args.batch_size,
                                                                   on_error=failed):
                         names.extend(batch_names)
-                        yield ops.normalise_frames(frames, m.mean, m.std)
+                        yield frames
                 except _Stop:  # --on-error stop: the stream ends here; what was read is classified
                     return
 
             try:
                 for preds in rt.predict_iter(images(), batch_size=args.batch_size, deadline_ms=args.deadline_ms,
-                                             deadline_margin=args.deadline_margin):
+                                             deadline_margin=args.deadline_margin, cropped=True):
                     start = len(rows)
                     rows.extend({"image": names[start + i], **preds[i]} for i in range(len(preds)))
             except ValueError as exc:

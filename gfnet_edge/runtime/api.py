@@ -156,8 +156,7 @@ class Runtime:
                  head_dtype: str = "float32", cuda_graphs: bool = True, max_batch: Optional[int] = None) -> None:
         max_batch = check_batch(max_batch, "max_batch")
         for name, flag in (("profile", profile), ("verify", verify), ("cuda_graphs", cuda_graphs)):
-            if not isinstance(flag, (bool, np.bool_)):
-                raise InputError(f"{name} must be True or False, got {flag!r}")
+            _check_flag(name, flag)
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
                                     or not 1 <= threads <= MAX_THREADS):
             raise InputError(f"threads must be an int from 1 to {MAX_THREADS}, got {threads!r}")
@@ -339,15 +338,20 @@ class Runtime:
         self.close()
 
     # ----------------------------------------------------------------- inputs
-    def _validate(self, inputs) -> tuple:
+    def _validate(self, inputs, cropped: bool = False) -> tuple:
         """``("images", float32 (N, 3, S, S))``, ``("frames", uint8 (N, H, W, 3) array or
-        [uint8 HWC, ...])`` or ``("device", frames in GPU memory)`` (checked by the driver)."""
+        [uint8 HWC, ...])`` or ``("device", frames in GPU memory)`` (checked by the driver;
+        frames given as ``cropped`` are checked to be S x S by the place)."""
         from .cuda_arrays import is_device_array
 
+        _check_flag("cropped", cropped)
         if is_device_array(inputs) or (isinstance(inputs, (list, tuple)) and inputs and is_device_array(inputs[0])):
             return "device", inputs
         S = self.model.image_size
         if isinstance(inputs, np.ndarray) and inputs.dtype == np.float32:
+            if cropped:
+                raise InputError("cropped=True is for uint8 frames already resized and centre-cropped; these are "
+                                 "float32 images, which the runtime takes as normalised (drop cropped)")
             if inputs.ndim != 4 or inputs.shape[1:] != (3, S, S):
                 raise InputError(f"normalised images must be float32 (N, 3, {S}, {S}), got {inputs.shape}")
             if inputs.shape[0] == 0:
@@ -373,11 +377,12 @@ class Runtime:
                 raise InputError(f"image {i}: empty frame {f.shape}: a frame needs at least one pixel")
         return "frames", frames
 
-    def _run(self, inputs, thresholds: Optional[Sequence[float]], deadline: Optional[Deadline] = None) -> tuple:
+    def _run(self, inputs, thresholds: Optional[Sequence[float]], deadline: Optional[Deadline] = None,
+             cropped: bool = False) -> tuple:
         """Runs the driver on validated inputs, :attr:`max_batch` images at a time, into
         outputs allocated once; ``(StepOutputs, number of images)``. The chunks of a call share
         its deadline."""
-        kind, data = self._validate(inputs)
+        kind, data = self._validate(inputs, cropped)
         size = self.max_batch
         if kind == "device":
             n, chunks = device_chunks(data, size)
@@ -385,7 +390,7 @@ class Runtime:
             n = len(data)
             chunks = (data[i:i + size] for i in range(0, n, size))
         if n <= size:  # one chunk: its outputs are the call's
-            return self._run_chunk(kind, next(iter(chunks)), 0, thresholds, deadline), n
+            return self._run_chunk(kind, next(iter(chunks)), 0, thresholds, deadline, cropped), n
         out = OutputBuffer(n)
         # on the GPU, the next chunk's upload overlaps the current chunk's steps
         prefetch = getattr(self.driver.place, "prefetch", None) if kind != "device" else None
@@ -395,11 +400,12 @@ class Runtime:
             following = next(chunks, None)
             if prefetch is not None and following is not None:
                 prefetch(following)
-            out.write(k * size, self._run_chunk(kind, chunk, k * size, thresholds, deadline))
+            out.write(k * size, self._run_chunk(kind, chunk, k * size, thresholds, deadline, cropped))
             chunk, k = following, k + 1
         return out.result(), n
 
-    def _run_chunk(self, kind: str, chunk, start: int, thresholds, deadline: Optional[Deadline] = None) -> StepOutputs:
+    def _run_chunk(self, kind: str, chunk, start: int, thresholds, deadline: Optional[Deadline] = None,
+                   cropped: bool = False) -> StepOutputs:
         if kind == "images":  # the glance computed where the loop runs
             chunk = np.ascontiguousarray(chunk)
             flat = chunk.reshape(len(chunk), -1)  # one reduction each way: NaN and Inf propagate into both
@@ -414,8 +420,9 @@ class Runtime:
                                  "overflow the network (pass uint8 frames to have them normalised)")
             return self.driver.run(chunk, None, thresholds, deadline)
         if kind == "device":
-            return self.driver.run_device_frames(chunk, thresholds, deadline)
-        return self.driver.run_frames(chunk, thresholds, deadline)
+            return self.driver.run_device_frames(chunk, thresholds, deadline, cropped)
+        return self.driver.run_frames(chunk, thresholds, deadline, cropped)
+
     def set_step_costs(self, costs: Optional[Union[StepCosts, Sequence[float]]]) -> None:
         """The per-step costs deadlines plan with: a :class:`~gfnet_edge.runtime.deadline.StepCosts`,
         per-image milliseconds of each step at batch 1 (the increment of step k), or None.
@@ -438,7 +445,7 @@ class Runtime:
 
     # ------------------------------------------------------------------- run
     def predict(self, inputs, budget: Optional[str] = None, deadline_ms: Optional[float] = None,
-                deadline_margin: float = DEFAULT_MARGIN) -> Predictions:
+                deadline_margin: float = DEFAULT_MARGIN, *, cropped: bool = False) -> Predictions:
         """Classifies images with early exit.
 
         Args:
@@ -456,6 +463,11 @@ class Runtime:
                 marked in ``Predictions.deadline_stopped``. The glance step always runs. A batch
                 shares one deadline.
             deadline_margin: every predicted step cost is scaled by ``1 + deadline_margin``.
+            cropped: the uint8 frames are already resized and centre-cropped to the model's
+                S x S input (as :func:`gfnet_edge.data.load_images` and ``gfnet-edge predict``
+                read them): the runtime only normalises them, fused with the glance (on the GPU,
+                after uploading a quarter of the bytes of float32 images). Frames of another
+                size are refused.
         """
         with self._lock:
             t0 = time.perf_counter()
@@ -464,23 +476,24 @@ class Runtime:
             if thr is None:
                 thr = [2.0] * (self.model.steps - 1) + [-1e8]  # no budget: run every step
             self._check_open()
-            out, n = self._run(inputs, thr, deadline)
+            out, n = self._run(inputs, thr, deadline, cropped)
             self.profiler.add_call(time.perf_counter() - t0, n)
         _check_finite(out.confidence, "predict")
         return Predictions(out.prediction, out.confidence, out.exit_step, out.coords, self.model.patch_size,
                            out.stopped, self.model.class_names)
 
-    def trace(self, inputs) -> RuntimeTrace:
-        """Runs every step on every image; same fields as the reference model's trace."""
+    def trace(self, inputs, *, cropped: bool = False) -> RuntimeTrace:
+        """Runs every step on every image; same fields as the reference model's trace
+        (``inputs`` and ``cropped`` as in :meth:`predict`)."""
         with self._lock:
             self._check_open()
-            out, _ = self._run(inputs, None)
+            out, _ = self._run(inputs, None, cropped=cropped)
         _check_finite(out.probs, "trace")
         return RuntimeTrace(out.probs, out.coords)
 
     def predict_iter(self, frames: Iterable[Any], batch_size: Optional[int] = None,
                      budget: Optional[str] = None, deadline_ms: Optional[float] = None,
-                     deadline_margin: float = DEFAULT_MARGIN) -> Iterator[Predictions]:
+                     deadline_margin: float = DEFAULT_MARGIN, *, cropped: bool = False) -> Iterator[Predictions]:
         """Classifies a stream of images (a video, a folder walk) batch by batch: reads the
         iterable only as far as the batch being filled, and yields that batch's results
         before reading on, so memory is bounded by one batch whatever the stream's length.
@@ -491,18 +504,26 @@ class Runtime:
             batch_size: images per :meth:`predict` call (``None``: :attr:`max_batch`).
             budget: a named budget for these calls (default: the runtime's).
             deadline_ms, deadline_margin: a deadline for each batch's call (see :meth:`predict`).
+            cropped: the frames are already the model's S x S input (see :meth:`predict`).
 
         Yields:
             :class:`Predictions` of each batch of ``batch_size`` images, in stream order (the
             last batch may be smaller).
         """
         size = check_batch(batch_size, "batch_size") or self.max_batch
+        _check_flag("cropped", cropped)
         if budget is not None:
             self.bundle.thresholds(budget)  # an unknown name fails here, not at the first batch
         batches = stream_batches(frames, size, self.model.image_size)
         if deadline_ms is not None:
             self._deadline(deadline_ms, deadline_margin, time.perf_counter())  # bad values fail here
-        return (self.predict(batch, budget, deadline_ms, deadline_margin) for batch in batches)
+        return (self.predict(batch, budget, deadline_ms, deadline_margin, cropped=cropped) for batch in batches)
+
+
+def _check_flag(name: str, value: Any) -> None:
+    """Raises InputError unless ``value`` is a boolean."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise InputError(f"{name} must be True or False, got {value!r}")
 
 
 def _check_graph_outputs(runner, model: ModelDesc, arrays: Dict[str, np.ndarray], heads_path: Path) -> None:
@@ -556,9 +577,10 @@ def trace_graphs(model: "ModelDesc | Dict[str, Any]", graphs: Dict[str, Path], h
             (:func:`gfnet_edge.export.manifest_model`).
         graphs: ``{"glance": path, "focus": path}``.
         heads: ``heads.npz`` path or its arrays.
-        images: normalised float32 (N, 3, S, S), or uint8 (N, H, W, 3) frames, pre-processed
-            by the extension as :meth:`Runtime.predict` does (an INT8 graph rounds its input to
-            its quantization grid, so the two ways in can give some images different results).
+        images: normalised float32 (N, 3, S, S), or uint8 (N, S, S, 3) frames already resized
+            and centre-cropped, normalised by the extension as :meth:`Runtime.predict` does with
+            ``cropped=True`` (an INT8 graph rounds its input to its quantization grid, so the two
+            ways in can give some images different results).
         threads: ONNX Runtime threads.
         batch_size: images per call.
     """
@@ -574,7 +596,7 @@ def trace_graphs(model: "ModelDesc | Dict[str, Any]", graphs: Dict[str, Path], h
         P = model.patch_size
         for i in range(0, images.shape[0], batch_size):
             if images.dtype == np.uint8:
-                out = driver.run_frames(np.ascontiguousarray(images[i:i + batch_size]), None)
+                out = driver.run_frames(np.ascontiguousarray(images[i:i + batch_size]), None, cropped=True)
             else:
                 x = np.ascontiguousarray(images[i:i + batch_size], dtype=np.float32)
                 out = driver.run(x, ops.glance(x, P, model.glance_interpolation), None)

@@ -36,7 +36,8 @@ import numpy as np
 
 from ..errors import InputError, UnavailableError
 from .cuda_arrays import DeviceFrame
-from .types import Chunk, DeviceRun, ExitBook, LoopContext, StepOutputs, check_step_flag as _check_flag, softmax
+from .types import (Chunk, DeviceRun, ExitBook, LoopContext, StepOutputs, check_step_flag as _check_flag, frame_crop_pct,
+                    softmax)
 
 
 F32 = 4  # bytes per float32 / int32
@@ -236,9 +237,10 @@ class DevicePlace:
                 gl.copy_from_host(glance, st)
         return self.device_inputs(img.ptr, gl.ptr, n)
 
-    def frames(self, frames: Union[np.ndarray, Sequence[np.ndarray]]) -> List[Chunk]:
+    def frames(self, frames: Union[np.ndarray, Sequence[np.ndarray]], cropped: bool = False) -> List[Chunk]:
         """One upload of all frames (or their prefetched upload), then the fused device
-        pre-processing per frame."""
+        pre-processing per frame (``cropped``: S x S frames only normalised, so a quarter of
+        the bytes of float32 images cross to the GPU)."""
         staged = self._take_prefetched(frames)
         if isinstance(frames, np.ndarray) and frames.ndim == 4:
             frame_list: List[np.ndarray] = [frames[i] for i in range(frames.shape[0])]
@@ -252,6 +254,7 @@ class DevicePlace:
             if not isinstance(f, np.ndarray) or f.dtype != np.uint8 or f.ndim != 3 or f.shape[2] != 3 or f.size == 0:
                 desc = f"{f.dtype} {f.shape}" if isinstance(f, np.ndarray) else type(f).__name__
                 raise ValueError(f"frame {i}: expected a uint8 (H, W, 3) frame, got {desc}")
+        crop_pct = frame_crop_pct(self.ctx, [f.shape[:2] for f in frame_list], cropped)
         if staged is not None:
             fb = staged
         else:
@@ -266,19 +269,21 @@ class DevicePlace:
                 h, w = int(f.shape[0]), int(f.shape[1])
                 located.append((fb.ptr + offset, h, w))
                 offset += h * w * 3
-            return self._preprocess(located)
+            return self._preprocess(located, crop_pct)
 
-    def device_frames(self, frames: Sequence[DeviceFrame]) -> List[Chunk]:
+    def device_frames(self, frames: Sequence[DeviceFrame], cropped: bool = False) -> List[Chunk]:
         """uint8 HWC frames already in GPU memory (from :func:`device_frames`): pre-processed
-        where they are, nothing copied. Their producers' streams are synchronized first."""
+        where they are, nothing copied (``cropped`` as in :meth:`frames`). Their producers'
+        streams are synchronized first."""
         from .. import ops
 
+        crop_pct = frame_crop_pct(self.ctx, [(f.height, f.width) for f in frames], cropped)
         for stream in dict.fromkeys(f.stream for f in frames if f.stream is not None):
             ops.stream_synchronize(stream)
         with self.stage("preprocess"):
-            return self._preprocess([(f.ptr, f.height, f.width) for f in frames])
+            return self._preprocess([(f.ptr, f.height, f.width) for f in frames], crop_pct)
 
-    def _preprocess(self, frames: Sequence[tuple]) -> List[Chunk]:
+    def _preprocess(self, frames: Sequence[tuple], crop_pct: float) -> List[Chunk]:
         """Enqueues the fused pre-processing (resize, crop, normalise, glance:
         ``ops.cuda_preprocess``) of device frames ``(pointer, height, width)``."""
         from .. import ops
@@ -288,7 +293,7 @@ class DevicePlace:
         img, gl = self._input_buffers(n)
         for i, (ptr, h, w) in enumerate(frames):
             ops.cuda_preprocess(ptr, h, w, S, img.ptr + i * 3 * S * S * F32,
-                                crop_pct=m.crop_pct, interpolation=m.dataset_interpolation,
+                                crop_pct=crop_pct, interpolation=m.dataset_interpolation,
                                 mean=m.mean, std=m.std,
                                 glance=gl.ptr + i * 3 * P * P * F32, glance_size=P,
                                 glance_interpolation=m.glance_interpolation, stream=st)

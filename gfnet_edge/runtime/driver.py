@@ -121,7 +121,8 @@ class Driver:
         return self._loop(lambda: self.place.inputs(images, glance), thresholds, deadline)
 
     def run_frames(self, frames: Union[np.ndarray, Sequence[np.ndarray]],
-                   thresholds: Optional[Sequence[float]], deadline: Optional["Deadline"] = None) -> StepOutputs:
+                   thresholds: Optional[Sequence[float]], deadline: Optional["Deadline"] = None,
+                   cropped: bool = False) -> StepOutputs:
         """Runs the loop on uint8 HWC RGB frames of any size, pre-processed by the extension
         as the model was trained (resize, centre crop, normalisation: the manifest's
         ``crop_pct``, ``dataset_interpolation``, ``mean`` and ``std``; stage ``preprocess``).
@@ -129,11 +130,13 @@ class Driver:
         Args:
             frames: an (N, H, W, 3) uint8 array or a list of (H, W, 3) uint8 frames.
             thresholds, deadline: as in :meth:`run`.
+            cropped: the frames are already resized and centre-cropped to S x S: only
+                normalised (the pre-processing with ``crop_pct`` 1).
         """
-        return self._loop(lambda: self.place.frames(frames), thresholds, deadline)
+        return self._loop(lambda: self.place.frames(frames, cropped), thresholds, deadline)
 
     def run_device_frames(self, frames: Any, thresholds: Optional[Sequence[float]],
-                          deadline: Optional["Deadline"] = None) -> StepOutputs:
+                          deadline: Optional["Deadline"] = None, cropped: bool = False) -> StepOutputs:
         """Device place only: runs the loop on uint8 HWC RGB frames already in GPU memory,
         pre-processed where they are (no copy).
 
@@ -142,6 +145,7 @@ class Driver:
                 arrays or torch CUDA tensors) of shape (H, W, 3) or (N, H, W, 3), or a list of
                 (H, W, 3) ones; C-contiguous uint8.
             thresholds: as in :meth:`run`.
+            cropped: as in :meth:`run_frames`.
         """
         from .cuda_arrays import device_frames
 
@@ -149,7 +153,7 @@ class Driver:
             raise InputError(f"frames in GPU memory need a runtime whose loop runs on the GPU (TensorRT, or torch "
                              f"with device='cuda'); this one runs on the host with {self.runner.name}: copy the "
                              "frames to host memory, or use a GPU backend")
-        return self._loop(lambda: self.place.device_frames(device_frames(frames)), thresholds, deadline)
+        return self._loop(lambda: self.place.device_frames(device_frames(frames), cropped), thresholds, deadline)
 
     def run_device(self, images: int, glance: int, n: int, thresholds: Optional[Sequence[float]],
                    deadline: Optional["Deadline"] = None) -> StepOutputs:

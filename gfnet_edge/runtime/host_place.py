@@ -13,7 +13,7 @@ from typing import Any, ContextManager, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from .types import Chunk, LoopContext, StepOutputs, softmax
+from .types import Chunk, LoopContext, StepOutputs, frame_crop_pct, softmax
 from .profile import HOST_STEP_PARTS
 
 
@@ -49,14 +49,16 @@ class HostPlace:
                 glance = self._glance(images)
         return [(images, glance, int(images.shape[0]))]
 
-    def frames(self, frames: Union[np.ndarray, Sequence[np.ndarray]]) -> List[Chunk]:
+    def frames(self, frames: Union[np.ndarray, Sequence[np.ndarray]], cropped: bool = False) -> List[Chunk]:
         """Resized and centre-cropped to uint8 (N, S, S, 3) (skipped when they already are
-        S x S and the model crops nothing) plus their glance: no normalised float copy of the
-        images is made (a quarter of the bytes to write, compact and read back)."""
+        S x S and the model crops nothing, or they are given as ``cropped``) plus their glance:
+        no normalised float copy of the images is made (a quarter of the bytes to write,
+        compact and read back)."""
         from .. import ops
 
         m, S = self.ctx.model, self.ctx.S
-        crop_pct = m.crop_pct
+        sizes = [f.shape[:2] for f in frames] if not isinstance(frames, np.ndarray) else [frames.shape[1:3]]
+        crop_pct = frame_crop_pct(self.ctx, sizes, cropped)
         with self.stage("preprocess"):
             square = (frames.shape[1:] == (S, S, 3) if isinstance(frames, np.ndarray)
                       else all(f.shape == (S, S, 3) for f in frames))
@@ -78,7 +80,7 @@ class HostPlace:
     def device_inputs(self, images: int, glance: int, n: int) -> List[Chunk]:
         raise ValueError("inputs in GPU memory need the device place (heads built with device='cuda')")
 
-    def device_frames(self, frames: Sequence[Any]) -> List[Chunk]:
+    def device_frames(self, frames: Sequence[Any], cropped: bool = False) -> List[Chunk]:
         raise ValueError("frames in GPU memory need the device place (heads built with device='cuda')")
 
     # -------------------------------------------------------------------- steps

@@ -125,8 +125,9 @@ class Place(Protocol):
     def inputs(self, images: np.ndarray, glance: Optional[np.ndarray]) -> List[Chunk]:
         """Host images (and glance, or None to compute it) as the place's chunks."""
 
-    def frames(self, frames: Union[np.ndarray, Sequence[np.ndarray]]) -> List[Chunk]:
-        """uint8 HWC frames of any size, pre-processed, as the place's chunks."""
+    def frames(self, frames: Union[np.ndarray, Sequence[np.ndarray]], cropped: bool = False) -> List[Chunk]:
+        """uint8 HWC frames of any size, pre-processed, as the place's chunks (``cropped``:
+        S x S frames already resized and centre-cropped, only normalised)."""
 
     def steps(self, images: Any, n: int, thresholds: Optional[np.ndarray], glance: Any = None) -> Steps:
         """A run of the loop over one chunk (``thresholds`` None: trace; ``glance`` the chunk's
@@ -136,13 +137,33 @@ class Place(Protocol):
         """Device place: inputs already in GPU memory (pointers) as chunks; the host place
         raises ValueError."""
 
-    def device_frames(self, frames: Sequence[Any]) -> List[Chunk]:
+    def device_frames(self, frames: Sequence[Any], cropped: bool = False) -> List[Chunk]:
         """Device place: uint8 frames in GPU memory (:class:`~gfnet_edge.runtime.cuda_arrays.
-        DeviceFrame`) pre-processed where they are; the host place raises ValueError."""
+        DeviceFrame`) pre-processed where they are (``cropped`` as in :meth:`frames`); the
+        host place raises ValueError."""
 
     def close(self) -> None:
         """Frees what the place holds (device place: GPU buffers, graphs, page-locked memory,
         events), once the work enqueued on its streams has finished."""
+
+
+def frame_crop_pct(ctx: LoopContext, sizes: Sequence[Tuple[int, int]], cropped: bool) -> float:
+    """The ``crop_pct`` a place pre-processes frames of these (height, width) with: the model's,
+    or 1 (normalisation only) for frames given as already cropped, which must then be S x S.
+
+    Raises:
+        InputError: a frame given as cropped is not S x S.
+    """
+    if not cropped:
+        return ctx.model.crop_pct
+    from ..errors import InputError
+
+    S = ctx.S
+    for i, (h, w) in enumerate(sizes):
+        if (int(h), int(w)) != (S, S):
+            raise InputError(f"frame {i} is {h} x {w}: frames given as cropped must be the model's input size, "
+                             f"{S} x {S} (leave cropped off to have them resized and centre-cropped)")
+    return 1.0
 
 
 def check_step_flag(flag: int, step: int) -> None:
