@@ -429,6 +429,7 @@ def test_runtime_input_fuses_preprocessing_only_without_crop(tiny_bundle):
 def test_tail_budget_run_manifest_and_deadline_sweep(tiny_bundle, tmp_path, capsys):
     """A p95 budget next to a mean budget: named, fitted, verified (its measured p95 reported next to
     the limit), stored for the runtime, and the report's distribution and deadline-sweep sections."""
+    from gfnet_edge.calibrate.sweep import SWEEP_PAD
     from gfnet_edge.runtime import Runtime
 
     bundle = _fresh(tiny_bundle, tmp_path)
@@ -460,7 +461,9 @@ def test_tail_budget_run_manifest_and_deadline_sweep(tiny_bundle, tmp_path, caps
     steps = res["latency"]["budget_batch"]["steps"]
     ds = [r["deadline_ms"] for r in sw["rows"]]
     assert sw["budget"] == "p95-500.0" and len(ds) == 3
-    assert ds[0] == pytest.approx(steps[0]["p50_ms"]) and ds[-1] == pytest.approx(steps[-1]["p99_ms"])
+    # from the glance's p50 to past the point where the runtime plans the full model for every call
+    assert ds[0] == pytest.approx(steps[0]["p50_ms"])
+    assert ds[-1] == pytest.approx(steps[-1]["p99_ms"] * (1 + sw["margin"]) * (1 + SWEEP_PAD))
     assert all(1.0 <= r["mean_steps"] <= T and 0 <= r["over_10pct"] <= r["over_pct"] <= 100 for r in sw["rows"])
     html = (out / "report.html").read_text()
     assert "id='distribution'" in html and "id='deadlines'" in html and '<table class="deadlines">' in html
