@@ -621,6 +621,25 @@ def test_anytime_figure_labels_one_line_and_names_no_single_split(figures):
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["int8 (held-out)", "int8 (fit)", "fp32 (held-out)"]
 
 
+def test_anytime_figure_value_labels_stay_inside_the_frame(figures):
+    """The labelled line is the highest: its last value label sits above the top point, yet its text
+    stays inside the axes with room to spare (and inside the left and right edges)."""
+    from gfnet_edge.calibrate import plots
+
+    plots.anytime({"int8 (held-out)": [60.0, 85.0, 92.0], "fp32 (held-out)": [59.0, 84.0, 91.0]})
+    fig = figures[-1]
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    box = ax.get_window_extent()
+    clear = 4.0 * fig.dpi / 72.0  # pixels of 4 points
+    for t in ax.texts:
+        e = t.get_window_extent()
+        assert e.y1 <= box.y1 - clear and e.y0 >= box.y0 + clear, (t.get_text(), e, box)
+        assert e.x0 >= box.x0 + clear and e.x1 <= box.x1 - clear, (t.get_text(), e, box)
+    top = max(ax.texts, key=lambda t: t.xy[1])
+    assert top.get_text() == "92.0" and ax.get_ylim()[1] > 92.0
+
+
 def test_deadline_figure_legend_is_below_the_axes_and_static_lines_stay_apart(figures):
     """The legend sits under the axes (over the data it hid the late-call line); two static
     baselines missing every deadline (the same line) differ in marker; the no-deadline accuracy
