@@ -26,7 +26,7 @@ from .precision import trace_frames
 from .progress import Progress
 from .report import write_report
 from .static_runners import StaticPlan, check_static_sources
-from .sweep import DeadlineSweep, deadline_sweep, sweep_deadlines
+from .sweep import SWEEP_PAD, DeadlineSweep, deadline_sweep, sweep_deadlines
 from .verify import BudgetResult, Measurement, check_budget_feasible, fit_and_verify, pool, starting_latency, stability
 
 __all__ = ["CalibrationConfig", "run_calibration", "static_int8"]
@@ -94,7 +94,6 @@ class _Measured:
     results: List[BudgetResult]
     default: Optional[str]
     rt: "_RtInfo"
-    sweep: Optional[DeadlineSweep]
 
 
 def _run_budgets(rt, data, cfg: CalibrationConfig, timed: str) -> _Measured:
@@ -134,15 +133,42 @@ def _run_budgets(rt, data, cfg: CalibrationConfig, timed: str) -> _Measured:
                                       note=note))
     remeasure("end")  # for the stability check only
     info = _RtInfo(rt.backend, rt.precision, cfg.threads)
-    sweep = None
-    if cfg.deadlines:  # 3. the deadline sweep, planned with the step costs written to the manifest
-        from gfnet_edge.runtime.deadline import StepCosts
+    return _Measured(lat1, latN, history, fit_probs, hold_probs, hold_coords, results, default, info)
 
-        rt.set_step_costs(StepCosts.from_manifest(_step_costs(lat1, latN, info, timed)))
-        r = _featured(results, default)
-        sweep = deadline_sweep(rt, hold_x, hold_y, r.thresholds, r.name, sweep_deadlines(lat1, cfg.deadlines),
-                               batch=cfg.batch, no_deadline_accuracy=r.accuracy, progress=cfg.progress)
-    return _Measured(lat1, latN, history, fit_probs, hold_probs, hold_coords, results, default, info, sweep)
+
+def _open_runtime(bundle: Bundle, cfg: CalibrationConfig):
+    """The runtime calibration measures: the bundle on ``cfg``'s backend, precision and threads."""
+    from gfnet_edge.runtime import Runtime
+
+    return Runtime(bundle, backend=cfg.backend, precision=cfg.precision, threads=cfg.threads, profile=True,
+                   dla_core=cfg.dla_core, head_dtype=cfg.head_dtype, device=cfg.device)
+
+
+def _run_sweep(bundle: Bundle, cfg: CalibrationConfig, m: _Measured, statics: Sequence[Any], timed: str,
+               hold_x: np.ndarray, hold_y: np.ndarray) -> Optional[DeadlineSweep]:
+    """The deadline sweep of the featured budget, planned with the step costs written to the manifest.
+
+    It runs after the static baselines, so that its deadlines reach past their p99 call as well as
+    past GFNet's full model (:func:`calibrate.sweep.sweep_deadlines`); a runtime of its own runs it.
+    """
+    if not cfg.deadlines:
+        return None
+    from gfnet_edge.runtime.api import DEFAULT_MARGIN
+    from gfnet_edge.runtime.deadline import StepCosts
+
+    r = _featured(m.results, m.default)
+    deadlines = sweep_deadlines(m.lat1, cfg.deadlines, DEFAULT_MARGIN, [s.call_ms for s in statics])
+    rt = _open_runtime(bundle, cfg)
+    try:
+        rt.set_step_costs(StepCosts.from_manifest(_step_costs(m.lat1, m.latN, m.rt, timed)))
+        sweep = deadline_sweep(rt, hold_x, hold_y, r.thresholds, r.name, deadlines, batch=cfg.batch,
+                               margin=DEFAULT_MARGIN, no_deadline_accuracy=r.accuracy, progress=cfg.progress,
+                               warmup_ms=cfg.warmup_ms)
+    finally:
+        rt.close()
+    for s in statics:
+        sweep.add_static(s.name, s.call_ms)
+    return sweep
 
 
 def _featured(results: Sequence[BudgetResult], default: Optional[str]) -> BudgetResult:
@@ -168,8 +194,6 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
         InputError: bad bundle, data, options or an infeasible budget (nothing is written).
         UnavailableError: a backend or dependency is missing.
     """
-    from gfnet_edge.runtime import Runtime
-
     cfg.validate()
     out = Path(cfg.output)
     check_replace(out, cfg.force, **REPORT_OUTPUT, protect=[Path(cfg.bundle)])
@@ -183,8 +207,7 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
     fit_x, fit_y = data.part("fit")
     hold_x, hold_y = data.part("holdout")
 
-    rt = Runtime(bundle, backend=cfg.backend, precision=cfg.precision, threads=cfg.threads, profile=True,
-                 dla_core=cfg.dla_core, head_dtype=cfg.head_dtype, device=cfg.device)
+    rt = _open_runtime(bundle, cfg)
     device["timed_on"] = timed_on(device, rt.backend == "tensorrt" or rt.device_loop or cfg.device == "cuda")
     try:
         check_static_sources(cfg.static, StaticPlan.of_runtime(rt))  # before any long work
@@ -198,7 +221,7 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
     anytime = {f"{main_precision} (held-out)": anytime_accuracy(m.hold_probs, hold_y).tolist(),
                f"{main_precision} (fit)": anytime_accuracy(m.fit_probs, fit_y).tolist()}
 
-    # 3. precisions and the static baseline
+    # 3. precisions, the static baseline and the deadline sweep
     prec = compare_precisions(bundle, m.rt.backend, main_precision, hold_x, hold_y, m.hold_probs, cost,
                               fit_x[: min(len(fit_x), 32)], {r.name: r.thresholds for r in results}, cfg, _measure,
                               {r.name: r.cost_ms for r in results})
@@ -207,9 +230,7 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
             anytime[f"{r['precision']} (held-out)"] = r["anytime_accuracy"]
     statics = static_results(cfg, main_precision, hold_x, hold_y, fit_x, model, plan)
     static = [s.to_dict() for s in statics]
-    if m.sweep is not None:
-        for s in statics:
-            m.sweep.add_static(s.name, s.call_ms)
+    sweep = _run_sweep(bundle, cfg, m, statics, device["timed_on"], hold_x, hold_y)
 
     names = [r.name for r in results]
     res: Dict[str, Any] = {
@@ -234,7 +255,7 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
         "precisions": prec, "static": static,
         "technology": {"gfnet": plan.gfnet.to_dict(),
                        "static": [s["technology"] for s in static] or [plan.static.to_dict()]},
-        "deadline_sweep": m.sweep.to_dict() if m.sweep is not None else None,
+        "deadline_sweep": sweep.to_dict() if sweep is not None else None,
         "manifest": {"write": cfg.write_manifest, "budgets": names, "default_budget": m.default,
                      "status": ("budgets " + ", ".join(names) + " written to the bundle manifest" +
                                 (f"; default budget {m.default}" if m.default else "")) if cfg.write_manifest
@@ -351,7 +372,10 @@ def _method_notes(cfg: CalibrationConfig, T: int) -> List[str]:
         f"budgets each step is timed at least 10 / (1 - q) times ({cfg.timed_calls()} here).",
         "Deadline sweep: every held-out image runs through Runtime.predict(..., deadline_ms=D) with the featured "
         "budget's thresholds, the runtime planning each step with the measured p99 step latency; the static "
-        "baseline's miss rate at D is the share of its timed calls slower than D.",
+        "baseline's miss rate at D is the share of its timed calls slower than D. The deadlines run from the "
+        f"glance's p50 ({cfg.deadlines} of them) to {100 * SWEEP_PAD:g}% past the full model's p99 scaled by the "
+        f"deadline margin, then, up to as many again, to {100 * SWEEP_PAD:g}% past the slowest static baseline's "
+        "p99 call when that is later.",
         "Budgets are per-image means or percentiles at the stated batch size on this device, backend, precision and "
         "thread count; recalibrate when any of them changes.",
     ]

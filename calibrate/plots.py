@@ -80,6 +80,40 @@ def accuracy_latency(curve: Dict[str, List[float]], budgets: List[Dict[str, Any]
     return _png(fig)
 
 
+def _labels_inside(ax, pad_pt: float = 6.0) -> None:
+    """Widens ``ax``'s data limits so that the text of every annotation anchored at a data point lies
+    inside the axes' frame, ``pad_pt`` points clear of it (a label above the highest point gets
+    headroom instead of touching or crossing the top edge)."""
+    fig = ax.figure
+    pad_px = pad_pt * fig.dpi / 72.0
+    for _ in range(2):  # a second pass settles the limits when both ends of an axis moved
+        fig.canvas.draw()
+        r = fig.canvas.get_renderer()
+        box = ax.get_window_extent(r)
+        (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+        for t in ax.texts:
+            if getattr(t, "xycoords", None) != "data":
+                continue
+            ext = t.get_window_extent(r)
+            ax_, ay = (float(v) for v in t.xy)
+            px, py = ax.transData.transform((ax_, ay))
+            # the share of the axes the text reaches beyond its point, on each side
+            up, down = (ext.y1 - py + pad_px) / box.height, (py - ext.y0 + pad_px) / box.height
+            right, left = (ext.x1 - px + pad_px) / box.width, (px - ext.x0 + pad_px) / box.width
+            if 0.0 < up < 1.0:
+                y1 = max(y1, (ay - up * y0) / (1.0 - up))
+            if 0.0 < down < 1.0:
+                y0 = min(y0, (ay - down * y1) / (1.0 - down))
+            if 0.0 < right < 1.0:
+                x1 = max(x1, (ax_ - right * x0) / (1.0 - right))
+            if 0.0 < left < 1.0:
+                x0 = min(x0, (ax_ - left * x1) / (1.0 - left))
+        if (x0, x1, y0, y1) == (*ax.get_xlim(), *ax.get_ylim()):
+            return
+        ax.set_xlim(x0, x1)
+        ax.set_ylim(y0, y1)
+
+
 def anytime(per_precision: Dict[str, Sequence[float]]) -> bytes:
     """Accuracy at each fixed step, one line per precision."""
     plt = _plt()
@@ -97,6 +131,7 @@ def anytime(per_precision: Dict[str, Sequence[float]]) -> bytes:
     ax.set_title(f"anytime accuracy per step (numbers: {next(iter(per_precision))})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    _labels_inside(ax)
     return _png(fig)
 
 

@@ -1,15 +1,17 @@
 """The deadline sweep of a calibration report: for per-call deadlines from the glance's latency to
-the full model's, the accuracy GFNet keeps under ``Runtime.predict(..., deadline_ms=D)`` and the
-share of calls the static baseline (its measured latency distribution) would finish after ``D``."""
+past the point where both GFNet and the static baselines meet them, the accuracy GFNet keeps under
+``Runtime.predict(..., deadline_ms=D)`` and the share of calls the static baseline (its measured
+latency distribution) would finish after ``D``."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .latency import StepLatency, check_frames, using_thresholds
+from .latency import WARMUP_MS, StepLatency, check_frames, using_thresholds, warm_up
 from .progress import Progress
 
 
@@ -73,16 +75,50 @@ class DeadlineSweep:
                 "static_p50_ms": dict(self.static_p50_ms)}
 
 
-def sweep_deadlines(lat: StepLatency, n: int) -> List[float]:
-    """``n`` deadlines (ms per call at ``lat.batch``) from the glance's p50 to the full model's p99."""
+#: How far past a meeting point (GFNet's full model, a static baseline's p99 call) the sweep runs.
+SWEEP_PAD = 0.05
+
+
+def sweep_deadlines(lat: StepLatency, n: int, margin: Optional[float] = None,
+                    static_call_ms: Sequence[Sequence[float]] = ()) -> List[float]:
+    """The sweep's deadlines (ms per call at ``lat.batch``).
+
+    ``n`` deadlines run from the glance's p50 to past the point from which the runtime plans every
+    step: the full model's p99 scaled by ``1 + margin`` (the runtime plans its steps with p99 step
+    latency times that) and by ``1 + SWEEP_PAD``.
+    When a static baseline's p99 call (``static_call_ms``: each baseline's call latencies) lies
+    beyond that, up to ``n`` more deadlines, spaced like the first ones where they fit, reach
+    ``SWEEP_PAD`` past the slowest baseline's p99, so that its miss rate is seen falling to
+    (nearly) zero.
+
+    Args:
+        lat: the step latency at the sweep's batch.
+        n: deadlines up to GFNet's meeting point (0: none).
+        margin: the deadline margin the runtime plans with (default: the runtime's).
+        static_call_ms: per static baseline, its timed calls' latency (ms per call).
+    """
+    if n <= 0:
+        return []
+    if margin is None:
+        from gfnet_edge.runtime.api import DEFAULT_MARGIN
+
+        margin = DEFAULT_MARGIN
     lo = lat.steps[0].p50_ms * lat.batch
-    hi = max(lat.steps[-1].p99_ms * lat.batch, lo)
-    return [float(d) for d in np.linspace(lo, hi, n)] if n > 0 else []
+    hi = max(lat.steps[-1].p99_ms * lat.batch * (1.0 + float(margin)) * (1.0 + SWEEP_PAD), lo)
+    grid = [float(d) for d in np.linspace(lo, hi, n)]
+    static_hi = max((float(np.percentile(np.asarray(a, dtype=np.float64), 99)) for a in static_call_ms if len(a)),
+                    default=0.0) * (1.0 + SWEEP_PAD)
+    if static_hi > hi:
+        step = (hi - lo) / (n - 1) if n > 1 else 0.0
+        more = n if step <= 0.0 else min(n, math.ceil((static_hi - hi) / step - 1e-9))
+        grid += [float(d) for d in np.linspace(hi, static_hi, more + 1)[1:]]
+    return grid
 
 
 def deadline_sweep(rt, frames: np.ndarray, labels: np.ndarray, thresholds: Sequence[float], budget: str,
                    deadlines: Sequence[float], batch: int = 1, margin: Optional[float] = None,
-                   no_deadline_accuracy: Optional[float] = None, progress: bool = False) -> DeadlineSweep:
+                   no_deadline_accuracy: Optional[float] = None, progress: bool = False,
+                   warmup_ms: float = WARMUP_MS) -> DeadlineSweep:
     """Runs ``rt`` over ``frames`` (``batch`` per call) once per deadline and measures each call.
 
     Args:
@@ -95,6 +131,7 @@ def deadline_sweep(rt, frames: np.ndarray, labels: np.ndarray, thresholds: Seque
         margin: the deadline margin (default: the runtime's).
         no_deadline_accuracy: the same thresholds' accuracy without a deadline (for the report).
         progress: show a progress bar.
+        warmup_ms: untimed calls (at least 3) until this much wall-clock time has passed.
     """
     from gfnet_edge.runtime.api import DEFAULT_MARGIN
 
@@ -107,8 +144,8 @@ def deadline_sweep(rt, frames: np.ndarray, labels: np.ndarray, thresholds: Seque
     rt.profiler.enabled = False
     try:
         with using_thresholds(rt, thresholds), Progress(progress, len(deadlines) * len(chunks), "deadlines") as bar:
-            for x in inputs[:3]:  # warm-up
-                rt.predict(x, cropped=True)
+            warm_up(lambda i: rt.predict(inputs[i % len(inputs)], cropped=True), min(3, len(inputs)),
+                    warmup_ms if inputs else 0.0)
             for d in deadlines:
                 ms, right, steps, stopped = [], 0, [], []
                 for x, (_, y) in zip(inputs, chunks):
@@ -130,4 +167,4 @@ def deadline_sweep(rt, frames: np.ndarray, labels: np.ndarray, thresholds: Seque
     return DeadlineSweep(budget, margin, batch, rows, no_deadline_accuracy=no_deadline_accuracy)
 
 
-__all__ = ["DeadlineSweep", "SweepRow", "deadline_sweep", "sweep_deadlines"]
+__all__ = ["SWEEP_PAD", "DeadlineSweep", "SweepRow", "deadline_sweep", "sweep_deadlines"]

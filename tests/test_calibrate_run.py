@@ -429,6 +429,7 @@ def test_calibration_calls_give_the_runtime_cropped_frames(tiny_bundle):
 def test_tail_budget_run_manifest_and_deadline_sweep(tiny_bundle, tmp_path, capsys):
     """A p95 budget next to a mean budget: named, fitted, verified (its measured p95 reported next to
     the limit), stored for the runtime, and the report's distribution and deadline-sweep sections."""
+    from gfnet_edge.calibrate.sweep import SWEEP_PAD
     from gfnet_edge.runtime import Runtime
 
     bundle = _fresh(tiny_bundle, tmp_path)
@@ -460,7 +461,9 @@ def test_tail_budget_run_manifest_and_deadline_sweep(tiny_bundle, tmp_path, caps
     steps = res["latency"]["budget_batch"]["steps"]
     ds = [r["deadline_ms"] for r in sw["rows"]]
     assert sw["budget"] == "p95-500.0" and len(ds) == 3
-    assert ds[0] == pytest.approx(steps[0]["p50_ms"]) and ds[-1] == pytest.approx(steps[-1]["p99_ms"])
+    # from the glance's p50 to past the point where the runtime plans the full model for every call
+    assert ds[0] == pytest.approx(steps[0]["p50_ms"])
+    assert ds[-1] == pytest.approx(steps[-1]["p99_ms"] * (1 + sw["margin"]) * (1 + SWEEP_PAD))
     assert all(1.0 <= r["mean_steps"] <= T and 0 <= r["over_10pct"] <= r["over_pct"] <= 100 for r in sw["rows"])
     html = (out / "report.html").read_text()
     assert "id='distribution'" in html and "id='deadlines'" in html and '<table class="deadlines">' in html
@@ -616,6 +619,25 @@ def test_anytime_figure_labels_one_line_and_names_no_single_split(figures):
     assert [t.get_text() for t in ax.texts] == ["63.7", "89.3", "91.7"]
     assert "int8 (held-out)" in ax.get_title() and "held-out" not in ax.get_ylabel()
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["int8 (held-out)", "int8 (fit)", "fp32 (held-out)"]
+
+
+def test_anytime_figure_value_labels_stay_inside_the_frame(figures):
+    """The labelled line is the highest: its last value label sits above the top point, yet its text
+    stays inside the axes with room to spare (and inside the left and right edges)."""
+    from gfnet_edge.calibrate import plots
+
+    plots.anytime({"int8 (held-out)": [60.0, 85.0, 92.0], "fp32 (held-out)": [59.0, 84.0, 91.0]})
+    fig = figures[-1]
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    box = ax.get_window_extent()
+    clear = 4.0 * fig.dpi / 72.0  # pixels of 4 points
+    for t in ax.texts:
+        e = t.get_window_extent()
+        assert e.y1 <= box.y1 - clear and e.y0 >= box.y0 + clear, (t.get_text(), e, box)
+        assert e.x0 >= box.x0 + clear and e.x1 <= box.x1 - clear, (t.get_text(), e, box)
+    top = max(ax.texts, key=lambda t: t.xy[1])
+    assert top.get_text() == "92.0" and ax.get_ylim()[1] > 92.0
 
 
 def test_deadline_figure_legend_is_below_the_axes_and_static_lines_stay_apart(figures):

@@ -547,6 +547,38 @@ def test_calibrate_report_names_the_technology_of_each_side(calib_bundle, static
     assert line in (out / "report.html").read_text()
 
 
+def test_deadline_sweep_runs_until_a_slower_static_network_meets_the_deadline(calib_bundle, static, tmp_path,
+                                                                              monkeypatch):
+    """A static baseline whose calls take 50 ms more than measured (far slower than the tiny GFNet):
+    the sweep's deadlines go on past its p99 call, so its miss rate falls from 100 % to at most 1 %
+    in the report, and GFNet runs every step at the last deadline."""
+    from gfnet_edge import cli
+    from gfnet_edge.calibrate import pipeline
+
+    slowed = []
+    real = pipeline.static_results
+
+    def slower(*a, **k):
+        out = real(*a, **k)
+        for s in out:
+            s.call_ms = np.asarray(s.call_ms) + 50.0
+            slowed.append(s)
+        return out
+
+    monkeypatch.setattr(pipeline, "static_results", slower)
+    out = tmp_path / "report"
+    rc = cli.main(["calibrate", str(calib_bundle / "bundle"), "--data", str(calib_bundle / "data.npz"), "-o", str(out),
+                   "--backend", "onnxruntime", "--static", str(static.ckpt), *FAST, "--deadlines", "3"])
+    assert rc == 0 and len(slowed) == 1
+    rows = json.loads((out / "report.json").read_text())["deadline_sweep"]["rows"]
+    ds = [r["deadline_ms"] for r in rows]
+    assert 3 < len(ds) <= 6 and np.all(np.diff(ds) > 0)
+    assert ds[-1] >= np.percentile(slowed[0].call_ms, 99)
+    miss = [r["static_miss_pct"][slowed[0].name] for r in rows]
+    assert miss[0] == 100.0 and miss[-1] <= 1.0
+    assert rows[-1]["stopped_pct"] == 0.0
+
+
 def test_calibrate_refuses_a_static_source_the_backend_cannot_run_before_measuring(calib_bundle, static, tmp_path,
                                                                                    capsys, monkeypatch):
     """--backend torch with an ONNX static graph and no onnx2torch: one line saying what to pass,

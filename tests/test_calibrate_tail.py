@@ -150,6 +150,40 @@ def test_static_miss_rate_in_the_sweep():
     assert sw.to_dict()["static_p50_ms"] == {"static fp32": 2.0}
 
 
+def _sweep_latency(rng):
+    from gfnet_edge.calibrate.latency import LatencyStats, StepLatency
+
+    return StepLatency(1, [LatencyStats.of(s) for s in _step_latency(rng, 200)])
+
+
+def test_sweep_reaches_past_the_full_model_and_a_slower_static_network():
+    """The deadlines run from the glance's p50 to past the full model's p99 with the deadline margin
+    (where the runtime plans every step), then on to past the slowest static baseline's p99 call: its
+    miss rate falls from 100 % to at most 1 % within the sweep, with at most as many deadlines again."""
+    from gfnet_edge.calibrate.sweep import SWEEP_PAD, sweep_deadlines
+
+    rng = np.random.default_rng(7)
+    lat = _sweep_latency(rng)
+    full_p99, margin = lat.steps[-1].p99_ms, 0.05
+    alone = sweep_deadlines(lat, 6, margin)
+    assert len(alone) == 6 and alone[0] == pytest.approx(lat.steps[0].p50_ms)
+    assert alone[-1] == pytest.approx(full_p99 * (1 + margin) * (1 + SWEEP_PAD)) and alone[-1] > full_p99 * (1 + margin)
+    slow = rng.normal(6.0, 0.3, 60)  # a static network four times slower than the full model
+    fast = rng.normal(1.0, 0.05, 60)
+    ds = sweep_deadlines(lat, 6, margin, [fast, slow])
+    assert ds[:6] == pytest.approx(alone) and 6 < len(ds) <= 12 and np.all(np.diff(ds) > 0)
+    assert ds[-1] == pytest.approx(np.percentile(slow, 99) * (1 + SWEEP_PAD))
+    sw = DeadlineSweep("ms-1.0", margin, 1, [SweepRow(d, 50.0, 0.0, 0.0, 0.0, 1.0, d, d, d) for d in ds])
+    sw.add_static("static fp32", slow)
+    miss = [r.static_miss_pct["static fp32"] for r in sw.rows]
+    assert miss[0] == 100.0 and miss[-1] <= 1.0
+    # a static network faster than the full model adds no deadline; one just past it adds one
+    assert sweep_deadlines(lat, 6, margin, [fast]) == pytest.approx(alone)
+    near = sweep_deadlines(lat, 6, margin, [np.full(10, alone[-1] * 1.01)])
+    assert near[:6] == pytest.approx(alone) and len(near) == 7 and near[-1] == pytest.approx(alone[-1] * 1.01 * 1.05)
+    assert sweep_deadlines(lat, 0, margin, [slow]) == []
+
+
 def test_every_budget_pair_has_distinct_names():
     names = [Budget(k, ms).name for k, ms in itertools.product(BudgetKind, (1.0, 1.25))]
     assert len(set(names)) == len(names)
