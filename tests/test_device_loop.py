@@ -722,6 +722,35 @@ def test_device_frames_chunks_and_profiling(bundles):
     assert {"preprocess", "glance", "focus", "exit"} <= set(stages)
 
 
+@requires_torch_cuda
+def test_device_cropped_frames_equal_the_host_loop(bundles):
+    """uint8 S x S frames given as cropped (a model that crops): uploaded as uint8 and only
+    normalised on the device; answers and trace equal ONNX Runtime's on the host, whose trace of
+    the cropped frames equals its trace of the frames normalised beforehand."""
+    from gfnet_edge.runtime import Runtime
+
+    bundle = bundles["gru-regnet-like"]
+    m = bundle.model
+    S = m.image_size
+    frames = np.random.default_rng(9).integers(0, 256, (7, S, S, 3), dtype=np.uint8)
+    with Runtime(bundle, backend="onnxruntime", precision="fp32") as ref:
+        assert ref.model.crop_pct != 1.0
+        tr = ref.trace(frames, cropped=True)
+        tn = ref.trace(ops.normalise_frames(frames, m.mean, m.std))
+        ref.thresholds = gap_thresholds(tr.probs)
+        b = ref.predict(frames, cropped=True)
+    with Runtime(bundle, backend="torch", device="cuda") as dev:
+        dev.thresholds = ref.thresholds
+        a, ta = dev.predict(frames, cropped=True), dev.trace(frames, cropped=True)
+        uploaded = dev.driver.place._bufs["input.frames"].nbytes
+    np.testing.assert_allclose(tr.probs, tn.probs, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(ta.probs, tr.probs, rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(ta.coords, tr.coords)
+    for f in ("exit_step", "classes", "coords"):
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+    assert uploaded == 7 * S * S * 3  # uint8, a quarter of the float32 images' bytes
+
+
 # ------------------------------------------- GPU: torch graphs only (no onnx / timm needed)
 def _tiny_torch_runner(P: int, F: int, Hs: int, C: int, with_logits: bool):
     """A TorchRunner on CUDA whose glance / focus graphs are tiny random torch modules."""
