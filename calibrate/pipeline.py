@@ -349,9 +349,10 @@ def _method_notes(cfg: CalibrationConfig, T: int) -> List[str]:
         "per image of Runtime.predict when every image exits at "
         f"step k (thresholds 2.0 before k, -1e8 from k), at batch {cfg.batch}, {cfg.repeats} timed calls per step "
         f"after at least {cfg.warmup} warm-up calls per step and {cfg.warmup_ms:g} ms of warm-up calls, steps "
-        "interleaved within each repetition. The time covers normalising "
-        "the uint8 S x S frame (ops.preprocess, no second resize/crop) and the whole predict call (glance resize, "
-        "backbone graphs, policy, crops, heads, exit checks). The stage breakdown comes from a separate profiled pass.",
+        "interleaved within each repetition. The call takes the uint8 S x S frames as already cropped "
+        "(Runtime.predict(frames, cropped=True): normalised in the runtime, no second resize/crop), so the time "
+        "covers the whole path from them (normalisation and glance, backbone graphs, policy, crops, heads, exit "
+        "checks). The stage breakdown comes from a separate profiled pass.",
         "Thresholds: the exit-step model expected_ms = sum_k frac_k * cost[k]. The 'search' method maximises the "
         "number of correct fitting images under expected_ms <= budget * (1 - margin) by coordinate ascent over the "
         "per-step thresholds, started from the best solutions of the reference p sweep (q_k proportional to p^k), so "

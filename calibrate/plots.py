@@ -9,7 +9,7 @@ import numpy as np
 from gfnet_edge.errors import installed
 from gfnet_edge.runtime.profile import HOST_STEP_PARTS
 
-STAGE_COLOURS = {"normalise": "#c7c7c7", "preprocess": "#8c8c8c", "glance": "#1f77b4", "policy": "#ff7f0e", "crop": "#bcbd22",
+STAGE_COLOURS = {"preprocess": "#8c8c8c", "glance": "#1f77b4", "policy": "#ff7f0e", "crop": "#bcbd22",
                  "focus": "#2ca02c", "heads": "#9467bd", "exit": "#d62728", "step": "#e377c2"}
 
 
