@@ -3,7 +3,7 @@
 ``gfnet-edge predict`` and ``gfnet-edge calibrate`` do) costs against normalising them to float32
 beforehand (``ops.normalise_frames``, then ``Runtime.predict(images)``), on the host loop.
 
-    python bench/cropped_input.py [--bundle BUNDLE] [--threads 1] [--blocks 8]
+    python bench/cropped_input.py [--bundle BUNDLE] [--threads 1] [--blocks 8] [--clock cpu]
 
 (default bundle: the shipped demo checkpoint built as an fp32 + int8-cpu ONNX Runtime bundle in a
 temporary folder). Per graph set and batch size (1 and 32): the mean time per image of each way
@@ -33,10 +33,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--bundle", help="a bundle with ONNX Runtime graphs (default: the demo model, built here)")
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime and extension threads (default 1)")
     ap.add_argument("--blocks", type=int, default=8, help="alternating blocks of 64 images (default 8)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall-clock time, or the calling thread's CPU time (with --threads 1 every kernel runs on "
+                         "it, so other processes' load does not count)")
     ap.add_argument("--out", type=Path, default=RESULTS / "cropped_input.md")
     args = ap.parse_args(argv)
 
     from gfnet_edge import ops
+    from gfnet_edge.calibrate.latency import CLOCKS
     from gfnet_edge.data import ClutteredDigits, demo_config
     from gfnet_edge.runtime import Runtime
 
@@ -51,7 +55,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                   progress=False).root
         from gfnet_edge.bundle import Bundle
 
-        rows, res = [], {"machine": machine(), "threads": args.threads, "cases": []}
+        rows, res = [], {"machine": machine(), "threads": args.threads, "clock": args.clock, "cases": []}
         sets = Bundle.load(bundle).manifest["graphs"]
         for prec in [s for s in ("fp32", "int8-cpu") if s in sets]:
             with Runtime(bundle, backend="onnxruntime", precision=prec, threads=args.threads) as rt:
@@ -61,7 +65,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 calls = {"normalised": lambda f: rt.predict(ops.normalise_frames(f, m.mean, m.std)),
                          "cropped": lambda f: rt.predict(f, cropped=True)}
                 for batch in (1, 32):
-                    t = alternating(calls, {k: batch for k in calls}, frames, blocks=args.blocks)
+                    t = alternating(calls, {k: batch for k in calls}, frames, blocks=args.blocks,
+                                    clock=CLOCKS[args.clock])
                     case = {"precision": prec, "batch": batch, "normalised_ms": t["normalised"],
                             "cropped_ms": t["cropped"], "ratio": t["cropped"] / t["normalised"],
                             "normalised_bytes": 3 * S * S * 4, "cropped_bytes": S * S * 3}
@@ -74,7 +79,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "",
         f"Command: `{command_line(__file__, argv)}`",
         "",
-        f"Machine: {res['machine']}; {args.threads} thread(s); 1-minute load average {load0:.2f} at the start, "
+        f"Machine: {res['machine']}; {args.threads} thread(s); {args.clock} clock; 1-minute load average {load0:.2f} at the start, "
         f"{res['load'][1]:.2f} at the end.",
         "",
         "Time per image on the host loop (ONNX Runtime), demo test frames, alternating blocks of 64 images; "
