@@ -201,6 +201,21 @@ def sim_ops(monkeypatch, mem, asynchronous=False):
             mem.view(glance, (1, 3, glance_size, glance_size), np.float32)[:] = gl
         run(stream, work)
 
+    def normalise(frames, n, S, out, mean=ops.IMAGENET_MEAN, std=ops.IMAGENET_STD, bgr=False, glance=None,
+                  glance_size=0, glance_interpolation="bicubic", stream=None):
+        f_ptr, o_ptr = P(frames, "frames"), P(out, "out")
+        g_ptr = None if glance is None else P(glance, "glance")
+
+        def work():
+            f = mem.view(f_ptr, (n, S, S, 3), np.uint8).copy()
+            kw = {"glance_size": glance_size, "glance_interpolation": glance_interpolation} if g_ptr else {}
+            res = ops.preprocess(f, S, crop_pct=1.0, bgr=bgr, mean=mean, std=std, **kw)
+            img, gl = res if g_ptr else (res, None)
+            mem.view(o_ptr, (n, 3, S, S), np.float32)[:] = img
+            if g_ptr:
+                mem.view(g_ptr, (n, 3, glance_size, glance_size), np.float32)[:] = gl
+        run(stream, work)
+
     def crop(images, n, S, coords, out, Pz, error_flag=None, stream=None, rows=None, image_rows=None):
         c_ptr, o_ptr = P(coords, "coords"), P(out, "out")
         r_ptr, count = (None, n) if rows is None else (P(rows, "rows"), int(image_rows))
@@ -249,7 +264,8 @@ def sim_ops(monkeypatch, mem, asynchronous=False):
 
     for name, fn in [("DeviceBuffer", SimBuffer), ("Stream", SimStream),
                      ("has_cuda_build", lambda: True), ("cuda_device_count", lambda: 1), ("cuda_glance", glance),
-                     ("cuda_preprocess", preprocess), ("cuda_crop_patches", crop), ("cuda_gather_rows", gather),
+                     ("cuda_preprocess", preprocess), ("cuda_normalise_frames", normalise),
+                     ("cuda_crop_patches", crop), ("cuda_gather_rows", gather),
                      ("cuda_copy", copy), ("cuda_softmax_stats", softmax_stats),
                      ("stream_synchronize", stream_sync), ("CudaEvent", lambda: SimEvent(mem)),
                      ("CudaGraph", lambda: SimGraph(mem)),

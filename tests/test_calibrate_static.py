@@ -255,21 +255,16 @@ def simulated_gpu(monkeypatch):
     monkeypatch.setattr(trt_util, "import_tensorrt", lambda: trt)
     monkeypatch.setattr(trt_util, "gpu_info", lambda: {"gpu_name": "Orin", "compute_capability": "8.7",
                                                        "multiprocessors": 16, "device_model": "Orin"})
-    host_preprocess = ops.preprocess
+    normalise = ops.cuda_normalise_frames  # the simulated GPU's
     calls = []
 
-    def preprocess(frame, h, w, size, out, crop_pct=0.875, interpolation="bilinear", mean=ops.IMAGENET_MEAN,
-                   std=ops.IMAGENET_STD, stream=None, **kw):
+    def recorded(frames, n, size, out, **kw):
         assert kw.get("glance") is None
-        calls.append(ops.stream_handle(stream))
+        calls.append(ops.stream_handle(kw.get("stream")))
+        normalise(frames, n, size, out, **kw)
 
-        def work():
-            f = mem.view(frame, (h, w, 3), np.uint8).copy()
-            mem.view(out, (1, 3, size, size), np.float32)[:] = host_preprocess(
-                f, size, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
-        mem.launch(stream, work)
-
-    monkeypatch.setattr(ops, "cuda_preprocess", preprocess)
+    monkeypatch.setattr(ops, "cuda_normalise_frames", recorded)
+    monkeypatch.setattr(ops, "cuda_preprocess", lambda *a, **kw: pytest.fail("a frame pre-processed on its own"))
     return SimpleNamespace(mem=mem, sim=sim, state=state, preprocess_streams=calls)
 
 

@@ -47,6 +47,34 @@ def test_cuda_preprocess_bit_exact_into_batch_slot(interp):
 
 
 @requires_gpu
+@pytest.mark.parametrize("bgr", [False, True])
+def test_cuda_normalise_frames_equals_per_frame_preprocess_and_cpu(bgr):
+    """One batched launch (+ the glance) over contiguous S x S frames: bit for bit the images and
+    glance of cuda_preprocess frame by frame at crop_pct 1, and the CPU images."""
+    rng = np.random.default_rng(8)
+    n, S, P = 5, 96, 48
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    frames = rng.integers(0, 256, (n, S, S, 3), dtype=np.uint8)
+    stream = ops.Stream()
+    fb = ops.to_device(frames, stream)
+    out, gl = ops.DeviceBuffer(n * 3 * S * S * 4), ops.DeviceBuffer(n * 3 * P * P * 4)
+    ops.cuda_normalise_frames(fb, n, S, out, mean=mean, std=std, bgr=bgr, glance=gl, glance_size=P, stream=stream)
+    got = ops.from_device(out, (n, 3, S, S), np.float32, stream)
+    got_gl = ops.from_device(gl, (n, 3, P, P), np.float32, stream)
+    one, one_gl = ops.DeviceBuffer(n * 3 * S * S * 4), ops.DeviceBuffer(n * 3 * P * P * 4)
+    for i in range(n):
+        ops.cuda_preprocess(fb.ptr + i * S * S * 3, S, S, S, one.ptr + i * 3 * S * S * 4, crop_pct=1.0,
+                            bgr=bgr, mean=mean, std=std, glance=one_gl.ptr + i * 3 * P * P * 4, glance_size=P,
+                            stream=stream)
+    want = ops.from_device(one, (n, 3, S, S), np.float32, stream)
+    want_gl = ops.from_device(one_gl, (n, 3, P, P), np.float32, stream)
+    assert np.array_equal(got, want) and np.array_equal(got_gl, want_gl)
+    assert np.array_equal(got, ops.preprocess(frames, S, crop_pct=1.0, bgr=bgr, mean=mean, std=std))
+    with pytest.raises(ValueError, match="glance_size"):
+        ops.cuda_normalise_frames(fb, n, S, out, glance=gl, glance_size=S + 1, stream=stream)
+
+
+@requires_gpu
 def test_cuda_heads_numpy_convenience_match_cpu():
     rng = np.random.default_rng(4)
     H, I, C = 64, 96, 10

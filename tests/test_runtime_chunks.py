@@ -385,8 +385,9 @@ def test_cropped_frames_are_only_normalised_on_the_host(demo):
 
 def test_cropped_frames_cross_to_the_gpu_as_uint8(demo, monkeypatch):
     """On the (simulated) device place, frames given as cropped are uploaded as uint8 (a quarter of
-    the bytes of float32 images) and pre-processed with crop_pct 1; answers equal the host place's
-    on the normalised images."""
+    the bytes of float32 images) and normalised as one batch per chunk (contiguous frames: one
+    array, uploaded or in GPU memory) or with crop_pct 1 frame by frame (a list of separate
+    frames in GPU memory); answers equal the host place's on the normalised images."""
     from gfnet_edge.runtime.driver import Driver
 
     bundle, frames = demo
@@ -397,26 +398,33 @@ def test_cropped_frames_cross_to_the_gpu_as_uint8(demo, monkeypatch):
         want = host_rt.predict(_normalised(bundle, frames))
     mem = SimMemory()
     sim_ops(monkeypatch, mem)
-    crops = []
-    preprocess = ops.cuda_preprocess
+    crops, batches = [], []
+    preprocess, normalise = ops.cuda_preprocess, ops.cuda_normalise_frames
 
     def spy(*a, **kw):
         crops.append(kw["crop_pct"])
         return preprocess(*a, **kw)
 
+    def batch_spy(frames, n, *a, **kw):
+        batches.append(n)
+        return normalise(frames, n, *a, **kw)
+
     monkeypatch.setattr(ops, "cuda_preprocess", spy)
+    monkeypatch.setattr(ops, "cuda_normalise_frames", batch_spy)
     with _runtime(bundle, max_batch=CHUNK) as rt:
         rt.model = _cropping(bundle)
         rt.driver = Driver(rt.model, _SimDeviceRunner(rt.runner, mem, P).activate(), SimHeads(rt.heads, mem),
                            rt.profiler)
         got = [rt.predict(frames, cropped=True), rt.predict(DeviceArray(mem, frames), cropped=True)]
+        assert batches == [16, 16, 8] * 2 and crops == []
+        got.append(rt.predict([DeviceArray(mem, f) for f in frames], cropped=True))
         bufs = dict(rt.driver.place._bufs)
         with pytest.raises(InputError, match=r"frame 0 is 40 x 41: frames given as cropped must be the model's "
                                              r"input size"):
             rt.predict(DeviceArray(mem, np.zeros((2, 40, 41, 3), np.uint8)), cropped=True)
     for g in got:
         _assert_close(g, want)
-    assert set(crops) == {1.0} and len(crops) == 2 * len(frames)
+    assert set(crops) == {1.0} and len(crops) == len(frames)
     S = bundle.model.image_size
     assert bufs["input.frames"].nbytes == CHUNK * S * S * 3
 

@@ -111,6 +111,30 @@ void bind_cuda_kernels(py::module_& m) {
       py::arg("glance_dtype") = "float32", py::arg("stream") = 0);
 
   m.def(
+      "normalise_frames",
+      [](uintptr_t frames, int64_t n, int64_t image_size, bool bgr, const std::vector<double>& mean,
+         const std::vector<double>& std, uintptr_t out, uintptr_t glance, int64_t glance_size,
+         const std::string& glance_interpolation, uintptr_t stream) {
+        check_sizes({{n, "n"}, {image_size, "image_size"}, {image_size, "image_size"}, {3, "channels"}});
+        const auto m3 = three_floats(mean, "mean");
+        const auto s3 = three_floats(std, "std");
+        for (float v : s3) {
+          if (!(v != 0.0f)) throw py::value_error("std values must be non-zero");
+        }
+        const Interp ginterp = parse_interp(glance_interpolation, "glance_interpolation");
+        if (glance != 0 && (glance_size < 1 || glance_size > image_size)) {
+          throw py::value_error("glance_size must be in [1, image_size]");
+        }
+        py::gil_scoped_release release;
+        gc::normalise_frames(frames, n, image_size, bgr, m3.data(), s3.data(), out, glance, glance_size, ginterp,
+                             stream);
+      },
+      py::arg("frames"), py::arg("n"), py::arg("image_size"), py::arg("bgr"), py::arg("mean"), py::arg("std"),
+      py::arg("out"), py::arg("glance") = 0, py::arg("glance_size") = 0,
+      py::arg("glance_interpolation") = "bicubic", py::arg("stream") = 0,
+      "Normalises n contiguous uint8 (S, S, 3) device frames into float32 (n, 3, S, S) (+ their glance).");
+
+  m.def(
       "glance",
       [](uintptr_t images, const std::string& in_dtype, int64_t n, int64_t channels,
          int64_t in_size, uintptr_t out, const std::string& out_dtype, int64_t out_size,

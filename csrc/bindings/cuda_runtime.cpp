@@ -158,7 +158,7 @@ void bind_cuda(py::module_& m) {
   };
   for (const char* name : {"DeviceBuffer", "Stream", "device_name", "device_properties", "synchronize", "stream_synchronize",
                            "memcpy_htod", "memcpy_dtoh", "memcpy_dtod", "gather_rows", "softmax_stats",
-                           "preprocess", "glance", "crop_patches",
+                           "preprocess", "normalise_frames", "glance", "crop_patches",
                            "GRUHead", "Linear", "Graph", "Event", "PinnedBuffer", "LoopGraph"}) {
     m.def(name, unavailable);
   }

@@ -98,6 +98,13 @@ void preprocess(uintptr_t frame, int64_t h, int64_t w, bool bgr, int64_t resize_
                 uintptr_t out, DType out_dtype, uintptr_t glance, int64_t glance_size,
                 Interp glance_interp, DType glance_dtype, uintptr_t stream);
 
+/// Normalises n contiguous uint8 (S, S, 3) frames (no resize: preprocess() at crop_pct 1, bit
+/// for bit) into float32 out (n, 3, S, S) and, when glance != 0, their float32 glance
+/// (n, 3, P, P), in two launches for the whole batch.
+void normalise_frames(uintptr_t frames, int64_t n, int64_t image_size, bool bgr, const float mean[3],
+                      const float std[3], uintptr_t out, uintptr_t glance, int64_t glance_size,
+                      Interp glance_interp, uintptr_t stream);
+
 /// (n, 3, S, S) -> (n, 3, P, P), align_corners=True.
 void glance(uintptr_t in, DType in_dtype, int64_t n, int64_t channels, int64_t in_size,
             uintptr_t out, DType out_dtype, int64_t out_size, Interp mode, uintptr_t stream);

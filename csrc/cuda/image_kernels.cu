@@ -169,6 +169,24 @@ __global__ void vpass_kernel(const uint8_t* __restrict__ hbuf, int64_t row_lo, i
   }
 }
 
+// One thread per pixel of n contiguous S x S frames (no resize): the three channels scaled,
+// normalised and written planar, with the vertical pass's arithmetic (so the result equals
+// preprocess() of each frame at crop_pct 1 bit for bit).
+__global__ void normalise_kernel(const uint8_t* __restrict__ frames, int64_t n, int64_t S, Norm norm,
+                                 float* __restrict__ out) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t per_image = S * S;
+  if (idx >= n * per_image) return;
+  const int64_t i = idx / per_image, p = idx % per_image;
+  const uint8_t* px = frames + idx * 3;
+  float* o = out + i * 3 * per_image + p;
+  for (int c = 0; c < 3; ++c) {
+    const int cin = norm.bgr ? 2 - c : c;
+    const float x = static_cast<float>(px[cin]) / 255.0f;
+    o[c * per_image] = (x - norm.mean[c]) / norm.std[c];
+  }
+}
+
 template <typename IT, typename OT>
 __global__ void glance_kernel(const IT* __restrict__ in, int64_t planes, int in_size,
                               OT* __restrict__ out, int out_size, int mode) {
@@ -286,6 +304,35 @@ void preprocess(uintptr_t frame, int64_t h, int64_t w, bool bgr, int64_t resize_
   if (glance_out != 0) {
     const float* src = need_f32_copy ? copy_ptr : reinterpret_cast<const float*>(out);
     launch_glance_out<float>(src, 3, S, glance_out, glance_dtype, glance_size, glance_interp, s);
+  }
+}
+
+void normalise_frames(uintptr_t frames, int64_t n, int64_t image_size, bool bgr, const float mean[3],
+                      const float std[3], uintptr_t out, uintptr_t glance_out, int64_t glance_size,
+                      Interp glance_interp, uintptr_t stream) {
+  require_device();
+  check_positive(n, "n");
+  check_positive(image_size, "image_size");
+  check_device_pointer(frames, "frames");
+  check_device_pointer(out, "out");
+  if (glance_out != 0) {
+    check_device_pointer(glance_out, "glance");
+    check_positive(glance_size, "glance_size");
+  }
+  const cudaStream_t s = as_stream(stream);
+  const int64_t S = image_size;
+  Norm norm{};
+  for (int c = 0; c < 3; ++c) {
+    norm.mean[c] = mean[c];
+    norm.std[c] = std[c];
+  }
+  norm.bgr = bgr ? 1 : 0;
+  normalise_kernel<<<blocks_for(n * S * S), kThreads, 0, s>>>(reinterpret_cast<const uint8_t*>(frames), n, S, norm,
+                                                              reinterpret_cast<float*>(out));
+  GFN_CUDA_CHECK_LAUNCH();
+  if (glance_out != 0) {
+    launch_glance_out<float>(reinterpret_cast<const float*>(out), n * 3, S, glance_out, DType::kF32, glance_size,
+                             glance_interp, s);
   }
 }
 

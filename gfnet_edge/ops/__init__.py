@@ -49,6 +49,7 @@ every call only enqueues work unless noted)::
     Stream(): .handle .synchronize()
     to_device(array, stream=None) -> DeviceBuffer;  from_device(buf, shape, dtype, stream=None)
     cuda_preprocess(frame_ptr, height, width, image_size, out_ptr, crop_pct=0.875, ...)
+    cuda_normalise_frames(frames_ptr, n, image_size, out_ptr, mean, std, glance=None, ...)
     cuda_glance(images_ptr, n, image_size, out_ptr, patch_size, ...)
     cuda_crop_patches(images_ptr, n, image_size, coords_ptr, out_ptr, patch_size, ...)
     cuda_gather_rows(src_ptr, src_rows, idx, dst_ptr, row_bytes, n=None, error_flag=None, stream=None)
@@ -78,8 +79,8 @@ from .cascaded import CascadedHead, host_loop
 from .cuda import (CudaEvent, CudaGraph, DeviceBuffer, Stream, cuda_archs, cuda_device_count, cuda_device_error,
                    cuda_device_properties, device_pointer, device_synchronize, from_device, has_cuda_build,
                    optional_pointer, pinned_empty, require_cuda, stream_handle, stream_synchronize, to_device)
-from .cuda_kernels import (cuda_copy, cuda_crop_patches, cuda_gather_rows, cuda_glance, cuda_preprocess,
-                           cuda_softmax_stats)
+from .cuda_kernels import (cuda_copy, cuda_crop_patches, cuda_gather_rows, cuda_glance, cuda_normalise_frames,
+                           cuda_preprocess, cuda_softmax_stats)
 from .heads import ActorHead, GRUCell, GRUHead, Linear, linear, softmax_stats
 from .image import (IMAGENET_MEAN, IMAGENET_STD, crop_patches, glance, normalise_frames, preprocess, resize_crop,
                     resize_size)
@@ -92,6 +93,6 @@ __all__ = [
     "has_cuda_build", "cuda_device_count", "cuda_device_error", "cuda_archs", "cuda_device_properties",
     "require_cuda", "device_synchronize", "device_pointer", "optional_pointer", "stream_handle",
     "stream_synchronize", "DeviceBuffer", "Stream", "to_device", "from_device", "pinned_empty", "CudaGraph",
-    "CudaEvent", "cuda_preprocess", "cuda_glance", "cuda_crop_patches", "cuda_gather_rows", "cuda_copy",
+    "CudaEvent", "cuda_preprocess", "cuda_normalise_frames", "cuda_glance", "cuda_crop_patches", "cuda_gather_rows", "cuda_copy",
     "cuda_softmax_stats",
 ]

@@ -42,6 +42,20 @@ def cuda_preprocess(frame: Any, height: int, width: int, image_size: int, out: A
                        stream_handle(stream))
 
 
+def cuda_normalise_frames(frames: Any, n: int, image_size: int, out: Any, mean: Sequence[float] = IMAGENET_MEAN,
+                          std: Sequence[float] = IMAGENET_STD, bgr: bool = False, glance: Any = None,
+                          glance_size: int = 0, glance_interpolation: str = "bicubic", stream: Any = None) -> None:
+    """Enqueues the normalisation of ``n`` contiguous device-resident uint8 (S, S, 3) frames that
+    need no resize into float32 (n, 3, S, S) ``out`` and, when ``glance`` is given, their float32
+    (n, 3, P, P) glance: two launches for the batch, equal bit for bit to :func:`cuda_preprocess`
+    of each frame with ``crop_pct=1``."""
+    g = 0 if glance is None else to_int(glance_size, "glance_size")
+    _C.cuda.normalise_frames(device_pointer(frames, "frames"), to_int(n, "n"), to_int(image_size, "image_size"),
+                             bool(bgr), triple(mean, "mean"), triple(std, "std"), device_pointer(out, "out"),
+                             optional_pointer(glance, "glance"), g,
+                             _interp(glance_interpolation, "glance_interpolation"), stream_handle(stream))
+
+
 def cuda_glance(images: Any, n: int, image_size: int, out: Any, patch_size: int,
                 interpolation: str = "bicubic", in_dtype: str = "float32", out_dtype: str = "float32",
                 channels: int = 3, stream: Any = None) -> None:

@@ -36,8 +36,8 @@ import numpy as np
 
 from ..errors import InputError, UnavailableError
 from .cuda_arrays import DeviceFrame
-from .types import (Chunk, DeviceRun, ExitBook, LoopContext, StepOutputs, check_step_flag as _check_flag, frame_crop_pct,
-                    softmax)
+from .types import (Chunk, DeviceRun, ExitBook, LoopContext, StepOutputs, check_step_flag as _check_flag,
+                    frame_crop_pct, softmax)
 
 
 F32 = 4  # bytes per float32 / int32
@@ -285,12 +285,20 @@ class DevicePlace:
 
     def _preprocess(self, frames: Sequence[tuple], crop_pct: float) -> List[Chunk]:
         """Enqueues the fused pre-processing (resize, crop, normalise, glance:
-        ``ops.cuda_preprocess``) of device frames ``(pointer, height, width)``."""
+        ``ops.cuda_preprocess``) of device frames ``(pointer, height, width)``; contiguous S x S
+        frames that need no resize are normalised as one batch (``ops.cuda_normalise_frames``)."""
         from .. import ops
 
         m, S, P, st = self.ctx.model, self.ctx.S, self.ctx.P, self.stream
         n = len(frames)
         img, gl = self._input_buffers(n)
+        if ops.resize_size(S, crop_pct) == S and all(
+                (h, w) == (S, S) and ptr == frames[0][0] + i * S * S * 3 for i, (ptr, h, w) in enumerate(frames)):
+            # contiguous S x S frames that need no resize (cropped, or a model that does not crop): two
+            # launches for the batch instead of a pre-processing call per frame, the same values
+            ops.cuda_normalise_frames(frames[0][0], n, S, img.ptr, mean=m.mean, std=m.std, glance=gl.ptr,
+                                      glance_size=P, glance_interpolation=m.glance_interpolation, stream=st)
+            return self.device_inputs(img.ptr, gl.ptr, n)
         for i, (ptr, h, w) in enumerate(frames):
             ops.cuda_preprocess(ptr, h, w, S, img.ptr + i * 3 * S * S * F32,
                                 crop_pct=crop_pct, interpolation=m.dataset_interpolation,

@@ -117,15 +117,13 @@ class TensorRTClassifier(Classifier):
         return ctx
 
     def _step(self, bucket: int) -> None:
-        """Pre-process every frame slot of the bucket, then the engine, on the stream."""
+        """Normalise the bucket's frame slots (one launch), then the engine, on the stream."""
         from ... import ops
 
         m, S = self.model, self.image_size
         ctx = self._context(bucket)
-        for i in range(bucket):
-            ops.cuda_preprocess(self._frames.ptr + i * S * S * 3, S, S, S, self._image.ptr + i * 3 * S * S * F32,
-                                crop_pct=1.0, interpolation=m.dataset_interpolation, mean=m.mean, std=m.std,
-                                stream=self.stream)
+        ops.cuda_normalise_frames(self._frames.ptr, bucket, S, self._image.ptr, mean=m.mean, std=m.std,
+                                  stream=self.stream)
         if not ctx.execute_async_v3(self.stream.handle):
             raise RuntimeError("TensorRT failed to enqueue the static baseline's engine (see the TensorRT log above)")
 
