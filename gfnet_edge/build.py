@@ -256,6 +256,19 @@ def calibration_split(n_images: int, num_calib: int) -> int:
     return n_cal
 
 
+def held_out_inputs(spec, frames: np.ndarray) -> np.ndarray:
+    """What the INT8 held-out check traces for uint8 (N, S, S, 3) ``frames`` of a model of
+    ``spec`` (``GFNetSpec``): the frames themselves, normalised inside the runtime as a deployed
+    ``Runtime.predict`` does (an INT8 graph rounds its input to its grid, so frames normalised
+    beforehand can score differently); for a model that crops, the frames normalised (the
+    runtime would crop S x S frames again)."""
+    from . import ops
+
+    if spec.crop_pct != 1.0 and len(frames):
+        return ops.normalise_frames(frames, spec.mean, spec.std)
+    return frames
+
+
 def _quantize(model, tmp: Path, manifest: Dict[str, Any], images, cfg: BuildConfig, backend: str,
               progress: bool) -> Dict[str, Any]:
     from .quantize import QuantCalibrationSet, QuantizeOptions, quantize_model
@@ -273,12 +286,7 @@ def _quantize(model, tmp: Path, manifest: Dict[str, Any], images, cfg: BuildConf
 
     spec = model.spec
     calib_x = ops.normalise_frames(images[:n_cal], spec.mean, spec.std)
-    # the held-out check takes the frames the way a deployed runtime does (normalised inside it):
-    # an INT8 graph rounds its input to its grid, so frames normalised beforehand can score
-    # differently; a model that crops gets S x S frames, which it would crop again, normalised
-    eval_x = images[n_cal:]
-    if spec.crop_pct != 1.0 and len(eval_x):
-        eval_x = ops.normalise_frames(eval_x, spec.mean, spec.std)
+    eval_x = held_out_inputs(spec, images[n_cal:])
     eval_y = labels[n_cal:] if labels is not None else None
     min_eval = QuantizeOptions().min_eval
     if 0 < len(eval_x) < min_eval:  # too few to judge a drop of a fraction of a point: no search

@@ -214,3 +214,20 @@ def test_a_quiet_build_renders_demo_calibration_images_without_a_progress_bar(de
     frames, _ = build._calibration_images(model, cfg, progress=False)
     assert len(frames) == 16 and list(tmp_path.glob("cluttered_digits_val_*.npz"))  # rendered, not read
     assert capsys.readouterr().err == ""
+
+
+def test_held_out_check_traces_frames_as_the_runtime_takes_them():
+    """The INT8 held-out check gets the uint8 frames themselves (the runtime normalises them, as
+    for ``Runtime.predict``); a model that crops gets them normalised (the runtime would crop
+    S x S frames again). ``bench/quantize_heldout.py --input frames`` scores through the same helper."""
+    from types import SimpleNamespace
+
+    from gfnet_edge import ops
+    from gfnet_edge.build import held_out_inputs
+
+    frames = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    spec = SimpleNamespace(crop_pct=1.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    assert held_out_inputs(spec, frames) is frames
+    cropping = SimpleNamespace(**{**vars(spec), "crop_pct": 0.875})
+    np.testing.assert_array_equal(held_out_inputs(cropping, frames), ops.normalise_frames(frames, spec.mean, spec.std))
+    assert held_out_inputs(cropping, frames[:0]).shape[0] == 0
