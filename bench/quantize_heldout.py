@@ -185,6 +185,7 @@ def main() -> int:
             if (name, kept) in scored:  # the same graphs: their test rows again, under this set's label
                 if searches:
                     lines += [f"| {label} |" + row.split("|", 2)[2] for row in scored[(name, kept)]]
+                    print("\n".join(lines[-len(held):]), flush=True)
                 continue
             first_row = len(lines)
             for seed, images, labels, t32 in held:
