@@ -119,7 +119,8 @@ def main() -> int:
     # build-engine's split of the validation images: the first num_calib calibrate, the next
     # 256 are the search's held-out set
     max_cal = max(opts.num_calib for _, opts in variants)
-    n_val = max([max_cal + a.search_n] + [int(t[4:]) + a.search_n for t in sets if t.startswith("val@")])
+    first_held = 0 if a.calib_split == "train" else max_cal
+    n_val = max([first_held + a.search_n] + [int(t[4:]) + a.search_n for t in sets if t.startswith("val@")])
     if a.calib_split == "train":  # calibration from the train split, the search's 256 from the validation split
         cx = gq.load_calibration_images("demo", model, max_cal, split="train", as_frames=True)
         x, y = gq.load_calibration_images("demo", model, n_val, return_labels=True, as_frames=True)
