@@ -205,7 +205,8 @@ def main() -> int:
                     for g in ("glance", "focus", "both"):
                         graphs = dict(r.graphs) if g == "both" else {**fp32, g: r.graphs[g]}
                         pg = p8 if g == "both" else trace(desc, graphs, paths["heads"], images, a.threads, 50).probs
-                        agree_g = 100.0 * float((d32.exit_step == dynamic_evaluate(pg, labels, costs, thr).exit_step).mean())
+                        dg = dynamic_evaluate(pg, labels, costs, thr)
+                        agree_g = 100.0 * float((d32.exit_step == dg.exit_step).mean())
                         kls = " / ".join(f"{float(kl_divergence(p32[k], pg[k]).mean()):.4f}" for k in range(len(p32)))
                         graph_lines.append(f"| {name} | {g} | {seed} | {kls} | {agree_g:.1f}% |")
                         print(graph_lines[-1], flush=True)

@@ -1,10 +1,11 @@
 """Accuracy-driven mixed precision: which weighted nodes stay in float.
 
 While the held-out final-step accuracy drop exceeds ``max_accuracy_drop`` by more than
-``drop_noise_z`` standard errors (or the exit agreement is under ``min_exit_agreement``), :func:`search_mixed_precision` measures, for each weighted node
-(Conv / Gemm / MatMul) of either graph and for each whole graph, the effect of keeping it alone
-in float, then keeps candidates in float greedily, most harmful first, re-measuring after each,
-until the target is met (or ``max_float_nodes`` is reached).
+``drop_noise_z`` standard errors (or the exit agreement is under ``min_exit_agreement``),
+:func:`search_mixed_precision` measures, for each weighted node (Conv / Gemm / MatMul) of either
+graph and for each whole graph, the effect of keeping it alone in float, then keeps candidates in
+float greedily, most harmful first, re-measuring after each, until the target is met (or
+``max_float_nodes`` is reached).
 
 The candidates are ranked first by a cheap local proxy when there are more than
 ``max_candidates``: the relative error of each weighted node's output in the all-INT8 graph
