@@ -149,10 +149,10 @@ def demo_fp32(work: Path):
                            thresholds=_budgets_from_checkpoint(model.meta, desc.steps)[DEFAULT_MACS_BUDGET]["thresholds"])
 
 
-def demo_test_images(model, seed: int, n: int, cache: bool = True):
+def demo_test_images(model, seed: int, n: int, cache: bool = True, as_frames: bool = False):
     """``n`` demo test images (and labels) rendered with generator ``seed``, normalised with the
     mean / std of ``model`` (a ``GFNet`` or a ``ModelDesc``) (``cache``: read / write the
-    generator's cache file)."""
+    generator's cache file; ``as_frames``: the uint8 (N, S, S, 3) frames, not normalised)."""
     from dataclasses import replace
 
     from gfnet_edge import ops
@@ -160,5 +160,7 @@ def demo_test_images(model, seed: int, n: int, cache: bool = True):
 
     cfg = replace(demo_config(model) or ClutteredDigits("test").config, seed=seed)
     frames, labels = ClutteredDigits("test", size=n, config=cfg).arrays(n, progress=False, cache=cache)
+    if as_frames:
+        return frames, labels
     spec = model if hasattr(model, "mean") else model.spec  # a ModelDesc, or a GFNet
     return ops.normalise_frames(frames, spec.mean, spec.std), labels

@@ -48,7 +48,8 @@ class BuildConfig:
         calib_method: ``auto`` (the profile's own, :attr:`gfnet_edge.quantize.Profile.auto_method`),
             ``entropy``, ``max`` or ``percentile``.
         int8_profiles: which INT8 graph sets to write (``cpu``, ``tensorrt``).
-        max_accuracy_drop: accuracy-driven mixed precision limit (points, final step).
+        max_accuracy_drop: accuracy-driven mixed precision limit (points, final step; a held-out
+            drop counts as over it only beyond its noise, see ``QuantizeOptions.drop_noise_z``).
         finetune_epochs: quantization-aware fine-tuning of the INT8 graphs' weights against the
             FP32 graphs' outputs on the calibration images (epochs; ``None``: each profile's
             default, 0: off; see docs/quantization.md).

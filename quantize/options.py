@@ -30,6 +30,13 @@ class QuantizeOptions:
             per image).
         max_accuracy_drop: largest final-step accuracy drop (points) the mixed-precision
             search accepts on the held-out set; ``None`` disables the search (everything int8).
+        drop_noise_z: the accuracy targets (``max_accuracy_drop``, ``max_budget_drop``) count
+            as missed only when the held-out drop exceeds them by more than this many standard
+            errors of the drop (``100 * sqrt(lost + gained) / n`` points, lost / gained: held-out
+            images FP32 classifies right and INT8 wrong / the reverse): a drop measured above the
+            target by less is within what the draw of held-out images moves it by, and keeping
+            nodes in float to meet it would fit those images (1.645: one-sided 95 %; 0: the drop
+            itself is compared).
         min_exit_agreement: optional second target of the search: the share (percent) of
             held-out images whose exit step at the mid budget (``exit_fractions(p=1)``,
             thresholds fitted on the FP32 probabilities) is the same as FP32's.
@@ -85,6 +92,7 @@ class QuantizeOptions:
     percentile: float = 99.99
     num_calib: int = 256
     max_accuracy_drop: Optional[float] = 0.5
+    drop_noise_z: float = 1.645
     min_exit_agreement: Optional[float] = None
     eval_fraction: float = 0.25
     min_eval: int = 32
@@ -117,6 +125,8 @@ class QuantizeOptions:
             raise ValueError(f"num_calib must be >= 1, got {self.num_calib}")
         if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
             raise ValueError(f"max_accuracy_drop must be >= 0 (points), got {self.max_accuracy_drop}")
+        if not 0.0 <= self.drop_noise_z < float("inf"):
+            raise ValueError(f"drop_noise_z must be >= 0 standard errors, got {self.drop_noise_z}")
         if self.min_exit_agreement is not None and not 0.0 <= self.min_exit_agreement <= 100.0:
             raise ValueError(f"min_exit_agreement must be a percentage, got {self.min_exit_agreement}")
         if not 0.0 < self.eval_fraction < 1.0:

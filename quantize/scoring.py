@@ -39,6 +39,16 @@ def kl_divergence(p: np.ndarray, q: np.ndarray, eps: float = 1e-7) -> np.ndarray
     return (p * (np.log(p) - np.log(q))).sum(axis=-1)
 
 
+def flips(ok_ref: np.ndarray, ok_test: np.ndarray) -> Dict[str, Any]:
+    """Images FP32 got right and INT8 wrong (``lost``) and the reverse (``gained``), from the
+    per-image correctness of each, with ``drop_noise``: the standard error of the accuracy drop
+    (lost - gained) / n in points, 100 * sqrt(lost + gained) / n (a paired difference: only the
+    images whose answer changed carry it)."""
+    lost, gained = int((ok_ref & ~ok_test).sum()), int((~ok_ref & ok_test).sum())
+    return {"lost": lost, "gained": gained,
+            "drop_noise": round(100.0 * float(np.sqrt(lost + gained)) / max(int(ok_ref.shape[0]), 1), 3)}
+
+
 def compare(ref: Traced, test: Traced, labels: Optional[np.ndarray] = None,
             fit_probs: Optional[np.ndarray] = None, p: float = MID_BUDGET_P) -> Dict[str, Any]:
     """Accuracy of both (per step), agreement, KL and exit agreement of ``test`` against ``ref``.
@@ -61,18 +71,13 @@ def compare(ref: Traced, test: Traced, labels: Optional[np.ndarray] = None,
     bud_ref = pred_ref[e_ref, steps] == lab
     bud_test = pred_test[e_test, steps] == lab
     coords_same = (ref.coords == test.coords).all(axis=2).mean(axis=1) if ref.coords.size else np.zeros(0)
-    ok_ref, ok_test = pred_ref[-1] == lab, pred_test[-1] == lab
-    lost, gained = int((ok_ref & ~ok_test).sum()), int((~ok_ref & ok_test).sum())
     return {
         "labels": "true" if labels is not None else "fp32 predictions",
         "n": int(lab.shape[0]),
         "accuracy_fp32": [round(float(a), 3) for a in acc_ref],
         "accuracy_int8": [round(float(a), 3) for a in acc_test],
         "final_drop": round(float(acc_ref[-1] - acc_test[-1]), 3),
-        # images FP32 got right and INT8 wrong / the reverse; if flips were symmetric noise the
-        # drop would scatter by about 100 * sqrt(lost + gained) / n points
-        "final_flips": {"lost": lost, "gained": gained,
-                        "drop_noise": round(100.0 * float(np.sqrt(lost + gained)) / lab.shape[0], 3)},
+        "final_flips": flips(pred_ref[-1] == lab, pred_test[-1] == lab),
         "prediction_agreement": [round(float(a) * 100, 3) for a in (pred_ref == pred_test).mean(axis=1)],
         "coords_agreement": [round(float(a) * 100, 3) for a in coords_same],
         "kl_final": float(kl_divergence(ref.probs[-1], test.probs[-1]).mean()),
@@ -82,6 +87,7 @@ def compare(ref: Traced, test: Traced, labels: Optional[np.ndarray] = None,
         "budget_accuracy_fp32": round(100.0 * float(bud_ref.mean()), 3),
         "budget_accuracy_int8": round(100.0 * float(bud_test.mean()), 3),
         "budget_drop": round(100.0 * float(bud_ref.mean() - bud_test.mean()), 3),
+        "budget_flips": flips(bud_ref, bud_test),
         "exit": {
             "p": p,
             "thresholds": [float(t) for t in thr],

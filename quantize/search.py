@@ -1,10 +1,11 @@
 """Accuracy-driven mixed precision: which weighted nodes stay in float.
 
-While the held-out final-step accuracy drop exceeds ``max_accuracy_drop`` (or the exit agreement
-is under ``min_exit_agreement``), :func:`search_mixed_precision` measures, for each weighted node
-(Conv / Gemm / MatMul) of either graph and for each whole graph, the effect of keeping it alone
-in float, then keeps candidates in float greedily, most harmful first, re-measuring after each,
-until the target is met (or ``max_float_nodes`` is reached).
+While the held-out final-step accuracy drop exceeds ``max_accuracy_drop`` by more than
+``drop_noise_z`` standard errors (or the exit agreement is under ``min_exit_agreement``),
+:func:`search_mixed_precision` measures, for each weighted node (Conv / Gemm / MatMul) of either
+graph and for each whole graph, the effect of keeping it alone in float, then keeps candidates in
+float greedily, most harmful first, re-measuring after each, until the target is met (or
+``max_float_nodes`` is reached).
 
 The candidates are ranked first by a cheap local proxy when there are more than
 ``max_candidates``: the relative error of each weighted node's output in the all-INT8 graph
@@ -69,20 +70,26 @@ class SearchResult:
 
 def goal(opts: QuantizeOptions) -> str:
     """The search's target in words."""
+    z = f" + {opts.drop_noise_z:g} x its standard error" if opts.drop_noise_z else ""
     parts = []
     if opts.max_accuracy_drop is not None:
-        parts.append(f"final-step drop <= {opts.max_accuracy_drop}")
+        parts.append(f"final-step drop <= {opts.max_accuracy_drop}{z}")
     if opts.max_budget_drop is not None:
-        parts.append(f"mid-budget drop <= {opts.max_budget_drop}")
+        parts.append(f"mid-budget drop <= {opts.max_budget_drop}{z}")
     if opts.min_exit_agreement is not None:
         parts.append(f"mid-budget exit agreement >= {opts.min_exit_agreement}%")
     return " and ".join(parts)
 
 
+def _within(drop: float, flips: Dict[str, Any], target: Optional[float], z: float) -> bool:
+    """Whether a held-out drop is not above ``target`` by more than ``z`` standard errors."""
+    return target is None or drop - z * float(flips["drop_noise"]) <= target
+
+
 def _met(opts: QuantizeOptions, r: Dict[str, Any]) -> bool:
-    ok = opts.max_accuracy_drop is None or r["final_drop"] <= opts.max_accuracy_drop
-    if opts.max_budget_drop is not None:
-        ok = ok and r["budget_drop"] <= opts.max_budget_drop
+    z = opts.drop_noise_z
+    ok = (_within(r["final_drop"], r["final_flips"], opts.max_accuracy_drop, z)
+          and _within(r["budget_drop"], r["budget_flips"], opts.max_budget_drop, z))
     if opts.min_exit_agreement is not None:
         ok = ok and r["exit"]["agreement"] >= opts.min_exit_agreement
     return ok
@@ -154,7 +161,8 @@ def search_mixed_precision(sess: QuantSession, eval_x: Optional[np.ndarray],
             res.rejected.append(entry)
     met = _met(opts, cur)
     res.status = (f"target met ({goal(opts)})" if met else
-                  f"target NOT met ({goal(opts)}): drop {cur['final_drop']}, exit agreement "
+                  f"target NOT met ({goal(opts)}): drop {cur['final_drop']} (standard error "
+                  f"{cur['final_flips']['drop_noise']}), exit agreement "
                   f"{cur['exit']['agreement']}% with {len(res.float_nodes)} node(s) in float "
                   f"(max_float_nodes={opts.max_float_nodes})")
     if not met:

@@ -214,3 +214,29 @@ def test_a_quiet_build_renders_demo_calibration_images_without_a_progress_bar(de
     frames, _ = build._calibration_images(model, cfg, progress=False)
     assert len(frames) == 16 and list(tmp_path.glob("cluttered_digits_val_*.npz"))  # rendered, not read
     assert capsys.readouterr().err == ""
+
+
+def test_held_out_check_traces_frames_as_the_runtime_takes_them(int8_bundle):
+    """The INT8 held-out check (``trace_graphs``, as ``quantize_model(eval_images=frames)`` runs
+    it) takes uint8 S x S frames as already cropped, for a model that crops too: its trace equals
+    the runtime's ``trace(frames, cropped=True)`` and, on the FP32 graphs, the trace of the
+    frames normalised beforehand; a second crop would differ."""
+    import dataclasses
+
+    from gfnet_edge import ops
+    from gfnet_edge.runtime.api import trace_graphs
+
+    b = int8_bundle
+    cropping = dataclasses.replace(b.model, crop_pct=0.875)
+    frames, _ = _demo_frames(b, 12)
+    x = ops.normalise_frames(frames, cropping.mean, cropping.std)
+    for prec in ("fp32", "int8-cpu"):
+        got = trace_graphs(cropping, b.graph_paths(prec), b.heads_path, frames).probs
+        with Runtime(b.root, backend="onnxruntime", precision=prec) as rt:
+            rt.model = cropping
+            np.testing.assert_allclose(got, rt.trace(frames, cropped=True).probs, rtol=0, atol=1e-6)
+            recropped = rt.trace(frames).probs
+        assert np.abs(recropped - got).max() > 0.05
+    np.testing.assert_allclose(trace_graphs(cropping, b.graph_paths("fp32"), b.heads_path, x).probs,
+                               trace_graphs(cropping, b.graph_paths("fp32"), b.heads_path, frames).probs,
+                               rtol=0, atol=1e-5)

@@ -273,9 +273,11 @@ def test_quantize_model_end_to_end(tiny, tmp_path):
     model = tiny["model"]
     fp32 = {g: tiny["paths"][g] for g in ("glance", "focus")}
     ev = _images(24, seed=5)
-    # whole graphs as candidates too, and no limit on the multiply-adds in float
+    # whole graphs as candidates too, and no limit on the multiply-adds in float; the drop itself
+    # against the target (on 24 held-out images it is within its standard error)
     opts = gq.QuantizeOptions(profile="tensorrt", method="max", max_accuracy_drop=0.0, max_candidates=3,
-                              max_float_nodes=2, threads=1, graph_fallback=True, max_float_mac_share=1.0)
+                              max_float_nodes=2, threads=1, graph_fallback=True, max_float_mac_share=1.0,
+                              drop_noise_z=0.0)
     # ranges from images scaled down 20x: most activations clip, so INT8 hurts and the search runs
     small = gq.QuantCalibrationSet(tiny["calib"].glance / 20, tiny["calib"].focus / 20, tiny["calib"].focus_image)
     res = gq.quantize_model(model, fp32, tiny["paths"]["heads"], small, tmp_path / "out", opts,
@@ -367,6 +369,67 @@ def test_multiply_adds_are_counted_through_weights_quantized_in_the_graph(tiny):
     m.graph.node.extend(nodes)
     del m.graph.value_info[:]
     assert node_macs(m) == want
+
+
+def test_search_target_allows_for_the_held_out_noise():
+    """A held-out drop is (lost - gained) / n with a standard error of 100 * sqrt(lost + gained) / n
+    points; the targets count as missed only when a drop exceeds them by more than
+    ``drop_noise_z`` standard errors (0: the drop itself)."""
+    from gfnet_edge.quantize.scoring import Traced, compare, flips
+    from gfnet_edge.quantize.search import _met, goal
+
+    ok_ref = np.array([1, 1, 1, 1, 0, 0, 1, 1], bool)
+    ok_int8 = np.array([0, 0, 1, 1, 1, 0, 1, 1], bool)
+    assert flips(ok_ref, ok_int8) == {"lost": 2, "gained": 1, "drop_noise": round(100 * np.sqrt(3) / 8, 3)}
+    # compare() gives the same for the final step and for the mid budget
+    probs = np.full((2, 8, 2), 0.25, np.float32)
+    probs[:, :, 1] = 0.75  # FP32 says class 1 at both steps, never confident enough to exit at step 0
+    q = probs.copy()
+    q[:, :3] = probs[:, :3, ::-1]  # INT8 says class 0 on the first three images
+    labels = np.array([1, 1, 1, 1, 0, 0, 1, 1])
+    r = compare(Traced(probs, np.zeros((1, 8, 2))), Traced(q, np.zeros((1, 8, 2))), labels)
+    assert r["final_flips"] == r["budget_flips"] == flips(probs[-1].argmax(1) == labels, q[-1].argmax(1) == labels)
+    assert r["final_drop"] == pytest.approx(100 * (r["final_flips"]["lost"] - r["final_flips"]["gained"]) / 8, abs=1e-3)
+
+    def measured(drop, noise, budget_drop=0.0, budget_noise=0.0):
+        return {"final_drop": drop, "final_flips": {"drop_noise": noise}, "budget_drop": budget_drop,
+                "budget_flips": {"drop_noise": budget_noise}, "exit": {"agreement": 100.0}}
+
+    default = gq.QuantizeOptions(max_accuracy_drop=0.5).validate()
+    assert default.drop_noise_z == pytest.approx(1.645)
+    # 256 images, 10 changed answers (7 lost, 3 gained): drop 1.56 +- 1.24, within the noise of 0.5
+    assert _met(default, measured(1.56, 1.24))
+    assert not _met(replace(default, drop_noise_z=0.0), measured(1.56, 1.24))
+    assert not _met(default, measured(3.0, 0.9))  # beyond the noise: the search runs
+    budget = replace(default, max_accuracy_drop=None, max_budget_drop=0.5)
+    assert _met(budget, measured(5.0, 0.1, 1.56, 1.24)) and not _met(budget, measured(0.0, 0.0, 3.0, 0.9))
+    assert "standard error" in goal(default) and "standard error" not in goal(replace(default, drop_noise_z=0))
+    with pytest.raises(ValueError, match="drop_noise_z"):
+        gq.QuantizeOptions(drop_noise_z=-1.0).validate()
+
+
+def test_search_does_not_run_for_a_drop_within_the_noise(tiny, tmp_path):
+    """A held-out drop above ``max_accuracy_drop`` by less than ``drop_noise_z`` standard errors
+    leaves every node in INT8; with ``drop_noise_z=0`` the same drop starts the search."""
+    pytest.importorskip("gfnet_edge.ops", reason="the runtime extension scores the graphs")
+    model = tiny["model"]
+    fp32 = {g: tiny["paths"][g] for g in ("glance", "focus")}
+    small = gq.QuantCalibrationSet(tiny["calib"].glance / 20, tiny["calib"].focus / 20, tiny["calib"].focus_image)
+    ev = _images(24, seed=5)
+    base = dict(profile="tensorrt", method="max", max_candidates=1, max_float_nodes=1, threads=1)
+    first = gq.quantize_model(model, fp32, tiny["paths"]["heads"], small, tmp_path / "all8",
+                              gq.QuantizeOptions(**base, max_accuracy_drop=None), eval_images=ev, progress=False)
+    all8 = first.report["accuracy_all_int8"]
+    noise = all8["final_flips"]["drop_noise"]
+    assert all8["final_drop"] > 0 and noise > 0
+    target = max(all8["final_drop"] - 0.5 * noise, 0.0)  # missed by half a standard error
+    within = gq.quantize_model(model, fp32, tiny["paths"]["heads"], small, tmp_path / "z",
+                               gq.QuantizeOptions(**base, max_accuracy_drop=target), eval_images=ev, progress=False)
+    assert within.report["mixed_precision"].startswith("not needed") and not within.report["sensitivity"]
+    exact = gq.quantize_model(model, fp32, tiny["paths"]["heads"], small, tmp_path / "z0",
+                              gq.QuantizeOptions(**base, max_accuracy_drop=target, drop_noise_z=0.0),
+                              eval_images=ev, progress=False)
+    assert exact.report["sensitivity"] and not exact.report["mixed_precision"].startswith("not needed")
 
 
 def test_quantize_model_holds_out_calibration_images(tiny, tmp_path):

@@ -9,6 +9,7 @@ from ..argtypes import THREADS, float_range, int_range
 from ..bundle_info import quantization_summary
 from ..errors import InputError
 from ..quantize.calibration import MIN_CALIB_IMAGES
+from ..quantize.options import QuantizeOptions
 from ..quantize.profiles import TENSORRT
 from ..runtime import backends
 from .options import add_trt_build_options, trt_build_options
@@ -166,8 +167,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="INT8 graph sets for a portable bundle, comma-separated: cpu (ONNX Runtime x86), "
                         "tensorrt (Q/DQ for TensorRT) (default cpu,tensorrt)")
     p.add_argument("--max-accuracy-drop", type=float_range(0.0, 100.0), default=None,
-                   help="keep the most sensitive layers in float until the final-step accuracy drop is within this "
-                        "many points (default 0.5)")
+                   help="keep the most sensitive layers in float while the final-step accuracy drop on the held-out "
+                        f"images exceeds this many points by more than {QuantizeOptions.drop_noise_z:g} standard "
+                        "errors of its measurement (default 0.5; see docs/quantization.md)")
     p.add_argument("--finetune-epochs", type=int_range(0, 1000), default=None, metavar="N",
                    help="quantization-aware fine-tuning: adjust the INT8 graphs' weights for N epochs so that their "
                         "outputs match the FP32 graphs' on the calibration images (needs torch; default: the "
