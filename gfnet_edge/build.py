@@ -55,7 +55,9 @@ class BuildConfig:
             default, 0: off; see docs/quantization.md).
         patch_guard_share: share of the backbone multiply-adds each profile may keep in float to
             protect the first patch's location (``None``: the profile's; 0: off).
-        eval_data: held-out images for the accuracy check (default: from ``calib_data``).
+        num_eval: images loaded from ``calib_data`` after the calibration images, held out to
+            check the INT8 accuracy and drive the mixed-precision search (0: no check). The
+            check's standard error shrinks as one over the square root of this count.
         include_checkpoint: copy the checkpoint into the bundle (enables the torch backend).
         force: replace an existing bundle.
         trt: TensorRT builder options.
@@ -186,7 +188,9 @@ def build_bundle(checkpoint: Path, out: Path, cfg: BuildConfig, progress: bool =
 
 def _check_int8_options(cfg: BuildConfig) -> None:
     """The INT8 options that would otherwise fail after the export: at least one known profile,
-    at least ``MIN_CALIB_IMAGES`` calibration images asked for."""
+    at least ``MIN_CALIB_IMAGES`` calibration images asked for, no held-out set too small to
+    judge."""
+    from .quantize import QuantizeOptions
     from .quantize.calibration import MIN_CALIB_IMAGES
     from .quantize.profiles import PROFILES
 
@@ -195,6 +199,9 @@ def _check_int8_options(cfg: BuildConfig) -> None:
                          f"got {list(cfg.int8_profiles)}")
     if cfg.num_calib < MIN_CALIB_IMAGES:
         raise InputError(f"--num-calib must be at least {MIN_CALIB_IMAGES}, got {cfg.num_calib}")
+    min_eval = QuantizeOptions().min_eval
+    if cfg.num_eval != 0 and cfg.num_eval < min_eval:
+        raise InputError(f"--num-eval must be 0 (no accuracy check) or at least {min_eval}, got {cfg.num_eval}")
 
 
 def _demo_calibration(source: Optional[str]) -> bool:
@@ -236,15 +243,19 @@ def _calibration_images(model, cfg: BuildConfig, progress: bool = True):
     return images, labels
 
 
-def calibration_split(n_images: int, num_calib: int) -> int:
+def calibration_split(n_images: int, num_calib: int, num_eval: int = NUM_EVAL) -> int:
     """How many of ``n_images`` loaded images calibrate (the first ones; the rest are the
     mixed-precision search's held-out set): ``num_calib``, keeping at least 16 held out when
     there are enough images, and never fewer than half, nor fewer than calibration needs
     (``MIN_CALIB_IMAGES``) when there are that many. A held-out set smaller than the search
     needs (``QuantizeOptions.min_eval``) is grown to that size while calibration keeps half the
-    images, else its images calibrate too (up to ``num_calib``)."""
+    images, else its images calibrate too (up to ``num_calib``). With ``num_eval`` 0 (no
+    accuracy check) nothing is held out."""
     from .quantize import QuantizeOptions
     from .quantize.calibration import MIN_CALIB_IMAGES
+
+    if num_eval == 0:
+        return min(num_calib, n_images)
 
     min_eval = QuantizeOptions().min_eval
     n_cal = min(num_calib, max(n_images - 16, n_images // 2))
@@ -266,7 +277,7 @@ def _quantize(model, tmp: Path, manifest: Dict[str, Any], images, cfg: BuildConf
         images, labels = images
     else:
         labels = None
-    n_cal = calibration_split(len(images), cfg.num_calib)
+    n_cal = calibration_split(len(images), cfg.num_calib, cfg.num_eval)
     if n_cal < cfg.num_calib:
         logger.warning("INT8: %d of the %d images found calibrate (--num-calib %d), %d are held out to check "
                        "the accuracy", n_cal, len(images), cfg.num_calib, len(images) - n_cal)

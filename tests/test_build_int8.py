@@ -1,6 +1,8 @@
 """An INT8 bundle built by build-engine runs at the accuracy its quantization report measured."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -199,6 +201,32 @@ def test_num_calib_help_states_how_many_images_are_held_out(monkeypatch):
     with pytest.raises(InputError):
         build._calibration_images(object(), build.BuildConfig(calib_data="demo", num_calib=64))
     assert asked == [64 + int(held.group(1))]
+
+
+def test_num_eval_sets_how_many_images_are_held_out(monkeypatch, capsys):
+    """``--num-eval N`` loads N images after the calibration images for the accuracy check; 0 turns
+    the check off, fewer than the search needs is refused before anything is built, and on a
+    build from a bundle (or a non-INT8 build) it is refused as ignored."""
+    import gfnet_edge.quantize as gq
+    from gfnet_edge import build, cli
+    from gfnet_edge.errors import InputError
+
+    asked = []
+
+    def loader(source, model, n, **kw):
+        asked.append(n)
+        raise ValueError("stop")
+
+    monkeypatch.setattr(gq, "load_calibration_images", loader)
+    for n in (0, 2400):
+        with pytest.raises(InputError):
+            build._calibration_images(object(), build.BuildConfig(calib_data="demo", num_calib=64, num_eval=n))
+    assert asked == [64, 64 + 2400]
+    with pytest.raises(InputError, match="--num-eval must be 0 .* or at least 32, got 8"):
+        build._check_int8_options(build.BuildConfig(num_eval=8))
+    demo = Path(__file__).resolve().parents[1] / "gfnet_edge" / "assets" / "demo_gfnet.pth.tar"
+    assert cli.main(["build-engine", str(demo), "-o", "unused", "--precision", "fp32", "--num-eval", "64"]) == 2
+    assert "--num-eval applies to --precision int8" in capsys.readouterr().err
 
 
 def test_a_quiet_build_renders_demo_calibration_images_without_a_progress_bar(demo_checkpoint, tmp_path,

@@ -669,6 +669,8 @@ def test_a_small_calibration_folder_still_calibrates_with_enough_images(monkeypa
         held = n_images - n_cal
         assert held >= gq.QuantizeOptions().min_eval or held == 0 or n_cal == num_calib
         assert n_cal >= n_images // 2 or n_cal == num_calib
+    for n_images, num_calib in [(256, 256), (600, 256), (40, 256)]:  # --num-eval 0: nothing held out
+        assert build.calibration_split(n_images, num_calib, 0) == min(n_images, num_calib)
 
     class Stop(Exception):
         pass

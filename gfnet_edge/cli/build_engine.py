@@ -48,6 +48,7 @@ def _refuse_ignored_options(args: argparse.Namespace, src: Path) -> None:
                          "or pass a bundle folder to add TensorRT engines to it")
     int8_data = [flag for flag, given in (("--calib-data", args.calib_data is not None),
                                           ("--num-calib", args.num_calib is not None),
+                                          ("--num-eval", args.num_eval is not None),
                                           ("--calib-method", args.calib_method is not None),
                                           ("--int8-profiles", args.int8_profiles is not None),
                                           ("--max-accuracy-drop", args.max_accuracy_drop is not None),
@@ -109,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     """Builds the bundle (or its engines) and prints what it holds."""
     from ..build import BuildConfig, build_bundle, build_engines
 
-    int8 = {k: v for k, v in (("num_calib", args.num_calib), ("calib_method", args.calib_method),
+    int8 = {k: v for k, v in (("num_calib", args.num_calib), ("num_eval", args.num_eval),
+                              ("calib_method", args.calib_method),
                               ("int8_profiles", args.int8_profiles), ("max_accuracy_drop", args.max_accuracy_drop))
             if v is not None}  # left out: BuildConfig's defaults (None tells an option that was not given)
     cfg = BuildConfig(precision=args.precision, backend=args.backend, calib_data=args.calib_data,
@@ -156,7 +158,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "model) or 'demo:train' (its 5000-image train split)")
     p.add_argument("--num-calib", type=int_range(MIN_CALIB_IMAGES, 1_000_000), default=None,
                    help=f"calibration images (default 256, at least {MIN_CALIB_IMAGES}); {NUM_EVAL} more, "
-                        "when the data has them, are held out to check the INT8 accuracy")
+                        "when the data has them, are held out to check the INT8 accuracy (--num-eval)")
+    p.add_argument("--num-eval", type=int_range(0, 1_000_000), default=None, metavar="N",
+                   help=f"images held out after the calibration images to check the INT8 accuracy and drive the "
+                        f"search (default {NUM_EVAL}; 0: no check). The check's standard error falls as 1/sqrt(N): on "
+                        "the demo model 256 images tell drops of about 2 points, a 0.5-point target needs about "
+                        "2,400 (docs/quantization.md)")
     p.add_argument("--skip-unreadable", action="store_true",
                    help="leave out image files of a --calib-data folder that cannot be read, naming each in a "
                         "warning (default: stop at the first)")
