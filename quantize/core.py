@@ -89,8 +89,9 @@ def quantize_model(model, fp32_graphs: Mapping[str, Union[str, Path]], heads_pat
         out_dir: where ``glance.onnx``, ``focus.onnx`` and ``quantization.json`` are written.
         opts: :class:`QuantizeOptions`.
         eval_images: held-out images for the accuracy check and the mixed-precision search:
-            normalised float32 (N, 3, S, S), or uint8 (N, S, S, 3) frames, which the runtime
-            pre-processes as ``Runtime.predict`` does (the deployment path: an INT8 graph rounds
+            normalised float32 (N, 3, S, S), or uint8 (N, S, S, 3) frames already resized and
+            centre-cropped, which the runtime normalises as ``Runtime.predict(frames,
+            cropped=True)`` does (the deployment path: an INT8 graph rounds
             its input to its quantization grid, so normalising beforehand can change some
             images' results); default: ``opts.eval_fraction`` of the calibration images.
         eval_labels: their labels; without labels accuracy is measured against the FP32
