@@ -272,6 +272,39 @@ def test_runtime_predict_with_a_deadline(demo):
             rt.predict(x, deadline_ms=-1)
 
 
+def test_a_deadline_counts_the_wait_for_another_threads_call(demo):
+    """A Runtime shared by threads serialises its calls: a call that waits for another thread's
+    call has that much less time, so one whose deadline passed while it waited runs the glance
+    only."""
+    import threading
+    import time
+
+    from gfnet_edge.runtime import Runtime
+    from sim_device import demo_test_images
+
+    x = demo_test_images(demo.model, 8)
+    with Runtime(demo, backend="onnxruntime", precision="fp32", threads=1) as rt:
+        rt.set_step_costs([0.5, 1.0, 1.0])
+        free = rt.predict(x)
+        assert (free.exit_step > 0).any()
+        held, release = threading.Event(), threading.Event()
+
+        def other_call():  # holds the Runtime as a long call of another thread would
+            with rt._lock:
+                held.set()
+                release.wait(10)
+
+        other = threading.Thread(target=other_call)
+        other.start()
+        held.wait(10)
+        threading.Timer(0.2, release.set).start()
+        t0 = time.perf_counter()
+        waited = rt.predict(x, deadline_ms=100.0)
+        assert time.perf_counter() - t0 >= 0.2
+        other.join()
+        assert (waited.exit_step == 0).all() and (waited.deadline_stopped == (free.exit_step > 0)).all()
+
+
 def test_manifest_step_costs_are_checked_on_load():
     from gfnet_edge.manifest_schema import ManifestError, check_manifest
 

@@ -456,7 +456,8 @@ class Runtime:
                 C-contiguous, (H, W, 3), (N, H, W, 3) or a list): they are pre-processed where
                 they are, without a copy.
             budget: a named budget for this call only (default: the runtime's).
-            deadline_ms: milliseconds from the start of this call: before each focus step, the
+            deadline_ms: milliseconds from the start of this call (time spent waiting for a call
+                of another thread sharing this Runtime counts): before each focus step, the
                 images still running stop when that step is predicted to end later (from the
                 step latencies ``gfnet-edge calibrate`` recorded for this backend and precision,
                 :attr:`step_costs`); they keep the answer of the last step they ran and are
@@ -469,9 +470,9 @@ class Runtime:
                 after uploading a quarter of the bytes of float32 images). Frames of another
                 size are refused.
         """
+        deadline = self._deadline(deadline_ms, deadline_margin, time.perf_counter())  # before the lock
         with self._lock:
             t0 = time.perf_counter()
-            deadline = self._deadline(deadline_ms, deadline_margin, t0)
             thr = self.thresholds if budget is None else self.bundle.thresholds(budget)
             if thr is None:
                 thr = [2.0] * (self.model.steps - 1) + [-1e8]  # no budget: run every step
