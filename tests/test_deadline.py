@@ -270,6 +270,12 @@ def test_runtime_predict_with_a_deadline(demo):
         assert "deadline_stopped" in tight[0]
         with pytest.raises(InputError, match="deadline_ms"):
             rt.predict(x, deadline_ms=-1)
+        for kw in (dict(deadline_ms="5"), dict(deadline_ms=True), dict(deadline_ms=5.0, deadline_margin="0.1")):
+            with pytest.raises(InputError, match=f"{'deadline_margin' if 'deadline_margin' in kw else 'deadline_ms'} "
+                                                 "must be a number"):
+                rt.predict(x, **kw)
+            with pytest.raises(InputError, match="must be a number"):
+                rt.predict_iter([x[0]], **kw)
 
 
 def test_a_deadline_counts_the_wait_for_another_threads_call(demo):

@@ -437,6 +437,9 @@ class Runtime:
     def _deadline(self, deadline_ms: Optional[float], margin: float, start: float) -> Optional[Deadline]:
         if deadline_ms is None:
             return None
+        for name, value in (("deadline_ms", deadline_ms), ("deadline_margin", margin)):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise InputError(f"{name} must be a number, got {value!r}")
         if self.step_costs is None:
             raise InputError(f"a deadline needs the step latencies of this device: run `gfnet-edge calibrate "
                              f"{self.bundle.root}` with the {self.backend} backend and {self.precision} graphs, "
