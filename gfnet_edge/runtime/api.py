@@ -429,7 +429,14 @@ class Runtime:
         By default they come from the bundle (``gfnet-edge calibrate`` records them for the
         backend and precision it measured)."""
         if costs is not None and not isinstance(costs, StepCosts):
-            costs = StepCosts(tuple(float(v) for v in costs), source="set_step_costs")
+            try:
+                if isinstance(costs, (str, bytes)):
+                    raise TypeError
+                values = tuple(float(v) for v in costs)
+            except (TypeError, ValueError):
+                raise InputError(f"step costs must be a StepCosts or one number of ms per step, "
+                                 f"got {costs!r}") from None
+            costs = StepCosts(values, source="set_step_costs")
         if costs is not None and costs.steps != self.model.steps:
             raise InputError(f"need a cost for each of the {self.model.steps} steps, got {costs.steps}")
         self.step_costs = costs
