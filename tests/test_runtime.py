@@ -101,6 +101,25 @@ def test_uint8_frames_and_float_inputs_agree(mnv3):
     assert len(single) == 1 and single.classes[0] == a.classes[0]
 
 
+def test_profiler_memory_is_bounded():
+    """A profiler left on for a long stream keeps at most ``max_samples`` durations per stage
+    (the default: MAX_SAMPLES): count, total and mean cover every one, percentiles the latest."""
+    from gfnet_edge.runtime.profile import MAX_SAMPLES, Profiler
+
+    assert Profiler(True).max_samples == MAX_SAMPLES <= 1 << 16
+    p = Profiler(True, max_samples=10)
+    for seconds in [1.0] * 25 + [2.0] * 10:
+        p.record("glance", seconds)
+        p.add_call(seconds, 2)
+    assert len(p._samples["glance"]) == len(p._calls) == 10
+    s = p.summary()
+    assert s["glance"]["count"] == 35 and s["glance"]["total_ms"] == pytest.approx(45e3)
+    assert s["glance"]["mean_ms"] == pytest.approx(45e3 / 35) and s["glance"]["p50_ms"] == pytest.approx(2e3)
+    assert s["per_image"]["count"] == 35 and s["per_image"]["p99_ms"] == pytest.approx(1e3)
+    p.reset()
+    assert p.summary() == {}
+
+
 def test_profiler_counts_every_stage_of_the_host_loop(mnv3):
     """profile=True: one pre-process, glance and first step per call, one focus run and step per
     focus step reached, one per-image sample per call; the native step's parts (heads and exit
