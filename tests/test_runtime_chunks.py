@@ -436,3 +436,9 @@ def test_cropped_needs_uint8_frames_of_the_models_size(demo):
             rt.predict_iter(frames, cropped=1)  # refused at the call, before any batch
         with pytest.raises(InputError, match=rf"frame 0 is 30 x {S}"):
             rt.trace(np.zeros((1, 30, S, 3), np.uint8), cropped=True)
+        stream = iter([frames[0]] * 3 + [np.zeros((40, 40, 3), np.uint8)])  # the stream's item 3
+        batches = rt.predict_iter(stream, batch_size=2, cropped=True)
+        assert len(next(batches)) == 2
+        with pytest.raises(InputError, match=rf"item 3 is 40 x 40: frames given as cropped must be the model's "
+                                             rf"input size, {S} x {S}"):
+            next(batches)

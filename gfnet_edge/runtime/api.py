@@ -525,7 +525,7 @@ class Runtime:
         _check_flag("cropped", cropped)
         if budget is not None:
             self.bundle.thresholds(budget)  # an unknown name fails here, not at the first batch
-        batches = stream_batches(frames, size, self.model.image_size)
+        batches = stream_batches(frames, size, self.model.image_size, bool(cropped))
         if deadline_ms is not None:
             self._deadline(deadline_ms, deadline_margin, time.perf_counter())  # bad values fail here
         return (self.predict(batch, budget, deadline_ms, deadline_margin, cropped=cropped) for batch in batches)
