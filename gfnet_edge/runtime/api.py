@@ -478,7 +478,9 @@ class Runtime:
                 S x S input (as :func:`gfnet_edge.data.load_images` and ``gfnet-edge predict``
                 read them): the runtime only normalises them, fused with the glance (on the GPU,
                 after uploading a quarter of the bytes of float32 images). Frames of another
-                size are refused.
+                size are refused. ``ops.resize_crop(frames, m.image_size, m.crop_pct,
+                m.dataset_interpolation)`` (``m = rt.model``) makes them from frames of any size,
+                e.g. on a capture thread: the answers equal those on the original frames.
         """
         deadline = self._deadline(deadline_ms, deadline_margin, time.perf_counter())  # before the lock
         with self._lock:
