@@ -474,8 +474,9 @@ class Runtime:
                 images still running stop when that step is predicted to end later (from the
                 step latencies ``gfnet-edge calibrate`` recorded for this backend and precision,
                 :attr:`step_costs`); they keep the answer of the last step they ran and are
-                marked in ``Predictions.deadline_stopped``. The glance step always runs. A batch
-                shares one deadline.
+                marked in ``Predictions.deadline_stopped``. The glance step always runs, for
+                every chunk of :attr:`max_batch` images: a deadline shorter than the
+                pre-processing and glance returns that much late. A batch shares one deadline.
             deadline_margin: every predicted step cost is scaled by ``1 + deadline_margin``.
             cropped: the uint8 frames are already resized and centre-cropped to the model's
                 S x S input (as :func:`gfnet_edge.data.load_images` and ``gfnet-edge predict``
