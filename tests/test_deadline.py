@@ -62,7 +62,16 @@ def test_step_costs_from_a_manifest_entry():
     entry = step_costs_entry([Lat(1, [1.0, 3.0, 6.0], [1.5, 3.0, 7.0]), Lat(8, [0.4, 1.0, 1.6], [0.5, 1.2, 2.0])],
                              "onnxruntime", "fp32", 1, "cpu")
     c = StepCosts.from_manifest(entry)
-    assert c.step_ms == (1.5, 1.5, 4.0) and c.other == (8, (0.5, 0.7, 0.8))
+    assert c.step_ms == (1.5, 2.0, 4.0) and c.other == (8, (0.5, 0.7, 0.8))  # step 1: the mean's increment
+    # a slow outlier among the calls exiting at step 1 puts its p99 above step 2's (as measured on a
+    # shared 2-core VM): step 2 costs at least its mean increment, not 0
+    entry = step_costs_entry([Lat(1, [0.7, 1.4, 2.0], [0.8, 3.2, 2.3])], "onnxruntime", "fp32", 1, "cpu")
+    c = StepCosts.from_manifest(entry)
+    assert c.step_ms == pytest.approx((0.8, 2.4, 0.6))
+    clock = FakeClock()
+    d = Deadline(10.0, c, clock=clock)
+    clock.advance_ms(9.9)
+    assert not d.allows(2, 1)  # 0.6 ms left is needed, 0.1 ms is
     with pytest.raises(InputError, match="malformed"):
         StepCosts.from_manifest({"batches": [{"batch": 1}]})
 
@@ -251,6 +260,9 @@ def test_runtime_predict_with_a_deadline(demo):
         assert rt.predict(x).deadline_stopped is None
         with pytest.raises(InputError, match="each of the 3 steps"):
             rt.set_step_costs([1.0, 2.0])
+        for bad in ("123", 5.0, [1.0, "x", 2.0]):
+            with pytest.raises(InputError, match="one number of ms per step"):
+                rt.set_step_costs(bad)
         rt.set_step_costs([0.5, 1.0, 1.0])
         free = rt.predict(x, budget=None)
         tight = rt.predict(x, deadline_ms=1e-3)
@@ -261,6 +273,45 @@ def test_runtime_predict_with_a_deadline(demo):
         assert "deadline_stopped" in tight[0]
         with pytest.raises(InputError, match="deadline_ms"):
             rt.predict(x, deadline_ms=-1)
+        for kw in (dict(deadline_ms="5"), dict(deadline_ms=True), dict(deadline_ms=5.0, deadline_margin="0.1")):
+            with pytest.raises(InputError, match=f"{'deadline_margin' if 'deadline_margin' in kw else 'deadline_ms'} "
+                                                 "must be a number"):
+                rt.predict(x, **kw)
+            with pytest.raises(InputError, match="must be a number"):
+                rt.predict_iter([x[0]], **kw)
+
+
+def test_a_deadline_counts_the_wait_for_another_threads_call(demo):
+    """A Runtime shared by threads serialises its calls: a call that waits for another thread's
+    call has that much less time, so one whose deadline passed while it waited runs the glance
+    only."""
+    import threading
+    import time
+
+    from gfnet_edge.runtime import Runtime
+    from sim_device import demo_test_images
+
+    x = demo_test_images(demo.model, 8)
+    with Runtime(demo, backend="onnxruntime", precision="fp32", threads=1) as rt:
+        rt.set_step_costs([0.5, 1.0, 1.0])
+        free = rt.predict(x)
+        assert (free.exit_step > 0).any()
+        held, release = threading.Event(), threading.Event()
+
+        def other_call():  # holds the Runtime as a long call of another thread would
+            with rt._lock:
+                held.set()
+                release.wait(10)
+
+        other = threading.Thread(target=other_call)
+        other.start()
+        held.wait(10)
+        threading.Timer(0.2, release.set).start()
+        t0 = time.perf_counter()
+        waited = rt.predict(x, deadline_ms=100.0)
+        assert time.perf_counter() - t0 >= 0.2
+        other.join()
+        assert (waited.exit_step == 0).all() and (waited.deadline_stopped == (free.exit_step > 0)).all()
 
 
 def test_manifest_step_costs_are_checked_on_load():

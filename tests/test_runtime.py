@@ -101,6 +101,99 @@ def test_uint8_frames_and_float_inputs_agree(mnv3):
     assert len(single) == 1 and single.classes[0] == a.classes[0]
 
 
+def test_threads_sharing_a_runtime_are_served_in_call_order(demo_onnx_bundle):
+    """Calls waiting for a shared Runtime run in the order they were made: a thread that ends a
+    call and calls again at once queues behind the threads already waiting."""
+    from sim_device import demo_test_images
+
+    x = demo_test_images(demo_onnx_bundle.model, 1)
+    order = []
+
+    def wait_for_queue(rt, n):  # until n calls wait (up to 2 s)
+        t0 = time.perf_counter()
+        while len(getattr(rt._lock, "_waiting", ())) < n and time.perf_counter() - t0 < 2:
+            time.sleep(0.01)
+
+    with Runtime(demo_onnx_bundle, backend="onnxruntime", precision="fp32", threads=1) as rt:
+        run = rt._run
+        rt._run = lambda *a, **kw: order.append(threading.current_thread().name) or run(*a, **kw)
+        held, release = threading.Event(), threading.Event()
+
+        def first():  # a call in progress, then the same thread's next call at once
+            with rt._lock:
+                held.set()
+                release.wait(10)
+            rt.predict(x)
+
+        threads = {name: threading.Thread(target=first if name == "A" else lambda: rt.predict(x), name=name)
+                   for name in "ABC"}
+        threads["A"].start()
+        held.wait(10)
+        for n, name in enumerate("BC", 1):
+            threads[name].start()
+            wait_for_queue(rt, n)
+        release.set()
+        for t in threads.values():
+            t.join(30)
+    assert order == ["B", "C", "A"]
+
+
+def test_fifo_lock_survives_a_waiter_interrupted():
+    """A thread interrupted while it waits leaves the queue: the threads behind it still get the lock."""
+    from gfnet_edge.runtime.api import FifoLock
+
+    lock, got = FifoLock(), []
+
+    class Stop(Exception):
+        pass
+
+    with lock:
+        cond = lock._cond
+        real_wait = cond.wait
+        calls = {"n": 0}
+
+        def wait_then_fail(*a, **kw):  # the first waiter is interrupted on its first wait
+            calls["n"] += 1
+            if threading.current_thread().name == "interrupted":
+                raise Stop
+            return real_wait(*a, **kw)
+
+        cond.wait = wait_then_fail
+        errors = []
+        t1 = threading.Thread(target=lambda: errors.append(pytest.raises(Stop, lock.__enter__)), name="interrupted")
+        t1.start()
+        t1.join(10)
+
+        def later():
+            with lock:
+                got.append("later")
+
+        t2 = threading.Thread(target=later)
+        t2.start()
+        time.sleep(0.05)
+    t2.join(10)
+    assert len(errors) == 1 and got == ["later"] and not lock._waiting and not lock._held
+
+
+def test_profiler_memory_is_bounded():
+    """A profiler left on for a long stream keeps at most ``max_samples`` durations per stage
+    (the default: MAX_SAMPLES): count, total and mean cover every one, percentiles the latest."""
+    from gfnet_edge.runtime.profile import MAX_SAMPLES, Profiler
+
+    assert Profiler(True).max_samples == MAX_SAMPLES <= 1 << 16
+    p = Profiler(True, max_samples=10)
+    for seconds in [1.0] * 25 + [2.0] * 10:
+        p.record("glance", seconds)
+        p.add_call(seconds, 2)
+    assert len(p._samples["glance"]) == len(p._calls) == 10
+    s = p.summary()
+    assert s["glance"]["count"] == 35 and s["glance"]["total_ms"] == pytest.approx(45e3)
+    assert s["glance"]["mean_ms"] == pytest.approx(45e3 / 35) and s["glance"]["p50_ms"] == pytest.approx(2e3)
+    assert s["per_image"]["count"] == 35 and s["per_image"]["p99_ms"] == pytest.approx(1e3)
+    p.reset()
+    assert p.summary() == {}
+
+
 def test_profiler_counts_every_stage_of_the_host_loop(mnv3):
     """profile=True: one pre-process, glance and first step per call, one focus run and step per
     focus step reached, one per-image sample per call; the native step's parts (heads and exit

@@ -383,6 +383,24 @@ def test_cropped_frames_are_only_normalised_on_the_host(demo):
     assert np.abs(recropped.probs - want_trace.probs).max() > 0.05  # the flag matters for a model that crops
 
 
+def test_frames_cropped_with_ops_resize_crop_give_the_answers_of_the_full_frames(demo):
+    """The documented way to crop ahead (e.g. on a capture thread): ``ops.resize_crop`` with the
+    model's size, crop_pct and interpolation, then ``predict(..., cropped=True)``, answers exactly
+    as ``predict`` on the camera-sized frames."""
+    bundle, frames = demo
+    rng = np.random.default_rng(3)
+    big = [np.ascontiguousarray(np.pad(f, ((h, h), (w, w), (0, 0)), mode="edge"))
+           for f, h, w in zip(frames[:12], rng.integers(0, 60, 12), rng.integers(20, 120, 12))]
+    with _runtime(bundle) as rt:
+        rt.model = _cropping(bundle)
+        m = rt.model
+        want = rt.predict(big)
+        crops = ops.resize_crop(big, m.image_size, m.crop_pct, m.dataset_interpolation)
+        got = rt.predict(crops, cropped=True)
+    for f in ("classes", "exit_step", "coords", "confidence"):
+        np.testing.assert_array_equal(getattr(got, f), getattr(want, f), err_msg=f)
+
+
 def test_cropped_frames_cross_to_the_gpu_as_uint8(demo, monkeypatch):
     """On the (simulated) device place, frames given as cropped are uploaded as uint8 (a quarter of
     the bytes of float32 images) and normalised as one batch per chunk (contiguous frames: one
@@ -444,3 +462,9 @@ def test_cropped_needs_uint8_frames_of_the_models_size(demo):
             rt.predict_iter(frames, cropped=1)  # refused at the call, before any batch
         with pytest.raises(InputError, match=rf"frame 0 is 30 x {S}"):
             rt.trace(np.zeros((1, 30, S, 3), np.uint8), cropped=True)
+        stream = iter([frames[0]] * 3 + [np.zeros((40, 40, 3), np.uint8)])  # the stream's item 3
+        batches = rt.predict_iter(stream, batch_size=2, cropped=True)
+        assert len(next(batches)) == 2
+        with pytest.raises(InputError, match=rf"item 3 is 40 x 40: frames given as cropped must be the model's "
+                                             rf"input size, {S} x {S}"):
+            next(batches)

@@ -2,6 +2,7 @@
 unless the ``torch`` backend is asked for)."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import threading
 import time
@@ -147,7 +148,9 @@ class Runtime:
     (heads and pre-processing there too, one small read per step), otherwise in numpy arrays;
     :attr:`device_loop` says which.
 
-    Calls are serialised with a lock, so one Runtime may be shared by threads.
+    Calls are serialised with a lock, so one Runtime may be shared by threads; waiting calls
+    run in the order they were made (:class:`FifoLock`), so a thread calling in a loop cannot
+    keep another waiting for more than one call each of the other threads.
     """
 
     def __init__(self, bundle: Union[str, Path, Bundle], backend: str = "auto", precision: str = "auto",
@@ -176,7 +179,7 @@ class Runtime:
         self.model = self.bundle.model
         self.threads = threads
         self.profiler = Profiler(profile)
-        self._lock = threading.Lock()
+        self._lock = FifoLock()
         if backend == "auto":
             backend = self._auto_backend(precision)
         self.backend = backend
@@ -429,7 +432,14 @@ class Runtime:
         By default they come from the bundle (``gfnet-edge calibrate`` records them for the
         backend and precision it measured)."""
         if costs is not None and not isinstance(costs, StepCosts):
-            costs = StepCosts(tuple(float(v) for v in costs), source="set_step_costs")
+            try:
+                if isinstance(costs, (str, bytes)):
+                    raise TypeError
+                values = tuple(float(v) for v in costs)
+            except (TypeError, ValueError):
+                raise InputError(f"step costs must be a StepCosts or one number of ms per step, "
+                                 f"got {costs!r}") from None
+            costs = StepCosts(values, source="set_step_costs")
         if costs is not None and costs.steps != self.model.steps:
             raise InputError(f"need a cost for each of the {self.model.steps} steps, got {costs.steps}")
         self.step_costs = costs
@@ -437,6 +447,9 @@ class Runtime:
     def _deadline(self, deadline_ms: Optional[float], margin: float, start: float) -> Optional[Deadline]:
         if deadline_ms is None:
             return None
+        for name, value in (("deadline_ms", deadline_ms), ("deadline_margin", margin)):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise InputError(f"{name} must be a number, got {value!r}")
         if self.step_costs is None:
             raise InputError(f"a deadline needs the step latencies of this device: run `gfnet-edge calibrate "
                              f"{self.bundle.root}` with the {self.backend} backend and {self.precision} graphs, "
@@ -456,22 +469,26 @@ class Runtime:
                 C-contiguous, (H, W, 3), (N, H, W, 3) or a list): they are pre-processed where
                 they are, without a copy.
             budget: a named budget for this call only (default: the runtime's).
-            deadline_ms: milliseconds from the start of this call: before each focus step, the
+            deadline_ms: milliseconds from the start of this call (time spent waiting for a call
+                of another thread sharing this Runtime counts): before each focus step, the
                 images still running stop when that step is predicted to end later (from the
                 step latencies ``gfnet-edge calibrate`` recorded for this backend and precision,
                 :attr:`step_costs`); they keep the answer of the last step they ran and are
-                marked in ``Predictions.deadline_stopped``. The glance step always runs. A batch
-                shares one deadline.
+                marked in ``Predictions.deadline_stopped``. The glance step always runs, for
+                every chunk of :attr:`max_batch` images: a deadline shorter than the
+                pre-processing and glance returns that much late. A batch shares one deadline.
             deadline_margin: every predicted step cost is scaled by ``1 + deadline_margin``.
             cropped: the uint8 frames are already resized and centre-cropped to the model's
                 S x S input (as :func:`gfnet_edge.data.load_images` and ``gfnet-edge predict``
                 read them): the runtime only normalises them, fused with the glance (on the GPU,
                 after uploading a quarter of the bytes of float32 images). Frames of another
-                size are refused.
+                size are refused. ``ops.resize_crop(frames, m.image_size, m.crop_pct,
+                m.dataset_interpolation)`` (``m = rt.model``) makes them from frames of any size,
+                e.g. on a capture thread: the answers equal those on the original frames.
         """
+        deadline = self._deadline(deadline_ms, deadline_margin, time.perf_counter())  # before the lock
         with self._lock:
             t0 = time.perf_counter()
-            deadline = self._deadline(deadline_ms, deadline_margin, t0)
             thr = self.thresholds if budget is None else self.bundle.thresholds(budget)
             if thr is None:
                 thr = [2.0] * (self.model.steps - 1) + [-1e8]  # no budget: run every step
@@ -514,10 +531,45 @@ class Runtime:
         _check_flag("cropped", cropped)
         if budget is not None:
             self.bundle.thresholds(budget)  # an unknown name fails here, not at the first batch
-        batches = stream_batches(frames, size, self.model.image_size)
+        batches = stream_batches(frames, size, self.model.image_size, bool(cropped))
         if deadline_ms is not None:
             self._deadline(deadline_ms, deadline_margin, time.perf_counter())  # bad values fail here
         return (self.predict(batch, budget, deadline_ms, deadline_margin, cropped=cropped) for batch in batches)
+
+
+class FifoLock:
+    """A non-reentrant lock that threads acquire in the order they asked for it (``with``
+    only). ``threading.Lock`` lets the thread that releases it take it again at once: with two
+    threads calling a Runtime in a loop (calls of 1.7 ms, 2-core CPU), one of them then waits
+    up to 137 ms, 80 calls of the other, against 8 ms in call order."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._held = False
+        self._waiting: "collections.deque[object]" = collections.deque()
+
+    def __enter__(self) -> None:
+        with self._cond:
+            if not self._held and not self._waiting:
+                self._held = True
+                return
+            me = object()
+            self._waiting.append(me)
+            try:
+                while self._held or self._waiting[0] is not me:
+                    self._cond.wait()
+            except BaseException:  # interrupted while waiting: the threads behind go on
+                self._waiting.remove(me)
+                self._cond.notify_all()
+                raise
+            self._waiting.popleft()
+            self._held = True
+
+    def __exit__(self, *exc) -> None:
+        with self._cond:
+            self._held = False
+            if self._waiting:
+                self._cond.notify_all()
 
 
 def _check_flag(name: str, value: Any) -> None:

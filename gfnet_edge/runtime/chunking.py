@@ -112,10 +112,14 @@ def device_chunks(inputs: Any, size: int) -> Tuple[int, Iterator[List[DeviceFram
     return len(views), (views[start:start + size] for start in range(0, len(views), size))
 
 
-def _as_stack(item: Any, i: int, S: int) -> np.ndarray:
+def _as_stack(item: Any, i: int, S: int, cropped: bool = False) -> np.ndarray:
     """An item of :func:`stream_batches` as a 4-D stack (a view; nothing copied)."""
     if isinstance(item, np.ndarray):
         if item.dtype == np.uint8 and item.ndim in (3, 4) and item.shape[-1] == 3 and item.size:
+            if cropped and item.shape[-3:-1] != (S, S):
+                h, w = item.shape[-3:-1]
+                raise InputError(f"item {i} is {h} x {w}: frames given as cropped must be the model's input size, "
+                                 f"{S} x {S} (leave cropped off to have them resized and centre-cropped)")
             return item if item.ndim == 4 else item[None]
         if item.dtype == np.float32 and item.ndim in (3, 4) and item.shape[-3:] == (3, S, S) and item.size:
             return item if item.ndim == 4 else item[None]
@@ -126,7 +130,8 @@ def _as_stack(item: Any, i: int, S: int) -> np.ndarray:
                      f"or a stack of either, got {desc}")
 
 
-def stream_batches(items: Iterable[Any], size: int, S: int) -> Iterator[Union[np.ndarray, List[np.ndarray]]]:
+def stream_batches(items: Iterable[Any], size: int, S: int,
+                   cropped: bool = False) -> Iterator[Union[np.ndarray, List[np.ndarray]]]:
     """Groups frames or images from an iterable into batches of ``size`` (the last may be
     smaller), reading the iterable only as far as the batch being filled.
 
@@ -135,19 +140,20 @@ def stream_batches(items: Iterable[Any], size: int, S: int) -> Iterator[Union[np
             either ((N, H, W, 3), (N, 3, S, S)); one kind per batch.
         size: images per batch.
         S: the model's input size.
+        cropped: uint8 frames must be S x S (they are given as already cropped).
 
     Yields:
         what :meth:`Runtime.predict` takes: a stack (a view when it comes from one item), a
         list of uint8 frames, or float32 images stacked for this batch only.
 
     Raises:
-        InputError: an item of another type or shape, or uint8 frames and float32 images in
-            one batch.
+        InputError: an item of another type or shape (the item's index in the stream named), or
+            uint8 frames and float32 images in one batch.
     """
     pending: List[np.ndarray] = []
     count = 0
     for i, item in enumerate(items):
-        stack = _as_stack(item, i, S)
+        stack = _as_stack(item, i, S, cropped)
         if pending and stack.dtype != pending[0].dtype:
             raise InputError(f"item {i}: {stack.dtype} images in a batch of {pending[0].dtype} ones; "
                              "give uint8 frames or float32 images, not both")

@@ -78,18 +78,24 @@ class StepCosts:
 
     @classmethod
     def from_manifest(cls, entry: Mapping[str, Any], stat: str = DEFAULT_STAT) -> "StepCosts":
-        """From a manifest ``step_costs`` entry (written by ``gfnet-edge calibrate``): its
-        cumulative ``stat`` latency per step, never below the mean's increments."""
-        def cum(block: Mapping[str, Any]) -> Sequence[float]:
-            tail, mean = block["cumulative"][stat], block["cumulative"]["mean_ms"]
-            return [max(float(a), float(b)) for a, b in zip(tail, mean)]
+        """From a manifest ``step_costs`` entry (written by ``gfnet-edge calibrate``): the
+        increments of its cumulative ``stat`` latency, each step never below the increment of
+        the mean (a tail percentile need not grow from step to step: a slow outlier in the
+        calls exiting at step k can put its p99 above step k + 1's, which would otherwise give
+        step k + 1 a cost of 0 and let it run past any deadline)."""
+        def steps(block: Mapping[str, Any]) -> Tuple[float, ...]:
+            tail = cls.from_cumulative(block["cumulative"][stat]).step_ms
+            mean = cls.from_cumulative(block["cumulative"]["mean_ms"]).step_ms
+            if len(tail) != len(mean):
+                raise ValueError(f"{stat} has {len(tail)} steps, mean_ms {len(mean)}")
+            return tuple(max(a, b) for a, b in zip(tail, mean))
 
         try:
             first = entry["batches"][0]
             other = entry["batches"][1] if len(entry["batches"]) > 1 else None
-            return cls.from_cumulative(cum(first), int(first["batch"]),
-                                       None if other is None else (int(other["batch"]), cum(other)),
-                                       source=str(entry.get("source", "bundle manifest")))
+            return cls(steps(first), int(first["batch"]),
+                       None if other is None else (int(other["batch"]), steps(other)),
+                       source=str(entry.get("source", "bundle manifest")))
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             raise InputError(f"the bundle's step_costs entry is malformed ({type(exc).__name__}: {exc}); "
                              "re-run gfnet-edge calibrate") from exc
