@@ -253,8 +253,9 @@ def _sweep_section(res: Dict[str, Any], figures: Dict[str, bytes]) -> List[str]:
                    "deadlines"),
             f"<p class='note'>Each held-out image (batch {sw['batch']} per call) runs through "
             f"<code>Runtime.predict(x, deadline_ms=D)</code> with the thresholds of {html.escape(sw['budget'])} "
-            f"(accuracy without a deadline: {_f(sw.get('no_deadline_accuracy'))} %), planned with the p99 step "
-            f"latency measured above and margin {sw['margin']:g}; the times are wall-clock per call. The glance "
+            f"(accuracy without a deadline: {_f(sw.get('no_deadline_accuracy'))} %), planned with the step "
+            f"latency measured above ({html.escape(sw.get('planned_with') or 'p99')}) and margin {sw['margin']:g}; "
+            "the times are wall-clock per call. The glance "
             "always runs, so a deadline below its latency cannot be met. The deadlines run from the glance's p50 to "
             "past the full model's p99 with the margin (from there the runtime plans every step) and on to past the "
             "slowest static baseline's p99 call when that is later. A static network has one answer at the end: "

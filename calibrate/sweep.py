@@ -53,6 +53,7 @@ class DeadlineSweep:
         rows: one per deadline, ascending.
         static_p50_ms: per static baseline, its median call latency.
         no_deadline_accuracy: the runtime's accuracy with the same thresholds and no deadline.
+        planned_with: the step costs the runtime planned with (``StepCosts.source``).
     """
 
     budget: str
@@ -61,6 +62,7 @@ class DeadlineSweep:
     rows: List[SweepRow]
     static_p50_ms: Dict[str, float] = field(default_factory=dict)
     no_deadline_accuracy: Optional[float] = None
+    planned_with: str = ""
 
     def add_static(self, name: str, call_ms: Sequence[float]) -> None:
         """Adds a static baseline's miss rate at every deadline from its measured call latencies."""
@@ -72,7 +74,7 @@ class DeadlineSweep:
     def to_dict(self) -> Dict[str, Any]:
         return {"budget": self.budget, "margin": self.margin, "batch": self.batch,
                 "no_deadline_accuracy": self.no_deadline_accuracy, "rows": [asdict(r) for r in self.rows],
-                "static_p50_ms": dict(self.static_p50_ms)}
+                "static_p50_ms": dict(self.static_p50_ms), "planned_with": self.planned_with}
 
 
 #: How far past a meeting point (GFNet's full model, a static baseline's p99 call) the sweep runs.
@@ -84,8 +86,8 @@ def sweep_deadlines(lat: StepLatency, n: int, margin: Optional[float] = None,
     """The sweep's deadlines (ms per call at ``lat.batch``).
 
     ``n`` deadlines run from the glance's p50 to past the point from which the runtime plans every
-    step: the full model's p99 scaled by ``1 + margin`` (the runtime plans its steps with p99 step
-    latency times that) and by ``1 + SWEEP_PAD``.
+    step: the full model's p99 scaled by ``1 + margin`` (the runtime plans its steps with a tail
+    percentile, p99 or p95, of the step latency times that) and by ``1 + SWEEP_PAD``.
     When a static baseline's p99 call (``static_call_ms``: each baseline's call latencies) lies
     beyond that, up to ``n`` more deadlines, spaced like the first ones where they fit, reach
     ``SWEEP_PAD`` past the slowest baseline's p99, so that its miss rate is seen falling to

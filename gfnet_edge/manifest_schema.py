@@ -188,9 +188,10 @@ def check_manifest(manifest: Any) -> Dict[str, Any]:
     for key, entry in m.get("step_costs", {}).items():
         for j, block in enumerate(entry["batches"]):
             where = f"step_costs.{key}.batches[{j}].cumulative"
-            for stat in ("mean_ms", "p99_ms"):
-                _length(block["cumulative"][stat], f"{where}.{stat}", steps)
-                _finite(block["cumulative"][stat], f"{where}.{stat}")
+            for stat in ("mean_ms", "p95_ms", "p99_ms"):
+                if stat in block["cumulative"]:
+                    _length(block["cumulative"][stat], f"{where}.{stat}", steps)
+                    _finite(block["cumulative"][stat], f"{where}.{stat}")
     for i, e in enumerate(m.get("engines", [])):
         for part in GRAPHS:
             _artifact(e[part], f"engines[{i}].{part}", arts)

@@ -54,15 +54,25 @@ def test_step_costs_model():
 
 def test_step_costs_from_a_manifest_entry():
     class Lat:
-        def __init__(self, batch, cum, tail):
+        def __init__(self, batch, cum, tail, p95=None, calls=300):
             self.batch = batch
-            self.steps = [type("S", (), {"to_dict": (lambda s, m=m, p=p: {"mean_ms": m, "p50_ms": m, "p95_ms": p,
-                                                                             "p99_ms": p})})() for m, p in zip(cum, tail)]
+            self.steps = [type("S", (), {"n": calls, "to_dict": (lambda s, m=m, p=p, q=q: {
+                "mean_ms": m, "p50_ms": m, "p95_ms": q, "p99_ms": p})})()
+                for m, p, q in zip(cum, tail, p95 or tail)]
 
     entry = step_costs_entry([Lat(1, [1.0, 3.0, 6.0], [1.5, 3.0, 7.0]), Lat(8, [0.4, 1.0, 1.6], [0.5, 1.2, 2.0])],
                              "onnxruntime", "fp32", 1, "cpu")
     c = StepCosts.from_manifest(entry)
     assert c.step_ms == (1.5, 2.0, 4.0) and c.other == (8, (0.5, 0.7, 0.8))  # step 1: the mean's increment
+    assert "p99 of 300 calls" in c.source
+    # fewer than 300 timed calls per step: their p99 is their slowest call or two, so the p95 is planned with
+    few = step_costs_entry([Lat(1, [1.0, 3.0, 6.0], [1.5, 9.0, 10.0], p95=[1.2, 3.6, 6.8], calls=60)],
+                           "onnxruntime", "fp32", 1, "cpu")
+    c = StepCosts.from_manifest(few)
+    assert c.step_ms == pytest.approx((1.2, 2.4, 3.2)) and "p95 of 60 calls" in c.source
+    assert StepCosts.from_manifest(few, stat="p99_ms").step_ms == pytest.approx((1.5, 7.5, 3.0))
+    del few["batches"][0]["calls"]  # an entry that does not say: p99, as before counts were recorded
+    assert StepCosts.from_manifest(few).step_ms == pytest.approx((1.5, 7.5, 3.0))
     # a slow outlier among the calls exiting at step 1 puts its p99 above step 2's (as measured on a
     # shared 2-core VM): step 2 costs at least its mean increment, not 0
     entry = step_costs_entry([Lat(1, [0.7, 1.4, 2.0], [0.8, 3.2, 2.3])], "onnxruntime", "fp32", 1, "cpu")
@@ -320,8 +330,8 @@ def test_manifest_step_costs_are_checked_on_load():
     class Lat:
         def __init__(self, batch, cum):
             self.batch = batch
-            self.steps = [type("S", (), {"to_dict": (lambda s, c=c: {"mean_ms": c, "p50_ms": c, "p95_ms": c,
-                                                                    "p99_ms": c})})() for c in cum]
+            self.steps = [type("S", (), {"n": 60, "to_dict": (lambda s, c=c: {"mean_ms": c, "p50_ms": c, "p95_ms": c,
+                                                                             "p99_ms": c})})() for c in cum]
 
     good = step_costs_entry([Lat(1, [1.0, 2.0, 3.0])], "onnxruntime", "fp32", 1, "cpu")
     base = {"model": {"model_name": "m", "family": "custom", "image_size": 64, "patch_size": 32, "steps": 3,
@@ -339,3 +349,11 @@ def test_manifest_step_costs_are_checked_on_load():
                                                            "p99_ms": [1.0, 2.0, 3.0]}}])
     with pytest.raises(ManifestError, match="finite"):
         check_manifest(dict(base, step_costs={"onnxruntime/fp32": nan}))
+    short95 = dict(good, batches=[dict(good["batches"][0], cumulative=dict(good["batches"][0]["cumulative"],
+                                                                            p95_ms=[1.0, 2.0]))])
+    with pytest.raises(ManifestError, match=r"cumulative.p95_ms"):  # the stat planned with when few calls were timed
+        check_manifest(dict(base, step_costs={"onnxruntime/fp32": short95}))
+    for calls in (0, "60"):
+        with pytest.raises(ManifestError, match="calls"):
+            check_manifest(dict(base, step_costs={"onnxruntime/fp32": dict(good, batches=[
+                dict(good["batches"][0], calls=calls)])}))

@@ -22,6 +22,17 @@ from ..errors import InputError
 
 #: The percentile of the measured step latency a deadline plans with (tail, not mean).
 DEFAULT_STAT = "p99_ms"
+#: Timed calls per step from which the p99 is planned with: at least three calls lie above it.
+#: With fewer the p99 is the slowest call or two, which one stall of the device decides (a
+#: calibration's 60 calls per step), so the p95 is used (:func:`planning_stat`).
+P99_MIN_CALLS = 300
+
+
+def planning_stat(calls: Optional[int]) -> str:
+    """The percentile a deadline plans with for step latencies measured from ``calls`` timed
+    calls per step: p99 from :data:`P99_MIN_CALLS` calls (or when the count is not recorded),
+    else p95."""
+    return DEFAULT_STAT if calls is None or calls >= P99_MIN_CALLS else "p95_ms"
 
 
 @dataclass(frozen=True)
@@ -77,14 +88,21 @@ class StepCosts:
                    None if other is None else (int(other[0]), steps(other[1])), source)
 
     @classmethod
-    def from_manifest(cls, entry: Mapping[str, Any], stat: str = DEFAULT_STAT) -> "StepCosts":
+    def from_manifest(cls, entry: Mapping[str, Any], stat: Optional[str] = None) -> "StepCosts":
         """From a manifest ``step_costs`` entry (written by ``gfnet-edge calibrate``): the
-        increments of its cumulative ``stat`` latency, each step never below the increment of
-        the mean (a tail percentile need not grow from step to step: a slow outlier in the
-        calls exiting at step k can put its p99 above step k + 1's, which would otherwise give
-        step k + 1 a cost of 0 and let it run past any deadline)."""
+        increments of its cumulative ``stat`` latency (``None``: :func:`planning_stat` of the
+        calls each batch size was timed with), each step never below the increment of the mean
+        (a tail percentile need not grow from step to step: a slow outlier in the calls exiting
+        at step k can put its p99 above step k + 1's, which would otherwise give step k + 1 a
+        cost of 0 and let it run past any deadline)."""
+        used = []
+
         def steps(block: Mapping[str, Any]) -> Tuple[float, ...]:
-            tail = cls.from_cumulative(block["cumulative"][stat]).step_ms
+            st = stat or planning_stat(block.get("calls"))
+            if st not in block["cumulative"]:  # an entry that recorded only the mean and p99
+                st = DEFAULT_STAT
+            used.append(f"{st[:-3]} of {block['calls']} calls" if block.get("calls") else st[:-3])
+            tail = cls.from_cumulative(block["cumulative"][st]).step_ms
             mean = cls.from_cumulative(block["cumulative"]["mean_ms"]).step_ms
             if len(tail) != len(mean):
                 raise ValueError(f"{stat} has {len(tail)} steps, mean_ms {len(mean)}")
@@ -93,9 +111,10 @@ class StepCosts:
         try:
             first = entry["batches"][0]
             other = entry["batches"][1] if len(entry["batches"]) > 1 else None
-            return cls(steps(first), int(first["batch"]),
-                       None if other is None else (int(other["batch"]), steps(other)),
-                       source=str(entry.get("source", "bundle manifest")))
+            first_ms = steps(first)
+            other_ms = None if other is None else (int(other["batch"]), steps(other))
+            return cls(first_ms, int(first["batch"]), other_ms,
+                       source=f"{entry.get('source', 'bundle manifest')} ({', '.join(used)} per step)")
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             raise InputError(f"the bundle's step_costs entry is malformed ({type(exc).__name__}: {exc}); "
                              "re-run gfnet-edge calibrate") from exc
@@ -149,7 +168,7 @@ def step_costs_entry(latencies: Sequence[Any], backend: str, precision: str, thr
     batches = []
     for lat in latencies:
         stats = [s.to_dict() for s in lat.steps]
-        batches.append({"batch": int(lat.batch),
+        batches.append({"batch": int(lat.batch), "calls": int(lat.steps[0].n),
                         "cumulative": {k: [float(s[k]) for s in stats] for k in ("mean_ms", "p50_ms", "p95_ms",
                                                                                "p99_ms")}})
     return {"backend": backend, "precision": precision, "threads": threads, "device": device,
