@@ -107,7 +107,7 @@ def sweep_deadlines(lat: StepLatency, n: int, margin: Optional[float] = None,
         margin = DEFAULT_MARGIN
     lo = lat.steps[0].p50_ms * lat.batch
     hi = max(lat.steps[-1].p99_ms * lat.batch * (1.0 + float(margin)) * (1.0 + SWEEP_PAD), lo)
-    grid = [float(d) for d in np.linspace(lo, hi, n)]
+    grid = [float(d) for d in np.linspace(lo, hi, n)] if n > 1 else [hi]  # one deadline: GFNet's meeting point
     static_hi = max((float(np.percentile(np.asarray(a, dtype=np.float64), 99)) for a in static_call_ms if len(a)),
                     default=0.0) * (1.0 + SWEEP_PAD)
     if static_hi > hi:

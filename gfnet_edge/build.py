@@ -303,7 +303,7 @@ def _quantize(model, tmp: Path, manifest: Dict[str, Any], images, cfg: BuildConf
                                finetune_epochs=cfg.finetune_epochs, num_calib=n_cal,
                                patch_guard_share=cfg.patch_guard_share)
         res = quantize_model(model, fp32, tmp / "heads.npz", calib, tmp / "graphs" / f"int8-{prof}", opts,
-                             eval_images=eval_x if len(eval_x) else None, eval_labels=eval_y, progress=progress)
+                             eval_images=eval_x, eval_labels=eval_y, progress=progress)  # empty: no check
         rel = {}
         for g, p in res.graphs.items():
             dst = tmp / "graphs" / f"{g}.int8-{prof}.onnx"

@@ -113,6 +113,21 @@ class _Checker:
         run()
         self.add("preprocess bgr", _err(ops.from_device(out, (3, 224, 224), np.float32, self.stream), ref[0]),
                  0.0, run, lambda: ops.preprocess(frame, 224, bgr=True))
+        # a batch of S x S frames that need no resize, normalised in one launch (+ the glance)
+        n, S, P = 8, 224, 96
+        frames = self.rng.integers(0, 256, (n, S, S, 3), dtype=np.uint8)
+        ref, gref = ops.preprocess(frames, S, crop_pct=1.0, glance_size=P)
+        fbuf = ops.to_device(frames)
+        out, gout = ops.DeviceBuffer(n * 3 * S * S * 4), ops.DeviceBuffer(n * 3 * P * P * 4)
+        run = lambda: ops.cuda_normalise_frames(fbuf, n, S, out, glance=gout, glance_size=P,  # noqa: E731
+                                                stream=self.stream)
+        run()
+        got = ops.from_device(out, (n, 3, S, S), np.float32, self.stream)
+        self.add(f"normalise_frames batch {n} S={S}", _err(got, ref), 0.0, run,
+                 lambda: ops.preprocess(frames, S, crop_pct=1.0, glance_size=P), "fp32 must be bit-identical")
+        gerr = _err(ops.from_device(gout, (n, 3, P, P), np.float32, self.stream), gref)
+        self.results.append(Result(f"  glance part P={P} float32", gerr <= 3e-5, gerr, 3e-5))
+        _print(self.results[-1])
 
     def glance(self) -> None:
         for S, P, mode in [(224, 96, "bicubic"), (224, 128, "bilinear"), (300, 144, "bicubic")]:

@@ -60,6 +60,8 @@ def _desc(model) -> ModelDesc:
 def _held_out(calib: QuantCalibrationSet, opts: QuantizeOptions, eval_images, eval_labels):
     """Returns (calibration set, eval images, eval labels, description)."""
     if eval_images is not None:
+        if len(eval_images) == 0:
+            return calib, None, None, "none (no held-out images given)"
         return calib, eval_images, eval_labels, "given"
     if calib.images is None:
         return calib, None, None, "none (calibration data has no source images)"
@@ -93,7 +95,8 @@ def quantize_model(model, fp32_graphs: Mapping[str, Union[str, Path]], heads_pat
             centre-cropped, which the runtime normalises as ``Runtime.predict(frames,
             cropped=True)`` does (the deployment path: an INT8 graph rounds
             its input to its quantization grid, so normalising beforehand can change some
-            images' results); default: ``opts.eval_fraction`` of the calibration images.
+            images' results); default: ``opts.eval_fraction`` of the calibration images; an
+            empty array: none (no accuracy check, no search).
         eval_labels: their labels; without labels accuracy is measured against the FP32
             predictions (agreement), which is stricter.
         progress: progress bars.

@@ -268,3 +268,7 @@ def test_held_out_check_traces_frames_as_the_runtime_takes_them(int8_bundle):
     np.testing.assert_allclose(trace_graphs(cropping, b.graph_paths("fp32"), b.heads_path, x).probs,
                                trace_graphs(cropping, b.graph_paths("fp32"), b.heads_path, frames).probs,
                                rtol=0, atol=1e-5)
+    from gfnet_edge.errors import InputError
+
+    with pytest.raises(InputError, match=r"frames to trace must be uint8 \(N, 224, 224, 3\), already resized"):
+        trace_graphs(cropping, b.graph_paths("fp32"), b.heads_path, np.zeros((1, 240, 260, 3), np.uint8))

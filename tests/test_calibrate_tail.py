@@ -182,6 +182,8 @@ def test_sweep_reaches_past_the_full_model_and_a_slower_static_network():
     near = sweep_deadlines(lat, 6, margin, [np.full(10, alone[-1] * 1.01)])
     assert near[:6] == pytest.approx(alone) and len(near) == 7 and near[-1] == pytest.approx(alone[-1] * 1.01 * 1.05)
     assert sweep_deadlines(lat, 0, margin, [slow]) == []
+    one = sweep_deadlines(lat, 1, margin, [slow])  # one deadline: GFNet's meeting point, then the static one
+    assert one[0] == pytest.approx(alone[-1]) and len(one) == 2 and one[-1] == pytest.approx(ds[-1])
 
 
 def test_every_budget_pair_has_distinct_names():

@@ -47,31 +47,46 @@ def test_cuda_preprocess_bit_exact_into_batch_slot(interp):
 
 
 @requires_gpu
-@pytest.mark.parametrize("bgr", [False, True])
-def test_cuda_normalise_frames_equals_per_frame_preprocess_and_cpu(bgr):
+@pytest.mark.parametrize("n, S, P, bgr, glance_interp, norm", [
+    (5, 97, 45, False, "bicubic", {"mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3)}),
+    (3, 96, 48, True, "bilinear", {"mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3)}),
+    (1, 33, 17, False, "bicubic", {}),  # the default ImageNet mean / std
+])
+def test_cuda_normalise_frames_equals_per_frame_preprocess_and_cpu(n, S, P, bgr, glance_interp, norm):
     """One batched launch (+ the glance) over contiguous S x S frames: bit for bit the images and
-    glance of cuda_preprocess frame by frame at crop_pct 1, and the CPU images."""
+    glance of cuda_preprocess frame by frame at crop_pct 1, and the CPU images; sizes that are no
+    multiple of the block size, and nothing written past the n frames."""
     rng = np.random.default_rng(8)
-    n, S, P = 5, 96, 48
-    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     frames = rng.integers(0, 256, (n, S, S, 3), dtype=np.uint8)
     stream = ops.Stream()
     fb = ops.to_device(frames, stream)
-    out, gl = ops.DeviceBuffer(n * 3 * S * S * 4), ops.DeviceBuffer(n * 3 * P * P * 4)
-    ops.cuda_normalise_frames(fb, n, S, out, mean=mean, std=std, bgr=bgr, glance=gl, glance_size=P, stream=stream)
-    got = ops.from_device(out, (n, 3, S, S), np.float32, stream)
-    got_gl = ops.from_device(gl, (n, 3, P, P), np.float32, stream)
+    sentinel = np.full((n + 1, 3, S, S), 7.0, np.float32), np.full((n + 1, 3, P, P), 7.0, np.float32)
+    out, gl = ops.to_device(sentinel[0], stream), ops.to_device(sentinel[1], stream)
+    ops.cuda_normalise_frames(fb, n, S, out, bgr=bgr, glance=gl, glance_size=P, glance_interpolation=glance_interp,
+                              stream=stream, **norm)
+    got = ops.from_device(out, (n + 1, 3, S, S), np.float32, stream)
+    got_gl = ops.from_device(gl, (n + 1, 3, P, P), np.float32, stream)
+    assert (got[n] == 7.0).all() and (got_gl[n] == 7.0).all()
     one, one_gl = ops.DeviceBuffer(n * 3 * S * S * 4), ops.DeviceBuffer(n * 3 * P * P * 4)
     for i in range(n):
         ops.cuda_preprocess(fb.ptr + i * S * S * 3, S, S, S, one.ptr + i * 3 * S * S * 4, crop_pct=1.0,
-                            bgr=bgr, mean=mean, std=std, glance=one_gl.ptr + i * 3 * P * P * 4, glance_size=P,
-                            stream=stream)
+                            bgr=bgr, glance=one_gl.ptr + i * 3 * P * P * 4, glance_size=P,
+                            glance_interpolation=glance_interp, stream=stream, **norm)
     want = ops.from_device(one, (n, 3, S, S), np.float32, stream)
     want_gl = ops.from_device(one_gl, (n, 3, P, P), np.float32, stream)
-    assert np.array_equal(got, want) and np.array_equal(got_gl, want_gl)
-    assert np.array_equal(got, ops.preprocess(frames, S, crop_pct=1.0, bgr=bgr, mean=mean, std=std))
-    with pytest.raises(ValueError, match="glance_size"):
-        ops.cuda_normalise_frames(fb, n, S, out, glance=gl, glance_size=S + 1, stream=stream)
+    assert np.array_equal(got[:n], want) and np.array_equal(got_gl[:n], want_gl)
+    assert np.array_equal(got[:n], ops.preprocess(frames, S, crop_pct=1.0, bgr=bgr, **norm))
+
+
+def test_cuda_normalise_frames_checks_its_arguments_before_any_cuda_call():
+    """Sizes, mean / std and the glance size are refused by the extension before it needs a GPU."""
+    for kw, match in [({"n": 0}, "n"), ({"std": (1.0, 0.0, 1.0)}, "std values must be non-zero"),
+                      ({"mean": (0.5, 0.5)}, "mean"), ({"glance": 1, "glance_size": 9}, "glance_size"),
+                      ({"glance": 1, "glance_size": 0}, "glance_size"),
+                      ({"glance": 1, "glance_size": 4, "glance_interpolation": "nearest"}, "interpolation")]:
+        args = {"frames": 1, "n": 2, "image_size": 8, "out": 1, **kw}
+        with pytest.raises(ValueError, match=match):
+            ops.cuda_normalise_frames(**args)
 
 
 @requires_gpu

@@ -679,18 +679,41 @@ def test_a_small_calibration_folder_still_calibrates_with_enough_images(monkeypa
 
     def fake_quantize_model(model, fp32, heads, calib, out, opts, eval_images=None, **kw):
         seen["calib"], seen["eval"] = calib.num_images, len(eval_images) if eval_images is not None else 0
+        seen["given"] = eval_images
         raise Stop
 
     monkeypatch.setattr(quant_pkg, "quantize_model", fake_quantize_model)
     cfg = build.BuildConfig(num_calib=256, int8_profiles=("cpu",))
     with pytest.raises(Stop):
         build._quantize(_tiny_model(), tmp_path, {"graphs": {}}, _frames(20), cfg, "onnxruntime", False)
-    assert seen == {"calib": 20, "eval": 0}
+    assert {k: seen[k] for k in ("calib", "eval")} == {"calib": 20, "eval": 0}
     # 30 of 40 calibrate (--num-calib 30): the 10 left are too few to check the accuracy with
     cfg = build.BuildConfig(num_calib=30, int8_profiles=("cpu",))
     with pytest.raises(Stop):
         build._quantize(_tiny_model(), tmp_path, {"graphs": {}}, _frames(40), cfg, "onnxruntime", False)
-    assert seen == {"calib": 30, "eval": 0}
+    assert {k: seen[k] for k in ("calib", "eval")} == {"calib": 30, "eval": 0}
+    # --num-eval 0: every image calibrates and the quantizer is told there is no held-out set (an
+    # empty one: given None it would hold out a share of the calibration images instead)
+    cfg = build.BuildConfig(num_calib=256, num_eval=0, int8_profiles=("cpu",))
+    with pytest.raises(Stop):
+        build._quantize(_tiny_model(), tmp_path, {"graphs": {}}, _frames(256), cfg, "onnxruntime", False)
+    assert {k: seen[k] for k in ("calib", "eval")} == {"calib": 256, "eval": 0} and seen["given"] is not None
+
+
+def test_an_empty_held_out_set_means_no_accuracy_check():
+    """quantize_model's held-out set: an empty array is none (nothing taken from the calibration
+    images), None is the default share of the calibration images."""
+    from types import SimpleNamespace
+
+    from gfnet_edge.quantize.core import _held_out
+
+    images = np.zeros((128, 3, 8, 8), np.float32)
+    calib = SimpleNamespace(images=images, labels=None, num_images=128, subset=lambda idx: ("subset", len(idx)))
+    opts = gq.QuantizeOptions()
+    kept, x, y, desc = _held_out(calib, opts, np.zeros((0, 8, 8, 3), np.uint8), None)
+    assert kept is calib and x is None and y is None and desc.startswith("none")
+    kept, x, y, desc = _held_out(calib, opts, None, None)
+    assert kept == ("subset", 96) and len(x) == 32 and desc.startswith("32 of the 128 calibration images")
 
 
 def test_a_class_folder_is_mixed_before_the_calibration_split(tmp_path):

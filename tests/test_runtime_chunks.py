@@ -462,6 +462,11 @@ def test_cropped_needs_uint8_frames_of_the_models_size(demo):
             rt.predict_iter(frames, cropped=1)  # refused at the call, before any batch
         with pytest.raises(InputError, match=rf"frame 0 is 30 x {S}"):
             rt.trace(np.zeros((1, 30, S, 3), np.uint8), cropped=True)
+    with _runtime(bundle, max_batch=2) as rt:  # checked before the first chunk runs, named in the call
+        bad = list(frames[:4]) + [np.zeros((S + 1, S, 3), np.uint8)]
+        with recorded_runs(rt) as seen, pytest.raises(InputError, match=rf"frame 4 is {S + 1} x {S}"):
+            rt.predict(bad, cropped=True)
+        assert seen == []
         stream = iter([frames[0]] * 3 + [np.zeros((40, 40, 3), np.uint8)])  # the stream's item 3
         batches = rt.predict_iter(stream, batch_size=2, cropped=True)
         assert len(next(batches)) == 2

@@ -25,6 +25,7 @@ from .chunking import OutputBuffer, check_batch, chunk_size, device_chunks, stre
 from .driver import Driver, StepOutputs
 from .heads import HEAD_DTYPES, HeadSet, load_head_arrays
 from .profile import Profiler
+from .types import check_cropped
 
 #: Default ``deadline_margin`` of :meth:`Runtime.predict`.
 DEFAULT_MARGIN = 0.05
@@ -365,6 +366,8 @@ class Runtime:
                 raise InputError(f"no images given (frames of shape {inputs.shape})")
             if inputs.shape[1] == 0 or inputs.shape[2] == 0:
                 raise InputError(f"empty frames {inputs.shape}: a frame needs at least one pixel")
+            if cropped:
+                check_cropped([inputs.shape[1:3]], S)
             return "frames", inputs  # one array: no per-frame checks, no copy
         if not isinstance(inputs, np.ndarray) and not hasattr(inputs, "__iter__"):
             raise InputError(f"expected uint8 HWC RGB frames (an array or a list of arrays) or float32 NCHW "
@@ -378,6 +381,8 @@ class Runtime:
                 raise InputError(f"image {i}: expected a uint8 HWC RGB frame or float32 NCHW images, got {desc}")
             if f.size == 0:
                 raise InputError(f"image {i}: empty frame {f.shape}: a frame needs at least one pixel")
+        if cropped:
+            check_cropped((f.shape[:2] for f in frames), S)
         return "frames", frames
 
     def _run(self, inputs, thresholds: Optional[Sequence[float]], deadline: Optional[Deadline] = None,
@@ -389,6 +394,10 @@ class Runtime:
         size = self.max_batch
         if kind == "device":
             n, chunks = device_chunks(data, size)
+            if cropped:  # every frame's size, before any chunk runs
+                from .cuda_arrays import device_frames
+
+                check_cropped(((f.height, f.width) for f in device_frames(data)), self.model.image_size)
         else:
             n = len(data)
             chunks = (data[i:i + size] for i in range(0, n, size))
@@ -640,6 +649,10 @@ def trace_graphs(model: "ModelDesc | Dict[str, Any]", graphs: Dict[str, Path], h
     from .backends.onnxruntime import OnnxRuntimeRunner
 
     model = as_desc(model)
+    S = model.image_size
+    if images.dtype == np.uint8 and (images.ndim != 4 or images.shape[1:] != (S, S, 3)):
+        raise InputError(f"frames to trace must be uint8 (N, {S}, {S}, 3), already resized and centre-cropped to the "
+                         f"model's input, got {images.shape}")
     arrays = heads if isinstance(heads, dict) else load_head_arrays(Path(heads))
     runner = OnnxRuntimeRunner(graphs, "custom", threads).activate()
     try:

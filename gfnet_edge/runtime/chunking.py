@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import InputError
 from .driver import StepOutputs
+from .types import check_cropped
 
 #: Images per chunk when neither the user nor the runner sets a max batch (the default max batch
 #: of a TensorRT engine's profile too). On the demo model on ONNX Runtime, trace throughput was
@@ -116,10 +117,8 @@ def _as_stack(item: Any, i: int, S: int, cropped: bool = False) -> np.ndarray:
     """An item of :func:`stream_batches` as a 4-D stack (a view; nothing copied)."""
     if isinstance(item, np.ndarray):
         if item.dtype == np.uint8 and item.ndim in (3, 4) and item.shape[-1] == 3 and item.size:
-            if cropped and item.shape[-3:-1] != (S, S):
-                h, w = item.shape[-3:-1]
-                raise InputError(f"item {i} is {h} x {w}: frames given as cropped must be the model's input size, "
-                                 f"{S} x {S} (leave cropped off to have them resized and centre-cropped)")
+            if cropped:
+                check_cropped([item.shape[-3:-1]], S, "item", i)
             return item if item.ndim == 4 else item[None]
         if item.dtype == np.float32 and item.ndim in (3, 4) and item.shape[-3:] == (3, S, S) and item.size:
             return item if item.ndim == 4 else item[None]

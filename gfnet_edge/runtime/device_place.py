@@ -239,8 +239,9 @@ class DevicePlace:
 
     def frames(self, frames: Union[np.ndarray, Sequence[np.ndarray]], cropped: bool = False) -> List[Chunk]:
         """One upload of all frames (or their prefetched upload), then the fused device
-        pre-processing per frame (``cropped``: S x S frames only normalised, so a quarter of
-        the bytes of float32 images cross to the GPU)."""
+        pre-processing (:meth:`_preprocess`: per frame, or one batch for S x S frames that need
+        no resize; ``cropped``: S x S frames only normalised, so a quarter of the bytes of
+        float32 images cross to the GPU)."""
         staged = self._take_prefetched(frames)
         if isinstance(frames, np.ndarray) and frames.ndim == 4:
             frame_list: List[np.ndarray] = [frames[i] for i in range(frames.shape[0])]

@@ -7,7 +7,7 @@ types from here, never the driver, so the runtime's modules form no import cycle
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ContextManager, Dict, List, Optional, Protocol, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, ContextManager, Dict, Iterable, List, Optional, Protocol, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -156,14 +156,20 @@ def frame_crop_pct(ctx: LoopContext, sizes: Sequence[Tuple[int, int]], cropped: 
     """
     if not cropped:
         return ctx.model.crop_pct
+    check_cropped(sizes, ctx.S)
+    return 1.0
+
+
+def check_cropped(sizes: Iterable[Tuple[int, int]], S: int, what: str = "frame", start: int = 0) -> None:
+    """Raises InputError naming the first (height, width) that is not S x S: frames given as
+    already cropped must be the model's input. ``what`` and ``start`` name it (``frame 7``, or
+    ``item 7`` of a stream)."""
     from ..errors import InputError
 
-    S = ctx.S
     for i, (h, w) in enumerate(sizes):
         if (int(h), int(w)) != (S, S):
-            raise InputError(f"frame {i} is {h} x {w}: frames given as cropped must be the model's input size, "
-                             f"{S} x {S} (leave cropped off to have them resized and centre-cropped)")
-    return 1.0
+            raise InputError(f"{what} {start + i} is {h} x {w}: frames given as cropped must be the model's input "
+                             f"size, {S} x {S} (leave cropped off to have them resized and centre-cropped)")
 
 
 def check_step_flag(flag: int, step: int) -> None:

@@ -1,8 +1,8 @@
 """A single-input classifier (a static baseline) as a TensorRT engine, run like the GFNet
 runner's engines (:mod:`.tensorrt`): explicit stream, buffers allocated once for the max batch,
 one execution context per batch bucket whose shape and tensor addresses never change, and the
-device work of a call (the extension's CUDA pre-processing of each uint8 frame, then
-``enqueueV3``) captured as one CUDA graph per bucket with the extension's stream capture.
+device work of a call (the extension's CUDA normalisation of the bucket's uint8 frames, one
+launch, then ``enqueueV3``) captured as one CUDA graph per bucket with the extension's stream capture.
 
 :func:`build_classifier_engine` builds the engine through :func:`.tensorrt_build.build_engine`
 with the precision and builder options of the bundle's engines, so both sides get the same
@@ -43,8 +43,8 @@ class TensorRTClassifier(Classifier):
     """Runs a classifier engine on uint8 frames.
 
     A call uploads the frames through page-locked memory into a fixed device buffer, then (one
-    graph per bucket when captured) pre-processes each frame of the bucket into the engine's
-    input buffer and enqueues the engine on the bucket's execution context; the logits are read
+    graph per bucket when captured) normalises the bucket's frames into the engine's input
+    buffer in one launch and enqueues the engine on the bucket's execution context; the logits are read
     back (the only synchronisation). Buckets are powers of two up to the engine's max batch
     (an engine built for one batch, DLA, runs every call at that batch).
 
