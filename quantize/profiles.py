@@ -199,7 +199,7 @@ TENSORRT = Profile(
     # the glance activations that move the first patch most, within 2 % of the multiply-adds:
     # on the demo model the residual streams at the ends of the stages (read by strided
     # convolutions) and the policy's inputs, 1.7 % of the multiply-adds; held-out exit agreement
-    # with FP32 94.5 -> 95.6 % (docs/quantization.md, "Patch guard")
+    # with FP32 94.6 -> 95.7 % (docs/quantization.md, "Patch guard")
     patch_guard_share=0.02,
 )
 
