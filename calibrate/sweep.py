@@ -86,8 +86,8 @@ def sweep_deadlines(lat: StepLatency, n: int, margin: Optional[float] = None,
     """The sweep's deadlines (ms per call at ``lat.batch``).
 
     ``n`` deadlines run from the glance's p50 to past the point from which the runtime plans every
-    step: the full model's p99 scaled by ``1 + margin`` (the runtime plans its steps with a tail
-    percentile, p99 or p95, of the step latency times that) and by ``1 + SWEEP_PAD``.
+    step: the full model's p99 scaled by ``1 + margin`` (the runtime plans its steps with p99 step
+    latency times that) and by ``1 + SWEEP_PAD``.
     When a static baseline's p99 call (``static_call_ms``: each baseline's call latencies) lies
     beyond that, up to ``n`` more deadlines, spaced like the first ones where they fit, reach
     ``SWEEP_PAD`` past the slowest baseline's p99, so that its miss rate is seen falling to
