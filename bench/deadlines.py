@@ -51,6 +51,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--deadlines", type=int, default=6, help="deadlines between the glance p50 and the full p99")
     ap.add_argument("--margin", type=float, default=None, help="deadline margin (default: the runtime's)")
+    ap.add_argument("--plan-stat", choices=["p99", "p95", "p50"], default="p99",
+                    help="step-latency percentile the deadlines plan with (default p99, the runtime's)")
     ap.add_argument("--tail", nargs="*", default=["p95", "p99"],
                     help="tail budgets to calibrate at the full model's p50 step latency (none: skip)")
     ap.add_argument("--calib-images", type=int, default=600, help="demo test images of the tail calibration")
@@ -74,6 +76,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     margin = DEFAULT_MARGIN if args.margin is None else args.margin
     t_start = time.perf_counter()
     res: Dict[str, Any] = {"machine": machine(), "threads": args.threads, "margin": margin, "rows": [],
+                           "plan_stat": args.plan_stat,
                            "load_average": [_load()]}
     with tempfile.TemporaryDirectory(prefix="gfnet-deadlines-") as tmp:
         bundle = build_bundle(DEMO_CHECKPOINT, Path(tmp) / "bundle", BuildConfig(precision="fp32", backend="onnxruntime"),
@@ -87,7 +90,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         _log("measuring the per-step latency (as gfnet-edge calibrate does)")
         lat = measure_steps(rt, lat_x, batch=1, repeats=60, stage_calls=0)
         entry = step_costs_entry([lat], "onnxruntime", rt.precision, args.threads, "cpu")
-        costs = StepCosts.from_manifest(entry)
+        costs = StepCosts.from_manifest(entry, stat=f"{args.plan_stat}_ms")
         rt.set_step_costs(costs)
         res["step_latency"] = entry
         steps = [s.to_dict() for s in lat.steps]
@@ -200,7 +203,8 @@ def render(res: Dict[str, Any], cmd: str) -> str:
     nd = res["no_deadline"]
     lines = ["# Per-frame deadlines (demo model, CPU, batch 1)", "", f"Command: `{cmd.strip()}`", "",
              f"Machine: {res['machine']}; ONNX Runtime, FP32 graphs, {res['threads']} thread(s); deadlines planned "
-             f"with the p99 step latency measured in the same run, margin {res['margin']}; 1-minute load average "
+             f"with the {res.get('plan_stat', 'p99')} step latency measured in the same run (60 calls per step), margin "
+             f"{res['margin']}; 1-minute load average "
              f"{' at start, '.join(str(x) for x in res['load_average'])} at the end (other jobs on the machine).", "",
              f"Without a deadline: accuracy {nd['accuracy']:.1f} %, {nd['mean_steps']:.2f} mean steps. Static network: "
              f"accuracy {st['accuracy']:.1f} %, latency p50 {st['p50_ms']:.2f} ms, p99 {st['p99_ms']:.2f} ms. "
