@@ -244,7 +244,7 @@ def calibration_arrays(case: Case, cdir: Path, ckpt: Path, calib_data: Optional[
 
     model = load_checkpoint(ckpt)
     images = load_calibration_images(calib_data or "demo", model, case.num_calib + case.num_eval)
-    n_cal = calibration_split(len(images), case.num_calib)  # as build_bundle splits them
+    n_cal = calibration_split(len(images), case.num_calib, case.num_eval)  # as build_bundle splits them
     cal = QuantCalibrationSet.from_model(model, images[:n_cal], progress=False)
     tmp = path.with_name(path.stem + ".tmp.npz")
     np.savez(tmp, glance=cal.glance, focus=cal.focus)
@@ -612,7 +612,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def cases(a: argparse.Namespace) -> List[Case]:
     if a.quick:
-        return [Case("demo", Kind.DEMO, a.seeds[:2], min(a.per_seed, 12), num_calib=32, num_eval=16, search=False)]
+        return [Case("demo", Kind.DEMO, a.seeds[:2], min(a.per_seed, 12), num_calib=32, num_eval=0, search=False)]
     out = [Case("demo", Kind.DEMO, a.seeds, a.per_seed, num_calib=a.num_calib, demo_calib=a.demo_calib)]
     if a.imagenet_model != "none":
         # random weights give near-uniform outputs: an accuracy-driven search would chase noise
