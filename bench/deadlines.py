@@ -88,7 +88,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         x, y = ClutteredDigits("test", config=cfg).arrays(args.images, progress=False)
         y = np.asarray(y)
         _log("measuring the per-step latency (as gfnet-edge calibrate does)")
-        lat = measure_steps(rt, lat_x, batch=1, repeats=60, stage_calls=0)
+        lat = measure_steps(rt, lat_x, batch=1, repeats=60, stage_calls=0, extend_to=300)  # as calibrate does
         entry = step_costs_entry([lat], "onnxruntime", rt.precision, args.threads, "cpu")
         costs = StepCosts.from_manifest(entry, stat=f"{args.plan_stat}_ms")
         rt.set_step_costs(costs)
@@ -203,7 +203,8 @@ def render(res: Dict[str, Any], cmd: str) -> str:
     nd = res["no_deadline"]
     lines = ["# Per-frame deadlines (demo model, CPU, batch 1)", "", f"Command: `{cmd.strip()}`", "",
              f"Machine: {res['machine']}; ONNX Runtime, FP32 graphs, {res['threads']} thread(s); deadlines planned "
-             f"with the {res.get('plan_stat', 'p99')} step latency measured in the same run (60 calls per step), margin "
+             f"with the {res.get('plan_stat', 'p99')} step latency measured in the same run "
+             f"({res['step_latency']['batches'][0].get('calls', 60)} calls per step), margin "
              f"{res['margin']}; 1-minute load average "
              f"{' at start, '.join(str(x) for x in res['load_average'])} at the end (other jobs on the machine).", "",
              f"Without a deadline: accuracy {nd['accuracy']:.1f} %, {nd['mean_steps']:.2f} mean steps. Static network: "

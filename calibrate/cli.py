@@ -26,6 +26,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, num_images=args.num_images, holdout=args.holdout,
         skip_unreadable=args.skip_unreadable, method=args.method,
         margin=args.margin, tolerance=tol, attempts=args.attempts, repeats=args.repeats, warmup=args.warmup,
+        latency_calls=args.latency_calls,
         warmup_ms=args.warmup_ms,
         static=list(args.static or []), static_int8=args.static_int8, compare_precisions=not args.no_compare,
         write_manifest=not args.no_write, default=args.default, force=args.force, gallery=args.gallery,
@@ -47,7 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from gfnet_edge.cli.options import add_runtime_options
 
     from .budgets import parse_budget_arg
-    from .latency import WARMUP_MS
+    from .latency import EXTEND_SECONDS, WARMUP_MS
 
     p = sub.add_parser(
         "calibrate", help="measure step latency, fit exit thresholds for ms budgets, verify, report",
@@ -92,6 +93,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "[budget*(1-BELOW), budget*(1+ABOVE)] (0.10,0.05)")
     p.add_argument("--attempts", type=POSITIVE, default=3, help="fit/verify rounds per budget (default 3)")
     p.add_argument("--repeats", type=POSITIVE, default=60, help="timed calls per step (default 60)")
+    p.add_argument("--latency-calls", type=NON_NEGATIVE, default=300, metavar="N",
+                   help="the first step-latency measurement at each batch size goes on to N timed calls per step "
+                        f"while they take under {EXTEND_SECONDS:g} s: deadlines plan with its p99, which from 60 calls "
+                        "is about the slowest one (default 300; 0: --repeats only)")
     p.add_argument("--warmup", type=NON_NEGATIVE, default=5, help="warm-up calls per step (default 5)")
     p.add_argument("--warmup-ms", type=float_range(0.0, 60000.0), default=WARMUP_MS, metavar="MS",
                    help="and warm-up calls until MS milliseconds have passed, before every latency measurement "

@@ -39,6 +39,11 @@ class CalibrationConfig:
         attempts: fit/verify rounds per budget (a later round re-measures the step latency and
             refits when the previous round's measured latency was outside the tolerance).
         repeats, warmup: timed and untimed calls per step for the latency measurement.
+        latency_calls: the first measurement at each batch size (the one the budgets start from
+            and the manifest's ``step_costs`` come from) takes more timed calls per step, up to
+            this many, while its timed calls stay within ``EXTEND_SECONDS`` (5 s): a deadline
+            plans with their p99, which from ``repeats`` calls is about the slowest one (0: only
+            ``repeats``).
         warmup_ms: untimed calls before each measurement go on until this much wall-clock time
             has passed (devices settle in time, not in calls).
         static: static baselines (checkpoint or ONNX), optional.
@@ -76,6 +81,7 @@ class CalibrationConfig:
     tolerance: Tuple[float, float] = (0.10, 0.05)
     attempts: int = 3
     repeats: int = 60
+    latency_calls: int = 300
     warmup: int = 5
     warmup_ms: float = WARMUP_MS
     static: Sequence[str] = ()
@@ -96,6 +102,8 @@ class CalibrationConfig:
             raise InputError(f"--batch must be >= 1, got {self.batch}")
         if self.batch_size < 0:
             raise InputError(f"--batch-size must be >= 0, got {self.batch_size}")
+        if self.latency_calls < 0:
+            raise InputError(f"--latency-calls must be >= 0, got {self.latency_calls}")
         if self.repeats < 5 or self.warmup < 0:
             raise InputError(f"--repeats must be >= 5 and --warmup >= 0 (got {self.repeats}, {self.warmup})")
         if not np.isfinite(self.warmup_ms) or self.warmup_ms < 0:

@@ -29,6 +29,10 @@ from gfnet_edge.model_desc import ModelDesc, as_desc
 #: A model description, or a manifest ``model`` entry (parsed with :func:`~gfnet_edge.model_desc.as_desc`).
 ModelLike = Union[ModelDesc, Mapping[str, Any]]
 
+#: Wall-clock seconds the timed calls of one step-latency measurement may take when they are
+#: extended beyond ``repeats`` (:func:`measure_steps` ``extend_to``).
+EXTEND_SECONDS = 5.0
+
 UNREACHABLE = 2.0
 ALWAYS = -1e8
 
@@ -182,7 +186,8 @@ def time_predict(rt, batch_frames: np.ndarray, clock: Callable[[], float] = time
 
 def measure_steps(rt, frames: np.ndarray, batch: int = 1, repeats: int = 60, warmup: int = 5,
                   stage_calls: int = 20, progress=None, clock: Callable[[], float] = time.perf_counter,
-                  warmup_ms: float = WARMUP_MS) -> StepLatency:
+                  warmup_ms: float = WARMUP_MS, extend_to: int = 0,
+                  extend_seconds: float = EXTEND_SECONDS) -> StepLatency:
     """Measures per-step latency of ``rt`` (see the module docstring).
 
     Args:
@@ -190,6 +195,10 @@ def measure_steps(rt, frames: np.ndarray, batch: int = 1, repeats: int = 60, war
         frames: uint8 (N, S, S, 3) frames cycled through.
         batch: images per call.
         repeats: timed calls per step.
+        extend_to: more timed calls per step, up to this many in all, while the timed calls
+            (all steps) have taken under ``extend_seconds`` of wall-clock time and one more
+            repetition is expected to fit: cheap steps get a tail percentile that a single
+            slow call does not decide (the p99 of 60 calls is about their slowest).
         warmup: untimed calls per step first (steps interleaved).
         warmup_ms: and untimed calls until this much wall-clock time has passed (:func:`warm_up`).
         stage_calls: profiled calls per step for the stage breakdown (0: none).
@@ -213,12 +222,17 @@ def measure_steps(rt, frames: np.ndarray, batch: int = 1, repeats: int = 60, war
                 progress(1)
 
         warm_up(untimed, warmup * T, warmup_ms)
-        src = _batches(frames, batch, repeats)
-        for b in src:
+        t0 = time.perf_counter()
+        for rep in range(max(repeats, extend_to)):
+            if rep >= repeats:  # extending: while one more repetition is expected to fit the time box
+                spent = time.perf_counter() - t0
+                if spent * (rep + 1) / rep > extend_seconds:
+                    break
+            b = _batch_at(frames, batch, rep * batch)
             for k in range(T):
                 with using_thresholds(rt, thr[k]):
                     samples[k].append(time_predict(rt, b, clock))
-                if progress:
+                if progress and rep < repeats:
                     progress(1)
         stages: Dict[int, Dict[str, Dict[str, float]]] = {}
         if stage_calls:

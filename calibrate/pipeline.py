@@ -36,11 +36,15 @@ def _where(rt) -> str:
     return f"on this device ({rt.backend} {rt.precision}, threads {rt.threads or 'default'})"
 
 
-def _measure(rt, frames: np.ndarray, batch: int, cfg: CalibrationConfig, desc: str, stage_calls: int = 20) -> StepLatency:
+def _measure(rt, frames: np.ndarray, batch: int, cfg: CalibrationConfig, desc: str, stage_calls: int = 20,
+             extend: bool = False) -> StepLatency:
+    """The step latency at ``batch``; ``extend``: up to ``cfg.latency_calls`` timed calls per step
+    while they fit the time box (the measurements the manifest's step costs come from)."""
     total = rt.model.steps * (cfg.warmup + cfg.repeats + stage_calls)
     with Progress(cfg.progress, total, desc) as bar:
         return measure_steps(rt, frames, batch=batch, repeats=cfg.repeats, warmup=cfg.warmup, stage_calls=stage_calls,
-                             progress=bar, clock=CLOCKS[cfg.clock], warmup_ms=cfg.warmup_ms)
+                             progress=bar, clock=CLOCKS[cfg.clock], warmup_ms=cfg.warmup_ms,
+                             extend_to=cfg.latency_calls if extend else 0)
 
 
 def _manifest_entry(b: BudgetResult, rt: "_RtInfo", cfg: CalibrationConfig, device: Dict[str, Any]) -> Dict[str, Any]:
@@ -103,7 +107,7 @@ def _run_budgets(rt, data, cfg: CalibrationConfig, timed: str) -> _Measured:
     lat_frames = fit_x[: min(len(fit_x), 32)]
     # 1. latency of each step on this device (timed more often for tail budgets)
     timed = replace(cfg, repeats=cfg.timed_calls())
-    lat1 = _measure(rt, lat_frames, cfg.batch, timed, f"latency b={cfg.batch}")
+    lat1 = _measure(rt, lat_frames, cfg.batch, timed, f"latency b={cfg.batch}", extend=True)
     cost = lat1.cost
     budgets = cfg.given_budgets() or [Budget.mean(b) for b in default_budgets(cost)]
     for b in budgets:  # infeasible budgets and a bad --default fail before any long work
@@ -111,12 +115,13 @@ def _run_budgets(rt, data, cfg: CalibrationConfig, timed: str) -> _Measured:
     default = _resolve_default(cfg, [b.name for b in budgets])
     latN = None
     if cfg.batch_size and cfg.batch_size != cfg.batch:
-        latN = _measure(rt, lat_frames, cfg.batch_size, cfg, f"latency b={cfg.batch_size}", stage_calls=5)
+        latN = _measure(rt, lat_frames, cfg.batch_size, cfg, f"latency b={cfg.batch_size}", stage_calls=5,
+                        extend=True)
     # 2. trace, fit, verify
     with Progress(cfg.progress, len(data.labels), "trace") as bar:
         fit_probs, _ = trace_frames(rt, fit_x, progress=bar)
         hold_probs, hold_coords = trace_frames(rt, hold_x, progress=bar)
-    history = [Measurement("start", cost.tolist(), timed.repeats, lat1.samples)]
+    history = [Measurement("start", cost.tolist(), len(lat1.samples[0]), lat1.samples)]
     quick = timed.quick()
 
     def remeasure(why: str):

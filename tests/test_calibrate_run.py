@@ -127,7 +127,7 @@ def test_budgets_are_selectable_by_the_runtime(calibrated):
     rt = Runtime(calibrated["bundle"], backend="onnxruntime", precision="fp32", budget=name, threads=1)
     assert rt.thresholds == pytest.approx(calibrated["res"]["budgets"][0]["thresholds"])
     # the step latency calibration measured is what deadlines plan with (p99 increments, never below
-    # the mean's, batch 1 and 4; 10 timed calls per step with FAST's --repeats)
+    # the mean's, batch 1 and 4), from more timed calls than --repeats (10) where they fit in 5 s
     lat = calibrated["res"]["latency"]
     p99 = [s["p99_ms"] for s in lat["budget_batch"]["steps"]]
     mean = lat["budget_batch"]["cost_ms"]
@@ -137,7 +137,8 @@ def test_budgets_are_selectable_by_the_runtime(calibrated):
 
     assert rt.step_costs is not None and rt.step_costs.batch == 1 and rt.step_costs.other[0] == 4
     assert rt.step_costs.step_ms == pytest.approx([max(inc(p99, k), inc(mean, k)) for k in range(T)])
-    assert "p99 of 10 calls" in rt.step_costs.source
+    calls = lat["budget_batch"]["steps"][0]["n"]
+    assert calls > 10 and f"p99 of {calls} calls" in rt.step_costs.source
 
 
 def test_default_budget_and_explicit_budgets(tiny_bundle, tmp_path, capsys):
@@ -236,8 +237,8 @@ def test_calibration_survives_a_device_slowdown(tiny_bundle, tmp_path, monkeypat
     real = pipeline._measure
     calls = []
 
-    def slowing(rt, frames, batch, cfg, desc, stage_calls=20):
-        lat = real(rt, frames, batch, cfg, desc, stage_calls)
+    def slowing(rt, frames, batch, cfg, desc, stage_calls=20, extend=False):
+        lat = real(rt, frames, batch, cfg, desc, stage_calls, extend)
         calls.append(desc)
         # steady step costs of 1, 2, 3 ms first (so the default budgets do not depend on how
         # loaded the test machine is), then a hundredfold slower
@@ -403,6 +404,25 @@ def test_html_renders_in_headless_chromium(calibrated):
     top = img[:2000]
     assert len(np.unique(top.reshape(-1, 3), axis=0)) > 500
     assert (top < 250).any(axis=2).mean() > 0.05
+
+
+def test_the_step_latency_takes_more_calls_while_they_fit_its_time_box(tiny_bundle):
+    """measure_steps(extend_to=N): more timed calls per step, up to N, while the timed calls stay
+    within extend_seconds (what calibrate's step costs, and the p99 deadlines plan with, come
+    from); none beyond --repeats when the time box is spent."""
+    from gfnet_edge.calibrate.config import CalibrationConfig
+    from gfnet_edge.calibrate.latency import measure_steps
+    from gfnet_edge.errors import InputError
+    from gfnet_edge.runtime import Runtime
+
+    frames = np.load(tiny_bundle / "data.npz")["images"][:8]
+    with Runtime(tiny_bundle / "bundle", backend="onnxruntime", precision="fp32", threads=1) as rt:
+        kw = dict(repeats=5, warmup=1, stage_calls=0, warmup_ms=0.0)
+        assert [s.n for s in measure_steps(rt, frames, extend_to=40, extend_seconds=60.0, **kw).steps] == [40] * T
+        assert [s.n for s in measure_steps(rt, frames, extend_to=40, extend_seconds=0.0, **kw).steps] == [5] * T
+        assert [s.n for s in measure_steps(rt, frames, extend_to=3, extend_seconds=60.0, **kw).steps] == [5] * T
+    with pytest.raises(InputError, match="--latency-calls must be >= 0"):
+        CalibrationConfig(bundle="b", data="d", output="o", latency_calls=-1).validate()
 
 
 def test_calibration_calls_give_the_runtime_cropped_frames(tiny_bundle):

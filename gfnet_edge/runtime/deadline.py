@@ -20,10 +20,11 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 from ..errors import InputError
 
-#: The percentile of the measured step latency a deadline plans with (tail, not mean). From a
-#: calibration's 60 timed calls per step it is about their slowest call, so a stall of the
-#: device while it measured makes the deadlines conservative (steps stop earlier than needed);
-#: a lower percentile lets calls run late: on the demo model (2-core x86 VM, one thread) planned
+#: The percentile of the measured step latency a deadline plans with (tail, not mean). From few
+#: timed calls per step it is about their slowest, so a stall of the device while they were
+#: measured makes the deadlines conservative (steps stop earlier than needed; calibrate times up
+#: to 300 calls per step where they fit in 5 s, ``--latency-calls``); a lower percentile lets
+#: calls run late: on the demo model (2-core x86 VM, one thread) planned
 #: with the p95, 18 % of batch-1 calls ended after a 2.74 ms deadline, against at most 1.3 % with
 #: the p99 (``python bench/deadlines.py --images 300 --deadlines 6 [--plan-stat p95]``).
 DEFAULT_STAT = "p99_ms"
