@@ -141,6 +141,20 @@ def test_budgets_are_selectable_by_the_runtime(calibrated):
     assert calls > 10 and f"p99 of {calls} calls" in rt.step_costs.source
 
 
+def test_a_runtime_on_other_threads_than_its_step_costs_says_so(calibrated, caplog):
+    """Deadlines plan with step costs measured at the calibration's threads (1 here): a runtime
+    on other threads logs a warning naming both; on the same threads nothing."""
+    import logging
+
+    from gfnet_edge.runtime import Runtime
+
+    with caplog.at_level(logging.WARNING, logger="gfnet_edge"):
+        Runtime(calibrated["bundle"], backend="onnxruntime", precision="fp32", threads=1).close()
+        assert "step costs" not in caplog.text
+        Runtime(calibrated["bundle"], backend="onnxruntime", precision="fp32", threads=2).close()
+    assert "measured with threads=1, this runtime runs with threads=2" in caplog.text
+
+
 def test_default_budget_and_explicit_budgets(tiny_bundle, tmp_path, capsys):
     bundle = _fresh(tiny_bundle, tmp_path)
     before = json.loads((bundle / "manifest.json").read_text())["budgets"]

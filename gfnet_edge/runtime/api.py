@@ -222,6 +222,10 @@ class Runtime:
         entry = (self.bundle.manifest.get("step_costs") or {}).get(step_costs_key(self.backend, self.precision))
         if entry is not None:
             self.step_costs = StepCosts.from_manifest(entry)
+            if not on_gpu and "threads" in entry and entry["threads"] != threads:
+                logger.warning("runtime: the step costs deadlines plan with were measured with threads=%s, this "
+                               "runtime runs with threads=%s: deadlines may stop too early or late (calibrate with "
+                               "--threads %s)", entry["threads"], threads, threads if threads else "left out")
         self.max_batch = chunk_size(max_batch, self.runner.max_batch)
         logger.info("runtime: %s backend, %s graphs, %s loop, budget %s", self.backend, self.precision,
                     "device" if on_gpu else "host", self.budget)
