@@ -397,11 +397,7 @@ class Runtime:
         kind, data = self._validate(inputs, cropped)
         size = self.max_batch
         if kind == "device":
-            n, chunks = device_chunks(data, size)
-            if cropped:  # every frame's size, before any chunk runs
-                from .cuda_arrays import device_frames
-
-                check_cropped(((f.height, f.width) for f in device_frames(data)), self.model.image_size)
+            n, chunks = device_chunks(data, size, self.model.image_size if cropped else None)
         else:
             n = len(data)
             chunks = (data[i:i + size] for i in range(0, n, size))
@@ -460,14 +456,11 @@ class Runtime:
     def _deadline(self, deadline_ms: Optional[float], margin: float, start: float) -> Optional[Deadline]:
         if deadline_ms is None:
             return None
-        for name, value in (("deadline_ms", deadline_ms), ("deadline_margin", margin)):
-            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-                raise InputError(f"{name} must be a number, got {value!r}")
         if self.step_costs is None:
             raise InputError(f"a deadline needs the step latencies of this device: run `gfnet-edge calibrate "
                              f"{self.bundle.root}` with the {self.backend} backend and {self.precision} graphs, "
                              "or give them with Runtime.set_step_costs")
-        return Deadline(float(deadline_ms), self.step_costs, float(margin), start=start)
+        return Deadline(deadline_ms, self.step_costs, margin, start=start)
 
     # ------------------------------------------------------------------- run
     def predict(self, inputs, budget: Optional[str] = None, deadline_ms: Optional[float] = None,

@@ -100,13 +100,17 @@ class DeviceFrameView:
             "version": 3, "stream": stream}
 
 
-def device_chunks(inputs: Any, size: int) -> Tuple[int, Iterator[List[DeviceFrameView]]]:
+def device_chunks(inputs: Any, size: int,
+                  cropped_size: Optional[int] = None) -> Tuple[int, Iterator[List[DeviceFrameView]]]:
     """Frames in GPU memory (as :meth:`Runtime.predict` takes them), validated once:
     ``(number of frames, chunks of at most size frames, addressed where they are)``. A
-    producer's stream is named only on its first frame, so it is synchronized once per call."""
+    producer's stream is named only on its first frame, so it is synchronized once per call.
+    ``cropped_size``: the frames are given as cropped and must be that size (S x S)."""
     from .cuda_arrays import device_frames
 
     frames = device_frames(inputs)
+    if cropped_size is not None:
+        check_cropped(((f.height, f.width) for f in frames), cropped_size)
     first = {f.stream: i for i, f in reversed(list(enumerate(frames)))}
     views = [DeviceFrameView(f.ptr, f.height, f.width, f.stream if first[f.stream] == i else None)
              for i, f in enumerate(frames)]

@@ -14,6 +14,7 @@ deadline errs on the early side). ``margin`` scales every predicted cost.
 """
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
@@ -133,6 +134,10 @@ class Deadline:
     decisions: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        for name, value in (("deadline_ms", self.deadline_ms), ("deadline_margin", self.margin)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise InputError(f"{name} must be a number, got {value!r}")
+        self.deadline_ms, self.margin = float(self.deadline_ms), float(self.margin)
         if not (self.deadline_ms > 0.0) or self.deadline_ms == float("inf"):
             raise InputError(f"deadline_ms must be a finite number > 0, got {self.deadline_ms!r}")
         if not (self.margin >= 0.0) or self.margin == float("inf"):

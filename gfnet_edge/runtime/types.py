@@ -147,9 +147,10 @@ class Place(Protocol):
         events), once the work enqueued on its streams has finished."""
 
 
-def frame_crop_pct(ctx: LoopContext, sizes: Sequence[Tuple[int, int]], cropped: bool) -> float:
+def frame_crop_pct(ctx: LoopContext, sizes: Iterable[Tuple[int, int]], cropped: bool) -> float:
     """The ``crop_pct`` a place pre-processes frames of these (height, width) with: the model's,
-    or 1 (normalisation only) for frames given as already cropped, which must then be S x S.
+    or 1 (normalisation only) for frames given as already cropped, which must then be S x S
+    (``sizes`` is read only then).
 
     Raises:
         InputError: a frame given as cropped is not S x S.
