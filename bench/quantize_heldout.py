@@ -76,7 +76,7 @@ def main() -> int:
     import torch
 
     import gfnet_edge.quantize as gq
-    from gfnet_edge.evaluate import anytime_accuracy, dynamic_evaluate
+    from gfnet_edge.evaluate import dynamic_evaluate
     from gfnet_edge import ops
     from gfnet_edge.quantize.scoring import compare, kl_divergence, trace
 
@@ -192,10 +192,9 @@ def main() -> int:
                 t8 = trace(desc, r.graphs, paths["heads"], images, a.threads, 50)
                 p32, p8 = t32.probs, t8.probs
                 d32, d8 = dynamic_evaluate(p32, labels, costs, thr), dynamic_evaluate(p8, labels, costs, thr)
-                flips = compare(t32, t8, labels)["final_flips"]
-                final = anytime_accuracy(p32, labels)[-1] - anytime_accuracy(p8, labels)[-1]
+                c = compare(t32, t8, labels)  # final-step drop, flips and KL (the exits: the bundle's budget)
+                flips, final, kl = c["final_flips"], c["final_drop"], c["kl_final"]
                 agree = 100.0 * float((d32.exit_step == d8.exit_step).mean())
-                kl = float(kl_divergence(p32[-1], p8[-1]).mean())
                 lines.append(f"| {label} | {seed} | {final:+.2f} | {flips['lost']} / {flips['gained']} | "
                              f"{d32.accuracy - d8.accuracy:+.2f} | {agree:.1f}% | {kl:.4f} | "
                              f"{100 * r.report.get('int8_mac_share', 1.0):.1f}% | {secs:.0f} |")

@@ -161,8 +161,8 @@ def prepare_frames(model: ModelLike, frames: np.ndarray) -> np.ndarray:
 
 def predict_frames(rt, frames: np.ndarray, trace: bool = False):
     """A timed call: ``rt.predict`` (``rt.trace`` with ``trace``) of uint8 (N, S, S, 3) frames
-    already resized and centre-cropped (``cropped=True``: the runtime only normalises them)."""
-    check_frames(rt.model, frames)
+    already resized and centre-cropped (``cropped=True``: the runtime only normalises them, and
+    refuses frames of another size or dtype)."""
     return rt.trace(frames, cropped=True) if trace else rt.predict(frames, cropped=True)
 
 
