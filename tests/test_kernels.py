@@ -2,8 +2,10 @@
 nn.GRUCell, nn.Linear)."""
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -214,6 +216,29 @@ def test_resize_crop_of_long_thin_frames_is_torchvisions(rng, simd, hw, interpol
                           torch_resize_crop(frame, 96, 0.875, interpolation))
 
 
+def test_resize_plans_are_kept_for_the_most_recently_used_frame_sizes(rng):
+    """The plan cache drops the least recently used size when full: its hits and misses over a
+    random sequence of frame sizes are those of functools.lru_cache with the same capacity, and
+    a size used between every other keeps its plan however many others pass through."""
+    capacity = ops.resize_plan_cache_info().maxsize
+    sizes = [(40 + i, 53) for i in range(capacity + 4)]  # sizes no other test uses, at S = 37
+    hot = sizes[0]
+    seq = [sizes[i] for i in rng.integers(0, len(sizes), 300)]
+    seq += [s for i in range(1, len(sizes)) for s in (hot, sizes[i])]
+
+    reference = functools.lru_cache(maxsize=capacity)(lambda hw: None)
+    before = ops.resize_plan_cache_info()
+    for hw in seq:
+        ops.resize_crop([np.zeros((*hw, 3), np.uint8)], 37, 0.875, "bilinear")
+        reference(hw)
+    after, ref = ops.resize_plan_cache_info(), reference.cache_info()
+    assert (after.hits - before.hits, after.misses - before.misses) == (ref.hits, ref.misses)
+    assert after.currsize == capacity
+    hits = after.hits
+    ops.resize_crop([np.zeros((*hot, 3), np.uint8)], 37, 0.875, "bilinear")
+    assert ops.resize_plan_cache_info().hits == hits + 1
+
+
 def test_long_thin_frame_is_preprocessed_in_bounded_memory():
     """A 1 x 400 000 frame (1.2 MB): the taps of its whole resize (224 x 9 * 10^7) would take
     gigabytes; those of the crop take kilobytes, under a 300 MB address-space ceiling."""
@@ -231,6 +256,18 @@ assert out.shape == (1, 224, 224, 3) and (out == 200).all()
 """
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_long_thin_frame_is_planned_without_visiting_its_whole_resize(interpolation):
+    """A 1 x 10^7 frame resized to a shorter side of 256 has 2.6 x 10^9 output columns; computing
+    the taps of each (to find the largest weight) took about 19 s. The plan computes the
+    positions the image border cuts and the crop's, so the first call is as quick as the next."""
+    frame = np.full((1, 10_000_000, 3), 200, np.uint8)
+    t0 = time.perf_counter()
+    out = ops.resize_crop([frame], 224, 0.875, interpolation)
+    assert time.perf_counter() - t0 < 2.0
+    assert out.shape == (1, 224, 224, 3) and (out == 200).all()
 
 
 @pytest.mark.parametrize("mode", ["bilinear", "bicubic"])

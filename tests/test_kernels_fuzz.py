@@ -44,6 +44,20 @@ def test_preprocess_fuzz(h, w, S, crop_pct, interp, bgr, seed):
     assert np.array_equal(ours, ref.numpy())
 
 
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(short=st.integers(1, 12), long=st.integers(40, 900), S=st.integers(8, 64), crop_pct=st.floats(0.5, 1.0),
+       interp=MODES, tall=st.booleans(), seed=st.integers(0, 2**31))
+def test_resize_crop_of_upsampled_thin_frames_fuzz(short, long, S, crop_pct, interp, tall, seed):
+    """Frames whose shorter side is upsampled (their long side by as much), so the resize plan
+    takes its int16 precision from the filter's border positions: bit for bit torchvision's."""
+    hw = (long, short) if tall else (short, long)
+    frame = _rng(seed).integers(0, 256, size=(*hw, 3), dtype=np.uint8)
+    mode = tvf.InterpolationMode.BILINEAR if interp == "bilinear" else tvf.InterpolationMode.BICUBIC
+    t = tvf.resize(torch.from_numpy(frame).permute(2, 0, 1), [int(S / crop_pct)], interpolation=mode, antialias=True)
+    ref = tvf.center_crop(t, [S, S]).permute(1, 2, 0).numpy()
+    assert np.array_equal(ops.resize_crop([frame], S, crop_pct, interp)[0], ref)
+
+
 @FUZZ
 @given(n=st.integers(1, 3), c=st.integers(1, 4), S=st.integers(1, 80), P=st.integers(1, 80), mode=MODES,
        seed=st.integers(0, 2**31))

@@ -243,6 +243,10 @@ void bind_image(py::module_& m) {
         py::arg("interpolation"), py::arg("out") = py::none());
   m.def("glance_u8", &cpu_glance_u8, py::arg("frames"), py::arg("size"), py::arg("interpolation"),
         py::arg("mean"), py::arg("std"), py::arg("bgr") = false, py::arg("out") = py::none());
+  m.def("resize_plan_cache_info", [] {
+    const gfn::cpu::CacheInfo c = gfn::cpu::resize_plan_cache_info();
+    return py::make_tuple(c.hits, c.misses, c.maxsize, c.currsize);
+  });
   m.def("crop_patches_u8", &cpu_crop_u8, py::arg("frames"), py::arg("coords"), py::arg("patch_size"),
         py::arg("mean"), py::arg("std"), py::arg("bgr") = false, py::arg("out") = py::none(),
         py::arg("index") = py::none());

@@ -30,10 +30,30 @@ struct AxisWeights {
   std::vector<int16_t> weight;  ///< n * max_taps
 };
 
+/// The int16 precision PyTorch's uint8 antialiased resize gives taps whose largest weight is
+/// `wt_max`: the first precision at which that weight, scaled by 2^(precision + 1), no longer
+/// fits an int16. Non-increasing in `wt_max`.
+inline int int16_weight_precision(double wt_max) {
+  int precision = 0;
+  for (precision = 0; precision < 22; ++precision) {
+    const int next = static_cast<int>(0.5 + wt_max * (1 << (precision + 1)));
+    if (next >= (1 << 15)) break;
+  }
+  return precision;
+}
+
 /// Computes the antialiased taps for resizing one dimension in_size -> out_size, stored for the
 /// `n` output positions from `first` (n < 0: all). The int16 precision follows the largest
 /// weight over every output position, as in the full resize, so the stored taps are those of the
 /// full table; memory is O(n) however large out_size is (a long thin frame's resize).
+///
+/// Time is O(out_size) when downsampling (out_size <= in_size). When upsampling, out_size can be
+/// hundreds of times in_size (a 1 x 10^6 frame resized to a shorter side of 256 has 2.6 x 10^8
+/// output columns), so only the positions whose filter the image border cuts, and the stored
+/// ones, are computed: every other position's normalised weights are those of a whole filter,
+/// which sums to 1 over unit-spaced taps (triangle and Keys cubic alike) and peaks at 1, so its
+/// largest weight is at most 1 (to rounding). Where that bound cannot change the precision the
+/// computed positions give, they decide it; otherwise every position is computed.
 inline AxisWeights compute_axis_weights(int64_t in_size, int64_t out_size, Interp mode,
                                         int64_t first = 0, int64_t n = -1) {
   if (in_size <= 0 || out_size <= 0) throw std::invalid_argument("resize sizes must be positive");
@@ -56,7 +76,8 @@ inline AxisWeights compute_axis_weights(int64_t in_size, int64_t out_size, Inter
   std::vector<double> w(static_cast<size_t>(n) * max_taps, 0.0);
   std::vector<double> wi(max_taps);
   double wt_max = 0.0;
-  for (int64_t i = 0; i < out_size; ++i) {
+  // Output position i's normalised taps into wi; stores them when i is in the window.
+  auto position = [&](int64_t i) {
     const double center = scale * (static_cast<double>(i) + 0.5);
     const int64_t xmin = std::max(static_cast<int64_t>(center - support + 0.5), int64_t{0});
     int64_t xsize = std::min(static_cast<int64_t>(center + support + 0.5), in_size) - xmin;
@@ -74,17 +95,36 @@ inline AxisWeights compute_axis_weights(int64_t in_size, int64_t out_size, Inter
         wt_max = std::max(wt_max, wi[j]);
       }
     }
-    if (i < first || i >= first + n) continue;
+    if (i < first || i >= first + n) return;
     const int64_t k = i - first;
     std::copy(wi.begin(), wi.begin() + xsize, w.begin() + k * max_taps);
     aw.start[k] = static_cast<int32_t>(xmin);
     aw.count[k] = static_cast<int32_t>(xsize);
+  };
+  auto positions = [&](int64_t lo, int64_t hi) {
+    for (int64_t i = std::max<int64_t>(lo, 0); i < std::min(hi, out_size); ++i) position(i);
+  };
+  bool all = true;
+  if (scale < 1.0) {
+    // Positions whose window starts below source pixel 1 or ends past pixel in_size - 1 (a pixel
+    // and two positions of margin beyond where the border cuts the filter).
+    const double left_end = std::ceil((support + 0.5) / scale) + 2.0;
+    const double right_start = std::floor((static_cast<double>(in_size) - support - 1.5) / scale) - 2.0;
+    const int64_t lo_end = left_end >= static_cast<double>(out_size) ? out_size : static_cast<int64_t>(left_end);
+    const int64_t hi_start = right_start <= 0.0 ? 0 : std::min(static_cast<int64_t>(right_start), out_size);
+    if (lo_end < hi_start) {
+      positions(0, lo_end);
+      positions(hi_start, out_size);
+      positions(std::max(first, lo_end), std::min(first + n, hi_start));
+      const double whole_filter_bound = 1.001;  // 1 / (sum of the taps), rounding included
+      all = int16_weight_precision(wt_max) != int16_weight_precision(std::max(wt_max, whole_filter_bound));
+    }
   }
-  int precision = 0;
-  for (precision = 0; precision < 22; ++precision) {
-    const int next = static_cast<int>(0.5 + wt_max * (1 << (precision + 1)));
-    if (next >= (1 << 15)) break;
+  if (all) {
+    wt_max = 0.0;
+    positions(0, out_size);
   }
+  const int precision = int16_weight_precision(wt_max);
   aw.precision = precision;
   aw.weight.resize(w.size());
   for (size_t k = 0; k < w.size(); ++k) {

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <map>
 #include <mutex>
 #include <stdexcept>
 #include <tuple>
@@ -25,7 +24,6 @@ std::shared_ptr<ResizePlan> build_plan(int64_t h, int64_t w, int64_t resize_shor
   plan->vert = std::move(taps.vert);
   plan->row_lo = taps.row_lo;
   plan->row_hi = taps.row_hi;
-  const auto& g = plan->geo;
   const auto& hz = plan->horiz;
   const int groups = (hz.max_taps + 3) / 4;
   plan->groups = groups;
@@ -84,23 +82,27 @@ void vpass_row_generic(const uint8_t* const* rows, const int16_t* w, int count, 
   for (int64_t v = 0; v < n; ++v) out[v] = static_cast<uint8_t>(fixed_to_u8(acc[v], precision));
 }
 
+std::mutex plan_mu;
+LruCache<PlanKey, ResizePlan> plan_cache(kResizePlanCacheSize);
+
 }  // namespace
 
 std::shared_ptr<const ResizePlan> get_resize_plan(int64_t h, int64_t w, int64_t resize_short,
                                                   int64_t crop, Interp interp) {
-  static std::mutex mu;
-  static std::map<PlanKey, std::shared_ptr<ResizePlan>> cache;
   const PlanKey key{h, w, resize_short, crop, static_cast<int>(interp)};
   {
-    std::lock_guard<std::mutex> lk(mu);
-    auto it = cache.find(key);
-    if (it != cache.end()) return it->second;
+    std::lock_guard<std::mutex> lk(plan_mu);
+    if (auto plan = plan_cache.get(key)) return plan;
   }
   auto plan = build_plan(h, w, resize_short, crop, interp);
-  std::lock_guard<std::mutex> lk(mu);
-  if (cache.size() >= 16) cache.clear();
-  cache.emplace(key, plan);
+  std::lock_guard<std::mutex> lk(plan_mu);
+  plan_cache.put(key, plan);
   return plan;
+}
+
+CacheInfo resize_plan_cache_info() {
+  std::lock_guard<std::mutex> lk(plan_mu);
+  return {plan_cache.hits(), plan_cache.misses(), plan_cache.capacity(), plan_cache.size()};
 }
 
 // One interleaved uint8 RGB (or BGR) row of S pixels -> the three planes' row (planes are

@@ -2,11 +2,13 @@
 // optionally followed by the glance resize, plus the glance and patch-crop kernels.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <vector>
 
 #include "../common/interp.h"
+#include "../common/lru_cache.h"
 #include "../common/resize_plan.h"
 
 namespace gfn::cpu {
@@ -22,6 +24,16 @@ struct ResizePlan {
   int64_t row_lo = 0, row_hi = 0;  ///< source rows the crop needs: [row_lo, row_hi)
   int64_t max_read = 0;            ///< bytes the AVX2 pass may read from a row start
 };
+
+/// Resize plans kept, one per (frame size, resize, crop, interpolation); the least recently
+/// used is dropped when a new one does not fit.
+constexpr std::size_t kResizePlanCacheSize = 16;
+
+/// Lookups of the resize plan cache: hits, misses, capacity and entries held.
+struct CacheInfo {
+  std::size_t hits = 0, misses = 0, maxsize = 0, currsize = 0;
+};
+CacheInfo resize_plan_cache_info();
 
 /// Returns the (cached) plan for a frame of h x w resized to `resize_short` and cropped.
 std::shared_ptr<const ResizePlan> get_resize_plan(int64_t h, int64_t w, int64_t resize_short,

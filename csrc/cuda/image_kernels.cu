@@ -5,7 +5,6 @@
 // float16 conversion; the glance uses the shared float32 tap math.
 #include <cuda_runtime.h>
 
-#include <map>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -16,6 +15,7 @@
 #include "../common/gates.h"
 #include "../common/half.h"
 #include "../common/interp.h"
+#include "../common/lru_cache.h"
 #include "../common/resize_plan.h"
 #include "api.h"
 #include "check.h"
@@ -44,18 +44,14 @@ struct DeviceTables {
 std::shared_ptr<const DeviceTables> device_tables(int64_t h, int64_t w, int64_t resize_short,
                                                   int64_t crop, Interp interp) {
   static std::mutex mu;
-  static std::map<std::tuple<int, int64_t, int64_t, int64_t, int64_t, int>,
-                  std::shared_ptr<DeviceTables>>
-      cache;
+  static LruCache<std::tuple<int, int64_t, int64_t, int64_t, int64_t, int>, DeviceTables> cache(32);
   int device = 0;
   GFN_CUDA_CHECK(cudaGetDevice(&device));
   const auto key = std::make_tuple(device, h, w, resize_short, crop, static_cast<int>(interp));
   std::lock_guard<std::mutex> lk(mu);
-  auto it = cache.find(key);
-  if (it != cache.end()) return it->second;
+  if (auto t = cache.get(key)) return t;
 
   const ResizeCropTaps plan = plan_resize_crop(h, w, resize_short, crop, interp);
-  const auto& g = plan.geo;
   const auto& hz = plan.horiz;
   const auto& vt = plan.vert;
   auto t = std::make_shared<DeviceTables>();
@@ -93,8 +89,8 @@ std::shared_ptr<const DeviceTables> device_tables(int64_t h, int64_t w, int64_t 
   // Synchronous copy: the table may be used from any stream afterwards.
   GFN_CUDA_CHECK(cudaMemcpy(reinterpret_cast<void*>(t->buf->ptr()), host.data(),
                             host.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
-  if (cache.size() >= 32) cache.clear();  // cudaFree synchronizes: safe to drop
-  cache.emplace(key, t);
+  // A dropped table's cudaFree (when its last holder lets go) synchronizes: no kernel reads it then.
+  cache.put(key, t);
   return t;
 }
 
