@@ -190,15 +190,16 @@ def sim_ops(monkeypatch, mem, asynchronous=False):
         run(stream, work)
 
     def preprocess(frame, h, w, S, out, crop_pct=0.875, interpolation="bilinear", bgr=False, mean=ops.IMAGENET_MEAN,
-                   std=ops.IMAGENET_STD, glance=None, glance_size=0, glance_interpolation="bicubic", stream=None):
+                   std=ops.IMAGENET_STD, glance=None, glance_size=0, glance_interpolation="bicubic", stream=None,
+                   n=1):
         f_ptr = P(frame, "frame")
 
         def work():
-            f = mem.view(f_ptr, (h, w, 3), np.uint8).copy()  # a fresh, aligned host frame
+            f = mem.view(f_ptr, (n, h, w, 3), np.uint8).copy()  # fresh, aligned host frames
             img, gl = ops.preprocess(f, S, crop_pct=crop_pct, interpolation=interpolation, bgr=bgr, mean=mean,
                                      std=std, glance_size=glance_size, glance_interpolation=glance_interpolation)
-            mem.view(out, (1, 3, S, S), np.float32)[:] = img
-            mem.view(glance, (1, 3, glance_size, glance_size), np.float32)[:] = gl
+            mem.view(out, (n, 3, S, S), np.float32)[:] = img
+            mem.view(glance, (n, 3, glance_size, glance_size), np.float32)[:] = gl
         run(stream, work)
 
     def normalise(frames, n, S, out, mean=ops.IMAGENET_MEAN, std=ops.IMAGENET_STD, bgr=False, glance=None,

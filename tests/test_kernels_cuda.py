@@ -47,6 +47,50 @@ def test_cuda_preprocess_bit_exact_into_batch_slot(interp):
 
 
 @requires_gpu
+@pytest.mark.parametrize("n, hw, S, out_dtype, interp, bgr", [
+    (6, (360, 480), 224, "float32", "bilinear", False),
+    (3, (101, 77), 56, "float16", "bicubic", True),
+    (65535 + 3, (5, 4), 2, "float32", "bicubic", False),  # more frames than one launch's grid.y
+])
+def test_cuda_preprocess_of_n_contiguous_frames_equals_frame_by_frame_and_cpu(n, hw, S, out_dtype, interp, bgr):
+    """One call for n frames of one size (one launch of each pass): bit for bit the images and
+    glance of cuda_preprocess frame by frame, the CPU's images (float32; float16 within its
+    rounding) and glance (within 1e-5), and nothing written past the n frames."""
+    rng = np.random.default_rng(11)
+    frames = rng.integers(0, 256, (n, *hw, 3), dtype=np.uint8)
+    P = max(1, S // 2)
+    dt = np.float32 if out_dtype == "float32" else np.float16
+    stream = ops.Stream()
+    fb = ops.to_device(frames, stream)
+    sentinel = np.full((n + 1, 3, S, S), 7.0, dt), np.full((n + 1, 3, P, P), 7.0, np.float32)
+    out, gl = ops.to_device(sentinel[0], stream), ops.to_device(sentinel[1], stream)
+    kw = dict(interpolation=interp, bgr=bgr, out_dtype=out_dtype, glance_size=P, stream=stream)
+    ops.cuda_preprocess(fb, hw[0], hw[1], S, out, glance=gl, n=n, **kw)
+    got = ops.from_device(out, (n + 1, 3, S, S), dt, stream)
+    got_gl = ops.from_device(gl, (n + 1, 3, P, P), np.float32, stream)
+    assert (got[n] == 7.0).all() and (got_gl[n] == 7.0).all()
+    images, glance = ops.preprocess(frames, S, interpolation=interp, bgr=bgr, glance_size=P)
+    if out_dtype == "float32":  # the CPU's values; float16 within its rounding (as the GPU selftest)
+        assert np.array_equal(got[:n], images)
+    else:
+        np.testing.assert_allclose(got[:n].astype(np.float32), images, rtol=0, atol=2e-3)
+    np.testing.assert_allclose(got_gl[:n], glance, rtol=0, atol=1e-5)
+    k = min(n, 3)  # frame by frame, for the first few
+    one, one_gl = ops.DeviceBuffer(k * 3 * S * S * dt().itemsize), ops.DeviceBuffer(k * 3 * P * P * 4)
+    for i in range(k):
+        ops.cuda_preprocess(fb.ptr + i * hw[0] * hw[1] * 3, hw[0], hw[1], S, one.ptr + i * 3 * S * S * dt().itemsize,
+                            glance=one_gl.ptr + i * 3 * P * P * 4, **kw)
+    assert np.array_equal(ops.from_device(one, (k, 3, S, S), dt, stream), got[:k])
+    assert np.array_equal(ops.from_device(one_gl, (k, 3, P, P), np.float32, stream), got_gl[:k])
+
+
+def test_cuda_preprocess_checks_n_before_any_cuda_call():
+    for n in (0, -1):
+        with pytest.raises(ValueError, match="n"):
+            ops.cuda_preprocess(1, 8, 8, 4, 1, n=n)
+
+
+@requires_gpu
 @pytest.mark.parametrize("n, S, P, bgr, glance_interp, norm", [
     (5, 97, 45, False, "bicubic", {"mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3)}),
     (3, 96, 48, True, "bilinear", {"mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3)}),

@@ -205,6 +205,48 @@ def test_device_place_uploads_and_runs_chunk_by_chunk(demo, monkeypatch):
     assert max(b.nbytes for b in bufs.values()) == CHUNK * 3 * S * S * 4
 
 
+def test_camera_frames_of_one_size_are_preprocessed_in_one_call_per_run(demo, monkeypatch):
+    """On the (simulated) device place, uploaded frames that need a resize are pre-processed with
+    one ``cuda_preprocess`` call per run of consecutive frames of one size (a chunk of a camera's
+    frames in one call), and the answers equal the host place's on the same frames."""
+    from gfnet_edge.runtime.device_place import contiguous_runs
+    from gfnet_edge.runtime.driver import Driver
+
+    bundle, frames = demo
+    a = np.pad(frames[:20], ((0, 0), (4, 4), (12, 12), (0, 0)), mode="edge")  # (S + 8) x (S + 24)
+    b = np.pad(frames[20:23], ((0, 0), (10, 10), (2, 2), (0, 0)), mode="edge")
+    mixed = [a[0], a[1], b[0], a[2], b[1], b[2]]
+    P = bundle.model.patch_size
+    with _runtime(bundle, max_batch=CHUNK) as host_rt:
+        want = [host_rt.predict(a), host_rt.predict(mixed)]
+    mem = SimMemory()
+    sim_ops(monkeypatch, mem)
+    calls, preprocess = [], ops.cuda_preprocess
+
+    def spy(frame, h, w, *args, n=1, **kw):
+        calls.append((h, w, n))
+        return preprocess(frame, h, w, *args, n=n, **kw)
+
+    monkeypatch.setattr(ops, "cuda_preprocess", spy)
+    with _runtime(bundle, max_batch=CHUNK) as rt:
+        rt.driver = Driver(rt.model, _SimDeviceRunner(rt.runner, mem, P).activate(), SimHeads(rt.heads, mem),
+                           rt.profiler)
+        got = [rt.predict(a)]
+        (ha, wa), (hb, wb) = a.shape[1:3], b.shape[1:3]
+        assert calls == [(ha, wa, CHUNK), (ha, wa, 20 - CHUNK)]  # one call per chunk
+        calls.clear()
+        got.append(rt.predict(mixed))
+        assert calls == [(ha, wa, 2), (hb, wb, 1), (ha, wa, 1), (hb, wb, 2)]
+    for g, w in zip(got, want):
+        for f in ("classes", "exit_step", "coords"):
+            np.testing.assert_array_equal(getattr(g, f), getattr(w, f), err_msg=f)
+        np.testing.assert_allclose(g.confidence, w.confidence, rtol=0, atol=1e-5)
+    # runs follow memory: a frame of the same size elsewhere starts a new run
+    x, y = 1000, 5000
+    assert contiguous_runs([(x, 2, 3), (x + 18, 2, 3), (y, 2, 3), (y + 18, 2, 3), (y + 36, 3, 2)]) == \
+        [(0, 2), (2, 2), (4, 1)]
+
+
 class _AsyncSimRunner(_SimDeviceRunner):
     """Like _SimDeviceRunner, but its work runs when the (asynchronous) stream gets to it."""
 

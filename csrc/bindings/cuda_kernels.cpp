@@ -84,9 +84,9 @@ void bind_cuda_kernels(py::module_& m) {
          const std::string& interpolation, bool bgr, const std::vector<double>& mean,
          const std::vector<double>& std, uintptr_t out, const std::string& out_dtype,
          uintptr_t glance, int64_t glance_size, const std::string& glance_interpolation,
-         const std::string& glance_dtype, uintptr_t stream) {
-        check_sizes({{height, "height"}, {width, "width"}}, 3);
-        check_sizes({{image_size, "image_size"}, {image_size, "image_size"}, {3, "channels"}});
+         const std::string& glance_dtype, uintptr_t stream, int64_t n) {
+        check_sizes({{n, "n"}, {height, "height"}, {width, "width"}}, 3);
+        check_sizes({{n, "n"}, {image_size, "image_size"}, {image_size, "image_size"}, {3, "channels"}});
         if (resize_short < image_size) throw py::value_error("resize size must be >= image_size");
         const auto m3 = three_floats(mean, "mean");
         const auto s3 = three_floats(std, "std");
@@ -101,14 +101,15 @@ void bind_cuda_kernels(py::module_& m) {
           throw py::value_error("glance_size must be in [1, image_size]");
         }
         py::gil_scoped_release release;
-        gc::preprocess(frame, height, width, bgr, resize_short, image_size, interp, m3.data(),
+        gc::preprocess(frame, n, height, width, bgr, resize_short, image_size, interp, m3.data(),
                        s3.data(), out, od, glance, glance_size, ginterp, gd, stream);
       },
       py::arg("frame"), py::arg("height"), py::arg("width"), py::arg("image_size"),
       py::arg("resize_short"), py::arg("interpolation"), py::arg("bgr"), py::arg("mean"),
       py::arg("std"), py::arg("out"), py::arg("out_dtype") = "float32", py::arg("glance") = 0,
       py::arg("glance_size") = 0, py::arg("glance_interpolation") = "bicubic",
-      py::arg("glance_dtype") = "float32", py::arg("stream") = 0);
+      py::arg("glance_dtype") = "float32", py::arg("stream") = 0, py::arg("n") = 1,
+      "Pre-processes n contiguous uint8 (h, w, 3) device frames into (n, 3, S, S) (+ their glance).");
 
   m.def(
       "normalise_frames",

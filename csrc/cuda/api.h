@@ -91,9 +91,10 @@ void memcpy_dtod(uintptr_t dst, uintptr_t src, size_t nbytes, uintptr_t stream);
 /// Throws std::invalid_argument when `ptr` is null or plain (unregistered) host memory.
 void check_device_pointer(uintptr_t ptr, const char* name);
 
-/// Pre-process one uint8 HWC frame on the device into out (3, S, S) and, when
-/// glance != 0, the glance (3, P, P) computed from the float32 values.
-void preprocess(uintptr_t frame, int64_t h, int64_t w, bool bgr, int64_t resize_short,
+/// Pre-process n contiguous uint8 HWC frames of h x w on the device into out (n, 3, S, S) and,
+/// when glance != 0, their glance (n, 3, P, P) computed from the float32 values: one launch of
+/// each pass for the batch.
+void preprocess(uintptr_t frames, int64_t n, int64_t h, int64_t w, bool bgr, int64_t resize_short,
                 int64_t image_size, Interp interp, const float mean[3], const float std[3],
                 uintptr_t out, DType out_dtype, uintptr_t glance, int64_t glance_size,
                 Interp glance_interp, DType glance_dtype, uintptr_t stream);

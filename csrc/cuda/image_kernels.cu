@@ -24,6 +24,7 @@ namespace gfn::cuda {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int64_t kMaxGridY = 65535;  // frames per launch (grid.y)
 
 inline unsigned blocks_for(int64_t n, int threads = kThreads) {
   return static_cast<unsigned>((n + threads - 1) / threads);
@@ -102,13 +103,18 @@ struct Norm {
   int bgr;
 };
 
-// One thread per (needed source row, crop column): 3 channels, exact int32 sums.
-__global__ void hpass_kernel(const uint8_t* __restrict__ frame, int64_t w, int64_t row_lo,
+// One thread per (needed source row, crop column): 3 channels, exact int32 sums. Frame
+// `first + blockIdx.y` of contiguous h x w frames (`frame_bytes` apart) into its own rows of hbuf.
+__global__ void hpass_kernel(const uint8_t* __restrict__ frames, int64_t frame_bytes, int64_t first,
+                             int64_t w, int64_t row_lo,
                              int64_t nrows, int64_t S, const int32_t* __restrict__ tab,
                              int64_t off_start, int64_t off_count, int64_t off_w, int64_t taps,
-                             int prec, uint8_t* __restrict__ hbuf) {
+                             int prec, uint8_t* __restrict__ hbufs) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= nrows * S) return;
+  const int64_t f = first + blockIdx.y;
+  const uint8_t* frame = frames + f * frame_bytes;
+  uint8_t* hbuf = hbufs + f * nrows * 3 * S;
   const int64_t r = idx / S, j = idx % S;
   const int32_t start = tab[off_start + j];
   const int32_t count = tab[off_count + j];
@@ -135,14 +141,20 @@ __device__ inline void store_as<float>(float* p, float v) { *p = v; }
 template <>
 __device__ inline void store_as<uint16_t>(uint16_t* p, float v) { *p = float_to_half(v); }
 
-// One thread per output pixel (i, j): vertical pass + scale + normalise.
+// One thread per output pixel (i, j): vertical pass + scale + normalise, of frame
+// `first + blockIdx.y` (its hbuf rows, its (3, S, S) output).
 template <typename OT>
-__global__ void vpass_kernel(const uint8_t* __restrict__ hbuf, int64_t row_lo, int64_t S,
+__global__ void vpass_kernel(const uint8_t* __restrict__ hbufs, int64_t nrows, int64_t first,
+                             int64_t row_lo, int64_t S,
                              const int32_t* __restrict__ tab, int64_t off_start,
                              int64_t off_count, int64_t off_w, int64_t taps, int prec, Norm norm,
-                             OT* __restrict__ out, float* __restrict__ out_f32) {
+                             OT* __restrict__ outs, float* __restrict__ outs_f32) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= S * S) return;
+  const int64_t f = first + blockIdx.y;
+  const uint8_t* hbuf = hbufs + f * nrows * 3 * S;
+  OT* out = outs + f * 3 * S * S;
+  float* out_f32 = outs_f32 != nullptr ? outs_f32 + f * 3 * S * S : nullptr;
   const int64_t i = idx / S, j = idx % S;
   const int32_t start = tab[off_start + i];
   const int32_t count = tab[off_count + i];
@@ -248,15 +260,16 @@ void check_positive(int64_t v, const char* name) {
 
 }  // namespace
 
-void preprocess(uintptr_t frame, int64_t h, int64_t w, bool bgr, int64_t resize_short,
+void preprocess(uintptr_t frames, int64_t n, int64_t h, int64_t w, bool bgr, int64_t resize_short,
                 int64_t image_size, Interp interp, const float mean[3], const float std[3],
                 uintptr_t out, DType out_dtype, uintptr_t glance_out, int64_t glance_size,
                 Interp glance_interp, DType glance_dtype, uintptr_t stream) {
   require_device();
+  check_positive(n, "n");
   check_positive(h, "frame height");
   check_positive(w, "frame width");
   check_positive(image_size, "image_size");
-  check_device_pointer(frame, "frame");
+  check_device_pointer(frames, "frame");
   check_device_pointer(out, "out");
   if (glance_out != 0) {
     check_device_pointer(glance_out, "glance");
@@ -266,15 +279,7 @@ void preprocess(uintptr_t frame, int64_t h, int64_t w, bool bgr, int64_t resize_
   const cudaStream_t s = as_stream(stream);
   const int64_t S = image_size;
   const int32_t* tp = reinterpret_cast<const int32_t*>(tab->buf->ptr());
-  Scratch hbuf(static_cast<size_t>(tab->nrows * 3 * S), stream);
-  const int64_t hthreads = tab->nrows * S;
-  if (hthreads > 0) {
-    hpass_kernel<<<blocks_for(hthreads), kThreads, 0, s>>>(
-        reinterpret_cast<const uint8_t*>(frame), w, tab->row_lo, tab->nrows, S, tp,
-        tab->off_col_start, tab->off_col_count, tab->off_col_w, tab->htaps, tab->hprec,
-        reinterpret_cast<uint8_t*>(hbuf.ptr()));
-    GFN_CUDA_CHECK_LAUNCH();
-  }
+  Scratch hbuf(static_cast<size_t>(n * tab->nrows * 3 * S), stream);
   Norm norm{};
   for (int c = 0; c < 3; ++c) {
     norm.mean[c] = mean[c];
@@ -283,23 +288,37 @@ void preprocess(uintptr_t frame, int64_t h, int64_t w, bool bgr, int64_t resize_
   norm.bgr = bgr ? 1 : 0;
   // The glance is computed from float32 values; with a float16 output keep a float32 copy.
   const bool need_f32_copy = glance_out != 0 && out_dtype != DType::kF32;
-  Scratch f32_copy(need_f32_copy ? static_cast<size_t>(3 * S * S) * sizeof(float) : 16, stream);
+  Scratch f32_copy(need_f32_copy ? static_cast<size_t>(n * 3 * S * S) * sizeof(float) : 16, stream);
   float* copy_ptr = need_f32_copy ? reinterpret_cast<float*>(f32_copy.ptr()) : nullptr;
-  if (out_dtype == DType::kF32) {
-    vpass_kernel<float><<<blocks_for(S * S), kThreads, 0, s>>>(
-        reinterpret_cast<const uint8_t*>(hbuf.ptr()), tab->row_lo, S, tp, tab->off_row_start,
-        tab->off_row_count, tab->off_row_w, tab->vtaps, tab->vprec, norm,
-        reinterpret_cast<float*>(out), nullptr);
-  } else {
-    vpass_kernel<uint16_t><<<blocks_for(S * S), kThreads, 0, s>>>(
-        reinterpret_cast<const uint8_t*>(hbuf.ptr()), tab->row_lo, S, tp, tab->off_row_start,
-        tab->off_row_count, tab->off_row_w, tab->vtaps, tab->vprec, norm,
-        reinterpret_cast<uint16_t*>(out), copy_ptr);
+  const auto* src = reinterpret_cast<const uint8_t*>(frames);
+  auto* hb = reinterpret_cast<uint8_t*>(hbuf.ptr());
+  const int64_t hthreads = tab->nrows * S;
+  // One launch of each pass per group of frames (grid.y: a frame of the group).
+  for (int64_t first = 0; first < n; first += kMaxGridY) {
+    const dim3 hgrid(blocks_for(hthreads), static_cast<unsigned>(std::min(kMaxGridY, n - first)));
+    const dim3 vgrid(blocks_for(S * S), hgrid.y);
+    if (hthreads > 0) {
+      hpass_kernel<<<hgrid, kThreads, 0, s>>>(src, h * w * 3, first, w, tab->row_lo, tab->nrows, S, tp,
+                                             tab->off_col_start, tab->off_col_count, tab->off_col_w,
+                                             tab->htaps, tab->hprec, hb);
+      GFN_CUDA_CHECK_LAUNCH();
+    }
+    if (out_dtype == DType::kF32) {
+      vpass_kernel<float><<<vgrid, kThreads, 0, s>>>(
+          hb, tab->nrows, first, tab->row_lo, S, tp, tab->off_row_start,
+          tab->off_row_count, tab->off_row_w, tab->vtaps, tab->vprec, norm,
+          reinterpret_cast<float*>(out), nullptr);
+    } else {
+      vpass_kernel<uint16_t><<<vgrid, kThreads, 0, s>>>(
+          hb, tab->nrows, first, tab->row_lo, S, tp, tab->off_row_start,
+          tab->off_row_count, tab->off_row_w, tab->vtaps, tab->vprec, norm,
+          reinterpret_cast<uint16_t*>(out), copy_ptr);
+    }
+    GFN_CUDA_CHECK_LAUNCH();
   }
-  GFN_CUDA_CHECK_LAUNCH();
   if (glance_out != 0) {
-    const float* src = need_f32_copy ? copy_ptr : reinterpret_cast<const float*>(out);
-    launch_glance_out<float>(src, 3, S, glance_out, glance_dtype, glance_size, glance_interp, s);
+    const float* gsrc = need_f32_copy ? copy_ptr : reinterpret_cast<const float*>(out);
+    launch_glance_out<float>(gsrc, n * 3, S, glance_out, glance_dtype, glance_size, glance_interp, s);
   }
 }
 

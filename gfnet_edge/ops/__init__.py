@@ -49,7 +49,7 @@ every call only enqueues work unless noted)::
     DeviceBuffer(nbytes): .ptr .nbytes .copy_from_host(a, stream) .copy_to_host(a, stream) .zero()
     Stream(): .handle .synchronize()
     to_device(array, stream=None) -> DeviceBuffer;  from_device(buf, shape, dtype, stream=None)
-    cuda_preprocess(frame_ptr, height, width, image_size, out_ptr, crop_pct=0.875, ...)
+    cuda_preprocess(frames_ptr, height, width, image_size, out_ptr, crop_pct=0.875, ..., n=1)
     cuda_normalise_frames(frames_ptr, n, image_size, out_ptr, mean, std, glance=None, ...)
     cuda_glance(images_ptr, n, image_size, out_ptr, patch_size, ...)
     cuda_crop_patches(images_ptr, n, image_size, coords_ptr, out_ptr, patch_size, ...)

@@ -26,12 +26,13 @@ def cuda_preprocess(frame: Any, height: int, width: int, image_size: int, out: A
                     mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                     out_dtype: str = "float32", glance: Any = None, glance_size: int = 0,
                     glance_interpolation: str = "bicubic", glance_dtype: str = "float32",
-                    stream: Any = None) -> None:
-    """Enqueues the pre-processing of one device-resident uint8 HWC frame.
+                    stream: Any = None, n: int = 1) -> None:
+    """Enqueues the pre-processing of ``n`` device-resident uint8 HWC frames of ``height`` x
+    ``width``, contiguous from ``frame`` (a camera's frames uploaded together).
 
-    Writes (3, S, S) to ``out`` (offset the pointer for a batch slot) in ``out_dtype`` and,
-    when ``glance`` is given, the (3, P, P) glance computed from the float32 values. The
-    resize is bit-identical to the CPU path.
+    Writes (n, 3, S, S) to ``out`` (offset the pointer for a batch slot) in ``out_dtype`` and,
+    when ``glance`` is given, the (n, 3, P, P) glance computed from the float32 values: one
+    launch of each pass for the batch. The resize is bit-identical to the CPU path.
     """
     g = 0 if glance is None else to_int(glance_size, "glance_size")
     _C.cuda.preprocess(device_pointer(frame, "frame"), to_int(height, "height"), to_int(width, "width"),
@@ -39,7 +40,7 @@ def cuda_preprocess(frame: Any, height: int, width: int, image_size: int, out: A
                        bool(bgr), triple(mean, "mean"), triple(std, "std"), device_pointer(out, "out"),
                        _name(out_dtype, "out_dtype"), optional_pointer(glance, "glance"), g,
                        _interp(glance_interpolation, "glance_interpolation"), _name(glance_dtype, "glance_dtype"),
-                       stream_handle(stream))
+                       stream_handle(stream), to_int(n, "n"))
 
 
 def cuda_normalise_frames(frames: Any, n: int, image_size: int, out: Any, mean: Sequence[float] = IMAGENET_MEAN,

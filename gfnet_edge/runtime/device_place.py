@@ -30,7 +30,7 @@ time. With the profiler off nothing waits except the per-step read.
 """
 from __future__ import annotations
 
-from typing import Any, ContextManager, Dict, List, Optional, Sequence, Union
+from typing import Any, ContextManager, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -41,6 +41,21 @@ from .types import (Chunk, DeviceRun, ExitBook, LoopContext, StepOutputs, check_
 
 
 F32 = 4  # bytes per float32 / int32
+
+
+def contiguous_runs(frames: Sequence[Tuple[int, int, int]]) -> List[Tuple[int, int]]:
+    """``(first index, count)`` of each maximal run of consecutive device frames
+    ``(pointer, height, width)`` of one size that lie back to back in memory, in order."""
+    runs: List[Tuple[int, int]] = []
+    for i, (ptr, h, w) in enumerate(frames):
+        if runs:
+            first, count = runs[-1]
+            p0, h0, w0 = frames[first]
+            if (h, w) == (h0, w0) and ptr == p0 + count * h * w * 3:
+                runs[-1] = (first, count + 1)
+                continue
+        runs.append((i, 1))
+    return runs
 
 
 class DevicePlace:
@@ -239,9 +254,9 @@ class DevicePlace:
 
     def frames(self, frames: Union[np.ndarray, Sequence[np.ndarray]], cropped: bool = False) -> List[Chunk]:
         """One upload of all frames (or their prefetched upload), then the fused device
-        pre-processing (:meth:`_preprocess`: per frame, or one batch for S x S frames that need
-        no resize; ``cropped``: S x S frames only normalised, so a quarter of the bytes of
-        float32 images cross to the GPU)."""
+        pre-processing (:meth:`_preprocess`: one call per run of same-size frames, one batch
+        normalisation for S x S frames that need no resize; ``cropped``: S x S frames only
+        normalised, so a quarter of the bytes of float32 images cross to the GPU)."""
         staged = self._take_prefetched(frames)
         if isinstance(frames, np.ndarray) and frames.ndim == 4:
             frame_list: List[np.ndarray] = [frames[i] for i in range(frames.shape[0])]
@@ -286,26 +301,29 @@ class DevicePlace:
 
     def _preprocess(self, frames: Sequence[tuple], crop_pct: float) -> List[Chunk]:
         """Enqueues the fused pre-processing (resize, crop, normalise, glance:
-        ``ops.cuda_preprocess``) of device frames ``(pointer, height, width)``; contiguous S x S
-        frames that need no resize are normalised as one batch (``ops.cuda_normalise_frames``)."""
+        ``ops.cuda_preprocess``) of device frames ``(pointer, height, width)``: one call per run
+        of consecutive frames of one size that lie back to back in memory (a camera's frames
+        uploaded together: one call for the batch); contiguous S x S frames that need no resize
+        are normalised as one batch (``ops.cuda_normalise_frames``)."""
         from .. import ops
 
         m, S, P, st = self.ctx.model, self.ctx.S, self.ctx.P, self.stream
         n = len(frames)
         img, gl = self._input_buffers(n)
-        if ops.resize_size(S, crop_pct) == S and all(
-                (h, w) == (S, S) and ptr == frames[0][0] + i * S * S * 3 for i, (ptr, h, w) in enumerate(frames)):
+        runs = contiguous_runs(frames)
+        if ops.resize_size(S, crop_pct) == S and len(runs) == 1 and frames[0][1:] == (S, S):
             # contiguous S x S frames that need no resize (cropped, or a model that does not crop): two
-            # launches for the batch instead of a pre-processing call per frame, the same values
+            # launches for the batch, the same values as pre-processing them
             ops.cuda_normalise_frames(frames[0][0], n, S, img.ptr, mean=m.mean, std=m.std, glance=gl.ptr,
                                       glance_size=P, glance_interpolation=m.glance_interpolation, stream=st)
             return self.device_inputs(img.ptr, gl.ptr, n)
-        for i, (ptr, h, w) in enumerate(frames):
+        for i, count in runs:
+            ptr, h, w = frames[i]
             ops.cuda_preprocess(ptr, h, w, S, img.ptr + i * 3 * S * S * F32,
                                 crop_pct=crop_pct, interpolation=m.dataset_interpolation,
                                 mean=m.mean, std=m.std,
                                 glance=gl.ptr + i * 3 * P * P * F32, glance_size=P,
-                                glance_interpolation=m.glance_interpolation, stream=st)
+                                glance_interpolation=m.glance_interpolation, stream=st, n=count)
         return self.device_inputs(img.ptr, gl.ptr, n)
 
     def device_inputs(self, images: int, glance: int, n: int) -> List[Chunk]:
