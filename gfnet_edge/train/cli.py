@@ -83,11 +83,38 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
+#: Options of image-folder training (``--data``), by ``args`` attribute; the demo trainer has none of them.
+FOLDER_OPTIONS = ("pretrained", "image_size", "patch_size", "steps", "epochs", "static_epochs", "batch_size",
+                  "workers", "no_amp", "hflip")
+
+
+def check_demo_args(args: argparse.Namespace) -> None:
+    """The demo trainer's command line, before anything is generated or written.
+
+    Raises:
+        InputError: an option of image-folder training (the user meant ``--data ROOT``), or a
+            backbone that is not one of the demo's.
+    """
+    from ..errors import InputError
+    from .config import BACKBONES
+
+    given = [name for name in FOLDER_OPTIONS if getattr(args, name, None) not in (None, False)]
+    if getattr(args, "device", "auto") != "auto":
+        given.append("device")
+    if given:
+        raise InputError(f"--{given[0].replace('_', '-')} applies to training on an image folder: pass --data ROOT "
+                         "(without --data the demo GFNet is trained on the cluttered-digits task)")
+    if args.backbone and args.backbone not in BACKBONES:
+        raise InputError(f"--backbone {args.backbone}: without --data the demo GFNet is trained, whose backbones are "
+                         f"{', '.join(sorted(BACKBONES))}; a timm backbone trains on an image folder (--data ROOT)")
+
+
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "data", None):
         from .folder_cli import run_folder
 
         return run_folder(args)
+    check_demo_args(args)
     import torch
 
     from .config import TrainConfig, tiny_config
