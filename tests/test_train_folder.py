@@ -342,10 +342,53 @@ def test_bad_options_and_weights(tmp_path, capsys, folder, weights):
         (["--data", folder, "-o", tmp_path / "r", "--steps", "1"], "--steps must be at least 2"),
         (["--data", folder, "-o", tmp_path / "r", "--set", "crop_pct=0"], "crop_pct must be in (0, 1]"),
         (["--data", folder, "-o", tmp_path / "r", "--backbone", "test_vit"], "does not work as a GFNet encoder"),
+        (["--data", folder, "-o", tmp_path / "r", "--epochs", "0"], "stage 1 needs at least 1 epoch"),
+        (["--data", folder, "-o", tmp_path / "r", "--epochs", "0,1,1"], "stage 1 needs at least 1 epoch"),
+        (["--data", folder, "-o", tmp_path / "r", "--set", "stage2.epochs=-1"], "stage2.epochs must be 0 or more"),
+        (["--data", folder, "-o", tmp_path / "r", "--set", 'stage1.lr="fast"'], "stage1.lr takes a number"),
+        (["--data", folder, "-o", tmp_path / "r", "--set", "hflip=1"], "hflip takes true/false"),
+        (["--data", folder, "-o", tmp_path / "r", "--set", 'classifier=3'], "classifier takes a string"),
     ):
         rc, err = _run_cli(args, capsys)
         assert rc == 2 and len(err) == 1 and message in err[0], (args, err)
         assert not (tmp_path / "r").exists()
+
+
+def _tree(root: Path):
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+def test_the_run_folder_is_outside_the_data_and_holds_nothing_of_the_users(tmp_path, capsys):
+    """-o inside the data folder, or a folder of the user's without a run in it, is refused with one
+    line and left as it was; a folder holding only what a first try wrote before its config (a log,
+    a data index of other images) starts a new run that scans the given data."""
+    root = make_folder(tmp_path / "ds", n_train=6, n_val=2)
+    before = _tree(root)
+    for out in (root, root / "runs" / "r", root / "train" / "red"):
+        rc, err = _run_cli(["--data", root, "-o", out], capsys)
+        assert rc == 2 and len(err) == 1 and "is inside the data folder" in err[0], (out, err)
+        assert _tree(root) == before
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.json").write_text("my results")
+    (mine / "notes.txt").write_text("my notes")
+    rc, err = _run_cli(["--data", root, "-o", mine], capsys)
+    assert rc == 2 and len(err) == 1 and "holds notes.txt, results.json and no gfnet-edge run" in err[0], err
+    assert _tree(mine) == {"notes.txt": b"my notes", "results.json": b"my results"}
+    tried = tmp_path / "tried"
+    tried.mkdir()
+    (tried / "train.txt").write_text("a first try\n")
+    other = make_folder(tmp_path / "other", n_train=6, n_val=2, classes=("blue", "green"))
+    stale = {k: {"root": str(other / k), "classes": ["blue", "green"],
+                 "samples": [[str(f), 0] for f in sorted((other / k / "blue").iterdir())], "skipped": []}
+             for k in ("train", "val")}
+    (tried / "data_index.json").write_text(json.dumps(stale))
+    rc, err = _run_cli(["--data", root, "-o", tried, "--stage", "1"], capsys)
+    assert rc == 0, err
+    index = json.loads((tried / "data_index.json").read_text())
+    assert index["train"]["classes"] == ["blue", "green", "red"]
+    assert sorted(p for p, _ in index["train"]["samples"]) == sorted(str(f) for f in (root / "train").rglob("*.png"))
+    assert json.loads((tried / "config.json").read_text())["classes"] == ["blue", "green", "red"]
 
 
 def test_a_run_folder_takes_one_training_at_a_time_and_resumes_without_its_pretrained_file(
