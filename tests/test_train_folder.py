@@ -321,6 +321,23 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
     assert not set(split.skipped) & {p for p, _ in split.samples}
 
 
+def test_linked_folders_are_listed_once_and_under_their_own_class(tmp_path):
+    """Links to folders are followed (a class folder may gather images kept elsewhere), but a link
+    back up to the split (a loop) or to another class's folder adds nothing: every image is listed
+    once, under the class whose folder holds it."""
+    root = make_folder(tmp_path / "ds", n_train=3, n_val=1)
+    kept = make_folder(tmp_path / "kept", n_train=2, n_val=1, classes=("red",), seed=1) / "train" / "red"
+    (root / "train" / "red" / "kept").symlink_to(kept)
+    (root / "train" / "red" / "loop").symlink_to(root / "train")
+    (root / "train" / "blue" / "also_green").symlink_to(root / "train" / "green")
+    split = scan_split(root, "train")
+    got = {c: sorted(os.path.realpath(f) for f, lab in split.samples if lab == k) for k, c in enumerate(split.classes)}
+    want = {c: sorted(os.path.realpath(f) for f in (root / "train" / c).iterdir() if f.is_file())
+            for c in ("blue", "green", "red")}
+    want["red"] = sorted(want["red"] + [os.path.realpath(f) for f in kept.iterdir()])
+    assert got == want and len(split) == 11
+
+
 def test_bad_options_and_weights(tmp_path, capsys, folder, weights):
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"garbage")
