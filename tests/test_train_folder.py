@@ -182,6 +182,16 @@ def test_build_engine_takes_the_checkpoint_and_its_trace_equals_the_model(traine
     np.testing.assert_array_equal(tr.coords, ref.coords.numpy())
 
 
+def test_build_engine_given_the_run_folder_or_a_stage_checkpoint_names_the_checkpoint_to_use(trained, tmp_path,
+                                                                                              capsys):
+    run_a, *_ = trained
+    for src in (run_a, run_a / "stage3.pt"):
+        rc = cli.main(["build-engine", str(src), "-o", str(tmp_path / "b"), "--precision", "fp32", "--quiet"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and f"use {run_a / 'gfnet.pth.tar'}" in err[0], (src, err)
+        assert not (tmp_path / "b").exists()
+
+
 def test_the_bundle_names_the_training_folders_classes(trained, folder, tmp_path, capsys):
     """The class folders' names travel checkpoint -> bundle: predict labels each image with its
     class's name, info lists them, and calibrate refuses a class folder whose classes differ."""
