@@ -550,6 +550,14 @@ def test_timm_download_failure_is_one_clear_line(monkeypatch):
     assert "\n" not in str(e.value)
 
 
+def test_help_names_what_the_run_writes(capsys):
+    assert cli.main(["train", "--help"]) == 0
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines at spaces and hyphens
+    for needle in ("RUN/gfnet.pth.tar", "gfnet-edge build-engine", "RUN/results.json", "RUN/train.txt",
+                   "--resume continues", "30, 10, 10 epochs"):
+        assert "".join(needle.split()) in text, needle
+
+
 def test_stage_order_is_the_papers():
     assert STAGE_ORDER[:3] == ("stage1", "stage2", "stage3")
     with pytest.raises(InputError):

@@ -77,6 +77,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "train", help="train a GFNet on an image folder (--data), or the demo GFNet",
         description="Train a GFNet: on an image folder (--data ROOT -o RUN --backbone TIMM_NAME; works under torchrun),"
                     " or the demo GFNet on the cluttered-digits task (pretrain, stages 1-3, static baseline, export).",
+        epilog="With --data, RUN gets RUN/gfnet.pth.tar at the end (the checkpoint for `gfnet-edge build-engine`), "
+               "RUN/results.json (val accuracy per step, budgeted curve, multiply-adds), the log RUN/train.txt and "
+               "RUN/epochs.jsonl, and after every epoch RUN/<stage>.pt, which --resume continues from. Every image "
+               "of ROOT is decoded once before training; a stage epoch is one pass over ROOT/train (default "
+               "30, 10, 10 epochs: try --epochs 1 on a few images per class first). See docs/training.md.",
     )
     add_arguments(p)
     p.set_defaults(func=lambda args: run(args))
