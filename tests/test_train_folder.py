@@ -530,6 +530,25 @@ def test_a_static_baseline_is_added_to_a_finished_run(tmp_path, capsys, folder):
     assert (run / "static.pt").read_bytes() == static_pt
 
 
+def test_a_command_without_data_resumes_an_image_folder_run_and_never_trains_the_demo_into_it(tmp_path, capsys,
+                                                                                             folder):
+    """Without --data, `train -o RUN` is the demo trainer: on a folder that holds an image-folder
+    run it is refused with one line (the run's config and checkpoints untouched), and with
+    --resume it continues that run, whose config names its data."""
+    run = tmp_path / "run"
+    rc, err = _run_cli(["--data", folder, "-o", run, "--stage", "1"], capsys)
+    assert rc == 0, err
+    before = {f.name: f.read_bytes() for f in run.iterdir()}
+    rc = cli.main(["train", "-o", str(run), "--tiny", "--no-progress", "--stage", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and f"holds a run trained on the image folder {folder}" in err[0], err
+    assert {f.name: f.read_bytes() for f in run.iterdir()} == before
+    rc = cli.main(["train", "-o", str(run), "--resume", "--stage", "2", "--no-progress", "--threads", "1"])
+    assert rc == 0, capsys.readouterr().err
+    assert (run / "stage2.pt").is_file() and (run / "config.json").read_bytes() == before["config.json"]
+    assert "weights after stage1 loaded" in (run / "train.txt").read_text()
+
+
 def test_existing_run_needs_resume(tmp_path, capsys, folder):
     run = tmp_path / "run"
     run.mkdir()

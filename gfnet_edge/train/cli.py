@@ -114,8 +114,26 @@ def check_demo_args(args: argparse.Namespace) -> None:
                          f"{', '.join(sorted(BACKBONES))}; a timm backbone trains on an image folder (--data ROOT)")
 
 
+def folder_run_data(out: Path) -> Optional[str]:
+    """The image folder (``--data``) of the run in ``out``; ``None`` when ``out`` holds none
+    (no ``RUN/config.json``, or a demo run's)."""
+    try:
+        d = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return d["data"] if isinstance(d, dict) and isinstance(d.get("data"), str) else None
+
+
 def run(args: argparse.Namespace) -> int:
-    if getattr(args, "data", None):
+    if not getattr(args, "data", None):
+        from ..errors import InputError
+
+        data = folder_run_data(Path(args.out or "runs/demo"))
+        if data and not args.resume:
+            raise InputError(f"{args.out or 'runs/demo'} holds a run trained on the image folder {data}: continue it "
+                             "with --resume, or give the demo trainer another -o folder")
+        args.data = data  # --resume of an image-folder run: its settings come from its config.json
+    if args.data:
         from .folder_cli import run_folder
 
         return run_folder(args)
