@@ -353,6 +353,7 @@ def test_bad_options_and_weights(tmp_path, capsys, folder, weights):
     bad.write_bytes(b"garbage")
     other = tmp_path / "resnet.pth"
     torch.save(timm.create_model("test_resnet", num_classes=3).state_dict(), other)
+    run = ["--data", folder, "-o", tmp_path / "r"]
     for args, message in (
         (["--data", folder, "-o", tmp_path / "r", "--pretrained", tmp_path / "missing.pth"], "weights file not found"),
         (["--data", folder, "-o", tmp_path / "r", "--pretrained", bad], "not a readable torch weights file"),
@@ -369,12 +370,13 @@ def test_bad_options_and_weights(tmp_path, capsys, folder, weights):
         (["--data", folder, "-o", tmp_path / "r", "--steps", "1"], "--steps must be at least 2"),
         (["--data", folder, "-o", tmp_path / "r", "--set", "crop_pct=0"], "crop_pct must be in (0, 1]"),
         (["--data", folder, "-o", tmp_path / "r", "--backbone", "test_vit"], "does not work as a GFNet encoder"),
-        (["--data", folder, "-o", tmp_path / "r", "--epochs", "0"], "stage 1 needs at least 1 epoch"),
-        (["--data", folder, "-o", tmp_path / "r", "--epochs", "0,1,1"], "stage 1 needs at least 1 epoch"),
-        (["--data", folder, "-o", tmp_path / "r", "--set", "stage2.epochs=-1"], "stage2.epochs must be 0 or more"),
-        (["--data", folder, "-o", tmp_path / "r", "--set", 'stage1.lr="fast"'], "stage1.lr takes a number"),
-        (["--data", folder, "-o", tmp_path / "r", "--set", "hflip=1"], "hflip takes true/false"),
-        (["--data", folder, "-o", tmp_path / "r", "--set", 'classifier=3'], "classifier takes a string"),
+        *(([*run, *opts], message) for opts, message in (
+            (["--epochs", "0"], "stage 1 needs at least 1 epoch"),
+            (["--epochs", "0,1,1"], "stage 1 needs at least 1 epoch"),
+            (["--set", "stage2.epochs=-1"], "stage2.epochs must be 0 or more"),
+            (["--set", 'stage1.lr="fast"'], "stage1.lr takes a number"),
+            (["--set", "hflip=1"], "hflip takes true/false"),
+            (["--set", "classifier=3"], "classifier takes a string"))),
     ):
         rc, err = _run_cli(args, capsys)
         assert rc == 2 and len(err) == 1 and message in err[0], (args, err)

@@ -165,9 +165,9 @@ def _type_name(hint: Any) -> str:
     if hint is type(None):
         return "null"
     base = get_origin(hint) or hint
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string (in quotes)",
-            list: "a list", tuple: "a list", dict: "an object"}.get(base, f"the fields of {getattr(base, '__name__', base)}"
-                                                                    " (KEY.FIELD=...)")
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string (in quotes)", list: "a list",
+             tuple: "a list", dict: "an object"}
+    return names.get(base, f"the fields of {getattr(base, '__name__', base)} (KEY.FIELD=...)")
 
 
 @dataclass
