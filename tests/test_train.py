@@ -154,8 +154,27 @@ def test_every_stage_and_export(tmp_path, cache):
 
 
 def test_bad_override_is_one_line_and_writes_nothing(tmp_path, capsys):
-    for item, field in (("nope=1", "'nope'"), ("stage1.nope=1", "'stage1.nope'"), ("stage1.epochs=x", "not JSON")):
+    for item, field in (("nope=1", "'nope'"), ("stage1.nope=1", "'stage1.nope'"), ("stage1.epochs=x", "not JSON"),
+                        ('stage1.lr="fast"', 'stage1.lr takes a number, got "fast"'),
+                        ("stage1.epochs=2.5", "stage1.epochs takes an integer"), ("amp=1", "amp takes true/false"),
+                        ('stage1={"epochs": 2}', "stage1 takes the fields of StagePlan")):
         rc = cli.main(["--out", str(tmp_path / "run"), "--tiny", "--no-progress", "--set", item])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and err[0].startswith("gfnet-edge: error:") and field in err[0], (item, err)
         assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--backbone", "resnet18"], "--backbone resnet18: without --data the demo GFNet is trained"),
+    (["--pretrained", "weights.pth"], "--pretrained applies to training on an image folder: pass --data ROOT"),
+    (["--epochs", "1"], "--epochs applies to training on an image folder"),
+    (["--image-size", "64"], "--image-size applies to training on an image folder"),
+    (["--device", "cpu"], "--device applies to training on an image folder"),
+])
+def test_image_folder_options_without_data_are_refused_before_anything_runs(tmp_path, capsys, cache, args, needle):
+    """A command meant for an image folder but missing --data would train the demo task (and
+    ignore the option, or fail inside it): it ends with one line naming the option, writing nothing."""
+    rc = cli.main(["--out", str(tmp_path / "run"), "--tiny", "--no-progress", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("gfnet-edge: error:") and needle in err[0], err
+    assert not (tmp_path / "run").exists()

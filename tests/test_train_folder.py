@@ -182,6 +182,16 @@ def test_build_engine_takes_the_checkpoint_and_its_trace_equals_the_model(traine
     np.testing.assert_array_equal(tr.coords, ref.coords.numpy())
 
 
+def test_build_engine_given_the_run_folder_or_a_stage_checkpoint_names_the_checkpoint_to_use(trained, tmp_path,
+                                                                                              capsys):
+    run_a, *_ = trained
+    for src in (run_a, run_a / "stage3.pt"):
+        rc = cli.main(["build-engine", str(src), "-o", str(tmp_path / "b"), "--precision", "fp32", "--quiet"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and f"use {run_a / 'gfnet.pth.tar'}" in err[0], (src, err)
+        assert not (tmp_path / "b").exists()
+
+
 def test_the_bundle_names_the_training_folders_classes(trained, folder, tmp_path, capsys):
     """The class folders' names travel checkpoint -> bundle: predict labels each image with its
     class's name, info lists them, and calibrate refuses a class folder whose classes differ."""
@@ -321,11 +331,29 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
     assert not set(split.skipped) & {p for p, _ in split.samples}
 
 
+def test_linked_folders_are_listed_once_and_under_their_own_class(tmp_path):
+    """Links to folders are followed (a class folder may gather images kept elsewhere), but a link
+    back up to the split (a loop) or to another class's folder adds nothing: every image is listed
+    once, under the class whose folder holds it."""
+    root = make_folder(tmp_path / "ds", n_train=3, n_val=1)
+    kept = make_folder(tmp_path / "kept", n_train=2, n_val=1, classes=("red",), seed=1) / "train" / "red"
+    (root / "train" / "red" / "kept").symlink_to(kept)
+    (root / "train" / "red" / "loop").symlink_to(root / "train")
+    (root / "train" / "blue" / "also_green").symlink_to(root / "train" / "green")
+    split = scan_split(root, "train")
+    got = {c: sorted(os.path.realpath(f) for f, lab in split.samples if lab == k) for k, c in enumerate(split.classes)}
+    want = {c: sorted(os.path.realpath(f) for f in (root / "train" / c).iterdir() if f.is_file())
+            for c in ("blue", "green", "red")}
+    want["red"] = sorted(want["red"] + [os.path.realpath(f) for f in kept.iterdir()])
+    assert got == want and len(split) == 11
+
+
 def test_bad_options_and_weights(tmp_path, capsys, folder, weights):
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"garbage")
     other = tmp_path / "resnet.pth"
     torch.save(timm.create_model("test_resnet", num_classes=3).state_dict(), other)
+    run = ["--data", folder, "-o", tmp_path / "r"]
     for args, message in (
         (["--data", folder, "-o", tmp_path / "r", "--pretrained", tmp_path / "missing.pth"], "weights file not found"),
         (["--data", folder, "-o", tmp_path / "r", "--pretrained", bad], "not a readable torch weights file"),
@@ -342,10 +370,54 @@ def test_bad_options_and_weights(tmp_path, capsys, folder, weights):
         (["--data", folder, "-o", tmp_path / "r", "--steps", "1"], "--steps must be at least 2"),
         (["--data", folder, "-o", tmp_path / "r", "--set", "crop_pct=0"], "crop_pct must be in (0, 1]"),
         (["--data", folder, "-o", tmp_path / "r", "--backbone", "test_vit"], "does not work as a GFNet encoder"),
+        *(([*run, *opts], message) for opts, message in (
+            (["--epochs", "0"], "stage 1 needs at least 1 epoch"),
+            (["--epochs", "0,1,1"], "stage 1 needs at least 1 epoch"),
+            (["--set", "stage2.epochs=-1"], "stage2.epochs must be 0 or more"),
+            (["--set", 'stage1.lr="fast"'], "stage1.lr takes a number"),
+            (["--set", "hflip=1"], "hflip takes true/false"),
+            (["--set", "classifier=3"], "classifier takes a string"))),
     ):
         rc, err = _run_cli(args, capsys)
         assert rc == 2 and len(err) == 1 and message in err[0], (args, err)
         assert not (tmp_path / "r").exists()
+
+
+def _tree(root: Path):
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+def test_the_run_folder_is_outside_the_data_and_holds_nothing_of_the_users(tmp_path, capsys):
+    """-o inside the data folder, or a folder of the user's without a run in it, is refused with one
+    line and left as it was; a folder holding only what a first try wrote before its config (a log,
+    a data index of other images) starts a new run that scans the given data."""
+    root = make_folder(tmp_path / "ds", n_train=6, n_val=2)
+    before = _tree(root)
+    for out in (root, root / "runs" / "r", root / "train" / "red"):
+        rc, err = _run_cli(["--data", root, "-o", out], capsys)
+        assert rc == 2 and len(err) == 1 and "is inside the data folder" in err[0], (out, err)
+        assert _tree(root) == before
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.json").write_text("my results")
+    (mine / "notes.txt").write_text("my notes")
+    rc, err = _run_cli(["--data", root, "-o", mine], capsys)
+    assert rc == 2 and len(err) == 1 and "holds notes.txt, results.json and no gfnet-edge run" in err[0], err
+    assert _tree(mine) == {"notes.txt": b"my notes", "results.json": b"my results"}
+    tried = tmp_path / "tried"
+    tried.mkdir()
+    (tried / "train.txt").write_text("a first try\n")
+    other = make_folder(tmp_path / "other", n_train=6, n_val=2, classes=("blue", "green"))
+    stale = {k: {"root": str(other / k), "classes": ["blue", "green"],
+                 "samples": [[str(f), 0] for f in sorted((other / k / "blue").iterdir())], "skipped": []}
+             for k in ("train", "val")}
+    (tried / "data_index.json").write_text(json.dumps(stale))
+    rc, err = _run_cli(["--data", root, "-o", tried, "--stage", "1"], capsys)
+    assert rc == 0, err
+    index = json.loads((tried / "data_index.json").read_text())
+    assert index["train"]["classes"] == ["blue", "green", "red"]
+    assert sorted(p for p, _ in index["train"]["samples"]) == sorted(str(f) for f in (root / "train").rglob("*.png"))
+    assert json.loads((tried / "config.json").read_text())["classes"] == ["blue", "green", "red"]
 
 
 def test_a_run_folder_takes_one_training_at_a_time_and_resumes_without_its_pretrained_file(
@@ -460,6 +532,25 @@ def test_a_static_baseline_is_added_to_a_finished_run(tmp_path, capsys, folder):
     assert (run / "static.pt").read_bytes() == static_pt
 
 
+def test_a_command_without_data_resumes_an_image_folder_run_and_never_trains_the_demo_into_it(tmp_path, capsys,
+                                                                                             folder):
+    """Without --data, `train -o RUN` is the demo trainer: on a folder that holds an image-folder
+    run it is refused with one line (the run's config and checkpoints untouched), and with
+    --resume it continues that run, whose config names its data."""
+    run = tmp_path / "run"
+    rc, err = _run_cli(["--data", folder, "-o", run, "--stage", "1"], capsys)
+    assert rc == 0, err
+    before = {f.name: f.read_bytes() for f in run.iterdir()}
+    rc = cli.main(["train", "-o", str(run), "--tiny", "--no-progress", "--stage", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and f"holds a run trained on the image folder {folder}" in err[0], err
+    assert {f.name: f.read_bytes() for f in run.iterdir()} == before
+    rc = cli.main(["train", "-o", str(run), "--resume", "--stage", "2", "--no-progress", "--threads", "1"])
+    assert rc == 0, capsys.readouterr().err
+    assert (run / "stage2.pt").is_file() and (run / "config.json").read_bytes() == before["config.json"]
+    assert "weights after stage1 loaded" in (run / "train.txt").read_text()
+
+
 def test_existing_run_needs_resume(tmp_path, capsys, folder):
     run = tmp_path / "run"
     run.mkdir()
@@ -478,6 +569,14 @@ def test_timm_download_failure_is_one_clear_line(monkeypatch):
     with pytest.raises(UnavailableError, match=r"cannot fetch timm's pretrained weights for 'resnet50'.*--pretrained FILE") as e:
         timm_pretrained_state("resnet50", 3)
     assert "\n" not in str(e.value)
+
+
+def test_help_names_what_the_run_writes(capsys):
+    assert cli.main(["train", "--help"]) == 0
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines at spaces and hyphens
+    for needle in ("RUN/gfnet.pth.tar", "gfnet-edge build-engine", "RUN/results.json", "RUN/train.txt",
+                   "--resume continues", "30, 10, 10 epochs"):
+        assert "".join(needle.split()) in text, needle
 
 
 def test_stage_order_is_the_papers():

@@ -43,6 +43,9 @@ def _refuse_ignored_options(args: argparse.Namespace, src: Path) -> None:
     existing one, and the TensorRT builder's options on a build that makes no engines."""
     from ..build import resolve_backend
 
+    if src.is_dir() and not (src / "manifest.json").is_file() and (src / "gfnet.pth.tar").is_file():
+        raise InputError(f"{src} is a training run folder, not a bundle: build from its checkpoint: use "
+                         f"{src / 'gfnet.pth.tar'}")
     if src.is_dir() and not (src / "manifest.json").is_file():
         raise InputError(f"{src} is a folder but not a bundle (no manifest.json): build from a GFNet checkpoint file, "
                          "or pass a bundle folder to add TensorRT engines to it")

@@ -87,6 +87,10 @@ def read_checkpoint_dict(path: PathLike) -> Dict[str, Any]:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{p}: expected a dict checkpoint, found {type(obj).__name__}")
     missing = [k for k in STATE_KEYS if k not in obj]
+    if missing and {"models", "opt", "done"} <= set(obj):
+        raise CheckpointError(f"{p}: a stage checkpoint of gfnet-edge train (weights and optimiser mid-training), "
+                              f"not a GFNet checkpoint: use {p.with_name('gfnet.pth.tar')}, which the run writes "
+                              "at its end")
     if missing:
         raise CheckpointError(
             f"{p}: not a GFNet checkpoint: missing {', '.join(missing)} (found keys: {', '.join(map(str, list(obj)[:12]))})"

@@ -77,17 +77,67 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "train", help="train a GFNet on an image folder (--data), or the demo GFNet",
         description="Train a GFNet: on an image folder (--data ROOT -o RUN --backbone TIMM_NAME; works under torchrun),"
                     " or the demo GFNet on the cluttered-digits task (pretrain, stages 1-3, static baseline, export).",
+        epilog="With --data, RUN gets RUN/gfnet.pth.tar at the end (the checkpoint for `gfnet-edge build-engine`), "
+               "RUN/results.json (val accuracy per step, budgeted curve, multiply-adds), the log RUN/train.txt and "
+               "RUN/epochs.jsonl, and after every epoch RUN/<stage>.pt, which --resume continues from. Every image "
+               "of ROOT is decoded once before training; a stage epoch is one pass over ROOT/train (default "
+               "30, 10, 10 epochs: try --epochs 1 on a few images per class first). See docs/training.md.",
     )
     add_arguments(p)
     p.set_defaults(func=lambda args: run(args))
     return p
 
 
+#: Options of image-folder training (``--data``), by ``args`` attribute; the demo trainer has none of them.
+FOLDER_OPTIONS = ("pretrained", "image_size", "patch_size", "steps", "epochs", "static_epochs", "batch_size",
+                  "workers", "no_amp", "hflip")
+
+
+def check_demo_args(args: argparse.Namespace) -> None:
+    """The demo trainer's command line, before anything is generated or written.
+
+    Raises:
+        InputError: an option of image-folder training (the user meant ``--data ROOT``), or a
+            backbone that is not one of the demo's.
+    """
+    from ..errors import InputError
+    from .config import BACKBONES
+
+    given = [name for name in FOLDER_OPTIONS if getattr(args, name, None) not in (None, False)]
+    if getattr(args, "device", "auto") != "auto":
+        given.append("device")
+    if given:
+        raise InputError(f"--{given[0].replace('_', '-')} applies to training on an image folder: pass --data ROOT "
+                         "(without --data the demo GFNet is trained on the cluttered-digits task)")
+    if args.backbone and args.backbone not in BACKBONES:
+        raise InputError(f"--backbone {args.backbone}: without --data the demo GFNet is trained, whose backbones are "
+                         f"{', '.join(sorted(BACKBONES))}; a timm backbone trains on an image folder (--data ROOT)")
+
+
+def folder_run_data(out: Path) -> Optional[str]:
+    """The image folder (``--data``) of the run in ``out``; ``None`` when ``out`` holds none
+    (no ``RUN/config.json``, or a demo run's)."""
+    try:
+        d = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return d["data"] if isinstance(d, dict) and isinstance(d.get("data"), str) else None
+
+
 def run(args: argparse.Namespace) -> int:
-    if getattr(args, "data", None):
+    if not getattr(args, "data", None):
+        from ..errors import InputError
+
+        data = folder_run_data(Path(args.out or "runs/demo"))
+        if data and not args.resume:
+            raise InputError(f"{args.out or 'runs/demo'} holds a run trained on the image folder {data}: continue it "
+                             "with --resume, or give the demo trainer another -o folder")
+        args.data = data  # --resume of an image-folder run: its settings come from its config.json
+    if args.data:
         from .folder_cli import run_folder
 
         return run_folder(args)
+    check_demo_args(args)
     import torch
 
     from .config import TrainConfig, tiny_config

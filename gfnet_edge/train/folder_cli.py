@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -117,6 +118,17 @@ def check_layout(cfg) -> None:
         raise InputError(f"--patch-size {cfg.patch_size} must be between 1 and --image-size {cfg.image_size}")
 
 
+def check_epochs(cfg) -> None:
+    """The stages' epochs, before the data is scanned: none negative, and stage 1 (which trains
+    the classifier every later stage and the exported model use) at least one."""
+    for name in STAGE_ORDER:
+        if getattr(cfg, name).epochs < 0:
+            raise InputError(f"{name}.epochs must be 0 or more, got {getattr(cfg, name).epochs}")
+    if cfg.stage1.epochs < 1:
+        raise InputError("stage 1 needs at least 1 epoch (--epochs N or N1,N2,N3 with N1 >= 1): it trains the "
+                         "classifier that the later stages and the exported model use")
+
+
 def build_models(cfg, num_classes: int, log, pretrained: bool = True):
     """The GFNet (and the static network when asked for), pretrained weights loaded (unless
     ``pretrained`` is False: a resumed run takes its weights from its stage checkpoints); on the
@@ -159,15 +171,16 @@ def build_models(cfg, num_classes: int, log, pretrained: bool = True):
     return model, static
 
 
-def _scan(cfg, out: Path, ctx, log):
-    """Scans the data on rank 0 (or reads ``RUN/data_index.json``) and shares it with every rank."""
+def _scan(cfg, out: Path, ctx, log, reuse: bool):
+    """Scans the data on rank 0 (or, with ``reuse``, reads ``RUN/data_index.json``) and shares it
+    with every rank."""
     from .folder_data import FolderSplit, scan_dataset, split_summary
 
     index = out / "data_index.json"
     result: Any = None
     if ctx.main:
         try:
-            if index.exists():
+            if reuse and index.exists():
                 d = json.loads(index.read_text())
                 result = {k: FolderSplit(Path(v["root"]), v["classes"], [tuple(s) for s in v["samples"]], v["skipped"])
                           for k, v in d.items()}
@@ -253,17 +266,38 @@ def train_folder(cfg, out: Path, stages=STAGE_ORDER, resume: bool = False, devic
     """
     out = Path(out)
     cfg_path = out / "config.json"
+    check_epochs(cfg)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder")
     lock = _RunLock(out)  # one training process (group) per run folder at a time
     try:
         if cfg_path.exists() and not resume:
             raise InputError(f"{out} already holds a run: pass --resume to continue it, or choose another -o folder")
+        _check_out(out, Path(cfg.data))
         _check_earlier_stages(out, stages)
         _check_results(out, stages)
         return _train_locked(cfg, out, stages, resume, device, progress, threads, settings_changed)
     finally:
         lock.release()
+
+
+#: What a run writes before its ``config.json`` (a first try stopped there may be started again).
+_BEFORE_CONFIG = ("train.txt", "data_index.json")
+
+
+def _check_out(out: Path, data: Path) -> None:
+    """The run folder lies outside the data folder, and one without a run in it (no
+    ``config.json``) holds nothing but what a run writes before its config: training neither
+    adds files to the user's images nor writes over files of theirs."""
+    o, d = out.resolve(), data.resolve()
+    if o == d or d in o.parents:
+        raise InputError(f"{out}: the run folder is inside the data folder {data}; choose a -o folder outside it")
+    if (out / "config.json").exists() or not out.is_dir():
+        return
+    other = sorted(e.name for e in os.scandir(out) if not e.name.startswith(".") and e.name not in _BEFORE_CONFIG)
+    if other:
+        raise InputError(f"{out}: holds {', '.join(other[:3])}{' ...' if len(other) > 3 else ''} and no gfnet-edge "
+                         "run (config.json); choose a new or empty -o folder")
 
 
 class _RunLock:
@@ -275,7 +309,6 @@ class _RunLock:
 
     def __init__(self, out: Path) -> None:
         import hashlib
-        import os
         import tempfile
 
         self._fd = None
@@ -298,7 +331,6 @@ class _RunLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            import os
 
             os.close(self._fd)  # closing the descriptor releases the lock
             self._fd = None
@@ -332,7 +364,7 @@ def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: b
         if not Path(cfg.data).is_dir():
             raise InputError(f"{cfg.data}: no such folder (expected ROOT/train/CLASS/*.jpg and ROOT/val/CLASS/*.jpg)")
         fresh = not cfg_path.exists()
-        train, val = _scan(cfg, out, ctx, log)
+        train, val = _scan(cfg, out, ctx, log, reuse=not fresh)
         if cfg.classes and cfg.classes != train.classes:
             raise InputError(f"{cfg.data}: classes {train.classes} differ from the run's {cfg.classes}")
         cfg.classes = list(train.classes)

@@ -17,7 +17,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -68,6 +68,22 @@ def _readable(path: str) -> bool:
         return False
 
 
+def _walk(top: Path, others: Sequence[Path]) -> Iterator[Tuple[str, List[str]]]:
+    """``(folder, file names)`` under the class folder ``top``, sub-folders included and symbolic
+    links to folders followed, each folder once; a link to a folder above ``top`` (a loop) or to
+    one of the ``others`` (the split's other class folders) is not entered, so no image is listed
+    twice or under another class."""
+    top_real = os.path.realpath(top)
+    seen = {os.path.realpath(o) for o in others}
+    for dp, dirs, fs in os.walk(top, followlinks=True):
+        real = os.path.realpath(dp)
+        if real in seen or (real != top_real and top_real.startswith(real.rstrip(os.sep) + os.sep)):
+            dirs[:] = []
+            continue
+        seen.add(real)
+        yield dp, fs
+
+
 def _list_split(root: Path, split: str) -> Tuple[List[str], List[List[str]]]:
     d = root / split
     if not d.is_dir():
@@ -78,8 +94,8 @@ def _list_split(root: Path, split: str) -> Tuple[List[str], List[List[str]]]:
         raise InputError(f"{d}: needs at least 2 class folders, found {found} ({LAYOUT})")
     files = []
     for c in classes:
-        names = sorted(str(Path(dp) / f) for dp, _, fs in os.walk(d / c, followlinks=True) for f in fs
-                       if f.lower().endswith(IMAGE_EXTENSIONS))
+        names = sorted(str(Path(dp) / f) for dp, fs in _walk(d / c, [d / o for o in classes if o != c])
+                       for f in fs if f.lower().endswith(IMAGE_EXTENSIONS))
         if not names:
             raise InputError(f"{d / c}: no images ({', '.join(IMAGE_EXTENSIONS[:4])} ...)")
         files.append(names)

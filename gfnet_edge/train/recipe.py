@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Tuple, Type, TypeVar
+from typing import Any, Dict, List, Optional, Tuple, Type, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from ..variants import GFNetSpec
 
@@ -124,17 +124,50 @@ class TrainSettings:
         return cls(**d)
 
     def set(self, key: str, value: Any) -> None:
-        """Sets ``key`` (``field`` or ``stage.field``) to ``value``, refusing unknown names."""
+        """Sets ``key`` (``field`` or ``stage.field``) to ``value``, refusing unknown names and
+        values of another type than the field's (an int is taken for a float)."""
         obj, _, sub = key.partition(".")
         if obj not in self.__dataclass_fields__:
             raise ValueError(f"unknown config field {obj!r}")
-        if sub:
-            target = getattr(self, obj)
-            if not isinstance(target, StagePlan) or sub not in StagePlan.__dataclass_fields__:
-                raise ValueError(f"unknown config field {key!r}")
-            setattr(target, sub, value)
-        else:
-            setattr(self, obj, value)
+        target, name = (getattr(self, obj), sub) if sub else (self, obj)
+        if sub and (not isinstance(target, StagePlan) or sub not in StagePlan.__dataclass_fields__):
+            raise ValueError(f"unknown config field {key!r}")
+        hint = get_type_hints(type(target))[name]
+        if not _fits(value, hint):
+            raise ValueError(f"{key} takes {_type_name(hint)}, got {json.dumps(value)}")
+        setattr(target, name, value)
+
+
+_SCALARS: Dict[Any, Tuple[type, ...]] = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a config field's type hint (``bool`` is not taken for a number)."""
+    if hint is Any:
+        return True
+    if get_origin(hint) is Union:
+        return any(_fits(value, a) for a in get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint in _SCALARS:
+        return isinstance(value, _SCALARS[hint]) and (hint is bool or not isinstance(value, bool))
+    base = get_origin(hint) or hint
+    if base in (list, tuple):
+        return isinstance(value, list)
+    if base is dict:
+        return isinstance(value, dict)
+    return False  # a stage plan: set its fields (stage1.epochs=...)
+
+
+def _type_name(hint: Any) -> str:
+    if get_origin(hint) is Union:
+        return " or ".join(_type_name(a) for a in get_args(hint))
+    if hint is type(None):
+        return "null"
+    base = get_origin(hint) or hint
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string (in quotes)", list: "a list",
+             tuple: "a list", dict: "an object"}
+    return names.get(base, f"the fields of {getattr(base, '__name__', base)} (KEY.FIELD=...)")
 
 
 @dataclass
