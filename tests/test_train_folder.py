@@ -536,10 +536,12 @@ def test_a_command_without_data_resumes_an_image_folder_run_and_never_trains_the
                                                                                              folder):
     """Without --data, `train -o RUN` is the demo trainer: on a folder that holds an image-folder
     run it is refused with one line (the run's config and checkpoints untouched), and with
-    --resume it continues that run, whose config names its data."""
+    --resume it continues that run, whose config names its data. (--resume on a folder without a
+    run starts one, and says so.)"""
     run = tmp_path / "run"
-    rc, err = _run_cli(["--data", folder, "-o", run, "--stage", "1"], capsys)
+    rc, err = _run_cli(["--data", folder, "-o", run, "--stage", "1", "--resume"], capsys)
     assert rc == 0, err
+    assert f"--resume: {run} holds no run yet, so a new one starts" in (run / "train.txt").read_text()
     before = {f.name: f.read_bytes() for f in run.iterdir()}
     rc = cli.main(["train", "-o", str(run), "--tiny", "--no-progress", "--stage", "1"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -549,6 +551,16 @@ def test_a_command_without_data_resumes_an_image_folder_run_and_never_trains_the
     assert rc == 0, capsys.readouterr().err
     assert (run / "stage2.pt").is_file() and (run / "config.json").read_bytes() == before["config.json"]
     assert "weights after stage1 loaded" in (run / "train.txt").read_text()
+
+
+def test_default_workers_are_at_most_the_cpus_the_process_may_use():
+    """One CPU allowed: one DataLoader worker by default (torch warns when there are more)."""
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from gfnet_edge.train.recipe import FolderTrainConfig, TrainSettings; "
+            "print(TrainSettings().workers, FolderTrainConfig(data='d', backbone='b').workers)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert p.returncode == 0 and p.stdout.split() == ["1", "1"], p.stderr[-2000:]
 
 
 def test_existing_run_needs_resume(tmp_path, capsys, folder):

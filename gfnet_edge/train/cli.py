@@ -59,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also train the static baseline for N epochs (a finished run without one gets it with "
                         "--resume --stage static --static-epochs N)")
     g.add_argument("--batch-size", type=POSITIVE, default=None, metavar="N", help="global batch (split over torchrun processes; default 64)")
-    g.add_argument("--workers", type=NON_NEGATIVE, default=None, metavar="N", help="DataLoader worker processes per process (default 4)")
+    g.add_argument("--workers", type=NON_NEGATIVE, default=None, metavar="N", help="DataLoader worker processes per process (default 4, or the CPUs available when fewer)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: a GPU when torch sees one")
     g.add_argument("--no-amp", action="store_true", help="float32 on the GPU (default: autocast, bf16 or fp16)")
     g.add_argument("--hflip", action="store_true", help="random horizontal flips in training")

@@ -364,6 +364,8 @@ def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: b
         if not Path(cfg.data).is_dir():
             raise InputError(f"{cfg.data}: no such folder (expected ROOT/train/CLASS/*.jpg and ROOT/val/CLASS/*.jpg)")
         fresh = not cfg_path.exists()
+        if fresh and resume:
+            log(f"--resume: {out} holds no run yet, so a new one starts")
         train, val = _scan(cfg, out, ctx, log, reuse=not fresh)
         if cfg.classes and cfg.classes != train.classes:
             raise InputError(f"{cfg.data}: classes {train.classes} differ from the run's {cfg.classes}")

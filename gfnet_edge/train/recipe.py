@@ -83,13 +83,25 @@ class StagePlan:
     minutes: float = 0.0
 
 
+def default_workers() -> int:
+    """DataLoader worker processes per training process by default: 4, or the CPUs this process
+    may use when fewer (more workers than CPUs only queue for them, and torch warns)."""
+    import os
+
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus))
+
+
 @dataclass
 class TrainSettings:
     """The settings every training stage reads (shared by the folder and the demo configs)."""
 
     seed: int = 0
     batch_size: int = 64  # global batch of a stage without its own ``StagePlan.batch``
-    workers: int = 4  # DataLoader worker processes per training process
+    workers: int = field(default_factory=lambda: default_workers())  # DataLoader processes per training process
     amp: bool = True  # autocast on a GPU (bfloat16 where supported, else float16 with loss scaling)
     freeze_bn: bool = False  # BatchNorm layers keep their running statistics (small batches)
     sync_bn: bool = True  # SyncBatchNorm when several CUDA processes train
