@@ -376,7 +376,9 @@ def test_bad_options_and_weights(tmp_path, capsys, folder, weights):
             (["--set", "stage2.epochs=-1"], "stage2.epochs must be 0 or more"),
             (["--set", 'stage1.lr="fast"'], "stage1.lr takes a number"),
             (["--set", "hflip=1"], "hflip takes true/false"),
-            (["--set", "classifier=3"], "classifier takes a string"))),
+            (["--set", "classifier=3"], "classifier takes a string"),
+            (["--set", 'classifier="cascaded"', "--steps", "7"],  # a setting, not a backbone that does not fit
+             "--backbone test_efficientnet: cascaded classifiers support at most 5 steps, got 7"))),
     ):
         rc, err = _run_cli(args, capsys)
         assert rc == 2 and len(err) == 1 and message in err[0], (args, err)

@@ -142,6 +142,9 @@ def build_models(cfg, num_classes: int, log, pretrained: bool = True):
 
     try:
         spec = cfg.spec(num_classes)
+    except ValueError as exc:  # settings the GFNet cannot take (steps, patch size, classifier)
+        raise InputError(f"--backbone {cfg.backbone}: {exc}") from exc
+    try:
         torch.manual_seed(cfg.seed)
         model = GFNet(spec)
         with torch.no_grad():
@@ -152,7 +155,7 @@ def build_models(cfg, num_classes: int, log, pretrained: bool = True):
     except Exception as exc:  # timm models fail in many ways at sizes they cannot take
         first = next((ln for ln in str(exc).splitlines() if ln.strip()), "")[:200]
         raise InputError(f"--backbone {cfg.backbone} does not work as a GFNet encoder at image size "
-                         f"{spec.image_size if 'spec' in locals() else cfg.image_size} / patch size {cfg.patch_size}: "
+                         f"{spec.image_size} / patch size {spec.patch_size}: "
                          f"{type(exc).__name__}: {first}") from exc
     static = _create_timm(cfg.backbone, num_classes, **cfg.backbone_kwargs) if cfg.static.epochs > 0 else None
     if not pretrained:
