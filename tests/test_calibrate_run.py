@@ -784,3 +784,41 @@ def test_a_budget_is_compared_with_the_static_networks_same_statistic(kind):
     static = {"latency": LatencyStats.of(ms).to_dict()}
     want = ms.mean() if kind == "mean" else np.percentile(ms, int(kind[1:]))
     assert report._static_ms(static, {"kind": kind}) == pytest.approx(want)
+
+
+def test_a_stall_the_time_box_left_in_the_p99_is_reported_in_one_line(tiny_bundle, tmp_path, monkeypatch, capsys):
+    """The first step-latency measurement gets --latency-seconds as its time box; when a lone stall
+    is still in a step's p99 after it (here: step 1's calls replaced by nine of 1 ms and one of
+    5 ms), the terminal and the report say so in one line, naming the step and what to do."""
+    import html
+
+    from gfnet_edge.calibrate import pipeline
+    from gfnet_edge.calibrate.latency import LatencyStats
+
+    real = pipeline.measure_steps
+    boxes = []
+
+    def stalled(*args, **kw):
+        lat = real(*args, **kw)
+        boxes.append((kw["extend_to"], kw["extend_seconds"]))
+        if len(boxes) == 1:
+            lat.samples[1] = np.r_[np.full(9, 1.0), 5.0]
+            lat.steps[1] = LatencyStats.of(lat.samples[1])
+        return lat
+
+    monkeypatch.setattr(pipeline, "measure_steps", stalled)
+    bundle = _fresh(tiny_bundle, tmp_path)
+    out = tmp_path / "r"
+    rc = _main(["calibrate", str(bundle), "--data", str(tiny_bundle / "data.npz"), "-o", str(out), "--no-compare",
+                "--latency-seconds", "2.5", "--deadlines", "0", *FAST, "--batch-size", "0", "--budget-ms", "500"])
+    assert rc == 0
+    assert boxes[0] == (300, 2.5) and all(seconds == 2.5 for _, seconds in boxes)  # re-measurements: extend_to 0
+    res = json.loads((out / "report.json").read_text())
+    assert res["settings"]["latency_seconds"] == 2.5
+    warning = res["latency"]["stall_warning"]
+    assert "step 1 at batch 1: 1 of 10 calls over 1.5x their median" in warning and "--latency-seconds" in warning
+    assert "idle device" in warning and "\n" not in warning
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: a lone stall")]
+    assert printed == [f"warning: {warning}"]
+    assert html.escape(warning) in (out / "report.html").read_text()
+    assert res["latency"]["budget_batch"]["lone_stall_steps"] == [1]
