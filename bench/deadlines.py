@@ -2,12 +2,18 @@
 the accuracy GFNet keeps, and how often the static network would miss the same deadline.
 
     python bench/deadlines.py [--images 300] [--threads 1] [--out bench/results/deadlines.md]
+        [--deadline-ms MS ...] [--latency-calls 300] [--latency-seconds 5]
+        [--stall-ms MS [--stall-step 1] [--stall-at 20]] [--no-retime]
 
 Builds an FP32 bundle of the shipped demo checkpoint, measures its per-step latency the way
 ``gfnet-edge calibrate`` does (every image forced to exit at step k, interleaved), and plans
 deadlines with the p99 of those measurements (the step costs calibration records in the
-manifest). Then for deadlines spread from just above the glance step's p99 to the full model's p99 it runs
-each held-out test frame alone through ``Runtime.predict(frame, deadline_ms=D)`` at the
+manifest). ``--stall-ms`` stalls that measurement once, as the device pausing would: the
+``--stall-at``-th timed call of step ``--stall-step`` sleeps that long before its end is read;
+``--no-retime`` leaves a step whose p99 takes in a lone stall as its interleaved calls measured
+it (calibrate times it alone until the stall lies beyond its p99). Then for deadlines spread
+from just above the glance step's p99 to the full model's p99 (or those of ``--deadline-ms``)
+it runs each held-out test frame alone through ``Runtime.predict(frame, deadline_ms=D)`` at the
 bundle's default budget and records the wall-clock time of every call. The static baseline
 (the shipped static network, exported to ONNX, on the same threads) is timed on the same frames:
 its miss rate at D is the share of its calls slower than D.
@@ -50,6 +56,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--images", type=int, default=300, help="held-out demo test frames, one per call")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--deadlines", type=int, default=6, help="deadlines between the glance p50 and the full p99")
+    ap.add_argument("--deadline-ms", type=float, nargs="+", metavar="MS",
+                    help="these deadlines instead (the same in runs that measure the step latency differently)")
     ap.add_argument("--margin", type=float, default=None, help="deadline margin (default: the runtime's)")
     ap.add_argument("--plan-stat", choices=["p99", "p95", "p50"], default="p99",
                     help="step-latency percentile the deadlines plan with (default p99, the runtime's)")
@@ -59,10 +67,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--tail-runs", type=int, default=3, help="tail calibrations, each with its own fit/held-out split")
     ap.add_argument("--tail-clock", choices=["wall", "cpu"], default="wall",
                     help="clock of the tail calibration (cpu: calling-thread CPU time, for a loaded shared machine)")
+    ap.add_argument("--latency-calls", type=int, default=300, help="as calibrate --latency-calls")
+    ap.add_argument("--latency-seconds", type=float, default=5.0, help="as calibrate --latency-seconds")
+    ap.add_argument("--stall-ms", type=float, default=0.0, help="one stall of this many ms in the step latency")
+    ap.add_argument("--stall-step", type=int, default=1, help="the step whose timed call stalls")
+    ap.add_argument("--stall-at", type=int, default=20, help="which of its timed calls stalls (0-based, < 60)")
+    ap.add_argument("--no-retime", action="store_true",
+                    help="do not time a step alone whose p99 takes in a lone stall")
     ap.add_argument("--out", default=str(RESULTS / "deadlines.md"))
     args = ap.parse_args(argv)
     if args.tail_clock == "cpu" and args.threads != 1:
         ap.error("--tail-clock cpu times the calling thread only: use it with --threads 1")
+    if not (args.latency_seconds > 0 and np.isfinite(args.latency_seconds)) or args.latency_calls < 0:
+        ap.error("--latency-seconds must be a finite number > 0 and --latency-calls >= 0")
+    if args.deadline_ms and not all(np.isfinite(d) and d > 0 for d in args.deadline_ms):
+        ap.error("--deadline-ms values must be finite numbers > 0")
+    if args.stall_ms < 0 or not 0 <= args.stall_at < 60:
+        ap.error("--stall-ms must be >= 0 and --stall-at in [0, 60)")
 
     from gfnet_edge.build import BuildConfig, build_bundle
     from gfnet_edge.calibrate.latency import measure_steps
@@ -76,7 +97,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     margin = DEFAULT_MARGIN if args.margin is None else args.margin
     t_start = time.perf_counter()
     res: Dict[str, Any] = {"machine": machine(), "threads": args.threads, "margin": margin, "rows": [],
-                           "plan_stat": args.plan_stat,
+                           "plan_stat": args.plan_stat, "stall_ms": args.stall_ms, "retime": not args.no_retime,
                            "load_average": [_load()]}
     with tempfile.TemporaryDirectory(prefix="gfnet-deadlines-") as tmp:
         bundle = build_bundle(DEMO_CHECKPOINT, Path(tmp) / "bundle", BuildConfig(precision="fp32", backend="onnxruntime"),
@@ -88,18 +109,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         x, y = ClutteredDigits("test", config=cfg).arrays(args.images, progress=False)
         y = np.asarray(y)
         _log("measuring the per-step latency (as gfnet-edge calibrate does)")
-        lat = measure_steps(rt, lat_x, batch=1, repeats=60, stage_calls=0, extend_to=300)  # as calibrate does
+        if not 0 <= args.stall_step < model.steps:
+            ap.error(f"--stall-step must be in [0, {model.steps})")
+        clock = _stalling_clock(model.steps, args.stall_step, args.stall_at, args.stall_ms)
+        lat = measure_steps(rt, lat_x, batch=1, repeats=60, stage_calls=0, extend_to=args.latency_calls,  # as calibrate
+                            extend_seconds=args.latency_seconds, retime_stalls=not args.no_retime, clock=clock)
         entry = step_costs_entry([lat], "onnxruntime", rt.precision, args.threads, "cpu")
         costs = StepCosts.from_manifest(entry, stat=f"{args.plan_stat}_ms")
         rt.set_step_costs(costs)
         res["step_latency"] = entry
+        res["plan_ms"] = list(costs.step_ms)
         steps = [s.to_dict() for s in lat.steps]
         # from just above the glance step's p99 (below it the glance alone, which always runs,
         # overruns) to the full model's p99
         lo, hi = 1.05 * steps[0]["p99_ms"], steps[-1]["p99_ms"]
         if lo >= hi:  # a glance tail longer than the full model's (a loaded machine): from the glance's p50
             lo = steps[0]["p50_ms"]
-        deadlines = np.linspace(lo, max(hi, lo), args.deadlines).tolist()
+        deadlines = args.deadline_ms or np.linspace(lo, max(hi, lo), args.deadlines).tolist()
         res["glance_ms"] = {"p50": steps[0]["p50_ms"], "p99": steps[0]["p99_ms"]}
         res["full_ms"] = {"p50": steps[-1]["p50_ms"], "p99": steps[-1]["p99_ms"]}
         _log(f"budget {rt.budget}; deadlines {', '.join(f'{d:.2f}' for d in deadlines)} ms")
@@ -146,6 +172,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(md)
     write_report(Path(args.out), md, res)
     return 0
+
+
+def _stalling_clock(steps: int, step: int, at: int, stall_ms: float):
+    """``time.perf_counter``, but the read that ends the ``at``-th timed call of ``step`` first
+    sleeps ``stall_ms``: the timed calls read the clock twice each, repetitions in order, steps
+    interleaved within them (``measure_steps``), so that read is number ``2 * (at * steps + step) + 1``."""
+    reads = [0]
+    target = 2 * (at * steps + step) + 1
+
+    def clock() -> float:
+        if stall_ms > 0 and reads[0] == target:
+            time.sleep(stall_ms / 1e3)
+        reads[0] += 1
+        return time.perf_counter()
+
+    return clock
 
 
 def _tail_budgets(bundle: Path, tmp: Path, limit_ms: float, args: argparse.Namespace) -> Dict[str, Any]:
@@ -198,13 +240,22 @@ def _static_latencies(onnx_path: Path, model: Dict[str, Any], frames: np.ndarray
     return np.asarray(out)
 
 
+def _calls(block: Dict[str, Any]) -> str:
+    """How many calls each step's latency came from, and how many of them were timed alone."""
+    calls = block.get("step_calls") or [block.get("calls", 60)]
+    alone = block.get("retimed_calls") or [0]
+    text = (f"{calls[0]} calls per step" if len(set(calls)) == 1 else
+            f"{' / '.join(map(str, calls))} calls for steps 0..{len(calls) - 1}")
+    return text + (f", of them {' / '.join(map(str, alone))} timed alone for a lone stall" if any(alone) else "")
+
+
 def render(res: Dict[str, Any], cmd: str) -> str:
     st = res["static"]
     nd = res["no_deadline"]
     lines = ["# Per-frame deadlines (demo model, CPU, batch 1)", "", f"Command: `{cmd.strip()}`", "",
              f"Machine: {res['machine']}; ONNX Runtime, FP32 graphs, {res['threads']} thread(s); deadlines planned "
              f"with the {res.get('plan_stat', 'p99')} step latency measured in the same run "
-             f"({res['step_latency']['batches'][0].get('calls', 60)} calls per step), margin "
+             f"({_calls(res['step_latency']['batches'][0])}), margin "
              f"{res['margin']}; 1-minute load average "
              f"{' at start, '.join(str(x) for x in res['load_average'])} at the end (other jobs on the machine).", "",
              f"Without a deadline: accuracy {nd['accuracy']:.1f} %, {nd['mean_steps']:.2f} mean steps. Static network: "
@@ -212,6 +263,11 @@ def render(res: Dict[str, Any], cmd: str) -> str:
              f"GFNet step latency: glance p50 {res['glance_ms']['p50']:.2f} / p99 {res['glance_ms']['p99']:.2f} ms, "
              f"every step p50 {res['full_ms']['p50']:.2f} / p99 {res['full_ms']['p99']:.2f} ms (the glance always "
              "runs, so no deadline below its latency can be met).", "",
+             *([f"One stall of {res['stall_ms']:g} ms injected into the step-latency measurement; "
+                f"{'steps whose p99 takes in a lone stall timed alone' if res.get('retime', True) else 'no step timed alone (--no-retime)'}."
+                , ""] if res.get("stall_ms") else []),
+             "Step costs planned with (ms per step, " + res.get("plan_stat", "p99") + " increments, never below the "
+             "mean's): " + ", ".join(f"{x:.2f}" for x in res.get("plan_ms", [])) + ".", "",
              table(["deadline ms", "GFNet accuracy %", "calls > deadline + 10 %", "calls > deadline", "p50 ms",
                     "p99 ms", "max ms", "stopped by the deadline", "mean steps", "static calls > deadline"],
                    [[f"{r['deadline_ms']:.2f}", f"{r['accuracy']:.1f}", f"**{r['over_10pct']:.1f} %**",

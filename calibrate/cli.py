@@ -26,7 +26,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, num_images=args.num_images, holdout=args.holdout,
         skip_unreadable=args.skip_unreadable, method=args.method,
         margin=args.margin, tolerance=tol, attempts=args.attempts, repeats=args.repeats, warmup=args.warmup,
-        latency_calls=args.latency_calls,
+        latency_calls=args.latency_calls, latency_seconds=args.latency_seconds,
         warmup_ms=args.warmup_ms,
         static=list(args.static or []), static_int8=args.static_int8, compare_precisions=not args.no_compare,
         write_manifest=not args.no_write, default=args.default, force=args.force, gallery=args.gallery,
@@ -95,8 +95,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=POSITIVE, default=60, help="timed calls per step (default 60)")
     p.add_argument("--latency-calls", type=NON_NEGATIVE, default=300, metavar="N",
                    help="the first step-latency measurement at each batch size goes on to N timed calls per step "
-                        f"while they take under {EXTEND_SECONDS:g} s: deadlines plan with its p99, which from 60 calls "
+                        "while they fit --latency-seconds: deadlines plan with its p99, which from 60 calls "
                         "is about the slowest one (default 300; 0: --repeats only)")
+    p.add_argument("--latency-seconds", type=float_range(0.0, None, lo_open=True), default=EXTEND_SECONDS,
+                   metavar="S",
+                   help="time box of those timed calls, in wall-clock seconds (default "
+                        f"{EXTEND_SECONDS:g}): within it a step whose p99 takes in one or two stalls of the device "
+                        "(calls over 1.5x its median) is first timed alone until they lie beyond it (101 calls "
+                        "for one stall), then every step up to --latency-calls; raise it for slow models or "
+                        "devices, where --repeats calls per step already take longer")
     p.add_argument("--warmup", type=NON_NEGATIVE, default=5, help="warm-up calls per step (default 5)")
     p.add_argument("--warmup-ms", type=float_range(0.0, 60000.0), default=WARMUP_MS, metavar="MS",
                    help="and warm-up calls until MS milliseconds have passed, before every latency measurement "

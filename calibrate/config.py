@@ -9,7 +9,7 @@ import numpy as np
 from gfnet_edge.errors import InputError
 
 from .budgets import Budget
-from .latency import CLOCKS, WARMUP_MS
+from .latency import CLOCKS, EXTEND_SECONDS, WARMUP_MS
 
 
 @dataclass
@@ -41,9 +41,12 @@ class CalibrationConfig:
         repeats, warmup: timed and untimed calls per step for the latency measurement.
         latency_calls: the first measurement at each batch size (the one the budgets start from
             and the manifest's ``step_costs`` come from) takes more timed calls per step, up to
-            this many, while its timed calls stay within ``EXTEND_SECONDS`` (5 s): a deadline
-            plans with their p99, which from ``repeats`` calls is about the slowest one (0: only
-            ``repeats``).
+            this many, while its timed calls stay within ``latency_seconds``: a deadline plans
+            with their p99, which from ``repeats`` calls is about the slowest one (0: only
+            ``repeats``, and no step timed again for a lone stall).
+        latency_seconds: the time box (wall-clock seconds) of those timed calls: first a step
+            whose p99 takes in one or two stalls of the device is timed alone until they lie
+            beyond it, then all steps up to ``latency_calls``.
         warmup_ms: untimed calls before each measurement go on until this much wall-clock time
             has passed (devices settle in time, not in calls).
         static: static baselines (checkpoint or ONNX), optional.
@@ -82,6 +85,7 @@ class CalibrationConfig:
     attempts: int = 3
     repeats: int = 60
     latency_calls: int = 300
+    latency_seconds: float = EXTEND_SECONDS
     warmup: int = 5
     warmup_ms: float = WARMUP_MS
     static: Sequence[str] = ()
@@ -104,6 +108,8 @@ class CalibrationConfig:
             raise InputError(f"--batch-size must be >= 0, got {self.batch_size}")
         if self.latency_calls < 0:
             raise InputError(f"--latency-calls must be >= 0, got {self.latency_calls}")
+        if not np.isfinite(self.latency_seconds) or self.latency_seconds <= 0:
+            raise InputError(f"--latency-seconds must be a finite number of seconds > 0, got {self.latency_seconds}")
         if self.repeats < 5 or self.warmup < 0:
             raise InputError(f"--repeats must be >= 5 and --warmup >= 0 (got {self.repeats}, {self.warmup})")
         if not np.isfinite(self.warmup_ms) or self.warmup_ms < 0:

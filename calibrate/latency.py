@@ -13,6 +13,9 @@ extension call (on a GPU after uploading the uint8 frames). The timed call thus 
 path from uint8 frames. A deployment that also resizes camera frames pays that resize on top
 (reported separately). The steps are measured interleaved
 (``k = 0..T-1`` within each repetition) so background load affects all of them alike. The
+measurement the step costs come from goes on within a time box: a step whose p99 takes in one
+or two stalls of the device (calls far above its median) is timed alone until they lie beyond
+it, then all steps interleaved up to a number of calls (:func:`measure_steps`). The
 profiler's per-stage timings are collected in a separate pass (profiling adds a little overhead).
 """
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -30,8 +33,20 @@ from gfnet_edge.model_desc import ModelDesc, as_desc
 ModelLike = Union[ModelDesc, Mapping[str, Any]]
 
 #: Wall-clock seconds the timed calls of one step-latency measurement may take when they are
-#: extended beyond ``repeats`` (:func:`measure_steps` ``extend_to``).
+#: extended beyond ``repeats`` (:func:`measure_steps` ``extend_to``; ``calibrate --latency-seconds``).
 EXTEND_SECONDS = 5.0
+
+#: A timed call of a step is a *stall* when it took more than this many times the step's median
+#: call: far outside the spread of a CPU- or GPU-bound step (on the 2-core EPYC VM the demo
+#: model's p99 call is 1.3x its median), the mark of the device pausing (another process, a
+#: clock change) while that one call ran.
+STALL_FACTOR = 1.5
+#: At most this many stalls among a step's calls are *lone* stalls: timing that step alone until
+#: they lie outside its p99 (:func:`calls_to_outvote`) takes at most 201 calls. More are a tail
+#: of the device (3 % or more of 60 calls), which the p99 keeps.
+LONE_STALLS = 2
+#: The percentile deadlines plan with (``gfnet_edge.runtime.deadline.DEFAULT_STAT``).
+PLAN_PERCENTILE = 99.0
 
 UNREACHABLE = 2.0
 ALWAYS = -1e8
@@ -94,6 +109,28 @@ class LatencyStats:
         return dict(self.__dict__)
 
 
+def stall_count(ms: Sequence[float]) -> int:
+    """How many of ``ms`` are stalls (above :data:`STALL_FACTOR` times their median)."""
+    a = np.asarray(ms, dtype=np.float64)
+    return int((a > STALL_FACTOR * np.median(a)).sum())
+
+
+def lone_stall(ms: Sequence[float], q: float = PLAN_PERCENTILE) -> bool:
+    """True when one or two stalls (at most :data:`LONE_STALLS`) enter the ``q``-th percentile
+    of ``ms``: they are its slowest calls, and too few calls were timed to put them beyond it
+    (:func:`calls_to_outvote`), so more calls of the step can. More stalls are a tail of the
+    device, which the percentile keeps."""
+    s = stall_count(ms)
+    return 0 < s <= LONE_STALLS and len(ms) < calls_to_outvote(s, q)
+
+
+def calls_to_outvote(stalls: int, q: float = PLAN_PERCENTILE) -> int:
+    """The fewest calls whose ``q``-th percentile (numpy's linear interpolation, position
+    ``q / 100 * (n - 1)``) lies at or below the largest call that is not one of ``stalls`` slowest:
+    ``stalls * 100 / (100 - q) + 1`` (101 for one stall and the p99)."""
+    return int(np.ceil(stalls * 100.0 / (100.0 - q) - 1e-9)) + 1
+
+
 @dataclass
 class StepLatency:
     """Per-step latency at one batch size.
@@ -103,12 +140,19 @@ class StepLatency:
         steps: per-image stats of "every image exits at step k", k = 0..T-1.
         stages: profiler summary per exit step (``{k: {stage: {mean_ms ...}}}``), per call.
         samples: per step, every timed call's ms per image (what tail budgets are fitted with).
+        retimed: per step, how many of its timed calls were timed alone, after the interleaved
+            ones, because a lone stall decided its p99 (:func:`measure_steps`).
     """
 
     batch: int
     steps: List[LatencyStats]
     stages: Dict[int, Dict[str, Dict[str, float]]] = field(default_factory=dict)
     samples: List[np.ndarray] = field(default_factory=list, repr=False)
+    retimed: List[int] = field(default_factory=list)
+
+    def lone_stall_steps(self) -> List[int]:
+        """The steps whose p99 a lone stall still enters (:func:`lone_stall`)."""
+        return [k for k, ms in enumerate(self.samples) if len(ms) and lone_stall(ms)]
 
     @property
     def cost(self) -> np.ndarray:
@@ -117,7 +161,26 @@ class StepLatency:
 
     def to_dict(self) -> dict:
         return {"batch": self.batch, "cost_ms": self.cost.tolist(), "steps": [s.to_dict() for s in self.steps],
+                "retimed_calls": list(self.retimed or [0] * len(self.steps)),
+                "lone_stall_steps": self.lone_stall_steps(),
                 "stages": {str(k): v for k, v in self.stages.items()}}
+
+
+def stall_warning(latencies: Sequence[StepLatency], seconds: float) -> Optional[str]:
+    """One line naming each step whose p99 a lone stall still enters (the calls of the time box
+    ``seconds`` did not outvote it), and what to do; None when there is none."""
+    parts = []
+    for lat in latencies:
+        for k in lat.lone_stall_steps():
+            ms = lat.samples[k]
+            p99, med = float(np.percentile(ms, PLAN_PERCENTILE)), float(np.median(ms))
+            parts.append(f"step {k} at batch {lat.batch}: {stall_count(ms)} of {len(ms)} calls over "
+                         f"{STALL_FACTOR:g}x their median, p99 {p99:.3f} ms = {p99 / med:.1f}x the median")
+    if not parts:
+        return None
+    return ("a lone stall of the device is in the step latency's p99 (" + "; ".join(parts) + "): deadlines stop "
+            "before those steps earlier than needed; calibrate on an idle device or allow more calls with "
+            f"--latency-seconds (more than {seconds:g})")
 
 
 def forced_exit_thresholds(steps: int, k: int) -> List[float]:
@@ -187,7 +250,8 @@ def time_predict(rt, batch_frames: np.ndarray, clock: Callable[[], float] = time
 def measure_steps(rt, frames: np.ndarray, batch: int = 1, repeats: int = 60, warmup: int = 5,
                   stage_calls: int = 20, progress=None, clock: Callable[[], float] = time.perf_counter,
                   warmup_ms: float = WARMUP_MS, extend_to: int = 0,
-                  extend_seconds: float = EXTEND_SECONDS) -> StepLatency:
+                  extend_seconds: float = EXTEND_SECONDS, retime_stalls: bool = True,
+                  timer: Callable[[], float] = time.perf_counter) -> StepLatency:
     """Measures per-step latency of ``rt`` (see the module docstring).
 
     Args:
@@ -199,11 +263,17 @@ def measure_steps(rt, frames: np.ndarray, batch: int = 1, repeats: int = 60, war
             (all steps) have taken under ``extend_seconds`` of wall-clock time and one more
             repetition is expected to fit: cheap steps get a tail percentile that a single
             slow call does not decide (the p99 of 60 calls is about their slowest).
+        retime_stalls: with ``extend_to`` > 0, a step whose p99 takes in a lone stall
+            (:func:`lone_stall`: one or two calls above 1.5x its median) is first timed alone
+            (several such steps in turn), within the same time box, until the stalls lie beyond
+            its p99 (:func:`calls_to_outvote`: 101 calls for one stall) or turn out to be a tail;
+            :attr:`StepLatency.retimed` counts those calls.
         warmup: untimed calls per step first (steps interleaved).
         warmup_ms: and untimed calls until this much wall-clock time has passed (:func:`warm_up`).
         stage_calls: profiled calls per step for the stage breakdown (0: none).
         progress: optional callable ``progress(n)`` called after each call (a tqdm ``update``).
-        clock: the timer (:data:`CLOCKS`); the stage breakdown is always wall-clock.
+        clock: the timer of the calls (:data:`CLOCKS`); the stage breakdown is always wall-clock.
+        timer: the wall clock of the time box (seconds).
 
     Returns:
         The :class:`StepLatency`.
@@ -213,6 +283,8 @@ def measure_steps(rt, frames: np.ndarray, batch: int = 1, repeats: int = 60, war
     was = rt.profiler.enabled
     rt.profiler.enabled = False
     samples: List[List[float]] = [[] for _ in range(T)]
+    wall: List[List[float]] = [[] for _ in range(T)]  # seconds of each timed call, for the time box
+    retimed = [0] * T
     try:
         def untimed(i: int) -> None:
             k = i % T
@@ -221,19 +293,41 @@ def measure_steps(rt, frames: np.ndarray, batch: int = 1, repeats: int = 60, war
             if progress and i < warmup * T:
                 progress(1)
 
+        def timed(k: int, b: np.ndarray) -> None:
+            w0 = timer()
+            with using_thresholds(rt, thr[k]):
+                samples[k].append(time_predict(rt, b, clock))
+            wall[k].append(timer() - w0)
+
+        def fits(steps: Sequence[int]) -> bool:  # one more call of each of ``steps`` within the time box
+            return timer() - t0 + sum(float(np.median(wall[k])) for k in steps) <= extend_seconds
+
         warm_up(untimed, warmup * T, warmup_ms)
-        t0 = time.perf_counter()
-        for rep in range(max(repeats, extend_to)):
-            if rep >= repeats:  # extending: while one more repetition is expected to fit the time box
-                spent = time.perf_counter() - t0
-                if spent * (rep + 1) / rep > extend_seconds:
-                    break
+        t0 = timer()
+        for rep in range(repeats):
             b = _batch_at(frames, batch, rep * batch)
             for k in range(T):
-                with using_thresholds(rt, thr[k]):
-                    samples[k].append(time_predict(rt, b, clock))
-                if progress and rep < repeats:
+                timed(k, b)
+                if progress:
                     progress(1)
+        rep, alone = repeats, 0
+        while extend_to > 0 and repeats > 0:
+            lone = [k for k in range(T) if retime_stalls and lone_stall(samples[k])]
+            if lone:  # the lone stalls' steps first: they need the time box most
+                if not fits(lone):
+                    break
+                b = _batch_at(frames, batch, alone * batch)
+                for k in lone:
+                    timed(k, b)
+                    retimed[k] += 1
+                alone += 1
+            elif rep < extend_to and fits(range(T)):
+                b = _batch_at(frames, batch, rep * batch)
+                for k in range(T):
+                    timed(k, b)
+                rep += 1
+            else:
+                break
         stages: Dict[int, Dict[str, Dict[str, float]]] = {}
         if stage_calls:
             rt.profiler.enabled = True
@@ -248,7 +342,8 @@ def measure_steps(rt, frames: np.ndarray, batch: int = 1, repeats: int = 60, war
             rt.profiler.reset()
     finally:
         rt.profiler.enabled = was
-    return StepLatency(batch, [LatencyStats.of(s) for s in samples], stages, [np.asarray(s) for s in samples])
+    return StepLatency(batch, [LatencyStats.of(s) for s in samples], stages, [np.asarray(s) for s in samples],
+                       retimed)
 
 
 @dataclass

@@ -21,7 +21,8 @@ from .compare import compare_precisions, static_int8, static_results
 from .config import CalibrationConfig
 from .data import load_calibration_data
 from .fit import default_budgets
-from .latency import CLOCKS, StepLatency, camera_resize_ms, device_description, measure_steps, timed_on
+from .latency import (CLOCKS, StepLatency, camera_resize_ms, device_description, measure_steps, stall_warning,
+                      timed_on)
 from .precision import trace_frames
 from .progress import Progress
 from .report import write_report
@@ -44,7 +45,7 @@ def _measure(rt, frames: np.ndarray, batch: int, cfg: CalibrationConfig, desc: s
     with Progress(cfg.progress, total, desc) as bar:
         return measure_steps(rt, frames, batch=batch, repeats=cfg.repeats, warmup=cfg.warmup, stage_calls=stage_calls,
                              progress=bar, clock=CLOCKS[cfg.clock], warmup_ms=cfg.warmup_ms,
-                             extend_to=cfg.latency_calls if extend else 0)
+                             extend_to=cfg.latency_calls if extend else 0, extend_seconds=cfg.latency_seconds)
 
 
 def _manifest_entry(b: BudgetResult, rt: "_RtInfo", cfg: CalibrationConfig, device: Dict[str, Any]) -> Dict[str, Any]:
@@ -248,12 +249,15 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
                    "macs_cumulative": bundle.manifest.get("costs", {}).get("macs", {}).get("cumulative")},
         "device": device, "data": data.describe(),
         "settings": {"clock": cfg.clock, "batch": cfg.batch, "batch_size": cfg.batch_size, "repeats": cfg.repeats,
-                     "warmup": cfg.warmup, "warmup_ms": cfg.warmup_ms, "method": cfg.method, "margin": cfg.margin,
+                     "warmup": cfg.warmup, "warmup_ms": cfg.warmup_ms, "latency_calls": cfg.latency_calls,
+                     "latency_seconds": cfg.latency_seconds, "method": cfg.method, "margin": cfg.margin,
                      "tolerance": list(cfg.tolerance), "attempts": cfg.attempts, "holdout": cfg.holdout,
                      "seed": cfg.seed},
         "latency": {"budget_batch": m.lat1.to_dict(), "other_batch": m.latN.to_dict() if m.latN else None,
                     "camera_resize_ms": camera_resize_ms(model), "history": [h.to_dict() for h in m.history],
-                    "stability": stability(m.history, cfg.clock)},
+                    "stability": stability(m.history, cfg.clock),
+                    "stall_warning": stall_warning([x for x in (m.lat1, m.latN) if x is not None],
+                                                   cfg.latency_seconds)},
         "anytime": anytime,
         "reference_curve": {"ps": curve.ps, "ms": curve.cost, "accuracy": curve.accuracy,
                             "note": "thresholds fitted on the fitting split per p, evaluated on the held-out split; "
@@ -356,7 +360,10 @@ def _method_notes(cfg: CalibrationConfig, T: int) -> List[str]:
         "per image of Runtime.predict when every image exits at "
         f"step k (thresholds 2.0 before k, -1e8 from k), at batch {cfg.batch}, {cfg.repeats} timed calls per step "
         f"after at least {cfg.warmup} warm-up calls per step and {cfg.warmup_ms:g} ms of warm-up calls, steps "
-        "interleaved within each repetition. The call takes the uint8 S x S frames as already cropped "
+        "interleaved within each repetition. The first measurement at each batch size (the manifest's step costs, "
+        f"whose p99 deadlines plan with) goes on within {cfg.latency_seconds:g} s of timed calls: a step whose p99 "
+        "takes in one or two stalls (calls over 1.5x its median) is timed alone until they lie beyond it (101 "
+        f"calls for one), then every step up to {cfg.latency_calls} calls. The call takes the uint8 S x S frames as already cropped "
         "(Runtime.predict(frames, cropped=True): normalised in the runtime, no second resize/crop), so the time "
         "covers the whole path from them (normalisation and glance, backbone graphs, policy, crops, heads, exit "
         "checks). The stage breakdown comes from a separate profiled pass.",

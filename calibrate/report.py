@@ -288,9 +288,8 @@ def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: Sequenc
         + ") · "
         f"{html.escape(res['created'])}</div>")
 
-    warn = (lat.get("stability") or {}).get("warning")
-    if warn:
-        parts.append(f"<p class='bad' id='warning'>Warning: {html.escape(warn)}.</p>")
+    for i, warn in enumerate(latency_warnings(lat)):
+        parts.append(f"<p class='bad' id='warning{i or ''}'>Warning: {html.escape(warn)}.</p>")
     if res.get("figures_note"):
         parts.append(f"<p class='note' id='figures-note'>{html.escape(res['figures_note'])}; the tables hold the "
                      "same numbers.</p>")
@@ -339,10 +338,12 @@ def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: Sequenc
     rows = []
     for key in ("budget_batch", "other_batch"):
         if lat.get(key):
+            alone = lat[key].get("retimed_calls") or [0] * len(lat[key]["steps"])
             for k, s in enumerate(lat[key]["steps"]):
                 rows.append([f"batch {lat[key]['batch']}", f"exit at step {k}", _f(s["mean_ms"], 3), _f(s["p50_ms"], 3),
-                             _f(s["p95_ms"], 3), _f(s["p99_ms"], 3), _f(s["std_ms"], 3), s["n"]])
-    parts.append(_table(["batch", "work", "mean ms/img", "p50 ms/img", "p95 ms/img", "p99 ms/img", "std ms/img", "calls"], rows, "steps", left=2))
+                             _f(s["p95_ms"], 3), _f(s["p99_ms"], 3), _f(s["std_ms"], 3), s["n"], alone[k]])
+    parts.append(_table(["batch", "work", "mean ms/img", "p50 ms/img", "p95 ms/img", "p99 ms/img", "std ms/img", "calls",
+                         "of them timed alone (lone stall)"], rows, "steps", left=2))
     hist = lat.get("history") or []
     if len(hist) > 1:
         rows = [[h["when"]] + [_f(c, 3) for c in h["cost_ms"]] for h in hist]
@@ -473,7 +474,11 @@ def summary(res: Dict[str, Any]) -> str:
     if res.get("figures_note"):
         lines.append(f"note: {res['figures_note']}")
     lines.extend(f"warning: {b['name']}: {b['note']}" for b in res["budgets"] if b.get("note"))
-    warn = (lat.get("stability") or {}).get("warning")
-    if warn:
-        lines.append(f"warning: {warn}")
+    lines.extend(f"warning: {w}" for w in latency_warnings(lat))
     return "\n".join(lines)
+
+
+def latency_warnings(lat: Dict[str, Any]) -> List[str]:
+    """The report's warnings about its latency measurements: the device changed speed during the
+    run (``stability``), a step's p99 is still set by a lone stall (``stall_warning``)."""
+    return [w for w in ((lat.get("stability") or {}).get("warning"), lat.get("stall_warning")) if w]

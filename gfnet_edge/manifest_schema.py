@@ -192,6 +192,9 @@ def check_manifest(manifest: Any) -> Dict[str, Any]:
                 if stat in block["cumulative"]:
                     _length(block["cumulative"][stat], f"{where}.{stat}", steps)
                     _finite(block["cumulative"][stat], f"{where}.{stat}")
+            for counts in ("step_calls", "retimed_calls"):
+                if counts in block:
+                    _length(block[counts], f"step_costs.{key}.batches[{j}].{counts}", steps)
     for i, e in enumerate(m.get("engines", [])):
         for part in GRAPHS:
             _artifact(e[part], f"engines[{i}].{part}", arts)

@@ -137,8 +137,13 @@ def test_budgets_are_selectable_by_the_runtime(calibrated):
 
     assert rt.step_costs is not None and rt.step_costs.batch == 1 and rt.step_costs.other[0] == 4
     assert rt.step_costs.step_ms == pytest.approx([max(inc(p99, k), inc(mean, k)) for k in range(T)])
-    calls = lat["budget_batch"]["steps"][0]["n"]
-    assert calls > 10 and f"p99 of {calls} calls" in rt.step_costs.source
+    calls = [s["n"] for s in lat["budget_batch"]["steps"]]
+    span = str(min(calls)) if min(calls) == max(calls) else f"{min(calls)}-{max(calls)}"
+    assert min(calls) > 10 and f"p99 of {span} calls" in rt.step_costs.source
+    # the manifest records each step's calls and how many of them were timed alone for a lone stall
+    entry = Bundle.load(calibrated["bundle"]).manifest["step_costs"]["onnxruntime/fp32"]["batches"][0]
+    assert entry["step_calls"] == calls and entry["retimed_calls"] == lat["budget_batch"]["retimed_calls"]
+    assert entry["calls"] == min(calls) and len(entry["retimed_calls"]) == T
 
 
 def test_a_runtime_on_other_threads_than_its_step_costs_says_so(calibrated, caplog):
@@ -430,11 +435,15 @@ def test_the_step_latency_takes_more_calls_while_they_fit_its_time_box(tiny_bund
     from gfnet_edge.runtime import Runtime
 
     frames = np.load(tiny_bundle / "data.npz")["images"][:8]
+
+    def interleaved(lat):  # timed calls per step, less those of a step timed alone for a lone stall
+        return [s.n - r for s, r in zip(lat.steps, lat.retimed)]
+
     with Runtime(tiny_bundle / "bundle", backend="onnxruntime", precision="fp32", threads=1) as rt:
         kw = dict(repeats=5, warmup=1, stage_calls=0, warmup_ms=0.0)
-        assert [s.n for s in measure_steps(rt, frames, extend_to=40, extend_seconds=60.0, **kw).steps] == [40] * T
+        assert interleaved(measure_steps(rt, frames, extend_to=40, extend_seconds=60.0, **kw)) == [40] * T
         assert [s.n for s in measure_steps(rt, frames, extend_to=40, extend_seconds=0.0, **kw).steps] == [5] * T
-        assert [s.n for s in measure_steps(rt, frames, extend_to=3, extend_seconds=60.0, **kw).steps] == [5] * T
+        assert interleaved(measure_steps(rt, frames, extend_to=3, extend_seconds=60.0, **kw)) == [5] * T
     with pytest.raises(InputError, match="--latency-calls must be >= 0"):
         CalibrationConfig(bundle="b", data="d", output="o", latency_calls=-1).validate()
 
@@ -775,3 +784,41 @@ def test_a_budget_is_compared_with_the_static_networks_same_statistic(kind):
     static = {"latency": LatencyStats.of(ms).to_dict()}
     want = ms.mean() if kind == "mean" else np.percentile(ms, int(kind[1:]))
     assert report._static_ms(static, {"kind": kind}) == pytest.approx(want)
+
+
+def test_a_stall_the_time_box_left_in_the_p99_is_reported_in_one_line(tiny_bundle, tmp_path, monkeypatch, capsys):
+    """The first step-latency measurement gets --latency-seconds as its time box; when a lone stall
+    is still in a step's p99 after it (here: step 1's calls replaced by nine of 1 ms and one of
+    5 ms), the terminal and the report say so in one line, naming the step and what to do."""
+    import html
+
+    from gfnet_edge.calibrate import pipeline
+    from gfnet_edge.calibrate.latency import LatencyStats
+
+    real = pipeline.measure_steps
+    boxes = []
+
+    def stalled(*args, **kw):
+        lat = real(*args, **kw)
+        boxes.append((kw["extend_to"], kw["extend_seconds"]))
+        if len(boxes) == 1:
+            lat.samples[1] = np.r_[np.full(9, 1.0), 5.0]
+            lat.steps[1] = LatencyStats.of(lat.samples[1])
+        return lat
+
+    monkeypatch.setattr(pipeline, "measure_steps", stalled)
+    bundle = _fresh(tiny_bundle, tmp_path)
+    out = tmp_path / "r"
+    rc = _main(["calibrate", str(bundle), "--data", str(tiny_bundle / "data.npz"), "-o", str(out), "--no-compare",
+                "--latency-seconds", "2.5", "--deadlines", "0", *FAST, "--batch-size", "0", "--budget-ms", "500"])
+    assert rc == 0
+    assert boxes[0] == (300, 2.5) and all(seconds == 2.5 for _, seconds in boxes)  # re-measurements: extend_to 0
+    res = json.loads((out / "report.json").read_text())
+    assert res["settings"]["latency_seconds"] == 2.5
+    warning = res["latency"]["stall_warning"]
+    assert "step 1 at batch 1: 1 of 10 calls over 1.5x their median" in warning and "--latency-seconds" in warning
+    assert "idle device" in warning and "\n" not in warning
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: a lone stall")]
+    assert printed == [f"warning: {warning}"]
+    assert html.escape(warning) in (out / "report.html").read_text()
+    assert res["latency"]["budget_batch"]["lone_stall_steps"] == [1]

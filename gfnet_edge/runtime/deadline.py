@@ -23,9 +23,10 @@ from ..errors import InputError
 
 #: The percentile of the measured step latency a deadline plans with (tail, not mean). From few
 #: timed calls per step it is about their slowest, so a stall of the device while they were
-#: measured makes the deadlines conservative (steps stop earlier than needed; calibrate times up
-#: to 300 calls per step where they fit in 5 s, ``--latency-calls``); a lower percentile lets
-#: calls run late: on the demo model (2-core x86 VM, one thread) planned
+#: measured makes the deadlines conservative (steps stop earlier than needed; calibrate first
+#: times a step whose p99 takes in one or two stalls alone until they lie beyond it, then up to 300
+#: calls per step, where they fit in 5 s: ``--latency-seconds``, ``--latency-calls``); a lower
+#: percentile lets calls run late: on the demo model (2-core x86 VM, one thread) planned
 #: with the p95, 18 % of batch-1 calls ended after a 2.74 ms deadline, against at most 1.3 % with
 #: the p99 (``python bench/deadlines.py --images 300 --deadlines 6 [--plan-stat p95]``).
 DEFAULT_STAT = "p99_ms"
@@ -94,7 +95,10 @@ class StepCosts:
         used = []
 
         def steps(block: Mapping[str, Any]) -> Tuple[float, ...]:
-            used.append(f"{stat[:-3]} of {block['calls']} calls" if block.get("calls") else stat[:-3])
+            calls = block.get("step_calls") or ([block["calls"]] if block.get("calls") else [])
+            lo, hi = (min(calls), max(calls)) if calls else (0, 0)
+            used.append(stat[:-3] if not calls else f"{stat[:-3]} of {lo} calls" if lo == hi else
+                        f"{stat[:-3]} of {lo}-{hi} calls")
             tail = cls.from_cumulative(block["cumulative"][stat]).step_ms
             mean = cls.from_cumulative(block["cumulative"]["mean_ms"]).step_ms
             if len(tail) != len(mean):
@@ -165,7 +169,9 @@ def step_costs_entry(latencies: Sequence[Any], backend: str, precision: str, thr
     batches = []
     for lat in latencies:
         stats = [s.to_dict() for s in lat.steps]
-        batches.append({"batch": int(lat.batch), "calls": int(lat.steps[0].n),
+        retimed = [int(r) for r in (getattr(lat, "retimed", None) or [0] * len(stats))]
+        batches.append({"batch": int(lat.batch), "calls": min(int(s.n) for s in lat.steps),
+                        "step_calls": [int(s.n) for s in lat.steps], "retimed_calls": retimed,
                         "cumulative": {k: [float(s[k]) for s in stats] for k in ("mean_ms", "p50_ms", "p95_ms",
                                                                                "p99_ms")}})
     return {"backend": backend, "precision": precision, "threads": threads, "device": device,

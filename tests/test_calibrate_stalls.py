@@ -1,0 +1,166 @@
+"""The step latency calibrate records (``measure_steps``), and the p99 deadlines plan with, on a
+fake runtime that advances a fake clock by a scripted time per call: a lone stall of the device
+is timed out of a step's p99 (that step timed alone, within the time box), a consistent tail is
+not, and a stall the time box leaves in place is reported. ``--latency-seconds`` is checked."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from gfnet_edge.calibrate.config import CalibrationConfig
+from gfnet_edge.calibrate.latency import UNREACHABLE, measure_steps, stall_warning
+from gfnet_edge.errors import InputError
+from gfnet_edge.runtime.deadline import StepCosts, step_costs_entry
+
+T = 3
+FRAMES = np.zeros((4, 8, 8, 3), np.uint8)
+
+
+class FakeClock:
+    """Seconds that pass only when the fake runtime runs a call."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class FakeRuntime:
+    """``predict`` takes ``step_ms[k]`` (+-5 % uniform jitter) for the exit step ``k`` its
+    thresholds force, ``slow(k, i)`` extra ms on step ``k``'s call ``i`` (0-based), and logs the
+    ms of every call per step."""
+
+    def __init__(self, clock: FakeClock, step_ms, slow=lambda k, i: 0.0, seed: int = 0) -> None:
+        self.clock, self.step_ms, self.slow = clock, step_ms, slow
+        self.rng = np.random.default_rng(seed)
+        self.model = SimpleNamespace(steps=T)
+        self.profiler = SimpleNamespace(enabled=False, reset=lambda: None, summary=lambda: {})
+        self.thresholds = [0.5] * T
+        self.log = [[] for _ in range(T)]
+
+    def predict(self, frames, cropped=False):
+        k = sum(t == UNREACHABLE for t in self.thresholds)
+        ms = self.step_ms[k] * self.rng.uniform(0.95, 1.05) + self.slow(k, len(self.log[k]))
+        self.log[k].append(ms)
+        self.clock.t += ms * len(frames) / 1e3
+
+
+def _measure(step_ms, slow=lambda k, i: 0.0, seed=0, **kw):
+    clock = FakeClock()
+    rt = FakeRuntime(clock, step_ms, slow, seed)
+    args = dict(repeats=60, warmup=0, warmup_ms=0.0, stage_calls=0, extend_to=60, extend_seconds=5.0)
+    args.update(kw)
+    lat = measure_steps(rt, FRAMES, clock=clock, timer=clock, **args)
+    # no untimed calls (warmup 0, no stage breakdown): the runtime's log is every timed call
+    for k in range(T):
+        np.testing.assert_allclose(lat.samples[k], rt.log[k], rtol=1e-9)
+        assert lat.steps[k].p99_ms == pytest.approx(np.percentile(rt.log[k], 99), rel=1e-9)
+    return lat, rt
+
+
+def _one_stall(k, i):
+    return 6.0 if (k, i) == (1, 20) else 0.0  # step 1's 21st call: +6 ms on a 2 ms step
+
+
+def test_a_lone_stall_is_timed_out_of_the_steps_p99():
+    lat, rt = _measure((1.0, 2.0, 3.0), _one_stall)
+    calm = np.delete(np.asarray(rt.log[1]), 20)
+    # step 1 timed alone until its one stall lies beyond the p99: 101 calls, whose p99 (position
+    # 0.99 * 100 = 100 in sorted order) is the slowest call that is not the stall
+    assert [s.n for s in lat.steps] == [60, 101, 60] and lat.retimed == [0, 41, 0]
+    assert lat.steps[1].p99_ms == pytest.approx(calm.max(), rel=1e-9)
+    assert lat.steps[1].p99_ms < 1.1 * np.median(calm)
+    assert lat.lone_stall_steps() == [] and stall_warning([lat], 5.0) is None
+
+    # the same calls without timing the step again: the stall sets the p99
+    plain, rt2 = _measure((1.0, 2.0, 3.0), _one_stall, retime_stalls=False)
+    assert [s.n for s in plain.steps] == [60] * T and plain.retimed == [0] * T
+    assert plain.steps[1].p99_ms > 1.5 * np.median(rt2.log[1])
+    assert plain.lone_stall_steps() == [1]
+
+    # the step costs deadlines plan with: step 1's p99 increment is no longer the stall
+    costs = [StepCosts.from_manifest(step_costs_entry([x], "onnxruntime", "fp32", 1, "cpu")) for x in (lat, plain)]
+    assert costs[0].step_ms[1] < 1.5 and costs[1].step_ms[1] > 3.0
+    entry = step_costs_entry([lat], "onnxruntime", "fp32", 1, "cpu")["batches"][0]
+    assert entry["step_calls"] == [60, 101, 60] and entry["retimed_calls"] == [0, 41, 0] and entry["calls"] == 60
+    assert "p99 of 60-101 calls" in costs[0].source
+
+
+def test_two_stalls_need_201_calls_and_interleaved_calls_follow_within_the_time_box():
+    # 10 / 20 / 30 ms steps: 60 repetitions take 3.6 s of the 5 s box; step 1's two stalls need
+    # 141 more calls of it alone (2.8 s): the box ends first, and the p99 is still theirs
+    two = lambda k, i: 60.0 if (k, i) in ((1, 5), (1, 40)) else 0.0  # noqa: E731
+    lat, rt = _measure((10.0, 20.0, 30.0), two, extend_to=300)
+    spent = sum(map(sum, rt.log)) / 1e3
+    assert spent <= 5.0 + 0.03 and lat.steps[0].n == 60 and lat.steps[1].n < 201
+    assert lat.lone_stall_steps() == [1]
+    warning = stall_warning([lat], 5.0)
+    assert warning.count("\n") == 0 and f"2 of {lat.steps[1].n} calls" in warning and "step 1 at batch 1" in warning
+    assert "--latency-seconds" in warning and "idle device" in warning
+
+    # a longer box: 201 calls of step 1 (the p99 is the slowest calm call), then every step
+    # interleaved, up to 300 calls or the end of the box
+    lat, rt = _measure((10.0, 20.0, 30.0), two, extend_to=300, extend_seconds=12.0)
+    extra = lat.steps[0].n - 60
+    assert lat.retimed == [0, 141, 0] and extra > 0 and [s.n for s in lat.steps] == [60 + extra, 201 + extra, 60 + extra]
+    assert sum(map(sum, rt.log)) / 1e3 <= 12.0 + 0.07
+    calm = np.delete(np.asarray(rt.log[1]), [5, 40])
+    assert lat.steps[1].p99_ms <= calm.max() * (1 + 1e-9) and lat.lone_stall_steps() == []
+
+
+def test_a_slow_model_whose_repeats_fill_the_time_box_keeps_its_stall_and_says_so():
+    slow_stall = lambda k, i: 600.0 if (k, i) == (1, 20) else 0.0  # noqa: E731
+    lat, _ = _measure((100.0, 200.0, 300.0), slow_stall, extend_to=300)  # 60 repetitions: 36 s
+    assert [s.n for s in lat.steps] == [60] * T and lat.retimed == [0] * T
+    assert lat.steps[1].p99_ms > 1.5 * lat.steps[1].p50_ms
+    assert "1 of 60 calls" in stall_warning([lat], 5.0)
+    lat, _ = _measure((100.0, 200.0, 300.0), slow_stall, extend_to=300, extend_seconds=50.0)
+    assert lat.retimed == [0, 41, 0] and stall_warning([lat], 50.0) is None
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_consistent_five_percent_tail_stays_in_the_p99(seed):
+    """Step 2 takes twice as long on 5 % of its calls (at random): however many calls the
+    measurement takes, its p99 stays in the slow calls."""
+    coin = np.random.default_rng(100 + seed).random(1000) < 0.05
+    lat, rt = _measure((10.0, 20.0, 30.0), lambda k, i: 30.0 if k == 2 and coin[i] else 0.0, seed=seed,
+                       extend_to=300, extend_seconds=60.0)
+    log = np.asarray(rt.log[2])
+    slow = log > 45.0
+    assert 0.02 < slow.mean() < 0.09  # the tail is there, and more than 1 % of the calls
+    assert lat.steps[2].p99_ms > 1.5 * np.median(log) and lat.steps[2].p99_ms >= np.min(log[slow])
+    assert 2 not in lat.lone_stall_steps()
+
+
+def test_every_twentieth_call_slow_is_a_tail_not_a_lone_stall():
+    lat, rt = _measure((10.0, 20.0, 30.0), lambda k, i: 30.0 if k == 2 and i % 20 == 7 else 0.0)
+    assert lat.retimed == [0, 0, 0] and lat.lone_stall_steps() == []
+    assert lat.steps[2].p99_ms > np.sort(rt.log[2])[-4] and lat.steps[2].p99_ms > 1.5 * np.median(rt.log[2])
+
+
+def test_no_retiming_without_extension():
+    """The re-measurements during a calibration (``extend_to`` 0) take ``repeats`` calls only."""
+    lat, _ = _measure((1.0, 2.0, 3.0), _one_stall, extend_to=0)
+    assert [s.n for s in lat.steps] == [60] * T and lat.lone_stall_steps() == [1]
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")])
+def test_latency_seconds_must_be_a_finite_positive_number(value):
+    with pytest.raises(InputError, match="--latency-seconds must be a finite number of seconds > 0"):
+        CalibrationConfig(bundle="b", data="d", output="o", latency_seconds=value).validate()
+    assert CalibrationConfig(bundle="b", data="d", output="o", latency_seconds=0.5).validate().latency_seconds == 0.5
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "nan", "inf", "five"])
+def test_latency_seconds_option_refuses_bad_values(value, tmp_path, capsys):
+    from gfnet_edge import cli
+
+    out = tmp_path / "r"
+    rc = cli.main(["calibrate", str(tmp_path / "no-bundle"), "--data", "demo", "-o", str(out),
+                   "--latency-seconds", value])
+    err = capsys.readouterr().err
+    assert rc == 2 and not out.exists()
+    assert err.count("\n") == 1 and "--latency-seconds" in err and repr(value) in err
