@@ -111,6 +111,19 @@ def test_two_stalls_need_201_calls_and_interleaved_calls_follow_within_the_time_
     assert lat.steps[1].p99_ms <= calm.max() * (1 + 1e-9) and lat.lone_stall_steps() == []
 
 
+def test_stalls_in_two_steps_are_timed_out_earliest_step_first_as_the_time_box_allows():
+    """Steps 1 and 2 with a lone stall each, and a box with room for 41 more calls of step 1
+    (0.8 s) but not also for 41 of step 2 (1.2 s): step 1's cost is freed (a deadline that stops
+    before step 1 never runs step 2), step 2 keeps its stall and the warning names it alone."""
+    both = lambda k, i: 60.0 if (k, i) in ((1, 20), (2, 30)) else 0.0  # noqa: E731
+    lat, rt = _measure((10.0, 20.0, 30.0), both, extend_to=300)
+    assert lat.retimed[1] == 41 and lat.steps[1].n == 101 and 0 < lat.retimed[2] < 41
+    assert sum(map(sum, rt.log)) / 1e3 <= 5.0 + 0.03
+    assert lat.lone_stall_steps() == [2]
+    warning = stall_warning([lat], 5.0)
+    assert "step 2 at batch 1" in warning and "step 1 at" not in warning
+
+
 def test_a_slow_model_whose_repeats_fill_the_time_box_keeps_its_stall_and_says_so():
     slow_stall = lambda k, i: 600.0 if (k, i) == (1, 20) else 0.0  # noqa: E731
     lat, _ = _measure((100.0, 200.0, 300.0), slow_stall, extend_to=300)  # 60 repetitions: 36 s
