@@ -127,6 +127,39 @@ def write_results(name: str, title: str, command: str, body: str) -> Path:
     return path
 
 
+#: ``--input`` of the scripts scoring held-out demo images: what the runtime is given
+INPUTS = ("frames", "images")
+INPUT_HELP = ("frames (default): trace uint8 frames, normalised inside the runtime as Runtime.predict does; "
+              "images: float images normalised beforehand")
+
+
+def traced_input(kind: str, frames: np.ndarray, spec) -> np.ndarray:
+    """What is traced for uint8 S x S ``frames``: the frames themselves (``kind`` ``"frames"``,
+    normalised inside the runtime with ``cropped=True``, as ``Runtime.predict`` and ``build-engine``'s
+    search take them), or float images normalised beforehand with the mean / std of ``spec``
+    (``"images"``)."""
+    from gfnet_edge import ops
+
+    return frames if kind == "frames" else ops.normalise_frames(frames, spec.mean, spec.std)
+
+
+def input_note(kind: str) -> str:
+    """How the traced inputs of ``kind`` (:data:`INPUTS`) reached the graphs, for a report."""
+    return ("uint8 frames, normalised inside the runtime (as `Runtime.predict` takes them)" if kind == "frames"
+            else "float images normalised beforehand (`ops.normalise_frames`)")
+
+
+def report_head(title: str, script: str, load0: float) -> List[str]:
+    """A held-out report's first lines: title, the command (this process's arguments, JSON ones
+    quoted) and the machine with the 1-minute load average at the start (``load0``) and now."""
+    import os
+
+    cmd = f"python3 bench/{Path(script).name} " + " ".join(
+        f"'{v}'" if ("{" in v or v.endswith("=")) else v for v in sys.argv[1:])
+    return [f"# {title}", "", f"Command: `{cmd}`", "",
+            f"Machine: {machine()}; 1-minute load average {load0:.1f} -> {os.getloadavg()[0]:.1f} (start -> end).", ""]
+
+
 def demo_fp32(work: Path):
     """The shipped demo GFNet with its FP32 graphs exported to ``work/fp32``.
 

@@ -84,8 +84,12 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--min-exit-agreement", type=float, default=98.0,
                     help="second target of the mixed-precision search (negative: accuracy only)")
-    a = ap.parse_args()
     _import_quantize()
+    from common import INPUT_HELP, INPUTS
+
+    ap.add_argument("--input", choices=INPUTS, default="frames",
+                    help=INPUT_HELP + "; the mixed-precision search's held-out images are given the same way")
+    a = ap.parse_args()
     import quantize_demo
 
     ckpt = a.checkpoint or quantize_demo._default_checkpoint()
@@ -102,7 +106,7 @@ def main() -> int:
         md = latency_only(Path(ckpt), out, a.rounds, a.num_calib)
     else:
         res = quantize_demo.run(Path(ckpt), out, a.num_calib, a.num_eval, a.test_size, threads=a.threads,
-                                timing_rounds=a.rounds,
+                                timing_rounds=a.rounds, inputs=a.input,
                                 min_exit_agreement=a.min_exit_agreement if a.min_exit_agreement >= 0 else None)
         md = quantize_demo.markdown(res)
         a.results.parent.mkdir(parents=True, exist_ok=True)

@@ -8,11 +8,17 @@
   unchanged to both precisions);
 * the same for the ``cpu`` profile, and the batch-1 latency of FP32 / INT8 backbones in ONNX
   Runtime, measured interleaved in the same run;
-* policy-location calibration vs random-crop calibration (all-INT8, no mixed precision, so the
-  calibration data is the only difference), for each calibration method.
+* policy-location calibration vs random-crop calibration (no mixed precision: all INT8 but the
+  profile's patch guard, whose glance nodes are the same for both, so the calibration data is the
+  only difference), for each calibration method.
 
 Everything is scored through the runtime driver (``trace_graphs``): the C++ heads, the ONNX
-Runtime backbones, the same code a deployment runs.
+Runtime backbones, the same code a deployment runs. ``inputs="frames"`` (the default, ``--input
+frames``) traces the uint8 frames, normalised inside the runtime as ``Runtime.predict`` and
+``gfnet-edge predict`` take them, and gives the mixed-precision search frames as ``build-engine``
+does; ``"images"`` traces float images normalised beforehand, which an INT8 graph can round
+differently near a quantization step. Calibration, the focus-patch fidelity and the FP32
+stability reference use normalised images either way.
 """
 from __future__ import annotations
 
@@ -42,24 +48,28 @@ def _default_checkpoint() -> Path:
 
 
 def _split(name: str, n: Optional[int], model=None):
-    """A demo split, generated with the config the model was trained on (its checkpoint records it)."""
-    from gfnet_edge.data import ClutteredDigits, demo_config, normalize
+    """A demo split's uint8 frames and labels, generated with the config the model was trained on
+    (its checkpoint records it)."""
+    from gfnet_edge.data import ClutteredDigits, demo_config
 
     frames, labels = ClutteredDigits(name, config=demo_config(model) if model is not None else None).arrays(progress=True)
     if n is not None:
         frames, labels = frames[:n], labels[:n]
-    return normalize(frames), labels
+    return frames, labels
 
 
 def run(checkpoint: Path, out: Path, num_calib: int = 256, num_eval: int = 744, test_size: Optional[int] = None,
         method: str = "auto", profiles=("tensorrt", "cpu"), compare_methods=("entropy", "max", "percentile"),
         p: float = 1.0, threads: Optional[int] = 2, timing: bool = True, timing_rounds: int = 7,
         progress: bool = True, fidelity_images: int = 500, min_exit_agreement: Optional[float] = 98.0,
-        max_float_nodes: int = 8) -> Dict[str, Any]:
-    """Computes every figure; returns them as a JSON-serialisable dict."""
+        max_float_nodes: int = 8, inputs: str = "frames") -> Dict[str, Any]:
+    """Computes every figure; returns them as a JSON-serialisable dict. ``inputs``: what is
+    traced and searched on, ``"frames"`` (uint8, normalised inside the runtime) or ``"images"``
+    (normalised beforehand)."""
     import torch
 
     from gfnet_edge import evaluate as ev
+    from gfnet_edge.data import normalize
     from gfnet_edge.export import export_model, manifest_model
     from gfnet_edge.models import load_checkpoint
 
@@ -78,11 +88,16 @@ def run(checkpoint: Path, out: Path, num_calib: int = 256, num_eval: int = 744, 
     fp32 = {g: paths[g] for g in ("glance", "focus")}
     heads = paths["heads"]
 
-    val_x, val_y = _split("val", None, model)
-    test_x, test_y = _split("test", test_size, model)
-    if len(val_x) < num_calib + num_eval:
-        raise ValueError(f"val split has {len(val_x)} images; {num_calib} + {num_eval} needed")
-    cal_x, cal_y = val_x[:num_calib], val_y[:num_calib]
+    if inputs not in ("frames", "images"):
+        raise ValueError(f"inputs must be 'frames' or 'images', got {inputs!r}")
+    val_f, val_y = _split("val", None, model)
+    test_f, test_y = _split("test", test_size, model)
+    if len(val_f) < num_calib + num_eval:
+        raise ValueError(f"val split has {len(val_f)} images; {num_calib} + {num_eval} needed")
+    # traced and searched on: uint8 frames (normalised inside the runtime) or normalised images
+    val_x, test_x = (val_f, test_f) if inputs == "frames" else (normalize(val_f), normalize(test_f))
+    test_img = test_x if inputs == "images" else normalize(test_f)
+    cal_x, cal_y = normalize(val_f[:num_calib]), val_y[:num_calib]
     ev_x, ev_y = val_x[num_calib:num_calib + num_eval], val_y[num_calib:num_calib + num_eval]
 
     def tr(graphs, x):
@@ -90,12 +105,13 @@ def run(checkpoint: Path, out: Path, num_calib: int = 256, num_eval: int = 744, 
 
     ref_val = tr(fp32, val_x)
     ref_test = tr(fp32, test_x)
+    ref_img = ref_test if inputs == "images" else tr(fp32, test_img)  # the stability reference
     costs = [float(c) for c in _macs(model)]
     thr = ev.fit_thresholds(ref_val.probs, ev.exit_fractions(p, T))
     from gfnet_edge.data import ClutteredDigits, demo_config
 
     res: Dict[str, Any] = {
-        "checkpoint": str(checkpoint), "model": model.spec.model_name, "steps": T,
+        "checkpoint": str(checkpoint), "model": model.spec.model_name, "steps": T, "input": inputs,
         "data_config_key": ClutteredDigits("test", config=demo_config(model)).config.key(),
         "splits": {"calibration": f"val[0:{num_calib}]", "search": f"val[{num_calib}:{num_calib + num_eval}]",
                    "thresholds": f"val (all {len(val_x)}, FP32 probabilities)", "test": f"test ({len(test_x)})"},
@@ -109,19 +125,20 @@ def run(checkpoint: Path, out: Path, num_calib: int = 256, num_eval: int = 744, 
     rng = np.random.default_rng(0)
     std = float(np.mean(model.spec.std))
     perturb = {"gaussian noise, std 1/255 (one uint8 level)":
-               test_x + (rng.standard_normal(test_x.shape) / 255.0 / std).astype(np.float32),
-               "image shifted right by 1 px": np.roll(test_x, 1, axis=3)}
+               test_img + (rng.standard_normal(test_img.shape) / 255.0 / std).astype(np.float32),
+               "image shifted right by 1 px": np.roll(test_img, 1, axis=3)}
     res["fp32_stability"] = {}
     for name, xp in perturb.items():
-        c = compare(ref_test, tr(fp32, xp), test_y, fit_probs=ref_val.probs, p=p)
+        c = compare(ref_img, tr(fp32, xp), test_y, fit_probs=ref_val.probs, p=p)
         res["fp32_stability"][name] = {"prediction_agreement": c["prediction_agreement"], "exit_agreement":
                                        c["exit"]["agreement"], "coords_agreement": c["coords_agreement"],
                                        "kl_final": c["kl_final"], "accuracy": c["accuracy_int8"]}
-    del perturb
+    del perturb, ref_img
     policy = QuantCalibrationSet.from_model(model, cal_x, cal_y, progress=progress)
     random = QuantCalibrationSet.random_crops(model, cal_x, cal_y, seed=0, progress=progress)
     # what the focus graph sees in deployment: patches at the policy's locations on test images
-    test_patches = QuantCalibrationSet.from_model(model, test_x[:fidelity_images], progress=progress).focus
+    test_patches = QuantCalibrationSet.from_model(model, test_img[:fidelity_images], progress=progress).focus
+    del test_img
     ref_patch_out = _run_graph(fp32, test_patches, threads)
 
     # ---- main results: each profile with the accuracy-driven mixed precision
@@ -146,7 +163,7 @@ def run(checkpoint: Path, out: Path, num_calib: int = 256, num_eval: int = 744, 
             "checker": r.report["checker"],
             "quantize_seconds": r.report["seconds"],
         }
-    # ---- policy-location vs random-crop calibration, all INT8 (the data is the only difference)
+    # ---- policy-location vs random-crop calibration, all INT8 but the patch guard (the data is the only difference)
     for meth in compare_methods:
         for name, cal in (("policy", policy), ("random", random)):
             opts = QuantizeOptions(profile="tensorrt", method=meth, num_calib=num_calib, max_accuracy_drop=None,
@@ -268,12 +285,18 @@ def _float_summary(float_nodes: List[Dict[str, Any]]) -> str:
 
 def markdown(res: Dict[str, Any]) -> str:
     """The results as a Markdown report."""
+    from common import input_note
+
     T = res["steps"]
     L: List[str] = [f"# INT8 quantization of the demo GFNet ({res['model']})", ""]
     L.append(f"Cluttered-digits data generated with the model's own config (key {res.get('data_config_key')}). "
              f"Splits: calibration {res['splits']['calibration']}, mixed-precision search {res['splits']['search']}, "
              f"thresholds {res['splits']['thresholds']}, figures on {res['splits']['test']}. "
              f"ONNX Runtime {res['onnxruntime']} on {res['cpu']}. Run took {res['seconds']} s.")
+    L.append("")
+    L.append(f"Traced inputs (test and validation images, the search's held-out set): "
+             f"{input_note(res.get('input', 'images'))}; the FP32 stability rows and the focus-patch errors use "
+             "normalised images.")
     L.append("")
     L.append(f"Mid budget: p = {res['mid_budget']['p']} (exit fractions "
              f"{', '.join(f'{q:.3f}' for q in res['mid_budget']['fractions'])}), thresholds fitted on the FP32 "
@@ -295,7 +318,7 @@ def markdown(res: Dict[str, Any]) -> str:
     for prof, r in res["profiles"].items():
         s = r["search"]
         a8 = s["all_int8"]
-        L.append(f"**{prof}**: search on {s['held_out']} held-out val images: all-INT8 drop "
+        L.append(f"**{prof}**: search on the held-out val images ({s['held_out']}): all-INT8 drop "
                  f"{a8['final_drop'] if a8 else 'n/a'} points, exit agreement {a8['exit_agreement'] if a8 else 'n/a'}% "
                  f"-> {s['mixed_precision']}.")
         for f in s["float_nodes"]:
@@ -334,7 +357,8 @@ def markdown(res: Dict[str, Any]) -> str:
                      f"(glance + {T - 1} focus) {s['all_steps']:.2f}x (medians), {s['all_steps_p10']:.2f}x "
                      "(10th percentiles)")
         L.append("")
-    L.append("## Calibration data: policy locations vs random crops (tensorrt profile, all INT8)")
+    L.append("## Calibration data: policy locations vs random crops (tensorrt profile, no search: all INT8 but the "
+             "patch guard's glance nodes)")
     L.append("")
     L.append("Focus-graph error is measured on the patches the policy picks on test images (what the focus "
              "graph sees in deployment); the glance graphs of both rows are identical (same glance inputs).")
@@ -379,6 +403,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="second target of the mixed-precision search (percent of held-out images whose "
                          "mid-budget exit step matches FP32); negative: accuracy only")
     ap.add_argument("--max-float-nodes", type=int, default=8)
+    from common import INPUT_HELP, INPUTS
+
+    ap.add_argument("--input", choices=INPUTS, default="frames",
+                    help=INPUT_HELP + "; the mixed-precision search's held-out images are given the same way")
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     a = ap.parse_args(argv)
@@ -390,7 +418,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               compare_methods=tuple(m for m in a.compare_methods.split(",") if m), p=a.p, threads=a.threads,
               timing=not a.no_timing, progress=not a.quiet,
               min_exit_agreement=a.min_exit_agreement if a.min_exit_agreement >= 0 else None,
-              max_float_nodes=a.max_float_nodes)
+              max_float_nodes=a.max_float_nodes, inputs=a.input)
     md = markdown(res)
     (a.out / "results.md").write_text(md)
     if a.md:

@@ -58,19 +58,20 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None, help="work folder (default: temporary)")
     ap.add_argument("--per-graph", action="store_true",
                     help="also score each graph in INT8 alone (the other FP32): KL per step")
-    ap.add_argument("--input", choices=("frames", "images"), default="frames",
-                    help="frames (default): trace uint8 frames, normalised inside the runtime as Runtime.predict "
-                         "does, and give the search frames as build-engine does; images: float images normalised "
-                         "beforehand")
     ap.add_argument("--search-sets", default="val",
                     help="comma-separated held-out sets of the search: val (build-engine's), val@K (validation "
                          "images from index K), test@SEED (test images of generator seed SEED)")
     ap.add_argument("--search-n", type=int, default=256, help="images per search set (default 256, as build-engine)")
     ap.add_argument("--md", type=Path, default=None, help="also write the table (with command and machine) here")
+    sys.path.insert(0, str(ROOT / "bench"))
+    from common import INPUT_HELP, INPUTS, demo_fp32, demo_test_images, input_note, report_head, traced_input, \
+        use_checkout
+
+    ap.add_argument("--input", choices=INPUTS, default="frames",
+                    help=INPUT_HELP + "; the search's held-out images are given the same way (frames: as "
+                                      "build-engine gives them)")
     a = ap.parse_args()
     load0 = os.getloadavg()[0]
-    sys.path.insert(0, str(ROOT / "bench"))
-    from common import demo_fp32, demo_test_images, machine, use_checkout
 
     use_checkout()
     import torch
@@ -102,10 +103,7 @@ def main() -> int:
     spec = model.spec
 
     def prepare(frames):
-        """What is traced for uint8 frames: as build-engine's search takes them, or normalised beforehand."""
-        if a.input == "frames":  # S x S frames, normalised inside the runtime (cropped=True)
-            return frames
-        return ops.normalise_frames(frames, spec.mean, spec.std)
+        return traced_input(a.input, frames, spec)
 
     seeds = [int(s) for s in a.seeds.split(",")]
     sets = [t.strip() for t in a.search_sets.split(",") if t.strip()]
@@ -212,15 +210,9 @@ def main() -> int:
     if len(sets) > 1 or a.search_sets != "val":
         print("\n".join(search_lines))
     if a.md:
-        cmd = "python3 bench/quantize_heldout.py " + " ".join(
-            f"'{v}'" if ("{" in v or v.endswith("=")) else v for v in sys.argv[1:])
-        what = ("uint8 frames, normalised inside the runtime (as `Runtime.predict` takes them)" if a.input == "frames"
-                else "float images normalised beforehand (`ops.normalise_frames`)")
-        text = "\n".join(["# INT8 settings on held-out demo images (`bench/quantize_heldout.py`)", "",
-                          f"Command: `{cmd}`", "",
-                          f"Machine: {machine()}; 1-minute load average {load0:.1f} -> {os.getloadavg()[0]:.1f} "
-                          "(start -> end).", "",
-                          f"Traced inputs (test images and the search's held-out set): {what}.", "",
+        text = "\n".join([*report_head("INT8 settings on held-out demo images (`bench/quantize_heldout.py`)", __file__,
+                                       load0),
+                          f"Traced inputs (test images and the search's held-out set): {input_note(a.input)}.", "",
                           "Drops are FP32 minus INT8 in points at the final step and at the default budget; lost / "
                           "gained: test images FP32 gets right and INT8 wrong at the final step, and the reverse; exit "
                           "agreement at the default budget; KL(FP32 || INT8) of the final step's probabilities.", "",
