@@ -349,7 +349,8 @@ class Runtime:
     def _validate(self, inputs, cropped: bool = False) -> tuple:
         """``("images", float32 (N, 3, S, S))``, ``("frames", uint8 (N, H, W, 3) array or
         [uint8 HWC, ...])`` or ``("device", frames in GPU memory)`` (checked by the driver;
-        frames given as ``cropped`` are checked to be S x S by the place)."""
+        host frames given as ``cropped`` are checked to be S x S here, device frames where
+        :func:`device_chunks` parses them: once per call, before any chunk runs)."""
         from .cuda_arrays import is_device_array
 
         _check_flag("cropped", cropped)

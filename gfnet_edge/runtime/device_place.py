@@ -270,7 +270,7 @@ class DevicePlace:
             if not isinstance(f, np.ndarray) or f.dtype != np.uint8 or f.ndim != 3 or f.shape[2] != 3 or f.size == 0:
                 desc = f"{f.dtype} {f.shape}" if isinstance(f, np.ndarray) else type(f).__name__
                 raise ValueError(f"frame {i}: expected a uint8 (H, W, 3) frame, got {desc}")
-        crop_pct = frame_crop_pct(self.ctx, (f.shape[:2] for f in frame_list), cropped)
+        crop_pct = frame_crop_pct(self.ctx, cropped)
         if staged is not None:
             fb = staged
         else:
@@ -293,7 +293,7 @@ class DevicePlace:
         streams are synchronized first."""
         from .. import ops
 
-        crop_pct = frame_crop_pct(self.ctx, ((f.height, f.width) for f in frames), cropped)
+        crop_pct = frame_crop_pct(self.ctx, cropped)
         for stream in dict.fromkeys(f.stream for f in frames if f.stream is not None):
             ops.stream_synchronize(stream)
         with self.stage("preprocess"):

@@ -131,7 +131,8 @@ class Driver:
             frames: an (N, H, W, 3) uint8 array or a list of (H, W, 3) uint8 frames.
             thresholds, deadline: as in :meth:`run`.
             cropped: the frames are already resized and centre-cropped to S x S: only
-                normalised (the pre-processing with ``crop_pct`` 1).
+                normalised (the pre-processing with ``crop_pct`` 1). Their size is the
+                caller's to check (:meth:`Runtime.predict` does, naming the frame).
         """
         return self._loop(lambda: self.place.frames(frames, cropped), thresholds, deadline)
 

@@ -57,8 +57,7 @@ class HostPlace:
         from .. import ops
 
         m, S = self.ctx.model, self.ctx.S
-        sizes = (f.shape[:2] for f in frames) if not isinstance(frames, np.ndarray) else [frames.shape[1:3]]
-        crop_pct = frame_crop_pct(self.ctx, sizes, cropped)  # the sizes are read only when cropped
+        crop_pct = frame_crop_pct(self.ctx, cropped)
         with self.stage("preprocess"):
             square = (frames.shape[1:] == (S, S, 3) if isinstance(frames, np.ndarray)
                       else all(f.shape == (S, S, 3) for f in frames))

@@ -147,18 +147,12 @@ class Place(Protocol):
         events), once the work enqueued on its streams has finished."""
 
 
-def frame_crop_pct(ctx: LoopContext, sizes: Iterable[Tuple[int, int]], cropped: bool) -> float:
-    """The ``crop_pct`` a place pre-processes frames of these (height, width) with: the model's,
-    or 1 (normalisation only) for frames given as already cropped, which must then be S x S
-    (``sizes`` is read only then).
-
-    Raises:
-        InputError: a frame given as cropped is not S x S.
-    """
-    if not cropped:
-        return ctx.model.crop_pct
-    check_cropped(sizes, ctx.S)
-    return 1.0
+def frame_crop_pct(ctx: LoopContext, cropped: bool) -> float:
+    """The ``crop_pct`` a place pre-processes frames with: the model's, or 1 (normalisation
+    only) for frames given as already cropped, which the caller has checked to be S x S
+    (:meth:`Runtime.predict` does, for the whole call, before any chunk runs:
+    :func:`check_cropped`)."""
+    return 1.0 if cropped else ctx.model.crop_pct
 
 
 def check_cropped(sizes: Iterable[Tuple[int, int]], S: int, what: str = "frame", start: int = 0) -> None:
