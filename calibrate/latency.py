@@ -265,8 +265,8 @@ def measure_steps(rt, frames: np.ndarray, batch: int = 1, repeats: int = 60, war
             slow call does not decide (the p99 of 60 calls is about their slowest).
         retime_stalls: with ``extend_to`` > 0, a step whose p99 takes in a lone stall
             (:func:`lone_stall`: one or two calls above 1.5x its median) is first timed alone
-            (several such steps one after the other, the earliest first), within the same time box, until the stalls lie beyond
-            its p99 (:func:`calls_to_outvote`: 101 calls for one stall) or turn out to be a tail;
+            (several such steps one after the other, the earliest first), within the same time
+            box, until the stalls lie beyond its p99 (:func:`calls_to_outvote`: 101 calls for one stall) or turn out to be a tail;
             :attr:`StepLatency.retimed` counts those calls.
         warmup: untimed calls per step first (steps interleaved).
         warmup_ms: and untimed calls until this much wall-clock time has passed (:func:`warm_up`).
@@ -314,14 +314,12 @@ def measure_steps(rt, frames: np.ndarray, batch: int = 1, repeats: int = 60, war
         while extend_to > 0 and repeats > 0:
             # the earliest step a lone stall decides first, until it no longer does: a deadline
             # that stops before step k never runs the steps after it
-            lone = [k for k in range(T) if retime_stalls and lone_stall(samples[k])][:1]
-            if lone:
-                if not fits(lone):
+            lone = next((k for k in range(T) if lone_stall(samples[k])), None) if retime_stalls else None
+            if lone is not None:
+                if not fits([lone]):
                     break
-                b = _batch_at(frames, batch, alone * batch)
-                for k in lone:
-                    timed(k, b)
-                    retimed[k] += 1
+                timed(lone, _batch_at(frames, batch, alone * batch))
+                retimed[lone] += 1
                 alone += 1
             elif rep < extend_to and fits(range(T)):
                 b = _batch_at(frames, batch, rep * batch)
