@@ -151,8 +151,16 @@ def iter_image_batches(paths: Sequence[os.PathLike | str], image_size: int = 224
             yield names, np.stack(frames)
 
 
+def resized_size(width: int, height: int, short: int) -> Tuple[int, int]:
+    """``(width, height)`` after resizing the shorter side to ``short``, the longer side truncated
+    as torchvision's ``Resize(int)`` computes it (docs/gfnet.md)."""
+    if width <= height:
+        return short, int(short * height / width)
+    return int(short * width / height), short
+
+
 def preprocess(image: Image.Image, image_size: int = 224, crop_pct: float = 0.875,
-               interpolation: str = "bilinear") -> np.ndarray:
+               interpolation: str = "bilinear", offset: Optional[Tuple[int, int]] = None) -> np.ndarray:
     """Validation pre-processing of one PIL image: resize shorter side, centre crop.
 
     Args:
@@ -160,22 +168,30 @@ def preprocess(image: Image.Image, image_size: int = 224, crop_pct: float = 0.87
         image_size: output side S.
         crop_pct: the shorter side is resized to ``int(S / crop_pct)``.
         interpolation: Pillow resize filter name.
+        offset: ``(top, left)`` of the S x S crop inside the resized image instead of the centre
+            one (training's random crops); each within ``[0, resized side - S]``.
 
     Returns:
         uint8 ``(S, S, 3)``.
+
+    An image whose resized area is over 4 times ``short x short`` (``short = int(S / crop_pct)``)
+    has only its crop's source box resampled: the full resize would be ``short x (aspect x
+    short)`` pixels, gigabytes for a 1 x 10^7 image of a few hundred bytes. Pillow may then
+    resample the two axes in the other order, which moves levels by a few steps (more on noise
+    with bicubic overshoot) against the full resize.
     """
     image = image.convert("RGB")
     short = int(image_size / crop_pct)
     w, h = image.size
-    if w <= h:  # the longer side truncated, as torchvision's Resize(int) computes it (docs/gfnet.md)
-        new_w, new_h = short, int(short * h / w)
+    new_w, new_h = resized_size(w, h, short)
+    if offset is None:
+        left = int(round((new_w - image_size) / 2.0))
+        top = int(round((new_h - image_size) / 2.0))
     else:
-        new_w, new_h = int(short * w / h), short
-    left = int(round((new_w - image_size) / 2.0))
-    top = int(round((new_h - image_size) / 2.0))
+        top, left = offset
+        if not (0 <= top <= new_h - image_size and 0 <= left <= new_w - image_size):
+            raise ValueError(f"crop offset {offset} outside the {new_w}x{new_h} resized image")
     if new_w * new_h > 4 * short * short:
-        # a very long image: resample only the centre crop's source box (the full resize would be
-        # short x (aspect * short) pixels, gigabytes for a 1 x 10^7 image of a few hundred bytes)
         sx, sy = w / new_w, h / new_h
         box = (left * sx, top * sy, (left + image_size) * sx, (top + image_size) * sy)
         return np.asarray(image.resize((image_size, image_size), _INTERPOLATIONS[interpolation], box=box),

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.images import _RGB_MODES, IMAGE_EXTENSIONS, open_rgb
+from ..data.images import _RGB_MODES, IMAGE_EXTENSIONS, open_rgb, preprocess, resized_size
 from ..errors import InputError
 
 LAYOUT = "expected ROOT/train/CLASS/*.jpg and ROOT/val/CLASS/*.jpg"
@@ -142,19 +142,48 @@ def scan_dataset(root: os.PathLike, workers: int = 8, check: bool = True) -> Tup
     return train, val
 
 
-def build_transform(image_size: int, crop_pct: float, interpolation: str, train: bool, random_crop: bool = True,
-                    hflip: bool = False) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL image -> uint8 (3, S, S): shorter side to ``int(S / crop_pct)``, then an S x S crop
-    (the centre one for validation, as the runtime does; random for training) and optional flip."""
-    from torchvision import transforms as T
+class FolderTransform:
+    """PIL image -> uint8 ``(3, S, S)`` tensor: the shorter side to ``int(S / crop_pct)``, then an
+    S x S crop (the centre one, or a random one with ``random_crop``) and an optional random
+    horizontal flip.
 
-    mode = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}[interpolation]
-    steps = [T.Resize(int(image_size / crop_pct), interpolation=mode, antialias=True)]
-    steps.append(T.RandomCrop(image_size) if (train and random_crop) else T.CenterCrop(image_size))
-    if train and hflip:
-        steps.append(T.RandomHorizontalFlip())
-    steps.append(T.PILToTensor())
-    return T.Compose(steps)
+    The resize and crop are the image loader's (:func:`gfnet_edge.data.images.preprocess`), so
+    validation sees exactly the frames ``gfnet-edge calibrate`` and ``evaluate`` read from the same
+    files, and a very long image has only its crop resampled (bounded memory). Random crops and
+    flips draw from torch's generator as torchvision's ``RandomCrop`` and ``RandomHorizontalFlip``
+    do, so an image of ordinary shape gets the crop ``Resize`` + ``RandomCrop`` would cut.
+    """
+
+    def __init__(self, image_size: int, crop_pct: float, interpolation: str, random_crop: bool = False,
+                 hflip: bool = False) -> None:
+        if interpolation not in ("bilinear", "bicubic"):
+            raise ValueError(f"interpolation {interpolation!r}: expected bilinear or bicubic")
+        self.image_size, self.crop_pct, self.interpolation = image_size, crop_pct, interpolation
+        self.random_crop, self.hflip = random_crop, hflip
+
+    def _offset(self, img: Image.Image) -> Optional[Tuple[int, int]]:
+        if not self.random_crop:
+            return None
+        S = self.image_size
+        new_w, new_h = resized_size(*img.size, int(S / self.crop_pct))
+        if (new_w, new_h) == (S, S):  # torchvision draws nothing then
+            return 0, 0
+        top = int(torch.randint(0, new_h - S + 1, size=(1,)).item())
+        return top, int(torch.randint(0, new_w - S + 1, size=(1,)).item())
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        frame = preprocess(img, self.image_size, self.crop_pct, self.interpolation, self._offset(img))
+        x = torch.from_numpy(np.array(frame, copy=True)).permute(2, 0, 1)
+        if self.hflip and torch.rand(1) < 0.5:
+            x = x.flip(-1)
+        return x
+
+
+def build_transform(image_size: int, crop_pct: float, interpolation: str, train: bool, random_crop: bool = True,
+                    hflip: bool = False) -> FolderTransform:
+    """The transform of a split: for training (``train``) a random crop unless ``random_crop`` is
+    false, and a random flip with ``hflip``; for validation the centre crop."""
+    return FolderTransform(image_size, crop_pct, interpolation, train and random_crop, train and hflip)
 
 
 class FolderDataset(torch.utils.data.Dataset):
