@@ -111,6 +111,36 @@ def trained(folder, weights, tmp_path_factory):
     return base / "a", res, interrupted, base / "b", resumed
 
 
+@pytest.mark.parametrize("stop_after", [1, 2])
+def test_an_epoch_saved_but_not_logged_is_logged_on_resume(folder, tmp_path, monkeypatch, stop_after):
+    """A run stopped after an epoch's checkpoint is written and before its record is logged (in
+    the stage, or after its last epoch) logs that record when it is resumed: RUN/epochs.jsonl
+    then holds each epoch's record once, as the stage checkpoint's history has it."""
+    run, logged = tmp_path / "r", folder_stages.FolderTrainer.log
+
+    def stopping(self, msg, **record):
+        if record.get("epoch") == stop_after:
+            raise KeyboardInterrupt
+        logged(self, msg, **record)
+
+    monkeypatch.setattr(folder_stages.FolderTrainer, "log", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        train_folder(tiny_config(folder, epochs=(2, 1, 1)), run, stages=("stage1",))
+    monkeypatch.setattr(folder_stages.FolderTrainer, "log", logged)
+    saved = torch.load(run / "stage1.pt", map_location="cpu", weights_only=True)
+    assert saved["epoch"] == stop_after and saved["done"] == (stop_after == 2)
+    jsonl = run / "epochs.jsonl"
+    assert len(jsonl.read_text().splitlines() if jsonl.exists() else []) == stop_after - 1
+    train_folder(tiny_config(folder, epochs=(2, 1, 1)), run, stages=("stage1",), resume=True)
+    history = torch.load(run / "stage1.pt", map_location="cpu", weights_only=True)["history"]
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert records == history and [(r["stage"], r["epoch"]) for r in records] == [("stage1", 1), ("stage1", 2)]
+    assert history[:stop_after] == saved["history"]
+    log = (run / "train.txt").read_text()
+    assert [log.count(f"[stage1] epoch {e}/2 ") for e in (1, 2)] == [1, 1]
+    assert f"[stage1] epoch {stop_after}/2 " in log.split("(from the checkpoint: the run stopped before logging it)")[0]
+
+
 def test_family_defaults_follow_released_variants():
     for timm_name, released in (("resnet50", "resnet50"), ("densenet121", "densenet121"), ("regnety_016", "regnety_1.6g"),
                                 ("mobilenetv3_large_100", "mobilenetv3_large_100"), ("efficientnet_b2", "efficientnet_b2"),
