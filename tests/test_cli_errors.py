@@ -241,6 +241,63 @@ def test_an_error_raised_again_from_a_dataloader_worker_is_reported_by_its_own_l
     assert len(err.splitlines()) == 1 and "Traceback" not in err
 
 
+def test_under_torchrun_a_rank_above_0_leaves_bad_input_to_rank_0(monkeypatch, capsys):
+    """Every rank meets a bad option or bad input alike, and rank 0 reports it: rank 1 waits until
+    torchrun stops it (SIGTERM, once rank 0 has ended) and exits with the same code in silence; if
+    nothing stops it, the failure is its own and it reports it. Any other failure of rank 1 is
+    reported at once. Each line of rank 1 names the rank."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from gfnet_edge import cli
+    from gfnet_edge.errors import InputError
+
+    def stopped_by_torchrun(call):
+        def stop():  # once the process waits (its SIGTERM handler is set)
+            deadline = time.monotonic() + 10
+            while signal.getsignal(signal.SIGTERM) is not cli._on_sigterm:
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        stopper = threading.Thread(target=stop, daemon=True)
+        stopper.start()
+        try:
+            return call()
+        finally:
+            stopper.join(10)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(cli, "RANK0_GRACE_S", 30.0)
+    for rank, prefix in (("1", "rank 1: "), ("0", "")):
+        monkeypatch.setenv("RANK", rank)
+        for call, line in ((lambda: cli._exit_code(InputError("--epochs takes N or N1,N2,N3")),
+                            "gfnet-edge: error: --epochs takes N or N1,N2,N3"),
+                           (lambda: main(["train", "--batch-size", "0"]),
+                            "gfnet-edge: error: gfnet-edge train: argument --batch-size: must be in [1, ")):
+            if prefix:
+                assert stopped_by_torchrun(call) == 2
+                assert capsys.readouterr().err == ""
+                monkeypatch.setattr(cli, "RANK0_GRACE_S", 0.1)  # nothing stops it: its own failure
+                assert call() == 2
+                monkeypatch.setattr(cli, "RANK0_GRACE_S", 30.0)
+            else:
+                assert call() == 2
+            err = capsys.readouterr().err
+            assert err.startswith(prefix + line) and len(err.splitlines()) == 1, err
+        assert cli._exit_code(RuntimeError("Connection closed by peer")) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"{prefix}gfnet-edge: error: internal error: RuntimeError: Connection closed by peer")
+        assert len(err.splitlines()) == 1
+        assert cli._exit_code(KeyboardInterrupt()) == 130
+        assert capsys.readouterr().err == f"{prefix}gfnet-edge: interrupted\n"
+    assert signal.getsignal(signal.SIGTERM) == handler
+
+
 def test_predict_into_a_pipe_closed_early_ends_quietly(bundle, tmp_path):
     """`gfnet-edge predict ... | head -1`: the reader goes away before the results are all
     written; the command ends as a shell command ended by SIGPIPE does (141), without an

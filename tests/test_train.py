@@ -164,6 +164,28 @@ def test_bad_override_is_one_line_and_writes_nothing(tmp_path, capsys):
         assert not (tmp_path / "run").exists()
 
 
+def test_every_option_help_lists_under_image_folder_training_is_refused_without_data(capsys):
+    """The options `gfnet-edge train --help` lists under image-folder training are those
+    FOLDER_OPTIONS names, in order, and the demo trainer (no --data) refuses each, naming it."""
+    import re
+
+    from gfnet_edge.cli import build_parser
+    from gfnet_edge.cli import main as gfnet_edge
+    from gfnet_edge.errors import InputError
+
+    assert gfnet_edge(["train", "--help"]) == 0
+    section = capsys.readouterr().out.split("image-folder training (--data):\n")[1].split("\n\n")[0]
+    flags = []
+    for line in section.splitlines():
+        if line.startswith("  --"):
+            flag, *metavar = re.split(r"\s{2,}", line.strip())[0].split()
+            value = [metavar[0].strip("{}").split(",")[-1] if metavar[0].startswith("{") else "1"] if metavar else []
+            with pytest.raises(InputError, match=f"^{flag} applies to training on an image folder: pass --data ROOT"):
+                cli.check_demo_args(build_parser().parse_args(["train", flag, *value]))
+            flags.append(flag)
+    assert len(flags) == 11 and ["--" + name.replace("_", "-") for name in cli.FOLDER_OPTIONS] == flags
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--backbone", "resnet18"], "--backbone resnet18: without --data the demo GFNet is trained"),
     (["--pretrained", "weights.pth"], "--pretrained applies to training on an image folder: pass --data ROOT"),

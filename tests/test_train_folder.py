@@ -111,6 +111,36 @@ def trained(folder, weights, tmp_path_factory):
     return base / "a", res, interrupted, base / "b", resumed
 
 
+@pytest.mark.parametrize("stop_after", [1, 2])
+def test_an_epoch_saved_but_not_logged_is_logged_on_resume(folder, tmp_path, monkeypatch, stop_after):
+    """A run stopped after an epoch's checkpoint is written and before its record is logged (in
+    the stage, or after its last epoch) logs that record when it is resumed: RUN/epochs.jsonl
+    then holds each epoch's record once, as the stage checkpoint's history has it."""
+    run, logged = tmp_path / "r", folder_stages.FolderTrainer.log
+
+    def stopping(self, msg, **record):
+        if record.get("epoch") == stop_after:
+            raise KeyboardInterrupt
+        logged(self, msg, **record)
+
+    monkeypatch.setattr(folder_stages.FolderTrainer, "log", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        train_folder(tiny_config(folder, epochs=(2, 1, 1)), run, stages=("stage1",))
+    monkeypatch.setattr(folder_stages.FolderTrainer, "log", logged)
+    saved = torch.load(run / "stage1.pt", map_location="cpu", weights_only=True)
+    assert saved["epoch"] == stop_after and saved["done"] == (stop_after == 2)
+    jsonl = run / "epochs.jsonl"
+    assert len(jsonl.read_text().splitlines() if jsonl.exists() else []) == stop_after - 1
+    train_folder(tiny_config(folder, epochs=(2, 1, 1)), run, stages=("stage1",), resume=True)
+    history = torch.load(run / "stage1.pt", map_location="cpu", weights_only=True)["history"]
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert records == history and [(r["stage"], r["epoch"]) for r in records] == [("stage1", 1), ("stage1", 2)]
+    assert history[:stop_after] == saved["history"]
+    log = (run / "train.txt").read_text()
+    assert [log.count(f"[stage1] epoch {e}/2 ") for e in (1, 2)] == [1, 1]
+    assert f"[stage1] epoch {stop_after}/2 " in log.split("(from the checkpoint: the run stopped before logging it)")[0]
+
+
 def test_family_defaults_follow_released_variants():
     for timm_name, released in (("resnet50", "resnet50"), ("densenet121", "densenet121"), ("regnety_016", "regnety_1.6g"),
                                 ("mobilenetv3_large_100", "mobilenetv3_large_100"), ("efficientnet_b2", "efficientnet_b2"),
@@ -249,19 +279,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _torchrun(args) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 -m gfnet_edge.cli ARGS`` (gloo on the CPU)."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                           "-m", "gfnet_edge.cli", *map(str, args)],
+                          env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=300)
+
+
 def test_torchrun_two_processes_match_one(folder, weights, tmp_path):
     # GroupNorm backbone: no batch statistics, so 2 x 3 images per step equal 1 x 6 exactly.
     args = ["train", "--data", str(folder), "--backbone", "test_efficientnet_gn", "--image-size", "64",
             "--patch-size", "32", "--epochs", "2,0,0", "--batch-size", "6", "--workers", "0", "--threads", "1",
             "--stage", "1", "--no-progress", "--set", "stage1.lr=0.003"]
     assert cli.main(args + ["-o", str(tmp_path / "one")]) == 0
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
 
     def torchrun(out):
-        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-                               "-m", "gfnet_edge.cli", *args, "-o", str(out)],
-                              env=env, capture_output=True, text=True, timeout=300)
+        return _torchrun([*args, "-o", out])
 
     proc = torchrun(tmp_path / "two")
     if proc.returncode != 0 and "SIGABRT" in proc.stderr:
@@ -282,6 +317,27 @@ def test_torchrun_two_processes_match_one(folder, weights, tmp_path):
     fresh = timm.create_model("test_efficientnet_gn", num_classes=3).state_dict()
     moved = max((one[f"model.net.{k}"] - v).abs().max().item() for k, v in fresh.items() if v.is_floating_point())
     assert moved > 1e-3
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--batch-size", "0"], "gfnet-edge: error: gfnet-edge train: argument --batch-size: must be in [1, "),
+    (["--data", "{missing}"], "gfnet-edge: error: {missing}: no such folder"),
+])
+def test_torchrun_reports_a_bad_option_or_data_folder_once(folder, tmp_path, bad, message):
+    """Every rank meets a bad option or data folder alike, and rank 0 alone reports it (exit 2;
+    rank 1 exits 2 too, or by torchrun's SIGTERM when rank 0 ends first)."""
+    import re
+
+    missing = tmp_path / "missing"
+    bad = [b.format(missing=missing) for b in bad]
+    proc = _torchrun(["train", "--data", folder, "-o", tmp_path / "run", "--backbone", "test_efficientnet",
+                      "--workers", "0", "--threads", "1", "--no-progress", *bad])
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if "gfnet-edge: error:" in line]
+    assert len(lines) == 1 and lines[0].startswith(message.format(missing=missing)), proc.stderr[-3000:]
+    codes = re.findall(r"^\s*exitcode\s*:\s*(-?\d+) \(pid", proc.stderr, re.M)  # torchrun's report
+    assert len(codes) == 2 and "2" in codes and set(codes) <= {"2", "-15"}, proc.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------ bad input

@@ -11,11 +11,14 @@ Every user-facing error ends in one line ``gfnet-edge: error: ...`` and a non-ze
 (TensorRT, GPU, torch), 1 for an unexpected failure; 130 / 143 after SIGINT / SIGTERM (which
 end the command through its cleanup, so nothing half-written stays); 141, silently, when the
 reader of stdout goes away (``gfnet-edge predict ... | head``). A traceback is printed only
-with ``--debug``.
+with ``--debug``. Under ``torchrun`` (``WORLD_SIZE`` > 1) rank 0 alone reports bad options and
+bad input, which every rank meets alike; any other failure of a rank N > 0 is reported on a line
+that starts ``rank N: ``.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from typing import Callable, List, Optional, Tuple
@@ -33,7 +36,8 @@ class _Parser(argparse.ArgumentParser):
     in ``--help``."""
 
     def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"gfnet-edge: error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+        _report(f"gfnet-edge: error: {self.prog}: {message} (see `{self.prog} --help`)", alike=True)
+        self.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,28 +116,79 @@ def _stdout_gone() -> bool:
         return False
 
 
+def torchrun_rank() -> int:
+    """This process's rank under ``torchrun`` (``RANK`` when ``WORLD_SIZE`` > 1), else 0."""
+    try:
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    except ValueError:
+        return 0
+
+
+#: Seconds a rank > 0 waits, after a failure every rank meets alike, for ``torchrun`` to stop it.
+RANK0_GRACE_S = 10.0
+
+
+def _left_to_rank0() -> bool:
+    """Whether rank 0 has reported the failure this rank > 0 met too (bad options or input).
+
+    ``torchrun`` stops the other processes once one has ended, and may stop rank 0 before it has
+    printed its line if this rank ends first: so this rank waits, up to :data:`RANK0_GRACE_S`,
+    until ``torchrun`` stops it (SIGTERM, as rank 0 has ended), and says True then. False when
+    no process ended meanwhile: the failure is this rank's own (e.g. a data folder missing on
+    one machine), and this rank reports it.
+    """
+    import signal
+    import threading
+    import time
+
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        time.sleep(RANK0_GRACE_S)
+        return False
+    except (Terminated, KeyboardInterrupt):
+        return True
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _report(line: str, alike: bool) -> None:
+    """Prints the one-line report of a failure on stderr. Under ``torchrun`` a rank N > 0 starts
+    it ``rank N: ``, and leaves a failure every rank meets alike (``alike``) to rank 0."""
+    rank = torchrun_rank()
+    if rank and alike and _left_to_rank0():
+        return
+    print(f"rank {rank}: {line}" if rank else line, file=sys.stderr)
+
+
 def _exit_code(exc: BaseException, command: str = "") -> int:
-    """Prints the one-line message of a failure and returns the exit code."""
+    """Prints the one-line message of a failure and returns the exit code. Options and data are
+    the same on every ``torchrun`` rank, so an :class:`InputError` is reported by rank 0 alone."""
+    code, line = _failure(exc, command)
+    if line is not None:
+        _report(line, alike=isinstance(exc, InputError))
+    return code
+
+
+def _failure(exc: BaseException, command: str) -> Tuple[int, Optional[str]]:
+    """The exit code of a failure and the line that reports it (``None``: nothing to print)."""
     if isinstance(exc, SystemExit):
         raise exc
     if isinstance(exc, ModuleNotFoundError):  # a build-side command on a device-side install
         missing = missing_build_module(exc)
         if missing is not None:
-            print(f"gfnet-edge: error: {needs_build_side(f'`gfnet-edge {command}`', missing)}", file=sys.stderr)
-            return 3
+            return 3, f"gfnet-edge: error: {needs_build_side(f'`gfnet-edge {command}`', missing)}"
     if isinstance(exc, KeyboardInterrupt):
-        print("gfnet-edge: interrupted", file=sys.stderr)
-        return 130
+        return 130, "gfnet-edge: interrupted"
     if isinstance(exc, Terminated):
-        print("gfnet-edge: terminated", file=sys.stderr)
-        return 143
+        return 143, "gfnet-edge: terminated"
     if isinstance(exc, BrokenPipeError) and _stdout_gone():  # the reader of stdout went away (`| head`)
         import contextlib
-        import os
 
         with contextlib.suppress(OSError, ValueError):  # no second error when Python flushes stdout at exit
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
+        return 141, None
     code, msg = 1, None
     text = str(exc)
     if "Original Traceback" in text:  # raised again from a DataLoader worker: the worker's own last line
@@ -151,6 +206,5 @@ def _exit_code(exc: BaseException, command: str = "") -> int:
     else:
         msg = f"internal error: {type(exc).__name__}: {text} (rerun as `gfnet-edge --debug COMMAND ...` for the traceback)"
     msg = msg or text
-    print(f"gfnet-edge: error: {' '.join(msg.split()) if chr(10) in msg else msg}", file=sys.stderr)
-    return code
+    return code, f"gfnet-edge: error: {' '.join(msg.split()) if chr(10) in msg else msg}"
 

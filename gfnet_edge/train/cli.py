@@ -22,7 +22,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..argtypes import NON_NEGATIVE, POSITIVE, THREADS
 from ..errors import GFNetEdgeError
@@ -38,6 +38,29 @@ STAGE_GROUPS = {
 }
 
 
+#: The options of image-folder training (``--data``), in ``--help`` order: flag, ``add_argument``
+#: keywords.
+FOLDER_ARGUMENTS: Tuple[Tuple[str, Dict[str, Any]], ...] = (
+    ("--pretrained", dict(default=None, metavar="FILE|timm",
+                          help="backbone weights: a local file (state dict, .safetensors, static baseline) or 'timm' "
+                               "(downloads)")),
+    ("--image-size", dict(type=POSITIVE, default=None, metavar="S", help="S (default: the backbone family's)")),
+    ("--patch-size", dict(type=POSITIVE, default=None, metavar="P", help="P (default: the backbone family's)")),
+    ("--steps", dict(type=POSITIVE, default=None, metavar="T", help="T (default: the backbone family's)")),
+    ("--epochs", dict(default=None, metavar="N|N1,N2,N3", help="epochs of stages 1, 2, 3 (default 30,10,10)")),
+    ("--static-epochs", dict(type=NON_NEGATIVE, default=None, metavar="N",
+                             help="also train the static baseline for N epochs (a finished run without one gets it "
+                                  "with --resume --stage static --static-epochs N)")),
+    ("--batch-size", dict(type=POSITIVE, default=None, metavar="N",
+                          help="global batch (split over torchrun processes; default 64)")),
+    ("--workers", dict(type=NON_NEGATIVE, default=None, metavar="N",
+                       help="DataLoader worker processes per process (default 4, or the CPUs available when fewer)")),
+    ("--device", dict(default="auto", choices=["auto", "cpu", "cuda"], help="default: a GPU when torch sees one")),
+    ("--no-amp", dict(action="store_true", help="float32 on the GPU (default: autocast, bf16 or fp16)")),
+    ("--hflip", dict(action="store_true", help="random horizontal flips in training")),
+)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, metavar="ROOT",
                    help="train on an image folder ROOT/train/CLASS/*.jpg, ROOT/val/CLASS/*.jpg (without it: the demo task)")
@@ -49,20 +72,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default=None, metavar="NAME",
                    help="with --data: a timm model name (resnet50, mobilenetv3_large_100, ...); demo: r16, r24, r32")
     g = p.add_argument_group("image-folder training (--data)")
-    g.add_argument("--pretrained", default=None, metavar="FILE|timm",
-                   help="backbone weights: a local file (state dict, .safetensors, static baseline) or 'timm' (downloads)")
-    g.add_argument("--image-size", type=POSITIVE, default=None, metavar="S", help="S (default: the backbone family's)")
-    g.add_argument("--patch-size", type=POSITIVE, default=None, metavar="P", help="P (default: the backbone family's)")
-    g.add_argument("--steps", type=POSITIVE, default=None, metavar="T", help="T (default: the backbone family's)")
-    g.add_argument("--epochs", default=None, metavar="N|N1,N2,N3", help="epochs of stages 1, 2, 3 (default 30,10,10)")
-    g.add_argument("--static-epochs", type=NON_NEGATIVE, default=None, metavar="N",
-                   help="also train the static baseline for N epochs (a finished run without one gets it with "
-                        "--resume --stage static --static-epochs N)")
-    g.add_argument("--batch-size", type=POSITIVE, default=None, metavar="N", help="global batch (split over torchrun processes; default 64)")
-    g.add_argument("--workers", type=NON_NEGATIVE, default=None, metavar="N", help="DataLoader worker processes per process (default 4, or the CPUs available when fewer)")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: a GPU when torch sees one")
-    g.add_argument("--no-amp", action="store_true", help="float32 on the GPU (default: autocast, bf16 or fp16)")
-    g.add_argument("--hflip", action="store_true", help="random horizontal flips in training")
+    for flag, kwargs in FOLDER_ARGUMENTS:
+        g.add_argument(flag, **kwargs)
     p.add_argument("--seed", type=int, default=None, help="master seed (default 0)")
     p.add_argument("--tiny", action="store_true", help="a few iterations on a handful of images (smoke test)")
     p.add_argument("--assets", default=None, help="copy the exported checkpoints and results here (e.g. gfnet_edge/assets)")
@@ -88,9 +99,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-#: Options of image-folder training (``--data``), by ``args`` attribute; the demo trainer has none of them.
-FOLDER_OPTIONS = ("pretrained", "image_size", "patch_size", "steps", "epochs", "static_epochs", "batch_size",
-                  "workers", "no_amp", "hflip")
+def _defaults(arguments: Tuple[Tuple[str, Dict[str, Any]], ...]) -> Dict[str, Any]:
+    """``args`` attribute -> default of each option of ``arguments``, as argparse names them."""
+    p = argparse.ArgumentParser(add_help=False)
+    return {a.dest: a.default for a in (p.add_argument(flag, **kwargs) for flag, kwargs in arguments)}
+
+
+#: Options of image-folder training (``--data``), by ``args`` attribute, with their defaults; the
+#: demo trainer has none of them.
+FOLDER_OPTIONS = _defaults(FOLDER_ARGUMENTS)
 
 
 def check_demo_args(args: argparse.Namespace) -> None:
@@ -103,9 +120,8 @@ def check_demo_args(args: argparse.Namespace) -> None:
     from ..errors import InputError
     from .config import BACKBONES
 
-    given = [name for name in FOLDER_OPTIONS if getattr(args, name, None) not in (None, False)]
-    if getattr(args, "device", "auto") != "auto":
-        given.append("device")
+    given = [name for name, default in FOLDER_OPTIONS.items()
+             if getattr(args, name, default) not in (default, None, False)]
     if given:
         raise InputError(f"--{given[0].replace('_', '-')} applies to training on an image folder: pass --data ROOT "
                          "(without --data the demo GFNet is trained on the cluttered-digits task)")

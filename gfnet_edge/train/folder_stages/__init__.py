@@ -194,12 +194,30 @@ class FolderTrainer(Validation):
         loader = make_loader(self.train_set, self.local_batch, sampler, cfg.workers, ctx.device.type == "cuda", True)
         return loader, sampler, len(loader)
 
-    def _restore(self, name: str, opt, scaler, resume: bool):
+    def _log_epoch(self, name: str, epochs: int, rec: Dict, note: str = "") -> None:
+        """Logs an epoch's record: a line, and the record in ``RUN/epochs.jsonl``."""
+        self.log(f"[{name}] epoch {rec['epoch']}/{epochs} " + " ".join(
+            f"{key}={v}" for key, v in rec.items() if key not in ("stage", "epoch")) + note, **rec)
+
+    def _log_missing_epochs(self, name: str, epochs: int, history: List[Dict]) -> None:
+        """Logs the records of a stage checkpoint's ``history`` that ``RUN/epochs.jsonl`` lacks:
+        an epoch's record is logged just after its checkpoint is written, so a run stopped
+        between the two has it in the checkpoint alone."""
+        path = self.out / "epochs.jsonl"
+        if not self.ctx.main or not history:
+            return
+        logged = set(path.read_text().splitlines()) if path.exists() else set()
+        for rec in history:
+            if json.dumps(rec) not in logged:
+                self._log_epoch(name, epochs, rec, " (from the checkpoint: the run stopped before logging it)")
+
+    def _restore(self, name: str, epochs: int, opt, scaler, resume: bool):
         """``(start epoch, history, elapsed seconds)`` from ``RUN/<name>.pt``; ``None`` when that
-        stage is already done."""
+        stage is already done. Records of its epochs missing from the log are logged first."""
         ck = self.load_stage(name) if resume else None
         if ck is None:
             return 0, [], 0.0
+        self._log_missing_epochs(name, epochs, ck["history"])
         if ck["done"]:
             self.timings[name] = ck["elapsed"]
             self.skipped.add(name)
@@ -247,7 +265,7 @@ class FolderTrainer(Validation):
         opt = (torch.optim.Adam(params, lr=plan.lr) if adam else
                torch.optim.AdamW(params, lr=plan.lr, weight_decay=cfg.weight_decay))
         scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        restored = self._restore(name, opt, scaler, resume)
+        restored = self._restore(name, plan.epochs, opt, scaler, resume)
         if restored is None:
             return
         start, history, elapsed = restored
@@ -321,8 +339,7 @@ class FolderTrainer(Validation):
                                    "stopped": stopped, "models": {key: m.state_dict() for key, m in self._modules().items()},
                                    "opt": opt.state_dict(), "scaler": scaler.state_dict()}, self.stage_path(name))
             ctx.barrier()
-            self.log(f"[{name}] epoch {epoch + 1}/{plan.epochs} " + " ".join(
-                f"{key}={v}" for key, v in rec.items() if key not in ("stage", "epoch")), **rec)
+            self._log_epoch(name, plan.epochs, rec)
             if stopped:
                 self.log(f"[{name}] {stopped}")
                 break
