@@ -101,8 +101,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    metavar="S",
                    help="time box of those timed calls, in wall-clock seconds (default "
                         f"{EXTEND_SECONDS:g}): within it a step whose p99 takes in one or two stalls of the device "
-                        "(calls over 1.5x its median) is first timed alone until they lie beyond it (101 calls "
-                        "for one stall), then every step up to --latency-calls; raise it for slow models or "
+                        "(calls over 1.5x its median) is first timed alone, each call right after an untimed "
+                        "one of the step before it as when interleaved, until they lie beyond it (101 calls for "
+                        "one stall), then every step up to --latency-calls; raise it for slow models or "
                         "devices, where --repeats calls per step already take longer")
     p.add_argument("--warmup", type=NON_NEGATIVE, default=5, help="warm-up calls per step (default 5)")
     p.add_argument("--warmup-ms", type=float_range(0.0, 60000.0), default=WARMUP_MS, metavar="MS",
