@@ -190,6 +190,7 @@ def test_every_option_help_lists_under_image_folder_training_is_refused_without_
     (["--backbone", "resnet18"], "--backbone resnet18: without --data the demo GFNet is trained"),
     (["--pretrained", "weights.pth"], "--pretrained applies to training on an image folder: pass --data ROOT"),
     (["--epochs", "1"], "--epochs applies to training on an image folder"),
+    (["--workers", "0"], "--workers applies to training on an image folder"),
     (["--image-size", "64"], "--image-size applies to training on an image folder"),
     (["--device", "cpu"], "--device applies to training on an image folder"),
 ])

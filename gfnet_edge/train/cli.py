@@ -120,8 +120,7 @@ def check_demo_args(args: argparse.Namespace) -> None:
     from ..errors import InputError
     from .config import BACKBONES
 
-    given = [name for name, default in FOLDER_OPTIONS.items()
-             if getattr(args, name, default) not in (default, None, False)]
+    given = [name for name, default in FOLDER_OPTIONS.items() if getattr(args, name, default) != default]
     if given:
         raise InputError(f"--{given[0].replace('_', '-')} applies to training on an image folder: pass --data ROOT "
                          "(without --data the demo GFNet is trained on the cluttered-digits task)")
