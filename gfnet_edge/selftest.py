@@ -82,7 +82,7 @@ class _Checker:
             for interp, S, pct, P in [("bilinear", 224, 0.875, 96), ("bicubic", 300, 0.904, 144)]:
                 frame = self.rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
                 ref, gref = ops.preprocess(frame, S, crop_pct=pct, interpolation=interp, glance_size=P)
-                fbuf = ops.to_device(frame)
+                fbuf = ops.to_device(frame, self.stream)
                 for dtype, tol, gtol in [("float32", 0.0, 1e-5), ("float16", 2e-3, 2e-3)]:
                     esz = 4 if dtype == "float32" else 2
                     out, gout = ops.DeviceBuffer(3 * S * S * esz), ops.DeviceBuffer(3 * P * P * esz)
@@ -108,7 +108,7 @@ class _Checker:
         frame = self.rng.integers(0, 256, (360, 480, 3), dtype=np.uint8)
         ref = ops.preprocess(frame, 224, bgr=True)
         out = ops.DeviceBuffer(3 * 224 * 224 * 4)
-        fbuf = ops.to_device(frame)
+        fbuf = ops.to_device(frame, self.stream)
         run = lambda: ops.cuda_preprocess(fbuf, 360, 480, 224, out, bgr=True, stream=self.stream)  # noqa: E731
         run()
         self.add("preprocess bgr", _err(ops.from_device(out, (3, 224, 224), np.float32, self.stream), ref[0]),
@@ -117,7 +117,7 @@ class _Checker:
         n, S, P = 8, 224, 96
         frames = self.rng.integers(0, 256, (n, S, S, 3), dtype=np.uint8)
         ref, gref = ops.preprocess(frames, S, crop_pct=1.0, glance_size=P)
-        fbuf = ops.to_device(frames)
+        fbuf = ops.to_device(frames, self.stream)
         out, gout = ops.DeviceBuffer(n * 3 * S * S * 4), ops.DeviceBuffer(n * 3 * P * P * 4)
         run = lambda: ops.cuda_normalise_frames(fbuf, n, S, out, glance=gout, glance_size=P,  # noqa: E731
                                                 stream=self.stream)
@@ -138,7 +138,7 @@ class _Checker:
                 npdt = np.float32 if dtype == "float32" else np.float16
                 src = images.astype(npdt)
                 cpu_ref = ref if dtype == "float32" else ops.glance(src.astype(np.float32), P, mode)
-                ibuf, obuf = ops.to_device(src), ops.DeviceBuffer(n * 3 * P * P * src.itemsize)
+                ibuf, obuf = ops.to_device(src, self.stream), ops.DeviceBuffer(n * 3 * P * P * src.itemsize)
                 run = lambda: ops.cuda_glance(ibuf, n, S, obuf, P, mode, dtype, dtype, stream=self.stream)  # noqa: E731
                 run()
                 got = ops.from_device(obuf, (n, 3, P, P), npdt, self.stream)
@@ -151,7 +151,7 @@ class _Checker:
         images = self.rng.standard_normal((n, 3, S, S)).astype(np.float32)
         coords = self.rng.integers(0, S - P + 1, (n, 2)).astype(np.int32)
         ref = ops.crop_patches(images, coords, P)
-        ibuf, cbuf, obuf = ops.to_device(images), ops.to_device(coords), ops.DeviceBuffer(ref.nbytes)
+        ibuf, cbuf, obuf = ops.to_device(images, self.stream), ops.to_device(coords, self.stream), ops.DeviceBuffer(ref.nbytes)
         run = lambda: ops.cuda_crop_patches(ibuf, n, S, cbuf, obuf, P, stream=self.stream)  # noqa: E731
         run()
         self.add(f"crop_patches n={n} {S}->{P}", _err(ops.from_device(obuf, ref.shape, np.float32, self.stream), ref),
@@ -159,7 +159,7 @@ class _Checker:
         # Out-of-range coordinates: ValueError (synchronous form) or the error flag (async form).
         bad = coords.copy()
         bad[3] = (S - P + 1, 0)
-        bbuf = ops.to_device(bad)
+        bbuf = ops.to_device(bad, self.stream)
         raised = False
         try:
             ops.cuda_crop_patches(ibuf, n, S, bbuf, obuf, P, stream=self.stream)
@@ -189,7 +189,7 @@ class _Checker:
             for dtype in ("float32", "float16"):
                 cls = ops.ActorHead if actor else ops.GRUHead
                 cpu, gpu = cls(*w, weight_dtype=dtype), cls(*w, weight_dtype=dtype, device="cuda")
-                xb, hb = ops.to_device(x), ops.to_device(h)
+                xb, hb = ops.to_device(x, self.stream), ops.to_device(h, self.stream)
                 hout = ops.DeviceBuffer(B * H * 4)
                 tol_h = 2e-5 if dtype == "float32" else 2e-4
                 if actor:
@@ -236,7 +236,7 @@ class _Checker:
             for dtype in ("float32", "float16"):
                 cpu = ops.CascadedHead(layers, weight_dtype=dtype)
                 gpu = ops.CascadedHead(layers, weight_dtype=dtype, device="cuda")
-                fb = ops.to_device(buf)
+                fb = ops.to_device(buf, self.stream)
                 lb, mb, ab = ops.DeviceBuffer(N * C * 4), ops.DeviceBuffer(N * 4), ops.DeviceBuffer(N * 4)
                 ref = cpu.step(buf, 3, layout)
                 run = lambda: gpu.step_device(fb, T, N, Fd, 3, lb, mb, ab, layout=layout, stream=self.stream)  # noqa: E731
@@ -253,7 +253,7 @@ class _Checker:
         x = self.rng.standard_normal((4, 18432)).astype(np.float32)
         ref = ops.linear(x, w, b, relu=True)
         lin = ops.Linear(w, b, "float32", device="cuda")
-        xb, ob = ops.to_device(x), ops.DeviceBuffer(ref.nbytes)
+        xb, ob = ops.to_device(x, self.stream), ops.DeviceBuffer(ref.nbytes)
         run = lambda: lin.forward_device(xb, ob, 4, relu=True, stream=self.stream)  # noqa: E731
         run()
         self.add("linear+relu 18432->2048 B=4 (policy encoder)", _err(ops.from_device(ob, ref.shape, np.float32,
@@ -266,7 +266,7 @@ class _Checker:
         for dtype in ("float32", "float16"):
             ref2 = ops.linear(x2, w2.astype(dtype).astype(np.float32), b2)  # same weights as stored
             lin2 = ops.Linear(w2, b2, dtype, device="cuda")
-            xb2, ob2 = ops.to_device(x2), ops.DeviceBuffer(ref2.nbytes)
+            xb2, ob2 = ops.to_device(x2, self.stream), ops.DeviceBuffer(ref2.nbytes)
             run2 = lambda lin2=lin2, xb2=xb2, ob2=ob2: lin2.forward_device(xb2, ob2, 5, stream=self.stream)  # noqa: E731
             run2()
             self.add(f"linear 1001->37 B=5 {dtype} weights (unvectorised)",
@@ -283,7 +283,7 @@ class _Checker:
             src = self.rng.integers(0, 256, (rows, row_bytes), dtype=np.uint8)
             idx = self.rng.integers(0, rows, m).astype(np.int32)  # repeats allowed
             ref = src[idx]
-            sb, ib = ops.to_device(src), ops.to_device(idx)
+            sb, ib = ops.to_device(src, self.stream), ops.to_device(idx, self.stream)
             db = ops.DeviceBuffer(m * row_bytes + off)
             dst = db.ptr + off
             for where in ("device", "host"):
@@ -300,8 +300,8 @@ class _Checker:
                          lambda: src[idx], "must equal src[idx]")
         # Out-of-range device index: the sync form raises, the flag form zero-fills and flags.
         src = self.rng.standard_normal((4, 8)).astype(np.float32)
-        sb, db = ops.to_device(src), ops.DeviceBuffer(3 * 32)
-        ib = ops.to_device(np.array([1, 4, 0], np.int32))
+        sb, db = ops.to_device(src, self.stream), ops.DeviceBuffer(3 * 32)
+        ib = ops.to_device(np.array([1, 4, 0], np.int32), self.stream)
         raised = False
         try:
             ops.cuda_gather_rows(sb, 4, ib, db, 32, n=3, stream=self.stream)

@@ -32,9 +32,9 @@ def test_cuda_preprocess_bit_exact_into_batch_slot(interp):
     rng = np.random.default_rng(3)
     frames = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(360, 640), (500, 375)]]
     ref = ops.preprocess(frames, 224, interpolation=interp)
-    batch = ops.DeviceBuffer(3 * 3 * 224 * 224 * 4)
-    batch.zero()
     stream = ops.Stream()
+    batch = ops.DeviceBuffer(3 * 3 * 224 * 224 * 4)
+    batch.zero(stream)  # on the stream the kernels run on (a non-blocking one)
     keep = []
     for i, f in enumerate(frames):
         fb = ops.to_device(f, stream)
@@ -47,41 +47,60 @@ def test_cuda_preprocess_bit_exact_into_batch_slot(interp):
 
 
 @requires_gpu
-@pytest.mark.parametrize("n, hw, S, out_dtype, interp, bgr", [
-    (6, (360, 480), 224, "float32", "bilinear", False),
-    (3, (101, 77), 56, "float16", "bicubic", True),
-    (65535 + 3, (5, 4), 2, "float32", "bicubic", False),  # more frames than one launch's grid.y
+@pytest.mark.parametrize("n, hw, S, crop_pct, out_dtype, glance_dtype, interp, bgr", [
+    (6, (360, 480), 224, 0.875, "float32", "float32", "bilinear", False),
+    (3, (101, 77), 56, 0.875, "float16", "float16", "bicubic", True),
+    (65535 + 3, (5, 4), 2, 0.875, "float32", "float32", "bicubic", False),  # more frames than one launch's grid.y
+    (4, (9, 700), 12, 0.875, "float32", "float32", "bicubic", False),  # thin frames: the height upsampled
+    (3, (3, 2), 9, 0.5, "float32", "float16", "bilinear", False),  # smaller than the crop: both axes upsampled
 ])
-def test_cuda_preprocess_of_n_contiguous_frames_equals_frame_by_frame_and_cpu(n, hw, S, out_dtype, interp, bgr):
+def test_cuda_preprocess_of_n_contiguous_frames_equals_frame_by_frame_and_cpu(n, hw, S, crop_pct, out_dtype,
+                                                                              glance_dtype, interp, bgr):
     """One call for n frames of one size (one launch of each pass): bit for bit the images and
-    glance of cuda_preprocess frame by frame, the CPU's images (float32; float16 within its
-    rounding) and glance (within 1e-5), and nothing written past the n frames."""
+    glance of cuda_preprocess frame by frame, the CPU's images (float16: the CPU's values rounded
+    to float16, exactly) and glance (within 1e-5; float16 within its rounding), and nothing
+    written past the n frames."""
     rng = np.random.default_rng(11)
     frames = rng.integers(0, 256, (n, *hw, 3), dtype=np.uint8)
     P = max(1, S // 2)
     dt = np.float32 if out_dtype == "float32" else np.float16
+    gdt = np.float32 if glance_dtype == "float32" else np.float16
     stream = ops.Stream()
     fb = ops.to_device(frames, stream)
-    sentinel = np.full((n + 1, 3, S, S), 7.0, dt), np.full((n + 1, 3, P, P), 7.0, np.float32)
+    sentinel = np.full((n + 1, 3, S, S), 7.0, dt), np.full((n + 1, 3, P, P), 7.0, gdt)
     out, gl = ops.to_device(sentinel[0], stream), ops.to_device(sentinel[1], stream)
-    kw = dict(interpolation=interp, bgr=bgr, out_dtype=out_dtype, glance_size=P, stream=stream)
+    kw = dict(crop_pct=crop_pct, interpolation=interp, bgr=bgr, out_dtype=out_dtype, glance_size=P,
+              glance_dtype=glance_dtype, stream=stream)
     ops.cuda_preprocess(fb, hw[0], hw[1], S, out, glance=gl, n=n, **kw)
     got = ops.from_device(out, (n + 1, 3, S, S), dt, stream)
-    got_gl = ops.from_device(gl, (n + 1, 3, P, P), np.float32, stream)
+    got_gl = ops.from_device(gl, (n + 1, 3, P, P), gdt, stream)
     assert (got[n] == 7.0).all() and (got_gl[n] == 7.0).all()
-    images, glance = ops.preprocess(frames, S, interpolation=interp, bgr=bgr, glance_size=P)
-    if out_dtype == "float32":  # the CPU's values; float16 within its rounding (as the GPU selftest)
-        assert np.array_equal(got[:n], images)
-    else:
-        np.testing.assert_allclose(got[:n].astype(np.float32), images, rtol=0, atol=2e-3)
-    np.testing.assert_allclose(got_gl[:n], glance, rtol=0, atol=1e-5)
+    images, glance = ops.preprocess(frames, S, crop_pct=crop_pct, interpolation=interp, bgr=bgr, glance_size=P)
+    assert np.array_equal(got[:n], images.astype(dt))  # float16: rounded to nearest even, as numpy does
+    tol = 1e-5 if glance_dtype == "float32" else 1e-5 + 2e-3  # + a float16 step for |v| < 4
+    np.testing.assert_allclose(got_gl[:n].astype(np.float32), glance, rtol=0, atol=tol)
     k = min(n, 3)  # frame by frame, for the first few
-    one, one_gl = ops.DeviceBuffer(k * 3 * S * S * dt().itemsize), ops.DeviceBuffer(k * 3 * P * P * 4)
+    one, one_gl = ops.DeviceBuffer(k * 3 * S * S * dt().itemsize), ops.DeviceBuffer(k * 3 * P * P * gdt().itemsize)
     for i in range(k):
         ops.cuda_preprocess(fb.ptr + i * hw[0] * hw[1] * 3, hw[0], hw[1], S, one.ptr + i * 3 * S * S * dt().itemsize,
-                            glance=one_gl.ptr + i * 3 * P * P * 4, **kw)
+                            glance=one_gl.ptr + i * 3 * P * P * gdt().itemsize, **kw)
     assert np.array_equal(ops.from_device(one, (k, 3, S, S), dt, stream), got[:k])
-    assert np.array_equal(ops.from_device(one_gl, (k, 3, P, P), np.float32, stream), got_gl[:k])
+    assert np.array_equal(ops.from_device(one_gl, (k, 3, P, P), gdt, stream), got_gl[:k])
+
+
+@requires_gpu
+def test_cuda_kernels_refuse_misaligned_outputs():
+    """An output pointer not aligned to its element size is refused with ValueError (the kernel
+    would fault with a sticky misaligned-address error that ends the CUDA context)."""
+    stream = ops.Stream()
+    fb = ops.to_device(np.zeros((8, 8, 3), np.uint8), stream)
+    buf = ops.DeviceBuffer(4 * 3 * 8 * 8 + 16)
+    with pytest.raises(ValueError, match="aligned"):
+        ops.cuda_preprocess(fb, 8, 8, 8, buf.ptr + 2, crop_pct=1.0, stream=stream)
+    with pytest.raises(ValueError, match="aligned"):
+        ops.cuda_normalise_frames(fb, 1, 8, buf.ptr + 2, stream=stream)
+    ops.cuda_preprocess(fb, 8, 8, 8, buf.ptr + 2, crop_pct=1.0, out_dtype="float16", stream=stream)  # 2-byte aligned
+    stream.synchronize()
 
 
 def test_cuda_preprocess_checks_n_before_any_cuda_call():

@@ -273,7 +273,7 @@ std::vector<uint16_t> to_half(const float* src, size_t n) {
 
 size_t elem_size(DType t) { return t == DType::kF32 ? 4 : 2; }
 
-// Uploads float32 weights as float32 or float16 (synchronously; done once).
+// Uploads float32 weights as float32 or float16 (done once, then finish_uploads()).
 void upload_weights(DeviceBuffer& buf, const float* src, size_t n, DType dtype) {
   if (n == 0) return;
   if (dtype == DType::kF32) {
@@ -285,6 +285,11 @@ void upload_weights(DeviceBuffer& buf, const float* src, size_t n, DType dtype) 
                               cudaMemcpyHostToDevice));
   }
 }
+
+// Waits for the uploads: a cudaMemcpy from pageable memory may return before its DMA lands and
+// a cudaMemset before it has run, and the heads run on non-blocking streams, which are not
+// ordered after the default stream the uploads went to.
+void finish_uploads() { GFN_CUDA_CHECK(cudaDeviceSynchronize()); }
 
 void upload_bias(DeviceBuffer& buf, const float* src, size_t n) {
   if (n == 0) return;
@@ -411,6 +416,7 @@ LinearWeights::LinearWeights(const float* w, const float* b, int64_t out_feature
       b_(static_cast<size_t>(out_features) * sizeof(float)) {
   upload_weights(w_, w, static_cast<size_t>(out_features * in_features), dtype);
   upload_bias(b_, b, static_cast<size_t>(out_features));
+  finish_uploads();
 }
 
 void LinearWeights::forward(uintptr_t x, DType x_dtype, int64_t nb, uintptr_t out,
@@ -470,6 +476,7 @@ GruWeights::GruWeights(const float* w_ih, const float* w_hh, const float* b_ih,
   upload_weights(w_hh_, w_hh, static_cast<size_t>(3 * hidden * hidden), dtype);
   upload_bias(b_ih_, b_ih, static_cast<size_t>(3 * hidden));
   upload_bias(b_hh_, b_hh, static_cast<size_t>(3 * hidden));
+  finish_uploads();
 }
 
 void GruWeights::step(uintptr_t x, DType x_dtype, uintptr_t h, int64_t nb, uintptr_t h_out,

@@ -43,7 +43,7 @@ struct DeviceTables {
 };
 
 std::shared_ptr<const DeviceTables> device_tables(int64_t h, int64_t w, int64_t resize_short,
-                                                  int64_t crop, Interp interp) {
+                                                  int64_t crop, Interp interp, cudaStream_t s) {
   static std::mutex mu;
   static LruCache<std::tuple<int, int64_t, int64_t, int64_t, int64_t, int>, DeviceTables> cache(32);
   int device = 0;
@@ -87,9 +87,11 @@ std::shared_ptr<const DeviceTables> device_tables(int64_t h, int64_t w, int64_t 
     }
   }
   t->buf = std::make_unique<DeviceBuffer>(host.size() * sizeof(int32_t));
-  // Synchronous copy: the table may be used from any stream afterwards.
-  GFN_CUDA_CHECK(cudaMemcpy(reinterpret_cast<void*>(t->buf->ptr()), host.data(),
-                            host.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
+  // A pageable cudaMemcpy may return before its DMA lands, and a non-blocking stream is not
+  // ordered after the legacy stream: wait for the copy itself before any stream may read it.
+  GFN_CUDA_CHECK(cudaMemcpyAsync(reinterpret_cast<void*>(t->buf->ptr()), host.data(),
+                                 host.size() * sizeof(int32_t), cudaMemcpyHostToDevice, s));
+  GFN_CUDA_CHECK(cudaStreamSynchronize(s));
   // A dropped table's cudaFree (when its last holder lets go) synchronizes: no kernel reads it then.
   cache.put(key, t);
   return t;
@@ -275,8 +277,12 @@ void preprocess(uintptr_t frames, int64_t n, int64_t h, int64_t w, bool bgr, int
     check_device_pointer(glance_out, "glance");
     check_positive(glance_size, "glance_size");
   }
-  const auto tab = device_tables(h, w, resize_short, image_size, interp);
+  if (out % (out_dtype == DType::kF32 ? 4 : 2) != 0 ||
+      (glance_out != 0 && glance_out % (glance_dtype == DType::kF32 ? 4 : 2) != 0)) {
+    throw std::invalid_argument("out / glance must be aligned to their element size");
+  }
   const cudaStream_t s = as_stream(stream);
+  const auto tab = device_tables(h, w, resize_short, image_size, interp, s);
   const int64_t S = image_size;
   const int32_t* tp = reinterpret_cast<const int32_t*>(tab->buf->ptr());
   Scratch hbuf(static_cast<size_t>(n * tab->nrows * 3 * S), stream);
@@ -333,6 +339,9 @@ void normalise_frames(uintptr_t frames, int64_t n, int64_t image_size, bool bgr,
   if (glance_out != 0) {
     check_device_pointer(glance_out, "glance");
     check_positive(glance_size, "glance_size");
+  }
+  if (out % 4 != 0 || glance_out % 4 != 0) {
+    throw std::invalid_argument("out / glance must be aligned to their element size (4 bytes)");
   }
   const cudaStream_t s = as_stream(stream);
   const int64_t S = image_size;

@@ -141,7 +141,8 @@ class DeviceBuffer:
     """Owning device allocation; ``ptr`` is its address as an int.
 
     Args:
-        nbytes: size in bytes, or a numpy array to allocate for and copy in.
+        nbytes: size in bytes, or a numpy array to allocate for and copy in (the copy has
+            landed when the constructor returns, so any stream may read the buffer).
     """
 
     def __init__(self, nbytes: Union[int, np.ndarray]) -> None:
@@ -149,6 +150,7 @@ class DeviceBuffer:
             arr = np.ascontiguousarray(nbytes)
             self._buf = _C.cuda.DeviceBuffer(max(arr.nbytes, 1))
             self.copy_from_host(arr)
+            stream_synchronize(None)
         else:
             self._buf = _C.cuda.DeviceBuffer(to_int(nbytes, "nbytes", 0))
 
@@ -176,7 +178,9 @@ class DeviceBuffer:
 
 
 def to_device(array: np.ndarray, stream: Any = None) -> DeviceBuffer:
-    """Allocates a buffer and copies ``array`` (C-contiguous) into it."""
+    """Allocates a buffer and enqueues the copy of ``array`` (C-contiguous) into it on ``stream``
+    (``None``: the default stream). Use the buffer on that stream, or synchronize it first: a
+    non-blocking stream (:class:`Stream`) is not ordered after the default stream."""
     array = _host(array)
     buf = DeviceBuffer(max(array.nbytes, 1))
     buf.copy_from_host(array, stream)
