@@ -51,7 +51,7 @@ def test_cuda_preprocess_bit_exact_into_batch_slot(interp):
     (6, (360, 480), 224, 0.875, "float32", "float32", "bilinear", False),
     (3, (101, 77), 56, 0.875, "float16", "float16", "bicubic", True),
     (65535 + 3, (5, 4), 2, 0.875, "float32", "float32", "bicubic", False),  # more frames than one launch's grid.y
-    (4, (9, 700), 12, 0.875, "float32", "float32", "bicubic", False),  # thin frames: the height upsampled
+    (4, (9, 700), 12, 0.875, "float32", "float32", "bicubic", False),  # thin frames, 9 x 700 -> 13 x 1011: both axes upsampled
     (3, (3, 2), 9, 0.5, "float32", "float16", "bilinear", False),  # smaller than the crop: both axes upsampled
 ])
 def test_cuda_preprocess_of_n_contiguous_frames_equals_frame_by_frame_and_cpu(n, hw, S, crop_pct, out_dtype,
