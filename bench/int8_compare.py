@@ -600,7 +600,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="run the profiles' mixed-precision search on the random-weight model too")
     ap.add_argument("--demo-calib", choices=("demo", "demo:train"), default="demo",
                     help="the demo's calibration images: its validation split (default, as build-engine) or its "
-                         "5000-image train split (room for --num-calib up to 4744)")
+                         "train split (10000 images: room for --num-calib up to 9744; the model trained on the first 5000)")
     ap.add_argument("--num-calib", type=_positive, default=256,
                     help="demo calibration images, the same for every arm (default 256; the tensorrt profile "
                          "fine-tunes from 2000)")

@@ -79,7 +79,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="where the torch backend runs (default cpu); the static baseline runs with the bundle's "
                         "backend, place and precision")
     p.add_argument("--batch", type=int_range(1, 1 << 16), default=1, help="images per call the budgets are for (default 1)")
-    p.add_argument("--batch-size", type=int_range(0, 1 << 16), default=8, help="a second batch size to measure step latency at (0: none)")
+    p.add_argument("--batch-size", type=int_range(0, 1 << 16), default=8, help="a second batch size to measure step latency at (default 8; 0: none)")
     p.add_argument("--num-images", type=POSITIVE, help="use at most this many images (demo: how many; default 1000)")
     p.add_argument("--skip-unreadable", action="store_true",
                    help="leave out image files of a --data folder that cannot be read, naming each in a warning "

@@ -101,7 +101,8 @@ def load_calibration_images(source: Union[str, os.PathLike], spec: SpecLike, n: 
         source: a folder of images (flat, or one subfolder per class), an ``.npz`` archive
             (see :func:`gfnet_edge.data.load_images`), or ``"demo"`` / ``"demo:SPLIT"`` for the
             cluttered-digits demo dataset (``demo`` alone: ``split``, default the validation
-            split; ``demo:train`` the 5000-image train split, see :func:`demo_source`), generated
+            split; ``demo:train`` the train split, whose first 5000 images trained the shipped demo model,
+            see :func:`demo_source`), generated
             with the config the model was trained on when ``spec`` records one (a demo ``GFNet`` /
             manifest).
         spec: the model (``GFNet``), its spec (``GFNetSpec``) or a manifest ``model`` entry:

@@ -158,7 +158,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=backends.choices(builds=True), default=backends.AUTO,
                    help="auto: TensorRT when it and a GPU are here, else a portable ONNX Runtime bundle")
     p.add_argument("--calib-data", help="INT8 calibration images: folder, .npz, 'demo' (the demo's validation split, default for the demo "
-                        "model) or 'demo:train' (its 5000-image train split)")
+                        "model) or 'demo:train' (its train split, whose first 5000 images the demo model was trained on)")
     p.add_argument("--num-calib", type=int_range(MIN_CALIB_IMAGES, 1_000_000), default=None,
                    help=f"calibration images (default 256, at least {MIN_CALIB_IMAGES}); {NUM_EVAL} more, "
                         "when the data has them, are held out to check the INT8 accuracy (--num-eval)")

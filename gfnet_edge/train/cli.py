@@ -83,7 +83,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Registers ``gfnet-edge train`` (the lead wires it into the CLI's PARSERS list)."""
+    """Registers ``gfnet-edge train`` (listed in :func:`gfnet_edge.cli.subcommands`)."""
     p = subparsers.add_parser(
         "train", help="train a GFNet on an image folder (--data), or the demo GFNet",
         description="Train a GFNet: on an image folder (--data ROOT -o RUN --backbone TIMM_NAME; works under torchrun),"
