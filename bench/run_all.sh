@@ -24,3 +24,4 @@ python3 bench/train_threads.py
 python3 bench/cropped_input.py --clock cpu
 python3 bench/quantize_heldout.py 'auto=' 'residual={"residual_int8": true}' --seeds 101 --n 400 --per-graph --md bench/results/quantize_per_graph.md
 python3 bench/step_alone.py --rounds 9 --calls 200
+python3 bench/resize_agreement.py
