@@ -273,33 +273,49 @@ std::vector<uint16_t> to_half(const float* src, size_t n) {
 
 size_t elem_size(DType t) { return t == DType::kF32 ? 4 : 2; }
 
-// Uploads float32 weights as float32 or float16 (done once, then finish_uploads()).
-void upload_weights(DeviceBuffer& buf, const float* src, size_t n, DType dtype) {
-  if (n == 0) return;
-  if (dtype == DType::kF32) {
-    GFN_CUDA_CHECK(cudaMemcpy(reinterpret_cast<void*>(buf.ptr()), src, n * sizeof(float),
-                              cudaMemcpyHostToDevice));
-  } else {
-    const auto h = to_half(src, n);
-    GFN_CUDA_CHECK(cudaMemcpy(reinterpret_cast<void*>(buf.ptr()), h.data(), n * sizeof(uint16_t),
-                              cudaMemcpyHostToDevice));
+// Weight uploads go to a private non-blocking stream that is synchronized before the weights are
+// used (finish_uploads): a non-blocking stream is not ordered after the legacy stream, and a
+// device-wide cudaDeviceSynchronize is invalid while any stream of the device is being captured
+// (a graph capture on another thread, e.g. a second Runtime).
+class Uploads {
+ public:
+  Uploads() { GFN_CUDA_CHECK(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking)); }
+  ~Uploads() {
+    if (s_ != nullptr) (void)cudaStreamDestroy(s_);
+    (void)cudaGetLastError();
   }
-}
+  Uploads(const Uploads&) = delete;
+  Uploads& operator=(const Uploads&) = delete;
+  // Waits for every upload (the host vectors of float16 conversions must outlive it).
+  void finish() { GFN_CUDA_CHECK(cudaStreamSynchronize(s_)); }
 
-// Waits for the uploads: a cudaMemcpy from pageable memory may return before its DMA lands and
-// a cudaMemset before it has run, and the heads run on non-blocking streams, which are not
-// ordered after the default stream the uploads went to.
-void finish_uploads() { GFN_CUDA_CHECK(cudaDeviceSynchronize()); }
-
-void upload_bias(DeviceBuffer& buf, const float* src, size_t n) {
-  if (n == 0) return;
-  if (src == nullptr) {
-    GFN_CUDA_CHECK(cudaMemset(reinterpret_cast<void*>(buf.ptr()), 0, n * sizeof(float)));
-  } else {
-    GFN_CUDA_CHECK(cudaMemcpy(reinterpret_cast<void*>(buf.ptr()), src, n * sizeof(float),
-                              cudaMemcpyHostToDevice));
+  // float32 weights as float32 or float16.
+  void weights(DeviceBuffer& buf, const float* src, size_t n, DType dtype) {
+    if (n == 0) return;
+    if (dtype == DType::kF32) {
+      GFN_CUDA_CHECK(cudaMemcpyAsync(reinterpret_cast<void*>(buf.ptr()), src, n * sizeof(float),
+                                     cudaMemcpyHostToDevice, s_));
+    } else {
+      halves_.push_back(to_half(src, n));
+      GFN_CUDA_CHECK(cudaMemcpyAsync(reinterpret_cast<void*>(buf.ptr()), halves_.back().data(),
+                                     n * sizeof(uint16_t), cudaMemcpyHostToDevice, s_));
+    }
   }
-}
+
+  void bias(DeviceBuffer& buf, const float* src, size_t n) {
+    if (n == 0) return;
+    if (src == nullptr) {
+      GFN_CUDA_CHECK(cudaMemsetAsync(reinterpret_cast<void*>(buf.ptr()), 0, n * sizeof(float), s_));
+    } else {
+      GFN_CUDA_CHECK(cudaMemcpyAsync(reinterpret_cast<void*>(buf.ptr()), src, n * sizeof(float),
+                                     cudaMemcpyHostToDevice, s_));
+    }
+  }
+
+ private:
+  cudaStream_t s_ = nullptr;
+  std::vector<std::vector<uint16_t>> halves_;
+};
 
 template <typename WT, typename XT>
 void launch_linear(uintptr_t w, uintptr_t bias, uintptr_t x, int64_t nb, int64_t rows, int64_t nseg,
@@ -414,9 +430,10 @@ LinearWeights::LinearWeights(const float* w, const float* b, int64_t out_feature
       dtype_(dtype),
       w_(static_cast<size_t>(out_features * in_features) * elem_size(dtype)),
       b_(static_cast<size_t>(out_features) * sizeof(float)) {
-  upload_weights(w_, w, static_cast<size_t>(out_features * in_features), dtype);
-  upload_bias(b_, b, static_cast<size_t>(out_features));
-  finish_uploads();
+  Uploads up;
+  up.weights(w_, w, static_cast<size_t>(out_features * in_features), dtype);
+  up.bias(b_, b, static_cast<size_t>(out_features));
+  up.finish();
 }
 
 void LinearWeights::forward(uintptr_t x, DType x_dtype, int64_t nb, uintptr_t out,
@@ -472,11 +489,12 @@ GruWeights::GruWeights(const float* w_ih, const float* w_hh, const float* b_ih,
       w_hh_(static_cast<size_t>(3 * hidden * hidden) * elem_size(dtype)),
       b_ih_(static_cast<size_t>(3 * hidden) * sizeof(float)),
       b_hh_(static_cast<size_t>(3 * hidden) * sizeof(float)) {
-  upload_weights(w_ih_, w_ih, static_cast<size_t>(3 * hidden * input), dtype);
-  upload_weights(w_hh_, w_hh, static_cast<size_t>(3 * hidden * hidden), dtype);
-  upload_bias(b_ih_, b_ih, static_cast<size_t>(3 * hidden));
-  upload_bias(b_hh_, b_hh, static_cast<size_t>(3 * hidden));
-  finish_uploads();
+  Uploads up;
+  up.weights(w_ih_, w_ih, static_cast<size_t>(3 * hidden * input), dtype);
+  up.weights(w_hh_, w_hh, static_cast<size_t>(3 * hidden * hidden), dtype);
+  up.bias(b_ih_, b_ih, static_cast<size_t>(3 * hidden));
+  up.bias(b_hh_, b_hh, static_cast<size_t>(3 * hidden));
+  up.finish();
 }
 
 void GruWeights::step(uintptr_t x, DType x_dtype, uintptr_t h, int64_t nb, uintptr_t h_out,

@@ -30,7 +30,7 @@ __global__ void loop_exit_kernel(const int32_t* stats, const float* thresholds, 
   if (has_next) cudaGraphSetConditional(next, go ? 1u : 0u);
 }
 
-__global__ void probe_set_kernel(cudaGraphConditionalHandle handle) { cudaGraphSetConditional(handle, 0u); }
+__global__ void probe_set_kernel(cudaGraphConditionalHandle handle) { cudaGraphSetConditional(handle, 1u); }
 
 __global__ void probe_body_kernel() {}
 
@@ -87,8 +87,9 @@ struct GraphGuard {
   }
 };
 
-/// "" when a graph with an IF node set by a kernel instantiates, else the error.
+/// "" when a graph with an IF node set by a kernel instantiates and runs (body taken), else the error.
 std::string probe_graph() {
+  cudaStream_t s = nullptr;
   try {
     GraphGuard g;
     GFN_CUDA_CHECK(cudaGraphCreate(&g.graph, 0));
@@ -98,9 +99,17 @@ std::string probe_graph() {
     cudaGraph_t body = add_if(g.graph, set, h);
     add_kernel(body, nullptr, reinterpret_cast<void*>(&probe_body_kernel), nullptr);
     GFN_CUDA_CHECK(cudaGraphInstantiate(&g.exec, g.graph, 0));
+    // Run it once on a private stream: a configuration that instantiates conditional nodes but
+    // cannot launch them must fall back here, not fail the first batch-1 call.
+    GFN_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    GFN_CUDA_CHECK(cudaGraphLaunch(g.exec, s));
+    GFN_CUDA_CHECK(cudaStreamSynchronize(s));
+    (void)cudaStreamDestroy(s);
     return "";
   } catch (const std::exception& e) {
-    return std::string("a probe graph with a conditional node did not instantiate: ") + e.what();
+    if (s != nullptr) (void)cudaStreamDestroy(s);
+    (void)cudaGetLastError();
+    return std::string("a probe graph with a conditional node did not instantiate or run: ") + e.what();
   }
 }
 #endif

@@ -347,7 +347,9 @@ std::vector<std::string> Graph::node_kinds() const {
       case cudaGraphNodeTypeMemFree: kinds.emplace_back("mem_free"); break;
       case cudaGraphNodeTypeGraph: kinds.emplace_back("graph"); break;
       case cudaGraphNodeTypeEmpty: kinds.emplace_back("empty"); break;
+#if CUDART_VERSION >= 12030  // conditional nodes (and this enumerator) came with CUDA 12.3
       case cudaGraphNodeTypeConditional: kinds.emplace_back("conditional"); break;
+#endif
       case cudaGraphNodeTypeEventRecord:
       case cudaGraphNodeTypeWaitEvent: kinds.emplace_back("event"); break;
       default: kinds.emplace_back("other"); break;
@@ -387,6 +389,7 @@ void Event::synchronize() const {
 }
 
 float Event::elapsed_since(const Event& start) const {
+  start.synchronize();  // may have been recorded on another stream: cudaEventElapsedTime needs both done
   synchronize();
   float ms = 0.0f;
   GFN_CUDA_CHECK(cudaEventElapsedTime(&ms, static_cast<cudaEvent_t>(start.event_),
