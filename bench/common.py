@@ -76,10 +76,16 @@ def write_report(out: Path, markdown: str, results: Dict) -> Path:
     """Writes ``out`` (markdown) and the JSON of ``results`` beside it; returns the JSON path."""
     import json
 
+    import os
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(markdown, encoding="utf-8")
     js = out.with_suffix(".json")
-    js.write_text(json.dumps(results, indent=1, default=float) + "\n", encoding="utf-8")
+    # each file whole or not at all: a run killed by its time limit mid-write must not leave a
+    # truncated JSON that the next step (gpu_shapes.py --profile-from) fails to read
+    for path, text in ((out, markdown), (js, json.dumps(results, indent=1, default=float) + "\n")):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
     return js
 
 

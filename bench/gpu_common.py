@@ -138,6 +138,18 @@ class Graphed:
         return graph, static_in, static_out
 
 
+def replay_ms(g: "Graphed", x, device: str, k: int = 20) -> float:
+    """ms per replay of ``g``'s graph for ``x``, ``k`` replays back to back between two
+    synchronizations: the backbone's GPU time, without the input copy, the launch and the
+    synchronization that one call of ``g`` adds (the loop it is subtracted from pays those once
+    per call, not once per step). Eager calls on the CPU."""
+    if device != "cuda":
+        return per_call_ms(lambda: g(x), device)
+    g(x)  # captured here
+    graph = g.graphs[(tuple(x.shape), str(x.dtype))][0]
+    return per_call_ms(lambda: [graph.replay() for _ in range(k)], device) / k
+
+
 def close_driver(driver) -> None:
     """Frees a driver's GPU buffers and graphs, then its runner, before the next one allocates."""
     driver.close()

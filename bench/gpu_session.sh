@@ -35,6 +35,9 @@ STEPS=${STEPS:-build tests e2e train shapes proxy}
 BUDGET_S=${BUDGET_S:-560}
 PROXY_PERCENT=${PROXY_PERCENT:-6}  # of 132 SMs on an H100 / H200: 8 SMs, an Orin NX / Nano's count
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # absolute: PYTHONPATH gets $OUT/site, and the script moves to the checkout
+[ -n "${PACK_TO:-}" ] && mkdir -p "$PACK_TO" && PACK_TO=$(cd "$PACK_TO" && pwd)
+cd "$(dirname "$0")/.." || exit 2  # setup.py, tests/, bench/ and .whl/ are read from the checkout
 export PYTHONUNBUFFERED=1
 [ -d /usr/local/cuda/bin ] && export PATH="/usr/local/cuda/bin:$PATH"  # nvcc for the build
 deadline=$(( $(date +%s) + BUDGET_S ))
@@ -55,14 +58,30 @@ wants() {
   fi
 }
 # pack: copies the results so far to $PACK_TO (after every step, so that a run killed from
-# outside still leaves what it measured).
+# outside still leaves what it measured): three files only (gpu-session.tgz without the carried
+# site/, env.txt, summary.md = every report and .txt one after the other), so that a results
+# folder that returns a few files (a lent GPU machine's $OUT: 8 at most) gets all of them.
 pack() {
   [ -n "${PACK_TO:-}" ] || return 0
   mkdir -p "$PACK_TO"
-  tar czf "$PACK_TO/gpu-session.tgz" -C "$OUT" . && cp "$OUT"/*.md "$OUT"/*.txt "$PACK_TO"/ 2>/dev/null
+  tar czf "$PACK_TO/.gpu-session.tgz.part" --exclude=./site --exclude='./gpu-session.tgz' --exclude='./.gpu-session.tgz.part' \
+    -C "$OUT" . && mv -f "$PACK_TO/.gpu-session.tgz.part" "$PACK_TO/gpu-session.tgz"
+  [ "$PACK_TO" -ef "$OUT" ] && return 0
+  cp "$OUT/env.txt" "$PACK_TO/" 2>/dev/null
+  for f in "$OUT"/*.md "$OUT"/*.txt; do
+    [ -f "$f" ] && printf '\n\n===== %s\n\n' "${f##*/}" && cat "$f"
+  done >"$PACK_TO/summary.md" 2>/dev/null
   return 0
 }
-trap pack EXIT
+# C: a CUDA MPS daemon this run started is stopped whatever ends the run (it outlives the script
+# otherwise, on a machine kept warm for the next command).
+mps_started=0
+mps_stop() {
+  [ "$mps_started" = 1 ] || return 0
+  echo quit | timeout 10 nvidia-cuda-mps-control >/dev/null 2>&1 || true
+  mps_started=0
+}
+trap 'mps_stop; pack' EXIT
 # run LIMIT CMD...: CMD under `timeout`, killed 10 s after its SIGTERM if it has not ended.
 run() { local t=$1; shift; timeout -k 10 "$t" "$@"; }
 
@@ -108,18 +127,28 @@ if ! python3 -c "import gfnet_edge.runtime" 2>>"$OUT/env.txt"; then
   exit 5
 fi
 
+# Without the extension (build failed: status 3; no CUDA in it or no usable device: status 4) the
+# steps that need it are dropped; train (torch only) still runs.
+no_ext() {
+  status=$1
+  echo "$2: only the steps that need no extension (train) run" | tee -a "$OUT/skipped.txt"
+  case " $STEPS " in *" train "*) STEPS="train" ;; *) STEPS="" ;; esac
+}
 if wants build 150; then
   step build
   t0=$(date +%s)
-  GFNET_EDGE_CUDA_ARCHS=${GFNET_EDGE_CUDA_ARCHS:-90} CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
-    run "$(limit 150)" python3 setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1 \
-    || { tail -40 "$OUT/build.log"; exit 3; }
-  echo "build: $(( $(date +%s) - t0 )) s"
-  # Without CUDA kernels or a usable device every GPU test would skip and the run say nothing.
-  python3 -c "from gfnet_edge import ops; import sys; ok = ops.has_cuda_build() and ops.cuda_device_count() > 0
+  if GFNET_EDGE_CUDA_ARCHS=${GFNET_EDGE_CUDA_ARCHS:-90} CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+    run "$(limit 150)" python3 setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1; then
+    echo "build: $(( $(date +%s) - t0 )) s"
+    # Without CUDA kernels or a usable device every GPU test would skip and the run say nothing.
+    python3 -c "from gfnet_edge import ops; import sys; ok = ops.has_cuda_build() and ops.cuda_device_count() > 0
 print('CUDA build:', ops.has_cuda_build(), 'archs:', ops.cuda_archs(), 'devices:', ops.cuda_device_count(),
       '' if ok else ops.cuda_device_error()); sys.exit(0 if ok else 4)" 2>&1 | tee -a "$OUT/env.txt" \
-    || { echo "the extension has no usable CUDA (see $OUT/build.log): stopping"; exit 4; }
+      || no_ext 4 "the extension has no usable CUDA (see $OUT/build.log)"
+  else
+    tail -40 "$OUT/build.log"
+    no_ext 3 "the build failed (see $OUT/build.log)"
+  fi
   pack
 fi
 
@@ -174,10 +203,20 @@ if wants proxy 140; then
   step "Jetson-class proxy (CUDA MPS, ${PROXY_PERCENT}% of the SMs)"
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/gfnet-mps CUDA_MPS_LOG_DIRECTORY=/tmp/gfnet-mps-log
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-  if command -v nvidia-cuda-mps-control >/dev/null && timeout "$(limit 10)" nvidia-cuda-mps-control -d; then
+  echo quit | timeout 5 nvidia-cuda-mps-control >/dev/null 2>&1 || true  # a daemon a killed run left here
+  rm -f "$CUDA_MPS_LOG_DIRECTORY"/*.log
+  # the daemon must not keep this script's stdout / stderr (a caller waiting for them to close)
+  if command -v nvidia-cuda-mps-control >/dev/null \
+    && timeout "$(limit 10)" nvidia-cuda-mps-control -d </dev/null >>"$OUT/mps_start.log" 2>&1; then
+    mps_started=1
     sms=$(CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$PROXY_PERCENT run "$(limit 30)" python3 -c \
           "import torch; print(torch.cuda.get_device_properties(0).multi_processor_count)" 2>/dev/null || echo "?")
-    label="proxy: CUDA MPS limits this process to ${PROXY_PERCENT}% of the GPU (${sms} SMs)"
+    # A client that cannot reach the daemon runs WITHOUT MPS, on the whole GPU: the daemon's log
+    # records the clients it served (a "NEW CLIENT" line); without one the label says so.
+    mps_note=""
+    grep -qs "NEW CLIENT" "$CUDA_MPS_LOG_DIRECTORY/control.log" \
+      || mps_note="; unconfirmed: the MPS control log names no client, the process may have had the whole GPU"
+    label="proxy: CUDA MPS limits this process to ${PROXY_PERCENT}% of the GPU (${sms} SMs${mps_note})"
     echo "$label"
     if [ "$sms" = "?" ]; then  # the daemon started but a client could not use it
       echo "CUDA MPS started but a process could not run under it: no SM-limited proxy figures" \
@@ -195,7 +234,8 @@ if wants proxy 140; then
         --out "$OUT/gpu_shapes_proxy.md" >"$OUT/gpu_shapes_proxy.log" 2>&1 || { status=1; tail -20 "$OUT/gpu_shapes_proxy.log"; }
       grep "^\[gpu-shapes\]" "$OUT/gpu_shapes_proxy.log" | tail -8
     fi
-    echo quit | timeout 10 nvidia-cuda-mps-control || true
+    mps_stop
+    for f in "$CUDA_MPS_LOG_DIRECTORY"/*.log; do [ -f "$f" ] && cp "$f" "$OUT/mps_${f##*/}"; done
   else
     echo "CUDA MPS is not available on this machine: no SM-limited proxy figures" | tee "$OUT/proxy_unavailable.txt"
   fi

@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ProgressiveReport, command_line, machine, run_label, table  # noqa: E402
 from gpu_common import (DTYPES, Graphed, close_driver, forced_profile, gfnet_driver, per_call_ms,  # noqa: E402
-                        profile_thresholds, run_loop, sync)
+                        profile_thresholds, replay_ms, run_loop, sync)
 
 DEFAULT_PROFILE = (0.165, 0.275, 0.56)
 
@@ -46,7 +46,11 @@ def _log(msg: str) -> None:
 def demo_profile(path: Optional[str]) -> Dict[str, Any]:
     """The demo's exit fractions at equal accuracy from an e2e_gpu JSON (fp32 run), else the default."""
     if path and Path(path).is_file():
-        res = json.loads(Path(path).read_text())
+        try:
+            res = json.loads(Path(path).read_text())
+        except ValueError as exc:  # unreadable: the default profile, and say why
+            _log(f"{path}: not readable JSON ({exc}); default exit profile")
+            res = {}
         for prec in ("fp32", "fp16"):
             pick = (res.get("runs", {}).get(prec) or {}).get("pick")
             if pick:
@@ -139,7 +143,7 @@ def measure_model(name: str, P: int, prec: str, batches: List[int], fractions, d
         for g in ("glance", "focus"):
             mod = driver.runner.graphs[g]
             gr = Graphed(lambda t, m=mod: m(t.half() if half else t), device)
-            r[f"{g}_ms"] = per_call_ms(lambda: gr(z), device, reps=reps)
+            r[f"{g}_ms"] = replay_ms(gr, z, device)
         r["outside_per_step_ms"] = (r["loop_every_ms"] - r["glance_ms"] - (T - 1) * r["focus_ms"]) / T
         r["ratio"] = r["loop_profile_ms"] / r["static_ms"]
         out["batches"][b] = r
