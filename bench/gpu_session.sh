@@ -19,8 +19,10 @@
 #
 #   OUT=/tmp/gpu bash bench/gpu_session.sh                      # everything, results in /tmp/gpu
 #   STEPS="build train proxy" OUT=/tmp/gpu2 bash bench/gpu_session.sh
-#   PACK_TO=/some/dir OUT=/tmp/gpu bash bench/gpu_session.sh    # also: /some/dir/gpu-session.tgz
-#                                                               # (all of $OUT) + the reports
+#   PACK_TO=/some/dir OUT=/tmp/gpu bash bench/gpu_session.sh    # also, after every step, three files in
+#                                                               # /some/dir: gpu-session.tgz (all of $OUT
+#                                                               # but site/), env.txt, summary.md (every
+#                                                               # report and .txt, one after the other)
 #
 # Results: markdown + JSON per benchmark, logs, env.txt, under $OUT (default ./gpu-results).
 # Needs python3 with numpy, torch (CUDA), pytest, pybind11, cmake and nvcc, and gfnet-edge's own
