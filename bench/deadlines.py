@@ -3,7 +3,7 @@ the accuracy GFNet keeps, and how often the static network would miss the same d
 
     python bench/deadlines.py [--images 300] [--threads 1] [--out bench/results/deadlines.md]
         [--deadline-ms MS ...] [--latency-calls 300] [--latency-seconds 5]
-        [--stall-ms MS [--stall-step 1] [--stall-at 20]] [--no-retime]
+        [--stall-ms MS [--stall-step K] [--stall-at 20]] [--no-retime] [--no-step-checks]
 
 Builds an FP32 bundle of the shipped demo checkpoint, measures its per-step latency the way
 ``gfnet-edge calibrate`` does (every image forced to exit at step k, interleaved), and plans
@@ -70,10 +70,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--latency-calls", type=int, default=300, help="as calibrate --latency-calls")
     ap.add_argument("--latency-seconds", type=float, default=5.0, help="as calibrate --latency-seconds")
     ap.add_argument("--stall-ms", type=float, default=0.0, help="one stall of this many ms in the step latency")
-    ap.add_argument("--stall-step", type=int, default=1, help="the step whose timed call stalls")
+    ap.add_argument("--stall-step", type=int, default=None,
+                    help="the step whose timed call stalls (default: the last, whose calls also give the focus "
+                         "steps' costs between step checks; with --no-step-checks, step 1)")
     ap.add_argument("--stall-at", type=int, default=20, help="which of its timed calls stalls (0-based, < 60)")
     ap.add_argument("--no-retime", action="store_true",
                     help="do not time a step alone whose p99 takes in a lone stall")
+    ap.add_argument("--no-step-checks", action="store_true",
+                    help="plan the focus steps with the increments of the cumulative latency, not with their "
+                         "time from one step check to the next (as entries calibrated without it)")
     ap.add_argument("--out", default=str(RESULTS / "deadlines.md"))
     args = ap.parse_args(argv)
     if args.tail_clock == "cpu" and args.threads != 1:
@@ -98,6 +103,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     t_start = time.perf_counter()
     res: Dict[str, Any] = {"machine": machine(), "threads": args.threads, "margin": margin, "rows": [],
                            "plan_stat": args.plan_stat, "stall_ms": args.stall_ms, "retime": not args.no_retime,
+                           "step_checks": not args.no_step_checks,
                            "load_average": [_load()]}
     with tempfile.TemporaryDirectory(prefix="gfnet-deadlines-") as tmp:
         bundle = build_bundle(DEMO_CHECKPOINT, Path(tmp) / "bundle", BuildConfig(precision="fp32", backend="onnxruntime"),
@@ -109,12 +115,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         x, y = ClutteredDigits("test", config=cfg).arrays(args.images, progress=False)
         y = np.asarray(y)
         _log("measuring the per-step latency (as gfnet-edge calibrate does)")
+        if args.stall_step is None:
+            args.stall_step = 1 if args.no_step_checks else model.steps - 1
         if not 0 <= args.stall_step < model.steps:
             ap.error(f"--stall-step must be in [0, {model.steps})")
         clock = _stalling_clock(model.steps, args.stall_step, args.stall_at, args.stall_ms)
+        res["stall_step"], res["stall_at"] = args.stall_step, args.stall_at
         lat = measure_steps(rt, lat_x, batch=1, repeats=60, stage_calls=0, extend_to=args.latency_calls,  # as calibrate
                             extend_seconds=args.latency_seconds, retime_stalls=not args.no_retime, clock=clock)
         entry = step_costs_entry([lat], "onnxruntime", rt.precision, args.threads, "cpu")
+        if args.no_step_checks:
+            entry["batches"][0].pop("increments", None)
         costs = StepCosts.from_manifest(entry, stat=f"{args.plan_stat}_ms")
         rt.set_step_costs(costs)
         res["step_latency"] = entry
@@ -176,10 +187,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _stalling_clock(steps: int, step: int, at: int, stall_ms: float):
     """``time.perf_counter``, but the read that ends the ``at``-th timed call of ``step`` first
-    sleeps ``stall_ms``: the timed calls read the clock twice each, repetitions in order, steps
-    interleaved within them (``measure_steps``), so that read is number ``2 * (at * steps + step) + 1``."""
+    sleeps ``stall_ms``: repetitions in order, steps interleaved within them (``measure_steps``);
+    a timed call reads the clock twice, one of the last step ``steps + 3`` times (it is also
+    timed at its ``steps - 1`` step checks, ``Runtime.time_steps``, from a start of its own, and
+    the stall then comes before that timing's end, so its last step takes it in too)."""
     reads = [0]
-    target = 2 * (at * steps + step) + 1
+    per = [2] * (steps - 1) + [steps + 3]
+    target = at * sum(per) + sum(per[:step]) + per[step] - (2 if step == steps - 1 else 1)
 
     def clock() -> float:
         if stall_ms > 0 and reads[0] == target:
@@ -263,11 +277,14 @@ def render(res: Dict[str, Any], cmd: str) -> str:
              f"GFNet step latency: glance p50 {res['glance_ms']['p50']:.2f} / p99 {res['glance_ms']['p99']:.2f} ms, "
              f"every step p50 {res['full_ms']['p50']:.2f} / p99 {res['full_ms']['p99']:.2f} ms (the glance always "
              "runs, so no deadline below its latency can be met).", "",
-             *([f"One stall of {res['stall_ms']:g} ms injected into the step-latency measurement; "
+             *([f"One stall of {res['stall_ms']:g} ms injected into the step-latency measurement (timed call "
+                f"{res.get('stall_at', 20)} of step {res.get('stall_step', 1)}, 0-based); "
                 f"{'steps whose p99 takes in a lone stall timed alone' if res.get('retime', True) else 'no step timed alone (--no-retime)'}."
                 , ""] if res.get("stall_ms") else []),
-             "Step costs planned with (ms per step, " + res.get("plan_stat", "p99") + " increments, never below the "
-             "mean's): " + ", ".join(f"{x:.2f}" for x in res.get("plan_ms", [])) + ".", "",
+             "Step costs planned with (ms per step, " + res.get("plan_stat", "p99") + ", never below the mean; "
+             + ("focus steps from one step check to the next" if res.get("step_checks") else
+                "increments of the cumulative latency") + "): "
+             + ", ".join(f"{x:.2f}" for x in res.get("plan_ms", [])) + ".", "",
              table(["deadline ms", "GFNet accuracy %", "calls > deadline + 10 %", "calls > deadline", "p50 ms",
                     "p99 ms", "max ms", "stopped by the deadline", "mean steps", "static calls > deadline"],
                    [[f"{r['deadline_ms']:.2f}", f"{r['accuracy']:.1f}", f"**{r['over_10pct']:.1f} %**",

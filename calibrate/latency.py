@@ -143,6 +143,10 @@ class StepLatency:
         samples: per step, every timed call's ms per image (what tail budgets are fitted with).
         retimed: per step, how many of its timed calls were timed alone, after the interleaved
             ones, because a lone stall decided its p99 (:func:`measure_steps`).
+        increments: per-image stats of the timed calls of step T - 1 (every step run) cut at
+            the focus steps' checks (``Runtime.time_steps``): entry 0 from the call's start to
+            the first check, entry k from the check before focus step k to the next check (the
+            call's end after the last step); empty when the runtime cannot time its checks.
     """
 
     batch: int
@@ -150,6 +154,7 @@ class StepLatency:
     stages: Dict[int, Dict[str, Dict[str, float]]] = field(default_factory=dict)
     samples: List[np.ndarray] = field(default_factory=list, repr=False)
     retimed: List[int] = field(default_factory=list)
+    increments: List[LatencyStats] = field(default_factory=list)
 
     def lone_stall_steps(self) -> List[int]:
         """The steps whose p99 a lone stall still enters (:func:`lone_stall`)."""
@@ -162,6 +167,7 @@ class StepLatency:
 
     def to_dict(self) -> dict:
         return {"batch": self.batch, "cost_ms": self.cost.tolist(), "steps": [s.to_dict() for s in self.steps],
+                "increments": [s.to_dict() for s in self.increments],
                 "retimed_calls": list(self.retimed or [0] * len(self.steps)),
                 "lone_stall_steps": self.lone_stall_steps(),
                 "stages": {str(k): v for k, v in self.stages.items()}}
@@ -289,6 +295,8 @@ def measure_steps(rt, frames: np.ndarray, batch: int = 1, repeats: int = 60, war
     samples: List[List[float]] = [[] for _ in range(T)]
     wall: List[List[float]] = [[] for _ in range(T)]  # seconds of each timed call, for the time box
     retimed = [0] * T
+    incs: List[List[float]] = []  # per timed call of step T - 1: ms per image between its step checks
+    checks = hasattr(rt, "time_steps")
     try:
         def untimed(i: int) -> None:
             k = i % T
@@ -300,7 +308,14 @@ def measure_steps(rt, frames: np.ndarray, batch: int = 1, repeats: int = 60, war
         def timed(k: int, b: np.ndarray) -> None:
             w0 = timer()
             with using_thresholds(rt, thr[k]):
-                samples[k].append(time_predict(rt, b, clock))
+                if checks and k == T - 1:  # every step runs: also timed at each focus step's check
+                    t0 = clock()
+                    _, marks = rt.time_steps(b, cropped=True, clock=clock)
+                    samples[k].append((clock() - t0) * 1e3 / len(b))
+                    if len(marks) == T:
+                        incs.append([(m - p) / len(b) for m, p in zip(marks, [0.0] + marks[:-1])])
+                else:
+                    samples[k].append(time_predict(rt, b, clock))
             wall[k].append(timer() - w0)
 
         def fits(steps: Sequence[int]) -> bool:  # one more call of each of ``steps`` within the time box
@@ -354,7 +369,7 @@ def measure_steps(rt, frames: np.ndarray, batch: int = 1, repeats: int = 60, war
     finally:
         rt.profiler.enabled = was
     return StepLatency(batch, [LatencyStats.of(s) for s in samples], stages, [np.asarray(s) for s in samples],
-                       retimed)
+                       retimed, [LatencyStats.of(col) for col in np.asarray(incs).T] if incs else [])
 
 
 @dataclass

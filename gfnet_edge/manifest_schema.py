@@ -187,11 +187,12 @@ def check_manifest(manifest: Any) -> Dict[str, Any]:
         _fail("default_budget", f"names {default!r}, which is not in 'budgets' ({', '.join(budgets) or 'none'})")
     for key, entry in m.get("step_costs", {}).items():
         for j, block in enumerate(entry["batches"]):
-            where = f"step_costs.{key}.batches[{j}].cumulative"
-            for stat in ("mean_ms", "p95_ms", "p99_ms"):
-                if stat in block["cumulative"]:
-                    _length(block["cumulative"][stat], f"{where}.{stat}", steps)
-                    _finite(block["cumulative"][stat], f"{where}.{stat}")
+            for part in ("cumulative", "increments"):
+                where = f"step_costs.{key}.batches[{j}].{part}"
+                for stat in ("mean_ms", "p95_ms", "p99_ms"):
+                    if stat in block.get(part, {}):
+                        _length(block[part][stat], f"{where}.{stat}", steps)
+                        _finite(block[part][stat], f"{where}.{stat}")
             for counts in ("step_calls", "retimed_calls"):
                 if counts in block:
                     _length(block[counts], f"step_costs.{key}.batches[{j}].{counts}", steps)

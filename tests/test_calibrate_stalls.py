@@ -104,6 +104,44 @@ def test_a_lone_stall_is_timed_out_of_the_steps_p99():
     assert "p99 of 60-101 calls" in costs[0].source
 
 
+class FakeCheckedRuntime(FakeRuntime):
+    """A runtime whose calls are also timed at the focus steps' checks (``time_steps``): a call
+    running every step reaches the check before focus step k after ``split[k - 1]`` of its time."""
+
+    split = (0.3, 0.65)
+
+    def time_steps(self, frames, cropped=False, clock=None):
+        t0 = self.clock.t
+        self.predict(frames, cropped)
+        ms = (self.clock.t - t0) * 1e3
+        self.checked.append(ms / len(frames))
+        return None, [ms * f for f in self.split] + [ms]
+
+
+def test_the_full_models_calls_are_cut_at_the_step_checks():
+    """Calls of step T - 1 go through ``time_steps`` when the runtime has it: every such call
+    gives the focus steps' increments between checks (per image), and the step costs a deadline
+    plans with come from them; a runtime without ``time_steps`` gives none (cumulative costs)."""
+    clock = FakeClock()
+    rt = FakeCheckedRuntime(clock, (1.0, 2.0, 3.0))
+    rt.checked = []
+    lat = measure_steps(rt, np.zeros((4, 8, 8, 3), np.uint8), batch=2, repeats=60, warmup=0, warmup_ms=0.0,
+                        stage_calls=0, extend_to=100, extend_seconds=5.0, clock=clock, timer=clock)
+    full = np.asarray(rt.checked)
+    np.testing.assert_allclose(lat.samples[T - 1], full, rtol=1e-9)
+    assert len(full) == lat.steps[T - 1].n == 100 and len(lat.increments) == T
+    cuts = np.stack([full * 0.3, full * (0.65 - 0.3), full * (1 - 0.65)], 1)
+    for k in range(T):
+        assert lat.increments[k].p99_ms == pytest.approx(np.percentile(cuts[:, k], 99), rel=1e-9)
+        assert lat.increments[k].mean_ms == pytest.approx(cuts[:, k].mean(), rel=1e-9)
+    entry = step_costs_entry([lat], "onnxruntime", "fp32", 1, "cpu")
+    assert entry["batches"][0]["increment_calls"] == 100
+    costs = StepCosts.from_manifest(entry)
+    assert costs.step_ms[1:] == pytest.approx([np.percentile(cuts[:, k], 99) for k in (1, 2)], rel=1e-9)
+    plain, _ = _measure((1.0, 2.0, 3.0))
+    assert plain.increments == [] and "increments" not in step_costs_entry([plain], "o", "fp32", 1, "cpu")["batches"][0]
+
+
 @pytest.mark.parametrize("step", [0, 1, 2])
 def test_each_call_of_a_step_timed_alone_follows_one_of_the_step_before_it(step):
     """As when the steps are interleaved (step T - 1 before step 0): a device whose caches favour

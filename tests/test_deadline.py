@@ -356,3 +356,55 @@ def test_manifest_step_costs_are_checked_on_load():
         with pytest.raises(ManifestError, match="calls"):
             check_manifest(dict(base, step_costs={"onnxruntime/fp32": dict(good, batches=[
                 dict(good["batches"][0], calls=calls)])}))
+    inc = dict(good["batches"][0], increments={"mean_ms": [1.0, 1.0, 1.0], "p99_ms": [1.2, 1.1, 1.3]},
+               increment_calls=60)
+    check_manifest(dict(base, step_costs={"onnxruntime/fp32": dict(good, batches=[inc])}))
+    for broken, where in (({"mean_ms": [1.0, 1.0], "p99_ms": [1.2, 1.1, 1.3]}, r"increments.mean_ms"),
+                          ({"mean_ms": [1.0, 1.0, 1.0], "p99_ms": [1.2, float("inf"), 1.3]}, "finite"),
+                          ({"mean_ms": [1.0, 1.0, 1.0]}, "p99_ms")):
+        with pytest.raises(ManifestError, match=where):
+            check_manifest(dict(base, step_costs={"onnxruntime/fp32": dict(good, batches=[
+                dict(inc, increments=broken)])}))
+
+
+def test_focus_steps_plan_with_their_time_from_one_step_check_to_the_next():
+    """With ``increments`` (calibrate times them at the step checks) a focus step costs their
+    p99, never below their mean; step 0 (the glance, which always runs) and entries without
+    increments plan with the cumulative latency's increments as before."""
+    block = {"batch": 1, "calls": 300, "cumulative": {"mean_ms": [1.0, 2.0, 3.0], "p99_ms": [1.4, 2.3, 3.5]},
+             "increments": {"mean_ms": [1.1, 1.0, 1.0], "p99_ms": [1.5, 1.3, 0.9]}}
+    c = StepCosts.from_manifest({"batches": [block]})
+    assert c.step_ms == pytest.approx((1.4, 1.3, 1.0)) and "one step check to the next" in c.source
+    old = {k: v for k, v in block.items() if k != "increments"}
+    c = StepCosts.from_manifest({"batches": [old]})
+    assert c.step_ms == pytest.approx((1.4, 1.0, 1.2)) and "step check" not in c.source
+    with pytest.raises(InputError, match="malformed"):
+        StepCosts.from_manifest({"batches": [dict(block, increments={"mean_ms": [1.0, 1.0], "p99_ms": [1.0, 1.0]})]})
+
+
+def test_time_steps_reads_the_clock_at_each_focus_steps_check_and_at_the_end(demo):
+    """Runtime.time_steps answers as predict does, reading the clock at the start, at each focus
+    step's check and at the end (a clock that ticks a second per read): T - 1 checks when every
+    image runs every step, none when every image exits at the glance."""
+    from gfnet_edge.runtime import Runtime
+    from sim_device import demo_test_images
+
+    x = demo_test_images(demo.model, 8)
+
+    def ticking():
+        n = iter(range(10 ** 6))
+        return lambda: float(next(n))
+
+    with Runtime(demo, backend="onnxruntime", precision="fp32", threads=1) as rt:
+        T = rt.model.steps
+        free = rt.predict(x)
+        pred, _ = rt.time_steps(x)
+        for f in ("classes", "exit_step", "confidence"):
+            np.testing.assert_array_equal(getattr(pred, f), getattr(free, f))
+        rt.thresholds = [2.0] * (T - 1) + [-1e8]  # every image runs every step
+        pred, marks = rt.time_steps(x, clock=ticking())
+        assert marks == [1000.0 * k for k in range(1, T + 1)]
+        assert (pred.exit_step == T - 1).all() and not pred.deadline_stopped.any()
+        rt.thresholds = [-1e8] * T  # every image exits at the glance
+        pred, marks = rt.time_steps(x, clock=ticking())
+        assert marks == [1000.0] and (pred.exit_step == 0).all()

@@ -8,7 +8,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -20,7 +20,7 @@ from ..model_desc import ModelDesc, as_desc
 from .backends import RunnerRequest
 from .backends import choices as backend_choices
 from .backends import get as get_backend
-from .deadline import Deadline, StepCosts, step_costs_key
+from .deadline import Deadline, StepCosts, StepTimes, step_costs_key
 from .chunking import OutputBuffer, check_batch, chunk_size, device_chunks, stream_batches
 from .driver import Driver, StepOutputs
 from .heads import HEAD_DTYPES, HeadSet, load_head_arrays
@@ -494,6 +494,22 @@ class Runtime:
                 e.g. on a capture thread: the answers equal those on the original frames.
         """
         deadline = self._deadline(deadline_ms, deadline_margin, time.perf_counter())  # before the lock
+        return self._predict(inputs, budget, deadline, cropped)
+
+    def time_steps(self, inputs, *, cropped: bool = False,
+                   clock: Callable[[], float] = time.perf_counter) -> Tuple[Predictions, List[float]]:
+        """:meth:`predict` at the runtime's budget, timed where a deadline decides: returns the
+        predictions and the milliseconds from the call's start to each focus step's check (the
+        point before a focus step where a deadline stops the images still running) and, last,
+        to the call's end. From one check to the next is what running that step takes for a
+        call a deadline may stop at the next check: ``gfnet-edge calibrate`` measures the step
+        costs deadlines plan with this way, in calls that run every step (for a call of several
+        chunks, the checks of every chunk in turn). ``clock``: seconds (e.g. ``time.thread_time``)."""
+        probe = StepTimes(self.model.steps, clock)
+        pred = self._predict(inputs, None, probe, cropped)
+        return pred, probe.marks + [probe.elapsed_ms()]
+
+    def _predict(self, inputs, budget: Optional[str], deadline, cropped: bool) -> Predictions:
         with self._lock:
             t0 = time.perf_counter()
             thr = self.thresholds if budget is None else self.bundle.thresholds(budget)

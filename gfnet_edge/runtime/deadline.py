@@ -86,13 +86,18 @@ class StepCosts:
 
     @classmethod
     def from_manifest(cls, entry: Mapping[str, Any], stat: str = DEFAULT_STAT) -> "StepCosts":
-        """From a manifest ``step_costs`` entry (written by ``gfnet-edge calibrate``): the
-        increments of its cumulative ``stat`` latency, each step never below the increment of
-        the mean (a tail percentile need not grow from step to step: a slow outlier in the
-        calls exiting at step k can put its p99 above step k + 1's, which would otherwise give
-        step k + 1 a cost of 0 and let it run past any deadline). ``source`` names the
-        percentile and the calls it came from."""
-        used = []
+        """From a manifest ``step_costs`` entry (written by ``gfnet-edge calibrate``).
+
+        A focus step k costs the ``stat`` of its ``increments`` (the time from the check before
+        step k to the next check, or to the end of the call after the last step, in calls that
+        run every step: what a call a deadline lets run step k takes until it can stop again),
+        never below their mean. Entries without ``increments`` give the increments of the
+        cumulative ``stat`` latency, each step never below the increment of the mean (a tail
+        percentile need not grow from step to step: a slow outlier in the calls exiting at
+        step k can put its p99 above step k + 1's, which would otherwise give step k + 1 a
+        cost of 0 and let it run past any deadline); so does step 0 (the glance, which always
+        runs). ``source`` names the percentile and the calls it came from."""
+        used, checks = [], []
 
         def steps(block: Mapping[str, Any]) -> Tuple[float, ...]:
             calls = block.get("step_calls") or ([block["calls"]] if block.get("calls") else [])
@@ -103,7 +108,15 @@ class StepCosts:
             mean = cls.from_cumulative(block["cumulative"]["mean_ms"]).step_ms
             if len(tail) != len(mean):
                 raise ValueError(f"{stat} has {len(tail)} steps, mean_ms {len(mean)}")
-            return tuple(max(a, b) for a, b in zip(tail, mean))
+            costs = [max(a, b) for a, b in zip(tail, mean)]
+            inc = block.get("increments")
+            if inc is not None:  # measured from one step check to the next: the focus steps' own
+                inc_tail, inc_mean = inc[stat], inc["mean_ms"]
+                if not len(inc_tail) == len(inc_mean) == len(costs):
+                    raise ValueError(f"increments have {len(inc_tail)} / {len(inc_mean)} steps, not {len(costs)}")
+                costs[1:] = [max(float(a), float(b)) for a, b in zip(inc_tail[1:], inc_mean[1:])]
+                checks.append(True)
+            return tuple(costs)
 
         try:
             first = entry["batches"][0]
@@ -111,7 +124,8 @@ class StepCosts:
             first_ms = steps(first)
             other_ms = None if other is None else (int(other["batch"]), steps(other))
             return cls(first_ms, int(first["batch"]), other_ms,
-                       source=f"{entry.get('source', 'bundle manifest')} ({', '.join(used)} per step)")
+                       source=f"{entry.get('source', 'bundle manifest')} ({', '.join(used)} per step"
+                              + ("; focus steps timed from one step check to the next)" if checks else ")"))
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             raise InputError(f"the bundle's step_costs entry is malformed ({type(exc).__name__}: {exc}); "
                              "re-run gfnet-edge calibrate") from exc
@@ -162,6 +176,29 @@ class Deadline:
         return need <= left
 
 
+class StepTimes:
+    """A deadline that lets every step run and notes when each focus step's check comes
+    (milliseconds from ``start``): :meth:`Runtime.time_steps <gfnet_edge.runtime.Runtime.time_steps>`.
+
+    Args:
+        steps: the model's steps (the loop checks that the cost model has as many).
+        clock: seconds (default ``time.perf_counter``).
+    """
+
+    def __init__(self, steps: int, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.costs = StepCosts((0.0,) * steps, source="step times")
+        self.clock = clock
+        self.start = clock()
+        self.marks: list = []
+
+    def elapsed_ms(self) -> float:
+        return (self.clock() - self.start) * 1e3
+
+    def allows(self, step: int, n: int) -> bool:
+        self.marks.append(self.elapsed_ms())
+        return True
+
+
 def step_costs_entry(latencies: Sequence[Any], backend: str, precision: str, threads: Optional[int],
                      device: str, source: str = "gfnet-edge calibrate") -> Dict[str, Any]:
     """A manifest ``step_costs`` entry from calibration's per-batch step latencies
@@ -170,10 +207,14 @@ def step_costs_entry(latencies: Sequence[Any], backend: str, precision: str, thr
     for lat in latencies:
         stats = [s.to_dict() for s in lat.steps]
         retimed = [int(r) for r in (getattr(lat, "retimed", None) or [0] * len(stats))]
-        batches.append({"batch": int(lat.batch), "calls": min(int(s.n) for s in lat.steps),
-                        "step_calls": [int(s.n) for s in lat.steps], "retimed_calls": retimed,
-                        "cumulative": {k: [float(s[k]) for s in stats] for k in ("mean_ms", "p50_ms", "p95_ms",
-                                                                               "p99_ms")}})
+        block = {"batch": int(lat.batch), "calls": min(int(s.n) for s in lat.steps),
+                 "step_calls": [int(s.n) for s in lat.steps], "retimed_calls": retimed,
+                 "cumulative": {k: [float(s[k]) for s in stats] for k in ("mean_ms", "p50_ms", "p95_ms", "p99_ms")}}
+        incs = [s.to_dict() for s in (getattr(lat, "increments", None) or [])]
+        if incs:
+            block["increments"] = {k: [float(s[k]) for s in incs] for k in ("mean_ms", "p50_ms", "p95_ms", "p99_ms")}
+            block["increment_calls"] = min(int(s["n"]) for s in incs)
+        batches.append(block)
     return {"backend": backend, "precision": precision, "threads": threads, "device": device,
             "batches": batches, "source": source}
 
