@@ -207,6 +207,11 @@ def extra_int8(plan: StaticPlan, int8: bool) -> List[str]:
     if not int8:
         return []
     backend = plan.static.backend
+    dla = ((plan.engine or {}).get("build_options") or {}).get("dla_core")
+    if backend == "tensorrt" and dla is not None:
+        logger.warning("--static-int8: the GFNet runs on DLA core %s, which runs no Q/DQ INT8 engine; no INT8 static "
+                       "baseline measured", dla)
+        return []
     if backend == "onnxruntime" or (backend == "tensorrt" and plan.static.precision != NumericPrecision.INT8.value):
         return [NumericPrecision.INT8.value]
     if backend == "torch":

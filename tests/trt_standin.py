@@ -61,6 +61,8 @@ def make_trt(version="10.3.0", mem=None, faults=(), dla_cores=0, device=DEVICE, 
     DataType = _enum("DataType", dict({"FLOAT": 0, "HALF": 1, "INT8": 2, "INT32": 3, "BOOL": 4, "UINT8": 5, "FP8": 6,
                                        "BF16": 7, "INT64": 8, "INT4": 9}, **({"FP4": 10, "E8M0": 11} if major >= 11 else {})))
     TensorIOMode = _enum("TensorIOMode", {"NONE": 0, "INPUT": 1, "OUTPUT": 2})
+    AllocationStrategy = _enum("ExecutionContextAllocationStrategy", {"STATIC": 0, "ON_PROFILE_CHANGE": 1,
+                                                                     "USER_MANAGED": 2})
     DeviceType = _enum("DeviceType", {"GPU": 0, "DLA": 1})
     MemoryPoolType = _enum("MemoryPoolType", {"WORKSPACE": 0, "DLA_MANAGED_SRAM": 1, "DLA_LOCAL_DRAM": 2,
                                               "DLA_GLOBAL_DRAM": 3, "TACTIC_DRAM": 4, "TACTIC_SHARED_MEMORY": 5})
@@ -125,6 +127,8 @@ def make_trt(version="10.3.0", mem=None, faults=(), dla_cores=0, device=DEVICE, 
         def __init__(self, flags):
             self.flags, self.shape, self.onnx, self.qdq = flags, (-1, 3, 96, 96), None, False
 
+        num_inputs = 1
+
         def get_input(self, i):
             assert i == 0
             return Input(self.shape)
@@ -159,8 +163,10 @@ def make_trt(version="10.3.0", mem=None, faults=(), dla_cores=0, device=DEVICE, 
 
     class Profile:
         def set_shape(self, name, lo, opt, hi):
+            # TensorRT's Python binding returns None and raises RuntimeError on inconsistent shapes
+            if not all(a <= b <= c for a, b, c in zip(lo, opt, hi)) or min(lo) < 0:
+                raise RuntimeError("Shape provided for min is inconsistent with other shapes.")
             self.shapes = (name, tuple(lo), tuple(opt), tuple(hi))
-            return lo[0] <= opt[0] <= hi[0]
 
     class Config:
         def __init__(self):
@@ -297,24 +303,36 @@ def make_trt(version="10.3.0", mem=None, faults=(), dla_cores=0, device=DEVICE, 
         def get_tensor_shape(self, name):
             return self.shapes[name]
 
-        def create_execution_context(self):
+        #: activation memory a context needs (any profile shape): 1 KiB per image of the max batch
+        device_memory_size_v2 = property(lambda self: 1024 * self.max)
+
+        def create_execution_context(self, strategy=AllocationStrategy.STATIC):
+            assert isinstance(strategy, AllocationStrategy)
             if "context" in faults:
                 return None
             state.contexts += 1
-            return Context(self)
+            return Context(self, strategy == AllocationStrategy.USER_MANAGED)
 
         def create_engine_inspector(self):
             return Inspector(self)
 
     class Context:
-        def __init__(self, engine):
+        def __init__(self, engine, user_memory=False):
             self.engine, self.batch, self.addr, self.stream = engine, None, {}, None
+            self.memory = None if user_memory else (0, engine.device_memory_size_v2)
+
+        def set_device_memory(self, memory, size):
+            if int(memory) % 256 or int(size) < self.engine.device_memory_size_v2:
+                raise RuntimeError("device memory too small or misaligned")
+            self.memory = (int(memory), int(size))
+            self.dirty = True  # TensorRT: the first enqueue after creation / a shape change must not be captured
 
         def set_input_shape(self, name, shape):
             assert name == "image" and tuple(shape[1:]) == self.engine.shapes["image"][1:]
             state.batches.append(int(shape[0]))
             if not self.engine.min <= shape[0] <= self.engine.max:  # outside the optimisation profile
                 return False
+            self.dirty = True  # conservative: any set_input_shape needs an uncaptured enqueue before capture
             self.batch = int(shape[0])
             return True
 
@@ -331,13 +349,18 @@ def make_trt(version="10.3.0", mem=None, faults=(), dla_cores=0, device=DEVICE, 
 
         def execute_async_v3(self, stream):
             stream = int(stream)
-            if "enqueue" in faults or self.batch is None or set(self.addr) != set(self.engine.names):
+            if ("enqueue" in faults or self.batch is None or set(self.addr) != set(self.engine.names)
+                    or self.memory is None):
                 return False
             if stream == 0:
                 state.violations.append("execute_async_v3 on the legacy default stream")
             if self.stream not in (None, stream) and mem.streams.pending(self.stream):
                 state.violations.append("one execution context used on two streams with work in flight")
             self.stream = stream
+            if mem.capturing is not None and self.dirty:
+                state.violations.append("captured the first enqueueV3 after a context's creation or shape change")
+            if mem.capturing is None:
+                self.dirty = False
             addr, batch, eng = dict(self.addr), self.batch, self.engine
             state.enqueues.append((stream, batch))
 
@@ -371,7 +394,7 @@ def make_trt(version="10.3.0", mem=None, faults=(), dla_cores=0, device=DEVICE, 
 
     trt = SimpleNamespace(
         __version__=version, ILogger=ILogger, Logger=Logger, Builder=Builder, Runtime=Runtime, OnnxParser=Parser,
-        DataType=DataType, TensorIOMode=TensorIOMode, DeviceType=DeviceType, MemoryPoolType=MemoryPoolType,
+        DataType=DataType, TensorIOMode=TensorIOMode, ExecutionContextAllocationStrategy=AllocationStrategy, DeviceType=DeviceType, MemoryPoolType=MemoryPoolType,
         ProfilingVerbosity=ProfilingVerbosity, LayerInformationFormat=LayerInformationFormat,
         NetworkDefinitionCreationFlag=Creation, BuilderFlag=BuilderFlag, float32=DataType.FLOAT,
         float16=DataType.HALF, int8=DataType.INT8, int32=DataType.INT32,

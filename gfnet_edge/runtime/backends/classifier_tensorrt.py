@@ -83,6 +83,14 @@ class TensorRTClassifier(Classifier):
         self._runtime, self._engine = runtime, engine
         self.input_name, self.output_names = inputs[0], outputs
         S = self.image_size
+        shape = tuple(int(d) for d in engine.get_tensor_shape(inputs[0]))
+        if len(shape) != 4 or shape[1:] != (3, S, S):
+            raise InputError(f"{engine_path}: the engine's input {inputs[0]!r} is {shape}, not (N, 3, {S}, {S}) images")
+        for n in outputs:
+            dims = tuple(int(d) for d in engine.get_tensor_shape(n))
+            if len(dims) < 2 or min(dims[1:]) < 1:
+                raise InputError(f"{engine_path}: output {n!r} has shape {dims}; a classifier's outputs are "
+                                 "(N, ...) with fixed sizes past the batch")
         self.classes = int(engine.get_tensor_shape(outputs[0])[1])
         self.stream = ops.Stream()
         B = self.max_batch

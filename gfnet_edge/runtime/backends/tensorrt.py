@@ -49,6 +49,8 @@ class _Lane:
             execution context of its own whose input shape never changes
             (:meth:`TensorRTRunner.graph_capture`).
         batch_contexts: (graph, batch) -> ``IExecutionContext`` when ``per_batch``.
+        scratch: the activation memory every context of the lane shares (they run one at a
+            time, in order on ``stream``), or None where TensorRT allocates it per context.
     """
 
     stream: int
@@ -57,6 +59,7 @@ class _Lane:
     outputs: Dict[str, Dict[str, Tuple[Any, Tuple[int, ...]]]] = field(default_factory=dict)
     per_batch: bool = False
     batch_contexts: Dict[Tuple[str, int], Any] = field(default_factory=dict)
+    scratch: Any = None
 
 
 class TensorRTRunner(Runner):
@@ -132,6 +135,7 @@ class TensorRTRunner(Runner):
         for lane in self._lanes.values():
             lane.batch_contexts.clear()
             lane.contexts.clear()
+            lane.scratch = None  # after the contexts that use it
         self._lanes.clear()
         self._engines.clear()
         self._runtime = None
@@ -163,9 +167,12 @@ class TensorRTRunner(Runner):
         from ... import ops
 
         lane = _Lane(stream)
+        if all(hasattr(e, "device_memory_size_v2") for e in self._engines.values()):  # TensorRT 10.1+
+            size = max(int(e.device_memory_size_v2) for e in self._engines.values())
+            lane.scratch = ops.DeviceBuffer(max(size, 1))
         for g, engine in self._engines.items():
             try:
-                ctx = self._new_context(g)
+                ctx = self._new_context(g, lane)
             except UnavailableError:
                 lane.contexts.clear()
                 raise
@@ -181,8 +188,17 @@ class TensorRTRunner(Runner):
         self._lanes[stream] = lane
         return lane
 
-    def _new_context(self, graph: str) -> Any:
-        ctx = self._engines[graph].create_execution_context()
+    def _new_context(self, graph: str, lane: _Lane) -> Any:
+        """A context of ``graph`` for ``lane``: its activation memory is the lane's scratch,
+        shared by all the lane's contexts (one stream runs them one at a time), so that the
+        contexts per batch bucket of a captured lane cost no activation memory each."""
+        engine = self._engines[graph]
+        if lane.scratch is None:
+            ctx = engine.create_execution_context()
+        else:
+            ctx = engine.create_execution_context(self._trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+            if ctx is not None:
+                ctx.set_device_memory(lane.scratch.ptr, lane.scratch.nbytes)
         if ctx is None:
             raise UnavailableError(
                 f"TensorRT could not create an execution context for the {graph} engine (not enough GPU memory "
@@ -196,7 +212,7 @@ class TensorRTRunner(Runner):
             return lane.contexts[graph]
         ctx = lane.batch_contexts.get((graph, batch))
         if ctx is None:
-            ctx = lane.batch_contexts[(graph, batch)] = self._new_context(graph)
+            ctx = lane.batch_contexts[(graph, batch)] = self._new_context(graph, lane)
         return ctx
 
     def graph_capture(self, stream: Any):
@@ -220,6 +236,8 @@ class TensorRTRunner(Runner):
         return (int(batch),) + tuple(int(d) for d in engine.get_tensor_shape("image"))[1:]
 
     def _set_input_shape(self, ctx: Any, graph: str, shape: Tuple[int, ...]) -> None:
+        if tuple(int(d) for d in ctx.get_tensor_shape("image")) == tuple(shape):
+            return  # unchanged: no call that could mark the context for re-initialisation inside a capture
         if not ctx.set_input_shape("image", shape):
             raise InputError(f"the {graph} engine rejects input shape {shape} (outside its "
                              f"optimisation profile? built for batches up to {self.max_batch})")

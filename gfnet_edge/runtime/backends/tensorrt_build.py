@@ -234,13 +234,26 @@ def _configure(trt: Any, builder: Any, network: Any, plan: BuildPlan, options: B
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = int(options.dla_core)
     profile = builder.create_optimization_profile()
+    if network.num_inputs != 1:
+        raise InputError(f"{onnx_path}: the graph has {network.num_inputs} inputs; gfnet-edge builds engines of "
+                         "graphs with one image input (N, C, H, W)")
     inp = network.get_input(0)
-    _, c, h, w = inp.shape
+    dims = tuple(int(d) for d in inp.shape)
+    if len(dims) != 4 or min(dims[1:]) < 1:
+        raise InputError(f"{onnx_path}: input {inp.name!r} has shape {dims}; gfnet-edge needs (N, C, H, W) with "
+                         "fixed C, H and W (export the graph with a dynamic batch axis only)")
+    _, c, h, w = dims
     lo = plan.static_batch or 1
     opt = plan.static_batch or options.opt_batch
     hi = plan.static_batch or options.max_batch
-    if not profile.set_shape(inp.name, (lo, c, h, w), (opt, c, h, w), (hi, c, h, w)):
-        raise InputError(f"{onnx_path}: TensorRT refused the batch profile {lo}/{opt}/{hi} for input {inp.name!r}")
+    if dims[0] != -1 and not lo == hi == dims[0]:
+        raise InputError(f"{onnx_path}: input {inp.name!r} has a fixed batch of {dims[0]} (the profile asks for "
+                         f"{lo}..{hi}); export the graph with a dynamic batch axis")
+    try:  # the Python binding returns None and raises RuntimeError on inconsistent shapes
+        profile.set_shape(inp.name, (lo, c, h, w), (opt, c, h, w), (hi, c, h, w))
+    except RuntimeError as exc:
+        raise InputError(f"{onnx_path}: TensorRT refused the batch profile {lo}/{opt}/{hi} for input "
+                         f"{inp.name!r} of shape {tuple(inp.shape)}: {exc}") from exc
     if config.add_optimization_profile(profile) < 0:
         raise InputError(f"{onnx_path}: TensorRT refused the optimisation profile (batches {lo}..{hi}); "
                          "check --max-batch / --opt-batch")
