@@ -173,7 +173,14 @@ def make_trt(version="10.3.0", mem=None, faults=(), dla_cores=0, device=DEVICE, 
             object.__setattr__(self, "cache", None)
             object.__setattr__(self, "profiles", [])
 
+        #: IBuilderConfig attributes of TensorRT 10 / 11 that gfnet-edge sets (a misspelt one,
+        #: which real TensorRT refuses with AttributeError, fails here too)
+        ATTRIBUTES = ("profiling_verbosity", "builder_optimization_level", "default_device_type", "DLA_core",
+                      "engine_capability", "hardware_compatibility_level", "avg_timing_iterations")
+
         def __setattr__(self, name, value):
+            if name not in self.ATTRIBUTES:
+                raise AttributeError(f"'tensorrt.IBuilderConfig' object has no attribute '{name}'")
             state.config[name] = value
             object.__setattr__(self, name, value)
 
@@ -328,7 +335,8 @@ def make_trt(version="10.3.0", mem=None, faults=(), dla_cores=0, device=DEVICE, 
             self.dirty = True  # TensorRT: the first enqueue after creation / a shape change must not be captured
 
         def set_input_shape(self, name, shape):
-            assert name == "image" and tuple(shape[1:]) == self.engine.shapes["image"][1:]
+            if name != "image" or tuple(shape[1:]) != self.engine.shapes["image"][1:]:
+                return False  # TensorRT logs the error and refuses
             state.batches.append(int(shape[0]))
             if not self.engine.min <= shape[0] <= self.engine.max:  # outside the optimisation profile
                 return False
