@@ -270,6 +270,14 @@ def test_under_torchrun_a_rank_above_0_leaves_bad_input_to_rank_0(monkeypatch, c
         finally:
             stopper.join(10)
 
+    def train_module(argv):  # `python -m gfnet_edge.train.cli ...`: argparse ends it with SystemExit
+        from gfnet_edge.train.cli import main as train_main
+
+        try:
+            return train_main(argv)
+        except SystemExit as exc:
+            return exc.code
+
     handler = signal.getsignal(signal.SIGTERM)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(cli, "RANK0_GRACE_S", 30.0)
@@ -278,7 +286,9 @@ def test_under_torchrun_a_rank_above_0_leaves_bad_input_to_rank_0(monkeypatch, c
         for call, line in ((lambda: cli._exit_code(InputError("--epochs takes N or N1,N2,N3")),
                             "gfnet-edge: error: --epochs takes N or N1,N2,N3"),
                            (lambda: main(["train", "--batch-size", "0"]),
-                            "gfnet-edge: error: gfnet-edge train: argument --batch-size: must be in [1, ")):
+                            "gfnet-edge: error: gfnet-edge train: argument --batch-size: must be in [1, "),
+                           (lambda: train_module(["--batch-size", "0"]),
+                            "gfnet-edge: error: python -m gfnet_edge.train.cli: argument --batch-size: must be in [1, ")):
             if prefix:
                 assert stopped_by_torchrun(call) == 2
                 assert capsys.readouterr().err == ""

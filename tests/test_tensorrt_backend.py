@@ -194,9 +194,10 @@ ORIN_NANO = {"gpu_name": "Orin", "compute_capability": "8.7", "multiprocessors":
              "device_model": "NVIDIA Jetson Orin Nano Developer Kit"}
 
 
-def _engine_files(fp32_bundle, tmp_path, lo=1, hi=3, placement=None):
-    """Stand-in engines (the bundle's FP32 graphs behind the stand-in header, batches lo..hi)
-    in ``tmp_path``; ``(bundle-like, entry)``."""
+def _engine_files(fp32_bundle, tmp_path, lo=1, hi=3, placement=None, dtypes=None):
+    """Stand-in engines (the bundle's FP32 graphs behind the stand-in header, batches lo..hi;
+    ``dtypes``: tensor name -> TensorRT DataType name where not FLOAT) in ``tmp_path``;
+    ``(bundle-like, entry)``."""
     import json
     from types import SimpleNamespace
 
@@ -204,7 +205,7 @@ def _engine_files(fp32_bundle, tmp_path, lo=1, hi=3, placement=None):
 
     entry = {"precision": "fp32", "build_options": {"max_batch": hi}, "static_batch": hi if lo == hi else None}
     for g, rel in fp32_bundle.manifest["graphs"]["fp32"].items():
-        head = json.dumps({"min": lo, "max": hi, "layers": placement}).encode()
+        head = json.dumps({"min": lo, "max": hi, "layers": placement, "dtypes": dtypes or {}}).encode()
         (tmp_path / f"{g}.engine").write_bytes(MAGIC + len(head).to_bytes(4, "little") + head
                                                + fp32_bundle.path(rel).read_bytes())
         entry[g] = f"{g}.engine"
@@ -537,6 +538,24 @@ def test_runner_refuses_a_missing_execution_context_with_advice(fp32_bundle, tmp
             runner.run("glance", np.zeros((1, 3, P, P), np.float32))
 
 
+def test_runner_refuses_an_engine_whose_input_or_output_is_not_float32(fp32_bundle, tmp_path, monkeypatch):
+    """An engine built elsewhere with float16 I/O: refused when the runner opens it, in one line
+    naming the engine and tensor, before any buffer is sized for float32."""
+    _engines_on_simulated_gpu(monkeypatch)
+    outputs = None
+    for tensor in ("image", "output"):
+        bundle, entry = _engine_files(fp32_bundle, tmp_path)
+        if outputs is None:
+            with trtb.TensorRTRunner(bundle, entry) as runner:
+                outputs = runner._output_names(runner._engines["glance"])
+        name = "image" if tensor == "image" else outputs[0]
+        bundle, entry = _engine_files(fp32_bundle, tmp_path, dtypes={name: "HALF"})
+        with pytest.raises(InputError, match=f"glance engine's tensor '{name}' is DataType.HALF; gfnet-edge feeds and "
+                                             "reads float32"):
+            with trtb.TensorRTRunner(bundle, entry):
+                pass
+
+
 def test_runner_streams_contexts_and_buffers(fp32_bundle, tmp_path, monkeypatch):
     """run_device: explicit streams only; each stream has its own contexts and buffers
     (allocated once, addresses stable across calls and batches), so run() and run_device()
@@ -553,8 +572,9 @@ def test_runner_streams_contexts_and_buffers(fp32_bundle, tmp_path, monkeypatch)
     x = np.random.default_rng(3).standard_normal((4, 3, P, P)).astype(np.float32)
     dev = ops.DeviceBuffer(x.nbytes + 256)
     runner = trtb.TensorRTRunner(bundle, entry).activate()
-    with pytest.raises(ValueError, match="explicit CUDA stream, not the legacy default stream"):
-        runner.run_device("glance", dev.ptr, 1, None)
+    for legacy in (None, 0, 1):  # 1: cudaStreamLegacy's handle
+        with pytest.raises(ValueError, match="explicit CUDA stream, not the legacy default stream"):
+            runner.run_device("glance", dev.ptr, 1, legacy)
     stream = ops.Stream()
     dev.copy_from_host(x, stream)
     first = runner.run_device("glance", dev.ptr, 4, stream)

@@ -36,8 +36,15 @@ MAGIC = b"SIMTRT01"
 DEVICE = "Orin/8.7"
 
 
+class _TrtEnum(enum.IntEnum):
+    """An IntEnum printed as pybind11 prints TensorRT's enums (``DataType.HALF``)."""
+
+    def __str__(self) -> str:
+        return f"{type(self).__name__}.{self.name}"
+
+
 def _enum(name, members):
-    return enum.IntEnum(name, members)
+    return _TrtEnum(name, members)
 
 
 def make_trt(version="10.3.0", mem=None, faults=(), dla_cores=0, device=DEVICE, typed_flag=True):
@@ -290,6 +297,7 @@ def make_trt(version="10.3.0", mem=None, faults=(), dla_cores=0, device=DEVICE, 
             n = int.from_bytes(blob[8:12], "little")
             head = json.loads(blob[12:12 + n])
             self.min, self.max, self.placement = head["min"], head["max"], head["layers"]
+            self.dtypes = head.get("dtypes", {})  # tensor name -> DataType member name (default FLOAT)
             self.sess = ort.InferenceSession(bytes(blob[12 + n:]), providers=["CPUExecutionProvider"])
             self.names = ["image"] + [o.name for o in self.sess.get_outputs()]
             self.shapes = {"image": tuple(d if isinstance(d, int) else -1 for d in self.sess.get_inputs()[0].shape)}
@@ -305,7 +313,7 @@ def make_trt(version="10.3.0", mem=None, faults=(), dla_cores=0, device=DEVICE, 
             return TensorIOMode.INPUT if name == "image" else TensorIOMode.OUTPUT
 
         def get_tensor_dtype(self, name):
-            return DataType.FLOAT
+            return getattr(DataType, self.dtypes.get(name, "FLOAT"))
 
         def get_tensor_shape(self, name):
             return self.shapes[name]

@@ -279,7 +279,9 @@ def export(runner, cfg, test, out: Path, assets: Optional[Path], log, progress: 
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m gfnet_edge.train.cli", description=__doc__.splitlines()[0])
+    from ..cli import _Parser  # one-line option errors, reported once under torchrun
+
+    ap = _Parser(prog="python -m gfnet_edge.train.cli", description=__doc__.splitlines()[0])
     add_arguments(ap)
     args = ap.parse_args(argv)
     try:

@@ -157,9 +157,10 @@ class TensorRTRunner(Runner):
         lane = self._lanes.get(stream)
         if lane is not None:
             return lane
-        if stream == 0:
+        if stream in (0, 1):  # 0 / None, and cudaStreamLegacy (handle 1): the same stream
             raise ValueError("TensorRTRunner needs an explicit CUDA stream, not the legacy default stream "
-                             "(0 / None: TensorRT would synchronise the whole device around every call); "
+                             "(0 / None / cudaStreamLegacy: TensorRT would synchronise the whole device around "
+                             "every call); "
                              "pass a gfnet_edge.ops.Stream(), or your torch / CuPy stream")
         if len(self._lanes) >= self.MAX_STREAMS:
             raise ValueError(f"this TensorRTRunner already serves {len(self._lanes)} CUDA streams (each has its own "
