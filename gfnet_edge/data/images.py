@@ -180,7 +180,8 @@ def preprocess(image: Image.Image, image_size: int = 224, crop_pct: float = 0.87
     resample the two axes in the other order, which moves levels by a few steps (more on noise
     with bicubic overshoot) against the full resize.
     """
-    image = image.convert("RGB")
+    if image.mode != "RGB":  # convert() copies even an RGB image (training calls this per item)
+        image = image.convert("RGB")
     short = int(image_size / crop_pct)
     w, h = image.size
     new_w, new_h = resized_size(w, h, short)
