@@ -203,17 +203,20 @@ def step_costs_entry(latencies: Sequence[Any], backend: str, precision: str, thr
                      device: str, source: str = "gfnet-edge calibrate") -> Dict[str, Any]:
     """A manifest ``step_costs`` entry from calibration's per-batch step latencies
     (:class:`calibrate.latency.StepLatency`, smallest batch first)."""
+    def per_step(stats: Sequence[Any]) -> Dict[str, list]:  # {stat: [ms of each step]}
+        dicts = [s.to_dict() for s in stats]
+        return {k: [float(d[k]) for d in dicts] for k in ("mean_ms", "p50_ms", "p95_ms", "p99_ms")}
+
     batches = []
     for lat in latencies:
-        stats = [s.to_dict() for s in lat.steps]
-        retimed = [int(r) for r in (getattr(lat, "retimed", None) or [0] * len(stats))]
+        retimed = [int(r) for r in (getattr(lat, "retimed", None) or [0] * len(lat.steps))]
         block = {"batch": int(lat.batch), "calls": min(int(s.n) for s in lat.steps),
                  "step_calls": [int(s.n) for s in lat.steps], "retimed_calls": retimed,
-                 "cumulative": {k: [float(s[k]) for s in stats] for k in ("mean_ms", "p50_ms", "p95_ms", "p99_ms")}}
-        incs = [s.to_dict() for s in (getattr(lat, "increments", None) or [])]
+                 "cumulative": per_step(lat.steps)}
+        incs = getattr(lat, "increments", None) or []
         if incs:
-            block["increments"] = {k: [float(s[k]) for s in incs] for k in ("mean_ms", "p50_ms", "p95_ms", "p99_ms")}
-            block["increment_calls"] = min(int(s["n"]) for s in incs)
+            block["increments"] = per_step(incs)
+            block["increment_calls"] = min(int(s.n) for s in incs)
         batches.append(block)
     return {"backend": backend, "precision": precision, "threads": threads, "device": device,
             "batches": batches, "source": source}
