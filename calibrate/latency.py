@@ -336,8 +336,8 @@ def measure_steps(rt, frames: np.ndarray, batch: int = 1, repeats: int = 60, war
             lone = next((k for k in range(T) if lone_stall(samples[k])), None) if retime_stalls else None
             if lone is not None:
                 # each call after one of the step before it, untimed: the call that precedes it
-                # when interleaved, so the caches hold what they held then (back-to-back calls
-                # of the glance step alone measured it 6-9 % faster than interleaved)
+                # when interleaved, so the caches hold what they held then (back to back, the
+                # glance step measured about 0.8x its interleaved p50: bench/step_alone.py)
                 before = (lone - 1) % T
                 if not fits([lone, before]):
                     break
