@@ -320,13 +320,6 @@ def test_the_next_chunk_uploads_while_the_current_one_runs(demo, monkeypatch):
         np.testing.assert_allclose(a.confidence, b.confidence, rtol=0, atol=1e-5)
 
 
-def _normalised(bundle, frames):
-    from gfnet_edge import ops
-
-    m = bundle.model
-    return ops.preprocess(list(frames), m.image_size, crop_pct=1.0, mean=m.mean, std=m.std)
-
-
 # ------------------------------------------------------- peak memory of a 4000-frame call
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, resource, sys
