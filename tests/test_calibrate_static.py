@@ -348,6 +348,44 @@ def test_tensorrt_static_baseline_end_to_end_and_its_result(model, static, frame
     assert res[0].latency.n == 5 and simulated_gpu.state.engines_built == 1
 
 
+def _with_header(engine: Path, out: Path, **changes) -> Path:
+    """A copy of stand-in engine ``engine`` whose header has ``changes`` (e.g. ``dtypes``)."""
+    from trt_standin import MAGIC
+
+    blob = engine.read_bytes()
+    n = int.from_bytes(blob[len(MAGIC):len(MAGIC) + 4], "little")
+    head = json.loads(blob[len(MAGIC) + 4:len(MAGIC) + 4 + n])
+    head.update(changes)
+    raw = json.dumps(head).encode()
+    out.write_bytes(MAGIC + len(raw).to_bytes(4, "little") + raw + blob[len(MAGIC) + 4 + n:])
+    return out
+
+
+def test_tensorrt_static_engine_that_cannot_be_fed_is_refused_in_one_line(model, static, tmp_path, simulated_gpu):
+    """An engine whose input or logits are float16 (built elsewhere with float16 I/O), or whose
+    input is not the GFNet's S x S image, is refused when the classifier opens it, with the
+    engine and tensor named, before a buffer is sized for it; the engine it was copied from opens."""
+    from dataclasses import replace
+
+    from gfnet_edge.runtime.backends.classifier_tensorrt import TensorRTClassifier
+
+    t = Technology("tensorrt", "cuda", "fp32", captured=False)
+    open_classifier(StaticPlan(t, t, {"precision": "fp32", "build_options": {}}), static.onnx,
+                    lambda: static.onnx, model, None, tmp_path, batch=2).close()
+    engine = tmp_path / "static.fp32.engine"
+    TensorRTClassifier(engine, model, t, max_batch=4).close()
+    trt = trt_util.import_tensorrt()
+    output = trt_util.io_names(trt_util.safe_runtime(trt).deserialize_cuda_engine(engine.read_bytes()),
+                               trt.TensorIOMode.OUTPUT)[0]
+    for name in ("image", output):
+        half = _with_header(engine, tmp_path / f"half-{name}.engine", dtypes={name: "HALF"})
+        with pytest.raises(InputError, match=rf"half-{name}\.engine: tensor '{name}' is DataType\.HALF, not float32"):
+            TensorRTClassifier(half, model, t, max_batch=4)
+    with pytest.raises(InputError, match=rf"engine's input 'image' is \(-1, 3, {S}, {S}\), not \(N, 3, {S + 8}, "
+                                         rf"{S + 8}\) images"):
+        TensorRTClassifier(engine, replace(model, image_size=S + 8), t, max_batch=4)
+
+
 # ------------------------------------------------------------- ONNX Runtime CPU: as before
 @pytest.fixture()
 def ort_classifiers(monkeypatch):
