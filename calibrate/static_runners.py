@@ -197,7 +197,7 @@ def _tensorrt_classifier(plan: StaticPlan, tech: Technology, onnx_path: Path, mo
         src = _quantize_for_tensorrt(onnx_path, work / "static.int8-tensorrt.onnx", calib())
     built = build_classifier_engine(src, work / f"static.{tech.precision}.engine", options)
     return TensorRTClassifier(work / f"static.{tech.precision}.engine", model, tech, options.max_batch,
-                              static_batch=built.get("static_batch"))
+                              static_batch=built.get("static_batch"), dla_core=options.dla_core)
 
 
 def extra_int8(plan: StaticPlan, int8: bool) -> List[str]:

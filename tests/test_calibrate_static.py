@@ -361,6 +361,24 @@ def _with_header(engine: Path, out: Path, **changes) -> Path:
     return out
 
 
+def test_a_dla_static_engine_runs_as_plain_launches_and_says_why(model, static, frames, tmp_path, simulated_gpu):
+    """A DLA engine is never captured (TensorRT does not support CUDA graphs with DLA
+    offloading): planned as captured, its calls run as plain launches, logits as ONNX Runtime's,
+    and how it ran names the reason."""
+    from gfnet_edge.runtime.backends.classifier_tensorrt import TensorRTClassifier
+
+    x, _ = frames
+    t = Technology("tensorrt", "cuda", "fp32", captured=True)
+    open_classifier(StaticPlan(t, t, {"precision": "fp32", "build_options": {}}), static.onnx,
+                    lambda: static.onnx, model, None, tmp_path, batch=2).close()
+    with TensorRTClassifier(tmp_path / "static.fp32.engine", model, t, max_batch=4, dla_core=0) as clf:
+        got = [clf(x[i:i + 2]) for i in (0, 2, 4)]
+        assert clf.cache.captures == 0 and clf.cache.eager == 3
+        assert clf.ran().describe() == ("tensorrt cuda fp32, plain launches (DLA engines are not captured: CUDA graphs "
+                                        "and DLA offloading are not supported together)")
+    np.testing.assert_allclose(np.concatenate(got), reference_logits(static.onnx, model, x[:6]), rtol=1e-5, atol=1e-5)
+
+
 def test_tensorrt_static_engine_that_cannot_be_fed_is_refused_in_one_line(model, static, tmp_path, simulated_gpu):
     """An engine whose input or logits are float16 (built elsewhere with float16 I/O), or whose
     input is not the GFNet's S x S image, is refused when the classifier opens it, with the

@@ -455,6 +455,63 @@ def test_dla_engines_are_built_static_and_their_layer_placement_recorded(tmp_pat
         trt_build.build_engine(_onnx(tmp_path), out, trt_build.BuildOptions(precision="fp16", dla_core=2))
 
 
+@pytest.mark.parametrize("log,want", [
+    ([  # TensorRT 8.4-10.x
+        "[I] [TRT] ---------- Layers Running on DLA ----------",
+        "[I] [TRT] [DlaLayer] {ForeignNode[/conv1/Conv.../layer4/Relu]}",
+        "[I] [TRT] ---------- Layers Running on GPU ----------",
+        "[I] [TRT] [GpuLayer] SHUFFLE: /Reshape_2",
+        "[I] [TRT] [GpuLayer] CONVOLUTION: /fc/Gemm + /Add",
+    ], {"dla": ["{ForeignNode[/conv1/Conv.../layer4/Relu]}"], "gpu": ["/Reshape_2", "/fc/Gemm + /Add"]}),
+    ([  # NVIDIA's cuDLA sample
+        "--------------- Layers running on DLA:",
+        "[DlaLayer] {ForeignNode[conv1...prob]},",
+        "--------------- Layers running on GPU:",
+    ], {"dla": ["{ForeignNode[conv1...prob]}"], "gpu": []}),
+    (["--------------- Layers running on DLA:", "--------------- Layers running on GPU:"], {"dla": [], "gpu": []}),
+    (["[I] [TRT] Total Activation Memory: 1024"], None),
+])
+def test_dla_layer_report_is_read_in_each_form_tensorrt_prints(log, want):
+    """The builder's layer report gives the layer names the engine inspector uses: without the
+    layer type TensorRT prints before a GPU layer, without the cuDLA sample's trailing commas;
+    a report with no layers is a report (every layer fell back), a log without one is None."""
+    assert trt_build.parse_device_report(log) == want
+
+
+def test_dla_engines_run_as_plain_launches_and_say_why(fp32_bundle, tmp_path, monkeypatch, caplog):
+    """TensorRT does not capture DLA work in CUDA graphs (trtexec turns graphs off for a DLA
+    core): a DLA runner offers no capture, the device loop over it runs plain launches on one
+    context per engine with the reason logged and reported, and a GPU runner still captures."""
+    import logging
+
+    from gfnet_edge import ops
+    from gfnet_edge.runtime.backends.classifier import gfnet_technology
+    from gfnet_edge.runtime.device_place import DevicePlace
+
+    _engines_on_simulated_gpu(monkeypatch, dla_cores=1)
+    stream = ops.Stream()
+    (tmp_path / "gpu").mkdir()
+    (tmp_path / "dla").mkdir()
+    gpu = trtb.TensorRTRunner(*_engine_files(fp32_bundle, tmp_path / "gpu")).activate()
+    assert gpu.capture_refusal is None and gpu.graph_capture(stream) is not None
+    bundle, entry = _engine_files(fp32_bundle, tmp_path / "dla", lo=3, hi=3)
+    dla = trtb.TensorRTRunner(bundle, dict(entry, build_options={"dla_core": 0, "gpu_fallback": True})).activate()
+    assert dla.graph_capture(stream) is None
+    assert dla.capture_refusal == "DLA engines are not captured: CUDA graphs and DLA offloading are not supported together"
+    ctx = SimpleNamespace(runner=dla)  # what DevicePlace reads of the loop's context when it opens
+    with caplog.at_level(logging.INFO, logger="gfnet_edge"):
+        place = DevicePlace(ctx, stream, cuda_graphs=True)
+    assert place.graphs is None and place.not_captured == dla.capture_refusal
+    assert "the device loop runs as plain launches: DLA engines are not captured" in caplog.text
+    rt = SimpleNamespace(backend="tensorrt", precision="fp16-tensorrt",
+                         driver=SimpleNamespace(on_device=True, place=place))
+    assert gfnet_technology(rt).describe() == ("tensorrt cuda fp16, plain launches (DLA engines are not captured: "
+                                               "CUDA graphs and DLA offloading are not supported together)")
+    assert DevicePlace(ctx, stream, cuda_graphs=False).not_captured == "graphs switched off"
+    gpu.deactivate()
+    dla.deactivate()
+
+
 def test_dla_build_with_everything_on_the_gpu_is_refused(tmp_path, monkeypatch):
     """With a dynamic profile DLA takes no layer and GPU fallback moves all of them to the GPU
     (what TensorRT does); such an engine is refused, nothing written."""

@@ -270,7 +270,7 @@ def make_trt(version="10.3.0", mem=None, faults=(), dla_cores=0, device=DEVICE, 
                     self.log.log(Severity.INFO, f"[DlaLayer] {{ForeignNode[{n}]}}")
                 self.log.log(Severity.INFO, "---------- Layers Running on GPU ----------")
                 for n in gpu:
-                    self.log.log(Severity.INFO, f"[GpuLayer] {n}")
+                    self.log.log(Severity.INFO, f"[GpuLayer] CONVOLUTION: {n}")  # TensorRT 8.4+: type, name
             if config.cache is not None:
                 config.cache.entries[f"tactic-{Path(state.parsed).name}"] = 1
             state.engines_built += 1

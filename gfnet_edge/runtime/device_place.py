@@ -30,6 +30,7 @@ time. With the profiler off nothing waits except the per-step read.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, ContextManager, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -39,6 +40,8 @@ from .cuda_arrays import DeviceFrame
 from .types import (Chunk, DeviceRun, ExitBook, LoopContext, StepOutputs, check_step_flag as _check_flag,
                     frame_crop_pct, softmax)
 
+
+logger = logging.getLogger("gfnet_edge")
 
 F32 = 4  # bytes per float32 / int32
 
@@ -100,6 +103,14 @@ class DevicePlace:
         capture = ctx.runner.graph_capture(self.stream) if cuda_graphs else None
         #: The captured loop's buffers and graphs (None: plain launches, :class:`DeviceSteps`).
         self.graphs = None
+        #: Why the loop runs as plain launches from the start (graphs switched off, or the
+        #: runner's :attr:`~gfnet_edge.runtime.backends.base.Runner.capture_refusal`), else None.
+        self.not_captured: Optional[str] = None
+        if capture is None:
+            self.not_captured = ("graphs switched off" if not cuda_graphs else
+                                 getattr(ctx.runner, "capture_refusal", None) or "the runner offers no graph capture")
+            if cuda_graphs:
+                logger.info("the device loop runs as plain launches: %s", self.not_captured)
         if capture is not None:
             from .graph_steps import GraphWorkspace
 

@@ -113,11 +113,15 @@ class Runner:
 
         return self._run_device(graph, int(image), int(batch), ops.stream_handle(stream))
 
+    #: Why :meth:`graph_capture` returns None for this runner (reports name it), or None.
+    capture_refusal: Optional[str] = "the runner offers no graph capture"
+
     def graph_capture(self, stream: Any) -> Optional["Capture"]:
         """How the work this runner enqueues on ``stream`` is captured as a CUDA graph
         (:mod:`~gfnet_edge.runtime.graphs`), or None when it cannot be (the device loop then
-        launches every kernel itself). A captured :meth:`run_device` must leave its outputs at
-        the same addresses on every replay: runners keep them alive for the life of the graph.
+        launches every kernel itself; :attr:`capture_refusal` says why). A captured
+        :meth:`run_device` must leave its outputs at the same addresses on every replay:
+        runners keep them alive for the life of the graph.
         """
         return None
 

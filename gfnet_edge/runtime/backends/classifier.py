@@ -105,14 +105,16 @@ def gfnet_technology(rt: Any) -> Technology:
     captured = cache is not None and cache.active
     note = ""
     if on_device and not captured:
-        note = cache.disabled if cache is not None else "graphs switched off"
+        note = cache.disabled if cache is not None else \
+            getattr(driver.place, "not_captured", None) or "graphs switched off"
     return Technology(rt.backend, "cuda" if on_device else "cpu", NumericPrecision.of(rt.precision).value,
                       captured, note)
 
 
 def static_technology(gfnet: Technology) -> Technology:
     """The static side's technology for a GFNet side: the same backend, place and precision,
-    captured exactly when the GFNet loop is. ONNX Runtime runs the float graph (an INT8
+    captured exactly when the GFNet loop is (a DLA GFNet's loop is not, so neither is its static
+    engine, built with the same DLA options). ONNX Runtime runs the float graph (an INT8
     GFNet is compared with the float static network and, on request, its INT8 copy)."""
     precision = NumericPrecision.FP32.value if gfnet.backend == "onnxruntime" else gfnet.precision
     if gfnet.backend == "torch" and precision == NumericPrecision.INT8.value:

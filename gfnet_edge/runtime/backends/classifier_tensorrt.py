@@ -20,6 +20,7 @@ from ...errors import InputError, UnavailableError
 from . import tensorrt_util
 from .classifier import Classifier, Technology
 from .tensorrt_build import BuildOptions, build_engine
+from .tensorrt_engines import DLA_NOT_CAPTURED
 
 F32 = 4
 
@@ -54,10 +55,12 @@ class TensorRTClassifier(Classifier):
         technology: a tensorrt :class:`~.classifier.Technology`.
         max_batch: the engine profile's largest batch.
         static_batch: the one batch of a static-shape (DLA) engine, else None.
+        dla_core: the DLA core the engine was built for, else None (GPU). A DLA engine is never
+            captured (:data:`~.tensorrt_engines.DLA_NOT_CAPTURED`): its calls are plain launches.
     """
 
     def __init__(self, engine_path: Path, model: Any, technology: Technology, max_batch: int,
-                 static_batch: Optional[int] = None) -> None:
+                 static_batch: Optional[int] = None, dla_core: Optional[int] = None) -> None:
         from ... import ops
         from ..graphs import GraphCache, NativeCapture
 
@@ -100,7 +103,10 @@ class TensorRTClassifier(Classifier):
         self._image.zero(self.stream)
         self._outs = {n: ops.DeviceBuffer(max(B * self._row_elems(n) * F32, 1)) for n in outputs}
         self._contexts: Dict[int, Any] = {}
-        self.cache = GraphCache(NativeCapture(self.stream.handle) if technology.captured else None)
+        dla = dla_core is not None
+        self.cache = GraphCache(NativeCapture(self.stream.handle) if technology.captured and not dla else None)
+        if dla:
+            self.cache.disabled = DLA_NOT_CAPTURED
 
     def _row_elems(self, name: str) -> int:
         return int(np.prod([int(d) for d in self._engine.get_tensor_shape(name)][1:]))

@@ -22,7 +22,7 @@ import numpy as np
 from ...errors import InputError, UnavailableError
 from . import tensorrt_util
 from .base import GRAPHS, Runner
-from .tensorrt_engines import engine_dla_core, select_engine
+from .tensorrt_engines import DLA_NOT_CAPTURED, engine_dla_core, select_engine
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import RunnerRequest
@@ -91,6 +91,8 @@ class TensorRTRunner(Runner):
         opts = entry.get("build_options", {})
         self.static_batch: Optional[int] = entry.get("static_batch")
         self.max_batch = int(self.static_batch or opts.get("max_batch", 32))
+        #: DLA engines run as plain launches (:meth:`graph_capture`).
+        self.capture_refusal: Optional[str] = DLA_NOT_CAPTURED if engine_dla_core(entry) is not None else None
         self._engines: Dict[str, Any] = {}
         self._lanes: Dict[int, _Lane] = {}
         self._stream = None
@@ -224,10 +226,16 @@ class TensorRTRunner(Runner):
         first use, whose shape is set once; the loop runs every shape once before capturing it,
         as TensorRT requires. Each context holds its own activation memory: the number of
         contexts is two per batch bucket the loop meets (:func:`~gfnet_edge.runtime.graphs.buckets`).
+
+        None for DLA engines (:attr:`capture_refusal`): TensorRT does not support CUDA graphs
+        with DLA offloading (trtexec turns graphs off when a DLA core is set), so their loop
+        runs as plain launches on one execution context per engine.
         """
         from ... import ops
         from ..graphs import NativeCapture
 
+        if self.capture_refusal is not None:
+            return None
         handle = ops.stream_handle(stream)
         self._lane(handle).per_batch = True
         return NativeCapture(handle)

@@ -181,19 +181,26 @@ def save_timing_cache(config: Any, path: Path) -> bool:
 
 # ------------------------------------------------------------------ device report
 _REPORT = re.compile(r"\[(Dla|Gpu)Layer\]\s*(.*)")
+#: The layer type TensorRT 8.4+ puts before a GPU layer's name (``[GpuLayer] SHUFFLE: Reshape_2``).
+_LAYER_TYPE = re.compile(r"^[A-Z][A-Z0-9_]*: ")
 
 
 def parse_device_report(lines: List[str]) -> Optional[Dict[str, List[str]]]:
-    """The builder's layer report (``---------- Layers Running on DLA / GPU ----------``,
-    then one ``[DlaLayer] name`` / ``[GpuLayer] name`` line per engine layer) as
-    ``{"dla": [...], "gpu": [...]}``; ``None`` when the log holds no report."""
+    """The builder's layer report as ``{"dla": [...], "gpu": [...]}`` (layer names, as the
+    engine inspector names them); ``None`` when the log holds no report.
+
+    The report is an INFO-level log, not an API; the forms handled are TensorRT 8.4-10.x's
+    (``---------- Layers Running on DLA ----------``, ``[DlaLayer] {ForeignNode[...]}``,
+    ``---------- Layers Running on GPU ----------``, ``[GpuLayer] TYPE: name``) and the one of
+    NVIDIA's cuDLA sample (``--------------- Layers running on DLA:``, names ending in ``,``)."""
     found = {"dla": [], "gpu": []}
     seen = False
     for line in lines:
-        if "Layers Running on" in line:
+        if "layers running on" in line.lower():
             seen = True
         for m in _REPORT.finditer(line):
-            found[m.group(1).lower()].append(m.group(2).strip())
+            name = _LAYER_TYPE.sub("", m.group(2).strip().rstrip(",").rstrip(), count=1)
+            found[m.group(1).lower()].append(name)
             seen = True
     return found if seen else None
 

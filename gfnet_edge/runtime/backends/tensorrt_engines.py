@@ -60,6 +60,11 @@ def check_engine_compat(entry: Dict[str, Any], here: Dict[str, Any], trt_version
         )
 
 
+#: Why DLA engines run as plain launches: TensorRT does not support CUDA graphs together with DLA
+#: offloading (trtexec switches graphs off when a DLA core is set, with this warning).
+DLA_NOT_CAPTURED = "DLA engines are not captured: CUDA graphs and DLA offloading are not supported together"
+
+
 def engine_dla_core(entry: Dict[str, Any]) -> Optional[int]:
     """The DLA core an engine entry was built for (``None``: the GPU)."""
     core = entry.get("build_options", {}).get("dla_core")
