@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from gfnet_edge.model_desc import ModelDesc, as_desc
+
+from .budgets import tail_quantile
 
 #: A model description, or a manifest ``model`` entry (parsed with :func:`~gfnet_edge.model_desc.as_desc`).
 ModelLike = Union[ModelDesc, Mapping[str, Any]]
@@ -85,8 +87,9 @@ class LatencyStats:
 
     Attributes:
         n: number of measurements.
-        mean_ms, std_ms, p50_ms, p90_ms, p95_ms, p99_ms, min_ms: statistics (the percentiles are
-            those tail budgets limit, and the median).
+        mean_ms, std_ms, p50_ms, p90_ms, p95_ms, p99_ms, min_ms: statistics; the percentiles are
+            numpy's interpolated ones (:meth:`of`: step latency, which deadlines plan with), or
+            those tail budgets limit (:meth:`per_image`: :func:`calibrate.budgets.tail_quantile`).
     """
 
     n: int
@@ -105,6 +108,14 @@ class LatencyStats:
             raise ValueError("no latency samples")
         p50, p90, p95, p99 = (float(np.percentile(a, q)) for q in (50, 90, 95, 99))
         return cls(int(a.size), float(a.mean()), float(a.std()), p50, p90, p95, p99, float(a.min()))
+
+    @classmethod
+    def per_image(cls, ms: Sequence[float]) -> "LatencyStats":
+        """:meth:`of` with the percentiles a tail budget limits: ``p95_ms`` is the smallest of
+        ``ms`` with at most 5 % of them above it (:func:`calibrate.budgets.tail_quantile`)."""
+        s = cls.of(ms)
+        a = np.asarray(ms, dtype=np.float64)
+        return replace(s, **{f"p{q}_ms": tail_quantile([a], q / 100.0) for q in (50, 90, 95, 99)})
 
     def to_dict(self) -> Dict[str, float]:
         return dict(self.__dict__)
@@ -377,7 +388,8 @@ class CallRun:
     """One timed pass of the runtime over a set of frames.
 
     Attributes:
-        stats: per-image latency summary.
+        stats: per-image latency summary (:meth:`LatencyStats.per_image`: its percentiles are
+            those tail budgets limit).
         ms: per-image latency of each frame (a batch's time is shared by its images).
         classes, exit_step: runtime outputs (N,).
         coords: patch top-left per focus step (T-1, N, 2), -1 after exit.
@@ -425,7 +437,7 @@ def measure_calls(rt, frames: np.ndarray, thresholds: Sequence[float], batch: in
                     progress(len(chunk))
     finally:
         rt.profiler.enabled = was
-    return CallRun(LatencyStats.of(ms), np.asarray(ms), np.concatenate(classes), np.concatenate(exits),
+    return CallRun(LatencyStats.per_image(ms), np.asarray(ms), np.concatenate(classes), np.concatenate(exits),
                    np.concatenate(coords, axis=1))
 
 

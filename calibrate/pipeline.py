@@ -384,7 +384,8 @@ def _method_notes(cfg: CalibrationConfig, T: int) -> List[str]:
         "Tail budgets (p90, p95, p99): an image exiting at step k takes as long as a call whose images all exit at "
         "k, so the share of images slower than a limit L is sum_k frac_k * e_k(L), where e_k(L) is the share of "
         "step k's timed calls (all step-latency measurements so far) above L. The same threshold search keeps that "
-        "share within 1 - q for L = budget * (1 - margin); verification measures the percentile itself. With tail "
+        "share within 1 - q for L = budget * (1 - margin); verification measures the percentile itself, defined "
+        "as the fit defines it: the smallest per-image latency with at most 1 - q of the images slower. With tail "
         f"budgets each step is timed at least 10 / (1 - q) times ({cfg.timed_calls()} here).",
         "Deadline sweep: every held-out image runs through Runtime.predict(..., deadline_ms=D) with the featured "
         "budget's thresholds, the runtime planning each step with the measured p99 step latency; the static "

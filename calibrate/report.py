@@ -231,7 +231,8 @@ def _distribution_section(res: Dict[str, Any], figures: Dict[str, bytes]) -> Lis
                      "most 10 / 5 / 1 % of the images may take longer than the limit. Its thresholds are fitted with "
                      "the share of each step's latency measurements above the limit (minus the safety margin), so "
                      "that the expected share of slower images stays within the allowed share; the table shows what "
-                     "the runtime then measured on the held-out images.")
+                     "the runtime then measured on the held-out images. Its p95 is the smallest measured latency "
+                     "with at most 5 % of the images slower (p90, p99 alike), the statistic the budget limits.")
     parts.append(f"<p class='note'>{' '.join(notes)}</p>")
     return parts
 

@@ -38,7 +38,8 @@ class StaticResult:
         name: label (``static fp32``, ``static int8`` ...).
         source: the file given.
         accuracy: held-out top-1 accuracy (percent).
-        latency: per-image latency at the calibration batch size.
+        latency: per-image latency at the calibration batch size (its percentiles are those
+            tail budgets limit: :meth:`~calibrate.latency.LatencyStats.per_image`).
         macs: multiply-adds per image when known.
         meta: metadata of the checkpoint (no weights).
         technology: how it ran (backend, place, precision, capture).
@@ -184,7 +185,7 @@ def evaluate_classifier(clf: Classifier, name: str, frames: np.ndarray, labels: 
         ms.append((clock() - t0) * 1e3 / batch)
     meta = meta or {}
     macs = meta.get("macs")
-    return StaticResult(name, source, acc, LatencyStats.of(ms), int(macs) if macs else None, meta, clf.ran(),
+    return StaticResult(name, source, acc, LatencyStats.per_image(ms), int(macs) if macs else None, meta, clf.ran(),
                         np.asarray(ms, dtype=np.float64) * batch)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from gfnet_edge.errors import InputError
 from gfnet_edge.evaluate import DEFAULT_PS
 
-from .budgets import Budget
+from .budgets import Budget, tail_quantile
 from .fit import BudgetFit, InfeasibleBudget, _fractions, _scores, check_fit_inputs, search_thresholds
 
 #: Weight of the mean latency in the per-step cost of a tail fit: it only breaks ties (far below
@@ -40,21 +40,17 @@ def exceedance(samples: Sequence[np.ndarray], limit_ms: float) -> np.ndarray:
 
 
 def smallest_limit(samples: np.ndarray, quantile: float) -> float:
-    """The smallest measured value ``v`` with at most ``1 - quantile`` of ``samples`` above it."""
-    s = np.sort(np.asarray(samples, dtype=np.float64))
-    allowed = int(np.floor((1.0 - quantile) * s.size + 1e-9))
-    return float(s[s.size - 1 - allowed])
+    """The smallest measured value ``v`` with at most ``1 - quantile`` of ``samples`` above it
+    (:func:`calibrate.budgets.tail_quantile`)."""
+    return tail_quantile([samples], quantile)
 
 
 def mixture_quantile(samples: Sequence[np.ndarray], fractions: Sequence[float], quantile: float) -> float:
     """The ``quantile`` of per-image latency when a share ``fractions[k]`` of the images exits at
-    step ``k`` and each step's latency is distributed as its measurements (ms)."""
-    vals = np.concatenate(samples)
-    w = np.concatenate([np.full(s.size, f / s.size) for s, f in zip(samples, fractions)])
-    order = np.argsort(vals, kind="stable")
-    cum = np.cumsum(w[order])
-    i = int(np.searchsorted(cum, quantile * cum[-1] - 1e-12))
-    return float(vals[order][min(i, vals.size - 1)])
+    step ``k`` and each step's latency is distributed as its measurements (ms): the smallest
+    measured value ``L`` with ``sum_k fractions[k] * e_k(L) <= 1 - quantile``
+    (:func:`calibrate.budgets.tail_quantile`)."""
+    return tail_quantile(samples, quantile, fractions)
 
 
 def check_tail_feasible(budget: Budget, samples: Sequence[np.ndarray], where: str = "") -> None:

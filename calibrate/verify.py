@@ -15,7 +15,7 @@ import numpy as np
 from gfnet_edge.evaluate import dynamic_evaluate
 from gfnet_edge.log import logger
 
-from .budgets import Budget
+from .budgets import Budget, tail_quantile
 from .config import CalibrationConfig
 from .fit import BudgetFit, check_feasible, fit_budget
 from .latency import CLOCKS, CallRun, StepLatency, measure_calls
@@ -221,9 +221,11 @@ class BudgetResult:
         return 100.0 * float((self.run.ms > self.budget.ms).mean())
 
     def distribution(self) -> Dict[str, float]:
-        """Percentiles of the measured per-image latency (ms)."""
+        """Percentiles of the measured per-image latency (ms), as tail budgets define them
+        (:func:`calibrate.budgets.tail_quantile`: ``p95_ms`` is the smallest latency with at most
+        5 % of the images slower)."""
         ms = self.run.ms
-        out = {f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 90, 95, 99)}
+        out = {f"p{q}_ms": tail_quantile([ms], q / 100.0) for q in (50, 90, 95, 99)}
         return {**out, "max_ms": float(ms.max()), "mean_ms": float(ms.mean()), "over_budget_pct": self.over_budget_pct}
 
     def to_dict(self) -> Dict[str, Any]:
