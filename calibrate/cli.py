@@ -16,7 +16,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         tol = tuple(float(x) for x in args.tolerance.split(","))
     except ValueError:
         tol = ()
-    if len(tol) != 2 or not all(0 <= x < 1 for x in tol):
+    if len(tol) != 2:
         raise InputError(f"--tolerance must be BELOW,ABOVE fractions, e.g. 0.10,0.05; got {args.tolerance!r}")
     cfg = CalibrationConfig(
         bundle=args.bundle, data=args.data, output=args.output, budgets_ms=list(args.budget_ms or []),
@@ -48,6 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from gfnet_edge.cli.options import add_runtime_options
 
     from .budgets import parse_budget_arg
+    from .fit import MAX_MARGIN, METHODS
     from .latency import EXTEND_SECONDS, WARMUP_MS
 
     p = sub.add_parser(
@@ -85,12 +86,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="leave out image files of a --data folder that cannot be read, naming each in a warning "
                         "(default: stop at the first)")
     p.add_argument("--holdout", type=float_range(0.0, 1.0, lo_open=True, hi_open=True), default=0.5, help="held-out fraction (default 0.5)")
-    p.add_argument("--method", choices=["search", "reference"], default="search",
+    p.add_argument("--method", choices=list(METHODS), default="search",
                    help="threshold fitting: search (max accuracy under the budget) or the reference p sweep")
-    p.add_argument("--margin", type=float_range(0.0, 1.0, hi_open=True), default=0.03, help="safety margin of the fit, fraction of the budget (0.03)")
+    p.add_argument("--margin", type=float_range(0.0, MAX_MARGIN, hi_open=True), default=0.03,
+                   help=f"safety margin of the fit, fraction of the budget in [0, {MAX_MARGIN:g}) (0.03)")
     p.add_argument("--tolerance", default="0.10,0.05",
                    help="BELOW,ABOVE: the measured mean (or the percentile of a tail budget) must lie in "
-                        "[budget*(1-BELOW), budget*(1+ABOVE)] (0.10,0.05)")
+                        "[budget*(1-BELOW), budget*(1+ABOVE)]; each in [0, 1) (0.10,0.05)")
     p.add_argument("--attempts", type=POSITIVE, default=3, help="fit/verify rounds per budget (default 3)")
     p.add_argument("--repeats", type=POSITIVE, default=60, help="timed calls per step (default 60)")
     p.add_argument("--latency-calls", type=NON_NEGATIVE, default=300, metavar="N",

@@ -9,7 +9,13 @@ import numpy as np
 from gfnet_edge.errors import InputError
 
 from .budgets import Budget
+from .fit import MAX_MARGIN, METHODS
 from .latency import CLOCKS, EXTEND_SECONDS, WARMUP_MS
+
+
+def _in_range(x, hi: float) -> bool:
+    """Whether ``x`` is a real number (not a bool) in ``[0, hi)``."""
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and 0.0 <= x < hi
 
 
 @dataclass
@@ -33,9 +39,10 @@ class CalibrationConfig:
         holdout: held-out fraction.
         skip_unreadable: leave out image files of a ``data`` folder that cannot be read
             (each named in a warning) instead of stopping at the first.
-        method: ``search`` or ``reference`` threshold fitting.
-        margin: safety margin of the fit (fraction of the budget).
-        tolerance: (below, above) fractions of the budget the measured mean latency must lie in.
+        method: ``search`` or ``reference`` threshold fitting (:data:`calibrate.fit.METHODS`).
+        margin: safety margin of the fit (fraction of the budget, in ``[0, 0.5)``).
+        tolerance: (below, above) fractions of the budget, each in ``[0, 1)``: the measured
+            statistic (mean or percentile) must lie in ``[budget * (1 - below), budget * (1 + above)]``.
         attempts: fit/verify rounds per budget (a later round re-measures the step latency and
             refits when the previous round's measured latency was outside the tolerance).
         repeats, warmup: timed and untimed calls per step for the latency measurement.
@@ -118,6 +125,14 @@ class CalibrationConfig:
             raise InputError(f"--deadlines must be >= 0, got {self.deadlines}")
         if self.attempts < 1:
             raise InputError(f"--attempts must be >= 1, got {self.attempts}")
+        if self.method not in METHODS:
+            raise InputError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if not _in_range(self.margin, MAX_MARGIN):
+            raise InputError(f"--margin must be a fraction of the budget in [0, {MAX_MARGIN:g}), got {self.margin!r}")
+        tol = tuple(self.tolerance) if isinstance(self.tolerance, (tuple, list)) else ()
+        if len(tol) != 2 or not all(_in_range(x, 1.0) for x in tol):
+            raise InputError("--tolerance must be BELOW,ABOVE: two fractions of the budget in [0, 1), e.g. 0.10,0.05; "
+                             f"got {self.tolerance!r}")
         for b in self.budgets_ms:
             if not np.isfinite(b) or b <= 0:
                 raise InputError(f"--budget-ms values must be positive milliseconds, got {b}")

@@ -25,6 +25,9 @@ from gfnet_edge.evaluate import DEFAULT_PS, LAST, NO_EXIT, exit_fractions, fit_t
 
 METHODS = ("search", "reference")
 
+#: The safety margin of a fit lies in ``[0, MAX_MARGIN)`` (a fraction of the budget).
+MAX_MARGIN = 0.5
+
 
 class InfeasibleBudget(InputError):
     """A budget below the glance's own latency: no thresholds can meet it."""
@@ -86,8 +89,8 @@ def check_fit_inputs(probs: np.ndarray, labels: np.ndarray, steps: int, method: 
     """
     if method not in METHODS:
         raise InputError(f"unknown threshold method {method!r}; choose one of {', '.join(METHODS)}")
-    if not 0.0 <= margin < 0.5:
-        raise InputError(f"margin must be in [0, 0.5), got {margin}")
+    if not 0.0 <= margin < MAX_MARGIN:
+        raise InputError(f"margin must be in [0, {MAX_MARGIN:g}), got {margin}")
     probs = np.asarray(probs, dtype=np.float32)
     if probs.ndim != 3 or probs.shape[0] != steps:
         raise InputError(f"probs must be (T={steps}, N, classes), got {probs.shape}")

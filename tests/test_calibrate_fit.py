@@ -128,6 +128,34 @@ def test_bad_arguments(kw, match):
         cf.fit_budget(**args)
 
 
+@pytest.mark.parametrize("kw,option", [({"margin": 0.5}, "--margin"), ({"margin": 0.6}, "--margin"),
+                                       ({"margin": -0.01}, "--margin"), ({"margin": float("nan")}, "--margin"),
+                                       ({"margin": "0.1"}, "--margin"), ({"method": "magic"}, "--method"),
+                                       ({"tolerance": (-0.1, 0.05)}, "--tolerance"),
+                                       ({"tolerance": (0.1, -0.05)}, "--tolerance"),
+                                       ({"tolerance": (0.1, 1.0)}, "--tolerance"),
+                                       ({"tolerance": (float("nan"), 0.05)}, "--tolerance"),
+                                       ({"tolerance": (0.1,)}, "--tolerance"),
+                                       ({"tolerance": (0.1, 0.05, 0.0)}, "--tolerance"),
+                                       ({"tolerance": "0.1,0.05"}, "--tolerance")])
+def test_calibration_config_checks_the_fit_options(kw, option):
+    """``CalibrationConfig.validate()`` refuses a margin the fit refuses, an unknown method and a
+    tolerance that is not two fractions in [0, 1), in one line naming the option; values the fit
+    and the tolerance check accept pass."""
+    from gfnet_edge.calibrate.config import CalibrationConfig
+
+    with pytest.raises(InputError, match=option) as e:
+        CalibrationConfig(bundle="b", data="d", output="o", **kw).validate()
+    assert "\n" not in str(e.value)
+    name = next(iter(kw))
+    if name == "margin" and isinstance(kw[name], float) and kw[name] == kw[name]:
+        with pytest.raises(InputError, match="margin"):  # the fit itself refuses it too
+            cf.fit_budget(_probs(CONF2, CLS2), Y2, COST2, 2.0, margin=kw[name])
+    for good in ({"margin": 0.0}, {"margin": 0.49}, {"method": "reference"}, {"method": cf.METHODS[0]},
+                 {"tolerance": (0.0, 0.0)}, {"tolerance": [0.99, 0.5]}):
+        CalibrationConfig(bundle="b", data="d", output="o", **good).validate()
+
+
 def test_names_and_defaults():
     assert cf.budget_name(3) == "ms-3.0" and cf.budget_name(2.25) == "ms-2.25"
     assert cf.default_budgets([2.0, 4.0, 6.0]) == [3.0, 4.0, 5.0]

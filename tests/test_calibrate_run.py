@@ -377,6 +377,28 @@ def test_bad_options(tiny_bundle, tmp_path, capsys, args, match):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("arg", ["--margin=0.6", "--margin=0.5", "--margin=-0.01", "--tolerance=-0.1,0.05",
+                                 "--tolerance=0.1,1", "--tolerance=0.1,nan", "--tolerance=0.1", "--method=magic"])
+def test_bad_fit_options_stop_in_one_line_before_any_measurement(tiny_bundle, tmp_path, capsys, monkeypatch, arg):
+    """A margin the fit refuses (it needs [0, 0.5)), a tolerance that is not two fractions in
+    [0, 1) or an unknown method stop with exit code 2 and one line naming the option, before the
+    step latency is measured; no report is written and the manifest is unchanged."""
+    from gfnet_edge.calibrate import pipeline
+
+    def no_measurement(*a, **k):
+        raise AssertionError("the step latency was measured before the options were checked")
+
+    monkeypatch.setattr(pipeline, "_measure", no_measurement)
+    bundle = _fresh(tiny_bundle, tmp_path)
+    manifest = (bundle / "manifest.json").read_bytes()
+    out = tmp_path / "r"
+    rc = _main(["calibrate", str(bundle), "--data", str(tiny_bundle / "data.npz"), "-o", str(out), *FAST,
+                "--budget-ms", "500", arg])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and arg.split("=")[0] in err, err
+    assert not out.exists() and (bundle / "manifest.json").read_bytes() == manifest
+
+
 def test_existing_report_dir_needs_force(tiny_bundle, tmp_path, capsys):
     bundle = _fresh(tiny_bundle, tmp_path)
     out = tmp_path / "r"
