@@ -260,7 +260,7 @@ def _sweep_section(res: Dict[str, Any], figures: Dict[str, bytes]) -> List[str]:
             "always runs, so a deadline below its latency cannot be met. The deadlines run from the glance's p50 to "
             "past the full model's p99 with the margin (from there the runtime plans every step) and on to past the "
             "slowest static baseline's p99 call when that is later. A static network has one answer at the end: "
-            "its miss rate is the share of its measured calls slower than D"
+            "its miss rate is the share of its measured calls slower than D, on the wall clock too"
             f"{' (' + html.escape(static_p50) + ')' if static_p50 else ' (pass --static to compare)'}.</p>"]
 
 

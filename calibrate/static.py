@@ -43,7 +43,8 @@ class StaticResult:
         macs: multiply-adds per image when known.
         meta: metadata of the checkpoint (no weights).
         technology: how it ran (backend, place, precision, capture).
-        call_ms: every timed call's latency (ms per call, not in ``to_dict``).
+        call_ms: every timed call's wall-clock latency (ms per call, not in ``to_dict``), whatever
+            the clock of ``latency``: the deadline sweep compares it with GFNet's wall-clock calls.
     """
 
     name: str
@@ -156,7 +157,8 @@ def evaluate_classifier(clf: Classifier, name: str, frames: np.ndarray, labels: 
         meta: checkpoint metadata.
         source: the file the user gave.
         batch: images per timed call.
-        clock: the timer (``calibrate.latency.CLOCKS``).
+        clock: the timer of the latency statistics (``calibrate.latency.CLOCKS``); each call's
+            wall-clock time is recorded too (``call_ms``, for the deadline sweep).
     """
     S = clf.image_size
     try:
@@ -177,16 +179,22 @@ def evaluate_classifier(clf: Classifier, name: str, frames: np.ndarray, labels: 
         return latency_frames[[(i * batch + j) % n for j in range(batch)]]
 
     start = warm_up(lambda i: clf(frames_of(i)), warmup, warmup_ms)
+    wall_only = clock is time.perf_counter
     ms: List[float] = []
+    wall_ms: List[float] = []
     for i in range(start, start + repeats):
         f = frames_of(i)
         t0 = clock()
+        w0 = t0 if wall_only else time.perf_counter()
         clf(f)
-        ms.append((clock() - t0) * 1e3 / batch)
+        w1 = time.perf_counter()
+        t1 = w1 if wall_only else clock()
+        ms.append((t1 - t0) * 1e3 / batch)
+        wall_ms.append((w1 - w0) * 1e3)
     meta = meta or {}
     macs = meta.get("macs")
     return StaticResult(name, source, acc, LatencyStats.per_image(ms), int(macs) if macs else None, meta, clf.ran(),
-                        np.asarray(ms, dtype=np.float64) * batch)
+                        np.asarray(wall_ms, dtype=np.float64))
 
 
 def evaluate_static(path: Path, name: str, frames: np.ndarray, labels: np.ndarray, model: ModelLike,

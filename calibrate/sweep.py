@@ -65,7 +65,8 @@ class DeadlineSweep:
     planned_with: str = ""
 
     def add_static(self, name: str, call_ms: Sequence[float]) -> None:
-        """Adds a static baseline's miss rate at every deadline from its measured call latencies."""
+        """Adds a static baseline's miss rate at every deadline from its measured call latencies
+        (wall-clock, as GFNet's calls here: ``StaticResult.call_ms`` whatever ``--clock``)."""
         a = np.asarray(call_ms, dtype=np.float64)
         for r in self.rows:
             r.static_miss_pct[name] = 100.0 * float((a > r.deadline_ms).mean())
@@ -97,7 +98,7 @@ def sweep_deadlines(lat: StepLatency, n: int, margin: Optional[float] = None,
         lat: the step latency at the sweep's batch.
         n: deadlines up to GFNet's meeting point (0: none).
         margin: the deadline margin the runtime plans with (default: the runtime's).
-        static_call_ms: per static baseline, its timed calls' latency (ms per call).
+        static_call_ms: per static baseline, its timed calls' wall-clock latency (ms per call).
     """
     if n <= 0:
         return []

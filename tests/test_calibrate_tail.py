@@ -262,6 +262,47 @@ def test_static_miss_rate_in_the_sweep():
     assert sw.to_dict()["static_p50_ms"] == {"static fp32": 2.0}
 
 
+def test_a_static_baselines_miss_rate_counts_its_off_cpu_time_under_the_cpu_clock():
+    """A static network whose calls sleep 4 ms (off the CPU, as when waiting for a GPU or another
+    process): under ``--clock cpu`` its latency statistics are CPU time (far below 4 ms), but the
+    deadline sweep compares wall-clock deadlines, so every call misses a 3 ms deadline; the
+    wall-clock call times are checked against the sleep itself."""
+    import time
+
+    from gfnet_edge.calibrate.latency import CLOCKS
+    from gfnet_edge.calibrate.static import evaluate_classifier
+    from gfnet_edge.runtime.backends.classifier import Classifier, Technology
+
+    sleep_ms = 4.0
+
+    class Sleeper(Classifier):
+        def __init__(self):
+            super().__init__(Technology("onnxruntime", "cpu", "fp32"), 8)
+            self.wall = []
+
+        def __call__(self, frames):
+            t0 = time.perf_counter()
+            time.sleep(sleep_ms / 1e3)
+            self.wall.append((time.perf_counter() - t0) * 1e3)
+            return np.zeros((len(frames), 2), np.float32)
+
+    frames, labels = np.zeros((4, 8, 8, 3), np.uint8), np.zeros(4, np.int64)
+    for clock, batch in (("cpu", 1), ("cpu", 2), ("wall", 1)):
+        clf = Sleeper()
+        res = evaluate_classifier(clf, "static fp32", frames, labels, frames, repeats=12, warmup=1, warmup_ms=0.0,
+                                  batch=batch, clock=CLOCKS[clock])
+        timed = np.asarray(clf.wall[-12:])  # the timed calls, as the classifier itself saw them
+        assert res.call_ms.shape == (12,) and np.all(res.call_ms >= timed) and np.all(res.call_ms >= sleep_ms)
+        if clock == "cpu":
+            assert res.latency.p50_ms * batch < 0.5 * sleep_ms  # the sleep is not CPU time
+        else:
+            assert res.latency.mean_ms * batch == pytest.approx(res.call_ms.mean())
+        sw = DeadlineSweep("ms-3.0", 0.05, batch, [SweepRow(d, 50.0, 0.0, 0.0, 0.0, 1.0, d, d, d)
+                                                   for d in (0.75 * sleep_ms, 10 * float(res.call_ms.max()))])
+        sw.add_static(res.name, res.call_ms)
+        assert [r.static_miss_pct[res.name] for r in sw.rows] == [100.0, 0.0]
+
+
 def _sweep_latency(rng):
     from gfnet_edge.calibrate.latency import LatencyStats, StepLatency
 
