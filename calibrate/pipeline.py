@@ -374,11 +374,13 @@ def _method_notes(cfg: CalibrationConfig, T: int) -> List[str]:
         "it is never worse than the reference method on the fitting split; ties go to the solution spending more of "
         "the budget. The reference method's held-out accuracy is reported next to it.",
         "Verification: the runtime runs the held-out images with the chosen thresholds, one call per "
-        f"{cfg.batch} image(s); 'measured ms' is the mean per-image time of those calls and 'accuracy' the runtime's "
-        "own predictions. When the measurement differs from the exit-step model by more than 2% and lies outside the "
-        "tolerance, the step latency is measured again (the load may have changed) and the thresholds refitted "
-        f"with the per-step median of all measurements so far; at most {cfg.attempts} rounds, every round in "
-        "report.json. Each budget starts from that median; all measurements are listed under latency.history, and "
+        f"{cfg.batch} image(s); 'measured ms' is the mean per-image time of those calls (its percentile, for a tail "
+        "budget) and 'accuracy' the runtime's own predictions. When the measurement lies outside the tolerance "
+        f"(-{100 * cfg.tolerance[0]:g}%/+{100 * cfg.tolerance[1]:g}% of the budget), the step latency is measured "
+        "again (the load may have changed) and the thresholds refitted with the per-step median of all "
+        "measurements so far; a refit that picks the same thresholds, or a glance that no longer meets the budget, "
+        f"ends the rounds; at most {cfg.attempts} rounds, every round in report.json. Each budget starts from that "
+        "median; all measurements are listed under latency.history, and "
         "a spread of more than 10% between their full-model median calls is reported as a warning (another "
         "process used the device, or its clocks changed).",
         "Tail budgets (p90, p95, p99): an image exiting at step k takes as long as a call whose images all exit at "
