@@ -267,6 +267,31 @@ def test_bad_calibration_data_errors(tiny, tmp_path):
         gq.QuantizeOptions(profile="int4").validate()
 
 
+def test_values_beyond_float32_range_are_rejected_after_the_cast():
+    """Images are checked as the float32 arrays calibration uses: a float64 value beyond float32's
+    range (Inf once cast) is an error, like NaN / Inf; one within it is kept as numpy casts it."""
+    import warnings
+
+    ok = _images(16).astype(np.float64)
+    ok[3, 0, 0, 0] = 1e38
+    got = gq.check_images(ok, S)
+    assert got.dtype == np.float32 and np.isfinite(got).all()
+    np.testing.assert_array_equal(got, ok.astype(np.float32))
+    bad = ok.copy()
+    bad[3, 0, 0, 0] = 10.0 * float(np.finfo(np.float32).max)
+    assert np.isfinite(bad).all()  # finite as given
+    patches = ok[:, :, :P, :P]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the error itself, not a cast warning
+        with pytest.raises(ValueError, match=r"1 image\(s\) contain NaN or Inf.*first: index 3"):
+            gq.check_images(bad, S)
+        with pytest.raises(ValueError, match="glance inputs contain NaN or Inf"):
+            gq.QuantCalibrationSet(bad[:, :, :P, :P], patches, np.arange(16))
+        with pytest.raises(ValueError, match="focus inputs contain NaN or Inf"):
+            gq.QuantCalibrationSet(patches, bad[:, :, :P, :P], np.arange(16))
+    assert gq.QuantCalibrationSet(patches, patches, np.arange(16)).glance.dtype == np.float32
+
+
 # --------------------------------------------------------------------------- quantize_model
 def test_quantize_model_end_to_end(tiny, tmp_path):
     pytest.importorskip("gfnet_edge.ops", reason="the runtime extension scores the graphs")
