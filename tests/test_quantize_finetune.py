@@ -185,6 +185,35 @@ def test_fine_tuning_that_does_not_lower_the_loss_keeps_the_fp32_weights(tiny):
                for a, b in zip(tuned.graph.initializer, f.graph.initializer))
 
 
+def test_fine_tuning_trains_with_its_threads_and_sets_torch_back(tiny):
+    """finetune_weights(threads=N) runs with N torch threads and leaves torch's thread count as
+    it found it, also when it raises."""
+    from gfnet_edge.quantize.finetune import finetune_weights
+
+    q, f = onnx.load(str(tiny["q"])), onnx.load(str(tiny["pre"]))
+    x = tiny["calib"].inputs("glance")[:16]
+    seen = []
+
+    def record(outs):  # a derived target: called while the graph runs
+        seen.append(torch.get_num_threads())
+        return []
+
+    def fail(outs):
+        raise RuntimeError("derived target failed")
+
+    original = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        finetune_weights(q, f, x, epochs=1, batch_size=8, derived=record, threads=1)
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="derived target failed"):
+            finetune_weights(q, f, x, epochs=1, batch_size=8, derived=fail, threads=1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(original)
+
+
 def test_mixed_graph_takes_each_output_from_the_graph_named(tiny):
     """bench/int8_outputs.py's mixed glance graph: the outputs asked for come from the INT8
     graph, the others from the FP32 graph, on the same input."""
