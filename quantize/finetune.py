@@ -138,8 +138,8 @@ def _finetune(qdq, fp32, x, epochs, lr, batch_size, flip, derived, seed, threads
         return total / n
 
     groups = []
-    for p in module.weights.values():
-        step = float(p.detach().abs().max()) / 127.0
+    for key, p in module.weights.items():  # the step of the graph's own weight grid
+        step = float(p.detach().abs().max()) / module.weight_qmax[key]
         groups.append({"params": [p], "lr": lr * max(step, 1e-8)})
     for p in module.biases.values():
         step = float(p.detach().abs().max()) / 127.0
