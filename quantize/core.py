@@ -118,8 +118,9 @@ def quantize_model(model, fp32_graphs: Mapping[str, Union[str, Path]], heads_pat
     if not isinstance(calib, QuantCalibrationSet):
         raise ValueError(f"calib must be a QuantCalibrationSet, got {type(calib).__name__}")
     calib, eval_x, eval_y, held_desc = _held_out(calib, opts, eval_images, eval_labels)
-    if calib.num_images > opts.num_calib:
-        calib = calib.subset(np.arange(opts.num_calib))
+    if calib.num_images > int(opts.num_calib):  # a seeded sample (a class-sorted set keeps every class)
+        calib = calib.subset(np.sort(np.random.default_rng(opts.seed).choice(calib.num_images, int(opts.num_calib),
+                                                                             replace=False)))
     if eval_x is not None:
         S = desc.image_size
         if getattr(eval_x, "dtype", None) == np.uint8:  # frames, as Runtime.predict takes them

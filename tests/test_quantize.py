@@ -469,6 +469,51 @@ def test_quantize_model_holds_out_calibration_images(tiny, tmp_path):
     assert gq.check_tensorrt_compat(res.graphs["focus"], profile="cpu") == []
 
 
+def test_num_calib_takes_a_seeded_sample_of_a_larger_set(tiny, monkeypatch, tmp_path):
+    """A calibration set larger than num_calib is cut to a sample drawn with the seed, not to its
+    first images: a class-sorted set keeps every class, each image its own patches; a set of
+    num_calib images (build-engine's) is used whole."""
+    import gfnet_edge.quantize.core as core
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def session(desc, fp32, heads, calib, *a, **k):
+        seen.append(calib)
+        raise Stop
+
+    monkeypatch.setattr(core, "QuantSession", session)
+    n, classes = 80, 4
+    glance = np.random.default_rng(1).standard_normal((n, 3, P, P)).astype(np.float32)
+    labels = np.repeat(np.arange(classes), n // classes)  # sorted by class, as a class folder loads
+    focus_image = np.repeat(np.arange(n), 2)
+    calib = gq.QuantCalibrationSet(glance, 0.5 * glance[focus_image], focus_image, labels=labels)
+    fp32 = {g: tiny["paths"][g] for g in ("glance", "focus")}
+
+    def calibrated(**kw):
+        opts = gq.QuantizeOptions(profile="cpu", max_accuracy_drop=None, **kw)
+        with pytest.raises(Stop):
+            gq.quantize_model(tiny["model"], fp32, tiny["paths"]["heads"], calib, tmp_path / "out", opts,
+                              eval_images=np.zeros((0, 3, S, S), np.float32), progress=False)
+        c = seen.pop()
+        # which of the set's images, found by value
+        return c, [int(np.flatnonzero((glance == g).all(axis=(1, 2, 3)))[0]) for g in c.glance]
+
+    c, idx = calibrated(num_calib=20)
+    assert c.num_images == len(set(idx)) == 20
+    np.testing.assert_array_equal(c.labels, labels[idx])
+    assert set(c.labels.tolist()) == set(range(classes))  # every class, not the first 20 images
+    assert c.focus.shape[0] == 40
+    np.testing.assert_array_equal(c.focus, 0.5 * c.glance[c.focus_image])  # each image's own patches
+    assert calibrated(num_calib=20)[1] == idx  # seeded
+    assert set(calibrated(num_calib=20, seed=1)[1]) != set(idx)
+    whole, _ = calibrated(num_calib=n)
+    np.testing.assert_array_equal(whole.glance, glance)
+    np.testing.assert_array_equal(whole.focus, calib.focus)
+
+
 def test_profile_settings_and_auto_method():
     trt = gq.QuantizeOptions(profile="tensorrt").validate()
     cpu = gq.QuantizeOptions(profile="cpu").validate()
