@@ -514,6 +514,54 @@ def test_num_calib_takes_a_seeded_sample_of_a_larger_set(tiny, monkeypatch, tmp_
     np.testing.assert_array_equal(whole.focus, calib.focus)
 
 
+def test_quantize_model_replaces_its_outputs_only_once_complete(tiny, monkeypatch, tmp_path):
+    """quantize_model stages its outputs beside out_dir: a run that fails while writing them
+    leaves an earlier run's files as they were and no staging folder; one that succeeds replaces
+    all three (and removes the staging folders of killed runs)."""
+    import gfnet_edge.quantize.core as core
+
+    fp32 = {g: tiny["paths"][g] for g in ("glance", "focus")}
+    opts = gq.QuantizeOptions(profile="cpu", method="max", max_accuracy_drop=None, threads=1)
+    out = tmp_path / "out"
+
+    def run(calib):
+        return gq.quantize_model(tiny["model"], fp32, tiny["paths"]["heads"], calib, out, opts,
+                                 eval_images=np.zeros((0, 3, S, S), np.float32), progress=False)
+
+    def files():
+        return {p.name: p.read_bytes() for p in out.iterdir()}
+
+    run(tiny["calib"].subset(np.arange(16)))
+    before = files()
+    assert set(before) == {"glance.onnx", "focus.onnx", "quantization.json"}
+
+    class Stop(Exception):
+        pass
+
+    checker = core.check_tensorrt_compat
+
+    def failing(path, *a, **k):  # fails once the glance graph is written
+        if Path(path).name == "focus.onnx":
+            raise Stop
+        return checker(path, *a, **k)
+
+    other = tiny["calib"].subset(np.arange(8, 24))  # other ranges: other graphs
+    monkeypatch.setattr(core, "check_tensorrt_compat", failing)
+    with pytest.raises(Stop):
+        run(other)
+    assert files() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    monkeypatch.undo()
+    stale = tmp_path / ".out.999999999.x.partial"  # a killed run's staging folder (no such process)
+    stale.mkdir()
+    res = run(other)
+    after = files()
+    assert set(after) == set(before) and all(after[k] != before[k] for k in before)
+    assert res.graphs == {g: out / f"{g}.onnx" for g in ("glance", "focus")}
+    assert json.loads(after["quantization.json"]) == json.loads(json.dumps(res.report))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_profile_settings_and_auto_method():
     trt = gq.QuantizeOptions(profile="tensorrt").validate()
     cpu = gq.QuantizeOptions(profile="cpu").validate()
