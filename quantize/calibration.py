@@ -67,7 +67,8 @@ def check_images(images: Any, image_size: int, min_images: int = MIN_CALIB_IMAGE
     """Validates normalised images and returns them as C-contiguous float32 (N, 3, S, S).
 
     Raises:
-        ValueError: not an array, wrong shape, NaN / Inf, fewer than ``min_images`` images.
+        ValueError: not an array, wrong shape, NaN / Inf (after the cast to float32: a value
+            beyond its range is Inf there), fewer than ``min_images`` images.
     """
     if hasattr(images, "detach"):  # torch tensor
         images = images.detach().cpu().numpy()
@@ -84,11 +85,19 @@ def check_images(images: Any, image_size: int, min_images: int = MIN_CALIB_IMAGE
         raise ValueError(f"{what}: the set is empty")
     if n < min_images:
         raise ValueError(f"{what}: only {n} image(s); calibration needs at least {min_images}")
+    images = _as_float32(images)
     finite = np.isfinite(images).reshape(n, -1).all(axis=1)
     if not finite.all():
-        raise ValueError(f"{what}: {int((~finite).sum())} image(s) contain NaN or Inf "
-                         f"(first: index {int(np.argmin(finite))})")
-    return np.ascontiguousarray(images, dtype=np.float32)
+        raise ValueError(f"{what}: {int((~finite).sum())} image(s) contain NaN or Inf, or values beyond float32's "
+                         f"range (first: index {int(np.argmin(finite))})")
+    return images
+
+
+def _as_float32(a: np.ndarray) -> np.ndarray:
+    """``a`` as C-contiguous float32; values beyond float32's range become Inf (no warning: the
+    callers check for them)."""
+    with np.errstate(over="ignore"):
+        return np.ascontiguousarray(a, dtype=np.float32)
 
 
 def load_calibration_images(source: Union[str, os.PathLike], spec: SpecLike, n: int = 256, seed: int = 0,
@@ -208,9 +217,10 @@ class QuantCalibrationSet:
                                  f"got {getattr(a, 'shape', type(a).__name__)}")
             if a.shape[0] == 0:
                 raise ValueError(f"calibration {name} inputs are empty")
+            a = _as_float32(a)
             if not np.isfinite(a).all():
-                raise ValueError(f"calibration {name} inputs contain NaN or Inf")
-            setattr(self, name, np.ascontiguousarray(a, dtype=np.float32))
+                raise ValueError(f"calibration {name} inputs contain NaN or Inf, or values beyond float32's range")
+            setattr(self, name, a)
         if self.glance.shape[1:] != self.focus.shape[1:]:
             raise ValueError(f"glance inputs {self.glance.shape[1:]} and patches {self.focus.shape[1:]} differ in size")
         self.focus_image = np.asarray(self.focus_image, dtype=np.int64).reshape(-1)

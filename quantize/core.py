@@ -16,6 +16,7 @@ Flow for one profile (:mod:`.profiles`):
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -25,6 +26,7 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 import numpy as np
 
+from gfnet_edge.bundle import clean_stale
 from gfnet_edge.model_desc import ModelDesc, as_desc
 
 from .calibration import MIN_CALIB_IMAGES, QuantCalibrationSet, check_images
@@ -33,6 +35,10 @@ from .options import QuantizeOptions
 from .qdq import weighted_nodes
 from .search import SearchResult, search_mixed_precision
 from .session import GRAPHS, QuantSession
+
+
+#: The report :func:`quantize_model` writes beside the graphs.
+REPORT = "quantization.json"
 
 
 @dataclass
@@ -88,7 +94,9 @@ def quantize_model(model, fp32_graphs: Mapping[str, Union[str, Path]], heads_pat
         fp32_graphs: ``{"glance": path, "focus": path}`` exported FP32 graphs.
         heads_path: ``heads.npz`` of the same model (or its arrays).
         calib: :class:`QuantCalibrationSet` (glance inputs and policy-location patches).
-        out_dir: where ``glance.onnx``, ``focus.onnx`` and ``quantization.json`` are written.
+        out_dir: where ``glance.onnx``, ``focus.onnx`` and ``quantization.json`` are written
+            (into a staging folder beside it first, then moved in, the report last: a run that
+            fails leaves ``out_dir``'s files as they were).
         opts: :class:`QuantizeOptions`.
         eval_images: held-out images for the accuracy check and the mixed-precision search:
             normalised float32 (N, 3, S, S), or uint8 (N, S, S, 3) frames already resized and
@@ -118,8 +126,9 @@ def quantize_model(model, fp32_graphs: Mapping[str, Union[str, Path]], heads_pat
     if not isinstance(calib, QuantCalibrationSet):
         raise ValueError(f"calib must be a QuantCalibrationSet, got {type(calib).__name__}")
     calib, eval_x, eval_y, held_desc = _held_out(calib, opts, eval_images, eval_labels)
-    if calib.num_images > opts.num_calib:
-        calib = calib.subset(np.arange(opts.num_calib))
+    if calib.num_images > int(opts.num_calib):  # a seeded sample (a class-sorted set keeps every class)
+        calib = calib.subset(np.sort(np.random.default_rng(opts.seed).choice(calib.num_images, int(opts.num_calib),
+                                                                             replace=False)))
     if eval_x is not None:
         S = desc.image_size
         if getattr(eval_x, "dtype", None) == np.uint8:  # frames, as Runtime.predict takes them
@@ -137,26 +146,37 @@ def quantize_model(model, fp32_graphs: Mapping[str, Union[str, Path]], heads_pat
     out_dir.mkdir(parents=True, exist_ok=True)
     work = out_dir / "work" if opts.keep_work else Path(tempfile.mkdtemp(prefix="gfnet-quant-"))
     work.mkdir(parents=True, exist_ok=True)
+    # the outputs are staged beside out_dir (named as gfnet_edge.bundle.staging_dir names its
+    # folders, so clean_stale removes those of killed runs) and moved in once complete
+    final = out_dir.resolve()
+    clean_stale(final)
+    stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".partial", dir=str(final.parent)))
     try:
-        sess = QuantSession(desc, fp32, heads_path, calib, work, opts, progress)
-        found = search_mixed_precision(sess, eval_x, eval_y)
-        report = _report(sess, found, held_desc)
-        graphs = {}
-        for g in GRAPHS:
-            dst = out_dir / f"{g}.onnx"
-            shutil.copyfile(found.graphs[g], dst)
-            violations = check_tensorrt_compat(dst, sess.profile)
-            if violations:  # pragma: no cover - the same file was checked when written
-                raise TensorRTCompatError(str(dst), violations)
-            graphs[g] = dst
+        try:
+            sess = QuantSession(desc, fp32, heads_path, calib, work, opts, progress)
+            found = search_mixed_precision(sess, eval_x, eval_y)
+            report = _report(sess, found, held_desc)
+            for g in GRAPHS:
+                dst = stage / f"{g}.onnx"
+                shutil.copyfile(found.graphs[g], dst)
+                violations = check_tensorrt_compat(dst, sess.profile)
+                if violations:  # pragma: no cover - the same file was checked when written
+                    raise TensorRTCompatError(str(out_dir / dst.name), violations)
+        finally:
+            if not opts.keep_work:
+                shutil.rmtree(work, ignore_errors=True)
+        report["seconds"] = round(time.perf_counter() - t_start, 1)
+        report["checker"] = {g: {"file": f"{g}.onnx", "violations": check_tensorrt_compat(stage / f"{g}.onnx",
+                                                                                         opts.profile),
+                                 "rules": opts.profile} for g in GRAPHS}
+        (stage / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        # the report goes last: until it is in place, out_dir holds no report of older graphs
+        (out_dir / REPORT).unlink(missing_ok=True)
+        for name in [f"{g}.onnx" for g in GRAPHS] + [REPORT]:
+            os.replace(stage / name, out_dir / name)
     finally:
-        if not opts.keep_work:
-            shutil.rmtree(work, ignore_errors=True)
-    report["seconds"] = round(time.perf_counter() - t_start, 1)
-    report["checker"] = {g: {"file": graphs[g].name, "violations": check_tensorrt_compat(graphs[g], opts.profile),
-                             "rules": opts.profile} for g in GRAPHS}
-    (out_dir / "quantization.json").write_text(json.dumps(report, indent=2) + "\n")
-    return QuantizationResult(graphs, report)
+        shutil.rmtree(stage, ignore_errors=True)
+    return QuantizationResult({g: out_dir / f"{g}.onnx" for g in GRAPHS}, report)
 
 
 def _report(sess: QuantSession, found: SearchResult, held_desc: str) -> Dict[str, Any]:

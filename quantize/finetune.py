@@ -78,7 +78,8 @@ def finetune_weights(qdq, fp32, x: np.ndarray, epochs: int, lr: float = 0.01, ba
         derived: more targets computed from the graph's outputs (name -> tensor), e.g. what a
             head downstream makes of them; each counts in the loss like an output.
         seed: order of the inputs.
-        threads: torch / ONNX Runtime threads (``None``: their defaults).
+        threads: torch / ONNX Runtime threads (``None``: their defaults); torch's thread count
+            is set back to what it was on return.
         progress: a progress bar.
         desc: the progress bar's label.
 
@@ -88,6 +89,20 @@ def finetune_weights(qdq, fp32, x: np.ndarray, epochs: int, lr: float = 0.01, ba
     Raises:
         UnsupportedGraph: an op type the torch interpreter does not run.
     """
+    import torch
+
+    if not threads:
+        return _finetune(qdq, fp32, x, epochs, lr, batch_size, flip, derived, seed, threads, progress, desc)
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        return _finetune(qdq, fp32, x, epochs, lr, batch_size, flip, derived, seed, threads, progress, desc)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _finetune(qdq, fp32, x, epochs, lr, batch_size, flip, derived, seed, threads, progress, desc):
+    """:func:`finetune_weights` with torch's threads set."""
     import onnx
     import torch
     from onnx import numpy_helper
@@ -95,8 +110,6 @@ def finetune_weights(qdq, fp32, x: np.ndarray, epochs: int, lr: float = 0.01, ba
     from .torch_graph import QdqGraphModule
 
     t0 = time.perf_counter()
-    if threads:
-        torch.set_num_threads(int(threads))
     module = QdqGraphModule(qdq, fp32)
     x = np.ascontiguousarray(x, dtype=np.float32)
     n = len(x)
@@ -125,8 +138,8 @@ def finetune_weights(qdq, fp32, x: np.ndarray, epochs: int, lr: float = 0.01, ba
         return total / n
 
     groups = []
-    for p in module.weights.values():
-        step = float(p.detach().abs().max()) / 127.0
+    for key, p in module.weights.items():  # the step of the graph's own weight grid
+        step = float(p.detach().abs().max()) / module.weight_qmax[key]
         groups.append({"params": [p], "lr": lr * max(step, 1e-8)})
     for p in module.biases.values():
         step = float(p.detach().abs().max()) / 127.0

@@ -27,7 +27,7 @@ class QuantizeOptions:
             ``auto`` (the profile's :attr:`~.profiles.Profile.auto_method`).
         percentile: percentile of |x| kept by the ``percentile`` method.
         num_calib: calibration images used (glance inputs; the focus graph gets T-1 patches
-            per image).
+            per image); of a larger set, a sample drawn with ``seed`` (not its first images).
         max_accuracy_drop: largest final-step accuracy drop (points) the mixed-precision
             search accepts on the held-out set; ``None`` disables the search (everything int8).
         drop_noise_z: the accuracy targets (``max_accuracy_drop``, ``max_budget_drop``) count

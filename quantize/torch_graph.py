@@ -8,8 +8,10 @@ matches the FP32 graph. The module runs the Q/DQ graph's nodes in order with tor
   type's range); the rounding passes gradients straight through, the saturation passes none;
 * ``DequantizeLinear`` of a constant integer weight becomes a trainable float weight (initialised
   from the FP32 graph's weight of the same name where there is one) fake-quantized the way
-  ONNX Runtime quantizes weights: symmetric, scale ``max|w| / 127`` per output channel (or per
-  tensor), so that quantizing the trained weights afterwards reproduces the training-time graph;
+  ONNX Runtime quantizes weights: symmetric, scale ``max|w| / qmax`` per output channel (or per
+  tensor), on the integer range the graph's weight uses (``qmax`` = the largest |q| of its
+  integers: 127 for int8 weights, 64 for ONNX Runtime's 7-bit ``reduce_range`` weights), so that
+  quantizing the trained weights afterwards reproduces the training-time graph;
 * float biases of Conv / Gemm are trainable; everything else is a constant.
 
 Only the op types in :data:`OPS` are supported (those of the CNN backbones gfnet-edge exports);
@@ -25,7 +27,8 @@ import functools
 
 import numpy as np
 
-#: weight range of ONNX Runtime's symmetric int8 weights (``get_qmin_qmax_for_qType``)
+#: weight range of ONNX Runtime's symmetric int8 weights (``get_qmin_qmax_for_qType``); a graph's
+#: own range is read from its integer weights (:func:`weight_qmax`)
 WEIGHT_QMAX = 127
 _QRANGE = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255)}
 
@@ -55,8 +58,8 @@ def fake_quant(x, scale, zero_point, qmin: int, qmax: int):
     return (q - zero_point) * scale
 
 
-def weight_scale(w, axis: Optional[int]):
-    """ONNX Runtime's symmetric weight scale: ``max|w| / 127`` per channel on ``axis`` (``None``:
+def weight_scale(w, axis: Optional[int], qmax: int = WEIGHT_QMAX):
+    """ONNX Runtime's symmetric weight scale: ``max|w| / qmax`` per channel on ``axis`` (``None``:
     one scale), shaped to broadcast against ``w``; never 0."""
     a = w.detach().abs()
     if axis is None:
@@ -64,7 +67,15 @@ def weight_scale(w, axis: Optional[int]):
     else:
         dims = [d for d in range(w.dim()) if d != axis]
         m = a.amax(dim=dims, keepdim=True) if dims else a
-    return (m / WEIGHT_QMAX).clamp_min(1e-12)
+    return (m / qmax).clamp_min(1e-12)
+
+
+def weight_qmax(q: np.ndarray) -> int:
+    """The integer range ``[-qmax, qmax]`` of a symmetric quantized weight: ONNX Runtime maps each
+    channel's largest |w| to ``qmax`` (127 for int8, 64 with ``reduce_range``'s 7 bits), so it is
+    the largest |q|; :data:`WEIGHT_QMAX` for an all-zero weight, which shows none."""
+    m = int(np.abs(np.asarray(q, np.int64)).max()) if np.size(q) else 0
+    return m if m > 0 else WEIGHT_QMAX
 
 
 def _pads(p: Sequence[int], n: int) -> Tuple[List[int], bool]:
@@ -201,6 +212,8 @@ def _module_class():
 
         Attributes:
             weights: trainable weights (fake-quantized in :meth:`forward`).
+            weight_qmax: weight key -> the integer range ``[-qmax, qmax]`` its integers use in
+                the graph (:func:`weight_qmax`), the grid it is fake-quantized to.
             biases: trainable float biases.
             param_names: parameter key -> initializer name in the FP32 graph.
         """
@@ -230,6 +243,7 @@ def _module_class():
             self.weights = torch.nn.ParameterDict()
             self.biases = torch.nn.ParameterDict()
             self.param_names: Dict[str, str] = {}
+            self.weight_qmax: Dict[str, int] = {}
             self._weight_of: Dict[str, Tuple[str, Optional[int]]] = {}  # DQ output -> (key, channel axis)
             for n in g.node:
                 if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].dtype in (np.int8, np.uint8):
@@ -260,6 +274,7 @@ def _module_class():
             key = f"w{len(self.weights)}"
             self.weights[key] = torch.nn.Parameter(torch.from_numpy(w))
             self.param_names[key] = src
+            self.weight_qmax[key] = weight_qmax(q)
             self._weight_of[node.output[0]] = (key, axis)
 
         def _value(self, env, name: str):
@@ -275,8 +290,8 @@ def _module_class():
                 op = n.op_type
                 if op == "DequantizeLinear" and n.output[0] in self._weight_of:
                     key, axis = self._weight_of[n.output[0]]
-                    w = self.weights[key]
-                    env[n.output[0]] = fake_quant(w, weight_scale(w, axis), 0.0, -WEIGHT_QMAX, WEIGHT_QMAX)
+                    w, qmax = self.weights[key], self.weight_qmax[key]
+                    env[n.output[0]] = fake_quant(w, weight_scale(w, axis, qmax), 0.0, -qmax, qmax)
                 elif op == "QuantizeLinear":
                     pending[n.output[0]] = (self._value(env, n.input[0]), n.input[1],
                                             n.input[2] if len(n.input) > 2 and n.input[2] else None)

@@ -267,6 +267,31 @@ def test_bad_calibration_data_errors(tiny, tmp_path):
         gq.QuantizeOptions(profile="int4").validate()
 
 
+def test_values_beyond_float32_range_are_rejected_after_the_cast():
+    """Images are checked as the float32 arrays calibration uses: a float64 value beyond float32's
+    range (Inf once cast) is an error, like NaN / Inf; one within it is kept as numpy casts it."""
+    import warnings
+
+    ok = _images(16).astype(np.float64)
+    ok[3, 0, 0, 0] = 1e38
+    got = gq.check_images(ok, S)
+    assert got.dtype == np.float32 and np.isfinite(got).all()
+    np.testing.assert_array_equal(got, ok.astype(np.float32))
+    bad = ok.copy()
+    bad[3, 0, 0, 0] = 10.0 * float(np.finfo(np.float32).max)
+    assert np.isfinite(bad).all()  # finite as given
+    patches = ok[:, :, :P, :P]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the error itself, not a cast warning
+        with pytest.raises(ValueError, match=r"1 image\(s\) contain NaN or Inf.*first: index 3"):
+            gq.check_images(bad, S)
+        with pytest.raises(ValueError, match="glance inputs contain NaN or Inf"):
+            gq.QuantCalibrationSet(bad[:, :, :P, :P], patches, np.arange(16))
+        with pytest.raises(ValueError, match="focus inputs contain NaN or Inf"):
+            gq.QuantCalibrationSet(patches, bad[:, :, :P, :P], np.arange(16))
+    assert gq.QuantCalibrationSet(patches, patches, np.arange(16)).glance.dtype == np.float32
+
+
 # --------------------------------------------------------------------------- quantize_model
 def test_quantize_model_end_to_end(tiny, tmp_path):
     pytest.importorskip("gfnet_edge.ops", reason="the runtime extension scores the graphs")
@@ -444,6 +469,99 @@ def test_quantize_model_holds_out_calibration_images(tiny, tmp_path):
     assert gq.check_tensorrt_compat(res.graphs["focus"], profile="cpu") == []
 
 
+def test_num_calib_takes_a_seeded_sample_of_a_larger_set(tiny, monkeypatch, tmp_path):
+    """A calibration set larger than num_calib is cut to a sample drawn with the seed, not to its
+    first images: a class-sorted set keeps every class, each image its own patches; a set of
+    num_calib images (build-engine's) is used whole."""
+    import gfnet_edge.quantize.core as core
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def session(desc, fp32, heads, calib, *a, **k):
+        seen.append(calib)
+        raise Stop
+
+    monkeypatch.setattr(core, "QuantSession", session)
+    n, classes = 80, 4
+    glance = np.random.default_rng(1).standard_normal((n, 3, P, P)).astype(np.float32)
+    labels = np.repeat(np.arange(classes), n // classes)  # sorted by class, as a class folder loads
+    focus_image = np.repeat(np.arange(n), 2)
+    calib = gq.QuantCalibrationSet(glance, 0.5 * glance[focus_image], focus_image, labels=labels)
+    fp32 = {g: tiny["paths"][g] for g in ("glance", "focus")}
+
+    def calibrated(**kw):
+        opts = gq.QuantizeOptions(profile="cpu", max_accuracy_drop=None, **kw)
+        with pytest.raises(Stop):
+            gq.quantize_model(tiny["model"], fp32, tiny["paths"]["heads"], calib, tmp_path / "out", opts,
+                              eval_images=np.zeros((0, 3, S, S), np.float32), progress=False)
+        c = seen.pop()
+        # which of the set's images, found by value
+        return c, [int(np.flatnonzero((glance == g).all(axis=(1, 2, 3)))[0]) for g in c.glance]
+
+    c, idx = calibrated(num_calib=20)
+    assert c.num_images == len(set(idx)) == 20
+    np.testing.assert_array_equal(c.labels, labels[idx])
+    assert set(c.labels.tolist()) == set(range(classes))  # every class, not the first 20 images
+    assert c.focus.shape[0] == 40
+    np.testing.assert_array_equal(c.focus, 0.5 * c.glance[c.focus_image])  # each image's own patches
+    assert calibrated(num_calib=20)[1] == idx  # seeded
+    assert set(calibrated(num_calib=20, seed=1)[1]) != set(idx)
+    whole, _ = calibrated(num_calib=n)
+    np.testing.assert_array_equal(whole.glance, glance)
+    np.testing.assert_array_equal(whole.focus, calib.focus)
+
+
+def test_quantize_model_replaces_its_outputs_only_once_complete(tiny, monkeypatch, tmp_path):
+    """quantize_model stages its outputs beside out_dir: a run that fails while writing them
+    leaves an earlier run's files as they were and no staging folder; one that succeeds replaces
+    all three (and removes the staging folders of killed runs)."""
+    import gfnet_edge.quantize.core as core
+
+    fp32 = {g: tiny["paths"][g] for g in ("glance", "focus")}
+    opts = gq.QuantizeOptions(profile="cpu", method="max", max_accuracy_drop=None, threads=1)
+    out = tmp_path / "out"
+
+    def run(calib):
+        return gq.quantize_model(tiny["model"], fp32, tiny["paths"]["heads"], calib, out, opts,
+                                 eval_images=np.zeros((0, 3, S, S), np.float32), progress=False)
+
+    def files():
+        return {p.name: p.read_bytes() for p in out.iterdir()}
+
+    run(tiny["calib"].subset(np.arange(16)))
+    before = files()
+    assert set(before) == {"glance.onnx", "focus.onnx", "quantization.json"}
+
+    class Stop(Exception):
+        pass
+
+    checker = core.check_tensorrt_compat
+
+    def failing(path, *a, **k):  # fails once the glance graph is written
+        if Path(path).name == "focus.onnx":
+            raise Stop
+        return checker(path, *a, **k)
+
+    other = tiny["calib"].subset(np.arange(8, 24))  # other ranges: other graphs
+    monkeypatch.setattr(core, "check_tensorrt_compat", failing)
+    with pytest.raises(Stop):
+        run(other)
+    assert files() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    monkeypatch.undo()
+    stale = tmp_path / ".out.999999999.x.partial"  # a killed run's staging folder (no such process)
+    stale.mkdir()
+    res = run(other)
+    after = files()
+    assert set(after) == set(before) and all(after[k] != before[k] for k in before)
+    assert res.graphs == {g: out / f"{g}.onnx" for g in ("glance", "focus")}
+    assert json.loads(after["quantization.json"]) == json.loads(json.dumps(res.report))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_profile_settings_and_auto_method():
     trt = gq.QuantizeOptions(profile="tensorrt").validate()
     cpu = gq.QuantizeOptions(profile="cpu").validate()
@@ -532,12 +650,17 @@ def test_profile_registry_and_calibration_methods(tiny):
     assert gq.check_tensorrt_compat(cpu_graph, gq.PROFILES["cpu"]) == gq.check_tensorrt_compat(cpu_graph, "cpu") == []
 
 
-def _channel_means(model, tensors, x):
+def _channel_means(model, tensors, x, as_written=False):
+    """Per-channel means (axis 1) of ``tensors`` on ``x``; ``as_written``: the Q/DQ nodes run as
+    written (no fusion into ONNX Runtime's integer kernels)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     for t in tensors:
         m.graph.output.append(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-    s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    if as_written:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    s = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
     names = [o.name for o in s.get_outputs()]
     out = dict(zip(names, s.run(None, {"image": x})))
     return {t: out[t].astype(np.float64).mean(axis=tuple(k for k in range(out[t].ndim) if k != 1)) for t in tensors}
@@ -575,6 +698,101 @@ def test_bias_correction_restores_fp32_channel_means(tiny):
         err_after += np.abs(after[t] - ref[t]).sum()
     assert err_after < 0.1 * err_before  # quantization had moved the means
     assert gq.check_tensorrt_compat(q) == []
+
+
+def test_bias_correction_moves_the_int32_biases_of_the_cpu_profile(tiny):
+    """The cpu profile's biases are int32 DequantizeLinear inputs (ONNX Runtime's QuantizeBias):
+    they are corrected in steps of their scale, the corrected nodes get FP32's channel means, and
+    the graph's outputs, run by ONNX Runtime's integer kernels, move toward FP32's."""
+    from gfnet_edge.quantize.bias_correction import correct_biases
+
+    q = onnx.load(str(tiny["q"][("cpu", "focus")]))
+    f = onnx.load(str(tiny["pre"]["focus"]))
+    before_inits = _inits(q)
+    prod = {o: n for n in q.graph.node for o in n.output}
+
+    def dq_of(name):
+        n = prod.get(name)
+        return n if n is not None and n.op_type == "DequantizeLinear" else None
+
+    convs = [n for n in q.graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) == 3
+             and dq_of(n.input[1]) is not None and dq_of(n.input[2]) is not None]
+    assert convs and all(before_inits[dq_of(n.input[2]).input[0]].dtype == np.int32 for n in convs)
+    # FP32 reference: the output of the FP32 node of the same name (where ONNX Runtime folded a
+    # ReLU into the next quantizer, the quantized Conv writes the ReLU's tensor name)
+    f_out = {n.name: n.output[0] for n in f.graph.node}
+    assert any(f_out[n.name] != n.output[0] for n in convs)
+    x = tiny["calib"].focus[:16]
+    tensors = [n.output[0] for n in convs]
+    ref = _channel_means(f, [f_out[n.name] for n in convs], x)
+    before = _channel_means(q, tensors, x, as_written=True)
+    sess = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])  # noqa: E731
+    out_f, out_before = sess(f).run(None, {"image": x}), sess(q).run(None, {"image": x})
+    done = correct_biases(q, f, x)
+    assert set(done) == {n.name for n in convs}
+    after_inits = _inits(q)
+    changed = {k for k in before_inits if not np.array_equal(before_inits[k], after_inits[k])}
+    # only the int32 biases moved (scales, zero points and weights as ONNX Runtime wrote them)
+    assert changed == {dq_of(n.input[2]).input[0] for n in convs}
+    assert all(after_inits[k].dtype == np.int32 for k in changed)
+    after = _channel_means(q, tensors, x, as_written=True)
+    err_before = err_after = 0.0
+    for n in convs:  # FP32's channel means, up to the bias step (input scale x weight scale)
+        t, r = n.output[0], ref[f_out[n.name]]
+        step = np.broadcast_to(np.abs(after_inits[dq_of(n.input[2]).input[1]]).astype(np.float64), r.shape)
+        assert np.all(np.abs(after[t] - r) <= step + 1e-3 * (np.abs(r).max() + 1e-6)), n.name
+        err_before += np.abs(before[t] - r).sum()
+        err_after += np.abs(after[t] - r).sum()
+    assert err_after < 0.1 * err_before
+    # the graph's outputs (fused integer kernels, ONNX Runtime's default optimisations) move
+    # toward FP32's: channel means and mean absolute error
+    out_after = sess(q).run(None, {"image": x})
+    mean_err = lambda outs: sum(float(np.abs(o.mean(axis=0) - r.mean(axis=0)).mean())  # noqa: E731
+                                for o, r in zip(outs, out_f))
+    abs_err = lambda outs: sum(float(np.abs(o - r).mean()) for o, r in zip(outs, out_f))  # noqa: E731
+    assert mean_err(out_after) < 0.5 * mean_err(out_before)
+    assert abs_err(out_after) < abs_err(out_before)
+    assert gq.check_tensorrt_compat(q, "cpu") == []
+
+
+@pytest.mark.parametrize("profile", ["tensorrt", "cpu"])
+def test_bias_correction_gives_a_shared_bias_a_copy_per_node(tmp_path, profile):
+    """Two Convs reading one bias (float, or one int32 DequantizeLinear output): each gets its own
+    corrected copy, the graph stays valid and in order, and both reach FP32's channel means."""
+    from onnx import TensorProto
+
+    from gfnet_edge.quantize.bias_correction import correct_biases
+    from gfnet_edge.quantize.calibration import GraphDataReader
+
+    rng = np.random.default_rng(0)
+    w1, w2 = (rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.3 for _ in range(2))
+    b = rng.standard_normal(4).astype(np.float32) * 0.1
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["image", "W1", "B"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+         helper.make_node("Conv", ["image", "W2", "B"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+         helper.make_node("Add", ["c1", "c2"], ["out"], name="add")],
+        "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [None, 3, 8, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 4, 8, 8])],
+        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2"), numpy_helper.from_array(b, "B")])
+    f = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    f.ir_version = 8
+    onnx.save(f, str(tmp_path / "fp32.onnx"))
+    x = rng.standard_normal((32, 3, 8, 8)).astype(np.float32)
+    st = ort_settings(gq.QuantizeOptions(profile=profile, method="max"))
+    quantize_graph(tmp_path / "fp32.onnx", tmp_path / "q.onnx", GraphDataReader(x, 16, progress=False), st, "max",
+                   profile)
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    convs = {n.name: n for n in q.graph.node if n.op_type == "Conv"}
+    convs["conv2"].input[2] = convs["conv1"].input[2]  # ONNX Runtime writes one bias per node: share it
+    done = correct_biases(q, f, x, threads=1)
+    assert set(done) == {"conv1", "conv2"}
+    onnx.checker.check_model(q)
+    assert convs["conv1"].input[2] != convs["conv2"].input[2]
+    before = _channel_means(f, ["c1", "c2"], x)
+    after = _channel_means(q, ["c1", "c2"], x, as_written=True)
+    for t in ("c1", "c2"):
+        assert np.abs(after[t] - before[t]).max() <= 1e-3 * np.abs(before[t]).max(), t
+    assert gq.check_tensorrt_compat(q, profile) == []
 
 
 def test_fc_inputs_take_their_calibration_min_max(tiny, tmp_path):

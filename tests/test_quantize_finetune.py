@@ -97,6 +97,65 @@ def test_interpreter_reproduces_onnxruntime_on_the_qdq_graph(tiny):
         assert np.abs(r - ff).max() > 10 * np.median(err)  # the graph is quantized, not FP32
 
 
+@pytest.mark.parametrize("reduce_range", [False, True])
+def test_weights_train_on_the_grid_the_graph_deploys(tmp_path, reduce_range):
+    """cpu profile with and without reduce_range (ONNX Runtime's 7-bit weights): each weight is
+    fake-quantized with the graph's own scale and integer range, and the interpreter's outputs
+    are ONNX Runtime's on that graph."""
+    from gfnet_edge.quantize.calibration import GraphDataReader
+    from gfnet_edge.quantize.torch_graph import QdqGraphModule, fake_quant, weight_scale
+
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3
+    w2 = rng.standard_normal((4, 8, 3, 3)).astype(np.float32) * 0.3
+    w3 = rng.standard_normal((5, 4)).astype(np.float32) * 0.5
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["image", "W1", "B1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+         helper.make_node("Conv", ["r1", "W2", "B2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+         helper.make_node("GlobalAveragePool", ["c2"], ["p"], name="pool"),
+         helper.make_node("Flatten", ["p"], ["v"], name="flat"),
+         helper.make_node("Gemm", ["v", "W3", "B3"], ["out"], name="fc", transB=1)],
+        "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [None, 3, 8, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 5])],
+        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(np.zeros(8, np.float32) + 0.1, "B1"),
+         numpy_helper.from_array(w2, "W2"), numpy_helper.from_array(np.zeros(4, np.float32), "B2"),
+         numpy_helper.from_array(w3, "W3"), numpy_helper.from_array(np.zeros(5, np.float32), "B3")])
+    f = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    f.ir_version = 8
+    onnx.save(f, str(tmp_path / "fp32.onnx"))
+    x = rng.standard_normal((32, 3, 8, 8)).astype(np.float32)
+    st = ort_settings(gq.QuantizeOptions(profile="cpu", method="max", reduce_range=reduce_range))
+    assert st.reduce_range is reduce_range
+    quantize_graph(tmp_path / "fp32.onnx", tmp_path / "q.onnx", GraphDataReader(x, 16, progress=False), st, "max",
+                   "cpu")
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    m = QdqGraphModule(q, f)
+    key_of = {v: k for k, v in m.param_names.items()}
+    dqs = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None
+           and inits[n.input[0]].dtype == np.int8]
+    assert {n.input[0][:-len("_quantized")] for n in dqs} == {"W1", "W2", "W3"}
+    for n in dqs:
+        key = key_of[n.input[0][:-len("_quantized")]]
+        w, qmax = m.weights[key], m.weight_qmax[key]
+        axis = int(next((a.i for a in n.attribute if a.name == "axis"), 1))
+        graph_scale = inits[n.input[1]].astype(np.float64)
+        scale = weight_scale(w, axis, qmax)
+        # the training scale is the deployed one, and the fake-quantized weight the graph's
+        np.testing.assert_allclose(scale.detach().numpy().reshape(-1), graph_scale.reshape(-1), rtol=1e-6)
+        shape = [1] * w.dim()
+        shape[axis] = -1
+        deployed = inits[n.input[0]].astype(np.float64) * graph_scale.reshape(shape)
+        trained = fake_quant(w, scale, 0.0, -qmax, qmax).detach().numpy()
+        np.testing.assert_allclose(trained, deployed, rtol=1e-6, atol=1e-7)
+    with torch.no_grad():
+        out = m(torch.from_numpy(x))[0].numpy()
+    ref, fp32 = _run(q, x)[0], _run(f, x)[0]
+    assert np.abs(out - ref).max() <= 1e-4 * (np.abs(ref).max() + 1)
+    assert np.abs(ref - fp32).max() > 100 * np.abs(out - ref).max()  # the graph is quantized, not FP32
+
+
 def test_fine_tuned_weights_quantize_back_to_the_trained_graph_and_lower_the_error(tiny):
     from gfnet_edge.quantize.finetune import finetune_weights
     from gfnet_edge.quantize.torch_graph import QdqGraphModule
@@ -183,6 +242,35 @@ def test_fine_tuning_that_does_not_lower_the_loss_keeps_the_fp32_weights(tiny):
     assert res.loss_after >= res.loss_before and res.tensors == 0
     assert all(np.array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
                for a, b in zip(tuned.graph.initializer, f.graph.initializer))
+
+
+def test_fine_tuning_trains_with_its_threads_and_sets_torch_back(tiny):
+    """finetune_weights(threads=N) runs with N torch threads and leaves torch's thread count as
+    it found it, also when it raises."""
+    from gfnet_edge.quantize.finetune import finetune_weights
+
+    q, f = onnx.load(str(tiny["q"])), onnx.load(str(tiny["pre"]))
+    x = tiny["calib"].inputs("glance")[:16]
+    seen = []
+
+    def record(outs):  # a derived target: called while the graph runs
+        seen.append(torch.get_num_threads())
+        return []
+
+    def fail(outs):
+        raise RuntimeError("derived target failed")
+
+    original = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        finetune_weights(q, f, x, epochs=1, batch_size=8, derived=record, threads=1)
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="derived target failed"):
+            finetune_weights(q, f, x, epochs=1, batch_size=8, derived=fail, threads=1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(original)
 
 
 def test_mixed_graph_takes_each_output_from_the_graph_named(tiny):
