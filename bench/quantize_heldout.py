@@ -167,7 +167,10 @@ def main() -> int:
                 return 2
             if r is None or searches:
                 t0 = time.perf_counter()
-                r = gq.quantize_model(model, fp32, paths["heads"], calib, work / f"{name}-{i}", opts,
+                # build-engine's calibration set: the first num_calib images (quantize_model would
+                # cut a larger set to a seeded sample)
+                cut = calib if calib.num_images <= opts.num_calib else calib.subset(range(opts.num_calib))
+                r = gq.quantize_model(model, fp32, paths["heads"], cut, work / f"{name}-{i}", opts,
                                       eval_images=ex, eval_labels=ey, progress=False)
                 secs = time.perf_counter() - t0
                 before, after = r.report["accuracy_all_int8"], r.report["accuracy"]
