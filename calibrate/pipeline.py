@@ -310,7 +310,10 @@ def _write_manifest(cfg: CalibrationConfig, m: _Measured, device: Dict[str, Any]
     Bundle.load(cfg.bundle, verify=False).update_manifest(upd)
 
 
-REPORT_OUTPUT = dict(marker="report.json", fmt="gfnet-edge-calibration", what="calibration report")
+#: A calibration report as ``--force`` judges one: its marker file and format, and the entries
+#: :func:`calibrate.report.write_report` writes (a report folder holding anything else is not replaced).
+REPORT_OUTPUT = dict(marker="report.json", fmt="gfnet-edge-calibration", what="calibration report",
+                     owned=("report.json", "report.html"))
 
 
 @dataclass

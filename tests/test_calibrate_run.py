@@ -452,6 +452,27 @@ def test_force_keeps_the_inputs_an_earlier_report_holds(tiny_bundle, tmp_path, c
     assert _tree(out) == before and (bundle / "manifest.json").read_bytes() == manifest
 
 
+def test_force_replaces_a_report_only_when_it_holds_nothing_else(tiny_bundle, tmp_path, capsys):
+    """A file of the user's in an earlier report stops --force in one line naming it, and nothing
+    changes; a report holding report.json and report.html only is replaced."""
+    bundle = _fresh(tiny_bundle, tmp_path)
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "report.json").write_text(json.dumps({"format": "gfnet-edge-calibration", "version": 1}) + "\n")
+    (out / "report.html").write_text("<html></html>\n")
+    (out / "notes.txt").write_text("mine")
+    before, manifest = _tree(out), (bundle / "manifest.json").read_bytes()
+    argv = ["calibrate", str(bundle), "--data", str(tiny_bundle / "data.npz"), "-o", str(out), *FAST, "--force"]
+    rc = _main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "holds notes.txt, not part of a calibration report" in err[0], err
+    assert _tree(out) == before and (bundle / "manifest.json").read_bytes() == manifest
+    (out / "notes.txt").unlink()
+    assert _main(argv) == 0
+    assert sorted(q.name for q in out.iterdir()) == ["report.html", "report.json"]
+    assert json.loads((out / "report.json").read_text())["budgets"]
+
+
 def test_html_is_self_contained(calibrated):
     html = (calibrated["out"] / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 5 + 6  # plots + gallery cards
