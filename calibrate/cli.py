@@ -128,6 +128,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="wall: wall-clock latency (default); cpu: CPU time of the calling thread, with --threads 1 "
                         "(the latency of an otherwise idle device, for machines shared with other jobs)")
     p.add_argument("--strict", action="store_true", help="exit 4 when a measured latency is outside the tolerance")
-    p.add_argument("--force", action="store_true", help="replace an existing report directory")
+    p.add_argument("--force", action="store_true",
+                   help="replace an earlier report at -o (one holding nothing but report.json and report.html)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_calibrate)

@@ -192,6 +192,13 @@ def _step_costs(lat1: StepLatency, latN: Optional[StepLatency], rt: "_RtInfo", t
     return costs
 
 
+def _inputs(cfg: CalibrationConfig) -> List[Path]:
+    """The paths calibration reads, which ``--force`` may not delete with an earlier report: the
+    bundle, the ``--data`` folder or file (``demo`` names none) and every ``--static`` file."""
+    data = [Path(cfg.data)] if cfg.data != "demo" else []
+    return [Path(cfg.bundle)] + data + [Path(s) for s in cfg.static]
+
+
 def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
     """Runs the whole calibration and writes the report (and the budgets into the manifest).
 
@@ -204,7 +211,8 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
     """
     cfg.validate()
     out = Path(cfg.output)
-    check_replace(out, cfg.force, **REPORT_OUTPUT, protect=[Path(cfg.bundle)])
+    inputs = _inputs(cfg)
+    check_replace(out, cfg.force, **REPORT_OUTPUT, protect=inputs)
     try:
         bundle = Bundle.load(cfg.bundle)
     except BundleError as exc:
@@ -281,7 +289,7 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
     cards = _gallery(results, hold_x, hold_y, m.hold_coords, m.hold_probs, model, cfg, m.default)
     res["gallery"] = [c.to_dict() for c in cards]
 
-    with staging_dir(out, force=cfg.force, **REPORT_OUTPUT, protect=[Path(cfg.bundle)]) as tmp:
+    with staging_dir(out, force=cfg.force, **REPORT_OUTPUT, protect=inputs) as tmp:
         write_report(tmp, res, figures, cards)
         if cfg.write_manifest:
             _write_manifest(cfg, m, device)
@@ -302,7 +310,10 @@ def _write_manifest(cfg: CalibrationConfig, m: _Measured, device: Dict[str, Any]
     Bundle.load(cfg.bundle, verify=False).update_manifest(upd)
 
 
-REPORT_OUTPUT = dict(marker="report.json", fmt="gfnet-edge-calibration", what="calibration report")
+#: A calibration report as ``--force`` judges one: its marker file and format, and the entries
+#: :func:`calibrate.report.write_report` writes (a report folder holding anything else is not replaced).
+REPORT_OUTPUT = dict(marker="report.json", fmt="gfnet-edge-calibration", what="calibration report",
+                     owned=("report.json", "report.html"))
 
 
 @dataclass

@@ -144,7 +144,8 @@ def build_bundle(checkpoint: Path, out: Path, cfg: BuildConfig, progress: bool =
         raise InputError(f"precision must be fp32, fp16 or int8, got {cfg.precision!r}")
     if cfg.precision == "int8":
         _check_int8_options(cfg)
-    inputs = [Path(checkpoint)] + ([Path(cfg.calib_data)] if not _demo_calibration(cfg.calib_data) else [])
+    inputs = ([Path(checkpoint)] + ([Path(cfg.calib_data)] if not _demo_calibration(cfg.calib_data) else [])
+              + ([Path(cfg.trt.timing_cache)] if cfg.trt.timing_cache else []))
     check_replace(Path(out), cfg.force, protect=inputs)  # before any work: the output may not be replaced
     backend = resolve_backend(cfg.backend)
     if backend == "tensorrt":

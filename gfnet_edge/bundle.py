@@ -348,10 +348,36 @@ def clean_stale(final: Path) -> List[Path]:
     return removed
 
 
+#: The entries of a bundle folder (docs/bundle_format.md): ``--force`` replaces a bundle only
+#: when it holds nothing else (a user's notes, a calibration report written into it, another bundle).
+BUNDLE_ENTRIES = (MANIFEST, "heads.npz", "graphs", "engines", "checkpoint.pth.tar")
+
+
+def foreign_entries(final: Path, owned: Sequence[str]) -> List[str]:
+    """The names in the folder ``final`` that are not among ``owned`` (sorted); the temporary
+    files an atomic write of an owned file leaves when killed (``NAME.XXXX.tmp``) count as owned."""
+    def is_owned(name: str) -> bool:
+        return name in owned or (name.endswith(".tmp") and any(name.startswith(o + ".") for o in owned))
+
+    return sorted(p.name for p in Path(final).iterdir() if not is_owned(p.name))
+
+
+def _names(names: Sequence[str], show: int = 3) -> str:
+    """``a, b, c and 2 more`` (names with control characters as Python literals: one line)."""
+    shown = [n if n.isprintable() else repr(n) for n in names[:show]]
+    return ", ".join(shown) + (f" and {len(names) - show} more" if len(names) > show else "")
+
+
 def check_replace(final: Path, force: bool, marker: str = MANIFEST, fmt: str = FORMAT,
-                  what: str = "gfnet-edge bundle", protect: Sequence[Path] = ()) -> None:
+                  what: str = "gfnet-edge bundle", protect: Sequence[Path] = (),
+                  owned: Sequence[str] = BUNDLE_ENTRIES, replacer: str = "--force",
+                  advice: str = "choose another path") -> None:
     """Refuses to replace anything but an earlier output of the same kind (or an empty folder),
-    and an output that cannot be made because something on its path is not a folder."""
+    and an output that cannot be made because something on its path is not a folder.
+
+    An earlier output may be replaced only when it holds none of ``protect`` (the command's
+    inputs), not the current directory, and no entry but ``owned`` (the names that output kind
+    writes). ``replacer`` (``--force``, ``the demo``) and ``advice`` word the refusals."""
     final = Path(final)
     if not (final.exists() or final.is_symlink()):
         blocked = next((p for p in final.parents if p.exists() or p.is_symlink()), None)
@@ -360,38 +386,43 @@ def check_replace(final: Path, force: bool, marker: str = MANIFEST, fmt: str = F
         return
     if not force:
         raise BundleError(f"{final}: already exists (use --force to replace it)")
+    only = f"{replacer} replaces only a {what} or an empty directory"
     if final.is_symlink() or not final.is_dir():
-        raise BundleError(f"{final}: exists and is not a directory; --force replaces only a {what} "
-                          "or an empty directory")
+        raise BundleError(f"{final}: exists and is not a directory; {only}: {advice}")
     if not replaceable(final, marker, fmt):
-        raise BundleError(f"{final}: exists and is not a {what} (no {marker} of format {fmt!r}); "
-                          f"--force replaces only a {what} or an empty directory: choose another path")
+        raise BundleError(f"{final}: exists and is not a {what} (no {marker} of format {fmt!r}); {only}: {advice}")
     here = final.resolve()
     for p in protect:
         q = Path(p).resolve()
         if q == here or here in q.parents:
-            raise BundleError(f"{final}: holds {p}, an input of this command; --force will not delete it")
+            raise BundleError(f"{final}: holds {p}, an input of this command; {replacer} will not delete it")
     cwd = Path.cwd().resolve()
     if cwd == here or here in cwd.parents:
-        raise BundleError(f"{final}: is the current directory or holds it; --force will not delete it")
+        raise BundleError(f"{final}: is the current directory or holds it; {replacer} will not delete it")
+    foreign = foreign_entries(final, owned)
+    if foreign:
+        raise BundleError(f"{final}: holds {_names(foreign)}, not part of a {what}; {only}: move them out or "
+                          f"{advice}")
 
 
 @contextmanager
 def staging_dir(final: Path, force: bool = False, marker: str = MANIFEST, fmt: str = FORMAT,
-                what: str = "gfnet-edge bundle", protect: Sequence[Path] = ()) -> Iterator[Path]:
+                what: str = "gfnet-edge bundle", protect: Sequence[Path] = (),
+                owned: Sequence[str] = BUNDLE_ENTRIES) -> Iterator[Path]:
     """Yields a temporary sibling directory that replaces ``final`` only on success.
 
     With ``force``, an existing ``final`` is replaced only when it is an empty directory or an
-    earlier output of the same kind (its ``marker`` JSON says ``"format": fmt``) and holds none
-    of ``protect`` (the command's inputs). Staging folders left by killed builds to the same
-    target are removed first (:func:`clean_stale`). An exception (KeyboardInterrupt, or the
+    earlier output of the same kind (its ``marker`` JSON says ``"format": fmt``) that holds none
+    of ``protect`` (the command's inputs) and no entry but ``owned`` (:func:`check_replace`).
+    Staging folders left by killed builds to the same target are removed first
+    (:func:`clean_stale`). An exception (KeyboardInterrupt, or the
     CLI's SIGTERM handler included) removes the staging folder and leaves ``final`` as it was.
 
     Raises:
         BundleError: ``final`` exists and may not be replaced.
     """
     final = Path(final)
-    check_replace(final, force, marker, fmt, what, protect)
+    check_replace(final, force, marker, fmt, what, protect, owned)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

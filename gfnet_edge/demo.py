@@ -19,12 +19,21 @@ import numpy as np
 
 from .argtypes import THREADS, float_range, int_range
 from .calibrate.report import DEFAULT_BUDGET_SLACK, pick_default_budget
-from .bundle import finite_or_null, json_text
+from .bundle import finite_or_null, write_json_atomic
 from .errors import BUILD_MODULES, InputError, UnavailableError, installed
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_CHECKPOINT = ASSETS / "demo_gfnet.pth.tar"
 DEMO_STATIC = ASSETS / "demo_static.pth.tar"
+
+#: ``D/summary.json``: the demo's results, marked with this format (the demo replaces only a
+#: summary.json it wrote itself: one with this format, or every field of its summary and no format).
+SUMMARY = "summary.json"
+SUMMARY_FORMAT = "gfnet-edge-demo"
+SUMMARY_FIELDS = ("bundle", "report", "backend", "precision", "budget", "test_images", "accuracy",
+                  "mean_latency_ms", "exit_histogram", "profile", "minutes")
+#: How the demo words its refusals to replace an output that is not its own (it has no --force).
+_REFUSAL = dict(replacer="the demo", advice="choose another -o folder")
 
 
 def _say(msg: str) -> None:
@@ -33,10 +42,14 @@ def _say(msg: str) -> None:
 
 def run_demo(out: Path, precision: str = "int8", backend: str = "auto", budget_ms: Optional[float] = None,
              num_test: int = 500, threads: Optional[int] = None, quick: bool = False) -> Dict[str, Any]:
-    """Runs the demo pipeline into ``out`` (replacing an earlier demo there).
+    """Runs the demo pipeline into ``out`` (replacing an earlier demo there: ``out/bundle``,
+    ``out/report`` and ``out/summary.json`` only when the demo wrote them, else nothing is done).
 
     Returns:
-        The summary (also written to ``out/summary.json``).
+        The summary (also written to ``out/summary.json``, atomically).
+
+    Raises:
+        InputError: ``out`` holds a bundle, report or summary.json that is not an earlier demo's.
     """
     from .build import BuildConfig, build_bundle, resolve_backend
     from .calibrate.pipeline import CalibrationConfig, run_calibration
@@ -47,11 +60,13 @@ def run_demo(out: Path, precision: str = "int8", backend: str = "auto", budget_m
     out = Path(out)
     if not DEMO_CHECKPOINT.is_file():
         raise InputError(f"{DEMO_CHECKPOINT}: the demo checkpoint is missing from this installation")
+    # before the build: only an earlier demo's outputs are replaced
     _check_earlier_demo(out / "bundle")
     from .bundle import check_replace
     from .calibrate.pipeline import REPORT_OUTPUT
 
-    check_replace(out / "report", True, **REPORT_OUTPUT)  # before the build: only an earlier report is replaced
+    check_replace(out / "report", True, **REPORT_OUTPUT, **_REFUSAL)
+    _check_earlier_summary(out / SUMMARY)
     t0 = time.perf_counter()
     _say(f"1/4 build-engine {DEMO_CHECKPOINT.name} -> {out / 'bundle'} ({precision}, backend {backend})")
     # Only the INT8 graph set the chosen backend runs (build-engine's default writes both).
@@ -91,7 +106,7 @@ def run_demo(out: Path, precision: str = "int8", backend: str = "auto", budget_m
     steps = np.array([p.exit_step[0] for p in preds])
     T = rt.model.steps
     res = {
-        "bundle": str(bundle.root), "report": str(out / "report" / "report.html"),
+        "format": SUMMARY_FORMAT, "bundle": str(bundle.root), "report": str(out / "report" / "report.html"),
         "backend": rt.backend, "precision": rt.precision, "budget": rt.budget,
         "test_images": int(len(frames)), "accuracy": float(100.0 * (classes == labels).mean()),
         "mean_latency_ms": float(1e3 * wall / len(frames)),
@@ -108,14 +123,15 @@ def run_demo(out: Path, precision: str = "int8", backend: str = "auto", budget_m
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"  {k:<{w}}  {v}")
-    (out / "summary.json").write_text(json_text(finite_or_null(res), indent=1) + "\n")
+    write_json_atomic(out / SUMMARY, finite_or_null(res))
     return res
 
 
 def _check_earlier_demo(path: Path) -> None:
     """The demo replaces ``path`` only when it is an earlier demo's bundle (built from the demo
-    checkpoint); any other file or folder there is the user's and is left alone."""
-    from .bundle import Bundle, BundleError
+    checkpoint) holding nothing a bundle does not; any other file or folder there is the user's
+    and is left alone."""
+    from .bundle import Bundle, BundleError, check_replace
 
     if not (path.exists() or path.is_symlink()):
         return
@@ -125,6 +141,26 @@ def _check_earlier_demo(path: Path) -> None:
         source = {}
     if path.is_symlink() or source.get("name") != DEMO_CHECKPOINT.name:
         raise InputError(f"{path}: exists and is not an earlier demo's bundle; the demo will not replace it "
+                         "(choose another -o folder)")
+    check_replace(path, True, **_REFUSAL)
+
+
+def _check_earlier_summary(path: Path) -> None:
+    """The demo replaces ``path`` only when it is a summary.json an earlier demo wrote (a JSON
+    object of format :data:`SUMMARY_FORMAT`, or, from before the format field, with every field
+    of :data:`SUMMARY_FIELDS`); any other file or folder there is the user's and is left alone."""
+    if not (path.exists() or path.is_symlink()):
+        return
+    data = None
+    if not path.is_symlink() and path.is_file() and path.stat().st_size <= (16 << 20):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            data = None
+    earlier = isinstance(data, dict) and (data.get("format") == SUMMARY_FORMAT
+                                          or ("format" not in data and set(SUMMARY_FIELDS) <= set(data)))
+    if not earlier:
+        raise InputError(f"{path}: exists and is not an earlier demo's summary; the demo will not replace it "
                          "(choose another -o folder)")
 
 

@@ -199,6 +199,19 @@ def _opt(cmd: List, frag: str, code: int = 2) -> Case:
     return (lambda d, b: [a if a not in ("B", "IMG") else (b if a == "B" else _img(d)) for a in cmd]), code, frag
 
 
+def _add_entry(b: Path, name: str, kind: str) -> Path:
+    """``b`` with one more entry ``name``: a user's file, a calibration report or a copy of ``b``."""
+    if kind == "file":
+        (b / name).write_text("mine")
+    elif kind == "report":
+        (b / name).mkdir()
+        (b / name / "report.json").write_text(json.dumps({"format": "gfnet-edge-calibration", "version": 1}))
+    else:
+        shutil.copytree(b, b.parent / "copy")
+        (b.parent / "copy").rename(b / name)
+    return b
+
+
 def _user_dir(d: Path, manifest: str = None) -> Path:
     (d / "mine").mkdir()
     (d / "mine" / "thesis.txt").write_text("irreplaceable")
@@ -430,6 +443,16 @@ CASES: Dict[str, Case] = {
                                                 "--force"]), 2, "an input of this command"),
     "p_force_symlink": ((lambda d, b: BUILD + [DEMO, "-o", (os.symlink(b, d / "ln"), d / "ln")[1], "--force"]), 2,
                         "is not a directory"),
+    "p_force_bundle_notes": ((lambda d, b: BUILD + [DEMO, "-o", _add_entry(b, "my_notes.txt", "file"), "--force"]), 2,
+                             "holds my_notes.txt, not part of a gfnet-edge bundle"),
+    "p_force_bundle_report": ((lambda d, b: BUILD + [DEMO, "-o", _add_entry(b, "report", "report"), "--force"]), 2,
+                              "holds report, not part of a gfnet-edge bundle"),
+    "p_force_bundle_bundle": ((lambda d, b: BUILD + [DEMO, "-o", _add_entry(b, "old", "bundle"), "--force"]), 2,
+                              "holds old, not part of a gfnet-edge bundle"),
+    "p_force_timing_cache_in_bundle": ((lambda d, b: ["build-engine", DEMO, "-o", b, "--backend", "tensorrt", "-q",
+                                                      "--precision", "fp16", "--timing-cache",
+                                                      _add_entry(b, "graphs/t.cache", "file") / "graphs/t.cache",
+                                                      "--force"]), 2, "an input of this command"),
     "p_exists": ((lambda d, b: BUILD + [DEMO, "-o", b]), 2, "already exists"),
     "p_parent_file": ((lambda d, b: BUILD + [DEMO, "-o", _write("plain", b"x")(d) / "out"]), 2,
                       "plain is not a folder"),
@@ -442,8 +465,20 @@ CASES: Dict[str, Case] = {
                          "not an earlier demo's bundle"),
     "p_demo_user_report": ((lambda d, b: ["demo", "-o", ((d / "report").mkdir(), _write("report/notes.txt", b"mine")(d),
                                                          d)[2]]), 2, "is not a calibration report"),
+    "p_demo_user_summary": ((lambda d, b: ["demo", "-o", (_write("summary.json", b'{"mine": 1}')(d), d)[1]]), 2,
+                            "not an earlier demo's summary"),
+    "p_demo_bundle_notes": ((lambda d, b: ["demo", "-o", (_add_entry(b, "notes.txt", "file").rename(d / "bundle"),
+                                                          d)[1]]),
+                            2, "holds notes.txt, not part of a gfnet-edge bundle; the demo replaces only"),
     "p_calib_force_user": ((lambda d, b: ["calibrate", b, "--data", "demo", "-o", _user_dir(d), "--force"]), 2,
                            "is not a calibration report"),
+    "p_calib_force_report_notes": ((lambda d, b: ["calibrate", b, "--data", "demo", "-o", _add_entry(
+        _add_entry(d, "r", "report") / "r", "notes.txt", "file"), "--force"]), 2,
+                                   "holds notes.txt, not part of a calibration report"),
+    "p_calib_force_data_in_report": ((lambda d, b: ["calibrate", b, "--data",
+                                                    _add_entry(d, "r", "report") / "r" / "val",
+                                                    "-o", ((d / "r" / "val").mkdir(), d / "r")[1], "--force"]), 2,
+                                     "an input of this command"),
     "p_calib_under_file": ((lambda d, b: ["calibrate", b, "--data", "demo", "-o", _write("plain", b"x")(d) / "r"]), 2,
                            "plain is not a folder"),
     "p_calib_into_bundle": ((lambda d, b: ["calibrate", b, "--data", "demo", "-o", b, "--force"]), 2,

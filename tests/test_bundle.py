@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -110,6 +111,57 @@ def test_staging_refuses_existing_without_force(tmp_path):
         _make(tmp, {**MODEL, "model_name": "new"})
     assert Bundle.load(out).model.model_name == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def _listing(root):
+    return {q.relative_to(root).as_posix(): q.read_bytes() if q.is_file() else None for q in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("entry", ["my_notes.txt", "report", "old_bundle", ".hidden"])
+def test_force_replaces_a_bundle_only_when_it_holds_nothing_else(tmp_path, entry):
+    """--force replaces a bundle holding the entries a bundle has (and an atomic write's
+    leftover temporary file); a file or folder of the user's in it stops the build in one line
+    naming it, and nothing is changed."""
+    out = tmp_path / "bundle"
+    _make(out)
+    (out / "engines" / "gpu-sm87-trt10").mkdir(parents=True)
+    (out / "engines" / "gpu-sm87-trt10" / "glance.int8.engine").write_bytes(b"e")
+    (out / "manifest.json.abc123.tmp").write_text("{")  # an update killed before its rename
+    if entry == "report":
+        (out / entry).mkdir()
+        (out / entry / "report.json").write_text(json.dumps({"format": "gfnet-edge-calibration"}))
+    elif entry == "old_bundle":
+        _make(out / entry)
+    else:
+        (out / entry).write_text("mine")
+    before = _listing(tmp_path)
+    with pytest.raises(BundleError) as e:
+        with staging_dir(out, force=True) as tmp:
+            _make(tmp, {**MODEL, "model_name": "new"})
+    msg = str(e.value)
+    assert f"holds {entry}, not part of a gfnet-edge bundle" in msg and "--force" in msg and "\n" not in msg
+    assert _listing(tmp_path) == before
+
+    if (out / entry).is_dir():
+        shutil.rmtree(out / entry)
+    else:
+        (out / entry).unlink()
+    with staging_dir(out, force=True) as tmp:
+        _make(tmp, {**MODEL, "model_name": "new"})
+    assert Bundle.load(out).model.model_name == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_force_names_the_first_few_foreign_entries(tmp_path):
+    from gfnet_edge.bundle import check_replace
+
+    out = tmp_path / "bundle"
+    _make(out)
+    for name in ("a.txt", "b.txt", "c.txt", "d.txt", "e\nf.txt"):
+        (out / name).write_text("mine")
+    with pytest.raises(BundleError, match=r"holds a\.txt, b\.txt, c\.txt and 2 more, not part of") as e:
+        check_replace(out, True)
+    assert "\n" not in str(e.value)
 
 
 def test_update_manifest_atomic(tmp_path, monkeypatch):

@@ -409,6 +409,70 @@ def test_existing_report_dir_needs_force(tiny_bundle, tmp_path, capsys):
     assert (out / "keep").exists()
 
 
+def _tree(root: Path) -> dict:
+    """Every file under ``root`` with its bytes."""
+    return {q.relative_to(root).as_posix(): q.read_bytes() for q in sorted(root.rglob("*")) if q.is_file()}
+
+
+@pytest.mark.parametrize("where", ["data_npz", "data_folder", "static"])
+def test_force_keeps_the_inputs_an_earlier_report_holds(tiny_bundle, tmp_path, capsys, torch_mod, where):
+    """--force replaces an earlier report only when none of the run's inputs lie in it: --data
+    (a file or a folder) or a --static file inside it stops the run in one line, and the report,
+    the input and the manifest stay as they were."""
+    bundle = _fresh(tiny_bundle, tmp_path)
+    manifest = (bundle / "manifest.json").read_bytes()
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "report.json").write_text(json.dumps({"format": "gfnet-edge-calibration", "version": 1}) + "\n")
+    (out / "report.html").write_text("<html></html>\n")
+    data = str(tiny_bundle / "data.npz")
+    extra: list = []
+    if where == "data_npz":
+        data = str(shutil.copy(tiny_bundle / "data.npz", out / "data.npz"))
+    elif where == "data_folder":
+        from PIL import Image
+
+        with np.load(tiny_bundle / "data.npz") as z:
+            for k, (img, y) in enumerate(zip(z["images"], z["labels"])):
+                (out / "val" / f"c{y}").mkdir(parents=True, exist_ok=True)
+                Image.fromarray(img).save(out / "val" / f"c{y}" / f"{k:02d}.png")
+        data = str(out / "val")
+    else:  # a static checkpoint the run can use (random weights)
+        timm = pytest.importorskip("timm")
+        from gfnet_edge.train.static import save_static
+
+        torch_mod.manual_seed(0)
+        net = timm.create_model("resnet10t", pretrained=False, num_classes=4).eval()
+        save_static(out / "static.pth.tar", net, "resnet10t", {}, 4, image_size=S, half=False)
+        extra = ["--static", str(out / "static.pth.tar")]
+    before = _tree(out)
+    rc = _main(["calibrate", str(bundle), "--data", data, "-o", str(out), *FAST, *extra, "--force"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "an input of this command" in err[0], err
+    assert _tree(out) == before and (bundle / "manifest.json").read_bytes() == manifest
+
+
+def test_force_replaces_a_report_only_when_it_holds_nothing_else(tiny_bundle, tmp_path, capsys):
+    """A file of the user's in an earlier report stops --force in one line naming it, and nothing
+    changes; a report holding report.json and report.html only is replaced."""
+    bundle = _fresh(tiny_bundle, tmp_path)
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "report.json").write_text(json.dumps({"format": "gfnet-edge-calibration", "version": 1}) + "\n")
+    (out / "report.html").write_text("<html></html>\n")
+    (out / "notes.txt").write_text("mine")
+    before, manifest = _tree(out), (bundle / "manifest.json").read_bytes()
+    argv = ["calibrate", str(bundle), "--data", str(tiny_bundle / "data.npz"), "-o", str(out), *FAST, "--force"]
+    rc = _main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "holds notes.txt, not part of a calibration report" in err[0], err
+    assert _tree(out) == before and (bundle / "manifest.json").read_bytes() == manifest
+    (out / "notes.txt").unlink()
+    assert _main(argv) == 0
+    assert sorted(q.name for q in out.iterdir()) == ["report.html", "report.json"]
+    assert json.loads((out / "report.json").read_text())["budgets"]
+
+
 def test_html_is_self_contained(calibrated):
     html = (calibrated["out"] / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 5 + 6  # plots + gallery cards

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,5 +84,81 @@ def test_demo_runs_end_to_end_and_its_summary_is_right(tmp_path, monkeypatch, ca
     assert counts == [int((steps == k).sum()) for k in range(bundle.model.steps)]
 
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["format"] == "gfnet-edge-demo"
     assert summary["test_images"] == NUM_TEST and summary["exit_histogram"] == counts
     assert summary["accuracy"] == pytest.approx(100.0 * correct / NUM_TEST)
+
+
+def _files(root: Path) -> dict:
+    """Every entry under ``root``: a file's bytes, a link's target, None for a folder."""
+    return {q.relative_to(root).as_posix(): (str(q.readlink()) if q.is_symlink() else q.read_bytes() if q.is_file()
+                                             else None) for q in sorted(root.rglob("*"))}
+
+
+def _demo_refuses(out: Path, monkeypatch, capsys) -> str:
+    """Runs ``gfnet-edge demo -o out`` with the build replaced by a failure: the demo must stop in
+    one line (exit 2) before it, and leave ``out`` as it was; returns the line."""
+    import gfnet_edge.build as build_mod
+    from gfnet_edge import cli
+
+    def no_build(*a, **kw):
+        raise AssertionError("the demo went on to build")
+
+    monkeypatch.setattr(build_mod, "build_bundle", no_build)
+    before = _files(out)
+    rc = cli.main(["demo", "-o", str(out), "--quick", "--backend", "onnxruntime"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("gfnet-edge: error: "), err
+    assert _files(out) == before
+    return err[0]
+
+
+@pytest.mark.parametrize("kind", ["json", "text", "folder", "symlink"])
+def test_demo_replaces_no_summary_json_it_did_not_write(tmp_path, monkeypatch, capsys, kind):
+    out = tmp_path / "demo"
+    out.mkdir()
+    summary = out / "summary.json"
+    if kind == "json":
+        summary.write_text(json.dumps({"accuracy": 99.0, "mine": True}))
+    elif kind == "text":
+        summary.write_text("my notes")
+    elif kind == "folder":
+        summary.mkdir()
+        (summary / "notes.txt").write_text("mine")
+    else:
+        (tmp_path / "mine.json").write_text(json.dumps({"format": "gfnet-edge-demo"}))
+        summary.symlink_to(tmp_path / "mine.json")
+    line = _demo_refuses(out, monkeypatch, capsys)
+    assert f"{summary}: exists and is not an earlier demo's summary" in line and "--force" not in line
+
+
+def test_demo_replaces_an_earlier_demos_summary_json(tmp_path):
+    from gfnet_edge.demo import SUMMARY_FIELDS, _check_earlier_summary
+
+    (tmp_path / "now.json").write_text(json.dumps({"format": "gfnet-edge-demo", "accuracy": 90.0}))
+    (tmp_path / "before.json").write_text(json.dumps({k: 0 for k in SUMMARY_FIELDS}))  # written before "format"
+    for name in ("now.json", "before.json", "absent.json"):
+        _check_earlier_summary(tmp_path / name)
+
+
+def test_demo_refuses_a_report_folder_of_the_users_without_naming_force(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "demo"
+    (out / "report").mkdir(parents=True)
+    (out / "report" / "notes.txt").write_text("mine")
+    line = _demo_refuses(out, monkeypatch, capsys)
+    assert "is not a calibration report" in line and "the demo replaces only a calibration report" in line
+    assert "--force" not in line and "choose another -o folder" in line
+
+
+def test_demo_refuses_an_earlier_demo_bundle_holding_a_users_file(tmp_path, monkeypatch, capsys):
+    from gfnet_edge.demo import DEMO_CHECKPOINT
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    subprocess.run([sys.executable, "-m", "gfnet_edge.cli", "build-engine", str(DEMO_CHECKPOINT), "-o",
+                    str(out / "bundle"), "--precision", "fp32", "--backend", "onnxruntime", "-q"], check=True,
+                   stdout=subprocess.DEVNULL)
+    (out / "bundle" / "notes.txt").write_text("mine")
+    line = _demo_refuses(out, monkeypatch, capsys)
+    assert "holds notes.txt, not part of a gfnet-edge bundle; the demo replaces only" in line
+    assert "--force" not in line

@@ -192,7 +192,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         f"{TENSORRT.patch_guard_share:g}; the cpu profile has no patch guard; 0: off; see "
                         "docs/quantization.md)")
     p.add_argument("--include-checkpoint", action="store_true", help="copy the checkpoint into the bundle (torch backend)")
-    p.add_argument("--force", action="store_true", help="replace an existing bundle at -o")
+    p.add_argument("--force", action="store_true",
+                   help="replace an earlier bundle at -o (one holding nothing but a bundle's files)")
     p.add_argument("--model-name", help="variant name when the checkpoint does not store it and it cannot be "
                                         "inferred (e.g. resnet50; see `gfnet-edge info`)")
     p.add_argument("--patch-size", type=int_range(1, 1 << 16), help="patch size P when the checkpoint does not store it")
