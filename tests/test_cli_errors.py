@@ -149,6 +149,8 @@ CASES = {
     "info_truncated": (lambda t, b: ["info", _truncated_demo(t)], 2, "truncated or corrupt"),
     "info_wrong_name": (lambda t, b: ["info", DEMO, "--model-name", "resnet50"], 2, "not 'resnet50'"),
     "build_wrong_name": (lambda t, b: ["build-engine", DEMO, "-o", t / "out", "--precision", "fp32", "--backend", "onnxruntime", "--model-name", "resnet50"], 2, "not 'resnet50'"),
+    "info_wrong_patch": (lambda t, b: ["info", DEMO, "--patch-size", "128"], 2, "checkpoint patch size is 96, not 128"),
+    "build_wrong_patch": (lambda t, b: ["build-engine", DEMO, "-o", t / "out", "--precision", "fp32", "--backend", "onnxruntime", "--patch-size", "128"], 2, "checkpoint patch size is 96, not 128"),
     "build_missing_ckpt": (lambda t, b: ["build-engine", t / "none.pth.tar", "-o", t / "out", "--precision", "fp32", "--backend", "onnxruntime"], 2, "not found"),
     "build_corrupt_ckpt": (lambda t, b: ["build-engine", _garbage(t / "g.pth.tar"), "-o", t / "out", "--precision", "fp32", "--backend", "onnxruntime"], 2, "not a readable"),
     "build_no_output": (lambda t, b: ["build-engine", DEMO, "--precision", "fp32", "--backend", "onnxruntime"], 2, "needs -o"),

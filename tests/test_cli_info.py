@@ -34,6 +34,16 @@ def test_info_json(ckpt, capsys):
     assert "anytime_classification" in info["missing_metadata"]
 
 
+def test_info_checks_the_given_sizes_against_the_checkpoint(ckpt, capsys):
+    """A checkpoint with a gfnet-edge config fixes its variant and P: options that agree are
+    accepted, one that does not is a one-line error (exit 2), as for released-format files."""
+    assert main(["info", str(ckpt), "--model-name", "mobilenetv3_large_100", "--patch-size", "96"]) == 0
+    assert "P=96" in capsys.readouterr().out
+    assert main(["info", str(ckpt), "--patch-size", "128"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "checkpoint patch size is 96, not 128" in err, err
+
+
 def test_info_bad_file_exits_2(tmp_path, capsys):
     bad = tmp_path / "bad.pth.tar"
     bad.write_bytes(b"garbage")
