@@ -342,3 +342,28 @@ def test_a_broken_pipe_other_than_stdout_is_an_internal_error():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 1 and r.stderr.startswith("gfnet-edge: error: internal error: BrokenPipeError"), r.stderr
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("argv", [["info", "--json", DEMO], ["info", DEMO], ["predict", "{bundle}", "{images}"],
+                                  ["predict", "{bundle}", "{images}", "--json"], ["--help"], ["--version"]])
+def test_a_full_disk_on_stdout_is_a_file_that_cannot_be_written(argv, bundle, image_dir):
+    """`... > /dev/full`: one line naming standard output, exit 2 (a file that cannot be
+    written), and no second message when Python flushes stdout at exit."""
+    import subprocess
+    import sys
+
+    argv = [str(a).format(bundle=bundle, images=image_dir) for a in argv]
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "gfnet_edge.cli", *argv], stdout=full, stderr=subprocess.PIPE,
+                           text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == "gfnet-edge: error: cannot write to standard output: No space left on device\n", r.stderr
+
+
+def test_a_failed_write_elsewhere_is_not_blamed_on_stdout(capsys):
+    """An OSError of another file, without a file name, stays an internal error."""
+    from gfnet_edge import cli
+
+    assert cli._exit_code(OSError(28, "No space left on device"), "predict") == 1
+    assert "internal error: OSError" in capsys.readouterr().err
