@@ -362,6 +362,24 @@ def test_runtime_refuses_copies_bad_thresholds_models_and_indices(mnv3):
             preds[3]
 
 
+def test_prediction_boxes_check_the_image_index():
+    """``boxes(i)`` takes the indices ``preds[i]`` takes (negative ones from the end) and refuses
+    others with the same messages."""
+    from gfnet_edge.runtime.api import Predictions
+
+    coords = np.array([[[0, 0], [10, 20], [-1, -1]], [[5, 6], [-1, -1], [-1, -1]]], np.int32)  # (T-1, N, 2)
+    preds = Predictions(classes=np.array([1, 2, 3]), confidence=np.array([0.9, 0.8, 0.7], np.float32),
+                        exit_step=np.array([2, 1, 0]), coords=coords, patch_size=4)
+    assert preds.boxes(0) == [(0, 0, 4, 4), (5, 6, 9, 10)] and preds.boxes(1) == [(10, 20, 14, 24)]
+    assert preds.boxes(-3) == preds.boxes(0) and preds.boxes(np.int64(2)) == [] == preds[2]["boxes"]
+    with pytest.raises(IndexError, match="image 99 out of range for 3 predictions"):
+        preds.boxes(99)
+    with pytest.raises(IndexError, match="image -4 out of range"):
+        preds.boxes(-4)
+    with pytest.raises(TypeError, match="index must be an int"):
+        preds.boxes(1.0)
+
+
 def test_truncated_heads_file_is_a_bundle_error(tmp_path):
     from gfnet_edge.errors import InputError as Err
     from gfnet_edge.runtime.heads import load_head_arrays

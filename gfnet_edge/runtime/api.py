@@ -58,8 +58,19 @@ class Predictions:
     def __len__(self) -> int:
         return int(self.classes.shape[0])
 
+    def _index(self, i: int) -> int:
+        """``i`` as an index of an image (negative ones count from the end), checked."""
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise TypeError(f"Predictions index must be an int, got {type(i).__name__} (to_list() gives every row)")
+        if not -len(self) <= int(i) < len(self):
+            raise IndexError(f"image {i} out of range for {len(self)} predictions")
+        return int(i)
+
     def boxes(self, i: int) -> List[tuple]:
-        """Patch boxes ``(top, left, bottom, right)`` of image ``i`` for the focus steps it ran."""
+        """Patch boxes ``(top, left, bottom, right)`` of image ``i`` for the focus steps it ran,
+        in pixels of the S x S input the model saw (after the resize and centre crop of
+        :func:`gfnet_edge.data.load_images` / ``ops.resize_crop``), not of the original image."""
+        i = self._index(i)
         P = self.patch_size
         out = []
         for t in range(int(self.exit_step[i])):
@@ -70,10 +81,7 @@ class Predictions:
     def __getitem__(self, i: int) -> Dict[str, Any]:
         """Image ``i``'s result as a dict (``class``, ``confidence``, ``exit_step``, ``boxes``,
         and ``label`` / ``deadline_stopped`` when known)."""
-        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
-            raise TypeError(f"Predictions index must be an int, got {type(i).__name__} (to_list() gives every row)")
-        if not -len(self) <= int(i) < len(self):
-            raise IndexError(f"image {i} out of range for {len(self)} predictions")
+        i = self._index(i)
         out = {"class": int(self.classes[i]), "confidence": float(self.confidence[i]),
                "exit_step": int(self.exit_step[i]), "boxes": self.boxes(i)}
         if self.class_names is not None:
