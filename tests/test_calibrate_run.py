@@ -149,15 +149,21 @@ def test_budgets_are_selectable_by_the_runtime(calibrated):
 
 def test_a_runtime_on_other_threads_than_its_step_costs_says_so(calibrated, caplog):
     """Deadlines plan with step costs measured at the calibration's threads (1 here): a runtime
-    on other threads logs a warning naming both; on the same threads nothing."""
+    on other threads logs a warning naming both at its first call with a deadline; on the same
+    threads, or without a deadline, nothing."""
     import logging
 
     from gfnet_edge.runtime import Runtime
 
+    S = calibrated["res"]["bundle"]["image_size"]
+    x = np.random.default_rng(0).integers(0, 256, (2, S, S, 3), dtype=np.uint8)
     with caplog.at_level(logging.WARNING, logger="gfnet_edge"):
-        Runtime(calibrated["bundle"], backend="onnxruntime", precision="fp32", threads=1).close()
-        assert "step costs" not in caplog.text
-        Runtime(calibrated["bundle"], backend="onnxruntime", precision="fp32", threads=2).close()
+        with Runtime(calibrated["bundle"], backend="onnxruntime", precision="fp32", threads=1) as rt:
+            rt.predict(x, deadline_ms=1000.0)
+        with Runtime(calibrated["bundle"], backend="onnxruntime", precision="fp32", threads=2) as rt:
+            rt.predict(x)
+            assert "step costs" not in caplog.text
+            rt.predict(x, deadline_ms=1000.0)
     assert "measured with threads=1, this runtime runs with threads=2" in caplog.text
 
 
