@@ -70,3 +70,14 @@ def test_doctor_help_gives_every_exit_status(capsys):
     assert main(["doctor", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert all(f"{code}: " in text for code in (0, 1, 2, 3)), text
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["nope"], "gfnet-edge: error: argument COMMAND: invalid choice: 'nope'"),
+    (["--bad"], "gfnet-edge: error: unrecognized arguments: --bad (see `gfnet-edge --help`)"),
+    (["info"], "gfnet-edge: error: gfnet-edge info: the following arguments are required"),
+])
+def test_option_errors_name_the_program_once(argv, line, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(line) and err.count("\n") == 1, err

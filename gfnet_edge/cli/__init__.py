@@ -37,7 +37,8 @@ class _Parser(argparse.ArgumentParser):
     in ``--help``."""
 
     def error(self, message: str):  # type: ignore[override]
-        _report(f"gfnet-edge: error: {self.prog}: {message} (see `{self.prog} --help`)", alike=True)
+        where = "" if self.prog == "gfnet-edge" else f"{self.prog}: "  # a subcommand's (or module's) name
+        _report(f"gfnet-edge: error: {where}{message} (see `{self.prog} --help`)", alike=True)
         self.exit(2)
 
 
