@@ -588,3 +588,35 @@ def test_predict_says_once_when_the_default_budget_was_calibrated_for_other_grap
         "gfnet-edge: WARNING: runtime: budget 'ms-1.0' was calibrated with precision int8-cpu, threads 2; this "
         "runtime runs with precision fp32, threads default: its latency limit does not hold here (calibrate the "
         "bundle with these settings)"], r.stderr
+
+
+def test_heads_that_do_not_fit_a_graph_name_the_file_once(demo_onnx_bundle, tmp_path):
+    """Head weights of another width, or glance and focus graphs swapped in the manifest: one
+    BundleError naming the file at fault once."""
+    import json
+    import shutil
+
+    from gfnet_edge.bundle import BundleError, sha256_file
+
+    heads = shutil.copytree(demo_onnx_bundle.root, tmp_path / "heads")
+    with np.load(heads / "heads.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["pol.w_ih"] = arrays["pol.w_ih"][:, :7]
+    np.savez(heads / "heads.npz", **arrays)
+    m = json.loads((heads / "manifest.json").read_text())
+    m["artifacts"]["heads.npz"].update(sha256=sha256_file(heads / "heads.npz"), bytes=(heads / "heads.npz").stat().st_size)
+    (heads / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError) as info:
+        Runtime(heads, backend="onnxruntime", precision="fp32")
+    assert str(info.value) == (f"{heads / 'heads.npz'}: head weights do not fit the glance graph: its 'policy_state' "
+                               "output has width 256, the heads expect 7")
+
+    swapped = shutil.copytree(demo_onnx_bundle.root, tmp_path / "swapped")
+    m = json.loads((swapped / "manifest.json").read_text())
+    g = m["graphs"]["fp32"]
+    g["glance"], g["focus"] = g["focus"], g["glance"]
+    (swapped / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError) as info:
+        Runtime(swapped, backend="onnxruntime", precision="fp32")
+    assert str(info.value).startswith(f"{swapped / 'graphs' / 'focus.fp32.onnx'}: its outputs (feature, policy_state) "
+                                      "are not those of a glance graph"), str(info.value)

@@ -219,6 +219,9 @@ class Runtime:
         try:
             _check_graph_outputs(self.runner, self.model, arrays, heads_path)
             self.driver = Driver(self.model, self.runner, self.heads, self.profiler, cuda_graphs=cuda_graphs)
+        except BundleError:  # names its file and problem already
+            self.runner.deactivate()
+            raise
         except (TypeError, ValueError) as exc:
             self.runner.deactivate()
             raise BundleError(f"{heads_path}: head weights do not fit this model: {exc}") from exc
