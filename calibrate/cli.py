@@ -123,7 +123,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--deadlines", type=int_range(0, 100), default=6,
                    help="deadlines of the report's deadline sweep, from the glance's p50 to past the full model's "
                         "p99, plus up to as many again to past a slower --static baseline's p99 (default 6; 0: none)")
-    p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="fit/held-out split seed")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="fit/held-out split seed (default 0)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall: wall-clock latency (default); cpu: CPU time of the calling thread, with --threads 1 "
                         "(the latency of an otherwise idle device, for machines shared with other jobs)")
