@@ -167,6 +167,35 @@ def test_a_runtime_on_other_threads_than_its_step_costs_says_so(calibrated, capl
     assert "measured with threads=1, this runtime runs with threads=2" in caplog.text
 
 
+def test_too_few_images_are_an_option_error_and_few_a_warning(tiny_bundle, tmp_path, capsys, caplog):
+    """--num-images below calibration's minimum (4) is an argparse error (exit 2, one line, nothing
+    measured or written); a fitting or held-out half under 50 images loads with a warning."""
+    import logging
+
+    from gfnet_edge.calibrate.data import load_calibration_data
+
+    bundle = _fresh(tiny_bundle, tmp_path)
+    rc = _main(["calibrate", str(bundle), "--data", str(tiny_bundle / "data.npz"), "-o", str(tmp_path / "r"),
+                "--num-images", "3", *FAST])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "argument --num-images: must be in [4, " in err, err
+    assert not (tmp_path / "r").exists()
+    model = Bundle.load(bundle).model
+    with caplog.at_level(logging.WARNING, logger="gfnet_edge"):
+        data = load_calibration_data(str(tiny_bundle / "data.npz"), model, limit=5)
+    assert len(data.part("fit")[1]) == 3 and len(data.part("holdout")[1]) == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        "calibration: 3 image(s) to fit the thresholds on and 2 held out (of 5): budgets and accuracies from fewer "
+        "than 50 each are rough (better a few hundred labelled images)"]
+    caplog.clear()
+    many = tmp_path / "many.npz"
+    with np.load(tiny_bundle / "data.npz") as z:
+        np.savez(many, images=np.concatenate([z["images"]] * 3), labels=np.concatenate([z["labels"]] * 3))
+    with caplog.at_level(logging.WARNING, logger="gfnet_edge"):
+        load_calibration_data(str(many), model, limit=100)  # 50 and 50
+    assert caplog.records == []
+
+
 def test_default_budget_and_explicit_budgets(tiny_bundle, tmp_path, capsys):
     bundle = _fresh(tiny_bundle, tmp_path)
     before = json.loads((bundle / "manifest.json").read_text())["budgets"]
