@@ -413,10 +413,12 @@ def test_bad_options(tiny_bundle, tmp_path, capsys, args, match):
 
 
 @pytest.mark.parametrize("arg", ["--margin=0.6", "--margin=0.5", "--margin=-0.01", "--tolerance=-0.1,0.05",
-                                 "--tolerance=0.1,1", "--tolerance=0.1,nan", "--tolerance=0.1", "--method=magic"])
+                                 "--tolerance=0.1,1", "--tolerance=0.1,nan", "--tolerance=0.1", "--method=magic",
+                                 "--default=7", "--default=p95:500"])
 def test_bad_fit_options_stop_in_one_line_before_any_measurement(tiny_bundle, tmp_path, capsys, monkeypatch, arg):
     """A margin the fit refuses (it needs [0, 0.5)), a tolerance that is not two fractions in
-    [0, 1) or an unknown method stop with exit code 2 and one line naming the option, before the
+    [0, 1), an unknown method or a --default that is none of the budgets asked for stop with exit
+    code 2 and one line naming the option, before the
     step latency is measured; no report is written and the manifest is unchanged."""
     from gfnet_edge.calibrate import pipeline
 
