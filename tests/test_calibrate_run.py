@@ -196,6 +196,20 @@ def test_too_few_images_are_an_option_error_and_few_a_warning(tiny_bundle, tmp_p
     assert caplog.records == []
 
 
+def test_other_class_folders_are_listed_with_how_many_more(tiny_bundle, tmp_path, capsys):
+    """A class folder whose classes are not the bundle's: the message names the first five of
+    each list and how many more there are, in one line, before any image is read."""
+    bundle = _fresh(tiny_bundle, tmp_path)
+    Bundle.load(bundle).update_manifest(lambda m: m["model"].update(class_names=["a", "b", "c", "d"]))
+    data = tmp_path / "data"
+    for i in range(8):
+        (data / str(i)).mkdir(parents=True)
+    rc = _main(["calibrate", str(bundle), "--data", str(data), "-o", str(tmp_path / "r"), *FAST])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "(missing a, b, c, d; not the model's: 0, 1, 2, 3, 4, ... (3 more))" in err, err
+
+
 def test_default_budget_and_explicit_budgets(tiny_bundle, tmp_path, capsys):
     bundle = _fresh(tiny_bundle, tmp_path)
     before = json.loads((bundle / "manifest.json").read_text())["budgets"]
