@@ -196,7 +196,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing bundle at -o")
     p.add_argument("--model-name", help="variant name when the checkpoint does not store it and it cannot be "
                                         "inferred (e.g. resnet50; see `gfnet-edge info`)")
-    p.add_argument("--patch-size", type=int_range(1, 1 << 16), help="patch size P when the checkpoint does not store it")
+    p.add_argument("--patch-size", type=int_range(1, 1 << 16),
+                   help="patch size P when the checkpoint does not store it; checked against one that does")
     add_trt_build_options(p)
     p.add_argument("--threads", type=THREADS, help="CPU threads for export/quantization")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
