@@ -135,7 +135,7 @@ def _main(argv: Optional[List[str]]) -> int:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         code = int(args.func(args) or 0)
-        sys.stdout.flush()  # a write that fails is reported here, not when Python exits
+        _flush_stdout()  # a write that fails is reported here, not when Python exits
         if _Stdout.failure is not None:  # a failed write that was caught (and the output lost)
             raise _Stdout.failure
         return code
@@ -150,11 +150,19 @@ def _main(argv: Optional[List[str]]) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def _flush_stdout() -> None:
+    """Writes out what was printed (an ``OSError`` if that fails; a closed stdout is left alone)."""
+    try:
+        sys.stdout.flush()
+    except ValueError:  # closed
+        pass
+
+
 def _flushed(code: int, command: str) -> int:
     """``code``, once what was printed has been written (else the exit code of that failure)."""
     try:
-        sys.stdout.flush()
-    except Exception as exc:  # noqa: B902 - a full disk or a closed pipe on stdout
+        _flush_stdout()
+    except OSError as exc:  # a full disk or a closed pipe on stdout
         return _exit_code(exc, command)
     if _Stdout.failure is not None:  # argparse's --help and --version drop their failed writes
         return _exit_code(_Stdout.failure, command)
