@@ -48,6 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from gfnet_edge.cli.options import add_runtime_options
 
     from .budgets import parse_budget_arg
+    from .data import ADVISED_SPLIT_IMAGES, MIN_IMAGES
     from .fit import MAX_MARGIN, METHODS
     from .latency import EXTEND_SECONDS, WARMUP_MS
 
@@ -81,7 +82,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "backend, place and precision")
     p.add_argument("--batch", type=int_range(1, 1 << 16), default=1, help="images per call the budgets are for (default 1)")
     p.add_argument("--batch-size", type=int_range(0, 1 << 16), default=8, help="a second batch size to measure step latency at (default 8; 0: none)")
-    p.add_argument("--num-images", type=POSITIVE, help="use at most this many images (demo: how many; default 1000)")
+    p.add_argument("--num-images", type=int_range(MIN_IMAGES, 1 << 31),
+                   help=f"use at most this many images (demo: how many; default 1000; at least {MIN_IMAGES}; a "
+                        f"warning says when the fitting or held-out part has fewer than {ADVISED_SPLIT_IMAGES})")
     p.add_argument("--skip-unreadable", action="store_true",
                    help="leave out image files of a --data folder that cannot be read, naming each in a warning "
                         "(default: stop at the first)")
@@ -123,7 +126,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--deadlines", type=int_range(0, 100), default=6,
                    help="deadlines of the report's deadline sweep, from the glance's p50 to past the full model's "
                         "p99, plus up to as many again to past a slower --static baseline's p99 (default 6; 0: none)")
-    p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="fit/held-out split seed")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="fit/held-out split seed (default 0)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall: wall-clock latency (default); cpu: CPU time of the calling thread, with --threads 1 "
                         "(the latency of an otherwise idle device, for machines shared with other jobs)")

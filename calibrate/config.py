@@ -139,6 +139,8 @@ class CalibrationConfig:
         names = [b.name for b in self.given_budgets()]
         if len(set(names)) != len(names):
             raise InputError(f"--budget-ms / --budget have duplicates: {', '.join(names)}")
+        if names:  # a --default that is none of the budgets asked for fails before any measurement
+            self.default_name(names)
         if self.threads is not None and self.threads < 1:
             raise InputError(f"--threads must be >= 1, got {self.threads}")
         if self.device not in (None, "cpu", "cuda"):
@@ -152,6 +154,22 @@ class CalibrationConfig:
     def quick(self) -> "CalibrationConfig":
         """The same options with half the timed calls (at least 10): for re-measurements."""
         return replace(self, repeats=max(10, self.repeats // 2))
+
+    def default_name(self, names: Sequence[str]) -> Optional[str]:
+        """The budget of ``names`` that ``default`` means (a name, a number of ms for a mean budget,
+        or ``KIND:MS``); ``None`` without a default. Raises ``InputError`` when it is none of them."""
+        if self.default is None:
+            return None
+        d = self.default
+        if d in names:
+            return d
+        try:
+            n = Budget.parse(d).name
+        except InputError:
+            n = d
+        if n in names:
+            return n
+        raise InputError(f"--default {d!r} is not one of the calibrated budgets ({', '.join(names)})")
 
     def given_budgets(self) -> List[Budget]:
         """The budgets asked for: ``budgets_ms`` as mean budgets, then ``budgets``."""

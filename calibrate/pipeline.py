@@ -72,18 +72,7 @@ def _now() -> str:
 
 def _resolve_default(cfg: CalibrationConfig, names: List[str]) -> Optional[str]:
     """The name ``--default`` means: a budget's name, a number of ms (a mean budget) or ``KIND:MS``."""
-    if cfg.default is None:
-        return None
-    d = cfg.default
-    if d in names:
-        return d
-    try:
-        n = Budget.parse(d).name
-    except InputError:
-        n = d
-    if n in names:
-        return n
-    raise InputError(f"--default {d!r} is not one of the calibrated budgets ({', '.join(names)})")
+    return cfg.default_name(names)
 
 
 @dataclass

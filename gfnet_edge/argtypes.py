@@ -23,6 +23,22 @@ def int_range(lo: Optional[int] = None, hi: Optional[int] = None) -> Callable[[s
     return parse
 
 
+def zero_or_int_range(lo: int, hi: Optional[int] = None) -> Callable[[str], int]:
+    """``0`` (the feature off) or an ``int`` in ``[lo, hi]``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value != 0 and (value < lo or (hi is not None and value > hi)):
+            raise argparse.ArgumentTypeError(f"must be 0 or in [{lo}, {_bound(hi)}], got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
 def float_range(lo: Optional[float] = None, hi: Optional[float] = None, lo_open: bool = False,
                 hi_open: bool = False) -> Callable[[str], float]:
     """A finite ``float`` in ``[lo, hi]`` (``(lo`` / ``hi)`` with ``lo_open`` / ``hi_open``)."""

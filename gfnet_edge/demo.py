@@ -194,12 +194,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("-o", "--output", default="gfnet-edge-demo", help="output folder (default ./gfnet-edge-demo)")
-    p.add_argument("--precision", choices=["int8", "fp32"], default="int8")
-    p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime"], default="auto")
+    p.add_argument("--precision", choices=["int8", "fp32"], default="int8",
+                   help="precision of the bundle built, calibrated and run (default int8)")
+    p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime"], default="auto",
+                   help="auto (default): TensorRT when it and a GPU are here, else ONNX Runtime")
     p.add_argument("--budget-ms", type=float_range(0.0, 1e6, lo_open=True),
                    help="latency budget per image in ms (default: three budgets are fitted on this machine and "
                         f"the cheapest within {DEFAULT_BUDGET_SLACK:g} point of the best held-out accuracy is used)")
     p.add_argument("--num-test", type=int_range(1, 2000), default=500, help="demo test images to classify (default 500)")
-    p.add_argument("--threads", type=THREADS, help="CPU threads")
+    p.add_argument("--threads", type=THREADS,
+                   help="CPU threads of the build, calibration and runtime (default: ONNX Runtime's own choice, "
+                        "and one extension thread per CPU core)")
     p.add_argument("--quick", action="store_true", help="smaller calibration sets (a faster, rougher run)")
     p.set_defaults(func=cmd_demo)

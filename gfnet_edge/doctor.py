@@ -288,11 +288,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "Exit 0: all checks passed; 1: a check failed; 2: bad input; 3: TensorRT or a GPU is missing.")
     p.add_argument("bundle", help="bundle directory")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, metavar="PRECISION",
-                   help="engine precision: auto (int8 > fp16 > fp32), int8, fp16, fp32")
+                   help="engine precision: auto (int8 > fp16 > fp32; the default), int8, fp16, fp32")
     p.add_argument("--dla-core", type=NON_NEGATIVE, help="check the engines built for this DLA core")
     p.add_argument("--build", action="store_true", help="build the engines for this device when the bundle has none")
     p.add_argument("--max-batch", type=int_range(1, 65536),
                    help=f"with --build: the engines' max batch (default {BuildOptions().max_batch})")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random test inputs")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the random test inputs (default 0)")
     p.add_argument("-o", "--output", help="report file (default gfnet-edge-doctor-DATE-TIME.json here)")
     p.set_defaults(func=cmd_doctor)

@@ -227,6 +227,10 @@ def test_num_eval_sets_how_many_images_are_held_out(monkeypatch, capsys):
     demo = Path(__file__).resolve().parents[1] / "gfnet_edge" / "assets" / "demo_gfnet.pth.tar"
     assert cli.main(["build-engine", str(demo), "-o", "unused", "--precision", "fp32", "--num-eval", "64"]) == 2
     assert "--num-eval applies to --precision int8" in capsys.readouterr().err
+    for n in ("16", "-1"):  # the option's own range: 0, or at least what the search needs
+        assert cli.main(["build-engine", str(demo), "-o", "unused", "--num-eval", n]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"argument --num-eval: must be 0 or in [32, 1000000], got {n}" in err, err
 
 
 def test_a_quiet_build_renders_demo_calibration_images_without_a_progress_bar(demo_checkpoint, tmp_path,

@@ -149,16 +149,65 @@ def test_budgets_are_selectable_by_the_runtime(calibrated):
 
 def test_a_runtime_on_other_threads_than_its_step_costs_says_so(calibrated, caplog):
     """Deadlines plan with step costs measured at the calibration's threads (1 here): a runtime
-    on other threads logs a warning naming both; on the same threads nothing."""
+    on other threads logs a warning naming both at its first call with a deadline; on the same
+    threads, or without a deadline, nothing."""
     import logging
 
     from gfnet_edge.runtime import Runtime
 
+    S = calibrated["res"]["bundle"]["image_size"]
+    x = np.random.default_rng(0).integers(0, 256, (2, S, S, 3), dtype=np.uint8)
     with caplog.at_level(logging.WARNING, logger="gfnet_edge"):
-        Runtime(calibrated["bundle"], backend="onnxruntime", precision="fp32", threads=1).close()
-        assert "step costs" not in caplog.text
-        Runtime(calibrated["bundle"], backend="onnxruntime", precision="fp32", threads=2).close()
+        with Runtime(calibrated["bundle"], backend="onnxruntime", precision="fp32", threads=1) as rt:
+            rt.predict(x, deadline_ms=1000.0)
+        with Runtime(calibrated["bundle"], backend="onnxruntime", precision="fp32", threads=2) as rt:
+            rt.predict(x)
+            assert "step costs" not in caplog.text
+            rt.predict(x, deadline_ms=1000.0)
     assert "measured with threads=1, this runtime runs with threads=2" in caplog.text
+
+
+def test_too_few_images_are_an_option_error_and_few_a_warning(tiny_bundle, tmp_path, capsys, caplog):
+    """--num-images below calibration's minimum (4) is an argparse error (exit 2, one line, nothing
+    measured or written); a fitting or held-out half under 50 images loads with a warning."""
+    import logging
+
+    from gfnet_edge.calibrate.data import load_calibration_data
+
+    bundle = _fresh(tiny_bundle, tmp_path)
+    rc = _main(["calibrate", str(bundle), "--data", str(tiny_bundle / "data.npz"), "-o", str(tmp_path / "r"),
+                "--num-images", "3", *FAST])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "argument --num-images: must be in [4, " in err, err
+    assert not (tmp_path / "r").exists()
+    model = Bundle.load(bundle).model
+    with caplog.at_level(logging.WARNING, logger="gfnet_edge"):
+        data = load_calibration_data(str(tiny_bundle / "data.npz"), model, limit=5)
+    assert len(data.part("fit")[1]) == 3 and len(data.part("holdout")[1]) == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        "calibration: 3 image(s) to fit the thresholds on and 2 held out (of 5): budgets and accuracies from fewer "
+        "than 50 each are rough (better a few hundred labelled images)"]
+    caplog.clear()
+    many = tmp_path / "many.npz"
+    with np.load(tiny_bundle / "data.npz") as z:
+        np.savez(many, images=np.concatenate([z["images"]] * 3), labels=np.concatenate([z["labels"]] * 3))
+    with caplog.at_level(logging.WARNING, logger="gfnet_edge"):
+        load_calibration_data(str(many), model, limit=100)  # 50 and 50
+    assert caplog.records == []
+
+
+def test_other_class_folders_are_listed_with_how_many_more(tiny_bundle, tmp_path, capsys):
+    """A class folder whose classes are not the bundle's: the message names the first five of
+    each list and how many more there are, in one line, before any image is read."""
+    bundle = _fresh(tiny_bundle, tmp_path)
+    Bundle.load(bundle).update_manifest(lambda m: m["model"].update(class_names=["a", "b", "c", "d"]))
+    data = tmp_path / "data"
+    for i in range(8):
+        (data / str(i)).mkdir(parents=True)
+    rc = _main(["calibrate", str(bundle), "--data", str(data), "-o", str(tmp_path / "r"), *FAST])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "(missing a, b, c, d; not the model's: 0, 1, 2, 3, 4, ... (3 more))" in err, err
 
 
 def test_default_budget_and_explicit_budgets(tiny_bundle, tmp_path, capsys):
@@ -378,10 +427,12 @@ def test_bad_options(tiny_bundle, tmp_path, capsys, args, match):
 
 
 @pytest.mark.parametrize("arg", ["--margin=0.6", "--margin=0.5", "--margin=-0.01", "--tolerance=-0.1,0.05",
-                                 "--tolerance=0.1,1", "--tolerance=0.1,nan", "--tolerance=0.1", "--method=magic"])
+                                 "--tolerance=0.1,1", "--tolerance=0.1,nan", "--tolerance=0.1", "--method=magic",
+                                 "--default=7", "--default=p95:500"])
 def test_bad_fit_options_stop_in_one_line_before_any_measurement(tiny_bundle, tmp_path, capsys, monkeypatch, arg):
     """A margin the fit refuses (it needs [0, 0.5)), a tolerance that is not two fractions in
-    [0, 1) or an unknown method stop with exit code 2 and one line naming the option, before the
+    [0, 1), an unknown method or a --default that is none of the budgets asked for stop with exit
+    code 2 and one line naming the option, before the
     step latency is measured; no report is written and the manifest is unchanged."""
     from gfnet_edge.calibrate import pipeline
 

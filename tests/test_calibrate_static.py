@@ -646,7 +646,8 @@ def test_calibrate_refuses_a_static_source_the_backend_cannot_run_before_measuri
     rc = cli.main(["calibrate", str(calib_bundle / "bundle"), "--data", str(calib_bundle / "data.npz"), "-o", str(out),
                    "--backend", "torch", "--device", "cpu", "--static", str(static.onnx), *FAST])
     err = capsys.readouterr().err.strip()
-    assert rc == 3 and "onnx2torch" in err and ".pth.tar" in err and len(err.splitlines()) == 1, err
+    errors = [line for line in err.splitlines() if not line.startswith("gfnet-edge: WARNING: ")]  # 24 images: rough
+    assert rc == 3 and "onnx2torch" in err and ".pth.tar" in err and len(errors) == 1, err
     assert not out.exists() and not runs
     assert (calib_bundle / "bundle" / "manifest.json").read_bytes() == manifest
 

@@ -149,6 +149,8 @@ CASES = {
     "info_truncated": (lambda t, b: ["info", _truncated_demo(t)], 2, "truncated or corrupt"),
     "info_wrong_name": (lambda t, b: ["info", DEMO, "--model-name", "resnet50"], 2, "not 'resnet50'"),
     "build_wrong_name": (lambda t, b: ["build-engine", DEMO, "-o", t / "out", "--precision", "fp32", "--backend", "onnxruntime", "--model-name", "resnet50"], 2, "not 'resnet50'"),
+    "info_wrong_patch": (lambda t, b: ["info", DEMO, "--patch-size", "128"], 2, "checkpoint patch size is 96, not 128"),
+    "build_wrong_patch": (lambda t, b: ["build-engine", DEMO, "-o", t / "out", "--precision", "fp32", "--backend", "onnxruntime", "--patch-size", "128"], 2, "checkpoint patch size is 96, not 128"),
     "build_missing_ckpt": (lambda t, b: ["build-engine", t / "none.pth.tar", "-o", t / "out", "--precision", "fp32", "--backend", "onnxruntime"], 2, "not found"),
     "build_corrupt_ckpt": (lambda t, b: ["build-engine", _garbage(t / "g.pth.tar"), "-o", t / "out", "--precision", "fp32", "--backend", "onnxruntime"], 2, "not a readable"),
     "build_no_output": (lambda t, b: ["build-engine", DEMO, "--precision", "fp32", "--backend", "onnxruntime"], 2, "needs -o"),
@@ -340,3 +342,28 @@ def test_a_broken_pipe_other_than_stdout_is_an_internal_error():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 1 and r.stderr.startswith("gfnet-edge: error: internal error: BrokenPipeError"), r.stderr
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("argv", [["info", "--json", DEMO], ["info", DEMO], ["predict", "{bundle}", "{images}"],
+                                  ["predict", "{bundle}", "{images}", "--json"], ["--help"], ["--version"]])
+def test_a_full_disk_on_stdout_is_a_file_that_cannot_be_written(argv, bundle, image_dir):
+    """`... > /dev/full`: one line naming standard output, exit 2 (a file that cannot be
+    written), and no second message when Python flushes stdout at exit."""
+    import subprocess
+    import sys
+
+    argv = [str(a).format(bundle=bundle, images=image_dir) for a in argv]
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "gfnet_edge.cli", *argv], stdout=full, stderr=subprocess.PIPE,
+                           text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == "gfnet-edge: error: cannot write to standard output: No space left on device\n", r.stderr
+
+
+def test_a_failed_write_elsewhere_is_not_blamed_on_stdout(capsys):
+    """An OSError of another file, without a file name, stays an internal error."""
+    from gfnet_edge import cli
+
+    assert cli._exit_code(OSError(28, "No space left on device"), "predict") == 1
+    assert "internal error: OSError" in capsys.readouterr().err

@@ -34,6 +34,16 @@ def test_info_json(ckpt, capsys):
     assert "anytime_classification" in info["missing_metadata"]
 
 
+def test_info_checks_the_given_sizes_against_the_checkpoint(ckpt, capsys):
+    """A checkpoint with a gfnet-edge config fixes its variant and P: options that agree are
+    accepted, one that does not is a one-line error (exit 2), as for released-format files."""
+    assert main(["info", str(ckpt), "--model-name", "mobilenetv3_large_100", "--patch-size", "96"]) == 0
+    assert "P=96" in capsys.readouterr().out
+    assert main(["info", str(ckpt), "--patch-size", "128"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "checkpoint patch size is 96, not 128" in err, err
+
+
 def test_info_bad_file_exits_2(tmp_path, capsys):
     bad = tmp_path / "bad.pth.tar"
     bad.write_bytes(b"garbage")
@@ -60,3 +70,14 @@ def test_doctor_help_gives_every_exit_status(capsys):
     assert main(["doctor", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert all(f"{code}: " in text for code in (0, 1, 2, 3)), text
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["nope"], "gfnet-edge: error: argument COMMAND: invalid choice: 'nope'"),
+    (["--bad"], "gfnet-edge: error: unrecognized arguments: --bad (see `gfnet-edge --help`)"),
+    (["info"], "gfnet-edge: error: gfnet-edge info: the following arguments are required"),
+])
+def test_option_errors_name_the_program_once(argv, line, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(line) and err.count("\n") == 1, err

@@ -109,6 +109,7 @@ def test_doctor_reports_each_injected_failure(portable_bundle, tmp_path, monkeyp
 @pytest.mark.parametrize("args, frag", [
     (["--precision", "int4"], "--precision"), (["--dla-core", "-1"], "--dla-core"),
     (["--build", "--max-batch", "0"], "--max-batch"), (["--max-batch", "8"], "--max-batch applies with --build"),
+    (["--seed", "-1"], "--seed"),
 ])
 def test_doctor_refuses_bad_options_before_any_check(portable_bundle, tmp_path, monkeypatch, capsys, args, frag):
     """A bad option is bad input (exit 2, one line, no report file), on a device with TensorRT,

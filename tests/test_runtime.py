@@ -362,6 +362,24 @@ def test_runtime_refuses_copies_bad_thresholds_models_and_indices(mnv3):
             preds[3]
 
 
+def test_prediction_boxes_check_the_image_index():
+    """``boxes(i)`` takes the indices ``preds[i]`` takes (negative ones from the end) and refuses
+    others with the same messages."""
+    from gfnet_edge.runtime.api import Predictions
+
+    coords = np.array([[[0, 0], [10, 20], [-1, -1]], [[5, 6], [-1, -1], [-1, -1]]], np.int32)  # (T-1, N, 2)
+    preds = Predictions(classes=np.array([1, 2, 3]), confidence=np.array([0.9, 0.8, 0.7], np.float32),
+                        exit_step=np.array([2, 1, 0]), coords=coords, patch_size=4)
+    assert preds.boxes(0) == [(0, 0, 4, 4), (5, 6, 9, 10)] and preds.boxes(1) == [(10, 20, 14, 24)]
+    assert preds.boxes(-3) == preds.boxes(0) and preds.boxes(np.int64(2)) == [] == preds[2]["boxes"]
+    with pytest.raises(IndexError, match="image 99 out of range for 3 predictions"):
+        preds.boxes(99)
+    with pytest.raises(IndexError, match="image -4 out of range"):
+        preds.boxes(-4)
+    with pytest.raises(TypeError, match="index must be an int"):
+        preds.boxes(1.0)
+
+
 def test_truncated_heads_file_is_a_bundle_error(tmp_path):
     from gfnet_edge.errors import InputError as Err
     from gfnet_edge.runtime.heads import load_head_arrays
@@ -470,3 +488,135 @@ def test_bad_runtime_options(mnv3, tmp_path):
     assert made == []
     with pytest.raises((UnavailableError, InputError)):
         Runtime(bundle, backend="tensorrt")  # no TensorRT engines / no TensorRT here
+
+
+def _bundle_with_latency_budgets(src, root, threads=2):
+    """A copy of the fp32 demo bundle with two latency budgets (the default one calibrated on
+    int8-cpu graphs, one on fp32) and fp32 step costs measured with ``threads`` threads."""
+    import json
+    import shutil
+
+    shutil.copytree(src, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    T = manifest["model"]["steps"]
+    common = {"unit": "ms", "kind": "mean", "backend": "onnxruntime", "batch": 1, "device": "cpu", "data": "demo",
+              "source": "gfnet-edge calibrate", "thresholds": [0.9] * (T - 1) + [-1e8]}
+    manifest["budgets"]["ms-1.0"] = {**common, "budget_ms": 1.0, "precision": "int8-cpu", "threads": threads}
+    manifest["budgets"]["ms-2.0"] = {**common, "budget_ms": 2.0, "precision": "fp32", "threads": None}
+    manifest["default_budget"] = "ms-1.0"
+    ms = [1.0 * (t + 1) for t in range(T)]
+    manifest["step_costs"] = {"onnxruntime/fp32": {
+        "backend": "onnxruntime", "precision": "fp32", "threads": threads, "device": "cpu", "source": "test",
+        "batches": [{"batch": 1, "calls": 10, "cumulative": {k: ms for k in ("mean_ms", "p50_ms", "p95_ms", "p99_ms")}}]}}
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return root
+
+
+def test_a_budget_calibrated_with_other_settings_is_a_warning_at_its_first_use(demo_onnx_bundle, tmp_path, caplog):
+    """A latency budget holds for the backend, precision and threads it was measured with: the
+    first call that uses one measured otherwise logs one warning naming both settings; budgets
+    that agree, and macs budgets, log nothing."""
+    import logging
+
+    root = _bundle_with_latency_budgets(demo_onnx_bundle.root, tmp_path / "b")
+    x = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    with caplog.at_level(logging.WARNING, logger="gfnet_edge"):
+        with Runtime(root, backend="onnxruntime", precision="fp32") as rt:
+            assert rt.budget == "ms-1.0" and "budget" not in caplog.text  # nothing until it is used
+            rt.predict(x)
+            rt.predict(x)
+            lines = [r.getMessage() for r in caplog.records if "budget" in r.getMessage()]
+            assert lines == ["runtime: budget 'ms-1.0' was calibrated with precision int8-cpu, threads 2; this "
+                             "runtime runs with precision fp32, threads default: its latency limit does not hold "
+                             "here (calibrate the bundle with these settings)"]
+            caplog.clear()
+            rt.predict(x, budget="ms-2.0")  # calibrated as this runtime runs
+            rt.predict(x, budget="macs-mid")  # multiply-adds hold anywhere
+            rt.set_budget("ms-2.0")
+            rt.predict(x)
+            rt.thresholds = [0.5] * rt.model.steps  # set by hand
+            rt.predict(x)
+            assert caplog.records == []
+            assert rt.budget_mismatch("ms-2.0") is None and "int8-cpu" in rt.budget_mismatch("ms-1.0")
+        with Runtime(root, backend="onnxruntime", precision="fp32", budget="ms-2.0", threads=2) as rt:
+            rt.predict(x)
+        assert [r.getMessage() for r in caplog.records] == [
+            "runtime: budget 'ms-2.0' was calibrated with threads default; this runtime runs with threads 2: its "
+            "latency limit does not hold here (calibrate the bundle with these settings)"]
+
+
+def test_step_costs_of_other_threads_are_a_warning_only_when_a_deadline_uses_them(demo_onnx_bundle, tmp_path,
+                                                                                  caplog):
+    import logging
+
+    root = _bundle_with_latency_budgets(demo_onnx_bundle.root, tmp_path / "b", threads=1)
+    x = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    with caplog.at_level(logging.WARNING, logger="gfnet_edge"):
+        with Runtime(root, backend="onnxruntime", precision="fp32", budget="macs-mid", threads=2) as rt:
+            rt.predict(x)
+            assert "step costs" not in caplog.text  # no deadline: the step costs are not used
+            rt.predict(x, deadline_ms=1000.0)
+            rt.predict(x, deadline_ms=1000.0)
+        assert caplog.text.count("measured with threads=1, this runtime runs with threads=2") == 1
+        caplog.clear()
+        with Runtime(root, backend="onnxruntime", precision="fp32", budget="macs-mid", threads=2) as rt:
+            rt.set_step_costs([1.0] * rt.model.steps)  # its own costs: the bundle's threads do not matter
+            rt.predict(x, deadline_ms=1000.0)
+        with Runtime(root, backend="onnxruntime", precision="fp32", budget="macs-mid", threads=1) as rt:
+            rt.predict(x, deadline_ms=1000.0)
+        assert "step costs" not in caplog.text
+
+
+def test_predict_says_once_when_the_default_budget_was_calibrated_for_other_graphs(demo_onnx_bundle, tmp_path):
+    """`gfnet-edge predict --precision fp32` on a bundle whose default budget was calibrated on
+    int8-cpu graphs: the results, and one warning line on stderr."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    root = _bundle_with_latency_budgets(demo_onnx_bundle.root, tmp_path / "b")
+    for i in range(3):
+        Image.fromarray(np.full((230, 240, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    r = subprocess.run([sys.executable, "-m", "gfnet_edge.cli", "predict", str(root), *(str(tmp_path / f"{i}.png")
+                        for i in range(3)), "--backend", "onnxruntime", "--precision", "fp32"],
+                       capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 3
+    assert r.stderr.splitlines() == [
+        "gfnet-edge: WARNING: runtime: budget 'ms-1.0' was calibrated with precision int8-cpu, threads 2; this "
+        "runtime runs with precision fp32, threads default: its latency limit does not hold here (calibrate the "
+        "bundle with these settings)"], r.stderr
+
+
+def test_heads_that_do_not_fit_a_graph_name_the_file_once(demo_onnx_bundle, tmp_path):
+    """Head weights of another width, or glance and focus graphs swapped in the manifest: one
+    BundleError naming the file at fault once."""
+    import json
+    import shutil
+
+    from gfnet_edge.bundle import BundleError, sha256_file
+
+    heads = shutil.copytree(demo_onnx_bundle.root, tmp_path / "heads")
+    with np.load(heads / "heads.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["pol.w_ih"] = arrays["pol.w_ih"][:, :7]
+    np.savez(heads / "heads.npz", **arrays)
+    m = json.loads((heads / "manifest.json").read_text())
+    m["artifacts"]["heads.npz"].update(sha256=sha256_file(heads / "heads.npz"), bytes=(heads / "heads.npz").stat().st_size)
+    (heads / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError) as info:
+        Runtime(heads, backend="onnxruntime", precision="fp32")
+    assert str(info.value) == (f"{heads / 'heads.npz'}: head weights do not fit the glance graph: its 'policy_state' "
+                               "output has width 256, the heads expect 7")
+
+    swapped = shutil.copytree(demo_onnx_bundle.root, tmp_path / "swapped")
+    m = json.loads((swapped / "manifest.json").read_text())
+    g = m["graphs"]["fp32"]
+    g["glance"], g["focus"] = g["focus"], g["glance"]
+    (swapped / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError) as info:
+        Runtime(swapped, backend="onnxruntime", precision="fp32")
+    assert str(info.value).startswith(f"{swapped / 'graphs' / 'focus.fp32.onnx'}: its outputs (feature, policy_state) "
+                                      "are not those of a glance graph"), str(info.value)

@@ -7,7 +7,8 @@ Each subcommand is a module with ``add_parser(subparsers)`` and the function it 
 subcommand runs, never while the parser is built.
 
 Every user-facing error ends in one line ``gfnet-edge: error: ...`` and a non-zero exit:
-2 for bad input (and files that cannot be read or written), 3 for a missing requirement
+2 for bad input (and files that cannot be read or written, standard output included:
+``cannot write to standard output: No space left on device``), 3 for a missing requirement
 (TensorRT, GPU, torch), 1 for an unexpected failure; 130 / 143 after SIGINT / SIGTERM (which
 end the command through its cleanup, so nothing half-written stays); 141, silently, when the
 reader of stdout goes away (``gfnet-edge predict ... | head``). A traceback is printed only
@@ -36,7 +37,8 @@ class _Parser(argparse.ArgumentParser):
     in ``--help``."""
 
     def error(self, message: str):  # type: ignore[override]
-        _report(f"gfnet-edge: error: {self.prog}: {message} (see `{self.prog} --help`)", alike=True)
+        where = "" if self.prog == "gfnet-edge" else f"{self.prog}: "  # a subcommand's (or module's) name
+        _report(f"gfnet-edge: error: {where}{message} (see `{self.prog} --help`)", alike=True)
         self.exit(2)
 
 
@@ -73,13 +75,54 @@ def _on_sigterm(signum, frame) -> None:
     raise Terminated()
 
 
+class _Stdout:
+    """``sys.stdout`` while a command runs: the same stream, which remembers a write to it that
+    failed (a full disk, a closed pipe), so that the failure is reported as standard output's."""
+
+    failure: Optional[BaseException] = None
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def _guarded(self, call, *args):
+        try:
+            return call(*args)
+        except OSError as exc:
+            _Stdout.failure = exc
+            raise
+
+    def write(self, text):
+        return self._guarded(self._stream.write, text)
+
+    def writelines(self, lines):
+        return self._guarded(self._stream.writelines, lines)
+
+    def flush(self):
+        return self._guarded(self._stream.flush)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Runs ``gfnet-edge`` with ``argv`` (default: the command line); returns the exit code."""
+    stream = sys.stdout
+    if stream is None:
+        return _main(argv)
+    sys.stdout, _Stdout.failure = _Stdout(stream), None
+    try:
+        return _main(argv)
+    finally:
+        if sys.stdout.__class__ is _Stdout:
+            sys.stdout = stream
+
+
+def _main(argv: Optional[List[str]]) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: usage and a one-line error on stderr (2), or --help (0)
-        return int(exc.code or 0)
+        return _flushed(int(exc.code or 0), "")
     setup_logging(args.verbose)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -91,7 +134,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        _flush_stdout()  # a write that fails is reported here, not when Python exits
+        if _Stdout.failure is not None:  # a failed write that was caught (and the output lost)
+            raise _Stdout.failure
+        return code
     except BaseException as exc:  # noqa: B902 - every failure becomes one line and an exit code
         if args.debug and not isinstance(exc, SystemExit):
             import traceback
@@ -101,6 +148,33 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _flush_stdout() -> None:
+    """Writes out what was printed (an ``OSError`` if that fails; a closed stdout is left alone)."""
+    try:
+        sys.stdout.flush()
+    except ValueError:  # closed
+        pass
+
+
+def _flushed(code: int, command: str) -> int:
+    """``code``, once what was printed has been written (else the exit code of that failure)."""
+    try:
+        _flush_stdout()
+    except OSError as exc:  # a full disk or a closed pipe on stdout
+        return _exit_code(exc, command)
+    if _Stdout.failure is not None:  # argparse's --help and --version drop their failed writes
+        return _exit_code(_Stdout.failure, command)
+    return code
+
+
+def _discard_stdout() -> None:
+    """Points stdout at /dev/null, so that Python's flush at exit does not fail a second time."""
+    import contextlib
+
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _stdout_gone() -> bool:
@@ -184,11 +258,11 @@ def _failure(exc: BaseException, command: str) -> Tuple[int, Optional[str]]:
     if isinstance(exc, Terminated):
         return 143, "gfnet-edge: terminated"
     if isinstance(exc, BrokenPipeError) and _stdout_gone():  # the reader of stdout went away (`| head`)
-        import contextlib
-
-        with contextlib.suppress(OSError, ValueError):  # no second error when Python flushes stdout at exit
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _discard_stdout()  # no second error when Python flushes stdout at exit
         return 141, None
+    if isinstance(exc, OSError) and exc is _Stdout.failure:  # e.g. `> /dev/full`: a file that cannot be written
+        _discard_stdout()
+        return 2, f"gfnet-edge: error: cannot write to standard output: {exc.strerror or exc}"
     code, msg = 1, None
     text = str(exc)
     if "Original Traceback" in text:  # raised again from a DataLoader worker: the worker's own last line

@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Tuple
 
-from ..argtypes import THREADS, float_range, int_range
+from ..argtypes import THREADS, float_range, int_range, zero_or_int_range
 from ..bundle_info import quantization_summary
 from ..errors import InputError
 from ..quantize.calibration import MIN_CALIB_IMAGES
@@ -162,9 +162,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-calib", type=int_range(MIN_CALIB_IMAGES, 1_000_000), default=None,
                    help=f"calibration images (default 256, at least {MIN_CALIB_IMAGES}); {NUM_EVAL} more, "
                         "when the data has them, are held out to check the INT8 accuracy (--num-eval)")
-    p.add_argument("--num-eval", type=int_range(0, 1_000_000), default=None, metavar="N",
+    min_eval = QuantizeOptions().min_eval
+    p.add_argument("--num-eval", type=zero_or_int_range(min_eval, 1_000_000), default=None, metavar="N",
                    help=f"images held out after the calibration images to check the INT8 accuracy and drive the "
-                        f"search (default {NUM_EVAL}; 0: no check). The check's standard error falls as 1/sqrt(N): on "
+                        f"search (default {NUM_EVAL}, at least {min_eval}; 0: no check). The check's standard error falls as 1/sqrt(N): on "
                         "the demo model 256 images tell drops of about 2 points, a 0.5-point target needs about "
                         "2,400 (docs/quantization.md)")
     p.add_argument("--skip-unreadable", action="store_true",
@@ -196,7 +197,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="replace an earlier bundle at -o (one holding nothing but a bundle's files)")
     p.add_argument("--model-name", help="variant name when the checkpoint does not store it and it cannot be "
                                         "inferred (e.g. resnet50; see `gfnet-edge info`)")
-    p.add_argument("--patch-size", type=int_range(1, 1 << 16), help="patch size P when the checkpoint does not store it")
+    p.add_argument("--patch-size", type=int_range(1, 1 << 16),
+                   help="patch size P when the checkpoint does not store it; checked against one that does")
     add_trt_build_options(p)
     p.add_argument("--threads", type=THREADS, help="CPU threads for export/quantization")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

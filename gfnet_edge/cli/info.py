@@ -96,9 +96,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Print the variant, sizes, per-step multiply-adds and the metadata a GFNet checkpoint lacks; "
                     "for a bundle directory: its model, graphs, engines and budgets (no torch needed).",
     )
-    p.add_argument("checkpoint", help="GFNet checkpoint (.pth.tar), released or training-script format; or a bundle "
-                                      "directory (its graphs, engines with their device and DLA layer placement, budgets)")
-    p.add_argument("--model-name", help="variant name when the checkpoint does not store it (e.g. resnet50)")
-    p.add_argument("--patch-size", type=int_range(1, 1 << 16), help="patch size P when the checkpoint does not store it")
+    p.add_argument("checkpoint", metavar="checkpoint_or_bundle",
+                   help="GFNet checkpoint (.pth.tar), released or training-script format; or a bundle "
+                        "directory (its graphs, engines with their device and DLA layer placement, budgets)")
+    p.add_argument("--model-name", help="variant name when the checkpoint does not store it (e.g. resnet50); "
+                                        "checked against one that does")
+    p.add_argument("--patch-size", type=int_range(1, 1 << 16),
+                   help="patch size P when the checkpoint does not store it; checked against one that does")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)

@@ -32,11 +32,14 @@ def add_runtime_options(parser: argparse.ArgumentParser, verb: str = "run", budg
     g.add_argument("--backend", choices=backends.choices(), default=backends.AUTO,
                    help="auto: TensorRT when it, a GPU and engines for them are here, else ONNX Runtime")
     g.add_argument("--precision", default="auto",
-                   help="ONNX Runtime: the graph set (auto, fp32, int8-cpu, int8-tensorrt); TensorRT: the engine "
-                        "precision (auto: int8 > fp16 > fp32, int8, fp16, fp32)")
+                   help="ONNX Runtime: the graph set (auto: int8-cpu if present, else fp32; fp32, int8-cpu, "
+                        "int8-tensorrt); TensorRT: the engine precision (auto: int8 > fp16 > fp32, int8, fp16, "
+                        "fp32); default auto")
     if budget:
         g.add_argument("--budget", help="named budget (default: the bundle's default)")
-    g.add_argument("--threads", type=THREADS, help="CPU threads of ONNX Runtime and the extension")
+    g.add_argument("--threads", type=THREADS,
+                   help="CPU threads of ONNX Runtime and the extension (default: ONNX Runtime's own choice, and "
+                        "one extension thread per CPU core or $GFNET_EDGE_NUM_THREADS)")
     g.add_argument("--dla-core", type=NON_NEGATIVE,
                    help=f"TensorRT: {verb} the engines built for this DLA core (Jetson) instead of the GPU engines")
     g.add_argument("--head-dtype", choices=HEAD_DTYPES, default="float32",

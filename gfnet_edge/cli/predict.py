@@ -109,5 +109,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--on-error", choices=["skip", "stop"], default="skip",
                    help="an unreadable image or input: report it and go on (skip, default) or stop there; "
                         "either way the results so far are printed and the exit code is 2")
-    p.add_argument("--json", action="store_true", help="JSON output")
+    p.add_argument("--json", action="store_true",
+                   help="JSON output, with the (top, left, bottom, right) box of each focus patch in the S x S "
+                        "resized, centre-cropped frame (not the original image)")
     p.set_defaults(func=run)

@@ -201,7 +201,8 @@ def load_checkpoint(
         path: ``.pth.tar`` file.
         model_name: variant name, required only when the file lacks it and it cannot be inferred;
             if the file names another variant, that is an error.
-        patch_size: P, likewise.
+        patch_size: P, likewise: required only when the file lacks it and it cannot be inferred;
+            if the file's P (stored, or fixed by its gfnet-edge config) differs, that is an error.
 
     Returns:
         The model in eval mode; ``model.meta`` holds the checkpoint's metadata and
@@ -226,6 +227,8 @@ def load_checkpoint(
             raise CheckpointError(f"{path}: bad {CONFIG_KEY}: {exc}") from exc
         if model_name and model_name != spec.model_name:
             raise CheckpointError(f"{path}: checkpoint is {spec.model_name!r}, not {model_name!r}")
+        if patch_size is not None and int(patch_size) != spec.patch_size:
+            raise CheckpointError(f"{path}: checkpoint patch size is {spec.patch_size}, not {patch_size}")
     else:
         file_name = ck.get("model_name")
         if file_name is not None and not isinstance(file_name, str):

@@ -58,8 +58,19 @@ class Predictions:
     def __len__(self) -> int:
         return int(self.classes.shape[0])
 
+    def _index(self, i: int) -> int:
+        """``i`` as an index of an image (negative ones count from the end), checked."""
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise TypeError(f"Predictions index must be an int, got {type(i).__name__} (to_list() gives every row)")
+        if not -len(self) <= int(i) < len(self):
+            raise IndexError(f"image {i} out of range for {len(self)} predictions")
+        return int(i)
+
     def boxes(self, i: int) -> List[tuple]:
-        """Patch boxes ``(top, left, bottom, right)`` of image ``i`` for the focus steps it ran."""
+        """Patch boxes ``(top, left, bottom, right)`` of image ``i`` for the focus steps it ran,
+        in pixels of the S x S input the model saw (after the resize and centre crop of
+        :func:`gfnet_edge.data.load_images` / ``ops.resize_crop``), not of the original image."""
+        i = self._index(i)
         P = self.patch_size
         out = []
         for t in range(int(self.exit_step[i])):
@@ -70,10 +81,7 @@ class Predictions:
     def __getitem__(self, i: int) -> Dict[str, Any]:
         """Image ``i``'s result as a dict (``class``, ``confidence``, ``exit_step``, ``boxes``,
         and ``label`` / ``deadline_stopped`` when known)."""
-        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
-            raise TypeError(f"Predictions index must be an int, got {type(i).__name__} (to_list() gives every row)")
-        if not -len(self) <= int(i) < len(self):
-            raise IndexError(f"image {i} out of range for {len(self)} predictions")
+        i = self._index(i)
         out = {"class": int(self.classes[i]), "confidence": float(self.confidence[i]),
                "exit_step": int(self.exit_step[i]), "boxes": self.boxes(i)}
         if self.class_names is not None:
@@ -211,21 +219,27 @@ class Runtime:
         try:
             _check_graph_outputs(self.runner, self.model, arrays, heads_path)
             self.driver = Driver(self.model, self.runner, self.heads, self.profiler, cuda_graphs=cuda_graphs)
+        except BundleError:  # names its file and problem already
+            self.runner.deactivate()
+            raise
         except (TypeError, ValueError) as exc:
             self.runner.deactivate()
             raise BundleError(f"{heads_path}: head weights do not fit this model: {exc}") from exc
         except BaseException:
             self.runner.deactivate()
             raise
+        self._budgets_checked: set = set()
         self.set_budget(budget)
         self.step_costs: Optional[StepCosts] = None
+        self._step_costs_warning: Optional[str] = None  # logged at the first call with a deadline
         entry = (self.bundle.manifest.get("step_costs") or {}).get(step_costs_key(self.backend, self.precision))
         if entry is not None:
             self.step_costs = StepCosts.from_manifest(entry)
             if not on_gpu and "threads" in entry and entry["threads"] != threads:
-                logger.warning("runtime: the step costs deadlines plan with were measured with threads=%s, this "
-                               "runtime runs with threads=%s: deadlines may stop too early or late (calibrate with "
-                               "--threads %s)", entry["threads"], threads, threads if threads else "left out")
+                self._step_costs_warning = (
+                    f"runtime: the step costs deadlines plan with were measured with threads={entry['threads']}, "
+                    f"this runtime runs with threads={threads}: deadlines may stop too early or late (calibrate "
+                    f"with --threads {threads if threads else 'left out'})")
         self.max_batch = chunk_size(max_batch, self.runner.max_batch)
         logger.info("runtime: %s backend, %s graphs, %s loop, budget %s", self.backend, self.precision,
                     "device" if on_gpu else "host", self.budget)
@@ -285,10 +299,44 @@ class Runtime:
         return get_backend(backend).make_runner(request)
 
     def set_budget(self, budget: Optional[str]) -> None:
-        """Selects the named budget whose thresholds decide the exits."""
+        """Selects the named budget whose thresholds decide the exits. A latency budget measured
+        with another backend, precision, thread count (host loop), DLA core or head dtype than
+        this runtime's is logged as a warning at the first call that uses it."""
         self._check_open()
         self.thresholds = self.bundle.thresholds(budget)
         self.budget = budget if budget is not None else self.bundle.manifest.get("default_budget")
+        self._thresholds_budget = self.budget if self._thresholds is not None else None
+
+    def budget_mismatch(self, budget: Optional[str] = None) -> Optional[str]:
+        """How the settings a latency budget (default: the runtime's) was calibrated with differ
+        from this runtime's (backend, precision, threads on the host loop, DLA core, head dtype),
+        as one line; ``None`` when they agree, or for a budget without them (``macs-*`` budgets,
+        which hold on any device)."""
+        name = self.budget if budget is None else budget
+        entry = self.bundle.budgets().get(name) if name is not None else None
+        if not isinstance(entry, dict) or entry.get("unit") != "ms" or "backend" not in entry:
+            return None
+        here = {"backend": self.backend, "precision": self.precision, "dla_core": self.dla_core,
+                "head_dtype": self.head_dtype}
+        there = {"backend": entry.get("backend"), "precision": entry.get("precision"),
+                 "dla_core": entry.get("dla_core"), "head_dtype": entry.get("head_dtype", "float32")}
+        if not self.device_loop and "threads" in entry:  # the host loop's speed depends on its threads
+            here["threads"], there["threads"] = self.threads, entry["threads"]
+        keys = [k for k in here if here[k] != there[k]]
+        if not keys:
+            return None
+        show = lambda d: ", ".join(f"{k} {d[k] if d[k] is not None else 'default'}" for k in keys)  # noqa: E731
+        return (f"runtime: budget {name!r} was calibrated with {show(there)}; this runtime runs with {show(here)}: "
+                f"its latency limit does not hold here (calibrate the bundle with these settings)")
+
+    def _check_budget(self, name: Optional[str]) -> None:
+        """Logs :meth:`budget_mismatch` of the budget ``name`` once per runtime."""
+        if name is None or name in self._budgets_checked:
+            return
+        self._budgets_checked.add(name)
+        line = self.budget_mismatch(name)
+        if line is not None:
+            logger.warning("%s", line)
 
     @property
     def thresholds(self) -> Optional[List[float]]:
@@ -299,6 +347,7 @@ class Runtime:
     def thresholds(self, value: Optional[Sequence[float]]) -> None:
         if value is None:
             self._thresholds = None
+            self._thresholds_budget = None
             return
         T = self.model.steps
         try:
@@ -308,6 +357,7 @@ class Runtime:
         if len(thr) != T or not all(np.isfinite(t) for t in thr):
             raise InputError(f"thresholds must be {T} finite numbers (one per step), got {thr}")
         self._thresholds = thr
+        self._thresholds_budget = None  # set by hand: no budget's settings apply
 
     def close(self) -> None:
         """Releases the backend's sessions / engines and the loop's GPU memory and graphs; the
@@ -453,6 +503,7 @@ class Runtime:
         if costs is not None and costs.steps != self.model.steps:
             raise InputError(f"need a cost for each of the {self.model.steps} steps, got {costs.steps}")
         self.step_costs = costs
+        self._step_costs_warning = None  # the bundle's costs (and their thread count) are not used
 
     def _deadline(self, deadline_ms: Optional[float], margin: float, start: float) -> Optional[Deadline]:
         if deadline_ms is None:
@@ -461,6 +512,9 @@ class Runtime:
             raise InputError(f"a deadline needs the step latencies of this device: run `gfnet-edge calibrate "
                              f"{self.bundle.root}` with the {self.backend} backend and {self.precision} graphs, "
                              "or give them with Runtime.set_step_costs")
+        warning, self._step_costs_warning = self._step_costs_warning, None
+        if warning is not None:
+            logger.warning("%s", warning)
         return Deadline(deadline_ms, self.step_costs, margin, start=start)
 
     # ------------------------------------------------------------------- run
@@ -513,6 +567,7 @@ class Runtime:
         with self._lock:
             t0 = time.perf_counter()
             thr = self.thresholds if budget is None else self.bundle.thresholds(budget)
+            self._check_budget(self._thresholds_budget if budget is None else budget)
             if thr is None:
                 thr = [2.0] * (self.model.steps - 1) + [-1e8]  # no budget: run every step
             self._check_open()

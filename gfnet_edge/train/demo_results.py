@@ -3,7 +3,10 @@
 ``python -m gfnet_edge.train.demo_results`` recomputes every number of
 ``gfnet_edge/assets/demo_results.json`` from the shipped checkpoints: anytime accuracy per step
 (learned policy, random patches, centre patch), the static baseline, and the budgeted curve
-(thresholds fit on val, costs = the checkpoint's cumulative multiply-adds).
+(thresholds fit on val, costs = the checkpoint's cumulative multiply-adds). It prints the table
+on stdout; ``--json PATH`` also writes the results as JSON. The shipped
+``demo_results.json`` is replaced only with ``--update-shipped``, which measures the checkpoints
+in the package's assets on the documented splits (500 val, 1000 test images).
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 GFNET_PATH = ASSETS / "demo_gfnet.pth.tar"
 STATIC_PATH = ASSETS / "demo_static.pth.tar"
 RESULTS_PATH = ASSETS / "demo_results.json"
+#: ``test500_anytime_accuracy``: the anytime accuracy on the first this many test images.
+TEST500 = 500
 
 
 @torch.no_grad()
@@ -121,6 +126,8 @@ def measure(model: GFNet, static_net: torch.nn.Module, static_macs: float, val: 
         "fraction_of_static_macs": round(float(cheapest[0] / static_macs), 4) if cheapest else None,
         "eval_seconds": round(time.time() - t0, 1),
     }
+    if len(test) >= TEST500:  # the figures tests/test_demo_model.py checks the shipped checkpoint against
+        res["test500_anytime_accuracy"] = [round(float(a), 2) for a in ev.anytime_accuracy(test_p[:, :TEST500], y[:TEST500])]
     res["targets"] = check_targets(res)
     return res
 
@@ -165,20 +172,85 @@ def table(r: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: The split sizes the shipped ``demo_results.json`` is measured on (``--update-shipped``).
+SHIPPED_VAL_SIZE, SHIPPED_TEST_SIZE = 500, 1000
+
+
+def _in_assets(path: Path) -> bool:
+    """Whether ``path`` lies in the package's assets folder (the shipped files)."""
+    try:
+        path.resolve().relative_to(ASSETS.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _check_output(args: argparse.Namespace) -> Optional[Path]:
+    """The file the results go to (``None``: printed only); raises ``InputError`` when it would
+    replace a shipped file other than through ``--update-shipped`` with the shipped checkpoints
+    and splits."""
+    from ..errors import InputError
+
+    if not args.update_shipped:
+        if args.json and _in_assets(Path(args.json)):
+            raise InputError(f"--json {args.json}: refusing to write into the package's assets ({ASSETS}); "
+                             "--update-shipped replaces the shipped demo_results.json")
+        if args.json and not Path(args.json).resolve().parent.is_dir():  # before the measurement, not after
+            raise InputError(f"--json {args.json}: no such folder {Path(args.json).parent}")
+        return Path(args.json) if args.json else None
+    if args.json:
+        raise InputError("--update-shipped writes the shipped demo_results.json: give it without --json")
+    for opt, given, shipped in (("--gfnet", args.gfnet, GFNET_PATH), ("--static", args.static, STATIC_PATH)):
+        if Path(given).resolve() != shipped.resolve():
+            raise InputError(f"--update-shipped measures the shipped checkpoints: {opt} must be {shipped}, got {given}")
+    for opt, given, shipped in (("--val-size", args.val_size, SHIPPED_VAL_SIZE),
+                                ("--test-size", args.test_size, SHIPPED_TEST_SIZE)):
+        if given != shipped:
+            raise InputError(f"--update-shipped measures on the shipped splits: {opt} must be {shipped}, got {given}")
+    return RESULTS_PATH
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m gfnet_edge.train.demo_results", description=__doc__.splitlines()[0])
+    from ..argtypes import NON_NEGATIVE, POSITIVE, THREADS
+    from ..cli import _exit_code, _Parser  # one-line errors, exit 2 for bad options
+    from ..errors import GFNetEdgeError
+
+    ap = _Parser(prog="python -m gfnet_edge.train.demo_results", description=__doc__.splitlines()[0])
     ap.add_argument("--gfnet", default=str(GFNET_PATH), help="GFNet checkpoint (default: the shipped demo)")
-    ap.add_argument("--static", default=str(STATIC_PATH), help="static baseline checkpoint")
-    ap.add_argument("--val-size", type=int, default=500)
-    ap.add_argument("--test-size", type=int, default=1000)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0, help="seed of the random-patch comparison")
-    ap.add_argument("--json", default=str(RESULTS_PATH), help="where to write the results ('' = nowhere)")
+    ap.add_argument("--static", default=str(STATIC_PATH), help="static baseline checkpoint (default: the shipped one)")
+    ap.add_argument("--val-size", type=POSITIVE, default=SHIPPED_VAL_SIZE,
+                    help="validation images the exit thresholds are fit on (default %(default)s)")
+    ap.add_argument("--test-size", type=POSITIVE, default=SHIPPED_TEST_SIZE,
+                    help="test images measured (default %(default)s)")
+    ap.add_argument("--threads", type=THREADS, default=2, help="torch CPU threads (default %(default)s)")
+    ap.add_argument("--seed", type=NON_NEGATIVE, default=0,
+                    help="seed of the random-patch comparison (default %(default)s)")
+    ap.add_argument("--json", metavar="PATH", default=None,
+                    help="also write the results as JSON to PATH (default: print the table only); "
+                         "never into the package's assets")
+    ap.add_argument("--update-shipped", action="store_true",
+                    help=f"replace the shipped {RESULTS_PATH.name} in the package's assets; requires the shipped "
+                         f"checkpoints and the default --val-size / --test-size")
     args = ap.parse_args(argv)
+    try:
+        return _run(args)
+    except (GFNetEdgeError, OSError) as exc:  # bad input, a file that cannot be read or written (2): one line
+        if isinstance(exc, OSError) and exc.filename is None:
+            raise
+        return _exit_code(exc, "demo_results")
+
+
+def _run(args: argparse.Namespace) -> int:
+    out = _check_output(args)
     torch.set_num_threads(args.threads)
-    model = load_checkpoint(args.gfnet)
-    static_net, smeta = load_static(args.static)
-    from ..models.checkpoint import read_checkpoint_dict
+    from ..errors import InputError
+    from ..models.checkpoint import CheckpointError, read_checkpoint_dict
+
+    try:
+        model = load_checkpoint(args.gfnet)
+        static_net, smeta = load_static(args.static)
+    except CheckpointError as exc:
+        raise InputError(str(exc)) from exc
     from .config import data_config_from_dict
 
     stored = read_checkpoint_dict(args.gfnet).get("demo_data", {}).get("config")
@@ -188,10 +260,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     res = measure(model, static_net, smeta["macs"], val, test, seed=args.seed, progress=sys.stderr.isatty())
     res["gfnet_checkpoint"] = Path(args.gfnet).name
     res["static_checkpoint"] = Path(args.static).name
+    if args.update_shipped and RESULTS_PATH.exists():  # the training record of the shipped checkpoint stays
+        previous = json.loads(RESULTS_PATH.read_text())
+        if "training_minutes" in previous:
+            res["training_minutes"] = previous["training_minutes"]
     print(table(res))
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
-        print(f"wrote {args.json}")
+    if out is not None:
+        out.write_text(json.dumps(res, indent=1) + "\n")
+        print(f"wrote {out}")
     return 0
 
 
