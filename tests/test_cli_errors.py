@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -367,3 +368,27 @@ def test_a_failed_write_elsewhere_is_not_blamed_on_stdout(capsys):
 
     assert cli._exit_code(OSError(28, "No space left on device"), "predict") == 1
     assert "internal error: OSError" in capsys.readouterr().err
+
+
+def test_warnings_go_to_stderr_as_it_is_when_they_are_logged(monkeypatch):
+    """The CLI's log handler, made while one stream was stderr, writes a later warning to the
+    stream stderr is then: a process that runs the CLI again after its earlier stderr was closed
+    (pytest's capture between tests, a caller capturing each run) gets the warning, not logging's
+    '--- Logging error ---' report of a write to a closed file."""
+    import io
+    import logging
+
+    from gfnet_edge.log import logger, setup_logging
+
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(logger, "level", logger.level)
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    setup_logging(0)
+    logger.warning("one")
+    first.close()
+    monkeypatch.setattr(sys, "stderr", second)
+    setup_logging(0)  # configured once: the handler of the first run stays
+    logger.warning("two")
+    assert len(logger.handlers) == 1 and isinstance(logger.handlers[0], logging.StreamHandler)
+    assert second.getvalue() == "gfnet-edge: WARNING: two\n"
