@@ -66,7 +66,7 @@ class CMakeBuild(build_ext):
 
 BUILD = ["torch==2.14.1", "torchvision==0.29.1", "timm>=1.0,<2", "onnx>=1.16", "onnxsim>=0.4.36", "scikit-learn>=1.3",
          "onnx2torch>=1.5"]
-RUNTIME = ["numpy>=1.24", "onnxruntime>=1.18", "tqdm>=4.60", "pillow>=9", "fastjsonschema>=2.16"]
+RUNTIME = ["numpy>=1.24", "onnxruntime>=1.18", "tqdm>=4.60", "pillow>=9", "fastjsonschema>=2.16", "jinja2>=3.0"]
 REPORT = ["matplotlib>=3.7"]
 TEST = ["pytest>=8", "hypothesis>=6.100", "scikit-learn>=1.3", "jsonschema>=4"]
 
@@ -96,7 +96,8 @@ setup(
         "gfnet_edge.quantize": "quantize",
         "gfnet_edge.calibrate": "calibrate",
     },
-    package_data={"gfnet_edge": ["assets/*.pth.tar", "assets/*.json", "schemas/*.json"]},
+    package_data={"gfnet_edge": ["assets/*.pth.tar", "assets/*.json", "schemas/*.json"],
+                  "gfnet_edge.calibrate": ["templates/*"]},
     ext_modules=[CMakeExtension("gfnet_edge._C", sourcedir=str(ROOT))],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=RUNTIME,

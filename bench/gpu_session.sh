@@ -26,9 +26,9 @@
 #
 # Results: markdown + JSON per benchmark, logs, env.txt, under $OUT (default ./gpu-results).
 # Needs python3 with numpy, torch (CUDA), pytest, pybind11, cmake and nvcc, and gfnet-edge's own
-# packages (fastjsonschema, onnx, onnxruntime, onnxsim, onnx2torch, timm, torchvision, Pillow,
-# scikit-learn, scipy, matplotlib). A machine that cannot download gets the missing ones as
-# wheels: `bash bench/gpu_wheels.sh` where pip can download puts them in .whl/, and this script
+# packages (fastjsonschema, Jinja2 (a requirement of torch too), onnx, onnxruntime, onnxsim, onnx2torch,
+# timm, torchvision, Pillow, scikit-learn, scipy, matplotlib). A machine that cannot download gets the
+# missing ones as wheels: `bash bench/gpu_wheels.sh` where pip can download puts them in .whl/, and this script
 # installs whatever .whl/ holds into $OUT/site first. env.txt lists what is still missing; when
 # gfnet-edge itself does not import (fastjsonschema missing) the run stops there (exit 5).
 set -u -o pipefail
@@ -117,8 +117,8 @@ fi
   cat "$OUT/wheels.txt"
   python3 - <<'PY'
 import importlib.util
-need = ("fastjsonschema", "onnx", "onnxruntime", "onnxsim", "onnx2torch", "timm", "torchvision", "PIL", "sklearn",
-        "scipy", "matplotlib", "pytest")
+need = ("fastjsonschema", "jinja2", "onnx", "onnxruntime", "onnxsim", "onnx2torch", "timm", "torchvision", "PIL",
+        "sklearn", "scipy", "matplotlib", "pytest")
 missing = [m for m in need if importlib.util.find_spec(m) is None]
 print("python packages missing:", ", ".join(missing) if missing else "none")
 PY

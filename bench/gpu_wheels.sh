@@ -9,7 +9,8 @@
 #   bash bench/gpu_wheels.sh timm==1.0.31    # these instead
 #
 # Each wheel is fetched without its dependencies (the machine's own torch, onnx and numpy stay);
-# the list below needs nothing else.
+# the list below needs nothing else. Jinja2 (the calibration report's templates) is not in it: torch
+# requires it, so a machine with torch has it (else: bash bench/gpu_wheels.sh jinja2==3.1.6 markupsafe==3.0.3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY_VERSION=${PY_VERSION:-3.12}

@@ -3,11 +3,12 @@ terminal summary."""
 from __future__ import annotations
 
 import base64
-import html
 import json
+from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Sequence
 
+import jinja2
 import numpy as np
 
 from gfnet_edge.bundle import finite_or_null
@@ -16,17 +17,42 @@ from gfnet_edge.errors import InputError
 if TYPE_CHECKING:
     from .gallery import GalleryCard
 
-CSS = """
-body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1300px;color:#222;padding:0 16px}
-h1{font-size:22px;margin-bottom:4px} h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd;padding-bottom:4px}
-.meta{color:#555;font-size:13px} table{border-collapse:collapse;font-size:13px;margin:8px 0}
-th,td{border:1px solid #ccc;padding:3px 8px;text-align:right} th{background:#f3f3f3}
-td.l,th.l{text-align:left} .ok{color:#11772b;font-weight:600} .bad{color:#b00020;font-weight:600}
-.plots{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start} .plots img{border:1px solid #eee}
-.gallery{display:flex;flex-wrap:wrap;gap:12px} figure{margin:0;border:1px solid #ddd;padding:6px;background:#fafafa}
-figure.wrong{border-color:#d66} figcaption{font-size:12px;color:#333;margin-top:4px}
-.note{font-size:12px;color:#555;max-width:1000px}
-"""
+#: The page's Jinja2 templates (package data): ``report.html.j2`` (the page), ``macros.html.j2``
+#: (tables, figures) and ``report.css`` (inlined in the page's ``<style>``).
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+
+class Cell(NamedTuple):
+    """A table cell: its text and CSS classes (``l``: left-aligned; ``ok`` / ``bad``: green / red)."""
+
+    text: str
+    css: str = ""
+
+
+class Table(NamedTuple):
+    """A table of the page: the CSS class of its ``<table>``, its header cells and its rows."""
+
+    cls: str
+    headers: List[Cell]
+    rows: List[List[Cell]]
+
+
+class Image(NamedTuple):
+    """A PNG inlined in the page: its ``data:`` URI, alt text and CSS class."""
+
+    src: str
+    alt: str
+    cls: str
+
+
+@lru_cache(maxsize=None)
+def environment() -> jinja2.Environment:
+    """The report's template environment. Autoescaping is on: every value the page shows (class,
+    budget, checkpoint and data names, paths, technology descriptions, notes) is HTML-escaped by
+    Jinja2; a variable the templates use and the context lacks raises
+    :class:`jinja2.UndefinedError` (``StrictUndefined``) instead of rendering as nothing."""
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True,
+                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 
 
 def _technology(s: Dict[str, Any]) -> str:
@@ -46,23 +72,19 @@ def technology_line(res: Dict[str, Any]) -> str:
     return format_technology_line(t["gfnet"]["description"], [x["description"] for x in t["static"]])
 
 
-def _img(png: bytes, alt: str, cls: str = "plot") -> str:
-    data = base64.b64encode(png).decode("ascii")
-    return f'<img class="{cls}" alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+def _img(png: bytes, alt: str, cls: str = "plot") -> Image:
+    return Image("data:image/png;base64," + base64.b64encode(png).decode("ascii"), alt, cls)
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], cls: str = "", left: int = 1) -> str:
-    th = "".join(f'<th class="{"l" if i < left else ""}">{html.escape(str(h))}</th>' for i, h in enumerate(headers))
-    body = []
-    for r in rows:
-        tds = []
-        for i, v in enumerate(r):
-            if isinstance(v, tuple):  # (text, css class)
-                tds.append(f'<td class="{v[1]}{" l" if i < left else ""}">{html.escape(str(v[0]))}</td>')
-            else:
-                tds.append(f'<td class="{"l" if i < left else ""}">{html.escape(str(v))}</td>')
-        body.append("<tr>" + "".join(tds) + "</tr>")
-    return f'<table class="{cls}"><thead><tr>{th}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], cls: str, left: int = 1) -> Table:
+    """A :class:`Table` of ``str(value)`` cells; a ``(value, css class)`` tuple gives a cell its class,
+    and the first ``left`` columns are left-aligned."""
+    def cell(i: int, v: Any) -> Cell:
+        text, css = v if isinstance(v, tuple) else (v, "")
+        return Cell(str(text), " ".join(c for c in (css, "l" if i < left else "") if c))
+
+    return Table(cls, [cell(i, h) for i, h in enumerate(headers)],
+                 [[cell(i, v) for i, v in enumerate(r)] for r in rows])
 
 
 def _load(values: Optional[Sequence[float]]) -> str:
@@ -184,8 +206,25 @@ def choice_sentence(res: Dict[str, Any], c: Optional[Dict[str, Any]] = None) -> 
                    f"({s['accuracy']:.2f} % at {_static_ms(s, b):.2f} ms)" + caveat)
 
 
-def _choice_section(res: Dict[str, Any]) -> List[str]:
-    """Which budget to ship, and each budget's accuracy and speed against the static baselines."""
+def _fig(figures: Dict[str, bytes], key: str, alt: str) -> Optional[Image]:
+    """A figure of the page, or None when the report has no figures (no matplotlib)."""
+    return _img(figures[key], alt) if key in figures else None
+
+
+def _meta(res: Dict[str, Any]) -> Dict[str, Any]:
+    """The page's header: the bundle, the device and its load, the data."""
+    b, dev, data = res["bundle"], res["device"], res["data"]
+    return {"path": b["path"], "image_size": b["image_size"], "patch_size": b["patch_size"], "steps": b["steps"],
+            "backend": b["backend"], "precision": b["precision"], "threads": b["threads"] or "default",
+            "device": str(dev.get("timed_on", dev["cpu"])),
+            "cpu_flags": ", ".join(dev.get("cpu_flags") or []) or "no flags read", "cores": dev["cores"],
+            "load_start": _load(dev.get("load_average")), "load_end": _load(dev.get("load_average_end")),
+            "platform": dev["platform"], "data_source": data["source"], "fit": data["fit"], "holdout": data["holdout"],
+            "unreadable": data.get("skipped_unreadable") or 0, "created": res["created"]}
+
+
+def _choice_section(res: Dict[str, Any]) -> Dict[str, Any]:
+    """Which budget to ship (a sentence), and each budget's accuracy and speed against the static baselines."""
     c = choice(res)
     names = [s["name"] for s in res["static"]]
     rows = [[(r["budget"], "ok") if r["budget"] == c["suggested"] else r["budget"], r["limit"], _f(r["ms"]),
@@ -194,20 +233,42 @@ def _choice_section(res: Dict[str, Any]) -> List[str]:
     hdr = ["budget", "limit", "measured ms", "accuracy %"] + [
         x for n in names for x in (f"accuracy vs {n} (points)", f"speed vs {n} (x, higher is faster)")]
     text = choice_sentence(res, c)
-    return ["<h2 id='choice'>Which budget to use</h2>",
-            f"<p id='suggestion'><b>{html.escape(text[0].upper() + text[1:])}.</b></p>",
-            _table(hdr, rows, "choice", left=2),
-            "<p class='note'>measured ms: the statistic the budget limits (the mean per image, or its percentile for "
-            "a tail budget), measured on the held-out images; the static baseline's speed is the same statistic of "
-            "its calls, at the same batch size. Accuracy points: GFNet's held-out accuracy minus the static "
-            "network's on the same images (negative: GFNet is less accurate).</p>"]
+    return {"suggestion": text[0].upper() + text[1:], "table": _table(hdr, rows, "choice", left=2)}
 
 
-def _distribution_section(res: Dict[str, Any], figures: Dict[str, bytes]) -> List[str]:
-    """Per budget: the measured per-image latency distribution with its percentiles."""
-    parts = ["<h2 id='distribution'>Latency distribution per budget (held-out, measured)</h2><div class='plots'>",
-             _fig(figures, "latency_cdf", "latency distribution per budget (CDF)"),
-             _fig(figures, "latency_histogram", "measured latency distribution"), "</div>"]
+def _budgets_section(res: Dict[str, Any]) -> Dict[str, Any]:
+    """The budgets table, each budget's note, and the settings its note names."""
+    st = res["settings"]
+    tol = st["tolerance"]
+    return {"table": _table(BUDGET_HEADERS, budget_rows(res), "budgets"),
+            "notes": [{"budget": r["name"], "note": r["note"]} for r in res["budgets"] if r.get("note")],
+            "clock": "wall-clock" if st.get("clock", "wall") == "wall" else "calling-thread CPU", "batch": st["batch"],
+            "tolerance_low": f"{-100 * tol[0]:.0f}", "tolerance_high": f"{100 * tol[1]:.0f}", "method": st["method"],
+            "margin": f"{100 * st['margin']:.0f}", "manifest": res["manifest"]["status"]}
+
+
+def _static_section(res: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The static baselines' table and the technology line; None without a static baseline."""
+    if not res["static"]:
+        return None
+    rows = [[s["name"], _f(s["latency"]["mean_ms"]), _f(s["latency"]["p95_ms"]), _f(s["accuracy"]),
+             f"{s['macs'] / 1e6:.0f}M" if s.get("macs") else "–", _technology(s)] for s in res["static"]]
+    return {"table": _table(["model", "mean ms", "p95 ms", "accuracy %", "MACs", "runs on"], rows, "static"),
+            "technology": technology_line(res) if res.get("technology") else None}
+
+
+def _curve_section(res: Dict[str, Any], figures: Dict[str, bytes]) -> Dict[str, Any]:
+    """Accuracy against latency, and the anytime accuracy per step."""
+    rows = [[name] + [_f(a) for a in acc] for name, acc in res["anytime"].items()]
+    return {"figures": [_fig(figures, "accuracy_latency", "accuracy vs mean latency"),
+                        _fig(figures, "anytime", "anytime accuracy per step")],
+            "table": _table(["anytime accuracy %"] + [f"step {k}" for k in range(res["bundle"]["steps"])], rows,
+                            "anytime")}
+
+
+def _distribution_section(res: Dict[str, Any], figures: Dict[str, bytes]) -> Dict[str, Any]:
+    """Per budget: the measured per-image latency distribution with its percentiles; which budget
+    kinds (mean, tail) the page explains."""
     rows = []
     tail = any(b.get("quantile") is not None for b in res["budgets"])
     for b in res["budgets"]:
@@ -219,123 +280,34 @@ def _distribution_section(res: Dict[str, Any], figures: Dict[str, bytes]) -> Lis
                      _f(d["p50_ms"], 3), _f(d["p90_ms"], 3), _f(d["p95_ms"], 3), _f(d["p99_ms"], 3),
                      _f(d["max_ms"], 3), f"{d['over_budget_pct']:.1f}%"] +
                     [f"{100 * (1 - q):.0f}%" if q is not None else "–"] * tail)
-    parts.append(_table(["budget", "limit", "mean ms", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "max ms",
-                         "images over the limit"] + ["allowed over"] * tail, rows, "distribution", left=2))
-    notes = []
-    if any(b.get("kind", "mean") == "mean" for b in res["budgets"]):
-        notes.append("A mean budget bounds the average: images that run more steps take longer than the limit, "
-                     "cheaper ones make up for them, so a share of images over the limit is expected; bound the "
-                     "tail with a percentile budget (--budget p95:MS) when every image matters.")
-    if tail:
-        notes.append("A tail budget (p90, p95, p99) bounds that percentile of the per-image latency: at "
-                     "most 10 / 5 / 1 % of the images may take longer than the limit. Its thresholds are fitted with "
-                     "the share of each step's latency measurements above the limit (minus the safety margin), so "
-                     "that the expected share of slower images stays within the allowed share; the table shows what "
-                     "the runtime then measured on the held-out images. Its p95 is the smallest measured latency "
-                     "with at most 5 % of the images slower (p90, p99 alike), the statistic the budget limits.")
-    parts.append(f"<p class='note'>{' '.join(notes)}</p>")
-    return parts
+    return {"figures": [_fig(figures, "latency_cdf", "latency distribution per budget (CDF)"),
+                        _fig(figures, "latency_histogram", "measured latency distribution")],
+            "table": _table(["budget", "limit", "mean ms", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "max ms",
+                             "images over the limit"] + ["allowed over"] * tail, rows, "distribution", left=2),
+            "mean_budgets": any(b.get("kind", "mean") == "mean" for b in res["budgets"]), "tail_budgets": tail}
 
 
-def _sweep_section(res: Dict[str, Any], figures: Dict[str, bytes]) -> List[str]:
-    """GFNet under per-call deadlines next to the static baselines' miss rate."""
+def _sweep_section(res: Dict[str, Any], figures: Dict[str, bytes]) -> Optional[Dict[str, Any]]:
+    """GFNet under per-call deadlines next to the static baselines' miss rate; None without a sweep."""
     sw = res.get("deadline_sweep")
     if not sw or not sw["rows"]:
-        return []
+        return None
     names = sorted({k for r in sw["rows"] for k in r["static_miss_pct"]})
     rows = [[_f(r["deadline_ms"]), _f(r["accuracy"]), f"{r['over_10pct']:.1f}%", f"{r['over_pct']:.1f}%",
              f"{r['stopped_pct']:.0f}%", _f(r["mean_steps"]), _f(r["p50_ms"]), _f(r["p99_ms"]), _f(r["max_ms"])] +
             [f"{r['static_miss_pct'][n]:.0f}%" for n in names] for r in sw["rows"]]
-    static_p50 = ", ".join(f"{n} p50 {_f(v)} ms" for n, v in sw["static_p50_ms"].items())
-    return ["<h2 id='deadlines'>Deadline sweep</h2><div class='plots'>",
-            _fig(figures, "deadline_sweep", "accuracy and miss rate vs deadline"), "</div>",
-            _table(["deadline ms", "GFNet accuracy %", "calls > deadline + 10 %", "calls > deadline", "stopped early",
-                    "mean steps", "p50 ms", "p99 ms", "max ms"] + [f"{n}: calls > deadline" for n in names], rows,
-                   "deadlines"),
-            f"<p class='note'>Each held-out image (batch {sw['batch']} per call) runs through "
-            f"<code>Runtime.predict(x, deadline_ms=D)</code> with the thresholds of {html.escape(sw['budget'])} "
-            f"(accuracy without a deadline: {_f(sw.get('no_deadline_accuracy'))} %), planned with the step "
-            f"latency measured above ({html.escape(sw.get('planned_with') or 'p99')}) and margin {sw['margin']:g}; "
-            "the times are wall-clock per call. The glance "
-            "always runs, so a deadline below its latency cannot be met. The deadlines run from the glance's p50 to "
-            "past the full model's p99 with the margin (from there the runtime plans every step) and on to past the "
-            "slowest static baseline's p99 call when that is later. A static network has one answer at the end: "
-            "its miss rate is the share of its measured calls slower than D, on the wall clock too"
-            f"{' (' + html.escape(static_p50) + ')' if static_p50 else ' (pass --static to compare)'}.</p>"]
+    return {"figures": [_fig(figures, "deadline_sweep", "accuracy and miss rate vs deadline")],
+            "table": _table(["deadline ms", "GFNet accuracy %", "calls > deadline + 10 %", "calls > deadline",
+                             "stopped early", "mean steps", "p50 ms", "p99 ms", "max ms"] +
+                            [f"{n}: calls > deadline" for n in names], rows, "deadlines"),
+            "batch": sw["batch"], "budget": sw["budget"], "no_deadline_accuracy": _f(sw.get("no_deadline_accuracy")),
+            "planned_with": sw.get("planned_with") or "p99", "margin": f"{sw['margin']:g}",
+            "static_p50": ", ".join(f"{n} p50 {_f(v)} ms" for n, v in sw["static_p50_ms"].items())}
 
 
-def _fig(figures: Dict[str, bytes], key: str, alt: str) -> str:
-    """A figure's ``<img>``, or nothing when the report has no figures (no matplotlib)."""
-    return _img(figures[key], alt) if key in figures else ""
-
-
-def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: Sequence[GalleryCard]) -> str:
-    """The self-contained HTML page (figures and gallery cards inlined as base64 PNG)."""
-    b = res["bundle"]
-    dev = res["device"]
-    lat = res["latency"]
-    T = b["steps"]
-    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>GFNet calibration: "
-             f"{html.escape(b['model_name'])}</title><style>{CSS}</style></head><body>"]
-    parts.append(f"<h1>GFNet latency / accuracy calibration: {html.escape(b['model_name'])}</h1>")
-    parts.append(
-        f"<div class='meta'>bundle <code>{html.escape(b['path'])}</code> · S={b['image_size']} P={b['patch_size']} "
-        f"T={T} · {html.escape(b['backend'])} / {html.escape(b['precision'])} · threads {b['threads'] or 'default'}<br>"
-        f"device: {html.escape(str(dev.get('timed_on', dev['cpu'])))} ({html.escape(', '.join(dev.get('cpu_flags') or []) or 'no flags read')}; "
-        f"{dev['cores']} cores, load average {_load(dev.get('load_average'))} at "
-        f"start, {_load(dev.get('load_average_end'))} at end) · {html.escape(dev['platform'])} · "
-        f"data: {html.escape(res['data']['source'])} ({res['data']['fit']} fit / {res['data']['holdout']} held-out"
-        + (f"; {res['data']['skipped_unreadable']} unreadable files left out" if res['data'].get('skipped_unreadable') else "")
-        + ") · "
-        f"{html.escape(res['created'])}</div>")
-
-    for i, warn in enumerate(latency_warnings(lat)):
-        parts.append(f"<p class='bad' id='warning{i or ''}'>Warning: {html.escape(warn)}.</p>")
-    if res.get("figures_note"):
-        parts.append(f"<p class='note' id='figures-note'>{html.escape(res['figures_note'])}; the tables hold the "
-                     "same numbers.</p>")
-    parts.extend(_choice_section(res))
-    parts.append("<h2 id='budgets'>Budgets (held-out, measured by running the runtime)</h2>")
-    parts.append(_table(BUDGET_HEADERS, budget_rows(res), "budgets"))
-    for r in res["budgets"]:
-        if r.get("note"):
-            parts.append(f"<p class='bad'>{html.escape(r['name'])}: {html.escape(r['note'])}.</p>")
-    tol = res["settings"]["tolerance"]
-    clock = "wall-clock" if res["settings"].get("clock", "wall") == "wall" else "calling-thread CPU"
-    parts.append(f"<p class='note'>“measured” is the {clock} time per image of <code>Runtime.predict</code> "
-                 f"at batch {res['settings']['batch']} on the held-out images with the chosen thresholds: its mean "
-                 "for a mean budget, its percentile for a tail budget (p95 ...); "
-                 f"green when within [{-100 * tol[0]:.0f}%, +{100 * tol[1]:.0f}%] of the budget. "
-                 f"Thresholds: {html.escape(res['settings']['method'])} method, fitted on the fitting split with "
-                 f"the measured step latency, safety margin {100 * res['settings']['margin']:.0f}%: an image "
-                 "exits at step k when its highest class probability reaches the step's threshold (“always”: "
-                 "every image still running exits there; “never”: none does). “expected mean ms”: what the fit "
-                 "predicts from the exit fractions and the step latency; “fit acc”: accuracy on the fitting split; "
-                 "“reference-method acc”: the paper's threshold rule at the same budget, for comparison. "
-                 f"Manifest: {html.escape(res['manifest']['status'])}.</p>")
-    if res["static"]:
-        rows = [[s["name"], _f(s["latency"]["mean_ms"]), _f(s["latency"]["p95_ms"]), _f(s["accuracy"]),
-                 f"{s['macs'] / 1e6:.0f}M" if s.get("macs") else "–", _technology(s)] for s in res["static"]]
-        parts.append("<h3>Static baseline</h3>" + _table(["model", "mean ms", "p95 ms", "accuracy %", "MACs", "runs on"],
-                                                          rows, "static"))
-        if res.get("technology"):
-            parts.append(f"<p class='note'>{html.escape(technology_line(res))}.</p>")
-
-    parts.append("<h2 id='curve'>Accuracy vs latency</h2><div class='plots'>")
-    parts.append(_fig(figures, "accuracy_latency", "accuracy vs mean latency"))
-    parts.append(_fig(figures, "anytime", "anytime accuracy per step"))
-    parts.append("</div>")
-    anyt = res["anytime"]
-    rows = [[name] + [_f(a) for a in acc] for name, acc in anyt.items()]
-    parts.append(_table(["anytime accuracy %"] + [f"step {k}" for k in range(T)], rows, "anytime"))
-
-    parts.append("<h2 id='exits'>Exit steps per budget</h2><div class='plots'>")
-    parts.append(_fig(figures, "exit_histogram", "exit-step histogram per budget"))
-    parts.append("</div>")
-    parts.extend(_distribution_section(res, figures))
-    parts.extend(_sweep_section(res, figures))
-
-    parts.append("<h2 id='latency'>Latency per step and stage</h2>")
+def _latency_section(res: Dict[str, Any], figures: Dict[str, bytes]) -> Dict[str, Any]:
+    """Latency per step (each batch size), its re-measurements during the run, and per stage."""
+    lat, T = res["latency"], res["bundle"]["steps"]
     rows = []
     for key in ("budget_batch", "other_batch"):
         if lat.get(key):
@@ -343,16 +315,14 @@ def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: Sequenc
             for k, s in enumerate(lat[key]["steps"]):
                 rows.append([f"batch {lat[key]['batch']}", f"exit at step {k}", _f(s["mean_ms"], 3), _f(s["p50_ms"], 3),
                              _f(s["p95_ms"], 3), _f(s["p99_ms"], 3), _f(s["std_ms"], 3), s["n"], alone[k]])
-    parts.append(_table(["batch", "work", "mean ms/img", "p50 ms/img", "p95 ms/img", "p99 ms/img", "std ms/img", "calls",
-                         "of them timed alone (lone stall)"], rows, "steps", left=2))
+    steps = _table(["batch", "work", "mean ms/img", "p50 ms/img", "p95 ms/img", "p99 ms/img", "std ms/img", "calls",
+                    "of them timed alone (lone stall)"], rows, "steps", left=2)
     hist = lat.get("history") or []
+    history = None
     if len(hist) > 1:
-        rows = [[h["when"]] + [_f(c, 3) for c in h["cost_ms"]] for h in hist]
-        parts.append("<p class='note'>Step latency measured again during the run (mean ms per image at batch "
-                     f"{res['settings']['batch']}); spread of the full model's median call: "
-                     f"{lat['stability']['spread_pct']:.1f}%.</p>")
-        parts.append(_table(["measurement"] + [f"cost[{k}]" for k in range(T)], rows, "history"))
-    parts.append("<div class='plots'>" + _fig(figures, "stage_breakdown", "latency breakdown per stage") + "</div>")
+        history = {"batch": res["settings"]["batch"], "spread": f"{lat['stability']['spread_pct']:.1f}",
+                   "table": _table(["measurement"] + [f"cost[{k}]" for k in range(T)],
+                                   [[h["when"]] + [_f(c, 3) for c in h["cost_ms"]] for h in hist], "history")}
     st_rows = []
     for k, stages in sorted(lat["budget_batch"]["stages"].items(), key=lambda kv: int(kv[0])):
         calls = max(1, stages.get("per_image", {}).get("count", 1))
@@ -361,56 +331,63 @@ def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: Sequenc
                 continue
             st_rows.append([f"exit at {k}", name, _f(s["total_ms"] / calls, 3), _f(s["p50_ms"], 3), _f(s["p95_ms"], 3),
                             _f(s["p99_ms"], 3), s["count"]])
-    parts.append(_table(["work", "stage", "ms per call", "p50 ms (per stage call)", "p95 ms", "p99 ms", "stage calls"], st_rows,
-                        "stages", left=2))
-    if any("step" in st and "heads" in st for st in lat["budget_batch"]["stages"].values()):
-        parts.append("<p class='note'>Host loop: <code>step</code> is the one native call between two backbone "
-                     "runs; <code>heads</code>, <code>exit</code>, <code>policy</code> and <code>crop</code> are its "
-                     "parts, timed inside it (the figure stacks them and only the rest of the step).</p>")
+    camera = None
     if lat.get("camera_resize_ms") is not None:
-        parts.append(f"<p class='note'>Not included above: resizing + centre-cropping a 640x480 camera frame to "
-                     f"{b['image_size']}x{b['image_size']} takes {lat['camera_resize_ms']:.3f} ms more per image.</p>")
+        camera = {"size": res["bundle"]["image_size"], "ms": f"{lat['camera_resize_ms']:.3f}"}
+    return {"steps": steps, "history": history,
+            "figures": [_fig(figures, "stage_breakdown", "latency breakdown per stage")],
+            "stages": _table(["work", "stage", "ms per call", "p50 ms (per stage call)", "p95 ms", "p99 ms",
+                              "stage calls"], st_rows, "stages", left=2),
+            "host_loop": any("step" in st and "heads" in st for st in lat["budget_batch"]["stages"].values()),
+            "camera": camera}
 
-    parts.append("<h2 id='precision'>INT8 vs FP32</h2>")
-    prec = res["precisions"]
-    if prec.get("rows"):
-        hdr = ["precision"] + [f"accuracy % step {k}" for k in range(T)] + [f"agreement % step {k}" for k in range(T)] + \
-              [f"ms step {k}" for k in range(T)]
-        rows = [[r["precision"]] + [_f(a) for a in r["anytime_accuracy"]] + [_f(a) for a in r["step_agreement"]] +
-                [_f(c, 3) for c in r["cost_ms"]] for r in prec["rows"]]
-        parts.append(_table(hdr, rows, "precision"))
-        bnames = list(prec["rows"][0]["budgets"])
-        rows = []
-        for r in prec["rows"]:
-            for bn in bnames:
-                x = r["budgets"][bn]
-                rows.append([r["precision"], bn, _f(x["accuracy"]), _f(x["expected_ms"]), _f(x["exit_agreement"]),
-                             _f(x["prediction_agreement"])])
-        parts.append(_table(["precision", "budget (same thresholds)", "accuracy %", "expected ms",
-                             f"same exit as {prec['reference']} %", f"same class as {prec['reference']} %"], rows,
-                            "precision-budgets", left=2))
-        parts.append(f"<p class='note'>Agreement: share of held-out images whose prediction at each step equals the "
-                     f"{html.escape(str(prec['reference']))} graphs'. {html.escape(prec.get('note', ''))}</p>")
-    else:
-        parts.append(f"<p class='note'>{html.escape(prec.get('note', 'The bundle holds one precision.'))}</p>")
 
-    parts.append("<h2 id='gallery'>Gallery</h2><p class='note'>Left: the glance (the whole image at P x P). Right: "
-                 "the full-resolution image with the focus patches in step order (solid, numbered: run; dashed "
-                 "black and white: where the policy would have looked next, not run because the image exited)."
-                 "</p><div class='gallery'>")
-    for g in gallery:
-        cls = "" if g.correct else " class='wrong'"
-        parts.append(f"<figure{cls}>{_img(g.png, 'gallery image', 'card')}<figcaption>#{g.index} · label "
-                     f"{g.label} · predicted {g.pred} ({g.confidence:.2f}) · exit at step {g.exit_step} "
-                     f"under {html.escape(g.budget)}</figcaption></figure>")
-    parts.append("</div>")
-    parts.append("<h2 id='method'>How this was measured</h2><div class='note'>" + "".join(
-        f"<p>{html.escape(p)}</p>" for p in res["method_notes"]) + "</div>")
-    parts.append("<script>window.addEventListener('load',function(){var im=Array.prototype.slice.call(document.images);"
-                 "var b=document.body.dataset;b.imagesTotal=im.length;b.imagesDecoded=im.filter(function(i){"
-                 "return i.complete&&i.naturalWidth>0;}).length;b.tables=document.querySelectorAll('table').length;});"
-                 "</script></body></html>")
-    return "\n".join(parts)
+def _precision_section(res: Dict[str, Any]) -> Dict[str, Any]:
+    """Each precision's anytime accuracy, agreement and step latency, and its budgets under the same
+    thresholds; no tables when the bundle holds one precision."""
+    prec, T = res["precisions"], res["bundle"]["steps"]
+    if not prec.get("rows"):
+        return {"tables": [], "reference": None, "note": prec.get("note", "The bundle holds one precision.")}
+    hdr = ["precision"] + [f"accuracy % step {k}" for k in range(T)] + [f"agreement % step {k}" for k in range(T)] + \
+          [f"ms step {k}" for k in range(T)]
+    rows = [[r["precision"]] + [_f(a) for a in r["anytime_accuracy"]] + [_f(a) for a in r["step_agreement"]] +
+            [_f(c, 3) for c in r["cost_ms"]] for r in prec["rows"]]
+    per_step = _table(hdr, rows, "precision")
+    rows = []
+    for r in prec["rows"]:
+        for bn in prec["rows"][0]["budgets"]:
+            x = r["budgets"][bn]
+            rows.append([r["precision"], bn, _f(x["accuracy"]), _f(x["expected_ms"]), _f(x["exit_agreement"]),
+                         _f(x["prediction_agreement"])])
+    budgets = _table(["precision", "budget (same thresholds)", "accuracy %", "expected ms",
+                      f"same exit as {prec['reference']} %", f"same class as {prec['reference']} %"], rows,
+                     "precision-budgets", left=2)
+    return {"tables": [per_step, budgets], "reference": str(prec["reference"]), "note": prec.get("note", "")}
+
+
+def _gallery_cards(gallery: Sequence[GalleryCard]) -> List[Dict[str, Any]]:
+    return [{"image": _img(g.png, "gallery image", "card"), "wrong": not g.correct, "index": g.index, "label": g.label,
+             "pred": g.pred, "confidence": f"{g.confidence:.2f}", "exit_step": g.exit_step, "budget": g.budget}
+            for g in gallery]
+
+
+def page_context(res: Dict[str, Any], figures: Dict[str, bytes], gallery: Sequence[GalleryCard]) -> Dict[str, Any]:
+    """What ``templates/report.html.j2`` shows: every number formatted, every table's cells and
+    classes chosen, every figure encoded; strings are left unescaped (the template escapes them)."""
+    return {"model_name": res["bundle"]["model_name"], "meta": _meta(res),
+            "warnings": latency_warnings(res["latency"]), "figures_note": res.get("figures_note") or None,
+            "choice": _choice_section(res), "budgets": _budgets_section(res), "static": _static_section(res),
+            "curve": _curve_section(res, figures),
+            "exits": {"figures": [_fig(figures, "exit_histogram", "exit-step histogram per budget")]},
+            "distribution": _distribution_section(res, figures), "sweep": _sweep_section(res, figures),
+            "latency": _latency_section(res, figures), "precision": _precision_section(res),
+            "gallery": _gallery_cards(gallery), "method_notes": list(res["method_notes"])}
+
+
+def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: Sequence[GalleryCard]) -> str:
+    """The self-contained HTML page (figures and gallery cards inlined as base64 PNG), rendered from
+    ``templates/report.html.j2`` with :func:`page_context`."""
+    return environment().get_template("report.html.j2").render(page_context(res, figures, gallery))
 
 
 def _json_default(o: Any) -> Any:

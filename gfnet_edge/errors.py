@@ -17,7 +17,8 @@ class UnavailableError(GFNetEdgeError, RuntimeError):
 
 
 #: Modules only the build side installs (``pip install "gfnet-edge[build]"``); the device side
-#: (``pip install gfnet-edge``: numpy, ONNX Runtime, Pillow, tqdm and the extension) never imports them.
+#: (``pip install gfnet-edge``: numpy, ONNX Runtime, Pillow, tqdm, fastjsonschema, Jinja2 and the extension)
+#: never imports them.
 BUILD_MODULES = ("torch", "torchvision", "timm", "onnx", "onnxsim", "scipy", "sklearn")
 
 #: How to add the build side to a device-side install.

@@ -1,10 +1,11 @@
 """Helpers for the device-side tests: a Python run where the build-side modules are absent, and
 labelled image folders.
 
-A device-side install (``pip install gfnet-edge``) has numpy, ONNX Runtime, Pillow, tqdm and the
-extension; :data:`ABSENT` lists what it lacks. :func:`run_without_build_side` runs Python in a
-subprocess with a ``sys.meta_path`` finder in front that answers every import of those modules
-(and their submodules) with ``ModuleNotFoundError``, as a Python without them would.
+A device-side install (``pip install gfnet-edge``) has numpy, ONNX Runtime, Pillow, tqdm,
+fastjsonschema, Jinja2 and the extension; :data:`ABSENT` lists what it lacks.
+:func:`run_without_build_side` runs Python in a subprocess with a ``sys.meta_path`` finder in front
+that answers every import of those modules (and their submodules) with ``ModuleNotFoundError``, as a
+Python without them would.
 """
 from __future__ import annotations
 

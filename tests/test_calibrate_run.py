@@ -712,12 +712,17 @@ def test_report_says_which_budget_to_use_and_what_it_costs_against_the_static_ne
     assert c["rows"][0]["vs"]["static fp32"] == {"points": pytest.approx(10.0), "speedup": pytest.approx(2.0)}
     assert report.choice_sentence(with_static).endswith(
         f"+10.00 accuracy points and 2.00x the speed of static fp32 ({acc - 10:.2f} % at {2 * ms:.2f} ms)")
-    html = report._choice_section(with_static)
-    assert "accuracy vs static fp32 (points)" in html[2] and "<td class=\"\">+10.00</td>" in html[2]
+    table = _section(report.render_html(with_static, {}, []), "choice").split("<table", 1)[1].split("</table>")[0]
+    assert ">accuracy vs static fp32 (points)</th>" in table and "<td>+10.00</td>" in table
     off = dict(with_static, budgets=[dict(b, within_tolerance=False)] + res["budgets"][1:])
     assert report.choice_sentence(off).endswith(
         f"measured {100 * (b['measured']['statistic_ms'] / b['budget_ms'] - 1):+.1f}% off its budget, outside the "
         "tolerance: calibrate again on an idle device before relying on it)")
+
+
+def _section(page, anchor):
+    """The part of a report page from the heading ``id='anchor'`` to the next heading."""
+    return page.split(f"<h2 id='{anchor}'>", 1)[1].split("<h2 ", 1)[0]
 
 
 def _headers(page):
@@ -786,12 +791,12 @@ def test_distribution_section_explains_the_budget_kinds_the_report_has(calibrate
     from gfnet_edge.calibrate import report
 
     res = calibrated["res"]
-    mean_only = "".join(report._distribution_section(res, {}))
+    mean_only = _section(report.render_html(res, {}, []), "distribution")
     assert "allowed over" not in mean_only and "tail budget (p90" not in mean_only
     assert "share of images over the limit is expected" in mean_only
     tail = dict(res["budgets"][0], kind="p95", quantile=0.95)
-    both = "".join(report._distribution_section(dict(res, budgets=[tail] + res["budgets"][1:]), {}))
-    assert "<th class=\"\">allowed over</th>" in both and "tail budget (p90" in both and "<td class=\"\">5%</td>" in both
+    both = _section(report.render_html(dict(res, budgets=[tail] + res["budgets"][1:]), {}, []), "distribution")
+    assert "<th>allowed over</th>" in both and "tail budget (p90" in both and "<td>5%</td>" in both
 
 
 def test_anytime_figure_labels_one_line_and_names_no_single_split(figures):
@@ -964,5 +969,5 @@ def test_a_stall_the_time_box_left_in_the_p99_is_reported_in_one_line(tiny_bundl
     assert "idle device" in warning and "\n" not in warning
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: a lone stall")]
     assert printed == [f"warning: {warning}"]
-    assert html.escape(warning) in (out / "report.html").read_text()
+    assert f"Warning: {warning}." in html.unescape((out / "report.html").read_text())  # shown as text
     assert res["latency"]["budget_batch"]["lone_stall_steps"] == [1]

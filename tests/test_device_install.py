@@ -165,8 +165,9 @@ def test_runtime_api_equals_the_full_install(device_env, demo):
 
 
 def test_calibrate_a_folder_equals_the_full_install(device_env, demo):
-    """No matplotlib in the environment: the report has its tables and says why it has no figures; the
-    held-out anytime accuracy equals the full install's Runtime on the same split."""
+    """No matplotlib in the environment: the report has its tables (the page rendered from the
+    installed templates) and says why it has no figures; the held-out anytime accuracy equals the
+    full install's Runtime on the same split."""
     from gfnet_edge.calibrate.data import load_calibration_data
     from gfnet_edge.calibrate.latency import prepare_frames
     from gfnet_edge.runtime import Runtime
@@ -178,6 +179,8 @@ def test_calibrate_a_folder_equals_the_full_install(device_env, demo):
     assert r.returncode == 0, r.stderr
     rep = json.loads((out / "report.json").read_text())
     assert "matplotlib" in rep["figures_note"] and rep["budgets"]
+    page = (out / "report.html").read_text()
+    assert '<table class="budgets">' in page and "id='figures-note'" in page
     model = json.loads((demo["bundle"] / "manifest.json").read_text())["model"]
     x, y = load_calibration_data(str(demo["images"]), model).part("holdout")
     with Runtime(demo["bundle"]) as rt:

@@ -19,7 +19,7 @@
 #      fetched with apt-get download through a private apt configuration (the machine's own
 #      dpkg architectures and package lists are left alone) and unpacked with dpkg -x.
 #   3. numpy, onnxruntime (the host's versions; with --oldest the oldest supported), pillow,
-#      tqdm, fastjsonschema and pytest as aarch64 wheels for that Python, installed with pip
+#      tqdm, fastjsonschema, Jinja2 (with MarkupSafe) and pytest as aarch64 wheels for that Python, installed with pip
 #      install --target --platform (no emulated pip).
 #   4. The extension's CPU kernels cross-compiled with CMakeLists.txt (GFNET_EDGE_CUDA=OFF),
 #      staged with the Python packages as pip install would lay them out.
@@ -108,7 +108,7 @@ else
   ORT_VER=$("$HOST_PY" -c "import onnxruntime; print(onnxruntime.__version__)")
 fi
 #: setup.py's other RUNTIME requirements (besides numpy and onnxruntime, pinned above).
-RUNTIME_PKGS=("pillow>=9" "tqdm>=4.60" "fastjsonschema>=2.16")
+RUNTIME_PKGS=("pillow>=9" "tqdm>=4.60" "fastjsonschema>=2.16" "jinja2>=3.0")
 KEY="python$PYVER numpy==$NUMPY_VER onnxruntime==$ORT_VER ${RUNTIME_PKGS[*]}${EXTRA_DEBS:+ $EXTRA_DEBS}"
 [ "$OLDEST" = 0 ] || KEY="$KEY $PY_TEST_REQS"
 SYSROOT=$W/sysroot

@@ -1,0 +1,187 @@
+"""The calibration report's HTML page (calibrate/report.py + calibrate/templates): text from the user
+(bundle, class, budget, checkpoint and data names, paths, technology descriptions, notes) is
+escaped by Jinja2 and shows as text, never as markup; a value the templates need and the context
+lacks stops the rendering; the templates are installed with the package."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import jinja2
+import markupsafe
+import pytest
+
+from gfnet_edge.calibrate import report
+from gfnet_edge.calibrate.gallery import GalleryCard
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Markup, an ampersand and both quotes: what escaping must turn into text.
+EVIL = "<script>alert(1)</script> & \"double\" 'single'"
+T = 3
+
+
+def _stats(ms: float) -> dict:
+    return {"mean_ms": ms, "p50_ms": ms, "p95_ms": 1.2 * ms, "p99_ms": 1.5 * ms, "std_ms": 0.1, "n": 20}
+
+
+def _budget(name: str, ms: float, kind: str = "mean", quantile=None, note=None) -> dict:
+    dist = {"mean_ms": ms, "p50_ms": ms, "p90_ms": ms, "p95_ms": ms, "p99_ms": ms, "max_ms": 2 * ms,
+            "over_budget_pct": 12.5}
+    return {"name": name, "budget_ms": ms, "kind": kind, "quantile": quantile, "thresholds": [0.9, 0.8, -1e8],
+            "within_tolerance": note is None, "note": note,
+            "measured": {"mean_ms": ms, "p95_ms": ms, "p99_ms": ms, "statistic_ms": ms, "accuracy": 80.0 + ms,
+                         "exit_fractions": [0.5, 0.3, 0.2], "distribution": dist},
+            "holdout": {"expected_ms": ms, "accuracy": 80.0 + ms}, "reference_method": {"accuracy": 79.0},
+            "fit": {"fit_accuracy": 81.0}}
+
+
+def calibration_result(text: str = "") -> dict:
+    """A complete ``report.json`` dictionary (every section of the page shown) whose user-provided
+    strings end in ``text``."""
+    static = "static_resnet18.pth.tar" + text
+    tech = "onnxruntime cpu fp32" + text
+    budgets = [_budget("ms-1.0" + text, 1.0), _budget("p95-2.0" + text, 2.0, "p95", 0.95, note="slowed down" + text)]
+    stages = {str(k): {"glance": {"total_ms": 10.0, "p50_ms": 0.5, "p95_ms": 0.6, "p99_ms": 0.7, "count": 20},
+                       "step": {"total_ms": 5.0 * k, "p50_ms": 0.2, "p95_ms": 0.3, "p99_ms": 0.4, "count": 20 * k},
+                       "heads": {"total_ms": 1.0 * k, "p50_ms": 0.1, "p95_ms": 0.1, "p99_ms": 0.1, "count": 20 * k},
+                       "per_image": {"count": 20}} for k in range(T)}
+    return {
+        "bundle": {"path": "/data/bundles/" + text, "model_name": "gfnet" + text, "image_size": 96, "patch_size": 48,
+                   "steps": T, "backend": "onnxruntime", "precision": "fp32", "threads": 2},
+        "device": {"cpu": "Test CPU" + text, "timed_on": "Test CPU" + text, "cpu_flags": ["avx2"], "cores": 2,
+                   "load_average": [0.5, 0.4, 0.3], "load_average_end": [0.6, 0.5, 0.4], "platform": "Linux"},
+        "data": {"source": "/data/images/" + text, "fit": 50, "holdout": 50, "skipped_unreadable": 1},
+        "created": "2025-01-01T00:00:00+00:00",
+        "figures_note": "figures omitted: " + text,
+        "manifest": {"default_budget": None, "status": "not written" + text},
+        "settings": {"tolerance": [0.1, 0.05], "clock": "wall", "batch": 1, "method": "search", "margin": 0.03},
+        "budgets": budgets,
+        "static": [{"name": static, "accuracy": 85.0, "latency": {"mean_ms": 3.0, "p95_ms": 3.5, "p99_ms": 4.0},
+                    "macs": 2.5e8, "technology": {"precision": "fp32", "description": tech}}],
+        "technology": {"gfnet": {"description": "onnxruntime cpu fp32" + text, "precision": "fp32"},
+                       "static": [{"description": tech}]},
+        "anytime": {"fp32 (held-out)" + text: [60.0, 80.0, 85.0]},
+        "latency": {"budget_batch": {"batch": 1, "steps": [_stats(0.5 * (k + 1)) for k in range(T)],
+                                     "retimed_calls": [0, 1, 0], "stages": stages},
+                    "other_batch": {"batch": 4, "steps": [_stats(0.3 * (k + 1)) for k in range(T)]},
+                    "history": [{"when": "start", "cost_ms": [0.5, 1.0, 1.5]},
+                                {"when": "end", "cost_ms": [0.5, 1.0, 1.6]}],
+                    "stability": {"spread_pct": 2.0, "warning": "the step latency changed" + text},
+                    "stall_warning": "a lone stall" + text, "camera_resize_ms": 0.25},
+        "deadline_sweep": {"rows": [{"deadline_ms": d, "accuracy": 70.0, "over_10pct": 1.0, "over_pct": 2.0,
+                                     "stopped_pct": 10.0, "mean_steps": 2.0, "p50_ms": d / 2, "p99_ms": d, "max_ms": d,
+                                     "static_miss_pct": {static: 50.0}} for d in (1.0, 2.0)],
+                           "static_p50_ms": {static: 2.9}, "batch": 1, "budget": budgets[0]["name"],
+                           "no_deadline_accuracy": 81.0, "planned_with": "p99 of 20 calls" + text, "margin": 0.05},
+        "precisions": {"reference": "fp32" + text, "note": "precision note" + text,
+                       "rows": [{"precision": p + text, "anytime_accuracy": [60.0, 80.0, 85.0],
+                                 "step_agreement": [100.0, 99.0, 98.0], "cost_ms": [0.5, 1.0, 1.5],
+                                 "budgets": {b["name"]: {"accuracy": 80.0, "expected_ms": 1.0, "exit_agreement": 99.0,
+                                                         "prediction_agreement": 98.0} for b in budgets}}
+                                for p in ("fp32", "int8-cpu")]},
+        "method_notes": ["first note" + text, "second note" + text],
+    }
+
+
+def gallery(text: str = "") -> list:
+    """Two gallery cards (one wrong); the class names (the page shows class indices) and budget end in ``text``."""
+    png = b"\x89PNG\r\n\x1a\n not decoded here"
+    return [GalleryCard(index=i, label=f"class {i}{text}", pred=f"class {i + ok}{text}", confidence=0.9, exit_step=1,
+                        budget="ms-1.0" + text, correct=not ok, coords=[[0, 0], [8, 8]], png=png)
+            for i, ok in enumerate((0, 1))]
+
+
+class _Page(HTMLParser):
+    """Start tags with their attributes, the text, and the contents of <script> elements."""
+
+    def __init__(self, page: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags, self.text, self.scripts, self._in_script = [], [], [], False
+        self.feed(page)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        self._in_script = tag == "script"
+
+    def handle_endtag(self, tag):
+        self._in_script = False
+
+    def handle_data(self, data):
+        (self.scripts if self._in_script else self.text).append(data)
+
+
+def test_user_text_is_escaped_and_shows_as_text():
+    res = calibration_result(EVIL)
+    page = report.render_html(res, {"anytime": b"png"}, gallery(EVIL))
+    assert EVIL not in page and "<script>alert" not in page and "</script> &" not in page
+    parsed = _Page(page)
+    # the page's own script, nothing else: no element or attribute comes from the user's text
+    assert [t for t, _ in parsed.tags if t == "script"] == ["script"]
+    assert not any("alert" in s for s in parsed.scripts)
+    assert not any("alert" in (v or "") for _, attrs in parsed.tags for v in attrs.values())
+    text = "".join(parsed.text)
+    # the text shows every string as it was given, in each place the page names it
+    for shown in ("gfnet", "/data/bundles/", "/data/images/", "Test CPU", "ms-1.0", "p95-2.0", "slowed down",
+                  "static_resnet18.pth.tar", "onnxruntime cpu fp32", "not written", "figures omitted: ",
+                  "fp32 (held-out)", "the step latency changed", "a lone stall", "p99 of 20 calls", "precision note",
+                  "int8-cpu", "first note", "second note", "class 0", "class 1"):
+        assert shown + EVIL in text, shown
+    assert text.count(EVIL) > 40
+    # table cells hold the names as text too (budgets table, static table)
+    assert f"ms-1.0{EVIL}" in text and f"onnxruntime cpu fp32{EVIL}" in text
+
+
+def test_the_page_without_user_markup_has_every_section():
+    page = report.render_html(calibration_result(), {}, gallery())
+    for anchor in ("choice", "suggestion", "budgets", "curve", "exits", "distribution", "deadlines", "latency",
+                   "precision", "gallery", "method", "warning", "warning1", "figures-note"):
+        assert f"id='{anchor}'" in page, anchor
+    parsed = _Page(page)
+    tables = [a["class"] for t, a in parsed.tags if t == "table"]
+    assert tables == ["choice", "budgets", "static", "anytime", "distribution", "deadlines", "steps", "history",
+                      "stages", "precision", "precision-budgets"]
+    assert [a["class"] for t, a in parsed.tags if t == "img"] == ["card", "card"]  # no figures given
+    assert [a.get("class") for t, a in parsed.tags if t == "figure"] == [None, "wrong"]
+    assert "1 unreadable files left out" in page and "p95 &lt;= 2.00" in page
+
+
+def test_a_value_missing_from_the_context_stops_the_rendering():
+    """StrictUndefined: a context without a value the template uses raises, naming it, instead of
+    rendering an empty string, at the top level and inside a section."""
+    ctx = report.page_context(calibration_result(), {}, gallery())
+    template = report.environment().get_template("report.html.j2")
+    assert "GFNet latency / accuracy calibration: gfnet" in template.render(ctx)
+    for key in ctx:
+        with pytest.raises(jinja2.UndefinedError, match=key):
+            template.render({k: v for k, v in ctx.items() if k != key})
+    meta = {k: v for k, v in ctx["meta"].items() if k != "cores"}
+    with pytest.raises(jinja2.UndefinedError, match="cores"):
+        template.render(dict(ctx, meta=meta))
+    with pytest.raises(jinja2.UndefinedError, match="batch"):
+        template.render(dict(ctx, sweep={k: v for k, v in ctx["sweep"].items() if k != "batch"}))
+
+
+def test_the_environment_escapes_and_is_strict():
+    env = report.environment()
+    assert env.autoescape is True and env.undefined is jinja2.StrictUndefined
+    assert env.from_string("{{ x }}").render(x=EVIL) == str(markupsafe.escape(EVIL))
+
+
+def test_the_templates_are_installed_with_the_package(tmp_path):
+    """setup.py's package_data puts every file of calibrate/templates/ into gfnet_edge/calibrate/templates/."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.py", "README.md", "pyproject.toml"):
+        shutil.copy(ROOT / name, src / name)
+    for pkg in ("gfnet_edge", "calibrate", "quantize"):
+        shutil.copytree(ROOT / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.pth.tar"))
+    r = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path / "lib")], cwd=src,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    want = sorted(p.name for p in report.TEMPLATES.iterdir() if p.is_file())
+    assert {"report.html.j2", "macros.html.j2", "report.css"} <= set(want)
+    assert sorted(p.name for p in (tmp_path / "lib" / "gfnet_edge" / "calibrate" / "templates").iterdir()) == want
