@@ -203,3 +203,50 @@ def demo_test_images(model, seed: int, n: int, cache: bool = True, as_frames: bo
         return frames, labels
     spec = model if hasattr(model, "mean") else model.spec  # a ModelDesc, or a GFNet
     return ops.normalise_frames(frames, spec.mean, spec.std), labels
+
+
+def step_bench_parser(doc: str, rounds: int, rounds_help: str, calls: int, out: str):
+    """The options of the step-latency benches (``bench/step_alone.py``, ``bench/step_predecessor.py``):
+    ``--rounds``, ``--calls``, ``--threads``, ``--precision`` and ``--out``, parsed by :func:`step_bench_args`."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=rounds, help=rounds_help)
+    ap.add_argument("--calls", type=int, default=calls, help="timed calls per step and way (or pair) in each round")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--precision", choices=["fp32", "int8"], default="fp32")
+    ap.add_argument("--out", default=str(RESULTS / out))
+    return ap
+
+
+def step_bench_args(ap, argv: Optional[Sequence[str]]):
+    """Parsed options of :func:`step_bench_parser`'s parser, the counts checked."""
+    args = ap.parse_args(argv)
+    if args.rounds < 3 or args.calls < 100:
+        ap.error("--rounds must be >= 3 and --calls >= 100 (a p99 of fewer calls is their slowest)")
+    return args
+
+
+def demo_step_calls(work: Path, precision: str, threads: int):
+    """The demo model's bundle built in ``work`` (``precision`` graphs) and opened on ONNX Runtime
+    with ``threads``, and 64 validation frames (S x S). Returns ``(runtime, call)``: ``call(k, i)``
+    runs frame ``i`` (cycled) as a call that stops after step ``k`` and returns its ms."""
+    from gfnet_edge.build import BuildConfig, build_bundle
+    from gfnet_edge.calibrate.latency import forced_exit_thresholds, time_predict, using_thresholds
+    from gfnet_edge.data import ClutteredDigits, demo_config
+    from gfnet_edge.demo import DEMO_CHECKPOINT
+    from gfnet_edge.runtime import Runtime
+
+    bundle = build_bundle(DEMO_CHECKPOINT, Path(work) / "bundle", BuildConfig(precision=precision, backend="onnxruntime"),
+                          progress=False).root
+    rt = Runtime(bundle, backend="onnxruntime", precision=precision, threads=threads)
+    frames, _ = ClutteredDigits("val", config=demo_config(rt.model)).arrays(64, progress=False)
+    thr = [forced_exit_thresholds(rt.model.steps, k) for k in range(rt.model.steps)]
+
+    def call(k: int, i: int) -> float:
+        with using_thresholds(rt, thr[k]):
+            return time_predict(rt, frames[i % len(frames)][None])
+
+    return rt, call
+

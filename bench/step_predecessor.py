@@ -14,7 +14,6 @@ Writes ``--out`` and a ``.json``.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -24,41 +23,22 @@ from typing import List, Optional
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, machine, RESULTS, table, write_report  # noqa: E402
+from common import (command_line, demo_step_calls, machine, step_bench_args, step_bench_parser, table,  # noqa: E402
+                    write_report)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=6, help="rounds, each timing every pair in a rotated order")
-    ap.add_argument("--calls", type=int, default=150, help="timed calls per pair in each round")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--precision", choices=["fp32", "int8"], default="fp32")
-    ap.add_argument("--out", default=str(RESULTS / "step_predecessor.md"))
-    args = ap.parse_args(argv)
-    if args.rounds < 3 or args.calls < 100:
-        ap.error("--rounds must be >= 3 and --calls >= 100 (a p99 of fewer calls is their slowest)")
+    args = step_bench_args(step_bench_parser(__doc__, 6, "rounds, each timing every pair in a rotated order", 150,
+                                             "step_predecessor.md"), argv)
 
-    from gfnet_edge.build import BuildConfig, build_bundle
-    from gfnet_edge.calibrate.latency import forced_exit_thresholds, time_predict, using_thresholds, warm_up
-    from gfnet_edge.data import ClutteredDigits, demo_config
-    from gfnet_edge.demo import DEMO_CHECKPOINT
-    from gfnet_edge.runtime import Runtime
+    from gfnet_edge.calibrate.latency import warm_up
 
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="gfnet-step-pred-") as tmp:
-        bundle = build_bundle(DEMO_CHECKPOINT, Path(tmp) / "bundle",
-                              BuildConfig(precision=args.precision, backend="onnxruntime"), progress=False).root
-        rt = Runtime(bundle, backend="onnxruntime", precision=args.precision, threads=args.threads)
+        rt, call = demo_step_calls(Path(tmp), args.precision, args.threads)
         T = rt.model.steps
-        frames, _ = ClutteredDigits("val", config=demo_config(rt.model)).arrays(64, progress=False)
-        thr = [forced_exit_thresholds(T, k) for k in range(T)]
         pairs = [(j, k) for k in range(T) for j in range(T)]
         ms = {p: [] for p in pairs}  # (j, k) -> per round, ms of each timed call
-
-        def call(k: int, i: int) -> float:
-            with using_thresholds(rt, thr[k]):
-                return time_predict(rt, frames[i % len(frames)][None])
 
         warm_up(lambda i: call(i % T, i), 5 * T)
         for r in range(args.rounds):

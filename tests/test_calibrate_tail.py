@@ -113,6 +113,21 @@ def test_the_exit_step_models_tail_statistic_counts_images_over_the_limit():
             assert mixture_quantile(samples, fr, pct / 100) == want
 
 
+def _scripted_runtime(monkeypatch, per_image_ms, steps):
+    """A :class:`_ScriptedRuntime` whose clock is calibration's wall clock (``CLOCKS["wall"]``)."""
+    from gfnet_edge.calibrate.latency import CLOCKS
+
+    class Clock:
+        t = 0.0
+
+        def __call__(self):
+            return self.t
+
+    clock = Clock()
+    monkeypatch.setitem(CLOCKS, "wall", clock)
+    return _ScriptedRuntime(clock, per_image_ms, steps)
+
+
 class _ScriptedRuntime:
     """``predict`` advances a fake clock by the next scripted ms per image of its frames, and
     every image exits at the last step with class 1."""
@@ -136,22 +151,13 @@ def test_a_tail_budget_met_by_its_definition_verifies_within_tolerance(monkeypat
     1.2 ms, which it allows. Verification measures 1.15 ms (within -10 %/+5 %), needs no second
     round, and its statistic, the report's p95 and the count of images over the limit agree."""
     from gfnet_edge.calibrate.config import CalibrationConfig
-    from gfnet_edge.calibrate.latency import CLOCKS
     from gfnet_edge.calibrate.verify import PooledLatency, fit_and_verify
 
-    class Clock:
-        t = 0.0
-
-        def __call__(self):
-            return self.t
-
-    clock = Clock()
-    monkeypatch.setitem(CLOCKS, "wall", clock)
     rng = np.random.default_rng(13)
     n = 100
     per_image = np.r_[np.full(n - 5, 1.15), np.full(5, 10.0)]
     rng.shuffle(per_image)
-    rt = _ScriptedRuntime(clock, per_image, 2)
+    rt = _scripted_runtime(monkeypatch, per_image, 2)
     probs = two_class_probs(rng.uniform(0.5, 1.0, (2, n)), np.ones((2, n), int))
     y = np.ones(n, np.int64)
     samples = [np.full(200, 0.5), np.full(200, 1.1)]
@@ -179,21 +185,12 @@ def test_verification_measures_again_whenever_outside_the_tolerance_as_the_metho
     with no condition on the model's difference; the report's method note states that rule with
     the configured tolerance and no other."""
     from gfnet_edge.calibrate.config import CalibrationConfig
-    from gfnet_edge.calibrate.latency import CLOCKS
     from gfnet_edge.calibrate.pipeline import _method_notes
     from gfnet_edge.calibrate.verify import PooledLatency, fit_and_verify
 
-    class Clock:
-        t = 0.0
-
-        def __call__(self):
-            return self.t
-
-    clock = Clock()
-    monkeypatch.setitem(CLOCKS, "wall", clock)
     rng = np.random.default_rng(14)
     n = 40
-    rt = _ScriptedRuntime(clock, np.full(n, 1.3), 2)  # every image exits at the last step
+    rt = _scripted_runtime(monkeypatch, np.full(n, 1.3), 2)  # every image exits at the last step
     probs = two_class_probs(rng.uniform(0.5, 1.0, (2, n)), np.ones((2, n), int))
     y = np.ones(n, np.int64)
     lat = PooledLatency(np.array([0.5, 1.3]), [np.full(50, 0.5), np.full(50, 1.3)])
