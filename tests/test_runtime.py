@@ -346,10 +346,12 @@ def test_runtime_refuses_copies_bad_thresholds_models_and_indices(mnv3):
                 make(rt)
         T = rt.model.steps
         for bad in ([0.5] * (T - 1), [float("nan")] * T, [0.5, float("inf")] + [0.5] * (T - 2),
-                    np.full((1, T), 0.5), "abc", 0.5, (t for t in [0.5] * (T + 1))):
+                    np.full((1, T), 0.5), "abc", "1" * T, b"1" * T, 0.5, (t for t in [0.5] * (T + 1))):
             with pytest.raises(InputError, match=f"thresholds must be {T} finite numbers"):
                 rt.thresholds = bad
         rt.thresholds = [2.0] * (T - 1) + [-1e8]  # by hand: every image runs every step
+        rt.thresholds[0] = float("nan")  # a copy: what is in use changes only through the checked setter
+        assert rt.thresholds == [2.0] * (T - 1) + [-1e8]
         x = np.random.default_rng(6).standard_normal((3, 3, 224, 224)).astype(np.float32)
         assert rt.predict(x).exit_step.tolist() == [T - 1] * 3
         with pytest.raises(InputError, match="class_names"):

@@ -340,8 +340,9 @@ class Runtime:
 
     @property
     def thresholds(self) -> Optional[List[float]]:
-        """The exit thresholds in use (one per step; ``None``: every image runs every step)."""
-        return self._thresholds
+        """The exit thresholds in use (one per step; ``None``: every image runs every step): a
+        copy; assign a new list to change them (the assignment is checked)."""
+        return None if self._thresholds is None else list(self._thresholds)
 
     @thresholds.setter
     def thresholds(self, value: Optional[Sequence[float]]) -> None:
@@ -351,6 +352,8 @@ class Runtime:
             return
         T = self.model.steps
         try:
+            if isinstance(value, (str, bytes)):
+                raise TypeError("a string is not a sequence of thresholds")
             thr = [float(t) for t in value]
         except (TypeError, ValueError):
             raise InputError(f"thresholds must be {T} finite numbers (one per step), got {value!r}") from None
