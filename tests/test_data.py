@@ -193,6 +193,28 @@ def test_load_image_folder_with_classes(tmp_path):
     assert tuple(frames[0, 8, 8]) == (10, 200, 30)
 
 
+def test_hidden_files_and_folders_inside_class_folders_are_left_out(tmp_path):
+    """Hidden entries at any depth of a class folder (a notebook's checkpoint copies, macOS's
+    ``._`` files) are not images of the class, as in training (``gfnet_edge.train.folder_data``):
+    both list the same files."""
+    pytest.importorskip("torch")
+    from gfnet_edge.train.folder_data import scan_split
+
+    for split in ("train", "val"):
+        _write_png(tmp_path / split / "cat" / "a.png")
+        _write_png(tmp_path / split / "cat" / "deeper" / "b.png")
+        _write_png(tmp_path / split / "cat" / ".ipynb_checkpoints" / "a-checkpoint.png", colour=(1, 1, 1))
+        _write_png(tmp_path / split / "cat" / "deeper" / "._b.png", colour=(1, 1, 1))
+        _write_png(tmp_path / split / "dog" / "c.png", colour=(1, 2, 250))
+        _write_png(tmp_path / split / ".hidden_class" / "d.png")
+    frames, labels = load_images(tmp_path / "val", image_size=16)
+    assert labels.tolist() == [0, 0, 1] and not (frames == 1).all(axis=(1, 2, 3)).any()
+    listed = scan_split(tmp_path, "val", check=False)
+    assert listed.classes == ["cat", "dog"]
+    assert sorted(Path(f).relative_to(tmp_path / "val").as_posix() for f, _ in listed.samples) == \
+        ["cat/a.png", "cat/deeper/b.png", "dog/c.png"]
+
+
 def test_load_flat_folder_and_single_file(tmp_path):
     _write_png(tmp_path / "x.png", size=(64, 32))
     _write_png(tmp_path / "y.png", size=(32, 64))

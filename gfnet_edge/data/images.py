@@ -258,7 +258,9 @@ def _entries(folder: Path) -> Tuple[List[Path], List[Path]]:
 def _list_folder(folder: Path) -> Tuple[List[Path], Optional[np.ndarray]]:
     """Image files of a folder and their labels (``None`` for a flat folder)."""
     top_files, class_dirs = _entries(folder)
-    class_files = [sorted(p for p in d.rglob("*") if _is_image(p)) for d in class_dirs]
+    # hidden entries (".ipynb_checkpoints/", "._x.jpg") are skipped at every depth, as in training
+    class_files = [sorted(p for p in d.rglob("*") if _is_image(p)
+                          and not any(q.startswith(".") for q in p.relative_to(d).parts)) for d in class_dirs]
     if any(class_files) and top_files:
         raise ValueError(f"{folder}: mixes images at the top level ({top_files[0].name}, ...) with "
                          "class subfolders; use either a flat folder or one subfolder per class")

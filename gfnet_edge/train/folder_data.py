@@ -72,7 +72,8 @@ def _walk(top: Path, others: Sequence[Path]) -> Iterator[Tuple[str, List[str]]]:
     """``(folder, file names)`` under the class folder ``top``, sub-folders included and symbolic
     links to folders followed, each folder once; a link to a folder above ``top`` (a loop) or to
     one of the ``others`` (the split's other class folders) is not entered, so no image is listed
-    twice or under another class."""
+    twice or under another class. Hidden folders and files (``.ipynb_checkpoints/``, macOS's
+    ``._x.jpg``) are left out, as the image loader of ``calibrate`` / ``build-engine`` does."""
     top_real = os.path.realpath(top)
     seen = {os.path.realpath(o) for o in others}
     for dp, dirs, fs in os.walk(top, followlinks=True):
@@ -81,7 +82,8 @@ def _walk(top: Path, others: Sequence[Path]) -> Iterator[Tuple[str, List[str]]]:
             dirs[:] = []
             continue
         seen.add(real)
-        yield dp, fs
+        dirs[:] = [x for x in dirs if not x.startswith(".")]
+        yield dp, [f for f in fs if not f.startswith(".")]
 
 
 def _list_split(root: Path, split: str) -> Tuple[List[str], List[List[str]]]:
