@@ -364,6 +364,25 @@ def test_runtime_refuses_copies_bad_thresholds_models_and_indices(mnv3):
             preds[3]
 
 
+def test_a_runtime_that_fails_to_open_releases_its_runner(mnv3, monkeypatch):
+    """An unknown budget or a malformed step_costs entry, found after the runner was activated,
+    raises the one-line error and leaves no active runner (its sessions / engines released)."""
+    from gfnet_edge.runtime.backends.onnxruntime import OnnxRuntimeRunner
+
+    _, bundle = mnv3
+    made = []
+    real = OnnxRuntimeRunner.activate
+
+    def activate(self):
+        made.append(self)
+        return real(self)
+
+    monkeypatch.setattr(OnnxRuntimeRunner, "activate", activate)
+    with pytest.raises(InputError, match="nope"):
+        Runtime(bundle, backend="onnxruntime", precision="fp32", budget="nope")
+    assert len(made) == 1 and not made[0].active and not made[0].sessions
+
+
 def test_prediction_boxes_check_the_image_index():
     """``boxes(i)`` takes the indices ``preds[i]`` takes (negative ones from the end) and refuses
     others with the same messages."""

@@ -228,19 +228,24 @@ class Runtime:
         except BaseException:
             self.runner.deactivate()
             raise
-        self._budgets_checked: set = set()
-        self.set_budget(budget)
-        self.step_costs: Optional[StepCosts] = None
-        self._step_costs_warning: Optional[str] = None  # logged at the first call with a deadline
-        entry = (self.bundle.manifest.get("step_costs") or {}).get(step_costs_key(self.backend, self.precision))
-        if entry is not None:
-            self.step_costs = StepCosts.from_manifest(entry)
-            if not on_gpu and "threads" in entry and entry["threads"] != threads:
-                self._step_costs_warning = (
-                    f"runtime: the step costs deadlines plan with were measured with threads={entry['threads']}, "
-                    f"this runtime runs with threads={threads}: deadlines may stop too early or late (calibrate "
-                    f"with --threads {threads if threads else 'left out'})")
-        self.max_batch = chunk_size(max_batch, self.runner.max_batch)
+        try:  # an unknown budget or malformed step costs: the loop's buffers and the runner are released
+            self._budgets_checked: set = set()
+            self.set_budget(budget)
+            self.step_costs: Optional[StepCosts] = None
+            self._step_costs_warning: Optional[str] = None  # logged at the first call with a deadline
+            entry = (self.bundle.manifest.get("step_costs") or {}).get(step_costs_key(self.backend, self.precision))
+            if entry is not None:
+                self.step_costs = StepCosts.from_manifest(entry)
+                if not on_gpu and "threads" in entry and entry["threads"] != threads:
+                    self._step_costs_warning = (
+                        f"runtime: the step costs deadlines plan with were measured with threads={entry['threads']}, "
+                        f"this runtime runs with threads={threads}: deadlines may stop too early or late (calibrate "
+                        f"with --threads {threads if threads else 'left out'})")
+            self.max_batch = chunk_size(max_batch, self.runner.max_batch)
+        except BaseException:
+            self.driver.close()
+            self.runner.deactivate()
+            raise
         logger.info("runtime: %s backend, %s graphs, %s loop, budget %s", self.backend, self.precision,
                     "device" if on_gpu else "host", self.budget)
 
