@@ -574,7 +574,7 @@ class Runtime:
     def _predict(self, inputs, budget: Optional[str], deadline, cropped: bool) -> Predictions:
         with self._lock:
             t0 = time.perf_counter()
-            thr = self.thresholds if budget is None else self.bundle.thresholds(budget)
+            thr = self._thresholds if budget is None else self.bundle.thresholds(budget)  # read, never written
             self._check_budget(self._thresholds_budget if budget is None else budget)
             if thr is None:
                 thr = [2.0] * (self.model.steps - 1) + [-1e8]  # no budget: run every step
