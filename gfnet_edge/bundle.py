@@ -405,6 +405,20 @@ def check_replace(final: Path, force: bool, marker: str = MANIFEST, fmt: str = F
                           f"{advice}")
 
 
+def staging_folder(final: Path) -> Path:
+    """A new empty folder beside ``final`` named ``.NAME.PID.XXXX.partial``, after removing
+    those that killed runs to ``final`` left (:func:`clean_stale` knows the name).
+
+    Raises:
+        BundleError: nothing can be written beside ``final``.
+    """
+    clean_stale(final)
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".partial", dir=str(final.parent)))
+    except OSError as exc:
+        raise BundleError(f"{final}: cannot write next to it ({exc.strerror or exc})") from exc
+
+
 @contextmanager
 def staging_dir(final: Path, force: bool = False, marker: str = MANIFEST, fmt: str = FORMAT,
                 what: str = "gfnet-edge bundle", protect: Sequence[Path] = (),
@@ -427,11 +441,7 @@ def staging_dir(final: Path, force: bool = False, marker: str = MANIFEST, fmt: s
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise BundleError(f"{final}: cannot create the parent directory ({exc.strerror or exc})") from exc
-    clean_stale(final)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".partial", dir=str(final.parent)))
-    except OSError as exc:
-        raise BundleError(f"{final}: cannot write next to it ({exc.strerror or exc})") from exc
+    tmp = staging_folder(final)
     try:
         yield tmp
         public_modes(tmp)
