@@ -298,15 +298,22 @@ def is_bundle_dir(path: Path) -> bool:
     return _json_format(Path(path) / MANIFEST) == FORMAT
 
 
-def _json_format(path: Path) -> Optional[str]:
-    """The ``format`` field of a small JSON file, or None (missing, unreadable, not JSON)."""
+def json_object(path: Path) -> Optional[Dict[str, Any]]:
+    """The JSON object of a small file (at most 64 MiB), or None (missing, not a regular file,
+    unreadable, not JSON, not an object)."""
     try:
         if not path.is_file() or path.stat().st_size > (64 << 20):
             return None
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         return None
-    return data.get("format") if isinstance(data, dict) else None
+    return data if isinstance(data, dict) else None
+
+
+def _json_format(path: Path) -> Optional[str]:
+    """The ``format`` field of a small JSON file, or None (missing, unreadable, not JSON)."""
+    data = json_object(path)
+    return None if data is None else data.get("format")
 
 
 def replaceable(final: Path, marker: str = MANIFEST, fmt: str = FORMAT) -> bool:

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -19,7 +18,7 @@ import numpy as np
 
 from .argtypes import THREADS, float_range, int_range
 from .calibrate.report import DEFAULT_BUDGET_SLACK, pick_default_budget
-from .bundle import finite_or_null, write_json_atomic
+from .bundle import finite_or_null, json_object, write_json_atomic
 from .errors import BUILD_MODULES, InputError, UnavailableError, installed
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -151,14 +150,9 @@ def _check_earlier_summary(path: Path) -> None:
     of :data:`SUMMARY_FIELDS`); any other file or folder there is the user's and is left alone."""
     if not (path.exists() or path.is_symlink()):
         return
-    data = None
-    if not path.is_symlink() and path.is_file() and path.stat().st_size <= (16 << 20):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError):
-            data = None
-    earlier = isinstance(data, dict) and (data.get("format") == SUMMARY_FORMAT
-                                          or ("format" not in data and set(SUMMARY_FIELDS) <= set(data)))
+    data = None if path.is_symlink() else json_object(path)
+    earlier = data is not None and (data.get("format") == SUMMARY_FORMAT
+                                    or ("format" not in data and set(SUMMARY_FIELDS) <= set(data)))
     if not earlier:
         raise InputError(f"{path}: exists and is not an earlier demo's summary; the demo will not replace it "
                          "(choose another -o folder)")
