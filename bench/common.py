@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -228,25 +229,32 @@ def step_bench_args(ap, argv: Optional[Sequence[str]]):
     return args
 
 
-def demo_step_calls(work: Path, precision: str, threads: int):
-    """The demo model's bundle built in ``work`` (``precision`` graphs) and opened on ONNX Runtime
-    with ``threads``, and 64 validation frames (S x S). Returns ``(runtime, call)``: ``call(k, i)``
-    runs frame ``i`` (cycled) as a call that stops after step ``k`` and returns its ms."""
+@contextmanager
+def demo_step_calls(precision: str, threads: int):
+    """The demo model's bundle built in a temporary folder (``precision`` graphs), opened on ONNX
+    Runtime with ``threads``, and 64 validation frames (S x S), warmed up (5 calls per step).
+    Yields ``(T, call)``: ``call(k, i)`` runs frame ``i`` (cycled) as a call that stops after
+    step ``k`` of the model's ``T`` and returns its ms."""
+    import tempfile
+
     from gfnet_edge.build import BuildConfig, build_bundle
-    from gfnet_edge.calibrate.latency import forced_exit_thresholds, time_predict, using_thresholds
+    from gfnet_edge.calibrate.latency import forced_exit_thresholds, time_predict, using_thresholds, warm_up
     from gfnet_edge.data import ClutteredDigits, demo_config
     from gfnet_edge.demo import DEMO_CHECKPOINT
     from gfnet_edge.runtime import Runtime
 
-    bundle = build_bundle(DEMO_CHECKPOINT, Path(work) / "bundle", BuildConfig(precision=precision, backend="onnxruntime"),
-                          progress=False).root
-    rt = Runtime(bundle, backend="onnxruntime", precision=precision, threads=threads)
-    frames, _ = ClutteredDigits("val", config=demo_config(rt.model)).arrays(64, progress=False)
-    thr = [forced_exit_thresholds(rt.model.steps, k) for k in range(rt.model.steps)]
+    with tempfile.TemporaryDirectory(prefix="gfnet-step-bench-") as work:
+        bundle = build_bundle(DEMO_CHECKPOINT, Path(work) / "bundle",
+                              BuildConfig(precision=precision, backend="onnxruntime"), progress=False).root
+        with Runtime(bundle, backend="onnxruntime", precision=precision, threads=threads) as rt:
+            T = rt.model.steps
+            frames, _ = ClutteredDigits("val", config=demo_config(rt.model)).arrays(64, progress=False)
+            thr = [forced_exit_thresholds(T, k) for k in range(T)]
 
-    def call(k: int, i: int) -> float:
-        with using_thresholds(rt, thr[k]):
-            return time_predict(rt, frames[i % len(frames)][None])
+            def call(k: int, i: int) -> float:
+                with using_thresholds(rt, thr[k]):
+                    return time_predict(rt, frames[i % len(frames)][None])
 
-    return rt, call
+            warm_up(lambda i: call(i % T, i), 5 * T)
+            yield T, call
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -33,16 +32,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = step_bench_args(step_bench_parser(__doc__, 8, "rounds, alternating which way is timed first", 150,
                                              "step_alone.md"), argv)
 
-    from gfnet_edge.calibrate.latency import warm_up
-
     load0 = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory(prefix="gfnet-step-alone-") as tmp:
-        rt, call = demo_step_calls(Path(tmp), args.precision, args.threads)
-        T = rt.model.steps
+    with demo_step_calls(args.precision, args.threads) as (T, call):
         ways_all = ("interleaved", "alone", "after")
         ms: Dict[str, List[List[List[float]]]] = {w: [[] for _ in range(T)] for w in ways_all}
 
-        warm_up(lambda i: call(i % T, i), 5 * T)
         for r in range(args.rounds):
             for way in ways_all[r % 3:] + ways_all[:r % 3]:
                 got: List[List[float]] = [[] for _ in range(T)]

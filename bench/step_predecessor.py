@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import List, Optional
 
@@ -31,16 +30,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = step_bench_args(step_bench_parser(__doc__, 6, "rounds, each timing every pair in a rotated order", 150,
                                              "step_predecessor.md"), argv)
 
-    from gfnet_edge.calibrate.latency import warm_up
-
     load0 = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory(prefix="gfnet-step-pred-") as tmp:
-        rt, call = demo_step_calls(Path(tmp), args.precision, args.threads)
-        T = rt.model.steps
+    with demo_step_calls(args.precision, args.threads) as (T, call):
         pairs = [(j, k) for k in range(T) for j in range(T)]
         ms = {p: [] for p in pairs}  # (j, k) -> per round, ms of each timed call
-
-        warm_up(lambda i: call(i % T, i), 5 * T)
         for r in range(args.rounds):
             shift = r * len(pairs) // args.rounds
             for j, k in pairs[shift:] + pairs[:shift]:
