@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -102,20 +102,21 @@ class LatencyStats:
     min_ms: float
 
     @classmethod
-    def of(cls, ms: Sequence[float]) -> "LatencyStats":
+    def of(cls, ms: Sequence[float], percentile: Optional[Callable[[np.ndarray, float], float]] = None) -> "LatencyStats":
+        """The statistics of ``ms``; ``percentile(a, q)`` (q in percent) gives the percentiles
+        (default: numpy's interpolated one)."""
         a = np.asarray(ms, dtype=np.float64)
         if a.size == 0:
             raise ValueError("no latency samples")
-        p50, p90, p95, p99 = (float(np.percentile(a, q)) for q in (50, 90, 95, 99))
+        pct = percentile or (lambda x, q: float(np.percentile(x, q)))
+        p50, p90, p95, p99 = (pct(a, q) for q in (50, 90, 95, 99))
         return cls(int(a.size), float(a.mean()), float(a.std()), p50, p90, p95, p99, float(a.min()))
 
     @classmethod
     def per_image(cls, ms: Sequence[float]) -> "LatencyStats":
         """:meth:`of` with the percentiles a tail budget limits: ``p95_ms`` is the smallest of
         ``ms`` with at most 5 % of them above it (:func:`calibrate.budgets.tail_quantile`)."""
-        s = cls.of(ms)
-        a = np.asarray(ms, dtype=np.float64)
-        return replace(s, **{f"p{q}_ms": tail_quantile([a], q / 100.0) for q in (50, 90, 95, 99)})
+        return cls.of(ms, lambda a, q: tail_quantile([a], q / 100.0))
 
     def to_dict(self) -> Dict[str, float]:
         return dict(self.__dict__)
