@@ -710,8 +710,9 @@ def test_device_frames_chunks_and_profiling(bundles):
         torch.cuda.synchronize()  # their interface names no stream: they must be ready (docs/jetson.md)
         d = dev.predict(on_gpu)
     np.testing.assert_allclose(ta.probs, tr.probs, rtol=0, atol=1e-4)
-    for f in ("exit_step", "classes", "coords"):
+    for f in ("exit_step", "classes", "coords", "frame_sizes"):
         np.testing.assert_array_equal(getattr(d, f), getattr(c, f))
+    np.testing.assert_array_equal(d.frame_sizes, [f.shape[:2] for f in frames])
     np.testing.assert_array_equal(ta.coords, tr.coords)
     for p in (a, c):
         np.testing.assert_array_equal(p.exit_step, b.exit_step)

@@ -868,6 +868,10 @@ def test_frames_in_gpu_memory_are_classified_where_they_are(fp32_bundle, tmp_pat
             for f in ("classes", "exit_step", "coords"):
                 np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f)
             np.testing.assert_allclose(a.confidence, b.confidence, rtol=0, atol=1e-6)
+            # each frame's size read where it is: its boxes are mapped onto it
+            expected = [host.shape[-3:-1]] * n if isinstance(host, np.ndarray) else sizes
+            np.testing.assert_array_equal(a.frame_sizes, expected)
+            assert [a[i]["frame_boxes"] for i in range(n)] == [b[i]["frame_boxes"] for i in range(n)]
         t = rt.trace(DeviceArray(mem, batch))
         np.testing.assert_allclose(t.probs, rt.trace(batch).probs, rtol=0, atol=1e-6)
         bad = [(DeviceArray(mem, batch.astype(np.float32)), "must be uint8"),

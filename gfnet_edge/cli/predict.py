@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
         if args.on_error == "stop":
             raise _Stop()
 
-    rows, names = [], []
+    rows, names, geometries = [], [], []
     try:
         with Runtime(args.bundle, profile=args.profile, **runtime_kwargs(args)) as rt:
             m = rt.model
@@ -36,10 +36,11 @@ def run(args: argparse.Namespace) -> int:
             def images():  # read batch by batch, resized and centre-cropped to uint8 S x S frames as they
                 # are read; the runtime only normalises them (cropped=True: no second resize / crop)
                 try:
-                    for batch_names, frames in iter_image_batches(args.images, m.image_size, m.crop_pct,
-                                                                  m.dataset_interpolation, args.batch_size,
-                                                                  on_error=failed):
+                    for batch_names, frames, batch_geometries in iter_image_batches(
+                            args.images, m.image_size, m.crop_pct, m.dataset_interpolation, args.batch_size,
+                            on_error=failed, placed=True):
                         names.extend(batch_names)
+                        geometries.extend(batch_geometries)
                         yield frames
                 except _Stop:  # --on-error stop: the stream ends here; what was read is classified
                     return
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
                 for preds in rt.predict_iter(images(), batch_size=args.batch_size, deadline_ms=args.deadline_ms,
                                              deadline_margin=args.deadline_margin, cropped=True):
                     start = len(rows)
-                    rows.extend({"image": names[start + i], **preds[i]} for i in range(len(preds)))
+                    rows.extend(_row(names[start + i], geometries[start + i], preds, i) for i in range(len(preds)))
             except ValueError as exc:
                 raise InputError(str(exc)) from exc
             profile = rt.profiler.summary()
@@ -72,6 +73,14 @@ def run(args: argparse.Namespace) -> int:
         stopped = " (stopped at the first: --on-error stop)" if args.on_error == "stop" else ""
         raise InputError(f"{len(failures)} input(s) could not be read{stopped}; {len(rows)} image(s) classified")
     return 0
+
+
+def _row(name: str, geometry, preds, i: int) -> dict:
+    """One image's output row: its prediction, and its patch boxes on the image file too."""
+    row = {"image": name, **preds[i], "frame_size": list(geometry.frame)}
+    row["frame_boxes"] = [[float(v) for v in box] for box in geometry.to_frame(row["boxes"])] \
+        if row["boxes"] else []
+    return row
 
 
 def _profile_table(summary: dict, images: int) -> str:
@@ -110,6 +119,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="an unreadable image or input: report it and go on (skip, default) or stop there; "
                         "either way the results so far are printed and the exit code is 2")
     p.add_argument("--json", action="store_true",
-                   help="JSON output, with the (top, left, bottom, right) box of each focus patch in the S x S "
-                        "resized, centre-cropped frame (not the original image)")
+                   help="JSON output: per image its class, confidence, exit step, the (top, left, bottom, right) "
+                        "box of each focus patch in the S x S resized, centre-cropped input (boxes) and on the "
+                        "image file (frame_boxes, pixels of frame_size = [height, width])")
     p.set_defaults(func=run)

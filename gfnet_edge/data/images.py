@@ -15,6 +15,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from gfnet_edge.ops.image import CropGeometry, crop_geometry
 from gfnet_edge.variants import IMAGENET_MEAN, IMAGENET_STD
 
 #: File name suffixes treated as images (case-insensitive).
@@ -85,8 +86,8 @@ def load_images(path: os.PathLike | str, image_size: int = 224, crop_pct: float 
 
 def iter_image_batches(paths: Sequence[os.PathLike | str], image_size: int = 224, crop_pct: float = 0.875,
                        interpolation: str = "bilinear", batch_size: int = 32,
-                       on_error: Optional[Callable[[str, str], None]] = None,
-                       ) -> Iterator[Tuple[List[str], np.ndarray]]:
+                       on_error: Optional[Callable[[str, str], None]] = None, placed: bool = False,
+                       ) -> Iterator[tuple]:
     """The images of several inputs, ``batch_size`` at a time, each with its own name.
 
     Every path is checked (and folders listed) before the first batch; image files are read
@@ -101,10 +102,15 @@ def iter_image_batches(paths: Sequence[os.PathLike | str], image_size: int = 224
             read, which is then skipped (it may raise to stop); without it the first such
             problem raises ValueError. When it raises (or without it), the images of the
             batch read before that image are yielded first.
+        placed: also yield where each S x S frame lies in its source image.
 
     Yields:
         ``(names, frames)``: the image file paths (``FILE.npz[i]`` for archived images) and
-        uint8 ``(n, S, S, 3)`` frames, ``1 <= n <= batch_size``.
+        uint8 ``(n, S, S, 3)`` frames, ``1 <= n <= batch_size``; with ``placed``,
+        ``(names, frames, geometries)``: a :class:`~gfnet_edge.ops.CropGeometry` per frame, in
+        pixels of its file (of the archived image for ``.npz``; archived S x S images are taken
+        as they are, so theirs is the identity). ``geometry.to_frame(boxes)`` maps patch boxes
+        onto the source image.
 
     Raises:
         ValueError: as :func:`load_images`, for the first path or image that fails (without
@@ -118,7 +124,8 @@ def iter_image_batches(paths: Sequence[os.PathLike | str], image_size: int = 224
             raise exc
         on_error(name, str(exc))
 
-    items: List[Tuple[str, object]] = []  # (name, file path) or (name, frame already in memory)
+    # (name, file path) or (name, (frame already in memory, its geometry))
+    items: List[Tuple[str, object]] = []
     for raw in paths:
         path = Path(raw)
         _check_arguments(path, image_size, crop_pct, interpolation)
@@ -128,27 +135,34 @@ def iter_image_batches(paths: Sequence[os.PathLike | str], image_size: int = 224
             if path.is_dir():
                 items.extend((str(f), f) for f in _list_folder(path)[0])
             elif path.suffix.lower() == ".npz":
-                frames, _ = _load_npz(path, image_size, crop_pct, interpolation)
-                items.extend((f"{path}[{i}]", frames[i]) for i in range(len(frames)))
+                frames, _, geometries = _load_npz(path, image_size, crop_pct, interpolation, placed=True)
+                items.extend((f"{path}[{i}]", (frames[i], geometries[i])) for i in range(len(frames)))
             else:
                 items.append((str(path), path))
         except ValueError as exc:
             failed(str(path), exc)
+
+    def batch(names, frames, geometries):
+        return (names, np.stack(frames), geometries) if placed else (names, np.stack(frames))
+
     for start in range(0, len(items), batch_size):
-        names, frames = [], []
+        names, frames, geometries = [], [], []
         for name, src in items[start:start + batch_size]:
             try:
-                frames.append(_read_image(src, image_size, crop_pct, interpolation) if isinstance(src, Path) else src)
+                frame, geometry = _read_image_placed(src, image_size, crop_pct, interpolation) \
+                    if isinstance(src, Path) else src
+                frames.append(frame)
+                geometries.append(geometry)
                 names.append(name)
             except ValueError as exc:
                 try:
                     failed(name, exc)
                 except Exception:  # the run stops here: the images read before it still go out
                     if frames:
-                        yield names, np.stack(frames)
+                        yield batch(names, frames, geometries)
                     raise
         if frames:
-            yield names, np.stack(frames)
+            yield batch(names, frames, geometries)
 
 
 def resized_size(width: int, height: int, short: int) -> Tuple[int, int]:
@@ -311,14 +325,24 @@ def _read_image(file: Path, image_size: int, crop_pct: float, interpolation: str
     :data:`MAX_PIXELS` are refused (JPEGs decoded at a reduced scale instead), and only the
     centre crop is resampled, so memory stays bounded whatever the file's size or aspect ratio.
     """
+    return _read_image_placed(file, image_size, crop_pct, interpolation)[0]
+
+
+def _read_image_placed(file: Path, image_size: int, crop_pct: float,
+                       interpolation: str) -> Tuple[np.ndarray, CropGeometry]:
+    """:func:`_read_image` and where its S x S crop lies in the file's pixels (a JPEG decoded at a
+    reduced scale included: the geometry's frame is the file's own size)."""
     import warnings
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(file, formats=IMAGE_FORMATS) as image:
-                return preprocess(_decode(file, image, int(image_size / crop_pct)), image_size, crop_pct,
-                                  interpolation)
+                width, height = image.size
+                decoded = _decode(file, image, int(image_size / crop_pct))
+                frame = preprocess(decoded, image_size, crop_pct, interpolation)
+                geometry = crop_geometry(decoded.size[1], decoded.size[0], image_size, crop_pct)
+                return frame, geometry._replace(frame=(height, width))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         if str(exc).startswith(str(file)):
             raise
@@ -377,8 +401,11 @@ def _decode(file: Path, image: Image.Image, short: int) -> Image.Image:
     return Image.fromarray(grey, mode="L").convert("RGB")
 
 
-def _load_npz(path: Path, image_size: int, crop_pct: float,
-              interpolation: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+def _load_npz(path: Path, image_size: int, crop_pct: float, interpolation: str,
+              placed: bool = False) -> tuple:
+    """``(frames, labels)`` of an archive, its images resized and centre-cropped unless they are
+    S x S already; with ``placed`` also each frame's :class:`~gfnet_edge.ops.CropGeometry` in
+    pixels of its archived image."""
     try:
         shapes = _npz_shapes(path)
     except Exception as exc:  # zipfile / format errors all mean the same here
@@ -407,9 +434,15 @@ def _load_npz(path: Path, image_size: int, crop_pct: float,
     normalized = _flag(path, arrays.get("normalized"))
     frames = _npz_frames(path, arrays["images"], normalized)
     labels = _npz_labels(path, arrays.get("labels"), len(frames))
-    if frames.shape[1:3] != (image_size, image_size):
+    h, w = frames.shape[1:3]
+    if (h, w) != (image_size, image_size):
         frames = np.stack([preprocess(Image.fromarray(f), image_size, crop_pct, interpolation) for f in frames]) \
             if len(frames) else np.zeros((0, image_size, image_size, 3), np.uint8)
+        geometry = crop_geometry(h, w, image_size, crop_pct)
+    else:  # taken as already cropped
+        geometry = CropGeometry((h, w), (h, w), 0, 0, image_size)
+    if placed:
+        return np.ascontiguousarray(frames), labels, [geometry] * len(frames)
     return np.ascontiguousarray(frames), labels
 
 

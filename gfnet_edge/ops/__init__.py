@@ -12,6 +12,8 @@ CPU (float32, numpy in / numpy out)::
         -> images (N, 3, S, S)  or  (images, glance (N, 3, P, P)) when glance_size is given
     resize_crop(frames, image_size, crop_pct=0.875, interpolation="bilinear", out=None)
         -> uint8 (N, S, S, 3): preprocess's resize + centre crop without the normalisation
+    crop_geometry(height, width, image_size, crop_pct=0.875) -> CropGeometry: where the S x S
+        input sits in a frame; .to_frame(boxes) maps (top, left, bottom, right) boxes onto it
     resize_plan_cache_info() -> CacheInfo(hits, misses, maxsize, currsize) of the plans per frame size
     glance(images, patch_size, interpolation="bicubic", out=None, mean=None, std=None, bgr=False)
         -> (N, 3, P, P); images float32 (N, 3, S, S), or uint8 frames (N, S, S, 3) with mean/std
@@ -83,13 +85,13 @@ from .cuda import (CudaEvent, CudaGraph, DeviceBuffer, Stream, cuda_archs, cuda_
 from .cuda_kernels import (cuda_copy, cuda_crop_patches, cuda_gather_rows, cuda_glance, cuda_normalise_frames,
                            cuda_preprocess, cuda_softmax_stats)
 from .heads import ActorHead, GRUCell, GRUHead, Linear, linear, softmax_stats
-from .image import (IMAGENET_MEAN, IMAGENET_STD, CacheInfo, crop_patches, glance, normalise_frames, preprocess,
-                    resize_crop, resize_plan_cache_info, resize_size)
+from .image import (IMAGENET_MEAN, IMAGENET_STD, CacheInfo, CropGeometry, crop_geometry, crop_patches, glance,
+                    normalise_frames, preprocess, resize_crop, resize_plan_cache_info, resize_size)
 from .system import get_num_threads, read_pass_seconds, set_num_threads, set_simd_enabled, simd_level
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "resize_size", "preprocess", "normalise_frames", "resize_crop",
-    "resize_plan_cache_info", "CacheInfo", "glance", "crop_patches",
+    "crop_geometry", "CropGeometry", "resize_plan_cache_info", "CacheInfo", "glance", "crop_patches",
     "linear", "softmax_stats", "Linear", "GRUCell", "GRUHead", "ActorHead", "CascadedHead", "host_loop",
     "get_num_threads", "set_num_threads", "simd_level", "set_simd_enabled", "read_pass_seconds",
     "has_cuda_build", "cuda_device_count", "cuda_device_error", "cuda_archs", "cuda_device_properties",

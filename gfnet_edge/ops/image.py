@@ -127,6 +127,47 @@ def resize_crop(
     return _C.resize_crop(frame_list, _side(image_size), resize_size(image_size, crop_pct), _interp(interpolation), out)
 
 
+class CropGeometry(NamedTuple):
+    """Where the S x S input sits in a frame: the frame resized to ``resized`` (height, width),
+    then cropped at ``(top, left)`` of the resized image (:func:`crop_geometry`)."""
+
+    frame: Tuple[int, int]
+    resized: Tuple[int, int]
+    top: int
+    left: int
+    crop: int
+
+    def to_frame(self, boxes: Any) -> np.ndarray:
+        """``(..., 4)`` boxes ``(top, left, bottom, right)`` in pixels of the S x S input ->
+        the same boxes in pixels of the frame (float64; edges map exactly: the resize scales
+        each axis by frame / resized size, so a box's edges land where the pixels it covers came
+        from)."""
+        b = np.asarray(boxes, dtype=np.float64)
+        if b.shape[-1:] != (4,):
+            raise ValueError(f"boxes must have 4 values (top, left, bottom, right) in their last axis, got {b.shape}")
+        sy = self.frame[0] / self.resized[0]
+        sx = self.frame[1] / self.resized[1]
+        offset = np.array([self.top, self.left, self.top, self.left], dtype=np.float64)
+        scale = np.array([sy, sx, sy, sx], dtype=np.float64)
+        return (b + offset) * scale
+
+
+def crop_geometry(height: int, width: int, image_size: int, crop_pct: float = 0.875) -> CropGeometry:
+    """The resize and centre crop :func:`preprocess` / :func:`resize_crop` apply to an
+    ``height`` x ``width`` frame: the shorter side resized to ``int(S / crop_pct)``, the longer
+    one to ``int(short * long / shorter)`` (torchvision's ``Resize(int)``), then the S x S crop at
+    ``round((resized - S) / 2)`` (Python's rounding, half to even, as torchvision's ``CenterCrop``).
+    ``crop_geometry(h, w, S, c).to_frame(boxes)`` maps patch boxes back onto the frame."""
+    h, w = to_int(height, "height", 1, INT32_MAX), to_int(width, "width", 1, INT32_MAX)
+    S = _side(image_size)
+    short = resize_size(S, crop_pct)
+    if short < S:
+        raise ValueError(f"resize size {short} is smaller than the crop size {S}")
+    long_side = int(short * max(h, w) / min(h, w))
+    rh, rw = (long_side, short) if w <= h else (short, long_side)
+    return CropGeometry((h, w), (rh, rw), int(round((rh - S) / 2.0)), int(round((rw - S) / 2.0)), S)
+
+
 class CacheInfo(NamedTuple):
     """Statistics of the resize plan cache, as :func:`functools.lru_cache`'s ``cache_info()``."""
 

@@ -45,6 +45,10 @@ class Predictions:
             (their answer is that of ``exit_step``, the last step they ran); None without one.
         class_names: the model's class names (the bundle's ``model.class_names``), or None;
             with them each row also has its ``label``.
+        frame_sizes: (N, 2) ``(height, width)`` of each frame the runtime resized and cropped
+            itself, or None (normalised images, frames given as ``cropped``); with them each
+            row also has its ``frame_boxes`` (see :meth:`frame_boxes`).
+        image_size, crop_pct: the model's S and resize fraction (how frames became S x S).
     """
 
     classes: np.ndarray
@@ -54,6 +58,9 @@ class Predictions:
     patch_size: int
     deadline_stopped: Optional[np.ndarray] = None
     class_names: Optional[Tuple[str, ...]] = None
+    frame_sizes: Optional[np.ndarray] = None
+    image_size: Optional[int] = None
+    crop_pct: Optional[float] = None
 
     def __len__(self) -> int:
         return int(self.classes.shape[0])
@@ -69,7 +76,8 @@ class Predictions:
     def boxes(self, i: int) -> List[tuple]:
         """Patch boxes ``(top, left, bottom, right)`` of image ``i`` for the focus steps it ran,
         in pixels of the S x S input the model saw (after the resize and centre crop of
-        :func:`gfnet_edge.data.load_images` / ``ops.resize_crop``), not of the original image."""
+        :func:`gfnet_edge.data.load_images` / ``ops.resize_crop``); :meth:`frame_boxes` gives
+        them on the original frame."""
         i = self._index(i)
         P = self.patch_size
         out = []
@@ -78,12 +86,45 @@ class Predictions:
             out.append((r, c, r + P, c + P))
         return out
 
+    def frame_boxes(self, i: int, frame_size: Optional[Tuple[int, int]] = None) -> List[tuple]:
+        """The :meth:`boxes` of image ``i`` in pixels of its original frame (floats; a patch of
+        P input pixels covers ``P x frame / resized`` frame pixels on each axis).
+
+        Args:
+            i: the image.
+            frame_size: ``(height, width)`` of the frame image ``i`` was resized and cropped
+                from. Known to the runtime for the frames it resized itself; needed for frames
+                given as ``cropped`` (e.g. cut by ``ops.resize_crop`` on a capture thread, or
+                read by :func:`gfnet_edge.data.load_images`).
+        """
+        i = self._index(i)
+        if frame_size is None:
+            if self.frame_sizes is None:
+                raise InputError(f"image {i}: the runtime did not see its frame (normalised images or cropped "
+                                 "frames): give frame_size=(height, width) of the original frame")
+            frame_size = tuple(int(v) for v in self.frame_sizes[i])
+        if self.image_size is None or self.crop_pct is None:
+            raise InputError("these predictions do not say how frames were resized (no image_size / crop_pct)")
+        try:
+            h, w = frame_size
+        except (TypeError, ValueError):
+            raise InputError(f"frame_size must be (height, width), got {frame_size!r}") from None
+        from .. import ops
+
+        geometry = ops.crop_geometry(h, w, self.image_size, self.crop_pct)
+        boxes = self.boxes(i)
+        if not boxes:
+            return []
+        return [tuple(float(v) for v in row) for row in geometry.to_frame(boxes)]
+
     def __getitem__(self, i: int) -> Dict[str, Any]:
         """Image ``i``'s result as a dict (``class``, ``confidence``, ``exit_step``, ``boxes``,
-        and ``label`` / ``deadline_stopped`` when known)."""
+        and ``label`` / ``deadline_stopped`` / ``frame_boxes`` when known)."""
         i = self._index(i)
         out = {"class": int(self.classes[i]), "confidence": float(self.confidence[i]),
                "exit_step": int(self.exit_step[i]), "boxes": self.boxes(i)}
+        if self.frame_sizes is not None and self.image_size is not None:
+            out["frame_boxes"] = self.frame_boxes(i)
         if self.class_names is not None:
             out["label"] = self.class_names[int(self.classes[i])]
         if self.deadline_stopped is not None:
@@ -451,17 +492,23 @@ class Runtime:
     def _run(self, inputs, thresholds: Optional[Sequence[float]], deadline: Optional[Deadline] = None,
              cropped: bool = False) -> tuple:
         """Runs the driver on validated inputs, :attr:`max_batch` images at a time, into
-        outputs allocated once; ``(StepOutputs, number of images)``. The chunks of a call share
-        its deadline."""
+        outputs allocated once; ``(StepOutputs, number of images, (N, 2) frame sizes or None)``
+        (the sizes of the frames resized here; None for images and cropped frames). The chunks
+        of a call share its deadline."""
         kind, data = self._validate(inputs, cropped)
         size = self.max_batch
         if kind == "device":
             n, chunks = device_chunks(data, size, self.model.image_size if cropped else None)
+            chunks = list(chunks)  # views only
+            sizes = [f.__cuda_array_interface__["shape"][:2] for chunk in chunks for f in chunk]
         else:
             n = len(data)
             chunks = (data[i:i + size] for i in range(0, n, size))
+            sizes = ([data.shape[1:3]] * n if isinstance(data, np.ndarray) else [f.shape[:2] for f in data]) \
+                if kind == "frames" else None
+        sizes = None if cropped or sizes is None else np.asarray(sizes, dtype=np.int64).reshape(n, 2)
         if n <= size:  # one chunk: its outputs are the call's
-            return self._run_chunk(kind, next(iter(chunks)), 0, thresholds, deadline, cropped), n
+            return self._run_chunk(kind, next(iter(chunks)), 0, thresholds, deadline, cropped), n, sizes
         out = OutputBuffer(n)
         # on the GPU, the next chunk's upload overlaps the current chunk's steps
         prefetch = getattr(self.driver.place, "prefetch", None) if kind != "device" else None
@@ -473,7 +520,7 @@ class Runtime:
                 prefetch(following)
             out.write(k * size, self._run_chunk(kind, chunk, k * size, thresholds, deadline, cropped))
             chunk, k = following, k + 1
-        return out.result(), n
+        return out.result(), n, sizes
 
     def _run_chunk(self, kind: str, chunk, start: int, thresholds, deadline: Optional[Deadline] = None,
                    cropped: bool = False) -> StepOutputs:
@@ -579,18 +626,19 @@ class Runtime:
             if thr is None:
                 thr = [2.0] * (self.model.steps - 1) + [-1e8]  # no budget: run every step
             self._check_open()
-            out, n = self._run(inputs, thr, deadline, cropped)
+            out, n, sizes = self._run(inputs, thr, deadline, cropped)
             self.profiler.add_call(time.perf_counter() - t0, n)
         _check_finite(out.confidence, "predict")
-        return Predictions(out.prediction, out.confidence, out.exit_step, out.coords, self.model.patch_size,
-                           out.stopped, self.model.class_names)
+        m = self.model
+        return Predictions(out.prediction, out.confidence, out.exit_step, out.coords, m.patch_size,
+                           out.stopped, m.class_names, sizes, m.image_size, m.crop_pct)
 
     def trace(self, inputs, *, cropped: bool = False) -> RuntimeTrace:
         """Runs every step on every image; same fields as the reference model's trace
         (``inputs`` and ``cropped`` as in :meth:`predict`)."""
         with self._lock:
             self._check_open()
-            out, _ = self._run(inputs, None, cropped=cropped)
+            out, _, _ = self._run(inputs, None, cropped=cropped)
         _check_finite(out.probs, "trace")
         return RuntimeTrace(out.probs, out.coords)
 
