@@ -17,6 +17,7 @@ import argparse
 import ctypes
 import json
 import os
+import re
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -171,14 +172,27 @@ def _select_or_build(bundle, here, trt, args, report: DoctorReport):
     return bundle, select_engine(bundle, precision, here, trt.__version__, args.dla_core)
 
 
+#: Layers a DLA engine adds to move its tensors between GPU memory and the DLA's (``image to
+#: nvm``, ``logits from nvm``, ``logits copy finish``); the builder's report names neither side.
+_DLA_COPY = re.compile(r" (to nvm|from nvm|copy finish)$")
+
+
 def _layer_map(runner: Any, trt: Any, entry: Dict[str, Any]) -> Dict[str, List[Dict[str, str]]]:
-    """Per engine layer (engine inspector) its device, from the builder's DLA report."""
+    """Per engine layer (engine inspector) its device, from the builder's DLA report: ``DLA``,
+    ``GPU``, ``copy`` (a DLA engine's tensor moves) or ``?`` (a layer the report does not name)."""
     out = {}
     for g, engine in runner._engines.items():
         placement = (entry.get("dla_placement") or {}).get(g, {}).get("device_map") or {"dla": [], "gpu": []}
         info = json.loads(engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON))
         names = [x if isinstance(x, str) else x.get("Name", "?") for x in info.get("Layers", [])]
-        dev = lambda n: "DLA" if n in placement["dla"] else "GPU" if n in placement["gpu"] else "?"  # noqa: E731
+
+        def dev(n: str) -> str:
+            if n in placement["dla"]:
+                return "DLA"
+            if n in placement["gpu"]:
+                return "GPU"
+            return "copy" if placement["dla"] and _DLA_COPY.search(n) else "?"
+
         out[g] = [{"name": n, "device": dev(n)} for n in names]
     return out
 

@@ -152,4 +152,7 @@ def test_dla_engines_show_their_layer_placement(portable_bundle, tmp_path, monke
     for g in ("glance", "focus"):
         devices = [x["device"] for x in report["layers"][g]]
         assert devices.count("GPU") == 1 and devices.count("DLA") >= 1 and "?" not in devices
+        # the DLA engine's tensor moves are named as such, not counted on either device
+        assert [x["name"] for x in report["layers"][g] if x["device"] == "copy"] == \
+            [f"{t} {how}" for t in ("image", "logits") for how in ("to nvm", "from nvm", "copy finish")]
     assert "layers (" in text.out and "on DLA):" in text.out

@@ -286,8 +286,12 @@ def make_trt(version="10.3.0", mem=None, faults=(), dla_cores=0, device=DEVICE, 
         def get_engine_information(self, fmt):
             assert isinstance(fmt, LayerInformationFormat)
             dla, gpu = self.engine.placement or ([], self.engine.names)
-            layers = [{"Name": f"{{ForeignNode[{n}]}}", "LayerType": "DLA"} for n in dla] + \
-                     [{"Name": n, "LayerType": "Convolution"} for n in gpu]
+            # a DLA engine also lists the copies of its inputs and outputs to and from the DLA's
+            # memory, as trtexec's per-layer profile of one shows (NVIDIA/TensorRT#3143)
+            moves = [{"Name": f"{t} {how}", "LayerType": "Reformat"} for t in ("image", "logits")
+                     for how in ("to nvm", "from nvm", "copy finish")] if dla else []
+            layers = moves[:1] + [{"Name": f"{{ForeignNode[{n}]}}", "LayerType": "DLA"} for n in dla] + \
+                moves[1:] + [{"Name": n, "LayerType": "Convolution"} for n in gpu]
             return json.dumps({"Layers": layers, "Bindings": self.engine.names})
 
     class Engine:
