@@ -12,6 +12,9 @@ CPU (float32, numpy in / numpy out)::
         -> images (N, 3, S, S)  or  (images, glance (N, 3, P, P)) when glance_size is given
     resize_crop(frames, image_size, crop_pct=0.875, interpolation="bilinear", out=None)
         -> uint8 (N, S, S, 3): preprocess's resize + centre crop without the normalisation
+    normalise_frames(frames, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        -> (N, 3, S, S) of uint8 frames already S x S (preprocess with crop_pct=1)
+    resize_size(image_size, crop_pct) -> int(image_size / crop_pct), the side before the crop
     resize_plan_cache_info() -> CacheInfo(hits, misses, maxsize, currsize) of the plans per frame size
     glance(images, patch_size, interpolation="bicubic", out=None, mean=None, std=None, bgr=False)
         -> (N, 3, P, P); images float32 (N, 3, S, S), or uint8 frames (N, S, S, 3) with mean/std
