@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# Every CPU benchmark, one after the other (they compete for the same cores, so never in
-# parallel), each writing its markdown under bench/results/. GPU rows: bench/gpu_session.sh.
+# The CPU benchmarks, one after the other (they compete for the same cores, so never in
+# parallel), each writing its markdown under bench/results/. Not here: bench/deadlines.py,
+# bench/step_predecessor.py and the held-out INT8 studies (bench/quantize_heldout.py but for its
+# --per-graph run, bench/int8_outputs.py, bench/int8_input_path.py, bench/exit_sensitivity.py)
+# and bench/train_glance_cache.py, run with the commands docs/benchmarks.md, docs/quantization.md
+# and docs/training.md give. GPU rows: bench/gpu_session.sh.
 #
 #   bash bench/run_all.sh            # about two hours on a 2-core machine
 #   (ModelOpt rows of int8_compare.py: MODELOPT_PYTHON=<python with nvidia-modelopt[onnx]>)

@@ -157,3 +157,19 @@ def test_bad_checkpoints(tmp_path, mnv3, case, match):
         _write_ckpt(p, mnv3, policy=pol)
     with pytest.raises(CheckpointError, match=match):
         load_checkpoint(p, **kw)
+
+
+@pytest.mark.parametrize("encoder", [
+    {"conv_head.weight": torch.zeros(1024, 288, 1, 1)},                            # a MobileNet-V3 of no released width
+    {"conv_head.weight": torch.zeros(1280, 320, 1, 1), "bn2.weight": torch.zeros(1280)},  # EfficientNet-B0
+    {"features.denseblock3.denselayer1.conv1.weight": torch.zeros(1)},              # a DenseNet of 1 layer per block
+    {"s4.b1.f.a.weight": torch.zeros(1), "head.fc.weight": torch.zeros(1000, 440)},  # a RegNetY of another width
+], ids=["mobilenet", "efficientnet", "densenet", "regnet"])
+def test_weights_of_a_known_family_but_no_released_variant_ask_for_the_name(tmp_path, encoder):
+    """No name in the file and none given: weights whose family is known but whose sizes match no
+    released variant get the same message as any other unknown weights (pass model_name), not an
+    'unknown model_name' the user never gave."""
+    p = tmp_path / "noname.pth.tar"
+    torch.save({"model_prime_state_dict": encoder, "model_state_dict": encoder, "fc": {}, "policy": {}}, p)
+    with pytest.raises(CheckpointError, match="cannot tell the model variant from the weights; pass model_name"):
+        load_checkpoint(p)

@@ -122,24 +122,28 @@ def infer_model_name(sd: Mapping[str, torch.Tensor]) -> str:
         CheckpointError: the weights match no released variant.
     """
     keys = set(sd)
+    name = None
     if "layer4.2.conv3.weight" in keys and "conv1.weight" in keys:
-        return "resnet50"
-    if any(k.startswith("features.denseblock3.") for k in keys):
+        name = "resnet50"
+    elif any(k.startswith("features.denseblock3.") for k in keys):
         n = len({k.split(".")[2] for k in keys if k.startswith("features.denseblock3.")})
-        return {24: "densenet121", 32: "densenet169", 48: "densenet201"}.get(n, f"densenet?({n} layers)")
-    if any(k.startswith("s4.") for k in keys):
+        name = {24: "densenet121", 32: "densenet169", 48: "densenet201"}.get(n)
+    elif any(k.startswith("s4.") for k in keys):
         w = None
         for k in ("fc.weight", "head.fc.weight"):
             if k in sd:
                 w = sd[k].shape[1]
-        return {608: "regnety_600m", 768: "regnety_800m", 888: "regnety_1.6g"}.get(w, f"regnet?(width {w})")
-    if "conv_head.weight" in keys:
+        name = {608: "regnety_600m", 768: "regnety_800m", 888: "regnety_1.6g"}.get(w)
+    elif "conv_head.weight" in keys:
         cin = sd["conv_head.weight"].shape[1]
         cout = sd["conv_head.weight"].shape[0]
         if "bn2.weight" in keys:
-            return {1408: "efficientnet_b2", 1536: "efficientnet_b3"}.get(cout, f"efficientnet?({cout})")
-        return {960: "mobilenetv3_large_100", 1200: "mobilenetv3_large_125"}.get(cin, f"mobilenetv3?({cin})")
-    raise CheckpointError("cannot tell the model variant from the weights; pass model_name")
+            name = {1408: "efficientnet_b2", 1536: "efficientnet_b3"}.get(cout)
+        else:
+            name = {960: "mobilenetv3_large_100", 1200: "mobilenetv3_large_125"}.get(cin)
+    if name is None:
+        raise CheckpointError("cannot tell the model variant from the weights; pass model_name")
+    return name
 
 
 def infer_patch_size(policy_sd: Mapping[str, torch.Tensor], fmap_channels: int, candidates: Tuple[int, ...]) -> int:

@@ -14,6 +14,9 @@ CPU (float32, numpy in / numpy out)::
         -> uint8 (N, S, S, 3): preprocess's resize + centre crop without the normalisation
     crop_geometry(height, width, image_size, crop_pct=0.875) -> CropGeometry: where the S x S
         input sits in a frame; .to_frame(boxes) maps (top, left, bottom, right) boxes onto it
+    normalise_frames(frames, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        -> (N, 3, S, S) of uint8 frames already S x S (preprocess with crop_pct=1)
+    resize_size(image_size, crop_pct) -> int(image_size / crop_pct), the side before the crop
     resize_plan_cache_info() -> CacheInfo(hits, misses, maxsize, currsize) of the plans per frame size
     glance(images, patch_size, interpolation="bicubic", out=None, mean=None, std=None, bgr=False)
         -> (N, 3, P, P); images float32 (N, 3, S, S), or uint8 frames (N, S, S, 3) with mean/std
