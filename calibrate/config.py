@@ -8,7 +8,7 @@ import numpy as np
 
 from gfnet_edge.errors import InputError
 
-from .budgets import Budget
+from .budgets import Budget, BudgetKind
 from .fit import MAX_MARGIN, METHODS
 from .latency import CLOCKS, EXTEND_SECONDS, WARMUP_MS
 
@@ -141,6 +141,10 @@ class CalibrationConfig:
             raise InputError(f"--budget-ms / --budget have duplicates: {', '.join(names)}")
         if names:  # a --default that is none of the budgets asked for fails before any measurement
             self.default_name(names)
+        elif self.default is not None and not self._names_a_mean_budget(self.default):
+            raise InputError(f"--default {self.default!r} can name none of the budgets this run calibrates: without "
+                             "--budget-ms / --budget they are mean budgets chosen from the measured latency, named "
+                             "ms-MS (give ms-MS, MS or mean:MS, or the budgets themselves)")
         if self.threads is not None and self.threads < 1:
             raise InputError(f"--threads must be >= 1, got {self.threads}")
         if self.device not in (None, "cpu", "cuda"):
@@ -154,6 +158,18 @@ class CalibrationConfig:
     def quick(self) -> "CalibrationConfig":
         """The same options with half the timed calls (at least 10): for re-measurements."""
         return replace(self, repeats=max(10, self.repeats // 2))
+
+    @staticmethod
+    def _names_a_mean_budget(text: str) -> bool:
+        """Whether ``text`` can mean a mean budget (``ms-3.0``, ``3.0`` or ``mean:3.0``)."""
+        text = str(text).strip()
+        for candidate in (text, text[3:] if text.startswith("ms-") else None):
+            try:
+                if candidate is not None and Budget.parse(candidate).kind is BudgetKind.MEAN:
+                    return True
+            except InputError:
+                pass
+        return False
 
     def default_name(self, names: Sequence[str]) -> Optional[str]:
         """The budget of ``names`` that ``default`` means (a name, a number of ms for a mean budget,

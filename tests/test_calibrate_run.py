@@ -450,6 +450,34 @@ def test_bad_fit_options_stop_in_one_line_before_any_measurement(tiny_bundle, tm
     assert not out.exists() and (bundle / "manifest.json").read_bytes() == manifest
 
 
+@pytest.mark.parametrize("default, ok", [("macs-mid", False), ("p95:500", False), ("ms-abc", False),
+                                         ("ms-500", True), ("500", True), ("mean:500", True)])
+def test_a_default_no_budget_of_the_run_can_have_stops_before_any_measurement(tiny_bundle, tmp_path, capsys,
+                                                                              monkeypatch, default, ok):
+    """Without --budget-ms / --budget the budgets are mean ones chosen from the measured latency:
+    a --default that cannot name a mean budget stops in one line before the latency is measured;
+    one that can goes on to the measurement (its name is checked once the budgets are known)."""
+    from gfnet_edge.calibrate import pipeline
+    from gfnet_edge.errors import InputError
+
+    calls = []
+
+    def measured(*a, **k):
+        calls.append(a)
+        raise InputError("the latency measurement began")
+
+    monkeypatch.setattr(pipeline, "_measure", measured)
+    bundle = _fresh(tiny_bundle, tmp_path)
+    rc = _main(["calibrate", str(bundle), "--data", str(tiny_bundle / "data.npz"), "-o", str(tmp_path / "r"), *FAST,
+                "--default", default])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    if ok:
+        assert calls and "error: the latency measurement began" in err
+    else:
+        assert not calls and err.count("\n") == 1 and "can name none of the budgets" in err, err
+
+
 def test_existing_report_dir_needs_force(tiny_bundle, tmp_path, capsys):
     bundle = _fresh(tiny_bundle, tmp_path)
     out = tmp_path / "r"

@@ -392,3 +392,23 @@ def test_warnings_go_to_stderr_as_it_is_when_they_are_logged(monkeypatch):
     logger.warning("two")
     assert len(logger.handlers) == 1 and isinstance(logger.handlers[0], logging.StreamHandler)
     assert second.getvalue() == "gfnet-edge: WARNING: two\n"
+
+
+def test_build_engine_summary_says_what_a_bundle_without_budgets_does(tmp_path, capsys, torch_mod):
+    """A checkpoint with no exit thresholds builds a bundle without budgets: the summary says so
+    and what follows (every step runs until `calibrate` fits budgets), not ``default: None``."""
+    ck = torch_mod.load(DEMO, map_location="cpu", weights_only=True)
+    ck.pop("dynamic_threshold", None)
+    for value in ck.values():
+        if isinstance(value, dict):
+            value.pop("dynamic_threshold", None)
+    bare = tmp_path / "bare.pth.tar"
+    torch_mod.save(ck, bare)
+    code, out, err = run(["build-engine", bare, "-o", tmp_path / "b", "--precision", "fp32", "--backend",
+                          "onnxruntime", "-q"], capsys)
+    assert code == 0, err
+    line = next(x for x in out.splitlines() if x.strip().startswith("budgets:"))
+    assert "None" not in line and "every image runs every step" in line and "gfnet-edge calibrate" in line
+    from gfnet_edge.bundle import Bundle
+
+    assert Bundle.load(tmp_path / "b").manifest["budgets"] == {}

@@ -139,7 +139,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"  model: {model.model_name} S={model.image_size} P={model.patch_size} T={model.steps}")
     print(f"  graphs: {', '.join(m['graphs'])}")
     print(f"  engines: {', '.join(e['precision'] + '@' + e['gpu_name'] for e in m['engines']) or 'none (ONNX Runtime runs the graphs)'}")
-    print(f"  budgets: {', '.join(m['budgets']) or 'none'} (default: {m.get('default_budget')})")
+    budgets = f"{', '.join(m['budgets'])} (default: {m.get('default_budget') or 'none'})" if m["budgets"] else \
+        "none (`gfnet-edge calibrate` fits them; until then every image runs every step)"
+    print(f"  budgets: {budgets}")
     for line in quantization_summary(m):
         print(f"  {line}")
     return 0

@@ -142,7 +142,8 @@ def infer_model_name(sd: Mapping[str, torch.Tensor]) -> str:
         else:
             name = {960: "mobilenetv3_large_100", 1200: "mobilenetv3_large_125"}.get(cin)
     if name is None:
-        raise CheckpointError("cannot tell the model variant from the weights; pass model_name")
+        raise CheckpointError("cannot tell the model variant from the weights; pass model_name "
+                              "(--model-name on the command line)")
     return name
 
 
