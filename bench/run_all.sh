@@ -6,7 +6,7 @@
 # and bench/train_glance_cache.py, run with the commands docs/benchmarks.md, docs/quantization.md
 # and docs/training.md give. GPU rows: bench/gpu_session.sh.
 #
-#   bash bench/run_all.sh            # about two hours on a 2-core machine
+#   bash bench/run_all.sh            # one to two hours on a 2-core machine
 #   (ModelOpt rows of int8_compare.py: MODELOPT_PYTHON=<python with nvidia-modelopt[onnx]>)
 set -euo pipefail
 cd "$(dirname "$0")/.."
