@@ -60,7 +60,10 @@ def safe_join(root: Path, rel: str) -> Path:
     """
     if not isinstance(rel, str) or not rel or rel.startswith(("/", "\\")) or ":" in rel.split("/")[0] or "\0" in rel:
         raise BundleError(f"unsafe artifact path in manifest: {rel!r}")
-    p = (root / rel).resolve()
+    try:
+        p = (root / rel).resolve()
+    except (OSError, RuntimeError) as exc:  # a symbolic link loop (RuntimeError before Python 3.13)
+        raise BundleError(f"artifact path cannot be resolved (a symbolic link loop?): {rel!r}") from exc
     r = root.resolve()
     if p != r and r not in p.parents:
         raise BundleError(f"artifact path escapes the bundle directory: {rel!r}")

@@ -53,6 +53,7 @@ def test_round_trip_and_accessors(tmp_path):
         (lambda r: _edit(r, format="something-else"), "not a gfnet-edge manifest"),
         (lambda r: _edit_art(r, "../../etc/passwd"), "escapes the bundle"),
         (lambda r: _edit_art(r, "/etc/passwd"), "unsafe artifact path"),
+        (lambda r: ((r / "heads.npz").unlink(), (r / "heads.npz").symlink_to("heads.npz")), "symbolic link loop"),
     ],
 )
 def test_bad_bundles(tmp_path, mutate, match):
