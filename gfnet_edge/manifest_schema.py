@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Sequence
 
@@ -114,9 +115,12 @@ def _validate(value: Any, definition: str, prefix: str) -> None:
 
 
 def _finite(value: Any, field: str) -> None:
-    """Every number under ``value`` is finite (JSON has no ``NaN``; Python's parser accepts it)."""
+    """Every number under ``value`` is finite (JSON has no ``NaN``; Python's parser accepts it)
+    and within the range of a float (an integer of hundreds of digits is valid JSON)."""
     if isinstance(value, float) and not math.isfinite(value):
         _fail(field, f"must be finite, got {value}")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > sys.float_info.max:
+        _fail(field, "is too large (beyond the range of a float)")
     if isinstance(value, dict):
         for k, v in value.items():
             _finite(v, f"{field}.{k}")

@@ -127,6 +127,8 @@ CONSISTENCY = [
     (("model", "crop_pct"), float("nan"), "model.crop_pct", "must be finite"),
     (("budgets", "ms-3.0", "thresholds"), [0.5, 0.5], "budgets.ms-3.0.thresholds", "must have 3 values, got 2"),
     (("budgets", "ms-3.0", "thresholds"), [0.5, float("-inf"), 1], "budgets.ms-3.0.thresholds[1]", "must be finite"),
+    (("budgets", "ms-3.0", "thresholds"), [0.5, 10 ** 400, 1], "budgets.ms-3.0.thresholds[1]", "is too large"),
+    (("model", "mean"), [-10 ** 400, 0.4, 0.3], "model.mean[0]", "is too large"),
     (("heads",), "other.npz", "heads", "not listed in 'artifacts'"),
     (("graphs", "fp32", "focus"), "g.onnx", "graphs.fp32", "one file for both"),
     (("engines", 0, "glance"), "x.plan", "engines[0].glance", "not listed in 'artifacts'"),
