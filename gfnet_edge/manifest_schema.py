@@ -13,7 +13,8 @@ A problem is reported as one :class:`ManifestError` naming the field (``model.pa
 ``budgets.ms-3.0.thresholds[1]`` ...). The schema covers every field a command reads (the
 runtime, ``info``, ``demo``, ``doctor``: ``costs.macs.cumulative``, ``quantization``,
 ``source_checkpoint``, engine entries ...); fields only stored or printed as they are (``created``,
-a budget's ``source`` ...) may hold anything JSON holds.
+a budget's ``source`` ...) may hold anything JSON holds. No field may hold ``NaN``, an infinity
+or an integer beyond the range of a float.
 """
 from __future__ import annotations
 
@@ -205,4 +206,6 @@ def check_manifest(manifest: Any) -> Dict[str, Any]:
             _artifact(e[part], f"engines[{i}].{part}", arts)
     if m.get("checkpoint") is not None:
         _artifact(m["checkpoint"], "checkpoint", arts)
+    for key, value in m.items():  # every other field too (costs, quantization, created ...)
+        _finite(value, key)
     return m
