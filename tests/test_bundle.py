@@ -102,6 +102,19 @@ def test_staging_leaves_nothing_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_staging_failure_removes_the_parent_folders_it_made(tmp_path):
+    (tmp_path / "kept").mkdir()
+    out = tmp_path / "kept" / "new" / "deeper" / "bundle"
+    with pytest.raises(KeyboardInterrupt):
+        with staging_dir(out) as tmp:
+            (tmp / "partial.onnx").write_bytes(b"x")
+            raise KeyboardInterrupt
+    assert [p.name for p in tmp_path.rglob("*")] == ["kept"]
+    with staging_dir(out) as tmp:
+        (tmp / "done.onnx").write_bytes(b"x")
+    assert (out / "done.onnx").read_bytes() == b"x"
+
+
 def test_staging_refuses_existing_without_force(tmp_path):
     out = tmp_path / "bundle"
     _make(out)
