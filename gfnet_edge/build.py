@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .bundle import (Bundle, check_replace, finite_or_null, new_manifest, record_artifacts, staging_dir,
+from .bundle import (Bundle, check_replace, finite_or_null, new_manifest, record_artifacts, safe_join, staging_dir,
                      write_json_atomic)
 from .errors import InputError, UnavailableError
 from .log import logger
@@ -333,7 +333,7 @@ def _add_engines(bundle: Bundle, cfg: BuildConfig) -> None:
     try:  # both engines first, into temporary files: a failed build leaves the bundle as it was
         for g in ("glance", "focus"):
             rel = f"{sub}/{g}.{opts.precision}.engine"
-            dst = bundle.root / rel
+            dst = safe_join(bundle.root, rel)  # an engines folder linked out of the bundle: refused, nothing written
             dst.parent.mkdir(parents=True, exist_ok=True)
             built[rel] = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
             res = build_engine(graphs[g], built[rel], opts)
