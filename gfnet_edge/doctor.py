@@ -67,7 +67,10 @@ class DoctorReport:
         return self.checks[-1]
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, default=str)
+        """Strict JSON: an error that is not finite (an engine that outputs NaN) is ``null``."""
+        from .bundle import finite_or_null
+
+        return json.dumps(finite_or_null(asdict(self)), indent=2, default=str, allow_nan=False)
 
     def text(self) -> str:
         lines = [f"gfnet-edge doctor: {self.bundle}"]

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from gfnet_edge import cli
@@ -153,3 +154,18 @@ def test_dla_engines_show_their_layer_placement(portable_bundle, tmp_path, monke
         devices = [x["device"] for x in report["layers"][g]]
         assert devices.count("GPU") == 1 and devices.count("DLA") >= 1 and "?" not in devices
     assert "layers (" in text.out and "on DLA):" in text.out
+
+
+def test_report_file_is_strict_json_when_an_engine_outputs_nan():
+    """An engine whose outputs are NaN fails its check with an error that is not a number: the
+    report says so, and its JSON holds null there (strict JSON, readable by any tool)."""
+    from gfnet_edge.doctor import DoctorReport, _rel_error
+
+    report = DoctorReport("b", {"gpu": "Orin"})
+    want = {"feature": np.ones((1, 4), np.float32)}
+    err = _rel_error({"feature": np.full((1, 4), np.nan, np.float32)}, want)
+    report.add("glance batch 1 (run)", err <= 1e-3, error=err, tolerance=1e-3)
+    text = report.to_json()
+    data = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in the report"))
+    assert data["checks"][0]["error"] is None and data["checks"][0]["ok"] is False
+    assert not report.ok and "FAIL" in report.text()
