@@ -274,8 +274,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     out = _output_path(args)
     report = run_doctor(args)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(report.to_json())
-    tmp.replace(out)
+    try:
+        tmp.write_text(report.to_json())
+        tmp.replace(out)
+    except OSError as exc:  # a full disk: one line, and no partial file left
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"{out}: cannot write the report ({exc.strerror or exc})") from exc
     print(report.text())
     print(f"report written to {out} (attach it to a bug report)")
     return 0 if report.ok else 1

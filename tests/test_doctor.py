@@ -156,6 +156,29 @@ def test_dla_engines_show_their_layer_placement(portable_bundle, tmp_path, monke
     assert "layers (" in text.out and "on DLA):" in text.out
 
 
+def test_a_report_that_cannot_be_written_is_one_line_and_leaves_no_file(portable_bundle, tmp_path, monkeypatch,
+                                                                        capsys):
+    """A full disk when the report is written: one line naming the report (exit 2), and no
+    partial file in its folder."""
+    import pathlib
+
+    root = _bundle_with_engines(portable_bundle, tmp_path, monkeypatch)
+    capsys.readouterr()
+    real_write_text = pathlib.Path.write_text
+
+    def full(self, data, *a, **kw):
+        real_write_text(self, data[:100], *a, **kw)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full)
+    (tmp_path / "reports").mkdir()
+    out = tmp_path / "reports" / "r.json"
+    rc = cli.main(["doctor", str(root), "-o", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == f"gfnet-edge: error: {out}: cannot write the report (No space left on device)\n", err
+    assert list((tmp_path / "reports").iterdir()) == []
+
+
 def test_report_file_is_strict_json_when_an_engine_outputs_nan():
     """An engine whose outputs are NaN fails its check with an error that is not a number: the
     report says so, and its JSON holds null there (strict JSON, readable by any tool)."""
