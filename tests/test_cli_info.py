@@ -46,6 +46,19 @@ def test_info_checks_the_given_sizes_against_the_checkpoint(ckpt, capsys):
     assert err.count("\n") == 1 and "checkpoint patch size is 96, not 128" in err, err
 
 
+@pytest.mark.parametrize("key,value", [("anytime_classification", "high"), ("anytime_classification", [None]),
+                                       ("flops", 5), ("flops", torch.zeros(2, 2))])
+def test_info_names_metadata_that_is_not_a_list_of_numbers(ckpt, tmp_path, capsys, key, value):
+    bad = tmp_path / "bad.pth.tar"
+    ck = torch.load(ckpt, map_location="cpu", weights_only=True)
+    ck[key] = value
+    torch.save(ck, bad)
+    assert main(["info", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"gfnet-edge: error: {bad}: checkpoint {key} is not a list of "
+                                                    "numbers ("), err
+
+
 def test_info_bad_file_exits_2(tmp_path, capsys):
     bad = tmp_path / "bad.pth.tar"
     bad.write_bytes(b"garbage")
