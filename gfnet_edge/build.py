@@ -21,8 +21,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .bundle import (Bundle, check_replace, finite_or_null, new_manifest, record_artifacts, staging_dir,
-                     write_json_atomic)
+from .bundle import (Bundle, BundleError, check_replace, finite_or_null, new_manifest, record_artifacts, safe_join,
+                     staging_dir, write_json_atomic)
 from .errors import InputError, UnavailableError
 from .log import logger
 from .runtime.backends.tensorrt_build import BuildOptions
@@ -163,7 +163,7 @@ def build_bundle(checkpoint: Path, out: Path, cfg: BuildConfig, progress: bool =
     if cfg.precision == "int8":
         calib = _calibration_images(model, cfg, progress)  # fail early, before anything is written
     _preload_native_modules()
-    with staging_dir(Path(out), force=cfg.force, protect=inputs) as tmp:
+    with _writes_to(out), staging_dir(Path(out), force=cfg.force, protect=inputs) as tmp:
         logger.info("exporting ONNX graphs of %s", model.spec.model_name)
         paths = export_model(model, tmp / "graphs")
         shutil.move(str(paths["heads"]), tmp / "heads.npz")
@@ -185,6 +185,18 @@ def build_bundle(checkpoint: Path, out: Path, cfg: BuildConfig, progress: bool =
         if backend == "tensorrt":
             _add_engines(Bundle(tmp, manifest), cfg)
     return Bundle.load(out)
+
+
+@contextlib.contextmanager
+def _writes_to(out: Path):
+    """A write that fails without naming its file (a full disk: ``OSError: No space left on
+    device``) becomes a one-line error naming the bundle, not an internal error."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.strerror is None:
+            raise
+        raise BundleError(f"{out}: cannot write the bundle ({exc.strerror})") from exc
 
 
 def _check_int8_options(cfg: BuildConfig) -> None:
@@ -333,7 +345,7 @@ def _add_engines(bundle: Bundle, cfg: BuildConfig) -> None:
     try:  # both engines first, into temporary files: a failed build leaves the bundle as it was
         for g in ("glance", "focus"):
             rel = f"{sub}/{g}.{opts.precision}.engine"
-            dst = bundle.root / rel
+            dst = safe_join(bundle.root, rel)  # an engines folder linked out of the bundle: refused, nothing written
             dst.parent.mkdir(parents=True, exist_ok=True)
             built[rel] = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
             res = build_engine(graphs[g], built[rel], opts)

@@ -60,7 +60,10 @@ def safe_join(root: Path, rel: str) -> Path:
     """
     if not isinstance(rel, str) or not rel or rel.startswith(("/", "\\")) or ":" in rel.split("/")[0] or "\0" in rel:
         raise BundleError(f"unsafe artifact path in manifest: {rel!r}")
-    p = (root / rel).resolve()
+    try:
+        p = (root / rel).resolve()
+    except (OSError, RuntimeError) as exc:  # a symbolic link loop (RuntimeError before Python 3.13)
+        raise BundleError(f"artifact path cannot be resolved (a symbolic link loop?): {rel!r}") from exc
     r = root.resolve()
     if p != r and r not in p.parents:
         raise BundleError(f"artifact path escapes the bundle directory: {rel!r}")
@@ -437,28 +440,39 @@ def staging_dir(final: Path, force: bool = False, marker: str = MANIFEST, fmt: s
     of ``protect`` (the command's inputs) and no entry but ``owned`` (:func:`check_replace`).
     Staging folders left by killed builds to the same target are removed first
     (:func:`clean_stale`). An exception (KeyboardInterrupt, or the
-    CLI's SIGTERM handler included) removes the staging folder and leaves ``final`` as it was.
+    CLI's SIGTERM handler included) removes the staging folder and the parent folders made for
+    ``final``, and leaves ``final`` as it was.
 
     Raises:
         BundleError: ``final`` exists and may not be replaced.
     """
     final = Path(final)
     check_replace(final, force, marker, fmt, what, protect, owned)
+    made = [p for p in final.parents if not (p.exists() or p.is_symlink())]  # the folders made here, deepest first
+    done = False
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BundleError(f"{final}: cannot create the parent directory ({exc.strerror or exc})") from exc
-    tmp = staging_folder(final)
-    try:
-        yield tmp
-        public_modes(tmp)
-        old = None
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BundleError(f"{final}: cannot create the parent directory ({exc.strerror or exc})") from exc
+        tmp = staging_folder(final)
+        try:
+            yield tmp
+            public_modes(tmp)
+            old = None
+            if final.exists():
+                old = final.with_name(f".{final.name}.old-{os.getpid()}")
+                os.replace(final, old)
+            os.replace(tmp, final)
+            done = True
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for p in made if not done else ():  # a failed output leaves no empty parent folders behind
+            try:
+                p.rmdir()
+            except OSError:
+                break

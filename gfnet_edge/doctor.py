@@ -68,7 +68,10 @@ class DoctorReport:
         return self.checks[-1]
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, default=str)
+        """Strict JSON: an error that is not finite (an engine that outputs NaN) is ``null``."""
+        from .bundle import finite_or_null
+
+        return json.dumps(finite_or_null(asdict(self)), indent=2, default=str, allow_nan=False)
 
     def text(self) -> str:
         lines = [f"gfnet-edge doctor: {self.bundle}"]
@@ -285,8 +288,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     out = _output_path(args)
     report = run_doctor(args)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(report.to_json())
-    tmp.replace(out)
+    try:
+        tmp.write_text(report.to_json())
+        tmp.replace(out)
+    except OSError as exc:  # a full disk: one line, and no partial file left
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"{out}: cannot write the report ({exc.strerror or exc})") from exc
     print(report.text())
     print(f"report written to {out} (attach it to a bug report)")
     return 0 if report.ok else 1

@@ -13,13 +13,15 @@ A problem is reported as one :class:`ManifestError` naming the field (``model.pa
 ``budgets.ms-3.0.thresholds[1]`` ...). The schema covers every field a command reads (the
 runtime, ``info``, ``demo``, ``doctor``: ``costs.macs.cumulative``, ``quantization``,
 ``source_checkpoint``, engine entries ...); fields only stored or printed as they are (``created``,
-a budget's ``source`` ...) may hold anything JSON holds.
+a budget's ``source`` ...) may hold anything JSON holds. No field may hold ``NaN``, an infinity
+or an integer beyond the range of a float.
 """
 from __future__ import annotations
 
 import functools
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Sequence
 
@@ -114,9 +116,12 @@ def _validate(value: Any, definition: str, prefix: str) -> None:
 
 
 def _finite(value: Any, field: str) -> None:
-    """Every number under ``value`` is finite (JSON has no ``NaN``; Python's parser accepts it)."""
+    """Every number under ``value`` is finite (JSON has no ``NaN``; Python's parser accepts it)
+    and within the range of a float (an integer of hundreds of digits is valid JSON)."""
     if isinstance(value, float) and not math.isfinite(value):
         _fail(field, f"must be finite, got {value}")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > sys.float_info.max:
+        _fail(field, "is too large (beyond the range of a float)")
     if isinstance(value, dict):
         for k, v in value.items():
             _finite(v, f"{field}.{k}")
@@ -201,4 +206,6 @@ def check_manifest(manifest: Any) -> Dict[str, Any]:
             _artifact(e[part], f"engines[{i}].{part}", arts)
     if m.get("checkpoint") is not None:
         _artifact(m["checkpoint"], "checkpoint", arts)
+    for key, value in m.items():  # every other field too (costs, quantization, created ...)
+        _finite(value, key)
     return m

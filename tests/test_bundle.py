@@ -53,6 +53,7 @@ def test_round_trip_and_accessors(tmp_path):
         (lambda r: _edit(r, format="something-else"), "not a gfnet-edge manifest"),
         (lambda r: _edit_art(r, "../../etc/passwd"), "escapes the bundle"),
         (lambda r: _edit_art(r, "/etc/passwd"), "unsafe artifact path"),
+        (lambda r: ((r / "heads.npz").unlink(), (r / "heads.npz").symlink_to("heads.npz")), "symbolic link loop"),
     ],
 )
 def test_bad_bundles(tmp_path, mutate, match):
@@ -99,6 +100,19 @@ def test_staging_leaves_nothing_on_failure(tmp_path):
             raise RuntimeError("boom")
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_staging_failure_removes_the_parent_folders_it_made(tmp_path):
+    (tmp_path / "kept").mkdir()
+    out = tmp_path / "kept" / "new" / "deeper" / "bundle"
+    with pytest.raises(KeyboardInterrupt):
+        with staging_dir(out) as tmp:
+            (tmp / "partial.onnx").write_bytes(b"x")
+            raise KeyboardInterrupt
+    assert [p.name for p in tmp_path.rglob("*")] == ["kept"]
+    with staging_dir(out) as tmp:
+        (tmp / "done.onnx").write_bytes(b"x")
+    assert (out / "done.onnx").read_bytes() == b"x"
 
 
 def test_staging_refuses_existing_without_force(tmp_path):

@@ -412,3 +412,35 @@ def test_build_engine_summary_says_what_a_bundle_without_budgets_does(tmp_path, 
     from gfnet_edge.bundle import Bundle
 
     assert Bundle.load(tmp_path / "b").manifest["budgets"] == {}
+
+
+def test_a_full_disk_while_building_is_one_line_naming_the_bundle(tmp_path, monkeypatch, capsys):
+    """A write of the build that fails without naming its file (``No space left on device`` from
+    the graph's write) is reported in one line naming the bundle, exit 2; nothing is left."""
+    import os
+
+    from gfnet_edge import export
+
+    real_fdopen = os.fdopen
+
+    class _Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[:1000])
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export.os, "fdopen", lambda fd, mode: _Full(real_fdopen(fd, mode)))
+    out = tmp_path / "new" / "bundle"
+    code, stdout, err = run(["build-engine", DEMO, "-o", out, "--precision", "fp32", "--backend", "onnxruntime",
+                             "-q"], capsys)
+    assert code == 2 and stdout == "", err
+    assert err == f"gfnet-edge: error: {out}: cannot write the bundle (No space left on device)\n", err
+    assert list(tmp_path.iterdir()) == []

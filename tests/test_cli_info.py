@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
+from gfnet_edge.bundle import Bundle
 from gfnet_edge.cli import main
 from gfnet_edge.models import GFNet, save_checkpoint
 from gfnet_edge.variants import released_spec
@@ -44,12 +46,42 @@ def test_info_checks_the_given_sizes_against_the_checkpoint(ckpt, capsys):
     assert err.count("\n") == 1 and "checkpoint patch size is 96, not 128" in err, err
 
 
+@pytest.mark.parametrize("key,value", [("anytime_classification", "high"), ("anytime_classification", [None]),
+                                       ("flops", 5), ("flops", torch.zeros(2, 2))])
+def test_info_names_metadata_that_is_not_a_list_of_numbers(ckpt, tmp_path, capsys, key, value):
+    bad = tmp_path / "bad.pth.tar"
+    ck = torch.load(ckpt, map_location="cpu", weights_only=True)
+    ck[key] = value
+    torch.save(ck, bad)
+    assert main(["info", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"gfnet-edge: error: {bad}: checkpoint {key} is not a list of "
+                                                    "numbers ("), err
+
+
 def test_info_bad_file_exits_2(tmp_path, capsys):
     bad = tmp_path / "bad.pth.tar"
     bad.write_bytes(b"garbage")
     assert main(["info", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "gfnet-edge: error:" in err and "bad.pth.tar" in err
+
+
+def test_bundle_table_prints_control_characters_as_escapes(demo_onnx_bundle, tmp_path, capsys):
+    """A bundle's names may hold any character: the table shows a newline or a terminal escape
+    sequence as a Python escape, one line per row, and never writes the control character."""
+    assert main(["info", str(demo_onnx_bundle.root)]) == 0
+    plain = capsys.readouterr().out.splitlines()
+    root = tmp_path / "b"
+    shutil.copytree(demo_onnx_bundle.root, root)
+    Bundle.load(root).update_manifest(lambda m: (
+        m["budgets"].update({"two\nlines": m["budgets"]["macs-mid"]}),
+        m["model"].update(class_names=[f"\x1b[2Jc{i}" for i in range(10)])))
+    assert main(["info", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "class names      \\x1b[2Jc0, \\x1b[2Jc1" in out
+    assert "two\\nlines: 0.845, 0.986, always" in out
+    assert len(out.splitlines()) == len(plain) + 2  # the class names' row and the budget's
 
 
 def test_help_lists_commands(capsys):

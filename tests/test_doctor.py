@@ -6,6 +6,7 @@ import importlib.util
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from gfnet_edge import cli
@@ -156,3 +157,41 @@ def test_dla_engines_show_their_layer_placement(portable_bundle, tmp_path, monke
         assert [x["name"] for x in report["layers"][g] if x["device"] == "copy"] == \
             [f"{t} {how}" for t in ("image", "logits") for how in ("to nvm", "from nvm", "copy finish")]
     assert "layers (" in text.out and "on DLA):" in text.out
+
+
+def test_a_report_that_cannot_be_written_is_one_line_and_leaves_no_file(portable_bundle, tmp_path, monkeypatch,
+                                                                        capsys):
+    """A full disk when the report is written: one line naming the report (exit 2), and no
+    partial file in its folder."""
+    import pathlib
+
+    root = _bundle_with_engines(portable_bundle, tmp_path, monkeypatch)
+    capsys.readouterr()
+    real_write_text = pathlib.Path.write_text
+
+    def full(self, data, *a, **kw):
+        real_write_text(self, data[:100], *a, **kw)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full)
+    (tmp_path / "reports").mkdir()
+    out = tmp_path / "reports" / "r.json"
+    rc = cli.main(["doctor", str(root), "-o", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == f"gfnet-edge: error: {out}: cannot write the report (No space left on device)\n", err
+    assert list((tmp_path / "reports").iterdir()) == []
+
+
+def test_report_file_is_strict_json_when_an_engine_outputs_nan():
+    """An engine whose outputs are NaN fails its check with an error that is not a number: the
+    report says so, and its JSON holds null there (strict JSON, readable by any tool)."""
+    from gfnet_edge.doctor import DoctorReport, _rel_error
+
+    report = DoctorReport("b", {"gpu": "Orin"})
+    want = {"feature": np.ones((1, 4), np.float32)}
+    err = _rel_error({"feature": np.full((1, 4), np.nan, np.float32)}, want)
+    report.add("glance batch 1 (run)", err <= 1e-3, error=err, tolerance=1e-3)
+    text = report.to_json()
+    data = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in the report"))
+    assert data["checks"][0]["error"] is None and data["checks"][0]["ok"] is False
+    assert not report.ok and "FAIL" in report.text()

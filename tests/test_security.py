@@ -138,3 +138,30 @@ def test_zip_slip_in_checkpoint_archive_is_harmless(tmp_path):
     rc = main(["info", str(path)])
     assert rc == 2
     assert not (tmp_path.parent / "escaped.txt").exists() and not (tmp_path / "escaped.txt").exists()
+
+
+def test_engine_build_writes_nothing_through_an_engines_link_out_of_the_bundle(demo_onnx_bundle, tmp_path,
+                                                                              monkeypatch, capsys):
+    """A bundle whose ``engines`` folder is a symbolic link to a folder elsewhere: adding engines
+    to it is refused in one line before anything is written there (stand-in TensorRT)."""
+    import shutil
+
+    from sim_device import SimMemory, sim_ops
+    from trt_standin import make_trt
+
+    from gfnet_edge.runtime.backends import tensorrt_util as trt_util
+
+    mem = SimMemory()
+    sim_ops(monkeypatch, mem, asynchronous=True)
+    trt, _ = make_trt("10.3.0", mem=mem)
+    monkeypatch.setattr(trt_util, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(trt_util, "gpu_info", lambda: {"gpu_name": "Orin", "compute_capability": "8.7",
+                                                       "multiprocessors": 16, "device_model": "Orin"})
+    root, outside = tmp_path / "bundle", tmp_path / "outside"
+    shutil.copytree(demo_onnx_bundle.root, root)
+    outside.mkdir()
+    (root / "engines").symlink_to(outside)
+    rc = main(["build-engine", str(root), "--backend", "tensorrt", "--precision", "fp32"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "escapes the bundle directory" in err, err
+    assert list(outside.iterdir()) == []

@@ -382,6 +382,25 @@ def test_a_failed_engine_build_leaves_no_empty_engine_folder(fp32_bundle, tmp_pa
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
 
 
+def test_engine_build_reports_its_engines_beside_an_entry_that_records_no_gpu(fp32_bundle, tmp_path, monkeypatch,
+                                                                             capsys):
+    """An engine entry needs only its precision and files (the manifest schema): a phase-2 build
+    on a bundle holding such an entry adds its engines, prints its summary and exits 0."""
+    from gfnet_edge import cli
+    from gfnet_edge.bundle import Bundle
+
+    root = tmp_path / "bundle"
+    shutil.copytree(fp32_bundle.root, root)
+    Bundle.load(root, verify=False).update_manifest(lambda m: m.update(engines=[
+        {"precision": "fp16", **m["graphs"]["fp32"]}]))
+    _standin(monkeypatch)
+    rc = cli.main(["build-engine", str(root), "--backend", "tensorrt", "--precision", "fp32"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and err == "", err
+    assert "  engines: fp16@?, fp32@Orin" in out.splitlines()
+    assert [e["precision"] for e in Bundle.load(root).manifest["engines"]] == ["fp16", "fp32"]
+
+
 def test_a_new_build_replaces_only_its_own_slot():
     assert trt_engines.same_engine_slot(ENTRY, dict(ENTRY, glance="other.engine"))
     assert trt_engines.same_engine_slot(DLA0, dict(DLA0, build_options={"dla_core": 0, "gpu_fallback": False}))

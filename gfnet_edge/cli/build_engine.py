@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"bundle: {bundle.root}")
     print(f"  model: {model.model_name} S={model.image_size} P={model.patch_size} T={model.steps}")
     print(f"  graphs: {', '.join(m['graphs'])}")
-    print(f"  engines: {', '.join(e['precision'] + '@' + e['gpu_name'] for e in m['engines']) or 'none (ONNX Runtime runs the graphs)'}")
+    print(f"  engines: {', '.join(e['precision'] + '@' + (e.get('gpu_name') or '?') for e in m['engines']) or 'none (ONNX Runtime runs the graphs)'}")
     budgets = f"{', '.join(m['budgets'])} (default: {m.get('default_budget') or 'none'})" if m["budgets"] else \
         "none (`gfnet-edge calibrate` fits them; until then every image runs every step)"
     print(f"  budgets: {budgets}")

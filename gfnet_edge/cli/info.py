@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import List, Optional
 
 from ..argtypes import int_range
 from ..bundle import json_text
@@ -36,6 +37,18 @@ def _describe_bundle(args: argparse.Namespace) -> int:
     return 0
 
 
+def _numbers(meta: dict, key: str, path: str) -> Optional[List[float]]:
+    """The checkpoint's ``key`` metadata as floats (None: absent or empty).
+
+    Raises:
+        InputError: it is not a list of numbers.
+    """
+    try:
+        return [float(x) for x in meta.get(key, [])] or None
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{path}: checkpoint {key} is not a list of numbers ({exc})") from exc
+
+
 def run(args: argparse.Namespace) -> int:
     """Describes a checkpoint (needs torch) or a bundle (does not)."""
     if Path(args.checkpoint).is_dir():
@@ -62,8 +75,8 @@ def run(args: argparse.Namespace) -> int:
         "classifier": spec.classifier,
         "policy_encoder": "conv" if spec.policy_conv else "linear",
         "macs": costs.as_dict(),
-        "checkpoint_flops": [float(x) for x in meta.get("flops", [])] or None,
-        "anytime_classification": [float(x) for x in meta.get("anytime_classification", [])] or None,
+        "checkpoint_flops": _numbers(meta, "flops", args.checkpoint),
+        "anytime_classification": _numbers(meta, "anytime_classification", args.checkpoint),
         "missing_metadata": meta["missing_metadata"],
     }
     if args.json:
