@@ -36,6 +36,8 @@ from .model_desc import ModelDesc
 FORMAT = "gfnet-edge-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+#: Largest manifest read (a real one is a few KiB to a few hundred KiB with calibration results).
+MAX_MANIFEST_BYTES = 64 << 20
 
 
 class BundleError(InputError):
@@ -175,6 +177,10 @@ class Bundle:
         mpath = root / MANIFEST
         if not mpath.is_file():
             raise BundleError(f"{root}: no {MANIFEST}; not a gfnet-edge bundle (or a half-written one)")
+        size = mpath.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise BundleError(f"{mpath}: {size / 2 ** 20:.0f} MiB; a manifest is at most "
+                              f"{MAX_MANIFEST_BYTES >> 20} MiB (not a gfnet-edge manifest)")
         try:
             manifest = json.loads(mpath.read_text(encoding="utf-8"))
         except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, integers too long, nesting too deep
@@ -305,7 +311,7 @@ def json_object(path: Path) -> Optional[Dict[str, Any]]:
     """The JSON object of a small file (at most 64 MiB), or None (missing, not a regular file,
     unreadable, not JSON, not an object)."""
     try:
-        if not path.is_file() or path.stat().st_size > (64 << 20):
+        if not path.is_file() or path.stat().st_size > MAX_MANIFEST_BYTES:
             return None
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -54,6 +55,7 @@ def test_round_trip_and_accessors(tmp_path):
         (lambda r: _edit_art(r, "../../etc/passwd"), "escapes the bundle"),
         (lambda r: _edit_art(r, "/etc/passwd"), "unsafe artifact path"),
         (lambda r: ((r / "heads.npz").unlink(), (r / "heads.npz").symlink_to("heads.npz")), "symbolic link loop"),
+        (lambda r: os.truncate(r / "manifest.json", 65 << 20), "a manifest is at most 64 MiB"),  # not read whole
     ],
 )
 def test_bad_bundles(tmp_path, mutate, match):
