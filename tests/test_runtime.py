@@ -426,6 +426,25 @@ def test_truncated_heads_file_is_a_bundle_error(tmp_path):
         heads_mod.np.load = real
 
 
+def test_heads_that_decompress_beyond_the_limit_are_refused_unread(tmp_path, monkeypatch):
+    """A compressed heads.npz is judged by its archive directory: one that would decompress
+    beyond MAX_HEAD_BYTES is refused before any array is decompressed."""
+    import gfnet_edge.runtime.heads as heads_mod
+
+    np.savez_compressed(tmp_path / "heads.npz", w=np.zeros((1024, 1024), np.float32))  # 4 MiB in a few KiB
+    assert (tmp_path / "heads.npz").stat().st_size < 64 << 10
+    monkeypatch.setattr(heads_mod, "MAX_HEAD_BYTES", 1 << 20)
+
+    def no_load(*a, **k):
+        raise AssertionError("decompressed")
+
+    monkeypatch.setattr(heads_mod.np, "load", no_load)
+    with pytest.raises(InputError, match=r"heads.npz: head weights of 4 MiB once decompressed, more than 1 MiB"):
+        heads_mod.load_head_arrays(tmp_path / "heads.npz")
+    monkeypatch.undo()
+    assert heads_mod.load_head_arrays(tmp_path / "heads.npz")["w"].shape == (1024, 1024)
+
+
 def _cpu_burnt_while_idle(run) -> float:
     """CPU seconds the process uses in the 0.2 s of sleep after ``run()`` (three times)."""
     time.sleep(0.3)  # let threads still spinning from earlier work (torch's, say) go to sleep first

@@ -14,11 +14,24 @@ from ..model_desc import ModelDesc, as_desc
 HEAD_DTYPES = ("float32", "float16")
 
 
+#: Largest ``heads.npz`` content read, once decompressed (ResNet-50's heads are about 50 MiB).
+MAX_HEAD_BYTES = 1 << 30
+
+
 def load_head_arrays(path: Path) -> Dict[str, np.ndarray]:
-    """Reads ``heads.npz`` without allowing pickled objects."""
+    """Reads ``heads.npz`` without allowing pickled objects, nor more than
+    :data:`MAX_HEAD_BYTES` of arrays once decompressed (judged from the archive's directory
+    before anything is decompressed)."""
     try:
+        with zipfile.ZipFile(path) as zf:
+            size = sum(info.file_size for info in zf.infolist())
+        if size > MAX_HEAD_BYTES:
+            raise InputError(f"{path}: head weights of {size / 2 ** 20:.0f} MiB once decompressed, more than "
+                             f"{MAX_HEAD_BYTES >> 20} MiB (not a gfnet-edge heads.npz)")
         with np.load(path, allow_pickle=False) as z:
             return {k: np.ascontiguousarray(z[k], dtype=np.float32) for k in z.files}
+    except InputError:
+        raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise InputError(f"{path}: cannot read head weights ({exc})") from exc
     except Exception as exc:  # a corrupt archive raises many more types (numpy's header parser, zipfile)
