@@ -115,17 +115,20 @@ def _one_line(text: str) -> str:
 def info_rows(info: Dict[str, Any], fmt_macs: Callable[[float], str]) -> List[Tuple[str, str]]:
     """``(label, text)`` rows of the table ``gfnet-edge info BUNDLE`` prints (control characters
     of the manifest's names as escapes, :func:`_one_line`)."""
+    def known(value: Any) -> str:  # a field an engine entry does not record
+        return "?" if value is None or value == "" else str(value)
+
     engines = []
     for r in info["engines"]:
-        batch = f"batch {r['static_batch']} (static)" if r["static_batch"] else f"batches 1..{r['max_batch']}"
-        engines.append(f"{r['precision']} on {r['target']}, {r['device']} (sm {r['compute_capability']}), "
-                       f"TensorRT {r['tensorrt']}, {batch}{_layers_text(r)}")
+        batch = f"batch {r['static_batch']} (static)" if r["static_batch"] else f"batches 1..{known(r['max_batch'])}"
+        engines.append(f"{known(r['precision'])} on {r['target']}, {known(r['device'])} "
+                       f"(sm {known(r['compute_capability'])}), TensorRT {known(r['tensorrt'])}, {batch}{_layers_text(r)}")
     budgets = [f"{name}{' (default)' if name == info['default_budget'] else ''}: "
                + ", ".join(_threshold_text(t) for t in thr)
                for name, thr in info["budgets"].items()]
     rows = [
         ("bundle", f"{info['bundle']} ({info['created_by']}, {info['created']})"),
-        ("model", f"{info['model_name']} ({info['family']}, {info['backbone']})"),
+        ("model", f"{info['model_name'] or '(unnamed)'} ({info['family']}, {info['backbone']})"),
         ("sizes", f"S={info['image_size']} P={info['patch_size']} T={info['steps']} classes={info['classes']}"),
     ]
     if info.get("class_names"):

@@ -113,3 +113,19 @@ def test_option_errors_name_the_program_once(argv, line, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(line) and err.count("\n") == 1, err
+
+
+def test_bundle_table_marks_fields_an_entry_does_not_record(demo_onnx_bundle, tmp_path, capsys):
+    """An engine entry holding only what the format requires, and a model without a name, print
+    as ``?`` / ``(unnamed)`` instead of ``None`` or nothing."""
+    root = tmp_path / "b"
+    shutil.copytree(demo_onnx_bundle.root, root)
+    graphs = demo_onnx_bundle.manifest["graphs"]["fp32"]
+    Bundle.load(root).update_manifest(lambda m: (
+        m["engines"].append({"precision": "fp16", "glance": graphs["glance"], "focus": graphs["focus"]}),
+        m["model"].update(model_name=None)))
+    assert main(["info", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "None" not in out, out
+    assert "fp16 on GPU, ? (sm ?), TensorRT ?, batches 1..?" in out
+    assert next(x for x in out.splitlines() if x.startswith("model ")).split()[1] == "(unnamed)"
