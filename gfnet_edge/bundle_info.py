@@ -106,7 +106,7 @@ def _threshold_text(t: float) -> str:
     return "never" if t > 1.0 else "always" if t <= 0.0 else f"{t:.3f}"
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
     """``text`` with its control characters (a newline, a terminal escape) as Python escapes: a
     bundle's names may hold any character, and a row of the table stays one line of plain text."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
@@ -114,7 +114,7 @@ def _one_line(text: str) -> str:
 
 def info_rows(info: Dict[str, Any], fmt_macs: Callable[[float], str]) -> List[Tuple[str, str]]:
     """``(label, text)`` rows of the table ``gfnet-edge info BUNDLE`` prints (control characters
-    of the manifest's names as escapes, :func:`_one_line`)."""
+    of the manifest's names as escapes, :func:`one_line`)."""
     def known(value: Any) -> str:  # a field an engine entry does not record
         return "?" if value is None or value == "" else str(value)
 
@@ -142,4 +142,4 @@ def info_rows(info: Dict[str, Any], fmt_macs: Callable[[float], str]) -> List[Tu
     if info["macs"] and info["macs"].get("cumulative"):
         rows.append(("cumulative MACs", ", ".join(fmt_macs(c) for c in info["macs"]["cumulative"])))
     rows += [("quantization" if i == 0 else "", q) for i, q in enumerate(info["quantization"])]
-    return [(label, _one_line(text)) for label, text in rows]
+    return [(label, one_line(text)) for label, text in rows]

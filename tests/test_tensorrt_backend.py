@@ -385,19 +385,22 @@ def test_a_failed_engine_build_leaves_no_empty_engine_folder(fp32_bundle, tmp_pa
 def test_engine_build_reports_its_engines_beside_an_entry_that_records_no_gpu(fp32_bundle, tmp_path, monkeypatch,
                                                                              capsys):
     """An engine entry needs only its precision and files (the manifest schema): a phase-2 build
-    on a bundle holding such an entry adds its engines, prints its summary and exits 0."""
+    on a bundle holding such an entry adds its engines, prints its summary and exits 0. Names
+    the earlier manifest holds print with their control characters escaped (one line each)."""
     from gfnet_edge import cli
     from gfnet_edge.bundle import Bundle
 
     root = tmp_path / "bundle"
     shutil.copytree(fp32_bundle.root, root)
     Bundle.load(root, verify=False).update_manifest(lambda m: m.update(engines=[
-        {"precision": "fp16", **m["graphs"]["fp32"]}]))
+        {"precision": "fp16", **m["graphs"]["fp32"]}], budgets={"\x1b[2Jfast\nslow": {"thresholds": [0.5] * (
+            m["model"]["steps"] - 1) + [-1e8]}}, default_budget=None))
     _standin(monkeypatch)
     rc = cli.main(["build-engine", str(root), "--backend", "tensorrt", "--precision", "fp32"])
     out, err = capsys.readouterr()
     assert rc == 0 and err == "", err
     assert "  engines: fp16@?, fp32@Orin" in out.splitlines()
+    assert "\x1b" not in out and "  budgets: \\x1b[2Jfast\\nslow (default: none)" in out.splitlines()
     assert [e["precision"] for e in Bundle.load(root).manifest["engines"]] == ["fp16", "fp32"]
 
 

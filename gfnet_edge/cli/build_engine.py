@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Tuple
 
 from ..argtypes import THREADS, float_range, int_range, zero_or_int_range
-from ..bundle_info import quantization_summary
+from ..bundle_info import one_line, quantization_summary
 from ..errors import InputError
 from ..quantize.calibration import MIN_CALIB_IMAGES
 from ..quantize.options import QuantizeOptions
@@ -135,15 +135,16 @@ def run(args: argparse.Namespace) -> int:
             raise InputError("building from a checkpoint needs -o BUNDLE")
         bundle = build_bundle(src, Path(args.output), cfg, progress=not args.quiet)
     m, model = bundle.manifest, bundle.model
-    print(f"bundle: {bundle.root}")
-    print(f"  model: {model.model_name} S={model.image_size} P={model.patch_size} T={model.steps}")
-    print(f"  graphs: {', '.join(m['graphs'])}")
-    print(f"  engines: {', '.join(e['precision'] + '@' + (e.get('gpu_name') or '?') for e in m['engines']) or 'none (ONNX Runtime runs the graphs)'}")
+    engines = ", ".join(f"{e['precision']}@{e.get('gpu_name') or '?'}" for e in m["engines"])
     budgets = f"{', '.join(m['budgets'])} (default: {m.get('default_budget') or 'none'})" if m["budgets"] else \
         "none (`gfnet-edge calibrate` fits them; until then every image runs every step)"
-    print(f"  budgets: {budgets}")
-    for line in quantization_summary(m):
-        print(f"  {line}")
+    lines = [f"bundle: {bundle.root}",
+             f"  model: {model.model_name} S={model.image_size} P={model.patch_size} T={model.steps}",
+             f"  graphs: {', '.join(m['graphs'])}",
+             f"  engines: {engines or 'none (ONNX Runtime runs the graphs)'}",
+             f"  budgets: {budgets}"] + [f"  {line}" for line in quantization_summary(m)]
+    for line in lines:  # names from an earlier manifest may hold any character: one row, no escape sequences
+        print(one_line(line))
     return 0
 
 
