@@ -110,6 +110,34 @@ def test_predict_on_a_model_that_crops_equals_the_runtime_on_the_original_images
     np.testing.assert_allclose([r["confidence"] for r in rows], want.confidence, atol=1e-4)
 
 
+@pytest.mark.parametrize("as_json", [False, True])
+def test_predict_prints_each_batch_before_reading_the_next(bundle, image_dir, monkeypatch, capsys, as_json):
+    """Results go out batch by batch: with --batch-size 1 the first image's row is on stdout
+    before the last image file is opened, and the output equals one printed at the end (the
+    JSON a list of every row)."""
+    from gfnet_edge.data import images
+
+    (image_dir / "2.png").write_bytes((image_dir / "0.png").read_bytes())
+    flags = ["--json"] if as_json else []
+    code, whole, err = run(["predict", bundle, image_dir, *flags], capsys)
+    assert code == 0, err
+    events, real_read = [], images._read_image_placed
+
+    def read(file, *a, **k):
+        events.append((Path(file).name, sys.stdout.getvalue()))  # capsys's stdout: what was printed so far
+        return real_read(file, *a, **k)
+
+    monkeypatch.setattr(images, "_read_image_placed", read)
+    code, streamed, err = run(["predict", bundle, image_dir, "--batch-size", "1", *flags], capsys)
+    assert code == 0, err
+    assert streamed == whole
+    if as_json:
+        assert [Path(r["image"]).name for r in json.loads(streamed)] == ["0.png", "1.png", "2.png"]
+    assert [e[0] for e in events] == ["0.png", "1.png", "2.png"]
+    printed_before_the_last_read = events[-1][1]
+    assert "0.png" in printed_before_the_last_read and "2.png" not in printed_before_the_last_read
+
+
 @pytest.mark.parametrize("on_error", ["stop", "skip"])
 def test_predict_prints_every_image_read_before_an_unreadable_one(bundle, image_dir, tmp_path, capsys, on_error):
     """An unreadable image in the middle of a batch: with --on-error stop the images read before it

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import sys
+import textwrap
 
 from ..argtypes import float_range, int_range
 from ..bundle import json_text
@@ -14,8 +16,36 @@ class _Stop(Exception):
     """``--on-error stop``: the first unreadable input ends the run."""
 
 
+class _Rows:
+    """Prints each image's result as soon as its batch is classified: a line of text, or an
+    element of one JSON array (closed at the end, also when a later batch fails), so the first
+    results show at once and memory does not grow with the number of images."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.count = 0
+
+    def add(self, row: dict) -> None:
+        if self.as_json:
+            sys.stdout.write(("[\n" if self.count == 0 else ",\n") + textwrap.indent(json_text(row, indent=2), "  "))
+        else:
+            stopped = " (deadline)" if row.get("deadline_stopped") else ""
+            label = f" {row['label']!r}" if "label" in row else ""
+            sys.stdout.write(f"{row['image']}: class {row['class']}{label} ({row['confidence']:.3f}) exit at step "
+                             f"{row['exit_step']}{stopped}\n")
+        self.count += 1
+
+    def close(self, complete: bool) -> None:
+        """Ends the output; a JSON run that failed before any result prints nothing (no ``[]``)."""
+        if self.as_json and self.count:
+            sys.stdout.write("\n]\n")
+        elif self.as_json and complete:
+            sys.stdout.write("[]\n")
+        sys.stdout.flush()
+
+
 def run(args: argparse.Namespace) -> int:
-    """Classifies the images and prints one line (or JSON row) per image."""
+    """Classifies the images and prints one line (or JSON row) per image, batch by batch."""
     from ..data.images import iter_image_batches
     from ..runtime import Runtime
 
@@ -28,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
         if args.on_error == "stop":
             raise _Stop()
 
-    rows, names, geometries = [], [], []
+    out = _Rows(args.json)
+    pending = collections.deque()  # (name, geometry) of the images read and not yet printed
     try:
         with Runtime(args.bundle, profile=args.profile, **runtime_kwargs(args)) as rt:
             m = rt.model
@@ -39,8 +70,7 @@ def run(args: argparse.Namespace) -> int:
                     for batch_names, frames, batch_geometries in iter_image_batches(
                             args.images, m.image_size, m.crop_pct, m.dataset_interpolation, args.batch_size,
                             on_error=failed, placed=True):
-                        names.extend(batch_names)
-                        geometries.extend(batch_geometries)
+                        pending.extend(zip(batch_names, batch_geometries))
                         yield frames
                 except _Stop:  # --on-error stop: the stream ends here; what was read is classified
                     return
@@ -48,30 +78,23 @@ def run(args: argparse.Namespace) -> int:
             try:
                 for preds in rt.predict_iter(images(), batch_size=args.batch_size, deadline_ms=args.deadline_ms,
                                              deadline_margin=args.deadline_margin, cropped=True):
-                    start = len(rows)
-                    rows.extend(_row(names[start + i], geometries[start + i], preds, i) for i in range(len(preds)))
+                    for i in range(len(preds)):
+                        out.add(_row(*pending.popleft(), preds, i))
+                    sys.stdout.flush()
             except ValueError as exc:
                 raise InputError(str(exc)) from exc
             profile = rt.profiler.summary()
-    finally:  # every result there is, also when a later batch failed
-        if args.json and (rows or sys.exc_info()[0] is None):  # no "[]" for a run that failed before any result
-            print(json_text(rows, indent=2))
-        else:
-            for r in rows:
-                stopped = " (deadline)" if r.get("deadline_stopped") else ""
-                label = f" {r['label']!r}" if "label" in r else ""
-                print(f"{r['image']}: class {r['class']}{label} ({r['confidence']:.3f}) exit at step "
-                      f"{r['exit_step']}{stopped}")
-        sys.stdout.flush()
+    finally:  # the output ends properly, also when a later batch failed
+        out.close(sys.exc_info()[0] is None)
     if args.profile:
-        print(_profile_table(profile, len(rows)), file=sys.stderr)
-    if len(failures) == 1 and not rows:
+        print(_profile_table(profile, out.count), file=sys.stderr)
+    if len(failures) == 1 and not out.count:
         raise InputError(failures[0])
     if failures:
         for message in failures:
             print(f"gfnet-edge: error: {message}", file=sys.stderr)
         stopped = " (stopped at the first: --on-error stop)" if args.on_error == "stop" else ""
-        raise InputError(f"{len(failures)} input(s) could not be read{stopped}; {len(rows)} image(s) classified")
+        raise InputError(f"{len(failures)} input(s) could not be read{stopped}; {out.count} image(s) classified")
     return 0
 
 
@@ -106,7 +129,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+", help="image files, folders or .npz")
     add_runtime_options(p)
     p.add_argument("--batch-size", type=int_range(1, 1 << 16), default=32,
-                   help="images per runtime call (default 32); images are read batch by batch")
+                   help="images per runtime call (default 32); images are read, classified and printed batch by batch")
     p.add_argument("--profile", action="store_true",
                    help="print the runtime's per-stage timing (mean, p50, p95, p99) to stderr at the end")
     p.add_argument("--deadline-ms", type=float_range(0.0, 1e9, lo_open=True), metavar="MS",
