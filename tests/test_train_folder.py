@@ -441,6 +441,23 @@ def test_bad_options_and_weights(tmp_path, capsys, folder, weights):
         assert not (tmp_path / "r").exists()
 
 
+def test_every_seed_the_option_takes_trains_and_others_are_refused(tmp_path, capsys, folder):
+    """--seed takes 0 .. 2**32 - 1, and a run trains with any of them (a date such as 20240101 too:
+    the per-image augmentation seeds derived from it stay within torch's 64 bits); a seed outside,
+    given by --seed or --set, is one line and writes nothing."""
+    for seed in (20240101, 2**32 - 1):
+        rc, err = _run_cli(["--data", folder, "-o", tmp_path / str(seed), "--stage", "1", "--seed", seed], capsys)
+        assert rc == 0, err
+        assert json.loads((tmp_path / str(seed) / "config.json").read_text())["seed"] == seed
+        assert torch.load(tmp_path / str(seed) / "stage1.pt", weights_only=True)["done"]
+    for opts, message in ((["--seed", "-1"], "argument --seed: must be in [0, 4294967295], got -1"),
+                          (["--seed", 2**32], "argument --seed: must be in [0, 4294967295], got 4294967296"),
+                          (["--set", "seed=-1"], "seed must be in [0, 4294967295], got -1")):
+        rc, err = _run_cli(["--data", folder, "-o", tmp_path / "r", *opts], capsys)
+        assert rc == 2 and len(err) == 1 and message in err[0], (opts, err)
+        assert not (tmp_path / "r").exists()
+
+
 def _tree(root: Path):
     return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
 

@@ -118,6 +118,12 @@ def check_layout(cfg) -> None:
         raise InputError(f"--patch-size {cfg.patch_size} must be between 1 and --image-size {cfg.image_size}")
 
 
+def check_settings(cfg) -> None:
+    """The run's settings that ``--set`` may give any value of its type, before anything is written."""
+    if not 0 <= cfg.seed < 1 << 32:
+        raise InputError(f"seed must be in [0, {(1 << 32) - 1}], got {cfg.seed}")
+
+
 def check_epochs(cfg) -> None:
     """The stages' epochs, before the data is scanned: none negative, and stage 1 (which trains
     the classifier every later stage and the exported model use) at least one."""
@@ -270,6 +276,7 @@ def train_folder(cfg, out: Path, stages=STAGE_ORDER, resume: bool = False, devic
     out = Path(out)
     cfg_path = out / "config.json"
     check_epochs(cfg)
+    check_settings(cfg)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder")
     lock = _RunLock(out)  # one training process (group) per run folder at a time

@@ -208,7 +208,8 @@ class FolderDataset(torch.utils.data.Dataset):
         path, label = self.samples[i]
         img = open_rgb(path)  # the levels inference sees (16-bit and float greys mapped to 0..255)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+            # modulo 2**64, the seeds torch takes (it wraps a negative one the same way)
+            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i) % 2**64)
             x = self.transform(img)
         return x, label, i
 
