@@ -433,6 +433,16 @@ def test_bad_options_and_weights(tmp_path, capsys, folder, weights):
             (["--set", 'stage1.lr="fast"'], "stage1.lr takes a number"),
             (["--set", "hflip=1"], "hflip takes true/false"),
             (["--set", "classifier=3"], "classifier takes a string"),
+            # numbers of the right type but out of range: refused before the run folder is written
+            (["--set", "stage1.lr=-1"], "stage1.lr must be in (0, inf), got -1"),
+            (["--set", "stage2.lr=NaN"], "stage2.lr must be in (0, inf), got nan"),
+            (["--set", "stage1.iters=-1"], "stage1.iters must be in [0, inf), got -1"),
+            (["--set", "weight_decay=-0.1"], "weight_decay must be in [0, inf), got -0.1"),
+            (["--set", "workers=-1"], "workers must be in [0, inf), got -1"),
+            (["--set", "action_std=0"], "action_std must be in (0, inf), got 0"),
+            (["--set", "gamma=1.5"], "gamma must be in [0, 1], got 1.5"),
+            (["--set", "dsn_ratio=NaN"], "dsn_ratio must be in [0, inf), got nan"),
+            (["--set", "eval_max=-1"], "eval_max must be in [0, inf), got -1"),
             (["--set", 'classifier="cascaded"', "--steps", "7"],  # a setting, not a backbone that does not fit
              "--backbone test_efficientnet: cascaded classifiers support at most 5 steps, got 7"))),
     ):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -118,10 +119,27 @@ def check_layout(cfg) -> None:
         raise InputError(f"--patch-size {cfg.patch_size} must be between 1 and --image-size {cfg.image_size}")
 
 
+#: Settings ``--set`` may give any number: (name, lowest, lowest allowed, highest); plans of every stage.
+_RANGES = (("seed", 0, True, (1 << 32) - 1), ("workers", 0, True, None), ("weight_decay", 0, True, None),
+           ("warmup_iters", 0, True, None), ("gamma", 0, True, 1), ("clip", 0, False, None),
+           ("action_std", 0, False, None), ("eval_max", 0, True, None), ("glance_cache_mb", 0, True, None),
+           ("dsn_ratio", 0, True, None))
+_PLAN_RANGES = (("lr", 0, False, None), ("iters", 0, True, None), ("batch", 0, True, None), ("minutes", 0, True, None))
+
+
 def check_settings(cfg) -> None:
-    """The run's settings that ``--set`` may give any value of its type, before anything is written."""
-    if not 0 <= cfg.seed < 1 << 32:
-        raise InputError(f"seed must be in [0, {(1 << 32) - 1}], got {cfg.seed}")
+    """The run's numeric settings (which ``--set`` may give any value of their type), before
+    anything is written: finite and in range, so a run does not stop at its first step (or train
+    on NaN) with a run folder that then holds a config of settings that cannot work."""
+    items = [(name, getattr(cfg, name), *r) for name, *r in _RANGES]
+    items += [(f"{stage}.{name}", getattr(getattr(cfg, stage), name), *r)
+              for stage in STAGE_ORDER for name, *r in _PLAN_RANGES]
+    for name, value, lo, lo_ok, hi in items:
+        if value is None:  # the backbone family's default
+            continue
+        if not math.isfinite(value) or value < lo or (value == lo and not lo_ok) or (hi is not None and value > hi):
+            interval = f"{'[' if lo_ok else '('}{lo}, {'inf)' if hi is None else f'{hi}]'}"
+            raise InputError(f"{name} must be in {interval}, got {value}")
 
 
 def check_epochs(cfg) -> None:
