@@ -472,6 +472,33 @@ def _tree(root: Path):
     return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
 
 
+def test_a_stage_checkpoint_that_does_not_read_or_fit_is_named_on_resume(tmp_path, capsys, folder):
+    """--resume with a RUN/stage1.pt that is truncated, not a stage checkpoint, one of a run of
+    another backbone, or one whose optimiser trained other parameters: one line naming the file
+    and what is wrong with it (exit 2), and the file is left as it is."""
+    runs = {}
+    for name, opts in (("run", ["--epochs", "2"]), ("resnet", ["--backbone", "test_resnet"]),
+                       ("frozen_glance", ["--set", "train_glance=false"])):
+        rc, err = _run_cli(["--data", folder, "-o", tmp_path / name, "--stage", "1", *opts], capsys)
+        assert rc == 0, err
+        runs[name] = (tmp_path / name / "stage1.pt").read_bytes()
+    unfinished = torch.load(tmp_path / "frozen_glance" / "stage1.pt", weights_only=True)
+    unfinished.update(done=False, epoch=1)  # resumed: its optimiser state is loaded
+    torch.save(unfinished, tmp_path / "unfinished.pt")
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, tmp_path / "foreign.pt")
+    run, path = tmp_path / "run", tmp_path / "run" / "stage1.pt"
+    for content, message in (
+        (runs["run"][:3000], "not a readable torch stage checkpoint file (truncated or corrupt?)"),
+        ((tmp_path / "foreign.pt").read_bytes(), "not a stage checkpoint of gfnet-edge train"),
+        (runs["resnet"], "its gfnet weights do not fit this run's model (a checkpoint of another run?): Missing key"),
+        ((tmp_path / "unfinished.pt").read_bytes(), "its optimiser state does not fit this run's stage1"),
+    ):
+        path.write_bytes(content)
+        rc, err = _run_cli(["--data", folder, "-o", run, "--epochs", "2", "--resume"], capsys)
+        assert rc == 2 and len(err) == 1 and err[0].startswith(f"gfnet-edge: error: {path}: ") and message in err[0], err
+        assert path.read_bytes() == content and not (run / "stage2.pt").exists()
+
+
 def test_the_run_folder_is_outside_the_data_and_holds_nothing_of_the_users(tmp_path, capsys):
     """-o inside the data folder, or a folder of the user's without a run in it, is refused with one
     line and left as it was; a folder holding only what a first try wrote before its config (a log,

@@ -35,7 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...models.checkpoint import atomic_torch_save
+from ...errors import InputError
+from ...models.checkpoint import atomic_torch_save, read_torch_file
 from ...models.gfnet import GFNet, action_to_coords, crop_patches
 from ..data import EpochBatches
 from ..dist import DistContext
@@ -48,6 +49,9 @@ from .validation import Validation
 #: ``step(x, y, idx, g, opt, scaler)`` -> batch means (``loss`` and any other figures).
 Step = Callable[..., Dict[str, float]]
 
+
+#: What every ``RUN/<stage>.pt`` holds (:meth:`FolderTrainer.loop` writes them).
+_STAGE_KEYS = frozenset(("done", "epoch", "elapsed", "history", "models", "opt"))
 
 #: Stage numbers in the seeds of the stages' random draws (the demo's ``ppo`` is stage 2).
 STAGE_IDS = {"stage1": 0, "stage2": 1, "stage3": 2, "static": 3, "ppo": 1, "pre_local": 4, "pre_glance": 5, "bc": 6}
@@ -126,12 +130,20 @@ class FolderTrainer(Validation):
         p = self.stage_path(name)
         if not p.exists():
             return None
-        ck = torch.load(p, map_location="cpu", weights_only=True)
+        ck = read_torch_file(p, "stage checkpoint")  # weights_only; a CheckpointError names the file
+        if not isinstance(ck, dict) or not isinstance(ck.get("models"), dict) or not _STAGE_KEYS <= set(ck):
+            raise InputError(f"{p}: not a stage checkpoint of gfnet-edge train (expected the keys "
+                             f"{', '.join(sorted(_STAGE_KEYS))}); move it away to train {name} again")
         if finished_only and not ck.get("done"):
             return None
         for k, mod in self._modules().items():
             if k in ck["models"] and only in (None, k):
-                mod.load_state_dict(ck["models"][k])
+                try:
+                    mod.load_state_dict(ck["models"][k])
+                except (RuntimeError, TypeError, AttributeError) as exc:  # other keys or shapes, not tensors
+                    first = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))
+                    raise InputError(f"{p}: its {k} weights do not fit this run's model (a checkpoint of "
+                                     f"another run?): {first[:200]}") from exc
         return ck
 
     def _ddp(self, module: nn.Module) -> nn.Module:
@@ -223,7 +235,11 @@ class FolderTrainer(Validation):
             self.skipped.add(name)
             self.log(f"[{name}] already done ({ck['epoch']} epochs, {ck['elapsed'] / 60:.1f} min): skipped")
             return None
-        opt.load_state_dict(ck["opt"])
+        try:
+            opt.load_state_dict(ck["opt"])
+        except (ValueError, KeyError, TypeError) as exc:  # the optimiser of other parameters
+            raise InputError(f"{self.stage_path(name)}: its optimiser state does not fit this run's {name} (a "
+                             f"checkpoint of another run?): {exc}") from exc
         if ck.get("scaler"):  # empty where loss scaling was off (CPU, bfloat16)
             scaler.load_state_dict(ck["scaler"])
         self.log(f"[{name}] resuming after epoch {ck['epoch']}")
