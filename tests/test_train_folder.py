@@ -499,6 +499,26 @@ def test_a_stage_checkpoint_that_does_not_read_or_fit_is_named_on_resume(tmp_pat
         assert path.read_bytes() == content and not (run / "stage2.pt").exists()
 
 
+def test_a_data_index_that_does_not_read_is_named_on_resume_and_the_data_listed_again_without_it(
+        tmp_path, capsys, folder):
+    """A resumed run reads its list of images from RUN/data_index.json: one that is not JSON, or
+    not such a list, is named in one line (exit 2); moved away, the data folder is listed again."""
+    run = tmp_path / "run"
+    rc, err = _run_cli(["--data", folder, "-o", run, "--stage", "1"], capsys)
+    assert rc == 0, err
+    index = run / "data_index.json"
+    for content in ("{", '{"train": {}}', "[1]"):
+        index.write_text(content)
+        rc, err = _run_cli(["--data", folder, "-o", run, "--resume", "--stage", "2"], capsys)
+        assert rc == 2 and len(err) == 1 and err[0].startswith(
+            f"gfnet-edge: error: {index}: not a data index of gfnet-edge train (") and "move it away" in err[0], err
+        assert not (run / "stage2.pt").exists()
+    index.unlink()
+    rc, err = _run_cli(["--data", folder, "-o", run, "--resume", "--stage", "2"], capsys)
+    assert rc == 0 and (run / "stage2.pt").is_file(), err
+    assert (run / "train.txt").read_text().count(f"{folder / 'train'}: 24 images, 3 classes") == 2  # listed again
+
+
 def test_the_run_folder_is_outside_the_data_and_holds_nothing_of_the_users(tmp_path, capsys):
     """-o inside the data folder, or a folder of the user's without a run in it, is refused with one
     line and left as it was; a folder holding only what a first try wrote before its config (a log,

@@ -208,9 +208,14 @@ def _scan(cfg, out: Path, ctx, log, reuse: bool):
     if ctx.main:
         try:
             if reuse and index.exists():
-                d = json.loads(index.read_text())
-                result = {k: FolderSplit(Path(v["root"]), v["classes"], [tuple(s) for s in v["samples"]], v["skipped"])
-                          for k, v in d.items()}
+                try:
+                    d = json.loads(index.read_text())
+                    result = {k: FolderSplit(Path(d[k]["root"]), list(d[k]["classes"]),
+                                             [(str(f), int(lab)) for f, lab in d[k]["samples"]], list(d[k]["skipped"]))
+                              for k in ("train", "val")}
+                except (ValueError, KeyError, TypeError) as exc:  # not JSON, or not the index a run writes
+                    raise InputError(f"{index}: not a data index of gfnet-edge train ({type(exc).__name__}: {exc}); "
+                                     f"move it away to list {cfg.data} again") from exc
             else:
                 tr, va = scan_dataset(cfg.data, workers=max(2, cfg.workers))
                 result = {"train": tr, "val": va}
