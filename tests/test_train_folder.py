@@ -622,6 +622,26 @@ def test_resume_refuses_options_that_would_change_the_run(tmp_path, capsys, fold
     assert rc == 0, err  # the same settings as the run's (the CLI repeats them), another worker count
 
 
+def test_a_run_config_edited_to_values_of_another_type_is_named_on_resume(tmp_path, capsys, folder):
+    """RUN/config.json edited by hand (a number written as a string, a stage plan replaced by a
+    number): --resume names the file and the field in one line (exit 2) and trains nothing."""
+    run = tmp_path / "run"
+    rc, err = _run_cli(["--data", folder, "-o", run, "--stage", "1"], capsys)
+    assert rc == 0, err
+    good = json.loads((run / "config.json").read_text())
+    for keys, value, message in ((("batch_size",), "6", 'batch_size takes an integer, got "6"'),
+                                 (("stage2", "epochs"), "40", 'stage2.epochs takes an integer, got "40"'),
+                                 (("stage3",), 5, "stage3 takes an object of epochs, lr, iters, batch, minutes, got 5")):
+        d = json.loads(json.dumps(good))
+        (d[keys[0]] if len(keys) > 1 else d)[keys[-1]] = value
+        (run / "config.json").write_text(json.dumps(d))
+        rc = cli.main(["train", "-o", str(run), "--resume", "--threads", "1", "--no-progress"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0] == (
+            f"gfnet-edge: error: {run / 'config.json'}: not a run config of gfnet-edge train --data ({message})"), err
+        assert not (run / "stage2.pt").exists()
+
+
 def test_a_static_baseline_is_added_to_a_finished_run(tmp_path, capsys, folder):
     """``--resume --stage static --static-epochs N`` on an exported run without a baseline trains
     one, writes RUN/static.pth.tar, adds it to results.json and leaves the GFNet's files as they
