@@ -387,6 +387,20 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
     assert not set(split.skipped) & {p for p, _ in split.samples}
 
 
+def test_a_file_name_that_is_not_utf8_is_logged_with_escapes(tmp_path, capsys):
+    """An unreadable file whose name is not UTF-8 (Latin-1 from an old archive) is skipped and
+    named in the log as its bytes escaped; the run trains."""
+    root = make_folder(tmp_path / "ds", n_train=6, n_val=2)
+    with open(os.fsencode(root / "train" / "red") + b"/caf\xe9.png", "wb") as f:
+        f.write(b"not an image")
+    run = tmp_path / "run"
+    rc, err = _run_cli(["--data", root, "-o", run, "--stage", "1"], capsys)
+    assert rc == 0, err
+    first = (run / "train.txt").read_text(encoding="utf-8").splitlines()[0]
+    assert first.endswith(f"{root / 'train'}: 18 images, 3 classes; skipped 1 unreadable (caf\\xe9.png)"), first
+    assert (run / "stage1.pt").is_file()
+
+
 def test_linked_folders_are_listed_once_and_under_their_own_class(tmp_path):
     """Links to folders are followed (a class folder may gather images kept elsewhere), but a link
     back up to the split (a loop) or to another class's folder adds nothing: every image is listed

@@ -386,6 +386,8 @@ def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: b
         if not ctx.main:
             return
         line = f"{time.strftime('%H:%M:%S')} {msg}"
+        # a file name that is not UTF-8 (its bytes kept as surrogates) is shown as \xNN escapes
+        line = line.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
         print(line, flush=True)
         if log_file is not None:
             log_file.write(line + "\n")
