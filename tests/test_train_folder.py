@@ -430,6 +430,9 @@ def test_bad_options_and_weights(tmp_path, capsys, folder, weights):
         (["--data", folder, "-o", tmp_path / "r", "--pretrained", other], "does not fit this backbone"),
         (["--data", folder], "needs -o RUN"),
         (["--data", folder, "-o", tmp_path / "r", "--epochs", "1,2"], "--epochs takes"),
+        # an empty value (a shell variable that is not set) is not the default schedule, nor the demo task
+        (["--data", folder, "-o", tmp_path / "r", "--epochs", ""], "--epochs takes N or N1,N2,N3 (integers), got ''"),
+        (["--data", "", "-o", tmp_path / "r"], "--data is empty: give the image folder ROOT"),
         (["--data", folder, "-o", tmp_path / "r", "--stage", "pretrain"], "demo stage"),
         (["--data", tmp_path / "nowhere", "-o", tmp_path / "r"], "no such folder"),
         (["--data", folder, "-o", tmp_path / "r", "--tiny"], "--tiny applies to the demo trainer"),

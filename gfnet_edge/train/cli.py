@@ -140,6 +140,10 @@ def folder_run_data(out: Path) -> Optional[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "data", None) == "":  # e.g. --data "$ROOT" with ROOT unset: not the demo task
+        from ..errors import InputError
+
+        raise InputError("--data is empty: give the image folder ROOT (ROOT/train/CLASS/*.jpg, ROOT/val/CLASS/*.jpg)")
     if not getattr(args, "data", None):
         from ..errors import InputError
 

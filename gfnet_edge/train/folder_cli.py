@@ -68,7 +68,7 @@ def apply_args(cfg, args: argparse.Namespace):
         v = getattr(args, flag, None)
         if v is not None:
             setattr(cfg, key, v)
-    if args.epochs:
+    if args.epochs is not None:  # an empty value is refused, not taken for the default
         cfg.stage1.epochs, cfg.stage2.epochs, cfg.stage3.epochs = parse_epochs(args.epochs)
     if args.static_epochs is not None:
         cfg.static.epochs = args.static_epochs
