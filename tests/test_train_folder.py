@@ -732,6 +732,32 @@ def test_default_workers_are_at_most_the_cpus_the_process_may_use():
     assert p.returncode == 0 and p.stdout.split() == ["1", "1"], p.stderr[-2000:]
 
 
+def test_a_run_stopped_before_it_saved_an_epoch_starts_again_with_other_settings(tmp_path, capsys, folder,
+                                                                                 monkeypatch):
+    """Ctrl-C in a run's first epoch leaves its config.json, data index and log and no stage
+    checkpoint: nothing can be continued, so the command again without --resume, with other
+    options (a shorter schedule, another data folder), starts the run anew; --resume with other
+    options says so."""
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(folder_stages.FolderTrainer, "evaluate", interrupted)
+    rc, err = _run_cli(["--data", folder, "-o", run, "--epochs", "30"], capsys)
+    monkeypatch.undo()
+    assert rc == 130 and sorted(p.name for p in run.iterdir()) == ["config.json", "data_index.json", "train.txt"]
+    rc, err = _run_cli(["--data", folder, "-o", run, "--resume"], capsys)  # _run_cli gives --epochs 1
+    assert rc == 2 and len(err) == 1 and "without --resume it starts again with those options" in err[0], err
+    other = make_folder(tmp_path / "other", n_train=4, n_val=2, classes=("blue", "red"))
+    rc, err = _run_cli(["--data", other, "-o", run, "--stage", "1"], capsys)
+    assert rc == 0, err
+    cfg = json.loads((run / "config.json").read_text())
+    assert (cfg["data"], cfg["classes"], cfg["stage1"]["epochs"]) == (str(other), ["blue", "red"], 1)
+    assert json.loads((run / "data_index.json").read_text())["train"]["root"] == str(other / "train")
+    assert "starts again with these settings" in (run / "train.txt").read_text()
+    assert torch.load(run / "stage1.pt", weights_only=True)["done"]
+
+
 def test_existing_run_needs_resume(tmp_path, capsys, folder):
     run = tmp_path / "run"
     run.mkdir()

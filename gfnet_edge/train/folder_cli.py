@@ -257,6 +257,8 @@ def run_folder(args: argparse.Namespace) -> int:
         elif changed:
             hint = ("; the static baseline's settings may change only while the run has none (no static.pt)"
                     if "static" in stages and all(k.startswith("static.") for k in changed) else "")
+            if _saved_no_epoch(Path(args.out)):
+                hint = "; this run saved no epoch yet, so without --resume it starts again with those options"
             raise InputError(f"--resume continues the run as {cfg_path} describes it, and the command line would "
                              f"change {', '.join(changed)}: leave those options out (or start a new run in "
                              f"another -o folder){hint}")
@@ -304,18 +306,28 @@ def train_folder(cfg, out: Path, stages=STAGE_ORDER, resume: bool = False, devic
         raise InputError(f"{out}: exists and is not a folder")
     lock = _RunLock(out)  # one training process (group) per run folder at a time
     try:
-        if cfg_path.exists() and not resume:
+        restart = not resume and cfg_path.exists() and _saved_no_epoch(out)
+        if cfg_path.exists() and not resume and not restart:
             raise InputError(f"{out} already holds a run: pass --resume to continue it, or choose another -o folder")
         _check_out(out, Path(cfg.data))
         _check_earlier_stages(out, stages)
         _check_results(out, stages)
-        return _train_locked(cfg, out, stages, resume, device, progress, threads, settings_changed)
+        return _train_locked(cfg, out, stages, resume, device, progress, threads, settings_changed, restart)
     finally:
         lock.release()
 
 
 #: What a run writes before its ``config.json`` (a first try stopped there may be started again).
 _BEFORE_CONFIG = ("train.txt", "data_index.json")
+
+
+def _saved_no_epoch(out: Path) -> bool:
+    """Whether the run in ``out`` stopped before it saved its first epoch (Ctrl-C in a long first
+    epoch): the folder holds its ``config.json`` and nothing else but what a run writes before
+    that. Nothing of it can be continued, so a command without ``--resume`` starts it again with
+    its own settings."""
+    names = {e.name for e in os.scandir(out) if not e.name.startswith(".")}
+    return "config.json" in names and names <= {"config.json", *_BEFORE_CONFIG}
 
 
 def _check_out(out: Path, data: Path) -> None:
@@ -370,7 +382,7 @@ class _RunLock:
 
 
 def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: bool,
-                  threads: Optional[int], settings_changed: bool = False) -> Dict[str, Any]:
+                  threads: Optional[int], settings_changed: bool = False, restart: bool = False) -> Dict[str, Any]:
     import torch
 
     from .dist import init_distributed
@@ -398,9 +410,11 @@ def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: b
     try:
         if not Path(cfg.data).is_dir():
             raise InputError(f"{cfg.data}: no such folder (expected ROOT/train/CLASS/*.jpg and ROOT/val/CLASS/*.jpg)")
-        fresh = not cfg_path.exists()
+        fresh = restart or not cfg_path.exists()
         if fresh and resume:
             log(f"--resume: {out} holds no run yet, so a new one starts")
+        elif restart:
+            log(f"{out} holds a run that stopped before it saved an epoch: it starts again with these settings")
         train, val = _scan(cfg, out, ctx, log, reuse=not fresh)
         if cfg.classes and cfg.classes != train.classes:
             raise InputError(f"{cfg.data}: classes {train.classes} differ from the run's {cfg.classes}")
