@@ -111,6 +111,32 @@ def trained(folder, weights, tmp_path_factory):
     return base / "a", res, interrupted, base / "b", resumed
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the ignored one
+def test_a_ctrl_c_raised_where_python_ignores_exceptions_still_stops_training(folder, tmp_path, monkeypatch):
+    """Ctrl-C that comes while DataLoader workers start (Python ignores what the fork handlers
+    raise, printing "Exception ignored in ...") stops training all the same. Here SIGINT comes
+    inside a __del__ during stage 1's first validation: the run stops after that epoch's checkpoint
+    instead of training on to the end."""
+    import signal
+
+    class Swallowed:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)  # the KeyboardInterrupt raised in here is ignored
+
+    original = folder_stages.FolderTrainer.evaluate
+
+    def evaluate(self):
+        Swallowed()
+        return original(self)
+
+    monkeypatch.setattr(folder_stages.FolderTrainer, "evaluate", evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        train_folder(tiny_config(folder, epochs=(2, 1, 1)), tmp_path / "r")
+    ck = torch.load(tmp_path / "r" / "stage1.pt", map_location="cpu", weights_only=True)
+    assert ck["epoch"] == 1 and not ck["done"] and not (tmp_path / "r" / "stage2.pt").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 @pytest.mark.parametrize("stop_after", [1, 2])
 def test_an_epoch_saved_but_not_logged_is_logged_on_resume(folder, tmp_path, monkeypatch, stop_after):
     """A run stopped after an epoch's checkpoint is written and before its record is logged (in
