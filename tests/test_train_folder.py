@@ -379,6 +379,8 @@ def _run_cli(args, capsys):
     ("one_class", "needs at least 2 class folders"),
     ("empty_class", "no images"),
     ("class_mismatch", "train and val have different classes"),
+    # the same name typed on macOS (decomposed, NFD) and elsewhere (composed, NFC)
+    ("unicode_forms", "'Gro\\u0308\\xdfe', 'Gr\\xf6\\xdfe'): rename one"),
     ("all_unreadable", "none of its 4 images is readable"),
 ])
 def test_bad_folders_exit_with_one_line(tmp_path, capsys, breakage, message):
@@ -396,6 +398,11 @@ def test_bad_folders_exit_with_one_line(tmp_path, capsys, breakage, message):
             f.unlink()
     elif breakage == "class_mismatch":
         (root / "val" / "red").rename(root / "val" / "yellow")
+    elif breakage == "unicode_forms":
+        import unicodedata
+
+        (root / "train" / "red").rename(root / "train" / unicodedata.normalize("NFD", "Größe"))
+        (root / "val" / "red").rename(root / "val" / unicodedata.normalize("NFC", "Größe"))
     elif breakage == "all_unreadable":
         for f in (root / "val" / "red").iterdir():
             f.write_bytes(b"not an image")
