@@ -456,10 +456,16 @@ def test_bad_options_and_weights(tmp_path, capsys, folder, weights):
     bad.write_bytes(b"garbage")
     other = tmp_path / "resnet.pth"
     torch.save(timm.create_model("test_resnet", num_classes=3).state_dict(), other)
+    hub = tmp_path / "test_efficientnet.hub"
+    hub.mkdir()
+    (hub / "config.json").write_text("{}")
+    (hub / "model.safetensors").write_bytes(b"")
     run = ["--data", folder, "-o", tmp_path / "r"]
     for args, message in (
         (["--data", folder, "-o", tmp_path / "r", "--pretrained", tmp_path / "missing.pth"], "weights file not found"),
         (["--data", folder, "-o", tmp_path / "r", "--pretrained", bad], "not a readable torch weights file"),
+        (["--data", folder, "-o", tmp_path / "r", "--pretrained", hub],  # a model folder as the hub gives it
+         f"{hub}: a folder, not a weights file: pass the file (model.safetensors is in it)"),
         (["--data", folder, "-o", tmp_path / "r", "--pretrained", other], "does not fit this backbone"),
         (["--data", folder], "needs -o RUN"),
         (["--data", folder, "-o", tmp_path / "r", "--epochs", "1,2"], "--epochs takes"),
