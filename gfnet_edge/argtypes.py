@@ -74,3 +74,5 @@ THREADS = int_range(1, MAX_THREADS)
 POSITIVE = int_range(1, 1 << 31)
 #: A count that may be zero.
 NON_NEGATIVE = int_range(0, 1 << 31)
+#: A random seed: 0 .. 2**32 - 1.
+SEED = int_range(0, (1 << 32) - 1)

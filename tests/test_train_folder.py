@@ -111,6 +111,32 @@ def trained(folder, weights, tmp_path_factory):
     return base / "a", res, interrupted, base / "b", resumed
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the ignored one
+def test_a_ctrl_c_raised_where_python_ignores_exceptions_still_stops_training(folder, tmp_path, monkeypatch):
+    """Ctrl-C that comes while DataLoader workers start (Python ignores what the fork handlers
+    raise, printing "Exception ignored in ...") stops training all the same. Here SIGINT comes
+    inside a __del__ during stage 1's first validation: the run stops after that epoch's checkpoint
+    instead of training on to the end."""
+    import signal
+
+    class Swallowed:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)  # the KeyboardInterrupt raised in here is ignored
+
+    original = folder_stages.FolderTrainer.evaluate
+
+    def evaluate(self):
+        Swallowed()
+        return original(self)
+
+    monkeypatch.setattr(folder_stages.FolderTrainer, "evaluate", evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        train_folder(tiny_config(folder, epochs=(2, 1, 1)), tmp_path / "r")
+    ck = torch.load(tmp_path / "r" / "stage1.pt", map_location="cpu", weights_only=True)
+    assert ck["epoch"] == 1 and not ck["done"] and not (tmp_path / "r" / "stage2.pt").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 @pytest.mark.parametrize("stop_after", [1, 2])
 def test_an_epoch_saved_but_not_logged_is_logged_on_resume(folder, tmp_path, monkeypatch, stop_after):
     """A run stopped after an epoch's checkpoint is written and before its record is logged (in
@@ -353,6 +379,8 @@ def _run_cli(args, capsys):
     ("one_class", "needs at least 2 class folders"),
     ("empty_class", "no images"),
     ("class_mismatch", "train and val have different classes"),
+    # the same name typed on macOS (decomposed, NFD) and elsewhere (composed, NFC)
+    ("unicode_forms", "'Gro\\u0308\\xdfe', 'Gr\\xf6\\xdfe'): rename one"),
     ("all_unreadable", "none of its 4 images is readable"),
 ])
 def test_bad_folders_exit_with_one_line(tmp_path, capsys, breakage, message):
@@ -370,6 +398,11 @@ def test_bad_folders_exit_with_one_line(tmp_path, capsys, breakage, message):
             f.unlink()
     elif breakage == "class_mismatch":
         (root / "val" / "red").rename(root / "val" / "yellow")
+    elif breakage == "unicode_forms":
+        import unicodedata
+
+        (root / "train" / "red").rename(root / "train" / unicodedata.normalize("NFD", "Größe"))
+        (root / "val" / "red").rename(root / "val" / unicodedata.normalize("NFC", "Größe"))
     elif breakage == "all_unreadable":
         for f in (root / "val" / "red").iterdir():
             f.write_bytes(b"not an image")
@@ -385,6 +418,20 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
     split = scan_split(root, "train")
     assert len(split) == 13 and sorted(Path(f).name for f in split.skipped) == ["0.png", "3.png"]
     assert not set(split.skipped) & {p for p, _ in split.samples}
+
+
+def test_a_file_name_that_is_not_utf8_is_logged_with_escapes(tmp_path, capsys):
+    """An unreadable file whose name is not UTF-8 (Latin-1 from an old archive) is skipped and
+    named in the log as its bytes escaped; the run trains."""
+    root = make_folder(tmp_path / "ds", n_train=6, n_val=2)
+    with open(os.fsencode(root / "train" / "red") + b"/caf\xe9.png", "wb") as f:
+        f.write(b"not an image")
+    run = tmp_path / "run"
+    rc, err = _run_cli(["--data", root, "-o", run, "--stage", "1"], capsys)
+    assert rc == 0, err
+    first = (run / "train.txt").read_text(encoding="utf-8").splitlines()[0]
+    assert first.endswith(f"{root / 'train'}: 18 images, 3 classes; skipped 1 unreadable (caf\\xe9.png)"), first
+    assert (run / "stage1.pt").is_file()
 
 
 def test_linked_folders_are_listed_once_and_under_their_own_class(tmp_path):
@@ -409,13 +456,22 @@ def test_bad_options_and_weights(tmp_path, capsys, folder, weights):
     bad.write_bytes(b"garbage")
     other = tmp_path / "resnet.pth"
     torch.save(timm.create_model("test_resnet", num_classes=3).state_dict(), other)
+    hub = tmp_path / "test_efficientnet.hub"
+    hub.mkdir()
+    (hub / "config.json").write_text("{}")
+    (hub / "model.safetensors").write_bytes(b"")
     run = ["--data", folder, "-o", tmp_path / "r"]
     for args, message in (
         (["--data", folder, "-o", tmp_path / "r", "--pretrained", tmp_path / "missing.pth"], "weights file not found"),
         (["--data", folder, "-o", tmp_path / "r", "--pretrained", bad], "not a readable torch weights file"),
+        (["--data", folder, "-o", tmp_path / "r", "--pretrained", hub],  # a model folder as the hub gives it
+         f"{hub}: a folder, not a weights file: pass the file (model.safetensors is in it)"),
         (["--data", folder, "-o", tmp_path / "r", "--pretrained", other], "does not fit this backbone"),
         (["--data", folder], "needs -o RUN"),
         (["--data", folder, "-o", tmp_path / "r", "--epochs", "1,2"], "--epochs takes"),
+        # an empty value (a shell variable that is not set) is not the default schedule, nor the demo task
+        (["--data", folder, "-o", tmp_path / "r", "--epochs", ""], "--epochs takes N or N1,N2,N3 (integers), got ''"),
+        (["--data", "", "-o", tmp_path / "r"], "--data is empty: give the image folder ROOT"),
         (["--data", folder, "-o", tmp_path / "r", "--stage", "pretrain"], "demo stage"),
         (["--data", tmp_path / "nowhere", "-o", tmp_path / "r"], "no such folder"),
         (["--data", folder, "-o", tmp_path / "r", "--tiny"], "--tiny applies to the demo trainer"),
@@ -433,6 +489,16 @@ def test_bad_options_and_weights(tmp_path, capsys, folder, weights):
             (["--set", 'stage1.lr="fast"'], "stage1.lr takes a number"),
             (["--set", "hflip=1"], "hflip takes true/false"),
             (["--set", "classifier=3"], "classifier takes a string"),
+            # numbers of the right type but out of range: refused before the run folder is written
+            (["--set", "stage1.lr=-1"], "stage1.lr must be in (0, inf), got -1"),
+            (["--set", "stage2.lr=NaN"], "stage2.lr must be in (0, inf), got nan"),
+            (["--set", "stage1.iters=-1"], "stage1.iters must be in [0, inf), got -1"),
+            (["--set", "weight_decay=-0.1"], "weight_decay must be in [0, inf), got -0.1"),
+            (["--set", "workers=-1"], "workers must be in [0, inf), got -1"),
+            (["--set", "action_std=0"], "action_std must be in (0, inf), got 0"),
+            (["--set", "gamma=1.5"], "gamma must be in [0, 1], got 1.5"),
+            (["--set", "dsn_ratio=NaN"], "dsn_ratio must be in [0, inf), got nan"),
+            (["--set", "eval_max=-1"], "eval_max must be in [0, inf), got -1"),
             (["--set", 'classifier="cascaded"', "--steps", "7"],  # a setting, not a backbone that does not fit
              "--backbone test_efficientnet: cascaded classifiers support at most 5 steps, got 7"))),
     ):
@@ -441,8 +507,72 @@ def test_bad_options_and_weights(tmp_path, capsys, folder, weights):
         assert not (tmp_path / "r").exists()
 
 
+def test_every_seed_the_option_takes_trains_and_others_are_refused(tmp_path, capsys, folder):
+    """--seed takes 0 .. 2**32 - 1, and a run trains with any of them (a date such as 20240101 too:
+    the per-image augmentation seeds derived from it stay within torch's 64 bits); a seed outside,
+    given by --seed or --set, is one line and writes nothing."""
+    for seed in (20240101, 2**32 - 1):
+        rc, err = _run_cli(["--data", folder, "-o", tmp_path / str(seed), "--stage", "1", "--seed", seed], capsys)
+        assert rc == 0, err
+        assert json.loads((tmp_path / str(seed) / "config.json").read_text())["seed"] == seed
+        assert torch.load(tmp_path / str(seed) / "stage1.pt", weights_only=True)["done"]
+    for opts, message in ((["--seed", "-1"], "argument --seed: must be in [0, 4294967295], got -1"),
+                          (["--seed", 2**32], "argument --seed: must be in [0, 4294967295], got 4294967296"),
+                          (["--set", "seed=-1"], "seed must be in [0, 4294967295], got -1")):
+        rc, err = _run_cli(["--data", folder, "-o", tmp_path / "r", *opts], capsys)
+        assert rc == 2 and len(err) == 1 and message in err[0], (opts, err)
+        assert not (tmp_path / "r").exists()
+
+
 def _tree(root: Path):
     return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+def test_a_stage_checkpoint_that_does_not_read_or_fit_is_named_on_resume(tmp_path, capsys, folder):
+    """--resume with a RUN/stage1.pt that is truncated, not a stage checkpoint, one of a run of
+    another backbone, or one whose optimiser trained other parameters: one line naming the file
+    and what is wrong with it (exit 2), and the file is left as it is."""
+    runs = {}
+    for name, opts in (("run", ["--epochs", "2"]), ("resnet", ["--backbone", "test_resnet"]),
+                       ("frozen_glance", ["--set", "train_glance=false"])):
+        rc, err = _run_cli(["--data", folder, "-o", tmp_path / name, "--stage", "1", *opts], capsys)
+        assert rc == 0, err
+        runs[name] = (tmp_path / name / "stage1.pt").read_bytes()
+    unfinished = torch.load(tmp_path / "frozen_glance" / "stage1.pt", weights_only=True)
+    unfinished.update(done=False, epoch=1)  # resumed: its optimiser state is loaded
+    torch.save(unfinished, tmp_path / "unfinished.pt")
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, tmp_path / "foreign.pt")
+    run, path = tmp_path / "run", tmp_path / "run" / "stage1.pt"
+    for content, message in (
+        (runs["run"][:3000], "not a readable torch stage checkpoint file (truncated or corrupt?)"),
+        ((tmp_path / "foreign.pt").read_bytes(), "not a stage checkpoint of gfnet-edge train"),
+        (runs["resnet"], "its gfnet weights do not fit this run's model (a checkpoint of another run?): Missing key"),
+        ((tmp_path / "unfinished.pt").read_bytes(), "its optimiser state does not fit this run's stage1"),
+    ):
+        path.write_bytes(content)
+        rc, err = _run_cli(["--data", folder, "-o", run, "--epochs", "2", "--resume"], capsys)
+        assert rc == 2 and len(err) == 1 and err[0].startswith(f"gfnet-edge: error: {path}: ") and message in err[0], err
+        assert path.read_bytes() == content and not (run / "stage2.pt").exists()
+
+
+def test_a_data_index_that_does_not_read_is_named_on_resume_and_the_data_listed_again_without_it(
+        tmp_path, capsys, folder):
+    """A resumed run reads its list of images from RUN/data_index.json: one that is not JSON, or
+    not such a list, is named in one line (exit 2); moved away, the data folder is listed again."""
+    run = tmp_path / "run"
+    rc, err = _run_cli(["--data", folder, "-o", run, "--stage", "1"], capsys)
+    assert rc == 0, err
+    index = run / "data_index.json"
+    for content in ("{", '{"train": {}}', "[1]"):
+        index.write_text(content)
+        rc, err = _run_cli(["--data", folder, "-o", run, "--resume", "--stage", "2"], capsys)
+        assert rc == 2 and len(err) == 1 and err[0].startswith(
+            f"gfnet-edge: error: {index}: not a data index of gfnet-edge train (") and "move it away" in err[0], err
+        assert not (run / "stage2.pt").exists()
+    index.unlink()
+    rc, err = _run_cli(["--data", folder, "-o", run, "--resume", "--stage", "2"], capsys)
+    assert rc == 0 and (run / "stage2.pt").is_file(), err
+    assert (run / "train.txt").read_text().count(f"{folder / 'train'}: 24 images, 3 classes") == 2  # listed again
 
 
 def test_the_run_folder_is_outside_the_data_and_holds_nothing_of_the_users(tmp_path, capsys):
@@ -548,6 +678,26 @@ def test_resume_refuses_options_that_would_change_the_run(tmp_path, capsys, fold
     assert rc == 0, err  # the same settings as the run's (the CLI repeats them), another worker count
 
 
+def test_a_run_config_edited_to_values_of_another_type_is_named_on_resume(tmp_path, capsys, folder):
+    """RUN/config.json edited by hand (a number written as a string, a stage plan replaced by a
+    number): --resume names the file and the field in one line (exit 2) and trains nothing."""
+    run = tmp_path / "run"
+    rc, err = _run_cli(["--data", folder, "-o", run, "--stage", "1"], capsys)
+    assert rc == 0, err
+    good = json.loads((run / "config.json").read_text())
+    for keys, value, message in ((("batch_size",), "6", 'batch_size takes an integer, got "6"'),
+                                 (("stage2", "epochs"), "40", 'stage2.epochs takes an integer, got "40"'),
+                                 (("stage3",), 5, "stage3 takes an object of epochs, lr, iters, batch, minutes, got 5")):
+        d = json.loads(json.dumps(good))
+        (d[keys[0]] if len(keys) > 1 else d)[keys[-1]] = value
+        (run / "config.json").write_text(json.dumps(d))
+        rc = cli.main(["train", "-o", str(run), "--resume", "--threads", "1", "--no-progress"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0] == (
+            f"gfnet-edge: error: {run / 'config.json'}: not a run config of gfnet-edge train --data ({message})"), err
+        assert not (run / "stage2.pt").exists()
+
+
 def test_a_static_baseline_is_added_to_a_finished_run(tmp_path, capsys, folder):
     """``--resume --stage static --static-epochs N`` on an exported run without a baseline trains
     one, writes RUN/static.pth.tar, adds it to results.json and leaves the GFNet's files as they
@@ -619,6 +769,32 @@ def test_default_workers_are_at_most_the_cpus_the_process_may_use():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     assert p.returncode == 0 and p.stdout.split() == ["1", "1"], p.stderr[-2000:]
+
+
+def test_a_run_stopped_before_it_saved_an_epoch_starts_again_with_other_settings(tmp_path, capsys, folder,
+                                                                                 monkeypatch):
+    """Ctrl-C in a run's first epoch leaves its config.json, data index and log and no stage
+    checkpoint: nothing can be continued, so the command again without --resume, with other
+    options (a shorter schedule, another data folder), starts the run anew; --resume with other
+    options says so."""
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(folder_stages.FolderTrainer, "evaluate", interrupted)
+    rc, err = _run_cli(["--data", folder, "-o", run, "--epochs", "30"], capsys)
+    monkeypatch.undo()
+    assert rc == 130 and sorted(p.name for p in run.iterdir()) == ["config.json", "data_index.json", "train.txt"]
+    rc, err = _run_cli(["--data", folder, "-o", run, "--resume"], capsys)  # _run_cli gives --epochs 1
+    assert rc == 2 and len(err) == 1 and "without --resume it starts again with those options" in err[0], err
+    other = make_folder(tmp_path / "other", n_train=4, n_val=2, classes=("blue", "red"))
+    rc, err = _run_cli(["--data", other, "-o", run, "--stage", "1"], capsys)
+    assert rc == 0, err
+    cfg = json.loads((run / "config.json").read_text())
+    assert (cfg["data"], cfg["classes"], cfg["stage1"]["epochs"]) == (str(other), ["blue", "red"], 1)
+    assert json.loads((run / "data_index.json").read_text())["train"]["root"] == str(other / "train")
+    assert "starts again with these settings" in (run / "train.txt").read_text()
+    assert torch.load(run / "stage1.pt", weights_only=True)["done"]
 
 
 def test_existing_run_needs_resume(tmp_path, capsys, folder):

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from ..argtypes import NON_NEGATIVE, POSITIVE, THREADS
+from ..argtypes import NON_NEGATIVE, POSITIVE, SEED, THREADS
 from ..errors import GFNetEdgeError
 
 #: ``--stage`` choices -> internal stages, in order.
@@ -74,7 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("image-folder training (--data)")
     for flag, kwargs in FOLDER_ARGUMENTS:
         g.add_argument(flag, **kwargs)
-    p.add_argument("--seed", type=int, default=None, help="master seed (default 0)")
+    p.add_argument("--seed", type=SEED, default=None, help="master seed, 0 to 4294967295 (default 0)")
     p.add_argument("--tiny", action="store_true", help="a few iterations on a handful of images (smoke test)")
     p.add_argument("--assets", default=None, help="copy the exported checkpoints and results here (e.g. gfnet_edge/assets)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -140,6 +140,10 @@ def folder_run_data(out: Path) -> Optional[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "data", None) == "":  # e.g. --data "$ROOT" with ROOT unset: not the demo task
+        from ..errors import InputError
+
+        raise InputError("--data is empty: give the image folder ROOT (ROOT/train/CLASS/*.jpg, ROOT/val/CLASS/*.jpg)")
     if not getattr(args, "data", None):
         from ..errors import InputError
 

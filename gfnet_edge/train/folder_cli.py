@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -67,7 +68,7 @@ def apply_args(cfg, args: argparse.Namespace):
         v = getattr(args, flag, None)
         if v is not None:
             setattr(cfg, key, v)
-    if args.epochs:
+    if args.epochs is not None:  # an empty value is refused, not taken for the default
         cfg.stage1.epochs, cfg.stage2.epochs, cfg.stage3.epochs = parse_epochs(args.epochs)
     if args.static_epochs is not None:
         cfg.static.epochs = args.static_epochs
@@ -101,6 +102,11 @@ def config_from_args(args: argparse.Namespace):
     if not args.backbone:
         raise InputError("--data needs --backbone TIMM_NAME (e.g. resnet50, mobilenetv3_large_100)")
     cfg = apply_args(FolderTrainConfig(data="", backbone=args.backbone), args)
+    if cfg.pretrained not in (None, "timm") and Path(cfg.pretrained).is_dir():  # e.g. a model folder of the hub
+        inside = sorted(f.name for f in Path(cfg.pretrained).iterdir()
+                        if f.suffix in (".safetensors", ".pth", ".pt", ".bin"))
+        raise InputError(f"{cfg.pretrained}: a folder, not a weights file: pass the file"
+                         + (f" ({', '.join(inside[:3])} is in it)" if inside else ""))
     if cfg.pretrained not in (None, "timm") and not Path(cfg.pretrained).is_file():
         raise InputError(f"{cfg.pretrained}: pretrained weights file not found (or pass --pretrained timm)")
     if cfg.pretrained not in (None, "timm"):
@@ -116,6 +122,29 @@ def check_layout(cfg) -> None:
         raise InputError(f"crop_pct must be in (0, 1], got {cfg.crop_pct}")
     if not 0 < int(cfg.patch_size) <= int(cfg.image_size):
         raise InputError(f"--patch-size {cfg.patch_size} must be between 1 and --image-size {cfg.image_size}")
+
+
+#: Settings ``--set`` may give any number: (name, lowest, lowest allowed, highest); plans of every stage.
+_RANGES = (("seed", 0, True, (1 << 32) - 1), ("workers", 0, True, None), ("weight_decay", 0, True, None),
+           ("warmup_iters", 0, True, None), ("gamma", 0, True, 1), ("clip", 0, False, None),
+           ("action_std", 0, False, None), ("eval_max", 0, True, None), ("glance_cache_mb", 0, True, None),
+           ("dsn_ratio", 0, True, None))
+_PLAN_RANGES = (("lr", 0, False, None), ("iters", 0, True, None), ("batch", 0, True, None), ("minutes", 0, True, None))
+
+
+def check_settings(cfg) -> None:
+    """The run's numeric settings (which ``--set`` may give any value of their type), before
+    anything is written: finite and in range, so a run does not stop at its first step (or train
+    on NaN) with a run folder that then holds a config of settings that cannot work."""
+    items = [(name, getattr(cfg, name), *r) for name, *r in _RANGES]
+    items += [(f"{stage}.{name}", getattr(getattr(cfg, stage), name), *r)
+              for stage in STAGE_ORDER for name, *r in _PLAN_RANGES]
+    for name, value, lo, lo_ok, hi in items:
+        if value is None:  # the backbone family's default
+            continue
+        if not math.isfinite(value) or value < lo or (value == lo and not lo_ok) or (hi is not None and value > hi):
+            interval = f"{'[' if lo_ok else '('}{lo}, {'inf)' if hi is None else f'{hi}]'}"
+            raise InputError(f"{name} must be in {interval}, got {value}")
 
 
 def check_epochs(cfg) -> None:
@@ -184,9 +213,14 @@ def _scan(cfg, out: Path, ctx, log, reuse: bool):
     if ctx.main:
         try:
             if reuse and index.exists():
-                d = json.loads(index.read_text())
-                result = {k: FolderSplit(Path(v["root"]), v["classes"], [tuple(s) for s in v["samples"]], v["skipped"])
-                          for k, v in d.items()}
+                try:
+                    d = json.loads(index.read_text())
+                    result = {k: FolderSplit(Path(d[k]["root"]), list(d[k]["classes"]),
+                                             [(str(f), int(lab)) for f, lab in d[k]["samples"]], list(d[k]["skipped"]))
+                              for k in ("train", "val")}
+                except (ValueError, KeyError, TypeError) as exc:  # not JSON, or not the index a run writes
+                    raise InputError(f"{index}: not a data index of gfnet-edge train ({type(exc).__name__}: {exc}); "
+                                     f"move it away to list {cfg.data} again") from exc
             else:
                 tr, va = scan_dataset(cfg.data, workers=max(2, cfg.workers))
                 result = {"train": tr, "val": va}
@@ -228,6 +262,8 @@ def run_folder(args: argparse.Namespace) -> int:
         elif changed:
             hint = ("; the static baseline's settings may change only while the run has none (no static.pt)"
                     if "static" in stages and all(k.startswith("static.") for k in changed) else "")
+            if _saved_no_epoch(Path(args.out)):
+                hint = "; this run saved no epoch yet, so without --resume it starts again with those options"
             raise InputError(f"--resume continues the run as {cfg_path} describes it, and the command line would "
                              f"change {', '.join(changed)}: leave those options out (or start a new run in "
                              f"another -o folder){hint}")
@@ -270,22 +306,33 @@ def train_folder(cfg, out: Path, stages=STAGE_ORDER, resume: bool = False, devic
     out = Path(out)
     cfg_path = out / "config.json"
     check_epochs(cfg)
+    check_settings(cfg)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder")
     lock = _RunLock(out)  # one training process (group) per run folder at a time
     try:
-        if cfg_path.exists() and not resume:
+        restart = not resume and cfg_path.exists() and _saved_no_epoch(out)
+        if cfg_path.exists() and not resume and not restart:
             raise InputError(f"{out} already holds a run: pass --resume to continue it, or choose another -o folder")
         _check_out(out, Path(cfg.data))
         _check_earlier_stages(out, stages)
         _check_results(out, stages)
-        return _train_locked(cfg, out, stages, resume, device, progress, threads, settings_changed)
+        return _train_locked(cfg, out, stages, resume, device, progress, threads, settings_changed, restart)
     finally:
         lock.release()
 
 
 #: What a run writes before its ``config.json`` (a first try stopped there may be started again).
 _BEFORE_CONFIG = ("train.txt", "data_index.json")
+
+
+def _saved_no_epoch(out: Path) -> bool:
+    """Whether the run in ``out`` stopped before it saved its first epoch (Ctrl-C in a long first
+    epoch): the folder holds its ``config.json`` and nothing else but what a run writes before
+    that. Nothing of it can be continued, so a command without ``--resume`` starts it again with
+    its own settings."""
+    names = {e.name for e in os.scandir(out) if not e.name.startswith(".")}
+    return "config.json" in names and names <= {"config.json", *_BEFORE_CONFIG}
 
 
 def _check_out(out: Path, data: Path) -> None:
@@ -340,7 +387,7 @@ class _RunLock:
 
 
 def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: bool,
-                  threads: Optional[int], settings_changed: bool = False) -> Dict[str, Any]:
+                  threads: Optional[int], settings_changed: bool = False, restart: bool = False) -> Dict[str, Any]:
     import torch
 
     from .dist import init_distributed
@@ -356,6 +403,8 @@ def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: b
         if not ctx.main:
             return
         line = f"{time.strftime('%H:%M:%S')} {msg}"
+        # a file name that is not UTF-8 (its bytes kept as surrogates) is shown as \xNN escapes
+        line = line.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
         print(line, flush=True)
         if log_file is not None:
             log_file.write(line + "\n")
@@ -366,9 +415,11 @@ def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: b
     try:
         if not Path(cfg.data).is_dir():
             raise InputError(f"{cfg.data}: no such folder (expected ROOT/train/CLASS/*.jpg and ROOT/val/CLASS/*.jpg)")
-        fresh = not cfg_path.exists()
+        fresh = restart or not cfg_path.exists()
         if fresh and resume:
             log(f"--resume: {out} holds no run yet, so a new one starts")
+        elif restart:
+            log(f"{out} holds a run that stopped before it saved an epoch: it starts again with these settings")
         train, val = _scan(cfg, out, ctx, log, reuse=not fresh)
         if cfg.classes and cfg.classes != train.classes:
             raise InputError(f"{cfg.data}: classes {train.classes} differ from the run's {cfg.classes}")
@@ -399,7 +450,10 @@ def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: b
         log(f"model {spec.model_name}: S={spec.image_size} P={spec.patch_size} T={spec.steps} "
             f"classifier={spec.classifier} classes={spec.num_classes}; {ctx.world} process(es) on {ctx.device}"
             + (f", autocast {cfg.amp}" if ctx.device.type == "cuda" else ""))
-        return _train_and_export(out, cfg, ctx, train, val, model, static, stages, log, progress)
+        from .folder_stages import SIGINT
+
+        with SIGINT:  # Ctrl-C stops training wherever it comes
+            return _train_and_export(out, cfg, ctx, train, val, model, static, stages, log, progress)
     except ValueError as exc:
         if isinstance(exc, InputError):
             raise

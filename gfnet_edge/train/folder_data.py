@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 
 import os
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,8 +140,12 @@ def scan_dataset(root: os.PathLike, workers: int = 8, check: bool = True) -> Tup
     if train.classes != val.classes:
         only_t = sorted(set(train.classes) - set(val.classes))
         only_v = sorted(set(val.classes) - set(train.classes))
+        nfc = {unicodedata.normalize("NFC", c): c for c in only_v}
+        alike = [(c, nfc[n]) for c in only_t for n in [unicodedata.normalize("NFC", c)] if n in nfc]
+        hint = "".join(f"; {t!r} in train and {v!r} in val look alike but are written with other Unicode "
+                       f"characters ({ascii(t)}, {ascii(v)}): rename one" for t, v in alike)
         raise InputError(f"{root}: train and val have different classes (only in train: {only_t or 'none'}; "
-                         f"only in val: {only_v or 'none'})")
+                         f"only in val: {only_v or 'none'}){hint}")
     return train, val
 
 
@@ -208,7 +213,8 @@ class FolderDataset(torch.utils.data.Dataset):
         path, label = self.samples[i]
         img = open_rgb(path)  # the levels inference sees (16-bit and float greys mapped to 0..255)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+            # modulo 2**64, the seeds torch takes (it wraps a negative one the same way)
+            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i) % 2**64)
             x = self.transform(img)
         return x, label, i
 

@@ -125,14 +125,27 @@ class TrainSettings:
 
     @classmethod
     def from_dict(cls: Type[_T], d: Dict[str, Any]) -> _T:
-        """The config from its JSON form (stage plans from dicts), refusing unknown fields."""
+        """The config from its JSON form (stage plans from dicts), refusing unknown fields and
+        values of another type than the field's (as :meth:`set` does)."""
         d = dict(d)
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown config fields: {sorted(unknown)}")
-        for k, f in cls.__dataclass_fields__.items():
-            if f.type in ("StagePlan", StagePlan) and isinstance(d.get(k), dict):
-                d[k] = StagePlan(**d[k])
+        hints, plan_hints = get_type_hints(cls), get_type_hints(StagePlan)
+        for k, value in d.items():
+            if hints[k] is not StagePlan:
+                items = [(k, value, hints[k])]
+            elif isinstance(value, dict):
+                unknown = set(value) - set(plan_hints)
+                if unknown:
+                    raise ValueError(f"unknown fields of {k}: {sorted(unknown)}")
+                items = [(f"{k}.{name}", v, plan_hints[name]) for name, v in value.items()]
+                d[k] = StagePlan(**value)
+            else:
+                raise ValueError(f"{k} takes an object of {', '.join(plan_hints)}, got {json.dumps(value)}")
+            for key, v, hint in items:
+                if not _fits(v, hint):
+                    raise ValueError(f"{key} takes {_type_name(hint)}, got {json.dumps(v)}")
         return cls(**d)
 
     def set(self, key: str, value: Any) -> None:

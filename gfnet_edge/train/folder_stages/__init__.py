@@ -35,7 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...models.checkpoint import atomic_torch_save
+from ...errors import InputError
+from ...models.checkpoint import atomic_torch_save, read_torch_file
 from ...models.gfnet import GFNet, action_to_coords, crop_patches
 from ..data import EpochBatches
 from ..dist import DistContext
@@ -49,8 +50,54 @@ from .validation import Validation
 Step = Callable[..., Dict[str, float]]
 
 
+#: What every ``RUN/<stage>.pt`` holds (:meth:`FolderTrainer.loop` writes them).
+_STAGE_KEYS = frozenset(("done", "epoch", "elapsed", "history", "models", "opt"))
+
 #: Stage numbers in the seeds of the stages' random draws (the demo's ``ppo`` is stage 2).
 STAGE_IDS = {"stage1": 0, "stage2": 1, "stage3": 2, "static": 3, "ppo": 1, "pre_local": 4, "pre_glance": 5, "bc": 6}
+
+
+class SigintLatch:
+    """While entered (main thread, Python's own Ctrl-C handler in place): SIGINT raises
+    ``KeyboardInterrupt`` as Python's handler does, and is also recorded, so that an interrupt
+    raised where Python ignores exceptions (the fork handlers that run as DataLoader workers
+    start, an iterator's ``__del__``: "Exception ignored in ...") still stops training, at the
+    next batch or after the epoch's checkpoint (:meth:`check`)."""
+
+    def __init__(self) -> None:
+        self.hit = False
+        self._previous = None
+
+    def _handler(self, signum, frame) -> None:
+        self.hit = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        """Raises ``KeyboardInterrupt`` if SIGINT came while entered."""
+        if self.hit:
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> "SigintLatch":
+        import signal
+        import threading
+
+        self.hit = False
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+        self.hit = False
+
+
+#: Entered by ``gfnet-edge train --data`` while it trains; checked in :meth:`FolderTrainer.loop`.
+SIGINT = SigintLatch()
 
 
 def stage_seed(seed: int, name: str) -> int:
@@ -126,12 +173,20 @@ class FolderTrainer(Validation):
         p = self.stage_path(name)
         if not p.exists():
             return None
-        ck = torch.load(p, map_location="cpu", weights_only=True)
+        ck = read_torch_file(p, "stage checkpoint")  # weights_only; a CheckpointError names the file
+        if not isinstance(ck, dict) or not isinstance(ck.get("models"), dict) or not _STAGE_KEYS <= set(ck):
+            raise InputError(f"{p}: not a stage checkpoint of gfnet-edge train (expected the keys "
+                             f"{', '.join(sorted(_STAGE_KEYS))}); move it away to train {name} again")
         if finished_only and not ck.get("done"):
             return None
         for k, mod in self._modules().items():
             if k in ck["models"] and only in (None, k):
-                mod.load_state_dict(ck["models"][k])
+                try:
+                    mod.load_state_dict(ck["models"][k])
+                except (RuntimeError, TypeError, AttributeError) as exc:  # other keys or shapes, not tensors
+                    first = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))
+                    raise InputError(f"{p}: its {k} weights do not fit this run's model (a checkpoint of "
+                                     f"another run?): {first[:200]}") from exc
         return ck
 
     def _ddp(self, module: nn.Module) -> nn.Module:
@@ -223,7 +278,11 @@ class FolderTrainer(Validation):
             self.skipped.add(name)
             self.log(f"[{name}] already done ({ck['epoch']} epochs, {ck['elapsed'] / 60:.1f} min): skipped")
             return None
-        opt.load_state_dict(ck["opt"])
+        try:
+            opt.load_state_dict(ck["opt"])
+        except (ValueError, KeyError, TypeError) as exc:  # the optimiser of other parameters
+            raise InputError(f"{self.stage_path(name)}: its optimiser state does not fit this run's {name} (a "
+                             f"checkpoint of another run?): {exc}") from exc
         if ck.get("scaler"):  # empty where loss scaling was off (CPU, bfloat16)
             scaler.load_state_dict(ck["scaler"])
         self.log(f"[{name}] resuming after epoch {ck['epoch']}")
@@ -301,6 +360,7 @@ class FolderTrainer(Validation):
             bar = tqdm(loader, desc=f"{name} {epoch + 1}/{plan.epochs}", disable=not self.progress, leave=False,
                        mininterval=2.0)
             for it, (x, y, idx) in enumerate(bar):
+                SIGINT.check()  # a Ctrl-C the start of the loader's workers swallowed
                 lr = lr_at(epoch * iters + it)
                 for grp in opt.param_groups:
                     grp["lr"] = lr
@@ -340,6 +400,7 @@ class FolderTrainer(Validation):
                                    "opt": opt.state_dict(), "scaler": scaler.state_dict()}, self.stage_path(name))
             ctx.barrier()
             self._log_epoch(name, plan.epochs, rec)
+            SIGINT.check()  # ... or the validation's (the epoch is saved)
             if stopped:
                 self.log(f"[{name}] {stopped}")
                 break
