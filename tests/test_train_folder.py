@@ -575,6 +575,24 @@ def test_a_data_index_that_does_not_read_is_named_on_resume_and_the_data_listed_
     assert (run / "train.txt").read_text().count(f"{folder / 'train'}: 24 images, 3 classes") == 2  # listed again
 
 
+def test_images_deleted_since_the_run_listed_them_are_named_on_resume(tmp_path, capsys):
+    """The images a run listed (RUN/data_index.json) are checked on --resume: one deleted since is
+    named in one line with the way out, before any training; with the index moved away the run
+    lists the folder again and goes on with the images there are."""
+    root = make_folder(tmp_path / "ds", n_train=6, n_val=2)
+    run = tmp_path / "run"
+    rc, err = _run_cli(["--data", root, "-o", run, "--stage", "1"], capsys)
+    assert rc == 0, err
+    gone = sorted((root / "train").rglob("*.png"))[0]
+    gone.unlink()
+    rc, err = _run_cli(["--data", root, "-o", run, "--resume", "--stage", "2"], capsys)
+    assert rc == 2 and len(err) == 1 and "1 image(s) listed in" in err[0] and f"(first: {gone})" in err[0], err
+    assert "move data_index.json away" in err[0] and not (run / "stage2.pt").exists()
+    (run / "data_index.json").unlink()
+    rc, err = _run_cli(["--data", root, "-o", run, "--resume", "--stage", "2"], capsys)
+    assert rc == 0 and (run / "stage2.pt").is_file(), err
+
+
 def test_the_run_folder_is_outside_the_data_and_holds_nothing_of_the_users(tmp_path, capsys):
     """-o inside the data folder, or a folder of the user's without a run in it, is refused with one
     line and left as it was; a folder holding only what a first try wrote before its config (a log,

@@ -221,6 +221,11 @@ def _scan(cfg, out: Path, ctx, log, reuse: bool):
                 except (ValueError, KeyError, TypeError) as exc:  # not JSON, or not the index a run writes
                     raise InputError(f"{index}: not a data index of gfnet-edge train ({type(exc).__name__}: {exc}); "
                                      f"move it away to list {cfg.data} again") from exc
+                gone = [f for split in result.values() for f, _ in split.samples if not Path(f).is_file()]
+                if gone:  # deleted or moved since the run listed them: found here, not by a worker mid-epoch
+                    raise InputError(f"{len(gone)} image(s) listed in {index} are no longer there (first: {gone[0]}); "
+                                     f"put them back, or move {index.name} away to list {cfg.data} again (the run "
+                                     "then goes on with the images there are)")
             else:
                 tr, va = scan_dataset(cfg.data, workers=max(2, cfg.workers))
                 result = {"train": tr, "val": va}
