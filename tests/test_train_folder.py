@@ -714,6 +714,14 @@ def test_a_run_config_edited_to_values_of_another_type_is_named_on_resume(tmp_pa
         assert rc == 2 and len(err) == 1 and err[0] == (
             f"gfnet-edge: error: {run / 'config.json'}: not a run config of gfnet-edge train --data ({message})"), err
         assert not (run / "stage2.pt").exists()
+    # edits that no longer say it is an image-folder run: named as well, not trained as the demo task
+    for edited in ([1, 2], dict(good, data=5)):
+        (run / "config.json").write_text(json.dumps(edited))
+        rc = cli.main(["train", "-o", str(run), "--resume", "--threads", "1", "--no-progress"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith(
+            f"gfnet-edge: error: {run / 'config.json'}: not a run config of gfnet-edge train ("), err
+        assert not (run / "stage2.pt").exists()
 
 
 def test_a_static_baseline_is_added_to_a_finished_run(tmp_path, capsys, folder):

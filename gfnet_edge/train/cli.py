@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..argtypes import NON_NEGATIVE, POSITIVE, SEED, THREADS
-from ..errors import GFNetEdgeError
+from ..errors import GFNetEdgeError, InputError
 
 #: ``--stage`` choices -> internal stages, in order.
 STAGE_GROUPS = {
@@ -168,7 +168,14 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or "runs/demo")
     cfg_path = out / "config.json"
     if args.resume and cfg_path.exists():
-        cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
+        try:
+            d = json.loads(cfg_path.read_text())
+            if not isinstance(d, dict):
+                raise ValueError(f"a JSON {type(d).__name__}, not an object")
+            cfg = TrainConfig.from_dict(d)
+        except (OSError, ValueError, TypeError) as exc:
+            raise InputError(f"{cfg_path}: not a run config of gfnet-edge train ({exc}); give --data ROOT for a run "
+                             "on an image folder, or another -o folder") from exc
     else:
         cfg = tiny_config() if args.tiny else TrainConfig()
         if args.backbone:
