@@ -157,7 +157,10 @@ def test_bad_override_is_one_line_and_writes_nothing(tmp_path, capsys):
     for item, field in (("nope=1", "'nope'"), ("stage1.nope=1", "'stage1.nope'"), ("stage1.epochs=x", "not JSON"),
                         ('stage1.lr="fast"', 'stage1.lr takes a number, got "fast"'),
                         ("stage1.epochs=2.5", "stage1.epochs takes an integer"), ("amp=1", "amp takes true/false"),
-                        ('stage1={"epochs": 2}', "stage1 takes the fields of StagePlan")):
+                        ('stage1={"epochs": 2}', "stage1 takes the fields of StagePlan"),
+                        ("pre_local.lr=-1", "pre_local.lr must be in (0, inf), got -1"),
+                        ("weight_decay=NaN", "weight_decay must be in [0, inf), got nan"),
+                        ("ppo.batch=-4", "ppo.batch must be in [0, inf), got -4")):
         rc = cli.main(["--out", str(tmp_path / "run"), "--tiny", "--no-progress", "--set", item])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and err[0].startswith("gfnet-edge: error:") and field in err[0], (item, err)

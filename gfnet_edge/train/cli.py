@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .config import TrainConfig, tiny_config
     from .data import load_split
-    from .folder_cli import apply_overrides
+    from .folder_cli import apply_overrides, check_settings
     from .stages import STAGES, Run
 
     torch.set_num_threads(max(1, args.threads))
@@ -183,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
         if args.seed is not None:
             cfg.seed = args.seed
         cfg = apply_overrides(cfg, args.set)
+    check_settings(cfg)
     cfg.threads = args.threads
     out.mkdir(parents=True, exist_ok=True)  # only once the settings are known to be valid
     cfg_path.write_text(cfg.dumps())

@@ -136,9 +136,12 @@ def check_settings(cfg) -> None:
     """The run's numeric settings (which ``--set`` may give any value of their type), before
     anything is written: finite and in range, so a run does not stop at its first step (or train
     on NaN) with a run folder that then holds a config of settings that cannot work."""
+    from .recipe import StagePlan
+
+    plans = [k for k in cfg.__dataclass_fields__ if isinstance(getattr(cfg, k), StagePlan)]  # the demo's too
     items = [(name, getattr(cfg, name), *r) for name, *r in _RANGES]
     items += [(f"{stage}.{name}", getattr(getattr(cfg, stage), name), *r)
-              for stage in STAGE_ORDER for name, *r in _PLAN_RANGES]
+              for stage in plans for name, *r in _PLAN_RANGES]
     for name, value, lo, lo_ok, hi in items:
         if value is None:  # the backbone family's default
             continue
