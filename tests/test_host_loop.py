@@ -162,6 +162,28 @@ def test_host_loop_refuses_bad_arguments():
         _native(actor, None, cascaded, False)
 
 
+def test_a_refused_begin_leaves_no_batch_running():
+    """begin() refused (here: logits of the wrong width) ends the batch that was running: next()
+    is refused too instead of cropping the earlier batch's images, which the loop no longer keeps
+    alive."""
+    rng = np.random.default_rng(5)
+    actor, gru, _ = _heads("gru", rng)
+    loop = _native(actor, gru, None, True)
+    n = 4
+    images = rng.standard_normal((n, 3, S, S)).astype(np.float32)
+    f, s = rng.standard_normal((n, F)).astype(np.float32), rng.standard_normal((n, HS)).astype(np.float32)
+    assert loop.begin(images, f, s, np.zeros((n, C), np.float32), None).shape == (n, 3, P, P)
+    with pytest.raises(ValueError, match="logits"):
+        loop.begin(images[:2].copy(), f[:2].copy(), s[:2].copy(), np.zeros((2, C + 1), np.float32), None)
+    del images
+    with pytest.raises(ValueError, match="begin"):
+        loop.next(f, s)
+    # the loop still runs a new batch from the start
+    images = rng.standard_normal((n, 3, S, S)).astype(np.float32)
+    patches = loop.begin(images, f, s, np.zeros((n, C), np.float32), None)
+    np.testing.assert_array_equal(patches, ops.crop_patches(images, loop.outputs()[3][0], P))
+
+
 def test_host_loop_times_its_parts_only_when_asked():
     """profile on: every call reports heads and exit test; policy and crop exactly when it cut
     patches (-1 otherwise); off: all -1. Timing changes nothing in the results."""

@@ -116,14 +116,17 @@ py::object host_loop_begin(py::object self_obj, const py::object& images, const 
     if (th.shape(0) != steps) throw py::value_error("thresholds must have " + std::to_string(steps) + " values");
     tp = static_cast<const float*>(th.data());
   }
-  self.images = im;
-  self.feature_dim = f.shape(1);
+  // No batch runs until begin() succeeds: a refused begin() may leave the loop half set up,
+  // pointing at `im` or at the previous batch's images, which `self.images` no longer holds.
+  self.images = py::none();
   int64_t m;
   {
     py::gil_scoped_release release;
     m = self.loop.begin(im.data(), u8, n, static_cast<const float*>(f.data()), f.shape(1),
                         static_cast<const float*>(s.data()), state_dim, lp, classes, tp);
   }
+  self.images = im;
+  self.feature_dim = f.shape(1);
   return host_loop_patches(self_obj, self, m);
 }
 
