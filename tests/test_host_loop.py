@@ -184,6 +184,28 @@ def test_a_refused_begin_leaves_no_batch_running():
     np.testing.assert_array_equal(patches, ops.crop_patches(images, loop.outputs()[3][0], P))
 
 
+def test_patches_stay_readable_after_the_loop_needs_a_larger_buffer():
+    """The patches begin() / next() return are a view of the loop's buffer; a later batch that
+    needs more room gets a new buffer, and the earlier view keeps the memory it shows (it reads
+    its own step's patches, not freed memory)."""
+    rng = np.random.default_rng(6)
+    actor, gru, _ = _heads("gru", rng)
+    loop = _native(actor, gru, None, False)
+    small = rng.standard_normal((1, 3, S, S)).astype(np.float32)
+    first = loop.begin(small, np.zeros((1, F), np.float32), np.zeros((1, HS), np.float32), None, None)
+    expected = ops.crop_patches(small, loop.outputs()[3][0], P)
+    np.testing.assert_array_equal(first, expected)
+    n = 300
+    big = rng.standard_normal((n, 3, S, S)).astype(np.float32)
+    for _ in range(3):
+        second = loop.begin(big, rng.standard_normal((n, F)).astype(np.float32),
+                            rng.standard_normal((n, HS)).astype(np.float32), None, None)
+        filler = [np.full(first.size, -7.0, np.float32) for _ in range(50)]  # reuse freed memory
+        np.testing.assert_array_equal(first, expected)
+        np.testing.assert_array_equal(second, ops.crop_patches(big, loop.outputs()[3][0], P))
+        del filler
+
+
 def test_host_loop_times_its_parts_only_when_asked():
     """profile on: every call reports heads and exit test; policy and crop exactly when it cut
     patches (-1 otherwise); off: all -1. Timing changes nothing in the results."""

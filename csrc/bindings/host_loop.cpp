@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -64,15 +65,18 @@ PyHostLoop* make_host_loop(const py::object& actor_cell, const py::object& actor
   return h;
 }
 
-/// The patches of the next focus step (a view of the loop's buffer, valid until its next
-/// call), or None when the batch is done.
-py::object host_loop_patches(py::object self_obj, PyHostLoop& self, int64_t m) {
+/// The patches of the next focus step (a view of the loop's buffer: its contents are those of
+/// this step until the loop's next call; the view keeps the memory itself alive), or None when
+/// the batch is done.
+py::object host_loop_patches(PyHostLoop& self, int64_t m) {
   if (m == 0) {
     self.images = py::none();
     return py::none();
   }
   const int64_t p = self.patch_size;
-  return py::array_t<float>({m, int64_t{3}, p, p}, self.loop.patches().data(), self_obj);
+  auto* keep = new std::shared_ptr<const std::vector<float>>(self.loop.patch_buffer());
+  py::capsule owner(keep, [](void* k) { delete static_cast<std::shared_ptr<const std::vector<float>>*>(k); });
+  return py::array_t<float>({m, int64_t{3}, p, p}, (*keep)->data(), owner);
 }
 
 py::object host_loop_begin(py::object self_obj, const py::object& images, const py::object& feature,
@@ -127,7 +131,7 @@ py::object host_loop_begin(py::object self_obj, const py::object& images, const 
   }
   self.images = im;
   self.feature_dim = f.shape(1);
-  return host_loop_patches(self_obj, self, m);
+  return host_loop_patches(self, m);
 }
 
 py::object host_loop_next(py::object self_obj, const py::object& feature, const py::object& state) {
@@ -142,7 +146,7 @@ py::object host_loop_next(py::object self_obj, const py::object& feature, const 
     py::gil_scoped_release release;
     next = self.loop.next(static_cast<const float*>(f.data()), static_cast<const float*>(s.data()));
   }
-  return host_loop_patches(self_obj, self, next);
+  return host_loop_patches(self, next);
 }
 
 }  // namespace

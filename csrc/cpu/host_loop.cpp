@@ -176,12 +176,18 @@ int64_t HostLoop::finish_step(Clock::time_point& since) {
     coords_[(t_ * n_ + active_[i]) * 2 + 1] = step_coords_[2 * i + 1];
   }
   if (profile_) lap(kPolicy, since);
-  patches_.resize(static_cast<size_t>(m * 3 * P * P));
+  const size_t patch_floats = static_cast<size_t>(m * 3 * P * P);
+  if (patches_->capacity() < patch_floats) {
+    // A new buffer, not a reallocation: views of the old one stay valid (patch_buffer()).
+    patches_ = std::make_shared<std::vector<float>>();
+    patches_->reserve(patch_floats);
+  }
+  patches_->resize(patch_floats);
   if (u8_) {
-    crop_patches_u8(static_cast<const uint8_t*>(images_), m, S, step_coords_.data(), m_.norm, patches_.data(), P,
+    crop_patches_u8(static_cast<const uint8_t*>(images_), m, S, step_coords_.data(), m_.norm, patches_->data(), P,
                     active_.data());
   } else {
-    crop_patches(static_cast<const float*>(images_), m, 3, S, step_coords_.data(), patches_.data(), P,
+    crop_patches(static_cast<const float*>(images_), m, 3, S, step_coords_.data(), patches_->data(), P,
                  active_.data());
   }
   if (profile_) lap(kCrop, since);
