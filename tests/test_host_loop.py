@@ -206,6 +206,54 @@ def test_patches_stay_readable_after_the_loop_needs_a_larger_buffer():
         del filler
 
 
+_THREADS_SCRIPT = """
+import threading, numpy as np
+from gfnet_edge import ops
+S, P, T, F, HS, HP, HC, C = 64, 16, 4, 64, 64, 64, 64, 50
+rng = np.random.default_rng(0)
+g = lambda *s: (rng.standard_normal(s) * 0.5).astype(np.float32)
+actor = ops.ActorHead(g(3 * HP, HS), g(3 * HP, HP), g(3 * HP), g(3 * HP), g(2, HP) * 4, g(2))
+gru = ops.GRUHead(g(3 * HC, F), g(3 * HC, HC), g(3 * HC), g(3 * HC), g(C, HC), g(C))
+loop = ops.host_loop(actor, gru, T, S, P, False, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+unexpected, refused = [], [0]
+def run(n):
+    r = np.random.default_rng(n)
+    imgs = r.standard_normal((n, 3, S, S)).astype(np.float32)
+    fe, st = r.standard_normal((n, F)).astype(np.float32), r.standard_normal((n, HS)).astype(np.float32)
+    for _ in range(150):
+        try:
+            p = loop.begin(imgs, fe, st, None, None)
+            while p is not None:
+                loop.active(); loop.logits(); loop.outputs()
+                p = loop.next(fe[:p.shape[0]].copy(), st[:p.shape[0]].copy())
+        except RuntimeError as e:
+            refused[0] += "another thread" in str(e)
+            if "another thread" not in str(e):
+                unexpected.append(repr(e))
+        except ValueError:
+            pass  # another thread's batch replaced this one's: its sizes no longer fit
+        except Exception as e:
+            unexpected.append(repr(e))
+ts = [threading.Thread(target=run, args=(n,)) for n in (1, 37, 200, 5)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+assert not unexpected, unexpected[:3]
+print("refused", refused[0])
+"""
+
+
+def test_host_loop_used_from_several_threads_refuses_instead_of_racing():
+    """Calls of one HostLoop from several threads (its calls release the GIL): a call while
+    another runs raises RuntimeError instead of racing on the loop's buffers (which crashed the
+    interpreter); run in a child process so that a crash fails the test, not the session."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert r.stdout.startswith("refused")
+
+
 def test_host_loop_times_its_parts_only_when_asked():
     """profile on: every call reports heads and exit test; policy and crop exactly when it cut
     patches (-1 otherwise); off: all -1. Timing changes nothing in the results."""

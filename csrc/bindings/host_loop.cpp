@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -20,9 +21,35 @@ struct PyHostLoop {
   py::object images = py::none();  // the batch being run (None between batches)
   int64_t feature_dim = 0;
   int64_t steps, image_size, patch_size, state_dim;
+  bool busy = false;  // a begin() / next() runs (with the GIL released); read and set under the GIL
   explicit PyHostLoop(const gfn::cpu::HostLoopModel& m)
       : loop(m), steps(m.steps), image_size(m.image_size), patch_size(m.patch_size),
         state_dim(m.actor_cell->input_size()) {}
+};
+
+/// Raises unless no begin() / next() of this loop runs in another thread: the loop's buffers
+/// change during those calls, which run with the GIL released.
+const PyHostLoop& idle(const PyHostLoop& self) {
+  if (self.busy) {
+    throw std::runtime_error("this HostLoop is running begin() or next() in another thread; "
+                             "use one HostLoop per thread");
+  }
+  return self;
+}
+
+/// Marks the loop busy for one begin() / next() (constructed and destroyed with the GIL held).
+class BusyScope {
+ public:
+  explicit BusyScope(PyHostLoop& self) : self_(self) {
+    idle(self);
+    self_.busy = true;
+  }
+  ~BusyScope() { self_.busy = false; }
+  BusyScope(const BusyScope&) = delete;
+  BusyScope& operator=(const BusyScope&) = delete;
+
+ private:
+  PyHostLoop& self_;
 };
 
 PyHostLoop* make_host_loop(const py::object& actor_cell, const py::object& actor_head, const py::object& cls_cell,
@@ -82,6 +109,7 @@ py::object host_loop_patches(PyHostLoop& self, int64_t m) {
 py::object host_loop_begin(py::object self_obj, const py::object& images, const py::object& feature,
                            const py::object& state, const py::object& logits, const py::object& thresholds) {
   auto& self = self_obj.cast<PyHostLoop&>();
+  const BusyScope busy(self);
   const int64_t image_size = self.image_size, steps = self.steps, state_dim = self.state_dim;
   py::array im = as_ndarray(images, "images");
   check_contiguous(im, "images");
@@ -136,6 +164,7 @@ py::object host_loop_begin(py::object self_obj, const py::object& images, const 
 
 py::object host_loop_next(py::object self_obj, const py::object& feature, const py::object& state) {
   auto& self = self_obj.cast<PyHostLoop&>();
+  const BusyScope busy(self);
   const int64_t state_dim = self.state_dim;
   if (self.images.is_none()) throw py::value_error("next() without a running batch: call begin() first");
   const auto m = static_cast<int64_t>(self.loop.active().size());
@@ -162,32 +191,36 @@ void bind_host_loop(py::module_& m) {
            py::arg("thresholds"))
       .def("next", &host_loop_next, py::arg("feature"), py::arg("state"))
       .def_property(
-          "profile", [](const PyHostLoop& s) { return s.loop.profile(); },
-          [](PyHostLoop& s, bool on) { s.loop.set_profile(on); },
+          "profile", [](const PyHostLoop& s) { return idle(s).loop.profile(); },
+          [](PyHostLoop& s, bool on) {
+            idle(s);
+            s.loop.set_profile(on);
+          },
           "time the parts of each call (part_seconds); off by default")
       .def(
           "part_seconds",
           [](const PyHostLoop& s) {
-            const auto& p = s.loop.part_seconds();
+            const auto& p = idle(s).loop.part_seconds();
             return py::make_tuple(p[gfn::cpu::HostLoop::kHeads], p[gfn::cpu::HostLoop::kExit],
                                   p[gfn::cpu::HostLoop::kPolicy], p[gfn::cpu::HostLoop::kCrop]);
           },
           "(heads, exit, policy, crop) seconds of the last begin() / next() while profile is on; -1 for a part "
           "the call did not run (every part when profile is off)")
       .def("logits", [](const PyHostLoop& s) {
-        const auto& l = s.loop.logits();
+        const auto& l = idle(s).loop.logits();
         const int64_t c = s.loop.classes(), m = c ? static_cast<int64_t>(l.size()) / c : 0;
         py::array_t<float> out({m, c});
         std::memcpy(out.mutable_data(), l.data(), l.size() * sizeof(float));
         return out;
       })
       .def("active", [](const PyHostLoop& s) {
-        const auto& a = s.loop.active();
+        const auto& a = idle(s).loop.active();
         py::array_t<int64_t> out(static_cast<py::ssize_t>(a.size()));
         std::memcpy(out.mutable_data(), a.data(), a.size() * sizeof(int64_t));
         return out;
       })
       .def("outputs", [](const PyHostLoop& s) {
+        idle(s);
         const int64_t n = static_cast<int64_t>(s.loop.prediction().size());
         py::array_t<int64_t> pred(n), ex(n);
         py::array_t<float> conf(n);
