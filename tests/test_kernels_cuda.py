@@ -179,6 +179,21 @@ def test_cuda_crop_rejects_bad_coordinates_without_reading_out_of_bounds():
 
 
 @requires_gpu
+def test_device_buffer_copies_refuse_offsets_past_the_buffer_even_when_offset_plus_size_wraps():
+    buf = ops.DeviceBuffer(64)
+    buf.copy_from_host(np.arange(16, dtype=np.float32))
+    four = np.zeros(4, np.uint8)
+    for offset in (61, 2**64 - 1, 2**64 - 3):  # the last two wrap offset + 4 to a small number
+        with pytest.raises(ValueError, match="overflows|overruns"):
+            buf.copy_from_host(np.full(4, 255, np.uint8), offset=offset)
+        with pytest.raises(ValueError, match="overflows|overruns"):
+            buf.copy_to_host(four, offset=offset)
+    back = np.zeros(16, np.float32)
+    buf.copy_to_host(back)
+    np.testing.assert_array_equal(back, np.arange(16, dtype=np.float32))
+
+
+@requires_gpu
 def test_cuda_rejects_host_pointers():
     host = np.zeros(16, np.float32)
     with pytest.raises(ValueError, match="host memory|not a valid"):

@@ -94,7 +94,7 @@ DeviceBuffer::~DeviceBuffer() {
 
 void DeviceBuffer::copy_from_host(const void* src, size_t nbytes, size_t offset,
                                   uintptr_t stream) {
-  if (offset + nbytes > nbytes_) {
+  if (offset > nbytes_ || nbytes > nbytes_ - offset) {  // offset + nbytes may wrap around
     throw std::invalid_argument("copy of " + std::to_string(nbytes) + " bytes at offset " +
                                 std::to_string(offset) + " overflows a buffer of " +
                                 std::to_string(nbytes_) + " bytes");
@@ -105,7 +105,7 @@ void DeviceBuffer::copy_from_host(const void* src, size_t nbytes, size_t offset,
 }
 
 void DeviceBuffer::copy_to_host(void* dst, size_t nbytes, size_t offset, uintptr_t stream) const {
-  if (offset + nbytes > nbytes_) {
+  if (offset > nbytes_ || nbytes > nbytes_ - offset) {  // offset + nbytes may wrap around
     throw std::invalid_argument("copy of " + std::to_string(nbytes) + " bytes at offset " +
                                 std::to_string(offset) + " overruns a buffer of " +
                                 std::to_string(nbytes_) + " bytes");
