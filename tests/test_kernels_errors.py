@@ -64,6 +64,37 @@ def test_preprocess_bad_frames(bad, exc, msg):
         ops.preprocess(bad, 16)
 
 
+_HUGE_RESIZE = """
+import numpy as np
+from gfnet_edge import _C, ops
+f = np.zeros((2, 3, 3), np.uint8)
+for call in (lambda: ops.preprocess([f], 2, crop_pct=1e-18), lambda: ops.resize_crop([f], 2, crop_pct=1e-18),
+             lambda: _C.resize_crop([f], 2, 2 ** 62, "bilinear"),
+             lambda: _C.preprocess([f], 2, 2 ** 63 - 1, "bicubic", False, [0.5] * 3, [0.2] * 3)):
+    try:
+        call()
+    except ValueError as e:
+        assert "too large for a 2 x 3 frame" in str(e), e
+    else:
+        raise AssertionError("accepted")
+print("refused")
+"""
+
+
+def test_a_resize_whose_size_overflows_is_refused():
+    """A shorter side so large that resized_short * longer_side overflows int64 (crop_pct near 0
+    through ops, or the size itself through _C) raises ValueError instead of overflowing (and
+    planning ~10^18 positions). In a child process: before, the call did not return."""
+    import subprocess
+    import sys
+
+    try:
+        r = subprocess.run([sys.executable, "-c", _HUGE_RESIZE], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the resize was planned instead of refused")
+    assert r.returncode == 0 and r.stdout.strip() == "refused", r.stderr[-2000:]
+
+
 def test_preprocess_readonly_out(frame):
     out = np.zeros((1, 3, 16, 16), F32)
     out.setflags(write=False)
