@@ -254,6 +254,36 @@ def test_host_loop_used_from_several_threads_refuses_instead_of_racing():
     assert r.stdout.startswith("refused")
 
 
+_HUGE_STEPS = """
+import numpy as np
+from gfnet_edge import ops
+rng = np.random.default_rng(0)
+g = lambda *s: (rng.standard_normal(s) * 0.5).astype(np.float32)
+actor = ops.ActorHead(g(24, 10), g(24, 8), g(24), g(24), g(2, 8), g(2))
+gru = ops.GRUHead(g(21, 6), g(21, 7), g(21), g(21), g(5, 7), g(5))
+for steps in (2 ** 62 + 1, 2 ** 63 - 1):
+    loop = ops.host_loop(actor, gru, steps, 32, 12, False, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+    try:
+        loop.begin(g(4, 3, 32, 32), g(4, 6), g(4, 10), None, None)
+    except ValueError as e:
+        assert "coordinate buffer" in str(e), e
+    else:
+        raise AssertionError("accepted")
+print("refused")
+"""
+
+
+def test_a_step_count_whose_coordinate_buffer_overflows_is_refused():
+    """steps so large that (steps - 1) x N x 2 overflows: begin() raises ValueError instead of
+    sizing the coordinate buffer from the wrapped count and writing past it (which crashed;
+    hence the child process)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _HUGE_STEPS], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "refused", (r.returncode, r.stderr[-2000:])
+
+
 def test_host_loop_times_its_parts_only_when_asked():
     """profile on: every call reports heads and exit test; policy and crop exactly when it cut
     patches (-1 otherwise); off: all -1. Timing changes nothing in the results."""
