@@ -284,6 +284,40 @@ def test_a_step_count_whose_coordinate_buffer_overflows_is_refused():
     assert r.returncode == 0 and r.stdout.strip() == "refused", (r.returncode, r.stderr[-2000:])
 
 
+def test_host_loop_keeps_its_cascaded_layers_when_the_callers_dict_changes():
+    """_C.HostLoop takes the cascaded layers in a dict the caller still holds; emptying it (and
+    dropping the layers) afterwards changes nothing: the loop keeps the layers themselves and
+    gives what ops.host_loop over the same weights gives."""
+    import gc
+
+    from gfnet_edge import _C
+
+    rng = np.random.default_rng(8)
+    g = lambda *s: (rng.standard_normal(s) * 0.5).astype(np.float32)  # noqa: E731
+    aw = [g(3 * HP, HS), g(3 * HP, HP), g(3 * HP), g(3 * HP), g(2, HP) * 4, g(2)]
+    cw = [(g(C, k * F), g(C)) for k in range(2, T + 1)]
+    n = 5
+    frames = rng.integers(0, 256, (n, S, S, 3), dtype=np.uint8)
+    outs = [(g(n, F), g(n, HS), g(n, C)) for _ in range(T)]
+
+    def run(loop):
+        patches, t = loop.begin(frames, *outs[0], None), 0
+        while patches is not None:
+            t += 1
+            patches = loop.next(outs[t][0], outs[t][1])
+        return loop.outputs()
+
+    ref = run(ops.host_loop(ops.ActorHead(*aw), ops.CascadedHead(cw), T, S, P, True, MEAN, STD, feature_dim=F))
+    layers = {k: _C.Linear(w, b) for k, (w, b) in zip(range(2, T + 1), cw)}
+    loop = _C.HostLoop(_C.GRUCell(*aw[:4]), _C.Linear(*aw[4:]), None, None, layers, T, S, P, True, list(MEAN),
+                       list(STD))
+    layers.clear()
+    gc.collect()
+    junk = [_C.Linear(g(C + 3, 2)) for _ in range(50)]  # noqa: F841  (reuses freed memory)
+    for a, b in zip(run(loop), ref):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_host_loop_times_its_parts_only_when_asked():
     """profile on: every call reports heads and exit test; policy and crop exactly when it cut
     patches (-1 otherwise); off: all -1. Timing changes nothing in the results."""

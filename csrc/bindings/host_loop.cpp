@@ -70,6 +70,7 @@ PyHostLoop* make_host_loop(const py::object& actor_cell, const py::object& actor
   if (ah.layer.out_features() != 2) throw py::value_error("the actor head must have 2 outputs");
   m.actor_cell = &ac.cell;
   m.actor_head = &ah.layer;
+  py::list layers;  // cascaded layers k = 2 .. steps
   if (!cls_cell.is_none()) {
     const auto& cc = cls_cell.cast<const PyGRUCell&>();
     const auto& ch = cls_head.cast<const PyLinear&>();
@@ -78,17 +79,19 @@ PyHostLoop* make_host_loop(const py::object& actor_cell, const py::object& actor
     m.cls_head = &ch.layer;
   } else {
     if (!step0_backbone) throw py::value_error("a cascaded classifier takes its step-0 logits from the glance graph");
-    m.cascaded.assign(static_cast<size_t>(steps + 1), nullptr);
+    // The layer objects themselves are kept (not the caller's dict, which may change later).
     for (int64_t k = 2; k <= steps; ++k) {
       if (!cascaded.contains(py::int_(k))) {
         throw py::value_error("cascaded classifier layer for k=" + std::to_string(k) + " is missing");
       }
-      m.cascaded[k] = &cascaded[py::int_(k)].cast<const PyLinear&>().layer;
+      layers.append(cascaded[py::int_(k)]);
     }
+    m.cascaded.assign(static_cast<size_t>(steps + 1), nullptr);
+    for (int64_t k = 2; k <= steps; ++k) m.cascaded[k] = &layers[static_cast<size_t>(k - 2)].cast<const PyLinear&>().layer;
   }
   m.norm = normalize_params(mean, std, false);
   auto* h = new PyHostLoop(m);
-  h->keep = py::make_tuple(actor_cell, actor_head, cls_cell, cls_head, cascaded);
+  h->keep = py::make_tuple(actor_cell, actor_head, cls_cell, cls_head, py::tuple(layers));
   return h;
 }
 
