@@ -185,6 +185,14 @@ void check_device_pointer(uintptr_t ptr, const char* name) {
   }
 }
 
+void check_device_pointer(uintptr_t ptr, const char* name, size_t align) {
+  if (align > 1 && ptr % align != 0) {
+    throw std::invalid_argument(std::string(name) + " must be aligned to its element size (" +
+                                std::to_string(align) + " bytes)");
+  }
+  check_device_pointer(ptr, name);
+}
+
 namespace {
 
 constexpr int kMaxDevices = 64;
@@ -258,7 +266,7 @@ Scratch::~Scratch() {
 
 ErrorFlag::ErrorFlag(uintptr_t given, uintptr_t stream) : stream_(stream) {
   if (given != 0) {
-    check_device_pointer(given, "error_flag");
+    check_device_pointer(given, "error_flag", sizeof(int));
     flag_ = reinterpret_cast<int*>(given);
     return;
   }
