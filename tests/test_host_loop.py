@@ -162,6 +162,162 @@ def test_host_loop_refuses_bad_arguments():
         _native(actor, None, cascaded, False)
 
 
+def test_a_refused_begin_leaves_no_batch_running():
+    """begin() refused (here: logits of the wrong width) ends the batch that was running: next()
+    is refused too instead of cropping the earlier batch's images, which the loop no longer keeps
+    alive."""
+    rng = np.random.default_rng(5)
+    actor, gru, _ = _heads("gru", rng)
+    loop = _native(actor, gru, None, True)
+    n = 4
+    images = rng.standard_normal((n, 3, S, S)).astype(np.float32)
+    f, s = rng.standard_normal((n, F)).astype(np.float32), rng.standard_normal((n, HS)).astype(np.float32)
+    assert loop.begin(images, f, s, np.zeros((n, C), np.float32), None).shape == (n, 3, P, P)
+    with pytest.raises(ValueError, match="logits"):
+        loop.begin(images[:2].copy(), f[:2].copy(), s[:2].copy(), np.zeros((2, C + 1), np.float32), None)
+    del images
+    with pytest.raises(ValueError, match="begin"):
+        loop.next(f, s)
+    # the loop still runs a new batch from the start
+    images = rng.standard_normal((n, 3, S, S)).astype(np.float32)
+    patches = loop.begin(images, f, s, np.zeros((n, C), np.float32), None)
+    np.testing.assert_array_equal(patches, ops.crop_patches(images, loop.outputs()[3][0], P))
+
+
+def test_patches_stay_readable_after_the_loop_needs_a_larger_buffer():
+    """The patches begin() / next() return are a view of the loop's buffer; a later batch that
+    needs more room gets a new buffer, and the earlier view keeps the memory it shows (it reads
+    its own step's patches, not freed memory)."""
+    rng = np.random.default_rng(6)
+    actor, gru, _ = _heads("gru", rng)
+    loop = _native(actor, gru, None, False)
+    small = rng.standard_normal((1, 3, S, S)).astype(np.float32)
+    first = loop.begin(small, np.zeros((1, F), np.float32), np.zeros((1, HS), np.float32), None, None)
+    expected = ops.crop_patches(small, loop.outputs()[3][0], P)
+    np.testing.assert_array_equal(first, expected)
+    n = 300
+    big = rng.standard_normal((n, 3, S, S)).astype(np.float32)
+    for _ in range(3):
+        second = loop.begin(big, rng.standard_normal((n, F)).astype(np.float32),
+                            rng.standard_normal((n, HS)).astype(np.float32), None, None)
+        filler = [np.full(first.size, -7.0, np.float32) for _ in range(50)]  # reuse freed memory
+        np.testing.assert_array_equal(first, expected)
+        np.testing.assert_array_equal(second, ops.crop_patches(big, loop.outputs()[3][0], P))
+        del filler
+
+
+_THREADS_SCRIPT = """
+import threading, numpy as np
+from gfnet_edge import ops
+S, P, T, F, HS, HP, HC, C = 64, 16, 4, 64, 64, 64, 64, 50
+rng = np.random.default_rng(0)
+g = lambda *s: (rng.standard_normal(s) * 0.5).astype(np.float32)
+actor = ops.ActorHead(g(3 * HP, HS), g(3 * HP, HP), g(3 * HP), g(3 * HP), g(2, HP) * 4, g(2))
+gru = ops.GRUHead(g(3 * HC, F), g(3 * HC, HC), g(3 * HC), g(3 * HC), g(C, HC), g(C))
+loop = ops.host_loop(actor, gru, T, S, P, False, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+unexpected, refused = [], [0]
+def run(n):
+    r = np.random.default_rng(n)
+    imgs = r.standard_normal((n, 3, S, S)).astype(np.float32)
+    fe, st = r.standard_normal((n, F)).astype(np.float32), r.standard_normal((n, HS)).astype(np.float32)
+    for _ in range(150):
+        try:
+            p = loop.begin(imgs, fe, st, None, None)
+            while p is not None:
+                loop.active(); loop.logits(); loop.outputs()
+                p = loop.next(fe[:p.shape[0]].copy(), st[:p.shape[0]].copy())
+        except RuntimeError as e:
+            refused[0] += "another thread" in str(e)
+            if "another thread" not in str(e):
+                unexpected.append(repr(e))
+        except ValueError:
+            pass  # another thread's batch replaced this one's: its sizes no longer fit
+        except Exception as e:
+            unexpected.append(repr(e))
+ts = [threading.Thread(target=run, args=(n,)) for n in (1, 37, 200, 5)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+assert not unexpected, unexpected[:3]
+print("refused", refused[0])
+"""
+
+
+def test_host_loop_used_from_several_threads_refuses_instead_of_racing():
+    """Calls of one HostLoop from several threads (its calls release the GIL): a call while
+    another runs raises RuntimeError instead of racing on the loop's buffers (which crashed the
+    interpreter); run in a child process so that a crash fails the test, not the session."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert r.stdout.startswith("refused")
+
+
+_HUGE_STEPS = """
+import numpy as np
+from gfnet_edge import ops
+rng = np.random.default_rng(0)
+g = lambda *s: (rng.standard_normal(s) * 0.5).astype(np.float32)
+actor = ops.ActorHead(g(24, 10), g(24, 8), g(24), g(24), g(2, 8), g(2))
+gru = ops.GRUHead(g(21, 6), g(21, 7), g(21), g(21), g(5, 7), g(5))
+for steps in (2 ** 62 + 1, 2 ** 63 - 1):
+    loop = ops.host_loop(actor, gru, steps, 32, 12, False, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+    try:
+        loop.begin(g(4, 3, 32, 32), g(4, 6), g(4, 10), None, None)
+    except ValueError as e:
+        assert "coordinate buffer" in str(e), e
+    else:
+        raise AssertionError("accepted")
+print("refused")
+"""
+
+
+def test_a_step_count_whose_coordinate_buffer_overflows_is_refused():
+    """steps so large that (steps - 1) x N x 2 overflows: begin() raises ValueError instead of
+    sizing the coordinate buffer from the wrapped count and writing past it (which crashed;
+    hence the child process)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _HUGE_STEPS], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "refused", (r.returncode, r.stderr[-2000:])
+
+
+def test_host_loop_keeps_its_cascaded_layers_when_the_callers_dict_changes():
+    """_C.HostLoop takes the cascaded layers in a dict the caller still holds; emptying it (and
+    dropping the layers) afterwards changes nothing: the loop keeps the layers themselves and
+    gives what ops.host_loop over the same weights gives."""
+    import gc
+
+    from gfnet_edge import _C
+
+    rng = np.random.default_rng(8)
+    g = lambda *s: (rng.standard_normal(s) * 0.5).astype(np.float32)  # noqa: E731
+    aw = [g(3 * HP, HS), g(3 * HP, HP), g(3 * HP), g(3 * HP), g(2, HP) * 4, g(2)]
+    cw = [(g(C, k * F), g(C)) for k in range(2, T + 1)]
+    n = 5
+    frames = rng.integers(0, 256, (n, S, S, 3), dtype=np.uint8)
+    outs = [(g(n, F), g(n, HS), g(n, C)) for _ in range(T)]
+
+    def run(loop):
+        patches, t = loop.begin(frames, *outs[0], None), 0
+        while patches is not None:
+            t += 1
+            patches = loop.next(outs[t][0], outs[t][1])
+        return loop.outputs()
+
+    ref = run(ops.host_loop(ops.ActorHead(*aw), ops.CascadedHead(cw), T, S, P, True, MEAN, STD, feature_dim=F))
+    layers = {k: _C.Linear(w, b) for k, (w, b) in zip(range(2, T + 1), cw)}
+    loop = _C.HostLoop(_C.GRUCell(*aw[:4]), _C.Linear(*aw[4:]), None, None, layers, T, S, P, True, list(MEAN),
+                       list(STD))
+    layers.clear()
+    gc.collect()
+    junk = [_C.Linear(g(C + 3, 2)) for _ in range(50)]  # noqa: F841  (reuses freed memory)
+    for a, b in zip(run(loop), ref):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_host_loop_times_its_parts_only_when_asked():
     """profile on: every call reports heads and exit test; policy and crop exactly when it cut
     patches (-1 otherwise); off: all -1. Timing changes nothing in the results."""

@@ -103,6 +103,33 @@ def test_cuda_kernels_refuse_misaligned_outputs():
     stream.synchronize()
 
 
+@requires_gpu
+def test_every_cuda_kernel_refuses_pointers_misaligned_for_their_elements():
+    """Not only the pre-processing: the glance, the crop, the gather's indices, the softmax
+    statistics and the device heads refuse a pointer that is not a multiple of its element size
+    (ValueError, nothing launched), and the context stays usable."""
+    stream = ops.Stream()
+    buf = ops.DeviceBuffer(1 << 16)
+    images = ops.to_device(np.zeros((1, 3, 8, 8), np.float32), stream)
+    odd = buf.ptr + 2  # 2-byte aligned: fine for float16, not for float32 / int32
+    cases = [
+        lambda: ops.cuda_glance(images, 1, 8, odd, 4, stream=stream),
+        lambda: ops.cuda_glance(odd, 1, 8, buf.ptr, 4, stream=stream),
+        lambda: ops.cuda_crop_patches(images, 1, 8, odd, buf.ptr + 4096, 4, stream=stream),
+        lambda: ops.cuda_crop_patches(images, 1, 8, ops.to_device(np.zeros((1, 2), np.int32), stream), odd, 4,
+                                      stream=stream),
+        lambda: ops.cuda_gather_rows(images, 1, odd, buf.ptr + 4096, 16, n=1, stream=stream),
+        lambda: ops.cuda_softmax_stats(buf.ptr, 1, 4, odd, buf.ptr + 64, stream=stream),
+        lambda: ops.cuda_softmax_stats(buf.ptr, 1, 4, buf.ptr + 64, buf.ptr + 130, stream=stream),
+        lambda: ops.Linear(np.ones((2, 4), np.float32), device="cuda").forward_device(buf.ptr, odd, 1, stream=stream),
+    ]
+    for i, case in enumerate(cases):
+        with pytest.raises(ValueError, match="aligned"):
+            case()
+    ops.cuda_glance(images, 1, 8, odd, 4, out_dtype="float16", stream=stream)  # 2 bytes suffice for float16
+    stream.synchronize()
+
+
 def test_cuda_preprocess_checks_n_before_any_cuda_call():
     for n in (0, -1):
         with pytest.raises(ValueError, match="n"):
@@ -176,6 +203,21 @@ def test_cuda_crop_rejects_bad_coordinates_without_reading_out_of_bounds():
         ops.cuda_crop_patches(images, 2, 32, np.array([[0, 0], [30, 0]], np.int32), out, 8)
     with pytest.raises(ValueError, match="out of range"):
         ops.cuda_crop_patches(images, 2, 32, ops.to_device(np.array([[0, 0], [-5, 0]], np.int32)), out, 8)
+
+
+@requires_gpu
+def test_device_buffer_copies_refuse_offsets_past_the_buffer_even_when_offset_plus_size_wraps():
+    buf = ops.DeviceBuffer(64)
+    buf.copy_from_host(np.arange(16, dtype=np.float32))
+    four = np.zeros(4, np.uint8)
+    for offset in (61, 2**64 - 1, 2**64 - 3):  # the last two wrap offset + 4 to a small number
+        with pytest.raises(ValueError, match="overflows|overruns"):
+            buf.copy_from_host(np.full(4, 255, np.uint8), offset=offset)
+        with pytest.raises(ValueError, match="overflows|overruns"):
+            buf.copy_to_host(four, offset=offset)
+    back = np.zeros(16, np.float32)
+    buf.copy_to_host(back)
+    np.testing.assert_array_equal(back, np.arange(16, dtype=np.float32))
 
 
 @requires_gpu

@@ -64,6 +64,37 @@ def test_preprocess_bad_frames(bad, exc, msg):
         ops.preprocess(bad, 16)
 
 
+_HUGE_RESIZE = """
+import numpy as np
+from gfnet_edge import _C, ops
+f = np.zeros((2, 3, 3), np.uint8)
+for call in (lambda: ops.preprocess([f], 2, crop_pct=1e-18), lambda: ops.resize_crop([f], 2, crop_pct=1e-18),
+             lambda: _C.resize_crop([f], 2, 2 ** 62, "bilinear"),
+             lambda: _C.preprocess([f], 2, 2 ** 63 - 1, "bicubic", False, [0.5] * 3, [0.2] * 3)):
+    try:
+        call()
+    except ValueError as e:
+        assert "too large for a 2 x 3 frame" in str(e), e
+    else:
+        raise AssertionError("accepted")
+print("refused")
+"""
+
+
+def test_a_resize_whose_size_overflows_is_refused():
+    """A shorter side so large that resized_short * longer_side overflows int64 (crop_pct near 0
+    through ops, or the size itself through _C) raises ValueError instead of overflowing (and
+    planning ~10^18 positions). In a child process: before, the call did not return."""
+    import subprocess
+    import sys
+
+    try:
+        r = subprocess.run([sys.executable, "-c", _HUGE_RESIZE], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the resize was planned instead of refused")
+    assert r.returncode == 0 and r.stdout.strip() == "refused", r.stderr[-2000:]
+
+
 def test_preprocess_readonly_out(frame):
     out = np.zeros((1, 3, 16, 16), F32)
     out.setflags(write=False)
@@ -106,6 +137,47 @@ def test_glance_bad_mode_and_out(images):
 def test_crop_bad_inputs(images, coords, P, exc, msg):
     with pytest.raises(exc, match=msg):
         ops.crop_patches(images, coords, P)
+
+
+def _inside(buf, offset, shape):
+    """A C-contiguous view of `shape` starting `offset` elements into the flat array `buf`."""
+    return buf.reshape(-1)[offset:offset + int(np.prod(shape))].reshape(shape)
+
+
+def test_outputs_overlapping_an_input_are_refused_and_disjoint_ones_agree():
+    """An out= that shares memory with an input would have the kernel read values it already
+    overwrote (results silently wrong); it is refused. The same call into separate memory gives
+    the result of a fresh output."""
+    rng = np.random.default_rng(0)
+    f32 = rng.standard_normal(6 * 3 * 32 * 32).astype(F32)
+    imgs = _inside(f32, 0, (2, 3, 32, 32))
+    with pytest.raises(ValueError, match="out must not overlap images"):
+        ops.glance(imgs, 16, "bilinear", out=_inside(f32, 32 * 32, (2, 3, 16, 16)))
+    with pytest.raises(ValueError, match="out must not overlap images"):
+        ops.glance(imgs, 32, out=imgs)
+    coords = np.array([[1, 2], [8, 0]], np.int32)
+    with pytest.raises(ValueError, match="out must not overlap images"):
+        ops.crop_patches(imgs, coords, 8, out=_inside(f32, 100, (2, 3, 8, 8)))
+    u8 = rng.integers(0, 256, 4 * 32 * 32 * 3, dtype=np.uint8)
+    frames = _inside(u8, 0, (2, 32, 32, 3))
+    norm = dict(mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))
+    with pytest.raises(ValueError, match="out must not overlap frames"):
+        ops.glance(frames, 4, out=_inside(u8.view(F32), 10, (2, 3, 4, 4)), **norm)
+    with pytest.raises(ValueError, match="out must not overlap frames"):
+        ops.crop_patches(frames, coords, 4, out=_inside(u8.view(F32), 10, (2, 3, 4, 4)), **norm)
+    with pytest.raises(ValueError, match=r"out must not overlap frames\[1\]"):
+        ops.resize_crop([frames[0], frames[1]], 8, crop_pct=1.0, out=_inside(u8, 32 * 32 * 3 + 5, (2, 8, 8, 3)))
+    with pytest.raises(ValueError, match=r"out must not overlap frames\[0\]"):
+        ops.preprocess([frames[0]], 8, crop_pct=1.0, out=_inside(u8.view(F32), 0, (1, 3, 8, 8)))
+    out = np.zeros((1, 3, 8, 8), F32)
+    with pytest.raises(ValueError, match="glance_out must not overlap out"):
+        ops.preprocess([frames[0]], 8, crop_pct=1.0, glance_size=4, out=out, glance_out=_inside(out, 0, (1, 3, 4, 4)))
+    # disjoint outputs inside one larger buffer agree with fresh outputs
+    big = np.zeros(4 * 3 * 32 * 32, F32)
+    np.testing.assert_array_equal(ops.glance(imgs, 16, "bilinear", out=_inside(big, 7, (2, 3, 16, 16))),
+                                  ops.glance(imgs.copy(), 16, "bilinear"))
+    np.testing.assert_array_equal(ops.crop_patches(imgs, coords, 8, out=_inside(big, 3 * 32 * 32 * 2, (2, 3, 8, 8))),
+                                  ops.crop_patches(imgs.copy(), coords, 8))
 
 
 # ------------------------------------------------------------------------------ heads ----

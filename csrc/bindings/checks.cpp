@@ -1,5 +1,6 @@
 // Argument checks shared by the bindings (see common.h).
 #include <climits>
+#include <cstdint>
 #include <string>
 
 #include "bindings/common.h"
@@ -39,6 +40,16 @@ void check_ndim(const py::array& a, py::ssize_t ndim, const std::string& name) {
 
 void check_writeable(const py::array& a, const std::string& name) {
   if (!a.writeable()) throw py::value_error(name + " must be writeable");
+}
+
+void check_disjoint(const py::array& out, const std::string& out_name, const py::array& in,
+                    const std::string& in_name) {
+  if (out.nbytes() == 0 || in.nbytes() == 0) return;
+  const auto o = reinterpret_cast<uintptr_t>(out.data());
+  const auto i = reinterpret_cast<uintptr_t>(in.data());
+  if (o < i + static_cast<uintptr_t>(in.nbytes()) && i < o + static_cast<uintptr_t>(out.nbytes())) {
+    throw py::value_error(out_name + " must not overlap " + in_name + " (the kernel does not work in place)");
+  }
 }
 
 Interp parse_interp(const std::string& s, const std::string& name) {

@@ -36,6 +36,10 @@ py::array as_ndarray(const py::handle& obj, const std::string& name);
 void check_contiguous(const py::array& a, const std::string& name);
 void check_ndim(const py::array& a, py::ssize_t ndim, const std::string& name);
 void check_writeable(const py::array& a, const std::string& name);
+/// Raises ValueError when the bytes of output `out` overlap those of input `in` (both
+/// C-contiguous): a kernel would read values it has already overwritten.
+void check_disjoint(const py::array& out, const std::string& out_name, const py::array& in,
+                    const std::string& in_name);
 void check_positive(int64_t v, const std::string& name);
 /// Positive sizes whose product (times `item` bytes) fits an int64 byte count; checked before
 /// any size arithmetic (a kernel that divides by or multiplies sizes never sees 0 or an overflow).

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -19,9 +21,35 @@ struct PyHostLoop {
   py::object images = py::none();  // the batch being run (None between batches)
   int64_t feature_dim = 0;
   int64_t steps, image_size, patch_size, state_dim;
+  bool busy = false;  // a begin() / next() runs (with the GIL released); read and set under the GIL
   explicit PyHostLoop(const gfn::cpu::HostLoopModel& m)
       : loop(m), steps(m.steps), image_size(m.image_size), patch_size(m.patch_size),
         state_dim(m.actor_cell->input_size()) {}
+};
+
+/// Raises unless no begin() / next() of this loop runs in another thread: the loop's buffers
+/// change during those calls, which run with the GIL released.
+const PyHostLoop& idle(const PyHostLoop& self) {
+  if (self.busy) {
+    throw std::runtime_error("this HostLoop is running begin() or next() in another thread; "
+                             "use one HostLoop per thread");
+  }
+  return self;
+}
+
+/// Marks the loop busy for one begin() / next() (constructed and destroyed with the GIL held).
+class BusyScope {
+ public:
+  explicit BusyScope(PyHostLoop& self) : self_(self) {
+    idle(self);
+    self_.busy = true;
+  }
+  ~BusyScope() { self_.busy = false; }
+  BusyScope(const BusyScope&) = delete;
+  BusyScope& operator=(const BusyScope&) = delete;
+
+ private:
+  PyHostLoop& self_;
 };
 
 PyHostLoop* make_host_loop(const py::object& actor_cell, const py::object& actor_head, const py::object& cls_cell,
@@ -42,6 +70,7 @@ PyHostLoop* make_host_loop(const py::object& actor_cell, const py::object& actor
   if (ah.layer.out_features() != 2) throw py::value_error("the actor head must have 2 outputs");
   m.actor_cell = &ac.cell;
   m.actor_head = &ah.layer;
+  py::list layers;  // cascaded layers k = 2 .. steps
   if (!cls_cell.is_none()) {
     const auto& cc = cls_cell.cast<const PyGRUCell&>();
     const auto& ch = cls_head.cast<const PyLinear&>();
@@ -50,34 +79,40 @@ PyHostLoop* make_host_loop(const py::object& actor_cell, const py::object& actor
     m.cls_head = &ch.layer;
   } else {
     if (!step0_backbone) throw py::value_error("a cascaded classifier takes its step-0 logits from the glance graph");
-    m.cascaded.assign(static_cast<size_t>(steps + 1), nullptr);
+    // The layer objects themselves are kept (not the caller's dict, which may change later).
     for (int64_t k = 2; k <= steps; ++k) {
       if (!cascaded.contains(py::int_(k))) {
         throw py::value_error("cascaded classifier layer for k=" + std::to_string(k) + " is missing");
       }
-      m.cascaded[k] = &cascaded[py::int_(k)].cast<const PyLinear&>().layer;
+      layers.append(cascaded[py::int_(k)]);
     }
+    m.cascaded.assign(static_cast<size_t>(steps + 1), nullptr);
+    for (int64_t k = 2; k <= steps; ++k) m.cascaded[k] = &layers[static_cast<size_t>(k - 2)].cast<const PyLinear&>().layer;
   }
   m.norm = normalize_params(mean, std, false);
   auto* h = new PyHostLoop(m);
-  h->keep = py::make_tuple(actor_cell, actor_head, cls_cell, cls_head, cascaded);
+  h->keep = py::make_tuple(actor_cell, actor_head, cls_cell, cls_head, py::tuple(layers));
   return h;
 }
 
-/// The patches of the next focus step (a view of the loop's buffer, valid until its next
-/// call), or None when the batch is done.
-py::object host_loop_patches(py::object self_obj, PyHostLoop& self, int64_t m) {
+/// The patches of the next focus step (a view of the loop's buffer: its contents are those of
+/// this step until the loop's next call; the view keeps the memory itself alive), or None when
+/// the batch is done.
+py::object host_loop_patches(PyHostLoop& self, int64_t m) {
   if (m == 0) {
     self.images = py::none();
     return py::none();
   }
   const int64_t p = self.patch_size;
-  return py::array_t<float>({m, int64_t{3}, p, p}, self.loop.patches().data(), self_obj);
+  auto* keep = new std::shared_ptr<const std::vector<float>>(self.loop.patch_buffer());
+  py::capsule owner(keep, [](void* k) { delete static_cast<std::shared_ptr<const std::vector<float>>*>(k); });
+  return py::array_t<float>({m, int64_t{3}, p, p}, (*keep)->data(), owner);
 }
 
 py::object host_loop_begin(py::object self_obj, const py::object& images, const py::object& feature,
                            const py::object& state, const py::object& logits, const py::object& thresholds) {
   auto& self = self_obj.cast<PyHostLoop&>();
+  const BusyScope busy(self);
   const int64_t image_size = self.image_size, steps = self.steps, state_dim = self.state_dim;
   py::array im = as_ndarray(images, "images");
   check_contiguous(im, "images");
@@ -116,19 +151,23 @@ py::object host_loop_begin(py::object self_obj, const py::object& images, const 
     if (th.shape(0) != steps) throw py::value_error("thresholds must have " + std::to_string(steps) + " values");
     tp = static_cast<const float*>(th.data());
   }
-  self.images = im;
-  self.feature_dim = f.shape(1);
+  // No batch runs until begin() succeeds: a refused begin() may leave the loop half set up,
+  // pointing at `im` or at the previous batch's images, which `self.images` no longer holds.
+  self.images = py::none();
   int64_t m;
   {
     py::gil_scoped_release release;
     m = self.loop.begin(im.data(), u8, n, static_cast<const float*>(f.data()), f.shape(1),
                         static_cast<const float*>(s.data()), state_dim, lp, classes, tp);
   }
-  return host_loop_patches(self_obj, self, m);
+  self.images = im;
+  self.feature_dim = f.shape(1);
+  return host_loop_patches(self, m);
 }
 
 py::object host_loop_next(py::object self_obj, const py::object& feature, const py::object& state) {
   auto& self = self_obj.cast<PyHostLoop&>();
+  const BusyScope busy(self);
   const int64_t state_dim = self.state_dim;
   if (self.images.is_none()) throw py::value_error("next() without a running batch: call begin() first");
   const auto m = static_cast<int64_t>(self.loop.active().size());
@@ -139,7 +178,7 @@ py::object host_loop_next(py::object self_obj, const py::object& feature, const 
     py::gil_scoped_release release;
     next = self.loop.next(static_cast<const float*>(f.data()), static_cast<const float*>(s.data()));
   }
-  return host_loop_patches(self_obj, self, next);
+  return host_loop_patches(self, next);
 }
 
 }  // namespace
@@ -155,32 +194,36 @@ void bind_host_loop(py::module_& m) {
            py::arg("thresholds"))
       .def("next", &host_loop_next, py::arg("feature"), py::arg("state"))
       .def_property(
-          "profile", [](const PyHostLoop& s) { return s.loop.profile(); },
-          [](PyHostLoop& s, bool on) { s.loop.set_profile(on); },
+          "profile", [](const PyHostLoop& s) { return idle(s).loop.profile(); },
+          [](PyHostLoop& s, bool on) {
+            idle(s);
+            s.loop.set_profile(on);
+          },
           "time the parts of each call (part_seconds); off by default")
       .def(
           "part_seconds",
           [](const PyHostLoop& s) {
-            const auto& p = s.loop.part_seconds();
+            const auto& p = idle(s).loop.part_seconds();
             return py::make_tuple(p[gfn::cpu::HostLoop::kHeads], p[gfn::cpu::HostLoop::kExit],
                                   p[gfn::cpu::HostLoop::kPolicy], p[gfn::cpu::HostLoop::kCrop]);
           },
           "(heads, exit, policy, crop) seconds of the last begin() / next() while profile is on; -1 for a part "
           "the call did not run (every part when profile is off)")
       .def("logits", [](const PyHostLoop& s) {
-        const auto& l = s.loop.logits();
+        const auto& l = idle(s).loop.logits();
         const int64_t c = s.loop.classes(), m = c ? static_cast<int64_t>(l.size()) / c : 0;
         py::array_t<float> out({m, c});
         std::memcpy(out.mutable_data(), l.data(), l.size() * sizeof(float));
         return out;
       })
       .def("active", [](const PyHostLoop& s) {
-        const auto& a = s.loop.active();
+        const auto& a = idle(s).loop.active();
         py::array_t<int64_t> out(static_cast<py::ssize_t>(a.size()));
         std::memcpy(out.mutable_data(), a.data(), a.size() * sizeof(int64_t));
         return out;
       })
       .def("outputs", [](const PyHostLoop& s) {
+        idle(s);
         const int64_t n = static_cast<int64_t>(s.loop.prediction().size());
         py::array_t<int64_t> pred(n), ex(n);
         py::array_t<float> conf(n);

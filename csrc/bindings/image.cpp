@@ -39,6 +39,13 @@ FrameList frame_list(const py::list& frames) {
   return fl;
 }
 
+/// Raises ValueError when `out` overlaps any of the frames.
+void check_disjoint_frames(const py::array& out, const std::string& name, const FrameList& fl) {
+  for (size_t i = 0; i < fl.keep.size(); ++i) {
+    check_disjoint(out, name, fl.keep[i], "frames[" + std::to_string(i) + "]");
+  }
+}
+
 void check_resize(int64_t image_size, int64_t resize_short) {
   check_positive(image_size, "image_size");
   if (resize_short < image_size) {
@@ -59,6 +66,7 @@ py::tuple cpu_preprocess(const py::list& frames, int64_t image_size, int64_t res
   const FrameList fl = frame_list(frames);
   const int64_t n = fl.size();
   py::array o = output_array<float>(out, {n, 3, image_size, image_size}, "out");
+  check_disjoint_frames(o, "out", fl);
   py::object g = py::none();
   float* gptr = nullptr;
   if (glance_size > 0) {
@@ -67,6 +75,8 @@ py::tuple cpu_preprocess(const py::list& frames, int64_t image_size, int64_t res
       throw py::value_error("glance_size must be <= image_size");
     }
     py::array ga = output_array<float>(glance_out, {n, 3, glance_size, glance_size}, "glance_out");
+    check_disjoint(ga, "glance_out", o, "out");
+    check_disjoint_frames(ga, "glance_out", fl);
     gptr = static_cast<float*>(ga.mutable_data());
     g = ga;
   } else if (glance_size < 0) {
@@ -88,6 +98,7 @@ py::array cpu_resize_crop(const py::list& frames, int64_t image_size, int64_t re
   const FrameList fl = frame_list(frames);
   const int64_t n = fl.size();
   py::array o = output_array<uint8_t>(out, {n, image_size, image_size, 3}, "out");
+  check_disjoint_frames(o, "out", fl);
   uint8_t* optr = static_cast<uint8_t*>(o.mutable_data());
   {
     py::gil_scoped_release release;
@@ -117,6 +128,7 @@ py::array cpu_glance_u8(const py::object& frames, int64_t size, const std::strin
   const Interp mode = parse_interp(interpolation, "interpolation");
   const gfn::cpu::NormalizeParams norm = normalize_params(mean, std, bgr);
   py::array o = output_array<float>(out, {n, 3, size, size}, "out");
+  check_disjoint(o, "out", a, "frames");
   const uint8_t* src = static_cast<const uint8_t*>(a.data());
   float* dst = static_cast<float*>(o.mutable_data());
   {
@@ -135,6 +147,7 @@ py::array cpu_glance(const py::object& images, int64_t size, const std::string& 
   check_sizes({{n, "N"}, {c, "C"}, {size, "patch_size"}, {size, "patch_size"}});
   const Interp mode = parse_interp(interpolation, "interpolation");
   py::array o = output_array<float>(out, {n, c, size, size}, "out");
+  check_disjoint(o, "out", a, "images");
   const float* src = static_cast<const float*>(a.data());
   float* dst = static_cast<float*>(o.mutable_data());
   {
@@ -198,6 +211,9 @@ py::array cpu_crop(const py::object& images, const py::object& coords, int64_t p
   py::array k = crop_coords(coords, m, s, patch);
   const int32_t* kp = static_cast<const int32_t*>(k.data());
   py::array o = output_array<float>(out, {m, c, patch, patch}, "out");
+  check_disjoint(o, "out", a, "images");
+  check_disjoint(o, "out", k, "coords");
+  if (ip != nullptr) check_disjoint(o, "out", keep_index, "index");
   const float* src = static_cast<const float*>(a.data());
   float* dst = static_cast<float*>(o.mutable_data());
   {
@@ -218,6 +234,9 @@ py::array cpu_crop_u8(const py::object& frames, const py::object& coords, int64_
   py::array k = crop_coords(coords, m, s, patch);
   const gfn::cpu::NormalizeParams norm = normalize_params(mean, std, bgr);
   py::array o = output_array<float>(out, {m, 3, patch, patch}, "out");
+  check_disjoint(o, "out", a, "frames");
+  check_disjoint(o, "out", k, "coords");
+  if (ip != nullptr) check_disjoint(o, "out", keep_index, "index");
   const uint8_t* src = static_cast<const uint8_t*>(a.data());
   const int32_t* kp = static_cast<const int32_t*>(k.data());
   float* dst = static_cast<float*>(o.mutable_data());

@@ -162,6 +162,12 @@ inline ResizeCropGeometry plan_geometry(int64_t h, int64_t w, int64_t resize_sho
   g.in_w = w;
   g.crop = crop;
   const int64_t shortest = std::min(h, w), longest = std::max(h, w);
+  // The product below stays an exact int64 and its quotient converts back to one.
+  constexpr int64_t kMaxProduct = int64_t{1} << 62;
+  if (resize_short > kMaxProduct / longest) {
+    throw std::invalid_argument("resize size " + std::to_string(resize_short) + " is too large for a " +
+                                std::to_string(h) + " x " + std::to_string(w) + " frame");
+  }
   // Python: int(size * long / short) with a true (double) division.
   const int64_t new_long = static_cast<int64_t>(static_cast<double>(resize_short * longest) /
                                                 static_cast<double>(shortest));

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
@@ -28,6 +29,11 @@ int64_t HostLoop::begin(const void* images, bool u8, int64_t n, const float* fea
                         const float* state, int64_t state_dim, const float* logits, int64_t classes,
                         const float* thresholds) {
   const int64_t T = m_.steps;
+  // The coordinates of every step and image: (T - 1) x n x 2 int32, a count that must not overflow.
+  if (n < 1 || T < 1 || T - 1 > std::numeric_limits<int64_t>::max() / 4 / n) {
+    throw std::invalid_argument("a batch of " + std::to_string(n) + " images over " + std::to_string(T) +
+                                " steps does not fit the loop's coordinate buffer");
+  }
   // The buffers below are sized from these: refuse outputs that do not fit the heads.
   const int64_t want_classes = m_.cls_head != nullptr ? m_.cls_head->out_features()
                                : T > 1                ? m_.cascaded.at(2)->out_features()
@@ -176,12 +182,18 @@ int64_t HostLoop::finish_step(Clock::time_point& since) {
     coords_[(t_ * n_ + active_[i]) * 2 + 1] = step_coords_[2 * i + 1];
   }
   if (profile_) lap(kPolicy, since);
-  patches_.resize(static_cast<size_t>(m * 3 * P * P));
+  const size_t patch_floats = static_cast<size_t>(m * 3 * P * P);
+  if (patches_->capacity() < patch_floats) {
+    // A new buffer, not a reallocation: views of the old one stay valid (patch_buffer()).
+    patches_ = std::make_shared<std::vector<float>>();
+    patches_->reserve(patch_floats);
+  }
+  patches_->resize(patch_floats);
   if (u8_) {
-    crop_patches_u8(static_cast<const uint8_t*>(images_), m, S, step_coords_.data(), m_.norm, patches_.data(), P,
+    crop_patches_u8(static_cast<const uint8_t*>(images_), m, S, step_coords_.data(), m_.norm, patches_->data(), P,
                     active_.data());
   } else {
-    crop_patches(static_cast<const float*>(images_), m, 3, S, step_coords_.data(), patches_.data(), P,
+    crop_patches(static_cast<const float*>(images_), m, 3, S, step_coords_.data(), patches_->data(), P,
                  active_.data());
   }
   if (profile_) lap(kCrop, since);

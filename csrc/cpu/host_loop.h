@@ -8,6 +8,7 @@
 #include <array>
 #include <chrono>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "heads.h"
@@ -41,7 +42,11 @@ class HostLoop {
   /// The focus graph's outputs for the patches of the last call (m rows).
   int64_t next(const float* feature, const float* state);
 
-  const std::vector<float>& patches() const { return patches_; }
+  const std::vector<float>& patches() const { return *patches_; }
+  /// The buffer `patches()` is: a holder keeps it alive (a view handed out) after the loop has
+  /// moved to a larger one. The loop writes each step's patches into the current buffer, and
+  /// replaces it (never reallocates it) when a step needs more room.
+  std::shared_ptr<const std::vector<float>> patch_buffer() const { return patches_; }
   /// Logits of the images that ran the last step (rows in the order `active()` had before the
   /// call: the exit test may have dropped some since; in trace mode nobody exits).
   const std::vector<float>& logits() const { return logits_; }
@@ -81,7 +86,8 @@ class HostLoop {
   int64_t n_ = 0, t_ = 0, fdim_ = 0, sdim_ = 0, classes_ = 0;
   std::vector<float> thr_;
   std::vector<int64_t> active_;
-  std::vector<float> state_, h_pol_, h_cls_, feats_, logits_, maxprob_, patches_, scratch_;
+  std::vector<float> state_, h_pol_, h_cls_, feats_, logits_, maxprob_, scratch_;
+  std::shared_ptr<std::vector<float>> patches_ = std::make_shared<std::vector<float>>();
   std::vector<int32_t> argmax_, step_coords_;
   std::vector<int64_t> prediction_, exit_step_;
   std::vector<float> confidence_;

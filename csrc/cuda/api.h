@@ -90,6 +90,9 @@ void memcpy_dtod(uintptr_t dst, uintptr_t src, size_t nbytes, uintptr_t stream);
 
 /// Throws std::invalid_argument when `ptr` is null or plain (unregistered) host memory.
 void check_device_pointer(uintptr_t ptr, const char* name);
+/// The same, and also when `ptr` is not a multiple of `align` bytes (the size of the elements a
+/// kernel reads or writes there: a misaligned access is a sticky error that ends the context).
+void check_device_pointer(uintptr_t ptr, const char* name, size_t align);
 
 /// Pre-process n contiguous uint8 HWC frames of h x w on the device into out (n, 3, S, S) and,
 /// when glance != 0, their glance (n, 3, P, P) computed from the float32 values: one launch of

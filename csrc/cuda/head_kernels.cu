@@ -392,12 +392,12 @@ void check_segments(int64_t in, int64_t k, int64_t steps, int64_t feature_dim) {
 }
 
 // The checks of a cascaded layer's call on `steps` step features of `feature_dim`.
-void check_segment_call(int64_t in, uintptr_t features, int64_t steps, int64_t nb,
+void check_segment_call(int64_t in, uintptr_t features, DType x_dtype, int64_t steps, int64_t nb,
                         int64_t feature_dim, int64_t k) {
   require_device();
   check_batch(nb);
   check_segments(in, k, steps, feature_dim);
-  check_device_pointer(features, "features");
+  check_device_pointer(features, "features", elem_size(x_dtype));
 }
 
 // Float32 logits from `produce(out)`, with max prob / argmax: written straight into the
@@ -406,7 +406,9 @@ void check_segment_call(int64_t in, uintptr_t features, int64_t steps, int64_t n
 template <typename Produce>
 void logits_step(Produce produce, int64_t nb, int64_t classes, uintptr_t logits,
                  DType logits_dtype, uintptr_t maxprob, uintptr_t argmax, uintptr_t stream) {
-  if (logits != 0) check_device_pointer(logits, "logits");
+  if (logits != 0) check_device_pointer(logits, "logits", elem_size(logits_dtype));
+  if (maxprob != 0) check_device_pointer(maxprob, "maxprob", sizeof(float));
+  if (argmax != 0) check_device_pointer(argmax, "argmax", sizeof(int32_t));
   if (logits != 0 && logits_dtype == DType::kF32) {
     produce(logits);
     if (maxprob != 0 || argmax != 0) {
@@ -440,8 +442,8 @@ void LinearWeights::forward(uintptr_t x, DType x_dtype, int64_t nb, uintptr_t ou
                             DType out_dtype, bool relu, uintptr_t stream) const {
   require_device();
   check_batch(nb);
-  check_device_pointer(x, "x");
-  check_device_pointer(out, "out");
+  check_device_pointer(x, "x", elem_size(x_dtype));
+  check_device_pointer(out, "out", elem_size(out_dtype));
   if (out_dtype == DType::kF32) {
     forward_f32(x, x_dtype, nb, out, relu, stream);
     return;
@@ -467,8 +469,8 @@ void LinearWeights::forward_segments_f32(uintptr_t features, DType x_dtype, bool
 void LinearWeights::forward_segments(uintptr_t features, DType x_dtype, bool tnf, int64_t steps,
                                      int64_t nb, int64_t feature_dim, int64_t k, uintptr_t out,
                                      DType out_dtype, uintptr_t stream) const {
-  check_segment_call(in_, features, steps, nb, feature_dim, k);
-  check_device_pointer(out, "out");
+  check_segment_call(in_, features, x_dtype, steps, nb, feature_dim, k);
+  check_device_pointer(out, "out", elem_size(out_dtype));
   if (out_dtype == DType::kF32) {
     forward_segments_f32(features, x_dtype, tnf, steps, nb, feature_dim, k, out, stream);
     return;
@@ -501,10 +503,10 @@ void GruWeights::step(uintptr_t x, DType x_dtype, uintptr_t h, int64_t nb, uintp
                       uintptr_t stream) const {
   require_device();
   check_batch(nb);
-  check_device_pointer(x, "x");
-  check_device_pointer(h_out, "h_out");
+  check_device_pointer(x, "x", elem_size(x_dtype));
+  check_device_pointer(h_out, "h_out", sizeof(float));
   if (h != 0) {
-    check_device_pointer(h, "h");
+    check_device_pointer(h, "h", sizeof(float));
     if (h == h_out) throw std::invalid_argument("h_out must not alias h");
   }
   const cudaStream_t s = as_stream(stream);
@@ -582,8 +584,8 @@ void GruHead::step_actor(uintptr_t x, DType x_dtype, uintptr_t h, int64_t nb, ui
   if (patch_size < 1 || patch_size > image_size) {
     throw std::invalid_argument("need 1 <= patch_size <= image_size");
   }
-  if (action != 0) check_device_pointer(action, "action");
-  if (coords != 0) check_device_pointer(coords, "coords");
+  if (action != 0) check_device_pointer(action, "action", sizeof(float));
+  if (coords != 0) check_device_pointer(coords, "coords", sizeof(int32_t));
   gru_.step(x, x_dtype, h, nb, h_out, stream);
   // The raw outputs go to the caller's action buffer, which the epilogue then rewrites in
   // place (one element per thread); without one, to stream-ordered scratch.
@@ -597,7 +599,7 @@ void GruHead::step_actor(uintptr_t x, DType x_dtype, uintptr_t h, int64_t nb, ui
 void cascaded_step(const LinearWeights& layer, uintptr_t features, DType x_dtype, bool tnf,
                    int64_t steps, int64_t nb, int64_t feature_dim, int64_t k, uintptr_t logits,
                    DType logits_dtype, uintptr_t maxprob, uintptr_t argmax, uintptr_t stream) {
-  check_segment_call(layer.in_features(), features, steps, nb, feature_dim, k);
+  check_segment_call(layer.in_features(), features, x_dtype, steps, nb, feature_dim, k);
   logits_step([&](uintptr_t out) {
                 layer.forward_segments_f32(features, x_dtype, tnf, steps, nb, feature_dim, k, out, stream);
               },

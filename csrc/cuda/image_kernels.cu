@@ -363,8 +363,8 @@ void normalise_frames(uintptr_t frames, int64_t n, int64_t image_size, bool bgr,
 void glance(uintptr_t in, DType in_dtype, int64_t n, int64_t channels, int64_t in_size,
             uintptr_t out, DType out_dtype, int64_t out_size, Interp mode, uintptr_t stream) {
   require_device();
-  check_device_pointer(in, "images");
-  check_device_pointer(out, "out");
+  check_device_pointer(in, "images", in_dtype == DType::kF32 ? 4 : 2);
+  check_device_pointer(out, "out", out_dtype == DType::kF32 ? 4 : 2);
   check_positive(in_size, "image size");
   check_positive(out_size, "glance size");
   const cudaStream_t s = as_stream(stream);
@@ -381,11 +381,12 @@ void crop_patches(uintptr_t images, DType dtype, int64_t n, int64_t channels, in
                   uintptr_t coords, uintptr_t out, int64_t patch, uintptr_t error_flag,
                   uintptr_t stream, uintptr_t rows, int64_t image_rows) {
   require_device();
-  check_device_pointer(images, "images");
-  check_device_pointer(coords, "coords");
-  check_device_pointer(out, "out");
+  const size_t esize = dtype == DType::kF32 ? 4 : 2;
+  check_device_pointer(images, "images", esize);
+  check_device_pointer(coords, "coords", sizeof(int32_t));
+  check_device_pointer(out, "out", esize);
   if (rows != 0) {
-    check_device_pointer(rows, "rows");
+    check_device_pointer(rows, "rows", sizeof(int32_t));
     check_positive(image_rows, "image_rows");
   }
   check_positive(patch, "patch_size");

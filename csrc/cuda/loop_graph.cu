@@ -156,9 +156,9 @@ LoopGraph::LoopGraph(const std::vector<uintptr_t>& focus, uintptr_t stats, uintp
   for (uintptr_t g : focus) {
     if (g == 0) throw std::invalid_argument("a focus step graph is null (not captured, or not kept)");
   }
-  check_device_pointer(stats, "stats");
-  check_device_pointer(thresholds, "thresholds");
-  check_device_pointer(result, "result");
+  check_device_pointer(stats, "stats", sizeof(int32_t));
+  check_device_pointer(thresholds, "thresholds", sizeof(float));
+  check_device_pointer(result, "result", sizeof(int32_t));
   steps_ = static_cast<int>(focus.size()) + 1;
 #if defined(GFN_CONDITIONAL_NODES)
   GraphGuard g;

@@ -94,7 +94,7 @@ DeviceBuffer::~DeviceBuffer() {
 
 void DeviceBuffer::copy_from_host(const void* src, size_t nbytes, size_t offset,
                                   uintptr_t stream) {
-  if (offset + nbytes > nbytes_) {
+  if (offset > nbytes_ || nbytes > nbytes_ - offset) {  // offset + nbytes may wrap around
     throw std::invalid_argument("copy of " + std::to_string(nbytes) + " bytes at offset " +
                                 std::to_string(offset) + " overflows a buffer of " +
                                 std::to_string(nbytes_) + " bytes");
@@ -105,7 +105,7 @@ void DeviceBuffer::copy_from_host(const void* src, size_t nbytes, size_t offset,
 }
 
 void DeviceBuffer::copy_to_host(void* dst, size_t nbytes, size_t offset, uintptr_t stream) const {
-  if (offset + nbytes > nbytes_) {
+  if (offset > nbytes_ || nbytes > nbytes_ - offset) {  // offset + nbytes may wrap around
     throw std::invalid_argument("copy of " + std::to_string(nbytes) + " bytes at offset " +
                                 std::to_string(offset) + " overruns a buffer of " +
                                 std::to_string(nbytes_) + " bytes");
@@ -185,6 +185,14 @@ void check_device_pointer(uintptr_t ptr, const char* name) {
   }
 }
 
+void check_device_pointer(uintptr_t ptr, const char* name, size_t align) {
+  if (align > 1 && ptr % align != 0) {
+    throw std::invalid_argument(std::string(name) + " must be aligned to its element size (" +
+                                std::to_string(align) + " bytes)");
+  }
+  check_device_pointer(ptr, name);
+}
+
 namespace {
 
 constexpr int kMaxDevices = 64;
@@ -258,7 +266,7 @@ Scratch::~Scratch() {
 
 ErrorFlag::ErrorFlag(uintptr_t given, uintptr_t stream) : stream_(stream) {
   if (given != 0) {
-    check_device_pointer(given, "error_flag");
+    check_device_pointer(given, "error_flag", sizeof(int));
     flag_ = reinterpret_cast<int*>(given);
     return;
   }

@@ -94,7 +94,7 @@ void gather_rows(uintptr_t src, int64_t src_rows, uintptr_t idx, uintptr_t dst, 
                  int64_t row_bytes, uintptr_t error_flag, uintptr_t stream) {
   require_device();
   check_gather_args(src, src_rows, dst, n, row_bytes);
-  check_device_pointer(idx, "idx");
+  check_device_pointer(idx, "idx", sizeof(int32_t));
   const cudaStream_t s = as_stream(stream);
   const ErrorFlag flag(error_flag, stream);
   dispatch_gather(src, src_rows, idx, dst, n, row_bytes, flag.get(), s);
