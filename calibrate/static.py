@@ -275,11 +275,19 @@ def static_baselines(sources: List[str], frames: np.ndarray, labels: np.ndarray,
 
 def _checked_meta(path: Path, meta: Dict[str, Any], model: ModelDesc) -> Dict[str, Any]:
     """A static checkpoint's metadata (no weights) made JSON-safe and checked against the bundle's
-    image size."""
+    image size and classes (their number, and their names where both record them)."""
     meta = _json_safe(meta)
     if int(meta.get("image_size", model.image_size)) != model.image_size:
         raise InputError(f"--static {path}: baseline image size {meta.get('image_size')} differs from the "
                          f"bundle's {model.image_size}")
+    if model.num_classes and int(meta.get("num_classes", model.num_classes)) != model.num_classes:
+        raise InputError(f"--static {path}: the baseline has {meta.get('num_classes')} classes, the bundle's model "
+                         f"{model.num_classes}")
+    names = meta.get("classes")
+    if names is not None and model.class_names is not None and list(names) != list(model.class_names):
+        raise InputError(f"--static {path}: the baseline's classes ({', '.join(map(str, names))}) are not the "
+                         f"bundle's ({', '.join(model.class_names)}): its accuracy would be scored against other "
+                         "labels; pass the static.pth.tar of the run the bundle was built from")
     return meta
 
 

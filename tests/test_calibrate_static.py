@@ -677,3 +677,29 @@ def test_tensorrt_static_engine_on_a_real_gpu(model, static, frames, tmp_path):
         assert clf.cache.captures == 2 and clf.cache.replays == 2, clf.cache.disabled
     np.testing.assert_allclose(np.concatenate(got), reference_logits(static.onnx, model, x[:12]), rtol=1e-3,
                                atol=1e-3)
+
+
+def test_a_static_checkpoint_of_other_classes_than_the_bundles_is_refused(model, frames, tmp_path):
+    """A baseline trained on other class folders (or another number of classes) would be scored
+    against the bundle's labels: refused naming both; the baseline of the same classes runs."""
+    import dataclasses
+
+    import timm
+
+    from gfnet_edge.train.static import save_static
+
+    x, y = frames
+    torch.manual_seed(0)
+    net = timm.create_model("resnet10t", pretrained=False, num_classes=CLASSES).eval()
+    names = ["blue jay", "grüne Äpfel", "red car", "zebra"]
+    ckpt = save_static(tmp_path / "static.pth.tar", net, "resnet10t", {}, CLASSES, image_size=S, half=False,
+                       metadata={"classes": names})
+    named = dataclasses.replace(model, class_names=tuple(names))
+    res = static_baselines([str(ckpt)], x[:8], y[:8], x, named, 1, False, repeats=1, batch=2)
+    assert len(res) == 1 and res[0].meta["classes"] == names
+    other = dataclasses.replace(model, class_names=("apple", "mango", "pear", "zebra"))
+    with pytest.raises(InputError, match="baseline's classes .*blue jay.* are not the bundle's .*apple"):
+        static_baselines([str(ckpt)], x[:8], y[:8], x, other, 1, False, repeats=1, batch=2)
+    fewer = dataclasses.replace(model, num_classes=CLASSES - 1)
+    with pytest.raises(InputError, match=f"baseline has {CLASSES} classes, the bundle's model {CLASSES - 1}"):
+        static_baselines([str(ckpt)], x[:8], y[:8], x, fewer, 1, False, repeats=1, batch=2)
