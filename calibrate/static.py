@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -270,7 +271,18 @@ def static_baselines(sources: List[str], frames: np.ndarray, labels: np.ndarray,
                 with open_classifier(plan, p, onnx_path, model, threads, work, batch, precision=prec,
                                      calib=calib, network=net) as clf:
                     out.append(evaluate_classifier(clf, f"{label} {prec}", frames, labels, lat_frames, **kw))
-    return out
+    return _unique_names(out)
+
+
+def _unique_names(results: List[StaticResult]) -> List[StaticResult]:
+    """Names the report, the comparisons and the deadline sweep can tell apart: a name two
+    baselines share (two runs of the same backbone) gets each one's file, then its position."""
+    for key in (lambda r, k: f"{r.name} ({r.source})", lambda r, k: f"{r.name} #{k + 1}"):
+        counts = Counter(r.name for r in results)
+        for k, r in enumerate(results):
+            if counts[r.name] > 1:
+                r.name = key(r, k)
+    return results
 
 
 def _checked_meta(path: Path, meta: Dict[str, Any], model: ModelDesc) -> Dict[str, Any]:

@@ -703,3 +703,20 @@ def test_a_static_checkpoint_of_other_classes_than_the_bundles_is_refused(model,
     fewer = dataclasses.replace(model, num_classes=CLASSES - 1)
     with pytest.raises(InputError, match=f"baseline has {CLASSES} classes, the bundle's model {CLASSES - 1}"):
         static_baselines([str(ckpt)], x[:8], y[:8], x, fewer, 1, False, repeats=1, batch=2)
+
+
+def test_two_static_baselines_of_one_backbone_keep_their_own_names(model, static, frames, tmp_path):
+    """Two runs' baselines of the same backbone share a model name; each result (and so the report's
+    comparisons and the deadline sweep, keyed by name) is told apart by its file, then by position."""
+    import shutil
+
+    x, y = frames
+    other = tmp_path / "run2" / "static.pth.tar"
+    other.parent.mkdir()
+    shutil.copyfile(static.ckpt, other)
+    res = static_baselines([str(static.ckpt), str(other), str(static.onnx)], x[:8], y[:8], x, model, 1, False,
+                           repeats=1, batch=2)
+    assert [r.name for r in res] == [f"static_resnet10t fp32 ({static.ckpt})", f"static_resnet10t fp32 ({other})",
+                                     f"{static.onnx.stem} fp32"]
+    res = static_baselines([str(other), str(other)], x[:8], y[:8], x, model, 1, False, repeats=1, batch=2)
+    assert [r.name for r in res] == [f"static_resnet10t fp32 ({other}) #1", f"static_resnet10t fp32 ({other}) #2"]
