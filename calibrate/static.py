@@ -287,7 +287,8 @@ def _unique_names(results: List[StaticResult]) -> List[StaticResult]:
 
 def _checked_meta(path: Path, meta: Dict[str, Any], model: ModelDesc) -> Dict[str, Any]:
     """A static checkpoint's metadata (no weights) made JSON-safe and checked against the bundle's
-    image size and classes (their number, and their names where both record them)."""
+    image size, classes (their number, and their names where both record them) and pre-processing
+    (crop and interpolation, where the baseline records them)."""
     meta = _json_safe(meta)
     if int(meta.get("image_size", model.image_size)) != model.image_size:
         raise InputError(f"--static {path}: baseline image size {meta.get('image_size')} differs from the "
@@ -295,6 +296,11 @@ def _checked_meta(path: Path, meta: Dict[str, Any], model: ModelDesc) -> Dict[st
     if model.num_classes and int(meta.get("num_classes", model.num_classes)) != model.num_classes:
         raise InputError(f"--static {path}: the baseline has {meta.get('num_classes')} classes, the bundle's model "
                          f"{model.num_classes}")
+    for key, ours in (("crop_pct", model.crop_pct), ("dataset_interpolation", model.dataset_interpolation)):
+        if key in meta and meta[key] != ours:  # recorded by gfnet-edge train --data
+            raise InputError(f"--static {path}: the baseline was trained and validated with {key} {meta[key]}, the "
+                             f"bundle's model with {ours}: it would be scored on frames it was not trained on; pass "
+                             "the static.pth.tar of the run the bundle was built from")
     names = meta.get("classes")
     if names is not None and model.class_names is not None and list(names) != list(model.class_names):
         raise InputError(f"--static {path}: the baseline's classes ({', '.join(map(str, names))}) are not the "

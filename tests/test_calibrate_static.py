@@ -720,3 +720,24 @@ def test_two_static_baselines_of_one_backbone_keep_their_own_names(model, static
                                      f"{static.onnx.stem} fp32"]
     res = static_baselines([str(other), str(other)], x[:8], y[:8], x, model, 1, False, repeats=1, batch=2)
     assert [r.name for r in res] == [f"static_resnet10t fp32 ({other}) #1", f"static_resnet10t fp32 ({other}) #2"]
+
+
+def test_a_static_checkpoint_of_other_pre_processing_than_the_bundles_is_refused(model, frames, tmp_path):
+    """A baseline trained on other crops (``crop_pct``) or resizes would be scored on frames it was
+    not trained on: refused naming the setting; one recording the bundle's own runs."""
+    import timm
+
+    from gfnet_edge.train.static import save_static
+
+    x, y = frames
+    net = timm.create_model("resnet10t", pretrained=False, num_classes=CLASSES).eval()
+    same = {"crop_pct": model.crop_pct, "dataset_interpolation": model.dataset_interpolation}
+    ckpt = save_static(tmp_path / "same.pth.tar", net, "resnet10t", {}, CLASSES, image_size=S, half=False,
+                       metadata=same)
+    assert len(static_baselines([str(ckpt)], x[:8], y[:8], x, model, 1, False, repeats=1, batch=2)) == 1
+    other_interp = "bicubic" if model.dataset_interpolation == "bilinear" else "bilinear"
+    for key, value in (("crop_pct", 1.0 if model.crop_pct != 1.0 else 0.875), ("dataset_interpolation", other_interp)):
+        ckpt = save_static(tmp_path / f"{key}.pth.tar", net, "resnet10t", {}, CLASSES, image_size=S, half=False,
+                           metadata={**same, key: value})
+        with pytest.raises(InputError, match=f"trained and validated with {key} {value}, the bundle's model with"):
+            static_baselines([str(ckpt)], x[:8], y[:8], x, model, 1, False, repeats=1, batch=2)
