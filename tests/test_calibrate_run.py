@@ -120,6 +120,23 @@ def test_budgets_name_the_device_their_latency_was_measured_on(tiny_bundle, tmp_
     assert f"device: {want} (" in (out / "report.html").read_text()
 
 
+def test_the_report_names_the_bundles_classes(tiny_bundle, tmp_path):
+    """The class names a bundle records reach report.json and the gallery's captions."""
+    from gfnet_edge.bundle import Bundle
+
+    bundle = _fresh(tiny_bundle, tmp_path)
+    names = ["blue jay", "grüne Äpfel", "red car", "zebra"]
+    Bundle.load(bundle).update_manifest(lambda m: m["model"].update(class_names=names))
+    out = tmp_path / "report"
+    assert _main(["calibrate", str(bundle), "--data", str(tiny_bundle / "data.npz"), "-o", str(out), "--budget-ms",
+                  "100", "--no-compare", "--no-write", *FAST]) == 0
+    res = json.loads((out / "report.json").read_text())
+    assert res["bundle"]["class_names"] == names and res["gallery"]
+    page = (out / "report.html").read_text(encoding="utf-8")
+    card = res["gallery"][0]
+    assert f"label {card['label']} &#39;{names[card['label']]}&#39; · predicted {card['pred']} &#39;" in page
+
+
 def test_budgets_are_selectable_by_the_runtime(calibrated):
     from gfnet_edge.runtime import Runtime
 
