@@ -67,6 +67,25 @@ def test_info_bad_file_exits_2(tmp_path, capsys):
     assert "gfnet-edge: error:" in err and "bad.pth.tar" in err
 
 
+def test_info_on_a_checkpoint_lists_its_class_names_as_on_its_bundle(ckpt, tmp_path, capsys):
+    """A checkpoint trained on an image folder records its class folders' names: info prints them
+    (the names and order its bundle and predict will use); one without names prints none."""
+    from tiny_gfnet import random_gfnet
+
+    names = ["blue jay", "grüne Äpfel", "red car\x1b[31m"]
+    model = random_gfnet("tiny_names", 64, 32, 2, num_classes=3, channels=(8, 8, 16, 16), policy_hidden=8)
+    named = save_checkpoint(tmp_path / "gfnet.pth.tar", model, metadata={"classes": names})
+    assert main(["info", str(named)]) == 0
+    out = capsys.readouterr().out
+    assert "class names       blue jay, grüne Äpfel, red car\\x1b[31m\n" in out
+    assert main(["info", str(named), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["class_names"] == names
+    assert main(["info", str(ckpt), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["class_names"] is None
+    assert main(["info", str(ckpt)]) == 0
+    assert "class names" not in capsys.readouterr().out
+
+
 def test_info_and_build_engine_on_a_static_baseline_point_to_the_gfnet_checkpoint(tmp_path, capsys):
     """RUN/static.pth.tar (the baseline for calibrate --static) is not a GFNet: info and
     build-engine say what it is and which file of the run to use, in one line, exit 2."""
