@@ -262,7 +262,7 @@ def _check_calib_class_folders(source: str, model) -> None:
     """The held-out accuracy check labels a class-folder ``--calib-data`` by its sorted folder
     names, so a model that records its classes (one trained on an image folder) needs a folder
     with exactly those class folders (e.g. ``ROOT/val``, not ``ROOT`` with ``train`` and ``val``)."""
-    from .data.images import class_folders
+    from .data.images import class_folders, lookalike_names
 
     folders = class_folders(source) if not _demo_calibration(source) else None
     names = model.meta.get("classes") if folders is not None else None
@@ -270,7 +270,8 @@ def _check_calib_class_folders(source: str, model) -> None:
         return
     shown = ", ".join(folders[:5]) + (", ..." if len(folders) > 5 else "")
     raise InputError(f"--calib-data {source}: its class folders ({shown}) are not the model's classes "
-                     f"({', '.join(list(names)[:5])}{', ...' if len(names) > 5 else ''}), so the INT8 accuracy "
+                     f"({', '.join(list(names)[:5])}{', ...' if len(names) > 5 else ''}"
+                     f"{lookalike_names(names, folders)}), so the INT8 accuracy "
                      "check would score it against wrong labels: pass the folder of one split (ROOT/val), or "
                      "--num-eval 0 to calibrate on these images without the check")
 

@@ -227,6 +227,25 @@ def test_other_class_folders_are_listed_with_how_many_more(tiny_bundle, tmp_path
     assert "(missing a, b, c, d; not the model's: 0, 1, 2, 3, 4, ... (3 more))" in err, err
 
 
+def test_a_class_folder_written_with_other_unicode_characters_is_named_as_such(tiny_bundle, tmp_path, capsys):
+    """A model trained where folder names are decomposed (macOS, NFD) and a copy of its val folder
+    with composed names (NFC) look the same in a list: the message says which ones differ and how."""
+    import unicodedata
+
+    bundle = _fresh(tiny_bundle, tmp_path)
+    names = ["a", "b", unicodedata.normalize("NFD", "grüne Äpfel"), "d"]
+    Bundle.load(bundle).update_manifest(lambda m: m["model"].update(class_names=names))
+    data = tmp_path / "data"
+    for c in ("a", "b", unicodedata.normalize("NFC", "grüne Äpfel"), "d"):
+        (data / c).mkdir(parents=True)
+    rc = _main(["calibrate", str(bundle), "--data", str(data), "-o", str(tmp_path / "r"), *FAST])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "look alike but are written with other Unicode characters ('gru\\u0308ne A\\u0308pfel', " \
+           "'gr\\xfcne \\xc4pfel'): rename the folder" in err, err
+    assert not (tmp_path / "r").exists()
+
+
 def test_default_budget_and_explicit_budgets(tiny_bundle, tmp_path, capsys):
     bundle = _fresh(tiny_bundle, tmp_path)
     before = json.loads((bundle / "manifest.json").read_text())["budgets"]

@@ -263,6 +263,19 @@ def class_folders(folder: os.PathLike | str) -> Optional[List[str]]:
     return None if top_files else [d.name for d in class_dirs]
 
 
+def lookalike_names(expected: Sequence[str], found: Sequence[str]) -> str:
+    """A hint (``""`` when none) for names of ``found`` that differ from one of ``expected`` only
+    in how Unicode writes them (decomposed on macOS, composed elsewhere: ``'Gro\\u0308\\xdfe'``
+    and ``'Gr\\xf6\\xdfe'`` both show as Größe), which a list of the names cannot show."""
+    import unicodedata
+
+    only_e = [c for c in expected if c not in set(found)]
+    nfc = {unicodedata.normalize("NFC", c): c for c in found if c not in set(expected)}
+    alike = [(e, nfc[n]) for e in only_e for n in [unicodedata.normalize("NFC", e)] if n in nfc]
+    return "".join(f"; the model's {e!r} and the folder's {f!r} look alike but are written with other Unicode "
+                   f"characters ({ascii(e)}, {ascii(f)}): rename the folder" for e, f in alike)
+
+
 def _entries(folder: Path) -> Tuple[List[Path], List[Path]]:
     """A folder's top-level image files and its class subfolders (not hidden), sorted by name."""
     entries = sorted(folder.iterdir())
