@@ -202,6 +202,11 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
     out = Path(cfg.output)
     inputs = _inputs(cfg)
     check_replace(out, cfg.force, **REPORT_OUTPUT, protect=inputs)
+    from gfnet_edge.data.images import output_inside
+
+    inside = output_inside(out, cfg.data if cfg.data != "demo" else None, "--data")
+    if inside:
+        raise InputError(inside)
     try:
         bundle = Bundle.load(cfg.bundle)
     except BundleError as exc:

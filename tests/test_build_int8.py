@@ -313,11 +313,18 @@ def test_calib_data_with_other_class_folders_than_the_models_is_refused(tmp_path
     frames, _ = build._calibration_images(loaded, build.BuildConfig(calib_data=str(root), num_calib=16, num_eval=0),
                                           progress=False)
     assert len(frames) == 16
+    # a bundle inside the folder it calibrates on would become one of its class folders
+    inside = root / "val" / "bundle"
+    capsys.readouterr()
+    rc = cli.main(["build-engine", str(ckpt), "-o", str(inside), "--precision", "int8", "--calib-data", str(root / "val"),
+                   "--num-calib", "16", "--backend", "onnxruntime", "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and f"is inside the --calib-data folder {root / 'val'}" in err[0], err
+    assert not inside.exists()
     # the same name written decomposed (as on macOS): the message says how the look-alikes differ
     import unicodedata
 
     (root / "val" / "grüne Äpfel").rename(root / "val" / unicodedata.normalize("NFD", "grüne Äpfel"))
-    capsys.readouterr()
     rc = cli.main(["build-engine", str(ckpt), "-o", str(out), "--precision", "int8", "--calib-data", str(root / "val"),
                    "--num-calib", "16", "--backend", "onnxruntime", "-q"])
     err = capsys.readouterr().err.strip().splitlines()

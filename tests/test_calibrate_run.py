@@ -246,6 +246,23 @@ def test_a_class_folder_written_with_other_unicode_characters_is_named_as_such(t
     assert not (tmp_path / "r").exists()
 
 
+def test_a_report_folder_inside_the_data_folder_is_refused(tiny_bundle, tmp_path, capsys):
+    """-o inside a --data folder of class folders would add a class folder to the user's data
+    (the next calibrate, or train --data, would meet it): refused in one line, nothing written."""
+    bundle = _fresh(tiny_bundle, tmp_path)
+    Bundle.load(bundle).update_manifest(lambda m: m["model"].update(class_names=["a", "b", "c", "d"]))
+    data = tmp_path / "my data"
+    for c in "abcd":
+        (data / c).mkdir(parents=True)
+    before = sorted(p.name for p in data.iterdir())
+    for out in (data / "report", data / "a" / "report"):
+        rc = _main(["calibrate", str(bundle), "--data", str(data), "-o", str(out), *FAST])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and f"is inside the --data folder {data}" in err, err
+        assert not out.exists()
+    assert sorted(p.name for p in data.iterdir()) == before == list("abcd")
+
+
 def test_default_budget_and_explicit_budgets(tiny_bundle, tmp_path, capsys):
     bundle = _fresh(tiny_bundle, tmp_path)
     before = json.loads((bundle / "manifest.json").read_text())["budgets"]
