@@ -149,7 +149,7 @@ def _some(names: Sequence[str], shown: int = 5) -> str:
 def _check_class_folders(source: str, model: ModelDesc) -> None:
     """A class-folder dataset gives labels by sorted folder name, so it must have the model's
     classes: the same names when the bundle records them, else as many folders as classes."""
-    from gfnet_edge.data.images import class_folders
+    from gfnet_edge.data.images import class_folders, lookalike_names
 
     names = class_folders(source) if source != "demo" else None
     if names is None:
@@ -159,9 +159,9 @@ def _check_class_folders(source: str, model: ModelDesc) -> None:
         extra = sorted(set(names) - set(model.class_names))
         what = "; ".join(x for x in (f"missing {_some(missing)}" if missing else "",
                                      f"not the model's: {_some(extra)}" if extra else "") if x)
-        raise InputError(f"{source}: its class folders are not the model's classes ({what or 'another order'}); "
-                         "labels come from the sorted folder names, so they must be the classes the model was "
-                         "trained on")
+        raise InputError(f"{source}: its class folders are not the model's classes ({what or 'another order'}"
+                         f"{lookalike_names(model.class_names, names)}); labels come from the sorted folder names, "
+                         "so they must be the classes the model was trained on")
     if len(names) != model.num_classes:
         raise InputError(f"{source}: {len(names)} class folders for a model with {model.num_classes} classes; "
                          "labels come from the sorted folder names, so the folder needs one subfolder per class "

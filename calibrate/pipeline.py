@@ -202,6 +202,11 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
     out = Path(cfg.output)
     inputs = _inputs(cfg)
     check_replace(out, cfg.force, **REPORT_OUTPUT, protect=inputs)
+    from gfnet_edge.data.images import output_inside
+
+    inside = output_inside(out, cfg.data if cfg.data != "demo" else None, "--data")
+    if inside:
+        raise InputError(inside)
     try:
         bundle = Bundle.load(cfg.bundle)
     except BundleError as exc:
@@ -242,6 +247,7 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
         "format": "gfnet-edge-calibration", "version": 1, "created": _now(), "command": cfg.argv,
         "bundle": {"path": str(bundle.root), "model_name": model.model_name, "image_size": model.image_size,
                    "patch_size": model.patch_size, "steps": model.steps, "num_classes": model.num_classes,
+                   "class_names": list(model.class_names) if model.class_names is not None else None,
                    "backend": m.rt.backend, "precision": main_precision, "threads": cfg.threads,
                    "macs_cumulative": bundle.manifest.get("costs", {}).get("macs", {}).get("cumulative")},
         "device": device, "data": data.describe(),

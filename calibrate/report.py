@@ -365,9 +365,15 @@ def _precision_section(res: Dict[str, Any]) -> Dict[str, Any]:
     return {"tables": [per_step, budgets], "reference": str(prec["reference"]), "note": prec.get("note", "")}
 
 
-def _gallery_cards(gallery: Sequence[GalleryCard]) -> List[Dict[str, Any]]:
-    return [{"image": _img(g.png, "gallery image", "card"), "wrong": not g.correct, "index": g.index, "label": g.label,
-             "pred": g.pred, "confidence": f"{g.confidence:.2f}", "exit_step": g.exit_step, "budget": g.budget}
+def _gallery_cards(gallery: Sequence[GalleryCard], names: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+    """The cards' captions; a class is its index followed by its name where the bundle records
+    names (``2 'red car'``, as ``gfnet-edge predict`` prints it)."""
+    def cls(k: int) -> str:
+        return f"{k} '{names[k]}'" if names and 0 <= k < len(names) else str(k)
+
+    return [{"image": _img(g.png, "gallery image", "card"), "wrong": not g.correct, "index": g.index,
+             "label": cls(g.label), "pred": cls(g.pred), "confidence": f"{g.confidence:.2f}",
+             "exit_step": g.exit_step, "budget": g.budget}
             for g in gallery]
 
 
@@ -381,7 +387,7 @@ def page_context(res: Dict[str, Any], figures: Dict[str, bytes], gallery: Sequen
             "exits": {"figures": [_fig(figures, "exit_histogram", "exit-step histogram per budget")]},
             "distribution": _distribution_section(res, figures), "sweep": _sweep_section(res, figures),
             "latency": _latency_section(res, figures), "precision": _precision_section(res),
-            "gallery": _gallery_cards(gallery), "method_notes": list(res["method_notes"])}
+            "gallery": _gallery_cards(gallery, res["bundle"].get("class_names")), "method_notes": list(res["method_notes"])}
 
 
 def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: Sequence[GalleryCard]) -> str:

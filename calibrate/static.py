@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -270,16 +271,41 @@ def static_baselines(sources: List[str], frames: np.ndarray, labels: np.ndarray,
                 with open_classifier(plan, p, onnx_path, model, threads, work, batch, precision=prec,
                                      calib=calib, network=net) as clf:
                     out.append(evaluate_classifier(clf, f"{label} {prec}", frames, labels, lat_frames, **kw))
-    return out
+    return _unique_names(out)
+
+
+def _unique_names(results: List[StaticResult]) -> List[StaticResult]:
+    """Names the report, the comparisons and the deadline sweep can tell apart: a name two
+    baselines share (two runs of the same backbone) gets each one's file, then its position."""
+    for key in (lambda r, k: f"{r.name} ({r.source})", lambda r, k: f"{r.name} #{k + 1}"):
+        counts = Counter(r.name for r in results)
+        for k, r in enumerate(results):
+            if counts[r.name] > 1:
+                r.name = key(r, k)
+    return results
 
 
 def _checked_meta(path: Path, meta: Dict[str, Any], model: ModelDesc) -> Dict[str, Any]:
     """A static checkpoint's metadata (no weights) made JSON-safe and checked against the bundle's
-    image size."""
+    image size, classes (their number, and their names where both record them) and pre-processing
+    (crop and interpolation, where the baseline records them)."""
     meta = _json_safe(meta)
     if int(meta.get("image_size", model.image_size)) != model.image_size:
         raise InputError(f"--static {path}: baseline image size {meta.get('image_size')} differs from the "
                          f"bundle's {model.image_size}")
+    if model.num_classes and int(meta.get("num_classes", model.num_classes)) != model.num_classes:
+        raise InputError(f"--static {path}: the baseline has {meta.get('num_classes')} classes, the bundle's model "
+                         f"{model.num_classes}")
+    for key, ours in (("crop_pct", model.crop_pct), ("dataset_interpolation", model.dataset_interpolation)):
+        if key in meta and meta[key] != ours:  # recorded by gfnet-edge train --data
+            raise InputError(f"--static {path}: the baseline was trained and validated with {key} {meta[key]}, the "
+                             f"bundle's model with {ours}: it would be scored on frames it was not trained on; pass "
+                             "the static.pth.tar of the run the bundle was built from")
+    names = meta.get("classes")
+    if names is not None and model.class_names is not None and list(names) != list(model.class_names):
+        raise InputError(f"--static {path}: the baseline's classes ({', '.join(map(str, names))}) are not the "
+                         f"bundle's ({', '.join(model.class_names)}): its accuracy would be scored against other "
+                         "labels; pass the static.pth.tar of the run the bundle was built from")
     return meta
 
 

@@ -147,6 +147,12 @@ def build_bundle(checkpoint: Path, out: Path, cfg: BuildConfig, progress: bool =
     inputs = ([Path(checkpoint)] + ([Path(cfg.calib_data)] if not _demo_calibration(cfg.calib_data) else [])
               + ([Path(cfg.trt.timing_cache)] if cfg.trt.timing_cache else []))
     check_replace(Path(out), cfg.force, protect=inputs)  # before any work: the output may not be replaced
+    if not _demo_calibration(cfg.calib_data):
+        from .data.images import output_inside
+
+        inside = output_inside(out, cfg.calib_data, "--calib-data")
+        if inside:
+            raise InputError(inside)
     backend = resolve_backend(cfg.backend)
     if backend == "tensorrt":
         from .runtime.backends.tensorrt_util import gpu_info, import_tensorrt
@@ -238,6 +244,8 @@ def _calibration_images(model, cfg: BuildConfig, progress: bool = True):
             raise InputError("--precision int8 needs calibration images: pass --calib-data FOLDER|FILE.npz")
     from .data.images import check_skip_source, unreadable_files
 
+    if cfg.num_eval:
+        _check_calib_class_folders(source, model)
     skipped: List[str] = []
     try:
         if cfg.skip_unreadable:
@@ -254,6 +262,24 @@ def _calibration_images(model, cfg: BuildConfig, progress: bool = True):
         order = np.random.default_rng(0).permutation(len(images))
         images, labels = images[order], (labels[order] if labels is not None else None)
     return images, labels
+
+
+def _check_calib_class_folders(source: str, model) -> None:
+    """The held-out accuracy check labels a class-folder ``--calib-data`` by its sorted folder
+    names, so a model that records its classes (one trained on an image folder) needs a folder
+    with exactly those class folders (e.g. ``ROOT/val``, not ``ROOT`` with ``train`` and ``val``)."""
+    from .data.images import class_folders, lookalike_names
+
+    folders = class_folders(source) if not _demo_calibration(source) else None
+    names = model.meta.get("classes") if folders is not None else None
+    if not names or list(folders) == list(names):
+        return
+    shown = ", ".join(folders[:5]) + (", ..." if len(folders) > 5 else "")
+    raise InputError(f"--calib-data {source}: its class folders ({shown}) are not the model's classes "
+                     f"({', '.join(list(names)[:5])}{', ...' if len(names) > 5 else ''}"
+                     f"{lookalike_names(names, folders)}), so the INT8 accuracy "
+                     "check would score it against wrong labels: pass the folder of one split (ROOT/val), or "
+                     "--num-eval 0 to calibrate on these images without the check")
 
 
 def calibration_split(n_images: int, num_calib: int, num_eval: int = NUM_EVAL) -> int:

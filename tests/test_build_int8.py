@@ -276,3 +276,56 @@ def test_held_out_check_traces_frames_as_the_runtime_takes_them(int8_bundle):
 
     with pytest.raises(InputError, match=r"frames to trace must be uint8 \(N, 224, 224, 3\), already resized"):
         trace_graphs(cropping, b.graph_paths("fp32"), b.heads_path, np.zeros((1, 240, 260, 3), np.uint8))
+
+
+def test_calib_data_with_other_class_folders_than_the_models_is_refused(tmp_path, capsys):
+    """A model trained on an image folder records its classes; --calib-data ROOT (class folders
+    ``train`` and ``val``) would label the held-out check's images by split, so it is refused in
+    one line before anything is written; ROOT/val, or ROOT with --num-eval 0, is taken."""
+    from PIL import Image
+
+    from gfnet_edge import build, cli
+    from gfnet_edge.models import save_checkpoint
+    from gfnet_edge.models.checkpoint import load_checkpoint
+    from tiny_gfnet import random_gfnet
+
+    names = ["blue jay", "grüne Äpfel", "red car"]
+    model = random_gfnet("tiny_classes", 64, 32, 2, num_classes=3, channels=(8, 8, 16, 16), policy_hidden=8)
+    ckpt = save_checkpoint(tmp_path / "gfnet.pth.tar", model, metadata={"classes": names})
+    root = tmp_path / "my data"
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in names:
+            (root / split / c).mkdir(parents=True)
+            for i in range(6):
+                img = rng.integers(0, 255, (40 + 8 * i, 48, 3), dtype=np.uint8)
+                Image.fromarray(img).save(root / split / c / f"{i}.png")
+    out = tmp_path / "bundle"
+    rc = cli.main(["build-engine", str(ckpt), "-o", str(out), "--precision", "int8", "--calib-data", str(root),
+                   "--num-calib", "16", "--backend", "onnxruntime", "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "not the model's classes" in err[0] and "train, val" in err[0], err
+    assert not out.exists()
+    loaded = load_checkpoint(ckpt)
+    frames, labels = build._calibration_images(loaded, build.BuildConfig(calib_data=str(root / "val"), num_calib=16),
+                                               progress=False)
+    assert len(frames) == 18 and sorted(np.bincount(labels)) == [6, 6, 6]
+    frames, _ = build._calibration_images(loaded, build.BuildConfig(calib_data=str(root), num_calib=16, num_eval=0),
+                                          progress=False)
+    assert len(frames) == 16
+    # a bundle inside the folder it calibrates on would become one of its class folders
+    inside = root / "val" / "bundle"
+    capsys.readouterr()
+    rc = cli.main(["build-engine", str(ckpt), "-o", str(inside), "--precision", "int8", "--calib-data", str(root / "val"),
+                   "--num-calib", "16", "--backend", "onnxruntime", "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and f"is inside the --calib-data folder {root / 'val'}" in err[0], err
+    assert not inside.exists()
+    # the same name written decomposed (as on macOS): the message says how the look-alikes differ
+    import unicodedata
+
+    (root / "val" / "grüne Äpfel").rename(root / "val" / unicodedata.normalize("NFD", "grüne Äpfel"))
+    rc = cli.main(["build-engine", str(ckpt), "-o", str(out), "--precision", "int8", "--calib-data", str(root / "val"),
+                   "--num-calib", "16", "--backend", "onnxruntime", "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "('gr\\xfcne \\xc4pfel', 'gru\\u0308ne A\\u0308pfel')" in err[0], err

@@ -135,6 +135,20 @@ def test_user_text_is_escaped_and_shows_as_text():
     assert f"ms-1.0{EVIL}" in text and f"onnxruntime cpu fp32{EVIL}" in text
 
 
+def test_gallery_cards_name_the_bundles_classes():
+    """With the bundle's class names in report.json, each card says which class it is by name
+    (as `gfnet-edge predict` does), escaped; without names, the index alone."""
+    res = calibration_result()
+    cards = [GalleryCard(index=i, label=i, pred=2, confidence=0.9, exit_step=1, budget="ms-1.0", correct=i == 2,
+                         coords=[[0, 0], [8, 8]], png=b"\x89PNG\r\n\x1a\n") for i in (1, 2)]
+    res["bundle"]["class_names"] = ["blue jay", "grüne Äpfel", "red car " + EVIL]
+    text = "".join(_Page(report.render_html(res, {}, cards)).text)
+    assert f"label 1 'grüne Äpfel' · predicted 2 'red car {EVIL}'" in " ".join(text.split())
+    res["bundle"]["class_names"] = None
+    text = " ".join("".join(_Page(report.render_html(res, {}, cards)).text).split())
+    assert "label 1 · predicted 2 (0.90)" in text and "grüne" not in text
+
+
 def test_the_page_without_user_markup_has_every_section():
     page = report.render_html(calibration_result(), {}, gallery())
     for anchor in ("choice", "suggestion", "budgets", "curve", "exits", "distribution", "deadlines", "latency",

@@ -120,6 +120,23 @@ def test_budgets_name_the_device_their_latency_was_measured_on(tiny_bundle, tmp_
     assert f"device: {want} (" in (out / "report.html").read_text()
 
 
+def test_the_report_names_the_bundles_classes(tiny_bundle, tmp_path):
+    """The class names a bundle records reach report.json and the gallery's captions."""
+    from gfnet_edge.bundle import Bundle
+
+    bundle = _fresh(tiny_bundle, tmp_path)
+    names = ["blue jay", "grüne Äpfel", "red car", "zebra"]
+    Bundle.load(bundle).update_manifest(lambda m: m["model"].update(class_names=names))
+    out = tmp_path / "report"
+    assert _main(["calibrate", str(bundle), "--data", str(tiny_bundle / "data.npz"), "-o", str(out), "--budget-ms",
+                  "100", "--no-compare", "--no-write", *FAST]) == 0
+    res = json.loads((out / "report.json").read_text())
+    assert res["bundle"]["class_names"] == names and res["gallery"]
+    page = (out / "report.html").read_text(encoding="utf-8")
+    card = res["gallery"][0]
+    assert f"label {card['label']} &#39;{names[card['label']]}&#39; · predicted {card['pred']} &#39;" in page
+
+
 def test_budgets_are_selectable_by_the_runtime(calibrated):
     from gfnet_edge.runtime import Runtime
 
@@ -208,6 +225,42 @@ def test_other_class_folders_are_listed_with_how_many_more(tiny_bundle, tmp_path
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1, err
     assert "(missing a, b, c, d; not the model's: 0, 1, 2, 3, 4, ... (3 more))" in err, err
+
+
+def test_a_class_folder_written_with_other_unicode_characters_is_named_as_such(tiny_bundle, tmp_path, capsys):
+    """A model trained where folder names are decomposed (macOS, NFD) and a copy of its val folder
+    with composed names (NFC) look the same in a list: the message says which ones differ and how."""
+    import unicodedata
+
+    bundle = _fresh(tiny_bundle, tmp_path)
+    names = ["a", "b", unicodedata.normalize("NFD", "grüne Äpfel"), "d"]
+    Bundle.load(bundle).update_manifest(lambda m: m["model"].update(class_names=names))
+    data = tmp_path / "data"
+    for c in ("a", "b", unicodedata.normalize("NFC", "grüne Äpfel"), "d"):
+        (data / c).mkdir(parents=True)
+    rc = _main(["calibrate", str(bundle), "--data", str(data), "-o", str(tmp_path / "r"), *FAST])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "look alike but are written with other Unicode characters ('gru\\u0308ne A\\u0308pfel', " \
+           "'gr\\xfcne \\xc4pfel'): rename the folder" in err, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_report_folder_inside_the_data_folder_is_refused(tiny_bundle, tmp_path, capsys):
+    """-o inside a --data folder of class folders would add a class folder to the user's data
+    (the next calibrate, or train --data, would meet it): refused in one line, nothing written."""
+    bundle = _fresh(tiny_bundle, tmp_path)
+    Bundle.load(bundle).update_manifest(lambda m: m["model"].update(class_names=["a", "b", "c", "d"]))
+    data = tmp_path / "my data"
+    for c in "abcd":
+        (data / c).mkdir(parents=True)
+    before = sorted(p.name for p in data.iterdir())
+    for out in (data / "report", data / "a" / "report"):
+        rc = _main(["calibrate", str(bundle), "--data", str(data), "-o", str(out), *FAST])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and f"is inside the --data folder {data}" in err, err
+        assert not out.exists()
+    assert sorted(p.name for p in data.iterdir()) == before == list("abcd")
 
 
 def test_default_budget_and_explicit_budgets(tiny_bundle, tmp_path, capsys):

@@ -677,3 +677,67 @@ def test_tensorrt_static_engine_on_a_real_gpu(model, static, frames, tmp_path):
         assert clf.cache.captures == 2 and clf.cache.replays == 2, clf.cache.disabled
     np.testing.assert_allclose(np.concatenate(got), reference_logits(static.onnx, model, x[:12]), rtol=1e-3,
                                atol=1e-3)
+
+
+def test_a_static_checkpoint_of_other_classes_than_the_bundles_is_refused(model, frames, tmp_path):
+    """A baseline trained on other class folders (or another number of classes) would be scored
+    against the bundle's labels: refused naming both; the baseline of the same classes runs."""
+    import dataclasses
+
+    import timm
+
+    from gfnet_edge.train.static import save_static
+
+    x, y = frames
+    torch.manual_seed(0)
+    net = timm.create_model("resnet10t", pretrained=False, num_classes=CLASSES).eval()
+    names = ["blue jay", "grüne Äpfel", "red car", "zebra"]
+    ckpt = save_static(tmp_path / "static.pth.tar", net, "resnet10t", {}, CLASSES, image_size=S, half=False,
+                       metadata={"classes": names})
+    named = dataclasses.replace(model, class_names=tuple(names))
+    res = static_baselines([str(ckpt)], x[:8], y[:8], x, named, 1, False, repeats=1, batch=2)
+    assert len(res) == 1 and res[0].meta["classes"] == names
+    other = dataclasses.replace(model, class_names=("apple", "mango", "pear", "zebra"))
+    with pytest.raises(InputError, match="baseline's classes .*blue jay.* are not the bundle's .*apple"):
+        static_baselines([str(ckpt)], x[:8], y[:8], x, other, 1, False, repeats=1, batch=2)
+    fewer = dataclasses.replace(model, num_classes=CLASSES - 1)
+    with pytest.raises(InputError, match=f"baseline has {CLASSES} classes, the bundle's model {CLASSES - 1}"):
+        static_baselines([str(ckpt)], x[:8], y[:8], x, fewer, 1, False, repeats=1, batch=2)
+
+
+def test_two_static_baselines_of_one_backbone_keep_their_own_names(model, static, frames, tmp_path):
+    """Two runs' baselines of the same backbone share a model name; each result (and so the report's
+    comparisons and the deadline sweep, keyed by name) is told apart by its file, then by position."""
+    import shutil
+
+    x, y = frames
+    other = tmp_path / "run2" / "static.pth.tar"
+    other.parent.mkdir()
+    shutil.copyfile(static.ckpt, other)
+    res = static_baselines([str(static.ckpt), str(other), str(static.onnx)], x[:8], y[:8], x, model, 1, False,
+                           repeats=1, batch=2)
+    assert [r.name for r in res] == [f"static_resnet10t fp32 ({static.ckpt})", f"static_resnet10t fp32 ({other})",
+                                     f"{static.onnx.stem} fp32"]
+    res = static_baselines([str(other), str(other)], x[:8], y[:8], x, model, 1, False, repeats=1, batch=2)
+    assert [r.name for r in res] == [f"static_resnet10t fp32 ({other}) #1", f"static_resnet10t fp32 ({other}) #2"]
+
+
+def test_a_static_checkpoint_of_other_pre_processing_than_the_bundles_is_refused(model, frames, tmp_path):
+    """A baseline trained on other crops (``crop_pct``) or resizes would be scored on frames it was
+    not trained on: refused naming the setting; one recording the bundle's own runs."""
+    import timm
+
+    from gfnet_edge.train.static import save_static
+
+    x, y = frames
+    net = timm.create_model("resnet10t", pretrained=False, num_classes=CLASSES).eval()
+    same = {"crop_pct": model.crop_pct, "dataset_interpolation": model.dataset_interpolation}
+    ckpt = save_static(tmp_path / "same.pth.tar", net, "resnet10t", {}, CLASSES, image_size=S, half=False,
+                       metadata=same)
+    assert len(static_baselines([str(ckpt)], x[:8], y[:8], x, model, 1, False, repeats=1, batch=2)) == 1
+    other_interp = "bicubic" if model.dataset_interpolation == "bilinear" else "bilinear"
+    for key, value in (("crop_pct", 1.0 if model.crop_pct != 1.0 else 0.875), ("dataset_interpolation", other_interp)):
+        ckpt = save_static(tmp_path / f"{key}.pth.tar", net, "resnet10t", {}, CLASSES, image_size=S, half=False,
+                           metadata={**same, key: value})
+        with pytest.raises(InputError, match=f"trained and validated with {key} {value}, the bundle's model with"):
+            static_baselines([str(ckpt)], x[:8], y[:8], x, model, 1, False, repeats=1, batch=2)

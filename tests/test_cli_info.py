@@ -67,6 +67,45 @@ def test_info_bad_file_exits_2(tmp_path, capsys):
     assert "gfnet-edge: error:" in err and "bad.pth.tar" in err
 
 
+def test_info_on_a_checkpoint_lists_its_class_names_as_on_its_bundle(ckpt, tmp_path, capsys):
+    """A checkpoint trained on an image folder records its class folders' names: info prints them
+    (the names and order its bundle and predict will use); one without names prints none."""
+    from tiny_gfnet import random_gfnet
+
+    names = ["blue jay", "grüne Äpfel", "red car\x1b[31m"]
+    model = random_gfnet("tiny_names", 64, 32, 2, num_classes=3, channels=(8, 8, 16, 16), policy_hidden=8)
+    named = save_checkpoint(tmp_path / "gfnet.pth.tar", model, metadata={"classes": names})
+    assert main(["info", str(named)]) == 0
+    out = capsys.readouterr().out
+    assert "class names       blue jay, grüne Äpfel, red car\\x1b[31m\n" in out
+    assert main(["info", str(named), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["class_names"] == names
+    assert main(["info", str(ckpt), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["class_names"] is None
+    assert main(["info", str(ckpt)]) == 0
+    assert "class names" not in capsys.readouterr().out
+
+
+def test_info_and_build_engine_on_a_static_baseline_point_to_the_gfnet_checkpoint(tmp_path, capsys):
+    """RUN/static.pth.tar (the baseline for calibrate --static) is not a GFNet: info and
+    build-engine say what it is and which file of the run to use, in one line, exit 2."""
+    pytest.importorskip("timm")
+    import timm
+
+    from gfnet_edge.train.static import save_static
+
+    net = timm.create_model("test_efficientnet", num_classes=3)
+    static = save_static(tmp_path / "static.pth.tar", net, "test_efficientnet", {}, 3, image_size=32,
+                         metadata={"macs": 1, "classes": ["a b", "é", "z"]})
+    build = ["build-engine", str(static), "-o", str(tmp_path / "b"), "--precision", "fp32"]
+    for argv in (["info", str(static)], build):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "a static baseline" in err[0] and "calibrate --static" in err[0], err
+        assert str(tmp_path / "gfnet.pth.tar") in err[0]
+    assert not (tmp_path / "b").exists()
+
+
 def test_bundle_table_prints_control_characters_as_escapes(demo_onnx_bundle, tmp_path, capsys):
     """A bundle's names may hold any character: the table shows a newline or a terminal escape
     sequence as a Python escape, one line per row, and never writes the control character."""

@@ -296,6 +296,9 @@ def test_gru_family_with_static_baseline(folder, tmp_path):
     assert (model.spec.classifier, model.spec.step0, model.spec.policy_conv) == ("gru", "classifier", False)
     net, meta = load_static(tmp_path / "r" / "static.pth.tar")
     assert meta["backbone"] == "test_resnet" and meta["num_classes"] == 3
+    # the pre-processing it was validated with, which calibrate --static checks against the bundle's
+    assert (meta["crop_pct"], meta["dataset_interpolation"]) == (1.0, model.spec.dataset_interpolation) == \
+        (model.spec.crop_pct, "bilinear")
     assert res["static_accuracy"] == meta["val_accuracy"]
 
 

@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     """Describes a checkpoint (needs torch) or a bundle (does not)."""
     if Path(args.checkpoint).is_dir():
         return _describe_bundle(args)
+    from ..bundle_info import one_line
     from ..models.checkpoint import CheckpointError, load_checkpoint
     from ..models.macs import count_step_macs
 
@@ -71,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         "patch_size": spec.patch_size,
         "steps": spec.steps,
         "classes": spec.num_classes,
+        "class_names": list(meta["classes"]) if meta.get("classes") else None,
         "glance_interpolation": spec.glance_interpolation,
         "classifier": spec.classifier,
         "policy_encoder": "conv" if spec.policy_conv else "linear",
@@ -85,6 +87,12 @@ def run(args: argparse.Namespace) -> int:
     rows = [
         ("model", f"{spec.model_name} ({spec.family}, {info['backbone']})"),
         ("sizes", f"S={spec.image_size} P={spec.patch_size} T={spec.steps} classes={spec.num_classes}"),
+    ]
+    if info["class_names"]:  # a model trained on an image folder: the names its bundle will carry
+        names = info["class_names"]
+        rows.append(("class names", one_line(", ".join(names[:12])
+                                             + (f", ... ({len(names)} in all)" if len(names) > 12 else ""))))
+    rows += [
         ("glance", f"{spec.glance_interpolation}, align_corners=True"),
         ("heads", f"classifier={spec.classifier}, policy encoder={info['policy_encoder']}, step-0 logits from {spec.step0}"),
         ("backbone MACs", fmt_macs(costs.backbone)),

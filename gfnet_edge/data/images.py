@@ -263,6 +263,32 @@ def class_folders(folder: os.PathLike | str) -> Optional[List[str]]:
     return None if top_files else [d.name for d in class_dirs]
 
 
+def output_inside(out: os.PathLike | str, source: Optional[str], option: str) -> Optional[str]:
+    """Why ``out`` (a command's -o folder) may not be written: it lies in the class-folder
+    dataset ``source`` the command reads (``option`` names it), which the next command reading
+    it would read with it; None when it lies elsewhere or ``source`` is no such folder."""
+    if not source or class_folders(source) is None:
+        return None
+    o, d = Path(out).resolve(), Path(source).resolve()
+    if o != d and d not in o.parents:
+        return None
+    return (f"{out}: is inside the {option} folder {source}, one folder per class, which the next command that "
+            "reads it would read with it (as a class folder of its own); choose an -o folder outside it")
+
+
+def lookalike_names(expected: Sequence[str], found: Sequence[str]) -> str:
+    """A hint (``""`` when none) for names of ``found`` that differ from one of ``expected`` only
+    in how Unicode writes them (decomposed on macOS, composed elsewhere: ``'Gro\\u0308\\xdfe'``
+    and ``'Gr\\xf6\\xdfe'`` both show as Größe), which a list of the names cannot show."""
+    import unicodedata
+
+    only_e = [c for c in expected if c not in set(found)]
+    nfc = {unicodedata.normalize("NFC", c): c for c in found if c not in set(expected)}
+    alike = [(e, nfc[n]) for e in only_e for n in [unicodedata.normalize("NFC", e)] if n in nfc]
+    return "".join(f"; the model's {e!r} and the folder's {f!r} look alike but are written with other Unicode "
+                   f"characters ({ascii(e)}, {ascii(f)}): rename the folder" for e, f in alike)
+
+
 def _entries(folder: Path) -> Tuple[List[Path], List[Path]]:
     """A folder's top-level image files and its class subfolders (not hidden), sorted by name."""
     entries = sorted(folder.iterdir())

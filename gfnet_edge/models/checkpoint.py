@@ -91,6 +91,10 @@ def read_checkpoint_dict(path: PathLike) -> Dict[str, Any]:
         raise CheckpointError(f"{p}: a stage checkpoint of gfnet-edge train (weights and optimiser mid-training), "
                               f"not a GFNet checkpoint: use {p.with_name('gfnet.pth.tar')}, which the run writes "
                               "at its end")
+    if missing and obj.get("format") == "gfnet_edge_static_v1":
+        raise CheckpointError(f"{p}: a static baseline of gfnet-edge train (one network on whole images, for "
+                              f"`gfnet-edge calibrate --static`), not a GFNet checkpoint: use "
+                              f"{p.with_name('gfnet.pth.tar')}")
     if missing:
         raise CheckpointError(
             f"{p}: not a GFNet checkpoint: missing {', '.join(missing)} (found keys: {', '.join(map(str, list(obj)[:12]))})"

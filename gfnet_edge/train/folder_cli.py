@@ -591,7 +591,9 @@ def _save_static(tr, out: Path, static_acc: float) -> Dict[str, Any]:
     net = tr.static.module if hasattr(tr.static, "module") else tr.static
     macs = count_static_macs(net.eval(), tr.spec.image_size)
     save_static(out / "static.pth.tar", net, tr.cfg.backbone, tr.cfg.backbone_kwargs, tr.spec.num_classes,
-                tr.spec.image_size, metadata={"val_accuracy": static_acc, "classes": tr.cfg.classes, "macs": int(macs)},
+                tr.spec.image_size, metadata={"val_accuracy": static_acc, "classes": tr.cfg.classes, "macs": int(macs),
+                                              "crop_pct": float(tr.spec.crop_pct),
+                                              "dataset_interpolation": tr.spec.dataset_interpolation},
                 half=False)
     return {"static_accuracy": static_acc, "static_macs": float(macs)}
 
