@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from .bundle import (Bundle, BundleError, check_replace, finite_or_null, new_manifest, record_artifacts, safe_join,
-                     staging_dir, write_json_atomic)
+                     sha256_file, staging_dir, write_json_atomic)
 from .errors import InputError, UnavailableError
 from .log import logger
 from .runtime.backends.tensorrt_build import BuildOptions
@@ -180,7 +180,8 @@ def build_bundle(checkpoint: Path, out: Path, cfg: BuildConfig, progress: bool =
         manifest["graphs"]["fp32"] = {g: f"graphs/{g}.fp32.onnx" for g in ("glance", "focus")}
         manifest["budgets"] = _budgets_from_checkpoint(model.meta, model.spec.steps)
         manifest["default_budget"] = DEFAULT_MACS_BUDGET if manifest["budgets"] else None
-        manifest["source_checkpoint"] = {"name": Path(checkpoint).name, "missing_metadata": model.meta["missing_metadata"]}
+        manifest["source_checkpoint"] = {"name": Path(checkpoint).name, "sha256": sha256_file(Path(checkpoint)),
+                                         "missing_metadata": model.meta["missing_metadata"]}
         if cfg.include_checkpoint:
             shutil.copyfile(checkpoint, tmp / "checkpoint.pth.tar")
             manifest["checkpoint"] = "checkpoint.pth.tar"

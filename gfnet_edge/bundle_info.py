@@ -96,6 +96,7 @@ def describe_bundle(root: Path) -> Dict[str, Any]:
         "default_budget": m.get("default_budget"),
         "macs": (m.get("costs") or {}).get("macs"),
         "source_checkpoint": (m.get("source_checkpoint") or {}).get("name"),
+        "source_checkpoint_sha256": (m.get("source_checkpoint") or {}).get("sha256"),
         "quantization": quantization_summary(m),
     }
 
@@ -141,5 +142,8 @@ def info_rows(info: Dict[str, Any], fmt_macs: Callable[[float], str]) -> List[Tu
     rows += [("budgets" if i == 0 else "", b) for i, b in enumerate(budgets or ["none"])]
     if info["macs"] and info["macs"].get("cumulative"):
         rows.append(("cumulative MACs", ", ".join(fmt_macs(c) for c in info["macs"]["cumulative"])))
+    if info["source_checkpoint"]:
+        sha = info["source_checkpoint_sha256"]
+        rows.append(("built from", info["source_checkpoint"] + (f" (sha256 {sha})" if sha else "")))
     rows += [("quantization" if i == 0 else "", q) for i, q in enumerate(info["quantization"])]
     return [(label, one_line(text)) for label, text in rows]

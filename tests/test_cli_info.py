@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -168,3 +169,16 @@ def test_bundle_table_marks_fields_an_entry_does_not_record(demo_onnx_bundle, tm
     assert "None" not in out, out
     assert "fp16 on GPU, ? (sm ?), TensorRT ?, batches 1..?" in out
     assert next(x for x in out.splitlines() if x.startswith("model ")).split()[1] == "(unnamed)"
+
+
+def test_bundle_table_names_the_checkpoint_it_was_built_from_by_its_hash(demo_onnx_bundle, demo_checkpoint, capsys):
+    """The bundle records its checkpoint's SHA-256, so a bundle can be matched with the run that
+    wrote the checkpoint (``sha256sum RUN/gfnet.pth.tar``)."""
+    import hashlib
+
+    digest = hashlib.sha256(Path(demo_checkpoint).read_bytes()).hexdigest()
+    assert main(["info", str(demo_onnx_bundle.root)]) == 0
+    out = capsys.readouterr().out
+    assert f"built from       {Path(demo_checkpoint).name} (sha256 {digest})" in out.splitlines(), out
+    assert main(["info", str(demo_onnx_bundle.root), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["source_checkpoint_sha256"] == digest
