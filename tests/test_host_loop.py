@@ -9,6 +9,7 @@ import zlib
 import numpy as np
 import pytest
 
+from child_python import PYTHON
 from gfnet_edge import ops
 
 S, P, T, F, HS, HP, HC, C = 32, 12, 4, 6, 10, 8, 7, 5
@@ -249,7 +250,7 @@ def test_host_loop_used_from_several_threads_refuses_instead_of_racing():
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([PYTHON, "-c", _THREADS_SCRIPT], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
     assert r.stdout.startswith("refused")
 
@@ -280,7 +281,7 @@ def test_a_step_count_whose_coordinate_buffer_overflows_is_refused():
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-c", _HUGE_STEPS], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([PYTHON, "-c", _HUGE_STEPS], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "refused", (r.returncode, r.stderr[-2000:])
 
 

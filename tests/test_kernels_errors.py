@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
+from child_python import PYTHON
 from gfnet_edge import ops
 
 F32 = np.float32
@@ -89,7 +90,7 @@ def test_a_resize_whose_size_overflows_is_refused():
     import sys
 
     try:
-        r = subprocess.run([sys.executable, "-c", _HUGE_RESIZE], capture_output=True, text=True, timeout=60)
+        r = subprocess.run([PYTHON, "-c", _HUGE_RESIZE], capture_output=True, text=True, timeout=60)
     except subprocess.TimeoutExpired:
         pytest.fail("the resize was planned instead of refused")
     assert r.returncode == 0 and r.stdout.strip() == "refused", r.stderr[-2000:]

@@ -147,13 +147,16 @@ for i in $(seq 0 $(( $(nproc --all) - 1 ))); do
 done >"$SYSROOT/proc/cpuinfo"
 
 # The emulated interpreter. OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE name x86 cores where they are
-# set; the aarch64 OpenBLAS in numpy crashes on them, so they are dropped for it only.
+# set; the aarch64 OpenBLAS in numpy crashes on them, so they are dropped for it only. Tests
+# that start a child interpreter run this script (GFNET_EDGE_TEST_PYTHON, tests/child_python.py):
+# the emulated binary itself cannot be executed directly.
 STAGE=$W/stage
 mkdir -p "$W/bin"
 cat >"$W/bin/python3" <<EOF
 #!/bin/sh
 exec env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE QEMU_CPU=cortex-a76 QEMU_LD_PREFIX="$SYSROOT" \\
-  PYTHONPATH="$STAGE:$SITE" GFNET_EDGE_CUDA=0 qemu-aarch64 "$SYSROOT/usr/bin/python$PYVER" "\$@"
+  PYTHONPATH="$STAGE:$SITE" GFNET_EDGE_CUDA=0 GFNET_EDGE_TEST_PYTHON="$W/bin/python3" \\
+  qemu-aarch64 "$SYSROOT/usr/bin/python$PYVER" "\$@"
 EOF
 chmod +x "$W/bin/python3"
 EMU_PY=$W/bin/python3
