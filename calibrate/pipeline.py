@@ -361,7 +361,10 @@ def _gallery(results: Sequence[BudgetResult], hold_x, hold_y, hold_coords, hold_
 
 
 def _method_notes(cfg: CalibrationConfig, T: int) -> List[str]:
-    return [
+    """The report's "How this was measured" paragraphs: those of the parts this run has (tail
+    budgets, the deadline sweep) only."""
+    tail = any(b.kind.is_tail for b in cfg.given_budgets())
+    notes = [
         f"Step latency: cost[k] is the mean {'wall-clock' if cfg.clock == 'wall' else 'calling-thread CPU'} time "
         "per image of Runtime.predict when every image exits at "
         f"step k (thresholds 2.0 before k, -1e8 from k), at batch {cfg.batch}, {cfg.repeats} timed calls per step "
@@ -389,12 +392,16 @@ def _method_notes(cfg: CalibrationConfig, T: int) -> List[str]:
         "median; all measurements are listed under latency.history, and "
         "a spread of more than 10% between their full-model median calls is reported as a warning (another "
         "process used the device, or its clocks changed).",
-        "Tail budgets (p90, p95, p99): an image exiting at step k takes as long as a call whose images all exit at "
-        "k, so the share of images slower than a limit L is sum_k frac_k * e_k(L), where e_k(L) is the share of "
-        "step k's timed calls (all step-latency measurements so far) above L. The same threshold search keeps that "
-        "share within 1 - q for L = budget * (1 - margin); verification measures the percentile itself, defined "
-        "as the fit defines it: the smallest per-image latency with at most 1 - q of the images slower. With tail "
-        f"budgets each step is timed at least 10 / (1 - q) times ({cfg.timed_calls()} here).",
+    ]
+    if tail:
+        notes.append(
+            "Tail budgets (p90, p95, p99): an image exiting at step k takes as long as a call whose images all exit at "
+            "k, so the share of images slower than a limit L is sum_k frac_k * e_k(L), where e_k(L) is the share of "
+            "step k's timed calls (all step-latency measurements so far) above L. The same threshold search keeps that "
+            "share within 1 - q for L = budget * (1 - margin); verification measures the percentile itself, defined "
+            "as the fit defines it: the smallest per-image latency with at most 1 - q of the images slower. With tail "
+            f"budgets each step is timed at least 10 / (1 - q) times ({cfg.timed_calls()} here).")
+    notes += [
         "Deadline sweep: every held-out image runs through Runtime.predict(..., deadline_ms=D) with the featured "
         "budget's thresholds, the runtime planning each step with the measured p99 step latency; the static "
         "baseline's miss rate at D is the share of its timed calls slower than D (both wall-clock, whatever the "
@@ -405,3 +412,4 @@ def _method_notes(cfg: CalibrationConfig, T: int) -> List[str]:
         "Budgets are per-image means or percentiles at the stated batch size on this device, backend, precision and "
         "thread count; recalibrate when any of them changes.",
     ]
+    return notes

@@ -199,3 +199,20 @@ def test_the_templates_are_installed_with_the_package(tmp_path):
     want = sorted(p.name for p in report.TEMPLATES.iterdir() if p.is_file())
     assert {"report.html.j2", "macros.html.j2", "report.css"} <= set(want)
     assert sorted(p.name for p in (tmp_path / "lib" / "gfnet_edge" / "calibrate" / "templates").iterdir()) == want
+
+
+def _notes(**kw):
+    from gfnet_edge.calibrate.config import CalibrationConfig
+    from gfnet_edge.calibrate.pipeline import _method_notes
+
+    return _method_notes(CalibrationConfig(bundle="b", data="demo", output="o", progress=False, **kw), T)
+
+
+def test_method_notes_explain_tail_budgets_only_when_the_run_has_one():
+    """A run with mean budgets only has no tail-budget paragraph (whose 'timed at least 10 / (1 - q)
+    times' would name the plain repeats); a run with a p95 budget has it, with 10 / 0.05 = 200 calls."""
+    from gfnet_edge.calibrate.budgets import Budget
+
+    assert not any(n.startswith("Tail budgets") for n in _notes(budgets_ms=[1.0, 2.0], repeats=15))
+    tail = [n for n in _notes(budgets=[Budget.parse("p95:2.0")], repeats=15) if n.startswith("Tail budgets")]
+    assert len(tail) == 1 and "(200 here)" in tail[0]
