@@ -367,7 +367,7 @@ def _method_notes(cfg: CalibrationConfig, T: int) -> List[str]:
     notes = [
         f"Step latency: cost[k] is the mean {'wall-clock' if cfg.clock == 'wall' else 'calling-thread CPU'} time "
         "per image of Runtime.predict when every image exits at "
-        f"step k (thresholds 2.0 before k, -1e8 from k), at batch {cfg.batch}, {cfg.repeats} timed calls per step "
+        f"step k (thresholds 2.0 before k, -1e8 from k), at batch {cfg.batch}, {cfg.timed_calls()} timed calls per step "
         f"after at least {cfg.warmup} warm-up calls per step and {cfg.warmup_ms:g} ms of warm-up calls, steps "
         "interleaved within each repetition. The first measurement at each batch size (the manifest's step costs, "
         f"whose p99 deadlines plan with) goes on within {cfg.latency_seconds:g} s of timed calls: a step whose p99 "

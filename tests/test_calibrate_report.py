@@ -216,3 +216,14 @@ def test_method_notes_explain_tail_budgets_only_when_the_run_has_one():
     assert not any(n.startswith("Tail budgets") for n in _notes(budgets_ms=[1.0, 2.0], repeats=15))
     tail = [n for n in _notes(budgets=[Budget.parse("p95:2.0")], repeats=15) if n.startswith("Tail budgets")]
     assert len(tail) == 1 and "(200 here)" in tail[0]
+
+
+def test_method_notes_give_the_timed_calls_per_step_the_run_used():
+    """With a p99 budget each step is timed 10 / 0.01 = 1000 times, not --repeats (15): the step
+    latency paragraph says so."""
+    from gfnet_edge.calibrate.budgets import Budget
+
+    step = next(n for n in _notes(budgets=[Budget.parse("p99:2.0")], repeats=15) if n.startswith("Step latency"))
+    assert "1000 timed calls per step" in step and "15 timed calls" not in step
+    step = next(n for n in _notes(budgets_ms=[2.0], repeats=15) if n.startswith("Step latency"))
+    assert "15 timed calls per step" in step
