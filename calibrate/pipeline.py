@@ -369,11 +369,15 @@ def _method_notes(cfg: CalibrationConfig, T: int) -> List[str]:
         "per image of Runtime.predict when every image exits at "
         f"step k (thresholds 2.0 before k, -1e8 from k), at batch {cfg.batch}, {cfg.timed_calls()} timed calls per step "
         f"after at least {cfg.warmup} warm-up calls per step and {cfg.warmup_ms:g} ms of warm-up calls, steps "
-        "interleaved within each repetition. The first measurement at each batch size (the manifest's step costs, "
-        f"whose p99 deadlines plan with) goes on within {cfg.latency_seconds:g} s of timed calls: a step whose p99 "
-        "takes in one or two stalls (calls over 1.5x its median) is timed alone (each call right after an untimed "
-        "call of the step before it, as when interleaved) until they lie beyond it (101 "
-        f"calls for one), then every step up to {cfg.latency_calls} calls. The call takes the uint8 S x S frames as already cropped "
+        "interleaved within each repetition. " + (
+            "The first measurement at each batch size (the manifest's step costs, "
+            f"whose p99 deadlines plan with) goes on within {cfg.latency_seconds:g} s of timed calls: a step whose p99 "
+            "takes in one or two stalls (calls over 1.5x its median) is timed alone (each call right after an untimed "
+            "call of the step before it, as when interleaved) until they lie beyond it (101 "
+            f"calls for one), then every step up to {cfg.latency_calls} calls. " if cfg.latency_calls > 0 else
+            "The first measurement at each batch size (the manifest's step costs, whose p99 deadlines plan with) "
+            "was not extended (--latency-calls 0): a lone stall of the device stays in its p99. ") +
+        "The call takes the uint8 S x S frames as already cropped "
         "(Runtime.predict(frames, cropped=True): normalised in the runtime, no second resize/crop), so the time "
         "covers the whole path from them (normalisation and glance, backbone graphs, policy, crops, heads, exit "
         "checks). The stage breakdown comes from a separate profiled pass.",

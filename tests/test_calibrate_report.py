@@ -227,3 +227,12 @@ def test_method_notes_give_the_timed_calls_per_step_the_run_used():
     assert "1000 timed calls per step" in step and "15 timed calls" not in step
     step = next(n for n in _notes(budgets_ms=[2.0], repeats=15) if n.startswith("Step latency"))
     assert "15 timed calls per step" in step
+
+
+def test_method_notes_do_not_describe_extended_step_timing_with_latency_calls_0():
+    """--latency-calls 0 times --repeats calls only (no extension, no lone-stall retiming): the
+    step latency paragraph says so instead of 'then every step up to 0 calls'."""
+    step = next(n for n in _notes(budgets_ms=[2.0], latency_calls=0) if n.startswith("Step latency"))
+    assert "up to 0 calls" not in step and "timed alone" not in step and "--latency-calls 0" in step
+    step = next(n for n in _notes(budgets_ms=[2.0]) if n.startswith("Step latency"))
+    assert "then every step up to 300 calls" in step and "The call takes the uint8" in step
