@@ -405,15 +405,15 @@ def _method_notes(cfg: CalibrationConfig, T: int) -> List[str]:
             "share within 1 - q for L = budget * (1 - margin); verification measures the percentile itself, defined "
             "as the fit defines it: the smallest per-image latency with at most 1 - q of the images slower. With tail "
             f"budgets each step is timed at least 10 / (1 - q) times ({cfg.timed_calls()} here).")
-    notes += [
-        "Deadline sweep: every held-out image runs through Runtime.predict(..., deadline_ms=D) with the featured "
-        "budget's thresholds, the runtime planning each step with the measured p99 step latency; the static "
-        "baseline's miss rate at D is the share of its timed calls slower than D (both wall-clock, whatever the "
-        "clock of the latency statistics). The deadlines run from the "
-        f"glance's p50 ({cfg.deadlines} of them) to {100 * SWEEP_PAD:g}% past the full model's p99 scaled by the "
-        f"deadline margin, then, up to as many again, to {100 * SWEEP_PAD:g}% past the slowest static baseline's "
-        "p99 call when that is later.",
-        "Budgets are per-image means or percentiles at the stated batch size on this device, backend, precision and "
-        "thread count; recalibrate when any of them changes.",
-    ]
+    if cfg.deadlines > 0:
+        notes.append(
+            "Deadline sweep: every held-out image runs through Runtime.predict(..., deadline_ms=D) with the featured "
+            "budget's thresholds, the runtime planning each step with the measured p99 step latency; the static "
+            "baseline's miss rate at D is the share of its timed calls slower than D (both wall-clock, whatever the "
+            "clock of the latency statistics). The deadlines run from the "
+            f"glance's p50 ({cfg.deadlines} of them) to {100 * SWEEP_PAD:g}% past the full model's p99 scaled by the "
+            f"deadline margin, then, up to as many again, to {100 * SWEEP_PAD:g}% past the slowest static baseline's "
+            "p99 call when that is later.")
+    notes.append("Budgets are per-image means or percentiles at the stated batch size on this device, backend, "
+                 "precision and thread count; recalibrate when any of them changes.")
     return notes

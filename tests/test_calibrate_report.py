@@ -236,3 +236,11 @@ def test_method_notes_do_not_describe_extended_step_timing_with_latency_calls_0(
     assert "up to 0 calls" not in step and "timed alone" not in step and "--latency-calls 0" in step
     step = next(n for n in _notes(budgets_ms=[2.0]) if n.startswith("Step latency"))
     assert "then every step up to 300 calls" in step and "The call takes the uint8" in step
+
+
+def test_method_notes_describe_the_deadline_sweep_only_when_there_is_one():
+    """--deadlines 0 (no sweep, no Deadline sweep section): no paragraph about '0 of them'."""
+    assert not any(n.startswith("Deadline sweep") for n in _notes(budgets_ms=[2.0], deadlines=0))
+    sweep = [n for n in _notes(budgets_ms=[2.0]) if n.startswith("Deadline sweep")]
+    assert len(sweep) == 1 and "(6 of them)" in sweep[0]
+    assert _notes(budgets_ms=[2.0], deadlines=0)[-1].startswith("Budgets are per-image")
