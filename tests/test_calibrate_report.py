@@ -244,3 +244,20 @@ def test_method_notes_describe_the_deadline_sweep_only_when_there_is_one():
     sweep = [n for n in _notes(budgets_ms=[2.0]) if n.startswith("Deadline sweep")]
     assert len(sweep) == 1 and "(6 of them)" in sweep[0]
     assert _notes(budgets_ms=[2.0], deadlines=0)[-1].startswith("Budgets are per-image")
+
+
+def _text(res, figures=None, cards=()):
+    return " ".join("".join(_Page(report.render_html(res, figures or {}, list(cards))).text).split())
+
+
+def test_without_a_static_baseline_the_choice_note_names_no_static_columns():
+    """The 'Which budget to use' table has no static columns without --static, so its note does
+    not explain a static speed or accuracy points; with a baseline it does."""
+    res = calibration_result()
+    res["static"], res["technology"] = [], None
+    text = _text(res)
+    assert "pass --static to compare" in text
+    assert "static baseline's speed" not in text and "Accuracy points" not in text
+    assert "measured on the held-out images." in text
+    text = _text(calibration_result())
+    assert "the static baseline's speed is the same statistic" in text and "Accuracy points:" in text
