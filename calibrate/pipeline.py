@@ -407,8 +407,8 @@ def _method_notes(cfg: CalibrationConfig, T: int) -> List[str]:
             f"budgets each step is timed at least 10 / (1 - q) times ({cfg.timed_calls()} here).")
     if cfg.deadlines > 0:
         notes.append(
-            "Deadline sweep: every held-out image runs through Runtime.predict(..., deadline_ms=D) with the featured "
-            "budget's thresholds, the runtime planning each step with the measured p99 step latency; the static "
+            "Deadline sweep: every held-out image runs through Runtime.predict(..., deadline_ms=D) with the thresholds "
+            "of the default budget (else the middle one), the runtime planning each step with the measured p99 step latency; the static "
             "baseline's miss rate at D is the share of its timed calls slower than D (both wall-clock, whatever the "
             "clock of the latency statistics). The deadlines run from the "
             f"glance's p50 ({cfg.deadlines} of them) to {100 * SWEEP_PAD:g}% past the full model's p99 scaled by the "

@@ -287,6 +287,14 @@ def _distribution_section(res: Dict[str, Any], figures: Dict[str, bytes]) -> Dic
             "mean_budgets": any(b.get("kind", "mean") == "mean" for b in res["budgets"]), "tail_budgets": tail}
 
 
+def featured_why(res: Dict[str, Any], name: str) -> str:
+    """Why the deadline sweep and the gallery show budget ``name``: the default budget, else the
+    middle one of those calibrated (which need not be the one the page suggests)."""
+    if name == res["manifest"].get("default_budget"):
+        return "the default budget"
+    return "the middle of the calibrated budgets: no default budget was set with --default"
+
+
 def _sweep_section(res: Dict[str, Any], figures: Dict[str, bytes]) -> Optional[Dict[str, Any]]:
     """GFNet under per-call deadlines next to the static baselines' miss rate; None without a sweep."""
     sw = res.get("deadline_sweep")
@@ -300,7 +308,7 @@ def _sweep_section(res: Dict[str, Any], figures: Dict[str, bytes]) -> Optional[D
             "table": _table(["deadline ms", "GFNet accuracy %", "calls > deadline + 10 %", "calls > deadline",
                              "stopped early", "mean steps", "p50 ms", "p99 ms", "max ms"] +
                             [f"{n}: calls > deadline" for n in names], rows, "deadlines"),
-            "batch": sw["batch"], "budget": sw["budget"], "no_deadline_accuracy": _f(sw.get("no_deadline_accuracy")),
+            "batch": sw["batch"], "budget": sw["budget"], "budget_why": featured_why(res, sw["budget"]), "no_deadline_accuracy": _f(sw.get("no_deadline_accuracy")),
             "planned_with": sw.get("planned_with") or "p99", "margin": f"{sw['margin']:g}",
             "static_p50": ", ".join(f"{n} p50 {_f(v)} ms" for n, v in sw["static_p50_ms"].items())}
 
@@ -387,7 +395,9 @@ def page_context(res: Dict[str, Any], figures: Dict[str, bytes], gallery: Sequen
             "exits": {"figures": [_fig(figures, "exit_histogram", "exit-step histogram per budget")]},
             "distribution": _distribution_section(res, figures), "sweep": _sweep_section(res, figures),
             "latency": _latency_section(res, figures), "precision": _precision_section(res),
-            "gallery": _gallery_cards(gallery, res["bundle"].get("class_names")), "method_notes": list(res["method_notes"])}
+            "gallery": _gallery_cards(gallery, res["bundle"].get("class_names")),
+            "gallery_budget": {"name": gallery[0].budget, "why": featured_why(res, gallery[0].budget)} if gallery else None,
+            "method_notes": list(res["method_notes"])}
 
 
 def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: Sequence[GalleryCard]) -> str:

@@ -4,6 +4,7 @@ escaped by Jinja2 and shows as text, never as markup; a value the templates need
 lacks stops the rendering; the templates are installed with the package."""
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -261,3 +262,25 @@ def test_without_a_static_baseline_the_choice_note_names_no_static_columns():
     assert "measured on the held-out images." in text
     text = _text(calibration_result())
     assert "the static baseline's speed is the same statistic" in text and "Accuracy points:" in text
+
+
+def test_the_sweep_and_the_gallery_say_why_they_show_their_budget():
+    """The deadline sweep and the gallery run one budget's thresholds: the default budget, else the
+    middle one, which can differ from the budget the page suggests; the page says which applies."""
+    res = calibration_result()
+    res["budgets"].append(_budget("ms-3.0", 3.0))
+    res["deadline_sweep"]["budget"] = "p95-2.0"  # the middle budget, no default set
+    cards = [dataclasses.replace(c, budget="p95-2.0") for c in gallery()]
+    text = _text(res, cards=cards)
+    assert "with the thresholds of p95-2.0 (the middle of the calibrated budgets: no default budget was set with --default;" in text
+    assert "Held-out images run with the thresholds of p95-2.0 (the middle of the calibrated budgets" in text
+    res["manifest"]["default_budget"] = "p95-2.0"
+    text = _text(res, cards=cards)
+    assert "with the thresholds of p95-2.0 (the default budget;" in text
+    assert "Held-out images run with the thresholds of p95-2.0 (the default budget)." in text
+    assert "Held-out images run with" not in _text(res)
+
+
+def test_the_sweep_method_note_names_no_internal_term():
+    sweep = next(n for n in _notes(budgets_ms=[2.0]) if n.startswith("Deadline sweep"))
+    assert "featured" not in sweep and "of the default budget (else the middle one)" in sweep
