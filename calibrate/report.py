@@ -306,7 +306,7 @@ def _sweep_section(res: Dict[str, Any], figures: Dict[str, bytes]) -> Optional[D
             [f"{r['static_miss_pct'][n]:.0f}%" for n in names] for r in sw["rows"]]
     return {"figures": [_fig(figures, "deadline_sweep", "accuracy and miss rate vs deadline")],
             "table": _table(["deadline ms", "GFNet accuracy %", "calls > deadline + 10 %", "calls > deadline",
-                             "stopped early", "mean steps", "p50 ms", "p99 ms", "max ms"] +
+                             "stopped early", "mean steps run (glance = 1)", "p50 ms", "p99 ms", "max ms"] +
                             [f"{n}: calls > deadline" for n in names], rows, "deadlines"),
             "batch": sw["batch"], "budget": sw["budget"], "budget_why": featured_why(res, sw["budget"]), "no_deadline_accuracy": _f(sw.get("no_deadline_accuracy")),
             "planned_with": sw.get("planned_with") or "p99", "margin": f"{sw['margin']:g}",

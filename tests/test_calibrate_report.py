@@ -284,3 +284,12 @@ def test_the_sweep_and_the_gallery_say_why_they_show_their_budget():
 def test_the_sweep_method_note_names_no_internal_term():
     sweep = next(n for n in _notes(budgets_ms=[2.0]) if n.startswith("Deadline sweep"))
     assert "featured" not in sweep and "of the default budget (else the middle one)" in sweep
+
+
+def test_the_sweep_table_counts_steps_run_not_the_exit_step():
+    """The sweep's mean_steps counts the glance as 1 (exit_step + 1) while every other table numbers
+    steps from 0 ('exit at step 0'): its header says it counts steps run, the glance included."""
+    t = report.page_context(calibration_result(), {}, gallery())["sweep"]["table"]
+    headers = [h.text for h in t.headers]
+    col = next(i for i, h in enumerate(headers) if h.startswith("mean steps"))
+    assert headers[col] == "mean steps run (glance = 1)" and t.rows[0][col].text == "2.00"
