@@ -344,7 +344,7 @@ def _latency_section(res: Dict[str, Any], figures: Dict[str, bytes]) -> Dict[str
         camera = {"size": res["bundle"]["image_size"], "ms": f"{lat['camera_resize_ms']:.3f}"}
     return {"steps": steps, "history": history,
             "figures": [_fig(figures, "stage_breakdown", "latency breakdown per stage")],
-            "stages": _table(["work", "stage", "ms per call", "p50 ms (per stage call)", "p95 ms", "p99 ms",
+            "stages": _table(["work", "stage", "mean ms per predict call", "p50 ms (per stage call)", "p95 ms", "p99 ms",
                               "stage calls"], st_rows, "stages", left=2),
             "host_loop": any("step" in st and "heads" in st for st in lat["budget_batch"]["stages"].values()),
             "camera": camera}

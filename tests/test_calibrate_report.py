@@ -293,3 +293,14 @@ def test_the_sweep_table_counts_steps_run_not_the_exit_step():
     headers = [h.text for h in t.headers]
     col = next(i for i, h in enumerate(headers) if h.startswith("mean steps"))
     assert headers[col] == "mean steps run (glance = 1)" and t.rows[0][col].text == "2.00"
+
+
+def test_the_stage_table_says_its_mean_is_per_predict_call_not_per_stage_call():
+    """The stage table's first figure is a stage's total time over the profiled predict calls
+    (a focus stage runs once per focus step of each call), next to percentiles per stage call:
+    exit at 2, 'step' ran 40 times in 20 calls for 10 ms, so 0.5 ms per predict call."""
+    t = report.page_context(calibration_result(), {}, gallery())["latency"]["stages"]
+    headers = [h.text for h in t.headers]
+    assert headers[2] == "mean ms per predict call" and headers[3] == "p50 ms (per stage call)"
+    row = next(r for r in t.rows if r[0].text == "exit at 2" and r[1].text == "step")
+    assert row[2].text == "0.500" and row[-1].text == "40"
