@@ -377,7 +377,7 @@ def _method_notes(cfg: CalibrationConfig, T: int) -> List[str]:
             f"calls for one), then every step up to {cfg.latency_calls} calls. " if cfg.latency_calls > 0 else
             "The first measurement at each batch size (the manifest's step costs, whose p99 deadlines plan with) "
             "was not extended (--latency-calls 0): a lone stall of the device stays in its p99. ") +
-        "The call takes the uint8 S x S frames as already cropped "
+        "The call takes the uint8 frames at the model's input size as already cropped "
         "(Runtime.predict(frames, cropped=True): normalised in the runtime, no second resize/crop), so the time "
         "covers the whole path from them (normalisation and glance, backbone graphs, policy, crops, heads, exit "
         "checks). The stage breakdown comes from a separate profiled pass.",

@@ -304,3 +304,13 @@ def test_the_stage_table_says_its_mean_is_per_predict_call_not_per_stage_call():
     assert headers[2] == "mean ms per predict call" and headers[3] == "p50 ms (per stage call)"
     row = next(r for r in t.rows if r[0].text == "exit at 2" and r[1].text == "step")
     assert row[2].text == "0.500" and row[-1].text == "40"
+
+
+def test_the_page_spells_out_the_models_sizes_instead_of_S_P_T():
+    """The header and the gallery note give the input size, patch size and steps in words and
+    pixels, not the letters S, P and T that the page never defines."""
+    text = _text(calibration_result(), cards=gallery())
+    assert "S=96" not in text and "P=48" not in text and "T=3" not in text and "P x P" not in text
+    assert "input 96x96 px, glance and focus patches 48x48 px, 3 steps (step 0: the glance)" in text
+    assert "Left: the glance (the whole image at 48 x 48 px)." in text
+    assert not any("S x S" in n for n in _notes(budgets_ms=[2.0]))
