@@ -183,6 +183,8 @@ def choice(res: Dict[str, Any]) -> Dict[str, Any]:
                                              for s in res["static"]}})
     if default:
         return {"suggested": default, "why": "the default budget written to the manifest", "rows": rows}
+    if len(res["budgets"]) == 1:
+        return {"suggested": res["budgets"][0]["name"], "why": "the only budget calibrated", "rows": rows}
     return {"suggested": pick_default_budget(res["budgets"]), "rows": rows,
             "why": f"the cheapest budget whose held-out accuracy is within {DEFAULT_BUDGET_SLACK:g} point of the best"}
 

@@ -314,3 +314,14 @@ def test_the_page_spells_out_the_models_sizes_instead_of_S_P_T():
     assert "input 96x96 px, glance and focus patches 48x48 px, 3 steps (step 0: the glance)" in text
     assert "Left: the glance (the whole image at 48 x 48 px)." in text
     assert not any("S x S" in n for n in _notes(budgets_ms=[2.0]))
+
+
+def test_a_single_budget_is_suggested_as_the_only_one():
+    """With one budget there is no 'cheapest within 1 point of the best' to pick: the suggestion
+    says it is the only budget calibrated."""
+    res = calibration_result()
+    res["budgets"] = res["budgets"][:1]
+    text = _text(res)
+    assert "Use ms-1.0 (the only budget calibrated): 81.00 % at 1.00 ms mean per image" in text
+    assert "within 1 point of the best" not in text
+    assert "within 1 point of the best" in _text(calibration_result())
