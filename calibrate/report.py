@@ -138,14 +138,29 @@ def budget_rows(res: Dict[str, Any]) -> List[List[Any]]:
 DEFAULT_BUDGET_SLACK = 1.0
 
 
+def mixed_kinds(budgets: Sequence[Dict[str, Any]]) -> bool:
+    """Whether the budgets limit different statistics (a mean and a percentile), whose limits in ms
+    do not compare."""
+    return len({b.get("kind", "mean") for b in budgets}) > 1
+
+
+def _cost(b: Dict[str, Any], budgets: Sequence[Dict[str, Any]]) -> float:
+    """What "cheapest" ranks a budget by: its limit in ms, or with budgets of different kinds its
+    measured mean ms per image (its limit where the report has no measurement)."""
+    if mixed_kinds(budgets):
+        return float(b.get("measured", {}).get("mean_ms", b["budget_ms"]))
+    return float(b["budget_ms"])
+
+
 def pick_default_budget(budgets: List[Dict[str, Any]], slack: float = DEFAULT_BUDGET_SLACK) -> str:
     """The cheapest calibrated budget whose held-out accuracy is within ``slack`` points of the
-    most accurate one (calibration reports list budgets cheapest first)."""
+    most accurate one: the smallest limit, or with budgets of different kinds (mean, p95 ...) the
+    smallest measured mean ms per image."""
     if not budgets:
         raise InputError("calibration produced no budgets")
     acc = [float(b["holdout"]["accuracy"]) for b in budgets]
     best = max(acc)
-    for b, a in sorted(zip(budgets, acc), key=lambda ba: float(ba[0]["budget_ms"])):
+    for b, a in sorted(zip(budgets, acc), key=lambda ba: _cost(ba[0], budgets)):
         if a >= best - slack:
             return str(b["name"])
     return str(budgets[int(np.argmax(acc))]["name"])
@@ -186,7 +201,9 @@ def choice(res: Dict[str, Any]) -> Dict[str, Any]:
     if len(res["budgets"]) == 1:
         return {"suggested": res["budgets"][0]["name"], "why": "the only budget calibrated", "rows": rows}
     return {"suggested": pick_default_budget(res["budgets"]), "rows": rows,
-            "why": f"the cheapest budget whose held-out accuracy is within {DEFAULT_BUDGET_SLACK:g} point of the best"}
+            "why": ("the fastest budget by measured mean ms per image" if mixed_kinds(res["budgets"]) else
+                    "the cheapest budget") +
+                   f" whose held-out accuracy is within {DEFAULT_BUDGET_SLACK:g} point of the best"}
 
 
 def choice_sentence(res: Dict[str, Any], c: Optional[Dict[str, Any]] = None) -> str:

@@ -325,3 +325,23 @@ def test_a_single_budget_is_suggested_as_the_only_one():
     assert "Use ms-1.0 (the only budget calibrated): 81.00 % at 1.00 ms mean per image" in text
     assert "within 1 point of the best" not in text
     assert "within 1 point of the best" in _text(calibration_result())
+
+
+def test_budgets_of_different_kinds_are_ranked_by_measured_mean_latency():
+    """A p95 limit and a mean limit in ms do not compare: p95-2.5 measured 1.46 ms mean per image and
+    ms-1.6 1.55 ms at the same accuracy, so p95-2.5 is the cheaper one to suggest (ranking by the
+    limits, 1.6 < 2.5, picked the slower budget and called it the cheapest)."""
+    res = calibration_result()
+    tail, mean = _budget("p95-2.5", 2.5, "p95", 0.95), _budget("ms-1.6", 1.6)
+    tail["measured"].update(mean_ms=1.46, p95_ms=1.71, statistic_ms=1.71, accuracy=90.0)
+    mean["measured"].update(mean_ms=1.55, p95_ms=1.74, statistic_ms=1.55, accuracy=90.0)
+    tail["holdout"]["accuracy"] = mean["holdout"]["accuracy"] = 90.0
+    res["budgets"] = [mean, tail]
+    assert report.pick_default_budget(res["budgets"]) == "p95-2.5"
+    assert "Use p95-2.5 (the fastest budget by measured mean ms per image whose held-out accuracy is within 1 point" \
+        in _text(res)
+    # budgets of one kind: still the smallest limit
+    res["budgets"] = [_budget("ms-2.0", 2.0), _budget("ms-1.0", 1.0)]
+    for b in res["budgets"]:
+        b["holdout"]["accuracy"] = 90.0
+    assert report.pick_default_budget(res["budgets"]) == "ms-1.0"
