@@ -345,3 +345,21 @@ def test_budgets_of_different_kinds_are_ranked_by_measured_mean_latency():
     for b in res["budgets"]:
         b["holdout"]["accuracy"] = 90.0
     assert report.pick_default_budget(res["budgets"]) == "ms-1.0"
+
+
+def test_no_compare_says_the_other_precisions_were_not_compared():
+    """--no-compare on a bundle with FP32 and INT8 graphs: the precision section says the other
+    precisions were not compared and why, not a bare 'comparison skipped'."""
+    from types import SimpleNamespace
+
+    from gfnet_edge.calibrate.compare import compare_precisions
+    from gfnet_edge.calibrate.config import CalibrationConfig
+
+    bundle = SimpleNamespace(manifest={"graphs": {"fp32": {}, "int8-cpu": {}}})
+    cfg = CalibrationConfig(bundle="b", data="demo", output="o", compare_precisions=False, progress=False)
+    prec = compare_precisions(bundle, "onnxruntime", "int8-cpu", None, None, None, None, None, {}, cfg, None)
+    res = calibration_result()
+    res["precisions"] = prec
+    text = _text(res)
+    assert "The bundle's other precisions were not compared (--no-compare)." in text
+    assert "comparison skipped" not in text
