@@ -363,3 +363,12 @@ def test_no_compare_says_the_other_precisions_were_not_compared():
     text = _text(res)
     assert "The bundle's other precisions were not compared (--no-compare)." in text
     assert "comparison skipped" not in text
+
+
+def test_without_gallery_cards_the_gallery_section_explains_no_images():
+    """--gallery 0: no note about the cards' left and right images, and no empty card row."""
+    page = report.render_html(calibration_result(), {}, [])
+    text = " ".join("".join(_Page(page).text).split())
+    assert "Left: the glance" not in text and "No gallery images (--gallery 0)." in text
+    assert "<div class='gallery'>" not in page
+    assert "Left: the glance" in _text(calibration_result(), cards=gallery())
