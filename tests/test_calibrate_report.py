@@ -372,3 +372,14 @@ def test_without_gallery_cards_the_gallery_section_explains_no_images():
     assert "Left: the glance" not in text and "No gallery images (--gallery 0)." in text
     assert "<div class='gallery'>" not in page
     assert "Left: the glance" in _text(calibration_result(), cards=gallery())
+
+
+def test_without_figures_the_exit_section_points_to_the_table_with_its_numbers():
+    """A report without matplotlib ('the tables hold the same numbers'): the exit-step section, which
+    has no table of its own, is not left empty but names the column that holds the exit shares."""
+    page = report.render_html(calibration_result(), {}, [])
+    exits = page.split("<h2 id='exits'>")[1].split("<h2")[0]
+    assert "“exits % per step” column" in exits
+    page = report.render_html(calibration_result(), {"exit_histogram": b"png"}, [])
+    exits = page.split("<h2 id='exits'>")[1].split("<h2")[0]
+    assert "<img" in exits and "exits % per step" not in exits
