@@ -44,7 +44,8 @@ def compare_precisions(bundle: Bundle, backend: str, main: str, hold_x: np.ndarr
     if not cfg.compare_precisions or len(sets) < 2:
         return {"reference": None, "rows": [],
                 "note": f"The bundle holds one precision for {backend} ({', '.join(sets) or main}); build it with "
-                        "--precision int8 to compare INT8 with FP32." if len(sets) < 2 else "comparison skipped"}
+                        "--precision int8 to compare INT8 with FP32." if len(sets) < 2 else
+                "The bundle's other precisions were not compared (--no-compare)."}
     per: Dict[str, Dict[str, Any]] = {main: {"probs": hold_probs, "cost_ms": cost, "budget_cost_ms": budget_cost or {}}}
     for p in sets:
         if p == main:

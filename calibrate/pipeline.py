@@ -361,16 +361,23 @@ def _gallery(results: Sequence[BudgetResult], hold_x, hold_y, hold_coords, hold_
 
 
 def _method_notes(cfg: CalibrationConfig, T: int) -> List[str]:
-    return [
+    """The report's "How this was measured" paragraphs: those of the parts this run has (tail
+    budgets, the deadline sweep) only."""
+    tail = any(b.kind.is_tail for b in cfg.given_budgets())
+    notes = [
         f"Step latency: cost[k] is the mean {'wall-clock' if cfg.clock == 'wall' else 'calling-thread CPU'} time "
         "per image of Runtime.predict when every image exits at "
-        f"step k (thresholds 2.0 before k, -1e8 from k), at batch {cfg.batch}, {cfg.repeats} timed calls per step "
+        f"step k (thresholds 2.0 before k, -1e8 from k), at batch {cfg.batch}, {cfg.timed_calls()} timed calls per step "
         f"after at least {cfg.warmup} warm-up calls per step and {cfg.warmup_ms:g} ms of warm-up calls, steps "
-        "interleaved within each repetition. The first measurement at each batch size (the manifest's step costs, "
-        f"whose p99 deadlines plan with) goes on within {cfg.latency_seconds:g} s of timed calls: a step whose p99 "
-        "takes in one or two stalls (calls over 1.5x its median) is timed alone (each call right after an untimed "
-        "call of the step before it, as when interleaved) until they lie beyond it (101 "
-        f"calls for one), then every step up to {cfg.latency_calls} calls. The call takes the uint8 S x S frames as already cropped "
+        "interleaved within each repetition. " + (
+            "The first measurement at each batch size (the manifest's step costs, "
+            f"whose p99 deadlines plan with) goes on within {cfg.latency_seconds:g} s of timed calls: a step whose p99 "
+            "takes in one or two stalls (calls over 1.5x its median) is timed alone (each call right after an untimed "
+            "call of the step before it, as when interleaved) until they lie beyond it (101 "
+            f"calls for one), then every step up to {cfg.latency_calls} calls. " if cfg.latency_calls > 0 else
+            "The first measurement at each batch size (the manifest's step costs, whose p99 deadlines plan with) "
+            "was not extended (--latency-calls 0): a lone stall of the device stays in its p99. ") +
+        "The call takes the uint8 frames at the model's input size as already cropped "
         "(Runtime.predict(frames, cropped=True): normalised in the runtime, no second resize/crop), so the time "
         "covers the whole path from them (normalisation and glance, backbone graphs, policy, crops, heads, exit "
         "checks). The stage breakdown comes from a separate profiled pass.",
@@ -389,19 +396,24 @@ def _method_notes(cfg: CalibrationConfig, T: int) -> List[str]:
         "median; all measurements are listed under latency.history, and "
         "a spread of more than 10% between their full-model median calls is reported as a warning (another "
         "process used the device, or its clocks changed).",
-        "Tail budgets (p90, p95, p99): an image exiting at step k takes as long as a call whose images all exit at "
-        "k, so the share of images slower than a limit L is sum_k frac_k * e_k(L), where e_k(L) is the share of "
-        "step k's timed calls (all step-latency measurements so far) above L. The same threshold search keeps that "
-        "share within 1 - q for L = budget * (1 - margin); verification measures the percentile itself, defined "
-        "as the fit defines it: the smallest per-image latency with at most 1 - q of the images slower. With tail "
-        f"budgets each step is timed at least 10 / (1 - q) times ({cfg.timed_calls()} here).",
-        "Deadline sweep: every held-out image runs through Runtime.predict(..., deadline_ms=D) with the featured "
-        "budget's thresholds, the runtime planning each step with the measured p99 step latency; the static "
-        "baseline's miss rate at D is the share of its timed calls slower than D (both wall-clock, whatever the "
-        "clock of the latency statistics). The deadlines run from the "
-        f"glance's p50 ({cfg.deadlines} of them) to {100 * SWEEP_PAD:g}% past the full model's p99 scaled by the "
-        f"deadline margin, then, up to as many again, to {100 * SWEEP_PAD:g}% past the slowest static baseline's "
-        "p99 call when that is later.",
-        "Budgets are per-image means or percentiles at the stated batch size on this device, backend, precision and "
-        "thread count; recalibrate when any of them changes.",
     ]
+    if tail:
+        notes.append(
+            "Tail budgets (p90, p95, p99): an image exiting at step k takes as long as a call whose images all exit at "
+            "k, so the share of images slower than a limit L is sum_k frac_k * e_k(L), where e_k(L) is the share of "
+            "step k's timed calls (all step-latency measurements so far) above L. The same threshold search keeps that "
+            "share within 1 - q for L = budget * (1 - margin); verification measures the percentile itself, defined "
+            "as the fit defines it: the smallest per-image latency with at most 1 - q of the images slower. With tail "
+            f"budgets each step is timed at least 10 / (1 - q) times ({cfg.timed_calls()} here).")
+    if cfg.deadlines > 0:
+        notes.append(
+            "Deadline sweep: every held-out image runs through Runtime.predict(..., deadline_ms=D) with the thresholds "
+            "of the default budget (else the middle one), the runtime planning each step with the measured p99 step latency; the static "
+            "baseline's miss rate at D is the share of its timed calls slower than D (both wall-clock, whatever the "
+            "clock of the latency statistics). The deadlines run from the "
+            f"glance's p50 ({cfg.deadlines} of them) to {100 * SWEEP_PAD:g}% past the full model's p99 scaled by the "
+            f"deadline margin, then, up to as many again, to {100 * SWEEP_PAD:g}% past the slowest static baseline's "
+            "p99 call when that is later.")
+    notes.append("Budgets are per-image means or percentiles at the stated batch size on this device, backend, "
+                 "precision and thread count; recalibrate when any of them changes.")
+    return notes

@@ -138,14 +138,29 @@ def budget_rows(res: Dict[str, Any]) -> List[List[Any]]:
 DEFAULT_BUDGET_SLACK = 1.0
 
 
+def mixed_kinds(budgets: Sequence[Dict[str, Any]]) -> bool:
+    """Whether the budgets limit different statistics (a mean and a percentile), whose limits in ms
+    do not compare."""
+    return len({b.get("kind", "mean") for b in budgets}) > 1
+
+
+def _cost(b: Dict[str, Any], budgets: Sequence[Dict[str, Any]]) -> float:
+    """What "cheapest" ranks a budget by: its limit in ms, or with budgets of different kinds its
+    measured mean ms per image (its limit where the report has no measurement)."""
+    if mixed_kinds(budgets):
+        return float(b.get("measured", {}).get("mean_ms", b["budget_ms"]))
+    return float(b["budget_ms"])
+
+
 def pick_default_budget(budgets: List[Dict[str, Any]], slack: float = DEFAULT_BUDGET_SLACK) -> str:
     """The cheapest calibrated budget whose held-out accuracy is within ``slack`` points of the
-    most accurate one (calibration reports list budgets cheapest first)."""
+    most accurate one: the smallest limit, or with budgets of different kinds (mean, p95 ...) the
+    smallest measured mean ms per image."""
     if not budgets:
         raise InputError("calibration produced no budgets")
     acc = [float(b["holdout"]["accuracy"]) for b in budgets]
     best = max(acc)
-    for b, a in sorted(zip(budgets, acc), key=lambda ba: float(ba[0]["budget_ms"])):
+    for b, a in sorted(zip(budgets, acc), key=lambda ba: _cost(ba[0], budgets)):
         if a >= best - slack:
             return str(b["name"])
     return str(budgets[int(np.argmax(acc))]["name"])
@@ -183,8 +198,12 @@ def choice(res: Dict[str, Any]) -> Dict[str, Any]:
                                              for s in res["static"]}})
     if default:
         return {"suggested": default, "why": "the default budget written to the manifest", "rows": rows}
+    if len(res["budgets"]) == 1:
+        return {"suggested": res["budgets"][0]["name"], "why": "the only budget calibrated", "rows": rows}
     return {"suggested": pick_default_budget(res["budgets"]), "rows": rows,
-            "why": f"the cheapest budget whose held-out accuracy is within {DEFAULT_BUDGET_SLACK:g} point of the best"}
+            "why": ("the fastest budget by measured mean ms per image" if mixed_kinds(res["budgets"]) else
+                    "the cheapest budget") +
+                   f" whose held-out accuracy is within {DEFAULT_BUDGET_SLACK:g} point of the best"}
 
 
 def choice_sentence(res: Dict[str, Any], c: Optional[Dict[str, Any]] = None) -> str:
@@ -287,6 +306,14 @@ def _distribution_section(res: Dict[str, Any], figures: Dict[str, bytes]) -> Dic
             "mean_budgets": any(b.get("kind", "mean") == "mean" for b in res["budgets"]), "tail_budgets": tail}
 
 
+def featured_why(res: Dict[str, Any], name: str) -> str:
+    """Why the deadline sweep and the gallery show budget ``name``: the default budget, else the
+    middle one of those calibrated (which need not be the one the page suggests)."""
+    if name == res["manifest"].get("default_budget"):
+        return "the default budget"
+    return "the middle of the calibrated budgets: no default budget was set with --default"
+
+
 def _sweep_section(res: Dict[str, Any], figures: Dict[str, bytes]) -> Optional[Dict[str, Any]]:
     """GFNet under per-call deadlines next to the static baselines' miss rate; None without a sweep."""
     sw = res.get("deadline_sweep")
@@ -298,9 +325,9 @@ def _sweep_section(res: Dict[str, Any], figures: Dict[str, bytes]) -> Optional[D
             [f"{r['static_miss_pct'][n]:.0f}%" for n in names] for r in sw["rows"]]
     return {"figures": [_fig(figures, "deadline_sweep", "accuracy and miss rate vs deadline")],
             "table": _table(["deadline ms", "GFNet accuracy %", "calls > deadline + 10 %", "calls > deadline",
-                             "stopped early", "mean steps", "p50 ms", "p99 ms", "max ms"] +
+                             "stopped early", "mean steps run (glance = 1)", "p50 ms", "p99 ms", "max ms"] +
                             [f"{n}: calls > deadline" for n in names], rows, "deadlines"),
-            "batch": sw["batch"], "budget": sw["budget"], "no_deadline_accuracy": _f(sw.get("no_deadline_accuracy")),
+            "batch": sw["batch"], "budget": sw["budget"], "budget_why": featured_why(res, sw["budget"]), "no_deadline_accuracy": _f(sw.get("no_deadline_accuracy")),
             "planned_with": sw.get("planned_with") or "p99", "margin": f"{sw['margin']:g}",
             "static_p50": ", ".join(f"{n} p50 {_f(v)} ms" for n, v in sw["static_p50_ms"].items())}
 
@@ -336,7 +363,7 @@ def _latency_section(res: Dict[str, Any], figures: Dict[str, bytes]) -> Dict[str
         camera = {"size": res["bundle"]["image_size"], "ms": f"{lat['camera_resize_ms']:.3f}"}
     return {"steps": steps, "history": history,
             "figures": [_fig(figures, "stage_breakdown", "latency breakdown per stage")],
-            "stages": _table(["work", "stage", "ms per call", "p50 ms (per stage call)", "p95 ms", "p99 ms",
+            "stages": _table(["work", "stage", "mean ms per predict call", "p50 ms (per stage call)", "p95 ms", "p99 ms",
                               "stage calls"], st_rows, "stages", left=2),
             "host_loop": any("step" in st and "heads" in st for st in lat["budget_batch"]["stages"].values()),
             "camera": camera}
@@ -387,7 +414,9 @@ def page_context(res: Dict[str, Any], figures: Dict[str, bytes], gallery: Sequen
             "exits": {"figures": [_fig(figures, "exit_histogram", "exit-step histogram per budget")]},
             "distribution": _distribution_section(res, figures), "sweep": _sweep_section(res, figures),
             "latency": _latency_section(res, figures), "precision": _precision_section(res),
-            "gallery": _gallery_cards(gallery, res["bundle"].get("class_names")), "method_notes": list(res["method_notes"])}
+            "gallery": _gallery_cards(gallery, res["bundle"].get("class_names")),
+            "gallery_budget": {"name": gallery[0].budget, "why": featured_why(res, gallery[0].budget)} if gallery else None,
+            "method_notes": list(res["method_notes"])}
 
 
 def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: Sequence[GalleryCard]) -> str:

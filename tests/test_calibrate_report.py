@@ -4,6 +4,7 @@ escaped by Jinja2 and shows as text, never as markup; a value the templates need
 lacks stops the rendering; the templates are installed with the package."""
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -199,3 +200,186 @@ def test_the_templates_are_installed_with_the_package(tmp_path):
     want = sorted(p.name for p in report.TEMPLATES.iterdir() if p.is_file())
     assert {"report.html.j2", "macros.html.j2", "report.css"} <= set(want)
     assert sorted(p.name for p in (tmp_path / "lib" / "gfnet_edge" / "calibrate" / "templates").iterdir()) == want
+
+
+def _notes(**kw):
+    from gfnet_edge.calibrate.config import CalibrationConfig
+    from gfnet_edge.calibrate.pipeline import _method_notes
+
+    return _method_notes(CalibrationConfig(bundle="b", data="demo", output="o", progress=False, **kw), T)
+
+
+def test_method_notes_explain_tail_budgets_only_when_the_run_has_one():
+    """A run with mean budgets only has no tail-budget paragraph (whose 'timed at least 10 / (1 - q)
+    times' would name the plain repeats); a run with a p95 budget has it, with 10 / 0.05 = 200 calls."""
+    from gfnet_edge.calibrate.budgets import Budget
+
+    assert not any(n.startswith("Tail budgets") for n in _notes(budgets_ms=[1.0, 2.0], repeats=15))
+    tail = [n for n in _notes(budgets=[Budget.parse("p95:2.0")], repeats=15) if n.startswith("Tail budgets")]
+    assert len(tail) == 1 and "(200 here)" in tail[0]
+
+
+def test_method_notes_give_the_timed_calls_per_step_the_run_used():
+    """With a p99 budget each step is timed 10 / 0.01 = 1000 times, not --repeats (15): the step
+    latency paragraph says so."""
+    from gfnet_edge.calibrate.budgets import Budget
+
+    step = next(n for n in _notes(budgets=[Budget.parse("p99:2.0")], repeats=15) if n.startswith("Step latency"))
+    assert "1000 timed calls per step" in step and "15 timed calls" not in step
+    step = next(n for n in _notes(budgets_ms=[2.0], repeats=15) if n.startswith("Step latency"))
+    assert "15 timed calls per step" in step
+
+
+def test_method_notes_do_not_describe_extended_step_timing_with_latency_calls_0():
+    """--latency-calls 0 times --repeats calls only (no extension, no lone-stall retiming): the
+    step latency paragraph says so instead of 'then every step up to 0 calls'."""
+    step = next(n for n in _notes(budgets_ms=[2.0], latency_calls=0) if n.startswith("Step latency"))
+    assert "up to 0 calls" not in step and "timed alone" not in step and "--latency-calls 0" in step
+    step = next(n for n in _notes(budgets_ms=[2.0]) if n.startswith("Step latency"))
+    assert "then every step up to 300 calls" in step and "The call takes the uint8" in step
+
+
+def test_method_notes_describe_the_deadline_sweep_only_when_there_is_one():
+    """--deadlines 0 (no sweep, no Deadline sweep section): no paragraph about '0 of them'."""
+    assert not any(n.startswith("Deadline sweep") for n in _notes(budgets_ms=[2.0], deadlines=0))
+    sweep = [n for n in _notes(budgets_ms=[2.0]) if n.startswith("Deadline sweep")]
+    assert len(sweep) == 1 and "(6 of them)" in sweep[0]
+    assert _notes(budgets_ms=[2.0], deadlines=0)[-1].startswith("Budgets are per-image")
+
+
+def _text(res, figures=None, cards=()):
+    return " ".join("".join(_Page(report.render_html(res, figures or {}, list(cards))).text).split())
+
+
+def test_without_a_static_baseline_the_choice_note_names_no_static_columns():
+    """The 'Which budget to use' table has no static columns without --static, so its note does
+    not explain a static speed or accuracy points; with a baseline it does."""
+    res = calibration_result()
+    res["static"], res["technology"] = [], None
+    text = _text(res)
+    assert "pass --static to compare" in text
+    assert "static baseline's speed" not in text and "Accuracy points" not in text
+    assert "measured on the held-out images." in text
+    text = _text(calibration_result())
+    assert "the static baseline's speed is the same statistic" in text and "Accuracy points:" in text
+
+
+def test_the_sweep_and_the_gallery_say_why_they_show_their_budget():
+    """The deadline sweep and the gallery run one budget's thresholds: the default budget, else the
+    middle one, which can differ from the budget the page suggests; the page says which applies."""
+    res = calibration_result()
+    res["budgets"].append(_budget("ms-3.0", 3.0))
+    res["deadline_sweep"]["budget"] = "p95-2.0"  # the middle budget, no default set
+    cards = [dataclasses.replace(c, budget="p95-2.0") for c in gallery()]
+    text = _text(res, cards=cards)
+    assert "with the thresholds of p95-2.0 (the middle of the calibrated budgets: no default budget was set with --default;" in text
+    assert "Held-out images run with the thresholds of p95-2.0 (the middle of the calibrated budgets" in text
+    res["manifest"]["default_budget"] = "p95-2.0"
+    text = _text(res, cards=cards)
+    assert "with the thresholds of p95-2.0 (the default budget;" in text
+    assert "Held-out images run with the thresholds of p95-2.0 (the default budget)." in text
+    assert "Held-out images run with" not in _text(res)
+
+
+def test_the_sweep_method_note_names_no_internal_term():
+    sweep = next(n for n in _notes(budgets_ms=[2.0]) if n.startswith("Deadline sweep"))
+    assert "featured" not in sweep and "of the default budget (else the middle one)" in sweep
+
+
+def test_the_sweep_table_counts_steps_run_not_the_exit_step():
+    """The sweep's mean_steps counts the glance as 1 (exit_step + 1) while every other table numbers
+    steps from 0 ('exit at step 0'): its header says it counts steps run, the glance included."""
+    t = report.page_context(calibration_result(), {}, gallery())["sweep"]["table"]
+    headers = [h.text for h in t.headers]
+    col = next(i for i, h in enumerate(headers) if h.startswith("mean steps"))
+    assert headers[col] == "mean steps run (glance = 1)" and t.rows[0][col].text == "2.00"
+
+
+def test_the_stage_table_says_its_mean_is_per_predict_call_not_per_stage_call():
+    """The stage table's first figure is a stage's total time over the profiled predict calls
+    (a focus stage runs once per focus step of each call), next to percentiles per stage call:
+    exit at 2, 'step' ran 40 times in 20 calls for 10 ms, so 0.5 ms per predict call."""
+    t = report.page_context(calibration_result(), {}, gallery())["latency"]["stages"]
+    headers = [h.text for h in t.headers]
+    assert headers[2] == "mean ms per predict call" and headers[3] == "p50 ms (per stage call)"
+    row = next(r for r in t.rows if r[0].text == "exit at 2" and r[1].text == "step")
+    assert row[2].text == "0.500" and row[-1].text == "40"
+
+
+def test_the_page_spells_out_the_models_sizes_instead_of_S_P_T():
+    """The header and the gallery note give the input size, patch size and steps in words and
+    pixels, not the letters S, P and T that the page never defines."""
+    text = _text(calibration_result(), cards=gallery())
+    assert "S=96" not in text and "P=48" not in text and "T=3" not in text and "P x P" not in text
+    assert "input 96x96 px, glance and focus patches 48x48 px, 3 steps (step 0: the glance)" in text
+    assert "Left: the glance (the whole image at 48 x 48 px)." in text
+    assert not any("S x S" in n for n in _notes(budgets_ms=[2.0]))
+
+
+def test_a_single_budget_is_suggested_as_the_only_one():
+    """With one budget there is no 'cheapest within 1 point of the best' to pick: the suggestion
+    says it is the only budget calibrated."""
+    res = calibration_result()
+    res["budgets"] = res["budgets"][:1]
+    text = _text(res)
+    assert "Use ms-1.0 (the only budget calibrated): 81.00 % at 1.00 ms mean per image" in text
+    assert "within 1 point of the best" not in text
+    assert "within 1 point of the best" in _text(calibration_result())
+
+
+def test_budgets_of_different_kinds_are_ranked_by_measured_mean_latency():
+    """A p95 limit and a mean limit in ms do not compare: p95-2.5 measured 1.46 ms mean per image and
+    ms-1.6 1.55 ms at the same accuracy, so p95-2.5 is the cheaper one to suggest (ranking by the
+    limits, 1.6 < 2.5, picked the slower budget and called it the cheapest)."""
+    res = calibration_result()
+    tail, mean = _budget("p95-2.5", 2.5, "p95", 0.95), _budget("ms-1.6", 1.6)
+    tail["measured"].update(mean_ms=1.46, p95_ms=1.71, statistic_ms=1.71, accuracy=90.0)
+    mean["measured"].update(mean_ms=1.55, p95_ms=1.74, statistic_ms=1.55, accuracy=90.0)
+    tail["holdout"]["accuracy"] = mean["holdout"]["accuracy"] = 90.0
+    res["budgets"] = [mean, tail]
+    assert report.pick_default_budget(res["budgets"]) == "p95-2.5"
+    assert "Use p95-2.5 (the fastest budget by measured mean ms per image whose held-out accuracy is within 1 point" \
+        in _text(res)
+    # budgets of one kind: still the smallest limit
+    res["budgets"] = [_budget("ms-2.0", 2.0), _budget("ms-1.0", 1.0)]
+    for b in res["budgets"]:
+        b["holdout"]["accuracy"] = 90.0
+    assert report.pick_default_budget(res["budgets"]) == "ms-1.0"
+
+
+def test_no_compare_says_the_other_precisions_were_not_compared():
+    """--no-compare on a bundle with FP32 and INT8 graphs: the precision section says the other
+    precisions were not compared and why, not a bare 'comparison skipped'."""
+    from types import SimpleNamespace
+
+    from gfnet_edge.calibrate.compare import compare_precisions
+    from gfnet_edge.calibrate.config import CalibrationConfig
+
+    bundle = SimpleNamespace(manifest={"graphs": {"fp32": {}, "int8-cpu": {}}})
+    cfg = CalibrationConfig(bundle="b", data="demo", output="o", compare_precisions=False, progress=False)
+    prec = compare_precisions(bundle, "onnxruntime", "int8-cpu", None, None, None, None, None, {}, cfg, None)
+    res = calibration_result()
+    res["precisions"] = prec
+    text = _text(res)
+    assert "The bundle's other precisions were not compared (--no-compare)." in text
+    assert "comparison skipped" not in text
+
+
+def test_without_gallery_cards_the_gallery_section_explains_no_images():
+    """--gallery 0: no note about the cards' left and right images, and no empty card row."""
+    page = report.render_html(calibration_result(), {}, [])
+    text = " ".join("".join(_Page(page).text).split())
+    assert "Left: the glance" not in text and "No gallery images (--gallery 0)." in text
+    assert "<div class='gallery'>" not in page
+    assert "Left: the glance" in _text(calibration_result(), cards=gallery())
+
+
+def test_without_figures_the_exit_section_points_to_the_table_with_its_numbers():
+    """A report without matplotlib ('the tables hold the same numbers'): the exit-step section, which
+    has no table of its own, is not left empty but names the column that holds the exit shares."""
+    page = report.render_html(calibration_result(), {}, [])
+    exits = page.split("<h2 id='exits'>")[1].split("<h2")[0]
+    assert "“exits % per step” column" in exits
+    page = report.render_html(calibration_result(), {"exit_histogram": b"png"}, [])
+    exits = page.split("<h2 id='exits'>")[1].split("<h2")[0]
+    assert "<img" in exits and "exits % per step" not in exits
