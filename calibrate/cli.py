@@ -121,7 +121,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "graphs, so INT8 GFNet is compared with an INT8 static network)")
     p.add_argument("--no-compare", action="store_true", help="do not compare the bundle's other precisions")
     p.add_argument("--no-write", action="store_true", help="report only; leave the bundle's manifest unchanged")
-    p.add_argument("--default", metavar="BUDGET", help="make this budget (name, ms or KIND:MS) the bundle's default")
+    p.add_argument("--default", metavar="BUDGET",
+                   help="make this budget (name, ms or KIND:MS) the bundle's default; auto: the budget the report "
+                        "suggests (the cheapest within a point of the best held-out accuracy)")
     p.add_argument("--gallery", type=int_range(0, 1000), default=12, help="gallery images (default 12)")
     p.add_argument("--deadlines", type=int_range(0, 100), default=6,
                    help="deadlines of the report's deadline sweep, from the glance's p50 to past the full model's "

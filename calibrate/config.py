@@ -9,6 +9,9 @@ import numpy as np
 from gfnet_edge.errors import InputError
 
 from .budgets import Budget, BudgetKind
+
+#: ``--default auto``: the budget the report suggests becomes the bundle's default.
+AUTO_DEFAULT = "auto"
 from .fit import MAX_MARGIN, METHODS
 from .latency import CLOCKS, EXTEND_SECONDS, WARMUP_MS
 
@@ -139,7 +142,9 @@ class CalibrationConfig:
         names = [b.name for b in self.given_budgets()]
         if len(set(names)) != len(names):
             raise InputError(f"--budget-ms / --budget have duplicates: {', '.join(names)}")
-        if names:  # a --default that is none of the budgets asked for fails before any measurement
+        if self.default == AUTO_DEFAULT:  # the suggested budget, known once the budgets are verified
+            pass
+        elif names:  # a --default that is none of the budgets asked for fails before any measurement
             self.default_name(names)
         elif self.default is not None and not self._names_a_mean_budget(self.default):
             raise InputError(f"--default {self.default!r} can name none of the budgets this run calibrates: without "
@@ -173,8 +178,9 @@ class CalibrationConfig:
 
     def default_name(self, names: Sequence[str]) -> Optional[str]:
         """The budget of ``names`` that ``default`` means (a name, a number of ms for a mean budget,
-        or ``KIND:MS``); ``None`` without a default. Raises ``InputError`` when it is none of them."""
-        if self.default is None:
+        or ``KIND:MS``); ``None`` without a default, or for ``auto`` (the suggested budget, chosen
+        once the budgets are verified). Raises ``InputError`` when it is none of them."""
+        if self.default is None or self.default == AUTO_DEFAULT:
             return None
         d = self.default
         if d in names:

@@ -18,14 +18,14 @@ from . import gallery as gal
 from . import plots
 from .budgets import Budget
 from .compare import compare_precisions, static_int8, static_results
-from .config import CalibrationConfig
+from .config import AUTO_DEFAULT, CalibrationConfig
 from .data import load_calibration_data
 from .fit import default_budgets
 from .latency import (CLOCKS, StepLatency, camera_resize_ms, device_description, measure_steps, stall_warning,
                       timed_on)
 from .precision import trace_frames
 from .progress import Progress
-from .report import write_report
+from .report import pick_default_budget, write_report
 from .static_runners import StaticPlan, check_static_sources
 from .sweep import SWEEP_PAD, DeadlineSweep, deadline_sweep, sweep_deadlines
 from .verify import BudgetResult, Measurement, check_budget_feasible, fit_and_verify, pool, starting_latency, stability
@@ -127,6 +127,8 @@ def _run_budgets(rt, data, cfg: CalibrationConfig, timed: str) -> _Measured:
         results.append(fit_and_verify(rt, b, fit_probs, fit_y, hold_probs, hold_y, hold_x, start, cfg, remeasure,
                                       note=note))
     remeasure("end")  # for the stability check only
+    if cfg.default == AUTO_DEFAULT:  # the budget the report suggests, as it suggests it
+        default = pick_default_budget([r.to_dict() for r in results])
     info = _RtInfo(rt.backend, rt.precision, cfg.threads)
     return _Measured(lat1, latN, history, fit_probs, hold_probs, hold_coords, results, default, info)
 

@@ -17,7 +17,8 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from .argtypes import THREADS, float_range, int_range
-from .calibrate.report import DEFAULT_BUDGET_SLACK, pick_default_budget
+from .calibrate.config import AUTO_DEFAULT
+from .calibrate.report import DEFAULT_BUDGET_SLACK
 from .bundle import finite_or_null, json_object, write_json_atomic
 from .errors import BUILD_MODULES, InputError, UnavailableError, installed
 
@@ -80,17 +81,13 @@ def run_demo(out: Path, precision: str = "int8", backend: str = "auto", budget_m
         bundle=str(bundle.root), data="demo", output=str(out / "report"),
         budgets_ms=[budget_ms] if budget_ms else [], backend=backend, threads=threads,
         num_images=200 if quick else 600, repeats=15 if quick else 40, static=[str(DEMO_STATIC)],
-        default=str(budget_ms) if budget_ms else None, force=True, gallery=8 if quick else 12,
+        default=str(budget_ms) if budget_ms else AUTO_DEFAULT, force=True, gallery=8 if quick else 12,
     )
     report = run_calibration(ccfg)
     print(calib_summary(report))
     if not budget_ms:
-        from .bundle import Bundle
-
-        default = pick_default_budget(report["budgets"])
-        Bundle.load(bundle.root).update_manifest(lambda m: m.update(default_budget=default))
-        _say(f"   default budget: {default} (the cheapest within {DEFAULT_BUDGET_SLACK} point of the best "
-             "held-out accuracy)")
+        _say(f"   default budget: {report['manifest']['default_budget']} (the cheapest within "
+             f"{DEFAULT_BUDGET_SLACK} point of the best held-out accuracy)")
 
     _say(f"3/4 classify {num_test} demo test images with the default budget")
     rt = Runtime(bundle.root, backend=backend, threads=threads, profile=True)

@@ -277,6 +277,26 @@ def test_default_budget_and_explicit_budgets(tiny_bundle, tmp_path, capsys):
     assert "ms-500.0" in text and "report:" in text and "step latency" in text
 
 
+def test_default_auto_makes_the_suggested_budget_the_default_in_manifest_and_report(tiny_bundle, tmp_path, capsys):
+    """--default auto: the budget the report suggests (the cheapest within a point of the best
+    held-out accuracy, recomputed here from the report's budgets) is the manifest's default, and
+    the report says so (its manifest line, its choice and the budget its sweep and gallery show)."""
+    from gfnet_edge.calibrate import report as rep
+
+    bundle = _fresh(tiny_bundle, tmp_path)
+    rc = _main(["calibrate", str(bundle), "--data", str(tiny_bundle / "data.npz"), "-o", str(tmp_path / "r"),
+                "--budget-ms", "500", "400", "300", "--default", "auto", "--no-compare", "--deadlines", "0", *FAST])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads((tmp_path / "r" / "report.json").read_text())
+    budgets = res["budgets"]
+    best = max(b["holdout"]["accuracy"] for b in budgets)
+    cheapest = min((b for b in budgets if b["holdout"]["accuracy"] >= best - rep.DEFAULT_BUDGET_SLACK),
+                   key=lambda b: b["budget_ms"])["name"]
+    assert json.loads((bundle / "manifest.json").read_text())["default_budget"] == cheapest
+    assert res["manifest"]["default_budget"] == cheapest and f"default budget {cheapest}" in res["manifest"]["status"]
+    assert rep.choice(res)["suggested"] == cheapest
+
+
 def _rejected(tiny_bundle, tmp_path, capsys, budget_args) -> str:
     """Runs calibrate with ``budget_args``, checks exit code 2 with nothing written, returns stderr."""
     bundle = _fresh(tiny_bundle, tmp_path)
