@@ -272,7 +272,8 @@ def _check_calib_class_folders(source: str, model) -> None:
     from .data.images import class_folders, lookalike_names
 
     folders = class_folders(source) if not _demo_calibration(source) else None
-    names = model.meta.get("classes") if folders is not None else None
+    meta = getattr(model, "meta", None) or {}  # a model built in Python, not loaded, records none
+    names = meta.get("classes") if folders is not None else None
     if not names or list(folders) == list(names):
         return
     shown = ", ".join(folders[:5]) + (", ..." if len(folders) > 5 else "")
