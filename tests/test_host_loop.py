@@ -9,7 +9,7 @@ import zlib
 import numpy as np
 import pytest
 
-from child_python import PYTHON
+import child_python
 from gfnet_edge import ops
 
 S, P, T, F, HS, HP, HC, C = 32, 12, 4, 6, 10, 8, 7, 5
@@ -247,10 +247,7 @@ def test_host_loop_used_from_several_threads_refuses_instead_of_racing():
     """Calls of one HostLoop from several threads (its calls release the GIL): a call while
     another runs raises RuntimeError instead of racing on the loop's buffers (which crashed the
     interpreter); run in a child process so that a crash fails the test, not the session."""
-    import subprocess
-    import sys
-
-    r = subprocess.run([PYTHON, "-c", _THREADS_SCRIPT], capture_output=True, text=True, timeout=300)
+    r = child_python.run(_THREADS_SCRIPT, 300)
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
     assert r.stdout.startswith("refused")
 
@@ -262,15 +259,9 @@ rng = np.random.default_rng(0)
 g = lambda *s: (rng.standard_normal(s) * 0.5).astype(np.float32)
 actor = ops.ActorHead(g(24, 10), g(24, 8), g(24), g(24), g(2, 8), g(2))
 gru = ops.GRUHead(g(21, 6), g(21, 7), g(21), g(21), g(5, 7), g(5))
-for steps in (2 ** 62 + 1, 2 ** 63 - 1):
+def begin(steps):
     loop = ops.host_loop(actor, gru, steps, 32, 12, False, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
-    try:
-        loop.begin(g(4, 3, 32, 32), g(4, 6), g(4, 10), None, None)
-    except ValueError as e:
-        assert "coordinate buffer" in str(e), e
-    else:
-        raise AssertionError("accepted")
-print("refused")
+    loop.begin(g(4, 3, 32, 32), g(4, 6), g(4, 10), None, None)
 """
 
 
@@ -278,10 +269,7 @@ def test_a_step_count_whose_coordinate_buffer_overflows_is_refused():
     """steps so large that (steps - 1) x N x 2 overflows: begin() raises ValueError instead of
     sizing the coordinate buffer from the wrapped count and writing past it (which crashed;
     hence the child process)."""
-    import subprocess
-    import sys
-
-    r = subprocess.run([PYTHON, "-c", _HUGE_STEPS], capture_output=True, text=True, timeout=120)
+    r = child_python.refusals(_HUGE_STEPS, ["begin(2 ** 62 + 1)", "begin(2 ** 63 - 1)"], "coordinate buffer", 120)
     assert r.returncode == 0 and r.stdout.strip() == "refused", (r.returncode, r.stderr[-2000:])
 
 
