@@ -193,8 +193,9 @@ def test_precision_comparison():
     assert comparable_precisions({"engines": engines}, "tensorrt") == ["fp32-tensorrt", "int8-tensorrt"]
 
 
-def test_demo_default_budget_is_cheapest_within_one_point_of_best():
-    from gfnet_edge.demo import pick_default_budget
+def test_the_suggested_budget_is_the_cheapest_within_one_point_of_best():
+    """The budget the report suggests (and ``--default auto`` / the demo make the default)."""
+    from gfnet_edge.calibrate.report import pick_default_budget
 
     def b(name, ms, acc):
         return {"name": name, "budget_ms": ms, "holdout": {"accuracy": acc}}
