@@ -1,8 +1,23 @@
-"""Records the graph runs of an open Runtime: (graph, batch) for every runner call."""
+"""Records calls in tests: the graph runs of an open Runtime ((graph, batch) for every runner
+call), and the first argument of every call of a patched function or method."""
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, List, Tuple
+from typing import Any, Iterator, List, Tuple
+
+
+def first_args(monkeypatch, owner: Any, name: str) -> List[Any]:
+    """Patches ``owner.name`` (a function or method) to run as before and append its first
+    argument (``self`` for a method) to the list returned."""
+    calls: List[Any] = []
+    real = getattr(owner, name)
+
+    def recording(first, *args, **kwargs):
+        calls.append(first)
+        return real(first, *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, recording)
+    return calls
 
 
 @contextmanager

@@ -22,6 +22,7 @@ except ImportError:  # pragma: no cover - the extension is part of the build
 
 from gfnet_edge import cli
 from gfnet_edge.bundle import Bundle
+from runner_spy import first_args
 from tiny_gfnet import fp32_bundle, random_gfnet
 
 S, P, T = 128, 64, 3
@@ -858,15 +859,7 @@ def figures(monkeypatch):
     """The matplotlib figures the report's plot functions draw, captured before they are closed."""
     from gfnet_edge.calibrate import plots
 
-    drawn = []
-    real = plots._png
-
-    def keep(fig):
-        drawn.append(fig)
-        return real(fig)
-
-    monkeypatch.setattr(plots, "_png", keep)
-    return drawn
+    return first_args(monkeypatch, plots, "_png")
 
 
 def test_latency_cdf_axis_is_not_stretched_by_a_stalled_call(figures):

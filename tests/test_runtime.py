@@ -17,7 +17,7 @@ from gfnet_edge.errors import InputError, UnavailableError
 from gfnet_edge.models import GFNet, save_checkpoint
 from gfnet_edge.runtime import Runtime
 from gfnet_edge.variants import released_spec
-from runner_spy import recorded_runs  # noqa: E402
+from runner_spy import first_args, recorded_runs  # noqa: E402
 
 FAMILIES = ["mobilenetv3_large_100", "regnety_600m", "densenet121", "efficientnet_b2", "resnet50"]
 
@@ -370,14 +370,7 @@ def test_a_runtime_that_fails_to_open_releases_its_runner(mnv3, monkeypatch):
     from gfnet_edge.runtime.backends.onnxruntime import OnnxRuntimeRunner
 
     _, bundle = mnv3
-    made = []
-    real = OnnxRuntimeRunner.activate
-
-    def activate(self):
-        made.append(self)
-        return real(self)
-
-    monkeypatch.setattr(OnnxRuntimeRunner, "activate", activate)
+    made = first_args(monkeypatch, OnnxRuntimeRunner, "activate")
     with pytest.raises(InputError, match="nope"):
         Runtime(bundle, backend="onnxruntime", precision="fp32", budget="nope")
     assert len(made) == 1 and not made[0].active and not made[0].sessions
