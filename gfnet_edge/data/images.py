@@ -15,7 +15,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from gfnet_edge.ops.image import CropGeometry, crop_geometry
+from gfnet_edge.ops.image import CropGeometry, crop_geometry, resized_hw
 from gfnet_edge.variants import IMAGENET_MEAN, IMAGENET_STD
 
 #: File name suffixes treated as images (case-insensitive).
@@ -167,10 +167,9 @@ def iter_image_batches(paths: Sequence[os.PathLike | str], image_size: int = 224
 
 def resized_size(width: int, height: int, short: int) -> Tuple[int, int]:
     """``(width, height)`` after resizing the shorter side to ``short``, the longer side truncated
-    as torchvision's ``Resize(int)`` computes it (docs/gfnet.md)."""
-    if width <= height:
-        return short, int(short * height / width)
-    return int(short * width / height), short
+    as torchvision's ``Resize(int)`` computes it (docs/gfnet.md; :func:`gfnet_edge.ops.image.resized_hw`)."""
+    h, w = resized_hw(height, width, short)
+    return w, h
 
 
 def preprocess(image: Image.Image, image_size: int = 224, crop_pct: float = 0.875,
@@ -198,10 +197,10 @@ def preprocess(image: Image.Image, image_size: int = 224, crop_pct: float = 0.87
         image = image.convert("RGB")
     short = int(image_size / crop_pct)
     w, h = image.size
-    new_w, new_h = resized_size(w, h, short)
+    geometry = crop_geometry(h, w, image_size, crop_pct)
+    new_h, new_w = geometry.resized
     if offset is None:
-        left = int(round((new_w - image_size) / 2.0))
-        top = int(round((new_h - image_size) / 2.0))
+        top, left = geometry.top, geometry.left
     else:
         top, left = offset
         if not (0 <= top <= new_h - image_size and 0 <= left <= new_w - image_size):

@@ -163,9 +163,15 @@ def crop_geometry(height: int, width: int, image_size: int, crop_pct: float = 0.
     short = resize_size(S, crop_pct)
     if short < S:
         raise ValueError(f"resize size {short} is smaller than the crop size {S}")
-    long_side = int(short * max(h, w) / min(h, w))
-    rh, rw = (long_side, short) if w <= h else (short, long_side)
+    rh, rw = resized_hw(h, w, short)
     return CropGeometry((h, w), (rh, rw), int(round((rh - S) / 2.0)), int(round((rw - S) / 2.0)), S)
+
+
+def resized_hw(height: int, width: int, short: int) -> Tuple[int, int]:
+    """``(height, width)`` after resizing the shorter side to ``short``, the longer side truncated
+    as torchvision's ``Resize(int)`` computes it (``int(short * long / shorter)``)."""
+    long_side = int(short * max(height, width) / min(height, width))
+    return (long_side, short) if width <= height else (short, long_side)
 
 
 class CacheInfo(NamedTuple):
