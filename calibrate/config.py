@@ -168,13 +168,10 @@ class CalibrationConfig:
     def _names_a_mean_budget(text: str) -> bool:
         """Whether ``text`` can mean a mean budget (``ms-3.0``, ``3.0`` or ``mean:3.0``)."""
         text = str(text).strip()
-        for candidate in (text, text[3:] if text.startswith("ms-") else None):
-            try:
-                if candidate is not None and Budget.parse(candidate).kind is BudgetKind.MEAN:
-                    return True
-            except InputError:
-                pass
-        return False
+        try:
+            return Budget.parse(text[3:] if text.startswith("ms-") else text).kind is BudgetKind.MEAN
+        except InputError:
+            return False
 
     def default_name(self, names: Sequence[str]) -> Optional[str]:
         """The budget of ``names`` that ``default`` means (a name, a number of ms for a mean budget,
