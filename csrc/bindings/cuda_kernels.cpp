@@ -67,12 +67,6 @@ void bind_cuda_kernels(py::module_& m) {
         const auto od = parse_dtype(out_dtype, "out_dtype");
         py::gil_scoped_release release;
         gc::require_device();
-        gc::check_device_pointer(logits, "logits", sizeof(float));
-        if (maxprob != 0) gc::check_device_pointer(maxprob, "maxprob", sizeof(float));
-        if (argmax != 0) gc::check_device_pointer(argmax, "argmax", sizeof(int32_t));
-        if (logits_out != 0) {
-          gc::check_device_pointer(logits_out, "logits_out", od == gc::DType::kF32 ? sizeof(float) : sizeof(uint16_t));
-        }
         gc::softmax_stats(logits, batch, classes, maxprob, argmax, logits_out, od, stream);
       },
       py::arg("logits"), py::arg("batch"), py::arg("classes"), py::arg("maxprob"),

@@ -80,18 +80,19 @@ PyHostLoop* make_host_loop(const py::object& actor_cell, const py::object& actor
   } else {
     if (!step0_backbone) throw py::value_error("a cascaded classifier takes its step-0 logits from the glance graph");
     // The layer objects themselves are kept (not the caller's dict, which may change later).
+    m.cascaded.assign(static_cast<size_t>(steps + 1), nullptr);
     for (int64_t k = 2; k <= steps; ++k) {
       if (!cascaded.contains(py::int_(k))) {
         throw py::value_error("cascaded classifier layer for k=" + std::to_string(k) + " is missing");
       }
-      layers.append(cascaded[py::int_(k)]);
+      py::object layer = cascaded[py::int_(k)];
+      m.cascaded[k] = &layer.cast<const PyLinear&>().layer;
+      layers.append(layer);
     }
-    m.cascaded.assign(static_cast<size_t>(steps + 1), nullptr);
-    for (int64_t k = 2; k <= steps; ++k) m.cascaded[k] = &layers[static_cast<size_t>(k - 2)].cast<const PyLinear&>().layer;
   }
   m.norm = normalize_params(mean, std, false);
   auto* h = new PyHostLoop(m);
-  h->keep = py::make_tuple(actor_cell, actor_head, cls_cell, cls_head, py::tuple(layers));
+  h->keep = py::make_tuple(actor_cell, actor_head, cls_cell, cls_head, layers);
   return h;
 }
 

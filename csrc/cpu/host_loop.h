@@ -35,15 +35,14 @@ class HostLoop {
 
   /// Starts a batch of n images (uint8 (n, S, S, 3) frames or float32 (n, 3, S, S) images);
   /// feature (n, F), state (n, Hs), logits (n, C) or null; thresholds: `steps` values, or null
-  /// to run every step (trace). Returns the number of patches written to `patches()`.
+  /// to run every step (trace). Returns the number of patches written to `patch_buffer()`.
   int64_t begin(const void* images, bool u8, int64_t n, const float* feature, int64_t feature_dim,
                 const float* state, int64_t state_dim, const float* logits, int64_t classes,
                 const float* thresholds);
   /// The focus graph's outputs for the patches of the last call (m rows).
   int64_t next(const float* feature, const float* state);
 
-  const std::vector<float>& patches() const { return *patches_; }
-  /// The buffer `patches()` is: a holder keeps it alive (a view handed out) after the loop has
+  /// The buffer the patches are written to: a holder keeps it alive (a view handed out) after the loop has
   /// moved to a larger one. The loop writes each step's patches into the current buffer, and
   /// replaces it (never reallocates it) when a step needs more room.
   std::shared_ptr<const std::vector<float>> patch_buffer() const { return patches_; }

@@ -19,6 +19,9 @@ namespace gfn::cuda {
 
 enum class DType : int { kF32 = 0, kF16 = 1 };
 
+/// Bytes of one element of `t`.
+inline size_t elem_size(DType t) { return t == DType::kF32 ? 4 : 2; }
+
 /// Number of CUDA devices; 0 when there is no driver or no device (never throws).
 int device_count();
 

@@ -271,8 +271,6 @@ std::vector<uint16_t> to_half(const float* src, size_t n) {
   return out;
 }
 
-size_t elem_size(DType t) { return t == DType::kF32 ? 4 : 2; }
-
 // Weight uploads go to a private non-blocking stream that is synchronized before the weights are
 // used (finish_uploads): a non-blocking stream is not ordered after the legacy stream, and a
 // device-wide cudaDeviceSynchronize is invalid while any stream of the device is being captured
@@ -400,6 +398,21 @@ void check_segment_call(int64_t in, uintptr_t features, DType x_dtype, int64_t s
   check_device_pointer(features, "features", elem_size(x_dtype));
 }
 
+// softmax_stats without the pointer checks (its callers here have made them).
+void launch_softmax_stats(uintptr_t logits_f32, int64_t nb, int64_t classes, uintptr_t maxprob,
+                          uintptr_t argmax, uintptr_t logits_out, DType out_dtype, uintptr_t stream) {
+  require_device();
+  check_batch(nb);
+  if (classes < 1) throw std::invalid_argument("need at least one class");
+  const cudaStream_t s = as_stream(stream);
+  float* out32 = (logits_out != 0 && out_dtype == DType::kF32) ? reinterpret_cast<float*>(logits_out) : nullptr;
+  uint16_t* out16 = (logits_out != 0 && out_dtype == DType::kF16) ? reinterpret_cast<uint16_t*>(logits_out) : nullptr;
+  softmax_stats_kernel<<<static_cast<unsigned>(nb), kBlock, 0, s>>>(
+      reinterpret_cast<const float*>(logits_f32), classes, reinterpret_cast<float*>(maxprob),
+      reinterpret_cast<int32_t*>(argmax), out32, out16);
+  GFN_CUDA_CHECK_LAUNCH();
+}
+
 // Float32 logits from `produce(out)`, with max prob / argmax: written straight into the
 // caller's float32 logits (nothing allocated: the step can be captured into a graph), else
 // into stream-ordered scratch that softmax_stats converts into the caller's dtype.
@@ -412,13 +425,13 @@ void logits_step(Produce produce, int64_t nb, int64_t classes, uintptr_t logits,
   if (logits != 0 && logits_dtype == DType::kF32) {
     produce(logits);
     if (maxprob != 0 || argmax != 0) {
-      softmax_stats(logits, nb, classes, maxprob, argmax, 0, DType::kF32, stream);
+      launch_softmax_stats(logits, nb, classes, maxprob, argmax, 0, DType::kF32, stream);
     }
     return;
   }
   Scratch raw(static_cast<size_t>(nb * classes) * sizeof(float), stream);
   produce(raw.ptr());
-  softmax_stats(raw.ptr(), nb, classes, maxprob, argmax, logits, logits_dtype, stream);
+  launch_softmax_stats(raw.ptr(), nb, classes, maxprob, argmax, logits, logits_dtype, stream);
 }
 
 }  // namespace
@@ -535,16 +548,11 @@ void GruWeights::step(uintptr_t x, DType x_dtype, uintptr_t h, int64_t nb, uintp
 
 void softmax_stats(uintptr_t logits_f32, int64_t nb, int64_t classes, uintptr_t maxprob,
                    uintptr_t argmax, uintptr_t logits_out, DType out_dtype, uintptr_t stream) {
-  require_device();
-  check_batch(nb);
-  if (classes < 1) throw std::invalid_argument("need at least one class");
-  const cudaStream_t s = as_stream(stream);
-  float* out32 = (logits_out != 0 && out_dtype == DType::kF32) ? reinterpret_cast<float*>(logits_out) : nullptr;
-  uint16_t* out16 = (logits_out != 0 && out_dtype == DType::kF16) ? reinterpret_cast<uint16_t*>(logits_out) : nullptr;
-  softmax_stats_kernel<<<static_cast<unsigned>(nb), kBlock, 0, s>>>(
-      reinterpret_cast<const float*>(logits_f32), classes, reinterpret_cast<float*>(maxprob),
-      reinterpret_cast<int32_t*>(argmax), out32, out16);
-  GFN_CUDA_CHECK_LAUNCH();
+  check_device_pointer(logits_f32, "logits", sizeof(float));
+  if (maxprob != 0) check_device_pointer(maxprob, "maxprob", sizeof(float));
+  if (argmax != 0) check_device_pointer(argmax, "argmax", sizeof(int32_t));
+  if (logits_out != 0) check_device_pointer(logits_out, "logits_out", elem_size(out_dtype));
+  launch_softmax_stats(logits_f32, nb, classes, maxprob, argmax, logits_out, out_dtype, stream);
 }
 
 void actor_epilogue(uintptr_t raw_f32, int64_t nb, int64_t range, uintptr_t action,

@@ -272,14 +272,10 @@ void preprocess(uintptr_t frames, int64_t n, int64_t h, int64_t w, bool bgr, int
   check_positive(w, "frame width");
   check_positive(image_size, "image_size");
   check_device_pointer(frames, "frame");
-  check_device_pointer(out, "out");
+  check_device_pointer(out, "out", elem_size(out_dtype));
   if (glance_out != 0) {
-    check_device_pointer(glance_out, "glance");
+    check_device_pointer(glance_out, "glance", elem_size(glance_dtype));
     check_positive(glance_size, "glance_size");
-  }
-  if (out % (out_dtype == DType::kF32 ? 4 : 2) != 0 ||
-      (glance_out != 0 && glance_out % (glance_dtype == DType::kF32 ? 4 : 2) != 0)) {
-    throw std::invalid_argument("out / glance must be aligned to their element size");
   }
   const cudaStream_t s = as_stream(stream);
   const auto tab = device_tables(h, w, resize_short, image_size, interp, s);
@@ -335,13 +331,10 @@ void normalise_frames(uintptr_t frames, int64_t n, int64_t image_size, bool bgr,
   check_positive(n, "n");
   check_positive(image_size, "image_size");
   check_device_pointer(frames, "frames");
-  check_device_pointer(out, "out");
+  check_device_pointer(out, "out", sizeof(float));
   if (glance_out != 0) {
-    check_device_pointer(glance_out, "glance");
+    check_device_pointer(glance_out, "glance", sizeof(float));
     check_positive(glance_size, "glance_size");
-  }
-  if (out % 4 != 0 || glance_out % 4 != 0) {
-    throw std::invalid_argument("out / glance must be aligned to their element size (4 bytes)");
   }
   const cudaStream_t s = as_stream(stream);
   const int64_t S = image_size;
@@ -363,8 +356,8 @@ void normalise_frames(uintptr_t frames, int64_t n, int64_t image_size, bool bgr,
 void glance(uintptr_t in, DType in_dtype, int64_t n, int64_t channels, int64_t in_size,
             uintptr_t out, DType out_dtype, int64_t out_size, Interp mode, uintptr_t stream) {
   require_device();
-  check_device_pointer(in, "images", in_dtype == DType::kF32 ? 4 : 2);
-  check_device_pointer(out, "out", out_dtype == DType::kF32 ? 4 : 2);
+  check_device_pointer(in, "images", elem_size(in_dtype));
+  check_device_pointer(out, "out", elem_size(out_dtype));
   check_positive(in_size, "image size");
   check_positive(out_size, "glance size");
   const cudaStream_t s = as_stream(stream);
@@ -381,7 +374,7 @@ void crop_patches(uintptr_t images, DType dtype, int64_t n, int64_t channels, in
                   uintptr_t coords, uintptr_t out, int64_t patch, uintptr_t error_flag,
                   uintptr_t stream, uintptr_t rows, int64_t image_rows) {
   require_device();
-  const size_t esize = dtype == DType::kF32 ? 4 : 2;
+  const size_t esize = elem_size(dtype);
   check_device_pointer(images, "images", esize);
   check_device_pointer(coords, "coords", sizeof(int32_t));
   check_device_pointer(out, "out", esize);
