@@ -98,24 +98,26 @@ class Predictions:
                 read by :func:`gfnet_edge.data.load_images`).
         """
         i = self._index(i)
+        return self._on_frame(i, self.boxes(i), frame_size)
+
+    def _on_frame(self, i: int, boxes: List[tuple], frame_size: Optional[Tuple[int, int]]) -> List[tuple]:
+        """``boxes`` of image ``i`` mapped onto its frame (see :meth:`frame_boxes`)."""
         if frame_size is None:
             if self.frame_sizes is None:
                 raise InputError(f"image {i}: the runtime did not see its frame (normalised images or cropped "
                                  "frames): give frame_size=(height, width) of the original frame")
-            frame_size = tuple(int(v) for v in self.frame_sizes[i])
+            frame_size = self.frame_sizes[i].tolist()
         if self.image_size is None or self.crop_pct is None:
             raise InputError("these predictions do not say how frames were resized (no image_size / crop_pct)")
         try:
             h, w = frame_size
         except (TypeError, ValueError):
             raise InputError(f"frame_size must be (height, width), got {frame_size!r}") from None
-        from .. import ops
-
-        geometry = ops.crop_geometry(h, w, self.image_size, self.crop_pct)
-        boxes = self.boxes(i)
         if not boxes:
             return []
-        return [tuple(float(v) for v in row) for row in geometry.to_frame(boxes)]
+        from .. import ops
+
+        return list(map(tuple, ops.crop_geometry(h, w, self.image_size, self.crop_pct).to_frame(boxes).tolist()))
 
     def __getitem__(self, i: int) -> Dict[str, Any]:
         """Image ``i``'s result as a dict (``class``, ``confidence``, ``exit_step``, ``boxes``,
@@ -124,7 +126,7 @@ class Predictions:
         out = {"class": int(self.classes[i]), "confidence": float(self.confidence[i]),
                "exit_step": int(self.exit_step[i]), "boxes": self.boxes(i)}
         if self.frame_sizes is not None and self.image_size is not None:
-            out["frame_boxes"] = self.frame_boxes(i)
+            out["frame_boxes"] = self._on_frame(i, out["boxes"], None)
         if self.class_names is not None:
             out["label"] = self.class_names[int(self.classes[i])]
         if self.deadline_stopped is not None:
@@ -284,8 +286,7 @@ class Runtime:
                         f"with --threads {threads if threads else 'left out'})")
             self.max_batch = chunk_size(max_batch, self.runner.max_batch)
         except BaseException:
-            self.driver.close()
-            self.runner.deactivate()
+            self.close()
             raise
         logger.info("runtime: %s backend, %s graphs, %s loop, budget %s", self.backend, self.precision,
                     "device" if on_gpu else "host", self.budget)
@@ -498,15 +499,17 @@ class Runtime:
         kind, data = self._validate(inputs, cropped)
         size = self.max_batch
         if kind == "device":
-            n, chunks = device_chunks(data, size, self.model.image_size if cropped else None)
-            chunks = list(chunks)  # views only
-            sizes = [f.__cuda_array_interface__["shape"][:2] for chunk in chunks for f in chunk]
+            n, chunks, sizes = device_chunks(data, size, self.model.image_size if cropped else None)
         else:
             n = len(data)
             chunks = (data[i:i + size] for i in range(0, n, size))
-            sizes = ([data.shape[1:3]] * n if isinstance(data, np.ndarray) else [f.shape[:2] for f in data]) \
-                if kind == "frames" else None
-        sizes = None if cropped or sizes is None else np.asarray(sizes, dtype=np.int64).reshape(n, 2)
+            if kind == "images":
+                sizes = None
+            elif isinstance(data, np.ndarray):
+                sizes = np.broadcast_to(np.asarray(data.shape[1:3], np.int64), (n, 2))
+            else:
+                sizes = np.array([f.shape[:2] for f in data], np.int64)
+        sizes = None if cropped else sizes  # the runtime did not see the frames they were cut from
         if n <= size:  # one chunk: its outputs are the call's
             return self._run_chunk(kind, next(iter(chunks)), 0, thresholds, deadline, cropped), n, sizes
         out = OutputBuffer(n)

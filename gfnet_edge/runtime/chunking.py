@@ -100,12 +100,13 @@ class DeviceFrameView:
             "version": 3, "stream": stream}
 
 
-def device_chunks(inputs: Any, size: int,
-                  cropped_size: Optional[int] = None) -> Tuple[int, Iterator[List[DeviceFrameView]]]:
+def device_chunks(inputs: Any, size: int, cropped_size: Optional[int] = None
+                  ) -> Tuple[int, Iterator[List[DeviceFrameView]], np.ndarray]:
     """Frames in GPU memory (as :meth:`Runtime.predict` takes them), validated once:
-    ``(number of frames, chunks of at most size frames, addressed where they are)``. A
-    producer's stream is named only on its first frame, so it is synchronized once per call.
-    ``cropped_size``: the frames are given as cropped and must be that size (S x S)."""
+    ``(number of frames, chunks of at most size frames, addressed where they are, (N, 2)
+    frame heights and widths)``. A producer's stream is named only on its first frame, so it is
+    synchronized once per call. ``cropped_size``: the frames are given as cropped and must be
+    that size (S x S)."""
     from .cuda_arrays import device_frames
 
     frames = device_frames(inputs)
@@ -114,7 +115,8 @@ def device_chunks(inputs: Any, size: int,
     first = {f.stream: i for i, f in reversed(list(enumerate(frames)))}
     views = [DeviceFrameView(f.ptr, f.height, f.width, f.stream if first[f.stream] == i else None)
              for i, f in enumerate(frames)]
-    return len(views), (views[start:start + size] for start in range(0, len(views), size))
+    sizes = np.array([(f.height, f.width) for f in frames], np.int64).reshape(len(frames), 2)
+    return len(views), (views[start:start + size] for start in range(0, len(views), size)), sizes
 
 
 def _as_stack(item: Any, i: int, S: int, cropped: bool = False) -> np.ndarray:
