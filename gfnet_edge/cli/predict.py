@@ -101,8 +101,7 @@ def run(args: argparse.Namespace) -> int:
 def _row(name: str, geometry, preds, i: int) -> dict:
     """One image's output row: its prediction, and its patch boxes on the image file too."""
     row = {"image": name, **preds[i], "frame_size": list(geometry.frame)}
-    row["frame_boxes"] = [[float(v) for v in box] for box in geometry.to_frame(row["boxes"])] \
-        if row["boxes"] else []
+    row["frame_boxes"] = geometry.to_frame(row["boxes"]).tolist() if row["boxes"] else []
     return row
 
 
