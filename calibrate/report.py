@@ -144,14 +144,6 @@ def mixed_kinds(budgets: Sequence[Dict[str, Any]]) -> bool:
     return len({b.get("kind", "mean") for b in budgets}) > 1
 
 
-def _cost(b: Dict[str, Any], budgets: Sequence[Dict[str, Any]]) -> float:
-    """What "cheapest" ranks a budget by: its limit in ms, or with budgets of different kinds its
-    measured mean ms per image (its limit where the report has no measurement)."""
-    if mixed_kinds(budgets):
-        return float(b.get("measured", {}).get("mean_ms", b["budget_ms"]))
-    return float(b["budget_ms"])
-
-
 def pick_default_budget(budgets: List[Dict[str, Any]], slack: float = DEFAULT_BUDGET_SLACK) -> str:
     """The cheapest calibrated budget whose held-out accuracy is within ``slack`` points of the
     most accurate one: the smallest limit, or with budgets of different kinds (mean, p95 ...) the
@@ -160,7 +152,12 @@ def pick_default_budget(budgets: List[Dict[str, Any]], slack: float = DEFAULT_BU
         raise InputError("calibration produced no budgets")
     acc = [float(b["holdout"]["accuracy"]) for b in budgets]
     best = max(acc)
-    for b, a in sorted(zip(budgets, acc), key=lambda ba: _cost(ba[0], budgets)):
+    mixed = mixed_kinds(budgets)
+
+    def cost(b: Dict[str, Any]) -> float:  # its limit, or its measured mean when the limits do not compare
+        return float(b.get("measured", {}).get("mean_ms", b["budget_ms"]) if mixed else b["budget_ms"])
+
+    for b, a in sorted(zip(budgets, acc), key=lambda ba: cost(ba[0])):
         if a >= best - slack:
             return str(b["name"])
     return str(budgets[int(np.argmax(acc))]["name"])

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..argtypes import NON_NEGATIVE, POSITIVE, SEED, THREADS
+from ..bundle import json_object
 from ..errors import GFNetEdgeError, InputError
 
 #: ``--stage`` choices -> internal stages, in order.
@@ -117,7 +118,6 @@ def check_demo_args(args: argparse.Namespace) -> None:
         InputError: an option of image-folder training (the user meant ``--data ROOT``), or a
             backbone that is not one of the demo's.
     """
-    from ..errors import InputError
     from .config import BACKBONES
 
     given = [name for name, default in FOLDER_OPTIONS.items() if getattr(args, name, default) != default]
@@ -140,13 +140,10 @@ def folder_run_data(out: Path) -> Optional[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if getattr(args, "data", None) == "":  # e.g. --data "$ROOT" with ROOT unset: not the demo task
-        from ..errors import InputError
-
+    data = getattr(args, "data", None)
+    if data == "":  # e.g. --data "$ROOT" with ROOT unset: not the demo task
         raise InputError("--data is empty: give the image folder ROOT (ROOT/train/CLASS/*.jpg, ROOT/val/CLASS/*.jpg)")
-    if not getattr(args, "data", None):
-        from ..errors import InputError
-
+    if not data:
         data = folder_run_data(Path(args.out or "runs/demo"))
         if data and not args.resume:
             raise InputError(f"{args.out or 'runs/demo'} holds a run trained on the image folder {data}: continue it "
@@ -169,11 +166,11 @@ def run(args: argparse.Namespace) -> int:
     cfg_path = out / "config.json"
     if args.resume and cfg_path.exists():
         try:
-            d = json.loads(cfg_path.read_text())
-            if not isinstance(d, dict):
-                raise ValueError(f"a JSON {type(d).__name__}, not an object")
+            d = json_object(cfg_path)
+            if d is None:
+                raise ValueError("not a JSON object")
             cfg = TrainConfig.from_dict(d)
-        except (OSError, ValueError, TypeError) as exc:
+        except (ValueError, TypeError) as exc:
             raise InputError(f"{cfg_path}: not a run config of gfnet-edge train ({exc}); give --data ROOT for a run "
                              "on an image folder, or another -o folder") from exc
     else:

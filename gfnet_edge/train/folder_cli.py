@@ -102,15 +102,15 @@ def config_from_args(args: argparse.Namespace):
     if not args.backbone:
         raise InputError("--data needs --backbone TIMM_NAME (e.g. resnet50, mobilenetv3_large_100)")
     cfg = apply_args(FolderTrainConfig(data="", backbone=args.backbone), args)
-    if cfg.pretrained not in (None, "timm") and Path(cfg.pretrained).is_dir():  # e.g. a model folder of the hub
-        inside = sorted(f.name for f in Path(cfg.pretrained).iterdir()
-                        if f.suffix in (".safetensors", ".pth", ".pt", ".bin"))
-        raise InputError(f"{cfg.pretrained}: a folder, not a weights file: pass the file"
-                         + (f" ({', '.join(inside[:3])} is in it)" if inside else ""))
-    if cfg.pretrained not in (None, "timm") and not Path(cfg.pretrained).is_file():
-        raise InputError(f"{cfg.pretrained}: pretrained weights file not found (or pass --pretrained timm)")
     if cfg.pretrained not in (None, "timm"):
-        cfg.pretrained = str(Path(cfg.pretrained).resolve())
+        weights = Path(cfg.pretrained)
+        if weights.is_dir():  # e.g. a model folder of the hub
+            inside = sorted(f.name for f in weights.iterdir() if f.suffix in (".safetensors", ".pth", ".pt", ".bin"))
+            raise InputError(f"{cfg.pretrained}: a folder, not a weights file: pass the file"
+                             + (f" ({', '.join(inside[:3])} is in it)" if inside else ""))
+        if not weights.is_file():
+            raise InputError(f"{cfg.pretrained}: pretrained weights file not found (or pass --pretrained timm)")
+        cfg.pretrained = str(weights.resolve())
     return cfg
 
 
