@@ -206,9 +206,11 @@ def demo_test_images(model, seed: int, n: int, cache: bool = True, as_frames: bo
     return ops.normalise_frames(frames, spec.mean, spec.std), labels
 
 
-def step_bench_parser(doc: str, rounds: int, rounds_help: str, calls: int, out: str):
+def step_bench_args(doc: str, rounds: int, rounds_help: str, calls: int, out: str,
+                    argv: Optional[Sequence[str]]):
     """The options of the step-latency benches (``bench/step_alone.py``, ``bench/step_predecessor.py``):
-    ``--rounds``, ``--calls``, ``--threads``, ``--precision`` and ``--out``, parsed by :func:`step_bench_args`."""
+    ``--rounds``, ``--calls``, ``--threads``, ``--precision`` and ``--out``, parsed from ``argv``,
+    the counts checked."""
     import argparse
 
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1],
@@ -218,11 +220,6 @@ def step_bench_parser(doc: str, rounds: int, rounds_help: str, calls: int, out: 
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--precision", choices=["fp32", "int8"], default="fp32")
     ap.add_argument("--out", default=str(RESULTS / out))
-    return ap
-
-
-def step_bench_args(ap, argv: Optional[Sequence[str]]):
-    """Parsed options of :func:`step_bench_parser`'s parser, the counts checked."""
     args = ap.parse_args(argv)
     if args.rounds < 3 or args.calls < 100:
         ap.error("--rounds must be >= 3 and --calls >= 100 (a p99 of fewer calls is their slowest)")

@@ -24,13 +24,12 @@ from typing import Dict, List, Optional
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (command_line, demo_step_calls, machine, step_bench_args, step_bench_parser, table,  # noqa: E402
+from common import (command_line, demo_step_calls, machine, step_bench_args, table,  # noqa: E402
                     write_report)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = step_bench_args(step_bench_parser(__doc__, 8, "rounds, alternating which way is timed first", 150,
-                                             "step_alone.md"), argv)
+    args = step_bench_args(__doc__, 8, "rounds, alternating which way is timed first", 150, "step_alone.md", argv)
 
     load0 = os.getloadavg()[0]
     with demo_step_calls(args.precision, args.threads) as (T, call):
