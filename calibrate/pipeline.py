@@ -26,6 +26,7 @@ from .latency import (CLOCKS, StepLatency, camera_resize_ms, device_description,
 from .precision import trace_frames
 from .progress import Progress
 from .report import pick_default_budget, write_report
+from .static import check_static_meta
 from .static_runners import StaticPlan, check_static_sources
 from .sweep import SWEEP_PAD, DeadlineSweep, deadline_sweep, sweep_deadlines
 from .verify import BudgetResult, Measurement, check_budget_feasible, fit_and_verify, pool, starting_latency, stability
@@ -223,6 +224,7 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
     device["timed_on"] = timed_on(device, rt.backend == "tensorrt" or rt.device_loop or cfg.device == "cuda")
     try:
         check_static_sources(cfg.static, StaticPlan.of_runtime(rt))  # before any long work
+        check_static_meta(cfg.static, model)
         m = _run_budgets(rt, data, cfg, device["timed_on"])
         plan = StaticPlan.of_runtime(rt)  # the GFNet loop's capture state after its runs
     finally:

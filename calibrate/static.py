@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -63,22 +63,32 @@ class StaticResult:
                 "technology": self.technology.to_dict()}
 
 
-def load_static_checkpoint(path: Path) -> tuple:
-    """A static checkpoint -> ``(network, metadata)``.
+def load_static_checkpoint(path: Path, meta_only: bool = False) -> Any:
+    """A static checkpoint -> ``(network, metadata)`` (``meta_only``: the metadata alone).
 
     Raises:
         UnavailableError: torch/timm missing.
         InputError: unreadable checkpoint.
     """
     try:
-        from gfnet_edge.train.static import load_static
+        from gfnet_edge.train.static import load_static, load_static_meta
     except ImportError as exc:
         raise UnavailableError(f"reading a static checkpoint needs torch and timm ({exc}); "
                                "pass the baseline as an ONNX file instead (--static MODEL.onnx)") from exc
     try:
-        return load_static(path)
+        return load_static_meta(path) if meta_only else load_static(path)
     except Exception as exc:  # CheckpointError or anything torch.load raises
         raise InputError(f"--static {path}: {exc}") from exc
+
+
+def check_static_meta(sources: Sequence[str], model: ModelLike) -> None:
+    """Refuses, before anything is measured, a ``--static`` checkpoint whose metadata does not fit
+    the bundle (image size, classes, pre-processing: :func:`_checked_meta`)."""
+    model = as_desc(model)
+    for src in sources:
+        p = Path(src)
+        if SourceKind.of(p) is SourceKind.CHECKPOINT:
+            _checked_meta(p, load_static_checkpoint(p, meta_only=True), model)
 
 
 def export_static(path: Path, out_dir: Path) -> tuple:

@@ -605,6 +605,28 @@ def test_force_keeps_the_inputs_an_earlier_report_holds(tiny_bundle, tmp_path, c
     assert _tree(out) == before and (bundle / "manifest.json").read_bytes() == manifest
 
 
+def test_a_static_baseline_that_does_not_fit_the_bundle_is_refused_before_any_measurement(
+        tiny_bundle, tmp_path, capsys, monkeypatch, torch_mod):
+    """A --static checkpoint of another number of classes (or classes, crop, image size) is refused
+    in one line before the step latency is measured, not after the whole calibration."""
+    timm = pytest.importorskip("timm")
+    from gfnet_edge.calibrate import pipeline
+    from gfnet_edge.train.static import save_static
+
+    def no_measurement(*a, **k):
+        raise AssertionError("the step latency was measured before the baseline was checked")
+
+    monkeypatch.setattr(pipeline, "_measure", no_measurement)
+    bundle = _fresh(tiny_bundle, tmp_path)
+    net = timm.create_model("resnet10t", pretrained=False, num_classes=5).eval()
+    save_static(tmp_path / "static.pth.tar", net, "resnet10t", {}, 5, image_size=S, half=False)
+    rc = _main(["calibrate", str(bundle), "--data", str(tiny_bundle / "data.npz"), "-o", str(tmp_path / "r"), *FAST,
+                "--static", str(tmp_path / "static.pth.tar")])
+    errors = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+    assert rc == 2 and len(errors) == 1 and "the baseline has 5 classes, the bundle's model 4" in errors[0], errors
+    assert not (tmp_path / "r").exists()
+
+
 def test_force_replaces_a_report_only_when_it_holds_nothing_else(tiny_bundle, tmp_path, capsys):
     """A file of the user's in an earlier report stops --force in one line naming it, and nothing
     changes; a report holding report.json and report.html only is replaced."""

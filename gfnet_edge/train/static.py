@@ -51,12 +51,24 @@ def load_static(path: os.PathLike) -> Tuple[nn.Module, Dict[str, Any]]:
     Raises:
         CheckpointError: unreadable file or not a static-baseline checkpoint.
     """
-    p = Path(path)
-    ck = read_torch_file(p, "static checkpoint")
-    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
-        raise CheckpointError(f"{p}: not a gfnet-edge static baseline (format {FORMAT!r})")
+    ck = _read_static(Path(path))
     net = _create_timm(ck["backbone"], ck["num_classes"], **ck["backbone_kwargs"])
     net.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in ck["state_dict"].items()})
     net.eval()
-    meta = {k: v for k, v in ck.items() if k != "state_dict"}
-    return net, meta
+    return net, _meta(ck)
+
+
+def load_static_meta(path: os.PathLike) -> Dict[str, Any]:
+    """A static baseline's metadata (:func:`load_static`'s second value), without building the network."""
+    return _meta(_read_static(Path(path)))
+
+
+def _read_static(p: Path) -> Dict[str, Any]:
+    ck = read_torch_file(p, "static checkpoint")
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        raise CheckpointError(f"{p}: not a gfnet-edge static baseline (format {FORMAT!r})")
+    return ck
+
+
+def _meta(ck: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in ck.items() if k != "state_dict"}
