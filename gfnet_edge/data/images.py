@@ -275,17 +275,20 @@ def output_inside(out: os.PathLike | str, source: Optional[str], option: str) ->
             "reads it would read with it (as a class folder of its own); choose an -o folder outside it")
 
 
-def lookalike_names(expected: Sequence[str], found: Sequence[str]) -> str:
+def lookalike_names(expected: Sequence[str], found: Sequence[str], first: str = "the model's {!r}",
+                    second: str = "the folder's {!r}", fix: str = "rename the folder") -> str:
     """A hint (``""`` when none) for names of ``found`` that differ from one of ``expected`` only
     in how Unicode writes them (decomposed on macOS, composed elsewhere: ``'Gro\\u0308\\xdfe'``
-    and ``'Gr\\xf6\\xdfe'`` both show as Größe), which a list of the names cannot show."""
+    and ``'Gr\\xf6\\xdfe'`` both show as Größe), which a list of the names cannot show.
+    ``first`` / ``second`` word an expected and a found name, ``fix`` what to do."""
     import unicodedata
 
-    only_e = [c for c in expected if c not in set(found)]
-    nfc = {unicodedata.normalize("NFC", c): c for c in found if c not in set(expected)}
-    alike = [(e, nfc[n]) for e in only_e for n in [unicodedata.normalize("NFC", e)] if n in nfc]
-    return "".join(f"; the model's {e!r} and the folder's {f!r} look alike but are written with other Unicode "
-                   f"characters ({ascii(e)}, {ascii(f)}): rename the folder" for e, f in alike)
+    expected_set, found_set = set(expected), set(found)
+    nfc = {unicodedata.normalize("NFC", c): c for c in found if c not in expected_set}
+    alike = [(e, nfc[n]) for e in expected if e not in found_set for n in [unicodedata.normalize("NFC", e)]
+             if n in nfc]
+    return "".join(f"; {first.format(e)} and {second.format(f)} look alike but are written with other Unicode "
+                   f"characters ({ascii(e)}, {ascii(f)}): {fix}" for e, f in alike)
 
 
 def _entries(folder: Path) -> Tuple[List[Path], List[Path]]:

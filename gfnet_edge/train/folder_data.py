@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 
 import os
-import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.images import _RGB_MODES, IMAGE_EXTENSIONS, open_rgb, preprocess, resized_size
+from ..data.images import _RGB_MODES, IMAGE_EXTENSIONS, lookalike_names, open_rgb, preprocess, resized_size
 from ..errors import InputError
 
 LAYOUT = "expected ROOT/train/CLASS/*.jpg and ROOT/val/CLASS/*.jpg"
@@ -140,10 +139,7 @@ def scan_dataset(root: os.PathLike, workers: int = 8, check: bool = True) -> Tup
     if train.classes != val.classes:
         only_t = sorted(set(train.classes) - set(val.classes))
         only_v = sorted(set(val.classes) - set(train.classes))
-        nfc = {unicodedata.normalize("NFC", c): c for c in only_v}
-        alike = [(c, nfc[n]) for c in only_t for n in [unicodedata.normalize("NFC", c)] if n in nfc]
-        hint = "".join(f"; {t!r} in train and {v!r} in val look alike but are written with other Unicode "
-                       f"characters ({ascii(t)}, {ascii(v)}): rename one" for t, v in alike)
+        hint = lookalike_names(only_t, only_v, "{!r} in train", "{!r} in val", "rename one")
         raise InputError(f"{root}: train and val have different classes (only in train: {only_t or 'none'}; "
                          f"only in val: {only_v or 'none'}){hint}")
     return train, val
