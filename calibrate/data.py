@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -140,29 +140,10 @@ def load_calibration_data(source: str, model: "ModelDesc | Dict[str, Any]", limi
                            np.sort(order[n_hold:]), np.sort(order[:n_hold]), info)
 
 
-def _some(names: Sequence[str], shown: int = 5) -> str:
-    """The first ``shown`` names, and how many more there are."""
-    more = len(names) - shown
-    return ", ".join(names[:shown]) + (f", ... ({more} more)" if more > 0 else "")
-
-
 def _check_class_folders(source: str, model: ModelDesc) -> None:
     """A class-folder dataset gives labels by sorted folder name, so it must have the model's
     classes: the same names when the bundle records them, else as many folders as classes."""
-    from gfnet_edge.data.images import class_folders, lookalike_names
+    from gfnet_edge.data.images import check_class_folders
 
-    names = class_folders(source) if source != "demo" else None
-    if names is None:
-        return
-    if model.class_names is not None and list(names) != list(model.class_names):
-        missing = sorted(set(model.class_names) - set(names))
-        extra = sorted(set(names) - set(model.class_names))
-        what = "; ".join(x for x in (f"missing {_some(missing)}" if missing else "",
-                                     f"not the model's: {_some(extra)}" if extra else "") if x)
-        raise InputError(f"{source}: its class folders are not the model's classes ({what or 'another order'}"
-                         f"{lookalike_names(model.class_names, names)}); labels come from the sorted folder names, "
-                         "so they must be the classes the model was trained on")
-    if len(names) != model.num_classes:
-        raise InputError(f"{source}: {len(names)} class folders for a model with {model.num_classes} classes; "
-                         "labels come from the sorted folder names, so the folder needs one subfolder per class "
-                         "of the model")
+    if source != "demo":
+        check_class_folders(source, model.class_names, model.num_classes)

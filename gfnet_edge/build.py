@@ -269,19 +269,13 @@ def _check_calib_class_folders(source: str, model) -> None:
     """The held-out accuracy check labels a class-folder ``--calib-data`` by its sorted folder
     names, so a model that records its classes (one trained on an image folder) needs a folder
     with exactly those class folders (e.g. ``ROOT/val``, not ``ROOT`` with ``train`` and ``val``)."""
-    from .data.images import class_folders, lookalike_names
+    from .data.images import check_class_folders
 
-    folders = class_folders(source) if not _demo_calibration(source) else None
-    meta = getattr(model, "meta", None) or {}  # a model built in Python, not loaded, records none
-    names = meta.get("classes") if folders is not None else None
-    if not names or list(folders) == list(names):
-        return
-    shown = ", ".join(folders[:5]) + (", ..." if len(folders) > 5 else "")
-    raise InputError(f"--calib-data {source}: its class folders ({shown}) are not the model's classes "
-                     f"({', '.join(list(names)[:5])}{', ...' if len(names) > 5 else ''}"
-                     f"{lookalike_names(names, folders)}), so the INT8 accuracy "
-                     "check would score it against wrong labels: pass the folder of one split (ROOT/val), or "
-                     "--num-eval 0 to calibrate on these images without the check")
+    names = (getattr(model, "meta", None) or {}).get("classes")  # a model built in Python records none
+    if names and not _demo_calibration(source):
+        check_class_folders(source, names, subject="--calib-data ",
+                            why="the INT8 accuracy check would score it against wrong labels: pass the folder of "
+                                "one split (ROOT/val), or --num-eval 0 to calibrate on these images without the check")
 
 
 def calibration_split(n_images: int, num_calib: int, num_eval: int = NUM_EVAL) -> int:

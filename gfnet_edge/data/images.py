@@ -15,6 +15,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from gfnet_edge.errors import InputError
 from gfnet_edge.ops.image import CropGeometry, crop_geometry, resized_hw
 from gfnet_edge.variants import IMAGENET_MEAN, IMAGENET_STD
 
@@ -289,6 +290,38 @@ def lookalike_names(expected: Sequence[str], found: Sequence[str], first: str = 
              if n in nfc]
     return "".join(f"; {first.format(e)} and {second.format(f)} look alike but are written with other Unicode "
                    f"characters ({ascii(e)}, {ascii(f)}): {fix}" for e, f in alike)
+
+
+def _some(names: Sequence[str], shown: int = 5) -> str:
+    """The first ``shown`` names, and how many more there are."""
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f", ... ({more} more)" if more > 0 else "")
+
+
+def check_class_folders(source: str, class_names: Optional[Sequence[str]], num_classes: Optional[int] = None,
+                        subject: str = "", why: str = "labels come from the sorted folder names, so they must be "
+                                                      "the classes the model was trained on") -> None:
+    """A class-folder data set gives labels by sorted folder name, so it must have the model's
+    classes: the same names when the model records them (``class_names``), else as many folders
+    as ``num_classes`` (when given). Anything that is not a folder of class folders passes.
+
+    Raises:
+        InputError: ``{subject}{source}: its class folders are not the model's classes (...); {why}``.
+    """
+    names = class_folders(source)
+    if names is None:
+        return
+    if class_names is not None and list(names) != list(class_names):
+        missing = sorted(set(class_names) - set(names))
+        extra = sorted(set(names) - set(class_names))
+        what = "; ".join(x for x in (f"missing {_some(missing)}" if missing else "",
+                                     f"not the model's: {_some(extra)}" if extra else "") if x)
+        raise InputError(f"{subject}{source}: its class folders are not the model's classes ({what or 'another order'}"
+                         f"{lookalike_names(class_names, names)}); {why}")
+    if num_classes is not None and len(names) != num_classes:
+        raise InputError(f"{subject}{source}: {len(names)} class folders for a model with {num_classes} classes; "
+                         "labels come from the sorted folder names, so the folder needs one subfolder per class "
+                         "of the model")
 
 
 def _entries(folder: Path) -> Tuple[List[Path], List[Path]]:
