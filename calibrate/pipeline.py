@@ -205,11 +205,9 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
     out = Path(cfg.output)
     inputs = _inputs(cfg)
     check_replace(out, cfg.force, **REPORT_OUTPUT, protect=inputs)
-    from gfnet_edge.data.images import output_inside
+    from gfnet_edge.data.images import check_output_outside
 
-    inside = output_inside(out, cfg.data if cfg.data != "demo" else None, "--data")
-    if inside:
-        raise InputError(inside)
+    check_output_outside(out, cfg.data if cfg.data != "demo" else None, "--data")
     try:
         bundle = Bundle.load(cfg.bundle)
     except BundleError as exc:

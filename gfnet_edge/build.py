@@ -148,11 +148,9 @@ def build_bundle(checkpoint: Path, out: Path, cfg: BuildConfig, progress: bool =
               + ([Path(cfg.trt.timing_cache)] if cfg.trt.timing_cache else []))
     check_replace(Path(out), cfg.force, protect=inputs)  # before any work: the output may not be replaced
     if not _demo_calibration(cfg.calib_data):
-        from .data.images import output_inside
+        from .data.images import check_output_outside
 
-        inside = output_inside(out, cfg.calib_data, "--calib-data")
-        if inside:
-            raise InputError(inside)
+        check_output_outside(out, cfg.calib_data, "--calib-data")
     backend = resolve_backend(cfg.backend)
     if backend == "tensorrt":
         from .runtime.backends.tensorrt_util import gpu_info, import_tensorrt

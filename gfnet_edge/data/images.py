@@ -263,17 +263,17 @@ def class_folders(folder: os.PathLike | str) -> Optional[List[str]]:
     return None if top_files else [d.name for d in class_dirs]
 
 
-def output_inside(out: os.PathLike | str, source: Optional[str], option: str) -> Optional[str]:
-    """Why ``out`` (a command's -o folder) may not be written: it lies in the class-folder
-    dataset ``source`` the command reads (``option`` names it), which the next command reading
-    it would read with it; None when it lies elsewhere or ``source`` is no such folder."""
+def check_output_outside(out: os.PathLike | str, source: Optional[str], option: str) -> None:
+    """Refuses ``out`` (a command's -o folder) inside the class-folder dataset ``source`` the
+    command reads (``option`` names it), which the next command reading it would read with it;
+    an ``out`` elsewhere, or a ``source`` that is no such folder, passes."""
     if not source or class_folders(source) is None:
-        return None
+        return
     o, d = Path(out).resolve(), Path(source).resolve()
-    if o != d and d not in o.parents:
-        return None
-    return (f"{out}: is inside the {option} folder {source}, one folder per class, which the next command that "
-            "reads it would read with it (as a class folder of its own); choose an -o folder outside it")
+    if o == d or d in o.parents:
+        raise InputError(f"{out}: is inside the {option} folder {source}, one folder per class, which the next "
+                         "command that reads it would read with it (as a class folder of its own); choose an -o "
+                         "folder outside it")
 
 
 def lookalike_names(expected: Sequence[str], found: Sequence[str], first: str = "the model's {!r}",
