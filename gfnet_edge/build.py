@@ -167,7 +167,7 @@ def build_bundle(checkpoint: Path, out: Path, cfg: BuildConfig, progress: bool =
     if cfg.precision == "int8":
         calib = _calibration_images(model, cfg, progress)  # fail early, before anything is written
     _preload_native_modules()
-    with _writes_to(out), staging_dir(Path(out), force=cfg.force, protect=inputs) as tmp:
+    with staging_dir(Path(out), force=cfg.force, protect=inputs) as tmp:
         logger.info("exporting ONNX graphs of %s", model.spec.model_name)
         paths = export_model(model, tmp / "graphs")
         shutil.move(str(paths["heads"]), tmp / "heads.npz")
@@ -190,18 +190,6 @@ def build_bundle(checkpoint: Path, out: Path, cfg: BuildConfig, progress: bool =
         if backend == "tensorrt":
             _add_engines(Bundle(tmp, manifest), cfg)
     return Bundle.load(out)
-
-
-@contextlib.contextmanager
-def _writes_to(out: Path):
-    """A write that fails without naming its file (a full disk: ``OSError: No space left on
-    device``) becomes a one-line error naming the bundle, not an internal error."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.filename is not None or exc.strerror is None:
-            raise
-        raise BundleError(f"{out}: cannot write the bundle ({exc.strerror})") from exc
 
 
 def _check_int8_options(cfg: BuildConfig) -> None:

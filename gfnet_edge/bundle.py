@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from . import __version__
-from .errors import InputError
+from .errors import InputError, writing
 from .manifest_schema import ManifestError, check_manifest
 from .model_desc import ModelDesc
 
@@ -267,7 +267,8 @@ class Bundle:
         """Applies ``fn(manifest_copy)`` and writes the result atomically."""
         m = copy.deepcopy(self.manifest)
         fn(m)
-        write_json_atomic(self.root / MANIFEST, m)
+        with writing(self.root, "the bundle's manifest"):
+            write_json_atomic(self.root / MANIFEST, m)
         self.manifest = m
 
     def add_artifact(self, manifest: Dict[str, Any], rel: str) -> None:
@@ -451,6 +452,8 @@ def staging_dir(final: Path, force: bool = False, marker: str = MANIFEST, fmt: s
 
     Raises:
         BundleError: ``final`` exists and may not be replaced.
+        InputError: the file system refuses a write that names no file (a full disk: "FINAL:
+            cannot write the WHAT (No space left on device)", :func:`gfnet_edge.errors.writing`).
     """
     final = Path(final)
     check_replace(final, force, marker, fmt, what, protect, owned)
@@ -463,13 +466,14 @@ def staging_dir(final: Path, force: bool = False, marker: str = MANIFEST, fmt: s
             raise BundleError(f"{final}: cannot create the parent directory ({exc.strerror or exc})") from exc
         tmp = staging_folder(final)
         try:
-            yield tmp
-            public_modes(tmp)
-            old = None
-            if final.exists():
-                old = final.with_name(f".{final.name}.old-{os.getpid()}")
-                os.replace(final, old)
-            os.replace(tmp, final)
+            with writing(final, f"the {what}"):
+                yield tmp
+                public_modes(tmp)
+                old = None
+                if final.exists():
+                    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+                    os.replace(final, old)
+                os.replace(tmp, final)
             done = True
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)

@@ -20,7 +20,7 @@ from .argtypes import THREADS, float_range, int_range
 from .calibrate.config import AUTO_DEFAULT
 from .calibrate.report import DEFAULT_BUDGET_SLACK
 from .bundle import finite_or_null, json_object, write_json_atomic
-from .errors import BUILD_MODULES, InputError, UnavailableError, installed
+from .errors import BUILD_MODULES, InputError, UnavailableError, installed, writing
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_CHECKPOINT = ASSETS / "demo_gfnet.pth.tar"
@@ -119,7 +119,8 @@ def run_demo(out: Path, precision: str = "int8", backend: str = "auto", budget_m
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"  {k:<{w}}  {v}")
-    write_json_atomic(out / SUMMARY, finite_or_null(res))
+    with writing(out, "the demo's summary"):
+        write_json_atomic(out / SUMMARY, finite_or_null(res))
     return res
 
 

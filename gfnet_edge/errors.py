@@ -1,7 +1,10 @@
 """Errors the CLI turns into a clear message and a non-zero exit."""
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+import errno
+import os
+from typing import Iterator, Optional
 
 
 class GFNetEdgeError(Exception):
@@ -14,6 +17,25 @@ class InputError(GFNetEdgeError, ValueError):
 
 class UnavailableError(GFNetEdgeError, RuntimeError):
     """A requirement is missing here (TensorRT, a GPU, torch) with a hint how to proceed."""
+
+
+#: ``errno`` values of a write the file system refused for want of room or permission to grow
+#: (a full disk, a quota, a file-size limit, a read-only mount): the user's to fix, not a bug.
+WRITE_FAILURES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+@contextlib.contextmanager
+def writing(target: "os.PathLike[str] | str", what: str) -> Iterator[None]:
+    """Reports a write refused by the file system (:data:`WRITE_FAILURES`) that names no file
+    (``f.write`` on a full disk says only ``No space left on device``) as an :class:`InputError`
+    naming ``target``: ``"OUT: cannot write WHAT (No space left on device)"``. Other errors pass
+    unchanged; cleaning up what was half-written is the caller's (``with`` blocks inside)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno not in WRITE_FAILURES:
+            raise
+        raise InputError(f"{os.fspath(target)}: cannot write {what} ({exc.strerror})") from exc
 
 
 #: Modules only the build side installs (``pip install "gfnet-edge[build]"``); the device side

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import pytest
 
 from gfnet_edge.bundle import (FORMAT_VERSION, Bundle, BundleError, new_manifest, record_artifacts, safe_join,
                                staging_dir, write_json_atomic)
+from gfnet_edge.errors import InputError
 
 
 #: A complete ``model`` entry (what manifest_model writes for a small model).
@@ -201,7 +203,7 @@ def test_update_manifest_atomic(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", failing_replace)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(InputError, match=rf"^{re.escape(str(b.root))}: cannot write the bundle's manifest \(No space left"):
         b.update_manifest(lambda m: m["budgets"].update({"slow": {"thresholds": [0.99, 0.99, -1e8]}}))
     monkeypatch.undo()
     assert published == ["manifest.json"]

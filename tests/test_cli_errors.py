@@ -470,5 +470,25 @@ def test_a_full_disk_while_building_is_one_line_naming_the_bundle(tmp_path, monk
     code, stdout, err = run(["build-engine", DEMO, "-o", out, "--precision", "fp32", "--backend", "onnxruntime",
                              "-q"], capsys)
     assert code == 2 and stdout == "", err
-    assert err == f"gfnet-edge: error: {out}: cannot write the bundle (No space left on device)\n", err
+    assert err == f"gfnet-edge: error: {out}: cannot write the gfnet-edge bundle (No space left on device)\n", err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("err,converted", [
+    (OSError(28, "No space left on device"), True),
+    (OSError(122, "Disk quota exceeded"), True),
+    (OSError(30, "Read-only file system"), True),
+    (OSError(27, "File too large"), True),
+    (OSError(5, "Input/output error"), False),  # not a refusal to grow: a failing device, reported as it is
+    (OSError(28, "No space left on device", "x/graphs/a.onnx"), False),  # names its file: the CLI says so
+])
+def test_only_writes_the_file_system_refuses_without_naming_a_file_become_one_line_naming_the_output(err, converted):
+    from gfnet_edge.errors import InputError, writing
+
+    with pytest.raises(InputError if converted else OSError) as info:
+        with writing("out/b", "the thing"):
+            raise err
+    if converted:
+        assert str(info.value) == f"out/b: cannot write the thing ({err.strerror})"
+    else:
+        assert info.value is err

@@ -167,6 +167,61 @@ def test_an_epoch_saved_but_not_logged_is_logged_on_resume(folder, tmp_path, mon
     assert f"[stage1] epoch {stop_after}/2 " in log.split("(from the checkpoint: the run stopped before logging it)")[0]
 
 
+class _FullDisk:
+    """A binary file on a disk that takes ``room`` bytes, then refuses writes as a full disk
+    does (``OSError(ENOSPC)`` naming no file)."""
+
+    def __init__(self, f, room: int = 1000):
+        self.f, self.room = f, room
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def write(self, data):
+        if len(data) > self.room:
+            self.f.write(bytes(data[:self.room]))
+            self.room = 0
+            raise OSError(28, "No space left on device")
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_the_run_resumes(folder, tmp_path, monkeypatch,
+                                                                                capsys):
+    """Stage 1's second checkpoint meets a full disk: one line naming the run folder, exit 2, no
+    half-written checkpoint (the first epoch's stays); with room again, --resume finishes it."""
+    run = tmp_path / "run"
+    args = ["train", "--data", str(folder), "--backbone", "test_efficientnet", "--image-size", "64",
+            "--patch-size", "32", "--epochs", "2,0,0", "--batch-size", "6", "--workers", "0", "--threads", "1",
+            "--stage", "1", "--no-progress", "-o", str(run)]
+    real_fdopen, opened = os.fdopen, []
+
+    def fdopen(fd, mode="r", *a, **kw):
+        f = real_fdopen(fd, mode, *a, **kw)
+        if mode != "wb":
+            return f
+        opened.append(mode)
+        return _FullDisk(f) if len(opened) == 2 else f
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+    rc = cli.main(args)
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert len(opened) == 2, opened
+    assert rc == 2 and err.count("error:") == 1, err
+    assert err.endswith(f"gfnet-edge: error: {run}: cannot write the run's files (No space left on device)\n"), err
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+    assert torch.load(run / "stage1.pt", map_location="cpu", weights_only=True)["epoch"] == 1
+    assert cli.main(args + ["--resume"]) == 0
+    assert torch.load(run / "stage1.pt", map_location="cpu", weights_only=True)["epoch"] == 2
+
+
 def test_family_defaults_follow_released_variants():
     for timm_name, released in (("resnet50", "resnet50"), ("densenet121", "densenet121"), ("regnety_016", "regnety_1.6g"),
                                 ("mobilenetv3_large_100", "mobilenetv3_large_100"), ("efficientnet_b2", "efficientnet_b2"),

@@ -350,14 +350,39 @@ def save_checkpoint(
     return atomic_torch_save(ck, path)
 
 
+class _WriteRecorder:
+    """A binary file for ``torch.save`` that keeps the first ``OSError`` of its writes: torch
+    reports a refused write (a full disk) only as ``RuntimeError: ... unexpected pos``."""
+
+    def __init__(self, f) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def atomic_torch_save(obj: Any, path: os.PathLike) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, then an atomic rename (no half file)."""
+    """``torch.save`` to a temporary file beside ``path``, then an atomic rename (no half file).
+    A write the file system refuses raises its ``OSError`` (``No space left on device``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
     try:
-        torch.save(obj, tmp)
+        with os.fdopen(fd, "wb") as f:
+            out = _WriteRecorder(f)
+            try:
+                torch.save(obj, out)
+            except RuntimeError as exc:  # torch words a refused write as a size mismatch
+                if out.error is None:
+                    raise
+                raise out.error from exc
         mask = os.umask(0)
         os.umask(mask)
         os.chmod(tmp, 0o666 & ~mask)  # mkstemp's file is private; give it a plain file's mode

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ..argtypes import NON_NEGATIVE, POSITIVE, SEED, THREADS
 from ..bundle import json_object
-from ..errors import GFNetEdgeError, InputError
+from ..errors import GFNetEdgeError, InputError, writing
 
 #: ``--stage`` choices -> internal stages, in order.
 STAGE_GROUPS = {
@@ -140,6 +140,13 @@ def folder_run_data(out: Path) -> Optional[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Runs ``gfnet-edge train``. A full disk is reported naming the run folder; the checkpoints
+    are written atomically, so the run continues with ``--resume`` once there is room."""
+    with writing(args.out or "runs/demo", "the run's files"):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     data = getattr(args, "data", None)
     if data == "":  # e.g. --data "$ROOT" with ROOT unset: not the demo task
         raise InputError("--data is empty: give the image folder ROOT (ROOT/train/CLASS/*.jpg, ROOT/val/CLASS/*.jpg)")
@@ -281,8 +288,9 @@ def export(runner, cfg, test, out: Path, assets: Optional[Path], log, progress: 
     log(f"export + evaluation {(time.time() - t) / 60:.1f} min")
     if assets:
         assets.mkdir(parents=True, exist_ok=True)
-        for f in (gpath, spath, out / "demo_results.json"):
-            shutil.copy2(f, assets / f.name)
+        with writing(assets, "the copies of the checkpoints"):
+            for f in (gpath, spath, out / "demo_results.json"):
+                shutil.copy2(f, assets / f.name)
         log(f"copied checkpoints and results to {assets}")
     del torch
 
