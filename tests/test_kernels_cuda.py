@@ -137,6 +137,15 @@ def test_cuda_preprocess_checks_n_before_any_cuda_call():
 
 
 @requires_gpu
+def test_cuda_preprocess_refuses_a_resize_that_enlarges_the_frame_too_much():
+    """The device tables come from the CPU's plan: a tiny crop_pct is refused at once, as on the CPU."""
+    stream = ops.Stream()
+    fb, out = ops.DeviceBuffer(480 * 640 * 3), ops.DeviceBuffer(3 * 224 * 224 * 4)
+    with pytest.raises(ValueError, match="enlarges the 480 x 640 frame more than 65536 times"):
+        ops.cuda_preprocess(fb, 480, 640, 224, out, crop_pct=1e-7, stream=stream)
+
+
+@requires_gpu
 @pytest.mark.parametrize("n, S, P, bgr, glance_interp, norm", [
     (5, 97, 45, False, "bicubic", {"mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3)}),
     (3, 96, 48, True, "bilinear", {"mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3)}),

@@ -169,8 +169,21 @@ def crop_geometry(height: int, width: int, image_size: int, crop_pct: float = 0.
 
 def resized_hw(height: int, width: int, short: int) -> Tuple[int, int]:
     """``(height, width)`` after resizing the shorter side to ``short``, the longer side truncated
-    as torchvision's ``Resize(int)`` computes it (``int(short * long / shorter)``)."""
-    long_side = int(short * max(height, width) / min(height, width))
+    as torchvision's ``Resize(int)`` computes it (``int(short * long / shorter)``).
+
+    Refuses (ValueError) the sizes the kernels refuse: ``short`` times the longer side over 2^53
+    (past which the kernels' long side would not be exactly this one), and ``short`` over 65536
+    times the shorter side (planning the resize takes time in proportion to the enlargement)."""
+    shorter, longer = min(height, width), max(height, width)
+    frame = f"{height} x {width} frame"
+    if short > _C.RESIZE_MAX_PRODUCT // longer:
+        raise ValueError(f"resize size {short} is too large for a {frame} "
+                         "(resize size x longer side must be at most 2^53)")
+    if short > _C.RESIZE_MAX_ENLARGEMENT * shorter:
+        raise ValueError(f"resize size {short} enlarges the {frame} more than {_C.RESIZE_MAX_ENLARGEMENT} times "
+                         "(planning a resize takes time in proportion to the enlargement; a larger crop_pct "
+                         "enlarges less)")
+    long_side = int(short * longer / shorter)
     return (long_side, short) if width <= height else (short, long_side)
 
 
