@@ -82,7 +82,8 @@ def test_a_resize_whose_size_overflows_is_refused():
              '_C.resize_crop([f], 2, 2 ** 62, "bilinear")',
              '_C.preprocess([f], 2, 2 ** 63 - 1, "bicubic", False, [0.5] * 3, [0.2] * 3)']
     try:
-        r = child_python.refusals(_HUGE_RESIZE, calls, "too large for a 2 x 3 frame", 60)
+        r = child_python.refusals(_HUGE_RESIZE, calls[2:], "too large for a 2 x 3 frame", 60)
+        r = r if r.returncode else child_python.refusals(_HUGE_RESIZE, calls[:2], "at most 2^53", 60)
     except subprocess.TimeoutExpired:
         pytest.fail("the resize was planned instead of refused")
     assert r.returncode == 0 and r.stdout.strip() == "refused", r.stderr[-2000:]
@@ -100,6 +101,20 @@ def test_a_resize_that_enlarges_the_frame_too_much_is_refused_at_once():
                  lambda: _C.resize_crop([f], 224, 65536 * 480 + 1, "bicubic")):
         with pytest.raises(ValueError, match=msg):
             call()
+
+
+@pytest.mark.parametrize("crop_pct", [1e-300, 5e-324])
+def test_a_crop_pct_whose_resize_size_no_frame_takes_is_refused_by_its_own_checks(crop_pct):
+    """int(image_size / crop_pct) past 2^53 fits no frame (resize size x longer side must be at
+    most 2^53, longer side >= 1): ValueError naming crop_pct from every caller, where the size
+    reached the extension as an int it cannot take (TypeError listing its signature) or was
+    infinite (OverflowError)."""
+    f = np.zeros((4, 4, 3), np.uint8)
+    for call in (lambda: ops.resize_size(224, crop_pct), lambda: ops.resize_crop(f, 224, crop_pct),
+                 lambda: ops.preprocess(f, 224, crop_pct=crop_pct), lambda: ops.crop_geometry(4, 4, 224, crop_pct)):
+        with pytest.raises(ValueError, match=r"crop_pct .* is too small for image_size 224: .*at most 2\^53"):
+            call()
+    assert ops.resize_size(2 ** 20, 2.0 ** -33) == 2 ** 53  # the largest size still taken
 
 
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
