@@ -190,3 +190,41 @@ def test_events_and_pinned_memory():
     d = ops.to_device(src, st)
     d.copy_to_host(host, st)
     assert np.array_equal(host, src)
+
+
+@requires_gpu
+@pytest.mark.parametrize("warm", [True, False], ids=["table-built-before-capture", "table-built-while-capturing"])
+def test_captured_preprocess_replays_after_its_resize_table_left_the_cache(warm):
+    """A graph captured around cuda_preprocess bakes in its frame size's resize table. Pre-processing
+    40 other frame sizes afterwards (more than the 32 tables the cache keeps) must neither free
+    nor overwrite it: replays on new frames equal the CPU's pre-processing. A table first needed
+    while capturing is built outside the capture (the capture completes)."""
+    rng = np.random.default_rng(11)
+    S, (h, w) = 32, ((41, 57) if warm else (43, 59))
+    st = ops.Stream()
+    fb, out = ops.DeviceBuffer(h * w * 3), ops.DeviceBuffer(3 * S * S * 4)
+
+    def step():
+        ops.cuda_preprocess(fb, h, w, S, out, stream=st)
+
+    def replay_on(frame):
+        fb.copy_from_host(frame, st)
+        out.zero(st)
+        replay()
+        return ops.from_device(out, (1, 3, S, S), np.float32, st)
+
+    if warm:
+        fb.copy_from_host(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), st)
+        step()
+    replay = NativeCapture(st).capture(step)
+    frame = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    assert np.array_equal(replay_on(frame), ops.preprocess(frame, S))
+    other_out = ops.DeviceBuffer(3 * S * S * 4)
+    for k in range(40):  # same crop, nearby sizes: tables of the same byte size, which would reuse its memory
+        oh, ow = h + 1 + k, w + 2 + k
+        other = ops.to_device(rng.integers(0, 256, (oh, ow, 3), dtype=np.uint8), st)
+        ops.cuda_preprocess(other, oh, ow, S, other_out, stream=st)
+    st.synchronize()
+    for seed in (1, 2):
+        frame = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        assert np.array_equal(replay_on(frame), ops.preprocess(frame, S))

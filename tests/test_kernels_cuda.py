@@ -137,6 +137,52 @@ def test_cuda_preprocess_checks_n_before_any_cuda_call():
 
 
 @requires_gpu
+def test_cuda_softmax_stats_of_more_rows_than_one_grid_equals_the_cpu():
+    """More rows than the kernel's blocks (65535): each block takes several rows, and every row
+    gets the CPU's max probability, argmax and logits copy (NaN and tied rows included)."""
+    rng = np.random.default_rng(5)
+    n, c = 3 * 65535 + 7, 10
+    logits = rng.standard_normal((n, c)).astype(np.float32) * 3
+    logits[[0, 65535, n - 1], 4] = np.nan
+    logits[[1, 65536, n - 2]] = 1.0
+    stream = ops.Stream()
+    lb, mp, am, copy = (ops.to_device(logits, stream), ops.DeviceBuffer(n * 4), ops.DeviceBuffer(n * 4),
+                        ops.DeviceBuffer(logits.nbytes))
+    ops.cuda_softmax_stats(lb, n, c, mp, am, logits_out=copy, stream=stream)
+    ref_mp, ref_am = ops.softmax_stats(logits)
+    np.testing.assert_allclose(ops.from_device(mp, (n,), np.float32, stream), ref_mp, rtol=1e-6)
+    assert np.array_equal(ops.from_device(am, (n,), np.int32, stream), ref_am)
+    assert np.array_equal(ops.from_device(copy, logits.shape, np.float32, stream), logits, equal_nan=True)
+
+
+@requires_gpu
+def test_cuda_softmax_stats_reaches_rows_past_2_to_the_32():
+    """2^32 + 3 rows of one class (17 GB of logits): the rows past 2^32 get their statistics too
+    (a row index of 32 bits would have covered 3 rows). One class: every max probability is 1."""
+    n = 2 ** 32 + 3
+    if ops.cuda_device_properties()["total_memory"] < 2 * n * 4 + 2 ** 33:
+        pytest.skip("needs about 43 GB of device memory")
+    stream = ops.Stream()
+    logits, mp = ops.DeviceBuffer(n * 4), ops.DeviceBuffer(n * 4)
+    logits.zero(stream)
+    mp.zero(stream)
+    ops.cuda_softmax_stats(logits, n, 1, mp, None, stream=stream)
+    for first in (0, 2 ** 31 - 2, 2 ** 32 - 2):
+        got = np.zeros(5, np.float32)
+        mp.copy_to_host(got, stream, offset=first * 4)
+        assert np.array_equal(got, np.ones(5, np.float32)), (first, got)
+
+
+@requires_gpu
+def test_cuda_preprocess_refuses_a_resize_that_enlarges_the_frame_too_much():
+    """The device tables come from the CPU's plan: a tiny crop_pct is refused at once, as on the CPU."""
+    stream = ops.Stream()
+    fb, out = ops.DeviceBuffer(480 * 640 * 3), ops.DeviceBuffer(3 * 224 * 224 * 4)
+    with pytest.raises(ValueError, match="enlarges the 480 x 640 frame more than 65536 times"):
+        ops.cuda_preprocess(fb, 480, 640, 224, out, crop_pct=1e-7, stream=stream)
+
+
+@requires_gpu
 @pytest.mark.parametrize("n, S, P, bgr, glance_interp, norm", [
     (5, 97, 45, False, "bicubic", {"mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3)}),
     (3, 96, 48, True, "bilinear", {"mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3)}),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import child_python
-from gfnet_edge import ops
+from gfnet_edge import _C, ops
 
 F32 = np.float32
 
@@ -82,10 +82,58 @@ def test_a_resize_whose_size_overflows_is_refused():
              '_C.resize_crop([f], 2, 2 ** 62, "bilinear")',
              '_C.preprocess([f], 2, 2 ** 63 - 1, "bicubic", False, [0.5] * 3, [0.2] * 3)']
     try:
-        r = child_python.refusals(_HUGE_RESIZE, calls, "too large for a 2 x 3 frame", 60)
+        r = child_python.refusals(_HUGE_RESIZE, calls[2:], "too large for a 2 x 3 frame", 60)
+        r = r if r.returncode else child_python.refusals(_HUGE_RESIZE, calls[:2], "at most 2^53", 60)
     except subprocess.TimeoutExpired:
         pytest.fail("the resize was planned instead of refused")
     assert r.returncode == 0 and r.stdout.strip() == "refused", r.stderr[-2000:]
+
+
+def test_a_resize_that_enlarges_the_frame_too_much_is_refused_at_once():
+    """A tiny crop_pct enlarges the frame enormously (480 x 640 at crop_pct 1e-7: 2.24e9 x 2.99e9)
+    and planning the resize costs time in proportion to the enlargement: refused, through ops
+    and _C alike, with the limit (65536 times the frame's side) in the message; crop_geometry
+    refuses the same sizes."""
+    f = np.zeros((480, 640, 3), np.uint8)
+    msg = "enlarges the 480 x 640 frame more than 65536 times"
+    for call in (lambda: ops.resize_crop(f, 224, 1e-7), lambda: ops.preprocess(f, 224, crop_pct=1e-7),
+                 lambda: ops.crop_geometry(480, 640, 224, 1e-7),
+                 lambda: _C.resize_crop([f], 224, 65536 * 480 + 1, "bicubic")):
+        with pytest.raises(ValueError, match=msg):
+            call()
+
+
+@pytest.mark.parametrize("crop_pct", [1e-300, 5e-324])
+def test_a_crop_pct_whose_resize_size_no_frame_takes_is_refused_by_its_own_checks(crop_pct):
+    """int(image_size / crop_pct) past 2^53 fits no frame (resize size x longer side must be at
+    most 2^53, longer side >= 1): ValueError naming crop_pct from every caller, where the size
+    reached the extension as an int it cannot take (TypeError listing its signature) or was
+    infinite (OverflowError)."""
+    f = np.zeros((4, 4, 3), np.uint8)
+    for call in (lambda: ops.resize_size(224, crop_pct), lambda: ops.resize_crop(f, 224, crop_pct),
+                 lambda: ops.preprocess(f, 224, crop_pct=crop_pct), lambda: ops.crop_geometry(4, 4, 224, crop_pct)):
+        with pytest.raises(ValueError, match=r"crop_pct .* is too small for image_size 224: .*at most 2\^53"):
+            call()
+    assert ops.resize_size(2 ** 20, 2.0 ** -33) == 2 ** 53  # the largest size still taken
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_a_resize_that_enlarges_the_frame_up_to_the_limit_is_done(interpolation):
+    """At 65536 times the frame's shorter side the resize is planned and done (a constant frame
+    stays that constant) and crop_geometry gives the sizes torchvision's Resize(int) does; one
+    more is refused by both."""
+    f = np.full((1, 3, 3), 77, np.uint8)
+    out = _C.resize_crop([f], 4, 65536, interpolation)
+    assert out.shape == (1, 4, 4, 3) and np.all(out == 77)
+    assert ops.crop_geometry(1, 3, 4, 4 / 65536).resized == (65536, 3 * 65536)
+    with pytest.raises(ValueError, match="more than 65536 times"):
+        _C.resize_crop([f], 4, 65537, interpolation)
+    with pytest.raises(ValueError, match="more than 65536 times"):
+        ops.image.resized_hw(1, 3, 65537)
+    # resize size x longer side past 2^53 (a 2^20 x 2^21 frame resized to 2^33 - 4), whose long
+    # side the kernels could not compute exactly as Python does: refused like the kernels do
+    with pytest.raises(ValueError, match=r"too large for a 1048576 x 2097152 frame \(resize size x longer side"):
+        ops.crop_geometry(2 ** 20, 2 ** 21, 2 ** 31 - 1, 0.25)
 
 
 def test_preprocess_readonly_out(frame):

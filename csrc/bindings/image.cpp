@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "bindings/common.h"
+#include "common/resize_plan.h"
 #include "cpu/preprocess.h"
 
 namespace gfn::bind {
@@ -262,6 +263,9 @@ void bind_image(py::module_& m) {
         py::arg("interpolation"), py::arg("out") = py::none());
   m.def("glance_u8", &cpu_glance_u8, py::arg("frames"), py::arg("size"), py::arg("interpolation"),
         py::arg("mean"), py::arg("std"), py::arg("bgr") = false, py::arg("out") = py::none());
+  // The resize limits of gfn::plan_geometry, which ops.image.resized_hw applies too.
+  m.attr("RESIZE_MAX_PRODUCT") = gfn::kMaxResizeProduct;
+  m.attr("RESIZE_MAX_ENLARGEMENT") = gfn::kMaxResizeEnlargement;
   m.def("resize_plan_cache_info", [] {
     const gfn::cpu::CacheInfo c = gfn::cpu::resize_plan_cache_info();
     return py::make_tuple(c.hits, c.misses, c.maxsize, c.currsize);

@@ -149,7 +149,18 @@ inline int64_t half_round_even(int64_t d) {
   return (k % 2 == 0) ? k : k + 1;
 }
 
-/// torchvision Resize(int) output size then CenterCrop anchor.
+/// Largest resize_short * (longer frame side): up to 2^53 the product is an exact double, so the
+/// resized longer side below is exactly Python's int(size * long / short) (ops.image.resized_hw).
+constexpr int64_t kMaxResizeProduct = int64_t{1} << 53;
+
+/// Largest enlargement of a frame side by the resize (resize_short / shorter frame side). When
+/// upsampling, compute_axis_weights visits the positions whose filter the frame border cuts,
+/// about 4 x the enlargement per axis: bounding the enlargement bounds the plan's time (a few
+/// milliseconds at this limit) however large the resized frame.
+constexpr int64_t kMaxResizeEnlargement = 65536;
+
+/// torchvision Resize(int) output size then CenterCrop anchor. Refuses (std::invalid_argument)
+/// a resize past kMaxResizeProduct or kMaxResizeEnlargement.
 inline ResizeCropGeometry plan_geometry(int64_t h, int64_t w, int64_t resize_short, int64_t crop) {
   if (h <= 0 || w <= 0) throw std::invalid_argument("frame height and width must be positive");
   if (resize_short <= 0 || crop <= 0) throw std::invalid_argument("sizes must be positive");
@@ -162,11 +173,16 @@ inline ResizeCropGeometry plan_geometry(int64_t h, int64_t w, int64_t resize_sho
   g.in_w = w;
   g.crop = crop;
   const int64_t shortest = std::min(h, w), longest = std::max(h, w);
-  // The product below stays an exact int64 and its quotient converts back to one.
-  constexpr int64_t kMaxProduct = int64_t{1} << 62;
-  if (resize_short > kMaxProduct / longest) {
-    throw std::invalid_argument("resize size " + std::to_string(resize_short) + " is too large for a " +
-                                std::to_string(h) + " x " + std::to_string(w) + " frame");
+  const std::string frame = std::to_string(h) + " x " + std::to_string(w) + " frame";
+  if (resize_short > kMaxResizeProduct / longest) {
+    throw std::invalid_argument("resize size " + std::to_string(resize_short) + " is too large for a " + frame +
+                                " (resize size x longer side must be at most 2^53)");
+  }
+  if (shortest <= kMaxResizeProduct / kMaxResizeEnlargement && resize_short > kMaxResizeEnlargement * shortest) {
+    throw std::invalid_argument("resize size " + std::to_string(resize_short) + " enlarges the " + frame +
+                                " more than " + std::to_string(kMaxResizeEnlargement) +
+                                " times (planning a resize takes time in proportion to the enlargement;"
+                                " a larger crop_pct enlarges less)");
   }
   // Python: int(size * long / short) with a true (double) division.
   const int64_t new_long = static_cast<int64_t>(static_cast<double>(resize_short * longest) /

@@ -5,6 +5,7 @@
 // so weight loads are coalesced, and the partial sums are combined with warp shuffles.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -23,6 +24,8 @@ namespace {
 constexpr int kWarps = 8;          // warps per block
 constexpr int kBatchTile = 8;      // batch items per warp
 constexpr int kBlock = 32 * kWarps;
+// Blocks of a kernel that strides over rows (a grid's x size is below 2^31; the rows may not be).
+constexpr int64_t kMaxRowBlocks = 65535;
 
 __device__ inline float warp_sum(float v) {
 #pragma unroll
@@ -195,57 +198,60 @@ __global__ void linear_kernel(const WT* __restrict__ w, const float* __restrict_
   }
 }
 
-// One block per row: max / argmax (common/argmax.h), then sum of exp; optional logits copy.
-__global__ void softmax_stats_kernel(const float* __restrict__ logits, int64_t classes,
+// One block per row, blocks striding over the rows (int64 row index: any number of rows, more
+// than the grid holds): max / argmax (common/argmax.h), then sum of exp; optional logits copy.
+__global__ void softmax_stats_kernel(const float* __restrict__ logits, int64_t nb, int64_t classes,
                                      float* __restrict__ maxprob, int32_t* __restrict__ argmax,
                                      float* __restrict__ out_f32, uint16_t* __restrict__ out_f16) {
   __shared__ float s_val[kBlock];
   __shared__ int64_t s_idx[kBlock];
-  const int64_t row = blockIdx.x;
-  const float* l = logits + row * classes;
-  float best = -INFINITY;
-  int64_t best_i = classes;  // "none yet"
-  for (int64_t c = threadIdx.x; c < classes; c += blockDim.x) {
-    const float v = l[c];
-    if (out_f32) out_f32[row * classes + c] = v;
-    if (out_f16) out_f16[row * classes + c] = float_to_half(v);
-    if (best_i == classes || argmax_takes(v, c, best, best_i)) {
-      best = v;
-      best_i = c;
-    }
-  }
-  s_val[threadIdx.x] = best;
-  s_idx[threadIdx.x] = best_i;
-  __syncthreads();
-  for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
-    if (threadIdx.x < stride) {
-      const float ov = s_val[threadIdx.x + stride];
-      const int64_t oi = s_idx[threadIdx.x + stride];
-      const float mv = s_val[threadIdx.x];
-      const int64_t mi = s_idx[threadIdx.x];
-      // `classes` marks a thread that saw no column.
-      const bool take = oi != classes && (mi == classes || argmax_takes(ov, oi, mv, mi));
-      if (take) {
-        s_val[threadIdx.x] = ov;
-        s_idx[threadIdx.x] = oi;
+  for (int64_t row = blockIdx.x; row < nb; row += gridDim.x) {
+    const float* l = logits + row * classes;
+    float best = -INFINITY;
+    int64_t best_i = classes;  // "none yet"
+    for (int64_t c = threadIdx.x; c < classes; c += blockDim.x) {
+      const float v = l[c];
+      if (out_f32) out_f32[row * classes + c] = v;
+      if (out_f16) out_f16[row * classes + c] = float_to_half(v);
+      if (best_i == classes || argmax_takes(v, c, best, best_i)) {
+        best = v;
+        best_i = c;
       }
     }
+    s_val[threadIdx.x] = best;
+    s_idx[threadIdx.x] = best_i;
     __syncthreads();
-  }
-  const float m = s_val[0];
-  const int64_t am = s_idx[0];
-  __syncthreads();
-  float sum = 0.0f;
-  for (int64_t c = threadIdx.x; c < classes; c += blockDim.x) sum += expf(l[c] - m);
-  s_val[threadIdx.x] = sum;
-  __syncthreads();
-  for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
-    if (threadIdx.x < stride) s_val[threadIdx.x] += s_val[threadIdx.x + stride];
+    for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+      if (threadIdx.x < stride) {
+        const float ov = s_val[threadIdx.x + stride];
+        const int64_t oi = s_idx[threadIdx.x + stride];
+        const float mv = s_val[threadIdx.x];
+        const int64_t mi = s_idx[threadIdx.x];
+        // `classes` marks a thread that saw no column.
+        const bool take = oi != classes && (mi == classes || argmax_takes(ov, oi, mv, mi));
+        if (take) {
+          s_val[threadIdx.x] = ov;
+          s_idx[threadIdx.x] = oi;
+        }
+      }
+      __syncthreads();
+    }
+    const float m = s_val[0];
+    const int64_t am = s_idx[0];
     __syncthreads();
-  }
-  if (threadIdx.x == 0) {
-    if (maxprob) maxprob[row] = 1.0f / s_val[0];
-    if (argmax) argmax[row] = static_cast<int32_t>(am);
+    float sum = 0.0f;
+    for (int64_t c = threadIdx.x; c < classes; c += blockDim.x) sum += expf(l[c] - m);
+    s_val[threadIdx.x] = sum;
+    __syncthreads();
+    for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+      if (threadIdx.x < stride) s_val[threadIdx.x] += s_val[threadIdx.x + stride];
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+      if (maxprob) maxprob[row] = 1.0f / s_val[0];
+      if (argmax) argmax[row] = static_cast<int32_t>(am);
+    }
+    __syncthreads();  // thread 0 has read s_val[0] before the next row overwrites it
   }
 }
 
@@ -407,8 +413,8 @@ void launch_softmax_stats(uintptr_t logits_f32, int64_t nb, int64_t classes, uin
   const cudaStream_t s = as_stream(stream);
   float* out32 = (logits_out != 0 && out_dtype == DType::kF32) ? reinterpret_cast<float*>(logits_out) : nullptr;
   uint16_t* out16 = (logits_out != 0 && out_dtype == DType::kF16) ? reinterpret_cast<uint16_t*>(logits_out) : nullptr;
-  softmax_stats_kernel<<<static_cast<unsigned>(nb), kBlock, 0, s>>>(
-      reinterpret_cast<const float*>(logits_f32), classes, reinterpret_cast<float*>(maxprob),
+  softmax_stats_kernel<<<static_cast<unsigned>(std::min(nb, kMaxRowBlocks)), kBlock, 0, s>>>(
+      reinterpret_cast<const float*>(logits_f32), nb, classes, reinterpret_cast<float*>(maxprob),
       reinterpret_cast<int32_t*>(argmax), out32, out16);
   GFN_CUDA_CHECK_LAUNCH();
 }

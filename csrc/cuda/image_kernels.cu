@@ -5,6 +5,7 @@
 // float16 conversion; the glance uses the shared float32 tap math.
 #include <cuda_runtime.h>
 
+#include <map>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -42,15 +43,74 @@ struct DeviceTables {
   int64_t off_row_start = 0, off_row_count = 0, off_row_w = 0;
 };
 
+// Whether work enqueued on `s` now is recorded into a graph: a capture open on the stream, or
+// one it has joined. A failed query (the legacy stream while a blocking stream captures) counts
+// as capturing: the table is then only kept longer.
+bool capturing(cudaStream_t s) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(s, &status) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return true;
+  }
+  return status != cudaStreamCaptureStatusNone;
+}
+
+// Copies the tables to a new device buffer and waits for the copy. Outside a capture on `s` (a
+// pageable cudaMemcpy may return before its DMA lands, and a non-blocking stream is not ordered
+// after the legacy stream: the copy is waited for before any stream may read it). While `s` is
+// capturing, neither the copy nor the wait may join the graph (a graph replaying the copy would
+// read a host vector freed by then, and waiting on a capturing stream ends the capture): the
+// buffer is allocated in relaxed capture mode and filled on a private stream outside it.
+std::unique_ptr<DeviceBuffer> upload(const std::vector<int32_t>& host, cudaStream_t s, bool in_capture) {
+  const size_t nbytes = host.size() * sizeof(int32_t);
+  if (!in_capture) {
+    auto buf = std::make_unique<DeviceBuffer>(nbytes);
+    GFN_CUDA_CHECK(cudaMemcpyAsync(reinterpret_cast<void*>(buf->ptr()), host.data(), nbytes,
+                                   cudaMemcpyHostToDevice, s));
+    GFN_CUDA_CHECK(cudaStreamSynchronize(s));
+    return buf;
+  }
+  struct RelaxedCapture {  // this thread's capture mode, restored however the upload ends
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    RelaxedCapture() { (void)cudaThreadExchangeStreamCaptureMode(&mode); }
+    ~RelaxedCapture() { (void)cudaThreadExchangeStreamCaptureMode(&mode); }
+  } relaxed;
+  struct PrivateStream {
+    cudaStream_t s = nullptr;
+    ~PrivateStream() {
+      if (s != nullptr) (void)cudaStreamDestroy(s);
+    }
+  } up;
+  auto buf = std::make_unique<DeviceBuffer>(nbytes);
+  GFN_CUDA_CHECK(cudaStreamCreateWithFlags(&up.s, cudaStreamNonBlocking));
+  GFN_CUDA_CHECK(cudaMemcpyAsync(reinterpret_cast<void*>(buf->ptr()), host.data(), nbytes,
+                                 cudaMemcpyHostToDevice, up.s));
+  GFN_CUDA_CHECK(cudaStreamSynchronize(up.s));
+  return buf;
+}
+
+// The tables of one frame size, resize and crop. Launches outside a capture share the 32 most
+// recently used (an older one is freed when its last launch has let go of it). A graph bakes in
+// the address of the tables its capture used and may replay at any time, so a table used while
+// `s` is capturing is pinned: kept, never freed or reused, for the life of the process. A
+// capture never drops a table either (a table it builds is pinned, not added to the LRU, whose
+// eviction would cudaFree, a call a capture does not allow).
 std::shared_ptr<const DeviceTables> device_tables(int64_t h, int64_t w, int64_t resize_short,
                                                   int64_t crop, Interp interp, cudaStream_t s) {
+  using Key = std::tuple<int, int64_t, int64_t, int64_t, int64_t, int>;
   static std::mutex mu;
-  static LruCache<std::tuple<int, int64_t, int64_t, int64_t, int64_t, int>, DeviceTables> cache(32);
+  static LruCache<Key, DeviceTables> cache(32);
+  static std::map<Key, std::shared_ptr<DeviceTables>> pinned;
   int device = 0;
   GFN_CUDA_CHECK(cudaGetDevice(&device));
   const auto key = std::make_tuple(device, h, w, resize_short, crop, static_cast<int>(interp));
+  const bool in_capture = capturing(s);
   std::lock_guard<std::mutex> lk(mu);
-  if (auto t = cache.get(key)) return t;
+  if (auto it = pinned.find(key); it != pinned.end()) return it->second;
+  if (auto t = cache.get(key)) {
+    if (in_capture) pinned.emplace(key, t);
+    return t;
+  }
 
   const ResizeCropTaps plan = plan_resize_crop(h, w, resize_short, crop, interp);
   const auto& hz = plan.horiz;
@@ -86,14 +146,13 @@ std::shared_ptr<const DeviceTables> device_tables(int64_t h, int64_t w, int64_t 
       host[t->off_row_w + i * t->vtaps + k] = vt.weight[src * vt.max_taps + k];
     }
   }
-  t->buf = std::make_unique<DeviceBuffer>(host.size() * sizeof(int32_t));
-  // A pageable cudaMemcpy may return before its DMA lands, and a non-blocking stream is not
-  // ordered after the legacy stream: wait for the copy itself before any stream may read it.
-  GFN_CUDA_CHECK(cudaMemcpyAsync(reinterpret_cast<void*>(t->buf->ptr()), host.data(),
-                                 host.size() * sizeof(int32_t), cudaMemcpyHostToDevice, s));
-  GFN_CUDA_CHECK(cudaStreamSynchronize(s));
-  // A dropped table's cudaFree (when its last holder lets go) synchronizes: no kernel reads it then.
-  cache.put(key, t);
+  t->buf = upload(host, s, in_capture);
+  if (in_capture) {
+    pinned.emplace(key, t);
+  } else {
+    // A dropped table's cudaFree (when its last holder lets go) synchronizes: no kernel reads it then.
+    cache.put(key, t);
+  }
   return t;
 }
 

@@ -23,13 +23,19 @@ ArrayPair = Tuple[np.ndarray, np.ndarray]
 
 
 def resize_size(image_size: int, crop_pct: float) -> int:
-    """The shorter-side resize before the centre crop: ``int(image_size / crop_pct)``."""
+    """The shorter-side resize before the centre crop: ``int(image_size / crop_pct)``, at most
+    2^53 (the kernels take resize size x longer frame side up to 2^53: a larger size fits no frame)."""
     image_size = to_int(image_size, "image_size")
     if isinstance(crop_pct, bool) or not isinstance(crop_pct, numbers.Real):
         raise TypeError(f"crop_pct must be a number, got {type(crop_pct).__name__}")
     if not 0.0 < float(crop_pct) <= 1.0:
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
-    return int(image_size / float(crop_pct))
+    size = image_size / float(crop_pct)
+    if not size <= _C.RESIZE_MAX_PRODUCT:
+        raise ValueError(f"crop_pct {crop_pct} is too small for image_size {image_size}: the resize size "
+                         f"image_size / crop_pct = {size:.3g} fits no frame (resize size x longer side must be "
+                         "at most 2^53)")
+    return int(size)
 
 
 def _frame_list(frames: Any) -> List[Any]:
@@ -169,8 +175,21 @@ def crop_geometry(height: int, width: int, image_size: int, crop_pct: float = 0.
 
 def resized_hw(height: int, width: int, short: int) -> Tuple[int, int]:
     """``(height, width)`` after resizing the shorter side to ``short``, the longer side truncated
-    as torchvision's ``Resize(int)`` computes it (``int(short * long / shorter)``)."""
-    long_side = int(short * max(height, width) / min(height, width))
+    as torchvision's ``Resize(int)`` computes it (``int(short * long / shorter)``).
+
+    Refuses (ValueError) the sizes the kernels refuse: ``short`` times the longer side over 2^53
+    (past which the kernels' long side would not be exactly this one), and ``short`` over 65536
+    times the shorter side (planning the resize takes time in proportion to the enlargement)."""
+    shorter, longer = min(height, width), max(height, width)
+    frame = f"{height} x {width} frame"
+    if short > _C.RESIZE_MAX_PRODUCT // longer:
+        raise ValueError(f"resize size {short} is too large for a {frame} "
+                         "(resize size x longer side must be at most 2^53)")
+    if short > _C.RESIZE_MAX_ENLARGEMENT * shorter:
+        raise ValueError(f"resize size {short} enlarges the {frame} more than {_C.RESIZE_MAX_ENLARGEMENT} times "
+                         "(planning a resize takes time in proportion to the enlargement; a larger crop_pct "
+                         "enlarges less)")
+    long_side = int(short * longer / shorter)
     return (long_side, short) if width <= height else (short, long_side)
 
 
