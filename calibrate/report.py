@@ -263,14 +263,27 @@ def _budgets_section(res: Dict[str, Any]) -> Dict[str, Any]:
             "margin": f"{100 * st['margin']:.0f}", "manifest": res["manifest"]["status"]}
 
 
+#: The tail percentiles a budget can limit, as the budgets table and the static table name them.
+TAIL_STATS = ("p90", "p95", "p99")
+
+
+def static_percentiles(res: Dict[str, Any]) -> List[str]:
+    """The percentiles the static table shows: each of :data:`TAIL_STATS` that a static baseline's
+    latency records or a budget limits (the GFNet rows' percentiles, to compare with)."""
+    used = {b.get("kind", "mean") for b in res["budgets"]}
+    return [k for k in TAIL_STATS if k in used or any(f"{k}_ms" in s["latency"] for s in res["static"])]
+
+
 def _static_section(res: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """The static baselines' table and the technology line; None without a static baseline."""
     if not res["static"]:
         return None
-    rows = [[s["name"], _f(s["latency"]["mean_ms"]), _f(s["latency"]["p95_ms"]), _f(s["accuracy"]),
-             f"{s['macs'] / 1e6:.0f}M" if s.get("macs") else "–", _technology(s)] for s in res["static"]]
-    return {"table": _table(["model", "mean ms", "p95 ms", "accuracy %", "MACs", "runs on"], rows, "static"),
-            "technology": technology_line(res) if res.get("technology") else None}
+    pct = static_percentiles(res)
+    rows = [[s["name"], _f(s["latency"]["mean_ms"])] + [_f(s["latency"].get(f"{k}_ms")) for k in pct] +
+            [_f(s["accuracy"]), f"{s['macs'] / 1e6:.0f}M" if s.get("macs") else "–", _technology(s)]
+            for s in res["static"]]
+    hdr = ["model", "mean ms"] + [f"{k} ms" for k in pct] + ["accuracy %", "MACs", "runs on"]
+    return {"table": _table(hdr, rows, "static"), "technology": technology_line(res) if res.get("technology") else None}
 
 
 def _curve_section(res: Dict[str, Any], figures: Dict[str, bytes]) -> Dict[str, Any]:

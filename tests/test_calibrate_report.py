@@ -383,3 +383,27 @@ def test_without_figures_the_exit_section_points_to_the_table_with_its_numbers()
     page = report.render_html(calibration_result(), {"exit_histogram": b"png"}, [])
     exits = page.split("<h2 id='exits'>")[1].split("<h2")[0]
     assert "<img" in exits and "exits % per step" not in exits
+
+
+def _table_of(t) -> list:
+    """A page table as {header: cell text} per row."""
+    return [{h.text: c.text for h, c in zip(t.headers, r)} for r in t.rows]
+
+
+def test_the_static_table_shows_the_percentiles_the_budgets_are_compared_in():
+    """A p99 budget is compared with the static network's p99 (the choice table's speed-up), so the
+    static table shows that percentile next to the mean, with p90 and p95, each from the baseline's
+    latency record; a percentile a budget limits and the record lacks shows as '–'."""
+    res = calibration_result()
+    res["budgets"] = [_budget("ms-1.0", 1.0), _budget("p99-2.0", 2.0, "p99", 0.99)]
+    res["static"][0]["latency"] = {"mean_ms": 3.0, "p90_ms": 3.3, "p95_ms": 3.5, "p99_ms": 4.0}
+    [row] = _table_of(report.page_context(res, {}, [])["static"]["table"])
+    assert {k: row[k] for k in ("mean ms", "p90 ms", "p95 ms", "p99 ms")} == \
+        {"mean ms": "3.00", "p90 ms": "3.30", "p95 ms": "3.50", "p99 ms": "4.00"}
+    # the choice table's speed-up of p99-2.0 is the same p99: 4.0 / 2.0
+    choice = _table_of(report.page_context(res, {}, [])["choice"]["table"])
+    assert choice[1][f"speed vs {res['static'][0]['name']} (x, higher is faster)"] == "2.00x"
+    res["budgets"].append(_budget("p90-1.5", 1.5, "p90", 0.90))
+    del res["static"][0]["latency"]["p90_ms"]
+    [row] = _table_of(report.page_context(res, {}, [])["static"]["table"])
+    assert row["p90 ms"] == "–" and row["p99 ms"] == "4.00"
