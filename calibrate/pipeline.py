@@ -165,7 +165,7 @@ def _run_sweep(bundle: Bundle, cfg: CalibrationConfig, m: _Measured, statics: Se
                                warmup_ms=cfg.warmup_ms)
     finally:
         rt.close()
-    sweep.planned_with = costs.source
+    sweep.planned_with = costs.describe()
     for s in statics:
         sweep.add_static(s.name, s.call_ms)
     return sweep

@@ -338,7 +338,7 @@ def _sweep_section(res: Dict[str, Any], figures: Dict[str, bytes]) -> Optional[D
                              "stopped early", "mean steps run (glance = 1)", "p50 ms", "p99 ms", "max ms"] +
                             [f"{n}: calls > deadline" for n in names], rows, "deadlines"),
             "batch": sw["batch"], "budget": sw["budget"], "budget_why": featured_why(res, sw["budget"]), "no_deadline_accuracy": _f(sw.get("no_deadline_accuracy")),
-            "planned_with": sw.get("planned_with") or "p99", "margin": f"{sw['margin']:g}",
+            "planned_with": sw.get("planned_with") or "the runtime's step costs", "margin": f"{sw['margin']:g}",
             "static_p50": ", ".join(f"{n} p50 {_f(v)} ms" for n, v in sw["static_p50_ms"].items())}
 
 

@@ -56,7 +56,7 @@ class DeadlineSweep:
         rows: one per deadline, ascending.
         static_p50_ms: per static baseline, its median call latency (:func:`calibrate.budgets.tail_quantile`).
         no_deadline_accuracy: the runtime's accuracy with the same thresholds and no deadline.
-        planned_with: the step costs the runtime planned with (``StepCosts.source``).
+        planned_with: the step costs the runtime planned with, in words (``StepCosts.describe``).
     """
 
     budget: str

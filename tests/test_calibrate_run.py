@@ -158,7 +158,7 @@ def test_budgets_are_selectable_by_the_runtime(calibrated):
     assert rt.step_costs.step_ms == pytest.approx(want)
     calls = [s["n"] for s in lat["budget_batch"]["steps"]]
     span = str(min(calls)) if min(calls) == max(calls) else f"{min(calls)}-{max(calls)}"
-    assert min(calls) > 10 and f"p99 of {span} calls" in rt.step_costs.source
+    assert min(calls) > 10 and f"p99 of {span} calls" in rt.step_costs.basis
     # the manifest records each step's calls and how many of them were timed alone for a lone stall
     entry = Bundle.load(calibrated["bundle"]).manifest["step_costs"]["onnxruntime/fp32"]["batches"][0]
     assert entry["step_calls"] == calls and entry["retimed_calls"] == lat["budget_batch"]["retimed_calls"]
@@ -848,6 +848,26 @@ def test_report_says_which_budget_to_use_and_what_it_costs_against_the_static_ne
 def _section(page, anchor):
     """The part of a report page from the heading ``id='anchor'`` to the next heading."""
     return page.split(f"<h2 id='{anchor}'>", 1)[1].split("<h2 ", 1)[0]
+
+
+def test_the_sweep_says_in_words_which_step_costs_it_planned_with(calibrated):
+    """The deadline sweep's note names the step costs the runtime planned with in words: what they
+    are (the p99 of how many timed calls, at which batch size) and where they came from (the
+    step latency calibrate measured and stored in the manifest), not the manifest's ``source``
+    field as it is stored."""
+    from html import unescape
+
+    from gfnet_edge.runtime.deadline import STEP_COST_SOURCES
+
+    res = calibrated["res"]
+    entry = Bundle.load(calibrated["bundle"]).manifest["step_costs"]["onnxruntime/fp32"]
+    words = res["deadline_sweep"]["planned_with"]
+    assert words.startswith(STEP_COST_SOURCES[entry["source"]] + " (") and "measured on this device" in words
+    for b in entry["batches"]:
+        lo, hi = min(b["step_calls"]), max(b["step_calls"])
+        assert f"p99 of {lo if lo == hi else f'{lo}-{hi}'} calls at batch {b['batch']}" in words
+    note = " ".join(unescape(_section((calibrated["out"] / "report.html").read_text(), "deadlines")).split())
+    assert f"planned with {words} and margin" in note and f"{entry['source']} (" not in note
 
 
 def _headers(page):
