@@ -123,7 +123,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-write", action="store_true", help="report only; leave the bundle's manifest unchanged")
     p.add_argument("--default", metavar="BUDGET",
                    help="make this budget (name, ms or KIND:MS) the bundle's default; auto: the budget the report "
-                        "suggests (the cheapest within a point of the best held-out accuracy)")
+                        "suggests (the fastest within a point of the full network's held-out accuracy, else the "
+                        "cheapest within a point of the best budget's)")
     p.add_argument("--gallery", type=int_range(0, 1000), default=12, help="gallery images (default 12)")
     p.add_argument("--deadlines", type=int_range(0, 100), default=6,
                    help="deadlines of the report's deadline sweep, from the glance's p50 to past the full model's "

@@ -129,7 +129,7 @@ def _run_budgets(rt, data, cfg: CalibrationConfig, timed: str) -> _Measured:
                                       note=note))
     remeasure("end")  # for the stability check only
     if cfg.default == AUTO_DEFAULT:  # the budget the report suggests, as it suggests it
-        default = pick_default_budget([r.to_dict() for r in results])
+        default = pick_default_budget([r.to_dict() for r in results], float(anytime_accuracy(hold_probs, hold_y)[-1]))
     info = _RtInfo(rt.backend, rt.precision, cfg.threads)
     return _Measured(lat1, latN, history, fit_probs, hold_probs, hold_coords, results, default, info)
 
@@ -165,7 +165,7 @@ def _run_sweep(bundle: Bundle, cfg: CalibrationConfig, m: _Measured, statics: Se
                                warmup_ms=cfg.warmup_ms)
     finally:
         rt.close()
-    sweep.planned_with = costs.source
+    sweep.planned_with = costs.describe()
     for s in statics:
         sweep.add_static(s.name, s.call_ms)
     return sweep
@@ -257,7 +257,7 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
                      "warmup": cfg.warmup, "warmup_ms": cfg.warmup_ms, "latency_calls": cfg.latency_calls,
                      "latency_seconds": cfg.latency_seconds, "method": cfg.method, "margin": cfg.margin,
                      "tolerance": list(cfg.tolerance), "attempts": cfg.attempts, "holdout": cfg.holdout,
-                     "seed": cfg.seed},
+                     "seed": cfg.seed, "default": cfg.default},
         "latency": {"budget_batch": m.lat1.to_dict(), "other_batch": m.latN.to_dict() if m.latN else None,
                     "camera_resize_ms": camera_resize_ms(model), "history": [h.to_dict() for h in m.history],
                     "stability": stability(m.history, cfg.clock),

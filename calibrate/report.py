@@ -14,6 +14,8 @@ import numpy as np
 from gfnet_edge.bundle import finite_or_null
 from gfnet_edge.errors import InputError
 
+from .config import AUTO_DEFAULT
+
 if TYPE_CHECKING:
     from .gallery import GalleryCard
 
@@ -134,8 +136,16 @@ def budget_rows(res: Dict[str, Any]) -> List[List[Any]]:
     return [[row[k] for k in BUDGET_COLUMNS] for row in map(_budget_row, res["budgets"])]
 
 
-#: The suggested budget gives up at most this many points of held-out accuracy (when no default is set).
+#: The tolerance of the suggested budget: it keeps the full network's held-out accuracy (every
+#: step run) to within this many points where a budget does (when no default is set).
 DEFAULT_BUDGET_SLACK = 1.0
+
+
+class Suggestion(NamedTuple):
+    """The budget the report suggests and the rule that chose it, in words."""
+
+    name: str
+    rule: str
 
 
 def mixed_kinds(budgets: Sequence[Dict[str, Any]]) -> bool:
@@ -144,23 +154,54 @@ def mixed_kinds(budgets: Sequence[Dict[str, Any]]) -> bool:
     return len({b.get("kind", "mean") for b in budgets}) > 1
 
 
-def pick_default_budget(budgets: List[Dict[str, Any]], slack: float = DEFAULT_BUDGET_SLACK) -> str:
-    """The cheapest calibrated budget whose held-out accuracy is within ``slack`` points of the
-    most accurate one: the smallest limit, or with budgets of different kinds (mean, p95 ...) the
-    smallest measured mean ms per image."""
+def full_network_accuracy(res: Dict[str, Any]) -> Optional[float]:
+    """The held-out accuracy of the full network (every step run) in the calibrated precision: the
+    last step of its anytime accuracy; None when the report does not hold it."""
+    acc = res.get("anytime", {}).get(f"{res['bundle']['precision']} (held-out)")
+    return float(acc[-1]) if acc else None
+
+
+def suggest_budget(budgets: List[Dict[str, Any]], full_accuracy: Optional[float],
+                   slack: float = DEFAULT_BUDGET_SLACK) -> Suggestion:
+    """The budget to suggest, and which rule chose it.
+
+    Among the budgets whose held-out accuracy is within ``slack`` points of ``full_accuracy`` (the
+    full network's), the fastest by measured mean ms per image. When none is (or the full
+    network's accuracy is not known), the cheapest budget whose held-out accuracy is within
+    ``slack`` points of the most accurate budget: the smallest limit, or with budgets of different
+    kinds (mean, p95 ...) the smallest measured mean ms per image; the rule then says that no
+    budget is within ``slack`` of the full network.
+    """
     if not budgets:
         raise InputError("calibration produced no budgets")
     acc = [float(b["holdout"]["accuracy"]) for b in budgets]
-    best = max(acc)
-    mixed = mixed_kinds(budgets)
 
-    def cost(b: Dict[str, Any]) -> float:  # its limit, or its measured mean when the limits do not compare
-        return float(b.get("measured", {}).get("mean_ms", b["budget_ms"]) if mixed else b["budget_ms"])
+    def mean_ms(b: Dict[str, Any]) -> float:  # its measured mean ms per image (its limit when not measured)
+        return float(b.get("measured", {}).get("mean_ms", b["budget_ms"]))
 
-    for b, a in sorted(zip(budgets, acc), key=lambda ba: cost(ba[0])):
-        if a >= best - slack:
-            return str(b["name"])
-    return str(budgets[int(np.argmax(acc))]["name"])
+    full = "" if full_accuracy is None else f"the full network's ({full_accuracy:.2f} %)"
+    near = [b for b, a in zip(budgets, acc) if full and a >= full_accuracy - slack]
+    if len(budgets) == 1:
+        return Suggestion(str(budgets[0]["name"]), "the only budget calibrated" + (
+            "" if near or not full else f"; its held-out accuracy is not within {slack:g} point of {full}"))
+    if near:
+        return Suggestion(str(min(near, key=mean_ms)["name"]),
+                          f"the fastest budget by measured mean ms per image whose held-out accuracy is within "
+                          f"{slack:g} point of {full}")
+    best, mixed = max(acc), mixed_kinds(budgets)
+    cost = mean_ms if mixed else (lambda b: float(b["budget_ms"]))  # limits of different kinds do not compare
+    name = next((str(b["name"]) for b, a in sorted(zip(budgets, acc), key=lambda ba: cost(ba[0])) if a >= best - slack),
+                str(budgets[int(np.argmax(acc))]["name"]))
+    rule = (("the fastest budget by measured mean ms per image" if mixed else "the cheapest budget") +
+            f" whose held-out accuracy is within {slack:g} point of the best")
+    return Suggestion(name, rule if not full else
+                      f"no budget's held-out accuracy is within {slack:g} point of {full}, so {rule}")
+
+
+def pick_default_budget(budgets: List[Dict[str, Any]], full_accuracy: Optional[float] = None,
+                        slack: float = DEFAULT_BUDGET_SLACK) -> str:
+    """The name of the budget :func:`suggest_budget` suggests (``--default auto``)."""
+    return suggest_budget(budgets, full_accuracy, slack).name
 
 
 def _static_ms(s: Dict[str, Any], b: Dict[str, Any]) -> float:
@@ -193,14 +234,14 @@ def choice(res: Dict[str, Any]) -> Dict[str, Any]:
         rows.append({"budget": b["name"], "limit": f"{b.get('kind', 'mean')} <= {_f(b['budget_ms'])}", "ms": ms,
                      "accuracy": acc, "vs": {s["name"]: {"points": acc - s["accuracy"], "speedup": _static_ms(s, b) / ms}
                                              for s in res["static"]}})
-    if default:
-        return {"suggested": default, "why": "the default budget written to the manifest", "rows": rows}
-    if len(res["budgets"]) == 1:
-        return {"suggested": res["budgets"][0]["name"], "why": "the only budget calibrated", "rows": rows}
-    return {"suggested": pick_default_budget(res["budgets"]), "rows": rows,
-            "why": ("the fastest budget by measured mean ms per image" if mixed_kinds(res["budgets"]) else
-                    "the cheapest budget") +
-                   f" whose held-out accuracy is within {DEFAULT_BUDGET_SLACK:g} point of the best"}
+    given = {"suggested": default, "why": "the default budget written to the manifest", "rows": rows}
+    if default and res["settings"].get("default") != AUTO_DEFAULT:
+        return given
+    sug = suggest_budget(res["budgets"], full_network_accuracy(res))
+    if default and default != sug.name:
+        return given
+    return {"suggested": sug.name, "rows": rows,
+            "why": sug.rule + ("; written to the manifest as the default budget (--default auto)" if default else "")}
 
 
 def choice_sentence(res: Dict[str, Any], c: Optional[Dict[str, Any]] = None) -> str:
@@ -263,14 +304,27 @@ def _budgets_section(res: Dict[str, Any]) -> Dict[str, Any]:
             "margin": f"{100 * st['margin']:.0f}", "manifest": res["manifest"]["status"]}
 
 
+#: The tail percentiles a budget can limit, as the budgets table and the static table name them.
+TAIL_STATS = ("p90", "p95", "p99")
+
+
+def static_percentiles(res: Dict[str, Any]) -> List[str]:
+    """The percentiles the static table shows: each of :data:`TAIL_STATS` that a static baseline's
+    latency records or a budget limits (the GFNet rows' percentiles, to compare with)."""
+    used = {b.get("kind", "mean") for b in res["budgets"]}
+    return [k for k in TAIL_STATS if k in used or any(f"{k}_ms" in s["latency"] for s in res["static"])]
+
+
 def _static_section(res: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """The static baselines' table and the technology line; None without a static baseline."""
     if not res["static"]:
         return None
-    rows = [[s["name"], _f(s["latency"]["mean_ms"]), _f(s["latency"]["p95_ms"]), _f(s["accuracy"]),
-             f"{s['macs'] / 1e6:.0f}M" if s.get("macs") else "–", _technology(s)] for s in res["static"]]
-    return {"table": _table(["model", "mean ms", "p95 ms", "accuracy %", "MACs", "runs on"], rows, "static"),
-            "technology": technology_line(res) if res.get("technology") else None}
+    pct = static_percentiles(res)
+    rows = [[s["name"], _f(s["latency"]["mean_ms"])] + [_f(s["latency"].get(f"{k}_ms")) for k in pct] +
+            [_f(s["accuracy"]), f"{s['macs'] / 1e6:.0f}M" if s.get("macs") else "–", _technology(s)]
+            for s in res["static"]]
+    hdr = ["model", "mean ms"] + [f"{k} ms" for k in pct] + ["accuracy %", "MACs", "runs on"]
+    return {"table": _table(hdr, rows, "static"), "technology": technology_line(res) if res.get("technology") else None}
 
 
 def _curve_section(res: Dict[str, Any], figures: Dict[str, bytes]) -> Dict[str, Any]:
@@ -325,7 +379,7 @@ def _sweep_section(res: Dict[str, Any], figures: Dict[str, bytes]) -> Optional[D
                              "stopped early", "mean steps run (glance = 1)", "p50 ms", "p99 ms", "max ms"] +
                             [f"{n}: calls > deadline" for n in names], rows, "deadlines"),
             "batch": sw["batch"], "budget": sw["budget"], "budget_why": featured_why(res, sw["budget"]), "no_deadline_accuracy": _f(sw.get("no_deadline_accuracy")),
-            "planned_with": sw.get("planned_with") or "p99", "margin": f"{sw['margin']:g}",
+            "planned_with": sw.get("planned_with") or "the runtime's step costs", "margin": f"{sw['margin']:g}",
             "static_p50": ", ".join(f"{n} p50 {_f(v)} ms" for n, v in sw["static_p50_ms"].items())}
 
 

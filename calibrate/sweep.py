@@ -1,7 +1,9 @@
 """The deadline sweep of a calibration report: for per-call deadlines from the glance's latency to
 past the point where both GFNet and the static baselines meet them, the accuracy GFNet keeps under
 ``Runtime.predict(..., deadline_ms=D)`` and the share of calls the static baseline (its measured
-latency distribution) would finish after ``D``."""
+latency distribution) would finish after ``D``. Its percentiles of call latency are the report's
+(:func:`calibrate.budgets.tail_quantile`: the p99 is the smallest call with at most 1 % of the
+calls slower)."""
 from __future__ import annotations
 
 import math
@@ -11,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .budgets import tail_quantile
 from .latency import WARMUP_MS, StepLatency, check_frames, using_thresholds, warm_up
 from .progress import Progress
 
@@ -26,7 +29,7 @@ class SweepRow:
         over_10pct: calls finishing after the deadline + 10 % (percent).
         stopped_pct: images whose steps the deadline cut short (percent).
         mean_steps: steps run per image.
-        p50_ms, p99_ms, max_ms: call latency.
+        p50_ms, p99_ms, max_ms: call latency (percentiles: :func:`calibrate.budgets.tail_quantile`).
         static_miss_pct: per static baseline, the share of its measured calls slower than the deadline.
     """
 
@@ -51,9 +54,9 @@ class DeadlineSweep:
         margin: the deadline margin (predicted step costs scaled by ``1 + margin``).
         batch: images per call (a call's images share its deadline).
         rows: one per deadline, ascending.
-        static_p50_ms: per static baseline, its median call latency.
+        static_p50_ms: per static baseline, its median call latency (:func:`calibrate.budgets.tail_quantile`).
         no_deadline_accuracy: the runtime's accuracy with the same thresholds and no deadline.
-        planned_with: the step costs the runtime planned with (``StepCosts.source``).
+        planned_with: the step costs the runtime planned with, in words (``StepCosts.describe``).
     """
 
     budget: str
@@ -70,7 +73,7 @@ class DeadlineSweep:
         a = np.asarray(call_ms, dtype=np.float64)
         for r in self.rows:
             r.static_miss_pct[name] = 100.0 * float((a > r.deadline_ms).mean())
-        self.static_p50_ms[name] = float(np.percentile(a, 50))
+        self.static_p50_ms[name] = tail_quantile([a], 0.50)
 
     def to_dict(self) -> Dict[str, Any]:
         return {"budget": self.budget, "margin": self.margin, "batch": self.batch,
@@ -89,8 +92,8 @@ def sweep_deadlines(lat: StepLatency, n: int, margin: Optional[float] = None,
     ``n`` deadlines run from the glance's p50 to past the point from which the runtime plans every
     step: the full model's p99 scaled by ``1 + margin`` (the runtime plans its steps with p99 step
     latency times that) and by ``1 + SWEEP_PAD``.
-    When a static baseline's p99 call (``static_call_ms``: each baseline's call latencies) lies
-    beyond that, up to ``n`` more deadlines, spaced like the first ones where they fit, reach
+    When a static baseline's p99 call (``static_call_ms``: each baseline's call latencies; the
+    p99 as the report defines it, :func:`calibrate.budgets.tail_quantile`) lies beyond that, up to ``n`` more deadlines, spaced like the first ones where they fit, reach
     ``SWEEP_PAD`` past the slowest baseline's p99, so that its miss rate is seen falling to
     (nearly) zero.
 
@@ -109,8 +112,7 @@ def sweep_deadlines(lat: StepLatency, n: int, margin: Optional[float] = None,
     lo = lat.steps[0].p50_ms * lat.batch
     hi = max(lat.steps[-1].p99_ms * lat.batch * (1.0 + float(margin)) * (1.0 + SWEEP_PAD), lo)
     grid = [float(d) for d in np.linspace(lo, hi, n)] if n > 1 else [hi]  # one deadline: GFNet's meeting point
-    static_hi = max((float(np.percentile(np.asarray(a, dtype=np.float64), 99)) for a in static_call_ms if len(a)),
-                    default=0.0) * (1.0 + SWEEP_PAD)
+    static_hi = max((tail_quantile([a], 0.99) for a in static_call_ms if len(a)), default=0.0) * (1.0 + SWEEP_PAD)
     if static_hi > hi:
         step = (hi - lo) / (n - 1) if n > 1 else 0.0
         more = n if step <= 0.0 else min(n, math.ceil((static_hi - hi) / step - 1e-9))
@@ -163,8 +165,8 @@ def deadline_sweep(rt, frames: np.ndarray, labels: np.ndarray, thresholds: Seque
                 rows.append(SweepRow(
                     deadline_ms=float(d), accuracy=100.0 * right / len(labels), over_pct=100.0 * float((a > d).mean()),
                     over_10pct=100.0 * float((a > 1.1 * d).mean()), stopped_pct=100.0 * float(np.mean(stopped)),
-                    mean_steps=float(np.mean(steps)), p50_ms=float(np.percentile(a, 50)),
-                    p99_ms=float(np.percentile(a, 99)), max_ms=float(a.max())))
+                    mean_steps=float(np.mean(steps)), p50_ms=tail_quantile([a], 0.50),
+                    p99_ms=tail_quantile([a], 0.99), max_ms=float(a.max())))
     finally:
         rt.profiler.enabled = was
     return DeadlineSweep(budget, margin, batch, rows, no_deadline_accuracy=no_deadline_accuracy)

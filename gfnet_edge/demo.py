@@ -18,7 +18,7 @@ import numpy as np
 
 from .argtypes import THREADS, float_range, int_range
 from .calibrate.config import AUTO_DEFAULT
-from .calibrate.report import DEFAULT_BUDGET_SLACK
+from .calibrate.report import DEFAULT_BUDGET_SLACK, full_network_accuracy, suggest_budget
 from .bundle import finite_or_null, json_object, write_json_atomic
 from .errors import BUILD_MODULES, InputError, UnavailableError, installed, writing
 
@@ -86,8 +86,8 @@ def run_demo(out: Path, precision: str = "int8", backend: str = "auto", budget_m
     report = run_calibration(ccfg)
     print(calib_summary(report))
     if not budget_ms:
-        _say(f"   default budget: {report['manifest']['default_budget']} (the cheapest within "
-             f"{DEFAULT_BUDGET_SLACK} point of the best held-out accuracy)")
+        rule = suggest_budget(report["budgets"], full_network_accuracy(report)).rule
+        _say(f"   default budget: {report['manifest']['default_budget']} ({rule})")
 
     _say(f"3/4 classify {num_test} demo test images with the default budget")
     rt = Runtime(bundle.root, backend=backend, threads=threads, profile=True)
@@ -192,7 +192,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="auto (default): TensorRT when it and a GPU are here, else ONNX Runtime")
     p.add_argument("--budget-ms", type=float_range(0.0, 1e6, lo_open=True),
                    help="latency budget per image in ms (default: three budgets are fitted on this machine and "
-                        f"the cheapest within {DEFAULT_BUDGET_SLACK:g} point of the best held-out accuracy is used)")
+                        f"the fastest within {DEFAULT_BUDGET_SLACK:g} point of the full network's held-out accuracy "
+                        "is used, else the cheapest within a point of the best budget's)")
     p.add_argument("--num-test", type=int_range(1, 2000), default=500, help="demo test images to classify (default 500)")
     p.add_argument("--threads", type=THREADS,
                    help="CPU threads of the build, calibration and runtime (default: ONNX Runtime's own choice, "

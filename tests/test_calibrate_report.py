@@ -321,9 +321,13 @@ def test_a_single_budget_is_suggested_as_the_only_one():
     says it is the only budget calibrated."""
     res = calibration_result()
     res["budgets"] = res["budgets"][:1]
+    res["anytime"] = {"fp32 (held-out)": [60.0, 80.0, 81.5]}  # ms-1.0's 81 % is within a point of it
     text = _text(res)
     assert "Use ms-1.0 (the only budget calibrated): 81.00 % at 1.00 ms mean per image" in text
     assert "within 1 point of the best" not in text
+    res["anytime"] = {"fp32 (held-out)": [60.0, 80.0, 85.0]}  # and says so when it is not
+    assert "Use ms-1.0 (the only budget calibrated; its held-out accuracy is not within 1 point of the full " \
+        "network's (85.00 %)): 81.00 % at 1.00 ms" in _text(res)
     assert "within 1 point of the best" in _text(calibration_result())
 
 
@@ -383,3 +387,54 @@ def test_without_figures_the_exit_section_points_to_the_table_with_its_numbers()
     page = report.render_html(calibration_result(), {"exit_histogram": b"png"}, [])
     exits = page.split("<h2 id='exits'>")[1].split("<h2")[0]
     assert "<img" in exits and "exits % per step" not in exits
+
+
+def _table_of(t) -> list:
+    """A page table as {header: cell text} per row."""
+    return [{h.text: c.text for h, c in zip(t.headers, r)} for r in t.rows]
+
+
+def test_the_static_table_shows_the_percentiles_the_budgets_are_compared_in():
+    """A p99 budget is compared with the static network's p99 (the choice table's speed-up), so the
+    static table shows that percentile next to the mean, with p90 and p95, each from the baseline's
+    latency record; a percentile a budget limits and the record lacks shows as '–'."""
+    res = calibration_result()
+    res["budgets"] = [_budget("ms-1.0", 1.0), _budget("p99-2.0", 2.0, "p99", 0.99)]
+    res["static"][0]["latency"] = {"mean_ms": 3.0, "p90_ms": 3.3, "p95_ms": 3.5, "p99_ms": 4.0}
+    [row] = _table_of(report.page_context(res, {}, [])["static"]["table"])
+    assert {k: row[k] for k in ("mean ms", "p90 ms", "p95 ms", "p99 ms")} == \
+        {"mean ms": "3.00", "p90 ms": "3.30", "p95 ms": "3.50", "p99 ms": "4.00"}
+    # the choice table's speed-up of p99-2.0 is the same p99: 4.0 / 2.0
+    choice = _table_of(report.page_context(res, {}, [])["choice"]["table"])
+    assert choice[1][f"speed vs {res['static'][0]['name']} (x, higher is faster)"] == "2.00x"
+    res["budgets"].append(_budget("p90-1.5", 1.5, "p90", 0.90))
+    del res["static"][0]["latency"]["p90_ms"]
+    [row] = _table_of(report.page_context(res, {}, [])["static"]["table"])
+    assert row["p90 ms"] == "–" and row["p99 ms"] == "4.00"
+
+
+def test_the_suggestion_is_the_fastest_budget_within_a_point_of_the_full_network():
+    """Of ms-1.0 (88.5 %), ms-2.0 (89.4 %, 1.95 ms measured) and ms-3.0 (89.5 %, 2.9 ms), with the
+    full network at 90 % held-out: ms-1.0 is within a point of the best budget but 1.5 points
+    below the full network, so the page suggests ms-2.0, the fastest of the two within a point of
+    the full network, and says by which rule. With the full network at 95 % none is within a
+    point: the page says so and suggests the cheapest within a point of the best budget, ms-1.0."""
+    res = calibration_result()
+    res["budgets"] = [_budget("ms-1.0", 1.0), _budget("ms-2.0", 2.0), _budget("ms-3.0", 3.0)]
+    for b, acc, ms in zip(res["budgets"], (88.5, 89.4, 89.5), (1.0, 1.95, 2.9)):
+        b["holdout"]["accuracy"] = b["measured"]["accuracy"] = acc
+        b["measured"]["mean_ms"] = b["measured"]["statistic_ms"] = ms
+    res["anytime"] = {"fp32 (held-out)": [60.0, 85.0, 90.0]}
+    rule = "the fastest budget by measured mean ms per image whose held-out accuracy is within 1 point of the " \
+           "full network's (90.00 %)"
+    assert f"Use ms-2.0 ({rule}): 89.40 % at 1.95 ms mean per image" in _text(res)
+    assert f"suggested: use ms-2.0 ({rule})" in report.summary(res)
+    # --default auto wrote that budget as the default: the page still names the rule
+    res["settings"]["default"], res["manifest"]["default_budget"] = "auto", "ms-2.0"
+    assert f"Use ms-2.0 ({rule}; written to the manifest as the default budget (--default auto))" in _text(res)
+    res["settings"]["default"], res["manifest"]["default_budget"] = "ms-3.0", "ms-3.0"  # a default given by name
+    assert "Use ms-3.0 (the default budget written to the manifest)" in _text(res)
+    res["settings"]["default"], res["manifest"]["default_budget"] = None, None
+    res["anytime"] = {"fp32 (held-out)": [60.0, 85.0, 95.0]}
+    assert "Use ms-1.0 (no budget's held-out accuracy is within 1 point of the full network's (95.00 %), so the " \
+           "cheapest budget whose held-out accuracy is within 1 point of the best): 88.50 %" in _text(res)

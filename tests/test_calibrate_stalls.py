@@ -101,7 +101,7 @@ def test_a_lone_stall_is_timed_out_of_the_steps_p99():
     assert costs[0].step_ms[1] < 1.5 and costs[1].step_ms[1] > 3.0
     entry = step_costs_entry([lat], "onnxruntime", "fp32", 1, "cpu")["batches"][0]
     assert entry["step_calls"] == [60, 101, 60] and entry["retimed_calls"] == [0, 41, 0] and entry["calls"] == 60
-    assert "p99 of 60-101 calls" in costs[0].source
+    assert "p99 of 60-101 calls" in costs[0].basis
 
 
 class FakeCheckedRuntime(FakeRuntime):

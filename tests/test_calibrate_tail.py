@@ -298,7 +298,8 @@ def test_static_miss_rate_in_the_sweep():
     sw = DeadlineSweep("p95-1.2", 0.05, 1, rows)
     sw.add_static("static fp32", [0.5, 1.5, 2.5, 2.5])
     assert [r.static_miss_pct["static fp32"] for r in rows] == [75.0, 50.0, 0.0]
-    assert sw.to_dict()["static_p50_ms"] == {"static fp32": 2.0}
+    # the median as the report defines percentiles: the smallest call with at most half the calls slower
+    assert sw.to_dict()["static_p50_ms"] == {"static fp32": 1.5}
 
 
 def test_a_static_baselines_miss_rate_counts_its_off_cpu_time_under_the_cpu_clock():
@@ -364,7 +365,7 @@ def test_sweep_reaches_past_the_full_model_and_a_slower_static_network():
     fast = rng.normal(1.0, 0.05, 60)
     ds = sweep_deadlines(lat, 6, margin, [fast, slow])
     assert ds[:6] == pytest.approx(alone) and 6 < len(ds) <= 12 and np.all(np.diff(ds) > 0)
-    assert ds[-1] == pytest.approx(np.percentile(slow, 99) * (1 + SWEEP_PAD))
+    assert ds[-1] == pytest.approx(np.percentile(slow, 99, method="inverted_cdf") * (1 + SWEEP_PAD))
     sw = DeadlineSweep("ms-1.0", margin, 1, [SweepRow(d, 50.0, 0.0, 0.0, 0.0, 1.0, d, d, d) for d in ds])
     sw.add_static("static fp32", slow)
     miss = [r.static_miss_pct["static fp32"] for r in sw.rows]
@@ -376,6 +377,42 @@ def test_sweep_reaches_past_the_full_model_and_a_slower_static_network():
     assert sweep_deadlines(lat, 0, margin, [slow]) == []
     one = sweep_deadlines(lat, 1, margin, [slow])  # one deadline: GFNet's meeting point, then the static one
     assert one[0] == pytest.approx(alone[-1]) and len(one) == 2 and one[-1] == pytest.approx(ds[-1])
+
+
+def test_the_sweep_uses_the_reports_percentile_not_numpys_interpolated_one(monkeypatch):
+    """The page's percentiles are inverted-CDF ones (the p99 of 100 calls is the 99th smallest); the
+    sweep's are too: its last deadline lies SWEEP_PAD past the slower static network's p99 call as
+    the static table gives it, and its p50 / p99 columns are those of GFNet's calls. Calls of 1 ..
+    100 ms, whose interpolated p99 (99.01) and p50 (50.5) differ from the inverted-CDF ones."""
+    from types import SimpleNamespace
+
+    from gfnet_edge.calibrate import sweep as sweep_mod
+    from gfnet_edge.calibrate.sweep import SWEEP_PAD, deadline_sweep, sweep_deadlines
+
+    calls = np.arange(1.0, 101.0)
+    p99, p50 = (float(np.percentile(calls, q, method="inverted_cdf")) for q in (99, 50))
+    assert (p99, p50) == (99.0, 50.0) and np.percentile(calls, 99) != p99 and np.percentile(calls, 50) != p50
+    lat = _sweep_latency(np.random.default_rng(7))
+    assert sweep_deadlines(lat, 6, 0.05, [calls])[-1] == pytest.approx(p99 * (1 + SWEEP_PAD))
+    sw = DeadlineSweep("ms-1.0", 0.05, 1, [SweepRow(1.0, 50.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0)])
+    sw.add_static("static fp32", calls)
+    assert sw.static_p50_ms == {"static fp32": p50}
+
+    # GFNet's calls under a deadline: a clock that the runtime's call advances by the next duration
+    now, durations = [0.0], iter(np.tile(np.random.default_rng(3).permutation(calls), 2) / 1e3)
+
+    def predict(x, **kw):
+        if kw.get("deadline_ms") is not None:
+            now[0] += next(durations)
+        return SimpleNamespace(classes=np.zeros(len(x), np.int64), exit_step=np.zeros(len(x), np.int64),
+                               deadline_stopped=np.zeros(len(x), bool))
+
+    rt = SimpleNamespace(model=None, thresholds=[1.0], profiler=SimpleNamespace(enabled=False), predict=predict)
+    monkeypatch.setattr(sweep_mod, "check_frames", lambda model, frames: None)
+    monkeypatch.setattr(sweep_mod, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    frames, labels = np.zeros((100, 4, 4, 3), np.uint8), np.zeros(100, np.int64)
+    rows = deadline_sweep(rt, frames, labels, [1.0], "ms-1.0", [200.0, 300.0], warmup_ms=0.0).rows
+    assert [(r.p50_ms, r.p99_ms, r.max_ms) for r in rows] == [pytest.approx((p50, p99, 100.0))] * 2
 
 
 def test_every_budget_pair_has_distinct_names():

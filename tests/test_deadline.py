@@ -14,7 +14,7 @@ import pytest
 
 from gfnet_edge import ops
 from gfnet_edge.errors import InputError
-from gfnet_edge.runtime.deadline import Deadline, StepCosts, step_costs_entry
+from gfnet_edge.runtime.deadline import STEP_COST_SOURCES, Deadline, StepCosts, StepTimes, step_costs_entry
 
 COST = (1.0, 2.0, 3.0)  # per-image ms of the glance and the two focus steps (fake clock)
 
@@ -64,11 +64,11 @@ def test_step_costs_from_a_manifest_entry():
                              "onnxruntime", "fp32", 1, "cpu")
     c = StepCosts.from_manifest(entry)
     assert c.step_ms == (1.5, 2.0, 4.0) and c.other == (8, (0.5, 0.7, 0.8))  # step 1: the mean's increment
-    assert "p99 of 300 calls" in c.source and entry["batches"][0]["calls"] == 300
+    assert "p99 of 300 calls at batch 1" in c.basis and entry["batches"][0]["calls"] == 300
     few = step_costs_entry([Lat(1, [1.0, 3.0, 6.0], [1.5, 9.0, 10.0], p95=[1.2, 3.6, 6.8], calls=60)],
                            "onnxruntime", "fp32", 1, "cpu")
     c = StepCosts.from_manifest(few)  # the p99 whatever the count; another percentile when asked
-    assert c.step_ms == pytest.approx((1.5, 7.5, 3.0)) and "p99 of 60 calls" in c.source
+    assert c.step_ms == pytest.approx((1.5, 7.5, 3.0)) and "p99 of 60 calls at batch 1" in c.basis
     assert StepCosts.from_manifest(few, stat="p95_ms").step_ms == pytest.approx((1.2, 2.4, 3.2))
     del few["batches"][0]["calls"]  # an entry that does not record its count reads as before
     assert StepCosts.from_manifest(few).step_ms == pytest.approx((1.5, 7.5, 3.0))
@@ -374,10 +374,10 @@ def test_focus_steps_plan_with_their_time_from_one_step_check_to_the_next():
     block = {"batch": 1, "calls": 300, "cumulative": {"mean_ms": [1.0, 2.0, 3.0], "p99_ms": [1.4, 2.3, 3.5]},
              "increments": {"mean_ms": [1.1, 1.0, 1.0], "p99_ms": [1.5, 1.3, 0.9]}}
     c = StepCosts.from_manifest({"batches": [block]})
-    assert c.step_ms == pytest.approx((1.4, 1.3, 1.0)) and "one step check to the next" in c.source
+    assert c.step_ms == pytest.approx((1.4, 1.3, 1.0)) and "from the check before each one to the next check" in c.basis
     old = {k: v for k, v in block.items() if k != "increments"}
     c = StepCosts.from_manifest({"batches": [old]})
-    assert c.step_ms == pytest.approx((1.4, 1.0, 1.2)) and "step check" not in c.source
+    assert c.step_ms == pytest.approx((1.4, 1.0, 1.2)) and "check" not in c.basis
     with pytest.raises(InputError, match="malformed"):
         StepCosts.from_manifest({"batches": [dict(block, increments={"mean_ms": [1.0, 1.0], "p99_ms": [1.0, 1.0]})]})
 
@@ -408,3 +408,26 @@ def test_time_steps_reads_the_clock_at_each_focus_steps_check_and_at_the_end(dem
         rt.thresholds = [-1e8] * T  # every image exits at the glance
         pred, marks = rt.time_steps(x, clock=ticking())
         assert marks == [1000.0] and (pred.exit_step == 0).all()
+
+
+def test_every_step_cost_source_has_words_for_reports():
+    """Each place that makes step costs names a source that :data:`STEP_COST_SOURCES` puts in words,
+    and :meth:`StepCosts.describe` gives them, with what the figures are where that is known."""
+    from gfnet_edge.runtime.api import Runtime
+
+    class Rt:  # set_step_costs needs the model's steps only
+        model = type("M", (), {"steps": 2})()
+
+    rt = Rt()
+    Runtime.set_step_costs(rt, [1.0, 2.0])
+    block = {"batch": 1, "step_calls": [60, 80], "cumulative": {"mean_ms": [1.0, 2.0], "p99_ms": [1.5, 2.5]}}
+    made = [StepCosts((1.0,)), rt.step_costs, StepTimes(2).costs,
+            StepCosts.from_manifest({"batches": [block]}),
+            StepCosts.from_manifest(step_costs_entry([], "onnxruntime", "fp32", 1, "cpu") | {"batches": [block]})]
+    for c in made:
+        assert c.source in STEP_COST_SOURCES and c.describe().startswith(STEP_COST_SOURCES[c.source])
+    assert made[-1].describe() == (STEP_COST_SOURCES["gfnet-edge calibrate"] +
+                                   " (per step, the p99 of 60-80 calls at batch 1)")
+    # a manifest entry from elsewhere shows the source it records
+    other = StepCosts.from_manifest({"source": "bench/deadlines.py", "batches": [block]})
+    assert other.describe().startswith("step costs from bench/deadlines.py (")

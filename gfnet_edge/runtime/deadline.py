@@ -31,6 +31,20 @@ from ..errors import InputError
 #: the p99 (``python bench/deadlines.py --images 300 --deadlines 6 [--plan-stat p95]``).
 DEFAULT_STAT = "p99_ms"
 
+#: The manifest ``step_costs`` entries ``gfnet-edge calibrate`` writes name it as their ``source``.
+CALIBRATE_SOURCE = "gfnet-edge calibrate"
+
+#: Each :attr:`StepCosts.source`, in words for reports and messages: what the costs are and
+#: where they came from (a manifest entry with another ``source`` shows that text).
+STEP_COST_SOURCES: Dict[str, str] = {
+    "given": "step costs given with the deadline",
+    "set_step_costs": "step costs given to Runtime.set_step_costs",
+    "step times": "no step costs (every step runs, its check only notes the time)",
+    "bundle manifest": "the step costs stored in the bundle's manifest",
+    CALIBRATE_SOURCE: "the step latency gfnet-edge calibrate measured on this device, as stored in the bundle's "
+                      "manifest",
+}
+
 
 @dataclass(frozen=True)
 class StepCosts:
@@ -41,13 +55,16 @@ class StepCosts:
         step_ms: per-image ms of steps 0..T-1 at ``batch``.
         batch: the batch size ``step_ms`` was measured at.
         other: ``(batch, step_ms)`` measured at a larger batch, or None.
-        source: where the figures come from (for messages and reports).
+        source: where the figures come from: a key of :data:`STEP_COST_SOURCES`, or the
+            ``source`` a manifest entry records.
+        basis: what the figures are (the statistic and the calls it comes from), or empty.
     """
 
     step_ms: Tuple[float, ...]
     batch: int = 1
     other: Optional[Tuple[int, Tuple[float, ...]]] = None
     source: str = "given"
+    basis: str = ""
 
     def __post_init__(self) -> None:
         vals = list(self.step_ms) + (list(self.other[1]) if self.other else [])
@@ -60,6 +77,13 @@ class StepCosts:
     @property
     def steps(self) -> int:
         return len(self.step_ms)
+
+    def describe(self) -> str:
+        """Where the costs come from and what they are, in words (:data:`STEP_COST_SOURCES`):
+        ``the step latency gfnet-edge calibrate measured on this device, ... (p99 of 300 calls
+        at batch 1 ...)``."""
+        words = STEP_COST_SOURCES.get(self.source, f"step costs from {self.source}")
+        return f"{words} ({self.basis})" if self.basis else words
 
     def call_ms(self, step: int, n: int) -> float:
         """Predicted ms of running ``step`` for ``n`` images in one call."""
@@ -96,14 +120,16 @@ class StepCosts:
         percentile need not grow from step to step: a slow outlier in the calls exiting at
         step k can put its p99 above step k + 1's, which would otherwise give step k + 1 a
         cost of 0 and let it run past any deadline); so does step 0 (the glance, which always
-        runs). ``source`` names the percentile and the calls it came from."""
+        runs). ``source`` is the entry's, ``basis`` names the percentile and the calls it came
+        from at each batch size."""
         used, checks = [], []
 
         def steps(block: Mapping[str, Any]) -> Tuple[float, ...]:
             calls = block.get("step_calls") or ([block["calls"]] if block.get("calls") else [])
             lo, hi = (min(calls), max(calls)) if calls else (0, 0)
-            used.append(stat[:-3] if not calls else f"{stat[:-3]} of {lo} calls" if lo == hi else
-                        f"{stat[:-3]} of {lo}-{hi} calls")
+            at = f" at batch {block['batch']}" if "batch" in block else ""
+            used.append(f"{stat[:-3]}{at}" if not calls else f"{stat[:-3]} of {lo} calls{at}" if lo == hi else
+                        f"{stat[:-3]} of {lo}-{hi} calls{at}")
             tail = cls.from_cumulative(block["cumulative"][stat]).step_ms
             mean = cls.from_cumulative(block["cumulative"]["mean_ms"]).step_ms
             if len(tail) != len(mean):
@@ -123,9 +149,9 @@ class StepCosts:
             other = entry["batches"][1] if len(entry["batches"]) > 1 else None
             first_ms = steps(first)
             other_ms = None if other is None else (int(other["batch"]), steps(other))
-            return cls(first_ms, int(first["batch"]), other_ms,
-                       source=f"{entry.get('source', 'bundle manifest')} ({', '.join(used)} per step"
-                              + ("; focus steps timed from one step check to the next)" if checks else ")"))
+            return cls(first_ms, int(first["batch"]), other_ms, source=str(entry.get("source", "bundle manifest")),
+                       basis=f"per step, the {' and the '.join(used)}"
+                             + ("; focus steps timed from the check before each one to the next check" if checks else ""))
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             raise InputError(f"the bundle's step_costs entry is malformed ({type(exc).__name__}: {exc}); "
                              "re-run gfnet-edge calibrate") from exc
@@ -200,7 +226,7 @@ class StepTimes:
 
 
 def step_costs_entry(latencies: Sequence[Any], backend: str, precision: str, threads: Optional[int],
-                     device: str, source: str = "gfnet-edge calibrate") -> Dict[str, Any]:
+                     device: str, source: str = CALIBRATE_SOURCE) -> Dict[str, Any]:
     """A manifest ``step_costs`` entry from calibration's per-batch step latencies
     (:class:`calibrate.latency.StepLatency`, smallest batch first)."""
     def per_step(stats: Sequence[Any]) -> Dict[str, list]:  # {stat: [ms of each step]}
