@@ -179,23 +179,21 @@ def suggest_budget(budgets: List[Dict[str, Any]], full_accuracy: Optional[float]
     def mean_ms(b: Dict[str, Any]) -> float:  # its measured mean ms per image (its limit when not measured)
         return float(b.get("measured", {}).get("mean_ms", b["budget_ms"]))
 
-    full = "" if full_accuracy is None else f"the full network's ({full_accuracy:.2f} %)"
+    full = "" if full_accuracy is None else f"the full network's held-out accuracy of {full_accuracy:.2f} %"
     near = [b for b, a in zip(budgets, acc) if full and a >= full_accuracy - slack]
     if len(budgets) == 1:
         return Suggestion(str(budgets[0]["name"]), "the only budget calibrated" + (
-            "" if near or not full else f"; its held-out accuracy is not within {slack:g} point of {full}"))
+            "" if near or not full else f"; it is not within {slack:g} point of {full}"))
     if near:
         return Suggestion(str(min(near, key=mean_ms)["name"]),
-                          f"the fastest budget by measured mean ms per image whose held-out accuracy is within "
-                          f"{slack:g} point of {full}")
+                          f"the fastest budget, by measured mean ms per image, within {slack:g} point of {full}")
     best, mixed = max(acc), mixed_kinds(budgets)
     cost = mean_ms if mixed else (lambda b: float(b["budget_ms"]))  # limits of different kinds do not compare
     name = next((str(b["name"]) for b, a in sorted(zip(budgets, acc), key=lambda ba: cost(ba[0])) if a >= best - slack),
                 str(budgets[int(np.argmax(acc))]["name"]))
-    rule = (("the fastest budget by measured mean ms per image" if mixed else "the cheapest budget") +
-            f" whose held-out accuracy is within {slack:g} point of the best")
-    return Suggestion(name, rule if not full else
-                      f"no budget's held-out accuracy is within {slack:g} point of {full}, so {rule}")
+    rule = (("the fastest budget, by measured mean ms per image," if mixed else "the cheapest budget") +
+            f" within {slack:g} point of the best budget's held-out accuracy")
+    return Suggestion(name, rule if not full else f"no budget is within {slack:g} point of {full}, so {rule}")
 
 
 def pick_default_budget(budgets: List[Dict[str, Any]], full_accuracy: Optional[float] = None,
@@ -241,7 +239,7 @@ def choice(res: Dict[str, Any]) -> Dict[str, Any]:
     if default and default != sug.name:
         return given
     return {"suggested": sug.name, "rows": rows,
-            "why": sug.rule + ("; written to the manifest as the default budget (--default auto)" if default else "")}
+            "why": sug.rule + ("; --default auto made it the manifest's default budget" if default else "")}
 
 
 def choice_sentence(res: Dict[str, Any], c: Optional[Dict[str, Any]] = None) -> str:

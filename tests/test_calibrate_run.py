@@ -300,8 +300,8 @@ def test_default_auto_makes_the_suggested_budget_the_default_in_manifest_and_rep
     assert json.loads((bundle / "manifest.json").read_text())["default_budget"] == cheapest
     assert res["manifest"]["default_budget"] == cheapest and f"default budget {cheapest}" in res["manifest"]["status"]
     c = rep.choice(res)
-    assert c["suggested"] == cheapest and c["why"].endswith("(--default auto)")
-    assert f"of the full network's ({full:.2f} %)" in c["why"]
+    assert c["suggested"] == cheapest and c["why"].endswith("; --default auto made it the manifest's default budget")
+    assert f"of the full network's held-out accuracy of {full:.2f} %" in c["why"]
 
 
 def _rejected(tiny_bundle, tmp_path, capsys, budget_args) -> str:

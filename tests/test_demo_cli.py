@@ -70,7 +70,7 @@ def test_demo_runs_end_to_end_and_its_summary_is_right(tmp_path, monkeypatch, ca
     assert bundle.manifest["default_budget"] == default
     # the demo says which rule chose it
     said = next(line for line in text.splitlines() if "default budget: " in line)
-    assert f"default budget: {default} (" in said and f"within 1 point of the full network's ({full:.2f} %)" in said
+    assert f"default budget: {default} (" in said and f"within 1 point of the full network's held-out accuracy of {full:.2f} %" in said
     assert set(bundle.budgets()) >= {b["name"] for b in budgets}
     assert _row(text, "runtime") == f"onnxruntime / int8-cpu / budget {default}"
     assert _row(text, "report") == str(report_dir / "report.html")
