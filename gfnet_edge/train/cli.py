@@ -140,6 +140,18 @@ def folder_run_data(out: Path) -> Optional[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """``gfnet-edge train``; Ctrl-C ends it with one line that says how to continue the run (exit 130)."""
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        from ..cli import _report
+
+        _report(f"gfnet-edge: interrupted; to continue the run in {args.out or 'runs/demo'} from its last saved "
+                "epoch, give the same command with --resume", alike=False)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
     data = getattr(args, "data", None)
     if data == "":  # e.g. --data "$ROOT" with ROOT unset: not the demo task
         raise InputError("--data is empty: give the image folder ROOT (ROOT/train/CLASS/*.jpg, ROOT/val/CLASS/*.jpg)")

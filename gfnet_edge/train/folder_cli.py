@@ -458,7 +458,7 @@ def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: b
         log(f"model {spec.model_name}: S={spec.image_size} P={spec.patch_size} T={spec.steps} "
             f"classifier={spec.classifier} classes={spec.num_classes}; {ctx.world} process(es) on {ctx.device}"
             + (f", autocast {cfg.amp}" if ctx.device.type == "cuda" else ""))
-        from .folder_stages import SIGINT
+        from .folder_stages.sigint import SIGINT
 
         with SIGINT:  # Ctrl-C stops training wherever it comes
             return _train_and_export(out, cfg, ctx, train, val, model, static, stages, log, progress)
