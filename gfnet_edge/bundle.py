@@ -26,10 +26,11 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import __version__
 from .errors import InputError
+from .log import logger
 from .manifest_schema import ManifestError, check_manifest
 from .model_desc import ModelDesc
 
@@ -343,24 +344,90 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _read(path: str) -> Optional[str]:
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read()
+    except (OSError, ValueError):
+        return None
+
+
+def _start_time(pid: int) -> Optional[str]:
+    """When process ``pid`` started (clock ticks after boot, ``/proc/PID/stat`` field 22), or
+    None (no such process, no ``/proc``)."""
+    stat = _read(f"/proc/{pid}/stat")
+    fields = stat.rsplit(")", 1)[-1].split() if stat else []  # after the command name, field 3 on
+    return fields[19] if len(fields) > 19 and fields[19].isdigit() else None
+
+
+def _host_ids() -> Optional[Tuple[str, str]]:
+    """``(PID namespace, boot)`` of this process: the inode of ``/proc/self/ns/pid`` and the
+    first 16 hex digits of ``/proc/sys/kernel/random/boot_id``; None where there are none."""
+    try:
+        ns = re.fullmatch(r"pid:\[(\d+)\]", os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        return None
+    boot = (_read("/proc/sys/kernel/random/boot_id") or "").strip().replace("-", "").lower()[:16]
+    if ns is None or not re.fullmatch(r"[0-9a-f]{16}", boot):
+        return None
+    return ns.group(1), boot
+
+
+def writer_tag() -> str:
+    """This process in the names of its staging folders: ``PID-START-PIDNS-BOOT`` (process id,
+    start time, PID namespace, boot; :func:`clean_stale` reads them), or the process id alone
+    where ``/proc`` does not give the others."""
+    ids, start = _host_ids(), _start_time(os.getpid())
+    return str(os.getpid()) if ids is None or start is None else "-".join((str(os.getpid()), start, *ids))
+
+
+def _writer_gone(tag: str) -> Tuple[Optional[bool], str]:
+    """Whether the writer ``tag`` (:func:`writer_tag`) has ended: True or False when that is
+    certain, else None with the reason it cannot be told."""
+    pid, *ids = tag.split("-")
+    if not ids:
+        return None, "its name holds a process id alone, which does not tell a process of another container"
+    start, ns, boot = ids
+    here = _host_ids()
+    if here is None:
+        return None, "this system does not tell process start times, PID namespaces and boots apart"
+    if boot != here[1]:
+        return None, "it was written on another machine or before this one restarted"
+    if ns != here[0]:
+        return None, "it was written in another PID namespace (another container)"
+    if not _pid_alive(int(pid)):
+        return True, ""
+    now = _start_time(int(pid))
+    if now is None:
+        return None, f"process {pid} runs and its start time cannot be read"
+    return now != start, ""  # another start time: the process id was given to a new process
+
+
 def clean_stale(final: Path) -> List[Path]:
-    """Removes the staging (``.NAME.PID.XXXX.partial``) and replaced (``.NAME.old-PID``) folders
-    that builds to ``final`` killed with SIGKILL (or a power cut) left, when their process is
-    gone; returns what was removed. Folders of builds still running are kept."""
-    pattern = re.compile(r"^\." + re.escape(final.name) + r"\.(?:(\d+)\.[A-Za-z0-9_]+\.partial|old-(\d+))$")
+    """Removes the staging (``.NAME.WRITER.XXXX.partial``) and replaced (``.NAME.old-WRITER``)
+    folders that outputs to ``final`` killed with SIGKILL (or a power cut) left, when their
+    writer (:func:`writer_tag`) is certainly gone: ended, or its process id now another process's.
+    A folder whose writer cannot be told (written on another machine, before a restart, in another
+    container's PID namespace, or named with a process id alone) is left, with a warning naming
+    it. Returns what was removed."""
+    tag = r"(\d+(?:-\d+-\d+-[0-9a-f]{16})?)"
+    pattern = re.compile(rf"^\.{re.escape(final.name)}\.(?:{tag}\.[A-Za-z0-9_]+\.partial|old-{tag})$")
     removed = []
     try:
         siblings = list(final.parent.iterdir())
     except OSError:
         return removed
-    for p in siblings:
+    for p in sorted(siblings):
         match = pattern.match(p.name)
         if match is None or p.is_symlink() or not p.is_dir():
             continue
-        pid = int(match.group(1) or match.group(2))
-        if pid != os.getpid() and not _pid_alive(pid):
+        gone, why = _writer_gone(match.group(1) or match.group(2))
+        if gone:
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
+        elif gone is None:
+            logger.warning("%s: kept: the staging folder of an output to %s whose writer may still be running "
+                           "(%s); delete it once no gfnet-edge writes %s", p, final, why, final)
     return removed
 
 
@@ -422,15 +489,16 @@ def check_replace(final: Path, force: bool, marker: str = MANIFEST, fmt: str = F
 
 
 def staging_folder(final: Path) -> Path:
-    """A new empty folder beside ``final`` named ``.NAME.PID.XXXX.partial``, after removing
-    those that killed runs to ``final`` left (:func:`clean_stale` knows the name).
+    """A new empty folder beside ``final`` named ``.NAME.WRITER.XXXX.partial`` (WRITER:
+    :func:`writer_tag`), after removing those that killed runs to ``final`` left
+    (:func:`clean_stale`).
 
     Raises:
         BundleError: nothing can be written beside ``final``.
     """
     clean_stale(final)
     try:
-        return Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".partial", dir=str(final.parent)))
+        return Path(tempfile.mkdtemp(prefix=f".{final.name}.{writer_tag()}.", suffix=".partial", dir=str(final.parent)))
     except OSError as exc:
         raise BundleError(f"{final}: cannot write next to it ({exc.strerror or exc})") from exc
 
@@ -467,7 +535,7 @@ def staging_dir(final: Path, force: bool = False, marker: str = MANIFEST, fmt: s
             public_modes(tmp)
             old = None
             if final.exists():
-                old = final.with_name(f".{final.name}.old-{os.getpid()}")
+                old = final.with_name(f".{final.name}.old-{writer_tag()}")
                 os.replace(final, old)
             os.replace(tmp, final)
             done = True

@@ -225,3 +225,99 @@ def test_bundle_files_get_plain_modes(tmp_path):
     assert stat.S_IMODE(root.stat().st_mode) == 0o777 & ~mask
     assert stat.S_IMODE((root / "manifest.json").stat().st_mode) == 0o666 & ~mask
     assert stat.S_IMODE((root / "x.txt").stat().st_mode) == 0o666 & ~mask
+
+
+def _proc_writer(pid):
+    """``PID-START-PIDNS-BOOT`` of process ``pid`` as the staging folder names hold it, read from
+    /proc here (docs/failure_model.md): start time (clock ticks, /proc/PID/stat field 22), the
+    inode of this process's PID namespace, the first 16 hex digits of the boot id."""
+    start = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[19]
+    ns = os.readlink("/proc/self/ns/pid")[len("pid:["):-1]
+    boot = open("/proc/sys/kernel/random/boot_id").read().strip().replace("-", "")[:16]
+    return pid, start, ns, boot
+
+
+def _tag(pid, start, ns, boot):
+    return f"{pid}-{start}-{ns}-{boot}"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/ns/pid"), reason="needs Linux /proc")
+def test_stale_staging_is_removed_only_when_its_writer_is_certainly_gone(tmp_path, caplog):
+    """Staging and replaced folders beside a target are removed when their writer has ended
+    (its process id free, or now another process's: another start time) in this PID namespace
+    and boot; kept silently while it runs; kept with a warning naming the folder when it cannot
+    be told (another PID namespace, another boot, a name with a process id alone)."""
+    import subprocess
+    import sys
+
+    from gfnet_edge.bundle import clean_stale
+
+    pid, start, ns, boot = me = _proc_writer(os.getpid())
+    other_boot = format(int(boot, 16) ^ 1, "016x")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        running = _tag(*_proc_writer(sleeper.pid))
+        names = {
+            "gone": [f".out.{_tag(999999999, start, ns, boot)}.abcd1234.partial",  # no such process
+                     f".out.{_tag(pid, int(start) + 1, ns, boot)}.abcd1234.partial",  # this id, another process
+                     f".out.old-{_tag(999999999, start, ns, boot)}"],
+            "running": [f".out.{_tag(*me)}.abcd1234.partial", f".out.{running}.abcd1234.partial",
+                        f".out.old-{running}"],
+            "unknown": [f".out.{_tag(999999999, start, int(ns) + 1, boot)}.abcd1234.partial",  # another container
+                        f".out.{_tag(999999999, start, ns, other_boot)}.abcd1234.partial",  # another machine or boot
+                        ".out.999999999.abcd1234.partial", ".out.old-999999999"],  # a process id alone
+            "other": [".out2.999999999.abcd1234.partial", f".out2.{_tag(999999999, start, ns, boot)}.x.partial"],
+        }
+        for name in sum(names.values(), []):
+            (tmp_path / name).mkdir()
+        with caplog.at_level("WARNING", logger="gfnet_edge"):
+            removed = clean_stale(tmp_path / "out")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert sorted(p.name for p in removed) == sorted(names["gone"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names["running"] + names["unknown"] + names["other"])
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == len(names["unknown"]), warned
+    for name, msg in zip(sorted(names["unknown"]), warned):
+        assert msg.startswith(f"{tmp_path / name}: kept") and str(tmp_path / "out") in msg and "\n" not in msg
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/ns/pid"), reason="needs Linux /proc")
+def test_staging_of_a_writer_in_another_pid_namespace_is_kept(tmp_path, caplog):
+    """A writer in another PID namespace (a container sharing the folder) whose process id is
+    free here: its staging folder stays while it writes (a warning names it)."""
+    import subprocess
+    import sys
+
+    from gfnet_edge.bundle import clean_stale
+
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare")
+    here = {int(n) for n in os.listdir("/proc") if n.isdigit()}
+    script = f"""
+import os, sys, time
+sys.path.insert(0, {str(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))!r})
+while os.getpid() in {sorted(here)!r}:  # a process id no process has outside this namespace
+    child = os.fork()
+    if child:
+        os.waitpid(child, 0)
+        os._exit(0)
+from pathlib import Path
+from gfnet_edge.bundle import staging_folder
+print(staging_folder(Path({str(tmp_path / "out")!r})), flush=True)
+sys.stdin.read()
+"""
+    writer = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", script],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        staging = writer.stdout.readline().strip()
+        if not staging:
+            pytest.skip(f"cannot make a PID namespace here: {writer.communicate(timeout=60)[1].strip()[-300:]}")
+        pid = int(os.path.basename(staging).split(".")[2].split("-")[0])
+        assert not os.path.exists(f"/proc/{pid}")  # its process id is free here
+        with caplog.at_level("WARNING", logger="gfnet_edge"):
+            assert clean_stale(tmp_path / "out") == []
+        assert os.path.isdir(staging) and [r.getMessage().split(":")[0] for r in caplog.records] == [staging]
+    finally:
+        writer.communicate("", timeout=60)
