@@ -16,17 +16,20 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import errno
+import functools
 import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import __version__
 from .errors import InputError
@@ -503,11 +506,97 @@ def staging_folder(final: Path) -> Path:
         raise BundleError(f"{final}: cannot write next to it ({exc.strerror or exc})") from exc
 
 
+#: ``renameat2`` flag: swap the two paths (Linux 3.15 on; ext4, XFS, Btrfs, tmpfs, overlayfs ...).
+RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+#: The ``renameat2`` system call's number by (kernel machine, bits of this process), for a C
+#: library without its wrapper (glibc before 2.28); a 32-bit process on a 64-bit kernel uses the
+#: 32-bit numbers.
+_SYS_RENAMEAT2 = {("x86_64", 64): 316, ("aarch64", 64): 276, ("riscv64", 64): 276, ("ppc64le", 64): 357,
+                  ("s390x", 64): 347, ("i686", 32): 353, ("i386", 32): 353, ("armv7l", 32): 382,
+                  ("armv8l", 32): 382, ("aarch64", 32): 382}
+
+
+@functools.lru_cache(maxsize=None)
+def _renameat2(wrapper: bool = True) -> Optional[Callable[[bytes, bytes, int], int]]:
+    """``renameat2(old, new, flags)`` relative to the current directory (0, or -1 with errno),
+    from the C library (unless ``wrapper`` is False) or as a system call; None where there is
+    neither (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import platform
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    fn = getattr(libc, "renameat2", None) if wrapper else None
+    if fn is not None:
+        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        fn.restype = ctypes.c_int
+        return lambda old, new, flags: fn(_AT_FDCWD, old, _AT_FDCWD, new, flags)
+    number = _SYS_RENAMEAT2.get((platform.machine(), 8 * ctypes.sizeof(ctypes.c_void_p)))
+    if number is None:
+        return None
+    syscall = libc.syscall
+    syscall.restype = ctypes.c_long
+    return lambda old, new, flags: syscall(ctypes.c_long(number), ctypes.c_long(_AT_FDCWD), ctypes.c_char_p(old),
+                                           ctypes.c_long(_AT_FDCWD), ctypes.c_char_p(new), ctypes.c_long(flags))
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swaps the existing paths ``a`` and ``b`` in one step (``renameat2`` with
+    :data:`RENAME_EXCHANGE`), so that neither is ever missing; False, with nothing changed, where
+    the system cannot (not Linux, a kernel before 3.15, a filesystem without it, a sandbox that
+    refuses the call).
+
+    Raises:
+        OSError: the swap failed otherwise (a path missing, no permission ...).
+    """
+    import ctypes
+
+    call = _renameat2()
+    if call is None:
+        return False
+    if call(os.fsencode(a), os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def replace_folder(new: Path, final: Path) -> Optional[Path]:
+    """Puts the folder ``new`` at ``final``; returns the path the earlier ``final`` folder is now
+    at, for the caller to delete (None when there was none).
+
+    An existing ``final`` is swapped with ``new`` in one step where the system can
+    (:func:`exchange`): a reader opening ``final`` meanwhile finds the old folder or the new one,
+    never none; the old one is then at ``new``. Elsewhere it is moved aside to
+    ``.NAME.old-WRITER`` and ``new`` renamed in, and for that moment ``final`` does not exist (it
+    is moved back if the second rename fails)."""
+    if not final.exists():
+        os.replace(new, final)
+        return None
+    if exchange(new, final):
+        return new
+    old = final.with_name(f".{final.name}.old-{writer_tag()}")
+    os.replace(final, old)
+    try:
+        os.replace(new, final)
+    except BaseException:
+        os.replace(old, final)
+        raise
+    return old
+
+
 @contextmanager
 def staging_dir(final: Path, force: bool = False, marker: str = MANIFEST, fmt: str = FORMAT,
                 what: str = "gfnet-edge bundle", protect: Sequence[Path] = (),
                 owned: Sequence[str] = BUNDLE_ENTRIES) -> Iterator[Path]:
-    """Yields a temporary sibling directory that replaces ``final`` only on success.
+    """Yields a temporary sibling directory that replaces ``final`` only on success (an existing
+    ``final`` in one step where the system can, :func:`replace_folder`).
 
     With ``force``, an existing ``final`` is replaced only when it is an empty directory or an
     earlier output of the same kind (its ``marker`` JSON says ``"format": fmt``) that holds none
@@ -533,11 +622,7 @@ def staging_dir(final: Path, force: bool = False, marker: str = MANIFEST, fmt: s
         try:
             yield tmp
             public_modes(tmp)
-            old = None
-            if final.exists():
-                old = final.with_name(f".{final.name}.old-{writer_tag()}")
-                os.replace(final, old)
-            os.replace(tmp, final)
+            old = replace_folder(tmp, final)
             done = True
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)

@@ -1,6 +1,7 @@
 """Bundle format: atomic writes, hashes, tampering, unsafe paths, versions (numpy only)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -321,3 +322,140 @@ sys.stdin.read()
         assert os.path.isdir(staging) and [r.getMessage().split(":")[0] for r in caplog.records] == [staging]
     finally:
         writer.communicate("", timeout=60)
+
+
+#: A reader that checks ``sys.argv[1]`` (a bundle's manifest) as fast as it can until
+#: ``sys.argv[2]`` exists, then prints how often it found it and how often not.
+_POLLER = """
+import os, sys
+path, stop = sys.argv[1], sys.argv[2]
+found = missing = 0
+print("polling", flush=True)
+while True:
+    for _ in range(2000):
+        try:
+            os.stat(path)
+            found += 1
+        except FileNotFoundError:
+            missing += 1
+    if os.path.exists(stop):
+        break
+print(found, missing)
+"""
+
+
+def _replace_while_polled(tmp_path, times):
+    """``--force`` replacements of a bundle, ``times`` times, while another process polls its
+    manifest; returns ``(found, missing)``: how often that process found it and how often not."""
+    import subprocess
+    import sys
+
+    out, stop = tmp_path / "bundle", tmp_path / "stop"
+    _make(out)
+    poller = subprocess.Popen([sys.executable, "-c", _POLLER, str(out / "manifest.json"), str(stop)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert poller.stdout.readline() == "polling\n"
+        for i in range(times):
+            with staging_dir(out, force=True) as tmp:
+                _make(tmp, {**MODEL, "model_name": f"m{i}"})
+    finally:
+        stop.touch()
+        found, missing = map(int, poller.communicate(timeout=60)[0].split())
+    assert Bundle.load(out).model.model_name == f"m{times - 1}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "stop"]  # nothing left beside it
+    return found, missing
+
+
+def _exchange_works(tmp_path) -> bool:
+    from gfnet_edge.bundle import exchange
+
+    a, b = tmp_path / "probe_a", tmp_path / "probe_b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").touch()
+    swapped = exchange(a, b)
+    assert swapped == (b / "x").exists() and swapped != (a / "x").exists()
+    shutil.rmtree(a)
+    shutil.rmtree(b)
+    return swapped
+
+
+def test_force_never_leaves_the_bundle_missing_for_a_reader(tmp_path):
+    """Where the system swaps two folders in one step (Linux renameat2 RENAME_EXCHANGE), a
+    reader polling the bundle while --force replaces it again and again finds it every time."""
+    if not _exchange_works(tmp_path):
+        pytest.skip("this system cannot swap two folders in one step (renameat2 RENAME_EXCHANGE)")
+    found, missing = _replace_while_polled(tmp_path, 300)
+    assert found > 0 and missing == 0, (found, missing)
+
+
+def _unsupported(err):
+    """A renameat2 that fails with ``err`` (a filesystem or kernel without RENAME_EXCHANGE)."""
+    import ctypes
+
+    def call(old, new, flags):
+        ctypes.set_errno(err)
+        return -1
+
+    return lambda: call
+
+
+@pytest.mark.parametrize("renameat2", [lambda: None, _unsupported(errno.EINVAL), _unsupported(errno.ENOSYS)],
+                         ids=["no renameat2", "EINVAL", "ENOSYS"])
+def test_force_falls_back_to_two_renames(tmp_path, monkeypatch, renameat2):
+    """Without renameat2 (another OS), or where the filesystem or kernel refuses RENAME_EXCHANGE,
+    --force moves the old bundle aside, renames the new one in and deletes the old one; a second
+    rename that fails puts the old bundle back."""
+    from gfnet_edge import bundle
+
+    monkeypatch.setattr(bundle, "_renameat2", renameat2)
+    assert bundle.exchange(tmp_path, tmp_path) is False
+    out = tmp_path / "bundle"
+    _make(out)
+    with staging_dir(out, force=True) as tmp:
+        _make(tmp, {**MODEL, "model_name": "new"})
+    assert Bundle.load(out).model.model_name == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+    replace = os.replace
+
+    def failing(src, dst):
+        if str(src).endswith(".partial"):  # the new bundle into place
+            raise OSError(errno.EIO, "Input/output error", str(src))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="Input/output"):
+        with staging_dir(out, force=True) as tmp:
+            _make(tmp, {**MODEL, "model_name": "newer"})
+    monkeypatch.setattr(os, "replace", replace)
+    assert Bundle.load(out).model.model_name == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_exchange_by_the_system_call(tmp_path, monkeypatch):
+    """The renameat2 system call made directly (a C library without its wrapper) swaps too."""
+    from gfnet_edge import bundle
+
+    call = bundle._renameat2(False)
+    if call is None:
+        pytest.skip("no renameat2 system call number for this system")
+    monkeypatch.setattr(bundle, "_renameat2", lambda: call)
+    if not _exchange_works(tmp_path):
+        pytest.skip("this filesystem cannot swap two folders in one step")
+    (tmp_path / "a").mkdir()
+    with pytest.raises(FileNotFoundError):
+        bundle.exchange(tmp_path / "a", tmp_path / "missing")
+
+
+def test_exchange_reports_other_failures(tmp_path):
+    from gfnet_edge.bundle import exchange
+
+    if not _exchange_works(tmp_path):
+        pytest.skip("this system cannot swap two folders in one step (renameat2 RENAME_EXCHANGE)")
+    (tmp_path / "a").mkdir()
+    with pytest.raises(FileNotFoundError) as e:
+        exchange(tmp_path / "a", tmp_path / "missing")
+    assert (e.value.filename, e.value.filename2) == (str(tmp_path / "a"), str(tmp_path / "missing"))
+    assert (tmp_path / "a").is_dir()
