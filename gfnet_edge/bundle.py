@@ -131,13 +131,17 @@ def finite_or_null(o: Any) -> Any:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Writes strict JSON (:func:`json_text`) to ``path`` through a temporary file and a rename."""
+    write_text_atomic(path, json_text(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Writes ``text`` (UTF-8) to ``path`` through a temporary file beside it and a rename: an
+    interrupted or failed write leaves ``path`` as it was."""
     path = Path(path)
-    text = json_text(obj, indent=2, sort_keys=False)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-            f.write("\n")
         public_modes(Path(tmp))
         os.replace(tmp, path)
     except BaseException:

@@ -211,6 +211,65 @@ def test_ctrl_c_ends_the_run_with_one_line_and_exit_130(folder, tmp_path, moment
         assert rc == 0 and ck["epoch"] == 2 and ck["done"]
 
 
+def _interrupted_writes(monkeypatch, name: str) -> None:
+    """The first text written to a file named ``name`` (or to the temporary file of an atomic
+    write of it, ``name.XXXX.tmp``) stops half-way with KeyboardInterrupt, as a Ctrl-C there would:
+    half the text is in the file."""
+    import io
+
+    real_open, state = io.open, {"hit": False}
+
+    class Half:
+        def __init__(self, f) -> None:
+            self._f = f
+
+        def write(self, text):
+            if state["hit"]:
+                return self._f.write(text)
+            state["hit"] = True
+            self._f.write(text[:len(text) // 2])
+            self._f.flush()
+            raise KeyboardInterrupt
+
+        def __getattr__(self, attr):
+            return getattr(self._f, attr)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._f.close()
+
+    def opening(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        path = os.readlink(f"/proc/self/fd/{file}") if isinstance(file, int) else os.fspath(file)
+        return Half(f) if "w" in mode and os.path.basename(path).startswith(name) and not state["hit"] else f
+
+    monkeypatch.setattr(io, "open", opening)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names a descriptor's file by /proc")
+@pytest.mark.parametrize("trainer", ["folder", "demo"])
+def test_a_ctrl_c_while_the_run_config_is_written_leaves_it_whole(folder, tmp_path, monkeypatch, capsys, trainer):
+    """Ctrl-C while RUN/config.json is written leaves it whole or absent, never half-written: the
+    --resume the interrupt line advises then continues the run (instead of refusing its config)."""
+    run = tmp_path / "run"
+    args = (["train", "--data", str(folder), "--backbone", "test_efficientnet", "--image-size", "64", "--patch-size",
+             "32", "--epochs", "1", "--batch-size", "6", "--workers", "0"] if trainer == "folder" else
+            ["train", "--tiny", "--threads", "1"]) + ["-o", str(run), "--no-progress"]
+    _interrupted_writes(monkeypatch, "config.json")
+    rc = cli.main(args)
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 130 and len(err) == 1 and "--resume" in err[0], err
+    config = run / "config.json"
+    assert not config.exists() or isinstance(json.loads(config.read_text()), dict)
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")] if run.exists() else True
+    rc = cli.main(args + ["--resume", "--stage", "1" if trainer == "folder" else "pretrain"])
+    assert rc == 0, capsys.readouterr().err
+    assert json.loads(config.read_text())["seed"] == 0
+
+
 @pytest.mark.parametrize("stop_after", [1, 2])
 def test_an_epoch_saved_but_not_logged_is_logged_on_resume(folder, tmp_path, monkeypatch, stop_after):
     """A run stopped after an epoch's checkpoint is written and before its record is logged (in

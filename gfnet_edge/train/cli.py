@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..argtypes import NON_NEGATIVE, POSITIVE, SEED, THREADS
-from ..bundle import json_object
+from ..bundle import json_object, write_text_atomic
 from ..errors import GFNetEdgeError, InputError
 
 #: ``--stage`` choices -> internal stages, in order.
@@ -195,7 +195,7 @@ def _run(args: argparse.Namespace) -> int:
     check_settings(cfg)
     cfg.threads = args.threads
     out.mkdir(parents=True, exist_ok=True)  # only once the settings are known to be valid
-    cfg_path.write_text(cfg.dumps())
+    write_text_atomic(cfg_path, cfg.dumps())
     progress = not args.no_progress
     log_file = open(out / "train.txt", "a")
 
@@ -207,7 +207,7 @@ def _run(args: argparse.Namespace) -> int:
 
     t0 = time.time()
     dcfg = cfg.data()
-    cfg_path.write_text(cfg.dumps())
+    write_text_atomic(cfg_path, cfg.dumps())
     train = load_split("train", cfg.train_size, config=dcfg, progress=progress)
     val = load_split("val", cfg.val_size, config=dcfg, progress=progress)
     test = load_split("test", cfg.test_size, config=dcfg, progress=progress) if args.stage in ("all", "export") else None
