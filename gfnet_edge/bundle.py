@@ -16,20 +16,24 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import errno
+import functools
 import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import __version__
 from .errors import InputError, writing
+from .log import logger
 from .manifest_schema import ManifestError, check_manifest
 from .model_desc import ModelDesc
 
@@ -127,13 +131,17 @@ def finite_or_null(o: Any) -> Any:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Writes strict JSON (:func:`json_text`) to ``path`` through a temporary file and a rename."""
+    write_text_atomic(path, json_text(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Writes ``text`` (UTF-8) to ``path`` through a temporary file beside it and a rename: an
+    interrupted or failed write leaves ``path`` as it was."""
     path = Path(path)
-    text = json_text(obj, indent=2, sort_keys=False)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-            f.write("\n")
         public_modes(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
@@ -344,24 +352,90 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _read(path: str) -> Optional[str]:
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read()
+    except (OSError, ValueError):
+        return None
+
+
+def _start_time(pid: int) -> Optional[str]:
+    """When process ``pid`` started (clock ticks after boot, ``/proc/PID/stat`` field 22), or
+    None (no such process, no ``/proc``)."""
+    stat = _read(f"/proc/{pid}/stat")
+    fields = stat.rsplit(")", 1)[-1].split() if stat else []  # after the command name, field 3 on
+    return fields[19] if len(fields) > 19 and fields[19].isdigit() else None
+
+
+def _host_ids() -> Optional[Tuple[str, str]]:
+    """``(PID namespace, boot)`` of this process: the inode of ``/proc/self/ns/pid`` and the
+    first 16 hex digits of ``/proc/sys/kernel/random/boot_id``; None where there are none."""
+    try:
+        ns = re.fullmatch(r"pid:\[(\d+)\]", os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        return None
+    boot = (_read("/proc/sys/kernel/random/boot_id") or "").strip().replace("-", "").lower()[:16]
+    if ns is None or not re.fullmatch(r"[0-9a-f]{16}", boot):
+        return None
+    return ns.group(1), boot
+
+
+def writer_tag() -> str:
+    """This process in the names of its staging folders: ``PID-START-PIDNS-BOOT`` (process id,
+    start time, PID namespace, boot; :func:`clean_stale` reads them), or the process id alone
+    where ``/proc`` does not give the others."""
+    ids, start = _host_ids(), _start_time(os.getpid())
+    return str(os.getpid()) if ids is None or start is None else "-".join((str(os.getpid()), start, *ids))
+
+
+def _writer_gone(tag: str) -> Tuple[Optional[bool], str]:
+    """Whether the writer ``tag`` (:func:`writer_tag`) has ended: True or False when that is
+    certain, else None with the reason it cannot be told."""
+    pid, *ids = tag.split("-")
+    if not ids:
+        return None, "its name holds a process id alone, which does not tell a process of another container"
+    start, ns, boot = ids
+    here = _host_ids()
+    if here is None:
+        return None, "this system does not tell process start times, PID namespaces and boots apart"
+    if boot != here[1]:
+        return None, "it was written on another machine or before this one restarted"
+    if ns != here[0]:
+        return None, "it was written in another PID namespace (another container)"
+    if not _pid_alive(int(pid)):
+        return True, ""
+    now = _start_time(int(pid))
+    if now is None:
+        return None, f"process {pid} runs and its start time cannot be read"
+    return now != start, ""  # another start time: the process id was given to a new process
+
+
 def clean_stale(final: Path) -> List[Path]:
-    """Removes the staging (``.NAME.PID.XXXX.partial``) and replaced (``.NAME.old-PID``) folders
-    that builds to ``final`` killed with SIGKILL (or a power cut) left, when their process is
-    gone; returns what was removed. Folders of builds still running are kept."""
-    pattern = re.compile(r"^\." + re.escape(final.name) + r"\.(?:(\d+)\.[A-Za-z0-9_]+\.partial|old-(\d+))$")
+    """Removes the staging (``.NAME.WRITER.XXXX.partial``) and replaced (``.NAME.old-WRITER``)
+    folders that outputs to ``final`` killed with SIGKILL (or a power cut) left, when their
+    writer (:func:`writer_tag`) is certainly gone: ended, or its process id now another process's.
+    A folder whose writer cannot be told (written on another machine, before a restart, in another
+    container's PID namespace, or named with a process id alone) is left, with a warning naming
+    it. Returns what was removed."""
+    tag = r"(\d+(?:-\d+-\d+-[0-9a-f]{16})?)"
+    pattern = re.compile(rf"^\.{re.escape(final.name)}\.(?:{tag}\.[A-Za-z0-9_]+\.partial|old-{tag})$")
     removed = []
     try:
         siblings = list(final.parent.iterdir())
     except OSError:
         return removed
-    for p in siblings:
+    for p in sorted(siblings):
         match = pattern.match(p.name)
         if match is None or p.is_symlink() or not p.is_dir():
             continue
-        pid = int(match.group(1) or match.group(2))
-        if pid != os.getpid() and not _pid_alive(pid):
+        gone, why = _writer_gone(match.group(1) or match.group(2))
+        if gone:
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
+        elif gone is None:
+            logger.warning("%s: kept: the staging folder of an output to %s whose writer may still be running "
+                           "(%s); delete it once no gfnet-edge writes %s", p, final, why, final)
     return removed
 
 
@@ -423,24 +497,111 @@ def check_replace(final: Path, force: bool, marker: str = MANIFEST, fmt: str = F
 
 
 def staging_folder(final: Path) -> Path:
-    """A new empty folder beside ``final`` named ``.NAME.PID.XXXX.partial``, after removing
-    those that killed runs to ``final`` left (:func:`clean_stale` knows the name).
+    """A new empty folder beside ``final`` named ``.NAME.WRITER.XXXX.partial`` (WRITER:
+    :func:`writer_tag`), after removing those that killed runs to ``final`` left
+    (:func:`clean_stale`).
 
     Raises:
         BundleError: nothing can be written beside ``final``.
     """
     clean_stale(final)
     try:
-        return Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".partial", dir=str(final.parent)))
+        return Path(tempfile.mkdtemp(prefix=f".{final.name}.{writer_tag()}.", suffix=".partial", dir=str(final.parent)))
     except OSError as exc:
         raise BundleError(f"{final}: cannot write next to it ({exc.strerror or exc})") from exc
+
+
+#: ``renameat2`` flag: swap the two paths (Linux 3.15 on; ext4, XFS, Btrfs, tmpfs, overlayfs ...).
+RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+#: The ``renameat2`` system call's number by (kernel machine, bits of this process), for a C
+#: library without its wrapper (glibc before 2.28); a 32-bit process on a 64-bit kernel uses the
+#: 32-bit numbers.
+_SYS_RENAMEAT2 = {("x86_64", 64): 316, ("aarch64", 64): 276, ("riscv64", 64): 276, ("ppc64le", 64): 357,
+                  ("s390x", 64): 347, ("i686", 32): 353, ("i386", 32): 353, ("armv7l", 32): 382,
+                  ("armv8l", 32): 382, ("aarch64", 32): 382}
+
+
+@functools.lru_cache(maxsize=None)
+def _renameat2(wrapper: bool = True) -> Optional[Callable[[bytes, bytes, int], int]]:
+    """``renameat2(old, new, flags)`` relative to the current directory (0, or -1 with errno),
+    from the C library (unless ``wrapper`` is False) or as a system call; None where there is
+    neither (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import platform
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    fn = getattr(libc, "renameat2", None) if wrapper else None
+    if fn is not None:
+        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        fn.restype = ctypes.c_int
+        return lambda old, new, flags: fn(_AT_FDCWD, old, _AT_FDCWD, new, flags)
+    number = _SYS_RENAMEAT2.get((platform.machine(), 8 * ctypes.sizeof(ctypes.c_void_p)))
+    if number is None:
+        return None
+    syscall = libc.syscall
+    syscall.restype = ctypes.c_long
+    return lambda old, new, flags: syscall(ctypes.c_long(number), ctypes.c_long(_AT_FDCWD), ctypes.c_char_p(old),
+                                           ctypes.c_long(_AT_FDCWD), ctypes.c_char_p(new), ctypes.c_long(flags))
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swaps the existing paths ``a`` and ``b`` in one step (``renameat2`` with
+    :data:`RENAME_EXCHANGE`), so that neither is ever missing; False, with nothing changed, where
+    the system cannot (not Linux, a kernel before 3.15, a filesystem without it, a sandbox that
+    refuses the call).
+
+    Raises:
+        OSError: the swap failed otherwise (a path missing, no permission ...).
+    """
+    import ctypes
+
+    call = _renameat2()
+    if call is None:
+        return False
+    if call(os.fsencode(a), os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def replace_folder(new: Path, final: Path) -> Optional[Path]:
+    """Puts the folder ``new`` at ``final``; returns the path the earlier ``final`` folder is now
+    at, for the caller to delete (None when there was none).
+
+    An existing ``final`` is swapped with ``new`` in one step where the system can
+    (:func:`exchange`): a reader opening ``final`` meanwhile finds the old folder or the new one,
+    never none; the old one is then at ``new``. Elsewhere it is moved aside to
+    ``.NAME.old-WRITER`` and ``new`` renamed in, and for that moment ``final`` does not exist (it
+    is moved back if the second rename fails)."""
+    if not final.exists():
+        os.replace(new, final)
+        return None
+    if exchange(new, final):
+        return new
+    old = final.with_name(f".{final.name}.old-{writer_tag()}")
+    os.replace(final, old)
+    try:
+        os.replace(new, final)
+    except BaseException:
+        os.replace(old, final)
+        raise
+    return old
 
 
 @contextmanager
 def staging_dir(final: Path, force: bool = False, marker: str = MANIFEST, fmt: str = FORMAT,
                 what: str = "gfnet-edge bundle", protect: Sequence[Path] = (),
                 owned: Sequence[str] = BUNDLE_ENTRIES) -> Iterator[Path]:
-    """Yields a temporary sibling directory that replaces ``final`` only on success.
+    """Yields a temporary sibling directory that replaces ``final`` only on success (an existing
+    ``final`` in one step where the system can, :func:`replace_folder`).
 
     With ``force``, an existing ``final`` is replaced only when it is an empty directory or an
     earlier output of the same kind (its ``marker`` JSON says ``"format": fmt``) that holds none
@@ -469,11 +630,7 @@ def staging_dir(final: Path, force: bool = False, marker: str = MANIFEST, fmt: s
             with writing(final, f"the {what}"):
                 yield tmp
                 public_modes(tmp)
-                old = None
-                if final.exists():
-                    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-                    os.replace(final, old)
-                os.replace(tmp, final)
+                old = replace_folder(tmp, final)
             done = True
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)

@@ -1,6 +1,7 @@
 """Bundle format: atomic writes, hashes, tampering, unsafe paths, versions (numpy only)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -227,3 +228,236 @@ def test_bundle_files_get_plain_modes(tmp_path):
     assert stat.S_IMODE(root.stat().st_mode) == 0o777 & ~mask
     assert stat.S_IMODE((root / "manifest.json").stat().st_mode) == 0o666 & ~mask
     assert stat.S_IMODE((root / "x.txt").stat().st_mode) == 0o666 & ~mask
+
+
+def _proc_writer(pid):
+    """``PID-START-PIDNS-BOOT`` of process ``pid`` as the staging folder names hold it, read from
+    /proc here (docs/failure_model.md): start time (clock ticks, /proc/PID/stat field 22), the
+    inode of this process's PID namespace, the first 16 hex digits of the boot id."""
+    start = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[19]
+    ns = os.readlink("/proc/self/ns/pid")[len("pid:["):-1]
+    boot = open("/proc/sys/kernel/random/boot_id").read().strip().replace("-", "")[:16]
+    return pid, start, ns, boot
+
+
+def _tag(pid, start, ns, boot):
+    return f"{pid}-{start}-{ns}-{boot}"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/ns/pid"), reason="needs Linux /proc")
+def test_stale_staging_is_removed_only_when_its_writer_is_certainly_gone(tmp_path, caplog):
+    """Staging and replaced folders beside a target are removed when their writer has ended
+    (its process id free, or now another process's: another start time) in this PID namespace
+    and boot; kept silently while it runs; kept with a warning naming the folder when it cannot
+    be told (another PID namespace, another boot, a name with a process id alone)."""
+    import subprocess
+    import sys
+
+    from gfnet_edge.bundle import clean_stale
+
+    pid, start, ns, boot = me = _proc_writer(os.getpid())
+    other_boot = format(int(boot, 16) ^ 1, "016x")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        running = _tag(*_proc_writer(sleeper.pid))
+        names = {
+            "gone": [f".out.{_tag(999999999, start, ns, boot)}.abcd1234.partial",  # no such process
+                     f".out.{_tag(pid, int(start) + 1, ns, boot)}.abcd1234.partial",  # this id, another process
+                     f".out.old-{_tag(999999999, start, ns, boot)}"],
+            "running": [f".out.{_tag(*me)}.abcd1234.partial", f".out.{running}.abcd1234.partial",
+                        f".out.old-{running}"],
+            "unknown": [f".out.{_tag(999999999, start, int(ns) + 1, boot)}.abcd1234.partial",  # another container
+                        f".out.{_tag(999999999, start, ns, other_boot)}.abcd1234.partial",  # another machine or boot
+                        ".out.999999999.abcd1234.partial", ".out.old-999999999"],  # a process id alone
+            "other": [".out2.999999999.abcd1234.partial", f".out2.{_tag(999999999, start, ns, boot)}.x.partial"],
+        }
+        for name in sum(names.values(), []):
+            (tmp_path / name).mkdir()
+        with caplog.at_level("WARNING", logger="gfnet_edge"):
+            removed = clean_stale(tmp_path / "out")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert sorted(p.name for p in removed) == sorted(names["gone"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names["running"] + names["unknown"] + names["other"])
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == len(names["unknown"]), warned
+    for name, msg in zip(sorted(names["unknown"]), warned):
+        assert msg.startswith(f"{tmp_path / name}: kept") and str(tmp_path / "out") in msg and "\n" not in msg
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/ns/pid"), reason="needs Linux /proc")
+def test_staging_of_a_writer_in_another_pid_namespace_is_kept(tmp_path, caplog):
+    """A writer in another PID namespace (a container sharing the folder) whose process id is
+    free here: its staging folder stays while it writes (a warning names it)."""
+    import subprocess
+    import sys
+
+    from gfnet_edge.bundle import clean_stale
+
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare")
+    here = {int(n) for n in os.listdir("/proc") if n.isdigit()}
+    script = f"""
+import os, sys, time
+sys.path.insert(0, {str(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))!r})
+while os.getpid() in {sorted(here)!r}:  # a process id no process has outside this namespace
+    child = os.fork()
+    if child:
+        os.waitpid(child, 0)
+        os._exit(0)
+from pathlib import Path
+from gfnet_edge.bundle import staging_folder
+print(staging_folder(Path({str(tmp_path / "out")!r})), flush=True)
+sys.stdin.read()
+"""
+    writer = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", script],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        staging = writer.stdout.readline().strip()
+        if not staging:
+            pytest.skip(f"cannot make a PID namespace here: {writer.communicate(timeout=60)[1].strip()[-300:]}")
+        pid = int(os.path.basename(staging).split(".")[2].split("-")[0])
+        assert not os.path.exists(f"/proc/{pid}")  # its process id is free here
+        with caplog.at_level("WARNING", logger="gfnet_edge"):
+            assert clean_stale(tmp_path / "out") == []
+        assert os.path.isdir(staging) and [r.getMessage().split(":")[0] for r in caplog.records] == [staging]
+    finally:
+        writer.communicate("", timeout=60)
+
+
+#: A reader that checks ``sys.argv[1]`` (a bundle's manifest) as fast as it can until
+#: ``sys.argv[2]`` exists, then prints how often it found it and how often not.
+_POLLER = """
+import os, sys
+path, stop = sys.argv[1], sys.argv[2]
+found = missing = 0
+print("polling", flush=True)
+while True:
+    for _ in range(2000):
+        try:
+            os.stat(path)
+            found += 1
+        except FileNotFoundError:
+            missing += 1
+    if os.path.exists(stop):
+        break
+print(found, missing)
+"""
+
+
+def _replace_while_polled(tmp_path, times):
+    """``--force`` replacements of a bundle, ``times`` times, while another process polls its
+    manifest; returns ``(found, missing)``: how often that process found it and how often not."""
+    import subprocess
+    import sys
+
+    out, stop = tmp_path / "bundle", tmp_path / "stop"
+    _make(out)
+    poller = subprocess.Popen([sys.executable, "-c", _POLLER, str(out / "manifest.json"), str(stop)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert poller.stdout.readline() == "polling\n"
+        for i in range(times):
+            with staging_dir(out, force=True) as tmp:
+                _make(tmp, {**MODEL, "model_name": f"m{i}"})
+    finally:
+        stop.touch()
+        found, missing = map(int, poller.communicate(timeout=60)[0].split())
+    assert Bundle.load(out).model.model_name == f"m{times - 1}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "stop"]  # nothing left beside it
+    return found, missing
+
+
+def _exchange_works(tmp_path) -> bool:
+    from gfnet_edge.bundle import exchange
+
+    a, b = tmp_path / "probe_a", tmp_path / "probe_b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").touch()
+    swapped = exchange(a, b)
+    assert swapped == (b / "x").exists() and swapped != (a / "x").exists()
+    shutil.rmtree(a)
+    shutil.rmtree(b)
+    return swapped
+
+
+def test_force_never_leaves_the_bundle_missing_for_a_reader(tmp_path):
+    """Where the system swaps two folders in one step (Linux renameat2 RENAME_EXCHANGE), a
+    reader polling the bundle while --force replaces it again and again finds it every time."""
+    if not _exchange_works(tmp_path):
+        pytest.skip("this system cannot swap two folders in one step (renameat2 RENAME_EXCHANGE)")
+    found, missing = _replace_while_polled(tmp_path, 300)
+    assert found > 0 and missing == 0, (found, missing)
+
+
+def _unsupported(err):
+    """A renameat2 that fails with ``err`` (a filesystem or kernel without RENAME_EXCHANGE)."""
+    import ctypes
+
+    def call(old, new, flags):
+        ctypes.set_errno(err)
+        return -1
+
+    return lambda: call
+
+
+@pytest.mark.parametrize("renameat2", [lambda: None, _unsupported(errno.EINVAL), _unsupported(errno.ENOSYS)],
+                         ids=["no renameat2", "EINVAL", "ENOSYS"])
+def test_force_falls_back_to_two_renames(tmp_path, monkeypatch, renameat2):
+    """Without renameat2 (another OS), or where the filesystem or kernel refuses RENAME_EXCHANGE,
+    --force moves the old bundle aside, renames the new one in and deletes the old one; a second
+    rename that fails puts the old bundle back."""
+    from gfnet_edge import bundle
+
+    monkeypatch.setattr(bundle, "_renameat2", renameat2)
+    assert bundle.exchange(tmp_path, tmp_path) is False
+    out = tmp_path / "bundle"
+    _make(out)
+    with staging_dir(out, force=True) as tmp:
+        _make(tmp, {**MODEL, "model_name": "new"})
+    assert Bundle.load(out).model.model_name == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+    replace = os.replace
+
+    def failing(src, dst):
+        if str(src).endswith(".partial"):  # the new bundle into place
+            raise OSError(errno.EIO, "Input/output error", str(src))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="Input/output"):
+        with staging_dir(out, force=True) as tmp:
+            _make(tmp, {**MODEL, "model_name": "newer"})
+    monkeypatch.setattr(os, "replace", replace)
+    assert Bundle.load(out).model.model_name == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_exchange_by_the_system_call(tmp_path, monkeypatch):
+    """The renameat2 system call made directly (a C library without its wrapper) swaps too."""
+    from gfnet_edge import bundle
+
+    call = bundle._renameat2(False)
+    if call is None:
+        pytest.skip("no renameat2 system call number for this system")
+    monkeypatch.setattr(bundle, "_renameat2", lambda: call)
+    if not _exchange_works(tmp_path):
+        pytest.skip("this filesystem cannot swap two folders in one step")
+    (tmp_path / "a").mkdir()
+    with pytest.raises(FileNotFoundError):
+        bundle.exchange(tmp_path / "a", tmp_path / "missing")
+
+
+def test_exchange_reports_other_failures(tmp_path):
+    from gfnet_edge.bundle import exchange
+
+    if not _exchange_works(tmp_path):
+        pytest.skip("this system cannot swap two folders in one step (renameat2 RENAME_EXCHANGE)")
+    (tmp_path / "a").mkdir()
+    with pytest.raises(FileNotFoundError) as e:
+        exchange(tmp_path / "a", tmp_path / "missing")
+    assert (e.value.filename, e.value.filename2) == (str(tmp_path / "a"), str(tmp_path / "missing"))
+    assert (tmp_path / "a").is_dir()

@@ -552,7 +552,9 @@ def test_quantize_model_replaces_its_outputs_only_once_complete(tiny, monkeypatc
     assert files() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     monkeypatch.undo()
-    stale = tmp_path / ".out.999999999.x.partial"  # a killed run's staging folder (no such process)
+    from gfnet_edge.bundle import writer_tag
+
+    stale = tmp_path / f".out.999999999-{writer_tag().split('-', 1)[1]}.x.partial"  # a killed run's (no such process)
     stale.mkdir()
     res = run(other)
     after = files()

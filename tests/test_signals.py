@@ -4,7 +4,6 @@ SIGKILL are removed by the next build to the same target."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -64,11 +63,14 @@ def test_stale_staging_of_a_killed_build_is_cleaned(tmp_path):
     proc.kill()  # SIGKILL: no cleanup can run
     proc.wait(timeout=60)
     assert staging.exists()
-    old = tmp_path / ".bundle.old-999999999"  # a replaced bundle of a process that is gone
+    from gfnet_edge.bundle import writer_tag
+
+    gone = "999999999-" + writer_tag().split("-", 1)[1]  # a process that is gone (this namespace and boot)
+    old = tmp_path / f".bundle.old-{gone}"  # a replaced bundle of a process that is gone
     old.mkdir()
-    other = tmp_path / ".bundle2.12.abcdefgh.partial"  # another target's: not ours to remove
+    other = tmp_path / f".bundle2.{gone}.abcdefgh.partial"  # another target's: not ours to remove
     other.mkdir()
-    live = tmp_path / f".bundle.{os.getpid()}.abcdefgh.partial"  # a build still running (this process)
+    live = tmp_path / f".bundle.{writer_tag()}.abcdefgh.partial"  # a build still running (this process)
     live.mkdir()
     proc = _build(out)
     _, err = proc.communicate(timeout=300)

@@ -111,13 +111,15 @@ def trained(folder, weights, tmp_path_factory):
     return base / "a", res, interrupted, base / "b", resumed
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the ignored one
 def test_a_ctrl_c_raised_where_python_ignores_exceptions_still_stops_training(folder, tmp_path, monkeypatch):
-    """Ctrl-C that comes while DataLoader workers start (Python ignores what the fork handlers
-    raise, printing "Exception ignored in ...") stops training all the same. Here SIGINT comes
-    inside a __del__ during stage 1's first validation: the run stops after that epoch's checkpoint
-    instead of training on to the end."""
+    """Ctrl-C that comes where Python ignores what is raised (a __del__: "Exception ignored in
+    ...") stops training all the same, without that report. Here SIGINT comes inside a __del__
+    during stage 1's first validation: the run stops after that epoch's checkpoint instead of
+    training on to the end."""
     import signal
+
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
 
     class Swallowed:
         def __del__(self):
@@ -135,6 +137,137 @@ def test_a_ctrl_c_raised_where_python_ignores_exceptions_still_stops_training(fo
     ck = torch.load(tmp_path / "r" / "stage1.pt", map_location="cpu", weights_only=True)
     assert ck["epoch"] == 1 and not ck["done"] and not (tmp_path / "r" / "stage2.pt").exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert reported == [] and sys.unraisablehook == reported.append
+
+
+def _interrupted_cli_run(data: Path, run: Path, moment: str, paused: int):
+    """``gfnet-edge train`` in a child process (its own process group, as a job in a terminal)
+    paused at ``moment`` (tests/train_interrupt_child.py) in ``paused`` processes, then sent a
+    Ctrl-C: SIGINT to the whole group, its DataLoader workers included."""
+    import signal
+
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    env = {**os.environ, "GFNET_EDGE_TEST_READY": str(ready_w), "GFNET_EDGE_TEST_GO": str(go_r),
+           "GFNET_EDGE_TEST_PAUSE": moment}
+    argv = ["train", "--data", str(data), "-o", str(run), "--backbone", "test_efficientnet", "--image-size", "64",
+            "--patch-size", "32", "--epochs", "2,1,1", "--batch-size", "6", "--workers", "2", "--threads", "1",
+            "--no-progress"]
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "train_interrupt_child.py"), *argv], env=env,
+                            pass_fds=(ready_w, go_r), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True,  # a suite run in the background inherits SIGINT ignored:
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a shell's default
+    os.close(ready_w)
+    os.close(go_r)
+    try:
+        got = b""
+        while len(got) < paused:
+            byte = os.read(ready_r, 1)
+            if not byte:
+                break
+            got += byte
+        assert len(got) == paused, f"the run did not pause at {moment}: {proc.communicate(timeout=300)}"
+        os.killpg(proc.pid, signal.SIGINT)
+        os.write(go_w, b"g" * paused)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        os.close(ready_r)
+        os.close(go_w)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, out, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment, paused, saved", [
+    ("workers", 2, None),  # the training process and its first worker, as the worker starts
+    ("val-workers", 2, None),  # the same as stage 1's first validation starts its workers (before its save)
+    ("mid-epoch", 1, 1),  # stage 1's second epoch, its second batch
+    ("checkpoint", 1, 1),  # stage 1's first checkpoint, as it is written
+])
+def test_ctrl_c_ends_the_run_with_one_line_and_exit_130(folder, tmp_path, moment, paused, saved):
+    """A real Ctrl-C at any moment of a run with DataLoader workers ends it with exit status 130
+    and one line that says how to continue it (no traceback, no "Exception ignored in ..."). The
+    stage checkpoint is the last finished epoch's, whole: one whose write the Ctrl-C came in is
+    finished first, and no temporary file stays. The run then continues with --resume."""
+    run = tmp_path / "run"
+    rc, out, err = _interrupted_cli_run(folder, run, moment, paused)
+    lines = err.strip().splitlines()
+    assert rc == 130 and len(lines) == 1, (rc, err)
+    assert lines[0].startswith("gfnet-edge: interrupted") and str(run) in lines[0] and "--resume" in lines[0], err
+    assert "Traceback" not in out + err and "Exception ignored" not in out + err
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+    assert not (run / "stage2.pt").exists()
+    if saved is None:
+        assert not (run / "stage1.pt").exists()
+    else:
+        ck = torch.load(run / "stage1.pt", map_location="cpu", weights_only=True)
+        assert ck["epoch"] == saved and not ck["done"] and len(ck["history"]) == saved
+    if moment == "mid-epoch":
+        rc = cli.main(["train", "--data", str(folder), "-o", str(run), "--resume", "--stage", "1", "--workers", "0",
+                       "--threads", "1", "--no-progress"])
+        ck = torch.load(run / "stage1.pt", map_location="cpu", weights_only=True)
+        assert rc == 0 and ck["epoch"] == 2 and ck["done"]
+
+
+def _interrupted_writes(monkeypatch, name: str) -> None:
+    """The first text written to a file named ``name`` (or to the temporary file of an atomic
+    write of it, ``name.XXXX.tmp``) stops half-way with KeyboardInterrupt, as a Ctrl-C there would:
+    half the text is in the file."""
+    import io
+
+    real_open, state = io.open, {"hit": False}
+
+    class Half:
+        def __init__(self, f) -> None:
+            self._f = f
+
+        def write(self, text):
+            if state["hit"]:
+                return self._f.write(text)
+            state["hit"] = True
+            self._f.write(text[:len(text) // 2])
+            self._f.flush()
+            raise KeyboardInterrupt
+
+        def __getattr__(self, attr):
+            return getattr(self._f, attr)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._f.close()
+
+    def opening(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        path = os.readlink(f"/proc/self/fd/{file}") if isinstance(file, int) else os.fspath(file)
+        return Half(f) if "w" in mode and os.path.basename(path).startswith(name) and not state["hit"] else f
+
+    monkeypatch.setattr(io, "open", opening)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names a descriptor's file by /proc")
+@pytest.mark.parametrize("trainer", ["folder", "demo"])
+def test_a_ctrl_c_while_the_run_config_is_written_leaves_it_whole(folder, tmp_path, monkeypatch, capsys, trainer):
+    """Ctrl-C while RUN/config.json is written leaves it whole or absent, never half-written: the
+    --resume the interrupt line advises then continues the run (instead of refusing its config)."""
+    run = tmp_path / "run"
+    args = (["train", "--data", str(folder), "--backbone", "test_efficientnet", "--image-size", "64", "--patch-size",
+             "32", "--epochs", "1", "--batch-size", "6", "--workers", "0"] if trainer == "folder" else
+            ["train", "--tiny", "--threads", "1"]) + ["-o", str(run), "--no-progress"]
+    _interrupted_writes(monkeypatch, "config.json")
+    rc = cli.main(args)
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 130 and len(err) == 1 and "--resume" in err[0], err
+    config = run / "config.json"
+    assert not config.exists() or isinstance(json.loads(config.read_text()), dict)
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")] if run.exists() else True
+    rc = cli.main(args + ["--resume", "--stage", "1" if trainer == "folder" else "pretrain"])
+    assert rc == 0, capsys.readouterr().err
+    assert json.loads(config.read_text())["seed"] == 0
 
 
 @pytest.mark.parametrize("stop_after", [1, 2])

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..argtypes import NON_NEGATIVE, POSITIVE, SEED, THREADS
-from ..bundle import json_object
+from ..bundle import json_object, write_text_atomic
 from ..errors import GFNetEdgeError, InputError, writing
 
 #: ``--stage`` choices -> internal stages, in order.
@@ -140,10 +140,18 @@ def folder_run_data(out: Path) -> Optional[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs ``gfnet-edge train``. A full disk is reported naming the run folder; the checkpoints
-    are written atomically, so the run continues with ``--resume`` once there is room."""
-    with writing(args.out or "runs/demo", "the run's files"):
-        return _run(args)
+    """``gfnet-edge train``. Ctrl-C ends it with one line that says how to continue the run (exit
+    130); a full disk is reported naming the run folder. Checkpoints are written atomically, so
+    the run continues with ``--resume`` from its last saved epoch in either case."""
+    try:
+        with writing(args.out or "runs/demo", "the run's files"):
+            return _run(args)
+    except KeyboardInterrupt:
+        from ..cli import _report
+
+        _report(f"gfnet-edge: interrupted; to continue the run in {args.out or 'runs/demo'} from its last saved "
+                "epoch, give the same command with --resume", alike=False)
+        return 130
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -190,7 +198,7 @@ def _run(args: argparse.Namespace) -> int:
     check_settings(cfg)
     cfg.threads = args.threads
     out.mkdir(parents=True, exist_ok=True)  # only once the settings are known to be valid
-    cfg_path.write_text(cfg.dumps())
+    write_text_atomic(cfg_path, cfg.dumps())
     progress = not args.no_progress
     log_file = open(out / "train.txt", "a")
 
@@ -202,7 +210,7 @@ def _run(args: argparse.Namespace) -> int:
 
     t0 = time.time()
     dcfg = cfg.data()
-    cfg_path.write_text(cfg.dumps())
+    write_text_atomic(cfg_path, cfg.dumps())
     train = load_split("train", cfg.train_size, config=dcfg, progress=progress)
     val = load_split("val", cfg.val_size, config=dcfg, progress=progress)
     test = load_split("test", cfg.test_size, config=dcfg, progress=progress) if args.stage in ("all", "export") else None

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from ..bundle import write_text_atomic
 from ..errors import InputError
 
 STAGE_ORDER = ("stage1", "stage2", "stage3", "static")
@@ -452,13 +453,13 @@ def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: b
                     {k: {"root": str(s.root), "classes": s.classes, "samples": s.samples, "skipped": s.skipped}
                      for k, s in (("train", train), ("val", val))}))
             if fresh or settings_changed:
-                cfg_path.write_text(cfg.dumps())
+                write_text_atomic(cfg_path, cfg.dumps())  # whole or absent: --resume reads it
         ctx.barrier()
         spec = model.spec
         log(f"model {spec.model_name}: S={spec.image_size} P={spec.patch_size} T={spec.steps} "
             f"classifier={spec.classifier} classes={spec.num_classes}; {ctx.world} process(es) on {ctx.device}"
             + (f", autocast {cfg.amp}" if ctx.device.type == "cuda" else ""))
-        from .folder_stages import SIGINT
+        from .folder_stages.sigint import SIGINT
 
         with SIGINT:  # Ctrl-C stops training wherever it comes
             return _train_and_export(out, cfg, ctx, train, val, model, static, stages, log, progress)

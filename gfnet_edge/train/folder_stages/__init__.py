@@ -44,6 +44,7 @@ from ..folder_data import DataSource, make_loader, normalise
 from ..recipe import StagePlan, TrainSettings
 from .glance_cache import GlanceCache
 from .losses import FocusLoss, PolicyEval, StaticLoss, normalised_returns, ppo_loss, sample_action, step_logits
+from .sigint import SIGINT
 from .validation import Validation
 
 #: ``step(x, y, idx, g, opt, scaler)`` -> batch means (``loss`` and any other figures).
@@ -55,49 +56,6 @@ _STAGE_KEYS = frozenset(("done", "epoch", "elapsed", "history", "models", "opt")
 
 #: Stage numbers in the seeds of the stages' random draws (the demo's ``ppo`` is stage 2).
 STAGE_IDS = {"stage1": 0, "stage2": 1, "stage3": 2, "static": 3, "ppo": 1, "pre_local": 4, "pre_glance": 5, "bc": 6}
-
-
-class SigintLatch:
-    """While entered (main thread, Python's own Ctrl-C handler in place): SIGINT raises
-    ``KeyboardInterrupt`` as Python's handler does, and is also recorded, so that an interrupt
-    raised where Python ignores exceptions (the fork handlers that run as DataLoader workers
-    start, an iterator's ``__del__``: "Exception ignored in ...") still stops training, at the
-    next batch or after the epoch's checkpoint (:meth:`check`)."""
-
-    def __init__(self) -> None:
-        self.hit = False
-        self._previous = None
-
-    def _handler(self, signum, frame) -> None:
-        self.hit = True
-        raise KeyboardInterrupt
-
-    def check(self) -> None:
-        """Raises ``KeyboardInterrupt`` if SIGINT came while entered."""
-        if self.hit:
-            raise KeyboardInterrupt
-
-    def __enter__(self) -> "SigintLatch":
-        import signal
-        import threading
-
-        self.hit = False
-        if (threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        import signal
-
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
-        self.hit = False
-
-
-#: Entered by ``gfnet-edge train --data`` while it trains; checked in :meth:`FolderTrainer.loop`.
-SIGINT = SigintLatch()
 
 
 def stage_seed(seed: int, name: str) -> int:
@@ -357,10 +315,10 @@ class FolderTrainer(Validation):
             keys: List[str] = []
             sums = torch.zeros(0, dtype=torch.float64)  # images, then each figure x images
             t_ep, k = time.time(), 0
-            bar = tqdm(loader, desc=f"{name} {epoch + 1}/{plan.epochs}", disable=not self.progress, leave=False,
-                       mininterval=2.0)
+            bar = tqdm(SIGINT.started(loader), total=len(loader), desc=f"{name} {epoch + 1}/{plan.epochs}",
+                       disable=not self.progress, leave=False, mininterval=2.0)
             for it, (x, y, idx) in enumerate(bar):
-                SIGINT.check()  # a Ctrl-C the start of the loader's workers swallowed
+                SIGINT.check()  # a Ctrl-C raised where Python ignores it (a __del__)
                 lr = lr_at(epoch * iters + it)
                 for grp in opt.param_groups:
                     grp["lr"] = lr
@@ -395,9 +353,11 @@ class FolderTrainer(Validation):
             history.append(rec)
             done = stopped is not None or epoch + 1 == plan.epochs
             if ctx.main:
-                atomic_torch_save({"done": done, "epoch": epoch + 1, "elapsed": elapsed, "history": history,
-                                   "stopped": stopped, "models": {key: m.state_dict() for key, m in self._modules().items()},
-                                   "opt": opt.state_dict(), "scaler": scaler.state_dict()}, self.stage_path(name))
+                with SIGINT.deferred():  # the epoch's checkpoint is written whole, then the run stops
+                    atomic_torch_save({"done": done, "epoch": epoch + 1, "elapsed": elapsed, "history": history,
+                                       "stopped": stopped,
+                                       "models": {key: m.state_dict() for key, m in self._modules().items()},
+                                       "opt": opt.state_dict(), "scaler": scaler.state_dict()}, self.stage_path(name))
             ctx.barrier()
             self._log_epoch(name, plan.epochs, rec)
             SIGINT.check()  # ... or the validation's (the epoch is saved)

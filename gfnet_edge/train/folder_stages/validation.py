@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..folder_data import ShardSampler, make_loader, normalise
+from .sigint import SIGINT
 
 
 class Validation:
@@ -16,11 +17,11 @@ class Validation:
     ``spec``, ``cfg``, ``ctx``, ``local_batch`` and ``autocast`` of the class it is mixed into)."""
 
     def _val_loader(self, limit: int = 0):
-        """This process's shard of the first ``limit`` val images (0: all)."""
+        """An iterator over this process's shard of the first ``limit`` val images (0: all)."""
         n = len(self.val_set) if not limit else min(limit, len(self.val_set))
         sampler = ShardSampler(n, self.ctx.rank, self.ctx.world)
-        return make_loader(self.val_set, max(1, self.local_batch * 2), sampler, self.cfg.workers,
-                           self.ctx.device.type == "cuda", False)
+        return SIGINT.started(make_loader(self.val_set, max(1, self.local_batch * 2), sampler, self.cfg.workers,
+                                          self.ctx.device.type == "cuda", False))
 
     @torch.no_grad()
     def val_probs(self, limit: int = 0, amp: bool = False) -> Tuple[np.ndarray, np.ndarray]:
