@@ -82,7 +82,7 @@ elif MOMENT == "checkpoint":
     save = torch.save
 
     def paused_save(obj, f, *args, **kwargs):
-        if calls["n"] == 0 and Path(f).name.startswith("stage1.pt."):
+        if calls["n"] == 0 and Path(getattr(f, "name", f)).name.startswith("stage1.pt."):
             calls["n"] = 1
             pause()
         return save(obj, f, *args, **kwargs)

@@ -354,8 +354,8 @@ class _WriteRecorder:
     """A binary file for ``torch.save`` that keeps the first ``OSError`` of its writes: torch
     reports a refused write (a full disk) only as ``RuntimeError: ... unexpected pos``."""
 
-    def __init__(self, f) -> None:
-        self.f, self.error = f, None
+    def __init__(self, f, name: str) -> None:
+        self.f, self.name, self.error = f, name, None
 
     def write(self, data) -> int:
         try:
@@ -376,7 +376,7 @@ def atomic_torch_save(obj: Any, path: os.PathLike) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
     try:
         with os.fdopen(fd, "wb") as f:
-            out = _WriteRecorder(f)
+            out = _WriteRecorder(f, tmp)
             try:
                 torch.save(obj, out)
             except RuntimeError as exc:  # torch words a refused write as a size mismatch
