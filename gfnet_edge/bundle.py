@@ -137,11 +137,17 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     """Writes ``text`` (UTF-8) to ``path`` through a temporary file beside it and a rename: an
     interrupted or failed write leaves ``path`` as it was."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Writes ``data`` to ``path`` through a temporary file beside it and a rename (a plain file's
+    mode): an interrupted or failed write leaves ``path`` as it was."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         public_modes(Path(tmp))
         os.replace(tmp, path)
     except BaseException:

@@ -12,8 +12,6 @@ run in INT8). The GRU and Linear heads go to ``heads.npz`` for the extension.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Dict, List
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .bundle import write_bytes_atomic
 from .log import logger
 from .model_desc import ModelDesc
 from .models.gfnet import GFNet
@@ -53,18 +52,6 @@ class BackboneGraph(nn.Module):
     @property
     def output_names(self) -> List[str]:
         return [FEATURE, POLICY_STATE] + ([LOGITS] if self.with_logits else [])
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def export_graph(
@@ -106,7 +93,7 @@ def export_graph(
     onnx.checker.check_model(proto)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_bytes(path, proto.SerializeToString())
+    write_bytes_atomic(path, proto.SerializeToString())
     return path
 
 
@@ -148,7 +135,7 @@ def export_heads(model: GFNet, path: Path) -> Path:
     np.savez(buf, **head_arrays(model))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_bytes(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
     return path
 
 

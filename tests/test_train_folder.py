@@ -333,20 +333,19 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_the_run_resumes(f
     args = ["train", "--data", str(folder), "--backbone", "test_efficientnet", "--image-size", "64",
             "--patch-size", "32", "--epochs", "2,0,0", "--batch-size", "6", "--workers", "0", "--threads", "1",
             "--stage", "1", "--no-progress", "-o", str(run)]
-    real_fdopen, opened = os.fdopen, []
+    from gfnet_edge.models import checkpoint
 
-    def fdopen(fd, mode="r", *a, **kw):
-        f = real_fdopen(fd, mode, *a, **kw)
-        if mode != "wb":
-            return f
-        opened.append(mode)
-        return _FullDisk(f) if len(opened) == 2 else f
+    recorder, opened = checkpoint._WriteRecorder, []
 
-    monkeypatch.setattr(os, "fdopen", fdopen)
+    def on_a_full_disk_the_second_time(f, name):  # the file torch.save writes each checkpoint through
+        opened.append(Path(name).name)
+        return recorder(_FullDisk(f) if len(opened) == 2 else f, name)
+
+    monkeypatch.setattr(checkpoint, "_WriteRecorder", on_a_full_disk_the_second_time)
     rc = cli.main(args)
     monkeypatch.undo()
     err = capsys.readouterr().err
-    assert len(opened) == 2, opened
+    assert [n.split(".tmp")[0].rsplit(".", 1)[0] for n in opened] == ["stage1.pt", "stage1.pt"], opened
     assert rc == 2 and err.count("error:") == 1, err
     assert err.endswith(f"gfnet-edge: error: {run}: cannot write the run's files (No space left on device)\n"), err
     assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]

@@ -245,7 +245,7 @@ def _run(args: argparse.Namespace) -> int:
         getattr(runner, "static_stage" if name == "static" else name)(resume=resume)
         log(f"stage {name} finished in {(time.time() - t) / 60:.1f} min (this process)")
     timings = {k: round(v / 60, 2) for k, v in runner.timings.items()}
-    (out / "timings.json").write_text(json.dumps(timings, indent=1))
+    write_text_atomic(out / "timings.json", json.dumps(timings, indent=1))
     log(f"training minutes per stage: {timings}")
     if args.stage in ("all", "export"):
         export(runner, cfg, test, out, Path(args.assets) if args.assets else None, log, progress)
@@ -291,7 +291,7 @@ def export(runner, cfg, test, out: Path, assets: Optional[Path], log, progress: 
     save_static(spath, sm, name, kw, model.spec.num_classes, model.spec.image_size, half=True,
                 metadata={"test_accuracy": res["static_accuracy"], "demo_data": data_info,
                           "macs": int(count_static_macs(sm, model.spec.image_size))})
-    (out / "demo_results.json").write_text(json.dumps(res, indent=1) + "\n")
+    write_text_atomic(out / "demo_results.json", json.dumps(res, indent=1) + "\n")
     log("results:\n" + table(res))
     log(f"export + evaluation {(time.time() - t) / 60:.1f} min")
     if assets:

@@ -449,7 +449,7 @@ def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: b
             log_file = open(out / "train.txt", "a")
             log_file.writelines(line + "\n" for line in early)
             if fresh:
-                (out / "data_index.json").write_text(json.dumps(
+                write_text_atomic(out / "data_index.json", json.dumps(
                     {k: {"root": str(s.root), "classes": s.classes, "samples": s.samples, "skipped": s.skipped}
                      for k, s in (("train", train), ("val", val))}))
             if fresh or settings_changed:
@@ -575,7 +575,7 @@ def export(tr, out: Path, log) -> Dict[str, Any]:
     path = save_checkpoint(out / "gfnet.pth.tar", model, metadata=meta)
     if static_acc is not None:
         res.update(_save_static(tr, out, static_acc))
-    (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+    write_text_atomic(out / "results.json", json.dumps(res, indent=1) + "\n")
     pts = ", ".join(f"{a:.1f}% @ {c / 1e6:.1f}M" for c, a in list(zip(*curve.as_lists()))[::13])
     log(f"val anytime accuracy per step: {res['anytime_accuracy']} (MACs {', '.join(f'{c / 1e6:.1f}M' for c in costs)})")
     log(f"val budgeted (thresholds fit on val): {pts}" + (f"; static baseline {static_acc}%" if static_acc is not None else ""))
@@ -612,9 +612,7 @@ def add_static_results(tr, out: Path, log) -> Dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise InputError(f"{path}: cannot read the run's results ({exc})") from exc
     res.update(_save_static(tr, out, static_acc))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(res, indent=1) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(res, indent=1) + "\n")
     log(f"static baseline {static_acc}% on val; wrote {out / 'static.pth.tar'} and added it to {path}")
     tr.ctx.barrier()
     return res
