@@ -173,3 +173,38 @@ def test_weights_of_a_known_family_but_no_released_variant_ask_for_the_name(tmp_
     torch.save({"model_prime_state_dict": encoder, "model_state_dict": encoder, "fc": {}, "policy": {}}, p)
     with pytest.raises(CheckpointError, match="cannot tell the model variant from the weights; pass model_name"):
         load_checkpoint(p)
+
+
+@pytest.mark.parametrize("raised", [KeyboardInterrupt(), OSError(28, "No space left on device")])
+def test_a_checkpoint_write_stopped_by_a_signal_or_a_full_disk_raises_that_and_leaves_nothing(tmp_path, monkeypatch,
+                                                                                            raised):
+    """torch.save words any exception of its file's writes as 'RuntimeError: ... unexpected pos';
+    atomic_torch_save raises the exception itself (a Ctrl-C's KeyboardInterrupt from the signal
+    handler, a full disk's OSError), leaves no temporary file, and an earlier file whole."""
+    import torch
+
+    from gfnet_edge.models import checkpoint
+
+    path = tmp_path / "stage1.pt"
+    checkpoint.atomic_torch_save({"epoch": 1}, path)
+    recorder = checkpoint._WriteRecorder
+
+    class Failing:  # the checkpoint's file, whose third write is interrupted
+        def __init__(self, f):
+            self.f, self.writes = f, 0
+
+        def write(self, data):
+            self.writes += 1
+            if self.writes == 3:
+                raise raised
+            return self.f.write(data)
+
+        def flush(self):
+            self.f.flush()
+
+    monkeypatch.setattr(checkpoint, "_WriteRecorder", lambda f, name: recorder(Failing(f), name))
+    with pytest.raises(type(raised)) as info:
+        checkpoint.atomic_torch_save({"epoch": 2, "w": torch.zeros(100000)}, path)
+    assert info.value is raised
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stage1.pt"]
+    assert torch.load(path, weights_only=True) == {"epoch": 1}

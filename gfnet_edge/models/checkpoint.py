@@ -351,8 +351,9 @@ def save_checkpoint(
 
 
 class _WriteRecorder:
-    """A binary file for ``torch.save`` that keeps the first ``OSError`` of its writes: torch
-    reports a refused write (a full disk) only as ``RuntimeError: ... unexpected pos``."""
+    """A binary file for ``torch.save`` that keeps the first exception of its writes: torch
+    reports any (a full disk's ``OSError``, a Ctrl-C's ``KeyboardInterrupt`` raised by a signal
+    handler during the write) only as ``RuntimeError: ... unexpected pos``."""
 
     def __init__(self, f, name: str) -> None:
         self.f, self.name, self.error = f, name, None
@@ -360,7 +361,7 @@ class _WriteRecorder:
     def write(self, data) -> int:
         try:
             return self.f.write(data)
-        except OSError as exc:
+        except BaseException as exc:
             self.error = self.error or exc
             raise
 
@@ -370,7 +371,8 @@ class _WriteRecorder:
 
 def atomic_torch_save(obj: Any, path: os.PathLike) -> Path:
     """``torch.save`` to a temporary file beside ``path``, then an atomic rename (no half file).
-    A write the file system refuses raises its ``OSError`` (``No space left on device``)."""
+    A write the file system refuses raises its ``OSError`` (``No space left on device``), a signal
+    handler's exception during a write (Ctrl-C) that exception."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
@@ -379,7 +381,7 @@ def atomic_torch_save(obj: Any, path: os.PathLike) -> Path:
             out = _WriteRecorder(f, tmp)
             try:
                 torch.save(obj, out)
-            except RuntimeError as exc:  # torch words a refused write as a size mismatch
+            except RuntimeError as exc:  # torch words a failed write as a size mismatch
                 if out.error is None:
                     raise
                 raise out.error from exc
