@@ -375,14 +375,15 @@ def test_a_broken_pipe_other_than_stdout_is_an_internal_error():
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
 @pytest.mark.parametrize("argv", [["info", "--json", DEMO], ["info", DEMO], ["predict", "{bundle}", "{images}"],
-                                  ["predict", "{bundle}", "{images}", "--json"], ["--help"], ["--version"]])
-def test_a_full_disk_on_stdout_is_a_file_that_cannot_be_written(argv, bundle, image_dir):
+                                  ["predict", "{bundle}", "{images}", "--json"], ["--help"], ["--version"],
+                                  ["train", "--tiny", "--threads", "1", "--no-progress", "-o", "{tmp}/run"]])
+def test_a_full_disk_on_stdout_is_a_file_that_cannot_be_written(argv, bundle, image_dir, tmp_path):
     """`... > /dev/full`: one line naming standard output, exit 2 (a file that cannot be
     written), and no second message when Python flushes stdout at exit."""
     import subprocess
     import sys
 
-    argv = [str(a).format(bundle=bundle, images=image_dir) for a in argv]
+    argv = [str(a).format(bundle=bundle, images=image_dir, tmp=tmp_path) for a in argv]
     with open("/dev/full", "w") as full:
         r = subprocess.run([sys.executable, "-m", "gfnet_edge.cli", *argv], stdout=full, stderr=subprocess.PIPE,
                            text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
@@ -447,8 +448,6 @@ def test_a_full_disk_while_building_is_one_line_naming_the_bundle(tmp_path, monk
     the graph's write) is reported in one line naming the bundle, exit 2; nothing is left."""
     import os
 
-    from gfnet_edge import export
-
     real_fdopen = os.fdopen
 
     class _Full:
@@ -465,7 +464,7 @@ def test_a_full_disk_while_building_is_one_line_naming_the_bundle(tmp_path, monk
             self.f.write(data[:1000])
             raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(export.os, "fdopen", lambda fd, mode: _Full(real_fdopen(fd, mode)))
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: _Full(real_fdopen(fd, mode)))  # the graphs' writes
     out = tmp_path / "new" / "bundle"
     code, stdout, err = run(["build-engine", DEMO, "-o", out, "--precision", "fp32", "--backend", "onnxruntime",
                              "-q"], capsys)

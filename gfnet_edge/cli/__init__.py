@@ -260,6 +260,8 @@ def _failure(exc: BaseException, command: str) -> Tuple[int, Optional[str]]:
     if isinstance(exc, BrokenPipeError) and _stdout_gone():  # the reader of stdout went away (`| head`)
         _discard_stdout()  # no second error when Python flushes stdout at exit
         return 141, None
+    if _Stdout.failure is not None and exc.__cause__ is _Stdout.failure:  # reworded by errors.writing for its output
+        exc = exc.__cause__
     if isinstance(exc, OSError) and exc is _Stdout.failure:  # e.g. `> /dev/full`: a file that cannot be written
         _discard_stdout()
         return 2, f"gfnet-edge: error: cannot write to standard output: {exc.strerror or exc}"
