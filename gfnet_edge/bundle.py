@@ -358,20 +358,20 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _read(path: str) -> Optional[str]:
+def _read(path: str) -> bytes:
+    """The bytes of a small file (``b""`` when it cannot be read)."""
     try:
-        with open(path, encoding="ascii") as f:
+        with open(path, "rb") as f:
             return f.read()
-    except (OSError, ValueError):
-        return None
+    except OSError:
+        return b""
 
 
 def _start_time(pid: int) -> Optional[str]:
     """When process ``pid`` started (clock ticks after boot, ``/proc/PID/stat`` field 22), or
-    None (no such process, no ``/proc``)."""
-    stat = _read(f"/proc/{pid}/stat")
-    fields = stat.rsplit(")", 1)[-1].split() if stat else []  # after the command name, field 3 on
-    return fields[19] if len(fields) > 19 and fields[19].isdigit() else None
+    None (no such process, no ``/proc``). The command name before it may hold any bytes."""
+    fields = _read(f"/proc/{pid}/stat").rsplit(b")", 1)[-1].split()  # after the command name, field 3 on
+    return fields[19].decode("ascii") if len(fields) > 19 and fields[19].isdigit() else None
 
 
 def _host_ids() -> Optional[Tuple[str, str]]:
@@ -381,7 +381,7 @@ def _host_ids() -> Optional[Tuple[str, str]]:
         ns = re.fullmatch(r"pid:\[(\d+)\]", os.readlink("/proc/self/ns/pid"))
     except OSError:
         return None
-    boot = (_read("/proc/sys/kernel/random/boot_id") or "").strip().replace("-", "").lower()[:16]
+    boot = _read("/proc/sys/kernel/random/boot_id").decode("ascii", "replace").strip().replace("-", "").lower()[:16]
     if ns is None or not re.fullmatch(r"[0-9a-f]{16}", boot):
         return None
     return ns.group(1), boot
@@ -419,13 +419,13 @@ def _writer_gone(tag: str) -> Tuple[Optional[bool], str]:
 
 def clean_stale(final: Path) -> List[Path]:
     """Removes the staging (``.NAME.WRITER.XXXX.partial``) and replaced (``.NAME.old-WRITER``)
-    folders that outputs to ``final`` killed with SIGKILL (or a power cut) left, when their
+    folders that outputs to ``final`` killed with SIGKILL left, when their
     writer (:func:`writer_tag`) is certainly gone: ended, or its process id now another process's.
     A folder whose writer cannot be told (written on another machine, before a restart, in another
     container's PID namespace, or named with a process id alone) is left, with a warning naming
     it. Returns what was removed."""
     tag = r"(\d+(?:-\d+-\d+-[0-9a-f]{16})?)"
-    pattern = re.compile(rf"^\.{re.escape(final.name)}\.(?:{tag}\.[A-Za-z0-9_]+\.partial|old-{tag})$")
+    pattern = re.compile(rf"^\.{re.escape(_stem(final))}\.(?:{tag}\.[A-Za-z0-9_]+\.partial|old-{tag})$")
     removed = []
     try:
         siblings = list(final.parent.iterdir())
@@ -512,9 +512,24 @@ def staging_folder(final: Path) -> Path:
     """
     clean_stale(final)
     try:
-        return Path(tempfile.mkdtemp(prefix=f".{final.name}.{writer_tag()}.", suffix=".partial", dir=str(final.parent)))
+        return Path(tempfile.mkdtemp(prefix=f".{_stem(final)}.{writer_tag()}.", suffix=".partial", dir=str(final.parent)))
     except OSError as exc:
         raise BundleError(f"{final}: cannot write next to it ({exc.strerror or exc})") from exc
+
+
+#: Bytes of ``final``'s name that the names of its staging and replaced folders
+#: (``.NAME.WRITER.XXXXXXXX.partial``, ``.NAME.old-WRITER``) start with: a file name has at most
+#: 255 bytes, and a writer tag up to 56 (:func:`writer_tag`).
+_STEM_BYTES = 255 - 75
+
+
+def _stem(final: Path) -> str:
+    """``final``'s name as its staging and replaced folders start with it: cut to
+    :data:`_STEM_BYTES` bytes, so that an output whose name is up to 255 bytes long can be staged
+    (outputs whose names share their first bytes share stems; :func:`clean_stale` removes only
+    folders whose writers are gone, whichever output they were for)."""
+    name = os.fsencode(final.name)
+    return final.name if len(name) <= _STEM_BYTES else os.fsdecode(name[:_STEM_BYTES])
 
 
 #: ``renameat2`` flag: swap the two paths (Linux 3.15 on; ext4, XFS, Btrfs, tmpfs, overlayfs ...).
@@ -523,7 +538,7 @@ _AT_FDCWD = -100
 #: The ``renameat2`` system call's number by (kernel machine, bits of this process), for a C
 #: library without its wrapper (glibc before 2.28); a 32-bit process on a 64-bit kernel uses the
 #: 32-bit numbers.
-_SYS_RENAMEAT2 = {("x86_64", 64): 316, ("aarch64", 64): 276, ("riscv64", 64): 276, ("ppc64le", 64): 357,
+_SYS_RENAMEAT2 = {("x86_64", 64): 316, ("x86_64", 32): 353, ("aarch64", 64): 276, ("riscv64", 64): 276, ("ppc64le", 64): 357,
                   ("s390x", 64): 347, ("i686", 32): 353, ("i386", 32): 353, ("armv7l", 32): 382,
                   ("armv8l", 32): 382, ("aarch64", 32): 382}
 
@@ -592,7 +607,7 @@ def replace_folder(new: Path, final: Path) -> Optional[Path]:
         return None
     if exchange(new, final):
         return new
-    old = final.with_name(f".{final.name}.old-{writer_tag()}")
+    old = final.with_name(f".{_stem(final)}.old-{writer_tag()}")
     os.replace(final, old)
     try:
         os.replace(new, final)

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -245,6 +246,49 @@ def _tag(pid, start, ns, boot):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/ns/pid"), reason="needs Linux /proc")
+def test_a_writer_whose_process_name_is_not_ascii_is_still_told_apart():
+    """A process renamed to UTF-8 bytes (``prctl(PR_SET_NAME, "trainé")``, or Python run through a
+    link named so) keeps the start time its staging folders are judged by."""
+    import subprocess
+    import sys
+
+    from gfnet_edge import bundle
+
+    child = subprocess.Popen([sys.executable, "-c", "import ctypes, sys; sys.stdin.readline(); "
+                              "ctypes.CDLL(None).prctl(15, 'trainé'.encode()); print('renamed', flush=True); "
+                              "sys.stdin.readline()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        before = bundle._start_time(child.pid)
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "renamed"
+        assert "trainé".encode() in open(f"/proc/{child.pid}/stat", "rb").read()
+        assert before is not None and before.isdigit() and bundle._start_time(child.pid) == before
+    finally:
+        child.kill()
+        child.wait()
+
+
+@pytest.mark.parametrize("name", ["b" * 255, "é" * 127, "b" * 180])
+def test_outputs_with_names_up_to_the_file_name_limit_are_staged_and_cleaned(tmp_path, name):
+    """An output named with up to 255 bytes is written (its staging folder's name is cut to fit),
+    and a killed writer's staging folder for it is removed."""
+    from gfnet_edge.bundle import clean_stale, staging_folder
+
+    final = tmp_path / name
+    with staging_dir(final) as d:
+        (d / "manifest.json").write_text("{}")
+    assert json.loads((final / "manifest.json").read_text()) == {}
+    left = staging_folder(final)  # as a writer killed before it published would leave it
+    assert len(os.fsencode(left.name)) <= 255
+    assert clean_stale(final) == []  # this process still runs: kept
+    dead = left.with_name(left.name.replace(f".{os.getpid()}-", ".4194305-", 1))  # a process id above pid_max
+    os.rename(left, dead)
+    assert clean_stale(final) == [dead]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/ns/pid"), reason="needs Linux /proc")
 def test_stale_staging_is_removed_only_when_its_writer_is_certainly_gone(tmp_path, caplog):
     """Staging and replaced folders beside a target are removed when their writer has ended
     (its process id free, or now another process's: another start time) in this PID namespace
@@ -369,25 +413,39 @@ def _replace_while_polled(tmp_path, times):
     return found, missing
 
 
-def _exchange_works(tmp_path) -> bool:
-    from gfnet_edge.bundle import exchange
+def _libc_swap(a: Path, b: Path) -> bool:
+    """The C library's renameat2(AT_FDCWD, a, AT_FDCWD, b, RENAME_EXCHANGE = 2), called here
+    (independently of gfnet_edge): whether it swapped ``a`` and ``b``."""
+    import ctypes
 
+    try:
+        fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    except OSError:
+        return False
+    return fn is not None and fn(-100, os.fsencode(a), -100, os.fsencode(b), 2) == 0
+
+
+def _swaps(tmp_path, swap) -> bool:
+    """Whether ``swap(a, b)`` swaps two folders here (and says so truly)."""
     a, b = tmp_path / "probe_a", tmp_path / "probe_b"
     a.mkdir()
     b.mkdir()
     (a / "x").touch()
-    swapped = exchange(a, b)
-    assert swapped == (b / "x").exists() and swapped != (a / "x").exists()
+    swapped = swap(a, b)
+    assert bool(swapped) == (b / "x").exists() and bool(swapped) != (a / "x").exists()
     shutil.rmtree(a)
     shutil.rmtree(b)
-    return swapped
+    return bool(swapped)
 
 
 def test_force_never_leaves_the_bundle_missing_for_a_reader(tmp_path):
     """Where the system swaps two folders in one step (Linux renameat2 RENAME_EXCHANGE), a
     reader polling the bundle while --force replaces it again and again finds it every time."""
-    if not _exchange_works(tmp_path):
+    from gfnet_edge.bundle import exchange
+
+    if not _swaps(tmp_path, _libc_swap):
         pytest.skip("this system cannot swap two folders in one step (renameat2 RENAME_EXCHANGE)")
+    assert _swaps(tmp_path, exchange)
     found, missing = _replace_while_polled(tmp_path, 300)
     assert found > 0 and missing == 0, (found, missing)
 
@@ -443,9 +501,10 @@ def test_exchange_by_the_system_call(tmp_path, monkeypatch):
     call = bundle._renameat2(False)
     if call is None:
         pytest.skip("no renameat2 system call number for this system")
-    monkeypatch.setattr(bundle, "_renameat2", lambda: call)
-    if not _exchange_works(tmp_path):
+    if not _swaps(tmp_path, _libc_swap):
         pytest.skip("this filesystem cannot swap two folders in one step")
+    monkeypatch.setattr(bundle, "_renameat2", lambda: call)
+    assert _swaps(tmp_path, bundle.exchange)
     (tmp_path / "a").mkdir()
     with pytest.raises(FileNotFoundError):
         bundle.exchange(tmp_path / "a", tmp_path / "missing")
@@ -454,8 +513,9 @@ def test_exchange_by_the_system_call(tmp_path, monkeypatch):
 def test_exchange_reports_other_failures(tmp_path):
     from gfnet_edge.bundle import exchange
 
-    if not _exchange_works(tmp_path):
+    if not _swaps(tmp_path, _libc_swap):
         pytest.skip("this system cannot swap two folders in one step (renameat2 RENAME_EXCHANGE)")
+    assert _swaps(tmp_path, exchange)
     (tmp_path / "a").mkdir()
     with pytest.raises(FileNotFoundError) as e:
         exchange(tmp_path / "a", tmp_path / "missing")
