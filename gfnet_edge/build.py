@@ -21,9 +21,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .bundle import (Bundle, BundleError, check_replace, finite_or_null, new_manifest, record_artifacts, safe_join,
+from .bundle import (Bundle, check_replace, finite_or_null, new_manifest, record_artifacts, safe_join,
                      sha256_file, staging_dir, write_json_atomic)
-from .errors import InputError, UnavailableError
+from .errors import InputError
 from .log import logger
 from .runtime.backends.tensorrt_build import BuildOptions
 

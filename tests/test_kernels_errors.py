@@ -106,9 +106,8 @@ def test_a_resize_that_enlarges_the_frame_too_much_is_refused_at_once():
 @pytest.mark.parametrize("crop_pct", [1e-300, 5e-324])
 def test_a_crop_pct_whose_resize_size_no_frame_takes_is_refused_by_its_own_checks(crop_pct):
     """int(image_size / crop_pct) past 2^53 fits no frame (resize size x longer side must be at
-    most 2^53, longer side >= 1): ValueError naming crop_pct from every caller, where the size
-    reached the extension as an int it cannot take (TypeError listing its signature) or was
-    infinite (OverflowError)."""
+    most 2^53, longer side >= 1): ValueError naming crop_pct from every caller, not the
+    extension's TypeError listing its signature, nor an OverflowError for an infinite size."""
     f = np.zeros((4, 4, 3), np.uint8)
     for call in (lambda: ops.resize_size(224, crop_pct), lambda: ops.resize_crop(f, 224, crop_pct),
                  lambda: ops.preprocess(f, 224, crop_pct=crop_pct), lambda: ops.crop_geometry(4, 4, 224, crop_pct)):

@@ -252,7 +252,7 @@ def _interrupted_writes(monkeypatch, name: str) -> None:
 @pytest.mark.parametrize("trainer", ["folder", "demo"])
 def test_a_ctrl_c_while_the_run_config_is_written_leaves_it_whole(folder, tmp_path, monkeypatch, capsys, trainer):
     """Ctrl-C while RUN/config.json is written leaves it whole or absent, never half-written: the
-    --resume the interrupt line advises then continues the run (instead of refusing its config)."""
+    --resume the interrupt line advises then continues the run."""
     run = tmp_path / "run"
     args = (["train", "--data", str(folder), "--backbone", "test_efficientnet", "--image-size", "64", "--patch-size",
              "32", "--epochs", "1", "--batch-size", "6", "--workers", "0"] if trainer == "folder" else
