@@ -224,6 +224,14 @@ def test_captured_preprocess_replays_after_its_resize_table_left_the_cache(warm)
         oh, ow = h + 1 + k, w + 2 + k
         other = ops.to_device(rng.integers(0, 256, (oh, ow, 3), dtype=np.uint8), st)
         ops.cuda_preprocess(other, oh, ow, S, other_out, stream=st)
+    # device memory a freed table would have held, taken and filled with 0xFF bytes (indices far
+    # out of range, NaN weights): a replay reading a freed table reads these
+    garbage = []
+    for nbytes in np.unique(np.geomspace(256, 1 << 18, 48).astype(np.int64) // 4 * 4):
+        for _ in range(4):
+            buf = ops.DeviceBuffer(int(nbytes))
+            buf.copy_from_host(np.full(int(nbytes), 0xFF, np.uint8), st)
+            garbage.append(buf)
     st.synchronize()
     for seed in (1, 2):
         frame = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
