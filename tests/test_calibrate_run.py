@@ -498,46 +498,35 @@ def _disk_full_after(n_bytes: int):
     return write_text
 
 
-def test_a_full_disk_while_writing_the_report_is_one_line_naming_it(tiny_bundle, tmp_path, monkeypatch, capsys):
-    """The report's write fails as on a full disk: one line naming the report folder, exit 2, no
-    report or staging folder left, and the bundle's manifest as it was (budgets not written)."""
+@pytest.mark.parametrize("where", ["report", "manifest"])
+def test_a_full_disk_is_one_line_naming_what_could_not_be_written(tiny_bundle, tmp_path, monkeypatch, capsys, where):
+    """The report's write, or the budgets' write into the bundle's manifest, fails as on a full
+    disk: one line naming the report folder or the bundle's manifest, exit 2; no report or staging
+    folder left, and the bundle as it was (its manifest whole, budgets not written)."""
+    from gfnet_edge import bundle as bundle_mod
     from gfnet_edge.calibrate import report
 
     bundle = _fresh(tiny_bundle, tmp_path)
     manifest = (bundle / "manifest.json").read_bytes()
-    monkeypatch.setattr(report.Path, "write_text", _disk_full_after(100))
     out = tmp_path / "r"
+    if where == "report":
+        monkeypatch.setattr(report.Path, "write_text", _disk_full_after(100))
+        expected = f"{out}: cannot write the calibration report"
+    else:
+        real_fdopen = os.fdopen
+
+        def fdopen(fd, mode, *args, **kw):  # the manifest's atomic write: its temporary file takes nothing
+            f = real_fdopen(fd, mode, *args, **kw)
+            f.write = lambda data: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+            return f
+
+        monkeypatch.setattr(bundle_mod.os, "fdopen", fdopen)
+        expected = f"{bundle}: cannot write the bundle's manifest"
     rc = _main(["calibrate", str(bundle), "--data", str(tiny_bundle / "data.npz"), "-o", str(out), *FAST])
     monkeypatch.undo()
     err = capsys.readouterr().err
     assert rc == 2 and err.count("error:") == 1, err
-    assert err.endswith(f"gfnet-edge: error: {out}: cannot write the calibration report (No space left on device)\n"), err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
-    assert (bundle / "manifest.json").read_bytes() == manifest
-
-
-def test_a_full_disk_while_writing_the_budgets_names_the_bundles_manifest(tiny_bundle, tmp_path, monkeypatch,
-                                                                         capsys):
-    """The budgets' write into the bundle fails as on a full disk: one line naming the bundle's
-    manifest (not the report), exit 2; the manifest is left whole and no report is published."""
-    from gfnet_edge import bundle as bundle_mod
-
-    bundle = _fresh(tiny_bundle, tmp_path)
-    manifest = (bundle / "manifest.json").read_bytes()
-    real_fdopen = os.fdopen
-
-    def fdopen(fd, mode, *args, **kw):
-        f = real_fdopen(fd, mode, *args, **kw)
-        f.write = lambda data: (_ for _ in ()).throw(OSError(28, "No space left on device"))
-        return f
-
-    monkeypatch.setattr(bundle_mod.os, "fdopen", fdopen)
-    out = tmp_path / "r"
-    rc = _main(["calibrate", str(bundle), "--data", str(tiny_bundle / "data.npz"), "-o", str(out), *FAST])
-    monkeypatch.undo()
-    err = capsys.readouterr().err
-    assert rc == 2 and err.count("error:") == 1, err
-    assert err.endswith(f"gfnet-edge: error: {bundle}: cannot write the bundle's manifest (No space left on device)\n"), err
+    assert err.endswith(f"gfnet-edge: error: {expected} (No space left on device)\n"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
     assert (bundle / "manifest.json").read_bytes() == manifest
     assert sorted(p.name for p in bundle.iterdir()) == sorted(p.name for p in (tiny_bundle / "bundle").iterdir())
