@@ -44,3 +44,25 @@ def test_frames_in_any_memory_layout_give_the_answers_of_their_contiguous_copies
         assert one.classes[0] == want.classes[2] and one.exit_step[0] == want.exit_step[2]
         np.testing.assert_array_equal(rt.trace(frames, cropped=cropped).probs,
                                       rt.trace(demo_frames, cropped=cropped).probs)
+
+
+HUGE = 10 ** 400  # an int beyond the float range (float(HUGE) raises OverflowError)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda rt, x: rt.predict(x, deadline_ms=HUGE), "deadline_ms must be a finite number"),
+    (lambda rt, x: rt.predict(x, deadline_ms=-HUGE), "deadline_ms must be a finite number"),
+    (lambda rt, x: rt.predict(x, deadline_ms=5.0, deadline_margin=HUGE), "deadline_margin must be a finite number"),
+    (lambda rt, x: rt.predict_iter(x, deadline_ms=HUGE), "deadline_ms must be a finite number"),
+    (lambda rt, x: rt.set_step_costs([HUGE, 1.0, 1.0]), "step costs must be"),
+    (lambda rt, x: setattr(rt, "thresholds", [HUGE, 0.5, 0.5]), "thresholds must be 3 finite numbers"),
+])
+def test_integers_beyond_the_float_range_are_input_errors(demo_onnx_bundle, demo_frames, call, match):
+    """Deadlines, margins, step costs and thresholds given as ints too large for a float are
+    refused as InputError (not OverflowError), and the runtime goes on as before."""
+    with Runtime(demo_onnx_bundle.root, backend="onnxruntime", precision="fp32", threads=1) as rt:
+        rt.set_step_costs([0.5, 0.5, 0.5])
+        want = rt.predict(demo_frames)
+        with pytest.raises(InputError, match=match):
+            call(rt, demo_frames)
+        _same(rt.predict(demo_frames), want)

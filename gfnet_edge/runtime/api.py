@@ -402,7 +402,7 @@ class Runtime:
             if isinstance(value, (str, bytes)):
                 raise TypeError("a string is not a sequence of thresholds")
             thr = [float(t) for t in value]
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond float range
             raise InputError(f"thresholds must be {T} finite numbers (one per step), got {value!r}") from None
         if len(thr) != T or not all(np.isfinite(t) for t in thr):
             raise InputError(f"thresholds must be {T} finite numbers (one per step), got {thr}")
@@ -554,7 +554,7 @@ class Runtime:
                 if isinstance(costs, (str, bytes)):
                     raise TypeError
                 values = tuple(float(v) for v in costs)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond float range
                 raise InputError(f"step costs must be a StepCosts or one number of ms per step, "
                                  f"got {costs!r}") from None
             costs = StepCosts(values, source="set_step_costs")
