@@ -66,3 +66,92 @@ def test_integers_beyond_the_float_range_are_input_errors(demo_onnx_bundle, demo
         with pytest.raises(InputError, match=match):
             call(rt, demo_frames)
         _same(rt.predict(demo_frames), want)
+
+
+def _in_forked_child(body, seconds: float = 30.0) -> str:
+    """Runs ``body()`` in a forked child and returns what it returned (a string), or says how the
+    child ended when it hung (killed after ``seconds``) or raised. The child leaves with
+    ``os._exit``, which skips the interpreter's exit handlers."""
+    import os
+    import signal
+    import time
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.close(read)
+        try:
+            out = str(body())
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            out = f"raised {type(exc).__name__}: {exc}"
+        os.write(write, out.encode())
+        os._exit(0)
+    os.close(write)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(read)
+        return f"hung for {seconds} s"
+    with os.fdopen(read, "rb") as f:
+        return f.read().decode()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+@pytest.mark.parametrize("threads", [None, 2])
+def test_a_forked_child_gets_a_clear_error_and_can_drop_the_inherited_runtime(demo_onnx_bundle, demo_frames, threads):
+    """A worker forked from a process holding an open Runtime (a pre-forking server that loaded
+    it first): using the inherited Runtime is an InputError that says to open one after the
+    fork -- also while a thread of the parent was inside a call at the fork, holding its lock --;
+    closing it, closing it again and dropping it return at once (the parent's sessions are not
+    torn down in the child); a Runtime opened in the child works; the parent is unaffected."""
+    import gc
+    import threading
+
+    with Runtime(demo_onnx_bundle.root, backend="onnxruntime", precision="fp32", threads=threads) as rt:
+        want = rt.predict(demo_frames)
+
+        def use_inherited():
+            msgs = []
+            for call in (lambda: rt.predict(demo_frames), lambda: rt.trace(demo_frames),
+                         lambda: list(rt.predict_iter(demo_frames)), lambda: rt.set_budget(None)):
+                with pytest.raises(InputError, match="opened in process .* open a Runtime in each process") as e:
+                    call()
+                msgs.append(str(e.value))
+            return "refused" if len(set(msgs)) == 1 else f"messages differ: {msgs}"
+
+        def drop_inherited():
+            nonlocal rt
+            rt.close()
+            rt.close()
+            rt = None
+            gc.collect()
+            with Runtime(demo_onnx_bundle.root, backend="onnxruntime", precision="fp32", threads=threads) as own:
+                got = own.predict(demo_frames)
+            return "dropped" if np.array_equal(got.classes, want.classes) else "other classes"
+
+        assert _in_forked_child(use_inherited) == "refused"
+        assert _in_forked_child(drop_inherited) == "dropped"
+        stop = threading.Event()
+        calls = []
+
+        def busy():
+            while not stop.is_set():
+                calls.append(rt.predict(demo_frames))
+
+        t = threading.Thread(target=busy)
+        t.start()
+        try:
+            while not calls:  # a call of the thread has finished: it is inside its next one (or about to be)
+                stop.wait(0.001)
+            assert _in_forked_child(use_inherited) == "refused"
+        finally:
+            stop.set()
+            t.join()
+        _same(rt.predict(demo_frames), want)
+        assert all(np.array_equal(c.classes, want.classes) for c in calls)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -29,6 +31,22 @@ from .types import check_cropped
 
 #: Default ``deadline_margin`` of :meth:`Runtime.predict`.
 DEFAULT_MARGIN = 0.05
+
+#: The Runtimes open in this process.
+_OPEN: "weakref.WeakSet[Runtime]" = weakref.WeakSet()
+#: In a forked child: the Runtimes it inherited, held until it exits. Tearing down the parent's
+#: ONNX Runtime sessions in the child hangs it (their worker threads do not exist there), and
+#: GPU memory, streams and engines belong to the parent's CUDA context.
+_INHERITED: List["Runtime"] = []
+
+
+def _hold_inherited_runtimes() -> None:
+    _INHERITED.extend(_OPEN)
+    _OPEN.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_hold_inherited_runtimes)
 
 
 @dataclass
@@ -203,6 +221,11 @@ class Runtime:
     Calls are serialised with a lock, so one Runtime may be shared by threads; waiting calls
     run in the order they were made (:class:`FifoLock`), so a thread calling in a loop cannot
     keep another waiting for more than one call each of the other threads.
+
+    A Runtime belongs to the process that opened it: in a process forked from that one every
+    call raises InputError (open a Runtime in each process after the fork); there,
+    :meth:`close` and the garbage collector release nothing of what it holds (the parent's
+    sessions, engines and GPU memory).
     """
 
     def __init__(self, bundle: Union[str, Path, Bundle], backend: str = "auto", precision: str = "auto",
@@ -232,6 +255,7 @@ class Runtime:
         self.threads = threads
         self.profiler = Profiler(profile)
         self._lock = FifoLock()
+        self._pid = os.getpid()
         if backend == "auto":
             backend = self._auto_backend(precision)
         self.backend = backend
@@ -288,6 +312,7 @@ class Runtime:
         except BaseException:
             self.close()
             raise
+        _OPEN.add(self)
         logger.info("runtime: %s backend, %s graphs, %s loop, budget %s", self.backend, self.precision,
                     "device" if on_gpu else "host", self.budget)
 
@@ -411,14 +436,20 @@ class Runtime:
 
     def close(self) -> None:
         """Releases the backend's sessions / engines and the loop's GPU memory and graphs; the
-        Runtime cannot be used afterwards. A call running in another thread finishes first."""
+        Runtime cannot be used afterwards. A call running in another thread finishes first.
+        In a process forked from the one that opened it, only marks it closed: what it holds
+        belongs to the parent process."""
         if getattr(self, "_closed", False):
+            return
+        if self.__dict__.get("_pid", os.getpid()) != os.getpid():
+            self._closed = True
             return
         lock = self.__dict__.get("_lock")
         with lock if lock is not None else contextlib.nullcontext():
             if self._closed:
                 return
             self._closed = True
+            _OPEN.discard(self)
             driver = self.__dict__.get("driver")
             if driver is not None:
                 driver.close()
@@ -434,7 +465,17 @@ class Runtime:
     def __reduce__(self):
         raise TypeError("a Runtime cannot be pickled: open Runtime(bundle) in each process")
 
+    def _check_process(self) -> None:
+        """Raises InputError in a process forked from the one that opened this Runtime (checked
+        before the call lock, which a thread of the parent may have held at the fork)."""
+        pid = self.__dict__.get("_pid")
+        if pid is not None and pid != os.getpid():
+            raise InputError(f"this Runtime was opened in process {pid} and cannot run in process {os.getpid()} forked "
+                             "from it (backend sessions, engines and GPU memory do not survive a fork): open a "
+                             "Runtime in each process after the fork")
+
     def _check_open(self) -> None:
+        self._check_process()
         if getattr(self, "_closed", False):
             raise InputError("this Runtime is closed (close() was called or its `with` block ended); "
                              "create a new Runtime")
@@ -622,6 +663,7 @@ class Runtime:
         return pred, probe.marks + [probe.elapsed_ms()]
 
     def _predict(self, inputs, budget: Optional[str], deadline, cropped: bool) -> Predictions:
+        self._check_process()
         with self._lock:
             t0 = time.perf_counter()
             thr = self._thresholds if budget is None else self.bundle.thresholds(budget)  # read, never written
@@ -639,6 +681,7 @@ class Runtime:
     def trace(self, inputs, *, cropped: bool = False) -> RuntimeTrace:
         """Runs every step on every image; same fields as the reference model's trace
         (``inputs`` and ``cropped`` as in :meth:`predict`)."""
+        self._check_process()
         with self._lock:
             self._check_open()
             out, _, _ = self._run(inputs, None, cropped=cropped)
