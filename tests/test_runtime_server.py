@@ -155,3 +155,58 @@ def test_a_forked_child_gets_a_clear_error_and_can_drop_the_inherited_runtime(de
             t.join()
         _same(rt.predict(demo_frames), want)
         assert all(np.array_equal(c.classes, want.classes) for c in calls)
+
+
+@pytest.mark.parametrize("handler_raises", [False, True])
+def test_close_from_a_signal_handler_during_a_call_of_the_same_thread(demo_onnx_bundle, demo_frames, handler_raises):
+    """A service's shutdown handler (SIGTERM, here SIGALRM) that closes the Runtime while the
+    thread it interrupts is inside a call: close() returns at once instead of waiting for that
+    call forever; the call finishes with the answers of an undisturbed one (or ends with the
+    handler's exception), the Runtime is released as it ends, and later calls say it is closed.
+    A call made from the handler is refused the same way instead of waiting for the lock."""
+    import signal
+
+    if not hasattr(signal, "setitimer"):
+        pytest.skip("needs signal.setitimer")
+    frames = np.concatenate([demo_frames] * 8)
+    with Runtime(demo_onnx_bundle.root, backend="onnxruntime", precision="fp32", threads=1) as ref:
+        want = ref.predict(frames)
+    rt = Runtime(demo_onnx_bundle.root, backend="onnxruntime", precision="fp32", threads=1)
+    seen = []
+
+    class Shutdown(Exception):
+        pass
+
+    def handler(*_):
+        with pytest.raises(InputError, match="from inside a call of this Runtime on the same thread"):
+            rt.predict(demo_frames[:1])
+        rt.close()
+        seen.append(rt.runner.active)  # still running the call below
+        if handler_raises:
+            raise Shutdown
+
+    old = signal.signal(signal.SIGALRM, handler)
+    run = rt.runner.run
+
+    def slow_run(graph, x):  # the alarm lands inside the call
+        if not seen:
+            signal.setitimer(signal.ITIMER_REAL, 0.001)
+            while not seen:
+                pass
+        return run(graph, x)
+
+    rt.runner.run = slow_run
+    try:
+        if handler_raises:
+            with pytest.raises(Shutdown):
+                rt.predict(frames)
+        else:
+            _same(rt.predict(frames), want)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert seen == [True]
+    assert not rt.runner.active  # released as the call ended
+    with pytest.raises(InputError, match="this Runtime is closed"):
+        rt.predict(demo_frames)
+    rt.close()

@@ -437,23 +437,49 @@ class Runtime:
     def close(self) -> None:
         """Releases the backend's sessions / engines and the loop's GPU memory and graphs; the
         Runtime cannot be used afterwards. A call running in another thread finishes first.
+        Called from inside a call of this thread (a signal handler, e.g. a service's shutdown
+        handler), it returns at once and that call releases everything as it ends.
         In a process forked from the one that opened it, only marks it closed: what it holds
         belongs to the parent process."""
-        if getattr(self, "_closed", False):
+        if self.__dict__.get("_released", False):
             return
         if self.__dict__.get("_pid", os.getpid()) != os.getpid():
             self._closed = True
             return
         lock = self.__dict__.get("_lock")
-        with lock if lock is not None else contextlib.nullcontext():
-            if self._closed:
-                return
+        if lock is not None and lock.owned():  # waiting for the lock would wait for ourselves
             self._closed = True
-            _OPEN.discard(self)
-            driver = self.__dict__.get("driver")
-            if driver is not None:
-                driver.close()
-            self.runner.deactivate()
+            return
+        with lock if lock is not None else contextlib.nullcontext():
+            self._closed = True
+            self._release()
+
+    def _release(self) -> None:
+        """Frees the loop's buffers and the runner's sessions / engines, once (lock held)."""
+        if self.__dict__.get("_released", False):
+            return
+        self._released = True
+        _OPEN.discard(self)
+        driver = self.__dict__.get("driver")
+        if driver is not None:
+            driver.close()
+        self.runner.deactivate()
+
+    @contextlib.contextmanager
+    def _call(self) -> Iterator[None]:
+        """Holds the call lock for one call (checked first: the process, and a call from inside
+        another call of this thread, e.g. from a signal handler, which would wait for itself);
+        releases the Runtime as the call ends when :meth:`close` was called during it."""
+        self._check_process()
+        if self._lock.owned():
+            raise InputError("a Runtime cannot be called from inside a call of this Runtime on the same thread "
+                             "(a signal handler?): it would wait for itself")
+        with self._lock:
+            try:
+                yield
+            finally:
+                if self._closed:
+                    self._release()
 
     def __copy__(self):
         raise TypeError("a Runtime cannot be copied: it owns sessions, engines and buffers; open another "
@@ -663,8 +689,7 @@ class Runtime:
         return pred, probe.marks + [probe.elapsed_ms()]
 
     def _predict(self, inputs, budget: Optional[str], deadline, cropped: bool) -> Predictions:
-        self._check_process()
-        with self._lock:
+        with self._call():
             t0 = time.perf_counter()
             thr = self._thresholds if budget is None else self.bundle.thresholds(budget)  # read, never written
             self._check_budget(self._thresholds_budget if budget is None else budget)
@@ -681,8 +706,7 @@ class Runtime:
     def trace(self, inputs, *, cropped: bool = False) -> RuntimeTrace:
         """Runs every step on every image; same fields as the reference model's trace
         (``inputs`` and ``cropped`` as in :meth:`predict`)."""
-        self._check_process()
-        with self._lock:
+        with self._call():
             self._check_open()
             out, _, _ = self._run(inputs, None, cropped=cropped)
         _check_finite(out.probs, "trace")
@@ -726,12 +750,14 @@ class FifoLock:
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
         self._held = False
+        self._owner: Optional[int] = None  # the holding thread's ident
         self._waiting: "collections.deque[object]" = collections.deque()
 
     def __enter__(self) -> None:
         with self._cond:
             if not self._held and not self._waiting:
                 self._held = True
+                self._owner = threading.get_ident()
                 return
             me = object()
             self._waiting.append(me)
@@ -744,12 +770,18 @@ class FifoLock:
                 raise
             self._waiting.popleft()
             self._held = True
+            self._owner = threading.get_ident()
 
     def __exit__(self, *exc) -> None:
         with self._cond:
             self._held = False
+            self._owner = None
             if self._waiting:
                 self._cond.notify_all()
+
+    def owned(self) -> bool:
+        """True when the calling thread holds the lock."""
+        return self._owner == threading.get_ident()
 
 
 def _check_flag(name: str, value: Any) -> None:
