@@ -210,3 +210,39 @@ def test_close_from_a_signal_handler_during_a_call_of_the_same_thread(demo_onnx_
     with pytest.raises(InputError, match="this Runtime is closed"):
         rt.predict(demo_frames)
     rt.close()
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_a_runtime_dropped_without_close_frees_its_gpu_memory_and_engines_at_once(demo_onnx_bundle_copy, tmp_path,
+                                                                                  monkeypatch, cuda_graphs):
+    """A Runtime on the (simulated) GPU that a service drops without close() (a model reload)
+    frees its loop's GPU buffers and releases its engines when the last reference goes, without
+    waiting for the cyclic garbage collector."""
+    import gc
+    import weakref
+
+    from gfnet_edge import ops
+    from test_tensorrt_backend import _simulated_jetson
+
+    root, _, _, _ = _simulated_jetson(demo_onnx_bundle_copy, tmp_path, monkeypatch)
+    live = weakref.WeakSet()
+
+    class Tracked(ops.DeviceBuffer):  # the simulated device's buffer, counted while alive
+        def __init__(self, nbytes):
+            super().__init__(nbytes)
+            live.add(self)
+
+    monkeypatch.setattr(ops, "DeviceBuffer", Tracked)
+    frames = np.random.default_rng(0).integers(0, 256, (3, 150, 200, 3), dtype=np.uint8)
+    gc.collect()
+    gc.disable()
+    try:
+        rt = Runtime(root, backend="tensorrt", precision="fp32", cuda_graphs=cuda_graphs)
+        rt.predict(frames)
+        assert (rt.driver.place.graphs is not None) == cuda_graphs and len(live) > 0
+        runner = weakref.ref(rt.runner)
+        del rt
+        assert len(live) == 0, f"{len(live)} GPU buffers held after the Runtime was dropped"
+        assert runner() is None or not runner().active
+    finally:
+        gc.enable()

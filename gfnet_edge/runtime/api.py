@@ -436,11 +436,11 @@ class Runtime:
 
     def close(self) -> None:
         """Releases the backend's sessions / engines and the loop's GPU memory and graphs; the
-        Runtime cannot be used afterwards. A call running in another thread finishes first.
-        Called from inside a call of this thread (a signal handler, e.g. a service's shutdown
-        handler), it returns at once and that call releases everything as it ends.
-        In a process forked from the one that opened it, only marks it closed: what it holds
-        belongs to the parent process."""
+        Runtime cannot be used afterwards (one dropped without close() is closed when its last
+        reference goes). A call running in another thread finishes first. Called from inside a
+        call of this thread (a signal handler, e.g. a service's shutdown handler), it returns at
+        once and that call releases everything as it ends. In a process forked from the one
+        that opened it, only marks it closed: what it holds belongs to the parent process."""
         if self.__dict__.get("_released", False):
             return
         if self.__dict__.get("_pid", os.getpid()) != os.getpid():
@@ -453,6 +453,16 @@ class Runtime:
         with lock if lock is not None else contextlib.nullcontext():
             self._closed = True
             self._release()
+
+    def __del__(self) -> None:
+        # Dropped without close(): released now. The device place and its CUDA graphs refer to
+        # each other, so their GPU memory and engines would otherwise wait for the cyclic
+        # garbage collector.
+        if self.__dict__.get("_closed") is False:
+            try:
+                self.close()
+            except Exception:  # noqa: BLE001 - at interpreter exit what close() needs may be gone
+                pass
 
     def _release(self) -> None:
         """Frees the loop's buffers and the runner's sessions / engines, once (lock held)."""
