@@ -246,3 +246,17 @@ def test_a_runtime_dropped_without_close_frees_its_gpu_memory_and_engines_at_onc
         assert runner() is None or not runner().active
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("bad, named", [
+    (b"\x89PNG\r\n\x1a\n", "bytes"), (bytearray(16), "bytearray"), ("frame.png", "str"), ({"frame": None}, "dict"),
+    (memoryview(np.zeros((8, 8, 3), np.uint8)), "memoryview"), (memoryview(b"abc"), "memoryview"),
+])
+def test_inputs_that_are_not_frames_name_their_type(demo_onnx_bundle, bad, named):
+    """What a service may pass by mistake -- an encoded image's bytes, a file name, a request's
+    dict, a buffer -- is one InputError naming the type it got (not an error about the items
+    found by iterating it, nor another exception type)."""
+    with Runtime(demo_onnx_bundle.root, backend="onnxruntime", precision="fp32", threads=1) as rt:
+        for call in (rt.predict, rt.trace):
+            with pytest.raises(InputError, match=rf"expected uint8 HWC RGB frames .*, got {named}\b"):
+                call(bad)

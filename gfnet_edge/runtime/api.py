@@ -3,6 +3,7 @@ unless the ``torch`` backend is asked for)."""
 from __future__ import annotations
 
 import collections
+import collections.abc
 import contextlib
 import os
 import threading
@@ -551,9 +552,12 @@ class Runtime:
             if cropped:
                 check_cropped([inputs.shape[1:3]], S)
             return "frames", inputs  # one array: no per-frame checks, no copy
-        if not isinstance(inputs, np.ndarray) and not hasattr(inputs, "__iter__"):
+        if not isinstance(inputs, np.ndarray) and (not hasattr(inputs, "__iter__") or isinstance(
+                inputs, (str, bytes, bytearray, memoryview, collections.abc.Mapping))):  # not a sequence of frames
+            hint = (" (encoded image bytes are decoded first, e.g. with PIL)" if isinstance(inputs, (bytes, bytearray))
+                    else " (numpy.asarray gives the array it views)" if isinstance(inputs, memoryview) else "")
             raise InputError(f"expected uint8 HWC RGB frames (an array or a list of arrays) or float32 NCHW "
-                             f"images, got {type(inputs).__name__}")
+                             f"images, got {type(inputs).__name__}{hint}")
         frames = list(inputs) if not isinstance(inputs, np.ndarray) or inputs.ndim == 4 else [inputs]
         if not frames:
             raise InputError("no images given")
