@@ -260,3 +260,19 @@ def test_inputs_that_are_not_frames_name_their_type(demo_onnx_bundle, bad, named
         for call in (rt.predict, rt.trace):
             with pytest.raises(InputError, match=rf"expected uint8 HWC RGB frames .*, got {named}\b"):
                 call(bad)
+
+
+@pytest.mark.parametrize("dtype, shape, hint", [
+    (np.float64, (2, 3, 224, 224), "astype"), (np.float16, (2, 3, 224, 224), "astype"),
+    (np.uint8, (2, 3, 224, 224), "channels last"), (np.int64, (2, 224, 224, 3), ""), (np.uint8, (2, 224, 224, 4), ""),
+])
+def test_a_stack_of_the_wrong_dtype_or_layout_is_described_as_a_whole(demo_onnx_bundle, dtype, shape, hint):
+    """An (N, ...) array that is neither uint8 (N, H, W, 3) frames nor float32 (N, 3, S, S)
+    images (float64 from a NumPy pipeline, channels-first uint8, RGBA) is refused naming its
+    dtype and whole shape, not as a fault of its first image."""
+    assert demo_onnx_bundle.model.image_size == 224
+    with Runtime(demo_onnx_bundle.root, backend="onnxruntime", precision="fp32", threads=1) as rt:
+        with pytest.raises(InputError) as e:
+            rt.predict(np.zeros(shape, dtype))
+    msg = str(e.value)
+    assert f"got a {np.dtype(dtype)} array {shape}" in msg and "image 0" not in msg and hint in msg, msg

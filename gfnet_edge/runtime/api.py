@@ -552,6 +552,12 @@ class Runtime:
             if cropped:
                 check_cropped([inputs.shape[1:3]], S)
             return "frames", inputs  # one array: no per-frame checks, no copy
+        if isinstance(inputs, np.ndarray) and inputs.ndim == 4:  # a stack, of another dtype or layout
+            hint = (" (convert it with .astype(np.float32))" if inputs.dtype.kind == "f" and inputs.shape[1:] == (3, S, S)
+                    else " (frames are channels last: .transpose(0, 2, 3, 1))" if inputs.dtype == np.uint8
+                    and inputs.shape[1] == 3 else "")
+            raise InputError(f"expected uint8 frames (N, H, W, 3) or normalised float32 images (N, 3, {S}, {S}), "
+                             f"got a {inputs.dtype} array {inputs.shape}{hint}")
         if not isinstance(inputs, np.ndarray) and (not hasattr(inputs, "__iter__") or isinstance(
                 inputs, (str, bytes, bytearray, memoryview, collections.abc.Mapping))):  # not a sequence of frames
             hint = (" (encoded image bytes are decoded first, e.g. with PIL)" if isinstance(inputs, (bytes, bytearray))
