@@ -1,5 +1,6 @@
-"""Runtime as a long-running service uses it: frames in any memory layout, argument values at
-their limits, and a Runtime inherited by a forked worker process."""
+"""Runtime as a long-running service uses it: frames in any memory layout, inputs and argument
+values a request may carry, a Runtime inherited by a forked worker process, signal handlers that
+close it or raise during a call, and a Runtime dropped without close()."""
 from __future__ import annotations
 
 import numpy as np
@@ -276,3 +277,62 @@ def test_a_stack_of_the_wrong_dtype_or_layout_is_described_as_a_whole(demo_onnx_
             rt.predict(np.zeros(shape, dtype))
     msg = str(e.value)
     assert f"got a {np.dtype(dtype)} array {shape}" in msg and "image 0" not in msg and hint in msg, msg
+
+
+# an exception raised at a generator's entry as it is closed is printed, not raised: the test's own
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_an_exception_raised_by_a_signal_handler_anywhere_in_a_call_leaves_the_runtime_usable(demo_onnx_bundle,
+                                                                                               demo_frames):
+    """A signal handler that raises (KeyboardInterrupt on Ctrl-C, a service's SIGTERM handler
+    raising SystemExit) runs at a Python function's entry: raised there at each function entry
+    of a predict call in turn, the call ends with it, the Runtime's lock is left free and the
+    next call gives the undisturbed answers (it never waits for a lock nobody holds)."""
+    import sys
+    import threading
+
+    class Interrupt(BaseException):
+        pass
+
+    x = demo_frames[:2]
+    with Runtime(demo_onnx_bundle.root, backend="onnxruntime", precision="fp32", threads=1) as rt:
+        want = rt.predict(x)
+        entries = [0]
+
+        def count(frame, event, arg):
+            if event == "call":
+                entries[0] += 1
+
+        sys.settrace(count)
+        try:
+            rt.predict(x)
+        finally:
+            sys.settrace(None)
+        assert entries[0] > 20
+        stuck = []
+        for k in range(entries[0]):
+            seen = [0]
+
+            def interrupt(frame, event, arg):
+                if event == "call":
+                    seen[0] += 1
+                    if seen[0] == k + 1:
+                        sys.settrace(None)
+                        raise Interrupt
+                return None
+
+            sys.settrace(interrupt)
+            try:
+                rt.predict(x)
+            except Interrupt:
+                pass
+            finally:
+                sys.settrace(None)
+            out = []
+            t = threading.Thread(target=lambda: out.append(rt.predict(x)), daemon=True)
+            t.start()
+            t.join(10)
+            if not out:
+                stuck.append(k)
+                break
+            _same(out[0], want)
+        assert not stuck, f"the Runtime's lock stayed held after an exception at function entry {stuck[0]} of a call"

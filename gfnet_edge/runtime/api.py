@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import collections.abc
-import contextlib
 import os
 import threading
 import time
@@ -276,6 +275,7 @@ class Runtime:
                                    f"cannot use one here ({reason})")
         self.head_dtype = head_dtype
         self._closed = False
+        self._released = False
         heads_path = self.bundle.heads_path
         arrays = load_head_arrays(heads_path)
         try:
@@ -447,19 +447,24 @@ class Runtime:
         if self.__dict__.get("_pid", os.getpid()) != os.getpid():
             self._closed = True
             return
-        lock = self.__dict__.get("_lock")
-        if lock is not None and lock.owned():  # waiting for the lock would wait for ourselves
+        lock, me = self.__dict__.get("_lock"), threading.get_ident()
+        if lock is None or lock.owner == me:  # opening failed before the lock; or inside a call of ours
             self._closed = True
             return
-        with lock if lock is not None else contextlib.nullcontext():
+        try:
+            lock.acquire()
             self._closed = True
             self._release()
+        finally:
+            if lock.owner == me:  # no call before the store: see FifoLock
+                lock.owner = None
+                lock.wake()
 
     def __del__(self) -> None:
         # Dropped without close(): released now. The device place and its CUDA graphs refer to
         # each other, so their GPU memory and engines would otherwise wait for the cyclic
         # garbage collector.
-        if self.__dict__.get("_closed") is False:
+        if self.__dict__.get("_released") is False:
             try:
                 self.close()
             except Exception:  # noqa: BLE001 - at interpreter exit what close() needs may be gone
@@ -476,21 +481,27 @@ class Runtime:
             driver.close()
         self.runner.deactivate()
 
-    @contextlib.contextmanager
-    def _call(self) -> Iterator[None]:
-        """Holds the call lock for one call (checked first: the process, and a call from inside
-        another call of this thread, e.g. from a signal handler, which would wait for itself);
-        releases the Runtime as the call ends when :meth:`close` was called during it."""
+    def _locked(self, call: Callable[[], Any]) -> Any:
+        """Runs ``call`` holding the call lock (checked first: the process, and a call from
+        inside another call of this thread, e.g. from a signal handler, which would wait for
+        itself); releases the Runtime as the call ends when :meth:`close` was called during it.
+        The lock is freed whatever a signal handler raises, wherever (see :class:`FifoLock`)."""
         self._check_process()
-        if self._lock.owned():
+        lock, me = self._lock, threading.get_ident()
+        if lock.owner == me:
             raise InputError("a Runtime cannot be called from inside a call of this Runtime on the same thread "
                              "(a signal handler?): it would wait for itself")
-        with self._lock:
+        try:
+            lock.acquire()
             try:
-                yield
+                return call()
             finally:
                 if self._closed:
                     self._release()
+        finally:
+            if lock.owner == me:  # no call before the store: see FifoLock
+                lock.owner = None
+                lock.wake()
 
     def __copy__(self):
         raise TypeError("a Runtime cannot be copied: it owns sessions, engines and buffers; open another "
@@ -709,7 +720,7 @@ class Runtime:
         return pred, probe.marks + [probe.elapsed_ms()]
 
     def _predict(self, inputs, budget: Optional[str], deadline, cropped: bool) -> Predictions:
-        with self._call():
+        def call() -> tuple:
             t0 = time.perf_counter()
             thr = self._thresholds if budget is None else self.bundle.thresholds(budget)  # read, never written
             self._check_budget(self._thresholds_budget if budget is None else budget)
@@ -718,6 +729,9 @@ class Runtime:
             self._check_open()
             out, n, sizes = self._run(inputs, thr, deadline, cropped)
             self.profiler.add_call(time.perf_counter() - t0, n)
+            return out, sizes
+
+        out, sizes = self._locked(call)
         _check_finite(out.confidence, "predict")
         m = self.model
         return Predictions(out.prediction, out.confidence, out.exit_step, out.coords, m.patch_size,
@@ -726,9 +740,11 @@ class Runtime:
     def trace(self, inputs, *, cropped: bool = False) -> RuntimeTrace:
         """Runs every step on every image; same fields as the reference model's trace
         (``inputs`` and ``cropped`` as in :meth:`predict`)."""
-        with self._call():
+        def call() -> StepOutputs:
             self._check_open()
-            out, _, _ = self._run(inputs, None, cropped=cropped)
+            return self._run(inputs, None, cropped=cropped)[0]
+
+        out = self._locked(call)
         _check_finite(out.probs, "trace")
         return RuntimeTrace(out.probs, out.coords)
 
@@ -762,46 +778,64 @@ class Runtime:
 
 
 class FifoLock:
-    """A non-reentrant lock that threads acquire in the order they asked for it (``with``
-    only). ``threading.Lock`` lets the thread that releases it take it again at once: with two
-    threads calling a Runtime in a loop (calls of 1.7 ms, 2-core CPU), one of them then waits
-    up to 137 ms, 80 calls of the other, against 8 ms in call order."""
+    """A non-reentrant lock that threads acquire in the order they asked for it. ``threading.Lock``
+    lets the thread that releases it take it again at once: with two threads calling a Runtime in
+    a loop (calls of 1.7 ms, 2-core CPU), one of them then waits up to 137 ms, 80 calls of the
+    other, against 8 ms in call order.
+
+    The holder is one attribute, :attr:`owner` (a thread ident, None when free), written last
+    when the lock is taken: a caller that computed its ident before can tell, in a ``finally``
+    that makes no call, whether it holds the lock and free it with one store (then
+    :meth:`wake`), so an exception a signal handler raises anywhere in between never leaves it
+    held. Waiters re-check every :attr:`RECHECK_S` seconds, so a wake-up lost to such an
+    exception delays them at most that long. ``with`` takes and frees it too.
+    """
+
+    #: Seconds between a waiter's checks when no release wakes it.
+    RECHECK_S = 0.05
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._held = False
-        self._owner: Optional[int] = None  # the holding thread's ident
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
+        self.owner: Optional[int] = None
         self._waiting: "collections.deque[object]" = collections.deque()
 
-    def __enter__(self) -> None:
-        with self._cond:
-            if not self._held and not self._waiting:
-                self._held = True
-                self._owner = threading.get_ident()
+    @property
+    def _held(self) -> bool:
+        return self.owner is not None
+
+    def acquire(self) -> None:
+        """Waits for the lock in call order and takes it."""
+        me = threading.get_ident()
+        with self._mutex:
+            if self.owner is None and not self._waiting:
+                self.owner = me
                 return
-            me = object()
-            self._waiting.append(me)
+            ticket = object()
             try:
-                while self._held or self._waiting[0] is not me:
-                    self._cond.wait()
+                self._waiting.append(ticket)
+                while self.owner is not None or self._waiting[0] is not ticket:
+                    self._cond.wait(self.RECHECK_S)
             except BaseException:  # interrupted while waiting: the threads behind go on
-                self._waiting.remove(me)
+                if ticket in self._waiting:
+                    self._waiting.remove(ticket)
                 self._cond.notify_all()
                 raise
+            self.owner = me
             self._waiting.popleft()
-            self._held = True
-            self._owner = threading.get_ident()
 
-    def __exit__(self, *exc) -> None:
-        with self._cond:
-            self._held = False
-            self._owner = None
+    def wake(self) -> None:
+        """Wakes the waiters after the holder set :attr:`owner` to None."""
+        with self._mutex:
             if self._waiting:
                 self._cond.notify_all()
 
-    def owned(self) -> bool:
-        """True when the calling thread holds the lock."""
-        return self._owner == threading.get_ident()
+    def __enter__(self) -> None:
+        self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.owner = None
+        self.wake()
 
 
 def _check_flag(name: str, value: Any) -> None:
