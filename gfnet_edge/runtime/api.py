@@ -3,9 +3,11 @@ unless the ``torch`` backend is asked for)."""
 from __future__ import annotations
 
 import collections
-import contextlib
+import collections.abc
+import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -29,6 +31,22 @@ from .types import check_cropped
 
 #: Default ``deadline_margin`` of :meth:`Runtime.predict`.
 DEFAULT_MARGIN = 0.05
+
+#: The Runtimes open in this process.
+_OPEN: "weakref.WeakSet[Runtime]" = weakref.WeakSet()
+#: In a forked child: the Runtimes it inherited, held until it exits. Tearing down the parent's
+#: ONNX Runtime sessions in the child hangs it (their worker threads do not exist there), and
+#: GPU memory, streams and engines belong to the parent's CUDA context.
+_INHERITED: List["Runtime"] = []
+
+
+def _hold_inherited_runtimes() -> None:
+    _INHERITED.extend(_OPEN)
+    _OPEN.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_hold_inherited_runtimes)
 
 
 @dataclass
@@ -203,6 +221,11 @@ class Runtime:
     Calls are serialised with a lock, so one Runtime may be shared by threads; waiting calls
     run in the order they were made (:class:`FifoLock`), so a thread calling in a loop cannot
     keep another waiting for more than one call each of the other threads.
+
+    A Runtime belongs to the process that opened it: in a process forked from that one every
+    call raises InputError (open a Runtime in each process after the fork); there,
+    :meth:`close` and the garbage collector release nothing of what it holds (the parent's
+    sessions, engines and GPU memory).
     """
 
     def __init__(self, bundle: Union[str, Path, Bundle], backend: str = "auto", precision: str = "auto",
@@ -232,6 +255,7 @@ class Runtime:
         self.threads = threads
         self.profiler = Profiler(profile)
         self._lock = FifoLock()
+        self._pid = os.getpid()
         if backend == "auto":
             backend = self._auto_backend(precision)
         self.backend = backend
@@ -251,6 +275,7 @@ class Runtime:
                                    f"cannot use one here ({reason})")
         self.head_dtype = head_dtype
         self._closed = False
+        self._released = False
         heads_path = self.bundle.heads_path
         arrays = load_head_arrays(heads_path)
         try:
@@ -288,6 +313,7 @@ class Runtime:
         except BaseException:
             self.close()
             raise
+        _OPEN.add(self)
         logger.info("runtime: %s backend, %s graphs, %s loop, budget %s", self.backend, self.precision,
                     "device" if on_gpu else "host", self.budget)
 
@@ -402,7 +428,7 @@ class Runtime:
             if isinstance(value, (str, bytes)):
                 raise TypeError("a string is not a sequence of thresholds")
             thr = [float(t) for t in value]
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond float range
             raise InputError(f"thresholds must be {T} finite numbers (one per step), got {value!r}") from None
         if len(thr) != T or not all(np.isfinite(t) for t in thr):
             raise InputError(f"thresholds must be {T} finite numbers (one per step), got {thr}")
@@ -411,18 +437,71 @@ class Runtime:
 
     def close(self) -> None:
         """Releases the backend's sessions / engines and the loop's GPU memory and graphs; the
-        Runtime cannot be used afterwards. A call running in another thread finishes first."""
-        if getattr(self, "_closed", False):
+        Runtime cannot be used afterwards (one dropped without close() is closed when its last
+        reference goes). A call running in another thread finishes first. Called from inside a
+        call of this thread (a signal handler, e.g. a service's shutdown handler), it returns at
+        once and that call releases everything as it ends. In a process forked from the one
+        that opened it, only marks it closed: what it holds belongs to the parent process."""
+        if self.__dict__.get("_released", False):
             return
-        lock = self.__dict__.get("_lock")
-        with lock if lock is not None else contextlib.nullcontext():
-            if self._closed:
-                return
+        if self.__dict__.get("_pid", os.getpid()) != os.getpid():
             self._closed = True
-            driver = self.__dict__.get("driver")
-            if driver is not None:
-                driver.close()
-            self.runner.deactivate()
+            return
+        lock, me = self.__dict__.get("_lock"), threading.get_ident()
+        if lock is None or lock.owner == me:  # opening failed before the lock; or inside a call of ours
+            self._closed = True
+            return
+        try:
+            lock.acquire()
+            self._closed = True
+            self._release()
+        finally:
+            if lock.owner == me:  # no call before the store: see FifoLock
+                lock.owner = None
+                lock.wake()
+
+    def __del__(self) -> None:
+        # Dropped without close(): released now. The device place and its CUDA graphs refer to
+        # each other, so their GPU memory and engines would otherwise wait for the cyclic
+        # garbage collector.
+        if self.__dict__.get("_released") is False:
+            try:
+                self.close()
+            except Exception:  # noqa: BLE001 - at interpreter exit what close() needs may be gone
+                pass
+
+    def _release(self) -> None:
+        """Frees the loop's buffers and the runner's sessions / engines, once (lock held)."""
+        if self.__dict__.get("_released", False):
+            return
+        self._released = True
+        _OPEN.discard(self)
+        driver = self.__dict__.get("driver")
+        if driver is not None:
+            driver.close()
+        self.runner.deactivate()
+
+    def _locked(self, call: Callable[[], Any]) -> Any:
+        """Runs ``call`` holding the call lock (checked first: the process, and a call from
+        inside another call of this thread, e.g. from a signal handler, which would wait for
+        itself); releases the Runtime as the call ends when :meth:`close` was called during it.
+        The lock is freed whatever a signal handler raises, wherever (see :class:`FifoLock`)."""
+        self._check_process()
+        lock, me = self._lock, threading.get_ident()
+        if lock.owner == me:
+            raise InputError("a Runtime cannot be called from inside a call of this Runtime on the same thread "
+                             "(a signal handler?): it would wait for itself")
+        try:
+            lock.acquire()
+            try:
+                return call()
+            finally:
+                if self._closed:
+                    self._release()
+        finally:
+            if lock.owner == me:  # no call before the store: see FifoLock
+                lock.owner = None
+                lock.wake()
 
     def __copy__(self):
         raise TypeError("a Runtime cannot be copied: it owns sessions, engines and buffers; open another "
@@ -434,7 +513,17 @@ class Runtime:
     def __reduce__(self):
         raise TypeError("a Runtime cannot be pickled: open Runtime(bundle) in each process")
 
+    def _check_process(self) -> None:
+        """Raises InputError in a process forked from the one that opened this Runtime (checked
+        before the call lock, which a thread of the parent may have held at the fork)."""
+        pid = self.__dict__.get("_pid")
+        if pid is not None and pid != os.getpid():
+            raise InputError(f"this Runtime was opened in process {pid} and cannot run in process {os.getpid()} forked "
+                             "from it (backend sessions, engines and GPU memory do not survive a fork): open a "
+                             "Runtime in each process after the fork")
+
     def _check_open(self) -> None:
+        self._check_process()
         if getattr(self, "_closed", False):
             raise InputError("this Runtime is closed (close() was called or its `with` block ended); "
                              "create a new Runtime")
@@ -474,9 +563,18 @@ class Runtime:
             if cropped:
                 check_cropped([inputs.shape[1:3]], S)
             return "frames", inputs  # one array: no per-frame checks, no copy
-        if not isinstance(inputs, np.ndarray) and not hasattr(inputs, "__iter__"):
+        if isinstance(inputs, np.ndarray) and inputs.ndim == 4:  # a stack, of another dtype or layout
+            hint = (" (convert it with .astype(np.float32))" if inputs.dtype.kind == "f" and inputs.shape[1:] == (3, S, S)
+                    else " (frames are channels last: .transpose(0, 2, 3, 1))" if inputs.dtype == np.uint8
+                    and inputs.shape[1] == 3 else "")
+            raise InputError(f"expected uint8 frames (N, H, W, 3) or normalised float32 images (N, 3, {S}, {S}), "
+                             f"got a {inputs.dtype} array {inputs.shape}{hint}")
+        if not isinstance(inputs, np.ndarray) and (not hasattr(inputs, "__iter__") or isinstance(
+                inputs, (str, bytes, bytearray, memoryview, collections.abc.Mapping))):  # not a sequence of frames
+            hint = (" (encoded image bytes are decoded first, e.g. with PIL)" if isinstance(inputs, (bytes, bytearray))
+                    else " (numpy.asarray gives the array it views)" if isinstance(inputs, memoryview) else "")
             raise InputError(f"expected uint8 HWC RGB frames (an array or a list of arrays) or float32 NCHW "
-                             f"images, got {type(inputs).__name__}")
+                             f"images, got {type(inputs).__name__}{hint}")
         frames = list(inputs) if not isinstance(inputs, np.ndarray) or inputs.ndim == 4 else [inputs]
         if not frames:
             raise InputError("no images given")
@@ -554,7 +652,7 @@ class Runtime:
                 if isinstance(costs, (str, bytes)):
                     raise TypeError
                 values = tuple(float(v) for v in costs)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond float range
                 raise InputError(f"step costs must be a StepCosts or one number of ms per step, "
                                  f"got {costs!r}") from None
             costs = StepCosts(values, source="set_step_costs")
@@ -622,7 +720,7 @@ class Runtime:
         return pred, probe.marks + [probe.elapsed_ms()]
 
     def _predict(self, inputs, budget: Optional[str], deadline, cropped: bool) -> Predictions:
-        with self._lock:
+        def call() -> tuple:
             t0 = time.perf_counter()
             thr = self._thresholds if budget is None else self.bundle.thresholds(budget)  # read, never written
             self._check_budget(self._thresholds_budget if budget is None else budget)
@@ -631,6 +729,9 @@ class Runtime:
             self._check_open()
             out, n, sizes = self._run(inputs, thr, deadline, cropped)
             self.profiler.add_call(time.perf_counter() - t0, n)
+            return out, sizes
+
+        out, sizes = self._locked(call)
         _check_finite(out.confidence, "predict")
         m = self.model
         return Predictions(out.prediction, out.confidence, out.exit_step, out.coords, m.patch_size,
@@ -639,9 +740,11 @@ class Runtime:
     def trace(self, inputs, *, cropped: bool = False) -> RuntimeTrace:
         """Runs every step on every image; same fields as the reference model's trace
         (``inputs`` and ``cropped`` as in :meth:`predict`)."""
-        with self._lock:
+        def call() -> StepOutputs:
             self._check_open()
-            out, _, _ = self._run(inputs, None, cropped=cropped)
+            return self._run(inputs, None, cropped=cropped)[0]
+
+        out = self._locked(call)
         _check_finite(out.probs, "trace")
         return RuntimeTrace(out.probs, out.coords)
 
@@ -675,38 +778,64 @@ class Runtime:
 
 
 class FifoLock:
-    """A non-reentrant lock that threads acquire in the order they asked for it (``with``
-    only). ``threading.Lock`` lets the thread that releases it take it again at once: with two
-    threads calling a Runtime in a loop (calls of 1.7 ms, 2-core CPU), one of them then waits
-    up to 137 ms, 80 calls of the other, against 8 ms in call order."""
+    """A non-reentrant lock that threads acquire in the order they asked for it. ``threading.Lock``
+    lets the thread that releases it take it again at once: with two threads calling a Runtime in
+    a loop (calls of 1.7 ms, 2-core CPU), one of them then waits up to 137 ms, 80 calls of the
+    other, against 8 ms in call order.
+
+    The holder is one attribute, :attr:`owner` (a thread ident, None when free), written last
+    when the lock is taken: a caller that computed its ident before can tell, in a ``finally``
+    that makes no call, whether it holds the lock and free it with one store (then
+    :meth:`wake`), so an exception a signal handler raises anywhere in between never leaves it
+    held. Waiters re-check every :attr:`RECHECK_S` seconds, so a wake-up lost to such an
+    exception delays them at most that long. ``with`` takes and frees it too.
+    """
+
+    #: Seconds between a waiter's checks when no release wakes it.
+    RECHECK_S = 0.05
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._held = False
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
+        self.owner: Optional[int] = None
         self._waiting: "collections.deque[object]" = collections.deque()
 
-    def __enter__(self) -> None:
-        with self._cond:
-            if not self._held and not self._waiting:
-                self._held = True
+    @property
+    def _held(self) -> bool:
+        return self.owner is not None
+
+    def acquire(self) -> None:
+        """Waits for the lock in call order and takes it."""
+        me = threading.get_ident()
+        with self._mutex:
+            if self.owner is None and not self._waiting:
+                self.owner = me
                 return
-            me = object()
-            self._waiting.append(me)
+            ticket = object()
             try:
-                while self._held or self._waiting[0] is not me:
-                    self._cond.wait()
+                self._waiting.append(ticket)
+                while self.owner is not None or self._waiting[0] is not ticket:
+                    self._cond.wait(self.RECHECK_S)
             except BaseException:  # interrupted while waiting: the threads behind go on
-                self._waiting.remove(me)
+                if ticket in self._waiting:
+                    self._waiting.remove(ticket)
                 self._cond.notify_all()
                 raise
+            self.owner = me
             self._waiting.popleft()
-            self._held = True
 
-    def __exit__(self, *exc) -> None:
-        with self._cond:
-            self._held = False
+    def wake(self) -> None:
+        """Wakes the waiters after the holder set :attr:`owner` to None."""
+        with self._mutex:
             if self._waiting:
                 self._cond.notify_all()
+
+    def __enter__(self) -> None:
+        self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.owner = None
+        self.wake()
 
 
 def _check_flag(name: str, value: Any) -> None:

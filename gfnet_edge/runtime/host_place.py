@@ -62,7 +62,8 @@ class HostPlace:
             square = (frames.shape[1:] == (S, S, 3) if isinstance(frames, np.ndarray)
                       else all(f.shape == (S, S, 3) for f in frames))
             if ops.resize_size(S, crop_pct) == S and square:
-                images = np.ascontiguousarray(frames) if isinstance(frames, np.ndarray) else np.stack(frames)
+                # np.stack keeps the frames' layout (Fortran order, transposed views); the extension reads C order
+                images = np.ascontiguousarray(frames if isinstance(frames, np.ndarray) else np.stack(frames))
             else:
                 images = ops.resize_crop([np.ascontiguousarray(f) for f in frames], S, crop_pct,
                                          m.dataset_interpolation)
