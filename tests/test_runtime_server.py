@@ -336,3 +336,46 @@ def test_an_exception_raised_by_a_signal_handler_anywhere_in_a_call_leaves_the_r
                 break
             _same(out[0], want)
         assert not stuck, f"the Runtime's lock stayed held after an exception at function entry {stuck[0]} of a call"
+
+
+def test_the_call_lock_is_left_free_when_a_waiter_is_interrupted_as_it_leaves_the_queue():
+    """A signal handler's exception as a waiting thread leaves the queue (before it takes the
+    lock) must not leave its place at the head of the queue: the next thread takes the lock."""
+    import collections
+    import threading
+    import time
+
+    from gfnet_edge.runtime.api import FifoLock
+
+    class InterruptedOnce(collections.deque):
+        def popleft(self):
+            if not getattr(self, "done", False):
+                self.done = True
+                raise KeyboardInterrupt
+            return super().popleft()
+
+    lock = FifoLock()
+    lock.acquire()  # held here: the next taker waits in the queue
+    lock._waiting = InterruptedOnce()
+    said = []
+
+    def waiter():
+        try:
+            lock.acquire()
+        except KeyboardInterrupt:
+            said.append("interrupted")
+
+    first = threading.Thread(target=waiter)
+    first.start()
+    deadline = time.monotonic() + 10
+    while not lock._waiting and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert len(lock._waiting) == 1
+    lock.owner = None
+    lock.wake()
+    first.join(10)
+    assert said == ["interrupted"] and lock.owner is None and not lock._waiting
+    second = threading.Thread(target=lock.acquire)
+    second.start()
+    second.join(10)
+    assert not second.is_alive() and lock.owner == second.ident

@@ -816,13 +816,13 @@ class FifoLock:
                 self._waiting.append(ticket)
                 while self.owner is not None or self._waiting[0] is not ticket:
                     self._cond.wait(self.RECHECK_S)
-            except BaseException:  # interrupted while waiting: the threads behind go on
+                self._waiting.popleft()
+            except BaseException:  # interrupted while waiting or leaving the queue: the threads behind go on
                 if ticket in self._waiting:
                     self._waiting.remove(ticket)
                 self._cond.notify_all()
                 raise
-            self.owner = me
-            self._waiting.popleft()
+            self.owner = me  # last: an exception before it leaves the lock free
 
     def wake(self) -> None:
         """Wakes the waiters after the holder set :attr:`owner` to None."""
