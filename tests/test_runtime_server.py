@@ -258,7 +258,7 @@ def test_inputs_that_are_not_frames_name_their_type(demo_onnx_bundle, bad, named
     dict, a buffer -- is one InputError naming the type it got (not an error about the items
     found by iterating it, nor another exception type)."""
     with Runtime(demo_onnx_bundle.root, backend="onnxruntime", precision="fp32", threads=1) as rt:
-        for call in (rt.predict, rt.trace):
+        for call in (rt.predict, rt.trace, rt.predict_iter):  # predict_iter: at the call, before any batch
             with pytest.raises(InputError, match=rf"expected uint8 HWC RGB frames .*, got {named}\b"):
                 call(bad)
 

@@ -23,7 +23,7 @@ from .backends import RunnerRequest
 from .backends import choices as backend_choices
 from .backends import get as get_backend
 from .deadline import Deadline, StepCosts, StepTimes, step_costs_key
-from .chunking import OutputBuffer, check_batch, chunk_size, device_chunks, stream_batches
+from .chunking import OutputBuffer, check_batch, check_frames_given, chunk_size, device_chunks, stream_batches
 from .driver import Driver, StepOutputs
 from .heads import HEAD_DTYPES, HeadSet, load_head_arrays
 from .profile import Profiler
@@ -569,12 +569,7 @@ class Runtime:
                     and inputs.shape[1] == 3 else "")
             raise InputError(f"expected uint8 frames (N, H, W, 3) or normalised float32 images (N, 3, {S}, {S}), "
                              f"got a {inputs.dtype} array {inputs.shape}{hint}")
-        if not isinstance(inputs, np.ndarray) and (not hasattr(inputs, "__iter__") or isinstance(
-                inputs, (str, bytes, bytearray, memoryview, collections.abc.Mapping))):  # not a sequence of frames
-            hint = (" (encoded image bytes are decoded first, e.g. with PIL)" if isinstance(inputs, (bytes, bytearray))
-                    else " (numpy.asarray gives the array it views)" if isinstance(inputs, memoryview) else "")
-            raise InputError(f"expected uint8 HWC RGB frames (an array or a list of arrays) or float32 NCHW "
-                             f"images, got {type(inputs).__name__}{hint}")
+        check_frames_given(inputs)
         frames = list(inputs) if not isinstance(inputs, np.ndarray) or inputs.ndim == 4 else [inputs]
         if not frames:
             raise InputError("no images given")
@@ -771,6 +766,7 @@ class Runtime:
         _check_flag("cropped", cropped)
         if budget is not None:
             self.bundle.thresholds(budget)  # an unknown name fails here, not at the first batch
+        check_frames_given(frames)
         batches = stream_batches(frames, size, self.model.image_size, bool(cropped))
         if deadline_ms is not None:
             self._deadline(deadline_ms, deadline_margin, time.perf_counter())  # bad values fail here

@@ -13,6 +13,8 @@ place the next chunk's upload overlaps the current chunk's steps
 """
 from __future__ import annotations
 
+import collections.abc
+
 from typing import Any, ClassVar, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
@@ -133,6 +135,19 @@ def _as_stack(item: Any, i: int, S: int, cropped: bool = False) -> np.ndarray:
         desc = type(item).__name__
     raise InputError(f"item {i}: expected a uint8 (H, W, 3) frame, a float32 (3, {S}, {S}) image, "
                      f"or a stack of either, got {desc}")
+
+
+def check_frames_given(inputs: Any) -> None:
+    """Refuses what cannot hold frames although Python can iterate it (an encoded image's bytes, a
+    file name, a dict, a memoryview) or cannot iterate at all: one :class:`InputError` naming the
+    type given, instead of a fault blamed on its first item."""
+    if isinstance(inputs, np.ndarray) or (hasattr(inputs, "__iter__") and not isinstance(
+            inputs, (str, bytes, bytearray, memoryview, collections.abc.Mapping))):
+        return
+    hint = (" (encoded image bytes are decoded first, e.g. with PIL)" if isinstance(inputs, (bytes, bytearray))
+            else " (numpy.asarray gives the array it views)" if isinstance(inputs, memoryview) else "")
+    raise InputError(f"expected uint8 HWC RGB frames (an array or a list of arrays) or float32 NCHW "
+                     f"images, got {type(inputs).__name__}{hint}")
 
 
 def stream_batches(items: Iterable[Any], size: int, S: int,
