@@ -128,8 +128,12 @@ def test_a_forked_child_gets_a_clear_error_and_can_drop_the_inherited_runtime(de
 
         def drop_inherited():
             nonlocal rt
+            from gfnet_edge.runtime import api
+
             rt.close()
             rt.close()
+            if not any(r is rt for r in api._INHERITED):  # `with` holds it here; a worker's own code may not
+                return "the inherited Runtime is not held: dropping its last reference would tear down the parent's"
             rt = None
             gc.collect()
             with Runtime(demo_onnx_bundle.root, backend="onnxruntime", precision="fp32", threads=threads) as own:
@@ -179,7 +183,7 @@ def test_close_from_a_signal_handler_during_a_call_of_the_same_thread(demo_onnx_
         pass
 
     def handler(*_):
-        with pytest.raises(InputError, match="from inside a call of this Runtime on the same thread"):
+        with pytest.raises(InputError, match="from inside a call of this Runtime on the same thread, or while"):
             rt.predict(demo_frames[:1])
         rt.close()
         seen.append(rt.runner.active)  # still running the call below
@@ -379,3 +383,108 @@ def test_the_call_lock_is_left_free_when_a_waiter_is_interrupted_as_it_leaves_th
     second.start()
     second.join(10)
     assert not second.is_alive() and lock.owner == second.ident
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork (a hang is killed there)")
+def test_a_signal_handler_on_a_thread_waiting_for_the_lock_neither_waits_for_itself(demo_onnx_bundle, demo_frames):
+    """The main thread waits for the call lock (another thread's call holds it) when a shutdown
+    signal handler runs on it: a call from the handler is an InputError, close() from it returns
+    at once, and the waiting call then runs, finds the Runtime closed, and releases it."""
+    import signal
+    import threading
+
+    def scenario():
+        rt = Runtime(demo_onnx_bundle.root, backend="onnxruntime", precision="fp32", threads=1)
+        held, release, said = threading.Event(), threading.Event(), []
+
+        def other_call():  # holds the lock as another thread's call does
+            rt._lock.acquire()
+            held.set()
+            release.wait(20)
+            rt._lock.owner = None
+            rt._lock.wake()
+
+        def handler(signum, frame):
+            try:
+                rt.predict(demo_frames)
+                said.append("the handler's call ran")
+            except InputError as exc:
+                said.append("refused" if "while that thread waits" in str(exc) else str(exc))
+            rt.close()
+            said.append("closed")
+            release.set()
+
+        worker = threading.Thread(target=other_call)
+        worker.start()
+        held.wait(20)
+        signal.signal(signal.SIGALRM, handler)
+        signal.setitimer(signal.ITIMER_REAL, 0.3)  # the main thread is queued for the lock by then
+        try:
+            rt.predict(demo_frames)
+            said.append("the waiting call ran on a closed Runtime")
+        except InputError as exc:
+            said.append("then closed" if "is closed" in str(exc) else str(exc))
+        worker.join(20)
+        lock = rt._lock
+        return ", ".join(said) + (", released" if rt._released and lock.owner is None and not lock._waiting else "")
+
+    assert _in_forked_child(scenario) == "refused, closed, then closed, released"
+
+
+def test_close_returns_once_released_and_a_release_cut_short_is_done_again(demo_onnx_bundle):
+    """close() in a second thread while the first thread's close() is releasing returns only when
+    everything is released; a release an exception cut short (Ctrl-C in the middle of it) is done
+    by the next close()."""
+    import threading
+
+    rt = Runtime(demo_onnx_bundle.root, backend="onnxruntime", precision="fp32", threads=1)
+    driver_close, inside, go_on = rt.driver.close, threading.Event(), threading.Event()
+
+    def slow_close():
+        inside.set()
+        go_on.wait(20)
+        driver_close()
+
+    rt.driver.close = slow_close
+    first = threading.Thread(target=rt.close)
+    first.start()
+    inside.wait(20)
+    second = threading.Thread(target=rt.close)
+    second.start()
+    deadline = __import__("time").monotonic() + 20
+    while second.ident not in tuple(rt._lock._waiting) and __import__("time").monotonic() < deadline:
+        __import__("time").sleep(0.001)
+    assert second.is_alive() and rt.runner.active  # waits while the first is releasing
+    go_on.set()
+    second.join(20)
+    assert not second.is_alive() and not rt.runner.active and rt._released
+    first.join(20)
+
+    rt = Runtime(demo_onnx_bundle.root, backend="onnxruntime", precision="fp32", threads=1)
+    calls = []
+
+    def interrupted_close():
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+
+    rt.driver.close = interrupted_close
+    with pytest.raises(KeyboardInterrupt):
+        rt.close()
+    assert rt.runner.active and not rt._released
+    rt.close()
+    assert len(calls) == 2 and not rt.runner.active and rt._released
+
+
+def test_the_lock_queue_is_guarded_by_a_mutex_no_exception_can_leave_unheld_in_a_wait():
+    """A waiter leaves Condition.wait holding the queue's mutex whatever a signal handler raises
+    in it: the mutex is an RLock, whose re-acquisition at the end of the wait is one C call with
+    no Python function entry where an exception could skip it (with a Lock it is a Python method,
+    and an exception at its entry left the waiter without the mutex: 'release unlocked lock')."""
+    import types
+
+    from gfnet_edge.runtime.api import FifoLock
+
+    cond = FifoLock()._cond
+    assert isinstance(cond._acquire_restore, types.BuiltinMethodType)
+    assert isinstance(cond._release_save, types.BuiltinMethodType)

@@ -438,17 +438,17 @@ class Runtime:
     def close(self) -> None:
         """Releases the backend's sessions / engines and the loop's GPU memory and graphs; the
         Runtime cannot be used afterwards (one dropped without close() is closed when its last
-        reference goes). A call running in another thread finishes first. Called from inside a
-        call of this thread (a signal handler, e.g. a service's shutdown handler), it returns at
-        once and that call releases everything as it ends. In a process forked from the one
-        that opened it, only marks it closed: what it holds belongs to the parent process."""
-        if self.__dict__.get("_released", False):
-            return
+        reference goes). A call running in another thread finishes first, and close() returns
+        once everything is released. Called from inside a call of this thread, or while this
+        thread waits to make one (a signal handler, e.g. a service's shutdown handler), it
+        returns at once and that call releases everything as it ends. In a process forked from
+        the one that opened it, only marks it closed: what it holds belongs to the parent
+        process."""
         if self.__dict__.get("_pid", os.getpid()) != os.getpid():
             self._closed = True
             return
         lock, me = self.__dict__.get("_lock"), threading.get_ident()
-        if lock is None or lock.owner == me:  # opening failed before the lock; or inside a call of ours
+        if lock is None or lock.involves(me):  # opening failed before the lock; or inside (or waiting for) a call of ours
             self._closed = True
             return
         try:
@@ -474,12 +474,12 @@ class Runtime:
         """Frees the loop's buffers and the runner's sessions / engines, once (lock held)."""
         if self.__dict__.get("_released", False):
             return
-        self._released = True
         _OPEN.discard(self)
         driver = self.__dict__.get("driver")
         if driver is not None:
             driver.close()
         self.runner.deactivate()
+        self._released = True  # last: a release an exception cut short is done again by the next close()
 
     def _locked(self, call: Callable[[], Any]) -> Any:
         """Runs ``call`` holding the call lock (checked first: the process, and a call from
@@ -488,9 +488,9 @@ class Runtime:
         The lock is freed whatever a signal handler raises, wherever (see :class:`FifoLock`)."""
         self._check_process()
         lock, me = self._lock, threading.get_ident()
-        if lock.owner == me:
-            raise InputError("a Runtime cannot be called from inside a call of this Runtime on the same thread "
-                             "(a signal handler?): it would wait for itself")
+        if lock.involves(me):
+            raise InputError("a Runtime cannot be called from inside a call of this Runtime on the same thread, "
+                             "or while that thread waits to make one (a signal handler?): it would wait for itself")
         try:
             lock.acquire()
             try:
@@ -783,7 +783,9 @@ class FifoLock:
     when the lock is taken: a caller that computed its ident before can tell, in a ``finally``
     that makes no call, whether it holds the lock and free it with one store (then
     :meth:`wake`), so an exception a signal handler raises anywhere in between never leaves it
-    held. Waiters re-check every :attr:`RECHECK_S` seconds, so a wake-up lost to such an
+    held. A waiter's place in the queue is its thread ident, removed whatever interrupts its wait
+    (the queue's mutex is an ``RLock``, whose re-acquisition inside ``Condition.wait`` no exception
+    can skip). Waiters re-check every :attr:`RECHECK_S` seconds, so a wake-up lost to such an
     exception delays them at most that long. ``with`` takes and frees it too.
     """
 
@@ -791,14 +793,19 @@ class FifoLock:
     RECHECK_S = 0.05
 
     def __init__(self) -> None:
-        self._mutex = threading.Lock()
+        self._mutex = threading.RLock()
         self._cond = threading.Condition(self._mutex)
         self.owner: Optional[int] = None
-        self._waiting: "collections.deque[object]" = collections.deque()
+        self._waiting: "collections.deque[int]" = collections.deque()
 
     @property
     def _held(self) -> bool:
         return self.owner is not None
+
+    def involves(self, ident: int) -> bool:
+        """Whether thread ``ident`` holds the lock or waits for it (a signal handler running on
+        that thread would wait for itself). Reads without the mutex."""
+        return self.owner == ident or ident in tuple(self._waiting)
 
     def acquire(self) -> None:
         """Waits for the lock in call order and takes it."""
@@ -807,15 +814,14 @@ class FifoLock:
             if self.owner is None and not self._waiting:
                 self.owner = me
                 return
-            ticket = object()
             try:
-                self._waiting.append(ticket)
-                while self.owner is not None or self._waiting[0] is not ticket:
+                self._waiting.append(me)
+                while self.owner is not None or self._waiting[0] != me:
                     self._cond.wait(self.RECHECK_S)
                 self._waiting.popleft()
             except BaseException:  # interrupted while waiting or leaving the queue: the threads behind go on
-                if ticket in self._waiting:
-                    self._waiting.remove(ticket)
+                if me in self._waiting:
+                    self._waiting.remove(me)
                 self._cond.notify_all()
                 raise
             self.owner = me  # last: an exception before it leaves the lock free
