@@ -21,6 +21,7 @@ python3 bench/memory.py --threads 2
 python3 bench/memory.py --sizes 256 --max-batch 8,32,128 --one-chunk-up-to 0 --repeat 3 --out bench/results/memory_chunks.md
 python3 bench/head_dtype.py
 python3 bench/ort_threads.py
+python3 bench/ort_call_overhead.py
 python3 bench/gru_zero_state.py
 python3 bench/warmup.py
 python3 bench/demo_data.py
