@@ -13,6 +13,7 @@ import pytest
 from gfnet_edge.bundle import (FORMAT_VERSION, Bundle, BundleError, new_manifest, record_artifacts, safe_join,
                                staging_dir, write_json_atomic)
 from gfnet_edge.errors import InputError
+from child_python import PYTHON
 
 
 #: A complete ``model`` entry (what manifest_model writes for a small model).
@@ -250,11 +251,10 @@ def test_a_writer_whose_process_name_is_not_ascii_is_still_told_apart():
     """A process renamed to UTF-8 bytes (``prctl(PR_SET_NAME, "trainé")``, or Python run through a
     link named so) keeps the start time its staging folders are judged by."""
     import subprocess
-    import sys
 
     from gfnet_edge import bundle
 
-    child = subprocess.Popen([sys.executable, "-c", "import ctypes, sys; sys.stdin.readline(); "
+    child = subprocess.Popen([PYTHON, "-c", "import ctypes, sys; sys.stdin.readline(); "
                               "ctypes.CDLL(None).prctl(15, 'trainé'.encode()); print('renamed', flush=True); "
                               "sys.stdin.readline()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -295,13 +295,12 @@ def test_stale_staging_is_removed_only_when_its_writer_is_certainly_gone(tmp_pat
     and boot; kept silently while it runs; kept with a warning naming the folder when it cannot
     be told (another PID namespace, another boot, a name with a process id alone)."""
     import subprocess
-    import sys
 
     from gfnet_edge.bundle import clean_stale
 
     pid, start, ns, boot = me = _proc_writer(os.getpid())
     other_boot = format(int(boot, 16) ^ 1, "016x")
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    sleeper = subprocess.Popen([PYTHON, "-c", "import time; time.sleep(60)"])
     try:
         running = _tag(*_proc_writer(sleeper.pid))
         names = {
@@ -335,7 +334,6 @@ def test_staging_of_a_writer_in_another_pid_namespace_is_kept(tmp_path, caplog):
     """A writer in another PID namespace (a container sharing the folder) whose process id is
     free here: its staging folder stays while it writes (a warning names it)."""
     import subprocess
-    import sys
 
     from gfnet_edge.bundle import clean_stale
 
@@ -355,7 +353,7 @@ from gfnet_edge.bundle import staging_folder
 print(staging_folder(Path({str(tmp_path / "out")!r})), flush=True)
 sys.stdin.read()
 """
-    writer = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", script],
+    writer = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", PYTHON, "-c", script],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         staging = writer.stdout.readline().strip()
@@ -394,11 +392,10 @@ def _replace_while_polled(tmp_path, times):
     """``--force`` replacements of a bundle, ``times`` times, while another process polls its
     manifest; returns ``(found, missing)``: how often that process found it and how often not."""
     import subprocess
-    import sys
 
     out, stop = tmp_path / "bundle", tmp_path / "stop"
     _make(out)
-    poller = subprocess.Popen([sys.executable, "-c", _POLLER, str(out / "manifest.json"), str(stop)],
+    poller = subprocess.Popen([PYTHON, "-c", _POLLER, str(out / "manifest.json"), str(stop)],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert poller.stdout.readline() == "polling\n"
