@@ -189,6 +189,18 @@ def demo_fp32(work: Path):
                            thresholds=_budgets_from_checkpoint(model.meta, desc.steps)[DEFAULT_MACS_BUDGET]["thresholds"])
 
 
+def demo_int8_bundle(out: Path, threads: Optional[int] = None, num_calib: int = 256, progress: bool = True) -> Path:
+    """The shipped demo GFNet built into an INT8 bundle at ``out`` for ONNX Runtime (fp32 and
+    int8-cpu graphs, calibrated on ``num_calib`` demo images; ``threads`` for the export and
+    quantization); returns its folder."""
+    from gfnet_edge.build import BuildConfig, build_bundle
+    from gfnet_edge.demo import DEMO_CHECKPOINT
+
+    cfg = BuildConfig(precision="int8", backend="onnxruntime", calib_data="demo", num_calib=num_calib,
+                      int8_profiles=("cpu",), threads=threads)
+    return build_bundle(DEMO_CHECKPOINT, Path(out), cfg, progress=progress).root
+
+
 def demo_test_images(model, seed: int, n: int, cache: bool = True, as_frames: bool = False):
     """``n`` demo test images (and labels) rendered with generator ``seed``, normalised with the
     mean / std of ``model`` (a ``GFNet`` or a ``ModelDesc``) (``cache``: read / write the

@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, table, write_report  # noqa: E402
+from common import RESULTS, demo_int8_bundle, machine, table, write_report  # noqa: E402
 
 PS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 4.0)
 
@@ -169,12 +169,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 
     from gfnet_edge import ops
-    from gfnet_edge.build import BuildConfig, build_bundle
     from gfnet_edge.calibrate.latency import measure_calls
     from gfnet_edge.calibrate.static import evaluate_static, export_static, quantize_static_int8
     from gfnet_edge.calibrate.latency import prepare_frames
     from gfnet_edge.data import ClutteredDigits, demo_config
-    from gfnet_edge.demo import DEMO_CHECKPOINT, DEMO_STATIC
+    from gfnet_edge.demo import DEMO_STATIC
     from gfnet_edge.runtime import Runtime
 
     batches = [int(b) for b in args.batches.split(",")]
@@ -186,9 +185,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             bundle_dir = Path(args.bundle)
         else:
             _log("building the INT8 bundle of the demo checkpoint (fp32 + int8 graphs)")
-            bundle_dir = build_bundle(DEMO_CHECKPOINT, work / "bundle",
-                                      BuildConfig(precision="int8", backend="onnxruntime", calib_data="demo",
-                                                  int8_profiles=("cpu",), threads=args.threads)).root
+            bundle_dir = demo_int8_bundle(work / "bundle", threads=args.threads)
         from gfnet_edge.bundle import Bundle
 
         loaded = Bundle.load(bundle_dir)

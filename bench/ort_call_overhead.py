@@ -38,7 +38,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, command_line, machine, table, write_report  # noqa: E402
+from common import RESULTS, command_line, demo_int8_bundle, machine, table, write_report  # noqa: E402
 
 PRECISIONS = ("int8-cpu", "fp32")
 pc = time.perf_counter
@@ -315,9 +315,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = ap.parse_args(argv)
 
     from gfnet_edge import ops
-    from gfnet_edge.build import BuildConfig, build_bundle
     from gfnet_edge.data import ClutteredDigits, demo_config
-    from gfnet_edge.demo import DEMO_CHECKPOINT
     from gfnet_edge.runtime import Runtime
     from gfnet_edge.runtime.backends.onnxruntime import load_session
 
@@ -330,9 +328,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             bundle = Path(args.bundle)
         else:
             _log("building the demo bundle (fp32 + int8 graphs)")
-            bundle = build_bundle(DEMO_CHECKPOINT, work / "bundle",
-                                  BuildConfig(precision="int8", backend="onnxruntime", calib_data="demo",
-                                              num_calib=64, int8_profiles=("cpu",))).root
+            bundle = demo_int8_bundle(work / "bundle", num_calib=64)
         for prec in PRECISIONS:
             rt = Runtime(bundle, backend="onnxruntime", precision=prec, threads=args.threads)
             frames, _ = ClutteredDigits("test", config=demo_config(rt.model)).arrays(args.images)

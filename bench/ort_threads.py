@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ProgressiveReport, command_line, machine, table  # noqa: E402
+from common import RESULTS, ProgressiveReport, command_line, demo_int8_bundle, machine, table  # noqa: E402
 
 SETTINGS = ("stop", "spin", "never")
 
@@ -183,13 +183,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     report = ProgressiveReport(args.out, render, res, command, time.perf_counter())
     with tempfile.TemporaryDirectory(prefix="gfnet-ort-threads-") as tmp:
         if args.bundle is None:
-            from gfnet_edge.build import BuildConfig, build_bundle
-
             _log("building an INT8 bundle of the demo checkpoint (fp32 + int8-cpu graphs)")
-            args.bundle = build_bundle(DEMO_CHECKPOINT, Path(tmp) / "bundle",
-                                       BuildConfig(precision="int8", backend="onnxruntime", calib_data="demo",
-                                                   int8_profiles=("cpu",), threads=args.threads),
-                                       progress=False).root
+            args.bundle = demo_int8_bundle(Path(tmp) / "bundle", threads=args.threads, progress=False)
         loaded = Bundle.load(args.bundle)
         frames, _ = ClutteredDigits("test", config=demo_config(loaded.model)).arrays(args.num_test, progress=False)
         for prec in ("fp32", "int8-cpu"):
