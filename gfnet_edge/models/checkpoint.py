@@ -40,9 +40,11 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used, with the reason in the message."""
 
 
-def read_torch_file(path: PathLike, what: str = "checkpoint") -> Any:
+def read_torch_file(path: PathLike, what: str = "checkpoint", mmap: bool = False) -> Any:
     """Loads a torch file with ``weights_only=True`` (tensors and plain containers only), with a
-    one-line error instead of torch's advice to load untrusted pickles.
+    one-line error instead of torch's advice to load untrusted pickles. ``mmap``: a file in torch's
+    zip format maps its tensors' storage instead of reading it (for a caller that reads only the
+    non-tensor entries).
 
     Raises:
         CheckpointError: missing, empty or corrupt file, or one holding other objects.
@@ -56,7 +58,8 @@ def read_torch_file(path: PathLike, what: str = "checkpoint") -> Any:
         raise CheckpointError(f"{p}: not a file")
     if p.stat().st_size == 0:
         raise CheckpointError(f"{p}: {what} file is empty")
-    if not zipfile.is_zipfile(p):
+    is_zip = zipfile.is_zipfile(p)
+    if not is_zip:
         with open(p, "rb") as f:
             head = f.read(2)
         if not head.startswith(b"\x80"):  # neither torch's zip format nor a legacy pickle
@@ -64,7 +67,7 @@ def read_torch_file(path: PathLike, what: str = "checkpoint") -> Any:
     try:
         with warnings.catch_warnings():  # torch warns about legacy pickles before failing or loading
             warnings.simplefilter("ignore")
-            return torch.load(p, map_location="cpu", weights_only=True)
+            return torch.load(p, map_location="cpu", weights_only=True, mmap=mmap and is_zip)
     except Exception as exc:  # torch raises many types for bad files
         text = str(exc)
         if "Unsupported global" in text or "GLOBAL" in text:

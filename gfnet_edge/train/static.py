@@ -59,12 +59,13 @@ def load_static(path: os.PathLike) -> Tuple[nn.Module, Dict[str, Any]]:
 
 
 def load_static_meta(path: os.PathLike) -> Dict[str, Any]:
-    """A static baseline's metadata (:func:`load_static`'s second value), without building the network."""
-    return _meta(_read_static(Path(path)))
+    """A static baseline's metadata (:func:`load_static`'s second value), without building the
+    network or reading its weights (their storage is mapped, not read)."""
+    return _meta(_read_static(Path(path), mmap=True))
 
 
-def _read_static(p: Path) -> Dict[str, Any]:
-    ck = read_torch_file(p, "static checkpoint")
+def _read_static(p: Path, mmap: bool = False) -> Dict[str, Any]:
+    ck = read_torch_file(p, "static checkpoint", mmap=mmap)
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise CheckpointError(f"{p}: not a gfnet-edge static baseline (format {FORMAT!r})")
     return ck
