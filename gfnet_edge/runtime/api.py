@@ -596,13 +596,12 @@ class Runtime:
         else:
             n = len(data)
             chunks = (data[i:i + size] for i in range(0, n, size))
-            if kind == "images":
+            if kind == "images" or cropped:  # cropped: the runtime did not see the frames they were cut from
                 sizes = None
             elif isinstance(data, np.ndarray):
                 sizes = np.broadcast_to(np.asarray(data.shape[1:3], np.int64), (n, 2))
             else:
                 sizes = np.array([f.shape[:2] for f in data], np.int64)
-        sizes = None if cropped else sizes  # the runtime did not see the frames they were cut from
         if n <= size:  # one chunk: its outputs are the call's
             return self._run_chunk(kind, next(iter(chunks)), 0, thresholds, deadline, cropped), n, sizes
         out = OutputBuffer(n)

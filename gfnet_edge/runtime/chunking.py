@@ -103,12 +103,12 @@ class DeviceFrameView:
 
 
 def device_chunks(inputs: Any, size: int, cropped_size: Optional[int] = None
-                  ) -> Tuple[int, Iterator[List[DeviceFrameView]], np.ndarray]:
+                  ) -> Tuple[int, Iterator[List[DeviceFrameView]], Optional[np.ndarray]]:
     """Frames in GPU memory (as :meth:`Runtime.predict` takes them), validated once:
     ``(number of frames, chunks of at most size frames, addressed where they are, (N, 2)
     frame heights and widths)``. A producer's stream is named only on its first frame, so it is
     synchronized once per call. ``cropped_size``: the frames are given as cropped and must be
-    that size (S x S)."""
+    that size (S x S); their sizes are then None (not the sizes of the frames they were cut from)."""
     from .cuda_arrays import device_frames
 
     frames = device_frames(inputs)
@@ -117,7 +117,8 @@ def device_chunks(inputs: Any, size: int, cropped_size: Optional[int] = None
     first = {f.stream: i for i, f in reversed(list(enumerate(frames)))}
     views = [DeviceFrameView(f.ptr, f.height, f.width, f.stream if first[f.stream] == i else None)
              for i, f in enumerate(frames)]
-    sizes = np.array([(f.height, f.width) for f in frames], np.int64).reshape(len(frames), 2)
+    sizes = None if cropped_size is not None else \
+        np.array([(f.height, f.width) for f in frames], np.int64).reshape(len(frames), 2)
     return len(views), (views[start:start + size] for start in range(0, len(views), size)), sizes
 
 

@@ -178,14 +178,15 @@ class Deadline:
     decisions: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        values = []
         for name, value in (("deadline_ms", self.deadline_ms), ("deadline_margin", self.margin)):
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise InputError(f"{name} must be a number, got {value!r}")
             try:
-                float(value)
+                values.append(float(value))
             except OverflowError:  # an int (or Fraction) beyond the float range
                 raise InputError(f"{name} must be a finite number, got one beyond the float range") from None
-        self.deadline_ms, self.margin = float(self.deadline_ms), float(self.margin)
+        self.deadline_ms, self.margin = values
         if not (self.deadline_ms > 0.0) or self.deadline_ms == float("inf"):
             raise InputError(f"deadline_ms must be a finite number > 0, got {self.deadline_ms!r}")
         if not (self.margin >= 0.0) or self.margin == float("inf"):
