@@ -189,13 +189,18 @@ def demo_fp32(work: Path):
                            thresholds=_budgets_from_checkpoint(model.meta, desc.steps)[DEFAULT_MACS_BUDGET]["thresholds"])
 
 
-def demo_int8_bundle(out: Path, threads: Optional[int] = None, num_calib: int = 256, progress: bool = True) -> Path:
-    """The shipped demo GFNet built into an INT8 bundle at ``out`` for ONNX Runtime (fp32 and
-    int8-cpu graphs, calibrated on ``num_calib`` demo images; ``threads`` for the export and
-    quantization); returns its folder."""
+def demo_int8_bundle(out: Path, given: Optional[str] = None, threads: Optional[int] = None, num_calib: int = 256,
+                     progress: bool = True, log: Callable[[str], None] = print) -> Path:
+    """The bundle a benchmark runs: ``given`` (its ``--bundle``) when there is one, else the
+    shipped demo GFNet built into an INT8 bundle at ``out`` for ONNX Runtime (fp32 and int8-cpu
+    graphs, calibrated on ``num_calib`` demo images; ``threads`` for the export and
+    quantization), which ``log`` announces; returns its folder."""
     from gfnet_edge.build import BuildConfig, build_bundle
     from gfnet_edge.demo import DEMO_CHECKPOINT
 
+    if given:
+        return Path(given)
+    log("building an INT8 bundle of the demo checkpoint (fp32 + int8-cpu graphs)")
     cfg = BuildConfig(precision="int8", backend="onnxruntime", calib_data="demo", num_calib=num_calib,
                       int8_profiles=("cpu",), threads=threads)
     return build_bundle(DEMO_CHECKPOINT, Path(out), cfg, progress=progress).root

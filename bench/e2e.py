@@ -181,11 +181,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gfnet-e2e-") as tmp:
         work = Path(tmp)
-        if args.bundle:
-            bundle_dir = Path(args.bundle)
-        else:
-            _log("building the INT8 bundle of the demo checkpoint (fp32 + int8 graphs)")
-            bundle_dir = demo_int8_bundle(work / "bundle", threads=args.threads)
+        bundle_dir = demo_int8_bundle(work / "bundle", args.bundle, threads=args.threads, log=_log)
         from gfnet_edge.bundle import Bundle
 
         loaded = Bundle.load(bundle_dir)

@@ -170,10 +170,14 @@ def variants(sess, x: np.ndarray) -> Dict[str, Callable[[], Dict[str, np.ndarray
         outs = sess.run_with_ort_values(names, {name_in: ort.OrtValue.ortvalue_from_numpy(x)}, ro)
         return {n: o.numpy() for n, o in zip(names, outs)}
 
-    bufs = {n: np.empty_like(ref[n]) for n in names}
+    def outputs_bound(binding):  # each output bound to a preallocated array
+        arrays = {n: np.empty_like(ref[n]) for n in names}
+        for n in names:
+            binding.bind_ortvalue_output(n, ort.OrtValue.ortvalue_from_numpy(arrays[n]))
+        return arrays
+
     bound = sess.io_binding()
-    for n in names:
-        bound.bind_ortvalue_output(n, ort.OrtValue.ortvalue_from_numpy(bufs[n]))
+    bufs = outputs_bound(bound)
 
     def binding():
         bound.bind_cpu_input(name_in, x)
@@ -183,9 +187,7 @@ def variants(sess, x: np.ndarray) -> Dict[str, Callable[[], Dict[str, np.ndarray
     xin = np.empty_like(x)
     fixed = sess.io_binding()
     fixed.bind_ortvalue_input(name_in, ort.OrtValue.ortvalue_from_numpy(xin))
-    fbufs = {n: np.empty_like(ref[n]) for n in names}
-    for n in names:
-        fixed.bind_ortvalue_output(n, ort.OrtValue.ortvalue_from_numpy(fbufs[n]))
+    fbufs = outputs_bound(fixed)
 
     def binding_fixed_input():
         np.copyto(xin, x)
@@ -324,11 +326,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                  "load": [os.getloadavg()[0]], "gaps": {}, "per_call": {}, "in_loop": {}}
     with tempfile.TemporaryDirectory(prefix="gfnet-ortcall-") as tmp:
         work = Path(tmp)
-        if args.bundle:
-            bundle = Path(args.bundle)
-        else:
-            _log("building the demo bundle (fp32 + int8 graphs)")
-            bundle = demo_int8_bundle(work / "bundle", num_calib=64)
+        bundle = demo_int8_bundle(work / "bundle", args.bundle, num_calib=64, log=_log)
         for prec in PRECISIONS:
             rt = Runtime(bundle, backend="onnxruntime", precision=prec, threads=args.threads)
             frames, _ = ClutteredDigits("test", config=demo_config(rt.model)).arrays(args.images)

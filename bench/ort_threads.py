@@ -182,9 +182,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     res: Dict[str, Any] = {"machine": machine(), "threads": args.threads, "load": [os.getloadavg()[0]], "loop": {}}
     report = ProgressiveReport(args.out, render, res, command, time.perf_counter())
     with tempfile.TemporaryDirectory(prefix="gfnet-ort-threads-") as tmp:
-        if args.bundle is None:
-            _log("building an INT8 bundle of the demo checkpoint (fp32 + int8-cpu graphs)")
-            args.bundle = demo_int8_bundle(Path(tmp) / "bundle", threads=args.threads, progress=False)
+        args.bundle = demo_int8_bundle(Path(tmp) / "bundle", args.bundle, threads=args.threads, progress=False,
+                                       log=_log)
         loaded = Bundle.load(args.bundle)
         frames, _ = ClutteredDigits("test", config=demo_config(loaded.model)).arrays(args.num_test, progress=False)
         for prec in ("fp32", "int8-cpu"):

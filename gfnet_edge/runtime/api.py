@@ -3,7 +3,6 @@ unless the ``torch`` backend is asked for)."""
 from __future__ import annotations
 
 import collections
-import collections.abc
 import os
 import threading
 import time
