@@ -598,7 +598,7 @@ class Runtime:
             if kind == "images" or cropped:  # cropped: the runtime did not see the frames they were cut from
                 sizes = None
             elif isinstance(data, np.ndarray):
-                sizes = np.broadcast_to(np.asarray(data.shape[1:3], np.int64), (n, 2))
+                sizes = np.full((n, 2), data.shape[1:3], np.int64)
             else:
                 sizes = np.array([f.shape[:2] for f in data], np.int64)
         if n <= size:  # one chunk: its outputs are the call's
