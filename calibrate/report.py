@@ -154,13 +154,6 @@ def mixed_kinds(budgets: Sequence[Dict[str, Any]]) -> bool:
     return len({b.get("kind", "mean") for b in budgets}) > 1
 
 
-def full_network_accuracy(res: Dict[str, Any]) -> Optional[float]:
-    """The held-out accuracy of the full network (every step run) in the calibrated precision: the
-    last step of its anytime accuracy; None when the report does not hold it."""
-    acc = res.get("anytime", {}).get(f"{res['bundle']['precision']} (held-out)")
-    return float(acc[-1]) if acc else None
-
-
 def suggest_budget(budgets: List[Dict[str, Any]], full_accuracy: Optional[float],
                    slack: float = DEFAULT_BUDGET_SLACK) -> Suggestion:
     """The budget to suggest, and which rule chose it.
@@ -235,7 +228,7 @@ def choice(res: Dict[str, Any]) -> Dict[str, Any]:
     given = {"suggested": default, "why": "the default budget written to the manifest", "rows": rows}
     if default and res["settings"].get("default") != AUTO_DEFAULT:
         return given
-    sug = suggest_budget(res["budgets"], full_network_accuracy(res))
+    sug = suggest_budget(res["budgets"], res["full_network_accuracy"])
     if default and default != sug.name:
         return given
     return {"suggested": sug.name, "rows": rows,
