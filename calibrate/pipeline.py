@@ -78,7 +78,9 @@ def _resolve_default(cfg: CalibrationConfig, names: List[str]) -> Optional[str]:
 
 @dataclass
 class _Measured:
-    """What the runtime measured: step latency, traces of both splits and the verified budgets."""
+    """What the runtime measured: step latency, traces of both splits, the held-out accuracy at
+    each step (every image run to that step: its last is the full network's) and the verified
+    budgets."""
 
     lat1: StepLatency
     latN: Optional[StepLatency]
@@ -86,9 +88,15 @@ class _Measured:
     fit_probs: np.ndarray
     hold_probs: np.ndarray
     hold_coords: np.ndarray
+    hold_anytime: List[float]
     results: List[BudgetResult]
     default: Optional[str]
     rt: "_RtInfo"
+
+    @property
+    def full_accuracy(self) -> float:
+        """The full network's held-out accuracy (percent, every step run)."""
+        return self.hold_anytime[-1]
 
 
 def _run_budgets(rt, data, cfg: CalibrationConfig, timed: str) -> _Measured:
@@ -112,6 +120,7 @@ def _run_budgets(rt, data, cfg: CalibrationConfig, timed: str) -> _Measured:
     with Progress(cfg.progress, len(data.labels), "trace") as bar:
         fit_probs, _ = trace_frames(rt, fit_x, progress=bar)
         hold_probs, hold_coords = trace_frames(rt, hold_x, progress=bar)
+    hold_anytime = anytime_accuracy(hold_probs, hold_y).tolist()
     history = [Measurement("start", cost.tolist(), len(lat1.samples[0]), lat1.samples)]
     quick = timed.quick()
 
@@ -129,9 +138,9 @@ def _run_budgets(rt, data, cfg: CalibrationConfig, timed: str) -> _Measured:
                                       note=note))
     remeasure("end")  # for the stability check only
     if cfg.default == AUTO_DEFAULT:  # the budget the report suggests, as it suggests it
-        default = pick_default_budget([r.to_dict() for r in results], float(anytime_accuracy(hold_probs, hold_y)[-1]))
+        default = pick_default_budget([r.to_dict() for r in results], hold_anytime[-1])
     info = _RtInfo(rt.backend, rt.precision, cfg.threads)
-    return _Measured(lat1, latN, history, fit_probs, hold_probs, hold_coords, results, default, info)
+    return _Measured(lat1, latN, history, fit_probs, hold_probs, hold_coords, hold_anytime, results, default, info)
 
 
 def _open_runtime(bundle: Bundle, cfg: CalibrationConfig):
@@ -230,7 +239,7 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
     results, cost, main_precision = m.results, m.lat1.cost, m.rt.precision
 
     curve = budgeted_curve(m.fit_probs, m.hold_probs, hold_y, cost)
-    anytime = {f"{main_precision} (held-out)": anytime_accuracy(m.hold_probs, hold_y).tolist(),
+    anytime = {f"{main_precision} (held-out)": m.hold_anytime,
                f"{main_precision} (fit)": anytime_accuracy(m.fit_probs, fit_y).tolist()}
 
     # 3. precisions, the static baseline and the deadline sweep
@@ -263,7 +272,7 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
                     "stability": stability(m.history, cfg.clock),
                     "stall_warning": stall_warning([x for x in (m.lat1, m.latN) if x is not None],
                                                    cfg.latency_seconds)},
-        "anytime": anytime,
+        "anytime": anytime, "full_network_accuracy": m.full_accuracy,
         "reference_curve": {"ps": curve.ps, "ms": curve.cost, "accuracy": curve.accuracy,
                             "note": "thresholds fitted on the fitting split per p, evaluated on the held-out split; "
                                     "ms = exit-model expectation with the measured step latency"},

@@ -154,13 +154,6 @@ def mixed_kinds(budgets: Sequence[Dict[str, Any]]) -> bool:
     return len({b.get("kind", "mean") for b in budgets}) > 1
 
 
-def full_network_accuracy(res: Dict[str, Any]) -> Optional[float]:
-    """The held-out accuracy of the full network (every step run) in the calibrated precision: the
-    last step of its anytime accuracy; None when the report does not hold it."""
-    acc = res.get("anytime", {}).get(f"{res['bundle']['precision']} (held-out)")
-    return float(acc[-1]) if acc else None
-
-
 def suggest_budget(budgets: List[Dict[str, Any]], full_accuracy: Optional[float],
                    slack: float = DEFAULT_BUDGET_SLACK) -> Suggestion:
     """The budget to suggest, and which rule chose it.
@@ -235,7 +228,7 @@ def choice(res: Dict[str, Any]) -> Dict[str, Any]:
     given = {"suggested": default, "why": "the default budget written to the manifest", "rows": rows}
     if default and res["settings"].get("default") != AUTO_DEFAULT:
         return given
-    sug = suggest_budget(res["budgets"], full_network_accuracy(res))
+    sug = suggest_budget(res["budgets"], res["full_network_accuracy"])
     if default and default != sug.name:
         return given
     return {"suggested": sug.name, "rows": rows,
@@ -505,19 +498,23 @@ def summary(res: Dict[str, Any]) -> str:
     if lat.get("other_batch"):
         steps = ", ".join(f"k={k}: {s['mean_ms']:.3f}" for k, s in enumerate(lat["other_batch"]["steps"]))
         lines.append(f"step latency, ms/image at batch {lat['other_batch']['batch']}: {steps}")
-    cols = ["budget", "limit", "thresholds", "expected", "mean", "p95", "measured", "vs", "accuracy", "reference",
-            "exits"]
-    hdr = ["budget", "limit", "thresholds", "expected ms", "mean ms", "p95 ms", "measured ms", "vs budget",
-           "accuracy %", "ref-method %", "exits %"]
+    # GFNet and static rows show the same latency columns: the mean and each of TAIL_STATS
+    first, last = ["budget", "limit", "thresholds", "expected"], ["measured", "vs", "accuracy", "reference", "exits"]
+    hdr = ["budget", "limit", "thresholds", "expected ms", "mean ms"] + [f"{k} ms" for k in TAIL_STATS] + \
+        ["measured ms", "vs budget", "accuracy %", "ref-method %", "exits %"]
+
+    def latency(stats: Dict[str, Any]) -> List[str]:
+        return [_f(stats.get(f"{k}_ms")) for k in ("mean",) + TAIL_STATS]
+
     rows = []
-    for row in map(_budget_row, res["budgets"]):
+    for b in res["budgets"]:
+        row = _budget_row(b)
         row["vs"] = row["vs"][0]
-        rows.append([row[k] for k in cols])
+        rows.append([row[k] for k in first] + latency(b["measured"]) + [row[k] for k in last])
     if res["static"] and res.get("technology"):
         lines.append(technology_line(res))
     for s in res["static"]:
-        rows.append([s["name"], "", "(static baseline)", "", _f(s["latency"]["mean_ms"]), _f(s["latency"]["p95_ms"]),
-                     "", "", _f(s["accuracy"]), "", ""])
+        rows.append([s["name"], "", "(static baseline)", ""] + latency(s["latency"]) + ["", "", _f(s["accuracy"]), "", ""])
     w = [max(len(str(x)) for x in col) for col in zip(hdr, *rows)]
     fmt = "  ".join("{:<%d}" % n for n in w)
     lines.append(fmt.format(*hdr))

@@ -178,14 +178,16 @@ def build_bundle(checkpoint: Path, out: Path, cfg: BuildConfig, progress: bool =
         manifest["graphs"]["fp32"] = {g: f"graphs/{g}.fp32.onnx" for g in ("glance", "focus")}
         manifest["budgets"] = _budgets_from_checkpoint(model.meta, model.spec.steps)
         manifest["default_budget"] = DEFAULT_MACS_BUDGET if manifest["budgets"] else None
-        manifest["source_checkpoint"] = {"name": Path(checkpoint).name, "sha256": sha256_file(Path(checkpoint)),
-                                         "missing_metadata": model.meta["missing_metadata"]}
+        hashed = {}  # the checkpoint's copy, hashed as it is copied: its hash is also the source's
         if cfg.include_checkpoint:
-            shutil.copyfile(checkpoint, tmp / "checkpoint.pth.tar")
+            hashed["checkpoint.pth.tar"] = sha256_file(Path(checkpoint), copy_to=tmp / "checkpoint.pth.tar")
             manifest["checkpoint"] = "checkpoint.pth.tar"
+        manifest["source_checkpoint"] = {"name": Path(checkpoint).name,
+                                         "sha256": hashed.get("checkpoint.pth.tar") or sha256_file(Path(checkpoint)),
+                                         "missing_metadata": model.meta["missing_metadata"]}
         if cfg.precision == "int8":
             manifest["quantization"] = finite_or_null(_quantize(model, tmp, manifest, calib, cfg, backend, progress))
-        record_artifacts(tmp, manifest)
+        record_artifacts(tmp, manifest, hashed)
         write_json_atomic(tmp / "manifest.json", manifest)
         if backend == "tensorrt":
             _add_engines(Bundle(tmp, manifest), cfg)

@@ -26,7 +26,7 @@ import re
 import shutil
 import sys
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -48,14 +48,18 @@ class BundleError(InputError):
     """A bundle that cannot be used (missing, corrupt, tampered, incompatible)."""
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+def sha256_file(path: Path, chunk: int = 1 << 20, copy_to: Optional[Path] = None) -> str:
+    """The SHA-256 of the file at ``path``; with ``copy_to``, its bytes are also written there as
+    they are read (one read: the hash is that of the copy)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(path, "rb") as f, (open(copy_to, "wb") if copy_to is not None else nullcontext()) as out:
         while True:
             b = f.read(chunk)
             if not b:
                 return h.hexdigest()
             h.update(b)
+            if out is not None:
+                out.write(b)
 
 
 def safe_join(root: Path, rel: str) -> Path:
@@ -307,13 +311,15 @@ def new_manifest(model: Dict[str, Any], costs: Dict[str, Any]) -> Dict[str, Any]
     }
 
 
-def record_artifacts(root: Path, manifest: Dict[str, Any]) -> None:
-    """Hashes every file under ``root`` (but the manifest) into ``manifest['artifacts']``."""
+def record_artifacts(root: Path, manifest: Dict[str, Any], hashed: Optional[Dict[str, str]] = None) -> None:
+    """Hashes every file under ``root`` (but the manifest) into ``manifest['artifacts']``;
+    ``hashed``: the SHA-256 of files already hashed as they were written, by relative path."""
+    hashed = hashed or {}
     arts = {}
     for p in sorted(root.rglob("*")):
         if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp"):
             rel = p.relative_to(root).as_posix()
-            arts[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            arts[rel] = {"sha256": hashed[rel] if rel in hashed else sha256_file(p), "bytes": p.stat().st_size}
     manifest["artifacts"] = arts
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from .argtypes import THREADS, float_range, int_range
 from .calibrate.config import AUTO_DEFAULT
-from .calibrate.report import DEFAULT_BUDGET_SLACK, full_network_accuracy, suggest_budget
+from .calibrate.report import DEFAULT_BUDGET_SLACK, suggest_budget
 from .bundle import finite_or_null, json_object, write_json_atomic
 from .errors import BUILD_MODULES, InputError, UnavailableError, installed, writing
 
@@ -86,7 +86,7 @@ def run_demo(out: Path, precision: str = "int8", backend: str = "auto", budget_m
     report = run_calibration(ccfg)
     print(calib_summary(report))
     if not budget_ms:
-        rule = suggest_budget(report["budgets"], full_network_accuracy(report)).rule
+        rule = suggest_budget(report["budgets"], report["full_network_accuracy"]).rule
         _say(f"   default budget: {report['manifest']['default_budget']} ({rule})")
 
     _say(f"3/4 classify {num_test} demo test images with the default budget")

@@ -64,7 +64,7 @@ def calibration_result(text: str = "") -> dict:
                     "macs": 2.5e8, "technology": {"precision": "fp32", "description": tech}}],
         "technology": {"gfnet": {"description": "onnxruntime cpu fp32" + text, "precision": "fp32"},
                        "static": [{"description": tech}]},
-        "anytime": {"fp32 (held-out)" + text: [60.0, 80.0, 85.0]},
+        "anytime": {"fp32 (held-out)" + text: [60.0, 80.0, 85.0]}, "full_network_accuracy": 85.0,
         "latency": {"budget_batch": {"batch": 1, "steps": [_stats(0.5 * (k + 1)) for k in range(T)],
                                      "retimed_calls": [0, 1, 0], "stages": stages},
                     "other_batch": {"batch": 4, "steps": [_stats(0.3 * (k + 1)) for k in range(T)]},
@@ -321,11 +321,11 @@ def test_a_single_budget_is_suggested_as_the_only_one():
     says it is the only budget calibrated."""
     res = calibration_result()
     res["budgets"] = res["budgets"][:1]
-    res["anytime"] = {"fp32 (held-out)": [60.0, 80.0, 81.5]}  # ms-1.0's 81 % is within a point of it
+    res["full_network_accuracy"] = 81.5  # ms-1.0's 81 % is within a point of it
     text = _text(res)
     assert "Use ms-1.0 (the only budget calibrated): 81.00 % at 1.00 ms mean per image" in text
     assert "within 1 point of the best" not in text
-    res["anytime"] = {"fp32 (held-out)": [60.0, 80.0, 85.0]}  # and says so when it is not
+    res["full_network_accuracy"] = 85.0  # and says so when it is not
     assert "Use ms-1.0 (the only budget calibrated; it is not within 1 point of the full network's held-out " \
         "accuracy of 85.00 %): 81.00 % at 1.00 ms" in _text(res)
     assert "within 1 point of the best" in _text(calibration_result())
@@ -412,6 +412,37 @@ def test_the_static_table_shows_the_percentiles_the_budgets_are_compared_in():
     assert row["p90 ms"] == "–" and row["p99 ms"] == "4.00"
 
 
+def _summary_table(text: str, n: int) -> list:
+    """The ``n`` rows of the terminal summary's budgets table as {header: cell} (columns cut where
+    the header's words start: the table is left-aligned, two spaces between columns)."""
+    import re
+
+    lines = text.splitlines()
+    top = next(i for i, line in enumerate(lines) if line.startswith("budget  "))
+    starts = [m.start() for m in re.finditer(r"(?:^|(?<=  ))\S", lines[top])]
+    cut = lambda line: [line[a:b].strip() for a, b in zip(starts, starts[1:] + [None])]  # noqa: E731
+    return [dict(zip(cut(lines[top]), cut(line))) for line in lines[top + 1:top + 1 + n]]
+
+
+def test_the_terminal_summary_shows_the_static_row_in_the_latency_columns_of_the_gfnet_rows():
+    """The static baseline's row of the terminal summary fills each latency column a GFNet row
+    fills (mean, p90, p95, p99: what the HTML static table shows), each from the baseline's latency
+    record, so a p99 budget's measured p99 stands next to the static network's p99."""
+    res = calibration_result()
+    res["budgets"] = [_budget("ms-1.0", 1.0), _budget("p99-2.0", 2.0, "p99", 0.99)]
+    for b in res["budgets"]:
+        b["measured"]["p90_ms"] = 0.9 * b["budget_ms"]
+    res["static"][0]["latency"] = {"mean_ms": 3.0, "p90_ms": 3.3, "p95_ms": 3.5, "p99_ms": 4.0}
+    rows = _summary_table(report.summary(res), 3)
+    assert [r["budget"] for r in rows] == ["ms-1.0", "p99-2.0", res["static"][0]["name"]]
+    *gfnet, static = rows
+    filled = [h for h in rows[0] if h.endswith(" ms") and h != "expected ms" and h != "measured ms"
+              and all(r[h] not in ("", "–") for r in gfnet)]
+    assert filled == ["mean ms", "p90 ms", "p95 ms", "p99 ms"]
+    assert {h: static[h] for h in filled} == {"mean ms": "3.00", "p90 ms": "3.30", "p95 ms": "3.50", "p99 ms": "4.00"}
+    assert gfnet[1]["p99 ms"] == gfnet[1]["measured ms"] == "2.00"
+
+
 def test_the_suggestion_is_the_fastest_budget_within_a_point_of_the_full_network():
     """Of ms-1.0 (88.5 %), ms-2.0 (89.4 %, 1.95 ms measured) and ms-3.0 (89.5 %, 2.9 ms), with the
     full network at 90 % held-out: ms-1.0 is within a point of the best budget but 1.5 points
@@ -423,7 +454,7 @@ def test_the_suggestion_is_the_fastest_budget_within_a_point_of_the_full_network
     for b, acc, ms in zip(res["budgets"], (88.5, 89.4, 89.5), (1.0, 1.95, 2.9)):
         b["holdout"]["accuracy"] = b["measured"]["accuracy"] = acc
         b["measured"]["mean_ms"] = b["measured"]["statistic_ms"] = ms
-    res["anytime"] = {"fp32 (held-out)": [60.0, 85.0, 90.0]}
+    res["full_network_accuracy"] = 90.0
     rule = "the fastest budget, by measured mean ms per image, within 1 point of the full network's held-out " \
            "accuracy of 90.00 %"
     assert f"Use ms-2.0 ({rule}): 89.40 % at 1.95 ms mean per image" in _text(res)
@@ -434,6 +465,6 @@ def test_the_suggestion_is_the_fastest_budget_within_a_point_of_the_full_network
     res["settings"]["default"], res["manifest"]["default_budget"] = "ms-3.0", "ms-3.0"  # a default given by name
     assert "Use ms-3.0 (the default budget written to the manifest)" in _text(res)
     res["settings"]["default"], res["manifest"]["default_budget"] = None, None
-    res["anytime"] = {"fp32 (held-out)": [60.0, 85.0, 95.0]}
+    res["full_network_accuracy"] = 95.0
     assert "Use ms-1.0 (no budget is within 1 point of the full network's held-out accuracy of 95.00 %, so the " \
            "cheapest budget within 1 point of the best budget's held-out accuracy): 88.50 %" in _text(res)

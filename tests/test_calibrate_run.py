@@ -58,6 +58,19 @@ FAST = ["--repeats", "10", "--warmup", "2", "--warmup-ms", "20", "--batch-size",
         "--gallery", "6", "-q"]
 
 
+def _full_network_accuracy(tiny_bundle) -> float:
+    """The tiny bundle's held-out accuracy with every step run, computed here: the last step's
+    top class of the runtime's trace of the held-out images (calibrate's default split) against
+    their labels."""
+    from gfnet_edge.calibrate.data import load_calibration_data
+    from gfnet_edge.runtime import Runtime
+
+    with Runtime(tiny_bundle / "bundle", backend="onnxruntime", precision="fp32", threads=1) as rt:
+        hold_x, hold_y = load_calibration_data(str(tiny_bundle / "data.npz"), rt.model).part("holdout")
+        last = rt.trace(hold_x, cropped=True).probs[-1]
+    return 100.0 * float(np.mean(last.argmax(axis=1) == hold_y))
+
+
 @pytest.fixture(scope="module")
 def calibrated(tiny_bundle, tmp_path_factory):
     """One full calibration (default budgets, --default), shared by the report tests."""
@@ -291,7 +304,8 @@ def test_default_auto_makes_the_suggested_budget_the_default_in_manifest_and_rep
     assert rc == 0, capsys.readouterr().err
     res = json.loads((tmp_path / "r" / "report.json").read_text())
     budgets = res["budgets"]
-    full = res["anytime"]["fp32 (held-out)"][-1]
+    full = _full_network_accuracy(tiny_bundle)
+    assert res["full_network_accuracy"] == pytest.approx(full) == res["anytime"]["fp32 (held-out)"][-1]
     near = [b for b in budgets if b["holdout"]["accuracy"] >= full - rep.DEFAULT_BUDGET_SLACK]
     best = max(b["holdout"]["accuracy"] for b in budgets)
     cheapest = (min(near, key=lambda b: b["measured"]["mean_ms"]) if near else
@@ -863,14 +877,17 @@ def test_deadline_sweep_stops_where_the_deadline_says(tiny_bundle):
     assert loose.accuracy == pytest.approx(100.0 * (free.classes == y).mean())
 
 
-def test_report_says_which_budget_to_use_and_what_it_costs_against_the_static_network(calibrated):
+def test_report_says_which_budget_to_use_and_what_it_costs_against_the_static_network(calibrated, tiny_bundle):
     """The page opens with the budget to ship and, per budget, its accuracy and speed against each
-    static baseline, computed from report.json's measured numbers."""
+    static baseline, computed from report.json's measured numbers; the full network's held-out
+    accuracy the suggestion compares with is the one computed here from the runtime's trace."""
     from gfnet_edge.calibrate import report
 
     res = calibrated["res"]
     page = (calibrated["out"] / "report.html").read_text()
-    suggested = report.pick_default_budget(res["budgets"], report.full_network_accuracy(res))  # no --default
+    full = _full_network_accuracy(tiny_bundle)
+    assert res["full_network_accuracy"] == pytest.approx(full)
+    suggested = report.pick_default_budget(res["budgets"], full)  # no --default
     assert res["manifest"]["default_budget"] is None
     assert page.index("id='choice'") < page.index("id='budgets'")
     assert f"Use {suggested} (" in page.split("id='suggestion'")[1].split("</p>")[0]

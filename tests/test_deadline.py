@@ -52,6 +52,39 @@ def test_step_costs_model():
             Deadline(costs=c, **kw)
 
 
+@pytest.mark.parametrize("make, named, given", [
+    (lambda: StepCosts(("1", 1, 1)), "step_ms[0] must be a number", "'1'"),
+    (lambda: StepCosts((1.0, None)), "step_ms[1] must be a number", "None"),
+    (lambda: StepCosts(((1.0, 2.0), 1.0)), "step_ms[0] must be a number", "(1.0, 2.0)"),
+    (lambda: StepCosts((1.0, True, 1.0)), "step_ms[1] must be a number", "True"),
+    (lambda: StepCosts((1.0, 10 ** 400)), "step_ms[1] must be a finite number", "beyond the float range"),
+    (lambda: StepCosts("123"), "step_ms must be a sequence", "'123'"),
+    (lambda: StepCosts(None), "step_ms must be a sequence", "None"),
+    (lambda: StepCosts(5.0), "step_ms must be a sequence", "5.0"),
+    (lambda: StepCosts((1.0, 1.0), batch="2"), "batch must be a positive int", "'2'"),
+    (lambda: StepCosts((1.0, 1.0), batch=True), "batch must be a positive int", "True"),
+    (lambda: StepCosts((1.0, 1.0), batch=None), "batch must be a positive int", "None"),
+    (lambda: StepCosts((1.0, 1.0), other=5), "other must be None or (batch, ms of each step)", "5"),
+    (lambda: StepCosts((1.0, 1.0), other=(4, ("x", 1.0))), "other's step_ms[0] must be a number", "'x'"),
+    (lambda: StepCosts((1.0, 1.0), other=(None, (1.0, 1.0))), "other's batch must be a positive int", "None"),
+    (lambda: StepCosts.from_cumulative(["1", 2]), "cumulative_ms[0] must be a number", "'1'"),
+    (lambda: StepCosts.from_cumulative([1, 2], other=[3]), "other must be None or (batch, ms of each step)", "[3]"),
+])
+def test_step_costs_refuse_what_is_not_numbers_as_input_errors(make, named, given):
+    """Any bad argument of StepCosts is an InputError whose one line names the argument and what
+    was given (as for deadline_ms), not a TypeError from comparing it."""
+    with pytest.raises(InputError) as e:
+        make()
+    msg = str(e.value)
+    assert msg.startswith(named) and msg.endswith(given) and "\n" not in msg
+
+
+def test_step_costs_keep_numbers_of_any_real_type_as_floats():
+    c = StepCosts(np.array([1, 2.5], np.float32), batch=np.int64(2), other=[4, [1, 2]])
+    assert c.step_ms == (1.0, 2.5) and c.batch == 2 and c.other == (4, (1.0, 2.0))
+    assert all(type(v) is float for v in c.step_ms + c.other[1]) and type(c.batch) is int
+
+
 def test_step_costs_from_a_manifest_entry():
     class Lat:
         def __init__(self, batch, cum, tail, p95=None, calls=300):

@@ -101,6 +101,23 @@ def test_uint8_frames_and_float_inputs_agree(mnv3):
     assert len(single) == 1 and single.classes[0] == a.classes[0]
 
 
+@pytest.mark.parametrize("max_batch", [None, 2])  # one chunk, several chunks
+def test_frame_sizes_are_an_ordinary_array_for_a_stack_and_for_a_list(demo_onnx_bundle, max_batch):
+    """Predictions.frame_sizes of a (N, H, W, 3) stack is the same kind of array as of a list of
+    frames (int64 (N, 2), writable, C-contiguous, its own rows): writing into one row leaves the
+    others and the next call's sizes alone."""
+    stack = np.zeros((5, 50, 60, 3), np.uint8)
+    with Runtime(demo_onnx_bundle, backend="onnxruntime", precision="fp32", threads=1, max_batch=max_batch) as rt:
+        got = {"stack": rt.predict(stack).frame_sizes, "list": rt.predict(list(stack)).frame_sizes}
+        for kind, sizes in got.items():
+            assert isinstance(sizes, np.ndarray) and sizes.dtype == np.int64 and sizes.shape == (5, 2), kind
+            assert sizes.flags.writeable and sizes.flags.c_contiguous and sizes.flags.owndata, kind
+            np.testing.assert_array_equal(sizes, [[50, 60]] * 5)
+            sizes[0] = (7, 8)
+            np.testing.assert_array_equal(sizes[1:], [[50, 60]] * 4)
+        np.testing.assert_array_equal(rt.predict(stack).frame_sizes, [[50, 60]] * 5)
+
+
 def test_threads_sharing_a_runtime_are_served_in_call_order(demo_onnx_bundle):
     """Calls waiting for a shared Runtime run in the order they were made: a thread that ends a
     call and calls again at once queues behind the threads already waiting."""

@@ -162,6 +162,39 @@ def test_a_forked_child_gets_a_clear_error_and_can_drop_the_inherited_runtime(de
         assert all(np.array_equal(c.classes, want.classes) for c in calls)
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_the_fork_rule_comes_before_what_the_arguments_lack(demo_onnx_bundle, demo_frames):
+    """In a forked child, a call of the inherited Runtime says to open one after the fork before
+    anything about its arguments or settings: a deadline without step costs, a bad deadline, a
+    bad batch size or budget. A closed Runtime likewise says it is closed first."""
+    calls = {
+        "deadline without step costs": lambda rt: rt.predict(demo_frames, deadline_ms=5.0),
+        "bad deadline": lambda rt: rt.predict(demo_frames, deadline_ms="5"),
+        "bad batch size": lambda rt: rt.predict_iter(demo_frames, batch_size=0),
+        "unknown budget": lambda rt: rt.predict_iter(demo_frames, budget="no such budget"),
+        "iter deadline without step costs": lambda rt: rt.predict_iter(demo_frames, deadline_ms=5.0),
+    }
+
+    def refused(rt, match):
+        import re
+
+        out = []
+        for name, call in calls.items():
+            try:
+                call(rt)
+                out.append(f"{name}: ran")
+            except InputError as exc:
+                if not re.search(match, str(exc)):
+                    out.append(f"{name}: {exc}")
+        return "refused" if not out else "; ".join(out)
+
+    with Runtime(demo_onnx_bundle.root, backend="onnxruntime", precision="fp32", threads=1) as rt:
+        assert rt.step_costs is None  # the fixture's bundle is not calibrated
+        assert refused(rt, "opened in process") != "refused"  # the parent: each call fails on its argument
+        assert _in_forked_child(lambda: refused(rt, "opened in process .* open a Runtime in each process")) == "refused"
+    assert refused(rt, "this Runtime is closed") == "refused"
+
+
 @pytest.mark.parametrize("handler_raises", [False, True])
 def test_close_from_a_signal_handler_during_a_call_of_the_same_thread(demo_onnx_bundle, demo_frames, handler_raises):
     """A service's shutdown handler (SIGTERM, here SIGALRM) that closes the Runtime while the

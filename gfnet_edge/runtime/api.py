@@ -598,7 +598,7 @@ class Runtime:
             if kind == "images" or cropped:  # cropped: the runtime did not see the frames they were cut from
                 sizes = None
             elif isinstance(data, np.ndarray):
-                sizes = np.broadcast_to(np.asarray(data.shape[1:3], np.int64), (n, 2))
+                sizes = np.full((n, 2), data.shape[1:3], np.int64)
             else:
                 sizes = np.array([f.shape[:2] for f in data], np.int64)
         if n <= size:  # one chunk: its outputs are the call's
@@ -696,7 +696,9 @@ class Runtime:
                 m.dataset_interpolation)`` (``m = rt.model``) makes them from frames of any size,
                 e.g. on a capture thread: the answers equal those on the original frames.
         """
-        deadline = self._deadline(deadline_ms, deadline_margin, time.perf_counter())  # before the lock
+        start = time.perf_counter()
+        self._check_open()  # a forked child or a closed Runtime is told so before anything else
+        deadline = self._deadline(deadline_ms, deadline_margin, start)  # before the lock
         return self._predict(inputs, budget, deadline, cropped)
 
     def time_steps(self, inputs, *, cropped: bool = False,
@@ -760,6 +762,7 @@ class Runtime:
             :class:`Predictions` of each batch of ``batch_size`` images, in stream order (the
             last batch may be smaller).
         """
+        self._check_open()  # a forked child or a closed Runtime is told so before anything else
         size = check_batch(batch_size, "batch_size") or self.max_batch
         _check_flag("cropped", cropped)
         if budget is not None:

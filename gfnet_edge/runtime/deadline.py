@@ -19,7 +19,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
+
 from ..errors import InputError
+from .chunking import check_batch
 
 #: The percentile of the measured step latency a deadline plans with (tail, not mean). From few
 #: timed calls per step it is about their slowest, so a stall of the device while they were
@@ -46,6 +49,44 @@ STEP_COST_SOURCES: Dict[str, str] = {
 }
 
 
+def check_number(value: Any, name: str) -> float:
+    """``value`` as a float (a real number: not a bool, a string or None).
+
+    Raises:
+        InputError: not a real number, or an int beyond the float range.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InputError(f"{name} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except OverflowError:  # an int (or Fraction) beyond the float range
+        raise InputError(f"{name} must be a finite number, got one beyond the float range") from None
+
+
+def _check_step_ms(values: Any, name: str) -> Tuple[float, ...]:
+    """``values`` (a sequence of per-image ms, one per step) as a tuple of floats."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, np.ndarray)):
+        raise InputError(f"{name} must be a sequence of ms, one number per step, got {values!r}")
+    return tuple(check_number(v, f"{name}[{i}]") for i, v in enumerate(values))
+
+
+def _check_batch_ms(batch: Any, ms: Any, prefix: str, ms_name: str) -> Tuple[int, Tuple[float, ...]]:
+    """``(batch, ms)`` checked: a positive int and a sequence of numbers (``prefix`` and
+    ``ms_name`` name them in messages)."""
+    if batch is None:  # check_batch takes None for "not given"
+        raise InputError(f"{prefix}batch must be a positive int, got None")
+    return check_batch(batch, f"{prefix}batch"), _check_step_ms(ms, f"{prefix}{ms_name}")
+
+
+def _check_other(other: Any, ms_name: str) -> Optional[Tuple[int, Tuple[float, ...]]]:
+    """:attr:`StepCosts.other` checked: None or ``(batch, ms of each step)``."""
+    if other is None:
+        return None
+    if isinstance(other, (str, bytes)) or not isinstance(other, Sequence) or len(other) != 2:
+        raise InputError(f"other must be None or (batch, ms of each step), got {other!r}")
+    return _check_batch_ms(other[0], other[1], "other's ", ms_name)
+
+
 @dataclass(frozen=True)
 class StepCosts:
     """Per-image milliseconds of each step (the increment of step k over step k - 1) at one or
@@ -58,6 +99,11 @@ class StepCosts:
         source: where the figures come from: a key of :data:`STEP_COST_SOURCES`, or the
             ``source`` a manifest entry records.
         basis: what the figures are (the statistic and the calls it comes from), or empty.
+
+    Raises:
+        InputError: ``step_ms`` (or ``other``'s) is not a sequence of finite numbers >= 0 (bools
+            and strings refused), a batch size is not a positive int, or ``other`` is not None
+            or ``(batch, step_ms)`` with a larger batch and a cost per step.
     """
 
     step_ms: Tuple[float, ...]
@@ -67,11 +113,15 @@ class StepCosts:
     basis: str = ""
 
     def __post_init__(self) -> None:
-        vals = list(self.step_ms) + (list(self.other[1]) if self.other else [])
-        if not self.step_ms or any(not (v >= 0.0) or v == float("inf") for v in vals):
-            raise InputError(f"step costs must be finite and >= 0 ms, got {list(self.step_ms)}")
-        if self.batch < 1 or (self.other is not None and (self.other[0] <= self.batch
-                                                          or len(self.other[1]) != len(self.step_ms))):
+        batch, step_ms = _check_batch_ms(self.batch, self.step_ms, "", "step_ms")
+        other = _check_other(self.other, "step_ms")
+        object.__setattr__(self, "step_ms", step_ms)
+        object.__setattr__(self, "batch", batch)
+        object.__setattr__(self, "other", other)
+        vals = list(step_ms) + (list(other[1]) if other else [])
+        if not step_ms or any(not (v >= 0.0) or v == float("inf") for v in vals):
+            raise InputError(f"step costs must be finite and >= 0 ms, got {list(step_ms)}")
+        if other is not None and (other[0] <= batch or len(other[1]) != len(step_ms)):
             raise InputError("step costs: a second batch size must be larger than the first, with a cost per step")
 
     @property
@@ -101,12 +151,12 @@ class StepCosts:
     def from_cumulative(cls, cumulative_ms: Sequence[float], batch: int = 1,
                         other: Optional[Tuple[int, Sequence[float]]] = None, source: str = "given") -> "StepCosts":
         """From cumulative per-image latency (image exits at step k: ``cumulative_ms[k]``)."""
-        def steps(c: Sequence[float]) -> Tuple[float, ...]:
-            c = [float(v) for v in c]
+        def steps(c: Tuple[float, ...]) -> Tuple[float, ...]:
             return tuple(max(c[k] - (c[k - 1] if k else 0.0), 0.0) for k in range(len(c)))
 
-        return cls(steps(cumulative_ms), int(batch),
-                   None if other is None else (int(other[0]), steps(other[1])), source)
+        batch, cumulative = _check_batch_ms(batch, cumulative_ms, "", "cumulative_ms")
+        other = _check_other(other, "cumulative_ms")
+        return cls(steps(cumulative), batch, None if other is None else (other[0], steps(other[1])), source)
 
     @classmethod
     def from_manifest(cls, entry: Mapping[str, Any], stat: str = DEFAULT_STAT) -> "StepCosts":
@@ -178,15 +228,8 @@ class Deadline:
     decisions: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        values = []
-        for name, value in (("deadline_ms", self.deadline_ms), ("deadline_margin", self.margin)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise InputError(f"{name} must be a number, got {value!r}")
-            try:
-                values.append(float(value))
-            except OverflowError:  # an int (or Fraction) beyond the float range
-                raise InputError(f"{name} must be a finite number, got one beyond the float range") from None
-        self.deadline_ms, self.margin = values
+        self.deadline_ms = check_number(self.deadline_ms, "deadline_ms")
+        self.margin = check_number(self.margin, "deadline_margin")
         if not (self.deadline_ms > 0.0) or self.deadline_ms == float("inf"):
             raise InputError(f"deadline_ms must be a finite number > 0, got {self.deadline_ms!r}")
         if not (self.margin >= 0.0) or self.margin == float("inf"):
