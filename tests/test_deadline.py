@@ -299,10 +299,13 @@ def test_runtime_predict_with_a_deadline(demo):
     with Runtime(demo, backend="onnxruntime", precision="fp32", threads=1) as rt:
         with pytest.raises(InputError, match="gfnet-edge calibrate"):
             rt.predict(x, deadline_ms=5.0)
+        for bad in ("5", True, -1.0):  # a bad deadline is named before the missing step costs
+            with pytest.raises(InputError, match="deadline_ms must be a"):
+                rt.predict(x, deadline_ms=bad)
         assert rt.predict(x).deadline_stopped is None
         with pytest.raises(InputError, match="each of the 3 steps"):
             rt.set_step_costs([1.0, 2.0])
-        for bad in ("123", 5.0, [1.0, "x", 2.0]):
+        for bad in ("123", 5.0, [1.0, "x", 2.0], ["1", "2", "3"], [True, 1, 1], [1.0, None, 1.0]):
             with pytest.raises(InputError, match="one number of ms per step"):
                 rt.set_step_costs(bad)
         rt.set_step_costs([0.5, 1.0, 1.0])
@@ -448,8 +451,11 @@ def test_every_step_cost_source_has_words_for_reports():
     and :meth:`StepCosts.describe` gives them, with what the figures are where that is known."""
     from gfnet_edge.runtime.api import Runtime
 
-    class Rt:  # set_step_costs needs the model's steps only
+    class Rt:  # set_step_costs needs the model's steps and the open check only
         model = type("M", (), {"steps": 2})()
+
+        def _check_open(self) -> None:
+            pass
 
     rt = Rt()
     Runtime.set_step_costs(rt, [1.0, 2.0])

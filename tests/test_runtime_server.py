@@ -166,13 +166,18 @@ def test_a_forked_child_gets_a_clear_error_and_can_drop_the_inherited_runtime(de
 def test_the_fork_rule_comes_before_what_the_arguments_lack(demo_onnx_bundle, demo_frames):
     """In a forked child, a call of the inherited Runtime says to open one after the fork before
     anything about its arguments or settings: a deadline without step costs, a bad deadline, a
-    bad batch size or budget. A closed Runtime likewise says it is closed first."""
+    bad batch size or budget; setting step costs, thresholds or the budget is refused the same
+    way. A closed Runtime likewise says it is closed first."""
     calls = {
         "deadline without step costs": lambda rt: rt.predict(demo_frames, deadline_ms=5.0),
         "bad deadline": lambda rt: rt.predict(demo_frames, deadline_ms="5"),
         "bad batch size": lambda rt: rt.predict_iter(demo_frames, batch_size=0),
         "unknown budget": lambda rt: rt.predict_iter(demo_frames, budget="no such budget"),
         "iter deadline without step costs": lambda rt: rt.predict_iter(demo_frames, deadline_ms=5.0),
+        # settings (allowed in the parent, and run there last: the calls above find no step costs)
+        "step costs": lambda rt: rt.set_step_costs([1.0, 1.0, 1.0]),
+        "thresholds": lambda rt: setattr(rt, "thresholds", [0.5, 0.5, -1.0]),
+        "budget": lambda rt: rt.set_budget(None),
     }
 
     def refused(rt, match):
@@ -190,7 +195,10 @@ def test_the_fork_rule_comes_before_what_the_arguments_lack(demo_onnx_bundle, de
 
     with Runtime(demo_onnx_bundle.root, backend="onnxruntime", precision="fp32", threads=1) as rt:
         assert rt.step_costs is None  # the fixture's bundle is not calibrated
-        assert refused(rt, "opened in process") != "refused"  # the parent: each call fails on its argument
+        parent = refused(rt, "opened in process")  # the parent: each call fails on its argument, each setting is taken
+        assert "opened in process" not in parent and all(f"{name}: ran" in parent for name in
+                                                         ("step costs", "thresholds", "budget"))
+        assert parent.count(": ran") == 3
         assert _in_forked_child(lambda: refused(rt, "opened in process .* open a Runtime in each process")) == "refused"
     assert refused(rt, "this Runtime is closed") == "refused"
 

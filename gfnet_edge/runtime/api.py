@@ -3,6 +3,7 @@ unless the ``torch`` backend is asked for)."""
 from __future__ import annotations
 
 import collections
+import numbers
 import os
 import threading
 import time
@@ -21,7 +22,7 @@ from ..model_desc import ModelDesc, as_desc
 from .backends import RunnerRequest
 from .backends import choices as backend_choices
 from .backends import get as get_backend
-from .deadline import Deadline, StepCosts, StepTimes, step_costs_key
+from .deadline import Deadline, StepCosts, StepTimes, check_deadline, check_number, step_costs_key
 from .chunking import OutputBuffer, check_batch, check_frames_given, chunk_size, device_chunks, stream_batches
 from .driver import Driver, StepOutputs
 from .heads import HEAD_DTYPES, HeadSet, load_head_arrays
@@ -418,6 +419,7 @@ class Runtime:
 
     @thresholds.setter
     def thresholds(self, value: Optional[Sequence[float]]) -> None:
+        self._check_open()
         if value is None:
             self._thresholds = None
             self._thresholds_budget = None
@@ -640,15 +642,13 @@ class Runtime:
         per-image milliseconds of each step at batch 1 (the increment of step k), or None.
         By default they come from the bundle (``gfnet-edge calibrate`` records them for the
         backend and precision it measured)."""
+        self._check_open()
         if costs is not None and not isinstance(costs, StepCosts):
-            try:
-                if isinstance(costs, (str, bytes)):
-                    raise TypeError
-                values = tuple(float(v) for v in costs)
-            except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond float range
-                raise InputError(f"step costs must be a StepCosts or one number of ms per step, "
-                                 f"got {costs!r}") from None
-            costs = StepCosts(values, source="set_step_costs")
+            values = list(costs) if isinstance(costs, Iterable) and not isinstance(costs, (str, bytes)) else None
+            if values is None or any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in values):
+                raise InputError(f"step costs must be a StepCosts or one number of ms per step, got {costs!r}")
+            # check_number: an int beyond the float range is an InputError too
+            costs = StepCosts(tuple(check_number(v, "step costs") for v in values), source="set_step_costs")
         if costs is not None and costs.steps != self.model.steps:
             raise InputError(f"need a cost for each of the {self.model.steps} steps, got {costs.steps}")
         self.step_costs = costs
@@ -657,6 +657,7 @@ class Runtime:
     def _deadline(self, deadline_ms: Optional[float], margin: float, start: float) -> Optional[Deadline]:
         if deadline_ms is None:
             return None
+        check_deadline(deadline_ms, margin)  # a bad value is named before what the runtime lacks
         if self.step_costs is None:
             raise InputError(f"a deadline needs the step latencies of this device: run `gfnet-edge calibrate "
                              f"{self.bundle.root}` with the {self.backend} backend and {self.precision} graphs, "

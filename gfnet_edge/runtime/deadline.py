@@ -63,6 +63,20 @@ def check_number(value: Any, name: str) -> float:
         raise InputError(f"{name} must be a finite number, got one beyond the float range") from None
 
 
+def check_deadline(deadline_ms: Any, margin: Any) -> Tuple[float, float]:
+    """``(deadline_ms, margin)`` as floats: a finite number > 0 and a finite number >= 0.
+
+    Raises:
+        InputError: either is not such a number (bools and strings refused).
+    """
+    deadline_ms, margin = check_number(deadline_ms, "deadline_ms"), check_number(margin, "deadline_margin")
+    if not (deadline_ms > 0.0) or deadline_ms == float("inf"):
+        raise InputError(f"deadline_ms must be a finite number > 0, got {deadline_ms!r}")
+    if not (margin >= 0.0) or margin == float("inf"):
+        raise InputError(f"deadline margin must be a finite number >= 0, got {margin!r}")
+    return deadline_ms, margin
+
+
 def _check_step_ms(values: Any, name: str) -> Tuple[float, ...]:
     """``values`` (a sequence of per-image ms, one per step) as a tuple of floats."""
     if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, np.ndarray)):
@@ -228,12 +242,7 @@ class Deadline:
     decisions: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.deadline_ms = check_number(self.deadline_ms, "deadline_ms")
-        self.margin = check_number(self.margin, "deadline_margin")
-        if not (self.deadline_ms > 0.0) or self.deadline_ms == float("inf"):
-            raise InputError(f"deadline_ms must be a finite number > 0, got {self.deadline_ms!r}")
-        if not (self.margin >= 0.0) or self.margin == float("inf"):
-            raise InputError(f"deadline margin must be a finite number >= 0, got {self.margin!r}")
+        self.deadline_ms, self.margin = check_deadline(self.deadline_ms, self.margin)
         if self.start is None:
             self.start = self.clock()
 
