@@ -201,7 +201,9 @@ class GruWeights {
 };
 
 /// Softmax max probability (float32) and argmax (int32) per row of float32 logits; when
-/// logits_out != 0 the logits are also written there in `out_dtype`.
+/// logits_out != 0 the logits are also written there in `out_dtype`. More classes than an
+/// int32 indexes (common/argmax.h, kMaxClasses) are refused (std::invalid_argument), as by
+/// every classifier step.
 void softmax_stats(uintptr_t logits_f32, int64_t nb, int64_t classes, uintptr_t maxprob,
                    uintptr_t argmax, uintptr_t logits_out, DType out_dtype, uintptr_t stream);
 

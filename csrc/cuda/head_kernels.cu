@@ -409,7 +409,7 @@ void launch_softmax_stats(uintptr_t logits_f32, int64_t nb, int64_t classes, uin
                           uintptr_t argmax, uintptr_t logits_out, DType out_dtype, uintptr_t stream) {
   require_device();
   check_batch(nb);
-  if (classes < 1) throw std::invalid_argument("need at least one class");
+  check_classes(classes);
   const cudaStream_t s = as_stream(stream);
   float* out32 = (logits_out != 0 && out_dtype == DType::kF32) ? reinterpret_cast<float*>(logits_out) : nullptr;
   uint16_t* out16 = (logits_out != 0 && out_dtype == DType::kF16) ? reinterpret_cast<uint16_t*>(logits_out) : nullptr;
@@ -583,6 +583,7 @@ GruHead::GruHead(const float* w_ih, const float* w_hh, const float* b_ih, const 
 void GruHead::step_classifier(uintptr_t x, DType x_dtype, uintptr_t h, int64_t nb,
                               uintptr_t h_out, uintptr_t logits, DType logits_dtype,
                               uintptr_t maxprob, uintptr_t argmax, uintptr_t stream) const {
+  check_classes(head_.out_features());
   gru_.step(x, x_dtype, h, nb, h_out, stream);  // checks x, h, h_out
   logits_step([&](uintptr_t out) { head_.forward_f32(h_out, DType::kF32, nb, out, false, stream); },
               nb, head_.out_features(), logits, logits_dtype, maxprob, argmax, stream);
@@ -613,6 +614,7 @@ void GruHead::step_actor(uintptr_t x, DType x_dtype, uintptr_t h, int64_t nb, ui
 void cascaded_step(const LinearWeights& layer, uintptr_t features, DType x_dtype, bool tnf,
                    int64_t steps, int64_t nb, int64_t feature_dim, int64_t k, uintptr_t logits,
                    DType logits_dtype, uintptr_t maxprob, uintptr_t argmax, uintptr_t stream) {
+  check_classes(layer.out_features());
   check_segment_call(layer.in_features(), features, x_dtype, steps, nb, feature_dim, k);
   logits_step([&](uintptr_t out) {
                 layer.forward_segments_f32(features, x_dtype, tnf, steps, nb, feature_dim, k, out, stream);
