@@ -145,24 +145,47 @@ def test_every_cuda_kernel_strides_over_its_elements_and_every_grid_is_capped():
     assert sum(src.count("<<<") for src in sources.values()) >= 10  # the scan saw the launches
 
 
+def _run_cpp(tmp_path, body: str, includes: str) -> str:
+    """Compiles and runs a C++ main() against the csrc/ headers; its stdout."""
+    cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    prog, exe = tmp_path / "prog.cpp", tmp_path / "prog"
+    prog.write_text(f"#include <cstdio>\n{includes}\nint main() {{\n{body}}}\n", encoding="utf-8")
+    subprocess.run([cxx, "-std=c++17", "-I", str(ROOT / "csrc"), str(prog), "-o", str(exe)], check=True)
+    return subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+
+
 def test_capped_blocks_fits_every_grid_dimension_for_any_element_count(tmp_path):
     """common/grid.h on the host: one block per `per_block` elements while that fits a grid
     dimension (65535), then 65535, for counts up to 2^62 (a cast of the plain quotient to 32
     bits wraps past 2^32 blocks: 2^40 elements at 256 a block would give 0)."""
-    cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    if cxx is None:
-        pytest.skip("no C++ compiler")
     cases = [(0, 256), (1, 256), (255, 256), (256, 256), (257, 256), (65535 * 256, 256), (65535 * 256 + 1, 256),
              (2 ** 32 * 256 + 256, 256), (2 ** 39, 256), (2 ** 40, 256), (2 ** 62, 8), (65535, 1), (65536, 1),
              (2 ** 31, 1), (7, 8)]
-    prog = tmp_path / "grid.cpp"
-    prog.write_text('#include <cstdio>\n#include "common/grid.h"\nint main() {\n'
-                    + "".join(f'  std::printf("%u\\n", gfn::capped_blocks({n}LL, {t}));\n' for n, t in cases)
-                    + "}\n", encoding="utf-8")
-    exe = tmp_path / "grid"
-    subprocess.run([cxx, "-std=c++17", "-I", str(ROOT / "csrc"), str(prog), "-o", str(exe)], check=True)
-    got = [int(v) for v in subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.split()]
+    got = [int(v) for v in _run_cpp(tmp_path, "".join(f'  std::printf("%u\\n", gfn::capped_blocks({n}LL, {t}));\n'
+                                                      for n, t in cases), '#include "common/grid.h"').split()]
     for (n, t), blocks in zip(cases, got):
         assert 1 <= blocks <= 65535, (n, t, blocks)
         needed = -(-n // t)  # blocks for one element a thread
         assert blocks == max(1, min(needed, 65535)), (n, t, blocks)
+
+
+def test_scratch_while_capturing_comes_from_the_pool_or_is_refused_naming_the_rule(tmp_path):
+    """cuda/scratch_rule.h on the host: a device with memory pools takes scratch from them in or
+    out of a capture (cudaMallocAsync is legal while capturing); one without takes cudaMalloc
+    outside a capture and is refused during one (cudaMalloc would invalidate it), with a one-line
+    message that names the rule and the way out."""
+    out = _run_cpp(tmp_path, "".join(
+        f'  std::printf("%d\\n", static_cast<int>(gfn::cuda::scratch_source({p}, {c})));\n'
+        for p, c in [("true", "false"), ("true", "true"), ("false", "false"), ("false", "true")])
+        + '  std::printf("%s\\n", gfn::cuda::scratch_refusal(4096).c_str());\n',
+        '#include "cuda/scratch_rule.h"')
+    lines = out.splitlines()
+    pool, malloc, refused = 0, 1, 2  # ScratchSource's order
+    assert [int(v) for v in lines[:4]] == [pool, pool, malloc, refused]
+    assert len(lines) == 5
+    msg = lines[4]
+    for part in ("4096 bytes", "captured into a CUDA graph", "no memory pools", "cudaMalloc is not allowed during a capture",
+                 "outside the capture"):
+        assert part in msg, (part, msg)

@@ -284,7 +284,11 @@ class PinnedBuffer {
   size_t nbytes_ = 0;
 };
 
-/// Stream-ordered scratch allocation (cudaMallocAsync where supported).
+/// Stream-ordered scratch allocation: cudaMallocAsync from the device's memory pool where the
+/// device has pools (legal while `stream` is captured into a graph, which then holds mem_alloc /
+/// mem_free nodes), else cudaMalloc, which a capture does not allow: on such a device a Scratch
+/// made while `stream` captures throws std::runtime_error naming the rule (scratch_rule.h)
+/// before any CUDA call that would invalidate the capture.
 class Scratch {
  public:
   Scratch(size_t nbytes, uintptr_t stream);

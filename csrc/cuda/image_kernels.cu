@@ -39,18 +39,6 @@ struct DeviceTables {
   int64_t off_row_start = 0, off_row_count = 0, off_row_w = 0;
 };
 
-// Whether work enqueued on `s` now is recorded into a graph: a capture open on the stream, or
-// one it has joined. A failed query (the legacy stream while a blocking stream captures) counts
-// as capturing: the table is then only kept longer.
-bool capturing(cudaStream_t s) {
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  if (cudaStreamIsCapturing(s, &status) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return true;
-  }
-  return status != cudaStreamCaptureStatusNone;
-}
-
 // Copies the tables to a new device buffer and waits for the copy. Outside a capture on `s` (a
 // pageable cudaMemcpy may return before its DMA lands, and a non-blocking stream is not ordered
 // after the legacy stream: the copy is waited for before any stream may read it). While `s` is
@@ -66,11 +54,7 @@ std::unique_ptr<DeviceBuffer> upload(const std::vector<int32_t>& host, cudaStrea
     GFN_CUDA_CHECK(cudaStreamSynchronize(s));
     return buf;
   }
-  struct RelaxedCapture {  // this thread's capture mode, restored however the upload ends
-    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
-    RelaxedCapture() { (void)cudaThreadExchangeStreamCaptureMode(&mode); }
-    ~RelaxedCapture() { (void)cudaThreadExchangeStreamCaptureMode(&mode); }
-  } relaxed;
+  const RelaxedCapture relaxed;
   struct PrivateStream {
     cudaStream_t s = nullptr;
     ~PrivateStream() {
@@ -100,7 +84,7 @@ std::shared_ptr<const DeviceTables> device_tables(int64_t h, int64_t w, int64_t 
   int device = 0;
   GFN_CUDA_CHECK(cudaGetDevice(&device));
   const auto key = std::make_tuple(device, h, w, resize_short, crop, static_cast<int>(interp));
-  const bool in_capture = capturing(s);
+  const bool in_capture = capturing(s);  // a failed query counts: the table is then only kept longer
   std::lock_guard<std::mutex> lk(mu);
   if (auto it = pinned.find(key); it != pinned.end()) return it->second;
   if (auto t = cache.get(key)) {
