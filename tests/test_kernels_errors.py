@@ -56,7 +56,6 @@ def test_preprocess_bad_arguments(frame, kwargs, exc, msg):
     (np.zeros((40, 50, 4), np.uint8), ValueError, "HxWx3"),
     (np.zeros((0, 50, 3), np.uint8), ValueError, "empty"),
     (np.zeros((40, 50, 3), np.float32), TypeError, "uint8"),
-    (np.zeros((40, 100, 3), np.uint8)[:, ::2], ValueError, "C-contiguous"),
     ([], ValueError, "empty"),
     ("frame.png", TypeError, "numpy"),
     ([np.zeros((4, 4, 3), np.uint8), "x"], TypeError, "numpy"),
@@ -148,7 +147,6 @@ def test_preprocess_readonly_out(frame):
     (np.zeros((3, 32, 32), F32), 8, ValueError, "4 dimensions"),
     (np.zeros((1, 3, 32, 30), F32), 8, ValueError, "square"),
     (np.zeros((1, 3, 32, 32), F32), 0, ValueError, "patch_size"),
-    (np.zeros((1, 3, 32, 64), F32)[..., ::2], 8, ValueError, "C-contiguous"),
     (np.zeros((1, 3, 32, 32), np.float64), 8, TypeError, "float32"),
     ([[1.0]], 8, TypeError, "numpy"),
 ])

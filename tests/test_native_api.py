@@ -186,6 +186,6 @@ def test_scratch_while_capturing_comes_from_the_pool_or_is_refused_naming_the_ru
     assert [int(v) for v in lines[:4]] == [pool, pool, malloc, refused]
     assert len(lines) == 5
     msg = lines[4]
-    for part in ("4096 bytes", "captured into a CUDA graph", "no memory pools", "cudaMalloc is not allowed during a capture",
-                 "outside the capture"):
+    for part in ("4096 bytes", "captured into a CUDA graph", "no memory pools",
+                 "cudaMalloc is not allowed during a capture", "outside the capture"):
         assert part in msg, (part, msg)
