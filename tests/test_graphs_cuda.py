@@ -175,6 +175,51 @@ def test_captured_head_steps_hold_no_memory_nodes():
 
 
 @requires_gpu
+def test_scratch_taken_while_capturing_is_stream_ordered_or_refused_naming_the_rule():
+    """A GRU classifier step with float16 logits takes scratch for its float32 logits. Captured:
+    on a device with memory pools the graph allocates and frees it (mem_alloc / mem_free nodes)
+    and replays equal to plain launches; on one without, the step is refused with a message
+    naming the rule, and the capture is still valid (nothing the capture disallows was called)."""
+    rng = np.random.default_rng(9)
+    n, I, H, C = 4, 12, 8, 6
+    w = [rng.standard_normal(s).astype(np.float32) * 0.3 for s in [(3 * H, I), (3 * H, H), (3 * H,), (3 * H,),
+                                                                  (C, H), (C,)]]
+    head = ops.GRUHead(*w, device="cuda")
+    st = ops.Stream()
+    x, h0 = ops.to_device(rng.standard_normal((n, I)).astype(np.float32), st), ops.DeviceBuffer(n * H * 4)
+    h0.copy_from_host(rng.standard_normal((n, H)).astype(np.float32), st)
+    h1, logits, mp, am = ops.DeviceBuffer(n * H * 4), ops.DeviceBuffer(n * C * 2), ops.DeviceBuffer(n * 4), \
+        ops.DeviceBuffer(n * 4)
+
+    def step():
+        head.step_device(x, h0, h1, n, logits, mp, am, logits_dtype="float16", stream=st)
+
+    def read():
+        return [ops.from_device(logits, (n, C), np.float16, st), ops.from_device(mp, (n,), np.float32, st),
+                ops.from_device(am, (n,), np.int32, st)]
+
+    step()
+    want = read()
+    graph = ops.CudaGraph()
+    graph.begin_capture(st)
+    try:
+        step()
+    except RuntimeError as exc:  # a device without memory pools
+        assert "cudaMalloc is not allowed during a capture" in str(exc) and "\n" not in str(exc)
+        graph.end_capture()  # the capture was not invalidated
+        assert graph.nodes > 0  # the GRU step enqueued before the scratch was refused
+        return
+    graph.end_capture()
+    kinds = graph.node_kinds
+    assert kinds.get("mem_alloc", 0) >= 1 and kinds.get("mem_free", 0) >= 1, kinds
+    for b in (logits, mp, am):
+        b.zero(st)
+    graph.launch(st)
+    for got, ref in zip(read(), want):
+        assert np.array_equal(got, ref)
+
+
+@requires_gpu
 def test_events_and_pinned_memory():
     st = ops.Stream()
     a, b = ops.CudaEvent(), ops.CudaEvent()

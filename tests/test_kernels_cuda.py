@@ -174,6 +174,61 @@ def test_cuda_softmax_stats_reaches_rows_past_2_to_the_32():
 
 
 @requires_gpu
+def test_cuda_heads_of_more_batch_tiles_than_one_grid_equal_the_cpu():
+    """65535 * 8 + 9 rows: more batch tiles of 8 than a grid's y holds (a grid of one block per
+    tile fails to launch). The GRU, its classifier head and the actor stride over the tiles and
+    give every row the CPU's values, the last rows included."""
+    rng = np.random.default_rng(11)
+    n, H, I, C = 65535 * 8 + 9, 8, 4, 3
+    w = [rng.standard_normal(s).astype(np.float32) * 0.5 for s in [(3 * H, I), (3 * H, H), (3 * H,), (3 * H,)]]
+    x, h = rng.standard_normal((n, I)).astype(np.float32), rng.standard_normal((n, H)).astype(np.float32)
+    cls = [rng.standard_normal((C, H)).astype(np.float32), rng.standard_normal(C).astype(np.float32)]
+    cpu, gpu = ops.GRUHead(*w, *cls).step(x, h), ops.GRUHead(*w, *cls, device="cuda").step(x, h)
+    for a, b in zip(cpu[:3], gpu[:3]):
+        np.testing.assert_allclose(b, a, atol=1e-4, rtol=1e-4)
+    assert (gpu[3] == cpu[3]).mean() > 0.999  # argmax: equal except near-ties within float error
+    act = [rng.standard_normal((2, H)).astype(np.float32), rng.standard_normal(2).astype(np.float32)]
+    cpu_a = ops.ActorHead(*w, *act).step(x, h, 64, 16)
+    gpu_a = ops.ActorHead(*w, *act, device="cuda").step(x, h, 64, 16)
+    np.testing.assert_allclose(gpu_a[1], cpu_a[1], atol=1e-4)
+    assert (gpu_a[2] == cpu_a[2]).mean() > 0.999
+
+
+@requires_gpu
+def test_cuda_element_kernels_past_one_capped_grid_equal_the_cpu():
+    """More elements than 65535 blocks of 256 threads: the crop, the normalisation, the glance
+    and the float16 store of a linear layer stride over the rest, and the last elements get the
+    CPU's values."""
+    rng = np.random.default_rng(12)
+    stream = ops.Stream()
+    n, S, P = 70000, 12, 10  # 70000 * 3 * 10 * 10 = 21e6 patch elements
+    images = rng.standard_normal((n, 3, S, S)).astype(np.float32)
+    coords = rng.integers(0, S - P + 1, (n, 2)).astype(np.int32)
+    out = ops.DeviceBuffer(n * 3 * P * P * 4)
+    ops.cuda_crop_patches(ops.to_device(images, stream), n, S, coords, out, P, stream=stream)
+    assert np.array_equal(ops.from_device(out, (n, 3, P, P), np.float32, stream), ops.crop_patches(images, coords, P))
+    n, S, P = 1200, 128, 64  # 1200 * 128 * 128 = 19.7e6 pixels; 1200 * 3 * 64 * 64 = 14.7e6 glance values
+    frames = rng.integers(0, 256, (n, S, S, 3), dtype=np.uint8)
+    out, gl = ops.DeviceBuffer(n * 3 * S * S * 4), ops.DeviceBuffer(n * 3 * P * P * 4)
+    ops.cuda_normalise_frames(ops.to_device(frames, stream), n, S, out, glance=gl, glance_size=P, stream=stream)
+    got = ops.from_device(out, (n, 3, S, S), np.float32, stream)
+    assert np.array_equal(got, ops.normalise_frames(frames))
+    np.testing.assert_allclose(ops.from_device(gl, (n, 3, P, P), np.float32, stream), ops.glance(got, P), atol=1e-5)
+    big = ops.DeviceBuffer(n * 3 * 112 * 112 * 4)  # 45e6 glance values
+    ops.cuda_glance(out, n, S, big, 112, stream=stream)
+    np.testing.assert_allclose(ops.from_device(big, (n, 3, 112, 112), np.float32, stream), ops.glance(got, 112),
+                               atol=1e-5)
+    nb, k, rows = 17000, 8, 1000  # 17e6 float16 outputs
+    wt, b = rng.standard_normal((rows, k)).astype(np.float32), rng.standard_normal(rows).astype(np.float32)
+    x = rng.standard_normal((nb, k)).astype(np.float32)
+    y = ops.DeviceBuffer(nb * rows * 2)
+    ops.Linear(wt, b, device="cuda").forward_device(ops.to_device(x, stream), y, nb, out_dtype="float16",
+                                                    stream=stream)
+    np.testing.assert_allclose(ops.from_device(y, (nb, rows), np.float16, stream).astype(np.float32),
+                               ops.linear(x, wt, b), rtol=2e-3, atol=2e-3)
+
+
+@requires_gpu
 def test_cuda_preprocess_refuses_a_resize_that_enlarges_the_frame_too_much():
     """The device tables come from the CPU's plan: a tiny crop_pct is refused at once, as on the CPU."""
     stream = ops.Stream()

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "bindings/common.h"
+#include "common/argmax.h"
 #include "cuda/api.h"
 
 namespace gfn::bind {
@@ -64,6 +65,7 @@ void bind_cuda_kernels(py::module_& m) {
       [](uintptr_t logits, int64_t batch, int64_t classes, uintptr_t maxprob, uintptr_t argmax,
          uintptr_t logits_out, const std::string& out_dtype, uintptr_t stream) {
         check_sizes({{batch, "batch"}, {classes, "classes"}});
+        check_classes(classes);
         const auto od = parse_dtype(out_dtype, "out_dtype");
         py::gil_scoped_release release;
         gc::require_device();

@@ -5,6 +5,7 @@
 #include <tuple>
 
 #include "bindings/common.h"
+#include "common/argmax.h"
 #include "cpu/heads.h"
 
 namespace gfn::bind {
@@ -13,14 +14,15 @@ namespace {
 using gfn::cpu::row_pointers;
 
 /// The new output arrays of a classifier step and their data pointers: logits (nb, classes),
-/// maxprob (nb,) float32, argmax (nb,) int32.
+/// maxprob (nb,) float32, argmax (nb,) int32; a class count an int32 argmax cannot index is
+/// refused before anything is allocated or computed.
 struct ClassifierOutputs {
   py::array_t<float> logits, maxprob;
   py::array_t<int32_t> argmax;
   float *lp, *mp;
   int32_t* ap;
   ClassifierOutputs(int64_t nb, int64_t classes)
-      : logits({nb, classes}), maxprob(nb), argmax(nb), lp(logits.mutable_data()),
+      : logits({nb, check_classes(classes)}), maxprob(nb), argmax(nb), lp(logits.mutable_data()),
         mp(maxprob.mutable_data()), ap(argmax.mutable_data()) {}
 };
 
@@ -220,6 +222,8 @@ py::tuple gru_actor_step(const PyGRUCell& cell, const PyLinear& head, const py::
 void bind_heads(py::module_& m) {
   m.def("linear", &cpu_linear, py::arg("x"), py::arg("w"), py::arg("b") = py::none(), py::arg("relu") = false);
   m.def("softmax_stats", &cpu_softmax_stats, py::arg("logits"));
+  m.def("check_classes", [](int64_t classes) { check_classes(classes); }, py::arg("classes"),
+        "ValueError unless 1 <= classes <= 2^31 - 1 (the predictions are int32), as every argmax checks.");
 
   py::class_<PyGRUCell>(m, "GRUCell", "PyTorch-layout GRU cell with packed CPU weights.")
       .def(py::init(&make_gru_cell), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih") = py::none(),

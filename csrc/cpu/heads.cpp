@@ -73,6 +73,7 @@ void linear_forward(const WeightView& w, int64_t rows, int64_t cols, const float
 
 void softmax_stats(const float* logits, int64_t nb, int64_t classes, float* maxprob,
                    int32_t* argmax) {
+  check_classes(classes);
   for (int64_t i = 0; i < nb; ++i) {
     const float* l = logits + i * classes;
     float m = l[0];

@@ -1,5 +1,6 @@
 #include "host_loop.h"
 
+#include "../common/argmax.h"
 #include "../common/exit_rule.h"
 
 #include <algorithm>
@@ -38,6 +39,7 @@ int64_t HostLoop::begin(const void* images, bool u8, int64_t n, const float* fea
   const int64_t want_classes = m_.cls_head != nullptr ? m_.cls_head->out_features()
                                : T > 1                ? m_.cascaded.at(2)->out_features()
                                                       : classes;
+  check_classes(want_classes);
   if (m_.cls_cell != nullptr && m_.cls_cell->input_size() != feature_dim) {
     throw std::invalid_argument("the classifier GRU takes " + std::to_string(m_.cls_cell->input_size()) +
                                 " features, the graph gave " + std::to_string(feature_dim));

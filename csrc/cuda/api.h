@@ -201,7 +201,9 @@ class GruWeights {
 };
 
 /// Softmax max probability (float32) and argmax (int32) per row of float32 logits; when
-/// logits_out != 0 the logits are also written there in `out_dtype`.
+/// logits_out != 0 the logits are also written there in `out_dtype`. More classes than an
+/// int32 indexes (common/argmax.h, kMaxClasses) are refused (std::invalid_argument), as by
+/// every classifier step.
 void softmax_stats(uintptr_t logits_f32, int64_t nb, int64_t classes, uintptr_t maxprob,
                    uintptr_t argmax, uintptr_t logits_out, DType out_dtype, uintptr_t stream);
 
@@ -282,7 +284,11 @@ class PinnedBuffer {
   size_t nbytes_ = 0;
 };
 
-/// Stream-ordered scratch allocation (cudaMallocAsync where supported).
+/// Stream-ordered scratch allocation: cudaMallocAsync from the device's memory pool where the
+/// device has pools (legal while `stream` is captured into a graph, which then holds mem_alloc /
+/// mem_free nodes), else cudaMalloc, which a capture does not allow: on such a device a Scratch
+/// made while `stream` captures throws std::runtime_error naming the rule (scratch_rule.h)
+/// before any CUDA call that would invalidate the capture.
 class Scratch {
  public:
   Scratch(size_t nbytes, uintptr_t stream);

@@ -19,6 +19,29 @@ namespace gfn::cuda {
 
 inline cudaStream_t as_stream(uintptr_t handle) { return reinterpret_cast<cudaStream_t>(handle); }
 
+/// Whether work enqueued on `s` now is recorded into a graph: a capture open on the stream, or
+/// one it has joined. A failed query (the legacy stream while a blocking stream captures) counts
+/// as capturing.
+inline bool capturing(cudaStream_t s) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(s, &status) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return true;
+  }
+  return status != cudaStreamCaptureStatusNone;
+}
+
+/// This thread in relaxed capture mode for the life of the object (the previous mode restored
+/// however the scope ends): a call that a capture does not record (an allocation, a copy on a
+/// private stream) then leaves a capture this thread has open on another stream valid.
+struct RelaxedCapture {
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  RelaxedCapture() { (void)cudaThreadExchangeStreamCaptureMode(&mode); }
+  ~RelaxedCapture() { (void)cudaThreadExchangeStreamCaptureMode(&mode); }
+  RelaxedCapture(const RelaxedCapture&) = delete;
+  RelaxedCapture& operator=(const RelaxedCapture&) = delete;
+};
+
 }  // namespace gfn::cuda
 
 /// Checks a CUDA runtime call; throws std::runtime_error with file/line on failure.

@@ -5,13 +5,13 @@
 // so weight loads are coalesced, and the partial sums are combined with warp shuffles.
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "../common/argmax.h"
+#include "../common/grid.h"
 #include "../common/gates.h"
 #include "../common/half.h"
 #include "../common/interp.h"
@@ -24,8 +24,6 @@ namespace {
 constexpr int kWarps = 8;          // warps per block
 constexpr int kBatchTile = 8;      // batch items per warp
 constexpr int kBlock = 32 * kWarps;
-// Blocks of a kernel that strides over rows (a grid's x size is below 2^31; the rows may not be).
-constexpr int64_t kMaxRowBlocks = 65535;
 
 __device__ inline float warp_sum(float v) {
 #pragma unroll
@@ -107,35 +105,40 @@ __global__ void gru_kernel(const WT* __restrict__ w_ih, const WT* __restrict__ w
                            const XT* __restrict__ x, const float* __restrict__ h, int64_t nb,
                            int64_t input, int64_t hidden, float* __restrict__ h_out) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
-  const int64_t b0 = static_cast<int64_t>(blockIdx.y) * kBatchTile;
-  if (j >= hidden) return;  // the whole warp leaves together
-  float ai[3][kBatchTile], ah[3][kBatchTile];
+  // Warps stride over the hidden units and blocks of y over the batch tiles (common/grid.h);
+  // both loops are the same for every lane of a warp, as the shuffles of warp_sum need.
+  for (int64_t j = static_cast<int64_t>(blockIdx.x) * kWarps + warp; j < hidden;
+       j += static_cast<int64_t>(gridDim.x) * kWarps) {
+    for (int64_t b0 = static_cast<int64_t>(blockIdx.y) * kBatchTile; b0 < nb;
+         b0 += static_cast<int64_t>(gridDim.y) * kBatchTile) {
+      float ai[3][kBatchTile], ah[3][kBatchTile];
 #pragma unroll
-  for (int g = 0; g < 3; ++g) {
+      for (int g = 0; g < 3; ++g) {
 #pragma unroll
-    for (int b = 0; b < kBatchTile; ++b) ai[g][b] = ah[g][b] = 0.0f;
-  }
-  gate_dots<VEC>(w_ih, hidden, j, input, x, nb, b0, lane, ai);
-  if (h != nullptr) gate_dots<VEC>(w_hh, hidden, j, hidden, h, nb, b0, lane, ah);
+        for (int b = 0; b < kBatchTile; ++b) ai[g][b] = ah[g][b] = 0.0f;
+      }
+      gate_dots<VEC>(w_ih, hidden, j, input, x, nb, b0, lane, ai);
+      if (h != nullptr) gate_dots<VEC>(w_hh, hidden, j, hidden, h, nb, b0, lane, ah);
 #pragma unroll
-  for (int g = 0; g < 3; ++g) {
+      for (int g = 0; g < 3; ++g) {
 #pragma unroll
-    for (int b = 0; b < kBatchTile; ++b) {
-      ai[g][b] = warp_sum(ai[g][b]);
-      ah[g][b] = warp_sum(ah[g][b]);
-    }
-  }
-  if (lane == 0) {
+        for (int b = 0; b < kBatchTile; ++b) {
+          ai[g][b] = warp_sum(ai[g][b]);
+          ah[g][b] = warp_sum(ah[g][b]);
+        }
+      }
+      if (lane == 0) {
 #pragma unroll
-    for (int b = 0; b < kBatchTile; ++b) {
-      const int64_t bi = b0 + b;
-      if (bi >= nb) continue;
-      const float hprev = h != nullptr ? h[bi * hidden + j] : 0.0f;
-      h_out[bi * hidden + j] =
-          gru_unit(ai[0][b] + b_ih[j], ai[1][b] + b_ih[hidden + j], ai[2][b] + b_ih[2 * hidden + j],
-                   ah[0][b] + b_hh[j], ah[1][b] + b_hh[hidden + j], ah[2][b] + b_hh[2 * hidden + j],
-                   hprev);
+        for (int b = 0; b < kBatchTile; ++b) {
+          const int64_t bi = b0 + b;
+          if (bi >= nb) continue;
+          const float hprev = h != nullptr ? h[bi * hidden + j] : 0.0f;
+          h_out[bi * hidden + j] =
+              gru_unit(ai[0][b] + b_ih[j], ai[1][b] + b_ih[hidden + j], ai[2][b] + b_ih[2 * hidden + j],
+                       ah[0][b] + b_hh[j], ah[1][b] + b_hh[hidden + j], ah[2][b] + b_hh[2 * hidden + j],
+                       hprev);
+        }
+      }
     }
   }
 }
@@ -148,52 +151,57 @@ __global__ void linear_kernel(const WT* __restrict__ w, const float* __restrict_
                               int64_t feature_dim, int tnf, int64_t steps, int relu,
                               float* __restrict__ out) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t o = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
-  const int64_t b0 = static_cast<int64_t>(blockIdx.y) * kBatchTile;
-  if (o >= rows) return;
   const int64_t k_total = nseg * feature_dim;
-  float acc[kBatchTile];
+  // Warps stride over the output rows and blocks of y over the batch tiles (common/grid.h);
+  // both loops are the same for every lane of a warp, as the shuffles of warp_sum need.
+  for (int64_t o = static_cast<int64_t>(blockIdx.x) * kWarps + warp; o < rows;
+       o += static_cast<int64_t>(gridDim.x) * kWarps) {
+    for (int64_t b0 = static_cast<int64_t>(blockIdx.y) * kBatchTile; b0 < nb;
+         b0 += static_cast<int64_t>(gridDim.y) * kBatchTile) {
+      float acc[kBatchTile];
 #pragma unroll
-  for (int b = 0; b < kBatchTile; ++b) acc[b] = 0.0f;
-  for (int64_t t = 0; t < nseg; ++t) {
-    const WT* wr = w + o * k_total + t * feature_dim;
-    int64_t xoff[kBatchTile];
-#pragma unroll
-    for (int b = 0; b < kBatchTile; ++b) {
-      const int64_t bi = b0 + b < nb ? b0 + b : nb - 1;
-      xoff[b] = (tnf ? (t * nb + bi) : (bi * steps + t)) * feature_dim;
-    }
-    int64_t f0 = 0;
-    if (VEC) {
-      const int64_t nvec = feature_dim / kVec;
-      for (int64_t q = lane; q < nvec; q += 32) {
-        float wv[kVec];
-        load_vec(wr + q * kVec, wv);
+      for (int b = 0; b < kBatchTile; ++b) acc[b] = 0.0f;
+      for (int64_t t = 0; t < nseg; ++t) {
+        const WT* wr = w + o * k_total + t * feature_dim;
+        int64_t xoff[kBatchTile];
 #pragma unroll
         for (int b = 0; b < kBatchTile; ++b) {
-          if (b0 + b >= nb) break;
-          float xv[kVec];
-          load_vec(x + xoff[b] + q * kVec, xv);
+          const int64_t bi = b0 + b < nb ? b0 + b : nb - 1;
+          xoff[b] = (tnf ? (t * nb + bi) : (bi * steps + t)) * feature_dim;
+        }
+        int64_t f0 = 0;
+        if (VEC) {
+          const int64_t nvec = feature_dim / kVec;
+          for (int64_t q = lane; q < nvec; q += 32) {
+            float wv[kVec];
+            load_vec(wr + q * kVec, wv);
 #pragma unroll
-          for (int e = 0; e < kVec; ++e) acc[b] += wv[e] * xv[e];
+            for (int b = 0; b < kBatchTile; ++b) {
+              if (b0 + b >= nb) break;
+              float xv[kVec];
+              load_vec(x + xoff[b] + q * kVec, xv);
+#pragma unroll
+              for (int e = 0; e < kVec; ++e) acc[b] += wv[e] * xv[e];
+            }
+          }
+          f0 = nvec * kVec;
+        }
+        for (int64_t f = f0 + lane; f < feature_dim; f += 32) {
+          const float wv = load_f(wr, f);
+#pragma unroll
+          for (int b = 0; b < kBatchTile; ++b) acc[b] += wv * load_f(x, xoff[b] + f);
         }
       }
-      f0 = nvec * kVec;
-    }
-    for (int64_t f = f0 + lane; f < feature_dim; f += 32) {
-      const float wv = load_f(wr, f);
 #pragma unroll
-      for (int b = 0; b < kBatchTile; ++b) acc[b] += wv * load_f(x, xoff[b] + f);
-    }
-  }
+      for (int b = 0; b < kBatchTile; ++b) acc[b] = warp_sum(acc[b]);
+      if (lane == 0) {
 #pragma unroll
-  for (int b = 0; b < kBatchTile; ++b) acc[b] = warp_sum(acc[b]);
-  if (lane == 0) {
-#pragma unroll
-    for (int b = 0; b < kBatchTile; ++b) {
-      if (b0 + b >= nb) continue;
-      const float v = acc[b] + bias[o];
-      out[(b0 + b) * rows + o] = relu ? gfn::relu(v) : v;
+        for (int b = 0; b < kBatchTile; ++b) {
+          if (b0 + b >= nb) continue;
+          const float v = acc[b] + bias[o];
+          out[(b0 + b) * rows + o] = relu ? gfn::relu(v) : v;
+        }
+      }
     }
   }
 }
@@ -259,16 +267,19 @@ __global__ void softmax_stats_kernel(const float* __restrict__ logits, int64_t n
 // place): each thread reads its element before writing it, so they carry no __restrict__.
 __global__ void actor_kernel(const float* raw, int64_t n, int range, float* action,
                              int32_t* __restrict__ coords) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  const float a = sigmoid(raw[i]);
-  if (action) action[i] = a;
-  if (coords) coords[i] = patch_coord(a, range);
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
+    const float a = sigmoid(raw[i]);
+    if (action) action[i] = a;
+    if (coords) coords[i] = patch_coord(a, range);
+  }
 }
 
 __global__ void to_half_kernel(const float* __restrict__ in, int64_t n, uint16_t* __restrict__ out) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n) out[i] = float_to_half(in[i]);
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
+    out[i] = float_to_half(in[i]);
+  }
 }
 
 std::vector<uint16_t> to_half(const float* src, size_t n) {
@@ -325,8 +336,7 @@ template <typename WT, typename XT>
 void launch_linear(uintptr_t w, uintptr_t bias, uintptr_t x, int64_t nb, int64_t rows, int64_t nseg,
                    int64_t feature_dim, bool tnf, int64_t steps, bool relu, float* out,
                    cudaStream_t s) {
-  const dim3 grid(static_cast<unsigned>((rows + kWarps - 1) / kWarps),
-                  static_cast<unsigned>((nb + kBatchTile - 1) / kBatchTile));
+  const dim3 grid(capped_blocks(rows, kWarps), capped_blocks(nb, kBatchTile));
   const bool vec = feature_dim % kVec == 0 && aligned16(w) && aligned16(x);
   auto kernel = vec ? linear_kernel<true, WT, XT> : linear_kernel<false, WT, XT>;
   kernel<<<grid, kBlock, 0, s>>>(
@@ -358,7 +368,7 @@ void store_result(const float* src, int64_t n, uintptr_t out, DType dtype, cudaS
     GFN_CUDA_CHECK(cudaMemcpyAsync(reinterpret_cast<void*>(out), src, n * sizeof(float),
                                    cudaMemcpyDeviceToDevice, s));
   } else {
-    to_half_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, s>>>(
+    to_half_kernel<<<capped_blocks(n, 256), 256, 0, s>>>(
         src, n, reinterpret_cast<uint16_t*>(out));
     GFN_CUDA_CHECK_LAUNCH();
   }
@@ -409,11 +419,11 @@ void launch_softmax_stats(uintptr_t logits_f32, int64_t nb, int64_t classes, uin
                           uintptr_t argmax, uintptr_t logits_out, DType out_dtype, uintptr_t stream) {
   require_device();
   check_batch(nb);
-  if (classes < 1) throw std::invalid_argument("need at least one class");
+  check_classes(classes);
   const cudaStream_t s = as_stream(stream);
   float* out32 = (logits_out != 0 && out_dtype == DType::kF32) ? reinterpret_cast<float*>(logits_out) : nullptr;
   uint16_t* out16 = (logits_out != 0 && out_dtype == DType::kF16) ? reinterpret_cast<uint16_t*>(logits_out) : nullptr;
-  softmax_stats_kernel<<<static_cast<unsigned>(std::min(nb, kMaxRowBlocks)), kBlock, 0, s>>>(
+  softmax_stats_kernel<<<capped_blocks(nb, 1), kBlock, 0, s>>>(
       reinterpret_cast<const float*>(logits_f32), nb, classes, reinterpret_cast<float*>(maxprob),
       reinterpret_cast<int32_t*>(argmax), out32, out16);
   GFN_CUDA_CHECK_LAUNCH();
@@ -529,8 +539,7 @@ void GruWeights::step(uintptr_t x, DType x_dtype, uintptr_t h, int64_t nb, uintp
     if (h == h_out) throw std::invalid_argument("h_out must not alias h");
   }
   const cudaStream_t s = as_stream(stream);
-  const dim3 grid(static_cast<unsigned>((hidden_ + kWarps - 1) / kWarps),
-                  static_cast<unsigned>((nb + kBatchTile - 1) / kBatchTile));
+  const dim3 grid(capped_blocks(hidden_, kWarps), capped_blocks(nb, kBatchTile));
   const float* hp = reinterpret_cast<const float*>(h);
   float* ho = reinterpret_cast<float*>(h_out);
   const float* bi = reinterpret_cast<const float*>(b_ih_.ptr());
@@ -566,7 +575,7 @@ void actor_epilogue(uintptr_t raw_f32, int64_t nb, int64_t range, uintptr_t acti
   require_device();
   check_batch(nb);
   const int64_t n = 2 * nb;
-  actor_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, as_stream(stream)>>>(
+  actor_kernel<<<capped_blocks(n, 256), 256, 0, as_stream(stream)>>>(
       reinterpret_cast<const float*>(raw_f32), n, static_cast<int>(range),
       reinterpret_cast<float*>(action), reinterpret_cast<int32_t*>(coords));
   GFN_CUDA_CHECK_LAUNCH();
@@ -583,6 +592,7 @@ GruHead::GruHead(const float* w_ih, const float* w_hh, const float* b_ih, const 
 void GruHead::step_classifier(uintptr_t x, DType x_dtype, uintptr_t h, int64_t nb,
                               uintptr_t h_out, uintptr_t logits, DType logits_dtype,
                               uintptr_t maxprob, uintptr_t argmax, uintptr_t stream) const {
+  check_classes(head_.out_features());
   gru_.step(x, x_dtype, h, nb, h_out, stream);  // checks x, h, h_out
   logits_step([&](uintptr_t out) { head_.forward_f32(h_out, DType::kF32, nb, out, false, stream); },
               nb, head_.out_features(), logits, logits_dtype, maxprob, argmax, stream);
@@ -613,6 +623,7 @@ void GruHead::step_actor(uintptr_t x, DType x_dtype, uintptr_t h, int64_t nb, ui
 void cascaded_step(const LinearWeights& layer, uintptr_t features, DType x_dtype, bool tnf,
                    int64_t steps, int64_t nb, int64_t feature_dim, int64_t k, uintptr_t logits,
                    DType logits_dtype, uintptr_t maxprob, uintptr_t argmax, uintptr_t stream) {
+  check_classes(layer.out_features());
   check_segment_call(layer.in_features(), features, x_dtype, steps, nb, feature_dim, k);
   logits_step([&](uintptr_t out) {
                 layer.forward_segments_f32(features, x_dtype, tnf, steps, nb, feature_dim, k, out, stream);

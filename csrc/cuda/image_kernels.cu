@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../common/gates.h"
+#include "../common/grid.h"
 #include "../common/half.h"
 #include "../common/interp.h"
 #include "../common/lru_cache.h"
@@ -25,11 +26,6 @@ namespace gfn::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kMaxGridY = 65535;  // frames per launch (grid.y)
-
-inline unsigned blocks_for(int64_t n, int threads = kThreads) {
-  return static_cast<unsigned>((n + threads - 1) / threads);
-}
 
 // --------------------------------------------------------------- device tables ----
 
@@ -42,18 +38,6 @@ struct DeviceTables {
   int64_t off_col_start = 0, off_col_count = 0, off_col_w = 0;
   int64_t off_row_start = 0, off_row_count = 0, off_row_w = 0;
 };
-
-// Whether work enqueued on `s` now is recorded into a graph: a capture open on the stream, or
-// one it has joined. A failed query (the legacy stream while a blocking stream captures) counts
-// as capturing: the table is then only kept longer.
-bool capturing(cudaStream_t s) {
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  if (cudaStreamIsCapturing(s, &status) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return true;
-  }
-  return status != cudaStreamCaptureStatusNone;
-}
 
 // Copies the tables to a new device buffer and waits for the copy. Outside a capture on `s` (a
 // pageable cudaMemcpy may return before its DMA lands, and a non-blocking stream is not ordered
@@ -70,11 +54,7 @@ std::unique_ptr<DeviceBuffer> upload(const std::vector<int32_t>& host, cudaStrea
     GFN_CUDA_CHECK(cudaStreamSynchronize(s));
     return buf;
   }
-  struct RelaxedCapture {  // this thread's capture mode, restored however the upload ends
-    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
-    RelaxedCapture() { (void)cudaThreadExchangeStreamCaptureMode(&mode); }
-    ~RelaxedCapture() { (void)cudaThreadExchangeStreamCaptureMode(&mode); }
-  } relaxed;
+  const RelaxedCapture relaxed;
   struct PrivateStream {
     cudaStream_t s = nullptr;
     ~PrivateStream() {
@@ -104,7 +84,7 @@ std::shared_ptr<const DeviceTables> device_tables(int64_t h, int64_t w, int64_t 
   int device = 0;
   GFN_CUDA_CHECK(cudaGetDevice(&device));
   const auto key = std::make_tuple(device, h, w, resize_short, crop, static_cast<int>(interp));
-  const bool in_capture = capturing(s);
+  const bool in_capture = capturing(s);  // a failed query counts: the table is then only kept longer
   std::lock_guard<std::mutex> lk(mu);
   if (auto it = pinned.find(key); it != pinned.end()) return it->second;
   if (auto t = cache.get(key)) {
@@ -164,35 +144,37 @@ struct Norm {
   int bgr;
 };
 
-// One thread per (needed source row, crop column): 3 channels, exact int32 sums. Frame
-// `first + blockIdx.y` of contiguous h x w frames (`frame_bytes` apart) into its own rows of hbuf.
+// One thread per (needed source row, crop column), striding by the grid: 3 channels, exact
+// int32 sums. Frame `first + blockIdx.y` of contiguous h x w frames (`frame_bytes` apart) into
+// its own rows of hbuf.
 __global__ void hpass_kernel(const uint8_t* __restrict__ frames, int64_t frame_bytes, int64_t first,
                              int64_t w, int64_t row_lo,
                              int64_t nrows, int64_t S, const int32_t* __restrict__ tab,
                              int64_t off_start, int64_t off_count, int64_t off_w, int64_t taps,
                              int prec, uint8_t* __restrict__ hbufs) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= nrows * S) return;
   const int64_t f = first + blockIdx.y;
   const uint8_t* frame = frames + f * frame_bytes;
   uint8_t* hbuf = hbufs + f * nrows * 3 * S;
-  const int64_t r = idx / S, j = idx % S;
-  const int32_t start = tab[off_start + j];
-  const int32_t count = tab[off_count + j];
-  const int32_t* wt = tab + off_w + j * taps;
-  const uint8_t* px = frame + ((row_lo + r) * w + start) * 3;
   const int32_t half = prec > 0 ? 1 << (prec - 1) : 0;
-  int32_t a0 = half, a1 = half, a2 = half;
-  for (int k = 0; k < count; ++k) {
-    const int32_t wk = wt[k];
-    a0 += wk * px[3 * k + 0];
-    a1 += wk * px[3 * k + 1];
-    a2 += wk * px[3 * k + 2];
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < nrows * S; idx += step) {
+    const int64_t r = idx / S, j = idx % S;
+    const int32_t start = tab[off_start + j];
+    const int32_t count = tab[off_count + j];
+    const int32_t* wt = tab + off_w + j * taps;
+    const uint8_t* px = frame + ((row_lo + r) * w + start) * 3;
+    int32_t a0 = half, a1 = half, a2 = half;
+    for (int k = 0; k < count; ++k) {
+      const int32_t wk = wt[k];
+      a0 += wk * px[3 * k + 0];
+      a1 += wk * px[3 * k + 1];
+      a2 += wk * px[3 * k + 2];
+    }
+    uint8_t* o = hbuf + r * 3 * S + 3 * j;
+    o[0] = static_cast<uint8_t>(fixed_to_u8(a0, prec));
+    o[1] = static_cast<uint8_t>(fixed_to_u8(a1, prec));
+    o[2] = static_cast<uint8_t>(fixed_to_u8(a2, prec));
   }
-  uint8_t* o = hbuf + r * 3 * S + 3 * j;
-  o[0] = static_cast<uint8_t>(fixed_to_u8(a0, prec));
-  o[1] = static_cast<uint8_t>(fixed_to_u8(a1, prec));
-  o[2] = static_cast<uint8_t>(fixed_to_u8(a2, prec));
 }
 
 template <typename OT>
@@ -202,76 +184,81 @@ __device__ inline void store_as<float>(float* p, float v) { *p = v; }
 template <>
 __device__ inline void store_as<uint16_t>(uint16_t* p, float v) { *p = float_to_half(v); }
 
-// One thread per output pixel (i, j): vertical pass + scale + normalise, of frame
-// `first + blockIdx.y` (its hbuf rows, its (3, S, S) output).
+// One thread per output pixel (i, j), striding by the grid: vertical pass + scale + normalise,
+// of frame `first + blockIdx.y` (its hbuf rows, its (3, S, S) output).
 template <typename OT>
 __global__ void vpass_kernel(const uint8_t* __restrict__ hbufs, int64_t nrows, int64_t first,
                              int64_t row_lo, int64_t S,
                              const int32_t* __restrict__ tab, int64_t off_start,
                              int64_t off_count, int64_t off_w, int64_t taps, int prec, Norm norm,
                              OT* __restrict__ outs, float* __restrict__ outs_f32) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= S * S) return;
   const int64_t f = first + blockIdx.y;
   const uint8_t* hbuf = hbufs + f * nrows * 3 * S;
   OT* out = outs + f * 3 * S * S;
   float* out_f32 = outs_f32 != nullptr ? outs_f32 + f * 3 * S * S : nullptr;
-  const int64_t i = idx / S, j = idx % S;
-  const int32_t start = tab[off_start + i];
-  const int32_t count = tab[off_count + i];
-  const int32_t* wt = tab + off_w + i * taps;
   const int32_t half = prec > 0 ? 1 << (prec - 1) : 0;
-  int32_t acc[3] = {half, half, half};
-  for (int k = 0; k < count; ++k) {
-    const uint8_t* src = hbuf + (start + k - row_lo) * 3 * S + 3 * j;
-    const int32_t wk = wt[k];
-    acc[0] += wk * src[0];
-    acc[1] += wk * src[1];
-    acc[2] += wk * src[2];
-  }
-  for (int c = 0; c < 3; ++c) {
-    const int cin = norm.bgr ? 2 - c : c;
-    const float x = static_cast<float>(fixed_to_u8(acc[cin], prec)) / 255.0f;
-    const float v = (x - norm.mean[c]) / norm.std[c];
-    store_as<OT>(out + c * S * S + idx, v);
-    if (out_f32 != nullptr) out_f32[c * S * S + idx] = v;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < S * S; idx += step) {
+    const int64_t i = idx / S, j = idx % S;
+    const int32_t start = tab[off_start + i];
+    const int32_t count = tab[off_count + i];
+    const int32_t* wt = tab + off_w + i * taps;
+    int32_t acc[3] = {half, half, half};
+    for (int k = 0; k < count; ++k) {
+      const uint8_t* src = hbuf + (start + k - row_lo) * 3 * S + 3 * j;
+      const int32_t wk = wt[k];
+      acc[0] += wk * src[0];
+      acc[1] += wk * src[1];
+      acc[2] += wk * src[2];
+    }
+    for (int c = 0; c < 3; ++c) {
+      const int cin = norm.bgr ? 2 - c : c;
+      const float x = static_cast<float>(fixed_to_u8(acc[cin], prec)) / 255.0f;
+      const float v = (x - norm.mean[c]) / norm.std[c];
+      store_as<OT>(out + c * S * S + idx, v);
+      if (out_f32 != nullptr) out_f32[c * S * S + idx] = v;
+    }
   }
 }
 
-// One thread per pixel of n contiguous S x S frames (no resize): the three channels scaled,
-// normalised and written planar, with the vertical pass's arithmetic (so the result equals
-// preprocess() of each frame at crop_pct 1 bit for bit).
+// One thread per pixel of n contiguous S x S frames (no resize), striding by the grid: the
+// three channels scaled, normalised and written planar, with the vertical pass's arithmetic
+// (so the result equals preprocess() of each frame at crop_pct 1 bit for bit).
 __global__ void normalise_kernel(const uint8_t* __restrict__ frames, int64_t n, int64_t S, Norm norm,
                                  float* __restrict__ out) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t per_image = S * S;
-  if (idx >= n * per_image) return;
-  const int64_t i = idx / per_image, p = idx % per_image;
-  const uint8_t* px = frames + idx * 3;
-  float* o = out + i * 3 * per_image + p;
-  for (int c = 0; c < 3; ++c) {
-    const int cin = norm.bgr ? 2 - c : c;
-    const float x = static_cast<float>(px[cin]) / 255.0f;
-    o[c * per_image] = (x - norm.mean[c]) / norm.std[c];
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < n * per_image;
+       idx += step) {
+    const int64_t i = idx / per_image, p = idx % per_image;
+    const uint8_t* px = frames + idx * 3;
+    float* o = out + i * 3 * per_image + p;
+    for (int c = 0; c < 3; ++c) {
+      const int cin = norm.bgr ? 2 - c : c;
+      const float x = static_cast<float>(px[cin]) / 255.0f;
+      o[c * per_image] = (x - norm.mean[c]) / norm.std[c];
+    }
   }
 }
 
 template <typename IT, typename OT>
 __global__ void glance_kernel(const IT* __restrict__ in, int64_t planes, int in_size,
                               OT* __restrict__ out, int out_size, int mode) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t per_plane = static_cast<int64_t>(out_size) * out_size;
-  if (idx >= planes * per_plane) return;
-  const int64_t p = idx / per_plane;
-  const int y = static_cast<int>((idx % per_plane) / out_size);
-  const int x = static_cast<int>(idx % out_size);
-  int iy[4], ix[4];
-  float wy[4], wx[4];
   const Interp m = static_cast<Interp>(mode);
-  const int ntaps = glance_taps(m, y, in_size, out_size, iy, wy);
-  glance_taps(m, x, in_size, out_size, ix, wx);
-  const IT* plane = in + p * static_cast<int64_t>(in_size) * in_size;
-  store_as<OT>(out + idx, glance_sample<IT>(plane, in_size, ntaps, iy, wy, ix, wx));
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < planes * per_plane;
+       idx += step) {
+    const int64_t p = idx / per_plane;
+    const int y = static_cast<int>((idx % per_plane) / out_size);
+    const int x = static_cast<int>(idx % out_size);
+    int iy[4], ix[4];
+    float wy[4], wx[4];
+    const int ntaps = glance_taps(m, y, in_size, out_size, iy, wy);
+    glance_taps(m, x, in_size, out_size, ix, wx);
+    const IT* plane = in + p * static_cast<int64_t>(in_size) * in_size;
+    store_as<OT>(out + idx, glance_sample<IT>(plane, in_size, ntaps, iy, wy, ix, wx));
+  }
 }
 
 template <typename T>
@@ -279,23 +266,25 @@ __global__ void crop_kernel(const T* __restrict__ images, int64_t n, int64_t cha
                             int64_t size, const int32_t* __restrict__ coords, T* __restrict__ out,
                             int64_t patch, int* __restrict__ error_flag,
                             const int32_t* __restrict__ rows, int64_t image_rows) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t per_sample = channels * patch * patch;
-  if (idx >= n * per_sample) return;
-  const int64_t i = idx / per_sample;
-  const int64_t rem = idx % per_sample;
-  const int64_t c = rem / (patch * patch);
-  const int64_t y = (rem / patch) % patch;
-  const int64_t x = rem % patch;
-  const int64_t r0 = coords[2 * i], c0 = coords[2 * i + 1];
   const int64_t limit = size - patch;
-  const int64_t src = rows != nullptr ? static_cast<int64_t>(rows[i]) : i;
-  if (r0 < 0 || c0 < 0 || r0 > limit || c0 > limit || src < 0 || (rows != nullptr && src >= image_rows)) {
-    if (rem == 0) *error_flag = 1;
-    out[idx] = T(0);
-    return;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < n * per_sample;
+       idx += step) {
+    const int64_t i = idx / per_sample;
+    const int64_t rem = idx % per_sample;
+    const int64_t c = rem / (patch * patch);
+    const int64_t y = (rem / patch) % patch;
+    const int64_t x = rem % patch;
+    const int64_t r0 = coords[2 * i], c0 = coords[2 * i + 1];
+    const int64_t src = rows != nullptr ? static_cast<int64_t>(rows[i]) : i;
+    if (r0 < 0 || c0 < 0 || r0 > limit || c0 > limit || src < 0 || (rows != nullptr && src >= image_rows)) {
+      if (rem == 0) *error_flag = 1;
+      out[idx] = T(0);
+      continue;
+    }
+    out[idx] = images[((src * channels + c) * size + r0 + y) * size + c0 + x];
   }
-  out[idx] = images[((src * channels + c) * size + r0 + y) * size + c0 + x];
 }
 
 template <typename IT>
@@ -304,11 +293,11 @@ void launch_glance_out(const IT* in, int64_t planes, int64_t in_size, uintptr_t 
   const int64_t total = planes * out_size * out_size;
   if (total == 0) return;
   if (out_dtype == DType::kF32) {
-    glance_kernel<IT, float><<<blocks_for(total), kThreads, 0, s>>>(
+    glance_kernel<IT, float><<<capped_blocks(total, kThreads), kThreads, 0, s>>>(
         in, planes, static_cast<int>(in_size), reinterpret_cast<float*>(out),
         static_cast<int>(out_size), static_cast<int>(mode));
   } else {
-    glance_kernel<IT, uint16_t><<<blocks_for(total), kThreads, 0, s>>>(
+    glance_kernel<IT, uint16_t><<<capped_blocks(total, kThreads), kThreads, 0, s>>>(
         in, planes, static_cast<int>(in_size), reinterpret_cast<uint16_t*>(out),
         static_cast<int>(out_size), static_cast<int>(mode));
   }
@@ -355,9 +344,9 @@ void preprocess(uintptr_t frames, int64_t n, int64_t h, int64_t w, bool bgr, int
   auto* hb = reinterpret_cast<uint8_t*>(hbuf.ptr());
   const int64_t hthreads = tab->nrows * S;
   // One launch of each pass per group of frames (grid.y: a frame of the group).
-  for (int64_t first = 0; first < n; first += kMaxGridY) {
-    const dim3 hgrid(blocks_for(hthreads), static_cast<unsigned>(std::min(kMaxGridY, n - first)));
-    const dim3 vgrid(blocks_for(S * S), hgrid.y);
+  for (int64_t first = 0; first < n; first += kMaxGridBlocks) {
+    const dim3 hgrid(capped_blocks(hthreads, kThreads), capped_blocks(n - first, 1));
+    const dim3 vgrid(capped_blocks(S * S, kThreads), capped_blocks(n - first, 1));
     if (hthreads > 0) {
       hpass_kernel<<<hgrid, kThreads, 0, s>>>(src, h * w * 3, first, w, tab->row_lo, tab->nrows, S, tp,
                                              tab->off_col_start, tab->off_col_count, tab->off_col_w,
@@ -403,8 +392,8 @@ void normalise_frames(uintptr_t frames, int64_t n, int64_t image_size, bool bgr,
     norm.std[c] = std[c];
   }
   norm.bgr = bgr ? 1 : 0;
-  normalise_kernel<<<blocks_for(n * S * S), kThreads, 0, s>>>(reinterpret_cast<const uint8_t*>(frames), n, S, norm,
-                                                              reinterpret_cast<float*>(out));
+  normalise_kernel<<<capped_blocks(n * S * S, kThreads), kThreads, 0, s>>>(
+      reinterpret_cast<const uint8_t*>(frames), n, S, norm, reinterpret_cast<float*>(out));
   GFN_CUDA_CHECK_LAUNCH();
   if (glance_out != 0) {
     launch_glance_out<float>(reinterpret_cast<const float*>(out), n * 3, S, glance_out, DType::kF32, glance_size,
@@ -451,12 +440,12 @@ void crop_patches(uintptr_t images, DType dtype, int64_t n, int64_t channels, in
   if (total == 0) return;
   const ErrorFlag flag(error_flag, stream);
   if (dtype == DType::kF32) {
-    crop_kernel<float><<<blocks_for(total), kThreads, 0, s>>>(
+    crop_kernel<float><<<capped_blocks(total, kThreads), kThreads, 0, s>>>(
         reinterpret_cast<const float*>(images), n, channels, size,
         reinterpret_cast<const int32_t*>(coords), reinterpret_cast<float*>(out), patch, flag.get(),
         reinterpret_cast<const int32_t*>(rows), image_rows);
   } else {
-    crop_kernel<uint16_t><<<blocks_for(total), kThreads, 0, s>>>(
+    crop_kernel<uint16_t><<<capped_blocks(total, kThreads), kThreads, 0, s>>>(
         reinterpret_cast<const uint16_t*>(images), n, channels, size,
         reinterpret_cast<const int32_t*>(coords), reinterpret_cast<uint16_t*>(out), patch, flag.get(),
         reinterpret_cast<const int32_t*>(rows), image_rows);

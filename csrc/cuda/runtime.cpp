@@ -10,6 +10,7 @@
 
 #include "api.h"
 #include "check.h"
+#include "scratch_rule.h"
 
 namespace gfn::cuda {
 namespace {
@@ -245,11 +246,20 @@ Scratch::Scratch(size_t nbytes, uintptr_t stream) : stream_(stream) {
   if (nbytes == 0) nbytes = 16;
   int device = 0;
   GFN_CUDA_CHECK(cudaGetDevice(&device));
-  async_ = stream_ordered(device, as_stream(stream));
-  if (async_) {
-    GFN_CUDA_CHECK(cudaMallocAsync(&ptr_, nbytes, as_stream(stream)));
-  } else {
-    GFN_CUDA_CHECK(cudaMalloc(&ptr_, nbytes));
+  const cudaStream_t s = as_stream(stream);
+  const bool pools = stream_ordered(device, s);
+  switch (scratch_source(pools, !pools && capturing(s))) {
+    case ScratchSource::kPool:
+      async_ = true;
+      GFN_CUDA_CHECK(cudaMallocAsync(&ptr_, nbytes, s));
+      break;
+    case ScratchSource::kMalloc: {
+      const RelaxedCapture relaxed;  // a capture this thread has open on another stream stays valid
+      GFN_CUDA_CHECK(cudaMalloc(&ptr_, nbytes));
+      break;
+    }
+    case ScratchSource::kRefused:
+      throw std::runtime_error(scratch_refusal(nbytes));
   }
 }
 
@@ -258,6 +268,7 @@ Scratch::~Scratch() {
   if (async_) {
     (void)cudaFreeAsync(ptr_, as_stream(stream_));
   } else {
+    const RelaxedCapture relaxed;
     (void)cudaStreamSynchronize(as_stream(stream_));
     (void)cudaFree(ptr_);
   }

@@ -9,6 +9,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "../common/grid.h"
 #include "api.h"
 #include "check.h"
 
@@ -16,7 +17,6 @@ namespace gfn::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 65535;  // grid-stride loop beyond this
 
 // dst[i, w] = src[idx[i], w] over rows of `row_words` words of type W. A bad index
 // zero-fills the row and raises the flag (once per row); nothing is read out of bounds.
@@ -45,8 +45,7 @@ void launch_gather(uintptr_t src, int64_t src_rows, uintptr_t idx, uintptr_t dst
                    int64_t row_bytes, int* flag, cudaStream_t s) {
   const int64_t row_words = row_bytes / static_cast<int64_t>(sizeof(W));
   const int64_t total = n * row_words;
-  const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, kMaxBlocks);
-  gather_rows_kernel<W><<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(
+  gather_rows_kernel<W><<<capped_blocks(total, kThreads), kThreads, 0, s>>>(
       reinterpret_cast<const W*>(src), src_rows, reinterpret_cast<const int32_t*>(idx),
       reinterpret_cast<W*>(dst), n, row_words, flag);
   GFN_CUDA_CHECK_LAUNCH();

@@ -9,7 +9,7 @@ import numpy as np
 from ._args import Device, choice, ndarray, opt_weights, to_int, triple, weights
 from ._ext import _C
 from .cuda import DeviceBuffer, device_pointer, from_device, optional_pointer, require_cuda, stream_handle, to_device
-from .heads import WEIGHT_DTYPES, ActorHead, GRUHead
+from .heads import WEIGHT_DTYPES, ActorHead, GRUHead, check_classifier_rows
 
 _LAYOUTS = ("ntf", "tnf")
 
@@ -39,6 +39,7 @@ class CascadedHead:
         for i, pair in enumerate(items):
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
                 raise TypeError(f"layers[{i}] must be a (W, b) pair")
+            check_classifier_rows(pair[0])
             w = weights(pair[0], f"layers[{i}].W", 2)
             b = opt_weights(pair[1], f"layers[{i}].b", 1)
             if w.shape[1] in self._layers:

@@ -168,7 +168,8 @@ def cuda_softmax_stats(logits: Any, n: int, classes: int, maxprob: Any, argmax: 
     """Enqueues softmax max probability (float32 (n,)) and argmax (int32 (n,), first maximum,
     NaN counting as the maximum) of float32 device logits (n, classes); ``logits_out`` also
     receives a copy of the logits in ``out_dtype``. ``maxprob`` / ``argmax`` may be None to
-    skip them."""
+    skip them. More than 2^31 - 1 ``classes`` (more than an int32 argmax indexes) raise
+    ValueError before any CUDA call."""
     _C.cuda.softmax_stats(device_pointer(logits, "logits"), to_int(n, "n"), to_int(classes, "classes"),
                           optional_pointer(maxprob, "maxprob"), optional_pointer(argmax, "argmax"),
                           optional_pointer(logits_out, "logits_out"), out_dtype, stream_handle(stream))

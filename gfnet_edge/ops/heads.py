@@ -34,12 +34,21 @@ def linear(x: np.ndarray, w: np.ndarray, b: Optional[np.ndarray] = None, relu: b
 def softmax_stats(logits: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Softmax maximum probability (float32) and argmax (int32) per row of float32 (N, C)
     logits. The argmax is the first maximum; a NaN counts as larger than any number (the
-    first NaN wins), the rule the CUDA kernel follows too."""
+    first NaN wins), the rule the CUDA kernel follows too. More than 2^31 - 1 classes (more
+    than an int32 argmax indexes) raise ValueError before anything is read."""
     return _C.softmax_stats(logits)
 
 
 #: Storage of head weights.
 WEIGHT_DTYPES = ("float32", "float16")
+
+
+def check_classifier_rows(w: Any) -> None:
+    """Refuses (ValueError) classifier weights with more rows (classes) than an int32 argmax
+    indexes, from their shape alone: before they are converted, copied or uploaded."""
+    shape = np.shape(w)
+    if len(shape) == 2 and shape[0] > 0:  # other shapes are refused by the weights' own checks
+        _C.check_classes(int(shape[0]))
 
 
 def _dtype(value: Any) -> str:
@@ -110,6 +119,8 @@ class _GruWithHead:
                  weight_dtype: str = "float32", device: str = "cpu") -> None:
         self.device = Device.parse(device)
         weight_dtype = _dtype(weight_dtype)
+        if self._expect_outputs is None:
+            check_classifier_rows(w)
         args = (weights(w_ih, "w_ih", 2), weights(w_hh, "w_hh", 2), opt_weights(b_ih, "b_ih", 1),
                 opt_weights(b_hh, "b_hh", 1))
         w32, b32 = weights(w, "w", 2), opt_weights(b, "b", 1)

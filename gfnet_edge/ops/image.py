@@ -4,7 +4,10 @@
 interpolation, antialias=True)`` (PyTorch's PIL-equivalent uint8 kernel), ``center_crop(S)``,
 ``/ 255``, ``normalize(mean, std)``; the glance is ``F.interpolate(images, (P, P), mode,
 align_corners=True)``. Arrays are validated by the extension (TypeError for a wrong dtype,
-ValueError for a wrong shape, a non-contiguous array or an out-of-range value).
+ValueError for a wrong shape or an out-of-range value). The frames and images of
+:func:`preprocess`, :func:`resize_crop` and :func:`glance` may have any memory layout (Fortran
+order, a transposed view, negative strides): one that is not C-contiguous is copied to a
+C-contiguous array first, as the runtime does. Output arrays (``out``) must be C-contiguous.
 """
 from __future__ import annotations
 
@@ -38,13 +41,23 @@ def resize_size(image_size: int, crop_pct: float) -> int:
     return int(size)
 
 
+def _c_order(a: Any) -> Any:
+    """``a`` itself, or a C-contiguous copy of a numpy array that is not (the kernels read rows
+    of contiguous pixels); anything else is passed on for the extension to check."""
+    if isinstance(a, np.ndarray) and not a.flags.c_contiguous:
+        return np.ascontiguousarray(a)
+    return a
+
+
 def _frame_list(frames: Any) -> List[Any]:
-    """One frame, an (N, H, W, 3) array or a list of frames -> a list (the extension checks
-    each frame and that the list is not empty)."""
+    """One frame, an (N, H, W, 3) array or a list of frames -> a list of C-contiguous frames
+    (copies of those that are not; the extension checks each frame and that the list is not
+    empty)."""
     if isinstance(frames, np.ndarray):
+        frames = _c_order(frames)
         return [frames[i] for i in range(frames.shape[0])] if frames.ndim == 4 else [frames]
     if isinstance(frames, (list, tuple)):
-        return list(frames)
+        return [_c_order(f) for f in frames]
     raise TypeError(f"frames must be a numpy array or a list of arrays, got {type(frames).__name__}")
 
 
@@ -81,7 +94,7 @@ def preprocess(
 
     Args:
         frames: one (H, W, 3) uint8 frame, an (N, H, W, 3) array, or a list of frames of
-            any sizes; each C-contiguous.
+            any sizes, in any memory layout (copied to C order where they are not).
         image_size: S, the crop size.
         crop_pct: resize the shorter side to ``int(S / crop_pct)``; in (0, 1].
         interpolation: ``"bilinear"`` or ``"bicubic"`` (PIL-style antialiased filters).
@@ -239,7 +252,8 @@ def glance(images: np.ndarray, patch_size: int, interpolation: str = "bicubic",
     Args:
         images: normalised float32 (N, C, S, S); or uint8 frames (N, S, S, 3) with ``mean`` and
             ``std``, whose glance is returned normalised (the glance of the normalised images
-            up to float rounding: the levels are resampled, then normalised).
+            up to float rounding: the levels are resampled, then normalised). Any memory
+            layout (copied to C order where it is not).
         patch_size: P.
         interpolation: ``"bilinear"`` or ``"bicubic"``.
         out: optional (N, C, P, P) float32 output.
@@ -248,6 +262,7 @@ def glance(images: np.ndarray, patch_size: int, interpolation: str = "bicubic",
     """
     norm = _normalisation(ndarray(images, "images"), mean, std, bgr)
     P = to_int(patch_size, "patch_size", minimum=None)
+    images = _c_order(images)
     if norm is not None:
         return _C.glance_u8(images, P, _interp(interpolation), *norm, out)
     return _C.glance(images, P, _interp(interpolation), out)
@@ -292,4 +307,4 @@ def normalise_frames(frames: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
             or frames.shape[3] != 3 or frames.dtype != np.uint8:
         got = f"{frames.dtype} {frames.shape}" if isinstance(frames, np.ndarray) else type(frames).__name__
         raise ValueError(f"frames must be uint8 (N, S, S, 3), got {got}")
-    return preprocess(np.ascontiguousarray(frames), frames.shape[1], crop_pct=1.0, mean=mean, std=std)
+    return preprocess(frames, frames.shape[1], crop_pct=1.0, mean=mean, std=std)
