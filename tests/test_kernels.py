@@ -251,9 +251,10 @@ def _layouts(a: np.ndarray) -> dict:
 
 
 def test_image_ops_take_frames_in_any_layout_as_their_contiguous_copy(rng):
-    """preprocess / resize_crop / glance (and normalise_frames through preprocess) give a frame
-    or image in Fortran order, a transposed view or with negative strides the result of its
-    C-contiguous copy: one frame, a stacked array, a list, uint8 frames and float images."""
+    """preprocess / resize_crop / glance / crop_patches (and normalise_frames through preprocess)
+    give a frame or image in Fortran order, a transposed view or with negative strides the
+    result of its C-contiguous copy: one frame, a stacked array, a list, uint8 frames and float
+    images, and crop_patches' coordinates and index likewise."""
     frame = rng.integers(0, 256, (37, 52, 3), dtype=np.uint8)
     stacked = rng.integers(0, 256, (3, 24, 24, 3), dtype=np.uint8)
     images = rng.standard_normal((2, 3, 24, 24)).astype(np.float32)
@@ -269,8 +270,17 @@ def test_image_ops_take_frames_in_any_layout_as_their_contiguous_copy(rng):
         assert np.array_equal(ops.glance(view, 8, mean=MEAN, std=STD),
                               ops.glance(stacked.copy(), 8, mean=MEAN, std=STD)), name
         assert np.array_equal(ops.normalise_frames(view), ops.normalise_frames(stacked.copy())), name
+        coords = np.array([[0, 16], [3, 5], [16, 0]], np.int32)  # frames of 24 x 24, patches of 8
+        assert np.array_equal(ops.crop_patches(view, coords, 8, mean=MEAN, std=STD),
+                              ops.crop_patches(stacked.copy(), coords, 8, mean=MEAN, std=STD)), name
+    coords = np.array([[1, 16], [16, 0], [9, 4]], np.int32)
+    index = np.array([1, 0, 1], np.int64)
+    want = ops.crop_patches(images.copy(), coords, 8, index=index)
     for name, view in _layouts(images).items():
         assert np.array_equal(ops.glance(view, 8, "bilinear"), ops.glance(images.copy(), 8, "bilinear")), name
+        assert np.array_equal(ops.crop_patches(view, coords, 8, index=index), want), name
+    for name, view in _layouts(coords).items():  # the coordinates and the index of any layout too
+        assert np.array_equal(ops.crop_patches(images, view, 8, index=index[::-1].copy()[::-1]), want), name
     assert frame.flags.c_contiguous and images.flags.c_contiguous  # the inputs themselves are left as they are
 
 

@@ -276,7 +276,7 @@ def crop_patches(images: np.ndarray, coords: np.ndarray, patch_size: int,
     ``k = index[i]``.
 
     Args:
-        images: (N, C, S, S) float32, C-contiguous; or uint8 frames (N, S, S, 3) with ``mean``
+        images: (N, C, S, S) float32; or uint8 frames (N, S, S, 3) with ``mean``
             and ``std``, cut and normalised in one pass (bit-identical to cutting the
             normalised images of :func:`preprocess`).
         coords: (M, 2) int32 (row, col), each in [0, S - P]; anything else raises ValueError.
@@ -289,6 +289,7 @@ def crop_patches(images: np.ndarray, coords: np.ndarray, patch_size: int,
     """
     norm = _normalisation(ndarray(images, "images"), mean, std, bgr)
     P = to_int(patch_size, "patch_size", minimum=None)
+    images, coords, index = _c_order(images), _c_order(coords), _c_order(index)
     if norm is not None:
         return _C.crop_patches_u8(images, coords, P, *norm, out, index)
     return _C.crop_patches(images, coords, P, out, index)
