@@ -281,6 +281,13 @@ ErrorFlag::ErrorFlag(uintptr_t given, uintptr_t stream) : stream_(stream) {
     flag_ = reinterpret_cast<int*>(given);
     return;
   }
+  // Without the caller's flag the call waits for the stream to read its own back, and a
+  // captured stream cannot be waited for: refused before anything is enqueued.
+  if (capturing(as_stream(stream))) {
+    throw std::invalid_argument(
+        "a call without error_flag waits for its stream to report bad indices or coordinates, which a stream "
+        "being captured does not allow: pass a zeroed device int32 error_flag (and read it after the replay)");
+  }
   own_ = std::make_unique<Scratch>(sizeof(int), stream);
   flag_ = reinterpret_cast<int*>(own_->ptr());
   GFN_CUDA_CHECK(cudaMemsetAsync(flag_, 0, sizeof(int), as_stream(stream)));

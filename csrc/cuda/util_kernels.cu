@@ -114,6 +114,11 @@ void gather_rows_host(uintptr_t src, int64_t src_rows, const int32_t* idx, uintp
     }
   }
   const cudaStream_t s = as_stream(stream);
+  if (capturing(s)) {  // a graph would copy them again at each replay, from memory the call does not own
+    throw std::invalid_argument(
+        "gather_rows: host indices are read when the call is made, and a stream being captured would copy them "
+        "again at each replay from memory the call does not own: pass the indices in device memory");
+  }
   const size_t idx_bytes = static_cast<size_t>(n) * sizeof(int32_t);
   // Stream-ordered scratch: freed after the kernel without a host synchronization. The
   // pageable source is staged by cudaMemcpyAsync before it returns.

@@ -75,7 +75,9 @@ def cuda_crop_patches(images: Any, n: int, image_size: int, coords: Any, out: An
     ``coords`` may also be a host numpy array: it is then validated before the launch.
     Without ``error_flag`` the call synchronizes and raises ValueError on an out-of-range
     coordinate; with a zeroed device int32 ``error_flag`` it stays asynchronous and sets the
-    flag to 1 instead (bad samples get zero patches; nothing is read out of bounds).
+    flag to 1 instead (bad samples get zero patches; nothing is read out of bounds). A call
+    without ``error_flag`` while ``stream`` is captured is refused (ValueError), as it would wait
+    for the stream; so is one with host ``coords`` by the capture itself (docs/kernels.md).
 
     With ``rows`` (a device int32 array (n,)), patch i is cut from image ``rows[i]`` of the
     ``image_rows`` images at ``images`` (so survivors of an early exit need not be moved); a
@@ -120,7 +122,9 @@ def cuda_gather_rows(src: Any, src_rows: int, idx: Any, dst: Any, row_bytes: int
         error_flag: with device indices, a zeroed device int32 that is set to 1 when an index
             is out of range (that row of ``dst`` is zero-filled, nothing is read out of
             bounds); without it the call synchronizes ``stream`` and raises ValueError.
-            Ignored with host indices (validated before the launch).
+            Ignored with host indices (validated before the launch). While ``stream`` is
+            captured, a call with host indices or without ``error_flag`` is refused
+            (ValueError): give device indices and a flag.
         stream: the stream (see :mod:`gfnet_edge.ops.cuda`).
 
     Raises:
