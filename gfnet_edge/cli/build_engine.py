@@ -203,6 +203,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patch-size", type=int_range(1, 1 << 16),
                    help="patch size P when the checkpoint does not store it; checked against one that does")
     add_trt_build_options(p)
-    p.add_argument("--threads", type=THREADS, help="CPU threads for export/quantization")
+    p.add_argument("--threads", type=THREADS,
+                   help="CPU threads of the INT8 quantization: its ONNX Runtime sessions and fine-tuning (default: "
+                        "their own choice)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
