@@ -1,5 +1,5 @@
 """Every ``gfnet-edge`` subcommand's ``--help`` (each option explained, with its default), and the
-options README.md and docs/*.md give each subcommand (each one it has)."""
+options and Python names README.md and docs/*.md give (each one exists)."""
 from __future__ import annotations
 
 import argparse
@@ -84,3 +84,40 @@ def test_the_docs_check_finds_an_option_a_command_does_not_have():
 @pytest.mark.parametrize("doc", DOCS, ids=[d.name for d in DOCS])
 def test_docs_name_only_options_the_command_has(doc):
     assert undefined_options(doc.read_text(encoding="utf-8"), _options_by_command()) == []
+
+
+def unresolved_python_names(text: str) -> list:
+    """The ``gfnet_edge.a.b`` names and ``from gfnet_edge.a import b, c`` imports of ``text``
+    that do not resolve to a module or one of its attributes."""
+    import importlib
+
+    def resolves(name: str) -> bool:
+        parts = name.split(".")
+        for i in range(len(parts), 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:i]))
+            except ImportError:
+                continue
+            for part in parts[i:]:
+                if not hasattr(obj, part):
+                    return False
+                obj = getattr(obj, part)
+            return True
+        return False
+
+    names = set(re.findall(r"\bgfnet_edge(?:\.[A-Za-z_]\w*)+", text))
+    for module, imported in re.findall(r"from (gfnet_edge[\w.]*) import \(?([\w ,]+)", text):
+        names.update(f"{module}.{n}" for n in re.split(r"[\s,]+", imported) if n)
+    return sorted(n for n in names if not resolves(n))
+
+
+def test_the_api_check_finds_a_name_that_does_not_exist():
+    text = ("`gfnet_edge.Runtime`, `gfnet_edge.ops.no_such_op`\n"
+            "from gfnet_edge.evaluate import fit_thresholds, fit_everything\n")
+    assert unresolved_python_names(text) == ["gfnet_edge.evaluate.fit_everything", "gfnet_edge.ops.no_such_op"]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[d.name for d in DOCS])
+def test_docs_name_only_python_api_that_exists(doc):
+    pytest.importorskip("torch")  # gfnet_edge.models, .train: the build side
+    assert unresolved_python_names(doc.read_text(encoding="utf-8")) == []
