@@ -90,12 +90,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "(default: stop at the first)")
     p.add_argument("--holdout", type=float_range(0.0, 1.0, lo_open=True, hi_open=True), default=0.5, help="held-out fraction (default 0.5)")
     p.add_argument("--method", choices=list(METHODS), default="search",
-                   help="threshold fitting: search (max accuracy under the budget) or the reference p sweep")
+                   help="threshold fitting: search (max accuracy under the budget; the default) or the reference p "
+                        "sweep")
     p.add_argument("--margin", type=float_range(0.0, MAX_MARGIN, hi_open=True), default=0.03,
-                   help=f"safety margin of the fit, fraction of the budget in [0, {MAX_MARGIN:g}) (0.03)")
+                   help=f"safety margin of the fit, fraction of the budget in [0, {MAX_MARGIN:g}) (default 0.03)")
     p.add_argument("--tolerance", default="0.10,0.05",
                    help="BELOW,ABOVE: the measured mean (or the percentile of a tail budget) must lie in "
-                        "[budget*(1-BELOW), budget*(1+ABOVE)]; each in [0, 1) (0.10,0.05)")
+                        "[budget*(1-BELOW), budget*(1+ABOVE)]; each in [0, 1) (default 0.10,0.05)")
     p.add_argument("--attempts", type=POSITIVE, default=3, help="fit/verify rounds per budget (default 3)")
     p.add_argument("--repeats", type=POSITIVE, default=60, help="timed calls per step (default 60)")
     p.add_argument("--latency-calls", type=NON_NEGATIVE, default=300, metavar="N",

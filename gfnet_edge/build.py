@@ -61,7 +61,8 @@ class BuildConfig:
         include_checkpoint: copy the checkpoint into the bundle (enables the torch backend).
         force: replace an existing bundle.
         trt: TensorRT builder options.
-        threads: CPU threads for export / quantization.
+        threads: CPU threads of the INT8 quantization (``QuantizeOptions.threads``; None: ONNX Runtime's
+            and torch's own choice).
         model_name, patch_size: the variant and P when the checkpoint does not store them and they
             cannot be inferred from its weights (as ``gfnet-edge info --model-name``).
     """
@@ -324,7 +325,7 @@ def _quantize(model, tmp: Path, manifest: Dict[str, Any], images, cfg: BuildConf
     for prof in profiles:
         opts = QuantizeOptions(profile=prof, method=cfg.calib_method, max_accuracy_drop=cfg.max_accuracy_drop,
                                finetune_epochs=cfg.finetune_epochs, num_calib=n_cal,
-                               patch_guard_share=cfg.patch_guard_share)
+                               patch_guard_share=cfg.patch_guard_share, threads=cfg.threads)
         res = quantize_model(model, fp32, tmp / "heads.npz", calib, tmp / "graphs" / f"int8-{prof}", opts,
                              eval_images=eval_x, eval_labels=eval_y, progress=progress)  # empty: no check
         rel = {}

@@ -310,7 +310,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("bundle", help="bundle directory")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, metavar="PRECISION",
                    help="engine precision: auto (int8 > fp16 > fp32; the default), int8, fp16, fp32")
-    p.add_argument("--dla-core", type=NON_NEGATIVE, help="check the engines built for this DLA core")
+    p.add_argument("--dla-core", type=NON_NEGATIVE,
+                   help="check the engines built for this DLA core (default: the GPU engines)")
     p.add_argument("--build", action="store_true", help="build the engines for this device when the bundle has none")
     p.add_argument("--max-batch", type=int_range(1, 65536),
                    help=f"with --build: the engines' max batch (default {BuildOptions().max_batch})")

@@ -329,3 +329,31 @@ def test_calib_data_with_other_class_folders_than_the_models_is_refused(tmp_path
                    "--num-calib", "16", "--backend", "onnxruntime", "-q"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "('gr\\xfcne \\xc4pfel', 'gru\\u0308ne A\\u0308pfel')" in err[0], err
+
+
+def test_threads_reach_the_quantization(monkeypatch, tmp_path):
+    """``build-engine --threads N`` (``BuildConfig.threads``) is the thread count the INT8
+    quantization runs ONNX Runtime and the search with (``QuantizeOptions.threads``)."""
+    from types import SimpleNamespace
+
+    import gfnet_edge.quantize as gq
+    from gfnet_edge import build
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def quantize_model(model, fp32, heads, calib, out_dir, opts, **kw):
+        seen.append(opts.threads)
+        raise Stop()
+
+    monkeypatch.setattr(gq.QuantCalibrationSet, "from_model", classmethod(lambda cls, model, x, progress=True: None))
+    monkeypatch.setattr(gq, "quantize_model", quantize_model)
+    model = SimpleNamespace(spec=SimpleNamespace(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))
+    frames = np.zeros((16, 8, 8, 3), np.uint8)
+    for threads in (1, 3, None):
+        cfg = build.BuildConfig(num_calib=16, num_eval=0, int8_profiles=("cpu",), threads=threads)
+        with pytest.raises(Stop):
+            build._quantize(model, tmp_path, {"graphs": {}}, frames, cfg, "onnxruntime", progress=False)
+    assert seen == [1, 3, None]

@@ -105,3 +105,12 @@ def test_update_shipped_replaces_the_shipped_results(assets, capsys, monkeypatch
     res = json.loads(assets.read_text())
     assert res["test_images"] == 4 and res["training_minutes"] == {"ppo": 2.7}
     assert len(res["test500_anytime_accuracy"]) == 3 and f"wrote {assets}" in out
+
+
+def test_table_gives_the_share_of_static_macs_rounded_once():
+    """The budgeted line's share is the MACs ratio rounded once: 40,653 of 100,000 multiply-adds
+    is 40.653 %, printed 40.7 %, not the 40.6 % that rounding the stored four-digit fraction
+    (0.4065) a second time gives (the shipped model's 40.65 % reads 40.7 % in the README)."""
+    r = json.loads(dr.RESULTS_PATH.read_text())  # every field the table prints
+    r.update(cheapest_macs_reaching_static=40653.0, static_macs=100000.0, fraction_of_static_macs=round(0.40653, 4))
+    assert "= 40.7% of static" in dr.table(r)

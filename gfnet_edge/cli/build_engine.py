@@ -159,7 +159,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                           "existing bundle in place)")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="int8", help="graph/engine precision (default int8)")
     p.add_argument("--backend", choices=backends.choices(builds=True), default=backends.AUTO,
-                   help="auto: TensorRT when it and a GPU are here, else a portable ONNX Runtime bundle")
+                   help="auto (default): TensorRT when it and a GPU are here, else a portable ONNX Runtime bundle")
     p.add_argument("--calib-data", help="INT8 calibration images: folder, .npz, 'demo' (the demo's validation split, default for the demo "
                         "model) or 'demo:train' (its train split, whose first 5000 images the demo model was trained on)")
     p.add_argument("--num-calib", type=int_range(MIN_CALIB_IMAGES, 1_000_000), default=None,
@@ -203,6 +203,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patch-size", type=int_range(1, 1 << 16),
                    help="patch size P when the checkpoint does not store it; checked against one that does")
     add_trt_build_options(p)
-    p.add_argument("--threads", type=THREADS, help="CPU threads for export/quantization")
+    p.add_argument("--threads", type=THREADS,
+                   help="CPU threads of the INT8 quantization: its ONNX Runtime sessions and fine-tuning (default: "
+                        "their own choice)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)

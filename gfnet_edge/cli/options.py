@@ -30,7 +30,7 @@ def add_runtime_options(parser: argparse.ArgumentParser, verb: str = "run", budg
     """
     g = parser.add_argument_group("runtime")
     g.add_argument("--backend", choices=backends.choices(), default=backends.AUTO,
-                   help="auto: TensorRT when it, a GPU and engines for them are here, else ONNX Runtime")
+                   help="auto (default): TensorRT when it, a GPU and engines for them are here, else ONNX Runtime")
     g.add_argument("--precision", default="auto",
                    help="ONNX Runtime: the graph set (auto: int8-cpu if present, else fp32; fp32, int8-cpu, "
                         "int8-tensorrt); TensorRT: the engine precision (auto: int8 > fp16 > fp32, int8, fp16, "
@@ -64,7 +64,8 @@ def add_trt_build_options(parser: argparse.ArgumentParser) -> None:
                    help=f"workspace limit in MiB (default {d.workspace_mb})")
     g.add_argument("--opt-level", type=int, help="builder optimisation level 0-5 (TensorRT default 3)")
     g.add_argument("--timing-cache", help="timing cache file (read and updated)")
-    g.add_argument("--dla-core", type=NON_NEGATIVE, help="build for this DLA core (Jetson), with GPU fallback")
+    g.add_argument("--dla-core", type=NON_NEGATIVE,
+                   help="build for this DLA core (Jetson), with GPU fallback (default: for the GPU)")
     g.add_argument("--no-gpu-fallback", action="store_true", help="with --dla-core: fail on layers DLA cannot run")
     g.add_argument("--max-batch", type=int_range(1, 65536), default=None,
                    help=f"largest batch of the optimisation profile (default {d.max_batch})")

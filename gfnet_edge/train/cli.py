@@ -44,7 +44,7 @@ STAGE_GROUPS = {
 FOLDER_ARGUMENTS: Tuple[Tuple[str, Dict[str, Any]], ...] = (
     ("--pretrained", dict(default=None, metavar="FILE|timm",
                           help="backbone weights: a local file (state dict, .safetensors, static baseline) or 'timm' "
-                               "(downloads)")),
+                               "(downloads) (default: random weights, with a warning)")),
     ("--image-size", dict(type=POSITIVE, default=None, metavar="S", help="S (default: the backbone family's)")),
     ("--patch-size", dict(type=POSITIVE, default=None, metavar="P", help="P (default: the backbone family's)")),
     ("--steps", dict(type=POSITIVE, default=None, metavar="T", help="T (default: the backbone family's)")),
@@ -71,7 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoints")
     p.add_argument("--threads", type=THREADS, default=2, metavar="N", help="torch CPU threads (default 2)")
     p.add_argument("--backbone", default=None, metavar="NAME",
-                   help="with --data: a timm model name (resnet50, mobilenetv3_large_100, ...); demo: r16, r24, r32")
+                   help="with --data (required there): a timm model name (resnet50, mobilenetv3_large_100, ...); "
+                        "demo: r16, r24, r32 (default r16)")
     g = p.add_argument_group("image-folder training (--data)")
     for flag, kwargs in FOLDER_ARGUMENTS:
         g.add_argument(flag, **kwargs)

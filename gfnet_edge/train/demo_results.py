@@ -163,7 +163,8 @@ def table(r: Dict[str, Any]) -> str:
         ("policy - centre (final)", f"{r['policy_gain_over_centre']:+.2f}"),
         ("budgeted: static acc - 0.5 at",
          "not reached" if not r["reaches_static_within_0.5"] else
-         f"{r['cheapest_macs_reaching_static'] / 1e6:.1f}M MACs = {100 * r['fraction_of_static_macs']:.1f}% of static "
+         f"{r['cheapest_macs_reaching_static'] / 1e6:.1f}M MACs = "
+         f"{100 * r['cheapest_macs_reaching_static'] / r['static_macs']:.1f}% of static "
          f"(acc {r['accuracy_at_that_point']:.2f})"),
     ]
     w = max(len(a) for a, _ in rows)
