@@ -1082,3 +1082,36 @@ def test_every_stage_runs_under_bfloat16_autocast(folder, tmp_path, monkeypatch)
     assert [h["stage"] for h in history] == ["stage1", "stage2", "stage3"]
     assert all(np.isfinite(h["loss"]) for h in history)
     assert len(res["anytime_accuracy"]) == 3
+
+
+def test_the_demo_task_is_written_as_an_image_folder_whole_or_not_at_all(tmp_path, capsys):
+    """``python -m gfnet_edge.train.demo_folder``: each image lands in its digit's folder of its
+    split (the frames of the demo's train and test splits, losslessly); counts whose first
+    images leave a digit out are refused naming the digit and the option, with nothing
+    written; an existing folder is refused."""
+    from gfnet_edge.train import demo_folder
+    from gfnet_edge.train.config import data_config_from_dict
+    from gfnet_edge.train.data import load_split
+    from gfnet_edge.train.demo_results import GFNET_PATH
+
+    root = tmp_path / "digits"
+    assert demo_folder.main([str(root), "--train", "40", "--val", "20", "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--val 20" in err and "no digit 4" in err, err
+    assert os.listdir(tmp_path) == []  # no folder, no staging folder
+
+    assert demo_folder.main([str(root), "--train", "40", "--val", "30", "--workers", "1"]) == 0
+    cfg = data_config_from_dict(load_checkpoint(GFNET_PATH).meta["demo_data"]["config"])
+    for folder, split, n in (("train", "train", 40), ("val", "test", 30)):
+        want = load_split(split, n, config=cfg, workers=1, progress=False)
+        assert sorted(os.listdir(root / folder)) == [str(k) for k in range(10)]
+        files = sorted((root / folder).glob("*/*.png"))
+        assert len(files) == n
+        for f in files:
+            i = int(f.stem)
+            assert int(f.parent.name) == int(want.labels[i])
+            assert np.array_equal(np.asarray(Image.open(f)), want.frames[i])
+    assert os.listdir(tmp_path) == ["digits"]
+    capsys.readouterr()
+    assert demo_folder.main([str(root), "--train", "40", "--val", "30"]) == 2
+    assert "exists" in capsys.readouterr().err

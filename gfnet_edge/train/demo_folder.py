@@ -14,34 +14,61 @@ from typing import List, Optional
 
 from PIL import Image
 
+from ..argtypes import int_range
+from ..errors import InputError
 
-def export(root: Path, n_train: int, n_val: int, workers: int = 2) -> None:
+
+DIGITS = 10
+
+
+def export(root: Path, n_train: int, n_val: int, workers: int = 2, progress: bool = False) -> None:
+    """Writes ``root`` (which must not exist) whole, or nothing: the images are written to a
+    staging folder that becomes ``root`` once every one is written.
+
+    Raises:
+        InputError: a split's first images leave a digit without any (``gfnet-edge train``
+            needs every class in both splits); ``root`` exists; the disk is full.
+    """
+    from ..bundle import staging_dir
     from ..models.checkpoint import load_checkpoint
     from .config import data_config_from_dict
     from .data import load_split
     from .demo_results import GFNET_PATH
 
     cfg = data_config_from_dict(load_checkpoint(GFNET_PATH).meta["demo_data"]["config"])
-    for folder, split, n in (("train", "train", n_train), ("val", "test", n_val)):
-        s = load_split(split, n, config=cfg, workers=workers, progress=False)
-        for k in range(10):
-            (root / folder / str(k)).mkdir(parents=True, exist_ok=True)
-        for i, (frame, label) in enumerate(zip(s.frames, s.labels)):
-            Image.fromarray(frame).save(root / folder / str(int(label)) / f"{i:05d}.png")
+    splits = []
+    for folder, split, n, option in (("train", "train", n_train, "--train"), ("val", "test", n_val, "--val")):
+        s = load_split(split, n, config=cfg, workers=workers, progress=progress)
+        missing = sorted(set(range(DIGITS)) - {int(v) for v in s.labels})
+        if missing:
+            raise InputError(f"{option} {n}: the first {n} images of the demo's {split} split hold no "
+                             f"{'digit' if len(missing) == 1 else 'digits'} {', '.join(map(str, missing))}, and "
+                             f"gfnet-edge train needs every class in both splits: give a larger {option}")
+        splits.append((folder, s))
+    with staging_dir(root, what="demo image folder") as tmp:
+        for folder, s in splits:
+            for k in range(DIGITS):
+                (tmp / folder / str(k)).mkdir(parents=True)
+            for i, (frame, label) in enumerate(zip(s.frames, s.labels)):
+                Image.fromarray(frame).save(tmp / folder / str(int(label)) / f"{i:05d}.png")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m gfnet_edge.train.demo_folder", description=__doc__.splitlines()[0])
     ap.add_argument("root", help="output folder (must not exist)")
-    ap.add_argument("--train", type=int, default=5000, help="train images (default 5000)")
-    ap.add_argument("--val", type=int, default=1000, help="val images, from the test split (default 1000)")
-    ap.add_argument("--workers", type=int, default=2, help="generator processes (default 2)")
+    ap.add_argument("--train", type=int_range(1), default=5000, help="train images (default 5000)")
+    ap.add_argument("--val", type=int_range(1), default=1000, help="val images, from the test split (default 1000)")
+    ap.add_argument("--workers", type=int_range(1), default=2, help="generator processes (default 2)")
     a = ap.parse_args(argv)
     root = Path(a.root)
-    if root.exists():
-        print(f"{root}: exists; choose a new folder", file=sys.stderr)
+    if root.exists() or root.is_symlink():
+        print(f"{ap.prog}: error: {root}: exists; choose a new folder", file=sys.stderr)
         return 2
-    export(root, a.train, a.val, a.workers)
+    try:
+        export(root, a.train, a.val, a.workers, progress=sys.stderr.isatty())
+    except InputError as exc:
+        print(f"{ap.prog}: error: {exc}", file=sys.stderr)
+        return 2
     print(f"wrote {root}")
     return 0
 
