@@ -61,8 +61,9 @@ class BuildConfig:
         include_checkpoint: copy the checkpoint into the bundle (enables the torch backend).
         force: replace an existing bundle.
         trt: TensorRT builder options.
-        threads: CPU threads of the INT8 quantization (``QuantizeOptions.threads``; None: ONNX Runtime's
-            and torch's own choice).
+        threads: CPU threads of the build: torch's for the export and the INT8 fine-tuning, and
+            the INT8 quantization's ONNX Runtime sessions (``QuantizeOptions.threads``; None:
+            ONNX Runtime's and torch's own choice).
         model_name, patch_size: the variant and P when the checkpoint does not store them and they
             cannot be inferred from its weights (as ``gfnet-edge info --model-name``).
     """
@@ -130,13 +131,36 @@ def _preload_native_modules() -> None:
             pass  # the step that needs it says what is missing
 
 
+@contextlib.contextmanager
+def _torch_threads(threads: Optional[int]):
+    """torch's intra-op thread count set to ``threads`` (None: left as it is) for the block, and
+    restored after it."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def build_bundle(checkpoint: Path, out: Path, cfg: BuildConfig, progress: bool = True) -> Bundle:
-    """Phase 1 (and 2 when TensorRT is here): checkpoint -> bundle.
+    """Phase 1 (and 2 when TensorRT is here): checkpoint -> bundle. ``cfg.threads`` also
+    bounds torch's threads for the whole build (the export, the INT8 fine-tuning).
 
     Raises:
         InputError: bad checkpoint, calibration data or options.
         UnavailableError: TensorRT asked for but absent.
     """
+    with _torch_threads(cfg.threads):
+        return _build_bundle(checkpoint, out, cfg, progress)
+
+
+def _build_bundle(checkpoint: Path, out: Path, cfg: BuildConfig, progress: bool) -> Bundle:
     from .export import export_model, manifest_model
     from .models.checkpoint import CheckpointError, load_checkpoint
     from .models.macs import count_step_macs

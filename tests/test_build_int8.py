@@ -357,3 +357,33 @@ def test_threads_reach_the_quantization(monkeypatch, tmp_path):
         with pytest.raises(Stop):
             build._quantize(model, tmp_path, {"graphs": {}}, frames, cfg, "onnxruntime", progress=False)
     assert seen == [1, 3, None]
+
+
+def test_threads_bound_torch_for_the_whole_build_and_are_restored(monkeypatch, tmp_path):
+    """``BuildConfig.threads`` is torch's thread count while the graphs are exported (and so
+    while the INT8 fine-tuning runs), and the caller's count comes back afterwards, also when
+    the build fails; without it torch keeps the caller's count."""
+    import torch
+
+    from gfnet_edge import build, export
+    from gfnet_edge.demo import DEMO_CHECKPOINT
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def export_model(model, out):
+        seen.append(torch.get_num_threads())
+        raise Stop()
+
+    monkeypatch.setattr(export, "export_model", export_model)
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    for threads in (want, None):
+        with pytest.raises(Stop):
+            build.build_bundle(DEMO_CHECKPOINT, tmp_path / "b", build.BuildConfig(precision="fp32", threads=threads),
+                               progress=False)
+        assert torch.get_num_threads() == before
+    assert seen == [want, before]
+    assert not (tmp_path / "b").exists()

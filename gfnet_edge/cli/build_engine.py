@@ -204,7 +204,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="patch size P when the checkpoint does not store it; checked against one that does")
     add_trt_build_options(p)
     p.add_argument("--threads", type=THREADS,
-                   help="CPU threads of the INT8 quantization: its ONNX Runtime sessions and fine-tuning (default: "
-                        "their own choice)")
+                   help="CPU threads of the build: torch's for the ONNX export and the INT8 fine-tuning, and the "
+                        "INT8 quantization's ONNX Runtime sessions (default: their own choice)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
