@@ -1,5 +1,6 @@
-"""Ctrl-C during training: :data:`SIGINT`, entered by ``gfnet-edge train --data`` while it
-trains, stops the run wherever the interrupt comes, and never inside a stage checkpoint's write."""
+"""Ctrl-C during training: :data:`SIGINT`, entered by ``gfnet-edge train`` (on an image folder
+and in the demo trainer) while it trains, stops the run wherever the interrupt comes, and never
+inside a stage checkpoint's write."""
 from __future__ import annotations
 
 import os
@@ -87,6 +88,6 @@ class SigintLatch:
         self.hit = False
 
 
-#: Entered by ``gfnet-edge train --data`` while it trains; checked in
+#: Entered by ``gfnet-edge train`` while it trains (both trainers); checked in
 #: :meth:`~gfnet_edge.train.folder_stages.FolderTrainer.loop`.
 SIGINT = SigintLatch()
