@@ -166,16 +166,17 @@ def _train_argv(trainer: str, data: Path, run: Path):
     return ["train", "-o", str(run), "--tiny", "--stage", "1", "--set", "workers=2", "--threads", "1", "--no-progress"]
 
 
-def _interrupted_cli_run(argv, moment: str, paused: int, env=None):
+def _interrupted_cli_run(argv, moment: str, paused: int, start_method: str = "fork"):
     """``gfnet-edge ARGV`` in a child process (its own process group, as a job in a terminal)
-    paused at ``moment`` (tests/train_interrupt_child.py) in ``paused`` processes, then sent a
-    Ctrl-C: SIGINT to the whole group, its DataLoader workers included."""
+    paused at ``moment`` (tests/train_interrupt_child.py) in ``paused`` processes, its DataLoader
+    workers started by ``start_method``, then sent a Ctrl-C: SIGINT to the whole group, its
+    DataLoader workers included."""
     import signal
 
     ready_r, ready_w = os.pipe()
     go_r, go_w = os.pipe()
-    env = {**os.environ, **(env or {}), "GFNET_EDGE_TEST_READY": str(ready_w), "GFNET_EDGE_TEST_GO": str(go_r),
-           "GFNET_EDGE_TEST_PAUSE": moment}
+    env = {**os.environ, "GFNET_EDGE_TEST_READY": str(ready_w), "GFNET_EDGE_TEST_GO": str(go_r),
+           "GFNET_EDGE_TEST_PAUSE": moment, "GFNET_EDGE_TEST_START_METHOD": start_method}
     proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "train_interrupt_child.py"), *argv], env=env,
                             pass_fds=(ready_w, go_r), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True,  # a suite run in the background inherits SIGINT ignored:
@@ -204,22 +205,25 @@ def _interrupted_cli_run(argv, moment: str, paused: int, env=None):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("trainer", ["folder", "demo"])
-@pytest.mark.parametrize("moment, paused, saved", [
-    ("workers", 2, None),  # the training process and its first worker, as the worker starts
-    ("val-workers", 2, None),  # the same as stage 1's first validation starts its workers (before its save)
-    ("mid-epoch", 1, 1),  # stage 1's second epoch, its second batch
-    ("checkpoint", 1, 1),  # stage 1's first checkpoint, as it is written
+@pytest.mark.parametrize("moment, paused, saved, start_method", [
+    ("workers", 2, None, "fork"),  # the training process and its first worker, as the worker starts
+    ("val-workers", 2, None, "fork"),  # the same as stage 1's first validation starts its workers (before its save)
+    ("mid-epoch", 1, 1, "fork"),  # stage 1's second epoch, its second batch
+    ("checkpoint", 1, 1, "fork"),  # stage 1's first checkpoint, as it is written
+    ("workers", 2, None, "spawn"),  # spawned workers (macOS's default) before their loop: no inherited handler
+    ("val-workers", 2, None, "spawn"),
+    ("workers", 2, None, "forkserver"),  # workers forked by a server process (Linux's default from Python 3.14)
 ])
 def test_ctrl_c_ends_the_run_with_one_line_and_exit_130(folder, demo_cache, tmp_path, monkeypatch, trainer, moment,
-                                                          paused, saved):
+                                                          paused, saved, start_method):
     """A real Ctrl-C at any moment of a run with DataLoader workers ends it with exit status 130
     and one line that says how to continue it (no traceback, no "Exception ignored in ..."), on
-    an image folder and in the demo trainer alike. The stage checkpoint is the last finished
-    epoch's, whole: one whose write the Ctrl-C came in is finished first, and no temporary file
-    stays. The run then continues with --resume."""
+    an image folder and in the demo trainer alike, with workers forked or spawned. The stage
+    checkpoint is the last finished epoch's, whole: one whose write the Ctrl-C came in is finished
+    first, and no temporary file stays. The run then continues with --resume."""
     run = tmp_path / "run"
     monkeypatch.setenv("GFNET_EDGE_CACHE", str(demo_cache))
-    rc, out, err = _interrupted_cli_run(_train_argv(trainer, folder, run), moment, paused)
+    rc, out, err = _interrupted_cli_run(_train_argv(trainer, folder, run), moment, paused, start_method)
     lines = err.strip().splitlines()
     assert rc == 130 and len(lines) == 1, (rc, err)
     assert lines[0].startswith("gfnet-edge: interrupted") and str(run) in lines[0] and "--resume" in lines[0], err
@@ -235,6 +239,45 @@ def test_ctrl_c_ends_the_run_with_one_line_and_exit_130(folder, demo_cache, tmp_
         rc = cli.main(["train", *resume])
         ck = torch.load(run / "stage1.pt", map_location="cpu", weights_only=True)
         assert rc == 0 and ck["epoch"] == 2 and ck["done"]
+
+
+_SIGINT_PROBE = """
+import json, signal, sys
+
+import torch
+
+from gfnet_edge.train.folder_data import make_loader
+from gfnet_edge.train.folder_stages.sigint import SIGINT
+
+
+class Probe(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):  # in the worker: SIGINT ignored, blocked
+        blocked = hasattr(signal, "pthread_sigmask") and signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        return torch.tensor([signal.getsignal(signal.SIGINT) is signal.SIG_IGN, blocked])
+
+
+if __name__ == "__main__":
+    torch.multiprocessing.set_start_method(sys.argv[1])
+    print(json.dumps([b.tolist() for b in SIGINT.started(make_loader(Probe(), 1, range(2), 2, False, False))]))
+"""
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_the_trainers_dataloader_workers_ignore_sigint_themselves(tmp_path, start_method):
+    """A DataLoader worker of the trainer, started as the trainer starts them (SIGINT blocked
+    meanwhile), ignores SIGINT (a terminal's Ctrl-C reaches the whole process group; the training
+    process handles it), forked or spawned, and does not keep it blocked (processes it starts
+    inherit the ignored signal)."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(_SIGINT_PROBE)
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])  # this checkout's gfnet_edge
+    proc = subprocess.run([sys.executable, str(probe), start_method], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": path})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [[[True, False]]] * 2, proc.stdout  # each batch: (ignored, blocked)
 
 
 def _interrupted_writes(monkeypatch, name: str) -> None:
