@@ -140,19 +140,43 @@ def test_a_ctrl_c_raised_where_python_ignores_exceptions_still_stops_training(fo
     assert reported == [] and sys.unraisablehook == reported.append
 
 
-def _interrupted_cli_run(data: Path, run: Path, moment: str, paused: int):
-    """``gfnet-edge train`` in a child process (its own process group, as a job in a terminal)
-    paused at ``moment`` (tests/train_interrupt_child.py) in ``paused`` processes, then sent a
-    Ctrl-C: SIGINT to the whole group, its DataLoader workers included."""
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory):
+    """A data cache (GFNET_EDGE_CACHE) holding the demo trainer's --tiny splits, rendered once."""
+    from gfnet_edge.train.config import tiny_config
+    from gfnet_edge.train.data import load_split
+
+    d = tmp_path_factory.mktemp("demo-cache")
+    cfg = tiny_config()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GFNET_EDGE_CACHE", str(d))
+        for split, n in (("train", cfg.train_size), ("val", cfg.val_size)):
+            load_split(split, n, config=cfg.data(), progress=False)
+    return d
+
+
+def _train_argv(trainer: str, data: Path, run: Path):
+    """``gfnet-edge train`` of a short run with 2 DataLoader workers: on the image folder ``data``
+    (stage 1: 2 epochs of 4 batches), or the demo trainer's stage 1 (--tiny: 2 epochs of 2
+    batches)."""
+    if trainer == "folder":
+        return ["train", "--data", str(data), "-o", str(run), "--backbone", "test_efficientnet", "--image-size", "64",
+                "--patch-size", "32", "--epochs", "2,1,1", "--batch-size", "6", "--workers", "2", "--threads", "1",
+                "--no-progress"]
+    return ["train", "-o", str(run), "--tiny", "--stage", "1", "--set", "workers=2", "--threads", "1", "--no-progress"]
+
+
+def _interrupted_cli_run(argv, moment: str, paused: int, start_method: str = "fork"):
+    """``gfnet-edge ARGV`` in a child process (its own process group, as a job in a terminal)
+    paused at ``moment`` (tests/train_interrupt_child.py) in ``paused`` processes, its DataLoader
+    workers started by ``start_method``, then sent a Ctrl-C: SIGINT to the whole group, its
+    DataLoader workers included."""
     import signal
 
     ready_r, ready_w = os.pipe()
     go_r, go_w = os.pipe()
     env = {**os.environ, "GFNET_EDGE_TEST_READY": str(ready_w), "GFNET_EDGE_TEST_GO": str(go_r),
-           "GFNET_EDGE_TEST_PAUSE": moment}
-    argv = ["train", "--data", str(data), "-o", str(run), "--backbone", "test_efficientnet", "--image-size", "64",
-            "--patch-size", "32", "--epochs", "2,1,1", "--batch-size", "6", "--workers", "2", "--threads", "1",
-            "--no-progress"]
+           "GFNET_EDGE_TEST_PAUSE": moment, "GFNET_EDGE_TEST_START_METHOD": start_method}
     proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "train_interrupt_child.py"), *argv], env=env,
                             pass_fds=(ready_w, go_r), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True,  # a suite run in the background inherits SIGINT ignored:
@@ -180,35 +204,80 @@ def _interrupted_cli_run(data: Path, run: Path, moment: str, paused: int):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("moment, paused, saved", [
-    ("workers", 2, None),  # the training process and its first worker, as the worker starts
-    ("val-workers", 2, None),  # the same as stage 1's first validation starts its workers (before its save)
-    ("mid-epoch", 1, 1),  # stage 1's second epoch, its second batch
-    ("checkpoint", 1, 1),  # stage 1's first checkpoint, as it is written
+@pytest.mark.parametrize("trainer", ["folder", "demo"])
+@pytest.mark.parametrize("moment, paused, saved, start_method", [
+    ("workers", 2, None, "fork"),  # the training process and its first worker, as the worker starts
+    ("val-workers", 2, None, "fork"),  # the same as stage 1's first validation starts its workers (before its save)
+    ("mid-epoch", 1, 1, "fork"),  # stage 1's second epoch, its second batch
+    ("checkpoint", 1, 1, "fork"),  # stage 1's first checkpoint, as it is written
+    ("workers", 2, None, "spawn"),  # spawned workers (macOS's default) before their loop: no inherited handler
+    ("val-workers", 2, None, "spawn"),
+    ("workers", 2, None, "forkserver"),  # workers forked by a server process (Linux's default from Python 3.14)
 ])
-def test_ctrl_c_ends_the_run_with_one_line_and_exit_130(folder, tmp_path, moment, paused, saved):
+def test_ctrl_c_ends_the_run_with_one_line_and_exit_130(folder, demo_cache, tmp_path, monkeypatch, trainer, moment,
+                                                          paused, saved, start_method):
     """A real Ctrl-C at any moment of a run with DataLoader workers ends it with exit status 130
-    and one line that says how to continue it (no traceback, no "Exception ignored in ..."). The
-    stage checkpoint is the last finished epoch's, whole: one whose write the Ctrl-C came in is
-    finished first, and no temporary file stays. The run then continues with --resume."""
+    and one line that says how to continue it (no traceback, no "Exception ignored in ..."), on
+    an image folder and in the demo trainer alike, with workers forked or spawned. The stage
+    checkpoint is the last finished epoch's, whole: one whose write the Ctrl-C came in is finished
+    first, and no temporary file stays. The run then continues with --resume."""
     run = tmp_path / "run"
-    rc, out, err = _interrupted_cli_run(folder, run, moment, paused)
+    monkeypatch.setenv("GFNET_EDGE_CACHE", str(demo_cache))
+    rc, out, err = _interrupted_cli_run(_train_argv(trainer, folder, run), moment, paused, start_method)
     lines = err.strip().splitlines()
     assert rc == 130 and len(lines) == 1, (rc, err)
     assert lines[0].startswith("gfnet-edge: interrupted") and str(run) in lines[0] and "--resume" in lines[0], err
     assert "Traceback" not in out + err and "Exception ignored" not in out + err
     assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
-    assert not (run / "stage2.pt").exists()
-    if saved is None:
-        assert not (run / "stage1.pt").exists()
-    else:
+    assert [p.name for p in run.glob("*.pt")] == ([] if saved is None else ["stage1.pt"])
+    if saved is not None:
         ck = torch.load(run / "stage1.pt", map_location="cpu", weights_only=True)
         assert ck["epoch"] == saved and not ck["done"] and len(ck["history"]) == saved
     if moment == "mid-epoch":
-        rc = cli.main(["train", "--data", str(folder), "-o", str(run), "--resume", "--stage", "1", "--workers", "0",
-                       "--threads", "1", "--no-progress"])
+        resume = (["--data", str(folder), "--workers", "0"] if trainer == "folder" else []) + [
+            "-o", str(run), "--resume", "--stage", "1", "--threads", "1", "--no-progress"]
+        rc = cli.main(["train", *resume])
         ck = torch.load(run / "stage1.pt", map_location="cpu", weights_only=True)
         assert rc == 0 and ck["epoch"] == 2 and ck["done"]
+
+
+_SIGINT_PROBE = """
+import json, signal, sys
+
+import torch
+
+from gfnet_edge.train.folder_data import make_loader
+from gfnet_edge.train.folder_stages.sigint import SIGINT
+
+
+class Probe(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):  # in the worker: SIGINT ignored, blocked
+        blocked = hasattr(signal, "pthread_sigmask") and signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        return torch.tensor([signal.getsignal(signal.SIGINT) is signal.SIG_IGN, blocked])
+
+
+if __name__ == "__main__":
+    torch.multiprocessing.set_start_method(sys.argv[1])
+    print(json.dumps([b.tolist() for b in SIGINT.started(make_loader(Probe(), 1, range(2), 2, False, False))]))
+"""
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_the_trainers_dataloader_workers_ignore_sigint_themselves(tmp_path, start_method):
+    """A DataLoader worker of the trainer, started as the trainer starts them (SIGINT blocked
+    meanwhile), ignores SIGINT (a terminal's Ctrl-C reaches the whole process group; the training
+    process handles it), forked or spawned, and does not keep it blocked (processes it starts
+    inherit the ignored signal)."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(_SIGINT_PROBE)
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])  # this checkout's gfnet_edge
+    proc = subprocess.run([sys.executable, str(probe), start_method], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": path})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [[[True, False]]] * 2, proc.stdout  # each batch: (ignored, blocked)
 
 
 def _interrupted_writes(monkeypatch, name: str) -> None:

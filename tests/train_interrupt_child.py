@@ -12,6 +12,12 @@ a real SIGINT there (tests/test_train_folder.py).
 Each paused process writes one byte to the descriptor ``GFNET_EDGE_TEST_READY``, then reads one
 from ``GFNET_EDGE_TEST_GO``: the test sends SIGINT once every paused process has written its byte,
 then writes theirs, so the signal is delivered while they wait there.
+
+``GFNET_EDGE_TEST_START_METHOD`` (default ``fork``) is the start method of the DataLoader workers,
+set with ``torch.multiprocessing.set_start_method`` as a user's script does. Under ``spawn`` and
+``forkserver`` no fork handler of the training process runs: at ``workers`` and ``val-workers``
+it pauses as that worker's ``Process.start`` returns (the worker has read its arguments, the
+descriptors among them), and the worker before its loop, as under ``fork``.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 READY, GO = int(os.environ["GFNET_EDGE_TEST_READY"]), int(os.environ["GFNET_EDGE_TEST_GO"])
 MOMENT = os.environ["GFNET_EDGE_TEST_PAUSE"]
+START_METHOD = os.environ.get("GFNET_EDGE_TEST_START_METHOD", "fork")
 calls = {"n": 0}
 
 
@@ -40,28 +47,56 @@ def in_validation() -> bool:
     return any(f.name == "val_probs" for f in traceback.extract_stack())
 
 
+class Descriptors:
+    """READY and GO in a worker's arguments: a forked worker inherits them, a spawned one gets
+    them as its arguments are unpickled (multiprocessing passes the descriptors along)."""
+
+    def __reduce__(self):
+        from multiprocessing.reduction import DupFd
+
+        return received, (DupFd(READY), DupFd(GO))
+
+
+def received(ready, go) -> Descriptors:
+    global READY, GO
+    READY, GO = ready.detach(), go.detach()
+    return Descriptors()
+
+
 if MOMENT in ("workers", "val-workers"):
+    from multiprocessing.process import BaseProcess
+
     from torch.utils.data._utils import worker
 
     worker_loop = worker._worker_loop
-    forking = {"paused": False, "this one": False}  # "this one": the fork to pause (the child inherits it)
+    start = BaseProcess.start
+    state = {"paused": False, "starting": False}  # "starting": the worker to pause is being started
 
-    def before_fork() -> None:
-        forking["this one"] = (not forking["paused"] and in_training_loop()
-                               and in_validation() == (MOMENT == "val-workers"))
-
-    def after_fork_in_parent() -> None:
-        if forking["this one"]:
-            forking["paused"], forking["this one"] = True, False
+    def paused_start(self) -> None:
+        if (self._target is not paused_worker_loop or state["paused"] or not in_training_loop()
+                or in_validation() != (MOMENT == "val-workers")):
+            return start(self)
+        state["paused"] = state["starting"] = True
+        self._kwargs = dict(self._kwargs, descriptors=Descriptors())
+        try:
+            start(self)  # fork: the training process pauses in its fork handler
+        finally:
+            state["starting"] = False
+        if START_METHOD != "fork":
             pause()
 
-    def paused_worker_loop(*args, **kwargs):
-        if forking["this one"]:
+    def after_fork_in_parent() -> None:
+        if state["starting"]:
+            pause()
+
+    def paused_worker_loop(*args, descriptors=None, **kwargs):
+        if descriptors is not None:
             pause()
         return worker_loop(*args, **kwargs)
 
     worker._worker_loop = paused_worker_loop
-    os.register_at_fork(before=before_fork, after_in_parent=after_fork_in_parent)
+    BaseProcess.start = paused_start
+    os.register_at_fork(after_in_parent=after_fork_in_parent)
 elif MOMENT == "mid-epoch":
     from gfnet_edge.train import folder_stages
 
@@ -91,6 +126,10 @@ elif MOMENT == "checkpoint":
 else:
     raise SystemExit(f"unknown GFNET_EDGE_TEST_PAUSE {MOMENT!r}")
 
-from gfnet_edge.cli import main  # noqa: E402
+if __name__ == "__main__":  # not in a spawned worker, which imports this file as __mp_main__
+    import torch.multiprocessing
 
-sys.exit(main(sys.argv[1:]))
+    from gfnet_edge.cli import main
+
+    torch.multiprocessing.set_start_method(START_METHOD)
+    sys.exit(main(sys.argv[1:]))

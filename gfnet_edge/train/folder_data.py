@@ -255,9 +255,12 @@ class ShardSampler(torch.utils.data.Sampler):
 
 def make_loader(dataset: FolderDataset, batch: int, sampler: torch.utils.data.Sampler, workers: int,
                 pin: bool, drop_last: bool) -> torch.utils.data.DataLoader:
-    """A DataLoader with ``workers`` processes (0: in this process)."""
+    """A DataLoader with ``workers`` processes (0: in this process), which ignore SIGINT."""
+    from .folder_stages.sigint import worker_ignores_sigint
+
     return torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
-                                       pin_memory=pin, drop_last=drop_last, persistent_workers=False)
+                                       pin_memory=pin, drop_last=drop_last, persistent_workers=False,
+                                       worker_init_fn=worker_ignores_sigint)
 
 
 @functools.lru_cache(maxsize=16)

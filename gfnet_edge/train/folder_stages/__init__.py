@@ -44,7 +44,7 @@ from ..folder_data import DataSource, make_loader, normalise
 from ..recipe import StagePlan, TrainSettings
 from .glance_cache import GlanceCache
 from .losses import FocusLoss, PolicyEval, StaticLoss, normalised_returns, ppo_loss, sample_action, step_logits
-from .sigint import SIGINT
+from .sigint import SIGINT, worker_ignores_sigint
 from .validation import Validation
 
 #: ``step(x, y, idx, g, opt, scaler)`` -> batch means (``loss`` and any other figures).
@@ -200,7 +200,8 @@ class FolderTrainer(Validation):
             sampler = EpochBatches(len(self.train_set), batches, plan.iters, stage_seed(cfg.seed, name),
                                    ctx.rank, ctx.world)
             loader = torch.utils.data.DataLoader(self.train_set, batch_sampler=sampler, num_workers=cfg.workers,
-                                                 pin_memory=ctx.device.type == "cuda")
+                                                 pin_memory=ctx.device.type == "cuda",
+                                                 worker_init_fn=worker_ignores_sigint)
             return loader, sampler, plan.iters
         sampler = torch.utils.data.DistributedSampler(self.train_set, num_replicas=ctx.world, rank=ctx.rank,
                                                       shuffle=True, seed=cfg.seed, drop_last=True)

@@ -1,5 +1,6 @@
-"""Ctrl-C during training: :data:`SIGINT`, entered by ``gfnet-edge train --data`` while it
-trains, stops the run wherever the interrupt comes, and never inside a stage checkpoint's write."""
+"""Ctrl-C during training: :data:`SIGINT`, entered by ``gfnet-edge train`` (on an image folder
+and in the demo trainer) while it trains, stops the run wherever the interrupt comes, and never
+inside a stage checkpoint's write."""
 from __future__ import annotations
 
 import os
@@ -19,8 +20,9 @@ class SigintLatch:
     * inside :meth:`deferred` (the start of the DataLoader workers, whose fork handlers Python
       runs ignoring what they raise; the write of a stage checkpoint) it is only recorded, and
       raised when the block ends;
-    * the processes forked meanwhile (DataLoader workers, which inherit the handler and get the
-      terminal's Ctrl-C too) ignore it: the training process stops them."""
+    * the processes forked meanwhile (which inherit the handler and get the terminal's Ctrl-C
+      too) ignore it; DataLoader workers, forked or spawned, ignore it from their start
+      (:meth:`started`, :func:`worker_ignores_sigint`): the training process stops them."""
 
     def __init__(self) -> None:
         self.hit = False
@@ -61,8 +63,14 @@ class SigintLatch:
 
     def started(self, loader: Iterable) -> Iterator:
         """``iter(loader)``, deferred: DataLoader workers start in it, and Python ignores what
-        its fork handlers raise (an interrupt there would be reported and lost)."""
-        with self.deferred():
+        its fork handlers raise (an interrupt there would be reported and lost). SIGINT is
+        blocked meanwhile in this thread (where the platform has ``pthread_sigmask``): a worker
+        inherits the blocked signal, forked or spawned (a spawned one has none of this process's
+        handlers and would report a Ctrl-C that comes while it starts), until its
+        :func:`worker_ignores_sigint` ignores it; one that comes meanwhile is delivered here when
+        the workers have started."""
+        _start_resource_tracker(loader)
+        with self.deferred(), _blocked_sigint():
             return iter(loader)
 
     def __enter__(self) -> "SigintLatch":
@@ -87,6 +95,51 @@ class SigintLatch:
         self.hit = False
 
 
-#: Entered by ``gfnet-edge train --data`` while it trains; checked in
+@contextmanager
+def _blocked_sigint() -> Iterator[None]:
+    """SIGINT blocked in this thread (the mask processes started meanwhile inherit), where the
+    platform has ``pthread_sigmask``; one that comes meanwhile is delivered at the end."""
+    import signal
+
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _start_resource_tracker(loader: Iterable) -> None:
+    """Starts multiprocessing's resource tracker now when ``loader`` has workers that are not
+    forked (``spawn``, ``forkserver``) and the platform has ``pthread_sigmask``: it would start
+    with their first queue, inside :func:`_blocked_sigint`, and starting it unblocks SIGINT in
+    this thread (the standard library unblocks it, whatever the mask was), so the workers would
+    start without it blocked."""
+    import multiprocessing
+    import signal
+
+    if not getattr(loader, "num_workers", 0) or not hasattr(signal, "pthread_sigmask"):
+        return
+    if (getattr(loader, "multiprocessing_context", None) or multiprocessing).get_start_method() != "fork":
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
+
+
+def worker_ignores_sigint(worker_id: int) -> None:
+    """The training DataLoaders' ``worker_init_fn``: the worker ignores SIGINT (a terminal's
+    Ctrl-C reaches the whole process group; the training process handles it and stops its
+    workers), and unblocks it (:meth:`SigintLatch.started` starts the workers with it blocked),
+    so that the processes it starts inherit the ignored signal, not the blocked one."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+#: Entered by ``gfnet-edge train`` while it trains (both trainers); checked in
 #: :meth:`~gfnet_edge.train.folder_stages.FolderTrainer.loop`.
 SIGINT = SigintLatch()
