@@ -144,6 +144,27 @@ struct Norm {
   int bgr;
 };
 
+// The three channels' exact int32 sums, from `half` (the rounding), for output position `t` of
+// a pass: its taps' start, count and weights come from the table `tab`, its pixels are
+// interleaved RGB, tap `start + k` at `base + (start + k - origin) * stride` (stride 3 along a
+// row, a row's bytes down a column).
+__device__ inline void tap_sums3(const int32_t* __restrict__ tab, int64_t off_start, int64_t off_count,
+                                 int64_t off_w, int64_t taps, int64_t t, const uint8_t* base, int64_t origin,
+                                 int64_t stride, int32_t half, int32_t acc[3]) {
+  const int32_t start = tab[off_start + t];
+  const int32_t count = tab[off_count + t];
+  const int32_t* wt = tab + off_w + t * taps;
+  const uint8_t* px = base + (start - origin) * stride;
+  acc[0] = acc[1] = acc[2] = half;
+  for (int k = 0; k < count; ++k) {
+    const uint8_t* p = px + k * stride;
+    const int32_t wk = wt[k];
+    acc[0] += wk * p[0];
+    acc[1] += wk * p[1];
+    acc[2] += wk * p[2];
+  }
+}
+
 // One thread per (needed source row, crop column), striding by the grid: 3 channels, exact
 // int32 sums. Frame `first + blockIdx.y` of contiguous h x w frames (`frame_bytes` apart) into
 // its own rows of hbuf.
@@ -159,21 +180,10 @@ __global__ void hpass_kernel(const uint8_t* __restrict__ frames, int64_t frame_b
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < nrows * S; idx += step) {
     const int64_t r = idx / S, j = idx % S;
-    const int32_t start = tab[off_start + j];
-    const int32_t count = tab[off_count + j];
-    const int32_t* wt = tab + off_w + j * taps;
-    const uint8_t* px = frame + ((row_lo + r) * w + start) * 3;
-    int32_t a0 = half, a1 = half, a2 = half;
-    for (int k = 0; k < count; ++k) {
-      const int32_t wk = wt[k];
-      a0 += wk * px[3 * k + 0];
-      a1 += wk * px[3 * k + 1];
-      a2 += wk * px[3 * k + 2];
-    }
+    int32_t acc[3];
+    tap_sums3(tab, off_start, off_count, off_w, taps, j, frame + (row_lo + r) * w * 3, 0, 3, half, acc);
     uint8_t* o = hbuf + r * 3 * S + 3 * j;
-    o[0] = static_cast<uint8_t>(fixed_to_u8(a0, prec));
-    o[1] = static_cast<uint8_t>(fixed_to_u8(a1, prec));
-    o[2] = static_cast<uint8_t>(fixed_to_u8(a2, prec));
+    for (int c = 0; c < 3; ++c) o[c] = static_cast<uint8_t>(fixed_to_u8(acc[c], prec));
   }
 }
 
@@ -200,17 +210,8 @@ __global__ void vpass_kernel(const uint8_t* __restrict__ hbufs, int64_t nrows, i
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < S * S; idx += step) {
     const int64_t i = idx / S, j = idx % S;
-    const int32_t start = tab[off_start + i];
-    const int32_t count = tab[off_count + i];
-    const int32_t* wt = tab + off_w + i * taps;
-    int32_t acc[3] = {half, half, half};
-    for (int k = 0; k < count; ++k) {
-      const uint8_t* src = hbuf + (start + k - row_lo) * 3 * S + 3 * j;
-      const int32_t wk = wt[k];
-      acc[0] += wk * src[0];
-      acc[1] += wk * src[1];
-      acc[2] += wk * src[2];
-    }
+    int32_t acc[3];
+    tap_sums3(tab, off_start, off_count, off_w, taps, i, hbuf + 3 * j, row_lo, 3 * S, half, acc);
     for (int c = 0; c < 3; ++c) {
       const int cin = norm.bgr ? 2 - c : c;
       const float x = static_cast<float>(fixed_to_u8(acc[cin], prec)) / 255.0f;
