@@ -61,6 +61,9 @@ def test_step_costs_model():
     (lambda: StepCosts("123"), "step_ms must be a sequence", "'123'"),
     (lambda: StepCosts(None), "step_ms must be a sequence", "None"),
     (lambda: StepCosts(5.0), "step_ms must be a sequence", "5.0"),
+    (lambda: StepCosts(np.array(5.0)), "step_ms must be a sequence", "array(5.)"),  # iterating it: a TypeError
+    (lambda: StepCosts((1.0, 1.0), other=(4, np.array(2.0))), "other's step_ms must be a sequence",
+     "array(2.)"),
     (lambda: StepCosts((1.0, 1.0), batch="2"), "batch must be a positive int", "'2'"),
     (lambda: StepCosts((1.0, 1.0), batch=True), "batch must be a positive int", "True"),
     (lambda: StepCosts((1.0, 1.0), batch=None), "batch must be a positive int", "None"),
@@ -68,6 +71,7 @@ def test_step_costs_model():
     (lambda: StepCosts((1.0, 1.0), other=(4, ("x", 1.0))), "other's step_ms[0] must be a number", "'x'"),
     (lambda: StepCosts((1.0, 1.0), other=(None, (1.0, 1.0))), "other's batch must be a positive int", "None"),
     (lambda: StepCosts.from_cumulative(["1", 2]), "cumulative_ms[0] must be a number", "'1'"),
+    (lambda: StepCosts.from_cumulative(np.array(3.0)), "cumulative_ms must be a sequence", "array(3.)"),
     (lambda: StepCosts.from_cumulative([1, 2], other=[3]), "other must be None or (batch, ms of each step)", "[3]"),
 ])
 def test_step_costs_refuse_what_is_not_numbers_as_input_errors(make, named, given):

@@ -79,7 +79,8 @@ def check_deadline(deadline_ms: Any, margin: Any) -> Tuple[float, float]:
 
 def _check_step_ms(values: Any, name: str) -> Tuple[float, ...]:
     """``values`` (a sequence of per-image ms, one per step) as a tuple of floats."""
-    if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, np.ndarray)):
+    if (isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, np.ndarray))
+            or (isinstance(values, np.ndarray) and values.ndim == 0)):  # one number, not one per step
         raise InputError(f"{name} must be a sequence of ms, one number per step, got {values!r}")
     return tuple(check_number(v, f"{name}[{i}]") for i, v in enumerate(values))
 
