@@ -309,7 +309,7 @@ def test_runtime_predict_with_a_deadline(demo):
         assert rt.predict(x).deadline_stopped is None
         with pytest.raises(InputError, match="each of the 3 steps"):
             rt.set_step_costs([1.0, 2.0])
-        for bad in ("123", 5.0, [1.0, "x", 2.0], ["1", "2", "3"], [True, 1, 1], [1.0, None, 1.0]):
+        for bad in ("123", 5.0, np.array(5.0), [1.0, "x", 2.0], ["1", "2", "3"], [True, 1, 1], [1.0, None, 1.0]):
             with pytest.raises(InputError, match="one number of ms per step"):
                 rt.set_step_costs(bad)
         rt.set_step_costs([0.5, 1.0, 1.0])
