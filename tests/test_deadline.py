@@ -69,6 +69,9 @@ def test_step_costs_model():
     (lambda: StepCosts((1.0, 1.0), batch=None), "batch must be a positive int", "None"),
     (lambda: StepCosts((1.0, 1.0), other=5), "other must be None or (batch, ms of each step)", "5"),
     (lambda: StepCosts((1.0, 1.0), other=(4, ("x", 1.0))), "other's step_ms[0] must be a number", "'x'"),
+    (lambda: StepCosts((1.0, -1.0)), "step costs must be finite and >= 0 ms", "step_ms [1.0, -1.0]"),
+    (lambda: StepCosts((1.0, 1.0), other=(4, (1.0, -2.0))), "step costs must be finite and >= 0 ms",
+     "other's step_ms [1.0, -2.0]"),  # the costs that hold the bad value
     (lambda: StepCosts((1.0, 1.0), other=(None, (1.0, 1.0))), "other's batch must be a positive int", "None"),
     (lambda: StepCosts.from_cumulative(["1", 2]), "cumulative_ms[0] must be a number", "'1'"),
     (lambda: StepCosts.from_cumulative(np.array(3.0)), "cumulative_ms must be a sequence", "array(3.)"),
