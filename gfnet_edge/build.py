@@ -131,23 +131,6 @@ def _preload_native_modules() -> None:
             pass  # the step that needs it says what is missing
 
 
-@contextlib.contextmanager
-def _torch_threads(threads: Optional[int]):
-    """torch's intra-op thread count set to ``threads`` (None: left as it is) for the block, and
-    restored after it."""
-    if threads is None:
-        yield
-        return
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(threads))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def build_bundle(checkpoint: Path, out: Path, cfg: BuildConfig, progress: bool = True) -> Bundle:
     """Phase 1 (and 2 when TensorRT is here): checkpoint -> bundle. ``cfg.threads`` also
     bounds torch's threads for the whole build (the export, the INT8 fine-tuning).
@@ -156,7 +139,9 @@ def build_bundle(checkpoint: Path, out: Path, cfg: BuildConfig, progress: bool =
         InputError: bad checkpoint, calibration data or options.
         UnavailableError: TensorRT asked for but absent.
     """
-    with _torch_threads(cfg.threads):
+    from .quantize.finetune import torch_threads
+
+    with torch_threads(cfg.threads):
         return _build_bundle(checkpoint, out, cfg, progress)
 
 

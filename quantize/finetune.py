@@ -18,10 +18,11 @@ are relative: a weight tensor moves by about ``lr`` of its quantization step per
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 
@@ -53,6 +54,23 @@ class FinetuneResult:
 
     def to_dict(self) -> Dict[str, float]:
         return asdict(self)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: Optional[int]) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` for the block (None: left as it is), and
+    set back to what it was after it, also when the block raises."""
+    if not threads:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _loss(student, teacher, inv_var):
@@ -89,16 +107,8 @@ def finetune_weights(qdq, fp32, x: np.ndarray, epochs: int, lr: float = 0.01, ba
     Raises:
         UnsupportedGraph: an op type the torch interpreter does not run.
     """
-    import torch
-
-    if not threads:
+    with torch_threads(threads):
         return _finetune(qdq, fp32, x, epochs, lr, batch_size, flip, derived, seed, threads, progress, desc)
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(threads))
-    try:
-        return _finetune(qdq, fp32, x, epochs, lr, batch_size, flip, derived, seed, threads, progress, desc)
-    finally:
-        torch.set_num_threads(before)
 
 
 def _finetune(qdq, fp32, x, epochs, lr, batch_size, flip, derived, seed, threads, progress, desc):

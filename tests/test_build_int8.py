@@ -387,3 +387,45 @@ def test_threads_bound_torch_for_the_whole_build_and_are_restored(monkeypatch, t
         assert torch.get_num_threads() == before
     assert seen == [want, before]
     assert not (tmp_path / "b").exists()
+
+
+def test_one_helper_sets_torch_threads_for_the_build_and_the_fine_tuning(monkeypatch):
+    """``quantize.finetune.torch_threads`` is the thread setting of both the build
+    (``build_bundle``) and the fine-tuning (``finetune_weights``): N torch threads inside the
+    block, the count found before it after it, also when the block raises; None leaves torch's
+    count alone."""
+    import torch
+
+    from gfnet_edge import build
+    from gfnet_edge.quantize import finetune
+
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    with finetune.torch_threads(want):
+        assert torch.get_num_threads() == want
+    with pytest.raises(KeyError):
+        with finetune.torch_threads(want):
+            raise KeyError("the block failed")
+    with finetune.torch_threads(None):
+        assert torch.get_num_threads() == before
+    assert torch.get_num_threads() == before
+    entered, real = [], finetune.torch_threads
+
+    def spy(threads):
+        entered.append(threads)
+        return real(None)
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop()
+
+    monkeypatch.setattr(finetune, "torch_threads", spy)
+    monkeypatch.setattr(build, "_build_bundle", stop)
+    monkeypatch.setattr(finetune, "_finetune", stop)
+    with pytest.raises(Stop):
+        build.build_bundle(Path("ck.pth"), Path("out"), build.BuildConfig(threads=3), progress=False)
+    with pytest.raises(Stop):
+        finetune.finetune_weights(None, None, np.zeros((1, 1), np.float32), epochs=1, threads=2)
+    assert entered == [3, 2]

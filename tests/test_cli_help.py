@@ -106,15 +106,24 @@ def unresolved_python_names(text: str) -> list:
         return False
 
     names = set(re.findall(r"\bgfnet_edge(?:\.[A-Za-z_]\w*)+", text))
-    for module, imported in re.findall(r"from (gfnet_edge[\w.]*) import \(?([\w ,]+)", text):
-        names.update(f"{module}.{n}" for n in re.split(r"[\s,]+", imported) if n)
+    item = r"\w+(?:\s+as\s+\w+)?"  # a name, perhaps imported as another
+    for module, wrapped, line in re.findall(r"from (gfnet_edge[\w.]*) import (?:\(([^)]*)\)|(%s(?:\s*,\s*%s)*))"
+                                            % (item, item), text):
+        for imported in re.sub(r"#[^\n]*", "", wrapped or line).split(","):  # a wrapped list may hold comments
+            if imported.strip():
+                names.add(f"{module}.{imported.split()[0]}")  # the name, not its alias
     return sorted(n for n in names if not resolves(n))
 
 
 def test_the_api_check_finds_a_name_that_does_not_exist():
     text = ("`gfnet_edge.Runtime`, `gfnet_edge.ops.no_such_op`\n"
-            "from gfnet_edge.evaluate import fit_thresholds, fit_everything\n")
-    assert unresolved_python_names(text) == ["gfnet_edge.evaluate.fit_everything", "gfnet_edge.ops.no_such_op"]
+            "from gfnet_edge.evaluate import fit_thresholds, fit_everything\n"
+            "from gfnet_edge.ops import (preprocess, no_such_first,  # a wrapped list\n"
+            "                            glance as g, no_such_second)\n"
+            "`from gfnet_edge.ops import crop_patches as cut, no_such_third` cuts patches\n")
+    assert unresolved_python_names(text) == ["gfnet_edge.evaluate.fit_everything", "gfnet_edge.ops.no_such_first",
+                                             "gfnet_edge.ops.no_such_op", "gfnet_edge.ops.no_such_second",
+                                             "gfnet_edge.ops.no_such_third"]
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=[d.name for d in DOCS])

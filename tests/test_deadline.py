@@ -61,13 +61,20 @@ def test_step_costs_model():
     (lambda: StepCosts("123"), "step_ms must be a sequence", "'123'"),
     (lambda: StepCosts(None), "step_ms must be a sequence", "None"),
     (lambda: StepCosts(5.0), "step_ms must be a sequence", "5.0"),
+    (lambda: StepCosts(np.array(5.0)), "step_ms must be a sequence", "array(5.)"),  # iterating it: a TypeError
+    (lambda: StepCosts((1.0, 1.0), other=(4, np.array(2.0))), "other's step_ms must be a sequence",
+     "array(2.)"),
     (lambda: StepCosts((1.0, 1.0), batch="2"), "batch must be a positive int", "'2'"),
     (lambda: StepCosts((1.0, 1.0), batch=True), "batch must be a positive int", "True"),
     (lambda: StepCosts((1.0, 1.0), batch=None), "batch must be a positive int", "None"),
     (lambda: StepCosts((1.0, 1.0), other=5), "other must be None or (batch, ms of each step)", "5"),
     (lambda: StepCosts((1.0, 1.0), other=(4, ("x", 1.0))), "other's step_ms[0] must be a number", "'x'"),
+    (lambda: StepCosts((1.0, -1.0)), "step costs must be finite and >= 0 ms", "step_ms [1.0, -1.0]"),
+    (lambda: StepCosts((1.0, 1.0), other=(4, (1.0, -2.0))), "step costs must be finite and >= 0 ms",
+     "other's step_ms [1.0, -2.0]"),  # the costs that hold the bad value
     (lambda: StepCosts((1.0, 1.0), other=(None, (1.0, 1.0))), "other's batch must be a positive int", "None"),
     (lambda: StepCosts.from_cumulative(["1", 2]), "cumulative_ms[0] must be a number", "'1'"),
+    (lambda: StepCosts.from_cumulative(np.array(3.0)), "cumulative_ms must be a sequence", "array(3.)"),
     (lambda: StepCosts.from_cumulative([1, 2], other=[3]), "other must be None or (batch, ms of each step)", "[3]"),
 ])
 def test_step_costs_refuse_what_is_not_numbers_as_input_errors(make, named, given):
@@ -305,7 +312,7 @@ def test_runtime_predict_with_a_deadline(demo):
         assert rt.predict(x).deadline_stopped is None
         with pytest.raises(InputError, match="each of the 3 steps"):
             rt.set_step_costs([1.0, 2.0])
-        for bad in ("123", 5.0, [1.0, "x", 2.0], ["1", "2", "3"], [True, 1, 1], [1.0, None, 1.0]):
+        for bad in ("123", 5.0, np.array(5.0), [1.0, "x", 2.0], ["1", "2", "3"], [True, 1, 1], [1.0, None, 1.0]):
             with pytest.raises(InputError, match="one number of ms per step"):
                 rt.set_step_costs(bad)
         rt.set_step_costs([0.5, 1.0, 1.0])

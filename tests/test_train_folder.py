@@ -1164,13 +1164,15 @@ def test_the_demo_task_is_written_as_an_image_folder_whole_or_not_at_all(tmp_pat
     from gfnet_edge.train.demo_results import GFNET_PATH
 
     root = tmp_path / "digits"
+    cfg = data_config_from_dict(load_checkpoint(GFNET_PATH).meta["demo_data"]["config"])
+    missing = sorted(set(range(10)) - set(load_split("test", 20, config=cfg, workers=1, progress=False).labels.tolist()))
+    assert len(missing) == 1  # the first 20 test images lack one digit
     assert demo_folder.main([str(root), "--train", "40", "--val", "20", "--workers", "1"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--val 20" in err and "no digit 4" in err, err
+    assert err.count("\n") == 1 and "--val 20" in err and f"no digit {missing[0]}," in err, err
     assert os.listdir(tmp_path) == []  # no folder, no staging folder
 
     assert demo_folder.main([str(root), "--train", "40", "--val", "30", "--workers", "1"]) == 0
-    cfg = data_config_from_dict(load_checkpoint(GFNET_PATH).meta["demo_data"]["config"])
     for folder, split, n in (("train", "train", 40), ("val", "test", 30)):
         want = load_split(split, n, config=cfg, workers=1, progress=False)
         assert sorted(os.listdir(root / folder)) == [str(k) for k in range(10)]
@@ -1184,3 +1186,22 @@ def test_the_demo_task_is_written_as_an_image_folder_whole_or_not_at_all(tmp_pat
     capsys.readouterr()
     assert demo_folder.main([str(root), "--train", "40", "--val", "30"]) == 2
     assert "exists" in capsys.readouterr().err
+
+
+def test_a_demo_folder_interrupted_while_its_images_are_written_leaves_nothing(tmp_path, monkeypatch):
+    """A Ctrl-C (KeyboardInterrupt) after some of the demo folder's images are written leaves
+    neither ROOT nor a staging folder: the folder is written whole or not at all."""
+    from gfnet_edge.train import demo_folder
+
+    saved, save = [], Image.Image.save
+
+    def interrupted_save(self, fp, *args, **kwargs):
+        if len(saved) == 25:  # train's 40 images are being written
+            raise KeyboardInterrupt
+        saved.append(fp)
+        return save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        demo_folder.main([str(tmp_path / "digits"), "--train", "40", "--val", "30", "--workers", "1"])
+    assert len(saved) == 25 and os.listdir(tmp_path) == []

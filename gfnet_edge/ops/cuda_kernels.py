@@ -77,7 +77,9 @@ def cuda_crop_patches(images: Any, n: int, image_size: int, coords: Any, out: An
     coordinate; with a zeroed device int32 ``error_flag`` it stays asynchronous and sets the
     flag to 1 instead (bad samples get zero patches; nothing is read out of bounds). A call
     without ``error_flag`` while ``stream`` is captured is refused (ValueError), as it would wait
-    for the stream; so is one with host ``coords`` by the capture itself (docs/kernels.md).
+    for the stream. Host ``coords`` cannot be captured either: their upload allocates a buffer
+    and waits for it, which fails inside a capture and invalidates it; capture the call with
+    device coordinates (docs/kernels.md).
 
     With ``rows`` (a device int32 array (n,)), patch i is cut from image ``rows[i]`` of the
     ``image_rows`` images at ``images`` (so survivors of an early exit need not be moved); a

@@ -5,7 +5,8 @@ interpolation, antialias=True)`` (PyTorch's PIL-equivalent uint8 kernel), ``cent
 ``/ 255``, ``normalize(mean, std)``; the glance is ``F.interpolate(images, (P, P), mode,
 align_corners=True)``. Arrays are validated by the extension (TypeError for a wrong dtype,
 ValueError for a wrong shape or an out-of-range value). The frames and images of
-:func:`preprocess`, :func:`resize_crop` and :func:`glance` may have any memory layout (Fortran
+:func:`preprocess`, :func:`resize_crop`, :func:`normalise_frames`, :func:`glance` and
+:func:`crop_patches` (its ``coords`` and ``index`` too) may have any memory layout (Fortran
 order, a transposed view, negative strides): one that is not C-contiguous is copied to a
 C-contiguous array first, as the runtime does. Output arrays (``out``) must be C-contiguous.
 """
@@ -286,6 +287,9 @@ def crop_patches(images: np.ndarray, coords: np.ndarray, patch_size: int,
         mean, std, bgr: as for :func:`glance`.
         index: optional (M,) int64 image of each patch, each in [0, N) (the images still
             running, without compacting the batch).
+
+    ``images``, ``coords`` and ``index`` may have any memory layout (copied to C order where
+    they are not).
     """
     norm = _normalisation(ndarray(images, "images"), mean, std, bgr)
     P = to_int(patch_size, "patch_size", minimum=None)

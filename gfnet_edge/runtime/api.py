@@ -644,7 +644,10 @@ class Runtime:
         backend and precision it measured)."""
         self._check_open()
         if costs is not None and not isinstance(costs, StepCosts):
-            values = list(costs) if isinstance(costs, Iterable) and not isinstance(costs, (str, bytes)) else None
+            try:
+                values = None if isinstance(costs, (str, bytes)) else list(costs)
+            except TypeError:  # not iterable: a number, a 0-d array
+                values = None
             if values is None or any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in values):
                 raise InputError(f"step costs must be a StepCosts or one number of ms per step, got {costs!r}")
             # check_number: an int beyond the float range is an InputError too

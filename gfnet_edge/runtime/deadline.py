@@ -79,7 +79,8 @@ def check_deadline(deadline_ms: Any, margin: Any) -> Tuple[float, float]:
 
 def _check_step_ms(values: Any, name: str) -> Tuple[float, ...]:
     """``values`` (a sequence of per-image ms, one per step) as a tuple of floats."""
-    if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, np.ndarray)):
+    if (isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, np.ndarray))
+            or (isinstance(values, np.ndarray) and values.ndim == 0)):  # one number, not one per step
         raise InputError(f"{name} must be a sequence of ms, one number per step, got {values!r}")
     return tuple(check_number(v, f"{name}[{i}]") for i, v in enumerate(values))
 
@@ -132,9 +133,9 @@ class StepCosts:
         object.__setattr__(self, "step_ms", step_ms)
         object.__setattr__(self, "batch", batch)
         object.__setattr__(self, "other", other)
-        vals = list(step_ms) + (list(other[1]) if other else [])
-        if not step_ms or any(not (v >= 0.0) or v == float("inf") for v in vals):
-            raise InputError(f"step costs must be finite and >= 0 ms, got {list(step_ms)}")
+        for name, ms in [("step_ms", step_ms)] + ([("other's step_ms", other[1])] if other else []):
+            if not step_ms or any(not (v >= 0.0) or v == float("inf") for v in ms):
+                raise InputError(f"step costs must be finite and >= 0 ms, got {name} {list(ms)}")
         if other is not None and (other[0] <= batch or len(other[1]) != len(step_ms)):
             raise InputError("step costs: a second batch size must be larger than the first, with a cost per step")
 
