@@ -3,7 +3,6 @@ unless the ``torch`` backend is asked for)."""
 from __future__ import annotations
 
 import collections
-import numbers
 import os
 import threading
 import time
@@ -648,10 +647,13 @@ class Runtime:
                 values = None if isinstance(costs, (str, bytes)) else list(costs)
             except TypeError:  # not iterable: a number, a 0-d array
                 values = None
-            if values is None or any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in values):
+            try:  # check_number: real numbers only (no bools or strings), none beyond the float range
+                values = None if values is None else tuple(check_number(v, "step costs") for v in values)
+            except InputError:
+                values = None
+            if values is None:
                 raise InputError(f"step costs must be a StepCosts or one number of ms per step, got {costs!r}")
-            # check_number: an int beyond the float range is an InputError too
-            costs = StepCosts(tuple(check_number(v, "step costs") for v in values), source="set_step_costs")
+            costs = StepCosts(values, source="set_step_costs")
         if costs is not None and costs.steps != self.model.steps:
             raise InputError(f"need a cost for each of the {self.model.steps} steps, got {costs.steps}")
         self.step_costs = costs
