@@ -1188,9 +1188,10 @@ def test_the_demo_task_is_written_as_an_image_folder_whole_or_not_at_all(tmp_pat
     assert "exists" in capsys.readouterr().err
 
 
-def test_a_demo_folder_interrupted_while_its_images_are_written_leaves_nothing(tmp_path, monkeypatch):
+def test_a_demo_folder_interrupted_while_its_images_are_written_leaves_nothing(tmp_path, monkeypatch, capsys):
     """A Ctrl-C (KeyboardInterrupt) after some of the demo folder's images are written leaves
-    neither ROOT nor a staging folder: the folder is written whole or not at all."""
+    neither ROOT nor a staging folder: the folder is written whole or not at all, and the
+    command says so in one line, exit 130."""
     from gfnet_edge.train import demo_folder
 
     saved, save = [], Image.Image.save
@@ -1202,6 +1203,7 @@ def test_a_demo_folder_interrupted_while_its_images_are_written_leaves_nothing(t
         return save(self, fp, *args, **kwargs)
 
     monkeypatch.setattr(Image.Image, "save", interrupted_save)
-    with pytest.raises(KeyboardInterrupt):
-        demo_folder.main([str(tmp_path / "digits"), "--train", "40", "--val", "30", "--workers", "1"])
+    assert demo_folder.main([str(tmp_path / "digits"), "--train", "40", "--val", "30", "--workers", "1"]) == 130
     assert len(saved) == 25 and os.listdir(tmp_path) == []
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "interrupted; nothing was written to" in err, err

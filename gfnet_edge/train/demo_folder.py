@@ -64,11 +64,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     if root.exists() or root.is_symlink():
         print(f"{ap.prog}: error: {root}: exists; choose a new folder", file=sys.stderr)
         return 2
+    from .folder_stages.sigint import SIGINT
+
     try:
-        export(root, a.train, a.val, a.workers, progress=sys.stderr.isatty())
+        with SIGINT:  # Ctrl-C: the generator's forked workers ignore it, this process stops
+            export(root, a.train, a.val, a.workers, progress=sys.stderr.isatty())
     except InputError as exc:
         print(f"{ap.prog}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{ap.prog}: interrupted; nothing was written to {root}", file=sys.stderr)
+        return 130
     print(f"wrote {root}")
     return 0
 
