@@ -105,13 +105,10 @@ def export_static(path: Path, out_dir: Path) -> tuple:
 def export_network(net: Any, meta: Dict[str, Any], out_dir: Path) -> tuple:
     """A static network already read (:func:`load_static_checkpoint`) -> ``(onnx path,
     JSON-safe metadata)``: ``out_dir/static.fp32.onnx``, batch dimension dynamic."""
-    import torch
-    S = int(meta["image_size"])
+    from gfnet_edge.export import torchscript_export
+
     dst = out_dir / "static.fp32.onnx"
-    with torch.no_grad():
-        torch.onnx.export(net, (torch.zeros(1, 3, S, S),), str(dst), input_names=["image"],
-                          output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-                          opset_version=17, do_constant_folding=True, dynamo=False)
+    torchscript_export(net, int(meta["image_size"]), str(dst), "image", ["logits"], opset=17)
     return dst, _json_safe(meta)
 
 

@@ -54,6 +54,22 @@ class BackboneGraph(nn.Module):
         return [FEATURE, POLICY_STATE] + ([LOGITS] if self.with_logits else [])
 
 
+def torchscript_export(net: nn.Module, size: int, dst, input_name: str, output_names: List[str],
+                       opset: int = DEFAULT_OPSET) -> None:
+    """``net`` on float32 (N, 3, size, size) images -> ONNX at ``dst`` (a path or a binary file),
+    batch dimension dynamic, constants folded, with torch's TorchScript exporter: deprecated in
+    favour of dynamo (which needs onnxscript), it still produces the plain opset-17 graphs
+    TensorRT 10.3 parses (its deprecation warning is not shown)."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            net, (torch.zeros(1, 3, size, size),), dst,
+            input_names=[input_name], output_names=list(output_names),
+            dynamic_axes={n: {0: "batch"} for n in [input_name, *output_names]},
+            opset_version=opset, do_constant_folding=True, dynamo=False,
+        )
+
+
 def export_graph(
     model: GFNet, which: str, path: Path, opset: int = DEFAULT_OPSET, simplify: bool = True
 ) -> Path:
@@ -70,16 +86,7 @@ def export_graph(
     P = model.spec.patch_size
     names = graph.output_names
     buf = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
-        # the TorchScript exporter is deprecated in favour of dynamo (which needs onnxscript);
-        # it still produces the plain opset-17 graphs TensorRT 10.3 parses
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            graph, (torch.zeros(1, 3, P, P),), buf,
-            input_names=[INPUT], output_names=names,
-            dynamic_axes={n: {0: "batch"} for n in [INPUT] + names},
-            opset_version=opset, do_constant_folding=True, dynamo=False,
-        )
+    torchscript_export(graph, P, buf, INPUT, names, opset)
     proto = onnx.load_from_string(buf.getvalue())
     if simplify:
         import onnxsim
