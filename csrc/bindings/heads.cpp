@@ -184,6 +184,7 @@ py::tuple cascaded_step(const PyLinear& self, const py::object& features, int64_
 py::tuple gru_classifier_step(const PyGRUCell& cell, const PyLinear& head, const py::object& x,
                               const py::object& h) {
   check_head_fits(cell, head);
+  check_classes(head.layer.out_features());  // before the GRU step, as every classifier call
   py::array hn = gru_step(cell, x, h);
   const int64_t nb = hn.shape(0);
   ClassifierOutputs o(nb, head.layer.out_features());
