@@ -983,6 +983,34 @@ def test_a_run_config_edited_to_values_of_another_type_is_named_on_resume(tmp_pa
         assert not (run / "stage2.pt").exists()
 
 
+def _static_val_accuracy(path: Path, folder: Path):
+    """A static baseline file's metadata and its accuracy (%) on ``folder/val``, computed here."""
+    from gfnet_edge.data.images import load_images
+    from gfnet_edge.train.static import load_static
+
+    net, meta = load_static(path)
+    frames, labels = load_images(folder / "val", meta["image_size"], crop_pct=1.0)  # the trainer's val crop
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (meta["mean"], meta["std"]))
+    with torch.no_grad():
+        pred = net.eval()(((torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255) - mean) / std).argmax(1)
+    return meta, 100.0 * float((pred.numpy() == labels).mean())
+
+
+def test_a_static_baseline_trained_on_its_own_is_written_and_serves_as_pretrained_weights(tmp_path, capsys, folder):
+    """``--stage static --static-epochs N`` in a new run folder writes RUN/static.pth.tar (named
+    in the log), which `calibrate --static` and another run's ``--pretrained`` read."""
+    run = tmp_path / "static"
+    rc, err = _run_cli(["--data", folder, "-o", run, "--stage", "static", "--static-epochs", "1"], capsys)
+    assert rc == 0, err
+    assert not (run / "gfnet.pth.tar").exists() and not (run / "results.json").exists()
+    meta, accuracy = _static_val_accuracy(run / "static.pth.tar", folder)
+    assert meta["backbone"] == "test_efficientnet" and meta["val_accuracy"] == pytest.approx(accuracy, abs=0.01)
+    assert str(run / "static.pth.tar") in (run / "train.txt").read_text()
+    rc, err = _run_cli(["--data", folder, "-o", tmp_path / "gfnet", "--pretrained", run / "static.pth.tar"], capsys)
+    assert rc == 0, err
+    assert f"pretrained weights: {run / 'static.pth.tar'}" in (tmp_path / "gfnet" / "train.txt").read_text()
+
+
 def test_a_static_baseline_is_added_to_a_finished_run(tmp_path, capsys, folder):
     """``--resume --stage static --static-epochs N`` on an exported run without a baseline trains
     one, writes RUN/static.pth.tar, adds it to results.json and leaves the GFNet's files as they
@@ -1010,13 +1038,8 @@ def test_a_static_baseline_is_added_to_a_finished_run(tmp_path, capsys, folder):
     assert json.loads((run / "config.json").read_text())["static"]["epochs"] == 1
     after = json.loads((run / "results.json").read_text())
     assert {k: v for k, v in after.items() if not k.startswith("static_")} == before
-    net, meta = load_static(run / "static.pth.tar")
-    frames, labels = load_images(folder / "val", 64, crop_pct=1.0)  # the trainer's val crop at S = 64
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (meta["mean"], meta["std"]))
-    with torch.no_grad():
-        pred = net.eval()(((torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255) - mean) / std).argmax(1)
-    assert after["static_accuracy"] == meta["val_accuracy"] == pytest.approx(
-        100.0 * float((pred.numpy() == labels).mean()), abs=0.01)
+    meta, accuracy = _static_val_accuracy(run / "static.pth.tar", folder)
+    assert after["static_accuracy"] == meta["val_accuracy"] == pytest.approx(accuracy, abs=0.01)
     assert after["static_macs"] == meta["macs"] > 0
 
     static_pt = (run / "static.pt").read_bytes()

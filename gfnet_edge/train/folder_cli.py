@@ -534,8 +534,8 @@ def _run_stages(out, cfg, ctx, train, val, model, static, stages, log, progress:
     res: Dict[str, Any] = {}
     if "stage3" in stages or not stages:
         res = export(tr, out, log)
-    elif "static" in stages and static is not None and (out / "results.json").is_file():
-        res = add_static_results(tr, out, log)  # a baseline added to an exported run
+    elif "static" in stages and static is not None:
+        res = add_static_results(tr, out, log)  # a baseline trained on its own
     log(f"total {(time.time() - t0) / 60:.1f} min")
     return res
 
@@ -600,13 +600,19 @@ def _save_static(tr, out: Path, static_acc: float) -> Dict[str, Any]:
 
 
 def add_static_results(tr, out: Path, log) -> Dict[str, Any]:
-    """A static baseline trained after the run was exported: writes ``RUN/static.pth.tar`` and
-    adds its val accuracy and MACs to ``RUN/results.json`` (the GFNet checkpoint is unchanged)."""
+    """A static baseline trained on its own (``--stage static``): writes ``RUN/static.pth.tar``
+    and, when the run has been exported, adds its val accuracy and MACs to ``RUN/results.json``
+    (the GFNet checkpoint is unchanged)."""
     static_acc = tr.evaluate_static()["val_acc"]
     if not tr.ctx.main:
         tr.ctx.barrier()
         return {}
     path = out / "results.json"
+    if not path.is_file():  # no GFNet exported yet: its export adds the baseline's figures
+        _save_static(tr, out, static_acc)
+        log(f"static baseline {static_acc}% on val; wrote {out / 'static.pth.tar'}")
+        tr.ctx.barrier()
+        return {}
     try:
         res = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
