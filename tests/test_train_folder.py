@@ -724,7 +724,7 @@ def test_bad_options_and_weights(tmp_path, capsys, folder, weights):
         (["--data", folder, "-o", tmp_path / "r", "--pretrained", tmp_path / "missing.pth"], "weights file not found"),
         (["--data", folder, "-o", tmp_path / "r", "--pretrained", bad], "not a readable torch weights file"),
         (["--data", folder, "-o", tmp_path / "r", "--pretrained", hub],  # a model folder as the hub gives it
-         f"{hub}: a folder, not a weights file: pass the file (model.safetensors is in it)"),
+         f"{hub}: a folder, not a weights file: pass the file (in it: model.safetensors)"),
         (["--data", folder, "-o", tmp_path / "r", "--pretrained", other], "does not fit this backbone"),
         (["--data", folder], "needs -o RUN"),
         (["--data", folder, "-o", tmp_path / "r", "--epochs", "1,2"], "--epochs takes"),
@@ -1009,6 +1009,26 @@ def test_a_static_baseline_trained_on_its_own_is_written_and_serves_as_pretraine
     rc, err = _run_cli(["--data", folder, "-o", tmp_path / "gfnet", "--pretrained", run / "static.pth.tar"], capsys)
     assert rc == 0, err
     assert f"pretrained weights: {run / 'static.pth.tar'}" in (tmp_path / "gfnet" / "train.txt").read_text()
+
+
+def test_pretrained_given_a_run_folder_or_a_stage_checkpoint_names_the_runs_static_baseline(tmp_path, capsys, folder):
+    """``--pretrained`` pointed at a training run (its folder, or a stage checkpoint in it) is one
+    line naming the file it reads from a run, RUN/static.pth.tar, or how to train it."""
+    run = tmp_path / "run"
+    rc, err = _run_cli(["--data", folder, "-o", run, "--stage", "1"], capsys)
+    assert rc == 0, err
+    train_one = f"`gfnet-edge train -o {run} --resume --stage static --static-epochs N` trains one"
+    for given in (run, run / "stage1.pt"):
+        rc, err = _run_cli(["--data", folder, "-o", tmp_path / "r", "--pretrained", given], capsys)
+        assert rc == 2 and len(err) == 1 and train_one in err[0] and "stage1.pt," not in err[0], (given, err)
+        assert not (tmp_path / "r").exists()
+    rc, err = _run_cli(["-o", run, "--resume", "--stage", "static", "--static-epochs", "1"], capsys)
+    assert rc == 0, err
+    for given in (run, run / "static.pt", run / "stage1.pt"):
+        rc, err = _run_cli(["--data", folder, "-o", tmp_path / "r", "--pretrained", given], capsys)
+        assert rc == 2 and len(err) == 1 and err[0].endswith(f"pass its static baseline {run / 'static.pth.tar'}"), \
+            (given, err)
+        assert not (tmp_path / "r").exists()
 
 
 def test_a_static_baseline_is_added_to_a_finished_run(tmp_path, capsys, folder):

@@ -105,10 +105,16 @@ def config_from_args(args: argparse.Namespace):
     cfg = apply_args(FolderTrainConfig(data="", backbone=args.backbone), args)
     if cfg.pretrained not in (None, "timm"):
         weights = Path(cfg.pretrained)
+        if weights.is_dir() and (weights / "config.json").is_file() and (weights / "data_index.json").is_file():
+            from .pretrained import static_baseline_hint
+
+            raise InputError(f"{cfg.pretrained}: a gfnet-edge train run folder, not a weights file: "
+                             + static_baseline_hint(weights))
         if weights.is_dir():  # e.g. a model folder of the hub
-            inside = sorted(f.name for f in weights.iterdir() if f.suffix in (".safetensors", ".pth", ".pt", ".bin"))
+            inside = sorted(f.name for f in weights.iterdir()
+                            if f.suffix in (".safetensors", ".pth", ".pt", ".bin", ".tar"))
             raise InputError(f"{cfg.pretrained}: a folder, not a weights file: pass the file"
-                             + (f" ({', '.join(inside[:3])} is in it)" if inside else ""))
+                             + (f" (in it: {', '.join(inside[:3])})" if inside else ""))
         if not weights.is_file():
             raise InputError(f"{cfg.pretrained}: pretrained weights file not found (or pass --pretrained timm)")
         cfg.pretrained = str(weights.resolve())

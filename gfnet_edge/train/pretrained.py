@@ -14,13 +14,23 @@ import torch
 import torch.nn as nn
 
 from ..errors import InputError, UnavailableError
-from ..models.checkpoint import CheckpointError, read_torch_file
+from ..models.checkpoint import CheckpointError, is_stage_checkpoint, read_torch_file
 
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "state_dict_ema")
 
 
 def _tensor_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def static_baseline_hint(run: Path) -> str:
+    """What to pass as ``--pretrained`` from the ``gfnet-edge train`` run folder ``run``: its
+    static baseline, or how to train one."""
+    baseline = run / "static.pth.tar"
+    if baseline.is_file():
+        return f"pass its static baseline {baseline}"
+    return (f"pass a run's static baseline RUN/static.pth.tar ({run} has none: `gfnet-edge train -o {run} "
+            "--resume --stage static --static-epochs N` trains one)")
 
 
 def read_weights_file(path: str, backbone: str) -> Dict[str, torch.Tensor]:
@@ -44,6 +54,9 @@ def read_weights_file(path: str, backbone: str) -> Dict[str, torch.Tensor]:
     except Exception as exc:  # safetensors raises many types for bad files
         first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
         raise InputError(f"{p}: not a readable safetensors weights file (truncated or corrupt?): {first[:160]}") from exc
+    if is_stage_checkpoint(obj):
+        raise InputError(f"{p}: a stage checkpoint of gfnet-edge train (weights and optimiser mid-training), "
+                         f"not backbone weights: {static_baseline_hint(p.parent)}")
     if isinstance(obj, dict) and obj.get("format") == "gfnet_edge_static_v1":
         if obj.get("backbone") != backbone:
             raise InputError(f"{p}: a static baseline of {obj.get('backbone')!r}, not {backbone!r}")
