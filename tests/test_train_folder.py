@@ -766,6 +766,24 @@ def test_bad_options_and_weights(tmp_path, capsys, folder, weights):
         assert not (tmp_path / "r").exists()
 
 
+def test_a_static_baseline_built_with_other_backbone_kwargs_names_them(tmp_path, capsys, folder):
+    """A static baseline whose backbone was built with other ``backbone_kwargs`` than the run's
+    does not fit: the one line names the --set that builds the backbone it fits, which then trains."""
+    from gfnet_edge.train.static import save_static
+
+    kwargs = {"stem_width": 8}
+    baseline = save_static(tmp_path / "static.pth.tar", timm.create_model("test_resnet", num_classes=3, **kwargs),
+                           "test_resnet", kwargs, 3, image_size=64)
+    args = ["--data", folder, "--backbone", "test_resnet", "--pretrained", baseline, "--stage", "1"]
+    rc, err = _run_cli([*args, "-o", tmp_path / "r"], capsys)
+    assert rc == 2 and len(err) == 1 and "does not fit this backbone" in err[0], err
+    assert err[0].endswith("it is a static baseline built with --set 'backbone_kwargs={\"stem_width\": 8}' "
+                           "(this run: {})"), err
+    assert not (tmp_path / "r").exists()
+    rc, err = _run_cli([*args, "-o", tmp_path / "r", "--set", 'backbone_kwargs={"stem_width": 8}'], capsys)
+    assert rc == 0, err
+
+
 def test_every_seed_the_option_takes_trains_and_others_are_refused(tmp_path, capsys, folder):
     """--seed takes 0 .. 2**32 - 1, and a run trains with any of them (a date such as 20240101 too:
     the per-image augmentation seeds derived from it stay within torch's 64 bits); a seed outside,

@@ -177,7 +177,7 @@ def build_models(cfg, num_classes: int, log, pretrained: bool = True):
 
     from ..models.backbones import _create_timm
     from ..models.gfnet import GFNet
-    from .pretrained import load_backbone, read_weights_file, timm_pretrained_state
+    from .pretrained import load_backbone, read_weights_file, static_kwargs_hint, timm_pretrained_state
 
     try:
         spec = cfg.spec(num_classes)
@@ -207,8 +207,12 @@ def build_models(cfg, num_classes: int, log, pretrained: bool = True):
         sd, source = timm_pretrained_state(cfg.backbone, num_classes, **cfg.backbone_kwargs), f"timm {cfg.backbone}"
     else:
         sd, source = read_weights_file(cfg.pretrained, cfg.backbone), cfg.pretrained
-    for net in [model.model_prime.net, model.model.net] + ([static] if static is not None else []):
-        fresh = load_backbone(net, sd, source)
+    try:
+        for net in [model.model_prime.net, model.model.net] + ([static] if static is not None else []):
+            fresh = load_backbone(net, sd, source)
+    except InputError as exc:
+        hint = static_kwargs_hint(cfg.pretrained, cfg.backbone_kwargs) if cfg.pretrained != "timm" else ""
+        raise InputError(f"{exc}{hint}") from exc
     log(f"pretrained weights: {source}" + (f" (classifier re-initialised: {len(fresh)} tensors)" if fresh else ""))
     return model, static
 

@@ -7,6 +7,7 @@ when its class count differs; any other mismatch is an error naming the keys.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -92,6 +93,22 @@ def timm_pretrained_state(backbone: str, num_classes: int, **kwargs: Any) -> Dic
     finally:
         hub_log.setLevel(level)
     return net.state_dict()
+
+
+def static_kwargs_hint(path: str, backbone_kwargs: Dict[str, Any]) -> str:
+    """For weights that do not fit: when ``path`` is a static baseline built with other
+    ``backbone_kwargs`` than the run's, the option that builds the backbone it fits (else "")."""
+    from .static import load_static_meta
+
+    try:
+        theirs = load_static_meta(path).get("backbone_kwargs") or {}
+    except (CheckpointError, OSError):
+        return ""
+    theirs, ours = (json.loads(json.dumps(k)) for k in (theirs, backbone_kwargs))
+    if theirs == ours:
+        return ""
+    return (f"; it is a static baseline built with --set 'backbone_kwargs={json.dumps(theirs)}' "
+            f"(this run: {json.dumps(ours)})")
 
 
 def _classifier_prefix(net: nn.Module) -> str:
