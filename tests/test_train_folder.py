@@ -534,6 +534,12 @@ def test_the_bundle_names_the_training_folders_classes(trained, folder, tmp_path
     rc = cli.main(["calibrate", str(b), "--data", str(other / "val"), "-o", str(tmp_path / "r"), "-q"])
     err = capsys.readouterr().err
     assert rc == 2 and "missing green" in err and "not the model's: violet" in err and not (tmp_path / "r").exists()
+    # the training ROOT instead of one of its splits: the line names the split to pass
+    rc = cli.main(["calibrate", str(b), "--data", str(folder), "-o", str(tmp_path / "r"), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "not the model's: train, val" in err[0], err
+    assert f"train, val hold the model's class folders: pass one of them, e.g. {folder / 'val'})" in err[0], err
+    assert not (tmp_path / "r").exists()
     # without names in the bundle, the count of class folders must still match
     Bundle.load(b).update_manifest(lambda m: m["model"].update(class_names=None))
     (other / "val" / "violet" / "0.png").unlink()
