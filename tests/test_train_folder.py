@@ -26,7 +26,7 @@ from gfnet_edge.errors import InputError, UnavailableError  # noqa: E402
 from gfnet_edge.models.checkpoint import load_checkpoint  # noqa: E402
 from gfnet_edge.train import folder_stages  # noqa: E402
 from gfnet_edge.train.folder_cli import STAGE_ORDER, train_folder  # noqa: E402
-from gfnet_edge.train.folder_data import scan_split  # noqa: E402
+from gfnet_edge.train.folder_data import LAYOUT, scan_split  # noqa: E402
 from gfnet_edge.train.pretrained import timm_pretrained_state  # noqa: E402
 from gfnet_edge.train.recipe import FolderTrainConfig, family_defaults  # noqa: E402
 from gfnet_edge.variants import VARIANTS  # noqa: E402
@@ -674,6 +674,22 @@ def test_bad_folders_exit_with_one_line(tmp_path, capsys, breakage, message):
     rc, err = _run_cli(["--data", root, "-o", tmp_path / "run"], capsys)
     assert rc == 2 and len(err) == 1 and err[0].startswith("gfnet-edge: error:") and message in err[0], err
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_a_data_folder_without_its_splits_names_what_it_holds(tmp_path, capsys):
+    """--data given one split (ROOT/train, ROOT/val) names ROOT; a folder without train/ or val/
+    lists the folders it holds (a validation split named otherwise, or class folders)."""
+    root = make_folder(tmp_path / "ds", n_train=6, n_val=4)
+    for split in ("train", "val"):
+        rc, err = _run_cli(["--data", root / split, "-o", tmp_path / "run"], capsys)
+        assert rc == 2 and len(err) == 1, err
+        assert err[0].endswith(f"no train/ folder ({LAYOUT}); it is one split of the image folder: pass --data {root}")
+    (root / "val").rename(root / "valid")
+    rc, err = _run_cli(["--data", root, "-o", tmp_path / "run"], capsys)
+    assert rc == 2 and len(err) == 1 and err[0].endswith(f"no val/ folder ({LAYOUT}); the folders in it: train, valid")
+    rc, err = _run_cli(["--data", root / "train", "-o", tmp_path / "run"], capsys)  # class folders, no splits
+    assert rc == 2 and len(err) == 1 and err[0].endswith("; the folders in it: blue, green, red"), err
+    assert not (tmp_path / "run").exists()
 
 
 def test_unreadable_images_are_skipped_and_counted(tmp_path):

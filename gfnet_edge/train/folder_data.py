@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.images import _RGB_MODES, IMAGE_EXTENSIONS, lookalike_names, open_rgb, preprocess, resized_size
+from ..data.images import _RGB_MODES, IMAGE_EXTENSIONS, _some, lookalike_names, open_rgb, preprocess, resized_size
 from ..errors import InputError
 
 LAYOUT = "expected ROOT/train/CLASS/*.jpg and ROOT/val/CLASS/*.jpg"
@@ -89,7 +89,12 @@ def _walk(top: Path, others: Sequence[Path]) -> Iterator[Tuple[str, List[str]]]:
 def _list_split(root: Path, split: str) -> Tuple[List[str], List[List[str]]]:
     d = root / split
     if not d.is_dir():
-        raise InputError(f"{root}: no {split}/ folder ({LAYOUT})")
+        folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        if root.name in ("train", "val") and all((root.parent / s).is_dir() for s in ("train", "val")):
+            hint = f"; it is one split of the image folder: pass --data {root.parent}"
+        else:
+            hint = f"; the folders in it: {_some(folders)}" if folders else ""
+        raise InputError(f"{root}: no {split}/ folder ({LAYOUT}){hint}")
     classes = sorted(e.name for e in os.scandir(d) if e.is_dir() and not e.name.startswith("."))
     if len(classes) < 2:
         found = f"only {classes[0]!r}" if classes else "none"
