@@ -562,6 +562,13 @@ def test_gru_family_with_static_baseline(folder, tmp_path):
     assert (meta["crop_pct"], meta["dataset_interpolation"]) == (1.0, model.spec.dataset_interpolation) == \
         (model.spec.crop_pct, "bilinear")
     assert res["static_accuracy"] == meta["val_accuracy"]
+    # the log's last lines name every file the export wrote, and the command that takes the checkpoint
+    run = tmp_path / "r"
+    wrote = [ln for ln in (run / "train.txt").read_text().splitlines() if " wrote " in ln][-1]
+    files = [run / "gfnet.pth.tar", run / "results.json", run / "static.pth.tar"]
+    assert f"wrote {', '.join(map(str, files))} (" in wrote and all(f.is_file() for f in files)
+    assert wrote.endswith(f"next: gfnet-edge build-engine {run / 'gfnet.pth.tar'} -o BUNDLE --calib-data "
+                          f"{folder / 'val'}")
 
 
 def _free_port() -> int:

@@ -589,7 +589,9 @@ def export(tr, out: Path, log) -> Dict[str, Any]:
     pts = ", ".join(f"{a:.1f}% @ {c / 1e6:.1f}M" for c, a in list(zip(*curve.as_lists()))[::13])
     log(f"val anytime accuracy per step: {res['anytime_accuracy']} (MACs {', '.join(f'{c / 1e6:.1f}M' for c in costs)})")
     log(f"val budgeted (thresholds fit on val): {pts}" + (f"; static baseline {static_acc}%" if static_acc is not None else ""))
-    log(f"wrote {path} ({(time.time() - t):.0f} s)")
+    written = [path, out / "results.json"] + ([out / "static.pth.tar"] if static_acc is not None else [])
+    log(f"wrote {', '.join(map(str, written))} ({(time.time() - t):.0f} s); "
+        f"next: gfnet-edge build-engine {path} -o BUNDLE --calib-data {Path(tr.cfg.data) / 'val'}")
     tr.ctx.barrier()
     return res
 
