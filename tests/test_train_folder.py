@@ -699,6 +699,27 @@ def test_a_data_folder_without_its_splits_names_what_it_holds(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("breakage", ["no_val", "class_mismatch", "val_class_without_images"])
+def test_a_broken_val_split_is_reported_before_any_train_image_is_decoded(tmp_path, capsys, monkeypatch, breakage):
+    """Both splits are listed before images are decoded: a missing val/, class folders that differ
+    or an empty val class end the command before it reads the (possibly large) train split."""
+    from gfnet_edge.train import folder_data
+
+    root = make_folder(tmp_path / "ds", n_train=6, n_val=2)
+    if breakage == "no_val":
+        shutil.rmtree(root / "val")
+    elif breakage == "class_mismatch":
+        (root / "val" / "red").rename(root / "val" / "rouge")
+    else:
+        for f in (root / "val" / "red").iterdir():
+            f.unlink()
+    decoded = []
+    monkeypatch.setattr(folder_data, "_readable", lambda f: decoded.append(f) or True)
+    rc, err = _run_cli(["--data", root, "-o", tmp_path / "run"], capsys)
+    assert rc == 2 and len(err) == 1 and err[0].startswith("gfnet-edge: error:"), err
+    assert decoded == [] and not (tmp_path / "run").exists()
+
+
 def test_unreadable_images_are_skipped_and_counted(tmp_path):
     root = make_folder(tmp_path / "ds", n_train=5, n_val=2)
     (root / "train" / "red" / "0.png").write_bytes(b"\x89PNG truncated")

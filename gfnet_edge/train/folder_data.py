@@ -109,13 +109,15 @@ def _list_split(root: Path, split: str) -> Tuple[List[str], List[List[str]]]:
     return classes, files
 
 
-def scan_split(root: Path, split: str, workers: int = 8, check: bool = True) -> FolderSplit:
-    """Lists (and, with ``check``, decodes) the images of ``root/split``.
+def scan_split(root: Path, split: str, workers: int = 8, check: bool = True,
+               listed: Optional[Tuple[List[str], List[List[str]]]] = None) -> FolderSplit:
+    """Lists (and, with ``check``, decodes) the images of ``root/split``; ``listed``: its
+    listing, when already made (``(classes, files per class)``).
 
     Raises:
         InputError: missing split folder, fewer than 2 classes, a class with no (readable) images.
     """
-    classes, files = _list_split(root, split)
+    classes, files = listed if listed is not None else _list_split(root, split)
     flat = [(f, k) for k, names in enumerate(files) for f in names]
     ok = [True] * len(flat)
     if check:
@@ -139,15 +141,16 @@ def scan_dataset(root: os.PathLike, workers: int = 8, check: bool = True) -> Tup
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"{root}: no such folder ({LAYOUT})")
-    train = scan_split(root, "train", workers, check)
-    val = scan_split(root, "val", workers, check)
-    if train.classes != val.classes:
-        only_t = sorted(set(train.classes) - set(val.classes))
-        only_v = sorted(set(val.classes) - set(train.classes))
+    listed = {split: _list_split(root, split) for split in ("train", "val")}  # before any image is decoded
+    train_classes, val_classes = listed["train"][0], listed["val"][0]
+    if train_classes != val_classes:
+        only_t = sorted(set(train_classes) - set(val_classes))
+        only_v = sorted(set(val_classes) - set(train_classes))
         hint = lookalike_names(only_t, only_v, "{!r} in train", "{!r} in val", "rename one")
         raise InputError(f"{root}: train and val have different classes (only in train: {only_t or 'none'}; "
                          f"only in val: {only_v or 'none'}){hint}")
-    return train, val
+    return (scan_split(root, "train", workers, check, listed["train"]),
+            scan_split(root, "val", workers, check, listed["val"]))
 
 
 class FolderTransform:
