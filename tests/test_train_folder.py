@@ -720,6 +720,22 @@ def test_a_broken_val_split_is_reported_before_any_train_image_is_decoded(tmp_pa
     assert decoded == [] and not (tmp_path / "run").exists()
 
 
+def test_reading_the_images_shows_progress_unless_told_not_to(tmp_path, capsys):
+    """Decoding every image before training (minutes on a large folder) has a progress bar per
+    split, as the epochs have; --no-progress leaves it out."""
+    root = make_folder(tmp_path / "ds", n_train=4, n_val=2)
+    args = ["train", "--data", str(root), "-o", str(tmp_path / "run"), "--backbone", "test_efficientnet",
+            "--batch-size", "60", "--workers", "0"]  # a batch larger than the split: ends after the scan
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"reading {root / 'train'}:" in err and "/12 [" in err, err
+    assert f"reading {root / 'val'}:" in err and "/6 [" in err, err
+    assert "fewer than one batch" in err.strip().splitlines()[-1]
+    assert cli.main([*args, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"reading {root}" not in err[0] and "fewer than one batch" in err[0], err
+
+
 def test_unreadable_images_are_skipped_and_counted(tmp_path):
     root = make_folder(tmp_path / "ds", n_train=5, n_val=2)
     (root / "train" / "red" / "0.png").write_bytes(b"\x89PNG truncated")

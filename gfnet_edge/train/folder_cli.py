@@ -217,9 +217,9 @@ def build_models(cfg, num_classes: int, log, pretrained: bool = True):
     return model, static
 
 
-def _scan(cfg, out: Path, ctx, log, reuse: bool):
+def _scan(cfg, out: Path, ctx, log, reuse: bool, progress: bool = False):
     """Scans the data on rank 0 (or, with ``reuse``, reads ``RUN/data_index.json``) and shares it
-    with every rank."""
+    with every rank; ``progress``: a progress bar while the images are decoded."""
     from .folder_data import FolderSplit, scan_dataset, split_summary
 
     index = out / "data_index.json"
@@ -241,7 +241,7 @@ def _scan(cfg, out: Path, ctx, log, reuse: bool):
                                      f"put them back, or move {index.name} away to list {cfg.data} again (the run "
                                      "then goes on with the images there are)")
             else:
-                tr, va = scan_dataset(cfg.data, workers=max(2, cfg.workers))
+                tr, va = scan_dataset(cfg.data, workers=max(2, cfg.workers), progress=progress)
                 result = {"train": tr, "val": va}
         except InputError as exc:
             result = exc
@@ -439,7 +439,7 @@ def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: b
             log(f"--resume: {out} holds no run yet, so a new one starts")
         elif restart:
             log(f"{out} holds a run that stopped before it saved an epoch: it starts again with these settings")
-        train, val = _scan(cfg, out, ctx, log, reuse=not fresh)
+        train, val = _scan(cfg, out, ctx, log, reuse=not fresh, progress=progress)
         if cfg.classes and cfg.classes != train.classes:
             raise InputError(f"{cfg.data}: classes {train.classes} differ from the run's {cfg.classes}")
         cfg.classes = list(train.classes)

@@ -110,9 +110,10 @@ def _list_split(root: Path, split: str) -> Tuple[List[str], List[List[str]]]:
 
 
 def scan_split(root: Path, split: str, workers: int = 8, check: bool = True,
-               listed: Optional[Tuple[List[str], List[List[str]]]] = None) -> FolderSplit:
+               listed: Optional[Tuple[List[str], List[List[str]]]] = None, progress: bool = False) -> FolderSplit:
     """Lists (and, with ``check``, decodes) the images of ``root/split``; ``listed``: its
-    listing, when already made (``(classes, files per class)``).
+    listing, when already made (``(classes, files per class)``); ``progress``: a progress bar
+    of the decoding on standard error.
 
     Raises:
         InputError: missing split folder, fewer than 2 classes, a class with no (readable) images.
@@ -121,8 +122,12 @@ def scan_split(root: Path, split: str, workers: int = 8, check: bool = True,
     flat = [(f, k) for k, names in enumerate(files) for f in names]
     ok = [True] * len(flat)
     if check:
+        from tqdm.auto import tqdm
+
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            ok = list(pool.map(_readable, [f for f, _ in flat], chunksize=64))
+            ok = list(tqdm(pool.map(_readable, [f for f, _ in flat], chunksize=64), total=len(flat),
+                           desc=f"reading {root / split}", unit="img", disable=not progress, leave=False,
+                           mininterval=2.0))
     samples = [s for s, good in zip(flat, ok) if good]
     skipped = [f for (f, _), good in zip(flat, ok) if not good]
     have = {lab for _, lab in samples}
@@ -132,7 +137,8 @@ def scan_split(root: Path, split: str, workers: int = 8, check: bool = True,
     return FolderSplit(root / split, classes, samples, skipped)
 
 
-def scan_dataset(root: os.PathLike, workers: int = 8, check: bool = True) -> Tuple[FolderSplit, FolderSplit]:
+def scan_dataset(root: os.PathLike, workers: int = 8, check: bool = True,
+                 progress: bool = False) -> Tuple[FolderSplit, FolderSplit]:
     """``(train, val)`` of an image folder, with the same classes in both.
 
     Raises:
@@ -149,8 +155,8 @@ def scan_dataset(root: os.PathLike, workers: int = 8, check: bool = True) -> Tup
         hint = lookalike_names(only_t, only_v, "{!r} in train", "{!r} in val", "rename one")
         raise InputError(f"{root}: train and val have different classes (only in train: {only_t or 'none'}; "
                          f"only in val: {only_v or 'none'}){hint}")
-    return (scan_split(root, "train", workers, check, listed["train"]),
-            scan_split(root, "val", workers, check, listed["val"]))
+    return (scan_split(root, "train", workers, check, listed["train"], progress),
+            scan_split(root, "val", workers, check, listed["val"], progress))
 
 
 class FolderTransform:
