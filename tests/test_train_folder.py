@@ -1115,6 +1115,30 @@ def test_pretrained_given_a_run_folder_or_a_stage_checkpoint_names_the_runs_stat
         assert not (tmp_path / "r").exists()
 
 
+def test_a_run_folder_given_where_a_bundle_goes_names_the_build_engine_command(tmp_path, capsys, folder):
+    """predict, calibrate, info and Runtime given a training run folder instead of a bundle: one
+    line naming the command that builds a bundle from the run's checkpoint."""
+    from gfnet_edge import Runtime
+    from gfnet_edge.bundle import BundleError
+
+    run = tmp_path / "run"
+    rc, err = _run_cli(["--data", folder, "-o", run, "--stage", "1"], capsys)  # not exported yet
+    assert rc == 0, err
+    build = f"`gfnet-edge build-engine {run / 'gfnet.pth.tar'} -o BUNDLE` builds one from its checkpoint"
+    with pytest.raises(BundleError, match="a gfnet-edge train run folder, not a bundle") as exc:
+        Runtime(run)
+    assert str(exc.value).endswith(f"{build} (which the run writes at its end)")
+    rc, err = _run_cli(["--data", folder, "-o", run, "--resume", "--stage", "export"], capsys)
+    assert rc == 0 and (run / "gfnet.pth.tar").is_file(), err
+    image = str(folder / "val" / "red" / "0.png")
+    for args in (["predict", str(run), image], ["info", str(run)],
+                 ["calibrate", str(run), "--data", str(folder / "val"), "-o", str(tmp_path / "report")]):
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"gfnet-edge: error: {run}: a gfnet-edge train run folder, not a bundle: {build}"], (args, err)
+    assert not (tmp_path / "report").exists()
+
+
 def test_a_static_baseline_is_added_to_a_finished_run(tmp_path, capsys, folder):
     """``--resume --stage static --static-epochs N`` on an exported run without a baseline trains
     one, writes RUN/static.pth.tar, adds it to results.json and leaves the GFNet's files as they
