@@ -500,7 +500,7 @@ def test_build_engine_given_the_run_folder_or_a_stage_checkpoint_names_the_check
     for src in (run_a, run_a / "stage3.pt"):
         rc = cli.main(["build-engine", str(src), "-o", str(tmp_path / "b"), "--precision", "fp32", "--quiet"])
         err = capsys.readouterr().err.strip().splitlines()
-        assert rc == 2 and len(err) == 1 and f"use {run_a / 'gfnet.pth.tar'}" in err[0], (src, err)
+        assert rc == 2 and len(err) == 1 and err[0].endswith(f"use {run_a / 'gfnet.pth.tar'}"), (src, err)
         assert not (tmp_path / "b").exists()
 
 
@@ -1090,6 +1090,14 @@ def test_a_static_baseline_trained_on_its_own_is_written_and_serves_as_pretraine
     meta, accuracy = _static_val_accuracy(run / "static.pth.tar", folder)
     assert meta["backbone"] == "test_efficientnet" and meta["val_accuracy"] == pytest.approx(accuracy, abs=0.01)
     assert str(run / "static.pth.tar") in (run / "train.txt").read_text()
+    # where a GFNet checkpoint goes, the baseline is refused naming the file the run would write
+    for src in (run / "static.pth.tar", run / "static.pt"):
+        rc = cli.main(["build-engine", str(src), "-o", str(tmp_path / "b"), "--precision", "fp32", "--quiet"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].endswith(
+            f"not a GFNet checkpoint: use {run / 'gfnet.pth.tar'}, which the run writes at its end (it holds none "
+            "yet)"), (src, err)
+        assert not (tmp_path / "b").exists()
     rc, err = _run_cli(["--data", folder, "-o", tmp_path / "gfnet", "--pretrained", run / "static.pth.tar"], capsys)
     assert rc == 0, err
     assert f"pretrained weights: {run / 'static.pth.tar'}" in (tmp_path / "gfnet" / "train.txt").read_text()
