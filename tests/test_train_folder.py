@@ -850,6 +850,22 @@ def test_a_static_baseline_built_with_other_backbone_kwargs_names_them(tmp_path,
     assert rc == 0, err
 
 
+def test_help_marks_the_options_the_image_folder_trainer_refuses(tmp_path, capsys, folder):
+    """Every option (or choice) that ``--data`` refuses is marked "demo trainer only" in --help."""
+    import re
+
+    assert cli.main(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    entries = {m.group(1): " ".join(m.group(2).split())
+               for m in re.finditer(r"^  (--[\w-]+)([^\n]*\n(?:(?!  -).*\n)*)", text, re.M)}
+    for flag, opts in (("--tiny", ["--tiny"]), ("--assets", ["--assets", tmp_path / "a"]),
+                       ("--stage", ["--stage", "pretrain"])):
+        rc, err = _run_cli(["--data", folder, "-o", tmp_path / "r", *opts], capsys)
+        assert rc == 2 and len(err) == 1, (opts, err)
+        assert "demo trainer only" in entries[flag], (flag, entries[flag])
+    assert "pretrain (demo trainer only)" in entries["--stage"]
+
+
 def test_every_seed_the_option_takes_trains_and_others_are_refused(tmp_path, capsys, folder):
     """--seed takes 0 .. 2**32 - 1, and a run trains with any of them (a date such as 20240101 too:
     the per-image augmentation seeds derived from it stay within torch's 64 bits); a seed outside,
