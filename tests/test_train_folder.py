@@ -548,6 +548,33 @@ def test_the_bundle_names_the_training_folders_classes(trained, folder, tmp_path
     assert rc == 2 and "2 class folders for a model with 3 classes" in capsys.readouterr().err
 
 
+def test_calibrate_static_given_the_gfnet_checkpoint_names_the_runs_static_baseline(trained, folder, tmp_path,
+                                                                                    capsys):
+    """``calibrate --static RUN/gfnet.pth.tar`` (the GFNet, not its baseline): one line, the path
+    once, naming RUN/static.pth.tar where the run has one, else the command that trains it."""
+    from gfnet_edge.train.static import save_static
+
+    run_a, *_ = trained
+    run = tmp_path / "run"
+    shutil.copytree(run_a, run)
+    b = tmp_path / "b"
+    assert cli.main(["build-engine", str(run / "gfnet.pth.tar"), "-o", str(b), "--precision", "fp32", "-q"]) == 0
+    capsys.readouterr()
+    args = ["calibrate", str(b), "--data", str(folder / "val"), "-o", str(tmp_path / "r"), "-q", "--static",
+            str(run / "gfnet.pth.tar")]
+    expected = (f"gfnet-edge: error: --static {run / 'gfnet.pth.tar'}: a GFNet checkpoint, not a static baseline: "
+                f"pass a run's static baseline RUN/static.pth.tar ({run} has none: `gfnet-edge train -o {run} "
+                "--resume --stage static --static-epochs N` trains one)")
+    assert cli.main(args) == 2 and capsys.readouterr().err.strip().splitlines()[-1] == expected
+    save_static(run / "static.pth.tar", timm.create_model("test_efficientnet", num_classes=3), "test_efficientnet",
+                {}, 3, image_size=64)
+    assert cli.main(args) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"gfnet-edge: error: --static {run / 'gfnet.pth.tar'}: a GFNet checkpoint, not a static baseline: pass its "
+        f"static baseline {run / 'static.pth.tar'}")
+    assert not (tmp_path / "r").exists()
+
+
 def test_gru_family_with_static_baseline(folder, tmp_path):
     from gfnet_edge.train.static import load_static
 

@@ -106,7 +106,7 @@ def config_from_args(args: argparse.Namespace):
     if cfg.pretrained not in (None, "timm"):
         weights = Path(cfg.pretrained)
         if weights.is_dir() and (weights / "config.json").is_file() and (weights / "data_index.json").is_file():
-            from .pretrained import static_baseline_hint
+            from .static import static_baseline_hint
 
             raise InputError(f"{cfg.pretrained}: a gfnet-edge train run folder, not a weights file: "
                              + static_baseline_hint(weights))

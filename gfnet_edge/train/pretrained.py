@@ -16,22 +16,13 @@ import torch.nn as nn
 
 from ..errors import InputError, UnavailableError
 from ..models.checkpoint import CheckpointError, is_stage_checkpoint, read_torch_file
+from .static import static_baseline_hint
 
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "state_dict_ema")
 
 
 def _tensor_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
-
-
-def static_baseline_hint(run: Path) -> str:
-    """What to pass as ``--pretrained`` from the ``gfnet-edge train`` run folder ``run``: its
-    static baseline, or how to train one."""
-    baseline = run / "static.pth.tar"
-    if baseline.is_file():
-        return f"pass its static baseline {baseline}"
-    return (f"pass a run's static baseline RUN/static.pth.tar ({run} has none: `gfnet-edge train -o {run} "
-            "--resume --stage static --static-epochs N` trains one)")
 
 
 def read_weights_file(path: str, backbone: str) -> Dict[str, torch.Tensor]:
