@@ -282,9 +282,9 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
                        "static": [s["technology"] for s in static] or [plan.static.to_dict()]},
         "deadline_sweep": sweep.to_dict() if sweep is not None else None,
         "manifest": {"write": cfg.write_manifest, "budgets": names, "default_budget": m.default,
-                     "status": ("budgets " + ", ".join(names) + " written to the bundle manifest" +
-                                (f"; default budget {m.default}" if m.default else "")) if cfg.write_manifest
-                     else "not written (--no-write)"},
+                     "status": ("budgets " + ", ".join(names) + " written to the bundle manifest; " +
+                                (f"default budget {m.default}" if m.default else _default_kept(bundle)))
+                     if cfg.write_manifest else "not written (--no-write)"},
         "method_notes": _method_notes(cfg, model.steps),
     }
     res["device"]["load_average_end"] = device_description()["load_average"]
@@ -300,6 +300,14 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
         if cfg.write_manifest:
             _write_manifest(cfg, m, device)
     return res
+
+
+def _default_kept(bundle: Bundle) -> str:
+    """What a calibration without ``--default`` leaves as the bundle's default budget, and how
+    to use the budgets it wrote."""
+    kept = bundle.manifest.get("default_budget")
+    return ((f"the default budget stays {kept}" if kept else "the bundle has no default budget (no early exit)")
+            + " (--default auto makes the suggested one the default; predict --budget NAME picks one)")
 
 
 def _write_manifest(cfg: CalibrationConfig, m: _Measured, device: Dict[str, Any]) -> None:

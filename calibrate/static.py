@@ -78,7 +78,8 @@ def load_static_checkpoint(path: Path, meta_only: bool = False) -> Any:
     try:
         return load_static_meta(path) if meta_only else load_static(path)
     except Exception as exc:  # CheckpointError or anything torch.load raises
-        raise InputError(f"--static {path}: {exc}") from exc
+        msg = str(exc)  # a CheckpointError names the file first
+        raise InputError(f"--static {msg}" if msg.startswith(f"{path}: ") else f"--static {path}: {msg}") from exc
 
 
 def check_static_meta(sources: Sequence[str], model: ModelLike) -> None:

@@ -193,6 +193,11 @@ class Bundle:
         if not root.is_dir():
             raise BundleError(f"{root}: a bundle is a directory (did you pass a checkpoint or a file?)")
         mpath = root / MANIFEST
+        checkpoint = root / "gfnet.pth.tar"
+        if not mpath.is_file() and (checkpoint.is_file() or (root / "data_index.json").is_file()):
+            raise BundleError(f"{root}: a gfnet-edge train run folder, not a bundle: `gfnet-edge build-engine "
+                              f"{checkpoint} -o BUNDLE` builds one from its checkpoint"
+                              + ("" if checkpoint.is_file() else " (which the run writes at its end)"))
         if not mpath.is_file():
             raise BundleError(f"{root}: no {MANIFEST}; not a gfnet-edge bundle (or a half-written one)")
         size = mpath.stat().st_size

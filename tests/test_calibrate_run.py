@@ -889,6 +889,14 @@ def test_report_says_which_budget_to_use_and_what_it_costs_against_the_static_ne
     assert res["full_network_accuracy"] == pytest.approx(full)
     suggested = report.pick_default_budget(res["budgets"], full)  # no --default
     assert res["manifest"]["default_budget"] is None
+    # the bundle's default stays the one it was built with, and the terminal and page say so
+    assert Bundle.load(tiny_bundle / "bundle").manifest["default_budget"] is None  # built without one
+    assert Bundle.load(calibrated["bundle"]).manifest["default_budget"] is None
+    kept = "the bundle has no default budget (no early exit)"
+    assert res["manifest"]["status"].endswith(f"; {kept} (--default auto makes the suggested one the default; "
+                                              "predict --budget NAME picks one)")
+    assert kept in page
+    assert Bundle.load(calibrated["bundle"]).thresholds(None) is None  # the runtime's thresholds: no exit
     assert page.index("id='choice'") < page.index("id='budgets'")
     assert f"Use {suggested} (" in page.split("id='suggestion'")[1].split("</p>")[0]
     assert "pass --static to compare" in report.choice_sentence(res)

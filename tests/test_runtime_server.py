@@ -310,7 +310,8 @@ def test_inputs_that_are_not_frames_name_their_type(demo_onnx_bundle, bad, named
 
 @pytest.mark.parametrize("dtype, shape, hint", [
     (np.float64, (2, 3, 224, 224), "astype"), (np.float16, (2, 3, 224, 224), "astype"),
-    (np.uint8, (2, 3, 224, 224), "channels last"), (np.int64, (2, 224, 224, 3), ""), (np.uint8, (2, 224, 224, 4), ""),
+    (np.uint8, (2, 3, 224, 224), "channels last"), (np.int64, (2, 224, 224, 3), ""),
+    (np.uint8, (2, 224, 224, 4), "a grey or RGBA frame: convert it to RGB first"),
 ])
 def test_a_stack_of_the_wrong_dtype_or_layout_is_described_as_a_whole(demo_onnx_bundle, dtype, shape, hint):
     """An (N, ...) array that is neither uint8 (N, H, W, 3) frames nor float32 (N, 3, S, S)
@@ -322,6 +323,19 @@ def test_a_stack_of_the_wrong_dtype_or_layout_is_described_as_a_whole(demo_onnx_
             rt.predict(np.zeros(shape, dtype))
     msg = str(e.value)
     assert f"got a {np.dtype(dtype)} array {shape}" in msg and "image 0" not in msg and hint in msg, msg
+
+
+@pytest.mark.parametrize("shape", [(60, 80), (60, 80, 1), (60, 80, 4)])
+def test_a_grey_or_rgba_frame_is_refused_saying_to_convert_it(demo_onnx_bundle, shape):
+    """A grey or RGBA image read with PIL and np.asarray (what a folder of mixed images gives) is
+    refused by every entry point with the conversion that makes it an RGB frame."""
+    frame = np.zeros(shape, np.uint8)
+    with Runtime(demo_onnx_bundle.root, backend="onnxruntime", precision="fp32", threads=1) as rt:
+        for call in (lambda: rt.predict(frame), lambda: rt.predict([frame]), lambda: rt.trace([frame]),
+                     lambda: next(iter(rt.predict_iter([frame])))):
+            with pytest.raises(InputError, match=rf"got uint8 \({shape[0]}, {shape[1]}.*\) \(a grey or RGBA frame: "
+                                                 r"convert it to RGB first, e\.g\. PIL's Image\.convert\('RGB'\)\)$"):
+                call()
 
 
 # an exception raised at a generator's entry as it is closed is printed, not raised: the test's own

@@ -26,7 +26,7 @@ from gfnet_edge.errors import InputError, UnavailableError  # noqa: E402
 from gfnet_edge.models.checkpoint import load_checkpoint  # noqa: E402
 from gfnet_edge.train import folder_stages  # noqa: E402
 from gfnet_edge.train.folder_cli import STAGE_ORDER, train_folder  # noqa: E402
-from gfnet_edge.train.folder_data import scan_split  # noqa: E402
+from gfnet_edge.train.folder_data import LAYOUT, scan_split  # noqa: E402
 from gfnet_edge.train.pretrained import timm_pretrained_state  # noqa: E402
 from gfnet_edge.train.recipe import FolderTrainConfig, family_defaults  # noqa: E402
 from gfnet_edge.variants import VARIANTS  # noqa: E402
@@ -500,7 +500,7 @@ def test_build_engine_given_the_run_folder_or_a_stage_checkpoint_names_the_check
     for src in (run_a, run_a / "stage3.pt"):
         rc = cli.main(["build-engine", str(src), "-o", str(tmp_path / "b"), "--precision", "fp32", "--quiet"])
         err = capsys.readouterr().err.strip().splitlines()
-        assert rc == 2 and len(err) == 1 and f"use {run_a / 'gfnet.pth.tar'}" in err[0], (src, err)
+        assert rc == 2 and len(err) == 1 and err[0].endswith(f"use {run_a / 'gfnet.pth.tar'}"), (src, err)
         assert not (tmp_path / "b").exists()
 
 
@@ -534,12 +534,45 @@ def test_the_bundle_names_the_training_folders_classes(trained, folder, tmp_path
     rc = cli.main(["calibrate", str(b), "--data", str(other / "val"), "-o", str(tmp_path / "r"), "-q"])
     err = capsys.readouterr().err
     assert rc == 2 and "missing green" in err and "not the model's: violet" in err and not (tmp_path / "r").exists()
+    # the training ROOT instead of one of its splits: the line names the split to pass
+    rc = cli.main(["calibrate", str(b), "--data", str(folder), "-o", str(tmp_path / "r"), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "not the model's: train, val" in err[0], err
+    assert f"train, val hold the model's class folders: pass one of them, e.g. {folder / 'val'})" in err[0], err
+    assert not (tmp_path / "r").exists()
     # without names in the bundle, the count of class folders must still match
     Bundle.load(b).update_manifest(lambda m: m["model"].update(class_names=None))
     (other / "val" / "violet" / "0.png").unlink()
     (other / "val" / "violet").rmdir()
     rc = cli.main(["calibrate", str(b), "--data", str(other / "val"), "-o", str(tmp_path / "r"), "-q"])
     assert rc == 2 and "2 class folders for a model with 3 classes" in capsys.readouterr().err
+
+
+def test_calibrate_static_given_the_gfnet_checkpoint_names_the_runs_static_baseline(trained, folder, tmp_path,
+                                                                                    capsys):
+    """``calibrate --static RUN/gfnet.pth.tar`` (the GFNet, not its baseline): one line, the path
+    once, naming RUN/static.pth.tar where the run has one, else the command that trains it."""
+    from gfnet_edge.train.static import save_static
+
+    run_a, *_ = trained
+    run = tmp_path / "run"
+    shutil.copytree(run_a, run)
+    b = tmp_path / "b"
+    assert cli.main(["build-engine", str(run / "gfnet.pth.tar"), "-o", str(b), "--precision", "fp32", "-q"]) == 0
+    capsys.readouterr()
+    args = ["calibrate", str(b), "--data", str(folder / "val"), "-o", str(tmp_path / "r"), "-q", "--static",
+            str(run / "gfnet.pth.tar")]
+    expected = (f"gfnet-edge: error: --static {run / 'gfnet.pth.tar'}: a GFNet checkpoint, not a static baseline: "
+                f"pass a run's static baseline RUN/static.pth.tar ({run} has none: `gfnet-edge train -o {run} "
+                "--resume --stage static --static-epochs N` trains one)")
+    assert cli.main(args) == 2 and capsys.readouterr().err.strip().splitlines()[-1] == expected
+    save_static(run / "static.pth.tar", timm.create_model("test_efficientnet", num_classes=3), "test_efficientnet",
+                {}, 3, image_size=64)
+    assert cli.main(args) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"gfnet-edge: error: --static {run / 'gfnet.pth.tar'}: a GFNet checkpoint, not a static baseline: pass its "
+        f"static baseline {run / 'static.pth.tar'}")
+    assert not (tmp_path / "r").exists()
 
 
 def test_gru_family_with_static_baseline(folder, tmp_path):
@@ -556,6 +589,13 @@ def test_gru_family_with_static_baseline(folder, tmp_path):
     assert (meta["crop_pct"], meta["dataset_interpolation"]) == (1.0, model.spec.dataset_interpolation) == \
         (model.spec.crop_pct, "bilinear")
     assert res["static_accuracy"] == meta["val_accuracy"]
+    # the log's last lines name every file the export wrote, and the command that takes the checkpoint
+    run = tmp_path / "r"
+    wrote = [ln for ln in (run / "train.txt").read_text().splitlines() if " wrote " in ln][-1]
+    files = [run / "gfnet.pth.tar", run / "results.json", run / "static.pth.tar"]
+    assert f"wrote {', '.join(map(str, files))} (" in wrote and all(f.is_file() for f in files)
+    assert wrote.endswith(f"next: gfnet-edge build-engine {run / 'gfnet.pth.tar'} -o BUNDLE --calib-data "
+                          f"{folder / 'val'}")
 
 
 def _free_port() -> int:
@@ -670,6 +710,59 @@ def test_bad_folders_exit_with_one_line(tmp_path, capsys, breakage, message):
     assert not (tmp_path / "run").exists()  # nothing written
 
 
+def test_a_data_folder_without_its_splits_names_what_it_holds(tmp_path, capsys):
+    """--data given one split (ROOT/train, ROOT/val) names ROOT; a folder without train/ or val/
+    lists the folders it holds (a validation split named otherwise, or class folders)."""
+    root = make_folder(tmp_path / "ds", n_train=6, n_val=4)
+    for split in ("train", "val"):
+        rc, err = _run_cli(["--data", root / split, "-o", tmp_path / "run"], capsys)
+        assert rc == 2 and len(err) == 1, err
+        assert err[0].endswith(f"no train/ folder ({LAYOUT}); it is one split of the image folder: pass --data {root}")
+    (root / "val").rename(root / "valid")
+    rc, err = _run_cli(["--data", root, "-o", tmp_path / "run"], capsys)
+    assert rc == 2 and len(err) == 1 and err[0].endswith(f"no val/ folder ({LAYOUT}); the folders in it: train, valid")
+    rc, err = _run_cli(["--data", root / "train", "-o", tmp_path / "run"], capsys)  # class folders, no splits
+    assert rc == 2 and len(err) == 1 and err[0].endswith("; the folders in it: blue, green, red"), err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("breakage", ["no_val", "class_mismatch", "val_class_without_images"])
+def test_a_broken_val_split_is_reported_before_any_train_image_is_decoded(tmp_path, capsys, monkeypatch, breakage):
+    """Both splits are listed before images are decoded: a missing val/, class folders that differ
+    or an empty val class end the command before it reads the (possibly large) train split."""
+    from gfnet_edge.train import folder_data
+
+    root = make_folder(tmp_path / "ds", n_train=6, n_val=2)
+    if breakage == "no_val":
+        shutil.rmtree(root / "val")
+    elif breakage == "class_mismatch":
+        (root / "val" / "red").rename(root / "val" / "rouge")
+    else:
+        for f in (root / "val" / "red").iterdir():
+            f.unlink()
+    decoded = []
+    monkeypatch.setattr(folder_data, "_readable", lambda f: decoded.append(f) or True)
+    rc, err = _run_cli(["--data", root, "-o", tmp_path / "run"], capsys)
+    assert rc == 2 and len(err) == 1 and err[0].startswith("gfnet-edge: error:"), err
+    assert decoded == [] and not (tmp_path / "run").exists()
+
+
+def test_reading_the_images_shows_progress_unless_told_not_to(tmp_path, capsys):
+    """Decoding every image before training (minutes on a large folder) has a progress bar per
+    split, as the epochs have; --no-progress leaves it out."""
+    root = make_folder(tmp_path / "ds", n_train=4, n_val=2)
+    args = ["train", "--data", str(root), "-o", str(tmp_path / "run"), "--backbone", "test_efficientnet",
+            "--batch-size", "60", "--workers", "0"]  # a batch larger than the split: ends after the scan
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"reading {root / 'train'}:" in err and "/12 [" in err, err
+    assert f"reading {root / 'val'}:" in err and "/6 [" in err, err
+    assert "fewer than one batch" in err.strip().splitlines()[-1]
+    assert cli.main([*args, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"reading {root}" not in err[0] and "fewer than one batch" in err[0], err
+
+
 def test_unreadable_images_are_skipped_and_counted(tmp_path):
     root = make_folder(tmp_path / "ds", n_train=5, n_val=2)
     (root / "train" / "red" / "0.png").write_bytes(b"\x89PNG truncated")
@@ -724,7 +817,7 @@ def test_bad_options_and_weights(tmp_path, capsys, folder, weights):
         (["--data", folder, "-o", tmp_path / "r", "--pretrained", tmp_path / "missing.pth"], "weights file not found"),
         (["--data", folder, "-o", tmp_path / "r", "--pretrained", bad], "not a readable torch weights file"),
         (["--data", folder, "-o", tmp_path / "r", "--pretrained", hub],  # a model folder as the hub gives it
-         f"{hub}: a folder, not a weights file: pass the file (model.safetensors is in it)"),
+         f"{hub}: a folder, not a weights file: pass the file (in it: model.safetensors)"),
         (["--data", folder, "-o", tmp_path / "r", "--pretrained", other], "does not fit this backbone"),
         (["--data", folder], "needs -o RUN"),
         (["--data", folder, "-o", tmp_path / "r", "--epochs", "1,2"], "--epochs takes"),
@@ -764,6 +857,40 @@ def test_bad_options_and_weights(tmp_path, capsys, folder, weights):
         rc, err = _run_cli(args, capsys)
         assert rc == 2 and len(err) == 1 and message in err[0], (args, err)
         assert not (tmp_path / "r").exists()
+
+
+def test_a_static_baseline_built_with_other_backbone_kwargs_names_them(tmp_path, capsys, folder):
+    """A static baseline whose backbone was built with other ``backbone_kwargs`` than the run's
+    does not fit: the one line names the --set that builds the backbone it fits, which then trains."""
+    from gfnet_edge.train.static import save_static
+
+    kwargs = {"stem_width": 8}
+    baseline = save_static(tmp_path / "static.pth.tar", timm.create_model("test_resnet", num_classes=3, **kwargs),
+                           "test_resnet", kwargs, 3, image_size=64)
+    args = ["--data", folder, "--backbone", "test_resnet", "--pretrained", baseline, "--stage", "1"]
+    rc, err = _run_cli([*args, "-o", tmp_path / "r"], capsys)
+    assert rc == 2 and len(err) == 1 and "does not fit this backbone" in err[0], err
+    assert err[0].endswith("it is a static baseline built with --set 'backbone_kwargs={\"stem_width\": 8}' "
+                           "(this run: {})"), err
+    assert not (tmp_path / "r").exists()
+    rc, err = _run_cli([*args, "-o", tmp_path / "r", "--set", 'backbone_kwargs={"stem_width": 8}'], capsys)
+    assert rc == 0, err
+
+
+def test_help_marks_the_options_the_image_folder_trainer_refuses(tmp_path, capsys, folder):
+    """Every option (or choice) that ``--data`` refuses is marked "demo trainer only" in --help."""
+    import re
+
+    assert cli.main(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    entries = {m.group(1): " ".join(m.group(2).split())
+               for m in re.finditer(r"^  (--[\w-]+)([^\n]*\n(?:(?!  -).*\n)*)", text, re.M)}
+    for flag, opts in (("--tiny", ["--tiny"]), ("--assets", ["--assets", tmp_path / "a"]),
+                       ("--stage", ["--stage", "pretrain"])):
+        rc, err = _run_cli(["--data", folder, "-o", tmp_path / "r", *opts], capsys)
+        assert rc == 2 and len(err) == 1, (opts, err)
+        assert "demo trainer only" in entries[flag], (flag, entries[flag])
+    assert "pretrain (demo trainer only)" in entries["--stage"]
 
 
 def test_every_seed_the_option_takes_trains_and_others_are_refused(tmp_path, capsys, folder):
@@ -983,6 +1110,86 @@ def test_a_run_config_edited_to_values_of_another_type_is_named_on_resume(tmp_pa
         assert not (run / "stage2.pt").exists()
 
 
+def _static_val_accuracy(path: Path, folder: Path):
+    """A static baseline file's metadata and its accuracy (%) on ``folder/val``, computed here."""
+    from gfnet_edge.data.images import load_images
+    from gfnet_edge.train.static import load_static
+
+    net, meta = load_static(path)
+    frames, labels = load_images(folder / "val", meta["image_size"], crop_pct=1.0)  # the trainer's val crop
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (meta["mean"], meta["std"]))
+    with torch.no_grad():
+        pred = net.eval()(((torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255) - mean) / std).argmax(1)
+    return meta, 100.0 * float((pred.numpy() == labels).mean())
+
+
+def test_a_static_baseline_trained_on_its_own_is_written_and_serves_as_pretrained_weights(tmp_path, capsys, folder):
+    """``--stage static --static-epochs N`` in a new run folder writes RUN/static.pth.tar (named
+    in the log), which `calibrate --static` and another run's ``--pretrained`` read."""
+    run = tmp_path / "static"
+    rc, err = _run_cli(["--data", folder, "-o", run, "--stage", "static", "--static-epochs", "1"], capsys)
+    assert rc == 0, err
+    assert not (run / "gfnet.pth.tar").exists() and not (run / "results.json").exists()
+    meta, accuracy = _static_val_accuracy(run / "static.pth.tar", folder)
+    assert meta["backbone"] == "test_efficientnet" and meta["val_accuracy"] == pytest.approx(accuracy, abs=0.01)
+    assert str(run / "static.pth.tar") in (run / "train.txt").read_text()
+    # where a GFNet checkpoint goes, the baseline is refused naming the file the run would write
+    for src in (run / "static.pth.tar", run / "static.pt"):
+        rc = cli.main(["build-engine", str(src), "-o", str(tmp_path / "b"), "--precision", "fp32", "--quiet"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].endswith(
+            f"not a GFNet checkpoint: use {run / 'gfnet.pth.tar'}, which the run writes at its end (it holds none "
+            "yet)"), (src, err)
+        assert not (tmp_path / "b").exists()
+    rc, err = _run_cli(["--data", folder, "-o", tmp_path / "gfnet", "--pretrained", run / "static.pth.tar"], capsys)
+    assert rc == 0, err
+    assert f"pretrained weights: {run / 'static.pth.tar'}" in (tmp_path / "gfnet" / "train.txt").read_text()
+
+
+def test_pretrained_given_a_run_folder_or_a_stage_checkpoint_names_the_runs_static_baseline(tmp_path, capsys, folder):
+    """``--pretrained`` pointed at a training run (its folder, or a stage checkpoint in it) is one
+    line naming the file it reads from a run, RUN/static.pth.tar, or how to train it."""
+    run = tmp_path / "run"
+    rc, err = _run_cli(["--data", folder, "-o", run, "--stage", "1"], capsys)
+    assert rc == 0, err
+    train_one = f"`gfnet-edge train -o {run} --resume --stage static --static-epochs N` trains one"
+    for given in (run, run / "stage1.pt"):
+        rc, err = _run_cli(["--data", folder, "-o", tmp_path / "r", "--pretrained", given], capsys)
+        assert rc == 2 and len(err) == 1 and train_one in err[0] and "stage1.pt," not in err[0], (given, err)
+        assert not (tmp_path / "r").exists()
+    rc, err = _run_cli(["-o", run, "--resume", "--stage", "static", "--static-epochs", "1"], capsys)
+    assert rc == 0, err
+    for given in (run, run / "static.pt", run / "stage1.pt"):
+        rc, err = _run_cli(["--data", folder, "-o", tmp_path / "r", "--pretrained", given], capsys)
+        assert rc == 2 and len(err) == 1 and err[0].endswith(f"pass its static baseline {run / 'static.pth.tar'}"), \
+            (given, err)
+        assert not (tmp_path / "r").exists()
+
+
+def test_a_run_folder_given_where_a_bundle_goes_names_the_build_engine_command(tmp_path, capsys, folder):
+    """predict, calibrate, info and Runtime given a training run folder instead of a bundle: one
+    line naming the command that builds a bundle from the run's checkpoint."""
+    from gfnet_edge import Runtime
+    from gfnet_edge.bundle import BundleError
+
+    run = tmp_path / "run"
+    rc, err = _run_cli(["--data", folder, "-o", run, "--stage", "1"], capsys)  # not exported yet
+    assert rc == 0, err
+    build = f"`gfnet-edge build-engine {run / 'gfnet.pth.tar'} -o BUNDLE` builds one from its checkpoint"
+    with pytest.raises(BundleError, match="a gfnet-edge train run folder, not a bundle") as exc:
+        Runtime(run)
+    assert str(exc.value).endswith(f"{build} (which the run writes at its end)")
+    rc, err = _run_cli(["--data", folder, "-o", run, "--resume", "--stage", "export"], capsys)
+    assert rc == 0 and (run / "gfnet.pth.tar").is_file(), err
+    image = str(folder / "val" / "red" / "0.png")
+    for args in (["predict", str(run), image], ["info", str(run)],
+                 ["calibrate", str(run), "--data", str(folder / "val"), "-o", str(tmp_path / "report")]):
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"gfnet-edge: error: {run}: a gfnet-edge train run folder, not a bundle: {build}"], (args, err)
+    assert not (tmp_path / "report").exists()
+
+
 def test_a_static_baseline_is_added_to_a_finished_run(tmp_path, capsys, folder):
     """``--resume --stage static --static-epochs N`` on an exported run without a baseline trains
     one, writes RUN/static.pth.tar, adds it to results.json and leaves the GFNet's files as they
@@ -1010,13 +1217,8 @@ def test_a_static_baseline_is_added_to_a_finished_run(tmp_path, capsys, folder):
     assert json.loads((run / "config.json").read_text())["static"]["epochs"] == 1
     after = json.loads((run / "results.json").read_text())
     assert {k: v for k, v in after.items() if not k.startswith("static_")} == before
-    net, meta = load_static(run / "static.pth.tar")
-    frames, labels = load_images(folder / "val", 64, crop_pct=1.0)  # the trainer's val crop at S = 64
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (meta["mean"], meta["std"]))
-    with torch.no_grad():
-        pred = net.eval()(((torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255) - mean) / std).argmax(1)
-    assert after["static_accuracy"] == meta["val_accuracy"] == pytest.approx(
-        100.0 * float((pred.numpy() == labels).mean()), abs=0.01)
+    meta, accuracy = _static_val_accuracy(run / "static.pth.tar", folder)
+    assert after["static_accuracy"] == meta["val_accuracy"] == pytest.approx(accuracy, abs=0.01)
     assert after["static_macs"] == meta["macs"] > 0
 
     static_pt = (run / "static.pt").read_bytes()

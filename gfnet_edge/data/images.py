@@ -316,8 +316,13 @@ def check_class_folders(source: str, class_names: Optional[Sequence[str]], num_c
         extra = sorted(set(names) - set(class_names))
         what = "; ".join(x for x in (f"missing {_some(missing)}" if missing else "",
                                      f"not the model's: {_some(extra)}" if extra else "") if x)
+        splits = [n for n in names if class_folders(Path(source) / n) == list(class_names)]  # ROOT/train, ROOT/val
+        held_out = Path(source) / next((n for n in splits if n != "train"), splits[0]) if splits else None
+        split = (f"; {', '.join(splits)} hold the model's class folders: pass one of them, e.g. {held_out}"
+                 if len(splits) > 1 else f"; {splits[0]} holds the model's class folders: pass {held_out}"
+                 if splits else "")
         raise InputError(f"{subject}{source}: its class folders are not the model's classes ({what or 'another order'}"
-                         f"{lookalike_names(class_names, names)}); {why}")
+                         f"{lookalike_names(class_names, names)}{split}); {why}")
     if num_classes is not None and len(names) != num_classes:
         raise InputError(f"{subject}{source}: {len(names)} class folders for a model with {num_classes} classes; "
                          "labels come from the sorted folder names, so the folder needs one subfolder per class "

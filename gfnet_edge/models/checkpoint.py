@@ -83,6 +83,11 @@ def read_torch_file(path: PathLike, what: str = "checkpoint", mmap: bool = False
         raise CheckpointError(f"{p}: not a readable torch {what} file (truncated or corrupt?): {msg[:200]}") from exc
 
 
+def is_stage_checkpoint(obj: Any) -> bool:
+    """Whether a loaded file is a stage checkpoint of ``gfnet-edge train`` (``RUN/<stage>.pt``)."""
+    return isinstance(obj, dict) and {"models", "opt", "done"} <= set(obj)
+
+
 def read_checkpoint_dict(path: PathLike) -> Dict[str, Any]:
     """Loads a checkpoint file as a dict (``weights_only=True``) with clear errors."""
     p = Path(path)
@@ -90,14 +95,14 @@ def read_checkpoint_dict(path: PathLike) -> Dict[str, Any]:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{p}: expected a dict checkpoint, found {type(obj).__name__}")
     missing = [k for k in STATE_KEYS if k not in obj]
-    if missing and {"models", "opt", "done"} <= set(obj):
+    gfnet = p.with_name("gfnet.pth.tar")  # what a run folder holds at its end
+    use = f"use {gfnet}" + ("" if gfnet.is_file() else ", which the run writes at its end (it holds none yet)")
+    if missing and is_stage_checkpoint(obj):
         raise CheckpointError(f"{p}: a stage checkpoint of gfnet-edge train (weights and optimiser mid-training), "
-                              f"not a GFNet checkpoint: use {p.with_name('gfnet.pth.tar')}, which the run writes "
-                              "at its end")
+                              f"not a GFNet checkpoint: {use}")
     if missing and obj.get("format") == "gfnet_edge_static_v1":
         raise CheckpointError(f"{p}: a static baseline of gfnet-edge train (one network on whole images, for "
-                              f"`gfnet-edge calibrate --static`), not a GFNet checkpoint: use "
-                              f"{p.with_name('gfnet.pth.tar')}")
+                              f"`gfnet-edge calibrate --static`), not a GFNet checkpoint: {use}")
     if missing:
         raise CheckpointError(
             f"{p}: not a GFNet checkpoint: missing {', '.join(missing)} (found keys: {', '.join(map(str, list(obj)[:12]))})"

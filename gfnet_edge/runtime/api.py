@@ -22,7 +22,8 @@ from .backends import RunnerRequest
 from .backends import choices as backend_choices
 from .backends import get as get_backend
 from .deadline import Deadline, StepCosts, StepTimes, check_deadline, check_number, step_costs_key
-from .chunking import OutputBuffer, check_batch, check_frames_given, chunk_size, device_chunks, stream_batches
+from .chunking import (OutputBuffer, channels_hint, check_batch, check_frames_given, chunk_size, device_chunks,
+                       stream_batches)
 from .driver import Driver, StepOutputs
 from .heads import HEAD_DTYPES, HeadSet, load_head_arrays
 from .profile import Profiler
@@ -566,7 +567,7 @@ class Runtime:
         if isinstance(inputs, np.ndarray) and inputs.ndim == 4:  # a stack, of another dtype or layout
             hint = (" (convert it with .astype(np.float32))" if inputs.dtype.kind == "f" and inputs.shape[1:] == (3, S, S)
                     else " (frames are channels last: .transpose(0, 2, 3, 1))" if inputs.dtype == np.uint8
-                    and inputs.shape[1] == 3 else "")
+                    and inputs.shape[1] == 3 else channels_hint(inputs))
             raise InputError(f"expected uint8 frames (N, H, W, 3) or normalised float32 images (N, 3, {S}, {S}), "
                              f"got a {inputs.dtype} array {inputs.shape}{hint}")
         check_frames_given(inputs)
@@ -575,7 +576,7 @@ class Runtime:
             raise InputError("no images given")
         for i, f in enumerate(frames):
             if not isinstance(f, np.ndarray) or f.dtype != np.uint8 or f.ndim != 3 or f.shape[2] != 3:
-                desc = f"{f.dtype} {f.shape}" if isinstance(f, np.ndarray) else type(f).__name__
+                desc = f"{f.dtype} {f.shape}{channels_hint(f)}" if isinstance(f, np.ndarray) else type(f).__name__
                 raise InputError(f"image {i}: expected a uint8 HWC RGB frame or float32 NCHW images, got {desc}")
             if f.size == 0:
                 raise InputError(f"image {i}: empty frame {f.shape}: a frame needs at least one pixel")

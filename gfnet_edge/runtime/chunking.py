@@ -122,6 +122,13 @@ def device_chunks(inputs: Any, size: int, cropped_size: Optional[int] = None
     return len(views), (views[start:start + size] for start in range(0, len(views), size)), sizes
 
 
+def channels_hint(frame: np.ndarray) -> str:
+    """For a uint8 frame refused for its channels: how to make it RGB (else "")."""
+    if frame.dtype != np.uint8 or not (frame.ndim == 2 or (frame.ndim in (3, 4) and frame.shape[-1] in (1, 2, 4))):
+        return ""
+    return " (a grey or RGBA frame: convert it to RGB first, e.g. PIL's Image.convert('RGB'))"
+
+
 def _as_stack(item: Any, i: int, S: int, cropped: bool = False) -> np.ndarray:
     """An item of :func:`stream_batches` as a 4-D stack (a view; nothing copied)."""
     if isinstance(item, np.ndarray):
@@ -131,7 +138,7 @@ def _as_stack(item: Any, i: int, S: int, cropped: bool = False) -> np.ndarray:
             return item if item.ndim == 4 else item[None]
         if item.dtype == np.float32 and item.ndim in (3, 4) and item.shape[-3:] == (3, S, S) and item.size:
             return item if item.ndim == 4 else item[None]
-        desc = f"{item.dtype} {item.shape}"
+        desc = f"{item.dtype} {item.shape}{channels_hint(item)}"
     else:
         desc = type(item).__name__
     raise InputError(f"item {i}: expected a uint8 (H, W, 3) frame, a float32 (3, {S}, {S}) image, "

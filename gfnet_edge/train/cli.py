@@ -67,7 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="train on an image folder ROOT/train/CLASS/*.jpg, ROOT/val/CLASS/*.jpg (without it: the demo task)")
     p.add_argument("-o", "--out", default=None, metavar="RUN", help="run folder (checkpoints, logs; demo default runs/demo)")
     p.add_argument("--stage", default="all", choices=["all", *STAGE_GROUPS],
-                   help="stage to run: all, pretrain, 1, 2, 3, static, export (default: all)")
+                   help="stage to run: all, 1, 2, 3, static, export, or pretrain (demo trainer only) "
+                        "(default: all)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoints")
     p.add_argument("--threads", type=THREADS, default=2, metavar="N", help="torch CPU threads (default 2)")
     p.add_argument("--backbone", default=None, metavar="NAME",
@@ -77,8 +78,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for flag, kwargs in FOLDER_ARGUMENTS:
         g.add_argument(flag, **kwargs)
     p.add_argument("--seed", type=SEED, default=None, help="master seed, 0 to 4294967295 (default 0)")
-    p.add_argument("--tiny", action="store_true", help="a few iterations on a handful of images (smoke test)")
-    p.add_argument("--assets", default=None, help="copy the exported checkpoints and results here (e.g. gfnet_edge/assets)")
+    p.add_argument("--tiny", action="store_true",
+                   help="demo trainer only: a few iterations on a handful of images (smoke test; with --data, "
+                        "--epochs 1 on a few images per class)")
+    p.add_argument("--assets", default=None,
+                   help="demo trainer only: copy the exported checkpoints and results here (e.g. gfnet_edge/assets)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                    help="override a config field, e.g. --set stage1.epochs=2 --set dsn_ratio=0.5")

@@ -105,10 +105,16 @@ def config_from_args(args: argparse.Namespace):
     cfg = apply_args(FolderTrainConfig(data="", backbone=args.backbone), args)
     if cfg.pretrained not in (None, "timm"):
         weights = Path(cfg.pretrained)
+        if weights.is_dir() and (weights / "config.json").is_file() and (weights / "data_index.json").is_file():
+            from .static import static_baseline_hint
+
+            raise InputError(f"{cfg.pretrained}: a gfnet-edge train run folder, not a weights file: "
+                             + static_baseline_hint(weights))
         if weights.is_dir():  # e.g. a model folder of the hub
-            inside = sorted(f.name for f in weights.iterdir() if f.suffix in (".safetensors", ".pth", ".pt", ".bin"))
+            inside = sorted(f.name for f in weights.iterdir()
+                            if f.suffix in (".safetensors", ".pth", ".pt", ".bin", ".tar"))
             raise InputError(f"{cfg.pretrained}: a folder, not a weights file: pass the file"
-                             + (f" ({', '.join(inside[:3])} is in it)" if inside else ""))
+                             + (f" (in it: {', '.join(inside[:3])})" if inside else ""))
         if not weights.is_file():
             raise InputError(f"{cfg.pretrained}: pretrained weights file not found (or pass --pretrained timm)")
         cfg.pretrained = str(weights.resolve())
@@ -171,7 +177,7 @@ def build_models(cfg, num_classes: int, log, pretrained: bool = True):
 
     from ..models.backbones import _create_timm
     from ..models.gfnet import GFNet
-    from .pretrained import load_backbone, read_weights_file, timm_pretrained_state
+    from .pretrained import load_backbone, read_weights_file, static_kwargs_hint, timm_pretrained_state
 
     try:
         spec = cfg.spec(num_classes)
@@ -201,15 +207,19 @@ def build_models(cfg, num_classes: int, log, pretrained: bool = True):
         sd, source = timm_pretrained_state(cfg.backbone, num_classes, **cfg.backbone_kwargs), f"timm {cfg.backbone}"
     else:
         sd, source = read_weights_file(cfg.pretrained, cfg.backbone), cfg.pretrained
-    for net in [model.model_prime.net, model.model.net] + ([static] if static is not None else []):
-        fresh = load_backbone(net, sd, source)
+    try:
+        for net in [model.model_prime.net, model.model.net] + ([static] if static is not None else []):
+            fresh = load_backbone(net, sd, source)
+    except InputError as exc:
+        hint = static_kwargs_hint(cfg.pretrained, cfg.backbone_kwargs) if cfg.pretrained != "timm" else ""
+        raise InputError(f"{exc}{hint}") from exc
     log(f"pretrained weights: {source}" + (f" (classifier re-initialised: {len(fresh)} tensors)" if fresh else ""))
     return model, static
 
 
-def _scan(cfg, out: Path, ctx, log, reuse: bool):
+def _scan(cfg, out: Path, ctx, log, reuse: bool, progress: bool = False):
     """Scans the data on rank 0 (or, with ``reuse``, reads ``RUN/data_index.json``) and shares it
-    with every rank."""
+    with every rank; ``progress``: a progress bar while the images are decoded."""
     from .folder_data import FolderSplit, scan_dataset, split_summary
 
     index = out / "data_index.json"
@@ -231,7 +241,7 @@ def _scan(cfg, out: Path, ctx, log, reuse: bool):
                                      f"put them back, or move {index.name} away to list {cfg.data} again (the run "
                                      "then goes on with the images there are)")
             else:
-                tr, va = scan_dataset(cfg.data, workers=max(2, cfg.workers))
+                tr, va = scan_dataset(cfg.data, workers=max(2, cfg.workers), progress=progress)
                 result = {"train": tr, "val": va}
         except InputError as exc:
             result = exc
@@ -429,7 +439,7 @@ def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: b
             log(f"--resume: {out} holds no run yet, so a new one starts")
         elif restart:
             log(f"{out} holds a run that stopped before it saved an epoch: it starts again with these settings")
-        train, val = _scan(cfg, out, ctx, log, reuse=not fresh)
+        train, val = _scan(cfg, out, ctx, log, reuse=not fresh, progress=progress)
         if cfg.classes and cfg.classes != train.classes:
             raise InputError(f"{cfg.data}: classes {train.classes} differ from the run's {cfg.classes}")
         cfg.classes = list(train.classes)
@@ -534,8 +544,8 @@ def _run_stages(out, cfg, ctx, train, val, model, static, stages, log, progress:
     res: Dict[str, Any] = {}
     if "stage3" in stages or not stages:
         res = export(tr, out, log)
-    elif "static" in stages and static is not None and (out / "results.json").is_file():
-        res = add_static_results(tr, out, log)  # a baseline added to an exported run
+    elif "static" in stages and static is not None:
+        res = add_static_results(tr, out, log)  # a baseline trained on its own
     log(f"total {(time.time() - t0) / 60:.1f} min")
     return res
 
@@ -579,7 +589,9 @@ def export(tr, out: Path, log) -> Dict[str, Any]:
     pts = ", ".join(f"{a:.1f}% @ {c / 1e6:.1f}M" for c, a in list(zip(*curve.as_lists()))[::13])
     log(f"val anytime accuracy per step: {res['anytime_accuracy']} (MACs {', '.join(f'{c / 1e6:.1f}M' for c in costs)})")
     log(f"val budgeted (thresholds fit on val): {pts}" + (f"; static baseline {static_acc}%" if static_acc is not None else ""))
-    log(f"wrote {path} ({(time.time() - t):.0f} s)")
+    written = [path, out / "results.json"] + ([out / "static.pth.tar"] if static_acc is not None else [])
+    log(f"wrote {', '.join(map(str, written))} ({(time.time() - t):.0f} s); "
+        f"next: gfnet-edge build-engine {path} -o BUNDLE --calib-data {Path(tr.cfg.data) / 'val'}")
     tr.ctx.barrier()
     return res
 
@@ -600,13 +612,19 @@ def _save_static(tr, out: Path, static_acc: float) -> Dict[str, Any]:
 
 
 def add_static_results(tr, out: Path, log) -> Dict[str, Any]:
-    """A static baseline trained after the run was exported: writes ``RUN/static.pth.tar`` and
-    adds its val accuracy and MACs to ``RUN/results.json`` (the GFNet checkpoint is unchanged)."""
+    """A static baseline trained on its own (``--stage static``): writes ``RUN/static.pth.tar``
+    and, when the run has been exported, adds its val accuracy and MACs to ``RUN/results.json``
+    (the GFNet checkpoint is unchanged)."""
     static_acc = tr.evaluate_static()["val_acc"]
     if not tr.ctx.main:
         tr.ctx.barrier()
         return {}
     path = out / "results.json"
+    if not path.is_file():  # no GFNet exported yet: its export adds the baseline's figures
+        _save_static(tr, out, static_acc)
+        log(f"static baseline {static_acc}% on val; wrote {out / 'static.pth.tar'}")
+        tr.ctx.barrier()
+        return {}
     try:
         res = json.loads(path.read_text())
     except (OSError, ValueError) as exc:

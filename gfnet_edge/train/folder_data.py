@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.images import _RGB_MODES, IMAGE_EXTENSIONS, lookalike_names, open_rgb, preprocess, resized_size
+from ..data.images import _RGB_MODES, IMAGE_EXTENSIONS, _some, lookalike_names, open_rgb, preprocess, resized_size
 from ..errors import InputError
 
 LAYOUT = "expected ROOT/train/CLASS/*.jpg and ROOT/val/CLASS/*.jpg"
@@ -89,7 +89,12 @@ def _walk(top: Path, others: Sequence[Path]) -> Iterator[Tuple[str, List[str]]]:
 def _list_split(root: Path, split: str) -> Tuple[List[str], List[List[str]]]:
     d = root / split
     if not d.is_dir():
-        raise InputError(f"{root}: no {split}/ folder ({LAYOUT})")
+        folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        if root.name in ("train", "val") and all((root.parent / s).is_dir() for s in ("train", "val")):
+            hint = f"; it is one split of the image folder: pass --data {root.parent}"
+        else:
+            hint = f"; the folders in it: {_some(folders)}" if folders else ""
+        raise InputError(f"{root}: no {split}/ folder ({LAYOUT}){hint}")
     classes = sorted(e.name for e in os.scandir(d) if e.is_dir() and not e.name.startswith("."))
     if len(classes) < 2:
         found = f"only {classes[0]!r}" if classes else "none"
@@ -104,18 +109,25 @@ def _list_split(root: Path, split: str) -> Tuple[List[str], List[List[str]]]:
     return classes, files
 
 
-def scan_split(root: Path, split: str, workers: int = 8, check: bool = True) -> FolderSplit:
-    """Lists (and, with ``check``, decodes) the images of ``root/split``.
+def scan_split(root: Path, split: str, workers: int = 8, check: bool = True,
+               listed: Optional[Tuple[List[str], List[List[str]]]] = None, progress: bool = False) -> FolderSplit:
+    """Lists (and, with ``check``, decodes) the images of ``root/split``; ``listed``: its
+    listing, when already made (``(classes, files per class)``); ``progress``: a progress bar
+    of the decoding on standard error.
 
     Raises:
         InputError: missing split folder, fewer than 2 classes, a class with no (readable) images.
     """
-    classes, files = _list_split(root, split)
+    classes, files = listed if listed is not None else _list_split(root, split)
     flat = [(f, k) for k, names in enumerate(files) for f in names]
     ok = [True] * len(flat)
     if check:
+        from tqdm.auto import tqdm
+
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            ok = list(pool.map(_readable, [f for f, _ in flat], chunksize=64))
+            ok = list(tqdm(pool.map(_readable, [f for f, _ in flat], chunksize=64), total=len(flat),
+                           desc=f"reading {root / split}", unit="img", disable=not progress, leave=False,
+                           mininterval=2.0))
     samples = [s for s, good in zip(flat, ok) if good]
     skipped = [f for (f, _), good in zip(flat, ok) if not good]
     have = {lab for _, lab in samples}
@@ -125,7 +137,8 @@ def scan_split(root: Path, split: str, workers: int = 8, check: bool = True) -> 
     return FolderSplit(root / split, classes, samples, skipped)
 
 
-def scan_dataset(root: os.PathLike, workers: int = 8, check: bool = True) -> Tuple[FolderSplit, FolderSplit]:
+def scan_dataset(root: os.PathLike, workers: int = 8, check: bool = True,
+                 progress: bool = False) -> Tuple[FolderSplit, FolderSplit]:
     """``(train, val)`` of an image folder, with the same classes in both.
 
     Raises:
@@ -134,15 +147,16 @@ def scan_dataset(root: os.PathLike, workers: int = 8, check: bool = True) -> Tup
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"{root}: no such folder ({LAYOUT})")
-    train = scan_split(root, "train", workers, check)
-    val = scan_split(root, "val", workers, check)
-    if train.classes != val.classes:
-        only_t = sorted(set(train.classes) - set(val.classes))
-        only_v = sorted(set(val.classes) - set(train.classes))
+    listed = {split: _list_split(root, split) for split in ("train", "val")}  # before any image is decoded
+    train_classes, val_classes = listed["train"][0], listed["val"][0]
+    if train_classes != val_classes:
+        only_t = sorted(set(train_classes) - set(val_classes))
+        only_v = sorted(set(val_classes) - set(train_classes))
         hint = lookalike_names(only_t, only_v, "{!r} in train", "{!r} in val", "rename one")
         raise InputError(f"{root}: train and val have different classes (only in train: {only_t or 'none'}; "
                          f"only in val: {only_v or 'none'}){hint}")
-    return train, val
+    return (scan_split(root, "train", workers, check, listed["train"], progress),
+            scan_split(root, "val", workers, check, listed["val"], progress))
 
 
 class FolderTransform:

@@ -7,6 +7,7 @@ when its class count differs; any other mismatch is an error naming the keys.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -14,7 +15,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import InputError, UnavailableError
-from ..models.checkpoint import CheckpointError, read_torch_file
+from ..models.checkpoint import CheckpointError, is_stage_checkpoint, read_torch_file
+from .static import static_baseline_hint
 
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "state_dict_ema")
 
@@ -44,6 +46,9 @@ def read_weights_file(path: str, backbone: str) -> Dict[str, torch.Tensor]:
     except Exception as exc:  # safetensors raises many types for bad files
         first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
         raise InputError(f"{p}: not a readable safetensors weights file (truncated or corrupt?): {first[:160]}") from exc
+    if is_stage_checkpoint(obj):
+        raise InputError(f"{p}: a stage checkpoint of gfnet-edge train (weights and optimiser mid-training), "
+                         f"not backbone weights: {static_baseline_hint(p.parent)}")
     if isinstance(obj, dict) and obj.get("format") == "gfnet_edge_static_v1":
         if obj.get("backbone") != backbone:
             raise InputError(f"{p}: a static baseline of {obj.get('backbone')!r}, not {backbone!r}")
@@ -79,6 +84,22 @@ def timm_pretrained_state(backbone: str, num_classes: int, **kwargs: Any) -> Dic
     finally:
         hub_log.setLevel(level)
     return net.state_dict()
+
+
+def static_kwargs_hint(path: str, backbone_kwargs: Dict[str, Any]) -> str:
+    """For weights that do not fit: when ``path`` is a static baseline built with other
+    ``backbone_kwargs`` than the run's, the option that builds the backbone it fits (else "")."""
+    from .static import load_static_meta
+
+    try:
+        theirs = load_static_meta(path).get("backbone_kwargs") or {}
+    except (CheckpointError, OSError):
+        return ""
+    theirs, ours = (json.loads(json.dumps(k)) for k in (theirs, backbone_kwargs))
+    if theirs == ours:
+        return ""
+    return (f"; it is a static baseline built with --set 'backbone_kwargs={json.dumps(theirs)}' "
+            f"(this run: {json.dumps(ours)})")
 
 
 def _classifier_prefix(net: nn.Module) -> str:

@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 
 from ..models.backbones import _create_timm
-from ..models.checkpoint import CheckpointError, atomic_torch_save, read_checkpoint_dict, read_torch_file  # noqa: F401  (re-exported errors)
+from ..models.checkpoint import (STATE_KEYS, CheckpointError, atomic_torch_save, is_stage_checkpoint,  # noqa: F401
+                                  read_checkpoint_dict, read_torch_file)  # (re-exported errors)
 from ..models.macs import count_static_macs
 from ..variants import IMAGENET_MEAN, IMAGENET_STD
 
@@ -66,6 +67,9 @@ def load_static_meta(path: os.PathLike) -> Dict[str, Any]:
 
 def _read_static(p: Path, mmap: bool = False) -> Dict[str, Any]:
     ck = read_torch_file(p, "static checkpoint", mmap=mmap)
+    if isinstance(ck, dict) and (is_stage_checkpoint(ck) or all(k in ck for k in STATE_KEYS)):
+        what = "a stage checkpoint of gfnet-edge train" if is_stage_checkpoint(ck) else "a GFNet checkpoint"
+        raise CheckpointError(f"{p}: {what}, not a static baseline: {static_baseline_hint(p.parent)}")
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise CheckpointError(f"{p}: not a gfnet-edge static baseline (format {FORMAT!r})")
     return ck
@@ -73,3 +77,16 @@ def _read_static(p: Path, mmap: bool = False) -> Dict[str, Any]:
 
 def _meta(ck: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in ck.items() if k != "state_dict"}
+
+
+def static_baseline_hint(folder: Path) -> str:
+    """Where a static baseline is wanted (``train --pretrained``, ``calibrate --static``) and a
+    file of ``folder`` (or the folder) was given that is none: the run's baseline, or how to
+    train one."""
+    baseline = folder / "static.pth.tar"
+    if baseline.is_file():
+        return f"pass its static baseline {baseline}"
+    if (folder / "data_index.json").is_file():  # a gfnet-edge train run folder
+        return (f"pass a run's static baseline RUN/static.pth.tar ({folder} has none: `gfnet-edge train -o {folder} "
+                "--resume --stage static --static-epochs N` trains one)")
+    return "pass a static baseline, RUN/static.pth.tar of a gfnet-edge train run (--static-epochs N writes it)"
