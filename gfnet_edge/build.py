@@ -272,8 +272,8 @@ def _check_calib_class_folders(source: str, model) -> None:
     names = (getattr(model, "meta", None) or {}).get("classes")  # a model built in Python records none
     if names and not _demo_calibration(source):
         check_class_folders(source, names, subject="--calib-data ",
-                            why="the INT8 accuracy check would score it against wrong labels: pass the folder of "
-                                "one split (ROOT/val), or --num-eval 0 to calibrate on these images without the check")
+                            why="the INT8 accuracy check would score it against wrong labels: pass a folder of the "
+                                "model's class folders, or --num-eval 0 to calibrate on these images without the check")
 
 
 def calibration_split(n_images: int, num_calib: int, num_eval: int = NUM_EVAL) -> int:

@@ -540,6 +540,12 @@ def test_the_bundle_names_the_training_folders_classes(trained, folder, tmp_path
     assert rc == 2 and len(err) == 1 and "not the model's: train, val" in err[0], err
     assert f"train, val hold the model's class folders: pass one of them, e.g. {folder / 'val'})" in err[0], err
     assert not (tmp_path / "r").exists()
+    # build-engine --calib-data ROOT likewise, naming the split once, before any export
+    rc = cli.main(["build-engine", str(run_a / "gfnet.pth.tar"), "-o", str(tmp_path / "b8"), "--backend",
+                   "onnxruntime", "--calib-data", str(folder), "--num-calib", "16", "--num-eval", "32", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].count(str(folder / "val")) == 1 and err[0].count("/val") == 1, err
+    assert "--num-eval 0" in err[0] and not (tmp_path / "b8").exists()
     # without names in the bundle, the count of class folders must still match
     Bundle.load(b).update_manifest(lambda m: m["model"].update(class_names=None))
     (other / "val" / "violet" / "0.png").unlink()
