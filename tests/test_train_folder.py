@@ -522,6 +522,15 @@ def test_the_bundle_names_the_training_folders_classes(trained, folder, tmp_path
     assert cli.main(["predict", str(b), str(folder / "val" / "red"), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows and all(r["label"] == names[r["class"]] for r in rows)
+    # a folder of the model's class folders is scored too (stderr), a class folder alone is not
+    assert "accuracy" not in capsys.readouterr().err
+    assert cli.main(["predict", str(b), str(folder / "val"), "--json"]) == 0
+    out, err = capsys.readouterr()
+    rows = json.loads(out)
+    right = sum(r["label"] == Path(r["image"]).relative_to(folder / "val").parts[0] for r in rows)
+    assert len(rows) == sum(1 for _ in (folder / "val").rglob("*.png"))
+    assert err == (f"accuracy: {100 * right / len(rows):.2f} % ({right} of {len(rows)} images in the class folders "
+                   f"of {folder / 'val'}, labelled by their folder)\n"), err
     assert cli.main(["predict", str(b), str(folder / "val" / "red" / "0.png")]) == 0
     row = json.dumps(rows[0]["label"])[1:-1]
     assert f"class {rows[0]['class']} '{row}' (" in capsys.readouterr().out

@@ -60,9 +60,11 @@ def run(args: argparse.Namespace) -> int:
 
     out = _Rows(args.json)
     pending = collections.deque()  # (name, geometry) of the images read and not yet printed
+    score = None
     try:
         with Runtime(args.bundle, profile=args.profile, **runtime_kwargs(args)) as rt:
             m = rt.model
+            score = _Score(args.images, m.class_names, m.num_classes)
 
             def images():  # read batch by batch, resized and centre-cropped to uint8 S x S frames as they
                 # are read; the runtime only normalises them (cropped=True: no second resize / crop)
@@ -79,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
                 for preds in rt.predict_iter(images(), batch_size=args.batch_size, deadline_ms=args.deadline_ms,
                                              deadline_margin=args.deadline_margin, cropped=True):
                     for i in range(len(preds)):
-                        out.add(_row(*pending.popleft(), preds, i))
+                        row = _row(*pending.popleft(), preds, i)
+                        score.add(row["image"], row["class"])
+                        out.add(row)
                     sys.stdout.flush()
             except ValueError as exc:
                 raise InputError(str(exc)) from exc
@@ -88,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
         out.close(sys.exc_info()[0] is None)
     if args.profile:
         print(_profile_table(profile, out.count), file=sys.stderr)
+    if score is not None and score.total:
+        print(score.line(), file=sys.stderr)
     if len(failures) == 1 and not out.count:
         raise InputError(failures[0])
     if failures:
@@ -96,6 +102,46 @@ def run(args: argparse.Namespace) -> int:
         stopped = " (stopped at the first: --on-error stop)" if args.on_error == "stop" else ""
         raise InputError(f"{len(failures)} input(s) could not be read{stopped}; {out.count} image(s) classified")
     return 0
+
+
+class _Score:
+    """Accuracy over the images of the folders given whose class folders are the model's classes
+    (named as the model names them, or, for a model without class names, one folder per class:
+    labels from the sorted folder names, as ``gfnet-edge calibrate --data`` reads them)."""
+
+    def __init__(self, inputs, class_names, num_classes: int) -> None:
+        from pathlib import Path
+
+        from ..data.images import class_folders
+
+        self.folders = []  # (folder as given, {class folder name: label})
+        for raw in inputs:
+            names = class_folders(raw)
+            if not names:
+                continue
+            if class_names is not None and sorted(names) == sorted(class_names):
+                self.folders.append((Path(raw), {n: class_names.index(n) for n in names}))
+            elif class_names is None and len(names) == num_classes:
+                self.folders.append((Path(raw), {n: k for k, n in enumerate(names)}))
+        self.correct = self.total = 0
+
+    def add(self, image: str, predicted: int) -> None:
+        from pathlib import Path
+
+        for folder, labels in self.folders:
+            try:
+                label = labels.get(Path(image).relative_to(folder).parts[0])
+            except ValueError:  # not under this folder
+                continue
+            if label is not None:
+                self.total += 1
+                self.correct += int(predicted == label)
+            return
+
+    def line(self) -> str:
+        where = ", ".join(str(f) for f, _ in self.folders)
+        return (f"accuracy: {100.0 * self.correct / self.total:.2f} % ({self.correct} of {self.total} images in the "
+                f"class folders of {where}, labelled by their folder)")
 
 
 def _row(name: str, geometry, preds, i: int) -> dict:
@@ -123,7 +169,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("predict", help="classify images with a bundle (early exit)",
                        description="Classify image files (or folders, or .npz) with a bundle, with early exit. "
-                                   "Each image is named by its file (FILE.npz[i] inside an archive).")
+                                   "Each image is named by its file (FILE.npz[i] inside an archive). A folder "
+                                   "whose class folders are the model's classes is also scored: the accuracy "
+                                   "over its images goes to stderr at the end.")
     p.add_argument("bundle", help="bundle directory")
     p.add_argument("images", nargs="+", help="image files, folders or .npz")
     add_runtime_options(p)
