@@ -206,7 +206,7 @@ def build_models(cfg, num_classes: int, log, pretrained: bool = True):
     if cfg.pretrained == "timm":
         sd, source = timm_pretrained_state(cfg.backbone, num_classes, **cfg.backbone_kwargs), f"timm {cfg.backbone}"
     else:
-        sd, source = read_weights_file(cfg.pretrained, cfg.backbone), cfg.pretrained
+        sd, source = read_weights_file(cfg.pretrained, cfg.backbone)
     try:
         for net in [model.model_prime.net, model.model.net] + ([static] if static is not None else []):
             fresh = load_backbone(net, sd, source)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -25,8 +25,9 @@ def _tensor_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def read_weights_file(path: str, backbone: str) -> Dict[str, torch.Tensor]:
-    """The backbone state dict in ``path`` (see the module docstring).
+def read_weights_file(path: str, backbone: str) -> Tuple[Dict[str, torch.Tensor], str]:
+    """The backbone state dict in ``path`` (see the module docstring) and the words for where it
+    comes from: the path, and for a GFNet checkpoint, that its focus encoder is the one taken.
 
     Raises:
         InputError: missing or unreadable file, no state dict inside, a static baseline of another backbone.
@@ -49,6 +50,11 @@ def read_weights_file(path: str, backbone: str) -> Dict[str, torch.Tensor]:
     if is_stage_checkpoint(obj):
         raise InputError(f"{p}: a stage checkpoint of gfnet-edge train (weights and optimiser mid-training), "
                          f"not backbone weights: {static_baseline_hint(p.parent)}")
+    source = str(p)
+    if isinstance(obj, dict) and _tensor_dict(obj.get("model_prime_state_dict")) \
+            and _tensor_dict(obj.get("model_state_dict")):
+        source = (f"{p} (a GFNet checkpoint: its focus encoder, model_state_dict, starts both encoders; its glance "
+                  "encoder, policy and classifier are not used)")
     if isinstance(obj, dict) and obj.get("format") == "gfnet_edge_static_v1":
         if obj.get("backbone") != backbone:
             raise InputError(f"{p}: a static baseline of {obj.get('backbone')!r}, not {backbone!r}")
@@ -58,7 +64,7 @@ def read_weights_file(path: str, backbone: str) -> Dict[str, torch.Tensor]:
     if not _tensor_dict(obj):
         raise InputError(f"{p}: holds no state dict of tensors (looked at the top level and {', '.join(WRAPPER_KEYS)})")
     return {(k[len("module."):] if k.startswith("module.") else k): v.float() if v.is_floating_point() else v
-            for k, v in obj.items()}
+            for k, v in obj.items()}, source
 
 
 def timm_pretrained_state(backbone: str, num_classes: int, **kwargs: Any) -> Dict[str, torch.Tensor]:
