@@ -1442,3 +1442,35 @@ def test_a_gfnet_checkpoint_as_pretrained_weights_says_which_of_its_parts_it_giv
     assert source.startswith(f"{DEMO_CHECKPOINT} (a GFNet checkpoint: its focus encoder") and "not used" in source
     plain = Path(DEMO_CHECKPOINT).parent / "demo_static.pth.tar"
     assert read_weights_file(str(plain), "resnet18")[1] == str(plain)
+
+
+def test_a_run_goes_on_with_its_images_moved_to_another_folder(tmp_path, capsys, folder):
+    """The data folder moved after a stage: ``--resume`` alone says where to give the new one,
+    ``--data NEW --resume`` goes on with the same images there (the run's config and data index
+    name the new folder), and a new folder without some of the run's images is refused naming
+    the first missing one."""
+    data, run = tmp_path / "a", tmp_path / "run"
+    shutil.copytree(folder, data)
+    rc, err = _run_cli(["--data", data, "-o", run, "--stage", "1"], capsys)
+    assert rc == 0, err
+    index_before = json.loads((run / "data_index.json").read_text())
+    moved = tmp_path / "b"
+    data.rename(moved)
+    rc = cli.main(["train", "-o", str(run), "--resume", "--stage", "1", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and f"{data}: no such folder" in err[0] and "--data NEW --resume" in err[0], err
+    partial = tmp_path / "c"
+    shutil.copytree(moved, partial)
+    gone = Path(index_before["val"]["samples"][0][0]).relative_to(data)
+    (partial / gone).unlink()
+    rc, err = _run_cli(["--data", partial, "-o", run, "--resume", "--stage", "1"], capsys)
+    assert rc == 2 and len(err) == 1 and str(partial / gone) in err[0], err
+    assert json.loads((run / "config.json").read_text())["data"] == str(data)  # nothing of the run changed
+    rc, err = _run_cli(["--data", moved, "-o", run, "--resume", "--stage", "2"], capsys)
+    assert rc == 0, err
+    assert json.loads((run / "config.json").read_text())["data"] == str(moved)
+    index = json.loads((run / "data_index.json").read_text())
+    for split in ("train", "val"):
+        assert index[split]["root"] == str(moved / split)
+        assert [(str(Path(f).relative_to(moved)), lab) for f, lab in index[split]["samples"]] == \
+            [(str(Path(f).relative_to(data)), lab) for f, lab in index_before[split]["samples"]]

@@ -235,6 +235,8 @@ def _scan(cfg, out: Path, ctx, log, reuse: bool, progress: bool = False):
                 except (ValueError, KeyError, TypeError) as exc:  # not JSON, or not the index a run writes
                     raise InputError(f"{index}: not a data index of gfnet-edge train ({type(exc).__name__}: {exc}); "
                                      f"move it away to list {cfg.data} again") from exc
+                if any(Path(split.root).parent != Path(cfg.data) for split in result.values()):
+                    result = {k: _moved(split, Path(cfg.data), index) for k, split in result.items()}
                 gone = [f for split in result.values() for f, _ in split.samples if not Path(f).is_file()]
                 if gone:  # deleted or moved since the run listed them: found here, not by a worker mid-epoch
                     raise InputError(f"{len(gone)} image(s) listed in {index} are no longer there (first: {gone[0]}); "
@@ -251,6 +253,20 @@ def _scan(cfg, out: Path, ctx, log, reuse: bool, progress: bool = False):
     for k in ("train", "val"):
         log(split_summary(result[k]))
     return result["train"], result["val"]
+
+
+def _moved(split, root: Path, index: Path):
+    """``split`` (read from ``index``) with its images under ``root`` (the run's data folder moved
+    there: ``--data NEW --resume``), each at the same place relative to its split folder."""
+    from .folder_data import FolderSplit
+
+    old, new = Path(split.root), root / Path(split.root).name
+    try:
+        samples = [(str(new / Path(f).relative_to(old)), lab) for f, lab in split.samples]
+    except ValueError:
+        raise InputError(f"{index}: lists images outside its split folder {old}; move it away to list "
+                         f"{root} again") from None
+    return FolderSplit(new, split.classes, samples, split.skipped)
 
 
 def run_folder(args: argparse.Namespace) -> int:
@@ -276,7 +292,9 @@ def run_folder(args: argparse.Namespace) -> int:
         if args.workers is not None:  # how images are loaded, not what is trained: may change on resume
             cfg.workers = args.workers
         changed = _changed_on_resume(cfg, args)
-        if changed and _adds_static(changed, stages, Path(args.out)):
+        if changed == ["data"]:  # the same images in another place: the run goes on with them there
+            cfg.data = str(args.data)
+        elif changed and _adds_static(changed, stages, Path(args.out)):
             cfg = apply_args(FolderTrainConfig.from_dict(json.loads(cfg.dumps())), args)
         elif changed:
             hint = ("; the static baseline's settings may change only while the run has none (no static.pt)"
@@ -433,7 +451,10 @@ def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: b
 
     try:
         if not Path(cfg.data).is_dir():
-            raise InputError(f"{cfg.data}: no such folder (expected ROOT/train/CLASS/*.jpg and ROOT/val/CLASS/*.jpg)")
+            moved = (f"; if the run's images moved, give their new folder: --data NEW --resume"
+                     if resume and cfg_path.exists() else "")
+            raise InputError(f"{cfg.data}: no such folder (expected ROOT/train/CLASS/*.jpg and ROOT/val/CLASS/*.jpg)"
+                             f"{moved}")
         fresh = restart or not cfg_path.exists()
         if fresh and resume:
             log(f"--resume: {out} holds no run yet, so a new one starts")
@@ -458,7 +479,7 @@ def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: b
             out.mkdir(parents=True, exist_ok=True)
             log_file = open(out / "train.txt", "a")
             log_file.writelines(line + "\n" for line in early)
-            if fresh:
+            if fresh or settings_changed:  # a new index, or the data folder moved (--data NEW --resume)
                 write_text_atomic(out / "data_index.json", json.dumps(
                     {k: {"root": str(s.root), "classes": s.classes, "samples": s.samples, "skipped": s.skipped}
                      for k, s in (("train", train), ("val", val))}))
