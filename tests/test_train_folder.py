@@ -1080,7 +1080,8 @@ def test_training_reads_16_bit_images_with_the_levels_inference_sees(tmp_path):
 
 def test_resume_refuses_options_that_would_change_the_run(tmp_path, capsys, folder):
     """--resume takes the run's settings from RUN/config.json: repeating them is fine, changing one
-    (or pointing --data elsewhere) is refused naming the setting, and nothing more is trained."""
+    is refused naming the setting, and so is --data naming a folder of other images under the
+    same names; nothing more is trained."""
     run = tmp_path / "run"
     rc, err = _run_cli(["--data", folder, "-o", run, "--stage", "1"], capsys)
     assert rc == 0, err
@@ -1089,9 +1090,10 @@ def test_resume_refuses_options_that_would_change_the_run(tmp_path, capsys, fold
                         (["--batch-size", "3"], "batch_size"), (["--backbone", "test_resnet"], "backbone")):
         rc, err = _run_cli(["--data", folder, "-o", run, "--resume", *args], capsys)
         assert rc == 2 and len(err) == 1 and f"would change {names}:" in err[0], (args, err)
-    other = make_folder(tmp_path / "elsewhere")
+    other = make_folder(tmp_path / "elsewhere", seed=1)  # other images under the same names
     rc, err = _run_cli(["--data", other, "-o", run, "--resume"], capsys)
-    assert rc == 2 and "would change data:" in err[0]
+    assert rc == 2 and len(err) == 1 and f"{other}: holds other images than the run's data folder {folder}" in err[0]
+    assert json.loads((run / "config.json").read_text())["data"] == str(folder)
     assert (run / "stage1.pt").read_bytes() == before
     rc, err = _run_cli(["--data", folder, "-o", run, "--resume", "--stage", "1", "--workers", "1"], capsys)
     assert rc == 0, err  # the same settings as the run's (the CLI repeats them), another worker count
@@ -1448,7 +1450,7 @@ def test_a_run_goes_on_with_its_images_moved_to_another_folder(tmp_path, capsys,
     """The data folder moved after a stage: ``--resume`` alone says where to give the new one,
     ``--data NEW --resume`` goes on with the same images there (the run's config and data index
     name the new folder), and a new folder without some of the run's images is refused naming
-    the first missing one."""
+    the first missing one; a copy made while the run's folder is still there is taken too."""
     data, run = tmp_path / "a", tmp_path / "run"
     shutil.copytree(folder, data)
     rc, err = _run_cli(["--data", data, "-o", run, "--stage", "1"], capsys)
@@ -1474,3 +1476,8 @@ def test_a_run_goes_on_with_its_images_moved_to_another_folder(tmp_path, capsys,
         assert index[split]["root"] == str(moved / split)
         assert [(str(Path(f).relative_to(moved)), lab) for f, lab in index[split]["samples"]] == \
             [(str(Path(f).relative_to(data)), lab) for f, lab in index_before[split]["samples"]]
+    again = tmp_path / "d"  # a copy, the run's folder still there (a local disk): the same images
+    shutil.copytree(moved, again)
+    rc, err = _run_cli(["--data", again, "-o", run, "--resume", "--stage", "3"], capsys)
+    assert rc == 0, err
+    assert json.loads((run / "config.json").read_text())["data"] == str(again)

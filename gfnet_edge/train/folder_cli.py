@@ -266,6 +266,15 @@ def _moved(split, root: Path, index: Path):
     except ValueError:
         raise InputError(f"{index}: lists images outside its split folder {old}; move it away to list "
                          f"{root} again") from None
+    for (was, _), (now, _) in zip(split.samples, samples):  # a copy, where the run's folder is still there
+        try:
+            same = os.path.getsize(was) == os.path.getsize(now)
+        except OSError:  # gone from the old place (moved), or not in the new one (named by the caller)
+            continue
+        if not same:
+            raise InputError(f"{root}: holds other images than the run's data folder {old.parent} ({now} and {was} "
+                             "differ in size): --resume goes on with the run's own images; give their folder, or "
+                             "start a new run in another -o folder")
     return FolderSplit(new, split.classes, samples, split.skipped)
 
 
