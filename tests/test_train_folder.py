@@ -1481,3 +1481,27 @@ def test_a_run_goes_on_with_its_images_moved_to_another_folder(tmp_path, capsys,
     rc, err = _run_cli(["--data", again, "-o", run, "--resume", "--stage", "3"], capsys)
     assert rc == 0, err
     assert json.loads((run / "config.json").read_text())["data"] == str(again)
+
+
+def test_a_moved_run_given_its_new_folder_relative_to_the_working_folder_names_it_absolute(tmp_path, capsys,
+                                                                                          folder, monkeypatch):
+    """``--data NEW --resume`` with ``NEW`` relative to the working folder: the run's config and
+    data index name the folder resolved, as a fresh run's do, so ``--resume`` alone (which reads
+    the folder from the config) goes on from another working folder."""
+    data, run = tmp_path / "a", tmp_path / "run"
+    shutil.copytree(folder, data)
+    rc, err = _run_cli(["--data", data, "-o", run, "--stage", "1"], capsys)
+    assert rc == 0, err
+    data.rename(tmp_path / "b")
+    monkeypatch.chdir(tmp_path)
+    rc, err = _run_cli(["--data", "b", "-o", run, "--resume", "--stage", "1"], capsys)
+    assert rc == 0, err
+    moved = (tmp_path / "b").resolve()
+    assert json.loads((run / "config.json").read_text())["data"] == str(moved)
+    index = json.loads((run / "data_index.json").read_text())
+    assert [index[k]["root"] for k in ("train", "val")] == [str(moved / "train"), str(moved / "val")]
+    assert all(Path(f).is_absolute() for k in ("train", "val") for f, _ in index[k]["samples"])
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    rc = cli.main(["train", "-o", str(run), "--resume", "--stage", "2", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err

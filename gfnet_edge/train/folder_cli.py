@@ -302,7 +302,7 @@ def run_folder(args: argparse.Namespace) -> int:
             cfg.workers = args.workers
         changed = _changed_on_resume(cfg, args)
         if changed == ["data"]:  # the same images in another place: the run goes on with them there
-            cfg.data = str(args.data)
+            cfg.data = str(Path(args.data).resolve())  # as apply_args resolves it
         elif changed and _adds_static(changed, stages, Path(args.out)):
             cfg = apply_args(FolderTrainConfig.from_dict(json.loads(cfg.dumps())), args)
         elif changed:
