@@ -1505,3 +1505,17 @@ def test_a_moved_run_given_its_new_folder_relative_to_the_working_folder_names_i
     monkeypatch.chdir(tmp_path / "elsewhere")
     rc = cli.main(["train", "-o", str(run), "--resume", "--stage", "2", "--no-progress"])
     assert rc == 0, capsys.readouterr().err
+
+
+def test_a_gfnet_checkpoint_that_does_not_fit_the_backbone_is_refused_naming_its_path(tmp_path, capsys, folder):
+    """A GFNet checkpoint of another backbone given as ``--pretrained``: the line names the file
+    and that it does not fit, without the log's words that its focus encoder starts both
+    encoders (it starts none); nothing is written."""
+    from gfnet_edge.demo import DEMO_CHECKPOINT
+
+    run = tmp_path / "run"
+    rc, err = _run_cli(["--data", folder, "-o", run, "--stage", "1", "--pretrained", DEMO_CHECKPOINT], capsys)
+    assert rc == 2 and len(err) == 1, err
+    assert f"{Path(DEMO_CHECKPOINT).resolve()} does not fit this backbone: " in err[0], err
+    assert "starts both encoders" not in err[0], err
+    assert not run.exists()

@@ -208,8 +208,9 @@ def build_models(cfg, num_classes: int, log, pretrained: bool = True):
     else:
         sd, source = read_weights_file(cfg.pretrained, cfg.backbone)
     try:
+        named = source if cfg.pretrained == "timm" else cfg.pretrained  # source: the log's words for it
         for net in [model.model_prime.net, model.model.net] + ([static] if static is not None else []):
-            fresh = load_backbone(net, sd, source)
+            fresh = load_backbone(net, sd, named)
     except InputError as exc:
         hint = static_kwargs_hint(cfg.pretrained, cfg.backbone_kwargs) if cfg.pretrained != "timm" else ""
         raise InputError(f"{exc}{hint}") from exc
