@@ -1519,3 +1519,20 @@ def test_a_gfnet_checkpoint_that_does_not_fit_the_backbone_is_refused_naming_its
     assert f"{Path(DEMO_CHECKPOINT).resolve()} does not fit this backbone: " in err[0], err
     assert "starts both encoders" not in err[0], err
     assert not run.exists()
+
+
+def test_a_static_baseline_is_added_to_a_run_whose_images_moved(tmp_path, capsys, folder):
+    """``--data NEW --resume --stage static --static-epochs N`` on a run without a static
+    baseline whose images moved: the baseline is trained on the images there, and the run's
+    config names NEW and the baseline's epochs."""
+    data, run = tmp_path / "a", tmp_path / "run"
+    shutil.copytree(folder, data)
+    rc, err = _run_cli(["--data", data, "-o", run, "--stage", "1"], capsys)
+    assert rc == 0, err
+    data.rename(tmp_path / "b")
+    rc, err = _run_cli(["--data", tmp_path / "b", "-o", run, "--resume", "--stage", "static", "--static-epochs", "1"],
+                       capsys)
+    assert rc == 0, err
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["data"] == str(tmp_path / "b") and cfg["static"]["epochs"] == 1
+    assert (run / "static.pth.tar").is_file()

@@ -329,9 +329,10 @@ def run_folder(args: argparse.Namespace) -> int:
 def _adds_static(changed: Sequence[str], stages: Sequence[str], out: Path) -> bool:
     """Whether a ``--resume`` whose command line changes the settings ``changed`` adds a static
     baseline to a run that has none: the static stage runs, only ``static.*`` settings change
-    and no static stage has started (``RUN/static.pt`` absent). The GFNet stages are untouched
-    by those settings, so the run's other checkpoints stay valid."""
-    return ("static" in stages and all(k.startswith("static.") for k in changed)
+    (and ``data``, the run's images in another place) and no static stage has started
+    (``RUN/static.pt`` absent). The GFNet stages are untouched by those settings, so the run's
+    other checkpoints stay valid."""
+    return ("static" in stages and all(k.startswith("static.") or k == "data" for k in changed)
             and not (out / "static.pt").exists())
 
 
