@@ -55,7 +55,7 @@ HUGE = 10 ** 400  # an int beyond the float range (float(HUGE) raises OverflowEr
     (lambda rt, x: rt.predict(x, deadline_ms=-HUGE), "deadline_ms must be a finite number"),
     (lambda rt, x: rt.predict(x, deadline_ms=5.0, deadline_margin=HUGE), "deadline_margin must be a finite number"),
     (lambda rt, x: rt.predict_iter(x, deadline_ms=HUGE), "deadline_ms must be a finite number"),
-    (lambda rt, x: rt.set_step_costs([HUGE, 1.0, 1.0]), "step costs must be"),
+    (lambda rt, x: rt.set_step_costs([HUGE, 1.0, 1.0]), "must be a finite number, got one beyond the float range"),
     (lambda rt, x: setattr(rt, "thresholds", [HUGE, 0.5, 0.5]), "thresholds must be 3 finite numbers"),
 ])
 def test_integers_beyond_the_float_range_are_input_errors(demo_onnx_bundle, demo_frames, call, match):

@@ -1481,3 +1481,58 @@ def test_a_run_goes_on_with_its_images_moved_to_another_folder(tmp_path, capsys,
     rc, err = _run_cli(["--data", again, "-o", run, "--resume", "--stage", "3"], capsys)
     assert rc == 0, err
     assert json.loads((run / "config.json").read_text())["data"] == str(again)
+
+
+def test_a_moved_run_given_its_new_folder_relative_to_the_working_folder_names_it_absolute(tmp_path, capsys,
+                                                                                          folder, monkeypatch):
+    """``--data NEW --resume`` with ``NEW`` relative to the working folder: the run's config and
+    data index name the folder resolved, as a fresh run's do, so ``--resume`` alone (which reads
+    the folder from the config) goes on from another working folder."""
+    data, run = tmp_path / "a", tmp_path / "run"
+    shutil.copytree(folder, data)
+    rc, err = _run_cli(["--data", data, "-o", run, "--stage", "1"], capsys)
+    assert rc == 0, err
+    data.rename(tmp_path / "b")
+    monkeypatch.chdir(tmp_path)
+    rc, err = _run_cli(["--data", "b", "-o", run, "--resume", "--stage", "1"], capsys)
+    assert rc == 0, err
+    moved = (tmp_path / "b").resolve()
+    assert json.loads((run / "config.json").read_text())["data"] == str(moved)
+    index = json.loads((run / "data_index.json").read_text())
+    assert [index[k]["root"] for k in ("train", "val")] == [str(moved / "train"), str(moved / "val")]
+    assert all(Path(f).is_absolute() for k in ("train", "val") for f, _ in index[k]["samples"])
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    rc = cli.main(["train", "-o", str(run), "--resume", "--stage", "2", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+
+
+def test_a_gfnet_checkpoint_that_does_not_fit_the_backbone_is_refused_naming_its_path(tmp_path, capsys, folder):
+    """A GFNet checkpoint of another backbone given as ``--pretrained``: the line names the file
+    and that it does not fit, without the log's words that its focus encoder starts both
+    encoders (it starts none); nothing is written."""
+    from gfnet_edge.demo import DEMO_CHECKPOINT
+
+    run = tmp_path / "run"
+    rc, err = _run_cli(["--data", folder, "-o", run, "--stage", "1", "--pretrained", DEMO_CHECKPOINT], capsys)
+    assert rc == 2 and len(err) == 1, err
+    assert f"{Path(DEMO_CHECKPOINT).resolve()} does not fit this backbone: " in err[0], err
+    assert "starts both encoders" not in err[0], err
+    assert not run.exists()
+
+
+def test_a_static_baseline_is_added_to_a_run_whose_images_moved(tmp_path, capsys, folder):
+    """``--data NEW --resume --stage static --static-epochs N`` on a run without a static
+    baseline whose images moved: the baseline is trained on the images there, and the run's
+    config names NEW and the baseline's epochs."""
+    data, run = tmp_path / "a", tmp_path / "run"
+    shutil.copytree(folder, data)
+    rc, err = _run_cli(["--data", data, "-o", run, "--stage", "1"], capsys)
+    assert rc == 0, err
+    data.rename(tmp_path / "b")
+    rc, err = _run_cli(["--data", tmp_path / "b", "-o", run, "--resume", "--stage", "static", "--static-epochs", "1"],
+                       capsys)
+    assert rc == 0, err
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["data"] == str(tmp_path / "b") and cfg["static"]["epochs"] == 1
+    assert (run / "static.pth.tar").is_file()

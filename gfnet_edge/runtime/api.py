@@ -3,6 +3,7 @@ unless the ``torch`` backend is asked for)."""
 from __future__ import annotations
 
 import collections
+import numbers
 import os
 import threading
 import time
@@ -21,7 +22,7 @@ from ..model_desc import ModelDesc, as_desc
 from .backends import RunnerRequest
 from .backends import choices as backend_choices
 from .backends import get as get_backend
-from .deadline import Deadline, StepCosts, StepTimes, check_deadline, check_number, step_costs_key
+from .deadline import Deadline, StepCosts, StepTimes, check_deadline, step_costs_key
 from .chunking import (OutputBuffer, channels_hint, check_batch, check_frames_given, chunk_size, device_chunks,
                        stream_batches)
 from .driver import Driver, StepOutputs
@@ -648,13 +649,10 @@ class Runtime:
                 values = None if isinstance(costs, (str, bytes)) else list(costs)
             except TypeError:  # not iterable: a number, a 0-d array
                 values = None
-            try:  # check_number: real numbers only (no bools or strings), none beyond the float range
-                values = None if values is None else tuple(check_number(v, "step costs") for v in values)
-            except InputError:
-                values = None
-            if values is None:
+            if values is None or any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in values):
                 raise InputError(f"step costs must be a StepCosts or one number of ms per step, got {costs!r}")
-            costs = StepCosts(values, source="set_step_costs")
+            # StepCosts checks each with check_number: an int beyond the float range is named as such
+            costs = StepCosts(tuple(values), source="set_step_costs")
         if costs is not None and costs.steps != self.model.steps:
             raise InputError(f"need a cost for each of the {self.model.steps} steps, got {costs.steps}")
         self.step_costs = costs

@@ -208,8 +208,9 @@ def build_models(cfg, num_classes: int, log, pretrained: bool = True):
     else:
         sd, source = read_weights_file(cfg.pretrained, cfg.backbone)
     try:
+        named = source if cfg.pretrained == "timm" else cfg.pretrained  # source: the log's words for it
         for net in [model.model_prime.net, model.model.net] + ([static] if static is not None else []):
-            fresh = load_backbone(net, sd, source)
+            fresh = load_backbone(net, sd, named)
     except InputError as exc:
         hint = static_kwargs_hint(cfg.pretrained, cfg.backbone_kwargs) if cfg.pretrained != "timm" else ""
         raise InputError(f"{exc}{hint}") from exc
@@ -302,7 +303,7 @@ def run_folder(args: argparse.Namespace) -> int:
             cfg.workers = args.workers
         changed = _changed_on_resume(cfg, args)
         if changed == ["data"]:  # the same images in another place: the run goes on with them there
-            cfg.data = str(args.data)
+            cfg.data = str(Path(args.data).resolve())  # as apply_args resolves it
         elif changed and _adds_static(changed, stages, Path(args.out)):
             cfg = apply_args(FolderTrainConfig.from_dict(json.loads(cfg.dumps())), args)
         elif changed:
@@ -328,9 +329,10 @@ def run_folder(args: argparse.Namespace) -> int:
 def _adds_static(changed: Sequence[str], stages: Sequence[str], out: Path) -> bool:
     """Whether a ``--resume`` whose command line changes the settings ``changed`` adds a static
     baseline to a run that has none: the static stage runs, only ``static.*`` settings change
-    and no static stage has started (``RUN/static.pt`` absent). The GFNet stages are untouched
-    by those settings, so the run's other checkpoints stay valid."""
-    return ("static" in stages and all(k.startswith("static.") for k in changed)
+    (and ``data``, the run's images in another place) and no static stage has started
+    (``RUN/static.pt`` absent). The GFNet stages are untouched by those settings, so the run's
+    other checkpoints stay valid."""
+    return ("static" in stages and all(k.startswith("static.") or k == "data" for k in changed)
             and not (out / "static.pt").exists())
 
 
