@@ -892,6 +892,19 @@ def test_a_static_baseline_built_with_other_backbone_kwargs_names_them(tmp_path,
     assert rc == 0, err
 
 
+def test_a_gfnet_checkpoint_built_with_other_backbone_kwargs_names_them(tmp_path, capsys, folder):
+    """The shipped demo GFNet (a quarter-width resnet18) as --pretrained for a plain resnet18:
+    the one line names the --set that builds the backbone its focus encoder fits."""
+    from gfnet_edge.demo import DEMO_CHECKPOINT
+
+    args = ["--data", folder, "--backbone", "resnet18", "--pretrained", DEMO_CHECKPOINT, "--stage", "1"]
+    rc, err = _run_cli([*args, "-o", tmp_path / "r"], capsys)
+    assert rc == 2 and len(err) == 1 and "does not fit this backbone" in err[0], err
+    assert err[0].endswith("it is a GFNet checkpoint built with --set 'backbone_kwargs={\"channels\": [16, 32, 64, "
+                           "128], \"stem_width\": 16}' (this run: {})"), err
+    assert not (tmp_path / "r").exists()
+
+
 def test_help_marks_the_options_the_image_folder_trainer_refuses(tmp_path, capsys, folder):
     """Every option (or choice) that ``--data`` refuses is marked "demo trainer only" in --help."""
     import re

@@ -93,18 +93,25 @@ def timm_pretrained_state(backbone: str, num_classes: int, **kwargs: Any) -> Dic
 
 
 def static_kwargs_hint(path: str, backbone_kwargs: Dict[str, Any]) -> str:
-    """For weights that do not fit: when ``path`` is a static baseline built with other
-    ``backbone_kwargs`` than the run's, the option that builds the backbone it fits (else "")."""
+    """For weights that do not fit: when ``path`` is a static baseline or a gfnet-edge GFNet
+    checkpoint built with other ``backbone_kwargs`` than the run's, the option that builds the
+    backbone it fits (else "")."""
     from .static import load_static_meta
 
     try:
-        theirs = load_static_meta(path).get("backbone_kwargs") or {}
+        what, theirs = "a static baseline", load_static_meta(path).get("backbone_kwargs") or {}
     except (CheckpointError, OSError):
-        return ""
+        try:  # a GFNet checkpoint records its model's settings (the weights are mapped, not read)
+            config = read_torch_file(Path(path), "weights", mmap=True).get("gfnet_edge_config")
+        except (CheckpointError, OSError, AttributeError):
+            return ""
+        if not isinstance(config, dict):
+            return ""
+        what, theirs = "a GFNet checkpoint", config.get("backbone_kwargs") or {}
     theirs, ours = (json.loads(json.dumps(k)) for k in (theirs, backbone_kwargs))
     if theirs == ours:
         return ""
-    return (f"; it is a static baseline built with --set 'backbone_kwargs={json.dumps(theirs)}' "
+    return (f"; it is {what} built with --set 'backbone_kwargs={json.dumps(theirs)}' "
             f"(this run: {json.dumps(ours)})")
 
 
