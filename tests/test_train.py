@@ -204,3 +204,25 @@ def test_image_folder_options_without_data_are_refused_before_anything_runs(tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("gfnet-edge: error:") and needle in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_demo_trainer_closes_its_log_when_an_error_ends_the_run(tmp_path, monkeypatch):
+    """An error after RUN/train.txt is opened (here: the data cannot be made) ends the command
+    with its one line, and the log file is closed (no ResourceWarning for it)."""
+    import gc
+    import warnings
+
+    from gfnet_edge import cli
+    from gfnet_edge.errors import InputError
+    from gfnet_edge.train import data
+
+    def no_data(*args, **kwargs):
+        raise InputError("no data here")
+
+    monkeypatch.setattr(data, "load_split", no_data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        rc = cli.main(["train", "-o", str(tmp_path / "run"), "--tiny", "--no-progress"])
+        gc.collect()
+    assert rc == 2 and (tmp_path / "run" / "train.txt").is_file()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning) and "train.txt" in str(w.message)]

@@ -213,52 +213,55 @@ def _run(args: argparse.Namespace) -> int:
         log_file.write(line + "\n")
         log_file.flush()
 
-    t0 = time.time()
-    dcfg = cfg.data()
-    write_text_atomic(cfg_path, cfg.dumps())
-    train = load_split("train", cfg.train_size, config=dcfg, progress=progress)
-    val = load_split("val", cfg.val_size, config=dcfg, progress=progress)
-    test = load_split("test", cfg.test_size, config=dcfg, progress=progress) if args.stage in ("all", "export") else None
-    log(f"data config key {dcfg.key()}")
-    log(f"data: train {len(train)}, val {len(val)} ({time.time() - t0:.0f} s)")
-    from .folder_stages.sigint import SIGINT
+    try:  # the log is closed however the run ends (an error, Ctrl-C)
+        t0 = time.time()
+        dcfg = cfg.data()
+        write_text_atomic(cfg_path, cfg.dumps())
+        train = load_split("train", cfg.train_size, config=dcfg, progress=progress)
+        val = load_split("val", cfg.val_size, config=dcfg, progress=progress)
+        test = (load_split("test", cfg.test_size, config=dcfg, progress=progress)
+                if args.stage in ("all", "export") else None)
+        log(f"data config key {dcfg.key()}")
+        log(f"data: train {len(train)}, val {len(val)} ({time.time() - t0:.0f} s)")
+        from .folder_stages.sigint import SIGINT
 
-    with SIGINT:  # Ctrl-C stops training wherever it comes, as with --data
-        runner = Run(out, cfg, train, val, progress=progress, log=log)
-        stages = STAGES if args.stage == "all" else STAGE_GROUPS[args.stage]
-        # Load the weights of the last finished stage before the requested ones.
-        first = STAGES.index(stages[0]) if stages else len(STAGES)
-        # The static baseline may be trained by a separate process in parallel with stages 1-3
-        # (it only needs pre_local), so the GFNet comes from the last finished GFNet stage and the
-        # static model from static.pt.
-        for name in reversed([n for n in STAGES[:first] if n != "static"]):
-            if runner.load_finished(name, only="gfnet"):
-                log(f"loaded weights after stage {name}")
-                break
-        else:
-            if first > 0 and args.stage != "all":
-                log(f"warning: no earlier stage finished in {out}; stage {args.stage} starts from random weights")
-        if "static" in STAGES[:first] and runner.load_finished("static", only="static"):
-            log("loaded the static baseline after stage static")
-        if args.stage == "export":  # minutes of every finished stage (they may come from several processes)
-            for name in STAGES:
-                p = runner.stage_path(name)
-                if p.exists():
-                    ck = torch.load(p, map_location="cpu", weights_only=True)
-                    if ck.get("done"):
-                        runner.timings[name] = ck.get("elapsed", 0.0)
-        resume = args.resume or args.stage != "all"
-        for name in stages:
-            t = time.time()
-            getattr(runner, "static_stage" if name == "static" else name)(resume=resume)
-            log(f"stage {name} finished in {(time.time() - t) / 60:.1f} min (this process)")
-        timings = {k: round(v / 60, 2) for k, v in runner.timings.items()}
-        write_text_atomic(out / "timings.json", json.dumps(timings, indent=1))
-        log(f"training minutes per stage: {timings}")
-        if args.stage in ("all", "export"):
-            export(runner, cfg, test, out, Path(args.assets) if args.assets else None, log, progress)
-        log(f"total {(time.time() - t0) / 60:.1f} min")
-    log_file.close()
+        with SIGINT:  # Ctrl-C stops training wherever it comes, as with --data
+            runner = Run(out, cfg, train, val, progress=progress, log=log)
+            stages = STAGES if args.stage == "all" else STAGE_GROUPS[args.stage]
+            # Load the weights of the last finished stage before the requested ones.
+            first = STAGES.index(stages[0]) if stages else len(STAGES)
+            # The static baseline may be trained by a separate process in parallel with stages 1-3
+            # (it only needs pre_local), so the GFNet comes from the last finished GFNet stage and the
+            # static model from static.pt.
+            for name in reversed([n for n in STAGES[:first] if n != "static"]):
+                if runner.load_finished(name, only="gfnet"):
+                    log(f"loaded weights after stage {name}")
+                    break
+            else:
+                if first > 0 and args.stage != "all":
+                    log(f"warning: no earlier stage finished in {out}; stage {args.stage} starts from random weights")
+            if "static" in STAGES[:first] and runner.load_finished("static", only="static"):
+                log("loaded the static baseline after stage static")
+            if args.stage == "export":  # minutes of every finished stage (they may come from several processes)
+                for name in STAGES:
+                    p = runner.stage_path(name)
+                    if p.exists():
+                        ck = torch.load(p, map_location="cpu", weights_only=True)
+                        if ck.get("done"):
+                            runner.timings[name] = ck.get("elapsed", 0.0)
+            resume = args.resume or args.stage != "all"
+            for name in stages:
+                t = time.time()
+                getattr(runner, "static_stage" if name == "static" else name)(resume=resume)
+                log(f"stage {name} finished in {(time.time() - t) / 60:.1f} min (this process)")
+            timings = {k: round(v / 60, 2) for k, v in runner.timings.items()}
+            write_text_atomic(out / "timings.json", json.dumps(timings, indent=1))
+            log(f"training minutes per stage: {timings}")
+            if args.stage in ("all", "export"):
+                export(runner, cfg, test, out, Path(args.assets) if args.assets else None, log, progress)
+            log(f"total {(time.time() - t0) / 60:.1f} min")
+    finally:
+        log_file.close()
     return 0
 
 
