@@ -874,35 +874,28 @@ def test_bad_options_and_weights(tmp_path, capsys, folder, weights):
         assert not (tmp_path / "r").exists()
 
 
-def test_a_static_baseline_built_with_other_backbone_kwargs_names_them(tmp_path, capsys, folder):
-    """A static baseline whose backbone was built with other ``backbone_kwargs`` than the run's
-    does not fit: the one line names the --set that builds the backbone it fits, which then trains."""
+@pytest.mark.parametrize("kind", ["static baseline", "GFNet checkpoint"])
+def test_weights_built_with_other_backbone_kwargs_name_them(tmp_path, capsys, folder, kind):
+    """A static baseline, or a GFNet checkpoint (the shipped demo model: a quarter-width
+    resnet18), whose backbone was built with other ``backbone_kwargs`` than the run's does not
+    fit: the one line names the --set that builds the backbone it fits, which then trains."""
+    from gfnet_edge.demo import DEMO_CHECKPOINT
     from gfnet_edge.train.static import save_static
 
-    kwargs = {"stem_width": 8}
-    baseline = save_static(tmp_path / "static.pth.tar", timm.create_model("test_resnet", num_classes=3, **kwargs),
-                           "test_resnet", kwargs, 3, image_size=64)
-    args = ["--data", folder, "--backbone", "test_resnet", "--pretrained", baseline, "--stage", "1"]
+    if kind == "static baseline":
+        backbone, kwargs = "test_resnet", {"stem_width": 8}
+        weights = save_static(tmp_path / "static.pth.tar", timm.create_model(backbone, num_classes=3, **kwargs),
+                              backbone, kwargs, 3, image_size=64)
+    else:
+        backbone, kwargs, weights = "resnet18", {"channels": [16, 32, 64, 128], "stem_width": 16}, DEMO_CHECKPOINT
+    args = ["--data", folder, "--backbone", backbone, "--pretrained", weights, "--stage", "1"]
     rc, err = _run_cli([*args, "-o", tmp_path / "r"], capsys)
     assert rc == 2 and len(err) == 1 and "does not fit this backbone" in err[0], err
-    assert err[0].endswith("it is a static baseline built with --set 'backbone_kwargs={\"stem_width\": 8}' "
-                           "(this run: {})"), err
+    want = f"it is a {kind} built with --set 'backbone_kwargs={json.dumps(kwargs)}' (this run: {{}})"
+    assert err[0].endswith(want), err
     assert not (tmp_path / "r").exists()
-    rc, err = _run_cli([*args, "-o", tmp_path / "r", "--set", 'backbone_kwargs={"stem_width": 8}'], capsys)
+    rc, err = _run_cli([*args, "-o", tmp_path / "r", "--set", f"backbone_kwargs={json.dumps(kwargs)}"], capsys)
     assert rc == 0, err
-
-
-def test_a_gfnet_checkpoint_built_with_other_backbone_kwargs_names_them(tmp_path, capsys, folder):
-    """The shipped demo GFNet (a quarter-width resnet18) as --pretrained for a plain resnet18:
-    the one line names the --set that builds the backbone its focus encoder fits."""
-    from gfnet_edge.demo import DEMO_CHECKPOINT
-
-    args = ["--data", folder, "--backbone", "resnet18", "--pretrained", DEMO_CHECKPOINT, "--stage", "1"]
-    rc, err = _run_cli([*args, "-o", tmp_path / "r"], capsys)
-    assert rc == 2 and len(err) == 1 and "does not fit this backbone" in err[0], err
-    assert err[0].endswith("it is a GFNet checkpoint built with --set 'backbone_kwargs={\"channels\": [16, 32, 64, "
-                           "128], \"stem_width\": 16}' (this run: {})"), err
-    assert not (tmp_path / "r").exists()
 
 
 def test_help_marks_the_options_the_image_folder_trainer_refuses(tmp_path, capsys, folder):
