@@ -1436,20 +1436,20 @@ def test_a_demo_folder_interrupted_while_its_images_are_written_leaves_nothing(t
 
 def test_a_gfnet_checkpoint_as_pretrained_weights_says_which_of_its_parts_it_gives():
     """A GFNet checkpoint given as ``--pretrained``: its focus encoder (``model_state_dict``) is
-    the backbone state read, and the words for the source say so and that the rest is unused;
-    a plain state dict is named by its path alone."""
+    the backbone state read, and the note for the log after its path says so and that the rest is
+    unused; a plain state dict gets no note."""
     import torch
 
     from gfnet_edge.demo import DEMO_CHECKPOINT
     from gfnet_edge.train.pretrained import read_weights_file
 
-    sd, source = read_weights_file(str(DEMO_CHECKPOINT), "resnet18")
+    sd, note = read_weights_file(str(DEMO_CHECKPOINT), "resnet18")
     want = torch.load(DEMO_CHECKPOINT, map_location="cpu", weights_only=True)["model_state_dict"]
     assert sd.keys() == {k[len("module."):] if k.startswith("module.") else k for k in want}
     assert all(torch.equal(sd[k[len("module."):] if k.startswith("module.") else k], v.float()) for k, v in want.items())
-    assert source.startswith(f"{DEMO_CHECKPOINT} (a GFNet checkpoint: its focus encoder") and "not used" in source
+    assert note.startswith(" (a GFNet checkpoint: its focus encoder") and "not used" in note
     plain = Path(DEMO_CHECKPOINT).parent / "demo_static.pth.tar"
-    assert read_weights_file(str(plain), "resnet18")[1] == str(plain)
+    assert read_weights_file(str(plain), "resnet18")[1] == ""
 
 
 def test_a_run_goes_on_with_its_images_moved_to_another_folder(tmp_path, capsys, folder):

@@ -83,6 +83,11 @@ def read_torch_file(path: PathLike, what: str = "checkpoint", mmap: bool = False
         raise CheckpointError(f"{p}: not a readable torch {what} file (truncated or corrupt?): {msg[:200]}") from exc
 
 
+def is_gfnet_checkpoint(obj: Any) -> bool:
+    """Whether a loaded file is a GFNet checkpoint (it holds every section of :data:`STATE_KEYS`)."""
+    return isinstance(obj, dict) and all(k in obj for k in STATE_KEYS)
+
+
 def is_stage_checkpoint(obj: Any) -> bool:
     """Whether a loaded file is a stage checkpoint of ``gfnet-edge train`` (``RUN/<stage>.pt``)."""
     return isinstance(obj, dict) and {"models", "opt", "done"} <= set(obj)

@@ -204,17 +204,17 @@ def build_models(cfg, num_classes: int, log, pretrained: bool = True):
         log("warning: no --pretrained weights: the backbone starts from random weights")
         return model, static
     if cfg.pretrained == "timm":
-        sd, source = timm_pretrained_state(cfg.backbone, num_classes, **cfg.backbone_kwargs), f"timm {cfg.backbone}"
+        sd, source, note = timm_pretrained_state(cfg.backbone, num_classes, **cfg.backbone_kwargs), \
+            f"timm {cfg.backbone}", ""
     else:
-        sd, source = read_weights_file(cfg.pretrained, cfg.backbone)
+        (sd, note), source = read_weights_file(cfg.pretrained, cfg.backbone), cfg.pretrained
     try:
-        named = source if cfg.pretrained == "timm" else cfg.pretrained  # source: the log's words for it
         for net in [model.model_prime.net, model.model.net] + ([static] if static is not None else []):
-            fresh = load_backbone(net, sd, named)
+            fresh = load_backbone(net, sd, source)
     except InputError as exc:
         hint = static_kwargs_hint(cfg.pretrained, cfg.backbone_kwargs) if cfg.pretrained != "timm" else ""
         raise InputError(f"{exc}{hint}") from exc
-    log(f"pretrained weights: {source}" + (f" (classifier re-initialised: {len(fresh)} tensors)" if fresh else ""))
+    log(f"pretrained weights: {source}{note}" + (f" (classifier re-initialised: {len(fresh)} tensors)" if fresh else ""))
     return model, static
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import InputError, UnavailableError
-from ..models.checkpoint import CheckpointError, is_stage_checkpoint, read_torch_file
+from ..models.checkpoint import CheckpointError, is_gfnet_checkpoint, is_stage_checkpoint, read_torch_file
 from .static import static_baseline_hint
 
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "state_dict_ema")
@@ -26,8 +26,8 @@ def _tensor_dict(obj: Any) -> bool:
 
 
 def read_weights_file(path: str, backbone: str) -> Tuple[Dict[str, torch.Tensor], str]:
-    """The backbone state dict in ``path`` (see the module docstring) and the words for where it
-    comes from: the path, and for a GFNet checkpoint, that its focus encoder is the one taken.
+    """The backbone state dict in ``path`` (see the module docstring) and a note for the log
+    after the path: for a GFNet checkpoint, that its focus encoder is the one taken (else "").
 
     Raises:
         InputError: missing or unreadable file, no state dict inside, a static baseline of another backbone.
@@ -50,11 +50,8 @@ def read_weights_file(path: str, backbone: str) -> Tuple[Dict[str, torch.Tensor]
     if is_stage_checkpoint(obj):
         raise InputError(f"{p}: a stage checkpoint of gfnet-edge train (weights and optimiser mid-training), "
                          f"not backbone weights: {static_baseline_hint(p.parent)}")
-    source = str(p)
-    if isinstance(obj, dict) and _tensor_dict(obj.get("model_prime_state_dict")) \
-            and _tensor_dict(obj.get("model_state_dict")):
-        source = (f"{p} (a GFNet checkpoint: its focus encoder, model_state_dict, starts both encoders; its glance "
-                  "encoder, policy and classifier are not used)")
+    note = (" (a GFNet checkpoint: its focus encoder, model_state_dict, starts both encoders; its glance encoder, "
+            "policy and classifier are not used)" if is_gfnet_checkpoint(obj) else "")
     if isinstance(obj, dict) and obj.get("format") == "gfnet_edge_static_v1":
         if obj.get("backbone") != backbone:
             raise InputError(f"{p}: a static baseline of {obj.get('backbone')!r}, not {backbone!r}")
@@ -64,7 +61,7 @@ def read_weights_file(path: str, backbone: str) -> Tuple[Dict[str, torch.Tensor]
     if not _tensor_dict(obj):
         raise InputError(f"{p}: holds no state dict of tensors (looked at the top level and {', '.join(WRAPPER_KEYS)})")
     return {(k[len("module."):] if k.startswith("module.") else k): v.float() if v.is_floating_point() else v
-            for k, v in obj.items()}, source
+            for k, v in obj.items()}, note
 
 
 def timm_pretrained_state(backbone: str, num_classes: int, **kwargs: Any) -> Dict[str, torch.Tensor]:

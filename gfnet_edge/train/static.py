@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 
 from ..models.backbones import _create_timm
-from ..models.checkpoint import (STATE_KEYS, CheckpointError, atomic_torch_save, is_stage_checkpoint,  # noqa: F401
-                                  read_checkpoint_dict, read_torch_file)  # (re-exported errors)
+from ..models.checkpoint import (CheckpointError, atomic_torch_save, is_gfnet_checkpoint,  # noqa: F401
+                                  is_stage_checkpoint, read_checkpoint_dict, read_torch_file)  # (re-exported errors)
 from ..models.macs import count_static_macs
 from ..variants import IMAGENET_MEAN, IMAGENET_STD
 
@@ -67,7 +67,7 @@ def load_static_meta(path: os.PathLike) -> Dict[str, Any]:
 
 def _read_static(p: Path, mmap: bool = False) -> Dict[str, Any]:
     ck = read_torch_file(p, "static checkpoint", mmap=mmap)
-    if isinstance(ck, dict) and (is_stage_checkpoint(ck) or all(k in ck for k in STATE_KEYS)):
+    if is_stage_checkpoint(ck) or is_gfnet_checkpoint(ck):
         what = "a stage checkpoint of gfnet-edge train" if is_stage_checkpoint(ck) else "a GFNet checkpoint"
         raise CheckpointError(f"{p}: {what}, not a static baseline: {static_baseline_hint(p.parent)}")
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
