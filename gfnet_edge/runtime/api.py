@@ -661,15 +661,16 @@ class Runtime:
     def _deadline(self, deadline_ms: Optional[float], margin: float, start: float) -> Optional[Deadline]:
         if deadline_ms is None:
             return None
-        check_deadline(deadline_ms, margin)  # a bad value is named before what the runtime lacks
         if self.step_costs is None:
+            check_deadline(deadline_ms, margin)  # a bad value is named before what the runtime lacks
             raise InputError(f"a deadline needs the step latencies of this device: run `gfnet-edge calibrate "
                              f"{self.bundle.root}` with the {self.backend} backend and {self.precision} graphs, "
                              "or give them with Runtime.set_step_costs")
+        deadline = Deadline(deadline_ms, self.step_costs, margin, start=start)  # checks the values once
         warning, self._step_costs_warning = self._step_costs_warning, None
         if warning is not None:
             logger.warning("%s", warning)
-        return Deadline(deadline_ms, self.step_costs, margin, start=start)
+        return deadline
 
     # ------------------------------------------------------------------- run
     def predict(self, inputs, budget: Optional[str] = None, deadline_ms: Optional[float] = None,
