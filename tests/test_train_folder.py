@@ -280,6 +280,46 @@ def test_the_trainers_dataloader_workers_ignore_sigint_themselves(tmp_path, star
     assert json.loads(proc.stdout) == [[[True, False]]] * 2, proc.stdout  # each batch: (ignored, blocked)
 
 
+_SEMAPHORE_PROBE = """
+import os, signal, sys
+import multiprocessing
+from multiprocessing import synchronize
+
+from gfnet_edge.train.folder_stages.sigint import SIGINT
+
+unlink = synchronize.sem_unlink
+
+
+def unlink_then_ctrl_c(name):
+    unlink(name)
+    os.kill(os.getpid(), signal.SIGINT)  # handled at the next bytecode: before the tracker is told
+
+
+synchronize.sem_unlink = unlink_then_ctrl_c
+with SIGINT:
+    lock = multiprocessing.get_context(sys.argv[1]).Lock()  # named, known to the resource tracker
+    del lock  # its finalizer unlinks it, then unregisters it
+    try:
+        SIGINT.check()
+    except KeyboardInterrupt:
+        print("interrupted")
+"""
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_a_ctrl_c_inside_a_semaphores_cleanup_stops_training_without_the_trackers_report(tmp_path, start_method):
+    """A Ctrl-C that comes while multiprocessing cleans up a DataLoader queue's semaphore (its
+    finalizer unlinks it, then unregisters it from the resource tracker) under spawn / forkserver
+    stops training at the next check, and the cleanup runs whole: the resource tracker, which
+    reports at exit every semaphore still registered, has nothing to say."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(_SEMAPHORE_PROBE)
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])  # this checkout's gfnet_edge
+    proc = subprocess.run([sys.executable, str(probe), start_method], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": path})
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "interrupted\n", "")
+
+
 def _interrupted_writes(monkeypatch, name: str) -> None:
     """The first text written to a file named ``name`` (or to the temporary file of an atomic
     write of it, ``name.XXXX.tmp``) stops half-way with KeyboardInterrupt, as a Ctrl-C there would:

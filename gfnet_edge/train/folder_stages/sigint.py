@@ -20,6 +20,10 @@ class SigintLatch:
     * inside :meth:`deferred` (the start of the DataLoader workers, whose fork handlers Python
       runs ignoring what they raise; the write of a stage checkpoint) it is only recorded, and
       raised when the block ends;
+    * inside multiprocessing's own bookkeeping (its finalizers, which close the workers' queues
+      and unlink their semaphores, and its resource tracker's calls) it is only recorded, and
+      raised at the next :meth:`check`: an interrupt between a semaphore's unlink and its
+      unregistration would leave the resource tracker to report it at exit;
     * the processes forked meanwhile (which inherit the handler and get the terminal's Ctrl-C
       too) ignore it; DataLoader workers, forked or spawned, ignore it from their start
       (:meth:`started`, :func:`worker_ignores_sigint`): the training process stops them."""
@@ -35,7 +39,7 @@ class SigintLatch:
         if os.getpid() != self._pid:  # a forked DataLoader worker
             return
         self.hit = True
-        if not self._defer:
+        if not self._defer and not _in_multiprocessing_bookkeeping(frame):
             raise KeyboardInterrupt
 
     def _unraisable_hook(self, unraisable) -> None:
@@ -93,6 +97,23 @@ class SigintLatch:
             sys.unraisablehook = self._unraisable
             self._previous = self._unraisable = None
         self.hit = False
+
+
+def _in_multiprocessing_bookkeeping(frame) -> bool:
+    """Whether ``frame`` (the one a signal interrupts) runs inside a multiprocessing finalizer
+    (``util.Finalize``: a queue's close, a semaphore's unlink), a semaphore's creation or
+    cleanup, or the resource tracker: code that must run whole, or leaves a resource that the
+    tracker reports at exit."""
+    from multiprocessing import resource_tracker, synchronize, util
+
+    codes = {util.Finalize.__call__.__code__, util._run_finalizers.__code__,
+             synchronize.SemLock.__init__.__code__, synchronize.SemLock._cleanup.__code__}
+    tracker = resource_tracker.__file__
+    while frame is not None:
+        if frame.f_code in codes or frame.f_code.co_filename == tracker:
+            return True
+        frame = frame.f_back
+    return False
 
 
 @contextmanager
