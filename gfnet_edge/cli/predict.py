@@ -114,6 +114,7 @@ class _Score:
 
         from ..data.images import class_folders
 
+        self.named = class_names is not None
         self.folders = []  # (folder as given, {class folder name: label})
         for raw in inputs:
             names = class_folders(raw)
@@ -140,8 +141,10 @@ class _Score:
 
     def line(self) -> str:
         where = ", ".join(str(f) for f, _ in self.folders)
+        how = ("their folder" if self.named else "sorted folder name, the first folder class 0, as calibrate --data "
+               "labels them: the bundle has no class names")
         return (f"accuracy: {100.0 * self.correct / self.total:.2f} % ({self.correct} of {self.total} images in the "
-                f"class folders of {where}, labelled by their folder)")
+                f"class folders of {where}, labelled by {how})")
 
 
 def _row(name: str, geometry, preds, i: int) -> dict:
@@ -170,8 +173,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="classify images with a bundle (early exit)",
                        description="Classify image files (or folders, or .npz) with a bundle, with early exit. "
                                    "Each image is named by its file (FILE.npz[i] inside an archive). A folder "
-                                   "whose class folders are the model's classes is also scored: the accuracy "
-                                   "over its images goes to stderr at the end.")
+                                   "whose class folders are the model's classes (for a bundle without class "
+                                   "names: one folder per class, labelled by sorted name, as calibrate --data "
+                                   "reads them) is also scored: the accuracy over its images goes to stderr at "
+                                   "the end.")
     p.add_argument("bundle", help="bundle directory")
     p.add_argument("images", nargs="+", help="image files, folders or .npz")
     add_runtime_options(p)
