@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -79,6 +80,32 @@ def test_predict_scores_class_folders_for_a_bundle_without_class_names_by_sorted
     assert "no class names" in lines[0], err
 
 
+def test_predict_classifies_and_scores_each_image_once_however_often_it_is_given(bundle, tmp_path, capsys):
+    """A class folder given twice (also spelled otherwise), and one of its files given before it
+    by a relative path: each image is printed once, where it first comes, and the folder is
+    scored once over its own images, as when each is given once."""
+    from PIL import Image
+
+    data, rng = tmp_path / "data", np.random.default_rng(3)
+    for k in range(10):
+        (data / f"c{k}").mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(data / f"c{k}" / f"{i}.png")
+    code, out, want_err = run(["predict", bundle, data, "--json"], capsys)
+    assert code == 0, want_err
+    want = json.loads(out)
+    first = Path(os.path.relpath(data / "c3" / "1.png"))
+    again = tmp_path / "data" / ".." / "data"
+    code, out, err = run(["predict", bundle, first, data, again, data, "--json"], capsys)
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [r["image"] for r in rows] == [str(first)] + [r["image"] for r in want if r["image"] != str(data / "c3/1.png")]
+    by_name = {r["image"]: r["class"] for r in want}
+    assert rows[0]["class"] == by_name[str(data / "c3/1.png")]
+    assert all(r["class"] == by_name[r["image"]] for r in rows[1:])
+    assert err == want_err and f"of 20 images in the class folders of {data}, labelled" in err, err
+
+
 def test_predict_json_prints_nothing_when_it_fails_before_any_result(tmp_path, image_dir, capsys):
     code, out, err = run(["predict", tmp_path / "nobundle", image_dir, "--json"], capsys)
     assert code == 2 and out == "" and "bundle not found" in err
@@ -95,7 +122,8 @@ def test_predict_names_every_image_and_batches_without_changing_results(bundle, 
     npz = tmp_path / "more.npz"
     rng = np.random.default_rng(1)
     np.savez(npz, images=rng.integers(0, 256, (3, 224, 224, 3), dtype=np.uint8))
-    single = image_dir / "0.png"
+    single = tmp_path / "single.png"  # outside image_dir: an image also inside a folder given is classified once
+    shutil.copyfile(image_dir / "0.png", single)
     code, out, err = run(["predict", bundle, image_dir, npz, single, "--json", "--batch-size", "2", "--profile"], capsys)
     assert code == 0, err
     rows = json.loads(out)
