@@ -211,12 +211,20 @@ def forced_exit_thresholds(steps: int, k: int) -> List[float]:
 
 @contextmanager
 def using_thresholds(rt, thresholds: Sequence[float]) -> Iterator[None]:
-    """Temporarily runs ``rt`` with the given thresholds (restored afterwards)."""
+    """Temporarily runs ``rt`` with the given thresholds, restored when the block ends, unless
+    the block closed ``rt`` (a closed Runtime has nothing to restore). An error raised in the
+    block is the one the caller sees: a restore that fails then is left out."""
     old = rt.thresholds
     rt.thresholds = [float(t) for t in thresholds]
     try:
         yield
-    finally:
+    except BaseException:
+        try:
+            rt.thresholds = old
+        except Exception:  # e.g. the block closed rt: its own error says what went wrong
+            pass
+        raise
+    if not getattr(rt, "_closed", False):
         rt.thresholds = old
 
 

@@ -800,6 +800,35 @@ def test_calibration_calls_give_the_runtime_cropped_frames(tiny_bundle):
     assert not np.array_equal(recropped.coords, want.coords)  # a second crop would have run otherwise
 
 
+def test_using_thresholds_lets_the_blocks_own_error_through_and_restores_what_it_can(tiny_bundle):
+    """The thresholds set for a block are restored however it ends; a block that closes the
+    Runtime leaves nothing to restore, and the error it raises is the one the caller sees (not
+    "this Runtime is closed" from the restore)."""
+    from gfnet_edge.calibrate.latency import using_thresholds
+    from gfnet_edge.errors import InputError
+    from gfnet_edge.runtime import Runtime
+
+    class Boom(Exception):
+        pass
+
+    rt = Runtime(tiny_bundle / "bundle", backend="onnxruntime", precision="fp32")
+    before = rt.thresholds
+    with pytest.raises(Boom):
+        with using_thresholds(rt, [0.5] * T):
+            assert rt.thresholds == [0.5] * T
+            raise Boom
+    assert rt.thresholds == before
+    with using_thresholds(rt, [0.25] * T):
+        rt.close()
+    rt = Runtime(tiny_bundle / "bundle", backend="onnxruntime", precision="fp32")
+    with pytest.raises(Boom):
+        with using_thresholds(rt, [0.5] * T):
+            rt.close()
+            raise Boom
+    with pytest.raises(InputError, match="closed"):  # the block did close it
+        rt.thresholds = before
+
+
 def test_tail_budget_run_manifest_and_deadline_sweep(tiny_bundle, tmp_path, capsys):
     """A p95 budget next to a mean budget: named, fitted, verified (its measured p95 reported next to
     the limit), stored for the runtime, and the report's distribution and deadline-sweep sections."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -48,6 +49,63 @@ def test_predict_happy_path(bundle, image_dir, capsys):
     assert len(rows) == 2 and all(0 <= r["class"] < 10 and 0 <= r["exit_step"] <= 2 for r in rows)
 
 
+def test_predict_scores_class_folders_for_a_bundle_without_class_names_by_sorted_name(bundle, tmp_path, capsys):
+    """The demo bundle records no class names: a folder of as many class folders as classes is
+    scored with the labels calibrate --data reads from it (sorted folder names, the first class
+    0), and the accuracy line says how the images were labelled."""
+    from PIL import Image
+
+    from gfnet_edge.bundle import Bundle
+    from gfnet_edge.data import load_images
+
+    m = Bundle.load(bundle).model
+    assert m.class_names is None and m.num_classes == 10
+    names = ["zebra", "Ant", "moth", "bee", "10", "9", "eel", "cat", "yak", "dog"]
+    data, rng = tmp_path / "data", np.random.default_rng(2)
+    for name in names:
+        (data / name).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(data / name / f"{i}.png")
+    code, out, err = run(["predict", bundle, data, "--json"], capsys)
+    assert code == 0, err
+    rows = json.loads(out)
+    label = {"10": 0, "9": 1, "Ant": 2, "bee": 3, "cat": 4, "dog": 5, "eel": 6, "moth": 7, "yak": 8, "zebra": 9}
+    truth = [label[Path(r["image"]).parent.name] for r in rows]
+    assert load_images(data, m.image_size, m.crop_pct, m.dataset_interpolation)[1].tolist() == truth  # as calibrate
+    right = sum(r["class"] == t for r, t in zip(rows, truth))
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"accuracy: {100 * right / 20:.2f} % ({right} of 20 images in the class folders of {data}, "), err
+    assert "labelled by sorted folder name, the first folder class 0" in lines[0], err
+    assert "no class names" in lines[0], err
+
+
+def test_predict_classifies_and_scores_each_image_once_however_often_it_is_given(bundle, tmp_path, capsys):
+    """A class folder given twice (also spelled otherwise), and one of its files given before it
+    by a relative path: each image is printed once, where it first comes, and the folder is
+    scored once over its own images, as when each is given once."""
+    from PIL import Image
+
+    data, rng = tmp_path / "data", np.random.default_rng(3)
+    for k in range(10):
+        (data / f"c{k}").mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(data / f"c{k}" / f"{i}.png")
+    code, out, want_err = run(["predict", bundle, data, "--json"], capsys)
+    assert code == 0, want_err
+    want = json.loads(out)
+    first = Path(os.path.relpath(data / "c3" / "1.png"))
+    again = tmp_path / "data" / ".." / "data"
+    code, out, err = run(["predict", bundle, first, data, again, data, "--json"], capsys)
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [r["image"] for r in rows] == [str(first)] + [r["image"] for r in want if r["image"] != str(data / "c3/1.png")]
+    by_name = {r["image"]: r["class"] for r in want}
+    assert rows[0]["class"] == by_name[str(data / "c3/1.png")]
+    assert all(r["class"] == by_name[r["image"]] for r in rows[1:])
+    assert err == want_err and f"of 20 images in the class folders of {data}, labelled" in err, err
+
+
 def test_predict_json_prints_nothing_when_it_fails_before_any_result(tmp_path, image_dir, capsys):
     code, out, err = run(["predict", tmp_path / "nobundle", image_dir, "--json"], capsys)
     assert code == 2 and out == "" and "bundle not found" in err
@@ -64,7 +122,8 @@ def test_predict_names_every_image_and_batches_without_changing_results(bundle, 
     npz = tmp_path / "more.npz"
     rng = np.random.default_rng(1)
     np.savez(npz, images=rng.integers(0, 256, (3, 224, 224, 3), dtype=np.uint8))
-    single = image_dir / "0.png"
+    single = tmp_path / "single.png"  # outside image_dir: an image also inside a folder given is classified once
+    shutil.copyfile(image_dir / "0.png", single)
     code, out, err = run(["predict", bundle, image_dir, npz, single, "--json", "--batch-size", "2", "--profile"], capsys)
     assert code == 0, err
     rows = json.loads(out)

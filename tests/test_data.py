@@ -267,6 +267,26 @@ def test_image_batches_name_each_image_and_equal_load_images(tmp_path):
         next(iter_image_batches([tmp_path / "x.png", tmp_path / "missing.png"], image_size=16))
 
 
+def test_image_batches_give_an_input_or_image_reached_twice_once_where_it_first_comes(tmp_path):
+    """A folder given twice (spelled otherwise the second time), an archive given twice, a file
+    of a folder given after it and a missing path given twice: each image comes once, in the
+    order of its first place, and the missing path is reported once."""
+    _write_png(tmp_path / "imgs" / "a.png")
+    _write_png(tmp_path / "imgs" / "b.png", colour=(1, 2, 250))
+    _write_png(tmp_path / "x.png", size=(64, 32))
+    np.savez(tmp_path / "a.npz", images=np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8))
+    imgs, npz, missing = tmp_path / "imgs", tmp_path / "a.npz", tmp_path / "missing.png"
+    failed = []
+    paths = [tmp_path / "x.png", imgs, npz, missing, tmp_path / "imgs" / ".." / "imgs", imgs / "b.png", npz, missing,
+             tmp_path / "." / "x.png"]
+    batches = list(iter_image_batches(paths, image_size=16, batch_size=2, on_error=lambda n, m: failed.append(n)))
+    names = [x for n, _ in batches for x in n]
+    assert names == [str(tmp_path / "x.png"), str(imgs / "a.png"), str(imgs / "b.png"), f"{npz}[0]", f"{npz}[1]"]
+    assert failed == [str(missing)]
+    want = np.concatenate([load_images(p, image_size=16)[0] for p in (tmp_path / "x.png", imgs, npz)])
+    assert np.array_equal(np.concatenate([f for _, f in batches]), want)
+
+
 def test_load_npz_uint8_and_float(tmp_path):
     rng = np.random.default_rng(0)
     uint8 = rng.integers(0, 256, size=(3, 20, 20, 3), dtype=np.uint8)

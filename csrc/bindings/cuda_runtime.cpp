@@ -117,6 +117,8 @@ void bind_cuda(py::module_& m) {
   m.def("synchronize", &gc::device_synchronize, py::call_guard<py::gil_scoped_release>());
   m.def("stream_synchronize", &gc::stream_synchronize, py::arg("stream"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("stream_capturing", &gc::stream_capturing, py::arg("stream"),
+        "Whether work enqueued on `stream` now is recorded into a graph being captured.");
   m.def(
       "memcpy_htod",
       [](uintptr_t dst, const py::object& arr, uintptr_t stream) {
@@ -157,7 +159,7 @@ void bind_cuda(py::module_& m) {
     throw std::runtime_error("gfnet_edge._C was built without CUDA (nvcc was not found or GFNET_EDGE_CUDA=0)");
   };
   for (const char* name : {"DeviceBuffer", "Stream", "device_name", "device_properties", "synchronize", "stream_synchronize",
-                           "memcpy_htod", "memcpy_dtoh", "memcpy_dtod", "gather_rows", "softmax_stats",
+                           "stream_capturing", "memcpy_htod", "memcpy_dtoh", "memcpy_dtod", "gather_rows", "softmax_stats",
                            "preprocess", "normalise_frames", "glance", "crop_patches",
                            "GRUHead", "Linear", "Graph", "Event", "PinnedBuffer", "LoopGraph"}) {
     m.def(name, unavailable);

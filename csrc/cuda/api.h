@@ -83,6 +83,9 @@ class Stream {
 };
 
 void stream_synchronize(uintptr_t stream);
+/// Whether work enqueued on `stream` now would be recorded into a graph (a capture open on the
+/// stream or one it has joined); a call that allocates or waits must not be made then.
+bool stream_capturing(uintptr_t stream);
 /// Host -> device copy (asynchronous; pageable sources are staged before returning).
 void memcpy_htod(uintptr_t dst, const void* src, size_t nbytes, uintptr_t stream);
 /// Device -> host copy; synchronizes `stream`.

@@ -145,6 +145,11 @@ void stream_synchronize(uintptr_t stream) {
   GFN_CUDA_CHECK(cudaStreamSynchronize(as_stream(stream)));
 }
 
+bool stream_capturing(uintptr_t stream) {
+  require_device();
+  return capturing(as_stream(stream));
+}
+
 void memcpy_htod(uintptr_t dst, const void* src, size_t nbytes, uintptr_t stream) {
   require_device();
   check_device_pointer(dst, "dst");

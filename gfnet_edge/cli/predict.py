@@ -107,41 +107,50 @@ def run(args: argparse.Namespace) -> int:
 class _Score:
     """Accuracy over the images of the folders given whose class folders are the model's classes
     (named as the model names them, or, for a model without class names, one folder per class:
-    labels from the sorted folder names, as ``gfnet-edge calibrate --data`` reads them)."""
+    labels from the sorted folder names, as ``gfnet-edge calibrate --data`` reads them). A
+    folder given more than once is scored once."""
 
     def __init__(self, inputs, class_names, num_classes: int) -> None:
         from pathlib import Path
 
         from ..data.images import class_folders
 
-        self.folders = []  # (folder as given, {class folder name: label})
+        self.named = class_names is not None
+        self.folders = []  # (folder as given, the folder resolved, {class folder name: label})
         for raw in inputs:
             names = class_folders(raw)
-            if not names:
+            if not names or any(Path(raw).resolve() == r for _, r, _ in self.folders):  # given again
                 continue
             if class_names is not None and sorted(names) == sorted(class_names):
-                self.folders.append((Path(raw), {n: class_names.index(n) for n in names}))
+                self.folders.append((Path(raw), Path(raw).resolve(), {n: class_names.index(n) for n in names}))
             elif class_names is None and len(names) == num_classes:
-                self.folders.append((Path(raw), {n: k for k, n in enumerate(names)}))
+                self.folders.append((Path(raw), Path(raw).resolve(), {n: k for k, n in enumerate(names)}))
         self.correct = self.total = 0
 
     def add(self, image: str, predicted: int) -> None:
         from pathlib import Path
 
-        for folder, labels in self.folders:
+        path = Path(image)
+        for folder, resolved, labels in self.folders:
             try:
-                label = labels.get(Path(image).relative_to(folder).parts[0])
-            except ValueError:  # not under this folder
-                continue
+                rel = path.relative_to(folder)
+            except ValueError:
+                try:  # named through another spelling (a file given before the folder)
+                    rel = path.resolve().relative_to(resolved)
+                except ValueError:  # not under this folder
+                    continue
+            label = labels.get(rel.parts[0])
             if label is not None:
                 self.total += 1
                 self.correct += int(predicted == label)
             return
 
     def line(self) -> str:
-        where = ", ".join(str(f) for f, _ in self.folders)
+        where = ", ".join(str(f) for f, _, _ in self.folders)
+        how = ("their folder" if self.named else "sorted folder name, the first folder class 0, as calibrate --data "
+               "labels them: the bundle has no class names")
         return (f"accuracy: {100.0 * self.correct / self.total:.2f} % ({self.correct} of {self.total} images in the "
-                f"class folders of {where}, labelled by their folder)")
+                f"class folders of {where}, labelled by {how})")
 
 
 def _row(name: str, geometry, preds, i: int) -> dict:
@@ -169,9 +178,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("predict", help="classify images with a bundle (early exit)",
                        description="Classify image files (or folders, or .npz) with a bundle, with early exit. "
-                                   "Each image is named by its file (FILE.npz[i] inside an archive). A folder "
-                                   "whose class folders are the model's classes is also scored: the accuracy "
-                                   "over its images goes to stderr at the end.")
+                                   "Each image is named by its file (FILE.npz[i] inside an archive); an image "
+                                   "reached more than once (a folder given twice, a file also inside a folder "
+                                   "given) is classified once, where it first comes. A folder whose class "
+                                   "folders are the model's classes (for a bundle without class names: one "
+                                   "folder per class, labelled by sorted name, as calibrate --data reads them) "
+                                   "is also scored: the accuracy over its images goes to stderr at the end.")
     p.add_argument("bundle", help="bundle directory")
     p.add_argument("images", nargs="+", help="image files, folders or .npz")
     add_runtime_options(p)

@@ -93,7 +93,9 @@ def iter_image_batches(paths: Sequence[os.PathLike | str], image_size: int = 224
 
     Every path is checked (and folders listed) before the first batch; image files are read
     batch by batch, so memory stays bounded for large folders (an ``.npz`` archive is read
-    whole when it is listed). Inputs are as for :func:`load_images` (labels are ignored).
+    whole when it is listed). Inputs are as for :func:`load_images` (labels are ignored). An
+    input or image file reached more than once (a folder given twice, a file also inside a
+    folder given) is given once, where it first comes.
 
     Args:
         paths: image files, folders or ``.npz`` files.
@@ -127,14 +129,23 @@ def iter_image_batches(paths: Sequence[os.PathLike | str], image_size: int = 224
 
     # (name, file path) or (name, (frame already in memory, its geometry))
     items: List[Tuple[str, object]] = []
+    seen = set()  # the inputs and image files listed, resolved: each is given once, where it first comes
     for raw in paths:
         path = Path(raw)
         _check_arguments(path, image_size, crop_pct, interpolation)
+        key = _resolved(path)
+        if key in seen:
+            continue
+        seen.add(key)
         try:
             if not path.exists():
                 raise ValueError(f"{path}: no such file or directory")
             if path.is_dir():
-                items.extend((str(f), f) for f in _list_folder(path)[0])
+                for f in _list_folder(path)[0]:
+                    file_key = key / f.relative_to(path)
+                    if file_key not in seen:
+                        seen.add(file_key)
+                        items.append((str(f), f))
             elif path.suffix.lower() == ".npz":
                 frames, _, geometries = _load_npz(path, image_size, crop_pct, interpolation, placed=True)
                 items.extend((f"{path}[{i}]", (frames[i], geometries[i])) for i in range(len(frames)))
@@ -164,6 +175,15 @@ def iter_image_batches(paths: Sequence[os.PathLike | str], image_size: int = 224
                     raise
         if frames:
             yield batch(names, frames, geometries)
+
+
+def _resolved(path: Path) -> Path:
+    """``path`` made absolute with its symbolic links followed (only made absolute where they
+    cannot be), to tell when two spellings name the same file or folder."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop
+        return path.absolute()
 
 
 def resized_size(width: int, height: int, short: int) -> Tuple[int, int]:

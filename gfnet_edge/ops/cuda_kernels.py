@@ -77,9 +77,8 @@ def cuda_crop_patches(images: Any, n: int, image_size: int, coords: Any, out: An
     coordinate; with a zeroed device int32 ``error_flag`` it stays asynchronous and sets the
     flag to 1 instead (bad samples get zero patches; nothing is read out of bounds). A call
     without ``error_flag`` while ``stream`` is captured is refused (ValueError), as it would wait
-    for the stream. Host ``coords`` cannot be captured either: their upload allocates a buffer
-    and waits for it, which fails inside a capture and invalidates it; capture the call with
-    device coordinates (docs/kernels.md).
+    for the stream; so is one with host ``coords`` (their upload allocates a buffer and waits for
+    it): capture the call with device coordinates and a flag (docs/kernels.md).
 
     With ``rows`` (a device int32 array (n,)), patch i is cut from image ``rows[i]`` of the
     ``image_rows`` images at ``images`` (so survivors of an early exit need not be moved); a
@@ -94,6 +93,9 @@ def cuda_crop_patches(images: Any, n: int, image_size: int, coords: Any, out: An
             raise ValueError(f"coords must have shape ({n}, 2), got {coords.shape}")
         if P > S or coords.min() < 0 or coords.max() > S - P:
             raise ValueError(f"patch coordinates must lie in [0, {S - P}]")
+        if _C.cuda.stream_capturing(stream_handle(stream)):  # before the upload, so the capture stays valid
+            raise ValueError("crop_patches: host coords are uploaded to a buffer the call allocates and waits for, "
+                             "which a stream being captured does not allow: pass the coordinates in device memory")
         keep = to_device(coords, stream)
         coords = keep
     _C.cuda.crop_patches(device_pointer(images, "images"), dtype, n, to_int(channels, "channels"), S,
