@@ -212,20 +212,29 @@ def forced_exit_thresholds(steps: int, k: int) -> List[float]:
 @contextmanager
 def using_thresholds(rt, thresholds: Sequence[float]) -> Iterator[None]:
     """Temporarily runs ``rt`` with the given thresholds, restored when the block ends, unless
-    the block closed ``rt`` (a closed Runtime has nothing to restore). An error raised in the
-    block is the one the caller sees: a restore that fails then is left out."""
-    old = rt.thresholds
+    the block closed ``rt`` (a closed Runtime has nothing to restore). Thresholds that were a
+    budget's come back as that budget's (:meth:`~gfnet_edge.runtime.Runtime.set_budget`), so its
+    calls still check the settings the budget was calibrated with. An error raised in the block
+    is the one the caller sees: a restore that fails then is left out."""
+    old, budget = rt.thresholds, getattr(rt, "_thresholds_budget", None)
+
+    def restore() -> None:
+        if budget is not None:
+            rt.set_budget(budget)
+        else:
+            rt.thresholds = old
+
     rt.thresholds = [float(t) for t in thresholds]
     try:
         yield
     except BaseException:
         try:
-            rt.thresholds = old
+            restore()
         except Exception:  # e.g. the block closed rt: its own error says what went wrong
             pass
         raise
     if not getattr(rt, "_closed", False):
-        rt.thresholds = old
+        restore()
 
 
 def check_frames(model: ModelLike, frames: np.ndarray) -> int:

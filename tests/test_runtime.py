@@ -595,6 +595,26 @@ def test_a_budget_calibrated_with_other_settings_is_a_warning_at_its_first_use(d
             "latency limit does not hold here (calibrate the bundle with these settings)"]
 
 
+def test_thresholds_set_for_a_block_give_back_the_budget_they_replaced(demo_onnx_bundle, tmp_path, caplog):
+    """calibrate's ``using_thresholds`` gives back a budget's thresholds as that budget's: the
+    Runtime's next call still checks the settings the budget was calibrated with (one warning
+    for a budget measured otherwise), and runs with its thresholds."""
+    import logging
+
+    from gfnet_edge.calibrate.latency import using_thresholds
+
+    root = _bundle_with_latency_budgets(demo_onnx_bundle.root, tmp_path / "b")
+    x = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    with caplog.at_level(logging.WARNING, logger="gfnet_edge"):
+        with Runtime(root, backend="onnxruntime", precision="fp32") as rt:
+            before = rt.thresholds
+            with using_thresholds(rt, [0.5] * rt.model.steps):
+                pass
+            assert rt.budget == "ms-1.0" and rt.thresholds == before
+            rt.predict(x)
+    assert ["'ms-1.0' was calibrated with precision int8-cpu" in r.getMessage() for r in caplog.records] == [True]
+
+
 def test_step_costs_of_other_threads_are_a_warning_only_when_a_deadline_uses_them(demo_onnx_bundle, tmp_path,
                                                                                   caplog):
     import logging
