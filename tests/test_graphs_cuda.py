@@ -221,10 +221,12 @@ def test_scratch_taken_while_capturing_is_stream_ordered_or_refused_naming_the_r
 
 @requires_gpu
 def test_calls_that_would_wait_or_read_host_memory_are_refused_while_capturing():
-    """A crop or gather without error_flag waits for its stream, and a gather with host indices
-    would copy them again at each replay: while the stream is captured each is refused with a
+    """A crop or gather without error_flag waits for its stream, a gather with host indices
+    would copy them again at each replay, and a crop with host coordinates uploads them to a
+    buffer it allocates and waits for: while the stream is captured each is refused with a
     ValueError naming what to pass instead, before anything is enqueued, so the capture stays
-    valid and the graph replays the calls made with a flag / device indices."""
+    valid and the graph replays the calls made with a flag / device indices and coordinates.
+    Outside a capture host coordinates work."""
     rng = np.random.default_rng(3)
     n, S, P = 3, 16, 8
     images = rng.standard_normal((n, 3, S, S)).astype(np.float32)
@@ -244,6 +246,8 @@ def test_calls_that_would_wait_or_read_host_memory_are_refused_while_capturing()
             ops.cuda_gather_rows(ib, n, idx, rows, 3 * S * S * 4, n=n, stream=st)
         with pytest.raises(ValueError, match="indices in device memory"):
             ops.cuda_gather_rows(ib, n, np.array([2, 0, 1]), rows, 3 * S * S * 4, stream=st)
+        with pytest.raises(ValueError, match="coordinates in device memory"):
+            ops.cuda_crop_patches(ib, n, S, coords, out, P, error_flag=flag, stream=st)
         ops.cuda_crop_patches(ib, n, S, cb, out, P, error_flag=flag, stream=st)
         ops.cuda_gather_rows(ib, n, idx, rows, 3 * S * S * 4, n=n, error_flag=flag, stream=st)
     finally:
@@ -252,6 +256,9 @@ def test_calls_that_would_wait_or_read_host_memory_are_refused_while_capturing()
     assert np.array_equal(ops.from_device(out, (n, 3, P, P), np.float32, st), ops.crop_patches(images, coords, P))
     assert np.array_equal(ops.from_device(rows, (n, 3, S, S), np.float32, st), images[[2, 0, 1]])
     assert int(ops.from_device(flag, (1,), np.int32, st)[0]) == 0
+    ops.cuda_crop_patches(ib, n, S, coords[::-1].copy(), out, P, stream=st)  # not captured: host coords work
+    assert np.array_equal(ops.from_device(out, (n, 3, P, P), np.float32, st),
+                          ops.crop_patches(images, coords[::-1].copy(), P))
 
 
 def test_a_crop_with_host_coordinates_on_a_captured_stream_is_refused_before_the_upload(monkeypatch):
@@ -267,36 +274,6 @@ def test_a_crop_with_host_coordinates_on_a_captured_stream_is_refused_before_the
     with pytest.raises(ValueError, match="coordinates in device memory"):
         ops.cuda_crop_patches(0x1000, 2, 16, np.zeros((2, 2), np.int32), 0x2000, 8, error_flag=0x3000, stream=0x4000)
     assert asked == [0x4000] and done == []
-
-
-@requires_gpu
-def test_a_crop_with_host_coordinates_is_refused_while_capturing():
-    """Host coordinates are uploaded to a buffer the call allocates and waits for: while the
-    stream is captured the crop is refused with a ValueError naming device coordinates, even
-    with an error_flag, before the upload, so the capture stays valid and replays the crop
-    made with device coordinates."""
-    rng = np.random.default_rng(4)
-    n, S, P = 3, 16, 8
-    images = rng.standard_normal((n, 3, S, S)).astype(np.float32)
-    coords = rng.integers(0, S - P + 1, (n, 2)).astype(np.int32)
-    st = ops.Stream()
-    ib, cb = ops.to_device(images, st), ops.to_device(coords, st)
-    out, flag = ops.DeviceBuffer(n * 3 * P * P * 4), ops.DeviceBuffer(4)
-    flag.zero(st)
-    graph = ops.CudaGraph()
-    graph.begin_capture(st)
-    try:
-        with pytest.raises(ValueError, match="coordinates in device memory"):
-            ops.cuda_crop_patches(ib, n, S, coords, out, P, error_flag=flag, stream=st)
-        ops.cuda_crop_patches(ib, n, S, cb, out, P, error_flag=flag, stream=st)
-    finally:
-        graph.end_capture()  # raises if the refused call had invalidated the capture
-    graph.launch(st)
-    assert np.array_equal(ops.from_device(out, (n, 3, P, P), np.float32, st), ops.crop_patches(images, coords, P))
-    assert int(ops.from_device(flag, (1,), np.int32, st)[0]) == 0
-    ops.cuda_crop_patches(ib, n, S, coords[::-1].copy(), out, P, stream=st)  # not captured: host coords work
-    assert np.array_equal(ops.from_device(out, (n, 3, P, P), np.float32, st),
-                          ops.crop_patches(images, coords[::-1].copy(), P))
 
 
 @requires_gpu
