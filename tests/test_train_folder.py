@@ -1271,6 +1271,73 @@ def test_a_command_without_data_resumes_an_image_folder_run_and_never_trains_the
     assert "weights after stage1 loaded" in (run / "train.txt").read_text()
 
 
+def _how_started(pid: int) -> str:
+    """How the live child process ``pid`` of this process was started, read from ``/proc``:
+    ``forkserver`` (its parent is multiprocessing's fork server), ``spawn`` (a new interpreter
+    running multiprocessing's spawn entry point) or ``fork`` (a copy of this process: its parent
+    and command line are this process's)."""
+    def read(p, name):
+        return Path(f"/proc/{p}/{name}").read_bytes()
+
+    parent = int(read(pid, "stat").rsplit(b")", 1)[1].split()[1])
+    if parent != os.getpid():
+        return "forkserver" if b"multiprocessing.forkserver" in read(parent, "cmdline") else f"child of {parent}"
+    if b"multiprocessing.spawn" in read(pid, "cmdline"):
+        return "spawn"
+    return "fork" if read(pid, "cmdline") == read("self", "cmdline") else "other"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads how the workers started from /proc")
+def test_worker_start_chooses_how_the_dataloader_workers_start(tmp_path, capsys, folder, monkeypatch):
+    """--worker-start METHOD starts the DataLoader workers of training and validation by METHOD
+    (seen from /proc while they run), is recorded in RUN/config.json, is used again by --resume
+    and, like --workers, may change on --resume."""
+    import multiprocessing
+
+    from gfnet_edge.train.folder_stages.sigint import SIGINT
+
+    seen = []
+    started = SIGINT.started
+
+    def recording(loader):
+        before = set(multiprocessing.active_children())
+        it = started(loader)
+        seen.extend(_how_started(p.pid) for p in set(multiprocessing.active_children()) - before)
+        return it
+
+    monkeypatch.setattr(SIGINT, "started", recording)
+    run = tmp_path / "run"
+    rc, err = _run_cli(["--data", folder, "-o", run, "--stage", "1", "--workers", "1", "--threads", "1",
+                        "--worker-start", "spawn"], capsys)
+    assert rc == 0, err
+    assert seen == ["spawn", "spawn"], seen  # stage 1's epoch and its validation
+    assert json.loads((run / "config.json").read_text())["worker_start"] == "spawn"
+    for given, want in (([], "spawn"), (["--worker-start", "forkserver"], "forkserver")):
+        seen.clear()
+        rc = cli.main(["train", "-o", str(run), "--resume", "--stage", "export", "--threads", "1", "--no-progress",
+                       *given])
+        assert rc == 0, capsys.readouterr().err
+        assert seen == [want], (given, seen)  # the export's validation
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--worker-start", "thread"], "argument --worker-start: invalid choice: 'thread'"),
+    (["--worker-start", "fork"], "--worker-start fork: this platform cannot start processes by fork "
+                                 "(its start methods: spawn)"),
+    (["--set", 'worker_start="thread"'], "--worker-start thread: this platform cannot start processes by thread "
+                                         "(its start methods: spawn)"),
+])
+def test_a_worker_start_method_the_platform_lacks_is_refused(tmp_path, capsys, folder, monkeypatch, args, message):
+    """A start method that is not one, or that the platform lacks (here one with spawn only, as
+    Windows), ends the command with one line before anything is written."""
+    import multiprocessing
+
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+    rc, err = _run_cli(["--data", folder, "-o", tmp_path / "r", *args], capsys)
+    assert rc == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "r").exists()
+
+
 def test_default_workers_are_at_most_the_cpus_the_process_may_use():
     """One CPU allowed: one DataLoader worker by default (torch warns when there are more)."""
     code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "

@@ -65,7 +65,8 @@ def apply_args(cfg, args: argparse.Namespace):
     if args.pretrained is not None:
         cfg.pretrained = args.pretrained if args.pretrained == "timm" else str(Path(args.pretrained).resolve())
     for flag, key in (("image_size", "image_size"), ("patch_size", "patch_size"), ("steps", "steps"),
-                      ("batch_size", "batch_size"), ("workers", "workers"), ("seed", "seed")):
+                      ("batch_size", "batch_size"), ("workers", "workers"), ("worker_start", "worker_start"),
+                      ("seed", "seed")):
         v = getattr(args, flag, None)
         if v is not None:
             setattr(cfg, key, v)
@@ -155,6 +156,12 @@ def check_settings(cfg) -> None:
         if not math.isfinite(value) or value < lo or (value == lo and not lo_ok) or (hi is not None and value > hi):
             interval = f"{'[' if lo_ok else '('}{lo}, {'inf)' if hi is None else f'{hi}]'}"
             raise InputError(f"{name} must be in {interval}, got {value}")
+    import multiprocessing
+
+    start, methods = getattr(cfg, "worker_start", None), multiprocessing.get_all_start_methods()
+    if start is not None and start not in methods:
+        raise InputError(f"--worker-start {start}: this platform cannot start processes by {start} (its start "
+                         f"methods: {', '.join(methods)})")
 
 
 def check_epochs(cfg) -> None:
@@ -301,6 +308,8 @@ def run_folder(args: argparse.Namespace) -> int:
             raise InputError(f"{cfg_path}: not a run config of gfnet-edge train --data ({exc})") from exc
         if args.workers is not None:  # how images are loaded, not what is trained: may change on resume
             cfg.workers = args.workers
+        if args.worker_start is not None:
+            cfg.worker_start = args.worker_start
         changed = _changed_on_resume(cfg, args)
         if changed == ["data"]:  # the same images in another place: the run goes on with them there
             cfg.data = str(Path(args.data).resolve())  # as apply_args resolves it

@@ -201,11 +201,13 @@ class FolderTrainer(Validation):
                                    ctx.rank, ctx.world)
             loader = torch.utils.data.DataLoader(self.train_set, batch_sampler=sampler, num_workers=cfg.workers,
                                                  pin_memory=ctx.device.type == "cuda",
-                                                 worker_init_fn=worker_ignores_sigint)
+                                                 worker_init_fn=worker_ignores_sigint,
+                                                 multiprocessing_context=cfg.worker_start if cfg.workers else None)
             return loader, sampler, plan.iters
         sampler = torch.utils.data.DistributedSampler(self.train_set, num_replicas=ctx.world, rank=ctx.rank,
                                                       shuffle=True, seed=cfg.seed, drop_last=True)
-        loader = make_loader(self.train_set, self.local_batch, sampler, cfg.workers, ctx.device.type == "cuda", True)
+        loader = make_loader(self.train_set, self.local_batch, sampler, cfg.workers, ctx.device.type == "cuda", True,
+                             cfg.worker_start)
         return loader, sampler, len(loader)
 
     def _log_epoch(self, name: str, epochs: int, rec: Dict, note: str = "") -> None:
