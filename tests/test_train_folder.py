@@ -1084,6 +1084,33 @@ def test_training_reads_16_bit_images_with_the_levels_inference_sees(tmp_path):
     assert sorted(int(frames[k, 0, 0, 0]) for k in range(2)) == [round(10000 * 255 / 65535), round(30000 * 255 / 65535)]
 
 
+@pytest.mark.parametrize("then", [["--resume"], ["--resume", "--stage", "1"], ["--resume", "--stage", "export"]])
+def test_the_gfnet_trained_after_its_static_baseline_is_the_one_exported(tmp_path, capsys, folder, weights, then):
+    """A run that trained its static baseline first (--stage static) and its GFNet afterwards
+    (--resume, or stage by stage) exports the GFNet its last stage trained: RUN/static.pt, which
+    holds the GFNet as it was while the baseline trained, gives the static baseline alone."""
+    run = tmp_path / "run"
+    rc, err = _run_cli(["--data", folder, "-o", run, "--stage", "static", "--static-epochs", "1", "--pretrained",
+                        weights], capsys)
+    assert rc == 0, err
+    common = ["-o", str(run), "--threads", "1", "--no-progress"]
+    if then[-1] == "export":  # stages 1 to 3 first
+        assert cli.main(["train", *common, "--resume", "--stage", "1"]) == 0, capsys.readouterr().err
+        for stage in ("2", "3"):
+            assert cli.main(["train", *common, "--resume", "--stage", stage]) == 0, capsys.readouterr().err
+    assert cli.main(["train", *common, *then]) == 0, capsys.readouterr().err
+    if then[-1] == "1":
+        assert cli.main(["train", *common, "--resume"]) == 0, capsys.readouterr().err
+    exported = load_checkpoint(run / "gfnet.pth.tar").state_dict()
+    trained = _weights(run, "stage3")
+    assert set(exported) == set(trained)
+    assert all(torch.equal(exported[k], trained[k]) for k in trained)
+    assert not torch.equal(trained["model.net.conv_stem.weight"], _weights(run, "static")["model.net.conv_stem.weight"])
+    baseline = torch.load(run / "static.pth.tar", map_location="cpu", weights_only=True)["state_dict"]
+    static = torch.load(run / "static.pt", map_location="cpu", weights_only=True)["models"]["static"]
+    assert all(torch.equal(baseline[k], static[k]) for k in static)
+
+
 def test_resume_refuses_options_that_would_change_the_run(tmp_path, capsys, folder):
     """--resume takes the run's settings from RUN/config.json: repeating them is fine, changing one
     is refused naming the setting, and so is --data naming a folder of other images under the
