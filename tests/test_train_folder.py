@@ -1111,6 +1111,39 @@ def test_the_gfnet_trained_after_its_static_baseline_is_the_one_exported(tmp_pat
     assert all(torch.equal(baseline[k], static[k]) for k in static)
 
 
+@pytest.mark.parametrize("pretrained", [False, True])
+def test_a_run_that_trained_only_its_static_baseline_starts_the_gfnet_from_it(tmp_path, capsys, folder, weights,
+                                                                              monkeypatch, pretrained):
+    """--stage static in a new run folder trains the static baseline alone; --resume then trains
+    the GFNet, whose encoders start from that baseline when the run has no --pretrained (the log
+    says so), and from the --pretrained weights the run recorded when it has them."""
+    run = tmp_path / "run"
+    given = ["--pretrained", weights] if pretrained else []
+    rc, err = _run_cli(["--data", folder, "-o", run, "--stage", "static", "--static-epochs", "1", *given], capsys)
+    assert rc == 0, err
+    start = {}
+
+    def stage1(self, resume=True):  # the encoders as stage 1 begins
+        start.update(glance=self.model.model_prime.net.state_dict(), focus=self.model.model.net.state_dict())
+        start.update({k: {n: t.clone() for n, t in v.items()} for k, v in start.items()})
+
+    monkeypatch.setattr(folder_stages.FolderTrainer, "stage1", stage1)
+    rc = cli.main(["train", "-o", str(run), "--resume", "--stage", "1", "--threads", "1", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    baseline = torch.load(run / "static.pth.tar", map_location="cpu", weights_only=True)["state_dict"]
+    file = torch.load(weights, map_location="cpu", weights_only=True)
+    for name, sd in start.items():
+        assert set(sd) == set(baseline), name
+        if pretrained:  # the file's weights outside the classifier (re-initialised: 1000 classes there)
+            body = [k for k in sd if not k.startswith("classifier.")]
+            assert body and all(torch.equal(sd[k], file[k]) for k in body), name
+            assert not all(torch.equal(sd[k], baseline[k]) for k in body), name
+        else:
+            assert all(torch.equal(sd[k], baseline[k]) for k in sd), name
+    line = [ln for ln in (run / "train.txt").read_text().splitlines() if "pretrained weights" in ln][-1]
+    assert (f"the run's static baseline {run / 'static.pt'}" in line) != pretrained, line
+
+
 def test_resume_refuses_options_that_would_change_the_run(tmp_path, capsys, folder):
     """--resume takes the run's settings from RUN/config.json: repeating them is fine, changing one
     is refused naming the setting, and so is --data naming a folder of other images under the
