@@ -186,7 +186,7 @@ def test_every_option_help_lists_under_image_folder_training_is_refused_without_
             with pytest.raises(InputError, match=f"^{flag} applies to training on an image folder: pass --data ROOT"):
                 cli.check_demo_args(build_parser().parse_args(["train", flag, *value]))
             flags.append(flag)
-    assert len(flags) == 11 and ["--" + name.replace("_", "-") for name in cli.FOLDER_OPTIONS] == flags
+    assert len(flags) == 12 and ["--" + name.replace("_", "-") for name in cli.FOLDER_OPTIONS] == flags
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -1124,6 +1124,66 @@ def test_training_reads_16_bit_images_with_the_levels_inference_sees(tmp_path):
     assert sorted(int(frames[k, 0, 0, 0]) for k in range(2)) == [round(10000 * 255 / 65535), round(30000 * 255 / 65535)]
 
 
+@pytest.mark.parametrize("then", [["--resume"], ["--resume", "--stage", "1"], ["--resume", "--stage", "export"]])
+def test_the_gfnet_trained_after_its_static_baseline_is_the_one_exported(tmp_path, capsys, folder, weights, then):
+    """A run that trained its static baseline first (--stage static) and its GFNet afterwards
+    (--resume, or stage by stage) exports the GFNet its last stage trained: RUN/static.pt, which
+    holds the GFNet as it was while the baseline trained, gives the static baseline alone."""
+    run = tmp_path / "run"
+    rc, err = _run_cli(["--data", folder, "-o", run, "--stage", "static", "--static-epochs", "1", "--pretrained",
+                        weights], capsys)
+    assert rc == 0, err
+    common = ["-o", str(run), "--threads", "1", "--no-progress"]
+    if then[-1] == "export":  # stages 1 to 3 first
+        assert cli.main(["train", *common, "--resume", "--stage", "1"]) == 0, capsys.readouterr().err
+        for stage in ("2", "3"):
+            assert cli.main(["train", *common, "--resume", "--stage", stage]) == 0, capsys.readouterr().err
+    assert cli.main(["train", *common, *then]) == 0, capsys.readouterr().err
+    if then[-1] == "1":
+        assert cli.main(["train", *common, "--resume"]) == 0, capsys.readouterr().err
+    exported = load_checkpoint(run / "gfnet.pth.tar").state_dict()
+    trained = _weights(run, "stage3")
+    assert set(exported) == set(trained)
+    assert all(torch.equal(exported[k], trained[k]) for k in trained)
+    assert not torch.equal(trained["model.net.conv_stem.weight"], _weights(run, "static")["model.net.conv_stem.weight"])
+    baseline = torch.load(run / "static.pth.tar", map_location="cpu", weights_only=True)["state_dict"]
+    static = torch.load(run / "static.pt", map_location="cpu", weights_only=True)["models"]["static"]
+    assert all(torch.equal(baseline[k], static[k]) for k in static)
+
+
+@pytest.mark.parametrize("pretrained", [False, True])
+def test_a_run_that_trained_only_its_static_baseline_starts_the_gfnet_from_it(tmp_path, capsys, folder, weights,
+                                                                              monkeypatch, pretrained):
+    """--stage static in a new run folder trains the static baseline alone; --resume then trains
+    the GFNet, whose encoders start from that baseline when the run has no --pretrained (the log
+    says so), and from the --pretrained weights the run recorded when it has them."""
+    run = tmp_path / "run"
+    given = ["--pretrained", weights] if pretrained else []
+    rc, err = _run_cli(["--data", folder, "-o", run, "--stage", "static", "--static-epochs", "1", *given], capsys)
+    assert rc == 0, err
+    start = {}
+
+    def stage1(self, resume=True):  # the encoders as stage 1 begins
+        start.update(glance=self.model.model_prime.net.state_dict(), focus=self.model.model.net.state_dict())
+        start.update({k: {n: t.clone() for n, t in v.items()} for k, v in start.items()})
+
+    monkeypatch.setattr(folder_stages.FolderTrainer, "stage1", stage1)
+    rc = cli.main(["train", "-o", str(run), "--resume", "--stage", "1", "--threads", "1", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    baseline = torch.load(run / "static.pth.tar", map_location="cpu", weights_only=True)["state_dict"]
+    file = torch.load(weights, map_location="cpu", weights_only=True)
+    for name, sd in start.items():
+        assert set(sd) == set(baseline), name
+        if pretrained:  # the file's weights outside the classifier (re-initialised: 1000 classes there)
+            body = [k for k in sd if not k.startswith("classifier.")]
+            assert body and all(torch.equal(sd[k], file[k]) for k in body), name
+            assert not all(torch.equal(sd[k], baseline[k]) for k in body), name
+        else:
+            assert all(torch.equal(sd[k], baseline[k]) for k in sd), name
+    line = [ln for ln in (run / "train.txt").read_text().splitlines() if "pretrained weights" in ln][-1]
+    assert (f"the run's static baseline {run / 'static.pt'}" in line) != pretrained, line
+
+
 def test_resume_refuses_options_that_would_change_the_run(tmp_path, capsys, folder):
     """--resume takes the run's settings from RUN/config.json: repeating them is fine, changing one
     is refused naming the setting, and so is --data naming a folder of other images under the
@@ -1309,6 +1369,73 @@ def test_a_command_without_data_resumes_an_image_folder_run_and_never_trains_the
     assert rc == 0, capsys.readouterr().err
     assert (run / "stage2.pt").is_file() and (run / "config.json").read_bytes() == before["config.json"]
     assert "weights after stage1 loaded" in (run / "train.txt").read_text()
+
+
+def _how_started(pid: int) -> str:
+    """How the live child process ``pid`` of this process was started, read from ``/proc``:
+    ``forkserver`` (its parent is multiprocessing's fork server), ``spawn`` (a new interpreter
+    running multiprocessing's spawn entry point) or ``fork`` (a copy of this process: its parent
+    and command line are this process's)."""
+    def read(p, name):
+        return Path(f"/proc/{p}/{name}").read_bytes()
+
+    parent = int(read(pid, "stat").rsplit(b")", 1)[1].split()[1])
+    if parent != os.getpid():
+        return "forkserver" if b"multiprocessing.forkserver" in read(parent, "cmdline") else f"child of {parent}"
+    if b"multiprocessing.spawn" in read(pid, "cmdline"):
+        return "spawn"
+    return "fork" if read(pid, "cmdline") == read("self", "cmdline") else "other"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads how the workers started from /proc")
+def test_worker_start_chooses_how_the_dataloader_workers_start(tmp_path, capsys, folder, monkeypatch):
+    """--worker-start METHOD starts the DataLoader workers of training and validation by METHOD
+    (seen from /proc while they run), is recorded in RUN/config.json, is used again by --resume
+    and, like --workers, may change on --resume."""
+    import multiprocessing
+
+    from gfnet_edge.train.folder_stages.sigint import SIGINT
+
+    seen = []
+    started = SIGINT.started
+
+    def recording(loader):
+        before = set(multiprocessing.active_children())
+        it = started(loader)
+        seen.extend(_how_started(p.pid) for p in set(multiprocessing.active_children()) - before)
+        return it
+
+    monkeypatch.setattr(SIGINT, "started", recording)
+    run = tmp_path / "run"
+    rc, err = _run_cli(["--data", folder, "-o", run, "--stage", "1", "--workers", "1", "--threads", "1",
+                        "--worker-start", "spawn"], capsys)
+    assert rc == 0, err
+    assert seen == ["spawn", "spawn"], seen  # stage 1's epoch and its validation
+    assert json.loads((run / "config.json").read_text())["worker_start"] == "spawn"
+    for given, want in (([], "spawn"), (["--worker-start", "forkserver"], "forkserver")):
+        seen.clear()
+        rc = cli.main(["train", "-o", str(run), "--resume", "--stage", "export", "--threads", "1", "--no-progress",
+                       *given])
+        assert rc == 0, capsys.readouterr().err
+        assert seen == [want], (given, seen)  # the export's validation
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--worker-start", "thread"], "argument --worker-start: invalid choice: 'thread'"),
+    (["--worker-start", "fork"], "--worker-start fork: this platform cannot start processes by fork "
+                                 "(its start methods: spawn)"),
+    (["--set", 'worker_start="thread"'], "--worker-start thread: this platform cannot start processes by thread "
+                                         "(its start methods: spawn)"),
+])
+def test_a_worker_start_method_the_platform_lacks_is_refused(tmp_path, capsys, folder, monkeypatch, args, message):
+    """A start method that is not one, or that the platform lacks (here one with spawn only, as
+    Windows), ends the command with one line before anything is written."""
+    import multiprocessing
+
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+    rc, err = _run_cli(["--data", folder, "-o", tmp_path / "r", *args], capsys)
+    assert rc == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "r").exists()
 
 
 def test_default_workers_are_at_most_the_cpus_the_process_may_use():

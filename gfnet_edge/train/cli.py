@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+import multiprocessing
+
 from ..argtypes import NON_NEGATIVE, POSITIVE, SEED, THREADS
 from ..bundle import json_object, write_text_atomic
 from ..errors import GFNetEdgeError, InputError, writing
@@ -44,7 +46,8 @@ STAGE_GROUPS = {
 FOLDER_ARGUMENTS: Tuple[Tuple[str, Dict[str, Any]], ...] = (
     ("--pretrained", dict(default=None, metavar="FILE|timm",
                           help="backbone weights: a local file (state dict, .safetensors, static baseline) or 'timm' "
-                               "(downloads) (default: random weights, with a warning)")),
+                               "(downloads) (default: random weights, with a warning; for the GFNet of a run that "
+                               "trained its static baseline first, that baseline)")),
     ("--image-size", dict(type=POSITIVE, default=None, metavar="S", help="S (default: the backbone family's)")),
     ("--patch-size", dict(type=POSITIVE, default=None, metavar="P", help="P (default: the backbone family's)")),
     ("--steps", dict(type=POSITIVE, default=None, metavar="T", help="T (default: the backbone family's)")),
@@ -56,6 +59,9 @@ FOLDER_ARGUMENTS: Tuple[Tuple[str, Dict[str, Any]], ...] = (
                           help="global batch (split over torchrun processes; default 64)")),
     ("--workers", dict(type=NON_NEGATIVE, default=None, metavar="N",
                        help="DataLoader worker processes per process (default 4, or the CPUs available when fewer)")),
+    ("--worker-start", dict(default=None, choices=["fork", "spawn", "forkserver"],
+                            help="how the DataLoader workers start (default: the platform's, here "
+                                 f"{multiprocessing.get_all_start_methods()[0]})")),
     ("--device", dict(default="auto", choices=["auto", "cpu", "cuda"], help="default: a GPU when torch sees one")),
     ("--no-amp", dict(action="store_true", help="float32 on the GPU (default: autocast, bf16 or fp16)")),
     ("--hflip", dict(action="store_true", help="random horizontal flips in training")),

@@ -14,7 +14,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..bundle import write_text_atomic
 from ..errors import InputError
@@ -65,7 +65,8 @@ def apply_args(cfg, args: argparse.Namespace):
     if args.pretrained is not None:
         cfg.pretrained = args.pretrained if args.pretrained == "timm" else str(Path(args.pretrained).resolve())
     for flag, key in (("image_size", "image_size"), ("patch_size", "patch_size"), ("steps", "steps"),
-                      ("batch_size", "batch_size"), ("workers", "workers"), ("seed", "seed")):
+                      ("batch_size", "batch_size"), ("workers", "workers"), ("worker_start", "worker_start"),
+                      ("seed", "seed")):
         v = getattr(args, flag, None)
         if v is not None:
             setattr(cfg, key, v)
@@ -155,6 +156,12 @@ def check_settings(cfg) -> None:
         if not math.isfinite(value) or value < lo or (value == lo and not lo_ok) or (hi is not None and value > hi):
             interval = f"{'[' if lo_ok else '('}{lo}, {'inf)' if hi is None else f'{hi}]'}"
             raise InputError(f"{name} must be in {interval}, got {value}")
+    import multiprocessing
+
+    start, methods = getattr(cfg, "worker_start", None), multiprocessing.get_all_start_methods()
+    if start is not None and start not in methods:
+        raise InputError(f"--worker-start {start}: this platform cannot start processes by {start} (its start "
+                         f"methods: {', '.join(methods)})")
 
 
 def check_epochs(cfg) -> None:
@@ -168,11 +175,14 @@ def check_epochs(cfg) -> None:
                          "classifier that the later stages and the exported model use")
 
 
-def build_models(cfg, num_classes: int, log, pretrained: bool = True):
+def build_models(cfg, num_classes: int, log, pretrained: bool = True,
+                 baseline: Optional[Tuple[Dict[str, Any], str]] = None):
     """The GFNet (and the static network when asked for), pretrained weights loaded (unless
     ``pretrained`` is False: a resumed run takes its weights from its stage checkpoints); on the
-    CPU. One trial step on a blank image shows, before anything is written, that the backbone
-    works as a GFNet encoder at the glance and patch sizes."""
+    CPU. ``baseline``: the state dict of the run's own finished static baseline and its source
+    for the log (:func:`_own_baseline`), where both encoders start when the run has no
+    ``--pretrained``. One trial step on a blank image shows, before anything is written, that the
+    backbone works as a GFNet encoder at the glance and patch sizes."""
     import torch
 
     from ..models.backbones import _create_timm
@@ -199,6 +209,12 @@ def build_models(cfg, num_classes: int, log, pretrained: bool = True):
     static = _create_timm(cfg.backbone, num_classes, **cfg.backbone_kwargs) if cfg.static.epochs > 0 else None
     if not pretrained:
         log("resuming: the weights come from the run's stage checkpoints")
+        return model, static
+    if cfg.pretrained is None and baseline is not None:
+        sd, source = baseline
+        for net in (model.model_prime.net, model.model.net):
+            load_backbone(net, sd, source)
+        log(f"pretrained weights: {source}")
         return model, static
     if cfg.pretrained is None:
         log("warning: no --pretrained weights: the backbone starts from random weights")
@@ -301,6 +317,8 @@ def run_folder(args: argparse.Namespace) -> int:
             raise InputError(f"{cfg_path}: not a run config of gfnet-edge train --data ({exc})") from exc
         if args.workers is not None:  # how images are loaded, not what is trained: may change on resume
             cfg.workers = args.workers
+        if args.worker_start is not None:
+            cfg.worker_start = args.worker_start
         changed = _changed_on_resume(cfg, args)
         if changed == ["data"]:  # the same images in another place: the run goes on with them there
             cfg.data = str(Path(args.data).resolve())  # as apply_args resolves it
@@ -485,7 +503,9 @@ def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: b
         # a resumed run whose networks all have stage checkpoints needs no pretrained weights
         have = {s for s in STAGE_ORDER if (out / f"{s}.pt").is_file()}
         resuming = bool(have - {"static"}) and (cfg.static.epochs == 0 or "static" in have)
-        model, static = build_models(cfg, len(train.classes), log, pretrained=not resuming)
+        baseline = _own_baseline(out) if (cfg.pretrained is None and "stage1" in stages
+                                          and not have - {"static"}) else None
+        model, static = build_models(cfg, len(train.classes), log, pretrained=not resuming, baseline=baseline)
         if ctx.main:
             out.mkdir(parents=True, exist_ok=True)
             log_file = open(out / "train.txt", "a")
@@ -513,6 +533,23 @@ def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: b
         if log_file is not None:
             log_file.close()
         ctx.close()
+
+
+def _own_baseline(out: Path) -> Optional[Tuple[Dict[str, Any], str]]:
+    """The weights of the static baseline the run in ``out`` has finished (``RUN/static.pt``,
+    done: a run that trained its baseline first, ``--stage static``), and their source for the
+    log; ``None`` when it has none."""
+    from ..models.checkpoint import is_stage_checkpoint, read_torch_file
+
+    path = out / "static.pt"
+    if not path.is_file():
+        return None
+    ck = read_torch_file(path, "stage checkpoint")  # a CheckpointError names the file
+    if not (is_stage_checkpoint(ck) and ck["done"] and isinstance(ck["models"], dict)
+            and isinstance(ck["models"].get("static"), dict)):
+        return None  # an unfinished baseline (or not a stage checkpoint: the stage's own load names it)
+    return ck["models"]["static"], (f"the run's static baseline {path} (the run has no --pretrained): both "
+                                    "encoders start from it")
 
 
 def _check_results(out: Path, stages: Sequence[str]) -> None:

@@ -268,13 +268,15 @@ class ShardSampler(torch.utils.data.Sampler):
 
 
 def make_loader(dataset: FolderDataset, batch: int, sampler: torch.utils.data.Sampler, workers: int,
-                pin: bool, drop_last: bool) -> torch.utils.data.DataLoader:
-    """A DataLoader with ``workers`` processes (0: in this process), which ignore SIGINT."""
+                pin: bool, drop_last: bool, start: Optional[str] = None) -> torch.utils.data.DataLoader:
+    """A DataLoader with ``workers`` processes (0: in this process), which ignore SIGINT, started
+    by the method ``start`` (``"fork"``, ``"spawn"``, ``"forkserver"``; None: torch's default)."""
     from .folder_stages.sigint import worker_ignores_sigint
 
     return torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
                                        pin_memory=pin, drop_last=drop_last, persistent_workers=False,
-                                       worker_init_fn=worker_ignores_sigint)
+                                       worker_init_fn=worker_ignores_sigint,
+                                       multiprocessing_context=start if workers else None)
 
 
 @functools.lru_cache(maxsize=16)

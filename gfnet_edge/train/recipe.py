@@ -102,6 +102,9 @@ class TrainSettings:
     seed: int = 0
     batch_size: int = 64  # global batch of a stage without its own ``StagePlan.batch``
     workers: int = field(default_factory=lambda: default_workers())  # DataLoader processes per training process
+    #: How the DataLoader workers start: "fork", "spawn" or "forkserver" (None: the platform's
+    #: default, or the method ``torch.multiprocessing.set_start_method`` set in the calling script).
+    worker_start: Optional[str] = None
     amp: bool = True  # autocast on a GPU (bfloat16 where supported, else float16 with loss scaling)
     freeze_bn: bool = False  # BatchNorm layers keep their running statistics (small batches)
     sync_bn: bool = True  # SyncBatchNorm when several CUDA processes train

@@ -52,7 +52,7 @@ class Run(FolderTrainer):
         self.train, self.val = train, val
 
     def load_finished(self, name: str, only: Optional[str] = None) -> bool:
-        """Loads the weights a finished stage left (all, or only ``"gfnet"`` / ``"static"``);
+        """Loads the weights a finished stage left (of the model it trains, or only ``"gfnet"`` / ``"static"``);
         False if it has not finished."""
         ck = self.load_stage(name, only, finished_only=True)
         if ck is None:

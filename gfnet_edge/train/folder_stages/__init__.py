@@ -125,9 +125,13 @@ class FolderTrainer(Validation):
         return mods
 
     def load_stage(self, name: str, only: Optional[str] = None, finished_only: bool = False) -> Optional[dict]:
-        """The checkpoint of stage ``name`` (its weights loaded into the models, or only into
-        model ``only``: ``"gfnet"`` / ``"static"``) or ``None`` (also, with ``finished_only``,
-        when the stage has not finished: nothing is loaded then)."""
+        """The checkpoint of stage ``name``, its weights loaded into the model that stage trains
+        (``"static"``: the static baseline, any other stage: the GFNet), or into model ``only``;
+        ``None`` when there is none (also, with ``finished_only``, when the stage has not
+        finished: nothing is loaded then). A stage checkpoint holds every model of the run as it
+        was then, and only the stage's own is its result: the static baseline may be trained
+        before the GFNet (``--stage static`` first), whose copy in ``static.pt`` is then untrained."""
+        only = only or ("static" if name == "static" else "gfnet")
         p = self.stage_path(name)
         if not p.exists():
             return None
@@ -138,7 +142,7 @@ class FolderTrainer(Validation):
         if finished_only and not ck.get("done"):
             return None
         for k, mod in self._modules().items():
-            if k in ck["models"] and only in (None, k):
+            if k in ck["models"] and k == only:
                 try:
                     mod.load_state_dict(ck["models"][k])
                 except (RuntimeError, TypeError, AttributeError) as exc:  # other keys or shapes, not tensors
@@ -201,11 +205,13 @@ class FolderTrainer(Validation):
                                    ctx.rank, ctx.world)
             loader = torch.utils.data.DataLoader(self.train_set, batch_sampler=sampler, num_workers=cfg.workers,
                                                  pin_memory=ctx.device.type == "cuda",
-                                                 worker_init_fn=worker_ignores_sigint)
+                                                 worker_init_fn=worker_ignores_sigint,
+                                                 multiprocessing_context=cfg.worker_start if cfg.workers else None)
             return loader, sampler, plan.iters
         sampler = torch.utils.data.DistributedSampler(self.train_set, num_replicas=ctx.world, rank=ctx.rank,
                                                       shuffle=True, seed=cfg.seed, drop_last=True)
-        loader = make_loader(self.train_set, self.local_batch, sampler, cfg.workers, ctx.device.type == "cuda", True)
+        loader = make_loader(self.train_set, self.local_batch, sampler, cfg.workers, ctx.device.type == "cuda", True,
+                             cfg.worker_start)
         return loader, sampler, len(loader)
 
     def _log_epoch(self, name: str, epochs: int, rec: Dict, note: str = "") -> None:

@@ -21,7 +21,7 @@ class Validation:
         n = len(self.val_set) if not limit else min(limit, len(self.val_set))
         sampler = ShardSampler(n, self.ctx.rank, self.ctx.world)
         return SIGINT.started(make_loader(self.val_set, max(1, self.local_batch * 2), sampler, self.cfg.workers,
-                                          self.ctx.device.type == "cuda", False))
+                                          self.ctx.device.type == "cuda", False, self.cfg.worker_start))
 
     @torch.no_grad()
     def val_probs(self, limit: int = 0, amp: bool = False) -> Tuple[np.ndarray, np.ndarray]:
