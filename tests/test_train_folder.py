@@ -1184,6 +1184,33 @@ def test_a_run_that_trained_only_its_static_baseline_starts_the_gfnet_from_it(tm
     assert (f"the run's static baseline {run / 'static.pt'}" in line) != pretrained, line
 
 
+@pytest.mark.parametrize("start", ["baseline", "file", "random"])
+def test_the_exported_checkpoint_records_where_the_gfnets_encoders_started(tmp_path, capsys, folder, weights, start):
+    """train_config in RUN/gfnet.pth.tar and RUN/config.json name where the GFNet's encoders
+    started (gfnet_init): the run's own static baseline for a run that trained it first without
+    --pretrained (whose pretrained stays null), the --pretrained file, or random weights; recorded
+    when stage 1 begins, so an export in a later command still has it. The trainer alone writes it."""
+    run = tmp_path / "run"
+    resume = ["train", "-o", str(run), "--resume", "--threads", "1", "--no-progress"]
+    given = ["--pretrained", weights] if start == "file" else []
+    first = ["--stage", "1"] if start == "random" else ["--stage", "static", "--static-epochs", "1"]
+    rc, err = _run_cli(["--data", folder, "-o", run, *first, *given], capsys)
+    assert rc == 0, err
+    if start != "random":  # the GFNet has not started yet
+        assert json.loads((run / "config.json").read_text())["gfnet_init"] is None
+        assert cli.main([*resume, "--stage", "1"]) == 0, capsys.readouterr().err
+    rc, err = _run_cli(["--data", folder, "-o", run, "--resume", "--set", 'gfnet_init="random"'], capsys)
+    assert rc == 2 and len(err) == 1 and "--set gfnet_init: the trainer records" in err[0], err
+    assert cli.main(resume) == 0, capsys.readouterr().err  # stages 2 and 3 and the export
+    expected = {"baseline": str((run / "static.pt").resolve()), "file": str(Path(weights).resolve()),
+                "random": "random"}[start]
+    exported = torch.load(run / "gfnet.pth.tar", map_location="cpu", weights_only=True)["train_config"]
+    recorded = json.loads((run / "config.json").read_text())
+    for config in (exported, recorded):
+        assert config["gfnet_init"] == expected
+        assert config["pretrained"] == (expected if start == "file" else None)
+
+
 def test_resume_refuses_options_that_would_change_the_run(tmp_path, capsys, folder):
     """--resume takes the run's settings from RUN/config.json: repeating them is fine, changing one
     is refused naming the setting, and so is --data naming a folder of other images under the

@@ -78,6 +78,9 @@ def apply_args(cfg, args: argparse.Namespace):
         cfg.amp = False
     if args.hflip:
         cfg.hflip = True
+    if any(item.partition("=")[0] == "gfnet_init" for item in args.set):
+        raise InputError("--set gfnet_init: the trainer records where the GFNet's encoders started; choose "
+                         "their weights with --pretrained FILE|timm")
     apply_overrides(cfg, args.set)
     return cfg
 
@@ -503,9 +506,13 @@ def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: b
         # a resumed run whose networks all have stage checkpoints needs no pretrained weights
         have = {s for s in STAGE_ORDER if (out / f"{s}.pt").is_file()}
         resuming = bool(have - {"static"}) and (cfg.static.epochs == 0 or "static" in have)
-        baseline = _own_baseline(out) if (cfg.pretrained is None and "stage1" in stages
-                                          and not have - {"static"}) else None
+        starts = "stage1" in stages and not have - {"static"}  # the GFNet's encoders get their first weights
+        baseline = _own_baseline(out) if cfg.pretrained is None and starts else None
         model, static = build_models(cfg, len(train.classes), log, pretrained=not resuming, baseline=baseline)
+        init = cfg.gfnet_init
+        if starts:  # recorded in config.json and the exported checkpoint's train_config
+            cfg.gfnet_init = (cfg.pretrained if cfg.pretrained is not None
+                              else str((out / "static.pt").resolve()) if baseline is not None else "random")
         if ctx.main:
             out.mkdir(parents=True, exist_ok=True)
             log_file = open(out / "train.txt", "a")
@@ -514,7 +521,7 @@ def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: b
                 write_text_atomic(out / "data_index.json", json.dumps(
                     {k: {"root": str(s.root), "classes": s.classes, "samples": s.samples, "skipped": s.skipped}
                      for k, s in (("train", train), ("val", val))}))
-            if fresh or settings_changed:
+            if fresh or settings_changed or cfg.gfnet_init != init:
                 write_text_atomic(cfg_path, cfg.dumps())  # whole or absent: --resume reads it
         ctx.barrier()
         spec = model.spec
