@@ -1211,6 +1211,43 @@ def test_the_exported_checkpoint_records_where_the_gfnets_encoders_started(tmp_p
         assert config["pretrained"] == (expected if start == "file" else None)
 
 
+def test_resume_takes_pretrained_until_the_gfnet_of_a_run_that_trained_its_baseline_first_starts(
+        tmp_path, capsys, folder, weights, monkeypatch):
+    """A run that trained only its static baseline and recorded no --pretrained takes --resume
+    --pretrained FILE: the GFNet's encoders start from FILE (not from the baseline), and
+    config.json records it. Once a GFNet stage has a checkpoint, another --pretrained is refused
+    saying so, and nothing of the run changes."""
+    run = tmp_path / "run"
+    rc, err = _run_cli(["--data", folder, "-o", run, "--stage", "static", "--static-epochs", "1"], capsys)
+    assert rc == 0, err
+    start, original = {}, folder_stages.FolderTrainer.stage1
+
+    def stage1(self, *args, **kwargs):  # the encoders as stage 1 begins
+        start.update(glance={k: t.clone() for k, t in self.model.model_prime.net.state_dict().items()},
+                     focus={k: t.clone() for k, t in self.model.model.net.state_dict().items()})
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(folder_stages.FolderTrainer, "stage1", stage1)
+    resume = ["train", "-o", str(run), "--resume", "--stage", "1", "--threads", "1", "--no-progress"]
+    assert cli.main([*resume, "--pretrained", str(weights)]) == 0, capsys.readouterr().err
+    file = torch.load(weights, map_location="cpu", weights_only=True)
+    baseline = torch.load(run / "static.pth.tar", map_location="cpu", weights_only=True)["state_dict"]
+    for name, sd in start.items():  # the file's weights outside the classifier (1000 classes there)
+        body = [k for k in sd if not k.startswith("classifier.")]
+        assert body and all(torch.equal(sd[k], file[k]) for k in body), name
+        assert not all(torch.equal(sd[k], baseline[k]) for k in body), name
+    assert json.loads((run / "config.json").read_text())["pretrained"] == str(Path(weights).resolve())
+    other = tmp_path / "other.pth"
+    shutil.copyfile(weights, other)
+    kept = {f: (run / f).read_bytes() for f in ("config.json", "stage1.pt", "static.pt")}
+    capsys.readouterr()
+    assert cli.main([*resume, "--pretrained", str(other)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "would change pretrained" in err[0], err
+    assert f"this run's GFNet has started training ({run / 'stage1.pt'})" in err[0], err
+    assert kept == {f: (run / f).read_bytes() for f in kept}
+
+
 def test_resume_refuses_options_that_would_change_the_run(tmp_path, capsys, folder):
     """--resume takes the run's settings from RUN/config.json: repeating them is fine, changing one
     is refused naming the setting, and so is --data naming a folder of other images under the

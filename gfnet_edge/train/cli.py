@@ -47,7 +47,8 @@ FOLDER_ARGUMENTS: Tuple[Tuple[str, Dict[str, Any]], ...] = (
     ("--pretrained", dict(default=None, metavar="FILE|timm",
                           help="backbone weights: a local file (state dict, .safetensors, static baseline) or 'timm' "
                                "(downloads) (default: random weights, with a warning; for the GFNet of a run that "
-                               "trained its static baseline first, that baseline)")),
+                               "trained its static baseline first, that baseline; such a run takes --resume "
+                               "--pretrained until a GFNet stage has a checkpoint)")),
     ("--image-size", dict(type=POSITIVE, default=None, metavar="S", help="S (default: the backbone family's)")),
     ("--patch-size", dict(type=POSITIVE, default=None, metavar="P", help="P (default: the backbone family's)")),
     ("--steps", dict(type=POSITIVE, default=None, metavar="T", help="T (default: the backbone family's)")),

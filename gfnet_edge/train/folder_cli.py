@@ -106,7 +106,12 @@ def config_from_args(args: argparse.Namespace):
 
     if not args.backbone:
         raise InputError("--data needs --backbone TIMM_NAME (e.g. resnet50, mobilenetv3_large_100)")
-    cfg = apply_args(FolderTrainConfig(data="", backbone=args.backbone), args)
+    return check_pretrained(apply_args(FolderTrainConfig(data="", backbone=args.backbone), args))
+
+
+def check_pretrained(cfg):
+    """``cfg`` with its ``--pretrained`` file checked and its path resolved (a run folder, a
+    folder or a missing file is refused in one line); returns it."""
     if cfg.pretrained not in (None, "timm"):
         weights = Path(cfg.pretrained)
         if weights.is_dir() and (weights / "config.json").is_file() and (weights / "data_index.json").is_file():
@@ -327,9 +332,15 @@ def run_folder(args: argparse.Namespace) -> int:
             cfg.data = str(Path(args.data).resolve())  # as apply_args resolves it
         elif changed and _adds_static(changed, stages, Path(args.out)):
             cfg = apply_args(FolderTrainConfig.from_dict(json.loads(cfg.dumps())), args)
+        elif changed and _gives_pretrained(changed, cfg, Path(args.out)):
+            cfg = check_pretrained(apply_args(FolderTrainConfig.from_dict(json.loads(cfg.dumps())), args))
         elif changed:
             hint = ("; the static baseline's settings may change only while the run has none (no static.pt)"
                     if "static" in stages and all(k.startswith("static.") for k in changed) else "")
+            started = _gfnet_checkpoints(Path(args.out))
+            if "pretrained" in changed and started:
+                hint = (f"; --pretrained sets where the GFNet's encoders start, and this run's GFNet has started "
+                        f"training ({started[0]})")
             if _saved_no_epoch(Path(args.out)):
                 hint = "; this run saved no epoch yet, so without --resume it starts again with those options"
             raise InputError(f"--resume continues the run as {cfg_path} describes it, and the command line would "
@@ -355,6 +366,20 @@ def _adds_static(changed: Sequence[str], stages: Sequence[str], out: Path) -> bo
     other checkpoints stay valid."""
     return ("static" in stages and all(k.startswith("static.") or k == "data" for k in changed)
             and not (out / "static.pt").exists())
+
+
+def _gfnet_checkpoints(out: Path) -> List[Path]:
+    """The GFNet stages' checkpoints (``RUN/stage1.pt`` .. ``stage3.pt``) the run in ``out`` holds."""
+    return [out / f"{s}.pt" for s in STAGE_ORDER if s != "static" and (out / f"{s}.pt").exists()]
+
+
+def _gives_pretrained(changed: Sequence[str], cfg, out: Path) -> bool:
+    """Whether a ``--resume`` whose command line changes the settings ``changed`` gives
+    ``--pretrained`` to a run that recorded none and has trained only its static baseline
+    (``RUN/static.pt``, no GFNet stage checkpoint): the GFNet has not started, so its encoders
+    start from those weights (instead of the baseline); the baseline stays as it was trained."""
+    return ("pretrained" in changed and all(k in ("pretrained", "data") for k in changed)
+            and cfg.pretrained is None and (out / "static.pt").is_file() and not _gfnet_checkpoints(out))
 
 
 def train_folder(cfg, out: Path, stages=STAGE_ORDER, resume: bool = False, device: str = "auto",
