@@ -1484,6 +1484,24 @@ def test_worker_start_chooses_how_the_dataloader_workers_start(tmp_path, capsys,
         assert seen == [want], (given, seen)  # the export's validation
 
 
+def test_worker_start_without_workers_is_logged_as_having_no_effect(tmp_path, capsys, folder):
+    """--worker-start with --workers 0 (no worker processes) trains, and the log says once that
+    it has no effect; the run keeps the method for a --resume that gives workers, which logs no
+    such line."""
+    run = tmp_path / "run"
+    rc, err = _run_cli(["--data", folder, "-o", run, "--stage", "1", "--threads", "1", "--worker-start", "fork"],
+                       capsys)
+    assert rc == 0, err
+    note = "--worker-start fork has no effect: with --workers 0 the images are loaded in the training process"
+    lines = (run / "train.txt").read_text().splitlines()
+    assert len([ln for ln in lines if "--worker-start" in ln]) == 1 and note in "".join(lines), lines
+    rc = cli.main(["train", "-o", str(run), "--resume", "--stage", "export", "--threads", "1", "--no-progress",
+                   "--workers", "1"])
+    assert rc == 0, capsys.readouterr().err
+    later = (run / "train.txt").read_text().splitlines()[len(lines):]
+    assert later and not [ln for ln in later if "--worker-start" in ln], later
+
+
 @pytest.mark.parametrize("args, message", [
     (["--worker-start", "thread"], "argument --worker-start: invalid choice: 'thread'"),
     (["--worker-start", "fork"], "--worker-start fork: this platform cannot start processes by fork "

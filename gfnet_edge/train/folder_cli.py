@@ -517,6 +517,9 @@ def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: b
             log(f"--resume: {out} holds no run yet, so a new one starts")
         elif restart:
             log(f"{out} holds a run that stopped before it saved an epoch: it starts again with these settings")
+        if cfg.worker_start is not None and not cfg.workers:  # not refused: a later --resume may give --workers
+            log(f"--worker-start {cfg.worker_start} has no effect: with --workers 0 the images are loaded in the "
+                "training process")
         train, val = _scan(cfg, out, ctx, log, reuse=not fresh, progress=progress)
         if cfg.classes and cfg.classes != train.classes:
             raise InputError(f"{cfg.data}: classes {train.classes} differ from the run's {cfg.classes}")
