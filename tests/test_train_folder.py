@@ -1184,6 +1184,70 @@ def test_a_run_that_trained_only_its_static_baseline_starts_the_gfnet_from_it(tm
     assert (f"the run's static baseline {run / 'static.pt'}" in line) != pretrained, line
 
 
+@pytest.mark.parametrize("start", ["baseline", "file", "random"])
+def test_the_exported_checkpoint_records_where_the_gfnets_encoders_started(tmp_path, capsys, folder, weights, start):
+    """train_config in RUN/gfnet.pth.tar and RUN/config.json name where the GFNet's encoders
+    started (gfnet_init): the run's own static baseline for a run that trained it first without
+    --pretrained (whose pretrained stays null), the --pretrained file, or random weights; recorded
+    when stage 1 begins, so an export in a later command still has it. The trainer alone writes it."""
+    run = tmp_path / "run"
+    resume = ["train", "-o", str(run), "--resume", "--threads", "1", "--no-progress"]
+    given = ["--pretrained", weights] if start == "file" else []
+    first = ["--stage", "1"] if start == "random" else ["--stage", "static", "--static-epochs", "1"]
+    rc, err = _run_cli(["--data", folder, "-o", run, *first, *given], capsys)
+    assert rc == 0, err
+    if start != "random":  # the GFNet has not started yet
+        assert json.loads((run / "config.json").read_text())["gfnet_init"] is None
+        assert cli.main([*resume, "--stage", "1"]) == 0, capsys.readouterr().err
+    rc, err = _run_cli(["--data", folder, "-o", run, "--resume", "--set", 'gfnet_init="random"'], capsys)
+    assert rc == 2 and len(err) == 1 and "--set gfnet_init: the trainer records" in err[0], err
+    assert cli.main(resume) == 0, capsys.readouterr().err  # stages 2 and 3 and the export
+    expected = {"baseline": str((run / "static.pt").resolve()), "file": str(Path(weights).resolve()),
+                "random": "random"}[start]
+    exported = torch.load(run / "gfnet.pth.tar", map_location="cpu", weights_only=True)["train_config"]
+    recorded = json.loads((run / "config.json").read_text())
+    for config in (exported, recorded):
+        assert config["gfnet_init"] == expected
+        assert config["pretrained"] == (expected if start == "file" else None)
+
+
+def test_resume_takes_pretrained_until_the_gfnet_of_a_run_that_trained_its_baseline_first_starts(
+        tmp_path, capsys, folder, weights, monkeypatch):
+    """A run that trained only its static baseline and recorded no --pretrained takes --resume
+    --pretrained FILE: the GFNet's encoders start from FILE (not from the baseline), and
+    config.json records it. Once a GFNet stage has a checkpoint, another --pretrained is refused
+    saying so, and nothing of the run changes."""
+    run = tmp_path / "run"
+    rc, err = _run_cli(["--data", folder, "-o", run, "--stage", "static", "--static-epochs", "1"], capsys)
+    assert rc == 0, err
+    start, original = {}, folder_stages.FolderTrainer.stage1
+
+    def stage1(self, *args, **kwargs):  # the encoders as stage 1 begins
+        start.update(glance={k: t.clone() for k, t in self.model.model_prime.net.state_dict().items()},
+                     focus={k: t.clone() for k, t in self.model.model.net.state_dict().items()})
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(folder_stages.FolderTrainer, "stage1", stage1)
+    resume = ["train", "-o", str(run), "--resume", "--stage", "1", "--threads", "1", "--no-progress"]
+    assert cli.main([*resume, "--pretrained", str(weights)]) == 0, capsys.readouterr().err
+    file = torch.load(weights, map_location="cpu", weights_only=True)
+    baseline = torch.load(run / "static.pth.tar", map_location="cpu", weights_only=True)["state_dict"]
+    for name, sd in start.items():  # the file's weights outside the classifier (1000 classes there)
+        body = [k for k in sd if not k.startswith("classifier.")]
+        assert body and all(torch.equal(sd[k], file[k]) for k in body), name
+        assert not all(torch.equal(sd[k], baseline[k]) for k in body), name
+    assert json.loads((run / "config.json").read_text())["pretrained"] == str(Path(weights).resolve())
+    other = tmp_path / "other.pth"
+    shutil.copyfile(weights, other)
+    kept = {f: (run / f).read_bytes() for f in ("config.json", "stage1.pt", "static.pt")}
+    capsys.readouterr()
+    assert cli.main([*resume, "--pretrained", str(other)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "would change pretrained" in err[0], err
+    assert f"this run's GFNet has started training ({run / 'stage1.pt'})" in err[0], err
+    assert kept == {f: (run / f).read_bytes() for f in kept}
+
+
 def test_resume_refuses_options_that_would_change_the_run(tmp_path, capsys, folder):
     """--resume takes the run's settings from RUN/config.json: repeating them is fine, changing one
     is refused naming the setting, and so is --data naming a folder of other images under the
@@ -1418,6 +1482,24 @@ def test_worker_start_chooses_how_the_dataloader_workers_start(tmp_path, capsys,
                        *given])
         assert rc == 0, capsys.readouterr().err
         assert seen == [want], (given, seen)  # the export's validation
+
+
+def test_worker_start_without_workers_is_logged_as_having_no_effect(tmp_path, capsys, folder):
+    """--worker-start with --workers 0 (no worker processes) trains, and the log says once that
+    it has no effect; the run keeps the method for a --resume that gives workers, which logs no
+    such line."""
+    run = tmp_path / "run"
+    rc, err = _run_cli(["--data", folder, "-o", run, "--stage", "1", "--threads", "1", "--worker-start", "fork"],
+                       capsys)
+    assert rc == 0, err
+    note = "--worker-start fork has no effect: with --workers 0 the images are loaded in the training process"
+    lines = (run / "train.txt").read_text().splitlines()
+    assert len([ln for ln in lines if "--worker-start" in ln]) == 1 and note in "".join(lines), lines
+    rc = cli.main(["train", "-o", str(run), "--resume", "--stage", "export", "--threads", "1", "--no-progress",
+                   "--workers", "1"])
+    assert rc == 0, capsys.readouterr().err
+    later = (run / "train.txt").read_text().splitlines()[len(lines):]
+    assert later and not [ln for ln in later if "--worker-start" in ln], later
 
 
 @pytest.mark.parametrize("args, message", [

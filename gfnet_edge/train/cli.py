@@ -47,7 +47,8 @@ FOLDER_ARGUMENTS: Tuple[Tuple[str, Dict[str, Any]], ...] = (
     ("--pretrained", dict(default=None, metavar="FILE|timm",
                           help="backbone weights: a local file (state dict, .safetensors, static baseline) or 'timm' "
                                "(downloads) (default: random weights, with a warning; for the GFNet of a run that "
-                               "trained its static baseline first, that baseline)")),
+                               "trained its static baseline first, that baseline; such a run takes --resume "
+                               "--pretrained until a GFNet stage has a checkpoint)")),
     ("--image-size", dict(type=POSITIVE, default=None, metavar="S", help="S (default: the backbone family's)")),
     ("--patch-size", dict(type=POSITIVE, default=None, metavar="P", help="P (default: the backbone family's)")),
     ("--steps", dict(type=POSITIVE, default=None, metavar="T", help="T (default: the backbone family's)")),
@@ -61,7 +62,7 @@ FOLDER_ARGUMENTS: Tuple[Tuple[str, Dict[str, Any]], ...] = (
                        help="DataLoader worker processes per process (default 4, or the CPUs available when fewer)")),
     ("--worker-start", dict(default=None, choices=["fork", "spawn", "forkserver"],
                             help="how the DataLoader workers start (default: the platform's, here "
-                                 f"{multiprocessing.get_all_start_methods()[0]})")),
+                                 f"{multiprocessing.get_all_start_methods()[0]}; no effect with --workers 0)")),
     ("--device", dict(default="auto", choices=["auto", "cpu", "cuda"], help="default: a GPU when torch sees one")),
     ("--no-amp", dict(action="store_true", help="float32 on the GPU (default: autocast, bf16 or fp16)")),
     ("--hflip", dict(action="store_true", help="random horizontal flips in training")),

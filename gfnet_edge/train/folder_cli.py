@@ -78,6 +78,9 @@ def apply_args(cfg, args: argparse.Namespace):
         cfg.amp = False
     if args.hflip:
         cfg.hflip = True
+    if any(item.partition("=")[0] == "gfnet_init" for item in args.set):
+        raise InputError("--set gfnet_init: the trainer records where the GFNet's encoders started; choose "
+                         "their weights with --pretrained FILE|timm")
     apply_overrides(cfg, args.set)
     return cfg
 
@@ -103,7 +106,12 @@ def config_from_args(args: argparse.Namespace):
 
     if not args.backbone:
         raise InputError("--data needs --backbone TIMM_NAME (e.g. resnet50, mobilenetv3_large_100)")
-    cfg = apply_args(FolderTrainConfig(data="", backbone=args.backbone), args)
+    return check_pretrained(apply_args(FolderTrainConfig(data="", backbone=args.backbone), args))
+
+
+def check_pretrained(cfg):
+    """``cfg`` with its ``--pretrained`` file checked and its path resolved (a run folder, a
+    folder or a missing file is refused in one line); returns it."""
     if cfg.pretrained not in (None, "timm"):
         weights = Path(cfg.pretrained)
         if weights.is_dir() and (weights / "config.json").is_file() and (weights / "data_index.json").is_file():
@@ -324,9 +332,15 @@ def run_folder(args: argparse.Namespace) -> int:
             cfg.data = str(Path(args.data).resolve())  # as apply_args resolves it
         elif changed and _adds_static(changed, stages, Path(args.out)):
             cfg = apply_args(FolderTrainConfig.from_dict(json.loads(cfg.dumps())), args)
+        elif changed and _gives_pretrained(changed, cfg, Path(args.out)):
+            cfg = check_pretrained(apply_args(FolderTrainConfig.from_dict(json.loads(cfg.dumps())), args))
         elif changed:
             hint = ("; the static baseline's settings may change only while the run has none (no static.pt)"
                     if "static" in stages and all(k.startswith("static.") for k in changed) else "")
+            started = _gfnet_checkpoints(Path(args.out))
+            if "pretrained" in changed and started:
+                hint = (f"; --pretrained sets where the GFNet's encoders start, and this run's GFNet has started "
+                        f"training ({started[0]})")
             if _saved_no_epoch(Path(args.out)):
                 hint = "; this run saved no epoch yet, so without --resume it starts again with those options"
             raise InputError(f"--resume continues the run as {cfg_path} describes it, and the command line would "
@@ -352,6 +366,20 @@ def _adds_static(changed: Sequence[str], stages: Sequence[str], out: Path) -> bo
     other checkpoints stay valid."""
     return ("static" in stages and all(k.startswith("static.") or k == "data" for k in changed)
             and not (out / "static.pt").exists())
+
+
+def _gfnet_checkpoints(out: Path) -> List[Path]:
+    """The GFNet stages' checkpoints (``RUN/stage1.pt`` .. ``stage3.pt``) the run in ``out`` holds."""
+    return [out / f"{s}.pt" for s in STAGE_ORDER if s != "static" and (out / f"{s}.pt").exists()]
+
+
+def _gives_pretrained(changed: Sequence[str], cfg, out: Path) -> bool:
+    """Whether a ``--resume`` whose command line changes the settings ``changed`` gives
+    ``--pretrained`` to a run that recorded none and has trained only its static baseline
+    (``RUN/static.pt``, no GFNet stage checkpoint): the GFNet has not started, so its encoders
+    start from those weights (instead of the baseline); the baseline stays as it was trained."""
+    return ("pretrained" in changed and all(k in ("pretrained", "data") for k in changed)
+            and cfg.pretrained is None and (out / "static.pt").is_file() and not _gfnet_checkpoints(out))
 
 
 def train_folder(cfg, out: Path, stages=STAGE_ORDER, resume: bool = False, device: str = "auto",
@@ -489,6 +517,9 @@ def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: b
             log(f"--resume: {out} holds no run yet, so a new one starts")
         elif restart:
             log(f"{out} holds a run that stopped before it saved an epoch: it starts again with these settings")
+        if cfg.worker_start is not None and not cfg.workers:  # not refused: a later --resume may give --workers
+            log(f"--worker-start {cfg.worker_start} has no effect: with --workers 0 the images are loaded in the "
+                "training process")
         train, val = _scan(cfg, out, ctx, log, reuse=not fresh, progress=progress)
         if cfg.classes and cfg.classes != train.classes:
             raise InputError(f"{cfg.data}: classes {train.classes} differ from the run's {cfg.classes}")
@@ -503,9 +534,13 @@ def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: b
         # a resumed run whose networks all have stage checkpoints needs no pretrained weights
         have = {s for s in STAGE_ORDER if (out / f"{s}.pt").is_file()}
         resuming = bool(have - {"static"}) and (cfg.static.epochs == 0 or "static" in have)
-        baseline = _own_baseline(out) if (cfg.pretrained is None and "stage1" in stages
-                                          and not have - {"static"}) else None
+        starts = "stage1" in stages and not have - {"static"}  # the GFNet's encoders get their first weights
+        baseline = _own_baseline(out) if cfg.pretrained is None and starts else None
         model, static = build_models(cfg, len(train.classes), log, pretrained=not resuming, baseline=baseline)
+        init = cfg.gfnet_init
+        if starts:  # recorded in config.json and the exported checkpoint's train_config
+            cfg.gfnet_init = (cfg.pretrained if cfg.pretrained is not None
+                              else str((out / "static.pt").resolve()) if baseline is not None else "random")
         if ctx.main:
             out.mkdir(parents=True, exist_ok=True)
             log_file = open(out / "train.txt", "a")
@@ -514,7 +549,7 @@ def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: b
                 write_text_atomic(out / "data_index.json", json.dumps(
                     {k: {"root": str(s.root), "classes": s.classes, "samples": s.samples, "skipped": s.skipped}
                      for k, s in (("train", train), ("val", val))}))
-            if fresh or settings_changed:
+            if fresh or settings_changed or cfg.gfnet_init != init:
                 write_text_atomic(cfg_path, cfg.dumps())  # whole or absent: --resume reads it
         ctx.barrier()
         spec = model.spec

@@ -209,7 +209,11 @@ class FolderTrainConfig(TrainSettings):
     data: str = ""
     backbone: str = ""
     backbone_kwargs: Dict[str, Any] = field(default_factory=dict)
-    pretrained: Optional[str] = None  # a weights file, "timm", or None (random initialisation)
+    pretrained: Optional[str] = None  # --pretrained: a weights file, "timm", or None (given none)
+    #: Where the GFNet's encoders started when stage 1 began (written by the trainer, not an
+    #: option): the ``pretrained`` file or "timm", the run's own static baseline (the path of
+    #: its ``RUN/static.pt``), or "random"; None while the GFNet has not started.
+    gfnet_init: Optional[str] = None
     image_size: int = 0  # 0: the family's default (likewise patch_size, steps)
     patch_size: int = 0
     steps: int = 0
