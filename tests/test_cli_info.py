@@ -87,6 +87,22 @@ def test_info_on_a_checkpoint_lists_its_class_names_as_on_its_bundle(ckpt, tmp_p
     assert "class names" not in capsys.readouterr().out
 
 
+def test_info_says_how_a_checkpoint_was_trained_where_it_records_it(ckpt, capsys):
+    """The demo checkpoint records the demo trainer's settings: info says it came from the demo
+    trainer and gives them in --json; a checkpoint without them (released format) has no row."""
+    from conftest import DEMO_CHECKPOINT as demo
+
+    assert main(["info", str(demo)]) == 0
+    assert "trained           by the demo trainer (the cluttered-digits task)\n" in capsys.readouterr().out
+    assert main(["info", str(demo), "--json"]) == 0
+    recorded = torch.load(demo, map_location="cpu", weights_only=True)["train_config"]
+    assert json.loads(capsys.readouterr().out)["train_config"] == recorded
+    assert main(["info", str(ckpt)]) == 0
+    assert "trained" not in capsys.readouterr().out
+    assert main(["info", str(ckpt), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["train_config"] is None
+
+
 def test_info_and_build_engine_on_a_static_baseline_point_to_the_gfnet_checkpoint(tmp_path, capsys):
     """RUN/static.pth.tar (the baseline for calibrate --static) is not a GFNet: info and
     build-engine say what it is and which file of the run to use, in one line, exit 2."""

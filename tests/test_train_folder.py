@@ -1189,7 +1189,8 @@ def test_the_exported_checkpoint_records_where_the_gfnets_encoders_started(tmp_p
     """train_config in RUN/gfnet.pth.tar and RUN/config.json name where the GFNet's encoders
     started (gfnet_init): the run's own static baseline for a run that trained it first without
     --pretrained (whose pretrained stays null), the --pretrained file, or random weights; recorded
-    when stage 1 begins, so an export in a later command still has it. The trainer alone writes it."""
+    when stage 1 begins, so an export in a later command still has it. The trainer alone writes it.
+    ``gfnet-edge info`` on the checkpoint prints the folder and that start."""
     run = tmp_path / "run"
     resume = ["train", "-o", str(run), "--resume", "--threads", "1", "--no-progress"]
     given = ["--pretrained", weights] if start == "file" else []
@@ -1209,6 +1210,14 @@ def test_the_exported_checkpoint_records_where_the_gfnets_encoders_started(tmp_p
     for config in (exported, recorded):
         assert config["gfnet_init"] == expected
         assert config["pretrained"] == (expected if start == "file" else None)
+    capsys.readouterr()
+    assert cli.main(["info", str(run / "gfnet.pth.tar")]) == 0  # info tells a user where it started
+    started = {"random": "random weights"}.get(expected, expected)
+    assert f"trained           on {Path(folder).resolve()} (" in capsys.readouterr().out
+    assert cli.main(["info", str(run / "gfnet.pth.tar")]) == 0
+    assert capsys.readouterr().out.count(f"; encoders started from {started}\n") == 1
+    assert cli.main(["info", str(run / "gfnet.pth.tar"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["train_config"] == exported
 
 
 def test_resume_takes_pretrained_until_the_gfnet_of_a_run_that_trained_its_baseline_first_starts(

@@ -49,6 +49,19 @@ def _numbers(meta: dict, key: str, path: str) -> Optional[List[float]]:
         raise InputError(f"{path}: checkpoint {key} is not a list of numbers ({exc})") from exc
 
 
+def trained_line(config: Optional[dict]) -> Optional[str]:
+    """How ``gfnet-edge train`` made a checkpoint, from its ``train_config``, in one line: the
+    image folder and backbone, and where the GFNet's encoders started; ``None`` for a
+    checkpoint that does not record it (the released ones)."""
+    if not isinstance(config, dict):
+        return None
+    if "data_config" in config and "data" not in config:
+        return "by the demo trainer (the cluttered-digits task)"
+    start = config.get("gfnet_init") or config.get("pretrained")
+    start = {None: "not recorded", "timm": "timm's pretrained weights", "random": "random weights"}.get(start, start)
+    return f"on {config.get('data') or '?'} ({config.get('backbone') or '?'}); encoders started from {start}"
+
+
 def run(args: argparse.Namespace) -> int:
     """Describes a checkpoint (needs torch) or a bundle (does not)."""
     if Path(args.checkpoint).is_dir():
@@ -80,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         "checkpoint_flops": _numbers(meta, "flops", args.checkpoint),
         "anytime_classification": _numbers(meta, "anytime_classification", args.checkpoint),
         "missing_metadata": meta["missing_metadata"],
+        "train_config": meta.get("train_config"),
     }
     if args.json:
         print(json_text(info, indent=2))
@@ -100,6 +114,9 @@ def run(args: argparse.Namespace) -> int:
         ("classifier MACs", ", ".join(fmt_macs(c) for c in costs.classifier)),
         ("cumulative MACs", ", ".join(fmt_macs(c) for c in costs.cumulative)),
     ]
+    trained = trained_line(info["train_config"])
+    if trained is not None:
+        rows.append(("trained", one_line(trained)))
     if info["anytime_classification"]:
         rows.append(("anytime acc (%)", ", ".join(f"{a:.2f}" for a in info["anytime_classification"])))
     rows.append(("missing metadata", ", ".join(meta["missing_metadata"]) or "none"))

@@ -294,6 +294,8 @@ def load_checkpoint(
     meta["missing_metadata"] = [k for k in METADATA_KEYS if k not in ck]
     if isinstance(ck.get("demo_data"), dict):  # demo models record their data generator's config
         meta["demo_data"] = ck["demo_data"]
+    if isinstance(ck.get("train_config"), dict):  # how gfnet-edge train made it (gfnet-edge info shows it)
+        meta["train_config"] = ck["train_config"]
     names = ck.get("classes")  # a model trained on an image folder: its class folders' names
     if names is not None:
         if (isinstance(names, (list, tuple)) and len(names) == spec.num_classes and len(set(names)) == len(names)
