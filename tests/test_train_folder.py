@@ -320,6 +320,40 @@ def test_a_ctrl_c_inside_a_semaphores_cleanup_stops_training_without_the_tracker
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "interrupted\n", "")
 
 
+def _ctrl_c_in_a_multiprocessing_finalizer() -> None:
+    """SIGINT raised inside a multiprocessing finalizer (``util.Finalize``), as a Ctrl-C that
+    comes while a DataLoader or a process pool closes one of its queues."""
+    import signal
+    from multiprocessing import util
+
+    class Resource:
+        pass
+
+    resource = Resource()
+    util.Finalize(resource, signal.raise_signal, (signal.SIGINT,))()
+
+
+def test_a_ctrl_c_that_comes_after_the_last_check_still_ends_the_run(folder, tmp_path, monkeypatch, capsys):
+    """A Ctrl-C inside multiprocessing's bookkeeping is recorded and raised at the next check; one
+    that comes in the export's validation (as its DataLoader closes a queue), after which no
+    check comes, ends the command all the same: exit 130 and the line that says how to continue,
+    not a run that ends as if there had been no Ctrl-C."""
+    import signal
+
+    original = folder_stages.FolderTrainer.val_probs
+
+    def val_probs(self, limit=0, amp=False):
+        probs = original(self, limit, amp)
+        if not amp:  # the export's validation
+            _ctrl_c_in_a_multiprocessing_finalizer()
+        return probs
+
+    monkeypatch.setattr(folder_stages.FolderTrainer, "val_probs", val_probs)
+    rc, err = _run_cli(["--data", folder, "-o", tmp_path / "run"], capsys)
+    assert rc == 130 and len(err) == 1 and err[0].startswith("gfnet-edge: interrupted") and "--resume" in err[0], err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def _interrupted_writes(monkeypatch, name: str) -> None:
     """The first text written to a file named ``name`` (or to the temporary file of an atomic
     write of it, ``name.XXXX.tmp``) stops half-way with KeyboardInterrupt, as a Ctrl-C there would:
@@ -1688,6 +1722,27 @@ def test_a_demo_folder_interrupted_while_its_images_are_written_leaves_nothing(t
     monkeypatch.setattr(Image.Image, "save", interrupted_save)
     assert demo_folder.main([str(tmp_path / "digits"), "--train", "40", "--val", "30", "--workers", "1"]) == 130
     assert len(saved) == 25 and os.listdir(tmp_path) == []
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "interrupted; nothing was written to" in err, err
+
+
+def test_a_demo_folder_interrupted_as_its_generator_processes_end_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """A Ctrl-C that comes while the demo folder's generator processes end (inside
+    multiprocessing's bookkeeping, where it is only recorded) stops the command before the
+    folder is written: exit 130, one line, no ROOT, no staging folder."""
+    from gfnet_edge.train import data, demo_folder
+
+    original = data.load_split
+
+    def load_split(split, *args, **kwargs):
+        s = original(split, *args, **kwargs)
+        if split == "test":  # the val images, generated last
+            _ctrl_c_in_a_multiprocessing_finalizer()
+        return s
+
+    monkeypatch.setattr(data, "load_split", load_split)
+    assert demo_folder.main([str(tmp_path / "digits"), "--train", "40", "--val", "30", "--workers", "1"]) == 130
+    assert os.listdir(tmp_path) == []
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "interrupted; nothing was written to" in err, err
 

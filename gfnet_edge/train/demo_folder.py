@@ -34,6 +34,7 @@ def export(root: Path, n_train: int, n_val: int, workers: int = 2, progress: boo
     from .config import data_config_from_dict
     from .data import load_split
     from .demo_results import GFNET_PATH
+    from .folder_stages.sigint import SIGINT
 
     cfg = data_config_from_dict(load_checkpoint(GFNET_PATH).meta["demo_data"]["config"])
     splits = []
@@ -51,6 +52,7 @@ def export(root: Path, n_train: int, n_val: int, workers: int = 2, progress: boo
                 (tmp / folder / str(k)).mkdir(parents=True)
             for i, (frame, label) in enumerate(zip(s.frames, s.labels)):
                 Image.fromarray(frame).save(tmp / folder / str(int(label)) / f"{i:05d}.png")
+        SIGINT.check()  # a Ctrl-C recorded meanwhile (in multiprocessing's bookkeeping) stops it before ROOT is written
 
 
 def main(argv: Optional[List[str]] = None) -> int:

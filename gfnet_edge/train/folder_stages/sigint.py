@@ -24,6 +24,7 @@ class SigintLatch:
       and unlink their semaphores, and its resource tracker's calls) it is only recorded, and
       raised at the next :meth:`check`: an interrupt between a semaphore's unlink and its
       unregistration would leave the resource tracker to report it at exit;
+    * one recorded and not yet raised when the block ends is raised there;
     * the processes forked meanwhile (which inherit the handler and get the terminal's Ctrl-C
       too) ignore it; DataLoader workers, forked or spawned, ignore it from their start
       (:meth:`started`, :func:`worker_ignores_sigint`): the training process stops them."""
@@ -34,22 +35,27 @@ class SigintLatch:
         self._unraisable = None
         self._pid = 0
         self._defer = 0
+        self._unraised = False  # recorded and not raised yet (or raised where Python ignored it)
 
     def _handler(self, signum, frame) -> None:
         if os.getpid() != self._pid:  # a forked DataLoader worker
             return
         self.hit = True
-        if not self._defer and not _in_multiprocessing_bookkeeping(frame):
-            raise KeyboardInterrupt
+        if self._defer or _in_multiprocessing_bookkeeping(frame):
+            self._unraised = True
+            return
+        raise KeyboardInterrupt
 
     def _unraisable_hook(self, unraisable) -> None:
         if self.hit and isinstance(unraisable.exc_value, KeyboardInterrupt):
+            self._unraised = True
             return  # recorded: raised again at the next check
         self._unraisable(unraisable)
 
     def check(self) -> None:
         """Raises ``KeyboardInterrupt`` if SIGINT came while entered."""
         if self.hit:
+            self._unraised = False
             raise KeyboardInterrupt
 
     @contextmanager
@@ -63,6 +69,7 @@ class SigintLatch:
         finally:
             self._defer -= 1
         if self.hit and not earlier and not self._defer:
+            self._unraised = False
             raise KeyboardInterrupt
 
     def started(self, loader: Iterable) -> Iterator:
@@ -81,7 +88,7 @@ class SigintLatch:
         import signal
         import threading
 
-        self.hit = False
+        self.hit = self._unraised = False
         if (threading.current_thread() is threading.main_thread()
                 and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
             self._pid = os.getpid()
@@ -89,14 +96,16 @@ class SigintLatch:
             self._unraisable, sys.unraisablehook = sys.unraisablehook, self._unraisable_hook
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         import signal
 
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             sys.unraisablehook = self._unraisable
             self._previous = self._unraisable = None
-        self.hit = False
+        unraised, self._unraised, self.hit = self._unraised, False, False
+        if unraised and exc_type is None:  # no check came after it (e.g. in the export's validation)
+            raise KeyboardInterrupt
 
 
 def _in_multiprocessing_bookkeeping(frame) -> bool:
