@@ -1457,6 +1457,29 @@ def test_a_static_baseline_is_added_to_a_finished_run(tmp_path, capsys, folder):
     assert (run / "static.pt").read_bytes() == static_pt
 
 
+def test_an_export_leaves_out_a_static_baseline_the_run_has_not_trained(tmp_path, capsys, folder):
+    """A run with a static baseline (--static-epochs) that trains its GFNet stage by stage and
+    exports before the baseline trained exports the GFNet alone: no RUN/static.pth.tar of
+    untrained weights, no static figures in results.json, and the log says how to add the
+    baseline; --stage static then trains it and adds it."""
+    from gfnet_edge.train.static import load_static
+
+    run = tmp_path / "run"
+    rc, err = _run_cli(["--data", folder, "-o", run, "--static-epochs", "1", "--stage", "1"], capsys)
+    assert rc == 0, err
+    resume = ["train", "-o", str(run), "--resume", "--threads", "1", "--no-progress"]
+    assert cli.main([*resume, "--stage", "3"]) == 0, capsys.readouterr().err  # stages 2 and 3, the export
+    results = json.loads((run / "results.json").read_text())
+    assert not (run / "static.pth.tar").exists() and not [k for k in results if k.startswith("static")], results
+    assert f"gfnet-edge train -o {run} --resume --stage static" in (run / "train.txt").read_text()
+    assert cli.main([*resume, "--stage", "static"]) == 0, capsys.readouterr().err
+    trained = torch.load(run / "static.pt", map_location="cpu", weights_only=True)
+    assert trained["done"] and json.loads((run / "results.json").read_text())["static_accuracy"] >= 0
+    exported, _ = load_static(run / "static.pth.tar")
+    assert all(torch.equal(v, trained["models"]["static"][k].float() if v.is_floating_point() else
+                           trained["models"]["static"][k]) for k, v in exported.state_dict().items())
+
+
 def test_a_command_without_data_resumes_an_image_folder_run_and_never_trains_the_demo_into_it(tmp_path, capsys,
                                                                                              folder):
     """Without --data, `train -o RUN` is the demo trainer: on a folder that holds an image-folder

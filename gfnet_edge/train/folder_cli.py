@@ -637,8 +637,10 @@ def _run_stages(out, cfg, ctx, train, val, model, static, stages, log, progress:
         if tr.load_stage(name) is not None:
             log(f"weights after {name} loaded")
             break
+    static_trained = "static" in stages  # the stage runs to its end, or raises
     if static is not None and "static" not in stages:
-        tr.load_stage("static")
+        ck = tr.load_stage("static")
+        static_trained = ck is not None and bool(ck["done"])
     for name in stages:
         t = time.time()
         getattr(tr, "static_stage" if name == "static" else name)()
@@ -647,15 +649,17 @@ def _run_stages(out, cfg, ctx, train, val, model, static, stages, log, progress:
     tr.release_glance_cache()  # training is over: the evaluation and export need the memory
     res: Dict[str, Any] = {}
     if "stage3" in stages or not stages:
-        res = export(tr, out, log)
+        res = export(tr, out, log, static_trained)
     elif "static" in stages and static is not None:
         res = add_static_results(tr, out, log)  # a baseline trained on its own
     log(f"total {(time.time() - t0) / 60:.1f} min")
     return res
 
 
-def export(tr, out: Path, log) -> Dict[str, Any]:
-    """Measures the trained GFNet on val and writes ``RUN/gfnet.pth.tar`` and ``RUN/results.json``."""
+def export(tr, out: Path, log, static_trained: bool = True) -> Dict[str, Any]:
+    """Measures the trained GFNet on val and writes ``RUN/gfnet.pth.tar`` and ``RUN/results.json``;
+    with the run's static baseline (``RUN/static.pth.tar`` and its figures) when it has finished
+    training (``static_trained``): one the run has not trained yet is left to ``--stage static``."""
 
     from .. import evaluate as ev
     from ..models.checkpoint import save_checkpoint
@@ -664,7 +668,8 @@ def export(tr, out: Path, log) -> Dict[str, Any]:
 
     t = time.time()
     probs, labels = tr.val_probs(0, amp=False)
-    static_acc = tr.evaluate_static()["val_acc"] if tr.static is not None and tr.cfg.static.epochs else None
+    planned = tr.static is not None and tr.cfg.static.epochs > 0
+    static_acc = tr.evaluate_static()["val_acc"] if planned and static_trained else None
     if not tr.ctx.main:
         tr.ctx.barrier()
         return {}
@@ -693,6 +698,9 @@ def export(tr, out: Path, log) -> Dict[str, Any]:
     pts = ", ".join(f"{a:.1f}% @ {c / 1e6:.1f}M" for c, a in list(zip(*curve.as_lists()))[::13])
     log(f"val anytime accuracy per step: {res['anytime_accuracy']} (MACs {', '.join(f'{c / 1e6:.1f}M' for c in costs)})")
     log(f"val budgeted (thresholds fit on val): {pts}" + (f"; static baseline {static_acc}%" if static_acc is not None else ""))
+    if planned and not static_trained:
+        log(f"the run's static baseline has not finished training ({out / 'static.pt'}): the export leaves it out; "
+            f"gfnet-edge train -o {out} --resume --stage static trains it and adds it to {out / 'results.json'}")
     written = [path, out / "results.json"] + ([out / "static.pth.tar"] if static_acc is not None else [])
     log(f"wrote {', '.join(map(str, written))} ({(time.time() - t):.0f} s); "
         f"next: gfnet-edge build-engine {path} -o BUNDLE --calib-data {Path(tr.cfg.data) / 'val'}")
