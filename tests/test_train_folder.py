@@ -354,6 +354,28 @@ def test_a_ctrl_c_that_comes_after_the_last_check_still_ends_the_run(folder, tmp
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_the_ctrl_c_latch_works_where_multiprocessing_has_no_named_semaphores(monkeypatch):
+    """On a platform without sem_open (no multiprocessing.synchronize) the latch still tells
+    multiprocessing's finalizers from other code, and looks that up when entered, not in its
+    signal handler."""
+    import multiprocessing
+    import multiprocessing.util
+
+    from gfnet_edge.train.folder_stages import sigint
+
+    monkeypatch.delattr(multiprocessing, "synchronize", raising=False)
+    monkeypatch.setitem(sys.modules, "multiprocessing.synchronize", None)  # import raises ImportError
+    sigint._bookkeeping_code.cache_clear()
+    try:
+        with sigint.SigintLatch():
+            codes, _ = sigint._bookkeeping_code.__wrapped__()
+            assert multiprocessing.util.Finalize.__call__.__code__ in codes
+            assert sigint._bookkeeping_code.cache_info().currsize == 1
+            assert not sigint._in_multiprocessing_bookkeeping(sys._getframe())
+    finally:
+        sigint._bookkeeping_code.cache_clear()
+
+
 def _interrupted_writes(monkeypatch, name: str) -> None:
     """The first text written to a file named ``name`` (or to the temporary file of an atomic
     write of it, ``name.XXXX.tmp``) stops half-way with KeyboardInterrupt, as a Ctrl-C there would:

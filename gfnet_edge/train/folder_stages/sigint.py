@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 import sys
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from functools import lru_cache
+from typing import FrozenSet, Iterable, Iterator, Tuple
 
 
 class SigintLatch:
@@ -89,6 +90,7 @@ class SigintLatch:
         import threading
 
         self.hit = self._unraised = False
+        _bookkeeping_code()  # imported now, not in the handler
         if (threading.current_thread() is threading.main_thread()
                 and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
             self._pid = os.getpid()
@@ -113,16 +115,36 @@ def _in_multiprocessing_bookkeeping(frame) -> bool:
     (``util.Finalize``: a queue's close, a semaphore's unlink), a semaphore's creation or
     cleanup, or the resource tracker: code that must run whole, or leaves a resource that the
     tracker reports at exit."""
-    from multiprocessing import resource_tracker, synchronize, util
-
-    codes = {util.Finalize.__call__.__code__, util._run_finalizers.__code__,
-             synchronize.SemLock.__init__.__code__, synchronize.SemLock._cleanup.__code__}
-    tracker = resource_tracker.__file__
+    codes, files = _bookkeeping_code()
     while frame is not None:
-        if frame.f_code in codes or frame.f_code.co_filename == tracker:
+        if frame.f_code in codes or frame.f_code.co_filename in files:
             return True
         frame = frame.f_back
     return False
+
+
+@lru_cache(maxsize=None)
+def _bookkeeping_code() -> Tuple[FrozenSet, FrozenSet[str]]:
+    """The code objects and files of :func:`_in_multiprocessing_bookkeeping`, looked up once
+    (:meth:`SigintLatch.__enter__`), not in the signal handler. A platform without named
+    semaphores (no ``sem_open``) has no ``multiprocessing.synchronize``, nor semaphores to leave
+    behind."""
+    from multiprocessing import util
+
+    codes, files = {util.Finalize.__call__.__code__, util._run_finalizers.__code__}, set()
+    try:
+        from multiprocessing import synchronize
+
+        codes |= {synchronize.SemLock.__init__.__code__, synchronize.SemLock._cleanup.__code__}
+    except ImportError:
+        pass
+    try:
+        from multiprocessing import resource_tracker
+
+        files.add(resource_tracker.__file__)
+    except ImportError:
+        pass
+    return frozenset(codes), frozenset(files)
 
 
 @contextmanager
