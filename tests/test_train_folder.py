@@ -1592,10 +1592,12 @@ def test_worker_start_without_workers_is_logged_as_having_no_effect(tmp_path, ca
 
 @pytest.mark.parametrize("args, message", [
     (["--worker-start", "thread"], "argument --worker-start: invalid choice: 'thread'"),
-    (["--worker-start", "fork"], "--worker-start fork: this platform cannot start processes by fork "
-                                 "(its start methods: spawn)"),
-    (["--set", 'worker_start="thread"'], "--worker-start thread: this platform cannot start processes by thread "
-                                         "(its start methods: spawn)"),
+    (["--worker-start", "fork"], "worker start method fork (--worker-start, or the run's config.json on --resume): "
+                                 "this platform cannot start processes by fork (its start methods: spawn); give "
+                                 "--worker-start with one of them"),
+    (["--set", 'worker_start="thread"'], "worker start method thread (--worker-start, or the run's config.json on "
+                                         "--resume): this platform cannot start processes by thread (its start "
+                                         "methods: spawn)"),
 ])
 def test_a_worker_start_method_the_platform_lacks_is_refused(tmp_path, capsys, folder, monkeypatch, args, message):
     """A start method that is not one, or that the platform lacks (here one with spawn only, as
@@ -1606,6 +1608,26 @@ def test_a_worker_start_method_the_platform_lacks_is_refused(tmp_path, capsys, f
     rc, err = _run_cli(["--data", folder, "-o", tmp_path / "r", *args], capsys)
     assert rc == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_run_whose_recorded_worker_start_this_platform_lacks_resumes_with_another(tmp_path, capsys, folder,
+                                                                                   monkeypatch):
+    """A run recorded with a start method the resuming platform lacks is refused in one line that
+    says the method comes from the run's config.json and how to choose another; --resume with
+    --worker-start of this platform goes on (with it, as with --workers, for that command)."""
+    import multiprocessing
+
+    run = tmp_path / "r"
+    rc, err = _run_cli(["--data", folder, "-o", run, "--stage", "1", "--worker-start", "fork"], capsys)
+    assert rc == 0, err
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+    resume = ["train", "-o", str(run), "--resume", "--stage", "2", "--threads", "1", "--no-progress"]
+    assert cli.main(resume) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "worker start method fork (--worker-start, or the run's config.json" in err[0], err
+    assert not (run / "stage2.pt").exists()
+    assert cli.main([*resume, "--worker-start", "spawn"]) == 0, capsys.readouterr().err
+    assert (run / "stage2.pt").exists()
 
 
 def test_default_workers_are_at_most_the_cpus_the_process_may_use():

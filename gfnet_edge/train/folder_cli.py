@@ -168,8 +168,9 @@ def check_settings(cfg) -> None:
 
     start, methods = getattr(cfg, "worker_start", None), multiprocessing.get_all_start_methods()
     if start is not None and start not in methods:
-        raise InputError(f"--worker-start {start}: this platform cannot start processes by {start} (its start "
-                         f"methods: {', '.join(methods)})")
+        raise InputError(f"worker start method {start} (--worker-start, or the run's config.json on --resume): this "
+                         f"platform cannot start processes by {start} (its start methods: {', '.join(methods)}); "
+                         f"give --worker-start with one of them")
 
 
 def check_epochs(cfg) -> None:
