@@ -226,3 +226,33 @@ def test_the_demo_trainer_closes_its_log_when_an_error_ends_the_run(tmp_path, mo
         gc.collect()
     assert rc == 2 and (tmp_path / "run" / "train.txt").is_file()
     assert not [w for w in caught if issubclass(w.category, ResourceWarning) and "train.txt" in str(w.message)]
+
+
+def test_the_demo_trainer_refuses_a_resume_whose_options_would_change_the_run(tmp_path, monkeypatch, capsys):
+    """--resume continues a demo run as its config.json says: --set, --seed or --backbone that
+    would change a setting end the command with one line naming the settings, before anything
+    is written; the same values as recorded go on (here to the data, which this test stops)."""
+    from gfnet_edge import cli
+    from gfnet_edge.errors import InputError
+    from gfnet_edge.train import data
+    from gfnet_edge.train.config import tiny_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = tiny_config()
+    (run / "config.json").write_text(cfg.dumps())
+    recorded = (run / "config.json").read_bytes()
+    resume = ["train", "-o", str(run), "--resume", "--no-progress", "--threads", "1"]
+    for args, changed in ((["--set", "seed=7"], "seed"), (["--seed", "7", "--set", "stage1.lr=0.5"], "seed, stage1.lr"),
+                          (["--backbone", "r24" if cfg.backbone != "r24" else "r16"], "backbone")):
+        assert cli.main([*resume, *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"the command line would change {changed}: leave those options out" in err[0], err
+        assert (run / "config.json").read_bytes() == recorded and not (run / "train.txt").exists()
+
+    def no_data(*args, **kwargs):
+        raise InputError("no data here")
+
+    monkeypatch.setattr(data, "load_split", no_data)
+    assert cli.main([*resume, "--set", f"seed={cfg.seed}", "--seed", str(cfg.seed), "--backbone", cfg.backbone]) == 2
+    assert capsys.readouterr().err.strip().endswith("no data here")

@@ -185,7 +185,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from .config import TrainConfig, tiny_config
     from .data import load_split
-    from .folder_cli import apply_overrides, check_settings
+    from .folder_cli import apply_overrides, changed_settings, check_settings
     from .stages import STAGES, Run
 
     torch.set_num_threads(max(1, args.threads))
@@ -200,6 +200,14 @@ def _run(args: argparse.Namespace) -> int:
         except (ValueError, TypeError) as exc:
             raise InputError(f"{cfg_path}: not a run config of gfnet-edge train ({exc}); give --data ROOT for a run "
                              "on an image folder, or another -o folder") from exc
+        given = TrainConfig.from_dict(json.loads(cfg.dumps()))  # the settings the command line names
+        given.backbone = args.backbone or given.backbone
+        given.seed = given.seed if args.seed is None else args.seed
+        changed = changed_settings(cfg, apply_overrides(given, args.set))
+        if changed:
+            raise InputError(f"--resume continues the run as {cfg_path} describes it, and the command line would "
+                             f"change {', '.join(changed)}: leave those options out (or start a new run in another "
+                             "-o folder)")
     else:
         cfg = tiny_config() if args.tiny else TrainConfig()
         if args.backbone:

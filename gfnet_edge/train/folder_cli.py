@@ -89,15 +89,20 @@ def _changed_on_resume(cfg, args: argparse.Namespace) -> List[str]:
     """The run settings (``config.json`` keys) the command line would change on ``--resume``."""
     from .recipe import FolderTrainConfig
 
+    return changed_settings(cfg, apply_args(FolderTrainConfig.from_dict(json.loads(cfg.dumps())), args))
+
+
+def changed_settings(before, after) -> List[str]:
+    """The settings (``config.json`` keys, dotted for a stage's: ``stage1.epochs``) whose values
+    differ between two run configs of one kind, sorted."""
     def flat(d, prefix=""):
         out = {}
         for k, v in d.items():
             out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
         return out
 
-    before = flat(json.loads(cfg.dumps()))
-    after = flat(json.loads(apply_args(FolderTrainConfig.from_dict(json.loads(cfg.dumps())), args).dumps()))
-    return [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+    a, b = flat(json.loads(before.dumps())), flat(json.loads(after.dumps()))
+    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def config_from_args(args: argparse.Namespace):
