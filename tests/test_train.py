@@ -231,7 +231,8 @@ def test_the_demo_trainer_closes_its_log_when_an_error_ends_the_run(tmp_path, mo
 def test_the_demo_trainer_refuses_a_resume_whose_options_would_change_the_run(tmp_path, monkeypatch, capsys):
     """--resume continues a demo run as its config.json says: --set, --seed or --backbone that
     would change a setting end the command with one line naming the settings, before anything
-    is written; the same values as recorded go on (here to the data, which this test stops)."""
+    is written; the same values as recorded go on (here to the data, which this test stops), and
+    so do new workers / worker_start (how images are loaded), which config.json records."""
     from gfnet_edge import cli
     from gfnet_edge.errors import InputError
     from gfnet_edge.train import data
@@ -256,3 +257,7 @@ def test_the_demo_trainer_refuses_a_resume_whose_options_would_change_the_run(tm
     monkeypatch.setattr(data, "load_split", no_data)
     assert cli.main([*resume, "--set", f"seed={cfg.seed}", "--seed", str(cfg.seed), "--backbone", cfg.backbone]) == 2
     assert capsys.readouterr().err.strip().endswith("no data here")
+    # how images are loaded may change, as --workers / --worker-start on an image folder
+    assert cli.main([*resume, "--set", "workers=3", "--set", 'worker_start="spawn"']) == 2
+    assert capsys.readouterr().err.strip().endswith("no data here")
+    assert json.loads((run / "config.json").read_text())["workers"] == 3

@@ -203,7 +203,10 @@ def _run(args: argparse.Namespace) -> int:
         given = TrainConfig.from_dict(json.loads(cfg.dumps()))  # the settings the command line names
         given.backbone = args.backbone or given.backbone
         given.seed = given.seed if args.seed is None else args.seed
-        changed = changed_settings(cfg, apply_overrides(given, args.set))
+        given = apply_overrides(given, args.set)
+        loading = {"workers", "worker_start"}  # how images are loaded, not what is trained: may change
+        cfg.workers, cfg.worker_start = given.workers, given.worker_start
+        changed = [k for k in changed_settings(cfg, given) if k not in loading]
         if changed:
             raise InputError(f"--resume continues the run as {cfg_path} describes it, and the command line would "
                              f"change {', '.join(changed)}: leave those options out (or start a new run in another "
