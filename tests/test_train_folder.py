@@ -1256,8 +1256,9 @@ def test_the_exported_checkpoint_records_where_the_gfnets_encoders_started(tmp_p
     if start != "random":  # the GFNet has not started yet
         assert json.loads((run / "config.json").read_text())["gfnet_init"] is None
         assert cli.main([*resume, "--stage", "1"]) == 0, capsys.readouterr().err
-    rc, err = _run_cli(["--data", folder, "-o", run, "--resume", "--set", 'gfnet_init="random"'], capsys)
-    assert rc == 2 and len(err) == 1 and "--set gfnet_init: the trainer records" in err[0], err
+    for key in ("gfnet_init", "static_init"):
+        rc, err = _run_cli(["--data", folder, "-o", run, "--resume", "--set", f'{key}="random"'], capsys)
+        assert rc == 2 and len(err) == 1 and f"--set {key}: the trainer records" in err[0], err
     assert cli.main(resume) == 0, capsys.readouterr().err  # stages 2 and 3 and the export
     expected = {"baseline": str((run / "static.pt").resolve()), "file": str(Path(weights).resolve()),
                 "random": "random"}[start]
@@ -1266,6 +1267,7 @@ def test_the_exported_checkpoint_records_where_the_gfnets_encoders_started(tmp_p
     for config in (exported, recorded):
         assert config["gfnet_init"] == expected
         assert config["pretrained"] == (expected if start == "file" else None)
+        assert config["static_init"] == (None if start == "random" else expected if start == "file" else "random")
     capsys.readouterr()
     assert cli.main(["info", str(run / "gfnet.pth.tar")]) == 0  # info tells a user where it started
     started = {"random": "random weights"}.get(expected, expected)
@@ -1301,7 +1303,10 @@ def test_resume_takes_pretrained_until_the_gfnet_of_a_run_that_trained_its_basel
         body = [k for k in sd if not k.startswith("classifier.")]
         assert body and all(torch.equal(sd[k], file[k]) for k in body), name
         assert not all(torch.equal(sd[k], baseline[k]) for k in body), name
-    assert json.loads((run / "config.json").read_text())["pretrained"] == str(Path(weights).resolve())
+    recorded = json.loads((run / "config.json").read_text())
+    assert recorded["pretrained"] == str(Path(weights).resolve()) == recorded["gfnet_init"]
+    assert recorded["static_init"] == "random"  # the baseline, trained before, started from random weights
+    assert torch.load(run / "static.pth.tar", map_location="cpu", weights_only=True)["started_from"] == "random"
     other = tmp_path / "other.pth"
     shutil.copyfile(weights, other)
     kept = {f: (run / f).read_bytes() for f in ("config.json", "stage1.pt", "static.pt")}

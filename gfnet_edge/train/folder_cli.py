@@ -78,9 +78,10 @@ def apply_args(cfg, args: argparse.Namespace):
         cfg.amp = False
     if args.hflip:
         cfg.hflip = True
-    if any(item.partition("=")[0] == "gfnet_init" for item in args.set):
-        raise InputError("--set gfnet_init: the trainer records where the GFNet's encoders started; choose "
-                         "their weights with --pretrained FILE|timm")
+    for key, what in (("gfnet_init", "the GFNet's encoders"), ("static_init", "the static baseline")):
+        if any(item.partition("=")[0] == key for item in args.set):
+            raise InputError(f"--set {key}: the trainer records where {what} started; choose their weights with "
+                             "--pretrained FILE|timm")
     apply_overrides(cfg, args.set)
     return cfg
 
@@ -543,10 +544,12 @@ def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: b
         starts = "stage1" in stages and not have - {"static"}  # the GFNet's encoders get their first weights
         baseline = _own_baseline(out) if cfg.pretrained is None and starts else None
         model, static = build_models(cfg, len(train.classes), log, pretrained=not resuming, baseline=baseline)
-        init = cfg.gfnet_init
+        init = (cfg.gfnet_init, cfg.static_init)
         if starts:  # recorded in config.json and the exported checkpoint's train_config
             cfg.gfnet_init = (cfg.pretrained if cfg.pretrained is not None
                               else str((out / "static.pt").resolve()) if baseline is not None else "random")
+        if "static" in stages and cfg.static.epochs > 0 and "static" not in have:  # ... and RUN/static.pth.tar
+            cfg.static_init = cfg.pretrained if cfg.pretrained is not None else "random"
         if ctx.main:
             out.mkdir(parents=True, exist_ok=True)
             log_file = open(out / "train.txt", "a")
@@ -555,7 +558,7 @@ def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: b
                 write_text_atomic(out / "data_index.json", json.dumps(
                     {k: {"root": str(s.root), "classes": s.classes, "samples": s.samples, "skipped": s.skipped}
                      for k, s in (("train", train), ("val", val))}))
-            if fresh or settings_changed or cfg.gfnet_init != init:
+            if fresh or settings_changed or (cfg.gfnet_init, cfg.static_init) != init:
                 write_text_atomic(cfg_path, cfg.dumps())  # whole or absent: --resume reads it
         ctx.barrier()
         spec = model.spec
@@ -723,6 +726,7 @@ def _save_static(tr, out: Path, static_acc: float) -> Dict[str, Any]:
     macs = count_static_macs(net.eval(), tr.spec.image_size)
     save_static(out / "static.pth.tar", net, tr.cfg.backbone, tr.cfg.backbone_kwargs, tr.spec.num_classes,
                 tr.spec.image_size, metadata={"val_accuracy": static_acc, "classes": tr.cfg.classes, "macs": int(macs),
+                                              "started_from": getattr(tr.cfg, "static_init", None),
                                               "crop_pct": float(tr.spec.crop_pct),
                                               "dataset_interpolation": tr.spec.dataset_interpolation},
                 half=False)

@@ -214,6 +214,9 @@ class FolderTrainConfig(TrainSettings):
     #: option): the ``pretrained`` file or "timm", the run's own static baseline (the path of
     #: its ``RUN/static.pt``), or "random"; None while the GFNet has not started.
     gfnet_init: Optional[str] = None
+    #: Where the static baseline's weights started when its stage began (written by the trainer):
+    #: the ``pretrained`` file or "timm", or "random"; None while it has not started.
+    static_init: Optional[str] = None
     image_size: int = 0  # 0: the family's default (likewise patch_size, steps)
     patch_size: int = 0
     steps: int = 0
