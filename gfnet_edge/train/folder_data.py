@@ -17,7 +17,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -269,14 +269,20 @@ class ShardSampler(torch.utils.data.Sampler):
 
 def make_loader(dataset: FolderDataset, batch: int, sampler: torch.utils.data.Sampler, workers: int,
                 pin: bool, drop_last: bool, start: Optional[str] = None) -> torch.utils.data.DataLoader:
-    """A DataLoader with ``workers`` processes (0: in this process), which ignore SIGINT, started
-    by the method ``start`` (``"fork"``, ``"spawn"``, ``"forkserver"``; None: torch's default)."""
+    """A DataLoader of ``batch`` images drawn by ``sampler``, its processes as
+    :func:`worker_options` says."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, pin_memory=pin,
+                                       drop_last=drop_last, persistent_workers=False, **worker_options(workers, start))
+
+
+def worker_options(workers: int, start: Optional[str]) -> Dict[str, Any]:
+    """The DataLoader arguments of the trainer's worker processes: ``workers`` of them (0: the
+    images are loaded in this process), which ignore SIGINT, started by the method ``start``
+    (``"fork"``, ``"spawn"``, ``"forkserver"``; None: torch's default)."""
     from .folder_stages.sigint import worker_ignores_sigint
 
-    return torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
-                                       pin_memory=pin, drop_last=drop_last, persistent_workers=False,
-                                       worker_init_fn=worker_ignores_sigint,
-                                       multiprocessing_context=start if workers else None)
+    return dict(num_workers=workers, worker_init_fn=worker_ignores_sigint,
+                multiprocessing_context=start if workers else None)
 
 
 @functools.lru_cache(maxsize=16)

@@ -40,11 +40,11 @@ from ...models.checkpoint import atomic_torch_save, read_torch_file
 from ...models.gfnet import GFNet, action_to_coords, crop_patches
 from ..data import EpochBatches
 from ..dist import DistContext
-from ..folder_data import DataSource, make_loader, normalise
+from ..folder_data import DataSource, make_loader, normalise, worker_options
 from ..recipe import StagePlan, TrainSettings
 from .glance_cache import GlanceCache
 from .losses import FocusLoss, PolicyEval, StaticLoss, normalised_returns, ppo_loss, sample_action, step_logits
-from .sigint import SIGINT, worker_ignores_sigint
+from .sigint import SIGINT
 from .validation import Validation
 
 #: ``step(x, y, idx, g, opt, scaler)`` -> batch means (``loss`` and any other figures).
@@ -203,10 +203,8 @@ class FolderTrainer(Validation):
                 raise ValueError(f"stage {name}: batch sizes {batches} must be multiples of the {ctx.world} processes")
             sampler = EpochBatches(len(self.train_set), batches, plan.iters, stage_seed(cfg.seed, name),
                                    ctx.rank, ctx.world)
-            loader = torch.utils.data.DataLoader(self.train_set, batch_sampler=sampler, num_workers=cfg.workers,
-                                                 pin_memory=ctx.device.type == "cuda",
-                                                 worker_init_fn=worker_ignores_sigint,
-                                                 multiprocessing_context=cfg.worker_start if cfg.workers else None)
+            loader = torch.utils.data.DataLoader(self.train_set, batch_sampler=sampler, pin_memory=ctx.device.type == "cuda",
+                                                 **worker_options(cfg.workers, cfg.worker_start))
             return loader, sampler, plan.iters
         sampler = torch.utils.data.DistributedSampler(self.train_set, num_replicas=ctx.world, rank=ctx.rank,
                                                       shuffle=True, seed=cfg.seed, drop_last=True)
