@@ -186,6 +186,7 @@ def _run(args: argparse.Namespace) -> int:
     from .config import TrainConfig, tiny_config
     from .data import load_split
     from .folder_cli import apply_overrides, changed_settings, check_settings
+    from .recipe import LOADING_SETTINGS
     from .stages import STAGES, Run
 
     torch.set_num_threads(max(1, args.threads))
@@ -204,9 +205,9 @@ def _run(args: argparse.Namespace) -> int:
         given.backbone = args.backbone or given.backbone
         given.seed = given.seed if args.seed is None else args.seed
         given = apply_overrides(given, args.set)
-        loading = {"workers", "worker_start"}  # how images are loaded, not what is trained: may change
-        cfg.workers, cfg.worker_start = given.workers, given.worker_start
-        changed = [k for k in changed_settings(cfg, given) if k not in loading]
+        for key in LOADING_SETTINGS:  # how images are loaded, not what is trained: may change
+            setattr(cfg, key, getattr(given, key))
+        changed = changed_settings(cfg, given)
         if changed:
             raise InputError(f"--resume continues the run as {cfg_path} describes it, and the command line would "
                              f"change {', '.join(changed)}: leave those options out (or start a new run in another "

@@ -312,7 +312,7 @@ def _moved(split, root: Path, index: Path):
 
 def run_folder(args: argparse.Namespace) -> int:
     """The folder trainer's entry point (``gfnet-edge train --data ...``)."""
-    from .recipe import FolderTrainConfig
+    from .recipe import LOADING_SETTINGS, FolderTrainConfig
 
     if not args.out:
         raise InputError("--data needs -o RUN (the run folder)")
@@ -330,10 +330,9 @@ def run_folder(args: argparse.Namespace) -> int:
             cfg = FolderTrainConfig.from_dict(json.loads(cfg_path.read_text()))
         except (ValueError, TypeError) as exc:
             raise InputError(f"{cfg_path}: not a run config of gfnet-edge train --data ({exc})") from exc
-        if args.workers is not None:  # how images are loaded, not what is trained: may change on resume
-            cfg.workers = args.workers
-        if args.worker_start is not None:
-            cfg.worker_start = args.worker_start
+        for key in LOADING_SETTINGS:  # how images are loaded, not what is trained: may change on resume
+            if getattr(args, key) is not None:
+                setattr(cfg, key, getattr(args, key))
         changed = _changed_on_resume(cfg, args)
         if changed == ["data"]:  # the same images in another place: the run goes on with them there
             cfg.data = str(Path(args.data).resolve())  # as apply_args resolves it

@@ -95,6 +95,10 @@ def default_workers() -> int:
     return max(1, min(4, cpus))
 
 
+#: The settings that say how images are loaded, not what is trained: ``--resume`` may change them.
+LOADING_SETTINGS = ("workers", "worker_start")
+
+
 @dataclass
 class TrainSettings:
     """The settings every training stage reads (shared by the folder and the demo configs)."""
