@@ -113,37 +113,51 @@ class _Score:
     def __init__(self, inputs, class_names, num_classes: int) -> None:
         from pathlib import Path
 
-        from ..data.images import class_folders
+        from ..data.images import class_folders, resolved_path
 
         self.named = class_names is not None
         self.folders = []  # (folder as given, the folder resolved, {class folder name: label})
         for raw in inputs:
             names = class_folders(raw)
-            if not names or any(Path(raw).resolve() == r for _, r, _ in self.folders):  # given again
+            if not names:
+                continue
+            real = resolved_path(Path(raw))
+            if any(real == r for _, r, _ in self.folders):  # given again
                 continue
             if class_names is not None and sorted(names) == sorted(class_names):
-                self.folders.append((Path(raw), Path(raw).resolve(), {n: class_names.index(n) for n in names}))
+                self.folders.append((Path(raw), real, {n: class_names.index(n) for n in names}))
             elif class_names is None and len(names) == num_classes:
-                self.folders.append((Path(raw), Path(raw).resolve(), {n: k for k, n in enumerate(names)}))
+                self.folders.append((Path(raw), real, {n: k for k, n in enumerate(names)}))
         self.correct = self.total = 0
 
     def add(self, image: str, predicted: int) -> None:
         from pathlib import Path
 
-        path = Path(image)
-        for folder, resolved, labels in self.folders:
-            try:
-                rel = path.relative_to(folder)
-            except ValueError:
-                try:  # named through another spelling (a file given before the folder)
-                    rel = path.resolve().relative_to(resolved)
-                except ValueError:  # not under this folder
-                    continue
-            label = labels.get(rel.parts[0])
-            if label is not None:
-                self.total += 1
-                self.correct += int(predicted == label)
+        from ..data.images import resolved_path
+
+        if not self.folders:
             return
+        path = Path(image)
+        found = self._find(path, resolved=False)
+        if found is None:  # named through another spelling (a file given before the folder): resolved once
+            found = self._find(resolved_path(path), resolved=True)
+        if found is None:  # not under a scored folder
+            return
+        labels, rel = found
+        label = labels.get(rel.parts[0])
+        if label is not None:
+            self.total += 1
+            self.correct += int(predicted == label)
+
+    def _find(self, path, resolved: bool):
+        """``(labels, path relative to it)`` of the first scored folder that holds ``path``
+        (compared with the folders as given, or ``resolved``), else None."""
+        for folder, real, labels in self.folders:
+            try:
+                return labels, path.relative_to(real if resolved else folder)
+            except ValueError:
+                continue
+        return None
 
     def line(self) -> str:
         where = ", ".join(str(f) for f, _, _ in self.folders)

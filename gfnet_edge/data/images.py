@@ -133,7 +133,7 @@ def iter_image_batches(paths: Sequence[os.PathLike | str], image_size: int = 224
     for raw in paths:
         path = Path(raw)
         _check_arguments(path, image_size, crop_pct, interpolation)
-        key = _resolved(path)
+        key = resolved_path(path)
         if key in seen:
             continue
         seen.add(key)
@@ -177,7 +177,7 @@ def iter_image_batches(paths: Sequence[os.PathLike | str], image_size: int = 224
             yield batch(names, frames, geometries)
 
 
-def _resolved(path: Path) -> Path:
+def resolved_path(path: Path) -> Path:
     """``path`` made absolute with its symbolic links followed (only made absolute where they
     cannot be), to tell when two spellings name the same file or folder."""
     try:
