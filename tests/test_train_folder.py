@@ -1575,6 +1575,7 @@ def test_worker_start_chooses_how_the_dataloader_workers_start(tmp_path, capsys,
                        *given])
         assert rc == 0, capsys.readouterr().err
         assert seen == [want], (given, seen)  # the export's validation
+        assert json.loads((run / "config.json").read_text())["worker_start"] == want  # kept for later resumes
 
 
 def test_worker_start_without_workers_is_logged_as_having_no_effect(tmp_path, capsys, folder):
@@ -1619,7 +1620,8 @@ def test_a_run_whose_recorded_worker_start_this_platform_lacks_resumes_with_anot
                                                                                    monkeypatch):
     """A run recorded with a start method the resuming platform lacks is refused in one line that
     says the method comes from the run's config.json and how to choose another; --resume with
-    --worker-start of this platform goes on (with it, as with --workers, for that command)."""
+    --worker-start of this platform goes on, and the run records it (as it records --workers
+    given on --resume), so a later --resume without it goes on too."""
     import multiprocessing
 
     run = tmp_path / "r"
@@ -1631,8 +1633,13 @@ def test_a_run_whose_recorded_worker_start_this_platform_lacks_resumes_with_anot
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "worker start method fork (--worker-start, or the run's config.json" in err[0], err
     assert not (run / "stage2.pt").exists()
-    assert cli.main([*resume, "--worker-start", "spawn"]) == 0, capsys.readouterr().err
+    assert cli.main([*resume, "--worker-start", "spawn", "--workers", "1"]) == 0, capsys.readouterr().err
     assert (run / "stage2.pt").exists()
+    recorded = json.loads((run / "config.json").read_text())
+    assert (recorded["worker_start"], recorded["workers"]) == ("spawn", 1), recorded
+    resume[resume.index("2")] = "3"
+    assert cli.main(resume) == 0, capsys.readouterr().err
+    assert (run / "stage3.pt").exists()
 
 
 def test_default_workers_are_at_most_the_cpus_the_process_may_use():

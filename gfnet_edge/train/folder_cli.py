@@ -543,7 +543,6 @@ def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: b
         starts = "stage1" in stages and not have - {"static"}  # the GFNet's encoders get their first weights
         baseline = _own_baseline(out) if cfg.pretrained is None and starts else None
         model, static = build_models(cfg, len(train.classes), log, pretrained=not resuming, baseline=baseline)
-        init = (cfg.gfnet_init, cfg.static_init)
         if starts:  # recorded in config.json and the exported checkpoint's train_config
             cfg.gfnet_init = (cfg.pretrained if cfg.pretrained is not None
                               else str((out / "static.pt").resolve()) if baseline is not None else "random")
@@ -557,8 +556,9 @@ def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: b
                 write_text_atomic(out / "data_index.json", json.dumps(
                     {k: {"root": str(s.root), "classes": s.classes, "samples": s.samples, "skipped": s.skipped}
                      for k, s in (("train", train), ("val", val))}))
-            if fresh or settings_changed or (cfg.gfnet_init, cfg.static_init) != init:
-                write_text_atomic(cfg_path, cfg.dumps())  # whole or absent: --resume reads it
+            text = cfg.dumps()  # new settings, provenance, or workers / worker start a --resume gave
+            if fresh or not cfg_path.is_file() or cfg_path.read_text() != text:
+                write_text_atomic(cfg_path, text)  # whole or absent: --resume reads it
         ctx.barrier()
         spec = model.spec
         log(f"model {spec.model_name}: S={spec.image_size} P={spec.patch_size} T={spec.steps} "
