@@ -7,6 +7,8 @@ It has the calls gfnet-edge makes, with TensorRT's behaviour where it matters:
   and 11.x has no precision builder flags; dtypes are ``DataType`` members, not strings;
 * one process logger expected: every ``Builder`` / ``Runtime`` logger is recorded;
 * ``set_tensor_address`` refuses addresses not 256-byte aligned (returns False);
+* a new execution context of an engine whose profile fixes the batch (min == max) reports that
+  batch as its input shape, but ``execute_async_v3`` fails until ``set_input_shape`` was called;
 * ``execute_async_v3`` only enqueues on the simulated device's stream
   (``tests/sim_device.py``); the engine runs when that stream is synchronized, reading its
   input then and writing its outputs then (a missing synchronization reads stale memory);
@@ -358,7 +360,11 @@ def make_trt(version="10.3.0", mem=None, faults=(), dla_cores=0, device=DEVICE, 
 
         def get_tensor_shape(self, name):
             if self.batch is None:
-                return (-1,) + self.engine.shapes[name][1:]
+                # TensorRT reports a runtime dimension the profile fixes to one value (min == max)
+                # before set_input_shape (IExecutionContext::getTensorShape); enqueueV3 still needs
+                # the input shape set (IExecutionContext::inferShapes)
+                fixed = self.engine.min if self.engine.min == self.engine.max else -1
+                return (fixed,) + self.engine.shapes[name][1:]
             return (self.batch,) + self.engine.shapes[name][1:]
 
         def set_tensor_address(self, name, ptr):
