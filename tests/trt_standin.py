@@ -12,6 +12,8 @@ It has the calls gfnet-edge makes, with TensorRT's behaviour where it matters:
 * ``execute_async_v3`` only enqueues on the simulated device's stream
   (``tests/sim_device.py``); the engine runs when that stream is synchronized, reading its
   input then and writing its outputs then (a missing synchronization reads stale memory);
+* a DLA engine runs on the DLA core the ``Runtime`` names before deserialising it, on core 0
+  where none is named (``state.dla_core_run``);
 * DLA rules: a DLA build with a dynamic batch profile, or of a Q/DQ INT8 or FP32 network,
   places no layer on the DLA (with GPU fallback: all on the GPU, as the builder's layer report
   says; without: the build fails);
@@ -64,7 +66,7 @@ def make_trt(version="10.3.0", mem=None, faults=(), dla_cores=0, device=DEVICE, 
     faults = set(faults)
     state = SimpleNamespace(loggers=set(), set_flags=[], network_flags=None, parsed=None, profile=None, pool=None,
                             config={}, batches=[], enqueues=[], contexts=0, host_code=[], dla_core_at_load=[],
-                            violations=[], engines_built=0)
+                            dla_core_run=[], violations=[], engines_built=0)
 
     Severity = _enum("Severity", {"INTERNAL_ERROR": 0, "ERROR": 1, "WARNING": 2, "INFO": 3, "VERBOSE": 4})
     DataType = _enum("DataType", dict({"FLOAT": 0, "HALF": 1, "INT8": 2, "INT32": 3, "BOOL": 4, "UINT8": 5, "FP8": 6,
@@ -414,9 +416,14 @@ def make_trt(version="10.3.0", mem=None, faults=(), dla_cores=0, device=DEVICE, 
             if not blob.startswith(MAGIC):
                 return None
             try:
-                return Engine(blob)
+                engine = Engine(blob)
             except Exception:
                 return None
+            if engine.placement and engine.placement[0]:
+                # a DLA engine runs on the core the runtime names; unset (-1), on core 0, whichever
+                # core it was built for (microsoft/onnxruntime#26680, jkjung-avt/tensorrt_demos#463)
+                state.dla_core_run.append(self.DLA_core if self.DLA_core >= 0 else 0)
+            return engine
 
     trt = SimpleNamespace(
         __version__=version, ILogger=ILogger, Logger=Logger, Builder=Builder, Runtime=Runtime, OnnxParser=Parser,

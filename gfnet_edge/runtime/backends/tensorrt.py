@@ -107,14 +107,7 @@ class TensorRTRunner(Runner):
 
         trt = tensorrt_util.import_tensorrt()
         self._trt = trt
-        runtime = tensorrt_util.safe_runtime(trt)
-        core = engine_dla_core(self.entry)
-        if core is not None:  # a DLA engine runs on the core the runtime names at deserialisation
-            available = int(getattr(runtime, "num_DLA_cores", 0))
-            if core >= available:
-                raise UnavailableError(f"the engines were built for DLA core {core}, but this device has "
-                                       f"{available} DLA core(s); use the GPU engines (no --dla-core) or rebuild")
-            runtime.DLA_core = core
+        runtime = tensorrt_util.safe_runtime(trt, engine_dla_core(self.entry))
         try:
             for g in GRAPHS:
                 path = self.bundle.path(self.entry[g])
