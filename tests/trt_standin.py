@@ -14,6 +14,8 @@ It has the calls gfnet-edge makes, with TensorRT's behaviour where it matters:
   input then and writing its outputs then (a missing synchronization reads stale memory);
 * a DLA engine runs on the DLA core the ``Runtime`` names before deserialising it, on core 0
   where none is named (``state.dla_core_run``);
+* DLA placement as TensorRT reports it: one ``{ForeignNode[first...last]}`` per run of
+  consecutive DLA layers (a DLA loadable), in the builder's layer report and the inspector;
 * DLA rules: a DLA build with a dynamic batch profile, or of a Q/DQ INT8 or FP32 network,
   places no layer on the DLA (with GPU fallback: all on the GPU, as the builder's layer report
   says; without: the build fails);
@@ -247,7 +249,10 @@ def make_trt(version="10.3.0", mem=None, faults=(), dla_cores=0, device=DEVICE, 
             return Profile()
 
         def _placement(self, network, config):
-            """(dla layers, gpu layers) the way TensorRT's DLA rules place them."""
+            """(DLA loadables, gpu layers) the way TensorRT's DLA rules place them. TensorRT
+            compiles each run of consecutive DLA layers into one DLA loadable, which its layer
+            report and the engine inspector name ``{ForeignNode[first...last]}``
+            (``{ForeignNode[only]}`` for one layer)."""
             layers = list(getattr(network, "layers", ["layer0"]))
             if getattr(config, "default_device_type", DeviceType.GPU) != DeviceType.DLA:
                 return None
@@ -255,8 +260,9 @@ def make_trt(version="10.3.0", mem=None, faults=(), dla_cores=0, device=DEVICE, 
             fp16 = "FP16" in state.set_flags or (network.flags and not network.qdq and major >= 11)
             why = ("dynamic shapes" if lo != hi else "explicit quantization" if network.qdq
                    else None if fp16 else "FP32")
-            if why is None:
-                return layers[:-1], layers[-1:]  # DLA takes all but the last layer here
+            if why is None:  # DLA takes all but the last layer here: one run, one loadable
+                run = layers[:-1]
+                return ["{ForeignNode[%s]}" % ("...".join((run[0], run[-1])) if len(run) > 1 else run[0])], layers[-1:]
             self.log.log(Severity.WARNING, f"DLA does not support {why}; layers default to GPU")
             return [], layers
 
@@ -271,7 +277,7 @@ def make_trt(version="10.3.0", mem=None, faults=(), dla_cores=0, device=DEVICE, 
                     return None
                 self.log.log(Severity.INFO, "---------- Layers Running on DLA ----------")
                 for n in dla:
-                    self.log.log(Severity.INFO, f"[DlaLayer] {{ForeignNode[{n}]}}")
+                    self.log.log(Severity.INFO, f"[DlaLayer] {n}")
                 self.log.log(Severity.INFO, "---------- Layers Running on GPU ----------")
                 for n in gpu:
                     self.log.log(Severity.INFO, f"[GpuLayer] CONVOLUTION: {n}")  # TensorRT 8.4+: type, name
@@ -294,7 +300,7 @@ def make_trt(version="10.3.0", mem=None, faults=(), dla_cores=0, device=DEVICE, 
             # memory, as trtexec's per-layer profile of one shows (NVIDIA/TensorRT#3143)
             moves = [{"Name": f"{t} {how}", "LayerType": "Reformat"} for t in ("image", "logits")
                      for how in ("to nvm", "from nvm", "copy finish")] if dla else []
-            layers = moves[:1] + [{"Name": f"{{ForeignNode[{n}]}}", "LayerType": "DLA"} for n in dla] + \
+            layers = moves[:1] + [{"Name": n, "LayerType": "DLA"} for n in dla] + \
                 moves[1:] + [{"Name": n, "LayerType": "Convolution"} for n in gpu]
             return json.dumps({"Layers": layers, "Bindings": self.engine.names})
 
