@@ -49,6 +49,8 @@ def test_plan_build_dla_and_old_versions():
     ({"precision": "int4"}, "precision"), ({"max_batch": 0}, "batch"), ({"opt_batch": 64, "max_batch": 32}, "batch"),
     ({"workspace_mb": 1}, "workspace"), ({"opt_level": 9}, "optimisation level"), ({"dla_core": -1}, "DLA"),
     ({"dla_core": 0}, "needs --precision fp16: DLA does not take explicit-quantization"),
+    # DLA runs batches of at most 4096 (TensorRT's DLA restrictions); a DLA engine's one batch is its max
+    ({"precision": "fp16", "dla_core": 0, "max_batch": 4097, "opt_batch": 1}, r"--max-batch <= 4096 .*got 4097"),
 ])
 def test_build_options_validation(kw, match):
     with pytest.raises(InputError, match=match):

@@ -16,9 +16,9 @@ It has the calls gfnet-edge makes, with TensorRT's behaviour where it matters:
   where none is named (``state.dla_core_run``);
 * DLA placement as TensorRT reports it: one ``{ForeignNode[first...last]}`` per run of
   consecutive DLA layers (a DLA loadable), in the builder's layer report and the inspector;
-* DLA rules: a DLA build with a dynamic batch profile, or of a Q/DQ INT8 or FP32 network,
-  places no layer on the DLA (with GPU fallback: all on the GPU, as the builder's layer report
-  says; without: the build fails);
+* DLA rules: a DLA build with a dynamic batch profile or a batch above 4096, or of a Q/DQ
+  INT8 or FP32 network, places no layer on the DLA (with GPU fallback: all on the GPU, as the
+  builder's layer report says; without: the build fails);
 * timing caches carry the device and version they were made on; a foreign one is rejected
   by ``set_timing_cache`` and ``combine``;
 * injectable failures (``faults``): ``parse``, ``build``, ``profile`` (add_optimization_profile
@@ -258,8 +258,8 @@ def make_trt(version="10.3.0", mem=None, faults=(), dla_cores=0, device=DEVICE, 
                 return None
             _, lo, _, hi = config.profiles[0].shapes
             fp16 = "FP16" in state.set_flags or (network.flags and not network.qdq and major >= 11)
-            why = ("dynamic shapes" if lo != hi else "explicit quantization" if network.qdq
-                   else None if fp16 else "FP32")
+            why = ("dynamic shapes" if lo != hi else "batch sizes above 4096" if hi[0] > 4096
+                   else "explicit quantization" if network.qdq else None if fp16 else "FP32")
             if why is None:  # DLA takes all but the last layer here: one run, one loadable
                 run = layers[:-1]
                 return ["{ForeignNode[%s]}" % ("...".join((run[0], run[-1])) if len(run) > 1 else run[0])], layers[-1:]

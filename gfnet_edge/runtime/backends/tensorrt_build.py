@@ -28,6 +28,11 @@ from . import tensorrt_util
 from .tensorrt_util import TrtFeatures
 
 
+#: The largest batch DLA runs (TensorRT's "DLA Supported Layers and Restrictions"); a larger one
+#: puts every layer on the GPU.
+DLA_MAX_BATCH = 4096
+
+
 @dataclass
 class BuildOptions:
     """TensorRT builder options users expect.
@@ -67,6 +72,9 @@ class BuildOptions:
             why = ("DLA does not take explicit-quantization (Q/DQ) INT8 networks, and INT8 here comes only from "
                    "Q/DQ graphs" if self.precision == "int8" else "DLA runs FP16 or INT8, never FP32")
             raise InputError(f"--dla-core needs --precision fp16: {why}")
+        if self.dla_core is not None and self.max_batch > DLA_MAX_BATCH:
+            raise InputError(f"--dla-core needs --max-batch <= {DLA_MAX_BATCH} (DLA runs batches of at most "
+                             f"{DLA_MAX_BATCH}; a DLA engine is built for its max batch), got {self.max_batch}")
         return self
 
 
