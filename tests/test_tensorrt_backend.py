@@ -586,6 +586,25 @@ def test_build_engine_level_and_timing_cache_merge(tmp_path, monkeypatch):
     assert foreign.read_bytes() == before and not (tmp_path / "x.engine").exists()
 
 
+def test_a_timing_cache_tensorrt_cannot_serialize_leaves_the_file_and_the_engine_stands(tmp_path, monkeypatch, caplog):
+    """ITimingCache.serialize returns None on failure (as trtexec checks): the engine is built and
+    kept, the cache file keeps what it held, and a warning says it was not updated."""
+    import logging
+
+    _standin(monkeypatch)
+    onnx, out, cache = _onnx(tmp_path), tmp_path / "focus.engine", tmp_path / "timing.cache"
+    trt_build.build_engine(onnx, out, trt_build.BuildOptions(precision="fp32", timing_cache=str(cache)))
+    before = cache.read_bytes()
+    out.unlink()
+    _standin(monkeypatch, faults={"cache_serialize"})
+    with caplog.at_level(logging.WARNING, logger="gfnet_edge"):
+        trt_build.build_engine(_onnx(tmp_path, "other.onnx"), out,
+                               trt_build.BuildOptions(precision="fp32", timing_cache=str(cache)))
+    assert out.is_file() and cache.read_bytes() == before
+    assert f"{cache}: TensorRT could not serialize the timing cache; not updated" in caplog.text
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
 @pytest.mark.parametrize("fault,match", [
     ("parse", r"ONNX parser failed: node 0: unsupported operator; node 1: unsupported operator"),
     ("build", "could not build an engine"),

@@ -23,7 +23,7 @@ It has the calls gfnet-edge makes, with TensorRT's behaviour where it matters:
   by ``set_timing_cache`` and ``combine``;
 * injectable failures (``faults``): ``parse``, ``build``, ``profile`` (add_optimization_profile
   returns -1), ``context`` (create_execution_context returns None), ``enqueue``, ``skew``
-  (engines compute outputs off by 0.5).
+  (engines compute outputs off by 0.5), ``cache_serialize`` (ITimingCache.serialize returns None).
 
 "Engines" are the parsed ONNX graphs (run by ONNX Runtime on the simulated device memory)
 behind a small header with the profile's batch range; bytes without the header do not
@@ -122,6 +122,8 @@ def make_trt(version="10.3.0", mem=None, faults=(), dla_cores=0, device=DEVICE, 
             self.dev, self.ver, self.entries = dev, ver, dict(entries)
 
         def serialize(self):
+            if "cache_serialize" in faults:
+                return None  # ITimingCache::serialize returns nullptr on failure
             return json.dumps({"device": self.dev, "version": self.ver, "entries": self.entries}).encode()
 
         def combine(self, other, ignore_mismatch):

@@ -170,7 +170,8 @@ def open_timing_cache(config: Any, path: Path) -> Any:
 def save_timing_cache(config: Any, path: Path) -> bool:
     """Merges the build's timing cache into ``path`` (re-read now: another build may have
     written it meanwhile) and replaces the file atomically. Returns False, writing nothing,
-    when the file on disk can no longer be merged with (it changed to a foreign cache)."""
+    when the file on disk can no longer be merged with (it changed to a foreign cache) or
+    TensorRT cannot serialize the merged cache."""
     built = config.get_timing_cache()
     if built is None:
         return False
@@ -178,9 +179,13 @@ def save_timing_cache(config: Any, path: Path) -> bool:
     if merged is None or not merged.combine(built, False):
         tensorrt_util.logger.warning("%s: timing cache changed on disk to one TensorRT cannot merge with; not updated", path)
         return False
+    blob = merged.serialize()
+    if blob is None:  # ITimingCache::serialize returns nullptr on failure
+        tensorrt_util.logger.warning("%s: TensorRT could not serialize the timing cache; not updated", path)
+        return False
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_bytes(bytes(merged.serialize()))
+        tmp.write_bytes(bytes(blob))
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
