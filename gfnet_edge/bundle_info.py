@@ -35,8 +35,10 @@ def _layers_text(row: Dict[str, Any]) -> str:
         return ""
     if not row["layers"]:
         return "; layer placement not recorded"
-    return "; " + ", ".join(f"{g}: {c['dla'] if c['dla'] is not None else '?'} layers on DLA, "
-                            f"{c['gpu'] if c['gpu'] is not None else '?'} on GPU" for g, c in row["layers"].items())
+    # TensorRT compiles each run of consecutive DLA layers into one DLA loadable, which its layer
+    # report names once ({ForeignNode[first...last]}): the DLA count is of those subgraphs
+    return "; " + ", ".join(f"{g}: {c['dla'] if c['dla'] is not None else '?'} DLA subgraph(s), "
+                            f"{c['gpu'] if c['gpu'] is not None else '?'} GPU layer(s)" for g, c in row["layers"].items())
 
 
 def quantization_summary(manifest: Dict[str, Any]) -> List[str]:

@@ -251,7 +251,7 @@ def simulated_gpu(monkeypatch):
 
     mem = SimMemory()
     sim = sim_ops(monkeypatch, mem, asynchronous=True)
-    trt, state = make_trt("10.3.0", mem=mem)
+    trt, state = make_trt("10.3.0", mem=mem, dla_cores=2)  # an AGX Orin: two DLA cores
     monkeypatch.setattr(trt_util, "import_tensorrt", lambda: trt)
     monkeypatch.setattr(trt_util, "gpu_info", lambda: {"gpu_name": "Orin", "compute_capability": "8.7",
                                                        "multiprocessors": 16, "device_model": "Orin"})
@@ -377,6 +377,30 @@ def test_a_dla_static_engine_runs_as_plain_launches_and_says_why(model, static, 
         assert clf.ran().describe() == ("tensorrt cuda fp32, plain launches (DLA engines are not captured: CUDA graphs "
                                         "and DLA offloading are not supported together)")
     np.testing.assert_allclose(np.concatenate(got), reference_logits(static.onnx, model, x[:6]), rtol=1e-5, atol=1e-5)
+
+
+def test_a_dla_static_engine_runs_on_the_dla_core_it_was_built_for(model, static, frames, tmp_path, simulated_gpu):
+    """The static baseline's engine built for DLA core 1 runs on core 1, the core the GFNet's
+    engines run on (TensorRT runs a DLA engine on the core its runtime names before
+    deserialising, core 0 where none is named); a core the device does not have is refused."""
+    from gfnet_edge.runtime.backends.classifier_tensorrt import (TensorRTClassifier, build_classifier_engine,
+                                                                 classifier_build_options)
+
+    x, _ = frames
+    options = classifier_build_options({"precision": "fp16", "build_options": {"dla_core": 1}}, max_batch=4,
+                                       opt_batch=2)
+    engine = tmp_path / "static.fp16.engine"
+    built = build_classifier_engine(static.onnx, engine, options)
+    assert built["static_batch"] == 4 and built["dla_layers"] > 0
+    t = Technology("tensorrt", "cuda", "fp16", captured=True)
+    with TensorRTClassifier(engine, model, t, 4, static_batch=4, dla_core=1) as clf:
+        got = clf(x[:3])
+    assert simulated_gpu.state.dla_core_run == [1]
+    np.testing.assert_allclose(got, reference_logits(static.onnx, model, x[:3]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(UnavailableError, match=r"static\.fp16\.engine was built for DLA core 2, but this device has 2 "
+                                               r"DLA core\(s\)"):
+        TensorRTClassifier(engine, model, t, 4, static_batch=4, dla_core=2)
+    assert simulated_gpu.state.dla_core_run == [1]
 
 
 def test_tensorrt_static_engine_that_cannot_be_fed_is_refused_in_one_line(model, static, tmp_path, simulated_gpu):

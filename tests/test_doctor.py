@@ -145,7 +145,8 @@ def test_dla_engines_show_their_layer_placement(portable_bundle, tmp_path, monke
     assert cli.main(["info", str(root)]) == 0
     out = capsys.readouterr().out
     assert "fp16 on DLA core 0" in out and "batch 2 (static)" in out
-    assert "glance:" in out and "layers on DLA, 1 on GPU" in out
+    # the stand-in puts every layer but the last on the DLA: one run of layers, one DLA subgraph
+    assert "glance: 1 DLA subgraph(s), 1 GPU layer(s)" in out
     _device(monkeypatch, dla_cores=1)
     rc, report, text = _doctor(root, tmp_path, capsys, "--dla-core", "0")
     assert rc == 0, text.out + text.err

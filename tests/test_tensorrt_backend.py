@@ -49,6 +49,8 @@ def test_plan_build_dla_and_old_versions():
     ({"precision": "int4"}, "precision"), ({"max_batch": 0}, "batch"), ({"opt_batch": 64, "max_batch": 32}, "batch"),
     ({"workspace_mb": 1}, "workspace"), ({"opt_level": 9}, "optimisation level"), ({"dla_core": -1}, "DLA"),
     ({"dla_core": 0}, "needs --precision fp16: DLA does not take explicit-quantization"),
+    # DLA runs batches of at most 4096 (TensorRT's DLA restrictions); a DLA engine's one batch is its max
+    ({"precision": "fp16", "dla_core": 0, "max_batch": 4097, "opt_batch": 1}, r"--max-batch <= 4096 .*got 4097"),
 ])
 def test_build_options_validation(kw, match):
     with pytest.raises(InputError, match=match):
@@ -582,6 +584,25 @@ def test_build_engine_level_and_timing_cache_merge(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="rejected this timing cache .written on another device model"):
         trt_build.build_engine(onnx, tmp_path / "x.engine", trt_build.BuildOptions(timing_cache=str(foreign)))
     assert foreign.read_bytes() == before and not (tmp_path / "x.engine").exists()
+
+
+def test_a_timing_cache_tensorrt_cannot_serialize_leaves_the_file_and_the_engine_stands(tmp_path, monkeypatch, caplog):
+    """ITimingCache.serialize returns None on failure (as trtexec checks): the engine is built and
+    kept, the cache file keeps what it held, and a warning says it was not updated."""
+    import logging
+
+    _standin(monkeypatch)
+    onnx, out, cache = _onnx(tmp_path), tmp_path / "focus.engine", tmp_path / "timing.cache"
+    trt_build.build_engine(onnx, out, trt_build.BuildOptions(precision="fp32", timing_cache=str(cache)))
+    before = cache.read_bytes()
+    out.unlink()
+    _standin(monkeypatch, faults={"cache_serialize"})
+    with caplog.at_level(logging.WARNING, logger="gfnet_edge"):
+        trt_build.build_engine(_onnx(tmp_path, "other.onnx"), out,
+                               trt_build.BuildOptions(precision="fp32", timing_cache=str(cache)))
+    assert out.is_file() and cache.read_bytes() == before
+    assert f"{cache}: TensorRT could not serialize the timing cache; not updated" in caplog.text
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
 @pytest.mark.parametrize("fault,match", [

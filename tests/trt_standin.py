@@ -7,17 +7,23 @@ It has the calls gfnet-edge makes, with TensorRT's behaviour where it matters:
   and 11.x has no precision builder flags; dtypes are ``DataType`` members, not strings;
 * one process logger expected: every ``Builder`` / ``Runtime`` logger is recorded;
 * ``set_tensor_address`` refuses addresses not 256-byte aligned (returns False);
+* a new execution context of an engine whose profile fixes the batch (min == max) reports that
+  batch as its input shape, but ``execute_async_v3`` fails until ``set_input_shape`` was called;
 * ``execute_async_v3`` only enqueues on the simulated device's stream
   (``tests/sim_device.py``); the engine runs when that stream is synchronized, reading its
   input then and writing its outputs then (a missing synchronization reads stale memory);
-* DLA rules: a DLA build with a dynamic batch profile, or of a Q/DQ INT8 or FP32 network,
-  places no layer on the DLA (with GPU fallback: all on the GPU, as the builder's layer report
-  says; without: the build fails);
+* a DLA engine runs on the DLA core the ``Runtime`` names before deserialising it, on core 0
+  where none is named (``state.dla_core_run``);
+* DLA placement as TensorRT reports it: one ``{ForeignNode[first...last]}`` per run of
+  consecutive DLA layers (a DLA loadable), in the builder's layer report and the inspector;
+* DLA rules: a DLA build with a dynamic batch profile or a batch above 4096, or of a Q/DQ
+  INT8 or FP32 network, places no layer on the DLA (with GPU fallback: all on the GPU, as the
+  builder's layer report says; without: the build fails);
 * timing caches carry the device and version they were made on; a foreign one is rejected
   by ``set_timing_cache`` and ``combine``;
 * injectable failures (``faults``): ``parse``, ``build``, ``profile`` (add_optimization_profile
   returns -1), ``context`` (create_execution_context returns None), ``enqueue``, ``skew``
-  (engines compute outputs off by 0.5).
+  (engines compute outputs off by 0.5), ``cache_serialize`` (ITimingCache.serialize returns None).
 
 "Engines" are the parsed ONNX graphs (run by ONNX Runtime on the simulated device memory)
 behind a small header with the profile's batch range; bytes without the header do not
@@ -62,7 +68,7 @@ def make_trt(version="10.3.0", mem=None, faults=(), dla_cores=0, device=DEVICE, 
     faults = set(faults)
     state = SimpleNamespace(loggers=set(), set_flags=[], network_flags=None, parsed=None, profile=None, pool=None,
                             config={}, batches=[], enqueues=[], contexts=0, host_code=[], dla_core_at_load=[],
-                            violations=[], engines_built=0)
+                            dla_core_run=[], violations=[], engines_built=0)
 
     Severity = _enum("Severity", {"INTERNAL_ERROR": 0, "ERROR": 1, "WARNING": 2, "INFO": 3, "VERBOSE": 4})
     DataType = _enum("DataType", dict({"FLOAT": 0, "HALF": 1, "INT8": 2, "INT32": 3, "BOOL": 4, "UINT8": 5, "FP8": 6,
@@ -116,6 +122,8 @@ def make_trt(version="10.3.0", mem=None, faults=(), dla_cores=0, device=DEVICE, 
             self.dev, self.ver, self.entries = dev, ver, dict(entries)
 
         def serialize(self):
+            if "cache_serialize" in faults:
+                return None  # ITimingCache::serialize returns nullptr on failure
             return json.dumps({"device": self.dev, "version": self.ver, "entries": self.entries}).encode()
 
         def combine(self, other, ignore_mismatch):
@@ -243,16 +251,20 @@ def make_trt(version="10.3.0", mem=None, faults=(), dla_cores=0, device=DEVICE, 
             return Profile()
 
         def _placement(self, network, config):
-            """(dla layers, gpu layers) the way TensorRT's DLA rules place them."""
+            """(DLA loadables, gpu layers) the way TensorRT's DLA rules place them. TensorRT
+            compiles each run of consecutive DLA layers into one DLA loadable, which its layer
+            report and the engine inspector name ``{ForeignNode[first...last]}``
+            (``{ForeignNode[only]}`` for one layer)."""
             layers = list(getattr(network, "layers", ["layer0"]))
             if getattr(config, "default_device_type", DeviceType.GPU) != DeviceType.DLA:
                 return None
             _, lo, _, hi = config.profiles[0].shapes
             fp16 = "FP16" in state.set_flags or (network.flags and not network.qdq and major >= 11)
-            why = ("dynamic shapes" if lo != hi else "explicit quantization" if network.qdq
-                   else None if fp16 else "FP32")
-            if why is None:
-                return layers[:-1], layers[-1:]  # DLA takes all but the last layer here
+            why = ("dynamic shapes" if lo != hi else "batch sizes above 4096" if hi[0] > 4096
+                   else "explicit quantization" if network.qdq else None if fp16 else "FP32")
+            if why is None:  # DLA takes all but the last layer here: one run, one loadable
+                run = layers[:-1]
+                return ["{ForeignNode[%s]}" % ("...".join((run[0], run[-1])) if len(run) > 1 else run[0])], layers[-1:]
             self.log.log(Severity.WARNING, f"DLA does not support {why}; layers default to GPU")
             return [], layers
 
@@ -267,7 +279,7 @@ def make_trt(version="10.3.0", mem=None, faults=(), dla_cores=0, device=DEVICE, 
                     return None
                 self.log.log(Severity.INFO, "---------- Layers Running on DLA ----------")
                 for n in dla:
-                    self.log.log(Severity.INFO, f"[DlaLayer] {{ForeignNode[{n}]}}")
+                    self.log.log(Severity.INFO, f"[DlaLayer] {n}")
                 self.log.log(Severity.INFO, "---------- Layers Running on GPU ----------")
                 for n in gpu:
                     self.log.log(Severity.INFO, f"[GpuLayer] CONVOLUTION: {n}")  # TensorRT 8.4+: type, name
@@ -290,7 +302,7 @@ def make_trt(version="10.3.0", mem=None, faults=(), dla_cores=0, device=DEVICE, 
             # memory, as trtexec's per-layer profile of one shows (NVIDIA/TensorRT#3143)
             moves = [{"Name": f"{t} {how}", "LayerType": "Reformat"} for t in ("image", "logits")
                      for how in ("to nvm", "from nvm", "copy finish")] if dla else []
-            layers = moves[:1] + [{"Name": f"{{ForeignNode[{n}]}}", "LayerType": "DLA"} for n in dla] + \
+            layers = moves[:1] + [{"Name": n, "LayerType": "DLA"} for n in dla] + \
                 moves[1:] + [{"Name": n, "LayerType": "Convolution"} for n in gpu]
             return json.dumps({"Layers": layers, "Bindings": self.engine.names})
 
@@ -358,7 +370,11 @@ def make_trt(version="10.3.0", mem=None, faults=(), dla_cores=0, device=DEVICE, 
 
         def get_tensor_shape(self, name):
             if self.batch is None:
-                return (-1,) + self.engine.shapes[name][1:]
+                # TensorRT reports a runtime dimension the profile fixes to one value (min == max)
+                # before set_input_shape (IExecutionContext::getTensorShape); enqueueV3 still needs
+                # the input shape set (IExecutionContext::inferShapes)
+                fixed = self.engine.min if self.engine.min == self.engine.max else -1
+                return (fixed,) + self.engine.shapes[name][1:]
             return (self.batch,) + self.engine.shapes[name][1:]
 
         def set_tensor_address(self, name, ptr):
@@ -408,9 +424,14 @@ def make_trt(version="10.3.0", mem=None, faults=(), dla_cores=0, device=DEVICE, 
             if not blob.startswith(MAGIC):
                 return None
             try:
-                return Engine(blob)
+                engine = Engine(blob)
             except Exception:
                 return None
+            if engine.placement and engine.placement[0]:
+                # a DLA engine runs on the core the runtime names; unset (-1), on core 0, whichever
+                # core it was built for (microsoft/onnxruntime#26680, jkjung-avt/tensorrt_demos#463)
+                state.dla_core_run.append(self.DLA_core if self.DLA_core >= 0 else 0)
+            return engine
 
     trt = SimpleNamespace(
         __version__=version, ILogger=ILogger, Logger=Logger, Builder=Builder, Runtime=Runtime, OnnxParser=Parser,

@@ -55,8 +55,9 @@ class TensorRTClassifier(Classifier):
         technology: a tensorrt :class:`~.classifier.Technology`.
         max_batch: the engine profile's largest batch.
         static_batch: the one batch of a static-shape (DLA) engine, else None.
-        dla_core: the DLA core the engine was built for, else None (GPU). A DLA engine is never
-            captured (:data:`~.tensorrt_engines.DLA_NOT_CAPTURED`): its calls are plain launches.
+        dla_core: the DLA core the engine was built for, else None (GPU); the engine is
+            deserialised on that core. A DLA engine is never captured
+            (:data:`~.tensorrt_engines.DLA_NOT_CAPTURED`): its calls are plain launches.
     """
 
     def __init__(self, engine_path: Path, model: Any, technology: Technology, max_batch: int,
@@ -71,7 +72,7 @@ class TensorRTClassifier(Classifier):
         self.max_batch = int(static_batch or max_batch)
         self.static_batch = static_batch
         trt = self._trt = tensorrt_util.import_tensorrt()
-        runtime = tensorrt_util.safe_runtime(trt)
+        runtime = tensorrt_util.safe_runtime(trt, dla_core, what=f"{engine_path} was")
         engine = runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
         if engine is None:
             raise InputError(f"{engine_path}: TensorRT could not deserialize this engine")

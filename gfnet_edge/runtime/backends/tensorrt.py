@@ -51,6 +51,8 @@ class _Lane:
         batch_contexts: (graph, batch) -> ``IExecutionContext`` when ``per_batch``.
         scratch: the activation memory every context of the lane shares (they run one at a
             time, in order on ``stream``), or None where TensorRT allocates it per context.
+        input_shapes: ``id(context)`` -> the input shape set on that context (each context of
+            the lane gets ``set_input_shape`` once per shape, the first time included).
     """
 
     stream: int
@@ -60,6 +62,7 @@ class _Lane:
     per_batch: bool = False
     batch_contexts: Dict[Tuple[str, int], Any] = field(default_factory=dict)
     scratch: Any = None
+    input_shapes: Dict[int, Tuple[int, ...]] = field(default_factory=dict)
 
 
 class TensorRTRunner(Runner):
@@ -104,14 +107,7 @@ class TensorRTRunner(Runner):
 
         trt = tensorrt_util.import_tensorrt()
         self._trt = trt
-        runtime = tensorrt_util.safe_runtime(trt)
-        core = engine_dla_core(self.entry)
-        if core is not None:  # a DLA engine runs on the core the runtime names at deserialisation
-            available = int(getattr(runtime, "num_DLA_cores", 0))
-            if core >= available:
-                raise UnavailableError(f"the engines were built for DLA core {core}, but this device has "
-                                       f"{available} DLA core(s); use the GPU engines (no --dla-core) or rebuild")
-            runtime.DLA_core = core
+        runtime = tensorrt_util.safe_runtime(trt, engine_dla_core(self.entry))
         try:
             for g in GRAPHS:
                 path = self.bundle.path(self.entry[g])
@@ -181,7 +177,7 @@ class TensorRTRunner(Runner):
                 raise
             lane.contexts[g] = ctx
             shape = self._input_shape(engine, self.max_batch)
-            self._set_input_shape(ctx, g, shape)
+            self._set_input_shape(lane, ctx, g, shape)
             lane.staging[g] = ops.DeviceBuffer(int(np.prod(shape)) * 4)
             lane.staging[g].zero(stream)
             lane.outputs[g] = {}
@@ -244,12 +240,18 @@ class TensorRTRunner(Runner):
     def _input_shape(engine: Any, batch: int) -> Tuple[int, ...]:
         return (int(batch),) + tuple(int(d) for d in engine.get_tensor_shape("image"))[1:]
 
-    def _set_input_shape(self, ctx: Any, graph: str, shape: Tuple[int, ...]) -> None:
-        if tuple(int(d) for d in ctx.get_tensor_shape("image")) == tuple(shape):
-            return  # unchanged: no call that could mark the context for re-initialisation inside a capture
+    def _set_input_shape(self, lane: _Lane, ctx: Any, graph: str, shape: Tuple[int, ...]) -> None:
+        """Sets the input shape of ``ctx`` unless this lane set that shape on it already (no call
+        that could mark the context for re-initialisation inside a capture). A new context is
+        always given its shape, even where ``get_tensor_shape`` already reports it (a profile
+        with one batch): enqueueV3 needs the input shape set."""
+        shape = tuple(int(d) for d in shape)
+        if lane.input_shapes.get(id(ctx)) == shape:
+            return
         if not ctx.set_input_shape("image", shape):
             raise InputError(f"the {graph} engine rejects input shape {shape} (outside its "
                              f"optimisation profile? built for batches up to {self.max_batch})")
+        lane.input_shapes[id(ctx)] = shape
 
     @staticmethod
     def _output_shape(ctx: Any, graph: str, name: str) -> Tuple[int, ...]:
@@ -272,7 +274,7 @@ class TensorRTRunner(Runner):
         run_batch = self.static_batch or batch
         engine, ctx = self._engines[graph], self._context(lane, graph, run_batch)
         shape = self._input_shape(engine, run_batch)
-        self._set_input_shape(ctx, graph, shape)
+        self._set_input_shape(lane, ctx, graph, shape)
         staged = lane.staging[graph]
         if image != staged.ptr and (image % self.ADDRESS_ALIGNMENT or run_batch != batch):
             # A misaligned view (e.g. a slice of a larger batch), or fewer images than a static
@@ -297,7 +299,8 @@ class TensorRTRunner(Runner):
         if image.shape != expect:
             raise InputError(f"the {graph} engine takes images of shape {expect}, got {image.shape}")
         lane = self._lane(self._stream.handle)
-        self._set_input_shape(lane.contexts[graph], graph, self._input_shape(engine, self.static_batch or len(image)))
+        self._set_input_shape(lane, lane.contexts[graph], graph,
+                              self._input_shape(engine, self.static_batch or len(image)))
         buf = lane.staging[graph]
         if image.nbytes > buf.nbytes:
             raise InputError(f"{len(image)} images exceed the {graph} engine's max batch {self.max_batch}")

@@ -28,6 +28,11 @@ from . import tensorrt_util
 from .tensorrt_util import TrtFeatures
 
 
+#: The largest batch DLA runs (TensorRT's "DLA Supported Layers and Restrictions"); a larger one
+#: puts every layer on the GPU.
+DLA_MAX_BATCH = 4096
+
+
 @dataclass
 class BuildOptions:
     """TensorRT builder options users expect.
@@ -67,6 +72,9 @@ class BuildOptions:
             why = ("DLA does not take explicit-quantization (Q/DQ) INT8 networks, and INT8 here comes only from "
                    "Q/DQ graphs" if self.precision == "int8" else "DLA runs FP16 or INT8, never FP32")
             raise InputError(f"--dla-core needs --precision fp16: {why}")
+        if self.dla_core is not None and self.max_batch > DLA_MAX_BATCH:
+            raise InputError(f"--dla-core needs --max-batch <= {DLA_MAX_BATCH} (DLA runs batches of at most "
+                             f"{DLA_MAX_BATCH}; a DLA engine is built for its max batch), got {self.max_batch}")
         return self
 
 
@@ -162,7 +170,8 @@ def open_timing_cache(config: Any, path: Path) -> Any:
 def save_timing_cache(config: Any, path: Path) -> bool:
     """Merges the build's timing cache into ``path`` (re-read now: another build may have
     written it meanwhile) and replaces the file atomically. Returns False, writing nothing,
-    when the file on disk can no longer be merged with (it changed to a foreign cache)."""
+    when the file on disk can no longer be merged with (it changed to a foreign cache) or
+    TensorRT cannot serialize the merged cache."""
     built = config.get_timing_cache()
     if built is None:
         return False
@@ -170,9 +179,13 @@ def save_timing_cache(config: Any, path: Path) -> bool:
     if merged is None or not merged.combine(built, False):
         tensorrt_util.logger.warning("%s: timing cache changed on disk to one TensorRT cannot merge with; not updated", path)
         return False
+    blob = merged.serialize()
+    if blob is None:  # ITimingCache::serialize returns nullptr on failure
+        tensorrt_util.logger.warning("%s: TensorRT could not serialize the timing cache; not updated", path)
+        return False
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_bytes(bytes(merged.serialize()))
+        tmp.write_bytes(bytes(blob))
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -91,11 +91,25 @@ class TrtFeatures:
 ADDRESS_ALIGNMENT = 256
 
 
-def safe_runtime(trt):
-    """A ``trt.Runtime`` that never runs host code embedded in an engine."""
+def safe_runtime(trt, dla_core: Optional[int] = None, what: str = "the engines were"):
+    """A ``trt.Runtime`` that never runs host code embedded in an engine.
+
+    ``dla_core``: the DLA core the engines it deserialises were built for, named to the runtime
+    (``IRuntime.DLA_core``) before any is deserialised: TensorRT runs a DLA engine on the core
+    its runtime names, core 0 where none is named.
+
+    Raises:
+        UnavailableError: this device has no DLA core ``dla_core`` (``what`` names the engines).
+    """
     runtime = trt.Runtime(trt_logger(trt))
     if hasattr(runtime, "engine_host_code_allowed"):
         runtime.engine_host_code_allowed = False
+    if dla_core is not None:
+        available = int(getattr(runtime, "num_DLA_cores", 0))
+        if dla_core >= available:
+            raise UnavailableError(f"{what} built for DLA core {dla_core}, but this device has {available} DLA "
+                                   "core(s); use the GPU engines (no --dla-core) or rebuild")
+        runtime.DLA_core = int(dla_core)
     return runtime
 
 
