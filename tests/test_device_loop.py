@@ -580,9 +580,9 @@ def test_gather_rows_out_of_range_device_index():
 def test_cuda_copy_and_softmax_stats():
     rng = np.random.default_rng(1)
     logits = rng.standard_normal((5, 13)).astype(np.float32) * 3
-    lb, copy = ops.to_device(logits), ops.DeviceBuffer(logits.nbytes)
-    mp, am = ops.DeviceBuffer(5 * 4), ops.DeviceBuffer(5 * 4)
     stream = ops.Stream()
+    lb, copy = ops.to_device(logits, stream), ops.DeviceBuffer(logits.nbytes)  # uploaded where it is read
+    mp, am = ops.DeviceBuffer(5 * 4), ops.DeviceBuffer(5 * 4)
     ops.cuda_softmax_stats(lb, 5, 13, mp, am, stream=stream)
     ops.cuda_copy(copy, lb, logits.nbytes, stream)
     ref_mp, ref_am = ops.softmax_stats(logits)
