@@ -144,8 +144,8 @@ void gather_rows(uintptr_t src, int64_t src_rows, uintptr_t idx, uintptr_t dst, 
                  int64_t row_bytes, uintptr_t error_flag, uintptr_t stream);
 
 /// Row gather with host indices: validated here (std::invalid_argument), copied into
-/// stream-ordered scratch memory, then gathered; asynchronous (the host array may be reused
-/// as soon as the call returns).
+/// stream-ordered scratch memory, then gathered; asynchronous (the host array, pageable or
+/// page-locked, may be reused as soon as the call returns: it is read once, when the call is made).
 void gather_rows_host(uintptr_t src, int64_t src_rows, const int32_t* idx, uintptr_t dst,
                       int64_t n, int64_t row_bytes, uintptr_t stream);
 
