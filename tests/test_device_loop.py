@@ -577,12 +577,33 @@ def test_gather_rows_out_of_range_device_index():
 
 
 @requires_gpu
+def test_gather_rows_reads_page_locked_host_indices_when_called():
+    """Host indices may be reused as soon as the call returns, page-locked ones too: indices in
+    ops.pinned_empty memory overwritten right after the call, while the stream is still busy with
+    earlier work (so a copy straight from that memory would not have run yet), do not change the
+    gather."""
+    rng = np.random.default_rng(7)
+    rows, row_bytes, m = 64, 16, 1 << 20  # 4 MB of indices: a DMA, not a copy made at the call
+    src = rng.integers(0, 256, (rows, row_bytes), dtype=np.uint8)
+    want = rng.integers(0, rows, m).astype(np.int32)
+    stream = ops.Stream()
+    sb, dst, busy = ops.to_device(src, stream), ops.DeviceBuffer(m * row_bytes), ops.DeviceBuffer(1 << 29)
+    idx = ops.pinned_empty((m,), np.int32)
+    idx[:] = want
+    for _ in range(20):  # milliseconds of work queued ahead of the gather
+        busy.zero(stream)
+    ops.cuda_gather_rows(sb, rows, idx, dst, row_bytes, stream=stream)
+    idx[:] = (want + 1) % rows
+    assert np.array_equal(ops.from_device(dst, (m, row_bytes), np.uint8, stream), src[want])
+
+
+@requires_gpu
 def test_cuda_copy_and_softmax_stats():
     rng = np.random.default_rng(1)
     logits = rng.standard_normal((5, 13)).astype(np.float32) * 3
-    lb, copy = ops.to_device(logits), ops.DeviceBuffer(logits.nbytes)
-    mp, am = ops.DeviceBuffer(5 * 4), ops.DeviceBuffer(5 * 4)
     stream = ops.Stream()
+    lb, copy = ops.to_device(logits, stream), ops.DeviceBuffer(logits.nbytes)  # uploaded where it is read
+    mp, am = ops.DeviceBuffer(5 * 4), ops.DeviceBuffer(5 * 4)
     ops.cuda_softmax_stats(lb, 5, 13, mp, am, stream=stream)
     ops.cuda_copy(copy, lb, logits.nbytes, stream)
     ref_mp, ref_am = ops.softmax_stats(logits)

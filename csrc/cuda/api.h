@@ -57,7 +57,9 @@ class DeviceBuffer {
 
   uintptr_t ptr() const { return reinterpret_cast<uintptr_t>(ptr_); }
   size_t nbytes() const { return nbytes_; }
-  /// Copies host memory in (asynchronous on `stream`; the host buffer may be reused at once).
+  /// Copies host memory in (asynchronous on `stream`). Pageable memory is staged before the call
+  /// returns and may be reused at once; page-locked memory (PinnedBuffer, cudaMallocHost) is read
+  /// by the DMA when `stream` reaches the copy and must stay unchanged until then.
   void copy_from_host(const void* src, size_t nbytes, size_t offset, uintptr_t stream);
   /// Copies to host memory and synchronizes `stream` before returning.
   void copy_to_host(void* dst, size_t nbytes, size_t offset, uintptr_t stream) const;
@@ -86,7 +88,8 @@ void stream_synchronize(uintptr_t stream);
 /// Whether work enqueued on `stream` now would be recorded into a graph (a capture open on the
 /// stream or one it has joined); a call that allocates or waits must not be made then.
 bool stream_capturing(uintptr_t stream);
-/// Host -> device copy (asynchronous; pageable sources are staged before returning).
+/// Host -> device copy (asynchronous; pageable sources are staged before returning, page-locked
+/// ones are read when `stream` reaches the copy and must stay unchanged until then).
 void memcpy_htod(uintptr_t dst, const void* src, size_t nbytes, uintptr_t stream);
 /// Device -> host copy; synchronizes `stream`.
 void memcpy_dtoh(void* dst, uintptr_t src, size_t nbytes, uintptr_t stream);
@@ -141,8 +144,8 @@ void gather_rows(uintptr_t src, int64_t src_rows, uintptr_t idx, uintptr_t dst, 
                  int64_t row_bytes, uintptr_t error_flag, uintptr_t stream);
 
 /// Row gather with host indices: validated here (std::invalid_argument), copied into
-/// stream-ordered scratch memory, then gathered; asynchronous (the host array may be reused
-/// as soon as the call returns).
+/// stream-ordered scratch memory, then gathered; asynchronous (the host array, pageable or
+/// page-locked, may be reused as soon as the call returns: it is read once, when the call is made).
 void gather_rows_host(uintptr_t src, int64_t src_rows, const int32_t* idx, uintptr_t dst,
                       int64_t n, int64_t row_bytes, uintptr_t stream);
 

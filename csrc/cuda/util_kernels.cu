@@ -8,6 +8,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "../common/grid.h"
 #include "api.h"
@@ -106,10 +107,15 @@ void gather_rows_host(uintptr_t src, int64_t src_rows, const int32_t* idx, uintp
   require_device();
   check_gather_args(src, src_rows, dst, n, row_bytes);
   if (idx == nullptr) throw std::invalid_argument("gather_rows: idx is null");
+  // The indices are read once, into a private pageable copy that is checked and uploaded:
+  // cudaMemcpyAsync stages pageable memory before it returns, while it would read a page-locked
+  // caller array (ops.pinned_empty) only when the stream reaches the copy, after the caller may
+  // have changed it (and after the check).
+  const std::vector<int32_t> host_idx(idx, idx + n);
   for (int64_t i = 0; i < n; ++i) {
-    if (idx[i] < 0 || idx[i] >= src_rows) {
+    if (host_idx[i] < 0 || host_idx[i] >= src_rows) {
       throw std::invalid_argument("gather_rows: idx[" + std::to_string(i) + "] = " +
-                                  std::to_string(idx[i]) + " is outside [0, " +
+                                  std::to_string(host_idx[i]) + " is outside [0, " +
                                   std::to_string(src_rows - 1) + "]");
     }
   }
@@ -121,9 +127,9 @@ void gather_rows_host(uintptr_t src, int64_t src_rows, const int32_t* idx, uintp
   }
   const size_t idx_bytes = static_cast<size_t>(n) * sizeof(int32_t);
   // Stream-ordered scratch: freed after the kernel without a host synchronization. The
-  // pageable source is staged by cudaMemcpyAsync before it returns.
+  // pageable copy is staged by cudaMemcpyAsync before it returns.
   Scratch dev_idx(idx_bytes, stream);
-  GFN_CUDA_CHECK(cudaMemcpyAsync(reinterpret_cast<void*>(dev_idx.ptr()), idx, idx_bytes,
+  GFN_CUDA_CHECK(cudaMemcpyAsync(reinterpret_cast<void*>(dev_idx.ptr()), host_idx.data(), idx_bytes,
                                  cudaMemcpyHostToDevice, s));
   dispatch_gather(src, src_rows, dev_idx.ptr(), dst, n, row_bytes, nullptr, s);
 }

@@ -166,7 +166,10 @@ class DeviceBuffer:
         return self._buf.ptr
 
     def copy_from_host(self, array: np.ndarray, stream: Any = None, offset: int = 0) -> None:
-        """Copies a C-contiguous array in (asynchronous; the array may be reused at once)."""
+        """Copies a C-contiguous array in (asynchronous on ``stream``). An ordinary (pageable)
+        array is staged before the call returns and may be reused at once; a page-locked one
+        (:func:`pinned_empty`) is read when the stream reaches the copy: leave it unchanged until
+        then (synchronize the stream, or wait for an event recorded after the copy)."""
         self._buf.copy_from_host(array, stream_handle(stream), to_int(offset, "offset", 0))
 
     def copy_to_host(self, array: np.ndarray, stream: Any = None, offset: int = 0) -> None:
@@ -180,7 +183,9 @@ class DeviceBuffer:
 def to_device(array: np.ndarray, stream: Any = None) -> DeviceBuffer:
     """Allocates a buffer and enqueues the copy of ``array`` (C-contiguous) into it on ``stream``
     (``None``: the default stream). Use the buffer on that stream, or synchronize it first: a
-    non-blocking stream (:class:`Stream`) is not ordered after the default stream."""
+    non-blocking stream (:class:`Stream`) is not ordered after the default stream. A page-locked
+    ``array`` (:func:`pinned_empty`) must stay unchanged until the copy has run
+    (:meth:`DeviceBuffer.copy_from_host`)."""
     array = _host(array)
     buf = DeviceBuffer(max(array.nbytes, 1))
     buf.copy_from_host(array, stream)
