@@ -156,9 +156,11 @@ fi
 
 if wants tests 120; then
   step "GPU tests"
-  # the conditional-node loop and the graph tests first: a cut run keeps those
-  run "$(limit 120)" python3 -m pytest -q -p no:cacheprovider -rs tests/test_conditional_loop.py \
-    tests/test_graphs_cuda.py tests/test_device_loop.py tests/test_kernels_cuda.py 2>&1 \
+  # the kernels first (each against its CPU twin: a wrong kernel is named there, not only as a loop
+  # that disagrees), then the conditional-node loop and the graphs, then the device loop, whose
+  # fixtures export models: a cut run keeps the first ones
+  run "$(limit 120)" python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels_cuda.py \
+    tests/test_conditional_loop.py tests/test_graphs_cuda.py tests/test_device_loop.py 2>&1 \
     | tee "$OUT/pytest.txt" | tail -25 || status=1
   if [ "$(limit 40)" -ge 20 ]; then
     run "$(limit 40)" python3 -m pytest -q -p no:cacheprovider -rs tests/test_calibrate_static.py -k "cuda or real_gpu" 2>&1 \

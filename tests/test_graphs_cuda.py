@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from gfnet_edge import ops
+from gfnet_edge.ops._ext import _C
 from gfnet_edge.runtime.graphs import NativeCapture
 
 HAVE_GPU = ops.has_cuda_build() and ops.cuda_device_count() > 0
@@ -94,8 +95,11 @@ def test_native_capture_replays_the_extension_kernels_on_new_data():
             assert np.array_equal(got, ref)
     with pytest.raises(RuntimeError, match="captured already"):
         replay.graph.begin_capture(st)
-    with pytest.raises(ValueError, match="legacy default stream"):
-        ops.CudaGraph().begin_capture(0)
+    for legacy in (0, 1):  # 0 and cudaStreamLegacy name the legacy default stream, which no capture takes
+        with pytest.raises(ValueError, match="legacy default stream"):
+            ops.CudaGraph().begin_capture(legacy)
+    with pytest.raises(ValueError, match="out of range"):
+        _C.cuda.device_name(ops.cuda_device_count())
 
     def unsupported():  # a synchronous copy cannot be captured: the capture fails, the stream recovers
         step()

@@ -50,8 +50,18 @@ void require_device() {
                            "); use the CPU functions of gfnet_edge.ops instead");
 }
 
+namespace {
+void check_device_index(int index) {
+  if (index < 0 || index >= device_count()) {
+    throw std::invalid_argument("device index " + std::to_string(index) + " out of range (" +
+                                std::to_string(device_count()) + " devices)");
+  }
+}
+}  // namespace
+
 std::string device_name(int index) {
   require_device();
+  check_device_index(index);
   cudaDeviceProp prop{};
   GFN_CUDA_CHECK(cudaGetDeviceProperties(&prop, index));
   return std::string(prop.name) + " (sm_" + std::to_string(prop.major) +
@@ -60,10 +70,7 @@ std::string device_name(int index) {
 
 DeviceProperties device_properties(int index) {
   require_device();
-  if (index < 0 || index >= device_count()) {
-    throw std::invalid_argument("device index " + std::to_string(index) + " out of range (" +
-                                std::to_string(device_count()) + " devices)");
-  }
+  check_device_index(index);
   cudaDeviceProp prop{};
   GFN_CUDA_CHECK(cudaGetDeviceProperties(&prop, index));
   DeviceProperties p;
@@ -319,11 +326,13 @@ Graph::Graph() { require_device(); }
 
 void Graph::begin_capture(uintptr_t stream) {
   require_device();
-  if (is_capturing_ || exec_ != nullptr) {
+  // graph_ without exec_: a capture whose instantiation failed (a second capture would leak it)
+  if (is_capturing_ || graph_ != nullptr || exec_ != nullptr) {
     throw std::runtime_error("this graph was captured already; make a new one");
   }
-  if (stream == 0) {
-    throw std::invalid_argument("graph capture needs a created stream, not the legacy default stream (0)");
+  if (stream == 0 || stream == reinterpret_cast<uintptr_t>(cudaStreamLegacy)) {
+    throw std::invalid_argument("graph capture needs a created stream, not the legacy default stream (" +
+                                std::to_string(stream) + ")");
   }
   GFN_CUDA_CHECK(cudaStreamBeginCapture(as_stream(stream), cudaStreamCaptureModeThreadLocal));
   capturing_ = stream;
