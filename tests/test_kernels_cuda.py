@@ -297,6 +297,55 @@ def test_cuda_heads_numpy_convenience_match_cpu():
 
 
 @requires_gpu
+def test_cuda_heads_and_crop_take_float16_inputs_as_the_cpu_takes_their_float32_values():
+    """float16 features (what float16 backbones hand the loop) into the Linear layer, the
+    classifier GRU step (float16 and float32 logits) and the policy step without an action
+    buffer, and float16 images into the crop: each equals the CPU path run on the same values
+    in float32 (the kernels widen float16 on load and compute in float32)."""
+    rng = np.random.default_rng(21)
+    stream = ops.Stream()
+    H, I, C, n = 48, 80, 10, 7
+    x16 = rng.standard_normal((n, I)).astype(np.float16)
+    x = x16.astype(np.float32)  # the values the kernels see
+    h = rng.standard_normal((n, H)).astype(np.float32)
+    xd, hd = ops.to_device(x16, stream), ops.to_device(h, stream)
+    wt, b = rng.standard_normal((C, I)).astype(np.float32) * 0.1, rng.standard_normal(C).astype(np.float32)
+    y = ops.DeviceBuffer(n * C * 4)
+    ops.Linear(wt, b, device="cuda").forward_device(xd, y, n, x_dtype="float16", stream=stream)
+    np.testing.assert_allclose(ops.from_device(y, (n, C), np.float32, stream), ops.linear(x, wt, b),
+                               rtol=1e-5, atol=1e-5)
+    w = [rng.standard_normal(s).astype(np.float32) * 0.1 for s in [(3 * H, I), (3 * H, H), (3 * H,), (3 * H,)]]
+    h_ref, logits_ref, maxprob_ref, argmax_ref = ops.GRUHead(*w, wt[:, :H].copy(), b).step(x, h)
+    gpu = ops.GRUHead(*w, wt[:, :H].copy(), b, device="cuda")
+    for logits_dtype, dt, tol in (("float32", np.float32, 1e-5), ("float16", np.float16, 2e-3)):
+        h_out, logits = ops.DeviceBuffer(n * H * 4), ops.DeviceBuffer(n * C * np.dtype(dt).itemsize)
+        maxprob, argmax = ops.DeviceBuffer(n * 4), ops.DeviceBuffer(n * 4)
+        gpu.step_device(xd, hd, h_out, n, logits, maxprob, argmax, x_dtype="float16", logits_dtype=logits_dtype,
+                        stream=stream)
+        np.testing.assert_allclose(ops.from_device(h_out, (n, H), np.float32, stream), h_ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(ops.from_device(logits, (n, C), dt, stream).astype(np.float32), logits_ref,
+                                   rtol=tol, atol=tol)
+        np.testing.assert_allclose(ops.from_device(maxprob, (n,), np.float32, stream), maxprob_ref, rtol=tol, atol=tol)
+        assert np.array_equal(ops.from_device(argmax, (n,), np.int32, stream), argmax_ref)
+    S, P = 64, 24
+    actor_w = rng.standard_normal((2, H)).astype(np.float32) * 0.3  # coordinates spread, not at the edges
+    h_a, _, coords_ref = ops.ActorHead(*w, actor_w, b[:2].copy()).step(x, h, S, P)
+    h_out, coords = ops.DeviceBuffer(n * H * 4), ops.DeviceBuffer(n * 8)
+    ops.ActorHead(*w, actor_w, b[:2].copy(), device="cuda").step_device(xd, hd, h_out, n, None, coords, S, P,
+                                                                        x_dtype="float16", stream=stream)
+    np.testing.assert_allclose(ops.from_device(h_out, (n, H), np.float32, stream), h_a, rtol=1e-5, atol=1e-5)
+    got = ops.from_device(coords, (n, 2), np.int32, stream)
+    # floor(sigmoid(.) * (S - P)) may land on the other side of an integer by a float32 rounding
+    assert np.abs(got - coords_ref).max() <= 1 and (got == coords_ref).mean() > 0.9, (got, coords_ref)
+    images16 = rng.standard_normal((n, 3, S, S)).astype(np.float16)
+    where = rng.integers(0, S - P + 1, (n, 2)).astype(np.int32)
+    out = ops.DeviceBuffer(n * 3 * P * P * 2)
+    ops.cuda_crop_patches(ops.to_device(images16, stream), n, S, where, out, P, dtype="float16", stream=stream)
+    want = np.stack([images16[i, :, y:y + P, x:x + P] for i, (y, x) in enumerate(where)])
+    assert np.array_equal(ops.from_device(out, (n, 3, P, P), np.float16, stream), want)
+
+
+@requires_gpu
 def test_cuda_crop_rejects_bad_coordinates_without_reading_out_of_bounds():
     images = ops.to_device(np.ones((2, 3, 32, 32), np.float32))
     out = ops.DeviceBuffer(2 * 3 * 8 * 8 * 4)
