@@ -4,7 +4,8 @@ agreement at a mid budget, batch-1 latency of FP32 vs INT8 backbones in ONNX Run
 interleaved in this same run), and policy-location vs random-crop calibration.
 
     python3 bench/quantize.py                   # full run, writes bench/results/quantize.md
-    python3 bench/quantize.py --latency-only    # export + all-INT8 quantization + latency only
+    python3 bench/quantize.py --latency-only    # export + all-INT8 quantization + latency only,
+                                                # writes bench/results/quantize_latency.md
 
 Prints the FP32 / INT8 latency ratio of each profile. See docs/quantization.md.
 """
@@ -75,7 +76,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one)")
-    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "quantize.md")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="markdown report (default bench/results/quantize.md, JSON beside it; with "
+                         "--latency-only bench/results/quantize_latency.md)")
     ap.add_argument("--latency-only", action="store_true")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--num-calib", type=int, default=256)
@@ -101,6 +104,8 @@ def main() -> int:
     if out is None:
         tmp = tempfile.TemporaryDirectory(prefix="gfnet-bench-quant-")
         out = Path(tmp.name)
+    if a.results is None:
+        a.results = ROOT / "bench" / "results" / ("quantize_latency.md" if a.latency_only else "quantize.md")
     t0 = time.perf_counter()
     if a.latency_only:
         md = latency_only(Path(ckpt), out, a.rounds, a.num_calib)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from gfnet_edge.argtypes import NON_NEGATIVE, POSITIVE, float_range, int_range
@@ -34,7 +35,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     )
     res = run_calibration(cfg)
     print(summary(res))
-    print(f"report: {args.output}/report.html")
+    print(f"report: {os.path.join(args.output, 'report.html')}")
     bad = [b["name"] for b in res["budgets"] if not b["within_tolerance"]]
     if bad and args.strict:
         print(f"gfnet-edge: error: measured latency (the budget's mean or percentile) outside the tolerance for "

@@ -291,6 +291,19 @@ def test_default_budget_and_explicit_budgets(tiny_bundle, tmp_path, capsys):
     assert "ms-500.0" in text and "report:" in text and "step latency" in text
 
 
+def test_the_report_line_names_the_report_file_of_an_output_given_with_a_trailing_slash(tiny_bundle, tmp_path, capsys):
+    """`-o report/` (as docs/calibration.md writes it): the last line names report/report.html, the
+    file written, with one separator."""
+    bundle = _fresh(tiny_bundle, tmp_path)
+    out = f"{tmp_path / 'r'}/"
+    rc = _main(["calibrate", str(bundle), "--data", str(tiny_bundle / "data.npz"), "-o", out,
+                "--budget-ms", "500", "--no-compare", "--deadlines", "0", *FAST])
+    assert rc == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line == f"report: {tmp_path / 'r' / 'report.html'}"
+    assert (tmp_path / "r" / "report.html").is_file()
+
+
 def test_default_auto_makes_the_suggested_budget_the_default_in_manifest_and_report(tiny_bundle, tmp_path, capsys):
     """--default auto: the budget the report suggests (the fastest by measured mean ms within a point
     of the full network's held-out accuracy, else the cheapest within a point of the best budget,

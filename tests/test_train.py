@@ -261,3 +261,40 @@ def test_the_demo_trainer_refuses_a_resume_whose_options_would_change_the_run(tm
     assert cli.main([*resume, "--set", "workers=3", "--set", 'worker_start="spawn"']) == 2
     assert capsys.readouterr().err.strip().endswith("no data here")
     assert json.loads((run / "config.json").read_text())["workers"] == 3
+
+
+def test_one_stage_of_an_existing_demo_run_takes_the_runs_settings(tmp_path, monkeypatch, capsys):
+    """`--stage N` on a demo run folder (docs/training.md: "one stage (earlier ones done)") takes
+    the earlier stages' checkpoints, so it runs with the settings their run recorded in
+    config.json, as --resume does: config.json keeps them (the demo's defaults do not replace
+    the run's), and an option that would change one is refused in one line naming it."""
+    from gfnet_edge import cli
+    from gfnet_edge.errors import InputError
+    from gfnet_edge.train import data
+    from gfnet_edge.train.config import TrainConfig, tiny_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = tiny_config()
+    assert cfg.train_size != TrainConfig().train_size  # the recorded run is not the default one
+    (run / "config.json").write_text(cfg.dumps())
+    recorded = (run / "config.json").read_bytes()
+    stage = ["train", "-o", str(run), "--stage", "2", "--no-progress", "--threads", "1"]
+    assert cli.main([*stage, "--set", "seed=7"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the command line would change seed" in err[0], err
+    assert (run / "config.json").read_bytes() == recorded
+
+    seen = []
+
+    def no_data(split, n, *args, **kwargs):
+        seen.append((split, n))
+        raise InputError("no data here")
+
+    monkeypatch.setattr(data, "load_split", no_data)
+    assert cli.main(stage) == 2
+    assert capsys.readouterr().err.strip().endswith("no data here")
+    assert seen == [("train", cfg.train_size)]
+    kept = json.loads((run / "config.json").read_text())
+    assert kept["train_size"] == cfg.train_size and kept["val_size"] == cfg.val_size
+    assert kept["stage1"] == json.loads(recorded)["stage1"]

@@ -192,7 +192,10 @@ def _run(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, args.threads))
     out = Path(args.out or "runs/demo")
     cfg_path = out / "config.json"
-    if args.resume and cfg_path.exists():
+    # One stage (--stage other than all) takes the earlier stages' checkpoints: like --resume, it
+    # runs with the settings the run recorded.
+    continues = args.resume or args.stage != "all"
+    if continues and cfg_path.exists():
         try:
             d = json_object(cfg_path)
             if d is None:
@@ -209,7 +212,8 @@ def _run(args: argparse.Namespace) -> int:
             setattr(cfg, key, getattr(given, key))
         changed = changed_settings(cfg, given)
         if changed:
-            raise InputError(f"--resume continues the run as {cfg_path} describes it, and the command line would "
+            how = "--resume continues" if args.resume else f"--stage {args.stage} continues"
+            raise InputError(f"{how} the run as {cfg_path} describes it, and the command line would "
                              f"change {', '.join(changed)}: leave those options out (or start a new run in another "
                              "-o folder)")
     else:
@@ -268,7 +272,7 @@ def _run(args: argparse.Namespace) -> int:
                         ck = torch.load(p, map_location="cpu", weights_only=True)
                         if ck.get("done"):
                             runner.timings[name] = ck.get("elapsed", 0.0)
-            resume = args.resume or args.stage != "all"
+            resume = continues
             for name in stages:
                 t = time.time()
                 getattr(runner, "static_stage" if name == "static" else name)(resume=resume)
