@@ -298,3 +298,21 @@ def test_one_stage_of_an_existing_demo_run_takes_the_runs_settings(tmp_path, mon
     kept = json.loads((run / "config.json").read_text())
     assert kept["train_size"] == cfg.train_size and kept["val_size"] == cfg.val_size
     assert kept["stage1"] == json.loads(recorded)["stage1"]
+
+
+def test_a_new_demo_run_is_refused_in_a_folder_that_holds_a_runs_checkpoints(tmp_path, capsys):
+    """The demo trainer without --resume or --stage on a folder holding a stage checkpoint stops
+    in one line naming it and --resume, before it writes anything (it trained a new run over the
+    old one's checkpoints); the image-folder trainer refuses the same."""
+    from gfnet_edge import cli
+    from gfnet_edge.train.config import tiny_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(tiny_config().dumps())
+    (run / "pre_local.pt").write_bytes(b"a checkpoint")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert cli.main(["train", "-o", str(run), "--tiny", "--no-progress", "--threads", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a run" in err[0] and "pre_local.pt" in err[0] and "--resume" in err[0], err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before

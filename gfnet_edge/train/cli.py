@@ -217,6 +217,10 @@ def _run(args: argparse.Namespace) -> int:
                              f"change {', '.join(changed)}: leave those options out (or start a new run in another "
                              "-o folder)")
     else:
+        saved = [name for name in STAGES if (out / f"{name}.pt").exists()]
+        if not continues and saved:  # a new run here would train over the run's checkpoints
+            raise InputError(f"{out} already holds a run ({out / (saved[0] + '.pt')}): pass --resume to continue it, "
+                             "or choose another --out folder")
         cfg = tiny_config() if args.tiny else TrainConfig()
         if args.backbone:
             cfg.backbone = args.backbone
