@@ -362,7 +362,8 @@ class Runtime:
         """The automatic choice when TensorRT cannot run: ONNX Runtime (``warn``: say why), unless
         a DLA core was asked for (DLA exists only for TensorRT engines; elsewhere it would be ignored)."""
         if self.dla_core is not None:
-            raise InputError(f"dla_core {self.dla_core} needs TensorRT engines built for that DLA core: {why}")
+            error = UnavailableError if not _tensorrt_usable() else InputError  # this machine, or the bundle
+            raise error(f"dla_core {self.dla_core} needs TensorRT engines built for that DLA core: {why}")
         if warn:
             logger.warning("not using TensorRT: %s; running on ONNX Runtime", why)
         return "onnxruntime"
