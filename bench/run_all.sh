@@ -24,6 +24,7 @@ python3 bench/ort_threads.py
 python3 bench/ort_call_overhead.py
 python3 bench/gru_zero_state.py
 python3 bench/warmup.py
+python3 bench/shared_runtime.py
 python3 bench/demo_data.py
 python3 bench/train_threads.py
 python3 bench/cropped_input.py --clock cpu
