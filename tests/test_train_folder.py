@@ -705,8 +705,38 @@ def test_gru_family_with_static_baseline(folder, tmp_path):
     wrote = [ln for ln in (run / "train.txt").read_text().splitlines() if " wrote " in ln][-1]
     files = [run / "gfnet.pth.tar", run / "results.json", run / "static.pth.tar"]
     assert f"wrote {', '.join(map(str, files))} (" in wrote and all(f.is_file() for f in files)
+    # (the fixture's val split, 12 images, is under the 16 INT8 calibration needs; its train split has 24)
     assert wrote.endswith(f"next: gfnet-edge build-engine {run / 'gfnet.pth.tar'} -o BUNDLE --calib-data "
-                          f"{folder / 'val'}")
+                          f"{folder / 'train'}")
+
+
+def _logged_build_command(run: Path, bundle: Path) -> list:
+    """The arguments of the ``next: gfnet-edge build-engine ...`` command the run's log ends
+    with, its ``-o BUNDLE`` placeholder replaced by ``bundle`` (what follows a ``;`` is a note)."""
+    line = [ln for ln in (run / "train.txt").read_text().splitlines() if " next: " in ln][-1]
+    argv = line.split(" next: ", 1)[1].split(";")[0].split()
+    assert argv[:2] == ["gfnet-edge", "build-engine"] and argv[argv.index("-o") + 1] == "BUNDLE"
+    argv[argv.index("-o") + 1] = str(bundle)
+    return argv[1:] + ["--quiet"]
+
+
+@pytest.mark.parametrize("n_train, n_val, calib", [(6, 6, "val"), (6, 2, "train"), (3, 2, None)])
+def test_the_logged_build_command_builds_a_bundle_from_a_small_image_folder(tmp_path, n_train, n_val, calib):
+    """The command the log suggests builds a bundle from the run's own images: INT8 calibrated on
+    the val split when it has the 16 images calibration needs, else on the train split when that
+    has them, else an fp32 bundle."""
+    root = make_folder(tmp_path / "ds", n_train=n_train, n_val=n_val)
+    run = tmp_path / "r"
+    train_folder(tiny_config(root, epochs=(1, 0, 0)), run)
+    argv = _logged_build_command(run, tmp_path / "b")
+    assert argv[1] == str(run / "gfnet.pth.tar")
+    if calib:
+        assert argv[argv.index("--calib-data") + 1] == str(root / calib)
+    else:
+        assert "--calib-data" not in argv and argv[argv.index("--precision") + 1] == "fp32"
+    assert cli.main(argv) == 0
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert ("int8-cpu" in manifest["graphs"]) == bool(calib)
 
 
 def _free_port() -> int:

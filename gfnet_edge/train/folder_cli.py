@@ -657,17 +657,34 @@ def _run_stages(out, cfg, ctx, train, val, model, static, stages, log, progress:
     tr.release_glance_cache()  # training is over: the evaluation and export need the memory
     res: Dict[str, Any] = {}
     if "stage3" in stages or not stages:
-        res = export(tr, out, log, static_trained)
+        res = export(tr, out, log, (val, train), static_trained)
     elif "static" in stages and static is not None:
         res = add_static_results(tr, out, log)  # a baseline trained on its own
     log(f"total {(time.time() - t0) / 60:.1f} min")
     return res
 
 
-def export(tr, out: Path, log, static_trained: bool = True) -> Dict[str, Any]:
+def build_command(checkpoint: Path, splits: Sequence) -> str:
+    """The ``gfnet-edge build-engine`` command the log suggests for ``checkpoint``: INT8, calibrated
+    on the first of ``splits`` (``FolderSplit``: val, then train) that holds the readable images
+    calibration needs (``MIN_CALIB_IMAGES``), else fp32, with a note on the images it lacked."""
+    from ..quantize.calibration import MIN_CALIB_IMAGES
+
+    base = f"gfnet-edge build-engine {checkpoint} -o BUNDLE"
+    for split in splits:
+        if len(split) >= MIN_CALIB_IMAGES:
+            return f"{base} --calib-data {split.root}"
+    counts = ", ".join(f"{split.root} {len(split)}" for split in splits)
+    return (f"{base} --precision fp32; for INT8, --calib-data a folder of the model's class folders with at least "
+            f"{MIN_CALIB_IMAGES} images (readable images: {counts})")
+
+
+def export(tr, out: Path, log, splits: Sequence, static_trained: bool = True) -> Dict[str, Any]:
     """Measures the trained GFNet on val and writes ``RUN/gfnet.pth.tar`` and ``RUN/results.json``;
     with the run's static baseline (``RUN/static.pth.tar`` and its figures) when it has finished
-    training (``static_trained``): one the run has not trained yet is left to ``--stage static``."""
+    training (``static_trained``): one the run has not trained yet is left to ``--stage static``.
+    ``splits`` (val, then train) choose the calibration images of the build command the log ends
+    with (:func:`build_command`)."""
 
     from .. import evaluate as ev
     from ..models.checkpoint import save_checkpoint
@@ -711,7 +728,7 @@ def export(tr, out: Path, log, static_trained: bool = True) -> Dict[str, Any]:
             f"gfnet-edge train -o {out} --resume --stage static trains it and adds it to {out / 'results.json'}")
     written = [path, out / "results.json"] + ([out / "static.pth.tar"] if static_acc is not None else [])
     log(f"wrote {', '.join(map(str, written))} ({(time.time() - t):.0f} s); "
-        f"next: gfnet-edge build-engine {path} -o BUNDLE --calib-data {Path(tr.cfg.data) / 'val'}")
+        f"next: {build_command(path, splits)}")
     tr.ctx.barrier()
     return res
 
