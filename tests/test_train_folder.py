@@ -739,6 +739,19 @@ def test_the_logged_build_command_builds_a_bundle_from_a_small_image_folder(tmp_
     assert ("int8-cpu" in manifest["graphs"]) == bool(calib)
 
 
+def test_the_logged_build_command_leaves_out_the_files_training_skipped(tmp_path):
+    """A val split with a file training could not read: the suggested build reads the same images
+    (build-engine stops at an unreadable file unless told to leave such files out)."""
+    root = make_folder(tmp_path / "ds", n_train=2, n_val=6)
+    (root / "val" / "red" / "broken.png").write_bytes(b"not an image")
+    run = tmp_path / "r"
+    train_folder(tiny_config(root, epochs=(1, 0, 0)), run)
+    argv = _logged_build_command(run, tmp_path / "b")
+    assert argv[argv.index("--calib-data") + 1] == str(root / "val")
+    assert cli.main(argv) == 0
+    assert "int8-cpu" in json.loads((tmp_path / "b" / "manifest.json").read_text())["graphs"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -667,13 +667,14 @@ def _run_stages(out, cfg, ctx, train, val, model, static, stages, log, progress:
 def build_command(checkpoint: Path, splits: Sequence) -> str:
     """The ``gfnet-edge build-engine`` command the log suggests for ``checkpoint``: INT8, calibrated
     on the first of ``splits`` (``FolderSplit``: val, then train) that holds the readable images
-    calibration needs (``MIN_CALIB_IMAGES``), else fp32, with a note on the images it lacked."""
+    calibration needs (``MIN_CALIB_IMAGES``), with ``--skip-unreadable`` when training skipped some
+    of its files (build-engine would stop at them), else fp32, with a note on the images it lacked."""
     from ..quantize.calibration import MIN_CALIB_IMAGES
 
     base = f"gfnet-edge build-engine {checkpoint} -o BUNDLE"
     for split in splits:
         if len(split) >= MIN_CALIB_IMAGES:
-            return f"{base} --calib-data {split.root}"
+            return f"{base} --calib-data {split.root}" + (" --skip-unreadable" if split.skipped else "")
     counts = ", ".join(f"{split.root} {len(split)}" for split in splits)
     return (f"{base} --precision fp32; for INT8, --calib-data a folder of the model's class folders with at least "
             f"{MIN_CALIB_IMAGES} images (readable images: {counts})")
