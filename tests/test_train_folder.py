@@ -752,6 +752,22 @@ def test_the_logged_build_command_leaves_out_the_files_training_skipped(tmp_path
     assert "int8-cpu" in json.loads((tmp_path / "b" / "manifest.json").read_text())["graphs"]
 
 
+def test_the_logged_budgeted_accuracy_is_that_of_the_bundles_macs_budgets(trained, tmp_path):
+    """The log's budgeted figures are those of the thresholds build-engine makes the bundle's
+    macs-low / macs-mid / macs-high budgets (rows of the checkpoint's 39 x T dynamic_threshold)."""
+    run = trained[0]
+    assert cli.main(["build-engine", str(run / "gfnet.pth.tar"), "-o", str(tmp_path / "b"), "--precision", "fp32",
+                     "--quiet"]) == 0
+    budgets = json.loads((tmp_path / "b" / "manifest.json").read_text())["budgets"]
+    ck = torch.load(run / "gfnet.pth.tar", map_location="cpu", weights_only=True)
+    rows = np.asarray(ck["dynamic_threshold"], dtype=np.float32)
+    costs, accs = json.loads((run / "results.json").read_text())["budgeted_batch_classification"]
+    line = [ln for ln in (run / "train.txt").read_text().splitlines() if "val budgeted" in ln][-1]
+    for name in ("macs-low", "macs-mid", "macs-high"):
+        row = [i for i in range(len(rows)) if np.array_equal(rows[i], np.float32(budgets[name]["thresholds"]))][0]
+        assert f"{name} {accs[row]:.1f}% @ {costs[row] / 1e6:.1f}M" in line
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -688,6 +688,7 @@ def export(tr, out: Path, log, splits: Sequence, static_trained: bool = True) ->
     with (:func:`build_command`)."""
 
     from .. import evaluate as ev
+    from ..build import macs_budget_rows
     from ..models.checkpoint import save_checkpoint
     from ..models.gfnet import GFNet
     from ..models.macs import count_step_macs
@@ -721,9 +722,12 @@ def export(tr, out: Path, log, splits: Sequence, static_trained: bool = True) ->
     if static_acc is not None:
         res.update(_save_static(tr, out, static_acc))
     write_text_atomic(out / "results.json", json.dumps(res, indent=1) + "\n")
-    pts = ", ".join(f"{a:.1f}% @ {c / 1e6:.1f}M" for c, a in list(zip(*curve.as_lists()))[::13])
+    curve_costs, curve_accs = curve.as_lists()
+    pts = ", ".join(f"{name} {curve_accs[i]:.1f}% @ {curve_costs[i] / 1e6:.1f}M"
+                    for name, i in macs_budget_rows().items())
     log(f"val anytime accuracy per step: {res['anytime_accuracy']} (MACs {', '.join(f'{c / 1e6:.1f}M' for c in costs)})")
-    log(f"val budgeted (thresholds fit on val): {pts}" + (f"; static baseline {static_acc}%" if static_acc is not None else ""))
+    log(f"val budgeted (thresholds fit on val; the bundle's multiply-add budgets): {pts}"
+        + (f"; static baseline {static_acc}%" if static_acc is not None else ""))
     if planned and not static_trained:
         log(f"the run's static baseline has not finished training ({out / 'static.pt'}): the export leaves it out; "
             f"gfnet-edge train -o {out} --resume --stage static trains it and adds it to {out / 'results.json'}")
