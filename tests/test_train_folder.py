@@ -768,6 +768,27 @@ def test_the_logged_budgeted_accuracy_is_that_of_the_bundles_macs_budgets(traine
         assert f"{name} {accs[row]:.1f}% @ {costs[row] / 1e6:.1f}M" in line
 
 
+def test_predict_says_why_a_folder_of_other_class_folders_is_not_scored(trained, folder, tmp_path, capsys):
+    """A folder whose class folders share names with the model's classes but are not all of them
+    (a class missing, another spelling) is classified without an accuracy: a warning says why; a
+    folder of unrelated subfolders gets none."""
+    b = tmp_path / "b"
+    assert cli.main(["build-engine", str(trained[0] / "gfnet.pth.tar"), "-o", str(b), "--precision", "fp32",
+                     "--quiet"]) == 0
+    test = tmp_path / "test"
+    shutil.copytree(folder / "val", test)
+    (test / "red").rename(test / "Red")
+    photos = tmp_path / "photos"
+    shutil.copytree(folder / "val" / "red", photos / "2024")
+    capsys.readouterr()
+    assert cli.main(["predict", str(b), str(test), str(photos)]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("\n") == 12 + 4 and "accuracy" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and str(test) in lines[0] and "missing red" in lines[0] and "Red" in lines[0], err
+    assert "not scored" in lines[0] and str(photos) not in lines[0]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
