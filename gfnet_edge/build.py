@@ -110,11 +110,16 @@ def _budgets_from_checkpoint(meta: Dict[str, Any], steps: int) -> Dict[str, Dict
         raise InputError(f"checkpoint dynamic_threshold holds {int((~np.isfinite(arr)).sum())} NaN or infinite "
                          "value(s); exit thresholds must be finite (the checkpoint is corrupt)")
     out = {}
-    for name, p in MACS_BUDGETS.items():
-        i = int(round(p * 20)) - 1
-        out[name] = {"thresholds": [float(x) for x in arr[i]], "source": f"checkpoint dynamic_threshold p={p}",
-                     "unit": "macs"}
+    for name, i in macs_budget_rows().items():
+        out[name] = {"thresholds": [float(x) for x in arr[i]],
+                     "source": f"checkpoint dynamic_threshold p={MACS_BUDGETS[name]}", "unit": "macs"}
     return out
+
+
+def macs_budget_rows() -> Dict[str, int]:
+    """The row of a checkpoint's 39 x T ``dynamic_threshold`` (p = 0.05, 0.10, ... 1.95, the
+    reference sweep ``evaluate.DEFAULT_PS``) that each of ``MACS_BUDGETS`` takes."""
+    return {name: int(round(p * 20)) - 1 for name, p in MACS_BUDGETS.items()}
 
 
 def _preload_native_modules() -> None:

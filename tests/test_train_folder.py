@@ -705,8 +705,88 @@ def test_gru_family_with_static_baseline(folder, tmp_path):
     wrote = [ln for ln in (run / "train.txt").read_text().splitlines() if " wrote " in ln][-1]
     files = [run / "gfnet.pth.tar", run / "results.json", run / "static.pth.tar"]
     assert f"wrote {', '.join(map(str, files))} (" in wrote and all(f.is_file() for f in files)
+    # (the fixture's val split, 12 images, is under the 16 INT8 calibration needs; its train split has 24)
     assert wrote.endswith(f"next: gfnet-edge build-engine {run / 'gfnet.pth.tar'} -o BUNDLE --calib-data "
-                          f"{folder / 'val'}")
+                          f"{folder / 'train'}")
+
+
+def _logged_build_command(run: Path, bundle: Path) -> list:
+    """The arguments of the ``next: gfnet-edge build-engine ...`` command the run's log ends
+    with, its ``-o BUNDLE`` placeholder replaced by ``bundle`` (what follows a ``;`` is a note)."""
+    line = [ln for ln in (run / "train.txt").read_text().splitlines() if " next: " in ln][-1]
+    argv = line.split(" next: ", 1)[1].split(";")[0].split()
+    assert argv[:2] == ["gfnet-edge", "build-engine"] and argv[argv.index("-o") + 1] == "BUNDLE"
+    argv[argv.index("-o") + 1] = str(bundle)
+    return argv[1:] + ["--quiet"]
+
+
+@pytest.mark.parametrize("n_train, n_val, calib", [(6, 6, "val"), (6, 2, "train"), (3, 2, None)])
+def test_the_logged_build_command_builds_a_bundle_from_a_small_image_folder(tmp_path, n_train, n_val, calib):
+    """The command the log suggests builds a bundle from the run's own images: INT8 calibrated on
+    the val split when it has the 16 images calibration needs, else on the train split when that
+    has them, else an fp32 bundle."""
+    root = make_folder(tmp_path / "ds", n_train=n_train, n_val=n_val)
+    run = tmp_path / "r"
+    train_folder(tiny_config(root, epochs=(1, 0, 0)), run)
+    argv = _logged_build_command(run, tmp_path / "b")
+    assert argv[1] == str(run / "gfnet.pth.tar")
+    if calib:
+        assert argv[argv.index("--calib-data") + 1] == str(root / calib)
+    else:
+        assert "--calib-data" not in argv and argv[argv.index("--precision") + 1] == "fp32"
+    assert cli.main(argv) == 0
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert ("int8-cpu" in manifest["graphs"]) == bool(calib)
+
+
+def test_the_logged_build_command_leaves_out_the_files_training_skipped(tmp_path):
+    """A val split with a file training could not read: the suggested build reads the same images
+    (build-engine stops at an unreadable file unless told to leave such files out)."""
+    root = make_folder(tmp_path / "ds", n_train=2, n_val=6)
+    (root / "val" / "red" / "broken.png").write_bytes(b"not an image")
+    run = tmp_path / "r"
+    train_folder(tiny_config(root, epochs=(1, 0, 0)), run)
+    argv = _logged_build_command(run, tmp_path / "b")
+    assert argv[argv.index("--calib-data") + 1] == str(root / "val")
+    assert cli.main(argv) == 0
+    assert "int8-cpu" in json.loads((tmp_path / "b" / "manifest.json").read_text())["graphs"]
+
+
+def test_the_logged_budgeted_accuracy_is_that_of_the_bundles_macs_budgets(trained, tmp_path):
+    """The log's budgeted figures are those of the thresholds build-engine makes the bundle's
+    macs-low / macs-mid / macs-high budgets (rows of the checkpoint's 39 x T dynamic_threshold)."""
+    run = trained[0]
+    assert cli.main(["build-engine", str(run / "gfnet.pth.tar"), "-o", str(tmp_path / "b"), "--precision", "fp32",
+                     "--quiet"]) == 0
+    budgets = json.loads((tmp_path / "b" / "manifest.json").read_text())["budgets"]
+    ck = torch.load(run / "gfnet.pth.tar", map_location="cpu", weights_only=True)
+    rows = np.asarray(ck["dynamic_threshold"], dtype=np.float32)
+    costs, accs = json.loads((run / "results.json").read_text())["budgeted_batch_classification"]
+    line = [ln for ln in (run / "train.txt").read_text().splitlines() if "val budgeted" in ln][-1]
+    for name in ("macs-low", "macs-mid", "macs-high"):
+        row = [i for i in range(len(rows)) if np.array_equal(rows[i], np.float32(budgets[name]["thresholds"]))][0]
+        assert f"{name} {accs[row]:.1f}% @ {costs[row] / 1e6:.1f}M" in line
+
+
+def test_predict_says_why_a_folder_of_other_class_folders_is_not_scored(trained, folder, tmp_path, capsys):
+    """A folder whose class folders share names with the model's classes but are not all of them
+    (a class missing, another spelling) is classified without an accuracy: a warning says why; a
+    folder of unrelated subfolders gets none."""
+    b = tmp_path / "b"
+    assert cli.main(["build-engine", str(trained[0] / "gfnet.pth.tar"), "-o", str(b), "--precision", "fp32",
+                     "--quiet"]) == 0
+    test = tmp_path / "test"
+    shutil.copytree(folder / "val", test)
+    (test / "red").rename(test / "Red")
+    photos = tmp_path / "photos"
+    shutil.copytree(folder / "val" / "red", photos / "2024")
+    capsys.readouterr()
+    assert cli.main(["predict", str(b), str(test), str(photos)]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("\n") == 12 + 4 and "accuracy" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and str(test) in lines[0] and "missing red" in lines[0] and "Red" in lines[0], err
+    assert "not scored" in lines[0] and str(photos) not in lines[0]
 
 
 def _free_port() -> int:

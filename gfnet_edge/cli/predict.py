@@ -108,12 +108,14 @@ class _Score:
     """Accuracy over the images of the folders given whose class folders are the model's classes
     (named as the model names them, or, for a model without class names, one folder per class:
     labels from the sorted folder names, as ``gfnet-edge calibrate --data`` reads them). A
-    folder given more than once is scored once."""
+    folder given more than once is scored once. A folder with some of the model's class names
+    among its class folders, but not just those, is not scored, and a warning says why."""
 
     def __init__(self, inputs, class_names, num_classes: int) -> None:
         from pathlib import Path
 
-        from ..data.images import class_folders, resolved_path
+        from ..data.images import check_class_folders, class_folders, resolved_path
+        from ..log import logger
 
         self.named = class_names is not None
         self.folders = []  # (folder as given, the folder resolved, {class folder name: label})
@@ -126,6 +128,11 @@ class _Score:
                 continue
             if class_names is not None and sorted(names) == sorted(class_names):
                 self.folders.append((Path(raw), real, {n: class_names.index(n) for n in names}))
+            elif class_names is not None and set(names) & set(class_names):
+                try:
+                    check_class_folders(raw, class_names, why="its images are classified, not scored")
+                except InputError as exc:
+                    logger.warning("%s", exc)
             elif class_names is None and len(names) == num_classes:
                 self.folders.append((Path(raw), real, {n: k for k, n in enumerate(names)}))
         self.correct = self.total = 0
@@ -197,7 +204,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "given) is classified once, where it first comes. A folder whose class "
                                    "folders are the model's classes (for a bundle without class names: one "
                                    "folder per class, labelled by sorted name, as calibrate --data reads them) "
-                                   "is also scored: the accuracy over its images goes to stderr at the end.")
+                                   "is also scored: the accuracy over its images goes to stderr at the end "
+                                   "(a folder with only some of those class folders, or others too, is not, and "
+                                   "a warning says why).")
     p.add_argument("bundle", help="bundle directory")
     p.add_argument("images", nargs="+", help="image files, folders or .npz")
     add_runtime_options(p)

@@ -657,19 +657,38 @@ def _run_stages(out, cfg, ctx, train, val, model, static, stages, log, progress:
     tr.release_glance_cache()  # training is over: the evaluation and export need the memory
     res: Dict[str, Any] = {}
     if "stage3" in stages or not stages:
-        res = export(tr, out, log, static_trained)
+        res = export(tr, out, log, (val, train), static_trained)
     elif "static" in stages and static is not None:
         res = add_static_results(tr, out, log)  # a baseline trained on its own
     log(f"total {(time.time() - t0) / 60:.1f} min")
     return res
 
 
-def export(tr, out: Path, log, static_trained: bool = True) -> Dict[str, Any]:
+def build_command(checkpoint: Path, splits: Sequence) -> str:
+    """The ``gfnet-edge build-engine`` command the log suggests for ``checkpoint``: INT8, calibrated
+    on the first of ``splits`` (``FolderSplit``: val, then train) that holds the readable images
+    calibration needs (``MIN_CALIB_IMAGES``), with ``--skip-unreadable`` when training skipped some
+    of its files (build-engine would stop at them), else fp32, with a note on the images it lacked."""
+    from ..quantize.calibration import MIN_CALIB_IMAGES
+
+    base = f"gfnet-edge build-engine {checkpoint} -o BUNDLE"
+    for split in splits:
+        if len(split) >= MIN_CALIB_IMAGES:
+            return f"{base} --calib-data {split.root}" + (" --skip-unreadable" if split.skipped else "")
+    counts = ", ".join(f"{split.root} {len(split)}" for split in splits)
+    return (f"{base} --precision fp32; for INT8, --calib-data a folder of the model's class folders with at least "
+            f"{MIN_CALIB_IMAGES} images (readable images: {counts})")
+
+
+def export(tr, out: Path, log, splits: Sequence, static_trained: bool = True) -> Dict[str, Any]:
     """Measures the trained GFNet on val and writes ``RUN/gfnet.pth.tar`` and ``RUN/results.json``;
     with the run's static baseline (``RUN/static.pth.tar`` and its figures) when it has finished
-    training (``static_trained``): one the run has not trained yet is left to ``--stage static``."""
+    training (``static_trained``): one the run has not trained yet is left to ``--stage static``.
+    ``splits`` (val, then train) choose the calibration images of the build command the log ends
+    with (:func:`build_command`)."""
 
     from .. import evaluate as ev
+    from ..build import macs_budget_rows
     from ..models.checkpoint import save_checkpoint
     from ..models.gfnet import GFNet
     from ..models.macs import count_step_macs
@@ -703,15 +722,18 @@ def export(tr, out: Path, log, static_trained: bool = True) -> Dict[str, Any]:
     if static_acc is not None:
         res.update(_save_static(tr, out, static_acc))
     write_text_atomic(out / "results.json", json.dumps(res, indent=1) + "\n")
-    pts = ", ".join(f"{a:.1f}% @ {c / 1e6:.1f}M" for c, a in list(zip(*curve.as_lists()))[::13])
+    curve_costs, curve_accs = curve.as_lists()
+    pts = ", ".join(f"{name} {curve_accs[i]:.1f}% @ {curve_costs[i] / 1e6:.1f}M"
+                    for name, i in macs_budget_rows().items())
     log(f"val anytime accuracy per step: {res['anytime_accuracy']} (MACs {', '.join(f'{c / 1e6:.1f}M' for c in costs)})")
-    log(f"val budgeted (thresholds fit on val): {pts}" + (f"; static baseline {static_acc}%" if static_acc is not None else ""))
+    log(f"val budgeted (thresholds fit on val; the bundle's multiply-add budgets): {pts}"
+        + (f"; static baseline {static_acc}%" if static_acc is not None else ""))
     if planned and not static_trained:
         log(f"the run's static baseline has not finished training ({out / 'static.pt'}): the export leaves it out; "
             f"gfnet-edge train -o {out} --resume --stage static trains it and adds it to {out / 'results.json'}")
     written = [path, out / "results.json"] + ([out / "static.pth.tar"] if static_acc is not None else [])
     log(f"wrote {', '.join(map(str, written))} ({(time.time() - t):.0f} s); "
-        f"next: gfnet-edge build-engine {path} -o BUNDLE --calib-data {Path(tr.cfg.data) / 'val'}")
+        f"next: {build_command(path, splits)}")
     tr.ctx.barrier()
     return res
 
