@@ -304,8 +304,17 @@ def test_runtime_predict_with_a_deadline(demo):
 
     x = demo_test_images(demo.model, 8)
     with Runtime(demo, backend="onnxruntime", precision="fp32", threads=1) as rt:
-        with pytest.raises(InputError, match="gfnet-edge calibrate"):
+        with pytest.raises(InputError, match="gfnet-edge calibrate") as info:
             rt.predict(x, deadline_ms=5.0)
+        import re
+        import shlex
+
+        from gfnet_edge.cli import build_parser
+
+        # the command it names is one calibrate takes, for this runtime's backend and graphs
+        named = shlex.split(re.search(r"`gfnet-edge (calibrate [^`]+)`", str(info.value)).group(1))
+        args = build_parser().parse_args([a.replace("IMAGES", "imgs").replace("REPORT", "rep") for a in named])
+        assert (args.backend, args.precision, args.data, args.output) == ("onnxruntime", "fp32", "imgs", "rep"), args
         for bad in ("5", True, -1.0):  # a bad deadline is named before the missing step costs
             with pytest.raises(InputError, match="deadline_ms must be a"):
                 rt.predict(x, deadline_ms=bad)

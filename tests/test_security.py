@@ -80,6 +80,25 @@ def test_every_torch_reader_refuses_a_malicious_file_in_one_line_without_unsafe_
     assert not marker.exists()
 
 
+def test_a_training_scripts_checkpoint_holding_its_arguments_is_refused_saying_how_to_give_its_weights(tmp_path):
+    """A checkpoint as timm's train.py writes it (the state_dict beside an argparse.Namespace) is
+    not unpickled for --pretrained; the one-line refusal says to save the state_dict alone."""
+    import argparse
+
+    from gfnet_edge.errors import InputError
+    from gfnet_edge.models.checkpoint import CheckpointError
+    from gfnet_edge.train.pretrained import read_weights_file
+
+    f = tmp_path / "model_best.pth.tar"
+    torch.save({"state_dict": {"conv1.weight": torch.zeros(2, 3, 1, 1)}, "args": argparse.Namespace(lr=0.1),
+                "epoch": 3}, f)
+    with pytest.raises((CheckpointError, InputError)) as info:
+        read_weights_file(str(f), "resnet18")
+    text = str(info.value)
+    assert "argparse.Namespace" in text and "save the weights alone (the state_dict of tensors)" in text, text
+    assert "\n" not in text and "weights_only" not in text
+
+
 def test_heads_file_with_pickled_object_is_refused(tmp_path):
     from gfnet_edge.errors import InputError
     from gfnet_edge.runtime.heads import load_head_arrays

@@ -76,7 +76,9 @@ def read_torch_file(path: PathLike, what: str = "checkpoint", mmap: bool = False
             named = re.search(r"GLOBAL:? ([\w.]+)", text)  # "Unsupported global: GLOBAL x.y" / "unsupported GLOBAL x.y"
             found = f"the global {named.group(1)}" if named else "a non-tensor object"
             raise CheckpointError(
-                f"{p}: refuses to unpickle objects other than tensors and plain containers ({found})"
+                f"{p}: refuses to unpickle objects other than tensors and plain containers ({found}); a "
+                "training script's checkpoint that also holds its arguments is refused too: from a copy you trust, "
+                "save the weights alone (the state_dict of tensors) with torch.save and give that file"
             ) from exc
         msg = next((ln.strip() for ln in text.splitlines() if ln.strip() and "Weights only load failed" not in ln
                     and "weights_only" not in ln and "torch.load" not in ln), type(exc).__name__)

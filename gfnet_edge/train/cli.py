@@ -86,8 +86,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         g.add_argument(flag, **kwargs)
     p.add_argument("--seed", type=SEED, default=None, help="master seed, 0 to 4294967295 (default 0)")
     p.add_argument("--tiny", action="store_true",
-                   help="demo trainer only: a few iterations on a handful of images (smoke test; with --data, "
-                        "--epochs 1 on a few images per class)")
+                   help="demo trainer only (refused with --data): a few iterations on a handful of images, a smoke "
+                        "test; for a small run on an image folder give --epochs 1,1,1 and a small folder")
     p.add_argument("--assets", default=None,
                    help="demo trainer only: copy the exported checkpoints and results here (e.g. gfnet_edge/assets)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

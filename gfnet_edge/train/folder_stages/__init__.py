@@ -239,7 +239,8 @@ class FolderTrainer(Validation):
         if ck["done"]:
             self.timings[name] = ck["elapsed"]
             self.skipped.add(name)
-            self.log(f"[{name}] already done ({ck['epoch']} epochs, {ck['elapsed'] / 60:.1f} min): skipped")
+            self.log(f"[{name}] already done ({ck['epoch']} epoch{'s' if ck['epoch'] != 1 else ''}, "
+                     f"{ck['elapsed'] / 60:.1f} min): skipped")
             return None
         try:
             opt.load_state_dict(ck["opt"])
