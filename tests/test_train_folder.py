@@ -548,6 +548,23 @@ def test_interrupted_run_resumes_to_the_same_weights(trained):
     assert [(h["stage"], h["epoch"]) for h in history] == [("stage1", 1), ("stage1", 2), ("stage2", 1), ("stage3", 1)]
 
 
+def test_a_resume_of_a_finished_and_exported_run_writes_nothing(trained, folder, weights, tmp_path, capsys):
+    """--resume on a run whose stages have all finished and whose export is there leaves the
+    exported checkpoint as it is (same bytes, so a bundle built from it still names it by its
+    hash), returns the run's results and says so; --stage export writes it again."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.suffix in (".tar", ".json")}
+    res = train_folder(tiny_config(folder, pretrained=weights), run, resume=True)
+    assert res == json.loads((run / "results.json").read_text())
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.suffix in (".tar", ".json")} == before
+    assert "nothing to do" in (run / "train.txt").read_text().splitlines()[-1]
+    train_folder(tiny_config(folder, pretrained=weights), run, stages=(), resume=True)  # --stage export
+    assert (run / "gfnet.pth.tar").read_bytes() != before["gfnet.pth.tar"]
+
+
 def test_checkpoint_metadata_matches_an_independent_evaluation(trained, folder):
     from gfnet_edge import evaluate as ev
     from gfnet_edge.data.images import load_images

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ..bundle import write_text_atomic
+from ..bundle import json_object, write_text_atomic
 from ..errors import InputError
 
 STAGE_ORDER = ("stage1", "stage2", "stage3", "static")
@@ -491,6 +491,7 @@ def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: b
     import torch
 
     from .dist import init_distributed
+    from .recipe import LOADING_SETTINGS
 
     cfg_path = out / "config.json"
     if threads:
@@ -543,6 +544,7 @@ def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: b
         starts = "stage1" in stages and not have - {"static"}  # the GFNet's encoders get their first weights
         baseline = _own_baseline(out) if cfg.pretrained is None and starts else None
         model, static = build_models(cfg, len(train.classes), log, pretrained=not resuming, baseline=baseline)
+        init = (cfg.gfnet_init, cfg.static_init)
         if starts:  # recorded in config.json and the exported checkpoint's train_config
             cfg.gfnet_init = (cfg.pretrained if cfg.pretrained is not None
                               else str((out / "static.pt").resolve()) if baseline is not None else "random")
@@ -556,9 +558,11 @@ def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: b
                 write_text_atomic(out / "data_index.json", json.dumps(
                     {k: {"root": str(s.root), "classes": s.classes, "samples": s.samples, "skipped": s.skipped}
                      for k, s in (("train", train), ("val", val))}))
-            text = cfg.dumps()  # new settings, provenance, or workers / worker start a --resume gave
-            if fresh or not cfg_path.is_file() or cfg_path.read_text() != text:
-                write_text_atomic(cfg_path, text)  # whole or absent: --resume reads it
+            recorded = None if fresh else json_object(cfg_path)
+            loading = recorded is not None and any(recorded.get(k) != getattr(cfg, k) for k in LOADING_SETTINGS)
+            # new settings, provenance, or workers / worker start that a --resume gave
+            if fresh or settings_changed or (cfg.gfnet_init, cfg.static_init) != init or loading:
+                write_text_atomic(cfg_path, cfg.dumps())  # whole or absent: --resume reads it
         ctx.barrier()
         spec = model.spec
         log(f"model {spec.model_name}: S={spec.image_size} P={spec.patch_size} T={spec.steps} "
@@ -656,6 +660,15 @@ def _run_stages(out, cfg, ctx, train, val, model, static, stages, log, progress:
             log(f"{name} finished in {(time.time() - t) / 60:.1f} min")
     tr.release_glance_cache()  # training is over: the evaluation and export need the memory
     res: Dict[str, Any] = {}
+    planned = static is not None and cfg.static.epochs > 0
+    exported = [out / "gfnet.pth.tar", out / "results.json"] + ([out / "static.pth.tar"] if planned else [])
+    asked = {s for s in stages if s != "static" or planned}
+    if asked and asked <= tr.skipped and all(p.is_file() for p in exported):
+        # every stage asked for had finished, and their export is there: the same checkpoint is
+        # not written again (a bundle built from it keeps naming the run's file by its hash)
+        log(f"the run has finished and its export is in {out}: nothing to do (`--stage export` measures the "
+            "trained models and writes it again)")
+        return json.loads((out / "results.json").read_text())
     if "stage3" in stages or not stages:
         res = export(tr, out, log, (val, train), static_trained)
     elif "static" in stages and static is not None:
