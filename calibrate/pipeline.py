@@ -222,6 +222,7 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
     except BundleError as exc:
         raise InputError(str(exc)) from exc
     model = bundle.model
+    check_static_meta(cfg.static, model)  # a wrong --static file is named before the data is read
     data = load_calibration_data(cfg.data, model, cfg.num_images, cfg.holdout, cfg.seed, cfg.skip_unreadable)
     device = device_description()
     fit_x, fit_y = data.part("fit")
@@ -231,7 +232,6 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
     device["timed_on"] = timed_on(device, rt.backend == "tensorrt" or rt.device_loop or cfg.device == "cuda")
     try:
         check_static_sources(cfg.static, StaticPlan.of_runtime(rt))  # before any long work
-        check_static_meta(cfg.static, model)
         m = _run_budgets(rt, data, cfg, device["timed_on"])
         plan = StaticPlan.of_runtime(rt)  # the GFNet loop's capture state after its runs
     finally:
