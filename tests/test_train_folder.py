@@ -546,6 +546,8 @@ def test_interrupted_run_resumes_to_the_same_weights(trained):
     assert "train: 24 images, 3 classes" in (run_a / "train.txt").read_text()
     history = [json.loads(line) for line in (run_a / "epochs.jsonl").read_text().splitlines()]
     assert [(h["stage"], h["epoch"]) for h in history] == [("stage1", 1), ("stage1", 2), ("stage2", 1), ("stage3", 1)]
+    accs = [h[k] for h in history for k in h if k.endswith("_acc")]  # percentages, to 2 decimals as val's
+    assert accs and all(round(a, 2) == a for a in accs), history
 
 
 def test_a_resume_of_a_finished_and_exported_run_writes_nothing(trained, folder, weights, tmp_path, capsys):

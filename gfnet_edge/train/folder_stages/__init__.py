@@ -339,8 +339,8 @@ class FolderTrainer(Validation):
                 k += 1
                 if k == 1:  # after the first step: workers started, first batch decoded, kernels chosen
                     t_first, n_first = time.time(), float(sums[0])
-                if it % 10 == 0:
-                    bar.set_postfix(loss=f"{sums[1] / max(sums[0], 1):.3f}")
+                if self.progress:  # the epoch's running mean, shown at the bar's next refresh
+                    bar.set_postfix(loss=f"{float(sums[1]) / max(float(sums[0]), 1):.3f}", refresh=False)
                 if plan.minutes and (time.time() - t0) / 60 > plan.minutes:
                     stopped = f"time cap {plan.minutes} min hit at epoch {epoch + 1} iter {it + 1}"
                     break
@@ -349,7 +349,8 @@ class FolderTrainer(Validation):
             sums = ctx.all_sum(sums)
             seconds = t_end - t_ep
             rec = {"stage": name, "epoch": epoch + 1}
-            rec.update({key: round(float(sums[j + 1] / sums[0]), 4) for j, key in enumerate(keys)})
+            rec.update({key: round(float(sums[j + 1] / sums[0]), 2 if key.endswith("_acc") else 4)  # acc: percent
+                        for j, key in enumerate(keys)})
             rec.update(lr=lr, iters=k, images_per_s=round(float(sums[0]) / max(seconds, 1e-9), 1))
             if k > 1:  # the epoch without its first step (DataLoader start-up, first batch, autotuning)
                 rec["images_per_s_steady"] = round((float(sums[0]) - n_first * ctx.world) / max(t_end - t_first, 1e-9), 1)
