@@ -28,6 +28,9 @@ class LabelledImages:
         fit_idx: indices of the fitting split.
         holdout_idx: indices of the held-out split.
         info: extra facts for the report (demo split and generator config key).
+        files: for images read from files, each frame's file relative to the ``source`` folder
+            (``cat/img_0042.jpg``; bytes of a name that are not UTF-8 as ``\\xNN`` escapes);
+            ``None`` for ``demo`` and ``.npz`` data.
     """
 
     source: str
@@ -36,10 +39,17 @@ class LabelledImages:
     fit_idx: np.ndarray
     holdout_idx: np.ndarray
     info: Dict[str, Any] = field(default_factory=dict)
+    files: Optional[List[str]] = None
 
     def part(self, name: str) -> Tuple[np.ndarray, np.ndarray]:
         idx = self.fit_idx if name == "fit" else self.holdout_idx
         return self.frames[idx], self.labels[idx]
+
+    def part_files(self, name: str) -> Optional[List[str]]:
+        """The files of :meth:`part` ``name``'s frames, in its order (``None`` without files)."""
+        if self.files is None:
+            return None
+        return [self.files[i] for i in (self.fit_idx if name == "fit" else self.holdout_idx)]
 
     def describe(self) -> Dict[str, Any]:
         return {"source": self.source, "images": int(len(self.labels)), "fit": int(len(self.fit_idx)),
@@ -88,6 +98,7 @@ def load_calibration_data(source: str, model: "ModelDesc | Dict[str, Any]", limi
     model = as_desc(model)
     S = model.image_size
     info: Dict[str, Any] = {}
+    files: Optional[List[str]] = None
     if not 0.0 < holdout < 1.0:
         raise InputError(f"--holdout must be between 0 and 1, got {holdout}")
     if limit is not None and limit < MIN_IMAGES:
@@ -106,15 +117,17 @@ def load_calibration_data(source: str, model: "ModelDesc | Dict[str, Any]", limi
         frames, labels, key = _demo(limit or 1000, model)
         info = {"demo_split": "test", "demo_config_key": key}
     else:
-        from gfnet_edge.data.images import load_images, unreadable_files
+        from gfnet_edge.data.images import load_images, shown_name, unreadable_files
 
         _check_class_folders(source, model)  # before reading every image
         skipped: List[str] = []
         try:
-            frames, labels = load_images(source, S, model.crop_pct, model.dataset_interpolation,
-                                         on_error=unreadable_files(skip_unreadable, skipped))
+            frames, labels, files = load_images(source, S, model.crop_pct, model.dataset_interpolation,
+                                                on_error=unreadable_files(skip_unreadable, skipped), with_files=True)
         except ValueError as exc:
             raise InputError(f"cannot read calibration data: {exc}") from exc
+        if files is not None:
+            files = [shown_name(f) for f in files]
         if skipped:
             info["skipped_unreadable"] = len(skipped)
         if labels is None:
@@ -123,6 +136,7 @@ def load_calibration_data(source: str, model: "ModelDesc | Dict[str, Any]", limi
         if limit is not None and len(labels) > limit:
             pick = np.sort(np.random.default_rng(seed).permutation(len(labels))[:limit])
             frames, labels = frames[pick], labels[pick]
+            files = [files[i] for i in pick] if files is not None else None
     n = len(labels)
     classes = model.num_classes
     if classes and labels.size and int(labels.max()) >= classes:
@@ -137,7 +151,7 @@ def load_calibration_data(source: str, model: "ModelDesc | Dict[str, Any]", limi
                        "accuracies from fewer than %d each are rough (better a few hundred labelled images)",
                        n - n_hold, n_hold, n, ADVISED_SPLIT_IMAGES)
     return LabelledImages(str(source), np.ascontiguousarray(frames), labels.astype(np.int64),
-                           np.sort(order[n_hold:]), np.sort(order[:n_hold]), info)
+                           np.sort(order[n_hold:]), np.sort(order[:n_hold]), info, files)
 
 
 def _check_class_folders(source: str, model: ModelDesc) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -105,6 +105,8 @@ class GalleryCard:
         correct: ``pred == label``.
         coords: top-left of each focus patch (T-1, 2).
         png: the rendered card (:func:`card`).
+        file: the image's file relative to the ``--data`` folder (``cat/img_0042.jpg``), or
+            ``None`` for images without files (``demo``, ``.npz``).
     """
 
     index: int
@@ -116,8 +118,10 @@ class GalleryCard:
     correct: bool
     coords: List[List[int]]
     png: bytes = field(repr=False, default=b"")
+    file: Optional[str] = None
 
     def to_dict(self) -> Dict[str, Any]:
         """The card's entry of ``report.json`` (the image is in the HTML page only)."""
         return {"index": self.index, "label": self.label, "pred": self.pred, "confidence": self.confidence,
-                "exit_step": self.exit_step, "budget": self.budget, "correct": self.correct, "coords": self.coords}
+                "exit_step": self.exit_step, "budget": self.budget, "correct": self.correct, "coords": self.coords,
+                "file": self.file}

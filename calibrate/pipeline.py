@@ -292,7 +292,8 @@ def run_calibration(cfg: CalibrationConfig) -> Dict[str, Any]:
         figures = _figures(res, results, cost)
     else:  # a device-side install: the report's tables only
         figures, res["figures_note"] = {}, plots.MISSING_NOTE
-    cards = _gallery(results, hold_x, hold_y, m.hold_coords, m.hold_probs, model, cfg, m.default)
+    cards = _gallery(results, hold_x, hold_y, data.part_files("holdout"), m.hold_coords, m.hold_probs, model, cfg,
+                     m.default)
     res["gallery"] = [c.to_dict() for c in cards]
 
     with staging_dir(out, force=cfg.force, **REPORT_OUTPUT, protect=inputs) as tmp:
@@ -362,8 +363,8 @@ def _figures(res: Dict[str, Any], results: Sequence[BudgetResult], cost: np.ndar
     return figs
 
 
-def _gallery(results: Sequence[BudgetResult], hold_x, hold_y, hold_coords, hold_probs, model, cfg: CalibrationConfig,
-             default: Optional[str]) -> List[gal.GalleryCard]:
+def _gallery(results: Sequence[BudgetResult], hold_x, hold_y, hold_files: Optional[List[str]], hold_coords, hold_probs,
+             model, cfg: CalibrationConfig, default: Optional[str]) -> List[gal.GalleryCard]:
     if not cfg.gallery or not results:
         return []
     r = _featured(results, default)
@@ -375,7 +376,8 @@ def _gallery(results: Sequence[BudgetResult], hold_x, hold_y, hold_coords, hold_
         cards.append(gal.GalleryCard(
             index=int(i), label=int(hold_y[i]), pred=int(run.classes[i]), confidence=float(hold_probs[e, i].max()),
             exit_step=e, budget=r.name, correct=bool(run.classes[i] == hold_y[i]), coords=hold_coords[:, i].tolist(),
-            png=gal.card(hold_x[i], hold_coords[:, i], e, model.patch_size)))
+            png=gal.card(hold_x[i], hold_coords[:, i], e, model.patch_size),
+            file=hold_files[i] if hold_files is not None else None))
     return cards
 
 

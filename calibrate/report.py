@@ -440,7 +440,7 @@ def _gallery_cards(gallery: Sequence[GalleryCard], names: Optional[Sequence[str]
     def cls(k: int) -> str:
         return f"{k} '{names[k]}'" if names and 0 <= k < len(names) else str(k)
 
-    return [{"image": _img(g.png, "gallery image", "card"), "wrong": not g.correct, "index": g.index,
+    return [{"image": _img(g.png, "gallery image", "card"), "wrong": not g.correct, "name": g.file or f"#{g.index}",
              "label": cls(g.label), "pred": cls(g.pred), "confidence": f"{g.confidence:.2f}",
              "exit_step": g.exit_step, "budget": g.budget}
             for g in gallery]

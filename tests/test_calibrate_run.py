@@ -2,12 +2,15 @@
 atomic writes, and the HTML report rendered in headless Chromium."""
 from __future__ import annotations
 
+import base64
 import dataclasses
+import io
 import json
 import os
 import shutil
 import subprocess
 import tempfile
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +153,105 @@ def test_the_report_names_the_bundles_classes(tiny_bundle, tmp_path):
     card = res["gallery"][0]
     assert f"label {card['label']} &#39;{names[card['label']]}&#39; · predicted {card['pred']} &#39;" in page
 
+
+class _Figures(HTMLParser):
+    """The gallery's cards of a report page: (caption text, the card's PNG bytes), and every tag."""
+
+    def __init__(self, page: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.cards, self.tags, self._src, self._caption = [], [], None, None
+        self.feed(page)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.tags.append((tag, a))
+        if tag == "img" and a.get("alt") == "gallery image":
+            self._src = a["src"]
+        elif tag == "figcaption":
+            self._caption = []
+
+    def handle_endtag(self, tag):
+        if tag == "figcaption":
+            png = base64.b64decode(self._src.split(",", 1)[1])
+            self.cards.append((" ".join("".join(self._caption).split()), png))
+            self._src = self._caption = None
+
+    def handle_data(self, data):
+        if self._caption is not None:
+            self._caption.append(data)
+
+
+def test_gallery_names_each_cards_file_in_the_data_folder(tiny_bundle, tmp_path):
+    """With a class-folder --data, each gallery card (and its report.json entry) names its image's
+    file relative to the folder; names with markup characters, quotes and bytes that are not UTF-8
+    show as text. Each file is one solid colour of its own: the card's glance shows the colour of
+    the file it names (--num-images takes 12 of the 16 files)."""
+    from PIL import Image
+
+    data = tmp_path / "data"
+    # (folder, file) as bytes, and how the report shows the path (bytes not UTF-8 as \xNN)
+    folders = [(b"0 a<b>", "0 a<b>"), (b"1 c&amp;d", "1 c&amp;d"), (b"2 e\"f'", "2 e\"f'"),
+               (b"3 caf\xe9", "3 caf\\xe9")]
+    colour_of = {}  # shown path -> colour written
+    k = 0
+    for label, (folder, shown_folder) in enumerate(folders):
+        for j in range(4):
+            hostile = "<img src=x onerror=alert(1)>&"
+            name, shown = ((hostile.encode() + b"\xff.png", hostile + "\\xff.png") if j == 0 else
+                           (f"img_{j}.png".encode(), f"img_{j}.png"))
+            d = os.path.join(os.fsencode(data), folder)
+            os.makedirs(d, exist_ok=True)
+            colour = (15 * k + 10, 240 - 14 * k, (61 * k) % 256)
+            with open(os.path.join(d, name), "wb") as f:
+                Image.new("RGB", (S, S), colour).save(f, format="PNG")
+            colour_of[f"{shown_folder}/{shown}"] = (colour, label)
+            k += 1
+    bundle = _fresh(tiny_bundle, tmp_path)
+    out = tmp_path / "report"
+    assert _main(["calibrate", str(bundle), "--data", str(data), "-o", str(out), "--budget-ms", "100", "--no-compare",
+                  "--no-write", "--deadlines", "0", "--num-images", "12", *FAST]) == 0
+    res = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    page = (out / "report.html").read_bytes().decode("utf-8")  # strict: the page is UTF-8
+    parsed = _Figures(page)
+    assert len(parsed.cards) == len(res["gallery"]) == 6  # every held-out image (12 of the 16 images, half held out)
+    assert "<img src=x" not in page and "a<b>" not in page and not any("onerror" in a for _, a in parsed.tags)
+    assert str(tmp_path) not in " ".join(c for c, _ in parsed.cards) + json.dumps(res["gallery"])
+    shown = []
+    for (caption, png), entry in zip(parsed.cards, res["gallery"]):
+        name = entry["file"]
+        assert caption.startswith(f"{name} · label {entry['label']} ·"), caption
+        colour, label = colour_of[name]
+        assert entry["label"] == label
+        glance = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))[112, 112]
+        assert np.abs(glance.astype(int) - colour).max() <= 2, (name, glance, colour)
+        shown.append(name)
+    assert len(set(shown)) == 6
+
+
+def test_gallery_of_data_without_files_numbers_its_images(calibrated):
+    """An .npz has no file names: each card is named by its place in the held-out split."""
+    page = (calibrated["out"] / "report.html").read_text(encoding="utf-8")
+    cards = _Figures(page).cards
+    assert len(cards) == len(calibrated["res"]["gallery"]) == 6
+    for (caption, _), entry in zip(cards, calibrated["res"]["gallery"]):
+        assert entry["file"] is None and caption.startswith(f"#{entry['index']} · label {entry['label']} ·")
+
+
+def test_demo_images_have_no_files_and_are_numbered(tiny_bundle):
+    """The demo task's generated images have no files: their gallery cards keep ``#i``."""
+    from gfnet_edge.calibrate.data import load_calibration_data
+    from gfnet_edge.calibrate.gallery import GalleryCard
+    from gfnet_edge.calibrate.report import _gallery_cards
+    from gfnet_edge.data.cluttered_digits import ClutteredDigitsConfig
+
+    model = dict(Bundle.load(tiny_bundle / "bundle").manifest["model"], model_name="demo_tiny",
+                 image_size=ClutteredDigitsConfig().image_size, num_classes=10)
+    data = load_calibration_data("demo", model, 8)
+    assert data.files is None and data.part_files("holdout") is None
+    card = GalleryCard(index=3, label=1, pred=1, confidence=0.5, exit_step=0, budget="b", correct=True, coords=[],
+                       file=None)
+    assert _gallery_cards([card])[0]["name"] == "#3" and card.to_dict()["file"] is None
 
 def test_budgets_are_selectable_by_the_runtime(calibrated):
     from gfnet_edge.runtime import Runtime

@@ -248,6 +248,25 @@ def test_unreadable_files_are_left_out_with_their_labels_when_on_error_takes_the
         load_images(tmp_path / "clean", image_size=16, on_error=lambda f, m: None)
 
 
+def test_with_files_names_the_file_of_each_frame_read(tmp_path):
+    """``with_files`` gives each frame's file relative to the folder (unreadable files left out
+    with their frames), the file's name for a single image, and ``None`` for an .npz; the frames
+    and labels are those given without it."""
+    colours = {"cat/a.png": (10, 200, 30), "cat/deeper/b.png": (200, 10, 30), "dog/c.png": (1, 2, 250)}
+    for name, colour in colours.items():
+        _write_png(tmp_path / "data" / name, colour=colour)
+    (tmp_path / "data" / "cat" / "a2.png").write_bytes(b"not a png")
+    frames, labels, files = load_images(tmp_path / "data", image_size=16, on_error=lambda f, m: None, with_files=True)
+    assert files == ["cat/a.png", "cat/deeper/b.png", "dog/c.png"]
+    for frame, label, f in zip(frames, labels, files):
+        assert tuple(frame[8, 8]) == colours[f] and label == ["cat", "dog"].index(f.split("/")[0])
+    plain = load_images(tmp_path / "data", image_size=16, on_error=lambda f, m: None)
+    assert len(plain) == 2 and np.array_equal(plain[0], frames) and np.array_equal(plain[1], labels)
+    assert load_images(tmp_path / "data" / "dog" / "c.png", image_size=16, with_files=True)[2] == ["c.png"]
+    np.savez(tmp_path / "d.npz", images=frames, labels=labels)
+    assert load_images(tmp_path / "d.npz", image_size=16, with_files=True)[2] is None
+
+
 def test_image_batches_name_each_image_and_equal_load_images(tmp_path):
     _write_png(tmp_path / "imgs" / "cat" / "a.png")
     _write_png(tmp_path / "imgs" / "dog" / "c.jpg", colour=(1, 2, 250))

@@ -33,7 +33,7 @@ _INTERPOLATIONS = {
 
 def load_images(path: os.PathLike | str, image_size: int = 224, crop_pct: float = 0.875,
                 interpolation: str = "bilinear", on_error: Optional[Callable[[str, str], None]] = None,
-                ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+                *, with_files: bool = False) -> tuple:
     """Loads images for calibration or evaluation.
 
     Accepted inputs:
@@ -60,9 +60,13 @@ def load_images(path: os.PathLike | str, image_size: int = 224, crop_pct: float 
             cannot be read, which is then left out (with its label); it may raise to stop.
             Without it the first such file raises ValueError. A folder none of whose images
             can be read raises ValueError either way.
+        with_files: also return which file each frame came from.
 
     Returns:
-        ``(frames, labels)``: uint8 ``(N, S, S, 3)`` and int64 ``(N,)`` or ``None``.
+        ``(frames, labels)``: uint8 ``(N, S, S, 3)`` and int64 ``(N,)`` or ``None``; with
+        ``with_files``, ``(frames, labels, files)``: ``files[i]`` is the path of frame ``i``'s
+        file relative to the folder (``cat/img_0042.jpg``, ``/``-separated; the file's name for
+        a single image file), or ``files`` is ``None`` for an ``.npz`` (its images have no files).
 
     Raises:
         ValueError: missing path, empty folder, unreadable image, bad ``.npz`` keys / shapes /
@@ -77,12 +81,15 @@ def load_images(path: os.PathLike | str, image_size: int = 224, crop_pct: float 
         frames, read = _load_files(files, image_size, crop_pct, interpolation, on_error)
         if not read.any():
             raise ValueError(f"{path}: none of its {len(files)} images can be read")
-        if read.all():
-            return frames, labels
-        return frames[read], (labels[read] if labels is not None else None)
+        if not read.all():
+            frames, labels = frames[read], (labels[read] if labels is not None else None)
+        names = [f.relative_to(path).as_posix() for f, ok in zip(files, read) if ok]
+        return (frames, labels, names) if with_files else (frames, labels)
     if path.suffix.lower() == ".npz":
-        return _load_npz(path, image_size, crop_pct, interpolation)
-    return _load_files([path], image_size, crop_pct, interpolation)[0], None
+        frames, labels = _load_npz(path, image_size, crop_pct, interpolation)
+        return (frames, labels, None) if with_files else (frames, labels)
+    frames = _load_files([path], image_size, crop_pct, interpolation)[0]
+    return (frames, None, [path.name]) if with_files else (frames, None)
 
 
 def iter_image_batches(paths: Sequence[os.PathLike | str], image_size: int = 224, crop_pct: float = 0.875,
@@ -175,6 +182,12 @@ def iter_image_batches(paths: Sequence[os.PathLike | str], image_size: int = 224
                     raise
         if frames:
             yield batch(names, frames, geometries)
+
+
+def shown_name(name: str) -> str:
+    """A file name as text that can be written anywhere (UTF-8 pages and JSON): the bytes of a
+    name that is not UTF-8 (kept by Python as surrogates) become ``\\xNN`` escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def resolved_path(path: Path) -> Path:
