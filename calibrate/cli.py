@@ -6,6 +6,7 @@ import os
 import sys
 
 from gfnet_edge.argtypes import NON_NEGATIVE, POSITIVE, float_range, int_range
+from gfnet_edge.data.images import shown_name
 from gfnet_edge.errors import InputError
 
 
@@ -34,8 +35,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         seed=args.seed, clock=args.clock, progress=not args.quiet, argv=["gfnet-edge"] + sys.argv[1:],
     )
     res = run_calibration(cfg)
-    print(summary(res))
-    print(f"report: {os.path.join(args.output, 'report.html')}")
+    print(shown_name(summary(res)))
+    print(f"report: {shown_name(os.path.join(args.output, 'report.html'))}")
     bad = [b["name"] for b in res["budgets"] if not b["within_tolerance"]]
     if bad and args.strict:
         print(f"gfnet-edge: error: measured latency (the budget's mean or percentile) outside the tolerance for "

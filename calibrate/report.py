@@ -464,7 +464,10 @@ def page_context(res: Dict[str, Any], figures: Dict[str, bytes], gallery: Sequen
 def render_html(res: Dict[str, Any], figures: Dict[str, bytes], gallery: Sequence[GalleryCard]) -> str:
     """The self-contained HTML page (figures and gallery cards inlined as base64 PNG), rendered from
     ``templates/report.html.j2`` with :func:`page_context`."""
-    return environment().get_template("report.html.j2").render(page_context(res, figures, gallery))
+    from gfnet_edge.data.images import shown_name
+
+    # a path of the user's whose bytes are not UTF-8 (kept as surrogates) shows as \xNN escapes
+    return shown_name(environment().get_template("report.html.j2").render(page_context(res, figures, gallery)))
 
 
 def _json_default(o: Any) -> Any:

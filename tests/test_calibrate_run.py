@@ -229,6 +229,28 @@ def test_gallery_names_each_cards_file_in_the_data_folder(tiny_bundle, tmp_path)
     assert len(set(shown)) == 6
 
 
+def test_a_data_folder_whose_path_is_not_utf8_is_reported(tiny_bundle, tmp_path, capsys):
+    """A --data folder and an -o report folder whose paths hold bytes that are not UTF-8: the
+    run goes to its end, the page (UTF-8) and the terminal show those bytes as \\xNN escapes,
+    and report.json (strict JSON) keeps the path as given."""
+    from PIL import Image
+
+    data = os.path.join(os.fsencode(tmp_path), b"d\xe9ta")
+    for label in range(4):
+        d = os.path.join(data, str(label).encode())
+        os.makedirs(d)
+        for j in range(4):
+            Image.new("RGB", (S, S), (40 * label, 10 * j, 200)).save(os.path.join(d, f"{j}.png".encode()), format="PNG")
+    bundle = _fresh(tiny_bundle, tmp_path)
+    out = tmp_path / os.fsdecode(b"r\xe9port")
+    assert _main(["calibrate", str(bundle), "--data", os.fsdecode(data), "-o", str(out), "--budget-ms", "100",
+                  "--no-compare", "--no-write", "--deadlines", "0", *FAST]) == 0, capsys.readouterr().err
+    page = (out / "report.html").read_bytes().decode("utf-8")  # strict: the page is UTF-8
+    res = json.loads((out / "report.json").read_bytes().decode("utf-8"))
+    assert "d\\xe9ta" in page and res["data"]["source"] == os.fsdecode(data)
+    assert capsys.readouterr().out.splitlines()[-1] == f"report: {os.fsencode(tmp_path).decode()}/r\\xe9port/report.html"
+
+
 def test_gallery_of_data_without_files_numbers_its_images(calibrated):
     """An .npz has no file names: each card is named by its place in the held-out split."""
     page = (calibrated["out"] / "report.html").read_text(encoding="utf-8")

@@ -490,6 +490,7 @@ def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: b
                   threads: Optional[int], settings_changed: bool = False, restart: bool = False) -> Dict[str, Any]:
     import torch
 
+    from ..data.images import shown_name
     from .dist import init_distributed
     from .recipe import LOADING_SETTINGS
 
@@ -505,7 +506,7 @@ def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: b
             return
         line = f"{time.strftime('%H:%M:%S')} {msg}"
         # a file name that is not UTF-8 (its bytes kept as surrogates) is shown as \xNN escapes
-        line = line.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        line = shown_name(line)
         print(line, flush=True)
         if log_file is not None:
             log_file.write(line + "\n")
