@@ -567,6 +567,17 @@ def test_a_resume_of_a_finished_and_exported_run_writes_nothing(trained, folder,
     assert (run / "gfnet.pth.tar").read_bytes() != before["gfnet.pth.tar"]
 
 
+def test_a_resume_of_a_finished_run_that_left_a_stage_out_writes_nothing(folder, tmp_path):
+    """A run with 0 epochs for stages 2 and 3 (which leaves them out) has finished once stage 1
+    has: its --resume leaves the exported checkpoint as it is, as for a run of every stage."""
+    run = tmp_path / "run"
+    train_folder(tiny_config(folder, epochs=(1, 0, 0)), run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.suffix in (".tar", ".json")}
+    train_folder(tiny_config(folder, epochs=(1, 0, 0)), run, resume=True)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.suffix in (".tar", ".json")} == before
+    assert "nothing to do" in (run / "train.txt").read_text().splitlines()[-1]
+
+
 def test_checkpoint_metadata_matches_an_independent_evaluation(trained, folder):
     from gfnet_edge import evaluate as ev
     from gfnet_edge.data.images import load_images

@@ -662,7 +662,7 @@ def _run_stages(out, cfg, ctx, train, val, model, static, stages, log, progress:
     res: Dict[str, Any] = {}
     planned = static is not None and cfg.static.epochs > 0
     exported = [out / "gfnet.pth.tar", out / "results.json"] + ([out / "static.pth.tar"] if planned else [])
-    asked = {s for s in stages if s != "static" or planned}
+    asked = {s for s in stages if getattr(cfg, s).epochs > 0}  # a stage of 0 epochs never runs
     if asked and asked <= tr.skipped and all(p.is_file() for p in exported):
         # every stage asked for had finished, and their export is there: the same checkpoint is
         # not written again (a bundle built from it keeps naming the run's file by its hash)
