@@ -578,6 +578,30 @@ def test_a_resume_of_a_finished_run_that_left_a_stage_out_writes_nothing(folder,
     assert "nothing to do" in (run / "train.txt").read_text().splitlines()[-1]
 
 
+def test_a_resume_after_a_stopped_export_exports_the_finished_stages(folder, tmp_path, monkeypatch):
+    """An export of stage 2's weights (--stage export), then stage 3 trained and its export
+    stopped before it was written: --resume writes the export of the finished run (the earlier
+    export is not the run's), with the weights stage 3 saved."""
+    from gfnet_edge.train import folder_cli
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    run = tmp_path / "run"
+    train_folder(tiny_config(folder, epochs=(1, 1, 1)), run, stages=("stage1", "stage2"))
+    train_folder(tiny_config(folder, epochs=(1, 1, 1)), run, stages=(), resume=True)
+    with monkeypatch.context() as m:
+        m.setattr(folder_cli, "export", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            train_folder(tiny_config(folder, epochs=(1, 1, 1)), run, stages=("stage3",), resume=True)
+    train_folder(tiny_config(folder, epochs=(1, 1, 1)), run, resume=True)
+    assert "nothing to do" not in (run / "train.txt").read_text()
+    exported = load_checkpoint(run / "gfnet.pth.tar").state_dict()
+    stage3 = _weights(run, "stage3")
+    assert exported.keys() <= stage3.keys()
+    assert all(torch.equal(v.float(), stage3[k].float()) for k, v in exported.items())
+
+
 def test_checkpoint_metadata_matches_an_independent_evaluation(trained, folder):
     from gfnet_edge import evaluate as ev
     from gfnet_edge.data.images import load_images

@@ -660,10 +660,8 @@ def _run_stages(out, cfg, ctx, train, val, model, static, stages, log, progress:
             log(f"{name} finished in {(time.time() - t) / 60:.1f} min")
     tr.release_glance_cache()  # training is over: the evaluation and export need the memory
     res: Dict[str, Any] = {}
-    planned = static is not None and cfg.static.epochs > 0
-    exported = [out / "gfnet.pth.tar", out / "results.json"] + ([out / "static.pth.tar"] if planned else [])
     asked = {s for s in stages if getattr(cfg, s).epochs > 0}  # a stage of 0 epochs never runs
-    if asked and asked <= tr.skipped and all(p.is_file() for p in exported):
+    if asked and asked <= tr.skipped and _exported_after(out, static is not None and cfg.static.epochs > 0):
         # every stage asked for had finished, and their export is there: the same checkpoint is
         # not written again (a bundle built from it keeps naming the run's file by its hash)
         log(f"the run has finished and its export is in {out}: nothing to do (`--stage export` measures the "
@@ -675,6 +673,21 @@ def _run_stages(out, cfg, ctx, train, val, model, static, stages, log, progress:
         res = add_static_results(tr, out, log)  # a baseline trained on its own
     log(f"total {(time.time() - t0) / 60:.1f} min")
     return res
+
+
+def _exported_after(out: Path, static: bool) -> bool:
+    """Whether the run in ``out`` holds its export (``gfnet.pth.tar`` and ``results.json``, with
+    ``static``: ``static.pth.tar``) written after the stage checkpoints it comes from: the GFNet's
+    after every ``RUN/stage*.pt``, the baseline's after ``RUN/static.pt``. An export of earlier
+    weights (``--stage export`` before stage 3, then an export stopped part-way) is not the run's."""
+    def mtime(name: str) -> float:
+        path = out / name
+        return path.stat().st_mtime_ns if path.is_file() else -1
+
+    pairs = [("gfnet.pth.tar", [f"{s}.pt" for s in STAGE_ORDER if s != "static"])]
+    pairs += [("static.pth.tar", ["static.pt"])] if static else []
+    return mtime("results.json") >= 0 and all(
+        mtime(made) >= 0 and all(mtime(made) >= mtime(src) for src in sources) for made, sources in pairs)
 
 
 def build_command(checkpoint: Path, splits: Sequence) -> str:
