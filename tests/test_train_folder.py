@@ -1414,6 +1414,20 @@ def test_the_exported_checkpoint_records_where_the_gfnets_encoders_started(tmp_p
     assert json.loads(capsys.readouterr().out)["train_config"] == exported
 
 
+def test_a_resume_through_train_folder_keeps_where_the_runs_networks_started(tmp_path, folder):
+    """train_folder given a config without gfnet_init (a caller's own FolderTrainConfig) on a
+    resumed run, with other workers: config.json records those workers and keeps where the
+    GFNet's encoders started, and the export's train_config names that start too."""
+    run = tmp_path / "run"
+    train_folder(tiny_config(folder, epochs=(1, 1, 1)), run, stages=("stage1",))
+    assert json.loads((run / "config.json").read_text())["gfnet_init"] == "random"  # no --pretrained
+    train_folder(tiny_config(folder, epochs=(1, 1, 1), workers=1), run, stages=("stage2", "stage3"), resume=True)
+    recorded = json.loads((run / "config.json").read_text())
+    assert (recorded["gfnet_init"], recorded["workers"]) == ("random", 1), recorded
+    exported = torch.load(run / "gfnet.pth.tar", map_location="cpu", weights_only=True)["train_config"]
+    assert exported["gfnet_init"] == "random"
+
+
 def test_resume_takes_pretrained_until_the_gfnet_of_a_run_that_trained_its_baseline_first_starts(
         tmp_path, capsys, folder, weights, monkeypatch):
     """A run that trained only its static baseline and recorded no --pretrained takes --resume

@@ -544,6 +544,10 @@ def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: b
         starts = "stage1" in stages and not have - {"static"}  # the GFNet's encoders get their first weights
         baseline = _own_baseline(out) if cfg.pretrained is None and starts else None
         model, static = build_models(cfg, len(train.classes), log, pretrained=not resuming, baseline=baseline)
+        recorded = None if fresh else json_object(cfg_path)
+        for key in ("gfnet_init", "static_init"):  # where the run's networks started, as the run recorded it
+            if recorded is not None and getattr(cfg, key) is None and recorded.get(key) is not None:
+                setattr(cfg, key, recorded[key])
         init = (cfg.gfnet_init, cfg.static_init)
         if starts:  # recorded in config.json and the exported checkpoint's train_config
             cfg.gfnet_init = (cfg.pretrained if cfg.pretrained is not None
@@ -558,7 +562,6 @@ def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: b
                 write_text_atomic(out / "data_index.json", json.dumps(
                     {k: {"root": str(s.root), "classes": s.classes, "samples": s.samples, "skipped": s.skipped}
                      for k, s in (("train", train), ("val", val))}))
-            recorded = None if fresh else json_object(cfg_path)
             loading = recorded is not None and any(recorded.get(k) != getattr(cfg, k) for k in LOADING_SETTINGS)
             # new settings, provenance, or workers / worker start that a --resume gave
             if fresh or settings_changed or (cfg.gfnet_init, cfg.static_init) != init or loading:
