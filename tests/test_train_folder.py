@@ -578,6 +578,17 @@ def test_a_resume_of_a_finished_run_that_left_a_stage_out_writes_nothing(folder,
     assert "nothing to do" in (run / "train.txt").read_text().splitlines()[-1]
 
 
+def test_a_resume_of_a_finished_run_whose_results_do_not_read_exports_again(folder, tmp_path):
+    """A finished run whose RUN/results.json was emptied (a full disk, an editor): --resume
+    measures and writes the export again, results.json with it, instead of stopping at it."""
+    run = tmp_path / "run"
+    first = train_folder(tiny_config(folder, epochs=(1, 0, 0)), run)
+    (run / "results.json").write_text("")
+    again = train_folder(tiny_config(folder, epochs=(1, 0, 0)), run, resume=True)
+    assert again["anytime_accuracy"] == first["anytime_accuracy"]
+    assert json.loads((run / "results.json").read_text())["anytime_accuracy"] == first["anytime_accuracy"]
+
+
 def test_a_resume_after_a_stopped_export_exports_the_finished_stages(folder, tmp_path, monkeypatch):
     """An export of stage 2's weights (--stage export), then stage 3 trained and its export
     stopped before it was written: --resume writes the export of the finished run (the earlier

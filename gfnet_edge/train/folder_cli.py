@@ -664,12 +664,14 @@ def _run_stages(out, cfg, ctx, train, val, model, static, stages, log, progress:
     tr.release_glance_cache()  # training is over: the evaluation and export need the memory
     res: Dict[str, Any] = {}
     asked = {s for s in stages if getattr(cfg, s).epochs > 0}  # a stage of 0 epochs never runs
-    if asked and asked <= tr.skipped and _exported_after(out, static is not None and cfg.static.epochs > 0):
+    done = asked and asked <= tr.skipped and _exported_after(out, static is not None and cfg.static.epochs > 0)
+    results = json_object(out / "results.json") if done else None  # one that does not read is written again
+    if results is not None:
         # every stage asked for had finished, and their export is there: the same checkpoint is
         # not written again (a bundle built from it keeps naming the run's file by its hash)
         log(f"the run has finished and its export is in {out}: nothing to do (`--stage export` measures the "
             "trained models and writes it again)")
-        return json.loads((out / "results.json").read_text())
+        return results
     if "stage3" in stages or not stages:
         res = export(tr, out, log, (val, train), static_trained)
     elif "static" in stages and static is not None:
