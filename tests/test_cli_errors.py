@@ -80,6 +80,28 @@ def test_predict_scores_class_folders_for_a_bundle_without_class_names_by_sorted
     assert "no class names" in lines[0], err
 
 
+def test_predict_warns_of_class_folders_that_differ_from_the_models_classes_only_in_case(bundle, tmp_path, capsys):
+    """A folder of the model's class folders, each written in another case ('Zero' for 'zero'),
+    is classified without an accuracy line: a warning names the folder and says its images are
+    not scored."""
+    from PIL import Image
+
+    from gfnet_edge.bundle import Bundle
+
+    named = tmp_path / "bundle"
+    shutil.copytree(bundle, named)
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    Bundle.load(named).update_manifest(lambda m: m["model"].update(class_names=names))
+    data, rng = tmp_path / "data", np.random.default_rng(4)
+    for name in names:
+        (data / name.capitalize()).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(data / name.capitalize() / "0.png")
+    code, out, err = run(["predict", named, data], capsys)
+    assert code == 0 and out.count("\n") == 10, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and str(data) in lines[0] and "not scored" in lines[0] and "Eight" in lines[0], err
+
+
 def test_predict_classifies_and_scores_each_image_once_however_often_it_is_given(bundle, tmp_path, capsys):
     """A class folder given twice (also spelled otherwise), and one of its files given before it
     by a relative path: each image is printed once, where it first comes, and the folder is

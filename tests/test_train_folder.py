@@ -567,6 +567,52 @@ def test_a_resume_of_a_finished_and_exported_run_writes_nothing(trained, folder,
     assert (run / "gfnet.pth.tar").read_bytes() != before["gfnet.pth.tar"]
 
 
+def test_a_resume_of_a_finished_run_that_left_a_stage_out_writes_nothing(folder, tmp_path):
+    """A run with 0 epochs for stages 2 and 3 (which leaves them out) has finished once stage 1
+    has: its --resume leaves the exported checkpoint as it is, as for a run of every stage."""
+    run = tmp_path / "run"
+    train_folder(tiny_config(folder, epochs=(1, 0, 0)), run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.suffix in (".tar", ".json")}
+    train_folder(tiny_config(folder, epochs=(1, 0, 0)), run, resume=True)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.suffix in (".tar", ".json")} == before
+    assert "nothing to do" in (run / "train.txt").read_text().splitlines()[-1]
+
+
+def test_a_resume_of_a_finished_run_whose_results_do_not_read_exports_again(folder, tmp_path):
+    """A finished run whose RUN/results.json was emptied (a full disk, an editor): --resume
+    measures and writes the export again, results.json with it, instead of stopping at it."""
+    run = tmp_path / "run"
+    first = train_folder(tiny_config(folder, epochs=(1, 0, 0)), run)
+    (run / "results.json").write_text("")
+    again = train_folder(tiny_config(folder, epochs=(1, 0, 0)), run, resume=True)
+    assert again["anytime_accuracy"] == first["anytime_accuracy"]
+    assert json.loads((run / "results.json").read_text())["anytime_accuracy"] == first["anytime_accuracy"]
+
+
+def test_a_resume_after_a_stopped_export_exports_the_finished_stages(folder, tmp_path, monkeypatch):
+    """An export of stage 2's weights (--stage export), then stage 3 trained and its export
+    stopped before it was written: --resume writes the export of the finished run (the earlier
+    export is not the run's), with the weights stage 3 saved."""
+    from gfnet_edge.train import folder_cli
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    run = tmp_path / "run"
+    train_folder(tiny_config(folder, epochs=(1, 1, 1)), run, stages=("stage1", "stage2"))
+    train_folder(tiny_config(folder, epochs=(1, 1, 1)), run, stages=(), resume=True)
+    with monkeypatch.context() as m:
+        m.setattr(folder_cli, "export", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            train_folder(tiny_config(folder, epochs=(1, 1, 1)), run, stages=("stage3",), resume=True)
+    train_folder(tiny_config(folder, epochs=(1, 1, 1)), run, resume=True)
+    assert "nothing to do" not in (run / "train.txt").read_text()
+    exported = load_checkpoint(run / "gfnet.pth.tar").state_dict()
+    stage3 = _weights(run, "stage3")
+    assert exported.keys() <= stage3.keys()
+    assert all(torch.equal(v.float(), stage3[k].float()) for k, v in exported.items())
+
+
 def test_checkpoint_metadata_matches_an_independent_evaluation(trained, folder):
     from gfnet_edge import evaluate as ev
     from gfnet_edge.data.images import load_images
@@ -1377,6 +1423,20 @@ def test_the_exported_checkpoint_records_where_the_gfnets_encoders_started(tmp_p
     assert capsys.readouterr().out.count(f"; encoders started from {started}\n") == 1
     assert cli.main(["info", str(run / "gfnet.pth.tar"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["train_config"] == exported
+
+
+def test_a_resume_through_train_folder_keeps_where_the_runs_networks_started(tmp_path, folder):
+    """train_folder given a config without gfnet_init (a caller's own FolderTrainConfig) on a
+    resumed run, with other workers: config.json records those workers and keeps where the
+    GFNet's encoders started, and the export's train_config names that start too."""
+    run = tmp_path / "run"
+    train_folder(tiny_config(folder, epochs=(1, 1, 1)), run, stages=("stage1",))
+    assert json.loads((run / "config.json").read_text())["gfnet_init"] == "random"  # no --pretrained
+    train_folder(tiny_config(folder, epochs=(1, 1, 1), workers=1), run, stages=("stage2", "stage3"), resume=True)
+    recorded = json.loads((run / "config.json").read_text())
+    assert (recorded["gfnet_init"], recorded["workers"]) == ("random", 1), recorded
+    exported = torch.load(run / "gfnet.pth.tar", map_location="cpu", weights_only=True)["train_config"]
+    assert exported["gfnet_init"] == "random"
 
 
 def test_resume_takes_pretrained_until_the_gfnet_of_a_run_that_trained_its_baseline_first_starts(

@@ -104,12 +104,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _folded(names) -> set:
+    """Names as a near miss compares them: case and Unicode composition left out."""
+    import unicodedata
+
+    return {unicodedata.normalize("NFC", n).casefold() for n in names}
+
+
 class _Score:
     """Accuracy over the images of the folders given whose class folders are the model's classes
     (named as the model names them, or, for a model without class names, one folder per class:
     labels from the sorted folder names, as ``gfnet-edge calibrate --data`` reads them). A
     folder given more than once is scored once. A folder with some of the model's class names
-    among its class folders, but not just those, is not scored, and a warning says why."""
+    among its class folders (or names that differ from them only in case), but not just those, is
+    not scored, and a warning says why."""
 
     def __init__(self, inputs, class_names, num_classes: int) -> None:
         from pathlib import Path
@@ -128,7 +136,7 @@ class _Score:
                 continue
             if class_names is not None and sorted(names) == sorted(class_names):
                 self.folders.append((Path(raw), real, {n: class_names.index(n) for n in names}))
-            elif class_names is not None and set(names) & set(class_names):
+            elif class_names is not None and _folded(names) & _folded(class_names):  # 'Fox' for 'fox' too
                 try:
                     check_class_folders(raw, class_names, why="its images are classified, not scored")
                 except InputError as exc:
@@ -205,8 +213,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "folders are the model's classes (for a bundle without class names: one "
                                    "folder per class, labelled by sorted name, as calibrate --data reads them) "
                                    "is also scored: the accuracy over its images goes to stderr at the end "
-                                   "(a folder with only some of those class folders, or others too, is not, and "
-                                   "a warning says why).")
+                                   "(a folder with only some of those class folders, others too, or them in "
+                                   "another case, is not, and a warning says why).")
     p.add_argument("bundle", help="bundle directory")
     p.add_argument("images", nargs="+", help="image files, folders or .npz")
     add_runtime_options(p)

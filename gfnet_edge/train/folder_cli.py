@@ -545,6 +545,10 @@ def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: b
         starts = "stage1" in stages and not have - {"static"}  # the GFNet's encoders get their first weights
         baseline = _own_baseline(out) if cfg.pretrained is None and starts else None
         model, static = build_models(cfg, len(train.classes), log, pretrained=not resuming, baseline=baseline)
+        recorded = None if fresh else json_object(cfg_path)
+        for key in ("gfnet_init", "static_init"):  # where the run's networks started, as the run recorded it
+            if recorded is not None and getattr(cfg, key) is None and recorded.get(key) is not None:
+                setattr(cfg, key, recorded[key])
         init = (cfg.gfnet_init, cfg.static_init)
         if starts:  # recorded in config.json and the exported checkpoint's train_config
             cfg.gfnet_init = (cfg.pretrained if cfg.pretrained is not None
@@ -559,7 +563,6 @@ def _train_locked(cfg, out: Path, stages, resume: bool, device: str, progress: b
                 write_text_atomic(out / "data_index.json", json.dumps(
                     {k: {"root": str(s.root), "classes": s.classes, "samples": s.samples, "skipped": s.skipped}
                      for k, s in (("train", train), ("val", val))}))
-            recorded = None if fresh else json_object(cfg_path)
             loading = recorded is not None and any(recorded.get(k) != getattr(cfg, k) for k in LOADING_SETTINGS)
             # new settings, provenance, or workers / worker start that a --resume gave
             if fresh or settings_changed or (cfg.gfnet_init, cfg.static_init) != init or loading:
@@ -661,21 +664,36 @@ def _run_stages(out, cfg, ctx, train, val, model, static, stages, log, progress:
             log(f"{name} finished in {(time.time() - t) / 60:.1f} min")
     tr.release_glance_cache()  # training is over: the evaluation and export need the memory
     res: Dict[str, Any] = {}
-    planned = static is not None and cfg.static.epochs > 0
-    exported = [out / "gfnet.pth.tar", out / "results.json"] + ([out / "static.pth.tar"] if planned else [])
-    asked = {s for s in stages if s != "static" or planned}
-    if asked and asked <= tr.skipped and all(p.is_file() for p in exported):
+    asked = {s for s in stages if getattr(cfg, s).epochs > 0}  # a stage of 0 epochs never runs
+    done = asked and asked <= tr.skipped and _exported_after(out, static is not None and cfg.static.epochs > 0)
+    results = json_object(out / "results.json") if done else None  # one that does not read is written again
+    if results is not None:
         # every stage asked for had finished, and their export is there: the same checkpoint is
         # not written again (a bundle built from it keeps naming the run's file by its hash)
         log(f"the run has finished and its export is in {out}: nothing to do (`--stage export` measures the "
             "trained models and writes it again)")
-        return json.loads((out / "results.json").read_text())
+        return results
     if "stage3" in stages or not stages:
         res = export(tr, out, log, (val, train), static_trained)
     elif "static" in stages and static is not None:
         res = add_static_results(tr, out, log)  # a baseline trained on its own
     log(f"total {(time.time() - t0) / 60:.1f} min")
     return res
+
+
+def _exported_after(out: Path, static: bool) -> bool:
+    """Whether the run in ``out`` holds its export (``gfnet.pth.tar`` and ``results.json``, with
+    ``static``: ``static.pth.tar``) written after the stage checkpoints it comes from: the GFNet's
+    after every ``RUN/stage*.pt``, the baseline's after ``RUN/static.pt``. An export of earlier
+    weights (``--stage export`` before stage 3, then an export stopped part-way) is not the run's."""
+    def mtime(name: str) -> float:
+        path = out / name
+        return path.stat().st_mtime_ns if path.is_file() else -1
+
+    pairs = [("gfnet.pth.tar", [f"{s}.pt" for s in STAGE_ORDER if s != "static"])]
+    pairs += [("static.pth.tar", ["static.pt"])] if static else []
+    return mtime("results.json") >= 0 and all(
+        mtime(made) >= 0 and all(mtime(made) >= mtime(src) for src in sources) for made, sources in pairs)
 
 
 def build_command(checkpoint: Path, splits: Sequence) -> str:
