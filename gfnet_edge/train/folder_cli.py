@@ -670,8 +670,8 @@ def _run_stages(out, cfg, ctx, train, val, model, static, stages, log, progress:
     if results is not None:
         # every stage asked for had finished, and their export is there: the same checkpoint is
         # not written again (a bundle built from it keeps naming the run's file by its hash)
-        log(f"the run has finished and its export is in {out}: nothing to do (`--stage export` measures the "
-            "trained models and writes it again)")
+        log(f"{', '.join(sorted(asked, key=STAGE_ORDER.index))}: finished, and the run's export in {out} is newer: "
+            "nothing to do (`--stage export` measures the trained models and writes it again)")
         return results
     if "stage3" in stages or not stages:
         res = export(tr, out, log, (val, train), static_trained)
