@@ -316,3 +316,34 @@ def test_a_new_demo_run_is_refused_in_a_folder_that_holds_a_runs_checkpoints(tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "already holds a run" in err[0] and "pre_local.pt" in err[0] and "--resume" in err[0], err
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_tiny_on_a_continued_demo_run_is_refused_where_the_run_is_not_a_tiny_one(tmp_path, capsys):
+    """--tiny names the tiny run's settings: on --resume / --stage of a run recorded with others it
+    is refused in one line naming them, before anything is written (it was ignored without a
+    word); on a tiny run it is accepted as repeating the recorded settings."""
+    from gfnet_edge import cli
+    from gfnet_edge.errors import InputError
+    from gfnet_edge.train import data
+    from gfnet_edge.train.config import TrainConfig, tiny_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(TrainConfig().dumps())
+    recorded = (run / "config.json").read_bytes()
+    for how in (["--resume"], ["--stage", "2"]):
+        assert cli.main(["train", "-o", str(run), "--tiny", "--no-progress", "--threads", "1", *how]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "train_size" in err[0] and "(--tiny sets them)" in err[0], err
+        assert (run / "config.json").read_bytes() == recorded
+
+    (run / "config.json").write_text(tiny_config().dumps())
+
+    def no_data(*args, **kwargs):
+        raise InputError("no data here")
+
+    import pytest
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data, "load_split", no_data)
+        assert cli.main(["train", "-o", str(run), "--tiny", "--no-progress", "--threads", "1", "--resume"]) == 2
+    assert capsys.readouterr().err.strip().endswith("no data here")  # past the settings check

@@ -205,6 +205,11 @@ def _run(args: argparse.Namespace) -> int:
             raise InputError(f"{cfg_path}: not a run config of gfnet-edge train ({exc}); give --data ROOT for a run "
                              "on an image folder, or another -o folder") from exc
         given = TrainConfig.from_dict(json.loads(cfg.dumps()))  # the settings the command line names
+        if args.tiny:  # --tiny names the tiny run's settings (how images are loaded kept as recorded)
+            given = tiny_config()
+            for key in LOADING_SETTINGS:
+                setattr(given, key, getattr(cfg, key))
+            given.backbone, given.seed = cfg.backbone, cfg.seed
         given.backbone = args.backbone or given.backbone
         given.seed = given.seed if args.seed is None else args.seed
         given = apply_overrides(given, args.set)
@@ -214,8 +219,8 @@ def _run(args: argparse.Namespace) -> int:
         if changed:
             how = "--resume continues" if args.resume else f"--stage {args.stage} continues"
             raise InputError(f"{how} the run as {cfg_path} describes it, and the command line would "
-                             f"change {', '.join(changed)}: leave those options out (or start a new run in another "
-                             "-o folder)")
+                             f"change {', '.join(changed)}: leave those options out{' (--tiny sets them)' if args.tiny else ''} "
+                             "(or start a new run in another -o folder)")
     else:
         saved = [name for name in STAGES if (out / f"{name}.pt").exists()]
         if not continues and saved:  # a new run here would train over the run's checkpoints
