@@ -208,3 +208,56 @@ def test_a_checkpoint_write_stopped_by_a_signal_or_a_full_disk_raises_that_and_l
     assert info.value is raised
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stage1.pt"]
     assert torch.load(path, weights_only=True) == {"epoch": 1}
+
+
+def _count_builds(monkeypatch):
+    """Counts the GFNets built, and the encoder passes run, on real (not meta) tensors."""
+    from gfnet_edge.models import backbones, gfnet
+
+    calls = {"built": 0, "probed": 0}
+    init, probe = GFNet.__init__, backbones.probe_encoder
+
+    def counted_init(self, spec):
+        calls["built"] += torch.empty(0).device.type != "meta"
+        init(self, spec)
+
+    def counted_probe(encoder, patch_size):
+        calls["probed"] += next(encoder.parameters()).device.type != "meta"
+        return probe(encoder, patch_size)
+
+    monkeypatch.setattr(GFNet, "__init__", counted_init)
+    monkeypatch.setattr(gfnet, "probe_encoder", counted_probe)
+    return calls
+
+
+def test_loading_builds_no_model_with_random_weights(tmp_path, mnv3, images, monkeypatch):
+    """The model is shaped once on the meta device and its storage filled from the file: no
+    GFNet is built (randomly initialised, its encoder probed) only to be overwritten; the model
+    loaded is the one saved."""
+    path = save_checkpoint(tmp_path / "m.pth.tar", mnv3)
+    calls = _count_builds(monkeypatch)
+    loaded = load_checkpoint(path)
+    assert calls == {"built": 0, "probed": 0}
+    assert not loaded.training and loaded.spec == mnv3.spec
+    for (k, a), (k2, b) in zip(mnv3.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and a.device == b.device and torch.equal(a, b), k
+    _same(mnv3, loaded, images)
+
+
+def test_a_model_with_state_a_state_dict_leaves_out_is_built_by_its_constructor(tmp_path, mnv3, images, monkeypatch):
+    """A backbone holding a non-persistent buffer (its value set only by its constructor) is built
+    for real before the file's weights are loaded into it."""
+    from gfnet_edge.models import checkpoint
+
+    path = save_checkpoint(tmp_path / "m.pth.tar", mnv3)
+    real = checkpoint._holds_unsaved_state
+    with torch.device("meta"):
+        assert not real(GFNet(mnv3.spec))
+        probe = GFNet(mnv3.spec)
+    probe.model.register_buffer("table", torch.zeros(3), persistent=False)
+    assert real(probe)
+    monkeypatch.setattr(checkpoint, "_holds_unsaved_state", lambda m: True)
+    calls = _count_builds(monkeypatch)
+    loaded = load_checkpoint(path)
+    assert calls == {"built": 1, "probed": 1}
+    _same(mnv3, loaded, images)

@@ -214,6 +214,15 @@ def _check_fits(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: s
         raise CheckpointError(f"{what} does not fit {model_name}: " + "; ".join(parts))
 
 
+def _holds_unsaved_state(model: torch.nn.Module) -> bool:
+    """Whether a module holds tensors its state dict does not carry (non-persistent buffers,
+    tensors kept as plain attributes), which only its constructor sets."""
+    for m in model.modules():
+        if m._non_persistent_buffers_set or any(isinstance(v, torch.Tensor) for v in vars(m).values()):
+            return True
+    return False
+
+
 def load_checkpoint(
     path: PathLike,
     model_name: Optional[str] = None,
@@ -284,10 +293,12 @@ def load_checkpoint(
                 (lambda m: m.fc, fc_sd, "fc (classifier)"), (lambda m: m.policy, policy_sd, "policy"))
     try:
         with torch.device("meta"):  # shapes only: sizes the tensors do not have fail before any allocation
-            shapes = GFNet(spec)
+            model = GFNet(spec)
         for part, sd, what in sections:
-            _check_fits(part(shapes), sd, what, spec.model_name)
-        model = GFNet(spec)
+            _check_fits(part(model), sd, what, spec.model_name)
+        # the state dicts then set every value: storage without the random initialisation (or a
+        # second probe of the encoder), unless the model holds state that a state dict leaves out
+        model = GFNet(spec) if _holds_unsaved_state(model) else model.to_empty(device="cpu")
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
     for part, sd, what in sections:
