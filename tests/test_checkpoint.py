@@ -261,3 +261,34 @@ def test_a_model_with_state_a_state_dict_leaves_out_is_built_by_its_constructor(
     loaded = load_checkpoint(path)
     assert calls == {"built": 1, "probed": 1}
     _same(mnv3, loaded, images)
+
+
+def test_finite_check_clears_finite_tensors_without_a_mask_and_names_the_bad_one(monkeypatch):
+    """check_finite looks at every tensor: NaN and infinities are refused, naming the tensor and
+    how many values; finite tensors, one whose sum overflows included, pass, and finite ones are
+    cleared without an element-wise mask (a pass over each tensor's values, not two)."""
+    from gfnet_edge.models.checkpoint import check_finite
+
+    huge = torch.full((4,), 3e38)  # finite values whose float32 sum is infinite
+    assert not torch.isfinite(huge.sum())
+    finite = {"a": torch.randn(64, 64), "b": torch.arange(5), "c": huge, "d": torch.randn(3).half()}
+    masks = []
+    isfinite = torch.isfinite
+
+    def counted(t):
+        masks.append(t.numel())
+        return isfinite(t)
+
+    monkeypatch.setattr(torch, "isfinite", counted)
+    check_finite(finite, "x")
+    assert [n for n in masks if n > 1] == [huge.numel()]  # only the overflowing tensor, value by value
+    monkeypatch.undo()
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.randn(8, 8)
+        t[3, 4] = t[5, 6] = bad
+        with pytest.raises(CheckpointError, match=r"^x: tensor 'w' holds 2 NaN or infinite value\(s\)"):
+            check_finite({"ok": torch.ones(3), "w": t}, "x")
+    t = torch.ones(4)
+    t[0], t[1] = float("inf"), -float("inf")  # a sum of NaN
+    with pytest.raises(CheckpointError, match="tensor 'w' holds 2 NaN"):
+        check_finite({"w": t}, "x")
