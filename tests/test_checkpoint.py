@@ -292,3 +292,29 @@ def test_finite_check_clears_finite_tensors_without_a_mask_and_names_the_bad_one
     t[0], t[1] = float("inf"), -float("inf")  # a sum of NaN
     with pytest.raises(CheckpointError, match="tensor 'w' holds 2 NaN"):
         check_finite({"w": t}, "x")
+
+
+def test_loading_takes_the_files_tensors_without_copying_them_and_keeps_shared_ones_apart(tmp_path, mnv3,
+                                                                                         monkeypatch):
+    """The model's tensors are the ones read from the file, not copies of them; a file whose two
+    encoders hold the same tensors (torch.save keeps one storage for both) still gives two
+    encoders that share no memory."""
+    ck = torch.load(save_checkpoint(tmp_path / "m.pth.tar", mnv3), weights_only=True)
+    ck["model_state_dict"] = ck["model_prime_state_dict"]
+    torch.save(ck, tmp_path / "shared.pth.tar")
+    copies = []
+    copy = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda self, *a, **k: (copies.append(self.device.type != "meta"),
+                                                                      copy(self, *a, **k))[1])
+    loaded = load_checkpoint(tmp_path / "shared.pth.tar")
+    monkeypatch.undo()
+    assert not any(copies)  # (the initialisation on the meta device, while the model is shaped, writes nothing)
+    tensors = [t for t in loaded.state_dict().values() if t.numel()]
+    assert len({t.untyped_storage().data_ptr() for t in tensors}) == len(tensors)
+    glance, focus = loaded.model_prime.net.state_dict(), loaded.model.net.state_dict()
+    assert all(torch.equal(glance[k], focus[k]) for k in glance)
+    expected = mnv3.model_prime.net.state_dict()
+    assert all(torch.equal(glance[k], expected[k]) for k in glance)
+    with torch.no_grad():
+        next(loaded.model.parameters()).add_(1.0)
+    assert all(torch.equal(loaded.model_prime.net.state_dict()[k], expected[k]) for k in expected)

@@ -225,6 +225,22 @@ def _holds_unsaved_state(model: torch.nn.Module) -> bool:
     return False
 
 
+def _own_tensors(sd: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], seen: set) -> Dict[str, torch.Tensor]:
+    """``sd``'s tensors to become a module's own (``load_state_dict(assign=True)``): in the dtype
+    of the module's (``own``), and copied where one shares its storage with a tensor met before
+    (``seen``: storage addresses), so that no two of the model's tensors share memory."""
+    out = {}
+    for k, t in sd.items():
+        t = t.to(own[k].dtype)
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            t = t.clone()
+            ptr = t.untyped_storage().data_ptr()
+        seen.add(ptr)
+        out[k] = t
+    return out
+
+
 def load_checkpoint(
     path: PathLike,
     model_name: Optional[str] = None,
@@ -298,13 +314,19 @@ def load_checkpoint(
             model = GFNet(spec)
         for part, sd, what in sections:
             _check_fits(part(model), sd, what, spec.model_name)
-        # the state dicts then set every value: storage without the random initialisation (or a
-        # second probe of the encoder), unless the model holds state that a state dict leaves out
-        model = GFNet(spec) if _holds_unsaved_state(model) else model.to_empty(device="cpu")
+        # the file's tensors become the model's (no random initialisation, no second probe of the
+        # encoder, no copy), unless the model holds state that a state dict leaves out
+        assign = not _holds_unsaved_state(model)
+        if not assign:
+            model = GFNet(spec)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
+    seen: set = set()
     for part, sd, what in sections:
-        part(model).load_state_dict(sd, strict=True)
+        module = part(model)
+        if assign:
+            sd = _own_tensors(sd, module.state_dict(), seen)
+        module.load_state_dict(sd, strict=True, assign=assign)
     meta = {k: ck[k] for k in METADATA_KEYS if k in ck}
     meta["missing_metadata"] = [k for k in METADATA_KEYS if k not in ck]
     if isinstance(ck.get("demo_data"), dict):  # demo models record their data generator's config
