@@ -115,6 +115,11 @@ def one_line(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def class_names_text(names: List[str]) -> str:
+    """A model's class names as ``info`` lists them: the first 12, and how many in all."""
+    return ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
+
+
 def info_rows(info: Dict[str, Any], fmt_macs: Callable[[float], str]) -> List[Tuple[str, str]]:
     """``(label, text)`` rows of the table ``gfnet-edge info BUNDLE`` prints (control characters
     of the manifest's names as escapes, :func:`one_line`)."""
@@ -135,8 +140,7 @@ def info_rows(info: Dict[str, Any], fmt_macs: Callable[[float], str]) -> List[Tu
         ("sizes", f"S={info['image_size']} P={info['patch_size']} T={info['steps']} classes={info['classes']}"),
     ]
     if info.get("class_names"):
-        names = info["class_names"]
-        rows.append(("class names", ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")))
+        rows.append(("class names", class_names_text(info["class_names"])))
     rows += [
         ("graphs", ", ".join(info["graphs"]) or "none"),
     ]

@@ -208,3 +208,113 @@ def test_a_checkpoint_write_stopped_by_a_signal_or_a_full_disk_raises_that_and_l
     assert info.value is raised
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stage1.pt"]
     assert torch.load(path, weights_only=True) == {"epoch": 1}
+
+
+def _count_builds(monkeypatch):
+    """Counts the GFNets built, and the encoder passes run, on real (not meta) tensors."""
+    from gfnet_edge.models import backbones, gfnet
+
+    calls = {"built": 0, "probed": 0}
+    init, probe = GFNet.__init__, backbones.probe_encoder
+
+    def counted_init(self, spec):
+        calls["built"] += torch.empty(0).device.type != "meta"
+        init(self, spec)
+
+    def counted_probe(encoder, patch_size):
+        calls["probed"] += next(encoder.parameters()).device.type != "meta"
+        return probe(encoder, patch_size)
+
+    monkeypatch.setattr(GFNet, "__init__", counted_init)
+    monkeypatch.setattr(gfnet, "probe_encoder", counted_probe)
+    return calls
+
+
+def test_loading_builds_no_model_with_random_weights(tmp_path, mnv3, images, monkeypatch):
+    """The model is shaped once on the meta device and its storage filled from the file: no
+    GFNet is built (randomly initialised, its encoder probed) only to be overwritten; the model
+    loaded is the one saved."""
+    path = save_checkpoint(tmp_path / "m.pth.tar", mnv3)
+    calls = _count_builds(monkeypatch)
+    loaded = load_checkpoint(path)
+    assert calls == {"built": 0, "probed": 0}
+    assert not loaded.training and loaded.spec == mnv3.spec
+    for (k, a), (k2, b) in zip(mnv3.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and a.device == b.device and torch.equal(a, b), k
+    _same(mnv3, loaded, images)
+
+
+def test_a_model_with_state_a_state_dict_leaves_out_is_built_by_its_constructor(tmp_path, mnv3, images, monkeypatch):
+    """A backbone holding a non-persistent buffer (its value set only by its constructor) is built
+    for real before the file's weights are loaded into it."""
+    from gfnet_edge.models import checkpoint
+
+    path = save_checkpoint(tmp_path / "m.pth.tar", mnv3)
+    real = checkpoint._holds_unsaved_state
+    with torch.device("meta"):
+        assert not real(GFNet(mnv3.spec))
+        probe = GFNet(mnv3.spec)
+    probe.model.register_buffer("table", torch.zeros(3), persistent=False)
+    assert real(probe)
+    monkeypatch.setattr(checkpoint, "_holds_unsaved_state", lambda m: True)
+    calls = _count_builds(monkeypatch)
+    loaded = load_checkpoint(path)
+    assert calls == {"built": 1, "probed": 1}
+    _same(mnv3, loaded, images)
+
+
+def test_finite_check_clears_finite_tensors_without_a_mask_and_names_the_bad_one(monkeypatch):
+    """check_finite looks at every tensor: NaN and infinities are refused, naming the tensor and
+    how many values; finite tensors, one whose sum overflows included, pass, and finite ones are
+    cleared without an element-wise mask (a pass over each tensor's values, not two)."""
+    from gfnet_edge.models.checkpoint import check_finite
+
+    huge = torch.full((4,), 3e38)  # finite values whose float32 sum is infinite
+    assert not torch.isfinite(huge.sum())
+    finite = {"a": torch.randn(64, 64), "b": torch.arange(5), "c": huge, "d": torch.randn(3).half()}
+    masks = []
+    isfinite = torch.isfinite
+
+    def counted(t):
+        masks.append(t.numel())
+        return isfinite(t)
+
+    monkeypatch.setattr(torch, "isfinite", counted)
+    check_finite(finite, "x")
+    assert [n for n in masks if n > 1] == [huge.numel()]  # only the overflowing tensor, value by value
+    monkeypatch.undo()
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.randn(8, 8)
+        t[3, 4] = t[5, 6] = bad
+        with pytest.raises(CheckpointError, match=r"^x: tensor 'w' holds 2 NaN or infinite value\(s\)"):
+            check_finite({"ok": torch.ones(3), "w": t}, "x")
+    t = torch.ones(4)
+    t[0], t[1] = float("inf"), -float("inf")  # a sum of NaN
+    with pytest.raises(CheckpointError, match="tensor 'w' holds 2 NaN"):
+        check_finite({"w": t}, "x")
+
+
+def test_loading_takes_the_files_tensors_without_copying_them_and_keeps_shared_ones_apart(tmp_path, mnv3,
+                                                                                         monkeypatch):
+    """The model's tensors are the ones read from the file, not copies of them; a file whose two
+    encoders hold the same tensors (torch.save keeps one storage for both) still gives two
+    encoders that share no memory."""
+    ck = torch.load(save_checkpoint(tmp_path / "m.pth.tar", mnv3), weights_only=True)
+    ck["model_state_dict"] = ck["model_prime_state_dict"]
+    torch.save(ck, tmp_path / "shared.pth.tar")
+    copies = []
+    copy = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda self, *a, **k: (copies.append(self.device.type != "meta"),
+                                                                      copy(self, *a, **k))[1])
+    loaded = load_checkpoint(tmp_path / "shared.pth.tar")
+    monkeypatch.undo()
+    assert not any(copies)  # (the initialisation on the meta device, while the model is shaped, writes nothing)
+    tensors = [t for t in loaded.state_dict().values() if t.numel()]
+    assert len({t.untyped_storage().data_ptr() for t in tensors}) == len(tensors)
+    glance, focus = loaded.model_prime.net.state_dict(), loaded.model.net.state_dict()
+    assert all(torch.equal(glance[k], focus[k]) for k in glance)
+    expected = mnv3.model_prime.net.state_dict()
+    assert all(torch.equal(glance[k], expected[k]) for k in glance)
+    with torch.no_grad():
+        next(loaded.model.parameters()).add_(1.0)
+    assert all(torch.equal(loaded.model_prime.net.state_dict()[k], expected[k]) for k in expected)

@@ -103,23 +103,81 @@ def test_info_says_how_a_checkpoint_was_trained_where_it_records_it(ckpt, capsys
     assert json.loads(capsys.readouterr().out)["train_config"] is None
 
 
-def test_info_and_build_engine_on_a_static_baseline_point_to_the_gfnet_checkpoint(tmp_path, capsys):
-    """RUN/static.pth.tar (the baseline for calibrate --static) is not a GFNet: info and
-    build-engine say what it is and which file of the run to use, in one line, exit 2."""
+@pytest.fixture
+def static_baseline(tmp_path):
+    """A static baseline as ``gfnet-edge train --data`` writes it (RUN/static.pth.tar), with
+    metadata chosen here: the figures info prints are these."""
     pytest.importorskip("timm")
     import timm
 
     from gfnet_edge.train.static import save_static
 
     net = timm.create_model("test_efficientnet", num_classes=3)
-    static = save_static(tmp_path / "static.pth.tar", net, "test_efficientnet", {}, 3, image_size=32,
-                         metadata={"macs": 1, "classes": ["a b", "é", "z"]})
-    build = ["build-engine", str(static), "-o", str(tmp_path / "b"), "--precision", "fp32"]
-    for argv in (["info", str(static)], build):
-        assert main(argv) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "a static baseline" in err[0] and "calibrate --static" in err[0], err
-        assert str(tmp_path / "gfnet.pth.tar") in err[0]
+    return save_static(tmp_path / "static.pth.tar", net, "test_efficientnet", {}, 3, image_size=32,
+                       metadata={"macs": 123_400_000, "classes": ["a b", "é", "z\x1b[31m"], "val_accuracy": 87.5,
+                                 "started_from": "timm", "crop_pct": 0.9, "dataset_interpolation": "bicubic"},
+                       half=False)
+
+
+def test_info_describes_a_static_baseline(static_baseline, capsys):
+    """RUN/static.pth.tar (the baseline for calibrate --static) is described from its metadata:
+    what it is, backbone, classes, pre-processing, MACs, accuracy, start and the command that
+    uses it; --json gives the same figures."""
+    assert main(["info", str(static_baseline)]) == 0
+    rows = dict((line[:16].strip(), line[16:]) for line in capsys.readouterr().out.splitlines())
+    assert rows["model"] == "static_test_efficientnet (static baseline: test_efficientnet on whole images)"
+    assert rows["sizes"] == "S=32 classes=3"
+    assert rows["class names"] == "a b, é, z\\x1b[31m"
+    assert rows["pre-processing"] == ("mean 0.485, 0.456, 0.406; std 0.229, 0.224, 0.225; "
+                                      "crop 0.9, bicubic resize")
+    assert rows["MACs per image"] == "123.4M"
+    assert rows["accuracy"] == "87.50% on val"
+    assert rows["started from"] == "timm's pretrained weights"
+    assert rows["use"].startswith(f"gfnet-edge calibrate BUNDLE --data DATA -o REPORT --static {static_baseline} ")
+    assert main(["info", str(static_baseline), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "static_baseline" and info["backbone"] == "test_efficientnet"
+    assert (info["classes"], info["class_names"], info["image_size"]) == (3, ["a b", "é", "z\x1b[31m"], 32)
+    assert (info["macs"], info["val_accuracy"], info["test_accuracy"]) == (123_400_000, 87.5, None)
+    assert (info["crop_pct"], info["dataset_interpolation"], info["started_from"]) == (0.9, "bicubic", "timm")
+
+
+def test_info_describes_the_shipped_static_baseline_with_its_measured_figures(capsys):
+    """demo_static.pth.tar: its test accuracy and MACs are the ones demo_results.json records."""
+    from conftest import DEMO_CHECKPOINT
+
+    static = Path(DEMO_CHECKPOINT).with_name("demo_static.pth.tar")
+    results = json.loads(static.with_name("demo_results.json").read_text())
+    assert main(["info", str(static)]) == 0
+    out = capsys.readouterr().out
+    assert f"accuracy        {results['static_accuracy']:.2f}% on test\n" in out
+    assert f"MACs per image  {results['static_macs'] / 1e6:.1f}M\n" in out
+    assert "by the demo trainer" in out and "backbone args   channels=[16, 32, 64, 128], stem_width=16\n" in out
+    assert main(["info", str(static), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["macs"], info["test_accuracy"], info["classes"]) == (results["static_macs"], results["static_accuracy"], 10)
+
+
+def test_info_refuses_gfnet_options_for_a_static_baseline_and_files_that_are_neither(static_baseline, tmp_path,
+                                                                                      capsys):
+    assert main(["info", str(static_baseline), "--patch-size", "16"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a static baseline: --model-name and --patch-size apply to GFNet" in err, err
+    other = tmp_path / "other.pth.tar"
+    torch.save({"format": "something_else", "state_dict": {"w": torch.zeros(2)}}, other)
+    assert main(["info", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{other}: not a GFNet checkpoint: missing" in err, err
+
+
+def test_build_engine_on_a_static_baseline_points_to_the_gfnet_checkpoint(static_baseline, tmp_path, capsys):
+    """build-engine needs a GFNet: given RUN/static.pth.tar it says what the file is and which
+    file of the run to use, in one line, exit 2, and writes nothing."""
+    build = ["build-engine", str(static_baseline), "-o", str(tmp_path / "b"), "--precision", "fp32"]
+    assert main(build) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a static baseline" in err[0] and "calibrate --static" in err[0], err
+    assert str(tmp_path / "gfnet.pth.tar") in err[0]
     assert not (tmp_path / "b").exists()
 
 

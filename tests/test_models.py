@@ -71,6 +71,26 @@ def test_policy_and_classifier_macs_match_spec():
     assert costs.cumulative[1] - costs.cumulative[0] == costs.backbone + costs.policy + costs.classifier[1]
 
 
+def test_step_macs_run_the_focus_encoder_once(monkeypatch):
+    """count_step_macs counts the encoder's multiply-adds on one pass and feeds that pass's
+    features to the heads (not a counted pass and a second one for the heads); the figures are
+    the demo model's of docs/checkpoints.md."""
+    from conftest import DEMO_CHECKPOINT
+
+    from gfnet_edge.models import load_checkpoint
+    from gfnet_edge.models.backbones import Encoder
+
+    model = load_checkpoint(DEMO_CHECKPOINT)
+    passes = []
+    forward = Encoder.forward
+    monkeypatch.setattr(Encoder, "forward", lambda self, x: (passes.append(tuple(x.shape)), forward(self, x))[1])
+    costs = count_step_macs(model)
+    assert passes == [(1, 3, 96, 96)]
+    assert round(costs.backbone / 1e5) == 457 and round(costs.policy / 1e5) == 5  # 45.7M, 0.5M
+    assert [round(c / 1e2) for c in costs.classifier] == [13, 26, 38]  # 1.3K, 2.6K, 3.8K
+    assert [round(c / 1e5) for c in costs.cumulative] == [457, 919, 1382]  # 45.7M, 91.9M, 138.2M
+
+
 def test_glance_matches_interpolate_align_corners():
     x = torch.randn(2, 3, 224, 224)
     for mode in ("bilinear", "bicubic"):

@@ -128,7 +128,9 @@ def check_finite(sd: Mapping[str, torch.Tensor], where: str) -> None:
     """Refuses a state dict with NaN or infinite values (a model built from it would classify every
     image as NaN), naming the first such tensor."""
     for name, t in sd.items():
-        if torch.is_floating_point(t) and not bool(torch.isfinite(t).all()):
+        # a NaN or infinity makes the sum NaN or infinite: a finite sum clears the tensor in one pass
+        # without a mask; a sum that overflows on finite values is checked value by value
+        if torch.is_floating_point(t) and not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise CheckpointError(f"{where}: tensor {name!r} holds {bad} NaN or infinite value(s); "
                                   "the checkpoint is corrupt (or training diverged)")
@@ -214,6 +216,31 @@ def _check_fits(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: s
         raise CheckpointError(f"{what} does not fit {model_name}: " + "; ".join(parts))
 
 
+def _holds_unsaved_state(model: torch.nn.Module) -> bool:
+    """Whether a module holds tensors its state dict does not carry (non-persistent buffers,
+    tensors kept as plain attributes), which only its constructor sets."""
+    for m in model.modules():
+        if m._non_persistent_buffers_set or any(isinstance(v, torch.Tensor) for v in vars(m).values()):
+            return True
+    return False
+
+
+def _own_tensors(sd: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], seen: set) -> Dict[str, torch.Tensor]:
+    """``sd``'s tensors to become a module's own (``load_state_dict(assign=True)``): in the dtype
+    of the module's (``own``), and copied where one shares its storage with a tensor met before
+    (``seen``: storage addresses), so that no two of the model's tensors share memory."""
+    out = {}
+    for k, t in sd.items():
+        t = t.to(own[k].dtype)
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            t = t.clone()
+            ptr = t.untyped_storage().data_ptr()
+        seen.add(ptr)
+        out[k] = t
+    return out
+
+
 def load_checkpoint(
     path: PathLike,
     model_name: Optional[str] = None,
@@ -284,14 +311,22 @@ def load_checkpoint(
                 (lambda m: m.fc, fc_sd, "fc (classifier)"), (lambda m: m.policy, policy_sd, "policy"))
     try:
         with torch.device("meta"):  # shapes only: sizes the tensors do not have fail before any allocation
-            shapes = GFNet(spec)
+            model = GFNet(spec)
         for part, sd, what in sections:
-            _check_fits(part(shapes), sd, what, spec.model_name)
-        model = GFNet(spec)
+            _check_fits(part(model), sd, what, spec.model_name)
+        # the file's tensors become the model's (no random initialisation, no second probe of the
+        # encoder, no copy), unless the model holds state that a state dict leaves out
+        assign = not _holds_unsaved_state(model)
+        if not assign:
+            model = GFNet(spec)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
+    seen: set = set()
     for part, sd, what in sections:
-        part(model).load_state_dict(sd, strict=True)
+        module = part(model)
+        if assign:
+            sd = _own_tensors(sd, module.state_dict(), seen)
+        module.load_state_dict(sd, strict=True, assign=assign)
     meta = {k: ck[k] for k in METADATA_KEYS if k in ck}
     meta["missing_metadata"] = [k for k in METADATA_KEYS if k not in ck]
     if isinstance(ck.get("demo_data"), dict):  # demo models record their data generator's config

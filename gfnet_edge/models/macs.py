@@ -77,8 +77,9 @@ def count_step_macs(model: GFNet) -> StepCosts:
     was = model.training
     model.eval()
     try:
-        backbone = _count(model.model, lambda: model.model(x))
-        pooled, fmap = model.model(x)
+        out = []  # the counted pass's (pooled, fmap) feed the heads
+        backbone = _count(model.model, lambda: out.append(model.model(x)))
+        pooled, fmap = out[0]
         bclf = _count(model.model.classifier_module(), lambda: model.model.logits(pooled))
         policy = _count(model.policy, lambda: model.policy.act(fmap, None)) - _count(
             model.policy.critic, lambda: None
