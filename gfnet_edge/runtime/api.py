@@ -664,9 +664,11 @@ class Runtime:
             return None
         if self.step_costs is None:
             check_deadline(deadline_ms, margin)  # a bad value is named before what the runtime lacks
+            where = (f" --device {self.device}" if self.backend == "torch" and self.device == "cuda" else "") + (
+                f" --dla-core {self.dla_core}" if self.dla_core is not None else "")  # where this runtime runs
             raise InputError(f"a deadline needs the step latencies of this device: run `gfnet-edge calibrate "
                              f"{self.bundle.root} --data IMAGES -o REPORT --backend {self.backend} --precision "
-                             f"{self.precision}` (IMAGES: a folder of labelled images, one subfolder a class), "
+                             f"{self.precision}{where}` (IMAGES: a folder of labelled images, one subfolder a class), "
                              "or give them with Runtime.set_step_costs")
         deadline = Deadline(deadline_ms, self.step_costs, margin, start=start)  # checks the values once
         warning, self._step_costs_warning = self._step_costs_warning, None
