@@ -613,6 +613,22 @@ def test_a_resume_after_a_stopped_export_exports_the_finished_stages(folder, tmp
     assert all(torch.equal(v.float(), stage3[k].float()) for k, v in exported.items())
 
 
+def test_a_static_baseline_added_to_an_exported_run_leaves_its_gfnet_checkpoint(trained, folder, weights, tmp_path):
+    """--resume adding a static baseline (--static-epochs N) to a finished, exported run trains
+    the baseline and adds it to results.json; the GFNet's checkpoint keeps its bytes (it was
+    measured and written again)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    gfnet = (run / "gfnet.pth.tar").read_bytes()
+    res = train_folder(tiny_config(folder, pretrained=weights, **{"static.epochs": 1}), run, resume=True)
+    assert (run / "gfnet.pth.tar").read_bytes() == gfnet
+    assert (run / "static.pth.tar").is_file() and res["static_accuracy"] == json.loads(
+        (run / "results.json").read_text())["static_accuracy"]
+    assert "added it to" in (run / "train.txt").read_text()
+
+
 def test_checkpoint_metadata_matches_an_independent_evaluation(trained, folder):
     from gfnet_edge import evaluate as ev
     from gfnet_edge.data.images import load_images

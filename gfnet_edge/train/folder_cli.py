@@ -673,10 +673,14 @@ def _run_stages(out, cfg, ctx, train, val, model, static, stages, log, progress:
         log(f"{', '.join(sorted(asked, key=STAGE_ORDER.index))}: finished, and the run's export in {out} is newer: "
             "nothing to do (`--stage export` measures the trained models and writes it again)")
         return results
-    if "stage3" in stages or not stages:
+    gfnet = asked - {"static"}
+    added = ("static" in asked and "static" not in tr.skipped and gfnet and gfnet <= tr.skipped
+             and _exported_after(out, False) and json_object(out / "results.json") is not None)
+    if "stage3" in stages and not added or not stages:
         res = export(tr, out, log, (val, train), static_trained)
     elif "static" in stages and static is not None:
-        res = add_static_results(tr, out, log)  # a baseline trained on its own
+        # a baseline trained on its own, or added to a run whose GFNet export stands (its bytes kept)
+        res = add_static_results(tr, out, log)
     log(f"total {(time.time() - t0) / 60:.1f} min")
     return res
 
