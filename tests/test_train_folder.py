@@ -853,8 +853,8 @@ def test_the_logged_budgeted_accuracy_is_that_of_the_bundles_macs_budgets(traine
 
 def test_predict_says_why_a_folder_of_other_class_folders_is_not_scored(trained, folder, tmp_path, capsys):
     """A folder whose class folders share names with the model's classes but are not all of them
-    (a class missing, another spelling) is classified without an accuracy: a warning says why; a
-    folder of unrelated subfolders gets none."""
+    (a class missing, another spelling) is classified without an accuracy: a warning says why,
+    once however often the folder is given; a folder of unrelated subfolders gets none."""
     b = tmp_path / "b"
     assert cli.main(["build-engine", str(trained[0] / "gfnet.pth.tar"), "-o", str(b), "--precision", "fp32",
                      "--quiet"]) == 0
@@ -864,7 +864,7 @@ def test_predict_says_why_a_folder_of_other_class_folders_is_not_scored(trained,
     photos = tmp_path / "photos"
     shutil.copytree(folder / "val" / "red", photos / "2024")
     capsys.readouterr()
-    assert cli.main(["predict", str(b), str(test), str(photos)]) == 0
+    assert cli.main(["predict", str(b), str(test), str(photos), str(test) + "/"]) == 0  # test given twice
     out, err = capsys.readouterr()
     assert out.count("\n") == 12 + 4 and "accuracy" not in err
     lines = err.strip().splitlines()

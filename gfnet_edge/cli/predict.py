@@ -117,7 +117,7 @@ class _Score:
     labels from the sorted folder names, as ``gfnet-edge calibrate --data`` reads them). A
     folder given more than once is scored once. A folder with some of the model's class names
     among its class folders (or names that differ from them only in case), but not just those, is
-    not scored, and a warning says why."""
+    not scored, and a warning says why (once a folder)."""
 
     def __init__(self, inputs, class_names, num_classes: int) -> None:
         from pathlib import Path
@@ -127,13 +127,15 @@ class _Score:
 
         self.named = class_names is not None
         self.folders = []  # (folder as given, the folder resolved, {class folder name: label})
+        seen = set()  # folders resolved: one given again is scored, or warned of, once
         for raw in inputs:
             names = class_folders(raw)
             if not names:
                 continue
             real = resolved_path(Path(raw))
-            if any(real == r for _, r, _ in self.folders):  # given again
+            if real in seen:
                 continue
+            seen.add(real)
             if class_names is not None and sorted(names) == sorted(class_names):
                 self.folders.append((Path(raw), real, {n: class_names.index(n) for n in names}))
             elif class_names is not None and _folded(names) & _folded(class_names):  # 'Fox' for 'fox' too
