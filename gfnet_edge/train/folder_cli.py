@@ -665,17 +665,20 @@ def _run_stages(out, cfg, ctx, train, val, model, static, stages, log, progress:
     tr.release_glance_cache()  # training is over: the evaluation and export need the memory
     res: Dict[str, Any] = {}
     asked = {s for s in stages if getattr(cfg, s).epochs > 0}  # a stage of 0 epochs never runs
-    done = asked and asked <= tr.skipped and _exported_after(out, static is not None and cfg.static.epochs > 0)
-    results = json_object(out / "results.json") if done else None  # one that does not read is written again
-    if results is not None:
+    gfnet = asked - {"static"}
+    # the GFNet's export, when it is the run's (newer than the stage checkpoints; one whose
+    # results.json does not read is written again)
+    results = (json_object(out / "results.json")
+               if asked and gfnet <= tr.skipped and _exported_after(out, False) else None)
+    planned = static is not None and cfg.static.epochs > 0
+    if results is not None and asked <= tr.skipped and (not planned or _exported_after(out, True)):
         # every stage asked for had finished, and their export is there: the same checkpoint is
         # not written again (a bundle built from it keeps naming the run's file by its hash)
         log(f"{', '.join(sorted(asked, key=STAGE_ORDER.index))}: finished, and the run's export in {out} is newer: "
             "nothing to do (`--stage export` measures the trained models and writes it again)")
         return results
-    gfnet = asked - {"static"}
-    added = ("static" in asked and "static" not in tr.skipped and gfnet and gfnet <= tr.skipped
-             and _exported_after(out, False) and json_object(out / "results.json") is not None)
+    # a baseline trained now, added to the GFNet export that stands
+    added = results is not None and bool(gfnet) and "static" in asked and "static" not in tr.skipped
     if "stage3" in stages and not added or not stages:
         res = export(tr, out, log, (val, train), static_trained)
     elif "static" in stages and static is not None:
